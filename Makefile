@@ -1,0 +1,53 @@
+# RelayGate: `make run` and `make test` work on a fresh Debian machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+DEBS := swaks postfix chromium
+
+.PHONY: run test lint fmt soak bench debs clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[test,dev]'
+	touch $@
+
+run: $(STAMP)
+	$(BIN)/relaygate serve
+
+# Debian packages the tests drive: swaks (independent SMTP client), postfix (smtp-sink/smtp-source), chromium.
+debs:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  $$SUDO systemctl disable --now postfix >/dev/null 2>&1 || $$SUDO postfix stop >/dev/null 2>&1 || true; \
+	fi
+
+test: $(TEST_STAMP) debs
+	$(BIN)/pytest -q -n 2 --dist loadfile
+
+soak: $(TEST_STAMP) debs
+	$(BIN)/pytest -q -m slow
+
+bench: $(TEST_STAMP) debs
+	$(BIN)/python bench/run.py
+
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+
+fmt: $(TEST_STAMP)
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+
+clean:
+	rm -rf $(VENV) relaygate-data

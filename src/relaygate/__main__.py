@@ -1,0 +1,3 @@
+from relaygate.cli import main
+
+main()

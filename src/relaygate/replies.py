@@ -1,0 +1,162 @@
+"""The one catalogue of every SMTP reply RelayGate sends.
+
+Texts follow Exchange 2019 (shared/reference/exchange-semantics.md §5) so that administrators and their
+monitoring scripts see what they saw before. Nothing else in the project spells a reply: sessions, policy,
+`explain` and the queue all take their `Reply` from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Reply"]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One SMTP reply.
+
+    code: the three-digit basic code.
+    enhanced: the RFC 3463 enhanced code ("5.7.54"), or "" when Exchange sends none.
+    text: the human-readable part.
+    """
+
+    code: int
+    enhanced: str
+    text: str
+
+    @property
+    def is_positive(self) -> bool:
+        return self.code < 400
+
+    @property
+    def is_transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+    def line(self) -> str:
+        """The reply as sent on the wire, without CRLF."""
+        if self.enhanced:
+            return f"{self.code} {self.enhanced} {self.text}"
+        return f"{self.code} {self.text}"
+
+    def __str__(self) -> str:
+        return self.line()
+
+    def with_text(self, text: str) -> Reply:
+        return Reply(self.code, self.enhanced, text)
+
+
+# --- greeting and session (§5.1, §5.2) -------------------------------------------------------------
+STARTTLS_READY = Reply(220, "2.0.0", "SMTP server ready")
+CLOSING = Reply(221, "2.0.0", "Service closing transmission channel")
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+OK = Reply(250, "2.0.0", "OK")
+RESETTING = Reply(250, "2.0.0", "Resetting")
+SENDER_OK = Reply(250, "2.1.0", "Sender OK")
+RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
+CANNOT_VRFY = Reply(252, "2.1.5", "Cannot VRFY user")
+START_MAIL_INPUT = Reply(354, "", "Start mail input; end with <CRLF>.<CRLF>")
+
+# --- relay, permission, sequence (§5.3) ------------------------------------------------------------
+RELAY_DENIED = Reply(550, "5.7.54", "SMTP; Unable to relay recipient in non-accepted domain")
+NOT_AUTHENTICATED = Reply(530, "5.7.1", "Client was not authenticated")
+NOT_AUTHENTICATED_GENERIC = Reply(530, "5.7.1", "Not authenticated")
+SEND_AS_DENIED = Reply(550, "5.7.1", "Client does not have permissions to send as this sender")
+ANONYMOUS_SEND_AS_DENIED = Reply(
+    550, "5.7.1", "Anonymous client does not have permissions to send as this sender"
+)
+SUBMIT_DENIED = Reply(550, "5.7.1", "Client does not have permissions to submit to this server")
+MUST_STARTTLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+BASIC_AUTH_REQUIRES_TLS = Reply(451, "5.7.3", "Require STARTTLS to do basic authentication")
+SEND_HELLO_FIRST = Reply(503, "5.5.2", "Send hello first")
+NEED_MAIL = Reply(503, "5.5.2", "Need mail command")
+NEED_RCPT = Reply(503, "5.5.2", "Need rcpt command")
+SENDER_ALREADY_SPECIFIED = Reply(503, "5.5.2", "Sender already specified")
+UNRECOGNIZED_COMMAND = Reply(500, "5.3.3", "Unrecognized command")
+UNRECOGNIZED_PARAMETER = Reply(501, "5.5.4", "Unrecognized parameter")
+COMMAND_TOO_LONG = Reply(500, "5.5.2", "Command too long")
+INVALID_SENDER = Reply(501, "5.1.7", "Invalid address")
+INVALID_RECIPIENT = Reply(501, "5.1.3", "Invalid address")
+INVALID_DOMAIN = Reply(501, "5.5.4", "Invalid domain name")
+EHLO_REQUIRES_DOMAIN = Reply(501, "5.0.0", "EHLO requires domain address")
+RESERVED_TLD = Reply(550, "5.1.4", "Recipient address reserved by RFC 2606")
+RESERVED_SLD = Reply(550, "5.1.5", "Recipient address reserved by RFC 2606")
+SINGLE_LABEL_DOMAIN = Reply(550, "5.1.6", "Recipient addresses in single label domains not accepted")
+SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")
+LOCAL_LITERAL_UNKNOWN = Reply(550, "5.1.1", "User unknown")
+LITERAL_REFUSED = Reply(550, "5.7.1", "Recipient address literal not accepted")
+STARTTLS_ALREADY = Reply(503, "5.5.2", "Only one STARTTLS command can be issued per session")
+AUTH_ALREADY = Reply(503, "5.5.2", "Auth command already specified")
+AUTH_FAILED = Reply(535, "5.7.3", "Authentication unsuccessful")
+AUTH_UNKNOWN_MECHANISM = Reply(504, "5.7.4", "Unrecognized authentication type")
+AUTH_CANCELLED = Reply(501, "5.7.0", "Authentication cancelled")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
+BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
+
+# --- limits and throttling (§5.4) -------------------------------------------------------------------
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+HEADER_TOO_BIG = Reply(552, "5.3.4", "Header size exceeds fixed maximum size")
+HOP_COUNT_EXCEEDED = Reply(554, "5.4.6", "Hop count exceeded - possible mail loop")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors on this connection, closing transmission channel")
+SERVER_CONNECTIONS_EXCEEDED = Reply(
+    421,
+    "4.3.2",
+    "The maximum number of concurrent server connections has exceeded a limit, closing transmission channel",
+)
+SOURCE_CONNECTIONS_EXCEEDED = Reply(
+    421,
+    "4.3.2",
+    "The maximum number of concurrent connections has exceeded a limit, closing transmission channel",
+)
+RATE_LIMITED = Reply(421, "4.4.2", "Message submission rate for this client has exceeded the configured limit")
+INACTIVITY_TIMEOUT = Reply(451, "4.7.0", "Timeout waiting for client input")
+CONNECTION_TIMEOUT = Reply(421, "4.4.1", "Connection timed out")
+INSUFFICIENT_RESOURCES = Reply(452, "4.3.1", "Insufficient system resources")
+SERVICE_NOT_AVAILABLE = Reply(421, "4.3.2", "Service not available")
+BARE_LINEFEED = Reply(554, "5.6.0", "Invalid message content, contains bare linefeeds")
+QUEUE_FAILED = Reply(451, "4.3.0", "Temporary failure storing the message; try again later")
+
+# --- outbound / queue (§5.6) ------------------------------------------------------------------------
+QUEUE_EXPIRED = Reply(550, "4.4.7", "QUEUE.Expired; message expired")
+DNS_NONEXISTENT_DOMAIN = Reply(550, "5.4.4", "SMTPSEND.DNS.NonExistentDomain; nonexistent domain")
+NO_NEXT_HOP = Reply(550, "5.4.4", "ROUTING.NoNextHop; unable to route")
+NULL_MX = Reply(550, "5.1.10", "SMTPSEND.DNS.NullMx; domain does not accept mail (null MX)")
+ROUTE_SIZE_LIMIT = Reply(550, "5.3.4", "ROUTING.SizeLimit; message size exceeds fixed maximum size for route")
+ADMIN_DELETED = Reply(550, "4.3.2", "QUEUE.Admin; message deleted by administrative action")
+LOOP_DETECTED = Reply(554, "5.4.6", "ROUTING.Loop; the next hop is this relay")
+
+
+def dns_query_failed(reason: str) -> Reply:
+    """`451 4.4.0 DNS query failed. The error was: <reason>` (transient)."""
+    return Reply(451, "4.4.0", f"DNS query failed. The error was: {reason}")
+
+
+def failover_failed(remote: str) -> Reply:
+    """The LastError Exchange shows when every smart host / MX of a route failed transiently."""
+    return Reply(
+        451,
+        "4.4.0",
+        f'Primary target IP address responded with: "{remote}." Attempted failover to alternate host, '
+        "but that did not succeed. Either there are no alternate hosts, or delivery failed to all "
+        "alternate hosts.",
+    )
+
+
+def message_queued(queue_id: str, message_id: str, hostname: str, size: int, seconds: float) -> Reply:
+    """The end-of-DATA acceptance in Exchange 2016/2019 form, carrying our queue id."""
+    rate = (size / 1024.0) / seconds if seconds > 0 else 0.0
+    return Reply(
+        250,
+        "2.6.0",
+        f"{message_id} [InternalId={queue_id}, Hostname={hostname}] {size} bytes in {seconds:.3f}, "
+        f"{rate:.3f} KB/sec Queued mail for delivery",
+    )
+
+
+def chunk_received(n: int) -> Reply:
+    return Reply(250, "2.6.0", f"CHUNK received OK, {n} octets")
