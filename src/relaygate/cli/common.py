@@ -1,0 +1,48 @@
+"""Shared CLI plumbing: the --config/--json options, config loading with readable errors, output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+
+from relaygate.config import Config, ConfigError, default_config_path, load_config
+
+__all__ = ["CONFIG_OPTION", "JSON_OPTION", "console", "die", "emit_json", "err_console", "load_or_exit"]
+
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+CONFIG_OPTION = typer.Option(
+    None, "--config", "-c", help="Config file (default: $RELAYGATE_CONFIG, then ./relaygate.toml)."
+)
+JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON.")
+
+
+def die(message: str, code: int = 1) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {message}", markup=True)
+    raise typer.Exit(code)
+
+
+def load_or_exit(path: Path | None) -> Config:
+    """Load the config or print every problem and exit 1."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            err_console.print(str(problem), markup=False)
+        err_console.print(f"{len(exc.problems)} error(s).", markup=False)
+        raise typer.Exit(1) from None
+
+
+def config_source(path: Path | None) -> str:
+    resolved = default_config_path(path)
+    return str(resolved) if resolved else "<embedded default>"
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")

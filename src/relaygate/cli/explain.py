@@ -1,0 +1,82 @@
+"""`relaygate explain`: which connector takes a client, its rights, and the reply per recipient."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import typer
+
+from relaygate.cli.common import CONFIG_OPTION, JSON_OPTION, console, die, emit_json, load_or_exit
+from relaygate.config.values import parse_binding
+from relaygate.policy.explain import endpoints_for, explain
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(name="explain")
+    def explain_cmd(
+        client_ip: str = typer.Option(..., "--client-ip", help="The client's address."),
+        local: str | None = typer.Option(None, "--local", help="Local endpoint IP:PORT the client connects to."),
+        sender: str | None = typer.Option(None, "--from", help="Envelope sender (use '<>' for the null sender)."),
+        to: list[str] = typer.Option([], "--to", help="Recipient (repeatable)."),
+        auth_user: str | None = typer.Option(None, "--auth-user", help="Explain as a session authenticated as USER."),
+        config: Path | None = CONFIG_OPTION,
+        json_out: bool = JSON_OPTION,
+    ) -> None:
+        """Show the connector chosen for a client and why, its rights, and the reply for each recipient."""
+        cfg = load_or_exit(config)
+        try:
+            ipaddress.ip_address(client_ip.partition("%")[0])
+        except ValueError:
+            die(f"--client-ip: {client_ip!r} is not an IP address")
+        if local:
+            try:
+                b = parse_binding(local)
+            except ValueError as exc:
+                die(f"--local: {exc}")
+            endpoints = [(b.address, b.port)]
+        else:
+            endpoints = endpoints_for(cfg, client_ip)
+            if not endpoints:
+                die("the configuration has no receive connector bindings")
+        results = [
+            explain(cfg, client_ip=client_ip, local=ep, sender=sender, recipients=list(to), authenticated_user=auth_user)
+            for ep in endpoints
+        ]
+        if json_out:
+            data = [r.to_dict() for r in results]
+            emit_json(data[0] if local else {"endpoints": data})
+            return
+        for r in results:
+            d = r.to_dict()
+            console.print(f"[bold]Client {client_ip} → {d['local']}[/]")
+            if d["connector"] is None:
+                console.print("  Connector: [red]none[/] — the connection is closed without a banner.")
+                for c in d["not_candidates"]:
+                    console.print(f"    {c['connector']}: {c['why']}", markup=False)
+                console.print()
+                continue
+            console.print(f"  Connector: [bold]{d['connector']}[/]")
+            console.print(f"    why: {d['reason']}", markup=False)
+            for c in d["beaten"]:
+                console.print(f"    beat {c['connector']}: {c['why']}", markup=False)
+            for c in d["not_candidates"]:
+                console.print(f"    not a candidate: {c['connector']}: {c['why']}", markup=False)
+            console.print(f"  Runs as: {', '.join(d['principals'])}", markup=False)
+            console.print("  Rights:")
+            if not d["rights"]:
+                console.print("    (none)")
+            for right in d["rights"]:
+                console.print(f"    {right['right']}  ← {right['granted_by']}", markup=False)
+            if d["mail"]:
+                m = d["mail"]
+                console.print(f"  MAIL FROM:<{m['address'] or ''}> → {m['reply']}", markup=False)
+                console.print(f"    because {m['reason']}", markup=False)
+            for rc in d["recipients"]:
+                console.print(f"  RCPT TO:<{rc['address']}> → {rc['reply']}", markup=False)
+                console.print(f"    because {rc['reason']}", markup=False)
+                if "tarpit" in rc:
+                    console.print(f"    (reply delayed by the {rc['tarpit']} tarpit)", markup=False)
+                if "route" in rc:
+                    console.print(f"    route: {rc['route']}", markup=False)
+            console.print()

@@ -1,0 +1,303 @@
+"""The typed configuration: frozen dataclasses, every default in one place.
+
+Keys are the snake_case form of Exchange's parameter names and defaults are Exchange 2019's
+(shared/reference/exchange-semantics.md §1.4), with two deliberate differences, each safer:
+`bare_linefeed_rejection_enabled` defaults to true (SMTP smuggling), and `chunking_enabled` only
+advertises CHUNKING because BDAT is implemented by the session.
+
+Each field's `metadata["parse"]` names the value parser the loader applies; a field without one takes
+the TOML value as it is after a type check against the default.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from relaygate.config import values as v
+
+__all__ = [
+    "AcceptedDomain",
+    "AdminConfig",
+    "Config",
+    "DkimKey",
+    "Permission",
+    "QueueConfig",
+    "ReceiveConnector",
+    "SendConnector",
+    "ServerConfig",
+]
+
+
+def _spec(default: Any, parse: Any = None, *, factory: Any = None, choices: tuple[str, ...] = ()) -> Any:
+    meta: dict[str, Any] = {}
+    if parse is not None:
+        meta["parse"] = parse
+    if choices:
+        meta["choices"] = choices
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _span(default: str) -> Any:
+    return _spec(v.parse_timespan(default), v.parse_timespan)
+
+
+def _size(default: int | str) -> Any:
+    return _spec(v.parse_size(default), v.parse_size)
+
+
+UNLIMITED = None  # an `int | None` limit of None means "unlimited", as Exchange prints it
+
+AUTH_MECHANISMS = (
+    "None",
+    "Tls",
+    "Integrated",
+    "BasicAuth",
+    "BasicAuthRequireTLS",
+    "ExchangeServer",
+    "ExternalAuthoritative",
+)
+PERMISSION_GROUPS = (
+    "None",
+    "AnonymousUsers",
+    "ExchangeUsers",
+    "ExchangeServers",
+    "ExchangeLegacyServers",
+    "Partners",
+    "Custom",
+)
+USAGES = ("Custom", "Internet", "Internal", "Client", "Partner")
+DOMAIN_TYPES = ("Authoritative", "InternalRelay", "ExternalRelay")
+TRANSPORT_ROLES = ("FrontendTransport", "HubTransport")
+
+
+@dataclass(frozen=True, slots=True)
+class Permission:
+    """One Add-ADPermission grant: an extended right given to a principal on a connector."""
+
+    user: str
+    extended_rights: tuple[str, ...]
+    deny: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiveConnector:
+    """A receive connector (New-ReceiveConnector). Limits of None are 'unlimited'."""
+
+    name: str
+    transport_role: str = _spec("FrontendTransport", choices=TRANSPORT_ROLES)
+    usage: str = _spec("Custom", choices=USAGES)
+    enabled: bool = True
+    bindings: tuple[v.Binding, ...] = _spec((), factory=tuple)
+    remote_ip_ranges: tuple[v.IPRange, ...] = _spec((), factory=tuple)
+    auth_mechanism: tuple[str, ...] = _spec(("Tls",), factory=lambda: ("Tls",))
+    permission_groups: tuple[str, ...] = _spec((), factory=tuple)
+    permissions: tuple[Permission, ...] = _spec((), factory=tuple)
+    fqdn: str | None = None
+    banner: str | None = None
+    comment: str = ""
+    require_tls: bool = False
+    require_ehlo_domain: bool = False
+    tls_mode: str = _spec("starttls", choices=("starttls", "implicit"))
+    tls_certificate_file: Path | None = _spec(None, Path)
+    tls_key_file: Path | None = _spec(None, Path)
+    tls_min_version: str = _spec("1.2", choices=("1.0", "1.1", "1.2", "1.3"))
+    max_message_size: int = _size("36MB")
+    max_header_size: int = _size("256KB")
+    max_recipients_per_message: int = 200
+    max_hop_count: int = 30
+    max_local_hop_count: int = 8
+    connection_timeout: timedelta = _span("00:10:00")
+    connection_inactivity_timeout: timedelta = _span("00:05:00")
+    max_inbound_connection: int | None = 5000
+    max_inbound_connection_per_source: int | None = 20
+    max_inbound_connection_percentage_per_source: int = 2
+    max_protocol_errors: int | None = 5
+    max_logon_failures: int = 3
+    message_rate_limit: int | None = UNLIMITED
+    message_rate_source: str = _spec("IPAddress", choices=("None", "User", "IPAddress", "All"))
+    tarpit_interval: timedelta = _span("00:00:05")
+    auth_tarpit_interval: timedelta = _span("00:00:05")
+    protocol_logging_level: str = _spec("None", choices=("None", "Verbose"))
+    enhanced_status_codes_enabled: bool = True
+    pipelining_enabled: bool = True
+    chunking_enabled: bool = True
+    binary_mime_enabled: bool = True
+    eight_bit_mime_enabled: bool = True
+    delivery_status_notification_enabled: bool = True
+    size_enabled: str = _spec("Enabled", choices=("Enabled", "Disabled", "EnabledWithoutValue"))
+    bare_linefeed_rejection_enabled: bool = True
+    reject_reserved_top_level_recipient_domains: bool = False
+    reject_reserved_second_level_recipient_domains: bool = False
+    reject_single_label_recipient_domains: bool = False
+    default_domain: str | None = None
+
+    @property
+    def identity_name(self) -> str:
+        return self.name
+
+    @property
+    def relay_ranges_text(self) -> list[str]:
+        return [r.text for r in self.remote_ip_ranges]
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedDomain:
+    """An accepted domain: `corp.example` or `*.corp.example` (the domain and all its subdomains)."""
+
+    domain: str
+    domain_type: str = _spec("Authoritative", choices=DOMAIN_TYPES)
+    default: bool = False
+
+    @property
+    def is_wildcard(self) -> bool:
+        return self.domain.startswith("*.")
+
+    def matches(self, domain: str) -> bool:
+        domain = domain.lower().rstrip(".")
+        if self.is_wildcard:
+            base = self.domain[2:]
+            return domain == base or domain.endswith("." + base)
+        return domain == self.domain
+
+
+@dataclass(frozen=True, slots=True)
+class SendConnector:
+    """An outbound route (New-SendConnector)."""
+
+    name: str
+    address_spaces: tuple[str, ...] = _spec(("*",), factory=lambda: ("*",))
+    dns_routing_enabled: bool = True
+    smart_hosts: tuple[str, ...] = _spec((), factory=tuple)
+    port: int = 25
+    smart_host_auth_mechanism: str = _spec(
+        "None", choices=("None", "BasicAuth", "BasicAuthRequireTLS", "XOAUTH2", "ExchangeServer", "ExternalAuthoritative")
+    )
+    auth_username: str = ""
+    auth_password_file: Path | None = _spec(None, Path)
+    auth_password_env: str = ""
+    oauth_tenant_id: str = ""
+    oauth_client_id: str = ""
+    oauth_client_secret_env: str = ""
+    oauth_client_secret_file: Path | None = _spec(None, Path)
+    require_tls: bool = False
+    implicit_tls: bool = False
+    tls_auth_level: str = _spec(
+        "EncryptionOnly", choices=("EncryptionOnly", "CertificateValidation", "DomainValidation")
+    )
+    tls_domain: str = ""
+    tls_ca_file: Path | None = _spec(None, Path)
+    cost: int = 1
+    enabled: bool = True
+    fqdn: str | None = None
+    max_message_size: int | None = _spec(None, v.parse_size)
+    connection_inactivity_timeout: timedelta = _span("00:10:00")
+    protocol_logging_level: str = _spec("None", choices=("None", "Verbose"))
+    comment: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DkimKey:
+    """A DKIM signing key for one domain and selector."""
+
+    domain: str
+    selector: str
+    key_file: Path | None = _spec(None, Path)
+    algorithm: str = _spec("rsa-sha256", choices=("rsa-sha256", "ed25519-sha256"))
+    headers: tuple[str, ...] = _spec(
+        (
+            "From", "To", "Cc", "Subject", "Date", "Message-ID", "Reply-To", "MIME-Version",
+            "Content-Type", "Content-Transfer-Encoding", "In-Reply-To", "References",
+        ),
+        factory=lambda: (
+            "From", "To", "Cc", "Subject", "Date", "Message-ID", "Reply-To", "MIME-Version",
+            "Content-Type", "Content-Transfer-Encoding", "In-Reply-To", "References",
+        ),
+    )  # fmt: skip
+    enabled: bool = True
+
+
+def _default_name() -> str:
+    return socket.gethostname().split(".")[0].upper() or "RELAY01"
+
+
+def _default_fqdn() -> str:
+    name = socket.getfqdn()
+    return name if name and name != "localhost" else "relay.localdomain"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """[server]: identity, storage, resolver, proxies, log rotation (Set-TransportService defaults)."""
+
+    name: str = _spec(None, factory=_default_name)
+    fqdn: str = _spec(None, factory=_default_fqdn)
+    data_dir: Path = _spec(Path("./relaygate-data"), Path)
+    dns_servers: tuple[str, ...] = _spec((), factory=tuple)
+    trusted_proxies: tuple[v.IPRange, ...] = _spec((), factory=tuple)
+    tls_certificate_file: Path | None = _spec(None, Path)
+    tls_key_file: Path | None = _spec(None, Path)
+    users_file: Path | None = _spec(None, Path)
+    workers: int = 1
+    dkim_domain_source: str = _spec("header_from", choices=("header_from", "envelope_sender"))
+    receive_protocol_log_max_file_size: int = _size("10MB")
+    receive_protocol_log_max_directory_size: int = _size("250MB")
+    receive_protocol_log_max_age: timedelta = _span("30.00:00:00")
+    message_tracking_log_enabled: bool = True
+    message_tracking_log_max_file_size: int = _size("10MB")
+    message_tracking_log_max_directory_size: int = _size("1000MB")
+    message_tracking_log_max_age: timedelta = _span("30.00:00:00")
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """[admin]: the web admin centre, JSON API, /metrics and /healthz."""
+
+    listen: str = "127.0.0.1:8025"
+    enabled: bool = True
+    api_token_file: Path | None = _spec(None, Path)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    """[queue]: Exchange's retry and expiry timeline (§7.3); the store backing it."""
+
+    transient_failure_retry_interval: timedelta = _span("00:05:00")
+    transient_failure_retry_count: int = 6
+    message_retry_interval: timedelta = _span("00:10:00")
+    delay_notification_timeout: timedelta = _span("04:00:00")
+    message_expiration_timeout: timedelta = _span("2.00:00:00")
+    admin_notification_address: str = ""
+    max_concurrent_deliveries: int = 20
+    store: str = _spec("sqlite", choices=("sqlite", "postgresql"))
+    database_url: str = ""
+    completed_retention: timedelta = _span("1.00:00:00")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration. `source` is the file it came from ("<embedded default>" otherwise)."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    accepted_domains: tuple[AcceptedDomain, ...] = ()
+    receive_connectors: tuple[ReceiveConnector, ...] = ()
+    send_connectors: tuple[SendConnector, ...] = ()
+    dkim: tuple[DkimKey, ...] = ()
+    source: str = "<embedded default>"
+
+    @property
+    def dkim_keys(self) -> tuple[DkimKey, ...]:
+        return self.dkim
+
+    def connector(self, name: str) -> ReceiveConnector | None:
+        for connector in self.receive_connectors:
+            if connector.name.lower() == name.lower():
+                return connector
+        return None

@@ -1,0 +1,239 @@
+"""Cross-field rules: what New-/Set-ReceiveConnector and New-SendConnector refuse, plus RelayGate's own.
+
+Each rule yields a `Problem` naming the file, connector and key. Rules (exchange-semantics.md §1–§2):
+unique names; bindings and RemoteIPRanges required (except Internet usage); no two connectors with the
+same binding and the same range; ranges on a shared binding nested, never partially overlapping; a
+FrontendTransport and a HubTransport connector never share a binding; AuthMechanism combinations
+(None alone; ExternalAuthoritative needs ExchangeServers and combines only with Tls;
+BasicAuthRequireTLS needs BasicAuth and Tls; RequireTLS needs Tls); ConnectionTimeout above
+ConnectionInactivityTimeout; value ranges from §1.4; banner starting with 220.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from relaygate.config.loader import Problem
+from relaygate.config.model import Config, ReceiveConnector, SendConnector
+from relaygate.config.values import Binding
+
+__all__ = ["validate"]
+
+_DOMAIN = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+_ADDRESS_SPACE = re.compile(r"^(\*|(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*)$")
+
+# (key, minimum, maximum) as §1.4 gives them; None limits ("unlimited") are skipped.
+_LIMITS = (
+    ("max_message_size", 65536, 2 * 1024**3),
+    ("max_header_size", 1, 2 * 1024**3),
+    ("max_recipients_per_message", 1, 512000),
+    ("max_hop_count", 1, 500),
+    ("max_local_hop_count", 0, 50),
+    ("max_inbound_connection", 1, 2**31 - 1),
+    ("max_inbound_connection_per_source", 1, 10000),
+    ("max_inbound_connection_percentage_per_source", 1, 100),
+    ("max_protocol_errors", 0, 2**31 - 1),
+    ("max_logon_failures", 0, 10),
+    ("message_rate_limit", 1, 2**31 - 1),
+)
+
+
+def _bindings_overlap(a: Binding, b: Binding) -> bool:
+    if a.port != b.port:
+        return False
+    if a.address == b.address:
+        return True
+    # A wildcard shares the port with every address of its family ([::] is dual-stack).
+    return (a.is_wildcard and (a.address == "::" or b.version == 4)) or (
+        b.is_wildcard and (b.address == "::" or a.version == 4)
+    )
+
+
+def _receive_rules(c: ReceiveConnector, path: str, usage_given: bool) -> Iterator[tuple[str, str]]:
+    if not c.name.strip():
+        yield "name", "must not be empty"
+    if len(c.name) > 64:
+        yield "name", f"is {len(c.name)} characters; Exchange allows at most 64"
+    if not c.bindings:
+        yield "bindings", "is required: list the local 'IP:port' endpoints, e.g. ['0.0.0.0:25']"
+    if not c.remote_ip_ranges and c.usage != "Internet":
+        yield "remote_ip_ranges", "is required (except for usage = \"Internet\"): list the client addresses"
+    auth = set(c.auth_mechanism)
+    if "None" in auth and len(auth) > 1:
+        yield "auth_mechanism", "'None' must be the only value"
+    if "ExternalAuthoritative" in auth:
+        if "ExchangeServers" not in c.permission_groups:
+            yield (
+                "auth_mechanism",
+                "ExternalAuthoritative requires permission_groups to include 'ExchangeServers'",
+            )
+        others = auth - {"ExternalAuthoritative", "Tls"}
+        if others:
+            yield "auth_mechanism", f"ExternalAuthoritative can be combined only with Tls, not {', '.join(sorted(others))}"
+    if "BasicAuthRequireTLS" in auth and not {"BasicAuth", "Tls"} <= auth:
+        yield "auth_mechanism", "BasicAuthRequireTLS requires both BasicAuth and Tls"
+    if c.require_tls and "Tls" not in auth:
+        yield "require_tls", "require_tls = true needs 'Tls' in auth_mechanism"
+    if "None" in c.permission_groups and len(c.permission_groups) > 1:
+        yield "permission_groups", "'None' must be the only value"
+    if c.connection_timeout <= c.connection_inactivity_timeout:
+        yield (
+            "connection_timeout",
+            f"must be greater than connection_inactivity_timeout ({c.connection_timeout} is not above "
+            f"{c.connection_inactivity_timeout})",
+        )
+    for key in ("connection_timeout", "connection_inactivity_timeout"):
+        seconds = getattr(c, key).total_seconds()
+        if not 1 <= seconds <= 86400:
+            yield key, "must be between 00:00:01 and 1.00:00:00"
+    for key, low, high in _LIMITS:
+        value = getattr(c, key)
+        if value is not None and not low <= value <= high:
+            yield key, f"{value} is outside the allowed range {low}-{high}"
+    if c.banner is not None and not c.banner.startswith("220"):
+        yield "banner", "a custom banner must start with '220'"
+    if c.tls_mode == "implicit" and "Tls" not in auth:
+        yield "tls_mode", "tls_mode = \"implicit\" needs 'Tls' in auth_mechanism"
+    if (c.tls_certificate_file is None) != (c.tls_key_file is None):
+        yield "tls_certificate_file", "set both tls_certificate_file and tls_key_file, or neither"
+    if len(c.remote_ip_ranges) > 1300:
+        yield "remote_ip_ranges", f"{len(c.remote_ip_ranges)} entries; Exchange's limit is about 1,300"
+    del path, usage_given
+
+
+def _send_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
+    if not s.name.strip():
+        yield "name", "must not be empty"
+    if not s.address_spaces:
+        yield "address_spaces", "is required: '*' or domains such as 'corp.example' / '*.corp.example'"
+    for i, space in enumerate(s.address_spaces):
+        if not _ADDRESS_SPACE.match(space.lower()):
+            yield f"address_spaces[{i}]", f"{space!r} is not '*', a domain or '*.domain'"
+    if s.dns_routing_enabled and s.smart_hosts:
+        yield "smart_hosts", "set dns_routing_enabled = false to route through smart hosts"
+    if not s.dns_routing_enabled and not s.smart_hosts:
+        yield "smart_hosts", "is required when dns_routing_enabled = false"
+    if not 0 < s.port < 65536:
+        yield "port", "must be 1-65535"
+    if s.smart_host_auth_mechanism in ("BasicAuth", "BasicAuthRequireTLS"):
+        if not s.auth_username:
+            yield "auth_username", f"is required for smart_host_auth_mechanism = {s.smart_host_auth_mechanism!r}"
+        if s.auth_password_file is None and not s.auth_password_env:
+            yield "auth_password_file", "set auth_password_file or auth_password_env for smart-host AUTH"
+    if s.smart_host_auth_mechanism == "XOAUTH2":
+        for key in ("auth_username", "oauth_tenant_id", "oauth_client_id"):
+            if not getattr(s, key):
+                yield key, "is required for smart_host_auth_mechanism = 'XOAUTH2'"
+        if not s.oauth_client_secret_env and s.oauth_client_secret_file is None:
+            yield "oauth_client_secret_env", "set oauth_client_secret_env or oauth_client_secret_file for XOAUTH2"
+    if s.tls_auth_level != "EncryptionOnly" and not s.require_tls:
+        yield "tls_auth_level", "certificate validation needs require_tls = true (else a stripped STARTTLS bypasses it)"
+
+
+def validate(config: Config, doc: dict[str, Any]) -> list[Problem]:
+    src = config.source
+    problems: list[Problem] = []
+    raw_connectors = doc.get("receive_connectors", []) if isinstance(doc.get("receive_connectors"), list) else []
+
+    seen: dict[str, int] = {}
+    for i, c in enumerate(config.receive_connectors):
+        path = f"receive_connectors[{i}]"
+        usage_given = i < len(raw_connectors) and isinstance(raw_connectors[i], dict) and "usage" in raw_connectors[i]
+        for key, message in _receive_rules(c, path, usage_given):
+            problems.append(Problem(src, f"{path}.{key}", message, c.name))
+        if c.name.lower() in seen:
+            problems.append(Problem(src, f"{path}.name", f"duplicates receive_connectors[{seen[c.name.lower()]}]", c.name))
+        seen.setdefault(c.name.lower(), i)
+
+    connectors = list(enumerate(config.receive_connectors))
+    for ai, a in connectors:
+        for bi, b in connectors:
+            if bi <= ai:
+                continue
+            shared = [(x, y) for x in a.bindings for y in b.bindings if _bindings_overlap(x, y)]
+            if not shared:
+                continue
+            path = f"receive_connectors[{bi}]"
+            bx, by = shared[0]
+            if a.transport_role != b.transport_role:
+                problems.append(
+                    Problem(
+                        src,
+                        f"{path}.bindings",
+                        f"{b.transport_role} connector shares binding {by} with {a.transport_role} connector "
+                        f'"{a.name}"; receive connectors assigned to different transport roles must listen on '
+                        "unique local IP address & port bindings",
+                        b.name,
+                    )
+                )
+                continue
+            if bx != by:
+                continue  # an exact address and a wildcard: selection prefers the exact one, no conflict
+            for ra in a.remote_ip_ranges:
+                for rb in b.remote_ip_ranges:
+                    if ra.first == rb.first and ra.last == rb.last and ra.version == rb.version:
+                        problems.append(
+                            Problem(
+                                src,
+                                f"{path}.remote_ip_ranges",
+                                f"binding {by} and remote range {rb} are already used by connector "
+                                f'"{a.name}"; each (binding, range) pair must be unique',
+                                b.name,
+                            )
+                        )
+                    elif ra.overlaps(rb) and not (ra.contains_range(rb) or rb.contains_range(ra)):
+                        problems.append(
+                            Problem(
+                                src,
+                                f"{path}.remote_ip_ranges",
+                                f"range {rb} partially overlaps {ra} of connector \"{a.name}\" on binding {by}; "
+                                "ranges on one binding must be disjoint or nested",
+                                b.name,
+                            )
+                        )
+    for i, c in enumerate(config.receive_connectors):
+        ranges = list(c.remote_ip_ranges)
+        for x in range(len(ranges)):
+            for y in range(x + 1, len(ranges)):
+                ra, rb = ranges[x], ranges[y]
+                if ra.overlaps(rb) and not (ra.contains_range(rb) or rb.contains_range(ra)):
+                    problems.append(
+                        Problem(src, f"receive_connectors[{i}].remote_ip_ranges[{y}]", f"{rb} partially overlaps {ra}", c.name)
+                    )
+
+    domains: dict[str, int] = {}
+    for i, d in enumerate(config.accepted_domains):
+        path = f"accepted_domains[{i}].domain"
+        if not _DOMAIN.match(d.domain) or len(d.domain) > 256:
+            problems.append(Problem(src, path, f"{d.domain!r} is not a domain or '*.domain'"))
+        if d.domain in domains:
+            problems.append(Problem(src, path, f"{d.domain!r} duplicates accepted_domains[{domains[d.domain]}]"))
+        domains.setdefault(d.domain, i)
+    if sum(1 for d in config.accepted_domains if d.default) > 1:
+        problems.append(Problem(src, "accepted_domains", "only one accepted domain can be the default"))
+
+    send_names: dict[str, int] = {}
+    for i, s in enumerate(config.send_connectors):
+        for key, message in _send_rules(s):
+            problems.append(Problem(src, f"send_connectors[{i}].{key}", message, s.name))
+        if s.name.lower() in send_names:
+            problems.append(Problem(src, f"send_connectors[{i}].name", f"duplicates send_connectors[{send_names[s.name.lower()]}]", s.name))
+        send_names.setdefault(s.name.lower(), i)
+
+    for i, k in enumerate(config.dkim):
+        if not _DOMAIN.match(k.domain) or k.domain.startswith("*."):
+            problems.append(Problem(src, f"dkim[{i}].domain", f"{k.domain!r} is not a domain"))
+        if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9-]+)*$", k.selector):
+            problems.append(Problem(src, f"dkim[{i}].selector", f"{k.selector!r} is not a valid selector"))
+
+    from relaygate.config.values import parse_binding
+
+    try:
+        parse_binding(config.admin.listen)
+    except ValueError as exc:
+        problems.append(Problem(src, "admin.listen", str(exc)))
+    if config.queue.store == "postgresql" and not config.queue.database_url:
+        problems.append(Problem(src, "queue.database_url", "is required when store = 'postgresql'"))
+    return problems

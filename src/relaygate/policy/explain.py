@@ -1,0 +1,151 @@
+"""`explain`: the decisions the server would make for a client, built from the server's own functions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from relaygate import replies
+from relaygate.addresses import AddressError, parse_mail_from, parse_rcpt_to
+from relaygate.config.model import Config
+from relaygate.config.values import Binding
+from relaygate.policy.rights import EXTENDED_RIGHTS, session_rights
+from relaygate.policy.selection import Selection, select_connector
+from relaygate.policy.verdicts import check_mail, check_rcpt
+
+__all__ = ["Explanation", "explain", "endpoints_for"]
+
+
+@dataclass
+class Explanation:
+    local: str
+    client_ip: str
+    selection: Selection
+    rights: list[dict[str, str]] = field(default_factory=list)
+    principals: list[str] = field(default_factory=list)
+    mail: dict[str, Any] | None = None
+    recipients: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        sel = self.selection
+        return {
+            "local": self.local,
+            "client_ip": self.client_ip,
+            "connector": sel.connector.name if sel.connector else None,
+            "reason": sel.reason,
+            "binding": str(sel.binding) if sel.binding else None,
+            "matched_range": sel.matched_range.text if sel.matched_range else None,
+            "beaten": [
+                {"connector": c.connector.name, "range": c.matched_range.text if c.matched_range else None, "why": c.reason}
+                for c in sel.beaten
+            ],
+            "not_candidates": [{"connector": c.connector.name, "why": c.reason} for c in sel.rejected],
+            "principals": self.principals,
+            "rights": self.rights,
+            "mail": self.mail,
+            "recipients": self.recipients,
+        }
+
+
+def endpoints_for(config: Config, client_ip: str) -> list[tuple[str, int]]:
+    """Without --local: every distinct binding, a wildcard standing for 'any local address'."""
+    seen: list[tuple[str, int]] = []
+    v6 = ":" in client_ip
+    for connector in config.receive_connectors:
+        for b in connector.bindings:
+            if b.is_wildcard:
+                address = "::" if b.address == "::" else ("0.0.0.0" if not v6 else "::")
+                endpoint = (address, b.port)
+            else:
+                endpoint = (b.address, b.port)
+            if endpoint not in seen:
+                seen.append(endpoint)
+    return seen
+
+
+def _route_for(config: Config, address: str) -> dict[str, Any] | None:
+    try:
+        from relaygate.delivery.routing import explain_route
+    except ImportError:
+        return None
+    route = explain_route(config.send_connectors, address)
+    return route.to_dict() if hasattr(route, "to_dict") else {"route": str(route)}
+
+
+def explain(
+    config: Config,
+    *,
+    client_ip: str,
+    local: tuple[str, int],
+    sender: str | None,
+    recipients: list[str],
+    authenticated_user: str | None = None,
+) -> Explanation:
+    local_ip, local_port = local
+    selection = select_connector(config.receive_connectors, local_ip=local_ip, local_port=local_port, client_ip=client_ip)
+    result = Explanation(local=str(Binding(local_ip, local_port)), client_ip=client_ip, selection=selection)
+    connector = selection.connector
+    if connector is None:
+        result.recipients = [
+            {"address": rcpt, "reply": None, "reason": "connection closed without a banner (no connector)"}
+            for rcpt in recipients
+        ]
+        return result
+    rights = session_rights(connector, authenticated_user=authenticated_user)
+    result.principals = list(rights.principals)
+    granted_by = dict(rights.sources)
+    result.rights = [
+        {"right": right, "token": token, "granted_by": granted_by.get(right, "")}
+        for right, token in EXTENDED_RIGHTS.items()
+        if right in rights.rights
+    ]
+    authenticated = authenticated_user is not None
+    mail_ok = True
+    if sender is not None:
+        path = "<>" if sender in ("", "<>") else (sender if sender.startswith("<") else f"<{sender}>")
+        try:
+            address, _params = parse_mail_from(f"FROM:{path}")
+            verdict = check_mail(
+                address, rights=rights, connector=connector, accepted_domains=config.accepted_domains, authenticated=authenticated
+            )
+            result.mail = {"address": sender, "reply": verdict.reply.line(), "reason": verdict.reason}
+            mail_ok = verdict.accepted
+        except AddressError as exc:
+            result.mail = {"address": sender, "reply": exc.reply.line(), "reason": exc.reason}
+            mail_ok = False
+    elif not rights.may_submit:
+        verdict = check_mail(None, rights=rights, connector=connector, accepted_domains=config.accepted_domains, authenticated=authenticated)
+        result.mail = {"address": None, "reply": verdict.reply.line(), "reason": verdict.reason}
+        mail_ok = False
+    accepted = 0
+    for rcpt in recipients:
+        entry: dict[str, Any] = {"address": rcpt}
+        if not mail_ok:
+            entry.update(reply=replies.NEED_MAIL.line(), reason="MAIL FROM was refused, so RCPT is out of sequence")
+            result.recipients.append(entry)
+            continue
+        path = rcpt if rcpt.startswith("<") else f"<{rcpt}>"
+        try:
+            address, _params = parse_rcpt_to(f"TO:{path}")
+        except AddressError as exc:
+            entry.update(reply=exc.reply.line(), reason=exc.reason)
+            result.recipients.append(entry)
+            continue
+        verdict = check_rcpt(
+            address,
+            rights=rights,
+            connector=connector,
+            accepted_domains=config.accepted_domains,
+            accepted_count=accepted,
+            authenticated=authenticated,
+        )
+        entry.update(reply=verdict.reply.line(), reason=verdict.reason)
+        if verdict.tarpit and connector.tarpit_interval.total_seconds() > 0:
+            entry["tarpit"] = f"{connector.tarpit_interval.total_seconds():g}s"
+        if verdict.accepted:
+            accepted += 1
+            route = _route_for(config, str(address))
+            if route is not None:
+                entry["route"] = route
+        result.recipients.append(entry)
+    return result

@@ -1,0 +1,173 @@
+"""MAIL and RCPT verdicts: rights × accepted domains × connector rules → the exact Exchange reply.
+
+Pure functions. A `Verdict` carries the reply the client sees and a `reason` for the protocol log and
+`relaygate explain`. `tarpit` marks errors that Exchange delays for unauthenticated sessions (§5.5).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from relaygate import replies
+from relaygate.addresses import Address
+from relaygate.config.model import AcceptedDomain, ReceiveConnector
+from relaygate.policy import rights as r
+from relaygate.replies import Reply
+
+__all__ = ["Verdict", "check_mail", "check_rcpt", "match_accepted_domain"]
+
+_RESERVED_TLDS = frozenset({"test", "example", "invalid", "localhost"})
+_RESERVED_SLDS = frozenset({"example.com", "example.net", "example.org"})
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A decision: `reply` to send, `reason` to log, `tarpit` if the error is delayed."""
+
+    reply: Reply
+    reason: str
+    tarpit: bool = False
+
+    @property
+    def accepted(self) -> bool:
+        return self.reply.is_positive
+
+
+def match_accepted_domain(domain: str, accepted: Sequence[AcceptedDomain]) -> AcceptedDomain | None:
+    """The accepted domain that covers `domain`: an exact entry beats a `*.` wildcard, a longer wildcard
+    beats a shorter one."""
+    best: AcceptedDomain | None = None
+    for entry in accepted:
+        if not entry.matches(domain):
+            continue
+        if best is None:
+            best = entry
+        elif best.is_wildcard and (not entry.is_wildcard or len(entry.domain) > len(best.domain)):
+            best = entry
+    return best
+
+
+def check_mail(
+    sender: Address | None,
+    *,
+    rights: r.SessionRights,
+    connector: ReceiveConnector,
+    accepted_domains: Sequence[AcceptedDomain],
+    authenticated: bool,
+    declared_size: int | None = None,
+) -> Verdict:
+    """MAIL FROM: Submit right, declared SIZE, then the sender rules (null sender always allowed)."""
+    if not rights.may_submit:
+        if authenticated:
+            return Verdict(replies.SUBMIT_DENIED, "the session lacks ms-Exch-SMTP-Submit")
+        return Verdict(
+            replies.NOT_AUTHENTICATED,
+            "anonymous sessions on this connector lack ms-Exch-SMTP-Submit (no AnonymousUsers group)",
+        )
+    if (
+        declared_size is not None
+        and declared_size > connector.max_message_size
+        and not rights.bypasses_size_limit
+    ):
+        return Verdict(
+            replies.MESSAGE_TOO_BIG,
+            f"SIZE={declared_size} exceeds max_message_size {connector.max_message_size}",
+        )
+    if sender is None:  # <> — RFC 2505 §2.6.1: must not be refused
+        return Verdict(replies.SENDER_OK, "null reverse-path")
+    domain_entry = match_accepted_domain(sender.domain, accepted_domains) if sender.domain else None
+    denied = replies.SEND_AS_DENIED if authenticated else replies.ANONYMOUS_SEND_AS_DENIED
+    if domain_entry is not None and domain_entry.domain_type == "Authoritative":
+        if not rights.has(r.ACCEPT_AUTHORITATIVE_DOMAIN_SENDER) and not rights.has(r.ACCEPT_ANY_SENDER):
+            return Verdict(
+                denied,
+                f"sender domain {sender.domain} is authoritative and the session lacks "
+                "ms-Exch-SMTP-Accept-Authoritative-Domain-Sender",
+                tarpit=not authenticated,
+            )
+    elif not rights.has(r.ACCEPT_ANY_SENDER) and domain_entry is None:
+        return Verdict(
+            denied,
+            f"sender domain {sender.domain or '(none)'} is not an accepted domain and the session lacks "
+            "ms-Exch-SMTP-Accept-Any-Sender",
+            tarpit=not authenticated,
+        )
+    return Verdict(replies.SENDER_OK, "sender allowed")
+
+
+def _dangerous_literal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return bool(
+        ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved
+    )
+
+
+def check_rcpt(
+    recipient: Address,
+    *,
+    rights: r.SessionRights,
+    connector: ReceiveConnector,
+    accepted_domains: Sequence[AcceptedDomain],
+    accepted_count: int,
+    authenticated: bool,
+    local_ips: Sequence[str] = (),
+) -> Verdict:
+    """RCPT TO: recipient limit, then reserved/literal rules, then accepted domains or the relay right."""
+    tarpit = not authenticated and not rights.externally_secured
+    if accepted_count >= connector.max_recipients_per_message:
+        return Verdict(
+            replies.TOO_MANY_RECIPIENTS,
+            f"max_recipients_per_message {connector.max_recipients_per_message} reached",
+        )
+    if recipient.domain == "":  # <postmaster>, RFC 5321 §4.5.1
+        return Verdict(replies.RECIPIENT_OK, "postmaster is always accepted")
+    if recipient.is_literal:
+        ip = recipient.literal_ip
+        if ip is not None and str(ip) in local_ips:
+            return Verdict(
+                replies.LOCAL_LITERAL_UNKNOWN,
+                "address literal of this relay: RelayGate does no local delivery",
+                tarpit,
+            )
+        if ip is None or _dangerous_literal(ip):
+            return Verdict(
+                replies.LITERAL_REFUSED,
+                f"address literal {recipient.domain} is loopback/link-local/reserved (never relayed)",
+                tarpit,
+            )
+        if not rights.may_relay:
+            return Verdict(
+                replies.RELAY_DENIED,
+                "address literal and the session lacks ms-Exch-SMTP-Accept-Any-Recipient",
+                tarpit,
+            )
+        return Verdict(replies.RECIPIENT_OK, "address literal; session may relay")
+    labels = recipient.domain.split(".")
+    if connector.reject_single_label_recipient_domains and len(labels) == 1:
+        return Verdict(replies.SINGLE_LABEL_DOMAIN, "single-label recipient domain", tarpit)
+    if connector.reject_reserved_top_level_recipient_domains and labels[-1] in _RESERVED_TLDS:
+        return Verdict(replies.RESERVED_TLD, f"reserved top-level domain .{labels[-1]}", tarpit)
+    if connector.reject_reserved_second_level_recipient_domains and ".".join(labels[-2:]) in _RESERVED_SLDS:
+        return Verdict(replies.RESERVED_SLD, f"reserved second-level domain {'.'.join(labels[-2:])}", tarpit)
+    if rights.may_relay:
+        return Verdict(replies.RECIPIENT_OK, "session has ms-Exch-SMTP-Accept-Any-Recipient")
+    entry = match_accepted_domain(recipient.domain, accepted_domains)
+    if entry is None:
+        return Verdict(
+            replies.RELAY_DENIED,
+            f"{recipient.domain} is not an accepted domain and the session lacks "
+            "ms-Exch-SMTP-Accept-Any-Recipient",
+            tarpit,
+        )
+    if recipient.has_routing_chars:
+        # Sender-specified routing (user%other@LOCAL, "x@y"@LOCAL) from a client that may not relay:
+        # refused rather than handed to a next hop that might interpret it (Postfix allow_untrusted_routing=no).
+        return Verdict(
+            replies.RELAY_DENIED,
+            "sender-specified routing (%, ! or @ in the local part) from a session that may not relay",
+            tarpit,
+        )
+    return Verdict(replies.RECIPIENT_OK, f"accepted domain {entry.domain} ({entry.domain_type})")
