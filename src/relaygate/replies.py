@@ -160,3 +160,14 @@ def message_queued(queue_id: str, message_id: str, hostname: str, size: int, sec
 
 def chunk_received(n: int) -> Reply:
     return Reply(250, "2.6.0", f"CHUNK received OK, {n} octets")
+
+# --- RelayGate's own (no Exchange equivalent) ----------------------------------------------------
+SYNC_ERROR = Reply(554, "5.5.0", "Error: SMTP protocol synchronization")
+BARE_LF_IN_COMMAND = Reply(500, "5.5.2", "Invalid command: contains a bare CR or LF")
+STARTTLS_SYNTAX = Reply(501, "5.5.4", "Syntax: STARTTLS")
+TLS_ALREADY_ACTIVE = Reply(554, "5.5.1", "TLS already active")
+TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available due to temporary reason")
+SEND_HELLO_AFTER_TLS = Reply(503, "5.5.1", "Send hello first")
+DATA_SYNTAX = Reply(501, "5.5.4", "Syntax: DATA")
+BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT <size> [LAST]")
+CONNECTION_DROPPED = Reply(421, "4.4.2", "Connection dropped")

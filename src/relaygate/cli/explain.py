@@ -78,5 +78,11 @@ def register(app: typer.Typer) -> None:
                 if "tarpit" in rc:
                     console.print(f"    (reply delayed by the {rc['tarpit']} tarpit)", markup=False)
                 if "route" in rc:
-                    console.print(f"    route: {rc['route']}", markup=False)
+                    route = rc["route"]
+                    text = (
+                        f"{route.get('connector') or '(none)'} → {route.get('next_hop')}: {route.get('reason')}"
+                        if isinstance(route, dict) and "next_hop" in route
+                        else str(route)
+                    )
+                    console.print(f"    route: {text}", markup=False)
             console.print()

@@ -105,7 +105,10 @@ class _Builder:
         if parse is not None:
             if isinstance(raw, str) and raw.lower() == "unlimited" and _allows_none(hint):
                 return None
-            return parse(raw)
+            try:
+                return parse(raw)
+            except TypeError:  # e.g. Path(5): a wrong TOML type is a problem to report, not a crash
+                raise ValueError(f"expected a string, got {raw!r}") from None
         if choices:
             if not isinstance(raw, str):
                 raise ValueError(f"expected one of {', '.join(choices)}, got {raw!r}")
@@ -288,6 +291,7 @@ def parse_config(doc: dict[str, Any], source: str = "<config>", *, base_dir: Pat
 
     b = _Builder(source)
     sections: dict[str, Any] = {}
+    positions: dict[str, list[int]] = {}  # index in the file of each built item (failed ones are dropped)
     known = list(_SECTIONS) + list(_ARRAYS)
     for key in doc:
         if key not in known:
@@ -301,6 +305,7 @@ def parse_config(doc: dict[str, Any], source: str = "<config>", *, base_dir: Pat
             b.error(key, f"expected [[{key}]] tables")
             raw = []
         items = []
+        positions[key] = []
         for i, table in enumerate(raw):
             name = table.get("name", "") if isinstance(table, dict) else ""
             if key == "receive_connectors" and isinstance(table, dict):
@@ -308,6 +313,7 @@ def parse_config(doc: dict[str, Any], source: str = "<config>", *, base_dir: Pat
             built = b.build(cls, table, f"{key}[{i}]", str(name) if isinstance(name, str) else "")
             if built is not None:
                 items.append(built)
+                positions[key].append(i)
         sections[key] = tuple(items)
     server: m.ServerConfig = sections["server"]
     if base_dir is not None and not server.data_dir.is_absolute():
@@ -324,7 +330,7 @@ def parse_config(doc: dict[str, Any], source: str = "<config>", *, base_dir: Pat
         dkim=tuple(dataclasses.replace(k, domain=k.domain.lower().rstrip(".")) for k in sections["dkim"]),
         source=source,
     )
-    b.problems.extend(validate(config, doc))
+    b.problems.extend(validate(config, doc, positions))
     if b.problems:
         raise ConfigError(b.problems)
     return config

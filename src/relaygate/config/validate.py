@@ -17,7 +17,7 @@ from typing import Any
 
 from relaygate.config.loader import Problem
 from relaygate.config.model import Config, ReceiveConnector, SendConnector
-from relaygate.config.values import Binding
+from relaygate.config.values import Binding, format_timespan
 
 __all__ = ["validate"]
 
@@ -51,14 +51,20 @@ def _bindings_overlap(a: Binding, b: Binding) -> bool:
     )
 
 
-def _receive_rules(c: ReceiveConnector, path: str, usage_given: bool) -> Iterator[tuple[str, str]]:
+def _given(raw: dict[str, Any], key: str) -> bool:
+    """The file gave `key` a non-empty value (its bad entries were reported by the loader already)."""
+    value = raw.get(key)
+    return bool(value.strip()) if isinstance(value, str) else bool(value)
+
+
+def _receive_rules(c: ReceiveConnector, raw: dict[str, Any]) -> Iterator[tuple[str, str]]:
     if not c.name.strip():
         yield "name", "must not be empty"
     if len(c.name) > 64:
         yield "name", f"is {len(c.name)} characters; Exchange allows at most 64"
-    if not c.bindings:
+    if not c.bindings and not _given(raw, "bindings"):
         yield "bindings", "is required: list the local 'IP:port' endpoints, e.g. ['0.0.0.0:25']"
-    if not c.remote_ip_ranges and c.usage != "Internet":
+    if not c.remote_ip_ranges and c.usage != "Internet" and not _given(raw, "remote_ip_ranges"):
         yield "remote_ip_ranges", "is required (except for usage = \"Internet\"): list the client addresses"
     auth = set(c.auth_mechanism)
     if "None" in auth and len(auth) > 1:
@@ -81,8 +87,8 @@ def _receive_rules(c: ReceiveConnector, path: str, usage_given: bool) -> Iterato
     if c.connection_timeout <= c.connection_inactivity_timeout:
         yield (
             "connection_timeout",
-            f"must be greater than connection_inactivity_timeout ({c.connection_timeout} is not above "
-            f"{c.connection_inactivity_timeout})",
+            f"must be greater than connection_inactivity_timeout ({format_timespan(c.connection_timeout)} "
+            f"is not above {format_timespan(c.connection_inactivity_timeout)})",
         )
     for key in ("connection_timeout", "connection_inactivity_timeout"):
         seconds = getattr(c, key).total_seconds()
@@ -100,7 +106,6 @@ def _receive_rules(c: ReceiveConnector, path: str, usage_given: bool) -> Iterato
         yield "tls_certificate_file", "set both tls_certificate_file and tls_key_file, or neither"
     if len(c.remote_ip_ranges) > 1300:
         yield "remote_ip_ranges", f"{len(c.remote_ip_ranges)} entries; Exchange's limit is about 1,300"
-    del path, usage_given
 
 
 def _send_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
@@ -132,20 +137,27 @@ def _send_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
         yield "tls_auth_level", "certificate validation needs require_tls = true (else a stripped STARTTLS bypasses it)"
 
 
-def validate(config: Config, doc: dict[str, Any]) -> list[Problem]:
+def validate(config: Config, doc: dict[str, Any], positions: dict[str, list[int]] | None = None) -> list[Problem]:
+    """Cross-field problems. `positions[key][i]` is the index in the file of the i-th built item of the
+    array `key` (items the loader could not build are missing from `config`); identity if omitted."""
     src = config.source
     problems: list[Problem] = []
     raw_connectors = doc.get("receive_connectors", []) if isinstance(doc.get("receive_connectors"), list) else []
 
+    def at(key: str, i: int) -> int:
+        known = (positions or {}).get(key)
+        return known[i] if known is not None and i < len(known) else i
+
     seen: dict[str, int] = {}
     for i, c in enumerate(config.receive_connectors):
-        path = f"receive_connectors[{i}]"
-        usage_given = i < len(raw_connectors) and isinstance(raw_connectors[i], dict) and "usage" in raw_connectors[i]
-        for key, message in _receive_rules(c, path, usage_given):
+        fi = at("receive_connectors", i)
+        path = f"receive_connectors[{fi}]"
+        raw = raw_connectors[fi] if fi < len(raw_connectors) and isinstance(raw_connectors[fi], dict) else {}
+        for key, message in _receive_rules(c, raw):
             problems.append(Problem(src, f"{path}.{key}", message, c.name))
         if c.name.lower() in seen:
             problems.append(Problem(src, f"{path}.name", f"duplicates receive_connectors[{seen[c.name.lower()]}]", c.name))
-        seen.setdefault(c.name.lower(), i)
+        seen.setdefault(c.name.lower(), fi)
 
     connectors = list(enumerate(config.receive_connectors))
     for ai, a in connectors:
@@ -155,7 +167,7 @@ def validate(config: Config, doc: dict[str, Any]) -> list[Problem]:
             shared = [(x, y) for x in a.bindings for y in b.bindings if _bindings_overlap(x, y)]
             if not shared:
                 continue
-            path = f"receive_connectors[{bi}]"
+            path = f"receive_connectors[{at('receive_connectors', bi)}]"
             bx, by = shared[0]
             if a.transport_role != b.transport_role:
                 problems.append(
@@ -169,8 +181,13 @@ def validate(config: Config, doc: dict[str, Any]) -> list[Problem]:
                     )
                 )
                 continue
-            if bx != by:
-                continue  # an exact address and a wildcard: selection prefers the exact one, no conflict
+            # Ranges conflict only on a binding both connectors hold exactly (an exact address and a
+            # wildcard do not conflict: selection prefers the exact one). Look at every shared pair, not
+            # just the first: ["0.0.0.0:25", "[::]:25"] and ["[::]:25"] share [::]:25 exactly.
+            same = next(((x, y) for x, y in shared if x == y), None)
+            if same is None:
+                continue
+            bx, by = same
             for ra in a.remote_ip_ranges:
                 for rb in b.remote_ip_ranges:
                     if ra.first == rb.first and ra.last == rb.last and ra.version == rb.version:
@@ -200,29 +217,36 @@ def validate(config: Config, doc: dict[str, Any]) -> list[Problem]:
                 ra, rb = ranges[x], ranges[y]
                 if ra.overlaps(rb) and not (ra.contains_range(rb) or rb.contains_range(ra)):
                     problems.append(
-                        Problem(src, f"receive_connectors[{i}].remote_ip_ranges[{y}]", f"{rb} partially overlaps {ra}", c.name)
+                        Problem(
+                            src,
+                            f"receive_connectors[{at('receive_connectors', i)}].remote_ip_ranges[{y}]",
+                            f"{rb} partially overlaps {ra}",
+                            c.name,
+                        )
                     )
 
     domains: dict[str, int] = {}
     for i, d in enumerate(config.accepted_domains):
-        path = f"accepted_domains[{i}].domain"
+        path = f"accepted_domains[{at('accepted_domains', i)}].domain"
         if not _DOMAIN.match(d.domain) or len(d.domain) > 256:
             problems.append(Problem(src, path, f"{d.domain!r} is not a domain or '*.domain'"))
         if d.domain in domains:
             problems.append(Problem(src, path, f"{d.domain!r} duplicates accepted_domains[{domains[d.domain]}]"))
-        domains.setdefault(d.domain, i)
+        domains.setdefault(d.domain, at("accepted_domains", i))
     if sum(1 for d in config.accepted_domains if d.default) > 1:
         problems.append(Problem(src, "accepted_domains", "only one accepted domain can be the default"))
 
     send_names: dict[str, int] = {}
     for i, s in enumerate(config.send_connectors):
+        si = at("send_connectors", i)
         for key, message in _send_rules(s):
-            problems.append(Problem(src, f"send_connectors[{i}].{key}", message, s.name))
+            problems.append(Problem(src, f"send_connectors[{si}].{key}", message, s.name))
         if s.name.lower() in send_names:
-            problems.append(Problem(src, f"send_connectors[{i}].name", f"duplicates send_connectors[{send_names[s.name.lower()]}]", s.name))
-        send_names.setdefault(s.name.lower(), i)
+            problems.append(Problem(src, f"send_connectors[{si}].name", f"duplicates send_connectors[{send_names[s.name.lower()]}]", s.name))
+        send_names.setdefault(s.name.lower(), si)
 
-    for i, k in enumerate(config.dkim):
+    for n, k in enumerate(config.dkim):
+        i = at("dkim", n)
         if not _DOMAIN.match(k.domain) or k.domain.startswith("*."):
             problems.append(Problem(src, f"dkim[{i}].domain", f"{k.domain!r} is not a domain"))
         if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9-]+)*$", k.selector):

@@ -148,6 +148,18 @@ class IPRange:
         return self.text
 
 
+_MAPPED_FIRST = 0xFFFF_0000_0000  # ::ffff:0.0.0.0
+_MAPPED_LAST = 0xFFFF_FFFF_FFFF  # ::ffff:255.255.255.255
+
+
+def _make_range(text: str, version: int, first: int, last: int) -> IPRange:
+    """An entry wholly inside ::ffff:0:0/96 is stored as the IPv4 range it spells: clients are matched as
+    IPv4 (DESIGN decision 6), so an IPv6-typed mapped entry would otherwise silently match nobody."""
+    if version == 6 and _MAPPED_FIRST <= first and last <= _MAPPED_LAST:
+        return IPRange(text, 4, first - _MAPPED_FIRST, last - _MAPPED_FIRST)
+    return IPRange(text, version, first, last)
+
+
 def parse_ip_range(text: str) -> IPRange:
     """Every form Exchange accepts: `a`, `a-b`, `a/len` (host bits allowed), IPv6 with zone id."""
     if not isinstance(text, str):
@@ -160,7 +172,7 @@ def parse_ip_range(text: str) -> IPRange:
         if not length_text.isdigit() or int(length_text) > bits:
             raise ValueError(f"{raw!r}: prefix length must be 0-{bits}")
         network = ipaddress.ip_network(f"{address}/{int(length_text)}", strict=False)
-        return IPRange(raw, address.version, int(network.network_address), int(network.broadcast_address))
+        return _make_range(raw, address.version, int(network.network_address), int(network.broadcast_address))
     if "-" in raw:
         first_text, _, last_text = raw.partition("-")
         first, last = _parse_address(first_text), _parse_address(last_text)
@@ -168,9 +180,9 @@ def parse_ip_range(text: str) -> IPRange:
             raise ValueError(f"{raw!r}: both ends of a range must be the same address family")
         if int(first) > int(last):
             raise ValueError(f"{raw!r} is a reversed range: the first address is above the last")
-        return IPRange(raw, first.version, int(first), int(last))
+        return _make_range(raw, first.version, int(first), int(last))
     address = _parse_address(raw)
-    return IPRange(raw, address.version, int(address), int(address))
+    return _make_range(raw, address.version, int(address), int(address))
 
 
 ALL_IPV4 = parse_ip_range("0.0.0.0-255.255.255.255")

@@ -69,7 +69,18 @@ def _route_for(config: Config, address: str) -> dict[str, Any] | None:
     except ImportError:
         return None
     route = explain_route(config.send_connectors, address)
-    return route.to_dict() if hasattr(route, "to_dict") else {"route": str(route)}
+    if hasattr(route, "to_dict"):
+        return dict(route.to_dict())
+    # RouteExplanation has no to_dict: give the fields people read, not the dataclass repr.
+    key = getattr(route, "route", None)
+    reply = getattr(route, "reply", None)
+    return {
+        "connector": getattr(key, "connector_name", None),
+        "next_hop": getattr(key, "next_hop", None),
+        "delivery_type": getattr(key, "delivery_type", None),
+        "reason": getattr(route, "reason", str(route)),
+        "reply": reply.line() if reply is not None else None,
+    }
 
 
 def explain(
@@ -138,6 +149,8 @@ def explain(
             accepted_domains=config.accepted_domains,
             accepted_count=accepted,
             authenticated=authenticated,
+            # the relay's own address literal ([RIP]) gets the same 550 5.1.1 the server gives
+            local_ips=() if Binding(local_ip, local_port).is_wildcard else (local_ip,),
         )
         entry.update(reply=verdict.reply.line(), reason=verdict.reason)
         if verdict.tarpit and connector.tarpit_interval.total_seconds() > 0:

@@ -1,1 +1,1 @@
-"""smtp."""
+"""SMTP receive: listeners, connector sessions, limits, TLS, AUTH, durable acceptance."""

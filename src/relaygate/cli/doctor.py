@@ -1,0 +1,179 @@
+"""`relaygate doctor DOMAIN`: MX, SPF, DKIM and DMARC, worded with the errors admins actually see."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+__all__ = ["register"]
+
+_STYLE = {"ok": "green", "info": "cyan", "warning": "yellow", "error": "bold red"}
+
+
+def _resolver(servers: list[str], timeout: float) -> Any:
+    import dns.asyncresolver
+    import dns.nameserver
+
+    from relaygate.delivery.dns import parse_dns_server
+
+    if servers:
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.nameservers = [
+            dns.nameserver.Do53Nameserver(ip, port)
+            for ip, port in (parse_dns_server(s) for s in servers)
+        ]
+    else:
+        resolver = dns.asyncresolver.Resolver()
+    resolver.timeout = timeout
+    resolver.lifetime = timeout
+    return resolver
+
+
+def _local_key(
+    cfg: Any, data_dir: Path | None, domain: str, selector: str | None
+) -> tuple[str | None, str | None]:
+    """(selector, public record) of the relay's own key for ``domain`` (config first, then data_dir)."""
+    from relaygate.dkim.keys import DkimKeyError, key_path, load_any_key, load_private_key
+
+    candidates: list[tuple[str, Path | None, str | None]] = []
+    for key in getattr(cfg, "dkim", None) or ():
+        if str(key.domain).lower().rstrip(".") == domain and key.enabled:
+            path = Path(key.key_file) if key.key_file else None
+            if path is None and data_dir is not None:
+                path = key_path(data_dir, domain, str(key.selector))
+            candidates.append((str(key.selector).lower(), path, key.algorithm))
+    if data_dir is not None:
+        folder = data_dir / "dkim" / domain
+        if folder.is_dir():
+            candidates.extend((p.stem.lower(), p, None) for p in sorted(folder.glob("*.key")))
+    for sel, path, algorithm in candidates:
+        if selector is not None and sel != selector.lower():
+            continue
+        if path is None:
+            return sel, None
+        try:
+            loaded = load_private_key(path, algorithm) if algorithm else load_any_key(path)
+        except DkimKeyError as exc:
+            sys.stderr.write(f"warning: {exc}\n")
+            return sel, None
+        return sel, loaded.record
+    return selector, None
+
+
+def _print_report(report: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, soft_wrap=False)
+    table = Table(title=f"DNS doctor: {report.domain}", show_lines=True, expand=True)
+    table.add_column("Check", no_wrap=True)
+    table.add_column("Severity", no_wrap=True)
+    table.add_column("Finding", ratio=3)
+    table.add_column("Fix", ratio=2)
+    for f in report.findings:
+        finding = _escape(f.summary) + (f"\n[dim]{_escape(f.detail)}[/dim]" if f.detail else "")
+        table.add_row(f.check, f"[{_STYLE[f.severity]}]{f.severity}[/]", finding, _escape(f.fix))
+    console.print(table)
+    counts = report.to_dict()["counts"]
+    console.print(
+        f"{counts['error']} error(s), {counts['warning']} warning(s), {counts['info']} info, "
+        f"{counts['ok']} ok",
+        markup=False,
+    )
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("doctor")
+    def doctor(
+        domain: str = typer.Argument(
+            ..., help="The sending domain (the From domain of relayed mail)."
+        ),
+        relay_ip: str | None = typer.Option(
+            None, "--relay-ip", help="The relay's public IP as receivers see it (SPF evaluation)."
+        ),
+        selector: str | None = typer.Option(
+            None, "--selector", help="DKIM selector (default: the configured key for DOMAIN)."
+        ),
+        envelope_domain: str | None = typer.Option(
+            None,
+            "--envelope-domain",
+            help="MAIL FROM domain of relayed mail if it differs from DOMAIN (SPF alignment).",
+        ),
+        dns_server: list[str] | None = typer.Option(
+            None,
+            "--dns-server",
+            help="DNS server HOST[:PORT] to ask (repeatable; default: server.dns_servers, then the system's).",
+        ),
+        timeout: float = typer.Option(5.0, "--timeout", help="Seconds per DNS query."),
+        config: Path | None = typer.Option(
+            None,
+            "--config",
+            "-c",
+            help="Config file (default: $RELAYGATE_CONFIG, then ./relaygate.toml).",
+        ),
+        data_dir: Path | None = typer.Option(
+            None, "--data-dir", help="Data directory with dkim/ keys (default: server.data_dir)."
+        ),
+        json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+    ) -> None:
+        """MX, SPF (does it authorise the relay's IP), DKIM and DMARC for DOMAIN; exit 1 on errors."""
+        from relaygate.doctor import diagnose
+
+        domain_n = domain.strip().lower().rstrip(".")
+        if relay_ip is not None:
+            try:
+                relay_ip = str(ipaddress.ip_address(relay_ip.strip()))
+            except ValueError:
+                sys.stderr.write(f"error: --relay-ip {relay_ip!r} is not an IP address\n")
+                raise typer.Exit(2) from None
+        cfg = None
+        if config is not None or data_dir is None:
+            from relaygate.config import ConfigError, load_config
+
+            try:
+                cfg = load_config(config)
+            except ConfigError as exc:
+                if config is not None:
+                    for problem in exc.problems:
+                        sys.stderr.write(f"{problem}\n")
+                    raise typer.Exit(2) from None
+                sys.stderr.write("warning: the config file has errors; ignoring it\n")
+        if data_dir is None and cfg is not None:
+            data_dir = Path(cfg.server.data_dir)
+        servers = list(dns_server or ()) or list(
+            getattr(getattr(cfg, "server", None), "dns_servers", ()) or ()
+        )
+        try:
+            resolver = _resolver(servers, timeout)
+        except (ValueError, OSError) as exc:
+            sys.stderr.write(f"error: bad --dns-server: {exc}\n")
+            raise typer.Exit(2) from None
+        selector, local_public = _local_key(cfg, data_dir, domain_n, selector)
+        report = asyncio.run(
+            diagnose(
+                domain_n,
+                resolver=resolver,
+                relay_ip=relay_ip,
+                selector=selector,
+                local_dkim_public=local_public,
+                envelope_domain=envelope_domain,
+            )
+        )
+        if json_out:
+            sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+        else:
+            _print_report(report)
+        if report.has_errors:
+            raise typer.Exit(1)

@@ -1,0 +1,346 @@
+"""`relaygate import exchange FILE...`: Exchange exports and protocol logs → receive connectors.
+
+Dry run by default: prints the `[[receive_connectors]]` TOML that would be added and the usage report
+from the protocol logs. `--write` merges the connectors into the config file (tomlkit, comments kept),
+refusing names already present, validates the whole result as `relaygate check` would, and only then
+replaces the file atomically. A refused write leaves the file byte-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import tomlkit
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from relaygate.importer.exchange import (
+    ImportError_,
+    ImportResult,
+    combine_results,
+    decode_export,
+    detect_format,
+    parse_receive_connectors,
+)
+from relaygate.importer.protocol_logs import (
+    UsageReport,
+    analyze_protocol_logs,
+    is_receive_protocol_log,
+)
+
+__all__ = ["register"]
+
+ENV_VAR = "RELAYGATE_CONFIG"
+DEFAULT_CONFIG = Path("relaygate.toml")
+
+
+def register(app: typer.Typer) -> None:
+    import_app = typer.Typer(
+        name="import",
+        help="Import configuration from other systems.",
+        no_args_is_help=True,
+    )
+    import_app.command("exchange")(exchange)
+    app.add_typer(import_app, name="import")
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _config_path(explicit: Path | None) -> Path:
+    if explicit is not None:
+        return explicit
+    env = os.environ.get(ENV_VAR)
+    return Path(env) if env else DEFAULT_CONFIG
+
+
+def _classify(paths: list[Path]) -> tuple[list[tuple[Path, str]], list[Path]]:
+    """→ ([(export file, text)], [protocol log files or directories])."""
+    exports: list[tuple[Path, str]] = []
+    logs: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            logs.append(path)
+            continue
+        try:
+            text = decode_export(path.read_bytes())
+        except OSError as exc:
+            raise _fail(f"{path}: cannot read ({exc.strerror})") from None
+        if is_receive_protocol_log(text):
+            logs.append(path)
+        else:
+            exports.append((path, text))
+    return exports, logs
+
+
+def _accepted_domains(config_path: Path, extra: list[str]) -> list[str]:
+    domains = list(extra)
+    try:
+        doc = tomllib.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        return domains
+    for entry in doc.get("accepted_domains", []):
+        if isinstance(entry, dict) and isinstance(entry.get("domain"), str) and entry["domain"] not in domains:
+            domains.append(entry["domain"])
+    return domains
+
+
+def _connector_table(connector: dict[str, Any], sources: list[str]) -> Any:
+    table = tomlkit.table()
+    origin = ", ".join(sources) if sources else connector["name"]
+    table.add(tomlkit.comment(f"imported from Exchange {origin}"))
+    for key, value in connector.items():
+        if key == "permissions":
+            continue
+        table[key] = value
+    last = table
+    permissions = connector.get("permissions", [])
+    if permissions:
+        aot = tomlkit.aot()
+        for entry in permissions:
+            sub = tomlkit.table()
+            for key, value in entry.items():
+                sub[key] = value
+            aot.append(sub)
+            last = sub
+        table.append("permissions", aot)
+    last.add(tomlkit.nl())
+    return table
+
+
+def _toml_for(result: ImportResult) -> str:
+    doc = tomlkit.document()
+    aot = tomlkit.aot()
+    for connector in result.connectors:
+        aot.append(_connector_table(connector, result.sources.get(connector["name"], [])))
+    if result.connectors:
+        doc["receive_connectors"] = aot
+    return tomlkit.dumps(doc)
+
+
+def _apply_proposed_ranges(result: ImportResult, usage: UsageReport) -> None:
+    for connector in result.connectors:
+        proposed = usage.proposed_ranges(connector["name"])
+        if proposed:
+            result.warnings.append(
+                f"{connector['name']}: remote_ip_ranges narrowed from the protocol logs to {', '.join(proposed)} "
+                f"(was {', '.join(connector.get('remote_ip_ranges', [])) or 'empty'})"
+            )
+            connector["remote_ip_ranges"] = proposed
+        else:
+            result.warnings.append(
+                f"{connector['name']}: no accepted message in the protocol logs; remote_ip_ranges left as exported"
+            )
+
+
+def _print_usage(console: Console, usage: UsageReport, result: ImportResult) -> None:
+    imported = {c["name"].lower(): c for c in result.connectors}
+    for key in sorted(usage.connectors, key=str.lower):
+        connector = usage.connectors[key]
+        table = Table(title=escape(f"Protocol-log usage: {connector.connector_id}"), title_justify="left")
+        for column in ("Client IP", "Sessions", "Messages", "Recipients", "Relayed", "Relay denied", "Last seen"):
+            table.add_column(column, justify="left" if column in ("Client IP", "Last seen") else "right")
+        for client in sorted(connector.clients.values(), key=lambda c: c.messages, reverse=True):
+            relayed = client.relayed(usage.accepted_domains)
+            relayed_text = "?" if relayed is None else (f"yes ({relayed})" if relayed else "no")
+            table.add_row(
+                escape(client.ip),
+                str(client.sessions),
+                str(client.messages),
+                escape(", ".join(f"{d or '(none)'}×{n}" for d, n in sorted(client.recipient_domains.items())) or "-"),
+                relayed_text,
+                str(client.relay_denied),
+                escape(client.last_seen),
+            )
+        console.print(table)
+        proposed = connector.proposed_ranges()
+        console.print(f"  proposed remote_ip_ranges: {escape(', '.join(proposed)) or '(no sender)'}")
+        current = imported.get(connector.name.lower())
+        if current is not None:
+            console.print(f"  exported remote_ip_ranges: {escape(', '.join(current.get('remote_ip_ranges', [])))}")
+        quiet = [c.ip for c in connector.clients.values() if c.messages == 0]
+        if quiet:
+            console.print(
+                f"  connected without sending (not in the proposal): {escape(', '.join(sorted(quiet)))}"
+            )
+    if not usage.accepted_domains:
+        console.print("  (relayed = ?: give --accepted-domain or a config with [[accepted_domains]] to tell)")
+    for warning in usage.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
+
+
+def _print_lists(console: Console, result: ImportResult) -> None:
+    for error in result.errors:
+        console.print(f"[red]error:[/] {escape(error)}")
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
+    if result.skipped:
+        console.print(f"skipped {len(result.skipped)} Exchange setting(s) RelayGate has no key for:")
+        for item in result.skipped:
+            console.print(f"  {escape(item)}")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    directory = path.parent if str(path.parent) else Path(".")
+    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o644
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp_name, mode)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _write(config_path: Path, result: ImportResult) -> list[str]:
+    """Merge into the config file; → the problems that refused the write (empty when written)."""
+    if result.errors:
+        return [*result.errors, "nothing written"]
+    if not result.connectors:
+        return ["no receive connector to write"]
+    original = config_path.read_text(encoding="utf-8") if config_path.exists() else ""
+    try:
+        doc = tomlkit.parse(original)
+    except Exception as exc:  # tomlkit raises several exception types for bad TOML
+        return [f"{config_path}: not valid TOML: {exc}"]
+    existing = doc.get("receive_connectors")
+    names = {str(t.get("name", "")).lower() for t in existing} if existing is not None else set()
+    clashes = [c["name"] for c in result.connectors if c["name"].lower() in names]
+    if clashes:
+        return [
+            f"{config_path}: a receive connector named {name!r} already exists; remove or rename it first"
+            for name in clashes
+        ]
+    if existing is None:
+        existing = tomlkit.aot()
+        doc["receive_connectors"] = existing
+    for connector in result.connectors:
+        existing.append(_connector_table(connector, result.sources.get(connector["name"], [])))
+    new_text = tomlkit.dumps(doc)
+    try:
+        from relaygate.config import ConfigError, parse_config
+    except ImportError as exc:
+        return [f"cannot validate the result (configuration module unavailable: {exc}); nothing written"]
+    try:
+        parse_config(tomllib.loads(new_text), str(config_path))
+    except ConfigError as exc:
+        return [str(problem) for problem in exc.problems]
+    except ImportError as exc:
+        return [f"cannot validate the result ({exc}); nothing written"]
+    except tomllib.TOMLDecodeError as exc:
+        return [f"the merged file would not be valid TOML ({exc}); nothing written"]
+    _atomic_write(config_path, new_text)
+    return []
+
+
+def exchange(
+    files: list[Path] = typer.Argument(
+        ...,
+        help="Get-ReceiveConnector / Get-ADPermission exports (Format-List, ConvertTo-Json, Export-Csv) "
+        "and RECV*.LOG protocol logs or their directories; detected by content.",
+        show_default=False,
+    ),
+    permissions: list[Path] = typer.Option(
+        [], "--permissions", help="Get-ADPermission output for the connectors (repeatable)."
+    ),
+    logs: list[Path] = typer.Option(
+        [], "--logs", help="A RECV*.LOG file or a directory of them (repeatable)."
+    ),
+    accepted_domain: list[str] = typer.Option(
+        [],
+        "--accepted-domain",
+        help="An accepted domain, to tell relayed recipients apart (default: the config's accepted_domains).",
+    ),
+    narrow_ranges: bool = typer.Option(
+        False, "--narrow-ranges", help="Replace remote_ip_ranges with the ranges proposed from the logs."
+    ),
+    all_values: bool = typer.Option(
+        False, "--all-values", help="Write every parameter, not only those that differ from Exchange's defaults."
+    ),
+    write: bool = typer.Option(False, "--write", help="Merge into the config file (validated, atomic)."),
+    config: Path | None = typer.Option(
+        None, "--config", help="Config file (default: $RELAYGATE_CONFIG or ./relaygate.toml)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON object instead of TOML and tables."),
+) -> None:
+    """Turn exported Exchange receive connectors (and protocol logs) into RelayGate connectors."""
+    config_path = _config_path(config)
+    exports, log_paths = _classify([*files, *permissions])
+    log_paths.extend(logs)
+    results: list[ImportResult] = []
+    for path, text in exports:
+        try:
+            if detect_format(text) == "protocol-log":
+                raise ImportError_("an Exchange log that is not an SMTP receive protocol log")
+            results.append(parse_receive_connectors(text, filename=str(path), full=all_values))
+        except ImportError_ as exc:
+            raise _fail(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from None
+    result = combine_results(results)
+    usage = None
+    if log_paths:
+        missing = [p for p in log_paths if not p.exists()]
+        if missing:
+            raise _fail(f"{missing[0]}: no such file or directory")
+        usage = analyze_protocol_logs(log_paths, _accepted_domains(config_path, accepted_domain))
+        if narrow_ranges:
+            _apply_proposed_ranges(result, usage)
+    elif narrow_ranges:
+        raise _fail("--narrow-ranges needs protocol logs (--logs)")
+
+    problems: list[str] = []
+    if write:
+        problems = _write(config_path, result)
+
+    if as_json:
+        payload = {
+            "connectors": result.connectors,
+            "permissions": result.permissions,
+            "warnings": result.warnings,
+            "skipped": result.skipped,
+            "errors": result.errors,
+            "sources": result.sources,
+            "usage": usage.to_dict() if usage is not None else None,
+            "written": str(config_path) if write and not problems else None,
+            "problems": problems,
+        }
+        typer.echo(json.dumps(payload, indent=2))
+    else:
+        console = Console(highlight=False, soft_wrap=True)
+        if result.connectors and not (write and not problems):
+            typer.echo(f"# receive connectors to add to {config_path} (dry run; --write to merge)")
+            typer.echo(_toml_for(result))
+        _print_lists(console, result)
+        if usage is not None:
+            _print_usage(console, usage, result)
+        if write and not problems:
+            names = ", ".join(c["name"] for c in result.connectors)
+            console.print(f"wrote {len(result.connectors)} connector(s) to {escape(str(config_path))}: {escape(names)}")
+    if problems:
+        err = Console(stderr=True, highlight=False, soft_wrap=True)
+        err.print(f"[red]refused:[/] {escape(str(config_path))} was not changed")
+        for problem in problems:
+            err.print(f"  {escape(problem)}")
+        raise typer.Exit(1)
+    sys.stdout.flush()

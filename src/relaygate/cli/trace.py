@@ -1,0 +1,136 @@
+"""`relaygate trace`: message tracking search (Get-MessageTrackingLog)."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from relaygate.cli.common import CONFIG_OPTION, JSON_OPTION, console, die, emit_json, load_or_exit
+from relaygate.logs.tracking import DEFAULT_SEARCH_LIMIT, MESSAGE_TRACKING_DIR, search
+
+__all__ = ["parse_when", "register"]
+
+_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_when(value: str, now: datetime | None = None) -> datetime:
+    """``2h`` / ``30m`` / ``1d`` / ``1w`` ago, or an ISO date or date-time. A time without an offset
+    is local time (as Get-MessageTrackingLog -Start); ``Z`` or ``+hh:mm`` are honoured."""
+    now = now or datetime.now(UTC)
+    m = _RELATIVE.match(value)
+    if m:
+        return now - timedelta(**{_UNITS[m.group(2).lower()]: float(m.group(1))})
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        try:
+            d = date.fromisoformat(text)
+        except ValueError:
+            raise typer.BadParameter(
+                f"{value!r}: use an ISO date/time (2025-01-31, 2025-01-31T08:00) "
+                "or a relative time (30m, 2h, 1d, 1w)"
+            ) from None
+        dt = datetime(d.year, d.month, d.day)
+    if dt.tzinfo is None:
+        dt = dt.astimezone()  # local time
+    return dt.astimezone(UTC)
+
+
+def _tracking_dir(config: Path | None, log_dir: Path | None) -> Path:
+    if log_dir is not None:
+        return log_dir
+    return Path(load_or_exit(config).server.data_dir) / MESSAGE_TRACKING_DIR
+
+
+def _local(value: str) -> str:
+    """Log date-time (UTC) shown in local time for the table."""
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return value
+    return dt.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _print_table(rows: list[dict[str, Any]], directory: Path) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    if not rows:
+        console.print(f"No tracking events found in {directory}.", markup=False)
+        return
+    table = Table(show_lines=False, header_style="bold")
+    for col in ("Date-time", "Event", "Source", "Sender", "Recipients", "Status", "Message-Id"):
+        table.add_column(col, overflow="fold")
+    table.add_column("Subject", overflow="ellipsis", max_width=40)
+    for r in rows:
+        cells = (
+            _local(r.get("date-time", "")),
+            r.get("event-id", ""),
+            r.get("source", ""),
+            r.get("sender-address", ""),
+            "\n".join(r.get("recipient-address") or []),
+            "\n".join(r.get("recipient-status") or []),
+            r.get("message-id", ""),
+            r.get("message-subject", ""),
+        )
+        # Text(): subjects and addresses come from senders; never interpret them as markup.
+        table.add_row(*(Text(str(c)) for c in cells))
+    console.print(table)
+    console.print(f"{len(rows)} event(s); times are local.", style="dim", markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("trace")
+    def trace(
+        sender: str | None = typer.Option(None, "--sender", help="Envelope sender (MAIL FROM)."),
+        recipient: str | None = typer.Option(None, "--recipient", help="One recipient address."),
+        since: str | None = typer.Option(
+            None, "--since", help="ISO date/time (local unless Z/offset) or relative: 30m, 2h, 1d."
+        ),
+        until: str | None = typer.Option(None, "--until", help="Same forms as --since."),
+        message_id: str | None = typer.Option(
+            None, "--message-id", help="Message-ID header, with or without <>."
+        ),
+        event_id: str | None = typer.Option(
+            None, "--event-id", help="RECEIVE, SEND, DEFER, FAIL, DSN, EXPAND, SUBMIT, DROP."
+        ),
+        limit: int = typer.Option(
+            DEFAULT_SEARCH_LIMIT, "--limit", min=0, help="Most recent N events (ResultSize)."
+        ),
+        as_json: bool = JSON_OPTION,
+        config: Path | None = CONFIG_OPTION,
+        log_dir: Path | None = typer.Option(
+            None,
+            "--log-dir",
+            help="Tracking log directory (default <data_dir>/logs/MessageTracking).",
+        ),
+    ) -> None:
+        """Search the message tracking log (Get-MessageTrackingLog)."""
+        try:
+            since_dt = parse_when(since) if since else None
+            until_dt = parse_when(until) if until else None
+        except typer.BadParameter as exc:
+            die(str(exc.message), 2)
+        directory = _tracking_dir(config, log_dir)
+        rows = search(
+            directory,
+            sender=sender,
+            recipient=recipient,
+            since=since_dt,
+            until=until_dt,
+            message_id=message_id,
+            event_id=event_id,
+            limit=limit,
+        )
+        if as_json:
+            emit_json(rows)
+        else:
+            _print_table(rows, directory)

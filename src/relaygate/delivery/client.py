@@ -1,0 +1,977 @@
+"""The SMTP client: one message, one route, hops tried in order.
+
+Built on aiosmtplib for the connection, TLS, EHLO parsing and the SASL exchanges. Two parts are our
+own, on purpose:
+
+* MAIL FROM / RCPT TO are written with ``SMTP.execute_command`` rather than ``SMTP.mail``/``rcpt``,
+  because those run addresses through ``email.utils.parseaddr`` (the project has one strict address
+  parser, and a relay must send the envelope it accepted, byte for byte);
+* the message body is normalised here (`prepare_data` / `normalise_for_wire`) before aiosmtplib sees
+  it. aiosmtplib's own DATA step (bare CR/LF → CRLF, ``^.`` → ``..``, then ``.\\r\\n``) is then exactly
+  the identity plus dot-stuffing on our CRLF-only input, so what reaches the wire is
+  ``normalise_for_wire(data)``; a raw-socket test pins this byte for byte.
+
+Rules (issue 4, security-bar §2D and §3J):
+
+* EHLO with the connector fqdn / server fqdn; opportunistic STARTTLS whenever offered; TLS is
+  *required* when the connector says ``require_tls``, uses ``implicit_tls``, a ``tls_auth_level`` other
+  than EncryptionOnly (Exchange only allows those with RequireTLS), or an AUTH mechanism that must not
+  run in clear (BasicAuthRequireTLS, XOAUTH2). Required TLS that is not offered, refused or fails →
+  the hop fails transiently and not a byte of MAIL or credentials is written.
+* EncryptionOnly: no certificate check. CertificateValidation: chain against the system CAs plus
+  ``tls_ca_file``. DomainValidation: chain and name == ``tls_domain`` (or the hop's host name).
+  Certificate failures are transient (deferred), like Exchange. When TLS is only opportunistic and
+  the handshake fails, the hop is retried once in clear (as Postfix does).
+* Failover to the next hop only when the whole transaction failed transiently (connect error or
+  timeout, 4xx/5xx greeting, EHLO/TLS/AUTH failure, 4xx to MAIL, every RCPT 4xx, 4xx or a dropped
+  connection at DATA). Once a host has answered 250 to the end of DATA we stop: never a copy to each.
+* RCPT replies are per recipient; a 4xx/5xx to DATA applies to every accepted recipient.
+* Credentials come from a file (trailing newline stripped) or an environment variable, or an OAuth
+  token provider for XOAUTH2; they are never logged, never put in a reply, never in a repr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import re
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+from aiosmtplib import (
+    SMTPAuthenticationError,
+    SMTPConnectError,
+    SMTPConnectResponseError,
+    SMTPConnectTimeoutError,
+    SMTPDataError,
+    SMTPException,
+    SMTPHeloError,
+    SMTPResponseException,
+    SMTPServerDisconnected,
+    SMTPTimeoutError,
+)
+
+from relaygate import replies
+from relaygate.delivery.nexthop import NextHop
+from relaygate.replies import Reply
+
+__all__ = [
+    "AUTH_NOT_OFFERED",
+    "CONNECTION_DROPPED",
+    "CREDENTIALS_MISSING",
+    "MAX_LINE_OCTETS",
+    "SMTPUTF8_NOT_SUPPORTED",
+    "TLS_NOT_OFFERED",
+    "UNABLE_TO_CONNECT",
+    "ConnectionPool",
+    "Credentials",
+    "CredentialsError",
+    "DeliveryOutcome",
+    "deliver",
+    "dot_stuff",
+    "normalise_for_wire",
+    "prepare_data",
+    "tls_context_for",
+    "tls_failed",
+]
+
+log = logging.getLogger("relaygate.delivery")
+
+# --- replies this module adds to the catalogue (Exchange texts where Exchange has one) ------------
+UNABLE_TO_CONNECT = Reply(421, "4.2.1", "Unable to connect")
+CONNECTION_DROPPED = Reply(421, "4.4.2", "Connection dropped due to SocketError")
+TLS_NOT_OFFERED = Reply(
+    451,
+    "4.7.10",
+    "SMTPSEND.TLS.NotOffered; TLS is required by the send connector but the remote host did not "
+    "offer STARTTLS",
+)
+AUTH_NOT_OFFERED = Reply(
+    451, "4.7.0", "SMTPSEND.Auth.NotOffered; the remote host does not offer a usable AUTH mechanism"
+)
+AUTH_NEEDS_TLS = Reply(
+    451,
+    "4.7.0",
+    "SMTPSEND.Auth.RequireTLS; credentials are only sent over TLS and the session is not encrypted",
+)
+CREDENTIALS_MISSING = Reply(
+    451, "4.7.0", "SMTPSEND.Auth.NoCredentials; the send connector's credentials are not available"
+)
+SMTPUTF8_NOT_SUPPORTED = Reply(
+    550, "5.6.7", "SMTPSEND.SmtpUtf8NotSupported; the remote host does not support SMTPUTF8"
+)
+
+
+def tls_failed(reason: str) -> Reply:
+    """A TLS negotiation or certificate failure (transient)."""
+    return Reply(451, "4.7.5", f"SMTPSEND.TLS.NegotiationFailed; {reason}")
+
+
+_TLS_LEVELS = ("EncryptionOnly", "CertificateValidation", "DomainValidation")
+_AUTH_TLS_ONLY = ("BasicAuthRequireTLS", "XOAUTH2")
+
+
+# ==================================================================================================
+# output normalisation (security-bar §2D)
+
+MAX_LINE_OCTETS = 998  # RFC 5321 §4.5.3.1.6: 1000 octets including CRLF
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+_LINE_START_DOT = re.compile(rb"(?m)^\.")
+
+
+def _cut_point(line: bytes, limit: int) -> int:
+    """Where to break `line` at or before `limit` without splitting a UTF-8 sequence."""
+    cut = limit
+    for _ in range(3):
+        if 0x80 <= line[cut] <= 0xBF:  # continuation byte: the character starts earlier
+            cut -= 1
+        else:
+            return cut
+    return cut if not 0x80 <= line[cut] <= 0xBF else limit
+
+
+def _fold(line: bytes, out: list[bytes]) -> None:
+    # Dot-stuffing adds one octet to a line that starts with ".", so such a line gets 997.
+    limit = MAX_LINE_OCTETS - 1 if line.startswith(b".") else MAX_LINE_OCTETS
+    while len(line) > limit:
+        cut = _cut_point(line, limit)
+        out.append(line[:cut])
+        line = b" " + line[cut:]
+        limit = MAX_LINE_OCTETS
+    out.append(line)
+
+
+def prepare_data(data: bytes) -> bytes:
+    """The message as lines of the wire, before dot-stuffing.
+
+    * NUL octets are removed (never valid in 7bit/8bit content; some receivers strip them and would
+      then see ``<CRLF>.<CRLF>`` in ``<CRLF>NUL.<CRLF>``);
+    * every CRLF, bare CR and bare LF becomes CRLF (``\\r\\r\\n`` is two line breaks);
+    * a line longer than 998 octets is broken by inserting CRLF SPACE (Postfix's
+      ``smtp_line_length_limit`` behaviour: in a header this is ordinary folding, in a body it keeps
+      MIME parts parseable), never inside a UTF-8 sequence; continuation lines start with a space, so
+      a break can never create a line that starts with ".";
+    * the result ends with CRLF (an empty message is one empty line).
+
+    A well-formed message (CRLF only, lines ≤ 998, no NUL) comes back unchanged.
+    """
+    if b"\x00" in data:
+        data = data.replace(b"\x00", b"")
+    lines = _LINE_BREAK.split(data)
+    if lines and lines[-1] == b"":
+        lines.pop()
+    out: list[bytes] = []
+    for line in lines:
+        if len(line) < MAX_LINE_OCTETS - 1:
+            out.append(line)
+        else:
+            _fold(line, out)
+    if not out:
+        return b"\r\n"
+    return b"\r\n".join(out) + b"\r\n"
+
+
+def dot_stuff(prepared: bytes) -> bytes:
+    """RFC 5321 §4.5.2 transparency on CRLF-only text: a line starting with "." gets another."""
+    return _LINE_START_DOT.sub(b"..", prepared)
+
+
+def normalise_for_wire(data: bytes) -> bytes:
+    """Exactly the octets sent after the 354: `prepare_data`, dot-stuffed, then ``.<CRLF>``.
+
+    Guarantees: only CRLF line breaks; no line over 1000 octets including CRLF; the only
+    ``<CRLF>.<CRLF>`` is the terminator at the very end; un-stuffing gives back `prepare_data(data)`.
+    """
+    return dot_stuff(prepare_data(data)) + b".\r\n"
+
+
+# ==================================================================================================
+# credentials
+
+
+class CredentialsError(Exception):
+    """The connector's credentials cannot be loaded (the message names the source, never a value)."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What the relay authenticates with. The secret fields are left out of repr and comparison."""
+
+    username: str
+    password: str | None = field(default=None, repr=False, compare=False)
+    token_provider: Callable[[], Awaitable[str]] | None = field(
+        default=None, repr=False, compare=False
+    )
+
+    @classmethod
+    def from_connector(
+        cls,
+        connector: Any,
+        *,
+        token_provider: Callable[[], Awaitable[str]] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> Credentials | None:
+        """Load from ``auth_password_file`` (one trailing newline stripped) or ``auth_password_env``;
+        XOAUTH2 takes `token_provider`. None when the connector does not authenticate."""
+        mech = getattr(connector, "smart_host_auth_mechanism", "None") or "None"
+        username = getattr(connector, "auth_username", "") or ""
+        name = getattr(connector, "name", "?")
+        if mech in ("BasicAuth", "BasicAuthRequireTLS"):
+            env = os.environ if environ is None else environ
+            pw_file = getattr(connector, "auth_password_file", None)
+            pw_env = getattr(connector, "auth_password_env", "") or ""
+            password: str | None = None
+            if pw_file:
+                try:
+                    raw = Path(pw_file).read_bytes()
+                except OSError as exc:
+                    raise CredentialsError(
+                        f"send connector {name!r}: cannot read auth_password_file {str(pw_file)!r}: "
+                        f"{exc.strerror}"
+                    ) from None
+                password = raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
+            elif pw_env:
+                password = env.get(pw_env)
+                if password is None:
+                    raise CredentialsError(
+                        f"send connector {name!r}: environment variable {pw_env!r} is not set"
+                    )
+            else:
+                raise CredentialsError(
+                    f"send connector {name!r}: {mech} needs auth_password_file or auth_password_env"
+                )
+            return cls(username, password=password)
+        if mech == "XOAUTH2":
+            if token_provider is None:
+                raise CredentialsError(f"send connector {name!r}: XOAUTH2 needs a token provider")
+            return cls(username, token_provider=token_provider)
+        return None
+
+
+# ==================================================================================================
+# outcome
+
+
+@dataclass
+class DeliveryOutcome:
+    """The result of one delivery attempt over one route.
+
+    per_recipient: the reply for every recipient (2xx delivered, 4xx retry, 5xx failed).
+    hop_used: the hop that took the transaction (``host[ip]:port``), None if no hop did.
+    transcript_errors: one line per failed hop (``hop: reply``), for the queue's LastError and logs.
+    data_reply: the remote's answer to the end of DATA, when it got that far.
+    """
+
+    per_recipient: dict[str, Reply]
+    hop_used: str | None = None
+    transcript_errors: list[str] = field(default_factory=list)
+    data_reply: Reply | None = None
+
+    @property
+    def delivered(self) -> list[str]:
+        return [r for r, reply in self.per_recipient.items() if reply.is_positive]
+
+    @property
+    def deferred(self) -> list[str]:
+        return [r for r, reply in self.per_recipient.items() if reply.is_transient]
+
+    @property
+    def failed(self) -> list[str]:
+        return [r for r, reply in self.per_recipient.items() if reply.is_permanent]
+
+
+# ==================================================================================================
+# helpers
+
+_ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def remote_reply(code: int, message: str) -> Reply:
+    """A remote host's reply as a `Reply` (enhanced code split off, lines joined, controls dropped)."""
+    enhanced = ""
+    parts: list[str] = []
+    for raw_line in (message or "").splitlines() or [""]:
+        line = _CONTROL.sub("", raw_line).strip()
+        m = _ENHANCED.match(line)
+        if m:
+            if not enhanced:
+                enhanced = m.group(1)
+            if m.group(1) == enhanced:
+                line = line[m.end() :]
+        if line:
+            parts.append(line)
+    text = " ".join(parts)
+    if len(text) > 512:
+        text = text[:509] + "..."
+    return Reply(int(code), enhanced, text)
+
+
+def _seconds(value: Any, default: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    return float(value)
+
+
+def _wire_address(address: str) -> str | None:
+    """The address as it goes between <>, or None if it cannot be put on a command line safely."""
+    a = address.strip()
+    if a.startswith("<") and a.endswith(">"):
+        a = a[1:-1]
+    if _CONTROL.search(a) or "<" in a or ">" in a:
+        return None
+    # spaces only inside a quoted local part
+    if " " in a:
+        local, at, _dom = a.rpartition("@")
+        if not (at and local.startswith('"') and local.endswith('"') and " " not in _dom):
+            return None
+    return a
+
+
+def _tls_level(connector: Any) -> str:
+    level = getattr(connector, "tls_auth_level", "EncryptionOnly") or "EncryptionOnly"
+    return level if level in _TLS_LEVELS else "DomainValidation"  # unknown → strictest
+
+
+def _tls_required(connector: Any) -> bool:
+    mech = getattr(connector, "smart_host_auth_mechanism", "None") or "None"
+    return bool(
+        getattr(connector, "require_tls", False)
+        or getattr(connector, "implicit_tls", False)
+        or _tls_level(connector) != "EncryptionOnly"
+        or mech in _AUTH_TLS_ONLY
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_context(level: str, ca_file: str | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if level == "EncryptionOnly":
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    if ca_file:
+        ctx.load_verify_locations(cafile=ca_file)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.check_hostname = level == "DomainValidation"
+    return ctx
+
+
+def tls_context_for(connector: Any) -> ssl.SSLContext:
+    """The client TLS context for the connector's tls_auth_level (cached per level and CA file)."""
+    ca = getattr(connector, "tls_ca_file", None)
+    return _cached_context(_tls_level(connector), str(ca) if ca else None)
+
+
+def _server_name(connector: Any, hop: NextHop) -> str:
+    """SNI and, with DomainValidation, the name the certificate must carry."""
+    tls_domain = (getattr(connector, "tls_domain", "") or "").strip()
+    return tls_domain or hop.tls_name or hop.host
+
+
+def _tls_reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate validation failed: {exc.verify_message or exc.reason}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed: {exc.reason or type(exc).__name__}"
+    return f"TLS handshake failed: {type(exc).__name__}"
+
+
+def _find_ssl_error(exc: BaseException) -> ssl.SSLError | None:
+    seen = 0
+    cur: BaseException | None = exc
+    while cur is not None and seen < 5:
+        if isinstance(cur, ssl.SSLError):
+            return cur
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return None
+
+
+class _HopFailed(Exception):
+    """The whole transaction failed on this hop; try the next one.
+
+    retry_plain: opportunistic TLS failed, a clear-text retry of the same hop is allowed.
+    connection_lost: the session died (a pooled session may simply have gone stale).
+    """
+
+    def __init__(
+        self, reply: Reply, *, retry_plain: bool = False, connection_lost: bool = False
+    ) -> None:
+        super().__init__(reply.line())
+        self.reply = reply
+        self.retry_plain = retry_plain
+        self.connection_lost = connection_lost
+
+
+# ==================================================================================================
+# sessions and the pool
+
+
+@dataclass(eq=False)
+class _Session:
+    smtp: aiosmtplib.SMTP
+    key: tuple[Any, ...]
+    tls: bool
+    messages: int = 0
+    idle_since: float = 0.0
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.smtp.is_connected)
+
+    def close(self) -> None:
+        try:
+            self.smtp.close()
+        except Exception:  # pragma: no cover - closing must never raise
+            pass
+
+    async def quit(self, timeout: float = 2.0) -> None:
+        try:
+            if self.smtp.is_connected:
+                await self.smtp.quit(timeout=timeout)
+        except Exception:  # QUIT is a courtesy; the session is being dropped either way
+            pass
+        finally:
+            self.close()
+
+
+class ConnectionPool:
+    """Open, authenticated sessions kept for `idle_seconds` so the next message to the same hop
+    through the same connector reuses them (RSET before each reuse). At most `max_size` idle sessions
+    and `max_messages_per_connection` messages per session (Exchange's SmtpMaxMessagesPerConnection)."""
+
+    def __init__(
+        self,
+        *,
+        idle_seconds: float = 5.0,
+        max_size: int = 16,
+        max_messages_per_connection: int = 20,
+    ) -> None:
+        self.idle_seconds = idle_seconds
+        self.max_size = max_size
+        self.max_messages_per_connection = max_messages_per_connection
+        self._idle: dict[tuple[Any, ...], list[_Session]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reaper: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    @staticmethod
+    def key_for(hop: NextHop, connector: Any, helo_name: str) -> tuple[Any, ...]:
+        return (
+            hop.ip,
+            hop.port,
+            _server_name(connector, hop),
+            getattr(connector, "name", ""),
+            getattr(connector, "auth_username", ""),
+            helo_name.lower(),
+        )
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._idle.values())
+
+    def _discard(self, session: _Session) -> None:
+        task = asyncio.get_running_loop().create_task(session.quit())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def take(self, key: tuple[Any, ...]) -> _Session | None:
+        """An idle session for `key`, or None. The caller must RSET it before use."""
+        sessions = self._idle.get(key)
+        now = time.monotonic()
+        while sessions:
+            s = sessions.pop()
+            if not sessions:
+                self._idle.pop(key, None)
+            if s.alive and now - s.idle_since <= self.idle_seconds:
+                return s
+            self._discard(s)
+        return None
+
+    def put(self, session: _Session) -> bool:
+        """Keep `session` for reuse; False (and the session is closed) when it cannot be kept."""
+        if (
+            self._closed
+            or not session.alive
+            or session.messages >= self.max_messages_per_connection
+            or self.idle_seconds <= 0
+        ):
+            self._discard(session)
+            return False
+        if len(self) >= self.max_size:
+            oldest_key, oldest = min(
+                ((k, s) for k, v in self._idle.items() for s in v), key=lambda ks: ks[1].idle_since
+            )
+            self._idle[oldest_key].remove(oldest)
+            if not self._idle[oldest_key]:
+                del self._idle[oldest_key]
+            self._discard(oldest)
+        session.idle_since = time.monotonic()
+        self._idle.setdefault(session.key, []).append(session)
+        self._schedule_reap()
+        return True
+
+    def _schedule_reap(self) -> None:
+        if self._reaper is None:
+            loop = asyncio.get_running_loop()
+            self._reaper = loop.call_later(self.idle_seconds + 0.05, self._reap)
+
+    def _reap(self) -> None:
+        self._reaper = None
+        now = time.monotonic()
+        for key in list(self._idle):
+            keep = []
+            for s in self._idle[key]:
+                if s.alive and now - s.idle_since <= self.idle_seconds:
+                    keep.append(s)
+                else:
+                    self._discard(s)
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+        if self._idle:
+            self._schedule_reap()
+
+    async def aclose(self) -> None:
+        """QUIT every idle session."""
+        self._closed = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
+        sessions = [s for v in self._idle.values() for s in v]
+        self._idle.clear()
+        await asyncio.gather(*(s.quit() for s in sessions), return_exceptions=True)
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+# ==================================================================================================
+# one hop
+
+
+async def _connect_socket(hop: NextHop, timeout: float) -> socket.socket:
+    family = socket.AF_INET6 if ":" in hop.ip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, (hop.ip, hop.port)), timeout)
+    except TimeoutError:
+        sock.close()
+        raise _HopFailed(replies.CONNECTION_TIMEOUT) from None
+    except OSError:
+        sock.close()
+        raise _HopFailed(UNABLE_TO_CONNECT) from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _ehlo(smtp: aiosmtplib.SMTP, helo_name: str, timeout: float) -> None:
+    try:
+        await smtp.ehlo(hostname=helo_name, timeout=timeout)
+    except SMTPHeloError as exc:
+        if exc.code >= 500 and smtp.is_connected:
+            try:
+                await smtp.helo(hostname=helo_name, timeout=timeout)
+                return
+            except SMTPHeloError as exc2:
+                raise _HopFailed(remote_reply(exc2.code, exc2.message)) from None
+        raise _HopFailed(remote_reply(exc.code, exc.message)) from None
+
+
+async def _open_session(
+    hop: NextHop,
+    connector: Any,
+    helo_name: str,
+    credentials: Credentials | None,
+    timeout: float,
+    key: tuple[Any, ...],
+    *,
+    allow_starttls: bool,
+) -> _Session:
+    tls_required = _tls_required(connector)
+    implicit = bool(getattr(connector, "implicit_tls", False))
+    ctx = tls_context_for(connector)
+    server_name = _server_name(connector, hop)
+    sock = await _connect_socket(hop, timeout)
+    smtp = aiosmtplib.SMTP(
+        hostname=server_name if implicit else hop.ip,
+        sock=sock,
+        local_hostname=helo_name,
+        timeout=timeout,
+        use_tls=implicit,
+        start_tls=False,
+        tls_context=ctx,
+    )
+    try:
+        try:
+            await smtp.connect()
+        except SMTPConnectResponseError as exc:  # 4xx/5xx greeting
+            raise _HopFailed(remote_reply(exc.code, exc.message)) from None
+        except SMTPConnectTimeoutError:
+            raise _HopFailed(replies.CONNECTION_TIMEOUT) from None
+        except (SMTPConnectError, SMTPServerDisconnected, OSError) as exc:
+            ssl_exc = _find_ssl_error(exc)
+            if ssl_exc is not None:
+                raise _HopFailed(tls_failed(_tls_reason(ssl_exc))) from None
+            raise _HopFailed(CONNECTION_DROPPED, connection_lost=True) from None
+
+        await _ehlo(smtp, helo_name, timeout)
+        tls = implicit
+        if not tls and allow_starttls and smtp.supports_extension("starttls"):
+            try:
+                await smtp.starttls(server_hostname=server_name, tls_context=ctx, timeout=timeout)
+            except SMTPResponseException as exc:  # the server refused STARTTLS
+                if tls_required:
+                    raise _HopFailed(remote_reply(exc.code, exc.message)) from None
+            except (ssl.SSLError, ssl.CertificateError) as exc:
+                raise _HopFailed(
+                    tls_failed(_tls_reason(exc)), retry_plain=not tls_required
+                ) from None
+            except (TimeoutError, SMTPTimeoutError):
+                raise _HopFailed(
+                    tls_failed("timed out during the TLS handshake"),
+                    retry_plain=not tls_required,
+                ) from None
+            except (SMTPServerDisconnected, OSError) as exc:
+                ssl_exc = _find_ssl_error(exc)
+                reason = _tls_reason(ssl_exc) if ssl_exc else "connection lost during handshake"
+                raise _HopFailed(tls_failed(reason), retry_plain=not tls_required) from None
+            else:
+                tls = True
+                await _ehlo(smtp, helo_name, timeout)
+        if tls_required and not tls:
+            raise _HopFailed(TLS_NOT_OFFERED)
+
+        await _authenticate(smtp, connector, credentials, tls, timeout)
+        return _Session(smtp, key, tls)
+    except _HopFailed:
+        await _Session(smtp, key, False).quit(timeout=min(timeout, 2.0))
+        raise
+    except (SMTPServerDisconnected, SMTPTimeoutError, OSError) as exc:
+        smtp.close()
+        reply = (
+            replies.CONNECTION_TIMEOUT
+            if isinstance(exc, SMTPTimeoutError | TimeoutError)
+            else CONNECTION_DROPPED
+        )
+        raise _HopFailed(reply, connection_lost=True) from None
+    except BaseException:
+        smtp.close()
+        raise
+
+
+async def _authenticate(
+    smtp: aiosmtplib.SMTP,
+    connector: Any,
+    credentials: Credentials | None,
+    tls: bool,
+    timeout: float,
+) -> None:
+    mech = getattr(connector, "smart_host_auth_mechanism", "None") or "None"
+    if mech not in ("BasicAuth", "BasicAuthRequireTLS", "XOAUTH2"):
+        return
+    if credentials is None:
+        raise _HopFailed(CREDENTIALS_MISSING)
+    if mech in _AUTH_TLS_ONLY and not tls:
+        raise _HopFailed(AUTH_NEEDS_TLS)
+    if not smtp.supports_extension("auth"):
+        raise _HopFailed(AUTH_NOT_OFFERED)
+    offered = {m.lower() for m in smtp.server_auth_methods}
+    try:
+        if mech == "XOAUTH2":
+            if "xoauth2" not in offered or credentials.token_provider is None:
+                raise _HopFailed(AUTH_NOT_OFFERED)
+            token = await credentials.token_provider()
+            await smtp.auth_xoauth2(credentials.username, token, timeout=timeout)
+        elif "plain" in offered and credentials.password is not None:
+            await smtp.auth_plain(credentials.username, credentials.password, timeout=timeout)
+        elif "login" in offered and credentials.password is not None:
+            await smtp.auth_login(credentials.username, credentials.password, timeout=timeout)
+        else:
+            raise _HopFailed(AUTH_NOT_OFFERED)
+    except SMTPAuthenticationError as exc:
+        # Exchange keeps the message in Retry on an authentication failure: an administrator fixes
+        # the credentials, the queue drains. The remote text is kept; our credentials are not in it.
+        raise _HopFailed(remote_reply(exc.code, exc.message)) from None
+    except SMTPResponseException as exc:
+        raise _HopFailed(remote_reply(exc.code, exc.message)) from None
+
+
+@dataclass
+class _Envelope:
+    sender: str  # wire form (between <>)
+    recipients: dict[str, str]  # original → wire form
+    prepared: bytes
+    wire_size: int
+    eight_bit: bool
+    utf8_sender: bool
+
+
+async def _command(smtp: aiosmtplib.SMTP, *args: bytes, timeout: float) -> Reply:
+    response = await smtp.execute_command(*args, timeout=timeout)
+    return remote_reply(response.code, response.message)
+
+
+async def _transaction(
+    session: _Session, env: _Envelope, pending: list[str], timeout: float
+) -> tuple[dict[str, Reply], Reply | None]:
+    """MAIL, RCPT..., DATA on an open session. Returns per-recipient replies for `pending` and the
+    DATA reply; raises _HopFailed for a whole-transaction transient failure."""
+    smtp = session.smtp
+    results: dict[str, Reply] = {}
+    stage = "mail"
+    utf8_ok = smtp.supports_extension("smtputf8")
+    send_utf8 = False
+    rcpts: list[str] = []
+    for r in pending:
+        if not env.recipients[r].isascii() and not utf8_ok:
+            results[r] = SMTPUTF8_NOT_SUPPORTED
+        else:
+            rcpts.append(r)
+            send_utf8 = send_utf8 or not env.recipients[r].isascii()
+    if env.utf8_sender:
+        if not utf8_ok:
+            return {r: SMTPUTF8_NOT_SUPPORTED for r in pending}, None
+        send_utf8 = True
+    if not rcpts:
+        return results, None
+
+    params: list[bytes] = []
+    if smtp.supports_extension("size"):
+        limit_text = smtp.esmtp_extensions.get("size", "").strip()
+        limit = int(limit_text) if limit_text.isdigit() else 0
+        if limit and env.wire_size > limit:
+            results.update({r: replies.MESSAGE_TOO_BIG for r in rcpts})
+            return results, None
+        params.append(b"SIZE=%d" % env.wire_size)
+    if env.eight_bit and smtp.supports_extension("8bitmime"):
+        params.append(b"BODY=8BITMIME")
+    if send_utf8:
+        params.append(b"SMTPUTF8")
+
+    try:
+        mail = await _command(
+            smtp, b"MAIL", b"FROM:<" + env.sender.encode("utf-8") + b">", *params, timeout=timeout
+        )
+        if mail.is_transient or mail.code < 200:
+            raise _HopFailed(mail)
+        if mail.is_permanent:
+            results.update({r: mail for r in rcpts})
+            return results, None
+        stage = "rcpt"
+
+        accepted: list[str] = []
+        rcpt_replies: dict[str, Reply] = {}
+        for r in rcpts:
+            reply = await _command(
+                smtp, b"RCPT", b"TO:<" + env.recipients[r].encode("utf-8") + b">", timeout=timeout
+            )
+            rcpt_replies[r] = reply
+            if reply.code in (250, 251):
+                accepted.append(r)
+        if not accepted:
+            if all(reply.is_transient for reply in rcpt_replies.values()):
+                raise _HopFailed(next(iter(rcpt_replies.values())))
+            results.update(rcpt_replies)
+            await _command(smtp, b"RSET", timeout=timeout)
+            return results, None
+
+        try:
+            response = await smtp.data(env.prepared, timeout=timeout)
+        except SMTPDataError as exc:
+            data_reply = remote_reply(exc.code, exc.message)
+            if data_reply.is_transient:
+                raise _HopFailed(data_reply) from None
+            results.update(rcpt_replies)
+            results.update({r: data_reply for r in accepted})
+            return results, data_reply
+        data_reply = remote_reply(response.code, response.message)
+        session.messages += 1
+        results.update(rcpt_replies)
+        results.update({r: data_reply for r in accepted})
+        return results, data_reply
+    except _HopFailed:
+        raise
+    except SMTPTimeoutError:
+        session.close()
+        raise _HopFailed(replies.CONNECTION_TIMEOUT) from None
+    except (SMTPServerDisconnected, ConnectionError, OSError):
+        session.close()
+        # Only a session that died before it took MAIL may be retried on a fresh connection to the
+        # same hop (a pooled session gone stale); later, the next hop is the only retry.
+        raise _HopFailed(CONNECTION_DROPPED, connection_lost=stage == "mail") from None
+    except SMTPResponseException as exc:
+        raise _HopFailed(remote_reply(exc.code, exc.message)) from None
+
+
+# ==================================================================================================
+# deliver
+
+
+async def deliver(
+    hops: Sequence[NextHop],
+    *,
+    connector: Any,
+    helo_name: str,
+    sender: str,
+    recipients: Iterable[str],
+    data: bytes,
+    credentials: Credentials | None = None,
+    timeout: float | None = None,
+    pool: ConnectionPool | None = None,
+) -> DeliveryOutcome:
+    """Deliver one message to the first hop that takes it.
+
+    sender: the envelope sender ("" or "<>" for the null sender). recipients: envelope recipients
+    (their replies are keyed by these strings). timeout: seconds per connect and per command
+    (default: the connector's connection_inactivity_timeout). pool: reuse sessions across calls.
+    """
+    rcpt_list = list(dict.fromkeys(recipients))
+    outcome = DeliveryOutcome(per_recipient={})
+    t = _seconds(
+        timeout
+        if timeout is not None
+        else getattr(connector, "connection_inactivity_timeout", None),
+        600.0,
+    )
+
+    wire_sender = _wire_address(sender) if sender not in ("", "<>") else ""
+    if wire_sender is None:
+        outcome.per_recipient = {r: replies.INVALID_SENDER for r in rcpt_list}
+        return outcome
+    wire_rcpts: dict[str, str] = {}
+    for r in rcpt_list:
+        w = _wire_address(r)
+        if w is None or not w:
+            outcome.per_recipient[r] = replies.INVALID_RECIPIENT
+        else:
+            wire_rcpts[r] = w
+    pending = list(wire_rcpts)
+    if not pending:
+        return outcome
+
+    limit = getattr(connector, "max_message_size", None)
+    if limit is not None and len(data) > limit:
+        outcome.per_recipient.update({r: replies.ROUTE_SIZE_LIMIT for r in pending})
+        return outcome
+    if not hops:
+        outcome.per_recipient.update({r: replies.NO_NEXT_HOP for r in pending})
+        return outcome
+
+    mech = getattr(connector, "smart_host_auth_mechanism", "None") or "None"
+    if mech in ("BasicAuth", "BasicAuthRequireTLS", "XOAUTH2") and credentials is None:
+        outcome.transcript_errors.append(f"(no hop tried): {CREDENTIALS_MISSING.line()}")
+        outcome.per_recipient.update({r: CREDENTIALS_MISSING for r in pending})
+        return outcome
+
+    prepared = prepare_data(data)
+    env = _Envelope(
+        sender=wire_sender,
+        recipients=wire_rcpts,
+        prepared=prepared,
+        wire_size=len(dot_stuff(prepared)) + 3,
+        eight_bit=any(b > 0x7F for b in prepared),
+        utf8_sender=not wire_sender.isascii(),
+    )
+
+    primary: Reply | None = None
+    for hop in hops:
+        try:
+            results, data_reply = await _attempt_hop(
+                hop, connector, helo_name, credentials, t, env, pending, pool
+            )
+        except _HopFailed as failure:
+            log.info("delivery via %s failed: %s", hop.label, failure.reply.line())
+            outcome.transcript_errors.append(f"{hop.label}: {failure.reply.line()}")
+            if primary is None:
+                primary = failure.reply
+            continue
+        outcome.hop_used = hop.label
+        outcome.data_reply = data_reply
+        outcome.per_recipient.update(results)
+        return outcome
+
+    assert primary is not None
+    final = replies.failover_failed(primary.line())
+    outcome.per_recipient.update({r: final for r in pending})
+    return outcome
+
+
+async def _attempt_hop(
+    hop: NextHop,
+    connector: Any,
+    helo_name: str,
+    credentials: Credentials | None,
+    timeout: float,
+    env: _Envelope,
+    pending: list[str],
+    pool: ConnectionPool | None,
+) -> tuple[dict[str, Reply], Reply | None]:
+    key = ConnectionPool.key_for(hop, connector, helo_name)
+    session: _Session | None = None
+    if pool is not None:
+        session = pool.take(key)
+        if session is not None:
+            try:
+                rset = await _command(session.smtp, b"RSET", timeout=timeout)
+                if rset.code != 250:
+                    raise _HopFailed(rset)
+            except (SMTPException, OSError, _HopFailed):
+                session.close()
+                session = None
+
+    fresh = session is None
+    allow_starttls = True
+    while True:
+        if session is None:
+            try:
+                session = await _open_session(
+                    hop,
+                    connector,
+                    helo_name,
+                    credentials,
+                    timeout,
+                    key,
+                    allow_starttls=allow_starttls,
+                )
+            except _HopFailed as failure:
+                if failure.retry_plain and allow_starttls:
+                    log.info(
+                        "opportunistic TLS to %s failed (%s); retrying in clear",
+                        hop.label,
+                        failure.reply.line(),
+                    )
+                    allow_starttls = False
+                    continue
+                raise
+        try:
+            results, data_reply = await _transaction(session, env, pending, timeout)
+        except _HopFailed as failure:
+            if failure.connection_lost and not fresh:
+                # a pooled session that went stale: one fresh connection to the same hop
+                session.close()
+                session = None
+                fresh = True
+                continue
+            await session.quit(timeout=min(timeout, 2.0))
+            raise
+        if pool is not None and session.alive:
+            pool.put(session)
+        else:
+            await session.quit(timeout=min(timeout, 2.0))
+        return results, data_reply

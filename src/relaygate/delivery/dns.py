@@ -1,0 +1,215 @@
+"""DNS for delivery: MX and address lookups through dnspython's asyncio resolver.
+
+Failures carry the reply Exchange would put in the queue's LastError / the NDR
+(shared/reference/exchange-semantics.md §5.6, security-bar.md §3J item 164):
+
+* NXDOMAIN → permanent ``550 5.4.4 SMTPSEND.DNS.NonExistentDomain; nonexistent domain``;
+* SERVFAIL (every server failed) → transient ``451 4.4.0 DNS query failed. The error was: ServerFailure``;
+* timeout or any other resolver trouble → transient ``... The error was: ErrorRetry``;
+* no MX record → the implicit MX of RFC 5321 §5.1: the domain itself at preference 0;
+* null MX (RFC 7505: one MX ``0 .``) → permanent ``550 5.1.10 SMTPSEND.DNS.NullMx``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import socket
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.resolver
+
+from relaygate import replies
+from relaygate.replies import Reply
+
+__all__ = ["DnsError", "Resolver", "parse_dns_server"]
+
+
+class DnsError(Exception):
+    """A lookup failed. reply: the reply for the recipients; permanent: bounce (True) or retry."""
+
+    def __init__(self, reply: Reply, permanent: bool, name: str = "") -> None:
+        super().__init__(reply.line())
+        self.reply = reply
+        self.permanent = permanent
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"DnsError({self.reply.line()!r}, permanent={self.permanent}, name={self.name!r})"
+
+
+def parse_dns_server(spec: str) -> tuple[str, int]:
+    """``"host"``, ``"host:port"``, ``"[v6]"``, ``"[v6]:port"`` or a bare IPv6 → (ip, port).
+
+    A host name is resolved once, here (configuration time), because a resolver needs addresses.
+    """
+    text = spec.strip()
+    port = 53
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest.startswith(":"):
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        port = int(port_text)
+    else:
+        host = text
+    try:
+        ip = str(ipaddress.ip_address(host))
+    except ValueError:
+        ip = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0][4][0]
+    if not 0 < port < 65536:
+        raise ValueError(f"bad DNS server port in {spec!r}")
+    return ip, port
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _strip_brackets(host: str) -> str:
+    h = host.strip()
+    if h.startswith("[") and h.endswith("]"):
+        h = h[1:-1]
+        if h.lower().startswith("ipv6:"):
+            h = h[5:]
+    return h
+
+
+class Resolver:
+    """Asynchronous MX and address lookups with Exchange-worded failures.
+
+    dns_servers: ``server.dns_servers`` ("host" / "host:port"); empty → the system resolver
+    (/etc/resolv.conf). timeout: per server try; lifetime: per query in total. prefer_ipv6: order AAAA
+    before A in `addresses`. rng: for shuffling equal-preference MX hosts (tests pass a seeded one).
+    resolver: an already configured ``dns.asyncresolver.Resolver`` (tests).
+    """
+
+    def __init__(
+        self,
+        dns_servers: Sequence[str] | None = None,
+        *,
+        timeout: float = 5.0,
+        lifetime: float = 15.0,
+        prefer_ipv6: bool = False,
+        rng: random.Random | None = None,
+        resolver: dns.asyncresolver.Resolver | None = None,
+    ) -> None:
+        if resolver is None:
+            if dns_servers:
+                resolver = dns.asyncresolver.Resolver(configure=False)
+                resolver.nameservers = [
+                    dns.nameserver.Do53Nameserver(ip, port)
+                    for ip, port in (parse_dns_server(s) for s in dns_servers)
+                ]
+            else:
+                resolver = dns.asyncresolver.Resolver()
+            resolver.timeout = timeout
+            resolver.lifetime = lifetime
+        self._resolver = resolver
+        self.prefer_ipv6 = prefer_ipv6
+        self._rng = rng or random.Random()
+
+    @classmethod
+    def from_config(cls, config: Any, **kwargs: Any) -> Resolver:
+        """Built from a `Config` (uses ``config.server.dns_servers``)."""
+        servers = list(getattr(getattr(config, "server", None), "dns_servers", ()) or ())
+        return cls(servers, **kwargs)
+
+    @property
+    def dnspython_resolver(self) -> dns.asyncresolver.Resolver:
+        return self._resolver
+
+    async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
+        """The answer, None for NODATA; raises DnsError for everything else."""
+        try:
+            return await self._resolver.resolve(name, rdtype, search=False)
+        except dns.resolver.NXDOMAIN as exc:
+            raise DnsError(replies.DNS_NONEXISTENT_DOMAIN, True, name) from exc
+        except dns.resolver.NoAnswer:
+            return None
+        except dns.resolver.NoNameservers as exc:
+            raise DnsError(replies.dns_query_failed("ServerFailure"), False, name) from exc
+        except dns.exception.Timeout as exc:
+            raise DnsError(replies.dns_query_failed("ErrorRetry"), False, name) from exc
+        except (dns.name.EmptyLabel, dns.name.LabelTooLong, dns.name.NameTooLong) as exc:
+            raise DnsError(replies.DNS_NONEXISTENT_DOMAIN, True, name) from exc
+        except dns.exception.DNSException as exc:
+            raise DnsError(replies.dns_query_failed("ErrorRetry"), False, name) from exc
+
+    def _shuffle_equal(self, records: Iterable[tuple[int, str]]) -> list[tuple[int, str]]:
+        by_pref: dict[int, list[str]] = {}
+        for pref, host in records:
+            by_pref.setdefault(pref, []).append(host)
+        out: list[tuple[int, str]] = []
+        for pref in sorted(by_pref):
+            hosts = by_pref[pref]
+            self._rng.shuffle(hosts)
+            out.extend((pref, h) for h in hosts)
+        return out
+
+    async def mx(self, domain: str) -> list[tuple[int, str]]:
+        """MX hosts by preference (equal preferences shuffled); host names without trailing dot.
+
+        No MX → ``[(0, domain)]`` (implicit MX, RFC 5321 §5.1). Null MX → DnsError(NULL_MX,
+        permanent). An address literal domain (``[192.0.2.1]``) is returned as itself.
+        """
+        name = domain.strip().rstrip(".")
+        if name.startswith("["):
+            return [(0, name)]
+        answer = await self._query(name, "MX")
+        if answer is None:
+            return [(0, name)]
+        records: list[tuple[int, str]] = []
+        null_seen = False
+        for rr in answer:
+            target = rr.exchange.to_text(omit_final_dot=True)
+            if target in ("", "."):
+                null_seen = True
+                continue
+            records.append((int(rr.preference), target.lower()))
+        if not records:
+            if null_seen:
+                raise DnsError(replies.NULL_MX, True, name)
+            return [(0, name)]
+        # RFC 7505 §3: a null MX must stand alone; a "." mixed with real hosts is ignored.
+        return self._shuffle_equal(records)
+
+    async def addresses(self, host: str) -> list[str]:
+        """IPv4 then IPv6 addresses of `host` (AAAA first with prefer_ipv6); an IP literal (bare or
+        bracketed) is returned as is. No address at all → []. NXDOMAIN → permanent DnsError. If one
+        family fails transiently and the other answers, the answer is used; both failing → the
+        first error."""
+        h = _strip_brackets(host)
+        if _is_ip(h):
+            return [str(ipaddress.ip_address(h))]
+        name = h.rstrip(".")
+        results = await asyncio.gather(
+            self._query(name, "A"), self._query(name, "AAAA"), return_exceptions=True
+        )
+        v4: list[str] = []
+        v6: list[str] = []
+        errors: list[DnsError] = []
+        for result, bucket in zip(results, (v4, v6), strict=True):
+            if isinstance(result, DnsError):
+                errors.append(result)
+            elif isinstance(result, BaseException):
+                raise result
+            elif result is not None:
+                bucket.extend(rr.address for rr in result)
+        permanent = [e for e in errors if e.permanent]
+        if permanent and not (v4 or v6):
+            raise permanent[0]
+        if errors and not (v4 or v6):
+            raise errors[0]
+        return v6 + v4 if self.prefer_ipv6 else v4 + v6

@@ -1,0 +1,297 @@
+"""From a send connector and a domain to the ordered list of hosts to try.
+
+* Smart-host connectors: the smart hosts in configured order (``host``, ``host:port``, ``[ip]``,
+  ``[ip]:port``, a bare IP), each name resolved to its addresses (IPv4 first); the connector's ``port``
+  unless the entry names one. A smart host that does not resolve is skipped; when none resolves the
+  route is deferred (``451 4.4.0 DNS query failed. The error was: ...``), never bounced: a smart host
+  is the administrator's configuration, so a typo must not bounce a day of invoices.
+* DNS-routed connectors: the MX hosts by preference (equal preferences shuffled by the resolver),
+  then each host's addresses; no MX → the domain's own A/AAAA (implicit MX); null MX, NXDOMAIN →
+  permanent; SERVFAIL/timeouts → transient (see `relaygate.delivery.dns`). MX addresses that are
+  loopback, link-local (cloud metadata 169.254.169.254), unspecified, multicast or reserved are refused
+  by policy (security-bar §3J 164) unless ``allow_special_addresses``; at most ``max_hops`` addresses
+  are kept (Postfix caps at 5 by default; 10 here).
+* Loop detection: a hop whose (ip, port) is one of this relay's listening endpoints — a wildcard
+  binding (0.0.0.0 / ::) or any loopback address with one of our ports counts — is this relay. Among MX
+  hosts, as Postfix does, that hop and every MX of equal or worse preference are dropped (we are a
+  backup MX); a smart host that is this relay is dropped. When nothing is left:
+  ``554 5.4.6 ROUTING.Loop; the next hop is this relay`` (permanent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from relaygate import replies
+from relaygate.delivery.dns import DnsError, Resolver
+from relaygate.replies import Reply
+
+__all__ = [
+    "MX_SPECIAL_ADDRESS",
+    "NextHop",
+    "NextHopError",
+    "is_local_endpoint",
+    "parse_smart_host",
+    "resolve_next_hops",
+]
+
+log = logging.getLogger("relaygate.delivery")
+
+# Not in the Exchange catalogue: Exchange has no such policy. Transient, so that a DNS fix on the
+# remote side is picked up before the message expires.
+MX_SPECIAL_ADDRESS = Reply(
+    451,
+    "4.4.4",
+    "SMTPSEND.DNS.SpecialAddress; the mail exchangers resolve only to loopback, link-local or "
+    "reserved addresses",
+)
+
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class NextHopError(Exception):
+    """No usable next hop. reply: for the recipients; permanent: bounce (True) or retry later."""
+
+    def __init__(self, reply: Reply, permanent: bool) -> None:
+        super().__init__(reply.line())
+        self.reply = reply
+        self.permanent = permanent
+
+    def __repr__(self) -> str:
+        return f"NextHopError({self.reply.line()!r}, permanent={self.permanent})"
+
+
+@dataclass(frozen=True, slots=True)
+class NextHop:
+    """One address to connect to.
+
+    host: the smart host or MX name (the IP for an IP literal); ip: the address to connect to;
+    port: TCP port; tls_name: the name a DomainValidation certificate must carry (the connector's
+    tls_domain, else host); preference: the MX preference (None for smart hosts).
+    """
+
+    host: str
+    ip: str
+    port: int
+    tls_name: str
+    preference: int | None = None
+
+    @property
+    def label(self) -> str:
+        """``host[ip]:port`` (``[ip]:port`` for an IP literal), for logs and the queue's next hop."""
+        if self.host == self.ip:
+            return f"[{self.ip}]:{self.port}"
+        return f"{self.host}[{self.ip}]:{self.port}"
+
+    def __str__(self) -> str:
+        return self.label
+
+
+def _ip(text: str) -> IpAddress | None:
+    t = text.strip()
+    if t.startswith("[") and t.endswith("]"):
+        t = t[1:-1]
+    if t.lower().startswith("ipv6:"):
+        t = t[5:]
+    try:
+        addr = ipaddress.ip_address(t)
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def parse_smart_host(entry: str, default_port: int) -> tuple[str, int, bool]:
+    """``host`` / ``host:port`` / ``[ip]`` / ``[ip]:port`` / bare IPv4 or IPv6 → (host, port, is_ip)."""
+    text = entry.strip()
+    if text.startswith("["):
+        inner, _, rest = text[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") else default_port
+        ip = _ip(inner)
+        if ip is None:
+            raise ValueError(f"smart host {entry!r}: not an IP address inside []")
+        return str(ip), port, True
+    if text.count(":") > 1:  # bare IPv6
+        ip = _ip(text)
+        if ip is None:
+            raise ValueError(f"smart host {entry!r}: not a host name or IP address")
+        return str(ip), default_port, True
+    host, colon, port_text = text.partition(":")
+    port = int(port_text) if colon else default_port
+    ip = _ip(host)
+    if ip is not None:
+        return str(ip), port, True
+    return host.rstrip(".").lower(), port, False
+
+
+def is_local_endpoint(ip: str, port: int, local_endpoints: Iterable[tuple[str, int]]) -> bool:
+    """True if connecting to (ip, port) would reach this relay's own listener."""
+    addr = _ip(ip)
+    if addr is None:
+        return False
+    ours = list(local_endpoints)
+    ports = {p for _, p in ours}
+    if (addr.is_loopback or addr.is_unspecified) and port in ports:
+        return True
+    for lip, lport in ours:
+        if lport != port:
+            continue
+        bound = _ip(lip) if lip not in ("", "*") else ipaddress.IPv4Address("0.0.0.0")
+        if bound is None:
+            continue
+        if bound == addr:
+            return True
+    return False
+
+
+def _special(addr: IpAddress) -> bool:
+    return bool(
+        addr.is_loopback
+        or addr.is_link_local
+        or addr.is_unspecified
+        or addr.is_multicast
+        or addr.is_reserved
+    )
+
+
+async def _addresses(resolver: Resolver, host: str) -> list[str] | DnsError:
+    try:
+        return await resolver.addresses(host)
+    except DnsError as exc:
+        return exc
+
+
+async def resolve_next_hops(
+    connector: Any,
+    domain: str,
+    resolver: Resolver,
+    *,
+    local_endpoints: Iterable[tuple[str, int]] = (),
+    allow_special_addresses: bool = False,
+    max_hops: int = 10,
+) -> list[NextHop]:
+    """The hops to try, in order. Raises NextHopError (with reply and permanence) when there are none."""
+    endpoints = list(local_endpoints)
+    port_default = int(getattr(connector, "port", 25) or 25)
+    tls_domain = (getattr(connector, "tls_domain", "") or "").strip()
+    smart_hosts = list(getattr(connector, "smart_hosts", ()) or ())
+    if not getattr(connector, "dns_routing_enabled", False):
+        if not smart_hosts:
+            raise NextHopError(replies.NO_NEXT_HOP, True)
+        return await _smart_host_hops(
+            smart_hosts, port_default, tls_domain, resolver, endpoints, max_hops
+        )
+    return await _mx_hops(
+        domain,
+        port_default,
+        tls_domain,
+        resolver,
+        endpoints,
+        allow_special_addresses,
+        max_hops,
+    )
+
+
+async def _smart_host_hops(
+    smart_hosts: list[str],
+    port_default: int,
+    tls_domain: str,
+    resolver: Resolver,
+    endpoints: list[tuple[str, int]],
+    max_hops: int,
+) -> list[NextHop]:
+    parsed = [parse_smart_host(h, port_default) for h in smart_hosts]
+    lookups = await asyncio.gather(
+        *(
+            _addresses(resolver, host) if not is_ip else _literal(host)
+            for host, _port, is_ip in parsed
+        )
+    )
+    hops: list[NextHop] = []
+    errors: list[DnsError] = []
+    looped = 0
+    for (host, port, _is_ip), result in zip(parsed, lookups, strict=True):
+        if isinstance(result, DnsError):
+            log.warning("smart host %s does not resolve: %s", host, result.reply.line())
+            errors.append(result)
+            continue
+        for ip in result:
+            if is_local_endpoint(ip, port, endpoints):
+                log.warning("smart host %s [%s]:%d is this relay; skipped", host, ip, port)
+                looped += 1
+                continue
+            hops.append(NextHop(host, ip, port, tls_domain or host))
+    if hops:
+        return hops[:max_hops]
+    if looped:
+        raise NextHopError(replies.LOOP_DETECTED, True)
+    if errors:
+        first = errors[0]
+        reply = first.reply
+        if first.permanent:
+            reply = replies.dns_query_failed(replies.DNS_NONEXISTENT_DOMAIN.text)
+        raise NextHopError(reply, False)
+    raise NextHopError(replies.dns_query_failed("ErrorRetry"), False)
+
+
+async def _literal(host: str) -> list[str]:
+    return [host]
+
+
+async def _mx_hops(
+    domain: str,
+    port: int,
+    tls_domain: str,
+    resolver: Resolver,
+    endpoints: list[tuple[str, int]],
+    allow_special: bool,
+    max_hops: int,
+) -> list[NextHop]:
+    try:
+        mx = await resolver.mx(domain)
+    except DnsError as exc:
+        raise NextHopError(exc.reply, exc.permanent) from exc
+    implicit = len(mx) == 1 and mx[0][1].lower() == domain.strip().rstrip(".").lower()
+    lookups = await asyncio.gather(*(_addresses(resolver, host) for _pref, host in mx))
+    candidates: list[NextHop] = []
+    errors: list[DnsError] = []
+    loop_pref: int | None = None
+    refused = 0
+    for (pref, host), result in zip(mx, lookups, strict=True):
+        if isinstance(result, DnsError):
+            errors.append(result)
+            continue
+        for ip in result:
+            if is_local_endpoint(ip, port, endpoints):
+                loop_pref = pref if loop_pref is None else min(loop_pref, pref)
+                continue
+            addr = _ip(ip)
+            if addr is not None and _special(addr) and not allow_special:
+                log.warning("MX %s of %s resolves to %s; refused by policy", host, domain, ip)
+                refused += 1
+                continue
+            name = host.strip("[]") if host.startswith("[") else host
+            candidates.append(NextHop(name, ip, port, tls_domain or name, pref))
+    if loop_pref is not None:
+        candidates = [
+            h for h in candidates if h.preference is not None and h.preference < loop_pref
+        ]
+        if not candidates:
+            raise NextHopError(replies.LOOP_DETECTED, True)
+    if candidates:
+        return candidates[:max_hops]
+    if refused:
+        raise NextHopError(MX_SPECIAL_ADDRESS, False)
+    transient = [e for e in errors if not e.permanent]
+    if transient:
+        raise NextHopError(transient[0].reply, False)
+    if errors or implicit:
+        # the domain (or every MX host) does not exist / has no address
+        raise NextHopError(replies.DNS_NONEXISTENT_DOMAIN, True)
+    raise NextHopError(replies.DNS_NONEXISTENT_DOMAIN, True)

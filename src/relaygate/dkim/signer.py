@@ -1,0 +1,407 @@
+"""DKIM signing at delivery time (dkimpy), after the Received header is added.
+
+Key choice (documented behaviour, also shown by the tracking log):
+
+* ``domain_source="header_from"`` (the default): the domain of the single address in the message's
+  ``From`` header, because that is the domain DMARC aligns with. If the message has no ``From``
+  header, more than one, a ``From`` with several addresses (or a group), or one the strict parser
+  cannot read, the envelope sender's domain is used instead when ``envelope_fallback`` is on (the
+  default); otherwise the message goes out unsigned.
+* ``domain_source="envelope_sender"``: always the envelope sender's (MAIL FROM) domain.
+* Keys match the **exact** domain only: a key for ``corp.example`` does not sign mail from
+  ``sub.corp.example`` (that would not align under strict DMARC and surprises admins). Configure
+  a key per domain.
+* Every enabled key of the chosen domain signs (so an Ed25519 and an RSA key for one domain give
+  the dual signature RFC 8463 recommends), in configuration order.
+
+Canonicalisation is relaxed/relaxed. ``From`` is signed one extra time so that a second ``From``
+added in transit breaks the signature. Keys are read and checked once, when the signer is built;
+``sign`` is a pure CPU-bound function: call it in a thread (``asyncio.to_thread``) from the event
+loop. A message that is not signed carries a human-readable ``reason`` for the tracking log.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import dkim
+
+from relaygate.dkim.keys import DkimKeyError, LoadedKey, key_path, load_private_key
+
+__all__ = [
+    "DEFAULT_SIGNED_HEADERS",
+    "DOMAIN_SOURCES",
+    "DkimConfigError",
+    "DkimKeyConfig",
+    "DkimSigner",
+    "SignResult",
+    "from_header_domain",
+]
+
+DEFAULT_SIGNED_HEADERS: tuple[str, ...] = (
+    "From",
+    "To",
+    "Cc",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "Reply-To",
+    "MIME-Version",
+    "Content-Type",
+    "Content-Transfer-Encoding",
+    "In-Reply-To",
+    "References",
+)
+DOMAIN_SOURCES = ("header_from", "envelope_sender")
+# Headers RFC 6376 says must not be signed (they change in transit); dkimpy refuses them.
+_NEVER_SIGN = frozenset(h.decode() for h in dkim.DKIM.SHOULD_NOT)
+_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
+
+
+class DkimKeyConfig(Protocol):
+    """What the signer needs from one ``[[dkim]]`` config entry."""
+
+    domain: str
+    selector: str
+    key_file: Path | None
+    algorithm: str
+    headers: list[str]
+    enabled: bool
+
+
+class DkimConfigError(DkimKeyError):
+    """The ``[[dkim]]`` configuration cannot be used; ``problems`` lists every reason."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+@dataclass(frozen=True)
+class SignResult:
+    """Outcome of :meth:`DkimSigner.sign`.
+
+    ``data`` is the message to send (with the DKIM-Signature header(s) on top when ``signed``,
+    unchanged otherwise). ``domain`` is the domain the key was chosen by (empty if none could be
+    found); ``selector`` is the selector used, or several joined by ``","`` for dual signing.
+    ``reason`` says why in words the tracking log can show.
+    """
+
+    data: bytes
+    signed: bool
+    domain: str
+    selector: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Key:
+    domain: str
+    selector: str
+    algorithm: str
+    headers: tuple[str, ...]
+    loaded: LoadedKey
+
+
+def _normalise_domain(domain: str) -> str | None:
+    domain = domain.strip().rstrip(".")
+    if not domain:
+        return None
+    try:
+        domain = domain.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return None
+    labels = domain.split(".")
+    if len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
+        return None
+    return domain
+
+
+def _address_domain(address: str) -> str | None:
+    address = address.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1].strip()
+    local, at, domain = address.rpartition("@")
+    if not at or not local or any(c.isspace() for c in address):
+        return None
+    if domain.startswith("["):  # address literal: no DKIM domain
+        return None
+    return _normalise_domain(domain)
+
+
+def from_header_domain(value: str) -> tuple[str | None, str]:
+    """Parse one ``From`` field body strictly; return ``(domain, "")`` or ``(None, why)``.
+
+    Accepts exactly one mailbox, ``addr-spec`` or ``[display-name] <addr-spec>``, with comments
+    and quoted strings. Groups, several addresses, several angle addresses, unbalanced quotes,
+    brackets or parentheses and address literals are refused.
+    """
+    in_quote = False
+    escaped = False
+    comment = 0
+    angle_parts: list[str] = []
+    bare: list[str] = []
+    current: list[str] | None = None
+    for ch in value:
+        if escaped:
+            escaped = False
+            if current is not None:
+                current.append(ch)
+            continue
+        if in_quote:
+            if ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_quote = False
+            if current is not None:
+                current.append(ch)
+            continue
+        if comment:
+            if ch == "\\":
+                escaped = True
+            elif ch == "(":
+                comment += 1
+            elif ch == ")":
+                comment -= 1
+            continue
+        if ch == "(":
+            comment = 1
+        elif ch == '"':
+            in_quote = True
+            if current is not None:
+                current.append(ch)
+        elif ch == "<":
+            if current is not None:
+                return None, "From header has a '<' inside an address"
+            current = []
+        elif ch == ">":
+            if current is None:
+                return None, "From header has an unmatched '>'"
+            angle_parts.append("".join(current))
+            current = None
+        elif ch == ",":
+            return None, "From header has more than one address"
+        elif ch in ":;":
+            if current is None:
+                return None, "From header uses group syntax"
+            current.append(ch)
+        elif current is not None:
+            current.append(ch)
+        else:
+            bare.append(ch)
+    if in_quote or comment or current is not None:
+        return None, "From header has an unbalanced quote, comment or angle bracket"
+    if len(angle_parts) > 1:
+        return None, "From header has more than one address"
+    address = angle_parts[0] if angle_parts else "".join(bare)
+    if not address.strip():
+        return None, "From header has no address"
+    domain = _address_domain(address)
+    if domain is None:
+        return None, f"From header address {address.strip()!r} has no usable domain"
+    return domain, ""
+
+
+def _header_block(message: bytes) -> list[tuple[str, str]]:
+    """Unfolded ``(name, value)`` pairs of the header section (names as written)."""
+    end = len(message)
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        idx = message.find(sep)
+        if idx != -1:
+            end = min(end, idx)
+    text = message[:end].decode("utf-8", errors="replace")
+    fields: list[tuple[str, str]] = []
+    for line in re.split(r"\r?\n", text):
+        if line[:1] in (" ", "\t") and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, value + " " + line.strip())
+        elif ":" in line:
+            name, _, value = line.partition(":")
+            fields.append((name.strip(), value.strip()))
+    return fields
+
+
+class DkimSigner:
+    """Signs messages with the configured keys; build it once at start-up.
+
+    ``keys`` are objects with the :class:`DkimKeyConfig` attributes (the config module's
+    ``DkimKey``). An entry without ``key_file`` uses ``<data_dir>/dkim/<domain>/<selector>.key``
+    (where ``relaygate dkim new`` writes). Disabled entries are ignored. Every problem with enabled keys (missing or
+    unreadable file, wrong key type, duplicate domain+selector, unknown algorithm, a header that
+    must not be signed) is collected and raised together as :class:`DkimConfigError`.
+    """
+
+    def __init__(
+        self,
+        keys: Iterable[Any],
+        *,
+        domain_source: str = "header_from",
+        envelope_fallback: bool = True,
+        data_dir: Path | None = None,
+    ) -> None:
+        if domain_source not in DOMAIN_SOURCES:
+            raise DkimConfigError(
+                [f"dkim_domain_source {domain_source!r}: use one of {', '.join(DOMAIN_SOURCES)}"]
+            )
+        self.domain_source = domain_source
+        self.envelope_fallback = envelope_fallback
+        self._keys: dict[str, list[_Key]] = {}
+        self._disabled: dict[str, list[str]] = {}
+        problems: list[str] = []
+        seen: set[tuple[str, str]] = set()
+        for entry in keys:
+            domain = _normalise_domain(str(entry.domain))
+            selector = str(entry.selector).strip().lower()
+            label = f"[[dkim]] {entry.domain} selector {entry.selector}"
+            if domain is None:
+                problems.append(f"{label}: invalid domain")
+                continue
+            if not getattr(entry, "enabled", True):
+                self._disabled.setdefault(domain, []).append(selector)
+                continue
+            if (domain, selector) in seen:
+                problems.append(f"{label}: configured twice")
+                continue
+            seen.add((domain, selector))
+            headers = tuple(getattr(entry, "headers", None) or DEFAULT_SIGNED_HEADERS)
+            bad = [h for h in headers if h.strip().lower() in _NEVER_SIGN]
+            if bad:
+                problems.append(f"{label}: header(s) {', '.join(bad)} must not be signed")
+                continue
+            if not any(h.strip().lower() == "from" for h in headers):
+                headers = ("From", *headers)
+            key_file = getattr(entry, "key_file", None)
+            if key_file is None:
+                if data_dir is None:
+                    problems.append(f"{label}: key_file is not set")
+                    continue
+                key_file = key_path(data_dir, domain, selector)
+            try:
+                loaded = load_private_key(Path(key_file), str(entry.algorithm))
+            except DkimKeyError as exc:
+                problems.append(f"{label}: {exc}")
+                continue
+            if loaded.algorithm == "ed25519-sha256":
+                try:
+                    import nacl.signing  # noqa: F401  (dkimpy signs Ed25519 with PyNaCl)
+                except ImportError:
+                    problems.append(f"{label}: ed25519-sha256 needs the PyNaCl package")
+                    continue
+            self._keys.setdefault(domain, []).append(
+                _Key(domain, selector, loaded.algorithm, headers, loaded)
+            )
+        if problems:
+            raise DkimConfigError(problems)
+
+    @classmethod
+    def from_config(cls, config: Any) -> DkimSigner:
+        """Build from a loaded ``Config`` (``config.dkim`` and ``config.server.dkim_domain_source``)."""
+        server = getattr(config, "server", None)
+        source = getattr(server, "dkim_domain_source", None) or "header_from"
+        data_dir = getattr(server, "data_dir", None)
+        return cls(
+            getattr(config, "dkim", None) or [],
+            domain_source=source,
+            data_dir=Path(data_dir) if data_dir is not None else None,
+        )
+
+    @property
+    def domains(self) -> list[str]:
+        """Domains with at least one enabled key."""
+        return sorted(self._keys)
+
+    def selectors(self, domain: str) -> list[str]:
+        return [k.selector for k in self._keys.get(domain.lower(), [])]
+
+    def public_record(self, domain: str, selector: str) -> str | None:
+        """The TXT value the loaded key for (domain, selector) needs in DNS (for the doctor)."""
+        for key in self._keys.get(domain.lower().rstrip("."), []):
+            if key.selector == selector.lower():
+                return key.loaded.record
+        return None
+
+    # -------------------------------------------------------------------- choose
+    def choose_domain(self, message: bytes, envelope_sender: str) -> tuple[str | None, str]:
+        """The domain whose key should sign, or ``(None, reason)``."""
+        if self.domain_source == "envelope_sender":
+            return self._envelope_domain(envelope_sender, "")
+        froms = [v for n, v in _header_block(message) if n.lower() == "from"]
+        if not froms:
+            why = "message has no From header"
+        elif len(froms) > 1:
+            why = f"message has {len(froms)} From headers"
+        else:
+            domain, why = from_header_domain(froms[0])
+            if domain is not None:
+                return domain, ""
+        if not self.envelope_fallback:
+            return None, why
+        return self._envelope_domain(envelope_sender, why)
+
+    @staticmethod
+    def _envelope_domain(envelope_sender: str, why: str) -> tuple[str | None, str]:
+        prefix = f"{why}; " if why else ""
+        sender = envelope_sender.strip()
+        if sender in ("", "<>"):
+            return None, f"{prefix}the envelope sender is empty (null sender)"
+        domain = _address_domain(sender)
+        if domain is None:
+            return None, f"{prefix}envelope sender {sender!r} has no usable domain"
+        return domain, ""
+
+    # ---------------------------------------------------------------------- sign
+    def sign(self, message: bytes, *, envelope_sender: str) -> SignResult:
+        """Sign ``message`` (bytes as it will be sent); never raises for a message problem."""
+        domain, why = self.choose_domain(message, envelope_sender)
+        if domain is None:
+            return SignResult(message, False, "", "", f"not signed: {why}")
+        keys = self._keys.get(domain)
+        if not keys:
+            if domain in self._disabled:
+                selectors = ", ".join(self._disabled[domain])
+                reason = f"DKIM key for domain {domain} is disabled (selector {selectors})"
+            else:
+                reason = f"no DKIM key for domain {domain}"
+            return SignResult(message, False, domain, "", reason)
+        linesep = b"\r\n" if b"\r\n" in message else b"\n"
+        present: dict[str, int] = {}
+        for name, _ in _header_block(message):
+            present[name.lower()] = present.get(name.lower(), 0) + 1
+        signatures: list[bytes] = []
+        for key in keys:
+            include: list[bytes] = []
+            for header in key.headers:
+                name = header.strip().lower()
+                include.extend([name.encode()] * max(present.get(name, 0), name == "from"))
+            include.append(b"from")  # oversign: a From added later breaks the signature
+            try:
+                signature = dkim.sign(
+                    message,
+                    key.selector.encode(),
+                    key.domain.encode(),
+                    key.loaded.dkimpy_key,
+                    canonicalize=(b"relaxed", b"relaxed"),
+                    signature_algorithm=key.algorithm.encode(),
+                    include_headers=include,
+                    linesep=linesep,
+                )
+            except (dkim.DKIMException, ValueError) as exc:
+                return SignResult(
+                    message,
+                    False,
+                    domain,
+                    key.selector,
+                    f"DKIM signing failed for {domain} (selector {key.selector}): {exc}",
+                )
+            signatures.append(signature)
+        selectors = ",".join(k.selector for k in keys)
+        algorithms = ",".join(k.algorithm for k in keys)
+        # The first configured key's signature is topmost (the one simple verifiers check).
+        data = b"".join(signatures) + message
+        return SignResult(
+            data, True, domain, selectors, f"signed d={domain} s={selectors} a={algorithms}"
+        )

@@ -1,0 +1,394 @@
+"""Rotating, circular CSV log directory shared by the protocol log and the message tracking log.
+
+The layout follows Exchange (reference/exchange-semantics.md §6.1):
+
+* files named ``<PREFIX><yyyymmddHH>-<n>.LOG`` (UTC hour; ``n`` starts at 1 and increments when a file
+  is full or when another writer already holds that number), a new file at least every hour;
+* every file starts with the ``#Software``/``#Version``/``#Log-type``/``#Date``/``#Fields`` header;
+* circular logging: the oldest files are deleted when the directory grows past its maximum size or when
+  files are older than the maximum age (a zero age means "never delete by age").
+
+Writers never block on disk I/O. ``append()`` stores an *unformatted* record in an in-memory list under a
+lock (a few hundred nanoseconds); a daemon thread wakes every ``flush_interval`` seconds, formats the
+batch, writes it with a single ``write()`` per file and does the rotation and cleanup work. ``flush()``
+and ``close()`` drain synchronously (they do block: call them from a worker thread, at shutdown or in
+tests, not per command on the event loop).
+
+A record is a tuple whose first element is the event time as a POSIX timestamp (``time.time()``);
+the ``formatter`` turns the whole tuple into one line without its terminator. Lines end with CRLF as
+in Exchange's files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, BinaryIO, NamedTuple
+
+__all__ = [
+    "DEFAULT_FLUSH_INTERVAL",
+    "HEADER_DATE_PLACEHOLDER",
+    "LINE_END",
+    "LogDirectory",
+    "LogFileName",
+    "csv_field",
+    "format_timestamp",
+    "log_file_name",
+    "parse_log_file_name",
+]
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_FLUSH_INTERVAL = 0.2
+LINE_END = "\r\n"
+#: A header line containing this placeholder gets the file's creation time (ISO, ms, Z) in its place.
+HEADER_DATE_PLACEHOLDER = "{date}"
+#: How often the background thread re-runs the age-based cleanup even when nothing rotates.
+CLEANUP_INTERVAL = 60.0
+
+Record = tuple[Any, ...]
+
+
+def csv_field(value: str) -> str:
+    """Quote ``value`` the way the csv module's QUOTE_MINIMAL does: only when it holds a comma, a
+    double quote, CR or LF; embedded double quotes are doubled."""
+    if '"' in value:
+        return '"' + value.replace('"', '""') + '"'
+    if "," in value or "\n" in value or "\r" in value:
+        return '"' + value + '"'
+    return value
+
+
+# A one-entry cache of the formatted second: log lines arrive in bursts within the same second, so the
+# strftime runs about once per second per thread and the rest is a small f-string.
+_ts_cache: tuple[int, str] = (-1, "")
+
+
+def format_timestamp(ts: float) -> str:
+    """``2023-01-11T15:59:51.433Z`` for a POSIX timestamp (UTC, milliseconds, truncated)."""
+    global _ts_cache
+    sec = int(ts)
+    cached_sec, prefix = _ts_cache
+    if sec != cached_sec:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
+        _ts_cache = (sec, prefix)
+    ms = int((ts - sec) * 1000)
+    if ms > 999:  # float rounding guard
+        ms = 999
+    return f"{prefix}{ms:03d}Z"
+
+
+def log_file_name(prefix: str, hour_key: int, number: int) -> str:
+    """``RECV2023011116-1.LOG`` for ``hour_key`` = POSIX seconds // 3600."""
+    stamp = time.strftime("%Y%m%d%H", time.gmtime(hour_key * 3600))
+    return f"{prefix}{stamp}-{number}.LOG"
+
+
+_NAME_RE = re.compile(
+    r"^(?P<prefix>[A-Za-z]+?)(?P<stamp>\d{10}|\d{8})-(?P<n>\d+)\.log$", re.IGNORECASE
+)
+
+
+class LogFileName(NamedTuple):
+    prefix: str
+    start: datetime  # UTC start of the period the file covers
+    number: int
+    period: timedelta  # one hour (2013+ names) or one day (2010 names)
+
+
+def parse_log_file_name(name: str) -> LogFileName | None:
+    """Parse ``RECV2023011116-1.LOG`` (2013+, hourly) or ``RECV20190221-2.LOG`` (2010, daily) so
+    Exchange's own files can be read too; None for foreign names."""
+    m = _NAME_RE.match(name)
+    if m is None:
+        return None
+    stamp = m.group("stamp")
+    hourly = len(stamp) == 10
+    try:
+        start = datetime.strptime(stamp, "%Y%m%d%H" if hourly else "%Y%m%d").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+    period = timedelta(hours=1) if hourly else timedelta(days=1)
+    return LogFileName(m.group("prefix"), start, int(m.group("n")), period)
+
+
+def _default_formatter(record: Record) -> str:
+    return str(record[1])
+
+
+class LogDirectory:
+    """One circular directory of ``<prefix><yyyymmddHH>-<n>.LOG`` CSV files."""
+
+    def __init__(
+        self,
+        path: Path,
+        prefix: str,
+        header_lines: list[str],
+        max_file_size: int,
+        max_directory_size: int,
+        max_age: timedelta,
+        *,
+        formatter: Callable[[Record], str] | None = None,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+        start_thread: bool = True,
+    ) -> None:
+        if max_file_size <= 0 or max_directory_size <= 0:
+            raise ValueError("log sizes must be positive")
+        self.path = Path(path)
+        self.prefix = prefix
+        self.header_lines = list(header_lines)
+        self.max_file_size = int(max_file_size)
+        self.max_directory_size = int(max_directory_size)
+        self.max_age = max_age
+        self.flush_interval = flush_interval
+        self._format = formatter or _default_formatter
+        self._name_re = re.compile(rf"^{re.escape(prefix)}(\d{{10}})-(\d+)\.LOG$")
+
+        self._pending: list[Record] = []
+        self.append = self._pending.append
+        self._pending_lock = threading.Lock()  # guards _closed only
+        # Serialises flushes (background thread vs flush()/close()).
+        self._io_lock = threading.Lock()
+        self._closed = False
+        self._dirty = False  # bytes written since the last file flush
+        self.dropped = 0  # records lost to I/O errors
+
+        self._file: BinaryIO | None = None
+        self._file_path: Path | None = None
+        self._file_hour = -1
+        self._file_number = 0
+        self._file_size = 0
+        self._header_size = 0
+        self._dir_size = 0  # bytes in our files as of the last scan plus what we wrote since
+        self._cleanup_at = self.max_directory_size  # rescan when _dir_size passes this
+        self._last_cleanup = 0.0
+
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        if start_thread:
+            self._thread = threading.Thread(
+                target=self._run, name=f"relaygate-log-{prefix}", daemon=True
+            )
+            self._thread.start()
+
+    # ----------------------------------------------------------------- producer side (any thread)
+    # ``append(record)`` is the pending list's own C-level append, bound in __init__: no Python frame,
+    # no lock (list.append is atomic; the flusher takes a prefix with an atomic slice + del). It queues
+    # a record ``(timestamp, ...)``; formatting and I/O happen on the flush thread. Records appended
+    # after close() are never written.
+    append: Callable[[Record], None]
+
+    def append_line(self, line: str, timestamp: float | None = None) -> None:
+        """Queue a preformatted line (no terminator) when no ``formatter`` was given."""
+        self.append((time.time() if timestamp is None else timestamp, line))
+
+    @property
+    def current_file(self) -> Path | None:
+        return self._file_path
+
+    # ----------------------------------------------------------------- flushing
+    def flush(self) -> None:
+        """Write everything queued so far. Blocks on disk I/O."""
+        with self._io_lock:
+            batch = self._take_pending()
+            if batch:
+                self._write_batch(batch)
+            if self._file is not None and self._dirty:
+                self._dirty = False
+                try:
+                    self._file.flush()
+                except OSError as exc:
+                    _log.warning("log %s: flush failed: %s", self.path, exc)
+
+    def close(self) -> None:
+        """Stop the flush thread, write what is queued and close the file. Idempotent."""
+        with self._pending_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+        # Drain even if the thread did it already: records appended between its last pass and close.
+        with self._io_lock:
+            batch = self._take_pending()
+            if batch:
+                self._write_batch(batch)
+            self._close_file()
+
+    def __enter__(self) -> LogDirectory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _take_pending(self) -> list[Record]:
+        pending = self._pending
+        n = len(pending)
+        batch = pending[:n]
+        del pending[:n]  # producers may have appended after the slice: those stay queued
+        return batch
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._wake.wait(self.flush_interval)
+            if self._stop:
+                break
+            try:
+                self.flush()
+                now = time.time()
+                if now - self._last_cleanup >= CLEANUP_INTERVAL:
+                    with self._io_lock:
+                        self._cleanup(now)
+            except Exception:  # never let the logger thread die
+                _log.exception("log %s: background flush failed", self.path)
+
+    # ----------------------------------------------------------------- writing (under _io_lock)
+    def _write_batch(self, batch: list[Record]) -> None:
+        fmt = self._format
+        try:
+            chunk: list[str] = []
+            for record in batch:
+                hour = int(record[0]) // 3600
+                # Only roll forward: a record a few ms older than the current file's hour (another
+                # thread's) stays in the current file instead of reopening the previous hour.
+                if self._file is None or hour > self._file_hour:
+                    self._write_chunk(chunk)
+                    chunk = []
+                    self._open_new(max(hour, self._file_hour))
+                chunk.append(fmt(record))
+                chunk.append(LINE_END)
+            self._write_chunk(chunk)
+        except OSError as exc:
+            self.dropped += len(batch)
+            _log.warning("log %s: dropped %d lines: %s", self.path, len(batch), exc)
+            self._close_file()  # reopen (new number) on the next batch
+
+    def _write_chunk(self, chunk: list[str]) -> None:
+        if not chunk:
+            return
+        data = "".join(chunk).encode("utf-8", "backslashreplace")
+        if self._file_size + len(data) <= self.max_file_size:
+            self._raw_write(data)
+            return
+        # Near the size limit: go line by line so every file stays under max_file_size.
+        for i in range(0, len(chunk), 2):
+            line = (chunk[i] + LINE_END).encode("utf-8", "backslashreplace")
+            if (
+                self._file_size + len(line) > self.max_file_size
+                and self._file_size > self._header_size
+            ):
+                self._open_new(self._file_hour)
+            self._raw_write(line)
+
+    def _raw_write(self, data: bytes) -> None:
+        assert self._file is not None
+        self._file.write(data)
+        self._dirty = True
+        self._file_size += len(data)
+        self._dir_size += len(data)
+        if self._dir_size > self._cleanup_at:
+            self._file.flush()
+            self._cleanup(time.time())
+
+    def _open_new(self, hour: int) -> None:
+        self._close_file()
+        self.path.mkdir(parents=True, exist_ok=True)
+        number = self._file_number + 1 if hour == self._file_hour else 1
+        # Continue after the highest number on disk for this hour (restart, or another writer).
+        stamp = time.strftime("%Y%m%d%H", time.gmtime(hour * 3600))
+        for entry in os.scandir(self.path):
+            m = self._name_re.match(entry.name)
+            if m and m.group(1) == stamp:
+                number = max(number, int(m.group(2)) + 1)
+        header = self._header_bytes()
+        while True:
+            path = self.path / log_file_name(self.prefix, hour, number)
+            try:
+                f = open(path, "xb")  # noqa: SIM115 - kept open across batches
+            except FileExistsError:
+                number += 1
+                continue
+            break
+        self._file, self._file_path = f, path
+        self._file_hour, self._file_number = hour, number
+        self._header_size = len(header)
+        self._file_size = 0
+        self._raw_write(header)
+        self._cleanup(time.time())
+
+    def _header_bytes(self) -> bytes:
+        now = format_timestamp(time.time())
+        lines = [h.replace(HEADER_DATE_PLACEHOLDER, now) for h in self.header_lines]
+        return "".join(line + LINE_END for line in lines).encode("utf-8")
+
+    def _close_file(self) -> None:
+        f, self._file = self._file, None
+        if f is not None:
+            try:
+                f.close()
+            except OSError as exc:
+                _log.warning("log %s: close failed: %s", self.path, exc)
+
+    def _cleanup(self, now: float) -> None:
+        """Circular logging: delete files past max_age, then the oldest until under the size cap."""
+        self._last_cleanup = now
+        try:
+            entries = [e for e in os.scandir(self.path) if self._name_re.match(e.name)]
+        except FileNotFoundError:
+            self._dir_size = 0
+            return
+        files: list[tuple[float, int, int, str, int]] = []
+        for e in entries:
+            try:
+                st = e.stat()
+            except FileNotFoundError:
+                continue
+            m = self._name_re.match(e.name)
+            assert m is not None
+            # Oldest first: by mtime, then by name order (hour, number) for equal mtimes.
+            files.append((st.st_mtime, int(m.group(1)), int(m.group(2)), e.name, st.st_size))
+        files.sort()
+        current = self._file_path.name if self._file is not None and self._file_path else None
+        if current is not None:  # its buffered bytes are not on disk yet
+            files = [f if f[3] != current else (*f[:4], self._file_size) for f in files]
+        total = sum(f[4] for f in files)
+        max_age = self.max_age.total_seconds()
+        kept: list[tuple[float, int, int, str, int]] = []
+        for f in files:
+            expired = f[3] != current and max_age > 0 and now - f[0] > max_age
+            if expired and self._unlink(f[3]):
+                total -= f[4]
+                continue
+            kept.append(f)
+        for f in kept:
+            if total <= self.max_directory_size:
+                break
+            if f[3] == current:
+                continue
+            if self._unlink(f[3]):
+                total -= f[4]
+        self._dir_size = total
+        # If only the open file keeps us over the cap, do not rescan on every write.
+        slack = max(self.max_file_size // 8, 4096)
+        self._cleanup_at = (
+            self.max_directory_size if total <= self.max_directory_size else total + slack
+        )
+
+    def _unlink(self, name: str) -> bool:
+        try:
+            (self.path / name).unlink()
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            _log.warning("log %s: cannot delete %s: %s", self.path, name, exc)
+            return False

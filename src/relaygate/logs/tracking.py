@@ -1,0 +1,372 @@
+"""Message tracking log in the Exchange format (reference/exchange-semantics.md §6.3), and its reader.
+
+Files ``MSGTRK<yyyymmddHH>-<n>.LOG`` under ``<data_dir>/logs/MessageTracking``; the writer queues
+records and a background thread writes them (see ``relaygate.logs.rotation``). ``search()`` reads the
+files back (ours or Exchange's own: columns are mapped through each file's ``#Fields`` line) for
+``relaygate trace``, the admin centre and tests.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from relaygate.logs.rotation import (
+    HEADER_DATE_PLACEHOLDER,
+    LogDirectory,
+    csv_field,
+    format_timestamp,
+    parse_log_file_name,
+)
+
+__all__ = [
+    "DEFAULT_MAX_AGE",
+    "DEFAULT_MAX_DIRECTORY_SIZE",
+    "DEFAULT_MAX_FILE_SIZE",
+    "DEFAULT_SEARCH_LIMIT",
+    "EVENT_IDS",
+    "MESSAGE_TRACKING_DIR",
+    "TRACKING_FIELDS",
+    "TrackingLog",
+    "parse_datetime",
+    "search",
+]
+
+#: Relative to ``server.data_dir``.
+MESSAGE_TRACKING_DIR = Path("logs") / "MessageTracking"
+
+DEFAULT_MAX_FILE_SIZE = 10 * 1024 * 1024
+DEFAULT_MAX_DIRECTORY_SIZE = 1000 * 1024 * 1024
+DEFAULT_MAX_AGE = timedelta(days=30)
+#: Get-MessageTrackingLog's default -ResultSize.
+DEFAULT_SEARCH_LIMIT = 1000
+
+TRACKING_FIELDS = (
+    "date-time",
+    "client-ip",
+    "client-hostname",
+    "server-ip",
+    "server-hostname",
+    "source-context",
+    "connector-id",
+    "source",
+    "event-id",
+    "internal-message-id",
+    "message-id",
+    "network-message-id",
+    "recipient-address",
+    "recipient-status",
+    "total-bytes",
+    "recipient-count",
+    "related-recipient-address",
+    "reference",
+    "message-subject",
+    "sender-address",
+    "return-path",
+    "message-info",
+    "directionality",
+    "tenant-id",
+    "original-client-ip",
+    "original-server-ip",
+    "custom-data",
+    "transport-traffic-type",
+    "log-id",
+    "schema-version",
+)
+EVENT_IDS = ("RECEIVE", "SEND", "DEFER", "FAIL", "DSN", "EXPAND", "SUBMIT", "DROP")
+SOFTWARE = "Microsoft Exchange Server"
+VERSION = "15.0.0.0"
+SCHEMA_VERSION = "15.0.0.0"
+
+#: Fields returned by ``search()`` as lists (``;``-separated in the file) and as integers.
+LIST_FIELDS = ("recipient-address", "recipient-status", "reference")
+INT_FIELDS = ("total-bytes", "recipient-count")
+
+
+def _format_line(record: tuple) -> str:
+    # (ts, values of every field after date-time except log-id and schema-version)
+    q = csv_field
+    return f"{format_timestamp(record[0])},{','.join([q(v) for v in record[1]])},{uuid.uuid4()},{SCHEMA_VERSION}"
+
+
+def _join(values: str | Iterable[str]) -> str:
+    if isinstance(values, str):
+        return values
+    return ";".join(values)
+
+
+class TrackingLog:
+    """Writer of ``MSGTRK`` files. ``write()`` is cheap and safe from any thread or the event loop."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        server_name: str,
+        server_ip: str = "",
+        max_file_size: int = DEFAULT_MAX_FILE_SIZE,
+        max_directory_size: int = DEFAULT_MAX_DIRECTORY_SIZE,
+        max_age: timedelta = DEFAULT_MAX_AGE,
+        flush_interval: float = 0.2,
+    ) -> None:
+        self.server_name = server_name
+        self.server_ip = server_ip
+        headers = [
+            f"#Software: {SOFTWARE}",
+            f"#Version: {VERSION}",
+            "#Log-type: Message Tracking Log",
+            f"#Date: {HEADER_DATE_PLACEHOLDER}",
+            "#Fields: " + ",".join(TRACKING_FIELDS),
+        ]
+        self.directory = LogDirectory(
+            Path(directory),
+            "MSGTRK",
+            headers,
+            max_file_size,
+            max_directory_size,
+            max_age,
+            formatter=_format_line,
+            flush_interval=flush_interval,
+        )
+
+    @property
+    def path(self) -> Path:
+        return self.directory.path
+
+    def write(
+        self,
+        event_id: str,
+        source: str,
+        *,
+        internal_message_id: str | int = "",
+        message_id: str = "",
+        network_message_id: str = "",
+        recipients: Sequence[str] = (),
+        recipient_status: Sequence[str] = (),
+        sender: str = "",
+        total_bytes: int = 0,
+        client_ip: str = "",
+        client_hostname: str = "",
+        server_ip: str | None = None,
+        server_hostname: str | None = None,
+        connector_id: str = "",
+        source_context: str = "",
+        reference: str | Sequence[str] = "",
+        message_subject: str = "",
+        return_path: str = "",
+        message_info: str = "",
+        related_recipient_address: str = "",
+        directionality: str = "Originating",
+        custom_data: str = "",
+        original_client_ip: str = "",
+        original_server_ip: str = "",
+        timestamp: datetime | float | None = None,
+    ) -> None:
+        """Queue one tracking event. ``server_ip``/``server_hostname`` default to this server's
+        (pass the remote host's for SEND). ``timestamp`` defaults to now."""
+        if timestamp is None:
+            ts = time.time()
+        elif isinstance(timestamp, datetime):
+            ts = timestamp.timestamp()
+        else:
+            ts = float(timestamp)
+        values = (
+            client_ip,
+            client_hostname,
+            self.server_ip if server_ip is None else server_ip,
+            self.server_name if server_hostname is None else server_hostname,
+            source_context,
+            connector_id,
+            source,
+            event_id,
+            str(internal_message_id),
+            message_id,
+            network_message_id,
+            _join(recipients),
+            _join(recipient_status),
+            str(total_bytes),
+            str(len(recipients) if not isinstance(recipients, str) else int(bool(recipients))),
+            related_recipient_address,
+            _join(reference),
+            message_subject,
+            sender,
+            return_path,
+            message_info,
+            directionality,
+            "",  # tenant-id
+            original_client_ip,
+            original_server_ip,
+            custom_data,
+            "",  # transport-traffic-type
+            # log-id and schema-version are added by _format_line on the flush thread
+        )
+        self.directory.append((ts, values))
+
+    def flush(self) -> None:
+        self.directory.flush()
+
+    def close(self) -> None:
+        self.directory.close()
+
+    def __enter__(self) -> TrackingLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------- reader
+def parse_datetime(value: str) -> datetime | None:
+    """Parse a log ``date-time`` (``2023-01-11T15:59:51.433Z``) into an aware UTC datetime."""
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt
+
+
+def _aware(dt: datetime | None) -> datetime | None:
+    if dt is None:
+        return None
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+def _norm_msgid(value: str) -> str:
+    value = value.strip()
+    if value.startswith("<") and value.endswith(">"):
+        value = value[1:-1]
+    return value.lower()
+
+
+def _tracking_files(directory: Path) -> list[tuple[datetime | None, timedelta, int, Path]]:
+    files: list[tuple[datetime | None, timedelta, int, Path]] = []
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return []
+    for e in entries:
+        upper = e.name.upper()
+        if not upper.startswith("MSGTRK") or not upper.endswith(".LOG"):
+            continue
+        parsed = parse_log_file_name(e.name)
+        if parsed is None:
+            files.append((None, timedelta(0), 0, Path(e.path)))
+        else:
+            files.append((parsed.start, parsed.period, parsed.number, Path(e.path)))
+    oldest = datetime.min.replace(tzinfo=UTC)
+    files.sort(key=lambda f: (f[0] or oldest, f[2], f[3].name))
+    return files
+
+
+def _read_rows(path: Path) -> Iterable[dict[str, str]]:
+    fields: list[str] = list(TRACKING_FIELDS)
+    try:
+        fh = open(path, encoding="utf-8", errors="replace", newline="")  # noqa: SIM115
+    except OSError:
+        return
+    with fh:
+        body: list[str] = []
+        for line in fh:
+            if line.startswith("#"):
+                if line.startswith("#Fields:"):
+                    fields = [f.strip() for f in line[len("#Fields:") :].strip().split(",")]
+                continue
+            body.append(line)
+    reader = csv.reader(body)
+    n = len(fields)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error:  # a line being written right now, or damage: skip the rest
+            return
+        if len(row) != n:  # partial last line of the file being written
+            continue
+        yield dict(zip(fields, row, strict=True))
+
+
+def _to_result(row: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = dict(row)
+    for key in LIST_FIELDS:
+        if key in out:
+            out[key] = [v for v in out[key].split(";") if v] if out[key] else []
+    for key in INT_FIELDS:
+        if key in out:
+            try:
+                out[key] = int(out[key]) if out[key] else 0
+            except ValueError:
+                pass
+    return out
+
+
+def search(
+    directory: Path,
+    *,
+    sender: str | None = None,
+    recipient: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    message_id: str | None = None,
+    event_id: str | None = None,
+    limit: int | None = DEFAULT_SEARCH_LIMIT,
+) -> list[dict[str, Any]]:
+    """Tracking events matching every given filter, oldest first.
+
+    Addresses, message ids (with or without ``<>``) and event ids compare case-insensitively;
+    ``recipient`` matches any address of a multi-recipient event. Naive datetimes are UTC.
+    With more than ``limit`` matches the most recent ``limit`` are returned.
+    Keys are the field names of the file (``date-time``, ``sender-address`` ...);
+    ``recipient-address``, ``recipient-status`` and ``reference`` are lists, ``total-bytes`` and
+    ``recipient-count`` integers.
+    """
+    since = _aware(since)
+    until = _aware(until)
+    sender_l = sender.lower() if sender else None
+    recipient_l = recipient.lower() if recipient else None
+    msgid_l = _norm_msgid(message_id) if message_id else None
+    event_u = event_id.upper() if event_id else None
+
+    matches: list[tuple[datetime, int, dict[str, str]]] = []
+    order = 0
+    for start, period, _n, path in _tracking_files(Path(directory)):
+        # A file covers one hour (one day for 2010-style names); skip it when outside the window.
+        # Files only roll forward, so a file can start with lines a few ms older than its hour:
+        # a minute of slack on both sides.
+        if start is not None:
+            if until is not None and start - timedelta(minutes=1) > until:
+                continue
+            if since is not None and start + period + timedelta(minutes=1) < since:
+                continue
+        for row in _read_rows(path):
+            if event_u is not None and row.get("event-id", "").upper() != event_u:
+                continue
+            if sender_l is not None and row.get("sender-address", "").lower() != sender_l:
+                continue
+            if recipient_l is not None and recipient_l not in (
+                r.lower() for r in row.get("recipient-address", "").split(";")
+            ):
+                continue
+            if msgid_l is not None and _norm_msgid(row.get("message-id", "")) != msgid_l:
+                continue
+            when = parse_datetime(row.get("date-time", ""))
+            if when is None:
+                continue
+            if since is not None and when < since:
+                continue
+            if until is not None and when > until:
+                continue
+            matches.append((when, order, row))
+            order += 1
+    matches.sort(key=lambda m: (m[0], m[1]))
+    if limit is not None and limit >= 0 and len(matches) > limit:
+        matches = matches[len(matches) - limit :] if limit else []
+    return [_to_result(m[2]) for m in matches]

@@ -1,0 +1,850 @@
+"""SQLite queue store (single node).
+
+Durability: WAL journal, ``synchronous=FULL``; the message bytes are a BLOB written in the same
+transaction as the envelope and the recipients, so one fsync of the WAL covers all three. The
+database directory is fsync'd after the files are created.
+
+Group commit: one dedicated writer thread owns the write connection. Every mutating call is put on
+a queue and awaited through an asyncio future; the writer takes everything that is queued (up to
+``max_batch_items`` / ``max_batch_bytes``) and runs it in ONE transaction (each call inside its own
+SAVEPOINT, so one failing call does not spoil the others), commits (one fsync), then resolves the
+futures with ``loop.call_soon_threadsafe``. While the writer waits for an fsync the next batch
+accumulates, so throughput grows with the number of concurrent submitters. The event loop never
+touches the disk. Reads run on a small thread pool with their own read-only connections (WAL lets
+them run alongside the writer).
+
+Schema: ``messages`` (envelope, flags, lease and a few derived columns kept up to date by the
+writer: ``status``, ``next_due``, ``open_rcpts``, ``completed_at``), ``recipients`` (one row per
+recipient, so a per-recipient update is one small row write) and ``message_data`` (the bytes plus a
+SHA-256 checked on every read).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future as ConcurrentFuture
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .model import (
+    FINAL_STATUSES,
+    PENDING_STATUSES,
+    Envelope,
+    QueueIdGenerator,
+    RecipientState,
+    RecipientStatus,
+    StoredMessage,
+    message_status,
+    parse_status,
+)
+from .store import (
+    CorruptMessageError,
+    Store,
+    StoreClosedError,
+    StoreError,
+    StoreFullError,
+    open_store,
+)
+
+__all__ = ["SqliteStore", "open_store"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    queue_id       TEXT PRIMARY KEY,
+    sender         TEXT NOT NULL,
+    size           INTEGER NOT NULL,
+    received_at    REAL NOT NULL,
+    message_id     TEXT NOT NULL,
+    client_ip      TEXT NOT NULL,
+    connector      TEXT NOT NULL,
+    helo           TEXT NOT NULL,
+    auth_user      TEXT NOT NULL,
+    suspended      INTEGER NOT NULL DEFAULT 0,
+    delay_notified INTEGER NOT NULL DEFAULT 0,
+    metadata       TEXT NOT NULL DEFAULT '{}',
+    lease_owner    TEXT,
+    lease_until    REAL,
+    -- derived from the recipients, maintained by the writer:
+    status         TEXT NOT NULL,      -- message_status()
+    next_due       REAL,               -- min(next_attempt, NULL->0) over Ready/Retry recipients
+    open_rcpts     INTEGER NOT NULL,   -- recipients not Delivered/Failed
+    completed_at   REAL                -- when open_rcpts reached 0
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS messages_due ON messages (next_due, queue_id)
+    WHERE suspended = 0 AND next_due IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_status ON messages (status, queue_id);
+CREATE INDEX IF NOT EXISTS messages_completed ON messages (completed_at)
+    WHERE completed_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS recipients (
+    queue_id     TEXT NOT NULL REFERENCES messages (queue_id) ON DELETE CASCADE,
+    idx          INTEGER NOT NULL,
+    address      TEXT NOT NULL,
+    status       TEXT NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    last_error   TEXT NOT NULL DEFAULT '',
+    last_attempt REAL,
+    next_attempt REAL,
+    PRIMARY KEY (queue_id, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS message_data (
+    queue_id TEXT PRIMARY KEY REFERENCES messages (queue_id) ON DELETE CASCADE,
+    sha256   BLOB NOT NULL,
+    data     BLOB NOT NULL
+);
+"""
+
+_MSG_COLS = (
+    "queue_id, sender, size, received_at, message_id, client_ip, connector, helo, auth_user, "
+    "suspended, delay_notified, metadata, lease_owner, lease_until"
+)
+_RCPT_COLS = "queue_id, address, status, attempts, last_error, last_attempt, next_attempt"
+_FINAL_SQL = ", ".join(f"'{s.value}'" for s in sorted(FINAL_STATUSES))
+_CHUNK = 500  # ids per "IN (...)" query
+_CKPT_BYTES = 4 * 1024 * 1024  # wake the checkpointer after this much new data
+
+
+@dataclass(slots=True)
+class _Op:
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    size: int
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+_STOP = object()
+
+
+def _resolve(items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    """Runs on the event loop: hand each caller its outcome."""
+    for fut, ok, value in items:
+        if fut.done():  # the caller was cancelled
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+
+def _wrap_error(exc: BaseException) -> BaseException:
+    """Engine errors become StoreError (a fresh instance per caller); others pass through."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code == sqlite3.SQLITE_FULL:
+            err: StoreError = StoreFullError(f"queue database full: {exc}")
+        else:
+            err = StoreError(f"queue database error: {exc}")
+        err.__cause__ = exc
+        return err
+    return exc
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_dirs_durably(path: Path) -> None:
+    """mkdir -p, then fsync every directory that got a new entry."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    if not missing:
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    for d in missing:
+        _fsync_dir(d.parent)
+
+
+def _chunks(seq: Sequence[str], n: int = _CHUNK) -> Iterable[Sequence[str]]:
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]
+
+
+def _load_messages(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[StoredMessage]:
+    """Turn ``messages`` rows (``_MSG_COLS``) into StoredMessage objects with their recipients."""
+    if not rows:
+        return []
+    rcpts: dict[str, list[RecipientState]] = {r[0]: [] for r in rows}
+    ids = list(rcpts)
+    for chunk in _chunks(ids):
+        marks = ",".join("?" * len(chunk))
+        for qid, address, status, attempts, last_error, last_attempt, next_attempt in conn.execute(
+            f"SELECT {_RCPT_COLS} FROM recipients WHERE queue_id IN ({marks}) "
+            "ORDER BY queue_id, idx",
+            chunk,
+        ):
+            rcpts[qid].append(
+                RecipientState(
+                    address=address,
+                    status=RecipientStatus(status),
+                    attempts=attempts,
+                    last_error=last_error,
+                    last_attempt=last_attempt,
+                    next_attempt=next_attempt,
+                )
+            )
+    return [
+        StoredMessage(
+            queue_id=r[0],
+            sender=r[1],
+            recipients=rcpts[r[0]],
+            size=r[2],
+            received_at=r[3],
+            message_id=r[4],
+            client_ip=r[5],
+            connector=r[6],
+            helo=r[7],
+            auth_user=r[8],
+            suspended=bool(r[9]),
+            delay_notified=bool(r[10]),
+            metadata=json.loads(r[11]),
+            lease_owner=r[12],
+            lease_until=r[13],
+        )
+        for r in rows
+    ]
+
+
+def _load_ids(conn: sqlite3.Connection, ids: Sequence[str]) -> list[StoredMessage]:
+    """Load messages by id, in the order given (unknown ids are skipped)."""
+    rows: dict[str, tuple[Any, ...]] = {}
+    for chunk in _chunks(ids):
+        marks = ",".join("?" * len(chunk))
+        for row in conn.execute(
+            f"SELECT {_MSG_COLS} FROM messages WHERE queue_id IN ({marks})", chunk
+        ):
+            rows[row[0]] = row
+    return _load_messages(conn, [rows[i] for i in ids if i in rows])
+
+
+class SqliteStore(Store):
+    """The single-node queue store. See the module docstring for the design."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        max_batch_items: int = 256,
+        max_batch_bytes: int = 32 * 1024 * 1024,
+        read_threads: int = 2,
+        busy_timeout: float = 30.0,
+    ) -> None:
+        self.path = Path(path)
+        self.max_batch_items = max_batch_items
+        self.max_batch_bytes = max_batch_bytes
+        self._read_threads = read_threads
+        self._busy_timeout = busy_timeout
+        self._ids = QueueIdGenerator()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._state_lock = threading.Lock()
+        self._open = False
+        self._closing = False
+        self._writer: threading.Thread | None = None
+        self._wconn: sqlite3.Connection | None = None
+        self._reader: ThreadPoolExecutor | None = None
+        self._rlocal = threading.local()
+        self._rconns: list[sqlite3.Connection] = []
+        self._checkpointer: threading.Thread | None = None
+        self._ckpt_wake = threading.Event()
+        self._ckpt_stop = threading.Event()
+        self._bytes_since_ckpt = 0
+        # statistics (written by the writer thread only)
+        self.commits = 0  # transactions committed (one fsync each)
+        self.ops_committed = 0  # calls carried by those transactions
+        self.max_batch = 0  # largest number of calls in one transaction
+        self.failed_commits = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        if self._open:
+            return
+        if self._closing:
+            raise StoreClosedError("store was closed; create a new one")
+        ready: ConcurrentFuture[None] = ConcurrentFuture()
+        self._writer = threading.Thread(
+            target=self._writer_main, args=(ready,), name="relaygate-queue-writer", daemon=True
+        )
+        self._writer.start()
+        await asyncio.wrap_future(ready)
+        self._ckpt_stop.clear()
+        self._checkpointer = threading.Thread(
+            target=self._checkpointer_main, name="relaygate-queue-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
+        self._reader = ThreadPoolExecutor(
+            max_workers=self._read_threads, thread_name_prefix="relaygate-queue-read"
+        )
+        self._open = True
+
+    async def close(self) -> None:
+        with self._state_lock:
+            if not self._open or self._closing:
+                return
+            self._closing = True
+            self._queue.put(_STOP)
+        writer, reader, ckpt = self._writer, self._reader, self._checkpointer
+        if writer is not None:
+            await asyncio.to_thread(writer.join)
+        if ckpt is not None:
+            self._ckpt_stop.set()
+            self._ckpt_wake.set()
+            await asyncio.to_thread(ckpt.join)
+        if reader is not None:
+            await asyncio.to_thread(reader.shutdown, True)
+        for conn in self._rconns:
+            conn.close()
+        self._rconns.clear()
+        self._open = False
+
+    async def __aenter__(self) -> SqliteStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "commits": self.commits,
+            "ops_committed": self.ops_committed,
+            "max_batch": self.max_batch,
+            "failed_commits": self.failed_commits,
+        }
+
+    # ------------------------------------------------------------------ connections
+
+    def _connect(self, *, readonly: bool = False, checkpointer: bool = False) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self._busy_timeout,
+            isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+            check_same_thread=False,
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+            if readonly:
+                conn.execute("PRAGMA query_only = ON")
+            elif checkpointer:
+                conn.execute("PRAGMA synchronous = FULL")
+                conn.execute("PRAGMA wal_autocheckpoint = 0")
+            else:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise StoreError(f"{self.path}: cannot enable WAL mode (got {mode!r})")
+                conn.execute("PRAGMA synchronous = FULL")
+                conn.execute("PRAGMA foreign_keys = ON")
+                conn.execute("PRAGMA journal_size_limit = 67108864")
+                # Checkpoints run on their own thread (see _checkpointer_main) so that copying
+                # the WAL into the database and its fsync stay off the commit path.
+                conn.execute("PRAGMA wal_autocheckpoint = 0")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _init_schema(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: queue schema version {version} is newer than this RelayGate "
+                f"({SCHEMA_VERSION})"
+            )
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        top = conn.execute("SELECT max(queue_id) FROM messages").fetchone()[0]
+        if top:
+            self._ids.advance_past(top)
+
+    def _checkpointer_main(self) -> None:
+        """Copy the WAL back into the database file when it has grown (``_CKPT_BYTES``) or at
+        least every second after changes. PASSIVE: never blocks the writer or the readers."""
+        conn: sqlite3.Connection | None = None
+        done_commits = self.commits
+        try:
+            while not self._ckpt_stop.is_set():
+                self._ckpt_wake.wait(1.0)
+                self._ckpt_wake.clear()
+                if self.commits == done_commits:
+                    continue
+                done_commits = self.commits
+                try:
+                    if conn is None:
+                        conn = self._connect(checkpointer=True)
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:
+                    log.warning("queue store: checkpoint failed: %s", exc)
+                    if conn is not None:
+                        conn.close()
+                        conn = None
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def _read_conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._rlocal, "conn", None)
+        if conn is None:
+            conn = self._connect(readonly=True)
+            self._rlocal.conn = conn
+            with self._state_lock:
+                self._rconns.append(conn)
+        return conn
+
+    # ------------------------------------------------------------------ writer thread
+
+    def _writer_main(self, ready: ConcurrentFuture[None]) -> None:
+        try:
+            _make_dirs_durably(self.path.parent)
+            self._wconn = self._connect()
+            self._init_schema(self._wconn)
+            _fsync_dir(self.path.parent)  # the database and WAL directory entries
+        except BaseException as exc:
+            if self._wconn is not None:
+                self._wconn.close()
+                self._wconn = None
+            ready.set_exception(_wrap_error(exc))
+            return
+        ready.set_result(None)
+        carry: _Op | None = None
+        stop = False
+        while not stop:
+            if carry is not None:
+                first, carry = carry, None
+            else:
+                item = self._queue.get()
+                if item is _STOP:
+                    break
+                first = item
+            batch = [first]
+            nbytes = first.size
+            while len(batch) < self.max_batch_items:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                if nbytes + item.size > self.max_batch_bytes:
+                    carry = item  # starts the next batch
+                    break
+                batch.append(item)
+                nbytes += item.size
+            self._run_batch(batch)
+        if carry is not None:  # pragma: no cover - STOP is only queued after every op
+            self._run_batch([carry])
+        if self._wconn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._wconn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            self._wconn.close()
+            self._wconn = None
+
+    def _run_batch(self, batch: list[_Op]) -> None:
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            if self._wconn is None:  # a previous commit failed: start on a fresh connection
+                self._wconn = self._connect()
+            conn = self._wconn
+            conn.execute("BEGIN IMMEDIATE")
+            for op in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    value = op.fn(conn, *op.args)
+                except Exception as exc:
+                    if not conn.in_transaction:
+                        # SQLite rolled the whole transaction back (disk full, I/O error...):
+                        # nothing of the batch survives, so the batch fails with this error.
+                        raise
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    outcomes.append((False, exc))
+                else:
+                    conn.execute("RELEASE op")
+                    outcomes.append((True, value))
+            conn.execute("COMMIT")
+        except Exception as exc:
+            # Nothing of this batch is durable. Drop the connection rather than retrying on the
+            # same file descriptors: a failed fsync may have thrown away dirty pages.
+            self.failed_commits += 1
+            log.error("queue store: transaction failed: %s", exc)
+            if self._wconn is not None:
+                with contextlib.suppress(Exception):
+                    self._wconn.execute("ROLLBACK")
+                with contextlib.suppress(Exception):
+                    self._wconn.close()
+                self._wconn = None
+            outcomes = [(False, _wrap_error(exc)) for _ in batch]
+        else:
+            self.commits += 1
+            self.ops_committed += len(batch)
+            self.max_batch = max(self.max_batch, len(batch))
+            self._bytes_since_ckpt += sum(op.size for op in batch)
+            if self._bytes_since_ckpt >= _CKPT_BYTES:
+                self._bytes_since_ckpt = 0
+                self._ckpt_wake.set()
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+        for op, (ok, value) in zip(batch, outcomes, strict=True):
+            by_loop.setdefault(op.loop, []).append(
+                (op.future, ok, value if ok else _wrap_error(value))
+            )
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(_resolve, items)
+
+    async def _write(self, fn: Callable[..., T], *args: Any, size: int = 0) -> T:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        with self._state_lock:
+            if not self._open or self._closing:
+                raise StoreClosedError("queue store is not open")
+            self._queue.put(_Op(fn, args, size, fut, loop))
+        return await fut
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        if not self._open or self._closing or self._reader is None:
+            raise StoreClosedError("queue store is not open")
+
+        def run() -> T:
+            conn = self._read_conn()
+            conn.execute("BEGIN")  # one snapshot for all the SELECTs of this call
+            try:
+                return fn(conn, *args)
+            finally:
+                conn.execute("COMMIT")
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._reader, run)
+        except sqlite3.Error as exc:
+            raise _wrap_error(exc) from exc
+
+    # ------------------------------------------------------------------ writes (writer thread)
+
+    def _refresh(self, conn: sqlite3.Connection, queue_id: str, now: float) -> None:
+        """Recompute the derived columns of one message from its recipients."""
+        row = conn.execute(
+            "SELECT suspended, completed_at FROM messages WHERE queue_id = ?", (queue_id,)
+        ).fetchone()
+        if row is None:
+            return
+        suspended, completed_at = bool(row[0]), row[1]
+        statuses: list[RecipientStatus] = []
+        due: list[float] = []
+        for status, next_attempt in conn.execute(
+            "SELECT status, next_attempt FROM recipients WHERE queue_id = ?", (queue_id,)
+        ):
+            st = RecipientStatus(status)
+            statuses.append(st)
+            if st in PENDING_STATUSES:
+                due.append(0.0 if next_attempt is None else next_attempt)
+        open_rcpts = sum(1 for s in statuses if s not in FINAL_STATUSES)
+        if open_rcpts:
+            completed_at = None
+        elif completed_at is None:
+            completed_at = now
+        conn.execute(
+            "UPDATE messages SET status = ?, next_due = ?, open_rcpts = ?, completed_at = ? "
+            "WHERE queue_id = ?",
+            (
+                message_status(suspended, statuses).value,
+                min(due) if due else None,
+                open_rcpts,
+                completed_at,
+                queue_id,
+            ),
+        )
+
+    def _op_submit(
+        self,
+        conn: sqlite3.Connection,
+        env: Envelope,
+        recipients: list[str],
+        data: bytes,
+        received_at: float,
+    ) -> str:
+        digest = hashlib.sha256(data).digest()
+        metadata = json.dumps(env.metadata, ensure_ascii=False, sort_keys=True)
+        for _attempt in range(1000):
+            queue_id = self._ids.next()
+            try:
+                conn.execute(
+                    "INSERT INTO messages (queue_id, sender, size, received_at, message_id, "
+                    "client_ip, connector, helo, auth_user, metadata, status, next_due, "
+                    "open_rcpts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
+                    (
+                        queue_id,
+                        env.sender,
+                        len(data),
+                        received_at,
+                        env.message_id,
+                        env.client_ip,
+                        env.connector,
+                        env.helo,
+                        env.auth_user,
+                        metadata,
+                        RecipientStatus.READY.value,
+                        len(recipients),
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                # Another process sharing this database took the id: jump past its ids.
+                top = conn.execute("SELECT max(queue_id) FROM messages").fetchone()[0]
+                if not top or top < queue_id:
+                    raise
+                self._ids.advance_past(top)
+                continue
+            break
+        else:  # pragma: no cover
+            raise StoreError("could not allocate a queue id")
+        conn.execute(
+            "INSERT INTO message_data (queue_id, sha256, data) VALUES (?, ?, ?)",
+            (queue_id, digest, data),
+        )
+        conn.executemany(
+            "INSERT INTO recipients (queue_id, idx, address, status) VALUES (?, ?, ?, ?)",
+            [(queue_id, i, a, RecipientStatus.READY.value) for i, a in enumerate(recipients)],
+        )
+        return queue_id
+
+    def _op_lease(
+        self, conn: sqlite3.Connection, owner: str, now: float, lease_seconds: float, limit: int
+    ) -> list[StoredMessage]:
+        ids = [
+            r[0]
+            for r in conn.execute(
+                "SELECT queue_id FROM messages "
+                "WHERE suspended = 0 AND next_due <= ? "
+                "AND (lease_owner IS NULL OR lease_until IS NULL OR lease_until <= ? "
+                "     OR lease_owner = ?) "
+                "ORDER BY next_due, queue_id LIMIT ?",
+                (now, now, owner, limit),
+            )
+        ]
+        until = now + lease_seconds
+        conn.executemany(
+            "UPDATE messages SET lease_owner = ?, lease_until = ? WHERE queue_id = ?",
+            [(owner, until, qid) for qid in ids],
+        )
+        return _load_ids(conn, ids)
+
+    @staticmethod
+    def _op_release(conn: sqlite3.Connection, queue_id: str, owner: str) -> None:
+        conn.execute(
+            "UPDATE messages SET lease_owner = NULL, lease_until = NULL "
+            "WHERE queue_id = ? AND lease_owner = ?",
+            (queue_id, owner),
+        )
+
+    def _op_record(
+        self,
+        conn: sqlite3.Connection,
+        queue_id: str,
+        results: list[tuple[Any, ...]],
+        now: float,
+    ) -> None:
+        if conn.execute("SELECT 1 FROM messages WHERE queue_id = ?", (queue_id,)).fetchone():
+            conn.executemany(
+                "UPDATE recipients SET status = ?, attempts = ?, last_error = ?, "
+                "last_attempt = ?, next_attempt = ? "
+                f"WHERE queue_id = ? AND address = ? AND status NOT IN ({_FINAL_SQL})",
+                results,
+            )
+            self._refresh(conn, queue_id, now)
+
+    def _op_set_flags(
+        self,
+        conn: sqlite3.Connection,
+        queue_id: str,
+        suspended: bool | None,
+        delay_notified: bool | None,
+        now: float,
+    ) -> None:
+        if not conn.execute("SELECT 1 FROM messages WHERE queue_id = ?", (queue_id,)).fetchone():
+            raise KeyError(queue_id)
+        if suspended is not None:
+            conn.execute(
+                "UPDATE messages SET suspended = ? WHERE queue_id = ?", (int(suspended), queue_id)
+            )
+        if delay_notified is not None:
+            conn.execute(
+                "UPDATE messages SET delay_notified = ? WHERE queue_id = ?",
+                (int(delay_notified), queue_id),
+            )
+        self._refresh(conn, queue_id, now)
+
+    def _op_retry_now(self, conn: sqlite3.Connection, queue_id: str, now: float) -> None:
+        if not conn.execute("SELECT 1 FROM messages WHERE queue_id = ?", (queue_id,)).fetchone():
+            raise KeyError(queue_id)
+        conn.execute(
+            "UPDATE recipients SET next_attempt = NULL "
+            f"WHERE queue_id = ? AND status NOT IN ({_FINAL_SQL})",
+            (queue_id,),
+        )
+        self._refresh(conn, queue_id, now)
+
+    @staticmethod
+    def _op_remove(conn: sqlite3.Connection, queue_id: str) -> StoredMessage | None:
+        found = _load_ids(conn, [queue_id])
+        if not found:
+            return None
+        conn.execute("DELETE FROM messages WHERE queue_id = ?", (queue_id,))
+        return found[0]
+
+    @staticmethod
+    def _op_purge(conn: sqlite3.Connection, older_than: float) -> int:
+        cur = conn.execute(
+            "DELETE FROM messages WHERE completed_at IS NOT NULL AND completed_at < ?",
+            (older_than,),
+        )
+        return cur.rowcount
+
+    # ------------------------------------------------------------------ public API: writes
+
+    async def submit(self, envelope: Envelope, data: bytes) -> str:
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(f"message data must be bytes, not {type(data).__name__}")
+        recipients = list(dict.fromkeys(envelope.recipients))
+        if not recipients:
+            raise ValueError("an envelope needs at least one recipient")
+        if not all(isinstance(a, str) and a for a in recipients):
+            raise ValueError("recipient addresses must be non-empty strings")
+        blob = bytes(data)
+        return await self._write(
+            self._op_submit, envelope, recipients, blob, time.time(), size=len(blob) + 512
+        )
+
+    async def lease_due(
+        self, owner: str, now: float, lease_seconds: float, limit: int
+    ) -> list[StoredMessage]:
+        if limit <= 0:
+            return []
+        return await self._write(self._op_lease, owner, now, lease_seconds, limit)
+
+    async def release(self, queue_id: str, owner: str) -> None:
+        await self._write(self._op_release, queue_id, owner)
+
+    async def record_results(
+        self, queue_id: str, owner: str, results: list[RecipientState]
+    ) -> None:
+        rows = [
+            (
+                RecipientStatus(r.status).value,
+                r.attempts,
+                r.last_error,
+                r.last_attempt,
+                r.next_attempt,
+                queue_id,
+                r.address,
+            )
+            for r in results
+        ]
+        await self._write(self._op_record, queue_id, rows, time.time())
+
+    async def set_flags(
+        self,
+        queue_id: str,
+        *,
+        suspended: bool | None = None,
+        delay_notified: bool | None = None,
+    ) -> None:
+        await self._write(self._op_set_flags, queue_id, suspended, delay_notified, time.time())
+
+    async def retry_now(self, queue_id: str) -> None:
+        await self._write(self._op_retry_now, queue_id, time.time())
+
+    async def remove(self, queue_id: str) -> StoredMessage | None:
+        return await self._write(self._op_remove, queue_id)
+
+    async def purge_completed(self, older_than: float) -> int:
+        return await self._write(self._op_purge, older_than)
+
+    # ------------------------------------------------------------------ public API: reads
+
+    async def get(self, queue_id: str) -> StoredMessage | None:
+        found = await self._read(_load_ids, [queue_id])
+        return found[0] if found else None
+
+    async def read_data(self, queue_id: str) -> bytes:
+        def run(conn: sqlite3.Connection) -> bytes:
+            row = conn.execute(
+                "SELECT sha256, data FROM message_data WHERE queue_id = ?", (queue_id,)
+            ).fetchone()
+            if row is None:
+                raise KeyError(queue_id)
+            digest, data = row
+            if hashlib.sha256(data).digest() != digest:
+                raise CorruptMessageError(f"message {queue_id}: stored bytes fail their checksum")
+            return bytes(data)
+
+        return await self._read(run)
+
+    async def list_messages(
+        self, *, limit: int = 1000, status: str | None = None
+    ) -> list[StoredMessage]:
+        wanted = None if status is None else parse_status(status).value
+
+        def run(conn: sqlite3.Connection) -> list[StoredMessage]:
+            if wanted is None:
+                rows = conn.execute(
+                    f"SELECT {_MSG_COLS} FROM messages ORDER BY queue_id LIMIT ?", (limit,)
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    f"SELECT {_MSG_COLS} FROM messages WHERE status = ? ORDER BY queue_id LIMIT ?",
+                    (wanted, limit),
+                ).fetchall()
+            return _load_messages(conn, rows)
+
+        if limit <= 0:
+            return []
+        return await self._read(run)
+
+    async def counts(self) -> dict[str, int]:
+        now = time.time()
+
+        def run(conn: sqlite3.Connection) -> dict[str, int]:
+            out = {"messages": 0, **{s.value.lower(): 0 for s in RecipientStatus}}
+            for status, n in conn.execute("SELECT status, count(*) FROM messages GROUP BY status"):
+                out[str(status).lower()] = n
+                out["messages"] += n
+            out["active"] = conn.execute(
+                "SELECT count(*) FROM messages WHERE lease_owner IS NOT NULL AND lease_until > ?",
+                (now,),
+            ).fetchone()[0]
+            out["recipients_pending"] = conn.execute(
+                "SELECT coalesce(sum(open_rcpts), 0) FROM messages"
+            ).fetchone()[0]
+            return out
+
+        return await self._read(run)

@@ -1,0 +1,145 @@
+"""The queue ``Store`` interface.
+
+One interface, two engines: SQLite (WAL) on a single node, PostgreSQL when several nodes share
+one queue. The semantics below are written so that both can honour them; callers must not rely
+on anything engine-specific.
+
+Contract highlights
+-------------------
+* ``submit`` returns only when the envelope and the message bytes are committed and flushed to
+  stable storage ("a 250 means durable"). If it raises, nothing may be acknowledged to the
+  client: :class:`StoreFullError` maps to ``452 4.3.1``, any other :class:`StoreError` to
+  ``451 4.3.0``. (A submit whose caller was cancelled may still have been committed: duplicates
+  are possible, loss is not.)
+* Every mutating call is durable on return, in particular ``record_results``: a recipient
+  recorded as Delivered is never handed out for delivery again, even after a crash.
+* Delivered and Failed are final: ``record_results`` never moves a recipient out of them.
+* Leases use wall-clock time supplied by the caller (``now``) so that nodes of a cluster agree.
+  A lease held by ``owner`` does not stop ``owner`` itself from leasing the message again
+  (a restarted node with the same owner name recovers its in-flight messages at once); callers
+  that lease repeatedly must keep track of what they already have in flight.
+* Unknown queue ids: ``get``/``remove`` return ``None``; ``read_data``, ``set_flags`` and
+  ``retry_now`` raise ``KeyError``; ``release`` and ``record_results`` are no-ops (the admin may
+  have removed the message while it was being delivered).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from .model import Envelope, RecipientState, StoredMessage
+
+__all__ = [
+    "CorruptMessageError",
+    "Store",
+    "StoreClosedError",
+    "StoreError",
+    "StoreFullError",
+    "open_store",
+]
+
+
+class StoreError(Exception):
+    """The store could not do what was asked (I/O error, database error...)."""
+
+
+class StoreFullError(StoreError):
+    """The disk (or the database) is full: refuse new mail with a 4xx, retry later."""
+
+
+class StoreClosedError(StoreError):
+    """The store is not open (not yet opened, or closed / shutting down)."""
+
+
+class CorruptMessageError(StoreError):
+    """The stored message bytes fail their integrity check."""
+
+
+@runtime_checkable
+class Store(Protocol):
+    async def open(self) -> None:
+        """Create/upgrade the schema and start the engine. Idempotent."""
+        ...
+
+    async def close(self) -> None:
+        """Finish everything already submitted, then stop. Idempotent."""
+        ...
+
+    async def submit(self, envelope: Envelope, data: bytes) -> str:
+        """Store a new message; durable on return. Returns its queue id (16 upper-case hex
+        digits, unique, time-ordered). Raises ``ValueError`` for an envelope without
+        recipients; duplicate recipient addresses are stored once."""
+        ...
+
+    async def get(self, queue_id: str) -> StoredMessage | None: ...
+
+    async def read_data(self, queue_id: str) -> bytes:
+        """The message bytes exactly as submitted. ``KeyError`` if unknown,
+        :class:`CorruptMessageError` if they fail their checksum."""
+        ...
+
+    async def list_messages(
+        self, *, limit: int = 1000, status: str | None = None
+    ) -> list[StoredMessage]:
+        """Messages in queue-id (arrival) order. ``status`` filters on the message status
+        (:attr:`StoredMessage.status`): Ready, Retry, Suspended, Delivered or Failed, any case;
+        ``ValueError`` for anything else."""
+        ...
+
+    async def lease_due(
+        self, owner: str, now: float, lease_seconds: float, limit: int
+    ) -> list[StoredMessage]:
+        """Atomically lease up to ``limit`` messages that are not suspended, have at least one
+        Ready/Retry recipient whose ``next_attempt`` is ``None`` or ``<= now``, and carry no live
+        lease (``lease_until > now``) of another owner. Sets ``lease_owner=owner`` and
+        ``lease_until=now+lease_seconds`` and returns the leased messages, most overdue first."""
+        ...
+
+    async def release(self, queue_id: str, owner: str) -> None:
+        """Drop the lease if ``owner`` holds it."""
+        ...
+
+    async def record_results(
+        self, queue_id: str, owner: str, results: list[RecipientState]
+    ) -> None:
+        """Store per-recipient outcomes, matched by address (status, attempts, last_error,
+        last_attempt, next_attempt). Results are facts and are recorded even if the lease has
+        meanwhile passed to another owner; a recipient already Delivered/Failed is left as is;
+        unknown addresses are ignored."""
+        ...
+
+    async def set_flags(
+        self,
+        queue_id: str,
+        *,
+        suspended: bool | None = None,
+        delay_notified: bool | None = None,
+    ) -> None: ...
+
+    async def retry_now(self, queue_id: str) -> None:
+        """``next_attempt = None`` for every unfinished recipient."""
+        ...
+
+    async def remove(self, queue_id: str) -> StoredMessage | None:
+        """Delete the message; returns what it was, or ``None`` if unknown."""
+        ...
+
+    async def purge_completed(self, older_than: float) -> int:
+        """Delete messages whose recipients are all Delivered/Failed and that were completed
+        before the unix time ``older_than``. Returns how many were deleted."""
+        ...
+
+    async def counts(self) -> dict[str, int]:
+        """``{"messages", "ready", "retry", "suspended", "delivered", "failed", "active",
+        "recipients_pending"}``: messages by status, ``active`` = messages under a live lease,
+        ``recipients_pending`` = unfinished recipients."""
+        ...
+
+
+def open_store(data_dir: Path) -> Store:
+    """The single-node store: SQLite at ``data_dir/queue/queue.db`` (not yet opened: call
+    ``await store.open()``)."""
+    from .sqlite_store import SqliteStore
+
+    return SqliteStore(Path(data_dir) / "queue" / "queue.db")

@@ -1,0 +1,76 @@
+"""SMTP AUTH users: a JSON file of argon2 hashes, managed by `relaygate user add/remove/list`.
+
+Verification runs in a worker thread: argon2 is deliberately slow and must not stall the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+__all__ = ["UserStore", "users_path"]
+
+_HASHER = PasswordHasher()
+# A real hash to verify against for unknown users, so timing does not reveal which names exist.
+_DUMMY_HASH = _HASHER.hash("relaygate-dummy-password")
+
+
+def users_path(data_dir: Path, explicit: Path | None = None) -> Path:
+    return explicit if explicit is not None else data_dir / "users.json"
+
+
+class UserStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._users: dict[str, str] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            self._users = {str(k).lower(): str(v) for k, v in data.get("users", {}).items()}
+        except FileNotFoundError:
+            self._users = {}
+
+    def names(self) -> list[str]:
+        return sorted(self._users)
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    def _verify_sync(self, user: str, password: str) -> bool:
+        stored = self._users.get(user.lower())
+        try:
+            _HASHER.verify(stored or _DUMMY_HASH, password)
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return False
+        return stored is not None
+
+    async def verify(self, user: str, password: str) -> bool:
+        return await asyncio.to_thread(self._verify_sync, user, password)
+
+    def set_password(self, user: str, password: str) -> None:
+        self._users[user.lower()] = _HASHER.hash(password)
+        self._save()
+
+    def remove(self, user: str) -> bool:
+        found = self._users.pop(user.lower(), None) is not None
+        if found:
+            self._save()
+        return found
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".users.")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"users": self._users}, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, self.path)

@@ -1,0 +1,298 @@
+"""Listeners: one per distinct binding; the connector is chosen per connection by the policy engine.
+
+A client that no connector accepts is closed without a banner. A PROXY header is honoured only from
+`server.trusted_proxies`; elsewhere `PROXY ...` reaches the session as an unrecognised command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from relaygate.config.model import Config, ReceiveConnector
+from relaygate.config.values import Binding, normalise_ip
+from relaygate.logs.protocol import NULL_SESSION_LOG, PROTOCOL_LOG_RECEIVE_DIR, ProtocolLog
+from relaygate.policy.selection import select_connector
+from relaygate.queue.model import Envelope
+from relaygate.queue.store import Store
+from relaygate.smtp import proxy
+from relaygate.smtp.auth import UserStore, users_path
+from relaygate.smtp.limits import ConnectionLimits, RateLimiter
+from relaygate.smtp.session import Session
+from relaygate.smtp.tls import server_context
+
+__all__ = ["ServerContext", "SmtpServer"]
+
+logger = logging.getLogger("relaygate.smtp")
+
+
+class ServerContext:
+    """What sessions share: the current config, the store, logs, limits, TLS contexts and users."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        *,
+        protocol_log: ProtocolLog | None = None,
+        tracking: Any = None,
+        on_message: Callable[[str], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.protocol_log = protocol_log
+        self.tracking = tracking
+        self.on_message = on_message
+        self.limits = ConnectionLimits()
+        self.rates = RateLimiter()
+        self.logger = logger
+        self.local_ips: list[str] = []
+        self._tls: dict[str, ssl.SSLContext | None] = {}
+        self.config = config
+        self.users = UserStore(users_path(config.server.data_dir, config.server.users_file))
+        self.apply(config)
+
+    def apply(self, config: Config) -> None:
+        """Take a new configuration (start or reload). Open sessions keep the connector they started with."""
+        self.config = config
+        self._tls = {}
+        self.users = UserStore(users_path(config.server.data_dir, config.server.users_file))
+        ips = {b.address for c in config.receive_connectors for b in c.bindings if not b.is_wildcard}
+        try:
+            ips.update(info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None))
+        except OSError:
+            pass
+        self.local_ips = sorted(ips | {"127.0.0.1", "::1"})
+
+    def tls_context(self, connector: ReceiveConnector) -> ssl.SSLContext | None:
+        if connector.name not in self._tls:
+            try:
+                self._tls[connector.name] = server_context(self.config, connector)
+            except (OSError, ssl.SSLError) as exc:
+                logger.error("TLS unavailable on connector %s: %s", connector.name, exc)
+                self._tls[connector.name] = None
+        return self._tls[connector.name]
+
+    def session_log(self, connector: ReceiveConnector, local: tuple[str, int], client: tuple[str, int]) -> Any:
+        if self.protocol_log is None or connector.protocol_logging_level != "Verbose":
+            return NULL_SESSION_LOG
+        return self.protocol_log.session(connector.name, local, client)
+
+    def postmaster_address(self) -> str:
+        default = next((d.domain for d in self.config.accepted_domains if d.default), None)
+        if default is None and self.config.accepted_domains:
+            default = self.config.accepted_domains[0].domain.removeprefix("*.")
+        admin = self.config.queue.admin_notification_address
+        if admin:
+            return admin
+        return f"postmaster@{default or self.config.server.fqdn}"
+
+    def message_received(self, queue_id: str, envelope: Envelope, size: int, session: Session) -> None:
+        if self.tracking is not None:
+            self.tracking.write(
+                "RECEIVE",
+                "SMTP",
+                internal_message_id=queue_id,
+                message_id=envelope.message_id,
+                recipients=envelope.recipients,
+                recipient_status=["250 2.1.5 Recipient OK"] * len(envelope.recipients),
+                sender=envelope.sender,
+                return_path=envelope.sender,
+                total_bytes=size,
+                client_ip=session.client_ip,
+                client_hostname=session.helo or "",
+                server_hostname=session.fqdn,
+                connector_id=f"{self.config.server.name}\\{envelope.connector}",
+                source_context=envelope.metadata.get("session", ""),
+            )
+        if self.on_message is not None:
+            self.on_message(queue_id)
+
+
+class SmtpServer:
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+        self._servers: dict[Binding, asyncio.Server] = {}
+        self._sessions: set[asyncio.Task[None]] = set()
+
+    @property
+    def endpoints(self) -> list[tuple[str, int]]:
+        out = []
+        for server in self._servers.values():
+            for sock in server.sockets:
+                name = sock.getsockname()
+                out.append((name[0], name[1]))
+        return out
+
+    def _wanted(self) -> dict[Binding, bool]:
+        """Distinct bindings of enabled connectors → implicit TLS."""
+        wanted: dict[Binding, bool] = {}
+        for c in self.ctx.config.receive_connectors:
+            if not c.enabled:
+                continue
+            for b in c.bindings:
+                wanted[b] = wanted.get(b, False) or c.tls_mode == "implicit"
+        return wanted
+
+    async def start(self) -> None:
+        await self.sync_listeners()
+
+    async def sync_listeners(self) -> None:
+        """Open listeners for new bindings and close those no connector uses any more (reload)."""
+        wanted = self._wanted()
+        for binding in list(self._servers):
+            if binding not in wanted:
+                server = self._servers.pop(binding)
+                server.close()
+        for binding, implicit in wanted.items():
+            if binding in self._servers:
+                continue
+            self._servers[binding] = await self._listen(binding, implicit)
+
+    async def _listen(self, binding: Binding, implicit: bool) -> asyncio.Server:
+        family = socket.AF_INET6 if binding.version == 6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT") and self.ctx.config.server.workers > 1:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            # [::] is dual-stack (IPv4 clients arrive as ::ffff:a.b.c.d), unless 0.0.0.0 is bound too.
+            v6only = any(
+                b.address == "0.0.0.0" and b.port == binding.port for b in self._wanted()
+            )
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if v6only else 0)
+        sock.bind((binding.address, binding.port))
+        sock.listen(1024)
+        sock.setblocking(False)
+        ssl_ctx = None
+        if implicit:
+            connector = next(
+                c for c in self.ctx.config.receive_connectors if binding in c.bindings and c.tls_mode == "implicit"
+            )
+            ssl_ctx = self.ctx.tls_context(connector)
+
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._sessions.add(task)
+            try:
+                await self._handle(reader, writer, implicit)
+            except Exception:  # a task boundary: log with context, never crash the listener
+                logger.exception("session from %s failed", writer.get_extra_info("peername"))
+            finally:
+                self._sessions.discard(task)
+                writer.close()
+
+        return await asyncio.start_server(on_connect, sock=sock, ssl=ssl_ctx, limit=2**20)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, implicit: bool) -> None:
+        peer = writer.get_extra_info("peername")
+        local = writer.get_extra_info("sockname")
+        if peer is None or local is None:
+            return
+        sockname = writer.get_extra_info("socket")
+        if sockname is not None:
+            try:
+                sockname.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        client_ip, client_port = str(normalise_ip(ipaddress.ip_address(peer[0].partition("%")[0]))), peer[1]
+        local_ip, local_port = str(normalise_ip(ipaddress.ip_address(local[0].partition("%")[0]))), local[1]
+        initial = b""
+        config = self.ctx.config
+        if config.server.trusted_proxies and any(r.contains(ipaddress.ip_address(client_ip)) for r in config.server.trusted_proxies):
+            result = await self._read_proxy(reader)
+            if result is None:
+                return  # malformed PROXY header from the balancer: close
+            source, initial = result
+            if source is not None:
+                client_ip, client_port = str(normalise_ip(ipaddress.ip_address(source[0]))), source[1]
+        selection = select_connector(
+            config.receive_connectors, local_ip=local_ip, local_port=local_port, client_ip=client_ip
+        )
+        connector = selection.connector
+        if connector is None:
+            logger.info("no connector for %s on %s:%s; closed without banner", client_ip, local_ip, local_port)
+            return
+        refusal = self.ctx.limits.admit(connector, client_ip)
+        if refusal is not None:
+            writer.write(refusal.line().encode() + b"\r\n")
+            try:
+                await writer.drain()
+            except ConnectionError:
+                pass
+            return
+        try:
+            session = Session(
+                self.ctx,
+                connector,
+                reader,
+                writer,
+                client=(client_ip, client_port),
+                local=(local_ip, local_port),
+                tls_active=implicit,
+                initial=initial,
+            )
+            await session.run()
+        finally:
+            self.ctx.limits.release(connector, client_ip)
+
+    async def _read_proxy(self, reader: asyncio.StreamReader) -> tuple[tuple[str, int] | None, bytes] | None:
+        """Read a PROXY v1 or v2 header from a trusted proxy. Returns (source, leftover bytes) or None."""
+        buf = b""
+        try:
+            while len(buf) < 16:
+                chunk = await asyncio.wait_for(reader.read(4096), timeout=10)
+                if not chunk:
+                    return None
+                buf += chunk
+                if buf.startswith(b"PROXY ") and b"\r\n" in buf:
+                    break
+            if buf.startswith(proxy.V2_SIGNATURE[: len(buf)]) and buf[:12] == proxy.V2_SIGNATURE:
+                while True:
+                    try:
+                        source, length = proxy.parse_v2(buf)
+                        return source, buf[length:]
+                    except IndexError:
+                        chunk = await asyncio.wait_for(reader.read(4096), timeout=10)
+                        if not chunk:
+                            return None
+                        buf += chunk
+            while b"\r\n" not in buf:
+                if len(buf) > 107:
+                    return None
+                chunk = await asyncio.wait_for(reader.read(4096), timeout=10)
+                if not chunk:
+                    return None
+                buf += chunk
+            line, _, rest = buf.partition(b"\r\n")
+            return proxy.parse_v1(line), rest
+        except (proxy.ProxyError, ValueError, TimeoutError, UnicodeDecodeError):
+            return None
+
+    async def stop(self, grace: float = 5.0) -> None:
+        for server in self._servers.values():
+            server.close()
+        for server in self._servers.values():
+            await server.wait_closed() if not self._sessions else None
+        self._servers.clear()
+        if self._sessions:
+            _done, pending = await asyncio.wait(list(self._sessions), timeout=grace)
+            for task in pending:
+                task.cancel()
+
+
+def protocol_log_for(config: Config) -> ProtocolLog:
+    s = config.server
+    return ProtocolLog(
+        Path(s.data_dir) / PROTOCOL_LOG_RECEIVE_DIR,
+        server_name=s.name,
+        max_file_size=s.receive_protocol_log_max_file_size,
+        max_directory_size=s.receive_protocol_log_max_directory_size,
+        max_age=s.receive_protocol_log_max_age,
+    )

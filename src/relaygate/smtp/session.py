@@ -1,0 +1,703 @@
+"""One SMTP session on one receive connector: commands, replies, DATA, STARTTLS, AUTH.
+
+The session owns its read buffer (`self.buf`) instead of reading lines from the StreamReader, so that:
+- only CRLF ends a command line; a bare CR or LF inside one is refused, never silently split;
+- DATA is scanned with `bytes.find` for CRLF.CRLF over whole chunks (no per-line Python work), and past
+  `max_message_size` the bytes are dropped while the scan continues, so the session stays in sync;
+- after STARTTLS everything buffered in plain text is discarded (CVE-2011-0411);
+- pipelining is checked against what the client really sent: bytes waiting behind a command that must
+  end a group (EHLO, HELO, DATA, STARTTLS, AUTH, or any command when PIPELINING was not offered) are a
+  protocol-synchronisation error and close the session, so content sent after a refused DATA is never
+  executed as commands (security-bar §2C).
+Replies are queued and written when the client's pipeline is drained, never ahead of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+from relaygate import replies
+from relaygate.addresses import Address, AddressError, parse_domain, parse_mail_from, parse_rcpt_to
+from relaygate.config.model import ReceiveConnector
+from relaygate.policy.rights import SessionRights, session_rights
+from relaygate.policy.verdicts import Verdict, check_mail, check_rcpt
+from relaygate.queue.model import Envelope
+from relaygate.replies import Reply
+from relaygate.smtp.message import has_bare_cr_or_lf, received_header, scan_headers
+
+if TYPE_CHECKING:
+    from relaygate.smtp.server import ServerContext
+
+__all__ = ["Session"]
+
+MAX_COMMAND_LINE = 2048  # Exchange accepts 571-char addresses plus parameters; RFC 5321 minimum is 512
+READ_CHUNK = 262144
+_GROUP_ENDERS = frozenset({"EHLO", "HELO", "DATA", "STARTTLS", "AUTH", "QUIT", "NOOP", "VRFY", "EXPN"})
+
+
+class _Close(Exception):
+    """End the session after the queued replies are written."""
+
+    def __init__(self, context: str = "Local") -> None:
+        self.context = context
+
+
+@dataclass
+class _Transaction:
+    sender: Address | None = None
+    sender_text: str = ""
+    recipients: list[str] = field(default_factory=list)
+    body: str = "7BIT"
+    smtputf8: bool = False
+
+
+class Session:
+    def __init__(
+        self,
+        ctx: ServerContext,
+        connector: ReceiveConnector,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        client: tuple[str, int],
+        local: tuple[str, int],
+        tls_active: bool,
+        initial: bytes = b"",
+    ) -> None:
+        self.ctx = ctx
+        self.connector = connector
+        self.reader = reader
+        self.writer = writer
+        self.client_ip, self.client_port = client
+        self.local = local
+        self.tls_active = tls_active
+        self.buf = bytearray(initial)
+        self.out: list[bytes] = []
+        self.fqdn = connector.fqdn or ctx.config.server.fqdn
+        self.log = ctx.session_log(connector, local, client)
+        self.helo: str | None = None
+        self.esmtp = False
+        self.auth_user: str | None = None
+        self.rights: SessionRights = session_rights(connector)
+        self.txn: _Transaction | None = None
+        self.errors = 0
+        self.logon_failures = 0
+        self.messages = 0
+        self.started = time.monotonic()
+        self.deadline = self.started + connector.connection_timeout.total_seconds()
+        self.idle = connector.connection_inactivity_timeout.total_seconds()
+        self.pipelining = False
+        self.tarpit = connector.tarpit_interval.total_seconds()
+        self.auth_tarpit = connector.auth_tarpit_interval.total_seconds()
+        self.bare_lf_rejection = connector.bare_linefeed_rejection_enabled
+        self.authenticated = False
+
+    # -- I/O ------------------------------------------------------------------------------------------
+    def reply(self, reply: Reply) -> None:
+        line = reply.line() if self.connector.enhanced_status_codes_enabled else f"{reply.code} {reply.text}"
+        self.out.append(line.encode("utf-8", "replace") + b"\r\n")
+        self.log.sent(line)
+
+    def reply_lines(self, code: int, lines: list[str]) -> None:
+        for i, text in enumerate(lines):
+            sep = " " if i == len(lines) - 1 else "-"
+            self.out.append(f"{code}{sep}{text}\r\n".encode("utf-8", "replace"))
+
+    async def flush(self) -> None:
+        if self.out:
+            self.writer.write(b"".join(self.out))
+            self.out.clear()
+            await self.writer.drain()
+
+    async def _fill(self) -> bool:
+        """Read more bytes into the buffer; False at EOF. Enforces both timeouts."""
+        await self.flush()
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            self.reply(replies.CONNECTION_TIMEOUT)
+            raise _Close()
+        try:
+            chunk = await asyncio.wait_for(self.reader.read(READ_CHUNK), timeout=min(self.idle, remaining))
+        except TimeoutError:
+            if time.monotonic() >= self.deadline:
+                self.reply(replies.CONNECTION_TIMEOUT)
+            else:
+                self.reply(replies.INACTIVITY_TIMEOUT)
+            raise _Close() from None
+        if not chunk:
+            return False
+        self.buf += chunk
+        return True
+
+    async def read_line(self) -> bytes | None:
+        """The next command line without its ending; None at EOF. A line ended by a bare LF, or holding
+        a bare CR, is returned with a marker the caller refuses."""
+        while True:
+            nl = self.buf.find(b"\n")
+            if nl >= 0:
+                line = bytes(self.buf[: nl + 1])
+                del self.buf[: nl + 1]
+                return line
+            if len(self.buf) > MAX_COMMAND_LINE:
+                # Too long: discard through the next LF so the session stays in sync.
+                self.buf.clear()
+                while True:
+                    if not await self._fill():
+                        return None
+                    nl = self.buf.find(b"\n")
+                    if nl >= 0:
+                        del self.buf[: nl + 1]
+                        return b"\x00TOOLONG"
+                    self.buf.clear()
+            if not await self._fill():
+                return None
+
+    # -- session --------------------------------------------------------------------------------------
+    def banner(self) -> str:
+        if self.connector.banner:
+            return self.connector.banner
+        now = datetime.now(timezone.utc).astimezone()
+        stamp = f"{now:%a}, {now.day} {now:%b %Y %H:%M:%S %z}"
+        return f"220 {self.fqdn} Microsoft ESMTP MAIL Service ready at {stamp}"
+
+    async def run(self) -> None:
+        self.log.connect()
+        banner = self.banner()
+        self.out.append(banner.encode("utf-8", "replace") + b"\r\n")
+        self.log.sent(banner)
+        self.log.info(self.rights.log_tokens(), "Set Session Permissions")
+        context = "Remote"
+        try:
+            while True:
+                line = await self.read_line()
+                if line is None:
+                    break
+                await self.handle_line(line)
+        except _Close as close:
+            context = close.context
+        except (ConnectionError, asyncio.IncompleteReadError):
+            context = "Remote"
+        finally:
+            try:
+                await self.flush()
+            except (ConnectionError, RuntimeError):
+                pass
+            self.log.disconnect(context)
+
+    async def protocol_error(self, reply: Reply, *, tarpit: bool = False) -> None:
+        """A client error: counted toward max_protocol_errors, delayed by the tarpit if anonymous."""
+        self.errors += 1
+        if tarpit and not self.authenticated and self.tarpit > 0:
+            self.log.info(f"Tarpit for '{_span(self.tarpit)}'")
+            await self.flush()
+            await asyncio.sleep(self.tarpit)
+        self.reply(reply)
+        limit = self.connector.max_protocol_errors
+        if limit is not None and self.errors >= limit:
+            self.reply(replies.TOO_MANY_ERRORS)
+            raise _Close()
+
+    def check_sync(self, verb: str) -> None:
+        """Bytes waiting behind a command that must end a pipeline group → close (security-bar §2C)."""
+        if not self.buf:
+            return
+        if verb in _GROUP_ENDERS or not self.pipelining:
+            if verb == "QUIT":
+                return
+            self.log.info(f"Unauthorized pipelining after {verb}; {len(self.buf)} bytes pending")
+            self.buf.clear()
+            self.reply(replies.SYNC_ERROR)
+            raise _Close()
+
+    async def handle_line(self, raw: bytes) -> None:
+        if raw == b"\x00TOOLONG":
+            self.log.received("(command too long)")
+            await self.protocol_error(replies.COMMAND_TOO_LONG)
+            return
+        if raw.endswith(b"\r\n"):
+            body = raw[:-2]
+            bare = b"\r" in body or b"\n" in body
+        else:
+            body = raw.rstrip(b"\r\n")
+            bare = True
+        text = body.decode("utf-8", "replace")
+        verb, _, arg = text.partition(" ")
+        verb = verb.upper()
+        if verb == "AUTH":
+            self.log.received(_mask_auth(text))
+        else:
+            self.log.received(text)
+        if bare:
+            if self.bare_lf_rejection:
+                await self.protocol_error(replies.BARE_LF_IN_COMMAND)
+                return
+        if b"\x00" in body:
+            await self.protocol_error(replies.UNRECOGNIZED_COMMAND)
+            return
+        handler = _HANDLERS.get(verb)
+        if handler is None:
+            await self.protocol_error(replies.UNRECOGNIZED_COMMAND)
+            return
+        self.check_sync(verb)
+        await handler(self, arg)
+
+    # -- verbs ----------------------------------------------------------------------------------------
+    async def do_ehlo(self, arg: str) -> None:
+        await self._hello(arg, esmtp=True)
+
+    async def do_helo(self, arg: str) -> None:
+        await self._hello(arg, esmtp=False)
+
+    async def _hello(self, arg: str, *, esmtp: bool) -> None:
+        domain = arg.strip()
+        if not domain:
+            if self.connector.require_ehlo_domain:
+                self.reply(replies.EHLO_REQUIRES_DOMAIN)
+                raise _Close()
+            await self.protocol_error(replies.EHLO_REQUIRES_DOMAIN)
+            return
+        if not _valid_helo(domain):
+            await self.protocol_error(replies.INVALID_DOMAIN)
+            return
+        self.helo = domain
+        self.esmtp = esmtp
+        self.txn = None
+        greeting = f"{self.fqdn} Hello [{self.client_ip}]"
+        if not esmtp:
+            self.pipelining = False
+            self.reply(Reply(250, "", greeting))
+            return
+        c = self.connector
+        lines = [greeting]
+        if c.size_enabled == "Enabled":
+            lines.append(f"SIZE {c.max_message_size}")
+        elif c.size_enabled == "EnabledWithoutValue":
+            lines.append("SIZE")
+        if c.pipelining_enabled:
+            lines.append("PIPELINING")
+        if c.delivery_status_notification_enabled:
+            lines.append("DSN")
+        if c.enhanced_status_codes_enabled:
+            lines.append("ENHANCEDSTATUSCODES")
+        if "Tls" in c.auth_mechanism and not self.tls_active:
+            lines.append("STARTTLS")
+        mechanisms = self.auth_mechanisms()
+        if mechanisms:
+            lines.append("AUTH " + " ".join(mechanisms))
+        if c.eight_bit_mime_enabled:
+            lines.append("8BITMIME")
+        lines.append("SMTPUTF8")
+        self.pipelining = c.pipelining_enabled
+        self.reply_lines(250, lines)
+        self.log.log_ehlo_reply(lines)
+
+    def auth_mechanisms(self) -> list[str]:
+        mechanisms = self.connector.auth_mechanism
+        if "BasicAuth" not in mechanisms or self.auth_user is not None:
+            return []
+        if "BasicAuthRequireTLS" in mechanisms and not self.tls_active:
+            return []
+        return ["PLAIN", "LOGIN"]
+
+    async def do_mail(self, arg: str) -> None:
+        if self.helo is None:
+            await self.protocol_error(replies.SEND_HELLO_FIRST)
+            return
+        if self.connector.require_tls and not self.tls_active:
+            await self.protocol_error(replies.MUST_STARTTLS)
+            return
+        if self.txn is not None:
+            await self.protocol_error(replies.SENDER_ALREADY_SPECIFIED)
+            return
+        try:
+            sender, params = parse_mail_from(arg)
+        except AddressError as exc:
+            await self.protocol_error(exc.reply)
+            return
+        declared: int | None = None
+        txn = _Transaction(sender=sender, sender_text=str(sender) if sender else "")
+        for key, value in params.items():
+            if key == "SIZE" and self.connector.size_enabled != "Disabled":
+                if value is None or not value.isdigit():
+                    await self.protocol_error(replies.UNRECOGNIZED_PARAMETER)
+                    return
+                declared = int(value)
+            elif key == "BODY" and value is not None and value.upper() in ("7BIT", "8BITMIME"):
+                txn.body = value.upper()
+            elif key == "SMTPUTF8" and value is None:
+                txn.smtputf8 = True
+            elif key in ("RET", "ENVID") and self.connector.delivery_status_notification_enabled:
+                pass
+            elif key == "AUTH":
+                pass  # RFC 4954 §5: informational; never trusted
+            else:
+                await self.protocol_error(replies.UNRECOGNIZED_PARAMETER)
+                return
+        if not self.ctx.rates.allowed(self.connector, self.client_ip):
+            self.reply(replies.RATE_LIMITED)
+            raise _Close()
+        verdict = check_mail(
+            sender,
+            rights=self.rights,
+            connector=self.connector,
+            accepted_domains=self.ctx.config.accepted_domains,
+            authenticated=self.authenticated,
+            declared_size=declared,
+        )
+        if not verdict.accepted:
+            self.log.info(f"MAIL refused: {verdict.reason}")
+            await self.protocol_error(verdict.reply, tarpit=verdict.tarpit)
+            return
+        self.txn = txn
+        self.reply(verdict.reply)
+
+    async def do_rcpt(self, arg: str) -> None:
+        if self.helo is None:
+            await self.protocol_error(replies.SEND_HELLO_FIRST)
+            return
+        if self.txn is None:
+            await self.protocol_error(replies.NEED_MAIL)
+            return
+        try:
+            rcpt, params = parse_rcpt_to(arg, smtputf8=self.txn.smtputf8)
+        except AddressError as exc:
+            await self.protocol_error(exc.reply)
+            return
+        for key in params:
+            if key not in ("NOTIFY", "ORCPT") or not self.connector.delivery_status_notification_enabled:
+                await self.protocol_error(replies.UNRECOGNIZED_PARAMETER)
+                return
+        verdict: Verdict = check_rcpt(
+            rcpt,
+            rights=self.rights,
+            connector=self.connector,
+            accepted_domains=self.ctx.config.accepted_domains,
+            accepted_count=len(self.txn.recipients),
+            authenticated=self.authenticated,
+            local_ips=self.ctx.local_ips,
+        )
+        if not verdict.accepted:
+            self.log.info(f"RCPT {rcpt} refused: {verdict.reason}")
+            if verdict.reply.code == 452:  # too many recipients: not a protocol error
+                self.reply(verdict.reply)
+                return
+            await self.protocol_error(verdict.reply, tarpit=verdict.tarpit)
+            return
+        address = str(rcpt) if rcpt.domain else self.ctx.postmaster_address()
+        self.txn.recipients.append(address)
+        self.reply(verdict.reply)
+
+    async def do_data(self, arg: str) -> None:
+        if arg.strip():
+            await self.protocol_error(replies.DATA_SYNTAX)
+            return
+        if self.helo is None:
+            await self.protocol_error(replies.SEND_HELLO_FIRST)
+            return
+        if self.txn is None:
+            await self.protocol_error(replies.NEED_MAIL)
+            return
+        if not self.txn.recipients:
+            await self.protocol_error(replies.NEED_RCPT)
+            return
+        self.reply(replies.START_MAIL_INPUT)
+        started = time.monotonic()
+        content, too_big = await self.read_data()
+        txn, self.txn = self.txn, None
+        if content is None:
+            raise _Close("Remote")
+        await self.accept_message(txn, content, too_big, started)
+
+    async def read_data(self) -> tuple[bytes | None, bool]:
+        """Read through CRLF.CRLF. Returns (unstuffed content or None at EOF, exceeded-size flag)."""
+        limit = self.connector.max_message_size
+        if self.rights.bypasses_size_limit:
+            limit = max(limit, 2 * 1024**3)
+        # The CRLF that ended the DATA line belongs to the terminator search: an empty message is ".\r\n".
+        data = bytearray(b"\r\n")
+        data += self.buf
+        self.buf.clear()
+        scanned = 0
+        dropped = 0
+        while True:
+            end = data.find(b"\r\n.\r\n", scanned)
+            if end >= 0:
+                self.buf += data[end + 5 :]
+                del data[end + 2 :]
+                break
+            scanned = max(0, len(data) - 4)
+            if len(data) - 2 > limit + 4:
+                # Past the limit: keep only the tail needed to find the terminator.
+                dropped += len(data) - 6
+                del data[2:-4]
+                scanned = 0
+            await self.flush()
+            try:
+                more = await self._read_more()
+            except _Close:
+                raise
+            if not more:
+                return None, False
+            data += more
+        if dropped:
+            return b"", True
+        content = bytes(data[2:])
+        if b"\r\n.." in content or content.startswith(b".."):
+            if content.startswith(b".."):
+                content = content[1:]
+            content = content.replace(b"\r\n..", b"\r\n.")
+        return content, len(content) > limit
+
+    async def _read_more(self) -> bytes:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            self.reply(replies.CONNECTION_TIMEOUT)
+            raise _Close()
+        try:
+            return await asyncio.wait_for(self.reader.read(READ_CHUNK), timeout=min(self.idle, remaining))
+        except TimeoutError:
+            self.reply(replies.INACTIVITY_TIMEOUT)
+            raise _Close() from None
+
+    async def accept_message(self, txn: _Transaction, content: bytes, too_big: bool, started: float) -> None:
+        c = self.connector
+        if too_big:
+            self.log.info(f"message refused: larger than max_message_size {c.max_message_size}")
+            self.reply(replies.MESSAGE_TOO_BIG)
+            return
+        if self.bare_lf_rejection and has_bare_cr_or_lf(content):
+            self.log.info("message refused: bare CR or LF in content")
+            await self.protocol_error(replies.BARE_LINEFEED)
+            return
+        scan = scan_headers(content)
+        if scan.header_size > c.max_header_size:
+            self.reply(replies.HEADER_TOO_BIG)
+            raise _Close()
+        if scan.hops >= c.max_hop_count:
+            self.log.info(f"message refused: {scan.hops} Received headers, max_hop_count {c.max_hop_count}")
+            self.reply(replies.HOP_COUNT_EXCEEDED)
+            return
+        self.messages += 1
+        local_id = f"{self.log.session_id};{self.messages}"
+        protocol = "ESMTP" if self.esmtp else "SMTP"
+        if self.tls_active:
+            protocol += "S"
+        if self.authenticated:
+            protocol += "A"
+        header = received_header(
+            helo=self.helo or "",
+            client_ip=self.client_ip,
+            fqdn=self.fqdn,
+            connector=c.name,
+            protocol=protocol,
+            queue_id=local_id,
+            recipient=txn.recipients[0] if len(txn.recipients) == 1 else None,
+        )
+        self.log.info(f"{local_id}", "receiving message")
+        envelope = Envelope(
+            sender=txn.sender_text,
+            recipients=list(txn.recipients),
+            client_ip=self.client_ip,
+            connector=c.name,
+            helo=self.helo or "",
+            auth_user=self.auth_user or "",
+            message_id=scan.message_id,
+            metadata={"session": local_id, "protocol": protocol},
+        )
+        try:
+            queue_id = await self.ctx.store.submit(envelope, header + content)
+        except Exception as exc:  # any store failure: the client must retry, nothing was promised
+            self.ctx.logger.exception("queue store failed for %s: %s", self.client_ip, exc)
+            self.reply(replies.QUEUE_FAILED)
+            return
+        self.ctx.rates.record(c, self.client_ip)
+        elapsed = time.monotonic() - started
+        size = len(header) + len(content)
+        self.reply(replies.message_queued(queue_id, scan.message_id or f"<{queue_id}@{self.fqdn}>", self.fqdn, size, elapsed))
+        self.ctx.message_received(queue_id, envelope, size, self)
+
+    async def do_rset(self, arg: str) -> None:
+        self.txn = None
+        self.reply(replies.RESETTING)
+
+    async def do_noop(self, arg: str) -> None:
+        self.reply(replies.OK)
+
+    async def do_quit(self, arg: str) -> None:
+        self.reply(replies.CLOSING)
+        raise _Close("Remote")
+
+    async def do_vrfy(self, arg: str) -> None:
+        self.reply(replies.CANNOT_VRFY)
+
+    async def do_help(self, arg: str) -> None:
+        self.out.append(
+            b"214-This server supports the following commands:\r\n"
+            b"214 HELO EHLO STARTTLS RCPT DATA RSET MAIL QUIT HELP AUTH\r\n"
+        )
+
+    async def do_not_implemented(self, arg: str) -> None:
+        await self.protocol_error(replies.NOT_IMPLEMENTED)
+
+    async def do_starttls(self, arg: str) -> None:
+        if arg.strip():
+            await self.protocol_error(replies.STARTTLS_SYNTAX)
+            return
+        if self.tls_active:
+            await self.protocol_error(replies.STARTTLS_ALREADY)
+            return
+        if "Tls" not in self.connector.auth_mechanism:
+            await self.protocol_error(replies.UNRECOGNIZED_COMMAND)
+            return
+        ctx = self.ctx.tls_context(self.connector)
+        if ctx is None:
+            self.reply(replies.TLS_NOT_AVAILABLE)
+            return
+        self.reply(replies.STARTTLS_READY)
+        await self.flush()
+        # Discard every plaintext byte that arrived with or after STARTTLS (CVE-2011-0411): ours and the
+        # StreamReader's own buffer, which start_tls does not clear.
+        self.buf.clear()
+        self.reader._buffer.clear()  # type: ignore[attr-defined]
+        try:
+            await asyncio.wait_for(self.writer.start_tls(ctx), timeout=min(self.idle, 60))
+        except (TimeoutError, OSError, ConnectionError) as exc:
+            self.log.info(f"TLS negotiation failed: {exc}")
+            raise _Close() from None
+        self.tls_active = True
+        ssl_object = self.writer.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.log.info(
+                f"TLS protocol {ssl_object.version()} negotiation succeeded using cipher {ssl_object.cipher()[0]}"
+            )
+        # RFC 3207 §4.2: forget everything learned before TLS.
+        self.helo = None
+        self.esmtp = False
+        self.txn = None
+        self.auth_user = None
+        self.authenticated = False
+        self.rights = session_rights(self.connector)
+
+    async def do_auth(self, arg: str) -> None:
+        if self.helo is None or not self.esmtp:
+            await self.protocol_error(replies.SEND_HELLO_FIRST)
+            return
+        if self.auth_user is not None:
+            await self.protocol_error(replies.AUTH_ALREADY)
+            return
+        if self.txn is not None:
+            await self.protocol_error(replies.BAD_SEQUENCE)
+            return
+        mechanisms = self.connector.auth_mechanism
+        if "BasicAuth" not in mechanisms:
+            await self.protocol_error(replies.AUTH_UNKNOWN_MECHANISM)
+            return
+        if "BasicAuthRequireTLS" in mechanisms and not self.tls_active:
+            await self.protocol_error(replies.BASIC_AUTH_REQUIRES_TLS)
+            return
+        mechanism, _, initial = arg.strip().partition(" ")
+        mechanism = mechanism.upper()
+        try:
+            if mechanism == "PLAIN":
+                blob = initial or await self._challenge("")
+                if blob is None:
+                    return
+                parts = _b64(blob).split(b"\x00")
+                if len(parts) != 3:
+                    raise ValueError("PLAIN needs authzid\\0user\\0password")
+                user, password = parts[1].decode("utf-8"), parts[2].decode("utf-8")
+            elif mechanism == "LOGIN":
+                user_blob = initial or await self._challenge("VXNlcm5hbWU6")
+                if user_blob is None:
+                    return
+                user = _b64(user_blob).decode("utf-8")
+                pass_blob = await self._challenge("UGFzc3dvcmQ6")
+                if pass_blob is None:
+                    return
+                password = _b64(pass_blob).decode("utf-8")
+            else:
+                await self.protocol_error(replies.AUTH_UNKNOWN_MECHANISM)
+                return
+        except (ValueError, UnicodeDecodeError, binascii.Error):
+            await self.protocol_error(replies.UNRECOGNIZED_PARAMETER)
+            return
+        if await self.ctx.users.verify(user, password):
+            self.auth_user = user
+            self.authenticated = True
+            self.rights = session_rights(self.connector, authenticated_user=user)
+            self.log.info(self.rights.log_tokens(), "Set Session Permissions")
+            self.reply(replies.AUTH_OK)
+            return
+        self.logon_failures += 1
+        self.log.info(f"Inbound AUTH {mechanism} failed because of LogonDenied")
+        if self.auth_tarpit > 0:
+            await self.flush()
+            await asyncio.sleep(self.auth_tarpit)
+        self.reply(replies.AUTH_FAILED)
+        if self.connector.max_logon_failures and self.logon_failures >= self.connector.max_logon_failures:
+            self.reply(replies.TOO_MANY_ERRORS)
+            raise _Close()
+
+    async def _challenge(self, text: str) -> str | None:
+        self.out.append(f"334 {text}\r\n".encode("ascii"))
+        self.log.sent(f"334 {text}" if text else "334")
+        line = await self.read_line()
+        if line is None:
+            raise _Close("Remote")
+        self.log.received_auth_blob()
+        answer = line.rstrip(b"\r\n").decode("ascii", "replace")
+        if answer == "*":
+            self.reply(replies.AUTH_CANCELLED)
+            return None
+        return answer
+
+
+def _b64(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+def _mask_auth(text: str) -> str:
+    parts = text.split(" ")
+    return " ".join(parts[:2]) + (" <authentication response>" if len(parts) > 2 else "")
+
+
+def _span(seconds: float) -> str:
+    whole = int(seconds)
+    return f"0.{whole // 3600:02d}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
+def _valid_helo(domain: str) -> bool:
+    if domain.startswith("[") and domain.endswith("]"):
+        return True
+    try:
+        parse_domain(domain, error=replies.INVALID_DOMAIN)
+    except AddressError:
+        # Devices send bare host names, underscores, and other near-domains; accept printable ASCII.
+        return all(33 <= ord(ch) < 127 for ch in domain) and len(domain) <= 255
+    return True
+
+
+_HANDLERS = {
+    "EHLO": Session.do_ehlo,
+    "HELO": Session.do_helo,
+    "MAIL": Session.do_mail,
+    "RCPT": Session.do_rcpt,
+    "DATA": Session.do_data,
+    "RSET": Session.do_rset,
+    "NOOP": Session.do_noop,
+    "QUIT": Session.do_quit,
+    "VRFY": Session.do_vrfy,
+    "HELP": Session.do_help,
+    "STARTTLS": Session.do_starttls,
+    "AUTH": Session.do_auth,
+    "EXPN": Session.do_not_implemented,
+    "ETRN": Session.do_not_implemented,
+    "TURN": Session.do_not_implemented,
+    "ATRN": Session.do_not_implemented,
+}

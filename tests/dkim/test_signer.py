@@ -1,0 +1,327 @@
+"""Signing with dkimpy, verified against keys published on a real loopback DNS server."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dkim
+import pytest
+
+from relaygate.dkim.keys import load_private_key, record_name, write_key
+from relaygate.dkim.signer import (
+    DEFAULT_SIGNED_HEADERS,
+    DkimConfigError,
+    DkimSigner,
+    from_header_domain,
+)
+from tests.support.dns_server import LoopbackDNS
+from tests.support.fixtures import loopback_dns  # noqa: F401
+
+MESSAGE = (
+    b"Received: from scanner01 ([10.0.0.5]) by relay.corp.example\r\n"
+    b"From: Scanner 3rd floor <scanner@corp.example>\r\n"
+    b"To: someone@external.example\r\n"
+    b"Subject: Scanned document\r\n"
+    b"Date: Mon, 23 Nov 2026 10:00:00 +0000\r\n"
+    b"Message-ID: <scan-1@corp.example>\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-Type: text/plain; charset=us-ascii\r\n"
+    b"\r\n"
+    b"Your scan is attached.\r\n"
+    b".leading dot line\r\n"
+)
+
+
+@dataclass
+class Key:
+    domain: str
+    selector: str
+    key_file: Path | None
+    algorithm: str = "rsa-sha256"
+    headers: list[str] = field(default_factory=list)
+    enabled: bool = True
+
+
+def _key(tmp_path, domain="corp.example", selector="s1", algorithm="rsa-sha256", **kw) -> Key:
+    path = write_key(tmp_path, domain, selector, algorithm)
+    return Key(domain, selector, path, algorithm, **kw)
+
+
+def _publish(server: LoopbackDNS, key: Key) -> None:
+    record = load_private_key(key.key_file, key.algorithm).record
+    server.add(record_name(key.selector, key.domain), "TXT", record)
+
+
+@pytest.mark.parametrize("algorithm", ["rsa-sha256", "ed25519-sha256"])
+def test_signed_message_verifies_against_published_key(tmp_path, loopback_dns, algorithm):
+    key = _key(tmp_path, algorithm=algorithm)
+    _publish(loopback_dns, key)
+    result = DkimSigner([key]).sign(MESSAGE, envelope_sender="scanner@corp.example")
+    assert result.signed, result.reason
+    assert (result.domain, result.selector) == ("corp.example", "s1")
+    assert result.reason == f"signed d=corp.example s=s1 a={algorithm}"
+    assert result.data.endswith(MESSAGE)
+    header = result.data[: len(result.data) - len(MESSAGE)]
+    assert header.startswith(b"DKIM-Signature: v=1; a=" + algorithm.encode())
+    assert b"c=relaxed/relaxed" in header
+    assert dkim.verify(result.data, dnsfunc=loopback_dns.txt_lookup)
+    # the key really came from the loopback server
+    assert ("s1._domainkey.corp.example", "TXT", "udp") in loopback_dns.queries
+
+
+@pytest.mark.parametrize("algorithm", ["rsa-sha256", "ed25519-sha256"])
+def test_modified_body_or_header_fails(tmp_path, loopback_dns, algorithm):
+    key = _key(tmp_path, algorithm=algorithm)
+    _publish(loopback_dns, key)
+    data = DkimSigner([key]).sign(MESSAGE, envelope_sender="x@corp.example").data
+    assert not dkim.verify(data.replace(b"Your scan", b"Your scam"), dnsfunc=loopback_dns.txt_lookup)
+    assert not dkim.verify(
+        data.replace(b"Subject: Scanned", b"Subject: Urgent"), dnsfunc=loopback_dns.txt_lookup
+    )
+
+
+def test_relaxed_canonicalisation_tolerates_whitespace_changes(tmp_path, loopback_dns):
+    key = _key(tmp_path)
+    _publish(loopback_dns, key)
+    data = DkimSigner([key]).sign(MESSAGE, envelope_sender="x@corp.example").data
+    rewrapped = data.replace(b"Subject: Scanned document", b"Subject:   Scanned   document")
+    assert dkim.verify(rewrapped, dnsfunc=loopback_dns.txt_lookup)
+
+
+def test_added_from_header_breaks_signature(tmp_path, loopback_dns):
+    key = _key(tmp_path)
+    _publish(loopback_dns, key)
+    data = DkimSigner([key]).sign(MESSAGE, envelope_sender="x@corp.example").data
+    forged = data.replace(b"From: Scanner", b"From: ceo@corp.example\r\nFrom: Scanner")
+    assert not dkim.verify(forged, dnsfunc=loopback_dns.txt_lookup)
+
+
+def test_wrong_published_key_fails(tmp_path, loopback_dns):
+    key = _key(tmp_path)
+    other = _key(tmp_path, selector="other")
+    loopback_dns.add(
+        "s1._domainkey.corp.example", "TXT", load_private_key(other.key_file, "rsa-sha256").record
+    )
+    data = DkimSigner([key]).sign(MESSAGE, envelope_sender="x@corp.example").data
+    assert not dkim.verify(data, dnsfunc=loopback_dns.txt_lookup)
+
+
+def test_dual_signing_rsa_and_ed25519(tmp_path, loopback_dns):
+    rsa_key = _key(tmp_path, selector="r1")
+    ed_key = _key(tmp_path, selector="e1", algorithm="ed25519-sha256")
+    _publish(loopback_dns, rsa_key)
+    _publish(loopback_dns, ed_key)
+    result = DkimSigner([rsa_key, ed_key]).sign(MESSAGE, envelope_sender="x@corp.example")
+    assert result.signed and result.selector == "r1,e1"
+    verifier = dkim.DKIM(result.data)
+    assert verifier.verify(idx=0, dnsfunc=loopback_dns.txt_lookup)
+    assert verifier.verify(idx=1, dnsfunc=loopback_dns.txt_lookup)
+
+
+def test_unknown_domain_is_unsigned_with_reason(tmp_path):
+    signer = DkimSigner([_key(tmp_path)])
+    message = MESSAGE.replace(b"scanner@corp.example", b"scanner@other.example")
+    result = signer.sign(message, envelope_sender="scanner@corp.example")
+    assert not result.signed
+    assert result.data == message
+    assert result.domain == "other.example"
+    assert result.reason == "no DKIM key for domain other.example"
+
+
+def test_exact_domain_only(tmp_path):
+    signer = DkimSigner([_key(tmp_path)])
+    message = MESSAGE.replace(b"scanner@corp.example", b"scanner@sub.corp.example")
+    result = signer.sign(message, envelope_sender="x@corp.example")
+    assert not result.signed
+    assert result.reason == "no DKIM key for domain sub.corp.example"
+
+
+def test_disabled_key_is_not_used_and_not_loaded(tmp_path):
+    key = Key("corp.example", "s1", tmp_path / "does-not-exist.key", enabled=False)
+    result = DkimSigner([key]).sign(MESSAGE, envelope_sender="x@corp.example")
+    assert not result.signed
+    assert result.reason == "DKIM key for domain corp.example is disabled (selector s1)"
+
+
+def test_missing_from_falls_back_to_envelope_sender(tmp_path, loopback_dns):
+    key = _key(tmp_path)
+    _publish(loopback_dns, key)
+    message = b"To: a@external.example\r\nSubject: no from\r\n\r\nbody\r\n"
+    result = DkimSigner([key]).sign(message, envelope_sender="printer@corp.example")
+    assert result.signed, result.reason
+    # dkimpy requires a From in h=; the absent From is signed as empty, so adding one breaks it
+    assert dkim.verify(result.data, dnsfunc=loopback_dns.txt_lookup)
+
+    strict = DkimSigner([key], envelope_fallback=False)
+    result = strict.sign(message, envelope_sender="printer@corp.example")
+    assert not result.signed
+    assert result.reason == "not signed: message has no From header"
+
+
+@pytest.mark.parametrize(
+    ("from_value", "why"),
+    [
+        ("a@corp.example, b@corp.example", "more than one address"),
+        ("<a@corp.example> <b@corp.example>", "more than one address"),
+        ("Undisclosed: ;", "group syntax"),
+        ('"unterminated <a@corp.example>', "unbalanced"),
+        ("a@[192.0.2.1]", "no usable domain"),
+        ("no-at-sign", "no usable domain"),
+        ("", "no address"),
+    ],
+)
+def test_unusable_from_header(tmp_path, from_value, why):
+    domain, reason = from_header_domain(from_value)
+    assert domain is None and why in reason
+    message = MESSAGE.replace(b"Scanner 3rd floor <scanner@corp.example>", from_value.encode())
+    signer = DkimSigner([_key(tmp_path)], envelope_fallback=False)
+    result = signer.sign(message, envelope_sender="scanner@corp.example")
+    assert not result.signed and why in result.reason
+
+
+@pytest.mark.parametrize(
+    ("value", "domain"),
+    [
+        ("scanner@Corp.Example", "corp.example"),
+        ("<scanner@corp.example>", "corp.example"),
+        ('"Doe, John (3rd) <x>" <john@corp.example>', "corp.example"),
+        ("john@corp.example (John Doe, Accounts)", "corp.example"),
+        ("=?utf-8?q?J=C3=B6rg?= <joerg@corp.example>", "corp.example"),
+        ("Jörg <joerg@bücher.example>", "xn--bcher-kva.example"),
+    ],
+)
+def test_from_header_parser_accepts(value, domain):
+    assert from_header_domain(value) == (domain, "")
+
+
+def test_two_from_headers_fall_back_to_envelope(tmp_path):
+    message = b"From: a@corp.example\r\nFrom: b@evil.example\r\nSubject: x\r\n\r\nbody\r\n"
+    signer = DkimSigner([_key(tmp_path, domain="relay.example")])
+    result = signer.sign(message, envelope_sender="bounce@relay.example")
+    assert result.signed and result.domain == "relay.example"
+    no_key = DkimSigner([_key(tmp_path)], envelope_fallback=False)
+    result = no_key.sign(message, envelope_sender="x@corp.example")
+    assert result.reason == "not signed: message has 2 From headers"
+
+
+def test_null_envelope_sender_and_no_from(tmp_path):
+    signer = DkimSigner([_key(tmp_path)])
+    result = signer.sign(b"Subject: x\r\n\r\nbody\r\n", envelope_sender="")
+    assert not result.signed
+    assert result.reason == (
+        "not signed: message has no From header; the envelope sender is empty (null sender)"
+    )
+
+
+def test_envelope_sender_domain_source(tmp_path, loopback_dns):
+    key = _key(tmp_path, domain="relay.example")
+    _publish(loopback_dns, key)
+    signer = DkimSigner([key], domain_source="envelope_sender")
+    result = signer.sign(MESSAGE, envelope_sender="bounces@relay.example")
+    assert result.signed and result.domain == "relay.example"
+    assert dkim.verify(result.data, dnsfunc=loopback_dns.txt_lookup)
+
+
+def test_signed_headers_default_and_only_present_ones(tmp_path):
+    result = DkimSigner([_key(tmp_path)]).sign(MESSAGE, envelope_sender="x@corp.example")
+    sig = dkim.DKIM(result.data)
+    parsed = dkim.util.parse_tag_value(
+        result.data.split(b"\r\n\r\n")[0].split(b"DKIM-Signature:")[1].split(b"\r\nReceived")[0]
+    )
+    signed = [h.strip() for h in parsed[b"h"].replace(b" ", b"").split(b":")]
+    assert signed == [
+        b"from", b"to", b"subject", b"date", b"message-id", b"mime-version", b"content-type", b"from"
+    ]
+    assert b"received" not in signed
+    assert sig is not None
+    assert DEFAULT_SIGNED_HEADERS[0] == "From"
+
+
+def test_custom_headers_and_lf_only_message(tmp_path, loopback_dns):
+    key = _key(tmp_path, headers=["Subject", "X-Device"])
+    _publish(loopback_dns, key)
+    message = MESSAGE.replace(b"\r\n", b"\n").replace(b"Subject:", b"X-Device: copier-7\nSubject:")
+    result = DkimSigner([key]).sign(message, envelope_sender="x@corp.example")
+    assert result.signed
+    assert b"\r\n" not in result.data  # folded with the message's own line ending
+    assert b"x-device" in result.data.split(b"\n\n")[0]
+    assert dkim.verify(result.data, dnsfunc=loopback_dns.txt_lookup)
+
+
+def test_config_problems_are_collected(tmp_path):
+    good = _key(tmp_path)
+    problems = [
+        Key("corp.example", "s1", good.key_file),  # duplicate
+        Key("other.example", "s1", tmp_path / "missing.key"),
+        Key("third.example", "s1", good.key_file, headers=["From", "Received"]),
+        Key("fourth.example", "s1", good.key_file, algorithm="ed25519-sha256"),
+        Key("fifth.example", "s1", None),
+    ]
+    with pytest.raises(DkimConfigError) as exc:
+        DkimSigner([good, *problems])
+    text = "\n".join(exc.value.problems)
+    assert len(exc.value.problems) == 5
+    assert "configured twice" in text
+    assert "cannot read DKIM key" in text and "missing.key" in text
+    assert "Received must not be signed" in text
+    assert "needs an Ed25519 key" in text
+    assert "key_file is not set" in text
+    with pytest.raises(DkimConfigError, match="dkim_domain_source"):
+        DkimSigner([], domain_source="header")
+
+
+def test_from_config_uses_data_dir_default_path(tmp_path):
+    write_key(tmp_path, "corp.example", "s1")
+
+    @dataclass
+    class Server:
+        data_dir: Path
+        dkim_domain_source: str = "header_from"
+
+    @dataclass
+    class Config:
+        server: Server
+        dkim: tuple
+
+    signer = DkimSigner.from_config(Config(Server(tmp_path), (Key("corp.example", "s1", None),)))
+    assert signer.domains == ["corp.example"]
+    assert signer.selectors("corp.example") == ["s1"]
+    assert signer.public_record("corp.example", "s1").startswith("v=DKIM1; k=rsa; p=")
+    assert signer.sign(MESSAGE, envelope_sender="x@corp.example").signed
+
+
+async def test_signed_message_through_an_smtp_sink_verifies(tmp_path, loopback_dns):
+    """Sign, send over real SMTP on loopback (dot-stuffing, CRLF), verify what the sink got."""
+    import aiosmtplib
+    from aiosmtpd.smtp import SMTP
+
+    received: list[bytes] = []
+
+    class Sink:
+        async def handle_DATA(self, server, session, envelope):
+            received.append(envelope.original_content)
+            return "250 OK"
+
+    key = _key(tmp_path, algorithm="ed25519-sha256")
+    _publish(loopback_dns, key)
+    signer = DkimSigner([key])
+    result = await asyncio.to_thread(signer.sign, MESSAGE, envelope_sender="scanner@corp.example")
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: SMTP(Sink()), "127.0.0.1", 0)
+    try:
+        await aiosmtplib.send(
+            result.data,
+            sender="scanner@corp.example",
+            recipients=["someone@external.example"],
+            hostname="127.0.0.1",
+            port=server.sockets[0].getsockname()[1],
+            start_tls=False,
+            use_tls=False,
+        )
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert received and b".leading dot line" in received[0]
+    assert dkim.verify(received[0], dnsfunc=loopback_dns.txt_lookup)

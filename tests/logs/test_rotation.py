@@ -1,0 +1,225 @@
+"""Rotating CSV writer: file naming, size rotation, circular cleanup by size and age."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from relaygate.logs.rotation import (
+    HEADER_DATE_PLACEHOLDER,
+    LogDirectory,
+    csv_field,
+    format_timestamp,
+    log_file_name,
+    parse_log_file_name,
+)
+
+HEADERS = [
+    "#Software: Microsoft Exchange Server",
+    "#Version: 15.0.0.0",
+    "#Log-type: Test Log",
+    f"#Date: {HEADER_DATE_PLACEHOLDER}",
+    "#Fields: date-time,data",
+]
+HOUR = 3600
+
+
+def make(path: Path, **kw) -> LogDirectory:
+    args = {
+        "max_file_size": 10 * 1024 * 1024,
+        "max_directory_size": 250 * 1024 * 1024,
+        "max_age": timedelta(days=30),
+        "start_thread": False,
+    }
+    args.update(kw)
+    return LogDirectory(path, "RECV", HEADERS, **args)
+
+
+def numbered(files: list[Path]) -> list[Path]:
+    return sorted(files, key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+
+
+def test_csv_field_matches_csv_module() -> None:
+    import csv
+    import io
+
+    for value in ["", "plain", "a,b", 'say "hi"', "line\nbreak", "cr\rx", " spaced ", "#x"]:
+        buf = io.StringIO()
+        csv.writer(buf).writerow(["x", value])
+        assert buf.getvalue() == "x," + csv_field(value) + "\r\n", value
+
+
+def test_timestamp_format() -> None:
+    ts = datetime(2023, 1, 11, 15, 59, 51, 433000, tzinfo=UTC).timestamp()
+    assert format_timestamp(ts) == "2023-01-11T15:59:51.433Z"
+    assert format_timestamp(ts + 1) == "2023-01-11T15:59:52.433Z"
+    assert format_timestamp(float(int(ts))) == "2023-01-11T15:59:51.000Z"
+
+
+def test_file_names() -> None:
+    hour = int(datetime(2023, 1, 11, 16, tzinfo=UTC).timestamp()) // HOUR
+    assert log_file_name("RECV", hour, 1) == "RECV2023011116-1.LOG"
+    parsed = parse_log_file_name("MSGTRKMS2022091915-12.LOG")
+    assert parsed is not None
+    assert parsed.prefix == "MSGTRKMS"
+    assert parsed.start == datetime(2022, 9, 19, 15, tzinfo=UTC)
+    assert parsed.number == 12
+    assert parsed.period == timedelta(hours=1)
+    daily = parse_log_file_name("RECV20190221-2.LOG")
+    assert daily is not None and daily.period == timedelta(days=1)
+    assert parse_log_file_name("notes.txt") is None
+
+
+def test_rotation_by_size(tmp_path: Path) -> None:
+    d = make(tmp_path, max_file_size=600)
+    now = time.time()
+    for i in range(40):
+        d.append_line(f"{format_timestamp(now)},line number {i:03d}", timestamp=now)
+    d.close()
+    files = numbered(list(tmp_path.glob("RECV*.LOG")))
+    assert len(files) >= 3
+    stamp = time.strftime("%Y%m%d%H", time.gmtime(now))
+    assert [f.name for f in files] == [f"RECV{stamp}-{n}.LOG" for n in range(1, len(files) + 1)]
+    seen: list[str] = []
+    for f in files:
+        assert f.stat().st_size <= 600
+        text = f.read_bytes().decode("utf-8")
+        lines = text.split("\r\n")
+        assert lines[:3] == HEADERS[:3]
+        assert re.fullmatch(r"#Date: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", lines[3])
+        assert lines[4] == HEADERS[4]
+        body = [line for line in lines[5:] if line]
+        assert body, "every file carries data lines after its header"
+        seen += [line.rsplit(" ", 1)[1] for line in body]
+    assert seen == [f"{i:03d}" for i in range(40)]
+
+
+def test_new_file_each_hour(tmp_path: Path) -> None:
+    d = make(tmp_path)
+    base = (int(time.time()) // HOUR - 3) * HOUR
+    d.append_line("a", timestamp=base + 10)
+    d.append_line("b", timestamp=base + HOUR + 10)
+    d.append_line("late", timestamp=base + HOUR - 1)  # a few ms late: stays in the current file
+    d.append_line("c", timestamp=base + 2 * HOUR + 10)
+    d.close()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    stamps = [time.strftime("%Y%m%d%H", time.gmtime(base + k * HOUR)) for k in range(3)]
+    assert names == [f"RECV{s}-1.LOG" for s in stamps]
+    second = (tmp_path / f"RECV{stamps[1]}-1.LOG").read_bytes().decode().split("\r\n")
+    assert second[5:7] == ["b", "late"]
+
+
+def test_restart_continues_numbering(tmp_path: Path) -> None:
+    for _ in range(2):
+        d = make(tmp_path)
+        d.append_line("x")
+        d.close()
+    files = numbered(list(tmp_path.glob("RECV*.LOG")))
+    assert [f.stem.rsplit("-", 1)[1] for f in files] == ["1", "2"]
+
+
+def test_directory_size_cleanup_deletes_oldest(tmp_path: Path) -> None:
+    old = []
+    for n in range(1, 6):
+        p = tmp_path / f"RECV20200101{n:02d}-1.LOG"
+        p.write_bytes(b"x" * 1000)
+        os.utime(p, (time.time() - 10_000 + n, time.time() - 10_000 + n))
+        old.append(p)
+    foreign = tmp_path / "README.txt"
+    foreign.write_bytes(b"y" * 5000)
+    d = make(tmp_path, max_directory_size=3500)
+    d.append_line("new line")
+    d.flush()
+    remaining = sorted(p.name for p in tmp_path.glob("RECV*.LOG"))
+    current = d.current_file
+    assert current is not None and current.name in remaining
+    # 5 x 1000 + the new file's header > 3500: the two oldest go.
+    assert [p.name for p in old if p.exists()] == [p.name for p in old[2:]]
+    assert foreign.exists()  # never touches files that are not ours
+    total = sum(p.stat().st_size for p in tmp_path.glob("RECV*.LOG"))
+    assert total <= 3500
+    d.close()
+
+
+def test_directory_size_cleanup_while_writing(tmp_path: Path) -> None:
+    d = make(tmp_path, max_file_size=500, max_directory_size=2000)
+    for i in range(200):
+        d.append_line(f"line {i:04d} " + "z" * 40)
+        if i % 10 == 0:
+            d.flush()
+    d.close()
+    files = numbered(list(tmp_path.glob("RECV*.LOG")))
+    total = sum(p.stat().st_size for p in files)
+    assert total <= 2000
+    # The newest lines survive; numbering kept increasing.
+    assert "line 0199" in files[-1].read_bytes().decode()
+    assert int(files[-1].stem.rsplit("-", 1)[1]) > 5
+
+
+def test_age_cleanup(tmp_path: Path) -> None:
+    stale = tmp_path / "RECV2020010100-1.LOG"
+    fresh = tmp_path / "RECV2020010101-1.LOG"
+    for p in (stale, fresh):
+        p.write_text("#x\r\n")
+    day = 86400
+    os.utime(stale, (time.time() - 31 * day, time.time() - 31 * day))
+    os.utime(fresh, (time.time() - 29 * day, time.time() - 29 * day))
+    d = make(tmp_path, max_age=timedelta(days=30))
+    d.append_line("x")
+    d.flush()
+    assert not stale.exists()
+    assert fresh.exists()
+    d.close()
+
+
+def test_age_zero_never_deletes(tmp_path: Path) -> None:
+    ancient = tmp_path / "RECV2010010100-1.LOG"
+    ancient.write_text("#x\r\n")
+    os.utime(ancient, (0, 0))
+    d = make(tmp_path, max_age=timedelta(0))
+    d.append_line("x")
+    d.close()
+    assert ancient.exists()
+
+
+def test_flush_thread_writes_and_close_drains(tmp_path: Path) -> None:
+    d = make(tmp_path, start_thread=True, flush_interval=0.01)
+    d.append_line("first")
+    for _ in range(200):
+        files = list(tmp_path.glob("RECV*.LOG"))
+        if files and b"first" in files[0].read_bytes():
+            break
+        time.sleep(0.01)
+    else:
+        raise AssertionError("not flushed in the background")
+    for i in range(1000):
+        d.append_line(f"l{i}")
+    d.close()
+    text = next(tmp_path.glob("RECV*.LOG")).read_bytes().decode()
+    assert text.count("\r\nl") == 1000
+    assert d.dropped == 0
+
+
+def test_append_is_cheap(tmp_path: Path) -> None:
+    d = make(tmp_path, start_thread=True)
+    n = 50_000
+    t0 = time.perf_counter()
+    for i in range(n):
+        d.append((time.time(), i))
+    elapsed = time.perf_counter() - t0
+    d.close()
+    # Generous bound (CI machines are slow): well under 10 µs per call.
+    assert elapsed / n < 10e-6, elapsed / n
+
+
+def test_io_error_does_not_kill_writer(tmp_path: Path) -> None:
+    target = tmp_path / "blocked"
+    target.write_text("a file where the directory should be")
+    d = make(target)
+    d.append_line("lost")
+    d.flush()  # must not raise
+    assert d.dropped == 1
+    d.close()

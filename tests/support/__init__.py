@@ -1,0 +1,1 @@
+"""Shared test helpers: a real loopback DNS server and its pytest fixture."""
