@@ -25,9 +25,9 @@ logger = logging.getLogger("relaygate")
 
 def open_store(config: Config) -> Store:
     if config.queue.store == "postgresql":
-        from relaygate.queue.postgres_store import PostgresStore  # type: ignore[import-not-found]
+        from relaygate.queue.postgres_store import PostgresStore
 
-        return PostgresStore(config.queue.database_url)  # type: ignore[no-any-return]
+        return PostgresStore(config.queue.database_url)
     return SqliteStore(Path(config.server.data_dir) / "queue" / "queue.db")
 
 
@@ -63,12 +63,14 @@ class Relay:
         try:
             from relaygate.queue.manager import QueueManager
         except ImportError:
-            QueueManager = None  # noqa: N806
+            QueueManager = None
         wake = None
         if QueueManager is not None:
             self.manager = QueueManager(cfg, self.store, tracking=self.tracking)
             wake = self.manager.wake
-        self.ctx = ServerContext(cfg, self.store, protocol_log=self.protocol_log, tracking=self.tracking, on_message=wake)
+        self.ctx = ServerContext(
+            cfg, self.store, protocol_log=self.protocol_log, tracking=self.tracking, on_message=wake
+        )
         self.server = SmtpServer(self.ctx)
         if self.manager is not None:
             self.manager.local_endpoints = set()
@@ -80,7 +82,7 @@ class Relay:
             try:
                 from relaygate.admin.server import AdminServer
             except ImportError:
-                AdminServer = None  # noqa: N806
+                AdminServer = None
             if AdminServer is not None:
                 self.admin = AdminServer(self)
                 await self.admin.start()
@@ -151,7 +153,10 @@ async def _main(config: Config, config_path: Path | None) -> None:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(relay.reload()))
     watcher = asyncio.ensure_future(relay.watch_config())
-    print(f"RelayGate ready: SMTP {', '.join(f'{h}:{p}' for h, p in relay.server.endpoints)}", flush=True)  # type: ignore[union-attr]
+    print(
+        f"RelayGate ready: SMTP {', '.join(f'{h}:{p}' for h, p in relay.server.endpoints)}",
+        flush=True,
+    )  # type: ignore[union-attr]
     await stop.wait()
     watcher.cancel()
     await relay.stop()
@@ -159,7 +164,9 @@ async def _main(config: Config, config_path: Path | None) -> None:
 
 def run(config_path: Path | None = None) -> None:
     config = load_config(config_path)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         import uvloop
 

@@ -616,12 +616,13 @@ async def _check_spf(
     )
     state.spf_result = result
     if result == "pass":
-        report.add(
-            "SPF",
-            "ok",
-            f"SPF authorises {relay_ip} (pass)",
-            f"pyspf: {explanation}" if explanation else "",
-        )
+        detail = f"pyspf: {explanation}" if explanation else ""
+        if structural:
+            detail = (
+                f"{detail}. The relay's IP matches before the lookup limit is reached; senders "
+                "matched later in the record get permerror."
+            ).lstrip(". ")
+        report.add("SPF", "ok", f"SPF authorises {relay_ip} (pass)", detail)
         return
     if structural and result in ("permerror", "temperror"):
         return  # already reported with its cause

@@ -85,7 +85,9 @@ INVALID_DOMAIN = Reply(501, "5.5.4", "Invalid domain name")
 EHLO_REQUIRES_DOMAIN = Reply(501, "5.0.0", "EHLO requires domain address")
 RESERVED_TLD = Reply(550, "5.1.4", "Recipient address reserved by RFC 2606")
 RESERVED_SLD = Reply(550, "5.1.5", "Recipient address reserved by RFC 2606")
-SINGLE_LABEL_DOMAIN = Reply(550, "5.1.6", "Recipient addresses in single label domains not accepted")
+SINGLE_LABEL_DOMAIN = Reply(
+    550, "5.1.6", "Recipient addresses in single label domains not accepted"
+)
 SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")
 LOCAL_LITERAL_UNKNOWN = Reply(550, "5.1.1", "User unknown")
 LITERAL_REFUSED = Reply(550, "5.7.1", "Recipient address literal not accepted")
@@ -102,7 +104,9 @@ TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 HEADER_TOO_BIG = Reply(552, "5.3.4", "Header size exceeds fixed maximum size")
 HOP_COUNT_EXCEEDED = Reply(554, "5.4.6", "Hop count exceeded - possible mail loop")
-TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors on this connection, closing transmission channel")
+TOO_MANY_ERRORS = Reply(
+    421, "4.7.0", "Too many errors on this connection, closing transmission channel"
+)
 SERVER_CONNECTIONS_EXCEEDED = Reply(
     421,
     "4.3.2",
@@ -113,7 +117,9 @@ SOURCE_CONNECTIONS_EXCEEDED = Reply(
     "4.3.2",
     "The maximum number of concurrent connections has exceeded a limit, closing transmission channel",
 )
-RATE_LIMITED = Reply(421, "4.4.2", "Message submission rate for this client has exceeded the configured limit")
+RATE_LIMITED = Reply(
+    421, "4.4.2", "Message submission rate for this client has exceeded the configured limit"
+)
 INACTIVITY_TIMEOUT = Reply(451, "4.7.0", "Timeout waiting for client input")
 CONNECTION_TIMEOUT = Reply(421, "4.4.1", "Connection timed out")
 INSUFFICIENT_RESOURCES = Reply(452, "4.3.1", "Insufficient system resources")
@@ -126,7 +132,9 @@ QUEUE_EXPIRED = Reply(550, "4.4.7", "QUEUE.Expired; message expired")
 DNS_NONEXISTENT_DOMAIN = Reply(550, "5.4.4", "SMTPSEND.DNS.NonExistentDomain; nonexistent domain")
 NO_NEXT_HOP = Reply(550, "5.4.4", "ROUTING.NoNextHop; unable to route")
 NULL_MX = Reply(550, "5.1.10", "SMTPSEND.DNS.NullMx; domain does not accept mail (null MX)")
-ROUTE_SIZE_LIMIT = Reply(550, "5.3.4", "ROUTING.SizeLimit; message size exceeds fixed maximum size for route")
+ROUTE_SIZE_LIMIT = Reply(
+    550, "5.3.4", "ROUTING.SizeLimit; message size exceeds fixed maximum size for route"
+)
 ADMIN_DELETED = Reply(550, "4.3.2", "QUEUE.Admin; message deleted by administrative action")
 LOOP_DETECTED = Reply(554, "5.4.6", "ROUTING.Loop; the next hop is this relay")
 
@@ -147,7 +155,9 @@ def failover_failed(remote: str) -> Reply:
     )
 
 
-def message_queued(queue_id: str, message_id: str, hostname: str, size: int, seconds: float) -> Reply:
+def message_queued(
+    queue_id: str, message_id: str, hostname: str, size: int, seconds: float
+) -> Reply:
     """The end-of-DATA acceptance in Exchange 2016/2019 form, carrying our queue id."""
     rate = (size / 1024.0) / seconds if seconds > 0 else 0.0
     return Reply(
@@ -160,6 +170,7 @@ def message_queued(queue_id: str, message_id: str, hostname: str, size: int, sec
 
 def chunk_received(n: int) -> Reply:
     return Reply(250, "2.6.0", f"CHUNK received OK, {n} octets")
+
 
 # --- RelayGate's own (no Exchange equivalent) ----------------------------------------------------
 SYNC_ERROR = Reply(554, "5.5.0", "Error: SMTP protocol synchronization")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -226,16 +227,13 @@ def test_envelope_sender_domain_source(tmp_path, loopback_dns):
 
 def test_signed_headers_default_and_only_present_ones(tmp_path):
     result = DkimSigner([_key(tmp_path)]).sign(MESSAGE, envelope_sender="x@corp.example")
-    sig = dkim.DKIM(result.data)
-    parsed = dkim.util.parse_tag_value(
-        result.data.split(b"\r\n\r\n")[0].split(b"DKIM-Signature:")[1].split(b"\r\nReceived")[0]
-    )
-    signed = [h.strip() for h in parsed[b"h"].replace(b" ", b"").split(b":")]
+    signature = result.data[: len(result.data) - len(MESSAGE)]
+    unfolded = re.sub(rb"\r\n[ \t]+", b" ", signature)
+    signed = re.search(rb"h=([^;]+);", unfolded).group(1).replace(b" ", b"").split(b":")
+    # the default list, limited to headers present, plus From once more (oversigned)
     assert signed == [
         b"from", b"to", b"subject", b"date", b"message-id", b"mime-version", b"content-type", b"from"
-    ]
-    assert b"received" not in signed
-    assert sig is not None
+    ]  # fmt: skip
     assert DEFAULT_SIGNED_HEADERS[0] == "From"
 
 

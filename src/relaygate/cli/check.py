@@ -24,7 +24,12 @@ def register(app: typer.Typer) -> None:
                         "valid": False,
                         "source": source,
                         "errors": [
-                            {"path": p.path, "connector": p.connector, "message": p.message, "text": str(p)}
+                            {
+                                "path": p.path,
+                                "connector": p.connector,
+                                "message": p.message,
+                                "text": str(p),
+                            }
                             for p in exc.problems
                         ],
                     }

@@ -12,7 +12,15 @@ from rich.console import Console
 
 from relaygate.config import Config, ConfigError, default_config_path, load_config
 
-__all__ = ["CONFIG_OPTION", "JSON_OPTION", "console", "die", "emit_json", "err_console", "load_or_exit"]
+__all__ = [
+    "CONFIG_OPTION",
+    "JSON_OPTION",
+    "console",
+    "die",
+    "emit_json",
+    "err_console",
+    "load_or_exit",
+]
 
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)

@@ -16,10 +16,16 @@ def register(app: typer.Typer) -> None:
     @app.command(name="explain")
     def explain_cmd(
         client_ip: str = typer.Option(..., "--client-ip", help="The client's address."),
-        local: str | None = typer.Option(None, "--local", help="Local endpoint IP:PORT the client connects to."),
-        sender: str | None = typer.Option(None, "--from", help="Envelope sender (use '<>' for the null sender)."),
+        local: str | None = typer.Option(
+            None, "--local", help="Local endpoint IP:PORT the client connects to."
+        ),
+        sender: str | None = typer.Option(
+            None, "--from", help="Envelope sender (use '<>' for the null sender)."
+        ),
         to: list[str] = typer.Option([], "--to", help="Recipient (repeatable)."),
-        auth_user: str | None = typer.Option(None, "--auth-user", help="Explain as a session authenticated as USER."),
+        auth_user: str | None = typer.Option(
+            None, "--auth-user", help="Explain as a session authenticated as USER."
+        ),
         config: Path | None = CONFIG_OPTION,
         json_out: bool = JSON_OPTION,
     ) -> None:
@@ -40,7 +46,14 @@ def register(app: typer.Typer) -> None:
             if not endpoints:
                 die("the configuration has no receive connector bindings")
         results = [
-            explain(cfg, client_ip=client_ip, local=ep, sender=sender, recipients=list(to), authenticated_user=auth_user)
+            explain(
+                cfg,
+                client_ip=client_ip,
+                local=ep,
+                sender=sender,
+                recipients=list(to),
+                authenticated_user=auth_user,
+            )
             for ep in endpoints
         ]
         if json_out:
@@ -51,7 +64,9 @@ def register(app: typer.Typer) -> None:
             d = r.to_dict()
             console.print(f"[bold]Client {client_ip} → {d['local']}[/]")
             if d["connector"] is None:
-                console.print("  Connector: [red]none[/] — the connection is closed without a banner.")
+                console.print(
+                    "  Connector: [red]none[/] — the connection is closed without a banner."
+                )
                 for c in d["not_candidates"]:
                     console.print(f"    {c['connector']}: {c['why']}", markup=False)
                 console.print()

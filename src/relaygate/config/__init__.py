@@ -1,6 +1,13 @@
 """Configuration: the TOML contract of DESIGN.md as frozen, validated dataclasses."""
 
-from relaygate.config.loader import ConfigError, Problem, default_config_path, load_config, parse_config, parse_text
+from relaygate.config.loader import (
+    ConfigError,
+    Problem,
+    default_config_path,
+    load_config,
+    parse_config,
+    parse_text,
+)
 from relaygate.config.model import (
     AcceptedDomain,
     AdminConfig,
@@ -12,7 +19,14 @@ from relaygate.config.model import (
     SendConnector,
     ServerConfig,
 )
-from relaygate.config.values import Binding, IPRange, parse_binding, parse_ip_range, parse_size, parse_timespan
+from relaygate.config.values import (
+    Binding,
+    IPRange,
+    parse_binding,
+    parse_ip_range,
+    parse_size,
+    parse_timespan,
+)
 
 __all__ = [
     "AcceptedDomain",

@@ -115,7 +115,9 @@ class _Builder:
             for choice in choices:
                 if raw.lower() == choice.lower():
                     return choice
-            raise ValueError(f"{raw!r} is not one of {', '.join(choices)}{_closest(raw, list(choices))}")
+            raise ValueError(
+                f"{raw!r} is not one of {', '.join(choices)}{_closest(raw, list(choices))}"
+            )
         return _coerce(hint, raw)
 
     def build(self, cls: type, table: Any, path: str, connector: str = "") -> Any:
@@ -167,10 +169,14 @@ class _Builder:
                 self.error(f"{path}[{i}]", str(exc), connector)
         return tuple(bindings)
 
-    def _enum_list(self, raw: Any, path: str, connector: str, valid: tuple[str, ...]) -> tuple[str, ...]:
+    def _enum_list(
+        self, raw: Any, path: str, connector: str, valid: tuple[str, ...]
+    ) -> tuple[str, ...]:
         out = []
         for i, item in enumerate(_as_list(raw)):
-            found = next((c for c in valid if isinstance(item, str) and c.lower() == item.lower()), None)
+            found = next(
+                (c for c in valid if isinstance(item, str) and c.lower() == item.lower()), None
+            )
             if found is None:
                 self.error(
                     f"{path}[{i}]",
@@ -200,14 +206,27 @@ class _Builder:
                 continue
             unknown = set(item) - {"user", "extended_rights", "deny"}
             for key in sorted(unknown):
-                self.error(f"{p}.{key}", f"unknown key{_closest(key, ['user', 'extended_rights', 'deny'])}", connector)
+                self.error(
+                    f"{p}.{key}",
+                    f"unknown key{_closest(key, ['user', 'extended_rights', 'deny'])}",
+                    connector,
+                )
             user = item.get("user")
             if not isinstance(user, str) or not user.strip():
-                self.error(f"{p}.user", "is required (e.g. 'NT AUTHORITY\\ANONYMOUS LOGON')", connector)
+                self.error(
+                    f"{p}.user", "is required (e.g. 'NT AUTHORITY\\ANONYMOUS LOGON')", connector
+                )
                 continue
             rights = []
             for j, right in enumerate(_as_list(item.get("extended_rights", []))):
-                canonical = next((r for r in EXTENDED_RIGHTS if isinstance(right, str) and r.lower() == right.lower()), None)
+                canonical = next(
+                    (
+                        r
+                        for r in EXTENDED_RIGHTS
+                        if isinstance(right, str) and r.lower() == right.lower()
+                    ),
+                    None,
+                )
                 if canonical is None:
                     self.error(
                         f"{p}.extended_rights[{j}]",
@@ -217,9 +236,16 @@ class _Builder:
                 else:
                     rights.append(canonical)
             if not rights:
-                self.error(f"{p}.extended_rights", "lists no extended right", connector)
+                if not _as_list(item.get("extended_rights", [])):  # bad names were reported above
+                    self.error(f"{p}.extended_rights", "lists no extended right", connector)
                 continue
-            out.append(m.Permission(user=user.strip(), extended_rights=tuple(rights), deny=bool(item.get("deny", False))))
+            out.append(
+                m.Permission(
+                    user=user.strip(),
+                    extended_rights=tuple(rights),
+                    deny=bool(item.get("deny", False)),
+                )
+            )
         return tuple(out)
 
 
@@ -285,13 +311,17 @@ def _seed_usage(table: dict[str, Any]) -> dict[str, Any]:
     return seeded
 
 
-def parse_config(doc: dict[str, Any], source: str = "<config>", *, base_dir: Path | None = None) -> m.Config:
+def parse_config(
+    doc: dict[str, Any], source: str = "<config>", *, base_dir: Path | None = None
+) -> m.Config:
     """Build a validated Config from a parsed TOML document. Raises ConfigError with every problem."""
     from relaygate.config.validate import validate
 
     b = _Builder(source)
     sections: dict[str, Any] = {}
-    positions: dict[str, list[int]] = {}  # index in the file of each built item (failed ones are dropped)
+    positions: dict[
+        str, list[int]
+    ] = {}  # index in the file of each built item (failed ones are dropped)
     known = list(_SECTIONS) + list(_ARRAYS)
     for key in doc:
         if key not in known:
@@ -323,14 +353,20 @@ def parse_config(doc: dict[str, Any], source: str = "<config>", *, base_dir: Pat
         admin=sections["admin"],
         queue=sections["queue"],
         accepted_domains=tuple(
-            dataclasses.replace(d, domain=d.domain.lower().rstrip(".")) for d in sections["accepted_domains"]
+            dataclasses.replace(d, domain=d.domain.lower().rstrip("."))
+            for d in sections["accepted_domains"]
         ),
         receive_connectors=sections["receive_connectors"],
         send_connectors=sections["send_connectors"],
-        dkim=tuple(dataclasses.replace(k, domain=k.domain.lower().rstrip(".")) for k in sections["dkim"]),
+        dkim=tuple(
+            dataclasses.replace(k, domain=k.domain.lower().rstrip(".")) for k in sections["dkim"]
+        ),
         source=source,
     )
-    b.problems.extend(validate(config, doc, positions))
+    # A key the loader refused holds only its default in `config`: the cross-field rules must not judge
+    # that stand-in value (e.g. "set both tls_certificate_file and tls_key_file" after a bad path).
+    refused = {p.path for p in b.problems}
+    b.problems.extend(p for p in validate(config, doc, positions) if p.path not in refused)
     if b.problems:
         raise ConfigError(b.problems)
     return config
@@ -356,7 +392,9 @@ def load_config(path: Path | None = None) -> m.Config:
     try:
         text = resolved.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError([Problem(str(resolved), "(file)", f"cannot read: {exc.strerror}")]) from None
+        raise ConfigError(
+            [Problem(str(resolved), "(file)", f"cannot read: {exc.strerror}")]
+        ) from None
     return parse_text(text, str(resolved), base_dir=resolved.parent)
 
 

@@ -32,7 +32,9 @@ __all__ = [
 ]
 
 
-def _spec(default: Any, parse: Any = None, *, factory: Any = None, choices: tuple[str, ...] = ()) -> Any:
+def _spec(
+    default: Any, parse: Any = None, *, factory: Any = None, choices: tuple[str, ...] = ()
+) -> Any:
     meta: dict[str, Any] = {}
     if parse is not None:
         meta["parse"] = parse
@@ -176,7 +178,15 @@ class SendConnector:
     smart_hosts: tuple[str, ...] = _spec((), factory=tuple)
     port: int = 25
     smart_host_auth_mechanism: str = _spec(
-        "None", choices=("None", "BasicAuth", "BasicAuthRequireTLS", "XOAUTH2", "ExchangeServer", "ExternalAuthoritative")
+        "None",
+        choices=(
+            "None",
+            "BasicAuth",
+            "BasicAuthRequireTLS",
+            "XOAUTH2",
+            "ExchangeServer",
+            "ExternalAuthoritative",
+        ),
     )
     auth_username: str = ""
     auth_password_file: Path | None = _spec(None, Path)

@@ -21,8 +21,12 @@ from relaygate.config.values import Binding, format_timespan
 
 __all__ = ["validate"]
 
-_DOMAIN = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
-_ADDRESS_SPACE = re.compile(r"^(\*|(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*)$")
+_DOMAIN = re.compile(
+    r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+)
+_ADDRESS_SPACE = re.compile(
+    r"^(\*|(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*)$"
+)
 
 # (key, minimum, maximum) as §1.4 gives them; None limits ("unlimited") are skipped.
 _LIMITS = (
@@ -65,7 +69,10 @@ def _receive_rules(c: ReceiveConnector, raw: dict[str, Any]) -> Iterator[tuple[s
     if not c.bindings and not _given(raw, "bindings"):
         yield "bindings", "is required: list the local 'IP:port' endpoints, e.g. ['0.0.0.0:25']"
     if not c.remote_ip_ranges and c.usage != "Internet" and not _given(raw, "remote_ip_ranges"):
-        yield "remote_ip_ranges", "is required (except for usage = \"Internet\"): list the client addresses"
+        yield (
+            "remote_ip_ranges",
+            'is required (except for usage = "Internet"): list the client addresses',
+        )
     auth = set(c.auth_mechanism)
     if "None" in auth and len(auth) > 1:
         yield "auth_mechanism", "'None' must be the only value"
@@ -77,7 +84,10 @@ def _receive_rules(c: ReceiveConnector, raw: dict[str, Any]) -> Iterator[tuple[s
             )
         others = auth - {"ExternalAuthoritative", "Tls"}
         if others:
-            yield "auth_mechanism", f"ExternalAuthoritative can be combined only with Tls, not {', '.join(sorted(others))}"
+            yield (
+                "auth_mechanism",
+                f"ExternalAuthoritative can be combined only with Tls, not {', '.join(sorted(others))}",
+            )
     if "BasicAuthRequireTLS" in auth and not {"BasicAuth", "Tls"} <= auth:
         yield "auth_mechanism", "BasicAuthRequireTLS requires both BasicAuth and Tls"
     if c.require_tls and "Tls" not in auth:
@@ -105,14 +115,20 @@ def _receive_rules(c: ReceiveConnector, raw: dict[str, Any]) -> Iterator[tuple[s
     if (c.tls_certificate_file is None) != (c.tls_key_file is None):
         yield "tls_certificate_file", "set both tls_certificate_file and tls_key_file, or neither"
     if len(c.remote_ip_ranges) > 1300:
-        yield "remote_ip_ranges", f"{len(c.remote_ip_ranges)} entries; Exchange's limit is about 1,300"
+        yield (
+            "remote_ip_ranges",
+            f"{len(c.remote_ip_ranges)} entries; Exchange's limit is about 1,300",
+        )
 
 
 def _send_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
     if not s.name.strip():
         yield "name", "must not be empty"
     if not s.address_spaces:
-        yield "address_spaces", "is required: '*' or domains such as 'corp.example' / '*.corp.example'"
+        yield (
+            "address_spaces",
+            "is required: '*' or domains such as 'corp.example' / '*.corp.example'",
+        )
     for i, space in enumerate(s.address_spaces):
         if not _ADDRESS_SPACE.match(space.lower()):
             yield f"address_spaces[{i}]", f"{space!r} is not '*', a domain or '*.domain'"
@@ -124,25 +140,41 @@ def _send_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
         yield "port", "must be 1-65535"
     if s.smart_host_auth_mechanism in ("BasicAuth", "BasicAuthRequireTLS"):
         if not s.auth_username:
-            yield "auth_username", f"is required for smart_host_auth_mechanism = {s.smart_host_auth_mechanism!r}"
+            yield (
+                "auth_username",
+                f"is required for smart_host_auth_mechanism = {s.smart_host_auth_mechanism!r}",
+            )
         if s.auth_password_file is None and not s.auth_password_env:
-            yield "auth_password_file", "set auth_password_file or auth_password_env for smart-host AUTH"
+            yield (
+                "auth_password_file",
+                "set auth_password_file or auth_password_env for smart-host AUTH",
+            )
     if s.smart_host_auth_mechanism == "XOAUTH2":
         for key in ("auth_username", "oauth_tenant_id", "oauth_client_id"):
             if not getattr(s, key):
                 yield key, "is required for smart_host_auth_mechanism = 'XOAUTH2'"
         if not s.oauth_client_secret_env and s.oauth_client_secret_file is None:
-            yield "oauth_client_secret_env", "set oauth_client_secret_env or oauth_client_secret_file for XOAUTH2"
+            yield (
+                "oauth_client_secret_env",
+                "set oauth_client_secret_env or oauth_client_secret_file for XOAUTH2",
+            )
     if s.tls_auth_level != "EncryptionOnly" and not s.require_tls:
-        yield "tls_auth_level", "certificate validation needs require_tls = true (else a stripped STARTTLS bypasses it)"
+        yield (
+            "tls_auth_level",
+            "certificate validation needs require_tls = true (else a stripped STARTTLS bypasses it)",
+        )
 
 
-def validate(config: Config, doc: dict[str, Any], positions: dict[str, list[int]] | None = None) -> list[Problem]:
+def validate(
+    config: Config, doc: dict[str, Any], positions: dict[str, list[int]] | None = None
+) -> list[Problem]:
     """Cross-field problems. `positions[key][i]` is the index in the file of the i-th built item of the
     array `key` (items the loader could not build are missing from `config`); identity if omitted."""
     src = config.source
     problems: list[Problem] = []
-    raw_connectors = doc.get("receive_connectors", []) if isinstance(doc.get("receive_connectors"), list) else []
+    raw_connectors = (
+        doc.get("receive_connectors", []) if isinstance(doc.get("receive_connectors"), list) else []
+    )
 
     def at(key: str, i: int) -> int:
         known = (positions or {}).get(key)
@@ -152,11 +184,22 @@ def validate(config: Config, doc: dict[str, Any], positions: dict[str, list[int]
     for i, c in enumerate(config.receive_connectors):
         fi = at("receive_connectors", i)
         path = f"receive_connectors[{fi}]"
-        raw = raw_connectors[fi] if fi < len(raw_connectors) and isinstance(raw_connectors[fi], dict) else {}
+        raw = (
+            raw_connectors[fi]
+            if fi < len(raw_connectors) and isinstance(raw_connectors[fi], dict)
+            else {}
+        )
         for key, message in _receive_rules(c, raw):
             problems.append(Problem(src, f"{path}.{key}", message, c.name))
         if c.name.lower() in seen:
-            problems.append(Problem(src, f"{path}.name", f"duplicates receive_connectors[{seen[c.name.lower()]}]", c.name))
+            problems.append(
+                Problem(
+                    src,
+                    f"{path}.name",
+                    f"duplicates receive_connectors[{seen[c.name.lower()]}]",
+                    c.name,
+                )
+            )
         seen.setdefault(c.name.lower(), fi)
 
     connectors = list(enumerate(config.receive_connectors))
@@ -205,7 +248,7 @@ def validate(config: Config, doc: dict[str, Any], positions: dict[str, list[int]
                             Problem(
                                 src,
                                 f"{path}.remote_ip_ranges",
-                                f"range {rb} partially overlaps {ra} of connector \"{a.name}\" on binding {by}; "
+                                f'range {rb} partially overlaps {ra} of connector "{a.name}" on binding {by}; '
                                 "ranges on one binding must be disjoint or nested",
                                 b.name,
                             )
@@ -231,10 +274,14 @@ def validate(config: Config, doc: dict[str, Any], positions: dict[str, list[int]
         if not _DOMAIN.match(d.domain) or len(d.domain) > 256:
             problems.append(Problem(src, path, f"{d.domain!r} is not a domain or '*.domain'"))
         if d.domain in domains:
-            problems.append(Problem(src, path, f"{d.domain!r} duplicates accepted_domains[{domains[d.domain]}]"))
+            problems.append(
+                Problem(src, path, f"{d.domain!r} duplicates accepted_domains[{domains[d.domain]}]")
+            )
         domains.setdefault(d.domain, at("accepted_domains", i))
     if sum(1 for d in config.accepted_domains if d.default) > 1:
-        problems.append(Problem(src, "accepted_domains", "only one accepted domain can be the default"))
+        problems.append(
+            Problem(src, "accepted_domains", "only one accepted domain can be the default")
+        )
 
     send_names: dict[str, int] = {}
     for i, s in enumerate(config.send_connectors):
@@ -242,7 +289,14 @@ def validate(config: Config, doc: dict[str, Any], positions: dict[str, list[int]
         for key, message in _send_rules(s):
             problems.append(Problem(src, f"send_connectors[{si}].{key}", message, s.name))
         if s.name.lower() in send_names:
-            problems.append(Problem(src, f"send_connectors[{si}].name", f"duplicates send_connectors[{send_names[s.name.lower()]}]", s.name))
+            problems.append(
+                Problem(
+                    src,
+                    f"send_connectors[{si}].name",
+                    f"duplicates send_connectors[{send_names[s.name.lower()]}]",
+                    s.name,
+                )
+            )
         send_names.setdefault(s.name.lower(), si)
 
     for n, k in enumerate(config.dkim):
@@ -250,7 +304,9 @@ def validate(config: Config, doc: dict[str, Any], positions: dict[str, list[int]
         if not _DOMAIN.match(k.domain) or k.domain.startswith("*."):
             problems.append(Problem(src, f"dkim[{i}].domain", f"{k.domain!r} is not a domain"))
         if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9-]+)*$", k.selector):
-            problems.append(Problem(src, f"dkim[{i}].selector", f"{k.selector!r} is not a valid selector"))
+            problems.append(
+                Problem(src, f"dkim[{i}].selector", f"{k.selector!r} is not a valid selector")
+            )
 
     from relaygate.config.values import parse_binding
 

@@ -25,7 +25,9 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # [-][d.]hh:mm:ss[.fffffff]  (Exchange/.NET TimeSpan as printed by Get-ReceiveConnector)
 _TIMESPAN = re.compile(r"^(?:(\d+)\.)?(\d{1,2}):(\d{1,2}):(\d{1,2})(?:\.(\d{1,7}))?$")
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB)?\s*(?:\(([\d,]+) bytes\))?\s*$", re.IGNORECASE)
+_SIZE = re.compile(
+    r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB)?\s*(?:\(([\d,]+) bytes\))?\s*$", re.IGNORECASE
+)
 _UNITS = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
 
 
@@ -41,13 +43,21 @@ def parse_timespan(value: object) -> timedelta:
         raise ValueError(f"expected a time span like '00:05:00', got {value!r}")
     m = _TIMESPAN.match(value.strip())
     if not m:
-        raise ValueError(f"{value!r} is not a time span; use [d.]hh:mm:ss such as '00:05:00' or '2.00:00:00'")
+        raise ValueError(
+            f"{value!r} is not a time span; use [d.]hh:mm:ss such as '00:05:00' or '2.00:00:00'"
+        )
     days, hours, minutes, seconds, fraction = m.groups()
     if int(hours) > 23 or int(minutes) > 59 or int(seconds) > 59:
-        raise ValueError(f"{value!r} is not a time span: hours must be < 24, minutes and seconds < 60")
+        raise ValueError(
+            f"{value!r} is not a time span: hours must be < 24, minutes and seconds < 60"
+        )
     micro = int((fraction or "0").ljust(7, "0")[:7]) // 10
     return timedelta(
-        days=int(days or 0), hours=int(hours), minutes=int(minutes), seconds=int(seconds), microseconds=micro
+        days=int(days or 0),
+        hours=int(hours),
+        minutes=int(minutes),
+        seconds=int(seconds),
+        microseconds=micro,
     )
 
 
@@ -72,7 +82,9 @@ def parse_size(value: object) -> int:
         raise ValueError(f"expected a size like '25MB' or a byte count, got {value!r}")
     m = _SIZE.match(value)
     if not m:
-        raise ValueError(f"{value!r} is not a size; use a byte count or a number with KB, MB or GB (e.g. '25MB')")
+        raise ValueError(
+            f"{value!r} is not a size; use a byte count or a number with KB, MB or GB (e.g. '25MB')"
+        )
     number, unit, exact = m.groups()
     if exact:
         return int(exact.replace(",", ""))
@@ -86,7 +98,9 @@ def format_size(value: int) -> str:
     return str(value)
 
 
-_STRICT_V4 = re.compile(r"^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}$")
+_STRICT_V4 = re.compile(
+    r"^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}$"
+)
 
 
 def _parse_address(text: str) -> IPAddress:
@@ -101,7 +115,9 @@ def _parse_address(text: str) -> IPAddress:
         except ValueError:
             raise ValueError(f"{text!r} is not a valid IPv6 address") from None
     if not _STRICT_V4.match(text):
-        raise ValueError(f"{text!r} is not a valid IPv4 address (four decimal octets, no leading zeros)")
+        raise ValueError(
+            f"{text!r} is not a valid IPv4 address (four decimal octets, no leading zeros)"
+        )
     return ipaddress.IPv4Address(text)
 
 
@@ -134,10 +150,14 @@ class IPRange:
         return address.version == self.version and self.first <= int(address) <= self.last
 
     def contains_range(self, other: IPRange) -> bool:
-        return self.version == other.version and self.first <= other.first and other.last <= self.last
+        return (
+            self.version == other.version and self.first <= other.first and other.last <= self.last
+        )
 
     def overlaps(self, other: IPRange) -> bool:
-        return self.version == other.version and self.first <= other.last and other.first <= self.last
+        return (
+            self.version == other.version and self.first <= other.last and other.first <= self.last
+        )
 
     def prefix_length(self) -> int:
         """The prefix of the smallest CIDR block as wide as this range (for audit's 'too wide' check)."""
@@ -155,7 +175,7 @@ _MAPPED_LAST = 0xFFFF_FFFF_FFFF  # ::ffff:255.255.255.255
 def _make_range(text: str, version: int, first: int, last: int) -> IPRange:
     """An entry wholly inside ::ffff:0:0/96 is stored as the IPv4 range it spells: clients are matched as
     IPv4 (DESIGN decision 6), so an IPv6-typed mapped entry would otherwise silently match nobody."""
-    if version == 6 and _MAPPED_FIRST <= first and last <= _MAPPED_LAST:
+    if version == 6 and first >= _MAPPED_FIRST and last <= _MAPPED_LAST:
         return IPRange(text, 4, first - _MAPPED_FIRST, last - _MAPPED_FIRST)
     return IPRange(text, version, first, last)
 
@@ -172,7 +192,9 @@ def parse_ip_range(text: str) -> IPRange:
         if not length_text.isdigit() or int(length_text) > bits:
             raise ValueError(f"{raw!r}: prefix length must be 0-{bits}")
         network = ipaddress.ip_network(f"{address}/{int(length_text)}", strict=False)
-        return _make_range(raw, address.version, int(network.network_address), int(network.broadcast_address))
+        return _make_range(
+            raw, address.version, int(network.network_address), int(network.broadcast_address)
+        )
     if "-" in raw:
         first_text, _, last_text = raw.partition("-")
         first, last = _parse_address(first_text), _parse_address(last_text)
@@ -214,7 +236,9 @@ class Binding:
         return ipaddress.ip_address(self.address) == local_ip
 
     def __str__(self) -> str:
-        return f"[{self.address}]:{self.port}" if self.version == 6 else f"{self.address}:{self.port}"
+        return (
+            f"[{self.address}]:{self.port}" if self.version == 6 else f"{self.address}:{self.port}"
+        )
 
 
 def parse_binding(text: str) -> Binding:
@@ -229,7 +253,9 @@ def parse_binding(text: str) -> Binding:
     else:
         address_text, sep, port_text = raw.rpartition(":")
         if not sep or ":" in address_text:
-            raise ValueError(f"{raw!r} is not a binding; use 'IP:port' such as '0.0.0.0:25' or '[::]:25'")
+            raise ValueError(
+                f"{raw!r} is not a binding; use 'IP:port' such as '0.0.0.0:25' or '[::]:25'"
+            )
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ValueError(f"{raw!r}: port must be 1-65535")
     address = _parse_address(address_text)

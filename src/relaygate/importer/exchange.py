@@ -1062,6 +1062,10 @@ def _covers_everything(ranges: list[str]) -> bool:
     return False
 
 
+def _without_fqdn(connector: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in connector.items() if k != "fqdn"}
+
+
 def combine_results(results: list[ImportResult]) -> ImportResult:
     """Merge per-file results: one connector per name (identical copies from several servers are kept
     once, different ones are an error), permissions attached to their connector as `permissions`
@@ -1079,7 +1083,7 @@ def combine_results(results: list[ImportResult]) -> ImportResult:
             if key not in by_name:
                 by_name[key] = connector
                 merged.connectors.append(connector)
-            elif by_name[key] != connector:
+            elif _without_fqdn(by_name[key]) != _without_fqdn(connector):
                 merged.errors.append(
                     f"two different connectors are named {connector['name']!r} "
                     f"({', '.join(merged.sources.get(connector['name'], []))}); RelayGate is one server, "
@@ -1089,6 +1093,11 @@ def combine_results(results: list[ImportResult]) -> ImportResult:
                 merged.warnings.append(
                     f"{connector['name']}: the same settings on "
                     f"{', '.join(merged.sources.get(connector['name'], []))}; imported once"
+                    + (
+                        f" with fqdn {by_name[key].get('fqdn')!r}"
+                        if by_name[key].get("fqdn") != connector.get("fqdn")
+                        else ""
+                    )
                 )
         for name, entries in result.permissions.items():
             existing = merged.permissions.setdefault(name, [])

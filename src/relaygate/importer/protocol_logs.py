@@ -321,7 +321,7 @@ class _Analyzer:
 
     def reply(self, session: _Session, client: ClientUsage, reply: str) -> None:
         command = session.pending.popleft() if session.pending else ""
-        if reply.startswith("250") and ("2.6.0" in reply[:12] or "Queued mail for delivery" in reply):
+        if reply.startswith("250") and ("2.6.0" in reply[:12] or "queued mail for delivery" in reply.lower()):
             client.messages += 1
             return
         match = _RCPT.match(command)

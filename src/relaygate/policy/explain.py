@@ -13,7 +13,7 @@ from relaygate.policy.rights import EXTENDED_RIGHTS, session_rights
 from relaygate.policy.selection import Selection, select_connector
 from relaygate.policy.verdicts import check_mail, check_rcpt
 
-__all__ = ["Explanation", "explain", "endpoints_for"]
+__all__ = ["Explanation", "endpoints_for", "explain"]
 
 
 @dataclass
@@ -36,10 +36,16 @@ class Explanation:
             "binding": str(sel.binding) if sel.binding else None,
             "matched_range": sel.matched_range.text if sel.matched_range else None,
             "beaten": [
-                {"connector": c.connector.name, "range": c.matched_range.text if c.matched_range else None, "why": c.reason}
+                {
+                    "connector": c.connector.name,
+                    "range": c.matched_range.text if c.matched_range else None,
+                    "why": c.reason,
+                }
                 for c in sel.beaten
             ],
-            "not_candidates": [{"connector": c.connector.name, "why": c.reason} for c in sel.rejected],
+            "not_candidates": [
+                {"connector": c.connector.name, "why": c.reason} for c in sel.rejected
+            ],
             "principals": self.principals,
             "rights": self.rights,
             "mail": self.mail,
@@ -93,12 +99,20 @@ def explain(
     authenticated_user: str | None = None,
 ) -> Explanation:
     local_ip, local_port = local
-    selection = select_connector(config.receive_connectors, local_ip=local_ip, local_port=local_port, client_ip=client_ip)
-    result = Explanation(local=str(Binding(local_ip, local_port)), client_ip=client_ip, selection=selection)
+    selection = select_connector(
+        config.receive_connectors, local_ip=local_ip, local_port=local_port, client_ip=client_ip
+    )
+    result = Explanation(
+        local=str(Binding(local_ip, local_port)), client_ip=client_ip, selection=selection
+    )
     connector = selection.connector
     if connector is None:
         result.recipients = [
-            {"address": rcpt, "reply": None, "reason": "connection closed without a banner (no connector)"}
+            {
+                "address": rcpt,
+                "reply": None,
+                "reason": "connection closed without a banner (no connector)",
+            }
             for rcpt in recipients
         ]
         return result
@@ -113,26 +127,45 @@ def explain(
     authenticated = authenticated_user is not None
     mail_ok = True
     if sender is not None:
-        path = "<>" if sender in ("", "<>") else (sender if sender.startswith("<") else f"<{sender}>")
+        path = (
+            "<>" if sender in ("", "<>") else (sender if sender.startswith("<") else f"<{sender}>")
+        )
         try:
             address, _params = parse_mail_from(f"FROM:{path}")
             verdict = check_mail(
-                address, rights=rights, connector=connector, accepted_domains=config.accepted_domains, authenticated=authenticated
+                address,
+                rights=rights,
+                connector=connector,
+                accepted_domains=config.accepted_domains,
+                authenticated=authenticated,
             )
-            result.mail = {"address": sender, "reply": verdict.reply.line(), "reason": verdict.reason}
+            result.mail = {
+                "address": sender,
+                "reply": verdict.reply.line(),
+                "reason": verdict.reason,
+            }
             mail_ok = verdict.accepted
         except AddressError as exc:
             result.mail = {"address": sender, "reply": exc.reply.line(), "reason": exc.reason}
             mail_ok = False
     elif not rights.may_submit:
-        verdict = check_mail(None, rights=rights, connector=connector, accepted_domains=config.accepted_domains, authenticated=authenticated)
+        verdict = check_mail(
+            None,
+            rights=rights,
+            connector=connector,
+            accepted_domains=config.accepted_domains,
+            authenticated=authenticated,
+        )
         result.mail = {"address": None, "reply": verdict.reply.line(), "reason": verdict.reason}
         mail_ok = False
     accepted = 0
     for rcpt in recipients:
         entry: dict[str, Any] = {"address": rcpt}
         if not mail_ok:
-            entry.update(reply=replies.NEED_MAIL.line(), reason="MAIL FROM was refused, so RCPT is out of sequence")
+            entry.update(
+                reply=replies.NEED_MAIL.line(),
+                reason="MAIL FROM was refused, so RCPT is out of sequence",
+            )
             result.recipients.append(entry)
             continue
         path = rcpt if rcpt.startswith("<") else f"<{rcpt}>"

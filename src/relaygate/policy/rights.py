@@ -122,10 +122,15 @@ class SessionRights:
 
 
 def is_externally_secured(connector: ReceiveConnector) -> bool:
-    return "ExternalAuthoritative" in connector.auth_mechanism and "ExchangeServers" in connector.permission_groups
+    return (
+        "ExternalAuthoritative" in connector.auth_mechanism
+        and "ExchangeServers" in connector.permission_groups
+    )
 
 
-def session_rights(connector: ReceiveConnector, *, authenticated_user: str | None = None) -> SessionRights:
+def session_rights(
+    connector: ReceiveConnector, *, authenticated_user: str | None = None
+) -> SessionRights:
     """The rights of a session on `connector`, anonymous or after AUTH as `authenticated_user`."""
     externally_secured = is_externally_secured(connector)
     if authenticated_user is not None:

@@ -50,7 +50,9 @@ class Selection:
         return f"binding {self.binding} ({exact}), narrowest matching RemoteIPRanges entry {self.matched_range}"
 
 
-def _best_range(connector: ReceiveConnector, client: ipaddress.IPv4Address | ipaddress.IPv6Address) -> IPRange | None:
+def _best_range(
+    connector: ReceiveConnector, client: ipaddress.IPv4Address | ipaddress.IPv6Address
+) -> IPRange | None:
     best: IPRange | None = None
     for entry in connector.remote_ip_ranges:
         if entry.contains(client) and (best is None or entry.size < best.size):
@@ -59,7 +61,9 @@ def _best_range(connector: ReceiveConnector, client: ipaddress.IPv4Address | ipa
 
 
 def _best_binding(
-    connector: ReceiveConnector, local_ip: ipaddress.IPv4Address | ipaddress.IPv6Address, local_port: int
+    connector: ReceiveConnector,
+    local_ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    local_port: int,
 ) -> Binding | None:
     matches = [b for b in connector.bindings if b.matches(local_ip, local_port)]
     if not matches:
@@ -88,7 +92,9 @@ def select_connector(
             continue
         matched = _best_range(connector, client)
         if matched is None:
-            rejected.append(Candidate(connector, binding, None, f"RemoteIPRanges do not contain {client}"))
+            rejected.append(
+                Candidate(connector, binding, None, f"RemoteIPRanges do not contain {client}")
+            )
             continue
         key = (binding.is_wildcard, matched.size, connector.name.lower())
         scored.append((key, Candidate(connector, binding, matched, "")))
@@ -98,9 +104,16 @@ def select_connector(
     winner = scored[0][1]
     beaten = []
     for _, cand in scored[1:]:
-        if cand.binding and winner.binding and cand.binding.is_wildcard and not winner.binding.is_wildcard:
+        if (
+            cand.binding
+            and winner.binding
+            and cand.binding.is_wildcard
+            and not winner.binding.is_wildcard
+        ):
             why = f"binding {cand.binding} is a wildcard; {winner.connector.name} is bound to {winner.binding}"
         else:
             why = f"range {cand.matched_range} is wider than {winner.matched_range}"
         beaten.append(Candidate(cand.connector, cand.binding, cand.matched_range, why))
-    return Selection(winner.connector, winner.binding, winner.matched_range, tuple(beaten), tuple(rejected))
+    return Selection(
+        winner.connector, winner.binding, winner.matched_range, tuple(beaten), tuple(rejected)
+    )

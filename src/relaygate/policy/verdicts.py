@@ -42,9 +42,7 @@ def match_accepted_domain(domain: str, accepted: Sequence[AcceptedDomain]) -> Ac
     for entry in accepted:
         if not entry.matches(domain):
             continue
-        if best is None:
-            best = entry
-        elif best.is_wildcard and (not entry.is_wildcard or len(entry.domain) > len(best.domain)):
+        if best is None or (best.is_wildcard and (not entry.is_wildcard or len(entry.domain) > len(best.domain))):
             best = entry
     return best
 
@@ -80,7 +78,9 @@ def check_mail(
     domain_entry = match_accepted_domain(sender.domain, accepted_domains) if sender.domain else None
     denied = replies.SEND_AS_DENIED if authenticated else replies.ANONYMOUS_SEND_AS_DENIED
     if domain_entry is not None and domain_entry.domain_type == "Authoritative":
-        if not rights.has(r.ACCEPT_AUTHORITATIVE_DOMAIN_SENDER) and not rights.has(r.ACCEPT_ANY_SENDER):
+        if not rights.has(r.ACCEPT_AUTHORITATIVE_DOMAIN_SENDER) and not rights.has(
+            r.ACCEPT_ANY_SENDER
+        ):
             return Verdict(
                 denied,
                 f"sender domain {sender.domain} is authoritative and the session lacks "
@@ -150,8 +150,13 @@ def check_rcpt(
         return Verdict(replies.SINGLE_LABEL_DOMAIN, "single-label recipient domain", tarpit)
     if connector.reject_reserved_top_level_recipient_domains and labels[-1] in _RESERVED_TLDS:
         return Verdict(replies.RESERVED_TLD, f"reserved top-level domain .{labels[-1]}", tarpit)
-    if connector.reject_reserved_second_level_recipient_domains and ".".join(labels[-2:]) in _RESERVED_SLDS:
-        return Verdict(replies.RESERVED_SLD, f"reserved second-level domain {'.'.join(labels[-2:])}", tarpit)
+    if (
+        connector.reject_reserved_second_level_recipient_domains
+        and ".".join(labels[-2:]) in _RESERVED_SLDS
+    ):
+        return Verdict(
+            replies.RESERVED_SLD, f"reserved second-level domain {'.'.join(labels[-2:])}", tarpit
+        )
     if rights.may_relay:
         return Verdict(replies.RECIPIENT_OK, "session has ms-Exch-SMTP-Accept-Any-Recipient")
     entry = match_accepted_domain(recipient.domain, accepted_domains)

@@ -1,0 +1,386 @@
+"""`relaygate audit`: what the Exchange playbooks check by hand, as findings with a severity and a fix.
+
+Pure: `audit(config)` reads a validated `Config` and returns `Finding`s; it uses the same rights and
+selection code as the server (`relaygate.policy`), so "this connector relays" means what the server does.
+
+A *relay connector* is one whose anonymous sessions hold ms-Exch-SMTP-Accept-Any-Recipient, by either
+recipe of exchange-semantics.md §3.3: method A (AnonymousUsers plus an explicit permission for
+ANONYMOUS LOGON) or method B (ExternalAuthoritative + ExchangeServers, "externally secured").
+
+Severities: high (an open or nearly open relay, full trust for too many hosts; `audit` exits 1),
+medium (weakens security or forensics), low (missing abuse limits), info (worth a look).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from relaygate.config.model import Config, ReceiveConnector
+from relaygate.config.values import Binding, IPRange, parse_ip_range
+from relaygate.policy.rights import (
+    ACCEPT_ANY_RECIPIENT,
+    is_externally_secured,
+    session_rights,
+)
+
+__all__ = [
+    "SEVERITIES",
+    "Finding",
+    "RelayGrant",
+    "audit",
+    "has_high",
+    "relay_grant",
+    "summary",
+]
+
+SEVERITIES = ("high", "medium", "low", "info")
+MAX_RANGES = 5  # the seed's heuristic: more than five RemoteIPRanges entries deserves a look
+MAX_EXTERNALLY_SECURED_HOSTS = 4
+_LOOPBACK_V4 = parse_ip_range("127.0.0.0/8")
+_LOOPBACK_V6 = parse_ip_range("::1")
+_AUTH_OFFERING = frozenset({"BasicAuth", "Integrated"})
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One audit result. `connector` is "" for server-wide findings; `key` is the config key to change."""
+
+    severity: str
+    code: str
+    connector: str
+    key: str
+    message: str
+    fix: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "severity": self.severity,
+            "code": self.code,
+            "connector": self.connector,
+            "key": self.key,
+            "message": self.message,
+            "fix": self.fix,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RelayGrant:
+    """How a connector lets clients relay.
+
+    anonymous: anonymous sessions hold Accept-Any-Recipient (the connector relays for its ranges).
+    method_a: explicit permissions granting it to ANONYMOUS LOGON / Everyone (Add-ADPermission).
+    method_b: ExternalAuthoritative + ExchangeServers (externally secured, full trust).
+    authenticated: sessions that AUTH relay (ExchangeUsers with an AUTH mechanism offered).
+    """
+
+    anonymous: bool
+    method_a: tuple[str, ...]
+    method_b: bool
+    authenticated: bool
+
+    def describe(self) -> str:
+        parts = []
+        if self.method_b:
+            parts.append("method B: ExternalAuthoritative + ExchangeServers")
+        if self.method_a:
+            parts.append(f"method A: permission for {', '.join(self.method_a)}")
+        if self.anonymous and not parts:
+            parts.append("anonymous grant")
+        if not self.anonymous and self.authenticated:
+            parts.append("after AUTH only")
+        return "; ".join(parts) if parts else "no"
+
+
+def relay_grant(connector: ReceiveConnector) -> RelayGrant:
+    anon = session_rights(connector)
+    principals = {p.lower() for p in anon.principals}
+    method_a = tuple(
+        dict.fromkeys(
+            p.user
+            for p in connector.permissions
+            if not p.deny and ACCEPT_ANY_RECIPIENT in p.extended_rights and p.user.lower() in principals
+        )
+    )
+    method_b = is_externally_secured(connector) and anon.may_relay
+    offers_auth = bool(_AUTH_OFFERING & set(connector.auth_mechanism))
+    authenticated = offers_auth and session_rights(connector, authenticated_user="relaygate-audit").may_relay
+    return RelayGrant(anon.may_relay, method_a if anon.may_relay else (), method_b, authenticated)
+
+
+def _is_all(entry: IPRange) -> bool:
+    return entry.prefix_length() == 0
+
+
+def _family_name(entry: IPRange) -> str:
+    return "IPv4" if entry.version == 4 else "IPv6"
+
+
+def _bindings_share(a: Binding, b: Binding) -> bool:
+    if a.port != b.port:
+        return False
+    if a.address == b.address:
+        return True
+    return (a.is_wildcard and (a.address == "::" or b.version == 4)) or (
+        b.is_wildcard and (b.address == "::" or a.version == 4)
+    )
+
+
+def _address(version: int, value: int) -> str:
+    return str(ipaddress.IPv4Address(value) if version == 4 else ipaddress.IPv6Address(value))
+
+
+def _overlap_text(a: IPRange, b: IPRange) -> str:
+    first, last = max(a.first, b.first), min(a.last, b.last)
+    if first == last:
+        return _address(a.version, first)
+    return f"{_address(a.version, first)}-{_address(a.version, last)}"
+
+
+def _state(connector: ReceiveConnector) -> str:
+    return "" if connector.enabled else " (the connector is disabled now, but would do this once enabled)"
+
+
+def _connector_findings(
+    c: ReceiveConnector, config: Config, max_prefix_v4: int, max_prefix_v6: int
+) -> Iterator[Finding]:
+    grant = relay_grant(c)
+    note = _state(c)
+    ranges = list(c.remote_ip_ranges)
+    if c.usage == "Internet" and not ranges:
+        ranges = [parse_ip_range("0.0.0.0-255.255.255.255")]
+
+    if grant.anonymous:
+        catch_all = [r for r in ranges if _is_all(r)]
+        if catch_all:
+            families = " and ".join(sorted({_family_name(r) for r in catch_all}))
+            yield Finding(
+                "high",
+                "catch-all-relay",
+                c.name,
+                "permissions" if grant.method_a else "permission_groups",
+                f"catch-all connector (every {families} address) grants relay ({grant.describe()}): it is an "
+                f"open relay for anyone who can reach {', '.join(str(b) for b in c.bindings) or 'it'}{note}",
+                "never add relay rights to a catch-all connector (like Exchange's Default Frontend): remove the "
+                "relay grant here and create a dedicated relay connector whose remote_ip_ranges list only the "
+                "devices",
+            )
+        for entry in ranges:
+            limit = max_prefix_v4 if entry.version == 4 else max_prefix_v6
+            prefix = entry.prefix_length()
+            if _is_all(entry):
+                what = f"every {_family_name(entry)} address (open relay)"
+            elif prefix < limit:
+                what = f"{entry.size:,} addresses (as wide as a /{prefix}, wider than /{limit})"
+            else:
+                continue
+            yield Finding(
+                "high",
+                "relay-range-too-wide",
+                c.name,
+                "remote_ip_ranges",
+                f"remote range {entry.text} lets {what} relay through this connector "
+                f"({grant.describe()}){note}",
+                f"replace {entry.text} with the exact addresses of the printers and applications that relay "
+                f"(`relaygate connector set \"{c.name}\" --remove-remote-ip-ranges {entry.text} "
+                "--add-remote-ip-ranges <device IPs>`)",
+            )
+        if grant.method_a and grant.method_b:
+            yield Finding(
+                "medium",
+                "relay-both-methods",
+                c.name,
+                "permissions",
+                "relay is granted both ways: an explicit Accept-Any-Recipient permission (method A) and "
+                "ExternalAuthoritative + ExchangeServers (method B) — use one method, never both",
+                "keep method A (AnonymousUsers + permission) unless the hosts really need full trust; then "
+                "remove the other grant",
+            )
+        if c.protocol_logging_level == "None":
+            yield Finding(
+                "medium",
+                "protocol-logging-off",
+                c.name,
+                "protocol_logging_level",
+                "relay connector without protocol logging: nobody can tell later which device sent what",
+                f'set protocol_logging_level = "Verbose" (`relaygate connector set "{c.name}" '
+                "--protocol-logging-level Verbose`)",
+            )
+        if "Tls" not in c.auth_mechanism:
+            yield Finding(
+                "medium",
+                "tls-not-offered",
+                c.name,
+                "auth_mechanism",
+                "relay connector does not offer STARTTLS: messages cross the network in clear text",
+                f'add Tls to auth_mechanism (`relaygate connector set "{c.name}" --add-auth-mechanism Tls`)',
+            )
+        elif c.tls_min_version in ("1.0", "1.1"):
+            yield Finding(
+                "medium",
+                "tls-min-version",
+                c.name,
+                "tls_min_version",
+                f"relay connector accepts TLS {c.tls_min_version}, which is deprecated (RFC 8996)",
+                'set tls_min_version = "1.2"; if an old device needs TLS 1.0, give it its own connector '
+                "listing only that device",
+            )
+        if c.max_inbound_connection_per_source is None:
+            yield Finding(
+                "low",
+                "per-source-connections-unlimited",
+                c.name,
+                "max_inbound_connection_per_source",
+                "relay connector has no per-source connection limit: one misbehaving client can take every slot",
+                "set max_inbound_connection_per_source (Exchange's default is 20)",
+            )
+        if c.message_rate_limit is None:
+            yield Finding(
+                "low",
+                "message-rate-unlimited",
+                c.name,
+                "message_rate_limit",
+                "relay connector has no message rate limit: a compromised device can send without bound",
+                "set message_rate_limit (messages per minute per source), e.g. 60 for printers and scanners",
+            )
+
+    if len(c.remote_ip_ranges) > MAX_RANGES:
+        yield Finding(
+            "info",
+            "many-ranges",
+            c.name,
+            "remote_ip_ranges",
+            f"{len(c.remote_ip_ranges)} remote ranges (more than {MAX_RANGES}): review that each one is still "
+            "a device that needs this connector",
+            "remove ranges of retired devices; `relaygate import exchange` on protocol logs shows which "
+            "client IPs really send",
+        )
+
+    if is_externally_secured(c):
+        hosts = sum(r.size for r in ranges)
+        if hosts > MAX_EXTERNALLY_SECURED_HOSTS:
+            yield Finding(
+                "high",
+                "externally-secured-too-many-hosts",
+                c.name,
+                "auth_mechanism",
+                f"ExternalAuthoritative (externally secured) trusts {hosts:,} addresses fully: their mail is "
+                "treated as internal and authenticated, any of them can spoof any internal sender, and "
+                f"anti-spam and size limits are bypassed{note}",
+                "keep ExternalAuthoritative for a short list of hosts secured outside the relay (IPsec, a "
+                "dedicated link); move other devices to a method A connector (AnonymousUsers + "
+                "Accept-Any-Recipient permission)",
+            )
+
+    if "BasicAuth" in c.auth_mechanism and "BasicAuthRequireTLS" not in c.auth_mechanism and not c.require_tls:
+        yield Finding(
+            "medium",
+            "basic-auth-cleartext",
+            c.name,
+            "auth_mechanism",
+            "BasicAuth is offered before STARTTLS: passwords can cross the network in clear text",
+            "add BasicAuthRequireTLS (and Tls) to auth_mechanism, or set require_tls = true",
+        )
+
+    if "ExchangeUsers" in c.permission_groups and not _AUTH_OFFERING & set(c.auth_mechanism):
+        yield Finding(
+            "info",
+            "exchange-users-without-auth",
+            c.name,
+            "permission_groups",
+            "ExchangeUsers grants relay only to authenticated sessions, but this connector offers no AUTH "
+            "mechanism (BasicAuth or Integrated): the group has no effect",
+            "remove ExchangeUsers, or offer BasicAuth + BasicAuthRequireTLS if clients should authenticate",
+        )
+
+    if config.server.trusted_proxies and grant.anonymous:
+        loopback = [r for r in ranges if r.overlaps(_LOOPBACK_V4) or r.overlaps(_LOOPBACK_V6)]
+        if loopback:
+            proxies = ", ".join(p.text for p in config.server.trusted_proxies)
+            yield Finding(
+                "high",
+                "loopback-relay-with-proxies",
+                c.name,
+                "remote_ip_ranges",
+                f"relay ranges include loopback ({', '.join(r.text for r in loopback)}) while "
+                f"server.trusted_proxies is set ({proxies}): a proxy or port-forward on this host that "
+                "does not send a PROXY header makes every client it forwards appear as loopback, and relay",
+                "remove loopback from this relay connector's remote_ip_ranges (use a separate loopback "
+                "connector without relay rights for local monitoring), and make the proxy send PROXY headers",
+            )
+
+
+def _shadow_findings(config: Config) -> Iterator[Finding]:
+    """Nested ranges on a shared binding: the narrower connector takes those clients (info)."""
+    connectors = [c for c in config.receive_connectors if c.enabled]
+    reported: set[tuple[str, str, str, str]] = set()
+    for i, a in enumerate(connectors):
+        for b in connectors[i + 1 :]:
+            if a.transport_role != b.transport_role:
+                continue
+            shared = [(x, y) for x in a.bindings for y in b.bindings if _bindings_share(x, y)]
+            if not shared:
+                continue
+            for ra in a.remote_ip_ranges:
+                for rb in b.remote_ip_ranges:
+                    if not ra.overlaps(rb) or (ra.first, ra.last) == (rb.first, rb.last):
+                        continue
+                    x, y = shared[0]
+                    if x.is_wildcard != y.is_wildcard:
+                        # An exact local address beats a wildcard whatever the ranges.
+                        winner, loser = (a, b) if not x.is_wildcard else (b, a)
+                        rw, rl = (ra, rb) if winner is a else (rb, ra)
+                        bw = x if winner is a else y
+                        why = f"it is bound to the exact address {bw}"
+                    else:
+                        if ra.size == rb.size:
+                            continue
+                        winner, loser = (a, b) if ra.size < rb.size else (b, a)
+                        rw, rl = (ra, rb) if winner is a else (rb, ra)
+                        why = f"its range {rw.text} is narrower than {rl.text}"
+                    key = (winner.name, loser.name, rw.text, rl.text)
+                    if key in reported:
+                        continue
+                    reported.add(key)
+                    binding = y if x.is_wildcard else x
+                    gw, gl = relay_grant(winner).anonymous, relay_grant(loser).anonymous
+                    effect = ""
+                    if gl and not gw:
+                        effect = (
+                            f' — they lose relay: "{loser.name}" grants Accept-Any-Recipient, '
+                            f'"{winner.name}" does not'
+                        )
+                    elif gw and not gl:
+                        effect = f' — they gain relay from "{winner.name}"'
+                    yield Finding(
+                        "info",
+                        "shadowed-range",
+                        loser.name,
+                        "remote_ip_ranges",
+                        f'clients in {_overlap_text(rw, rl)} on binding {binding} are taken by connector '
+                        f'"{winner.name}" ({why}), not by "{loser.name}": its settings and rights never '
+                        f"apply to them{effect}",
+                        f'if those clients belong on "{loser.name}", remove {rw.text} from "{winner.name}"; '
+                        f"check with `relaygate explain --client-ip {_address(rw.version, max(rw.first, rl.first))}`",
+                    )
+
+
+def audit(config: Config, *, max_prefix_v4: int = 24, max_prefix_v6: int = 64) -> list[Finding]:
+    """Every finding for `config`, most severe first (stable within a severity: file order)."""
+    findings: list[Finding] = []
+    for connector in config.receive_connectors:
+        findings.extend(_connector_findings(connector, config, max_prefix_v4, max_prefix_v6))
+    findings.extend(_shadow_findings(config))
+    order = {s: i for i, s in enumerate(SEVERITIES)}
+    return sorted(findings, key=lambda f: order[f.severity])
+
+
+def has_high(findings: list[Finding]) -> bool:
+    return any(f.severity == "high" for f in findings)
+
+
+def summary(findings: list[Finding]) -> dict[str, int]:
+    return {s: sum(1 for f in findings if f.severity == s) for s in SEVERITIES}
+

@@ -1,0 +1,290 @@
+"""Editing the config file in place: comments and layout kept, every edit validated, atomic writes.
+
+The CLI's `connector`, `permission`, `domain` and `send-connector` verbs (and `import exchange --write`)
+change the file through this module:
+
+1. the file is read and parsed with tomlkit (a lossless document: comments, blank lines, key order,
+   inline comments and string styles survive);
+2. the caller mutates the document with the helpers below;
+3. the whole resulting text is validated with the same parser `relaygate check` uses, so a refused edit
+   raises `ConfigError` whose problems print exactly as `check` prints them, and the file is untouched;
+4. the text is written atomically: a temporary file in the same directory, fsync, rename over the
+   original (mode kept), fsync of the directory. A running server sees either the old or the new file,
+   never half of one, and reloads on the change (file watch or SIGHUP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import tomlkit
+from tomlkit.items import AoT, Array, Table
+from tomlkit.toml_document import TOMLDocument
+
+from relaygate.config.loader import ConfigError, Problem, parse_text
+from relaygate.config.model import Config
+
+__all__ = [
+    "EditError",
+    "EditResult",
+    "append_table",
+    "apply_edit",
+    "atomic_write",
+    "find_table",
+    "list_value",
+    "new_table",
+    "remove_table",
+    "set_key",
+    "tables",
+]
+
+T = TypeVar("T")
+
+NEW_FILE_HEADER = (
+    "# RelayGate configuration (created by `relaygate`; edit by hand or with the CLI, comments are kept).\n"
+    "# Check it with `relaygate check`; a running server reloads it on change or SIGHUP.\n"
+)
+
+
+class EditError(Exception):
+    """An edit that cannot be made (unknown connector, entry not present...): nothing was written."""
+
+
+@dataclass(frozen=True, slots=True)
+class EditResult(Generic[T]):
+    """The outcome of `apply_edit`: the validated new config, the config before (None if the file was
+    missing or invalid), whether the file changed, and what the mutation returned."""
+
+    path: Path
+    config: Config
+    before: Config | None
+    changed: bool
+    value: T
+    created: bool = False
+
+
+# -- file level -------------------------------------------------------------------------------------
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically and durably (temp file + fsync + rename + fsync dir).
+
+    A symlinked config is written through to its target. An existing file keeps its permission bits
+    (and owner, when allowed); a new file gets 0644 less the umask.
+    """
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    directory = target.parent if str(target.parent) else Path(".")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            st = os.stat(target)
+        except FileNotFoundError:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp_name, 0o644 & ~umask)
+        else:
+            os.chmod(tmp_name, stat.S_IMODE(st.st_mode))
+            with contextlib.suppress(AttributeError, PermissionError, OSError):
+                os.chown(tmp_name, st.st_uid, st.st_gid)
+        os.replace(tmp_name, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+    try:
+        fd = os.open(directory, flags)
+    except OSError:  # e.g. Windows: directories cannot be opened; rename is durable enough there
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read(path: Path, create: bool) -> tuple[bytes | None, TOMLDocument]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        if not create:
+            raise EditError(
+                f"{path}: no such config file (create one with `relaygate connector new`, or pass --config)"
+            ) from None
+        if not path.parent.exists() and str(path.parent):
+            raise EditError(f"{path}: directory {path.parent} does not exist") from None
+        doc = tomlkit.document()
+        for line in NEW_FILE_HEADER.splitlines():
+            doc.add(tomlkit.comment(line.removeprefix("# ")))
+        doc.add(tomlkit.nl())
+        return None, doc
+    except OSError as exc:
+        raise ConfigError([Problem(str(path), "(file)", f"cannot read: {exc.strerror}")]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([Problem(str(path), "(file)", f"not UTF-8: {exc}")]) from None
+    try:
+        return raw, tomlkit.parse(text)
+    except Exception as exc:  # tomlkit raises its own ParseError subclasses
+        raise ConfigError([Problem(str(path), "(syntax)", f"not valid TOML: {exc}")]) from None
+
+
+def apply_edit(
+    path: Path,
+    mutate: Callable[[TOMLDocument], T],
+    *,
+    create: bool = False,
+    source: str | None = None,
+) -> EditResult[T]:
+    """Read `path`, run `mutate(doc)`, validate the result as `check` would, write it atomically.
+
+    Raises `EditError` (from `mutate` or a missing file) or `ConfigError` (the edit would leave an
+    invalid file); in both cases the file is byte-identical to before.
+    """
+    source = source or str(path)
+    raw, doc = _read(path, create)
+    base_dir = path.parent
+    before: Config | None = None
+    if raw is not None:
+        with contextlib.suppress(ConfigError):
+            before = parse_text(raw.decode("utf-8"), source, base_dir=base_dir)
+    value = mutate(doc)
+    text = tomlkit.dumps(doc)
+    config = parse_text(text, source, base_dir=base_dir)  # raises ConfigError: nothing written
+    data = text.encode("utf-8")
+    changed = raw != data
+    if changed:
+        atomic_write(path, data)
+    return EditResult(path, config, before, changed, value, created=raw is None)
+
+
+# -- document helpers -------------------------------------------------------------------------------
+
+
+def tables(doc: TOMLDocument, array: str) -> list[Table]:
+    """The `[[array]]` tables of the document (empty if the key is absent)."""
+    if array not in doc:
+        return []
+    value = doc[array]
+    if isinstance(value, AoT):
+        return list(value.body)
+    if isinstance(value, Array | list):
+        raise EditError(
+            f"{array} is written as an inline array; rewrite it as [[{array}]] tables to edit it with the CLI"
+        )
+    raise EditError(f"{array} is not an array of tables")
+
+
+def find_table(
+    doc: TOMLDocument, array: str, key: str, wanted: str, label: str
+) -> tuple[int, Table]:
+    """The table of `array` whose `key` equals `wanted` (case-insensitive), or EditError naming the choices."""
+    found = tables(doc, array)
+    norm = _norm_name(wanted)
+    for i, table in enumerate(found):
+        value = table.get(key)
+        if isinstance(value, str) and _norm_name(value) == norm:
+            return i, table
+    names = [str(t.get(key)) for t in found if isinstance(t.get(key), str)]
+    have = (
+        f" (have: {', '.join(repr(n) for n in names)})" if names else f" (the file has no {label}s)"
+    )
+    raise EditError(f"no {label} named {wanted!r}{have}")
+
+
+def _norm_name(value: str) -> str:
+    return value.strip().lower().rstrip(".")
+
+
+def new_table(values: Iterable[tuple[str, Any]], *, separate: bool = True) -> Table:
+    """A fresh table holding `values` in order (None values skipped), preceded by a blank line."""
+    table = tomlkit.table()
+    if separate:
+        table.trivia.indent = "\n"
+    for key, value in values:
+        if value is not None:
+            table[key] = _item(value)
+    return table
+
+
+def append_table(doc: TOMLDocument | Table, array: str, table: Table) -> int:
+    """Append `table` to the `[[array]]` tables, creating the array at the end if needed."""
+    if array not in doc:
+        aot = tomlkit.aot()
+        aot.append(table)
+        doc.append(array, aot)
+        return 0
+    value = doc[array]
+    if not isinstance(value, AoT):
+        raise EditError(f"{array} is not an array of tables; rewrite it as [[{array}]] tables")
+    value.append(table)
+    return len(value.body) - 1
+
+
+def remove_table(doc: TOMLDocument | Table, array: str, index: int) -> None:
+    value = doc[array]
+    assert isinstance(value, AoT)
+    del value[index]
+    if not value.body:
+        del doc[array]
+
+
+def set_key(table: Table, key: str, value: Any) -> None:
+    """Set `key` (None deletes it). An existing key is replaced in place, keeping its comment; a new key
+    goes after the table's last plain key, before any sub-tables and their leading comments."""
+    if value is None:
+        if key in table:
+            del table[key]
+        return
+    item = _item(value)
+    if key in table:
+        table[key] = item
+        return
+    last: str | None = None
+    for k, existing in table.value.body:
+        if k is not None and not isinstance(existing, Table | AoT):
+            last = k.key
+    if last is None:
+        table[key] = item
+        return
+    try:
+        table.value._insert_after(last, key, item)  # tomlkit private API: keeps the layout tidy
+    except Exception:
+        table[key] = item
+
+
+def _item(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        array = tomlkit.array()
+        for entry in value:
+            array.append(entry)
+        return array
+    return value
+
+
+def list_value(table: Table, key: str, default: Iterable[str] = ()) -> list[str]:
+    """A multi-valued key as a list of strings: a TOML array, or Exchange's comma-separated string."""
+    if key not in table:
+        return list(default)
+    value = table[key]
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return [str(value)]

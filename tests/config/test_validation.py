@@ -1,0 +1,135 @@
+"""Every validation error of issue 2 (Deliver item 3), each naming the file, the connector and the key.
+
+Each `configs/bad/*.toml` starts with three comment lines giving the connector, the key and a substring of
+the expected message; the file must produce exactly that one problem. `configs/good/*.toml` must load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relaygate.config import ConfigError, load_config, parse_text
+
+CONFIGS = Path(__file__).parent / "configs"
+BAD = sorted((CONFIGS / "bad").glob("*.toml"))
+GOOD = sorted((CONFIGS / "good").glob("*.toml"))
+
+
+def _expectations(path: Path) -> tuple[str, str, str]:
+    header: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines()[:3]:
+        key, _, value = line.removeprefix("# ").partition(": ")
+        header[key] = value
+    return header["expect-connector"], header["expect-key"], header["expect"]
+
+
+def _problems(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    for problem in info.value.problems:
+        assert problem.source == str(path)
+    return [str(p) for p in info.value.problems]
+
+
+def test_fixture_sets_are_not_empty() -> None:
+    assert len(BAD) >= 20 and len(GOOD) >= 3
+
+
+@pytest.mark.parametrize("path", BAD, ids=lambda p: p.stem)
+def test_bad_config_gives_exactly_its_error(path: Path) -> None:
+    connector, key, expected = _expectations(path)
+    problems = _problems(path)
+    assert len(problems) == 1, problems
+    (text,) = problems
+    # file, connector and key, in the form `FILE: receive_connectors[i] "NAME": KEY: message`
+    assert text.startswith(f"{path}: receive_connectors["), text
+    assert f'"{connector}": {key}: ' in text, text
+    assert expected in text, text
+
+
+@pytest.mark.parametrize("path", GOOD, ids=lambda p: p.stem)
+def test_good_config_loads(path: Path) -> None:
+    config = load_config(path)
+    assert config.receive_connectors
+    assert config.source == str(path)
+
+
+def test_all_errors_are_reported_at_once() -> None:
+    path = CONFIGS / "five_errors.toml"
+    problems = _problems(path)
+    assert len(problems) == 5, problems
+    expected = [
+        ('"Printers": remote_ip_range: ', "did you mean 'remote_ip_ranges'"),
+        ('"Scanners": remote_ip_ranges[0]: ', "reversed range"),
+        ('"ERP": auth_mechanism: ', "ExternalAuthoritative requires permission_groups to include 'ExchangeServers'"),
+        ('"Monitoring": connection_timeout: ', "00:01:00 is not above 00:05:00"),
+        ('"Backup": remote_ip_ranges: ', 'partially overlaps 10.0.0.0/24 of connector "Printers"'),
+    ]
+    for (where, what), text in zip(expected, problems, strict=True):
+        assert text.startswith(str(path)) and where in text and what in text, text
+
+
+def test_index_names_the_connector_in_the_file_even_after_a_broken_one() -> None:
+    # The first connector cannot be built (no name); the second must still be receive_connectors[1].
+    text = (
+        '[[receive_connectors]]\nbindings = ["0.0.0.0:25"]\nremote_ip_ranges = ["10.0.0.1"]\n'
+        '[[receive_connectors]]\nname = "B"\nbindings = ["0.0.0.0:25"]\nremote_ip_ranges = ["10.0.1.0/24"]\n'
+        'connection_timeout = "00:01:00"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_text(text, "idx.toml")
+    lines = [str(p) for p in info.value.problems]
+    assert lines == [
+        "idx.toml: receive_connectors[0].name: is required",
+        'idx.toml: receive_connectors[1] "B": connection_timeout: must be greater than '
+        "connection_inactivity_timeout (00:01:00 is not above 00:05:00)",
+    ]
+
+
+def test_bad_entries_do_not_cascade_into_is_required() -> None:
+    text = '[[receive_connectors]]\nname = "R"\nbindings = ["0.0.0.0:99999"]\nremote_ip_ranges = ["10.0.0.256"]\n'
+    with pytest.raises(ConfigError) as info:
+        parse_text(text, "c.toml")
+    assert [p.path for p in info.value.problems] == [
+        "receive_connectors[0].bindings[0]",
+        "receive_connectors[0].remote_ip_ranges[0]",
+    ]
+
+
+def test_missing_bindings_and_ranges_are_required() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_text('[[receive_connectors]]\nname = "R"\nbindings = []\n', "r.toml")
+    texts = [str(p) for p in info.value.problems]
+    assert any('"R": bindings: is required' in t for t in texts), texts
+    assert any('"R": remote_ip_ranges: is required' in t for t in texts), texts
+
+
+def test_nested_ranges_on_one_binding_are_allowed() -> None:
+    config = load_config(CONFIGS / "good" / "nested_ranges.toml")
+    assert [c.name for c in config.receive_connectors] == ["Default Frontend", "Subnet", "Single"]
+
+
+def test_unknown_section_and_toml_syntax_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_text("[recieve_connectors]\n", "s.toml")
+    assert str(info.value.problems[0]) == "s.toml: recieve_connectors: unknown section (did you mean 'receive_connectors'?)"
+    with pytest.raises(ConfigError) as info:
+        parse_text("[server\n", "t.toml")
+    assert str(info.value.problems[0]).startswith("t.toml: (syntax): not valid TOML")
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "missing.toml")
+    assert "cannot read" in str(info.value)
+
+
+def test_embedded_default_is_valid_and_loopback_only() -> None:
+    from relaygate.config.defaults import embedded_default
+
+    config = embedded_default()
+    (connector,) = config.receive_connectors
+    assert [str(b) for b in connector.bindings] == ["127.0.0.1:2525"]
+    assert connector.relay_ranges_text == ["127.0.0.0/8", "::1"]

@@ -1,0 +1,688 @@
+"""The SMTP client against real sinks on 127.0.0.1 (aiosmtpd, and a raw recorder)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+
+import pytest
+import trustme
+
+from relaygate import replies
+from relaygate.delivery.client import (
+    CONNECTION_DROPPED,
+    CREDENTIALS_MISSING,
+    TLS_NOT_OFFERED,
+    UNABLE_TO_CONNECT,
+    ConnectionPool,
+    Credentials,
+    CredentialsError,
+    deliver,
+    normalise_for_wire,
+    prepare_data,
+)
+
+from .helpers import Connector, Handler, RawSink, hop, start_sink
+
+MSG = b"From: printer@corp.test\r\nTo: a@dest.test\r\nSubject: scan\r\n\r\nHello\r\n.dot line\r\n"
+HELO = "relay.corp.test"
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def server_tls(ca) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("sink.test", "127.0.0.1").configure_cert(ctx)
+    return ctx
+
+
+@pytest.fixture
+def ca_file(ca, tmp_path):
+    path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+async def send(hops, connector=None, *, rcpts=("a@dest.test",), data=MSG, **kw):
+    kw.setdefault("timeout", 5.0)
+    return await deliver(
+        hops if isinstance(hops, list) else [hops],
+        connector=connector or Connector(),
+        helo_name=HELO,
+        sender=kw.pop("sender", "printer@corp.test"),
+        recipients=list(rcpts),
+        data=data,
+        **kw,
+    )
+
+
+def free_port() -> int:
+    """A port nobody listens on (bound then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# basic outcomes
+
+
+async def test_accepts_and_content_is_prepared_data():
+    sink = await start_sink()
+    try:
+        out = await send(hop(sink.port), rcpts=["a@dest.test", "b@dest.test"])
+    finally:
+        await sink.close()
+    assert out.hop_used == f"sink.test[127.0.0.1]:{sink.port}"
+    assert out.delivered == ["a@dest.test", "b@dest.test"]
+    assert out.per_recipient["a@dest.test"] == replies.Reply(
+        250, "2.6.0", "<id@sink.test> Queued mail for delivery"
+    )
+    assert out.data_reply.code == 250
+    [m] = sink.handler.messages
+    assert m["content"] == MSG  # well-formed CRLF message arrives byte for byte
+    assert m["mail_from"] == "printer@corp.test"
+    assert m["rcpt_tos"] == ["a@dest.test", "b@dest.test"]
+    assert sink.handler.ehlo_names == [HELO]
+    assert "SIZE=%d" % len(normalise_for_wire(MSG)) in m["mail_options"]
+
+
+async def test_null_sender():
+    sink = await start_sink()
+    try:
+        out = await send(hop(sink.port), sender="")
+    finally:
+        await sink.close()
+    assert out.delivered == ["a@dest.test"]
+    assert sink.handler.mail_froms == ["<>"]  # aiosmtpd spells the null path "<>"
+
+
+async def test_transient_reply_to_all_rcpts_fails_over_and_defers():
+    sink = await start_sink(Handler(rcpt_replies={"a@dest.test": "451 4.3.0 try later"}))
+    try:
+        out = await send(hop(sink.port))
+    finally:
+        await sink.close()
+    r = out.per_recipient["a@dest.test"]
+    assert r.is_transient and r.code == 451 and r.enhanced == "4.4.0"
+    assert '"451 4.3.0 try later."' in r.text
+    assert out.hop_used is None
+    assert sink.handler.messages == []
+
+
+async def test_transient_mail_from_defers():
+    sink = await start_sink(Handler(mail_reply="452 4.3.1 Insufficient system resources"))
+    try:
+        out = await send(hop(sink.port))
+    finally:
+        await sink.close()
+    assert out.per_recipient["a@dest.test"] == replies.failover_failed(
+        "452 4.3.1 Insufficient system resources"
+    )
+
+
+async def test_permanent_on_one_rcpt_others_delivered():
+    sink = await start_sink(
+        Handler(rcpt_replies={"bad@dest.test": "550 5.1.1 RESOLVER.ADR.RecipNotFound; not found"})
+    )
+    try:
+        out = await send(hop(sink.port), rcpts=["a@dest.test", "bad@dest.test", "c@dest.test"])
+    finally:
+        await sink.close()
+    assert out.delivered == ["a@dest.test", "c@dest.test"]
+    assert out.per_recipient["bad@dest.test"] == replies.Reply(
+        550, "5.1.1", "RESOLVER.ADR.RecipNotFound; not found"
+    )
+    assert sink.handler.messages[0]["rcpt_tos"] == ["a@dest.test", "c@dest.test"]
+
+
+async def test_mixed_transient_rcpt_stays_deferred_without_failover():
+    s1 = await start_sink(Handler(rcpt_replies={"b@dest.test": "452 4.2.2 Mailbox full"}))
+    s2 = await start_sink()
+    try:
+        out = await send([hop(s1.port), hop(s2.port)], rcpts=["a@dest.test", "b@dest.test"])
+    finally:
+        await s1.close()
+        await s2.close()
+    assert out.delivered == ["a@dest.test"]
+    assert out.per_recipient["b@dest.test"] == replies.Reply(452, "4.2.2", "Mailbox full")
+    assert s2.handler.connections == 0  # no copy to a second host
+
+
+async def test_permanent_mail_from_fails_all_without_failover():
+    s1 = await start_sink(Handler(mail_reply="550 5.7.1 Client does not have permissions to send as this sender"))
+    s2 = await start_sink()
+    try:
+        out = await send([hop(s1.port), hop(s2.port)], rcpts=["a@dest.test", "b@dest.test"])
+    finally:
+        await s1.close()
+        await s2.close()
+    assert out.failed == ["a@dest.test", "b@dest.test"]
+    assert out.per_recipient["a@dest.test"].enhanced == "5.7.1"
+    assert s2.handler.connections == 0
+
+
+async def test_data_5xx_applies_to_all_accepted():
+    sink = await start_sink(Handler(data_reply="554 5.6.0 Invalid message content"))
+    try:
+        out = await send(hop(sink.port), rcpts=["a@dest.test", "b@dest.test"])
+    finally:
+        await sink.close()
+    assert out.per_recipient == {
+        "a@dest.test": replies.Reply(554, "5.6.0", "Invalid message content"),
+        "b@dest.test": replies.Reply(554, "5.6.0", "Invalid message content"),
+    }
+
+
+async def test_data_4xx_fails_over_to_next_host():
+    s1 = await start_sink(Handler(data_reply="451 4.3.0 queue full"))
+    s2 = await start_sink()
+    try:
+        out = await send([hop(s1.port, "mx1.test"), hop(s2.port, "mx2.test")])
+    finally:
+        await s1.close()
+        await s2.close()
+    assert out.delivered == ["a@dest.test"]
+    assert out.hop_used == f"mx2.test[127.0.0.1]:{s2.port}"
+    assert out.transcript_errors == [f"mx1.test[127.0.0.1]:{s1.port}: 451 4.3.0 queue full"]
+
+
+async def test_drop_mid_data_fails_over():
+    raw = await RawSink(drop_after_bytes=10).start()
+    sink = await start_sink()
+    try:
+        out = await send([hop(raw.port, "dropper.test"), hop(sink.port)])
+    finally:
+        await raw.close()
+        await sink.close()
+    assert out.delivered == ["a@dest.test"]
+    assert CONNECTION_DROPPED.line() in out.transcript_errors[0]
+    assert len(sink.handler.messages) == 1
+
+
+async def test_drop_mid_data_single_host_defers():
+    raw = await RawSink(drop_after_bytes=10).start()
+    try:
+        out = await send(hop(raw.port))
+    finally:
+        await raw.close()
+    assert out.per_recipient["a@dest.test"] == replies.failover_failed(CONNECTION_DROPPED.line())
+    assert raw.data == []
+
+
+@pytest.mark.parametrize("greeting", ["421 4.3.2 Service not available", "554 5.7.1 go away"])
+async def test_error_greeting_fails_over(greeting):
+    raw = await RawSink(greeting=greeting).start()
+    sink = await start_sink()
+    try:
+        out = await send([hop(raw.port), hop(sink.port)])
+    finally:
+        await raw.close()
+        await sink.close()
+    assert out.delivered == ["a@dest.test"]
+    assert greeting in out.transcript_errors[0]
+
+
+async def test_failover_when_first_smart_host_refuses_connections():
+    dead = free_port()
+    sink = await start_sink()
+    try:
+        out = await send([hop(dead, "sh1.test"), hop(sink.port, "sh2.test")])
+    finally:
+        await sink.close()
+    assert out.delivered == ["a@dest.test"]
+    assert out.hop_used.startswith("sh2.test")
+    assert out.transcript_errors == [f"sh1.test[127.0.0.1]:{dead}: 421 4.2.1 Unable to connect"]
+    assert len(sink.handler.messages) == 1
+
+
+async def test_all_hosts_unreachable_uses_exchange_failover_text():
+    out = await send([hop(free_port()), hop(free_port())])
+    r = out.per_recipient["a@dest.test"]
+    assert r == replies.failover_failed(UNABLE_TO_CONNECT.line())
+    assert r.line() == (
+        '451 4.4.0 Primary target IP address responded with: "421 4.2.1 Unable to connect." '
+        "Attempted failover to alternate host, but that did not succeed. Either there are no "
+        "alternate hosts, or delivery failed to all alternate hosts."
+    )
+    assert len(out.transcript_errors) == 2
+
+
+async def test_connect_timeout_text():
+    # a listening socket with a full backlog is hard to build portably; a greeting that never
+    # comes exercises the same "Connection timed out" reply
+    async def silent(reader, writer):
+        await asyncio.sleep(5)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        out = await send(hop(port), timeout=0.3)
+    finally:
+        server.close()
+    assert out.per_recipient["a@dest.test"] == replies.failover_failed(
+        "421 4.4.1 Connection timed out"
+    )
+
+
+async def test_no_hops_and_invalid_addresses():
+    out = await send([], rcpts=["a@dest.test"])
+    assert out.per_recipient["a@dest.test"] == replies.NO_NEXT_HOP
+    sink = await start_sink()
+    try:
+        out = await send(hop(sink.port), rcpts=["a@dest.test", "x@dest.test>\r\nRCPT TO:<y@evil.test"])
+        bad_sender = await send(hop(sink.port), sender="a@b\r\nRSET")
+    finally:
+        await sink.close()
+    assert out.delivered == ["a@dest.test"]
+    assert out.per_recipient["x@dest.test>\r\nRCPT TO:<y@evil.test"] == replies.INVALID_RECIPIENT
+    assert sink.handler.rcpts == ["a@dest.test"]
+    assert bad_sender.per_recipient["a@dest.test"] == replies.INVALID_SENDER
+
+
+async def test_route_size_limit():
+    out = await send([hop(1)], Connector(max_message_size=10))
+    assert out.per_recipient["a@dest.test"] == replies.ROUTE_SIZE_LIMIT
+
+
+async def test_remote_size_limit_is_permanent():
+    sink = await start_sink(data_size_limit=20)
+    try:
+        out = await send(hop(sink.port))
+    finally:
+        await sink.close()
+    assert out.per_recipient["a@dest.test"] == replies.MESSAGE_TOO_BIG
+    assert sink.handler.mail_froms == []
+
+
+# --------------------------------------------------------------------------------------------------
+# byte-for-byte
+
+
+NASTY = (
+    b"Subject: smuggle\r\n\r\nSMUGGLINGSTART\n.\r\nMAIL FROM:<x@evil>\r\n\r.\r\n"
+    b"\r\n\x00.\r\nbare\rcr and bare\nlf\r\n" + b"L" * 2000 + b"\r\n..two dots\r\n.\r\nend"
+)
+
+
+@pytest.mark.parametrize("data", [MSG, NASTY, b"", b"no final newline"], ids=["clean", "nasty", "empty", "nonl"])
+async def test_wire_bytes_equal_normalised_input(data):
+    raw = await RawSink().start()
+    try:
+        out = await send(hop(raw.port), data=data)
+    finally:
+        await raw.close()
+    assert out.delivered == ["a@dest.test"]
+    assert raw.data == [normalise_for_wire(data)]
+
+
+async def test_aiosmtpd_sink_reconstructs_prepared_data():
+    sink = await start_sink()
+    try:
+        await send(hop(sink.port), data=NASTY)
+    finally:
+        await sink.close()
+    assert sink.handler.messages[0]["content"] == prepare_data(NASTY)
+
+
+async def test_eight_bit_body_declares_8bitmime():
+    sink = await start_sink()
+    data = "Subject: é\r\n\r\nnaïve\r\n".encode()
+    try:
+        await send(hop(sink.port), data=data)
+    finally:
+        await sink.close()
+    m = sink.handler.messages[0]
+    assert "BODY=8BITMIME" in m["mail_options"]
+    assert m["content"] == data
+
+
+# --------------------------------------------------------------------------------------------------
+# TLS
+
+
+async def test_opportunistic_starttls_used_when_offered(server_tls):
+    sink = await start_sink(tls_context=server_tls)
+    try:
+        out = await send(hop(sink.port))
+    finally:
+        await sink.close()
+    assert out.delivered == ["a@dest.test"]
+    assert sink.handler.messages[0]["tls"] is True
+    assert sink.handler.ehlo_names == [HELO, HELO]  # EHLO again after TLS
+
+
+async def test_encryption_only_accepts_untrusted_cert(server_tls):
+    sink = await start_sink(tls_context=server_tls)
+    try:
+        out = await send(hop(sink.port), Connector(require_tls=True, tls_auth_level="EncryptionOnly"))
+    finally:
+        await sink.close()
+    assert out.delivered == ["a@dest.test"]
+    assert sink.handler.tls_at_mail == [True]
+
+
+async def test_certificate_validation_fails_without_ca_then_passes_with_ca(server_tls, ca_file):
+    sink = await start_sink(tls_context=server_tls)
+    try:
+        bad = await send(
+            hop(sink.port), Connector(require_tls=True, tls_auth_level="CertificateValidation")
+        )
+        good = await send(
+            hop(sink.port),
+            Connector(require_tls=True, tls_auth_level="CertificateValidation", tls_ca_file=ca_file),
+        )
+    finally:
+        await sink.close()
+    r = bad.per_recipient["a@dest.test"]
+    assert r.is_transient  # certificate failures are deferred, never bounced
+    assert "certificate validation failed" in r.text
+    assert good.delivered == ["a@dest.test"]
+    assert sink.handler.tls_at_mail == [True]  # the failed attempt never reached MAIL
+
+
+async def test_domain_validation_checks_name(server_tls, ca_file):
+    sink = await start_sink(tls_context=server_tls)
+    base = dict(require_tls=True, tls_auth_level="DomainValidation", tls_ca_file=ca_file)
+    try:
+        ok_host = await send(hop(sink.port, host="sink.test"), Connector(**base))
+        ok_domain = await send(
+            hop(sink.port, host="other.test"), Connector(**base, tls_domain="sink.test")
+        )
+        wrong = await send(
+            hop(sink.port, host="sink.test"), Connector(**base, tls_domain="mail.protection.outlook.com")
+        )
+    finally:
+        await sink.close()
+    assert ok_host.delivered == ["a@dest.test"]
+    assert ok_domain.delivered == ["a@dest.test"]
+    r = wrong.per_recipient["a@dest.test"]
+    assert r.is_transient and "certificate validation failed" in r.text
+    assert len(sink.handler.messages) == 2
+
+
+async def test_verification_levels_imply_required_tls(ca_file):
+    sink = await start_sink()  # no STARTTLS
+    try:
+        out = await send(
+            hop(sink.port), Connector(tls_auth_level="CertificateValidation", tls_ca_file=ca_file)
+        )
+    finally:
+        await sink.close()
+    assert out.per_recipient["a@dest.test"] == replies.failover_failed(TLS_NOT_OFFERED.line())
+    assert sink.handler.mail_froms == []
+
+
+async def test_require_tls_without_starttls_defers_and_sends_no_mail():
+    sink = await start_sink()  # STARTTLS hidden
+    try:
+        out = await send(hop(sink.port), Connector(require_tls=True))
+    finally:
+        await sink.close()
+    r = out.per_recipient["a@dest.test"]
+    assert r.is_transient and TLS_NOT_OFFERED.line() in r.text
+    assert sink.handler.mail_froms == []  # the sink never saw MAIL
+    assert sink.handler.messages == []
+
+
+async def test_opportunistic_tls_failure_falls_back_to_clear(server_tls):
+    # a server whose STARTTLS handshake fails (it has no usable certificate for our client context
+    # because we ask for a TLS version it refuses)
+    bad_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    bad_ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    bad_ctx.set_ciphers("ALL:@SECLEVEL=0")
+    ca = trustme.CA()
+    ca.issue_cert("sink.test").configure_cert(bad_ctx)
+    sink = await start_sink(tls_context=bad_ctx)
+    try:
+        out = await send(hop(sink.port))
+        required = await send(hop(sink.port), Connector(require_tls=True))
+    finally:
+        await sink.close()
+    assert out.delivered == ["a@dest.test"]
+    assert sink.handler.messages[0]["tls"] is False
+    assert required.per_recipient["a@dest.test"].is_transient
+    assert len(sink.handler.messages) == 1
+
+
+async def test_implicit_tls(server_tls, ca_file):
+    sink = await start_sink(tls_context=server_tls, implicit_tls=True)
+    try:
+        out = await send(
+            hop(sink.port),
+            Connector(implicit_tls=True, tls_auth_level="DomainValidation", tls_ca_file=ca_file),
+        )
+    finally:
+        await sink.close()
+    assert out.delivered == ["a@dest.test"]
+
+
+# --------------------------------------------------------------------------------------------------
+# AUTH
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+async def test_basic_auth_with_password_file(server_tls, tmp_path, mechanism, caplog):
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret-Pa55\n")
+    exclude = ["LOGIN"] if mechanism == "PLAIN" else ["PLAIN"]
+    sink = await start_sink(
+        Handler(users={"relay@corp.test": "s3cret-Pa55"}),
+        tls_context=server_tls,
+        auth_required=True,
+        auth_exclude_mechanism=exclude,
+    )
+    conn = Connector(
+        smart_host_auth_mechanism="BasicAuthRequireTLS",
+        auth_username="relay@corp.test",
+        auth_password_file=pw,
+    )
+    creds = Credentials.from_connector(conn)
+    assert "s3cret" not in repr(creds)
+    caplog.set_level(logging.DEBUG)
+    try:
+        out = await send(hop(sink.port), conn, credentials=creds)
+    finally:
+        await sink.close()
+    assert out.delivered == ["a@dest.test"]
+    assert sink.handler.auth_seen == [(mechanism, "relay@corp.test")]
+    assert sink.handler.messages[0]["auth"] == "relay@corp.test"
+    assert "s3cret" not in caplog.text
+
+
+async def test_wrong_password_defers_and_never_leaks(server_tls, caplog):
+    sink = await start_sink(
+        Handler(users={"relay@corp.test": "right"}), tls_context=server_tls, auth_required=True
+    )
+    conn = Connector(
+        smart_host_auth_mechanism="BasicAuth",
+        auth_username="relay@corp.test",
+        auth_password_env="RG_TEST_PW",
+    )
+    creds = Credentials.from_connector(conn, environ={"RG_TEST_PW": "wrong-Secret-XYZ"})
+    caplog.set_level(logging.DEBUG)
+    try:
+        out = await send(hop(sink.port), conn, credentials=creds)
+    finally:
+        await sink.close()
+    r = out.per_recipient["a@dest.test"]
+    assert r.is_transient and "535" in r.text
+    assert "wrong-Secret-XYZ" not in r.line() + " ".join(out.transcript_errors) + caplog.text
+    assert sink.handler.mail_froms == []
+
+
+async def test_basic_auth_require_tls_never_sends_credentials_in_clear():
+    sink = await start_sink(
+        Handler(users={"u": "p"}), auth_require_tls=False
+    )  # offers AUTH in clear, no STARTTLS
+    conn = Connector(smart_host_auth_mechanism="BasicAuthRequireTLS", auth_username="u")
+    try:
+        out = await send(hop(sink.port), conn, credentials=Credentials("u", password="p"))
+    finally:
+        await sink.close()
+    assert out.per_recipient["a@dest.test"].is_transient
+    assert sink.handler.auth_seen == []
+    assert sink.handler.mail_froms == []
+
+
+async def test_basic_auth_in_clear_when_connector_allows_it():
+    with pytest.warns(UserWarning):
+        sink = await start_sink(
+            Handler(users={"u": "p"}), auth_require_tls=False, auth_required=True
+        )
+    conn = Connector(smart_host_auth_mechanism="BasicAuth", auth_username="u")
+    try:
+        out = await send(hop(sink.port), conn, credentials=Credentials("u", password="p"))
+    finally:
+        await sink.close()
+    assert out.delivered == ["a@dest.test"]
+
+
+async def test_missing_credentials_never_connect():
+    sink = await start_sink()
+    conn = Connector(smart_host_auth_mechanism="BasicAuth", auth_username="u")
+    try:
+        out = await send(hop(sink.port), conn, credentials=None)
+    finally:
+        await sink.close()
+    assert out.per_recipient["a@dest.test"] == CREDENTIALS_MISSING
+    assert sink.handler.connections == 0
+
+
+def test_credentials_loading(tmp_path):
+    f = tmp_path / "pw"
+    f.write_bytes(b"pa ss\r\n")
+    c = Connector(smart_host_auth_mechanism="BasicAuth", auth_username="u", auth_password_file=f)
+    assert Credentials.from_connector(c).password == "pa ss"
+    assert Credentials.from_connector(Connector()) is None
+    with pytest.raises(CredentialsError) as info:
+        Credentials.from_connector(
+            Connector(smart_host_auth_mechanism="BasicAuth", auth_password_env="NOPE_RG_X"),
+            environ={},
+        )
+    assert "NOPE_RG_X" in str(info.value)
+    with pytest.raises(CredentialsError):
+        Credentials.from_connector(
+            Connector(smart_host_auth_mechanism="BasicAuth", auth_password_file=tmp_path / "none")
+        )
+    with pytest.raises(CredentialsError):
+        Credentials.from_connector(Connector(smart_host_auth_mechanism="XOAUTH2"))
+
+
+async def test_xoauth2_exchange(server_tls):
+    sink = await start_sink(
+        Handler(oauth_tokens={"relay@corp.test": "tok-123"}),
+        tls_context=server_tls,
+        auth_required=True,
+    )
+    calls = 0
+
+    async def token() -> str:
+        nonlocal calls
+        calls += 1
+        return "tok-123"
+
+    conn = Connector(
+        smart_host_auth_mechanism="XOAUTH2", auth_username="relay@corp.test", require_tls=True
+    )
+    creds = Credentials.from_connector(conn, token_provider=token)
+    try:
+        out = await send(hop(sink.port), conn, credentials=creds)
+    finally:
+        await sink.close()
+    assert out.delivered == ["a@dest.test"]
+    assert calls == 1
+    assert sink.handler.auth_seen == [("XOAUTH2", "relay@corp.test")]
+
+
+async def test_xoauth2_bad_token_defers(server_tls):
+    sink = await start_sink(
+        Handler(oauth_tokens={"relay@corp.test": "good"}), tls_context=server_tls, auth_required=True
+    )
+
+    async def token() -> str:
+        return "expired"
+
+    conn = Connector(smart_host_auth_mechanism="XOAUTH2", auth_username="relay@corp.test")
+    try:
+        out = await send(hop(sink.port), conn, credentials=Credentials("relay@corp.test", token_provider=token))
+    finally:
+        await sink.close()
+    assert out.per_recipient["a@dest.test"].is_transient
+    assert sink.handler.mail_froms == []
+
+
+# --------------------------------------------------------------------------------------------------
+# connection reuse
+
+
+async def test_pool_reuses_authenticated_session(server_tls):
+    sink = await start_sink(Handler(users={"u": "p"}), tls_context=server_tls, auth_required=True)
+    pool = ConnectionPool(idle_seconds=5.0)
+    conn = Connector(smart_host_auth_mechanism="BasicAuth", auth_username="u")
+    creds = Credentials("u", password="p")
+    try:
+        for i in range(3):
+            out = await send(hop(sink.port), conn, credentials=creds, pool=pool, rcpts=[f"r{i}@dest.test"])
+            assert out.delivered == [f"r{i}@dest.test"]
+        assert len(pool) == 1
+        await pool.aclose()
+    finally:
+        await sink.close()
+    assert sink.handler.connections == 1
+    assert len(sink.handler.auth_seen) == 1
+    assert [m["rcpt_tos"] for m in sink.handler.messages] == [
+        ["r0@dest.test"], ["r1@dest.test"], ["r2@dest.test"]
+    ]
+
+
+async def test_pool_expires_idle_sessions_and_caps_messages():
+    sink = await start_sink()
+    pool = ConnectionPool(idle_seconds=0.2, max_messages_per_connection=2)
+    try:
+        for _ in range(3):
+            await send(hop(sink.port), pool=pool)
+        assert sink.handler.connections == 2  # third message needed a new session
+        await asyncio.sleep(0.5)
+        assert len(pool) == 0
+        await send(hop(sink.port), pool=pool)
+        assert sink.handler.connections == 3
+        await pool.aclose()
+    finally:
+        await sink.close()
+
+
+async def test_pool_recovers_from_stale_session():
+    sink = await start_sink()
+    pool = ConnectionPool(idle_seconds=30)
+    try:
+        await send(hop(sink.port), pool=pool)
+        # the remote closes the idle connection behind our back
+        [[session]] = pool._idle.values()
+        session.smtp.transport.close()
+        await asyncio.sleep(0.05)
+        out = await send(hop(sink.port), pool=pool)
+        await pool.aclose()
+    finally:
+        await sink.close()
+    assert out.delivered == ["a@dest.test"]
+    assert len(sink.handler.messages) == 2
+
+
+async def test_pool_is_bounded():
+    sinks = [await start_sink() for _ in range(3)]
+    pool = ConnectionPool(idle_seconds=30, max_size=2)
+    try:
+        for s in sinks:
+            await send(hop(s.port), pool=pool)
+        assert len(pool) == 2
+        await pool.aclose()
+    finally:
+        for s in sinks:
+            await s.close()

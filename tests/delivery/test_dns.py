@@ -1,0 +1,130 @@
+"""MX / address lookups against a real DNS server on loopback (tests/support/dns_server.py)."""
+
+from __future__ import annotations
+
+import random
+import socket
+
+import pytest
+
+from relaygate import replies
+from relaygate.delivery.dns import DnsError, Resolver, parse_dns_server
+from tests.support.fixtures import loopback_dns  # noqa: F401
+
+
+def resolver_for(server, **kw) -> Resolver:
+    return Resolver([server.address], lifetime=2.0, timeout=1.0, **kw)
+
+
+def test_parse_dns_server():
+    assert parse_dns_server("127.0.0.1") == ("127.0.0.1", 53)
+    assert parse_dns_server("127.0.0.1:5353") == ("127.0.0.1", 5353)
+    assert parse_dns_server("[::1]:5300") == ("::1", 5300)
+    assert parse_dns_server("::1") == ("::1", 53)
+
+
+async def test_mx_sorted_by_preference(loopback_dns):
+    loopback_dns.add("corp.test", "MX", (20, "backup.corp.test"))
+    loopback_dns.add("corp.test", "MX", (5, "primary.corp.test"))
+    loopback_dns.add("corp.test", "MX", (10, "second.corp.test"))
+    mx = await resolver_for(loopback_dns).mx("corp.test")
+    assert mx == [(5, "primary.corp.test"), (10, "second.corp.test"), (20, "backup.corp.test")]
+
+
+async def test_equal_preferences_are_shuffled(loopback_dns):
+    for i in range(6):
+        loopback_dns.add("eq.test", "MX", (10, f"mx{i}.eq.test"))
+    loopback_dns.add("eq.test", "MX", (1, "first.eq.test"))
+    seen = set()
+    for seed in range(8):
+        mx = await resolver_for(loopback_dns, rng=random.Random(seed)).mx("eq.test")
+        assert mx[0] == (1, "first.eq.test")
+        assert sorted(mx[1:]) == [(10, f"mx{i}.eq.test") for i in range(6)]
+        seen.add(tuple(mx))
+    assert len(seen) > 1
+
+
+async def test_no_mx_gives_implicit_mx(loopback_dns):
+    loopback_dns.add("plain.test", "A", "127.0.0.9")
+    r = resolver_for(loopback_dns)
+    assert await r.mx("plain.test") == [(0, "plain.test")]
+    assert await r.addresses("plain.test") == ["127.0.0.9"]
+
+
+async def test_null_mx_is_permanent(loopback_dns):
+    loopback_dns.add("nomail.test", "MX", (0, "."))
+    with pytest.raises(DnsError) as info:
+        await resolver_for(loopback_dns).mx("nomail.test")
+    assert info.value.permanent
+    assert info.value.reply == replies.NULL_MX
+    assert info.value.reply.line().startswith("550 5.1.10")
+
+
+async def test_nxdomain_is_permanent(loopback_dns):
+    with pytest.raises(DnsError) as info:
+        await resolver_for(loopback_dns).mx("missing.test")
+    assert info.value.permanent
+    assert info.value.reply.line() == (
+        "550 5.4.4 SMTPSEND.DNS.NonExistentDomain; nonexistent domain"
+    )
+
+
+async def test_servfail_is_transient(loopback_dns):
+    loopback_dns.add("broken.test", "MX", (10, "mx.broken.test"))
+    loopback_dns.set_servfail("broken.test")
+    with pytest.raises(DnsError) as info:
+        await resolver_for(loopback_dns).mx("broken.test")
+    assert not info.value.permanent
+    assert info.value.reply.line() == "451 4.4.0 DNS query failed. The error was: ServerFailure"
+
+
+async def test_timeout_is_transient_error_retry():
+    # a UDP socket that never answers
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        port = silent.getsockname()[1]
+        r = Resolver([f"127.0.0.1:{port}"], timeout=0.2, lifetime=0.4)
+        with pytest.raises(DnsError) as info:
+            await r.mx("slow.test")
+    assert not info.value.permanent
+    assert info.value.reply == replies.dns_query_failed("ErrorRetry")
+
+
+async def test_addresses_ipv4_first_and_prefer_ipv6(loopback_dns):
+    loopback_dns.add("dual.test", "AAAA", "::1")
+    loopback_dns.add("dual.test", "A", "127.0.0.2")
+    assert await resolver_for(loopback_dns).addresses("dual.test") == ["127.0.0.2", "::1"]
+    assert await resolver_for(loopback_dns, prefer_ipv6=True).addresses("dual.test") == [
+        "::1",
+        "127.0.0.2",
+    ]
+
+
+async def test_addresses_of_literals_need_no_dns(loopback_dns):
+    r = resolver_for(loopback_dns)
+    assert await r.addresses("[127.0.0.5]") == ["127.0.0.5"]
+    assert await r.addresses("[IPv6:::1]") == ["::1"]
+    assert await r.addresses("10.1.2.3") == ["10.1.2.3"]
+    assert loopback_dns.queries == []
+
+
+async def test_addresses_nodata_is_empty_and_nxdomain_raises(loopback_dns):
+    loopback_dns.add("txtonly.test", "TXT", "hello")
+    r = resolver_for(loopback_dns)
+    assert await r.addresses("txtonly.test") == []
+    with pytest.raises(DnsError) as info:
+        await r.addresses("nohost.test")
+    assert info.value.permanent
+
+
+async def test_from_config(loopback_dns):
+    class Server:
+        dns_servers = (loopback_dns.address,)
+
+    class Config:
+        server = Server()
+
+    loopback_dns.add("cfg.test", "MX", (10, "mx.cfg.test"))
+    assert await Resolver.from_config(Config(), lifetime=2.0).mx("cfg.test") == [
+        (10, "mx.cfg.test")
+    ]

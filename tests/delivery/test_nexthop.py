@@ -1,0 +1,208 @@
+"""Next hops: smart hosts in order, MX by preference, implicit MX, loop detection."""
+
+from __future__ import annotations
+
+import pytest
+
+from relaygate import replies
+from relaygate.delivery.dns import Resolver
+from relaygate.delivery.nexthop import (
+    MX_SPECIAL_ADDRESS,
+    NextHop,
+    NextHopError,
+    is_local_endpoint,
+    parse_smart_host,
+    resolve_next_hops,
+)
+from tests.support.fixtures import loopback_dns  # noqa: F401
+
+from .helpers import Connector
+
+OURS = {("0.0.0.0", 25), ("127.0.0.1", 2525)}
+
+
+def res(server) -> Resolver:
+    return Resolver([server.address], lifetime=2.0, timeout=1.0)
+
+
+def test_parse_smart_host():
+    assert parse_smart_host("smtp.office365.com", 587) == ("smtp.office365.com", 587, False)
+    assert parse_smart_host("Relay.Corp.Test:2525", 25) == ("relay.corp.test", 2525, False)
+    assert parse_smart_host("[10.0.0.1]", 25) == ("10.0.0.1", 25, True)
+    assert parse_smart_host("[10.0.0.1]:587", 25) == ("10.0.0.1", 587, True)
+    assert parse_smart_host("10.0.0.2:26", 25) == ("10.0.0.2", 26, True)
+    assert parse_smart_host("[2001:db8::1]:26", 25) == ("2001:db8::1", 26, True)
+    assert parse_smart_host("2001:db8::1", 25) == ("2001:db8::1", 25, True)
+
+
+def test_is_local_endpoint():
+    assert is_local_endpoint("127.0.0.1", 2525, OURS)
+    assert is_local_endpoint("127.0.0.3", 25, OURS)  # loopback + one of our ports
+    assert is_local_endpoint("::ffff:127.0.0.1", 2525, OURS)
+    assert is_local_endpoint("10.0.0.9", 25, {("10.0.0.9", 25)})
+    assert not is_local_endpoint("127.0.0.1", 26, OURS)
+    assert not is_local_endpoint("192.0.2.1", 2525, OURS)
+
+
+async def test_smart_hosts_in_configured_order(loopback_dns):
+    loopback_dns.add("sh1.test", "A", "127.0.0.11")
+    loopback_dns.add("sh2.test", "A", "127.0.0.12")
+    loopback_dns.add("sh2.test", "AAAA", "::1")
+    conn = Connector(smart_hosts=["sh2.test:2600", "[127.0.0.13]", "sh1.test"], port=587)
+    hops = await resolve_next_hops(conn, "ignored.test", res(loopback_dns))
+    assert hops == [
+        NextHop("sh2.test", "127.0.0.12", 2600, "sh2.test"),
+        NextHop("sh2.test", "::1", 2600, "sh2.test"),
+        NextHop("127.0.0.13", "127.0.0.13", 587, "127.0.0.13"),
+        NextHop("sh1.test", "127.0.0.11", 587, "sh1.test"),
+    ]
+    assert hops[2].label == "[127.0.0.13]:587"
+    assert hops[0].label == "sh2.test[127.0.0.12]:2600"
+
+
+async def test_smart_host_tls_domain(loopback_dns):
+    conn = Connector(smart_hosts=["[127.0.0.1]"], tls_domain="mail.protection.outlook.com")
+    hops = await resolve_next_hops(conn, "x.test", res(loopback_dns))
+    assert hops[0].tls_name == "mail.protection.outlook.com"
+
+
+async def test_unresolvable_smart_host_skipped_then_deferred(loopback_dns):
+    loopback_dns.add("good.test", "A", "127.0.0.20")
+    conn = Connector(smart_hosts=["missing.test", "good.test"])
+    hops = await resolve_next_hops(conn, "x.test", res(loopback_dns))
+    assert [h.ip for h in hops] == ["127.0.0.20"]
+    with pytest.raises(NextHopError) as info:
+        await resolve_next_hops(Connector(smart_hosts=["missing.test"]), "x.test", res(loopback_dns))
+    assert not info.value.permanent  # a typo in the config must not bounce mail
+    assert info.value.reply.line().startswith("451 4.4.0 DNS query failed")
+
+
+async def test_no_smart_hosts_and_no_dns_routing_is_no_next_hop(loopback_dns):
+    with pytest.raises(NextHopError) as info:
+        await resolve_next_hops(Connector(), "x.test", res(loopback_dns))
+    assert info.value.permanent and info.value.reply == replies.NO_NEXT_HOP
+
+
+async def test_mx_by_preference_then_addresses(loopback_dns):
+    loopback_dns.add("dest.test", "MX", (20, "mx2.dest.test"))
+    loopback_dns.add("dest.test", "MX", (10, "mx1.dest.test"))
+    loopback_dns.add("mx1.dest.test", "A", "127.0.0.31")
+    loopback_dns.add("mx1.dest.test", "A", "127.0.0.32")
+    loopback_dns.add("mx2.dest.test", "A", "127.0.0.33")
+    conn = Connector(dns_routing_enabled=True, port=2500)
+    hops = await resolve_next_hops(
+        conn, "dest.test", res(loopback_dns), allow_special_addresses=True
+    )
+    assert [(h.host, h.preference, h.port) for h in hops] == [
+        ("mx1.dest.test", 10, 2500),
+        ("mx1.dest.test", 10, 2500),
+        ("mx2.dest.test", 20, 2500),
+    ]
+    assert sorted(h.ip for h in hops[:2]) == ["127.0.0.31", "127.0.0.32"]
+    assert hops[2].ip == "127.0.0.33"
+
+
+async def test_mx_host_without_address_is_skipped(loopback_dns):
+    loopback_dns.add("part.test", "MX", (10, "dead.part.test"))
+    loopback_dns.add("part.test", "MX", (20, "alive.part.test"))
+    loopback_dns.add("alive.part.test", "A", "127.0.0.40")
+    hops = await resolve_next_hops(
+        Connector(dns_routing_enabled=True), "part.test", res(loopback_dns),
+        allow_special_addresses=True,
+    )
+    assert [h.host for h in hops] == ["alive.part.test"]
+
+
+async def test_implicit_mx_uses_the_domain_address(loopback_dns):
+    loopback_dns.add("bare.test", "A", "127.0.0.41")
+    hops = await resolve_next_hops(
+        Connector(dns_routing_enabled=True), "bare.test", res(loopback_dns),
+        allow_special_addresses=True,
+    )
+    assert hops == [NextHop("bare.test", "127.0.0.41", 25, "bare.test", 0)]
+
+
+async def test_implicit_mx_without_address_is_permanent(loopback_dns):
+    loopback_dns.add("txt.test", "TXT", "no mail here")
+    with pytest.raises(NextHopError) as info:
+        await resolve_next_hops(Connector(dns_routing_enabled=True), "txt.test", res(loopback_dns))
+    assert info.value.permanent and info.value.reply == replies.DNS_NONEXISTENT_DOMAIN
+
+
+@pytest.mark.parametrize(
+    ("setup", "permanent", "reply"),
+    [
+        (lambda d: d.add("nullmx.test", "MX", (0, ".")), True, replies.NULL_MX),
+        (lambda d: None, True, replies.DNS_NONEXISTENT_DOMAIN),
+        (
+            lambda d: (d.add("nullmx.test", "MX", (10, "x.test")), d.set_servfail("nullmx.test")),
+            False,
+            replies.dns_query_failed("ServerFailure"),
+        ),
+    ],
+    ids=["null-mx", "nxdomain", "servfail"],
+)
+async def test_dns_failures_propagate(loopback_dns, setup, permanent, reply):
+    setup(loopback_dns)
+    with pytest.raises(NextHopError) as info:
+        await resolve_next_hops(Connector(dns_routing_enabled=True), "nullmx.test", res(loopback_dns))
+    assert info.value.permanent is permanent
+    assert info.value.reply == reply
+
+
+async def test_mx_to_loopback_refused_by_default(loopback_dns):
+    loopback_dns.add("evil.test", "MX", (10, "mx.evil.test"))
+    loopback_dns.add("mx.evil.test", "A", "127.0.0.1")
+    loopback_dns.add("meta.test", "A", "169.254.169.254")
+    with pytest.raises(NextHopError) as info:
+        await resolve_next_hops(Connector(dns_routing_enabled=True), "evil.test", res(loopback_dns))
+    assert info.value.reply == MX_SPECIAL_ADDRESS and not info.value.permanent
+    with pytest.raises(NextHopError):
+        await resolve_next_hops(Connector(dns_routing_enabled=True), "meta.test", res(loopback_dns))
+
+
+async def test_loop_smart_host_is_this_relay(loopback_dns):
+    conn = Connector(smart_hosts=["[127.0.0.1]:2525"])
+    with pytest.raises(NextHopError) as info:
+        await resolve_next_hops(conn, "x.test", res(loopback_dns), local_endpoints=OURS)
+    assert info.value.permanent and info.value.reply == replies.LOOP_DETECTED
+    # a looping smart host among others is dropped
+    conn2 = Connector(smart_hosts=["[127.0.0.1]:2525", "[127.0.0.50]:2600"])
+    hops = await resolve_next_hops(conn2, "x.test", res(loopback_dns), local_endpoints=OURS)
+    assert [h.label for h in hops] == ["[127.0.0.50]:2600"]
+
+
+async def test_loop_mx_is_this_relay(loopback_dns):
+    loopback_dns.add("self.test", "MX", (10, "relay.self.test"))
+    loopback_dns.add("relay.self.test", "A", "127.0.0.1")
+    with pytest.raises(NextHopError) as info:
+        await resolve_next_hops(
+            Connector(dns_routing_enabled=True), "self.test", res(loopback_dns),
+            local_endpoints=OURS, allow_special_addresses=True,
+        )
+    assert info.value.permanent and info.value.reply == replies.LOOP_DETECTED
+
+
+async def test_we_are_backup_mx_keeps_better_preferences(loopback_dns):
+    loopback_dns.add("backup.test", "MX", (10, "primary.backup.test"))
+    loopback_dns.add("backup.test", "MX", (20, "us.backup.test"))
+    loopback_dns.add("backup.test", "MX", (30, "worse.backup.test"))
+    loopback_dns.add("primary.backup.test", "A", "192.0.2.60")
+    loopback_dns.add("us.backup.test", "A", "127.0.0.1")
+    loopback_dns.add("worse.backup.test", "A", "192.0.2.61")
+    hops = await resolve_next_hops(
+        Connector(dns_routing_enabled=True), "backup.test", res(loopback_dns),
+        local_endpoints=OURS, allow_special_addresses=True,
+    )
+    assert [h.host for h in hops] == ["primary.backup.test"]
+
+
+async def test_max_hops_cap(loopback_dns):
+    for i in range(20):
+        loopback_dns.add("many.test", "MX", (i, f"mx{i}.many.test"))
+        loopback_dns.add(f"mx{i}.many.test", "A", f"127.0.1.{i + 1}")
+    hops = await resolve_next_hops(
+        Connector(dns_routing_enabled=True), "many.test", res(loopback_dns),
+        allow_special_addresses=True, max_hops=5,
+    )
+    assert [h.preference for h in hops] == [0, 1, 2, 3, 4]

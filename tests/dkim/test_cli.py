@@ -1,0 +1,132 @@
+"""`relaygate dkim new/show` as a user runs them (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import dkim
+
+from relaygate.dkim.signer import DkimSigner
+from tests.support.fixtures import loopback_dns  # noqa: F401
+
+
+def relaygate(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "RELAYGATE_CONFIG"}
+    env["COLUMNS"] = "200"
+    return subprocess.run(
+        [sys.executable, "-m", "relaygate", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_new_writes_key_and_prints_record(tmp_path, loopback_dns):
+    data = tmp_path / "data"
+    proc = relaygate(
+        "dkim", "new", "--domain", "Corp.Example", "--selector", "s2026", "--data-dir", str(data),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    key = data / "dkim" / "corp.example" / "s2026.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    out = proc.stdout
+    assert f"Key written to {key} (mode 0600)." in out
+    assert "  Name:  s2026._domainkey.corp.example\n" in out
+    assert "  Type:  TXT\n" in out
+    value = next(line for line in out.splitlines() if line.startswith("  Value: "))[9:]
+    assert value.startswith("v=DKIM1; k=rsa; p=MIIB")
+    # the BIND form splits the 2048-bit key into <=255-byte strings that rejoin to the value
+    zone_lines = out.split("Zone file (BIND) form:\n")[1].split("Then add")[0]
+    strings = [line.strip().strip('( )"') for line in zone_lines.splitlines()[1:]]
+    assert all(len(s) <= 255 for s in strings) and "".join(strings) == value
+    assert 'key_file = "' + str(key) + '"' in out
+
+    # publish exactly what was printed; a message signed with the key verifies
+    loopback_dns.add("s2026._domainkey.corp.example", "TXT", value)
+
+    class Entry:
+        domain, selector, key_file, algorithm, headers, enabled = (
+            "corp.example", "s2026", key, "rsa-sha256", [], True
+        )  # fmt: skip
+
+    message = b"From: copier@corp.example\r\nTo: x@ext.example\r\nSubject: t\r\n\r\nhello\r\n"
+    signed = DkimSigner([Entry()]).sign(message, envelope_sender="copier@corp.example")
+    assert dkim.verify(signed.data, dnsfunc=loopback_dns.txt_lookup)
+
+
+def test_new_json_ed25519_and_refuses_overwrite(tmp_path):
+    data = tmp_path / "data"
+    args = ["dkim", "new", "--domain", "corp.example", "--selector", "e1", "--data-dir", str(data)]
+    proc = relaygate(*args, "--algorithm", "ed25519-sha256", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["algorithm"] == "ed25519-sha256"
+    assert info["record"]["name"] == "e1._domainkey.corp.example"
+    assert info["record"]["type"] == "TXT"
+    assert info["record"]["value"].startswith("v=DKIM1; k=ed25519; p=")
+    assert info["record"]["strings"] == [info["record"]["value"]]
+    before = Path(info["key_file"]).read_bytes()
+
+    again = relaygate(*args, cwd=tmp_path)
+    assert again.returncode == 1
+    assert "already exists; use --force" in again.stderr
+    assert Path(info["key_file"]).read_bytes() == before
+
+    forced = relaygate(*args, "--force", "--algorithm", "ed25519-sha256", cwd=tmp_path)
+    assert forced.returncode == 0 and Path(info["key_file"]).read_bytes() != before
+
+    bad = relaygate(*args[:-2], "--data-dir", str(data), "--algorithm", "dsa", cwd=tmp_path)
+    assert bad.returncode == 1 and "unknown DKIM algorithm" in bad.stderr
+
+
+def test_show_lists_found_and_configured_keys(tmp_path):
+    data = tmp_path / "data"
+    for sel, alg in (("s1", "rsa-sha256"), ("e1", "ed25519-sha256")):
+        proc = relaygate(
+            "dkim", "new", "--domain", "corp.example", "--selector", sel, "--algorithm", alg,
+            "--data-dir", str(data), cwd=tmp_path,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+    proc = relaygate("dkim", "show", "--data-dir", str(data), "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    keys = json.loads(proc.stdout)["keys"]
+    assert [(k["domain"], k["selector"], k["algorithm"], k["configured"]) for k in keys] == [
+        ("corp.example", "e1", "ed25519-sha256", False),
+        ("corp.example", "s1", "rsa-sha256", False),
+    ]
+    assert keys[1]["record"]["value"].startswith("v=DKIM1; k=rsa; p=")
+
+    config = tmp_path / "relaygate.toml"
+    config.write_text(
+        f'[server]\ndata_dir = "{data}"\n\n'
+        '[[dkim]]\ndomain = "corp.example"\nselector = "s1"\n'
+        f'key_file = "{data}/dkim/corp.example/s1.key"\n\n'
+        '[[dkim]]\ndomain = "other.example"\nselector = "s1"\n'
+        f'key_file = "{tmp_path}/missing.key"\nenabled = false\n'
+    )
+    proc = relaygate("dkim", "show", "--config", str(config), "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    keys = {(k["domain"], k["selector"]): k for k in json.loads(proc.stdout)["keys"]}
+    assert keys[("corp.example", "s1")]["configured"] and keys[("corp.example", "s1")]["enabled"]
+    assert not keys[("corp.example", "e1")]["configured"]
+    assert "cannot read DKIM key" in keys[("other.example", "s1")]["error"]
+
+    text = relaygate("dkim", "show", "--config", str(config), cwd=tmp_path)
+    assert text.returncode == 0, text.stderr
+    assert "corp.example  selector s1  rsa-sha256  (enabled)" in text.stdout
+    assert "other.example  selector s1  rsa-sha256  (disabled)" in text.stdout
+    assert "Name:  e1._domainkey.corp.example" in text.stdout
+
+
+def test_show_empty(tmp_path):
+    proc = relaygate("dkim", "show", "--data-dir", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 0
+    assert "No DKIM keys configured or found" in proc.stdout

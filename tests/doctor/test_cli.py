@@ -1,0 +1,87 @@
+"""`relaygate doctor` as a subprocess against the loopback DNS server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from relaygate.dkim.keys import load_private_key, write_key
+from tests.support.dns_server import LoopbackDNS
+from tests.support.fixtures import loopback_dns  # noqa: F401
+
+
+def relaygate(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "RELAYGATE_CONFIG"}
+    env["COLUMNS"] = "160"
+    return subprocess.run(
+        [sys.executable, "-m", "relaygate", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+
+
+def publish(server: LoopbackDNS, dkim_record: str) -> None:
+    server.add("corp.example", "MX", (10, "mx1.corp.example"))
+    server.add("mx1.corp.example", "A", "192.0.2.10")
+    server.add("corp.example", "TXT", "v=spf1 ip4:203.0.113.7 -all")
+    server.add("s1._domainkey.corp.example", "TXT", dkim_record)
+    server.add("_dmarc.corp.example", "TXT", "v=DMARC1; p=reject")
+
+
+def test_doctor_json_healthy_with_key_from_data_dir(tmp_path, loopback_dns):
+    key = write_key(tmp_path / "data", "corp.example", "s1")
+    publish(loopback_dns, load_private_key(key, "rsa-sha256").record)
+    proc = relaygate(
+        "doctor", "corp.example", "--relay-ip", "203.0.113.7", "--dns-server", loopback_dns.address,
+        "--data-dir", str(tmp_path / "data"), "--json", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["domain"] == "corp.example"
+    assert report["selector"] == "s1"  # found under data_dir
+    assert report["worst"] == "ok"
+    assert [(f["check"], f["severity"]) for f in report["findings"]] == [
+        ("MX", "ok"), ("SPF", "ok"), ("SPF", "ok"), ("DKIM", "ok"), ("DMARC", "ok"),
+    ]  # fmt: skip
+
+
+def test_doctor_json_errors_exit_1(tmp_path, loopback_dns):
+    other = write_key(tmp_path / "other", "corp.example", "s1")
+    write_key(tmp_path / "data", "corp.example", "s1")
+    publish(loopback_dns, load_private_key(other, "rsa-sha256").record)  # not the relay's key
+    proc = relaygate(
+        "doctor", "corp.example", "--relay-ip", "198.51.100.9", "--selector", "s1",
+        "--dns-server", loopback_dns.address, "--data-dir", str(tmp_path / "data"), "--json",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    findings = {f["check"]: f for f in json.loads(proc.stdout)["findings"] if f["severity"] == "error"}
+    assert "does not authorise 198.51.100.9" in findings["SPF"]["summary"]
+    assert "ip4:203.0.113.7 ip4:198.51.100.9 -all" in findings["SPF"]["fix"]
+    assert findings["DKIM"]["summary"].startswith("DKIM key mismatch")
+    assert findings["DMARC"]["summary"].startswith("receivers will reject relayed mail (550 5.7.509")
+
+
+def test_doctor_table_and_dns_servers_from_config(tmp_path, loopback_dns):
+    loopback_dns.set_servfail("corp.example")
+    config = tmp_path / "relaygate.toml"
+    config.write_text(
+        f'[server]\ndata_dir = "{tmp_path / "data"}"\ndns_servers = ["{loopback_dns.address}"]\n'
+    )
+    proc = relaygate("doctor", "corp.example", "--config", str(config), cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    flat = " ".join(proc.stdout.replace("│", " ").split())
+    assert "DNS doctor: corp.example" in proc.stdout
+    assert "451 4.4.0 DNS query failed. The error was: ServerFailure" in flat
+    assert ("corp.example", "MX", "udp") in loopback_dns.queries
+
+
+def test_doctor_bad_arguments(tmp_path):
+    proc = relaygate("doctor", "corp.example", "--relay-ip", "not-an-ip", "--data-dir", ".", cwd=tmp_path)
+    assert proc.returncode == 2 and "not an IP address" in proc.stderr

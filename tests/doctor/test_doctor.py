@@ -1,0 +1,449 @@
+"""The DNS doctor against a real loopback DNS server: a healthy domain and every failure of issue 5."""
+
+from __future__ import annotations
+
+import pytest
+
+from relaygate import doctor as doctor_mod
+from relaygate.dkim.keys import generate_key
+from relaygate.doctor import (
+    Report,
+    authorise_ip,
+    diagnose,
+    parse_tags,
+    spf_syntax_problems,
+    zone_txt,
+)
+from tests.support.dns_server import LoopbackDNS
+from tests.support.fixtures import loopback_dns  # noqa: F401
+
+DOMAIN = "corp.example"
+RELAY_IP = "203.0.113.7"
+SPF = "v=spf1 mx include:_spf.corp.example ip4:203.0.113.7 -all"
+DMARC = "v=DMARC1; p=reject; rua=mailto:dmarc@corp.example"
+
+
+@pytest.fixture(scope="module")
+def keys() -> tuple[str, str]:
+    """Two RSA public records: the relay's key and an unrelated one."""
+    return generate_key("rsa-sha256")[1], generate_key("rsa-sha256")[1]
+
+
+def healthy(server: LoopbackDNS, local_record: str) -> None:
+    server.add(DOMAIN, "MX", (10, "mx1.corp.example"))
+    server.add(DOMAIN, "MX", (20, "mx2.corp.example"))
+    server.add("mx1.corp.example", "A", "192.0.2.10")
+    server.add("mx2.corp.example", "AAAA", "2001:db8::25")
+    server.add(DOMAIN, "TXT", "google-site-verification=abc")
+    server.add(DOMAIN, "TXT", SPF)
+    server.add("_spf.corp.example", "TXT", "v=spf1 ip4:198.51.100.0/24 -all")
+    server.add("s1._domainkey.corp.example", "TXT", local_record)
+    server.add("_dmarc.corp.example", "TXT", DMARC)
+
+
+async def run(server: LoopbackDNS, local_record: str | None, **kw) -> Report:
+    kw.setdefault("relay_ip", RELAY_IP)
+    kw.setdefault("selector", "s1")
+    return await diagnose(
+        kw.pop("domain", DOMAIN),
+        resolver=server.resolver(),
+        local_dkim_public=local_record,
+        **kw,
+    )
+
+
+def only(report: Report, check: str, severity: str | None = None):
+    found = report.by_check(check)
+    if severity is not None:
+        found = [f for f in found if f.severity == severity]
+    assert len(found) == 1, [f.to_dict() for f in report.by_check(check)]
+    return found[0]
+
+
+def severities(report: Report) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for f in report.findings:
+        out.setdefault(f.check, []).append(f.severity)
+    return out
+
+
+async def test_healthy_domain(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    report = await run(loopback_dns, keys[0])
+    assert not report.has_errors, report.to_dict()
+    assert report.worst == "ok"
+    assert severities(report) == {
+        "MX": ["ok"],
+        "SPF": ["ok", "ok"],
+        "DKIM": ["ok"],
+        "DMARC": ["ok"],
+    }
+    assert only(report, "MX").summary == "MX: 10 mx1.corp.example, 20 mx2.corp.example"
+    spf_findings = report.by_check("SPF")
+    assert spf_findings[0].summary == "SPF record is valid and needs 2 of 10 DNS lookups"
+    assert spf_findings[1].summary == f"SPF authorises {RELAY_IP} (pass)"
+    assert "matches the relay's rsa key" in only(report, "DKIM").summary
+    assert only(report, "DMARC").summary == "DMARC p=reject; relayed mail aligns via SPF and DKIM"
+    data = report.to_dict()
+    assert data["counts"] == {"ok": 5, "info": 0, "warning": 0, "error": 0}
+    assert set(data["findings"][0]) == {"check", "severity", "summary", "detail", "fix"}
+    # every lookup went to the loopback server, and pyspf's hook is released afterwards
+    assert (DOMAIN, "TXT", "udp") in loopback_dns.queries
+    assert doctor_mod._spf_lookup.get() is None
+
+
+async def test_no_mx_and_no_address(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove(DOMAIN, "MX")
+    report = await run(loopback_dns, keys[0])
+    mx = only(report, "MX", "error")
+    assert "has no MX and no A record" in mx.summary
+    assert "550 5.1.8" in mx.summary
+    assert f"{DOMAIN}. 3600 IN MX 10" in mx.fix
+
+
+async def test_no_mx_but_address_is_a_warning(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove(DOMAIN, "MX")
+    loopback_dns.add(DOMAIN, "A", "192.0.2.80")
+    report = await run(loopback_dns, keys[0])
+    assert "implicit MX" in only(report, "MX", "warning").summary
+    assert not report.has_errors
+
+
+async def test_null_mx(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove(DOMAIN, "MX")
+    loopback_dns.add(DOMAIN, "MX", (0, "."))
+    mx = only(await run(loopback_dns, keys[0]), "MX", "error")
+    assert "null MX" in mx.summary and "550 5.7.27" in mx.summary
+
+
+async def test_mx_host_without_address(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove("mx2.corp.example")
+    mx = only(await run(loopback_dns, keys[0]), "MX", "warning")
+    assert mx.summary == "MX host(s) without an address: mx2.corp.example"
+
+
+async def test_nxdomain(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    report = await run(loopback_dns, keys[0], domain="missing.example")
+    mx = only(report, "MX", "error")
+    assert "does not exist in DNS (NXDOMAIN)" in mx.summary
+    assert "550 5.4.4 SMTPSEND.DNS.NonExistentDomain; nonexistent domain" in mx.summary
+    assert severities(report) == {
+        "MX": ["error"],
+        "SPF": ["info"],
+        "DKIM": ["info"],
+        "DMARC": ["info"],
+    }
+
+
+async def test_servfail(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    loopback_dns.set_servfail(DOMAIN)
+    report = await run(loopback_dns, keys[0])
+    mx = only(report, "MX", "error")
+    assert mx.summary == (
+        "MX lookup for corp.example failed: 451 4.4.0 DNS query failed. The error was: ServerFailure"
+    )
+    spf_finding = only(report, "SPF", "error")
+    assert "ServerFailure" in spf_finding.summary and "temperror" in spf_finding.summary
+
+
+async def test_timeout_is_error_retry(keys):
+    # a loopback port nobody answers on: the query times out
+    server = LoopbackDNS()
+    server.start()
+    resolver = server.resolver(lifetime=0.5)
+    server.stop()
+    report = await diagnose(DOMAIN, resolver=resolver, relay_ip=None, selector=None, local_dkim_public=None)
+    assert "The error was: ErrorRetry" in only(report, "MX", "error").summary
+
+
+async def test_spf_missing(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove(DOMAIN, "TXT")
+    report = await run(loopback_dns, keys[0])
+    finding = only(report, "SPF", "error")
+    assert finding.summary.startswith("corp.example has no SPF record: external recipients will answer 550 5.7.23 / 550 5.7.1")
+    assert finding.fix == 'corp.example. 3600 IN TXT "v=spf1 ip4:203.0.113.7 -all"'
+    # the relay's IP cannot be authorised, but DKIM still aligns
+    assert only(report, "DMARC").severity == "ok"
+    assert only(report, "DMARC").summary.endswith("aligns via DKIM")
+
+
+async def test_spf_without_relay_ip_and_the_fix_works(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove(DOMAIN, "TXT")
+    record = "v=spf1 mx ip4:198.51.100.1 ~all"
+    loopback_dns.add(DOMAIN, "TXT", record)
+    report = await run(loopback_dns, keys[0])
+    finding = only(report, "SPF", "error")
+    assert finding.summary == (
+        "external recipients will answer 550 5.7.23 / 550 5.7.1 because SPF does not "
+        "authorise 203.0.113.7 (SPF softfail)"
+    )
+    fixed = "v=spf1 mx ip4:198.51.100.1 ip4:203.0.113.7 ~all"
+    assert finding.fix == f'corp.example. 3600 IN TXT "{fixed}"'
+    # publishing exactly the suggested record makes pyspf pass
+    loopback_dns.remove(DOMAIN, "TXT")
+    loopback_dns.add(DOMAIN, "TXT", fixed)
+    report = await run(loopback_dns, keys[0])
+    assert report.by_check("SPF")[-1].summary == "SPF authorises 203.0.113.7 (pass)"
+
+
+async def test_spf_hard_fail_wording(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove(DOMAIN, "TXT")
+    loopback_dns.add(DOMAIN, "TXT", "v=spf1 -all")
+    finding = only(await run(loopback_dns, keys[0]), "SPF", "error")
+    assert "(SPF fail)" in finding.summary
+    assert finding.fix.endswith('"v=spf1 ip4:203.0.113.7 -all"')
+
+
+async def test_spf_ipv6_relay(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    report = await run(loopback_dns, keys[0], relay_ip="2001:db8:1::7")
+    assert 'ip6:2001:db8:1::7 -all"' in only(report, "SPF", "error").fix
+
+
+async def test_spf_over_ten_lookups(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove(DOMAIN, "TXT")
+    includes = " ".join(f"include:s{i}.corp.example" for i in range(4))
+    loopback_dns.add(DOMAIN, "TXT", f"v=spf1 {includes} ip4:203.0.113.7 -all")
+    for i in range(4):
+        loopback_dns.add(f"s{i}.corp.example", "TXT", "v=spf1 a mx exists:x.corp.example -all")
+    report = await run(loopback_dns, keys[0])
+    finding = only(report, "SPF", "error")
+    assert finding.summary == (
+        "SPF record of corp.example needs 16 DNS lookups (limit 10): receivers stop with SPF "
+        "permerror and answer 550 5.7.23 / 550 5.7.1"
+    )
+    assert "include:s0.corp.example (4)" in finding.detail
+    assert "ip4:203.0.113.7" in finding.fix
+    # pyspf agrees (permerror before it reaches ip4:), so only DKIM aligns
+    assert severities(report)["SPF"] == ["error"]
+    assert only(report, "DMARC").summary.endswith("aligns via DKIM")
+
+
+async def test_spf_over_ten_lookups_but_relay_matches_first(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove(DOMAIN, "TXT")
+    includes = " ".join(f"include:s{i}.corp.example" for i in range(4))
+    loopback_dns.add(DOMAIN, "TXT", f"v=spf1 ip4:203.0.113.7 {includes} -all")
+    for i in range(4):
+        loopback_dns.add(f"s{i}.corp.example", "TXT", "v=spf1 a mx exists:x.corp.example -all")
+    report = await run(loopback_dns, keys[0])
+    assert severities(report)["SPF"] == ["error", "ok"]
+    assert "before the lookup limit" in only(report, "SPF", "ok").detail
+
+
+async def test_spf_multiple_records(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    loopback_dns.add(DOMAIN, "TXT", "v=spf1 include:spf.protection.outlook.com -all")
+    finding = only(await run(loopback_dns, keys[0]), "SPF", "error")
+    assert "has 2 SPF records" in finding.summary and "permerror" in finding.summary
+    assert "include:spf.protection.outlook.com" in finding.fix
+    assert finding.fix.count("v=spf1") == 1
+
+
+async def test_spf_syntax_error(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove(DOMAIN, "TXT")
+    loopback_dns.add(DOMAIN, "TXT", "v=spf1 ip4:203.0.113.300 inclde:foo.example -all")
+    finding = only(await run(loopback_dns, keys[0]), "SPF", "error")
+    assert "is invalid" in finding.summary
+    assert "not an IP address" in finding.detail and "unknown mechanism 'inclde'" in finding.detail
+
+
+async def test_spf_include_without_record(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove("_spf.corp.example")
+    finding = only(await run(loopback_dns, keys[0]), "SPF", "error")
+    assert "include:_spf.corp.example has no SPF record" in finding.detail
+
+
+async def test_spf_not_evaluated_without_relay_ip(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    report = await run(loopback_dns, keys[0], relay_ip=None)
+    assert "pass --relay-ip" in only(report, "SPF", "info").summary
+    assert only(report, "DMARC").severity == "ok"  # DKIM aligns
+
+
+async def test_dkim_missing(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove("s1._domainkey.corp.example")
+    finding = only(await run(loopback_dns, keys[0]), "DKIM", "error")
+    assert finding.summary.startswith("no DKIM record at s1._domainkey.corp.example")
+    assert "550 5.7.509" in finding.summary
+    assert finding.fix == "Publish: " + zone_txt("s1._domainkey.corp.example", keys[0])
+
+
+async def test_dkim_key_mismatch(loopback_dns, keys):
+    healthy(loopback_dns, keys[1])  # DNS has another key than the relay's
+    report = await run(loopback_dns, keys[0])
+    finding = only(report, "DKIM", "error")
+    assert finding.summary.startswith("DKIM key mismatch at s1._domainkey.corp.example")
+    assert keys[0].split("p=")[1][:200] in finding.fix.replace('" "', "")
+    # SPF still aligns, so DMARC passes
+    assert only(report, "DMARC").summary.endswith("aligns via SPF")
+
+
+async def test_dkim_revoked_and_garbage(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove("s1._domainkey.corp.example")
+    loopback_dns.add("s1._domainkey.corp.example", "TXT", "v=DKIM1; k=rsa; p=")
+    assert "revoked" in only(await run(loopback_dns, keys[0]), "DKIM", "error").summary
+    loopback_dns.remove("s1._domainkey.corp.example")
+    loopback_dns.add("s1._domainkey.corp.example", "TXT", "v=DKIM1; k=rsa; p=AAAA")
+    assert "not an RSA public key" in only(await run(loopback_dns, keys[0]), "DKIM", "error").summary
+
+
+async def test_dkim_ed25519_and_bare_public_key(loopback_dns):
+    record = generate_key("ed25519-sha256")[1]
+    healthy(loopback_dns, record)
+    report = await run(loopback_dns, record.split("p=")[1])
+    assert "matches the relay's ed25519 key" in only(report, "DKIM", "ok").summary
+
+
+async def test_dkim_no_selector_is_a_warning(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    report = await run(loopback_dns, None, selector=None)
+    assert "not DKIM-signed" in only(report, "DKIM", "warning").summary
+    assert only(report, "DMARC").summary.endswith("aligns via SPF")
+
+
+async def test_dkim_published_but_no_local_key(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    report = await run(loopback_dns, None)
+    assert "no local key to compare" in only(report, "DKIM", "info").summary
+
+
+async def test_dmarc_missing(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove("_dmarc.corp.example")
+    finding = only(await run(loopback_dns, keys[0]), "DMARC", "warning")
+    assert finding.summary.startswith("corp.example has no DMARC record")
+    assert finding.fix == (
+        '_dmarc.corp.example. 3600 IN TXT "v=DMARC1; p=none; rua=mailto:dmarc-reports@corp.example"'
+    )
+
+
+async def test_dmarc_reject_with_unaligned_from(loopback_dns, keys):
+    """SPF does not authorise the relay and the relay does not sign: p=reject bites."""
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove(DOMAIN, "TXT")
+    loopback_dns.add(DOMAIN, "TXT", "v=spf1 mx -all")
+    report = await run(loopback_dns, None, selector=None)
+    finding = only(report, "DMARC", "error")
+    assert finding.summary == (
+        "receivers will reject relayed mail (550 5.7.509 / DMARC): neither SPF nor DKIM aligns "
+        "with From: @corp.example (p=reject)"
+    )
+    assert '"v=spf1 mx ip4:203.0.113.7 -all"' in finding.fix
+    assert "relaygate dkim new --domain corp.example" in finding.fix
+
+
+async def test_dmarc_unaligned_envelope_domain(loopback_dns, keys):
+    """SPF passes for the relay's bounce domain, but that is not the From domain."""
+    healthy(loopback_dns, keys[0])
+    loopback_dns.add("bounces.relay.example", "TXT", "v=spf1 ip4:203.0.113.7 -all")
+    report = await run(loopback_dns, None, selector=None, envelope_domain="bounces.relay.example")
+    finding = only(report, "DMARC", "error")
+    assert "neither SPF nor DKIM aligns" in finding.summary
+    assert "bounces.relay.example does not align" in finding.detail
+    # with a matching DKIM key it aligns again
+    report = await run(loopback_dns, keys[0], envelope_domain="bounces.relay.example")
+    assert only(report, "DMARC").summary.endswith("aligns via DKIM")
+
+
+async def test_dmarc_quarantine_and_none(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove("_dmarc.corp.example")
+    loopback_dns.add("_dmarc.corp.example", "TXT", "v=DMARC1; p=quarantine; pct=50")
+    loopback_dns.remove(DOMAIN, "TXT")
+    report = await run(loopback_dns, None, selector=None)
+    finding = only(report, "DMARC", "error")
+    assert finding.summary.startswith("receivers will quarantine relayed mail (550 5.7.509 / DMARC)")
+    assert "pct=50" in finding.detail
+    loopback_dns.remove("_dmarc.corp.example")
+    loopback_dns.add("_dmarc.corp.example", "TXT", "v=DMARC1; p=none")
+    assert "p=none" in only(await run(loopback_dns, None, selector=None), "DMARC", "warning").summary
+
+
+async def test_dmarc_inherited_from_organisational_domain(loopback_dns, keys):
+    loopback_dns.add("scan.corp.example", "MX", (10, "mx1.corp.example"))
+    loopback_dns.add("mx1.corp.example", "A", "192.0.2.10")
+    loopback_dns.add("scan.corp.example", "TXT", "v=spf1 -all")
+    loopback_dns.add("_dmarc.corp.example", "TXT", "v=DMARC1; p=none; sp=reject")
+    report = await run(loopback_dns, None, domain="scan.corp.example", selector=None)
+    finding = only(report, "DMARC", "error")
+    assert "(p=reject (inherited from corp.example))" in finding.summary
+
+
+async def test_dmarc_invalid_and_duplicate(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove("_dmarc.corp.example")
+    loopback_dns.add("_dmarc.corp.example", "TXT", "v=DMARC1; rua=mailto:x@corp.example")
+    assert "is invalid" in only(await run(loopback_dns, keys[0]), "DMARC", "error").summary
+    loopback_dns.add("_dmarc.corp.example", "TXT", "v=DMARC1; p=none")
+    assert "2 DMARC records" in only(await run(loopback_dns, keys[0]), "DMARC", "error").summary
+
+
+# ------------------------------------------------------------------------- pure helpers
+@pytest.mark.parametrize(
+    "record",
+    [
+        "v=spf1 -all",
+        "v=spf1",
+        "v=spf1 ip4:192.0.2.0/24 ip6:2001:db8::/32 a mx/24 a:mail.example.org//64 ~all",
+        "v=spf1 include:_spf.google.com exists:%{i}._spf.example.org ?all",
+        "v=spf1 redirect=_spf.example.org",
+        "V=SPF1 MX -ALL",
+    ],
+)
+def test_spf_syntax_valid(record):
+    assert spf_syntax_problems(record) == []
+
+
+@pytest.mark.parametrize(
+    ("record", "problem"),
+    [
+        ("v=spf2 -all", "must start with 'v=spf1'"),
+        ("v=spf1 ip4:192.0.2.0/33", "bad prefix length"),
+        ("v=spf1 ip4:2001:db8::1", "ip4 with an IPv6 address"),
+        ("v=spf1 include", "include needs a domain"),
+        ("v=spf1 all:foo", "takes no argument"),
+        ("v=spf1 redirect=a.example redirect=b.example", "redirect= appears 2 times"),
+        ("v=spf1 ptr/24", "ptr takes no prefix length"),
+        ("v=spf1 exists:%{z}.example", "exists needs a domain"),
+    ],
+)
+def test_spf_syntax_problems(record, problem):
+    assert any(problem in p for p in spf_syntax_problems(record)), spf_syntax_problems(record)
+
+
+def test_authorise_ip():
+    assert authorise_ip("v=spf1 mx -all", "192.0.2.1") == "v=spf1 mx ip4:192.0.2.1 -all"
+    assert authorise_ip("v=spf1 mx", "192.0.2.1") == "v=spf1 mx ip4:192.0.2.1"
+    assert (
+        authorise_ip("v=spf1 mx redirect=_spf.example", "2001:db8::1")
+        == "v=spf1 mx ip6:2001:db8::1 redirect=_spf.example"
+    )
+
+
+def test_zone_txt_splits_long_values():
+    value = "v=DKIM1; k=rsa; p=" + "A" * 400
+    line = zone_txt("s1._domainkey.corp.example", value)
+    assert line.startswith('s1._domainkey.corp.example. 3600 IN TXT ( "v=DKIM1')
+    assert line.count('"') == 4
+    assert zone_txt("x.example.", 'a"b') == 'x.example. 3600 IN TXT "a\\"b"'
+
+
+def test_parse_tags():
+    assert parse_tags("v=DKIM1; k=rsa; p=AB CD") == {"v": "DKIM1", "k": "rsa", "p": "ABCD"}
+    assert parse_tags("v=DMARC1; p=none; p=reject") is None
+    assert parse_tags("garbage") is None
