@@ -101,12 +101,16 @@ def relay_grant(connector: ReceiveConnector) -> RelayGrant:
         dict.fromkeys(
             p.user
             for p in connector.permissions
-            if not p.deny and ACCEPT_ANY_RECIPIENT in p.extended_rights and p.user.lower() in principals
+            if not p.deny
+            and ACCEPT_ANY_RECIPIENT in p.extended_rights
+            and p.user.lower() in principals
         )
     )
     method_b = is_externally_secured(connector) and anon.may_relay
     offers_auth = bool(_AUTH_OFFERING & set(connector.auth_mechanism))
-    authenticated = offers_auth and session_rights(connector, authenticated_user="relaygate-audit").may_relay
+    authenticated = (
+        offers_auth and session_rights(connector, authenticated_user="relaygate-audit").may_relay
+    )
     return RelayGrant(anon.may_relay, method_a if anon.may_relay else (), method_b, authenticated)
 
 
@@ -140,7 +144,11 @@ def _overlap_text(a: IPRange, b: IPRange) -> str:
 
 
 def _state(connector: ReceiveConnector) -> str:
-    return "" if connector.enabled else " (the connector is disabled now, but would do this once enabled)"
+    return (
+        ""
+        if connector.enabled
+        else " (the connector is disabled now, but would do this once enabled)"
+    )
 
 
 def _connector_findings(
@@ -184,7 +192,7 @@ def _connector_findings(
                 f"remote range {entry.text} lets {what} relay through this connector "
                 f"({grant.describe()}){note}",
                 f"replace {entry.text} with the exact addresses of the printers and applications that relay "
-                f"(`relaygate connector set \"{c.name}\" --remove-remote-ip-ranges {entry.text} "
+                f'(`relaygate connector set "{c.name}" --remove-remote-ip-ranges {entry.text} '
                 "--add-remote-ip-ranges <device IPs>`)",
             )
         if grant.method_a and grant.method_b:
@@ -274,7 +282,11 @@ def _connector_findings(
                 "Accept-Any-Recipient permission)",
             )
 
-    if "BasicAuth" in c.auth_mechanism and "BasicAuthRequireTLS" not in c.auth_mechanism and not c.require_tls:
+    if (
+        "BasicAuth" in c.auth_mechanism
+        and "BasicAuthRequireTLS" not in c.auth_mechanism
+        and not c.require_tls
+    ):
         yield Finding(
             "medium",
             "basic-auth-cleartext",
@@ -359,7 +371,7 @@ def _shadow_findings(config: Config) -> Iterator[Finding]:
                         "shadowed-range",
                         loser.name,
                         "remote_ip_ranges",
-                        f'clients in {_overlap_text(rw, rl)} on binding {binding} are taken by connector '
+                        f"clients in {_overlap_text(rw, rl)} on binding {binding} are taken by connector "
                         f'"{winner.name}" ({why}), not by "{loser.name}": its settings and rights never '
                         f"apply to them{effect}",
                         f'if those clients belong on "{loser.name}", remove {rw.text} from "{winner.name}"; '
@@ -383,4 +395,3 @@ def has_high(findings: list[Finding]) -> bool:
 
 def summary(findings: list[Finding]) -> dict[str, int]:
     return {s: sum(1 for f in findings if f.severity == s) for s in SEVERITIES}
-

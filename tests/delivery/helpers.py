@@ -118,8 +118,8 @@ class Handler:
             user = auth_data.login.decode()
             self.auth_seen.append((mechanism, user))
             ok = self.users.get(user) == auth_data.password.decode()
-            return AuthResult(success=ok, auth_data=user if ok else None)
-        return AuthResult(success=False)
+            return AuthResult(success=ok, auth_data=user if ok else None, handled=False)
+        return AuthResult(success=False, handled=False)
 
     async def auth_XOAUTH2(self, server, args):
         if len(args) < 2:

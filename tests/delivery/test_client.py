@@ -14,14 +14,18 @@ from relaygate import replies
 from relaygate.delivery.client import (
     CONNECTION_DROPPED,
     CREDENTIALS_MISSING,
+    SMTPUTF8_NOT_SUPPORTED,
     TLS_NOT_OFFERED,
+    TOKEN_UNAVAILABLE,
     UNABLE_TO_CONNECT,
     ConnectionPool,
     Credentials,
     CredentialsError,
     deliver,
+    helo_name_for,
     normalise_for_wire,
     prepare_data,
+    remote_reply,
 )
 
 from .helpers import Connector, Handler, RawSink, hop, start_sink
@@ -90,7 +94,7 @@ async def test_accepts_and_content_is_prepared_data():
     assert m["mail_from"] == "printer@corp.test"
     assert m["rcpt_tos"] == ["a@dest.test", "b@dest.test"]
     assert sink.handler.ehlo_names == [HELO]
-    assert "SIZE=%d" % len(normalise_for_wire(MSG)) in m["mail_options"]
+    assert f"SIZE={len(normalise_for_wire(MSG))}" in m["mail_options"]
 
 
 async def test_null_sender():
@@ -156,7 +160,9 @@ async def test_mixed_transient_rcpt_stays_deferred_without_failover():
 
 
 async def test_permanent_mail_from_fails_all_without_failover():
-    s1 = await start_sink(Handler(mail_reply="550 5.7.1 Client does not have permissions to send as this sender"))
+    s1 = await start_sink(
+        Handler(mail_reply="550 5.7.1 Client does not have permissions to send as this sender")
+    )
     s2 = await start_sink()
     try:
         out = await send([hop(s1.port), hop(s2.port)], rcpts=["a@dest.test", "b@dest.test"])
@@ -257,15 +263,21 @@ async def test_all_hosts_unreachable_uses_exchange_failover_text():
 async def test_connect_timeout_text():
     # a listening socket with a full backlog is hard to build portably; a greeting that never
     # comes exercises the same "Connection timed out" reply
+    writers = []
+
     async def silent(reader, writer):
-        await asyncio.sleep(5)
+        writers.append(writer)
+        await reader.read()  # never greets; returns when the client gives up
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
         out = await send(hop(port), timeout=0.3)
     finally:
+        for w in writers:
+            w.close()
         server.close()
+        await server.wait_closed()
     assert out.per_recipient["a@dest.test"] == replies.failover_failed(
         "421 4.4.1 Connection timed out"
     )
@@ -276,7 +288,9 @@ async def test_no_hops_and_invalid_addresses():
     assert out.per_recipient["a@dest.test"] == replies.NO_NEXT_HOP
     sink = await start_sink()
     try:
-        out = await send(hop(sink.port), rcpts=["a@dest.test", "x@dest.test>\r\nRCPT TO:<y@evil.test"])
+        out = await send(
+            hop(sink.port), rcpts=["a@dest.test", "x@dest.test>\r\nRCPT TO:<y@evil.test"]
+        )
         bad_sender = await send(hop(sink.port), sender="a@b\r\nRSET")
     finally:
         await sink.close()
@@ -284,6 +298,31 @@ async def test_no_hops_and_invalid_addresses():
     assert out.per_recipient["x@dest.test>\r\nRCPT TO:<y@evil.test"] == replies.INVALID_RECIPIENT
     assert sink.handler.rcpts == ["a@dest.test"]
     assert bad_sender.per_recipient["a@dest.test"] == replies.INVALID_SENDER
+
+
+async def test_smtputf8_recipient_needs_remote_support():
+    plain = await start_sink()
+    utf8 = await start_sink(enable_SMTPUTF8=True)
+    rcpts = ["a@dest.test", "josé@dest.test"]
+    try:
+        out = await send(hop(plain.port), rcpts=rcpts)
+        out8 = await send(hop(utf8.port), rcpts=rcpts)
+    finally:
+        await plain.close()
+        await utf8.close()
+    assert out.delivered == ["a@dest.test"]
+    assert out.per_recipient["josé@dest.test"] == SMTPUTF8_NOT_SUPPORTED
+    assert "SMTPUTF8" not in plain.handler.messages[0]["mail_options"]
+    assert out8.delivered == rcpts
+    assert "SMTPUTF8" in utf8.handler.messages[0]["mail_options"]
+
+
+def test_helo_name_and_remote_reply_parsing():
+    assert helo_name_for(Connector(fqdn="out.corp.test"), "relay.corp.test") == "out.corp.test"
+    assert helo_name_for(Connector(), "relay.corp.test") == "relay.corp.test"
+    r = remote_reply(550, "5.7.1 first line\n5.7.1 second\x00 line")
+    assert r == replies.Reply(550, "5.7.1", "first line second line")
+    assert remote_reply(250, "OK") == replies.Reply(250, "", "OK")
 
 
 async def test_route_size_limit():
@@ -311,7 +350,9 @@ NASTY = (
 )
 
 
-@pytest.mark.parametrize("data", [MSG, NASTY, b"", b"no final newline"], ids=["clean", "nasty", "empty", "nonl"])
+@pytest.mark.parametrize(
+    "data", [MSG, NASTY, b"", b"no final newline"], ids=["clean", "nasty", "empty", "nonl"]
+)
 async def test_wire_bytes_equal_normalised_input(data):
     raw = await RawSink().start()
     try:
@@ -361,7 +402,9 @@ async def test_opportunistic_starttls_used_when_offered(server_tls):
 async def test_encryption_only_accepts_untrusted_cert(server_tls):
     sink = await start_sink(tls_context=server_tls)
     try:
-        out = await send(hop(sink.port), Connector(require_tls=True, tls_auth_level="EncryptionOnly"))
+        out = await send(
+            hop(sink.port), Connector(require_tls=True, tls_auth_level="EncryptionOnly")
+        )
     finally:
         await sink.close()
     assert out.delivered == ["a@dest.test"]
@@ -376,7 +419,9 @@ async def test_certificate_validation_fails_without_ca_then_passes_with_ca(serve
         )
         good = await send(
             hop(sink.port),
-            Connector(require_tls=True, tls_auth_level="CertificateValidation", tls_ca_file=ca_file),
+            Connector(
+                require_tls=True, tls_auth_level="CertificateValidation", tls_ca_file=ca_file
+            ),
         )
     finally:
         await sink.close()
@@ -396,7 +441,8 @@ async def test_domain_validation_checks_name(server_tls, ca_file):
             hop(sink.port, host="other.test"), Connector(**base, tls_domain="sink.test")
         )
         wrong = await send(
-            hop(sink.port, host="sink.test"), Connector(**base, tls_domain="mail.protection.outlook.com")
+            hop(sink.port, host="sink.test"),
+            Connector(**base, tls_domain="mail.protection.outlook.com"),
         )
     finally:
         await sink.close()
@@ -431,6 +477,7 @@ async def test_require_tls_without_starttls_defers_and_sends_no_mail():
     assert sink.handler.messages == []
 
 
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated")
 async def test_opportunistic_tls_failure_falls_back_to_clear(server_tls):
     # a server whose STARTTLS handshake fails (it has no usable certificate for our client context
     # because we ask for a TLS version it refuses)
@@ -531,11 +578,9 @@ async def test_basic_auth_require_tls_never_sends_credentials_in_clear():
     assert sink.handler.mail_froms == []
 
 
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
 async def test_basic_auth_in_clear_when_connector_allows_it():
-    with pytest.warns(UserWarning):
-        sink = await start_sink(
-            Handler(users={"u": "p"}), auth_require_tls=False, auth_required=True
-        )
+    sink = await start_sink(Handler(users={"u": "p"}), auth_require_tls=False, auth_required=True)
     conn = Connector(smart_host_auth_mechanism="BasicAuth", auth_username="u")
     try:
         out = await send(hop(sink.port), conn, credentials=Credentials("u", password="p"))
@@ -603,7 +648,9 @@ async def test_xoauth2_exchange(server_tls):
 
 async def test_xoauth2_bad_token_defers(server_tls):
     sink = await start_sink(
-        Handler(oauth_tokens={"relay@corp.test": "good"}), tls_context=server_tls, auth_required=True
+        Handler(oauth_tokens={"relay@corp.test": "good"}),
+        tls_context=server_tls,
+        auth_required=True,
     )
 
     async def token() -> str:
@@ -611,11 +658,29 @@ async def test_xoauth2_bad_token_defers(server_tls):
 
     conn = Connector(smart_host_auth_mechanism="XOAUTH2", auth_username="relay@corp.test")
     try:
-        out = await send(hop(sink.port), conn, credentials=Credentials("relay@corp.test", token_provider=token))
+        out = await send(
+            hop(sink.port), conn, credentials=Credentials("relay@corp.test", token_provider=token)
+        )
     finally:
         await sink.close()
     assert out.per_recipient["a@dest.test"].is_transient
     assert sink.handler.mail_froms == []
+
+
+async def test_xoauth2_token_provider_failure_defers(server_tls):
+    sink = await start_sink(Handler(oauth_tokens={"u": "t"}), tls_context=server_tls)
+
+    async def token() -> str:
+        raise RuntimeError("AADSTS7000215: invalid client secret is 'hunter2'")
+
+    conn = Connector(smart_host_auth_mechanism="XOAUTH2", auth_username="u")
+    try:
+        out = await send(hop(sink.port), conn, credentials=Credentials("u", token_provider=token))
+    finally:
+        await sink.close()
+    r = out.per_recipient["a@dest.test"]
+    assert r.is_transient and TOKEN_UNAVAILABLE.line() in r.text
+    assert "hunter2" not in r.line()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -629,7 +694,9 @@ async def test_pool_reuses_authenticated_session(server_tls):
     creds = Credentials("u", password="p")
     try:
         for i in range(3):
-            out = await send(hop(sink.port), conn, credentials=creds, pool=pool, rcpts=[f"r{i}@dest.test"])
+            out = await send(
+                hop(sink.port), conn, credentials=creds, pool=pool, rcpts=[f"r{i}@dest.test"]
+            )
             assert out.delivered == [f"r{i}@dest.test"]
         assert len(pool) == 1
         await pool.aclose()
@@ -638,7 +705,9 @@ async def test_pool_reuses_authenticated_session(server_tls):
     assert sink.handler.connections == 1
     assert len(sink.handler.auth_seen) == 1
     assert [m["rcpt_tos"] for m in sink.handler.messages] == [
-        ["r0@dest.test"], ["r1@dest.test"], ["r2@dest.test"]
+        ["r0@dest.test"],
+        ["r1@dest.test"],
+        ["r2@dest.test"],
     ]
 
 

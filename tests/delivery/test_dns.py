@@ -9,7 +9,6 @@ import pytest
 
 from relaygate import replies
 from relaygate.delivery.dns import DnsError, Resolver, parse_dns_server
-from tests.support.fixtures import loopback_dns  # noqa: F401
 
 
 def resolver_for(server, **kw) -> Resolver:

@@ -14,7 +14,6 @@ from relaygate.delivery.nexthop import (
     parse_smart_host,
     resolve_next_hops,
 )
-from tests.support.fixtures import loopback_dns  # noqa: F401
 
 from .helpers import Connector
 
@@ -72,7 +71,9 @@ async def test_unresolvable_smart_host_skipped_then_deferred(loopback_dns):
     hops = await resolve_next_hops(conn, "x.test", res(loopback_dns))
     assert [h.ip for h in hops] == ["127.0.0.20"]
     with pytest.raises(NextHopError) as info:
-        await resolve_next_hops(Connector(smart_hosts=["missing.test"]), "x.test", res(loopback_dns))
+        await resolve_next_hops(
+            Connector(smart_hosts=["missing.test"]), "x.test", res(loopback_dns)
+        )
     assert not info.value.permanent  # a typo in the config must not bounce mail
     assert info.value.reply.line().startswith("451 4.4.0 DNS query failed")
 
@@ -107,7 +108,9 @@ async def test_mx_host_without_address_is_skipped(loopback_dns):
     loopback_dns.add("part.test", "MX", (20, "alive.part.test"))
     loopback_dns.add("alive.part.test", "A", "127.0.0.40")
     hops = await resolve_next_hops(
-        Connector(dns_routing_enabled=True), "part.test", res(loopback_dns),
+        Connector(dns_routing_enabled=True),
+        "part.test",
+        res(loopback_dns),
         allow_special_addresses=True,
     )
     assert [h.host for h in hops] == ["alive.part.test"]
@@ -116,7 +119,9 @@ async def test_mx_host_without_address_is_skipped(loopback_dns):
 async def test_implicit_mx_uses_the_domain_address(loopback_dns):
     loopback_dns.add("bare.test", "A", "127.0.0.41")
     hops = await resolve_next_hops(
-        Connector(dns_routing_enabled=True), "bare.test", res(loopback_dns),
+        Connector(dns_routing_enabled=True),
+        "bare.test",
+        res(loopback_dns),
         allow_special_addresses=True,
     )
     assert hops == [NextHop("bare.test", "127.0.0.41", 25, "bare.test", 0)]
@@ -145,7 +150,9 @@ async def test_implicit_mx_without_address_is_permanent(loopback_dns):
 async def test_dns_failures_propagate(loopback_dns, setup, permanent, reply):
     setup(loopback_dns)
     with pytest.raises(NextHopError) as info:
-        await resolve_next_hops(Connector(dns_routing_enabled=True), "nullmx.test", res(loopback_dns))
+        await resolve_next_hops(
+            Connector(dns_routing_enabled=True), "nullmx.test", res(loopback_dns)
+        )
     assert info.value.permanent is permanent
     assert info.value.reply == reply
 
@@ -177,8 +184,11 @@ async def test_loop_mx_is_this_relay(loopback_dns):
     loopback_dns.add("relay.self.test", "A", "127.0.0.1")
     with pytest.raises(NextHopError) as info:
         await resolve_next_hops(
-            Connector(dns_routing_enabled=True), "self.test", res(loopback_dns),
-            local_endpoints=OURS, allow_special_addresses=True,
+            Connector(dns_routing_enabled=True),
+            "self.test",
+            res(loopback_dns),
+            local_endpoints=OURS,
+            allow_special_addresses=True,
         )
     assert info.value.permanent and info.value.reply == replies.LOOP_DETECTED
 
@@ -191,8 +201,11 @@ async def test_we_are_backup_mx_keeps_better_preferences(loopback_dns):
     loopback_dns.add("us.backup.test", "A", "127.0.0.1")
     loopback_dns.add("worse.backup.test", "A", "192.0.2.61")
     hops = await resolve_next_hops(
-        Connector(dns_routing_enabled=True), "backup.test", res(loopback_dns),
-        local_endpoints=OURS, allow_special_addresses=True,
+        Connector(dns_routing_enabled=True),
+        "backup.test",
+        res(loopback_dns),
+        local_endpoints=OURS,
+        allow_special_addresses=True,
     )
     assert [h.host for h in hops] == ["primary.backup.test"]
 
@@ -202,7 +215,10 @@ async def test_max_hops_cap(loopback_dns):
         loopback_dns.add("many.test", "MX", (i, f"mx{i}.many.test"))
         loopback_dns.add(f"mx{i}.many.test", "A", f"127.0.1.{i + 1}")
     hops = await resolve_next_hops(
-        Connector(dns_routing_enabled=True), "many.test", res(loopback_dns),
-        allow_special_addresses=True, max_hops=5,
+        Connector(dns_routing_enabled=True),
+        "many.test",
+        res(loopback_dns),
+        allow_special_addresses=True,
+        max_hops=5,
     )
     assert [h.preference for h in hops] == [0, 1, 2, 3, 4]

@@ -125,7 +125,9 @@ def test_explain_unreachable():
 def test_route_recipients_groups_per_queue():
     conns = [
         Connector("Internet", ["*"], dns_routing_enabled=True),
-        Connector("M365", ["*.corp.example"], smart_hosts=["smtp.office365.com", "[10.0.0.5]:2525"]),
+        Connector(
+            "M365", ["*.corp.example"], smart_hosts=["smtp.office365.com", "[10.0.0.5]:2525"]
+        ),
         Connector("Legacy", ["legacy.test"], enabled=False),
     ]
     rcpts = [
@@ -164,7 +166,9 @@ def test_works_with_the_real_config_dataclass():
     conns = [
         SendConnector(name="Internet", address_spaces=("*",)),
         SendConnector(
-            name="Corp", address_spaces=("*.corp.example",), dns_routing_enabled=False,
+            name="Corp",
+            address_spaces=("*.corp.example",),
+            dns_routing_enabled=False,
             smart_hosts=("[10.0.0.1]",),
         ),
     ]

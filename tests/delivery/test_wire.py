@@ -152,7 +152,14 @@ def test_property_wire_is_always_safe(parts):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.binary(max_size=200).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"").replace(b"\x00", b"")), max_size=30))
+@given(
+    st.lists(
+        st.binary(max_size=200).map(
+            lambda b: b.replace(b"\r", b"").replace(b"\n", b"").replace(b"\x00", b"")
+        ),
+        max_size=30,
+    )
+)
 def test_property_well_formed_is_byte_exact(lines):
     lines = [line[:998] for line in lines]
     msg = b"".join(line + b"\r\n" for line in lines)

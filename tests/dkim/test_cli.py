@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import dkim
-
 from relaygate.dkim.signer import DkimSigner
-from tests.support.fixtures import loopback_dns  # noqa: F401
+from tests.support.fixtures import loopback_dns_fixture  # noqa: F401
 
 
 def relaygate(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

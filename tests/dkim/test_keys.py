@@ -53,7 +53,11 @@ def test_record_name():
 @pytest.mark.parametrize("algorithm", ["rsa-sha256", "ed25519-sha256"])
 def test_write_key_permissions_and_reload(tmp_path, algorithm):
     path = write_key(tmp_path, "corp.example", "s1", algorithm)
-    assert path == tmp_path / "dkim" / "corp.example" / "s1.key" == key_path(tmp_path, "corp.example", "s1")
+    assert (
+        path
+        == tmp_path / "dkim" / "corp.example" / "s1.key"
+        == key_path(tmp_path, "corp.example", "s1")
+    )
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     assert stat.S_IMODE((tmp_path / "dkim").stat().st_mode) == 0o700

@@ -7,9 +7,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import dkim
 import pytest
 
+import dkim
 from relaygate.dkim.keys import load_private_key, record_name, write_key
 from relaygate.dkim.signer import (
     DEFAULT_SIGNED_HEADERS,
@@ -18,7 +18,7 @@ from relaygate.dkim.signer import (
     from_header_domain,
 )
 from tests.support.dns_server import LoopbackDNS
-from tests.support.fixtures import loopback_dns  # noqa: F401
+from tests.support.fixtures import loopback_dns_fixture  # noqa: F401
 
 MESSAGE = (
     b"Received: from scanner01 ([10.0.0.5]) by relay.corp.example\r\n"
@@ -77,7 +77,9 @@ def test_modified_body_or_header_fails(tmp_path, loopback_dns, algorithm):
     key = _key(tmp_path, algorithm=algorithm)
     _publish(loopback_dns, key)
     data = DkimSigner([key]).sign(MESSAGE, envelope_sender="x@corp.example").data
-    assert not dkim.verify(data.replace(b"Your scan", b"Your scam"), dnsfunc=loopback_dns.txt_lookup)
+    assert not dkim.verify(
+        data.replace(b"Your scan", b"Your scam"), dnsfunc=loopback_dns.txt_lookup
+    )
     assert not dkim.verify(
         data.replace(b"Subject: Scanned", b"Subject: Urgent"), dnsfunc=loopback_dns.txt_lookup
     )

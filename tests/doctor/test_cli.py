@@ -10,12 +10,12 @@ from pathlib import Path
 
 from relaygate.dkim.keys import load_private_key, write_key
 from tests.support.dns_server import LoopbackDNS
-from tests.support.fixtures import loopback_dns  # noqa: F401
+from tests.support.fixtures import loopback_dns_fixture  # noqa: F401
 
 
 def relaygate(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "RELAYGATE_CONFIG"}
-    env["COLUMNS"] = "160"
+    env["COLUMNS"] = "300"
     return subprocess.run(
         [sys.executable, "-m", "relaygate", *args],
         cwd=cwd,
@@ -61,11 +61,15 @@ def test_doctor_json_errors_exit_1(tmp_path, loopback_dns):
         cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr
-    findings = {f["check"]: f for f in json.loads(proc.stdout)["findings"] if f["severity"] == "error"}
+    findings = {
+        f["check"]: f for f in json.loads(proc.stdout)["findings"] if f["severity"] == "error"
+    }
     assert "does not authorise 198.51.100.9" in findings["SPF"]["summary"]
     assert "ip4:203.0.113.7 ip4:198.51.100.9 -all" in findings["SPF"]["fix"]
     assert findings["DKIM"]["summary"].startswith("DKIM key mismatch")
-    assert findings["DMARC"]["summary"].startswith("receivers will reject relayed mail (550 5.7.509")
+    assert findings["DMARC"]["summary"].startswith(
+        "receivers will reject relayed mail (550 5.7.509"
+    )
 
 
 def test_doctor_table_and_dns_servers_from_config(tmp_path, loopback_dns):
@@ -80,8 +84,11 @@ def test_doctor_table_and_dns_servers_from_config(tmp_path, loopback_dns):
     assert "DNS doctor: corp.example" in proc.stdout
     assert "451 4.4.0 DNS query failed. The error was: ServerFailure" in flat
     assert ("corp.example", "MX", "udp") in loopback_dns.queries
+    assert "\nFixes:\n  [MX] Check the delegation" in proc.stdout
 
 
 def test_doctor_bad_arguments(tmp_path):
-    proc = relaygate("doctor", "corp.example", "--relay-ip", "not-an-ip", "--data-dir", ".", cwd=tmp_path)
+    proc = relaygate(
+        "doctor", "corp.example", "--relay-ip", "not-an-ip", "--data-dir", ".", cwd=tmp_path
+    )
     assert proc.returncode == 2 and "not an IP address" in proc.stderr

@@ -15,7 +15,7 @@ from relaygate.doctor import (
     zone_txt,
 )
 from tests.support.dns_server import LoopbackDNS
-from tests.support.fixtures import loopback_dns  # noqa: F401
+from tests.support.fixtures import loopback_dns_fixture  # noqa: F401
 
 DOMAIN = "corp.example"
 RELAY_IP = "203.0.113.7"
@@ -158,7 +158,9 @@ async def test_timeout_is_error_retry(keys):
     server.start()
     resolver = server.resolver(lifetime=0.5)
     server.stop()
-    report = await diagnose(DOMAIN, resolver=resolver, relay_ip=None, selector=None, local_dkim_public=None)
+    report = await diagnose(
+        DOMAIN, resolver=resolver, relay_ip=None, selector=None, local_dkim_public=None
+    )
     assert "The error was: ErrorRetry" in only(report, "MX", "error").summary
 
 
@@ -167,7 +169,9 @@ async def test_spf_missing(loopback_dns, keys):
     loopback_dns.remove(DOMAIN, "TXT")
     report = await run(loopback_dns, keys[0])
     finding = only(report, "SPF", "error")
-    assert finding.summary.startswith("corp.example has no SPF record: external recipients will answer 550 5.7.23 / 550 5.7.1")
+    assert finding.summary.startswith(
+        "corp.example has no SPF record: external recipients will answer 550 5.7.23 / 550 5.7.1"
+    )
     assert finding.fix == 'corp.example. 3600 IN TXT "v=spf1 ip4:203.0.113.7 -all"'
     # the relay's IP cannot be authorised, but DKIM still aligns
     assert only(report, "DMARC").severity == "ok"
@@ -299,7 +303,9 @@ async def test_dkim_revoked_and_garbage(loopback_dns, keys):
     assert "revoked" in only(await run(loopback_dns, keys[0]), "DKIM", "error").summary
     loopback_dns.remove("s1._domainkey.corp.example")
     loopback_dns.add("s1._domainkey.corp.example", "TXT", "v=DKIM1; k=rsa; p=AAAA")
-    assert "not an RSA public key" in only(await run(loopback_dns, keys[0]), "DKIM", "error").summary
+    assert (
+        "not an RSA public key" in only(await run(loopback_dns, keys[0]), "DKIM", "error").summary
+    )
 
 
 async def test_dkim_ed25519_and_bare_public_key(loopback_dns):
@@ -367,11 +373,15 @@ async def test_dmarc_quarantine_and_none(loopback_dns, keys):
     loopback_dns.remove(DOMAIN, "TXT")
     report = await run(loopback_dns, None, selector=None)
     finding = only(report, "DMARC", "error")
-    assert finding.summary.startswith("receivers will quarantine relayed mail (550 5.7.509 / DMARC)")
+    assert finding.summary.startswith(
+        "receivers will quarantine relayed mail (550 5.7.509 / DMARC)"
+    )
     assert "pct=50" in finding.detail
     loopback_dns.remove("_dmarc.corp.example")
     loopback_dns.add("_dmarc.corp.example", "TXT", "v=DMARC1; p=none")
-    assert "p=none" in only(await run(loopback_dns, None, selector=None), "DMARC", "warning").summary
+    assert (
+        "p=none" in only(await run(loopback_dns, None, selector=None), "DMARC", "warning").summary
+    )
 
 
 async def test_dmarc_inherited_from_organisational_domain(loopback_dns, keys):

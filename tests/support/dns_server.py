@@ -46,7 +46,7 @@ looked up. Only loopback is used: nothing leaves the machine.
 
 Use it from pytest with the fixture in :mod:`tests.support.fixtures`::
 
-    from tests.support.fixtures import loopback_dns  # noqa: F401
+    from tests.support.fixtures import loopback_dns_fixture  # noqa: F401
 
     async def test_something(loopback_dns):
         loopback_dns.add("example.org", "MX", (10, "mx.example.org"))

@@ -9,7 +9,14 @@ from rich.table import Table
 from rich.text import Text
 
 from relaygate.audit import audit, has_high, summary
-from relaygate.cli.common import CONFIG_OPTION, JSON_OPTION, config_source, console, emit_json, load_or_exit
+from relaygate.cli.common import (
+    CONFIG_OPTION,
+    JSON_OPTION,
+    config_source,
+    console,
+    emit_json,
+    load_or_exit,
+)
 
 _STYLE = {"high": "bold red", "medium": "yellow", "low": "cyan", "info": "dim"}
 
@@ -20,10 +27,18 @@ def register(app: typer.Typer) -> None:
         config: Path | None = CONFIG_OPTION,
         json_out: bool = JSON_OPTION,
         max_prefix_v4: int = typer.Option(
-            24, "--max-prefix-v4", min=0, max=32, help="Relay ranges wider than this IPv4 prefix are high."
+            24,
+            "--max-prefix-v4",
+            min=0,
+            max=32,
+            help="Relay ranges wider than this IPv4 prefix are high.",
         ),
         max_prefix_v6: int = typer.Option(
-            64, "--max-prefix-v6", min=0, max=128, help="Relay ranges wider than this IPv6 prefix are high."
+            64,
+            "--max-prefix-v6",
+            min=0,
+            max=128,
+            help="Relay ranges wider than this IPv6 prefix are high.",
         ),
     ) -> None:
         """Flag open relays, over-broad ranges, overlaps, missing limits, logging off, TLS off."""

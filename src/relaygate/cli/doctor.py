@@ -80,6 +80,12 @@ def _print_report(report: Any) -> None:
         finding = _escape(f.summary) + (f"\n[dim]{_escape(f.detail)}[/dim]" if f.detail else "")
         table.add_row(f.check, f"[{_STYLE[f.severity]}]{f.severity}[/]", finding, _escape(f.fix))
     console.print(table)
+    fixes = [f for f in report.findings if f.fix and f.severity in ("error", "warning")]
+    if fixes:  # unwrapped, so records can be copied into a zone or a DNS console
+        plain = Console(highlight=False, soft_wrap=True)
+        plain.print("\nFixes:", markup=False)
+        for f in fixes:
+            plain.print(f"  [{f.check}] {f.fix}", markup=False)
     counts = report.to_dict()["counts"]
     console.print(
         f"{counts['error']} error(s), {counts['warning']} warning(s), {counts['info']} info, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 import tomllib
@@ -23,7 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from relaygate.importer.exchange import (
-    ImportError_,
+    ExchangeImportError,
     ImportResult,
     combine_results,
     decode_export,
@@ -90,7 +91,11 @@ def _accepted_domains(config_path: Path, extra: list[str]) -> list[str]:
     except (OSError, tomllib.TOMLDecodeError):
         return domains
     for entry in doc.get("accepted_domains", []):
-        if isinstance(entry, dict) and isinstance(entry.get("domain"), str) and entry["domain"] not in domains:
+        if (
+            isinstance(entry, dict)
+            and isinstance(entry.get("domain"), str)
+            and entry["domain"] not in domains
+        ):
             domains.append(entry["domain"])
     return domains
 
@@ -125,7 +130,7 @@ def _toml_for(result: ImportResult) -> str:
         aot.append(_connector_table(connector, result.sources.get(connector["name"], [])))
     if result.connectors:
         doc["receive_connectors"] = aot
-    return tomlkit.dumps(doc)
+    return re.sub(r"\n{3,}", "\n\n", tomlkit.dumps(doc))
 
 
 def _apply_proposed_ranges(result: ImportResult, usage: UsageReport) -> None:
@@ -147,9 +152,16 @@ def _print_usage(console: Console, usage: UsageReport, result: ImportResult) -> 
     imported = {c["name"].lower(): c for c in result.connectors}
     for key in sorted(usage.connectors, key=str.lower):
         connector = usage.connectors[key]
-        table = Table(title=escape(f"Protocol-log usage: {connector.connector_id}"), title_justify="left")
-        for column in ("Client IP", "Sessions", "Messages", "Recipients", "Relayed", "Relay denied", "Last seen"):
-            table.add_column(column, justify="left" if column in ("Client IP", "Last seen") else "right")
+        table = Table(
+            title=escape(f"Protocol-log usage: {connector.connector_id}"), title_justify="left"
+        )
+        table.add_column("Client IP", no_wrap=True)
+        for column in ("Sessions", "Messages"):
+            table.add_column(column, justify="right")
+        table.add_column("Accepted recipients by domain")
+        table.add_column("Relayed", justify="right", no_wrap=True)
+        table.add_column("Relay denied", justify="right")
+        table.add_column("Last seen (UTC)", no_wrap=True)
         for client in sorted(connector.clients.values(), key=lambda c: c.messages, reverse=True):
             relayed = client.relayed(usage.accepted_domains)
             relayed_text = "?" if relayed is None else (f"yes ({relayed})" if relayed else "no")
@@ -157,24 +169,35 @@ def _print_usage(console: Console, usage: UsageReport, result: ImportResult) -> 
                 escape(client.ip),
                 str(client.sessions),
                 str(client.messages),
-                escape(", ".join(f"{d or '(none)'}×{n}" for d, n in sorted(client.recipient_domains.items())) or "-"),
+                escape(
+                    ", ".join(
+                        f"{d or '(none)'} {n}" for d, n in sorted(client.recipient_domains.items())
+                    )
+                    or "-"
+                ),
                 relayed_text,
                 str(client.relay_denied),
-                escape(client.last_seen),
+                escape(client.last_seen.replace("T", " ").rstrip("Z")),
             )
         console.print(table)
         proposed = connector.proposed_ranges()
-        console.print(f"  proposed remote_ip_ranges: {escape(', '.join(proposed)) or '(no sender)'}")
+        console.print(
+            f"  proposed remote_ip_ranges: {escape(', '.join(proposed)) or '(no sender)'}"
+        )
         current = imported.get(connector.name.lower())
         if current is not None:
-            console.print(f"  exported remote_ip_ranges: {escape(', '.join(current.get('remote_ip_ranges', [])))}")
+            console.print(
+                f"  exported remote_ip_ranges: {escape(', '.join(current.get('remote_ip_ranges', [])))}"
+            )
         quiet = [c.ip for c in connector.clients.values() if c.messages == 0]
         if quiet:
             console.print(
                 f"  connected without sending (not in the proposal): {escape(', '.join(sorted(quiet)))}"
             )
     if not usage.accepted_domains:
-        console.print("  (relayed = ?: give --accepted-domain or a config with [[accepted_domains]] to tell)")
+        console.print(
+            "  (relayed = ?: give --accepted-domain or a config with [[accepted_domains]] to tell)"
+        )
     for warning in usage.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
 
@@ -185,7 +208,9 @@ def _print_lists(console: Console, result: ImportResult) -> None:
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
     if result.skipped:
-        console.print(f"skipped {len(result.skipped)} Exchange setting(s) RelayGate has no key for:")
+        console.print(
+            f"skipped {len(result.skipped)} Exchange setting(s) RelayGate has no key for:"
+        )
         for item in result.skipped:
             console.print(f"  {escape(item)}")
 
@@ -242,7 +267,9 @@ def _write(config_path: Path, result: ImportResult) -> list[str]:
     try:
         from relaygate.config import ConfigError, parse_config
     except ImportError as exc:
-        return [f"cannot validate the result (configuration module unavailable: {exc}); nothing written"]
+        return [
+            f"cannot validate the result (configuration module unavailable: {exc}); nothing written"
+        ]
     try:
         parse_config(tomllib.loads(new_text), str(config_path))
     except ConfigError as exc:
@@ -274,16 +301,24 @@ def exchange(
         help="An accepted domain, to tell relayed recipients apart (default: the config's accepted_domains).",
     ),
     narrow_ranges: bool = typer.Option(
-        False, "--narrow-ranges", help="Replace remote_ip_ranges with the ranges proposed from the logs."
+        False,
+        "--narrow-ranges",
+        help="Replace remote_ip_ranges with the ranges proposed from the logs.",
     ),
     all_values: bool = typer.Option(
-        False, "--all-values", help="Write every parameter, not only those that differ from Exchange's defaults."
+        False,
+        "--all-values",
+        help="Write every parameter, not only those that differ from Exchange's defaults.",
     ),
-    write: bool = typer.Option(False, "--write", help="Merge into the config file (validated, atomic)."),
+    write: bool = typer.Option(
+        False, "--write", help="Merge into the config file (validated, atomic)."
+    ),
     config: Path | None = typer.Option(
         None, "--config", help="Config file (default: $RELAYGATE_CONFIG or ./relaygate.toml)."
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON object instead of TOML and tables."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print a JSON object instead of TOML and tables."
+    ),
 ) -> None:
     """Turn exported Exchange receive connectors (and protocol logs) into RelayGate connectors."""
     config_path = _config_path(config)
@@ -293,9 +328,11 @@ def exchange(
     for path, text in exports:
         try:
             if detect_format(text) == "protocol-log":
-                raise ImportError_("an Exchange log that is not an SMTP receive protocol log")
+                raise ExchangeImportError(
+                    "an Exchange log that is not an SMTP receive protocol log"
+                )
             results.append(parse_receive_connectors(text, filename=str(path), full=all_values))
-        except ImportError_ as exc:
+        except ExchangeImportError as exc:
             raise _fail(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from None
     result = combine_results(results)
     usage = None
@@ -327,7 +364,9 @@ def exchange(
         }
         typer.echo(json.dumps(payload, indent=2))
     else:
-        console = Console(highlight=False, soft_wrap=True)
+        console = Console(
+            highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160
+        )
         if result.connectors and not (write and not problems):
             typer.echo(f"# receive connectors to add to {config_path} (dry run; --write to merge)")
             typer.echo(_toml_for(result))
@@ -336,7 +375,9 @@ def exchange(
             _print_usage(console, usage, result)
         if write and not problems:
             names = ", ".join(c["name"] for c in result.connectors)
-            console.print(f"wrote {len(result.connectors)} connector(s) to {escape(str(config_path))}: {escape(names)}")
+            console.print(
+                f"wrote {len(result.connectors)} connector(s) to {escape(str(config_path))}: {escape(names)}"
+            )
     if problems:
         err = Console(stderr=True, highlight=False, soft_wrap=True)
         err.print(f"[red]refused:[/] {escape(str(config_path))} was not changed")

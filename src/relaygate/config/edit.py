@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import tomlkit
-from tomlkit.items import AoT, Array, Table
+from tomlkit.items import AoT, Array, Comment, Null, Table, Whitespace
 from tomlkit.toml_document import TOMLDocument
 
 from relaygate.config.loader import ConfigError, Problem, parse_text
@@ -226,6 +226,11 @@ def new_table(values: Iterable[tuple[str, Any]], *, separate: bool = True) -> Ta
 def append_table(doc: TOMLDocument | Table, array: str, table: Table) -> int:
     """Append `table` to the `[[array]]` tables, creating the array at the end if needed."""
     if array not in doc:
+        # Inside a table (e.g. a connector's first [[...permissions]]), the table's trailing comments head
+        # the next section of the file: keep them after the new sub-table.
+        trailing = _take_trailing_trivia(doc) if isinstance(doc, Table) else []
+        for item in trailing:
+            table.add(item)
         aot = tomlkit.aot()
         aot.append(table)
         doc.append(array, aot)
@@ -233,6 +238,11 @@ def append_table(doc: TOMLDocument | Table, array: str, table: Table) -> int:
     value = doc[array]
     if not isinstance(value, AoT):
         raise EditError(f"{array} is not an array of tables; rewrite it as [[{array}]] tables")
+    if value.body:
+        # Comments after the last table's keys head whatever follows it in the file (the next section):
+        # move them below the new table so they keep heading that section.
+        for item in _take_trailing_trivia(value.body[-1]):
+            table.add(item)
     value.append(table)
     return len(value.body) - 1
 
@@ -240,9 +250,44 @@ def append_table(doc: TOMLDocument | Table, array: str, table: Table) -> int:
 def remove_table(doc: TOMLDocument | Table, array: str, index: int) -> None:
     value = doc[array]
     assert isinstance(value, AoT)
+    trailing = _take_trailing_trivia(value.body[index])
+    if index > 0:
+        previous = _deepest_last(value.body[index - 1])
+        _take_trailing_trivia(previous)  # the removed table's leading comments go with it
+        for item in trailing:
+            previous.add(item)
     del value[index]
     if not value.body:
         del doc[array]
+
+
+def _deepest_last(table: Table) -> Table:
+    """The table whose body holds the text just before the next header: a table ending in sub-tables
+    hands over to its last sub-table."""
+    body = table.value.body
+    while body:
+        last = body[-1][1]
+        if isinstance(last, AoT) and last.body:
+            table = last.body[-1]
+        elif isinstance(last, Table):
+            table = last
+        else:
+            break
+        body = table.value.body
+    return table
+
+
+def _take_trailing_trivia(table: Table) -> list[Any]:
+    """Remove and return the comment and blank-line items at the very end of a table's text."""
+    target = _deepest_last(table)
+    body = target.value.body
+    taken: list[Any] = []
+    # Only unkeyed items at the very end are popped, so tomlkit's index of keyed items stays valid.
+    while body and body[-1][0] is None and isinstance(body[-1][1], Comment | Whitespace | Null):
+        item = body.pop()[1]
+        if not isinstance(item, Null):
+            taken.insert(0, item)
+    return taken
 
 
 def set_key(table: Table, key: str, value: Any) -> None:

@@ -71,6 +71,7 @@ __all__ = [
     "MAX_LINE_OCTETS",
     "SMTPUTF8_NOT_SUPPORTED",
     "TLS_NOT_OFFERED",
+    "TOKEN_UNAVAILABLE",
     "UNABLE_TO_CONNECT",
     "ConnectionPool",
     "Credentials",
@@ -78,8 +79,10 @@ __all__ = [
     "DeliveryOutcome",
     "deliver",
     "dot_stuff",
+    "helo_name_for",
     "normalise_for_wire",
     "prepare_data",
+    "remote_reply",
     "tls_context_for",
     "tls_failed",
 ]
@@ -105,6 +108,9 @@ AUTH_NEEDS_TLS = Reply(
 )
 CREDENTIALS_MISSING = Reply(
     451, "4.7.0", "SMTPSEND.Auth.NoCredentials; the send connector's credentials are not available"
+)
+TOKEN_UNAVAILABLE = Reply(
+    451, "4.7.0", "SMTPSEND.Auth.TokenUnavailable; no OAuth access token could be obtained"
 )
 SMTPUTF8_NOT_SUPPORTED = Reply(
     550, "5.6.7", "SMTPSEND.SmtpUtf8NotSupported; the remote host does not support SMTPUTF8"
@@ -337,6 +343,11 @@ def _wire_address(address: str) -> str | None:
         if not (at and local.startswith('"') and local.endswith('"') and " " not in _dom):
             return None
     return a
+
+
+def helo_name_for(connector: Any, server_fqdn: str) -> str:
+    """The EHLO name: the send connector's ``fqdn`` when set, else the server's (Exchange's Fqdn)."""
+    return (getattr(connector, "fqdn", None) or "").strip() or server_fqdn
 
 
 def _tls_level(connector: Any) -> str:
@@ -696,7 +707,11 @@ async def _authenticate(
         if mech == "XOAUTH2":
             if "xoauth2" not in offered or credentials.token_provider is None:
                 raise _HopFailed(AUTH_NOT_OFFERED)
-            token = await credentials.token_provider()
+            try:
+                token = await credentials.token_provider()
+            except Exception as exc:  # the provider's message may carry secrets: name the type only
+                log.warning("OAuth token provider failed: %s", type(exc).__name__)
+                raise _HopFailed(TOKEN_UNAVAILABLE) from None
             await smtp.auth_xoauth2(credentials.username, token, timeout=timeout)
         elif "plain" in offered and credentials.password is not None:
             await smtp.auth_plain(credentials.username, credentials.password, timeout=timeout)
@@ -788,7 +803,10 @@ async def _transaction(
             if all(reply.is_transient for reply in rcpt_replies.values()):
                 raise _HopFailed(next(iter(rcpt_replies.values())))
             results.update(rcpt_replies)
-            await _command(smtp, b"RSET", timeout=timeout)
+            try:  # the replies are final; RSET only readies the session for reuse
+                await _command(smtp, b"RSET", timeout=timeout)
+            except (SMTPException, OSError):
+                session.close()
             return results, None
 
         try:

@@ -63,7 +63,7 @@ def parse_dns_server(spec: str) -> tuple[str, int]:
     try:
         ip = str(ipaddress.ip_address(host))
     except ValueError:
-        ip = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0][4][0]
+        ip = str(socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0][4][0])
     if not 0 < port < 65536:
         raise ValueError(f"bad DNS server port in {spec!r}")
     return ip, port

@@ -257,7 +257,6 @@ async def _mx_hops(
         mx = await resolver.mx(domain)
     except DnsError as exc:
         raise NextHopError(exc.reply, exc.permanent) from exc
-    implicit = len(mx) == 1 and mx[0][1].lower() == domain.strip().rstrip(".").lower()
     lookups = await asyncio.gather(*(_addresses(resolver, host) for _pref, host in mx))
     candidates: list[NextHop] = []
     errors: list[DnsError] = []
@@ -291,7 +290,5 @@ async def _mx_hops(
     transient = [e for e in errors if not e.permanent]
     if transient:
         raise NextHopError(transient[0].reply, False)
-    if errors or implicit:
-        # the domain (or every MX host) does not exist / has no address
-        raise NextHopError(replies.DNS_NONEXISTENT_DOMAIN, True)
+    # no MX and the domain has no address (implicit MX), or no MX host exists / has an address
     raise NextHopError(replies.DNS_NONEXISTENT_DOMAIN, True)

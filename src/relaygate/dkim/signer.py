@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import dkim
-
 from relaygate.dkim.keys import DkimKeyError, LoadedKey, key_path, load_private_key
 
 __all__ = [

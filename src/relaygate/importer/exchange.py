@@ -30,7 +30,7 @@ from typing import Any
 
 __all__ = [
     "EXTENDED_RIGHTS",
-    "ImportError_",
+    "ExchangeImportError",
     "ImportResult",
     "canonical_user",
     "combine_results",
@@ -93,10 +93,17 @@ _GROUP_GRANTS: dict[str, dict[str, frozenset[str]]] = {
     },
     "ExchangeUsers": {
         AUTHENTICATED_USERS: frozenset(
-            {_HEADERS_ROUTING, "ms-Exch-Bypass-Anti-Spam", ACCEPT_ANY_RECIPIENT, "ms-Exch-SMTP-Submit"}
+            {
+                _HEADERS_ROUTING,
+                "ms-Exch-Bypass-Anti-Spam",
+                ACCEPT_ANY_RECIPIENT,
+                "ms-Exch-SMTP-Submit",
+            }
         )
     },
-    "Partners": {"MS Exchange\\Partner Servers": frozenset({_HEADERS_ROUTING, "ms-Exch-SMTP-Submit"})},
+    "Partners": {
+        "MS Exchange\\Partner Servers": frozenset({_HEADERS_ROUTING, "ms-Exch-SMTP-Submit"})
+    },
 }
 # Principals whose ACEs all come from the ExchangeServers / ExchangeLegacyServers groups.
 _SERVER_PRINCIPAL_SUFFIXES = (
@@ -161,11 +168,26 @@ _PARAMS = (
     _Param("MaxMessageSize", "max_message_size", "size", "36MB", core=True),
     _Param("MaxRecipientsPerMessage", "max_recipients_per_message", "int", 200, core=True),
     _Param("ConnectionTimeout", "connection_timeout", "timespan", "00:10:00", core=True),
-    _Param("ConnectionInactivityTimeout", "connection_inactivity_timeout", "timespan", "00:05:00", core=True),
-    _Param("MaxInboundConnectionPerSource", "max_inbound_connection_per_source", "unlimited", 20, core=True),
+    _Param(
+        "ConnectionInactivityTimeout",
+        "connection_inactivity_timeout",
+        "timespan",
+        "00:05:00",
+        core=True,
+    ),
+    _Param(
+        "MaxInboundConnectionPerSource",
+        "max_inbound_connection_per_source",
+        "unlimited",
+        20,
+        core=True,
+    ),
     _Param("MaxInboundConnection", "max_inbound_connection", "unlimited", 5000),
     _Param(
-        "MaxInboundConnectionPercentagePerSource", "max_inbound_connection_percentage_per_source", "int", 2
+        "MaxInboundConnectionPercentagePerSource",
+        "max_inbound_connection_percentage_per_source",
+        "int",
+        2,
     ),
     _Param("MessageRateLimit", "message_rate_limit", "unlimited", "unlimited"),
     _Param("MessageRateSource", "message_rate_source", "enum", "IPAddress"),
@@ -183,11 +205,16 @@ _PARAMS = (
     _Param("ChunkingEnabled", "chunking_enabled", "bool", True),
     _Param("BinaryMimeEnabled", "binary_mime_enabled", "bool", True),
     _Param("EightBitMimeEnabled", "eight_bit_mime_enabled", "bool", True),
-    _Param("DeliveryStatusNotificationEnabled", "delivery_status_notification_enabled", "bool", True),
+    _Param(
+        "DeliveryStatusNotificationEnabled", "delivery_status_notification_enabled", "bool", True
+    ),
     _Param("SizeEnabled", "size_enabled", "enum", "Enabled"),
     _Param("BareLinefeedRejectionEnabled", "bare_linefeed_rejection_enabled", "bool", False),
     _Param(
-        "RejectReservedTopLevelRecipientDomains", "reject_reserved_top_level_recipient_domains", "bool", False
+        "RejectReservedTopLevelRecipientDomains",
+        "reject_reserved_top_level_recipient_domains",
+        "bool",
+        False,
     ),
     _Param(
         "RejectReservedSecondLevelRecipientDomains",
@@ -195,7 +222,9 @@ _PARAMS = (
         "bool",
         False,
     ),
-    _Param("RejectSingleLabelRecipientDomains", "reject_single_label_recipient_domains", "bool", False),
+    _Param(
+        "RejectSingleLabelRecipientDomains", "reject_single_label_recipient_domains", "bool", False
+    ),
     _Param("DefaultDomain", "default_domain", "str"),
 )
 _PARAMS_BY_LOWER = {p.exchange.lower(): p for p in _PARAMS}
@@ -253,14 +282,15 @@ _METADATA = frozenset(
     )
 )
 _BUILTIN_CONNECTOR = re.compile(
-    r"^(Default Frontend|Client Frontend|Outbound Proxy Frontend|Default|Client Proxy) \S+$", re.IGNORECASE
+    r"^(Default Frontend|Client Frontend|Outbound Proxy Frontend|Default|Client Proxy) \S+$",
+    re.IGNORECASE,
 )
 _TYPE_NAME = re.compile(r"^(Deserialized\.)?(System|Microsoft)\.[A-Za-z0-9_.]+(`\d+)?(\[.*\])?$")
 _UNITS = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
 _TIMESPAN = re.compile(r"^(-)?(?:(\d+)\.)?(\d{1,2}):(\d{1,2}):(\d{1,2})(?:\.(\d{1,7}))?$")
 
 
-class ImportError_(ValueError):  # noqa: N801 - "ImportError" is a builtin
+class ExchangeImportError(ValueError):
     """The text is not an export this module understands."""
 
 
@@ -320,22 +350,30 @@ def decode_export(data: bytes) -> str:
 
 
 def detect_format(text: str) -> str:
-    """'json', 'csv', 'list' (Format-List) or 'protocol-log'; raises ImportError_ otherwise."""
+    """'json', 'csv', 'list' (Format-List) or 'protocol-log'; raises ExchangeImportError otherwise."""
     stripped = text.lstrip("\ufeff \t\r\n")
     if not stripped:
-        raise ImportError_("the file is empty")
+        raise ExchangeImportError("the file is empty")
     if stripped[0] in "[{":
         return "json"
     first = stripped.splitlines()[0]
-    if first.startswith("#Software") or first.startswith("#Log-type") or "#Fields: date-time" in stripped[:2000]:
+    if (
+        first.startswith("#Software")
+        or first.startswith("#Log-type")
+        or "#Fields: date-time" in stripped[:2000]
+    ):
         return "protocol-log"
     if first.upper().startswith("#TYPE"):
         return "csv"
-    if re.match(r'^"?[A-Za-z][\w ]*"?\s*[,;\t]\s*"?[A-Za-z]', first) and not re.match(r"^\S+\s+:", first):
+    if re.match(r'^"?[A-Za-z][\w ]*"?\s*[,;\t]\s*"?[A-Za-z]', first) and not re.match(
+        r"^\S+\s+:", first
+    ):
         return "csv"
     if re.search(r"^[A-Za-z][\w.-]*\s*:", stripped, re.MULTILINE):
         return "list"
-    raise ImportError_("not a Format-List, Export-Csv or ConvertTo-Json export of an Exchange cmdlet")
+    raise ExchangeImportError(
+        "not a Format-List, Export-Csv or ConvertTo-Json export of an Exchange cmdlet"
+    )
 
 
 _FL_KEY = re.compile(r"^([A-Za-z][A-Za-z0-9_.-]*)\s*:(?:\s(.*))?$")
@@ -394,20 +432,24 @@ def _records_from_json(text: str) -> list[dict[str, Any]]:
     try:
         data = json.loads(text.lstrip("\ufeff"))
     except json.JSONDecodeError as exc:
-        raise ImportError_(f"not valid JSON: {exc}") from None
+        raise ExchangeImportError(f"not valid JSON: {exc}") from None
     if isinstance(data, dict) and isinstance(data.get("value"), list) and "Count" in data:
-        data = data["value"]  # Windows PowerShell 5.1 wraps some arrays as {"value": [...], "Count": n}
+        data = data[
+            "value"
+        ]  # Windows PowerShell 5.1 wraps some arrays as {"value": [...], "Count": n}
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
-        raise ImportError_("JSON export must be an object or an array of objects")
+        raise ExchangeImportError("JSON export must be an object or an array of objects")
     return [item for item in data if isinstance(item, dict)]
 
 
 def _records(text: str) -> tuple[str, list[dict[str, Any]]]:
     fmt = detect_format(text)
     if fmt == "protocol-log":
-        raise ImportError_("this is a protocol log; pass it with --logs (or let the CLI detect it)")
+        raise ExchangeImportError(
+            "this is a protocol log; pass it with --logs (or let the CLI detect it)"
+        )
     reader = {"json": _records_from_json, "csv": _records_from_csv, "list": _records_from_list}[fmt]
     return fmt, reader(text)
 
@@ -604,7 +646,9 @@ def _timespan(raw: Any) -> str:
     if seconds < 0:
         raise _Bad("negative time span")
     if seconds != int(seconds):
-        raise _Bad(f"{seconds}s has a fraction of a second, which RelayGate's time spans cannot hold")
+        raise _Bad(
+            f"{seconds}s has a fraction of a second, which RelayGate's time spans cannot hold"
+        )
     return _format_seconds(int(seconds))
 
 
@@ -730,7 +774,11 @@ def _ip_range(item: Any) -> str:
         return str(low)
     size = int(high) - int(low) + 1
     fmt = str(_unwrap(lowered.get("rangeformat", ""))).lower()
-    if (fmt in ("cidr", "2") or "cidrlength" in lowered) and size & (size - 1) == 0 and int(low) % size == 0:
+    if (
+        (fmt in ("cidr", "2") or "cidrlength" in lowered)
+        and size & (size - 1) == 0
+        and int(low) % size == 0
+    ):
         return f"{low}/{low.max_prefixlen - size.bit_length() + 1}"
     return f"{low}-{high}"
 
@@ -821,7 +869,9 @@ def _is_connector_record(record: dict[str, Any]) -> bool:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _connector(record: dict[str, Any], result: ImportResult, *, full: bool) -> dict[str, Any] | None:
+def _connector(
+    record: dict[str, Any], result: ImportResult, *, full: bool
+) -> dict[str, Any] | None:
     server, name = _identity(record)
     if not name:
         result.warnings.append("a connector without Identity or Name was ignored")
@@ -871,7 +921,8 @@ def _connector(record: dict[str, Any], result: ImportResult, *, full: bool) -> d
         raw = record[key]
         shown = _text(raw)
         if key_lower in _UNSUPPORTED_DEFAULTS:
-            if _norm(raw) == _UNSUPPORTED_DEFAULTS[key_lower]:
+            default = _UNSUPPORTED_DEFAULTS[key_lower]
+            if _norm(raw) == default or (default in ("none", "false") and _norm(raw) == "0"):
                 continue
             template = _UNSUPPORTED_WARNINGS.get(key_lower)
             if template:
@@ -893,7 +944,9 @@ def _norm(raw: Any) -> str:
     return str(raw).strip().lower()
 
 
-def _connector_warnings(identity: str, name: str, out: dict[str, Any], result: ImportResult) -> None:
+def _connector_warnings(
+    identity: str, name: str, out: dict[str, Any], result: ImportResult
+) -> None:
     if _BUILTIN_CONNECTOR.match(name):
         result.warnings.append(
             f"{identity}: a connector Exchange setup creates; keep it only if devices send through it "
@@ -943,12 +996,12 @@ def parse_receive_connectors(text: str, *, filename: str = "", full: bool = Fals
 
     Get-ADPermission records in the same text fill `permissions`. With `full`, every mapped parameter
     is written; otherwise only the core keys and values that differ from Exchange's defaults.
-    Raises ImportError_ when the text is not an export at all.
+    Raises ExchangeImportError when the text is not an export at all.
     """
     try:
         _, records = _records(text)
-    except ImportError_ as exc:
-        raise ImportError_(f"{filename}: {exc}" if filename else str(exc)) from None
+    except ExchangeImportError as exc:
+        raise ExchangeImportError(f"{filename}: {exc}" if filename else str(exc)) from None
     result = _records_to_result(records, full=full)
     if not result.connectors and not result.permissions and filename:
         result.warnings.append(f"{filename}: no receive connector or AD permission found")
@@ -966,13 +1019,17 @@ def canonical_user(user: str) -> str:
     return _PRINCIPALS.get(text.lower(), text)
 
 
-def _permissions(records: list[dict[str, Any]], result: ImportResult) -> dict[str, list[dict[str, Any]]]:
+def _permissions(
+    records: list[dict[str, Any]], result: ImportResult
+) -> dict[str, list[dict[str, Any]]]:
     grants: dict[str, dict[tuple[str, bool], list[str]]] = {}
     for record in records:
         server, name = _identity(record)
         identity = f"{server}\\{name}" if server else name
         try:
-            inherited = not _is_empty(_get(record, "IsInherited")) and _bool(_get(record, "IsInherited"))
+            inherited = not _is_empty(_get(record, "IsInherited")) and _bool(
+                _get(record, "IsInherited")
+            )
             deny = not _is_empty(_get(record, "Deny")) and _bool(_get(record, "Deny"))
             rights, _ = _items(_get(record, "ExtendedRights"))
         except _Bad as exc:
@@ -993,7 +1050,9 @@ def _permissions(records: list[dict[str, Any]], result: ImportResult) -> dict[st
             continue
         bucket = grants.setdefault(name, {}).setdefault((user, deny), [])
         bucket.extend(r for r in kept if r not in bucket)
-        if user not in _PRINCIPALS.values() and not user.lower().endswith(_SERVER_PRINCIPAL_SUFFIXES):
+        if user not in _PRINCIPALS.values() and not user.lower().endswith(
+            _SERVER_PRINCIPAL_SUFFIXES
+        ):
             warning = (
                 f"{identity}: {user} is an Active Directory account; RelayGate has no directory, so it only "
                 "matches a RelayGate user of that exact name"
@@ -1028,7 +1087,9 @@ def parse_ad_permissions(text: str) -> dict[str, list[dict[str, Any]]]:
 def _implied(groups: list[str], user: str) -> frozenset[str] | None:
     """Rights the connector's permission groups already give `user`; None = all of the user's ACEs."""
     lowered = user.lower()
-    if {"ExchangeServers", "ExchangeLegacyServers"} & set(groups) and lowered.endswith(_SERVER_PRINCIPAL_SUFFIXES):
+    if {"ExchangeServers", "ExchangeLegacyServers"} & set(groups) and lowered.endswith(
+        _SERVER_PRINCIPAL_SUFFIXES
+    ):
         return None
     implied: set[str] = set()
     for group in groups:
@@ -1036,10 +1097,12 @@ def _implied(groups: list[str], user: str) -> frozenset[str] | None:
     return frozenset(implied)
 
 
-def _relay_entries(connector: dict[str, Any]) -> bool:
+def _grants_relay(connector: dict[str, Any]) -> bool:
     perms = connector.get("permissions", [])
     anonymous_relay = "AnonymousUsers" in connector.get("permission_groups", []) and any(
-        p["user"] == ANONYMOUS_LOGON and ACCEPT_ANY_RECIPIENT in p["extended_rights"] and not p.get("deny")
+        p["user"] == ANONYMOUS_LOGON
+        and ACCEPT_ANY_RECIPIENT in p["extended_rights"]
+        and not p.get("deny")
         for p in perms
     )
     externally_secured = "ExternalAuthoritative" in connector.get("auth_mechanism", [])
@@ -1077,7 +1140,9 @@ def combine_results(results: list[ImportResult]) -> ImportResult:
         merged.skipped.extend(result.skipped)
         merged.errors.extend(result.errors)
         for name, identities in result.sources.items():
-            merged.sources.setdefault(name, []).extend(i for i in identities if i not in merged.sources.get(name, []))
+            merged.sources.setdefault(name, []).extend(
+                i for i in identities if i not in merged.sources.get(name, [])
+            )
         for connector in result.connectors:
             key = connector["name"].lower()
             if key not in by_name:
@@ -1103,15 +1168,22 @@ def combine_results(results: list[ImportResult]) -> ImportResult:
             existing = merged.permissions.setdefault(name, [])
             for entry in entries:
                 same = next(
-                    (e for e in existing if e["user"] == entry["user"] and e.get("deny") == entry.get("deny")), None
+                    (
+                        e
+                        for e in existing
+                        if e["user"] == entry["user"] and e.get("deny") == entry.get("deny")
+                    ),
+                    None,
                 )
                 if same is None:
                     existing.append({**entry, "extended_rights": list(entry["extended_rights"])})
                 else:
-                    same["extended_rights"] += [r for r in entry["extended_rights"] if r not in same["extended_rights"]]
+                    same["extended_rights"] += [
+                        r for r in entry["extended_rights"] if r not in same["extended_rights"]
+                    ]
     for name, entries in merged.permissions.items():
-        connector = by_name.get(name.lower())
-        if connector is None:
+        target = by_name.get(name.lower())
+        if target is None:
             merged.warnings.append(
                 f"{name}: AD permissions found but the connector is not in this import; add them with "
                 "`relaygate permission add` if it already exists in RelayGate"
@@ -1121,19 +1193,19 @@ def combine_results(results: list[ImportResult]) -> ImportResult:
         for entry in entries:
             rights = entry["extended_rights"]
             if not entry.get("deny"):
-                implied = _implied(connector.get("permission_groups", []), entry["user"])
+                implied = _implied(target.get("permission_groups", []), entry["user"])
                 if implied is None:
                     continue
                 rights = [r for r in rights if r not in implied]
             if rights:
                 attached.append({**entry, "extended_rights": rights})
         if attached:
-            connector["permissions"] = attached
+            target["permissions"] = attached
     for connector in merged.connectors:
-        identities = ", ".join(merged.sources.get(connector["name"], [connector["name"]]))
-        if _relay_entries(connector) and _covers_everything(connector.get("remote_ip_ranges", [])):
+        origin = ", ".join(merged.sources.get(connector["name"], [connector["name"]]))
+        if _grants_relay(connector) and _covers_everything(connector.get("remote_ip_ranges", [])):
             merged.warnings.append(
-                f"{identities}: grants relay to (nearly) all addresses: this is an OPEN RELAY. Narrow "
+                f"{origin}: grants relay to (nearly) all addresses: this is an OPEN RELAY. Narrow "
                 "remote_ip_ranges to the devices that send (see the protocol-log usage report) before using it"
             )
     return merged

@@ -69,7 +69,9 @@ class ClientUsage:
         """Accepted RCPTs to domains outside `accepted_domains`; None when no domain list is known."""
         if not accepted_domains:
             return None
-        return sum(n for d, n in self.recipient_domains.items() if not domain_accepted(d, accepted_domains))
+        return sum(
+            n for d, n in self.recipient_domains.items() if not domain_accepted(d, accepted_domains)
+        )
 
     def to_dict(self, accepted_domains: list[str]) -> dict[str, Any]:
         relayed = self.relayed(accepted_domains)
@@ -101,7 +103,9 @@ class ConnectorUsage:
 
     @property
     def name(self) -> str:
-        return self.connector_id.partition("\\")[2] if "\\" in self.connector_id else self.connector_id
+        return (
+            self.connector_id.partition("\\")[2] if "\\" in self.connector_id else self.connector_id
+        )
 
     def senders(self) -> list[str]:
         """Client IPs that had at least one message accepted."""
@@ -144,7 +148,8 @@ class UsageReport:
             "files": self.files,
             "accepted_domains": self.accepted_domains,
             "connectors": [
-                self.connectors[k].to_dict(self.accepted_domains) for k in sorted(self.connectors, key=str.lower)
+                self.connectors[k].to_dict(self.accepted_domains)
+                for k in sorted(self.connectors, key=str.lower)
             ],
             "warnings": self.warnings,
         }
@@ -238,7 +243,11 @@ def expand_log_paths(paths: Iterable[Path]) -> list[Path]:
     out: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found = [p for p in path.rglob("*") if p.is_file() and re.fullmatch(r"recv.*\.log", p.name, re.I)]
+            found = [
+                p
+                for p in path.rglob("*")
+                if p.is_file() and re.fullmatch(r"recv.*\.log", p.name, re.I)
+            ]
             out.extend(sorted(found, key=lambda p: (p.name.upper(), str(p))))
         else:
             out.append(path)
@@ -258,7 +267,9 @@ class _Analyzer:
         self.sessions: dict[tuple[str, str], _Session] = {}
 
     def client(self, session: _Session) -> ClientUsage:
-        usage = self.report.connectors.setdefault(session.connector_id, ConnectorUsage(session.connector_id))
+        usage = self.report.connectors.setdefault(
+            session.connector_id, ConnectorUsage(session.connector_id)
+        )
         return usage.clients.setdefault(session.ip, ClientUsage(session.ip))
 
     def feed_file(self, path: Path) -> None:
@@ -286,7 +297,9 @@ class _Analyzer:
             if len(row) < 7 or not self.feed(record):
                 malformed += 1
         if malformed:
-            self.report.warnings.append(f"{path}: {malformed} line(s) could not be read and were ignored")
+            self.report.warnings.append(
+                f"{path}: {malformed} line(s) could not be read and were ignored"
+            )
 
     def feed(self, record: dict[str, str]) -> bool:
         connector_id = record.get("connector-id", "").strip()
@@ -294,7 +307,12 @@ class _Analyzer:
         ip = _endpoint_ip(record.get("remote-endpoint", ""))
         event = record.get("event", "").strip()
         when = record.get("date-time", "").strip()
-        if not connector_id or not session_id or ip is None or event not in ("+", "-", ">", "<", "*"):
+        if (
+            not connector_id
+            or not session_id
+            or ip is None
+            or event not in ("+", "-", ">", "<", "*")
+        ):
             return False
         key = (connector_id, session_id)
         session = self.sessions.get(key)
@@ -321,7 +339,9 @@ class _Analyzer:
 
     def reply(self, session: _Session, client: ClientUsage, reply: str) -> None:
         command = session.pending.popleft() if session.pending else ""
-        if reply.startswith("250") and ("2.6.0" in reply[:12] or "queued mail for delivery" in reply.lower()):
+        if reply.startswith("250") and (
+            "2.6.0" in reply[:12] or "queued mail for delivery" in reply.lower()
+        ):
             client.messages += 1
             return
         match = _RCPT.match(command)

@@ -78,9 +78,11 @@ def check_mail(
     domain_entry = match_accepted_domain(sender.domain, accepted_domains) if sender.domain else None
     denied = replies.SEND_AS_DENIED if authenticated else replies.ANONYMOUS_SEND_AS_DENIED
     if domain_entry is not None and domain_entry.domain_type == "Authoritative":
-        if not rights.has(r.ACCEPT_AUTHORITATIVE_DOMAIN_SENDER) and not rights.has(
-            r.ACCEPT_ANY_SENDER
-        ):
+        # Accept-Any-Sender does not cover authoritative domains: removing Accept-Authoritative-Domain-
+        # Sender from ANONYMOUS LOGON (which keeps Any-Sender) is Exchange's classic anti-spoofing setting
+        # (§3.1). Authenticated sessions send as an organisation address: ExchangeUsers grants neither
+        # sender right, and Exchange checks Send-As on the mailbox instead, which RelayGate does not model.
+        if not authenticated and not rights.has(r.ACCEPT_AUTHORITATIVE_DOMAIN_SENDER):
             return Verdict(
                 denied,
                 f"sender domain {sender.domain} is authoritative and the session lacks "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -16,6 +17,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 __all__ = ["UserStore", "users_path"]
 
+logger = logging.getLogger("relaygate.smtp")
 _HASHER = PasswordHasher()
 # A real hash to verify against for unknown users, so timing does not reveal which names exist.
 _DUMMY_HASH = _HASHER.hash("relaygate-dummy-password")
@@ -29,14 +31,31 @@ class UserStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._users: dict[str, str] = {}
+        self._stamp: tuple[int, int, int] | None = None
         self.reload()
 
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_ino, st.st_size)
+
     def reload(self) -> None:
+        self._stamp = self._file_stamp()
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             self._users = {str(k).lower(): str(v) for k, v in data.get("users", {}).items()}
         except FileNotFoundError:
             self._users = {}
+
+    def refresh(self) -> None:
+        """Re-read the file if `relaygate user add/remove` changed it (a stat per AUTH, no restart)."""
+        if self._file_stamp() != self._stamp:
+            try:
+                self.reload()
+            except (OSError, ValueError) as exc:  # a broken file: keep the users we had
+                logger.error("cannot read users file %s: %s", self.path, exc)
 
     def names(self) -> list[str]:
         return sorted(self._users)
@@ -45,6 +64,7 @@ class UserStore:
         return len(self._users)
 
     def _verify_sync(self, user: str, password: str) -> bool:
+        self.refresh()
         stored = self._users.get(user.lower())
         try:
             _HASHER.verify(stored or _DUMMY_HASH, password)

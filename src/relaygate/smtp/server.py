@@ -17,7 +17,7 @@ from typing import Any
 
 from relaygate.config.model import Config, ReceiveConnector
 from relaygate.config.values import Binding, normalise_ip
-from relaygate.logs.protocol import NULL_SESSION_LOG, PROTOCOL_LOG_RECEIVE_DIR, ProtocolLog
+from relaygate.logs.protocol import PROTOCOL_LOG_RECEIVE_DIR, NullSessionLog, ProtocolLog
 from relaygate.policy.selection import select_connector
 from relaygate.queue.model import Envelope
 from relaygate.queue.store import Store
@@ -80,7 +80,7 @@ class ServerContext:
 
     def session_log(self, connector: ReceiveConnector, local: tuple[str, int], client: tuple[str, int]) -> Any:
         if self.protocol_log is None or connector.protocol_logging_level != "Verbose":
-            return NULL_SESSION_LOG
+            return NullSessionLog()  # its own session id: the Received header and tracking use it
         return self.protocol_log.session(connector.name, local, client)
 
     def postmaster_address(self) -> str:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from relaygate import replies
 from relaygate.addresses import Address, AddressError, parse_domain, parse_mail_from, parse_rcpt_to
 from relaygate.config.model import ReceiveConnector
+from relaygate.logs.protocol import receiving_message_info
 from relaygate.policy.rights import SessionRights, session_rights
 from relaygate.policy.verdicts import Verdict, check_mail, check_rcpt
 from relaygate.queue.model import Envelope
@@ -113,7 +114,10 @@ class Session:
         if self.out:
             self.writer.write(b"".join(self.out))
             self.out.clear()
-            await self.writer.drain()
+            try:
+                await asyncio.wait_for(self.writer.drain(), timeout=self.idle)
+            except TimeoutError:
+                raise ConnectionError("client does not read its replies") from None
 
     async def _fill(self) -> bool:
         """Read more bytes into the buffer; False at EOF. Enforces both timeouts."""
@@ -139,13 +143,17 @@ class Session:
         """The next command line without its ending; None at EOF. A line ended by a bare LF, or holding
         a bare CR, is returned with a marker the caller refuses."""
         while True:
-            nl = self.buf.find(b"\n")
+            nl = self.buf.find(b"\n", 0, MAX_COMMAND_LINE)
             if nl >= 0:
                 line = bytes(self.buf[: nl + 1])
                 del self.buf[: nl + 1]
                 return line
-            if len(self.buf) > MAX_COMMAND_LINE:
+            if len(self.buf) >= MAX_COMMAND_LINE:
                 # Too long: discard through the next LF so the session stays in sync.
+                nl = self.buf.find(b"\n")
+                if nl >= 0:
+                    del self.buf[: nl + 1]
+                    return b"\x00TOOLONG"
                 self.buf.clear()
                 while True:
                     if not await self._fill():
@@ -181,12 +189,12 @@ class Session:
                 await self.handle_line(line)
         except _Close as close:
             context = close.context
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (OSError, asyncio.IncompleteReadError):  # resets, TLS record errors
             context = "Remote"
         finally:
             try:
                 await self.flush()
-            except (ConnectionError, RuntimeError):
+            except (OSError, RuntimeError):
                 pass
             self.log.disconnect(context)
 
@@ -208,8 +216,8 @@ class Session:
         if not self.buf:
             return
         if verb in _GROUP_ENDERS or not self.pipelining:
-            if verb == "QUIT":
-                return
+            if verb in ("QUIT", "STARTTLS"):
+                return  # STARTTLS discards what follows it itself (RFC 3207 §4.2 / CVE-2011-0411)
             self.log.info(f"Unauthorized pipelining after {verb}; {len(self.buf)} bytes pending")
             self.buf.clear()
             self.reply(replies.SYNC_ERROR)
@@ -432,16 +440,15 @@ class Session:
                 del data[end + 2 :]
                 break
             scanned = max(0, len(data) - 4)
-            if len(data) - 2 > limit + 4:
-                # Past the limit: keep only the tail needed to find the terminator.
-                dropped += len(data) - 6
-                del data[2:-4]
+            if len(data) > limit + 6:
+                # Past the limit: keep only the real tail needed to find a terminator that spans the
+                # next read. Never keep the synthetic leading CRLF with it: "\r\n" + ".\r\nM" would
+                # look like CRLF.CRLF and turn the rest of the message into commands (smuggling).
+                dropped += len(data) - 4
+                del data[:-4]
                 scanned = 0
             await self.flush()
-            try:
-                more = await self._read_more()
-            except _Close:
-                raise
+            more = await self._read_more()
             if not more:
                 return None, False
             data += more
@@ -462,7 +469,10 @@ class Session:
         try:
             return await asyncio.wait_for(self.reader.read(READ_CHUNK), timeout=min(self.idle, remaining))
         except TimeoutError:
-            self.reply(replies.INACTIVITY_TIMEOUT)
+            if time.monotonic() >= self.deadline:
+                self.reply(replies.CONNECTION_TIMEOUT)
+            else:
+                self.reply(replies.INACTIVITY_TIMEOUT)
             raise _Close() from None
 
     async def accept_message(self, txn: _Transaction, content: bytes, too_big: bool, started: float) -> None:
@@ -499,7 +509,7 @@ class Session:
             queue_id=local_id,
             recipient=txn.recipients[0] if len(txn.recipients) == 1 else None,
         )
-        self.log.info(f"{local_id}", "receiving message")
+        self.log.info(receiving_message_info(self.log.session_id, self.messages), "receiving message")
         envelope = Envelope(
             sender=txn.sender_text,
             recipients=list(txn.recipients),
@@ -531,7 +541,7 @@ class Session:
 
     async def do_quit(self, arg: str) -> None:
         self.reply(replies.CLOSING)
-        raise _Close("Remote")
+        raise _Close("Local")
 
     async def do_vrfy(self, arg: str) -> None:
         self.reply(replies.CANNOT_VRFY)
@@ -544,6 +554,13 @@ class Session:
 
     async def do_not_implemented(self, arg: str) -> None:
         await self.protocol_error(replies.NOT_IMPLEMENTED)
+
+    async def do_bdat(self, arg: str) -> None:
+        """CHUNKING is not advertised: the bytes after a BDAT line would be raw content, so never read
+        them as commands (security-bar item 153): refuse and hang up."""
+        self.buf.clear()
+        self.reply(replies.NOT_IMPLEMENTED)
+        raise _Close()
 
     async def do_starttls(self, arg: str) -> None:
         if arg.strip():
@@ -559,10 +576,16 @@ class Session:
         if ctx is None:
             self.reply(replies.TLS_NOT_AVAILABLE)
             return
+        # Stop reading plaintext now: nothing that arrives from here on is read before the TLS layer is
+        # in place (the transport feeds it to the handshake, where injected plaintext is garbage).
+        self.writer.transport.pause_reading()
         self.reply(replies.STARTTLS_READY)
         await self.flush()
         # Discard every plaintext byte that arrived with or after STARTTLS (CVE-2011-0411): ours and the
         # StreamReader's own buffer, which start_tls does not clear.
+        pending = len(self.buf) + len(self.reader._buffer)  # type: ignore[attr-defined]
+        if pending:
+            self.log.info(f"{pending} bytes sent after STARTTLS discarded")
         self.buf.clear()
         self.reader._buffer.clear()  # type: ignore[attr-defined]
         try:
@@ -696,6 +719,7 @@ _HANDLERS = {
     "HELP": Session.do_help,
     "STARTTLS": Session.do_starttls,
     "AUTH": Session.do_auth,
+    "BDAT": Session.do_bdat,
     "EXPN": Session.do_not_implemented,
     "ETRN": Session.do_not_implemented,
     "TURN": Session.do_not_implemented,

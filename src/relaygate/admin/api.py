@@ -1,0 +1,290 @@
+"""The admin listener's HTTP application: JSON API, /healthz, /metrics.
+
+Routes (JSON unless said otherwise):
+
+=========================================  ==================================================
+``GET /api/queue[?status=Retry&limit=N]``  messages (``relaygate.control.message_view``)
+``GET /api/queue/{id}``                    one message with per-recipient detail and Subject
+``POST /api/queue/{id}/retry``             Retry-Queue / Resubmit
+``POST /api/queue/{id}/suspend``           Suspend-Message
+``POST /api/queue/{id}/resume``            Resume-Message
+``DELETE /api/queue/{id}[?with_ndr=true]`` Remove-Message [-WithNDR]
+``GET /api/queue/summary``                 message counts by status
+``GET /api/health``, ``GET /healthz``      liveness: 200 when the store answers, else 503
+``GET /metrics``                           Prometheus text format
+=========================================  ==================================================
+
+``{id}`` is ``SERVER\\QueueId`` (URL-encoded) or the bare queue id. Errors are
+``{"error": "...", "status": N}`` with 400/401/403/404/409/503.
+
+Protection (the listener is meant for loopback or a management network):
+
+* ``admin.api_token_file`` set → every ``/api/`` route except ``/api/health`` needs
+  ``Authorization: Bearer <token>`` (the CLI sends it);
+* requests whose ``Host`` is a DNS name other than ``localhost``, ``server.fqdn`` or ``server.name``
+  are refused (DNS rebinding), and so are state-changing requests whose ``Origin`` is another site
+  (cross-site request forgery from a browser on the admin's machine).
+
+`create_app(relay, extra_routes=...)` takes further routes so the web admin centre (HTML pages) can
+be mounted on the same application later.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from relaygate.control import Conflict, NotFound, QueueControl
+
+__all__ = ["API_PREFIX", "MetricsCollector", "create_app", "read_token"]
+
+log = logging.getLogger("relaygate.admin")
+
+API_PREFIX = "/api"
+_OPEN_PATHS = ("/healthz", "/api/health", "/metrics")
+_SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def read_token(path: Path | None) -> str | None:
+    """The API token from ``admin.api_token_file`` (first line, stripped), or None."""
+    if path is None:
+        return None
+    token = Path(path).read_text(encoding="utf-8").strip().splitlines()
+    return token[0].strip() if token and token[0].strip() else None
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status}, status_code=status)
+
+
+def _host_name(host_header: str) -> str:
+    host = host_header.strip()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+class _Guard:
+    """ASGI middleware: Host allow-list, same-origin for state changes, bearer token."""
+
+    def __init__(self, app: ASGIApp, relay: Any, token: str | None = None) -> None:
+        self.app = app
+        self.relay = relay
+        self.token = token
+
+    def _allowed_host(self, host_header: str) -> bool:
+        name = _host_name(host_header).lower().rstrip(".")
+        if not name or _is_ip(name) or name == "localhost":
+            return True
+        server = self.relay.config.server
+        return name in {str(server.fqdn).lower(), str(server.name).lower()}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        path = scope.get("path", "")
+        method = scope.get("method", "GET")
+        response: Response | None = None
+        host = headers.get("host", "")
+        if not self._allowed_host(host):
+            response = _error(403, f"host {host!r} is not this relay")
+        elif method not in _SAFE_METHODS and "origin" in headers:
+            origin = urlsplit(headers["origin"])
+            if origin.netloc.lower() != host.lower():
+                response = _error(403, "cross-origin request refused")
+        if response is None and path.startswith(API_PREFIX + "/") and path not in _OPEN_PATHS:
+            token = self.token
+            if token:
+                given = headers.get("authorization", "")
+                scheme, _, value = given.partition(" ")
+                if scheme.lower() != "bearer" or not hmac.compare_digest(
+                    value.strip().encode(), token.encode()
+                ):
+                    response = _error(401, "missing or wrong API token (admin.api_token_file)")
+        if response is not None:
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+class MetricsCollector:
+    """Prometheus collector over the manager's counters and the last queue counts."""
+
+    def __init__(self, relay: Any) -> None:
+        self.relay = relay
+        self.counts: dict[str, int] = {}
+
+    def collect(self) -> Iterable[Any]:
+        queue = GaugeMetricFamily(
+            "relaygate_queue_messages", "Messages in the queue by status", labels=["status"]
+        )
+        for key in ("ready", "retry", "suspended", "delivered", "failed"):
+            queue.add_metric([key.capitalize()], float(self.counts.get(key, 0)))
+        yield queue
+        yield GaugeMetricFamily(
+            "relaygate_queue_recipients_pending",
+            "Recipients not yet delivered or failed",
+            value=float(self.counts.get("recipients_pending", 0)),
+        )
+        yield GaugeMetricFamily(
+            "relaygate_queue_active_messages",
+            "Messages under a live delivery lease",
+            value=float(self.counts.get("active", 0)),
+        )
+        manager = getattr(self.relay, "manager", None)
+        stats: dict[str, int] = getattr(manager, "stats", {}) or {}
+        recipients = CounterMetricFamily(
+            "relaygate_delivery_recipients",
+            "Recipient delivery outcomes",
+            labels=["outcome"],
+        )
+        for key in ("delivered", "deferred", "failed", "expired"):
+            recipients.add_metric([key], float(stats.get(key, 0)))
+        yield recipients
+        yield CounterMetricFamily(
+            "relaygate_delivery_runs", "Delivery runs (one per message attempt)",
+            value=float(stats.get("attempts", 0)),
+        )  # fmt: skip
+        dsn = CounterMetricFamily(
+            "relaygate_dsn", "Delivery status notifications generated", labels=["type"]
+        )
+        dsn.add_metric(["failed"], float(stats.get("ndr", 0)))
+        dsn.add_metric(["delayed"], float(stats.get("delay_notices", 0)))
+        yield dsn
+        yield GaugeMetricFamily(
+            "relaygate_deliveries_in_flight",
+            "Messages being delivered now",
+            value=float(getattr(manager, "in_flight", 0) or 0),
+        )
+
+
+def create_app(
+    relay: Any, *, token: str | None = None, extra_routes: Sequence[BaseRoute] = ()
+) -> Starlette:
+    """The admin application for ``relay`` (an object with ``config``, ``store``, ``manager``).
+    ``token``: the bearer token the API requires (None: no token)."""
+    control = QueueControl.for_relay(relay)
+    registry = CollectorRegistry(auto_describe=False)
+    collector = MetricsCollector(relay)
+    registry.register(collector)
+    started = time.time()
+
+    async def queue_list(request: Request) -> Response:
+        status = request.query_params.get("status")
+        try:
+            limit = int(request.query_params.get("limit", "1000"))
+        except ValueError:
+            return _error(400, "limit must be a number")
+        try:
+            items = await control.list_messages(status=status, limit=max(0, limit))
+        except ValueError as exc:
+            return _error(400, str(exc))
+        return JSONResponse({"server": relay.config.server.name, "messages": items})
+
+    async def queue_summary(request: Request) -> Response:
+        return JSONResponse(await control.counts())
+
+    async def queue_show(request: Request) -> Response:
+        return await _call(control.show, request.path_params["identity"])
+
+    async def queue_retry(request: Request) -> Response:
+        return await _call(control.retry, request.path_params["identity"])
+
+    async def queue_suspend(request: Request) -> Response:
+        return await _call(control.suspend, request.path_params["identity"])
+
+    async def queue_resume(request: Request) -> Response:
+        return await _call(control.resume, request.path_params["identity"])
+
+    async def queue_remove(request: Request) -> Response:
+        flag = request.query_params.get("with_ndr", "false").strip().lower()
+        if flag not in ("true", "false", "1", "0", "yes", "no", ""):
+            return _error(400, "with_ndr must be true or false")
+        return await _call(
+            control.remove,
+            request.path_params["identity"],
+            with_ndr=flag in ("true", "1", "yes"),
+        )
+
+    async def health(request: Request) -> Response:
+        manager = getattr(relay, "manager", None)
+        server = getattr(relay, "server", None)
+        body: dict[str, Any] = {
+            "status": "ok",
+            "server": relay.config.server.name,
+            "fqdn": relay.config.server.fqdn,
+            "uptime_seconds": round(time.time() - started, 1),
+            "smtp": [f"{h}:{p}" for h, p in (getattr(server, "endpoints", None) or [])],
+            "queue_manager": {
+                "running": bool(getattr(manager, "running", False)),
+                "in_flight": int(getattr(manager, "in_flight", 0) or 0),
+            },
+        }
+        try:
+            body["queue"] = await control.counts()
+        except Exception as exc:
+            body["status"] = "error"
+            body["error"] = f"queue store: {exc}"
+            return JSONResponse(body, status_code=503)
+        if manager is not None and not body["queue_manager"]["running"]:
+            body["status"] = "degraded"
+        return JSONResponse(body)
+
+    async def metrics(request: Request) -> Response:
+        try:
+            collector.counts = await control.counts()
+        except Exception as exc:
+            log.warning("metrics: queue counts unavailable: %s", exc)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    routes: list[BaseRoute] = [
+        Route("/healthz", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route(f"{API_PREFIX}/health", health, methods=["GET"]),
+        Route(f"{API_PREFIX}/queue", queue_list, methods=["GET"]),
+        Route(f"{API_PREFIX}/queue/summary", queue_summary, methods=["GET"]),
+        Route(f"{API_PREFIX}/queue/{{identity}}", queue_show, methods=["GET"]),
+        Route(f"{API_PREFIX}/queue/{{identity}}", queue_remove, methods=["DELETE"]),
+        Route(f"{API_PREFIX}/queue/{{identity}}/retry", queue_retry, methods=["POST"]),
+        Route(f"{API_PREFIX}/queue/{{identity}}/suspend", queue_suspend, methods=["POST"]),
+        Route(f"{API_PREFIX}/queue/{{identity}}/resume", queue_resume, methods=["POST"]),
+        *extra_routes,
+    ]
+    app = Starlette(routes=routes)
+    app.add_middleware(_Guard, relay=relay, token=token)
+    app.state.control = control
+    app.state.relay = relay
+    return app
+
+
+async def _call(fn: Any, *args: Any, **kwargs: Any) -> Response:
+    try:
+        return JSONResponse(await fn(*args, **kwargs))
+    except NotFound as exc:
+        return _error(404, str(exc.args[0]) if exc.args else "not found")
+    except Conflict as exc:
+        return _error(409, str(exc))

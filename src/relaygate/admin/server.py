@@ -1,0 +1,115 @@
+"""The admin listener: uvicorn serving `relaygate.admin.api` inside the relay's own event loop.
+
+The socket is bound in `start()` (so "address in use" is an error at start-up, not a log line
+later) and handed to uvicorn. uvicorn's own signal handling is switched off: SIGTERM/SIGINT/SIGHUP
+belong to the relay (`relaygate.app`), which stops this server in its shutdown sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import uvicorn
+from starlette.routing import BaseRoute
+
+from relaygate.admin.api import create_app, read_token
+from relaygate.config.values import parse_binding
+
+__all__ = ["AdminServer"]
+
+log = logging.getLogger("relaygate.admin")
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:  # the relay owns the signals
+        yield
+
+
+class AdminServer:
+    """Serves the admin application on ``config.admin.listen``.
+
+    relay: an object with ``config``, ``store`` and ``manager`` (and ``server`` for /healthz).
+    extra_routes: further Starlette routes (the web admin centre's pages).
+    """
+
+    def __init__(self, relay: Any, *, extra_routes: Sequence[BaseRoute] = ()) -> None:
+        self.relay = relay
+        self.extra_routes = list(extra_routes)
+        self.app: Any = None
+        self._server: _Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.endpoint: tuple[str, int] | None = None
+
+    @property
+    def url(self) -> str | None:
+        if self.endpoint is None:
+            return None
+        host, port = self.endpoint
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def _bind(self) -> socket.socket:
+        binding = parse_binding(self.relay.config.admin.listen)
+        family = socket.AF_INET6 if binding.version == 6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((binding.address, binding.port))
+            sock.listen(128)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        config = self.relay.config
+        token = read_token(getattr(config.admin, "api_token_file", None))
+        self.app = create_app(self.relay, token=token, extra_routes=self.extra_routes)
+        sock = self._bind()
+        name = sock.getsockname()
+        self.endpoint = (name[0], name[1])
+        server = _Server(
+            uvicorn.Config(
+                self.app,
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                proxy_headers=False,
+                server_header=False,
+                timeout_graceful_shutdown=5,
+            )
+        )
+        self._server = server
+        self._task = asyncio.create_task(server.serve(sockets=[sock]), name="relaygate-admin")
+        while not server.started:
+            if self._task.done():
+                exc = self._task.exception()
+                self._task = None
+                sock.close()
+                raise RuntimeError(f"admin listener on {config.admin.listen} failed: {exc!r}")
+            await asyncio.sleep(0.01)
+        log.info("admin centre and API listening on %s", self.url)
+
+    async def stop(self) -> None:
+        server, task = self._server, self._task
+        self._server = self._task = None
+        if server is None or task is None:
+            return
+        server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(task), 8.0)
+        except TimeoutError:
+            server.force_exit = True
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        except Exception:
+            log.exception("admin listener stopped with an error")

@@ -1,0 +1,287 @@
+"""Delivery status notifications: NDRs and delay notices as RFC 3464 ``multipart/report``.
+
+The report has three parts:
+
+1. ``text/plain``: Exchange's wording (``Delivery has failed to these recipients or groups:``, then
+   ``Diagnostic information for administrators:`` with the generating server and
+   ``Remote Server returned '<reply>'`` per recipient), so the people used to Exchange NDRs read it
+   at a glance;
+2. ``message/delivery-status``: ``Reporting-MTA: dns; <fqdn>``, ``Arrival-Date``, and per recipient
+   ``Final-Recipient``, ``Action`` (failed | delayed), ``Status``, ``Diagnostic-Code: smtp; <reply>``,
+   ``Remote-MTA`` when a remote host answered, ``Last-Attempt-Date``, ``Will-Retry-Until`` (delayed);
+3. ``text/rfc822-headers``: the header block of the original message (never its body: the original
+   may be large or sensitive, and devices often send to addresses nobody reads).
+
+The report comes ``From: postmaster@<fqdn>`` (MAILER-DAEMON style) and is sent with the null
+envelope sender ``<>`` so that it can never cause another report. Pure: bytes in, bytes out.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import format_datetime, formatdate
+
+from relaygate.replies import Reply
+
+__all__ = [
+    "DsnRecipient",
+    "build_dsn",
+    "header_block",
+    "header_value",
+    "status_of",
+]
+
+_FOLD = re.compile(rb"\r?\n[ \t]+")
+_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+@dataclass(frozen=True, slots=True)
+class DsnRecipient:
+    """One recipient of the report. remote_mta: the host that answered (empty if none did)."""
+
+    address: str
+    reply: Reply
+    remote_mta: str = ""
+    last_attempt: float | None = None
+    last_error: str = ""  # the last remote error, shown beside an expiry
+
+
+def header_block(message: bytes) -> bytes:
+    """The header section of ``message`` (up to the first empty line), CRLF line ends, ending in CRLF."""
+    text = message.replace(b"\r\n", b"\n")
+    end = text.find(b"\n\n")
+    head = text if end < 0 else text[: end + 1]
+    if head.startswith(b"\n"):
+        return b""
+    lines = head.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return b"".join(line.rstrip(b"\r") + b"\r\n" for line in lines)
+
+
+def header_value(message: bytes, name: str) -> str:
+    """The unfolded value of the first ``name`` header ("" if absent), undecoded, controls removed."""
+    head = _FOLD.sub(b" ", header_block(message))
+    wanted = name.lower().encode("ascii") + b":"
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(wanted):
+            value = line[len(wanted) :].decode("utf-8", "replace").strip()
+            return _CTL.sub("", value)
+    return ""
+
+
+def status_of(reply: Reply) -> str:
+    """The RFC 3463 status for a reply: its enhanced code, else ``X.0.0`` from the basic code."""
+    if reply.enhanced:
+        return reply.enhanced
+    return f"{reply.code // 100}.0.0"
+
+
+def _date(ts: float) -> str:
+    return format_datetime(datetime.fromtimestamp(ts, UTC))
+
+
+def _span_words(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = []
+    if days:
+        parts.append(f"{days} day{'s' if days != 1 else ''}")
+    if hours:
+        parts.append(f"{hours} hour{'s' if hours != 1 else ''}")
+    if minutes:
+        parts.append(f"{minutes} minute{'s' if minutes != 1 else ''}")
+    if secs or not parts:
+        parts.append(f"{secs} second{'s' if secs != 1 else ''}")
+    return ", ".join(parts)
+
+
+def _user_text(reply: Reply) -> str:
+    """What Exchange tells the sender, by the kind of failure."""
+    line = reply.line()
+    if "QUEUE.Expired" in line:
+        return (
+            "Your message couldn't be delivered. Delivery was attempted until the message expired "
+            "in the queue; the destination server didn't accept it in time."
+        )
+    if "QUEUE.Admin" in line:
+        return "Your message was deleted from the queue by the administrator of the relay."
+    if "ROUTING." in line or "SMTPSEND.DNS" in line:
+        return (
+            "Your message couldn't be delivered because no route or mail server was found for "
+            "the recipient's domain."
+        )
+    return (
+        "Your message couldn't be delivered. The recipient's email system rejected it; "
+        "the reason is shown below."
+    )
+
+
+def _clean(text: str) -> str:
+    return _CTL.sub("", text)
+
+
+def build_dsn(
+    *,
+    action: str,
+    reporting_mta: str,
+    to: str,
+    original: bytes,
+    recipients: Sequence[DsnRecipient],
+    received_at: float,
+    queue_id: str = "",
+    will_retry_until: float | None = None,
+    now: float | None = None,
+    postmaster: str | None = None,
+    message_id: str | None = None,
+) -> bytes:
+    """The report as bytes (CRLF line ends, 7-bit headers of its own).
+
+    action: ``failed`` (NDR) or ``delayed`` (delay notice). to: the original envelope sender (the
+    ``To`` header). original: the original message (only its header block is used).
+    """
+    if action not in ("failed", "delayed"):
+        raise ValueError(f"action must be 'failed' or 'delayed', not {action!r}")
+    now = time.time() if now is None else now
+    fqdn = reporting_mta
+    postmaster = postmaster or f"postmaster@{fqdn}"
+    message_id = message_id or f"<{secrets.token_hex(12).upper()}@{fqdn}>"
+    boundary = f"=_relaygate_{secrets.token_hex(12)}"
+    orig_headers = header_block(original)
+    subject = header_value(original, "Subject")
+    orig_msgid = header_value(original, "Message-ID")
+    prefix = "Undeliverable" if action == "failed" else "Delivery delayed"
+    nl = "\r\n"
+
+    # ---------------------------------------------------------------- human-readable part
+    text: list[str] = []
+    if action == "failed":
+        text.append("Delivery has failed to these recipients or groups:")
+        text.append("")
+        for r in recipients:
+            text.append(_clean(r.address))
+            text.append(_user_text(r.reply))
+            text.append("")
+    else:
+        text.append("Delivery is delayed to these recipients or groups:")
+        text.append("")
+        for r in recipients:
+            text.append(_clean(r.address))
+        text.append("")
+        if subject:
+            text.append(f"Subject: {subject}")
+            text.append("")
+        text.append(
+            "This message hasn't been delivered yet. Delivery will continue to be attempted."
+        )
+        if will_retry_until is not None:
+            text.append(
+                "The server will keep trying to deliver this message for the next "
+                f"{_span_words(will_retry_until - now)}. You'll be notified if the message "
+                "can't be delivered by that time."
+            )
+        text.append("")
+    text.append("")
+    text.append("")
+    text.append("Diagnostic information for administrators:")
+    text.append("")
+    text.append(f"Generating server: {fqdn}")
+    if queue_id:
+        text.append(f"Queue ID: {queue_id}")
+    text.append("")
+    for r in recipients:
+        text.append(_clean(r.address))
+        remote = f"Remote server {r.remote_mta} " if r.remote_mta else "Remote Server "
+        text.append(f"{remote}returned '{_clean(r.reply.line())}'")
+        if r.last_error and r.last_error != r.reply.line():
+            text.append(f"Last error: '{_clean(r.last_error)}'")
+        text.append("")
+    text.append("Original message headers:")
+    text.append("")
+    human = nl.join(text).encode("utf-8") + b"\r\n" + orig_headers
+
+    # ---------------------------------------------------------------- delivery-status part
+    status: list[str] = [
+        f"Reporting-MTA: dns; {fqdn}",
+    ]
+    if queue_id:
+        status.append(f"X-RelayGate-Queue-Id: {queue_id}")
+    status.append(f"Arrival-Date: {_date(received_at)}")
+    status.append("")
+    for r in recipients:
+        status.append(f"Final-Recipient: rfc822; {_clean(r.address)}")
+        status.append(f"Action: {action}")
+        status.append(f"Status: {status_of(r.reply)}")
+        if r.remote_mta:
+            status.append(f"Remote-MTA: dns; {_clean(r.remote_mta)}")
+        status.append(f"Diagnostic-Code: smtp; {_clean(r.reply.line())}")
+        if r.last_error and r.last_error != r.reply.line():
+            status.append(f"X-Last-Error: {_clean(r.last_error)}")
+        if r.last_attempt is not None:
+            status.append(f"Last-Attempt-Date: {_date(r.last_attempt)}")
+        if action == "delayed" and will_retry_until is not None:
+            status.append(f"Will-Retry-Until: {_date(will_retry_until)}")
+        status.append("")
+    delivery_status = nl.join(status).encode("utf-8")
+    utf8_status = not delivery_status.isascii()
+
+    # ---------------------------------------------------------------- the message
+    head = [
+        f"From: Mail Delivery System <{postmaster}>",
+        f"To: <{_clean(to)}>",
+        f"Subject: {prefix}: {subject}" if subject else f"Subject: {prefix}",
+        f"Date: {formatdate(now, localtime=False, usegmt=True)}",
+        f"Message-ID: {message_id}",
+    ]
+    if orig_msgid:
+        head.append(f"In-Reply-To: {orig_msgid}")
+        head.append(f"References: {orig_msgid}")
+    head += [
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        "Content-Type: multipart/report; report-type=delivery-status;",
+        f'\tboundary="{boundary}"',
+        "Content-Language: en-US",
+    ]
+    if action == "failed":
+        head.append("X-MS-Exchange-Message-Is-Ndr: ")
+    out = bytearray()
+    out += nl.join(head).encode("utf-8") + b"\r\n\r\n"
+    out += b"This is a MIME-formatted message. Portions of this message may be unreadable "
+    out += b"without a MIME-capable mail program.\r\n\r\n"
+    b = boundary.encode("ascii")
+
+    def part(headers: list[str], body: bytes) -> None:
+        out.extend(b"--" + b + b"\r\n")
+        out.extend(nl.join(headers).encode("ascii") + b"\r\n\r\n")
+        out.extend(body)
+        if not body.endswith(b"\r\n"):
+            out.extend(b"\r\n")
+
+    cte_human = "7bit" if human.isascii() else "8bit"
+    part(
+        ["Content-Type: text/plain; charset=utf-8", f"Content-Transfer-Encoding: {cte_human}"],
+        human,
+    )
+    part(
+        [
+            "Content-Type: "
+            + ("message/global-delivery-status" if utf8_status else "message/delivery-status"),
+            f"Content-Transfer-Encoding: {'8bit' if utf8_status else '7bit'}",
+        ],
+        delivery_status,
+    )
+    cte_orig = "7bit" if orig_headers.isascii() else "8bit"
+    part(
+        ["Content-Type: text/rfc822-headers", f"Content-Transfer-Encoding: {cte_orig}"],
+        orig_headers or b"\r\n",
+    )
+    out += b"--" + b + b"--\r\n"
+    return bytes(out)

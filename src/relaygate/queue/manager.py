@@ -1,0 +1,716 @@
+"""The queue manager: from the durable queue to the next hop, with Exchange's timings and reports.
+
+One loop per node. It leases due messages from the store (owner = ``server.name``, so a restarted
+node takes its own in-flight messages back at once; another node waits for the lease to expire),
+routes each due recipient through the send connectors (``relaygate.delivery.routing``), resolves the
+next hops (smart hosts in order, or MX; loop detection against ``local_endpoints``), signs with DKIM
+when keys are configured, delivers with the SMTP client, and records every recipient's outcome
+durably before it forgets the message:
+
+* 2xx → Delivered (final: never sent again, even after a crash);
+* 4xx, DNS trouble, no route → Retry: ``transient_failure_retry_count`` retries
+  ``transient_failure_retry_interval`` apart, then every ``message_retry_interval``
+  (`relaygate.queue.retry`). A recipient with no route keeps ``550 5.4.4 ROUTING.NoNextHop; unable to
+  route`` as its last error and is shown in the Unreachable queue, as Exchange does; a configuration
+  reload resubmits it at once;
+* 5xx → Failed, and an NDR;
+* still pending ``delay_notification_timeout`` after arrival → one delay notice (DSN, delayed);
+* still pending ``message_expiration_timeout`` after arrival → Failed with
+  ``550 4.4.7 QUEUE.Expired; message expired``, and an NDR.
+
+NDRs and delay notices (`relaygate.queue.bounce`) go to the original envelope sender (never when it
+is ``<>``), NDRs also to ``admin_notification_address`` when set. They are submitted to the store as
+ordinary messages with the null sender, so they are durable and delivered by this same loop. A report
+is stored *before* the outcome that caused it is recorded: a crash in between can duplicate a report,
+never lose one.
+
+Concurrency: at most ``max_concurrent_deliveries`` messages in flight; ``wake()`` (called by the SMTP
+server for every accepted message) starts a scan at once, otherwise the queue is scanned every
+``scan_interval`` seconds. ``stop()`` lets deliveries in flight finish for ``stop_grace`` seconds and
+then cancels them (their recipients are simply attempted again after the restart).
+
+Tracking events (exchange-semantics.md §6.3): SEND (with the remote reply), DEFER, FAIL, DSN, DROP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from relaygate import replies
+from relaygate.delivery.client import (
+    CREDENTIALS_MISSING,
+    ConnectionPool,
+    Credentials,
+    CredentialsError,
+    deliver,
+)
+from relaygate.delivery.dns import Resolver
+from relaygate.delivery.nexthop import NextHopError, resolve_next_hops
+from relaygate.delivery.routing import RouteKey, domain_of, explain_route, route_recipients
+from relaygate.queue.bounce import DsnRecipient, build_dsn, header_value
+from relaygate.queue.model import (
+    PENDING_STATUSES,
+    Envelope,
+    RecipientState,
+    RecipientStatus,
+    StoredMessage,
+)
+from relaygate.queue.retry import RetrySchedule
+from relaygate.queue.store import CorruptMessageError, Store, StoreClosedError
+from relaygate.replies import Reply
+
+__all__ = [
+    "DELIVERY_FAILED_INTERNAL",
+    "QueueManager",
+    "RouteResult",
+    "classify",
+    "is_unreachable",
+]
+
+log = logging.getLogger("relaygate.queue")
+
+#: A delivery attempt that failed inside the relay (a bug, a resource problem): retried, like
+#: Exchange's queue glitch retries. Not in Exchange's catalogue.
+DELIVERY_FAILED_INTERNAL = Reply(
+    451, "4.3.0", "QUEUE.Internal; delivery attempt failed inside the relay"
+)
+
+DELIVERED = "delivered"
+DEFERRED = "deferred"
+FAILED = "failed"
+
+
+def classify(reply: Reply) -> str:
+    """``delivered`` (2xx/3xx), ``deferred`` (4xx) or ``failed`` (5xx)."""
+    if reply.is_positive:
+        return DELIVERED
+    if reply.is_transient:
+        return DEFERRED
+    return FAILED
+
+
+def is_unreachable(recipient: RecipientState) -> bool:
+    """A pending recipient waiting in the Unreachable queue (no send connector matches it)."""
+    return (
+        recipient.status in PENDING_STATUSES and recipient.last_error == replies.NO_NEXT_HOP.line()
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RouteResult:
+    """The outcome of one attempt for one recipient."""
+
+    address: str
+    reply: Reply
+    outcome: str  # delivered | deferred | failed
+    connector: str = ""
+    remote_host: str = ""
+    remote_ip: str = ""
+    source: str = "SMTP"  # the tracking-log source: SMTP, ROUTING, DNS
+
+
+def _split_hop(label: str | None) -> tuple[str, str]:
+    """``host[ip]:port`` / ``[ip]:port`` → (host, ip)."""
+    if not label:
+        return "", ""
+    host, _, rest = label.partition("[")
+    ip = rest.partition("]")[0]
+    return host or ip, ip
+
+
+def _build_signer(config: Any) -> Any:
+    """The DKIM signer for the configured keys, or None (no keys, or dkimpy missing)."""
+    if not getattr(config, "dkim", None):
+        return None
+    try:
+        from relaygate.dkim.signer import DkimSigner
+    except ImportError:  # pragma: no cover - dkimpy is a dependency
+        log.warning("DKIM keys are configured but the signer is not available; sending unsigned")
+        return None
+    try:
+        return DkimSigner.from_config(config)
+    except Exception as exc:  # DkimConfigError: `relaygate check` lists the problems
+        log.error("DKIM signing disabled, the [[dkim]] configuration cannot be used: %s", exc)
+        return None
+
+
+class QueueManager:
+    """Delivers what is in the store. See the module docstring."""
+
+    def __init__(
+        self,
+        config: Any,
+        store: Store,
+        *,
+        tracking: Any = None,
+        node_id: str | None = None,
+        resolver: Resolver | None = None,
+        clock: Callable[[], float] = time.time,
+        scan_interval: float = 1.0,
+        lease_seconds: float = 1800.0,
+        stop_grace: float = 10.0,
+        delivery_timeout: float | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.tracking = tracking
+        self.node_id = node_id or str(config.server.name)
+        self.clock = clock
+        self.scan_interval = scan_interval
+        self.lease_seconds = lease_seconds
+        self.stop_grace = stop_grace
+        self.delivery_timeout = delivery_timeout
+        #: This relay's SMTP listeners (ip, port): a next hop among them is a mail loop.
+        self.local_endpoints: set[tuple[str, int]] = set()
+        self.schedule = RetrySchedule.from_config(config.queue)
+        self._resolver_fixed = resolver is not None
+        self.resolver = resolver or Resolver.from_config(config)
+        self.signer = _build_signer(config)
+        self.pool: ConnectionPool | None = None
+        self._wake = asyncio.Event()
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._last_purge = 0.0
+        #: Counters for /metrics (monotonic since start).
+        self.stats: dict[str, int] = {
+            "attempts": 0,
+            "delivered": 0,
+            "deferred": 0,
+            "failed": 0,
+            "expired": 0,
+            "ndr": 0,
+            "delay_notices": 0,
+            "loop_errors": 0,
+        }
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    @property
+    def running(self) -> bool:
+        return self._loop_task is not None and not self._loop_task.done()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    @property
+    def max_concurrent(self) -> int:
+        return max(1, int(self.config.queue.max_concurrent_deliveries))
+
+    async def start(self) -> None:
+        if self.running:
+            return
+        self._stopping = False
+        self.pool = ConnectionPool()
+        self._loop_task = asyncio.create_task(self._run(), name="relaygate-queue-manager")
+
+    async def stop(self) -> None:
+        """Stop scanning; let deliveries in flight finish (``stop_grace`` s), cancel the rest."""
+        self._stopping = True
+        self._wake.set()
+        if self._loop_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+            self._loop_task = None
+        tasks = list(self._inflight.values()) + list(self._background)
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=self.stop_grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5.0)
+        if self.pool is not None:
+            with contextlib.suppress(Exception):
+                await self.pool.aclose()
+            self.pool = None
+
+    def wake(self, queue_id: str | None = None) -> None:
+        """Scan the queue now (a new message, a retry or resume by the administrator...)."""
+        self._wake.set()
+
+    def apply(self, config: Any) -> None:
+        """Take a reloaded configuration. Unreachable recipients are resubmitted at once (a new
+        send connector may route them), as Exchange resubmits its Unreachable queue."""
+        self.config = config
+        self.schedule = RetrySchedule.from_config(config.queue)
+        if not self._resolver_fixed:
+            self.resolver = Resolver.from_config(config)
+        self.signer = _build_signer(config)
+        if self.running:
+            self._spawn(self.resubmit_unreachable())
+        self.wake()
+
+    async def resubmit_unreachable(self) -> int:
+        """``retry_now`` every message with a recipient in the Unreachable queue; how many."""
+        count = 0
+        for msg in await self.store.list_messages(limit=100_000, status="Retry"):
+            if any(is_unreachable(r) for r in msg.recipients):
+                with contextlib.suppress(KeyError):
+                    await self.store.retry_now(msg.queue_id)
+                    count += 1
+        if count:
+            self.wake()
+        return count
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_log_task_error)
+
+    # ------------------------------------------------------------------------------ the loop
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                await self._scan()
+                await self._housekeeping()
+            except StoreClosedError:
+                if self._stopping:
+                    break
+                log.error("queue store is closed; the queue manager waits")
+            except Exception:
+                self.stats["loop_errors"] += 1
+                log.exception("queue scan failed")
+            if self._stopping:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.scan_interval)
+
+    async def _scan(self) -> None:
+        free = self.max_concurrent - len(self._inflight)
+        if free <= 0:
+            return
+        now = self.clock()
+        # Our own leases do not stop us from leasing again, so ask for room for what is in flight.
+        leased = await self.store.lease_due(
+            self.node_id, now, self.lease_seconds, free + len(self._inflight)
+        )
+        for msg in leased:
+            if msg.queue_id in self._inflight:
+                continue
+            if len(self._inflight) >= self.max_concurrent:
+                # no room after all: let it go (another node, or our next scan, takes it)
+                await self.store.release(msg.queue_id, self.node_id)
+                continue
+            task = asyncio.create_task(self._process(msg), name=f"deliver-{msg.queue_id}")
+            self._inflight[msg.queue_id] = task
+            task.add_done_callback(lambda t, qid=msg.queue_id: self._done(qid))
+
+    def _done(self, queue_id: str) -> None:
+        self._inflight.pop(queue_id, None)
+        if not self._stopping:
+            self._wake.set()  # room for the next message
+
+    async def _housekeeping(self) -> None:
+        now = self.clock()
+        if now - self._last_purge < 60.0:
+            return
+        self._last_purge = now
+        retention = self.config.queue.completed_retention.total_seconds()
+        purged = await self.store.purge_completed(now - retention)
+        if purged:
+            log.info("purged %d completed message(s) older than %s", purged, retention)
+
+    async def _process(self, msg: StoredMessage) -> None:
+        try:
+            await self.process_message(msg)
+        except asyncio.CancelledError:
+            raise
+        except StoreClosedError:
+            log.warning("message %s: the store closed during delivery", msg.queue_id)
+        except Exception:
+            log.exception("message %s: delivery run failed", msg.queue_id)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.store.release(msg.queue_id, self.node_id)
+
+    # ------------------------------------------------------------------------------ one message
+
+    async def process_message(self, msg: StoredMessage) -> None:
+        """One delivery run for a leased message: expire it, or attempt its due recipients."""
+        now = self.clock()
+        pending = [r for r in msg.recipients if r.status in PENDING_STATUSES]
+        if not pending or msg.suspended:
+            return
+        if self.schedule.is_expired(msg.received_at, now):
+            await self._expire(msg, pending)
+            return
+        due = [r for r in pending if r.next_attempt is None or r.next_attempt <= now]
+        if not due:
+            return
+        try:
+            data = await self.store.read_data(msg.queue_id)
+        except KeyError:
+            return  # removed by the administrator meanwhile
+        except CorruptMessageError as exc:
+            # Exchange's poison queue: keep it, never deliver damaged bytes, let an admin decide.
+            log.error("message %s: %s; suspended", msg.queue_id, exc)
+            with contextlib.suppress(KeyError):
+                await self.store.set_flags(msg.queue_id, suspended=True)
+            return
+
+        connectors = list(self.config.send_connectors)
+        groups = route_recipients(connectors, [r.address for r in due], size=msg.size)
+        to_send = data
+        if self.signer is not None and any(not k.is_unreachable for k in groups):
+            to_send = await self._sign(msg, data)
+
+        self.stats["attempts"] += 1
+        runs = await asyncio.gather(
+            *(self._deliver_route(msg, key, addrs, to_send) for key, addrs in groups.items()),
+            return_exceptions=True,
+        )
+        results: list[RouteResult] = []
+        for (key, addrs), run in zip(groups.items(), runs, strict=True):
+            if isinstance(run, BaseException):
+                if isinstance(run, asyncio.CancelledError):
+                    raise run
+                log.error("message %s: delivery via %s failed: %r", msg.queue_id, key.next_hop, run)
+                results.extend(
+                    RouteResult(a, DELIVERY_FAILED_INTERNAL, DEFERRED, key.connector_name or "")
+                    for a in addrs
+                )
+            else:
+                results.extend(run)
+        await self._record(msg, due, pending, results, data)
+
+    async def _sign(self, msg: StoredMessage, data: bytes) -> bytes:
+        try:
+            result = await asyncio.to_thread(self.signer.sign, data, envelope_sender=msg.sender)
+        except Exception:
+            log.exception("message %s: DKIM signing failed; sent unsigned", msg.queue_id)
+            return data
+        if not result.signed:
+            log.info("message %s: %s", msg.queue_id, result.reason)
+        return bytes(result.data)
+
+    async def _deliver_route(
+        self, msg: StoredMessage, key: RouteKey, addrs: list[str], data: bytes
+    ) -> list[RouteResult]:
+        if key.is_unreachable:
+            out = []
+            for a in addrs:
+                reply = explain_route(self.config.send_connectors, a, size=msg.size).reply
+                reply = reply or replies.NO_NEXT_HOP
+                # No route: the Unreachable queue (retried until expiry). Too big for every route: NDR.
+                outcome = DEFERRED if reply == replies.NO_NEXT_HOP else FAILED
+                out.append(RouteResult(a, reply, outcome, source="ROUTING"))
+            return out
+        connector = key.connector
+        name = str(connector.name)
+        try:
+            hops = await resolve_next_hops(
+                connector,
+                domain_of(addrs[0]),
+                self.resolver,
+                local_endpoints=self.local_endpoints,
+            )
+        except NextHopError as exc:
+            outcome = FAILED if exc.permanent else DEFERRED
+            return [RouteResult(a, exc.reply, outcome, name, source="DNS") for a in addrs]
+        try:
+            credentials = Credentials.from_connector(connector)
+        except CredentialsError as exc:
+            log.error("%s", exc)
+            return [RouteResult(a, CREDENTIALS_MISSING, DEFERRED, name) for a in addrs]
+        helo = getattr(connector, "fqdn", None) or self.config.server.fqdn
+        outcome_ = await deliver(
+            hops,
+            connector=connector,
+            helo_name=helo,
+            sender=msg.sender,
+            recipients=addrs,
+            data=data,
+            credentials=credentials,
+            timeout=self.delivery_timeout,
+            pool=self.pool,
+        )
+        host, ip = _split_hop(outcome_.hop_used)
+        if not host and outcome_.transcript_errors:
+            host, ip = _split_hop(outcome_.transcript_errors[0].partition(": ")[0])
+        out = []
+        for a in addrs:
+            reply = outcome_.per_recipient.get(a, DELIVERY_FAILED_INTERNAL)
+            out.append(RouteResult(a, reply, classify(reply), name, host, ip))
+        return out
+
+    async def _record(
+        self,
+        msg: StoredMessage,
+        due: list[RecipientState],
+        pending: list[RecipientState],
+        results: list[RouteResult],
+        data: bytes,
+    ) -> None:
+        now = self.clock()
+        by_addr = {r.address: r for r in due}
+        updates: list[RecipientState] = []
+        failed: list[tuple[RouteResult, RecipientState]] = []
+        deferred: list[RouteResult] = []
+        for res in results:
+            prev = by_addr[res.address]
+            attempts = prev.attempts + 1
+            if res.outcome == DELIVERED:
+                state = RecipientState(
+                    res.address, RecipientStatus.DELIVERED, attempts, res.reply.line(), now, None
+                )
+            elif res.outcome == FAILED:
+                state = RecipientState(
+                    res.address, RecipientStatus.FAILED, attempts, res.reply.line(), now, None
+                )
+                failed.append((res, state))
+            else:
+                nxt = self.schedule.next_attempt(
+                    attempts, now, msg.received_at, delay_notified=msg.delay_notified
+                )
+                state = RecipientState(
+                    res.address, RecipientStatus.DEFERRED, attempts, res.reply.line(), now, nxt
+                )
+                deferred.append(res)
+            updates.append(state)
+            self.stats[res.outcome] += 1
+
+        # The NDR first: a crash before the results are recorded repeats the attempt (and maybe
+        # the NDR), it never loses the report.
+        if failed:
+            await self.send_dsn(
+                msg,
+                data,
+                [
+                    DsnRecipient(r.address, r.reply, r.remote_host, last_attempt=now)
+                    for r, _state in failed
+                ],
+                action="failed",
+            )
+        await self.store.record_results(msg.queue_id, self.node_id, updates)
+        self._track_results(msg, results, data)
+
+        # Delay notice: recipients still pending (deferred now, or not yet due) past the timeout.
+        still = [r.address for r in deferred] + [
+            r.address for r in pending if r.address not in by_addr
+        ]
+        if still and self.schedule.delay_notice_due(msg.received_at, now, msg.delay_notified):
+            last = {r.address: r for r in deferred}
+            notice = [
+                DsnRecipient(
+                    a,
+                    last[a].reply if a in last else _last_reply(pending, a),
+                    last[a].remote_host if a in last else "",
+                    last_attempt=now if a in last else None,
+                )
+                for a in still
+            ]
+            await self.send_dsn(msg, data, notice, action="delayed")
+            with contextlib.suppress(KeyError):
+                await self.store.set_flags(msg.queue_id, delay_notified=True)
+
+    async def _expire(self, msg: StoredMessage, pending: list[RecipientState]) -> None:
+        now = self.clock()
+        try:
+            data = await self.store.read_data(msg.queue_id)
+        except KeyError:
+            return
+        except CorruptMessageError:
+            data = b""
+        reply = replies.QUEUE_EXPIRED
+        await self.send_dsn(
+            msg,
+            data,
+            [
+                DsnRecipient(r.address, reply, last_attempt=r.last_attempt, last_error=r.last_error)
+                for r in pending
+            ],
+            action="failed",
+        )
+        await self.store.record_results(
+            msg.queue_id,
+            self.node_id,
+            [
+                RecipientState(r.address, RecipientStatus.FAILED, r.attempts, reply.line(), now)
+                for r in pending
+            ],
+        )
+        self.stats["expired"] += len(pending)
+        self.stats[FAILED] += len(pending)
+        self.track(
+            "FAIL",
+            "QUEUE",
+            msg,
+            recipients=[r.address for r in pending],
+            recipient_status=[reply.line()] * len(pending),
+            data=data,
+        )
+        log.info(
+            "message %s expired after %s; NDR for %d recipient(s)",
+            msg.queue_id,
+            self.config.queue.message_expiration_timeout,
+            len(pending),
+        )
+
+    # ------------------------------------------------------------------------------ reports
+
+    def postmaster(self) -> str:
+        return f"postmaster@{self.config.server.fqdn}"
+
+    async def send_dsn(
+        self,
+        msg: StoredMessage,
+        data: bytes,
+        recipients: Sequence[DsnRecipient],
+        *,
+        action: str = "failed",
+    ) -> str | None:
+        """Store a report about ``msg`` and wake the loop; its queue id, or None when none is due
+        (null sender, no recipients). NDRs (``failed``) are copied to admin_notification_address."""
+        if not recipients:
+            return None
+        if msg.sender in ("", "<>"):
+            log.info(
+                "message %s from <>: no %s report (never to the null sender)",
+                msg.queue_id,
+                "non-delivery" if action == "failed" else "delay",
+            )
+            return None
+        to = [msg.sender]
+        admin = (self.config.queue.admin_notification_address or "").strip()
+        if action == "failed" and admin and admin.lower() != msg.sender.lower():
+            to.append(admin)
+        fqdn = self.config.server.fqdn
+        body = build_dsn(
+            action=action,
+            reporting_mta=fqdn,
+            to=msg.sender,
+            original=data,
+            recipients=recipients,
+            received_at=msg.received_at,
+            queue_id=msg.queue_id,
+            will_retry_until=self.schedule.expires_at(msg.received_at),
+            now=self.clock(),
+            postmaster=self.postmaster(),
+        )
+        message_id = header_value(body, "Message-ID")
+        envelope = Envelope(
+            sender="",
+            recipients=to,
+            helo=fqdn,
+            message_id=message_id,
+            metadata={"dsn": action, "original_queue_id": msg.queue_id},
+        )
+        queue_id = await self.store.submit(envelope, body)
+        self.stats["ndr" if action == "failed" else "delay_notices"] += 1
+        self._write(
+            "DSN",
+            "DSN",
+            internal_message_id=queue_id,
+            message_id=message_id,
+            recipients=to,
+            recipient_status=[f"{action}: " + ";".join(r.address for r in recipients)] * len(to),
+            sender="",
+            return_path="",
+            total_bytes=len(body),
+            reference=msg.message_id,
+            related_recipient_address=";".join(r.address for r in recipients),
+            message_subject=header_value(body, "Subject"),
+            message_info=msg.queue_id,
+        )
+        log.info(
+            "message %s: %s report %s to %s",
+            msg.queue_id,
+            "non-delivery" if action == "failed" else "delay",
+            queue_id,
+            ", ".join(to),
+        )
+        self.wake(queue_id)
+        return queue_id
+
+    # ------------------------------------------------------------------------------ tracking
+
+    def _write(self, event_id: str, source: str, **fields: Any) -> None:
+        if self.tracking is None:
+            return
+        try:
+            self.tracking.write(event_id, source, **fields)
+        except Exception:  # the log must never stop mail
+            log.exception("message tracking log write failed")
+
+    def track(
+        self,
+        event_id: str,
+        source: str,
+        msg: StoredMessage,
+        *,
+        recipients: Iterable[str],
+        recipient_status: Iterable[str],
+        data: bytes = b"",
+        **fields: Any,
+    ) -> None:
+        """Write one tracking event about ``msg``."""
+        self._write(
+            event_id,
+            source,
+            internal_message_id=msg.queue_id,
+            message_id=msg.message_id,
+            recipients=list(recipients),
+            recipient_status=list(recipient_status),
+            sender=msg.sender,
+            return_path=msg.sender,
+            total_bytes=msg.size,
+            message_subject=header_value(data, "Subject") if data else "",
+            **fields,
+        )
+
+    def _track_results(self, msg: StoredMessage, results: list[RouteResult], data: bytes) -> None:
+        groups: dict[tuple[str, str, str, str, str], list[RouteResult]] = {}
+        event_of = {DELIVERED: "SEND", DEFERRED: "DEFER", FAILED: "FAIL"}
+        for r in results:
+            key = (event_of[r.outcome], r.source, r.connector, r.remote_host, r.remote_ip)
+            groups.setdefault(key, []).append(r)
+        fqdn = self.config.server.fqdn
+        for (event, source, connector, host, ip), rs in groups.items():
+            extra: dict[str, Any] = {}
+            if event == "SEND" or host:
+                extra = {
+                    "server_hostname": host,
+                    "server_ip": ip,
+                    "client_hostname": fqdn,
+                }
+            self.track(
+                event,
+                source,
+                msg,
+                recipients=[r.address for r in rs],
+                recipient_status=[r.reply.line() for r in rs],
+                data=data,
+                connector_id=connector,
+                **extra,
+            )
+
+
+def _last_reply(pending: list[RecipientState], address: str) -> Reply:
+    for r in pending:
+        if r.address == address and r.last_error:
+            code, _, rest = r.last_error.partition(" ")
+            if code.isdigit():
+                enhanced, _, text = rest.partition(" ")
+                if enhanced[:1].isdigit() and enhanced.count(".") == 2:
+                    return Reply(int(code), enhanced, text)
+                return Reply(int(code), "", rest)
+    return Reply(400, "4.0.0", "Delivery has not been attempted yet")
+
+
+def _log_task_error(task: asyncio.Task[Any]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error("queue manager background task failed: %r", exc)

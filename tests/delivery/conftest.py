@@ -1,0 +1,3 @@
+"""Fixtures for the delivery tests."""
+
+from tests.support.fixtures import loopback_dns  # noqa: F401

@@ -1,0 +1,227 @@
+"""`relaygate import exchange` as a subprocess: dry run (text and --json) and --write."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+FL = FIXTURES / "receive_connectors_fl.txt"
+CSV = FIXTURES / "receive_connectors.csv"
+JSON_EXPORT = FIXTURES / "receive_connectors.json"
+ACL_FL = FIXTURES / "adpermission_fl.txt"
+ACL_CSV = FIXTURES / "adpermission.csv"
+LOGS = FIXTURES / "logs"
+
+CONFIG = """\
+# RelayGate at Corp: managed by IT (keep this line)
+[server]
+name = "RELAY01"   # shows in logs as RELAY01\\<connector>
+fqdn = "relay.corp.example"
+
+[[accepted_domains]]
+domain = "corp.example"
+domain_type = "Authoritative"
+
+[[receive_connectors]]
+name = "Loopback"  # health checks
+bindings = ["127.0.0.1:2525"]
+remote_ip_ranges = ["127.0.0.1"]
+permission_groups = ["AnonymousUsers"]
+
+[[send_connectors]]
+name = "Outbound"  # MX delivery
+address_spaces = ["*"]
+"""
+
+
+def run(
+    *args: str | Path, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if k != "RELAYGATE_CONFIG"}
+    environ.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "relaygate", "import", "exchange", *map(str, args)],
+        cwd=cwd,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def config_validation_available() -> bool:
+    try:
+        from relaygate.config import parse_config
+
+        parse_config({}, "<probe>")
+    except ImportError:
+        return False
+    return True
+
+
+def test_dry_run_json(tmp_path: Path) -> None:
+    proc = run(FL, CSV, "--permissions", ACL_FL, "--permissions", ACL_CSV, "--logs", LOGS,
+               "--accepted-domain", "corp.example", "--json", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert set(out) == {"connectors", "permissions", "warnings", "skipped", "errors", "sources", "usage",
+                        "written", "problems"}  # fmt: skip
+    assert [c["name"] for c in out["connectors"]] == [
+        "Relay Printers",
+        "App Relay",
+        "Default Frontend EX02",
+    ]
+    assert out["connectors"][0]["permissions"] == [
+        {
+            "user": "NT AUTHORITY\\ANONYMOUS LOGON",
+            "extended_rights": ["ms-Exch-SMTP-Accept-Any-Recipient"],
+        },
+        {
+            "user": "CORP\\svc-scan",
+            "extended_rights": ["ms-Exch-SMTP-Submit", "ms-Exch-SMTP-Accept-Any-Recipient"],
+        },
+    ]
+    assert out["permissions"]["App Relay"][0]["user"] == "MS Exchange\\Externally Secured Servers"
+    assert out["errors"] == [] and out["written"] is None
+    relay = next(c for c in out["usage"]["connectors"] if c["name"] == "Relay Printers")
+    assert relay["proposed_remote_ip_ranges"] == [
+        "10.10.5.11-10.10.5.13",
+        "192.168.20.7",
+        "2001:db8:10::25",
+    ]
+    by_ip = {c["ip"]: c for c in relay["clients"]}
+    assert by_ip["10.10.5.11"]["relayed"] is True
+    assert by_ip["10.10.5.13"]["relayed"] is True  # accounting.corp.example is not corp.example
+    assert list(tmp_path.iterdir()) == []  # a dry run writes nothing
+
+
+def test_dry_run_text_detects_logs_among_files(tmp_path: Path) -> None:
+    proc = run(
+        FL, ACL_FL, LOGS / "RECV2024031409-1.LOG", LOGS / "RECV2024031410-1.LOG", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    toml_part = text.split("\nwarning:", 1)[0]
+    parsed = tomllib.loads(toml_part)
+    assert [c["name"] for c in parsed["receive_connectors"]] == ["Relay Printers", "App Relay"]
+    assert parsed["receive_connectors"][0]["permissions"][0] == {
+        "user": "NT AUTHORITY\\ANONYMOUS LOGON",
+        "extended_rights": ["ms-Exch-SMTP-Accept-Any-Recipient"],
+    }
+    assert "# imported from Exchange EX01\\Relay Printers" in text
+    assert "Protocol-log usage: EX01\\Relay Printers" in text
+    assert "proposed remote_ip_ranges: 10.10.5.11-10.10.5.13, 192.168.20.7, 2001:db8:10::25" in text
+    assert "connected without sending (not in the proposal): 10.10.5.30" in text
+    assert "relayed = ?" in text  # no accepted domains known
+
+
+def test_write_merges_and_keeps_comments(tmp_path: Path) -> None:
+    config = tmp_path / "relaygate.toml"
+    config.write_text(CONFIG)
+    proc = run(
+        FL, "--permissions", ACL_FL, "--write", cwd=tmp_path
+    )  # default path: ./relaygate.toml
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 2 connector(s)" in proc.stdout
+    written = config.read_text()
+    lines = written.splitlines()
+    position = 0
+    for line in CONFIG.splitlines():  # every original line survives, in order
+        position = lines.index(line, position) + 1
+    doc = tomllib.loads(written)
+    assert [c["name"] for c in doc["receive_connectors"]] == [
+        "Loopback",
+        "Relay Printers",
+        "App Relay",
+    ]
+    assert [c["name"] for c in doc["send_connectors"]] == ["Outbound"]
+    assert doc["receive_connectors"][1]["remote_ip_ranges"][0] == "192.168.20.0/24"
+    assert [p["user"] for p in doc["receive_connectors"][1]["permissions"]] == [
+        "NT AUTHORITY\\ANONYMOUS LOGON",
+        "CORP\\svc-scan",
+    ]
+    assert not [p for p in tmp_path.iterdir() if p.name != "relaygate.toml"]  # no temp file left
+    if config_validation_available():
+        from relaygate.config import parse_config
+
+        parse_config(doc, str(config))
+
+
+def test_write_with_env_config_and_narrowed_ranges(tmp_path: Path) -> None:
+    config = tmp_path / "conf" / "relay.toml"
+    config.parent.mkdir()
+    config.write_text(CONFIG)
+    proc = run(FL, "--logs", LOGS, "--narrow-ranges", "--write", "--json", cwd=tmp_path,
+               env={"RELAYGATE_CONFIG": str(config)})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["written"] == str(config)
+    doc = tomllib.loads(config.read_text())
+    relay = next(c for c in doc["receive_connectors"] if c["name"] == "Relay Printers")
+    assert relay["remote_ip_ranges"] == ["10.10.5.11-10.10.5.13", "192.168.20.7", "2001:db8:10::25"]
+    app = next(c for c in doc["receive_connectors"] if c["name"] == "App Relay")
+    assert app["remote_ip_ranges"] == [
+        "10.20.30.41",
+        "10.20.30.40",
+    ]  # no log data: left as exported
+    assert any("no accepted message in the protocol logs" in w for w in out["warnings"])
+
+
+def test_write_refuses_a_name_already_present(tmp_path: Path) -> None:
+    config = tmp_path / "relaygate.toml"
+    original = CONFIG + '\n[[receive_connectors]]\nname = "relay printers"\nbindings = ["10.0.0.9:25"]\n' \
+        'remote_ip_ranges = ["10.9.9.9"]\n'  # fmt: skip
+    config.write_bytes(original.encode())
+    proc = run(FL, "--write", "--config", config, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert config.read_bytes() == original.encode()
+    assert "a receive connector named 'Relay Printers' already exists" in proc.stderr
+    assert "was not changed" in proc.stderr
+
+
+def test_write_refuses_an_invalid_result_and_leaves_the_file_identical(tmp_path: Path) -> None:
+    if not config_validation_available():
+        pytest.skip(
+            "relaygate.config.parse_config is not available yet: --write validation not testable"
+        )
+    config = tmp_path / "relaygate.toml"
+    # An Exchange 2013-era mistake: a HubTransport connector on port 25 next to the FE relay connector.
+    original = CONFIG.replace(
+        'name = "Loopback"  # health checks\nbindings = ["127.0.0.1:2525"]',
+        'name = "Hub 25"  # legacy\ntransport_role = "HubTransport"\nbindings = ["0.0.0.0:25"]',
+    ).encode()
+    config.write_bytes(original)
+    proc = run(FL, "--write", "--config", config, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout
+    assert config.read_bytes() == original
+    assert "unique local IP address & port bindings" in proc.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["relaygate.toml"]
+
+
+def test_write_refuses_conflicting_copies(tmp_path: Path) -> None:
+    csv_copy = tmp_path / "ex02.csv"
+    csv_copy.write_text(CSV.read_text().replace("10.10.5.40 10.10.5.13", "10.10.5.40 10.10.5.99"))
+    config = tmp_path / "relaygate.toml"
+    config.write_text(CONFIG)
+    proc = run(FL, csv_copy, "--write", "--config", config, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert config.read_text() == CONFIG
+    assert "two different connectors are named 'Relay Printers'" in proc.stderr
+
+
+def test_unreadable_input_is_an_error(tmp_path: Path) -> None:
+    junk = tmp_path / "notes.txt"
+    junk.write_text("just some notes\nnothing exported here\n")
+    proc = run(junk, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "notes.txt" in proc.stderr and "not a Format-List" in proc.stderr
+    proc = run(tmp_path / "missing.json", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "missing.json: cannot read" in proc.stderr

@@ -1,0 +1,186 @@
+"""Protocol-log usage (RECV*.LOG, quoted CSV fields, sessions across files) and range proposals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relaygate.importer.protocol_logs import analyze_protocol_logs, propose_ranges
+
+LOGS = Path(__file__).parent / "fixtures" / "logs"
+ACCEPTED = ["corp.example", "*.corp.example"]
+
+
+def client(
+    ip: str,
+    sessions: int,
+    messages: int,
+    domains: dict[str, int],
+    first: str,
+    last: str,
+    **kw: object,
+) -> dict:
+    relayed = sum(
+        n for d, n in domains.items() if not (d == "corp.example" or d.endswith(".corp.example"))
+    )
+    return {
+        "ip": ip,
+        "sessions": sessions,
+        "messages": messages,
+        "recipients": sum(domains.values()),
+        "recipient_domains": domains,
+        "relayed_recipients": relayed,
+        "relayed": relayed > 0,
+        "relay_denied": kw.get("relay_denied", 0),
+        "first_seen": first,
+        "last_seen": last,
+    }
+
+
+def test_usage_per_connector_and_client() -> None:
+    report = analyze_protocol_logs([LOGS], ACCEPTED)
+    assert report.to_dict() == {
+        "files": [str(LOGS / "RECV2024031409-1.LOG"), str(LOGS / "RECV2024031410-1.LOG")],
+        "accepted_domains": ACCEPTED,
+        "connectors": [
+            {
+                "connector_id": "EX01\\Default Frontend EX01",
+                "server": "EX01",
+                "name": "Default Frontend EX01",
+                "local_endpoints": ["10.0.0.5:25"],
+                "clients": [
+                    client("198.51.100.23", 1, 0, {}, "2024-03-14T10:52:19.100Z", "2024-03-14T10:52:19.500Z"),
+                    client(
+                        "203.0.113.50", 1, 1, {"corp.example": 1},
+                        "2024-03-14T09:20:44.310Z", "2024-03-14T09:20:50.181Z", relay_denied=1,
+                    ),
+                ],
+                "proposed_remote_ip_ranges": ["203.0.113.50"],
+            },
+            {
+                "connector_id": "EX01\\Relay Printers",
+                "server": "EX01",
+                "name": "Relay Printers",
+                "local_endpoints": ["10.0.0.5:25"],
+                "clients": [
+                    # two sessions, one pipelined, one RCPT to a foreign domain (relayed)
+                    client(
+                        "10.10.5.11", 2, 2, {"corp.example": 2, "supplier.example": 1},
+                        "2024-03-14T09:12:01.101Z", "2024-03-14T10:40:03.621Z",
+                    ),
+                    # one session across the hourly file rotation: STARTTLS, then BDAT LAST
+                    client("10.10.5.12", 1, 1, {"corp.example": 1}, "2024-03-14T09:59:58.900Z", "2024-03-14T10:00:00.400Z"),
+                    client(
+                        "10.10.5.13", 1, 1, {"accounting.corp.example": 1},
+                        "2024-03-14T10:05:10.000Z", "2024-03-14T10:05:10.310Z",
+                    ),
+                    # EHLO + QUIT only (a monitoring probe): no message, so not in the proposal
+                    client("10.10.5.30", 1, 0, {}, "2024-03-14T09:45:00.500Z", "2024-03-14T09:45:00.521Z"),
+                    # logged as IPv4-mapped IPv6, counted as IPv4; quoted MAIL FROM with a comma
+                    client("192.168.20.7", 1, 1, {"bank.example": 1}, "2024-03-14T10:17:42.700Z", "2024-03-14T10:17:43.010Z"),
+                    # IPv6 remote endpoint written without brackets
+                    client("2001:db8:10::25", 1, 1, {"corp.example": 1}, "2024-03-14T09:31:15.002Z", "2024-03-14T09:31:15.095Z"),
+                ],
+                "proposed_remote_ip_ranges": ["10.10.5.11-10.10.5.13", "192.168.20.7", "2001:db8:10::25"],
+            },
+        ],
+        "warnings": [f"{LOGS / 'RECV2024031410-1.LOG'}: 1 line(s) could not be read and were ignored"],
+    }  # fmt: skip
+
+
+def test_relayed_is_unknown_without_accepted_domains() -> None:
+    report = analyze_protocol_logs([LOGS / "RECV2024031409-1.LOG"], [])
+    relay = report.connectors["EX01\\Relay Printers"]
+    assert relay.clients["10.10.5.11"].relayed([]) is None
+    assert report.to_dict()["connectors"][1]["clients"][0]["relayed"] is None
+    # the session continued in the next file is counted once, with what this file holds
+    assert relay.clients["10.10.5.12"].sessions == 1
+    assert relay.clients["10.10.5.12"].messages == 0
+
+
+def test_field_order_from_header_and_send_logs_skipped(tmp_path: Path) -> None:
+    (tmp_path / "RECV2024010100-1.LOG").write_text(
+        "#Software: Microsoft Exchange Server\n"
+        "#Log-type: SMTP Receive Protocol Log\n"
+        "#Fields: date-time,session-id,connector-id,event,remote-endpoint,local-endpoint,sequence-number,data,context\n"
+        "2024-01-01T00:00:01.000Z,AA01,EX05\\Relay,+,[fe80::1%12]:4000,[fe80::5]:25,0,,\n"
+        '2024-01-01T00:00:02.000Z,AA01,EX05\\Relay,>,[fe80::1%12]:4000,[fe80::5]:25,1,"250 2.6.0 <x@y> [InternalId=1, Hostname=EX05] Queued mail for delivery",\n'
+    )
+    (tmp_path / "SEND2024010100-1.LOG").write_text(
+        "#Software: Microsoft Exchange Server\n#Log-type: SMTP Send Protocol Log\n"
+    )
+    report = analyze_protocol_logs(
+        [tmp_path / "RECV2024010100-1.LOG", tmp_path / "SEND2024010100-1.LOG"], []
+    )
+    assert report.connectors["EX05\\Relay"].proposed_ranges() == ["fe80::1"]
+    assert report.warnings == [
+        f"{tmp_path / 'SEND2024010100-1.LOG'}: not an SMTP receive protocol log; skipped"
+    ]
+    # a directory is searched for RECV*.LOG only
+    assert analyze_protocol_logs([tmp_path], []).files == [str(tmp_path / "RECV2024010100-1.LOG")]
+
+
+def test_proposed_ranges_across_servers() -> None:
+    report = analyze_protocol_logs([LOGS], ACCEPTED)
+    assert report.proposed_ranges("relay printers") == [
+        "10.10.5.11-10.10.5.13",
+        "192.168.20.7",
+        "2001:db8:10::25",
+    ]
+    assert report.proposed_ranges("No Such Connector") == []
+
+
+@pytest.mark.parametrize(
+    ("ips", "expected"),
+    [
+        ([], []),
+        (["10.0.0.7"], ["10.0.0.7"]),
+        (["10.0.0.7", "10.0.0.7"], ["10.0.0.7"]),
+        (["10.0.0.8", "10.0.0.7"], ["10.0.0.7-10.0.0.8"]),
+        (["10.0.0.1", "10.0.0.3"], ["10.0.0.1", "10.0.0.3"]),
+        # a fully used, aligned block becomes CIDR
+        ([f"10.0.0.{i}" for i in range(4, 8)], ["10.0.0.4/30"]),
+        ([f"192.168.1.{i}" for i in range(256)], ["192.168.1.0/24"]),
+        # fully used but not aligned: a range, never the covering CIDR
+        ([f"10.0.0.{i}" for i in range(2, 6)], ["10.0.0.2-10.0.0.5"]),
+        # a /24 less one address is not widened to the /24
+        ([f"192.168.1.{i}" for i in range(255)], ["192.168.1.0-192.168.1.254"]),
+        # runs across an octet boundary
+        (["10.0.0.255", "10.0.1.0", "10.0.1.1"], ["10.0.0.255-10.0.1.1"]),
+        # IPv6 after IPv4, both sorted; IPv4-mapped counted as IPv4
+        (
+            ["2001:db8::2", "::ffff:10.0.0.9", "2001:db8::1", "10.0.0.10"],
+            ["10.0.0.9-10.0.0.10", "2001:db8::1-2001:db8::2"],
+        ),
+        ([f"2001:db8::{i:x}" for i in range(16)], ["2001:db8::/124"]),
+    ],
+)
+def test_propose_ranges(ips: list[str], expected: list[str]) -> None:
+    assert propose_ranges(ips) == expected
+
+
+def test_propose_ranges_never_covers_an_unseen_address() -> None:
+    import ipaddress
+    import random
+
+    rng = random.Random(7)
+    for _ in range(200):
+        seen = {
+            f"10.0.{rng.randrange(2)}.{rng.randrange(256)}" for _ in range(rng.randrange(1, 60))
+        }
+        covered: set[str] = set()
+        for entry in propose_ranges(seen):
+            if "/" in entry:
+                covered |= {str(a) for a in ipaddress.ip_network(entry)}
+            elif "-" in entry:
+                low, high = (int(ipaddress.ip_address(x)) for x in entry.split("-"))
+                covered |= {str(ipaddress.ip_address(n)) for n in range(low, high + 1)}
+            else:
+                covered.add(entry)
+        assert covered == seen
+
+
+def test_propose_ranges_rejects_garbage() -> None:
+    with pytest.raises(ValueError):
+        propose_ranges(["printer.corp.example"])

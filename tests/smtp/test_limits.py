@@ -1,0 +1,279 @@
+"""Every connector limit, enforced on the wire (exchange-semantics.md §1.4, §5.4; security-bar §3)."""
+
+from __future__ import annotations
+
+import time
+
+from tests.smtp.conftest import default_frontend, relay_connector
+from tests.smtp.helpers import RawClient
+
+SMALL = 65536  # the smallest max_message_size Exchange allows
+
+
+def open_transaction(c: RawClient, rcpts: int = 1) -> None:
+    c.cmd("MAIL FROM:<app@corp.example>", 250)
+    for i in range(rcpts):
+        c.cmd(f"RCPT TO:<user{i}@corp.example>", 250)
+    c.cmd("DATA", 354)
+
+
+def message_of(size: int) -> bytes:
+    """Content of exactly `size` bytes (CRLF lines, no dot at line starts)."""
+    head = b"Subject: sized\r\n\r\n"
+    line = b"x" * 76 + b"\r\n"
+    body = line * ((size - len(head)) // len(line))
+    body += b"y" * (size - len(head) - len(body) - 2) + b"\r\n"
+    out = head + body
+    assert len(out) == size
+    return out
+
+
+def test_max_message_size_via_size_parameter(relay):
+    r = relay([relay_connector(max_message_size="64KB")])
+    with r.raw() as c:
+        assert c.greet().lines[1] == f"SIZE {SMALL}"
+        assert c.cmd(f"MAIL FROM:<a@corp.example> SIZE={SMALL + 1}").text == (
+            "552 5.3.4 Message size exceeds fixed maximum message size"
+        )
+        assert c.cmd("MAIL FROM:<a@corp.example> SIZE=abc").code == 501
+        c.cmd(f"MAIL FROM:<a@corp.example> SIZE={SMALL}", 250)
+
+
+def test_max_message_size_via_actual_bytes_stays_in_sync(relay):
+    r = relay([relay_connector(max_message_size="64KB")])
+    with r.raw() as c:
+        c.greet()
+        # Declares a small SIZE, then sends more than the limit: refused after the final dot.
+        c.cmd("MAIL FROM:<a@corp.example> SIZE=1000", 250)
+        c.cmd("RCPT TO:<b@corp.example>", 250)
+        c.cmd("DATA", 354)
+        c.send(message_of(SMALL * 3) + b".\r\n")
+        assert c.expect(552).text == "552 5.3.4 Message size exceeds fixed maximum message size"
+        # The next transaction on the same connection works: the server read up to CRLF.CRLF.
+        open_transaction(c)
+        c.send(message_of(SMALL) + b".\r\n")  # exactly at the limit: accepted
+        c.expect(250)
+        open_transaction(c)
+        c.send(message_of(SMALL + 1) + b".\r\n")
+        c.expect(552)
+        c.cmd("NOOP", 250)
+    msgs = r.messages()
+    assert len(msgs) == 1 and msgs[0].size > SMALL
+
+
+def test_oversized_content_cannot_end_data_early(relay):
+    """Past the size limit the server drops bytes but must still find only a real CRLF.CRLF: a read
+    ending in ".<CRLF>M" must not be taken for the terminator (that would run the rest as commands)."""
+    r = relay([relay_connector(max_message_size="64KB")])
+    with r.raw() as c:
+        c.greet()
+        open_transaction(c)
+        c.send(b"Subject: big\r\n\r\n" + b"z" * (SMALL + 5000) + b"abc.\r\nM")
+        time.sleep(0.3)  # let the server consume this much, so its buffer ends with ".\r\nM"
+        c.send(b"AIL FROM:<smuggled@corp.example>\r\nRCPT TO:<victim@external.example>\r\nDATA\r\nx\r\n.\r\n")
+        assert c.expect(552).text.startswith("552 5.3.4")
+        assert c.cmd("NOOP").text == "250 2.0.0 OK"  # the smuggled lines were content, never commands
+    assert r.messages() == []
+
+
+def test_max_recipients_per_message(relay):
+    r = relay([relay_connector(max_recipients_per_message=3)])
+    with r.raw() as c:
+        c.greet()
+        c.cmd("MAIL FROM:<a@corp.example>", 250)
+        codes = [c.cmd(f"RCPT TO:<u{i}@corp.example>") for i in range(5)]
+        assert [x.code for x in codes] == [250, 250, 250, 452, 452]
+        assert codes[3].text == "452 4.5.3 Too many recipients"
+        c.cmd("DATA", 354)
+        c.send(b"Subject: r\r\n\r\nx\r\n.\r\n")
+        c.expect(250)
+        # The client sends the rest in a new transaction.
+        c.cmd("MAIL FROM:<a@corp.example>", 250)
+        c.cmd("RCPT TO:<u3@corp.example>", 250)
+        c.cmd("RCPT TO:<u4@corp.example>", 250)
+    (first,) = r.messages()
+    assert [x.address for x in first.recipients] == ["u0@corp.example", "u1@corp.example", "u2@corp.example"]
+
+
+def test_max_header_size_closes_the_session(relay):
+    r = relay([relay_connector(max_header_size="1KB")])
+    with r.raw() as c:
+        c.greet()
+        open_transaction(c)
+        c.send(b"Subject: ok\r\n\r\nsmall header\r\n.\r\n")
+        c.expect(250)
+        open_transaction(c)
+        headers = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"h" * 60) for i in range(20))
+        c.send(headers + b"\r\nbody\r\n.\r\n")
+        assert c.expect(552).text == "552 5.3.4 Header size exceeds fixed maximum size"
+        assert c.is_closed()
+    assert len(r.messages()) == 1
+
+
+def test_max_hop_count(relay):
+    r = relay([relay_connector(max_hop_count=5)])
+
+    def send(hops: int) -> str:
+        with r.raw() as c:
+            c.greet()
+            open_transaction(c)
+            received = b"".join(b"Received: from hop%d by x; Mon, 1 Jan 2024 00:00:00 +0000\r\n" % i for i in range(hops))
+            c.send(received + b"Subject: hops\r\n\r\nbody\r\n.\r\n")
+            return c.reply().text  # type: ignore[union-attr]
+
+    assert send(4).startswith("250 2.6.0")  # threshold - 1: accepted (ours makes 5)
+    assert send(5) == "554 5.4.6 Hop count exceeded - possible mail loop"
+    assert len(r.messages()) == 1
+
+
+def test_connection_inactivity_timeout(relay):
+    r = relay([relay_connector(connection_inactivity_timeout="00:00:01", connection_timeout="00:00:05")])
+    with r.raw() as c:
+        c.expect(220)
+        t0 = time.monotonic()
+        assert c.reply().text == "451 4.7.0 Timeout waiting for client input"  # type: ignore[union-attr]
+        assert 0.8 < time.monotonic() - t0 < 3
+        assert c.is_closed()
+    with r.raw() as c:  # also while the client is sending DATA
+        c.greet()
+        open_transaction(c)
+        c.send(b"Subject: slow\r\n\r\npartial")
+        assert c.expect(451).text == "451 4.7.0 Timeout waiting for client input"
+    assert r.messages() == []
+
+
+def test_connection_timeout_is_absolute(relay):
+    r = relay([relay_connector(connection_inactivity_timeout="00:00:01", connection_timeout="00:00:02")])
+    with r.raw() as c:
+        c.greet()
+        t0 = time.monotonic()
+        last = None
+        while time.monotonic() - t0 < 5:
+            c.send(b"NOOP\r\n")  # never idle for a whole second
+            last = c.reply()
+            if last is None or last.code != 250:
+                break
+            time.sleep(0.3)
+        assert last is not None and last.text == "421 4.4.1 Connection timed out"
+        assert 1.8 < time.monotonic() - t0 < 3.5
+        assert c.is_closed()
+
+
+def test_max_inbound_connection(relay):
+    r = relay([relay_connector(["127.0.0.0/24"], max_inbound_connection=2)])
+    a, b = r.raw("127.0.0.5"), r.raw("127.0.0.6")
+    a.expect(220)
+    b.expect(220)
+    with r.raw("127.0.0.7") as c:
+        assert c.reply().text == (  # type: ignore[union-attr]
+            "421 4.3.2 The maximum number of concurrent server connections has exceeded a limit, "
+            "closing transmission channel"
+        )
+        assert c.is_closed()
+    a.cmd("QUIT", 221)
+    a.close()
+    time.sleep(0.2)
+    with r.raw("127.0.0.7") as c:  # a slot is free again
+        c.expect(220)
+    b.close()
+
+
+def test_max_inbound_connection_per_source(relay):
+    r = relay([relay_connector(["127.0.0.0/24"], max_inbound_connection_per_source=2)])
+    held = [r.raw("127.0.0.5"), r.raw("127.0.0.5")]
+    for h in held:
+        h.expect(220)
+    with r.raw("127.0.0.5") as c:
+        assert c.reply().text == (  # type: ignore[union-attr]
+            "421 4.3.2 The maximum number of concurrent connections has exceeded a limit, "
+            "closing transmission channel"
+        )
+    with r.raw("127.0.0.6") as c:  # another source is still served
+        c.expect(220)
+    for h in held:
+        h.close()
+
+
+def test_max_inbound_connection_percentage_per_source(relay):
+    # 30 % of the connections still available: 10 → 3 for the first, then 9 → 2, 8 → 2.
+    r = relay(
+        [relay_connector(["127.0.0.0/24"], max_inbound_connection=10, max_inbound_connection_percentage_per_source=30)]
+    )
+    held = [r.raw("127.0.0.5"), r.raw("127.0.0.5")]
+    for h in held:
+        h.expect(220)
+    with r.raw("127.0.0.5") as c:
+        assert c.expect(421).lines[0].startswith("4.3.2 The maximum number of concurrent connections")
+    with r.raw("127.0.0.6") as c:
+        c.expect(220)
+    for h in held:
+        h.close()
+
+
+def test_max_protocol_errors(relay):
+    r = relay([relay_connector(max_protocol_errors=3)])
+    with r.raw() as c:
+        c.greet()
+        assert [c.cmd("BOGUS").code for _ in range(2)] == [500, 500]
+        c.send(b"BOGUS\r\n")
+        got = c.replies_until_close()
+        assert [x.text for x in got] == [
+            "500 5.3.3 Unrecognized command",
+            "421 4.7.0 Too many errors on this connection, closing transmission channel",
+        ]
+
+
+def test_message_rate_limit(relay):
+    r = relay([relay_connector(["127.0.0.0/24"], message_rate_limit=2)])
+    with r.raw("127.0.0.5") as c:
+        c.greet()
+        for _ in range(2):
+            open_transaction(c)
+            c.send(b"Subject: rate\r\n\r\nx\r\n.\r\n")
+            c.expect(250)
+        c.send(b"MAIL FROM:<a@corp.example>\r\n")
+        assert [x.text for x in c.replies_until_close()] == [
+            "421 4.4.2 Message submission rate for this client has exceeded the configured limit"
+        ]
+    with r.raw("127.0.0.5") as c:  # per source, across connections
+        c.greet()
+        assert c.cmd("MAIL FROM:<a@corp.example>").code == 421
+    with r.raw("127.0.0.6") as c:  # another source is not affected
+        c.greet()
+        c.cmd("MAIL FROM:<a@corp.example>", 250)
+    assert len(r.messages()) == 2
+
+
+def test_tarpit_delays_errors_to_anonymous_sessions(relay):
+    r = relay([default_frontend(tarpit_interval="00:00:01")])
+    with r.raw("127.0.0.9") as c:
+        c.greet()
+        t0 = time.monotonic()
+        c.cmd("MAIL FROM:<a@corp.example>", 250)
+        c.cmd("RCPT TO:<b@corp.example>", 250)
+        fast = time.monotonic() - t0
+        t0 = time.monotonic()
+        assert c.cmd("RCPT TO:<victim@external.example>").code == 550
+        delay = time.monotonic() - t0
+    assert fast < 0.5
+    assert 0.95 <= delay < 2.5
+
+
+def test_command_line_length_limit(relay):
+    r = relay([relay_connector(max_protocol_errors=10)])
+    with r.raw() as c:
+        c.greet()
+        ok = b"NOOP " + b"a" * (2048 - 7) + b"\r\n"
+        assert len(ok) == 2048
+        c.send(ok)
+        assert c.expect(250).text == "250 2.0.0 OK"
+        c.send(b"NOOP " + b"a" * (2048 - 6) + b"\r\n")  # 2049 octets
+        assert c.expect(500).text == "500 5.5.2 Command too long"
+        c.cmd("NOOP", 250)  # in sync: the long line was drained through its CRLF
+        # A long line split across writes, then 1 MiB without any newline: bounded, refused, in sync.
+        c.send(b"MAIL FROM:<" + b"b" * 3000)
+        time.sleep(0.1)
+        c.send(b"@corp.example>\r\n")
+        c.expect(500)
+        c.send(b"X" * (1024 * 1024) + b"\r\nNOOP\r\n")
+        assert [c.reply().code, c.reply().code] == [500, 250]  # type: ignore[union-attr]

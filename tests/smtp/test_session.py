@@ -1,0 +1,230 @@
+"""The seed's test end to end, banners, EHLO keywords and Exchange's replies, with real clients."""
+
+from __future__ import annotations
+
+import re
+import smtplib
+
+import pytest
+
+from tests.smtp.conftest import FQDN, default_frontend, relay_connector
+from tests.smtp.helpers import normalise, swaks
+
+RELAY_DENIED = "550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain"
+BANNER = re.compile(
+    r"^220 (?P<fqdn>\S+) Microsoft ESMTP MAIL Service ready at "
+    r"(Mon|Tue|Wed|Thu|Fri|Sat|Sun), [1-9]\d? (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) \d{4} "
+    r"\d\d:\d\d:\d\d [+-]\d{4}$"
+)
+
+
+def transcript(relay, source: str, rcpt: str = "victim@external.example") -> list[str]:
+    """A telnet-style session: every reply line the server sent, in order."""
+    out = []
+    with relay.raw(source) as c:
+        out.append(c.expect(220).text)
+        out.append(normalise(c.cmd("EHLO scanner01.corp.example", 250).lines[0]))
+        out.append(c.cmd("MAIL FROM:<scanner01@corp.example>").text)
+        r = c.cmd(f"RCPT TO:<{rcpt}>")
+        out.append(r.text)
+        if r.code == 250:
+            out.append(c.cmd("DATA", 354).text)
+            c.send(b"Subject: scan\r\n\r\nscanned document\r\n.\r\n")
+            out.append(normalise(c.expect(250).text))
+        out.append(c.cmd("QUIT", 221).text)
+    return [normalise(x) for x in out]
+
+
+def test_seed_before_and_after_the_relay_connector(relay):
+    # Before: only a Default Frontend-like catch-all connector. External recipients are refused.
+    r = relay([default_frontend()])
+    before = transcript(r, "127.0.0.5")
+    assert before[3] == RELAY_DENIED
+    assert len(before) == 5 and before[-1].startswith("221 2.0.0")
+    assert transcript(r, "127.0.0.5", "user@corp.example")[3] == "250 2.1.5 Recipient OK"
+    assert r.messages() != []  # the internal recipient was accepted and queued
+    queued_before = len(r.messages())
+
+    # After: the dedicated relay connector for 127.0.0.5 (the Exchange playbook's New-ReceiveConnector +
+    # Add-ADPermission), picked up by a reload.
+    r.reconfigure([default_frontend(), relay_connector(["127.0.0.5"])])
+    after = transcript(r, "127.0.0.5")
+    assert after[3] == "250 2.1.5 Recipient OK"
+    assert after[5].startswith("250 2.6.0 <<id>@relay.corp.example> [InternalId=<id>, Hostname=relay.corp.example]")
+    assert after[5].endswith("Queued mail for delivery")
+    # A client outside the relay connector's range still lands on Default Frontend: refused.
+    assert transcript(r, "127.0.0.9")[3] == RELAY_DENIED
+    msgs = r.messages()
+    assert len(msgs) == queued_before + 1
+    assert msgs[-1].recipients[0].address == "victim@external.example"
+    assert msgs[-1].connector == "SMTP Relay Internal"
+    assert msgs[-1].client_ip == "127.0.0.5"
+
+
+def test_client_no_connector_accepts_is_closed_without_banner(relay):
+    r = relay([relay_connector(["127.0.0.5"])])
+    with r.raw("127.0.0.9") as c:
+        assert c.is_closed(wait=3)
+        assert c.received == b""
+    with r.raw("127.0.0.5") as c:
+        c.expect(220)
+
+
+def test_smtplib_relays_and_refuses_by_source_address(relay):
+    r = relay([default_frontend(), relay_connector(["127.0.0.5"])])
+    with r.smtp("127.0.0.5") as s:
+        refused = s.sendmail("app@corp.example", ["a@external.example", "b@corp.example"], b"Subject: x\r\n\r\nhi\r\n")
+        assert refused == {}
+    with r.smtp("127.0.0.9") as s:
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as exc:
+            s.sendmail("app@corp.example", ["a@external.example"], b"Subject: x\r\n\r\nhi\r\n")
+        code, text = exc.value.recipients["a@external.example"]
+        assert (code, text) == (550, b"5.7.54 SMTP; Unable to relay recipient in non-accepted domain")
+    msgs = r.messages()
+    assert len(msgs) == 1 and {x.address for x in msgs[0].recipients} == {"a@external.example", "b@corp.example"}
+
+
+def test_swaks_relays_from_allowed_source_and_is_refused_elsewhere(relay):
+    r = relay([default_frontend(), relay_connector(["127.0.0.5"])])
+    ok = swaks(
+        "--server", "127.0.0.1", "--port", str(r.port), "--local-interface", "127.0.0.5",
+        "--from", "mfp@corp.example", "--to", "someone@external.example", "--helo", "mfp01.corp.example",
+        "--header", "Subject: swaks test", "--body", "from swaks",
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "<-  250 2.6.0" in ok.stdout and "Queued mail for delivery" in ok.stdout
+    denied = swaks(
+        "--server", "127.0.0.1", "--port", str(r.port), "--local-interface", "127.0.0.9",
+        "--from", "mfp@corp.example", "--to", "someone@external.example",
+    )  # fmt: skip
+    assert denied.returncode != 0
+    assert "<** 550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain" in denied.stdout
+    pipelined = swaks(
+        "--server", "127.0.0.1", "--port", str(r.port), "--local-interface", "127.0.0.5", "--pipeline",
+        "--from", "mfp@corp.example", "--to", "a@external.example,b@external.example",
+    )  # fmt: skip
+    assert pipelined.returncode == 0, pipelined.stdout + pipelined.stderr
+    msgs = r.messages()
+    assert len(msgs) == 2
+    assert b"from swaks" in r.data(msgs[0].queue_id)
+
+
+def test_default_banner_and_custom_banner_and_connector_fqdn(relay):
+    r = relay(
+        [
+            relay_connector(["127.0.0.5"]),
+            relay_connector(["127.0.0.6"], name="Custom Banner", banner="220 Printer relay ready"),
+            relay_connector(["127.0.0.7"], name="Own Fqdn", fqdn="mx2.corp.example"),
+        ]
+    )
+    with r.raw("127.0.0.5") as c:
+        m = BANNER.match(c.expect(220).text)
+        assert m and m["fqdn"] == FQDN
+        assert c.cmd("HELO printer", 250).text == f"250 {FQDN} Hello [127.0.0.5]"
+    with r.raw("127.0.0.6") as c:
+        assert c.expect(220).text == "220 Printer relay ready"
+    with r.raw("127.0.0.7") as c:
+        m = BANNER.match(c.expect(220).text)
+        assert m and m["fqdn"] == "mx2.corp.example"
+        assert c.cmd("EHLO x", 250).lines[0] == "mx2.corp.example Hello [127.0.0.7]"
+
+
+def ehlo_keywords(relay, source: str) -> list[str]:
+    with relay.raw(source) as c:
+        c.expect(220)
+        return c.cmd("EHLO client.corp.example", 250).lines[1:]
+
+
+def test_ehlo_keywords_follow_connector_settings(relay):
+    r = relay(
+        [
+            relay_connector(["127.0.0.5"]),
+            relay_connector(
+                ["127.0.0.6"], name="Lean", max_message_size="10MB", pipelining_enabled=False,
+                eight_bit_mime_enabled=False, enhanced_status_codes_enabled=False, auth_mechanism=["None"],
+                delivery_status_notification_enabled=False,
+            ),
+            relay_connector(["127.0.0.7"], name="Auth Clear", auth_mechanism=["Tls", "BasicAuth"]),
+            relay_connector(
+                ["127.0.0.8"], name="Auth TLS only", auth_mechanism=["Tls", "BasicAuth", "BasicAuthRequireTLS"],
+                size_enabled="EnabledWithoutValue",
+            ),
+            relay_connector(["127.0.0.9"], name="No size", size_enabled="Disabled"),
+        ]
+    )  # fmt: skip
+    default = ehlo_keywords(r, "127.0.0.5")
+    assert default[0] == "SIZE 37748736"  # 36MB, Exchange's advertised value
+    for kw in ("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "STARTTLS", "DSN"):
+        assert kw in default
+    assert not any(k.startswith("AUTH") for k in default)
+    assert "CHUNKING" not in default  # BDAT is not implemented, so never advertised
+
+    lean = ehlo_keywords(r, "127.0.0.6")
+    assert lean[0] == "SIZE 10485760"
+    for kw in ("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "STARTTLS", "DSN"):
+        assert kw not in lean
+    assert not any(k.startswith("AUTH") for k in lean)
+
+    assert "AUTH PLAIN LOGIN" in ehlo_keywords(r, "127.0.0.7")
+    tls_only = ehlo_keywords(r, "127.0.0.8")
+    assert "STARTTLS" in tls_only and "SIZE" in tls_only
+    assert not any(k.startswith("AUTH") for k in tls_only)  # never offered in clear text
+    assert not any(k.startswith("SIZE") for k in ehlo_keywords(r, "127.0.0.9"))
+
+    # Without ENHANCEDSTATUSCODES the replies carry no enhanced code.
+    with r.raw("127.0.0.6") as c:
+        c.greet()
+        assert c.cmd("MAIL FROM:<a@corp.example>").text == "250 Sender OK"
+
+
+def test_exchange_replies_for_each_command(relay):
+    r = relay([relay_connector(["127.0.0.5"], max_protocol_errors=100)])
+    with r.raw("127.0.0.5") as c:
+        c.expect(220)
+        assert c.cmd("MAIL FROM:<a@corp.example>").text == "503 5.5.2 Send hello first"
+        assert c.cmd("EHLO").text == "501 5.0.0 EHLO requires domain address"
+        c.cmd("EHLO client.corp.example", 250)
+        assert c.cmd("RCPT TO:<b@corp.example>").text == "503 5.5.2 Need mail command"
+        assert c.cmd("DATA").text == "503 5.5.2 Need mail command"
+        assert c.cmd("MAIL FROM:<not an address>").text == "501 5.1.7 Invalid address"
+        assert c.cmd("MAIL FROM:<a@corp.example> FOO=bar").text == "501 5.5.4 Unrecognized parameter"
+        assert c.cmd("MAIL FROM:<a@corp.example>").text == "250 2.1.0 Sender OK"
+        assert c.cmd("MAIL FROM:<a@corp.example>").text == "503 5.5.2 Sender already specified"
+        assert c.cmd("DATA").text == "503 5.5.2 Need rcpt command"
+        assert c.cmd("RCPT TO:<bad address>").text == "501 5.1.3 Invalid address"
+        assert c.cmd("RCPT TO:<b@corp.example>").text == "250 2.1.5 Recipient OK"
+        assert c.cmd("RSET").text == "250 2.0.0 Resetting"
+        assert c.cmd("RCPT TO:<b@corp.example>").text == "503 5.5.2 Need mail command"  # RSET forgot it
+        assert c.cmd("NOOP").text == "250 2.0.0 OK"
+        assert c.cmd("VRFY b@corp.example").text == "252 2.1.5 Cannot VRFY user"
+        help_reply = c.cmd("HELP", 214)
+        assert help_reply.lines[0] == "This server supports the following commands:"
+        assert c.cmd("FOO").text == "500 5.3.3 Unrecognized command"
+        assert c.cmd("EXPN staff").code == 502
+        assert c.cmd("ETRN corp.example").code == 502
+        assert c.cmd("TURN").code == 502
+        c.cmd("MAIL FROM:<>", 250)  # the null sender is always accepted (RFC 2505)
+        c.cmd("RCPT TO:<b@corp.example>", 250)
+        assert c.cmd("DATA").text == "354 Start mail input; end with <CRLF>.<CRLF>"
+        c.send(b"Message-ID: <m1@corp.example>\r\nSubject: t\r\n\r\nbody\r\n.\r\n")
+        done = c.expect(250).text
+        assert re.fullmatch(
+            r"250 2\.6\.0 <m1@corp\.example> \[InternalId=[0-9A-F]{16}, Hostname=relay\.corp\.example\] "
+            r"\d+ bytes in \d+\.\d{3}, \d+\.\d{3} KB/sec Queued mail for delivery",
+            done,
+        ), done
+        assert c.cmd("QUIT").text == "221 2.0.0 Service closing transmission channel"
+        assert c.is_closed()
+
+
+def test_bdat_without_chunking_hangs_up(relay):
+    """CHUNKING is not advertised: what follows BDAT would be raw bytes, never commands."""
+    r = relay([relay_connector(["127.0.0.5"])])
+    with r.raw("127.0.0.5") as c:
+        c.greet()
+        c.cmd("MAIL FROM:<a@corp.example>", 250)
+        c.cmd("RCPT TO:<b@corp.example>", 250)
+        c.send(b"BDAT 40 LAST\r\nMAIL FROM:<x@corp.example>\r\nRCPT TO:<y@ex.example>\r\n")
+        replies = c.replies_until_close()
+        assert [x.code for x in replies] == [502]
+    assert r.messages() == []
