@@ -1,4 +1,9 @@
-"""`relaygate check` and `relaygate explain` as subprocesses on the example configs, text and --json."""
+"""`relaygate check` and `relaygate explain` on the example configs, text and --json.
+
+The main cases run as real subprocesses (`python -m relaygate ...`), launched together once per module
+because each interpreter start costs about a second; the edge cases run in-process through typer's
+CliRunner, which exercises the same command functions.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,12 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -17,73 +25,131 @@ FIVE_ERRORS = ROOT / "tests" / "config" / "configs" / "five_errors.toml"
 
 OK = "250 2.1.5 Recipient OK"
 RELAY_DENIED = "550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain"
+NAMES = ("seed-before", "seed-after-method-a", "seed-after-method-b")
 
 
-def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if k != "RELAYGATE_CONFIG"}
-    full_env.update({"PYTHONIOENCODING": "utf-8", "NO_COLOR": "1", "COLUMNS": "200"})
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "relaygate", *args],
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        timeout=60,
-        cwd=cwd or ROOT,
-        env=full_env,
-        check=False,
-    )
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RELAYGATE_CONFIG"}
+    env.update({"PYTHONIOENCODING": "utf-8", "NO_COLOR": "1", "COLUMNS": "200"})
+    return env
+
+
+def _commands(c: dict[str, str]) -> dict[str, list[str]]:
+    """Every subprocess the module needs, by name; {name} in an argument is the copied config's path."""
+    a, b, before, invalid = c["seed-after-method-a"], c["seed-after-method-b"], c["seed-before"], c["invalid"]
+    return {
+        "check before": ["check", "--config", before],
+        "check a": ["check", "--config", a],
+        "check a json": ["check", "--config", a, "--json"],
+        "check b json": ["check", "-c", b, "--json"],
+        "check invalid": ["check", "--config", invalid],
+        "check invalid json": ["check", "-c", invalid, "--json"],
+        "explain a text": [
+            "explain", "-c", a, "--client-ip", "10.0.0.5", "--local", "0.0.0.0:25",
+            "--from", "scanner@corp.example", "--to", "it@corp.example", "--to", "someone@gmail.com",
+        ],
+        "explain before text": [
+            "explain", "-c", before, "--client-ip", "10.0.0.5", "--local", "0.0.0.0:25", "--to", "someone@gmail.com",
+        ],
+        "explain a json local": [
+            "explain", "-c", a, "--client-ip", "192.168.12.5", "--local", "0.0.0.0:25", "--from", "<>",
+            "--to", "a@gmail.com", "--to", "<victim@[127.0.0.1]>", "--to", "bad@@x", "--json",
+        ],
+        "explain b json no local": [
+            "explain", "-c", b, "--client-ip", "10.0.1.5", "--to", "a@gmail.com", "--json",
+        ],
+        "explain a text no local": ["explain", "-c", a, "--client-ip", "10.0.0.5", "--to", "a@gmail.com"],
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("cli")
+    out = {name: Path(shutil.copy(EXAMPLES / f"{name}.toml", tmp / f"{name}.toml")) for name in NAMES}
+    out["invalid"] = Path(shutil.copy(FIVE_ERRORS, tmp / "invalid.toml"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ran(paths: dict[str, Path]) -> dict[str, subprocess.CompletedProcess[str]]:
+    commands = _commands({k: str(v) for k, v in paths.items()})
+
+    def one(args: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "relaygate", *args],
+            capture_output=True,
+            text=True,
+            encoding="utf-8",
+            timeout=120,
+            cwd=ROOT,
+            env=_env(),
+            check=False,
+        )
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = dict(zip(commands, pool.map(one, commands.values()), strict=True))
+    return results
 
 
 @pytest.fixture
-def configs(tmp_path: Path) -> dict[str, Path]:
-    out = {}
-    for name in ("seed-before", "seed-after-method-a", "seed-after-method-b"):
-        out[name] = Path(shutil.copy(EXAMPLES / f"{name}.toml", tmp_path / f"{name}.toml"))
-    out["invalid"] = Path(shutil.copy(FIVE_ERRORS, tmp_path / "invalid.toml"))
-    return out
+def cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[CliRunner]:
+    monkeypatch.delenv("RELAYGATE_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./relaygate.toml here
+    yield CliRunner()
+
+
+def _invoke(runner: CliRunner, *args: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    from relaygate.cli import app
+
+    return runner.invoke(app, list(args), env=env)
 
 
 # --- check ------------------------------------------------------------------------------------------
 
-
-@pytest.mark.parametrize(
-    ("name", "connectors"), [("seed-before", 1), ("seed-after-method-a", 2), ("seed-after-method-b", 2)]
-)
-def test_check_valid(configs: dict[str, Path], name: str, connectors: int) -> None:
-    path = configs[name]
-    text = run("check", "--config", str(path))
-    assert text.returncode == 0, text.stderr
-    assert text.stdout.strip() == (
-        f"{path}: OK ({connectors} receive connector(s), 0 send connector(s), 1 accepted domain(s))"
-    )
-    as_json = run("check", "--config", str(path), "--json")
-    assert as_json.returncode == 0
-    assert json.loads(as_json.stdout) == {
-        "valid": True,
-        "source": str(path),
-        "receive_connectors": connectors,
-        "send_connectors": 0,
-        "accepted_domains": 1,
-    }
+Ran = dict[str, subprocess.CompletedProcess[str]]
 
 
-def test_check_invalid_lists_every_error(configs: dict[str, Path]) -> None:
-    path = configs["invalid"]
-    result = run("check", "--config", str(path))
+def test_check_valid_text(ran: Ran, paths: dict[str, Path]) -> None:
+    for key, name, connectors in (("check before", "seed-before", 1), ("check a", "seed-after-method-a", 2)):
+        result = ran[key]
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == (
+            f"{paths[name]}: OK ({connectors} receive connector(s), 0 send connector(s), 1 accepted domain(s))"
+        )
+
+
+def test_check_valid_json(ran: Ran, paths: dict[str, Path]) -> None:
+    for key, name in (("check a json", "seed-after-method-a"), ("check b json", "seed-after-method-b")):
+        result = ran[key]
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == {
+            "valid": True,
+            "source": str(paths[name]),
+            "receive_connectors": 2,
+            "send_connectors": 0,
+            "accepted_domains": 1,
+        }
+
+
+def test_check_invalid_lists_every_error(ran: Ran, paths: dict[str, Path]) -> None:
+    path = paths["invalid"]
+    result = ran["check invalid"]
     assert result.returncode == 1
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 6, result.stdout
     assert lines[-1] == f"{path}: 5 error(s)"
     for line, connector in zip(lines, ["Printers", "Scanners", "ERP", "Monitoring", "Backup"], strict=False):
-        assert line.startswith(f'{path}: receive_connectors[') and f'"{connector}": ' in line, line
+        assert line.startswith(f"{path}: receive_connectors[") and f'"{connector}": ' in line, line
     assert "did you mean 'remote_ip_ranges'" in lines[0]
     assert "reversed range" in lines[1]
+    assert "ExternalAuthoritative requires" in lines[2]
+    assert "not above 00:05:00" in lines[3]
+    assert "partially overlaps" in lines[4]
 
 
-def test_check_invalid_json(configs: dict[str, Path]) -> None:
-    path = configs["invalid"]
-    result = run("check", "-c", str(path), "--json")
+def test_check_invalid_json(ran: Ran, paths: dict[str, Path]) -> None:
+    path = paths["invalid"]
+    result = ran["check invalid json"]
     assert result.returncode == 1
     data = json.loads(result.stdout)
     assert data["valid"] is False and data["source"] == str(path)
@@ -99,64 +165,64 @@ def test_check_invalid_json(configs: dict[str, Path]) -> None:
         assert error["text"].startswith(str(path)) and error["message"] in error["text"]
 
 
-def test_check_finds_config_through_environment(configs: dict[str, Path], tmp_path: Path) -> None:
-    result = run("check", cwd=tmp_path, env={"RELAYGATE_CONFIG": str(configs["seed-after-method-a"])})
-    assert result.returncode == 0 and "OK (2 receive connector(s)" in result.stdout
-    default = run("check", cwd=tmp_path)  # no file anywhere: the embedded default
-    assert default.returncode == 0 and default.stdout.startswith("<embedded default>: OK")
+def test_check_finds_config_through_environment(cli: CliRunner, paths: dict[str, Path]) -> None:
+    result = _invoke(cli, "check", env={"RELAYGATE_CONFIG": str(paths["seed-after-method-b"])})
+    assert result.exit_code == 0 and "OK (2 receive connector(s)" in result.stdout
+    default = _invoke(cli, "check")  # no file anywhere: the embedded default
+    assert default.exit_code == 0 and default.stdout.startswith("<embedded default>: OK")
 
 
-def test_check_syntax_error(tmp_path: Path) -> None:
+def test_check_syntax_error(cli: CliRunner, tmp_path: Path) -> None:
     path = tmp_path / "broken.toml"
     path.write_text("[[receive_connectors]\nname = 'x'\n", encoding="utf-8")
-    result = run("check", "-c", str(path))
-    assert result.returncode == 1 and f"{path}: (syntax): not valid TOML" in result.stdout
+    result = _invoke(cli, "check", "-c", str(path))
+    assert result.exit_code == 1 and f"{path}: (syntax): not valid TOML" in result.stdout
 
 
 # --- explain -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["seed-after-method-a", "seed-after-method-b"])
-def test_explain_text_relay_client(configs: dict[str, Path], name: str) -> None:
-    result = run(
-        "explain", "-c", str(configs[name]), "--client-ip", "10.0.0.5", "--local", "0.0.0.0:25",
-        "--from", "scanner@corp.example", "--to", "it@corp.example", "--to", "someone@gmail.com",
-    )  # fmt: skip
+def test_explain_text_relay_client(ran: Ran) -> None:
+    result = ran["explain a text"]
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "Client 10.0.0.5 → 0.0.0.0:25" in out
     assert "Connector: SMTP Relay EXCH01" in out
     assert "why: binding 0.0.0.0:25 (wildcard), narrowest matching RemoteIPRanges entry 10.0.0.0/24" in out
     assert "beat Default Frontend EXCH01: range 0.0.0.0-255.255.255.255 is wider than 10.0.0.0/24" in out
-    assert "ms-Exch-SMTP-Accept-Any-Recipient  ← " in out
+    assert "Runs as: NT AUTHORITY\\ANONYMOUS LOGON, Everyone" in out
+    assert "ms-Exch-SMTP-Accept-Any-Recipient  ← permission for NT AUTHORITY\\ANONYMOUS LOGON" in out
+    assert "ms-Exch-SMTP-Submit  ← PermissionGroups AnonymousUsers" in out
     assert "MAIL FROM:<scanner@corp.example> → 250 2.1.0 Sender OK" in out
     assert f"RCPT TO:<it@corp.example> → {OK}" in out
     assert f"RCPT TO:<someone@gmail.com> → {OK}" in out
     assert "because session has ms-Exch-SMTP-Accept-Any-Recipient" in out
-    if name.endswith("-b"):
-        assert "Runs as: MS Exchange\\Externally Secured Servers" in out
-    else:
-        assert "ms-Exch-SMTP-Accept-Any-Recipient  ← permission for NT AUTHORITY\\ANONYMOUS LOGON" in out
+    assert "route: " in out and "RouteExplanation(" not in out
 
 
-def test_explain_text_before_the_fix(configs: dict[str, Path]) -> None:
-    result = run(
-        "explain", "-c", str(configs["seed-before"]), "--client-ip", "10.0.0.5", "--local", "0.0.0.0:25",
-        "--to", "someone@gmail.com",
+def test_explain_text_method_b(cli: CliRunner, paths: dict[str, Path]) -> None:
+    result = _invoke(
+        cli, "explain", "-c", str(paths["seed-after-method-b"]), "--client-ip", "192.168.12.5",
+        "--local", "0.0.0.0:25", "--to", "someone@gmail.com",
     )  # fmt: skip
-    assert result.returncode == 0
+    assert result.exit_code == 0, result.output
+    assert "Connector: SMTP Relay EXCH01" in result.stdout
+    assert "Runs as: MS Exchange\\Externally Secured Servers" in result.stdout
+    assert "ms-Exch-Bypass-Message-Size-Limit  ← PermissionGroups ExchangeServers" in result.stdout
+    assert f"RCPT TO:<someone@gmail.com> → {OK}" in result.stdout
+
+
+def test_explain_text_before_the_fix(ran: Ran) -> None:
+    result = ran["explain before text"]
+    assert result.returncode == 0, result.stderr
     assert "Connector: Default Frontend EXCH01" in result.stdout
     assert f"RCPT TO:<someone@gmail.com> → {RELAY_DENIED}" in result.stdout
     assert "lacks ms-Exch-SMTP-Accept-Any-Recipient" in result.stdout
     assert "(reply delayed by the 5s tarpit)" in result.stdout
 
 
-def test_explain_json_with_local(configs: dict[str, Path]) -> None:
-    result = run(
-        "explain", "-c", str(configs["seed-after-method-a"]), "--client-ip", "192.168.12.5",
-        "--local", "0.0.0.0:25", "--from", "<>", "--to", "a@gmail.com", "--to", "<victim@[127.0.0.1]>",
-        "--to", "bad@@x", "--json",
-    )  # fmt: skip
+def test_explain_json_with_local(ran: Ran) -> None:
+    result = ran["explain a json local"]
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["client_ip"] == "192.168.12.5" and data["local"] == "0.0.0.0:25"
@@ -187,13 +253,11 @@ def test_explain_json_with_local(configs: dict[str, Path]) -> None:
         ("<victim@[127.0.0.1]>", "550 5.7.1 Recipient address literal not accepted"),
         ("bad@@x", "501 5.1.3 Invalid address"),
     ]
+    assert isinstance(data["recipients"][0]["route"], dict)
 
 
-def test_explain_json_without_local_covers_every_binding(configs: dict[str, Path]) -> None:
-    result = run(
-        "explain", "-c", str(configs["seed-after-method-b"]), "--client-ip", "10.0.1.5", "--to", "a@gmail.com",
-        "--json",
-    )  # fmt: skip
+def test_explain_json_without_local_covers_every_binding(ran: Ran) -> None:
+    result = ran["explain b json no local"]
     assert result.returncode == 0, result.stderr
     endpoints = json.loads(result.stdout)["endpoints"]
     assert [e["local"] for e in endpoints] == ["0.0.0.0:25", "[::]:25"]
@@ -203,36 +267,40 @@ def test_explain_json_without_local_covers_every_binding(configs: dict[str, Path
         assert {c["connector"] for c in e["not_candidates"]} == {"SMTP Relay EXCH01"}
 
 
-def test_explain_text_without_local(configs: dict[str, Path]) -> None:
-    result = run("explain", "-c", str(configs["seed-after-method-a"]), "--client-ip", "10.0.0.5", "--to", "a@gmail.com")
-    assert result.returncode == 0
+def test_explain_text_without_local(ran: Ran) -> None:
+    result = ran["explain a text no local"]
+    assert result.returncode == 0, result.stderr
     assert "Client 10.0.0.5 → 0.0.0.0:25" in result.stdout and "Client 10.0.0.5 → [::]:25" in result.stdout
     assert result.stdout.count("Connector: SMTP Relay EXCH01") == 2
 
 
-def test_explain_no_connector(configs: dict[str, Path]) -> None:
-    args = ["explain", "-c", str(configs["seed-after-method-a"]), "--client-ip", "10.0.0.5", "--local", "10.9.9.9:587"]
-    text = run(*args, "--to", "a@gmail.com")
-    assert text.returncode == 0
+def test_explain_no_connector(cli: CliRunner, paths: dict[str, Path]) -> None:
+    args = ["explain", "-c", str(paths["seed-after-method-a"]), "--client-ip", "10.0.0.5", "--local", "10.9.9.9:587"]
+    text = _invoke(cli, *args, "--to", "a@gmail.com")
+    assert text.exit_code == 0, text.output
     assert "Connector: none — the connection is closed without a banner." in text.stdout
-    data = json.loads(run(*args, "--to", "a@gmail.com", "--json").stdout)
+    data = json.loads(_invoke(cli, *args, "--to", "a@gmail.com", "--json").stdout)
     assert data["connector"] is None and data["recipients"][0]["reply"] is None
 
 
-def test_explain_mail_without_submit(tmp_path: Path) -> None:
+def test_explain_mail_without_submit(cli: CliRunner, tmp_path: Path) -> None:
     text = (EXAMPLES / "seed-after-method-a.toml").read_text(encoding="utf-8")
     path = tmp_path / "no-groups.toml"
     path.write_text(text.replace('permission_groups = ["AnonymousUsers"]\n', ""), encoding="utf-8")
-    result = run("explain", "-c", str(path), "--client-ip", "10.0.0.5", "--local", "0.0.0.0:25", "--to", "a@gmail.com", "--json")
+    result = _invoke(
+        cli, "explain", "-c", str(path), "--client-ip", "10.0.0.5", "--local", "0.0.0.0:25", "--to", "a@gmail.com",
+        "--json",
+    )  # fmt: skip
     data = json.loads(result.stdout)
     assert data["mail"]["reply"] == "530 5.7.1 Client was not authenticated"
     assert data["recipients"][0]["reply"] == "503 5.5.2 Need mail command"
 
 
-def test_explain_refuses_bad_input(configs: dict[str, Path]) -> None:
-    bad_ip = run("explain", "-c", str(configs["seed-before"]), "--client-ip", "10.0.0.256", "--to", "a@b.example")
-    assert bad_ip.returncode == 1 and "--client-ip" in bad_ip.stderr
-    bad_local = run("explain", "-c", str(configs["seed-before"]), "--client-ip", "10.0.0.5", "--local", "nowhere")
-    assert bad_local.returncode == 1 and "--local" in bad_local.stderr
-    invalid = run("explain", "-c", str(configs["invalid"]), "--client-ip", "10.0.0.5", "--to", "a@b.example")
-    assert invalid.returncode == 1 and "5 error(s)." in invalid.stderr
+def test_explain_refuses_bad_input(cli: CliRunner, paths: dict[str, Path]) -> None:
+    before = str(paths["seed-before"])
+    bad_ip = _invoke(cli, "explain", "-c", before, "--client-ip", "10.0.0.256", "--to", "a@b.example")
+    assert bad_ip.exit_code == 1 and "--client-ip" in bad_ip.stderr
+    bad_local = _invoke(cli, "explain", "-c", before, "--client-ip", "10.0.0.5", "--local", "nowhere")
+    assert bad_local.exit_code == 1 and "--local" in bad_local.stderr
+    invalid = _invoke(cli, "explain", "-c", str(paths["invalid"]), "--client-ip", "10.0.0.5", "--to", "a@b.example")
+    assert invalid.exit_code == 1 and "5 error(s)." in invalid.stderr

@@ -60,7 +60,7 @@ class Recorder:
     refuse: set[str] = field(default_factory=set)
     peers: list[tuple[str, int]] = field(default_factory=list)
     messages: list[dict[str, Any]] = field(default_factory=list)
-    auth_seen: list[tuple[str, str]] = field(default_factory=list)
+    logins: list[tuple[str, str]] = field(default_factory=list)
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):  # noqa: N802
         self.peers.append(session.peer)
@@ -88,7 +88,7 @@ class Recorder:
     def authenticator(self, server, session, envelope, mechanism, auth_data):
         if isinstance(auth_data, LoginPassword):
             user, password = auth_data.login.decode(), auth_data.password.decode()
-            self.auth_seen.append((user, password))
+            self.logins.append((user, password))
             return AuthResult(success=(user, password) == ("printer", "s3cret-Pa55"))
         return AuthResult(success=False)
 

@@ -21,7 +21,7 @@ from typing import Any
 import typer
 from rich.text import Text
 
-from relaygate.cli.common import JSON_OPTION, console, die, emit_json, err_console
+from relaygate.cli.common import JSON_OPTION, console, die, emit_json
 from relaygate.smtp_transcript import (
     Reply,
     SMTPClosed,
@@ -575,7 +575,7 @@ def register(app: typer.Typer) -> None:
             emit_json(result.to_dict())
         else:
             for warning in result.warnings:
-                err_console.print(Text("warning: " + warning, style="yellow"))
+                console.print(Text("warning: " + warning, style="yellow"))
             style = {"accepted": "bold green", "partial": "bold yellow"}.get(
                 result.outcome, "bold red"
             )

@@ -1,0 +1,190 @@
+"""A RelayGate node in-process (``Relay`` from app.py) with smart hosts pointing at aiosmtpd sinks.
+
+Everything listens on 127.0.0.1. The relay's SMTP and admin ports are picked free beforehand
+(the config parser refuses port 0); the sinks use port 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+
+from relaygate.app import Relay
+from relaygate.config import parse_text
+from tests.delivery.helpers import Handler, Sink, start_sink
+
+__all__ = [
+    "Handler",
+    "Sink",
+    "free_port",
+    "make_config_text",
+    "parse_mail",
+    "send",
+    "start_relay",
+    "start_sink",
+    "wait_for",
+]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_config_text(
+    data_dir: Path,
+    *,
+    smtp_port: int,
+    admin_port: int,
+    routes: dict[str, int],
+    queue: dict[str, Any] | None = None,
+    extra: str = "",
+) -> str:
+    """routes: address space → sink port (one smart-host send connector each)."""
+    q = {
+        "transient_failure_retry_interval": "00:00:01",
+        "transient_failure_retry_count": 2,
+        "message_retry_interval": "00:00:02",
+        "delay_notification_timeout": "04:00:00",
+        "message_expiration_timeout": "2.00:00:00",
+        **(queue or {}),
+    }
+    qlines = "\n".join(
+        f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}" for k, v in q.items()
+    ).replace("'", '"')
+    connectors = "\n".join(
+        f"""
+[[send_connectors]]
+name = "To {space}"
+address_spaces = ["{space}"]
+dns_routing_enabled = false
+smart_hosts = ["[127.0.0.1]:{port}"]
+connection_inactivity_timeout = "00:00:10"
+"""
+        for space, port in routes.items()
+    )
+    return f"""
+[server]
+name = "RELAYTEST"
+fqdn = "relay.test"
+data_dir = "{data_dir}"
+
+[admin]
+listen = "127.0.0.1:{admin_port}"
+
+[queue]
+{qlines}
+
+[[accepted_domains]]
+domain = "corp.test"
+domain_type = "Authoritative"
+
+[[receive_connectors]]
+name = "Test Relay"
+usage = "Custom"
+bindings = ["127.0.0.1:{smtp_port}"]
+remote_ip_ranges = ["127.0.0.1"]
+auth_mechanism = ["None"]
+permission_groups = ["AnonymousUsers"]
+protocol_logging_level = "Verbose"
+
+[[receive_connectors.permissions]]
+user = "NT AUTHORITY\\\\ANONYMOUS LOGON"
+extended_rights = ["ms-Exch-SMTP-Accept-Any-Recipient"]
+{connectors}
+{extra}
+"""
+
+
+async def start_relay(
+    data_dir: Path,
+    routes: dict[str, int],
+    *,
+    queue: dict[str, Any] | None = None,
+    scan_interval: float = 0.2,
+    extra: str = "",
+) -> Relay:
+    smtp_port, admin_port = free_port(), free_port()
+    text = make_config_text(
+        data_dir,
+        smtp_port=smtp_port,
+        admin_port=admin_port,
+        routes=routes,
+        queue=queue,
+        extra=extra,
+    )
+    config = parse_text(text, "<test>")
+    relay = Relay(config)
+    await relay.start()
+    if relay.manager is not None:
+        relay.manager.scan_interval = scan_interval
+        relay.manager.stop_grace = 2.0
+    return relay
+
+
+def smtp_port(relay: Relay) -> int:
+    assert relay.server is not None
+    return relay.server.endpoints[0][1]
+
+
+async def send(
+    relay: Relay, sender: str, recipients: list[str], data: bytes
+) -> tuple[int, str]:
+    """Submit through the relay's own SMTP listener; returns the end-of-DATA reply."""
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(relay), timeout=10)
+    await client.connect()
+    try:
+        await client.ehlo(hostname="client.test")
+        resp = await client.execute_command(b"MAIL", b"FROM:<" + sender.encode() + b">")
+        assert resp.code == 250, resp
+        for r in recipients:
+            resp = await client.execute_command(b"RCPT", b"TO:<" + r.encode() + b">")
+            assert resp.code == 250, resp
+        resp = await client.data(data)
+        return resp.code, resp.message
+    finally:
+        await client.quit()
+
+
+async def wait_for(
+    predicate: Callable[[], Any] | Callable[[], Awaitable[Any]],
+    timeout: float = 10.0,
+    interval: float = 0.05,
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+def parse_mail(content: bytes) -> EmailMessage:
+    msg = email.message_from_bytes(content, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    return msg
+
+
+def split_received(content: bytes) -> tuple[bytes, bytes]:
+    """(the relay's Received header field, the rest) of what a sink received."""
+    assert content.startswith(b"Received: "), content[:80]
+    idx = 0
+    while True:
+        nl = content.index(b"\r\n", idx)
+        idx = nl + 2
+        if content[idx : idx + 1] not in (b" ", b"\t"):
+            return content[:idx], content[idx:]
