@@ -127,9 +127,7 @@ class PostfixSystem:
             return
         self.started = False
         with contextlib.suppress(subprocess.SubprocessError, OSError):
-            subprocess.run(
-                [POSTFIX, "-c", str(self.etc), "stop"], capture_output=True, timeout=60
-            )
+            subprocess.run([POSTFIX, "-c", str(self.etc), "stop"], capture_output=True, timeout=60)
         # `postfix stop` returns before master is gone; make sure nothing is left behind.
         pid = self.master_pid
         if pid:

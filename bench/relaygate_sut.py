@@ -74,7 +74,11 @@ def has_queue_manager() -> bool:
     """True when this build has the queue manager that delivers to smart hosts."""
     python = VENV_BIN / "python"
     out = subprocess.run(
-        [str(python if python.exists() else sys.executable), "-c", "import relaygate.queue.manager"],
+        [
+            str(python if python.exists() else sys.executable),
+            "-c",
+            "import relaygate.queue.manager",
+        ],
         capture_output=True,
         timeout=60,
         cwd=ROOT,
@@ -83,7 +87,7 @@ def has_queue_manager() -> bool:
 
 
 def _raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 65536
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard)))
@@ -137,7 +141,7 @@ class RelayGateSystem:
                 cwd=self.dir,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_raise_nofile,  # noqa: PLW1509 - the relay needs ulimit -n >= 20000
+                preexec_fn=_raise_nofile,
             )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -149,7 +153,9 @@ class RelayGateSystem:
                 break
             time.sleep(0.05)
         if not wait_port("127.0.0.1", self.port, 10):
-            raise RuntimeError(f"relaygate did not listen on 127.0.0.1:{self.port}:\n{self.tail_log()}")
+            raise RuntimeError(
+                f"relaygate did not listen on 127.0.0.1:{self.port}:\n{self.tail_log()}"
+            )
 
     def tail_log(self, n: int = 20) -> str:
         try:

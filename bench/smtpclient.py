@@ -130,7 +130,7 @@ async def measure(
         )
         for _ in range(sessions)
     ]
-    done, pending = await asyncio.wait(tasks, timeout=cap)
+    _done, pending = await asyncio.wait(tasks, timeout=cap)
     for task in pending:
         task.cancel()
         result.errors.append("latency session cancelled: time cap reached")

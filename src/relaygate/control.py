@@ -144,9 +144,7 @@ def message_view(
             }
         )
     pending = [r for r in msg.recipients if r.status in PENDING_STATUSES]
-    errored = [
-        r for r in msg.recipients if r.last_error and r.status != RecipientStatus.DELIVERED
-    ]
+    errored = [r for r in msg.recipients if r.last_error and r.status != RecipientStatus.DELIVERED]
     errored.sort(key=lambda r: r.last_attempt or 0.0)
     retry_times = [r.next_attempt for r in pending if r.next_attempt is not None]
     next_hop = ", ".join(hops)

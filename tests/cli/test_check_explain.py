@@ -36,7 +36,12 @@ def _env() -> dict[str, str]:
 
 def _commands(c: dict[str, str]) -> dict[str, list[str]]:
     """Every subprocess the module needs, by name; {name} in an argument is the copied config's path."""
-    a, b, before, invalid = c["seed-after-method-a"], c["seed-after-method-b"], c["seed-before"], c["invalid"]
+    a, b, before, invalid = (
+        c["seed-after-method-a"],
+        c["seed-after-method-b"],
+        c["seed-before"],
+        c["invalid"],
+    )
     return {
         "check before": ["check", "--config", before],
         "check a": ["check", "--config", a],
@@ -65,7 +70,9 @@ def _commands(c: dict[str, str]) -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("cli")
-    out = {name: Path(shutil.copy(EXAMPLES / f"{name}.toml", tmp / f"{name}.toml")) for name in NAMES}
+    out = {
+        name: Path(shutil.copy(EXAMPLES / f"{name}.toml", tmp / f"{name}.toml")) for name in NAMES
+    }
     out["invalid"] = Path(shutil.copy(FIVE_ERRORS, tmp / "invalid.toml"))
     return out
 
@@ -110,7 +117,10 @@ Ran = dict[str, subprocess.CompletedProcess[str]]
 
 
 def test_check_valid_text(ran: Ran, paths: dict[str, Path]) -> None:
-    for key, name, connectors in (("check before", "seed-before", 1), ("check a", "seed-after-method-a", 2)):
+    for key, name, connectors in (
+        ("check before", "seed-before", 1),
+        ("check a", "seed-after-method-a", 2),
+    ):
         result = ran[key]
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == (
@@ -119,7 +129,10 @@ def test_check_valid_text(ran: Ran, paths: dict[str, Path]) -> None:
 
 
 def test_check_valid_json(ran: Ran, paths: dict[str, Path]) -> None:
-    for key, name in (("check a json", "seed-after-method-a"), ("check b json", "seed-after-method-b")):
+    for key, name in (
+        ("check a json", "seed-after-method-a"),
+        ("check b json", "seed-after-method-b"),
+    ):
         result = ran[key]
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout) == {
@@ -138,7 +151,9 @@ def test_check_invalid_lists_every_error(ran: Ran, paths: dict[str, Path]) -> No
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 6, result.stdout
     assert lines[-1] == f"{path}: 5 error(s)"
-    for line, connector in zip(lines, ["Printers", "Scanners", "ERP", "Monitoring", "Backup"], strict=False):
+    for line, connector in zip(
+        lines, ["Printers", "Scanners", "ERP", "Monitoring", "Backup"], strict=False
+    ):
         assert line.startswith(f"{path}: receive_connectors[") and f'"{connector}": ' in line, line
     assert "did you mean 'remote_ip_ranges'" in lines[0]
     assert "reversed range" in lines[1]
@@ -153,7 +168,13 @@ def test_check_invalid_json(ran: Ran, paths: dict[str, Path]) -> None:
     assert result.returncode == 1
     data = json.loads(result.stdout)
     assert data["valid"] is False and data["source"] == str(path)
-    assert [e["connector"] for e in data["errors"]] == ["Printers", "Scanners", "ERP", "Monitoring", "Backup"]
+    assert [e["connector"] for e in data["errors"]] == [
+        "Printers",
+        "Scanners",
+        "ERP",
+        "Monitoring",
+        "Backup",
+    ]
     assert [e["path"] for e in data["errors"]] == [
         "receive_connectors[0].remote_ip_range",
         "receive_connectors[1].remote_ip_ranges[0]",
@@ -188,10 +209,18 @@ def test_explain_text_relay_client(ran: Ran) -> None:
     out = result.stdout
     assert "Client 10.0.0.5 → 0.0.0.0:25" in out
     assert "Connector: SMTP Relay EXCH01" in out
-    assert "why: binding 0.0.0.0:25 (wildcard), narrowest matching RemoteIPRanges entry 10.0.0.0/24" in out
-    assert "beat Default Frontend EXCH01: range 0.0.0.0-255.255.255.255 is wider than 10.0.0.0/24" in out
+    assert (
+        "why: binding 0.0.0.0:25 (wildcard), narrowest matching RemoteIPRanges entry 10.0.0.0/24"
+        in out
+    )
+    assert (
+        "beat Default Frontend EXCH01: range 0.0.0.0-255.255.255.255 is wider than 10.0.0.0/24"
+        in out
+    )
     assert "Runs as: NT AUTHORITY\\ANONYMOUS LOGON, Everyone" in out
-    assert "ms-Exch-SMTP-Accept-Any-Recipient  ← permission for NT AUTHORITY\\ANONYMOUS LOGON" in out
+    assert (
+        "ms-Exch-SMTP-Accept-Any-Recipient  ← permission for NT AUTHORITY\\ANONYMOUS LOGON" in out
+    )
     assert "ms-Exch-SMTP-Submit  ← PermissionGroups AnonymousUsers" in out
     assert "MAIL FROM:<scanner@corp.example> → 250 2.1.0 Sender OK" in out
     assert f"RCPT TO:<it@corp.example> → {OK}" in out
@@ -246,7 +275,10 @@ def test_explain_json_with_local(ran: Ran) -> None:
         "ms-Exch-Accept-Headers-Routing",
     }
     assert rights["ms-Exch-SMTP-Accept-Any-Recipient"]["token"] == "SMTPAcceptAnyRecipient"
-    assert data["mail"]["reply"] == "250 2.1.0 Sender OK" and data["mail"]["reason"] == "null reverse-path"
+    assert (
+        data["mail"]["reply"] == "250 2.1.0 Sender OK"
+        and data["mail"]["reason"] == "null reverse-path"
+    )
     replies = [(r["address"], r["reply"]) for r in data["recipients"]]
     assert replies == [
         ("a@gmail.com", OK),
@@ -270,12 +302,23 @@ def test_explain_json_without_local_covers_every_binding(ran: Ran) -> None:
 def test_explain_text_without_local(ran: Ran) -> None:
     result = ran["explain a text no local"]
     assert result.returncode == 0, result.stderr
-    assert "Client 10.0.0.5 → 0.0.0.0:25" in result.stdout and "Client 10.0.0.5 → [::]:25" in result.stdout
+    assert (
+        "Client 10.0.0.5 → 0.0.0.0:25" in result.stdout
+        and "Client 10.0.0.5 → [::]:25" in result.stdout
+    )
     assert result.stdout.count("Connector: SMTP Relay EXCH01") == 2
 
 
 def test_explain_no_connector(cli: CliRunner, paths: dict[str, Path]) -> None:
-    args = ["explain", "-c", str(paths["seed-after-method-a"]), "--client-ip", "10.0.0.5", "--local", "10.9.9.9:587"]
+    args = [
+        "explain",
+        "-c",
+        str(paths["seed-after-method-a"]),
+        "--client-ip",
+        "10.0.0.5",
+        "--local",
+        "10.9.9.9:587",
+    ]
     text = _invoke(cli, *args, "--to", "a@gmail.com")
     assert text.exit_code == 0, text.output
     assert "Connector: none — the connection is closed without a banner." in text.stdout
@@ -298,9 +341,22 @@ def test_explain_mail_without_submit(cli: CliRunner, tmp_path: Path) -> None:
 
 def test_explain_refuses_bad_input(cli: CliRunner, paths: dict[str, Path]) -> None:
     before = str(paths["seed-before"])
-    bad_ip = _invoke(cli, "explain", "-c", before, "--client-ip", "10.0.0.256", "--to", "a@b.example")
+    bad_ip = _invoke(
+        cli, "explain", "-c", before, "--client-ip", "10.0.0.256", "--to", "a@b.example"
+    )
     assert bad_ip.exit_code == 1 and "--client-ip" in bad_ip.stderr
-    bad_local = _invoke(cli, "explain", "-c", before, "--client-ip", "10.0.0.5", "--local", "nowhere")
+    bad_local = _invoke(
+        cli, "explain", "-c", before, "--client-ip", "10.0.0.5", "--local", "nowhere"
+    )
     assert bad_local.exit_code == 1 and "--local" in bad_local.stderr
-    invalid = _invoke(cli, "explain", "-c", str(paths["invalid"]), "--client-ip", "10.0.0.5", "--to", "a@b.example")
+    invalid = _invoke(
+        cli,
+        "explain",
+        "-c",
+        str(paths["invalid"]),
+        "--client-ip",
+        "10.0.0.5",
+        "--to",
+        "a@b.example",
+    )
     assert invalid.exit_code == 1 and "5 error(s)." in invalid.stderr

@@ -63,7 +63,10 @@ def test_all_errors_are_reported_at_once() -> None:
     expected = [
         ('"Printers": remote_ip_range: ', "did you mean 'remote_ip_ranges'"),
         ('"Scanners": remote_ip_ranges[0]: ', "reversed range"),
-        ('"ERP": auth_mechanism: ', "ExternalAuthoritative requires permission_groups to include 'ExchangeServers'"),
+        (
+            '"ERP": auth_mechanism: ',
+            "ExternalAuthoritative requires permission_groups to include 'ExchangeServers'",
+        ),
         ('"Monitoring": connection_timeout: ', "00:01:00 is not above 00:05:00"),
         ('"Backup": remote_ip_ranges: ', 'partially overlaps 10.0.0.0/24 of connector "Printers"'),
     ]
@@ -114,7 +117,10 @@ def test_nested_ranges_on_one_binding_are_allowed() -> None:
 def test_unknown_section_and_toml_syntax_error() -> None:
     with pytest.raises(ConfigError) as info:
         parse_text("[recieve_connectors]\n", "s.toml")
-    assert str(info.value.problems[0]) == "s.toml: recieve_connectors: unknown section (did you mean 'receive_connectors'?)"
+    assert (
+        str(info.value.problems[0])
+        == "s.toml: recieve_connectors: unknown section (did you mean 'receive_connectors'?)"
+    )
     with pytest.raises(ConfigError) as info:
         parse_text("[server\n", "t.toml")
     assert str(info.value.problems[0]).startswith("t.toml: (syntax): not valid TOML")

@@ -43,7 +43,20 @@ def test_timespan_parses(text: object, expected: timedelta) -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    ["5 minutes", "00:60:00", "24:00:00", "00:00:60", "-00:05:00", "", "1:2", "2d", "00:05", True, -1, None],
+    [
+        "5 minutes",
+        "00:60:00",
+        "24:00:00",
+        "00:00:60",
+        "-00:05:00",
+        "",
+        "1:2",
+        "2d",
+        "00:05",
+        True,
+        -1,
+        None,
+    ],
 )
 def test_timespan_rejects(bad: object) -> None:
     with pytest.raises(ValueError):
@@ -78,7 +91,9 @@ def test_size_parses_binary_units(text: object, expected: int) -> None:
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["abc", "-5", "MB", "25XB", "", "1,000", "25 M B", True, -1, 2.5, None])
+@pytest.mark.parametrize(
+    "bad", ["abc", "-5", "MB", "25XB", "", "1,000", "25 M B", True, -1, 2.5, None]
+)
 def test_size_rejects(bad: object) -> None:
     with pytest.raises(ValueError):
         parse_size(bad)
@@ -100,13 +115,28 @@ def test_size_formats_back() -> None:
         ("2001:db8::1", ["2001:db8::1"], ["2001:db8::2"], 1),
         ("fe80::1%11", ["fe80::1"], ["fe80::2"], 1),  # zone id accepted and dropped
         ("fe80::39bd:88f7:6969:d223%11", ["fe80::39bd:88f7:6969:d223"], ["fe80::1"], 1),
-        ("192.168.1.1-192.168.1.254", ["192.168.1.1", "192.168.1.254"], ["192.168.1.0", "192.168.1.255"], 254),
+        (
+            "192.168.1.1-192.168.1.254",
+            ["192.168.1.1", "192.168.1.254"],
+            ["192.168.1.0", "192.168.1.255"],
+            254,
+        ),
         ("10.0.0.1 - 10.0.0.5", ["10.0.0.3"], ["10.0.0.6"], 5),
-        ("192.168.1.1/24", ["192.168.1.0", "192.168.1.255"], ["192.168.2.0"], 256),  # host bits allowed
+        (
+            "192.168.1.1/24",
+            ["192.168.1.0", "192.168.1.255"],
+            ["192.168.2.0"],
+            256,
+        ),  # host bits allowed
         ("10.0.0.5/8", ["10.255.255.255"], ["11.0.0.0"], 2**24),
         ("2001:0DB8::CD3/60", ["2001:db8::", "2001:db8:0:f::1"], ["2001:db8:0:10::"], 2**68),
         ("0.0.0.0-255.255.255.255", ["0.0.0.0", "255.255.255.255"], ["::1"], 2**32),
-        ("::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", ["::1", "2001:db8::1"], ["10.0.0.1"], 2**128),
+        (
+            "::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            ["::1", "2001:db8::1"],
+            ["10.0.0.1"],
+            2**128,
+        ),
     ],
 )
 def test_ip_range_forms(text: str, inside: list[str], outside: list[str], size: int) -> None:
@@ -158,11 +188,17 @@ def test_ipv4_mapped_entry_is_stored_as_ipv4() -> None:
 
 
 def test_range_relations() -> None:
-    wide, net, one = (parse_ip_range(t) for t in ("0.0.0.0-255.255.255.255", "192.168.1.0/24", "192.168.1.75"))
+    wide, net, one = (
+        parse_ip_range(t) for t in ("0.0.0.0-255.255.255.255", "192.168.1.0/24", "192.168.1.75")
+    )
     assert wide.contains_range(net) and net.contains_range(one)
     assert not one.contains_range(net)
     partial = parse_ip_range("192.168.1.128-192.168.2.10")
-    assert partial.overlaps(net) and not net.contains_range(partial) and not partial.contains_range(net)
+    assert (
+        partial.overlaps(net)
+        and not net.contains_range(partial)
+        and not partial.contains_range(net)
+    )
     assert not net.overlaps(parse_ip_range("2001:db8::/32"))
 
 
@@ -179,7 +215,15 @@ def test_bindings() -> None:
     assert not exact.matches(ip("10.0.0.1"), 25)
     assert b.matches(ip("10.9.9.9"), 25) and not b.matches(ip("2001:db8::1"), 25)
     assert b6.matches(ip("2001:db8::1"), 25) and b6.matches(ip("10.0.0.1"), 25)  # dual-stack
-    for bad in ("0.0.0.0", "::25", "0.0.0.0:0", "0.0.0.0:65536", "010.0.0.1:25", "[::1:25", "host:25"):
+    for bad in (
+        "0.0.0.0",
+        "::25",
+        "0.0.0.0:0",
+        "0.0.0.0:65536",
+        "010.0.0.1:25",
+        "[::1:25",
+        "host:25",
+    ):
         with pytest.raises(ValueError):
             parse_binding(bad)
 
@@ -196,9 +240,19 @@ def _connector(body: str):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(
     ("usage", "groups", "auth", "bindings"),
     [
-        ("Client", ("ExchangeUsers",), ("Tls", "BasicAuth", "BasicAuthRequireTLS", "Integrated"), ("0.0.0.0:587",)),
+        (
+            "Client",
+            ("ExchangeUsers",),
+            ("Tls", "BasicAuth", "BasicAuthRequireTLS", "Integrated"),
+            ("0.0.0.0:587",),
+        ),
         ("Custom", (), ("Tls",), None),
-        ("Internal", ("ExchangeLegacyServers", "ExchangeServers"), ("Tls", "ExchangeServer"), ("0.0.0.0:25",)),
+        (
+            "Internal",
+            ("ExchangeLegacyServers", "ExchangeServers"),
+            ("Tls", "ExchangeServer"),
+            ("0.0.0.0:25",),
+        ),
         ("Internet", ("AnonymousUsers",), ("Tls",), None),
         ("Partner", ("Partners",), ("Tls",), None),
     ],
@@ -216,14 +270,19 @@ def test_usage_seeds_groups_and_auth(
 
 
 def test_usage_only_seeds_explicit_values_win() -> None:
-    c = _connector('usage = "Client"\nbindings = ["0.0.0.0:2587"]\npermission_groups = ["AnonymousUsers"]\n')
+    c = _connector(
+        'usage = "Client"\nbindings = ["0.0.0.0:2587"]\npermission_groups = ["AnonymousUsers"]\n'
+    )
     assert c.permission_groups == ("AnonymousUsers",)
     assert [str(b) for b in c.bindings] == ["0.0.0.0:2587"]
     assert c.auth_mechanism == ("Tls", "BasicAuth", "BasicAuthRequireTLS", "Integrated")
 
 
 def test_internet_usage_fixes_ranges_to_all_ipv4() -> None:
-    config = parse_text('[[receive_connectors]]\nname = "I"\nusage = "Internet"\nbindings = ["0.0.0.0:25"]\n', "i.toml")
+    config = parse_text(
+        '[[receive_connectors]]\nname = "I"\nusage = "Internet"\nbindings = ["0.0.0.0:25"]\n',
+        "i.toml",
+    )
     assert config.receive_connectors[0].relay_ranges_text == ["0.0.0.0-255.255.255.255"]
 
 
@@ -251,7 +310,11 @@ def test_exchange_defaults_on_minimal_connector() -> None:
     assert c.auth_tarpit_interval == timedelta(seconds=5)
     assert c.protocol_logging_level == "None"
     assert c.enhanced_status_codes_enabled and c.pipelining_enabled and c.chunking_enabled
-    assert c.binary_mime_enabled and c.eight_bit_mime_enabled and c.delivery_status_notification_enabled
+    assert (
+        c.binary_mime_enabled
+        and c.eight_bit_mime_enabled
+        and c.delivery_status_notification_enabled
+    )
     assert c.size_enabled == "Enabled"
     assert not c.reject_reserved_top_level_recipient_domains
     assert not c.reject_reserved_second_level_recipient_domains
@@ -285,7 +348,13 @@ def test_remote_ip_ranges_as_comma_separated_string() -> None:
         "list.toml",
     )
     ranges = config.receive_connectors[0].relay_ranges_text
-    assert ranges == ["10.0.0.0/24", "192.168.12.5", "192.168.12.100-192.168.12.120", "fe80::1%11", "2001:db8::/64"]
+    assert ranges == [
+        "10.0.0.0/24",
+        "192.168.12.5",
+        "192.168.12.100-192.168.12.120",
+        "fe80::1%11",
+        "2001:db8::/64",
+    ]
 
 
 def test_bad_value_names_key_and_connector() -> None:

@@ -96,7 +96,12 @@ def _rights(config: Config, row: str) -> tuple[SessionRights, bool]:
 
 # --- group → rights (§3.2) ---------------------------------------------------------------------------
 
-ANONYMOUS_SET = {r.HEADERS_ROUTING, r.ACCEPT_ANY_SENDER, r.ACCEPT_AUTHORITATIVE_DOMAIN_SENDER, r.SUBMIT}
+ANONYMOUS_SET = {
+    r.HEADERS_ROUTING,
+    r.ACCEPT_ANY_SENDER,
+    r.ACCEPT_AUTHORITATIVE_DOMAIN_SENDER,
+    r.SUBMIT,
+}
 EXTERNALLY_SECURED_SET = {
     r.HEADERS_ROUTING,
     r.BYPASS_ANTI_SPAM,
@@ -115,14 +120,20 @@ def test_anonymous_users_alone_has_no_relay_right(config: Config) -> None:
     assert set(rights.rights) == ANONYMOUS_SET
     assert rights.may_submit and not rights.may_relay
     assert rights.principals == (r.ANONYMOUS, "Everyone")
-    assert rights.log_tokens() == "SMTPSubmit SMTPAcceptAnySender SMTPAcceptAuthoritativeDomainSender AcceptRoutingHeaders"
+    assert (
+        rights.log_tokens()
+        == "SMTPSubmit SMTPAcceptAnySender SMTPAcceptAuthoritativeDomainSender AcceptRoutingHeaders"
+    )
 
 
 def test_method_a_adds_accept_any_recipient(config: Config) -> None:
     rights, _ = _rights(config, "Method A")
     assert set(rights.rights) == ANONYMOUS_SET | {r.ACCEPT_ANY_RECIPIENT}
     assert rights.may_relay and not rights.externally_secured and not rights.bypasses_size_limit
-    assert dict(rights.sources)[r.ACCEPT_ANY_RECIPIENT] == "permission for NT AUTHORITY\\ANONYMOUS LOGON"
+    assert (
+        dict(rights.sources)[r.ACCEPT_ANY_RECIPIENT]
+        == "permission for NT AUTHORITY\\ANONYMOUS LOGON"
+    )
 
 
 def test_method_b_runs_as_externally_secured_servers(config: Config) -> None:
@@ -148,7 +159,12 @@ def test_exchange_users_need_authentication(config: Config) -> None:
     assert connector is not None
     assert session_rights(connector).rights == frozenset()  # anonymous on the Client connector
     rights, _ = _rights(config, "ExchangeUsers (authenticated)")
-    assert set(rights.rights) == {r.HEADERS_ROUTING, r.BYPASS_ANTI_SPAM, r.ACCEPT_ANY_RECIPIENT, r.SUBMIT}
+    assert set(rights.rights) == {
+        r.HEADERS_ROUTING,
+        r.BYPASS_ANTI_SPAM,
+        r.ACCEPT_ANY_RECIPIENT,
+        r.SUBMIT,
+    }
     assert r.AUTHENTICATED_USERS in rights.principals and "alice" in rights.principals
 
 
@@ -221,7 +237,11 @@ def test_mail_from_own_domain_per_row(config: Config, row: str, reply: str) -> N
     sender, _ = parse_rcpt_to("TO:<printer@corp.example>")
     connector = config.receive_connectors[0]
     verdict = check_mail(
-        sender, rights=rights, connector=connector, accepted_domains=config.accepted_domains, authenticated=authenticated
+        sender,
+        rights=rights,
+        connector=connector,
+        accepted_domains=config.accepted_domains,
+        authenticated=authenticated,
     )
     assert verdict.reply.line() == reply
 
@@ -265,7 +285,9 @@ MATRIX = [
 ]
 
 
-@pytest.mark.parametrize(("row", "rcpt", "reply"), MATRIX, ids=[f"{row}|{rcpt}" for row, rcpt, _ in MATRIX])
+@pytest.mark.parametrize(
+    ("row", "rcpt", "reply"), MATRIX, ids=[f"{row}|{rcpt}" for row, rcpt, _ in MATRIX]
+)
 def test_rcpt_matrix(config: Config, row: str, rcpt: str, reply: str) -> None:
     rights, authenticated = _rights(config, row)
     address, _ = parse_rcpt_to(f"TO:<{rcpt}>")

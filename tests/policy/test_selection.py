@@ -34,7 +34,9 @@ def _config(text: str) -> Config:
 
 
 def _pick(config: Config, client: str, local: str = "10.0.0.1", port: int = 25) -> str | None:
-    selection = select_connector(config.receive_connectors, local_ip=local, local_port=port, client_ip=client)
+    selection = select_connector(
+        config.receive_connectors, local_ip=local, local_port=port, client_ip=client
+    )
     return selection.connector.name if selection.connector else None
 
 
@@ -50,7 +52,9 @@ def _pick(config: Config, client: str, local: str = "10.0.0.1", port: int = 25) 
 )
 def test_microsoft_selection_example(client: str, expected: str, matched: str) -> None:
     config = _config(MICROSOFT_EXAMPLE)
-    selection = select_connector(config.receive_connectors, local_ip="10.0.0.1", local_port=25, client_ip=client)
+    selection = select_connector(
+        config.receive_connectors, local_ip="10.0.0.1", local_port=25, client_ip=client
+    )
     assert selection.connector is not None
     assert selection.connector.name == expected
     assert selection.matched_range is not None and selection.matched_range.text == matched
@@ -67,7 +71,10 @@ def test_order_in_file_does_not_matter() -> None:
 
 def test_beaten_connectors_are_reported_with_reasons() -> None:
     selection = select_connector(
-        _config(MICROSOFT_EXAMPLE).receive_connectors, local_ip="10.0.0.1", local_port=25, client_ip="192.168.1.75"
+        _config(MICROSOFT_EXAMPLE).receive_connectors,
+        local_ip="10.0.0.1",
+        local_port=25,
+        client_ip="192.168.1.75",
     )
     beaten = {c.connector.name: c.reason for c in selection.beaten}
     assert set(beaten) == {"Subnet", "Catch-all"}
@@ -86,11 +93,15 @@ remote_ip_ranges = ["0.0.0.0-255.255.255.255"]
 """
     )
     # Local address 10.0.0.1: the connector bound to it wins even against the single-IP one.
-    selection = select_connector(config.receive_connectors, local_ip="10.0.0.1", local_port=25, client_ip="192.168.1.75")
+    selection = select_connector(
+        config.receive_connectors, local_ip="10.0.0.1", local_port=25, client_ip="192.168.1.75"
+    )
     assert selection.connector is not None and selection.connector.name == "On 10.0.0.1"
     assert str(selection.binding) == "10.0.0.1:25"
     why = {c.connector.name: c.reason for c in selection.beaten}
-    assert why["Single IP"] == "binding 0.0.0.0:25 is a wildcard; On 10.0.0.1 is bound to 10.0.0.1:25"
+    assert (
+        why["Single IP"] == "binding 0.0.0.0:25 is a wildcard; On 10.0.0.1 is bound to 10.0.0.1:25"
+    )
     # Another local address on the same port: back to the wildcard connectors.
     assert _pick(config, "192.168.1.75", local="10.0.0.2") == "Single IP"
 
@@ -98,7 +109,9 @@ remote_ip_ranges = ["0.0.0.0-255.255.255.255"]
 def test_disabled_connector_is_ignored() -> None:
     text = MICROSOFT_EXAMPLE.replace('name = "Single IP"', 'name = "Single IP"\nenabled = false')
     config = _config(text)
-    selection = select_connector(config.receive_connectors, local_ip="10.0.0.1", local_port=25, client_ip="192.168.1.75")
+    selection = select_connector(
+        config.receive_connectors, local_ip="10.0.0.1", local_port=25, client_ip="192.168.1.75"
+    )
     assert selection.connector is not None and selection.connector.name == "Subnet"
     assert [(c.connector.name, c.reason) for c in selection.rejected] == [("Single IP", "disabled")]
 
@@ -112,11 +125,20 @@ bindings = ["0.0.0.0:25"]
 remote_ip_ranges = ["10.0.0.0/24"]
 """
     )
-    selection = select_connector(config.receive_connectors, local_ip="10.9.9.9", local_port=25, client_ip="10.0.1.1")
-    assert selection.connector is None and selection.binding is None and selection.matched_range is None
+    selection = select_connector(
+        config.receive_connectors, local_ip="10.9.9.9", local_port=25, client_ip="10.0.1.1"
+    )
+    assert (
+        selection.connector is None
+        and selection.binding is None
+        and selection.matched_range is None
+    )
     assert selection.rejected[0].reason == "RemoteIPRanges do not contain 10.0.1.1"
     assert "no enabled connector" in selection.reason
-    assert select_connector((), local_ip="10.9.9.9", local_port=25, client_ip="10.0.0.1").connector is None
+    assert (
+        select_connector((), local_ip="10.9.9.9", local_port=25, client_ip="10.0.0.1").connector
+        is None
+    )
 
 
 def test_different_port_is_not_that_connector() -> None:
@@ -165,7 +187,9 @@ remote_ip_ranges = ["2001:db8:0:10::/64", "fe80::1%11"]
     )
     assert _pick(config, "2001:db8:0:10::25", local="2001:db8::1") == "IPv6 apps"
     assert _pick(config, "2001:db8:0:11::25", local="2001:db8::1") == "All IPv6"
-    assert _pick(config, "fe80::1%eth0", local="fe80::2%eth0") == "IPv6 apps"  # zone id: parsed, no crash
+    assert (
+        _pick(config, "fe80::1%eth0", local="fe80::2%eth0") == "IPv6 apps"
+    )  # zone id: parsed, no crash
     # An IPv4 client on the dual-stack [::] listener is matched against IPv4 ranges only.
     assert _pick(config, "::ffff:10.0.0.1", local="::ffff:10.0.0.2") is None
 

@@ -35,13 +35,19 @@ ANON_SEND_AS = "550 5.7.1 Anonymous client does not have permissions to send as 
 # --- a tiny pure "session": select → rights → MAIL → RCPT, exactly the functions the server calls -------
 
 
-def _session(config: Config, client: str, local: str = "0.0.0.0", port: int = 25) -> tuple[ReceiveConnector, SessionRights]:
-    selection = select_connector(config.receive_connectors, local_ip=local, local_port=port, client_ip=client)
+def _session(
+    config: Config, client: str, local: str = "0.0.0.0", port: int = 25
+) -> tuple[ReceiveConnector, SessionRights]:
+    selection = select_connector(
+        config.receive_connectors, local_ip=local, local_port=port, client_ip=client
+    )
     assert selection.connector is not None, f"no connector for {client}"
     return selection.connector, session_rights(selection.connector)
 
 
-def _rcpt(config: Config, connector: ReceiveConnector, rights: SessionRights, arg: str, **kw: object) -> Verdict:
+def _rcpt(
+    config: Config, connector: ReceiveConnector, rights: SessionRights, arg: str, **kw: object
+) -> Verdict:
     address, _ = parse_rcpt_to(arg, smtputf8=bool(kw.pop("smtputf8", False)))
     return check_rcpt(
         address,
@@ -54,7 +60,13 @@ def _rcpt(config: Config, connector: ReceiveConnector, rights: SessionRights, ar
     )
 
 
-def _mail(config: Config, connector: ReceiveConnector, rights: SessionRights, arg: str, size: int | None = None) -> Verdict:
+def _mail(
+    config: Config,
+    connector: ReceiveConnector,
+    rights: SessionRights,
+    arg: str,
+    size: int | None = None,
+) -> Verdict:
     sender, _ = parse_mail_from(arg)
     return check_mail(
         sender,
@@ -66,13 +78,19 @@ def _mail(config: Config, connector: ReceiveConnector, rights: SessionRights, ar
     )
 
 
-def _reply(config: Config, client: str, rcpt: str, sender: str = f"scanner@{LOCAL}") -> tuple[str, str, str]:
+def _reply(
+    config: Config, client: str, rcpt: str, sender: str = f"scanner@{LOCAL}"
+) -> tuple[str, str, str]:
     """(connector name, MAIL reply, RCPT reply) for one transaction."""
     connector, rights = _session(config, client)
     mail = _mail(config, connector, rights, f"FROM:<{sender}>")
     if not mail.accepted:
         return connector.name, mail.reply.line(), "503 5.5.2 Need mail command"
-    return connector.name, mail.reply.line(), _rcpt(config, connector, rights, f"TO:<{rcpt}>").reply.line()
+    return (
+        connector.name,
+        mail.reply.line(),
+        _rcpt(config, connector, rights, f"TO:<{rcpt}>").reply.line(),
+    )
 
 
 # --- the seed scenario --------------------------------------------------------------------------------
@@ -90,7 +108,11 @@ def after(request: pytest.FixtureRequest) -> Config:
 
 @pytest.mark.parametrize("client", ["10.0.0.5", "192.168.12.5", "203.0.113.7"])
 def test_seed_before_external_recipient_is_refused(before: Config, client: str) -> None:
-    assert _reply(before, client, "someone@gmail.com") == ("Default Frontend EXCH01", SENDER_OK, RELAY_DENIED)
+    assert _reply(before, client, "someone@gmail.com") == (
+        "Default Frontend EXCH01",
+        SENDER_OK,
+        RELAY_DENIED,
+    )
     assert _reply(before, client, f"it@{LOCAL}") == ("Default Frontend EXCH01", SENDER_OK, OK)
 
 
@@ -100,9 +122,15 @@ def test_seed_after_client_in_range_may_relay(after: Config, client: str) -> Non
     assert _reply(after, client, f"it@{LOCAL}") == ("SMTP Relay EXCH01", SENDER_OK, OK)
 
 
-@pytest.mark.parametrize("client", ["10.0.1.5", "192.168.12.6", "192.168.12.4", "203.0.113.7", "2001:db8::5"])
+@pytest.mark.parametrize(
+    "client", ["10.0.1.5", "192.168.12.6", "192.168.12.4", "203.0.113.7", "2001:db8::5"]
+)
 def test_seed_after_client_outside_ranges_still_may_not(after: Config, client: str) -> None:
-    assert _reply(after, client, "someone@gmail.com") == ("Default Frontend EXCH01", SENDER_OK, RELAY_DENIED)
+    assert _reply(after, client, "someone@gmail.com") == (
+        "Default Frontend EXCH01",
+        SENDER_OK,
+        RELAY_DENIED,
+    )
 
 
 def test_seed_methods_differ_as_exchange_documents() -> None:
@@ -118,10 +146,17 @@ def test_seed_methods_differ_as_exchange_documents() -> None:
 
 
 def test_explain_agrees_with_the_functions(after: Config) -> None:
-    result = explain(after, client_ip="10.0.0.5", local=("0.0.0.0", 25), sender=None, recipients=["x@gmail.com"])
-    assert result.selection.connector is not None and result.selection.connector.name == "SMTP Relay EXCH01"
+    result = explain(
+        after, client_ip="10.0.0.5", local=("0.0.0.0", 25), sender=None, recipients=["x@gmail.com"]
+    )
+    assert (
+        result.selection.connector is not None
+        and result.selection.connector.name == "SMTP Relay EXCH01"
+    )
     assert result.recipients[0]["reply"] == OK
-    outside = explain(after, client_ip="10.0.1.5", local=("0.0.0.0", 25), sender=None, recipients=["x@gmail.com"])
+    outside = explain(
+        after, client_ip="10.0.1.5", local=("0.0.0.0", 25), sender=None, recipients=["x@gmail.com"]
+    )
     assert outside.recipients[0]["reply"] == RELAY_DENIED
 
 
@@ -209,7 +244,11 @@ def rules() -> Config:
     ("client", "sender", "reply"),
     [
         ("203.0.113.9", "<>", SENDER_OK),  # item 24: the null sender MUST be accepted
-        ("203.0.113.9", f"<ceo@{LOCAL}>", SENDER_OK),  # AnonymousUsers keeps Authoritative-Domain-Sender
+        (
+            "203.0.113.9",
+            f"<ceo@{LOCAL}>",
+            SENDER_OK,
+        ),  # AnonymousUsers keeps Authoritative-Domain-Sender
         ("203.0.113.9", "<x@evil.example>", SENDER_OK),
         ("10.1.0.9", f"<ceo@{LOCAL}>", ANON_SEND_AS),  # the classic anti-spoofing setting
         ("10.1.0.9", "<x@evil.example>", SENDER_OK),  # still has Accept-Any-Sender
@@ -262,20 +301,36 @@ def test_null_sender_accepted_but_relay_still_refused(rules: Config) -> None:
 def test_declared_size(rules: Config) -> None:
     connector, rights = _session(rules, "10.2.0.9")
     too_big = "552 5.3.4 Message size exceeds fixed maximum message size"
-    assert _mail(rules, connector, rights, f"FROM:<a@{LOCAL}>", size=10 * 1024**2).reply.line() == SENDER_OK
-    assert _mail(rules, connector, rights, f"FROM:<a@{LOCAL}>", size=10 * 1024**2 + 1).reply.line() == too_big
+    assert (
+        _mail(rules, connector, rights, f"FROM:<a@{LOCAL}>", size=10 * 1024**2).reply.line()
+        == SENDER_OK
+    )
+    assert (
+        _mail(rules, connector, rights, f"FROM:<a@{LOCAL}>", size=10 * 1024**2 + 1).reply.line()
+        == too_big
+    )
     # Externally secured sessions hold ms-Exch-Bypass-Message-Size-Limit (§3.3 method B).
     connector_b, rights_b = _session(rules, "10.3.0.9")
-    assert _mail(rules, connector_b, rights_b, f"FROM:<a@{LOCAL}>", size=50 * 1024**2).reply.line() == SENDER_OK
+    assert (
+        _mail(rules, connector_b, rights_b, f"FROM:<a@{LOCAL}>", size=50 * 1024**2).reply.line()
+        == SENDER_OK
+    )
 
 
 @pytest.mark.parametrize("client", ["10.2.0.9", "10.3.0.9"])
 def test_max_recipients_is_452_for_each_extra_rcpt(rules: Config, client: str) -> None:
     connector, rights = _session(rules, client)
     replies_ = [
-        _rcpt(rules, connector, rights, f"TO:<u{i}@{LOCAL}>", accepted_count=i).reply.line() for i in range(5)
+        _rcpt(rules, connector, rights, f"TO:<u{i}@{LOCAL}>", accepted_count=i).reply.line()
+        for i in range(5)
     ]
-    assert replies_ == [OK, OK, OK, "452 4.5.3 Too many recipients", "452 4.5.3 Too many recipients"]
+    assert replies_ == [
+        OK,
+        OK,
+        OK,
+        "452 4.5.3 Too many recipients",
+        "452 4.5.3 Too many recipients",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -335,29 +390,54 @@ ITEMS: list[tuple[str, str, str, str | None]] = [
     ("6 chained percent", f"TO:<a%b%{EXT}@{LOCAL}>", RELAY_DENIED, f"a%b%{EXT}@{LOCAL}"),
     ("7 bang path via LOCAL", f"TO:<{EXT}!victim@{LOCAL}>", RELAY_DENIED, f"{EXT}!victim@{LOCAL}"),
     ("7 bare bang path", f"TO:<{LOCAL}!{EXT}!victim>", BAD_RCPT, None),
-    ("8 multi-hop source route", f"TO:<@{LOCAL},@hop2.example:victim@{EXT}>", RELAY_DENIED, f"victim@{EXT}"),
+    (
+        "8 multi-hop source route",
+        f"TO:<@{LOCAL},@hop2.example:victim@{EXT}>",
+        RELAY_DENIED,
+        f"victim@{EXT}",
+    ),
     ("9 reverse source route", f"TO:<@{EXT}:user@{LOCAL}>", OK, f"user@{LOCAL}"),
     ("10 quoted @", f'TO:<"victim@{EXT}"@{LOCAL}>', RELAY_DENIED, f'"victim@{EXT}"@{LOCAL}'),
     ("11 quoted %", f'TO:<"victim%{EXT}"@{LOCAL}>', RELAY_DENIED, f'"victim%{EXT}"@{LOCAL}'),
     ("12 double @ EXT@LOCAL", f"TO:<victim@{EXT}@{LOCAL}>", BAD_RCPT, None),
     ("12 double @ LOCAL@EXT", f"TO:<victim@{LOCAL}@{EXT}>", BAD_RCPT, None),
     ("13 own IP literal", f"TO:<victim@[{RIP}]>", USER_UNKNOWN, f"victim@[{RIP}]"),
-    ("13 own IP literal, mapped", f"TO:<victim@[IPv6:::ffff:{RIP}]>", USER_UNKNOWN, "victim@[IPv6:::ffff:a00:1]"),
+    (
+        "13 own IP literal, mapped",
+        f"TO:<victim@[IPv6:::ffff:{RIP}]>",
+        USER_UNKNOWN,
+        "victim@[IPv6:::ffff:a00:1]",
+    ),
     ("14 external literal", "TO:<victim@[203.0.113.9]>", RELAY_DENIED, "victim@[203.0.113.9]"),
     ("15 malformed literal 999", "TO:<victim@[999.1.1.1]>", BAD_RCPT, None),
     ("15 malformed literal short", "TO:<victim@[1.2.3]>", BAD_RCPT, None),
     ("15 malformed literal IPv6", "TO:<victim@[IPv6:zz::1]>", BAD_RCPT, None),
     ("15 malformed literal blanks", "TO:<victim@[ 10.0.0.1 ]>", BAD_RCPT, None),
     ("15 loopback literal", "TO:<victim@[127.0.0.1]>", LITERAL_REFUSED, "victim@[127.0.0.1]"),
-    ("15 mapped loopback literal", "TO:<victim@[IPv6:::ffff:127.0.0.1]>", LITERAL_REFUSED, "victim@[IPv6:::ffff:7f00:1]"),
-    ("15 metadata literal", "TO:<victim@[169.254.169.254]>", LITERAL_REFUSED, "victim@[169.254.169.254]"),
+    (
+        "15 mapped loopback literal",
+        "TO:<victim@[IPv6:::ffff:127.0.0.1]>",
+        LITERAL_REFUSED,
+        "victim@[IPv6:::ffff:7f00:1]",
+    ),
+    (
+        "15 metadata literal",
+        "TO:<victim@[169.254.169.254]>",
+        LITERAL_REFUSED,
+        "victim@[169.254.169.254]",
+    ),
     ("15 IPv6 loopback literal", "TO:<victim@[IPv6:::1]>", LITERAL_REFUSED, "victim@[IPv6:::1]"),
     ("16 numeric domain", "TO:<victim@203.0.113.9>", BAD_RCPT, None),
     ("16 inet_aton numeric domain", "TO:<victim@127.1>", BAD_RCPT, None),
     ("17 trailing dot EXT", f"TO:<victim@{EXT}.>", RELAY_DENIED, f"victim@{EXT}"),
     ("17 trailing dot LOCAL", f"TO:<user@{LOCAL}.>", OK, f"user@{LOCAL}"),
     ("18 case", "TO:<User@CoRp.ExAmPlE>", OK, f"User@{LOCAL}"),
-    ("19 A-label of an accepted IDN", "TO:<user@xn--bcher-kva.example>", OK, "user@xn--bcher-kva.example"),
+    (
+        "19 A-label of an accepted IDN",
+        "TO:<user@xn--bcher-kva.example>",
+        OK,
+        "user@xn--bcher-kva.example",
+    ),
     ("19 U-label without SMTPUTF8", "TO:<user@bücher.example>", SMTPUTF8_REQUIRED, None),
     ("19 Cyrillic homoglyph without SMTPUTF8", "TO:<user@сorp.example>", SMTPUTF8_REQUIRED, None),
     ("20 null domain", "TO:<victim@>", BAD_RCPT, None),
@@ -374,7 +454,12 @@ ITEMS: list[tuple[str, str, str, str | None]] = [
     ("28 comment after quoted local", f'TO:<"user"@{LOCAL}(x){EXT}>', BAD_RCPT, None),
     ("28 comment in domain", f"TO:<user@{LOCAL} (c) .{EXT}>", BAD_RCPT, None),
     ("28 comment holding an address", f"TO:<victim@{EXT}(<user@{LOCAL}>)>", BAD_RCPT, None),
-    ("29 quoted @ and space", f'TO:<"victim@{EXT} x"@{LOCAL}>', RELAY_DENIED, f'"victim@{EXT} x"@{LOCAL}'),
+    (
+        "29 quoted @ and space",
+        f'TO:<"victim@{EXT} x"@{LOCAL}>',
+        RELAY_DENIED,
+        f'"victim@{EXT} x"@{LOCAL}',
+    ),
     ("30 parseaddr 1", f"TO:alice@{LOCAL})<victim@{EXT}>", BAD_RCPT, None),
     ("30 parseaddr 2", f"TO:<alice@{LOCAL}(<victim@{EXT}>>", BAD_RCPT, None),
     ("30 parseaddr 3", f"TO:<alice@{LOCAL}<<victim@{EXT}>>", BAD_RCPT, None),
@@ -395,7 +480,9 @@ def vectors() -> Config:
     return parse_text(VECTORS, "vectors.toml")
 
 
-def _judge(config: Config, client: str, arg: str, smtputf8: bool = False) -> tuple[str, Address | None]:
+def _judge(
+    config: Config, client: str, arg: str, smtputf8: bool = False
+) -> tuple[str, Address | None]:
     connector, rights = _session(config, client)
     try:
         address, _ = parse_rcpt_to(arg, smtputf8=smtputf8)
@@ -415,7 +502,9 @@ def _judge(config: Config, client: str, arg: str, smtputf8: bool = False) -> tup
 
 @pytest.mark.parametrize("client", [TRUSTED, UNTRUSTED], ids=["T", "U"])
 @pytest.mark.parametrize(("item", "arg", "reply", "judged"), ITEMS, ids=[i[0] for i in ITEMS])
-def test_address_vector(vectors: Config, client: str, item: str, arg: str, reply: str, judged: str | None) -> None:
+def test_address_vector(
+    vectors: Config, client: str, item: str, arg: str, reply: str, judged: str | None
+) -> None:
     got, address = _judge(vectors, client, arg)
     assert got == reply, item
     assert (str(address) if address is not None else None) == judged
@@ -433,8 +522,12 @@ def test_relay_session_keeps_routing_characters_at_local(vectors: Config) -> Non
     assert got == OK and address is not None and address.domain == LOCAL
 
 
-@pytest.mark.parametrize("literal", ["[127.0.0.1]", "[IPv6:::ffff:127.0.0.1]", "[169.254.169.254]", "[0.0.0.0]"])
-def test_dangerous_literals_refused_even_when_relay_is_allowed(vectors: Config, literal: str) -> None:
+@pytest.mark.parametrize(
+    "literal", ["[127.0.0.1]", "[IPv6:::ffff:127.0.0.1]", "[169.254.169.254]", "[0.0.0.0]"]
+)
+def test_dangerous_literals_refused_even_when_relay_is_allowed(
+    vectors: Config, literal: str
+) -> None:
     assert _judge(vectors, RELAY, f"TO:<victim@{literal}>")[0] == LITERAL_REFUSED
 
 
@@ -447,7 +540,10 @@ def test_external_literal_from_relay_session_is_a_documented_policy(vectors: Con
 def test_trailing_dot_gets_the_same_decision(vectors: Config) -> None:
     for client in (TRUSTED, UNTRUSTED, RELAY):
         for address in (f"victim@{EXT}", f"user@{LOCAL}"):
-            assert _judge(vectors, client, f"TO:<{address}.>")[0] == _judge(vectors, client, f"TO:<{address}>")[0]
+            assert (
+                _judge(vectors, client, f"TO:<{address}.>")[0]
+                == _judge(vectors, client, f"TO:<{address}>")[0]
+            )
 
 
 def test_idn_equivalence_and_homoglyph_with_smtputf8(vectors: Config) -> None:
@@ -466,7 +562,11 @@ def test_smtputf8_recipient_refused_like_ascii(vectors: Config) -> None:
 def test_mixed_recipients_are_judged_independently(vectors: Config) -> None:
     # item 35: the refused recipient is not accepted along with the good one
     result = explain(
-        vectors, client_ip=TRUSTED, local=("0.0.0.0", 25), sender=f"app@{LOCAL}", recipients=[f"a@{LOCAL}", f"b@{EXT}"]
+        vectors,
+        client_ip=TRUSTED,
+        local=("0.0.0.0", 25),
+        sender=f"app@{LOCAL}",
+        recipients=[f"a@{LOCAL}", f"b@{EXT}"],
     )
     assert [r["reply"] for r in result.recipients] == [OK, RELAY_DENIED]
 
@@ -480,8 +580,18 @@ def test_mail_from_vectors(vectors: Config) -> None:
         assert info.value.reply.line() == BAD_SENDER
 
 
-@pytest.mark.skip(reason="items 26 and 36 (HELO never selects a connector; RSET re-evaluates every RCPT) are "
-                  "session behaviour: selection takes only the local endpoint and client IP, and verdicts "
-                  "keep no state. Tested with the SMTP session (issue 3).")
+@pytest.mark.skip(
+    reason="items 26 and 36 (HELO never selects a connector; RSET re-evaluates every RCPT) are "
+    "session behaviour: selection takes only the local endpoint and client IP, and verdicts "
+    "keep no state. Tested with the SMTP session (issue 3)."
+)
 def test_helo_spoofing_and_rset_are_session_concerns() -> None:
     raise AssertionError
+
+
+def test_explain_knows_the_relays_own_literal(vectors: Config) -> None:
+    # item 13 through explain: with an exact local address, [RIP] is this relay (550 5.1.1), as in the server
+    result = explain(
+        vectors, client_ip=RELAY, local=(RIP, 25), sender=None, recipients=[f"victim@[{RIP}]"]
+    )
+    assert result.recipients[0]["reply"] == USER_UNKNOWN

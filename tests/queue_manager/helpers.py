@@ -19,7 +19,7 @@ from typing import Any
 import aiosmtplib
 
 from relaygate.app import Relay
-from relaygate.config import parse_text
+from relaygate.config import load_config, parse_text
 from tests.delivery.helpers import Handler, Sink, start_sink
 
 __all__ = [
@@ -49,6 +49,7 @@ def make_config_text(
     routes: dict[str, int],
     queue: dict[str, Any] | None = None,
     extra: str = "",
+    admin_extra: str = "",
 ) -> str:
     """routes: address space → sink port (one smart-host send connector each)."""
     q = {
@@ -81,6 +82,7 @@ data_dir = "{data_dir}"
 
 [admin]
 listen = "127.0.0.1:{admin_port}"
+{admin_extra}
 
 [queue]
 {qlines}
@@ -113,8 +115,13 @@ async def start_relay(
     queue: dict[str, Any] | None = None,
     scan_interval: float = 0.2,
     extra: str = "",
+    smtp_port: int | None = None,
+    config_file: Path | None = None,
+    admin_extra: str = "",
 ) -> Relay:
-    smtp_port, admin_port = free_port(), free_port()
+    """Start a relay; with ``config_file`` the config is written there and loaded from it."""
+    smtp_port = smtp_port or free_port()
+    admin_port = free_port()
     text = make_config_text(
         data_dir,
         smtp_port=smtp_port,
@@ -122,9 +129,14 @@ async def start_relay(
         routes=routes,
         queue=queue,
         extra=extra,
+        admin_extra=admin_extra,
     )
-    config = parse_text(text, "<test>")
-    relay = Relay(config)
+    if config_file is not None:
+        config_file.write_text(text, encoding="utf-8")
+        config = load_config(config_file)
+    else:
+        config = parse_text(text, "<test>")
+    relay = Relay(config, config_path=config_file)
     await relay.start()
     if relay.manager is not None:
         relay.manager.scan_interval = scan_interval
@@ -137,9 +149,7 @@ def smtp_port(relay: Relay) -> int:
     return relay.server.endpoints[0][1]
 
 
-async def send(
-    relay: Relay, sender: str, recipients: list[str], data: bytes
-) -> tuple[int, str]:
+async def send(relay: Relay, sender: str, recipients: list[str], data: bytes) -> tuple[int, str]:
     """Submit through the relay's own SMTP listener; returns the end-of-DATA reply."""
     client = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(relay), timeout=10)
     await client.connect()
@@ -188,3 +198,36 @@ def split_received(content: bytes) -> tuple[bytes, bytes]:
         idx = nl + 2
         if content[idx : idx + 1] not in (b" ", b"\t"):
             return content[:idx], content[idx:]
+
+
+class ScriptedHandler(Handler):
+    """A sink whose RCPT answer comes from ``policy(address, attempt)`` (attempt counts from 1 per
+    address; None = accept), and whose DATA can be held until ``release`` is set."""
+
+    def __init__(
+        self,
+        policy: Callable[[str, int], str | None] | None = None,
+        *,
+        hold: asyncio.Event | None = None,
+    ) -> None:
+        super().__init__()
+        self.policy = policy or (lambda _a, _n: None)
+        self.hold = hold
+        self.attempts: dict[str, list[float]] = {}
+        self.data_started = asyncio.Event()
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        times = self.attempts.setdefault(address, [])
+        times.append(time.monotonic())
+        reply = self.policy(address, len(times))
+        self.rcpts.append(address)
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Recipient OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        self.data_started.set()
+        if self.hold is not None:
+            await self.hold.wait()
+        return await super().handle_DATA(server, session, envelope)

@@ -26,6 +26,7 @@ from typing import Any
 import typer
 from rich.table import Table
 from rich.text import Text
+from tomlkit.items import Array
 from tomlkit.items import Table as TomlTable
 from tomlkit.toml_document import TOMLDocument
 
@@ -215,11 +216,16 @@ def _apply_options(
             if replace is None and not add and not remove:
                 continue
             current = _split(replace) if replace is not None else _effective_list(kind, table, name)
+            # Edit an existing TOML array in place so comments on its entries survive.
+            existing = table.get(name) if replace is None else None
+            in_place = existing if isinstance(existing, Array) else None
             keys = [_entry_key(name, x) for x in current]
             for entry in add:
                 if _entry_key(name, entry) not in keys:
                     current.append(entry)
                     keys.append(_entry_key(name, entry))
+                    if in_place is not None:
+                        in_place.append(entry)
             for entry in remove:
                 k = _entry_key(name, entry)
                 if k not in keys:
@@ -229,7 +235,10 @@ def _apply_options(
                     )
                 idx = keys.index(k)
                 del current[idx], keys[idx]
-            ed.set_key(table, name, current)
+                if in_place is not None:
+                    del in_place[idx]
+            if in_place is None:
+                ed.set_key(table, name, current)
             touched.append(name)
         elif shape == "bool":
             value = opts.get(name)

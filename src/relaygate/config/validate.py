@@ -211,7 +211,7 @@ def validate(
             if not shared:
                 continue
             path = f"receive_connectors[{at('receive_connectors', bi)}]"
-            bx, by = shared[0]
+            by = shared[0][1]
             if a.transport_role != b.transport_role:
                 problems.append(
                     Problem(
@@ -230,7 +230,7 @@ def validate(
             same = next(((x, y) for x, y in shared if x == y), None)
             if same is None:
                 continue
-            bx, by = same
+            _, by = same
             for ra in a.remote_ip_ranges:
                 for rb in b.remote_ip_ranges:
                     if ra.first == rb.first and ra.last == rb.last and ra.version == rb.version:

@@ -42,7 +42,9 @@ def match_accepted_domain(domain: str, accepted: Sequence[AcceptedDomain]) -> Ac
     for entry in accepted:
         if not entry.matches(domain):
             continue
-        if best is None or (best.is_wildcard and (not entry.is_wildcard or len(entry.domain) > len(best.domain))):
+        if best is None or (
+            best.is_wildcard and (not entry.is_wildcard or len(entry.domain) > len(best.domain))
+        ):
             best = entry
     return best
 

@@ -264,6 +264,7 @@ def build_dsn(
         out.extend(body)
         if not body.endswith(b"\r\n"):
             out.extend(b"\r\n")
+        out.extend(b"\r\n")  # the CRLF before a boundary belongs to the boundary (RFC 2046)
 
     cte_human = "7bit" if human.isascii() else "8bit"
     part(

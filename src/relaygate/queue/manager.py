@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -80,6 +81,9 @@ log = logging.getLogger("relaygate.queue")
 DELIVERY_FAILED_INTERNAL = Reply(
     451, "4.3.0", "QUEUE.Internal; delivery attempt failed inside the relay"
 )
+
+#: A pending recipient named in a delay notice before any attempt answered.
+DELIVERY_PENDING = Reply(400, "4.0.0", "QUEUE.Pending; delivery has not completed yet")
 
 DELIVERED = "delivered"
 DEFERRED = "deferred"
@@ -304,9 +308,9 @@ class QueueManager:
                 continue
             task = asyncio.create_task(self._process(msg), name=f"deliver-{msg.queue_id}")
             self._inflight[msg.queue_id] = task
-            task.add_done_callback(lambda t, qid=msg.queue_id: self._done(qid))
+            task.add_done_callback(functools.partial(self._done, msg.queue_id))
 
-    def _done(self, queue_id: str) -> None:
+    def _done(self, queue_id: str, _task: asyncio.Task[None] | None = None) -> None:
         self._inflight.pop(queue_id, None)
         if not self._stopping:
             self._wake.set()  # room for the next message
@@ -366,23 +370,26 @@ class QueueManager:
             to_send = await self._sign(msg, data)
 
         self.stats["attempts"] += 1
-        runs = await asyncio.gather(
-            *(self._deliver_route(msg, key, addrs, to_send) for key, addrs in groups.items()),
-            return_exceptions=True,
-        )
-        results: list[RouteResult] = []
-        for (key, addrs), run in zip(groups.items(), runs, strict=True):
-            if isinstance(run, BaseException):
-                if isinstance(run, asyncio.CancelledError):
-                    raise run
-                log.error("message %s: delivery via %s failed: %r", msg.queue_id, key.next_hop, run)
-                results.extend(
+        by_addr = {r.address: r for r in due}
+        deferred: list[RouteResult] = []
+
+        async def run_route(key: RouteKey, addrs: list[str]) -> None:
+            # Each route's outcome is recorded as soon as it is known: a crash or a stop while
+            # another route is still in progress never causes a resend to these recipients.
+            try:
+                results = await self._deliver_route(msg, key, addrs, to_send)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("message %s: delivery via %s failed: %r", msg.queue_id, key.next_hop, exc)
+                results = [
                     RouteResult(a, DELIVERY_FAILED_INTERNAL, DEFERRED, key.connector_name or "")
                     for a in addrs
-                )
-            else:
-                results.extend(run)
-        await self._record(msg, due, pending, results, data)
+                ]
+            deferred.extend(await self._record(msg, by_addr, results, data))
+
+        await asyncio.gather(*(run_route(key, addrs) for key, addrs in groups.items()))
+        await self._maybe_delay_notice(msg, by_addr, pending, deferred, data)
 
     async def _sign(self, msg: StoredMessage, data: bytes) -> bytes:
         try:
@@ -447,34 +454,31 @@ class QueueManager:
     async def _record(
         self,
         msg: StoredMessage,
-        due: list[RecipientState],
-        pending: list[RecipientState],
+        by_addr: dict[str, RecipientState],
         results: list[RouteResult],
         data: bytes,
-    ) -> None:
+    ) -> list[RouteResult]:
+        """Store the outcomes (NDR first); returns the deferred ones."""
         now = self.clock()
-        by_addr = {r.address: r for r in due}
         updates: list[RecipientState] = []
-        failed: list[tuple[RouteResult, RecipientState]] = []
+        failed: list[RouteResult] = []
         deferred: list[RouteResult] = []
         for res in results:
-            prev = by_addr[res.address]
-            attempts = prev.attempts + 1
+            attempts = by_addr[res.address].attempts + 1
+            line = res.reply.line()
             if res.outcome == DELIVERED:
                 state = RecipientState(
-                    res.address, RecipientStatus.DELIVERED, attempts, res.reply.line(), now, None
+                    res.address, RecipientStatus.DELIVERED, attempts, line, now, None
                 )
             elif res.outcome == FAILED:
-                state = RecipientState(
-                    res.address, RecipientStatus.FAILED, attempts, res.reply.line(), now, None
-                )
-                failed.append((res, state))
+                state = RecipientState(res.address, RecipientStatus.FAILED, attempts, line, now)
+                failed.append(res)
             else:
                 nxt = self.schedule.next_attempt(
                     attempts, now, msg.received_at, delay_notified=msg.delay_notified
                 )
                 state = RecipientState(
-                    res.address, RecipientStatus.DEFERRED, attempts, res.reply.line(), now, nxt
+                    res.address, RecipientStatus.DEFERRED, attempts, line, now, nxt
                 )
                 deferred.append(res)
             updates.append(state)
@@ -486,33 +490,38 @@ class QueueManager:
             await self.send_dsn(
                 msg,
                 data,
-                [
-                    DsnRecipient(r.address, r.reply, r.remote_host, last_attempt=now)
-                    for r, _state in failed
-                ],
+                [DsnRecipient(r.address, r.reply, r.remote_host, last_attempt=now) for r in failed],
                 action="failed",
             )
         await self.store.record_results(msg.queue_id, self.node_id, updates)
         self._track_results(msg, results, data)
+        return deferred
 
-        # Delay notice: recipients still pending (deferred now, or not yet due) past the timeout.
-        still = [r.address for r in deferred] + [
-            r.address for r in pending if r.address not in by_addr
+    async def _maybe_delay_notice(
+        self,
+        msg: StoredMessage,
+        attempted: dict[str, RecipientState],
+        pending: list[RecipientState],
+        deferred: list[RouteResult],
+        data: bytes,
+    ) -> None:
+        """One delay notice for the recipients still pending past delay_notification_timeout."""
+        now = self.clock()
+        if not self.schedule.delay_notice_due(msg.received_at, now, msg.delay_notified):
+            return
+        notice = [
+            DsnRecipient(r.address, r.reply, r.remote_host, last_attempt=now) for r in deferred
         ]
-        if still and self.schedule.delay_notice_due(msg.received_at, now, msg.delay_notified):
-            last = {r.address: r for r in deferred}
-            notice = [
-                DsnRecipient(
-                    a,
-                    last[a].reply if a in last else _last_reply(pending, a),
-                    last[a].remote_host if a in last else "",
-                    last_attempt=now if a in last else None,
-                )
-                for a in still
-            ]
-            await self.send_dsn(msg, data, notice, action="delayed")
-            with contextlib.suppress(KeyError):
-                await self.store.set_flags(msg.queue_id, delay_notified=True)
+        notice += [
+            DsnRecipient(r.address, _last_reply(r), last_attempt=r.last_attempt)
+            for r in pending
+            if r.address not in attempted
+        ]
+        if not notice:
+            return
+        await self.send_dsn(msg, data, notice, action="delayed")
+        with contextlib.suppress(KeyError):
+            await self.store.set_flags(msg.queue_id, delay_notified=True)
 
     async def _expire(self, msg: StoredMessage, pending: list[RecipientState]) -> None:
         now = self.clock()
@@ -696,16 +705,15 @@ class QueueManager:
             )
 
 
-def _last_reply(pending: list[RecipientState], address: str) -> Reply:
-    for r in pending:
-        if r.address == address and r.last_error:
-            code, _, rest = r.last_error.partition(" ")
-            if code.isdigit():
-                enhanced, _, text = rest.partition(" ")
-                if enhanced[:1].isdigit() and enhanced.count(".") == 2:
-                    return Reply(int(code), enhanced, text)
-                return Reply(int(code), "", rest)
-    return Reply(400, "4.0.0", "Delivery has not been attempted yet")
+def _last_reply(recipient: RecipientState) -> Reply:
+    """A stored ``last_error`` line back as a Reply."""
+    code, _, rest = recipient.last_error.partition(" ")
+    if not code.isdigit():
+        return DELIVERY_PENDING
+    enhanced, _, text = rest.partition(" ")
+    if enhanced[:1].isdigit() and enhanced.count(".") == 2:
+        return Reply(int(code), enhanced, text)
+    return Reply(int(code), "", rest)
 
 
 def _log_task_error(task: asyncio.Task[Any]) -> None:

@@ -6,6 +6,7 @@ Verification runs in a worker thread: argon2 is deliberately slow and must not s
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -19,8 +20,13 @@ __all__ = ["UserStore", "users_path"]
 
 logger = logging.getLogger("relaygate.smtp")
 _HASHER = PasswordHasher()
-# A real hash to verify against for unknown users, so timing does not reveal which names exist.
-_DUMMY_HASH = _HASHER.hash("relaygate-dummy-password")
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """A real hash to verify against for unknown users, so timing does not reveal which names exist.
+    Made on first use (and warmed by the server at start), not at import: every CLI verb imports this."""
+    return _HASHER.hash("relaygate-dummy-password")
 
 
 def users_path(data_dir: Path, explicit: Path | None = None) -> Path:
@@ -67,10 +73,13 @@ class UserStore:
         self.refresh()
         stored = self._users.get(user.lower())
         try:
-            _HASHER.verify(stored or _DUMMY_HASH, password)
+            _HASHER.verify(stored or _dummy_hash(), password)
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             return False
         return stored is not None
+
+    async def warm_up(self) -> None:
+        await asyncio.to_thread(_dummy_hash)
 
     async def verify(self, user: str, password: str) -> bool:
         return await asyncio.to_thread(self._verify_sync, user, password)

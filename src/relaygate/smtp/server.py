@@ -140,6 +140,8 @@ class SmtpServer:
         return wanted
 
     async def start(self) -> None:
+        if any("BasicAuth" in c.auth_mechanism for c in self.ctx.config.receive_connectors):
+            await self.ctx.users.warm_up()  # the dummy hash for unknown users, before the first AUTH
         await self.sync_listeners()
 
     async def sync_listeners(self) -> None:

@@ -506,7 +506,7 @@ class Session:
             fqdn=self.fqdn,
             connector=c.name,
             protocol=protocol,
-            queue_id=local_id,
+            queue_id=local_id.replace(";", "-"),  # an RFC 5321 Atom: a ";" would end the tokens early
             recipient=txn.recipients[0] if len(txn.recipients) == 1 else None,
         )
         self.log.info(receiving_message_info(self.log.session_id, self.messages), "receiving message")
@@ -651,6 +651,7 @@ class Session:
             await self.protocol_error(replies.UNRECOGNIZED_PARAMETER)
             return
         if await self.ctx.users.verify(user, password):
+            user = user.lower()  # the canonical name, as `relaygate user list` shows it
             self.auth_user = user
             self.authenticated = True
             self.rights = session_rights(self.connector, authenticated_user=user)

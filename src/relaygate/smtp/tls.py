@@ -9,6 +9,7 @@ import datetime as dt
 import ipaddress
 import os
 import ssl
+import warnings
 from pathlib import Path
 
 from relaygate.config.model import Config, ReceiveConnector
@@ -76,7 +77,9 @@ def server_context(config: Config, connector: ReceiveConnector) -> ssl.SSLContex
     if version < ssl.TLSVersion.TLSv1_2:
         # Old printers: allow TLS 1.0/1.1, which OpenSSL's default security level 2 forbids.
         ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
-    ctx.minimum_version = version
+    with warnings.catch_warnings():  # TLSv1/TLSv1_1 are deprecated names; the admin chose them
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.minimum_version = version
     ctx.load_cert_chain(str(cert), str(key))
     ctx.options |= ssl.OP_NO_COMPRESSION
     return ctx

@@ -1,0 +1,296 @@
+"""`relaygate queue list/show/retry/suspend/resume/remove`: queue operations on the running server.
+
+Like Exchange's Get-Message / Retry-Queue / Suspend-Message / Resume-Message / Remove-Message, these
+act on the running node: the CLI calls the admin API at ``admin.listen`` (see
+`relaygate.admin.api`), sending the token of ``admin.api_token_file`` when one is configured. It
+never opens the queue database itself.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import quote
+
+import typer
+
+from relaygate.cli.common import CONFIG_OPTION, JSON_OPTION, console, die, emit_json, load_or_exit
+
+__all__ = ["admin_url", "register"]
+
+URL_ENV = "RELAYGATE_ADMIN_URL"
+URL_OPTION = typer.Option(
+    None,
+    "--url",
+    help=f"Admin API base URL (default: from admin.listen in the config, or ${URL_ENV}).",
+)
+EXIT_NOT_RUNNING = 3
+
+_STATUS_STYLE = {
+    "Delivered": "green",
+    "Failed": "red",
+    "Retry": "yellow",
+    "Unreachable": "magenta",
+    "Suspended": "cyan",
+    "Active": "blue",
+    "Ready": "",
+}
+
+
+def admin_url(listen: str) -> str:
+    """``admin.listen`` → the URL a local client uses (a wildcard address means loopback)."""
+    text = listen.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.lstrip(":")
+        host = "::1" if host in ("::", "") else host
+        return f"http://[{host}]:{port}"
+    host, _, port = text.rpartition(":")
+    host = "127.0.0.1" if host in ("0.0.0.0", "", "*") else host
+    return f"http://{host}:{port}"
+
+
+class _Api:
+    def __init__(self, config_path: Path | None, url: str | None) -> None:
+        token = None
+        if url is None:
+            url = os.environ.get(URL_ENV) or None
+        config = None
+        if url is None or config_path is not None:
+            config = load_or_exit(config_path)
+        if config is not None:
+            if url is None:
+                url = admin_url(config.admin.listen)
+            token_file = getattr(config.admin, "api_token_file", None)
+            if token_file is not None:
+                from relaygate.admin.api import read_token
+
+                try:
+                    token = read_token(token_file)
+                except OSError as exc:
+                    die(f"cannot read admin.api_token_file {str(token_file)!r}: {exc.strerror}")
+        assert url is not None
+        self.url = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def call(self, method: str, path: str, **params: Any) -> Any:
+        import httpx
+
+        try:
+            response = httpx.request(
+                method,
+                self.url + path,
+                params={k: v for k, v in params.items() if v is not None},
+                headers=self.headers,
+                timeout=30.0,
+            )
+        except httpx.ConnectError:
+            self.not_running()
+        except httpx.TimeoutException:
+            die(f"the RelayGate server at {self.url} did not answer in time")
+        except httpx.HTTPError as exc:
+            die(f"admin API at {self.url}: {exc}")
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"error": response.text.strip() or response.reason_phrase}
+        if response.status_code >= 400:
+            message = body.get("error") if isinstance(body, dict) else None
+            die(f"{message or response.reason_phrase} (HTTP {response.status_code})")
+        return body
+
+    def not_running(self) -> NoReturn:
+        die(
+            f"the RelayGate server is not running: nothing answers at {self.url} "
+            "(admin.listen in the configuration; start it with `relaygate serve`)",
+            EXIT_NOT_RUNNING,
+        )
+
+
+def _path(identity: str) -> str:
+    return "/api/queue/" + quote(identity.strip(), safe="")
+
+
+def _local(value: str | None) -> str:
+    if not value:
+        return ""
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return value
+    return dt.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _status(value: str) -> Any:
+    from rich.text import Text
+
+    return Text(value, style=_STATUS_STYLE.get(value, ""))
+
+
+def _print_list(messages: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    if not messages:
+        console.print("The queue is empty.", markup=False)
+        return
+    table = Table(header_style="bold")
+    for col in ("Identity", "FromAddress", "Status", "Size", "NextHopDomain", "Rcpts"):
+        table.add_column(col, overflow="fold", no_wrap=col in ("Identity", "Status"))
+    table.add_column("LastError", overflow="fold", max_width=50)
+    table.add_column("NextRetryTime", no_wrap=True)
+    for m in messages:
+        table.add_row(
+            m["Identity"],
+            m["FromAddress"],
+            _status(m["Status"]),
+            str(m["Size"]),
+            m["NextHopDomain"],
+            str(m["RecipientCount"]),
+            m["LastError"],
+            _local(m.get("NextRetryTime")),
+        )
+    console.print(table)
+    console.print(f"{len(messages)} message(s).", markup=False)
+
+
+def _print_message(m: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    info = Table(show_header=False, box=None, pad_edge=False)
+    info.add_column("Field", style="bold", no_wrap=True)
+    info.add_column("Value", overflow="fold")
+    rows = [
+        ("Identity", m["Identity"]),
+        ("Status", _status(m["Status"])),
+        ("Queue", m.get("Queue", "")),
+        ("FromAddress", m["FromAddress"]),
+        ("Subject", m.get("Subject", "")),
+        ("MessageId", m.get("MessageId", "")),
+        ("Size", str(m["Size"])),
+        ("DateReceived", _local(m.get("DateReceived"))),
+        ("ExpirationTime", _local(m.get("ExpirationTime"))),
+        ("NextHopDomain", m.get("NextHopDomain", "")),
+        ("DeliveryType", m.get("DeliveryType", "")),
+        ("SendConnector", m.get("SendConnector", "")),
+        ("LastError", m.get("LastError", "")),
+        ("NextRetryTime", _local(m.get("NextRetryTime"))),
+        ("RetryCount", str(m.get("RetryCount", 0))),
+        ("SourceIP", m.get("SourceIP", "")),
+        ("ReceiveConnector", m.get("ReceiveConnector", "")),
+    ]
+    if m.get("IsDsn"):
+        rows.append(("OriginalQueueId", m.get("OriginalQueueId", "")))
+    for name, value in rows:
+        info.add_row(name, value)
+    console.print(info)
+    table = Table(title="Recipients", header_style="bold", title_justify="left")
+    for col in ("Address", "Status", "RetryCount", "LastAttemptTime", "NextRetryTime"):
+        table.add_column(col, overflow="fold")
+    table.add_column("NextHopDomain", overflow="fold")
+    table.add_column("LastResponse", overflow="fold", max_width=60)
+    for r in m.get("Recipients", []):
+        table.add_row(
+            r["Address"],
+            _status(r["Status"]),
+            str(r["RetryCount"]),
+            _local(r.get("LastAttemptTime")),
+            _local(r.get("NextRetryTime")),
+            r.get("NextHopDomain", ""),
+            r.get("LastResponse", ""),
+        )
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    queue_app = typer.Typer(
+        help="Queue operations on the running server (Get-Message, Retry-Queue, ...).",
+        no_args_is_help=True,
+    )
+    app.add_typer(queue_app, name="queue")
+
+    @queue_app.command("list")
+    def list_(
+        status: str | None = typer.Option(
+            None,
+            "--status",
+            help="Active, Ready, Retry, Suspended, Unreachable, Delivered or Failed.",
+        ),
+        limit: int = typer.Option(1000, "--limit", help="At most this many messages."),
+        config: Path | None = CONFIG_OPTION,
+        url: str | None = URL_OPTION,
+        json_out: bool = JSON_OPTION,
+    ) -> None:
+        """Messages in the queue, oldest first (Get-Message)."""
+        body = _Api(config, url).call("GET", "/api/queue", status=status, limit=limit)
+        if json_out:
+            emit_json(body["messages"])
+        else:
+            _print_list(body["messages"])
+
+    @queue_app.command("show")
+    def show(
+        identity: str = typer.Argument(..., help="SERVER\\QueueId or the queue id."),
+        config: Path | None = CONFIG_OPTION,
+        url: str | None = URL_OPTION,
+        json_out: bool = JSON_OPTION,
+    ) -> None:
+        """One message with its recipients (Get-Message -IncludeRecipientInfo)."""
+        body = _Api(config, url).call("GET", _path(identity))
+        if json_out:
+            emit_json(body)
+        else:
+            _print_message(body)
+
+    def _action(verb: str, done: str) -> Any:
+        def command(
+            identity: str = typer.Argument(..., help="SERVER\\QueueId or the queue id."),
+            config: Path | None = CONFIG_OPTION,
+            url: str | None = URL_OPTION,
+            json_out: bool = JSON_OPTION,
+        ) -> None:
+            body = _Api(config, url).call("POST", _path(identity) + "/" + verb)
+            if json_out:
+                emit_json(body)
+            else:
+                console.print(f"{body['Identity']}: {done}; status {body['Status']}.", markup=False)
+
+        return command
+
+    queue_app.command(
+        "retry", help="Attempt the message's unfinished recipients now (Retry-Queue -Resubmit)."
+    )(_action("retry", "queued for an immediate retry"))
+    queue_app.command("suspend", help="Stop delivering the message (Suspend-Message).")(
+        _action("suspend", "suspended")
+    )
+    queue_app.command("resume", help="Deliver the message again (Resume-Message).")(
+        _action("resume", "resumed")
+    )
+
+    @queue_app.command("remove")
+    def remove(
+        identity: str = typer.Argument(..., help="SERVER\\QueueId or the queue id."),
+        with_ndr: bool = typer.Option(
+            False,
+            "--with-ndr",
+            help="Send the sender an NDR (550 4.3.2 QUEUE.Admin) for undelivered recipients.",
+        ),
+        config: Path | None = CONFIG_OPTION,
+        url: str | None = URL_OPTION,
+        json_out: bool = JSON_OPTION,
+    ) -> None:
+        """Delete a message from the queue (Remove-Message [-WithNDR])."""
+        body = _Api(config, url).call(
+            "DELETE", _path(identity), with_ndr="true" if with_ndr else "false"
+        )
+        if json_out:
+            emit_json(body)
+            return
+        removed = body["Removed"]
+        line = f"{removed['Identity']}: removed"
+        if body.get("NdrQueueId"):
+            line += f"; NDR queued as {removed['Identity'].split(chr(92))[0]}\\{body['NdrQueueId']}"
+        elif with_ndr:
+            line += "; no NDR (nothing undelivered, or the null sender)"
+        console.print(line + ".", markup=False)

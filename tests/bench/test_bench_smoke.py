@@ -1,0 +1,63 @@
+"""Smoke run of the Postfix comparison benchmark (bench/run.py --quick), so it cannot rot.
+
+No performance thresholds: it checks that both systems accepted every message, that the sinks
+counted them (RelayGate's only when this build has the queue manager), and that the ratios were
+computed. Takes seconds (about 20 s on an idle 2-core machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN = ROOT / "bench" / "run.py"
+SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+
+pytestmark = [
+    pytest.mark.skipif(
+        not os.access(SMTP_SOURCE, os.X_OK),
+        reason="smtp-source not installed (Debian package postfix; `make debs`)",
+    ),
+    pytest.mark.skipif(
+        os.geteuid() != 0,
+        reason="the benchmark starts a private Postfix instance, which needs root",
+    ),
+]
+
+
+@pytest.mark.timeout(300)
+def test_quick_benchmark_runs_both_systems(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, str(RUN), "--quick", "--no-write", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "RelayGate / Postfix" in proc.stdout
+    results = json.loads(out.read_text())
+    rows = results["rows"]
+    assert {r["system"] for r in rows} == {"Postfix", "RelayGate"}
+    delivers = results["meta"]["relaygate_delivers"]
+    for r in rows:
+        assert r["accepted_per_s"] and r["accepted_per_s"] > 0, r
+        assert r["latency_n"] > 0 and r["p50_ms"] is not None, r
+        assert r["cpu_per_1000"] > 0 and r["peak_rss"] > 0, r
+        if r["system"] == "Postfix" or delivers:
+            assert r["delivered"] == r["messages"], r
+            assert r["e2e_per_s"] and r["e2e_per_s"] > 0, r
+    summary = results["summary"]
+    assert {(e["size"], e["sessions"]) for e in summary} == {(10 * 1024, 1), (10 * 1024, 10)}
+    for e in summary:
+        assert e["accepted_per_s"]["ratio"] is not None and e["accepted_per_s"]["ratio"] > 0
+        if delivers:
+            assert e["e2e_per_s"]["ratio"] is not None

@@ -1,0 +1,310 @@
+"""`relaygate audit`: one crafted config per finding, a clean config with none, and the CLI."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from relaygate.audit import Finding, audit, has_high
+from relaygate.config import parse_text
+from tests.cli_admin.helpers import run, write
+
+# A relay connector that passes every check: method A, narrow ranges, logging, TLS, limits.
+CLEAN = """
+[server]
+name = "RELAY01"
+
+[[accepted_domains]]
+domain = "corp.example"
+
+[[receive_connectors]]
+name = "Printers"
+bindings = ["0.0.0.0:25"]
+remote_ip_ranges = ["10.0.0.5", "10.0.0.6", "10.0.1.0/24"]
+permission_groups = ["AnonymousUsers"]
+auth_mechanism = ["Tls"]
+protocol_logging_level = "Verbose"
+message_rate_limit = 60
+max_inbound_connection_per_source = 20
+
+[[receive_connectors.permissions]]
+user = "NT AUTHORITY\\\\ANONYMOUS LOGON"
+extended_rights = ["ms-Exch-SMTP-Accept-Any-Recipient"]
+"""
+
+RELAY_DEFAULTS = """
+protocol_logging_level = "Verbose"
+message_rate_limit = 60
+"""
+
+
+def config(text: str):
+    return parse_text(textwrap.dedent(text), "test.toml")
+
+
+def relay(name: str = "Relay", ranges: str = '["10.0.0.5"]', extra: str = RELAY_DEFAULTS, groups: str = '["AnonymousUsers"]', permission: bool = True, bindings: str = '["0.0.0.0:25"]') -> str:
+    text = f"""
+[[receive_connectors]]
+name = "{name}"
+bindings = {bindings}
+remote_ip_ranges = {ranges}
+permission_groups = {groups}
+{extra}
+"""
+    if permission:
+        text += """
+[[receive_connectors.permissions]]
+user = "NT AUTHORITY\\\\ANONYMOUS LOGON"
+extended_rights = ["ms-Exch-SMTP-Accept-Any-Recipient"]
+"""
+    return text
+
+
+def codes(findings: list[Finding]) -> list[tuple[str, str, str]]:
+    return [(f.severity, f.code, f.connector) for f in findings]
+
+
+def only(findings: list[Finding], code: str) -> list[Finding]:
+    return [f for f in findings if f.code == code]
+
+
+def test_clean_config_has_no_findings() -> None:
+    assert audit(config(CLEAN)) == []
+
+
+def test_open_relay_all_ipv4() -> None:
+    found = audit(config(relay(ranges='["0.0.0.0/0"]')))
+    wide = only(found, "relay-range-too-wide")
+    assert [(f.severity, f.key) for f in wide] == [("high", "remote_ip_ranges")]
+    assert "every IPv4 address" in wide[0].message and "open relay" in wide[0].message
+    assert has_high(found)
+
+
+def test_open_relay_all_ipv6() -> None:
+    found = audit(config(relay(ranges='["::/0"]', bindings='["[::]:25"]')))
+    wide = only(found, "relay-range-too-wide")
+    assert wide and wide[0].severity == "high" and "every IPv6 address" in wide[0].message
+
+
+def test_range_wider_than_prefix() -> None:
+    found = audit(config(relay(ranges='["10.0.0.0/16"]')))
+    wide = only(found, "relay-range-too-wide")
+    assert wide[0].severity == "high"
+    assert "10.0.0.0/16" in wide[0].message and "wider than /24" in wide[0].message
+    # a configurable prefix: /16 allowed
+    assert not only(audit(config(relay(ranges='["10.0.0.0/16"]')), max_prefix_v4=16), "relay-range-too-wide")
+    # a range written as a-b is measured by its size
+    assert only(audit(config(relay(ranges='["10.0.0.1-10.0.2.1"]'))), "relay-range-too-wide")
+
+
+def test_ipv6_range_wider_than_prefix() -> None:
+    found = audit(config(relay(ranges='["2001:db8::/48"]', bindings='["[::]:25"]')))
+    assert only(found, "relay-range-too-wide")
+    assert not only(audit(config(relay(ranges='["2001:db8::/64"]', bindings='["[::]:25"]'))), "relay-range-too-wide")
+
+
+def test_wide_range_without_relay_is_fine() -> None:
+    # AnonymousUsers without the relay right: accepted domains only, not an open relay
+    found = audit(config(relay(ranges='["0.0.0.0/0"]', permission=False)))
+    assert not [f for f in found if f.severity == "high"]
+
+
+def test_method_b_wide_range_is_flagged() -> None:
+    found = audit(
+        config(relay(ranges='["10.0.0.0/16"]', groups='["ExchangeServers"]', permission=False, extra=RELAY_DEFAULTS + 'auth_mechanism = ["ExternalAuthoritative"]\n'))
+    )
+    assert ("high", "relay-range-too-wide", "Relay") in codes(found)
+    assert "method B" in only(found, "relay-range-too-wide")[0].message
+
+
+def test_catch_all_connector_with_relay() -> None:
+    found = audit(config(relay(name="Default Frontend", ranges='["0.0.0.0-255.255.255.255"]')))
+    catch = only(found, "catch-all-relay")
+    assert [(f.severity, f.connector) for f in catch] == [("high", "Default Frontend")]
+    assert "open relay" in catch[0].message
+
+
+def test_internet_usage_with_relay_is_catch_all() -> None:
+    text = """
+    [[receive_connectors]]
+    name = "Internet"
+    usage = "Internet"
+    bindings = ["0.0.0.0:25"]
+    protocol_logging_level = "Verbose"
+    message_rate_limit = 60
+
+    [[receive_connectors.permissions]]
+    user = "NT AUTHORITY\\\\ANONYMOUS LOGON"
+    extended_rights = ["ms-Exch-SMTP-Accept-Any-Recipient"]
+    """
+    assert only(audit(config(text)), "catch-all-relay")
+
+
+def test_more_than_five_ranges_is_info() -> None:
+    ranges = '["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6"]'
+    found = audit(config(relay(ranges=ranges)))
+    assert codes(found) == [("info", "many-ranges", "Relay")]
+    assert not has_high(found)
+    five = '["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5"]'
+    assert audit(config(relay(ranges=five))) == []
+
+
+def test_externally_secured_on_many_hosts() -> None:
+    extra = RELAY_DEFAULTS + 'auth_mechanism = ["ExternalAuthoritative", "Tls"]\n'
+    found = audit(config(relay(ranges='["10.0.0.0/29"]', groups='["ExchangeServers"]', permission=False, extra=extra)))
+    ext = only(found, "externally-secured-too-many-hosts")
+    assert [(f.severity, f.key) for f in ext] == [("high", "auth_mechanism")]
+    assert "8 addresses" in ext[0].message and "spoof" in ext[0].message
+    # a short list of hosts is the intended use
+    few = audit(config(relay(ranges='["10.0.0.10", "10.0.0.11"]', groups='["ExchangeServers"]', permission=False, extra=extra)))
+    assert few == []
+
+
+def test_protocol_logging_off() -> None:
+    found = audit(config(relay(extra="message_rate_limit = 60\n")))
+    assert codes(found) == [("medium", "protocol-logging-off", "Relay")]
+    assert "--protocol-logging-level Verbose" in found[0].fix
+
+
+def test_tls_not_offered() -> None:
+    found = audit(config(relay(extra=RELAY_DEFAULTS + 'auth_mechanism = ["None"]\n')))
+    assert codes(found) == [("medium", "tls-not-offered", "Relay")]
+
+
+def test_tls_min_version_below_1_2() -> None:
+    found = audit(config(relay(extra=RELAY_DEFAULTS + 'tls_min_version = "1.0"\n')))
+    assert codes(found) == [("medium", "tls-min-version", "Relay")]
+
+
+def test_per_source_connections_unlimited() -> None:
+    found = audit(config(relay(extra=RELAY_DEFAULTS + 'max_inbound_connection_per_source = "unlimited"\n')))
+    assert codes(found) == [("low", "per-source-connections-unlimited", "Relay")]
+
+
+def test_message_rate_unlimited() -> None:
+    found = audit(config(relay(extra='protocol_logging_level = "Verbose"\n')))
+    assert codes(found) == [("low", "message-rate-unlimited", "Relay")]
+
+
+def test_shadowed_range_names_both_connectors() -> None:
+    text = relay(name="Printers", ranges='["10.0.0.0/24"]') + relay(name="Accounting PC", ranges='["10.0.0.77"]', permission=False)
+    found = audit(config(text))
+    shadow = only(found, "shadowed-range")
+    assert [(f.severity, f.connector) for f in shadow] == [("info", "Printers")]
+    msg = shadow[0].message
+    assert '"Accounting PC"' in msg and '"Printers"' in msg and "10.0.0.77" in msg
+    assert "they lose relay" in msg
+
+
+def test_shadowing_by_exact_binding() -> None:
+    text = relay(name="Wide", ranges='["10.0.0.5"]') + relay(name="Exact", ranges='["10.0.0.0/24"]', bindings='["10.1.1.1:25"]')
+    shadow = only(audit(config(text)), "shadowed-range")
+    assert shadow and shadow[0].connector == "Wide" and "exact address 10.1.1.1:25" in shadow[0].message
+
+
+def test_no_shadowing_on_other_port() -> None:
+    text = relay(name="A", ranges='["10.0.0.0/24"]') + relay(name="B", ranges='["10.0.0.77"]', bindings='["0.0.0.0:587"]')
+    assert not only(audit(config(text)), "shadowed-range")
+
+
+def test_loopback_in_relay_ranges_with_trusted_proxies() -> None:
+    text = '[server]\ntrusted_proxies = ["10.0.0.10"]\n' + relay(ranges='["127.0.0.1", "10.0.0.5"]')
+    found = audit(config(text))
+    loop = only(found, "loopback-relay-with-proxies")
+    assert [(f.severity, f.key) for f in loop] == [("high", "remote_ip_ranges")]
+    assert "127.0.0.1" in loop[0].message and "10.0.0.10" in loop[0].message
+    # without trusted proxies loopback relay is the embedded default and fine
+    assert not only(audit(config(relay(ranges='["127.0.0.1", "10.0.0.5"]'))), "loopback-relay-with-proxies")
+    # ::1 counts too
+    v6 = '[server]\ntrusted_proxies = ["10.0.0.10"]\n' + relay(ranges='["::1"]', bindings='["[::]:25"]')
+    assert only(audit(config(v6)), "loopback-relay-with-proxies")
+
+
+def test_relay_granted_both_ways() -> None:
+    extra = RELAY_DEFAULTS + 'auth_mechanism = ["ExternalAuthoritative"]\n'
+    found = audit(config(relay(groups='["ExchangeServers"]', extra=extra)))
+    both = only(found, "relay-both-methods")
+    assert [(f.severity, f.connector) for f in both] == [("medium", "Relay")]
+    assert "use one method, never both" in both[0].message
+
+
+def test_basic_auth_before_tls() -> None:
+    text = """
+    [[receive_connectors]]
+    name = "Submission"
+    bindings = ["0.0.0.0:587"]
+    remote_ip_ranges = ["10.0.0.0/8"]
+    permission_groups = ["ExchangeUsers"]
+    auth_mechanism = ["Tls", "BasicAuth"]
+    """
+    found = audit(config(text))
+    assert codes(found) == [("medium", "basic-auth-cleartext", "Submission")]
+
+
+def test_exchange_users_without_auth() -> None:
+    text = """
+    [[receive_connectors]]
+    name = "Users"
+    bindings = ["0.0.0.0:587"]
+    remote_ip_ranges = ["10.0.0.0/8"]
+    permission_groups = ["ExchangeUsers"]
+    auth_mechanism = ["Tls"]
+    """
+    assert codes(audit(config(text))) == [("info", "exchange-users-without-auth", "Users")]
+
+
+def test_disabled_connector_still_reported() -> None:
+    found = audit(config(relay(ranges='["0.0.0.0/0"]', extra=RELAY_DEFAULTS + "enabled = false\n")))
+    assert only(found, "relay-range-too-wide") and "disabled" in only(found, "relay-range-too-wide")[0].message
+
+
+def test_findings_sorted_by_severity() -> None:
+    found = audit(config(relay(ranges='["0.0.0.0/0"]', extra="")))
+    order = ["high", "medium", "low", "info"]
+    assert [order.index(f.severity) for f in found] == sorted(order.index(f.severity) for f in found)
+
+
+# -- CLI ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean(tmp_path: Path) -> Path:
+    return write(tmp_path / "clean.toml", CLEAN)
+
+
+def test_cli_clean_exit_0(clean: Path) -> None:
+    r = run("audit", "--config", str(clean))
+    assert r.code == 0, r.out + r.err
+    assert "no findings" in r.out
+    data = run("audit", "--config", str(clean), "--json").json()
+    assert data["findings"] == [] and data["exit_code"] == 0
+
+
+def test_cli_high_exit_1_text_and_json(tmp_path: Path) -> None:
+    path = write(tmp_path / "open.toml", relay(name="Open", ranges='["0.0.0.0/0"]', extra=""))
+    r = run("audit", "-c", str(path))
+    assert r.code == 1
+    assert "HIGH" in r.out and "Open" in r.out and "remote_ip_ranges" in r.out
+    r = run("audit", "-c", str(path), "--json")
+    assert r.code == 1
+    data = r.json()
+    assert data["summary"]["high"] >= 1 and data["exit_code"] == 1
+    first = data["findings"][0]
+    assert set(first) == {"severity", "code", "connector", "key", "message", "fix"}
+    assert first["severity"] == "high" and first["connector"] == "Open"
+
+
+def test_cli_max_prefix_options(tmp_path: Path) -> None:
+    path = write(tmp_path / "wide.toml", relay(ranges='["10.0.0.0/20"]'))
+    assert run("audit", "-c", str(path)).code == 1
+    r = run("audit", "-c", str(path), "--max-prefix-v4", "20", "--json")
+    assert r.code == 0 and r.json()["findings"] == []
+
+
+def test_cli_medium_only_exit_0(tmp_path: Path) -> None:
+    path = write(tmp_path / "nolog.toml", relay(extra="message_rate_limit = 60\n"))
+    r = run("audit", "-c", str(path))
+    assert r.code == 0
+    assert "MEDIUM" in r.out and "protocol_logging_level" in r.out

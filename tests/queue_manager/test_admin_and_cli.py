@@ -1,0 +1,189 @@
+"""Queue operations on a running node: the admin API in-process, and `relaygate queue` as a
+subprocess talking to it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from relaygate.admin.api import create_app
+from relaygate.app import Relay
+from tests.queue_manager.helpers import (
+    ScriptedHandler,
+    free_port,
+    parse_mail,
+    send,
+    start_relay,
+    start_sink,
+    wait_for,
+)
+
+SENDER = "scanner@senders.test"
+MESSAGE = (
+    b"From: scanner@senders.test\r\nTo: bob@example.com\r\nSubject: Queue ops\r\n"
+    b"Message-ID: <ops-1@senders.test>\r\n\r\nbody\r\n"
+)
+
+
+def admin_url(relay: Relay) -> str:
+    assert relay.admin is not None and relay.admin.url
+    return str(relay.admin.url)
+
+
+async def cli(*args: str, config: Path | None = None) -> tuple[int, str, str]:
+    argv = [sys.executable, "-m", "relaygate", "queue", *args]
+    if config is not None:
+        argv += ["--config", str(config)]
+    env = {**os.environ, "COLUMNS": "250", "NO_COLOR": "1", "TERM": "dumb"}
+    env.pop("RELAYGATE_CONFIG", None)
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_api_health_metrics_errors_and_guards(tmp_path: Path) -> None:
+    sink = await start_sink(ScriptedHandler(lambda _a, _n: "451 4.2.0 later"))
+    relay = await start_relay(
+        tmp_path / "data", {"*": sink.port}, queue={"transient_failure_retry_interval": "00:01:00"}
+    )
+    try:
+        await send(relay, SENDER, ["bob@example.com"], MESSAGE)
+        async with httpx.AsyncClient(base_url=admin_url(relay)) as client:
+            health = (await client.get("/healthz")).json()
+            assert health["status"] == "ok"
+            assert health["queue_manager"]["running"] is True
+            assert health["queue"]["messages"] == 1
+
+            async def retried() -> Any:
+                items = (await client.get("/api/queue", params={"status": "Retry"})).json()
+                return items["messages"]
+
+            (item,) = await wait_for(retried)
+            assert item["Identity"].startswith("RELAYTEST\\")
+            assert item["FromAddress"] == SENDER
+            assert item["NextHopDomain"] == f"[127.0.0.1]:{sink.port}"
+            assert "451 4.2.0 later" in item["LastError"]
+            assert item["NextRetryTime"] and item["Size"] > len(MESSAGE)
+            assert item["Recipients"][0]["Status"] == "Retry"
+            assert item["Recipients"][0]["RetryCount"] == 1
+
+            shown = (await client.get(f"/api/queue/{item['QueueId']}")).json()
+            assert shown["Subject"] == "Queue ops"
+            assert shown["MessageId"] == "<ops-1@senders.test>"
+
+            metrics = (await client.get("/metrics")).text
+            assert 'relaygate_queue_messages{status="Retry"} 1.0' in metrics
+            assert 'relaygate_delivery_recipients_total{outcome="deferred"} 1.0' in metrics
+
+            missing = await client.get("/api/queue/RELAYTEST%5C0000000000000000")
+            assert missing.status_code == 404 and "not found" in missing.json()["error"]
+            assert (await client.get("/api/queue/nonsense")).status_code == 404
+            bad = await client.get("/api/queue", params={"status": "Sleeping"})
+            assert bad.status_code == 400
+            # a browser page elsewhere cannot change the queue, nor can a rebound DNS name read it
+            forged = await client.post(
+                f"/api/queue/{item['QueueId']}/suspend", headers={"Origin": "http://evil.test"}
+            )
+            assert forged.status_code == 403
+            rebound = await client.get("/api/queue", headers={"Host": "evil.test"})
+            assert rebound.status_code == 403
+            done = await client.post(f"/api/queue/{item['QueueId']}/suspend")
+            assert done.json()["Status"] == "Suspended"
+
+        # with admin.api_token_file the API needs the bearer token (health stays open)
+        app = create_app(relay, token="s3cret")
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
+            assert (await c.get("/api/queue")).status_code == 401
+            wrong = await c.get("/api/queue", headers={"Authorization": "Bearer nope"})
+            assert wrong.status_code == 401
+            ok = await c.get("/api/queue", headers={"Authorization": "Bearer s3cret"})
+            assert ok.status_code == 200
+            assert (await c.get("/api/health")).status_code == 200
+    finally:
+        await relay.stop()
+        await sink.close()
+
+
+async def test_queue_cli_against_the_running_server(tmp_path: Path) -> None:
+    accept = {"bob@example.com": False}
+
+    def policy(address: str, _attempt: int) -> str | None:
+        return None if accept.get(address) else "451 4.2.0 Mailbox busy"
+
+    internet, senders = ScriptedHandler(policy), ScriptedHandler()
+    a, b = await start_sink(internet), await start_sink(senders)
+    config = tmp_path / "relaygate.toml"
+    relay = await start_relay(
+        tmp_path / "data",
+        {"*": a.port, "senders.test": b.port},
+        queue={"transient_failure_retry_interval": "00:01:00"},
+        config_file=config,
+    )
+    try:
+        await send(relay, SENDER, ["bob@example.com"], MESSAGE)
+        await send(relay, SENDER, ["dave@example.com"], MESSAGE)
+        await wait_for(lambda: {"bob@example.com", "dave@example.com"} <= set(internet.rcpts))
+        await asyncio.sleep(0.3)  # both attempts are recorded
+        # (CLI start-up is slow on a loaded machine: independent invocations run concurrently)
+
+        (rc, out, err), (rc_down, _o, err_down), (rc_404, _o2, err_404) = await asyncio.gather(
+            cli("list", "--status", "retry", "--json", config=config),
+            cli("list", "--url", f"http://127.0.0.1:{free_port()}"),
+            cli("show", "RELAYTEST\\0000000000000000", config=config),
+        )
+        assert rc == 0, err
+        items = {i["Recipients"][0]["Address"]: i for i in json.loads(out)}
+        bob, dave = items["bob@example.com"]["Identity"], items["dave@example.com"]["Identity"]
+        assert items["bob@example.com"]["Status"] == "Retry"
+        assert rc_down == 3 and "not running" in err_down
+        assert rc_404 == 1 and "not found" in err_404
+
+        listed, shown, suspended, removed = await asyncio.gather(
+            cli("list", config=config),
+            cli("show", bob, config=config),
+            cli("suspend", bob, "--json", config=config),
+            cli("remove", dave, "--with-ndr", "--json", config=config),
+        )
+        for rc, _out, err in (listed, shown, suspended, removed):
+            assert rc == 0, err
+        assert bob in listed[1] and SENDER in listed[1]
+        assert "Retry" in listed[1] or "Suspended" in listed[1]
+        assert "bob@example.com" in shown[1] and "451 4.2.0 Mailbox busy" in shown[1]
+        assert "Queue ops" in shown[1]
+        assert json.loads(suspended[1])["Status"] == "Suspended"
+        body = json.loads(removed[1])
+        assert body["NdrQueueId"] and body["Removed"]["Identity"] == dave
+
+        # remove --with-ndr: the sender hears 550 4.3.2 QUEUE.Admin
+        ndr = await wait_for(lambda: senders.messages)
+        per_rcpt = parse_mail(ndr[0]["content"]).get_payload()[1].get_payload()[1]
+        assert per_rcpt["Final-Recipient"] == "rfc822; dave@example.com"
+        assert per_rcpt["Status"] == "4.3.2"
+        assert per_rcpt["Diagnostic-Code"] == (
+            "smtp; 550 4.3.2 QUEUE.Admin; message deleted by administrative action"
+        )
+        assert not internet.messages  # bob is still suspended
+
+        # resume + retry (in either order): delivered at once, not a minute later
+        accept["bob@example.com"] = True
+        resumed, retried = await asyncio.gather(
+            cli("resume", bob, config=config), cli("retry", bob, config=config)
+        )
+        assert resumed[0] == 0 and "resumed" in resumed[1], resumed[2]
+        assert retried[0] == 0 and "retry" in retried[1], retried[2]
+        await wait_for(lambda: internet.messages)
+        assert internet.messages[0]["rcpt_tos"] == ["bob@example.com"]
+    finally:
+        await relay.stop()
+        await a.close()
+        await b.close()

@@ -1,0 +1,387 @@
+"""The queue manager end to end: a relay in-process, smart hosts that are aiosmtpd sinks on loopback.
+
+Routes: ``*`` (or ``example.com``...) → sink A (the "internet"); ``senders.test`` → sink B, where the
+senders' (and the admin's) mailboxes live, so NDRs and delay notices arrive there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from relaygate import replies
+from relaygate.app import Relay
+from relaygate.control import QueueControl
+from relaygate.logs.tracking import MESSAGE_TRACKING_DIR, search
+from relaygate.queue.model import RecipientStatus
+from tests.queue_manager.helpers import (
+    ScriptedHandler,
+    Sink,
+    parse_mail,
+    send,
+    split_received,
+    start_relay,
+    start_sink,
+    wait_for,
+)
+
+SENDER = "scanner@senders.test"
+ADMIN = "it@senders.test"
+
+
+def original(subject: str = "Invoice 42", extra: bytes = b"") -> bytes:
+    return (
+        b"From: Scanner <scanner@senders.test>\r\n"
+        b"To: Bob <bob@example.com>\r\n"
+        b"Subject: " + subject.encode() + b"\r\n"
+        b"Message-ID: <" + subject.replace(" ", "-").encode() + b"@senders.test>\r\n"
+        b"MIME-Version: 1.0\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n"
+        b"\r\n"
+        b"Line one\r\n"
+        b".leading dot line\r\n"
+        b"\r\n"
+        b"Caf\xc3\xa9 \xe2\x82\xac 8-bit body\r\n" + extra
+    )
+
+
+@contextlib.asynccontextmanager
+async def sinks(*handlers: ScriptedHandler) -> AsyncIterator[list[Sink]]:
+    started = [await start_sink(h) for h in handlers]
+    try:
+        yield started
+    finally:
+        for s in started:
+            await s.close()
+
+
+@contextlib.asynccontextmanager
+async def relay_running(tmp_path: Path, routes: dict[str, int], **kw: Any) -> AsyncIterator[Relay]:
+    relay = await start_relay(tmp_path / "data", routes, **kw)
+    try:
+        yield relay
+    finally:
+        await relay.stop()
+
+
+def tracking(relay: Relay, event: str) -> list[dict[str, Any]]:
+    if relay.tracking is not None:
+        relay.tracking.flush()
+    return search(Path(relay.config.server.data_dir) / MESSAGE_TRACKING_DIR, event_id=event)
+
+
+def reports(sink: Sink) -> list[dict[str, Any]]:
+    return [m for m in sink.handler.messages if m["mail_from"] == "<>"]
+
+
+async def test_delivered_byte_for_byte_once_and_tracked(tmp_path: Path) -> None:
+    async with (
+        sinks(ScriptedHandler()) as (a,),
+        relay_running(tmp_path, {"*": a.port}) as relay,
+    ):
+        data = original()
+        code, _ = await send(relay, SENDER, ["bob@example.com", "carol@example.com"], data)
+        assert code == 250
+        await wait_for(lambda: a.handler.messages)
+        got = a.handler.messages[0]
+        assert got["mail_from"] == SENDER
+        assert got["rcpt_tos"] == ["bob@example.com", "carol@example.com"]
+        received, rest = split_received(got["content"])
+        assert rest == data  # only the Received header was added
+        assert b"by relay.test" in received
+        (msg,) = await relay.store.list_messages()
+        assert [r.status for r in msg.recipients] == [RecipientStatus.DELIVERED] * 2
+        assert msg.recipients[0].last_error.startswith("250 ")
+        sent = await wait_for(lambda: tracking(relay, "SEND"))
+        assert sent[0]["recipient-address"] == ["bob@example.com", "carol@example.com"]
+        assert sent[0]["recipient-status"][0].startswith("250 2.6.0")
+        assert sent[0]["connector-id"] == "To *"
+        assert sent[0]["internal-message-id"] == msg.queue_id
+        assert sent[0]["server-ip"] == "127.0.0.1"
+        await asyncio.sleep(0.6)  # several scans later: never sent twice
+        assert len(a.handler.messages) == 1
+
+
+async def test_4xx_retried_on_the_schedule_then_delivered(tmp_path: Path) -> None:
+    def policy(address: str, attempt: int) -> str | None:
+        return "451 4.3.2 Mailbox busy, try later" if attempt <= 2 else None
+
+    async with (
+        sinks(ScriptedHandler(policy)) as (a,),
+        relay_running(tmp_path, {"*": a.port}) as relay,
+    ):
+        await send(relay, SENDER, ["bob@example.com"], original())
+        await wait_for(lambda: a.handler.messages, timeout=10)
+        times = a.handler.attempts["bob@example.com"]
+        assert len(times) == 3
+        # transient_failure_retry_interval = 1 s between attempts
+        assert all(0.8 <= later - earlier <= 2.0 for earlier, later in itertools.pairwise(times))
+
+        async def delivered() -> Any:
+            (msg,) = await relay.store.list_messages()
+            return msg.recipients[0].status == RecipientStatus.DELIVERED and msg.recipients[0]
+
+        rcpt = await wait_for(delivered)
+        assert rcpt.attempts == 3
+        defers = tracking(relay, "DEFER")
+        assert len(defers) == 2
+        # every RCPT refused transiently = the hop failed: Exchange's failover wording
+        (status,) = defers[0]["recipient-status"]
+        assert status.startswith("451 4.4.0 Primary target IP address responded with:")
+        assert "451 4.3.2 Mailbox busy, try later" in status
+        assert not reports(a)
+
+
+async def test_5xx_fails_with_an_ndr_to_the_sender_and_a_copy_to_the_admin(
+    tmp_path: Path,
+) -> None:
+    def policy(address: str, attempt: int) -> str | None:
+        return "550 5.1.1 User unknown" if address.startswith("bob@") else None
+
+    async with (
+        sinks(ScriptedHandler(policy), ScriptedHandler()) as (a, b),
+        relay_running(
+            tmp_path,
+            {"*": a.port, "senders.test": b.port},
+            queue={"admin_notification_address": ADMIN},
+        ) as relay,
+    ):
+        data = original("Scan 7")
+        await send(relay, SENDER, ["bob@example.com", "carol@example.com"], data)
+        await wait_for(lambda: b.handler.messages)
+        assert a.handler.messages[0]["rcpt_tos"] == ["carol@example.com"]
+        (ndr,) = b.handler.messages
+        assert ndr["mail_from"] == "<>"  # never an NDR about an NDR
+        assert ndr["rcpt_tos"] == [SENDER, ADMIN]
+        report = parse_mail(ndr["content"])
+        assert report.get_content_type() == "multipart/report"
+        assert report["Subject"] == "Undeliverable: Scan 7"
+        assert report["From"].addresses[0].addr_spec == "postmaster@relay.test"
+        text, status, headers = report.get_payload()
+        assert "Delivery has failed to these recipients or groups:" in text.get_content()
+        assert "bob@example.com" in text.get_content()
+        assert "carol@example.com" not in text.get_content()
+        per_message, per_rcpt = status.get_payload()
+        assert per_message["Reporting-MTA"] == "dns; relay.test"
+        assert per_rcpt["Final-Recipient"] == "rfc822; bob@example.com"
+        assert per_rcpt["Action"] == "failed"
+        assert per_rcpt["Status"] == "5.1.1"
+        assert per_rcpt["Diagnostic-Code"] == "smtp; 550 5.1.1 User unknown"
+        original_headers = headers.get_payload(decode=True)
+        assert b"Subject: Scan 7\r\n" in original_headers
+        assert b"Message-ID: <Scan-7@senders.test>" in original_headers
+        assert b"8-bit body" not in ndr["content"]
+
+        msgs = {m.queue_id: m for m in await relay.store.list_messages()}
+        first = next(m for m in msgs.values() if m.sender == SENDER)
+        status_by = {r.address: r.status for r in first.recipients}
+        assert status_by == {
+            "bob@example.com": RecipientStatus.FAILED,
+            "carol@example.com": RecipientStatus.DELIVERED,
+        }
+        dsn = next(m for m in msgs.values() if m.sender == "")
+        assert dsn.metadata["original_queue_id"] == first.queue_id
+        await wait_for(lambda: tracking(relay, "DSN") and tracking(relay, "FAIL"))
+        (fail,) = tracking(relay, "FAIL")
+        assert fail["recipient-address"] == ["bob@example.com"]
+        (dsn_event,) = tracking(relay, "DSN")
+        assert dsn_event["reference"] == ["<Scan-7@senders.test>"]
+        assert dsn_event["internal-message-id"] == dsn.queue_id
+
+
+async def test_the_null_sender_is_never_bounced(tmp_path: Path) -> None:
+    async with (
+        sinks(ScriptedHandler(lambda _a, _n: "550 5.1.1 User unknown"), ScriptedHandler()) as (
+            a,
+            b,
+        ),
+        relay_running(
+            tmp_path,
+            {"*": a.port, "senders.test": b.port},
+            queue={"admin_notification_address": ADMIN},
+        ) as relay,
+    ):
+        await send(relay, "", ["bob@example.com"], original())
+        await wait_for(lambda: a.handler.rcpts)
+
+        async def failed() -> bool:
+            (msg,) = await relay.store.list_messages()
+            return msg.recipients[0].status == RecipientStatus.FAILED
+
+        await wait_for(failed)
+        await asyncio.sleep(0.6)
+        assert len(await relay.store.list_messages()) == 1  # no report was queued
+        assert not b.handler.messages
+        assert not tracking(relay, "DSN")
+
+
+async def test_delay_notice_once_then_expiry_ndr_with_4_4_7(tmp_path: Path) -> None:
+    always_busy = ScriptedHandler(lambda _a, _n: "451 4.4.1 Remote busy")
+    async with (
+        sinks(always_busy, ScriptedHandler()) as (a, b),
+        relay_running(
+            tmp_path,
+            {"*": a.port, "senders.test": b.port},
+            queue={
+                "transient_failure_retry_interval": "00:00:00.5",
+                "delay_notification_timeout": "00:00:01",
+                "message_expiration_timeout": "00:00:03",
+            },
+        ) as relay,
+    ):
+        await send(relay, SENDER, ["bob@example.com"], original("Late"))
+        await wait_for(lambda: reports(b))
+        delayed = parse_mail(reports(b)[0]["content"])
+        assert delayed["Subject"] == "Delivery delayed: Late"
+        rcpt = delayed.get_payload()[1].get_payload()[1]
+        assert rcpt["Action"] == "delayed"
+        assert rcpt["Status"] == "4.4.0"  # the failover reply wraps the remote 451 4.4.1
+        assert "Delivery is delayed" in delayed.get_payload()[0].get_content()
+
+        await wait_for(lambda: len(reports(b)) >= 2, timeout=8)
+        assert len(reports(b)) == 2  # one delay notice, then the NDR
+        ndr = parse_mail(reports(b)[1]["content"])
+        assert ndr["Subject"] == "Undeliverable: Late"
+        per_rcpt = ndr.get_payload()[1].get_payload()[1]
+        assert per_rcpt["Action"] == "failed"
+        assert per_rcpt["Status"] == "4.4.7"
+        assert per_rcpt["Diagnostic-Code"] == "smtp; 550 4.4.7 QUEUE.Expired; message expired"
+        assert "451 4.4.1 Remote busy" in ndr.get_payload()[0].get_content()
+        original_msg = next(m for m in await relay.store.list_messages() if m.sender == SENDER)
+        (r,) = original_msg.recipients
+        assert r.status == RecipientStatus.FAILED
+        assert r.last_error == replies.QUEUE_EXPIRED.line()
+        assert original_msg.delay_notified
+        attempts = len(always_busy.attempts["bob@example.com"])
+        await asyncio.sleep(0.6)
+        assert len(always_busy.attempts["bob@example.com"]) == attempts  # no attempt after expiry
+
+
+async def test_no_route_is_the_unreachable_queue_until_a_reload_adds_one(tmp_path: Path) -> None:
+    async with (
+        sinks(ScriptedHandler()) as (a,),
+        relay_running(tmp_path, {"example.com": a.port}) as relay,
+    ):
+        await send(relay, SENDER, ["bob@nowhere.test", "carol@example.com"], original())
+        await wait_for(lambda: a.handler.messages)
+        control = QueueControl.for_relay(relay)
+
+        async def unreachable() -> list[dict[str, Any]]:
+            return await control.list_messages(status="Unreachable")
+
+        (view,) = await wait_for(unreachable)
+        assert view["NextHopDomain"] == "Unreachable"
+        assert view["LastError"] == "550 5.4.4 ROUTING.NoNextHop; unable to route"
+        rcpts = {r["Address"]: r["Status"] for r in view["Recipients"]}
+        assert rcpts == {"bob@nowhere.test": "Unreachable", "carol@example.com": "Delivered"}
+        assert view["NextRetryTime"] is not None
+        assert not reports(a)  # kept for retry, not bounced
+
+        # a reload that adds a route resubmits the Unreachable queue at once
+        import dataclasses
+
+        from relaygate.config import SendConnector
+
+        new = dataclasses.replace(
+            relay.config,
+            send_connectors=(
+                *relay.config.send_connectors,
+                SendConnector(
+                    name="Catch-all",
+                    address_spaces=("*",),
+                    dns_routing_enabled=False,
+                    smart_hosts=(f"[127.0.0.1]:{a.port}",),
+                ),
+            ),
+        )
+        relay.config = new
+        relay.manager.apply(new)
+        await wait_for(lambda: len(a.handler.messages) == 2, timeout=5)
+        assert a.handler.messages[1]["rcpt_tos"] == ["bob@nowhere.test"]
+
+
+async def test_a_smart_host_that_is_this_relay_is_a_loop(tmp_path: Path) -> None:
+    from tests.queue_manager.helpers import free_port
+
+    port = free_port()
+    async with (
+        sinks(ScriptedHandler()) as (b,),
+        relay_running(tmp_path, {"*": port, "senders.test": b.port}, smtp_port=port) as relay,
+    ):
+        await send(relay, SENDER, ["bob@example.com"], original())
+        ndr = await wait_for(lambda: reports(b))
+        per_rcpt = parse_mail(ndr[0]["content"]).get_payload()[1].get_payload()[1]
+        assert per_rcpt["Diagnostic-Code"] == "smtp; " + replies.LOOP_DETECTED.line()
+        assert len(await relay.store.list_messages()) == 2  # the original and the NDR, no loop
+
+
+async def test_restart_in_the_middle_of_a_run_resends_only_what_was_not_delivered(
+    tmp_path: Path,
+) -> None:
+    hold = asyncio.Event()
+    fast, slow = ScriptedHandler(), ScriptedHandler(hold=hold)
+    async with sinks(fast, slow) as (a, b):
+        routes = {"a.test": a.port, "b.test": b.port}
+        relay = await start_relay(tmp_path / "data", routes)
+        try:
+            await send(relay, SENDER, ["x@a.test", "y@b.test"], original())
+            await wait_for(lambda: a.handler.messages)
+            await asyncio.wait_for(slow.data_started.wait(), 10)
+            relay.manager.stop_grace = 0.2  # the node stops while y's DATA is in progress
+        finally:
+            await relay.stop()
+        hold.set()
+        await asyncio.sleep(0.1)
+        assert len(fast.attempts["x@a.test"]) == 1
+
+        relay = await start_relay(tmp_path / "data", routes)
+        try:
+
+            async def done() -> bool:
+                (msg,) = await relay.store.list_messages()
+                return all(r.status == RecipientStatus.DELIVERED for r in msg.recipients)
+
+            await wait_for(done)
+            assert len(slow.attempts["y@b.test"]) == 2  # attempted again after the restart
+            await asyncio.sleep(0.5)
+            assert len(fast.attempts["x@a.test"]) == 1  # delivered before: never resent
+            assert len(fast.messages) == 1
+        finally:
+            await relay.stop()
+
+
+async def test_dkim_signed_with_the_configured_key_before_sending(tmp_path: Path) -> None:
+    import dkim
+    from relaygate.dkim.keys import generate_key
+
+    pem, record = generate_key("rsa-sha256")
+    key_file = tmp_path / "s1.key"
+    key_file.write_bytes(pem)
+    extra = f"""
+[[dkim]]
+domain = "senders.test"
+selector = "s1"
+key_file = "{key_file}"
+"""
+    async with (
+        sinks(ScriptedHandler()) as (a,),
+        relay_running(tmp_path, {"*": a.port}, extra=extra) as relay,
+    ):
+        data = original("Signed")
+        await send(relay, SENDER, ["bob@example.com"], data)
+        (got,) = await wait_for(lambda: a.handler.messages)
+        content = got["content"]
+        assert content.startswith(b"DKIM-Signature: ")
+        assert b"d=senders.test" in content and b"s=s1" in content
+        assert content.endswith(data)
+
+        def dns(name: bytes, timeout: int = 5) -> bytes:
+            assert name == b"s1._domainkey.senders.test."
+            return record.encode()
+
+        assert dkim.verify(content, dnsfunc=dns)
+        assert relay.manager.signer is not None

@@ -1,0 +1,138 @@
+"""The pure parts: Exchange's retry timeline and the RFC 3464 report builder."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from relaygate import replies
+from relaygate.config import QueueConfig
+from relaygate.control import normalise_id
+from relaygate.queue.bounce import DsnRecipient, build_dsn, header_block, status_of
+from relaygate.queue.retry import RetrySchedule
+from relaygate.replies import Reply
+from tests.queue_manager.helpers import parse_mail
+
+
+def test_exchange_defaults_timeline() -> None:
+    s = RetrySchedule.from_config(QueueConfig())
+    assert (s.transient_interval, s.transient_count, s.message_interval) == (300, 6, 600)
+    assert s.delay_notification == 4 * 3600 and s.expiration == 2 * 86400
+    # six transient retries five minutes apart, then every message_retry_interval
+    assert [s.interval_after(n) for n in range(1, 9)] == [300] * 6 + [600] * 2
+
+
+def test_next_attempt_never_after_expiry_or_owed_delay_notice() -> None:
+    s = RetrySchedule(10, 1, 100, delay_notification=50, expiration=120)
+    t0 = 1000.0
+    assert s.next_attempt(1, t0 + 5, t0) == t0 + 15
+    # the delay notice falls due at t0+50: the attempt is pulled in to send it on time
+    assert s.next_attempt(2, t0 + 15, t0, delay_notified=False) == t0 + 50
+    assert s.next_attempt(2, t0 + 15, t0, delay_notified=True) == t0 + 115
+    # never past the expiry
+    assert s.next_attempt(5, t0 + 60, t0) == t0 + 120
+    assert s.is_expired(t0, t0 + 120) and not s.is_expired(t0, t0 + 119)
+    assert s.delay_notice_due(t0, t0 + 50, False)
+    assert not s.delay_notice_due(t0, t0 + 50, True)
+    assert not s.delay_notice_due(t0, t0 + 49, False)
+    # a delay timeout at/after the expiry never sends a notice
+    late = RetrySchedule(10, 1, 100, delay_notification=200, expiration=120)
+    assert not late.delay_notice_due(t0, t0 + 119, False)
+
+
+def test_schedule_from_shortened_config() -> None:
+    q = QueueConfig(
+        transient_failure_retry_interval=timedelta(seconds=1),
+        transient_failure_retry_count=2,
+        message_retry_interval=timedelta(seconds=2),
+    )
+    s = RetrySchedule.from_config(q)
+    assert [s.interval_after(n) for n in (1, 2, 3)] == [1, 1, 2]
+
+
+ORIGINAL = (
+    b"Received: from printer ([10.0.0.5])\r\n\tby relay.test\r\n"
+    b"From: Scanner <scanner@corp.test>\r\nTo: bob@example.com\r\n"
+    b"Subject: Scan\r\n from floor 2\r\nMessage-ID: <scan-1@corp.test>\r\n\r\n"
+    b"secret body\r\n"
+)
+
+
+def test_ndr_is_an_rfc3464_report() -> None:
+    body = build_dsn(
+        action="failed",
+        reporting_mta="relay.test",
+        to="scanner@corp.test",
+        original=ORIGINAL,
+        recipients=[
+            DsnRecipient(
+                "bob@example.com", Reply(550, "5.1.1", "User unknown"), "mx.example.com", 1.0e9
+            )
+        ],
+        received_at=1.0e9 - 60,
+        queue_id="0123456789ABCDEF",
+        now=1.0e9,
+    )
+    assert b"\n" not in body.replace(b"\r\n", b"")
+    msg = parse_mail(body)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    assert msg["From"] == "Mail Delivery System <postmaster@relay.test>"
+    assert msg["To"].addresses[0].addr_spec == "scanner@corp.test"
+    assert msg["Subject"] == "Undeliverable: Scan from floor 2"
+    assert msg["In-Reply-To"] == "<scan-1@corp.test>"
+    assert msg["Auto-Submitted"] == "auto-replied"
+    text, status, headers = msg.get_payload()
+    human = text.get_content()
+    assert "Delivery has failed to these recipients or groups:" in human
+    assert "Diagnostic information for administrators:" in human
+    assert "Generating server: relay.test" in human
+    assert "returned '550 5.1.1 User unknown'" in human
+    assert status.get_content_type() == "message/delivery-status"
+    per_message, per_rcpt = status.get_payload()
+    assert per_message["Reporting-MTA"] == "dns; relay.test"
+    assert per_rcpt["Final-Recipient"] == "rfc822; bob@example.com"
+    assert per_rcpt["Action"] == "failed"
+    assert per_rcpt["Status"] == "5.1.1"
+    assert per_rcpt["Remote-MTA"] == "dns; mx.example.com"
+    assert per_rcpt["Diagnostic-Code"] == "smtp; 550 5.1.1 User unknown"
+    assert headers.get_content_type() == "text/rfc822-headers"
+    original_headers = headers.get_payload(decode=True)
+    assert original_headers == header_block(ORIGINAL)
+    assert b"secret body" not in body
+
+
+def test_delay_notice_and_status_codes() -> None:
+    body = build_dsn(
+        action="delayed",
+        reporting_mta="relay.test",
+        to="scanner@corp.test",
+        original=ORIGINAL,
+        recipients=[DsnRecipient("bob@example.com", Reply(451, "4.4.0", "try later"))],
+        received_at=1000.0,
+        will_retry_until=1000.0 + 2 * 86400,
+        now=1000.0 + 4 * 3600,
+    )
+    msg = parse_mail(body)
+    assert msg["Subject"].startswith("Delivery delayed: ")
+    human = msg.get_payload()[0].get_content()
+    assert "Delivery is delayed to these recipients or groups:" in human
+    assert "1 day, 20 hours" in human
+    rcpt = msg.get_payload()[1].get_payload()[1]
+    assert rcpt["Action"] == "delayed" and rcpt["Status"] == "4.4.0"
+    assert rcpt["Will-Retry-Until"]
+    assert status_of(replies.QUEUE_EXPIRED) == "4.4.7"
+    assert status_of(Reply(554, "", "no")) == "5.0.0"
+    with pytest.raises(ValueError):
+        build_dsn(
+            action="relayed", reporting_mta="r", to="a@b", original=b"", recipients=[],
+            received_at=0,
+        )  # fmt: skip
+
+
+def test_identities() -> None:
+    assert normalise_id("RELAY01\\0123456789abcdef") == "0123456789ABCDEF"
+    assert normalise_id("RELAY01\\Retry\\0123456789ABCDEF") == "0123456789ABCDEF"
+    with pytest.raises(LookupError):
+        normalise_id("RELAY01\\42")

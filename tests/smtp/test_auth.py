@@ -1,0 +1,210 @@
+"""SMTP AUTH PLAIN/LOGIN against users managed by `relaygate user`, tarpit, lockout, ExchangeUsers."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import smtplib
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.smtp.conftest import ROOT, relay_connector
+from tests.smtp.helpers import swaks
+
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(autouse=True)
+def cheap_argon2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process hashes with small argon2 parameters: verification reads the parameters from each
+    hash, so the server's code path is the same, only faster. `relaygate user add` run as a subprocess
+    (test_auth_plain_and_login_success...) still makes a hash with the production parameters."""
+    from argon2 import PasswordHasher
+
+    import relaygate.smtp.auth as auth
+
+    monkeypatch.setattr(auth, "_HASHER", PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1))
+
+
+def cli_process(r, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """`relaygate ...` as a real subprocess (what an administrator runs)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    return subprocess.run(
+        [sys.executable, "-m", "relaygate", *args, "--config", str(r.config_path)],
+        input=stdin, capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+
+
+def cli(r, *args: str, stdin: str = "") -> Any:
+    """The same command line in-process (the CLI's start-up costs seconds per subprocess)."""
+    from relaygate.cli import app
+
+    return CliRunner().invoke(app, [*args, "--config", str(r.config_path)], input=stdin)
+
+
+def add_user(r, name: str, password: str = PASSWORD, *, subprocess_: bool = False) -> None:
+    run = cli_process if subprocess_ else cli
+    done = run(r, "user", "add", name, "--password-stdin", stdin=password + "\n")
+    code = done.returncode if isinstance(done, subprocess.CompletedProcess) else done.exit_code
+    assert code == 0, done.stdout
+
+
+def auth_connector(**overrides):
+    """Authenticated submission only: ExchangeUsers (relay for authenticated users), no anonymous rights."""
+    base = relay_connector(
+        ["127.0.0.5"], name="Client Submission", auth_mechanism=["Tls", "BasicAuth"],
+        permission_groups=["ExchangeUsers"], permissions=[],
+    )  # fmt: skip
+    base.update(overrides)
+    return base
+
+
+def b64(s: str | bytes) -> str:
+    return base64.b64encode(s.encode() if isinstance(s, str) else s).decode()
+
+
+def insecure_ctx() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def test_user_cli_add_list_remove(relay):
+    r = relay([auth_connector()], start=False)
+    add_user(r, "Scanner")
+    add_user(r, "erp")
+    listed = cli(r, "user", "list", "--json")
+    assert listed.exit_code == 0
+    data = json.loads(listed.stdout)
+    assert data["users"] == ["erp", "scanner"]
+    users_file = Path(data["users_file"])
+    assert users_file == r.data_dir / "users.json"
+    assert users_file.stat().st_mode & 0o077 == 0
+    stored = json.loads(users_file.read_text())["users"]
+    assert stored["scanner"].startswith("$argon2") and PASSWORD not in users_file.read_text()
+    assert cli(r, "user", "remove", "erp").exit_code == 0
+    assert cli(r, "user", "remove", "erp").exit_code == 1
+    assert "erp" not in cli(r, "user", "list").stdout
+    empty = cli(r, "user", "add", "x", "--password-stdin", stdin="\n")
+    assert empty.exit_code != 0
+
+
+def test_auth_plain_and_login_success_relay_as_exchange_user(relay):
+    r = relay([auth_connector()])
+    # `relaygate user add` while the server runs: picked up at the next AUTH, without a restart.
+    add_user(r, "scanner", subprocess_=True)
+    with r.smtp() as s:
+        s.ehlo()
+        assert "PLAIN" in s.esmtp_features["auth"] and "LOGIN" in s.esmtp_features["auth"]
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:  # anonymous: no Submit right
+            s.sendmail("scanner@corp.example", ["x@external.example"], b"Subject: a\r\n\r\nx\r\n")
+        assert refused.value.smtp_code == 530 and refused.value.smtp_error == b"5.7.1 Client was not authenticated"
+        s.rset()
+        s.user, s.password = "scanner", PASSWORD
+        code, text = s.auth("PLAIN", s.auth_plain, initial_response_ok=True)
+        assert (code, text) == (235, b"2.7.0 Authentication successful")
+        s.sendmail("scanner@corp.example", ["x@external.example"], b"Subject: a\r\n\r\nplain\r\n")
+    with r.raw() as c:
+        c.greet()
+        assert c.cmd("AUTH LOGIN").text == "334 VXNlcm5hbWU6"
+        assert c.cmd(b64("SCANNER")).text == "334 UGFzc3dvcmQ6"  # user names are case-insensitive
+        assert c.cmd(b64(PASSWORD)).text == "235 2.7.0 Authentication successful"
+        assert c.cmd("AUTH PLAIN " + b64("\0scanner\0" + PASSWORD)).text == "503 5.5.2 Auth command already specified"
+        assert "AUTH" not in " ".join(c.cmd("EHLO again", 250).lines)
+        c.cmd("MAIL FROM:<scanner@corp.example>", 250)
+        c.cmd("RCPT TO:<y@external.example>", 250)
+        c.cmd("DATA", 354)
+        c.send(b"Subject: b\r\n\r\nlogin\r\n.\r\n")
+        c.expect(250)
+    msgs = r.messages()
+    assert len(msgs) == 2 and {m.auth_user for m in msgs} == {"scanner"}
+    for m in msgs:
+        assert b"\twith ESMTPA id " in r.data(m.queue_id)
+
+
+def test_auth_failure_tarpit_and_lockout(relay):
+    r = relay([auth_connector(auth_tarpit_interval="00:00:01", max_logon_failures=2)])
+    add_user(r, "scanner")
+    with r.raw() as c:
+        c.greet()
+        t0 = time.monotonic()
+        assert c.cmd("AUTH PLAIN " + b64("\0scanner\0wrong")).text == "535 5.7.3 Authentication unsuccessful"
+        assert time.monotonic() - t0 >= 0.95
+        c.send(("AUTH PLAIN " + b64("\0nobody\0wrong") + "\r\n").encode())  # unknown user: same answer
+        assert [x.text for x in c.replies_until_close()] == [
+            "535 5.7.3 Authentication unsuccessful",
+            "421 4.7.0 Too many errors on this connection, closing transmission channel",
+        ]
+
+
+def test_auth_protocol_errors(relay):
+    r = relay([auth_connector()])
+    add_user(r, "scanner")
+    with r.raw() as c:
+        c.greet()
+        assert c.cmd("AUTH CRAM-MD5").text == "504 5.7.4 Unrecognized authentication type"
+        assert c.cmd("AUTH PLAIN").text == "334 "
+        assert c.cmd("*").text == "501 5.7.0 Authentication cancelled"
+        assert c.cmd("AUTH PLAIN !!notbase64").code == 501
+        assert c.cmd("AUTH PLAIN " + b64("\0scanner\0" + PASSWORD)).code == 235
+
+
+def test_basic_auth_require_tls_never_in_clear(relay):
+    r = relay([auth_connector(auth_mechanism=["Tls", "BasicAuth", "BasicAuthRequireTLS"])])
+    add_user(r, "scanner")
+    with r.raw() as c:
+        assert not any(k.startswith("AUTH") for k in c.greet().lines)
+        plain = "AUTH PLAIN " + b64("\0scanner\0" + PASSWORD)
+        assert c.cmd(plain).text == "451 5.7.3 Require STARTTLS to do basic authentication"
+        c.cmd("STARTTLS", 220)
+        c.starttls(insecure_ctx())
+        assert "AUTH PLAIN LOGIN" in c.cmd("EHLO client.corp.example", 250).lines
+        assert c.cmd(plain).code == 235
+        c.cmd("MAIL FROM:<scanner@corp.example>", 250)
+        c.cmd("RCPT TO:<z@external.example>", 250)
+        c.cmd("DATA", 354)
+        c.send(b"Subject: c\r\n\r\ntls\r\n.\r\n")
+        c.expect(250)
+    (msg,) = r.messages()
+    assert b"\twith ESMTPSA id " in r.data(msg.queue_id)
+
+
+def test_removed_user_can_no_longer_authenticate(relay):
+    r = relay([auth_connector()])
+    add_user(r, "erp")
+    with r.raw() as c:
+        c.greet()
+        assert c.cmd("AUTH PLAIN " + b64("\0erp\0" + PASSWORD)).code == 235
+    assert cli(r, "user", "remove", "erp").exit_code == 0
+    with r.raw() as c:
+        c.greet()
+        assert c.cmd("AUTH PLAIN " + b64("\0erp\0" + PASSWORD)).code == 535
+
+
+def test_swaks_auth_plain_and_login(relay):
+    r = relay([auth_connector()])
+    add_user(r, "scanner")
+    for mech in ("PLAIN", "LOGIN"):
+        done = swaks(
+            "--server", "127.0.0.1", "--port", str(r.port), "--local-interface", "127.0.0.5",
+            "--auth", mech, "--auth-user", "scanner", "--auth-password", PASSWORD,
+            "--from", "scanner@corp.example", "--to", "x@external.example",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "235 2.7.0 Authentication successful" in done.stdout
+    bad = swaks(
+        "--server", "127.0.0.1", "--port", str(r.port), "--local-interface", "127.0.0.5",
+        "--auth", "LOGIN", "--auth-user", "scanner", "--auth-password", "nope",
+        "--from", "scanner@corp.example", "--to", "x@external.example",
+    )  # fmt: skip
+    assert bad.returncode != 0 and "535 5.7.3 Authentication unsuccessful" in bad.stdout
+    assert len(r.messages()) == 2

@@ -1,0 +1,238 @@
+"""Protocol hardening at the byte level, with raw sockets (security-bar §2A, §2C; issue 3 item 4)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.smtp.conftest import default_frontend, relay_connector
+from tests.smtp.helpers import RawClient, normalise
+
+SYNC_ERROR = "554 5.5.0 Error: SMTP protocol synchronization"
+BARE_LF = "554 5.6.0 Invalid message content, contains bare linefeeds"
+
+
+@pytest.fixture
+def two(relay):
+    """127.0.0.5: relay, bare CR/LF rejected (default). 127.0.0.6: relay, bare CR/LF accepted.
+    127.0.0.9: Default Frontend (no relay)."""
+    return relay(
+        [
+            default_frontend(max_protocol_errors=50),
+            relay_connector(["127.0.0.5"], max_protocol_errors=50),
+            relay_connector(["127.0.0.6"], name="Lenient", bare_linefeed_rejection_enabled=False),
+        ]
+    )
+
+
+def stored_content(r, queue_id: str) -> bytes:
+    """The stored message minus the one Received header RelayGate prepended."""
+    data = r.data(queue_id)
+    assert data.startswith(b"Received: from ")
+    end = data.index(b"\r\n", data.index(b"; ", data.index(b"\twith ")))
+    return data[end + 2 :]
+
+
+def start_data(c: RawClient, rcpt: str = "user@corp.example") -> None:
+    c.greet()
+    c.cmd("MAIL FROM:<app@corp.example>", 250)
+    c.cmd(f"RCPT TO:<{rcpt}>", 250)
+    c.cmd("DATA", 354)
+
+
+def test_only_crlf_dot_crlf_ends_data(two):
+    content = (
+        b"Subject: endings\r\n\r\n"
+        b"one\n.\ntwo\r.\rthree\n.\r\nfour\r\n.\rfive\r.\r\nsix\r\n\x00.\r\nseven\r\n"
+    )
+    with two.raw("127.0.0.6") as c:
+        start_data(c)
+        c.send(content + b".\r\n")
+        assert c.expect(250).text.startswith("250 2.6.0")
+        c.send(b"QUIT\r\n")
+        assert [x.code for x in c.replies_until_close()] == [221]
+    (msg,) = two.messages()
+    assert stored_content(two, msg.queue_id) == content  # kept byte for byte, ended only at CRLF.CRLF
+
+
+@pytest.mark.parametrize("stray", [b"bare\nlinefeed", b"bare\rcarriage return", b"end\n.\n"])
+def test_bare_cr_or_lf_in_content_is_refused_by_default(two, stray):
+    with two.raw("127.0.0.5") as c:
+        start_data(c)
+        c.send(b"Subject: t\r\n\r\n" + stray + b"\r\n.\r\n")
+        assert c.expect(554).text == BARE_LF
+        c.cmd("NOOP", 250)  # still in sync
+    assert two.messages() == []
+
+
+def test_bare_lf_accepted_when_rejection_disabled(two):
+    with two.raw("127.0.0.6") as c:
+        start_data(c)
+        c.send(b"Subject: t\r\n\r\nbare\nlinefeed\r\n.\r\n")
+        c.expect(250)
+    assert len(two.messages()) == 1
+
+
+SMUGGLED = (
+    b"MAIL FROM:<ceo@corp.example>\r\nRCPT TO:<victim@external.example>\r\nDATA\r\n"
+    b"From: ceo@corp.example\r\nSubject: smuggled\r\n\r\nsmuggled\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    "ending", [b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r.\r\n", b"\r\n.\r", b"\r\n\x00.\r\n", b"\r\r\n.\r\r\n"]
+)
+@pytest.mark.parametrize("source", ["127.0.0.5", "127.0.0.6"])
+def test_smuggling_payload_in_one_write(two, ending, source):
+    """SEC Consult's payload: a fake end of data, a second transaction, the real end, in one write."""
+    legit = b"From: app@corp.example\r\nSubject: legit\r\n\r\nlegit body\r\n"
+    payload = legit + ending + SMUGGLED + b".\r\n"
+    with two.raw(source) as c:
+        start_data(c)
+        c.send(payload)
+        first = c.reply()
+        c.send(b"QUIT\r\n")
+        rest = c.replies_until_close()
+    assert first is not None
+    assert [x.code for x in rest] == [221]  # exactly one reply to the whole payload, nothing executed
+    msgs = two.messages()
+    if first.code == 554:
+        assert first.text == BARE_LF and msgs == []
+    else:
+        assert first.code == 250
+        (msg,) = msgs
+        assert [x.address for x in msg.recipients] == ["user@corp.example"]
+        assert stored_content(two, msg.queue_id) == legit + ending + SMUGGLED
+    if source == "127.0.0.5" and ending != b"\r\n\x00.\r\n":
+        assert first.code == 554
+
+
+def test_content_after_refused_data_is_never_executed(two):
+    """Pipelined MAIL/RCPT(refused)/DATA with the 'body' (a whole second transaction) in one write."""
+    with two.raw("127.0.0.9") as c:
+        c.greet()
+        c.send(
+            b"MAIL FROM:<app@corp.example>\r\nRCPT TO:<victim@external.example>\r\nDATA\r\n"
+            b"MAIL FROM:<app@corp.example>\r\nRCPT TO:<user@corp.example>\r\nDATA\r\n"
+            b"Subject: smuggled\r\n\r\nbody\r\n.\r\n"
+        )
+        got = [x.text for x in c.replies_until_close()]
+    assert got == ["250 2.1.0 Sender OK", "550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain", SYNC_ERROR]
+    assert two.messages() == []
+
+
+def test_ehlo_and_mail_in_one_write_is_a_sync_error(two):
+    with two.raw("127.0.0.5") as c:
+        c.expect(220)
+        c.send(b"EHLO client.corp.example\r\nMAIL FROM:<app@corp.example>\r\n")
+        assert [x.text for x in c.replies_until_close()] == [SYNC_ERROR]
+
+
+def test_helo_session_must_not_pipeline(two):
+    with two.raw("127.0.0.5") as c:
+        c.greet("HELO client.corp.example")
+        c.send(b"MAIL FROM:<app@corp.example>\r\nRCPT TO:<user@corp.example>\r\n")
+        assert [x.text for x in c.replies_until_close()] == [SYNC_ERROR]
+
+
+def test_pipelining_disabled_connector_refuses_groups(relay):
+    r = relay([relay_connector(pipelining_enabled=False)])
+    with r.raw() as c:
+        c.greet()
+        c.send(b"MAIL FROM:<app@corp.example>\r\nRCPT TO:<user@corp.example>\r\n")
+        assert [x.text for x in c.replies_until_close()] == [SYNC_ERROR]
+
+
+def test_legitimate_pipelining_replies_in_order(two):
+    with two.raw("127.0.0.9") as c:
+        c.greet()
+        c.send(
+            b"MAIL FROM:<app@corp.example>\r\nRCPT TO:<a@corp.example>\r\n"
+            b"RCPT TO:<victim@external.example>\r\nRCPT TO:<b@corp.example>\r\nDATA\r\n"
+        )
+        assert [c.reply().code for _ in range(5)] == [250, 250, 550, 250, 354]  # type: ignore[union-attr]
+        c.send(b"Subject: p\r\n\r\nbody\r\n.\r\n")
+        c.expect(250)
+        # Two whole transactions: the second MAIL/RCPT are fine, DATA with content behind it is not.
+        c.send(b"MAIL FROM:<app@corp.example>\r\nRCPT TO:<a@corp.example>\r\nDATA\r\n")
+        assert [c.reply().code for _ in range(3)] == [250, 250, 354]  # type: ignore[union-attr]
+        c.send(
+            b"Subject: m1\r\n\r\none\r\n.\r\nMAIL FROM:<app@corp.example>\r\nRCPT TO:<a@corp.example>\r\n"
+            b"DATA\r\nSubject: m2\r\n\r\ntwo\r\n.\r\n"
+        )
+        assert [x.text[:9] for x in c.replies_until_close()] == ["250 2.6.0", "250 2.1.0", "250 2.1.5", "554 5.5.0"]
+    msgs = two.messages()
+    assert len(msgs) == 2
+    assert [x.address for x in msgs[0].recipients] == ["a@corp.example", "b@corp.example"]
+    assert b"Subject: m2" not in two.data(msgs[1].queue_id)
+
+
+def test_bare_lf_in_commands(two):
+    with two.raw("127.0.0.9") as c:
+        c.greet()
+        assert c.cmd("NOOP\n".rstrip("\n")).code == 250
+        c.send(b"MAIL FROM:<app@corp.example>\r\n")
+        c.expect(250)
+        # Security-bar item 32: a recipient line split by a bare LF never inherits permission.
+        c.send(b"RCPT TO:<user@corp.example>\nRCPT TO:<victim@external.example>\r\n")
+        first, second = c.reply(), c.reply()
+        assert first.text == "500 5.5.2 Invalid command: contains a bare CR or LF"  # type: ignore[union-attr]
+        assert second.code == 550  # type: ignore[union-attr]
+        c.send(b"NOOP\rRSET\r\n")
+        assert c.expect(500).text.startswith("500 5.5.2")
+        c.send(b"NO\x00OP\r\n")
+        c.expect(500)
+        c.cmd("NOOP", 250)
+
+
+# -- writes split at every byte position ---------------------------------------------------------------
+GROUPS = [
+    (b"EHLO client.corp.example\r\n", 1),
+    (
+        b"MAIL FROM:<app@corp.example>\r\nRCPT TO:<a@external.example>\r\n"
+        b"RCPT TO:<b@corp.example>\r\nDATA\r\n",
+        4,
+    ),
+    (b"Subject: split\r\nX-Dots: yes\r\n\r\nline one\r\n..dotted line\r\n.\r\n", 1),
+    (b"QUIT\r\n", 1),
+]
+EXPECTED_CONTENT = b"Subject: split\r\nX-Dots: yes\r\n\r\nline one\r\n.dotted line\r\n"
+
+
+def run_split(port: int, cut: int | None, *, per_byte: bool = False) -> list[str]:
+    """One full transaction; the group holding byte `cut` is written in two parts (or byte by byte)."""
+    out = []
+    with RawClient(port, source="127.0.0.5") as c:
+        out.append(normalise(c.expect(220).text))
+        offset = 0
+        for data, n in GROUPS:
+            if per_byte:
+                for i in range(len(data)):
+                    c.send(data[i : i + 1])
+            elif cut is not None and offset < cut < offset + len(data):
+                k = cut - offset
+                c.send(data[:k])
+                time.sleep(0.003)
+                c.send(data[k:])
+            else:
+                c.send(data)
+            offset += len(data)
+            for _ in range(n):
+                r = c.reply()
+                out.append(normalise(r.text) if r else "<closed>")
+    return out
+
+
+def test_writes_split_at_every_byte_position_give_identical_results(relay):
+    r = relay([relay_connector(["127.0.0.5"])])
+    reference = run_split(r.port, None)
+    assert reference[-2].startswith("250 2.6.0") and reference[-1].startswith("221")
+    total = sum(len(d) for d, _ in GROUPS)
+    for cut in range(1, total):
+        assert run_split(r.port, cut) == reference, f"split at byte {cut}"
+    assert run_split(r.port, None, per_byte=True) == reference
+    stored = r.all_data()
+    assert len(stored) == total + 1
+    for data in stored.values():
+        assert data.endswith(b"\r\n" + EXPECTED_CONTENT) and data.count(b"Received: ") == 1
