@@ -182,3 +182,55 @@ SEND_HELLO_AFTER_TLS = Reply(503, "5.5.1", "Send hello first")
 DATA_SYNTAX = Reply(501, "5.5.4", "Syntax: DATA")
 BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT <size> [LAST]")
 CONNECTION_DROPPED = Reply(421, "4.4.2", "Connection dropped")
+
+
+# --- outbound session (delivery/client.py, nexthop.py) and queue (queue/manager.py) ------------
+UNABLE_TO_CONNECT = Reply(421, "4.2.1", "Unable to connect")
+CONNECTION_DROPPED_SEND = Reply(421, "4.4.2", "Connection dropped due to SocketError")
+TLS_NOT_OFFERED = Reply(
+    451,
+    "4.7.10",
+    "SMTPSEND.TLS.NotOffered; TLS is required by the send connector but the remote host did not "
+    "offer STARTTLS",
+)
+AUTH_NOT_OFFERED = Reply(
+    451, "4.7.0", "SMTPSEND.Auth.NotOffered; the remote host does not offer a usable AUTH mechanism"
+)
+AUTH_NEEDS_TLS = Reply(
+    451,
+    "4.7.0",
+    "SMTPSEND.Auth.RequireTLS; credentials are only sent over TLS and the session is not encrypted",
+)
+CREDENTIALS_MISSING = Reply(
+    451, "4.7.0", "SMTPSEND.Auth.NoCredentials; the send connector's credentials are not available"
+)
+TOKEN_UNAVAILABLE = Reply(
+    451, "4.7.0", "SMTPSEND.Auth.TokenUnavailable; no OAuth access token could be obtained"
+)
+SMTPUTF8_NOT_SUPPORTED = Reply(
+    550, "5.6.7", "SMTPSEND.SmtpUtf8NotSupported; the remote host does not support SMTPUTF8"
+)
+
+
+def tls_failed(reason: str) -> Reply:
+    """A TLS negotiation or certificate failure (transient)."""
+    return Reply(451, "4.7.5", f"SMTPSEND.TLS.NegotiationFailed; {reason}")
+
+
+# Not in the Exchange catalogue: Exchange has no such policy. Transient, so that a DNS fix on the
+# remote side is picked up before the message expires.
+MX_SPECIAL_ADDRESS = Reply(
+    451,
+    "4.4.4",
+    "SMTPSEND.DNS.SpecialAddress; the mail exchangers resolve only to loopback, link-local or "
+    "reserved addresses",
+)
+
+#: A delivery attempt that failed inside the relay (a bug, a resource problem): retried, like
+#: Exchange's queue glitch retries. Not in Exchange's catalogue.
+DELIVERY_FAILED_INTERNAL = Reply(
+    451, "4.3.0", "QUEUE.Internal; delivery attempt failed inside the relay"
+)
+
+#: A pending recipient named in a delay notice before any attempt answered.
+DELIVERY_PENDING = Reply(400, "4.0.0", "QUEUE.Pending; delivery has not completed yet")

@@ -17,7 +17,11 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 ROOT = Path(__file__).resolve().parents[2]
-PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
+PYTHON = (
+    str(ROOT / ".venv" / "bin" / "python")
+    if (ROOT / ".venv" / "bin" / "python").exists()
+    else sys.executable
+)
 
 RELAY_DENIED = "550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain"
 
@@ -32,7 +36,9 @@ class Run:
         return json.loads(self.out)
 
 
-def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, stdin: str | None = None) -> Run:
+def run(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, stdin: str | None = None
+) -> Run:
     full_env = {k: v for k, v in os.environ.items() if k != "RELAYGATE_CONFIG"}
     full_env.update({"COLUMNS": "300", "NO_COLOR": "1", "TERM": "dumb"})
     full_env.update(env or {})
@@ -62,19 +68,19 @@ class Recorder:
     messages: list[dict[str, Any]] = field(default_factory=list)
     logins: list[tuple[str, str]] = field(default_factory=list)
 
-    async def handle_MAIL(self, server, session, envelope, address, mail_options):  # noqa: N802
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
         self.peers.append(session.peer)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Sender OK"
 
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if address.rpartition("@")[2].lower() in self.refuse:
             return RELAY_DENIED
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Recipient OK"
 
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802
+    async def handle_DATA(self, server, session, envelope):
         self.messages.append(
             {
                 "peer": session.peer,
@@ -89,8 +95,9 @@ class Recorder:
         if isinstance(auth_data, LoginPassword):
             user, password = auth_data.login.decode(), auth_data.password.decode()
             self.logins.append((user, password))
-            return AuthResult(success=(user, password) == ("printer", "s3cret-Pa55"))
-        return AuthResult(success=False)
+            ok = (user, password) == ("printer", "s3cret-Pa55")
+            return AuthResult(success=ok, handled=False)
+        return AuthResult(success=False, handled=False)
 
 
 class SMTPServer:

@@ -44,7 +44,14 @@ def config(text: str):
     return parse_text(textwrap.dedent(text), "test.toml")
 
 
-def relay(name: str = "Relay", ranges: str = '["10.0.0.5"]', extra: str = RELAY_DEFAULTS, groups: str = '["AnonymousUsers"]', permission: bool = True, bindings: str = '["0.0.0.0:25"]') -> str:
+def relay(
+    name: str = "Relay",
+    ranges: str = '["10.0.0.5"]',
+    extra: str = RELAY_DEFAULTS,
+    groups: str = '["AnonymousUsers"]',
+    permission: bool = True,
+    bindings: str = '["0.0.0.0:25"]',
+) -> str:
     text = f"""
 [[receive_connectors]]
 name = "{name}"
@@ -94,7 +101,9 @@ def test_range_wider_than_prefix() -> None:
     assert wide[0].severity == "high"
     assert "10.0.0.0/16" in wide[0].message and "wider than /24" in wide[0].message
     # a configurable prefix: /16 allowed
-    assert not only(audit(config(relay(ranges='["10.0.0.0/16"]')), max_prefix_v4=16), "relay-range-too-wide")
+    assert not only(
+        audit(config(relay(ranges='["10.0.0.0/16"]')), max_prefix_v4=16), "relay-range-too-wide"
+    )
     # a range written as a-b is measured by its size
     assert only(audit(config(relay(ranges='["10.0.0.1-10.0.2.1"]'))), "relay-range-too-wide")
 
@@ -102,7 +111,10 @@ def test_range_wider_than_prefix() -> None:
 def test_ipv6_range_wider_than_prefix() -> None:
     found = audit(config(relay(ranges='["2001:db8::/48"]', bindings='["[::]:25"]')))
     assert only(found, "relay-range-too-wide")
-    assert not only(audit(config(relay(ranges='["2001:db8::/64"]', bindings='["[::]:25"]'))), "relay-range-too-wide")
+    assert not only(
+        audit(config(relay(ranges='["2001:db8::/64"]', bindings='["[::]:25"]'))),
+        "relay-range-too-wide",
+    )
 
 
 def test_wide_range_without_relay_is_fine() -> None:
@@ -113,7 +125,14 @@ def test_wide_range_without_relay_is_fine() -> None:
 
 def test_method_b_wide_range_is_flagged() -> None:
     found = audit(
-        config(relay(ranges='["10.0.0.0/16"]', groups='["ExchangeServers"]', permission=False, extra=RELAY_DEFAULTS + 'auth_mechanism = ["ExternalAuthoritative"]\n'))
+        config(
+            relay(
+                ranges='["10.0.0.0/16"]',
+                groups='["ExchangeServers"]',
+                permission=False,
+                extra=RELAY_DEFAULTS + 'auth_mechanism = ["ExternalAuthoritative"]\n',
+            )
+        )
     )
     assert ("high", "relay-range-too-wide", "Relay") in codes(found)
     assert "method B" in only(found, "relay-range-too-wide")[0].message
@@ -153,12 +172,30 @@ def test_more_than_five_ranges_is_info() -> None:
 
 def test_externally_secured_on_many_hosts() -> None:
     extra = RELAY_DEFAULTS + 'auth_mechanism = ["ExternalAuthoritative", "Tls"]\n'
-    found = audit(config(relay(ranges='["10.0.0.0/29"]', groups='["ExchangeServers"]', permission=False, extra=extra)))
+    found = audit(
+        config(
+            relay(
+                ranges='["10.0.0.0/29"]',
+                groups='["ExchangeServers"]',
+                permission=False,
+                extra=extra,
+            )
+        )
+    )
     ext = only(found, "externally-secured-too-many-hosts")
     assert [(f.severity, f.key) for f in ext] == [("high", "auth_mechanism")]
     assert "8 addresses" in ext[0].message and "spoof" in ext[0].message
     # a short list of hosts is the intended use
-    few = audit(config(relay(ranges='["10.0.0.10", "10.0.0.11"]', groups='["ExchangeServers"]', permission=False, extra=extra)))
+    few = audit(
+        config(
+            relay(
+                ranges='["10.0.0.10", "10.0.0.11"]',
+                groups='["ExchangeServers"]',
+                permission=False,
+                extra=extra,
+            )
+        )
+    )
     assert few == []
 
 
@@ -179,7 +216,9 @@ def test_tls_min_version_below_1_2() -> None:
 
 
 def test_per_source_connections_unlimited() -> None:
-    found = audit(config(relay(extra=RELAY_DEFAULTS + 'max_inbound_connection_per_source = "unlimited"\n')))
+    found = audit(
+        config(relay(extra=RELAY_DEFAULTS + 'max_inbound_connection_per_source = "unlimited"\n'))
+    )
     assert codes(found) == [("low", "per-source-connections-unlimited", "Relay")]
 
 
@@ -189,7 +228,9 @@ def test_message_rate_unlimited() -> None:
 
 
 def test_shadowed_range_names_both_connectors() -> None:
-    text = relay(name="Printers", ranges='["10.0.0.0/24"]') + relay(name="Accounting PC", ranges='["10.0.0.77"]', permission=False)
+    text = relay(name="Printers", ranges='["10.0.0.0/24"]') + relay(
+        name="Accounting PC", ranges='["10.0.0.77"]', permission=False
+    )
     found = audit(config(text))
     shadow = only(found, "shadowed-range")
     assert [(f.severity, f.connector) for f in shadow] == [("info", "Printers")]
@@ -199,13 +240,21 @@ def test_shadowed_range_names_both_connectors() -> None:
 
 
 def test_shadowing_by_exact_binding() -> None:
-    text = relay(name="Wide", ranges='["10.0.0.5"]') + relay(name="Exact", ranges='["10.0.0.0/24"]', bindings='["10.1.1.1:25"]')
+    text = relay(name="Wide", ranges='["10.0.0.5"]') + relay(
+        name="Exact", ranges='["10.0.0.0/24"]', bindings='["10.1.1.1:25"]'
+    )
     shadow = only(audit(config(text)), "shadowed-range")
-    assert shadow and shadow[0].connector == "Wide" and "exact address 10.1.1.1:25" in shadow[0].message
+    assert (
+        shadow
+        and shadow[0].connector == "Wide"
+        and "exact address 10.1.1.1:25" in shadow[0].message
+    )
 
 
 def test_no_shadowing_on_other_port() -> None:
-    text = relay(name="A", ranges='["10.0.0.0/24"]') + relay(name="B", ranges='["10.0.0.77"]', bindings='["0.0.0.0:587"]')
+    text = relay(name="A", ranges='["10.0.0.0/24"]') + relay(
+        name="B", ranges='["10.0.0.77"]', bindings='["0.0.0.0:587"]'
+    )
     assert not only(audit(config(text)), "shadowed-range")
 
 
@@ -216,9 +265,13 @@ def test_loopback_in_relay_ranges_with_trusted_proxies() -> None:
     assert [(f.severity, f.key) for f in loop] == [("high", "remote_ip_ranges")]
     assert "127.0.0.1" in loop[0].message and "10.0.0.10" in loop[0].message
     # without trusted proxies loopback relay is the embedded default and fine
-    assert not only(audit(config(relay(ranges='["127.0.0.1", "10.0.0.5"]'))), "loopback-relay-with-proxies")
+    assert not only(
+        audit(config(relay(ranges='["127.0.0.1", "10.0.0.5"]'))), "loopback-relay-with-proxies"
+    )
     # ::1 counts too
-    v6 = '[server]\ntrusted_proxies = ["10.0.0.10"]\n' + relay(ranges='["::1"]', bindings='["[::]:25"]')
+    v6 = '[server]\ntrusted_proxies = ["10.0.0.10"]\n' + relay(
+        ranges='["::1"]', bindings='["[::]:25"]'
+    )
     assert only(audit(config(v6)), "loopback-relay-with-proxies")
 
 
@@ -257,13 +310,18 @@ def test_exchange_users_without_auth() -> None:
 
 def test_disabled_connector_still_reported() -> None:
     found = audit(config(relay(ranges='["0.0.0.0/0"]', extra=RELAY_DEFAULTS + "enabled = false\n")))
-    assert only(found, "relay-range-too-wide") and "disabled" in only(found, "relay-range-too-wide")[0].message
+    assert (
+        only(found, "relay-range-too-wide")
+        and "disabled" in only(found, "relay-range-too-wide")[0].message
+    )
 
 
 def test_findings_sorted_by_severity() -> None:
     found = audit(config(relay(ranges='["0.0.0.0/0"]', extra="")))
     order = ["high", "medium", "low", "info"]
-    assert [order.index(f.severity) for f in found] == sorted(order.index(f.severity) for f in found)
+    assert [order.index(f.severity) for f in found] == sorted(
+        order.index(f.severity) for f in found
+    )
 
 
 # -- CLI ------------------------------------------------------------------------------------------------------

@@ -187,7 +187,15 @@ def test_set_scalars_keeps_comments(cfg: Path) -> None:
 
 
 def test_set_bool_flags(cfg: Path) -> None:
-    r = run("connector", "set", "SMTP Relay Internal", "-c", str(cfg), "--require-tls", "--no-pipelining-enabled")
+    r = run(
+        "connector",
+        "set",
+        "SMTP Relay Internal",
+        "-c",
+        str(cfg),
+        "--require-tls",
+        "--no-pipelining-enabled",
+    )
     assert r.code == 0, r.err
     c = connector(cfg, "SMTP Relay Internal")
     assert c["require_tls"] is True and c["pipelining_enabled"] is False
@@ -196,28 +204,81 @@ def test_set_bool_flags(cfg: Path) -> None:
 
 
 def test_set_unlimited_and_reset(cfg: Path) -> None:
-    r = run("connector", "set", "SMTP Relay Internal", "-c", str(cfg), "--max-inbound-connection-per-source", "unlimited")
+    r = run(
+        "connector",
+        "set",
+        "SMTP Relay Internal",
+        "-c",
+        str(cfg),
+        "--max-inbound-connection-per-source",
+        "unlimited",
+    )
     assert r.code == 0, r.err
     assert connector(cfg, "SMTP Relay Internal")["max_inbound_connection_per_source"] == "unlimited"
     data = run("connector", "show", "SMTP Relay Internal", "-c", str(cfg), "--json").json()
     assert data["max_inbound_connection_per_source"] is None
     # "" removes the key: the default (20) applies again
-    r = run("connector", "set", "SMTP Relay Internal", "-c", str(cfg), "--max-inbound-connection-per-source", "")
+    r = run(
+        "connector",
+        "set",
+        "SMTP Relay Internal",
+        "-c",
+        str(cfg),
+        "--max-inbound-connection-per-source",
+        "",
+    )
     assert r.code == 0, r.err
     assert "max_inbound_connection_per_source" not in connector(cfg, "SMTP Relay Internal")
 
 
 def test_set_multivalued_add_remove_replace(cfg: Path) -> None:
-    r = run("connector", "set", "SMTP Relay Internal", "-c", str(cfg), "--add-remote-ip-ranges", "10.0.0.7,10.0.0.8")
+    r = run(
+        "connector",
+        "set",
+        "SMTP Relay Internal",
+        "-c",
+        str(cfg),
+        "--add-remote-ip-ranges",
+        "10.0.0.7,10.0.0.8",
+    )
     assert r.code == 0, r.err
-    assert connector(cfg, "SMTP Relay Internal")["remote_ip_ranges"] == ["10.0.0.5", "10.0.0.6", "10.0.0.7", "10.0.0.8"]
+    assert connector(cfg, "SMTP Relay Internal")["remote_ip_ranges"] == [
+        "10.0.0.5",
+        "10.0.0.6",
+        "10.0.0.7",
+        "10.0.0.8",
+    ]
     assert "# copier, 1st floor" in cfg.read_text()  # comments inside the array survive an append
-    r = run("connector", "set", "SMTP Relay Internal", "-c", str(cfg), "--remove-remote-ip-ranges", "10.0.0.6")
+    r = run(
+        "connector",
+        "set",
+        "SMTP Relay Internal",
+        "-c",
+        str(cfg),
+        "--remove-remote-ip-ranges",
+        "10.0.0.6",
+    )
     assert r.code == 0, r.err
-    assert connector(cfg, "SMTP Relay Internal")["remote_ip_ranges"] == ["10.0.0.5", "10.0.0.7", "10.0.0.8"]
+    assert connector(cfg, "SMTP Relay Internal")["remote_ip_ranges"] == [
+        "10.0.0.5",
+        "10.0.0.7",
+        "10.0.0.8",
+    ]
     # adding an entry that is already there (written differently) is a no-op for that entry
-    r = run("connector", "set", "SMTP Relay Internal", "-c", str(cfg), "--add-remote-ip-ranges", "10.0.0.5/32")
-    assert connector(cfg, "SMTP Relay Internal")["remote_ip_ranges"] == ["10.0.0.5", "10.0.0.7", "10.0.0.8"]
+    r = run(
+        "connector",
+        "set",
+        "SMTP Relay Internal",
+        "-c",
+        str(cfg),
+        "--add-remote-ip-ranges",
+        "10.0.0.5/32",
+    )
+    assert connector(cfg, "SMTP Relay Internal")["remote_ip_ranges"] == [
+        "10.0.0.5",
+        "10.0.0.7",
+        "10.0.0.8",
+    ]
     # replace: repeated flags
     r = run(
         "connector", "set", "SMTP Relay Internal", "-c", str(cfg),
@@ -229,38 +290,83 @@ def test_set_multivalued_add_remove_replace(cfg: Path) -> None:
     c = connector(cfg, "SMTP Relay Internal")
     assert c["remote_ip_ranges"] == ["10.0.0.20", "10.0.0.21"]
     assert c["bindings"] == ["0.0.0.0:25", "[::]:25"]
-    assert c["auth_mechanism"] == ["Tls", "BasicAuth", "BasicAuthRequireTLS"]  # the default Tls kept
+    assert c["auth_mechanism"] == [
+        "Tls",
+        "BasicAuth",
+        "BasicAuthRequireTLS",
+    ]  # the default Tls kept
     assert_valid(cfg)
 
 
 def test_set_permission_groups_add_remove(cfg: Path) -> None:
-    r = run("connector", "set", "Default Frontend", "-c", str(cfg), "--add-permission-groups", "ExchangeUsers")
+    r = run(
+        "connector",
+        "set",
+        "Default Frontend",
+        "-c",
+        str(cfg),
+        "--add-permission-groups",
+        "ExchangeUsers",
+    )
     assert r.code == 0, r.err
-    assert connector(cfg, "Default Frontend")["permission_groups"] == ["AnonymousUsers", "ExchangeUsers"]
-    r = run("connector", "set", "Default Frontend", "-c", str(cfg), "--remove-permission-groups", "anonymoususers")
+    assert connector(cfg, "Default Frontend")["permission_groups"] == [
+        "AnonymousUsers",
+        "ExchangeUsers",
+    ]
+    r = run(
+        "connector",
+        "set",
+        "Default Frontend",
+        "-c",
+        str(cfg),
+        "--remove-permission-groups",
+        "anonymoususers",
+    )
     assert r.code == 0, r.err
     assert connector(cfg, "Default Frontend")["permission_groups"] == ["ExchangeUsers"]
 
 
 def test_set_remove_missing_entry_is_refused(cfg: Path) -> None:
     before = cfg.read_bytes()
-    r = run("connector", "set", "SMTP Relay Internal", "-c", str(cfg), "--remove-remote-ip-ranges", "10.9.9.9")
+    r = run(
+        "connector",
+        "set",
+        "SMTP Relay Internal",
+        "-c",
+        str(cfg),
+        "--remove-remote-ip-ranges",
+        "10.9.9.9",
+    )
     assert r.code == 1
     assert "'10.9.9.9' is not in remote_ip_ranges" in r.err
     assert cfg.read_bytes() == before
 
 
 def test_set_rename(cfg: Path) -> None:
-    r = run("connector", "set", "Default Frontend", "-c", str(cfg), "--name", "LAN Clients", "--json")
+    r = run(
+        "connector", "set", "Default Frontend", "-c", str(cfg), "--name", "LAN Clients", "--json"
+    )
     assert r.code == 0, r.err
     data = r.json()
     assert data["ok"] is True and data["receive_connector"]["name"] == "LAN Clients"
     assert data["changes"]["name"] == {"from": "Default Frontend", "to": "LAN Clients"}
-    assert [c["name"] for c in load(cfg)["receive_connectors"]] == ["SMTP Relay Internal", "LAN Clients"]
+    assert [c["name"] for c in load(cfg)["receive_connectors"]] == [
+        "SMTP Relay Internal",
+        "LAN Clients",
+    ]
 
 
 def test_set_json_reports_changes(cfg: Path) -> None:
-    r = run("connector", "set", "SMTP Relay Internal", "-c", str(cfg), "--message-rate-limit", "60", "--json")
+    r = run(
+        "connector",
+        "set",
+        "SMTP Relay Internal",
+        "-c",
+        str(cfg),
+        "--message-rate-limit",
+        "60",
+        "--json",
+    )
     assert r.code == 0, r.err
     data = r.json()
     assert data["changed"] is True
@@ -270,7 +376,15 @@ def test_set_json_reports_changes(cfg: Path) -> None:
 def test_set_same_value_does_not_rewrite(cfg: Path) -> None:
     before = cfg.read_bytes()
     mtime = cfg.stat().st_mtime_ns
-    r = run("connector", "set", "SMTP Relay Internal", "-c", str(cfg), "--protocol-logging-level", "Verbose")
+    r = run(
+        "connector",
+        "set",
+        "SMTP Relay Internal",
+        "-c",
+        str(cfg),
+        "--protocol-logging-level",
+        "Verbose",
+    )
     assert r.code == 0, r.err
     assert "no change" in r.out
     assert cfg.read_bytes() == before and cfg.stat().st_mtime_ns == mtime
@@ -297,19 +411,32 @@ def test_set_nothing_given(cfg: Path) -> None:
             ["--add-remote-ip-ranges", "9.255.255.0-10.0.0.10"],
             "partially overlaps",
         ),
-        (["--max-recipients-per-message", "abc"], "max_recipients_per_message: expected a whole number"),
-        (["--protocol-logging-level", "Loud"], "protocol_logging_level: 'Loud' is not one of None, Verbose"),
+        (
+            ["--max-recipients-per-message", "abc"],
+            "max_recipients_per_message: expected a whole number",
+        ),
+        (
+            ["--protocol-logging-level", "Loud"],
+            "protocol_logging_level: 'Loud' is not one of None, Verbose",
+        ),
         (["--add-auth-mechanism", "None"], "auth_mechanism: 'None' must be the only value"),
-        (["--connection-timeout", "00:01:00"], "must be greater than connection_inactivity_timeout"),
+        (
+            ["--connection-timeout", "00:01:00"],
+            "must be greater than connection_inactivity_timeout",
+        ),
         (["--banner", "hello"], "banner: a custom banner must start with '220'"),
     ],
 )
-def test_invalid_edit_refused_file_byte_identical(cfg: Path, args: list[str], expected: str) -> None:
+def test_invalid_edit_refused_file_byte_identical(
+    cfg: Path, args: list[str], expected: str
+) -> None:
     before = cfg.read_bytes()
     r = run("connector", "set", "SMTP Relay Internal", "--config", str(cfg), *args)
     assert r.code == 1, r.out
     assert expected in r.err
-    assert f"{cfg}: receive_connectors" in r.err  # the file: connector: key: message form of `check`
+    assert (
+        f"{cfg}: receive_connectors" in r.err
+    )  # the file: connector: key: message form of `check`
     assert "left unchanged" in r.err
     assert cfg.read_bytes() == before
     assert [p.name for p in cfg.parent.iterdir()] == [cfg.name]  # no temp file left behind
@@ -318,20 +445,41 @@ def test_invalid_edit_refused_file_byte_identical(cfg: Path, args: list[str], ex
 def test_refusal_message_matches_check(cfg: Path, tmp_path: Path) -> None:
     """The refused edit prints exactly the lines `check` prints for the same invalid file."""
     before = cfg.read_bytes()
-    r = run("connector", "set", "SMTP Relay Internal", "-c", str(cfg), "--remote-ip-ranges", "10.0.0.9-10.0.0.1")
+    r = run(
+        "connector",
+        "set",
+        "SMTP Relay Internal",
+        "-c",
+        str(cfg),
+        "--remote-ip-ranges",
+        "10.0.0.9-10.0.0.1",
+    )
     assert r.code == 1
     assert cfg.read_bytes() == before
-    broken = cfg.read_text().replace('"10.0.0.5",   # copier, 1st floor\n  "10.0.0.6",   # scanner\n', '"10.0.0.9-10.0.0.1"\n')
+    broken = cfg.read_text().replace(
+        '"10.0.0.5",   # copier, 1st floor\n  "10.0.0.6",   # scanner\n', '"10.0.0.9-10.0.0.1"\n'
+    )
     cfg.write_text(broken)
     c = run("check", "-c", str(cfg))
     assert c.code == 1
-    problem_lines = [line for line in c.out.splitlines() if line.startswith(f"{cfg}: receive_connectors")]
+    problem_lines = [
+        line for line in c.out.splitlines() if line.startswith(f"{cfg}: receive_connectors")
+    ]
     assert problem_lines and all(line in r.err.splitlines() for line in problem_lines)
 
 
 def test_invalid_edit_json(cfg: Path) -> None:
     before = cfg.read_bytes()
-    r = run("connector", "set", "SMTP Relay Internal", "-c", str(cfg), "--remote-ip-ranges", "10.0.0.9-10.0.0.1", "--json")
+    r = run(
+        "connector",
+        "set",
+        "SMTP Relay Internal",
+        "-c",
+        str(cfg),
+        "--remote-ip-ranges",
+        "10.0.0.9-10.0.0.1",
+        "--json",
+    )
     assert r.code == 1
     data = r.json()
     assert data["ok"] is False
@@ -371,7 +519,9 @@ def test_new_connector_positional_name(cfg: Path) -> None:
     assert_valid(cfg)
     # the send connector's section comment still heads the send connectors
     text = cfg.read_text()
-    assert text.index("# Outbound through Microsoft 365") > text.index('name = "Scanners 2nd floor"')
+    assert text.index("# Outbound through Microsoft 365") > text.index(
+        'name = "Scanners 2nd floor"'
+    )
     assert text.index("# Outbound through Microsoft 365") < text.index("[[send_connectors]]")
 
 
@@ -391,7 +541,17 @@ def test_new_connector_name_option_and_usage_client(cfg: Path) -> None:
 
 def test_new_duplicate_name_refused(cfg: Path) -> None:
     before = cfg.read_bytes()
-    r = run("connector", "new", "smtp relay internal", "-c", str(cfg), "--bindings", "0.0.0.0:2525", "--remote-ip-ranges", "10.1.0.1")
+    r = run(
+        "connector",
+        "new",
+        "smtp relay internal",
+        "-c",
+        str(cfg),
+        "--bindings",
+        "0.0.0.0:2525",
+        "--remote-ip-ranges",
+        "10.1.0.1",
+    )
     assert r.code == 1 and "already exists" in r.err
     assert cfg.read_bytes() == before
 
@@ -422,7 +582,16 @@ def test_new_creates_missing_file(tmp_path: Path) -> None:
 
 
 def test_new_creates_default_file_in_cwd(tmp_path: Path) -> None:
-    r = run("connector", "new", "P", "--bindings", "0.0.0.0:25", "--remote-ip-ranges", "10.0.0.5", cwd=tmp_path)
+    r = run(
+        "connector",
+        "new",
+        "P",
+        "--bindings",
+        "0.0.0.0:25",
+        "--remote-ip-ranges",
+        "10.0.0.5",
+        cwd=tmp_path,
+    )
     assert r.code == 0, r.err
     assert (tmp_path / "relaygate.toml").exists()
 
@@ -442,7 +611,9 @@ def test_remove_connector_json_and_unknown(cfg: Path) -> None:
     r = run("connector", "remove", "SMTP Relay Internal", "-c", str(cfg), "--json")
     assert r.code == 0, r.err
     data = r.json()
-    assert data["action"] == "removed" and data["receive_connector"]["name"] == "SMTP Relay Internal"
+    assert (
+        data["action"] == "removed" and data["receive_connector"]["name"] == "SMTP Relay Internal"
+    )
     # the permission sub-table went with it
     assert all("permissions" not in c for c in load(cfg)["receive_connectors"])
     r = run("connector", "remove", "SMTP Relay Internal", "-c", str(cfg), "--json")

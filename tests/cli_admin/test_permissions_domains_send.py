@@ -54,24 +54,46 @@ def test_permission_add_list_remove(cfg: Path) -> None:
     )  # fmt: skip
     assert r.code == 0, r.err
     perms = load(cfg)["receive_connectors"][0]["permissions"]
-    assert perms == [{"user": "NT AUTHORITY\\ANONYMOUS LOGON", "extended_rights": ["ms-Exch-SMTP-Accept-Any-Recipient"]}]
+    assert perms == [
+        {
+            "user": "NT AUTHORITY\\ANONYMOUS LOGON",
+            "extended_rights": ["ms-Exch-SMTP-Accept-Any-Recipient"],
+        }
+    ]
     text = cfg.read_text()
     assert "# method A: add the relay right below" in text and "# outbound" in text
     assert text.index("# outbound") > text.index("[[receive_connectors.permissions]]")
 
     # the connector now relays (method A)
     data = run("connector", "show", "Printers", "-c", str(cfg), "--json").json()
-    assert data["relay"]["anonymous"] is True and data["relay"]["method_a"] == ["NT AUTHORITY\\ANONYMOUS LOGON"]
+    assert data["relay"]["anonymous"] is True and data["relay"]["method_a"] == [
+        "NT AUTHORITY\\ANONYMOUS LOGON"
+    ]
 
     # adding a second right merges into the same entry
-    r = run("permission", "add", "Printers", "-c", str(cfg), "--user", "nt authority\\anonymous logon", "--extended-rights", "ms-Exch-Bypass-Anti-Spam")
+    r = run(
+        "permission",
+        "add",
+        "Printers",
+        "-c",
+        str(cfg),
+        "--user",
+        "nt authority\\anonymous logon",
+        "--extended-rights",
+        "ms-Exch-Bypass-Anti-Spam",
+    )
     assert r.code == 0, r.err
     perms = load(cfg)["receive_connectors"][0]["permissions"]
-    assert len(perms) == 1 and perms[0]["extended_rights"] == ["ms-Exch-SMTP-Accept-Any-Recipient", "ms-Exch-Bypass-Anti-Spam"]
+    assert len(perms) == 1 and perms[0]["extended_rights"] == [
+        "ms-Exch-SMTP-Accept-Any-Recipient",
+        "ms-Exch-Bypass-Anti-Spam",
+    ]
 
     r = run("permission", "list", "Printers", "-c", str(cfg))
     assert r.code == 0, r.err
-    assert "ms-Exch-SMTP-Accept-Any-Recipient" in r.out and "PermissionGroups AnonymousUsers" in r.out
+    assert (
+        "ms-Exch-SMTP-Accept-Any-Recipient" in r.out and "PermissionGroups AnonymousUsers" in r.out
+    )
 
     rows = run("permission", "list", "-c", str(cfg), "--json").json()
     explicit = [row for row in rows if not row["inherited"]]
@@ -80,10 +102,31 @@ def test_permission_add_list_remove(cfg: Path) -> None:
     assert inherited[0]["user"] == "NT AUTHORITY\\ANONYMOUS LOGON"
     assert "ms-Exch-SMTP-Submit" in inherited[0]["extended_rights"]
 
-    r = run("permission", "remove", "Printers", "-c", str(cfg), "--user", "NT AUTHORITY\\ANONYMOUS LOGON", "--extended-rights", "ms-Exch-Bypass-Anti-Spam")
+    r = run(
+        "permission",
+        "remove",
+        "Printers",
+        "-c",
+        str(cfg),
+        "--user",
+        "NT AUTHORITY\\ANONYMOUS LOGON",
+        "--extended-rights",
+        "ms-Exch-Bypass-Anti-Spam",
+    )
     assert r.code == 0, r.err
-    assert load(cfg)["receive_connectors"][0]["permissions"][0]["extended_rights"] == ["ms-Exch-SMTP-Accept-Any-Recipient"]
-    r = run("permission", "remove", "Printers", "-c", str(cfg), "--user", "NT AUTHORITY\\ANONYMOUS LOGON", "--json")
+    assert load(cfg)["receive_connectors"][0]["permissions"][0]["extended_rights"] == [
+        "ms-Exch-SMTP-Accept-Any-Recipient"
+    ]
+    r = run(
+        "permission",
+        "remove",
+        "Printers",
+        "-c",
+        str(cfg),
+        "--user",
+        "NT AUTHORITY\\ANONYMOUS LOGON",
+        "--json",
+    )
     assert r.code == 0, r.err
     assert r.json()["receive_connector"]["permissions"] == []
     assert "permissions" not in load(cfg)["receive_connectors"][0]
@@ -92,7 +135,17 @@ def test_permission_add_list_remove(cfg: Path) -> None:
 
 def test_permission_unknown_right_refused_byte_identical(cfg: Path) -> None:
     before = cfg.read_bytes()
-    r = run("permission", "add", "Printers", "-c", str(cfg), "--user", "Everyone", "--extended-rights", "ms-Exch-SMTP-Accept-Any-Recipent")
+    r = run(
+        "permission",
+        "add",
+        "Printers",
+        "-c",
+        str(cfg),
+        "--user",
+        "Everyone",
+        "--extended-rights",
+        "ms-Exch-SMTP-Accept-Any-Recipent",
+    )
     assert r.code == 1
     assert 'receive_connectors[0] "Printers": permissions[0].extended_rights[0]' in r.err
     assert "did you mean 'ms-Exch-SMTP-Accept-Any-Recipient'" in r.err
@@ -105,11 +158,27 @@ def test_permission_remove_absent(cfg: Path) -> None:
 
 
 def test_permission_deny_entry(cfg: Path) -> None:
-    r = run("permission", "add", "Printers", "-c", str(cfg), "--user", "NT AUTHORITY\\ANONYMOUS LOGON", "--extended-rights", "ms-Exch-SMTP-Accept-Authoritative-Domain-Sender", "--deny", "--json")
+    r = run(
+        "permission",
+        "add",
+        "Printers",
+        "-c",
+        str(cfg),
+        "--user",
+        "NT AUTHORITY\\ANONYMOUS LOGON",
+        "--extended-rights",
+        "ms-Exch-SMTP-Accept-Authoritative-Domain-Sender",
+        "--deny",
+        "--json",
+    )
     assert r.code == 0, r.err
     perms = r.json()["receive_connector"]["permissions"]
     assert perms == [
-        {"user": "NT AUTHORITY\\ANONYMOUS LOGON", "extended_rights": ["ms-Exch-SMTP-Accept-Authoritative-Domain-Sender"], "deny": True}
+        {
+            "user": "NT AUTHORITY\\ANONYMOUS LOGON",
+            "extended_rights": ["ms-Exch-SMTP-Accept-Authoritative-Domain-Sender"],
+            "deny": True,
+        }
     ]
 
 
@@ -131,7 +200,10 @@ def test_domain_add_set_remove(cfg: Path) -> None:
     r = run("domain", "add", "Partner.Example.", "--domain-type", "ExternalRelay", "-c", str(cfg))
     assert r.code == 0, r.err
     assert "Added accepted domain partner.example" in r.out
-    assert load(cfg)["accepted_domains"][-1] == {"domain": "partner.example", "domain_type": "ExternalRelay"}
+    assert load(cfg)["accepted_domains"][-1] == {
+        "domain": "partner.example",
+        "domain_type": "ExternalRelay",
+    }
     assert "# primary" in cfg.read_text()
 
     r = run("domain", "set", "partner.example", "--default", "-c", str(cfg), "--json")
@@ -148,7 +220,10 @@ def test_domain_add_set_remove(cfg: Path) -> None:
     r = run("domain", "remove", "*.corp.example", "-c", str(cfg), "--json")
     assert r.code == 0, r.err
     assert r.json()["action"] == "removed"
-    assert [d["domain"] for d in load(cfg)["accepted_domains"]] == ["corp.example", "partner.example"]
+    assert [d["domain"] for d in load(cfg)["accepted_domains"]] == [
+        "corp.example",
+        "partner.example",
+    ]
     assert run("check", "-c", str(cfg)).code == 0
 
 
@@ -189,7 +264,20 @@ def test_send_connector_new_set_remove(cfg: Path) -> None:
     assert s["smart_hosts"] == ["smtp.office365.com"] and s["port"] == 587
     assert "# outbound" in cfg.read_text()
 
-    r = run("send-connector", "set", "Microsoft 365", "-c", str(cfg), "--add-smart-hosts", "smtp2.office365.com", "--add-address-spaces", "*.corp.example", "--cost", "5", "--json")
+    r = run(
+        "send-connector",
+        "set",
+        "Microsoft 365",
+        "-c",
+        str(cfg),
+        "--add-smart-hosts",
+        "smtp2.office365.com",
+        "--add-address-spaces",
+        "*.corp.example",
+        "--cost",
+        "5",
+        "--json",
+    )
     assert r.code == 0, r.err
     data = r.json()
     assert data["send_connector"]["smart_hosts"] == ["smtp.office365.com", "smtp2.office365.com"]
@@ -200,7 +288,9 @@ def test_send_connector_new_set_remove(cfg: Path) -> None:
     before = cfg.read_bytes()
     r = run("send-connector", "set", "Microsoft 365", "-c", str(cfg), "--dns-routing-enabled")
     assert r.code == 1
-    assert 'send_connectors[1] "Microsoft 365": smart_hosts: set dns_routing_enabled = false' in r.err
+    assert (
+        'send_connectors[1] "Microsoft 365": smart_hosts: set dns_routing_enabled = false' in r.err
+    )
     assert cfg.read_bytes() == before
 
     r = run("send-connector", "remove", "microsoft 365", "-c", str(cfg))
@@ -211,7 +301,18 @@ def test_send_connector_new_set_remove(cfg: Path) -> None:
 
 def test_send_connector_missing_auth_refused(cfg: Path) -> None:
     before = cfg.read_bytes()
-    r = run("send-connector", "new", "M365", "-c", str(cfg), "--smart-hosts", "smtp.office365.com", "--smart-host-auth-mechanism", "XOAUTH2", "--json")
+    r = run(
+        "send-connector",
+        "new",
+        "M365",
+        "-c",
+        str(cfg),
+        "--smart-hosts",
+        "smtp.office365.com",
+        "--smart-host-auth-mechanism",
+        "XOAUTH2",
+        "--json",
+    )
     assert r.code == 1
     keys = {e["path"] for e in r.json()["errors"]}
     assert "send_connectors[1].oauth_tenant_id" in keys

@@ -27,15 +27,38 @@ def refusing() -> Iterator[SMTPServer]:
         yield server
 
 
-def send(server: SMTPServer, *extra: str, to: tuple[str, ...] = ("alice@corp.example",), env: dict | None = None):
-    args = ["test", "send", "--server", server.address, "--from", "scanner@corp.example", "--timeout", "10"]
+def send(
+    server: SMTPServer,
+    *extra: str,
+    to: tuple[str, ...] = ("alice@corp.example",),
+    env: dict | None = None,
+):
+    args = [
+        "test",
+        "send",
+        "--server",
+        server.address,
+        "--from",
+        "scanner@corp.example",
+        "--timeout",
+        "10",
+    ]
     for rcpt in to:
         args += ["--to", rcpt]
     return run(*args, *extra, env=env)
 
 
 def test_send_accepted_from_source_ip(accepting: SMTPServer) -> None:
-    r = send(accepting, "--source-ip", "127.0.0.5", "--subject", "Scan to mail", "--body", "page 1\n.hidden dot", to=("a@corp.example", "b@partner.example"))
+    r = send(
+        accepting,
+        "--source-ip",
+        "127.0.0.5",
+        "--subject",
+        "Scan to mail",
+        "--body",
+        "page 1\n.hidden dot",
+        to=("a@corp.example", "b@partner.example"),
+    )
     assert r.code == 0, r.out + r.err
     handler = accepting.handler
     assert handler.peers and handler.peers[0][0] == "127.0.0.5"  # the server saw the bound source
@@ -53,7 +76,9 @@ def test_send_accepted_from_source_ip(accepting: SMTPServer) -> None:
     assert "S: 250 2.1.5 Recipient OK" in lines
     assert "C: DATA" in lines and "C: Subject: Scan to mail" in lines and "C: ..hidden dot" in lines
     assert "C: ." in lines and "C: QUIT" in lines
-    assert "Relayed: the server accepted the message for all 2 recipient(s) (queue id 4242)" in r.out
+    assert (
+        "Relayed: the server accepted the message for all 2 recipient(s) (queue id 4242)" in r.out
+    )
     # testing from loopback: the false-positive warning
     assert "warning: You are testing from a loopback address (127.0.0.5)" in r.out
 
@@ -71,7 +96,9 @@ def test_send_refused_550_5_7_54(refusing: SMTPServer) -> None:
 
 
 def test_send_partial_exit_2_json(refusing: SMTPServer) -> None:
-    r = send(refusing, "--source-ip", "127.0.0.5", "--json", to=("a@corp.example", "b@outside.example"))
+    r = send(
+        refusing, "--source-ip", "127.0.0.5", "--json", to=("a@corp.example", "b@outside.example")
+    )
     assert r.code == 2, r.out + r.err
     data = r.json()
     assert data["outcome"] == "partial" and data["exit_code"] == 2
@@ -91,7 +118,16 @@ def test_send_partial_exit_2_json(refusing: SMTPServer) -> None:
 def test_send_auth_payload_masked() -> None:
     handler = Recorder()
     with SMTPServer(handler, auth_require_tls=False, authenticator=handler.authenticator) as server:
-        r = send(server, "--auth", "printer", "--password-env", "PRINTER_PW", "--helo", "printer.corp.example", env={"PRINTER_PW": "s3cret-Pa55"})
+        r = send(
+            server,
+            "--auth",
+            "printer",
+            "--password-env",
+            "PRINTER_PW",
+            "--helo",
+            "printer.corp.example",
+            env={"PRINTER_PW": "s3cret-Pa55"},
+        )
     assert r.code == 0, r.out + r.err
     assert handler.logins == [("printer", "s3cret-Pa55")]
     assert "C: AUTH PLAIN ********" in r.out
@@ -121,7 +157,16 @@ def test_send_connection_refused() -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    r = run("test", "send", "--server", f"127.0.0.1:{port}", "--from", "a@corp.example", "--to", "b@corp.example")
+    r = run(
+        "test",
+        "send",
+        "--server",
+        f"127.0.0.1:{port}",
+        "--from",
+        "a@corp.example",
+        "--to",
+        "b@corp.example",
+    )
     assert r.code == 1
     assert "Could not connect to 127.0.0.1" in r.out
 
@@ -142,7 +187,18 @@ def test_send_no_banner_explains_selection() -> None:
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        r = run("test", "send", "--server", f"127.0.0.1:{port}", "--source-ip", "127.0.0.9", "--from", "a@corp.example", "--to", "b@corp.example")
+        r = run(
+            "test",
+            "send",
+            "--server",
+            f"127.0.0.1:{port}",
+            "--source-ip",
+            "127.0.0.9",
+            "--from",
+            "a@corp.example",
+            "--to",
+            "b@corp.example",
+        )
     finally:
         thread.join(5)
         listener.close()
@@ -182,7 +238,9 @@ def test_smtp_interactive_masks_auth() -> None:
     handler = Recorder()
     token = base64.b64encode(b"\0printer\0s3cret-Pa55").decode()
     with SMTPServer(handler, auth_require_tls=False, authenticator=handler.authenticator) as server:
-        r = run("test", "smtp", "--server", server.address, stdin=f"EHLO x\nAUTH PLAIN {token}\nQUIT\n")
+        r = run(
+            "test", "smtp", "--server", server.address, stdin=f"EHLO x\nAUTH PLAIN {token}\nQUIT\n"
+        )
     assert r.code == 0
     assert "C: AUTH PLAIN ********" in r.out and token not in r.out
     assert handler.logins == [("printer", "s3cret-Pa55")]

@@ -10,6 +10,7 @@ and Verbose protocol logging unless the test says otherwise.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import smtplib
@@ -57,7 +58,9 @@ def default_frontend(**overrides: Any) -> dict[str, Any]:
     return c
 
 
-def relay_connector(ranges: tuple[str, ...] | list[str] = ("127.0.0.5",), **overrides: Any) -> dict[str, Any]:
+def relay_connector(
+    ranges: tuple[str, ...] | list[str] = ("127.0.0.5",), **overrides: Any
+) -> dict[str, Any]:
     """The seed's dedicated anonymous relay connector (method A: AnonymousUsers + Accept-Any-Recipient)."""
     c: dict[str, Any] = {
         "name": "SMTP Relay Internal",
@@ -166,7 +169,9 @@ class RelayHandle:
 
     def reconfigure(self, connectors: list[dict[str, Any]]) -> None:
         """Rewrite the config file with new connectors and reload (thread mode)."""
-        self.doc = build_doc(self.tmp, connectors, self.ports, data_dir=self.data_dir, server=self.doc["server"])
+        self.doc = build_doc(
+            self.tmp, connectors, self.ports, data_dir=self.data_dir, server=self.doc["server"]
+        )
         self.config_path.write_text(tomlkit.dumps(self.doc), encoding="utf-8")
         self.config = load_config(self.config_path)
         assert self.loop is not None and self.relay is not None
@@ -182,7 +187,9 @@ class RelayHandle:
     def raw(self, source: str = "127.0.0.5", port: int | None = None, **kw: Any) -> RawClient:
         return RawClient(port or self.port, source=source, **kw)
 
-    def smtp(self, source: str = "127.0.0.5", port: int | None = None, timeout: float = 10) -> smtplib.SMTP:
+    def smtp(
+        self, source: str = "127.0.0.5", port: int | None = None, timeout: float = 10
+    ) -> smtplib.SMTP:
         return smtplib.SMTP(
             "127.0.0.1", port or self.port, local_hostname="client.corp.example",
             timeout=timeout, source_address=(source, 0),
@@ -278,8 +285,22 @@ def build_doc(
     }
 
 
+class _Errors(logging.Handler):
+    """Collects ERROR records (a session that crashed is logged as 'session from ... failed')."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 @pytest.fixture
 def relay(tmp_path: Path) -> Iterator[Callable[..., RelayHandle]]:
+    errors = _Errors()
+    smtp_logger = logging.getLogger("relaygate.smtp")
+    smtp_logger.addHandler(errors)
     handles: list[RelayHandle] = []
     counter = iter(range(1000))
 
@@ -304,6 +325,15 @@ def relay(tmp_path: Path) -> Iterator[Callable[..., RelayHandle]]:
             handle.start()
         return handle
 
-    yield factory
+    try:
+        yield factory
+    finally:
+        for h in handles:
+            h.stop()
+        smtp_logger.removeHandler(errors)
+    crashed = [r.getMessage() for r in errors.records]
+    assert not crashed, f"the SMTP service logged errors: {crashed}"
     for h in handles:
-        h.stop()
+        if h.mode == "process" and h.stderr_path.exists():
+            log = h.stderr_path.read_text(errors="replace")
+            assert "Traceback" not in log, log[-3000:]

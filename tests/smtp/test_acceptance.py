@@ -32,8 +32,7 @@ def test_received_header_prepended_and_nothing_else_changed(relay):
         b"X-Folded: first\r\n   continued\r\n"
         b"\r\n"
         b".leading dot\r\n"
-        b"..two dots\r\n"
-        + b"L" * 998 + b"\r\n"
+        b"..two dots\r\n" + b"L" * 998 + b"\r\n"
         b"\xff\xfe binary-ish bytes \x01\x7f\r\n"
         b"last line without anything after"
         b"\r\n"
@@ -95,7 +94,9 @@ def logged(relay, monkeypatch):
 
     import relaygate.smtp.auth as auth
 
-    monkeypatch.setattr(auth, "_HASHER", PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1))
+    monkeypatch.setattr(
+        auth, "_HASHER", PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
+    )
     r = relay(
         [
             relay_connector(
@@ -133,15 +134,27 @@ def test_protocol_log_parsed_back_as_csv(logged):
         c.cmd("QUIT", 221)
     text = r.protocol_log_text()
     head = [line for line in text.splitlines() if line.startswith("#")]
-    assert head[:3] == ["#Software: Microsoft Exchange Server", "#Version: 15.0.0.0", "#Log-type: SMTP Receive Protocol Log"]
+    assert head[:3] == [
+        "#Software: Microsoft Exchange Server",
+        "#Version: 15.0.0.0",
+        "#Log-type: SMTP Receive Protocol Log",
+    ]
     assert re.fullmatch(r"#Date: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", head[3])
     assert head[4] == (
         "#Fields: date-time,connector-id,session-id,sequence-number,local-endpoint,remote-endpoint,event,data,context"
     )
-    for secret in ("TOP-SECRET", PASSWORD, plain_ok, plain_bad, base64.b64encode(PASSWORD.encode()).decode()):
+    for secret in (
+        "TOP-SECRET",
+        PASSWORD,
+        plain_ok,
+        plain_bad,
+        base64.b64encode(PASSWORD.encode()).decode(),
+    ):
         assert secret not in text
 
-    rows = list(csv.reader(io.StringIO("\n".join(x for x in text.splitlines() if not x.startswith("#")))))
+    rows = list(
+        csv.reader(io.StringIO("\n".join(x for x in text.splitlines() if not x.startswith("#"))))
+    )
     assert all(len(row) == 9 for row in rows)
     assert not any(row[5].endswith(f":{quiet_port}") for row in rows)
     mine = [row for row in rows if row[5] == f"127.0.0.5:{client_port}"]
@@ -155,7 +168,9 @@ def test_protocol_log_parsed_back_as_csv(logged):
     assert mine[0][6:] == ["+", "", ""]
     assert mine[-1][6:] == ["-", "", "Local"]
     events = [(row[6], row[7], row[8]) for row in mine]
-    assert events[1][0] == ">" and events[1][1].startswith(f"220 {FQDN} Microsoft ESMTP MAIL Service ready at ")
+    assert events[1][0] == ">" and events[1][1].startswith(
+        f"220 {FQDN} Microsoft ESMTP MAIL Service ready at "
+    )
     permissions = [e[1] for e in events if e[0] == "*" and e[2] == "Set Session Permissions"]
     assert len(permissions) == 2  # at connect (anonymous) and after AUTH (ExchangeUsers)
     assert "SMTPAcceptAnyRecipient" not in permissions[0].split()
@@ -174,7 +189,9 @@ def test_protocol_log_parsed_back_as_csv(logged):
     assert (">", "354 Start mail input; end with <CRLF>.<CRLF>", "") in events
     receiving = [e for e in events if e[2] == "receiving message"]
     assert len(receiving) == 1
-    assert re.fullmatch(rf"{mine[0][2]};\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{{3}}Z;1", receiving[0][1])
+    assert re.fullmatch(
+        rf"{mine[0][2]};\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{{3}}Z;1", receiving[0][1]
+    )
     queued = [e for e in events if e[1].startswith("250 2.6.0")]
     assert len(queued) == 1 and "InternalId=" in queued[0][1]
     assert (">", "221 2.0.0 Service closing transmission channel", "") in events

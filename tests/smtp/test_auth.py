@@ -31,7 +31,9 @@ def cheap_argon2(monkeypatch: pytest.MonkeyPatch) -> None:
 
     import relaygate.smtp.auth as auth
 
-    monkeypatch.setattr(auth, "_HASHER", PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1))
+    monkeypatch.setattr(
+        auth, "_HASHER", PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
+    )
 
 
 def cli_process(r, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
@@ -107,7 +109,10 @@ def test_auth_plain_and_login_success_relay_as_exchange_user(relay):
         assert "PLAIN" in s.esmtp_features["auth"] and "LOGIN" in s.esmtp_features["auth"]
         with pytest.raises(smtplib.SMTPSenderRefused) as refused:  # anonymous: no Submit right
             s.sendmail("scanner@corp.example", ["x@external.example"], b"Subject: a\r\n\r\nx\r\n")
-        assert refused.value.smtp_code == 530 and refused.value.smtp_error == b"5.7.1 Client was not authenticated"
+        assert (
+            refused.value.smtp_code == 530
+            and refused.value.smtp_error == b"5.7.1 Client was not authenticated"
+        )
         s.rset()
         s.user, s.password = "scanner", PASSWORD
         code, text = s.auth("PLAIN", s.auth_plain, initial_response_ok=True)
@@ -118,7 +123,10 @@ def test_auth_plain_and_login_success_relay_as_exchange_user(relay):
         assert c.cmd("AUTH LOGIN").text == "334 VXNlcm5hbWU6"
         assert c.cmd(b64("SCANNER")).text == "334 UGFzc3dvcmQ6"  # user names are case-insensitive
         assert c.cmd(b64(PASSWORD)).text == "235 2.7.0 Authentication successful"
-        assert c.cmd("AUTH PLAIN " + b64("\0scanner\0" + PASSWORD)).text == "503 5.5.2 Auth command already specified"
+        assert (
+            c.cmd("AUTH PLAIN " + b64("\0scanner\0" + PASSWORD)).text
+            == "503 5.5.2 Auth command already specified"
+        )
         assert "AUTH" not in " ".join(c.cmd("EHLO again", 250).lines)
         c.cmd("MAIL FROM:<scanner@corp.example>", 250)
         c.cmd("RCPT TO:<y@external.example>", 250)
@@ -137,9 +145,14 @@ def test_auth_failure_tarpit_and_lockout(relay):
     with r.raw() as c:
         c.greet()
         t0 = time.monotonic()
-        assert c.cmd("AUTH PLAIN " + b64("\0scanner\0wrong")).text == "535 5.7.3 Authentication unsuccessful"
+        assert (
+            c.cmd("AUTH PLAIN " + b64("\0scanner\0wrong")).text
+            == "535 5.7.3 Authentication unsuccessful"
+        )
         assert time.monotonic() - t0 >= 0.95
-        c.send(("AUTH PLAIN " + b64("\0nobody\0wrong") + "\r\n").encode())  # unknown user: same answer
+        c.send(
+            ("AUTH PLAIN " + b64("\0nobody\0wrong") + "\r\n").encode()
+        )  # unknown user: same answer
         assert [x.text for x in c.replies_until_close()] == [
             "535 5.7.3 Authentication unsuccessful",
             "421 4.7.0 Too many errors on this connection, closing transmission channel",

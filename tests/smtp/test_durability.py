@@ -18,7 +18,9 @@ QUEUE_ID = re.compile(rb"\[InternalId=([0-9A-F]{16}), ")
 
 
 def content_for(n: int) -> bytes:
-    body = b"".join(b"line %d of message %d: %s\r\n" % (i, n, b"x" * (n % 50)) for i in range(1 + n % 40))
+    body = b"".join(
+        b"line %d of message %d: %s\r\n" % (i, n, b"x" * (n % 50)) for i in range(1 + n % 40)
+    )
     return (
         b"Message-ID: <durable-%d@corp.example>\r\nSubject: durability %d\r\n\r\n"
         b".leading dot survives unstuffing\r\n%s" % (n, n, body)
@@ -44,7 +46,9 @@ class Sender:
 
     def run(self) -> None:
         try:
-            with smtplib.SMTP("127.0.0.1", self.port, timeout=10, source_address=("127.0.0.5", 0)) as s:
+            with smtplib.SMTP(
+                "127.0.0.1", self.port, timeout=10, source_address=("127.0.0.5", 0)
+            ) as s:
                 s.ehlo("durability.corp.example")
                 while (n := self.take()) is not None:
                     s.mail("app@corp.example")
@@ -89,7 +93,9 @@ def test_acknowledged_messages_survive_sigkill(relay):
         data = stored[qid]
         assert data.endswith(content), qid
         header = data[: len(data) - len(content)]
-        assert header.startswith(b"Received: from durability.corp.example ([127.0.0.5])\r\n"), header
+        assert header.startswith(b"Received: from durability.corp.example ([127.0.0.5])\r\n"), (
+            header
+        )
         assert header.count(b"Received:") == 1 and header.endswith(b"\r\n")
     duplicates = len(stored) - len(sender.acked)
     assert duplicates >= 0  # unacknowledged copies (killed between fsync and the 250) may exist

@@ -70,9 +70,13 @@ def test_oversized_content_cannot_end_data_early(relay):
         open_transaction(c)
         c.send(b"Subject: big\r\n\r\n" + b"z" * (SMALL + 5000) + b"abc.\r\nM")
         time.sleep(0.3)  # let the server consume this much, so its buffer ends with ".\r\nM"
-        c.send(b"AIL FROM:<smuggled@corp.example>\r\nRCPT TO:<victim@external.example>\r\nDATA\r\nx\r\n.\r\n")
+        c.send(
+            b"AIL FROM:<smuggled@corp.example>\r\nRCPT TO:<victim@external.example>\r\nDATA\r\nx\r\n.\r\n"
+        )
         assert c.expect(552).text.startswith("552 5.3.4")
-        assert c.cmd("NOOP").text == "250 2.0.0 OK"  # the smuggled lines were content, never commands
+        assert (
+            c.cmd("NOOP").text == "250 2.0.0 OK"
+        )  # the smuggled lines were content, never commands
     assert r.messages() == []
 
 
@@ -92,7 +96,11 @@ def test_max_recipients_per_message(relay):
         c.cmd("RCPT TO:<u3@corp.example>", 250)
         c.cmd("RCPT TO:<u4@corp.example>", 250)
     (first,) = r.messages()
-    assert [x.address for x in first.recipients] == ["u0@corp.example", "u1@corp.example", "u2@corp.example"]
+    assert [x.address for x in first.recipients] == [
+        "u0@corp.example",
+        "u1@corp.example",
+        "u2@corp.example",
+    ]
 
 
 def test_max_header_size_closes_the_session(relay):
@@ -117,7 +125,10 @@ def test_max_hop_count(relay):
         with r.raw() as c:
             c.greet()
             open_transaction(c)
-            received = b"".join(b"Received: from hop%d by x; Mon, 1 Jan 2024 00:00:00 +0000\r\n" % i for i in range(hops))
+            received = b"".join(
+                b"Received: from hop%d by x; Mon, 1 Jan 2024 00:00:00 +0000\r\n" % i
+                for i in range(hops)
+            )
             c.send(received + b"Subject: hops\r\n\r\nbody\r\n.\r\n")
             return c.reply().text  # type: ignore[union-attr]
 
@@ -127,7 +138,9 @@ def test_max_hop_count(relay):
 
 
 def test_connection_inactivity_timeout(relay):
-    r = relay([relay_connector(connection_inactivity_timeout="00:00:01", connection_timeout="00:00:05")])
+    r = relay(
+        [relay_connector(connection_inactivity_timeout="00:00:01", connection_timeout="00:00:05")]
+    )
     with r.raw() as c:
         c.expect(220)
         t0 = time.monotonic()
@@ -143,7 +156,9 @@ def test_connection_inactivity_timeout(relay):
 
 
 def test_connection_timeout_is_absolute(relay):
-    r = relay([relay_connector(connection_inactivity_timeout="00:00:01", connection_timeout="00:00:02")])
+    r = relay(
+        [relay_connector(connection_inactivity_timeout="00:00:01", connection_timeout="00:00:02")]
+    )
     with r.raw() as c:
         c.greet()
         t0 = time.monotonic()
@@ -197,13 +212,21 @@ def test_max_inbound_connection_per_source(relay):
 def test_max_inbound_connection_percentage_per_source(relay):
     # 30 % of the connections still available: 10 → 3 for the first, then 9 → 2, 8 → 2.
     r = relay(
-        [relay_connector(["127.0.0.0/24"], max_inbound_connection=10, max_inbound_connection_percentage_per_source=30)]
+        [
+            relay_connector(
+                ["127.0.0.0/24"],
+                max_inbound_connection=10,
+                max_inbound_connection_percentage_per_source=30,
+            )
+        ]
     )
     held = [r.raw("127.0.0.5"), r.raw("127.0.0.5")]
     for h in held:
         h.expect(220)
     with r.raw("127.0.0.5") as c:
-        assert c.expect(421).lines[0].startswith("4.3.2 The maximum number of concurrent connections")
+        assert (
+            c.expect(421).lines[0].startswith("4.3.2 The maximum number of concurrent connections")
+        )
     with r.raw("127.0.0.6") as c:
         c.expect(220)
     for h in held:

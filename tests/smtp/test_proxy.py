@@ -12,17 +12,26 @@ from tests.smtp.conftest import default_frontend, relay_connector
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
 
-def v2_header(src: str, dst: str = "127.0.0.1", sport: int = 40000, dport: int = 25, *, local: bool = False) -> bytes:
+def v2_header(
+    src: str, dst: str = "127.0.0.1", sport: int = 40000, dport: int = 25, *, local: bool = False
+) -> bytes:
     if local:
         return V2_SIGNATURE + bytes([0x20, 0x00]) + struct.pack("!H", 0)
-    body = ipaddress.IPv4Address(src).packed + ipaddress.IPv4Address(dst).packed + struct.pack("!HH", sport, dport)
+    body = (
+        ipaddress.IPv4Address(src).packed
+        + ipaddress.IPv4Address(dst).packed
+        + struct.pack("!HH", sport, dport)
+    )
     return V2_SIGNATURE + bytes([0x21, 0x11]) + struct.pack("!H", len(body)) + body
 
 
 @pytest.fixture
 def proxied(relay):
     return relay(
-        [default_frontend(max_protocol_errors=20), relay_connector(["10.1.2.3"], name="Relay via LB")],
+        [
+            default_frontend(max_protocol_errors=20),
+            relay_connector(["10.1.2.3"], name="Relay via LB"),
+        ],
         server={"trusted_proxies": ["127.0.0.7"]},
     )
 
@@ -40,7 +49,9 @@ def relay_through(c, rcpt: str = "victim@external.example") -> tuple[str, str]:
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_proxy_from_trusted_balancer_selects_connector_by_proxied_address(proxied, version):
-    header = b"PROXY TCP4 10.1.2.3 127.0.0.1 40000 25\r\n" if version == 1 else v2_header("10.1.2.3")
+    header = (
+        b"PROXY TCP4 10.1.2.3 127.0.0.1 40000 25\r\n" if version == 1 else v2_header("10.1.2.3")
+    )
     with proxied.raw("127.0.0.7") as c:
         c.send(header)
         c.expect(220)
@@ -49,7 +60,9 @@ def test_proxy_from_trusted_balancer_selects_connector_by_proxied_address(proxie
     assert verdict == "250 2.1.5 Recipient OK"
     (msg,) = proxied.messages()
     assert msg.client_ip == "10.1.2.3" and msg.connector == "Relay via LB"
-    assert proxied.data(msg.queue_id).startswith(b"Received: from printer.corp.example ([10.1.2.3])")
+    assert proxied.data(msg.queue_id).startswith(
+        b"Received: from printer.corp.example ([10.1.2.3])"
+    )
     # Another proxied client is outside the relay range: Default Frontend, refused.
     other = b"PROXY TCP4 10.9.9.9 127.0.0.1 40001 25\r\n" if version == 1 else v2_header("10.9.9.9")
     with proxied.raw("127.0.0.7") as c:
@@ -77,7 +90,9 @@ def test_proxy_v2_local_keeps_the_real_peer(proxied):
 def test_proxy_from_untrusted_peer_is_a_bad_command(proxied):
     with proxied.raw("127.0.0.5") as c:
         c.expect(220)
-        assert c.cmd("PROXY TCP4 10.1.2.3 127.0.0.1 40000 25").text == "500 5.3.3 Unrecognized command"
+        assert (
+            c.cmd("PROXY TCP4 10.1.2.3 127.0.0.1 40000 25").text == "500 5.3.3 Unrecognized command"
+        )
         hello, verdict = relay_through(c)
     assert hello.endswith("Hello [127.0.0.5]")  # the client IP is unchanged
     assert verdict.startswith("550 5.7.54")
@@ -85,7 +100,12 @@ def test_proxy_from_untrusted_peer_is_a_bad_command(proxied):
 
 
 @pytest.mark.parametrize(
-    "bad", [b"PROXY TCP4 not-an-ip 127.0.0.1 1 2\r\n", b"PROXY TCP6 10.1.2.3 127.0.0.1 1 2\r\n", b"EHLO x\r\n" * 3]
+    "bad",
+    [
+        b"PROXY TCP4 not-an-ip 127.0.0.1 1 2\r\n",
+        b"PROXY TCP6 10.1.2.3 127.0.0.1 1 2\r\n",
+        b"EHLO x\r\n" * 3,
+    ],
 )
 def test_malformed_proxy_from_trusted_balancer_closes(proxied, bad):
     with proxied.raw("127.0.0.7") as c:

@@ -50,7 +50,9 @@ def test_seed_before_and_after_the_relay_connector(relay):
     r.reconfigure([default_frontend(), relay_connector(["127.0.0.5"])])
     after = transcript(r, "127.0.0.5")
     assert after[3] == "250 2.1.5 Recipient OK"
-    assert after[5].startswith("250 2.6.0 <<id>@relay.corp.example> [InternalId=<id>, Hostname=relay.corp.example]")
+    assert after[5].startswith(
+        "250 2.6.0 <<id>@relay.corp.example> [InternalId=<id>, Hostname=relay.corp.example]"
+    )
     assert after[5].endswith("Queued mail for delivery")
     # A client outside the relay connector's range still lands on Default Frontend: refused.
     assert transcript(r, "127.0.0.9")[3] == RELAY_DENIED
@@ -73,15 +75,25 @@ def test_client_no_connector_accepts_is_closed_without_banner(relay):
 def test_smtplib_relays_and_refuses_by_source_address(relay):
     r = relay([default_frontend(), relay_connector(["127.0.0.5"])])
     with r.smtp("127.0.0.5") as s:
-        refused = s.sendmail("app@corp.example", ["a@external.example", "b@corp.example"], b"Subject: x\r\n\r\nhi\r\n")
+        refused = s.sendmail(
+            "app@corp.example",
+            ["a@external.example", "b@corp.example"],
+            b"Subject: x\r\n\r\nhi\r\n",
+        )
         assert refused == {}
     with r.smtp("127.0.0.9") as s:
         with pytest.raises(smtplib.SMTPRecipientsRefused) as exc:
             s.sendmail("app@corp.example", ["a@external.example"], b"Subject: x\r\n\r\nhi\r\n")
         code, text = exc.value.recipients["a@external.example"]
-        assert (code, text) == (550, b"5.7.54 SMTP; Unable to relay recipient in non-accepted domain")
+        assert (code, text) == (
+            550,
+            b"5.7.54 SMTP; Unable to relay recipient in non-accepted domain",
+        )
     msgs = r.messages()
-    assert len(msgs) == 1 and {x.address for x in msgs[0].recipients} == {"a@external.example", "b@corp.example"}
+    assert len(msgs) == 1 and {x.address for x in msgs[0].recipients} == {
+        "a@external.example",
+        "b@corp.example",
+    }
 
 
 def test_swaks_relays_from_allowed_source_and_is_refused_elsewhere(relay):
@@ -187,14 +199,18 @@ def test_exchange_replies_for_each_command(relay):
         assert c.cmd("RCPT TO:<b@corp.example>").text == "503 5.5.2 Need mail command"
         assert c.cmd("DATA").text == "503 5.5.2 Need mail command"
         assert c.cmd("MAIL FROM:<not an address>").text == "501 5.1.7 Invalid address"
-        assert c.cmd("MAIL FROM:<a@corp.example> FOO=bar").text == "501 5.5.4 Unrecognized parameter"
+        assert (
+            c.cmd("MAIL FROM:<a@corp.example> FOO=bar").text == "501 5.5.4 Unrecognized parameter"
+        )
         assert c.cmd("MAIL FROM:<a@corp.example>").text == "250 2.1.0 Sender OK"
         assert c.cmd("MAIL FROM:<a@corp.example>").text == "503 5.5.2 Sender already specified"
         assert c.cmd("DATA").text == "503 5.5.2 Need rcpt command"
         assert c.cmd("RCPT TO:<bad address>").text == "501 5.1.3 Invalid address"
         assert c.cmd("RCPT TO:<b@corp.example>").text == "250 2.1.5 Recipient OK"
         assert c.cmd("RSET").text == "250 2.0.0 Resetting"
-        assert c.cmd("RCPT TO:<b@corp.example>").text == "503 5.5.2 Need mail command"  # RSET forgot it
+        assert (
+            c.cmd("RCPT TO:<b@corp.example>").text == "503 5.5.2 Need mail command"
+        )  # RSET forgot it
         assert c.cmd("NOOP").text == "250 2.0.0 OK"
         assert c.cmd("VRFY b@corp.example").text == "252 2.1.5 Cannot VRFY user"
         help_reply = c.cmd("HELP", 214)

@@ -61,7 +61,12 @@ def test_implicit_tls_binding(relay, cert_files, client_ctx):
     r = relay(
         [
             relay_connector(bindings=["127.0.0.1:{port}"]),
-            relay_connector(name="Implicit TLS", bindings=["127.0.0.1:{port2}"], tls_mode="implicit", **cert_files),
+            relay_connector(
+                name="Implicit TLS",
+                bindings=["127.0.0.1:{port2}"],
+                tls_mode="implicit",
+                **cert_files,
+            ),
         ]
     )
     implicit = r.ports[1]
@@ -99,7 +104,10 @@ def test_self_signed_certificate_generated_when_none_configured(relay):
 
     parsed = x509.load_pem_x509_certificate(crt.read_bytes())
     assert parsed.subject.rfc4514_string() == f"CN={FQDN}"
-    assert parsed.public_bytes(__import__("cryptography").hazmat.primitives.serialization.Encoding.DER) == cert
+    assert (
+        parsed.public_bytes(__import__("cryptography").hazmat.primitives.serialization.Encoding.DER)
+        == cert
+    )
 
 
 def old_client_ctx() -> ssl.SSLContext:
@@ -117,7 +125,9 @@ def test_tls_min_version(relay, cert_files):
     r = relay(
         [
             relay_connector(["127.0.0.5"], **cert_files),  # default floor: TLS 1.2
-            relay_connector(["127.0.0.6"], name="Old printers", tls_min_version="1.0", **cert_files),
+            relay_connector(
+                ["127.0.0.6"], name="Old printers", tls_min_version="1.0", **cert_files
+            ),
         ]
     )
     with r.raw("127.0.0.5") as c:
@@ -145,14 +155,19 @@ def test_require_tls(relay, cert_files):
     r = relay([relay_connector(require_tls=True, **cert_files)])
     with r.raw() as c:
         c.greet()
-        assert c.cmd("MAIL FROM:<app@corp.example>").text == "530 5.7.0 Must issue a STARTTLS command first"
+        assert (
+            c.cmd("MAIL FROM:<app@corp.example>").text
+            == "530 5.7.0 Must issue a STARTTLS command first"
+        )
         c.cmd("STARTTLS", 220)
         c.starttls(insecure_ctx())
         c.cmd("EHLO client.corp.example", 250)
         c.cmd("MAIL FROM:<app@corp.example>", 250)
 
 
-@pytest.mark.parametrize("injected", [b"EHLO injected.example\r\n", b"RSET\r\n", b"MAIL FROM:<x@corp.example>\r\n"])
+@pytest.mark.parametrize(
+    "injected", [b"EHLO injected.example\r\n", b"RSET\r\n", b"MAIL FROM:<x@corp.example>\r\n"]
+)
 def test_starttls_injection_is_discarded(relay, cert_files, injected):
     r = relay([relay_connector(**cert_files)])
     with r.raw() as c:
@@ -168,6 +183,19 @@ def test_starttls_injection_is_discarded(relay, cert_files, injected):
         c.cmd("MAIL FROM:<app@corp.example>", 250)  # not "Sender already specified"
 
 
+def test_starttls_injection_under_uvloop(relay):
+    """The same check against `relaygate serve` (uvloop), with the generated self-signed certificate."""
+    r = relay([relay_connector()], mode="process")
+    with r.raw() as c:
+        c.greet()
+        c.send(b"STARTTLS\r\nEHLO injected.example\r\n")
+        c.expect(220)
+        c.starttls(insecure_ctx())
+        assert c.nothing_within(1.0)
+        c.cmd("EHLO client.corp.example", 250)
+        c.cmd("MAIL FROM:<app@corp.example>", 250)
+
+
 def test_starttls_resets_the_session(relay, cert_files):
     r = relay([relay_connector(max_protocol_errors=20, **cert_files)])
     with r.raw() as c:
@@ -179,8 +207,13 @@ def test_starttls_resets_the_session(relay, cert_files):
         c.starttls(insecure_ctx())
         assert c.cmd("MAIL FROM:<app@corp.example>").text == "503 5.5.2 Send hello first"
         c.cmd("EHLO client.corp.example", 250)
-        assert c.cmd("RCPT TO:<user@corp.example>").text == "503 5.5.2 Need mail command"  # pre-TLS MAIL gone
-        assert c.cmd("STARTTLS").text == "503 5.5.2 Only one STARTTLS command can be issued per session"
+        assert (
+            c.cmd("RCPT TO:<user@corp.example>").text == "503 5.5.2 Need mail command"
+        )  # pre-TLS MAIL gone
+        assert (
+            c.cmd("STARTTLS").text
+            == "503 5.5.2 Only one STARTTLS command can be issued per session"
+        )
         c.cmd("NOOP", 250)
 
 

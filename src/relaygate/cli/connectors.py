@@ -194,7 +194,7 @@ def _effective_list(kind: Kind, table: TomlTable, field: str) -> list[str]:
         seeded = _seed_usage(dict(table.unwrap()))
         if field in seeded:
             value = seeded[field]
-            return list(value) if isinstance(value, list) else ed.list_value(seeded, field)  # type: ignore[arg-type]
+            return [str(x) for x in value] if isinstance(value, list) else [str(value)]
     f = next(f for f in dataclasses.fields(kind.cls) if f.name == field)
     return [str(x.text if isinstance(x, v.IPRange) else x) for x in _default_of(f) or ()]
 
@@ -965,7 +965,7 @@ def _register_permission(group: typer.Typer) -> None:
         def mutate(doc: TOMLDocument) -> None:
             _, table = ed.find_table(doc, RECEIVE.array, "name", connector, RECEIVE.label)
             final["name"] = str(table["name"])
-            perms = ed.tables(table, "permissions") if "permissions" in table else []  # type: ignore[arg-type]
+            perms = ed.tables(table, "permissions")
             for p in perms:
                 if (
                     str(p.get("user", "")).lower() == user.lower()
@@ -979,7 +979,7 @@ def _register_permission(group: typer.Typer) -> None:
             entry = [("user", user), ("extended_rights", rights)] + (
                 [("deny", True)] if deny else []
             )
-            ed.append_table(table, "permissions", ed.new_table(entry))  # type: ignore[arg-type]
+            ed.append_table(table, "permissions", ed.new_table(entry))
 
         _run_edit(
             config,
@@ -1008,7 +1008,7 @@ def _register_permission(group: typer.Typer) -> None:
         def mutate(doc: TOMLDocument) -> None:
             _, table = ed.find_table(doc, RECEIVE.array, "name", connector, RECEIVE.label)
             final["name"] = str(table["name"])
-            perms = ed.tables(table, "permissions") if "permissions" in table else []  # type: ignore[arg-type]
+            perms = ed.tables(table, "permissions")
             found = False
             for index in range(len(perms) - 1, -1, -1):
                 p = perms[index]
@@ -1024,7 +1024,7 @@ def _register_permission(group: typer.Typer) -> None:
                 if keep:
                     ed.set_key(p, "extended_rights", keep)
                 else:
-                    ed.remove_table(table, "permissions", index)  # type: ignore[arg-type]
+                    ed.remove_table(table, "permissions", index)
             if not found:
                 what = ", ".join(sorted(rights)) if rights else "any right"
                 raise ed.EditError(

@@ -45,8 +45,12 @@ def register(app: typer.Typer) -> None:
 
     @user_app.command("add")
     def add(
-        name: str = typer.Argument(..., help="User name (as sent in AUTH PLAIN/LOGIN; case-insensitive)."),
-        password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the password from stdin."),
+        name: str = typer.Argument(
+            ..., help="User name (as sent in AUTH PLAIN/LOGIN; case-insensitive)."
+        ),
+        password_stdin: bool = typer.Option(
+            False, "--password-stdin", help="Read the password from stdin."
+        ),
         config: Path | None = CONFIG_OPTION,
     ) -> None:
         """Add a user, or set the password of an existing one."""

@@ -177,7 +177,7 @@ def apply_edit(
 # -- document helpers -------------------------------------------------------------------------------
 
 
-def tables(doc: TOMLDocument, array: str) -> list[Table]:
+def tables(doc: TOMLDocument | Table, array: str) -> list[Table]:
     """The `[[array]]` tables of the document (empty if the key is absent)."""
     if array not in doc:
         return []

@@ -62,7 +62,18 @@ from aiosmtplib import (
 
 from relaygate import replies
 from relaygate.delivery.nexthop import NextHop
-from relaygate.replies import Reply
+from relaygate.replies import (
+    AUTH_NEEDS_TLS,
+    AUTH_NOT_OFFERED,
+    CREDENTIALS_MISSING,
+    SMTPUTF8_NOT_SUPPORTED,
+    TLS_NOT_OFFERED,
+    TOKEN_UNAVAILABLE,
+    UNABLE_TO_CONNECT,
+    Reply,
+    tls_failed,
+)
+from relaygate.replies import CONNECTION_DROPPED_SEND as CONNECTION_DROPPED
 
 __all__ = [
     "AUTH_NOT_OFFERED",
@@ -88,39 +99,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("relaygate.delivery")
-
-# --- replies this module adds to the catalogue (Exchange texts where Exchange has one) ------------
-UNABLE_TO_CONNECT = Reply(421, "4.2.1", "Unable to connect")
-CONNECTION_DROPPED = Reply(421, "4.4.2", "Connection dropped due to SocketError")
-TLS_NOT_OFFERED = Reply(
-    451,
-    "4.7.10",
-    "SMTPSEND.TLS.NotOffered; TLS is required by the send connector but the remote host did not "
-    "offer STARTTLS",
-)
-AUTH_NOT_OFFERED = Reply(
-    451, "4.7.0", "SMTPSEND.Auth.NotOffered; the remote host does not offer a usable AUTH mechanism"
-)
-AUTH_NEEDS_TLS = Reply(
-    451,
-    "4.7.0",
-    "SMTPSEND.Auth.RequireTLS; credentials are only sent over TLS and the session is not encrypted",
-)
-CREDENTIALS_MISSING = Reply(
-    451, "4.7.0", "SMTPSEND.Auth.NoCredentials; the send connector's credentials are not available"
-)
-TOKEN_UNAVAILABLE = Reply(
-    451, "4.7.0", "SMTPSEND.Auth.TokenUnavailable; no OAuth access token could be obtained"
-)
-SMTPUTF8_NOT_SUPPORTED = Reply(
-    550, "5.6.7", "SMTPSEND.SmtpUtf8NotSupported; the remote host does not support SMTPUTF8"
-)
-
-
-def tls_failed(reason: str) -> Reply:
-    """A TLS negotiation or certificate failure (transient)."""
-    return Reply(451, "4.7.5", f"SMTPSEND.TLS.NegotiationFailed; {reason}")
-
 
 _TLS_LEVELS = ("EncryptionOnly", "CertificateValidation", "DomainValidation")
 _AUTH_TLS_ONLY = ("BasicAuthRequireTLS", "XOAUTH2")

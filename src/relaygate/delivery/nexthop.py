@@ -42,14 +42,7 @@ __all__ = [
 
 log = logging.getLogger("relaygate.delivery")
 
-# Not in the Exchange catalogue: Exchange has no such policy. Transient, so that a DNS fix on the
-# remote side is picked up before the message expires.
-MX_SPECIAL_ADDRESS = Reply(
-    451,
-    "4.4.4",
-    "SMTPSEND.DNS.SpecialAddress; the mail exchangers resolve only to loopback, link-local or "
-    "reserved addresses",
-)
+from relaygate.replies import MX_SPECIAL_ADDRESS  # noqa: E402
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

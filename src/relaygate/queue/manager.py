@@ -76,14 +76,7 @@ __all__ = [
 
 log = logging.getLogger("relaygate.queue")
 
-#: A delivery attempt that failed inside the relay (a bug, a resource problem): retried, like
-#: Exchange's queue glitch retries. Not in Exchange's catalogue.
-DELIVERY_FAILED_INTERNAL = Reply(
-    451, "4.3.0", "QUEUE.Internal; delivery attempt failed inside the relay"
-)
-
-#: A pending recipient named in a delay notice before any attempt answered.
-DELIVERY_PENDING = Reply(400, "4.0.0", "QUEUE.Pending; delivery has not completed yet")
+from relaygate.replies import DELIVERY_FAILED_INTERNAL, DELIVERY_PENDING  # noqa: E402
 
 DELIVERED = "delivered"
 DEFERRED = "deferred"

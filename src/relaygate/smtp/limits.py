@@ -24,16 +24,21 @@ class ConnectionLimits:
         """Count a new session in, or return the 421 to send. Call `release` when it ends."""
         name = connector.name
         active = self.per_connector[name]
-        if connector.max_inbound_connection is not None and active >= connector.max_inbound_connection:
+        if (
+            connector.max_inbound_connection is not None
+            and active >= connector.max_inbound_connection
+        ):
             return replies.SERVER_CONNECTIONS_EXCEEDED
         from_source = self.per_source[(name, source)]
-        if connector.max_inbound_connection_per_source is not None:
-            if from_source >= connector.max_inbound_connection_per_source:
-                return replies.SOURCE_CONNECTIONS_EXCEEDED
+        per_source = connector.max_inbound_connection_per_source
+        if per_source is not None and from_source >= per_source:
+            return replies.SOURCE_CONNECTIONS_EXCEEDED
         if connector.max_inbound_connection is not None:
             # Percentage of the connections still available on the connector (at least one).
             available = connector.max_inbound_connection - active
-            share = max(1, available * connector.max_inbound_connection_percentage_per_source // 100)
+            share = max(
+                1, available * connector.max_inbound_connection_percentage_per_source // 100
+            )
             if from_source >= share:
                 return replies.SOURCE_CONNECTIONS_EXCEEDED
         self.per_connector[name] = active + 1

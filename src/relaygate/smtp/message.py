@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from email.utils import format_datetime
-from datetime import datetime, timezone
 
 __all__ = ["HeaderScan", "received_header", "scan_headers"]
 
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
-_MESSAGE_ID = re.compile(rb"^message-id[ \t]*:[ \t]*(<[^>\r\n]{1,900}>)", re.IGNORECASE | re.MULTILINE)
+_MESSAGE_ID = re.compile(
+    rb"^message-id[ \t]*:[ \t]*(<[^>\r\n]{1,900}>)", re.IGNORECASE | re.MULTILINE
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +57,10 @@ def received_header(
     now: datetime | None = None,
 ) -> bytes:
     """One RFC 5321 §4.4 trace header: the real peer address, HELO shown but not trusted."""
-    when = format_datetime(now or datetime.now(timezone.utc).astimezone())
-    safe_helo = "".join(ch for ch in helo if 33 <= ord(ch) < 127 and ch not in "()\\")[:255] or "unknown"
+    when = format_datetime(now or datetime.now(UTC).astimezone())
+    safe_helo = (
+        "".join(ch for ch in helo if 33 <= ord(ch) < 127 and ch not in "()\\")[:255] or "unknown"
+    )
     ip = client_ip if ":" not in client_ip else f"IPv6:{client_ip}"
     header = (
         f"Received: from {safe_helo} ([{ip}])\r\n"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-__all__ = ["ProxyError", "V2_SIGNATURE", "parse_v1", "parse_v2"]
+__all__ = ["V2_SIGNATURE", "ProxyError", "parse_v1", "parse_v2"]
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 

@@ -62,9 +62,11 @@ class ServerContext:
         self.config = config
         self._tls = {}
         self.users = UserStore(users_path(config.server.data_dir, config.server.users_file))
-        ips = {b.address for c in config.receive_connectors for b in c.bindings if not b.is_wildcard}
+        ips = {
+            b.address for c in config.receive_connectors for b in c.bindings if not b.is_wildcard
+        }
         try:
-            ips.update(info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None))
+            ips.update(str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None))
         except OSError:
             pass
         self.local_ips = sorted(ips | {"127.0.0.1", "::1"})
@@ -78,7 +80,9 @@ class ServerContext:
                 self._tls[connector.name] = None
         return self._tls[connector.name]
 
-    def session_log(self, connector: ReceiveConnector, local: tuple[str, int], client: tuple[str, int]) -> Any:
+    def session_log(
+        self, connector: ReceiveConnector, local: tuple[str, int], client: tuple[str, int]
+    ) -> Any:
         if self.protocol_log is None or connector.protocol_logging_level != "Verbose":
             return NullSessionLog()  # its own session id: the Received header and tracking use it
         return self.protocol_log.session(connector.name, local, client)
@@ -92,7 +96,9 @@ class ServerContext:
             return admin
         return f"postmaster@{default or self.config.server.fqdn}"
 
-    def message_received(self, queue_id: str, envelope: Envelope, size: int, session: Session) -> None:
+    def message_received(
+        self, queue_id: str, envelope: Envelope, size: int, session: Session
+    ) -> None:
         if self.tracking is not None:
             self.tracking.write(
                 "RECEIVE",
@@ -141,7 +147,9 @@ class SmtpServer:
 
     async def start(self) -> None:
         if any("BasicAuth" in c.auth_mechanism for c in self.ctx.config.receive_connectors):
-            await self.ctx.users.warm_up()  # the dummy hash for unknown users, before the first AUTH
+            await (
+                self.ctx.users.warm_up()
+            )  # the dummy hash for unknown users, before the first AUTH
         await self.sync_listeners()
 
     async def sync_listeners(self) -> None:
@@ -164,9 +172,7 @@ class SmtpServer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # [::] is dual-stack (IPv4 clients arrive as ::ffff:a.b.c.d), unless 0.0.0.0 is bound too.
-            v6only = any(
-                b.address == "0.0.0.0" and b.port == binding.port for b in self._wanted()
-            )
+            v6only = any(b.address == "0.0.0.0" and b.port == binding.port for b in self._wanted())
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if v6only else 0)
         sock.bind((binding.address, binding.port))
         sock.listen(1024)
@@ -174,7 +180,9 @@ class SmtpServer:
         ssl_ctx = None
         if implicit:
             connector = next(
-                c for c in self.ctx.config.receive_connectors if binding in c.bindings and c.tls_mode == "implicit"
+                c
+                for c in self.ctx.config.receive_connectors
+                if binding in c.bindings and c.tls_mode == "implicit"
             )
             ssl_ctx = self.ctx.tls_context(connector)
 
@@ -192,7 +200,9 @@ class SmtpServer:
 
         return await asyncio.start_server(on_connect, sock=sock, ssl=ssl_ctx, limit=2**20)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, implicit: bool) -> None:
+    async def _handle(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, implicit: bool
+    ) -> None:
         peer = writer.get_extra_info("peername")
         local = writer.get_extra_info("sockname")
         if peer is None or local is None:
@@ -203,23 +213,39 @@ class SmtpServer:
                 sockname.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        client_ip, client_port = str(normalise_ip(ipaddress.ip_address(peer[0].partition("%")[0]))), peer[1]
-        local_ip, local_port = str(normalise_ip(ipaddress.ip_address(local[0].partition("%")[0]))), local[1]
+        client_ip, client_port = (
+            str(normalise_ip(ipaddress.ip_address(peer[0].partition("%")[0]))),
+            peer[1],
+        )
+        local_ip, local_port = (
+            str(normalise_ip(ipaddress.ip_address(local[0].partition("%")[0]))),
+            local[1],
+        )
         initial = b""
         config = self.ctx.config
-        if config.server.trusted_proxies and any(r.contains(ipaddress.ip_address(client_ip)) for r in config.server.trusted_proxies):
+        if config.server.trusted_proxies and any(
+            r.contains(ipaddress.ip_address(client_ip)) for r in config.server.trusted_proxies
+        ):
             result = await self._read_proxy(reader)
             if result is None:
                 return  # malformed PROXY header from the balancer: close
             source, initial = result
             if source is not None:
-                client_ip, client_port = str(normalise_ip(ipaddress.ip_address(source[0]))), source[1]
+                client_ip, client_port = (
+                    str(normalise_ip(ipaddress.ip_address(source[0]))),
+                    source[1],
+                )
         selection = select_connector(
             config.receive_connectors, local_ip=local_ip, local_port=local_port, client_ip=client_ip
         )
         connector = selection.connector
         if connector is None:
-            logger.info("no connector for %s on %s:%s; closed without banner", client_ip, local_ip, local_port)
+            logger.info(
+                "no connector for %s on %s:%s; closed without banner",
+                client_ip,
+                local_ip,
+                local_port,
+            )
             return
         refusal = self.ctx.limits.admit(connector, client_ip)
         if refusal is not None:
@@ -244,7 +270,9 @@ class SmtpServer:
         finally:
             self.ctx.limits.release(connector, client_ip)
 
-    async def _read_proxy(self, reader: asyncio.StreamReader) -> tuple[tuple[str, int] | None, bytes] | None:
+    async def _read_proxy(
+        self, reader: asyncio.StreamReader
+    ) -> tuple[tuple[str, int] | None, bytes] | None:
         """Read a PROXY v1 or v2 header from a trusted proxy. Returns (source, leftover bytes) or None."""
         buf = b""
         try:

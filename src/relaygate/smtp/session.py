@@ -19,7 +19,7 @@ import base64
 import binascii
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from relaygate import replies
@@ -37,9 +37,13 @@ if TYPE_CHECKING:
 
 __all__ = ["Session"]
 
-MAX_COMMAND_LINE = 2048  # Exchange accepts 571-char addresses plus parameters; RFC 5321 minimum is 512
+MAX_COMMAND_LINE = (
+    2048  # Exchange accepts 571-char addresses plus parameters; RFC 5321 minimum is 512
+)
 READ_CHUNK = 262144
-_GROUP_ENDERS = frozenset({"EHLO", "HELO", "DATA", "STARTTLS", "AUTH", "QUIT", "NOOP", "VRFY", "EXPN"})
+_GROUP_ENDERS = frozenset(
+    {"EHLO", "HELO", "DATA", "STARTTLS", "AUTH", "QUIT", "NOOP", "VRFY", "EXPN"}
+)
 
 
 class _Close(Exception):
@@ -101,7 +105,11 @@ class Session:
 
     # -- I/O ------------------------------------------------------------------------------------------
     def reply(self, reply: Reply) -> None:
-        line = reply.line() if self.connector.enhanced_status_codes_enabled else f"{reply.code} {reply.text}"
+        line = (
+            reply.line()
+            if self.connector.enhanced_status_codes_enabled
+            else f"{reply.code} {reply.text}"
+        )
         self.out.append(line.encode("utf-8", "replace") + b"\r\n")
         self.log.sent(line)
 
@@ -127,7 +135,9 @@ class Session:
             self.reply(replies.CONNECTION_TIMEOUT)
             raise _Close()
         try:
-            chunk = await asyncio.wait_for(self.reader.read(READ_CHUNK), timeout=min(self.idle, remaining))
+            chunk = await asyncio.wait_for(
+                self.reader.read(READ_CHUNK), timeout=min(self.idle, remaining)
+            )
         except TimeoutError:
             if time.monotonic() >= self.deadline:
                 self.reply(replies.CONNECTION_TIMEOUT)
@@ -170,7 +180,7 @@ class Session:
     def banner(self) -> str:
         if self.connector.banner:
             return self.connector.banner
-        now = datetime.now(timezone.utc).astimezone()
+        now = datetime.now(UTC).astimezone()
         stamp = f"{now:%a}, {now.day} {now:%b %Y %H:%M:%S %z}"
         return f"220 {self.fqdn} Microsoft ESMTP MAIL Service ready at {stamp}"
 
@@ -241,10 +251,9 @@ class Session:
             self.log.received(_mask_auth(text))
         else:
             self.log.received(text)
-        if bare:
-            if self.bare_lf_rejection:
-                await self.protocol_error(replies.BARE_LF_IN_COMMAND)
-                return
+        if bare and self.bare_lf_rejection:
+            await self.protocol_error(replies.BARE_LF_IN_COMMAND)
+            return
         if b"\x00" in body:
             await self.protocol_error(replies.UNRECOGNIZED_COMMAND)
             return
@@ -378,7 +387,10 @@ class Session:
             await self.protocol_error(exc.reply)
             return
         for key in params:
-            if key not in ("NOTIFY", "ORCPT") or not self.connector.delivery_status_notification_enabled:
+            if (
+                key not in ("NOTIFY", "ORCPT")
+                or not self.connector.delivery_status_notification_enabled
+            ):
                 await self.protocol_error(replies.UNRECOGNIZED_PARAMETER)
                 return
         verdict: Verdict = check_rcpt(
@@ -467,7 +479,9 @@ class Session:
             self.reply(replies.CONNECTION_TIMEOUT)
             raise _Close()
         try:
-            return await asyncio.wait_for(self.reader.read(READ_CHUNK), timeout=min(self.idle, remaining))
+            return await asyncio.wait_for(
+                self.reader.read(READ_CHUNK), timeout=min(self.idle, remaining)
+            )
         except TimeoutError:
             if time.monotonic() >= self.deadline:
                 self.reply(replies.CONNECTION_TIMEOUT)
@@ -475,7 +489,9 @@ class Session:
                 self.reply(replies.INACTIVITY_TIMEOUT)
             raise _Close() from None
 
-    async def accept_message(self, txn: _Transaction, content: bytes, too_big: bool, started: float) -> None:
+    async def accept_message(
+        self, txn: _Transaction, content: bytes, too_big: bool, started: float
+    ) -> None:
         c = self.connector
         if too_big:
             self.log.info(f"message refused: larger than max_message_size {c.max_message_size}")
@@ -490,7 +506,9 @@ class Session:
             self.reply(replies.HEADER_TOO_BIG)
             raise _Close()
         if scan.hops >= c.max_hop_count:
-            self.log.info(f"message refused: {scan.hops} Received headers, max_hop_count {c.max_hop_count}")
+            self.log.info(
+                f"message refused: {scan.hops} Received headers, max_hop_count {c.max_hop_count}"
+            )
             self.reply(replies.HOP_COUNT_EXCEEDED)
             return
         self.messages += 1
@@ -506,10 +524,14 @@ class Session:
             fqdn=self.fqdn,
             connector=c.name,
             protocol=protocol,
-            queue_id=local_id.replace(";", "-"),  # an RFC 5321 Atom: a ";" would end the tokens early
+            queue_id=local_id.replace(
+                ";", "-"
+            ),  # an RFC 5321 Atom: a ";" would end the tokens early
             recipient=txn.recipients[0] if len(txn.recipients) == 1 else None,
         )
-        self.log.info(receiving_message_info(self.log.session_id, self.messages), "receiving message")
+        self.log.info(
+            receiving_message_info(self.log.session_id, self.messages), "receiving message"
+        )
         envelope = Envelope(
             sender=txn.sender_text,
             recipients=list(txn.recipients),
@@ -529,7 +551,11 @@ class Session:
         self.ctx.rates.record(c, self.client_ip)
         elapsed = time.monotonic() - started
         size = len(header) + len(content)
-        self.reply(replies.message_queued(queue_id, scan.message_id or f"<{queue_id}@{self.fqdn}>", self.fqdn, size, elapsed))
+        self.reply(
+            replies.message_queued(
+                queue_id, scan.message_id or f"<{queue_id}@{self.fqdn}>", self.fqdn, size, elapsed
+            )
+        )
         self.ctx.message_received(queue_id, envelope, size, self)
 
     async def do_rset(self, arg: str) -> None:
@@ -578,7 +604,7 @@ class Session:
             return
         # Stop reading plaintext now: nothing that arrives from here on is read before the TLS layer is
         # in place (the transport feeds it to the handshake, where injected plaintext is garbage).
-        self.writer.transport.pause_reading()
+        self.writer.transport.pause_reading()  # type: ignore[attr-defined]
         self.reply(replies.STARTTLS_READY)
         await self.flush()
         # Discard every plaintext byte that arrived with or after STARTTLS (CVE-2011-0411): ours and the
@@ -664,7 +690,10 @@ class Session:
             await self.flush()
             await asyncio.sleep(self.auth_tarpit)
         self.reply(replies.AUTH_FAILED)
-        if self.connector.max_logon_failures and self.logon_failures >= self.connector.max_logon_failures:
+        if (
+            self.connector.max_logon_failures
+            and self.logon_failures >= self.connector.max_logon_failures
+        ):
             self.reply(replies.TOO_MANY_ERRORS)
             raise _Close()
 

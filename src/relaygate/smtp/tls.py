@@ -59,7 +59,9 @@ def ensure_self_signed(data_dir: Path, fqdn: str) -> tuple[Path, Path]:
     with os.fdopen(fd, "wb") as f:
         f.write(
             key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
             )
         )
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

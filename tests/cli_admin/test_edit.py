@@ -1,0 +1,197 @@
+"""The editing engine (relaygate.config.edit) in-process: validation, byte-identical refusal, atomic
+writes, comment placement."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from relaygate.config import ConfigError
+from relaygate.config import edit as ed
+from tests.cli_admin.helpers import write
+
+BASE = """
+# head comment
+[server]
+name = "R1"  # inline
+
+[[receive_connectors]]
+name = "A"
+bindings = ["0.0.0.0:25"]
+remote_ip_ranges = ["10.0.0.1"]
+
+# section B
+[[receive_connectors]]
+name = "B"
+bindings = ["0.0.0.0:25"]
+remote_ip_ranges = ["10.0.0.2"]
+
+# tail section
+[[send_connectors]]
+name = "S"
+"""
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return write(tmp_path / "relaygate.toml", BASE)
+
+
+def test_apply_edit_writes_and_validates(path: Path) -> None:
+    def mutate(doc):
+        _, table = ed.find_table(doc, "receive_connectors", "name", "a", "receive connector")
+        ed.set_key(table, "max_message_size", "10MB")
+        return "done"
+
+    result = ed.apply_edit(path, mutate)
+    assert result.changed and result.value == "done"
+    assert result.config.connector("A").max_message_size == 10 * 1024 * 1024
+    assert (
+        result.before is not None
+        and result.before.connector("A").max_message_size == 36 * 1024 * 1024
+    )
+    text = path.read_text()
+    assert "# head comment" in text and "# inline" in text and "# section B" in text
+    # the new key sits with A's keys, before B's heading comment
+    assert text.index('max_message_size = "10MB"') < text.index("# section B")
+
+
+def test_invalid_edit_raises_and_leaves_bytes(path: Path) -> None:
+    before = path.read_bytes()
+    stat_before = path.stat()
+
+    def mutate(doc):
+        _, table = ed.find_table(doc, "receive_connectors", "name", "B", "receive connector")
+        ed.set_key(table, "remote_ip_ranges", ["10.0.0.9-10.0.0.1"])
+
+    with pytest.raises(ConfigError) as info:
+        ed.apply_edit(path, mutate)
+    assert str(info.value.problems[0]).startswith(
+        f'{path}: receive_connectors[1] "B": remote_ip_ranges[0]:'
+    )
+    assert path.read_bytes() == before
+    assert (
+        path.stat().st_ino == stat_before.st_ino
+        and path.stat().st_mtime_ns == stat_before.st_mtime_ns
+    )
+    assert sorted(os.listdir(path.parent)) == [path.name]
+
+
+def test_edit_error_leaves_file(path: Path) -> None:
+    before = path.read_bytes()
+    with pytest.raises(ed.EditError, match="no receive connector named 'C'"):
+        ed.apply_edit(
+            path,
+            lambda doc: ed.find_table(doc, "receive_connectors", "name", "C", "receive connector"),
+        )
+    assert path.read_bytes() == before
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ed.EditError, match="no such config file"):
+        ed.apply_edit(tmp_path / "missing.toml", lambda doc: None)
+
+
+def test_create(tmp_path: Path) -> None:
+    target = tmp_path / "new.toml"
+
+    def mutate(doc):
+        ed.append_table(doc, "accepted_domains", ed.new_table([("domain", "corp.example")]))
+
+    result = ed.apply_edit(target, mutate, create=True)
+    assert result.created and result.changed
+    assert result.config.accepted_domains[0].domain == "corp.example"
+    assert target.read_text().startswith("# RelayGate configuration")
+
+
+def test_unchanged_not_rewritten(path: Path) -> None:
+    inode = path.stat().st_ino
+    result = ed.apply_edit(path, lambda doc: None)
+    assert not result.changed and path.stat().st_ino == inode
+
+
+def test_atomic_write_replaces_inode_and_keeps_mode(path: Path) -> None:
+    os.chmod(path, 0o600)
+    inode = path.stat().st_ino
+    ed.atomic_write(path, b"[server]\n")
+    assert path.read_bytes() == b"[server]\n"
+    assert path.stat().st_ino != inode  # a rename, not an in-place rewrite
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_atomic_write_through_symlink(tmp_path: Path, path: Path) -> None:
+    link = tmp_path / "link.toml"
+    link.symlink_to(path)
+    ed.atomic_write(link, b"[server]\n")
+    assert link.is_symlink() and path.read_bytes() == b"[server]\n"
+
+
+def test_atomic_write_failure_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = write(tmp_path / "x.toml", "[server]\n")
+
+    def boom(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        ed.atomic_write(target, b"new")
+    assert target.read_text() == "[server]\n"
+    assert sorted(os.listdir(tmp_path)) == ["x.toml"]
+
+
+def test_remove_table_keeps_following_heading(path: Path) -> None:
+    def mutate(doc):
+        index, _ = ed.find_table(doc, "receive_connectors", "name", "B", "receive connector")
+        ed.remove_table(doc, "receive_connectors", index)
+
+    ed.apply_edit(path, mutate)
+    text = path.read_text()
+    assert "# section B" not in text  # B's own heading went with it
+    assert "# tail section" in text and text.index("# tail section") < text.index(
+        "[[send_connectors]]"
+    )
+
+
+def test_append_table_keeps_following_heading(path: Path) -> None:
+    def mutate(doc):
+        ed.append_table(
+            doc,
+            "receive_connectors",
+            ed.new_table(
+                [("name", "C"), ("bindings", ["0.0.0.0:25"]), ("remote_ip_ranges", ["10.0.0.3"])]
+            ),
+        )
+
+    ed.apply_edit(path, mutate)
+    text = path.read_text()
+    assert (
+        text.index('name = "C"') < text.index("# tail section") < text.index("[[send_connectors]]")
+    )
+
+
+def test_list_value_comma_string(tmp_path: Path) -> None:
+    p = write(
+        tmp_path / "c.toml",
+        """
+        [[receive_connectors]]
+        name = "A"
+        bindings = "0.0.0.0:25"
+        remote_ip_ranges = "10.0.0.1, 10.0.0.2"
+        """,
+    )
+    seen = {}
+
+    def mutate(doc):
+        _, table = ed.find_table(doc, "receive_connectors", "name", "A", "receive connector")
+        seen["ranges"] = ed.list_value(table, "remote_ip_ranges")
+
+    ed.apply_edit(p, mutate)
+    assert seen["ranges"] == ["10.0.0.1", "10.0.0.2"]
+
+
+def test_inline_array_of_tables_refused(tmp_path: Path) -> None:
+    p = write(tmp_path / "i.toml", 'accepted_domains = [{domain = "corp.example"}]\n')
+    with pytest.raises(ed.EditError, match="inline array"):
+        ed.apply_edit(p, lambda doc: ed.tables(doc, "accepted_domains"))
