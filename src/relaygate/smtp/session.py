@@ -298,8 +298,8 @@ class Session:
             lines.append("SIZE")
         if c.pipelining_enabled:
             lines.append("PIPELINING")
-        if c.delivery_status_notification_enabled:
-            lines.append("DSN")
+        # DSN (RFC 3461) is not advertised: NOTIFY/RET are not honoured yet, and advertising an
+        # extension we do not implement would mislead clients. The parameters are tolerated.
         if c.enhanced_status_codes_enabled:
             lines.append("ENHANCEDSTATUSCODES")
         if "Tls" in c.auth_mechanism and not self.tls_active:
