@@ -244,3 +244,33 @@ def test_smtp_interactive_masks_auth() -> None:
     assert r.code == 0
     assert "C: AUTH PLAIN ********" in r.out and token not in r.out
     assert handler.logins == [("printer", "s3cret-Pa55")]
+
+
+def test_send_warning_names_connector_from_config(accepting: SMTPServer, tmp_path) -> None:
+    """With the relay's config at hand, the loopback warning says which connector took the test."""
+    from tests.cli_admin.helpers import write
+
+    cfg = write(
+        tmp_path / "relaygate.toml",
+        f"""
+        [[receive_connectors]]
+        name = "Loopback"
+        bindings = ["127.0.0.1:{accepting.port}"]
+        remote_ip_ranges = ["127.0.0.0/8"]
+        permission_groups = ["AnonymousUsers"]
+
+        [[receive_connectors.permissions]]
+        user = "NT AUTHORITY\\\\ANONYMOUS LOGON"
+        extended_rights = ["ms-Exch-SMTP-Accept-Any-Recipient"]
+
+        [[receive_connectors]]
+        name = "Printers"
+        bindings = ["0.0.0.0:{accepting.port}"]
+        remote_ip_ranges = ["10.0.0.5"]
+        permission_groups = ["AnonymousUsers"]
+        """,
+    )
+    r = send(accepting, "--source-ip", "127.0.0.5", "--config", str(cfg), "--json")
+    assert r.code == 0, r.out + r.err
+    warning = r.json()["warnings"][0]
+    assert 'taken by connector "Loopback" (range 127.0.0.0/8), which grants relay' in warning

@@ -16,12 +16,13 @@ import ssl
 import sys
 from dataclasses import dataclass, field
 from email.header import Header
+from pathlib import Path
 from typing import Any
 
 import typer
 from rich.text import Text
 
-from relaygate.cli.common import JSON_OPTION, console, die, emit_json
+from relaygate.cli.common import CONFIG_OPTION, JSON_OPTION, console, die, emit_json
 from relaygate.smtp_transcript import (
     Reply,
     SMTPClosed,
@@ -123,6 +124,33 @@ def _self_test_warning(local: tuple[str, int], peer: tuple[str, int]) -> str | N
         "printers and applications. A success here does not prove that a device elsewhere can relay. "
         "Test from the device's network (or with --source-ip set to an address the device's connector "
         "covers), or ask `relaygate explain --client-ip <device IP>`."
+    )
+
+
+def _connector_note(
+    config: Path | None, local: tuple[str, int], peer: tuple[str, int]
+) -> str | None:
+    """When the relay's config is at hand: which connector takes this test connection."""
+    from relaygate.audit import relay_grant
+    from relaygate.config import ConfigError, default_config_path, load_config
+    from relaygate.policy.selection import select_connector
+
+    path = default_config_path(config)
+    if path is None or not path.exists():
+        return None
+    try:
+        cfg = load_config(path)
+        selection = select_connector(
+            cfg.receive_connectors, local_ip=peer[0], local_port=peer[1], client_ip=local[0]
+        )
+    except (ConfigError, ValueError):
+        return None
+    if selection.connector is None:
+        return f"({path} has no connector for {local[0]} on {_fmt(peer)}.)"
+    relays = "grants" if relay_grant(selection.connector).anonymous else "does not grant"
+    return (
+        f'In {path}, this connection is taken by connector "{selection.connector.name}" '
+        f"(range {selection.matched_range}), which {relays} relay."
     )
 
 
@@ -536,6 +564,7 @@ def register(app: typer.Typer) -> None:
             30.0, "--timeout", min=0.1, help="Seconds to wait for each reply."
         ),
         json_out: bool = JSON_OPTION,
+        config: Path | None = CONFIG_OPTION,
     ) -> None:
         """Send a test message and print the whole SMTP transcript and a verdict (Send-MailMessage).
 
@@ -571,6 +600,10 @@ def register(app: typer.Typer) -> None:
         )
         transcript = Transcript(on_line=None if json_out else _print_line)
         result = asyncio.run(run_send(opts, transcript))
+        if result.warnings and result.local and result.peer:
+            note = _connector_note(config, result.local, result.peer)
+            if note:
+                result.warnings[0] += " " + note
         if json_out:
             emit_json(result.to_dict())
         else:
