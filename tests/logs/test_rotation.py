@@ -203,16 +203,16 @@ def test_flush_thread_writes_and_close_drains(tmp_path: Path) -> None:
     assert d.dropped == 0
 
 
-def test_append_is_cheap(tmp_path: Path) -> None:
-    d = make(tmp_path, start_thread=True)
-    n = 50_000
-    t0 = time.perf_counter()
-    for i in range(n):
+def test_append_does_no_io_on_the_callers_thread(tmp_path: Path) -> None:
+    """The hot path (one call per SMTP command) only queues a record: nothing reaches the disk
+    until the writer flushes. Not a timing test: it checks where the I/O happens."""
+    d = make(tmp_path, start_thread=False)
+    for i in range(5_000):
         d.append((time.time(), i))
-    elapsed = time.perf_counter() - t0
+    assert not list(tmp_path.glob("RECV*.LOG"))
+    d.flush()
+    assert len(list(tmp_path.glob("RECV*.LOG"))) == 1
     d.close()
-    # Generous bound (CI machines are slow): well under 10 µs per call.
-    assert elapsed / n < 10e-6, elapsed / n
 
 
 def test_io_error_does_not_kill_writer(tmp_path: Path) -> None:

