@@ -385,3 +385,20 @@ key_file = "{key_file}"
 
         assert dkim.verify(content, dnsfunc=dns)
         assert relay.manager.signer is not None
+
+        # A From domain without a key goes out unsigned, and the tracking log says why.
+        unsigned = b"From: printer@nokey.test\r\nSubject: Unsigned\r\n\r\nbody\r\n"
+        await send(relay, "printer@nokey.test", ["bob@example.com"], unsigned)
+        await wait_for(lambda: len(a.handler.messages) == 2)
+        assert not a.handler.messages[1]["content"].startswith(b"DKIM-Signature:")
+        from relaygate.logs.tracking import search
+
+        async def agentinfo() -> list[dict]:
+            await asyncio.to_thread(relay.tracking.flush)
+            found = search(relay.tracking.path, event_id="AGENTINFO")
+            return found if len(found) >= 2 else []
+
+        events = await wait_for(agentinfo)
+        infos = {e["custom-data"] for e in events}
+        assert any(i.startswith("DKIM signed d=senders.test s=s1") for i in infos), infos
+        assert any("DKIM unsigned" in i and "nokey.test" in i for i in infos), infos

@@ -390,8 +390,22 @@ class QueueManager:
         except Exception:
             log.exception("message %s: DKIM signing failed; sent unsigned", msg.queue_id)
             return data
-        if not result.signed:
+        # Every signing decision goes to the tracking log (AGENTINFO, as Exchange's agents do), so
+        # `relaygate trace` answers "why did this arrive unsigned?".
+        if result.signed:
+            info = f"DKIM signed d={result.domain} s={result.selector}"
+        else:
+            info = f"DKIM unsigned: {result.reason}"
             log.info("message %s: %s", msg.queue_id, result.reason)
+        self.track(
+            "AGENTINFO",
+            "AGENT",
+            msg,
+            recipients=[r.address for r in msg.recipients],
+            recipient_status=[],
+            data=data,
+            custom_data=info,
+        )
         return bytes(result.data)
 
     async def _deliver_route(
