@@ -30,6 +30,10 @@ def py_spy() -> str | None:
     return str(exe) if exe.exists() else shutil.which("py-spy")
 
 
+_BOILERPLATE = ("<module>", "run (relaygate/app.py)", "main (relaygate/cli", "Thread.")
+_BOILERPLATE_PATHS = ("typer/", "click/", "asyncio/runners.py", "relaygate/cli/", "threading.py")
+
+
 def _function(frame: str) -> str:
     """'func (path/file.py:123)' → 'func (path/file.py)'."""
     name, sep, where = frame.rpartition(" (")
@@ -59,7 +63,8 @@ def analyse(collapsed: Path, top: int = 20) -> str:
         own_line[frames[-1]] += n
         own_fn[_function(frames[-1])] += n
         for f in {_function(f) for f in frames}:
-            incl[f] += n
+            if not f.startswith(_BOILERPLATE) and not any(b in f for b in _BOILERPLATE_PATHS):
+                incl[f] += n
     if not total:
         return "no samples"
     out = [f"{total} samples (active threads only)", "", "by thread:"]
@@ -83,6 +88,7 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=10 * 1024)
     ap.add_argument("--duration", type=int, default=20, help="seconds of sampling")
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    ap.add_argument("--top", type=int, default=20, help="lines per table")
     ap.add_argument(
         "--out", type=Path, help="keep py-spy's collapsed stacks here (flamegraph input)"
     )

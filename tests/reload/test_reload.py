@@ -1,0 +1,123 @@
+"""A running server picks up config edits (file change or SIGHUP) without dropping open sessions."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.smtp.conftest import default_frontend, relay  # noqa: F401
+from tests.smtp.helpers import RawClient
+
+ROOT = Path(__file__).resolve().parents[2]
+RELAY_DENIED = "550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain"
+
+
+def cli(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    return subprocess.run(
+        [sys.executable, "-m", "relaygate", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+def rcpt_reply(port: int, source: str, rcpt: str = "victim@external.example") -> str:
+    with RawClient(port, source=source) as c:
+        c.greet()
+        c.cmd("MAIL FROM:<scanner@corp.example>", 250)
+        return c.cmd(f"RCPT TO:<{rcpt}>").text
+
+
+def wait_until(predicate, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def test_cli_edit_is_picked_up_by_running_server_without_dropping_sessions(relay):  # noqa: F811
+    relay_conn = {
+        "name": "SMTP Relay Internal",
+        "bindings": ["127.0.0.1:{port}"],
+        "remote_ip_ranges": ["127.0.0.20"],
+        "permission_groups": ["AnonymousUsers"],
+        "permissions": [
+            {
+                "user": "NT AUTHORITY\\ANONYMOUS LOGON",
+                "extended_rights": ["ms-Exch-SMTP-Accept-Any-Recipient"],
+            }
+        ],
+        "tarpit_interval": "00:00:00",
+        "connection_inactivity_timeout": "00:00:30",
+    }
+    r = relay([default_frontend(tarpit_interval="00:00:00"), relay_conn], mode="process")
+    assert rcpt_reply(r.port, "127.0.0.5") == RELAY_DENIED
+
+    # A session opened before the edit stays open across the reload.
+    open_session = RawClient(r.port, source="127.0.0.20")
+    open_session.greet()
+
+    # The admin adds the printer with the CLI (Set-ReceiveConnector -RemoteIPRanges @{Add=...}).
+    done = cli(
+        "connector",
+        "set",
+        "SMTP Relay Internal",
+        "--add-remote-ip-ranges",
+        "127.0.0.5",
+        config=r.config_path,
+    )
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert wait_until(lambda: rcpt_reply(r.port, "127.0.0.5") == "250 2.1.5 Recipient OK")
+
+    open_session.cmd("MAIL FROM:<a@corp.example>", 250)
+    assert open_session.cmd("RCPT TO:<x@external.example>").text == "250 2.1.5 Recipient OK"
+    open_session.close()
+
+    # An invalid edit is refused and the server keeps its current configuration.
+    bad = cli(
+        "connector",
+        "set",
+        "SMTP Relay Internal",
+        "--remote-ip-ranges",
+        "127.0.0.9-127.0.0.1",
+        config=r.config_path,
+    )
+    assert bad.returncode == 1
+    assert rcpt_reply(r.port, "127.0.0.5") == "250 2.1.5 Recipient OK"
+
+
+def test_sighup_reloads_a_hand_edited_file(relay):  # noqa: F811
+    r = relay([default_frontend(tarpit_interval="00:00:00")], mode="process")
+    assert rcpt_reply(r.port, "127.0.0.6") == RELAY_DENIED
+    text = r.config_path.read_text()
+    port = r.port
+    text += f"""
+[[receive_connectors]]
+name = "Scanner Relay"
+bindings = ["127.0.0.1:{port}"]
+remote_ip_ranges = ["127.0.0.6"]
+permission_groups = ["AnonymousUsers"]
+tarpit_interval = "00:00:00"
+
+[[receive_connectors.permissions]]
+user = "NT AUTHORITY\\\\ANONYMOUS LOGON"
+extended_rights = ["ms-Exch-SMTP-Accept-Any-Recipient"]
+"""
+    # Keep the mtime and inode as they were so only SIGHUP (not the file watcher) can notice.
+    st = r.config_path.stat()
+    with open(r.config_path, "r+", encoding="utf-8") as f:
+        f.write(text)
+    os.utime(r.config_path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    time.sleep(3)
+    assert rcpt_reply(r.port, "127.0.0.6") == RELAY_DENIED  # not reloaded yet
+    assert r.proc is not None
+    r.proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: rcpt_reply(r.port, "127.0.0.6") == "250 2.1.5 Recipient OK")
