@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from smtpclient import make_message  # noqa: E402
+from smtpclient import make_message
 
 
 def _get(module: str, name: str) -> Callable[[bytes], object] | None:

@@ -12,8 +12,10 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from relaygate.admin.server import AdminServer
 from relaygate.config import Config, ConfigError, load_config
 from relaygate.logs.tracking import MESSAGE_TRACKING_DIR, TrackingLog
+from relaygate.queue.manager import QueueManager
 from relaygate.queue.sqlite_store import SqliteStore
 from relaygate.queue.store import Store
 from relaygate.smtp.server import ServerContext, SmtpServer, protocol_log_for
@@ -60,14 +62,8 @@ class Relay:
                 max_directory_size=s.message_tracking_log_max_directory_size,
                 max_age=s.message_tracking_log_max_age,
             )
-        try:
-            from relaygate.queue.manager import QueueManager
-        except ImportError:
-            QueueManager = None
-        wake = None
-        if QueueManager is not None:
-            self.manager = QueueManager(cfg, self.store, tracking=self.tracking)
-            wake = self.manager.wake
+        self.manager = QueueManager(cfg, self.store, tracking=self.tracking)
+        wake = self.manager.wake
         self.ctx = ServerContext(
             cfg, self.store, protocol_log=self.protocol_log, tracking=self.tracking, on_message=wake
         )
@@ -79,13 +75,8 @@ class Relay:
         if self.manager is not None:
             self.manager.local_endpoints = set(self.server.endpoints)
         if cfg.admin.enabled:
-            try:
-                from relaygate.admin.server import AdminServer
-            except ImportError:
-                AdminServer = None
-            if AdminServer is not None:
-                self.admin = AdminServer(self)
-                await self.admin.start()
+            self.admin = AdminServer(self)
+            await self.admin.start()
         logger.info(
             "RelayGate %s listening on %s (config %s)",
             s.name,
@@ -153,10 +144,10 @@ async def _main(config: Config, config_path: Path | None) -> None:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(relay.reload()))
     watcher = asyncio.ensure_future(relay.watch_config())
-    print(
-        f"RelayGate ready: SMTP {', '.join(f'{h}:{p}' for h, p in relay.server.endpoints)}",
-        flush=True,
-    )  # type: ignore[union-attr]
+    assert relay.server is not None
+    endpoints = ", ".join(f"{h}:{p}" for h, p in relay.server.endpoints)
+    admin = f"; admin http://{relay.config.admin.listen}" if relay.admin is not None else ""
+    print(f"RelayGate ready: SMTP {endpoints}{admin}", flush=True)
     await stop.wait()
     watcher.cancel()
     await relay.stop()

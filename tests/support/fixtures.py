@@ -29,6 +29,7 @@ def loopback_dns_fixture() -> Iterator[LoopbackDNS]:
     with LoopbackDNS() as server:
         yield server
 
+
 # The same fixture under its own Python name, for a conftest.py (where the F811 clash with test
 # parameters does not arise): ``from tests.support.fixtures import loopback_dns  # noqa: F401``.
 loopback_dns = loopback_dns_fixture
