@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from relaygate.config.model import Config, ReceiveConnector
-from relaygate.config.values import Binding, IPRange, parse_ip_range
+from relaygate.config.values import IPRange, parse_ip_range
 from relaygate.policy.rights import (
     ACCEPT_ANY_RECIPIENT,
     is_externally_secured,
@@ -120,16 +120,6 @@ def _is_all(entry: IPRange) -> bool:
 
 def _family_name(entry: IPRange) -> str:
     return "IPv4" if entry.version == 4 else "IPv6"
-
-
-def _bindings_share(a: Binding, b: Binding) -> bool:
-    if a.port != b.port:
-        return False
-    if a.address == b.address:
-        return True
-    return (a.is_wildcard and (a.address == "::" or b.version == 4)) or (
-        b.is_wildcard and (b.address == "::" or a.version == 4)
-    )
 
 
 def _address(version: int, value: int) -> str:
@@ -332,7 +322,7 @@ def _shadow_findings(config: Config) -> Iterator[Finding]:
         for b in connectors[i + 1 :]:
             if a.transport_role != b.transport_role:
                 continue
-            shared = [(x, y) for x in a.bindings for y in b.bindings if _bindings_share(x, y)]
+            shared = [(x, y) for x in a.bindings for y in b.bindings if x.shares_endpoint(y)]
             if not shared:
                 continue
             for ra in a.remote_ip_ranges:

@@ -17,7 +17,7 @@ from typing import Any
 
 from relaygate.config.loader import Problem
 from relaygate.config.model import Config, ReceiveConnector, SendConnector
-from relaygate.config.values import Binding, format_timespan
+from relaygate.config.values import format_timespan
 
 __all__ = ["validate"]
 
@@ -42,17 +42,6 @@ _LIMITS = (
     ("max_logon_failures", 0, 10),
     ("message_rate_limit", 1, 2**31 - 1),
 )
-
-
-def _bindings_overlap(a: Binding, b: Binding) -> bool:
-    if a.port != b.port:
-        return False
-    if a.address == b.address:
-        return True
-    # A wildcard shares the port with every address of its family ([::] is dual-stack).
-    return (a.is_wildcard and (a.address == "::" or b.version == 4)) or (
-        b.is_wildcard and (b.address == "::" or a.version == 4)
-    )
 
 
 def _given(raw: dict[str, Any], key: str) -> bool:
@@ -207,7 +196,7 @@ def validate(
         for bi, b in connectors:
             if bi <= ai:
                 continue
-            shared = [(x, y) for x in a.bindings for y in b.bindings if _bindings_overlap(x, y)]
+            shared = [(x, y) for x in a.bindings for y in b.bindings if x.shares_endpoint(y)]
             if not shared:
                 continue
             path = f"receive_connectors[{at('receive_connectors', bi)}]"

@@ -235,6 +235,17 @@ class Binding:
             return self.address == "::" or local_ip.version == 4
         return ipaddress.ip_address(self.address) == local_ip
 
+    def shares_endpoint(self, other: Binding) -> bool:
+        """True when both would listen on the same local endpoint: the same address and port, or a
+        wildcard of the other's family on that port ([::] is dual-stack, so it covers IPv4 too)."""
+        if self.port != other.port:
+            return False
+        if self.address == other.address:
+            return True
+        return (self.is_wildcard and (self.address == "::" or other.version == 4)) or (
+            other.is_wildcard and (other.address == "::" or self.version == 4)
+        )
+
     def __str__(self) -> str:
         return (
             f"[{self.address}]:{self.port}" if self.version == 6 else f"{self.address}:{self.port}"

@@ -130,20 +130,7 @@ class Session:
     async def _fill(self) -> bool:
         """Read more bytes into the buffer; False at EOF. Enforces both timeouts."""
         await self.flush()
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            self.reply(replies.CONNECTION_TIMEOUT)
-            raise _Close()
-        try:
-            chunk = await asyncio.wait_for(
-                self.reader.read(READ_CHUNK), timeout=min(self.idle, remaining)
-            )
-        except TimeoutError:
-            if time.monotonic() >= self.deadline:
-                self.reply(replies.CONNECTION_TIMEOUT)
-            else:
-                self.reply(replies.INACTIVITY_TIMEOUT)
-            raise _Close() from None
+        chunk = await self._read_more()
         if not chunk:
             return False
         self.buf += chunk
@@ -474,6 +461,7 @@ class Session:
         return content, len(content) > limit
 
     async def _read_more(self) -> bytes:
+        """One read from the client, bounded by the inactivity and absolute timeouts."""
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             self.reply(replies.CONNECTION_TIMEOUT)
