@@ -542,7 +542,7 @@ below is rewritten by every full run, the rest of this page is kept.
 ## How to rerun
 
 ```sh
-make bench                                   # full: 10 KB and 1 MB × 1/10/50/200 sessions × 3, ~15 min
+make bench                                   # full: 10 KB and 1 MB × 1/10/50/200 sessions × 3, ~20–25 min
 .venv/bin/python bench/run.py --quick        # smoke: 10 KB × 1/10 sessions × 1, < 60 s
 .venv/bin/python bench/idle.py               # 10,000 idle connections only
 ```

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from relaygate.importer.exchange import decode_export
+from relaygate.logs.protocol import PROTOCOL_LOG_FIELDS
 
 __all__ = [
     "ClientUsage",
@@ -33,17 +34,8 @@ __all__ = [
     "propose_ranges",
 ]
 
-DEFAULT_FIELDS = (
-    "date-time",
-    "connector-id",
-    "session-id",
-    "sequence-number",
-    "local-endpoint",
-    "remote-endpoint",
-    "event",
-    "data",
-    "context",
-)
+# The same columns RelayGate writes: Exchange's receive protocol log (§6.2).
+DEFAULT_FIELDS = PROTOCOL_LOG_FIELDS
 _RCPT = re.compile(r"^RCPT\s+TO:\s*<([^>]*)>", re.IGNORECASE)
 _RELAY_DENIED = re.compile(r"^5\d\d[ -]5\.7\.(1|54)\b.*relay", re.IGNORECASE)
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
