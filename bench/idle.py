@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import signal
 import socket
 import statistics
 import sys
@@ -190,6 +191,8 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args()
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # unwind through finally: stop relay and sink
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
     with tempfile.TemporaryDirectory(prefix="relaygate-idle-", dir="/var/tmp") as tmp:
         Path(tmp).chmod(0o755)
         result = run_idle(Path(tmp), target=args.connections, timeout=args.timeout)

@@ -593,6 +593,11 @@ def main(argv: list[str] | None = None) -> int:
         help="Postfix default_process_limit (default: Postfix's own, 100)",
     )
     ap.add_argument(
+        "--from-json",
+        type=Path,
+        help="do not measure: rewrite docs/benchmarks.md and the plot from saved results",
+    )
+    ap.add_argument(
         "--keep", action="store_true", help="keep the temp dir (logs, queues) for inspection"
     )
     args = ap.parse_args(argv)
@@ -600,6 +605,13 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
 
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        summary = summarise(saved)
+        write_doc(saved, summary, saved.get("idle"))
+        print("\n".join(ratio_lines(summary)))
+        print(f"wrote {DOC.relative_to(ROOT)}")
+        return 0
     if not have_postfix_tools():
         print("bench: smtp-source/smtp-sink not found (apt-get install postfix)", file=sys.stderr)
         return 2
