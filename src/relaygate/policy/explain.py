@@ -9,6 +9,7 @@ from relaygate import replies
 from relaygate.addresses import AddressError, parse_mail_from, parse_rcpt_to
 from relaygate.config.model import Config
 from relaygate.config.values import Binding
+from relaygate.delivery.routing import explain_route
 from relaygate.policy.rights import EXTENDED_RIGHTS, session_rights
 from relaygate.policy.selection import Selection, select_connector
 from relaygate.policy.verdicts import check_mail, check_rcpt
@@ -69,23 +70,20 @@ def endpoints_for(config: Config, client_ip: str) -> list[tuple[str, int]]:
     return seen
 
 
-def _route_for(config: Config, address: str) -> dict[str, Any] | None:
-    try:
-        from relaygate.delivery.routing import explain_route
-    except ImportError:
-        return None
+def _route_for(config: Config, address: str) -> dict[str, Any]:
+    """The route the queue manager would take for an accepted recipient (delivery/routing.py)."""
     route = explain_route(config.send_connectors, address)
-    if hasattr(route, "to_dict"):
-        return dict(route.to_dict())
-    # RouteExplanation has no to_dict: give the fields people read, not the dataclass repr.
-    key = getattr(route, "route", None)
-    reply = getattr(route, "reply", None)
+    reply = route.reply
     return {
-        "connector": getattr(key, "connector_name", None),
-        "next_hop": getattr(key, "next_hop", None),
-        "delivery_type": getattr(key, "delivery_type", None),
-        "reason": getattr(route, "reason", str(route)),
+        "connector": route.route.connector_name,
+        "next_hop": route.route.next_hop,
+        "delivery_type": route.route.delivery_type,
+        "reason": route.reason,
         "reply": reply.line() if reply is not None else None,
+        "candidates": [
+            {"connector": c.connector, "address_space": c.address_space, "verdict": c.verdict}
+            for c in route.candidates
+        ],
     }
 
 
@@ -190,8 +188,6 @@ def explain(
             entry["tarpit"] = f"{connector.tarpit_interval.total_seconds():g}s"
         if verdict.accepted:
             accepted += 1
-            route = _route_for(config, str(address))
-            if route is not None:
-                entry["route"] = route
+            entry["route"] = _route_for(config, str(address))
         result.recipients.append(entry)
     return result

@@ -1,0 +1,71 @@
+"""`explain` shows, per accepted recipient, the route the queue manager will take (issue 4)."""
+
+from __future__ import annotations
+
+from relaygate.config import parse_text
+from relaygate.policy.explain import explain
+
+CONFIG = """
+[[accepted_domains]]
+domain = "corp.example"
+domain_type = "InternalRelay"
+
+[[receive_connectors]]
+name = "Relay"
+bindings = ["0.0.0.0:25"]
+remote_ip_ranges = ["10.0.0.0/24"]
+permission_groups = ["AnonymousUsers"]
+
+[[receive_connectors.permissions]]
+user = "NT AUTHORITY\\\\ANONYMOUS LOGON"
+extended_rights = ["ms-Exch-SMTP-Accept-Any-Recipient"]
+
+[[send_connectors]]
+name = "To Microsoft 365"
+address_spaces = ["*"]
+dns_routing_enabled = false
+smart_hosts = ["corp-example.mail.protection.outlook.com"]
+
+[[send_connectors]]
+name = "Partner by MX"
+address_spaces = ["*.partner.example"]
+dns_routing_enabled = true
+"""
+
+
+def test_each_recipient_gets_its_route() -> None:
+    cfg = parse_text(CONFIG, "routes.toml")
+    result = explain(
+        cfg,
+        client_ip="10.0.0.5",
+        local=("0.0.0.0", 25),
+        sender="scanner@corp.example",
+        recipients=["a@gmail.com", "b@eu.partner.example", "c@corp.example", "d@elsewhere.example"],
+    ).to_dict()
+    routes = {r["address"]: r["route"] for r in result["recipients"]}
+    assert routes["a@gmail.com"]["connector"] == "To Microsoft 365"
+    assert routes["a@gmail.com"]["delivery_type"] == "SmartHostConnectorDelivery"
+    assert routes["a@gmail.com"]["next_hop"] == "corp-example.mail.protection.outlook.com"
+    # The more specific address space wins over "*", and is routed by MX to the recipient's domain.
+    partner = routes["b@eu.partner.example"]
+    assert partner["connector"] == "Partner by MX"
+    assert partner["delivery_type"] == "DnsConnectorDelivery"
+    assert partner["next_hop"] == "eu.partner.example"
+    verdicts = {c["connector"]: c["verdict"] for c in partner["candidates"]}
+    assert verdicts == {"Partner by MX": "selected", "To Microsoft 365": "less specific"}
+    # An InternalRelay accepted domain is routed out through the send connectors too.
+    assert routes["c@corp.example"]["connector"] == "To Microsoft 365"
+
+
+def test_no_route_is_unreachable_with_exchanges_reason() -> None:
+    cfg = parse_text(
+        CONFIG.replace('address_spaces = ["*"]', 'address_spaces = ["corp.example"]'), "r.toml"
+    )
+    result = explain(
+        cfg, client_ip="10.0.0.5", local=("0.0.0.0", 25), sender=None, recipients=["x@gmail.com"]
+    ).to_dict()
+    (rcpt,) = result["recipients"]
+    assert rcpt["reply"] == "250 2.1.5 Recipient OK"  # accepted at RCPT: the relay right is there
+    assert rcpt["route"]["connector"] is None
+    assert rcpt["route"]["delivery_type"] == "Unreachable"
+    assert rcpt["route"]["reply"] == "550 5.4.4 ROUTING.NoNextHop; unable to route"
