@@ -456,6 +456,7 @@ def generated_section(
         f"Run: {meta['started']} → {meta['finished']} (UTC), source `{meta['git']}`, "
         f"{plan['reps']} repetition(s) per point, medians shown.",
         "",
+        *([meta["note"], ""] if meta.get("note") else []),
         f"Machine load: the 1-minute load average at the end of the runs was "
         f"{load_text(results['rows'])}; other work on the machine slows both systems, which is why the "
         "runs of the two systems are interleaved and only ratios from one run should be compared.",
