@@ -25,8 +25,9 @@ Protection (the listener is meant for loopback or a management network):
   are refused (DNS rebinding), and so are state-changing requests whose ``Origin`` is another site
   (cross-site request forgery from a browser on the admin's machine).
 
-`create_app(relay, extra_routes=...)` takes further routes so the web admin centre (HTML pages) can
-be mounted on the same application later.
+The web admin centre (HTML pages, `relaygate.admin.web`) is served by the same application and behind
+the same guard: ``/``, ``/queue``, ``/queue/{id}``, ``/explain``, ``/login``, ``/static/…``.
+`create_app(relay, extra_routes=...)` takes further routes.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relaygate.control import Conflict, NotFound, QueueControl
 
-__all__ = ["API_PREFIX", "MetricsCollector", "create_app", "read_token"]
+__all__ = ["API_PREFIX", "MetricsCollector", "create_app", "health_report", "read_token"]
 
 log = logging.getLogger("relaygate.admin")
 
@@ -182,11 +183,46 @@ class MetricsCollector:
         )
 
 
+async def health_report(
+    relay: Any, control: QueueControl, started: float
+) -> tuple[dict[str, Any], int]:
+    """The body of ``/api/health`` and its HTTP status (200, or 503 when the store fails);
+    the web dashboard shows the same report."""
+    manager = getattr(relay, "manager", None)
+    server = getattr(relay, "server", None)
+    body: dict[str, Any] = {
+        "status": "ok",
+        "server": relay.config.server.name,
+        "fqdn": relay.config.server.fqdn,
+        "uptime_seconds": round(time.time() - started, 1),
+        "smtp": [f"{h}:{p}" for h, p in (getattr(server, "endpoints", None) or [])],
+        "queue_manager": {
+            "running": bool(getattr(manager, "running", False)),
+            "in_flight": int(getattr(manager, "in_flight", 0) or 0),
+        },
+    }
+    try:
+        body["queue"] = await control.counts()
+    except Exception as exc:
+        body["status"] = "error"
+        body["error"] = f"queue store: {exc}"
+        return body, 503
+    if manager is not None and not body["queue_manager"]["running"]:
+        body["status"] = "degraded"
+    return body, 200
+
+
 def create_app(
-    relay: Any, *, token: str | None = None, extra_routes: Sequence[BaseRoute] = ()
+    relay: Any,
+    *,
+    token: str | None = None,
+    extra_routes: Sequence[BaseRoute] = (),
+    web: bool = True,
 ) -> Starlette:
     """The admin application for ``relay`` (an object with ``config``, ``store``, ``manager``).
-    ``token``: the bearer token the API requires (None: no token)."""
+    ``token``: the bearer token the API requires (None: no token); the web admin centre then asks
+    for the same token once and keeps a session cookie. ``web``: serve the web admin centre's
+    HTML pages (`relaygate.admin.web`) next to the API."""
     control = QueueControl.for_relay(relay)
     registry = CollectorRegistry(auto_describe=False)
     collector = MetricsCollector(relay)
@@ -231,28 +267,8 @@ def create_app(
         )
 
     async def health(request: Request) -> Response:
-        manager = getattr(relay, "manager", None)
-        server = getattr(relay, "server", None)
-        body: dict[str, Any] = {
-            "status": "ok",
-            "server": relay.config.server.name,
-            "fqdn": relay.config.server.fqdn,
-            "uptime_seconds": round(time.time() - started, 1),
-            "smtp": [f"{h}:{p}" for h, p in (getattr(server, "endpoints", None) or [])],
-            "queue_manager": {
-                "running": bool(getattr(manager, "running", False)),
-                "in_flight": int(getattr(manager, "in_flight", 0) or 0),
-            },
-        }
-        try:
-            body["queue"] = await control.counts()
-        except Exception as exc:
-            body["status"] = "error"
-            body["error"] = f"queue store: {exc}"
-            return JSONResponse(body, status_code=503)
-        if manager is not None and not body["queue_manager"]["running"]:
-            body["status"] = "degraded"
-        return JSONResponse(body)
+        body, status = await health_report(relay, control, started)
+        return JSONResponse(body, status_code=status)
 
     async def metrics(request: Request) -> Response:
         try:
@@ -272,12 +288,18 @@ def create_app(
         Route(f"{API_PREFIX}/queue/{{identity}}/retry", queue_retry, methods=["POST"]),
         Route(f"{API_PREFIX}/queue/{{identity}}/suspend", queue_suspend, methods=["POST"]),
         Route(f"{API_PREFIX}/queue/{{identity}}/resume", queue_resume, methods=["POST"]),
-        *extra_routes,
     ]
+    if web:
+        from relaygate.admin.web import web_routes  # the pages import this module
+
+        routes.extend(web_routes())
+    routes.extend(extra_routes)
     app = Starlette(routes=routes)
     app.add_middleware(_Guard, relay=relay, token=token)
     app.state.control = control
     app.state.relay = relay
+    app.state.token = token
+    app.state.started = started
     return app
 
 

@@ -1,0 +1,476 @@
+"""The web admin centre: HTML pages over the same functions as the JSON API and the CLI.
+
+Server-rendered Jinja2 (autoescaped), one stylesheet, no JavaScript: every page works with plain
+links and forms.
+
+=================================  ==================================================================
+``GET /``                          dashboard: health, queue counts, receive connectors (bindings,
+                                   RemoteIPRanges, relay method from `relaygate.audit.relay_grant`),
+                                   send connectors, audit findings (`relaygate.audit.audit`)
+``GET /queue[?status=S]``          the queue, with Retry / Suspend / Resume / Remove buttons
+``GET /queue/{id}``                one message with per-recipient detail
+``POST /queue/{id}/{action}``      ``retry`` | ``suspend`` | ``resume`` | ``remove`` (form field
+                                   ``with_ndr=true`` for Remove-Message -WithNDR): calls
+                                   `relaygate.control.QueueControl`, then 303 back to the page
+``GET /explain?client_ip=…``       what ``relaygate explain`` shows (`relaygate.policy.explain`)
+``GET/POST /login``, ``POST /logout``  only when ``admin.api_token_file`` is set
+``GET /static/admin.css``          the stylesheet
+=================================  ==================================================================
+
+Security:
+
+* every request passes the API's guard (`relaygate.admin.api`): Host allow-list (DNS rebinding) and
+  refusal of a POST whose ``Origin`` is another site;
+* the POST routes here also *require* an ``Origin`` header (browsers send one with every POST) and
+  refuse a ``Sec-Fetch-Site`` other than ``same-origin``: only the admin centre's own forms change
+  the queue; scripts use the JSON API;
+* with ``admin.api_token_file`` set, every page and action needs a session: ``/login`` takes the API
+  token and sets an HttpOnly, SameSite=Strict cookie holding an HMAC of the token (never the token);
+  without a token file the pages are open to whoever reaches the listener, exactly like the API;
+* HTML responses carry a Content-Security-Policy without any script source and with
+  ``frame-ancestors 'none'`` (no clickjacking of the buttons), ``nosniff``, ``no-store`` and
+  ``Referrer-Policy: same-origin``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import jinja2
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from relaygate.admin.api import health_report
+from relaygate.audit import SEVERITIES, audit, relay_grant, summary
+from relaygate.config.model import Config, ReceiveConnector, SendConnector
+from relaygate.config.values import parse_binding
+from relaygate.control import MESSAGE_STATUSES, Conflict, NotFound, QueueControl, normalise_id
+from relaygate.policy.explain import endpoints_for, explain
+
+__all__ = [
+    "SESSION_COOKIE",
+    "STATIC_DIR",
+    "TEMPLATES_DIR",
+    "connector_rows",
+    "explain_results",
+    "relay_method",
+    "render",
+    "send_connector_rows",
+    "session_value",
+    "web_routes",
+]
+
+TEMPLATES_DIR = Path(__file__).with_name("templates")
+STATIC_DIR = Path(__file__).with_name("static")
+SESSION_COOKIE = "relaygate_admin_session"
+QUEUE_PAGE_LIMIT = 500
+MAX_FORM_BYTES = 64 * 1024
+ACTIONS = ("retry", "suspend", "resume", "remove")
+_DONE = {
+    "retry": "Retry requested for",
+    "suspend": "Suspended",
+    "resume": "Resumed",
+    "remove": "Removed",
+    "remove-ndr": "Removed (with an NDR to the sender)",
+}
+_FINAL = ("Delivered", "Failed")
+_SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+_SPLIT_ADDRESSES = re.compile(r"[\s,;]+")
+
+
+def _size(value: Any) -> str:
+    n = float(value or 0)
+    for unit in ("B", "KB", "MB"):
+        if n < 1024 or unit == "MB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} MB"  # pragma: no cover
+
+
+def _when(value: Any) -> str:
+    """ISO 8601 UTC (``2025-01-02T03:04:05Z``) → ``2025-01-02 03:04:05 UTC``; None → ``—``."""
+    if not value:
+        return "—"
+    text = str(value)
+    return text.replace("T", " ").removesuffix("Z") + " UTC" if text.endswith("Z") else text
+
+
+_env = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+_env.filters["size"] = _size
+_env.filters["when"] = _when
+
+
+def session_value(token: str) -> str:
+    """The session cookie's value for ``token``: an HMAC of it, so the cookie never holds the token."""
+    return hmac.new(
+        token.encode(), b"relaygate admin centre session v1", hashlib.sha256
+    ).hexdigest()
+
+
+def _signed_in(request: Request) -> bool:
+    token: str | None = request.app.state.token
+    if not token:
+        return True
+    given = request.cookies.get(SESSION_COOKIE, "")
+    return hmac.compare_digest(given.encode(), session_value(token).encode())
+
+
+def render(request: Request, template: str, context: dict[str, Any], status: int = 200) -> Response:
+    relay = request.app.state.relay
+    page = _env.get_template(template).render(
+        server_name=str(relay.config.server.name),
+        fqdn=str(relay.config.server.fqdn),
+        path=request.url.path,
+        session=bool(request.app.state.token) and _signed_in(request),
+        **context,
+    )
+    return HTMLResponse(page, status_code=status, headers=_SECURITY_HEADERS)
+
+
+def _message(request: Request, title: str, text: str, status: int) -> Response:
+    return render(request, "message.html", {"title": title, "text": text}, status)
+
+
+def _post_refused(request: Request) -> Response | None:
+    """Same-origin only (the guard already refused a foreign Origin; here a POST without one is
+    refused too), and signed in when a token is configured."""
+    origin = request.headers.get("origin")
+    host = request.headers.get("host", "").lower()
+    if not origin or urlsplit(origin).netloc.lower() != host:
+        return _message(
+            request,
+            "Refused",
+            "Only the admin centre's own forms may change the queue (same-origin POST with an "
+            "Origin header); scripts use the JSON API.",
+            403,
+        )
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site != "same-origin":
+        return _message(request, "Refused", "cross-site request refused", 403)
+    return None
+
+
+def _login_redirect(request: Request) -> Response | None:
+    if _signed_in(request):
+        return None
+    return RedirectResponse("/login", status_code=303)
+
+
+async def _form(request: Request) -> dict[str, list[str]]:
+    """An urlencoded form body (at most MAX_FORM_BYTES)."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            raise ValueError("form too large")
+    return parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+
+
+# -- view data -------------------------------------------------------------------------------------
+
+
+def relay_method(connector: ReceiveConnector) -> tuple[str, str]:
+    """(short label, audit's description) of how anonymous clients relay through ``connector``:
+    ``A`` (AnonymousUsers + explicit permission), ``B`` (ExternalAuthoritative + ExchangeServers),
+    ``A + B``, ``anonymous`` (granted otherwise), ``after AUTH only`` or ``none``."""
+    grant = relay_grant(connector)
+    if not grant.anonymous:
+        return ("after AUTH only" if grant.authenticated else "none"), grant.describe()
+    methods = [name for name, on in (("A", bool(grant.method_a)), ("B", grant.method_b)) if on]
+    return (" + ".join(methods) or "anonymous"), grant.describe()
+
+
+def connector_rows(config: Config) -> list[dict[str, Any]]:
+    rows = []
+    for c in config.receive_connectors:
+        method, detail = relay_method(c)
+        rows.append(
+            {
+                "name": c.name,
+                "enabled": c.enabled,
+                "usage": c.usage,
+                "role": c.transport_role,
+                "bindings": [str(b) for b in c.bindings],
+                "ranges": c.relay_ranges_text,
+                "auth": list(c.auth_mechanism),
+                "groups": list(c.permission_groups),
+                "relay": method,
+                "relay_detail": detail,
+            }
+        )
+    return rows
+
+
+_HOST_WITH_PORT = re.compile(r"(\]|^[^:\[\]]+):\d+$")
+
+
+def _route_text(c: SendConnector) -> str:
+    if c.dns_routing_enabled or not c.smart_hosts:
+        return f"MX lookup (DNS), port {c.port}"
+    hosts = ", ".join(c.smart_hosts)
+    if all(_HOST_WITH_PORT.search(h) for h in c.smart_hosts):
+        return f"smart hosts {hosts}"
+    return f"smart hosts {hosts} (port {c.port})"
+
+
+def send_connector_rows(config: Config) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": c.name,
+            "enabled": c.enabled,
+            "address_spaces": list(c.address_spaces),
+            "route": _route_text(c),
+            "auth": c.smart_host_auth_mechanism,
+            "require_tls": c.require_tls,
+        }
+        for c in config.send_connectors
+    ]
+
+
+def explain_results(
+    config: Config,
+    *,
+    client_ip: str,
+    local: str,
+    sender: str | None,
+    recipients: list[str],
+    auth_user: str | None,
+) -> list[dict[str, Any]]:
+    """What ``relaygate explain`` computes: one result per local endpoint (``local`` or every
+    binding). Raises ValueError with the field's name for bad input."""
+    try:
+        ipaddress.ip_address(client_ip.partition("%")[0])
+    except ValueError:
+        raise ValueError(f"client IP: {client_ip!r} is not an IP address") from None
+    if local:
+        try:
+            b = parse_binding(local)
+        except ValueError as exc:
+            raise ValueError(f"local endpoint: {exc}") from None
+        endpoints = [(b.address, b.port)]
+    else:
+        endpoints = endpoints_for(config, client_ip)
+        if not endpoints:
+            raise ValueError("the configuration has no receive connector bindings")
+    return [
+        explain(
+            config,
+            client_ip=client_ip,
+            local=ep,
+            sender=sender,
+            recipients=recipients,
+            authenticated_user=auth_user,
+        ).to_dict()
+        for ep in endpoints
+    ]
+
+
+def _notice(request: Request) -> str | None:
+    """The line shown after an action's redirect (only known verbs and a valid queue id)."""
+    done = request.query_params.get("done", "")
+    if done not in _DONE:
+        return None
+    identity = request.query_params.get("id") or request.path_params.get("identity", "")
+    try:
+        qid = normalise_id(identity)
+    except NotFound:
+        return None
+    return f"{_DONE[done]} {request.app.state.relay.config.server.name}\\{qid}."
+
+
+# -- handlers --------------------------------------------------------------------------------------
+
+
+async def dashboard(request: Request) -> Response:
+    if (redirect := _login_redirect(request)) is not None:
+        return redirect
+    state = request.app.state
+    health, status = await health_report(state.relay, state.control, state.started)
+    config = state.relay.config
+    findings = audit(config)
+    context = {
+        "health": health,
+        "counts": health.get("queue") or {},
+        "connectors": connector_rows(config),
+        "send_connectors": send_connector_rows(config),
+        "findings": [f.to_dict() for f in findings],
+        "findings_summary": summary(findings),
+        "severities": SEVERITIES,
+    }
+    return render(request, "dashboard.html", context, status)
+
+
+async def queue_page(request: Request) -> Response:
+    if (redirect := _login_redirect(request)) is not None:
+        return redirect
+    control: QueueControl = request.app.state.control
+    status = request.query_params.get("status") or None
+    error, code = None, 200
+    try:
+        messages = await control.list_messages(status=status, limit=QUEUE_PAGE_LIMIT)
+    except ValueError as exc:
+        messages, error, code = [], str(exc), 400
+    context = {
+        "messages": messages,
+        "status": status or "",
+        "statuses": MESSAGE_STATUSES,
+        "limit": QUEUE_PAGE_LIMIT,
+        "notice": _notice(request),
+        "error": error,
+        "final": _FINAL,
+    }
+    return render(request, "queue.html", context, code)
+
+
+async def message_page(request: Request) -> Response:
+    if (redirect := _login_redirect(request)) is not None:
+        return redirect
+    control: QueueControl = request.app.state.control
+    try:
+        message = await control.show(request.path_params["identity"])
+    except NotFound as exc:
+        return _message(request, "Not found", str(exc), 404)
+    context = {"m": message, "notice": _notice(request), "final": _FINAL}
+    return render(request, "message_detail.html", context)
+
+
+async def message_action(request: Request) -> Response:
+    if not _signed_in(request):
+        return _message(request, "Sign in first", "The admin centre needs the API token.", 401)
+    if (refused := _post_refused(request)) is not None:
+        return refused
+    identity, action = request.path_params["identity"], request.path_params["action"]
+    if action not in ACTIONS:
+        return _message(request, "Not found", f"unknown action {action!r}", 404)
+    try:
+        form = await _form(request)
+    except ValueError as exc:
+        return _message(request, "Bad request", str(exc), 413)
+    with_ndr = action == "remove" and form.get("with_ndr", [""])[0] == "true"
+    control: QueueControl = request.app.state.control
+    try:
+        qid = normalise_id(identity)
+        if action == "remove":
+            await control.remove(qid, with_ndr=with_ndr)
+        else:
+            await getattr(control, action)(qid)
+    except NotFound as exc:
+        return _message(request, "Not found", str(exc.args[0]) if exc.args else "not found", 404)
+    except Conflict as exc:
+        return _message(request, "Not possible", str(exc), 409)
+    done = "remove-ndr" if with_ndr else action
+    if action != "remove" and form.get("back", [""])[0] == "message":
+        url = f"/queue/{qid}?{urlencode({'done': done})}"
+    else:
+        url = f"/queue?{urlencode({'done': done, 'id': qid})}"
+    return RedirectResponse(url, status_code=303)
+
+
+async def explain_page(request: Request) -> Response:
+    if (redirect := _login_redirect(request)) is not None:
+        return redirect
+    q = request.query_params
+    client_ip = q.get("client_ip", "").strip()
+    local = q.get("local", "").strip()
+    sender_text = q.get("from", "").strip()
+    auth_user = q.get("auth_user", "").strip()
+    recipients = [a for value in q.getlist("to") for a in _SPLIT_ADDRESSES.split(value) if a]
+    form = {
+        "client_ip": client_ip,
+        "local": local,
+        "from": sender_text,
+        "to": "\n".join(recipients),
+        "auth_user": auth_user,
+    }
+    results: list[dict[str, Any]] = []
+    error, code = None, 200
+    if client_ip:
+        try:
+            results = explain_results(
+                request.app.state.relay.config,
+                client_ip=client_ip,
+                local=local,
+                sender=sender_text or None,
+                recipients=recipients,
+                auth_user=auth_user or None,
+            )
+        except ValueError as exc:
+            error, code = str(exc), 400
+    context = {"form": form, "results": results, "error": error}
+    return render(request, "explain.html", context, code)
+
+
+async def login_page(request: Request) -> Response:
+    if not request.app.state.token:
+        return RedirectResponse("/", status_code=303)
+    return render(request, "login.html", {"error": None})
+
+
+async def login_submit(request: Request) -> Response:
+    token: str | None = request.app.state.token
+    if not token:
+        return RedirectResponse("/", status_code=303)
+    if (refused := _post_refused(request)) is not None:
+        return refused
+    try:
+        given = (await _form(request)).get("token", [""])[0].strip()
+    except ValueError as exc:
+        return _message(request, "Bad request", str(exc), 413)
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        return render(request, "login.html", {"error": "wrong token"}, 401)
+    response = RedirectResponse("/", status_code=303)
+    response.set_cookie(
+        SESSION_COOKIE,
+        session_value(token),
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/",
+    )
+    return response
+
+
+async def logout(request: Request) -> Response:
+    if (refused := _post_refused(request)) is not None:
+        return refused
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+def web_routes() -> list[BaseRoute]:
+    """The admin centre's routes, for `relaygate.admin.api.create_app`."""
+    return [
+        Route("/", dashboard, methods=["GET"]),
+        Route("/queue", queue_page, methods=["GET"]),
+        Route("/queue/{identity}", message_page, methods=["GET"]),
+        Route("/queue/{identity}/{action}", message_action, methods=["POST"]),
+        Route("/explain", explain_page, methods=["GET"]),
+        Route("/login", login_page, methods=["GET"]),
+        Route("/login", login_submit, methods=["POST"]),
+        Route("/logout", logout, methods=["POST"]),
+        Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
+    ]

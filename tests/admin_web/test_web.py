@@ -1,0 +1,339 @@
+"""The web admin centre in real headless Chromium (Playwright) against a real in-process relay.
+
+The relay runs in its own thread and event loop (the Playwright sync API needs a thread without a
+running loop); its only send connector points at a closed port, so messages stay queued in Retry.
+Chromium is the Debian package (/usr/bin/chromium): if it cannot run, these tests fail, they do
+not skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Coroutine, Iterator
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import BrowserContext, Page, expect, sync_playwright
+
+from relaygate.admin.web import SESSION_COOKIE, session_value
+from relaygate.app import Relay
+from tests.queue_manager.helpers import free_port, start_relay
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOT = Path("/tmp/relaygate-admin-dashboard.png")
+QUEUE = {"transient_failure_retry_interval": "00:10:00", "message_retry_interval": "00:10:00"}
+
+# A catch-all connector on the same binding without relay rights: 127.0.0.1 is taken by the
+# narrower "Test Relay" (relays), every other loopback address by this one (550 5.7.54).
+FRONTEND = """
+[[receive_connectors]]
+name = "Default Frontend"
+usage = "Custom"
+bindings = ["127.0.0.1:{port}"]
+remote_ip_ranges = ["127.0.0.0/8"]
+auth_mechanism = ["None"]
+permission_groups = ["AnonymousUsers"]
+"""
+
+
+class RelayThread:
+    """A relay started by tests.queue_manager.helpers.start_relay, in a thread of its own."""
+
+    def __init__(self, data_dir: Path, *, token: str | None = None, **kwargs: Any) -> None:
+        self.token = token  # sent as the bearer token to /api/
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.smtp_port = free_port()
+        closed = free_port()  # nothing listens: every delivery attempt fails, messages stay
+        self.relay: Relay = self.call(
+            start_relay(
+                data_dir,
+                {"*": closed},
+                queue=QUEUE,
+                smtp_port=self.smtp_port,
+                extra=FRONTEND.format(port=self.smtp_port),
+                **kwargs,
+            )
+        )
+        assert self.relay.admin is not None and self.relay.admin.url
+        self.url: str = self.relay.admin.url
+
+    def call(self, coro: Coroutine[Any, Any, Any], timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        try:
+            self.call(self.relay.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+    def send(self, subject: str, to: str = "someone@example.org") -> str:
+        """Submit a message over SMTP (smtplib); returns its queue id once it sits in Retry."""
+        message_id = f"<{uuid.uuid4().hex}@app.corp.test>"
+        msg = EmailMessage()
+        msg["From"] = "app@corp.test"
+        msg["To"] = to
+        msg["Subject"] = subject
+        msg["Message-ID"] = message_id
+        msg.set_content("Invoice attached.\n")
+        with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=10) as smtp:
+            smtp.send_message(msg)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            for m in self.api("GET", "/api/queue").json()["messages"]:
+                if m["MessageId"] == message_id and m["Status"] == "Retry":
+                    return str(m["QueueId"])
+            time.sleep(0.1)
+        raise AssertionError(f"message {message_id} did not reach Retry")
+
+    def api(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        if path.startswith("/api/") and self.token:
+            kwargs["headers"] = {
+                "Authorization": f"Bearer {self.token}",
+                **kwargs.get("headers", {}),
+            }
+        return httpx.request(method, self.url + path, timeout=10, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[RelayThread]:
+    with tempfile.TemporaryDirectory(prefix="relaygate-web-") as tmp:
+        relay = RelayThread(Path(tmp))
+        try:
+            yield relay
+        finally:
+            relay.stop()
+
+
+@pytest.fixture(scope="module")
+def browser_context() -> Iterator[BrowserContext]:
+    assert Path(CHROMIUM).exists(), "chromium is missing: apt-get install -y chromium"
+    with (
+        tempfile.TemporaryDirectory(prefix="relaygate-chromium-") as profile,
+        sync_playwright() as p,
+    ):
+        context = p.chromium.launch_persistent_context(
+            profile,
+            executable_path=CHROMIUM,
+            args=CHROMIUM_ARGS,
+            headless=True,
+            viewport={"width": 1360, "height": 1000},
+        )
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+@pytest.fixture
+def tab(browser_context: BrowserContext) -> Iterator[Page]:
+    tab = browser_context.new_page()
+    tab.set_default_timeout(10_000)
+    try:
+        yield tab
+    finally:
+        tab.close()
+
+
+def _row(tab: Page, qid: str) -> Any:
+    return tab.locator(f'tr[data-queue-id="{qid}"]')
+
+
+def test_dashboard_shows_health_counts_connectors_and_findings(
+    node: RelayThread, tab: Page
+) -> None:
+    node.send("Dashboard check")
+    response = tab.goto(node.url + "/")
+    assert response is not None and response.status == 200
+    headers = response.headers
+    assert "script-src" not in headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
+    expect(tab.locator("#health-status")).to_have_text("ok")
+    counts = node.api("GET", "/api/queue/summary").json()
+    expect(tab.locator('#queue-counts td[data-count="messages"]')).to_have_text(
+        str(counts["messages"])
+    )
+    expect(tab.locator('#queue-counts td[data-count="retry"]')).to_have_text(str(counts["retry"]))
+    assert counts["retry"] >= 1
+    connectors = tab.locator("#connectors tbody tr")
+    expect(connectors).to_have_count(2)
+    relay_row = connectors.filter(has_text="Test Relay")
+    expect(relay_row).to_contain_text(f"127.0.0.1:{node.smtp_port}")
+    expect(relay_row.locator(".relay")).to_have_text("A")  # AnonymousUsers + ANONYMOUS LOGON grant
+    frontend = connectors.filter(has_text="Default Frontend")
+    expect(frontend).to_contain_text("127.0.0.0/8")
+    expect(frontend.locator(".relay")).to_have_text("none")
+    expect(tab.locator("#send-connectors")).to_contain_text("To *")
+    # the audit's findings with their severity (the nested ranges on one binding are reported)
+    findings = tab.locator("#findings tbody tr")
+    expect(findings.filter(has_text="are taken by connector").first.locator(".sev")).to_have_text(
+        "info"
+    )
+    tab.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert SCREENSHOT.stat().st_size > 10_000
+    # the stylesheet is served from the package (no CDN, nothing external)
+    css = node.api("GET", "/static/admin.css")
+    assert css.status_code == 200 and "text/css" in css.headers["content-type"]
+
+
+def test_queue_suspend_resume_remove_in_the_browser(node: RelayThread, tab: Page) -> None:
+    qid = node.send("Queue actions")
+    tab.goto(node.url + "/queue")
+    row = _row(tab, qid)
+    expect(row).to_contain_text("app@corp.test")
+    expect(row).to_contain_text("someone@example.org")
+    expect(row.locator("td.status")).to_have_text("Retry")
+    expect(row).to_contain_text("451 4.4.0")  # the last error: the smart host is unreachable
+
+    row.get_by_role("button", name="Suspend").click()
+    expect(tab.locator(".notice")).to_contain_text(f"Suspended RELAYTEST\\{qid}")
+    expect(_row(tab, qid).locator("td.status")).to_have_text("Suspended")
+    assert node.api("GET", f"/api/queue/{qid}").json()["Status"] == "Suspended"
+
+    _row(tab, qid).get_by_role("button", name="Resume").click()
+    expect(tab.locator(".notice")).to_contain_text(f"Resumed RELAYTEST\\{qid}")
+    expect(_row(tab, qid).locator("td.status")).not_to_have_text("Suspended")
+    deadline = time.monotonic() + 15  # resume wakes delivery; it fails again → Retry
+    while node.api("GET", f"/api/queue/{qid}").json()["Status"] != "Retry":
+        assert time.monotonic() < deadline, "resumed message did not return to Retry"
+        time.sleep(0.1)
+
+    # the detail tab, and its own buttons redirect back to it
+    tab.goto(node.url + "/queue")
+    _row(tab, qid).get_by_role("link").first.click()
+    expect(tab.locator("h1")).to_contain_text(qid)
+    expect(tab.locator("table.fields")).to_contain_text("Queue actions")
+    expect(tab.locator("#recipients")).to_contain_text("someone@example.org")
+    tab.get_by_role("button", name="Suspend").click()
+    assert tab.url.endswith(f"/queue/{qid}?done=suspend")
+    expect(tab.locator("#message-status")).to_have_text("Suspended")
+
+    tab.goto(node.url + "/queue")
+    _row(tab, qid).get_by_role("button", name="Remove", exact=True).click()
+    expect(tab.locator(".notice")).to_contain_text(f"Removed RELAYTEST\\{qid}")
+    expect(_row(tab, qid)).to_have_count(0)
+    assert node.api("GET", f"/api/queue/{qid}").status_code == 404
+
+
+def test_explain_form_shows_what_relaygate_explain_shows(node: RelayThread, tab: Page) -> None:
+    tab.goto(node.url + "/explain")
+    tab.fill('input[name="client_ip"]', "127.0.0.5")
+    tab.fill('input[name="from"]', "scanner@corp.test")
+    tab.fill('textarea[name="to"]', "someone@example.org\ncolleague@corp.test")
+    tab.get_by_role("button", name="Explain").click()
+    result = tab.locator(".explain-result")
+    expect(result).to_have_count(1)
+    expect(result).to_contain_text("Connector: Default Frontend")
+    outside = result.locator(".recipient").filter(has_text="someone@example.org")
+    expect(outside).to_contain_text("550 5.7.54")
+    expect(outside).to_contain_text("because")
+    inside_domain = result.locator(".recipient").filter(has_text="colleague@corp.test")
+    expect(inside_domain).to_contain_text("250 2.1.5")
+
+    tab.fill('input[name="client_ip"]', "127.0.0.1")
+    tab.fill('input[name="local"]', f"127.0.0.1:{node.smtp_port}")
+    tab.fill('textarea[name="to"]', "someone@example.org")
+    tab.get_by_role("button", name="Explain").click()
+    expect(result).to_contain_text("Connector: Test Relay")
+    expect(result).to_contain_text("beat Default Frontend")
+    expect(result).to_contain_text("ms-Exch-SMTP-Accept-Any-Recipient")
+    recipient = result.locator(".recipient")
+    expect(recipient).to_contain_text("250 2.1.5")
+    expect(recipient).to_contain_text("route: To * → ")
+
+    tab.fill('input[name="client_ip"]', "not-an-ip")
+    tab.get_by_role("button", name="Explain").click()
+    expect(tab.locator("p.error")).to_contain_text("is not an IP address")
+
+
+def test_everything_is_escaped(node: RelayThread, tab: Page) -> None:
+    qid = node.send('<script>document.title="pwned"</script><b>bold</b>')
+    tab.goto(f"{node.url}/queue/{qid}")
+    expect(tab.locator("table.fields")).to_contain_text('<script>document.title="pwned"</script>')
+    assert tab.locator("main script, main b").count() == 0
+    assert tab.title() != "pwned"
+    tab.goto(node.url + "/explain?client_ip=127.0.0.5&to=%3Cimg%20src%3Dx%3E@example.org")
+    expect(tab.locator(".explain-result")).to_contain_text("<img")
+    assert tab.locator("main img").count() == 0
+    node.api("DELETE", f"/api/queue/{qid}")
+
+
+def test_cross_origin_and_originless_posts_are_refused(node: RelayThread) -> None:
+    qid = node.send("CSRF check")
+    host = node.url.removeprefix("http://")
+    for headers in (
+        {"Origin": "http://evil.example"},
+        {"Origin": "null"},
+        {},  # no Origin: not from a browser form of this site
+        {"Origin": node.url, "Sec-Fetch-Site": "cross-site"},
+        {"Origin": "http://relay.evil.example", "Host": "relay.evil.example"},
+    ):
+        for action in ("suspend", "remove"):
+            r = node.api("POST", f"/queue/{qid}/{action}", headers=headers)
+            assert r.status_code == 403, (headers, action, r.status_code)
+    assert node.api("GET", f"/api/queue/{qid}").json()["Status"] == "Retry"
+    # the same request from the admin centre's own origin works
+    r = node.api("POST", f"/queue/{qid}/suspend", headers={"Origin": node.url, "Host": host})
+    assert r.status_code == 303 and r.headers["location"] == f"/queue?done=suspend&id={qid}"
+    assert node.api("GET", f"/api/queue/{qid}").json()["Status"] == "Suspended"
+    assert (
+        node.api("POST", f"/queue/{qid}/explode", headers={"Origin": node.url}).status_code == 404
+    )
+    node.api("DELETE", f"/api/queue/{qid}")
+
+
+def test_with_a_token_every_page_needs_a_session(tmp_path: Path) -> None:
+    token = "s3cret-token-for-the-admin-centre"
+    (tmp_path / "token").write_text(token + "\n", encoding="utf-8")
+    node = RelayThread(
+        tmp_path / "data", token=token, admin_extra=f'api_token_file = "{tmp_path / "token"}"'
+    )
+    try:
+        qid = node.send("Token check")
+        origin = {"Origin": node.url}
+        for path in ("/", "/queue", f"/queue/{qid}", "/explain?client_ip=127.0.0.1"):
+            r = node.api("GET", path)
+            assert r.status_code == 303 and r.headers["location"] == "/login", path
+        assert node.api("POST", f"/queue/{qid}/suspend", headers=origin).status_code == 401
+        wrong = node.api("POST", "/login", data={"token": "guess"}, headers=origin)
+        assert wrong.status_code == 401 and "wrong token" in wrong.text
+        assert node.api("POST", "/login", data={"token": token}).status_code == 403  # no Origin
+        good = node.api("POST", "/login", data={"token": token}, headers=origin)
+        assert good.status_code == 303
+        cookie = good.headers["set-cookie"]
+        assert "httponly" in cookie.lower() and "samesite=strict" in cookie.lower()
+        assert token not in cookie
+        session = {SESSION_COOKIE: session_value(token)}
+        with httpx.Client(base_url=node.url, cookies=session, timeout=10) as client:
+            assert client.get("/").status_code == 200
+            assert "Token check" in client.get(f"/queue/{qid}").text
+            r = client.post(f"/queue/{qid}/suspend", headers=origin)
+            assert r.status_code == 303
+            # the cookie is for the pages only: the JSON API still wants the bearer token
+            assert client.get("/api/queue").status_code == 401
+        assert node.api("GET", f"/api/queue/{qid}").json()["Status"] == "Suspended"
+    finally:
+        node.stop()
