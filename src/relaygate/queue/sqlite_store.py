@@ -767,6 +767,23 @@ class SqliteStore(Store):
     async def release(self, queue_id: str, owner: str) -> None:
         await self._write(self._op_release, queue_id, owner, durable=False)
 
+    async def release_owners(self, owners: Sequence[str]) -> int:
+        """Drop every lease held by one of ``owners`` (processes of this node that are known not to
+        run: a supervisor before it starts its workers). Returns how many leases were dropped."""
+        if not owners:
+            return 0
+        return await self._write(self._op_release_owners, list(owners), durable=False)
+
+    @staticmethod
+    def _op_release_owners(conn: sqlite3.Connection, owners: list[str]) -> int:
+        marks = ", ".join("?" * len(owners))
+        cur = conn.execute(
+            "UPDATE messages SET lease_owner = NULL, lease_until = NULL "
+            f"WHERE lease_owner IN ({marks})",
+            owners,
+        )
+        return cur.rowcount
+
     async def record_results(
         self, queue_id: str, owner: str, results: list[RecipientState]
     ) -> None:
