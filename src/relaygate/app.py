@@ -32,12 +32,13 @@ __all__ = ["Relay", "open_store", "run", "worker_node_id"]
 logger = logging.getLogger("relaygate")
 
 
-def open_store(config: Config) -> Store:
+def open_store(config: Config, *, shared: bool = False) -> Store:
+    """The configured queue store; ``shared``: other processes (workers) write to it too."""
     if config.queue.store == "postgresql":
         from relaygate.queue.postgres_store import PostgresStore
 
         return PostgresStore(config.queue.database_url)
-    return SqliteStore(Path(config.server.data_dir) / "queue" / "queue.db")
+    return SqliteStore(Path(config.server.data_dir) / "queue" / "queue.db", shared_writers=shared)
 
 
 def worker_node_id(server_name: str, index: int) -> str:
@@ -61,7 +62,7 @@ class Relay:
         self.config = config
         self.config_path = config_path
         self.worker_index = worker_index
-        self.store = open_store(config)
+        self.store = open_store(config, shared=worker_index is not None)
         self.tracking: TrackingLog | None = None
         self.protocol_log: Any = None
         self.ctx: ServerContext | None = None
