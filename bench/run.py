@@ -188,7 +188,12 @@ def run_point(
 
 
 def run_all(
-    plan: dict[str, Any], *, workdir: Path, log: Any, process_limit: int | None
+    plan: dict[str, Any],
+    *,
+    workdir: Path,
+    log: Any,
+    process_limit: int | None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     deliver_rg = has_queue_manager()
     rows: list[dict[str, Any]] = []
@@ -196,6 +201,7 @@ def run_all(
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_description(str(workdir)),
         "relaygate_delivers": deliver_rg,
+        "relaygate_workers": workers or 1,
         "plan": {k: v for k, v in plan.items() if k != "messages"},
         "messages": {size_label(s): m for s, m in plan["messages"].items()},
         "git": git_state(),
@@ -212,7 +218,9 @@ def run_all(
             pf = PostfixSystem(sub, pf_sink.port, process_limit=process_limit)
             systems.append(pf)
             pf.start()
-            rg = RelayGateSystem(sub, rg_sink.port)
+            rg = RelayGateSystem(
+                sub, rg_sink.port, server_extra=f"workers = {workers}\n" if workers else ""
+            )
             systems.append(rg)
             rg.start()
             meta.setdefault("versions", [pf.describe(), rg.describe()])
@@ -594,6 +602,12 @@ def main(argv: list[str] | None = None) -> int:
         help="Postfix default_process_limit (default: Postfix's own, 100)",
     )
     ap.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="RelayGate's server.workers (default: the config default, 1)",
+    )
+    ap.add_argument(
         "--from-json",
         type=Path,
         help="do not measure: rewrite docs/benchmarks.md and the plot from saved results",
@@ -645,7 +659,11 @@ def main(argv: list[str] | None = None) -> int:
     idle = None
     try:
         results = run_all(
-            plan, workdir=workdir, log=sys.stdout, process_limit=args.postfix_process_limit
+            plan,
+            workdir=workdir,
+            log=sys.stdout,
+            process_limit=args.postfix_process_limit,
+            workers=args.workers,
         )
         if not args.quick and not args.no_idle:
             from idle import run_idle

@@ -2,13 +2,20 @@
 
 Start order: store → logs → queue manager → listeners → admin. Shutdown runs in reverse: listeners stop
 accepting first, sessions get a grace period, then deliveries, then the store closes.
+
+With ``server.workers = N > 1`` `run` hands over to the supervisor (`relaygate.workers`), which
+starts N copies of this node as worker processes (``worker_index`` 0..N-1): each binds the same
+endpoints with SO_REUSEPORT, has its own store connection, logs and queue manager (lease owner
+``<server.name>-w<i>``); only worker 0 runs the admin listener.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -20,26 +27,42 @@ from relaygate.queue.sqlite_store import SqliteStore
 from relaygate.queue.store import Store
 from relaygate.smtp.server import ServerContext, SmtpServer, protocol_log_for
 
-__all__ = ["Relay", "open_store", "run"]
+__all__ = ["Relay", "open_store", "run", "worker_node_id"]
 
 logger = logging.getLogger("relaygate")
 
 
-def open_store(config: Config) -> Store:
+def open_store(config: Config, *, shared: bool = False) -> Store:
+    """The configured queue store; ``shared``: other processes (workers) write to it too."""
     if config.queue.store == "postgresql":
         from relaygate.queue.postgres_store import PostgresStore
 
         return PostgresStore(config.queue.database_url)
-    return SqliteStore(Path(config.server.data_dir) / "queue" / "queue.db")
+    return SqliteStore(Path(config.server.data_dir) / "queue" / "queue.db", shared_writers=shared)
+
+
+def worker_node_id(server_name: str, index: int) -> str:
+    """The queue lease owner of worker ``index``: ``<server.name>-w<index>``."""
+    return f"{server_name}-w{index}"
+
+
+def worker_node_ids(server_name: str) -> list[str]:
+    """Every lease owner a worker of this node can have (``server.workers`` is at most 64)."""
+    from relaygate.config.model import MAX_WORKERS
+
+    return [worker_node_id(server_name, i) for i in range(MAX_WORKERS)]
 
 
 class Relay:
-    """One running RelayGate node."""
+    """One running RelayGate node, or one worker process of it (``worker_index`` 0..N-1)."""
 
-    def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
+    def __init__(
+        self, config: Config, *, config_path: Path | None = None, worker_index: int | None = None
+    ) -> None:
         self.config = config
         self.config_path = config_path
-        self.store = open_store(config)
+        self.worker_index = worker_index
+        self.store = open_store(config, shared=worker_index is not None)
         self.tracking: TrackingLog | None = None
         self.protocol_log: Any = None
         self.ctx: ServerContext | None = None
@@ -52,8 +75,14 @@ class Relay:
         cfg = self.config
         Path(cfg.server.data_dir).mkdir(parents=True, exist_ok=True)
         await self.store.open()
-        self.protocol_log = protocol_log_for(cfg)
         s = cfg.server
+        if self.worker_index is None:
+            # A single process owns every lease of this node: drop those a previous run with
+            # `server.workers > 1` left behind instead of waiting for them to expire.
+            release_owners = getattr(self.store, "release_owners", None)
+            if release_owners is not None:
+                await release_owners(worker_node_ids(str(s.name)))
+        self.protocol_log = protocol_log_for(cfg)
         if s.message_tracking_log_enabled:
             self.tracking = TrackingLog(
                 Path(s.data_dir) / MESSAGE_TRACKING_DIR,
@@ -62,19 +91,19 @@ class Relay:
                 max_directory_size=s.message_tracking_log_max_directory_size,
                 max_age=s.message_tracking_log_max_age,
             )
-        self.manager = QueueManager(cfg, self.store, tracking=self.tracking)
+        self.manager = QueueManager(cfg, self.store, tracking=self.tracking, node_id=self.node_id)
         wake = self.manager.wake
         self.ctx = ServerContext(
             cfg, self.store, protocol_log=self.protocol_log, tracking=self.tracking, on_message=wake
         )
-        self.server = SmtpServer(self.ctx)
+        self.server = SmtpServer(self.ctx, reuse_port=self.worker_index is not None or None)
         if self.manager is not None:
             self.manager.local_endpoints = set()
             await self.manager.start()
         await self.server.start()
         if self.manager is not None:
             self.manager.local_endpoints = set(self.server.endpoints)
-        if cfg.admin.enabled:
+        if cfg.admin.enabled and self.worker_index in (None, 0):
             self.admin = AdminServer(self)
             await self.admin.start()
         logger.info(
@@ -83,6 +112,12 @@ class Relay:
             ", ".join(f"{h}:{p}" for h, p in self.server.endpoints),
             cfg.source,
         )
+
+    @property
+    def node_id(self) -> str:
+        """The queue lease owner: ``server.name``, or ``<server.name>-w<i>`` for worker i."""
+        name = str(self.config.server.name)
+        return name if self.worker_index is None else worker_node_id(name, self.worker_index)
 
     async def reload(self) -> None:
         """Re-read the config file; keep running on the old one if the new one is invalid."""
@@ -135,8 +170,14 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return (st.st_mtime_ns, st.st_ino)
 
 
-async def _main(config: Config, config_path: Path | None) -> None:
-    relay = Relay(config, config_path=config_path)
+async def _main(
+    config: Config,
+    config_path: Path | None,
+    *,
+    worker_index: int | None = None,
+    link_fd: int | None = None,
+) -> None:
+    relay = Relay(config, config_path=config_path, worker_index=worker_index)
     await relay.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -147,23 +188,67 @@ async def _main(config: Config, config_path: Path | None) -> None:
     assert relay.server is not None
     endpoints = ", ".join(f"{h}:{p}" for h, p in relay.server.endpoints)
     admin = f"; admin http://{relay.config.admin.listen}" if relay.admin is not None else ""
-    print(f"RelayGate ready: SMTP {endpoints}{admin}", flush=True)
+    link: socket.socket | None = None
+    if link_fd is None:
+        print(f"RelayGate ready: SMTP {endpoints}{admin}", flush=True)
+    else:
+        from relaygate.workers import worker_ready
+
+        # The supervisor prints the ready line once every worker listens; EOF on the link means
+        # the supervisor is gone, and a worker without its supervisor stops.
+        link = socket.socket(fileno=link_fd)
+        worker_ready(link, endpoints=endpoints, admin=admin)
+        link.setblocking(False)
+        loop.add_reader(link.fileno(), _on_link, link, stop)
     await stop.wait()
+    if link is not None:
+        loop.remove_reader(link.fileno())
     watcher.cancel()
     await relay.stop()
+    if link is not None:
+        link.close()
 
 
-def run(config_path: Path | None = None) -> None:
+def _on_link(link: socket.socket, stop: asyncio.Event) -> None:
+    try:
+        data = link.recv(4096)
+    except (BlockingIOError, InterruptedError):
+        return
+    except OSError:
+        data = b""
+    if not data:
+        logger.warning("supervisor gone: worker %d stops", os.getpid())
+        asyncio.get_running_loop().remove_reader(link.fileno())
+        stop.set()
+
+
+def run(
+    config_path: Path | None = None,
+    *,
+    worker_index: int | None = None,
+    link_fd: int | None = None,
+) -> None:
     config = load_config(config_path)
+    worker = "" if worker_index is None else f"[w{worker_index}]"
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s{worker}: %(message)s"
     )
+    from relaygate.config import default_config_path
+
+    resolved = default_config_path(config_path)
+    if worker_index is None and config.server.workers > 1 and resolved is not None:
+        from relaygate.workers import Supervisor
+
+        raise SystemExit(Supervisor(config, resolved).run())
+    if worker_index is not None:
+        from relaygate.config.model import MAX_WORKERS
+        from relaygate.logs.protocol import use_session_id_stride
+
+        use_session_id_stride(worker_index, MAX_WORKERS)
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    from relaygate.config import default_config_path
-
-    asyncio.run(_main(config, default_config_path(config_path)))
+    asyncio.run(_main(config, resolved, worker_index=worker_index, link_fd=link_fd))

@@ -187,6 +187,16 @@ class _Builder:
                 out.append(found)
         return tuple(out)
 
+    def _key_workers(self, raw: Any, path: str, connector: str) -> int:
+        """`server.workers`: 1–64 processes sharing the listening ports, or "auto" (one per CPU)."""
+        if isinstance(raw, str) and raw.strip().lower() == "auto":
+            return max(1, min(m.MAX_WORKERS, os.cpu_count() or 1))
+        if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= m.MAX_WORKERS:
+            raise ValueError(
+                f'expected a whole number from 1 to {m.MAX_WORKERS} or "auto", got {raw!r}'
+            )
+        return raw
+
     def _key_auth_mechanism(self, raw: Any, path: str, connector: str) -> tuple[str, ...]:
         return self._enum_list(raw, path, connector, m.AUTH_MECHANISMS)
 

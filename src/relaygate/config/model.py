@@ -53,6 +53,9 @@ def _size(default: int | str) -> Any:
     return _spec(v.parse_size(default), v.parse_size)
 
 
+#: `server.workers` accepts 1..MAX_WORKERS (or "auto": one per CPU, capped at this).
+MAX_WORKERS = 64
+
 UNLIMITED = None  # an `int | None` limit of None means "unlimited", as Exchange prints it
 
 AUTH_MECHANISMS = (
@@ -253,6 +256,7 @@ class ServerConfig:
     tls_certificate_file: Path | None = _spec(None, Path)
     tls_key_file: Path | None = _spec(None, Path)
     users_file: Path | None = _spec(None, Path)
+    #: Worker processes sharing the listening ports (SO_REUSEPORT); 1 = one process, no supervisor.
     workers: int = 1
     dkim_domain_source: str = _spec("header_from", choices=("header_from", "envelope_sender"))
     receive_protocol_log_max_file_size: int = _size("10MB")

@@ -86,6 +86,16 @@ _DOTNET_EPOCH_OFFSET = 621_355_968_000_000_000  # ticks between 0001-01-01 and 1
 _session_counter = itertools.count(_DOTNET_EPOCH_OFFSET + time.time_ns() // 100)
 
 
+def use_session_id_stride(index: int, count: int) -> None:
+    """Worker ``index`` of ``count`` processes: take only the ids ≡ index (mod count) from here on,
+    so that workers started in the same tick range never hand out the same session id."""
+    global _session_counter
+    if count <= 1:
+        return
+    start = _DOTNET_EPOCH_OFFSET + time.time_ns() // 100
+    _session_counter = itertools.count(start - start % count + count + index, count)
+
+
 def new_session_id() -> str:
     """16 upper-case hex digits, e.g. ``08DB33F1A2C4D5E6``."""
     return f"{next(_session_counter) & 0xFFFF_FFFF_FFFF_FFFF:016X}"

@@ -1,7 +1,8 @@
 """The queue manager: from the durable queue to the next hop, with Exchange's timings and reports.
 
-One loop per node. It leases due messages from the store (owner = ``server.name``, so a restarted
-node takes its own in-flight messages back at once; another node waits for the lease to expire),
+One loop per node, or per worker process with ``server.workers > 1``. It leases due messages from
+the store (owner = ``server.name``, or ``<server.name>-w<i>`` for worker i, so a restarted node or
+worker takes its own in-flight messages back at once; another one waits for the lease to expire),
 routes each due recipient through the send connectors (``relaygate.delivery.routing``), resolves the
 next hops (smart hosts in order, or MX; loop detection against ``local_endpoints``), signs with DKIM
 when keys are configured, delivers with the SMTP client, and records every recipient's outcome

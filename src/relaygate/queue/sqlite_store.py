@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -253,8 +254,13 @@ class SqliteStore(Store):
         max_batch_bytes: int = 32 * 1024 * 1024,
         read_threads: int = 2,
         busy_timeout: float = 30.0,
+        shared_writers: bool = False,
     ) -> None:
         self.path = Path(path)
+        #: Other processes write to this file too (``server.workers`` > 1): serialise the write
+        #: transactions with an flock on ``<db>.writer-lock`` instead of SQLite's busy polling.
+        self.shared_writers = shared_writers
+        self._lock_fd: int | None = None
         self.max_batch_items = max_batch_items
         self.max_batch_bytes = max_batch_bytes
         self._read_threads = read_threads
@@ -429,10 +435,17 @@ class SqliteStore(Store):
     def _writer_main(self, ready: ConcurrentFuture[None]) -> None:
         try:
             _make_dirs_durably(self.path.parent)
+            if self.shared_writers:
+                self._lock_fd = os.open(
+                    f"{self.path}.writer-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+                )
             self._wconn = self._connect()
             self._init_schema(self._wconn)
             _fsync_dir(self.path.parent)  # the database and WAL directory entries
         except BaseException as exc:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
             if self._wconn is not None:
                 self._wconn.close()
                 self._wconn = None
@@ -449,6 +462,11 @@ class SqliteStore(Store):
                 if item is _STOP:
                     break
                 first = item
+            if self._lock_fd is not None:
+                # Several processes share the file: take turns through a kernel lock that wakes
+                # the next writer at once (SQLite's busy handler polls with sleeps of 1, 2, 5,
+                # 10... ms). Ops that arrive meanwhile join this batch.
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             batch = [first]
             nbytes = first.size
             while len(batch) < self.max_batch_items:
@@ -464,7 +482,11 @@ class SqliteStore(Store):
                     break
                 batch.append(item)
                 nbytes += item.size
-            self._run_batch(batch)
+            try:
+                self._run_batch(batch)
+            finally:
+                if self._lock_fd is not None:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         if carry is not None:  # pragma: no cover - STOP is only queued after every op
             self._run_batch([carry])
         if self._wconn is not None:
@@ -472,6 +494,9 @@ class SqliteStore(Store):
                 self._wconn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             self._wconn.close()
             self._wconn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _run_batch(self, batch: list[_Op]) -> None:
         outcomes: list[tuple[bool, Any]] = []
@@ -766,6 +791,23 @@ class SqliteStore(Store):
 
     async def release(self, queue_id: str, owner: str) -> None:
         await self._write(self._op_release, queue_id, owner, durable=False)
+
+    async def release_owners(self, owners: Sequence[str]) -> int:
+        """Drop every lease held by one of ``owners`` (processes of this node that are known not to
+        run: a supervisor before it starts its workers). Returns how many leases were dropped."""
+        if not owners:
+            return 0
+        return await self._write(self._op_release_owners, list(owners), durable=False)
+
+    @staticmethod
+    def _op_release_owners(conn: sqlite3.Connection, owners: list[str]) -> int:
+        marks = ", ".join("?" * len(owners))
+        cur = conn.execute(
+            "UPDATE messages SET lease_owner = NULL, lease_until = NULL "
+            f"WHERE lease_owner IN ({marks})",
+            owners,
+        )
+        return cur.rowcount
 
     async def record_results(
         self, queue_id: str, owner: str, results: list[RecipientState]

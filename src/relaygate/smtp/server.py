@@ -121,8 +121,14 @@ class ServerContext:
 
 
 class SmtpServer:
-    def __init__(self, ctx: ServerContext) -> None:
+    def __init__(self, ctx: ServerContext, *, reuse_port: bool | None = None) -> None:
         self.ctx = ctx
+        #: SO_REUSEPORT on every listener: several worker processes bind the same endpoints and
+        #: the kernel spreads connections. Fixed at start, so a reload that changes
+        #: `server.workers` (effective at the next restart) cannot make a new listener fail to bind.
+        self.reuse_port = (
+            ctx.config.server.workers > 1 if reuse_port is None else reuse_port
+        ) and hasattr(socket, "SO_REUSEPORT")
         self._servers: dict[Binding, asyncio.Server] = {}
         self._sessions: set[asyncio.Task[None]] = set()
 
@@ -168,7 +174,7 @@ class SmtpServer:
         family = socket.AF_INET6 if binding.version == 6 else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if hasattr(socket, "SO_REUSEPORT") and self.ctx.config.server.workers > 1:
+        if self.reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # [::] is dual-stack (IPv4 clients arrive as ::ffff:a.b.c.d), unless 0.0.0.0 is bound too.

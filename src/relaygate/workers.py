@@ -1,0 +1,348 @@
+"""`server.workers = N > 1`: a small supervisor that runs N worker processes sharing the SMTP ports.
+
+Each worker is ``python -m relaygate serve --config FILE --worker-index i --worker-link-fd FD``: a
+fresh interpreter running the whole node (`relaygate.app.Relay` with ``worker_index=i``). Workers
+bind every listening endpoint with SO_REUSEPORT and the kernel spreads incoming connections over
+them; each has its own SQLite connections (WAL lets several processes share the file), its own
+protocol/tracking log writers (several writers share a log directory) and its own queue manager
+whose lease owner is ``<server.name>-w<i>``, so two workers never hold the same message. A
+restarted worker i takes back the leases of the worker i it replaces at once. Only worker 0 runs
+the admin listener.
+
+The supervisor (the process `relaygate serve` started) does not touch mail. It:
+
+* drops, before starting any worker, the queue leases this node's processes left behind (a crash,
+  or a previous run with another number of workers), so nothing waits for a lease to expire;
+* starts the workers and prints ``RelayGate ready: SMTP ...`` once every worker listens (a worker
+  that fails during start-up stops the whole start with exit status 1);
+* forwards SIGTERM/SIGINT (graceful stop: each worker stops accepting, lets sessions and deliveries
+  finish) and SIGHUP (reload; every worker re-reads the config file);
+* restarts a worker that exits unexpectedly, after a backoff that doubles with every failure in a
+  row (0.5 s … 30 s; a worker that ran for a minute resets it).
+
+Each worker holds one end of a socketpair whose other end the supervisor keeps: the worker writes
+one JSON line when it listens, and stops by itself when it reads EOF (the supervisor is gone, even
+after a SIGKILL), so workers are never orphaned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from relaygate.config import Config, ConfigError, load_config
+
+__all__ = ["Supervisor", "worker_ready"]
+
+logger = logging.getLogger("relaygate.workers")
+
+READY_TIMEOUT = 60.0  # a worker not listening after this long is killed (and restarted)
+STOP_TIMEOUT = 40.0  # sessions 5 s + deliveries 10 s + store close, with room to spare
+BACKOFF_MIN = 0.5
+BACKOFF_MAX = 30.0
+STABLE_AFTER = 60.0  # a worker that ran this long before dying starts the backoff afresh
+
+
+def worker_ready(link: socket.socket, *, endpoints: str, admin: str) -> None:
+    """Called by a worker once it listens: tell the supervisor (one JSON line on the link)."""
+    line = json.dumps({"pid": os.getpid(), "endpoints": endpoints, "admin": admin}) + "\n"
+    link.sendall(line.encode())
+
+
+@dataclass
+class _Worker:
+    index: int
+    proc: subprocess.Popen[bytes] | None = None
+    link: socket.socket | None = None
+    buf: bytes = b""
+    ready: dict[str, Any] | None = None
+    started: float = 0.0
+    failures: int = 0
+    restart_at: float | None = None
+    reload_pending: bool = False
+    spawned: int = field(default=0)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class Supervisor:
+    """Runs ``config.server.workers`` worker processes until SIGTERM/SIGINT. See the module doc."""
+
+    def __init__(self, config: Config, config_path: Path) -> None:
+        self.config = config
+        self.config_path = Path(config_path).resolve()
+        self.count = config.server.workers
+        self.workers = [_Worker(i) for i in range(self.count)]
+        self._sel = selectors.DefaultSelector()
+        self._signals: list[int] = []
+        self._wake_r, self._wake_w = socket.socketpair()
+
+    # ------------------------------------------------------------------ entry point
+
+    def run(self) -> int:
+        """Start, serve until asked to stop, stop. Returns the process exit status."""
+        self._release_stale_leases()
+        old = self._install_signals()
+        try:
+            for w in self.workers:
+                self._spawn(w)
+            status = self._wait_all_ready()
+            if status is not None:
+                return status
+            first = self.workers[0].ready or {}
+            pids = ", ".join(str(w.proc.pid) for w in self.workers if w.proc is not None)
+            logger.info(
+                "supervisor %d: %d workers listening (pids %s)", os.getpid(), self.count, pids
+            )
+            print(
+                f"RelayGate ready: SMTP {first.get('endpoints', '')}{first.get('admin', '')}"
+                f"; {self.count} workers",
+                flush=True,
+            )
+            self._serve()
+            return 0
+        finally:
+            self._stop_all()
+            self._restore_signals(old)
+            self._sel.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    # ------------------------------------------------------------------ signals
+
+    def _install_signals(self) -> dict[int, Any]:
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        old: dict[int, Any] = {}
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            old[sig] = signal.signal(sig, self._on_signal)
+        old[-1] = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        return old
+
+    def _restore_signals(self, old: dict[int, Any]) -> None:
+        signal.set_wakeup_fd(old.pop(-1))
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if signum != signal.SIGCHLD:
+            self._signals.append(signum)
+
+    def _take_signals(self) -> tuple[bool, bool]:
+        """(stop requested, reload requested) since the last call."""
+        pending, self._signals = self._signals, []
+        stop = any(s in (signal.SIGTERM, signal.SIGINT) for s in pending)
+        return stop, signal.SIGHUP in pending
+
+    # ------------------------------------------------------------------ workers
+
+    def _release_stale_leases(self) -> None:
+        """No worker of this node runs yet: every lease it holds is left over from a dead process."""
+        from relaygate.app import open_store, worker_node_ids
+
+        async def release() -> int:
+            store = open_store(self.config)
+            await store.open()
+            try:
+                release_owners = getattr(store, "release_owners", None)
+                if release_owners is None:
+                    return 0
+                name = str(self.config.server.name)
+                return int(await release_owners([name, *worker_node_ids(name)]))
+            finally:
+                await store.close()
+
+        Path(self.config.server.data_dir).mkdir(parents=True, exist_ok=True)
+        released = asyncio.run(release())
+        if released:
+            logger.info("released %d queue lease(s) left by a previous run", released)
+
+    def _spawn(self, w: _Worker) -> None:
+        parent, child = socket.socketpair()
+        cmd = [
+            sys.executable,
+            "-m",
+            "relaygate",
+            "serve",
+            "--config",
+            str(self.config_path),
+            "--worker-index",
+            str(w.index),
+            "--worker-link-fd",
+            str(child.fileno()),
+        ]
+        try:
+            w.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=(child.fileno(),))
+        except OSError:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        parent.setblocking(False)
+        w.link, w.buf, w.ready = parent, b"", None
+        w.started, w.restart_at = time.monotonic(), None
+        w.spawned += 1
+        self._sel.register(parent, selectors.EVENT_READ, w)
+
+    def _close_link(self, w: _Worker) -> None:
+        if w.link is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(w.link)
+            w.link.close()
+            w.link = None
+
+    def _poll(self, timeout: float) -> None:
+        """Wait for a signal, a worker message or ``timeout``; read what the workers said."""
+        for key, _events in self._sel.select(timeout):
+            if key.data is None:
+                with contextlib.suppress(OSError):
+                    while self._wake_r.recv(4096):
+                        pass
+                continue
+            w: _Worker = key.data
+            assert w.link is not None
+            try:
+                data = w.link.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                self._close_link(w)  # the worker exited (or closed its end): poll() will tell
+                continue
+            w.buf += data
+            while b"\n" in w.buf:
+                line, w.buf = w.buf.split(b"\n", 1)
+                with contextlib.suppress(ValueError):
+                    w.ready = json.loads(line)
+
+    def _wait_all_ready(self) -> int | None:
+        """None once every worker listens; otherwise the exit status to stop with."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not all(w.ready for w in self.workers):
+            stop, _reload = self._take_signals()
+            if stop:
+                return 0
+            for w in self.workers:
+                if w.proc is not None and w.proc.poll() is not None:
+                    logger.error(
+                        "worker %d exited with status %s during start-up; stopping",
+                        w.index,
+                        w.proc.returncode,
+                    )
+                    return 1
+            if time.monotonic() > deadline:
+                logger.error("workers not listening after %.0f s; stopping", READY_TIMEOUT)
+                return 1
+            self._poll(0.2)
+        return None
+
+    def _serve(self) -> None:
+        while True:
+            now = time.monotonic()
+            waits = [w.restart_at - now for w in self.workers if w.restart_at is not None]
+            self._poll(max(0.0, min([0.5, *waits])))
+            stop, reload = self._take_signals()
+            if stop:
+                logger.info("stopping %d workers", self.count)
+                return
+            if reload:
+                self._reload()
+            now = time.monotonic()
+            for w in self.workers:
+                self._check(w, now)
+
+    def _check(self, w: _Worker, now: float) -> None:
+        if w.proc is None:
+            if w.restart_at is not None and now >= w.restart_at:
+                self._spawn(w)
+            return
+        code = w.proc.poll()
+        if code is None:
+            if w.ready is None and now - w.started > READY_TIMEOUT:
+                logger.error("worker %d (pid %d) not listening: killed", w.index, w.proc.pid)
+                w.proc.kill()
+            elif w.ready is not None and w.reload_pending:
+                w.reload_pending = False
+                self._signal(w, signal.SIGHUP)
+            return
+        ran = now - w.started
+        if ran >= STABLE_AFTER:
+            w.failures = 0
+        delay = min(BACKOFF_MAX, BACKOFF_MIN * 2**w.failures)
+        w.failures += 1
+        self._close_link(w)
+        logger.error(
+            "worker %d (pid %d) exited unexpectedly (%s) after %.1f s; restarting in %.1f s",
+            w.index,
+            w.proc.pid,
+            _describe_status(code),
+            ran,
+            delay,
+        )
+        w.proc, w.ready, w.restart_at = None, None, now + delay
+
+    def _reload(self) -> None:
+        try:
+            new = load_config(self.config_path)
+        except ConfigError:
+            new = None  # each worker logs the problems and keeps its configuration
+        if new is not None and new.server.workers != self.count:
+            logger.warning(
+                "server.workers changed from %d to %d: takes effect when relaygate serve restarts",
+                self.count,
+                new.server.workers,
+            )
+        for w in self.workers:
+            if w.ready is not None:
+                self._signal(w, signal.SIGHUP)
+            elif w.proc is not None:
+                w.reload_pending = True  # still starting: it has no SIGHUP handler yet
+
+    @staticmethod
+    def _signal(w: _Worker, sig: int) -> None:
+        if w.alive:
+            assert w.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                w.proc.send_signal(sig)
+
+    def _stop_all(self) -> None:
+        """SIGTERM every worker, wait up to STOP_TIMEOUT, SIGKILL what is left."""
+        for w in self.workers:
+            w.restart_at = None
+            self._signal(w, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for w in self.workers:
+            if w.proc is None:
+                continue
+            try:
+                w.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.error("worker %d (pid %d) did not stop: killed", w.index, w.proc.pid)
+                w.proc.kill()
+                w.proc.wait()
+            self._close_link(w)
+
+
+def _describe_status(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"status {code}"

@@ -1,0 +1,465 @@
+"""`server.workers = N`: a supervisor and N worker processes sharing the SMTP port (SO_REUSEPORT).
+
+Real sockets on 127.0.0.x, `relaygate serve` as a subprocess, an aiosmtpd sink as the smart host.
+Which worker holds a connection is read from /proc: a worker's fds that are sockets of an ESTABLISHED
+TCP connection whose local port is the relay's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from relaygate.config import ConfigError, parse_text
+from tests.smtp.helpers import RawClient, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="SO_REUSEPORT spreading and /proc are Linux's"
+)
+
+CONFIG = """\
+[server]
+name = "RELAY01"
+fqdn = "relay.corp.example"
+data_dir = "{data}"
+workers = {workers}
+
+[admin]
+enabled = true
+listen = "127.0.0.1:{admin_port}"
+
+[[accepted_domains]]
+domain = "corp.example"
+
+[[receive_connectors]]
+name = "Relay"
+bindings = ["127.0.0.1:{port}"]
+remote_ip_ranges = ["127.0.0.0/8"]
+auth_mechanism = ["None"]
+permission_groups = ["AnonymousUsers"]
+tarpit_interval = "00:00:00"
+protocol_logging_level = "Verbose"
+connection_inactivity_timeout = "00:00:30"
+banner = "{banner}"
+
+[[receive_connectors.permissions]]
+user = "NT AUTHORITY\\\\ANONYMOUS LOGON"
+extended_rights = ["ms-Exch-SMTP-Accept-Any-Recipient"]
+
+[[send_connectors]]
+name = "Sink"
+address_spaces = ["*"]
+dns_routing_enabled = false
+smart_hosts = ["127.0.0.1"]
+port = {sink_port}
+"""
+
+
+# -- the sink -------------------------------------------------------------------------------------
+
+
+class Sink:
+    """aiosmtpd smart host: every delivered message's Message-ID, in arrival order."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.lock = threading.Lock()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        msg = email.message_from_bytes(envelope.content)
+        with self.lock:
+            self.ids.append(str(msg["Message-ID"]))
+        return "250 2.0.0 OK"
+
+    def count(self) -> Counter[str]:
+        with self.lock:
+            return Counter(self.ids)
+
+
+@pytest.fixture
+def sink() -> Iterator[tuple[Sink, int]]:
+    handler = Sink()
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield handler, port
+    finally:
+        controller.stop()
+
+
+# -- the relay ------------------------------------------------------------------------------------
+
+
+class Served:
+    """`relaygate serve` in a subprocess: the supervisor, its workers, the port, the log."""
+
+    def __init__(self, tmp: Path, sink_port: int, workers: int) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.sink_port = sink_port
+        self.workers = workers
+        self.data = tmp / "data"
+        self.config = tmp / "relaygate.toml"
+        self.stderr = tmp / "serve.stderr"
+        self.write_config("220 RelayGate one")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ready_line = b""
+
+    def write_config(self, banner: str) -> None:
+        self.config.write_text(
+            CONFIG.format(
+                data=self.data,
+                workers=self.workers,
+                admin_port=self.admin_port,
+                port=self.port,
+                banner=banner,
+                sink_port=self.sink_port,
+            )
+        )
+
+    def start(self) -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        env.pop("RELAYGATE_CONFIG", None)
+        with open(self.stderr, "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "relaygate", "serve", "--config", str(self.config)],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                cwd=self.tmp,
+                env=env,
+            )
+        assert self.proc.stdout is not None
+        found: list[bytes] = []
+
+        def read() -> None:
+            assert self.proc is not None and self.proc.stdout is not None
+            for line in self.proc.stdout:
+                if line.startswith(b"RelayGate ready"):
+                    found.append(line)
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(60)
+        if not found:
+            self.stop()
+            raise AssertionError(f"relaygate serve did not start:\n{self.log()}")
+        self.ready_line = found[0]
+
+    def log(self) -> str:
+        return self.stderr.read_text(errors="replace")
+
+    def children(self) -> list[int]:
+        assert self.proc is not None
+        return children_of(self.proc.pid)
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(45)
+        except subprocess.TimeoutExpired:
+            kill_tree(self.proc.pid)
+            return None
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) == pid:
+            out.append(int(entry.name))
+    return sorted(out)
+
+
+def kill_tree(pid: int) -> None:
+    for child in children_of(pid):
+        with _suppress():
+            os.kill(child, signal.SIGKILL)
+    with _suppress():
+        os.kill(pid, signal.SIGKILL)
+
+
+def _suppress() -> contextlib.suppress:
+    return contextlib.suppress(ProcessLookupError, PermissionError)
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie nobody reaped yet counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def established_inodes(port: int) -> set[str]:
+    """Socket inodes of ESTABLISHED TCP connections whose local port is `port` (IPv4)."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        parts = line.split()
+        local, state, inode = parts[1], parts[3], parts[9]
+        if state == "01" and int(local.split(":")[1], 16) == port:
+            inodes.add(inode)
+    return inodes
+
+
+def connections_per_pid(pids: list[int], port: int) -> dict[int, int]:
+    inodes = established_inodes(port)
+    counts = {}
+    for pid in pids:
+        n = 0
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                try:
+                    target = os.readlink(fd)
+                except OSError:
+                    continue
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    n += 1
+        except OSError:
+            pass
+        counts[pid] = n
+    return counts
+
+
+def wait_until(predicate: Any, timeout: float = 20.0, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+@pytest.fixture
+def serve(tmp_path: Path, sink: tuple[Sink, int]) -> Iterator[Any]:
+    started: list[Served] = []
+
+    def make(workers: int = 2) -> Served:
+        s = Served(tmp_path, sink[1], workers)
+        started.append(s)
+        s.start()
+        return s
+
+    yield make
+    for s in started:
+        s.stop()
+
+
+def open_clients(port: int, n: int, banner: str | None = None) -> list[RawClient]:
+    clients = []
+    for i in range(n):
+        c = RawClient(port, source=f"127.0.0.{10 + i % 40}", timeout=10)
+        reply = c.greet()
+        assert reply.code == 250
+        if banner is not None:
+            assert banner in c.received.decode(), c.received
+        clients.append(c)
+    return clients
+
+
+def send_on(client: RawClient, message_id: str) -> None:
+    client.cmd("MAIL FROM:<scanner@corp.example>", 250)
+    client.cmd("RCPT TO:<someone@remote.example>", 250)
+    client.cmd("DATA", 354)
+    client.send(
+        f"From: scanner@corp.example\r\nTo: someone@remote.example\r\n"
+        f"Message-ID: {message_id}\r\nSubject: scan\r\n\r\npage\r\n.\r\n"
+    )
+    client.expect(250)
+
+
+def send_many(port: int, ids: list[str]) -> None:
+    """One connection per message, all held open together (so both workers get some)."""
+    clients = open_clients(port, len(ids))
+    try:
+        for client, mid in zip(clients, ids, strict=True):
+            send_on(client, mid)
+    finally:
+        for c in clients:
+            c.close()
+
+
+def stored(data: Path) -> list[tuple[str, str]]:
+    """(message_id, status) of every message in the queue database (read-only)."""
+    conn = sqlite3.connect(f"file:{data / 'queue' / 'queue.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        return [
+            (str(r[0]), str(r[1])) for r in conn.execute("SELECT message_id, status FROM messages")
+        ]
+    finally:
+        conn.close()
+
+
+def assert_delivered_once(sink: Sink, served: Served, ids: list[str]) -> None:
+    assert wait_until(lambda: set(sink.count()) >= set(ids), timeout=60), (
+        f"missing at the sink: {set(ids) - set(sink.count())}\n{served.log()[-3000:]}"
+    )
+    time.sleep(2.0)  # room for a duplicate delivery to show up
+    counts = sink.count()
+    assert {mid: counts[mid] for mid in ids} == dict.fromkeys(ids, 1)
+    rows = [r for r in stored(served.data) if r[0] in ids]
+    assert sorted(r[0] for r in rows) == sorted(ids)  # stored exactly once
+    assert wait_until(
+        lambda: all(s == "Delivered" for m, s in stored(served.data) if m in ids), timeout=10
+    )
+
+
+# -- tests ----------------------------------------------------------------------------------------
+
+
+def test_workers_key_is_validated_with_the_key_named() -> None:
+    for bad in ("0", "65", "-1", '"many"', "true", "1.5"):
+        with pytest.raises(ConfigError) as exc:
+            parse_text(f"[server]\nworkers = {bad}\n", "relaygate.toml")
+        assert "server.workers" in str(exc.value)
+        assert "1 to 64" in str(exc.value)
+    assert parse_text("[server]\nworkers = 64\n", "x").server.workers == 64
+    assert parse_text("[server]\n", "x").server.workers == 1
+    auto = parse_text('[server]\nworkers = "auto"\n', "x").server.workers
+    assert auto == max(1, min(64, os.cpu_count() or 1))
+
+
+def test_one_worker_is_one_process(serve: Any) -> None:
+    s = serve(workers=1)
+    assert s.children() == []
+    assert s.ready_line.startswith(b"RelayGate ready: SMTP 127.0.0.1:")
+    assert b"workers" not in s.ready_line
+    with RawClient(s.port, timeout=10) as c:
+        assert c.greet().code == 250
+    assert s.stop() == 0
+
+
+def test_connections_spread_over_both_workers_and_each_message_is_delivered_once(
+    serve: Any, sink: tuple[Sink, int]
+) -> None:
+    s = serve(workers=2)
+    assert s.ready_line.startswith(
+        f"RelayGate ready: SMTP 127.0.0.1:{s.port}; admin http://127.0.0.1:{s.admin_port}".encode()
+    )
+    workers = s.children()
+    assert len(workers) == 2
+
+    clients = open_clients(s.port, 40)
+    try:
+        per_pid = connections_per_pid(workers, s.port)
+        assert sum(per_pid.values()) == 40, per_pid
+        assert all(n > 0 for n in per_pid.values()), per_pid  # both workers serve
+        ids = [f"<spread-{i}@corp.example>" for i in range(len(clients))]
+        for client, mid in zip(clients, ids, strict=True):
+            send_on(client, mid)
+    finally:
+        for c in clients:
+            c.close()
+    assert_delivered_once(sink[0], s, ids)
+
+    # Each worker leases under its own name; the protocol log has both workers' sessions.
+    log = s.log()
+    assert "[w0]" in log and "[w1]" in log
+    assert s.stop() == 0
+    assert not any(alive(pid) for pid in workers)
+    with pytest.raises(OSError):
+        RawClient(s.port, timeout=2)
+
+
+def test_a_killed_worker_is_restarted_and_service_continues(
+    serve: Any, sink: tuple[Sink, int]
+) -> None:
+    s = serve(workers=2)
+    before = s.children()
+    assert len(before) == 2
+    victim = before[1]
+    os.kill(victim, signal.SIGKILL)
+    # (Connections the kernel queued on the victim's listener before it died are reset with it.)
+    assert wait_until(lambda: f"(pid {victim}) exited unexpectedly" in s.log(), 10)
+
+    # The survivor keeps serving while the supervisor restarts the other one.
+    send_many(s.port, [f"<during-{i}@corp.example>" for i in range(5)])
+    assert wait_until(lambda: len(s.children()) == 2 and victim not in s.children(), 30), s.log()[
+        -3000:
+    ]
+    after = s.children()
+    replacement = next(p for p in after if p not in before)
+    # The replacement listens again: held connections land on both workers.
+    assert wait_until(lambda: s.log().count("listening on 127.0.0.1") >= 3, 30), s.log()[-3000:]
+    clients = open_clients(s.port, 40)
+    try:
+        per_pid = connections_per_pid(after, s.port)
+        assert per_pid[replacement] > 0 and sum(per_pid.values()) == 40, per_pid
+        ids = [f"<after-{i}@corp.example>" for i in range(len(clients))]
+        for client, mid in zip(clients, ids, strict=True):
+            send_on(client, mid)
+    finally:
+        for c in clients:
+            c.close()
+    assert_delivered_once(sink[0], s, ids + [f"<during-{i}@corp.example>" for i in range(5)])
+    assert s.stop() == 0
+
+
+def test_sighup_reloads_every_worker(serve: Any) -> None:
+    s = serve(workers=2)
+    workers = s.children()
+    open_clients_before = open_clients(s.port, 4, banner="RelayGate one")
+    for c in open_clients_before:
+        c.close()
+
+    # Change the banner but keep the file's stamp, so only the SIGHUP (not the file watcher) reloads.
+    st = s.config.stat()
+    s.write_config("220 RelayGate two")
+    os.utime(s.config, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert s.proc is not None
+    s.proc.send_signal(signal.SIGHUP)
+    assert wait_until(
+        lambda: all(f"[w{i}]: configuration reloaded from" in s.log() for i in range(len(workers))),
+        15,
+    ), s.log()[-3000:]
+    clients = open_clients(s.port, 30, banner="RelayGate two")
+    try:
+        per_pid = connections_per_pid(workers, s.port)
+        assert all(n > 0 for n in per_pid.values()), per_pid
+    finally:
+        for c in clients:
+            c.close()
+    assert s.children() == workers  # reloaded in place, not restarted
+    assert s.stop() == 0
+
+
+def test_workers_stop_when_the_supervisor_is_killed(serve: Any) -> None:
+    s = serve(workers=2)
+    workers = s.children()
+    assert s.proc is not None
+    s.proc.kill()
+    s.proc.wait(10)
+    try:
+        assert wait_until(lambda: not any(alive(pid) for pid in workers), 30), s.log()[-3000:]
+    finally:
+        for pid in workers:
+            with _suppress():
+                os.kill(pid, signal.SIGKILL)
