@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
-DEBS := swaks postfix
+DEBS := swaks postfix chromium
 
 .PHONY: run test lint fmt soak bench debs clean
 
@@ -21,7 +21,8 @@ $(TEST_STAMP): $(STAMP)
 run: $(STAMP)
 	$(BIN)/relaygate serve
 
-# Debian packages the tests drive: swaks (an independent SMTP client), postfix (smtp-sink, smtp-source).
+# Debian packages the tests drive: swaks (an independent SMTP client), postfix (smtp-sink, smtp-source),
+# chromium (the admin centre tests, through Playwright with executable_path).
 debs:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
