@@ -96,6 +96,7 @@ class Relay:
         self.ctx = ServerContext(
             cfg, self.store, protocol_log=self.protocol_log, tracking=self.tracking, on_message=wake
         )
+        self.ctx.handoff = self.manager
         self.server = SmtpServer(self.ctx, reuse_port=self.worker_index is not None or None)
         if self.manager is not None:
             self.manager.local_endpoints = set()

@@ -601,3 +601,43 @@ async def test_sigkill_never_loses_an_acknowledged_message(tmp_path: Path) -> No
     conn = sqlite3.connect(db)
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     conn.close()
+
+
+# --------------------------------------------------------------------------- hand-off to the manager
+
+
+async def test_submit_with_a_lease_is_stored_leased_and_matches_stored_message_new(
+    store: SqliteStore,
+) -> None:
+    t = time.time()
+    e = env("a@x.example", "b@x.example", "a@x.example")
+    qid = await store.submit(e, b"handed off", lease=("node-1", t + 600))
+    got = await store.get(qid)
+    assert got is not None
+    assert (got.lease_owner, got.lease_until) == ("node-1", t + 600)
+    # Another owner cannot lease it while the lease lives; the owner itself can.
+    assert await store.lease_due("node-2", t, 60, 10) == []
+    assert [m.queue_id for m in await store.lease_due("node-1", t, 600, 10)] == [qid]
+    # What the session builds in memory is what the store holds (received_at aside).
+    built = StoredMessage.new(
+        qid, e, size=10, received_at=got.received_at, lease=("node-1", t + 600)
+    )
+    assert built == got
+
+
+async def test_record_results_with_release_drops_the_owners_lease_in_the_same_write(
+    store: SqliteStore,
+) -> None:
+    t = time.time()
+    qid = await store.submit(env("a@x.example"), b"x", lease=("node-1", t + 600))
+    # Someone else's release flag does nothing to node-1's lease.
+    await store.record_results(qid, "node-2", [], release=True)
+    got = await store.get(qid)
+    assert got is not None and got.lease_owner == "node-1"
+    await store.record_results(
+        qid, "node-1", [RecipientState("a@x.example", DONE, 1, "250 ok", t)], release=True
+    )
+    got = await store.get(qid)
+    assert got is not None
+    assert got.lease_owner is None and got.lease_until is None
+    assert got.recipients[0].status == DONE

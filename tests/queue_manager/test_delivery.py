@@ -402,3 +402,76 @@ key_file = "{key_file}"
         infos = {e["custom-data"] for e in events}
         assert any(i.startswith("DKIM signed d=senders.test s=s1") for i in infos), infos
         assert any("DKIM unsigned" in i and "nokey.test" in i for i in infos), infos
+
+
+async def test_a_new_message_goes_straight_to_the_manager_and_its_lease_ends_with_the_results(
+    tmp_path: Path,
+) -> None:
+    """The hand-off: a message the session has just stored (leased to the local manager) is
+    delivered without waiting for a queue scan, from the bytes the session holds, and the
+    results and the end of the lease are one transaction (no lease left behind)."""
+    async with (
+        sinks(ScriptedHandler()) as (a,),
+        relay_running(tmp_path, {"*": a.port}) as relay,
+    ):
+        assert relay.manager is not None
+        relay.manager.scan_interval = 3600.0  # only the hand-off can deliver now
+        await asyncio.sleep(0.3)  # let the scan that was already waiting take the new interval
+        reads: list[str] = []
+        real_read = relay.store.read_data
+
+        async def counting_read(queue_id: str) -> bytes:
+            reads.append(queue_id)
+            return await real_read(queue_id)
+
+        relay.store.read_data = counting_read  # type: ignore[method-assign]
+        data = original("Handed off")
+        started = asyncio.get_running_loop().time()
+        code, _ = await send(relay, SENDER, ["bob@example.com"], data)
+        assert code == 250
+        await wait_for(lambda: a.handler.messages, timeout=3.0)
+        assert asyncio.get_running_loop().time() - started < 3.0
+        assert split_received(a.handler.messages[0]["content"])[1] == data
+        assert reads == []  # delivered from the session's bytes, never read back
+        (msg,) = await wait_for(lambda: _completed(relay), timeout=3.0)
+        assert msg.recipients[0].status == RecipientStatus.DELIVERED
+        assert msg.lease_owner is None and msg.lease_until is None
+
+
+async def _completed(relay: Relay) -> list[Any]:
+    msgs = await relay.store.list_messages()
+    return msgs if msgs and msgs[0].lease_owner is None and msgs[0].status.is_final else []
+
+
+async def test_without_room_a_new_message_is_stored_unleased_and_the_scan_delivers_it(
+    tmp_path: Path,
+) -> None:
+    """max_concurrent_deliveries reached: the session stores the message without a lease and the
+    next scan takes it (the hand-off never exceeds the limit)."""
+    gate = asyncio.Event()
+
+    class Slow(ScriptedHandler):
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            if not self.messages:
+                await gate.wait()  # the first delivery holds the only slot
+            return await super().handle_DATA(server, session, envelope)
+
+    async with (
+        sinks(Slow()) as (a,),
+        relay_running(tmp_path, {"*": a.port}, queue={"max_concurrent_deliveries": 1}) as relay,
+    ):
+        assert relay.manager is not None
+        assert (await send(relay, SENDER, ["bob@example.com"], original("First")))[0] == 250
+        await wait_for(lambda: relay.manager is not None and relay.manager.in_flight == 1)
+        assert relay.manager.lease_for_new() is None  # no room
+        assert (await send(relay, SENDER, ["carol@example.com"], original("Second")))[0] == 250
+        msgs = await relay.store.list_messages()
+        second = next(m for m in msgs if m.recipients[0].address == "carol@example.com")
+        assert second.lease_owner is None  # stored unleased: any scan may take it
+        assert relay.manager.in_flight == 1  # the limit held
+        gate.set()
+        await wait_for(lambda: len(a.handler.messages) == 2, timeout=5.0)
+        assert sorted(m["rcpt_tos"][0] for m in a.handler.messages) == [
+            "bob@example.com",
+            "carol@example.com",
+        ]

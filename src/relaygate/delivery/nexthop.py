@@ -21,9 +21,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,13 +200,17 @@ async def _smart_host_hops(
     endpoints: list[tuple[str, int]],
     max_hops: int,
 ) -> list[NextHop]:
-    parsed = [parse_smart_host(h, port_default) for h in smart_hosts]
-    lookups = await asyncio.gather(
-        *(
-            _addresses(resolver, host) if not is_ip else _literal(host)
-            for host, _port, is_ip in parsed
+    parsed = _parse_smart_hosts(tuple(smart_hosts), port_default)
+    lookups: Sequence[list[str] | DnsError]
+    if all(is_ip for _host, _port, is_ip in parsed):
+        lookups = [[host] for host, _port, _is_ip in parsed]  # no DNS: no task per host
+    else:
+        lookups = await asyncio.gather(
+            *(
+                _addresses(resolver, host) if not is_ip else _literal(host)
+                for host, _port, is_ip in parsed
+            )
         )
-    )
     hops: list[NextHop] = []
     errors: list[DnsError] = []
     looped = 0
@@ -231,6 +236,14 @@ async def _smart_host_hops(
             reply = replies.dns_query_failed(replies.DNS_NONEXISTENT_DOMAIN.text)
         raise NextHopError(reply, False)
     raise NextHopError(replies.dns_query_failed("ErrorRetry"), False)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_smart_hosts(
+    smart_hosts: tuple[str, ...], port_default: int
+) -> list[tuple[str, int, bool]]:
+    """The connector's smart hosts parsed once per configuration, not once per message."""
+    return [parse_smart_host(h, port_default) for h in smart_hosts]
 
 
 async def _literal(host: str) -> list[str]:

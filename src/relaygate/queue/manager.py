@@ -177,6 +177,7 @@ class QueueManager:
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._last_purge = 0.0
+        self._rescan = False
         #: Counters for /metrics (monotonic since start).
         self.stats: dict[str, int] = {
             "attempts": 0,
@@ -229,6 +230,27 @@ class QueueManager:
             with contextlib.suppress(Exception):
                 await self.pool.aclose()
             self.pool = None
+
+    def lease_for_new(self) -> tuple[str, float] | None:
+        """The lease a receiving session stores a new message with when this manager has room to
+        deliver it at once (see :meth:`take_new`); None: store it unleased, the scan finds it."""
+        if not self.running or self._stopping or len(self._inflight) >= self.max_concurrent:
+            return None
+        return (self.node_id, self.clock() + self.lease_seconds)
+
+    def take_new(self, msg: StoredMessage, data: bytes) -> None:
+        """Deliver a message this process has just stored leased to us, with the bytes the
+        session still holds: no ``lease_due`` scan and no read of the data back (Postfix's
+        cleanup hands the queue file to qmgr the same way). If the room has gone meanwhile the
+        lease is dropped and the next scan takes the message."""
+        if not self.running or self._stopping or len(self._inflight) >= self.max_concurrent:
+            self._spawn(self.store.release(msg.queue_id, self.node_id))
+            self._rescan = True
+            self._wake.set()
+            return
+        task = asyncio.create_task(self._process(msg, data), name=f"deliver-{msg.queue_id}")
+        self._inflight[msg.queue_id] = task
+        task.add_done_callback(functools.partial(self._done, msg.queue_id))
 
     def wake(self, queue_id: str | None = None) -> None:
         """Scan the queue now (a new message, a retry or resume by the administrator...)."""
@@ -287,12 +309,14 @@ class QueueManager:
     async def _scan(self) -> None:
         free = self.max_concurrent - len(self._inflight)
         if free <= 0:
+            self._rescan = True
             return
         now = self.clock()
         # Our own leases do not stop us from leasing again, so ask for room for what is in flight.
-        leased = await self.store.lease_due(
-            self.node_id, now, self.lease_seconds, free + len(self._inflight)
-        )
+        limit = free + len(self._inflight)
+        leased = await self.store.lease_due(self.node_id, now, self.lease_seconds, limit)
+        # A full batch may have left due messages behind: scan again as soon as there is room.
+        self._rescan = len(leased) >= limit
         for msg in leased:
             if msg.queue_id in self._inflight:
                 continue
@@ -306,8 +330,8 @@ class QueueManager:
 
     def _done(self, queue_id: str, _task: asyncio.Task[None] | None = None) -> None:
         self._inflight.pop(queue_id, None)
-        if not self._stopping:
-            self._wake.set()  # room for the next message
+        if self._rescan and not self._stopping:
+            self._wake.set()  # room for the next due message
 
     async def _housekeeping(self) -> None:
         now = self.clock()
@@ -319,9 +343,10 @@ class QueueManager:
         if purged:
             log.info("purged %d completed message(s) older than %s", purged, retention)
 
-    async def _process(self, msg: StoredMessage) -> None:
+    async def _process(self, msg: StoredMessage, data: bytes | None = None) -> None:
+        released = False
         try:
-            await self.process_message(msg)
+            released = await self.process_message(msg, data)
         except asyncio.CancelledError:
             raise
         except StoreClosedError:
@@ -329,33 +354,37 @@ class QueueManager:
         except Exception:
             log.exception("message %s: delivery run failed", msg.queue_id)
         finally:
-            with contextlib.suppress(Exception):
-                await self.store.release(msg.queue_id, self.node_id)
+            if not released:
+                with contextlib.suppress(Exception):
+                    await self.store.release(msg.queue_id, self.node_id)
 
     # ------------------------------------------------------------------------------ one message
 
-    async def process_message(self, msg: StoredMessage) -> None:
-        """One delivery run for a leased message: expire it, or attempt its due recipients."""
+    async def process_message(self, msg: StoredMessage, data: bytes | None = None) -> bool:
+        """One delivery run for a leased message: expire it, or attempt its due recipients.
+        `data`: the message bytes when the caller has them (a message just received). Returns
+        True when the lease was already dropped with the last results (one transaction)."""
         now = self.clock()
         pending = [r for r in msg.recipients if r.status in PENDING_STATUSES]
         if not pending or msg.suspended:
-            return
+            return False
         if self.schedule.is_expired(msg.received_at, now):
             await self._expire(msg, pending)
-            return
+            return False
         due = [r for r in pending if r.next_attempt is None or r.next_attempt <= now]
         if not due:
-            return
-        try:
-            data = await self.store.read_data(msg.queue_id)
-        except KeyError:
-            return  # removed by the administrator meanwhile
-        except CorruptMessageError as exc:
-            # Exchange's poison queue: keep it, never deliver damaged bytes, let an admin decide.
-            log.error("message %s: %s; suspended", msg.queue_id, exc)
-            with contextlib.suppress(KeyError):
-                await self.store.set_flags(msg.queue_id, suspended=True)
-            return
+            return False
+        if data is None:
+            try:
+                data = await self.store.read_data(msg.queue_id)
+            except KeyError:
+                return False  # removed by the administrator meanwhile
+            except CorruptMessageError as exc:
+                # Exchange's poison queue: keep it, never deliver damaged bytes, let an admin decide.
+                log.error("message %s: %s; suspended", msg.queue_id, exc)
+                with contextlib.suppress(KeyError):
+                    await self.store.set_flags(msg.queue_id, suspended=True)
+                return False
 
         connectors = list(self.config.send_connectors)
         groups = route_recipients(connectors, [r.address for r in due], size=msg.size)
@@ -380,10 +409,15 @@ class QueueManager:
                     RouteResult(a, DELIVERY_FAILED_INTERNAL, DEFERRED, key.connector_name or "")
                     for a in addrs
                 ]
-            deferred.extend(await self._record(msg, by_addr, results, data))
+            deferred.extend(await self._record(msg, by_addr, results, data, release=release))
 
+        # One route (the usual case): its results and the end of the lease are one transaction.
+        release = len(groups) == 1 and not self.schedule.delay_notice_due(
+            msg.received_at, now, msg.delay_notified
+        )
         await asyncio.gather(*(run_route(key, addrs) for key, addrs in groups.items()))
         await self._maybe_delay_notice(msg, by_addr, pending, deferred, data)
+        return release
 
     async def _sign(self, msg: StoredMessage, data: bytes) -> bytes:
         try:
@@ -465,6 +499,8 @@ class QueueManager:
         by_addr: dict[str, RecipientState],
         results: list[RouteResult],
         data: bytes,
+        *,
+        release: bool = False,
     ) -> list[RouteResult]:
         """Store the outcomes (NDR first); returns the deferred ones."""
         now = self.clock()
@@ -501,7 +537,7 @@ class QueueManager:
                 [DsnRecipient(r.address, r.reply, r.remote_host, last_attempt=now) for r in failed],
                 action="failed",
             )
-        await self.store.record_results(msg.queue_id, self.node_id, updates)
+        await self.store.record_results(msg.queue_id, self.node_id, updates, release=release)
         self._track_results(msg, results, data)
         return deferred
 

@@ -92,6 +92,38 @@ class StoredMessage:
     lease_owner: str | None
     lease_until: float | None
 
+    @classmethod
+    def new(
+        cls,
+        queue_id: str,
+        envelope: Envelope,
+        *,
+        size: int,
+        received_at: float,
+        lease: tuple[str, float] | None = None,
+    ) -> StoredMessage:
+        """What the store holds right after ``submit(envelope, data, lease=lease)``."""
+        owner, until = lease if lease is not None else (None, None)
+        return cls(
+            queue_id=queue_id,
+            sender=envelope.sender,
+            recipients=[
+                RecipientState(a, RecipientStatus.READY) for a in dict.fromkeys(envelope.recipients)
+            ],
+            size=size,
+            received_at=received_at,
+            message_id=envelope.message_id,
+            client_ip=envelope.client_ip,
+            connector=envelope.connector,
+            helo=envelope.helo,
+            auth_user=envelope.auth_user,
+            suspended=False,
+            delay_notified=False,
+            metadata=dict(envelope.metadata),
+            lease_owner=owner,
+            lease_until=until,
+        )
+
     @property
     def status(self) -> RecipientStatus:
         """The message's status as the queue viewer shows it (see :func:`message_status`)."""

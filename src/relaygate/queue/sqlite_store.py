@@ -630,8 +630,10 @@ class SqliteStore(Store):
         recipients: list[str],
         data: bytes,
         received_at: float,
+        lease: tuple[str, float] | None,
     ) -> str:
         digest = hashlib.sha256(data).digest()
+        lease_owner, lease_until = lease if lease is not None else (None, None)
         metadata = json.dumps(env.metadata, ensure_ascii=False, sort_keys=True)
         for _attempt in range(1000):
             queue_id = self._ids.next()
@@ -639,7 +641,8 @@ class SqliteStore(Store):
                 conn.execute(
                     "INSERT INTO messages (queue_id, sender, size, received_at, message_id, "
                     "client_ip, connector, helo, auth_user, metadata, status, next_due, "
-                    "open_rcpts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
+                    "open_rcpts, lease_owner, lease_until) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
                     (
                         queue_id,
                         env.sender,
@@ -653,6 +656,8 @@ class SqliteStore(Store):
                         metadata,
                         RecipientStatus.READY.value,
                         len(recipients),
+                        lease_owner,
+                        lease_until,
                     ),
                 )
             except sqlite3.IntegrityError:
@@ -710,6 +715,7 @@ class SqliteStore(Store):
         queue_id: str,
         results: list[tuple[Any, ...]],
         now: float,
+        release_owner: str | None,
     ) -> None:
         if conn.execute("SELECT 1 FROM messages WHERE queue_id = ?", (queue_id,)).fetchone():
             conn.executemany(
@@ -719,6 +725,8 @@ class SqliteStore(Store):
                 results,
             )
             self._refresh(conn, queue_id, now)
+            if release_owner is not None:
+                self._op_release(conn, queue_id, release_owner)
 
     def _op_set_flags(
         self,
@@ -769,7 +777,9 @@ class SqliteStore(Store):
 
     # ------------------------------------------------------------------ public API: writes
 
-    async def submit(self, envelope: Envelope, data: bytes) -> str:
+    async def submit(
+        self, envelope: Envelope, data: bytes, *, lease: tuple[str, float] | None = None
+    ) -> str:
         if not isinstance(data, bytes | bytearray | memoryview):
             raise TypeError(f"message data must be bytes, not {type(data).__name__}")
         recipients = list(dict.fromkeys(envelope.recipients))
@@ -779,7 +789,7 @@ class SqliteStore(Store):
             raise ValueError("recipient addresses must be non-empty strings")
         blob = bytes(data)
         return await self._write(
-            self._op_submit, envelope, recipients, blob, time.time(), size=len(blob) + 512
+            self._op_submit, envelope, recipients, blob, time.time(), lease, size=len(blob) + 512
         )
 
     async def lease_due(
@@ -810,7 +820,7 @@ class SqliteStore(Store):
         return cur.rowcount
 
     async def record_results(
-        self, queue_id: str, owner: str, results: list[RecipientState]
+        self, queue_id: str, owner: str, results: list[RecipientState], *, release: bool = False
     ) -> None:
         rows = [
             (
@@ -824,7 +834,9 @@ class SqliteStore(Store):
             )
             for r in results
         ]
-        await self._write(self._op_record, queue_id, rows, time.time(), durable=False)
+        await self._write(
+            self._op_record, queue_id, rows, time.time(), owner if release else None, durable=False
+        )
 
     async def set_flags(
         self,

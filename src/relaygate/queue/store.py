@@ -66,10 +66,14 @@ class Store(Protocol):
         """Finish everything already submitted, then stop. Idempotent."""
         ...
 
-    async def submit(self, envelope: Envelope, data: bytes) -> str:
+    async def submit(
+        self, envelope: Envelope, data: bytes, *, lease: tuple[str, float] | None = None
+    ) -> str:
         """Store a new message; durable on return. Returns its queue id (16 upper-case hex
         digits, unique, time-ordered). Raises ``ValueError`` for an envelope without
-        recipients; duplicate recipient addresses are stored once."""
+        recipients; duplicate recipient addresses are stored once. ``lease=(owner, until)``
+        stores it already leased to ``owner`` (the local queue manager takes it from the
+        receiving session without a ``lease_due`` round trip)."""
         ...
 
     async def get(self, queue_id: str) -> StoredMessage | None: ...
@@ -101,12 +105,13 @@ class Store(Protocol):
         ...
 
     async def record_results(
-        self, queue_id: str, owner: str, results: list[RecipientState]
+        self, queue_id: str, owner: str, results: list[RecipientState], *, release: bool = False
     ) -> None:
         """Store per-recipient outcomes, matched by address (status, attempts, last_error,
         last_attempt, next_attempt). Results are facts and are recorded even if the lease has
         meanwhile passed to another owner; a recipient already Delivered/Failed is left as is;
-        unknown addresses are ignored."""
+        unknown addresses are ignored. ``release=True`` also drops ``owner``'s lease in the same
+        transaction (the delivery run is over)."""
         ...
 
     async def set_flags(

@@ -7,6 +7,7 @@ block only): no per-line Python work on DATA.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -45,6 +46,19 @@ def has_bare_cr_or_lf(content: bytes) -> bool:
     return content.count(b"\n") != crlf or content.count(b"\r") != crlf
 
 
+_date_cache: list[tuple[int, str]] = [(-1, "")]
+
+
+def _date_now() -> str:
+    """The RFC 5322 date of this second, formatted once per second (every message needs one)."""
+    second = int(time.time())
+    cached = _date_cache[0]
+    if cached[0] != second:
+        cached = (second, format_datetime(datetime.fromtimestamp(second, UTC).astimezone()))
+        _date_cache[0] = cached
+    return cached[1]
+
+
 def received_header(
     *,
     helo: str,
@@ -57,7 +71,7 @@ def received_header(
     now: datetime | None = None,
 ) -> bytes:
     """One RFC 5321 §4.4 trace header: the real peer address, HELO shown but not trusted."""
-    when = format_datetime(now or datetime.now(UTC).astimezone())
+    when = format_datetime(now) if now is not None else _date_now()
     safe_helo = (
         "".join(ch for ch in helo if 33 <= ord(ch) < 127 and ch not in "()\\")[:255] or "unknown"
     )

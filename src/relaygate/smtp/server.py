@@ -7,19 +7,23 @@ A client that no connector accepts is closed without a banner. A PROXY header is
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from relaygate.config.model import Config, ReceiveConnector
 from relaygate.config.values import Binding, normalise_ip
 from relaygate.logs.protocol import PROTOCOL_LOG_RECEIVE_DIR, NullSessionLog, ProtocolLog
-from relaygate.policy.selection import select_connector
-from relaygate.queue.model import Envelope
+from relaygate.policy.rights import SessionRights, session_rights
+from relaygate.policy.selection import Selection, select_connector
+from relaygate.queue.model import Envelope, StoredMessage
 from relaygate.queue.store import Store
 from relaygate.smtp import proxy
 from relaygate.smtp.auth import UserStore, users_path
@@ -30,6 +34,23 @@ from relaygate.smtp.tls import server_context
 __all__ = ["ServerContext", "SmtpServer"]
 
 logger = logging.getLogger("relaygate.smtp")
+
+
+_SELECTION_CACHE_SIZE = 65536
+
+
+class Handoff(Protocol):
+    """What a receiving session needs of the local queue manager (QueueManager implements it)."""
+
+    def lease_for_new(self) -> tuple[str, float] | None: ...
+
+    def take_new(self, msg: StoredMessage, data: bytes) -> None: ...
+
+
+@functools.lru_cache(maxsize=8192)
+def canonical_ip(text: str) -> str:
+    """A socket address as the policy compares it: no zone id, IPv4-mapped IPv6 as IPv4."""
+    return str(normalise_ip(ipaddress.ip_address(text.partition("%")[0])))
 
 
 class ServerContext:
@@ -48,6 +69,9 @@ class ServerContext:
         self.protocol_log = protocol_log
         self.tracking = tracking
         self.on_message = on_message
+        #: The local queue manager, when new messages go straight to it (``lease_for_new`` /
+        #: ``take_new``); without one, ``on_message(queue_id)`` wakes whoever scans the queue.
+        self.handoff: Handoff | None = None
         self.limits = ConnectionLimits()
         self.rates = RateLimiter()
         self.logger = logger
@@ -61,6 +85,12 @@ class ServerContext:
         """Take a new configuration (start or reload). Open sessions keep the connector they started with."""
         self.config = config
         self._tls = {}
+        # Per-connection decisions that depend only on the configuration, computed once per config:
+        # the connector for (local address, port, client) and a connector's session rights.
+        self._selections: dict[tuple[str, int, str], Selection] = {}
+        self._rights: dict[int, tuple[ReceiveConnector, SessionRights]] = {}
+        self._banner_second = -1
+        self._banner_stamp = ""
         self.users = UserStore(users_path(config.server.data_dir, config.server.users_file))
         ips = {
             b.address for c in config.receive_connectors for b in c.bindings if not b.is_wildcard
@@ -70,6 +100,40 @@ class ServerContext:
         except OSError:
             pass
         self.local_ips = sorted(ips | {"127.0.0.1", "::1"})
+
+    def select(self, local_ip: str, local_port: int, client_ip: str) -> Selection:
+        """`select_connector` for the current config, remembered per (local, client) triple."""
+        key = (local_ip, local_port, client_ip)
+        selection = self._selections.get(key)
+        if selection is None:
+            selection = select_connector(
+                self.config.receive_connectors,
+                local_ip=local_ip,
+                local_port=local_port,
+                client_ip=client_ip,
+            )
+            if len(self._selections) >= _SELECTION_CACHE_SIZE:
+                self._selections.clear()  # bounded: a scan of many sources only costs recomputation
+            self._selections[key] = selection
+        return selection
+
+    def rights(self, connector: ReceiveConnector) -> SessionRights:
+        """The anonymous session rights of `connector` (a pure function of its settings)."""
+        entry = self._rights.get(id(connector))
+        if entry is None or entry[0] is not connector:
+            entry = (connector, session_rights(connector))
+            self._rights[id(connector)] = entry
+        return entry[1]
+
+    def banner_stamp(self) -> str:
+        """Exchange's banner date (`Mon, 23 Nov 2026 13:15:31 +0000`), formatted once per second."""
+        now = time.time()
+        second = int(now)
+        if second != self._banner_second:
+            local = datetime.fromtimestamp(second, UTC).astimezone()
+            self._banner_stamp = f"{local:%a}, {local.day} {local:%b %Y %H:%M:%S %z}"
+            self._banner_second = second
+        return self._banner_stamp
 
     def tls_context(self, connector: ReceiveConnector) -> ssl.SSLContext | None:
         if connector.name not in self._tls:
@@ -116,8 +180,6 @@ class ServerContext:
                 connector_id=f"{self.config.server.name}\\{envelope.connector}",
                 source_context=envelope.metadata.get("session", ""),
             )
-        if self.on_message is not None:
-            self.on_message(queue_id)
 
 
 class SmtpServer:
@@ -219,14 +281,8 @@ class SmtpServer:
                 sockname.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        client_ip, client_port = (
-            str(normalise_ip(ipaddress.ip_address(peer[0].partition("%")[0]))),
-            peer[1],
-        )
-        local_ip, local_port = (
-            str(normalise_ip(ipaddress.ip_address(local[0].partition("%")[0]))),
-            local[1],
-        )
+        client_ip, client_port = canonical_ip(peer[0]), peer[1]
+        local_ip, local_port = canonical_ip(local[0]), local[1]
         initial = b""
         config = self.ctx.config
         if config.server.trusted_proxies and any(
@@ -241,9 +297,7 @@ class SmtpServer:
                     str(normalise_ip(ipaddress.ip_address(source[0]))),
                     source[1],
                 )
-        selection = select_connector(
-            config.receive_connectors, local_ip=local_ip, local_port=local_port, client_ip=client_ip
-        )
+        selection = self.ctx.select(local_ip, local_port, client_ip)
         connector = selection.connector
         if connector is None:
             logger.info(

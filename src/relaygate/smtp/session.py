@@ -19,7 +19,6 @@ import base64
 import binascii
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from relaygate import replies
@@ -28,7 +27,7 @@ from relaygate.config.model import ReceiveConnector
 from relaygate.logs.protocol import receiving_message_info
 from relaygate.policy.rights import SessionRights, session_rights
 from relaygate.policy.verdicts import Verdict, check_mail, check_rcpt
-from relaygate.queue.model import Envelope
+from relaygate.queue.model import Envelope, StoredMessage
 from relaygate.replies import Reply
 from relaygate.smtp.message import has_bare_cr_or_lf, received_header, scan_headers
 
@@ -89,7 +88,7 @@ class Session:
         self.helo: str | None = None
         self.esmtp = False
         self.auth_user: str | None = None
-        self.rights: SessionRights = session_rights(connector)
+        self.rights: SessionRights = ctx.rights(connector)
         self.txn: _Transaction | None = None
         self.errors = 0
         self.logon_failures = 0
@@ -122,6 +121,8 @@ class Session:
         if self.out:
             self.writer.write(b"".join(self.out))
             self.out.clear()
+            if not self.writer.transport.get_write_buffer_size():
+                return  # the kernel took it all: nothing to wait for (the usual case)
             try:
                 # asyncio.timeout, not wait_for: no extra task per reply on the hot path.
                 async with asyncio.timeout(self.idle):
@@ -169,9 +170,7 @@ class Session:
     def banner(self) -> str:
         if self.connector.banner:
             return self.connector.banner
-        now = datetime.now(UTC).astimezone()
-        stamp = f"{now:%a}, {now.day} {now:%b %Y %H:%M:%S %z}"
-        return f"220 {self.fqdn} Microsoft ESMTP MAIL Service ready at {stamp}"
+        return f"220 {self.fqdn} Microsoft ESMTP MAIL Service ready at {self.ctx.banner_stamp()}"
 
     async def run(self) -> None:
         self.log.connect()
@@ -531,8 +530,12 @@ class Session:
             message_id=scan.message_id,
             metadata={"session": local_id, "protocol": protocol},
         )
+        data = header + content
+        handoff = self.ctx.handoff
+        lease = handoff.lease_for_new() if handoff is not None else None
+        received_at = time.time()
         try:
-            queue_id = await self.ctx.store.submit(envelope, header + content)
+            queue_id = await self.ctx.store.submit(envelope, data, lease=lease)
         except Exception as exc:  # any store failure: the client must retry, nothing was promised
             self.ctx.logger.exception("queue store failed for %s: %s", self.client_ip, exc)
             self.reply(replies.QUEUE_FAILED)
@@ -546,6 +549,15 @@ class Session:
             )
         )
         self.ctx.message_received(queue_id, envelope, size, self)
+        if handoff is not None and lease is not None:
+            handoff.take_new(
+                StoredMessage.new(
+                    queue_id, envelope, size=len(data), received_at=received_at, lease=lease
+                ),
+                data,
+            )
+        elif self.ctx.on_message is not None:
+            self.ctx.on_message(queue_id)
 
     async def do_rset(self, arg: str) -> None:
         self.txn = None
