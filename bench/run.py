@@ -187,13 +187,18 @@ def run_point(
 # -- orchestration ------------------------------------------------------------------------------
 
 
+def _toml_workers(workers: str) -> str:
+    """`--workers` as a TOML value: "auto" stays a string, a count is an integer."""
+    return str(int(workers)) if workers.strip().isdigit() else '"auto"'
+
+
 def run_all(
     plan: dict[str, Any],
     *,
     workdir: Path,
     log: Any,
     process_limit: int | None,
-    workers: int | None = None,
+    workers: str = "auto",
 ) -> dict[str, Any]:
     deliver_rg = has_queue_manager()
     rows: list[dict[str, Any]] = []
@@ -201,7 +206,7 @@ def run_all(
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_description(str(workdir)),
         "relaygate_delivers": deliver_rg,
-        "relaygate_workers": workers or 1,
+        "relaygate_workers": workers,
         "plan": {k: v for k, v in plan.items() if k != "messages"},
         "messages": {size_label(s): m for s, m in plan["messages"].items()},
         "git": git_state(),
@@ -219,7 +224,7 @@ def run_all(
             systems.append(pf)
             pf.start()
             rg = RelayGateSystem(
-                sub, rg_sink.port, server_extra=f"workers = {workers}\n" if workers else ""
+                sub, rg_sink.port, server_extra=f"workers = {_toml_workers(workers)}\n"
             )
             systems.append(rg)
             rg.start()
@@ -473,6 +478,11 @@ def generated_section(
         "",
         f"Software: {', '.join(meta.get('versions', []))}; load generator and sink: Postfix `smtp-source` / `smtp-sink`.",
         "",
+        f"RelayGate configuration: `server.workers = {meta.get('relaygate_workers', 1)}` "
+        "(`auto`: one process per CPU sharing the listening socket with SO_REUSEPORT, the "
+        "benchmark's default; `bench/run.py --workers 1` measures a single process). Postfix "
+        "runs with its defaults (up to 100 smtpd processes).",
+        "",
         f"Messages per run: {json.dumps(meta['messages'])}; latency sample per point: "
         f"{json.dumps({size_label(int(k)): v for k, v in plan['latency'].items()})} messages.",
         "",
@@ -603,9 +613,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--workers",
-        type=int,
-        default=None,
-        help="RelayGate's server.workers (default: the config default, 1)",
+        default="auto",
+        help=(
+            'RelayGate\'s server.workers: "auto" (one process per CPU, how an administrator runs '
+            "it on a multi-core host; the default here) or a number, e.g. 1 for a single process"
+        ),
     )
     ap.add_argument(
         "--from-json",
