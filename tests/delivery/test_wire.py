@@ -166,3 +166,17 @@ def test_property_well_formed_is_byte_exact(lines):
     if not msg:
         return
     assert prepare_data(msg) == msg
+
+
+@pytest.mark.parametrize("offset", [0, 1, 2, 497, 498, 499, 500, 997, 1000, 4096])
+@pytest.mark.parametrize("length", [996, 997, 998, 999, 1500])
+def test_the_fast_path_finds_every_long_line_wherever_it_sits(offset: int, length: int) -> None:
+    """The fast path's aligned-block check must see a long line at any offset: lines over 998
+    octets are folded; 997 and 998 leave the fast path and are kept by the exact one."""
+    short = b"s" * 17 + b"\r\n"
+    head = (short * (offset // len(short) + 1))[:offset]
+    head = head[: head.rfind(b"\r\n") + 2] if b"\r\n" in head else b""
+    data = head + b"L" * length + b"\r\n" + short * 3
+    out = prepare_data(data)
+    assert (out != data) == (length > 998)
+    assert max(len(line) for line in out.split(b"\r\n")) <= 998

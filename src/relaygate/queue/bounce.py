@@ -53,6 +53,11 @@ class DsnRecipient:
 
 def header_block(message: bytes) -> bytes:
     """The header section of ``message`` (up to the first empty line), CRLF line ends, ending in CRLF."""
+    # Cut at the first empty line before normalising, so a 1 MB body is never copied: "\n\n" and
+    # "\n\r\n" in the raw bytes are exactly where "\n\n" is once CRLF has become LF.
+    ends = [e for e in (message.find(b"\n\n"), message.find(b"\n\r\n")) if e >= 0]
+    if ends:
+        message = message[: min(ends) + 1]
     text = message.replace(b"\r\n", b"\n")
     end = text.find(b"\n\n")
     head = text if end < 0 else text[: end + 1]

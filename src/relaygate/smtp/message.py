@@ -41,9 +41,13 @@ def scan_headers(content: bytes) -> HeaderScan:
 
 
 def has_bare_cr_or_lf(content: bytes) -> bool:
-    """True when a CR or LF appears outside a CRLF pair (C-level counts, no loop)."""
+    """True when a CR or LF appears outside a CRLF pair (C-level passes, no loop).
+
+    Every CRLF holds one CR and one LF, so the CRs and LFs together number exactly twice the CRLFs
+    when there is no other; `translate` counts both in one pass (two passes instead of three).
+    """
     crlf = content.count(b"\r\n")
-    return content.count(b"\n") != crlf or content.count(b"\r") != crlf
+    return len(content) - len(content.translate(None, b"\r\n")) != 2 * crlf
 
 
 _date_cache: list[tuple[int, str]] = [(-1, "")]
