@@ -475,3 +475,21 @@ async def test_without_room_a_new_message_is_stored_unleased_and_the_scan_delive
             "bob@example.com",
             "carol@example.com",
         ]
+
+
+async def test_a_large_message_arrives_byte_for_byte(tmp_path: Path) -> None:
+    """Over the size where DATA writes the body and the terminator separately (no copy of the
+    body), with and without lines that need dot-stuffing."""
+    async with (
+        sinks(ScriptedHandler()) as (a,),
+        relay_running(tmp_path, {"*": a.port}) as relay,
+    ):
+        body = b"".join(b"line %06d of a big scan\r\n" % i for i in range(60_000))  # ~1.6 MB
+        plain = original("Big plain", extra=body).replace(b"\r\n.leading", b"\r\nno leading")
+        assert b"\n." not in plain  # nothing to stuff: the body goes out as it is
+        dotted = original("Big dotted", extra=body.replace(b"line 0", b".line 0"))
+        for data in (plain, dotted):
+            assert (await send(relay, SENDER, ["bob@example.com"], data))[0] == 250
+        await wait_for(lambda: len(a.handler.messages) == 2, timeout=20.0)
+        got = sorted((split_received(m["content"])[1] for m in a.handler.messages), key=len)
+        assert got == sorted([plain, dotted], key=len)

@@ -168,11 +168,10 @@ def prepare_data(data: bytes) -> bytes:
     A well-formed message (CRLF only, lines ≤ 998, no NUL) comes back unchanged.
     """
     # Fast path, all C-level scans: a well-formed message is returned as it is, with no per-line work.
-    crlf = data.count(b"\r\n")
+    # CRs and LFs together are twice the CRLFs exactly when there is no bare one (2 passes, not 3).
     if (
         data.endswith(b"\r\n")
-        and data.count(b"\r") == crlf
-        and data.count(b"\n") == crlf
+        and len(data) - len(data.translate(None, b"\r\n")) == 2 * data.count(b"\r\n")
         and b"\x00" not in data
         and not _may_have_long_line(data)
     ):
@@ -744,7 +743,11 @@ class _Envelope:
     wire_size: int
     eight_bit: bool
     utf8_sender: bool
-    wire: bytes | None = None  # normalise_for_wire(...), built on first DATA, shared by every hop
+    #: `prepared` dot-stuffed (the octets before ".CRLF"), built on first DATA, shared by every hop.
+    stuffed: bytes | None = None
+
+
+_SEPARATE_TERMINATOR = 64 * 1024
 
 
 async def _data(smtp: aiosmtplib.SMTP, env: _Envelope, timeout: float) -> aiosmtplib.SMTPResponse:
@@ -759,8 +762,9 @@ async def _data(smtp: aiosmtplib.SMTP, env: _Envelope, timeout: float) -> aiosmt
     if protocol is None or lock is None or not hasattr(protocol, "_response_pending"):
         # Not the aiosmtplib this was written against: let it do the work itself.
         return await smtp.data(env.prepared, timeout=timeout)
-    if env.wire is None:
-        env.wire = dot_stuff(env.prepared) + b".\r\n"
+    if env.stuffed is None:
+        env.stuffed = dot_stuff(env.prepared)
+    body = env.stuffed
     async with lock:
         protocol._response_pending = True  # a reply is expected: not unsolicited data
         protocol.write(b"DATA\r\n")
@@ -768,7 +772,11 @@ async def _data(smtp: aiosmtplib.SMTP, env: _Envelope, timeout: float) -> aiosmt
         if start.code != 354:
             raise SMTPDataError(start.code, start.message)
         protocol._response_pending = True
-        protocol.write(env.wire)
+        if len(body) < _SEPARATE_TERMINATOR:
+            protocol.write(body + b".\r\n")
+        else:  # no copy of a big message just to append three octets
+            protocol.write(body)
+            protocol.write(b".\r\n")
         response = await protocol.read_response(timeout=timeout)
     if response.code != 250:
         raise SMTPDataError(response.code, response.message)
@@ -936,12 +944,14 @@ async def deliver(
         return outcome
 
     prepared = prepare_data(data)
+    # Stuffing adds one octet per line that starts with "."; counted, not built (no copy).
+    dot_lines = prepared.count(b"\n.") + prepared.startswith(b".")
     env = _Envelope(
         sender=wire_sender,
         recipients=wire_rcpts,
         prepared=prepared,
-        # Stuffing adds one octet per line that starts with "."; counted, not built (no copy).
-        wire_size=len(prepared) + prepared.count(b"\n.") + prepared.startswith(b".") + 3,
+        wire_size=len(prepared) + dot_lines + 3,
+        stuffed=None if dot_lines else prepared,
         eight_bit=not prepared.isascii(),
         utf8_sender=not wire_sender.isascii(),
     )

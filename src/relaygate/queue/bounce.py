@@ -55,9 +55,13 @@ def header_block(message: bytes) -> bytes:
     """The header section of ``message`` (up to the first empty line), CRLF line ends, ending in CRLF."""
     # Cut at the first empty line before normalising, so a 1 MB body is never copied: "\n\n" and
     # "\n\r\n" in the raw bytes are exactly where "\n\n" is once CRLF has become LF.
-    ends = [e for e in (message.find(b"\n\n"), message.find(b"\n\r\n")) if e >= 0]
-    if ends:
-        message = message[: min(ends) + 1]
+    # The usual end ("\r\n\r\n") first; the other form is then only looked for before it.
+    end = message.find(b"\n\r\n")
+    bare = message.find(b"\n\n", 0, end + 1 if end >= 0 else len(message))
+    if bare >= 0:
+        end = bare
+    if end >= 0:
+        message = message[: end + 1]
     text = message.replace(b"\r\n", b"\n")
     end = text.find(b"\n\n")
     head = text if end < 0 else text[: end + 1]
