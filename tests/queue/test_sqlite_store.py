@@ -191,7 +191,8 @@ async def test_concurrent_submits_are_group_committed(store: SqliteStore) -> Non
 
 
 async def test_batch_respects_byte_cap(db_path: Path) -> None:
-    async with SqliteStore(db_path, max_batch_bytes=300_000) as s:
+    # Inline blobs (no spool files) are what the byte cap is for.
+    async with SqliteStore(db_path, max_batch_bytes=300_000, spool_threshold=10**9) as s:
         big = b"z" * 100_000
         ids = await asyncio.gather(*(s.submit(env(), big) for _ in range(12)))
         assert s.max_batch <= 3
@@ -216,6 +217,7 @@ async def test_close_flushes_queued_work_then_refuses(db_path: Path) -> None:
 
 async def test_disk_full_is_reported_and_store_recovers(store: SqliteStore) -> None:
     ok = await store.submit(env(), b"fits")
+    store.spool_threshold = 10**9  # keep the big message inside the database for this one
     # Simulate a full disk: cap the database size on the writer's connection.
     await store._write(lambda conn: conn.execute("PRAGMA max_page_count = 64"))
     with pytest.raises(StoreFullError):
@@ -501,6 +503,8 @@ import hashlib
 def payload(tag, n):
     seed = hashlib.sha256(f"{tag}:{n}".encode()).digest()
     body = seed * (1 + (n * 37) % 400)          # 32 B .. 12.8 KB
+    if n % 7 == 0:
+        body = seed * 3000                       # 96 KB: a spool file (spool.py)
     return b"Message-ID: <" + f"{tag}.{n}".encode() + b">\r\n\r\n\x00\r.\n\xff" + body
 """
 
@@ -641,3 +645,116 @@ async def test_record_results_with_release_drops_the_owners_lease_in_the_same_wr
     assert got is not None
     assert got.lease_owner is None and got.lease_until is None
     assert got.recipients[0].status == DONE
+
+
+# --------------------------------------------------------------------------- spool files
+
+
+def spool_files(db_path: Path) -> set[str]:
+    d = db_path.parent / "spool"
+    return {p.name for p in d.iterdir()} if d.exists() else set()
+
+
+async def test_a_big_message_lives_in_a_spool_file_and_reads_back(
+    store: SqliteStore, db_path: Path
+) -> None:
+    big = b"Subject: scan\r\n\r\n" + bytes(range(256)) * 1024  # 256 KB
+    small = b"Subject: note\r\n\r\nhi\r\n"
+    qid_big = await store.submit(env(), big)
+    qid_small = await store.submit(env(), small)
+    (name,) = spool_files(db_path)
+    assert (db_path.parent / "spool" / name).read_bytes() == big
+    conn = sqlite3.connect(db_path)
+    rows = dict(conn.execute("SELECT queue_id, length(data) FROM message_data"))
+    conn.close()
+    assert rows == {qid_big: 0, qid_small: len(small)}  # the big one is not in the database
+    assert await store.read_data(qid_big) == big
+    msg = await store.get(qid_big)
+    assert msg is not None and msg.size == len(big)
+
+
+async def test_a_damaged_or_missing_spool_file_is_corrupt_not_wrong_bytes(
+    store: SqliteStore, db_path: Path
+) -> None:
+    qid = await store.submit(env(), b"x" * 100_000)
+    (name,) = spool_files(db_path)
+    path = db_path.parent / "spool" / name
+    path.write_bytes(b"y" + path.read_bytes()[1:])
+    with pytest.raises(CorruptMessageError):
+        await store.read_data(qid)
+    path.unlink()
+    with pytest.raises(CorruptMessageError, match="unreadable"):
+        await store.read_data(qid)
+
+
+async def test_remove_and_purge_delete_the_spool_file(store: SqliteStore, db_path: Path) -> None:
+    t = time.time()
+    gone = await store.submit(env("a@x.example"), b"a" * 70_000)
+    done = await store.submit(env("b@x.example"), b"b" * 70_000)
+    kept = await store.submit(env("c@x.example"), b"c" * 70_000)
+    assert len(spool_files(db_path)) == 3
+    await store.remove(gone)
+    assert len(spool_files(db_path)) == 2
+    await store.record_results(done, "n", [RecipientState("b@x.example", DONE, 1, "250", t)])
+    assert await store.purge_completed(time.time() + 1) == 1
+    assert len(spool_files(db_path)) == 1
+    assert await store.read_data(kept) == b"c" * 70_000
+
+
+async def test_a_failed_submit_leaves_no_spool_file(store: SqliteStore, db_path: Path) -> None:
+    with pytest.raises(ValueError):
+        await store.submit(Envelope(sender="a@b.example", recipients=[]), b"z" * 100_000)
+    # A failure inside the transaction (here: an id that cannot be inserted) unlinks the file.
+    real = store._op_submit
+
+    def failing(*args: object) -> str:
+        raise sqlite3.IntegrityError("simulated")
+
+    store._op_submit = failing  # type: ignore[method-assign]
+    with pytest.raises(Exception, match="simulated"):
+        await store.submit(env(), b"z" * 100_000)
+    store._op_submit = real  # type: ignore[method-assign]
+    assert spool_files(db_path) == set()
+
+
+async def test_a_full_disk_while_spooling_is_store_full(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_space(data: bytes) -> str:
+        raise OSError(28, "No space left on device")  # ENOSPC
+
+    monkeypatch.setattr(store._spool, "write", no_space)
+    with pytest.raises(StoreFullError):
+        await store.submit(env(), b"z" * 100_000)
+    assert (await store.counts())["messages"] == 0
+
+
+async def test_orphaned_spool_files_are_swept_at_open_once_old(db_path: Path) -> None:
+    async with SqliteStore(db_path) as s:
+        qid = await s.submit(env(), b"k" * 100_000)
+    spool = db_path.parent / "spool"
+    old_orphan, new_orphan = spool / ("ab" * 12), spool / ("cd" * 12)
+    old_orphan.write_bytes(b"crashed before its commit")
+    new_orphan.write_bytes(b"maybe another process is about to commit it")
+    two_hours_ago = time.time() - 7200
+    os.utime(old_orphan, (two_hours_ago, two_hours_ago))
+    async with SqliteStore(db_path) as s:
+        assert not old_orphan.exists()
+        assert new_orphan.exists()
+        assert await s.read_data(qid) == b"k" * 100_000
+
+
+async def test_a_version_1_queue_is_upgraded_in_place(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db_path)
+    conn.executescript(
+        "CREATE TABLE message_data (queue_id TEXT PRIMARY KEY, sha256 BLOB NOT NULL, "
+        "data BLOB NOT NULL); PRAGMA user_version = 1;"
+    )
+    conn.close()
+    async with SqliteStore(db_path) as s:
+        qid = await s.submit(env(), b"v" * 100_000)
+        assert await s.read_data(qid) == b"v" * 100_000
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    conn.close()

@@ -1,8 +1,9 @@
 """SQLite queue store (single node).
 
 Durability: WAL journal, ``synchronous=FULL``; the message bytes are a BLOB written in the same
-transaction as the envelope and the recipients, so one fsync of the WAL covers all three. The
-database directory is fsync'd after the files are created.
+transaction as the envelope and the recipients, so one fsync of the WAL covers all three. Messages of
+``SPOOL_THRESHOLD`` bytes or more go to a spool file instead (see spool.py), made durable before the
+row that names it is committed. The database directory is fsync'd after the files are created.
 
 Group commit: one dedicated writer thread owns the write connection. Every mutating call is put on
 a queue and awaited through an asyncio future; the writer takes everything that is queued (up to
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -50,6 +52,7 @@ from .model import (
     message_status,
     parse_status,
 )
+from .spool import SPOOL_THRESHOLD, Spool
 from .store import (
     CorruptMessageError,
     Store,
@@ -65,7 +68,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: message_data.spool (big messages in spool files)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -108,7 +111,8 @@ CREATE TABLE IF NOT EXISTS recipients (
 CREATE TABLE IF NOT EXISTS message_data (
     queue_id TEXT PRIMARY KEY REFERENCES messages (queue_id) ON DELETE CASCADE,
     sha256   BLOB NOT NULL,
-    data     BLOB NOT NULL
+    data     BLOB NOT NULL,   -- empty when the bytes are in a spool file
+    spool    TEXT             -- that file's name in <queue dir>/spool (see spool.py)
 );
 """
 
@@ -255,6 +259,7 @@ class SqliteStore(Store):
         read_threads: int = 2,
         busy_timeout: float = 30.0,
         shared_writers: bool = False,
+        spool_threshold: int = SPOOL_THRESHOLD,
     ) -> None:
         self.path = Path(path)
         #: Other processes write to this file too (``server.workers`` > 1): serialise the write
@@ -266,6 +271,10 @@ class SqliteStore(Store):
         self._read_threads = read_threads
         self._busy_timeout = busy_timeout
         self._ids = QueueIdGenerator()
+        self._spool = Spool(self.path.parent / "spool")
+        self.spool_threshold = spool_threshold
+        #: spool files of rows deleted by the current batch: unlinked once it has committed
+        self._unlink_after_commit: list[str] = []
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._state_lock = threading.Lock()
         self._open = False
@@ -387,6 +396,9 @@ class SqliteStore(Store):
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
                     conn.execute(stmt)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(message_data)")}
+            if "spool" not in columns:  # a version 1 queue: every message is still inline
+                conn.execute("ALTER TABLE message_data ADD COLUMN spool TEXT")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
@@ -395,6 +407,13 @@ class SqliteStore(Store):
         top = conn.execute("SELECT max(queue_id) FROM messages").fetchone()[0]
         if top:
             self._ids.advance_past(top)
+        self._spool.open()
+        referenced = {
+            r[0] for r in conn.execute("SELECT spool FROM message_data WHERE spool IS NOT NULL")
+        }
+        swept = self._spool.sweep_orphans(referenced)
+        if swept:
+            log.info("queue store: removed %d orphaned spool file(s)", swept)
 
     def _checkpointer_main(self) -> None:
         """Copy the WAL back into the database file when it has grown (``_CKPT_BYTES``) or at
@@ -531,6 +550,7 @@ class SqliteStore(Store):
                     outcomes.append((True, value))
             conn.execute("COMMIT")
         except Exception as exc:
+            self._unlink_after_commit.clear()  # the rows are still there: so are their files
             # Nothing of this batch is durable. Drop the connection rather than retrying on the
             # same file descriptors: a failed fsync may have thrown away dirty pages.
             self.failed_commits += 1
@@ -543,6 +563,9 @@ class SqliteStore(Store):
                 self._wconn = None
             outcomes = [(False, _wrap_error(exc)) for _ in batch]
         else:
+            if self._unlink_after_commit:
+                self._spool.unlink(self._unlink_after_commit)
+                self._unlink_after_commit.clear()
             self.commits += 1
             self.ops_committed += len(batch)
             self.max_batch = max(self.max_batch, len(batch))
@@ -631,8 +654,12 @@ class SqliteStore(Store):
         data: bytes,
         received_at: float,
         lease: tuple[str, float] | None,
+        spooled: tuple[bytes, str, int] | None,
     ) -> str:
-        digest = hashlib.sha256(data).digest()
+        if spooled is not None:  # (digest, spool file name, size): the bytes are in the file
+            digest, spool_name, size = spooled
+        else:
+            digest, spool_name, size = hashlib.sha256(data).digest(), None, len(data)
         lease_owner, lease_until = lease if lease is not None else (None, None)
         metadata = json.dumps(env.metadata, ensure_ascii=False, sort_keys=True)
         for _attempt in range(1000):
@@ -646,7 +673,7 @@ class SqliteStore(Store):
                     (
                         queue_id,
                         env.sender,
-                        len(data),
+                        size,
                         received_at,
                         env.message_id,
                         env.client_ip,
@@ -671,8 +698,8 @@ class SqliteStore(Store):
         else:  # pragma: no cover
             raise StoreError("could not allocate a queue id")
         conn.execute(
-            "INSERT INTO message_data (queue_id, sha256, data) VALUES (?, ?, ?)",
-            (queue_id, digest, data),
+            "INSERT INTO message_data (queue_id, sha256, data, spool) VALUES (?, ?, ?, ?)",
+            (queue_id, digest, b"" if spool_name else data, spool_name),
         )
         conn.executemany(
             "INSERT INTO recipients (queue_id, idx, address, status) VALUES (?, ?, ?, ?)",
@@ -759,20 +786,35 @@ class SqliteStore(Store):
         )
         self._refresh(conn, queue_id, now)
 
-    @staticmethod
-    def _op_remove(conn: sqlite3.Connection, queue_id: str) -> StoredMessage | None:
+    def _op_remove(self, conn: sqlite3.Connection, queue_id: str) -> StoredMessage | None:
         found = _load_ids(conn, [queue_id])
         if not found:
             return None
+        spools = [
+            r[0]
+            for r in conn.execute(
+                "SELECT spool FROM message_data WHERE queue_id = ? AND spool IS NOT NULL",
+                (queue_id,),
+            )
+        ]
         conn.execute("DELETE FROM messages WHERE queue_id = ?", (queue_id,))
+        self._unlink_after_commit.extend(spools)  # last: only once nothing here can fail
         return found[0]
 
-    @staticmethod
-    def _op_purge(conn: sqlite3.Connection, older_than: float) -> int:
+    def _op_purge(self, conn: sqlite3.Connection, older_than: float) -> int:
+        spools = [
+            r[0]
+            for r in conn.execute(
+                "SELECT d.spool FROM message_data d JOIN messages m USING (queue_id) "
+                "WHERE m.completed_at IS NOT NULL AND m.completed_at < ? AND d.spool IS NOT NULL",
+                (older_than,),
+            )
+        ]
         cur = conn.execute(
             "DELETE FROM messages WHERE completed_at IS NOT NULL AND completed_at < ?",
             (older_than,),
         )
+        self._unlink_after_commit.extend(spools)
         return cur.rowcount
 
     # ------------------------------------------------------------------ public API: writes
@@ -788,9 +830,45 @@ class SqliteStore(Store):
         if not all(isinstance(a, str) and a for a in recipients):
             raise ValueError("recipient addresses must be non-empty strings")
         blob = bytes(data)
-        return await self._write(
-            self._op_submit, envelope, recipients, blob, time.time(), lease, size=len(blob) + 512
-        )
+        received_at = time.time()
+        if len(blob) < self.spool_threshold:
+            return await self._write(
+                self._op_submit,
+                envelope,
+                recipients,
+                blob,
+                received_at,
+                lease,
+                None,
+                size=len(blob) + 512,
+            )
+        # A big message: its file is durable before the row that names it is committed, and the
+        # file's write and fsync run off the writer thread (other sessions' commits go on).
+        if not self._open or self._closing:
+            raise StoreClosedError("queue store is not open")
+        try:
+            digest, name = await asyncio.to_thread(self._spool_write, blob)
+        except OSError as exc:
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            cls = StoreFullError if full else StoreError
+            raise cls(f"queue spool write failed: {exc}") from exc
+        try:
+            return await self._write(
+                self._op_submit,
+                envelope,
+                recipients,
+                b"",
+                received_at,
+                lease,
+                (digest, name, len(blob)),
+                size=512,
+            )
+        except BaseException:
+            self._spool.unlink([name])  # never committed: nobody will look for it
+            raise
+
+    def _spool_write(self, blob: bytes) -> tuple[bytes, str]:
+        return hashlib.sha256(blob).digest(), self._spool.write(blob)
 
     async def lease_due(
         self, owner: str, now: float, lease_seconds: float, limit: int
@@ -865,11 +943,18 @@ class SqliteStore(Store):
     async def read_data(self, queue_id: str) -> bytes:
         def run(conn: sqlite3.Connection) -> bytes:
             row = conn.execute(
-                "SELECT sha256, data FROM message_data WHERE queue_id = ?", (queue_id,)
+                "SELECT sha256, data, spool FROM message_data WHERE queue_id = ?", (queue_id,)
             ).fetchone()
             if row is None:
                 raise KeyError(queue_id)
-            digest, data = row
+            digest, data, spool_name = row
+            if spool_name is not None:
+                try:
+                    data = self._spool.read(spool_name)
+                except (OSError, ValueError) as exc:
+                    raise CorruptMessageError(
+                        f"message {queue_id}: spool file {spool_name} unreadable: {exc}"
+                    ) from exc
             if hashlib.sha256(data).digest() != digest:
                 raise CorruptMessageError(f"message {queue_id}: stored bytes fail their checksum")
             return bytes(data)
