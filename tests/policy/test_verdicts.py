@@ -580,13 +580,9 @@ def test_mail_from_vectors(vectors: Config) -> None:
         assert info.value.reply.line() == BAD_SENDER
 
 
-@pytest.mark.skip(
-    reason="items 26 and 36 (HELO never selects a connector; RSET re-evaluates every RCPT) are "
-    "session behaviour: selection takes only the local endpoint and client IP, and verdicts "
-    "keep no state. Tested with the SMTP session (issue 3)."
-)
-def test_helo_spoofing_and_rset_are_session_concerns() -> None:
-    raise AssertionError
+# Items 26 (HELO spoofing) and 36 (RSET) are session behaviour: selection takes only the local
+# endpoint and the client IP, and verdicts keep no state. They are tested against a running server in
+# tests/smtp/test_session.py (test_helo_spoofing_never_grants_relay, test_rset_re_evaluates_every_recipient).
 
 
 def test_explain_knows_the_relays_own_literal(vectors: Config) -> None:

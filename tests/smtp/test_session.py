@@ -245,3 +245,46 @@ def test_bdat_without_chunking_hangs_up(relay):
         replies = c.replies_until_close()
         assert [x.code for x in replies] == [502]
     assert r.messages() == []
+
+
+@pytest.mark.parametrize(
+    "helo", ["EHLO " + FQDN, "EHLO localhost", "EHLO [127.0.0.5]", "HELO [127.0.0.1]"]
+)
+def test_helo_spoofing_never_grants_relay(relay, helo: str) -> None:
+    """security-bar §1B item 26: HELO names the relay itself, localhost or a trusted IP; the
+    connector and the rights still come from the TCP peer (127.0.0.9 is outside the relay range)."""
+    r = relay([default_frontend(), relay_connector(["127.0.0.5"])])
+    with r.raw("127.0.0.9") as c:
+        c.expect(220)
+        c.cmd(helo, 250)
+        assert c.cmd("MAIL FROM:<scanner01@corp.example>").code == 250
+        assert c.cmd("RCPT TO:<victim@external.example>").text == RELAY_DENIED
+        assert c.cmd("RCPT TO:<user@corp.example>").code == 250  # accepted domain: still fine
+
+
+def test_rset_re_evaluates_every_recipient(relay) -> None:
+    """security-bar §1B item 36: no sticky "relay OK" across RSET or a new transaction."""
+    r = relay([default_frontend(), relay_connector(["127.0.0.5"])])
+    with r.raw("127.0.0.9") as c:
+        c.expect(220)
+        c.cmd("EHLO client.corp.example", 250)
+        assert c.cmd("MAIL FROM:<a@corp.example>").code == 250
+        assert c.cmd("RCPT TO:<user@corp.example>").code == 250
+        assert c.cmd("RSET").text == "250 2.0.0 Resetting"
+        assert c.cmd("MAIL FROM:<a@corp.example>").code == 250
+        assert c.cmd("RCPT TO:<victim@external.example>").text == RELAY_DENIED
+        assert c.cmd("RCPT TO:<user@corp.example>").code == 250
+        assert c.cmd("RSET").code == 250
+        assert c.cmd("MAIL FROM:<a@corp.example>").code == 250
+        assert c.cmd("RCPT TO:<victim@external.example>").text == RELAY_DENIED
+    # And the allowed client's right does not leak into another session either.
+    with r.raw("127.0.0.5") as c:
+        c.expect(220)
+        c.cmd("EHLO scanner01.corp.example", 250)
+        assert c.cmd("MAIL FROM:<a@corp.example>").code == 250
+        assert c.cmd("RCPT TO:<partner@external.example>").code == 250
+    with r.raw("127.0.0.9") as c:
+        c.expect(220)
+        c.cmd("EHLO scanner01.corp.example", 250)
+        assert c.cmd("MAIL FROM:<a@corp.example>").code == 250
+        assert c.cmd("RCPT TO:<partner@external.example>").text == RELAY_DENIED
