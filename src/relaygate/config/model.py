@@ -198,6 +198,10 @@ class SendConnector:
     oauth_client_id: str = ""
     oauth_client_secret_env: str = ""
     oauth_client_secret_file: Path | None = _spec(None, Path)
+    #: Entra ID's sign-in host (national clouds: login.microsoftonline.us, login.chinacloudapi.cn).
+    oauth_authority_host: str = "https://login.microsoftonline.com"
+    #: The token's scope: Exchange Online's SMTP AUTH.
+    oauth_scope: str = "https://outlook.office365.com/.default"
     require_tls: bool = False
     implicit_tls: bool = False
     tls_auth_level: str = _spec(

@@ -142,6 +142,11 @@ def _send_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
         for key in ("auth_username", "oauth_tenant_id", "oauth_client_id"):
             if not getattr(s, key):
                 yield key, "is required for smart_host_auth_mechanism = 'XOAUTH2'"
+        if not s.oauth_authority_host.startswith("https://"):
+            yield (
+                "oauth_authority_host",
+                "must be an https:// URL (the client secret is sent there)",
+            )
         if not s.oauth_client_secret_env and s.oauth_client_secret_file is None:
             yield (
                 "oauth_client_secret_env",

@@ -62,6 +62,7 @@ from aiosmtplib import (
 
 from relaygate import replies
 from relaygate.delivery.nexthop import NextHop
+from relaygate.delivery.oauth import TokenError
 from relaygate.replies import (
     AUTH_NEEDS_TLS,
     AUTH_NOT_OFFERED,
@@ -717,7 +718,10 @@ async def _authenticate(
                 raise _HopFailed(AUTH_NOT_OFFERED)
             try:
                 token = await credentials.token_provider()
-            except Exception as exc:  # the provider's message may carry secrets: name the type only
+            except TokenError as exc:  # worded without the secret (see oauth.py)
+                log.warning("OAuth token unavailable: %s", exc)
+                raise _HopFailed(TOKEN_UNAVAILABLE) from None
+            except Exception as exc:  # another provider's message may carry secrets: type only
                 log.warning("OAuth token provider failed: %s", type(exc).__name__)
                 raise _HopFailed(TOKEN_UNAVAILABLE) from None
             await smtp.auth_xoauth2(credentials.username, token, timeout=timeout)

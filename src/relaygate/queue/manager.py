@@ -54,6 +54,7 @@ from relaygate.delivery.client import (
 )
 from relaygate.delivery.dns import Resolver
 from relaygate.delivery.nexthop import NextHopError, resolve_next_hops
+from relaygate.delivery.oauth import OAuthTokenProvider
 from relaygate.delivery.routing import RouteKey, domain_of, explain_route, route_recipients
 from relaygate.queue.bounce import DsnRecipient, build_dsn, header_value
 from relaygate.queue.model import (
@@ -122,6 +123,28 @@ def _split_hop(label: str | None) -> tuple[str, str]:
     return host or ip, ip
 
 
+def _build_token_providers(
+    config: Any, previous: dict[str, OAuthTokenProvider]
+) -> dict[str, OAuthTokenProvider]:
+    """One OAuth token provider per XOAUTH2 send connector. A reload keeps a provider (and its
+    cached token) when nothing it is built from changed."""
+    out: dict[str, OAuthTokenProvider] = {}
+    for connector in config.send_connectors:
+        if connector.smart_host_auth_mechanism != "XOAUTH2":
+            continue
+        fresh = OAuthTokenProvider.from_connector(connector)
+        old = previous.get(fresh.connector_name)
+        same = old is not None and (
+            old.authority,
+            old.client_id,
+            old.scope,
+            old.secret_file,
+            old.secret_env,
+        ) == (fresh.authority, fresh.client_id, fresh.scope, fresh.secret_file, fresh.secret_env)
+        out[fresh.connector_name] = old if same and old is not None else fresh
+    return out
+
+
 def _build_signer(config: Any) -> Any:
     """The DKIM signer for the configured keys, or None (no keys, or dkimpy missing)."""
     if not getattr(config, "dkim", None):
@@ -170,6 +193,7 @@ class QueueManager:
         self._resolver_fixed = resolver is not None
         self.resolver = resolver or Resolver.from_config(config)
         self.signer = _build_signer(config)
+        self.token_providers = _build_token_providers(config, {})
         self.pool: ConnectionPool | None = None
         self._wake = asyncio.Event()
         self._inflight: dict[str, asyncio.Task[None]] = {}
@@ -264,6 +288,7 @@ class QueueManager:
         if not self._resolver_fixed:
             self.resolver = Resolver.from_config(config)
         self.signer = _build_signer(config)
+        self.token_providers = _build_token_providers(config, self.token_providers)
         if self.running:
             self._spawn(self.resubmit_unreachable())
         self.wake()
@@ -468,7 +493,9 @@ class QueueManager:
             outcome = FAILED if exc.permanent else DEFERRED
             return [RouteResult(a, exc.reply, outcome, name, source="DNS") for a in addrs]
         try:
-            credentials = Credentials.from_connector(connector)
+            credentials = Credentials.from_connector(
+                connector, token_provider=self.token_providers.get(name)
+            )
         except CredentialsError as exc:
             log.error("%s", exc)
             return [RouteResult(a, CREDENTIALS_MISSING, DEFERRED, name) for a in addrs]

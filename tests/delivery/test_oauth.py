@@ -1,0 +1,246 @@
+"""XOAUTH2 to Microsoft 365 with msal: a fake Entra ID token service over HTTPS on loopback (its
+OpenID configuration and its v2.0 token endpoint, trusted through REQUESTS_CA_BUNDLE), the real msal
+client-credentials flow, and an SMTP sink that accepts only that token."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import pytest
+import trustme
+
+from relaygate.config.loader import ConfigError, parse_text
+from relaygate.delivery.oauth import OAuthTokenProvider, TokenError
+from relaygate.queue.model import RecipientStatus
+from tests.delivery.helpers import Handler, start_sink
+from tests.queue_manager.helpers import send, start_relay, wait_for
+
+TENANT = "11111111-2222-3333-4444-555555555555"
+CLIENT_ID = "66666666-7777-8888-9999-000000000000"
+SECRET = "s3cr3t~value.that-must-never-leak"
+TOKEN = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.fake-access-token"
+SCOPE = "https://outlook.office365.com/.default"
+
+
+class FakeEntra:
+    """/{tenant}/v2.0/.well-known/openid-configuration and /{tenant}/oauth2/v2.0/token."""
+
+    def __init__(self, cert: trustme.LeafCert) -> None:
+        self.token_requests: list[dict[str, list[str]]] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _json(self, code: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                base = f"https://127.0.0.1:{owner.port}/{TENANT}"
+                if self.path.startswith(f"/{TENANT}/v2.0/.well-known/openid-configuration"):
+                    self._json(
+                        200,
+                        {
+                            "issuer": f"{base}/v2.0",
+                            "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
+                            "token_endpoint": f"{base}/oauth2/v2.0/token",
+                        },
+                    )
+                else:
+                    self._json(404, {"error": "not_found"})
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                form = parse_qs(self.rfile.read(length).decode())
+                owner.token_requests.append(form)
+                if self.path != f"/{TENANT}/oauth2/v2.0/token":
+                    self._json(404, {"error": "not_found"})
+                elif form.get("client_secret") != [SECRET]:
+                    self._json(
+                        401,
+                        {
+                            "error": "invalid_client",
+                            "error_description": "AADSTS7000215: Invalid client secret provided."
+                            "\r\nTrace ID: 0000\r\nCorrelation ID: 1111",
+                        },
+                    )
+                else:
+                    self._json(
+                        200, {"token_type": "Bearer", "expires_in": 3599, "access_token": TOKEN}
+                    )
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        cert.configure_cert(ctx)
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def authority_host(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def entra(ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeEntra]:
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))  # msal's requests session trusts it
+    server = FakeEntra(ca.issue_cert("127.0.0.1"))
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def provider(entra: FakeEntra, secret: str = SECRET) -> OAuthTokenProvider:
+    return OAuthTokenProvider(
+        connector_name="Outbound to Microsoft 365",
+        tenant_id=TENANT,
+        client_id=CLIENT_ID,
+        secret_env="RG_TEST_OAUTH_SECRET",
+        authority_host=entra.authority_host,
+        environ={"RG_TEST_OAUTH_SECRET": secret},
+    )
+
+
+async def test_client_credentials_token_and_the_cache(entra: FakeEntra) -> None:
+    p = provider(entra)
+    assert await p() == TOKEN
+    assert await p() == TOKEN  # msal's cache: no second request
+    assert len(entra.token_requests) == 1
+    form = entra.token_requests[0]
+    assert form["grant_type"] == ["client_credentials"]
+    assert form["client_id"] == [CLIENT_ID]
+    assert form["scope"] == [SCOPE]
+
+
+async def test_a_refused_secret_is_named_by_entra_s_error_never_by_the_secret(
+    entra: FakeEntra,
+) -> None:
+    wrong = "wrong-secret-value"
+    with pytest.raises(TokenError) as info:
+        await provider(entra, secret=wrong)()
+    text = str(info.value)
+    assert "invalid_client" in text and "AADSTS7000215" in text
+    assert "Outbound to Microsoft 365" in text
+    assert wrong not in text and SECRET not in text
+    assert "Trace ID" not in text  # the first line of the description only
+
+
+async def test_a_missing_secret_names_the_variable(entra: FakeEntra) -> None:
+    p = OAuthTokenProvider(
+        connector_name="M365",
+        tenant_id=TENANT,
+        client_id=CLIENT_ID,
+        secret_env="RG_UNSET_SECRET_VAR",
+        authority_host=entra.authority_host,
+        environ={},
+    )
+    with pytest.raises(TokenError, match="RG_UNSET_SECRET_VAR"):
+        await p()
+    assert entra.token_requests == []
+
+
+async def test_a_secret_file_is_read_without_its_newline(entra: FakeEntra, tmp_path: Path) -> None:
+    secret_file = tmp_path / "m365.secret"
+    secret_file.write_text(SECRET + "\n")
+    p = OAuthTokenProvider(
+        connector_name="M365",
+        tenant_id=TENANT,
+        client_id=CLIENT_ID,
+        secret_file=secret_file,
+        authority_host=entra.authority_host,
+    )
+    assert await p() == TOKEN
+
+
+def test_the_authority_must_be_https() -> None:
+    text = f"""
+[server]
+name = "R"
+fqdn = "relay.test"
+[[accepted_domains]]
+domain = "corp.test"
+[[send_connectors]]
+name = "M365"
+address_spaces = ["*"]
+smart_hosts = ["smtp.office365.com"]
+port = 587
+require_tls = true
+smart_host_auth_mechanism = "XOAUTH2"
+auth_username = "relay@corp.test"
+oauth_tenant_id = "{TENANT}"
+oauth_client_id = "{CLIENT_ID}"
+oauth_client_secret_env = "M365_SECRET"
+oauth_authority_host = "http://login.example"
+"""
+    with pytest.raises(ConfigError) as info:
+        parse_text(text, "<test>")
+    assert "oauth_authority_host" in str(info.value) and "https://" in str(info.value)
+
+
+async def test_the_queue_manager_delivers_with_an_msal_token(
+    entra: FakeEntra, ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """End to end: a relay whose send connector authenticates with XOAUTH2 to a smart host that
+    requires AUTH over STARTTLS; two messages, one token request."""
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    sink = await start_sink(
+        Handler(oauth_tokens={"relay@corp.test": TOKEN}),
+        tls_context=server_tls,
+        auth_required=True,
+        require_starttls=True,
+    )
+    monkeypatch.setenv("RG_TEST_M365_SECRET", SECRET)
+    extra = f"""
+[[send_connectors]]
+name = "Outbound to Microsoft 365"
+address_spaces = ["example.com"]
+dns_routing_enabled = false
+smart_hosts = ["[127.0.0.1]:{sink.port}"]
+require_tls = true
+smart_host_auth_mechanism = "XOAUTH2"
+auth_username = "relay@corp.test"
+oauth_tenant_id = "{TENANT}"
+oauth_client_id = "{CLIENT_ID}"
+oauth_client_secret_env = "RG_TEST_M365_SECRET"
+oauth_authority_host = "{entra.authority_host}"
+"""
+    relay = await start_relay(tmp_path / "data", {}, extra=extra)
+    try:
+        data = b"From: scanner@corp.test\r\nSubject: scan\r\n\r\nscanned\r\n"
+        for rcpt in ("bob@example.com", "carol@example.com"):
+            assert (await send(relay, "scanner@corp.test", [rcpt], data))[0] == 250
+        await wait_for(lambda: len(sink.handler.messages) == 2, timeout=15.0)
+        assert all(m["tls"] and m["auth"] == "relay@corp.test" for m in sink.handler.messages)
+        assert len(entra.token_requests) == 1
+        msgs = await relay.store.list_messages()
+        assert all(m.recipients[0].status == RecipientStatus.DELIVERED for m in msgs)
+    finally:
+        await relay.stop()
+        await sink.close()
