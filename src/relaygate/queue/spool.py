@@ -22,12 +22,21 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["SPOOL_THRESHOLD", "Spool"]
+__all__ = ["SPOOL_THRESHOLD", "Spool", "fsync_dir"]
 
 #: Messages at least this big are spooled to files; smaller ones ride in the group commit.
 SPOOL_THRESHOLD = 64 * 1024
 
 _ORPHAN_MIN_AGE = 3600.0  # seconds: far longer than any submit takes from file to commit
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory `path` (a file created or removed in it) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Spool:
@@ -38,7 +47,7 @@ class Spool:
         """Create the directory (and make its entry durable). Idempotent."""
         if not self.directory.exists():
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._fsync_dir(self.directory.parent)
+            fsync_dir(self.directory.parent)
 
     def write(self, data: bytes) -> str:
         """Store `data` durably in a new file; returns its name. Blocking: run it in a thread."""
@@ -62,7 +71,7 @@ class Spool:
                 path.unlink()
             raise
         os.close(fd)
-        self._fsync_dir(self.directory)
+        fsync_dir(self.directory)
         return name
 
     def read(self, name: str) -> bytes:
@@ -90,14 +99,6 @@ class Spool:
                     os.unlink(entry.path)
                     removed += 1
         return removed
-
-    @staticmethod
-    def _fsync_dir(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _checked(name: str) -> str:

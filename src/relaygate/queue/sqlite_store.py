@@ -52,7 +52,7 @@ from .model import (
     message_status,
     parse_status,
 )
-from .spool import SPOOL_THRESHOLD, Spool
+from .spool import SPOOL_THRESHOLD, Spool, fsync_dir
 from .store import (
     CorruptMessageError,
     Store,
@@ -163,14 +163,6 @@ def _wrap_error(exc: BaseException) -> BaseException:
     return exc
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _make_dirs_durably(path: Path) -> None:
     """mkdir -p, then fsync every directory that got a new entry."""
     missing: list[Path] = []
@@ -182,7 +174,7 @@ def _make_dirs_durably(path: Path) -> None:
         return
     path.mkdir(parents=True, exist_ok=True)
     for d in missing:
-        _fsync_dir(d.parent)
+        fsync_dir(d.parent)
 
 
 def _chunks(seq: Sequence[str], n: int = _CHUNK) -> Iterable[Sequence[str]]:
@@ -460,7 +452,7 @@ class SqliteStore(Store):
                 )
             self._wconn = self._connect()
             self._init_schema(self._wconn)
-            _fsync_dir(self.path.parent)  # the database and WAL directory entries
+            fsync_dir(self.path.parent)  # the database and WAL directory entries
         except BaseException as exc:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
