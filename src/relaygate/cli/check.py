@@ -6,7 +6,15 @@ from pathlib import Path
 
 import typer
 
-from relaygate.cli.common import CONFIG_OPTION, JSON_OPTION, config_source, console, emit_json
+from relaygate.cli.common import (
+    CONFIG_OPTION,
+    JSON_OPTION,
+    config_source,
+    console,
+    emit_json,
+    print_problems,
+    problems_json,
+)
 from relaygate.config import ConfigError, load_config
 
 
@@ -19,24 +27,9 @@ def register(app: typer.Typer) -> None:
             cfg = load_config(config)
         except ConfigError as exc:
             if json_out:
-                emit_json(
-                    {
-                        "valid": False,
-                        "source": source,
-                        "errors": [
-                            {
-                                "path": p.path,
-                                "connector": p.connector,
-                                "message": p.message,
-                                "text": str(p),
-                            }
-                            for p in exc.problems
-                        ],
-                    }
-                )
+                emit_json({"valid": False, "source": source, "errors": problems_json(exc.problems)})
             else:
-                for problem in exc.problems:
-                    console.print(str(problem), markup=False)
+                print_problems(exc.problems, console)
                 console.print(f"{source}: {len(exc.problems)} error(s)", markup=False)
             raise typer.Exit(1) from None
         summary = {

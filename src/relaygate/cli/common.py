@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
 
-from relaygate.config import Config, ConfigError, default_config_path, load_config
+from relaygate.config import Config, ConfigError, Problem, default_config_path, load_config
 
 __all__ = [
     "CONFIG_OPTION",
@@ -20,6 +21,8 @@ __all__ = [
     "emit_json",
     "err_console",
     "load_or_exit",
+    "print_problems",
+    "problems_json",
 ]
 
 console = Console(highlight=False, soft_wrap=True)
@@ -41,10 +44,23 @@ def load_or_exit(path: Path | None) -> Config:
     try:
         return load_config(path)
     except ConfigError as exc:
-        for problem in exc.problems:
-            err_console.print(str(problem), markup=False)
+        print_problems(exc.problems)
         err_console.print(f"{len(exc.problems)} error(s).", markup=False)
         raise typer.Exit(1) from None
+
+
+def print_problems(problems: Iterable[Problem], to: Console = err_console) -> None:
+    """One line a config problem, as `relaygate check` prints them."""
+    for problem in problems:
+        to.print(str(problem), markup=False)
+
+
+def problems_json(problems: Iterable[Problem]) -> list[dict[str, Any]]:
+    """Config problems as `relaygate check --json` lists them."""
+    return [
+        {"path": p.path, "connector": p.connector, "message": p.message, "text": str(p)}
+        for p in problems
+    ]
 
 
 def config_source(path: Path | None) -> str:

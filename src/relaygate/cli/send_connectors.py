@@ -1,0 +1,72 @@
+"""`relaygate send-connector`: outbound routes in the config file (Get/New/Set/Remove-SendConnector).
+
+list/show/new/set/remove come from `connector_verbs` with flags generated from the model. As with
+New-SendConnector, giving smart hosts without --dns-routing-enabled routes through them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+from tomlkit.items import Table as TomlTable
+
+from relaygate.cli.config_objects import SEND
+from relaygate.cli.connector_verbs import register_object_verbs
+from relaygate.config import model as m
+
+__all__ = ["register"]
+
+
+def _smart_host_routing(table: TomlTable, opts: dict[str, Any]) -> None:
+    """Giving smart hosts without --dns-routing-enabled means 'route through them' (as New-SendConnector)."""
+    if opts.get("dns_routing_enabled") is not None:
+        return
+    if opts.get("smart_hosts") or opts.get("add_smart_hosts"):
+        opts["dns_routing_enabled"] = False
+
+
+def _list_table(cfg: m.Config, items: tuple[m.SendConnector, ...]) -> Table:
+    table = Table(header_style="bold")
+    for col in ("Name", "Enabled", "AddressSpaces", "Route", "Auth", "RequireTLS", "Cost"):
+        table.add_column(col, overflow="fold")
+    for s in items:
+        route = (
+            "MX (DNS)"
+            if s.dns_routing_enabled
+            else ", ".join(f"{h}:{s.port}" for h in s.smart_hosts)
+        )
+        table.add_row(
+            *(
+                Text(x)
+                for x in (
+                    s.name,
+                    "true" if s.enabled else "false",
+                    ", ".join(s.address_spaces),
+                    route,
+                    s.smart_host_auth_mechanism,
+                    "true" if s.require_tls else "false",
+                    str(s.cost),
+                )
+            )
+        )
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    send = typer.Typer(
+        help="Send connectors: outbound routes (Get/New/Set/Remove-SendConnector).",
+        no_args_is_help=True,
+    )
+    register_object_verbs(
+        send,
+        SEND,
+        "SendConnector",
+        cli="relaygate send-connector",
+        list_table=_list_table,
+        prepare_new=_smart_host_routing,
+        prepare_set=_smart_host_routing,
+    )
+    app.add_typer(send, name="send-connector")
