@@ -31,5 +31,6 @@ def loopback_dns_fixture() -> Iterator[LoopbackDNS]:
 
 
 # The same fixture under its own Python name, for a conftest.py (where the F811 clash with test
-# parameters does not arise): ``from tests.support.fixtures import loopback_dns  # noqa: F401``.
+# parameters does not arise): import ``loopback_dns`` from tests.support.fixtures, marked as an
+# intentionally unused import for the linter (rule F401).
 loopback_dns = loopback_dns_fixture
