@@ -11,6 +11,7 @@ import smtplib
 import threading
 import time
 
+import pytest
 import tomlkit
 from aiosmtpd.controller import Controller
 
@@ -37,8 +38,9 @@ def content_for(n: int) -> bytes:
 class Sender:
     """Client threads that send numbered messages and record (queue id, content) only after a 250."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, total: int = TOTAL) -> None:
         self.port = port
+        self.total = total
         self.next = 0
         self.lock = threading.Lock()
         self.acked: dict[str, bytes] = {}
@@ -46,7 +48,7 @@ class Sender:
 
     def take(self) -> int | None:
         with self.lock:
-            if self.next >= TOTAL:
+            if self.next >= self.total:
                 return None
             self.next += 1
             return self.next
@@ -106,7 +108,7 @@ def test_acknowledged_messages_survive_sigkill(relay):
         assert header.count(b"Received:") == 1 and header.endswith(b"\r\n")
     duplicates = len(stored) - len(sender.acked)
     assert duplicates >= 0  # unacknowledged copies (killed between fsync and the 250) may exist
-    assert sender.next == TOTAL
+    assert sender.next == sender.total
 
 
 class _CollectingSink:
@@ -131,7 +133,15 @@ class _CollectingSink:
         return "250 2.0.0 Ok: queued"
 
 
-def test_acknowledged_messages_are_delivered_after_sigkill(relay):
+@pytest.mark.parametrize(
+    ("total", "rounds"),
+    [
+        pytest.param(TOTAL, ROUNDS, id="bounded"),
+        # `make soak`: 20x the messages and 10 kills, still bounded in count and time.
+        pytest.param(20 * TOTAL, 10, id="soak", marks=pytest.mark.slow),
+    ],
+)
+def test_acknowledged_messages_are_delivered_after_sigkill(relay, total: int, rounds: int):
     """The end-to-end form: SIGKILL `relaygate serve` while it receives and delivers, restart it, and
     every message that got a 250 reaches the smart host once it accepts mail (at least once; a copy
     may repeat when a kill fell between the sink's 250 and the recorded result). During the kills the
@@ -153,8 +163,8 @@ def test_acknowledged_messages_are_delivered_after_sigkill(relay):
         r.config = load_config(r.config_path)
         r.start()
         rng = random.Random(20261123)
-        sender = Sender(r.port)
-        for _ in range(ROUNDS):
+        sender = Sender(r.port, total)
+        for _ in range(rounds):
             sender.round(rng.uniform(0.4, 1.5), r.kill)
             r.start()
         sender.round(0, lambda: None)  # the rest, on the recovered relay
@@ -168,14 +178,14 @@ def test_acknowledged_messages_are_delivered_after_sigkill(relay):
                 got = list(handler.contents)
             return {qid for qid in wanted if not any(c.endswith(sender.acked[qid]) for c in got)}
 
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 60 + total / 20
         missing = undelivered()
         while missing and time.monotonic() < deadline:
             time.sleep(0.5)
             missing = undelivered()
         assert not missing, (
             f"{len(missing)} of {len(wanted)} acknowledged messages never reached the smart host "
-            f"after {ROUNDS} SIGKILLs"
+            f"after {rounds} SIGKILLs"
         )
         r.stop()
     finally:
