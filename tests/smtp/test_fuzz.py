@@ -103,7 +103,9 @@ def _transaction_session(port: int, source: str, rng: random.Random) -> list[str
                 try:
                     reply = c.cmd(command.decode())
                 except TimeoutError:
-                    raise AssertionError(f"no reply to {command!r}: {c.received[-600:]!r}") from None
+                    raise AssertionError(
+                        f"no reply to {command!r}: {c.received[-600:]!r}"
+                    ) from None
                 lines += [f"{reply.code} {text}" for text in reply.lines]
                 if command == b"DATA" and reply.code == 354:
                     c.send(
