@@ -138,7 +138,9 @@ class _CollectingSink:
     [
         pytest.param(TOTAL, ROUNDS, id="bounded"),
         # `make soak`: 20x the messages and 10 kills, still bounded in count and time.
-        pytest.param(20 * TOTAL, 10, id="soak", marks=pytest.mark.slow),
+        pytest.param(
+            20 * TOTAL, 10, id="soak", marks=[pytest.mark.slow, pytest.mark.timeout(1800)]
+        ),
     ],
 )
 def test_acknowledged_messages_are_delivered_after_sigkill(relay, total: int, rounds: int):
