@@ -268,13 +268,19 @@ class QueueManager:
         cleanup hands the queue file to qmgr the same way). If the room has gone meanwhile the
         lease is dropped and the next scan takes the message."""
         if not self.running or self._stopping or len(self._inflight) >= self.max_concurrent:
-            self._spawn(self.store.release(msg.queue_id, self.node_id))
+            self._spawn(self._release_quietly(msg.queue_id))
             self._rescan = True
             self._wake.set()
             return
         task = asyncio.create_task(self._process(msg, data), name=f"deliver-{msg.queue_id}")
         self._inflight[msg.queue_id] = task
         task.add_done_callback(functools.partial(self._done, msg.queue_id))
+
+    async def _release_quietly(self, queue_id: str) -> None:
+        # During a shutdown the store may already be closed: the lease is then dropped at the next
+        # start (release_owners), so there is nothing to report.
+        with contextlib.suppress(StoreClosedError):
+            await self.store.release(queue_id, self.node_id)
 
     def wake(self, queue_id: str | None = None) -> None:
         """Scan the queue now (a new message, a retry or resume by the administrator...)."""
