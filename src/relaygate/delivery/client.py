@@ -446,6 +446,9 @@ class _Session:
     tls: bool
     messages: int = 0
     idle_since: float = 0.0
+    #: No transaction in progress on the server (the last one ended with its final reply, or
+    #: RSET): a reused session can start with MAIL, without an RSET round trip.
+    clean: bool = True
 
     @property
     def alive(self) -> bool:
@@ -469,7 +472,7 @@ class _Session:
 
 class ConnectionPool:
     """Open, authenticated sessions kept for `idle_seconds` so the next message to the same hop
-    through the same connector reuses them (RSET before each reuse). At most `max_size` idle sessions
+    through the same connector reuses them (RSET first only when the last transaction did not end cleanly). At most `max_size` idle sessions
     and `max_messages_per_connection` messages per session (Exchange's SmtpMaxMessagesPerConnection)."""
 
     def __init__(
@@ -507,7 +510,7 @@ class ConnectionPool:
         task.add_done_callback(self._tasks.discard)
 
     def take(self, key: tuple[Any, ...]) -> _Session | None:
-        """An idle session for `key`, or None. The caller must RSET it before use."""
+        """An idle session for `key`, or None. The caller must RSET it first unless it is `clean`."""
         sessions = self._idle.get(key)
         now = time.monotonic()
         while sessions:
@@ -754,6 +757,14 @@ class _Envelope:
 _SEPARATE_TERMINATOR = 64 * 1024
 
 
+class _DataRefused(SMTPDataError):
+    """DATA refused, saying whether it was the DATA command or the end of the content."""
+
+    def __init__(self, code: int, message: str, *, after_content: bool) -> None:
+        super().__init__(code, message)
+        self.after_content = after_content
+
+
 async def _data(smtp: aiosmtplib.SMTP, env: _Envelope, timeout: float) -> aiosmtplib.SMTPResponse:
     """DATA, then the octets of `normalise_for_wire`.
 
@@ -774,7 +785,7 @@ async def _data(smtp: aiosmtplib.SMTP, env: _Envelope, timeout: float) -> aiosmt
         protocol.write(b"DATA\r\n")
         start = await protocol.read_response(timeout=timeout)
         if start.code != 354:
-            raise SMTPDataError(start.code, start.message)
+            raise _DataRefused(start.code, start.message, after_content=False)
         protocol._response_pending = True
         if len(body) < _SEPARATE_TERMINATOR:
             protocol.write(body + b".\r\n")
@@ -783,7 +794,7 @@ async def _data(smtp: aiosmtplib.SMTP, env: _Envelope, timeout: float) -> aiosmt
             protocol.write(b".\r\n")
         response = await protocol.read_response(timeout=timeout)
     if response.code != 250:
-        raise SMTPDataError(response.code, response.message)
+        raise _DataRefused(response.code, response.message, after_content=True)
     return response
 
 
@@ -830,11 +841,18 @@ async def _transaction(
         params.append(b"SMTPUTF8")
 
     try:
+        reused = session.messages > 0
         mail = await _command(
             smtp, b"MAIL", b"FROM:<" + env.sender.encode("utf-8") + b">", *params, timeout=timeout
         )
+        if mail.code == 421 and reused:
+            # The server closed a pooled session (its idle timeout): like a dropped connection,
+            # one fresh connection to the same hop may take the message.
+            session.close()
+            raise _HopFailed(mail, connection_lost=True)
         if mail.is_transient or mail.code < 200:
             raise _HopFailed(mail)
+        session.clean = False  # a transaction is open until its final reply or RSET
         if mail.is_permanent:
             results.update({r: mail for r in rcpts})
             return results, None
@@ -854,7 +872,7 @@ async def _transaction(
                 raise _HopFailed(next(iter(rcpt_replies.values())))
             results.update(rcpt_replies)
             try:  # the replies are final; RSET only readies the session for reuse
-                await _command(smtp, b"RSET", timeout=timeout)
+                session.clean = (await _command(smtp, b"RSET", timeout=timeout)).code == 250
             except (SMTPException, OSError):
                 session.close()
             return results, None
@@ -862,6 +880,8 @@ async def _transaction(
         try:
             response = await _data(smtp, env, timeout)
         except SMTPDataError as exc:
+            # Refused at the end of DATA the transaction is over; refused at DATA itself, RSET first.
+            session.clean = getattr(exc, "after_content", False)
             data_reply = remote_reply(exc.code, exc.message)
             if data_reply.is_transient:
                 raise _HopFailed(data_reply) from None
@@ -869,6 +889,7 @@ async def _transaction(
             results.update({r: data_reply for r in accepted})
             return results, data_reply
         data_reply = remote_reply(response.code, response.message)
+        session.clean = True
         session.messages += 1
         results.update(rcpt_replies)
         results.update({r: data_reply for r in accepted})
@@ -997,7 +1018,7 @@ async def _attempt_hop(
     session: _Session | None = None
     if pool is not None:
         session = pool.take(key)
-        if session is not None:
+        if session is not None and not session.clean:
             try:
                 rset = await _command(session.smtp, b"RSET", timeout=timeout)
                 if rset.code != 250:
