@@ -463,3 +463,38 @@ def test_workers_stop_when_the_supervisor_is_killed(serve: Any) -> None:
         for pid in workers:
             with _suppress():
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_per_source_limit_holds_across_workers(serve: Any) -> None:
+    """One client address always reaches the same worker (a BPF program on the reuseport group),
+    so max_inbound_connection_per_source (Exchange's default 20) holds for the whole relay, not
+    per worker; other addresses still reach both workers."""
+    s = serve(workers=2)
+    workers = s.children()
+    held: list[RawClient] = []
+    refused = 0
+    try:
+        for _ in range(26):
+            c = RawClient(s.port, source="127.0.0.9", timeout=10)
+            reply = c.reply()
+            assert reply is not None
+            if reply.code == 220:
+                held.append(c)
+            else:
+                assert reply.code == 421 and "4.3.2" in reply.lines[0], reply
+                refused += 1
+                c.close()
+        assert (len(held), refused) == (20, 6)
+        per_pid = connections_per_pid(workers, s.port)
+        assert sorted(per_pid.values()) == [0, 20], per_pid  # all on one worker
+        others = open_clients(s.port, 20)  # 127.0.0.10 ... : both workers serve
+        try:
+            per_pid = connections_per_pid(workers, s.port)
+            assert all(n > 0 for n in per_pid.values()), per_pid
+        finally:
+            for c in others:
+                c.close()
+    finally:
+        for c in held:
+            c.close()
+    assert s.stop() == 0

@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -29,6 +30,7 @@ from relaygate.smtp import proxy
 from relaygate.smtp.auth import UserStore, users_path
 from relaygate.smtp.limits import ConnectionLimits, RateLimiter
 from relaygate.smtp.session import Session
+from relaygate.smtp.steering import attach_source_steering
 from relaygate.smtp.tls import server_context
 
 __all__ = ["ServerContext", "SmtpServer"]
@@ -245,6 +247,10 @@ class SmtpServer:
         sock.bind((binding.address, binding.port))
         sock.listen(1024)
         sock.setblocking(False)
+        workers = self.ctx.config.server.workers
+        if self.reuse_port and workers > 1 and sys.platform.startswith("linux"):
+            # One client address → one worker, so per-source limits are counted in one place.
+            attach_source_steering(sock, workers)
         ssl_ctx = None
         if implicit:
             connector = next(
