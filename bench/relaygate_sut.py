@@ -27,6 +27,9 @@ CONFIG = """\
 name = "BENCH01"
 fqdn = "relaygate-bench.localdomain"
 data_dir = "{data}"
+# smtp-source sends everything from 127.0.0.1 (per-source limits are raised below for the same
+# reason): hash every connection on its own so that one address can use every worker.
+worker_balance = "connection"
 {server_extra}
 [admin]
 enabled = false

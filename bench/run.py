@@ -480,8 +480,9 @@ def generated_section(
         "",
         f"RelayGate configuration: `server.workers = {meta.get('relaygate_workers', 1)}` "
         "(`auto`: one process per CPU sharing the listening socket with SO_REUSEPORT, the "
-        "benchmark's default; `bench/run.py --workers 1` measures a single process). Postfix "
-        "runs with its defaults (up to 100 smtpd processes).",
+        "benchmark's default; `bench/run.py --workers 1` measures a single process) and "
+        '`server.worker_balance = "connection"` (all the load comes from one address, '
+        "127.0.0.1). Postfix runs with its defaults (up to 100 smtpd processes).",
         "",
         f"Messages per run: {json.dumps(meta['messages'])}; latency sample per point: "
         f"{json.dumps({size_label(int(k)): v for k, v in plan['latency'].items()})} messages.",

@@ -39,6 +39,7 @@ name = "RELAY01"
 fqdn = "relay.corp.example"
 data_dir = "{data}"
 workers = {workers}
+{server_extra}
 
 [admin]
 enabled = true
@@ -110,8 +111,9 @@ def sink() -> Iterator[tuple[Sink, int]]:
 class Served:
     """`relaygate serve` in a subprocess: the supervisor, its workers, the port, the log."""
 
-    def __init__(self, tmp: Path, sink_port: int, workers: int) -> None:
+    def __init__(self, tmp: Path, sink_port: int, workers: int, server_extra: str = "") -> None:
         self.tmp = tmp
+        self.server_extra = server_extra
         self.port = free_port()
         self.admin_port = free_port()
         self.sink_port = sink_port
@@ -128,6 +130,7 @@ class Served:
             CONFIG.format(
                 data=self.data,
                 workers=self.workers,
+                server_extra=self.server_extra,
                 admin_port=self.admin_port,
                 port=self.port,
                 banner=banner,
@@ -262,8 +265,8 @@ def wait_until(predicate: Any, timeout: float = 20.0, interval: float = 0.1) -> 
 def serve(tmp_path: Path, sink: tuple[Sink, int]) -> Iterator[Any]:
     started: list[Served] = []
 
-    def make(workers: int = 2) -> Served:
-        s = Served(tmp_path, sink[1], workers)
+    def make(workers: int = 2, extra: str = "") -> Served:
+        s = Served(tmp_path, sink[1], workers, extra)
         started.append(s)
         s.start()
         return s
@@ -494,6 +497,25 @@ def test_per_source_limit_holds_across_workers(serve: Any) -> None:
         finally:
             for c in others:
                 c.close()
+    finally:
+        for c in held:
+            c.close()
+    assert s.stop() == 0
+
+
+def test_worker_balance_connection_spreads_one_address_over_both_workers(serve: Any) -> None:
+    """`worker_balance = "connection"`: the kernel's own per-connection hash, so one busy client
+    address uses every worker (and per-source limits are per worker, as documented)."""
+    s = serve(workers=2, extra='worker_balance = "connection"\n')
+    workers = s.children()
+    held = []
+    try:
+        for _ in range(16):
+            c = RawClient(s.port, source="127.0.0.9", timeout=10)
+            assert c.greet().code == 250
+            held.append(c)
+        per_pid = connections_per_pid(workers, s.port)
+        assert sum(per_pid.values()) == 16 and all(n > 0 for n in per_pid.values()), per_pid
     finally:
         for c in held:
             c.close()

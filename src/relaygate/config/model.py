@@ -262,6 +262,11 @@ class ServerConfig:
     users_file: Path | None = _spec(None, Path)
     #: Worker processes sharing the listening ports (SO_REUSEPORT); 1 = one process, no supervisor.
     workers: int = 1
+    #: How the kernel shares new connections among workers: "client_address" (all connections of
+    #: one client reach one worker, so per-source limits hold relay-wide) or "connection" (every
+    #: connection hashed on its own: one heavy client can use every worker; per-source limits are
+    #: then counted per worker).
+    worker_balance: str = _spec("client_address", choices=("client_address", "connection"))
     dkim_domain_source: str = _spec("header_from", choices=("header_from", "envelope_sender"))
     receive_protocol_log_max_file_size: int = _size("10MB")
     receive_protocol_log_max_directory_size: int = _size("250MB")

@@ -247,8 +247,14 @@ class SmtpServer:
         sock.bind((binding.address, binding.port))
         sock.listen(1024)
         sock.setblocking(False)
-        workers = self.ctx.config.server.workers
-        if self.reuse_port and workers > 1 and sys.platform.startswith("linux"):
+        server = self.ctx.config.server
+        workers = server.workers
+        if (
+            self.reuse_port
+            and workers > 1
+            and server.worker_balance == "client_address"
+            and sys.platform.startswith("linux")
+        ):
             # One client address → one worker, so per-source limits are counted in one place.
             attach_source_steering(sock, workers)
         ssl_ctx = None
