@@ -369,12 +369,29 @@ def _shadow_findings(config: Config) -> Iterator[Finding]:
                     )
 
 
+def _server_findings(config: Config) -> Iterator[Finding]:
+    s = config.server
+    if s.workers > 1 and s.worker_balance == "connection":
+        yield Finding(
+            "low",
+            "per-source-limits-per-worker",
+            "",
+            "server.worker_balance",
+            f'worker_balance = "connection" with {s.workers} workers: each worker counts '
+            "max_inbound_connection_per_source and message_rate_limit on its own, so one source "
+            f"can hold up to {s.workers} times its limits",
+            'keep worker_balance = "client_address" (the default) unless one busy client must use '
+            "every worker, or divide the per-source limits by the number of workers",
+        )
+
+
 def audit(config: Config, *, max_prefix_v4: int = 24, max_prefix_v6: int = 64) -> list[Finding]:
     """Every finding for `config`, most severe first (stable within a severity: file order)."""
     findings: list[Finding] = []
     for connector in config.receive_connectors:
         findings.extend(_connector_findings(connector, config, max_prefix_v4, max_prefix_v6))
     findings.extend(_shadow_findings(config))
+    findings.extend(_server_findings(config))
     order = {s: i for i, s in enumerate(SEVERITIES)}
     return sorted(findings, key=lambda f: order[f.severity])
 

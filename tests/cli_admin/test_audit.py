@@ -366,3 +366,12 @@ def test_cli_medium_only_exit_0(tmp_path: Path) -> None:
     r = run("audit", "-c", str(path))
     assert r.code == 0
     assert "MEDIUM" in r.out and "protocol_logging_level" in r.out
+
+
+def test_per_source_limits_counted_per_worker_is_low() -> None:
+    text = CLEAN.replace('name = "RELAY01"', 'name = "RELAY01"\nworkers = 4')
+    assert audit(config(text)) == []  # the default balance keeps per-source limits relay-wide
+    found = audit(config(text.replace("workers = 4", 'workers = 4\nworker_balance = "connection"')))
+    assert codes(found) == [("low", "per-source-limits-per-worker", "")]
+    assert found[0].key == "server.worker_balance" and "4 times" in found[0].message
+    assert not has_high(found)
