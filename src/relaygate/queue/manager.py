@@ -255,10 +255,13 @@ class QueueManager:
                 await self.pool.aclose()
             self.pool = None
 
+    def _has_room(self) -> bool:
+        return self.running and not self._stopping and len(self._inflight) < self.max_concurrent
+
     def lease_for_new(self) -> tuple[str, float] | None:
         """The lease a receiving session stores a new message with when this manager has room to
         deliver it at once (see :meth:`take_new`); None: store it unleased, the scan finds it."""
-        if not self.running or self._stopping or len(self._inflight) >= self.max_concurrent:
+        if not self._has_room():
             return None
         return (self.node_id, self.clock() + self.lease_seconds)
 
@@ -267,7 +270,7 @@ class QueueManager:
         session still holds: no ``lease_due`` scan and no read of the data back (Postfix's
         cleanup hands the queue file to qmgr the same way). If the room has gone meanwhile the
         lease is dropped and the next scan takes the message."""
-        if not self.running or self._stopping or len(self._inflight) >= self.max_concurrent:
+        if not self._has_room():
             self._spawn(self._release_quietly(msg.queue_id))
             self._rescan = True
             self._wake.set()
