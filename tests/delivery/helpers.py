@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,15 +184,24 @@ async def start_sink(
 
 
 class RawSink:
-    """Minimal SMTP speaker recording the octets between the 354 and the final reply."""
+    """Minimal SMTP speaker recording the octets between the 354 and the final reply.
+
+    `answer(verb, connection, n)` may replace the reply to the n-th use of a verb on a connection
+    (1-based); a 421 ends the connection. `sessions` holds each connection's command lines."""
 
     def __init__(
-        self, *, greeting: str = "220 raw.test ESMTP", drop_after_bytes: int | None = None
+        self,
+        *,
+        greeting: str = "220 raw.test ESMTP",
+        drop_after_bytes: int | None = None,
+        answer: Callable[[bytes, int, int], str | None] | None = None,
     ) -> None:
         self.greeting = greeting
         self.drop_after_bytes = drop_after_bytes
+        self.answer = answer or (lambda verb, connection, n: None)
         self.data: list[bytes] = []
         self.commands: list[bytes] = []
+        self.sessions: list[list[bytes]] = []
         self.connections = 0
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
@@ -208,6 +218,10 @@ class RawSink:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        connection = self.connections
+        session: list[bytes] = []
+        self.sessions.append(session)
+        uses: dict[bytes, int] = {}
         try:
             writer.write(self.greeting.encode() + b"\r\n")
             await writer.drain()
@@ -218,7 +232,16 @@ class RawSink:
                 if not line:
                     return
                 self.commands.append(line)
+                session.append(line.rstrip(b"\r\n"))
                 verb = line[:4].upper()
+                uses[verb] = uses.get(verb, 0) + 1
+                special = self.answer(verb, connection, uses[verb])
+                if special is not None:
+                    writer.write(special.encode() + b"\r\n")
+                    await writer.drain()
+                    if special.startswith("421"):
+                        return
+                    continue
                 if verb == b"EHLO":
                     writer.write(b"250-raw.test\r\n250-8BITMIME\r\n250 SIZE 10000000\r\n")
                 elif verb == b"DATA":

@@ -761,74 +761,12 @@ async def test_pool_is_bounded():
 # reuse without RSET when the last transaction ended cleanly
 
 
-class ScriptedSink:
-    """Records every command line per connection; `answer(verb, connection, n)` may override the
-    reply to the n-th use of a verb on that connection (otherwise 250, 354 for DATA)."""
-
-    def __init__(self, answer=None) -> None:  # type: ignore[no-untyped-def]
-        self.answer = answer or (lambda verb, conn, n: None)
-        self.sessions: list[list[bytes]] = []
-        self.server: asyncio.base_events.Server | None = None
-        self.port = 0
-
-    async def start(self) -> ScriptedSink:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def close(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        commands: list[bytes] = []
-        self.sessions.append(commands)
-        conn = len(self.sessions)
-        counts: dict[bytes, int] = {}
-        writer.write(b"220 scripted.test ESMTP\r\n")
-        try:
-            while line := await reader.readline():
-                verb = line[:4].upper()
-                commands.append(line.rstrip(b"\r\n"))
-                counts[verb] = counts.get(verb, 0) + 1
-                special = self.answer(verb, conn, counts[verb])
-                if special is not None:
-                    writer.write(special.encode() + b"\r\n")
-                    if special.startswith("421"):
-                        await writer.drain()
-                        return
-                elif verb == b"EHLO":
-                    writer.write(b"250-scripted.test\r\n250 8BITMIME\r\n")
-                elif verb == b"DATA":
-                    writer.write(b"354 go ahead\r\n")
-                    await writer.drain()
-                    buf = b""
-                    while not buf.endswith(b"\r\n.\r\n"):
-                        chunk = await reader.read(65536)
-                        if not chunk:
-                            return
-                        buf += chunk
-                    writer.write(b"250 2.6.0 queued\r\n")
-                elif verb == b"QUIT":
-                    writer.write(b"221 bye\r\n")
-                    await writer.drain()
-                    return
-                else:
-                    writer.write(b"250 2.0.0 OK\r\n")
-                await writer.drain()
-        except ConnectionError:
-            return
-        finally:
-            writer.close()
-
-
 def _verbs(commands: list[bytes]) -> list[bytes]:
     return [c[:4].upper() for c in commands]
 
 
 async def test_a_clean_pooled_session_is_reused_without_rset():
-    sink = await ScriptedSink().start()
+    sink = await RawSink().start()
     pool = ConnectionPool(idle_seconds=30)
     try:
         for i in range(3):
@@ -845,8 +783,8 @@ async def test_a_clean_pooled_session_is_reused_without_rset():
 
 async def test_after_a_refused_data_command_the_next_reuse_starts_with_rset():
     # DATA refused at the command (the server may keep MAIL/RCPT state): RSET before reuse.
-    sink = await ScriptedSink(
-        lambda verb, conn, n: (
+    sink = await RawSink(
+        answer=lambda verb, conn, n: (
             "554 5.5.1 no valid recipients" if verb == b"DATA" and n == 1 else None
         )
     ).start()
@@ -866,8 +804,8 @@ async def test_after_a_refused_data_command_the_next_reuse_starts_with_rset():
 
 
 async def test_a_pooled_session_the_server_closed_with_421_retries_on_a_fresh_connection():
-    sink = await ScriptedSink(
-        lambda verb, conn, n: (
+    sink = await RawSink(
+        answer=lambda verb, conn, n: (
             "421 4.4.2 scripted.test idle timeout"
             if verb == b"MAIL" and conn == 1 and n == 2
             else None
