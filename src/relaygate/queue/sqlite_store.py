@@ -812,7 +812,12 @@ class SqliteStore(Store):
     # ------------------------------------------------------------------ public API: writes
 
     async def submit(
-        self, envelope: Envelope, data: bytes, *, lease: tuple[str, float] | None = None
+        self,
+        envelope: Envelope,
+        data: bytes,
+        *,
+        lease: tuple[str, float] | None = None,
+        received_at: float | None = None,
     ) -> str:
         if not isinstance(data, bytes | bytearray | memoryview):
             raise TypeError(f"message data must be bytes, not {type(data).__name__}")
@@ -822,7 +827,8 @@ class SqliteStore(Store):
         if not all(isinstance(a, str) and a for a in recipients):
             raise ValueError("recipient addresses must be non-empty strings")
         blob = bytes(data)
-        received_at = time.time()
+        if received_at is None:
+            received_at = time.time()
         if len(blob) < self.spool_threshold:
             return await self._write(
                 self._op_submit,

@@ -67,13 +67,19 @@ class Store(Protocol):
         ...
 
     async def submit(
-        self, envelope: Envelope, data: bytes, *, lease: tuple[str, float] | None = None
+        self,
+        envelope: Envelope,
+        data: bytes,
+        *,
+        lease: tuple[str, float] | None = None,
+        received_at: float | None = None,
     ) -> str:
         """Store a new message; durable on return. Returns its queue id (16 upper-case hex
         digits, unique, time-ordered). Raises ``ValueError`` for an envelope without
         recipients; duplicate recipient addresses are stored once. ``lease=(owner, until)``
         stores it already leased to ``owner`` (the local queue manager takes it from the
-        receiving session without a ``lease_due`` round trip)."""
+        receiving session without a ``lease_due`` round trip). ``received_at`` (unix time,
+        default now) lets that session keep the same value in its in-memory copy."""
         ...
 
     async def get(self, queue_id: str) -> StoredMessage | None: ...

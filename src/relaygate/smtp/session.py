@@ -535,7 +535,9 @@ class Session:
         lease = handoff.lease_for_new() if handoff is not None else None
         received_at = time.time()
         try:
-            queue_id = await self.ctx.store.submit(envelope, data, lease=lease)
+            queue_id = await self.ctx.store.submit(
+                envelope, data, lease=lease, received_at=received_at
+            )
         except Exception as exc:  # any store failure: the client must retry, nothing was promised
             self.ctx.logger.exception("queue store failed for %s: %s", self.client_ip, exc)
             self.reply(replies.QUEUE_FAILED)
