@@ -239,8 +239,14 @@ oauth_authority_host = "{entra.authority_host}"
         await wait_for(lambda: len(sink.handler.messages) == 2, timeout=15.0)
         assert all(m["tls"] and m["auth"] == "relay@corp.test" for m in sink.handler.messages)
         assert len(entra.token_requests) == 1
-        msgs = await relay.store.list_messages()
-        assert all(m.recipients[0].status == RecipientStatus.DELIVERED for m in msgs)
+
+        async def all_delivered() -> bool:  # the sink's 250 comes before the result is stored
+            msgs = await relay.store.list_messages()
+            return len(msgs) == 2 and all(
+                m.recipients[0].status == RecipientStatus.DELIVERED for m in msgs
+            )
+
+        assert await wait_for(all_delivered, timeout=10.0)
     finally:
         await relay.stop()
         await sink.close()

@@ -93,6 +93,12 @@ async def test_delivered_byte_for_byte_once_and_tracked(tmp_path: Path) -> None:
         received, rest = split_received(got["content"])
         assert rest == data  # only the Received header was added
         assert b"by relay.test" in received
+
+        async def recorded() -> bool:  # the sink's 250 comes before the result is stored
+            (m,) = await relay.store.list_messages()
+            return all(r.status.is_final for r in m.recipients)
+
+        await wait_for(recorded)
         (msg,) = await relay.store.list_messages()
         assert [r.status for r in msg.recipients] == [RecipientStatus.DELIVERED] * 2
         assert msg.recipients[0].last_error.startswith("250 ")
