@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from relaygate.queue import model as model_mod
+from relaygate.queue import sqlite_store
 from relaygate.queue.model import (
     Envelope,
     QueueIdGenerator,
@@ -188,6 +189,64 @@ async def test_concurrent_submits_are_group_committed(store: SqliteStore) -> Non
     assert store.stats()["commits"] == store.commits
     for i in (0, 57, n - 1):
         assert await store.read_data(ids[i]) == b"m%d" % i
+
+
+async def test_a_failing_call_in_a_batch_fails_alone(store: SqliteStore) -> None:
+    """The batch runs without savepoints first; a failing call sends it back through the savepoint
+    path, where only that call is undone and every other call of the same transaction commits."""
+    known = await store.submit(env(), b"known")
+    before = store.commits
+    calls = [store.submit(env(f"a{i}@corp.example"), b"a%d" % i) for i in range(20)]
+    calls.insert(7, store.set_flags("0000000000000000", suspended=True))
+    calls.append(store.set_flags(known, suspended=True))
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(results[7], KeyError)
+    ids = [r for i, r in enumerate(results[:-1]) if i != 7]
+    assert all(isinstance(q, str) and QID.match(q) for q in ids)
+    assert store.commits - before < len(calls), "the calls did not share a transaction"
+    assert store.max_batch > 2
+    for i, qid in enumerate(ids):
+        assert await store.read_data(qid) == b"a%d" % i
+    got = await store.get(known)
+    assert got is not None and got.suspended
+    assert (await store.counts())["messages"] == 21
+
+
+async def test_the_wal_is_written_ahead_at_open_and_as_it_fills(db_path: Path) -> None:
+    """Commits overwrite WAL blocks that are already written instead of appending (an append makes
+    fdatasync journal the new size): 4 MB at open, then 16 MB more each time half is used."""
+    wal = Path(f"{db_path}-wal")
+    async with SqliteStore(db_path, spool_threshold=10**9) as s:
+        assert wal.stat().st_size >= sqlite_store._WAL_RESERVE_FIRST
+        first = s._wal_reserved
+        assert first == sqlite_store._WAL_RESERVE_FIRST
+        blob = b"w" * 100_000
+        for _ in range(3):  # 3 x 10 x 100 KB: past half of the first reservation
+            await asyncio.gather(*(s.submit(env(), blob) for _ in range(10)))
+        await s.submit(env(), b"one more batch")
+        assert s._wal_reserved == first + sqlite_store._WAL_RESERVE_STEP
+        assert wal.stat().st_size >= s._wal_reserved
+        ids = [m.queue_id for m in await s.list_messages(limit=100)]
+    async with SqliteStore(db_path) as s:  # reopened: SQLite reads past the zeros as empty log
+        assert len(await s.list_messages(limit=100)) == 31 == len(ids)
+        assert await s.read_data(ids[0]) == blob
+
+
+async def test_a_failed_wal_reservation_only_logs(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real = os.pwrite
+
+    def full(fd: int, data: object, offset: int) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sqlite_store.os, "pwrite", full)
+    async with SqliteStore(db_path) as s:
+        assert "could not reserve WAL space" in caplog.text
+        assert s._wal_reserved == sqlite_store._WAL_LIMIT  # not tried again on every batch
+        monkeypatch.setattr(sqlite_store.os, "pwrite", real)
+        qid = await s.submit(env(), b"still stored")
+        assert await s.read_data(qid) == b"still stored"
 
 
 async def test_batch_respects_byte_cap(db_path: Path) -> None:
@@ -514,6 +573,7 @@ CHILD_SRC = (
 import asyncio, itertools, os, sys
 from pathlib import Path
 from relaygate.queue.model import Envelope
+from relaygate.queue import sqlite_store
 from relaygate.queue.sqlite_store import SqliteStore
 
 async def main():
@@ -587,6 +647,8 @@ async def test_sigkill_never_loses_an_acknowledged_message(tmp_path: Path) -> No
         delay = rng.uniform(0.3, 1.1)
         got = await asyncio.to_thread(_run_and_kill, db, tag, delay)
         assert got, f"round {round_}: nothing was acknowledged in {delay:.2f}s"
+        # recovery reads a WAL whose tail is the zeros written ahead (see _reserve_wal)
+        assert Path(f"{db}-wal").stat().st_size >= sqlite_store._WAL_RESERVE_FIRST
         new = [(qid, tag, n) for qid, n in got]
         acked += new
         # check with a fresh store, as a restarted relay would: every message acknowledged so

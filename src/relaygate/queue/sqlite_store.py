@@ -7,9 +7,11 @@ row that names it is committed. The database directory is fsync'd after the file
 
 Group commit: one dedicated writer thread owns the write connection. Every mutating call is put on
 a queue and awaited through an asyncio future; the writer takes everything that is queued (up to
-``max_batch_items`` / ``max_batch_bytes``) and runs it in ONE transaction (each call inside its own
-SAVEPOINT, so one failing call does not spoil the others), commits (one fsync), then resolves the
-futures with ``loop.call_soon_threadsafe``. While the writer waits for an fsync the next batch
+``max_batch_items`` / ``max_batch_bytes``) and runs it in ONE transaction (if a call fails, the
+batch runs again with each call inside its own SAVEPOINT, so one failing call does not spoil the
+others), commits (one fsync), then resolves the futures with ``loop.call_soon_threadsafe``. The WAL
+file is written ahead with zeros (``_reserve_wal``) so that a commit's fsync does not also have to
+journal a bigger file. While the writer waits for an fsync the next batch
 accumulates, so throughput grows with the number of concurrent submitters. The event loop never
 touches the disk. Reads run on a small thread pool with their own read-only connections (WAL lets
 them run alongside the writer).
@@ -124,6 +126,9 @@ _RCPT_COLS = "queue_id, address, status, attempts, last_error, last_attempt, nex
 _FINAL_SQL = ", ".join(f"'{s.value}'" for s in sorted(FINAL_STATUSES))
 _CHUNK = 500  # ids per "IN (...)" query
 _CKPT_BYTES = 4 * 1024 * 1024  # wake the checkpointer after this much new data
+_WAL_LIMIT = 64 * 1024 * 1024  # PRAGMA journal_size_limit: SQLite truncates a restarted WAL to this
+_WAL_RESERVE_FIRST = 4 * 1024 * 1024  # WAL space written ahead at open ...
+_WAL_RESERVE_STEP = 16 * 1024 * 1024  # ... and at most this much more at a time, up to _WAL_LIMIT
 
 
 @dataclass(slots=True)
@@ -281,6 +286,8 @@ class SqliteStore(Store):
         self._ckpt_wake = threading.Event()
         self._ckpt_stop = threading.Event()
         self._bytes_since_ckpt = 0
+        self._bytes_committed = 0  # since open: how far the WAL may have grown
+        self._wal_reserved = 0  # bytes of the WAL file known to be written (see _reserve_wal)
         # statistics (written by the writer thread only)
         self.commits = 0  # transactions committed (one fsync each)
         self.ops_committed = 0  # calls carried by those transactions
@@ -367,7 +374,7 @@ class SqliteStore(Store):
                     raise StoreError(f"{self.path}: cannot enable WAL mode (got {mode!r})")
                 conn.execute("PRAGMA synchronous = FULL")
                 conn.execute("PRAGMA foreign_keys = ON")
-                conn.execute("PRAGMA journal_size_limit = 67108864")
+                conn.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT}")
                 # Checkpoints run on their own thread (see _checkpointer_main) so that copying
                 # the WAL into the database and its fsync stay off the commit path.
                 conn.execute("PRAGMA wal_autocheckpoint = 0")
@@ -452,6 +459,11 @@ class SqliteStore(Store):
                 )
             self._wconn = self._connect()
             self._init_schema(self._wconn)
+            self._wconn.execute("BEGIN IMMEDIATE")
+            try:
+                self._reserve_wal(_WAL_RESERVE_FIRST)
+            finally:
+                self._wconn.execute("ROLLBACK")
             fsync_dir(self.path.parent)  # the database and WAL directory entries
         except BaseException as exc:
             if self._lock_fd is not None:
@@ -509,6 +521,60 @@ class SqliteStore(Store):
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    def _run_with_savepoints(
+        self, conn: sqlite3.Connection, batch: list[_Op]
+    ) -> list[tuple[bool, Any]]:
+        """Each call in its own SAVEPOINT: a failing call is undone and reported alone."""
+        outcomes: list[tuple[bool, Any]] = []
+        for op in batch:
+            conn.execute("SAVEPOINT op")
+            try:
+                value = op.fn(conn, *op.args)
+            except Exception as exc:
+                if not conn.in_transaction:
+                    # SQLite rolled the whole transaction back (disk full, I/O error...):
+                    # nothing of the batch survives, so the batch fails with this error.
+                    raise
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+                outcomes.append((False, exc))
+            else:
+                conn.execute("RELEASE op")
+                outcomes.append((True, value))
+        return outcomes
+
+    def _reserve_wal(self, size: int) -> None:
+        """Write zeros to the WAL file up to `size` bytes (at most _WAL_LIMIT) and fdatasync them.
+
+        A commit that appends to a file makes fdatasync journal the new size as well as write the
+        data (about 1 ms instead of 0.35 ms for a 10 KB message on ext4 here, a third of a message's
+        time at one session); a commit into blocks already written only flushes the data. SQLite
+        reads a WAL up to the first frame whose salt and checksum do not match its header, so zeros
+        past the last frame are an empty tail, like the stale frames SQLite itself leaves there when
+        it restarts the log. Called with the write lock held (inside BEGIN IMMEDIATE, before any
+        frame of the transaction is written), so no connection in any process appends meanwhile.
+        """
+        size = min(size, _WAL_LIMIT)
+        try:
+            fd = os.open(f"{self.path}-wal", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                pos = os.fstat(fd).st_size
+                wrote = pos < size
+                zeros = memoryview(bytes(min(1024 * 1024, max(size - pos, 0))))
+                while pos < size:
+                    pos += os.pwrite(fd, zeros[: size - pos], pos)
+                if wrote:
+                    os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:  # a full disk: commits still work, only slower; try no more
+            log.warning(
+                "queue store: could not reserve WAL space (%s); commits will be slower", exc
+            )
+            self._wal_reserved = _WAL_LIMIT
+            return
+        self._wal_reserved = max(self._wal_reserved, size)
+
     def _run_batch(self, batch: list[_Op]) -> None:
         outcomes: list[tuple[bool, Any]] = []
         try:
@@ -525,21 +591,20 @@ class SqliteStore(Store):
                 conn.execute(f"PRAGMA synchronous = {sync}")
                 self._wsync = sync
             conn.execute("BEGIN IMMEDIATE")
-            for op in batch:
-                conn.execute("SAVEPOINT op")
-                try:
-                    value = op.fn(conn, *op.args)
-                except Exception as exc:
-                    if not conn.in_transaction:
-                        # SQLite rolled the whole transaction back (disk full, I/O error...):
-                        # nothing of the batch survives, so the batch fails with this error.
-                        raise
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    outcomes.append((False, exc))
-                else:
-                    conn.execute("RELEASE op")
-                    outcomes.append((True, value))
+            if self._wal_reserved < _WAL_LIMIT and self._bytes_committed * 2 >= self._wal_reserved:
+                self._reserve_wal(self._wal_reserved + _WAL_RESERVE_STEP)
+            try:
+                # Every SQL statement hands the GIL to the event loop and waits to get it back,
+                # which under load costs more than the statement itself: run the batch without a
+                # SAVEPOINT per call (two statements each), and only when a call fails roll back
+                # and run the batch again with them.
+                outcomes = [(True, op.fn(conn, *op.args)) for op in batch]
+            except Exception:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                self._unlink_after_commit.clear()
+                conn.execute("BEGIN IMMEDIATE")
+                outcomes = self._run_with_savepoints(conn, batch)
             conn.execute("COMMIT")
         except Exception as exc:
             self._unlink_after_commit.clear()  # the rows are still there: so are their files
@@ -561,7 +626,9 @@ class SqliteStore(Store):
             self.commits += 1
             self.ops_committed += len(batch)
             self.max_batch = max(self.max_batch, len(batch))
-            self._bytes_since_ckpt += sum(op.size for op in batch)
+            nbytes = sum(op.size for op in batch)
+            self._bytes_committed += nbytes
+            self._bytes_since_ckpt += nbytes
             if self._bytes_since_ckpt >= _CKPT_BYTES:
                 self._bytes_since_ckpt = 0
                 self._ckpt_wake.set()
