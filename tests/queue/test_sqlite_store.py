@@ -699,7 +699,7 @@ async def test_record_results_with_release_drops_the_owners_lease_in_the_same_wr
     # Someone else's release flag does nothing to node-1's lease.
     await store.record_results(qid, "node-2", [], release=True)
     got = await store.get(qid)
-    assert got is not None and got.lease_owner == "node-1"
+    assert got is not None and got.lease_owner == "node-1" and got.lease_until == t + 600
     await store.record_results(
         qid, "node-1", [RecipientState("a@x.example", DONE, 1, "250 ok", t)], release=True
     )

@@ -124,6 +124,18 @@ _MSG_COLS = (
 )
 _RCPT_COLS = "queue_id, address, status, attempts, last_error, last_attempt, next_attempt"
 _FINAL_SQL = ", ".join(f"'{s.value}'" for s in sorted(FINAL_STATUSES))
+_UPDATE_DERIVED = (
+    "UPDATE messages SET status = ?, next_due = ?, open_rcpts = ?, completed_at = ? "
+    "WHERE queue_id = ?"
+)
+# The same, ending one owner's lease: both CASEs see the row's old lease_owner (SQLite evaluates
+# every SET expression against the row as it was).
+_UPDATE_DERIVED_RELEASE = (
+    "UPDATE messages SET status = ?, next_due = ?, open_rcpts = ?, completed_at = ?, "
+    "lease_until = CASE WHEN lease_owner = ? THEN NULL ELSE lease_until END, "
+    "lease_owner = CASE WHEN lease_owner = ? THEN NULL ELSE lease_owner END "
+    "WHERE queue_id = ?"
+)
 _CHUNK = 500  # ids per "IN (...)" query
 _CKPT_BYTES = 4 * 1024 * 1024  # wake the checkpointer after this much new data
 _WAL_LIMIT = 64 * 1024 * 1024  # PRAGMA journal_size_limit: SQLite truncates a restarted WAL to this
@@ -671,19 +683,30 @@ class SqliteStore(Store):
 
     # ------------------------------------------------------------------ writes (writer thread)
 
-    def _refresh(self, conn: sqlite3.Connection, queue_id: str, now: float) -> None:
-        """Recompute the derived columns of one message from its recipients."""
-        row = conn.execute(
-            "SELECT suspended, completed_at FROM messages WHERE queue_id = ?", (queue_id,)
-        ).fetchone()
-        if row is None:
+    def _refresh(
+        self,
+        conn: sqlite3.Connection,
+        queue_id: str,
+        now: float,
+        release_owner: str | None = None,
+    ) -> None:
+        """Recompute the derived columns of one message from its recipients; with `release_owner`,
+        also end that owner's lease on it. Two statements: each one the writer runs waits for the
+        GIL to come back from the event loop (see _run_batch)."""
+        rows = conn.execute(
+            "SELECT m.suspended, m.completed_at, r.status, r.next_attempt "
+            "FROM messages m LEFT JOIN recipients r ON r.queue_id = m.queue_id "
+            "WHERE m.queue_id = ?",
+            (queue_id,),
+        ).fetchall()
+        if not rows:
             return
-        suspended, completed_at = bool(row[0]), row[1]
+        suspended, completed_at = bool(rows[0][0]), rows[0][1]
         statuses: list[RecipientStatus] = []
         due: list[float] = []
-        for status, next_attempt in conn.execute(
-            "SELECT status, next_attempt FROM recipients WHERE queue_id = ?", (queue_id,)
-        ):
+        for _, _, status, next_attempt in rows:
+            if status is None:  # no recipient rows (LEFT JOIN)
+                continue
             st = RecipientStatus(status)
             statuses.append(st)
             if st in PENDING_STATUSES:
@@ -693,17 +716,18 @@ class SqliteStore(Store):
             completed_at = None
         elif completed_at is None:
             completed_at = now
-        conn.execute(
-            "UPDATE messages SET status = ?, next_due = ?, open_rcpts = ?, completed_at = ? "
-            "WHERE queue_id = ?",
-            (
-                message_status(suspended, statuses).value,
-                min(due) if due else None,
-                open_rcpts,
-                completed_at,
-                queue_id,
-            ),
+        derived = (
+            message_status(suspended, statuses).value,
+            min(due) if due else None,
+            open_rcpts,
+            completed_at,
         )
+        if release_owner is None:
+            conn.execute(_UPDATE_DERIVED, (*derived, queue_id))
+        else:
+            conn.execute(
+                _UPDATE_DERIVED_RELEASE, (*derived, release_owner, release_owner, queue_id)
+            )
 
     def _op_submit(
         self,
@@ -803,16 +827,14 @@ class SqliteStore(Store):
         now: float,
         release_owner: str | None,
     ) -> None:
-        if conn.execute("SELECT 1 FROM messages WHERE queue_id = ?", (queue_id,)).fetchone():
-            conn.executemany(
-                "UPDATE recipients SET status = ?, attempts = ?, last_error = ?, "
-                "last_attempt = ?, next_attempt = ? "
-                f"WHERE queue_id = ? AND address = ? AND status NOT IN ({_FINAL_SQL})",
-                results,
-            )
-            self._refresh(conn, queue_id, now)
-            if release_owner is not None:
-                self._op_release(conn, queue_id, release_owner)
+        # A removed message: the UPDATE finds no rows and _refresh does nothing.
+        conn.executemany(
+            "UPDATE recipients SET status = ?, attempts = ?, last_error = ?, "
+            "last_attempt = ?, next_attempt = ? "
+            f"WHERE queue_id = ? AND address = ? AND status NOT IN ({_FINAL_SQL})",
+            results,
+        )
+        self._refresh(conn, queue_id, now, release_owner)
 
     def _op_set_flags(
         self,
