@@ -31,9 +31,11 @@ import fcntl
 import hashlib
 import json
 import logging
+import mmap
 import os
 import queue
 import sqlite3
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -139,8 +141,9 @@ _UPDATE_DERIVED_RELEASE = (
 _CHUNK = 500  # ids per "IN (...)" query
 _CKPT_BYTES = 4 * 1024 * 1024  # wake the checkpointer after this much new data
 _WAL_LIMIT = 64 * 1024 * 1024  # PRAGMA journal_size_limit: SQLite truncates a restarted WAL to this
-_WAL_RESERVE_FIRST = 4 * 1024 * 1024  # WAL space written ahead at open ...
-_WAL_RESERVE_STEP = 16 * 1024 * 1024  # ... and at most this much more at a time, up to _WAL_LIMIT
+_WAL_RESERVE_FIRST = 4 * 1024 * 1024  # WAL space written ahead at open, then this much more ...
+_WAL_RESERVE_STEP = 16 * 1024 * 1024  # ... when less than half of it is left, up to _WAL_LIMIT
+_WAL_HEADER = 32  # bytes before the first frame; each frame is a 24-byte header and a page
 
 
 @dataclass(slots=True)
@@ -192,6 +195,20 @@ def _make_dirs_durably(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     for d in missing:
         fsync_dir(d.parent)
+
+
+def _map_wal_index(path: str) -> mmap.mmap | None:
+    """Map the start of SQLite's -shm file read-only, or None (then _wal_in_use estimates)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ)
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
 
 
 def _chunks(seq: Sequence[str], n: int = _CHUNK) -> Iterable[Sequence[str]]:
@@ -300,6 +317,8 @@ class SqliteStore(Store):
         self._bytes_since_ckpt = 0
         self._bytes_committed = 0  # since open: how far the WAL may have grown
         self._wal_reserved = 0  # bytes of the WAL file known to be written (see _reserve_wal)
+        self._wal_index: mmap.mmap | None = None  # the -shm file, to read how much WAL is in use
+        self._wal_frame = 4096 + 24
         # statistics (written by the writer thread only)
         self.commits = 0  # transactions committed (one fsync each)
         self.ops_committed = 0  # calls carried by those transactions
@@ -476,6 +495,8 @@ class SqliteStore(Store):
                 self._reserve_wal(_WAL_RESERVE_FIRST)
             finally:
                 self._wconn.execute("ROLLBACK")
+            self._wal_frame = self._wconn.execute("PRAGMA page_size").fetchone()[0] + 24
+            self._wal_index = _map_wal_index(f"{self.path}-shm")
             fsync_dir(self.path.parent)  # the database and WAL directory entries
         except BaseException as exc:
             if self._lock_fd is not None:
@@ -524,6 +545,9 @@ class SqliteStore(Store):
                     fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         if carry is not None:  # pragma: no cover - STOP is only queued after every op
             self._run_batch([carry])
+        if self._wal_index is not None:
+            self._wal_index.close()
+            self._wal_index = None
         if self._wconn is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._wconn.execute("PRAGMA wal_checkpoint(PASSIVE)")
@@ -554,6 +578,16 @@ class SqliteStore(Store):
                 conn.execute("RELEASE op")
                 outcomes.append((True, value))
         return outcomes
+
+    def _wal_in_use(self) -> int:
+        """Bytes of the WAL holding frames now: mxFrame from SQLite's wal-index header (offset 16,
+        native byte order, https://www.sqlite.org/walformat.html), read from the mapped -shm file
+        without a system call. Only decides when to write ahead more; without the map, an estimate
+        (a 10 KB message writes about 10 pages of tables, indexes and overflow)."""
+        if self._wal_index is not None:
+            (max_frame,) = struct.unpack_from("=I", self._wal_index, 16)
+            return _WAL_HEADER + max_frame * self._wal_frame
+        return self._bytes_committed * 4
 
     def _reserve_wal(self, size: int) -> None:
         """Write zeros to the WAL file up to `size` bytes (at most _WAL_LIMIT) and fdatasync them.
@@ -603,7 +637,9 @@ class SqliteStore(Store):
                 conn.execute(f"PRAGMA synchronous = {sync}")
                 self._wsync = sync
             conn.execute("BEGIN IMMEDIATE")
-            if self._wal_reserved < _WAL_LIMIT and self._bytes_committed * 2 >= self._wal_reserved:
+            if self._wal_reserved < _WAL_LIMIT and (
+                self._wal_in_use() + _WAL_RESERVE_STEP // 2 >= self._wal_reserved
+            ):
                 self._reserve_wal(self._wal_reserved + _WAL_RESERVE_STEP)
             try:
                 # Every SQL statement hands the GIL to the event loop and waits to get it back,
