@@ -18,6 +18,10 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from relaygate.delivery.nexthop import NextHop
 
+#: Whether the sinks advertise PIPELINING (RFC 2920); tests/delivery runs its client tests both
+#: ways (the `pipelining` fixture), the other suites with it on, like Postfix and Exchange.
+PIPELINING = True
+
 
 @dataclass
 class Connector:
@@ -80,6 +84,8 @@ class Handler:
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         self.ehlo_names.append(hostname)
         session.host_name = hostname
+        if PIPELINING:  # aiosmtpd reads pipelined commands line by line but does not say so
+            responses.insert(-1, "250-PIPELINING")
         return responses
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
@@ -243,7 +249,10 @@ class RawSink:
                         return
                     continue
                 if verb == b"EHLO":
-                    writer.write(b"250-raw.test\r\n250-8BITMIME\r\n250 SIZE 10000000\r\n")
+                    pipelining = b"250-PIPELINING\r\n" if PIPELINING else b""
+                    writer.write(
+                        b"250-raw.test\r\n" + pipelining + b"250-8BITMIME\r\n250 SIZE 10000000\r\n"
+                    )
                 elif verb == b"DATA":
                     writer.write(b"354 go ahead\r\n")
                     await writer.drain()

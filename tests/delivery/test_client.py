@@ -28,7 +28,17 @@ from relaygate.delivery.client import (
     remote_reply,
 )
 
+from . import helpers
 from .helpers import Connector, Handler, RawSink, hop, start_sink
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["pipelined", "one-by-one"])
+def pipelining(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Every test here runs against sinks that advertise PIPELINING and against sinks that do not:
+    the client's two transaction paths must give the same outcomes."""
+    monkeypatch.setattr(helpers, "PIPELINING", request.param)
+    return bool(request.param)
+
 
 MSG = b"From: printer@corp.test\r\nTo: a@dest.test\r\nSubject: scan\r\n\r\nHello\r\n.dot line\r\n"
 HELO = "relay.corp.test"

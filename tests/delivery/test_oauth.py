@@ -19,8 +19,18 @@ import trustme
 from relaygate.config.loader import ConfigError, parse_text
 from relaygate.delivery.oauth import OAuthTokenProvider, TokenError
 from relaygate.queue.model import RecipientStatus
+from tests.delivery import helpers
 from tests.delivery.helpers import Handler, start_sink
 from tests.queue_manager.helpers import send, start_relay, wait_for
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["pipelined", "one-by-one"])
+def pipelining(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Every test here runs against sinks that advertise PIPELINING and against sinks that do not:
+    the client's two transaction paths must give the same outcomes."""
+    monkeypatch.setattr(helpers, "PIPELINING", request.param)
+    return bool(request.param)
+
 
 TENANT = "11111111-2222-3333-4444-555555555555"
 CLIENT_ID = "66666666-7777-8888-9999-000000000000"

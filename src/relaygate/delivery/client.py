@@ -63,6 +63,7 @@ from aiosmtplib import (
 from relaygate import replies
 from relaygate.delivery.nexthop import NextHop
 from relaygate.delivery.oauth import TokenError
+from relaygate.delivery.pipeline import ReplyReader
 from relaygate.replies import (
     AUTH_NEEDS_TLS,
     AUTH_NOT_OFFERED,
@@ -842,6 +843,9 @@ async def _transaction(
 
     try:
         reused = session.messages > 0
+        transport = getattr(smtp.protocol, "transport", None)
+        if smtp.supports_extension("pipelining") and isinstance(transport, asyncio.Transport):
+            return await _pipelined(session, transport, env, rcpts, params, results, timeout)
         mail = await _command(
             smtp, b"MAIL", b"FROM:<" + env.sender.encode("utf-8") + b">", *params, timeout=timeout
         )
@@ -906,6 +910,86 @@ async def _transaction(
         raise _HopFailed(CONNECTION_DROPPED, connection_lost=stage == "mail") from None
     except SMTPResponseException as exc:
         raise _HopFailed(remote_reply(exc.code, exc.message)) from None
+
+
+async def _pipelined(
+    session: _Session,
+    transport: asyncio.Transport,
+    env: _Envelope,
+    rcpts: list[str],
+    params: list[bytes],
+    results: dict[str, Reply],
+    timeout: float,
+) -> tuple[dict[str, Reply], Reply | None]:
+    """`_transaction` with PIPELINING (RFC 2920): MAIL, the RCPTs and DATA in one write, the
+    replies read in order, then the content. Same outcomes as the command-by-command path."""
+    reused = session.messages > 0
+    reader = ReplyReader.install(transport)
+    got_mail = False
+    try:
+        group = [b" ".join([b"MAIL FROM:<" + env.sender.encode("utf-8") + b">", *params])]
+        group += [b"RCPT TO:<" + env.recipients[r].encode("utf-8") + b">" for r in rcpts]
+        group.append(b"DATA")
+        session.clean = False  # a transaction is open until its final reply or RSET
+        reader.write(b"\r\n".join(group) + b"\r\n")
+        mail = remote_reply(*await reader.reply(timeout))
+        got_mail = True
+        if mail.code == 421:
+            # The server is closing (a pooled session past its idle timeout, or shutting down):
+            # like a dropped connection, one fresh connection to the same hop may take the message.
+            session.close()
+            raise _HopFailed(mail, connection_lost=reused)
+        rcpt_replies = {r: remote_reply(*await reader.reply(timeout)) for r in rcpts}
+        data_start = remote_reply(*await reader.reply(timeout))
+        accepted = [r for r in rcpts if rcpt_replies[r].code in (250, 251)]
+        if data_start.code == 354 and (not accepted or not 200 <= mail.code < 300):
+            # DATA should have been refused (no valid recipient): end the empty content at once.
+            reader.write(b".\r\n")
+            await reader.reply(timeout)
+        if mail.is_transient or mail.code < 200:
+            raise _HopFailed(mail)
+        if mail.is_permanent:
+            results.update({r: mail for r in rcpts})
+            return results, None
+        if not accepted:
+            if all(reply.is_transient for reply in rcpt_replies.values()):
+                raise _HopFailed(next(iter(rcpt_replies.values())))
+            results.update(rcpt_replies)
+            reader.write(b"RSET\r\n")  # the replies are final; RSET only readies the session
+            session.clean = (await reader.reply(timeout))[0] == 250
+            return results, None
+        if data_start.code != 354:  # DATA itself refused: the transaction is still open
+            if data_start.is_transient:
+                raise _HopFailed(data_start)
+            results.update(rcpt_replies)
+            results.update({r: data_start for r in accepted})
+            return results, data_start
+        if env.stuffed is None:
+            env.stuffed = dot_stuff(env.prepared)
+        body = env.stuffed
+        if len(body) < _SEPARATE_TERMINATOR:
+            reader.write(body + b".\r\n")
+        else:  # no copy of a big message just to append three octets
+            reader.write(body)
+            reader.write(b".\r\n")
+        data_reply = remote_reply(*await reader.reply(timeout))
+        session.clean = True  # the final reply ends the transaction, whatever it says
+        if data_reply.code == 250:
+            session.messages += 1
+        elif data_reply.is_transient:
+            raise _HopFailed(data_reply)
+        results.update(rcpt_replies)
+        results.update({r: data_reply for r in accepted})
+        return results, data_reply
+    except SMTPTimeoutError:  # a TimeoutError, hence an OSError: _transaction reports it
+        raise
+    except (SMTPServerDisconnected, ConnectionError, OSError):
+        session.close()
+        # As in _transaction: only a session that died before MAIL was answered may be retried
+        # on a fresh connection to the same hop.
+        raise _HopFailed(CONNECTION_DROPPED, connection_lost=not got_mail) from None
+    finally:
+        reader.restore()
 
 
 # ==================================================================================================
