@@ -31,7 +31,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import mmap
 import os
 import queue
 import sqlite3
@@ -197,20 +196,6 @@ def _make_dirs_durably(path: Path) -> None:
         fsync_dir(d.parent)
 
 
-def _map_wal_index(path: str) -> mmap.mmap | None:
-    """Map the start of SQLite's -shm file read-only, or None (then _wal_in_use estimates)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        return mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ)
-    except (OSError, ValueError):
-        return None
-    finally:
-        os.close(fd)
-
-
 def _chunks(seq: Sequence[str], n: int = _CHUNK) -> Iterable[Sequence[str]]:
     for i in range(0, len(seq), n):
         yield seq[i : i + n]
@@ -317,7 +302,7 @@ class SqliteStore(Store):
         self._bytes_since_ckpt = 0
         self._bytes_committed = 0  # since open: how far the WAL may have grown
         self._wal_reserved = 0  # bytes of the WAL file known to be written (see _reserve_wal)
-        self._wal_index: mmap.mmap | None = None  # the -shm file, to read how much WAL is in use
+        self._wal_index: int | None = None  # fd of the -shm file, to read how much WAL is in use
         self._wal_frame = 4096 + 24
         # statistics (written by the writer thread only)
         self.commits = 0  # transactions committed (one fsync each)
@@ -496,7 +481,8 @@ class SqliteStore(Store):
             finally:
                 self._wconn.execute("ROLLBACK")
             self._wal_frame = self._wconn.execute("PRAGMA page_size").fetchone()[0] + 24
-            self._wal_index = _map_wal_index(f"{self.path}-shm")
+            with contextlib.suppress(OSError):  # without it, _wal_in_use estimates
+                self._wal_index = os.open(f"{self.path}-shm", os.O_RDONLY | os.O_CLOEXEC)
             fsync_dir(self.path.parent)  # the database and WAL directory entries
         except BaseException as exc:
             if self._lock_fd is not None:
@@ -546,7 +532,7 @@ class SqliteStore(Store):
         if carry is not None:  # pragma: no cover - STOP is only queued after every op
             self._run_batch([carry])
         if self._wal_index is not None:
-            self._wal_index.close()
+            os.close(self._wal_index)
             self._wal_index = None
         if self._wconn is not None:
             with contextlib.suppress(sqlite3.Error):
@@ -581,12 +567,16 @@ class SqliteStore(Store):
 
     def _wal_in_use(self) -> int:
         """Bytes of the WAL holding frames now: mxFrame from SQLite's wal-index header (offset 16,
-        native byte order, https://www.sqlite.org/walformat.html), read from the mapped -shm file
-        without a system call. Only decides when to write ahead more; without the map, an estimate
-        (a 10 KB message writes about 10 pages of tables, indexes and overflow)."""
+        native byte order, https://www.sqlite.org/walformat.html) in the -shm file. Read with
+        pread, not a memory map: another process's SQLite may truncate that file, and touching a
+        map past its end is SIGBUS. Only decides when to write ahead more; when the header cannot
+        be read, an estimate (a 10 KB message writes about 10 pages: tables, indexes, overflow)."""
         if self._wal_index is not None:
-            (max_frame,) = struct.unpack_from("=I", self._wal_index, 16)
-            return _WAL_HEADER + max_frame * self._wal_frame
+            with contextlib.suppress(OSError):
+                header = os.pread(self._wal_index, 20, 0)
+                if len(header) == 20:
+                    (max_frame,) = struct.unpack_from("=I", header, 16)
+                    return _WAL_HEADER + max_frame * self._wal_frame
         return self._bytes_committed * 4
 
     def _reserve_wal(self, size: int) -> None:
