@@ -190,3 +190,41 @@ def test_reply_parser_handles_several_replies_and_partial_lines():
     assert reader._replies[-1] == (354, "go ahead")
     reader.restore()
     assert transport.protocol is inner
+
+
+def test_pipelined_over_starttls_on_uvloop_with_a_pooled_session() -> None:
+    """The relay runs on uvloop: its TLS transport must hand its protocol slot over and back too
+    (the other tests run on asyncio's loop). Three messages on one pooled STARTTLS session."""
+    import ssl
+
+    import trustme
+    import uvloop
+
+    from .helpers import Handler, start_sink
+
+    async def main() -> None:
+        ca = trustme.CA()
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("sink.test", "127.0.0.1").configure_cert(ctx)
+        sink = await start_sink(Handler(), tls_context=ctx)
+        pool = ConnectionPool(idle_seconds=5.0)
+        try:
+            for i in range(3):
+                out = await deliver(
+                    [hop(sink.port)],
+                    connector=Connector(),
+                    helo_name="relay.corp.test",
+                    sender="printer@corp.test",
+                    recipients=[f"a{i}@dest.test", f"b{i}@dest.test"],
+                    data=MSG,
+                    timeout=5.0,
+                    pool=pool,
+                )
+                assert out.delivered == [f"a{i}@dest.test", f"b{i}@dest.test"]
+        finally:
+            await pool.aclose()
+            await sink.close()
+        assert [m["tls"] for m in sink.handler.messages] == [True, True, True]
+        assert sink.handler.connections == 1
+
+    uvloop.run(main())
