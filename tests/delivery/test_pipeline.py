@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from relaygate.delivery.client import ConnectionPool, deliver
 from relaygate.delivery.pipeline import ReplyReader
 
@@ -192,21 +194,28 @@ def test_reply_parser_handles_several_replies_and_partial_lines():
     assert transport.protocol is inner
 
 
-def test_pipelined_over_starttls_on_uvloop_with_a_pooled_session() -> None:
-    """The relay runs on uvloop: its TLS transport must hand its protocol slot over and back too
-    (the other tests run on asyncio's loop). Three messages on one pooled STARTTLS session."""
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "starttls"])
+def test_pipelined_on_uvloop_with_a_pooled_session(
+    tls: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay runs on uvloop, whose transports (TCP, and TLS after STARTTLS) must hand their
+    protocol slot over and back too; uvloop's TCPTransport is no asyncio.Transport subclass. The
+    other tests run on asyncio's loop. Three messages on one pooled session, pipelined."""
     import ssl
 
     import trustme
     import uvloop
 
+    from . import pipeline_spy
     from .helpers import Handler, start_sink
+
+    installs = pipeline_spy.count_installs(monkeypatch)
 
     async def main() -> None:
         ca = trustme.CA()
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ca.issue_cert("sink.test", "127.0.0.1").configure_cert(ctx)
-        sink = await start_sink(Handler(), tls_context=ctx)
+        sink = await start_sink(Handler(), tls_context=ctx if tls else None)
         pool = ConnectionPool(idle_seconds=5.0)
         try:
             for i in range(3):
@@ -224,7 +233,8 @@ def test_pipelined_over_starttls_on_uvloop_with_a_pooled_session() -> None:
         finally:
             await pool.aclose()
             await sink.close()
-        assert [m["tls"] for m in sink.handler.messages] == [True, True, True]
+        assert [m["tls"] for m in sink.handler.messages] == [tls, tls, tls]
         assert sink.handler.connections == 1
 
     uvloop.run(main())
+    assert installs == [3], "the transactions did not take the pipelined path"

@@ -44,7 +44,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiosmtplib
 from aiosmtplib import (
@@ -844,8 +844,10 @@ async def _transaction(
     try:
         reused = session.messages > 0
         transport = getattr(smtp.protocol, "transport", None)
-        if smtp.supports_extension("pipelining") and isinstance(transport, asyncio.Transport):
-            return await _pipelined(session, transport, env, rcpts, params, results, timeout)
+        # Duck-typed: uvloop's TCPTransport is not an asyncio.Transport subclass.
+        if smtp.supports_extension("pipelining") and hasattr(transport, "set_protocol"):
+            tr = cast(asyncio.Transport, transport)  # it has the methods ReplyReader uses
+            return await _pipelined(session, tr, env, rcpts, params, results, timeout)
         mail = await _command(
             smtp, b"MAIL", b"FROM:<" + env.sender.encode("utf-8") + b">", *params, timeout=timeout
         )
