@@ -583,8 +583,8 @@ class SqliteStore(Store):
         """Write zeros to the WAL file up to `size` bytes (at most _WAL_LIMIT) and fdatasync them.
 
         A commit that appends to a file makes fdatasync journal the new size as well as write the
-        data (about 1 ms instead of 0.35 ms for a 10 KB message on ext4 here, a third of a message's
-        time at one session); a commit into blocks already written only flushes the data. SQLite
+        data (a 10 KB submit committed in 1.1 ms p50 instead of 0.55 ms on ext4 here, with the
+        same SQL); a commit into blocks already written only flushes the data. SQLite
         reads a WAL up to the first frame whose salt and checksum do not match its header, so zeros
         past the last frame are an empty tail, like the stale frames SQLite itself leaves there when
         it restarts the log. Called with the write lock held (inside BEGIN IMMEDIATE, before any
@@ -717,8 +717,7 @@ class SqliteStore(Store):
         release_owner: str | None = None,
     ) -> None:
         """Recompute the derived columns of one message from its recipients; with `release_owner`,
-        also end that owner's lease on it. Two statements: each one the writer runs waits for the
-        GIL to come back from the event loop (see _run_batch)."""
+        also end that owner's lease on it, in the same UPDATE (two statements; it was four)."""
         rows = conn.execute(
             "SELECT m.suspended, m.completed_at, r.status, r.next_attempt "
             "FROM messages m LEFT JOIN recipients r ON r.queue_id = m.queue_id "
