@@ -831,3 +831,19 @@ async def test_a_pooled_session_the_server_closed_with_421_retries_on_a_fresh_co
     assert out.delivered == ["a@dest.test"]
     assert len(sink.sessions) == 2
     assert _verbs(sink.sessions[1])[:2] == [b"EHLO", b"MAIL"]
+
+
+async def test_a_garbled_reply_defers_the_message_and_drops_the_session():
+    """A reply without a three-digit code is no reply: the hop failed, nothing was delivered, the
+    message waits for a retry (with or without PIPELINING)."""
+    sink = await RawSink(
+        answer=lambda verb, conn, n: "this is not SMTP" if verb == b"MAIL" else None
+    ).start()
+    try:
+        out = await send(hop(sink.port))
+    finally:
+        await sink.close()
+    r = out.per_recipient["a@dest.test"]
+    assert r.is_transient, r
+    assert out.hop_used is None and out.delivered == []
+    assert sink.data == []
