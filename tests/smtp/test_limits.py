@@ -155,6 +155,25 @@ def test_connection_inactivity_timeout(relay):
     assert r.messages() == []
 
 
+def test_inactivity_is_counted_from_the_last_read(relay):
+    """The session's one watchdog timer re-arms on activity: a client busy for longer than the
+    inactivity timeout is not cut off, and is cut off once it then goes quiet for that long."""
+    r = relay(
+        [relay_connector(connection_inactivity_timeout="00:00:01", connection_timeout="00:00:30")]
+    )
+    with r.raw() as c:
+        c.greet()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2.5:  # two and a half timeouts, never a whole one idle
+            c.send(b"NOOP\r\n")
+            assert c.expect(250).code == 250
+            quiet = time.monotonic()  # the session's next read starts about now
+            time.sleep(0.3)
+        assert c.expect(451).text == "451 4.7.0 Timeout waiting for client input"
+        assert 0.8 < time.monotonic() - quiet < 2.5
+        assert c.is_closed()
+
+
 def test_connection_timeout_is_absolute(relay):
     r = relay(
         [relay_connector(connection_inactivity_timeout="00:00:01", connection_timeout="00:00:02")]
