@@ -189,11 +189,15 @@ async def start_sink(
 # raw sink: records the exact octets of DATA; can greet with an error or drop mid-DATA
 
 
+SILENT = "(no reply)"  # what RawSink's `answer` returns to leave a command unanswered
+
+
 class RawSink:
     """Minimal SMTP speaker recording the octets between the 354 and the final reply.
 
     `answer(verb, connection, n)` may replace the reply to the n-th use of a verb on a connection
-    (1-based); a 421 ends the connection. `sessions` holds each connection's command lines."""
+    (1-based); a 421 ends the connection, `SILENT` sends nothing. `sessions` holds each
+    connection's command lines."""
 
     def __init__(
         self,
@@ -242,6 +246,8 @@ class RawSink:
                 verb = line[:4].upper()
                 uses[verb] = uses.get(verb, 0) + 1
                 special = self.answer(verb, connection, uses[verb])
+                if special == SILENT:
+                    continue
                 if special is not None:
                     writer.write(special.encode() + b"\r\n")
                     await writer.drain()

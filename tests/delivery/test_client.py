@@ -6,6 +6,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import time
 
 import pytest
 import trustme
@@ -29,7 +30,7 @@ from relaygate.delivery.client import (
 )
 
 from . import helpers
-from .helpers import Connector, Handler, RawSink, hop, start_sink
+from .helpers import SILENT, Connector, Handler, RawSink, hop, start_sink
 
 
 @pytest.fixture(autouse=True, params=[True, False], ids=["pipelined", "one-by-one"])
@@ -831,6 +832,23 @@ async def test_a_pooled_session_the_server_closed_with_421_retries_on_a_fresh_co
     assert out.delivered == ["a@dest.test"]
     assert len(sink.sessions) == 2
     assert _verbs(sink.sessions[1])[:2] == [b"EHLO", b"MAIL"]
+
+
+async def test_a_server_that_stops_answering_times_out_and_defers():
+    """No reply to MAIL (or to the pipelined group) within the timeout: the hop failed with a
+    timeout, nothing was delivered, the message waits for a retry."""
+    sink = await RawSink(answer=lambda verb, conn, n: None if verb == b"EHLO" else SILENT).start()
+    try:
+        t0 = time.monotonic()
+        out = await send(hop(sink.port), timeout=0.5)
+        took = time.monotonic() - t0
+    finally:
+        await sink.close()
+    r = out.per_recipient["a@dest.test"]
+    assert r.is_transient, r
+    assert "time" in r.text.lower(), r
+    assert out.delivered == [] and sink.data == []
+    assert 0.4 < took < 3.0
 
 
 async def test_a_garbled_reply_defers_the_message_and_drops_the_session():

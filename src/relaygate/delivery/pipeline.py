@@ -21,6 +21,11 @@ __all__ = ["ReplyReader"]
 _MAX_PENDING = 64 * 1024  # octets without a complete reply: not an SMTP server
 
 
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(SMTPTimeoutError("Timed out waiting for server response"))
+
+
 class ReplyReader(asyncio.Protocol):
     """The transport's protocol while installed: collects replies as (code, text)."""
 
@@ -54,13 +59,15 @@ class ReplyReader(asyncio.Protocol):
                 raise self._error
             if self._lost:
                 raise SMTPServerDisconnected("Connection lost")
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            self._waiter = waiter = loop.create_future()
+            # A plain timer that fails the waiter: cheaper than asyncio.timeout's task bookkeeping,
+            # and this runs twice per delivered message.
+            timer = loop.call_later(timeout, _expire, waiter)
             try:
-                async with asyncio.timeout(timeout):
-                    await self._waiter
-            except TimeoutError:
-                raise SMTPTimeoutError("Timed out waiting for server response") from None
+                await waiter
             finally:
+                timer.cancel()
                 self._waiter = None
         return self._replies.popleft()
 
