@@ -490,6 +490,26 @@ def test_parse_domain_literal_switch() -> None:
         parse_domain("[192.0.2.1]", allow_literal=False, error=R501)
 
 
+def test_parse_domain_remembers_valid_domains_only_and_within_bounds() -> None:
+    from relaygate import addresses
+
+    addresses._DOMAINS_SEEN.clear()
+    assert parse_domain("Mail.CORP.example.", error=R501) == "mail.corp.example"
+    assert addresses._DOMAINS_SEEN[("Mail.CORP.example.", False, True)] == "mail.corp.example"
+    assert parse_domain("Mail.CORP.example.", error=R501) == "mail.corp.example"  # from memory
+    for _ in range(2):  # a refusal is never remembered: it raises every time
+        with pytest.raises(AddressError):
+            parse_domain("bad_label.example", error=R501)
+    assert ("bad_label.example", False, True) not in addresses._DOMAINS_SEEN
+    # the same text under other rules is checked under those rules
+    assert parse_domain("bücher.example", smtputf8=True, error=R501) == "xn--bcher-kva.example"
+    with pytest.raises(AddressError):
+        parse_domain("bücher.example", error=R501)
+    for i in range(addresses._DOMAINS_SEEN_MAX + 10):
+        parse_domain(f"d{i}.example", error=R501)
+    assert len(addresses._DOMAINS_SEEN) <= addresses._DOMAINS_SEEN_MAX
+
+
 # --- split_args and parameters ------------------------------------------------------------------------
 
 

@@ -449,7 +449,11 @@ class QueueManager:
         release = len(groups) == 1 and not self.schedule.delay_notice_due(
             msg.received_at, now, msg.delay_notified
         )
-        await asyncio.gather(*(run_route(key, addrs) for key, addrs in groups.items()))
+        if len(groups) == 1:  # the usual case: no task (and no gather) for one route
+            [(key, addrs)] = groups.items()
+            await run_route(key, addrs)
+        else:
+            await asyncio.gather(*(run_route(key, addrs) for key, addrs in groups.items()))
         await self._maybe_delay_notice(msg, by_addr, pending, deferred, data)
         return release
 
