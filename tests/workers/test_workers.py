@@ -358,6 +358,8 @@ def test_one_worker_is_one_process(serve: Any) -> None:
     with RawClient(s.port, timeout=10) as c:
         assert c.greet().code == 250
     assert s.stop() == 0
+    # the serving process tuned its garbage collector once started (relaygate.app.tune_gc)
+    assert s.log().count("garbage collector: ") == 1, s.log()
 
 
 def test_connections_spread_over_both_workers_and_each_message_is_delivered_once(
@@ -369,6 +371,7 @@ def test_connections_spread_over_both_workers_and_each_message_is_delivered_once
     )
     workers = s.children()
     assert len(workers) == 2
+    assert s.log().count("garbage collector: ") == 2, s.log()  # each worker, not the supervisor
 
     clients = open_clients(s.port, 40)
     try:
