@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from relaygate import replies
 from relaygate.config.model import SendConnector
+from relaygate.delivery import routing
 from relaygate.delivery.routing import (
     DELIVERY_DNS,
     DELIVERY_SMART_HOST,
     DELIVERY_UNREACHABLE,
     RouteKey,
+    RouteTable,
     explain_route,
     match_address_space,
     parse_address_space,
@@ -175,3 +177,40 @@ def test_works_with_the_real_config_dataclass():
     assert select_send_connector(conns, "a.corp.example").name == "Corp"
     groups = route_recipients(conns, ["x@a.corp.example", "y@b.test"])
     assert {k.connector_name for k in groups} == {"Corp", "Internet"}
+
+
+def test_route_table_remembers_per_domain_and_size_limits(monkeypatch):
+    conns = [
+        Connector("Small", ["corp.example"], smart_hosts=["[10.0.0.1]"], max_message_size=1000),
+        Connector("Big", ["*"], smart_hosts=["[10.0.0.2]"]),
+    ]
+    calls: list[str] = []
+    real = routing.explain_route
+
+    def counting(connectors, address, *, size=None):
+        calls.append(address)
+        return real(connectors, address, size=size)
+
+    monkeypatch.setattr(routing, "explain_route", counting)
+    table = RouteTable(conns)
+    small = RouteKey("Small", "[10.0.0.1]", DELIVERY_SMART_HOST)
+    big = RouteKey("Big", "[10.0.0.2]", DELIVERY_SMART_HOST)
+    rcpts = ["a@corp.example", "b@CORP.example", "c@x.test"]
+    assert table.route(rcpts, size=500) == {small: rcpts[:2], big: ["c@x.test"]}
+    assert calls == ["a@corp.example", "c@x.test"]  # one decision per domain
+    assert table.route(["d@corp.example"], size=900) == {small: ["d@corp.example"]}
+    assert len(calls) == 2  # remembered: same domain, under the same size limits
+    # over Small's limit is another decision, not the remembered one
+    assert table.route(["e@corp.example"], size=5000) == {big: ["e@corp.example"]}
+    assert len(calls) == 3
+    # the same groups as deciding each recipient afresh
+    mixed = ["f@corp.example", "g@y.test", "h@corp.example"]
+    for size in (None, 10, 5000):
+        assert table.route(mixed, size=size) == route_recipients(conns, mixed, size=size)
+
+
+def test_route_table_memory_is_bounded():
+    table = RouteTable([Connector("Any", ["*"], dns_routing_enabled=True)])
+    for i in range(RouteTable._MAX + 10):
+        table.route([f"x@d{i}.test"])
+    assert len(table._memo) <= RouteTable._MAX

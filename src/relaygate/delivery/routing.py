@@ -36,6 +36,7 @@ __all__ = [
     "Candidate",
     "RouteExplanation",
     "RouteKey",
+    "RouteTable",
     "SendConnectorLike",
     "domain_of",
     "explain_route",
@@ -255,13 +256,18 @@ def route_key_for(connector: Any, domain: str) -> RouteKey:
     return RouteKey(connector.name, domain, DELIVERY_DNS, connector)
 
 
+def _route_domain(address: str) -> str:
+    """The domain a route is chosen for: an address's, or a bare domain."""
+    return (
+        domain_of(address) if "@" in address or address.startswith("<") else _norm_domain(address)
+    )
+
+
 def explain_route(
     connectors: Iterable[Any], address: str, *, size: int | None = None
 ) -> RouteExplanation:
     """Choose the send connector for `address` and say why, naming the connectors that lost."""
-    domain = (
-        domain_of(address) if "@" in address or address.startswith("<") else _norm_domain(address)
-    )
+    domain = _route_domain(address)
     verdicts: dict[str, Candidate] = {}
     eligible: list[tuple[tuple[int, int], int, str, Any, AddressSpace]] = []
     too_small: list[str] = []
@@ -358,9 +364,42 @@ def route_recipients(
     """Group recipients per delivery queue: (connector, domain) for DNS routing, (connector,
     smart-host list) for smart hosts, and one Unreachable key for recipients with no route (see
     `explain_route(...).reply` for their reason). Recipient order is kept inside each group."""
-    conns = list(connectors)
-    groups: dict[RouteKey, list[str]] = {}
-    for rcpt in recipients:
-        key = explain_route(conns, rcpt, size=size).route
-        groups.setdefault(key, []).append(rcpt)
-    return groups
+    return RouteTable(list(connectors)).route(recipients, size=size)
+
+
+class RouteTable:
+    """`route_recipients` for one list of send connectors, remembering each decision.
+
+    The queue manager routes every message to the same few domains: a decision depends only on
+    the recipient's domain and on which of the connectors' size limits the message exceeds, so it
+    is remembered under that key (bounded: cleared past _MAX entries). `source` is the
+    configuration's own list; the manager builds a new table when that list is replaced.
+    """
+
+    _MAX = 4096
+
+    def __init__(self, connectors: Sequence[Any]) -> None:
+        self.source = connectors
+        self.connectors = list(connectors)
+        self._limits = tuple(
+            int(limit)
+            for conn in self.connectors
+            if (limit := getattr(conn, "max_message_size", None)) is not None
+        )
+        self._memo: dict[tuple[str, tuple[bool, ...] | None], RouteKey] = {}
+
+    def route(
+        self, recipients: Iterable[str], *, size: int | None = None
+    ) -> dict[RouteKey, list[str]]:
+        over = None if size is None else tuple(size > limit for limit in self._limits)
+        groups: dict[RouteKey, list[str]] = {}
+        for rcpt in recipients:
+            memo_key = (_route_domain(rcpt), over)
+            key = self._memo.get(memo_key)
+            if key is None:
+                key = explain_route(self.connectors, rcpt, size=size).route
+                if len(self._memo) >= self._MAX:
+                    self._memo.clear()
+                self._memo[memo_key] = key
+            groups.setdefault(key, []).append(rcpt)
+        return groups

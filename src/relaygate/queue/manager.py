@@ -55,7 +55,7 @@ from relaygate.delivery.client import (
 from relaygate.delivery.dns import Resolver
 from relaygate.delivery.nexthop import NextHopError, resolve_next_hops
 from relaygate.delivery.oauth import OAuthTokenProvider
-from relaygate.delivery.routing import RouteKey, domain_of, explain_route, route_recipients
+from relaygate.delivery.routing import RouteKey, RouteTable, domain_of, explain_route
 from relaygate.queue.bounce import DsnRecipient, build_dsn, header_value
 from relaygate.queue.model import (
     PENDING_STATUSES,
@@ -179,6 +179,7 @@ class QueueManager:
         delivery_timeout: float | None = None,
     ) -> None:
         self.config = config
+        self._routes: RouteTable | None = None  # routing decisions for config.send_connectors
         self.store = store
         self.tracking = tracking
         self.node_id = node_id or str(config.server.name)
@@ -420,8 +421,10 @@ class QueueManager:
                     await self.store.set_flags(msg.queue_id, suspended=True)
                 return False
 
-        connectors = list(self.config.send_connectors)
-        groups = route_recipients(connectors, [r.address for r in due], size=msg.size)
+        routes = self._routes
+        if routes is None or routes.source is not self.config.send_connectors:
+            routes = self._routes = RouteTable(self.config.send_connectors)  # new configuration
+        groups = routes.route([r.address for r in due], size=msg.size)
         to_send = data
         if self.signer is not None and any(not k.is_unreachable for k in groups):
             to_send = await self._sign(msg, data)
