@@ -202,8 +202,14 @@ async def _smart_host_hops(
 ) -> list[NextHop]:
     parsed = _parse_smart_hosts(tuple(smart_hosts), port_default)
     lookups: Sequence[list[str] | DnsError]
+    literal_key = None
     if all(is_ip for _host, _port, is_ip in parsed):
-        lookups = [[host] for host, _port, _is_ip in parsed]  # no DNS: no task per host
+        # No DNS: the hops are a function of the configuration, worked out once.
+        literal_key = (tuple(smart_hosts), port_default, tls_domain, tuple(endpoints), max_hops)
+        known = _LITERAL_HOPS.get(literal_key)
+        if known is not None:
+            return list(known)
+        lookups = [[host] for host, _port, _is_ip in parsed]  # no task per host
     else:
         lookups = await asyncio.gather(
             *(
@@ -226,6 +232,10 @@ async def _smart_host_hops(
                 continue
             hops.append(NextHop(host, ip, port, tls_domain or host))
     if hops:
+        if literal_key is not None:
+            if len(_LITERAL_HOPS) >= 256:
+                _LITERAL_HOPS.clear()
+            _LITERAL_HOPS[literal_key] = tuple(hops[:max_hops])
         return hops[:max_hops]
     if looped:
         raise NextHopError(replies.LOOP_DETECTED, True)
@@ -236,6 +246,9 @@ async def _smart_host_hops(
             reply = replies.dns_query_failed(replies.DNS_NONEXISTENT_DOMAIN.text)
         raise NextHopError(reply, False)
     raise NextHopError(replies.dns_query_failed("ErrorRetry"), False)
+
+
+_LITERAL_HOPS: dict[tuple[object, ...], tuple[NextHop, ...]] = {}  # smart hosts all IP literals
 
 
 @functools.lru_cache(maxsize=256)
