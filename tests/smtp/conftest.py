@@ -10,6 +10,7 @@ and Verbose protocol logging unless the test says otherwise.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -150,9 +151,10 @@ class RelayHandle:
 
     def stop(self) -> None:
         if self.mode == "thread":
-            if self.loop is not None and self.relay is not None:
+            if self.loop is not None and not self.loop.is_closed():
                 try:
-                    asyncio.run_coroutine_threadsafe(self.relay.stop(), self.loop).result(20)
+                    if self.relay is not None:  # None: its start failed
+                        asyncio.run_coroutine_threadsafe(self.relay.stop(), self.loop).result(20)
                 finally:
                     self.loop.call_soon_threadsafe(self.loop.stop)
                     assert self.thread is not None
@@ -312,18 +314,28 @@ def relay(tmp_path: Path) -> Iterator[Callable[..., RelayHandle]]:
         domains: list[dict[str, Any]] | None = None,
         start: bool = True,
     ) -> RelayHandle:
-        ports = [free_port() for _ in range(3)]
-        tmp = tmp_path / f"relay{next(counter)}"
-        tmp.mkdir()
-        doc = build_doc(
-            tmp, connectors if connectors is not None else [relay_connector()], ports,
-            server=server, domains=domains,
-        )  # fmt: skip
-        handle = RelayHandle(tmp, doc, ports, mode)
-        handles.append(handle)
-        if start:
-            handle.start()
-        return handle
+        for attempt in range(3):
+            ports = [free_port() for _ in range(3)]
+            tmp = tmp_path / f"relay{next(counter)}"
+            tmp.mkdir()
+            doc = build_doc(
+                tmp, connectors if connectors is not None else [relay_connector()], ports,
+                server=server, domains=domains,
+            )  # fmt: skip
+            handle = RelayHandle(tmp, doc, ports, mode)
+            handles.append(handle)
+            if not start:
+                return handle
+            try:
+                return handle.start()
+            except OSError as exc:
+                # A port free_port() returned was taken before the relay bound it (another test
+                # worker's client got it as its source port): pick other ports.
+                if exc.errno != errno.EADDRINUSE or attempt == 2:
+                    raise
+                handles.remove(handle)
+                handle.stop()
+        raise AssertionError("unreachable")
 
     try:
         yield factory
