@@ -28,6 +28,7 @@ from relaygate.queue.model import Envelope, StoredMessage
 from relaygate.queue.store import Store
 from relaygate.smtp import proxy
 from relaygate.smtp.auth import UserStore, users_path
+from relaygate.smtp.connection import Connection
 from relaygate.smtp.limits import ConnectionLimits, RateLimiter
 from relaygate.smtp.session import Session
 from relaygate.smtp.steering import attach_source_steering
@@ -266,33 +267,28 @@ class SmtpServer:
             )
             ssl_ctx = self.ctx.tls_context(connector)
 
-        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def on_connect(conn: Connection) -> None:
             task = asyncio.current_task()
             assert task is not None
             self._sessions.add(task)
             try:
-                await self._handle(reader, writer, implicit)
+                await self._handle(conn, implicit)
             except Exception:  # a task boundary: log with context, never crash the listener
-                logger.exception("session from %s failed", writer.get_extra_info("peername"))
+                logger.exception("session from %s failed", conn.get_extra_info("peername"))
             finally:
                 self._sessions.discard(task)
-                writer.close()
+                conn.close()
 
-        return await asyncio.start_server(on_connect, sock=sock, ssl=ssl_ctx, limit=2**20)
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(lambda: Connection(on_connect), sock=sock, ssl=ssl_ctx)
 
-    async def _handle(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, implicit: bool
-    ) -> None:
-        peer = writer.get_extra_info("peername")
-        local = writer.get_extra_info("sockname")
+    async def _handle(self, conn: Connection, implicit: bool) -> None:
+        peer = conn.get_extra_info("peername")
+        local = conn.get_extra_info("sockname")
         if peer is None or local is None:
             return
-        sockname = writer.get_extra_info("socket")
-        if sockname is not None:
-            try:
-                sockname.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        # No TCP_NODELAY here: asyncio and uvloop both set it on every accepted TCP socket
+        # (tests/smtp/test_connection.py checks it), so each reply leaves at once.
         client_ip, client_port = canonical_ip(peer[0]), peer[1]
         local_ip, local_port = canonical_ip(local[0]), local[1]
         initial = b""
@@ -300,7 +296,7 @@ class SmtpServer:
         if config.server.trusted_proxies and any(
             r.contains(ipaddress.ip_address(client_ip)) for r in config.server.trusted_proxies
         ):
-            result = await self._read_proxy(reader)
+            result = await self._read_proxy(conn)
             if result is None:
                 return  # malformed PROXY header from the balancer: close
             source, initial = result
@@ -321,9 +317,9 @@ class SmtpServer:
             return
         refusal = self.ctx.limits.admit(connector, client_ip)
         if refusal is not None:
-            writer.write(refusal.line().encode() + b"\r\n")
+            conn.write(refusal.line().encode() + b"\r\n")
             try:
-                await writer.drain()
+                await conn.drain()
             except ConnectionError:
                 pass
             return
@@ -331,8 +327,7 @@ class SmtpServer:
             session = Session(
                 self.ctx,
                 connector,
-                reader,
-                writer,
+                conn,
                 client=(client_ip, client_port),
                 local=(local_ip, local_port),
                 tls_active=implicit,
@@ -342,14 +337,12 @@ class SmtpServer:
         finally:
             self.ctx.limits.release(connector, client_ip)
 
-    async def _read_proxy(
-        self, reader: asyncio.StreamReader
-    ) -> tuple[tuple[str, int] | None, bytes] | None:
+    async def _read_proxy(self, conn: Connection) -> tuple[tuple[str, int] | None, bytes] | None:
         """Read a PROXY v1 or v2 header from a trusted proxy. Returns (source, leftover bytes) or None."""
         buf = b""
         try:
             while len(buf) < 16:
-                chunk = await asyncio.wait_for(reader.read(4096), timeout=10)
+                chunk = await asyncio.wait_for(conn.read(4096), timeout=10)
                 if not chunk:
                     return None
                 buf += chunk
@@ -361,14 +354,14 @@ class SmtpServer:
                         source, length = proxy.parse_v2(buf)
                         return source, buf[length:]
                     except IndexError:
-                        chunk = await asyncio.wait_for(reader.read(4096), timeout=10)
+                        chunk = await asyncio.wait_for(conn.read(4096), timeout=10)
                         if not chunk:
                             return None
                         buf += chunk
             while b"\r\n" not in buf:
                 if len(buf) > 107:
                     return None
-                chunk = await asyncio.wait_for(reader.read(4096), timeout=10)
+                chunk = await asyncio.wait_for(conn.read(4096), timeout=10)
                 if not chunk:
                     return None
                 buf += chunk

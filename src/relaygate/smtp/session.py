@@ -32,6 +32,7 @@ from relaygate.replies import Reply
 from relaygate.smtp.message import has_bare_cr_or_lf, received_header, scan_headers
 
 if TYPE_CHECKING:
+    from relaygate.smtp.connection import Connection
     from relaygate.smtp.server import ServerContext
 
 __all__ = ["Session"]
@@ -66,8 +67,7 @@ class Session:
         self,
         ctx: ServerContext,
         connector: ReceiveConnector,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        conn: Connection,
         *,
         client: tuple[str, int],
         local: tuple[str, int],
@@ -76,8 +76,7 @@ class Session:
     ) -> None:
         self.ctx = ctx
         self.connector = connector
-        self.reader = reader
-        self.writer = writer
+        self.conn = conn
         self.client_ip, self.client_port = client
         self.local = local
         self.tls_active = tls_active
@@ -125,14 +124,14 @@ class Session:
 
     async def flush(self) -> None:
         if self.out:
-            self.writer.write(b"".join(self.out))
+            self.conn.write(b"".join(self.out))
             self.out.clear()
-            if not self.writer.transport.get_write_buffer_size():
+            if not self.conn.transport.get_write_buffer_size():
                 return  # the kernel took it all: nothing to wait for (the usual case)
             try:
                 # asyncio.timeout, not wait_for: no extra task per reply on the hot path.
                 async with asyncio.timeout(self.idle):
-                    await self.writer.drain()
+                    await self.conn.drain()
             except TimeoutError:
                 raise ConnectionError("client does not read its replies") from None
 
@@ -508,7 +507,7 @@ class Session:
             raise _Close()
         self._reading_since = now
         try:
-            return await self.reader.read(READ_CHUNK)
+            return await self.conn.read(READ_CHUNK)
         except asyncio.CancelledError:
             timed_out, self._timed_out = self._timed_out, None
             if timed_out is None or self._task is None:
@@ -649,23 +648,22 @@ class Session:
             return
         # Stop reading plaintext now: nothing that arrives from here on is read before the TLS layer is
         # in place (the transport feeds it to the handshake, where injected plaintext is garbage).
-        self.writer.transport.pause_reading()  # type: ignore[attr-defined]
+        self.conn.transport.pause_reading()
         self.reply(replies.STARTTLS_READY)
         await self.flush()
-        # Discard every plaintext byte that arrived with or after STARTTLS (CVE-2011-0411): ours and the
-        # StreamReader's own buffer, which start_tls does not clear.
-        pending = len(self.buf) + len(self.reader._buffer)  # type: ignore[attr-defined]
+        # Discard every plaintext byte that arrived with or after STARTTLS (CVE-2011-0411): ours and
+        # what the connection received and the session has not read yet.
+        pending = len(self.buf) + self.conn.discard_unread()
         if pending:
             self.log.info(f"{pending} bytes sent after STARTTLS discarded")
         self.buf.clear()
-        self.reader._buffer.clear()  # type: ignore[attr-defined]
         try:
-            await asyncio.wait_for(self.writer.start_tls(ctx), timeout=min(self.idle, 60))
+            await asyncio.wait_for(self.conn.start_tls(ctx), timeout=min(self.idle, 60))
         except (TimeoutError, OSError, ConnectionError) as exc:
             self.log.info(f"TLS negotiation failed: {exc}")
             raise _Close() from None
         self.tls_active = True
-        ssl_object = self.writer.get_extra_info("ssl_object")
+        ssl_object = self.conn.get_extra_info("ssl_object")
         if ssl_object is not None:
             self.log.info(
                 f"TLS protocol {ssl_object.version()} negotiation succeeded using cipher {ssl_object.cipher()[0]}"
