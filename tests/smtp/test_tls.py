@@ -43,8 +43,10 @@ def insecure_ctx() -> ssl.SSLContext:
     return ctx
 
 
-def test_starttls_with_connector_certificate(relay, cert_files, client_ctx):
-    r = relay([relay_connector(**cert_files)])
+# "process": `relaygate serve` on uvloop, whose TLS transport wraps the session's Connection.
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_starttls_with_connector_certificate(relay, cert_files, client_ctx, mode):
+    r = relay([relay_connector(**cert_files)], mode=mode)
     with r.smtp() as s:
         s.ehlo()
         assert s.has_extn("starttls")
@@ -57,7 +59,8 @@ def test_starttls_with_connector_certificate(relay, cert_files, client_ctx):
     assert b"\twith ESMTPS id " in r.data(msg.queue_id)
 
 
-def test_implicit_tls_binding(relay, cert_files, client_ctx):
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_implicit_tls_binding(relay, cert_files, client_ctx, mode):
     r = relay(
         [
             relay_connector(bindings=["127.0.0.1:{port}"]),
@@ -67,7 +70,8 @@ def test_implicit_tls_binding(relay, cert_files, client_ctx):
                 tls_mode="implicit",
                 **cert_files,
             ),
-        ]
+        ],
+        mode=mode,
     )
     implicit = r.ports[1]
     with smtplib.SMTP_SSL(
