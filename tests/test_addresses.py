@@ -491,23 +491,24 @@ def test_parse_domain_literal_switch() -> None:
 
 
 def test_parse_domain_remembers_valid_domains_only_and_within_bounds() -> None:
-    from relaygate import addresses
-
-    addresses._DOMAINS_SEEN.clear()
+    parse_domain.cache_clear()
     assert parse_domain("Mail.CORP.example.", error=R501) == "mail.corp.example"
-    assert addresses._DOMAINS_SEEN[("Mail.CORP.example.", False, True)] == "mail.corp.example"
+    assert parse_domain.cache_info().currsize == 1
     assert parse_domain("Mail.CORP.example.", error=R501) == "mail.corp.example"  # from memory
+    assert parse_domain.cache_info().hits == 1
     for _ in range(2):  # a refusal is never remembered: it raises every time
         with pytest.raises(AddressError):
             parse_domain("bad_label.example", error=R501)
-    assert ("bad_label.example", False, True) not in addresses._DOMAINS_SEEN
+    assert parse_domain.cache_info().currsize == 1
     # the same text under other rules is checked under those rules
     assert parse_domain("bücher.example", smtputf8=True, error=R501) == "xn--bcher-kva.example"
     with pytest.raises(AddressError):
         parse_domain("bücher.example", error=R501)
-    for i in range(addresses._DOMAINS_SEEN_MAX + 10):
+    maxsize = parse_domain.cache_info().maxsize
+    assert maxsize is not None
+    for i in range(maxsize + 10):
         parse_domain(f"d{i}.example", error=R501)
-    assert len(addresses._DOMAINS_SEEN) <= addresses._DOMAINS_SEEN_MAX
+    assert parse_domain.cache_info().currsize <= maxsize
 
 
 # --- split_args and parameters ------------------------------------------------------------------------

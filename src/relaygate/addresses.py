@@ -18,6 +18,7 @@ nothing is ever guessed, repaired or truncated.
 from __future__ import annotations
 
 import encodings.idna
+import functools
 import ipaddress
 import re
 import socket
@@ -246,10 +247,10 @@ def _address_literal(text: str, *, error: Reply) -> str:
     raise AddressError(error, f"unsupported address literal {text!r}")
 
 
-_DOMAINS_SEEN: dict[tuple[str, bool, bool], str] = {}
-_DOMAINS_SEEN_MAX = 4096  # then start afresh: bounded whatever a client sends
-
-
+# A relay sees the same few domains in every HELO, MAIL and RCPT: a valid one's canonical form is
+# remembered (the checks are ~10 µs per domain). lru_cache keeps no exception, so a refusal is
+# checked (and raised) every time; the bound holds whatever a client sends.
+@functools.lru_cache(maxsize=4096)
 def parse_domain(
     text: str, *, smtputf8: bool = False, allow_literal: bool = True, error: Reply
 ) -> str:
@@ -258,22 +259,7 @@ def parse_domain(
     Refused: empty, over-long (255 octets, 63 per label), non-LDH, all-numeric last label or anything
     `inet_aton` would read as an IPv4 address (`203.0.113.9`, `0x7f000001`, `127.1`), malformed or
     general address literals, non-ASCII without SMTPUTF8.
-
-    A relay sees the same few domains in every HELO, MAIL and RCPT: a valid one's canonical form is
-    remembered (the checks are ~10 µs per domain; refusals are not remembered, they raise).
     """
-    key = (text, smtputf8, allow_literal)
-    seen = _DOMAINS_SEEN.get(key)
-    if seen is not None:
-        return seen
-    domain = _parse_domain(text, smtputf8=smtputf8, allow_literal=allow_literal, error=error)
-    if len(_DOMAINS_SEEN) >= _DOMAINS_SEEN_MAX:
-        _DOMAINS_SEEN.clear()
-    _DOMAINS_SEEN[key] = domain
-    return domain
-
-
-def _parse_domain(text: str, *, smtputf8: bool, allow_literal: bool, error: Reply) -> str:
     _check_chars(text, smtputf8=smtputf8, error=error, what="domain")
     if not text:
         raise AddressError(error, "empty domain")
