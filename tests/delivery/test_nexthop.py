@@ -227,11 +227,11 @@ async def test_max_hops_cap(loopback_dns):
 async def test_ip_literal_smart_hosts_are_worked_out_once_per_configuration(loopback_dns):
     from relaygate.delivery import nexthop
 
-    nexthop._LITERAL_HOPS.clear()
+    nexthop._literal_hops.cache_clear()
     conn = Connector(smart_hosts=["[127.0.0.1]:2525", "[127.0.0.51]:2600"], tls_domain="t.test")
     first = await resolve_next_hops(conn, "x.test", res(loopback_dns), local_endpoints=OURS)
     assert [h.label for h in first] == ["[127.0.0.51]:2600"]  # this relay's own port skipped
-    assert len(nexthop._LITERAL_HOPS) == 1
+    assert nexthop._literal_hops.cache_info().currsize == 1
     first.clear()  # a caller's list is its own: the remembered hops are not affected
     again = await resolve_next_hops(conn, "y.test", res(loopback_dns), local_endpoints=OURS)
     assert again == [NextHop("127.0.0.51", "127.0.0.51", 2600, "t.test")]
@@ -240,10 +240,10 @@ async def test_ip_literal_smart_hosts_are_worked_out_once_per_configuration(loop
         conn, "x.test", res(loopback_dns), local_endpoints={("127.0.0.1", 2600)}
     )
     assert [h.label for h in other] == ["[127.0.0.1]:2525"]
-    assert len(nexthop._LITERAL_HOPS) == 2
+    assert nexthop._literal_hops.cache_info().currsize == 2
     # every smart host looping is an error each time, never remembered as an empty list
     looping = Connector(smart_hosts=["[127.0.0.1]:2525"])
     for _ in range(2):
         with pytest.raises(NextHopError):
             await resolve_next_hops(looping, "x.test", res(loopback_dns), local_endpoints=OURS)
-    assert len(nexthop._LITERAL_HOPS) == 2
+    assert nexthop._literal_hops.cache_info().currsize == 2

@@ -201,22 +201,44 @@ async def _smart_host_hops(
     max_hops: int,
 ) -> list[NextHop]:
     parsed = _parse_smart_hosts(tuple(smart_hosts), port_default)
-    lookups: Sequence[list[str] | DnsError]
-    literal_key = None
     if all(is_ip for _host, _port, is_ip in parsed):
-        # No DNS: the hops are a function of the configuration, worked out once.
-        literal_key = (tuple(smart_hosts), port_default, tls_domain, tuple(endpoints), max_hops)
-        known = _LITERAL_HOPS.get(literal_key)
-        if known is not None:
-            return list(known)
-        lookups = [[host] for host, _port, _is_ip in parsed]  # no task per host
-    else:
-        lookups = await asyncio.gather(
-            *(
-                _addresses(resolver, host) if not is_ip else _literal(host)
-                for host, _port, is_ip in parsed
-            )
+        hops = _literal_hops(
+            tuple(smart_hosts), port_default, tls_domain, tuple(endpoints), max_hops
         )
+        return list(hops)
+    lookups = await asyncio.gather(
+        *(
+            _addresses(resolver, host) if not is_ip else _literal(host)
+            for host, _port, is_ip in parsed
+        )
+    )
+    return _collect_hops(parsed, lookups, tls_domain, endpoints, max_hops)
+
+
+@functools.lru_cache(maxsize=256)
+def _literal_hops(
+    smart_hosts: tuple[str, ...],
+    port_default: int,
+    tls_domain: str,
+    endpoints: tuple[tuple[str, int], ...],
+    max_hops: int,
+) -> tuple[NextHop, ...]:
+    """Smart hosts that are all IP literals need no DNS: their hops are a function of the
+    configuration, worked out once (an error, such as every host being this relay, is raised
+    every time: lru_cache keeps no exception)."""
+    parsed = _parse_smart_hosts(smart_hosts, port_default)
+    lookups = [[host] for host, _port, _is_ip in parsed]
+    return tuple(_collect_hops(parsed, lookups, tls_domain, list(endpoints), max_hops))
+
+
+def _collect_hops(
+    parsed: list[tuple[str, int, bool]],
+    lookups: Sequence[list[str] | DnsError],
+    tls_domain: str,
+    endpoints: list[tuple[str, int]],
+    max_hops: int,
+) -> list[NextHop]:
+    """The smart hosts' addresses in order, without this relay's own; NextHopError if none."""
     hops: list[NextHop] = []
     errors: list[DnsError] = []
     looped = 0
@@ -232,10 +254,6 @@ async def _smart_host_hops(
                 continue
             hops.append(NextHop(host, ip, port, tls_domain or host))
     if hops:
-        if literal_key is not None:
-            if len(_LITERAL_HOPS) >= 256:
-                _LITERAL_HOPS.clear()
-            _LITERAL_HOPS[literal_key] = tuple(hops[:max_hops])
         return hops[:max_hops]
     if looped:
         raise NextHopError(replies.LOOP_DETECTED, True)
@@ -246,9 +264,6 @@ async def _smart_host_hops(
             reply = replies.dns_query_failed(replies.DNS_NONEXISTENT_DOMAIN.text)
         raise NextHopError(reply, False)
     raise NextHopError(replies.dns_query_failed("ErrorRetry"), False)
-
-
-_LITERAL_HOPS: dict[tuple[object, ...], tuple[NextHop, ...]] = {}  # smart hosts all IP literals
 
 
 @functools.lru_cache(maxsize=256)
