@@ -12,7 +12,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
@@ -192,7 +192,27 @@ async def start_sink(
 SILENT = "(no reply)"  # what RawSink's `answer` returns to leave a command unanswered
 
 
-class RawSink:
+class LoopbackServer:
+    """A stream server on 127.0.0.1, an ephemeral port; subclasses define `_serve`."""
+
+    server: asyncio.base_events.Server | None = None
+    port = 0
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> Self:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+class RawSink(LoopbackServer):
     """Minimal SMTP speaker recording the octets between the 354 and the final reply.
 
     `answer(verb, connection, n)` may replace the reply to the n-th use of a verb on a connection
@@ -213,18 +233,6 @@ class RawSink:
         self.commands: list[bytes] = []
         self.sessions: list[list[bytes]] = []
         self.connections = 0
-        self.server: asyncio.base_events.Server | None = None
-        self.port = 0
-
-    async def start(self) -> RawSink:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def close(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1

@@ -15,12 +15,12 @@ import pytest
 from relaygate.delivery.client import ConnectionPool, deliver
 from relaygate.delivery.pipeline import ReplyReader
 
-from .helpers import Connector, hop
+from .helpers import Connector, LoopbackServer, hop
 
 MSG = b"From: printer@corp.test\r\nSubject: scan\r\n\r\nHello\r\n.dot line\r\n"
 
 
-class GroupSink:
+class GroupSink(LoopbackServer):
     def __init__(
         self,
         *,
@@ -35,16 +35,6 @@ class GroupSink:
         self.contents: list[bytes] = []
         self.after: list[bytes] = []  # commands after a transaction (RSET, QUIT)
         self.connections = 0
-        self.port = 0
-
-    async def start(self) -> GroupSink:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def close(self) -> None:
-        self.server.close()
-        await self.server.wait_closed()
 
     async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
         if not self.byte_by_byte:

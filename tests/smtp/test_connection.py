@@ -45,6 +45,7 @@ class Served:
         self.accepted: asyncio.Queue[Connection] = asyncio.Queue()
         self.server: asyncio.Server | None = None
         self.port = 0
+        self.sockets: list[socket.socket] = []  # the clients' ends, closed with the listener
 
     async def start(self) -> Served:
         async def on_connect(conn: Connection) -> None:
@@ -59,10 +60,13 @@ class Served:
     async def client(self) -> tuple[socket.socket, Connection]:
         sock = socket.create_connection(("127.0.0.1", self.port))
         sock.setblocking(False)
+        self.sockets.append(sock)
         conn = await asyncio.wait_for(self.accepted.get(), 5)
         return sock, conn
 
     async def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
         assert self.server is not None
         self.server.close()
 
@@ -74,20 +78,17 @@ async def send(sock: socket.socket, data: bytes) -> None:
 def test_read_hands_over_what_arrived_and_keeps_the_rest_past_n(run: Runner) -> None:
     async def body(served: Served) -> None:
         sock, conn = await served.client()
-        try:
-            # the loop set TCP_NODELAY on the accepted socket (the server relies on it)
-            server_side = conn.get_extra_info("socket")
-            assert server_side.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-            await send(sock, b"EHLO a\r\n")
-            assert await asyncio.wait_for(conn.read(1024), 5) == b"EHLO a\r\n"
-            await send(sock, b"MAIL FROM:<a@b.example>\r\n")
-            await send(sock, b"RCPT TO:<c@d.example>\r\n")
-            await asyncio.sleep(0.1)  # both segments in before the next read
-            got = await conn.read(10)
-            assert got == b"MAIL FROM:"
-            assert await conn.read(1024) == b"<a@b.example>\r\nRCPT TO:<c@d.example>\r\n"
-        finally:
-            sock.close()
+        # the loop set TCP_NODELAY on the accepted socket (the server relies on it)
+        server_side = conn.get_extra_info("socket")
+        assert server_side.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        await send(sock, b"EHLO a\r\n")
+        assert await asyncio.wait_for(conn.read(1024), 5) == b"EHLO a\r\n"
+        await send(sock, b"MAIL FROM:<a@b.example>\r\n")
+        await send(sock, b"RCPT TO:<c@d.example>\r\n")
+        await asyncio.sleep(0.1)  # both segments in before the next read
+        got = await conn.read(10)
+        assert got == b"MAIL FROM:"
+        assert await conn.read(1024) == b"<a@b.example>\r\nRCPT TO:<c@d.example>\r\n"
 
     run(body)
 
@@ -95,18 +96,15 @@ def test_read_hands_over_what_arrived_and_keeps_the_rest_past_n(run: Runner) -> 
 def test_eof_reads_empty_and_the_replies_still_go_out(run: Runner) -> None:
     async def body(served: Served) -> None:
         sock, conn = await served.client()
-        try:
-            await send(sock, b"QUIT\r\n")
-            sock.shutdown(socket.SHUT_WR)  # the client half-closes after its last command
-            assert await asyncio.wait_for(conn.read(1024), 5) == b"QUIT\r\n"
-            assert await asyncio.wait_for(conn.read(1024), 5) == b""
-            assert await conn.read(1024) == b""  # and stays at EOF
-            conn.write(b"221 2.0.0 Bye\r\n")
-            await conn.drain()
-            loop = asyncio.get_running_loop()
-            assert await asyncio.wait_for(loop.sock_recv(sock, 100), 5) == b"221 2.0.0 Bye\r\n"
-        finally:
-            sock.close()
+        await send(sock, b"QUIT\r\n")
+        sock.shutdown(socket.SHUT_WR)  # the client half-closes after its last command
+        assert await asyncio.wait_for(conn.read(1024), 5) == b"QUIT\r\n"
+        assert await asyncio.wait_for(conn.read(1024), 5) == b""
+        assert await conn.read(1024) == b""  # and stays at EOF
+        conn.write(b"221 2.0.0 Bye\r\n")
+        await conn.drain()
+        loop = asyncio.get_running_loop()
+        assert await asyncio.wait_for(loop.sock_recv(sock, 100), 5) == b"221 2.0.0 Bye\r\n"
 
     run(body)
 
@@ -130,21 +128,18 @@ def test_reading_pauses_while_too_much_is_unread(
     async def body(served: Served) -> None:
         monkeypatch.setattr(connection_module, "_PAUSE_ABOVE", 64 * 1024)
         sock, conn = await served.client()
-        try:
-            block = b"x" * (256 * 1024)
-            sender = asyncio.ensure_future(send(sock, block * 4))
-            for _ in range(100):
-                await asyncio.sleep(0.02)
-                if not conn.transport.is_reading():
-                    break
-            assert not conn.transport.is_reading()  # paused: the rest waits in the kernel
-            got = 0
-            while got < len(block) * 4:
-                got += len(await asyncio.wait_for(conn.read(1024 * 1024), 5))
-            await asyncio.wait_for(sender, 5)
-            assert conn.transport.is_reading()
-        finally:
-            sock.close()
+        block = b"x" * (256 * 1024)
+        sender = asyncio.ensure_future(send(sock, block * 4))
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if not conn.transport.is_reading():
+                break
+        assert not conn.transport.is_reading()  # paused: the rest waits in the kernel
+        got = 0
+        while got < len(block) * 4:
+            got += len(await asyncio.wait_for(conn.read(1024 * 1024), 5))
+        await asyncio.wait_for(sender, 5)
+        assert conn.transport.is_reading()
 
     run(body)
 
@@ -152,16 +147,13 @@ def test_reading_pauses_while_too_much_is_unread(
 def test_discard_unread_drops_what_the_session_has_not_read(run: Runner) -> None:
     async def body(served: Served) -> None:
         sock, conn = await served.client()
-        try:
-            await send(sock, b"STARTTLS\r\n")
-            assert await asyncio.wait_for(conn.read(1024), 5) == b"STARTTLS\r\n"
-            await send(sock, b"RSET\r\nMAIL FROM:<x@y.example>\r\n")  # injected behind it
-            await asyncio.sleep(0.1)
-            assert conn.discard_unread() == len(b"RSET\r\nMAIL FROM:<x@y.example>\r\n")
-            await send(sock, b"EHLO b\r\n")
-            assert await asyncio.wait_for(conn.read(1024), 5) == b"EHLO b\r\n"
-        finally:
-            sock.close()
+        await send(sock, b"STARTTLS\r\n")
+        assert await asyncio.wait_for(conn.read(1024), 5) == b"STARTTLS\r\n"
+        await send(sock, b"RSET\r\nMAIL FROM:<x@y.example>\r\n")  # injected behind it
+        await asyncio.sleep(0.1)
+        assert conn.discard_unread() == len(b"RSET\r\nMAIL FROM:<x@y.example>\r\n")
+        await send(sock, b"EHLO b\r\n")
+        assert await asyncio.wait_for(conn.read(1024), 5) == b"EHLO b\r\n"
 
     run(body)
 
@@ -169,22 +161,19 @@ def test_discard_unread_drops_what_the_session_has_not_read(run: Runner) -> None
 def test_drain_waits_for_a_client_that_does_not_read(run: Runner) -> None:
     async def body(served: Served) -> None:
         sock, conn = await served.client()
-        try:
-            for _ in range(64):  # until the transport's buffer is over its high-water mark
-                conn.write(b"y" * (1024 * 1024))
-                if conn.transport.get_write_buffer_size() > 0:
-                    break
-            drain = asyncio.ensure_future(conn.drain())
-            await asyncio.sleep(0.2)
-            assert not drain.done()  # the client reads nothing
-            loop = asyncio.get_running_loop()
-            while not drain.done():
-                try:
-                    await asyncio.wait_for(loop.sock_recv(sock, 1024 * 1024), 0.2)
-                except TimeoutError:
-                    pass
-            await drain
-        finally:
-            sock.close()
+        for _ in range(64):  # until the transport's buffer is over its high-water mark
+            conn.write(b"y" * (1024 * 1024))
+            if conn.transport.get_write_buffer_size() > 0:
+                break
+        drain = asyncio.ensure_future(conn.drain())
+        await asyncio.sleep(0.2)
+        assert not drain.done()  # the client reads nothing
+        loop = asyncio.get_running_loop()
+        while not drain.done():
+            try:
+                await asyncio.wait_for(loop.sock_recv(sock, 1024 * 1024), 0.2)
+            except TimeoutError:
+                pass
+        await drain
 
     run(body)

@@ -276,16 +276,22 @@ def serve(tmp_path: Path, sink: tuple[Sink, int]) -> Iterator[Any]:
         s.stop()
 
 
-def open_clients(port: int, n: int, banner: str | None = None) -> list[RawClient]:
-    clients = []
-    for i in range(n):
-        c = RawClient(port, source=f"127.0.0.{10 + i % 40}", timeout=10)
-        reply = c.greet()
-        assert reply.code == 250
-        if banner is not None:
-            assert banner in c.received.decode(), c.received
-        clients.append(c)
-    return clients
+@contextlib.contextmanager
+def held_clients(port: int, n: int, banner: str | None = None) -> Iterator[list[RawClient]]:
+    """`n` connections greeted and held open together (from 127.0.0.10 on), closed on exit."""
+    clients: list[RawClient] = []
+    try:
+        for i in range(n):
+            c = RawClient(port, source=f"127.0.0.{10 + i % 40}", timeout=10)
+            clients.append(c)
+            reply = c.greet()
+            assert reply.code == 250
+            if banner is not None:
+                assert banner in c.received.decode(), c.received
+        yield clients
+    finally:
+        for c in clients:
+            c.close()
 
 
 def send_on(client: RawClient, message_id: str) -> None:
@@ -301,13 +307,9 @@ def send_on(client: RawClient, message_id: str) -> None:
 
 def send_many(port: int, ids: list[str]) -> None:
     """One connection per message, all held open together (so both workers get some)."""
-    clients = open_clients(port, len(ids))
-    try:
+    with held_clients(port, len(ids)) as clients:
         for client, mid in zip(clients, ids, strict=True):
             send_on(client, mid)
-    finally:
-        for c in clients:
-            c.close()
 
 
 def stored(data: Path) -> list[tuple[str, str]]:
@@ -373,17 +375,13 @@ def test_connections_spread_over_both_workers_and_each_message_is_delivered_once
     assert len(workers) == 2
     assert s.log().count("garbage collector: ") == 2, s.log()  # each worker, not the supervisor
 
-    clients = open_clients(s.port, 40)
-    try:
+    with held_clients(s.port, 40) as clients:
         per_pid = connections_per_pid(workers, s.port)
         assert sum(per_pid.values()) == 40, per_pid
         assert all(n > 0 for n in per_pid.values()), per_pid  # both workers serve
         ids = [f"<spread-{i}@corp.example>" for i in range(len(clients))]
         for client, mid in zip(clients, ids, strict=True):
             send_on(client, mid)
-    finally:
-        for c in clients:
-            c.close()
     assert_delivered_once(sink[0], s, ids)
 
     # Each worker leases under its own name; the protocol log has both workers' sessions.
@@ -415,16 +413,12 @@ def test_a_killed_worker_is_restarted_and_service_continues(
     replacement = next(p for p in after if p not in before)
     # The replacement listens again: held connections land on both workers.
     assert wait_until(lambda: s.log().count("listening on 127.0.0.1") >= 3, 30), s.log()[-3000:]
-    clients = open_clients(s.port, 40)
-    try:
+    with held_clients(s.port, 40) as clients:
         per_pid = connections_per_pid(after, s.port)
         assert per_pid[replacement] > 0 and sum(per_pid.values()) == 40, per_pid
         ids = [f"<after-{i}@corp.example>" for i in range(len(clients))]
         for client, mid in zip(clients, ids, strict=True):
             send_on(client, mid)
-    finally:
-        for c in clients:
-            c.close()
     assert_delivered_once(sink[0], s, ids + [f"<during-{i}@corp.example>" for i in range(5)])
     assert s.stop() == 0
 
@@ -432,9 +426,8 @@ def test_a_killed_worker_is_restarted_and_service_continues(
 def test_sighup_reloads_every_worker(serve: Any) -> None:
     s = serve(workers=2)
     workers = s.children()
-    open_clients_before = open_clients(s.port, 4, banner="RelayGate one")
-    for c in open_clients_before:
-        c.close()
+    with held_clients(s.port, 4, banner="RelayGate one"):
+        pass
 
     # Change the banner but keep the file's stamp, so only the SIGHUP (not the file watcher) reloads.
     st = s.config.stat()
@@ -446,13 +439,9 @@ def test_sighup_reloads_every_worker(serve: Any) -> None:
         lambda: all(f"[w{i}]: configuration reloaded from" in s.log() for i in range(len(workers))),
         15,
     ), s.log()[-3000:]
-    clients = open_clients(s.port, 30, banner="RelayGate two")
-    try:
+    with held_clients(s.port, 30, banner="RelayGate two"):
         per_pid = connections_per_pid(workers, s.port)
         assert all(n > 0 for n in per_pid.values()), per_pid
-    finally:
-        for c in clients:
-            c.close()
     assert s.children() == workers  # reloaded in place, not restarted
     assert s.stop() == 0
 
@@ -493,13 +482,9 @@ def test_per_source_limit_holds_across_workers(serve: Any) -> None:
         assert (len(held), refused) == (20, 6)
         per_pid = connections_per_pid(workers, s.port)
         assert sorted(per_pid.values()) == [0, 20], per_pid  # all on one worker
-        others = open_clients(s.port, 20)  # 127.0.0.10 ... : both workers serve
-        try:
+        with held_clients(s.port, 20):  # 127.0.0.10 ... : both workers serve
             per_pid = connections_per_pid(workers, s.port)
             assert all(n > 0 for n in per_pid.values()), per_pid
-        finally:
-            for c in others:
-                c.close()
     finally:
         for c in held:
             c.close()
