@@ -29,7 +29,7 @@ class Connection(asyncio.Protocol):
     def __init__(self, on_connect: Callable[[Connection], Coroutine[Any, Any, None]]) -> None:
         self._on_connect = on_connect
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set on connect
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None  # held here: the loop keeps only weak refs
         self._chunks: list[bytes] = []  # received, not read yet
         self._unread = 0
         self._eof = False
