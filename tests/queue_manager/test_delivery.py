@@ -499,3 +499,41 @@ async def test_a_large_message_arrives_byte_for_byte(tmp_path: Path) -> None:
         await wait_for(lambda: len(a.handler.messages) == 2, timeout=20.0)
         got = sorted((split_received(m["content"])[1] for m in a.handler.messages), key=len)
         assert got == sorted([plain, dotted], key=len)
+
+
+async def test_delivery_rescans_line_breaks_only_when_the_receive_check_did_not_run(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The session's bare CR/LF check is recorded with the message and spares delivery a second
+    scan of the bytes; a message without that record (here: put in the store directly, with a bare
+    LF) is scanned and leaves with CRLF line breaks only."""
+    from relaygate.delivery import client
+    from relaygate.queue.model import LINE_BREAKS, Envelope
+
+    scans: list[int] = []
+
+    def counting(content: bytes) -> bool:
+        scans.append(len(content))
+        return has_bare(content)
+
+    has_bare = client.has_bare_cr_or_lf
+    monkeypatch.setattr(client, "has_bare_cr_or_lf", counting)
+    async with (
+        sinks(ScriptedHandler()) as (a,),
+        relay_running(tmp_path, {"*": a.port}) as relay,
+    ):
+        data = original("Checked once")
+        assert (await send(relay, SENDER, ["bob@example.com"], data))[0] == 250
+        await wait_for(lambda: len(a.handler.messages) == 1)
+        (msg,) = await relay.store.list_messages()
+        assert msg.metadata[LINE_BREAKS] == "CRLF"
+        assert split_received(a.handler.messages[0]["content"])[1] == data
+        assert scans == []  # the receive check was trusted
+
+        raw = b"Subject: unchecked\r\n\r\nbare\nlinefeed\r\n"
+        await relay.store.submit(Envelope(SENDER, ["carol@example.com"]), raw)
+        assert relay.manager is not None
+        relay.manager.wake()
+        await wait_for(lambda: len(a.handler.messages) == 2)
+        assert a.handler.messages[1]["content"] == b"Subject: unchecked\r\n\r\nbare\r\nlinefeed\r\n"
+        assert scans == [len(raw)]

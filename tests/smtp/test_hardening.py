@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from relaygate.queue.model import LINE_BREAKS
 from tests.smtp.conftest import default_frontend, relay_connector
 from tests.smtp.helpers import RawClient, normalise
 
@@ -74,6 +75,18 @@ def test_bare_lf_accepted_when_rejection_disabled(two):
         c.send(b"Subject: t\r\n\r\nbare\nlinefeed\r\n.\r\n")
         c.expect(250)
     assert len(two.messages()) == 1
+
+
+def test_the_line_break_check_is_recorded_with_the_message_where_it_ran(two):
+    """Delivery skips its own bare CR/LF scan for messages that carry this record."""
+    for source in ("127.0.0.5", "127.0.0.6"):
+        with two.raw(source) as c:
+            start_data(c)
+            c.send(b"Subject: t\r\n\r\nclean\r\n.\r\n")
+            c.expect(250)
+    by_source = {m.client_ip: m.metadata for m in two.messages()}
+    assert by_source["127.0.0.5"][LINE_BREAKS] == "CRLF"
+    assert LINE_BREAKS not in by_source["127.0.0.6"]  # not checked: delivery scans it
 
 
 SMUGGLED = (

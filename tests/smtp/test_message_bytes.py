@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relaygate.smtp.message import has_bare_cr_or_lf
+from relaygate.smtp.message import DataReader, has_bare_cr_or_lf
 
 _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
@@ -17,3 +18,57 @@ _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 def test_has_bare_cr_or_lf_matches_its_definition(parts: list[bytes]) -> None:
     content = b"".join(parts)
     assert has_bare_cr_or_lf(content) == bool(_BARE.search(content))
+
+
+def _reference_read(stream: bytes) -> tuple[bytes, bytes] | None:
+    """RFC 5321 §4.1.1.4 and §4.5.2 as plainly as possible: the first CRLF.CRLF after the DATA
+    line's CRLF ends the content; a leading dot is removed from lines that start with one."""
+    end = (b"\r\n" + stream).find(b"\r\n.\r\n")
+    if end < 0:
+        return None
+    lines = stream[:end].split(b"\r\n")
+    content = b"\r\n".join(line[1:] if line.startswith(b"..") else line for line in lines)
+    return content, stream[end + 3 :]
+
+
+_OCTETS = st.sampled_from(
+    [b"\r", b"\n", b"\r\n", b"a", b".", b"..", b"\r\n.", b"\r\n.\r\n", b"xyz"]
+)
+
+
+def _feed(reader: DataReader, stream: bytes, bounds: list[int]) -> tuple[bytes, bool, bytes] | None:
+    """Feed `stream` cut at `bounds`; (content, too big, everything after the terminator)."""
+    for a, b in itertools.pairwise(bounds):
+        if reader.feed(stream[a:b]):
+            content, too_big, rest = reader.result()
+            return content, too_big, rest + stream[b:]  # the rest of this read, then what follows
+    return None
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    parts=st.lists(_OCTETS, max_size=40),
+    cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=8),
+)
+def test_data_reader_matches_the_plain_definition_however_the_reads_fall(
+    parts: list[bytes], cuts: list[int]
+) -> None:
+    stream = b"".join(parts)
+    expected = _reference_read(stream)
+    bounds = sorted({c for c in cuts if c < len(stream)} | {0, len(stream)})
+    got = _feed(DataReader(10_000), stream, bounds)
+    if expected is None:
+        assert got is None
+    else:
+        assert got == (expected[0], False, expected[1])
+
+
+def test_data_reader_keeps_nothing_past_the_limit_and_still_finds_the_end() -> None:
+    body = b"x" * 97 + b"\r\n"
+    stream = body * 50 + b".\r\nQUIT\r\n"
+    reader = DataReader(1000)
+    bounds = [*range(0, len(stream), 7), len(stream)]
+    assert _feed(reader, stream, bounds) == (b"", True, b"QUIT\r\n")
+    assert reader._size <= 1000 + 6 + 7  # what it holds never grows past the limit
+    # Under the limit, the same stream read the same way is returned whole.
+    assert _feed(DataReader(10_000), stream, bounds) == (body * 50, False, b"QUIT\r\n")

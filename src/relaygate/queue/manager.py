@@ -58,6 +58,8 @@ from relaygate.delivery.oauth import OAuthTokenProvider
 from relaygate.delivery.routing import RouteKey, RouteTable, domain_of, explain_route
 from relaygate.queue.bounce import DsnRecipient, build_dsn, header_value
 from relaygate.queue.model import (
+    LINE_BREAKS,
+    LINE_BREAKS_CRLF,
     PENDING_STATUSES,
     Envelope,
     RecipientState,
@@ -428,6 +430,8 @@ class QueueManager:
         to_send = data
         if self.signer is not None and any(not k.is_unreachable for k in groups):
             to_send = await self._sign(msg, data)
+        # Checked on receipt: no second scan of the bytes (unless a signature was added to them).
+        crlf_only = to_send is data and msg.metadata.get(LINE_BREAKS) == LINE_BREAKS_CRLF
 
         self.stats["attempts"] += 1
         by_addr = {r.address: r for r in due}
@@ -437,7 +441,7 @@ class QueueManager:
             # Each route's outcome is recorded as soon as it is known: a crash or a stop while
             # another route is still in progress never causes a resend to these recipients.
             try:
-                results = await self._deliver_route(msg, key, addrs, to_send)
+                results = await self._deliver_route(msg, key, addrs, to_send, crlf_only)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -485,7 +489,7 @@ class QueueManager:
         return bytes(result.data)
 
     async def _deliver_route(
-        self, msg: StoredMessage, key: RouteKey, addrs: list[str], data: bytes
+        self, msg: StoredMessage, key: RouteKey, addrs: list[str], data: bytes, crlf_only: bool
     ) -> list[RouteResult]:
         if key.is_unreachable:
             out = []
@@ -526,6 +530,7 @@ class QueueManager:
             credentials=credentials,
             timeout=self.delivery_timeout,
             pool=self.pool,
+            crlf_only=crlf_only,
         )
         host, ip = _split_hop(outcome_.hop_used)
         if not host and outcome_.transcript_errors:

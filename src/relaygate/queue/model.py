@@ -13,6 +13,8 @@ from enum import StrEnum
 
 __all__ = [
     "FINAL_STATUSES",
+    "LINE_BREAKS",
+    "LINE_BREAKS_CRLF",
     "PENDING_STATUSES",
     "Envelope",
     "QueueIdGenerator",
@@ -132,6 +134,12 @@ class StoredMessage:
     @property
     def pending_recipients(self) -> list[RecipientState]:
         return [r for r in self.recipients if not r.status.is_final]
+
+
+#: Envelope metadata key: the receiving session checked that every line break in the stored bytes
+#: is CRLF (bare_linefeed_rejection_enabled), so delivery need not scan for bare CR or LF again.
+LINE_BREAKS = "line_breaks"
+LINE_BREAKS_CRLF = "CRLF"
 
 
 @dataclass

@@ -27,9 +27,9 @@ from relaygate.config.model import ReceiveConnector
 from relaygate.logs.protocol import receiving_message_info
 from relaygate.policy.rights import SessionRights, session_rights
 from relaygate.policy.verdicts import Verdict, check_mail, check_rcpt
-from relaygate.queue.model import Envelope, StoredMessage
+from relaygate.queue.model import LINE_BREAKS, LINE_BREAKS_CRLF, Envelope, StoredMessage
 from relaygate.replies import Reply
-from relaygate.smtp.message import has_bare_cr_or_lf, received_header, scan_headers
+from relaygate.smtp.message import DataReader, has_bare_cr_or_lf, received_header, scan_headers
 
 if TYPE_CHECKING:
     from relaygate.smtp.connection import Connection
@@ -465,39 +465,17 @@ class Session:
         limit = self.connector.max_message_size
         if self.rights.bypasses_size_limit:
             limit = max(limit, 2 * 1024**3)
-        # The CRLF that ended the DATA line belongs to the terminator search: an empty message is ".\r\n".
-        data = bytearray(b"\r\n")
-        data += self.buf
+        reader = DataReader(limit)
+        more = bytes(self.buf)
         self.buf.clear()
-        scanned = 0
-        dropped = 0
-        while True:
-            end = data.find(b"\r\n.\r\n", scanned)
-            if end >= 0:
-                self.buf += data[end + 5 :]
-                del data[end + 2 :]
-                break
-            scanned = max(0, len(data) - 4)
-            if len(data) > limit + 6:
-                # Past the limit: keep only the real tail needed to find a terminator that spans the
-                # next read. Never keep the synthetic leading CRLF with it: "\r\n" + ".\r\nM" would
-                # look like CRLF.CRLF and turn the rest of the message into commands (smuggling).
-                dropped += len(data) - 4
-                del data[:-4]
-                scanned = 0
+        while not reader.feed(more):
             await self.flush()
             more = await self._read_more()
             if not more:
                 return None, False
-            data += more
-        if dropped:
-            return b"", True
-        content = bytes(data[2:])
-        if b"\r\n.." in content or content.startswith(b".."):
-            if content.startswith(b".."):
-                content = content[1:]
-            content = content.replace(b"\r\n..", b"\r\n.")
-        return content, len(content) > limit
+        content, too_big, rest = reader.result()
+        self.buf += rest
+        return content, too_big
 
     async def _read_more(self) -> bytes:
         """One read from the client, bounded by the inactivity and absolute timeouts."""
@@ -571,6 +549,8 @@ class Session:
             message_id=scan.message_id,
             metadata={"session": local_id, "protocol": protocol},
         )
+        if self.bare_lf_rejection:  # checked above; the Received header is CRLF too
+            envelope.metadata[LINE_BREAKS] = LINE_BREAKS_CRLF
         data = header + content
         handoff = self.ctx.handoff
         lease = handoff.lease_for_new() if handoff is not None else None
