@@ -1,4 +1,5 @@
-"""Smoke run of the Postfix comparison benchmark (bench/run.py --quick), so it cannot rot.
+"""Smoke runs of the Postfix comparison benchmarks (bench/run.py --quick, bench/steps.py), so they
+cannot rot.
 
 No performance thresholds: it checks that both systems accepted every message, that the sinks
 counted them (RelayGate's only when this build has the queue manager), and that the ratios were
@@ -61,3 +62,33 @@ def test_quick_benchmark_runs_both_systems(tmp_path: Path) -> None:
         assert e["accepted_per_s"]["ratio"] is not None and e["accepted_per_s"]["ratio"] > 0
         if delivers:
             assert e["e2e_per_s"]["ratio"] is not None
+
+
+@pytest.mark.timeout(180)
+def test_step_by_step_benchmark_times_every_step_of_both_systems() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "steps.py"), "--messages", "5", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert set(result) == {"Postfix", "RelayGate"}
+    for steps in result.values():
+        assert list(steps) == [
+            "connect → banner",
+            "EHLO",
+            "MAIL",
+            "RCPT",
+            "DATA → 354",
+            "body → 250",
+            "QUIT",
+            "whole message",
+        ]
+        for timing in steps.values():
+            assert 0 < timing["p50_us"] <= timing["p90_us"]
+        # Each message's total is the sum of its steps, so its median is at least each step's.
+        longest = max(t["p50_us"] for name, t in steps.items() if name != "whole message")
+        assert steps["whole message"]["p50_us"] >= longest
