@@ -32,17 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Sink, have_postfix_tools, percentile
 from postfix_sut import PostfixSystem
 from relaygate_sut import RelayGateSystem
+from smtpclient import make_message
 
 STEPS = ("connect → banner", "EHLO", "MAIL", "RCPT", "DATA → 354", "body → 250", "QUIT")
 ROUND = 50  # messages per turn of one system
 TIMEOUT = 30.0  # seconds for any one reply
-
-
-def message(size: int) -> bytes:
-    """A message of about `size` octets with ordinary 78-octet lines, ending in CRLF.CRLF."""
-    head = b"From: <bench@sender.example>\r\nTo: <x@bench.example>\r\nSubject: steps\r\n\r\n"
-    line = b"x" * 76 + b"\r\n"
-    return head + line * max(1, (size - len(head)) // len(line)) + b".\r\n"
 
 
 def _reply(sock: socket.socket) -> bytes:
@@ -100,7 +94,7 @@ def summarise(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
 
 
 def run(workdir: Path, messages: int, size: int, workers: str) -> dict[str, Any]:
-    body = message(size)
+    body = make_message(size, sender="bench@sender.example", recipient="x@bench.example") + b".\r\n"
     sinks: list[Sink] = []
     systems: list[Any] = []
     times: dict[str, dict[str, list[float]]] = {}
