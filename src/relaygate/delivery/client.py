@@ -807,6 +807,24 @@ async def _command(smtp: aiosmtplib.SMTP, *args: bytes, timeout: float) -> Reply
     return remote_reply(response.code, response.message)
 
 
+def _raise_if_all_transient(rcpt_replies: dict[str, Reply]) -> None:
+    """No recipient was taken: when every refusal is temporary, the whole attempt is retried."""
+    if all(reply.is_transient for reply in rcpt_replies.values()):
+        raise _HopFailed(next(iter(rcpt_replies.values())))
+
+
+def _after_data(
+    results: dict[str, Reply],
+    rcpt_replies: dict[str, Reply],
+    accepted: list[str],
+    data_reply: Reply,
+) -> tuple[dict[str, Reply], Reply]:
+    """The transaction's outcome: each RCPT's own reply, and the DATA reply for those it took."""
+    results.update(rcpt_replies)
+    results.update({r: data_reply for r in accepted})
+    return results, data_reply
+
+
 async def _transaction(
     session: _Session, env: _Envelope, pending: list[str], timeout: float
 ) -> tuple[dict[str, Reply], Reply | None]:
@@ -877,8 +895,7 @@ async def _transaction(
             if reply.code in (250, 251):
                 accepted.append(r)
         if not accepted:
-            if all(reply.is_transient for reply in rcpt_replies.values()):
-                raise _HopFailed(next(iter(rcpt_replies.values())))
+            _raise_if_all_transient(rcpt_replies)
             results.update(rcpt_replies)
             try:  # the replies are final; RSET only readies the session for reuse
                 session.clean = (await _command(smtp, b"RSET", timeout=timeout)).code == 250
@@ -894,15 +911,11 @@ async def _transaction(
             data_reply = remote_reply(exc.code, exc.message)
             if data_reply.is_transient:
                 raise _HopFailed(data_reply) from None
-            results.update(rcpt_replies)
-            results.update({r: data_reply for r in accepted})
-            return results, data_reply
+            return _after_data(results, rcpt_replies, accepted, data_reply)
         data_reply = remote_reply(response.code, response.message)
         session.clean = True
         session.messages += 1
-        results.update(rcpt_replies)
-        results.update({r: data_reply for r in accepted})
-        return results, data_reply
+        return _after_data(results, rcpt_replies, accepted, data_reply)
     except _HopFailed:
         raise
     except SMTPTimeoutError:
@@ -957,8 +970,7 @@ async def _pipelined(
             results.update({r: mail for r in rcpts})
             return results, None
         if not accepted:
-            if all(reply.is_transient for reply in rcpt_replies.values()):
-                raise _HopFailed(next(iter(rcpt_replies.values())))
+            _raise_if_all_transient(rcpt_replies)
             results.update(rcpt_replies)
             reader.write(b"RSET\r\n")  # the replies are final; RSET only readies the session
             session.clean = (await reader.reply(timeout))[0] == 250
@@ -966,9 +978,7 @@ async def _pipelined(
         if data_start.code != 354:  # DATA itself refused: the transaction is still open
             if data_start.is_transient:
                 raise _HopFailed(data_start)
-            results.update(rcpt_replies)
-            results.update({r: data_start for r in accepted})
-            return results, data_start
+            return _after_data(results, rcpt_replies, accepted, data_start)
         if env.stuffed is None:
             env.stuffed = dot_stuff(env.prepared)
         body = env.stuffed
@@ -983,9 +993,7 @@ async def _pipelined(
             session.messages += 1
         elif data_reply.is_transient:
             raise _HopFailed(data_reply)
-        results.update(rcpt_replies)
-        results.update({r: data_reply for r in accepted})
-        return results, data_reply
+        return _after_data(results, rcpt_replies, accepted, data_reply)
     except SMTPTimeoutError:  # a TimeoutError, hence an OSError: _transaction reports it
         raise
     except (SMTPServerDisconnected, ConnectionError, OSError):
