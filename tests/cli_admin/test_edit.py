@@ -195,3 +195,21 @@ def test_inline_array_of_tables_refused(tmp_path: Path) -> None:
     p = write(tmp_path / "i.toml", 'accepted_domains = [{domain = "corp.example"}]\n')
     with pytest.raises(ed.EditError, match="inline array"):
         ed.apply_edit(p, lambda doc: ed.tables(doc, "accepted_domains"))
+
+
+def test_a_new_key_goes_after_the_plain_keys_before_sub_tables_and_their_comments() -> None:
+    import tomlkit
+
+    doc = tomlkit.parse(
+        '[server]\nname = "A"\n# the TLS sub-table\n[server.tls]\nx = 1\n\n'
+        '[[receive_connectors]]\nname = "c"\nbindings = ["0.0.0.0:25"]\n'
+        '# permissions follow\n[[receive_connectors.permissions]]\nuser = "u"\n'
+    )
+    ed.set_key(doc["server"], "fqdn", "relay.example")
+    ed.set_key(doc["receive_connectors"][0], "tarpit_interval", "00:00:05")
+    assert tomlkit.dumps(doc) == (
+        '[server]\nname = "A"\nfqdn = "relay.example"\n# the TLS sub-table\n[server.tls]\nx = 1\n\n'
+        '[[receive_connectors]]\nname = "c"\nbindings = ["0.0.0.0:25"]\n'
+        'tarpit_interval = "00:00:05"\n'
+        '# permissions follow\n[[receive_connectors.permissions]]\nuser = "u"\n'
+    )

@@ -301,15 +301,18 @@ def set_key(table: Table, key: str, value: Any) -> None:
     if key in table:
         table[key] = item
         return
-    last: str | None = None
-    for k, existing in table.value.body:
+    last: int | None = None  # where the table's last plain key is, in tomlkit's body list
+    for i, (k, existing) in enumerate(table.value.body):
         if k is not None and not isinstance(existing, Table | AoT):
-            last = k.key
+            last = i
     if last is None:
         table[key] = item
         return
     try:
-        table.value._insert_after(last, key, item)  # tomlkit private API: keeps the layout tidy
+        # tomlkit private API (present in 0.12 to 0.15; `_insert_after` went away in 0.15): keeps
+        # the new key with the other plain keys, before any sub-table. It refuses a position past
+        # the end, where appending is the same thing.
+        table.value._insert_at(last + 1, key, item)
     except Exception:
         table[key] = item
 
