@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import random
 import re
@@ -189,6 +190,40 @@ async def test_concurrent_submits_are_group_committed(store: SqliteStore) -> Non
     assert store.stats()["commits"] == store.commits
     for i in (0, 57, n - 1):
         assert await store.read_data(ids[i]) == b"m%d" % i
+
+
+async def test_shared_writers_free_their_lock_before_telling_the_callers(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With workers sharing the file, the other writers wait on `<db>.writer-lock`: it is held for
+    the transaction only, and is already free when the batch's callers are woken."""
+    held_while_resolving: list[bool] = []
+    resolve = SqliteStore._resolve_batch
+
+    def checking_resolve(batch: list[object], outcomes: list[tuple[bool, object]]) -> None:
+        fd = os.open(f"{db_path}.writer-lock", os.O_RDWR)
+        try:  # a second open file description: its flock conflicts with the writer thread's
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held_while_resolving.append(True)
+        else:
+            held_while_resolving.append(False)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+        resolve(batch, outcomes)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SqliteStore, "_resolve_batch", staticmethod(checking_resolve))
+    store = SqliteStore(db_path, shared_writers=True)
+    await store.open()
+    try:
+        ids = await asyncio.gather(
+            *(store.submit(env(f"u{i}@corp.example"), b"m%d" % i) for i in range(20))
+        )
+        assert await store.read_data(ids[-1]) == b"m19"
+    finally:
+        await store.close()
+    assert held_while_resolving and not any(held_while_resolving), held_while_resolving
 
 
 async def test_a_failing_call_in_a_batch_fails_alone(store: SqliteStore) -> None:

@@ -525,12 +525,15 @@ class SqliteStore(Store):
                 batch.append(item)
                 nbytes += item.size
             try:
-                self._run_batch(batch)
+                outcomes = self._commit_batch(batch)
             finally:
                 if self._lock_fd is not None:
+                    # The other workers wait for this lock, so it ends with the commit: telling the
+                    # callers (a write to each event loop's wake-up pipe) happens after it.
                     fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            self._resolve_batch(batch, outcomes)
         if carry is not None:  # pragma: no cover - STOP is only queued after every op
-            self._run_batch([carry])
+            self._resolve_batch([carry], self._commit_batch([carry]))
         if self._wal_index is not None:
             os.close(self._wal_index)
             self._wal_index = None
@@ -611,7 +614,8 @@ class SqliteStore(Store):
             return
         self._wal_reserved = max(self._wal_reserved, size)
 
-    def _run_batch(self, batch: list[_Op]) -> None:
+    def _commit_batch(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
+        """Run every call of the batch in one transaction: (True, result) or (False, error) each."""
         outcomes: list[tuple[bool, Any]] = []
         try:
             if self._wconn is None:  # a previous commit failed: start on a fresh connection
@@ -670,6 +674,11 @@ class SqliteStore(Store):
             if self._bytes_since_ckpt >= _CKPT_BYTES:
                 self._bytes_since_ckpt = 0
                 self._ckpt_wake.set()
+        return outcomes
+
+    @staticmethod
+    def _resolve_batch(batch: list[_Op], outcomes: list[tuple[bool, Any]]) -> None:
+        """Hand each caller its outcome, on its own event loop (one wake-up per loop)."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
         for op, (ok, value) in zip(batch, outcomes, strict=True):
             by_loop.setdefault(op.loop, []).append(
