@@ -754,8 +754,8 @@ class _Envelope:
     wire_size: int
     eight_bit: bool
     utf8_sender: bool
-    #: `prepared` dot-stuffed (the octets before ".CRLF"), built on first DATA, shared by every hop.
-    stuffed: bytes | None = None
+    #: `prepared` dot-stuffed (the octets before ".CRLF"), shared by every hop.
+    stuffed: bytes
 
 
 _SEPARATE_TERMINATOR = 64 * 1024
@@ -781,8 +781,6 @@ async def _data(smtp: aiosmtplib.SMTP, env: _Envelope, timeout: float) -> aiosmt
     if protocol is None or lock is None or not hasattr(protocol, "_response_pending"):
         # Not the aiosmtplib this was written against: let it do the work itself.
         return await smtp.data(env.prepared, timeout=timeout)
-    if env.stuffed is None:
-        env.stuffed = dot_stuff(env.prepared)
     body = env.stuffed
     async with lock:
         protocol._response_pending = True  # a reply is expected: not unsolicited data
@@ -979,8 +977,6 @@ async def _pipelined(
             if data_start.is_transient:
                 raise _HopFailed(data_start)
             return _after_data(results, rcpt_replies, accepted, data_start)
-        if env.stuffed is None:
-            env.stuffed = dot_stuff(env.prepared)
         body = env.stuffed
         if len(body) < _SEPARATE_TERMINATOR:
             reader.write(body + b".\r\n")
@@ -1068,14 +1064,15 @@ async def deliver(
         return outcome
 
     prepared = prepare_data(data, crlf_only=crlf_only)
-    # Stuffing adds one octet per line that starts with "."; counted, not built (no copy).
-    dot_lines = prepared.count(b"\n.") + prepared.startswith(b".")
+    # Stuffed once, before MAIL (SIZE= is the octets after the 354): `prepared` itself when no line
+    # starts with "." (one C-level scan, no copy; counting the dots first was a second scan).
+    stuffed = dot_stuff(prepared)
     env = _Envelope(
         sender=wire_sender,
         recipients=wire_rcpts,
         prepared=prepared,
-        wire_size=len(prepared) + dot_lines + 3,
-        stuffed=None if dot_lines else prepared,
+        wire_size=len(stuffed) + 3,
+        stuffed=stuffed,
         eight_bit=not prepared.isascii(),
         utf8_sender=not wire_sender.isascii(),
     )
