@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import tomlkit
 
 from relaygate.config import ConfigError
 from relaygate.config import edit as ed
@@ -198,8 +199,6 @@ def test_inline_array_of_tables_refused(tmp_path: Path) -> None:
 
 
 def test_a_new_key_goes_after_the_plain_keys_before_sub_tables_and_their_comments() -> None:
-    import tomlkit
-
     doc = tomlkit.parse(
         '[server]\nname = "A"\n# the TLS sub-table\n[server.tls]\nx = 1\n\n'
         '[[receive_connectors]]\nname = "c"\nbindings = ["0.0.0.0:25"]\n'

@@ -751,11 +751,15 @@ class _Envelope:
     sender: str  # wire form (between <>)
     recipients: dict[str, str]  # original → wire form
     prepared: bytes
-    wire_size: int
     eight_bit: bool
     utf8_sender: bool
     #: `prepared` dot-stuffed (the octets before ".CRLF"), shared by every hop.
     stuffed: bytes
+
+    @property
+    def wire_size(self) -> int:
+        """The octets sent after the 354 (SIZE=): the stuffed content and ".CRLF"."""
+        return len(self.stuffed) + 3
 
 
 _SEPARATE_TERMINATOR = 64 * 1024
@@ -1066,13 +1070,11 @@ async def deliver(
     prepared = prepare_data(data, crlf_only=crlf_only)
     # Stuffed once, before MAIL (SIZE= is the octets after the 354): `prepared` itself when no line
     # starts with "." (one C-level scan, no copy; counting the dots first was a second scan).
-    stuffed = dot_stuff(prepared)
     env = _Envelope(
         sender=wire_sender,
         recipients=wire_rcpts,
         prepared=prepared,
-        wire_size=len(stuffed) + 3,
-        stuffed=stuffed,
+        stuffed=dot_stuff(prepared),
         eight_bit=not prepared.isascii(),
         utf8_sender=not wire_sender.isascii(),
     )
