@@ -8,14 +8,15 @@ DEBS := swaks postfix chromium
 
 .PHONY: run test lint fmt soak bench debs clean
 
-$(STAMP): pyproject.toml
+# constraints.txt holds the versions the suite last passed with, so a fresh machine installs those.
+$(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -c constraints.txt -e .
 	touch $@
 
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/pip install -q -e '.[test,dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,dev]'
 	touch $@
 
 run: $(STAMP)
