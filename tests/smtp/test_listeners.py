@@ -3,7 +3,11 @@ chosen per connection from the local endpoint and the client address."""
 
 from __future__ import annotations
 
+import os
+import select
+import signal
 import socket
+import time
 
 from tests.smtp.conftest import relay, relay_connector  # noqa: F401
 
@@ -54,3 +58,41 @@ def test_ipv6_wildcard_and_several_ports(relay):  # noqa: F811
     # Third port: only 127.0.0.9 is in range; anyone else is closed without a banner.
     assert banner("127.0.0.1", r.ports[2], source="127.0.0.9") == b"220 exact ready\r\n"
     assert banner("127.0.0.1", r.ports[2], source="127.0.0.5") == b""
+
+
+def test_a_burst_of_connections_waits_in_the_accept_queue(relay):  # noqa: F811
+    """While the relay is not accepting (here: stopped), the kernel completes the handshakes of a
+    burst up to the listen backlog and the clients wait in the accept queue. Past the backlog a
+    client's SYN is dropped and it waits a second or more for its retransmission: with the event
+    loop's default backlog (100) most of this burst would."""
+    r = relay([relay_connector(["127.0.0.0/8"])], mode="process")
+    assert r.proc is not None
+    burst = 300
+    clients: list[socket.socket] = []
+    poller = select.poll()
+    os.kill(r.proc.pid, signal.SIGSTOP)
+    try:
+        for i in range(burst):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            clients.append(s)
+            s.setblocking(False)
+            s.bind((f"127.0.1.{i // 10 + 1}", 0))  # 10 per address: under the per-source limit
+            s.connect_ex(("127.0.0.1", r.port))
+            poller.register(s, select.POLLOUT)
+        connected: set[int] = set()
+        deadline = time.monotonic() + 0.5  # well before a dropped SYN's first retransmission (1 s)
+        while len(connected) < burst and time.monotonic() < deadline:
+            for fd, _ in poller.poll(50):
+                connected.add(fd)
+                poller.unregister(fd)
+    finally:
+        os.kill(r.proc.pid, signal.SIGCONT)
+    try:
+        assert len(connected) == burst
+        for s in clients:  # and once the relay runs again, every one of them gets its banner
+            s.setblocking(True)
+            s.settimeout(10)
+            assert s.recv(512).startswith(b"220 ")
+    finally:
+        for s in clients:
+            s.close()

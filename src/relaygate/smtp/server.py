@@ -40,6 +40,10 @@ logger = logging.getLogger("relaygate.smtp")
 
 
 _SELECTION_CACHE_SIZE = 65536
+# Connections the kernel completes before the event loop accepts them (capped by
+# net.core.somaxconn). When the queue is full, a new client's SYN is dropped and it waits for its
+# retransmission, 1 s and more: a burst of devices reconnecting must not meet that.
+LISTEN_BACKLOG = 1024
 
 
 class Handoff(Protocol):
@@ -246,7 +250,7 @@ class SmtpServer:
             v6only = any(b.address == "0.0.0.0" and b.port == binding.port for b in self._wanted())
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if v6only else 0)
         sock.bind((binding.address, binding.port))
-        sock.listen(1024)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
         server = self.ctx.config.server
         workers = server.workers
@@ -280,7 +284,10 @@ class SmtpServer:
                 conn.close()
 
         loop = asyncio.get_running_loop()
-        return await loop.create_server(lambda: Connection(on_connect), sock=sock, ssl=ssl_ctx)
+        # create_server listens again, with its own backlog (100 unless given): pass ours.
+        return await loop.create_server(
+            lambda: Connection(on_connect), sock=sock, ssl=ssl_ctx, backlog=LISTEN_BACKLOG
+        )
 
     async def _handle(self, conn: Connection, implicit: bool) -> None:
         peer = conn.get_extra_info("peername")
