@@ -22,6 +22,7 @@ from typing import Any
 
 from relaygate.admin.server import AdminServer
 from relaygate.config import Config, ConfigError, load_config
+from relaygate.fd_limit import raise_fd_limit
 from relaygate.logs.tracking import MESSAGE_TRACKING_DIR, TrackingLog
 from relaygate.queue.manager import QueueManager
 from relaygate.queue.sqlite_store import SqliteStore
@@ -259,6 +260,8 @@ def run(
     )
     from relaygate.config import default_config_path
 
+    if worker_index is None:  # the workers inherit the limit from their supervisor
+        raise_fd_limit(config)
     resolved = default_config_path(config_path)
     if worker_index is None and config.server.workers > 1 and resolved is not None:
         from relaygate.workers import Supervisor

@@ -13,6 +13,7 @@ import asyncio
 import errno
 import logging
 import os
+import resource
 import signal
 import smtplib
 import subprocess
@@ -94,6 +95,8 @@ class RelayHandle:
         self.thread: threading.Thread | None = None
         self.relay: Any = None
         self.stderr_path = tmp / "serve.stderr"
+        #: (soft, hard) RLIMIT_NOFILE for `relaygate serve` (process mode), None: inherited
+        self.nofile: tuple[int, int] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> RelayHandle:
@@ -130,12 +133,19 @@ class RelayHandle:
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT / "src")
         stderr = open(self.stderr_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
+        nofile = self.nofile
+
+        def limit_descriptors() -> None:  # in the child, before exec
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "relaygate", "serve", "--config", str(self.config_path)],
             stdout=subprocess.PIPE,
             stderr=stderr,
             cwd=self.tmp,
             env=env,
+            preexec_fn=limit_descriptors if nofile is not None else None,
         )
         stderr.close()
         assert self.proc.stdout is not None
@@ -313,6 +323,7 @@ def relay(tmp_path: Path) -> Iterator[Callable[..., RelayHandle]]:
         server: dict[str, Any] | None = None,
         domains: list[dict[str, Any]] | None = None,
         start: bool = True,
+        nofile: tuple[int, int] | None = None,
     ) -> RelayHandle:
         for attempt in range(3):
             ports = [free_port() for _ in range(3)]
@@ -323,6 +334,7 @@ def relay(tmp_path: Path) -> Iterator[Callable[..., RelayHandle]]:
                 server=server, domains=domains,
             )  # fmt: skip
             handle = RelayHandle(tmp, doc, ports, mode)
+            handle.nofile = nofile
             handles.append(handle)
             if not start:
                 return handle
