@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import resource
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from tests.queue_manager.helpers import (
     free_port,
     parse_mail,
     send,
+    smtp_port,
     start_relay,
     start_sink,
     wait_for,
@@ -110,6 +113,42 @@ async def test_api_health_metrics_errors_and_guards(tmp_path: Path) -> None:
             assert ok.status_code == 200
             assert (await c.get("/api/health")).status_code == 200
     finally:
+        await relay.stop()
+        await sink.close()
+
+
+async def test_metrics_show_open_sessions_and_file_descriptors(tmp_path: Path) -> None:
+    sink = await start_sink(ScriptedHandler())
+    relay = await start_relay(tmp_path / "data", {"*": sink.port})
+    held: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(3):  # three clients that got their banner and wait
+            reader, writer = await asyncio.open_connection("127.0.0.1", smtp_port(relay))
+            held.append(writer)
+            assert (await reader.readline()).startswith(b"220 ")
+        async with httpx.AsyncClient(base_url=admin_url(relay)) as client:
+
+            async def metrics() -> str:
+                return (await client.get("/metrics")).text
+
+            text = await metrics()
+            assert 'relaygate_smtp_sessions{connector="Test Relay"} 3.0' in text
+            assert 'relaygate_smtp_session_limit{connector="Test Relay"} 5000.0' in text
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # the relay runs in this process
+            assert f"process_max_fds {float(soft)}" in text
+            match = re.search(r"^process_open_fds (\S+)$", text, re.M)
+            assert match and float(match.group(1)) >= 3 + 3  # the sessions and the listeners
+
+            for writer in held:
+                writer.close()
+
+            async def closed() -> bool:
+                return 'relaygate_smtp_sessions{connector="Test Relay"} 0.0' in await metrics()
+
+            await wait_for(closed)
+    finally:
+        for writer in held:
+            writer.close()
         await relay.stop()
         await sink.close()
 

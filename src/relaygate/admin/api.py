@@ -41,7 +41,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -181,6 +186,30 @@ class MetricsCollector:
             "Messages being delivered now",
             value=float(getattr(manager, "in_flight", 0) or 0),
         )
+        yield from self._sessions()
+
+    def _sessions(self) -> Iterable[Any]:
+        """Open SMTP sessions per receive connector, next to the connector's limit: with
+        process_open_fds / process_max_fds what an operator alerts on before clients get 421s
+        or dropped connections."""
+        ctx = getattr(self.relay, "ctx", None)
+        open_now: dict[str, int] = dict(getattr(getattr(ctx, "limits", None), "per_connector", {}))
+        sessions = GaugeMetricFamily(
+            "relaygate_smtp_sessions", "Open inbound SMTP sessions", labels=["connector"]
+        )
+        limits = GaugeMetricFamily(
+            "relaygate_smtp_session_limit",
+            "max_inbound_connection of the receive connector (absent: unlimited)",
+            labels=["connector"],
+        )
+        for connector in self.relay.config.receive_connectors:
+            if not connector.enabled:
+                continue
+            sessions.add_metric([connector.name], float(open_now.get(connector.name, 0)))
+            if connector.max_inbound_connection is not None:
+                limits.add_metric([connector.name], float(connector.max_inbound_connection))
+        yield sessions
+        yield limits
 
 
 async def health_report(
@@ -227,6 +256,8 @@ def create_app(
     registry = CollectorRegistry(auto_describe=False)
     collector = MetricsCollector(relay)
     registry.register(collector)
+    # process_open_fds, process_max_fds, process_resident_memory_bytes, process_cpu_seconds_total
+    ProcessCollector(registry=registry)
     started = time.time()
 
     async def queue_list(request: Request) -> Response:
