@@ -25,6 +25,7 @@ from relaygate.config import Config, ConfigError, load_config
 from relaygate.fd_limit import raise_fd_limit
 from relaygate.logs.tracking import MESSAGE_TRACKING_DIR, TrackingLog
 from relaygate.queue.manager import QueueManager
+from relaygate.queue.pressure import DiskPressure
 from relaygate.queue.sqlite_store import SqliteStore
 from relaygate.queue.store import Store
 from relaygate.smtp.server import ServerContext, SmtpServer, protocol_log_for
@@ -71,6 +72,7 @@ class Relay:
         self.server: SmtpServer | None = None
         self.manager: Any = None
         self.admin: Any = None
+        self.pressure: DiskPressure | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -99,6 +101,12 @@ class Relay:
             cfg, self.store, protocol_log=self.protocol_log, tracking=self.tracking, on_message=wake
         )
         self.ctx.handoff = self.manager
+        queue_dir = Path(s.data_dir) / "queue"
+        self.pressure = DiskPressure(
+            queue_dir if queue_dir.is_dir() else Path(s.data_dir), cfg.queue.min_free_disk_space
+        )
+        await self.pressure.start()
+        self.ctx.pressure = self.pressure
         self.server = SmtpServer(self.ctx, reuse_port=self.worker_index is not None or None)
         if self.manager is not None:
             self.manager.local_endpoints = set()
@@ -137,6 +145,8 @@ class Relay:
         await self.server.sync_listeners()
         if self.manager is not None:
             self.manager.apply(new)
+        if self.pressure is not None:
+            self.pressure.apply(new.queue.min_free_disk_space)
         logger.info("configuration reloaded from %s", self.config_path)
 
     async def stop(self) -> None:
@@ -146,6 +156,8 @@ class Relay:
             await self.server.stop()
         if self.manager is not None:
             await self.manager.stop()
+        if self.pressure is not None:
+            await self.pressure.stop()
         await self.store.close()
         for log in (self.protocol_log, self.tracking):
             if log is not None:

@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiosmtplib
 import httpx
+import pytest
 
 from relaygate.admin.api import create_app
 from relaygate.app import Relay
@@ -149,6 +151,40 @@ async def test_metrics_show_open_sessions_and_file_descriptors(tmp_path: Path) -
     finally:
         for writer in held:
             writer.close()
+        await relay.stop()
+        await sink.close()
+
+
+async def test_back_pressure_shows_on_health_metrics_and_mail_from(tmp_path: Path) -> None:
+    sink = await start_sink(ScriptedHandler())
+    st = os.statvfs(tmp_path)
+    more_than_free = st.f_bavail * st.f_frsize + 50 * 1024**3
+    relay = await start_relay(
+        tmp_path / "data", {"*": sink.port}, queue={"min_free_disk_space": more_than_free}
+    )
+    try:
+        async with httpx.AsyncClient(base_url=admin_url(relay)) as client:
+            health = await client.get("/healthz")
+            assert health.status_code == 200
+            body = health.json()
+            assert body["status"] == "degraded"
+            assert body["back_pressure"]["active"] is True
+            assert body["back_pressure"]["min_free_disk_space"] == more_than_free
+            assert body["back_pressure"]["disk_free_bytes"] < more_than_free
+            metrics = (await client.get("/metrics")).text
+            assert "relaygate_back_pressure 1.0" in metrics
+            assert re.search(r"^relaygate_queue_disk_free_bytes \d", metrics, re.M)
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(relay), timeout=10)
+        await smtp.connect()
+        try:
+            with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+                await smtp.sendmail("scanner@senders.test", ["bob@example.com"], MESSAGE)
+            assert refused.value.code == 452
+            assert refused.value.message == "4.3.1 Insufficient system resources"
+        finally:
+            smtp.close()
+        assert (await relay.store.counts())["messages"] == 0
+    finally:
         await relay.stop()
         await sink.close()
 

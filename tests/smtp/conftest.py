@@ -179,11 +179,15 @@ class RelayHandle:
                 self.proc.kill()
                 self.proc.wait()
 
-    def reconfigure(self, connectors: list[dict[str, Any]]) -> None:
-        """Rewrite the config file with new connectors and reload (thread mode)."""
+    def reconfigure(
+        self, connectors: list[dict[str, Any]], *, queue: dict[str, Any] | None = None
+    ) -> None:
+        """Rewrite the config file with new connectors (and `[queue]` keys) and reload (thread
+        mode)."""
         self.doc = build_doc(
-            self.tmp, connectors, self.ports, data_dir=self.data_dir, server=self.doc["server"]
-        )
+            self.tmp, connectors, self.ports, data_dir=self.data_dir, server=self.doc["server"],
+            queue=queue,
+        )  # fmt: skip
         self.config_path.write_text(tomlkit.dumps(self.doc), encoding="utf-8")
         self.config = load_config(self.config_path)
         assert self.loop is not None and self.relay is not None
@@ -258,6 +262,7 @@ def build_doc(
     server: dict[str, Any] | None = None,
     domains: list[dict[str, Any]] | None = None,
     data_dir: Path | None = None,
+    queue: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     fmt = {"port": ports[0], "port2": ports[1], "port3": ports[2]}
     rcs = []
@@ -280,6 +285,7 @@ def build_doc(
             # The queue manager (if present) may try deliveries: they fail and stay queued.
             "transient_failure_retry_interval": "00:10:00",
             "message_retry_interval": "00:30:00",
+            **(queue or {}),
         },
         "accepted_domains": domains
         if domains is not None
@@ -324,6 +330,7 @@ def relay(tmp_path: Path) -> Iterator[Callable[..., RelayHandle]]:
         domains: list[dict[str, Any]] | None = None,
         start: bool = True,
         nofile: tuple[int, int] | None = None,
+        queue: dict[str, Any] | None = None,
     ) -> RelayHandle:
         for attempt in range(3):
             ports = [free_port() for _ in range(3)]
@@ -331,7 +338,7 @@ def relay(tmp_path: Path) -> Iterator[Callable[..., RelayHandle]]:
             tmp.mkdir()
             doc = build_doc(
                 tmp, connectors if connectors is not None else [relay_connector()], ports,
-                server=server, domains=domains,
+                server=server, domains=domains, queue=queue,
             )  # fmt: skip
             handle = RelayHandle(tmp, doc, ports, mode)
             handle.nofile = nofile

@@ -187,6 +187,19 @@ class MetricsCollector:
             value=float(getattr(manager, "in_flight", 0) or 0),
         )
         yield from self._sessions()
+        pressure = getattr(self.relay, "pressure", None)
+        if pressure is not None:
+            yield GaugeMetricFamily(
+                "relaygate_back_pressure",
+                "1 while new messages are refused for lack of disk space (452 4.3.1)",
+                value=1.0 if pressure.high else 0.0,
+            )
+            if pressure.space is not None:
+                yield GaugeMetricFamily(
+                    "relaygate_queue_disk_free_bytes",
+                    "Free space on the queue's file system at the last sample",
+                    value=float(pressure.space.free),
+                )
 
     def _sessions(self) -> Iterable[Any]:
         """Open SMTP sessions per receive connector, next to the connector's limit: with
@@ -238,6 +251,16 @@ async def health_report(
         return body, 503
     if manager is not None and not body["queue_manager"]["running"]:
         body["status"] = "degraded"
+    pressure = getattr(relay, "pressure", None)
+    if pressure is not None:
+        space = pressure.space
+        body["back_pressure"] = {
+            "active": pressure.high,
+            "disk_free_bytes": space.free if space is not None else None,
+            "min_free_disk_space": pressure.min_free,
+        }
+        if pressure.high:
+            body["status"] = "degraded"
     return body, 200
 
 

@@ -300,6 +300,9 @@ class QueueConfig:
     store: str = _spec("sqlite", choices=("sqlite", "postgresql"))
     database_url: str = ""
     completed_retention: timedelta = _span("1.00:00:00")
+    #: Back pressure (queue/pressure.py): below this much free space on the queue's disk, MAIL
+    #: FROM gets 452 4.3.1 (Exchange's fixed constant); 0 turns it off.
+    min_free_disk_space: int = _size("500MB")
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from relaygate.logs.protocol import PROTOCOL_LOG_RECEIVE_DIR, NullSessionLog, Pr
 from relaygate.policy.rights import SessionRights, session_rights
 from relaygate.policy.selection import Selection, select_connector
 from relaygate.queue.model import Envelope, StoredMessage
+from relaygate.queue.pressure import DiskPressure
 from relaygate.queue.store import Store
 from relaygate.smtp import proxy
 from relaygate.smtp.auth import UserStore, users_path
@@ -81,6 +82,8 @@ class ServerContext:
         self.handoff: Handoff | None = None
         self.limits = ConnectionLimits()
         self.rates = RateLimiter()
+        #: Back pressure on the queue's disk (set by the relay; None: never refuse for it).
+        self.pressure: DiskPressure | None = None
         self.logger = logger
         self.local_ips: list[str] = []
         self._tls: dict[str, ssl.SSLContext | None] = {}

@@ -28,6 +28,7 @@ from relaygate.logs.protocol import receiving_message_info
 from relaygate.policy.rights import SessionRights, session_rights
 from relaygate.policy.verdicts import Verdict, check_mail, check_rcpt
 from relaygate.queue.model import LINE_BREAKS, LINE_BREAKS_CRLF, Envelope, StoredMessage
+from relaygate.queue.store import StoreFullError
 from relaygate.replies import Reply
 from relaygate.smtp.message import DataReader, has_bare_cr_or_lf, received_header, scan_headers
 
@@ -397,6 +398,13 @@ class Session:
             self.log.info(f"MAIL refused: {verdict.reason}")
             await self.protocol_error(verdict.reply, tarpit=verdict.tarpit)
             return
+        pressure = self.ctx.pressure
+        if pressure is not None and pressure.refuses(declared):
+            # Back pressure: the queue's disk is (or with this SIZE= would be) below its minimum
+            # free space. Not a protocol error: the client is right to try again later.
+            self.log.info("MAIL refused: back pressure, too little free space on the queue's disk")
+            self.reply(replies.INSUFFICIENT_RESOURCES)
+            return
         self.txn = txn
         self.reply(verdict.reply)
 
@@ -559,6 +567,13 @@ class Session:
             queue_id = await self.ctx.store.submit(
                 envelope, data, lease=lease, received_at=received_at
             )
+        except StoreFullError as exc:  # the disk or database is full: the Store contract's 452
+            # A warning: the store logs its failed commit itself; here the client is told to retry.
+            self.ctx.logger.warning(
+                "queue store full, message from %s refused with 452 4.3.1: %s", self.client_ip, exc
+            )
+            self.reply(replies.INSUFFICIENT_RESOURCES)
+            return
         except Exception as exc:  # any store failure: the client must retry, nothing was promised
             self.ctx.logger.exception("queue store failed for %s: %s", self.client_ip, exc)
             self.reply(replies.QUEUE_FAILED)
