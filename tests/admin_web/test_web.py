@@ -9,7 +9,9 @@ not skip.
 from __future__ import annotations
 
 import asyncio
+import os
 import smtplib
+import socket
 import tempfile
 import threading
 import time
@@ -59,7 +61,14 @@ permission_groups = ["AnonymousUsers"]
 class RelayThread:
     """A relay started by tests.queue_manager.helpers.start_relay, in a thread of its own."""
 
-    def __init__(self, data_dir: Path, *, token: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        token: str | None = None,
+        queue: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.token = token  # sent as the bearer token to /api/
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -70,7 +79,7 @@ class RelayThread:
             start_relay(
                 data_dir,
                 {"*": closed},
-                queue=QUEUE,
+                queue={**QUEUE, **(queue or {})},
                 smtp_port=self.smtp_port,
                 extra=FRONTEND.format(port=self.smtp_port),
                 **kwargs,
@@ -166,12 +175,19 @@ def test_dashboard_shows_health_counts_connectors_and_findings(
     node: RelayThread, tab: Page
 ) -> None:
     node.send("Dashboard check")
-    response = tab.goto(node.url + "/")
+    with socket.create_connection(("127.0.0.1", node.smtp_port), timeout=10) as held:
+        assert held.recv(512).startswith(b"220 ")  # one open session on "Test Relay"
+        response = tab.goto(node.url + "/")
+        expect(
+            tab.locator("#connectors tbody tr").filter(has_text="Test Relay").locator(".sessions")
+        ).to_contain_text("1 open")
     assert response is not None and response.status == 200
     headers = response.headers
     assert "script-src" not in headers["content-security-policy"]
     assert "frame-ancestors 'none'" in headers["content-security-policy"]
     expect(tab.locator("#health-status")).to_have_text("ok")
+    expect(tab.locator("#back-pressure")).to_contain_text("off; ")
+    expect(tab.locator("#back-pressure")).to_contain_text("minimum 500 MB")
     counts = node.api("GET", "/api/queue/summary").json()
     expect(tab.locator('#queue-counts td[data-count="messages"]')).to_have_text(
         str(counts["messages"])
@@ -186,6 +202,8 @@ def test_dashboard_shows_health_counts_connectors_and_findings(
     frontend = connectors.filter(has_text="Default Frontend")
     expect(frontend).to_contain_text("127.0.0.0/8")
     expect(frontend.locator(".relay")).to_have_text("none")
+    expect(frontend.locator(".sessions")).to_contain_text("0 open")
+    expect(frontend.locator(".sessions")).to_contain_text("of 5,000")
     expect(tab.locator("#send-connectors")).to_contain_text("To *")
     # the audit's findings with their severity (the nested ranges on one binding are reported)
     findings = tab.locator("#findings tbody tr")
@@ -197,6 +215,22 @@ def test_dashboard_shows_health_counts_connectors_and_findings(
     # the stylesheet is served from the package (no CDN, nothing external)
     css = node.api("GET", "/static/admin.css")
     assert css.status_code == 200 and "text/css" in css.headers["content-type"]
+
+
+def test_dashboard_shows_back_pressure(tmp_path: Path, tab: Page) -> None:
+    st = os.statvfs(tmp_path)
+    more_than_free = st.f_bavail * st.f_frsize + 50 * 1024**3
+    node = RelayThread(tmp_path / "data", queue={"min_free_disk_space": more_than_free})
+    try:
+        response = tab.goto(node.url + "/")
+        assert response is not None and response.status == 200
+        expect(tab.locator("#health-status")).to_have_text("degraded")
+        pressure = tab.locator("#back-pressure")
+        expect(pressure).to_contain_text("on: new messages are refused (452 4.3.1)")
+        expect(pressure).to_contain_text(f"minimum {more_than_free // 1048576:,} MB")
+        expect(pressure).to_have_class("error")
+    finally:
+        node.stop()
 
 
 def test_queue_suspend_resume_remove_in_the_browser(node: RelayThread, tab: Page) -> None:

@@ -203,8 +203,13 @@ def relay_method(connector: ReceiveConnector) -> tuple[str, str]:
     return (" + ".join(methods) or "anonymous"), grant.describe()
 
 
-def connector_rows(config: Config) -> list[dict[str, Any]]:
+def connector_rows(
+    config: Config, open_sessions: dict[str, int] | None = None
+) -> list[dict[str, Any]]:
+    """The receive connectors as the dashboard shows them; `open_sessions`: this process's open
+    SMTP sessions per connector name."""
     rows = []
+    open_sessions = open_sessions or {}
     for c in config.receive_connectors:
         method, detail = relay_method(c)
         rows.append(
@@ -219,6 +224,8 @@ def connector_rows(config: Config) -> list[dict[str, Any]]:
                 "groups": list(c.permission_groups),
                 "relay": method,
                 "relay_detail": detail,
+                "sessions": open_sessions.get(c.name, 0),
+                "session_limit": c.max_inbound_connection,
             }
         )
     return rows
@@ -304,6 +311,11 @@ def _notice(request: Request) -> str | None:
 # -- handlers --------------------------------------------------------------------------------------
 
 
+def _open_sessions(relay: Any) -> dict[str, int]:
+    limits = getattr(getattr(relay, "ctx", None), "limits", None)
+    return dict(getattr(limits, "per_connector", {}))
+
+
 async def dashboard(request: Request) -> Response:
     if (redirect := _login_redirect(request)) is not None:
         return redirect
@@ -314,7 +326,7 @@ async def dashboard(request: Request) -> Response:
     context = {
         "health": health,
         "counts": health.get("queue") or {},
-        "connectors": connector_rows(config),
+        "connectors": connector_rows(config, _open_sessions(state.relay)),
         "send_connectors": send_connector_rows(config),
         "findings": [f.to_dict() for f in findings],
         "findings_summary": summary(findings),
