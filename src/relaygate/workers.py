@@ -15,8 +15,9 @@ The supervisor (the process `relaygate serve` started) does not touch mail. It:
   or a previous run with another number of workers), so nothing waits for a lease to expire;
 * starts the workers and prints ``RelayGate ready: SMTP ...`` once every worker listens (a worker
   that fails during start-up stops the whole start with exit status 1);
-* forwards SIGTERM/SIGINT (graceful stop: each worker stops accepting, lets sessions and deliveries
-  finish) and SIGHUP (reload; every worker re-reads the config file);
+* forwards SIGTERM/SIGINT (graceful stop: each worker stops accepting, tells clients waiting to
+  send a command 421 4.3.2, lets messages being received and deliveries finish) and SIGHUP
+  (reload; every worker re-reads the config file);
 * restarts a worker that exits unexpectedly, after a backoff that doubles with every failure in a
   row (0.5 s … 30 s; a worker that ran for a minute resets it).
 

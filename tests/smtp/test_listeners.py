@@ -7,6 +7,7 @@ import os
 import select
 import signal
 import socket
+import threading
 import time
 
 from tests.smtp.conftest import relay, relay_connector  # noqa: F401
@@ -96,3 +97,39 @@ def test_a_burst_of_connections_waits_in_the_accept_queue(relay):  # noqa: F811
     finally:
         for s in clients:
             s.close()
+
+
+def test_a_stopping_relay_tells_waiting_clients_421_and_lets_a_message_in_data_finish(relay):  # noqa: F811
+    r = relay([relay_connector(["127.0.0.0/8"])])
+    idle = r.raw()
+    idle.expect(220)
+    idle.cmd("EHLO printer.corp.example", 250)
+    sending = r.raw(source="127.0.0.6")
+    sending.expect(220)
+    sending.cmd("EHLO scanner.corp.example", 250)
+    sending.cmd("MAIL FROM:<scanner@corp.example>", 250)
+    sending.cmd("RCPT TO:<someone@example.com>", 250)
+    sending.cmd("DATA", 354)
+    sending.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
+
+    started = time.monotonic()
+    stopper = threading.Thread(target=r.stop)
+    stopper.start()
+    try:
+        # The client waiting to send a command is told at once, not when the grace period ends.
+        reply = idle.reply()
+        assert reply is not None and reply.text == "421 4.3.2 Service not available"
+        assert idle.is_closed()
+        assert time.monotonic() - started < 2
+        # The message being sent is received and committed, then the 421 follows.
+        time.sleep(0.3)
+        sending.send(b"second half\r\n.\r\n")
+        assert sending.expect(250).text.startswith("250 2.6.0 ")
+        closing = sending.reply()
+        assert closing is not None and closing.code == 421
+        assert sending.is_closed()
+    finally:
+        stopper.join(20)
+    assert time.monotonic() - started < 4  # before the 5 s grace would have run out
+    (data,) = r.all_data().values()
+    assert data.endswith(b"Subject: in flight\r\n\r\nfirst half\r\nsecond half\r\n")

@@ -203,6 +203,7 @@ class SmtpServer:
         ) and hasattr(socket, "SO_REUSEPORT")
         self._servers: dict[Binding, asyncio.Server] = {}
         self._sessions: set[asyncio.Task[None]] = set()
+        self._live: set[Session] = set()  # told to finish when the server stops
 
     @property
     def endpoints(self) -> list[tuple[str, int]]:
@@ -343,8 +344,14 @@ class SmtpServer:
                 tls_active=implicit,
                 initial=initial,
             )
+        except BaseException:
+            self.ctx.limits.release(connector, client_ip)
+            raise
+        self._live.add(session)
+        try:
             await session.run()
         finally:
+            self._live.discard(session)
             self.ctx.limits.release(connector, client_ip)
 
     async def _read_proxy(self, conn: Connection) -> tuple[tuple[str, int] | None, bytes] | None:
@@ -386,6 +393,8 @@ class SmtpServer:
         for server in self._servers.values():
             await server.wait_closed() if not self._sessions else None
         self._servers.clear()
+        for session in list(self._live):
+            session.shutdown()  # 421 to those waiting for a command; messages in DATA finish
         if self._sessions:
             _done, pending = await asyncio.wait(list(self._sessions), timeout=grace)
             for task in pending:

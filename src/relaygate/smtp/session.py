@@ -99,7 +99,9 @@ class Session:
         self.idle = connector.connection_inactivity_timeout.total_seconds()
         # The read timeouts: one watchdog timer per session (see _watch), not one per read.
         self._reading_since: float | None = None  # loop time the pending read started
-        self._timed_out: Reply | None = None  # set by the watchdog when it cancels a read
+        self._timed_out: Reply | None = None  # set by the watchdog (or shutdown) when it cancels a read
+        self._stopping = False  # the relay is stopping: 421 at the next command (see shutdown)
+        self._in_data = False  # receiving or committing a message: a stop lets it finish
         self._watchdog: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[object] | None = None
         self.pipelining = False
@@ -234,6 +236,20 @@ class Session:
                 self._task.cancel()
             return
         self._watchdog = self.loop.call_at(due, self._watch)
+
+    def shutdown(self) -> None:
+        """The relay is stopping. A client waiting to send a command gets 421 4.3.2 now (RFC 5321
+        §3.8); a message being received or committed finishes first, and its client gets the 421
+        when it sends its next command."""
+        self._stopping = True
+        if (
+            self._reading_since is not None
+            and not self._in_data
+            and self._timed_out is None
+            and self._task is not None
+        ):
+            self._timed_out = replies.SERVICE_NOT_AVAILABLE
+            self._task.cancel()
 
     async def protocol_error(self, reply: Reply, *, tarpit: bool = False) -> None:
         """A client error: counted toward max_protocol_errors, delayed by the tarpit if anonymous."""
@@ -462,11 +478,15 @@ class Session:
             return
         self.reply(replies.START_MAIL_INPUT)
         started = time.monotonic()
-        content, too_big = await self.read_data()
-        txn, self.txn = self.txn, None
-        if content is None:
-            raise _Close("Remote")
-        await self.accept_message(txn, content, too_big, started)
+        self._in_data = True
+        try:
+            content, too_big = await self.read_data()
+            txn, self.txn = self.txn, None
+            if content is None:
+                raise _Close("Remote")
+            await self.accept_message(txn, content, too_big, started)
+        finally:
+            self._in_data = False
 
     async def read_data(self) -> tuple[bytes | None, bool]:
         """Read through CRLF.CRLF. Returns (unstuffed content or None at EOF, exceeded-size flag)."""
@@ -487,6 +507,9 @@ class Session:
 
     async def _read_more(self) -> bytes:
         """One read from the client, bounded by the inactivity and absolute timeouts."""
+        if self._stopping and not self._in_data:
+            self.reply(replies.SERVICE_NOT_AVAILABLE)
+            raise _Close()
         now = self.loop.time()
         if now >= self.deadline:
             self.reply(replies.CONNECTION_TIMEOUT)
