@@ -99,7 +99,9 @@ class Session:
         self.idle = connector.connection_inactivity_timeout.total_seconds()
         # The read timeouts: one watchdog timer per session (see _watch), not one per read.
         self._reading_since: float | None = None  # loop time the pending read started
-        self._timed_out: Reply | None = None  # set by the watchdog (or shutdown) when it cancels a read
+        self._timed_out: Reply | None = (
+            None  # set by the watchdog (or shutdown) when it cancels a read
+        )
         self._stopping = False  # the relay is stopping: 421 at the next command (see shutdown)
         self._in_data = False  # receiving or committing a message: a stop lets it finish
         self._watchdog: asyncio.TimerHandle | None = None
