@@ -2,9 +2,9 @@
 
 Exchange's transport watches the free space of the drive that holds its queue database and, at
 its "High" level, rejects every MAIL FROM with ``452 4.3.1 Insufficient system resources`` while it
-goes on delivering what it has (exchange-semantics.md §5.4). Its fixed constant is 500 MB free;
-its "Normal" level, where mail is accepted again, is 4 % of the disk lower in use, so the relay
-does not flap around the threshold. RelayGate does the same with `queue.min_free_disk_space`
+goes on delivering what it has (exchange-semantics.md §5.4). Exchange 2010's documentation gives
+the High level as the disk less a fixed 500 MB, and the "Normal" level, where mail is accepted
+again, as 4 % of the disk lower in use, so that the server does not flap around the threshold. RelayGate does the same with `queue.min_free_disk_space`
 (default 500MB, 0 turns it off):
 
 * free space below the minimum → under pressure: MAIL FROM gets 452 4.3.1;
