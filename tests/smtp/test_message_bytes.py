@@ -72,3 +72,17 @@ def test_data_reader_keeps_nothing_past_the_limit_and_still_finds_the_end() -> N
     assert reader._size <= 1000 + 6 + 7  # what it holds never grows past the limit
     # Under the limit, the same stream read the same way is returned whole.
     assert _feed(DataReader(10_000), stream, bounds) == (body * 50, False, b"QUIT\r\n")
+
+
+def test_data_reader_told_to_stop_keeping_drops_everything_and_still_finds_the_end() -> None:
+    body = b"y" * 98 + b"\r\n"
+    stream = body * 20 + b".\r\nQUIT\r\n"
+    reader = DataReader(10_000)
+    assert not reader.feed(stream[:500])
+    assert not reader.dropping
+    reader.stop_keeping()  # the process's memory for messages in transit is spent
+    assert reader.dropping
+    assert not reader.feed(stream[500:1500])
+    assert reader._size == 0  # nothing more is kept
+    assert reader.feed(stream[1500:])
+    assert reader.result() == (b"", True, b"QUIT\r\n")

@@ -268,6 +268,10 @@ class ServerConfig:
     #: then counted per worker).
     worker_balance: str = _spec("client_address", choices=("client_address", "connection"))
     dkim_domain_source: str = _spec("header_from", choices=("header_from", "envelope_sender"))
+    #: Message bytes all sessions of one process may hold while they receive and commit them
+    #: (smtp/limits.py DataMemory); past it a message gets 452 4.3.1. None: a quarter of the
+    #: machine's memory, divided among the workers.
+    max_data_in_memory: int | None = _spec(None, v.parse_size)
     receive_protocol_log_max_file_size: int = _size("10MB")
     receive_protocol_log_max_directory_size: int = _size("250MB")
     receive_protocol_log_max_age: timedelta = _span("30.00:00:00")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from relaygate import replies
 from relaygate.config.model import ReceiveConnector
 from relaygate.replies import Reply
 
-__all__ = ["ConnectionLimits", "RateLimiter"]
+__all__ = ["ConnectionLimits", "DataMemory", "RateLimiter", "default_data_memory"]
 
 
 @dataclass
@@ -55,6 +56,42 @@ class ConnectionLimits:
 
     def total(self) -> int:
         return sum(self.per_connector.values())
+
+
+class DataMemory:
+    """The message bytes this process holds for messages in transit, against a budget.
+
+    Each session's DATA is bounded by its connector's max_message_size (36 MB by default), but
+    thousands of sessions may be in DATA at once: together they could take more memory than the
+    machine has, and then every message in flight is lost to the OOM killer. Each session takes
+    what it reads from here; when the budget is spent the message is read to its end without
+    keeping it and refused with 452 4.3.1 (Exchange's reply under memory back pressure), so the
+    client retries later.
+    """
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give_back(self, n: int) -> None:
+        self.used -= n
+
+
+def default_data_memory(workers: int) -> int:
+    """A quarter of the machine's memory, divided among the worker processes (at least 64 MB)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 4 * 1024**3
+    return max(64 * 1024**2, total // 4 // max(1, workers))
 
 
 class RateLimiter:

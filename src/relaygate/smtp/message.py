@@ -92,6 +92,24 @@ class DataReader:
             self._size = 0
         return False
 
+    @property
+    def kept(self) -> int:
+        """Octets held so far (the chunk that completes the terminator is not counted yet)."""
+        return self._size
+
+    @property
+    def dropping(self) -> bool:
+        """True once content is no longer kept (over the limit, or `stop_keeping`)."""
+        return self._dropped
+
+    def stop_keeping(self) -> None:
+        """Keep no more content (the memory for messages in transit is spent, smtp/limits.py): the
+        terminator is still found, and `result` reports the content as over the limit."""
+        self._limit = -7  # every feed from now on is past it (the check at the end of feed)
+        self._dropped = True
+        self._chunks.clear()
+        self._size = 0
+
     def _found(self, more: bytes, end: int) -> bool:
         self._last = more
         self._end = end

@@ -30,7 +30,7 @@ from relaygate.queue.store import Store
 from relaygate.smtp import proxy
 from relaygate.smtp.auth import UserStore, users_path
 from relaygate.smtp.connection import Connection
-from relaygate.smtp.limits import ConnectionLimits, RateLimiter
+from relaygate.smtp.limits import ConnectionLimits, DataMemory, RateLimiter, default_data_memory
 from relaygate.smtp.session import Session
 from relaygate.smtp.steering import attach_source_steering
 from relaygate.smtp.tls import server_context
@@ -84,6 +84,7 @@ class ServerContext:
         self.rates = RateLimiter()
         #: Back pressure on the queue's disk (set by the relay; None: never refuse for it).
         self.pressure: DiskPressure | None = None
+        self.data_memory = DataMemory(0)  # its limit is set by apply()
         self.logger = logger
         self.local_ips: list[str] = []
         self._tls: dict[str, ssl.SSLContext | None] = {}
@@ -95,6 +96,10 @@ class ServerContext:
         """Take a new configuration (start or reload). Open sessions keep the connector they started with."""
         self.config = config
         self._tls = {}
+        limit = config.server.max_data_in_memory
+        self.data_memory.limit = (
+            limit if limit is not None else default_data_memory(config.server.workers)
+        )
         # Per-connection decisions that depend only on the configuration, computed once per config:
         # the connector for (local address, port, client) and a connector's session rights.
         self._selections: dict[tuple[str, int, str], Selection] = {}

@@ -104,6 +104,7 @@ class Session:
         )
         self._stopping = False  # the relay is stopping: 421 at the next command (see shutdown)
         self._in_data = False  # receiving or committing a message: a stop lets it finish
+        self._held = 0  # bytes taken from ctx.data_memory for this message; -1: refused for it
         self._watchdog: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[object] | None = None
         self.pipelining = False
@@ -481,14 +482,22 @@ class Session:
         self.reply(replies.START_MAIL_INPUT)
         started = time.monotonic()
         self._in_data = True
+        self._held = 0
         try:
             content, too_big = await self.read_data()
             txn, self.txn = self.txn, None
             if content is None:
                 raise _Close("Remote")
+            if self._held < 0:
+                self.log.info("message refused: the memory for messages in transit is spent")
+                self.reply(replies.INSUFFICIENT_RESOURCES)
+                return
             await self.accept_message(txn, content, too_big, started)
         finally:
             self._in_data = False
+            if self._held > 0:
+                self.ctx.data_memory.give_back(self._held)
+            self._held = 0
 
     async def read_data(self) -> tuple[bytes | None, bool]:
         """Read through CRLF.CRLF. Returns (unstuffed content or None at EOF, exceeded-size flag)."""
@@ -496,9 +505,28 @@ class Session:
         if self.rights.bypasses_size_limit:
             limit = max(limit, 2 * 1024**3)
         reader = DataReader(limit)
+        memory = self.ctx.data_memory
         more = bytes(self.buf)
         self.buf.clear()
-        while not reader.feed(more):
+        while True:
+            done = reader.feed(more)
+            # What the reader keeps is taken from the process's budget (self._held, given back by
+            # do_data); once it is spent the rest is read and dropped (self._held = -1).
+            if reader.dropping:  # over max_message_size (or the budget): nothing is kept
+                if self._held > 0:
+                    memory.give_back(self._held)
+                    self._held = 0
+            else:
+                grow = reader.kept + (len(more) if done else 0) - self._held
+                if grow > 0:
+                    if memory.take(grow):
+                        self._held += grow
+                    else:
+                        memory.give_back(self._held)
+                        self._held = -1
+                        reader.stop_keeping()
+            if done:
+                break
             await self.flush()
             more = await self._read_more()
             if not more:
