@@ -136,6 +136,11 @@ async def test_metrics_show_open_sessions_and_file_descriptors(tmp_path: Path) -
             text = await metrics()
             assert 'relaygate_smtp_sessions{connector="Test Relay"} 3.0' in text
             assert 'relaygate_smtp_session_limit{connector="Test Relay"} 5000.0' in text
+            assert "relaygate_data_in_memory_bytes 0.0" in text
+            limit = relay.ctx.data_memory.limit if relay.ctx is not None else 0
+            assert limit >= 64 * 1024**2  # a quarter of the machine's memory, at least 64 MB
+            shown = re.search(r"^relaygate_data_in_memory_limit_bytes (\S+)$", text, re.M)
+            assert shown and float(shown.group(1)) == limit
             soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # the relay runs in this process
             assert f"process_max_fds {float(soft)}" in text
             match = re.search(r"^process_open_fds (\S+)$", text, re.M)

@@ -223,6 +223,18 @@ class MetricsCollector:
                 limits.add_metric([connector.name], float(connector.max_inbound_connection))
         yield sessions
         yield limits
+        memory = getattr(ctx, "data_memory", None)
+        if memory is not None:
+            yield GaugeMetricFamily(
+                "relaygate_data_in_memory_bytes",
+                "Message bytes held by sessions receiving or committing them",
+                value=float(memory.used),
+            )
+            yield GaugeMetricFamily(
+                "relaygate_data_in_memory_limit_bytes",
+                "server.max_data_in_memory: past it a message gets 452 4.3.1",
+                value=float(memory.limit),
+            )
 
 
 async def health_report(
