@@ -99,9 +99,8 @@ class Session:
         self.idle = connector.connection_inactivity_timeout.total_seconds()
         # The read timeouts: one watchdog timer per session (see _watch), not one per read.
         self._reading_since: float | None = None  # loop time the pending read started
-        self._timed_out: Reply | None = (
-            None  # set by the watchdog (or shutdown) when it cancels a read
-        )
+        # The reply to give when a read is cancelled: set by the watchdog, or by shutdown().
+        self._timed_out: Reply | None = None
         self._stopping = False  # the relay is stopping: 421 at the next command (see shutdown)
         self._in_data = False  # receiving or committing a message: a stop lets it finish
         self._held = 0  # bytes taken from ctx.data_memory for this message; -1: refused for it
