@@ -59,7 +59,10 @@ def test_the_budget_is_shared_by_the_sessions_of_the_process(relay):  # noqa: F8
         start_message(c)
     held = body(60 * KB)
     first.send(held)  # 60 KB held, the end not sent yet
-    time.sleep(0.3)
+    deadline = time.monotonic() + 5
+    while r.relay.ctx.data_memory.used < len(held) - 1024 and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the relay has read (and holds) it
+    assert r.relay.ctx.data_memory.used >= len(held) - 1024
     second.send(body(60 * KB) + b".\r\n")  # together over 100 KB
     second.expect(452)
     first.send(b".\r\n")
