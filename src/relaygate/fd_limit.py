@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import logging
 import resource
-from dataclasses import dataclass
 
 from relaygate.config.model import Config
 
-__all__ = ["RESERVED", "FdLimit", "descriptors_needed", "raise_fd_limit"]
+__all__ = ["RESERVED", "descriptors_needed", "raise_fd_limit"]
 
 logger = logging.getLogger("relaygate")
 
@@ -32,20 +31,6 @@ RESERVED = 256
 
 #: Linux's default fs.nr_open: the most a soft limit can be when the hard limit is "unlimited".
 _NR_OPEN_DEFAULT = 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class FdLimit:
-    """What `raise_fd_limit` found and did (descriptor counts; `needed` None = unbounded)."""
-
-    before: int
-    after: int
-    hard: int
-    needed: int | None
-
-    @property
-    def sufficient(self) -> bool:
-        return self.needed is None or self.after >= self.needed
 
 
 def descriptors_needed(config: Config) -> int | None:
@@ -70,7 +55,7 @@ def _nr_open() -> int:
         return _NR_OPEN_DEFAULT
 
 
-def raise_fd_limit(config: Config) -> FdLimit:
+def raise_fd_limit(config: Config) -> None:
     """Raise this process's soft RLIMIT_NOFILE to its hard limit; warn if that is not enough."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     ceiling = _nr_open() if hard == resource.RLIM_INFINITY else hard
@@ -82,10 +67,9 @@ def raise_fd_limit(config: Config) -> FdLimit:
         except (OSError, ValueError) as exc:
             logger.warning("cannot raise the file descriptor limit from %d: %s", soft, exc)
     needed = descriptors_needed(config)
-    result = FdLimit(before=soft, after=after, hard=ceiling, needed=needed)
     if after != soft:
         logger.info("file descriptor limit raised from %d to %d", soft, after)
-    if not result.sufficient:
+    if needed is not None and after < needed:
         connectors = ", ".join(
             f"'{c.name}' {c.max_inbound_connection}" for c in config.receive_connectors if c.enabled
         )
@@ -102,4 +86,3 @@ def raise_fd_limit(config: Config) -> FdLimit:
             config.queue.max_concurrent_deliveries,
             RESERVED,
         )
-    return result

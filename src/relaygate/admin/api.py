@@ -137,6 +137,12 @@ class _Guard:
         await self.app(scope, receive, send)
 
 
+def open_sessions(relay: Any) -> dict[str, int]:
+    """This process's open SMTP sessions per receive connector name (none before it listens)."""
+    limits = getattr(getattr(relay, "ctx", None), "limits", None)
+    return dict(getattr(limits, "per_connector", {}))
+
+
 class MetricsCollector:
     """Prometheus collector over the manager's counters and the last queue counts."""
 
@@ -206,7 +212,7 @@ class MetricsCollector:
         process_open_fds / process_max_fds what an operator alerts on before clients get 421s
         or dropped connections."""
         ctx = getattr(self.relay, "ctx", None)
-        open_now: dict[str, int] = dict(getattr(getattr(ctx, "limits", None), "per_connector", {}))
+        open_now = open_sessions(self.relay)
         sessions = GaugeMetricFamily(
             "relaygate_smtp_sessions", "Open inbound SMTP sessions", labels=["connector"]
         )

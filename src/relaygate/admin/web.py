@@ -48,7 +48,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from relaygate.admin.api import health_report
+from relaygate.admin.api import health_report, open_sessions
 from relaygate.audit import SEVERITIES, audit, relay_grant, summary
 from relaygate.config.model import Config, ReceiveConnector, SendConnector
 from relaygate.config.values import parse_binding
@@ -311,11 +311,6 @@ def _notice(request: Request) -> str | None:
 # -- handlers --------------------------------------------------------------------------------------
 
 
-def _open_sessions(relay: Any) -> dict[str, int]:
-    limits = getattr(getattr(relay, "ctx", None), "limits", None)
-    return dict(getattr(limits, "per_connector", {}))
-
-
 async def dashboard(request: Request) -> Response:
     if (redirect := _login_redirect(request)) is not None:
         return redirect
@@ -326,7 +321,7 @@ async def dashboard(request: Request) -> Response:
     context = {
         "health": health,
         "counts": health.get("queue") or {},
-        "connectors": connector_rows(config, _open_sessions(state.relay)),
+        "connectors": connector_rows(config, open_sessions(state.relay)),
         "send_connectors": send_connector_rows(config),
         "findings": [f.to_dict() for f in findings],
         "findings_summary": summary(findings),
