@@ -92,3 +92,28 @@ def test_step_by_step_benchmark_times_every_step_of_both_systems() -> None:
         # Each message's total is the sum of its steps, so its median is at least each step's.
         longest = max(t["p50_us"] for name, t in steps.items() if name != "whole message")
         assert steps["whole message"]["p50_us"] >= longest
+
+
+@pytest.mark.timeout(180)
+def test_floor_benchmark_runs_three_systems_and_every_message_reaches_its_sink(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "floor.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "floor.py"), "--quick", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "RelayGate/floor" in proc.stdout
+    result = json.loads(out.read_text())
+    assert {r["system"] for r in result["rows"]} == {"Postfix", "RelayGate", "floor"}
+    for r in result["rows"]:
+        assert not r["errors"], r
+        # The floor's 250 is durable and its delivery real: each message reached its sink.
+        assert r["delivered"] == r["messages"], r
+    for e in result["summary"]:
+        for ratio in ("floor/Postfix", "RelayGate/Postfix", "RelayGate/floor"):
+            assert e[ratio] is not None and e[ratio] > 0, e

@@ -1,0 +1,206 @@
+#!/usr/bin/env python3
+"""The floor: the least a durable Python relay on uvloop does per message (bench/floor.py).
+
+Not RelayGate and not a product: no policy, no queue to list or retry, no logs, no DKIM, no bounds
+on input. What it keeps is the part of a relay's work that no design can leave out, so that
+bench/floor.py can show how far RelayGate's own per-message work is from it:
+
+- receive: one asyncio Protocol per connection, one reply per command line, DATA read until
+  CRLF.CRLF with one `bytes.endswith` per chunk;
+- before the 250: the message is appended to a per-process journal and `fdatasync`ed. One writer
+  thread takes everything waiting and makes one write and one sync for it (group commit), as
+  RelayGate's queue writer does;
+- after the 250: the message is delivered to the smart host over one pooled connection per
+  process (MAIL, RCPT and DATA pipelined, then the body), and the delivery is recorded in the
+  same journal, durably: the second write a relay makes per message;
+- `--workers N` processes share the port with SO_REUSEPORT, like RelayGate's workers.
+
+    python bench/floor_server.py --port 2626 --smart-host 127.0.0.1:2627 --dir /tmp/floor
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import queue
+import socket
+import threading
+from pathlib import Path
+from typing import cast
+
+import uvloop
+
+EHLO_REPLY = b"250-floor.localdomain\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+END_OF_DATA = b"\r\n.\r\n"
+
+
+class Journal:
+    """Append-only file; `commit` resolves once the bytes are on disk. One thread, group commit."""
+
+    def __init__(self, path: Path, loop: asyncio.AbstractEventLoop) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.loop = loop
+        self.pending: queue.SimpleQueue[tuple[bytes, asyncio.Future[None]] | None] = (
+            queue.SimpleQueue()
+        )
+        self.thread = threading.Thread(target=self._run, name="journal", daemon=True)
+        self.thread.start()
+
+    def commit(self, data: bytes) -> asyncio.Future[None]:
+        future = self.loop.create_future()
+        self.pending.put((data, future))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            item = self.pending.get()
+            if item is None:
+                return
+            batch = [item]
+            with contextlib.suppress(queue.Empty):
+                while len(batch) < 256:
+                    more = self.pending.get_nowait()
+                    if more is None:
+                        break
+                    batch.append(more)
+            os.writev(self.fd, [data for data, _ in batch])
+            os.fdatasync(self.fd)
+            for _, future in batch:
+                self.loop.call_soon_threadsafe(_resolve, future)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Deliverer:
+    """One pooled connection to the smart host; one transaction at a time."""
+
+    def __init__(self, host: str, port: int, journal: Journal) -> None:
+        self.host, self.port = host, port
+        self.journal = journal
+        self.todo: asyncio.Queue[bytes] = asyncio.Queue()
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def _reply(self) -> bytes:
+        assert self.reader is not None
+        while True:
+            line = await self.reader.readline()
+            if not line:
+                raise ConnectionError("smart host closed the connection")
+            if line[3:4] != b"-":
+                return line
+
+    async def _connect(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        await self._reply()
+        self.writer.write(b"EHLO floor.localdomain\r\n")
+        await self._reply()
+
+    async def run(self) -> None:
+        while True:
+            body = await self.todo.get()
+            try:
+                if self.writer is None:
+                    await self._connect()
+                assert self.writer is not None
+                self.writer.write(
+                    b"MAIL FROM:<bench@bench.example>\r\nRCPT TO:<rcpt@remote.example>\r\nDATA\r\n"
+                )
+                replies = [await self._reply() for _ in range(3)]
+                if not replies[2].startswith(b"354"):
+                    raise ConnectionError(f"smart host refused: {replies!r}")
+                self.writer.write(body)
+                if not (await self._reply()).startswith(b"250"):
+                    raise ConnectionError("smart host refused the message")
+            except (OSError, ConnectionError):
+                self.writer = None  # the floor does not retry: the benchmark counts at the sink
+                continue
+            await self.journal.commit(b"delivered\n")
+
+
+class FloorSession(asyncio.Protocol):
+    def __init__(self, journal: Journal, deliverer: Deliverer | None) -> None:
+        self.journal = journal
+        self.deliverer = deliverer
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.data: bytearray | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport.write(b"220 floor.localdomain ESMTP\r\n")
+
+    def data_received(self, chunk: bytes) -> None:
+        assert self.transport is not None
+        if self.data is not None:
+            self.data += chunk
+            if self.data.endswith(END_OF_DATA):
+                body = bytes(self.data)
+                self.data = None
+                self.journal.commit(body).add_done_callback(lambda _: self._accepted(body))
+            return
+        self.buf += chunk
+        while b"\r\n" in self.buf:
+            line, self.buf = self.buf.split(b"\r\n", 1)
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                self.transport.write(EHLO_REPLY)
+            elif verb == b"DATA":
+                self.data = bytearray()
+                self.transport.write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+            elif verb == b"QUIT":
+                self.transport.write(b"221 2.0.0 Bye\r\n")
+                self.transport.close()
+                return
+            else:
+                self.transport.write(b"250 2.0.0 OK\r\n")
+
+    def _accepted(self, body: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"250 2.0.0 Queued\r\n")
+        if self.deliverer is not None:
+            self.deliverer.todo.put_nowait(body)
+
+
+async def serve(port: int, smart_host: tuple[str, int] | None, directory: Path) -> None:
+    loop = asyncio.get_running_loop()
+    journal = Journal(directory / f"journal-{os.getpid()}", loop)
+    deliverer = Deliverer(*smart_host, journal) if smart_host else None
+    if deliverer is not None:
+        delivering = loop.create_task(deliverer.run())
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", port))
+    server = await loop.create_server(
+        lambda: FloorSession(journal, deliverer), sock=sock, backlog=1024
+    )
+    async with server:
+        await server.serve_forever()
+    if deliverer is not None:
+        delivering.cancel()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--smart-host", help="HOST:PORT to deliver to (default: do not deliver)")
+    ap.add_argument("--dir", type=Path, required=True, help="where the journals go")
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    smart_host = None
+    if args.smart_host:
+        host, _, port = args.smart_host.rpartition(":")
+        smart_host = (host, int(port))
+    for _ in range(args.workers - 1):
+        if os.fork() == 0:
+            break  # a child serves too; the parent forks the rest and serves last
+    uvloop.run(serve(args.port, smart_host, args.dir))
+
+
+if __name__ == "__main__":
+    main()
