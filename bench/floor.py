@@ -47,10 +47,11 @@ QUICK_MESSAGES = {1: 60, 10: 200}
 class FloorSystem:
     name = "floor"
 
-    def __init__(self, workdir: Path, sink_port: int, workers: int) -> None:
+    def __init__(self, workdir: Path, sink_port: int, workers: int, store: str) -> None:
         self.dir = workdir / "floor"
         self.sink_port = sink_port
         self.workers = workers
+        self.store = store
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -64,6 +65,7 @@ class FloorSystem:
             "--smart-host", f"127.0.0.1:{self.sink_port}",
             "--dir", str(self.dir),
             "--workers", str(self.workers),
+            "--store", self.store,
         ]  # fmt: skip
         self.proc = subprocess.Popen(
             args,
@@ -82,11 +84,16 @@ class FloorSystem:
         kill_group(self.proc)
 
     def describe(self) -> str:
-        return f"Python floor (bench/floor_server.py), {self.workers} processes"
+        return f"Python floor (bench/floor_server.py), {self.workers} processes, {self.store}"
 
 
 def run(
-    workdir: Path, sessions: list[int], reps: int, messages: dict[int, int], log: Any
+    workdir: Path,
+    sessions: list[int],
+    reps: int,
+    messages: dict[int, int],
+    log: Any,
+    store: str = "journal",
 ) -> list[dict[str, Any]]:
     workers = os.cpu_count() or 1  # RelayGate's workers = "auto"
     sinks: list[Sink] = []
@@ -101,7 +108,7 @@ def run(
         rg = RelayGateSystem(workdir, sinks[1].port, server_extra='workers = "auto"\n')
         systems.append(rg)
         rg.start()
-        floor = FloorSystem(workdir, sinks[2].port, workers)
+        floor = FloorSystem(workdir, sinks[2].port, workers, store)
         systems.append(floor)
         floor.start()
         trio = list(zip(systems, sinks, strict=True))
@@ -176,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sessions", default="1,10,50", help="comma-separated (default 1,10,50)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions per point (default 3)")
     ap.add_argument("--json", type=Path, help="write rows and summary to this file")
+    ap.add_argument(
+        "--floor-store",
+        choices=("journal", "sqlite"),
+        default="journal",
+        help="the floor's durable writes: an appended file (default) or SQLite rows",
+    )
     args = ap.parse_args(argv)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
@@ -197,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="relaygate-floor-", dir="/var/tmp"))
     os.chmod(workdir, 0o755)
     try:
-        rows = run(workdir, sessions, reps, messages, sys.stdout)
+        rows = run(workdir, sessions, reps, messages, sys.stdout, args.floor_store)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     entries = summary(rows)

@@ -13,9 +13,11 @@ bench/floor.py can show how far RelayGate's own per-message work is from it:
 - after the 250: the message is delivered to the smart host over one pooled connection per
   process (MAIL, RCPT and DATA pipelined, then the body), and the delivery is recorded in the
   same journal, durably: the second write a relay makes per message;
-- `--workers N` processes share the port with SO_REUSEPORT, like RelayGate's workers.
+- `--workers N` processes share the port with SO_REUSEPORT, like RelayGate's workers;
+- `--store sqlite`: the same writes as rows in SQLite (WAL, synchronous=FULL, one transaction per
+  group), to tell the database's cost from the rest of RelayGate's work.
 
-    python bench/floor_server.py --port 2626 --smart-host 127.0.0.1:2627 --dir /tmp/floor
+    python bench/floor_server.py --port 2626 --smart-host 127.0.0.1:2627 --dir /tmp/floor [--store sqlite]
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import contextlib
 import os
 import queue
 import socket
+import sqlite3
 import threading
 from pathlib import Path
 from typing import cast
@@ -40,13 +43,21 @@ class Journal:
     """Append-only file; `commit` resolves once the bytes are on disk. One thread, group commit."""
 
     def __init__(self, path: Path, loop: asyncio.AbstractEventLoop) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.path = path
         self.loop = loop
+        self.open()
         self.pending: queue.SimpleQueue[tuple[bytes, asyncio.Future[None]] | None] = (
             queue.SimpleQueue()
         )
         self.thread = threading.Thread(target=self._run, name="journal", daemon=True)
         self.thread.start()
+
+    def open(self) -> None:
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    def write(self, batch: list[bytes]) -> None:
+        os.writev(self.fd, batch)
+        os.fdatasync(self.fd)
 
     def commit(self, data: bytes) -> asyncio.Future[None]:
         future = self.loop.create_future()
@@ -65,10 +76,26 @@ class Journal:
                     if more is None:
                         break
                     batch.append(more)
-            os.writev(self.fd, [data for data, _ in batch])
-            os.fdatasync(self.fd)
+            self.write([data for data, _ in batch])
             for _, future in batch:
                 self.loop.call_soon_threadsafe(_resolve, future)
+
+
+class SqliteJournal(Journal):
+    """The same group commit into SQLite (WAL, synchronous=FULL), one row per call: `--store
+    sqlite` shows what a database costs on this path, apart from the rest of RelayGate's work."""
+
+    def open(self) -> None:
+        # Opened in the loop's thread, used only by the writer thread (never at the same time).
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode = WAL")
+        self.db.execute("PRAGMA synchronous = FULL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS log (id INTEGER PRIMARY KEY, data BLOB)")
+
+    def write(self, batch: list[bytes]) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+        self.db.executemany("INSERT INTO log (data) VALUES (?)", [(data,) for data in batch])
+        self.db.execute("COMMIT")
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -167,9 +194,10 @@ class FloorSession(asyncio.Protocol):
             self.deliverer.todo.put_nowait(body)
 
 
-async def serve(port: int, smart_host: tuple[str, int] | None, directory: Path) -> None:
+async def serve(port: int, smart_host: tuple[str, int] | None, directory: Path, store: str) -> None:
     loop = asyncio.get_running_loop()
-    journal = Journal(directory / f"journal-{os.getpid()}", loop)
+    kind = SqliteJournal if store == "sqlite" else Journal
+    journal = kind(directory / f"{store}-{os.getpid()}", loop)
     deliverer = Deliverer(*smart_host, journal) if smart_host else None
     if deliverer is not None:
         delivering = loop.create_task(deliverer.run())
@@ -191,6 +219,12 @@ def main() -> None:
     ap.add_argument("--smart-host", help="HOST:PORT to deliver to (default: do not deliver)")
     ap.add_argument("--dir", type=Path, required=True, help="where the journals go")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--store",
+        choices=("journal", "sqlite"),
+        default="journal",
+        help="where the durable writes go: an appended file (default) or an SQLite table",
+    )
     args = ap.parse_args()
     smart_host = None
     if args.smart_host:
@@ -199,7 +233,7 @@ def main() -> None:
     for _ in range(args.workers - 1):
         if os.fork() == 0:
             break  # a child serves too; the parent forks the rest and serves last
-    uvloop.run(serve(args.port, smart_host, args.dir))
+    uvloop.run(serve(args.port, smart_host, args.dir, args.store))
 
 
 if __name__ == "__main__":
