@@ -12,7 +12,7 @@ floor).
 
 All three get the same smtp-source load (10 KB, one connection per message) at each session count,
 taking turns (the order rotates every repetition); each is measured with bench/run.py's
-`run_point` (accepted and end-to-end msgs/s, CPU per 1,000 messages, DATA→250 latency). Prints
+`run_point` (via `measured`: accepted and end-to-end msgs/s, CPU per 1,000 messages, DATA→250 latency). Prints
 the medians and the ratios; `--json FILE` writes everything. `--quick` is the smoke run.
 """
 
@@ -27,17 +27,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import VENV_BIN, Sink, free_port, have_postfix_tools, kill_group, wait_port
+from common import VENV_BIN, Sink, free_port, kill_group, wait_port
 from postfix_sut import PostfixSystem
-from postfix_sut import available as postfix_available
 from relaygate_sut import RelayGateSystem
-from run import KB, fmt, format_row, run_point
+from run import KB, cannot_run, fmt, measured, stop_all
 
 SERVER = Path(__file__).resolve().parent / "floor_server.py"
 MESSAGES = {1: 600, 10: 1500, 50: 2500, 200: 3000}
@@ -116,9 +114,11 @@ def run(
             for rep in range(reps):
                 turn = trio[rep % 3 :] + trio[: rep % 3]
                 for system, sink in turn:
-                    row = run_point(
+                    row = measured(
                         system,
                         sink,
+                        rep=rep,
+                        log=log,
                         size=10 * KB,
                         sessions=s,
                         messages=messages[s],
@@ -126,15 +126,9 @@ def run(
                         stall=15.0,
                         deliver=True,
                     )
-                    row["rep"] = rep
                     rows.append(row)
-                    print(format_row(row), file=log, flush=True)
-                    time.sleep(0.5)
     finally:
-        for system in reversed(systems):
-            system.stop()
-        for sink in sinks:
-            sink.stop()
+        stop_all(systems, sinks)
     return rows
 
 
@@ -192,10 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
-    if not have_postfix_tools():
-        print("floor: smtp-source/smtp-sink not found (apt-get install postfix)", file=sys.stderr)
-        return 2
-    reason = postfix_available()
+    reason = cannot_run()
     if reason:
         print(f"floor: {reason}", file=sys.stderr)
         return 2

@@ -187,6 +187,32 @@ def run_point(
 # -- orchestration ------------------------------------------------------------------------------
 
 
+def cannot_run() -> str | None:
+    """Why Postfix and its load tools cannot run here, or None."""
+    if not have_postfix_tools():
+        return "smtp-source/smtp-sink not found (apt-get install postfix)"
+    return postfix_available()
+
+
+def measured(system: Any, sink: Sink, *, rep: int, log: Any, **point: Any) -> dict[str, Any]:
+    """`run_point`, labelled with its repetition and printed; then a pause, so that the next run
+    starts on a quiet machine."""
+    row = run_point(system, sink, **point)
+    row["rep"] = rep
+    print(format_row(row), file=log, flush=True)
+    time.sleep(0.5)
+    return row
+
+
+def stop_all(systems: list[Any], sinks: list[Sink]) -> None:
+    """Stop the systems (last started first) and then their sinks, whatever fails on the way."""
+    for system in reversed(systems):
+        with contextlib.suppress(Exception):
+            system.stop()
+    for sink in sinks:
+        sink.stop()
+
+
 def _toml_workers(workers: str) -> str:
     """`--workers` as a TOML value: "auto" stays a string, a count is an integer."""
     return str(int(workers)) if workers.strip().isdigit() else '"auto"'
@@ -235,9 +261,11 @@ def run_all(
                 for rep in range(plan["reps"]):
                     order = pairs if rep % 2 == 0 else pairs[::-1]
                     for system, sink, deliver in order:
-                        row = run_point(
+                        row = measured(
                             system,
                             sink,
+                            rep=rep,
+                            log=log,
                             size=size,
                             sessions=sessions,
                             messages=n,
@@ -245,16 +273,9 @@ def run_all(
                             stall=plan["stall"],
                             deliver=deliver,
                         )
-                        row["rep"] = rep
                         rows.append(row)
-                        print(format_row(row), file=log, flush=True)
-                        time.sleep(0.5)
         finally:
-            for system in reversed(systems):
-                with contextlib.suppress(Exception):
-                    system.stop()
-            for sink in sinks:
-                sink.stop()
+            stop_all(systems, sinks)
     meta["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     return {"meta": meta, "rows": rows}
 
@@ -640,10 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(ratio_lines(summary)))
         print(f"wrote {DOC.relative_to(ROOT)}")
         return 0
-    if not have_postfix_tools():
-        print("bench: smtp-source/smtp-sink not found (apt-get install postfix)", file=sys.stderr)
-        return 2
-    reason = postfix_available()
+    reason = cannot_run()
     if reason:
         print(f"bench: {reason}", file=sys.stderr)
         return 2

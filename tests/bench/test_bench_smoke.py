@@ -33,17 +33,23 @@ pytestmark = [
 ]
 
 
-@pytest.mark.timeout(300)
-def test_quick_benchmark_runs_both_systems(tmp_path: Path) -> None:
-    out = tmp_path / "results.json"
+def _run(script: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run a bench script with this Python; it must exit 0 (its output tail is the message)."""
     proc = subprocess.run(
-        [sys.executable, str(RUN), "--quick", "--no-write", "--json", str(out)],
+        [sys.executable, str(script), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.timeout(300)
+def test_quick_benchmark_runs_both_systems(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    proc = _run(RUN, "--quick", "--no-write", "--json", str(out), timeout=280)
     assert "RelayGate / Postfix" in proc.stdout
     results = json.loads(out.read_text())
     rows = results["rows"]
@@ -66,14 +72,7 @@ def test_quick_benchmark_runs_both_systems(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(180)
 def test_step_by_step_benchmark_times_every_step_of_both_systems() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "steps.py"), "--messages", "5", "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=170,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _run(ROOT / "bench" / "steps.py", "--messages", "5", "--json", timeout=170)
     result = json.loads(proc.stdout)
     assert set(result) == {"Postfix", "RelayGate"}
     for steps in result.values():
@@ -99,14 +98,7 @@ def test_floor_benchmark_runs_three_systems_and_every_message_reaches_its_sink(
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "floor.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "floor.py"), "--quick", "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=170,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _run(ROOT / "bench" / "floor.py", "--quick", "--json", str(out), timeout=170)
     assert "RelayGate/floor" in proc.stdout
     result = json.loads(out.read_text())
     assert {r["system"] for r in result["rows"]} == {"Postfix", "RelayGate", "floor"}
