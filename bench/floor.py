@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import VENV_BIN, Sink, free_port, kill_group, wait_port
 from postfix_sut import PostfixSystem
 from relaygate_sut import RelayGateSystem
-from run import KB, cannot_run, fmt, measured, stop_all
+from run import FULL, KB, cannot_run, fmt, measured, median_of, stop_all
 
 SERVER = Path(__file__).resolve().parent / "floor_server.py"
-MESSAGES = {1: 600, 10: 1500, 50: 2500, 200: 3000}
+MESSAGES = FULL["messages"][10 * KB]  # bench/run.py's counts for 10 KB
 QUICK_MESSAGES = {1: 60, 10: 200}
 
 
@@ -139,9 +138,7 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for name in ("Postfix", "RelayGate", "floor"):
             mine = [r for r in rows if r["sessions"] == s and r["system"] == name]
             for key in ("accepted_per_s", "e2e_per_s", "cpu_per_1000"):
-                values = [r[key] for r in mine if r.get(key) is not None]
-                ok = values and len(values) == len(mine)
-                entry[f"{name}.{key}"] = statistics.median(values) if ok else None
+                entry[f"{name}.{key}"] = median_of(mine, key)
         pf, rg, fl = (entry[f"{n}.accepted_per_s"] for n in ("Postfix", "RelayGate", "floor"))
         entry["floor/Postfix"] = fl / pf if fl and pf else None
         entry["RelayGate/Postfix"] = rg / pf if rg and pf else None
