@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,21 @@ QUICK_MESSAGES = {1: 60, 10: 200}
 class FloorSystem:
     name = "floor"
 
-    def __init__(self, workdir: Path, sink_port: int, workers: int, store: str) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        sink_port: int,
+        workers: int,
+        store: str,
+        parts: str = "",
+        config: Path | None = None,
+    ) -> None:
         self.dir = workdir / "floor"
         self.sink_port = sink_port
         self.workers = workers
         self.store = store
+        self.parts = parts  # bench/floor_parts.py: RelayGate's own parts on the floor's path
+        self.config = config
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -64,6 +75,8 @@ class FloorSystem:
             "--workers", str(self.workers),
             "--store", self.store,
         ]  # fmt: skip
+        if self.parts:
+            args += ["--parts", self.parts, "--config", str(self.config)]
         self.proc = subprocess.Popen(
             args,
             stdout=subprocess.DEVNULL,
@@ -73,6 +86,11 @@ class FloorSystem:
         if not wait_port("127.0.0.1", self.port, 15):
             self.stop()
             raise RuntimeError(f"the floor server did not listen on 127.0.0.1:{self.port}")
+        time.sleep(0.5)  # one process listening is not all of them: a failed one has exited
+        if self.proc.poll() is not None:
+            self.stop()
+            err = (self.dir / "floor.err").read_text(errors="replace").strip().splitlines()
+            raise RuntimeError(f"the floor server exited: {err[-1] if err else 'no message'}")
 
     def roots(self) -> list[int]:
         return [self.proc.pid] if self.proc else []
@@ -81,7 +99,10 @@ class FloorSystem:
         kill_group(self.proc)
 
     def describe(self) -> str:
-        return f"Python floor (bench/floor_server.py), {self.workers} processes, {self.store}"
+        parts = f", RelayGate's parts: {self.parts}" if self.parts else ""
+        return (
+            f"Python floor (bench/floor_server.py), {self.workers} processes, {self.store}{parts}"
+        )
 
 
 def run(
@@ -91,6 +112,7 @@ def run(
     messages: dict[int, int],
     log: Any,
     store: str = "journal",
+    parts: str = "",
 ) -> list[dict[str, Any]]:
     workers = os.cpu_count() or 1  # RelayGate's workers = "auto"
     sinks: list[Sink] = []
@@ -105,7 +127,7 @@ def run(
         rg = RelayGateSystem(workdir, sinks[1].port, server_extra='workers = "auto"\n')
         systems.append(rg)
         rg.start()
-        floor = FloorSystem(workdir, sinks[2].port, workers, store)
+        floor = FloorSystem(workdir, sinks[2].port, workers, store, parts, rg.config)
         systems.append(floor)
         floor.start()
         trio = list(zip(systems, sinks, strict=True))
@@ -180,7 +202,21 @@ def main(argv: list[str] | None = None) -> int:
         default="journal",
         help="the floor's durable writes: an appended file (default) or SQLite rows",
     )
+    ap.add_argument(
+        "--floor-parts",
+        default="",
+        metavar="PARTS",
+        help="RelayGate's own parts on the floor's path (bench/floor_parts.py): policy, "
+        "policy,logs, policy,logs,store or all; the floor's store becomes RelayGate's with store",
+    )
     args = ap.parse_args(argv)
+    if args.floor_parts:
+        from floor_parts import parse_parts
+
+        try:
+            parse_parts(args.floor_parts)
+        except ValueError as exc:
+            ap.error(f"--floor-parts: {exc}")
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
     reason = cannot_run()
@@ -198,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="relaygate-floor-", dir="/var/tmp"))
     os.chmod(workdir, 0o755)
     try:
-        rows = run(workdir, sessions, reps, messages, sys.stdout, args.floor_store)
+        rows = run(
+            workdir, sessions, reps, messages, sys.stdout, args.floor_store, args.floor_parts
+        )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     entries = summary(rows)

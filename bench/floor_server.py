@@ -15,7 +15,9 @@ bench/floor.py can show how far RelayGate's own per-message work is from it:
   same journal, durably: the second write a relay makes per message;
 - `--workers N` processes share the port with SO_REUSEPORT, like RelayGate's workers;
 - `--store sqlite`: the same writes as rows in SQLite (WAL, synchronous=FULL, one transaction per
-  group), to tell the database's cost from the rest of RelayGate's work.
+  group), to tell the database's cost from the rest of RelayGate's work;
+- `--parts policy,logs,store` (or `all`) with `--config RELAYGATE.toml`: RelayGate's own policy,
+  logs and queue store on this lean path (bench/floor_parts.py).
 
     python bench/floor_server.py --port 2626 --smart-host 127.0.0.1:2627 --dir /tmp/floor [--store sqlite]
 """
@@ -31,7 +33,7 @@ import socket
 import sqlite3
 import threading
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import uvloop
 
@@ -201,18 +203,41 @@ class FloorSession(asyncio.Protocol):
         self._commands()
 
 
-async def serve(port: int, smart_host: tuple[str, int] | None, directory: Path, store: str) -> None:
+async def serve(
+    port: int,
+    smart_host: tuple[str, int] | None,
+    directory: Path,
+    store: str,
+    parts: frozenset[str] = frozenset(),
+    config: Path | None = None,
+) -> None:
     loop = asyncio.get_running_loop()
     kind = SqliteJournal if store == "sqlite" else Journal
     journal = kind(directory / f"{store}-{os.getpid()}", loop)
-    deliverer = Deliverer(*smart_host, journal) if smart_host else None
+    deliverer: Any = None
+    if parts:
+        # Only then: the plain floor imports nothing of RelayGate.
+        from floor_parts import Parts, PartsDeliverer, PartsSession
+
+        assert config is not None
+        shared = Parts(parts, config, directory)
+        await shared.open()
+        if smart_host:
+            deliverer = PartsDeliverer(*smart_host, journal, shared)
+
+        def factory() -> asyncio.Protocol:
+            return PartsSession(shared, journal, deliverer)
+    else:
+        deliverer = Deliverer(*smart_host, journal) if smart_host else None
+
+        def factory() -> asyncio.Protocol:
+            return FloorSession(journal, deliverer)
+
     delivering = loop.create_task(deliverer.run()) if deliverer else None  # held: not collected
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(("127.0.0.1", port))
-    server = await loop.create_server(
-        lambda: FloorSession(journal, deliverer), sock=sock, backlog=1024
-    )
+    server = await loop.create_server(factory, sock=sock, backlog=1024)
     async with server:
         await server.serve_forever()
     del delivering
@@ -230,15 +255,35 @@ def main() -> None:
         default="journal",
         help="where the durable writes go: an appended file (default) or an SQLite table",
     )
+    ap.add_argument(
+        "--parts",
+        default="",
+        help="RelayGate's own parts on the hot path: comma-separated policy, logs, store, or all",
+    )
+    ap.add_argument("--config", type=Path, help="the RelayGate config file the parts use")
     args = ap.parse_args()
+    parts: frozenset[str] = frozenset()
+    if args.parts:
+        from floor_parts import parse_parts
+
+        try:
+            parts = parse_parts(args.parts)
+        except ValueError as exc:
+            ap.error(f"--parts: {exc}")
+    if parts and args.config is None:
+        ap.error("--parts needs --config (the RelayGate config file of the benchmark)")
     smart_host = None
     if args.smart_host:
         host, _, port = args.smart_host.rpartition(":")
         smart_host = (host, int(port))
+    if "store" in parts:
+        from floor_parts import prepare_store
+
+        prepare_store(args.dir)
     for _ in range(args.workers - 1):
         if os.fork() == 0:
             break  # a child serves too; the parent forks the rest and serves last
-    uvloop.run(serve(args.port, smart_host, args.dir, args.store))
+    uvloop.run(serve(args.port, smart_host, args.dir, args.store, parts, args.config))
 
 
 if __name__ == "__main__":
