@@ -222,6 +222,9 @@ async def serve(
         assert config is not None
         shared = Parts(parts, config, directory)
         await shared.open()
+        from relaygate.app import tune_gc
+
+        tune_gc()  # as a RelayGate worker does after start-up: RelayGate's heap, RelayGate's GC
         if smart_host:
             deliverer = PartsDeliverer(*smart_host, journal, shared)
 
