@@ -109,3 +109,49 @@ def test_floor_benchmark_runs_three_systems_and_every_message_reaches_its_sink(
     for e in result["summary"]:
         for ratio in ("floor/Postfix", "RelayGate/Postfix", "RelayGate/floor"):
             assert e[ratio] is not None and e[ratio] > 0, e
+
+
+@pytest.mark.timeout(180)
+def test_floor_benchmark_with_relaygates_parts_delivers_every_message(tmp_path: Path) -> None:
+    out = tmp_path / "floor-parts.json"
+    proc = _run(
+        ROOT / "bench" / "floor.py",
+        "--quick",
+        "--floor-parts",
+        "all",
+        "--json",
+        str(out),
+        timeout=170,
+    )
+    assert "RelayGate/floor" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    floor = [r for r in rows if r["system"] == "floor"]
+    assert floor
+    for r in floor:
+        assert not r["errors"], r
+        assert r["delivered"] == r["messages"], r
+        # Both processes ran the whole time (a failed one would leave no process tree to measure).
+        assert r["peak_procs"] == 2, r
+
+
+@pytest.mark.timeout(120)
+def test_delivery_cost_benchmark_delivers_with_both_deliverers(tmp_path: Path) -> None:
+    out = tmp_path / "delivery.json"
+    proc = _run(
+        ROOT / "bench" / "delivery_cost.py",
+        "--messages",
+        "20",
+        "--reps",
+        "1",
+        "--json",
+        str(out),
+        timeout=110,
+    )
+    assert "relaygate / lean: CPU" in proc.stdout
+    result = json.loads(out.read_text())
+    assert sorted(r["mode"] for r in result["rows"]) == ["lean", "relaygate"]
+    for r in result["rows"]:
+        # 20 timed messages after 50 warm-up ones, every one Delivered in the store.
+        assert r["delivered_in_store"] == 70, r
+        assert 0 < r["cpu_us"] <= r["wall_us"] * 1.05, r
+    assert result["sink_received"] == 140
