@@ -27,7 +27,6 @@ the medians, and relaygate / lean.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import sys
@@ -41,6 +40,7 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Sink
+from floor_server import Connected
 from relaygate_sut import CONFIG
 
 from relaygate.app import tune_gc
@@ -66,29 +66,16 @@ OWNER = "bench-delivery"
 MODES = ("relaygate", "lean")
 
 
-class LeanDeliverer:
+class LeanDeliverer(Connected):
     def __init__(self, port: int, store: SqliteStore, tracking: TrackingLog) -> None:
-        self.port = port
+        super().__init__("127.0.0.1", port, helo="relaygate-bench.localdomain")
         self.store = store
         self.tracking = tracking
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def _reply(self) -> bytes:
-        assert self.reader is not None
-        while True:
-            line = await self.reader.readline()
-            if not line:
-                raise ConnectionError("the sink closed the connection")
-            if line[3:4] != b"-":
-                return line
 
     async def deliver(self, queue_id: str, data: bytes) -> None:
         if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-            await self._reply()
-            self.writer.write(b"EHLO relaygate-bench.localdomain\r\n")
-            await self._reply()
+            await self._connect()
+        assert self.writer is not None
         self.writer.write(
             f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{RECIPIENT}>\r\nDATA\r\n".encode("ascii")
         )
@@ -112,10 +99,6 @@ class LeanDeliverer:
             total_bytes=len(data),
             message_subject=header_value(data, "Subject"),
         )
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 async def measure(workdir: Path, config_path: Path, sink_port: int, mode: str, n: int) -> dict:

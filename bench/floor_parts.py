@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from floor_server import Connected
+
 from relaygate import replies
 from relaygate.addresses import AddressError, parse_mail_from, parse_rcpt_to
 from relaygate.config import load_config
@@ -44,6 +46,7 @@ from relaygate.queue.model import Envelope, RecipientState, RecipientStatus
 from relaygate.queue.sqlite_store import SqliteStore
 from relaygate.replies import Reply
 from relaygate.smtp.message import has_bare_cr_or_lf, received_header, scan_headers
+from relaygate.smtp.server import ServerContext
 
 PARTS = ("policy", "logs", "store")
 LEASE_SECONDS = 1800.0
@@ -130,6 +133,7 @@ class PartsSession(asyncio.Protocol):
         self.log: Any = NULL_SESSION_LOG
         self.client_ip = ""
         self.helo = ""
+        self.fqdn = parts.fqdn
         self.sender: Any = None
         self.recipients: list[str] = []
         self.messages = 0
@@ -301,23 +305,9 @@ class PartsSession(asyncio.Protocol):
         elapsed = time.monotonic() - self.data_started
         message_id = scan.message_id or f"<{queue_id}@{p.fqdn}>"
         self.reply(replies.message_queued(queue_id, message_id, p.fqdn, len(data), elapsed))
-        if p.tracking is not None:
-            p.tracking.write(
-                "RECEIVE",
-                "SMTP",
-                internal_message_id=queue_id,
-                message_id=envelope.message_id,
-                recipients=envelope.recipients,
-                recipient_status=["250 2.1.5 Recipient OK"] * len(envelope.recipients),
-                sender=envelope.sender,
-                return_path=envelope.sender,
-                total_bytes=len(data),
-                client_ip=self.client_ip,
-                client_hostname=self.helo,
-                server_hostname=p.fqdn,
-                connector_id=f"{p.config.server.name}\\{envelope.connector}",
-                source_context=envelope.metadata["session"],
-            )
+        # RelayGate's own RECEIVE event: ServerContext.message_received reads only .tracking and
+        # .config of its context (Parts has both) and .client_ip, .helo, .fqdn of the session.
+        ServerContext.message_received(p, queue_id, envelope, len(data), self)  # type: ignore[arg-type]
         if self.deliverer is not None:
             self.deliverer.todo.put_nowait((queue_id, envelope, data))
         self._commands()
@@ -327,31 +317,14 @@ class PartsSession(asyncio.Protocol):
         self._commands()
 
 
-class PartsDeliverer:
+class PartsDeliverer(Connected):
     """The floor's deliverer (one pooled, pipelined connection) with the parts' bookkeeping."""
 
     def __init__(self, host: str, port: int, journal: Any, parts: Parts) -> None:
-        self.host, self.port = host, port
+        super().__init__(host, port, helo=parts.fqdn)
         self.journal = journal
         self.parts = parts
         self.todo: asyncio.Queue[tuple[str, Envelope, bytes]] = asyncio.Queue()
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def _reply(self) -> bytes:
-        assert self.reader is not None
-        while True:
-            line = await self.reader.readline()
-            if not line:
-                raise ConnectionError("smart host closed the connection")
-            if line[3:4] != b"-":
-                return line
-
-    async def _connect(self) -> None:
-        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        await self._reply()
-        self.writer.write(b"EHLO " + self.parts.fqdn.encode() + b"\r\n")
-        await self._reply()
 
     async def run(self) -> None:
         p = self.parts

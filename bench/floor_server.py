@@ -97,13 +97,13 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-class Deliverer:
-    """One pooled connection to the smart host; one transaction at a time."""
+class Connected:
+    """One SMTP client connection kept open: connect, EHLO, read replies (multi-line ones whole).
+    The floor's deliverers and bench/delivery_cost.py's lean deliverer share it."""
 
-    def __init__(self, host: str, port: int, journal: Journal) -> None:
+    def __init__(self, host: str, port: int, helo: str = "floor.localdomain") -> None:
         self.host, self.port = host, port
-        self.journal = journal
-        self.todo: asyncio.Queue[bytes] = asyncio.Queue()
+        self.helo = helo
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -119,8 +119,22 @@ class Deliverer:
     async def _connect(self) -> None:
         self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         await self._reply()
-        self.writer.write(b"EHLO floor.localdomain\r\n")
+        self.writer.write(b"EHLO " + self.helo.encode("ascii") + b"\r\n")
         await self._reply()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+class Deliverer(Connected):
+    """One pooled connection to the smart host; one transaction at a time."""
+
+    def __init__(self, host: str, port: int, journal: Journal) -> None:
+        super().__init__(host, port)
+        self.journal = journal
+        self.todo: asyncio.Queue[bytes] = asyncio.Queue()
 
     async def run(self) -> None:
         while True:
