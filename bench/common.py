@@ -66,7 +66,13 @@ def raise_nofile(want: int) -> int:
 
 def kill_group(proc: subprocess.Popen[bytes] | None, *, grace: float = 5.0) -> None:
     """SIGTERM the process group of `proc` (started with start_new_session=True), then SIGKILL."""
-    if proc is None or proc.poll() is not None:
+    if proc is None:
+        return
+    if proc.poll() is not None:
+        # The leader has exited, but its group may live on: a floor server whose first process
+        # failed leaves the forked one serving, which would then load every later run.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
         return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGTERM)

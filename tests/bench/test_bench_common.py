@@ -1,0 +1,53 @@
+"""bench/common.py's process-group helper: a benchmark must not leave servers running that would
+load the runs after it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+from common import kill_group  # noqa: E402
+
+# The leader forks a child that keeps running, prints the child's pid, and exits at once: what a
+# floor server does when its first process fails and the forked one goes on serving.
+FORK_AND_EXIT = """
+import os, sys, time
+pid = os.fork()
+if pid == 0:
+    time.sleep(60)
+    os._exit(0)
+print(pid, flush=True)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0): it is gone once its state is Z.
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.timeout(30)
+def test_kill_group_ends_the_group_after_its_leader_has_exited() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FORK_AND_EXIT], stdout=subprocess.PIPE, start_new_session=True
+    )
+    assert proc.stdout is not None
+    child = int(proc.stdout.readline())
+    proc.wait(timeout=10)
+    assert _alive(child)
+    kill_group(proc)
+    deadline = time.monotonic() + 5
+    while _alive(child):
+        assert time.monotonic() < deadline, "the leader's orphaned child is still running"
+        time.sleep(0.05)
