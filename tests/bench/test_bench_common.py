@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from common import kill_group  # noqa: E402
+from common import kill_group
 
 # The leader forks a child that keeps running, prints the child's pid, and exits at once: what a
 # floor server does when its first process fails and the forked one goes on serving.
