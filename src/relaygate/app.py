@@ -24,6 +24,7 @@ from relaygate.admin.server import AdminServer
 from relaygate.config import Config, ConfigError, load_config
 from relaygate.fd_limit import raise_fd_limit
 from relaygate.logs.tracking import MESSAGE_TRACKING_DIR, TrackingLog
+from relaygate.malloc_tuning import tune_malloc
 from relaygate.queue.manager import QueueManager
 from relaygate.queue.pressure import DiskPressure
 from relaygate.queue.sqlite_store import SqliteStore
@@ -195,6 +196,7 @@ async def _main(
     relay = Relay(config, config_path=config_path, worker_index=worker_index)
     await relay.start()
     tune_gc()
+    tune_malloc()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -362,6 +362,8 @@ def test_one_worker_is_one_process(serve: Any) -> None:
     assert s.stop() == 0
     # the serving process tuned its garbage collector once started (relaygate.app.tune_gc)
     assert s.log().count("garbage collector: ") == 1, s.log()
+    # ... and its allocator's thresholds for big messages (relaygate.malloc_tuning)
+    assert s.log().count("malloc (glibc") == 1, s.log()
 
 
 def test_connections_spread_over_both_workers_and_each_message_is_delivered_once(
@@ -374,6 +376,7 @@ def test_connections_spread_over_both_workers_and_each_message_is_delivered_once
     workers = s.children()
     assert len(workers) == 2
     assert s.log().count("garbage collector: ") == 2, s.log()  # each worker, not the supervisor
+    assert s.log().count("malloc (glibc") == 2, s.log()
 
     with held_clients(s.port, 40) as clients:
         per_pid = connections_per_pid(workers, s.port)
