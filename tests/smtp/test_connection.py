@@ -93,6 +93,29 @@ def test_read_hands_over_what_arrived_and_keeps_the_rest_past_n(run: Runner) -> 
     run(body)
 
 
+@pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="Linux's TCP_QUICKACK")
+def test_ack_now_sets_quickack_on_the_tcp_socket(run: Runner) -> None:
+    # The session calls it before each read of message data (tests/smtp/test_delayed_ack.py shows
+    # what it is for); here: it reaches the real socket on both loops, after a command exchange
+    # that put the connection in the kernel's delayed-ACK ("pingpong") mode.
+    async def body(served: Served) -> None:
+        sock, conn = await served.client()
+        server_side = conn.get_extra_info("socket")
+        loop = asyncio.get_running_loop()
+        for _ in range(3):
+            await send(sock, b"NOOP\r\n")
+            assert await asyncio.wait_for(conn.read(1024), 5) == b"NOOP\r\n"
+            conn.write(b"250 2.0.0 OK\r\n")
+            assert await asyncio.wait_for(loop.sock_recv(sock, 100), 5) == b"250 2.0.0 OK\r\n"
+        await send(sock, b"x" * 100)
+        assert await asyncio.wait_for(conn.read(1024), 5) == b"x" * 100
+        assert server_side.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 0
+        conn.ack_now()
+        assert server_side.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 1
+
+    run(body)
+
+
 def test_eof_reads_empty_and_the_replies_still_go_out(run: Runner) -> None:
     async def body(served: Served) -> None:
         sock, conn = await served.client()

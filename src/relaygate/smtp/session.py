@@ -527,6 +527,7 @@ class Session:
             if done:
                 break
             await self.flush()
+            self.conn.ack_now()  # a client's last short segment must not wait 40 ms (see there)
             more = await self._read_more()
             if not more:
                 return None, False
