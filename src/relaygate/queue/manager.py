@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ from relaygate.delivery.client import (
     Credentials,
     CredentialsError,
     deliver,
+    tls_context_for,
 )
 from relaygate.delivery.dns import Resolver
 from relaygate.delivery.nexthop import NextHopError, resolve_next_hops
@@ -236,7 +238,18 @@ class QueueManager:
             return
         self._stopping = False
         self.pool = ConnectionPool()
+        await self._load_tls_contexts()
         self._loop_task = asyncio.create_task(self._run(), name="relaygate-queue-manager")
+
+    async def _load_tls_contexts(self) -> None:
+        """Build the send connectors' client TLS contexts now, in a thread: one that validates
+        certificates loads the system's trust store (~20 ms), which would otherwise block the
+        event loop, every session included, at the connector's first delivery."""
+        for connector in self.config.send_connectors:
+            try:
+                await asyncio.to_thread(tls_context_for, connector)
+            except (OSError, ssl.SSLError, ValueError) as exc:  # reported again at delivery
+                log.warning("send connector %s: its TLS context: %s", connector.name, exc)
 
     async def stop(self) -> None:
         """Stop scanning; let deliveries in flight finish (``stop_grace`` s), cancel the rest."""
@@ -302,6 +315,7 @@ class QueueManager:
         self.signer = _build_signer(config)
         self.token_providers = _build_token_providers(config, self.token_providers)
         if self.running:
+            self._spawn(self._load_tls_contexts())
             self._spawn(self.resubmit_unreachable())
         self.wake()
 

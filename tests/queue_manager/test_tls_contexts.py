@@ -1,0 +1,50 @@
+"""The delivery client's TLS contexts: built before the first delivery, and cheap where nothing is
+verified. A context that validates certificates loads the system's trust store (~20 ms), which on
+the event loop at a connector's first delivery would hold up every session of the process."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+from relaygate.delivery.client import _cached_context, tls_context_for
+from tests.queue_manager.helpers import free_port, start_relay
+
+VALIDATED = """
+[[send_connectors]]
+name = "Validated"
+address_spaces = ["validated.test"]
+dns_routing_enabled = false
+smart_hosts = ["[127.0.0.1]:{port}"]
+tls_auth_level = "DomainValidation"
+require_tls = true
+"""
+
+
+async def test_the_send_connectors_tls_contexts_are_built_when_the_relay_starts(
+    tmp_path: Path,
+) -> None:
+    _cached_context.cache_clear()
+    relay = await start_relay(
+        tmp_path, {"remote.test": free_port()}, extra=VALIDATED.format(port=free_port())
+    )
+    try:
+        loaded = _cached_context.cache_info()
+        assert loaded.currsize == 2, loaded  # EncryptionOnly ("To remote.test"), DomainValidation
+        validated = next(c for c in relay.config.send_connectors if c.name == "Validated")
+        ctx = tls_context_for(validated)  # what its first delivery asks for: already there
+        assert _cached_context.cache_info().hits == loaded.hits + 1
+        assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+        assert ctx.cert_store_stats()["x509_ca"] > 0  # the trust store, loaded at start
+    finally:
+        await relay.stop()
+
+
+def test_encryption_only_has_the_default_settings_without_the_trust_store() -> None:
+    ctx = _cached_context("EncryptionOnly", None)
+    default = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    assert ctx.verify_mode == ssl.CERT_NONE and not ctx.check_hostname
+    assert ctx.cert_store_stats()["x509_ca"] == 0  # nothing loaded that it would never consult
+    assert ctx.options == default.options
+    assert ctx.minimum_version == default.minimum_version
+    assert ctx.protocol == default.protocol
