@@ -2,11 +2,11 @@
 
 glibc's malloc gives a freed block of 128 KiB or more straight back to the kernel: such a block is
 mapped with mmap, and it raises that threshold only once a block that big has been freed, while the
-heap's top is trimmed whenever more than twice the threshold is free there. A big message is read
-in chunks of up to 256 KiB, joined once, and copied a few times (the Received header put first,
-the 8-bit check, the wire form), so at one session each of those copies was fresh pages from the
-kernel: ~400 page faults and 1.2 ms of system CPU per 1 MB message (docs/benchmarks.md, eleventh
-session). Blocks up to `HEAP_BLOCK` now come from the heap, and up to `KEEP_FREE` of free heap stays
+heap's top is trimmed whenever more than twice the threshold is free there. A big message arrives
+in chunks of up to 256 KiB, is joined once and copied once more with the Received header put
+first, and the transport buffers what the next hop has not taken yet, so at one session each of
+those buffers was fresh pages from the kernel: ~400 page faults and about 1 ms of system CPU per
+1 MB message (docs/benchmarks.md, eleventh session). Blocks up to `HEAP_BLOCK` now come from the heap, and up to `KEEP_FREE` of free heap stays
 with the process for the next message. A process holds no more for it than the peak of what its
 messages in transit need (that is bounded, `smtp/limits.py`), plus `KEEP_FREE`.
 
