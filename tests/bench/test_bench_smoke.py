@@ -155,3 +155,21 @@ def test_delivery_cost_benchmark_delivers_with_both_deliverers(tmp_path: Path) -
         assert r["delivered_in_store"] == 70, r
         assert 0 < r["cpu_us"] <= r["wall_us"] * 1.05, r
     assert result["sink_received"] == 140
+
+
+@pytest.mark.timeout(120)
+def test_protocol_steps_reads_every_step_of_every_message_from_the_log() -> None:
+    proc = _run(
+        ROOT / "bench" / "protocol_steps.py",
+        "--messages", "5", "--size", "10240", "--workers", "1", "--json",
+        timeout=110,
+    )  # fmt: skip
+    table = json.loads(proc.stdout)
+    for step in (
+        "< DATA → > 354",
+        "> 354 → * receiving message",
+        "* receiving message → > 250 queued",
+    ):
+        assert table[step]["n"] == 5, (step, table)
+        assert 0 <= table[step]["p50_ms"] <= table[step]["max_ms"]
+    assert table["whole session"]["n"] >= 5  # and the readiness probe's connection
