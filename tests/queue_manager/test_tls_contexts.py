@@ -8,7 +8,7 @@ import ssl
 from pathlib import Path
 
 from relaygate.delivery.client import _cached_context, tls_context_for
-from tests.queue_manager.helpers import free_port, start_relay
+from tests.queue_manager.helpers import free_port, start_relay, wait_for
 
 VALIDATED = """
 [[send_connectors]]
@@ -36,6 +36,22 @@ async def test_the_send_connectors_tls_contexts_are_built_when_the_relay_starts(
         assert _cached_context.cache_info().hits == loaded.hits + 1
         assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
         assert ctx.cert_store_stats()["x509_ca"] > 0  # the trust store, loaded at start
+    finally:
+        await relay.stop()
+
+
+async def test_a_connector_added_by_a_reload_gets_its_context_built_at_once(tmp_path: Path) -> None:
+    _cached_context.cache_clear()
+    config_file = tmp_path / "relaygate.toml"
+    relay = await start_relay(tmp_path, {"remote.test": free_port()}, config_file=config_file)
+    try:
+        assert _cached_context.cache_info().currsize == 1  # EncryptionOnly only
+        with config_file.open("a", encoding="utf-8") as f:
+            f.write(VALIDATED.format(port=free_port()))
+        await relay.reload()
+        assert any(c.name == "Validated" for c in relay.config.send_connectors)
+        # built in the background by the reload, before any message asks for it
+        await wait_for(lambda: _cached_context.cache_info().currsize == 2, timeout=10)
     finally:
         await relay.stop()
 
