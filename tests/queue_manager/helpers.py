@@ -41,6 +41,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def send_connector_text(name: str, space: str, port: int, *extra_lines: str) -> str:
+    """One smart-host send connector to 127.0.0.1:`port` for `space`, as TOML."""
+    lines = [
+        "",
+        "[[send_connectors]]",
+        f'name = "{name}"',
+        f'address_spaces = ["{space}"]',
+        "dns_routing_enabled = false",
+        f'smart_hosts = ["[127.0.0.1]:{port}"]',
+        *extra_lines,
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def make_config_text(
     data_dir: Path,
     *,
@@ -64,14 +78,9 @@ def make_config_text(
         f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}" for k, v in q.items()
     ).replace("'", '"')
     connectors = "\n".join(
-        f"""
-[[send_connectors]]
-name = "To {space}"
-address_spaces = ["{space}"]
-dns_routing_enabled = false
-smart_hosts = ["[127.0.0.1]:{port}"]
-connection_inactivity_timeout = "00:00:10"
-"""
+        send_connector_text(
+            f"To {space}", space, port, 'connection_inactivity_timeout = "00:00:10"'
+        )
         for space, port in routes.items()
     )
     return f"""

@@ -8,17 +8,18 @@ import ssl
 from pathlib import Path
 
 from relaygate.delivery.client import _cached_context, tls_context_for
-from tests.queue_manager.helpers import free_port, start_relay, wait_for
+from tests.queue_manager.helpers import free_port, send_connector_text, start_relay, wait_for
 
-VALIDATED = """
-[[send_connectors]]
-name = "Validated"
-address_spaces = ["validated.test"]
-dns_routing_enabled = false
-smart_hosts = ["[127.0.0.1]:{port}"]
-tls_auth_level = "DomainValidation"
-require_tls = true
-"""
+
+def validating_connector(port: int) -> str:
+    """A send connector that validates the smart host's certificate (and so requires TLS)."""
+    return send_connector_text(
+        "Validated",
+        "validated.test",
+        port,
+        'tls_auth_level = "DomainValidation"',
+        "require_tls = true",
+    )
 
 
 async def test_the_send_connectors_tls_contexts_are_built_when_the_relay_starts(
@@ -26,7 +27,7 @@ async def test_the_send_connectors_tls_contexts_are_built_when_the_relay_starts(
 ) -> None:
     _cached_context.cache_clear()
     relay = await start_relay(
-        tmp_path, {"remote.test": free_port()}, extra=VALIDATED.format(port=free_port())
+        tmp_path, {"remote.test": free_port()}, extra=validating_connector(free_port())
     )
     try:
         loaded = _cached_context.cache_info()
@@ -47,7 +48,7 @@ async def test_a_connector_added_by_a_reload_gets_its_context_built_at_once(tmp_
     try:
         assert _cached_context.cache_info().currsize == 1  # EncryptionOnly only
         with config_file.open("a", encoding="utf-8") as f:
-            f.write(VALIDATED.format(port=free_port()))
+            f.write(validating_connector(free_port()))
         await relay.reload()
         assert any(c.name == "Validated" for c in relay.config.send_connectors)
         # built in the background by the reload, before any message asks for it
