@@ -247,10 +247,8 @@ class QueueManager:
         for connector in self.config.send_connectors:
             try:
                 await asyncio.to_thread(tls_context_for, connector)
-            except (
-                OSError,
-                ValueError,
-            ) as exc:  # ssl.SSLError is an OSError; reported again at delivery
+            # ssl.SSLError is an OSError. The same failure is reported again at delivery.
+            except (OSError, ValueError) as exc:
                 log.warning("send connector %s: its TLS context: %s", connector.name, exc)
 
     async def stop(self) -> None:
