@@ -108,6 +108,7 @@ class RelayGateSystem:
         *,
         max_connections: int = 20000,
         server_extra: str = "",
+        env: dict[str, str] | None = None,
     ) -> None:
         self.dir = workdir / "relaygate"
         self.data = self.dir / "data"
@@ -116,6 +117,8 @@ class RelayGateSystem:
         self.port = free_port()
         self.max_connections = max_connections
         self.server_extra = server_extra
+        #: set in the relay's environment on top of ours (bench/ab.py's variant: PYTHONPATH...)
+        self.env = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.dir / "serve.log"
 
@@ -135,6 +138,7 @@ class RelayGateSystem:
         self.configure()
         env = dict(os.environ)
         env.pop("RELAYGATE_CONFIG", None)
+        env.update(self.env)
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 [*relaygate_exe(), "serve", "--config", str(self.config)],
