@@ -36,7 +36,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CLK_TCK, SMTP_SOURCE, VENV_BIN, Sink, have_postfix_tools, process_tree
+from common import (
+    SMTP_SOURCE,
+    VENV_BIN,
+    Sink,
+    cpu_user_system,
+    have_postfix_tools,
+    process_tree,
+)
 from relaygate_sut import RelayGateSystem
 
 WARMUP = 100
@@ -81,18 +88,6 @@ def imported_from(env: dict[str, str]) -> Path:
         check=True,
     )
     return Path(out.stdout.strip()).resolve().parent
-
-
-def _cpu(pids: list[int]) -> tuple[float, float]:
-    user = system = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        user += int(fields[11])
-        system += int(fields[12])
-    return user / CLK_TCK, system / CLK_TCK
 
 
 def _machine() -> list[int]:
@@ -144,13 +139,13 @@ def run_once(label: str, env: dict[str, str], args: argparse.Namespace) -> dict[
             relay.start()
             _source(relay.port, args.sessions, WARMUP, args.size)
             pids = process_tree(relay.roots())
-            u0, s0 = _cpu(pids)
+            u0, s0 = cpu_user_system(pids)
             m0 = _machine()
             started = time.monotonic()
             _source(relay.port, args.sessions, args.messages, args.size)
             elapsed = time.monotonic() - started
             m1 = _machine()
-            u1, s1 = _cpu(pids)
+            u1, s1 = cpu_user_system(pids)
             expected = WARMUP + args.messages
             got, _ = sink.wait_for(expected, stall=5.0, cap=60.0)
         finally:

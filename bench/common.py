@@ -133,6 +133,18 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     return ticks / CLK_TCK
 
 
+def cpu_user_system(pids: Iterable[int]) -> tuple[float, float]:
+    """utime and stime of the processes alive now, in seconds (their reaped children not counted)."""
+    user = system = 0
+    for pid in pids:
+        st = _stat(pid)
+        if st is None:
+            continue
+        user += int(st[11])
+        system += int(st[12])
+    return user / CLK_TCK, system / CLK_TCK
+
+
 def rss_bytes(pids: Iterable[int]) -> int:
     total = 0
     for pid in pids:

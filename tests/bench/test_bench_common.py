@@ -1,5 +1,5 @@
-"""bench/common.py's process-group helper: a benchmark must not leave servers running that would
-load the runs after it."""
+"""bench/common.py's process helpers: a benchmark must not leave servers running that would load
+the runs after it, and reads the CPU time of the processes it measures."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from common import kill_group
+from common import cpu_user_system, kill_group
 
 # The leader forks a child that keeps running, prints the child's pid, and exits at once: what a
 # floor server does when its first process fails and the forked one goes on serving.
@@ -51,3 +51,14 @@ def test_kill_group_ends_the_group_after_its_leader_has_exited() -> None:
     while _alive(child):
         assert time.monotonic() < deadline, "the leader's orphaned child is still running"
         time.sleep(0.05)
+
+
+def test_cpu_user_system_reads_this_process_and_skips_the_gone() -> None:
+    """bench/ab.py's CPU per message: user and system time of the relay's processes."""
+    user0, system0 = cpu_user_system([os.getpid()])
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:  # burn user time
+        sum(range(1000))
+    user1, system1 = cpu_user_system([os.getpid(), 2**22 + 7])  # a pid that is not there
+    assert user1 - user0 >= 0.15
+    assert system1 >= system0
