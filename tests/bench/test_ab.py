@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from ab import busy_cpus, parse_env, summarise, variant_env
+from ab import busy_cpus, parse_env, sink_mismatches, summarise, variant_env
 
 ROOT = Path(__file__).resolve().parents[2]
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
@@ -52,6 +52,8 @@ def test_the_summary_gives_medians_and_b_over_a() -> None:
             "user_ms_per_msg": user,
             "system_ms_per_msg": 0.5,
             "busy_cpus": 1.5,
+            "voluntary_switches_per_msg": 2.0,
+            "involuntary_switches_per_msg": 1.0,
         }
 
     rows = [run("A", 900, 0.5), run("B", 1200, 1.0), run("A", 1000, 0.5), run("B", 1000, 1.0)]
@@ -61,6 +63,15 @@ def test_the_summary_gives_medians_and_b_over_a() -> None:
     assert summary["B"]["accepted_per_s"] == 1100
     assert summary["B/A"]["accepted_per_s"] == pytest.approx(1.1)
     assert summary["B/A"]["cpu_per_msg"] == pytest.approx(1.5)  # (1.0 + 0.5) / (0.5 + 0.5)
+
+
+def test_a_run_with_a_lost_or_a_duplicated_message_is_a_mismatch() -> None:
+    rows = [
+        {"system": "A", "at_sink": 300, "expected_at_sink": 300},
+        {"system": "B", "at_sink": 299, "expected_at_sink": 300},
+        {"system": "A", "at_sink": 305, "expected_at_sink": 300},
+    ]
+    assert [r["at_sink"] for r in sink_mismatches(rows)] == [299, 305]
 
 
 def test_a_variant_without_relaygate_is_refused_by_name(tmp_path: Path) -> None:
@@ -127,6 +138,9 @@ def test_a_and_b_take_turns_and_b_runs_the_variant_with_its_environment(tmp_path
         assert r["at_sink"] == r["expected_at_sink"] == 300, r
         assert r["accepted_per_s"] > 0 and r["user_ms_per_msg"] > 0, r
         assert 0 < r["busy_cpus"] <= (os.cpu_count() or 1) + 0.01, r
+        # every message wakes the event loop at least once (it blocks in epoll between them)
+        assert r["voluntary_switches_per_msg"] >= 1, r
+        assert r["involuntary_switches_per_msg"] >= 0, r
     # the import check, and B's relay (supervisor and workers), all ran the variant with its env
     written = [p.read_text() for p in marks.iterdir()]
     assert written and all(w.startswith("b-side ") for w in written), written

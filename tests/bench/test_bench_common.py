@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from common import cpu_user_system, kill_group
+from common import context_switches, cpu_user_system, kill_group
 
 # The leader forks a child that keeps running, prints the child's pid, and exits at once: what a
 # floor server does when its first process fails and the forked one goes on serving.
@@ -62,3 +63,28 @@ def test_cpu_user_system_reads_this_process_and_skips_the_gone() -> None:
     user1, system1 = cpu_user_system([os.getpid(), 2**22 + 7])  # a pid that is not there
     assert user1 - user0 >= 0.15
     assert system1 >= system0
+
+
+def test_context_switches_count_every_thread_of_the_processes() -> None:
+    """bench/ab.py's switches per message: a thread of this process that blocks 20 times adds at
+    least 20 voluntary switches (counted while it is alive); a pid that is gone counts nothing."""
+    v0, _ = context_switches([os.getpid()])
+    slept, finish = threading.Event(), threading.Event()
+
+    def sleeper() -> None:
+        for _ in range(20):
+            time.sleep(0.002)  # each sleep blocks the thread: one voluntary switch at least
+        slept.set()
+        finish.wait(10)
+
+    t = threading.Thread(target=sleeper)
+    t.start()
+    try:
+        assert slept.wait(10)
+        v1, i1 = context_switches([os.getpid(), 2**22 + 7])
+    finally:
+        finish.set()
+        t.join()
+    assert v1 - v0 >= 20
+    assert i1 >= 0
+    assert context_switches([2**22 + 7]) == (0, 0)
