@@ -4,9 +4,11 @@
     .venv/bin/python bench/ab.py --variant DIR [--env NAME=VALUE ...] [--sessions 10]
         [--messages 4000] [--pairs 3] [--size 10] [--workers auto] [--json FILE]
     .venv/bin/python bench/ab.py --env NAME=VALUE ...      # the same code, switched by environment
+    .venv/bin/python bench/ab.py --python OTHER/bin/python # the same code on another interpreter
 
 A is this checkout's relay. B is the relay imported from DIR (a patched copy of `src/`, put first on
-PYTHONPATH), with the `--env` variables set; without `--variant`, B differs from A only by them.
+PYTHONPATH), with the `--env` variables set, run by `--python` (another venv's interpreter with
+relaygate installed, e.g. a newer CPython) when given; without them B is A.
 Each run starts a fresh `relaygate serve` (the benchmark configuration of bench/run.py) and an
 smtp-sink, sends 100 warm-up messages, then `--messages` with `smtp-source -s SESSIONS` and
 reads over that timed run:
@@ -75,12 +77,17 @@ def variant_env(variant: Path | None, env: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def imported_from(env: dict[str, str]) -> Path:
-    """Where a relay started with `env` imports relaygate from (checked before any run)."""
+def default_python() -> Path:
     python = VENV_BIN / "python"
+    return python if python.exists() else Path(sys.executable)
+
+
+def imported_from(env: dict[str, str], python: Path | None = None) -> Path:
+    """Where a relay started with `env` (and `python`) imports relaygate from (checked before any
+    run)."""
     out = subprocess.run(
         [
-            str(python if python.exists() else sys.executable),
+            str(python or default_python()),
             "-c",
             "import relaygate; print(relaygate.__file__)",
         ],
@@ -130,13 +137,31 @@ def _source(port: int, sessions: int, messages: int, size_kb: int) -> None:
     )
 
 
-def run_once(label: str, env: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+def interpreter(python: Path) -> str:
+    """`Python 3.13.0` for the header: which interpreter a side runs."""
+    out = subprocess.run(
+        [str(python), "-c", "import sys; print(sys.version.split()[0])"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return f"Python {out.stdout.strip()}"
+
+
+def run_once(
+    label: str, env: dict[str, str], args: argparse.Namespace, python: Path | None = None
+) -> dict[str, Any]:
     """One fresh relay, one timed smtp-source run."""
     with tempfile.TemporaryDirectory(prefix="relaygate-ab-", dir="/var/tmp") as tmp:
         work = Path(tmp)
         sink = Sink(work).start()
         relay = RelayGateSystem(
-            work, sink.port, server_extra=f"workers = {json.dumps(args.workers)}\n", env=env
+            work,
+            sink.port,
+            server_extra=f"workers = {json.dumps(args.workers)}\n",
+            env=env,
+            python=python,
         )
         try:
             relay.start()
@@ -229,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--variant", type=Path, help="a copy of src/ holding the changed relaygate")
     ap.add_argument("--env", action="append", default=[], help="NAME=VALUE for B's relay")
+    ap.add_argument(
+        "--python",
+        type=Path,
+        help="B's interpreter (another venv's bin/python with relaygate installed)",
+    )
     ap.add_argument("--sessions", type=int, default=10)
     ap.add_argument("--messages", type=int, default=4000, help="timed messages per run")
     ap.add_argument("--pairs", type=int, default=3)
@@ -247,21 +277,28 @@ def main(argv: list[str] | None = None) -> int:
         env = parse_env(args.env)
     except ValueError as exc:
         ap.error(str(exc))
-    if args.variant is None and not env:
-        ap.error("nothing to compare: give --variant DIR, --env NAME=VALUE, or both")
+    if args.variant is None and not env and args.python is None:
+        ap.error("nothing to compare: give --variant DIR, --env NAME=VALUE or --python PATH")
+    if args.python is not None and not os.access(args.python, os.X_OK):
+        ap.error(f"--python {args.python}: not an executable")
     if args.variant is not None and not (args.variant / "relaygate" / "__init__.py").is_file():
         ap.error(f"--variant {args.variant}: no relaygate package there (expected a copy of src/)")
     if not have_postfix_tools():
         print("smtp-source and smtp-sink are needed (Debian package postfix)", file=sys.stderr)
         return 2
     b_env = variant_env(args.variant, env)
-    if args.variant is not None:
-        where = imported_from(b_env)
-        if where != (args.variant / "relaygate").resolve():
-            print(f"B would import relaygate from {where}, not from --variant", file=sys.stderr)
-            return 2
+    b_python = args.python
+    try:
+        b_where = imported_from(b_env, b_python)
+    except subprocess.CalledProcessError as exc:
+        print(f"B cannot import relaygate: {exc.stderr.strip()[-300:]}", file=sys.stderr)
+        return 2
+    if args.variant is not None and b_where != (args.variant / "relaygate").resolve():
+        print(f"B would import relaygate from {b_where}, not from --variant", file=sys.stderr)
+        return 2
     print(
-        f"A: {imported_from({})}\nB: {imported_from(b_env)}"
+        f"A: {imported_from({})}, {interpreter(default_python())}\n"
+        f"B: {b_where}, {interpreter(b_python or default_python())}"
         + (f" with {' '.join(args.env)}" if args.env else ""),
         flush=True,
     )
@@ -269,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     for pair in range(args.pairs):
         order = ("A", "B") if pair % 2 == 0 else ("B", "A")
         for label in order:
-            row = run_once(label, b_env if label == "B" else {}, args)
+            row = run_once("B", b_env, args, b_python) if label == "B" else run_once("A", {}, args)
             row["pair"] = pair
             rows.append(row)
             print(_line(row), flush=True)
@@ -286,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(
             json.dumps(
                 {
-                    "args": vars(args) | {"variant": str(args.variant), "json": None},
+                    "args": vars(args)
+                    | {"variant": str(args.variant), "python": str(args.python), "json": None},
                     "runs": rows,
                     "summary": summary,
                 },

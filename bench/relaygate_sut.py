@@ -109,6 +109,7 @@ class RelayGateSystem:
         max_connections: int = 20000,
         server_extra: str = "",
         env: dict[str, str] | None = None,
+        python: Path | None = None,
     ) -> None:
         self.dir = workdir / "relaygate"
         self.data = self.dir / "data"
@@ -119,6 +120,8 @@ class RelayGateSystem:
         self.server_extra = server_extra
         #: set in the relay's environment on top of ours (bench/ab.py's variant: PYTHONPATH...)
         self.env = dict(env or {})
+        #: run `python -m relaygate` instead of this checkout's .venv (bench/ab.py --python)
+        self.python = python
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.dir / "serve.log"
 
@@ -141,7 +144,7 @@ class RelayGateSystem:
         env.update(self.env)
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [*relaygate_exe(), "serve", "--config", str(self.config)],
+                [*self.command(), "serve", "--config", str(self.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -163,6 +166,11 @@ class RelayGateSystem:
             raise RuntimeError(
                 f"relaygate did not listen on 127.0.0.1:{self.port}:\n{self.tail_log()}"
             )
+
+    def command(self) -> list[str]:
+        if self.python is not None:
+            return [str(self.python), "-m", "relaygate"]
+        return relaygate_exe()
 
     def tail_log(self, n: int = 20) -> str:
         try:

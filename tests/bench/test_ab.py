@@ -18,6 +18,7 @@ from ab import busy_cpus, parse_env, sink_mismatches, summarise, variant_env
 ROOT = Path(__file__).resolve().parents[2]
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 AB = ROOT / "bench" / "ab.py"
+VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
 
 
 def test_env_pairs_are_parsed_and_a_bad_one_is_named() -> None:
@@ -74,6 +75,18 @@ def test_a_run_with_a_lost_or_a_duplicated_message_is_a_mismatch() -> None:
     assert [r["at_sink"] for r in sink_mismatches(rows)] == [299, 305]
 
 
+def test_a_python_that_is_not_an_executable_is_refused_by_name(tmp_path: Path) -> None:
+    missing = tmp_path / "no-python"
+    proc = subprocess.run(
+        [sys.executable, str(AB), "--python", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert f"--python {missing}: not an executable" in proc.stderr
+
+
 def test_a_variant_without_relaygate_is_refused_by_name(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(AB), "--variant", str(tmp_path)],
@@ -91,8 +104,9 @@ def test_a_variant_without_relaygate_is_refused_by_name(tmp_path: Path) -> None:
 )
 @pytest.mark.timeout(240)
 def test_a_and_b_take_turns_and_b_runs_the_variant_with_its_environment(tmp_path: Path) -> None:
-    """B's relay is a copy of src/ that records, at import, the variable given with --env and its
-    command line: so the variant and the environment reached B's `relaygate serve`."""
+    """B's relay is a copy of src/ that records, at import, the variable given with --env, a mark
+    of the --python wrapper and its command line: so the variant, the environment and the
+    interpreter all reached B's `relaygate serve`."""
     variant = tmp_path / "variant"
     shutil.copytree(ROOT / "src", variant, ignore=shutil.ignore_patterns("__pycache__"))
     marks = tmp_path / "marks"
@@ -103,8 +117,13 @@ def test_a_and_b_take_turns_and_b_runs_the_variant_with_its_environment(tmp_path
         + "\nimport os as _os\n"
         + "if _os.environ.get('AB_MARK'):\n"
         + "    (__import__('pathlib').Path(_os.environ['AB_MARK']) / str(_os.getpid()))"
-        + ".write_text(_os.environ.get('AB_VALUE', '') + ' ' + ' '.join(__import__('sys').argv))\n"
+        + ".write_text(_os.environ.get('AB_VALUE', '') + ' ' + _os.environ.get('AB_VIA', '-')"
+        + " + ' ' + ' '.join(__import__('sys').argv))\n"
     )
+    # B's interpreter (--python): this checkout's, through a wrapper that marks its processes
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f'#!/bin/sh\nAB_VIA=wrapper exec {VENV_PYTHON} "$@"\n')
+    wrapper.chmod(0o755)
     out = tmp_path / "ab.json"
     proc = subprocess.run(
         [
@@ -116,6 +135,8 @@ def test_a_and_b_take_turns_and_b_runs_the_variant_with_its_environment(tmp_path
             f"AB_MARK={marks}",
             "--env",
             "AB_VALUE=b-side",
+            "--python",
+            str(wrapper),
             "--pairs",
             "1",
             "--sessions",
@@ -143,6 +164,7 @@ def test_a_and_b_take_turns_and_b_runs_the_variant_with_its_environment(tmp_path
         assert r["involuntary_switches_per_msg"] >= 0, r
     # the import check, and B's relay (supervisor and workers), all ran the variant with its env
     written = [p.read_text() for p in marks.iterdir()]
-    assert written and all(w.startswith("b-side ") for w in written), written
+    assert written and all(w.startswith("b-side wrapper ") for w in written), written
     assert any(" serve --config " in w for w in written), written
+    assert "Python 3." in proc.stdout  # each side's interpreter is named
     assert "B / A" in proc.stdout
