@@ -40,6 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
+    SINK_SETTLE,
     SMTP_SOURCE,
     VENV_BIN,
     Sink,
@@ -51,7 +52,6 @@ from common import (
 from relaygate_sut import RelayGateSystem
 
 WARMUP = 100
-DUPLICATE_SETTLE = 0.5  # seconds to keep counting at the sink after the expected count
 SENDER, RECIPIENT = "bench@bench.example", "rcpt@remote.example"
 
 
@@ -178,9 +178,7 @@ def run_once(
             v1, i1 = context_switches(pids)
             expected = WARMUP + args.messages
             got, _ = sink.wait_for(expected, stall=5.0, cap=60.0)
-            # wait_for returns at the expected count: a little longer shows duplicates (or
-            # reports to the benchmark's sender) arriving after the last expected message.
-            time.sleep(DUPLICATE_SETTLE)
+            time.sleep(SINK_SETTLE)  # then duplicates would show
             got = sink.count
         finally:
             relay.stop()
@@ -306,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     for pair in range(args.pairs):
         order = ("A", "B") if pair % 2 == 0 else ("B", "A")
         for label in order:
-            row = run_once("B", b_env, args, b_python) if label == "B" else run_once("A", {}, args)
+            b_side = label == "B"
+            row = run_once(label, b_env if b_side else {}, args, b_python if b_side else None)
             row["pair"] = pair
             rows.append(row)
             print(_line(row), flush=True)

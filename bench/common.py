@@ -27,6 +27,9 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 MB_BYTES = 1024 * 1024
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+#: Seconds to keep counting at a sink after `Sink.wait_for` returned at the expected count: a
+#: message delivered twice, or a report to the benchmark's sender, arrives after the last one.
+SINK_SETTLE = 0.3
 
 
 def have_postfix_tools() -> bool:
