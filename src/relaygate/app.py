@@ -38,10 +38,8 @@ logger = logging.getLogger("relaygate")
 
 def open_store(config: Config, *, shared: bool = False) -> Store:
     """The configured queue store; ``shared``: other processes (workers) write to it too."""
-    if config.queue.store == "postgresql":
-        from relaygate.queue.postgres_store import PostgresStore
-
-        return PostgresStore(config.queue.database_url)
+    if config.queue.store != "sqlite":  # validation refuses "postgresql" until that store exists
+        raise ValueError(f"queue.store {config.queue.store!r}: not available in this version")
     return SqliteStore(Path(config.server.data_dir) / "queue" / "queue.db", shared_writers=shared)
 
 

@@ -6,6 +6,8 @@ the expected message; the file must produce exactly that one problem. `configs/g
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,3 +141,27 @@ def test_embedded_default_is_valid_and_loopback_only() -> None:
     (connector,) = config.receive_connectors
     assert [str(b) for b in connector.bindings] == ["127.0.0.1:2525"]
     assert connector.relay_ranges_text == ["127.0.0.0/8", "::1"]
+
+
+def test_the_postgresql_store_is_refused_by_name_until_it_exists(tmp_path: Path) -> None:
+    """`queue.store = "postgresql"` is a name of the contract, but this build has no such store:
+    `check` refuses it naming the key, and `serve` stops with that message, not a traceback."""
+    text = '[queue]\nstore = "postgresql"\ndatabase_url = "postgresql://relay@127.0.0.1/relay"\n'
+    with pytest.raises(ConfigError) as info:
+        parse_text(text, "pg.toml")
+    (problem,) = [str(p) for p in info.value.problems]
+    assert problem.startswith("pg.toml: queue.store: 'postgresql' is not available"), problem
+    assert "use 'sqlite'" in problem
+    config = tmp_path / "pg.toml"
+    config.write_text(f'[server]\ndata_dir = "{tmp_path / "data"}"\n' + text, encoding="utf-8")
+    for verb in ("check", "serve"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "relaygate", verb, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode != 0, (verb, proc.stdout, proc.stderr)
+        out = proc.stdout + proc.stderr
+        assert "queue.store: 'postgresql' is not available" in out, (verb, out)
+        assert "Traceback" not in out, (verb, out)
