@@ -75,27 +75,25 @@ def test_a_run_with_a_lost_or_a_duplicated_message_is_a_mismatch() -> None:
     assert [r["at_sink"] for r in sink_mismatches(rows)] == [299, 305]
 
 
-def test_a_python_that_is_not_an_executable_is_refused_by_name(tmp_path: Path) -> None:
-    missing = tmp_path / "no-python"
+@pytest.mark.parametrize(
+    ("option", "name", "message"),
+    [
+        ("--python", "no-python", "not an executable"),
+        ("--variant", "", "no relaygate package there"),
+    ],
+)
+def test_a_bad_variant_or_python_is_refused_by_name(
+    tmp_path: Path, option: str, name: str, message: str
+) -> None:
+    path = tmp_path / name if name else tmp_path
     proc = subprocess.run(
-        [sys.executable, str(AB), "--python", str(missing)],
+        [sys.executable, str(AB), option, str(path)],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert proc.returncode == 2
-    assert f"--python {missing}: not an executable" in proc.stderr
-
-
-def test_a_variant_without_relaygate_is_refused_by_name(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(AB), "--variant", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 2
-    assert f"--variant {tmp_path}: no relaygate package there" in proc.stderr
+    assert f"{option} {path}: {message}" in proc.stderr
 
 
 @pytest.mark.skipif(
