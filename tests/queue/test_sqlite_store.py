@@ -370,6 +370,24 @@ async def test_expired_lease_can_be_taken_over(store: SqliteStore) -> None:
     assert [m.queue_id for m in await store.lease_due("c", t + 32, 30, 10)] == [qid]
 
 
+async def test_renewing_extends_only_the_leases_the_owner_still_holds(store: SqliteStore) -> None:
+    """A delivery longer than a lease keeps it by renewing; another owner's lease is not touched,
+    and nothing is leased that was not."""
+    mine, taken, free = [await store.submit(env(), b"%d" % i) for i in range(3)]
+    t = time.time()
+    await store.lease_due("a", t, 30, 2)  # mine and taken, in queue-id order
+    assert [m.queue_id for m in await store.lease_due("b", t + 31, 30, 1)] == [mine]
+    # "b" took `mine` after "a"'s lease ran out; "a" still holds `taken`
+    assert await store.renew_leases("a", [mine, taken, free], t + 100) == 1
+    assert await store.renew_leases("a", [], t + 100) == 0
+    got = {m.queue_id: m for m in await store.list_messages()}
+    assert (got[taken].lease_owner, got[taken].lease_until) == ("a", t + 100)
+    assert (got[mine].lease_owner, got[mine].lease_until) == ("b", t + 61)
+    assert (got[free].lease_owner, got[free].lease_until) == (None, None)
+    # renewed: nobody else can take it past its first lease's end ("b"'s ended at t + 61)
+    assert [m.queue_id for m in await store.lease_due("c", t + 95, 30, 10)] == [mine, free]
+
+
 async def test_same_owner_gets_its_leased_messages_back(store: SqliteStore) -> None:
     """A node restarting under the same name recovers its in-flight messages at once."""
     qid = await store.submit(env(), b"x")

@@ -644,3 +644,36 @@ async def test_a_new_message_handed_over_without_room_keeps_its_lease_until_deli
             "bob@example.com",
             "carol@example.com",
         ]
+
+
+async def test_a_delivery_that_outlasts_its_lease_keeps_it(tmp_path: Path) -> None:
+    """A next hop slower than a lease (here a 1 s lease and a sink that holds DATA for 2.5 s):
+    the manager renews the leases of its deliveries in flight, so no other worker or node can
+    take the message and deliver it as well. Its scans lease its own messages again, which
+    renews them too, but a manager with no room left does not scan (one slot here)."""
+    hold = asyncio.Event()
+    async with (
+        sinks(ScriptedHandler(hold=hold)) as (a,),
+        relay_running(
+            tmp_path, {"*": a.port}, scan_interval=0.1, queue={"max_concurrent_deliveries": 1}
+        ) as relay,
+    ):
+        manager = relay.manager
+        assert manager is not None
+        manager.lease_seconds = 1.0
+        assert (await send(relay, SENDER, ["bob@example.com"], original("Slow hop")))[0] == 250
+        await wait_for(lambda: a.handler.data_started.is_set())
+        started = time.monotonic()
+        takers = []
+        while time.monotonic() - started < 2.5:  # more than twice the lease
+            takers += await relay.store.lease_due("another-node", time.time(), 60.0, 10)
+            await asyncio.sleep(0.1)
+        assert takers == []
+        (msg,) = await relay.store.list_messages()
+        assert msg.lease_owner == manager.node_id and msg.lease_until is not None
+        assert msg.lease_until > time.time()
+        hold.set()
+        await wait_for(lambda: a.handler.messages)
+        (msg,) = await wait_for(lambda: _completed(relay), timeout=5.0)
+        assert msg.recipients[0].status == RecipientStatus.DELIVERED
+        assert len(a.handler.messages) == 1

@@ -205,6 +205,7 @@ class QueueManager:
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._last_purge = 0.0
+        self._last_renew = 0.0
         self._rescan = False
         #: while a scan runs: the messages whose delivery ended since it called lease_due
         self._ended_during_scan: set[str] | None = None
@@ -343,6 +344,7 @@ class QueueManager:
             self._wake.clear()
             try:
                 await self._scan()
+                await self._renew_leases()
                 await self._housekeeping()
             except StoreClosedError:
                 if self._stopping:
@@ -393,6 +395,17 @@ class QueueManager:
             self._ended_during_scan.add(queue_id)
         if self._rescan and not self._stopping:
             self._wake.set()  # room for the next due message
+
+    async def _renew_leases(self) -> None:
+        """Keep the leases of the deliveries in flight. A run can outlast a lease (a next hop
+        that answers each command just inside its timeout, several hops in turn), and another
+        worker or node would then take the message and deliver it as well. One store call for
+        all of them, every third of a lease."""
+        now = self.clock()
+        if not self._inflight or now - self._last_renew < self.lease_seconds / 3:
+            return
+        self._last_renew = now
+        await self.store.renew_leases(self.node_id, list(self._inflight), now + self.lease_seconds)
 
     async def _housekeeping(self) -> None:
         now = self.clock()

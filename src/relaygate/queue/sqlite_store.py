@@ -1001,6 +1001,28 @@ class SqliteStore(Store):
     async def release(self, queue_id: str, owner: str) -> None:
         await self._write(self._op_release, queue_id, owner, durable=False)
 
+    async def renew_leases(self, owner: str, queue_ids: Sequence[str], until: float) -> int:
+        if not queue_ids:
+            return 0
+        return await self._write(
+            self._op_renew_leases, owner, list(queue_ids), until, durable=False
+        )
+
+    @staticmethod
+    def _op_renew_leases(
+        conn: sqlite3.Connection, owner: str, queue_ids: list[str], until: float
+    ) -> int:
+        held = 0
+        for chunk in _chunks(queue_ids):
+            marks = ", ".join("?" * len(chunk))
+            cur = conn.execute(
+                "UPDATE messages SET lease_until = ? "
+                f"WHERE lease_owner = ? AND queue_id IN ({marks})",
+                (until, owner, *chunk),
+            )
+            held += cur.rowcount
+        return held
+
     async def release_owners(self, owners: Sequence[str]) -> int:
         """Drop every lease held by one of ``owners`` (processes of this node that are known not to
         run: a supervisor before it starts its workers). Returns how many leases were dropped."""

@@ -25,6 +25,7 @@ Contract highlights
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -108,6 +109,12 @@ class Store(Protocol):
 
     async def release(self, queue_id: str, owner: str) -> None:
         """Drop the lease if ``owner`` holds it."""
+        ...
+
+    async def renew_leases(self, owner: str, queue_ids: Sequence[str], until: float) -> int:
+        """Extend to ``until`` the leases ``owner`` still holds on ``queue_ids`` (a delivery run
+        longer than a lease: a slow next hop). Returns how many it still held; a lease that has
+        passed to another owner meanwhile is left as it is."""
         ...
 
     async def record_results(
