@@ -40,7 +40,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
-    SINK_SETTLE,
     SMTP_SOURCE,
     VENV_BIN,
     Sink,
@@ -177,9 +176,7 @@ def run_once(
             u1, s1 = cpu_user_system(pids)
             v1, i1 = context_switches(pids)
             expected = WARMUP + args.messages
-            got, _ = sink.wait_for(expected, stall=5.0, cap=60.0)
-            time.sleep(SINK_SETTLE)  # then duplicates would show
-            got = sink.count
+            got = sink.settled_count(expected, stall=5.0, cap=60.0)
         finally:
             relay.stop()
             sink.stop()

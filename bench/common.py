@@ -27,8 +27,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 MB_BYTES = 1024 * 1024
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
-#: Seconds to keep counting at a sink after `Sink.wait_for` returned at the expected count: a
-#: message delivered twice, or a report to the benchmark's sender, arrives after the last one.
+#: Seconds `Sink.settled_count` keeps counting after the expected count.
 SINK_SETTLE = 0.3
 
 
@@ -308,6 +307,13 @@ class Sink:
                 if self.count != last_count:
                     last_count, last_change = self.count, time.monotonic()
             return self.count, last_change
+
+    def settled_count(self, target: int, *, stall: float, cap: float) -> int:
+        """`wait_for`, then keep counting a little longer: a message delivered twice, or a report
+        to the benchmark's sender, arrives after the expected count was reached."""
+        self.wait_for(target, stall=stall, cap=cap)
+        time.sleep(SINK_SETTLE)
+        return self.count
 
     def stop(self) -> None:
         kill_group(self.proc)

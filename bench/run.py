@@ -38,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     ROOT,
-    SINK_SETTLE,
     SMTP_SOURCE,
     Sampler,
     Sink,
@@ -182,9 +181,7 @@ def run_point(
         row["errors"].append(f"latency client: {len(lat.errors)} error(s), first: {lat.errors[0]}")
     if deliver:  # let the latency messages drain too, so the next run starts quiet
         sent = messages + len(lat.samples)
-        sink.wait_for(base + sent, stall=stall, cap=60.0)
-        time.sleep(SINK_SETTLE)  # then duplicates would show
-        extra = sink.count - base - sent
+        extra = sink.settled_count(base + sent, stall=stall, cap=60.0) - base - sent
         if extra > 0:  # a message delivered twice inflates the end-to-end rate
             row["errors"].append(f"{extra} more message(s) than were sent reached the sink")
     return row
