@@ -40,18 +40,17 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
-    SMTP_SOURCE,
     VENV_BIN,
     Sink,
     context_switches,
     cpu_user_system,
     have_postfix_tools,
     process_tree,
+    smtp_source,
 )
 from relaygate_sut import RelayGateSystem
 
 WARMUP = 100
-SENDER, RECIPIENT = "bench@bench.example", "rcpt@remote.example"
 
 
 def parse_env(items: list[str]) -> dict[str, str]:
@@ -115,25 +114,9 @@ def busy_cpus(before: list[int], after: list[int]) -> float:
 
 
 def _source(port: int, sessions: int, messages: int, size_kb: int) -> None:
-    subprocess.run(
-        [
-            SMTP_SOURCE,
-            "-s",
-            str(sessions),
-            "-m",
-            str(messages),
-            "-l",
-            str(size_kb * 1024),
-            "-f",
-            SENDER,
-            "-t",
-            RECIPIENT,
-            f"127.0.0.1:{port}",
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        timeout=600,
-    )
+    rc, _wall, err = smtp_source(port, sessions, messages, size_kb * 1024, timeout=600)
+    if rc != 0:
+        raise RuntimeError(f"smtp-source exit {rc}: {err[-300:]}")
 
 
 def interpreter(python: Path) -> str:

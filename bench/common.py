@@ -27,6 +27,8 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 MB_BYTES = 1024 * 1024
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+#: The envelope of every benchmark message (the relay routes any domain to the sink).
+SENDER, RECIPIENT = "bench@bench.example", "rcpt@remote.example"
 #: Seconds `Sink.settled_count` keeps counting after the expected count.
 SINK_SETTLE = 0.3
 
@@ -170,6 +172,29 @@ def context_switches(pids: Iterable[int]) -> tuple[int, int]:
                 elif line.startswith("nonvoluntary_ctxt_switches:"):
                     involuntary += int(line.split()[1])
     return voluntary, involuntary
+
+
+def smtp_source(
+    port: int, sessions: int, messages: int, size: int, timeout: float
+) -> tuple[int, float, str]:
+    """Postfix's smtp-source against 127.0.0.1:`port` (`size` octets per message): its exit
+    status, its wall time and the tail of what it printed."""
+    args = [
+        SMTP_SOURCE,
+        "-s", str(sessions),
+        "-m", str(messages),
+        "-l", str(size),
+        "-f", SENDER,
+        "-t", RECIPIENT,
+        f"127.0.0.1:{port}",
+    ]  # fmt: skip
+    t0 = time.monotonic()
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+        rc, err = out.returncode, (out.stderr or out.stdout).strip()
+    except subprocess.TimeoutExpired:
+        rc, err = -1, f"smtp-source did not finish within {timeout:.0f} s"
+    return rc, time.monotonic() - t0, err
 
 
 def rss_bytes(pids: Iterable[int]) -> int:
