@@ -200,6 +200,91 @@ async def test_5xx_fails_with_an_ndr_to_the_sender_and_a_copy_to_the_admin(
         assert dsn_event["internal-message-id"] == dsn.queue_id
 
 
+async def test_an_ndr_that_cannot_be_queued_retries_the_failed_and_records_the_delivered(
+    tmp_path: Path,
+) -> None:
+    """The NDR is queued before the results are recorded; when queueing it fails (a full disk),
+    the delivered recipient must still be recorded (before: delivered again on every scan) and
+    the failed one retried, then bounced once the NDR can be queued."""
+    from relaygate.queue.store import StoreFullError
+
+    def policy(address: str, attempt: int) -> str | None:
+        return "550 5.1.1 User unknown" if address.startswith("gone@") else None
+
+    async with (
+        sinks(ScriptedHandler(policy), ScriptedHandler()) as (a, b),
+        relay_running(
+            tmp_path,
+            {"*": a.port, "senders.test": b.port},
+        ) as relay,
+    ):
+        store = relay.store
+        real_submit = store.submit
+        disk_full = True
+
+        async def submit(envelope: Envelope, data: bytes, **kw: Any) -> str:
+            if disk_full and envelope.metadata.get("dsn"):
+                raise StoreFullError("queue database full: database or disk is full")
+            return await real_submit(envelope, data, **kw)
+
+        store.submit = submit  # type: ignore[method-assign]
+        await send(relay, SENDER, ["bob@example.com", "gone@example.com"], original("Full"))
+
+        async def recorded() -> StoredMessage | None:
+            (msg,) = await store.list_messages()
+            by = {r.address: r for r in msg.recipients}
+            return msg if by["bob@example.com"].status is RecipientStatus.DELIVERED else None
+
+        msg = await wait_for(recorded)
+        gone = next(r for r in msg.recipients if r.address == "gone@example.com")
+        assert gone.status is RecipientStatus.DEFERRED and gone.last_error.startswith("550 5.1.1")
+        await asyncio.sleep(0.8)  # four scans: none may deliver to bob again
+        assert [m["rcpt_tos"] for m in a.handler.messages].count(["bob@example.com"]) == 1
+        assert b.handler.messages == []
+
+        disk_full = False  # the disk has room again: the retry fails again, and is bounced
+        (ndr,) = await wait_for(lambda: reports(b), timeout=10)
+        assert "gone@example.com" in parse_mail(ndr["content"]).get_payload()[0].get_content()
+        (msg, _dsn) = sorted(await store.list_messages(), key=lambda m: m.sender == "")
+        assert {r.address: r.status for r in msg.recipients} == {
+            "bob@example.com": RecipientStatus.DELIVERED,
+            "gone@example.com": RecipientStatus.FAILED,
+        }
+        assert sum("bob@example.com" in m["rcpt_tos"] for m in a.handler.messages) == 1
+
+
+async def test_a_route_that_fails_to_record_does_not_end_the_lease_of_a_route_in_flight(
+    tmp_path: Path,
+) -> None:
+    """Two routes at once: when one raises (its results could not be stored), the message's lease
+    is let go only after the other has ended, never while it is still delivering, when another
+    node could take the message and deliver it a second time."""
+    from relaygate.queue.store import StoreError
+
+    hold = asyncio.Event()
+    async with (
+        sinks(ScriptedHandler(hold=hold), ScriptedHandler()) as (a, b),
+        relay_running(tmp_path, {"example.com": a.port, "other.test": b.port}) as relay,
+    ):
+        store = relay.store
+        real_record = store.record_results
+
+        async def record_results(queue_id: str, owner: str, results: Any, **kw: Any) -> None:
+            if results[0].address == "carol@other.test":
+                raise StoreError("disk I/O error")
+            await real_record(queue_id, owner, results, **kw)
+
+        store.record_results = record_results  # type: ignore[method-assign]
+        await send(relay, SENDER, ["bob@example.com", "carol@other.test"], original("Two"))
+        await asyncio.wait_for(a.handler.data_started.wait(), 10)
+        await wait_for(lambda: b.handler.messages)
+        await asyncio.sleep(0.3)  # the failed route's error has reached the delivery run
+        (msg,) = await store.list_messages()
+        assert msg.lease_owner == relay.manager.node_id, "lease let go with bob in flight"
+        hold.set()
+        await wait_for(lambda: a.handler.messages)
+
+
 async def test_the_null_sender_is_never_bounced(tmp_path: Path) -> None:
     async with (
         sinks(ScriptedHandler(lambda _a, _n: "550 5.1.1 User unknown"), ScriptedHandler()) as (
@@ -409,6 +494,42 @@ key_file = "{key_file}"
         infos = {e["custom-data"] for e in events}
         assert any(i.startswith("DKIM signed d=senders.test s=s1") for i in infos), infos
         assert any("DKIM unsigned" in i and "nokey.test" in i for i in infos), infos
+
+
+async def test_a_signature_covers_the_octets_sent_and_does_not_count_against_the_route_limit(
+    tmp_path: Path,
+) -> None:
+    """The client folds lines over 998 octets and drops NULs on the way out: a signature made
+    over the stored bytes failed at the next hop (DMARC fails). And routing chose the connector by
+    the size as received: the signature this relay adds must not then bounce it (5.3.4)."""
+    import dkim
+    from relaygate.dkim.keys import generate_key
+    from tests.queue_manager.helpers import send_connector_text
+
+    pem, record = generate_key("rsa-sha256")
+    key_file = tmp_path / "s1.key"
+    key_file.write_bytes(pem)
+    async with sinks(ScriptedHandler(), ScriptedHandler()) as (a, b):
+        extra = send_connector_text(
+            "Size limited", "limited.test", b.port, 'max_message_size = "4KB"'
+        ) + (f'\n[[dkim]]\ndomain = "senders.test"\nselector = "s1"\nkey_file = "{key_file}"\n')
+        async with relay_running(tmp_path, {"*": a.port}, extra=extra) as relay:
+            one_line_html = b"<html><body>" + b"x" * 1500 + b"\x00</body></html>\r\n"
+            await send(relay, SENDER, ["bob@example.com"], original("Long", one_line_html))
+            (got,) = await wait_for(lambda: a.handler.messages)
+            content = got["content"]
+            assert content.startswith(b"DKIM-Signature: ")
+            assert max(map(len, content.split(b"\r\n"))) <= 998 and b"\x00" not in content
+            assert dkim.verify(content, dnsfunc=lambda name, timeout=5: record.encode())
+
+            head = b"From: scanner@senders.test\r\nTo: x@limited.test\r\nSubject: fits\r\n\r\n"
+            fits = head + (b"y" * 70 + b"\r\n") * 50  # ~3.7 KB; with the Received header < 4 KB
+            await send(relay, SENDER, ["x@limited.test"], fits)
+            (got,) = await wait_for(lambda: b.handler.messages)
+            assert got["content"].startswith(b"DKIM-Signature: ") and got["content"].endswith(fits)
+            messages = await relay.store.list_messages()
+            stored = next(m for m in messages if m.recipients[0].address == "x@limited.test")
+            assert stored.size <= 4096 < len(got["content"])
 
 
 async def test_a_new_message_goes_straight_to_the_manager_and_its_lease_ends_with_the_results(

@@ -1025,6 +1025,7 @@ async def deliver(
     timeout: float | None = None,
     pool: ConnectionPool | None = None,
     crlf_only: bool = False,
+    size: int | None = None,
 ) -> DeliveryOutcome:
     """Deliver one message to the first hop that takes it.
 
@@ -1032,6 +1033,9 @@ async def deliver(
     (their replies are keyed by these strings). timeout: seconds per connect and per command
     (default: the connector's connection_inactivity_timeout). pool: reuse sessions across calls.
     crlf_only: every line break in `data` is known to be CRLF (see `prepare_data`).
+    size: the message's size for the connector's `max_message_size` (default: ``len(data)``); the
+    queue passes the size as received, which routing checked, so that a DKIM signature this relay
+    added cannot push a message over the limit that routing chose the connector by.
     """
     rcpt_list = list(dict.fromkeys(recipients))
     outcome = DeliveryOutcome(per_recipient={})
@@ -1058,7 +1062,7 @@ async def deliver(
         return outcome
 
     limit = getattr(connector, "max_message_size", None)
-    if limit is not None and len(data) > limit:
+    if limit is not None and (len(data) if size is None else size) > limit:
         outcome.per_recipient.update({r: replies.ROUTE_SIZE_LIMIT for r in pending})
         return outcome
     if not hops:

@@ -41,7 +41,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from relaygate import replies
@@ -51,6 +51,7 @@ from relaygate.delivery.client import (
     Credentials,
     CredentialsError,
     deliver,
+    prepare_data,
     tls_context_for,
 )
 from relaygate.delivery.dns import Resolver
@@ -465,10 +466,13 @@ class QueueManager:
             routes = self._routes = RouteTable(self.config.send_connectors)  # new configuration
         groups = routes.route([r.address for r in due], size=msg.size)
         to_send = data
-        if self.signer is not None and any(not k.is_unreachable for k in groups):
-            to_send = await self._sign(msg, data)
         # Checked on receipt: no second scan of the bytes (unless a signature was added to them).
-        crlf_only = to_send is data and msg.metadata.get(LINE_BREAKS) == LINE_BREAKS_CRLF
+        crlf_only = msg.metadata.get(LINE_BREAKS) == LINE_BREAKS_CRLF
+        if self.signer is not None and any(not k.is_unreachable for k in groups):
+            # Signed as they will go on the wire: the client folds lines over 998 octets and drops
+            # NULs, which would break a signature made over the stored bytes (DMARC fails).
+            to_send = await self._sign(msg, prepare_data(data, crlf_only=crlf_only))
+            crlf_only = False
 
         self.stats["attempts"] += 1
         by_addr = {r.address: r for r in due}
@@ -497,7 +501,14 @@ class QueueManager:
             [(key, addrs)] = groups.items()
             await run_route(key, addrs)
         else:
-            await asyncio.gather(*(run_route(key, addrs) for key, addrs in groups.items()))
+            # Every route ends before the lease can go (return_exceptions): a route that raised
+            # must not let the others deliver unleased, where another node could take them too.
+            outcomes = await asyncio.gather(
+                *(run_route(key, addrs) for key, addrs in groups.items()), return_exceptions=True
+            )
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
         await self._maybe_delay_notice(msg, by_addr, pending, deferred, data)
         return release
 
@@ -568,6 +579,7 @@ class QueueManager:
             timeout=self.delivery_timeout,
             pool=self.pool,
             crlf_only=crlf_only,
+            size=msg.size,
         )
         host, ip = _split_hop(outcome_.hop_used)
         if not host and outcome_.transcript_errors:
@@ -589,8 +601,37 @@ class QueueManager:
     ) -> list[RouteResult]:
         """Store the outcomes (NDR first); returns the deferred ones."""
         now = self.clock()
+        failed = [res for res in results if res.outcome == FAILED]
+        # The NDR first: a crash before the results are recorded repeats the attempt (and maybe
+        # the NDR), it never loses the report.
+        if failed:
+            try:
+                await self.send_dsn(
+                    msg,
+                    data,
+                    [
+                        DsnRecipient(r.address, r.reply, r.remote_host, last_attempt=now)
+                        for r in failed
+                    ],
+                    action="failed",
+                )
+            except StoreClosedError:
+                raise
+            except Exception as exc:
+                # The NDR could not be queued (a full disk...): its recipients are retried on the
+                # schedule, as after a 4xx, and bounced when they fail again. What was delivered
+                # is still recorded below, or every scan would deliver it again.
+                log.error(
+                    "message %s: the NDR for %d recipient(s) could not be queued (%s); "
+                    "they are retried later",
+                    msg.queue_id,
+                    len(failed),
+                    exc,
+                )
+                results = [
+                    replace(r, outcome=DEFERRED) if r.outcome == FAILED else r for r in results
+                ]
         updates: list[RecipientState] = []
-        failed: list[RouteResult] = []
         deferred: list[RouteResult] = []
         for res in results:
             attempts = by_addr[res.address].attempts + 1
@@ -601,7 +642,6 @@ class QueueManager:
                 )
             elif res.outcome == FAILED:
                 state = RecipientState(res.address, RecipientStatus.FAILED, attempts, line, now)
-                failed.append(res)
             else:
                 nxt = self.schedule.next_attempt(
                     attempts, now, msg.received_at, delay_notified=msg.delay_notified
@@ -613,15 +653,6 @@ class QueueManager:
             updates.append(state)
             self.stats[res.outcome] += 1
 
-        # The NDR first: a crash before the results are recorded repeats the attempt (and maybe
-        # the NDR), it never loses the report.
-        if failed:
-            await self.send_dsn(
-                msg,
-                data,
-                [DsnRecipient(r.address, r.reply, r.remote_host, last_attempt=now) for r in failed],
-                action="failed",
-            )
         await self.store.record_results(msg.queue_id, self.node_id, updates, release=release)
         self._track_results(msg, results, data)
         return deferred
