@@ -29,7 +29,7 @@ from relaygate.delivery.routing import DELIVERY_UNREACHABLE, explain_route
 from relaygate.queue.bounce import DsnRecipient, header_value
 from relaygate.queue.model import FINAL_STATUSES, PENDING_STATUSES, RecipientStatus, StoredMessage
 from relaygate.queue.retry import RetrySchedule
-from relaygate.queue.store import Store
+from relaygate.queue.store import MessageInFlightError, Store
 
 __all__ = [
     "MESSAGE_STATUSES",
@@ -301,7 +301,16 @@ class QueueControl:
                 data = await self.store.read_data(msg.queue_id)
             except Exception:
                 data = b""
-        removed = await self.store.remove(msg.queue_id)
+        try:
+            # Not while an attempt is under way: it could still deliver the message after the
+            # sender was told it was deleted. Exchange marks it PendingRemove; here the admin is
+            # told to wait, or to suspend it, which takes effect when the attempt ends.
+            removed = await self.store.remove(msg.queue_id, unless_in_flight_at=self.clock())
+        except MessageInFlightError:
+            raise Conflict(
+                f"message {msg.queue_id} is being delivered now (Active): remove it when this "
+                "attempt has ended, or suspend it first (it stays suspended after the attempt)"
+            ) from None
         if removed is None:
             raise NotFound(f"message {identity} not found")
         view = message_view(removed, self.config, now=self.clock())

@@ -267,3 +267,49 @@ async def test_queue_cli_against_the_running_server(tmp_path: Path) -> None:
         await relay.stop()
         await a.close()
         await b.close()
+
+
+async def test_a_message_being_delivered_is_not_removed_but_can_be_suspended(
+    tmp_path: Path,
+) -> None:
+    """Remove-Message on an Active message: before, it was deleted (and its sender sent an NDR
+    "deleted by the administrator") while the attempt went on and delivered it. Now the API says
+    409 and why; suspending works, and holds the message once the attempt has ended."""
+    hold = asyncio.Event()
+    internet = ScriptedHandler(lambda a, _n: "451 4.2.0 Mailbox busy" if a[:4] == "bob@" else None)
+    internet.hold = hold
+    senders = ScriptedHandler()
+    a, b = await start_sink(internet), await start_sink(senders)
+    relay = await start_relay(tmp_path / "data", {"*": a.port, "senders.test": b.port})
+    try:
+        # bob's RCPT gets 451, carol's DATA is held: the message stays Active meanwhile.
+        await send(relay, SENDER, ["bob@example.com", "carol@example.com"], MESSAGE)
+        await asyncio.wait_for(internet.data_started.wait(), 10)
+        async with httpx.AsyncClient(base_url=admin_url(relay)) as http:
+            (item,) = (await http.get("/api/queue")).json()["messages"]
+            assert item["Status"] == "Active"
+            qid = item["Identity"].rsplit("\\", 1)[-1]
+            refused = await http.delete(f"/api/queue/{qid}", params={"with_ndr": "true"})
+            assert refused.status_code == 409
+            assert "being delivered now (Active)" in refused.json()["error"]
+            assert (await http.post(f"/api/queue/{qid}/suspend")).status_code == 200
+            hold.set()
+            await wait_for(lambda: internet.messages)
+
+            async def after_attempt() -> dict[str, Any] | None:
+                view = (await http.get(f"/api/queue/{qid}")).json()
+                return view if view["Status"] != "Active" else None
+
+            view = await wait_for(after_attempt)
+            assert view["Status"] == "Suspended"  # bob (451) waits: not retried while suspended
+            await asyncio.sleep(1.5)  # past transient_failure_retry_interval (1 s)
+            assert internet.attempts["bob@example.com"] == internet.attempts["bob@example.com"][:1]
+            removed = await http.delete(f"/api/queue/{qid}", params={"with_ndr": "true"})
+            assert removed.status_code == 200, removed.text
+        (ndr,) = await wait_for(lambda: senders.messages)
+        assert b"bob@example.com" in ndr["content"] and b"carol@example.com" not in ndr["content"]
+        assert [m["rcpt_tos"] for m in internet.messages] == [["carol@example.com"]]
+    finally:
+        await relay.stop()
+        await a.close()
+        await b.close()

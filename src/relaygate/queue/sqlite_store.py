@@ -58,6 +58,7 @@ from .model import (
 from .spool import SPOOL_THRESHOLD, Spool, fsync_dir
 from .store import (
     CorruptMessageError,
+    MessageInFlightError,
     Store,
     StoreClosedError,
     StoreError,
@@ -901,10 +902,20 @@ class SqliteStore(Store):
         )
         self._refresh(conn, queue_id, now)
 
-    def _op_remove(self, conn: sqlite3.Connection, queue_id: str) -> StoredMessage | None:
+    def _op_remove(
+        self, conn: sqlite3.Connection, queue_id: str, unless_in_flight_at: float | None
+    ) -> StoredMessage | None:
         found = _load_ids(conn, [queue_id])
         if not found:
             return None
+        msg = found[0]
+        if (
+            unless_in_flight_at is not None
+            and msg.lease_owner is not None
+            and msg.lease_until is not None
+            and msg.lease_until > unless_in_flight_at
+        ):
+            raise MessageInFlightError(msg)
         spools = [
             r[0]
             for r in conn.execute(
@@ -1071,8 +1082,10 @@ class SqliteStore(Store):
     async def retry_now(self, queue_id: str) -> None:
         await self._write(self._op_retry_now, queue_id, time.time())
 
-    async def remove(self, queue_id: str) -> StoredMessage | None:
-        return await self._write(self._op_remove, queue_id)
+    async def remove(
+        self, queue_id: str, *, unless_in_flight_at: float | None = None
+    ) -> StoredMessage | None:
+        return await self._write(self._op_remove, queue_id, unless_in_flight_at)
 
     async def purge_completed(self, older_than: float) -> int:
         return await self._write(self._op_purge, older_than)

@@ -33,6 +33,7 @@ from .model import Envelope, RecipientState, StoredMessage
 
 __all__ = [
     "CorruptMessageError",
+    "MessageInFlightError",
     "Store",
     "StoreClosedError",
     "StoreError",
@@ -55,6 +56,14 @@ class StoreClosedError(StoreError):
 
 class CorruptMessageError(StoreError):
     """The stored message bytes fail their integrity check."""
+
+
+class MessageInFlightError(Exception):
+    """The message is being delivered now (its lease is live): Exchange's Active status."""
+
+    def __init__(self, message: StoredMessage) -> None:
+        super().__init__(f"message {message.queue_id} is being delivered")
+        self.message = message
 
 
 @runtime_checkable
@@ -139,8 +148,12 @@ class Store(Protocol):
         """``next_attempt = None`` for every unfinished recipient."""
         ...
 
-    async def remove(self, queue_id: str) -> StoredMessage | None:
-        """Delete the message; returns what it was, or ``None`` if unknown."""
+    async def remove(
+        self, queue_id: str, *, unless_in_flight_at: float | None = None
+    ) -> StoredMessage | None:
+        """Delete the message; returns what it was, or ``None`` if unknown.
+        unless_in_flight_at: the time now; a message whose lease is live then is kept and
+        :class:`MessageInFlightError` raised (checked in the same transaction as the delete)."""
         ...
 
     async def purge_completed(self, older_than: float) -> int:
