@@ -210,6 +210,14 @@ TOKEN_UNAVAILABLE = Reply(
 SMTPUTF8_NOT_SUPPORTED = Reply(
     550, "5.6.7", "SMTPSEND.SmtpUtf8NotSupported; the remote host does not support SMTPUTF8"
 )
+#: RFC 6152: 8-bit content may go only to a next hop that offers 8BITMIME; this relay does not
+#: convert it to 7-bit (which would also break a DKIM signature), so it is returned to the sender.
+EIGHTBITMIME_NOT_SUPPORTED = Reply(
+    550,
+    "5.6.3",
+    "SMTPSEND.8BitMimeNotSupported; the message has 8-bit content and the remote host does not "
+    "support 8BITMIME",
+)
 
 
 def tls_failed(reason: str) -> Reply:

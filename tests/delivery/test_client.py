@@ -395,6 +395,52 @@ async def test_eight_bit_body_declares_8bitmime():
     assert m["content"] == data
 
 
+async def test_eight_bit_content_is_returned_by_a_hop_without_8bitmime():
+    """RFC 6152: never 8-bit octets to a next hop that did not offer 8BITMIME (before, they were
+    sent anyway, without BODY=); ASCII messages still go to it."""
+
+    def seven_bit(verb: bytes, _connection: int, _n: int) -> str | None:
+        return "250-raw.test\r\n250 SIZE 10000000" if verb == b"EHLO" else None
+
+    raw = await RawSink(answer=seven_bit).start()
+    try:
+        eight = await send(hop(raw.port), data="Subject: x\r\n\r\nnaïve café\r\n".encode())
+        seven = await send(hop(raw.port), data=b"Subject: x\r\n\r\nnaive cafe\r\n")
+    finally:
+        await raw.close()
+    assert eight.per_recipient["a@dest.test"] == replies.EIGHTBITMIME_NOT_SUPPORTED
+    assert eight.per_recipient["a@dest.test"].code == 550
+    assert seven.delivered == ["a@dest.test"]
+    assert raw.data == [b"Subject: x\r\n\r\nnaive cafe\r\n.\r\n"]
+    assert [c for c in raw.commands if c.startswith(b"MAIL")] == [
+        b"MAIL FROM:<printer@corp.test> SIZE=29\r\n"
+    ]
+
+
+async def test_declared_smtputf8_needs_a_hop_with_it_only_when_the_header_has_utf8():
+    """RFC 6531 §3.2: a message the client sent with SMTPUTF8 and a UTF-8 header is never
+    downgraded silently (security bar 146): 5.6.7 from a hop without SMTPUTF8. With an ASCII
+    header it goes as usual (Postfix does the same)."""
+    plain = await start_sink()
+    utf8 = await start_sink(enable_SMTPUTF8=True)
+    utf8_header = "Subject: Grüße\r\n\r\nhi\r\n".encode()
+    utf8_body = "Subject: Greetings\r\n\r\nGrüße\r\n".encode()
+    try:
+        refused = await send(hop(plain.port), data=utf8_header, smtputf8=True)
+        body_only = await send(hop(plain.port), data=utf8_body, smtputf8=True)
+        undeclared = await send(hop(plain.port), data=utf8_header)
+        offered = await send(hop(utf8.port), data=utf8_header, smtputf8=True)
+    finally:
+        await plain.close()
+        await utf8.close()
+    assert refused.per_recipient["a@dest.test"] == SMTPUTF8_NOT_SUPPORTED
+    assert body_only.delivered == ["a@dest.test"] and undeclared.delivered == ["a@dest.test"]
+    assert [m["content"] for m in plain.handler.messages] == [utf8_body, utf8_header]
+    assert all("SMTPUTF8" not in m["mail_options"] for m in plain.handler.messages)
+    assert offered.delivered == ["a@dest.test"]
+    assert "SMTPUTF8" in utf8.handler.messages[0]["mail_options"]
+
+
 # --------------------------------------------------------------------------------------------------
 # TLS
 

@@ -158,13 +158,17 @@ def smtp_port(relay: Relay) -> int:
     return relay.server.endpoints[0][1]
 
 
-async def send(relay: Relay, sender: str, recipients: list[str], data: bytes) -> tuple[int, str]:
+async def send(
+    relay: Relay, sender: str, recipients: list[str], data: bytes, *, mail_params: bytes = b""
+) -> tuple[int, str]:
     """Submit through the relay's own SMTP listener; returns the end-of-DATA reply."""
     client = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(relay), timeout=10)
     await client.connect()
     try:
         await client.ehlo(hostname="client.test")
-        resp = await client.execute_command(b"MAIL", b"FROM:<" + sender.encode() + b">")
+        resp = await client.execute_command(
+            b"MAIL", b"FROM:<" + sender.encode() + b">" + mail_params
+        )
         assert resp.code == 250, resp
         for r in recipients:
             resp = await client.execute_command(b"RCPT", b"TO:<" + r.encode() + b">")

@@ -532,6 +532,30 @@ async def test_a_signature_covers_the_octets_sent_and_does_not_count_against_the
             assert stored.size <= 4096 < len(got["content"])
 
 
+async def test_smtputf8_declared_by_the_client_is_kept_for_the_next_hop(tmp_path: Path) -> None:
+    """The SMTPUTF8 a client declared is stored with the message: a UTF-8 header then needs a next
+    hop that offers SMTPUTF8 (before, it went to one without it, and was recorded Delivered)."""
+    utf8_header = "From: Jörg <scanner@senders.test>\r\nSubject: Grüße\r\n\r\nhi\r\n".encode()
+    async with (
+        sinks(ScriptedHandler(), ScriptedHandler()) as (a, b),  # neither offers SMTPUTF8
+        relay_running(tmp_path, {"*": a.port, "senders.test": b.port}) as relay,
+    ):
+        code, _ = await send(
+            relay, SENDER, ["bob@example.com"], utf8_header, mail_params=b" SMTPUTF8"
+        )
+        assert code == 250
+        (ndr,) = await wait_for(lambda: reports(b))
+        assert b"5.6.7" in ndr["content"]
+        assert a.handler.messages == []
+        (msg, _ndr) = sorted(await relay.store.list_messages(), key=lambda m: m.sender == "")
+        assert msg.metadata["smtputf8"] == "1"
+        assert msg.recipients[0].status is RecipientStatus.FAILED
+
+        await send(relay, SENDER, ["carol@example.com"], utf8_header)  # not declared: as before
+        (got,) = await wait_for(lambda: a.handler.messages)
+        assert got["content"].endswith(utf8_header)
+
+
 async def test_a_new_message_goes_straight_to_the_manager_and_its_lease_ends_with_the_results(
     tmp_path: Path,
 ) -> None:

@@ -198,6 +198,12 @@ def prepare_data(data: bytes, *, crlf_only: bool = False) -> bytes:
     return b"\r\n".join(out) + b"\r\n"
 
 
+def _header_is_ascii(prepared: bytes) -> bool:
+    """The header block (up to the first empty line; all of it if there is none) is ASCII."""
+    end = prepared.find(b"\r\n\r\n")
+    return (prepared if end < 0 else prepared[:end]).isascii()
+
+
 def dot_stuff(prepared: bytes) -> bytes:
     """RFC 5321 §4.5.2 transparency on CRLF-only text: a line starting with "." gets another."""
     if not prepared.startswith(b".") and _DOT_AFTER_LF.search(prepared) is None:
@@ -756,7 +762,7 @@ class _Envelope:
     recipients: dict[str, str]  # original → wire form
     prepared: bytes
     eight_bit: bool
-    utf8_sender: bool
+    utf8_required: bool  # a UTF-8 envelope sender, or SMTPUTF8 declared and UTF-8 headers
     #: `prepared` dot-stuffed (the octets before ".CRLF"), shared by every hop.
     stuffed: bytes
 
@@ -848,11 +854,14 @@ async def _transaction(
         else:
             rcpts.append(r)
             send_utf8 = send_utf8 or not env.recipients[r].isascii()
-    if env.utf8_sender:
+    if env.utf8_required:
         if not utf8_ok:
             return {r: SMTPUTF8_NOT_SUPPORTED for r in pending}, None
         send_utf8 = True
     if not rcpts:
+        return results, None
+    if env.eight_bit and not smtp.supports_extension("8bitmime"):
+        results.update({r: replies.EIGHTBITMIME_NOT_SUPPORTED for r in rcpts})
         return results, None
 
     params: list[bytes] = []
@@ -1026,6 +1035,7 @@ async def deliver(
     pool: ConnectionPool | None = None,
     crlf_only: bool = False,
     size: int | None = None,
+    smtputf8: bool = False,
 ) -> DeliveryOutcome:
     """Deliver one message to the first hop that takes it.
 
@@ -1036,6 +1046,8 @@ async def deliver(
     size: the message's size for the connector's `max_message_size` (default: ``len(data)``); the
     queue passes the size as received, which routing checked, so that a DKIM signature this relay
     added cannot push a message over the limit that routing chose the connector by.
+    smtputf8: the client declared SMTPUTF8; the message then needs a next hop that offers it if
+    its header has UTF-8 in it (else it goes as usual, as Postfix does; RFC 6531 §3.2).
     """
     rcpt_list = list(dict.fromkeys(recipients))
     outcome = DeliveryOutcome(per_recipient={})
@@ -1084,7 +1096,7 @@ async def deliver(
         prepared=prepared,
         stuffed=dot_stuff(prepared),
         eight_bit=not prepared.isascii(),
-        utf8_sender=not wire_sender.isascii(),
+        utf8_required=not wire_sender.isascii() or (smtputf8 and not _header_is_ascii(prepared)),
     )
 
     primary: Reply | None = None

@@ -63,6 +63,7 @@ from relaygate.queue.model import (
     LINE_BREAKS,
     LINE_BREAKS_CRLF,
     PENDING_STATUSES,
+    SMTPUTF8,
     Envelope,
     RecipientState,
     RecipientStatus,
@@ -580,6 +581,7 @@ class QueueManager:
             pool=self.pool,
             crlf_only=crlf_only,
             size=msg.size,
+            smtputf8=msg.metadata.get(SMTPUTF8) == "1",
         )
         host, ip = _split_hop(outcome_.hop_used)
         if not host and outcome_.transcript_errors:

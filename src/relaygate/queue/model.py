@@ -16,6 +16,7 @@ __all__ = [
     "LINE_BREAKS",
     "LINE_BREAKS_CRLF",
     "PENDING_STATUSES",
+    "SMTPUTF8",
     "Envelope",
     "QueueIdGenerator",
     "RecipientState",
@@ -140,6 +141,10 @@ class StoredMessage:
 #: is CRLF (bare_linefeed_rejection_enabled), so delivery need not scan for bare CR or LF again.
 LINE_BREAKS = "line_breaks"
 LINE_BREAKS_CRLF = "CRLF"
+
+#: Envelope metadata key, set to "1" when the client declared SMTPUTF8 on MAIL: a message with
+#: UTF-8 in its headers then goes only to a next hop that offers SMTPUTF8 (RFC 6531 §3.2).
+SMTPUTF8 = "smtputf8"
 
 
 @dataclass

@@ -27,7 +27,7 @@ from relaygate.config.model import ReceiveConnector
 from relaygate.logs.protocol import receiving_message_info
 from relaygate.policy.rights import SessionRights, session_rights
 from relaygate.policy.verdicts import Verdict, check_mail, check_rcpt
-from relaygate.queue.model import LINE_BREAKS, LINE_BREAKS_CRLF, Envelope, StoredMessage
+from relaygate.queue.model import LINE_BREAKS, LINE_BREAKS_CRLF, SMTPUTF8, Envelope, StoredMessage
 from relaygate.queue.store import StoreFullError
 from relaygate.replies import Reply
 from relaygate.smtp.message import DataReader, has_bare_cr_or_lf, received_header, scan_headers
@@ -612,6 +612,8 @@ class Session:
         )
         if self.bare_lf_rejection:  # checked above; the Received header is CRLF too
             envelope.metadata[LINE_BREAKS] = LINE_BREAKS_CRLF
+        if txn.smtputf8:
+            envelope.metadata[SMTPUTF8] = "1"
         data = header + content
         handoff = self.ctx.handoff
         lease = handoff.lease_for_new() if handoff is not None else None
