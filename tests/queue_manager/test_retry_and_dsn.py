@@ -103,6 +103,32 @@ def test_ndr_is_an_rfc3464_report() -> None:
     assert b"secret body" not in body
 
 
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        ("Grüße aus Köln".encode(), "Undeliverable: Grüße aus Köln"),
+        (b"Rechnung f\xfcr M\xe4rz", "Undeliverable: Rechnung f\ufffdr M\ufffdrz"),
+        (b"=?utf-8?q?Gr=C3=BC=C3=9Fe?=", "Undeliverable: Grüße"),
+    ],
+    ids=["utf-8", "latin-1", "encoded-word"],
+)
+def test_ndr_subject_stays_7_bit_whatever_the_original(raw: bytes, shown: str) -> None:
+    """The report's own header is 7-bit (before, an 8-bit original Subject was copied into it, and
+    the report went out without SMTPUTF8): a non-ASCII Subject is RFC 2047-encoded."""
+    original = b"From: a@corp.test\r\nSubject: " + raw + b"\r\n\r\nbody\r\n"
+    out = build_dsn(
+        action="failed",
+        reporting_mta="relay.test",
+        to="a@corp.test",
+        original=original,
+        recipients=[DsnRecipient("bob@example.com", Reply(550, "5.1.1", "User unknown"))],
+        received_at=0.0,
+    )
+    head = out[: out.index(b"\r\n\r\n")]
+    assert head.isascii()
+    assert parse_mail(out)["Subject"] == shown
+
+
 def test_delay_notice_and_status_codes() -> None:
     body = build_dsn(
         action="delayed",

@@ -24,6 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.header import Header
 from email.utils import format_datetime, formatdate
 
 from relaygate.replies import Reply
@@ -242,10 +243,13 @@ def build_dsn(
     utf8_status = not delivery_status.isascii()
 
     # ---------------------------------------------------------------- the message
+    subject_text = f"{prefix}: {subject}" if subject else prefix
+    if not subject_text.isascii():  # a UTF-8 (or undeclared 8-bit) original Subject: RFC 2047
+        subject_text = Header(subject_text, "utf-8", header_name="Subject").encode(linesep=nl)
     head = [
         f"From: Mail Delivery System <{postmaster}>",
         f"To: <{_clean(to)}>",
-        f"Subject: {prefix}: {subject}" if subject else f"Subject: {prefix}",
+        f"Subject: {subject_text}",
         f"Date: {formatdate(now, localtime=False, usegmt=True)}",
         f"Message-ID: {message_id}",
     ]
