@@ -138,14 +138,22 @@ class Relay:
         except ConfigError as exc:
             logger.error("reload refused, configuration invalid:\n%s", exc)
             return
-        self.config = new
         assert self.ctx is not None and self.server is not None
-        self.ctx.apply(new)
-        await self.server.sync_listeners()
-        if self.manager is not None:
-            self.manager.apply(new)
-        if self.pressure is not None:
-            self.pressure.apply(new.queue.min_free_disk_space)
+        ctx = self.ctx
+
+        def apply() -> None:  # every listener is bound, none of the new ones accepts yet
+            self.config = new
+            ctx.apply(new)
+            if self.manager is not None:
+                self.manager.apply(new)
+            if self.pressure is not None:
+                self.pressure.apply(new.queue.min_free_disk_space)
+
+        try:
+            await self.server.sync_listeners(new, before_serving=apply)
+        except OSError as exc:  # the listeners are as they were; nothing of `new` was applied
+            logger.error("reload refused, keeping the running configuration: %s", exc)
+            return
         logger.info("configuration reloaded from %s", self.config_path)
 
     async def stop(self) -> None:
@@ -173,7 +181,10 @@ class Relay:
             now = _stamp(self.config_path)
             if now != last:
                 last = now
-                await self.reload()
+                try:
+                    await self.reload()
+                except Exception:  # the watcher must outlive a failed reload
+                    logger.exception("reload of %s failed", self.config_path)
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:

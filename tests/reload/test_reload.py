@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -121,3 +123,45 @@ extended_rights = ["ms-Exch-SMTP-Accept-Any-Recipient"]
     assert r.proc is not None
     r.proc.send_signal(signal.SIGHUP)
     assert wait_until(lambda: rcpt_reply(r.port, "127.0.0.6") == "250 2.1.5 Recipient OK")
+
+
+def test_a_specific_binding_next_to_a_wildcard_can_be_added_by_reload(relay):  # noqa: F811
+    h = relay([default_frontend(bindings=["0.0.0.0:{port}"], banner="220 any")])
+    exact = default_frontend(name="Exact", bindings=["127.0.0.1:{port}"], banner="220 exact")
+    h.reconfigure([default_frontend(bindings=["0.0.0.0:{port}"], banner="220 any"), exact])
+    with RawClient(h.port, host="127.0.0.1") as c:
+        assert c.reply().text == "220 exact"
+    with RawClient(h.port, host="127.0.0.2") as c:
+        assert c.reply().text == "220 any"
+
+
+def test_a_reload_whose_listener_cannot_be_opened_keeps_the_old_config_and_listeners(
+    relay,  # noqa: F811
+    caplog,
+):
+    h = relay([default_frontend(banner="220 old")])
+    taken = socket.socket()  # someone else listens on the new connector's endpoint
+    taken.bind(("127.0.0.1", h.ports[1]))
+    taken.listen()
+    try:
+        with caplog.at_level(logging.ERROR, logger="relaygate"):
+            h.reconfigure(
+                [
+                    default_frontend(banner="220 new"),
+                    default_frontend(name="Second", bindings=["127.0.0.1:{port2}"]),
+                ]
+            )
+    finally:
+        taken.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(f"127.0.0.1:{h.ports[1]}" in e for e in errors), errors
+    # Nothing of the new configuration is applied: the old one serves, on its listeners.
+    assert h.relay.ctx.config is h.relay.config
+    assert [c.name for c in h.relay.config.receive_connectors] == ["Default Frontend"]
+    assert sorted(h.relay.server.endpoints) == [("127.0.0.1", h.port)]
+    with RawClient(h.port) as c:
+        assert c.reply().text == "220 old"
+    # The next good edit is still picked up.
+    h.reconfigure([default_frontend(banner="220 new")])
+    with RawClient(h.port) as c:
+        assert c.reply().text == "220 new"

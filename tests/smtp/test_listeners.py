@@ -133,3 +133,37 @@ def test_a_stopping_relay_tells_waiting_clients_421_and_lets_a_message_in_data_f
     assert time.monotonic() - started < 4  # before the 5 s grace would have run out
     (data,) = r.all_data().values()
     assert data.endswith(b"Subject: in flight\r\n\r\nfirst half\r\nsecond half\r\n")
+
+
+def test_a_specific_address_next_to_a_wildcard_on_the_same_port(relay):  # noqa: F811
+    """Exchange's layout for a binding conflict: one connector on 0.0.0.0:P (or [::]:P), another on
+    an exact address and the same port. The wildcard socket receives both; the connector is chosen
+    by the real local address, and the exact one wins for its address (selection rule 2)."""
+    r = relay(
+        [
+            relay_connector(
+                ["127.0.0.0/8"], name="Wildcard", bindings=["0.0.0.0:{port}"], banner="220 any"
+            ),
+            relay_connector(
+                ["127.0.0.0/8"], name="Exact", bindings=["127.0.0.1:{port}"], banner="220 exact"
+            ),
+            # [::] is dual-stack (no 0.0.0.0 on this port): it covers IPv4 addresses too
+            relay_connector(
+                ["127.0.0.0/8", "::1"],
+                name="Wildcard v6",
+                bindings=["[::]:{port2}"],
+                banner="220 any v6",
+            ),
+            relay_connector(
+                ["127.0.0.0/8"],
+                name="Exact v4 on v6 wildcard",
+                bindings=["127.0.0.1:{port2}"],
+                banner="220 exact v4",
+            ),
+        ]
+    )
+    assert banner("127.0.0.1", r.ports[0]) == b"220 exact\r\n"
+    assert banner("127.0.0.2", r.ports[0]) == b"220 any\r\n"
+    assert banner("127.0.0.1", r.ports[1]) == b"220 exact v4\r\n"
+    assert banner("127.0.0.2", r.ports[1]) == b"220 any v6\r\n"
+    assert banner("::1", r.ports[1]) == b"220 any v6\r\n"

@@ -1,4 +1,6 @@
-"""Listeners: one per distinct binding; the connector is chosen per connection by the policy engine.
+"""Listeners: one per distinct binding (a specific address beside a wildcard of its port shares
+the wildcard's socket, see `listener_bindings`); the connector is chosen per connection by the
+policy engine from the connection's real local address.
 
 A client that no connector accepts is closed without a banner. A PROXY header is honoured only from
 `server.trusted_proxies`; elsewhere `PROXY ...` reaches the session as an unrecognised command.
@@ -35,7 +37,7 @@ from relaygate.smtp.session import Session
 from relaygate.smtp.steering import attach_source_steering
 from relaygate.smtp.tls import server_context
 
-__all__ = ["ServerContext", "SmtpServer"]
+__all__ = ["ListenerError", "ServerContext", "SmtpServer", "listener_bindings"]
 
 logger = logging.getLogger("relaygate.smtp")
 
@@ -45,6 +47,57 @@ _SELECTION_CACHE_SIZE = 65536
 # net.core.somaxconn). When the queue is full, a new client's SYN is dropped and it waits for its
 # retransmission, 1 s and more: a burst of devices reconnecting must not meet that.
 LISTEN_BACKLOG = 1024
+
+
+class ListenerError(OSError):
+    """A listener could not be opened; `binding` names it."""
+
+    def __init__(self, binding: Binding, exc: OSError) -> None:
+        super().__init__(exc.errno, f"cannot listen on {binding}: {exc.strerror or exc}")
+        self.binding = binding
+
+
+def _v6only(config: Config, binding: Binding) -> bool:
+    """[::] is dual-stack (IPv4 clients arrive as ::ffff:a.b.c.d), unless 0.0.0.0 is bound too."""
+    return any(
+        b.address == "0.0.0.0" and b.port == binding.port
+        for c in config.receive_connectors
+        if c.enabled
+        for b in c.bindings
+    )
+
+
+def listener_bindings(config: Config) -> dict[Binding, bool]:
+    """The sockets to open: distinct bindings of enabled connectors → implicit TLS.
+
+    A specific address is left out when a wildcard socket of the same TLS mode already receives its
+    connections on that port (0.0.0.0 for IPv4; [::] for IPv6, and for IPv4 too when it is
+    dual-stack): two sockets would conflict (EADDRINUSE without SO_REUSEPORT), and the connector
+    is chosen by the connection's real local address anyway, so the exact binding still wins
+    (selection rule 2). `relaygate check` refuses a wildcard and a specific address of different
+    TLS modes on one port; if it is met here, the specific socket is tried and its error reported."""
+    wanted: dict[Binding, bool] = {}
+    for c in config.receive_connectors:
+        if not c.enabled:
+            continue
+        for b in c.bindings:
+            wanted[b] = wanted.get(b, False) or c.tls_mode == "implicit"
+    wildcards = [(w, implicit) for w, implicit in wanted.items() if w.is_wildcard]
+    return {
+        b: implicit
+        for b, implicit in wanted.items()
+        if b.is_wildcard
+        or not any(w_implicit == implicit and _covers(config, w, b) for w, w_implicit in wildcards)
+    }
+
+
+def _covers(config: Config, wildcard: Binding, binding: Binding) -> bool:
+    """True when the `wildcard` socket receives the connections to `binding`."""
+    if wildcard.port != binding.port:
+        return False
+    if wildcard.address == "0.0.0.0":
+        return binding.version == 4
+    return binding.version == 6 or not _v6only(config, wildcard)
 
 
 class Handoff(Protocol):
@@ -150,7 +203,16 @@ class ServerContext:
             self._banner_second = second
         return self._banner_stamp
 
-    def tls_context(self, connector: ReceiveConnector) -> ssl.SSLContext | None:
+    def tls_context(
+        self, connector: ReceiveConnector, config: Config | None = None
+    ) -> ssl.SSLContext | None:
+        """The server TLS context of `connector`; of a `config` not applied yet: built, not kept."""
+        if config is not None and config is not self.config:
+            try:
+                return server_context(config, connector)
+            except (OSError, ssl.SSLError) as exc:
+                logger.error("TLS unavailable on connector %s: %s", connector.name, exc)
+                return None
         if connector.name not in self._tls:
             try:
                 self._tls[connector.name] = server_context(self.config, connector)
@@ -207,6 +269,7 @@ class SmtpServer:
             ctx.config.server.workers > 1 if reuse_port is None else reuse_port
         ) and hasattr(socket, "SO_REUSEPORT")
         self._servers: dict[Binding, asyncio.Server] = {}
+        self._implicit: dict[Binding, bool] = {}  # the listener's TLS mode, to reopen it
         self._sessions: set[asyncio.Task[None]] = set()
         self._live: set[Session] = set()  # told to finish when the server stops
 
@@ -219,16 +282,6 @@ class SmtpServer:
                 out.append((name[0], name[1]))
         return out
 
-    def _wanted(self) -> dict[Binding, bool]:
-        """Distinct bindings of enabled connectors → implicit TLS."""
-        wanted: dict[Binding, bool] = {}
-        for c in self.ctx.config.receive_connectors:
-            if not c.enabled:
-                continue
-            for b in c.bindings:
-                wanted[b] = wanted.get(b, False) or c.tls_mode == "implicit"
-        return wanted
-
     async def start(self) -> None:
         if any("BasicAuth" in c.auth_mechanism for c in self.ctx.config.receive_connectors):
             await (
@@ -236,32 +289,70 @@ class SmtpServer:
             )  # the dummy hash for unknown users, before the first AUTH
         await self.sync_listeners()
 
-    async def sync_listeners(self) -> None:
-        """Open listeners for new bindings and close those no connector uses any more (reload)."""
-        wanted = self._wanted()
+    async def sync_listeners(
+        self, config: Config | None = None, *, before_serving: Callable[[], None] | None = None
+    ) -> None:
+        """Make the listeners match `config` (the current one by default): close those no enabled
+        connector uses any more, open the new ones.
+
+        All or nothing: when a new listener cannot be opened, those opened here are closed, those
+        closed here are opened again, and `ListenerError` (an OSError naming the binding) is
+        raised. `before_serving` runs once every new listener is bound and before any accepts a
+        connection (a reload applies its configuration there)."""
+        old = self.ctx.config
+        config = old if config is None else config
+        wanted = listener_bindings(config)
+        closed: dict[Binding, bool] = {}
         for binding in list(self._servers):
             if binding not in wanted:
-                server = self._servers.pop(binding)
-                server.close()
+                # First: a wildcard replacing a specific address on the same port needs the port.
+                self._servers.pop(binding).close()
+                closed[binding] = self._implicit.pop(binding)
+        opened: dict[Binding, asyncio.Server] = {}
         for binding, implicit in wanted.items():
             if binding in self._servers:
                 continue
-            self._servers[binding] = await self._listen(binding, implicit)
+            try:
+                opened[binding] = await self._listen(config, binding, implicit)
+            except OSError as exc:
+                for server in opened.values():
+                    server.close()
+                for back, back_implicit in closed.items():
+                    try:
+                        server = await self._listen(old, back, back_implicit)
+                    except OSError as again:
+                        logger.error("listener %s closed and cannot be reopened: %s", back, again)
+                        continue
+                    self._servers[back] = server
+                    self._implicit[back] = back_implicit
+                    await server.start_serving()
+                raise ListenerError(binding, exc) from exc
+        if before_serving is not None:
+            before_serving()
+        for binding, server in opened.items():
+            self._servers[binding] = server
+            self._implicit[binding] = wanted[binding]
+            await server.start_serving()
 
-    async def _listen(self, binding: Binding, implicit: bool) -> asyncio.Server:
+    async def _listen(self, config: Config, binding: Binding, implicit: bool) -> asyncio.Server:
+        """A listening socket for `binding`, not accepting yet (`start_serving`)."""
         family = socket.AF_INET6 if binding.version == 6 else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if self.reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            # [::] is dual-stack (IPv4 clients arrive as ::ffff:a.b.c.d), unless 0.0.0.0 is bound too.
-            v6only = any(b.address == "0.0.0.0" and b.port == binding.port for b in self._wanted())
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if v6only else 0)
-        sock.bind((binding.address, binding.port))
-        sock.listen(LISTEN_BACKLOG)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(
+                    socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if _v6only(config, binding) else 0
+                )
+            sock.bind((binding.address, binding.port))
+            sock.listen(LISTEN_BACKLOG)
+        except OSError:
+            sock.close()
+            raise
         sock.setblocking(False)
-        server = self.ctx.config.server
+        server = config.server
         workers = server.workers
         if (
             self.reuse_port
@@ -275,10 +366,10 @@ class SmtpServer:
         if implicit:
             connector = next(
                 c
-                for c in self.ctx.config.receive_connectors
+                for c in config.receive_connectors
                 if binding in c.bindings and c.tls_mode == "implicit"
             )
-            ssl_ctx = self.ctx.tls_context(connector)
+            ssl_ctx = self.ctx.tls_context(connector, config)
 
         async def on_connect(conn: Connection) -> None:
             task = asyncio.current_task()
@@ -295,7 +386,11 @@ class SmtpServer:
         loop = asyncio.get_running_loop()
         # create_server listens again, with its own backlog (100 unless given): pass ours.
         return await loop.create_server(
-            lambda: Connection(on_connect), sock=sock, ssl=ssl_ctx, backlog=LISTEN_BACKLOG
+            lambda: Connection(on_connect),
+            sock=sock,
+            ssl=ssl_ctx,
+            backlog=LISTEN_BACKLOG,
+            start_serving=False,
         )
 
     async def _handle(self, conn: Connection, implicit: bool) -> None:
@@ -398,6 +493,7 @@ class SmtpServer:
         for server in self._servers.values():
             await server.wait_closed() if not self._sessions else None
         self._servers.clear()
+        self._implicit.clear()
         for session in list(self._live):
             session.shutdown()  # 421 to those waiting for a command; messages in DATA finish
         if self._sessions:
