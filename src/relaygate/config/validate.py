@@ -3,7 +3,8 @@
 Each rule yields a `Problem` naming the file, connector and key. Rules (exchange-semantics.md §1–§2):
 unique names; bindings and RemoteIPRanges required (except Internet usage); no two connectors with the
 same binding and the same range; ranges on a shared binding nested, never partially overlapping; a
-FrontendTransport and a HubTransport connector never share a binding; AuthMechanism combinations
+FrontendTransport and a HubTransport connector never share a binding; an implicit-TLS and a STARTTLS
+connector never share a listening socket; AuthMechanism combinations
 (None alone; ExternalAuthoritative needs ExchangeServers and combines only with Tls;
 BasicAuthRequireTLS needs BasicAuth and Tls; RequireTLS needs Tls); ConnectionTimeout above
 ConnectionInactivityTimeout; value ranges from §1.4; banner starting with 220.
@@ -17,7 +18,7 @@ from typing import Any
 
 from relaygate.config.loader import Problem
 from relaygate.config.model import Config, ReceiveConnector, SendConnector
-from relaygate.config.values import format_timespan
+from relaygate.config.values import Binding, format_timespan
 
 __all__ = ["validate"]
 
@@ -159,6 +160,25 @@ def _send_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
         )
 
 
+def _one_socket(config: Config, x: Binding, y: Binding) -> bool:
+    """True when the relay receives the connections of `x` and `y` on one listening socket: the same
+    binding, or a wildcard and an address it covers (smtp/server.py `listener_bindings`; [::] is
+    IPv6-only when 0.0.0.0 is bound on its port, and two wildcards are two sockets)."""
+    if x == y:
+        return True
+    if x.port != y.port or x.is_wildcard == y.is_wildcard:
+        return False
+    wildcard, other = (x, y) if x.is_wildcard else (y, x)
+    if wildcard.address == "0.0.0.0":
+        return other.version == 4
+    v6only = any(
+        b.address == "0.0.0.0" and b.port == wildcard.port
+        for c in config.receive_connectors
+        for b in c.bindings
+    )
+    return other.version == 6 or not v6only
+
+
 def validate(
     config: Config, doc: dict[str, Any], positions: dict[str, list[int]] | None = None
 ) -> list[Problem]:
@@ -218,6 +238,26 @@ def validate(
                     )
                 )
                 continue
+            tls_shared = next(
+                (
+                    (x, y)
+                    for x, y in shared
+                    if _one_socket(config, x, y)
+                    and (a.tls_mode == "implicit") != (b.tls_mode == "implicit")
+                ),
+                None,
+            )
+            if tls_shared is not None:
+                problems.append(
+                    Problem(
+                        src,
+                        f"{path}.tls_mode",
+                        f'tls_mode "{b.tls_mode}" on binding {tls_shared[1]}, which listens on the same socket '
+                        f'as binding {tls_shared[0]} of connector "{a.name}" (tls_mode "{a.tls_mode}"): '
+                        "a socket is either implicit TLS or plain text; give them different ports",
+                        b.name,
+                    )
+                )
             # Ranges conflict only on a binding both connectors hold exactly (an exact address and a
             # wildcard do not conflict: selection prefers the exact one). Look at every shared pair, not
             # just the first: ["0.0.0.0:25", "[::]:25"] and ["[::]:25"] share [::]:25 exactly.
