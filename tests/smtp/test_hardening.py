@@ -264,3 +264,15 @@ def test_writes_split_at_every_byte_position_give_identical_results(relay):
     assert len(stored) == total + 1
     for data in stored.values():
         assert data.endswith(b"\r\n" + EXPECTED_CONTENT) and data.count(b"Received: ") == 1
+
+
+def test_a_verb_with_non_ascii_letters_is_not_a_command(two):
+    """Security-bar item 99: str.upper() folds "ı" (U+0131) to "I", "ſ" (U+017F) to "S" and "ﬅ"
+    (U+FB05) to "ST"; such a verb is not MAIL, RSET or STARTTLS but an unknown command."""
+    unrecognized = "500 5.3.3 Unrecognized command"
+    with two.raw("127.0.0.9") as c:
+        c.greet()
+        assert c.cmd("MA\u0131L FROM:<app@corp.example>").text == unrecognized
+        assert c.cmd("R\u017fET").text == unrecognized
+        assert c.cmd("\ufb05ARTTLS").text == unrecognized
+        assert c.cmd("mail FROM:<app@corp.example>").text == "250 2.1.0 Sender OK"

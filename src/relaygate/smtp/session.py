@@ -291,7 +291,8 @@ class Session:
             bare = True
         text = body.decode("utf-8", "replace")
         verb, _, arg = text.partition(" ")
-        verb = verb.upper()
+        # ASCII only: str.upper() folds "ı" to "I", "ſ" to "S" and "ﬅ" to "ST" (security-bar item 99).
+        verb = verb.upper() if verb.isascii() else ""
         if verb == "AUTH":
             self.log.received(_mask_auth(text))
         else:
