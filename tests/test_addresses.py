@@ -310,6 +310,15 @@ def test_control_characters_are_refused_even_with_smtputf8() -> None:
         assert rcpt_error(f"TO:<user@local.example{ch}>", smtputf8=True).reply == R501
 
 
+def test_the_replacement_character_is_refused_even_with_smtputf8() -> None:
+    """U+FFFD is what invalid UTF-8 becomes when decoded with "replace": a backstop against it."""
+    assert rcpt_error("TO:<\ufffd@local.example>", smtputf8=True).reply == R501
+    assert rcpt_error("TO:<user@b\ufffdcher.example>", smtputf8=True).reply == R501
+    with pytest.raises(AddressError) as info:
+        parse_mail_from("FROM:<us\ufffder@local.example> SMTPUTF8")
+    assert info.value.reply == S501
+
+
 def test_error_is_a_value_error_with_reply_and_reason() -> None:
     err = rcpt_error("TO:<victim@ext.example@local.example>")
     assert isinstance(err, ValueError)

@@ -173,6 +173,8 @@ def _check_chars(text: str, *, smtputf8: bool, error: Reply, what: str) -> None:
     for ch in text:
         if ch.isascii():
             continue
+        if ch == "\ufffd":  # what invalid UTF-8 decodes to with "replace": never an address
+            raise AddressError(error, f"replacement character U+FFFD in {what}")
         cat = unicodedata.category(ch)
         # Cc (C1 controls), Cf (bidi, zero-width), Cs (lone surrogates), Co, Cn; Zs/Zl/Zp spaces
         if cat[0] in "CZ":

@@ -175,6 +175,7 @@ def chunk_received(n: int) -> Reply:
 # --- RelayGate's own (no Exchange equivalent) ----------------------------------------------------
 SYNC_ERROR = Reply(554, "5.5.0", "Error: SMTP protocol synchronization")
 BARE_LF_IN_COMMAND = Reply(500, "5.5.2", "Invalid command: contains a bare CR or LF")
+BAD_UTF8 = Reply(500, "5.5.2", "Error: bad UTF-8 syntax")  # Postfix smtpd
 STARTTLS_SYNTAX = Reply(501, "5.5.4", "Syntax: STARTTLS")
 TLS_ALREADY_ACTIVE = Reply(554, "5.5.1", "TLS already active")
 TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available due to temporary reason")

@@ -276,3 +276,19 @@ def test_a_verb_with_non_ascii_letters_is_not_a_command(two):
         assert c.cmd("R\u017fET").text == unrecognized
         assert c.cmd("\ufb05ARTTLS").text == unrecognized
         assert c.cmd("mail FROM:<app@corp.example>").text == "250 2.1.0 Sender OK"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [b"\xff\xfe", b"\xc0\xaf", b"\xed\xa0\x80", b"\xe7\x94"],
+    ids=["ff-fe", "overlong-slash", "surrogate", "truncated"],
+)
+def test_invalid_utf8_in_a_command_is_refused_not_replaced(two, bad):
+    """Security-bar item 145: with SMTPUTF8 and invalid UTF-8 (here in the local part: decoded with
+    "replace" it became U+FFFD and a valid address) → 500 5.5.2; valid UTF-8 is still accepted."""
+    with two.raw("127.0.0.9") as c:
+        c.greet()
+        c.cmd("MAIL FROM:<app@corp.example> SMTPUTF8", 250)
+        c.send(b"RCPT TO:<us" + bad + b"er@corp.example>\r\n")
+        assert c.expect(500).text == "500 5.5.2 Error: bad UTF-8 syntax"
+        assert c.cmd("RCPT TO:<用户@corp.example>").text == "250 2.1.5 Recipient OK"

@@ -289,7 +289,12 @@ class Session:
         else:
             body = raw.rstrip(b"\r\n")
             bare = True
-        text = body.decode("utf-8", "replace")
+        try:
+            text = body.decode("utf-8")  # strict: no overlong forms, no surrogates
+            bad_utf8 = False
+        except UnicodeDecodeError:
+            text = body.decode("utf-8", "replace")  # for the protocol log only
+            bad_utf8 = True
         verb, _, arg = text.partition(" ")
         # ASCII only: str.upper() folds "ı" to "I", "ſ" to "S" and "ﬅ" to "ST" (security-bar item 99).
         verb = verb.upper() if verb.isascii() else ""
@@ -302,6 +307,9 @@ class Session:
             return
         if b"\x00" in body:
             await self.protocol_error(replies.UNRECOGNIZED_COMMAND)
+            return
+        if bad_utf8:  # never replaced by U+FFFD and read as an address (security-bar 145)
+            await self.protocol_error(replies.BAD_UTF8)
             return
         handler = _HANDLERS.get(verb)
         if handler is None:
