@@ -124,16 +124,38 @@ def test_ehlo_reply_without_codes(plog: ProtocolLog, tmp_path: Path) -> None:
     assert rows[0][7] == "250  relay Hello [10.0.0.7] SIZE 1024 8BITMIME"
 
 
-def test_newlines_and_quotes_are_quoted(plog: ProtocolLog, tmp_path: Path) -> None:
+def test_quotes_are_quoted_and_newlines_escaped(plog: ProtocolLog, tmp_path: Path) -> None:
     s = plog.session('Conn "A", B', ("10.0.0.5", 25), ("10.0.0.7", 1))
     s.received('bad\nline with "quotes", commas\rand CR')
     s.info("x", 'ctx, "q"')
     plog.close()
     _, rows, _ = read_log(tmp_path / "recv")
     assert rows[0][1] == 'RELAY01\\Conn "A", B'
-    assert rows[0][7] == 'bad\nline with "quotes", commas\rand CR'
+    assert rows[0][7] == 'bad\\x0aline with "quotes", commas\\x0dand CR'
     assert rows[1][8] == 'ctx, "q"'
     assert rows[1][3] == "1"
+
+
+def test_control_characters_from_the_client_are_escaped(plog: ProtocolLog, tmp_path: Path) -> None:
+    """Security-bar 152: C0 (CR and LF too), DEL and C1 are written as \\xNN, never raw: no forged
+    log line, no terminal escape for whoever reads the log. Other characters stay as they are."""
+    s = plog.session("C", ("10.0.0.5", 25), ("10.0.0.7", 1))
+    s.received("EHLO x\nFAKE LOG LINE")
+    s.received("MAIL FROM:<\x1b[31mred@ext.example> \x00\x07\x7f\x85\x9f")
+    s.info("RCPT refused: \x1b]0;title\x07", "ctx\x1b")
+    s.sent("250 2.1.5 Recipient OK für 用户")
+    plog.close()
+    raw = b"".join(f.read_bytes() for f in sorted((tmp_path / "recv").glob("RECV*.LOG")))
+    body = raw.decode("utf-8").replace("\r\n", "")
+    assert not any(ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 for ch in body)
+    _, rows, _ = read_log(tmp_path / "recv")
+    assert [r[7] for r in rows] == [
+        "EHLO x\\x0aFAKE LOG LINE",
+        "MAIL FROM:<\\x1b[31mred@ext.example> \\x00\\x07\\x7f\\x85\\x9f",
+        "RCPT refused: \\x1b]0;title\\x07",
+        "250 2.1.5 Recipient OK für 用户",
+    ]
+    assert rows[2][8] == "ctx\\x1b"
 
 
 def test_sessions_have_unique_ids_and_own_sequences(plog: ProtocolLog, tmp_path: Path) -> None:

@@ -292,3 +292,21 @@ def test_invalid_utf8_in_a_command_is_refused_not_replaced(two, bad):
         c.send(b"RCPT TO:<us" + bad + b"er@corp.example>\r\n")
         assert c.expect(500).text == "500 5.5.2 Error: bad UTF-8 syntax"
         assert c.cmd("RCPT TO:<用户@corp.example>").text == "250 2.1.5 Recipient OK"
+
+
+def test_helo_literal_must_be_printable_ascii_and_control_bytes_are_logged_escaped(two):
+    """Security-bar 152: the bracketed HELO form takes only printable ASCII, like the bare one, and
+    what a client sends reaches the protocol log with its control characters as \\xNN."""
+    with two.raw("127.0.0.9") as c:
+        c.expect(220)
+        invalid = "501 5.5.4 Invalid domain name"
+        assert c.cmd("EHLO [\x1b]0;pwned\x07\x1b[2J]").text == invalid
+        assert c.cmd("EHLO [10.0.0.1 x]").text == invalid
+        assert c.cmd("EHLO [\u00e9]").text == invalid
+        assert c.cmd("EHLO [10.0.0.1]").code == 250
+        assert c.cmd("MAIL FROM:<\x1b[31mred@ext.example>").code == 501
+        c.cmd("QUIT", 221)
+    log = two.protocol_log_text()
+    assert "\x1b" not in log and "\x07" not in log
+    assert "EHLO [\\x1b]0;pwned\\x07\\x1b[2J]" in log
+    assert "MAIL FROM:<\\x1b[31mred@ext.example>" in log

@@ -22,6 +22,8 @@ Lines::
     2023-01-11T15:59:51.433Z,RELAY01\\SMTP Relay Internal,08D892B7A9441226,0,10.0.0.5:25,10.0.0.77:50123,+,,
 
 Message bodies are never logged; AUTH payloads are replaced by ``<authentication response>``.
+Control characters in the data and context fields (C0 with CR and LF, DEL, C1) are written as
+``\\xNN``: a client's command can neither start a forged line nor carry terminal escapes.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ __all__ = [
     "NullSessionLog",
     "ProtocolLog",
     "SessionLog",
+    "escape_controls",
     "format_endpoint",
     "new_session_id",
 ]
@@ -113,11 +116,27 @@ def format_endpoint(endpoint: tuple[str, int] | tuple[str, int, int, int] | None
     return f"{host}:{endpoint[1]}"
 
 
+# C0 controls (CR and LF too), DEL and C1 controls: what a client could use to forge log lines or
+# drive the terminal of whoever reads the log (security-bar 152).
+_CONTROL_ESCAPES = {i: f"\\x{i:02x}" for i in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def escape_controls(text: str) -> str:
+    """`text` with its C0, DEL and C1 control characters written as ``\\xNN``.
+
+    One C-level ``isprintable()`` pass for the usual line (every character printable, as
+    ``isprintable`` has it); only a line holding something else is translated."""
+    if text.isprintable():
+        return text
+    return text.translate(_CONTROL_ESCAPES)
+
+
 def _format_line(record: tuple) -> str:
-    # (ts, head, seq, tail, event, data, context); head/tail are precomputed per session.
+    # (ts, head, seq, tail, event, data, context); head/tail are precomputed per session. Runs on
+    # the flush thread, off the event loop. The data and context can hold the client's bytes.
     return (
         f"{format_timestamp(record[0])}{record[1]}{record[2]}{record[3]}{record[4]},"
-        f"{csv_field(record[5])},{csv_field(record[6])}"
+        f"{csv_field(escape_controls(record[5]))},{csv_field(escape_controls(record[6]))}"
     )
 
 

@@ -829,13 +829,18 @@ def _span(seconds: float) -> str:
 
 def _valid_helo(domain: str) -> bool:
     if domain.startswith("[") and domain.endswith("]"):
-        return True
+        return _printable_ascii(domain)  # an address literal, not checked further (never trusted)
     try:
         parse_domain(domain, error=replies.INVALID_DOMAIN)
     except AddressError:
         # Devices send bare host names, underscores, and other near-domains; accept printable ASCII.
-        return all(33 <= ord(ch) < 127 for ch in domain) and len(domain) <= 255
+        return _printable_ascii(domain)
     return True
+
+
+def _printable_ascii(text: str) -> bool:
+    """At most 255 characters, each printable ASCII other than space (33-126)."""
+    return len(text) <= 255 and text.isascii() and text.isprintable() and " " not in text
 
 
 _HANDLERS = {
