@@ -118,6 +118,20 @@ def test_max_header_size_closes_the_session(relay):
     assert len(r.messages()) == 1
 
 
+def test_a_message_without_a_blank_line_is_not_measured_as_all_header(relay):
+    """A script's 318 KB report with no header field and no blank line: its header block is empty
+    (Postfix's cleanup ends it at the first non-header line), not 318 KB over max_header_size."""
+    r = relay([relay_connector()])  # max_header_size 256 KB (the default)
+    with r.raw() as c:
+        c.greet()
+        open_transaction(c)
+        report = b"".join(b"report line %06d, no header fields in it\r\n" % i for i in range(7500))
+        assert len(report) > 300_000
+        c.send(report + b".\r\n")
+        assert c.expect(250).text.startswith("250 2.6.0")
+    assert len(r.messages()) == 1
+
+
 def test_max_hop_count(relay):
     r = relay([relay_connector(max_hop_count=5)])
 

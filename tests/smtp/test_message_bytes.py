@@ -8,7 +8,7 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relaygate.smtp.message import DataReader, has_bare_cr_or_lf
+from relaygate.smtp.message import DataReader, has_bare_cr_or_lf, scan_headers
 
 _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
@@ -86,3 +86,59 @@ def test_data_reader_told_to_stop_keeping_drops_everything_and_still_finds_the_e
     assert reader._size == 0  # nothing more is kept
     assert reader.feed(stream[1500:])
     assert reader.result() == (b"", True, b"QUIT\r\n")
+
+
+def _header_size(content: bytes) -> int:
+    """The plain definition: lines up to the first one that is neither a field nor a continuation."""
+    size = 0
+    for i, line in enumerate(content.splitlines(keepends=True)):
+        if not line.endswith(b"\n"):
+            break
+        name, colon, _ = line.partition(b":")
+        field = colon and name.rstrip(b" \t") and all(33 <= o <= 126 for o in name.rstrip(b" \t"))
+        if not (field or (i and size and line[:1] in (b" ", b"\t"))):
+            break
+        size += len(line)
+    return size
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                b"Subject: x\r\n",
+                b"Received: from a\r\n",
+                b"\tcontinued\r\n",
+                b" more\n",
+                b"\r\n",
+                b"body line\r\n",
+                b"X-\xc3\xa9: y\r\n",
+                b"Bad Name: z\r\n",
+                b"Name : spaced\r\n",
+                b":\r\n",
+                b"no colon",
+                b"Message-ID: <a@b>\r\n",
+            ]
+        ),
+        max_size=12,
+    )
+)
+def test_scan_headers_ends_the_header_where_the_plain_definition_does(lines: list[bytes]) -> None:
+    content = b"".join(lines)
+    assert scan_headers(content).header_size == _header_size(content)
+
+
+def test_a_message_without_a_blank_line_is_not_all_header() -> None:
+    """Postfix's cleanup: the header ends at the first line that is not a header field."""
+    report = b"".join(b"report line %06d, no header fields here\r\n" % i for i in range(6000))
+    assert scan_headers(report).header_size == 0
+    content = b"Subject: r\r\nReceived: from a\r\n\tby b\r\n" + report
+    scan = scan_headers(content)
+    assert scan.header_size == len(b"Subject: r\r\nReceived: from a\r\n\tby b\r\n")
+    assert scan.hops == 1
+    # Neither a Received nor a Message-ID field after the header block counts.
+    later = b"Subject: r\r\nbody\r\nReceived: x\r\nMessage-ID: <m@x>\r\n"
+    assert (scan_headers(later).hops, scan_headers(later).message_id) == (0, "")
+    ok = b"Message-ID: <m@x>\r\nReceived: x\r\n\r\nReceived: y\r\n"
+    assert (scan_headers(ok).hops, scan_headers(ok).message_id) == (1, "<m@x>")

@@ -14,6 +14,11 @@ from email.utils import format_datetime
 
 __all__ = ["DataReader", "HeaderScan", "has_bare_cr_or_lf", "received_header", "scan_headers"]
 
+# The header block: field lines ("name:", the name printable ASCII without ":", blanks allowed before
+# the colon) and their continuation lines, up to the first line that is neither, as Postfix's cleanup
+# decides (is_header): the blank line, or the first body line of a message without one. One anchored
+# match; the alternatives start with different octets, so it never backtracks past a line.
+_HEADER_BLOCK = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\n]*\n(?:[ \t][^\n]*\n)*)*")
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _MESSAGE_ID = re.compile(
     rb"^message-id[ \t]*:[ \t]*(<[^>\r\n]{1,900}>)", re.IGNORECASE | re.MULTILINE
@@ -22,7 +27,8 @@ _MESSAGE_ID = re.compile(
 
 @dataclass(frozen=True, slots=True)
 class HeaderScan:
-    """Facts about a message's header block. `header_size` counts up to the blank line (or all)."""
+    """Facts about a message's header block. `header_size` counts its lines, with their line ends:
+    up to the blank line, or to the first line that is not a header field or a continuation."""
 
     header_size: int
     hops: int
@@ -30,10 +36,12 @@ class HeaderScan:
 
 
 def scan_headers(content: bytes) -> HeaderScan:
-    end = content.find(b"\r\n\r\n")
-    if content.startswith(b"\r\n"):
-        end = 0
-    header = content if end < 0 else content[: end + 2]
+    """The header block's size, its Received fields (hops) and its Message-ID.
+
+    A message without a blank line is not all header: a script's report with no header field at
+    all has an empty header block (it was measured whole against max_header_size)."""
+    match = _HEADER_BLOCK.match(content)
+    header = content[: match.end()] if match else b""
     hops = len(_RECEIVED.findall(header))
     m = _MESSAGE_ID.search(header)
     message_id = m.group(1).decode("ascii", "replace") if m else ""
