@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from relaygate.config import parse_text
 from relaygate.policy.explain import explain
+from tests.smtp.conftest import relay, relay_connector  # noqa: F401
 
 CONFIG = """
 [[accepted_domains]]
@@ -69,3 +72,24 @@ def test_no_route_is_unreachable_with_exchanges_reason() -> None:
     assert rcpt["route"]["connector"] is None
     assert rcpt["route"]["delivery_type"] == "Unreachable"
     assert rcpt["route"]["reply"] == "550 5.4.4 ROUTING.NoNextHop; unable to route"
+
+
+@pytest.mark.parametrize("literal", ["127.0.0.1", "127.0.0.2"])
+def test_explain_and_the_server_agree_on_the_relays_own_literal(relay, literal):  # noqa: F811
+    """On a connector bound to 0.0.0.0, RCPT TO:<x@[ip]> for an address of the relay gets the same
+    reply from `explain` (no local address known) as from the live server: both ask
+    relay_local_ips (loopbacks, specific bindings, the host's addresses, the connection's address)."""
+    h = relay([relay_connector(["127.0.0.0/8"], bindings=["0.0.0.0:{port}"])])
+    with h.raw("127.0.0.5", host=literal) as c:
+        c.greet()
+        c.cmd("MAIL FROM:<app@corp.example>", 250)
+        server = c.cmd(f"RCPT TO:<victim@[{literal}]>").text
+    local = literal if literal != "127.0.0.1" else "0.0.0.0"
+    result = explain(
+        h.config,
+        client_ip="127.0.0.5",
+        local=(local, h.port),
+        sender="app@corp.example",
+        recipients=[f"victim@[{literal}]"],
+    )
+    assert server == result.recipients[0]["reply"] == "550 5.1.1 User unknown"

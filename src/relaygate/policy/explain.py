@@ -12,7 +12,7 @@ from relaygate.config.values import Binding
 from relaygate.delivery.routing import explain_route
 from relaygate.policy.rights import EXTENDED_RIGHTS, session_rights
 from relaygate.policy.selection import Selection, select_connector
-from relaygate.policy.verdicts import check_mail, check_rcpt
+from relaygate.policy.verdicts import check_mail, check_rcpt, host_ips, relay_local_ips
 
 __all__ = ["Explanation", "endpoints_for", "explain"]
 
@@ -157,6 +157,7 @@ def explain(
         result.mail = {"address": None, "reply": verdict.reply.line(), "reason": verdict.reason}
         mail_ok = False
     accepted = 0
+    own_ips = relay_local_ips(config, host_ips(), local_ip)
     for rcpt in recipients:
         entry: dict[str, Any] = {"address": rcpt}
         if not mail_ok:
@@ -181,7 +182,7 @@ def explain(
             accepted_count=accepted,
             authenticated=authenticated,
             # the relay's own address literal ([RIP]) gets the same 550 5.1.1 the server gives
-            local_ips=() if Binding(local_ip, local_port).is_wildcard else (local_ip,),
+            local_ips=own_ips,
         )
         entry.update(reply=verdict.reply.line(), reason=verdict.reason)
         if verdict.tarpit and connector.tarpit_interval.total_seconds() > 0:

@@ -7,16 +7,24 @@ Pure functions. A `Verdict` carries the reply the client sees and a `reason` for
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+import socket
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from relaygate import replies
 from relaygate.addresses import Address
-from relaygate.config.model import AcceptedDomain, ReceiveConnector
+from relaygate.config.model import AcceptedDomain, Config, ReceiveConnector
 from relaygate.policy import rights as r
 from relaygate.replies import Reply
 
-__all__ = ["Verdict", "check_mail", "check_rcpt", "match_accepted_domain"]
+__all__ = [
+    "Verdict",
+    "check_mail",
+    "check_rcpt",
+    "host_ips",
+    "match_accepted_domain",
+    "relay_local_ips",
+]
 
 _RESERVED_TLDS = frozenset({"test", "example", "invalid", "localhost"})
 _RESERVED_SLDS = frozenset({"example.com", "example.net", "example.org"})
@@ -47,6 +55,29 @@ def match_accepted_domain(domain: str, accepted: Sequence[AcceptedDomain]) -> Ac
         ):
             best = entry
     return best
+
+
+def host_ips() -> list[str]:
+    """The addresses this host's name resolves to (the one lookup behind `relay_local_ips`)."""
+    try:
+        return [str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None)]
+    except OSError:
+        return []
+
+
+def relay_local_ips(
+    config: Config, host_addresses: Iterable[str] = (), local_ip: str | None = None
+) -> frozenset[str]:
+    """The relay's own addresses, whose literal (`x@[ip]`) check_rcpt answers 550 5.1.1: every
+    specific binding address, the host's addresses (`host_ips()`), the loopbacks, and the local
+    address the connection arrived on (`local_ip`; a wildcard stands for none). The server and
+    `relaygate explain` both call this with the same inputs, so they give the same reply."""
+    ips = {b.address for c in config.receive_connectors for b in c.bindings if not b.is_wildcard}
+    ips.update(host_addresses)
+    ips.update(("127.0.0.1", "::1"))
+    if local_ip is not None and local_ip not in ("0.0.0.0", "::"):
+        ips.add(local_ip)
+    return frozenset(ips)
 
 
 def check_mail(
@@ -117,7 +148,7 @@ def check_rcpt(
     accepted_domains: Sequence[AcceptedDomain],
     accepted_count: int,
     authenticated: bool,
-    local_ips: Sequence[str] = (),
+    local_ips: Collection[str] = (),
 ) -> Verdict:
     """RCPT TO: recipient limit, then reserved/literal rules, then accepted domains or the relay right."""
     tarpit = not authenticated and not rights.externally_secured

@@ -26,6 +26,7 @@ from relaygate.config.values import Binding, normalise_ip
 from relaygate.logs.protocol import PROTOCOL_LOG_RECEIVE_DIR, NullSessionLog, ProtocolLog
 from relaygate.policy.rights import SessionRights, session_rights
 from relaygate.policy.selection import Selection, select_connector
+from relaygate.policy.verdicts import host_ips
 from relaygate.queue.model import Envelope, StoredMessage
 from relaygate.queue.pressure import DiskPressure
 from relaygate.queue.store import Store
@@ -139,7 +140,7 @@ class ServerContext:
         self.pressure: DiskPressure | None = None
         self.data_memory = DataMemory(0)  # its limit is set by apply()
         self.logger = logger
-        self.local_ips: list[str] = []
+        self.host_ips: list[str] = []
         self._tls: dict[str, ssl.SSLContext | None] = {}
         self.config = config
         self.users = UserStore(users_path(config.server.data_dir, config.server.users_file))
@@ -160,14 +161,7 @@ class ServerContext:
         self._banner_second = -1
         self._banner_stamp = ""
         self.users = UserStore(users_path(config.server.data_dir, config.server.users_file))
-        ips = {
-            b.address for c in config.receive_connectors for b in c.bindings if not b.is_wildcard
-        }
-        try:
-            ips.update(str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None))
-        except OSError:
-            pass
-        self.local_ips = sorted(ips | {"127.0.0.1", "::1"})
+        self.host_ips = host_ips()  # for relay_local_ips: the relay's own address literals
 
     def select(self, local_ip: str, local_port: int, client_ip: str) -> Selection:
         """`select_connector` for the current config, remembered per (local, client) triple."""

@@ -26,7 +26,7 @@ from relaygate.addresses import Address, AddressError, parse_domain, parse_mail_
 from relaygate.config.model import ReceiveConnector
 from relaygate.logs.protocol import receiving_message_info
 from relaygate.policy.rights import SessionRights, session_rights
-from relaygate.policy.verdicts import Verdict, check_mail, check_rcpt
+from relaygate.policy.verdicts import Verdict, check_mail, check_rcpt, relay_local_ips
 from relaygate.queue.model import LINE_BREAKS, LINE_BREAKS_CRLF, SMTPUTF8, Envelope, StoredMessage
 from relaygate.queue.store import StoreFullError
 from relaygate.replies import Reply
@@ -461,7 +461,11 @@ class Session:
             accepted_domains=self.ctx.config.accepted_domains,
             accepted_count=len(self.txn.recipients),
             authenticated=self.authenticated,
-            local_ips=self.ctx.local_ips,
+            local_ips=(
+                relay_local_ips(self.ctx.config, self.ctx.host_ips, self.local[0])
+                if rcpt.is_literal
+                else ()
+            ),
         )
         if not verdict.accepted:
             self.log.info(f"RCPT {rcpt} refused: {verdict.reason}")
