@@ -658,3 +658,42 @@ def test_every_model_field_has_a_flag() -> None:
         assert "--" + f.name.replace("_", "-") in s.out, f.name
     assert "--add-remote-ip-ranges" in r.out and "--remove-bindings" in r.out
     assert "--add-smart-hosts" in s.out and "--remove-address-spaces" in s.out
+
+
+def test_remove_first_connector_takes_its_own_heading_and_keeps_the_next(tmp_path: Path) -> None:
+    cfg = write(
+        tmp_path / "relaygate.toml",
+        """
+        # office relay
+        [server]
+        name = "RELAY01"
+
+        # Printers (CHG-1001)
+        [[receive_connectors]]
+        name = "Printers"
+        bindings = ["0.0.0.0:25"]
+        remote_ip_ranges = ["10.0.0.5"]
+
+        # ERP (CHG-1002)
+        [[receive_connectors]]
+        name = "ERP"
+        bindings = ["0.0.0.0:25"]
+        remote_ip_ranges = ["10.0.0.6"]
+        """,
+    )
+    r = run("connector", "remove", "Printers", "-c", str(cfg))
+    assert r.code == 0, r.err
+    text = cfg.read_text()
+    assert "CHG-1001" not in text
+    assert text == (
+        "# office relay\n"
+        "[server]\n"
+        'name = "RELAY01"\n'
+        "\n"
+        "# ERP (CHG-1002)\n"
+        "[[receive_connectors]]\n"
+        'name = "ERP"\n'
+        'bindings = ["0.0.0.0:25"]\n'
+        'remote_ip_ranges = ["10.0.0.6"]\n'
+    )
+    assert_valid(cfg)

@@ -317,3 +317,46 @@ def test_send_connector_missing_auth_refused(cfg: Path) -> None:
     keys = {e["path"] for e in r.json()["errors"]}
     assert "send_connectors[1].oauth_tenant_id" in keys
     assert cfg.read_bytes() == before
+
+
+def test_permission_remove_only_entry_takes_its_comment_and_keeps_the_next_heading(
+    tmp_path: Path,
+) -> None:
+    cfg = write(
+        tmp_path / "relaygate.toml",
+        """
+        [server]
+        name = "RELAY01"
+
+        [[receive_connectors]]
+        name = "Printers"
+        bindings = ["0.0.0.0:25"]
+        remote_ip_ranges = ["10.0.0.5"]
+        permission_groups = ["AnonymousUsers"]
+
+        # relay right (CHG-1001)
+        [[receive_connectors.permissions]]
+        user = "NT AUTHORITY\\\\ANONYMOUS LOGON"
+        extended_rights = ["ms-Exch-SMTP-Accept-Any-Recipient"]
+
+        # outbound
+        [[send_connectors]]
+        name = "Internet"
+        address_spaces = ["*"]
+        """,
+    )
+    r = run(
+        "permission", "remove", "Printers", "-c", str(cfg), "--user", "NT AUTHORITY\\ANONYMOUS LOGON"
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    text = cfg.read_text()
+    assert "CHG-1001" not in text
+    assert text.endswith(
+        'permission_groups = ["AnonymousUsers"]\n'
+        "\n"
+        "# outbound\n"
+        "[[send_connectors]]\n"
+        'name = "Internet"\n'
+        'address_spaces = ["*"]\n'
+    )
+    assert run("check", "-c", str(cfg)).code == 0

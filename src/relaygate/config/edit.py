@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import tomlkit
+from tomlkit.container import Container
 from tomlkit.items import AoT, Array, Comment, Null, Table, Whitespace
 from tomlkit.toml_document import TOMLDocument
 
@@ -248,6 +249,8 @@ def append_table(doc: TOMLDocument | Table, array: str, table: Table) -> int:
 
 
 def remove_table(doc: TOMLDocument | Table, array: str, index: int) -> None:
+    """Remove the `index`-th `[[array]]` table with its own leading comments; the comments after it
+    (which head the next section of the file) take their place."""
     value = doc[array]
     assert isinstance(value, AoT)
     trailing = _take_trailing_trivia(value.body[index])
@@ -256,9 +259,54 @@ def remove_table(doc: TOMLDocument | Table, array: str, index: int) -> None:
         _take_trailing_trivia(previous)  # the removed table's leading comments go with it
         for item in trailing:
             previous.add(item)
+    else:
+        _replace_leading_comments(doc, value, trailing)
     del value[index]
     if not value.body:
         del doc[array]
+
+
+def _replace_leading_comments(doc: TOMLDocument | Table, aot: AoT, items: list[Any]) -> None:
+    """Replace the comment lines just above the first header of `aot` (and the blank lines above
+    them) by `items`. That text sits in `doc` just before the array, or, when a table precedes the
+    array, at the end of that table's text."""
+    container = doc if isinstance(doc, Container) else doc.value
+    body = container.body
+    end = next(i for i, (_, item) in enumerate(body) if item is aot)
+    before = next((item for _, item in reversed(body[:end]) if not isinstance(item, Null)), None)
+    if isinstance(before, Table | AoT) and not (isinstance(before, AoT) and not before.body):
+        last = before.body[-1] if isinstance(before, AoT) else before
+        container = _deepest_last(last).value
+        body = container.body
+        end = len(body)
+    start = end
+    while (
+        start > 0 and body[start - 1][0] is None and isinstance(body[start - 1][1], Comment | Null)
+    ):
+        start -= 1
+    while (
+        start > 0
+        and body[start - 1][0] is None
+        and isinstance(body[start - 1][1], Whitespace | Null)
+    ):
+        start -= 1
+    _splice_unkeyed(container, start, end, items)
+
+
+def _splice_unkeyed(container: Container, start: int, stop: int, items: list[Any]) -> None:
+    """Replace the unkeyed items body[start:stop] by `items`, keeping tomlkit's key index in step
+    (tomlkit private API: `_map` holds each key's position in the body list)."""
+    body = container.body
+    assert all(key is None for key, _ in body[start:stop])
+    body[start:stop] = [(None, item) for item in items]
+    delta = len(items) - (stop - start)
+    if delta:
+        positions = container._map
+        for key, where in positions.items():
+            if isinstance(where, tuple):
+                positions[key] = tuple(i + delta if i >= stop else i for i in where)
+            elif where >= stop:
+                positions[key] = where + delta
 
 
 def _deepest_last(table: Table) -> Table:
