@@ -225,3 +225,35 @@ def test_unreadable_input_is_an_error(tmp_path: Path) -> None:
     proc = run(tmp_path / "missing.json", cwd=tmp_path)
     assert proc.returncode == 1
     assert "missing.json: cannot read" in proc.stderr
+
+
+def test_write_appends_after_the_last_connector_below_no_other_heading(tmp_path: Path) -> None:
+    config = tmp_path / "relaygate.toml"
+    original = CONFIG.replace(
+        "[[send_connectors]]", "# Outbound through the smarthost (CHG-2002)\n[[send_connectors]]"
+    )
+    config.write_text(original)
+    proc = run(FL, "--write", "--config", config, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    written = config.read_text()
+    # the send connector's heading still heads it: the imported connectors went above it
+    assert "# Outbound through the smarthost (CHG-2002)\n[[send_connectors]]" in written
+    assert written.index('name = "App Relay"') < written.index("# Outbound through the smarthost")
+    assert written.index('name = "Loopback"') < written.index('name = "Relay Printers"')
+
+
+@pytest.mark.parametrize("kind", ["not utf-8", "directory"])
+def test_write_or_logs_with_an_unreadable_config_is_a_clear_error(
+    tmp_path: Path, kind: str
+) -> None:
+    config = tmp_path / "relaygate.toml"
+    if kind == "directory":
+        config.mkdir()
+    else:
+        config.write_bytes(b"\xff\xfe[server]\nname = 'R'\n")
+    for args in (["--write"], ["--logs", LOGS]):
+        proc = run(FL, *args, "--config", config, cwd=tmp_path)
+        assert proc.returncode == 1, proc.stdout
+        assert "Traceback" not in proc.stderr
+        assert f"{config}:" in proc.stderr
+        assert ("not UTF-8" if kind == "not utf-8" else "Is a directory") in proc.stderr

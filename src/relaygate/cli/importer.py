@@ -12,7 +12,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from tomlkit.items import Table as TomlTable
+from tomlkit.toml_document import TOMLDocument
 
+from relaygate.config import ConfigError
+from relaygate.config import edit as ed
 from relaygate.importer.exchange import (
     ExchangeImportError,
     ImportResult,
@@ -87,8 +90,18 @@ def _classify(paths: list[Path]) -> tuple[list[tuple[Path, str]], list[Path]]:
 def _accepted_domains(config_path: Path, extra: list[str]) -> list[str]:
     domains = list(extra)
     try:
-        doc = tomllib.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError):
+        raw = config_path.read_bytes()
+    except FileNotFoundError:
+        return domains
+    except OSError as exc:
+        raise _fail(f"{config_path}: cannot read the config ({exc.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _fail(f"{config_path}: the config is not UTF-8 ({exc})") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
         return domains
     for entry in doc.get("accepted_domains", []):
         if (
@@ -100,7 +113,7 @@ def _accepted_domains(config_path: Path, extra: list[str]) -> list[str]:
     return domains
 
 
-def _connector_table(connector: dict[str, Any], sources: list[str]) -> Any:
+def _connector_table(connector: dict[str, Any], sources: list[str]) -> TomlTable:
     table = tomlkit.table()
     origin = ", ".join(sources) if sources else connector["name"]
     table.add(tomlkit.comment(f"imported from Exchange {origin}"))
@@ -108,7 +121,6 @@ def _connector_table(connector: dict[str, Any], sources: list[str]) -> Any:
         if key == "permissions":
             continue
         table[key] = value
-    last = table
     permissions = connector.get("permissions", [])
     if permissions:
         aot = tomlkit.aot()
@@ -117,9 +129,7 @@ def _connector_table(connector: dict[str, Any], sources: list[str]) -> Any:
             for key, value in entry.items():
                 sub[key] = value
             aot.append(sub)
-            last = sub
         table.append("permissions", aot)
-    last.add(tomlkit.nl())
     return table
 
 
@@ -127,7 +137,10 @@ def _toml_for(result: ImportResult) -> str:
     doc = tomlkit.document()
     aot = tomlkit.aot()
     for connector in result.connectors:
-        aot.append(_connector_table(connector, result.sources.get(connector["name"], [])))
+        table = _connector_table(connector, result.sources.get(connector["name"], []))
+        if aot.body:
+            table.trivia.indent = "\n"
+        aot.append(table)
     if result.connectors:
         doc["receive_connectors"] = aot
     return re.sub(r"\n{3,}", "\n\n", tomlkit.dumps(doc))
@@ -215,70 +228,35 @@ def _print_lists(console: Console, result: ImportResult) -> None:
             console.print(f"  {escape(item)}")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    directory = path.parent if str(path.parent) else Path(".")
-    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o644
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, mode)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _write(config_path: Path, result: ImportResult) -> list[str]:
-    """Merge into the config file; → the problems that refused the write (empty when written)."""
+    """Merge into the config file through `relaygate.config.edit` (comments kept, validated as `check`
+    validates, atomic write); → the problems that refused the write (empty when written)."""
     if result.errors:
         return [*result.errors, "nothing written"]
     if not result.connectors:
         return ["no receive connector to write"]
-    original = config_path.read_text(encoding="utf-8") if config_path.exists() else ""
+
+    def mutate(doc: TOMLDocument) -> None:
+        names = {str(t.get("name", "")).lower() for t in ed.tables(doc, "receive_connectors")}
+        clashes = [c["name"] for c in result.connectors if c["name"].lower() in names]
+        if clashes:
+            raise ed.EditError(
+                "\n".join(
+                    f"{config_path}: a receive connector named {name!r} already exists; remove or rename it first"
+                    for name in clashes
+                )
+            )
+        for connector in result.connectors:
+            table = _connector_table(connector, result.sources.get(connector["name"], []))
+            table.trivia.indent = "\n"
+            ed.append_table(doc, "receive_connectors", table)
+
     try:
-        doc = tomlkit.parse(original)
-    except Exception as exc:  # tomlkit raises several exception types for bad TOML
-        return [f"{config_path}: not valid TOML: {exc}"]
-    existing = doc.get("receive_connectors")
-    names = {str(t.get("name", "")).lower() for t in existing} if existing is not None else set()
-    clashes = [c["name"] for c in result.connectors if c["name"].lower() in names]
-    if clashes:
-        return [
-            f"{config_path}: a receive connector named {name!r} already exists; remove or rename it first"
-            for name in clashes
-        ]
-    if existing is None:
-        existing = tomlkit.aot()
-        doc["receive_connectors"] = existing
-    for connector in result.connectors:
-        existing.append(_connector_table(connector, result.sources.get(connector["name"], [])))
-    new_text = tomlkit.dumps(doc)
-    try:
-        from relaygate.config import ConfigError, parse_config
-    except ImportError as exc:
-        return [
-            f"cannot validate the result (configuration module unavailable: {exc}); nothing written"
-        ]
-    try:
-        parse_config(tomllib.loads(new_text), str(config_path))
+        ed.apply_edit(config_path, mutate, create=True)
+    except ed.EditError as exc:
+        return str(exc).splitlines()
     except ConfigError as exc:
         return [str(problem) for problem in exc.problems]
-    except ImportError as exc:
-        return [f"cannot validate the result ({exc}); nothing written"]
-    except tomllib.TOMLDecodeError as exc:
-        return [f"the merged file would not be valid TOML ({exc}); nothing written"]
-    _atomic_write(config_path, new_text)
     return []
 
 
