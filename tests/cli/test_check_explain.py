@@ -360,3 +360,19 @@ def test_explain_refuses_bad_input(cli: CliRunner, paths: dict[str, Path]) -> No
         "a@b.example",
     )
     assert invalid.exit_code == 1 and "5 error(s)." in invalid.stderr
+
+
+def test_explain_prints_a_connector_name_that_looks_like_markup(
+    cli: CliRunner, tmp_path: Path
+) -> None:
+    text = (EXAMPLES / "seed-after-method-a.toml").read_text(encoding="utf-8")
+    path = tmp_path / "brackets.toml"
+    path.write_text(
+        text.replace('name = "SMTP Relay EXCH01"', 'name = "Relay [floor 2]"'), encoding="utf-8"
+    )
+    assert "Relay [floor 2]" in path.read_text(encoding="utf-8")
+    result = _invoke(
+        cli, "explain", "-c", str(path), "--client-ip", "10.0.0.5", "--local", "0.0.0.0:25", "--to", "a@gmail.com"
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "Connector: Relay [floor 2]" in result.stdout

@@ -697,3 +697,24 @@ def test_remove_first_connector_takes_its_own_heading_and_keeps_the_next(tmp_pat
         'remote_ip_ranges = ["10.0.0.6"]\n'
     )
     assert_valid(cfg)
+
+
+def test_names_that_look_like_markup_are_printed_verbatim(tmp_path: Path) -> None:
+    cfg = write(
+        tmp_path / "relaygate.toml",
+        """
+        [server]
+        name = "RELAY01"
+
+        [[receive_connectors]]
+        name = "Relay [floor 2]"
+        bindings = ["0.0.0.0:25"]
+        remote_ip_ranges = ["10.0.0.5"]
+        """,
+    )
+    r = run("connector", "show", "Relay [floor 2]", "-c", str(cfg))
+    assert r.code == 0, r.err
+    assert "RELAY01\\Relay [floor 2]" in r.out
+    r = run("connector", "show", "[/x]", "-c", str(cfg))
+    assert r.code == 1
+    assert "Traceback" not in r.err and "no receive connector named '[/x]'" in r.err

@@ -313,3 +313,35 @@ async def test_a_message_being_delivered_is_not_removed_but_can_be_suspended(
         await relay.stop()
         await a.close()
         await b.close()
+
+
+async def test_queue_list_and_show_print_device_and_server_text_verbatim(tmp_path: Path) -> None:
+    # A Subject from a device and a reply from a remote server that look like rich markup.
+    internet = ScriptedHandler(lambda _a, _n: "451 4.2.0 [/busy] [daily] try later")
+    sink = await start_sink(internet)
+    config = tmp_path / "relaygate.toml"
+    relay = await start_relay(
+        tmp_path / "data",
+        {"*": sink.port},
+        queue={"transient_failure_retry_interval": "00:01:00"},
+        config_file=config,
+    )
+    try:
+        message = MESSAGE.replace(b"Subject: Queue ops", b"Subject: [/urgent] [daily] invoice")
+        await send(relay, SENDER, ["bob@example.com"], message)
+        await wait_for(lambda: internet.rcpts)
+        await asyncio.sleep(0.3)  # the attempt is recorded
+        rc, out, err = await cli("list", "--json", config=config)
+        assert rc == 0, err
+        identity = json.loads(out)[0]["Identity"]
+        (rc_list, listed, err_list), (rc_show, shown, err_show) = await asyncio.gather(
+            cli("list", config=config), cli("show", identity, config=config)
+        )
+        assert rc_list == 0, err_list
+        assert "[/busy] [daily] try later" in listed
+        assert rc_show == 0, err_show
+        assert "[/urgent] [daily] invoice" in shown
+        assert "[/busy] [daily] try later" in shown
+    finally:
+        await relay.stop()
+        await sink.close()

@@ -221,3 +221,13 @@ def test_swaks_auth_plain_and_login(relay):
     )  # fmt: skip
     assert bad.returncode != 0 and "535 5.7.3 Authentication unsuccessful" in bad.stdout
     assert len(r.messages()) == 2
+
+
+def test_user_cli_names_that_look_like_markup_are_printed_verbatim(relay):
+    r = relay([auth_connector()], start=False)
+    added = cli(r, "user", "add", "a[/x]", "--password-stdin", stdin=PASSWORD + "\n")
+    assert added.exit_code == 0, added.output
+    assert "Added user a[/x] in " in added.stdout
+    assert cli(r, "user", "list").stdout.splitlines() == ["a[/x]"]
+    removed = cli(r, "user", "remove", "a[/x]")
+    assert removed.exit_code == 0 and "Removed user a[/x] from " in removed.stdout

@@ -15,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -189,7 +190,7 @@ def print_object(kind: Kind, obj: Any, config: m.Config) -> None:
         if kind is RECEIVE
         else f"{kind.label.capitalize()} {getattr(obj, kind.key)}"
     )
-    table = Table(title=title, title_justify="left", header_style="bold", show_header=True)
+    table = Table(title=escape(title), title_justify="left", header_style="bold", show_header=True)
     table.add_column("Key", no_wrap=True)
     table.add_column("Value", overflow="fold")
     for f in dataclasses.fields(kind.cls):

@@ -71,14 +71,16 @@ def _print_report(report: Any) -> None:
     from rich.table import Table
 
     console = Console(highlight=False, soft_wrap=False)
-    table = Table(title=f"DNS doctor: {report.domain}", show_lines=True, expand=True)
+    table = Table(title=_escape(f"DNS doctor: {report.domain}"), show_lines=True, expand=True)
     table.add_column("Check", no_wrap=True)
     table.add_column("Severity", no_wrap=True)
     table.add_column("Finding", ratio=3)
     table.add_column("Fix", ratio=2)
     for f in report.findings:
         finding = _escape(f.summary) + (f"\n[dim]{_escape(f.detail)}[/dim]" if f.detail else "")
-        table.add_row(f.check, f"[{_STYLE[f.severity]}]{f.severity}[/]", finding, _escape(f.fix))
+        table.add_row(
+            _escape(f.check), f"[{_STYLE[f.severity]}]{f.severity}[/]", finding, _escape(f.fix)
+        )
     console.print(table)
     fixes = [f for f in report.findings if f.fix and f.severity in ("error", "warning")]
     if fixes:  # unwrapped, so records can be copied into a zone or a DNS console

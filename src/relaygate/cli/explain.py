@@ -6,6 +6,7 @@ import ipaddress
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from relaygate.cli.common import CONFIG_OPTION, JSON_OPTION, console, die, emit_json, load_or_exit
 from relaygate.config.values import parse_binding
@@ -62,7 +63,8 @@ def register(app: typer.Typer) -> None:
             return
         for r in results:
             d = r.to_dict()
-            console.print(f"[bold]Client {client_ip} → {d['local']}[/]")
+            heading = f"Client {client_ip} → {d['local']}"
+            console.print(f"[bold]{escape(heading)}[/]")
             if d["connector"] is None:
                 console.print(
                     "  Connector: [red]none[/] — the connection is closed without a banner."
@@ -71,7 +73,7 @@ def register(app: typer.Typer) -> None:
                     console.print(f"    {c['connector']}: {c['why']}", markup=False)
                 console.print()
                 continue
-            console.print(f"  Connector: [bold]{d['connector']}[/]")
+            console.print(f"  Connector: [bold]{escape(d['connector'])}[/]")
             console.print(f"    why: {d['reason']}", markup=False)
             for c in d["beaten"]:
                 console.print(f"    beat {c['connector']}: {c['why']}", markup=False)

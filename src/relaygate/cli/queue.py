@@ -123,6 +123,13 @@ def _local(value: str | None) -> str:
     return dt.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _text(value: Any) -> Any:
+    """A table cell shown as is: queue fields hold text from devices and remote servers, never markup."""
+    from rich.text import Text
+
+    return Text("" if value is None else str(value))
+
+
 def _status(value: str) -> Any:
     from rich.text import Text
 
@@ -142,14 +149,14 @@ def _print_list(messages: list[dict[str, Any]]) -> None:
     table.add_column("NextRetryTime", no_wrap=True)
     for m in messages:
         table.add_row(
-            m["Identity"],
-            m["FromAddress"],
+            _text(m["Identity"]),
+            _text(m["FromAddress"]),
             _status(m["Status"]),
-            str(m["Size"]),
-            m["NextHopDomain"],
-            str(m["RecipientCount"]),
-            m["LastError"],
-            _local(m.get("NextRetryTime")),
+            _text(m["Size"]),
+            _text(m["NextHopDomain"]),
+            _text(m["RecipientCount"]),
+            _text(m["LastError"]),
+            _text(_local(m.get("NextRetryTime"))),
         )
     console.print(table)
     console.print(f"{len(messages)} message(s).", markup=False)
@@ -183,7 +190,7 @@ def _print_message(m: dict[str, Any]) -> None:
     if m.get("IsDsn"):
         rows.append(("OriginalQueueId", m.get("OriginalQueueId", "")))
     for name, value in rows:
-        info.add_row(name, value)
+        info.add_row(name, value if not isinstance(value, str) else _text(value))
     console.print(info)
     table = Table(title="Recipients", header_style="bold", title_justify="left")
     for col in ("Address", "Status", "RetryCount", "LastAttemptTime", "NextRetryTime"):
@@ -192,13 +199,13 @@ def _print_message(m: dict[str, Any]) -> None:
     table.add_column("LastResponse", overflow="fold", max_width=60)
     for r in m.get("Recipients", []):
         table.add_row(
-            r["Address"],
+            _text(r["Address"]),
             _status(r["Status"]),
-            str(r["RetryCount"]),
-            _local(r.get("LastAttemptTime")),
-            _local(r.get("NextRetryTime")),
-            r.get("NextHopDomain", ""),
-            r.get("LastResponse", ""),
+            _text(r["RetryCount"]),
+            _text(_local(r.get("LastAttemptTime"))),
+            _text(_local(r.get("NextRetryTime"))),
+            _text(r.get("NextHopDomain", "")),
+            _text(r.get("LastResponse", "")),
         )
     console.print(table)
 

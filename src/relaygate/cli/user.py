@@ -59,7 +59,9 @@ def register(app: typer.Typer) -> None:
         store = _store(config)
         existed = name.lower() in store.names()
         store.set_password(name, _read_password(password_stdin))
-        console.print(f"{'Updated' if existed else 'Added'} user {name.lower()} in {store.path}")
+        console.print(
+            f"{'Updated' if existed else 'Added'} user {name.lower()} in {store.path}", markup=False
+        )
 
     @user_app.command("remove")
     def remove(name: str = typer.Argument(...), config: Path | None = CONFIG_OPTION) -> None:
@@ -67,7 +69,7 @@ def register(app: typer.Typer) -> None:
         store = _store(config)
         if not store.remove(name):
             die(f"no user {name!r} in {store.path}")
-        console.print(f"Removed user {name.lower()} from {store.path}")
+        console.print(f"Removed user {name.lower()} from {store.path}", markup=False)
 
     @user_app.command("list")
     def list_users(config: Path | None = CONFIG_OPTION, as_json: bool = JSON_OPTION) -> None:
@@ -78,7 +80,7 @@ def register(app: typer.Typer) -> None:
             emit_json({"users_file": str(store.path), "users": names})
             return
         if not names:
-            console.print(f"No users in {store.path}")
+            console.print(f"No users in {store.path}", markup=False)
             return
         for n in names:
-            console.print(n)
+            console.print(n, markup=False)
