@@ -360,3 +360,29 @@ def test_permission_remove_only_entry_takes_its_comment_and_keeps_the_next_headi
         'address_spaces = ["*"]\n'
     )
     assert run("check", "-c", str(cfg)).code == 0
+
+
+def test_permission_user_short_spelling_is_canonicalised_and_grants_the_right(cfg: Path) -> None:
+    def relays() -> bool:
+        r = run(
+            "explain", "-c", str(cfg), "--client-ip", "10.0.0.5", "--local", "0.0.0.0:25",
+            "--to", "someone@gmail.com", "--json",
+        )  # fmt: skip
+        assert r.code == 0, r.err
+        return r.json()["recipients"][0]["reply"] == "250 2.1.5 Recipient OK"
+
+    assert not relays()
+    r = run(
+        "permission", "add", "Printers", "-c", str(cfg), "--user", "ANONYMOUS LOGON",
+        "--extended-rights", "ms-Exch-SMTP-Accept-Any-Recipient",
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    assert "NT AUTHORITY\\ANONYMOUS LOGON" in r.out
+    perms = load(cfg)["receive_connectors"][0]["permissions"]
+    assert [p["user"] for p in perms] == ["NT AUTHORITY\\ANONYMOUS LOGON"]
+    assert relays()
+    r = run("permission", "remove", "Printers", "-c", str(cfg), "--user", "anonymous logon")
+    assert r.code == 0, r.err
+    assert "NT AUTHORITY\\ANONYMOUS LOGON" in r.out
+    assert "permissions" not in load(cfg)["receive_connectors"][0]
+    assert not relays()

@@ -22,6 +22,7 @@ from relaygate.cli.model_flags import split
 from relaygate.cli.receive_connectors import CONNECTOR_ARGUMENT
 from relaygate.config import edit as ed
 from relaygate.config import model as m
+from relaygate.importer.exchange import canonical_user
 from relaygate.policy.rights import (
     EXTENDED_RIGHTS,
     EXTERNALLY_SECURED,
@@ -92,8 +93,10 @@ def _rows_table(rows: list[dict[str, Any]]) -> Table:
 
 
 def _is_entry(p: TomlTable, user: str, deny: bool) -> bool:
-    """Whether the `permissions` table `p` is the allow (or deny) entry of `user`."""
-    return str(p.get("user", "")).lower() == user.lower() and bool(p.get("deny", False)) == deny
+    """Whether the `permissions` table `p` is the allow (or deny) entry of `user` (both spellings of
+    a well-known principal, e.g. ANONYMOUS LOGON and NT AUTHORITY\\ANONYMOUS LOGON, match)."""
+    same = canonical_user(str(p.get("user", ""))).lower() == canonical_user(user).lower()
+    return same and bool(p.get("deny", False)) == deny
 
 
 def _register_permission(group: typer.Typer) -> None:
@@ -128,6 +131,8 @@ def _register_permission(group: typer.Typer) -> None:
         json_out: bool = JSON_OPTION,
     ) -> None:
         """Grant extended rights on a connector (Add-ADPermission -User -ExtendedRights)."""
+        # the policy matches Exchange's spelling of well-known principals
+        user = canonical_user(user)
         rights = [_canonical_right(r) for r in split(extended_rights)]
         if not rights:
             die("--extended-rights is empty", 2)
@@ -161,6 +166,7 @@ def _register_permission(group: typer.Typer) -> None:
         json_out: bool = JSON_OPTION,
     ) -> None:
         """Take extended rights away again (Remove-ADPermission)."""
+        user = canonical_user(user)
         rights = {_canonical_right(r).lower() for r in split(extended_rights)}
 
         def change(doc: TOMLDocument, index: int, table: TomlTable) -> None:
