@@ -93,3 +93,20 @@ def test_explain_and_the_server_agree_on_the_relays_own_literal(relay, literal):
         recipients=[f"victim@[{literal}]"],
     )
     assert server == result.recipients[0]["reply"] == "550 5.1.1 User unknown"
+
+
+def test_an_ipv4_mapped_client_is_explained_as_the_ipv4_client_the_server_sees() -> None:
+    from relaygate.policy.explain import endpoints_for
+    from relaygate.policy.selection import select_connector
+
+    cfg = parse_text(CONFIG, "routes.toml")
+    client = "::ffff:10.0.0.5"
+    endpoints = endpoints_for(cfg, client)
+    assert endpoints == [("0.0.0.0", 25)]
+    expected = select_connector(
+        cfg.receive_connectors, local_ip="10.0.0.1", local_port=25, client_ip=client
+    )
+    assert expected.connector is not None and expected.connector.name == "Relay"
+    result = explain(cfg, client_ip=client, local=endpoints[0], sender=None, recipients=[])
+    assert result.selection.connector is not None
+    assert result.selection.connector.name == expected.connector.name

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
 from relaygate import replies
 from relaygate.addresses import AddressError, parse_mail_from, parse_rcpt_to
 from relaygate.config.model import Config
-from relaygate.config.values import Binding
+from relaygate.config.values import Binding, normalise_ip
 from relaygate.delivery.routing import explain_route
 from relaygate.policy.rights import EXTENDED_RIGHTS, session_rights
 from relaygate.policy.selection import Selection, select_connector
@@ -55,9 +56,15 @@ class Explanation:
 
 
 def endpoints_for(config: Config, client_ip: str) -> list[tuple[str, int]]:
-    """Without --local: every distinct binding, a wildcard standing for 'any local address'."""
+    """Without --local: every distinct binding, a wildcard standing for 'any local address'.
+
+    The client's family is the one the server sees: an IPv4-mapped address (::ffff:10.0.0.5) is the
+    IPv4 client it carries, as `select_connector` and the server's canonical_ip treat it."""
     seen: list[tuple[str, int]] = []
-    v6 = ":" in client_ip
+    try:
+        v6 = normalise_ip(ipaddress.ip_address(client_ip.partition("%")[0])).version == 6
+    except ValueError:
+        v6 = ":" in client_ip
     for connector in config.receive_connectors:
         for b in connector.bindings:
             if b.is_wildcard:
