@@ -718,3 +718,29 @@ def test_names_that_look_like_markup_are_printed_verbatim(tmp_path: Path) -> Non
     r = run("connector", "show", "[/x]", "-c", str(cfg))
     assert r.code == 1
     assert "Traceback" not in r.err and "no receive connector named '[/x]'" in r.err
+
+
+def test_a_name_with_a_trailing_dot_is_found(tmp_path: Path) -> None:
+    cfg = write(
+        tmp_path / "relaygate.toml",
+        """
+        [server]
+        name = "RELAY01"
+
+        [[receive_connectors]]
+        name = "Relay."
+        bindings = ["0.0.0.0:25"]
+        remote_ip_ranges = ["10.0.0.5"]
+        permission_groups = ["AnonymousUsers"]
+        """,
+    )
+    for query in ("Relay.", "relay"):
+        r = run("connector", "show", query, "-c", str(cfg), "--json")
+        assert r.code == 0, r.err
+        assert r.json()["name"] == "Relay."
+    r = run("permission", "list", "Relay.", "-c", str(cfg), "--json")
+    assert r.code == 0, r.err
+    assert {row["connector"] for row in r.json()} == {"Relay."}
+    r = run("connector", "set", "Relay.", "--banner", "220 hi", "-c", str(cfg))
+    assert r.code == 0, r.err
+    assert connector(cfg, "Relay.")["banner"] == "220 hi"

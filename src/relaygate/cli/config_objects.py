@@ -101,9 +101,10 @@ def norm_name(name: str) -> str:
 
 
 def find_obj(items: Iterable[Any] | None, key: str, name: str) -> Any:
-    """The object of `items` whose `key` is `name`, or None."""
+    """The object of `items` whose `key` is `name` (both sides compared as `norm_name`), or None."""
+    wanted = norm_name(name)
     for obj in items or ():
-        if str(getattr(obj, key)).lower() == norm_name(name):
+        if norm_name(str(getattr(obj, key))) == wanted:
             return obj
     return None
 
