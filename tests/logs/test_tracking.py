@@ -239,6 +239,19 @@ def test_trace_cli_bad_since(tmp_path: Path) -> None:
     assert "relative" in res.stderr
 
 
+def test_trace_cli_log_dir_that_is_a_file(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "relaygate.toml"
+    not_a_dir.write_text("[server]\n", encoding="utf-8")
+    res = run_trace("--log-dir", str(not_a_dir), cwd=tmp_path)
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr
+    assert f"--log-dir {not_a_dir}: not a directory" in res.stderr
+    res = run_trace("--log-dir", str(not_a_dir), "--json", cwd=tmp_path)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    data = json.loads(res.stdout)
+    assert data["ok"] is False and data["error"] == f"--log-dir {not_a_dir}: not a directory"
+
+
 def test_trace_cli_uses_config_data_dir(tmp_path: Path) -> None:
     pytest.importorskip("relaygate.config")
     cfg = tmp_path / "relaygate.toml"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -120,16 +121,27 @@ def register(app: typer.Typer) -> None:
         except typer.BadParameter as exc:
             die(str(exc.message), 2)
         directory = _tracking_dir(config, log_dir)
-        rows = search(
-            directory,
-            sender=sender,
-            recipient=recipient,
-            since=since_dt,
-            until=until_dt,
-            message_id=message_id,
-            event_id=event_id,
-            limit=limit,
-        )
+        where = f"--log-dir {directory}" if log_dir is not None else str(directory)
+        try:
+            if directory.exists() and not directory.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory")
+            rows = search(
+                directory,
+                sender=sender,
+                recipient=recipient,
+                since=since_dt,
+                until=until_dt,
+                message_id=message_id,
+                event_id=event_id,
+                limit=limit,
+            )
+        except OSError as exc:
+            reason = "not a directory" if isinstance(exc, NotADirectoryError) else exc.strerror
+            message = f"{where}: {reason or exc}"
+            if as_json:
+                emit_json({"ok": False, "directory": str(directory), "error": message})
+                raise typer.Exit(1) from None
+            die(message)
         if as_json:
             emit_json(rows)
         else:
