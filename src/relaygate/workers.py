@@ -285,7 +285,7 @@ class Supervisor:
         ran = now - w.started
         if ran >= STABLE_AFTER:
             w.failures = 0
-        delay = min(BACKOFF_MAX, BACKOFF_MIN * 2**w.failures)
+        delay = backoff_delay(w.failures)
         w.failures += 1
         self._close_link(w)
         logger.error(
@@ -338,6 +338,12 @@ class Supervisor:
                 w.proc.kill()
                 w.proc.wait()
             self._close_link(w)
+
+
+def backoff_delay(failures: int) -> float:
+    """The restart delay after `failures` failures in a row: BACKOFF_MIN doubled each time, at most
+    BACKOFF_MAX. The exponent is capped: a float power overflows after ~1,024 failures."""
+    return min(BACKOFF_MAX, BACKOFF_MIN * 2.0 ** min(failures, 32))
 
 
 def _describe_status(code: int) -> str:

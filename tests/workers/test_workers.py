@@ -622,3 +622,28 @@ def test_a_worker_killed_under_load_loses_nothing_that_got_a_250(
     # A delivery in flight when its worker died may be repeated (at least once); only those.
     twice = [mid for mid, n in handler.count().items() if n > 1]
     assert len(twice) <= 2, twice  # at most the dead worker's 2 delivery slots
+
+
+def test_backoff_is_capped_after_a_long_crash_loop() -> None:
+    """~1,100 failures in a row (hours of a crash loop): the supervisor still schedules a restart
+    BACKOFF_MAX later instead of dying of an OverflowError (which would take the healthy workers
+    down with it)."""
+    from relaygate.workers import BACKOFF_MAX, Supervisor, _Worker
+
+    class DeadProc:
+        pid = 4242
+        returncode = 1
+
+        def poll(self) -> int:
+            return 1
+
+    sup = Supervisor.__new__(Supervisor)
+    sup._sel = None  # type: ignore[assignment]
+    sup._close_link = lambda w: None  # type: ignore[method-assign]
+    w = _Worker(0)
+    w.failures = 1100
+    w.proc = DeadProc()  # type: ignore[assignment]
+    w.started = now = time.monotonic()
+    sup._check(w, now)
+    assert w.restart_at == pytest.approx(now + BACKOFF_MAX)
+    assert w.failures == 1101 and w.proc is None
