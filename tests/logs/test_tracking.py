@@ -274,3 +274,25 @@ def test_parse_when() -> None:
     assert parse_when("2025-01-30T08:00:00Z", now) == datetime(2025, 1, 30, 8, tzinfo=UTC)
     assert parse_when("2025-01-30T08:00:00+01:00", now) == datetime(2025, 1, 30, 7, tzinfo=UTC)
     assert parse_when("2025-01-30").tzinfo is not None
+
+
+def test_client_supplied_fields_have_their_control_characters_escaped(tmp_path: Path) -> None:
+    """Sender, Message-ID, subject and HELO come from the client: a CR/LF, ESC or NUL in them is
+    written as \\xNN (as in the protocol log), never raw into the file."""
+    with TrackingLog(tmp_path, server_name="RELAY01") as t:
+        t.write(
+            "RECEIVE",
+            "SMTP",
+            message_id="<a\x1b[31m@x>",
+            sender="evil\x00@corp.example",
+            client_hostname="helo\r\nRECEIVE,forged",
+            message_subject="Scan\x07 \u00e9t\u00e9",
+            recipients=["bob@example.com"],
+        )
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("MSGTRK*.LOG"))
+    assert not any(b in raw for b in (b"\x00", b"\x1b", b"\x07", b"helo\r\n")), raw
+    (row,) = search(tmp_path)
+    assert row["message-id"] == "<a\\x1b[31m@x>"
+    assert row["sender-address"] == "evil\\x00@corp.example"
+    assert row["client-hostname"] == "helo\\x0d\\x0aRECEIVE,forged"
+    assert row["message-subject"] == "Scan\\x07 \u00e9t\u00e9"

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from relaygate.logs.protocol import escape_controls
 from relaygate.logs.rotation import (
     HEADER_DATE_PLACEHOLDER,
     LogDirectory,
@@ -90,9 +91,11 @@ INT_FIELDS = ("total-bytes", "recipient-count")
 
 
 def _format_line(record: tuple) -> str:
-    # (ts, values of every field after date-time except log-id and schema-version)
-    q = csv_field
-    return f"{format_timestamp(record[0])},{','.join([q(v) for v in record[1]])},{uuid.uuid4()},{SCHEMA_VERSION}"
+    # (ts, values of every field after date-time except log-id and schema-version). Runs on the
+    # flush thread. Sender, Message-ID, subject and HELO come from the client: control characters
+    # are written as \xNN, as in the protocol log (one isprintable() per field when there is none).
+    q, esc = csv_field, escape_controls
+    return f"{format_timestamp(record[0])},{','.join([q(esc(v)) for v in record[1]])},{uuid.uuid4()},{SCHEMA_VERSION}"
 
 
 def _join(values: str | Iterable[str]) -> str:
