@@ -138,6 +138,9 @@ class Relay:
         except ConfigError as exc:
             logger.error("reload refused, configuration invalid:\n%s", exc)
             return
+        except Exception:  # a loader bug must not stop a running relay: keep the running config
+            logger.exception("reload refused, cannot load %s", self.config_path)
+            return
         assert self.ctx is not None and self.server is not None
         ctx = self.ctx
 

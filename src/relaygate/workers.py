@@ -303,6 +303,9 @@ class Supervisor:
             new = load_config(self.config_path)
         except ConfigError:
             new = None  # each worker logs the problems and keeps its configuration
+        except Exception:  # never let a reload take the supervisor (and every worker) down
+            logger.exception("reload refused: cannot load %s", self.config_path)
+            new = None
         if new is not None and new.server.workers != self.count:
             logger.warning(
                 "server.workers changed from %d to %d: takes effect when relaygate serve restarts",

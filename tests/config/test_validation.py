@@ -134,6 +134,24 @@ def test_unreadable_file(tmp_path: Path) -> None:
     assert "cannot read" in str(info.value)
 
 
+def test_a_directory_or_a_non_utf8_file_is_a_config_error_naming_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path}: (file): cannot read")
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('[server]\nname = "R\u00e9LAY"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(latin1)
+    assert str(info.value).startswith(f"{latin1}: (file): not UTF-8")
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    """Windows Notepad writes one at the start of a UTF-8 file."""
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + b'[server]\nname = "RELAY01"\nfqdn = "r.example"\n')
+    assert load_config(path).server.name == "RELAY01"
+
+
 def test_embedded_default_is_valid_and_loopback_only() -> None:
     from relaygate.config.defaults import embedded_default
 

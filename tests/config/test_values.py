@@ -63,6 +63,28 @@ def test_timespan_rejects(bad: object) -> None:
         parse_timespan(bad)
 
 
+@pytest.mark.parametrize(
+    "bad", ["100000000000.00:00:00", float("inf"), float("nan"), 1e300, 10**20]
+)
+def test_timespan_out_of_range_is_a_value_error(bad: object) -> None:
+    """Beyond what a timedelta holds: a ValueError the loader reports with the key, never an
+    OverflowError that crashes `check`, `serve` or a reload."""
+    with pytest.raises(ValueError):
+        parse_timespan(bad)
+
+
+def test_out_of_range_values_in_a_file_name_the_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        _connector(
+            'bindings = ["0.0.0.0:25"]\nconnection_timeout = "100000000000.00:00:00"\n'
+            "connection_inactivity_timeout = inf\n"
+            f'max_message_size = "{"9" * 400}MB"\n'
+        )
+    text = str(info.value)
+    for key in ("connection_timeout", "connection_inactivity_timeout", "max_message_size"):
+        assert f'receive_connectors[0] "C": {key}: ' in text, text
+
+
 def test_timespan_round_trip() -> None:
     for text in ("00:05:00", "2.00:00:00", "00:00:05", "30.00:00:00"):
         assert format_timespan(parse_timespan(text)) == text
@@ -92,7 +114,7 @@ def test_size_parses_binary_units(text: object, expected: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", ["abc", "-5", "MB", "25XB", "", "1,000", "25 M B", True, -1, 2.5, None]
+    "bad", ["abc", "-5", "MB", "25XB", "", "1,000", "25 M B", True, -1, 2.5, None, "9" * 400]
 )
 def test_size_rejects(bad: object) -> None:
     with pytest.raises(ValueError):

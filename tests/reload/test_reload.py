@@ -165,3 +165,22 @@ def test_a_reload_whose_listener_cannot_be_opened_keeps_the_old_config_and_liste
     h.reconfigure([default_frontend(banner="220 new")])
     with RawClient(h.port) as c:
         assert c.reply().text == "220 new"
+
+
+def test_a_reload_whose_loading_raises_anything_keeps_the_running_config(
+    relay,  # noqa: F811
+    caplog,
+    monkeypatch,
+):
+    """Not only ConfigError: whatever loading the file raises, the reload is refused and logged."""
+    h = relay([default_frontend(banner="220 old")])
+
+    def broken(path):  # type: ignore[no-untyped-def]
+        raise OverflowError("a loader bug")
+
+    monkeypatch.setattr("relaygate.app.load_config", broken)
+    with caplog.at_level(logging.ERROR, logger="relaygate"):
+        h.reconfigure([default_frontend(banner="220 new")])
+    assert any("reload refused" in r.getMessage() for r in caplog.records)
+    with RawClient(h.port) as c:
+        assert c.reply().text == "220 old"

@@ -647,3 +647,32 @@ def test_backoff_is_capped_after_a_long_crash_loop() -> None:
     sup._check(w, now)
     assert w.restart_at == pytest.approx(now + BACKOFF_MAX)
     assert w.failures == 1101 and w.proc is None
+
+
+def test_sighup_with_an_out_of_range_value_keeps_the_supervisor_and_workers(serve: Any) -> None:
+    """A time span too large for a timedelta used to escape the loader as an OverflowError: the
+    supervisor's SIGHUP handler died of it and took every worker down. Now the reload is refused
+    (by every worker, naming the key) and the node keeps serving its running configuration."""
+    s = serve(workers=2)
+    workers = s.children()
+    st = s.config.stat()
+    s.config.write_text(
+        s.config.read_text().replace(
+            'connection_inactivity_timeout = "00:00:30"',
+            'connection_inactivity_timeout = "00:00:30"\nconnection_timeout = "100000000000.00:00:00"',
+        )
+    )
+    os.utime(s.config, ns=(st.st_atime_ns, st.st_mtime_ns))  # only the SIGHUP reloads
+    assert s.proc is not None
+    s.proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: all(f"[w{i}]: reload refused" in s.log() for i in range(2)), 15), (
+        s.log()[-3000:]
+    )
+    assert "connection_timeout" in s.log()
+    time.sleep(0.5)
+    assert s.proc.poll() is None, s.log()[-3000:]
+    assert s.children() == workers
+    with held_clients(s.port, 4, banner="RelayGate one"):
+        pass
+    assert s.stop() == 0
+    assert "Traceback" not in s.log(), s.log()[-3000:]

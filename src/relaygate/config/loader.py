@@ -400,11 +400,16 @@ def load_config(path: Path | None = None) -> m.Config:
     if resolved is None:
         return embedded_default()
     try:
-        text = resolved.read_text(encoding="utf-8")
+        raw = resolved.read_bytes()
     except OSError as exc:
         raise ConfigError(
             [Problem(str(resolved), "(file)", f"cannot read: {exc.strerror}")]
         ) from None
+    try:
+        # utf-8-sig: a byte order mark (Windows Notepad writes one) is dropped.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([Problem(str(resolved), "(file)", f"not UTF-8: {exc}")]) from None
     return parse_text(text, str(resolved), base_dir=resolved.parent)
 
 

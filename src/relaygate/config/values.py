@@ -7,6 +7,7 @@ connector and key to it.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from dataclasses import dataclass
 from datetime import timedelta
@@ -38,7 +39,12 @@ def parse_timespan(value: object) -> timedelta:
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError(f"time span must not be negative, got {value!r}")
-        return timedelta(seconds=value)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"expected a time span like '00:05:00', got {value!r}")
+        try:
+            return timedelta(seconds=value)
+        except OverflowError:
+            raise ValueError(f"time span {value!r} is too large") from None
     if not isinstance(value, str):
         raise ValueError(f"expected a time span like '00:05:00', got {value!r}")
     m = _TIMESPAN.match(value.strip())
@@ -52,13 +58,16 @@ def parse_timespan(value: object) -> timedelta:
             f"{value!r} is not a time span: hours must be < 24, minutes and seconds < 60"
         )
     micro = int((fraction or "0").ljust(7, "0")[:7]) // 10
-    return timedelta(
-        days=int(days or 0),
-        hours=int(hours),
-        minutes=int(minutes),
-        seconds=int(seconds),
-        microseconds=micro,
-    )
+    try:
+        return timedelta(
+            days=int(days or 0),
+            hours=int(hours),
+            minutes=int(minutes),
+            seconds=int(seconds),
+            microseconds=micro,
+        )
+    except OverflowError:
+        raise ValueError(f"{value!r} is too large a time span") from None
 
 
 def format_timespan(value: timedelta) -> str:
@@ -88,7 +97,10 @@ def parse_size(value: object) -> int:
     number, unit, exact = m.groups()
     if exact:
         return int(exact.replace(",", ""))
-    return int(float(number) * _UNITS[(unit or "B").upper()])
+    size = float(number) * _UNITS[(unit or "B").upper()]
+    if not math.isfinite(size):  # int() of an infinite float raises OverflowError
+        raise ValueError(f"{value!r} is too large a size")
+    return int(size)
 
 
 def format_size(value: int) -> str:
