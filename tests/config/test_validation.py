@@ -183,3 +183,21 @@ def test_the_postgresql_store_is_refused_by_name_until_it_exists(tmp_path: Path)
         out = proc.stdout + proc.stderr
         assert "queue.store: 'postgresql' is not available" in out, (verb, out)
         assert "Traceback" not in out, (verb, out)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "receive_protocol_log_max_file_size",
+        "receive_protocol_log_max_directory_size",
+        "message_tracking_log_max_file_size",
+        "message_tracking_log_max_directory_size",
+    ],
+)
+def test_a_zero_log_size_is_refused_naming_the_key(key: str) -> None:
+    """`serve` cannot open a log with a size of 0: `check` (and a reload) refuse it, by key."""
+    with pytest.raises(ConfigError) as info:
+        parse_text(f"[server]\n{key} = 0\n", "s.toml")
+    assert [str(p) for p in info.value.problems] == [
+        f"s.toml: server.{key}: must be greater than 0"
+    ]

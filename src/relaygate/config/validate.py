@@ -44,6 +44,14 @@ _LIMITS = (
     ("message_rate_limit", 1, 2**31 - 1),
 )
 
+# The log writers (logs/rotation.py LogDirectory) refuse a size of 0 when `serve` starts.
+_LOG_SIZES = (
+    "receive_protocol_log_max_file_size",
+    "receive_protocol_log_max_directory_size",
+    "message_tracking_log_max_file_size",
+    "message_tracking_log_max_directory_size",
+)
+
 
 def _given(raw: dict[str, Any], key: str) -> bool:
     """The file gave `key` a non-empty value (its bad entries were reported by the loader already)."""
@@ -341,6 +349,10 @@ def validate(
             problems.append(
                 Problem(src, f"dkim[{i}].selector", f"{k.selector!r} is not a valid selector")
             )
+
+    for key in _LOG_SIZES:
+        if getattr(config.server, key) <= 0:
+            problems.append(Problem(src, f"server.{key}", "must be greater than 0"))
 
     from relaygate.config.values import parse_binding
 
