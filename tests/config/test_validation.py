@@ -201,3 +201,57 @@ def test_a_zero_log_size_is_refused_naming_the_key(key: str) -> None:
     assert [str(p) for p in info.value.problems] == [
         f"s.toml: server.{key}: must be greater than 0"
     ]
+
+
+_SEND = """
+[[send_connectors]]
+name = "Out"
+address_spaces = ["*"]
+dns_routing_enabled = false
+smart_hosts = [{hosts}]
+"""
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "smtp.office365.com",
+        "relay.corp.example:587",
+        "smarthost01.",
+        "10.10.10.100",
+        "10.10.10.100:2525",
+        "[10.10.10.100]",
+        "[10.10.10.100]:25",
+        "[2001:db8::25]",
+        "[IPv6:2001:db8::25]:587",
+        "2001:db8::25",
+        "mail_gw.corp.example",
+    ],
+)
+def test_smart_host_forms_are_accepted(host: str) -> None:
+    config = parse_text(_SEND.format(hosts=f'"{host}"'), "s.toml")
+    assert config.send_connectors[0].smart_hosts == (host,)
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "bad host!",
+        "smtp.corp.example:0",
+        "smtp.corp.example:70000",
+        "smtp.corp.example:x",
+        "[smtp.corp.example]",
+        "[10.0.0.1",
+        "[10.0.0.1]25",
+        "2001:db8::zz",
+        "-smtp.corp.example",
+        "smtp..corp.example",
+        "",
+    ],
+)
+def test_a_malformed_smart_host_is_refused_naming_connector_and_key(host: str) -> None:
+    """`relaygate send-connector set Out --smart-hosts 'bad host!'` must not pass `check`."""
+    with pytest.raises(ConfigError) as info:
+        parse_text(_SEND.format(hosts=f'"10.0.0.9", "{host}"'), "s.toml")
+    (problem,) = info.value.problems
+    assert str(problem).startswith('s.toml: send_connectors[0] "Out": smart_hosts[1]: '), problem
