@@ -29,7 +29,7 @@ from relaygate.queue.manager import QueueManager
 from relaygate.queue.pressure import DiskPressure
 from relaygate.queue.sqlite_store import SqliteStore
 from relaygate.queue.store import Store
-from relaygate.smtp.server import ServerContext, SmtpServer, protocol_log_for
+from relaygate.smtp.server import ListenerError, ServerContext, SmtpServer, protocol_log_for
 
 __all__ = ["Relay", "open_store", "run", "worker_node_id"]
 
@@ -110,7 +110,11 @@ class Relay:
         if self.manager is not None:
             self.manager.local_endpoints = set()
             await self.manager.start()
-        await self.server.start()
+        try:
+            await self.server.start()
+        except BaseException:  # a listener cannot open: stop what started, then report it
+            await self.stop()
+            raise
         if self.manager is not None:
             self.manager.local_endpoints = set(self.server.endpoints)
         if cfg.admin.enabled and self.worker_index in (None, 0):
@@ -304,4 +308,8 @@ def run(
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(_main(config, resolved, worker_index=worker_index, link_fd=link_fd))
+    try:
+        asyncio.run(_main(config, resolved, worker_index=worker_index, link_fd=link_fd))
+    except ListenerError as exc:  # a port in use, an implicit-TLS certificate that cannot load
+        logger.error("cannot start: %s", exc)
+        raise SystemExit(1) from None

@@ -376,3 +376,35 @@ def test_explain_prints_a_connector_name_that_looks_like_markup(
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "Connector: Relay [floor 2]" in result.stdout
+
+
+def test_check_reports_an_unreadable_tls_certificate_or_key_naming_connector_and_key(
+    cli: CliRunner, tmp_path: Path
+) -> None:
+    """An implicit-TLS connector whose files are missing does not listen: `check` must say so."""
+    from relaygate.smtp.tls import ensure_self_signed
+
+    cert, key = ensure_self_signed(tmp_path / "good", "relay.corp.example")
+    path = tmp_path / "relaygate.toml"
+    body = """
+[[receive_connectors]]
+name = "Client Submission 465"
+bindings = ["0.0.0.0:465"]
+remote_ip_ranges = ["10.0.0.0/8"]
+tls_mode = "implicit"
+tls_certificate_file = "{cert}"
+tls_key_file = "{key}"
+"""
+    path.write_text(body.format(cert=cert, key=tmp_path / "missing.key"))
+    result = _invoke(cli, "check", "--config", str(path))
+    assert result.exit_code == 1, result.output
+    assert (
+        f'{path}: receive_connectors[0] "Client Submission 465": tls_key_file: '
+        f"{tmp_path / 'missing.key'}: cannot read: No such file or directory"
+    ) in result.output
+    path.write_text(body.format(cert=key, key=key))  # a key where the certificate should be
+    result = _invoke(cli, "check", "--config", str(path))
+    assert result.exit_code == 1 and "tls_certificate_file" in result.output, result.output
+    path.write_text(body.format(cert=cert, key=key))
+    result = _invoke(cli, "check", "--config", str(path))
+    assert result.exit_code == 0, result.output

@@ -226,3 +226,50 @@ def test_starttls_absent_without_tls_mechanism(relay):
     with r.raw() as c:
         assert "STARTTLS" not in c.greet().lines
         assert c.cmd("STARTTLS").code == 500
+
+
+def _implicit_with_missing_files(tmp: Path) -> dict[str, object]:
+    return relay_connector(
+        name="Client Submission 465",
+        bindings=["127.0.0.1:{port2}"],
+        tls_mode="implicit",
+        auth_mechanism=["Tls", "BasicAuth", "BasicAuthRequireTLS"],
+        permission_groups=["ExchangeUsers"],
+        require_tls=True,
+        tls_certificate_file=str(tmp / "missing.pem"),
+        tls_key_file=str(tmp / "missing.key"),
+    )
+
+
+def test_implicit_tls_without_a_loadable_certificate_never_listens_in_clear(relay, tmp_path):
+    """It used to listen in plain TCP while sessions believed TLS was active: require_tls and
+    BasicAuthRequireTLS satisfied in clear, AUTH offered in clear. Now it does not start, and
+    says which connector and which keys."""
+    with pytest.raises(OSError, match="Client Submission 465") as info:
+        relay([relay_connector(), _implicit_with_missing_files(tmp_path)])
+    assert "tls_certificate_file" in str(info.value) and "missing.pem" in str(info.value)
+
+
+def test_serve_with_an_implicit_tls_certificate_missing_exits_naming_it(relay, tmp_path):
+    r = relay(
+        [relay_connector(), _implicit_with_missing_files(tmp_path)], mode="process", start=False
+    )
+    with pytest.raises(RuntimeError, match="did not start"):
+        r.start()
+    assert r.proc is not None and r.proc.wait(10) == 1
+    log = r.stderr_path.read_text()
+    assert 'receive connector "Client Submission 465": tls_certificate_file' in log, log
+
+
+def test_a_reload_adding_an_implicit_tls_connector_without_certificate_is_refused(
+    relay, tmp_path, caplog
+):
+    import logging
+
+    r = relay([relay_connector()])
+    with caplog.at_level(logging.ERROR, logger="relaygate"):
+        r.reconfigure([relay_connector(), _implicit_with_missing_files(tmp_path)])
+    errors = [x.getMessage() for x in caplog.records if x.levelno >= logging.ERROR]
+    assert any("reload refused" in e and "Client Submission 465" in e for e in errors), errors
+    assert [c.name for c in r.relay.config.receive_connectors] == ["SMTP Relay Internal"]
+    assert sorted(r.relay.server.endpoints) == [("127.0.0.1", r.port)]

@@ -15,7 +15,8 @@ from relaygate.cli.common import (
     print_problems,
     problems_json,
 )
-from relaygate.config import ConfigError, load_config
+from relaygate.config import Config, ConfigError, load_config
+from relaygate.config.loader import Problem
 
 
 def register(app: typer.Typer) -> None:
@@ -25,12 +26,15 @@ def register(app: typer.Typer) -> None:
         source = config_source(config)
         try:
             cfg = load_config(config)
+            problems = tls_file_problems(cfg)
         except ConfigError as exc:
+            problems = exc.problems
+        if problems:
             if json_out:
-                emit_json({"valid": False, "source": source, "errors": problems_json(exc.problems)})
+                emit_json({"valid": False, "source": source, "errors": problems_json(problems)})
             else:
-                print_problems(exc.problems, console)
-                console.print(f"{source}: {len(exc.problems)} error(s)", markup=False)
+                print_problems(problems, console)
+                console.print(f"{source}: {len(problems)} error(s)", markup=False)
             raise typer.Exit(1) from None
         summary = {
             "valid": True,
@@ -47,3 +51,39 @@ def register(app: typer.Typer) -> None:
                 f"{summary['send_connectors']} send connector(s), {summary['accepted_domains']} accepted domain(s))",
                 markup=False,
             )
+
+
+def _unusable(cert: Path | None, key: Path | None) -> tuple[str, str] | None:
+    """(key name, why) when the certificate or key file cannot be read or loaded; else None."""
+    for name, path in (("tls_certificate_file", cert), ("tls_key_file", key)):
+        if path is None:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            return name, f"{path}: cannot read: {exc.strerror or exc}"
+    if cert is not None and key is not None:
+        import ssl
+
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(cert), str(key))
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            return "tls_certificate_file", f"{cert} with {key}: cannot be loaded: {exc}"
+    return None
+
+
+def tls_file_problems(cfg: Config) -> list[Problem]:
+    """The certificate/key files `serve` would load: an implicit-TLS listener does not open
+    without them (and STARTTLS is not offered), so `check` reads them, naming connector and key."""
+    problems = []
+    found = _unusable(cfg.server.tls_certificate_file, cfg.server.tls_key_file)
+    if found is not None:
+        problems.append(Problem(cfg.source, f"server.{found[0]}", found[1]))
+    for i, c in enumerate(cfg.receive_connectors):
+        found = _unusable(c.tls_certificate_file, c.tls_key_file)
+        if found is not None:
+            problems.append(
+                Problem(cfg.source, f"receive_connectors[{i}].{found[0]}", found[1], c.name)
+            )
+    return problems

@@ -38,7 +38,7 @@ from relaygate.smtp.session import Session
 from relaygate.smtp.steering import attach_source_steering
 from relaygate.smtp.tls import server_context
 
-__all__ = ["ListenerError", "ServerContext", "SmtpServer", "listener_bindings"]
+__all__ = ["ListenerError", "ServerContext", "SmtpServer", "TlsUnavailable", "listener_bindings"]
 
 logger = logging.getLogger("relaygate.smtp")
 
@@ -56,6 +56,34 @@ class ListenerError(OSError):
     def __init__(self, binding: Binding, exc: OSError) -> None:
         super().__init__(exc.errno, f"cannot listen on {binding}: {exc.strerror or exc}")
         self.binding = binding
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # not "[Errno None] ..." for a TLS error
+
+
+class TlsUnavailable(OSError):
+    """The certificate or key of an implicit-TLS connector cannot be loaded: its listener is not
+    opened (never plain TCP in its place); the message names the connector and the keys."""
+
+    def __init__(self, config: Config, connector: ReceiveConnector, exc: Exception) -> None:
+        if connector.tls_certificate_file is not None:
+            where = f'receive connector "{connector.name}": tls_certificate_file / tls_key_file'
+            files = f"{connector.tls_certificate_file}, {connector.tls_key_file}"
+        elif config.server.tls_certificate_file is not None:
+            where = (
+                f'receive connector "{connector.name}" (implicit TLS): '
+                "server.tls_certificate_file / server.tls_key_file"
+            )
+            files = f"{config.server.tls_certificate_file}, {config.server.tls_key_file}"
+        else:
+            where = f'receive connector "{connector.name}" (implicit TLS): self-signed certificate'
+            files = str(Path(config.server.data_dir) / "tls")
+        detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        super().__init__(f"{where} ({files}) cannot be loaded: {detail}")
+        self.connector = connector.name
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 def _v6only(config: Config, binding: Binding) -> bool:
@@ -363,7 +391,11 @@ class SmtpServer:
                 for c in config.receive_connectors
                 if binding in c.bindings and c.tls_mode == "implicit"
             )
-            ssl_ctx = self.ctx.tls_context(connector, config)
+            try:  # never a plain socket in place of an implicit-TLS one
+                ssl_ctx = server_context(config, connector)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                sock.close()
+                raise TlsUnavailable(config, connector, exc) from exc
 
         async def on_connect(conn: Connection) -> None:
             task = asyncio.current_task()
@@ -435,7 +467,8 @@ class SmtpServer:
                 conn,
                 client=(client_ip, client_port),
                 local=(local_ip, local_port),
-                tls_active=implicit,
+                # From the transport, never from the listener's configured mode.
+                tls_active=conn.get_extra_info("ssl_object") is not None,
                 initial=initial,
             )
         except BaseException:
