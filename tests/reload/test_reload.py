@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -184,3 +185,105 @@ def test_a_reload_whose_loading_raises_anything_keeps_the_running_config(
     assert any("reload refused" in r.getMessage() for r in caplog.records)
     with RawClient(h.port) as c:
         assert c.reply().text == "220 old"
+
+
+def _tls_client() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _tls_banner_and_cert(port: int) -> tuple[str, bytes]:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    with _tls_client().wrap_socket(raw) as s:
+        cert = s.getpeercert(binary_form=True)
+        assert cert is not None
+        return s.recv(200).decode(), cert
+
+
+def test_a_reload_applies_a_tls_mode_change_on_a_running_listener(relay):  # noqa: F811
+    h = relay([default_frontend(banner="220 plain")])
+    with RawClient(h.port) as c:
+        assert c.reply().text == "220 plain"
+    h.reconfigure([default_frontend(banner="220 tls", tls_mode="implicit")])
+    banner, _cert = _tls_banner_and_cert(h.port)  # the banner comes inside TLS
+    assert banner.startswith("220 tls")
+    h.reconfigure([default_frontend(banner="220 plain again")])
+    with RawClient(h.port) as c:
+        assert c.reply().text == "220 plain again"
+
+
+def test_a_reload_presents_a_renewed_certificate_on_an_implicit_tls_listener(relay, tmp_path):  # noqa: F811
+    import shutil
+
+    from relaygate.smtp.tls import ensure_self_signed
+
+    cert_a, key_a = ensure_self_signed(tmp_path / "a", "a.example")
+    cert_b, key_b = ensure_self_signed(tmp_path / "b", "b.example")
+    live_cert, live_key = tmp_path / "live.crt", tmp_path / "live.key"
+    shutil.copy(cert_a, live_cert)
+    shutil.copy(key_a, live_key)
+    files = {"tls_certificate_file": str(live_cert), "tls_key_file": str(live_key)}
+    conn = default_frontend(tls_mode="implicit", **files)
+    h = relay([conn])
+    assert _tls_banner_and_cert(h.port)[1] == ssl.PEM_cert_to_DER_cert(cert_a.read_text())
+    # The renewal overwrites the files in place (same names), then the service is reloaded.
+    shutil.copy(cert_b, live_cert)
+    shutil.copy(key_b, live_key)
+    h.reconfigure([conn])
+    assert _tls_banner_and_cert(h.port)[1] == ssl.PEM_cert_to_DER_cert(cert_b.read_text())
+
+
+def test_a_reload_whose_implicit_tls_certificate_cannot_load_keeps_the_running_one(
+    relay,  # noqa: F811
+    tmp_path,
+    caplog,
+):
+    from relaygate.smtp.tls import ensure_self_signed
+
+    cert, key = ensure_self_signed(tmp_path / "a", "a.example")
+    h = relay(
+        [
+            default_frontend(
+                tls_mode="implicit", tls_certificate_file=str(cert), tls_key_file=str(key)
+            )
+        ]
+    )
+    broken = default_frontend(
+        tls_mode="implicit",
+        tls_certificate_file=str(tmp_path / "renewed.crt"),  # not copied yet
+        tls_key_file=str(key),
+        banner="220 new",
+    )
+    with caplog.at_level(logging.ERROR, logger="relaygate"):
+        h.reconfigure([broken])
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("reload refused" in e and "Default Frontend" in e for e in errors), errors
+    banner, served = _tls_banner_and_cert(h.port)
+    assert served == ssl.PEM_cert_to_DER_cert(cert.read_text())
+    assert not banner.startswith("220 new")
+
+
+def test_a_reload_adding_ipv4_wildcard_next_to_a_dual_stack_one_reopens_it_ipv6_only(relay):  # noqa: F811
+    """[::]:P alone is dual-stack; with 0.0.0.0:P beside it, it must be IPv6-only (else the two
+    conflict): a reload reopens it so, as a fresh start would open it."""
+    both = default_frontend(
+        bindings=["[::]:{port}"], remote_ip_ranges=["::1", "127.0.0.5"], banner="220 dual"
+    )
+    h = relay([both])
+    with RawClient(h.port, source="127.0.0.5") as c:  # IPv4 through the dual-stack socket
+        assert c.reply().text == "220 dual"
+    v4 = default_frontend(
+        name="IPv4", bindings=["0.0.0.0:{port}"], remote_ip_ranges=["127.0.0.6"], banner="220 v4"
+    )
+    h.reconfigure([both, v4])
+    assert [c.name for c in h.relay.config.receive_connectors] == ["Default Frontend", "IPv4"]
+    assert sorted(h.relay.server.endpoints) == [("0.0.0.0", h.port), ("::", h.port)]
+    with RawClient(h.port, source="127.0.0.6") as c:
+        assert c.reply().text == "220 v4"
+    with RawClient(h.port, host="::1", source="::1") as c:
+        assert c.reply().text == "220 dual"
+    h.reconfigure([both])  # and back: [::] dual-stack again
+    with RawClient(h.port, source="127.0.0.5") as c:
+        assert c.reply().text == "220 dual"

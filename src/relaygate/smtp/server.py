@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import ipaddress
 import logging
 import socket
@@ -19,7 +20,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from relaygate.config.model import Config, ReceiveConnector
 from relaygate.config.values import Binding, normalise_ip
@@ -127,6 +128,52 @@ def _covers(config: Config, wildcard: Binding, binding: Binding) -> bool:
     if wildcard.address == "0.0.0.0":
         return binding.version == 4
     return binding.version == 6 or not _v6only(config, wildcard)
+
+
+class _ListenerState(NamedTuple):
+    """What a listening socket depends on: a reload reopens it when this changes."""
+
+    implicit: bool
+    v6only: bool  # of a [::] socket (False for any other)
+    tls: tuple[str, ...]  # of an implicit-TLS socket: version floor, files, their digest
+
+
+def _implicit_connector(config: Config, binding: Binding) -> ReceiveConnector:
+    return next(
+        c
+        for c in config.receive_connectors
+        if c.enabled and binding in c.bindings and c.tls_mode == "implicit"
+    )
+
+
+def _implicit_context(config: Config, binding: Binding) -> ssl.SSLContext:
+    connector = _implicit_connector(config, binding)
+    try:
+        return server_context(config, connector)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise TlsUnavailable(config, connector, exc) from exc
+
+
+def _listener_state(config: Config, binding: Binding, implicit: bool) -> _ListenerState:
+    v6only = binding.address == "::" and _v6only(config, binding)
+    if not implicit:
+        return _ListenerState(False, v6only, ())
+    connector = _implicit_connector(config, binding)
+    cert, key = connector.tls_certificate_file, connector.tls_key_file
+    if cert is None:
+        cert, key = config.server.tls_certificate_file, config.server.tls_key_file
+    if cert is None or key is None:  # smtp/tls.py ensure_self_signed
+        folder = Path(config.server.data_dir) / "tls"
+        cert, key = folder / "selfsigned.crt", folder / "selfsigned.key"
+    digest = hashlib.sha256()
+    for path in (cert, key):  # a renewed certificate often keeps its file name
+        try:
+            digest.update(Path(path).read_bytes())
+        except OSError as exc:
+            digest.update(f"unreadable: {exc}".encode())
+    return _ListenerState(
+        True, v6only, (connector.tls_min_version, str(cert), str(key), digest.hexdigest())
+    )
 
 
 class Handoff(Protocol):
@@ -291,7 +338,10 @@ class SmtpServer:
             ctx.config.server.workers > 1 if reuse_port is None else reuse_port
         ) and hasattr(socket, "SO_REUSEPORT")
         self._servers: dict[Binding, asyncio.Server] = {}
-        self._implicit: dict[Binding, bool] = {}  # the listener's TLS mode, to reopen it
+        #: What each listening socket was opened with (compared on reload) and its TLS context
+        #: (None: plain; kept to reopen the socket as it was when a reload is rolled back).
+        self._states: dict[Binding, _ListenerState] = {}
+        self._ssl: dict[Binding, ssl.SSLContext | None] = {}
         self._sessions: set[asyncio.Task[None]] = set()
         self._live: set[Session] = set()  # told to finish when the server stops
 
@@ -315,49 +365,71 @@ class SmtpServer:
         self, config: Config | None = None, *, before_serving: Callable[[], None] | None = None
     ) -> None:
         """Make the listeners match `config` (the current one by default): close those no enabled
-        connector uses any more, open the new ones.
+        connector uses any more, open the new ones, and reopen those whose socket must change:
+        another TLS mode (STARTTLS ↔ implicit), another certificate, key or TLS version floor on
+        an implicit-TLS socket, or a [::] socket that becomes IPv6-only because 0.0.0.0 is bound
+        on its port too (see `_ListenerState`).
 
-        All or nothing: when a new listener cannot be opened, those opened here are closed, those
-        closed here are opened again, and `ListenerError` (an OSError naming the binding) is
-        raised. `before_serving` runs once every new listener is bound and before any accepts a
-        connection (a reload applies its configuration there)."""
+        All or nothing: the TLS contexts of the sockets to open are built first (a certificate
+        that cannot load changes nothing); when a listener cannot be opened, those opened here
+        are closed, those closed here are opened again (with their former TLS context), and
+        `ListenerError` (an OSError naming the binding) is raised. `before_serving` runs once
+        every new listener is bound and before any accepts a connection (a reload applies its
+        configuration there)."""
         old = self.ctx.config
         config = old if config is None else config
         wanted = listener_bindings(config)
-        closed: dict[Binding, bool] = {}
-        for binding in list(self._servers):
-            if binding not in wanted:
-                # First: a wildcard replacing a specific address on the same port needs the port.
-                self._servers.pop(binding).close()
-                closed[binding] = self._implicit.pop(binding)
-        opened: dict[Binding, asyncio.Server] = {}
-        for binding, implicit in wanted.items():
-            if binding in self._servers:
-                continue
+        states = {b: _listener_state(config, b, implicit) for b, implicit in wanted.items()}
+        to_open = [b for b in wanted if self._states.get(b) != states[b]]
+        contexts: dict[Binding, ssl.SSLContext | None] = {}
+        for binding in to_open:
             try:
-                opened[binding] = await self._listen(config, binding, implicit)
+                contexts[binding] = _implicit_context(config, binding) if wanted[binding] else None
+            except TlsUnavailable as exc:
+                raise ListenerError(binding, exc) from exc
+        closed: dict[Binding, tuple[_ListenerState, ssl.SSLContext | None]] = {}
+        for binding in list(self._servers):
+            if binding not in wanted or binding in contexts:
+                # First: a wildcard replacing a specific address on the same port needs the port,
+                # and a socket reopened with other settings needs its own.
+                self._servers.pop(binding).close()
+                closed[binding] = (self._states.pop(binding), self._ssl.pop(binding))
+        opened: dict[Binding, asyncio.Server] = {}
+        for binding in to_open:
+            try:
+                opened[binding] = await self._listen(
+                    config, binding, wanted[binding], contexts[binding]
+                )
             except OSError as exc:
                 for server in opened.values():
                     server.close()
-                for back, back_implicit in closed.items():
+                for back, (back_state, back_ssl) in closed.items():
                     try:
-                        server = await self._listen(old, back, back_implicit)
+                        server = await self._listen(old, back, back_state.implicit, back_ssl)
                     except OSError as again:
                         logger.error("listener %s closed and cannot be reopened: %s", back, again)
                         continue
                     self._servers[back] = server
-                    self._implicit[back] = back_implicit
+                    self._states[back], self._ssl[back] = back_state, back_ssl
                     await server.start_serving()
                 raise ListenerError(binding, exc) from exc
         if before_serving is not None:
             before_serving()
         for binding, server in opened.items():
             self._servers[binding] = server
-            self._implicit[binding] = wanted[binding]
+            self._states[binding], self._ssl[binding] = states[binding], contexts[binding]
             await server.start_serving()
 
-    async def _listen(self, config: Config, binding: Binding, implicit: bool) -> asyncio.Server:
+    async def _listen(
+        self,
+        config: Config,
+        binding: Binding,
+        implicit: bool,
+        ssl_ctx: ssl.SSLContext | None,
+    ) -> asyncio.Server:
         """A listening socket for `binding`, not accepting yet (`start_serving`)."""
+        if implicit and ssl_ctx is None:  # never a plain socket in place of an implicit-TLS one
+            raise ValueError(f"implicit-TLS listener {binding} without a TLS context")
         family = socket.AF_INET6 if binding.version == 6 else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -384,18 +456,6 @@ class SmtpServer:
         ):
             # One client address → one worker, so per-source limits are counted in one place.
             attach_source_steering(sock, workers)
-        ssl_ctx = None
-        if implicit:
-            connector = next(
-                c
-                for c in config.receive_connectors
-                if binding in c.bindings and c.tls_mode == "implicit"
-            )
-            try:  # never a plain socket in place of an implicit-TLS one
-                ssl_ctx = server_context(config, connector)
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                sock.close()
-                raise TlsUnavailable(config, connector, exc) from exc
 
         async def on_connect(conn: Connection) -> None:
             task = asyncio.current_task()
@@ -520,7 +580,8 @@ class SmtpServer:
         for server in self._servers.values():
             await server.wait_closed() if not self._sessions else None
         self._servers.clear()
-        self._implicit.clear()
+        self._states.clear()
+        self._ssl.clear()
         for session in list(self._live):
             session.shutdown()  # 421 to those waiting for a command; messages in DATA finish
         if self._sessions:
