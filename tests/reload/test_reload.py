@@ -287,3 +287,12 @@ def test_a_reload_adding_ipv4_wildcard_next_to_a_dual_stack_one_reopens_it_ipv6_
     h.reconfigure([both])  # and back: [::] dual-stack again
     with RawClient(h.port, source="127.0.0.5") as c:
         assert c.reply().text == "220 dual"
+
+
+def test_a_reload_keeps_an_unchanged_implicit_tls_listener_open(relay):  # noqa: F811
+    """Same certificate (here the self-signed one made at start): the socket is not reopened."""
+    h = relay([default_frontend(tls_mode="implicit")])
+    before = dict(h.relay.server._servers)
+    h.reconfigure([default_frontend(tls_mode="implicit", banner="220 new")])
+    assert h.relay.server._servers == before
+    assert _tls_banner_and_cert(h.port)[0].startswith("220 new")

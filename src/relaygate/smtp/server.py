@@ -387,6 +387,8 @@ class SmtpServer:
                 contexts[binding] = _implicit_context(config, binding) if wanted[binding] else None
             except TlsUnavailable as exc:
                 raise ListenerError(binding, exc) from exc
+            if wanted[binding]:  # a self-signed certificate is created by the first context
+                states[binding] = _listener_state(config, binding, True)
         closed: dict[Binding, tuple[_ListenerState, ssl.SSLContext | None]] = {}
         for binding in list(self._servers):
             if binding not in wanted or binding in contexts:
