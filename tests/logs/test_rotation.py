@@ -223,3 +223,29 @@ def test_io_error_does_not_kill_writer(tmp_path: Path) -> None:
     d.flush()  # must not raise
     assert d.dropped == 1
     d.close()
+
+
+def test_a_file_another_writer_deleted_is_not_written_to_any_more(tmp_path: Path) -> None:
+    """server.workers > 1: each worker has its own writer on the same folder, and one's cleanup
+    deletes the oldest files, which can be the file another is still writing. That writer's
+    later lines must land in a file that exists, not in the deleted one."""
+    kw: dict = dict(max_file_size=4096, max_directory_size=8192, max_age=timedelta(0))
+    idle = LogDirectory(tmp_path, "RECV", ["#Fields: x"], start_thread=False, **kw)
+    busy = LogDirectory(tmp_path, "RECV", ["#Fields: x"], start_thread=False, **kw)
+    now = time.time()
+    idle.append((now, "idle-worker line 1"))
+    idle.flush()
+    held = idle.current_file
+    assert held is not None
+    time.sleep(0.05)  # the idle file is the oldest
+    for i in range(400):
+        busy.append((now, f"busy-worker line {i:04d} " + "x" * 40))
+    busy.flush()
+    assert not held.exists()  # deleted by the busy writer's size cleanup
+    idle.append((now, "idle-worker line 2"))
+    idle.flush()
+    idle.close()
+    busy.close()
+    text = "".join(p.read_text() for p in tmp_path.glob("RECV*"))
+    assert "idle-worker line 2" in text
+    assert idle.current_file != held

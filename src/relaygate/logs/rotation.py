@@ -254,6 +254,10 @@ class LogDirectory:
     # ----------------------------------------------------------------- writing (under _io_lock)
     def _write_batch(self, batch: list[Record]) -> None:
         fmt = self._format
+        if self._file is not None and self._unlinked():
+            # Another writer on this folder (a worker process) deleted our file in its cleanup:
+            # what we wrote there is gone with it, what follows goes to a new file.
+            self._close_file()
         try:
             chunk: list[str] = []
             for record in batch:
@@ -329,6 +333,14 @@ class LogDirectory:
         now = format_timestamp(time.time())
         lines = [h.replace(HEADER_DATE_PLACEHOLDER, now) for h in self.header_lines]
         return "".join(line + LINE_END for line in lines).encode("utf-8")
+
+    def _unlinked(self) -> bool:
+        """The open file has no name left (one fstat per batch, not per line)."""
+        assert self._file is not None
+        try:
+            return os.fstat(self._file.fileno()).st_nlink == 0
+        except OSError:
+            return True
 
     def _close_file(self) -> None:
         f, self._file = self._file, None
