@@ -43,6 +43,17 @@ def open_store(config: Config, *, shared: bool = False) -> Store:
     return SqliteStore(Path(config.server.data_dir) / "queue" / "queue.db", shared_writers=shared)
 
 
+def tracking_log_for(config: Config) -> TrackingLog:
+    s = config.server
+    return TrackingLog(
+        Path(s.data_dir) / MESSAGE_TRACKING_DIR,
+        server_name=s.name,
+        max_file_size=s.message_tracking_log_max_file_size,
+        max_directory_size=s.message_tracking_log_max_directory_size,
+        max_age=s.message_tracking_log_max_age,
+    )
+
+
 def worker_node_id(server_name: str, index: int) -> str:
     """The queue lease owner of worker ``index``: ``<server.name>-w<index>``."""
     return f"{server_name}-w{index}"
@@ -87,13 +98,7 @@ class Relay:
                 await release_owners(worker_node_ids(str(s.name)))
         self.protocol_log = protocol_log_for(cfg)
         if s.message_tracking_log_enabled:
-            self.tracking = TrackingLog(
-                Path(s.data_dir) / MESSAGE_TRACKING_DIR,
-                server_name=s.name,
-                max_file_size=s.message_tracking_log_max_file_size,
-                max_directory_size=s.message_tracking_log_max_directory_size,
-                max_age=s.message_tracking_log_max_age,
-            )
+            self.tracking = tracking_log_for(cfg)
         self.manager = QueueManager(cfg, self.store, tracking=self.tracking, node_id=self.node_id)
         wake = self.manager.wake
         self.ctx = ServerContext(
@@ -147,10 +152,12 @@ class Relay:
             return
         assert self.ctx is not None and self.server is not None
         ctx = self.ctx
+        retired: list[TrackingLog] = []
 
         def apply() -> None:  # every listener is bound, none of the new ones accepts yet
             self.config = new
             ctx.apply(new)
+            retired.extend(self._apply_logs(new))
             if self.manager is not None:
                 self.manager.apply(new)
             if self.pressure is not None:
@@ -161,7 +168,39 @@ class Relay:
         except OSError as exc:  # the listeners are as they were; nothing of `new` was applied
             logger.error("reload refused, keeping the running configuration: %s", exc)
             return
+        for log in retired:  # message tracking switched off: write what it holds, then close
+            await asyncio.to_thread(log.close)
         logger.info("configuration reloaded from %s", self.config_path)
+
+    def _apply_logs(self, new: Config) -> list[TrackingLog]:
+        """The log settings of a reloaded config: rotation limits in place, the tracking log
+        opened or closed (handed to the SMTP service and the queue manager). Returns the tracking
+        log to close, if it was switched off."""
+        s = new.server
+        if self.protocol_log is not None:
+            self.protocol_log.directory.set_limits(
+                s.receive_protocol_log_max_file_size,
+                s.receive_protocol_log_max_directory_size,
+                s.receive_protocol_log_max_age,
+            )
+        retired: list[TrackingLog] = []
+        if not s.message_tracking_log_enabled:
+            if self.tracking is not None:
+                retired.append(self.tracking)
+            self.tracking = None
+        elif self.tracking is None:
+            self.tracking = tracking_log_for(new)
+        else:
+            self.tracking.directory.set_limits(
+                s.message_tracking_log_max_file_size,
+                s.message_tracking_log_max_directory_size,
+                s.message_tracking_log_max_age,
+            )
+        if self.ctx is not None:
+            self.ctx.tracking = self.tracking
+        if self.manager is not None:
+            self.manager.tracking = self.tracking
+        return retired
 
     async def stop(self) -> None:
         if self.admin is not None:

@@ -296,3 +296,40 @@ def test_a_reload_keeps_an_unchanged_implicit_tls_listener_open(relay):  # noqa:
     h.reconfigure([default_frontend(tls_mode="implicit", banner="220 new")])
     assert h.relay.server._servers == before
     assert _tls_banner_and_cert(h.port)[0].startswith("220 new")
+
+
+def test_a_reload_applies_the_log_settings(relay):  # noqa: F811
+    from datetime import timedelta
+
+    from tests.smtp.conftest import relay_connector
+
+    conn = relay_connector(ranges=["127.0.0.5"])
+    h = relay([conn])
+    assert h.relay.tracking is None  # the fixture starts with message tracking off
+    h.doc["server"]["message_tracking_log_enabled"] = True
+    h.doc["server"]["message_tracking_log_max_file_size"] = "2MB"
+    h.doc["server"]["receive_protocol_log_max_file_size"] = "1MB"
+    h.doc["server"]["receive_protocol_log_max_directory_size"] = "5MB"
+    h.doc["server"]["receive_protocol_log_max_age"] = "7.00:00:00"
+    h.reconfigure([conn])
+    d = h.relay.protocol_log.directory
+    assert (d.max_file_size, d.max_directory_size, d.max_age) == (
+        1024**2,
+        5 * 1024**2,
+        timedelta(days=7),
+    )
+    tracking = h.relay.tracking
+    assert tracking is not None and h.relay.ctx.tracking is tracking
+    assert h.relay.manager.tracking is tracking
+    assert tracking.directory.max_file_size == 2 * 1024**2
+    with h.smtp("127.0.0.5") as c:
+        c.sendmail("a@corp.example", ["x@external.example"], b"Subject: t\r\n\r\nhi\r\n")
+    tracking.flush()
+    folder = h.data_dir / "logs" / "MessageTracking"
+    assert ",RECEIVE," in "".join(p.read_text() for p in folder.glob("MSGTRK*.LOG"))
+    # Switched off again: closed (what it held is written) and handed to nobody.
+    h.doc["server"]["message_tracking_log_enabled"] = False
+    h.reconfigure([conn])
+    assert h.relay.tracking is None and h.relay.ctx.tracking is None
+    assert h.relay.manager.tracking is None
+    assert tracking.directory._closed and tracking.directory._file is None

@@ -189,6 +189,17 @@ class LogDirectory:
         """Queue a preformatted line (no terminator) when no ``formatter`` was given."""
         self.append((time.time() if timestamp is None else timestamp, line))
 
+    def set_limits(self, max_file_size: int, max_directory_size: int, max_age: timedelta) -> None:
+        """New rotation limits (a reload): the next write rotates by them, the flush thread's next
+        pass cleans up by them. Cheap, no I/O: callable from the event loop."""
+        if max_file_size <= 0 or max_directory_size <= 0:
+            raise ValueError("log sizes must be positive")
+        self.max_file_size = int(max_file_size)
+        self.max_directory_size = int(max_directory_size)
+        self.max_age = max_age
+        self._cleanup_at = min(self._cleanup_at, self.max_directory_size)
+        self._last_cleanup = 0.0  # the background thread cleans up at its next pass
+
     @property
     def current_file(self) -> Path | None:
         return self._file_path
