@@ -92,10 +92,13 @@ class DataReader:
                 return self._found(more, at + 2)
             self._dotted = True
         if more:
-            self._chunks.append(more)
-            self._size += len(more)
+            if (
+                not self._dropped
+            ):  # once dropping, nothing more is held (the budget no longer counts it)
+                self._chunks.append(more)
+                self._size += len(more)
             self._tail = (tail + more)[-4:]
-        if self._size > self._limit + 6:
+        if not self._dropped and self._size > self._limit + 6:
             # Past the limit: keep only the tail, made of real octets by now, never the synthetic
             # leading CRLF: "\r\n" + ".\r\nM" would look like CRLF.CRLF and turn the rest of the
             # message into commands (smuggling).
