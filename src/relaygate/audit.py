@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from relaygate.config.model import Config, ReceiveConnector
-from relaygate.config.values import IPRange, parse_ip_range
+from relaygate.config.values import IPRange, parse_binding, parse_ip_range
 from relaygate.policy.rights import (
     ACCEPT_ANY_RECIPIENT,
     is_externally_secured,
@@ -385,6 +385,34 @@ def _server_findings(config: Config) -> Iterator[Finding]:
         )
 
 
+def admin_exposed(config: Config) -> bool:
+    """The admin listener answers beyond this machine (not a loopback address) with no API token:
+    whoever reaches it can read the queue (senders, recipients, Subjects) and remove messages."""
+    admin = config.admin
+    if not admin.enabled or admin.api_token_file is not None:
+        return False
+    try:
+        address = ipaddress.ip_address(parse_binding(admin.listen).address)
+    except ValueError:
+        return False  # `check` reports a malformed admin.listen
+    return not address.is_loopback
+
+
+def _admin_findings(config: Config) -> Iterator[Finding]:
+    if admin_exposed(config):
+        yield Finding(
+            "high",
+            "admin-exposed-without-token",
+            "",
+            "admin.listen",
+            f"the admin listener is on {config.admin.listen} (reachable from the network) and "
+            "admin.api_token_file is not set: anyone who reaches it can list the queue and "
+            "retry, suspend or remove messages",
+            'keep admin.listen = "127.0.0.1:8025" (the default), or set admin.api_token_file '
+            "and restrict access to a management network",
+        )
+
+
 def audit(config: Config, *, max_prefix_v4: int = 24, max_prefix_v6: int = 64) -> list[Finding]:
     """Every finding for `config`, most severe first (stable within a severity: file order)."""
     findings: list[Finding] = []
@@ -392,6 +420,7 @@ def audit(config: Config, *, max_prefix_v4: int = 24, max_prefix_v6: int = 64) -
         findings.extend(_connector_findings(connector, config, max_prefix_v4, max_prefix_v6))
     findings.extend(_shadow_findings(config))
     findings.extend(_server_findings(config))
+    findings.extend(_admin_findings(config))
     order = {s: i for i, s in enumerate(SEVERITIES)}
     return sorted(findings, key=lambda f: order[f.severity])
 

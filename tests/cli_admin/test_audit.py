@@ -375,3 +375,19 @@ def test_per_source_limits_counted_per_worker_is_low() -> None:
     assert codes(found) == [("low", "per-source-limits-per-worker", "")]
     assert found[0].key == "server.worker_balance" and "4 times" in found[0].message
     assert not has_high(found)
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:8025", "10.0.0.1:8025", "[::]:8025"])
+def test_admin_listener_on_the_network_without_a_token_is_high(listen: str, tmp_path: Path) -> None:
+    """Before, `audit` said nothing: anyone reaching it could list and remove queued mail."""
+    exposed = CLEAN + f'\n[admin]\nlisten = "{listen}"\n'
+    found = audit(config(exposed))
+    assert codes(found) == [("high", "admin-exposed-without-token", "")]
+    assert found[0].key == "admin.listen" and listen in found[0].message
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    with_token = exposed + f'api_token_file = "{token}"\n'
+    assert audit(config(with_token)) == []
+    for safe in ("127.0.0.1:8025", "127.0.0.9:18025", "[::1]:8025"):
+        assert audit(config(CLEAN + f'\n[admin]\nlisten = "{safe}"\n')) == []
+    assert audit(config(exposed + "enabled = false\n")) == []

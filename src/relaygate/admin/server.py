@@ -18,6 +18,7 @@ import uvicorn
 from starlette.routing import BaseRoute
 
 from relaygate.admin.api import create_app, read_token
+from relaygate.audit import admin_exposed
 from relaygate.config.values import parse_binding
 
 __all__ = ["AdminServer"]
@@ -97,6 +98,12 @@ class AdminServer:
                 raise RuntimeError(f"admin listener on {config.admin.listen} failed: {exc!r}")
             await asyncio.sleep(0.01)
         log.info("admin centre and API listening on %s", self.url)
+        if admin_exposed(config):
+            log.warning(
+                "the admin listener on %s is reachable from the network and admin.api_token_file "
+                "is not set: anyone who reaches it can read and remove queued mail",
+                config.admin.listen,
+            )
 
     async def stop(self) -> None:
         server, task = self._server, self._task
