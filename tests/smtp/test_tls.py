@@ -7,10 +7,12 @@ import smtplib
 import ssl
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
 
+from relaygate.smtp.tls import ensure_self_signed
 from tests.smtp.conftest import FQDN, relay_connector
 from tests.smtp.helpers import RawClient
 
@@ -273,3 +275,29 @@ def test_a_reload_adding_an_implicit_tls_connector_without_certificate_is_refuse
     assert any("reload refused" in e and "Client Submission 465" in e for e in errors), errors
     assert [c.name for c in r.relay.config.receive_connectors] == ["SMTP Relay Internal"]
     assert sorted(r.relay.server.endpoints) == [("127.0.0.1", r.port)]
+
+
+def _make_self_signed(args: tuple[str, Any]) -> None:
+    folder, barrier = args
+    barrier.wait(10)
+    ensure_self_signed(Path(folder), "relay.test")
+
+
+def test_workers_creating_the_self_signed_certificate_at_once_get_a_matching_pair(
+    tmp_path: Path,
+) -> None:
+    """Workers start together: each could write a key and a certificate, leaving one's key beside
+    the other's certificate (6 of 40 runs with two processes), and an implicit-TLS listener that
+    cannot load its pair. Now one writes the pair under a lock, each file renamed into place."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(12):
+        folder = tmp_path / f"round{round_}"
+        with ctx.Manager() as manager:
+            barrier = manager.Barrier(6)
+            with ctx.Pool(6) as pool:
+                pool.map(_make_self_signed, [(str(folder), barrier)] * 6)
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(folder / "tls" / "selfsigned.crt", folder / "tls" / "selfsigned.key")
+        assert oct((folder / "tls" / "selfsigned.key").stat().st_mode & 0o777) == "0o600"

