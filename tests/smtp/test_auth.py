@@ -231,3 +231,20 @@ def test_user_cli_names_that_look_like_markup_are_printed_verbatim(relay):
     assert cli(r, "user", "list").stdout.splitlines() == ["a[/x]"]
     removed = cli(r, "user", "remove", "a[/x]")
     assert removed.exit_code == 0 and "Removed user a[/x] from " in removed.stdout
+
+
+def test_auth_plain_authzid_must_be_the_authenticated_user(relay):
+    """RFC 4616 §2: `ceo\\0scanner\\0<scanner's password>` must not log in (as scanner or as ceo);
+    an empty authzid or the user's own name (in any case) is accepted."""
+    r = relay([auth_connector()])
+    add_user(r, "scanner")
+    add_user(r, "ceo", "other password")
+    with r.raw() as c:
+        c.greet()
+        c.cmd("AUTH PLAIN " + b64("ceo\0scanner\0" + PASSWORD), 535)
+        c.cmd("AUTH PLAIN " + b64("scanner\0ceo\0" + PASSWORD), 535)
+        c.cmd("AUTH PLAIN " + b64("SCANNER\0scanner\0" + PASSWORD), 235)
+    with r.raw() as c:
+        c.greet()
+        c.cmd("AUTH PLAIN " + b64("\0scanner\0" + PASSWORD), 235)
+    assert "LogonDenied" in r.protocol_log_text()

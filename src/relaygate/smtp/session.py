@@ -758,6 +758,7 @@ class Session:
             return
         mechanism, _, initial = arg.strip().partition(" ")
         mechanism = mechanism.upper()
+        authzid = ""  # PLAIN's authorization identity (RFC 4616); LOGIN has none
         try:
             if mechanism == "PLAIN":
                 blob = initial or await self._challenge("")
@@ -766,6 +767,7 @@ class Session:
                 parts = _b64(blob).split(b"\x00")
                 if len(parts) != 3:
                     raise ValueError("PLAIN needs authzid\\0user\\0password")
+                authzid = parts[0].decode("utf-8")
                 user, password = parts[1].decode("utf-8"), parts[2].decode("utf-8")
             elif mechanism == "LOGIN":
                 user_blob = initial or await self._challenge("VXNlcm5hbWU6")
@@ -782,7 +784,11 @@ class Session:
         except (ValueError, UnicodeDecodeError, binascii.Error):
             await self.protocol_error(replies.UNRECOGNIZED_PARAMETER)
             return
-        if await self.ctx.users.verify(user, password):
+        # RFC 4616 §2: an authorization identity other than the authenticated one is refused (no
+        # user may act as another); it fails as a wrong password does, whatever the password.
+        if (not authzid or authzid.lower() == user.lower()) and await self.ctx.users.verify(
+            user, password
+        ):
             user = user.lower()  # the canonical name, as `relaygate user list` shows it
             self.auth_user = user
             self.authenticated = True
