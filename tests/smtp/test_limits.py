@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from tests.smtp.conftest import default_frontend, relay_connector
 from tests.smtp.helpers import RawClient
+from tests.smtp.test_auth import PASSWORD, add_user, auth_connector, b64, cheap_argon2  # noqa: F401
 
 SMALL = 65536  # the smallest max_message_size Exchange allows
 
@@ -333,3 +336,68 @@ def test_command_line_length_limit(relay):
         c.expect(500)
         c.send(b"X" * (1024 * 1024) + b"\r\nNOOP\r\n")
         assert [c.reply().code, c.reply().code] == [500, 250]  # type: ignore[union-attr]
+
+
+def _send_as(r, user: str, source: str, password: str = PASSWORD) -> int:
+    """One message from `user` authenticated on a fresh connection from `source`: MAIL's code."""
+    with r.raw(source) as c:
+        c.greet()
+        c.cmd("AUTH PLAIN " + b64(f"\0{user}\0{password}"), 235)
+        code = c.cmd(f"MAIL FROM:<{user}@corp.example>").code
+        if code == 250:
+            c.cmd("RCPT TO:<x@external.example>", 250)
+            c.cmd("DATA", 354)
+            c.send(b"Subject: rate\r\n\r\nx\r\n.\r\n")
+            c.expect(250)
+        return code
+
+
+@pytest.mark.parametrize(
+    ("rate_source", "expected"),
+    [
+        # scanner .5, scanner .5, scanner .6, scanner .7, printer .5, printer .8
+        ("User", [250, 250, 421, 421, 250, 250]),
+        ("IPAddress", [250, 250, 250, 250, 421, 250]),
+        ("All", [250, 250, 421, 421, 421, 250]),
+        ("None", [250, 250, 250, 250, 250, 250]),
+    ],
+)
+def test_message_rate_source(relay, rate_source, expected):
+    """message_rate_source: User counts per authenticated user whatever its address, IPAddress per
+    client address, All both (either over the limit refuses), None nothing."""
+    r = relay(
+        [
+            auth_connector(
+                remote_ip_ranges=["127.0.0.0/8"],
+                message_rate_limit=2,
+                message_rate_source=rate_source,
+            )
+        ]
+    )
+    add_user(r, "scanner")
+    add_user(r, "printer")
+    sends = [
+        ("scanner", "127.0.0.5"),
+        ("scanner", "127.0.0.5"),
+        ("scanner", "127.0.0.6"),
+        ("scanner", "127.0.0.7"),
+        ("printer", "127.0.0.5"),
+        ("printer", "127.0.0.8"),
+    ]
+    assert [_send_as(r, user, source) for user, source in sends] == expected
+    assert len(r.messages()) == expected.count(250)
+
+
+def test_rate_limiter_anonymous_session_under_user_is_counted_per_address():
+    """No authenticated user on a `User` connector: counted per IP (Exchange unconfirmed), never
+    unlimited; the window slides."""
+    from relaygate.config.model import ReceiveConnector
+    from relaygate.smtp.limits import RateLimiter
+
+    c = ReceiveConnector(name="c", message_rate_limit=1, message_rate_source="User")
+    rates = RateLimiter()
+    rates.record(c, "127.0.0.5", now=100.0)
+    assert not rates.allowed(c, "127.0.0.5", now=101.0)
+    assert rates.allowed(c, "127.0.0.6", now=101.0)
+    assert rates.allowed(c, "127.0.0.5", now=101.0, user="scanner")
+    assert rates.allowed(c, "127.0.0.5", now=160.5)

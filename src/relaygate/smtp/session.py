@@ -410,7 +410,7 @@ class Session:
             else:
                 await self.protocol_error(replies.UNRECOGNIZED_PARAMETER)
                 return
-        if not self.ctx.rates.allowed(self.connector, self.client_ip):
+        if not self.ctx.rates.allowed(self.connector, self.client_ip, user=self.auth_user):
             self.reply(replies.RATE_LIMITED)
             raise _Close()
         verdict = check_mail(
@@ -646,7 +646,7 @@ class Session:
             self.ctx.logger.exception("queue store failed for %s: %s", self.client_ip, exc)
             self.reply(replies.QUEUE_FAILED)
             return
-        self.ctx.rates.record(c, self.client_ip)
+        self.ctx.rates.record(c, self.client_ip, user=self.auth_user)
         elapsed = time.monotonic() - started
         size = len(header) + len(content)
         self.reply(
