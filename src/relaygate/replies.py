@@ -120,6 +120,7 @@ SOURCE_CONNECTIONS_EXCEEDED = Reply(
 RATE_LIMITED = Reply(
     421, "4.4.2", "Message submission rate for this client has exceeded the configured limit"
 )
+AUTH_RATE_LIMITED = Reply(450, "4.7.1", "Too many AUTH commands from this client")
 INACTIVITY_TIMEOUT = Reply(451, "4.7.0", "Timeout waiting for client input")
 CONNECTION_TIMEOUT = Reply(421, "4.4.1", "Connection timed out")
 INSUFFICIENT_RESOURCES = Reply(452, "4.3.1", "Insufficient system resources")
@@ -243,3 +244,9 @@ DELIVERY_FAILED_INTERNAL = Reply(
 
 #: A pending recipient named in a delay notice before any attempt answered.
 DELIVERY_PENDING = Reply(400, "4.0.0", "QUEUE.Pending; delivery has not completed yet")
+
+
+def auth_rate_limited(client_ip: str) -> Reply:
+    """logon_failure_rate_limit reached: Exchange has no per-address AUTH limit, so the reply is
+    Postfix's (smtpd_client_auth_rate_limit, security-bar item 140), transient."""
+    return AUTH_RATE_LIMITED.with_text(f"Too many AUTH commands from {client_ip}")

@@ -327,6 +327,7 @@ def test_exchange_defaults_on_minimal_connector() -> None:
     assert c.max_inbound_connection_percentage_per_source == 2
     assert c.max_protocol_errors == 5
     assert c.max_logon_failures == 3
+    assert c.logon_failure_rate_limit == 6  # RelayGate's own: failed AUTH per minute per address
     assert c.message_rate_limit is None  # unlimited
     assert c.tarpit_interval == timedelta(seconds=5)
     assert c.auth_tarpit_interval == timedelta(seconds=5)
@@ -384,3 +385,10 @@ def test_bad_value_names_key_and_connector() -> None:
         _connector('bindings = ["0.0.0.0:25"]\nmax_message_size = "36 furlongs"\n')
     (problem,) = info.value.problems
     assert str(problem).startswith('seed.toml: receive_connectors[0] "C": max_message_size: ')
+
+
+def test_logon_failure_rate_limit_can_be_unlimited() -> None:
+    binding = 'bindings = ["0.0.0.0:587"]\n'
+    c = _connector(binding + 'logon_failure_rate_limit = "unlimited"\n')
+    assert c.logon_failure_rate_limit is None
+    assert _connector(binding + "logon_failure_rate_limit = 20\n").logon_failure_rate_limit == 20

@@ -248,3 +248,60 @@ def test_auth_plain_authzid_must_be_the_authenticated_user(relay):
         c.greet()
         c.cmd("AUTH PLAIN " + b64("\0scanner\0" + PASSWORD), 235)
     assert "LogonDenied" in r.protocol_log_text()
+
+
+def _auth_reply(r, source: str, user: str, password: str) -> str:
+    """AUTH PLAIN on a fresh connection from `source`: the reply line."""
+    with r.raw(source) as c:
+        c.greet()
+        return c.cmd("AUTH PLAIN " + b64(f"\0{user}\0{password}")).text
+
+
+def test_auth_failures_are_limited_per_address_across_connections(relay):
+    """logon_failure_rate_limit: failures are counted per client address across connections
+    (max_logon_failures only ends one connection); past the limit AUTH is refused with 450 4.7.1
+    before any password is checked, even the right one, while another address still logs in.
+    The default (6 per minute) applies; each connection ends at max_logon_failures (3)."""
+    r = relay([auth_connector(remote_ip_ranges=["127.0.0.0/8"])])
+    add_user(r, "scanner")
+    for i in range(6):
+        assert _auth_reply(r, "127.0.0.5", "scanner", f"wrong{i}").startswith("535 ")
+    refused = "450 4.7.1 Too many AUTH commands from 127.0.0.5"
+    assert _auth_reply(r, "127.0.0.5", "scanner", PASSWORD) == refused
+    assert _auth_reply(r, "127.0.0.5", "scanner", "wrong") == refused
+    assert _auth_reply(r, "127.0.0.6", "scanner", PASSWORD).startswith("235 ")
+    assert "logon_failure_rate_limit 6 per minute reached for 127.0.0.5" in r.protocol_log_text()
+
+
+def test_auth_failure_limit_is_configurable(relay):
+    r = relay(
+        [
+            auth_connector(
+                remote_ip_ranges=["127.0.0.0/8"], logon_failure_rate_limit=1, max_logon_failures=0
+            )
+        ]
+    )
+    add_user(r, "scanner")
+    with r.raw("127.0.0.5") as c:
+        c.greet()
+        c.cmd("AUTH PLAIN " + b64("\0scanner\0wrong"), 535)
+        c.cmd("AUTH PLAIN " + b64("\0scanner\0" + PASSWORD), 450)
+
+
+def test_auth_failure_limit_holds_for_concurrent_attempts_and_by_default(relay):
+    """Attempts sent at once from one address cannot all pass the check before any is counted."""
+    r = relay([auth_connector(remote_ip_ranges=["127.0.0.0/8"])])
+    add_user(r, "scanner")
+    clients = [r.raw("127.0.0.5") for _ in range(10)]
+    try:
+        for c in clients:
+            c.greet()
+        for i, c in enumerate(clients):
+            c.send(("AUTH PLAIN " + b64(f"\0scanner\0wrong{i}") + "\r\n").encode())
+        replies = [c.reply() for c in clients]
+        codes = sorted(rep.code if rep is not None else 0 for rep in replies)
+    finally:
+        for c in clients:
+            c.close()
+    assert codes == [450] * 4 + [535] * 6
+    assert _auth_reply(r, "127.0.0.5", "scanner", PASSWORD).startswith("450 ")

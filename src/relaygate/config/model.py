@@ -124,6 +124,10 @@ class ReceiveConnector:
     max_inbound_connection_percentage_per_source: int = 2
     max_protocol_errors: int | None = 5
     max_logon_failures: int = 3
+    #: Failed AUTH per minute per client IP address (sliding window), across connections; past it
+    #: AUTH is refused with 450 4.7.1 before any password is checked. RelayGate's own (Exchange
+    #: limits failures per connection only): 2 × max_logon_failures' default. "unlimited": off.
+    logon_failure_rate_limit: int | None = 6
     message_rate_limit: int | None = UNLIMITED
     message_rate_source: str = _spec("IPAddress", choices=("None", "User", "IPAddress", "All"))
     tarpit_interval: timedelta = _span("00:00:05")

@@ -41,6 +41,7 @@ _LIMITS = (
     ("max_inbound_connection_percentage_per_source", 1, 100),
     ("max_protocol_errors", 0, 2**31 - 1),
     ("max_logon_failures", 0, 10),
+    ("logon_failure_rate_limit", 1, 2**31 - 1),
     ("message_rate_limit", 1, 2**31 - 1),
 )
 

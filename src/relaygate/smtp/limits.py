@@ -12,6 +12,7 @@ from relaygate.config.model import ReceiveConnector
 from relaygate.replies import Reply
 
 __all__ = [
+    "AuthFailures",
     "ConnectionLimits",
     "DataMemory",
     "RateLimiter",
@@ -128,6 +129,15 @@ class SlidingWindow:
             events = self._events[key] = deque()
         events.append(now)
 
+    def discard(self, key: object, at: float) -> None:
+        """Forget one event added at `at` (if it is still in the window)."""
+        events = self._events.get(key)
+        if events is not None:
+            try:
+                events.remove(at)
+            except ValueError:
+                pass
+
     def _prune(self, now: float) -> None:
         horizon = now - self.window
         for key in [k for k, events in self._events.items() if not events or events[-1] <= horizon]:
@@ -192,3 +202,36 @@ class RateLimiter:
         now = time.monotonic() if now is None else now
         for key in self._keys(connector, source, user):
             self._window.add(key, now)
+
+
+class AuthFailures:
+    """logon_failure_rate_limit: failed AUTH per minute per (connector, client IP address), across
+    connections (max_logon_failures only ends one connection, and a client reconnects at once).
+
+    An attempt is counted when its password is about to be checked (`begin`) and forgotten if it
+    succeeds (`succeeded`), so concurrent attempts from one address cannot pass the check together
+    and a client that hangs up while its failure is tarpitted is counted all the same."""
+
+    WINDOW = 60.0
+
+    def __init__(self) -> None:
+        self._window = SlidingWindow(self.WINDOW)
+
+    def allowed(self, connector: ReceiveConnector, source: str, now: float | None = None) -> bool:
+        limit = connector.logon_failure_rate_limit
+        if limit is None:
+            return True
+        now = time.monotonic() if now is None else now
+        return self._window.count((connector.name, source), now) < limit
+
+    def begin(self, connector: ReceiveConnector, source: str) -> float | None:
+        """Count an attempt as failed until `succeeded`; returns its token (None: not counted)."""
+        if connector.logon_failure_rate_limit is None:
+            return None
+        now = time.monotonic()
+        self._window.add((connector.name, source), now)
+        return now
+
+    def succeeded(self, connector: ReceiveConnector, source: str, token: float | None) -> None:
+        if token is not None:
+            self._window.discard((connector.name, source), token)

@@ -34,7 +34,13 @@ from relaygate.queue.store import Store
 from relaygate.smtp import proxy
 from relaygate.smtp.auth import UserStore, users_path
 from relaygate.smtp.connection import Connection
-from relaygate.smtp.limits import ConnectionLimits, DataMemory, RateLimiter, default_data_memory
+from relaygate.smtp.limits import (
+    AuthFailures,
+    ConnectionLimits,
+    DataMemory,
+    RateLimiter,
+    default_data_memory,
+)
 from relaygate.smtp.session import Session
 from relaygate.smtp.steering import attach_source_steering
 from relaygate.smtp.tls import server_context
@@ -212,6 +218,7 @@ class ServerContext:
         self.handoff: Handoff | None = None
         self.limits = ConnectionLimits()
         self.rates = RateLimiter()
+        self.auth_failures = AuthFailures()
         #: Back pressure on the queue's disk (set by the relay; None: never refuse for it).
         self.pressure: DiskPressure | None = None
         self.data_memory = DataMemory(0)  # its limit is set by apply()

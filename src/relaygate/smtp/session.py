@@ -756,6 +756,9 @@ class Session:
         if "BasicAuthRequireTLS" in mechanisms and not self.tls_active:
             await self.protocol_error(replies.BASIC_AUTH_REQUIRES_TLS)
             return
+        if not self.ctx.auth_failures.allowed(self.connector, self.client_ip):
+            await self._auth_rate_limited()
+            return
         mechanism, _, initial = arg.strip().partition(" ")
         mechanism = mechanism.upper()
         authzid = ""  # PLAIN's authorization identity (RFC 4616); LOGIN has none
@@ -784,11 +787,19 @@ class Session:
         except (ValueError, UnicodeDecodeError, binascii.Error):
             await self.protocol_error(replies.UNRECOGNIZED_PARAMETER)
             return
+        failures = self.ctx.auth_failures
+        if not failures.allowed(self.connector, self.client_ip):  # again: the credentials took time
+            await self._auth_rate_limited()
+            return
+        # Counted as a failure from here, before the password is checked: a client hanging up
+        # during the tarpit, or many at once from one address, are counted all the same.
+        attempt = failures.begin(self.connector, self.client_ip)
         # RFC 4616 §2: an authorization identity other than the authenticated one is refused (no
         # user may act as another); it fails as a wrong password does, whatever the password.
         if (not authzid or authzid.lower() == user.lower()) and await self.ctx.users.verify(
             user, password
         ):
+            failures.succeeded(self.connector, self.client_ip, attempt)
             user = user.lower()  # the canonical name, as `relaygate user list` shows it
             self.auth_user = user
             self.authenticated = True
@@ -808,6 +819,15 @@ class Session:
         ):
             self.reply(replies.TOO_MANY_ERRORS)
             raise _Close()
+
+    async def _auth_rate_limited(self) -> None:
+        """logon_failure_rate_limit reached for this address: refused before any password is
+        checked (a protocol error: a client repeating it is closed at max_protocol_errors)."""
+        self.log.info(
+            f"Inbound AUTH refused: logon_failure_rate_limit "
+            f"{self.connector.logon_failure_rate_limit} per minute reached for {self.client_ip}"
+        )
+        await self.protocol_error(replies.auth_rate_limited(self.client_ip))
 
     async def _challenge(self, text: str) -> str | None:
         self.out.append(f"334 {text}\r\n".encode("ascii"))
