@@ -286,6 +286,18 @@ def _connector_findings(
             "add BasicAuthRequireTLS (and Tls) to auth_mechanism, or set require_tls = true",
         )
 
+    if "BasicAuth" in c.auth_mechanism and c.logon_failure_rate_limit is None:
+        yield Finding(
+            "medium",
+            "logon-failures-unlimited",
+            c.name,
+            "logon_failure_rate_limit",
+            "BasicAuth is offered with no limit on failed logons per client address: a client can "
+            "guess passwords on fresh connections without bound (max_logon_failures counts per "
+            "connection only)",
+            "set logon_failure_rate_limit (failed AUTH per minute per address; the default is 6)",
+        )
+
     if "ExchangeUsers" in c.permission_groups and not _AUTH_OFFERING & set(c.auth_mechanism):
         yield Finding(
             "info",

@@ -391,3 +391,18 @@ def test_admin_listener_on_the_network_without_a_token_is_high(listen: str, tmp_
     for safe in ("127.0.0.1:8025", "127.0.0.9:18025", "[::1]:8025"):
         assert audit(config(CLEAN + f'\n[admin]\nlisten = "{safe}"\n')) == []
     assert audit(config(exposed + "enabled = false\n")) == []
+
+
+def test_basic_auth_without_a_logon_failure_rate_limit_is_medium() -> None:
+    text = """
+    [[receive_connectors]]
+    name = "Submission"
+    bindings = ["0.0.0.0:587"]
+    remote_ip_ranges = ["10.0.0.0/8"]
+    permission_groups = ["ExchangeUsers"]
+    auth_mechanism = ["Tls", "BasicAuth", "BasicAuthRequireTLS"]
+    """
+    assert audit(config(text)) == []  # the default limit (6 a minute per address) is on
+    found = audit(config(text + 'logon_failure_rate_limit = "unlimited"\n'))
+    assert codes(found) == [("medium", "logon-failures-unlimited", "Submission")]
+    assert found[0].key == "logon_failure_rate_limit"
