@@ -33,6 +33,7 @@ from relaygate.queue.store import (
     Store,
     StoreClosedError,
     StoreFullError,
+    StoreOutcomeUnknownError,
     open_store,
 )
 
@@ -842,6 +843,75 @@ async def test_a_failed_submit_leaves_no_spool_file(store: SqliteStore, db_path:
         await store.submit(env(), b"z" * 100_000)
     store._op_submit = real  # type: ignore[method-assign]
     assert spool_files(db_path) == set()
+
+
+class _CommitLandsThenFails:
+    """The writer's connection, with a COMMIT that reaches the disk and then reports an error,
+    as SQLite does when the WAL frames are written but the -shm index cannot grow (a full disk)
+    or an fsync fails after the write."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self.fail_next = True
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        cursor = self._conn.execute(sql, *args)
+        if sql == "COMMIT" and self.fail_next:
+            self.fail_next = False
+            raise sqlite3.OperationalError("disk I/O error")
+        return cursor
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._conn, name)
+
+
+@pytest.mark.parametrize("size", [100, 100_000], ids=["inline", "spooled"])
+async def test_a_commit_that_fails_after_reaching_the_disk_is_outcome_unknown(
+    db_path: Path, size: int
+) -> None:
+    """Not a plain failure (before: StoreError, which the session answers with 451, and the spool
+    file of a big message deleted while its row came back: suspended as corrupt). The caller is
+    told the outcome is unknown, and the spool file stays for the row."""
+    data = b"u" * size
+    async with SqliteStore(db_path) as s:
+        await s.submit(env(), b"first")  # the writer's connection is open
+        s._wconn = _CommitLandsThenFails(s._wconn)  # type: ignore[assignment]
+        with pytest.raises(StoreOutcomeUnknownError):
+            await s.submit(env("back@corp.example"), data)
+    async with SqliteStore(db_path) as s:  # SQLite rebuilds its index from the WAL file
+        (msg,) = [
+            m for m in await s.list_messages() if m.recipients[0].address == "back@corp.example"
+        ]
+        assert await s.read_data(msg.queue_id) == data
+
+
+async def test_a_cancelled_big_submit_that_still_commits_keeps_its_spool_file(
+    store: SqliteStore,
+) -> None:
+    """A session cancelled while its submit waits (a stop past its grace time, a slow disk):
+    the queued write still commits, so its spool file must stay (before: deleted, and the row
+    that came back was suspended as corrupt)."""
+    real = store._op_submit
+
+    def slow(*args: object) -> str:
+        time.sleep(0.5)  # in the writer thread: the caller is cancelled meanwhile
+        return real(*args)  # type: ignore[arg-type]
+
+    store._op_submit = slow  # type: ignore[method-assign]
+    data = b"c" * 100_000
+    task = asyncio.create_task(store.submit(env("late@corp.example"), data))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    store._op_submit = real  # type: ignore[method-assign]
+    for _ in range(100):
+        found = [m for m in await store.list_messages()]
+        if found:
+            break
+        await asyncio.sleep(0.05)
+    (msg,) = found
+    assert await store.read_data(msg.queue_id) == data
 
 
 async def test_a_full_disk_while_spooling_is_store_full(

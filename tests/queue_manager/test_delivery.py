@@ -285,6 +285,66 @@ async def test_a_route_that_fails_to_record_does_not_end_the_lease_of_a_route_in
         await wait_for(lambda: a.handler.messages)
 
 
+async def test_a_commit_with_an_unknown_outcome_gets_no_reply_and_results_are_stored_again(
+    tmp_path: Path,
+) -> None:
+    """Two store failures met on a full disk (review, reproduced with a relay on a full tmpfs):
+    - a COMMIT that failed after reaching the disk was answered 451 although the message could
+      come back and be delivered: now the connection is closed without a reply (RFC 5321 §6.1);
+    - delivery results that could not be stored were dropped, and the message was delivered
+      again once writes worked: now they are stored again until the store takes them."""
+    import aiosmtplib
+
+    from relaygate.queue.store import StoreError, StoreOutcomeUnknownError
+    from tests.queue_manager.helpers import smtp_port
+
+    async with (
+        sinks(ScriptedHandler()) as (a,),
+        relay_running(tmp_path, {"*": a.port}) as relay,
+    ):
+        store = relay.store
+        real_submit, real_record = store.submit, store.record_results
+        unknown = True
+
+        async def submit(envelope: Envelope, data: bytes, **kw: Any) -> str:
+            if unknown:
+                raise StoreOutcomeUnknownError("commit failed, outcome unknown: disk I/O error")
+            return await real_submit(envelope, data, **kw)
+
+        store.submit = submit  # type: ignore[method-assign]
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(relay), timeout=10)
+        await client.connect()
+        await client.ehlo(hostname="client.test")
+        await client.mail(SENDER)
+        await client.rcpt("bob@example.com")
+        with contextlib.suppress(aiosmtplib.SMTPServerDisconnected):
+            reply = await client.data(original("Unknown"))
+            raise AssertionError(f"a reply to a message whose outcome is unknown: {reply}")
+        client.close()
+
+        unknown = False
+        failures = 2
+
+        async def record_results(queue_id: str, owner: str, results: Any, **kw: Any) -> None:
+            nonlocal failures
+            if failures:
+                failures -= 1
+                raise StoreError("queue database error: database or disk is full")
+            await real_record(queue_id, owner, results, **kw)
+
+        store.record_results = record_results  # type: ignore[method-assign]
+        await send(relay, SENDER, ["bob@example.com"], original("Results"))
+
+        async def delivered() -> Any:
+            (msg,) = await store.list_messages()
+            return msg.recipients[0].status is RecipientStatus.DELIVERED
+
+        await wait_for(delivered)
+        assert failures == 0
+        await asyncio.sleep(1.0)  # five scans: none delivers it again
+        assert len(a.handler.messages) == 1
+
+
 async def test_the_null_sender_is_never_bounced(tmp_path: Path) -> None:
     async with (
         sinks(ScriptedHandler(lambda _a, _n: "550 5.1.1 User unknown"), ScriptedHandler()) as (

@@ -70,7 +70,7 @@ from relaygate.queue.model import (
     StoredMessage,
 )
 from relaygate.queue.retry import RetrySchedule
-from relaygate.queue.store import CorruptMessageError, Store, StoreClosedError
+from relaygate.queue.store import CorruptMessageError, Store, StoreClosedError, StoreError
 from relaygate.replies import Reply
 
 __all__ = [
@@ -655,9 +655,36 @@ class QueueManager:
             updates.append(state)
             self.stats[res.outcome] += 1
 
-        await self.store.record_results(msg.queue_id, self.node_id, updates, release=release)
+        await self._store_results(msg.queue_id, updates, release)
         self._track_results(msg, results, data)
         return deferred
+
+    async def _store_results(
+        self, queue_id: str, updates: list[RecipientState], release: bool
+    ) -> None:
+        """record_results, tried again until it is stored: the next hop has answered, and a
+        result dropped here (a full disk, an I/O error) would deliver the message again once
+        writes work. The lease is kept meanwhile (renewed when the store takes writes again).
+        Applying the same results twice is harmless (a final status is never overwritten)."""
+        delay = 0.5
+        while True:
+            try:
+                await self.store.record_results(queue_id, self.node_id, updates, release=release)
+                return
+            except StoreClosedError:
+                raise
+            except StoreError as exc:
+                if self._stopping:
+                    raise  # stopping: the result is lost, the message is delivered again
+                log.error(
+                    "message %s: its delivery results could not be stored (%s); trying again "
+                    "in %.1f s",
+                    queue_id,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     async def _maybe_delay_notice(
         self,

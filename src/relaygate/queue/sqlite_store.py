@@ -63,6 +63,7 @@ from .store import (
     StoreClosedError,
     StoreError,
     StoreFullError,
+    StoreOutcomeUnknownError,
     open_store,
 )
 
@@ -181,6 +182,12 @@ def _wrap_error(exc: BaseException) -> BaseException:
         err.__cause__ = exc
         return err
     return exc
+
+
+def _outcome_unknown(exc: BaseException) -> StoreOutcomeUnknownError:
+    err = StoreOutcomeUnknownError(f"queue database commit failed, outcome unknown: {exc}")
+    err.__cause__ = exc
+    return err
 
 
 def _make_dirs_durably(path: Path) -> None:
@@ -618,6 +625,7 @@ class SqliteStore(Store):
     def _commit_batch(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
         """Run every call of the batch in one transaction: (True, result) or (False, error) each."""
         outcomes: list[tuple[bool, Any]] = []
+        committing = False
         try:
             if self._wconn is None:  # a previous commit failed: start on a fresh connection
                 self._wconn = self._connect()
@@ -648,6 +656,7 @@ class SqliteStore(Store):
                 self._unlink_after_commit.clear()
                 conn.execute("BEGIN IMMEDIATE")
                 outcomes = self._run_with_savepoints(conn, batch)
+            committing = True
             conn.execute("COMMIT")
         except Exception as exc:
             self._unlink_after_commit.clear()  # the rows are still there: so are their files
@@ -661,7 +670,13 @@ class SqliteStore(Store):
                 with contextlib.suppress(Exception):
                     self._wconn.close()
                 self._wconn = None
-            outcomes = [(False, _wrap_error(exc)) for _ in batch]
+            if committing:
+                # COMMIT itself failed: its frames may be in the WAL file, and come back when
+                # SQLite next rebuilds its index from it (a full disk failing the -shm file, a
+                # failed fsync): the outcome is unknown, not "not stored".
+                outcomes = [(False, _outcome_unknown(exc)) for _ in batch]
+            else:
+                outcomes = [(False, _wrap_error(exc)) for _ in batch]
         else:
             if self._unlink_after_commit:
                 self._spool.unlink(self._unlink_after_commit)
@@ -995,9 +1010,13 @@ class SqliteStore(Store):
                 (digest, name, len(blob)),
                 size=512,
             )
-        except BaseException:
+        except StoreOutcomeUnknownError:
+            raise  # the row may be on disk: its file stays (the orphan sweep takes it if not)
+        except StoreError:
             self._spool.unlink([name])  # never committed: nobody will look for it
             raise
+        # Cancelled (a stop past its grace time): the queued write may still commit, so the file
+        # stays; unreferenced, the orphan sweep removes it at the next start.
 
     def _spool_write(self, blob: bytes) -> tuple[bytes, str]:
         return hashlib.sha256(blob).digest(), self._spool.write(blob)

@@ -38,6 +38,7 @@ __all__ = [
     "StoreClosedError",
     "StoreError",
     "StoreFullError",
+    "StoreOutcomeUnknownError",
     "open_store",
 ]
 
@@ -52,6 +53,13 @@ class StoreFullError(StoreError):
 
 class StoreClosedError(StoreError):
     """The store is not open (not yet opened, or closed / shutting down)."""
+
+
+class StoreOutcomeUnknownError(StoreError):
+    """The commit failed after its changes may have reached the disk (an error from COMMIT
+    itself: SQLite may have written the WAL frames, even fsync'd them, before it failed). They
+    may come back at the next open. A caller must not report the change as refused: a receiving
+    session closes the connection without a reply (RFC 5321 §6.1: the client cannot tell)."""
 
 
 class CorruptMessageError(StoreError):

@@ -28,7 +28,7 @@ from relaygate.logs.protocol import receiving_message_info
 from relaygate.policy.rights import SessionRights, session_rights
 from relaygate.policy.verdicts import Verdict, check_mail, check_rcpt, relay_local_ips
 from relaygate.queue.model import LINE_BREAKS, LINE_BREAKS_CRLF, SMTPUTF8, Envelope, StoredMessage
-from relaygate.queue.store import StoreFullError
+from relaygate.queue.store import StoreFullError, StoreOutcomeUnknownError
 from relaygate.replies import Reply
 from relaygate.smtp.message import DataReader, has_bare_cr_or_lf, received_header, scan_headers
 
@@ -635,6 +635,17 @@ class Session:
             queue_id = await self.ctx.store.submit(
                 envelope, data, lease=lease, received_at=received_at
             )
+        except StoreOutcomeUnknownError as exc:
+            # The message may be stored after all: neither a 250 nor a 4xx would be true. No
+            # reply, the connection closed: RFC 5321 §6.1 has the client send it again (a
+            # duplicate at worst, never a loss or a refusal that was not one).
+            self.ctx.logger.error(
+                "queue store commit failed with its outcome unknown, message from %s: "
+                "connection closed without a reply: %s",
+                self.client_ip,
+                exc,
+            )
+            raise _Close() from exc
         except StoreFullError as exc:  # the disk or database is full: the Store contract's 452
             # A warning: the store logs its failed commit itself; here the client is told to retry.
             self.ctx.logger.warning(
