@@ -882,3 +882,39 @@ async def test_a_delivery_that_outlasts_its_lease_keeps_it(tmp_path: Path) -> No
         (msg,) = await wait_for(lambda: _completed(relay), timeout=5.0)
         assert msg.recipients[0].status == RecipientStatus.DELIVERED
         assert len(a.handler.messages) == 1
+
+
+async def test_a_reload_that_hardens_a_send_connector_is_not_bypassed_by_a_pooled_session(
+    tmp_path: Path,
+) -> None:
+    """A session kept open for reuse was opened under the old settings: after a reload that sets
+    require_tls (or AUTH), it carried the next message in clear (review, reproduced)."""
+    from tests.queue_manager.helpers import start_sink
+
+    sink = await start_sink()  # plain SMTP: no STARTTLS
+    cfg = tmp_path / "relaygate.toml"
+    relay = await start_relay(tmp_path / "data", {"*": sink.port}, config_file=cfg)
+    try:
+        await send(relay, SENDER, ["a@example.com"], original("Before"))
+        await wait_for(lambda: len(sink.handler.messages) == 1)
+        assert relay.manager.pool is not None and len(relay.manager.pool) == 1  # kept for reuse
+        text = cfg.read_text().replace(
+            'connection_inactivity_timeout = "00:00:10"',
+            'connection_inactivity_timeout = "00:00:10"\nrequire_tls = true',
+        )
+        cfg.write_text(text)
+        await relay.reload()
+        assert relay.manager.config.send_connectors[0].require_tls is True
+        await send(relay, SENDER, ["b@example.com"], original("After"))
+
+        async def deferred() -> Any:
+            msgs = await relay.store.list_messages()
+            after = [m for m in msgs if m.recipients[0].address == "b@example.com"]
+            return after and after[0].recipients[0].status is RecipientStatus.DEFERRED and after
+
+        (msg,) = await wait_for(deferred)
+        assert "TLS" in msg.recipients[0].last_error
+        assert [m["rcpt_tos"] for m in sink.handler.messages] == [["a@example.com"]]
+    finally:
+        await relay.stop()
+        await sink.close()

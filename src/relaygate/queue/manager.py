@@ -310,6 +310,12 @@ class QueueManager:
     def apply(self, config: Any) -> None:
         """Take a reloaded configuration. Unreachable recipients are resubmitted at once (a new
         send connector may route them), as Exchange resubmits its Unreachable queue."""
+        if self.pool is not None and config.send_connectors != self.config.send_connectors:
+            # Sessions opened under the old send connectors (their TLS, AUTH, credentials) must
+            # not carry mail under the new ones: a new pool; the old one quits its idle sessions,
+            # and those still delivering are closed when they come back to it.
+            old, self.pool = self.pool, ConnectionPool()
+            self._spawn(old.aclose())
         self.config = config
         self.schedule = RetrySchedule.from_config(config.queue)
         if not self._resolver_fixed:
