@@ -188,6 +188,30 @@ async def test_a_secret_file_is_read_without_its_newline(entra: FakeEntra, tmp_p
     assert await p() == TOKEN
 
 
+async def test_a_secret_replaced_after_entra_refused_it_is_used_without_a_restart(
+    entra: FakeEntra, tmp_path: Path
+) -> None:
+    """Before, the msal application kept the refused secret: every later request sent it again
+    until the process restarted (review, reproduced)."""
+    secret_file = tmp_path / "m365.secret"
+    secret_file.write_text("old-expired-secret\n")
+    p = OAuthTokenProvider(
+        connector_name="M365",
+        tenant_id=TENANT,
+        client_id=CLIENT_ID,
+        secret_file=secret_file,
+        authority_host=entra.authority_host,
+    )
+    with pytest.raises(TokenError, match="invalid_client"):
+        await p()
+    secret_file.write_text(SECRET + "\n")  # the administrator puts the new secret in place
+    assert await p() == TOKEN
+    assert [r.get("client_secret") for r in entra.token_requests] == [
+        ["old-expired-secret"],
+        [SECRET],
+    ]
+
+
 def test_the_authority_must_be_https() -> None:
     text = f"""
 [server]

@@ -146,6 +146,9 @@ class OAuthTokenProvider:
             error = str(result.get("error", error))
             lines = str(result.get("error_description", "")).strip().splitlines()
             description = lines[0] if lines else ""
+        # Refused (an expired or revoked secret...): the next request reads the secret again,
+        # so a secret replaced in its file is used without a restart.
+        self._app = None
         raise TokenError(
             f"send connector {self.connector_name!r}: {self.authority} refused the token "
             f"request: {error}" + (f" ({description})" if description else "")
