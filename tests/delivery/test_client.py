@@ -441,6 +441,50 @@ async def test_declared_smtputf8_needs_a_hop_with_it_only_when_the_header_has_ut
     assert "SMTPUTF8" in utf8.handler.messages[0]["mail_options"]
 
 
+async def test_552_to_rcpt_is_temporary_not_a_bounce():
+    """RFC 5321 §4.5.3.1.10: clients should treat a 552 to RCPT (RFC 821's "too many
+    recipients") as temporary; it was bounced with an NDR (review, reproduced)."""
+
+    def answer(verb: bytes, _connection: int, n: int) -> str | None:
+        return "552 5.5.3 Too many recipients" if verb == b"RCPT" and n > 1 else None
+
+    raw = await RawSink(answer=answer).start()
+    try:
+        out = await send(hop(raw.port), rcpts=["a@dest.test", "b@dest.test"])
+    finally:
+        await raw.close()
+    assert out.delivered == ["a@dest.test"] and not out.failed
+    assert out.per_recipient["b@dest.test"] == replies.Reply(452, "4.5.3", "Too many recipients")
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "one-by-one"])
+async def test_421_on_a_pooled_session_that_delivered_nothing_yet_gets_a_fresh_connection(
+    monkeypatch: pytest.MonkeyPatch, pipelining: bool
+) -> None:
+    """A pooled session whose last transaction had every RCPT refused had delivered no message,
+    so a 421 at its next MAIL (the server's idle timeout) failed the hop instead of opening one
+    fresh connection (review, reproduced)."""
+    monkeypatch.setattr(helpers, "PIPELINING", pipelining)
+
+    def answer(verb: bytes, connection: int, n: int) -> str | None:
+        if connection == 1 and verb == b"RCPT" and n == 1:
+            return "550 5.1.1 User unknown"
+        if connection == 1 and verb == b"MAIL" and n == 2:
+            return "421 4.4.2 Idle timeout, closing"
+        return None
+
+    raw = await RawSink(answer=answer).start()
+    pool = ConnectionPool(idle_seconds=30)
+    try:
+        first = await send(hop(raw.port), rcpts=["x@dest.test"], pool=pool)
+        second = await send(hop(raw.port), rcpts=["y@dest.test"], pool=pool)
+    finally:
+        await pool.aclose()
+        await raw.close()
+    assert first.failed == ["x@dest.test"]
+    assert second.delivered == ["y@dest.test"] and raw.connections == 2
+
+
 # --------------------------------------------------------------------------------------------------
 # TLS
 

@@ -837,8 +837,17 @@ def _after_data(
     return results, data_reply
 
 
+def _rcpt_reply(reply: Reply) -> Reply:
+    """RFC 5321 §4.5.3.1.10: a 552 to RCPT (RFC 821's "too many recipients") is taken as 452,
+    temporary: the recipient is tried again, not bounced."""
+    if reply.code != 552:
+        return reply
+    enhanced = "4" + reply.enhanced[1:] if reply.enhanced.startswith("5.") else reply.enhanced
+    return Reply(452, enhanced, reply.text)
+
+
 async def _transaction(
-    session: _Session, env: _Envelope, pending: list[str], timeout: float
+    session: _Session, env: _Envelope, pending: list[str], timeout: float, *, reused: bool = False
 ) -> tuple[dict[str, Reply], Reply | None]:
     """MAIL, RCPT..., DATA on an open session. Returns per-recipient replies for `pending` and the
     DATA reply; raises _HopFailed for a whole-transaction transient failure."""
@@ -878,12 +887,13 @@ async def _transaction(
         params.append(b"SMTPUTF8")
 
     try:
-        reused = session.messages > 0
+        # `reused`: the session came from the pool (a 421 there is its idle timeout, worth one
+        # fresh connection), whether or not it has delivered a message yet.
         transport = getattr(smtp.protocol, "transport", None)
         # Duck-typed: uvloop's TCPTransport is not an asyncio.Transport subclass.
         if smtp.supports_extension("pipelining") and hasattr(transport, "set_protocol"):
             tr = cast(asyncio.Transport, transport)  # it has the methods ReplyReader uses
-            return await _pipelined(session, tr, env, rcpts, params, results, timeout)
+            return await _pipelined(session, tr, env, rcpts, params, results, timeout, reused)
         mail = await _command(
             smtp, b"MAIL", b"FROM:<" + env.sender.encode("utf-8") + b">", *params, timeout=timeout
         )
@@ -906,7 +916,7 @@ async def _transaction(
             reply = await _command(
                 smtp, b"RCPT", b"TO:<" + env.recipients[r].encode("utf-8") + b">", timeout=timeout
             )
-            rcpt_replies[r] = reply
+            rcpt_replies[r] = reply = _rcpt_reply(reply)
             if reply.code in (250, 251):
                 accepted.append(r)
         if not accepted:
@@ -953,10 +963,10 @@ async def _pipelined(
     params: list[bytes],
     results: dict[str, Reply],
     timeout: float,
+    reused: bool,
 ) -> tuple[dict[str, Reply], Reply | None]:
     """`_transaction` with PIPELINING (RFC 2920): MAIL, the RCPTs and DATA in one write, the
     replies read in order, then the content. Same outcomes as the command-by-command path."""
-    reused = session.messages > 0
     reader = ReplyReader.install(transport)
     got_mail = False
     try:
@@ -972,7 +982,7 @@ async def _pipelined(
             # like a dropped connection, one fresh connection to the same hop may take the message.
             session.close()
             raise _HopFailed(mail, connection_lost=reused)
-        rcpt_replies = {r: remote_reply(*await reader.reply(timeout)) for r in rcpts}
+        rcpt_replies = {r: _rcpt_reply(remote_reply(*await reader.reply(timeout))) for r in rcpts}
         data_start = remote_reply(*await reader.reply(timeout))
         accepted = [r for r in rcpts if rcpt_replies[r].code in (250, 251)]
         if data_start.code == 354 and (not accepted or not 200 <= mail.code < 300):
@@ -1170,7 +1180,9 @@ async def _attempt_hop(
                     continue
                 raise
         try:
-            results, data_reply = await _transaction(session, env, pending, timeout)
+            results, data_reply = await _transaction(
+                session, env, pending, timeout, reused=not fresh
+            )
         except _HopFailed as failure:
             if failure.connection_lost and not fresh:
                 # a pooled session that went stale: one fresh connection to the same hop
