@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 
 from relaygate import replies
@@ -41,6 +43,28 @@ def test_is_local_endpoint():
     assert is_local_endpoint("10.0.0.9", 25, {("10.0.0.9", 25)})
     assert not is_local_endpoint("127.0.0.1", 26, OURS)
     assert not is_local_endpoint("192.0.2.1", 2525, OURS)
+
+
+def _own_interface_address() -> str:
+    """An address of this host on a real interface: the source address the kernel would pick for
+    a TEST-NET destination (a UDP connect sends nothing)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))
+        return str(s.getsockname()[0])
+
+
+def test_a_wildcard_listener_makes_every_address_of_this_host_local():
+    """A smart host or MX on this machine's own interface address, with a listener on 0.0.0.0
+    or [::] at that port, is this relay: before, only 0.0.0.0 itself matched, and the relay
+    delivered to itself until the hop count stopped it (review, reproduced)."""
+    own = _own_interface_address()
+    assert not ipaddress.ip_address(own).is_loopback  # the machine has a non-loopback address
+    assert is_local_endpoint(own, 25, [("0.0.0.0", 25)])
+    assert is_local_endpoint("::ffff:" + own, 25, [("::", 25)])
+    assert not is_local_endpoint(own, 26, [("0.0.0.0", 25)])  # another port: another server
+    assert not is_local_endpoint("198.51.100.77", 25, [("0.0.0.0", 25)])  # not ours
 
 
 async def test_smart_hosts_in_configured_order(loopback_dns):

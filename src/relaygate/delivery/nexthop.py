@@ -24,6 +24,7 @@ import asyncio
 import functools
 import ipaddress
 import logging
+import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -141,7 +142,28 @@ def is_local_endpoint(ip: str, port: int, local_endpoints: Iterable[tuple[str, i
             continue
         if bound == addr:
             return True
+        # A wildcard socket receives connections to every address of this host: 0.0.0.0 those
+        # of IPv4, :: those of IPv6 (and of IPv4 when dual-stack, which a loop check assumes).
+        if (
+            bound.is_unspecified
+            and (bound.version == addr.version or bound.version == 6)
+            and is_own_address(str(addr))
+        ):
+            return True
     return False
+
+
+@functools.lru_cache(maxsize=1024)
+def is_own_address(ip: str) -> bool:
+    """True if `ip` is an address of this host: only those can be bound (no packet is sent).
+    Remembered: a host's addresses rarely change, and a next hop is checked per delivery."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((ip, 0))
+    except OSError:
+        return False
+    return True
 
 
 def _special(addr: IpAddress) -> bool:
