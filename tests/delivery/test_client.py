@@ -441,6 +441,49 @@ async def test_declared_smtputf8_needs_a_hop_with_it_only_when_the_header_has_ut
     assert "SMTPUTF8" in utf8.handler.messages[0]["mail_options"]
 
 
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "one-by-one"])
+async def test_recipients_over_the_servers_limit_go_in_another_transaction(
+    monkeypatch: pytest.MonkeyPatch, pipelining: bool
+) -> None:
+    """A server that takes one recipient per transaction answers the others 452: they go in
+    further transactions on the same connection, not in the next retry five minutes later
+    (review, reproduced). A 452 that is not such a limit (nothing taken) is left deferred."""
+    monkeypatch.setattr(helpers, "PIPELINING", pipelining)
+
+    seen: dict[str, int] = {"rcpts": 0}
+
+    def answer(verb: bytes, connection: int, n: int) -> str | None:
+        if verb == b"MAIL":
+            seen["rcpts"] = 0
+        if verb == b"RCPT":
+            seen["rcpts"] += 1
+            if seen["rcpts"] > 1:
+                return "452 4.5.3 Too many recipients"
+        return None
+
+    raw = await RawSink(answer=answer).start()
+    try:
+        out = await send(hop(raw.port), rcpts=["a@dest.test", "b@dest.test", "c@dest.test"])
+    finally:
+        await raw.close()
+    assert out.delivered == ["a@dest.test", "b@dest.test", "c@dest.test"]
+    assert raw.connections == 1 and len(raw.data) == 3
+
+    def always_full(verb: bytes, _connection: int, n: int) -> str | None:
+        return "452 4.2.2 Mailbox full" if verb == b"RCPT" and n > 1 else None
+
+    raw = await RawSink(answer=always_full).start()
+    try:
+        out = await send(hop(raw.port), rcpts=["a@dest.test", "b@dest.test"])
+    finally:
+        await raw.close()
+    assert out.delivered == ["a@dest.test"]
+    assert out.per_recipient["b@dest.test"].code == 452
+    # One more transaction at most (it took nothing); with PIPELINING its DATA, which this
+    # scripted server accepts with no recipient, is ended at once with an empty content.
+    assert [d for d in raw.data if d != b".\r\n"] == raw.data[:1]
+
+
 async def test_552_to_rcpt_is_temporary_not_a_bounce():
     """RFC 5321 §4.5.3.1.10: clients should treat a 552 to RCPT (RFC 821's "too many
     recipients") as temporary; it was bounced with an NDR (review, reproduced)."""

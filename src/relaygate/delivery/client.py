@@ -1192,8 +1192,37 @@ async def _attempt_hop(
                 continue
             await session.quit(timeout=min(timeout, 2.0))
             raise
+        data_reply = await _more_transactions(session, env, pending, results, data_reply, timeout)
         if pool is not None and session.alive:
             pool.put(session)
         else:
             await session.quit(timeout=min(timeout, 2.0))
         return results, data_reply
+
+
+async def _more_transactions(
+    session: _Session,
+    env: _Envelope,
+    sent: list[str],
+    results: dict[str, Reply],
+    data_reply: Reply | None,
+    timeout: float,
+) -> Reply | None:
+    """Recipients refused with 452 while others of the same transaction were taken (a server's
+    limit of recipients per message, RFC 5321 §4.5.3.1.10) go in another transaction on the same
+    session, as long as each takes some. A failure there leaves them deferred: what was delivered
+    stays delivered (the next hop is never tried with it again)."""
+    while session.alive and session.clean:
+        codes = {r: reply.code for r in sent if (reply := results.get(r)) is not None}
+        again = [r for r, code in codes.items() if code == 452]
+        if not again or not any(code < 300 for code in codes.values()):
+            return data_reply
+        try:
+            more, more_reply = await _transaction(session, env, again, timeout, reused=True)
+        except _HopFailed:
+            session.close()
+            return data_reply
+        results.update(more)
+        data_reply = more_reply or data_reply
+        sent = again
+    return data_reply
