@@ -330,6 +330,16 @@ class Config:
     def dkim_keys(self) -> tuple[DkimKey, ...]:
         return self.dkim
 
+    def ipv6_only(self, port: int) -> bool:
+        """A [::] listener on `port` is IPv6-only: an enabled connector binds 0.0.0.0 there too
+        (else it is dual-stack and also receives IPv4 clients, as ::ffff:a.b.c.d)."""
+        return any(
+            b.address == "0.0.0.0" and b.port == port
+            for c in self.receive_connectors
+            if c.enabled
+            for b in c.bindings
+        )
+
     def connector(self, name: str) -> ReceiveConnector | None:
         for connector in self.receive_connectors:
             if connector.name.lower() == name.lower():

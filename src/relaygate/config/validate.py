@@ -18,7 +18,12 @@ from typing import Any
 
 from relaygate.config.loader import Problem
 from relaygate.config.model import Config, ReceiveConnector, SendConnector
-from relaygate.config.values import Binding, format_timespan
+from relaygate.config.values import (
+    Binding,
+    format_timespan,
+    parse_smart_host,
+    wildcard_covers,
+)
 
 __all__ = ["validate"]
 
@@ -136,9 +141,10 @@ def _send_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
     if not s.dns_routing_enabled and not s.smart_hosts:
         yield "smart_hosts", "is required when dns_routing_enabled = false"
     for i, host in enumerate(s.smart_hosts):
-        problem = _smart_host_problem(host)
-        if problem is not None:
-            yield f"smart_hosts[{i}]", problem
+        try:
+            parse_smart_host(host, s.port)  # the parser delivery uses (delivery/nexthop.py)
+        except ValueError as exc:
+            yield f"smart_hosts[{i}]", str(exc)
     if not 0 < s.port < 65536:
         yield "port", "must be 1-65535"
     if s.smart_host_auth_mechanism in ("BasicAuth", "BasicAuthRequireTLS"):
@@ -173,65 +179,16 @@ def _send_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
         )
 
 
-# A host name as a smart host: letters, digits, hyphens (and underscores, seen in internal names),
-# dot-separated labels of at most 63 characters, an optional final dot.
-_HOST_NAME = re.compile(
-    r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*\.?$"
-)
-
-
-def _smart_host_problem(entry: str) -> str | None:
-    """Why `entry` is not a smart host the delivery side can use (delivery/nexthop.py
-    `parse_smart_host`: host, host:port, [IPv4], [IPv6] or [IPv6:addr] with an optional :port, or a
-    bare IPv4/IPv6 address); None when it is one."""
-    import ipaddress
-
-    text = entry.strip()
-    usage = "use a host name, an IPv4 address or an [IP] literal, with an optional :port"
-    if text.startswith("["):
-        inner, closed, rest = text[1:].partition("]")
-        if inner.lower().startswith("ipv6:"):
-            inner = inner[5:]
-        try:
-            ipaddress.ip_address(inner)
-        except ValueError:
-            return f"{entry!r} is not an IP address inside []; {usage}"
-        if not closed or (rest and not rest.startswith(":")):
-            return f"{entry!r} is not a smart host; {usage}"
-        port = rest[1:] if rest else None
-    elif text.count(":") > 1:
-        try:
-            ipaddress.IPv6Address(text)
-        except ValueError:
-            return f"{entry!r} is not an IPv6 address; {usage}"
-        return None
-    else:
-        host, colon, port_text = text.partition(":")
-        port = port_text if colon else None
-        if not _HOST_NAME.match(host.lower()) or len(host.rstrip(".")) > 253:
-            return f"{entry!r} is not a host name or IP address; {usage}"
-    if port is not None and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-        return f"{entry!r}: the port must be 1-65535"
-    return None
-
-
 def _one_socket(config: Config, x: Binding, y: Binding) -> bool:
     """True when the relay receives the connections of `x` and `y` on one listening socket: the same
-    binding, or a wildcard and an address it covers (smtp/server.py `listener_bindings`; [::] is
-    IPv6-only when 0.0.0.0 is bound on its port, and two wildcards are two sockets)."""
+    binding, or a wildcard and an address it covers (smtp/server.py `listener_bindings`; two
+    wildcards are two sockets)."""
     if x == y:
         return True
-    if x.port != y.port or x.is_wildcard == y.is_wildcard:
+    if x.is_wildcard == y.is_wildcard:
         return False
     wildcard, other = (x, y) if x.is_wildcard else (y, x)
-    if wildcard.address == "0.0.0.0":
-        return other.version == 4
-    v6only = any(
-        b.address == "0.0.0.0" and b.port == wildcard.port
-        for c in config.receive_connectors
-        for b in c.bindings
-    )
-    return other.version == 6 or not v6only
+    return wildcard_covers(wildcard, other, ipv6_only=config.ipv6_only(wildcard.port))
 
 
 def validate(

@@ -1,4 +1,5 @@
-"""Parsers for the value syntaxes administrators know from Exchange: time spans, sizes, IP ranges, bindings.
+"""Parsers for the value syntaxes administrators know from Exchange: time spans, sizes, IP ranges, bindings,
+smart hosts.
 
 Each parser raises `ValueError` with a message written for the administrator; the loader adds the file,
 connector and key to it.
@@ -19,7 +20,9 @@ __all__ = [
     "parse_binding",
     "parse_ip_range",
     "parse_size",
+    "parse_smart_host",
     "parse_timespan",
+    "wildcard_covers",
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -283,3 +286,67 @@ def parse_binding(text: str) -> Binding:
         raise ValueError(f"{raw!r}: port must be 1-65535")
     address = _parse_address(address_text)
     return Binding(str(address), int(port_text))
+
+
+# A smart host's name: letters, digits, hyphens (and underscores, seen in internal names),
+# dot-separated labels of at most 63 characters, an optional final dot.
+_HOST_NAME = re.compile(
+    r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*\.?$"
+)
+_SMART_HOST_USAGE = "use a host name, an IPv4 address or an [IP] literal, with an optional :port"
+
+
+def parse_smart_host(entry: str, default_port: int) -> tuple[str, int, bool]:
+    """``host`` / ``host:port`` / ``[ip]`` / ``[IPv6:ip]`` / ``[ip]:port`` / a bare IPv4 or IPv6
+    address → (host, port, is_ip): a name lower-cased without its final dot, an address in its
+    canonical form (IPv4-mapped as IPv4). The one parser, for `check` and for delivery."""
+    text = entry.strip()
+    if text.startswith("["):
+        inner, closed, rest = text[1:].partition("]")
+        if inner.lower().startswith("ipv6:"):
+            inner = inner[5:]
+        ip = _address(inner)
+        if ip is None:
+            raise ValueError(f"{entry!r} is not an IP address inside []; {_SMART_HOST_USAGE}")
+        if not closed or (rest and not rest.startswith(":")):
+            raise ValueError(f"{entry!r} is not a smart host; {_SMART_HOST_USAGE}")
+        return ip, _smart_host_port(entry, rest[1:] if rest else None, default_port), True
+    if text.count(":") > 1:  # a bare IPv6 address
+        ip = _address(text)
+        if ip is None:
+            raise ValueError(f"{entry!r} is not an IPv6 address; {_SMART_HOST_USAGE}")
+        return ip, default_port, True
+    host, colon, port_text = text.partition(":")
+    port = _smart_host_port(entry, port_text if colon else None, default_port)
+    ip = _address(host)
+    if ip is not None:
+        return ip, port, True
+    if not _HOST_NAME.match(host.lower()) or len(host.rstrip(".")) > 253:
+        raise ValueError(f"{entry!r} is not a host name or IP address; {_SMART_HOST_USAGE}")
+    return host.rstrip(".").lower(), port, False
+
+
+def _address(text: str) -> str | None:
+    try:
+        return str(normalise_ip(ipaddress.ip_address(text)))
+    except ValueError:
+        return None
+
+
+def _smart_host_port(entry: str, text: str | None, default_port: int) -> int:
+    if text is None:
+        return default_port
+    if not (text.isascii() and text.isdigit() and 0 < int(text) < 65536):
+        raise ValueError(f"{entry!r}: the port must be 1-65535")
+    return int(text)
+
+
+def wildcard_covers(wildcard: Binding, binding: Binding, *, ipv6_only: bool) -> bool:
+    """The listening socket of `wildcard` (0.0.0.0 or ::) receives the connections to `binding`
+    on its port: 0.0.0.0 those to IPv4 addresses, :: those to IPv6 ones, and to IPv4 ones too
+    unless it is `ipv6_only` (smtp/server.py: when 0.0.0.0 is bound on the same port)."""
+    if wildcard.port != binding.port:
+        return False
+    if wildcard.address == "0.0.0.0":
+        return binding.version == 4
+    return binding.version == 6 or not ipv6_only

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from relaygate import replies
+from relaygate.config.values import parse_smart_host
 from relaygate.delivery.dns import DnsError, Resolver
 from relaygate.replies import Reply
 
@@ -100,29 +101,6 @@ def _ip(text: str) -> IpAddress | None:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return addr.ipv4_mapped
     return addr
-
-
-def parse_smart_host(entry: str, default_port: int) -> tuple[str, int, bool]:
-    """``host`` / ``host:port`` / ``[ip]`` / ``[ip]:port`` / bare IPv4 or IPv6 → (host, port, is_ip)."""
-    text = entry.strip()
-    if text.startswith("["):
-        inner, _, rest = text[1:].partition("]")
-        port = int(rest[1:]) if rest.startswith(":") else default_port
-        ip = _ip(inner)
-        if ip is None:
-            raise ValueError(f"smart host {entry!r}: not an IP address inside []")
-        return str(ip), port, True
-    if text.count(":") > 1:  # bare IPv6
-        ip = _ip(text)
-        if ip is None:
-            raise ValueError(f"smart host {entry!r}: not a host name or IP address")
-        return str(ip), default_port, True
-    host, colon, port_text = text.partition(":")
-    port = int(port_text) if colon else default_port
-    ip = _ip(host)
-    if ip is not None:
-        return str(ip), port, True
-    return host.rstrip(".").lower(), port, False
 
 
 def is_local_endpoint(ip: str, port: int, local_endpoints: Iterable[tuple[str, int]]) -> bool:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 from relaygate.config.model import Config, ReceiveConnector
-from relaygate.config.values import Binding, normalise_ip
+from relaygate.config.values import Binding, normalise_ip, wildcard_covers
 from relaygate.logs.protocol import PROTOCOL_LOG_RECEIVE_DIR, NullSessionLog, ProtocolLog
 from relaygate.policy.rights import SessionRights, session_rights
 from relaygate.policy.selection import Selection, select_connector
@@ -94,16 +94,6 @@ class TlsUnavailable(OSError):
         return str(self.args[0])
 
 
-def _v6only(config: Config, binding: Binding) -> bool:
-    """[::] is dual-stack (IPv4 clients arrive as ::ffff:a.b.c.d), unless 0.0.0.0 is bound too."""
-    return any(
-        b.address == "0.0.0.0" and b.port == binding.port
-        for c in config.receive_connectors
-        if c.enabled
-        for b in c.bindings
-    )
-
-
 def listener_bindings(config: Config) -> dict[Binding, bool]:
     """The sockets to open: distinct bindings of enabled connectors → implicit TLS.
 
@@ -124,17 +114,11 @@ def listener_bindings(config: Config) -> dict[Binding, bool]:
         b: implicit
         for b, implicit in wanted.items()
         if b.is_wildcard
-        or not any(w_implicit == implicit and _covers(config, w, b) for w, w_implicit in wildcards)
+        or not any(
+            w_implicit == implicit and wildcard_covers(w, b, ipv6_only=config.ipv6_only(w.port))
+            for w, w_implicit in wildcards
+        )
     }
-
-
-def _covers(config: Config, wildcard: Binding, binding: Binding) -> bool:
-    """True when the `wildcard` socket receives the connections to `binding`."""
-    if wildcard.port != binding.port:
-        return False
-    if wildcard.address == "0.0.0.0":
-        return binding.version == 4
-    return binding.version == 6 or not _v6only(config, wildcard)
 
 
 class _ListenerState(NamedTuple):
@@ -162,7 +146,7 @@ def _implicit_context(config: Config, binding: Binding) -> ssl.SSLContext:
 
 
 def _listener_state(config: Config, binding: Binding, implicit: bool) -> _ListenerState:
-    v6only = binding.address == "::" and _v6only(config, binding)
+    v6only = binding.address == "::" and config.ipv6_only(binding.port)
     if not implicit:
         return _ListenerState(False, v6only, ())
     connector = _implicit_connector(config, binding)
@@ -448,7 +432,9 @@ class SmtpServer:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(
-                    socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if _v6only(config, binding) else 0
+                    socket.IPPROTO_IPV6,
+                    socket.IPV6_V6ONLY,
+                    1 if config.ipv6_only(binding.port) else 0,
                 )
             sock.bind((binding.address, binding.port))
             sock.listen(LISTEN_BACKLOG)
