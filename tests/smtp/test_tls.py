@@ -4,9 +4,7 @@ STARTTLS injection (security-bar §2F)."""
 from __future__ import annotations
 
 import smtplib
-import socket
 import ssl
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -305,80 +303,38 @@ def test_workers_creating_the_self_signed_certificate_at_once_get_a_matching_pai
         assert oct((folder / "tls" / "selfsigned.key").stat().st_mode & 0o777) == "0o600"
 
 
-def _silent(source: str, port: int) -> socket.socket:
-    """A TCP connection to the relay that never sends a byte (no ClientHello)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
-    sock.settimeout(0.05)
-    return sock
+def test_implicit_tls_handshakes_never_hang_under_concurrent_clients(
+    relay, cert_files, client_ctx
+) -> None:
+    """400 implicit-TLS handshakes from 8 clients at once against `relaygate serve`: none may
+    hang. An upgrade of a plain connection that handed early ClientHello bytes to the TLS layer
+    left 3-7 of them waiting until the client's timeout (reverted; see the note of issue 7)."""
+    import concurrent.futures
 
-
-def _server_closed(sock: socket.socket) -> bool:
-    """True when the relay has closed `sock` (EOF or reset); nothing is ever expected from it."""
-    try:
-        return sock.recv(1) == b""
-    except TimeoutError:
-        return False
-    except OSError:
-        return True
-
-
-def _open_after(socks: list[socket.socket], settle: float) -> int:
-    """How many of `socks` the relay still holds open once `settle` seconds have passed."""
-    time.sleep(settle)
-    return sum(not _server_closed(s) for s in socks)
-
-
-# "process": `relaygate serve` on uvloop.
-@pytest.mark.parametrize("mode", ["thread", "process"])
-def test_implicit_tls_connections_are_limited_before_the_handshake(
-    relay, cert_files, client_ctx, mode
-):
-    """Silent connections to an implicit-TLS port are counted against max_inbound_connection and
-    max_inbound_connection_per_source before any TLS work, and a handshake that never comes is
-    ended by the connector's inactivity timeout (not asyncio's 60 s); a real client is served."""
     r = relay(
         [
             relay_connector(
-                ranges=["127.0.0.0/8"],
                 name="Implicit TLS",
+                bindings=["127.0.0.1:{port}"],
                 tls_mode="implicit",
-                max_inbound_connection=3,
-                max_inbound_connection_per_source=2,
-                max_inbound_connection_percentage_per_source=100,
-                connection_inactivity_timeout="00:00:03",
-                connection_timeout="00:00:30",
                 **cert_files,
             )
         ],
-        mode=mode,
+        mode="process",
     )
-    held: list[socket.socket] = []
-    try:
-        first = [_silent("127.0.0.5", r.port) for _ in range(6)]
-        held += first
-        assert _open_after(first, 1.0) == 2  # per source
-        second = [_silent("127.0.0.6", r.port) for _ in range(3)]
-        held += second
-        # One: the percentage rule shares the one connection still available; 3 held now.
-        assert _open_after(second, 1.0) == 1
-        third = [_silent("127.0.0.7", r.port) for _ in range(2)]
-        held += third
-        assert _open_after(third, 1.0) == 0  # max_inbound_connection
-        # The 3 admitted handshakes are ended by the 3 s inactivity timeout.
-        deadline = time.monotonic() + 8
-        while time.monotonic() < deadline and _open_after(held, 0.2):
-            pass
-        assert _open_after(held, 0) == 0
-    finally:
-        for s in held:
-            s.close()
-    with smtplib.SMTP_SSL(
-        "127.0.0.1", r.port, context=client_ctx, source_address=("127.0.0.5", 0), timeout=10,
-        local_hostname="client.corp.example",
-    ) as s:  # fmt: skip
-        code, _ = s.ehlo()
-        assert code == 250
-        s.sendmail("app@corp.example", ["x@external.example"], b"Subject: 465\r\n\r\nhi\r\n")
-    (msg,) = r.messages()
-    assert msg.connector == "Implicit TLS"
-    assert b"\twith ESMTPS id " in r.data(msg.queue_id)
+    port = r.ports[0]
+
+    def handshake(i: int) -> str | None:
+        try:
+            with smtplib.SMTP_SSL(
+                "127.0.0.1", port, context=client_ctx, source_address=("127.0.0.5", 0), timeout=5,
+                local_hostname="client.corp.example",
+            ) as s:  # fmt: skip
+                s.ehlo()
+        except Exception as exc:
+            return f"{i}: {type(exc).__name__}: {exc}"
+        return None
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        failures = [f for f in pool.map(handshake, range(400)) if f]
+    assert failures == []

@@ -28,15 +28,8 @@ _TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only 
 
 
 class Connection(asyncio.Protocol):
-    def __init__(
-        self,
-        on_connect: Callable[[Connection], Coroutine[Any, Any, None]],
-        *,
-        hold_reading: bool = False,
-    ) -> None:
+    def __init__(self, on_connect: Callable[[Connection], Coroutine[Any, Any, None]]) -> None:
         self._on_connect = on_connect
-        #: Do not read until `start_tls` (implicit TLS): the ClientHello is for the TLS layer.
-        self._hold_reading = hold_reading
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set on connect
         self.task: asyncio.Task[None] | None = None  # held here: the loop keeps only weak refs
         self._chunks: list[bytes] = []  # received, not read yet
@@ -124,43 +117,11 @@ class Connection(asyncio.Protocol):
     async def start_tls(self, context: ssl.SSLContext) -> None:
         await self.drain()
         loop = asyncio.get_running_loop()
-        early = b""
-        if self._hold_reading:  # implicit TLS: what arrived so far is the start of the handshake
-            early = b"".join(self._chunks)
-            self._chunks.clear()
-            self._unread = 0
-            self._hold_reading = False
-            self._reading_paused = False  # start_tls resumes reading once its protocol is set
-        handshake = loop.create_task(
-            loop.start_tls(self.transport, self, context, server_side=True)
-        )
-        if early:
-            # start_tls's first step (run before this callback) puts the TLS protocol on the
-            # transport and schedules its connection_made and the resumption of reading; the
-            # bytes go to it after both and before anything read later.
-            loop.call_soon(loop.call_soon, self._feed_tls, early)
-        transport = await handshake  # a cancellation (timeout) cancels the handshake too
+        transport = await loop.start_tls(self.transport, self, context, server_side=True)
         if transport is None:  # the connection closed during the handshake
             raise ConnectionResetError("connection lost during the TLS handshake")
         self.transport = transport
         self._over_tls = True
-
-    def _feed_tls(self, data: bytes) -> None:
-        """Hand bytes read before `start_tls` to the TLS protocol now on the transport (asyncio's
-        and uvloop's are buffered protocols)."""
-        if self.transport.is_closing():
-            return
-        proto: Any = self.transport.get_protocol()
-        if not hasattr(proto, "get_buffer"):
-            proto.data_received(data)
-            return
-        view = memoryview(data)
-        while view:
-            buf = memoryview(proto.get_buffer(len(view)))
-            n = min(len(buf), len(view))
-            buf[:n] = view[:n]
-            proto.buffer_updated(n)
-            view = view[n:]
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self.transport.get_extra_info(name, default)
@@ -175,8 +136,6 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             return  # the TLS layer announcing itself after start_tls: nothing new to start
         self.transport = transport
-        if self._hold_reading:
-            transport.pause_reading()
         self._over_tls = transport.get_extra_info("sslcontext") is not None
         if _TCP_QUICKACK is not None:
             self._sock = transport.get_extra_info("socket")
@@ -185,11 +144,6 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._chunks.append(data)
         self._unread += len(data)
-        if self._hold_reading and not self._reading_paused:
-            # uvloop starts reading after connection_made: keep these for start_tls, read no more.
-            self._reading_paused = True
-            self.transport.pause_reading()
-            return
         if self._unread > _PAUSE_ABOVE and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()
@@ -200,8 +154,6 @@ class Connection(asyncio.Protocol):
     def eof_received(self) -> bool:
         self._eof = True
         self._wake()
-        if self._hold_reading:
-            return False  # EOF before an implicit-TLS handshake: nothing to answer
         return not self._over_tls  # keep a plain transport open for the replies still to go
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -51,7 +51,6 @@ logger = logging.getLogger("relaygate.smtp")
 
 
 _SELECTION_CACHE_SIZE = 65536
-_PROXY_TIMEOUT = 10.0  # seconds for a trusted proxy's PROXY header (and its TLS handshake)
 # Connections the kernel completes before the event loop accepts them (capped by
 # net.core.somaxconn). When the queue is full, a new client's SYN is dropped and it waits for its
 # retransmission, 1 s and more: a burst of devices reconnecting must not meet that.
@@ -458,7 +457,7 @@ class SmtpServer:
             assert task is not None
             self._sessions.add(task)
             try:
-                await self._handle(conn, ssl_ctx)
+                await self._handle(conn, implicit)
             except Exception:  # a task boundary: log with context, never crash the listener
                 logger.exception("session from %s failed", conn.get_extra_info("peername"))
             finally:
@@ -466,34 +465,16 @@ class SmtpServer:
                 conn.close()
 
         loop = asyncio.get_running_loop()
-        # An implicit-TLS socket is accepted as plain TCP (no `ssl=` here): the connector is chosen
-        # and the connection counted against its limits first, and `_handle` then runs the
-        # handshake under the connector's timeout. With `ssl=`, asyncio and uvloop handshake
-        # before the protocol sees the connection: a client that never sends a ClientHello was
-        # held for 60 s outside every limit. Reading waits for the handshake (`hold_reading`),
-        # so the ClientHello reaches the TLS layer, never the session.
-        hold = ssl_ctx is not None
         # create_server listens again, with its own backlog (100 unless given): pass ours.
         return await loop.create_server(
-            lambda: Connection(on_connect, hold_reading=hold),
+            lambda: Connection(on_connect),
             sock=sock,
+            ssl=ssl_ctx,
             backlog=LISTEN_BACKLOG,
             start_serving=False,
         )
 
-    async def _handshake(
-        self, conn: Connection, ssl_ctx: ssl.SSLContext, timeout: float, client: str
-    ) -> bool:
-        """The implicit-TLS handshake, as STARTTLS runs it (`Connection.start_tls`), bounded by
-        `timeout`; False when it failed or timed out (the caller closes the connection)."""
-        try:
-            await asyncio.wait_for(conn.start_tls(ssl_ctx), timeout=timeout)
-        except (TimeoutError, OSError, ConnectionError, ssl.SSLError) as exc:
-            logger.debug("implicit TLS handshake with %s failed: %r", client, exc)
-            return False
-        return conn.get_extra_info("ssl_object") is not None
-
-    async def _handle(self, conn: Connection, ssl_ctx: ssl.SSLContext | None) -> None:
+    async def _handle(self, conn: Connection, implicit: bool) -> None:
         peer = conn.get_extra_info("peername")
         local = conn.get_extra_info("sockname")
         if peer is None or local is None:
@@ -507,12 +488,6 @@ class SmtpServer:
         if config.server.trusted_proxies and any(
             r.contains(ipaddress.ip_address(client_ip)) for r in config.server.trusted_proxies
         ):
-            if ssl_ctx is not None:
-                # The PROXY header of an implicit-TLS connection is read inside TLS, as before
-                # (the connection comes from a trusted proxy, not from the client counted below).
-                if not await self._handshake(conn, ssl_ctx, _PROXY_TIMEOUT, client_ip):
-                    return
-                ssl_ctx = None  # done
             result = await self._read_proxy(conn)
             if result is None:
                 return  # malformed PROXY header from the balancer: close
@@ -534,38 +509,12 @@ class SmtpServer:
             return
         refusal = self.ctx.limits.admit(connector, client_ip)
         if refusal is not None:
-            if ssl_ctx is not None:
-                # An SMTPS client cannot read a clear-text 421, and a TLS handshake is what the
-                # limit is there to spare: close at once.
-                logger.info(
-                    "%s from %s on implicit-TLS %s:%s; closed before the TLS handshake",
-                    refusal.line(),
-                    client_ip,
-                    local_ip,
-                    local_port,
-                )
-                return
             conn.write(refusal.line().encode() + b"\r\n")
             try:
                 await conn.drain()
             except ConnectionError:
                 pass
             return
-        if ssl_ctx is not None:
-            # Counted in (above) before any TLS work; bounded as STARTTLS is (session.py).
-            timeout = min(
-                connector.connection_inactivity_timeout.total_seconds(),
-                connector.connection_timeout.total_seconds(),
-                60.0,
-            )
-            try:
-                handshaken = await self._handshake(conn, ssl_ctx, timeout, client_ip)
-            except BaseException:
-                self.ctx.limits.release(connector, client_ip)
-                raise
-            if not handshaken:  # never a clear-text session on an implicit-TLS socket
-                self.ctx.limits.release(connector, client_ip)
-                return
         try:
             session = Session(
                 self.ctx,
