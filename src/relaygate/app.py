@@ -28,7 +28,7 @@ from relaygate.malloc_tuning import tune_malloc
 from relaygate.queue.manager import QueueManager
 from relaygate.queue.pressure import DiskPressure
 from relaygate.queue.sqlite_store import SqliteStore
-from relaygate.queue.store import Store
+from relaygate.queue.store import Store, StoreError
 from relaygate.smtp.server import ListenerError, ServerContext, SmtpServer, protocol_log_for
 
 __all__ = ["Relay", "open_store", "run", "worker_node_id"]
@@ -38,8 +38,10 @@ logger = logging.getLogger("relaygate")
 
 def open_store(config: Config, *, shared: bool = False) -> Store:
     """The configured queue store; ``shared``: other processes (workers) write to it too."""
-    if config.queue.store != "sqlite":  # validation refuses "postgresql" until that store exists
-        raise ValueError(f"queue.store {config.queue.store!r}: not available in this version")
+    if config.queue.store == "postgresql":  # several nodes share it (validated: a URL is set)
+        from relaygate.queue.pg_store import PostgresStore
+
+        return PostgresStore(config.queue.database_url)
     return SqliteStore(Path(config.server.data_dir) / "queue" / "queue.db", shared_writers=shared)
 
 
@@ -99,7 +101,13 @@ class Relay:
         self.protocol_log = protocol_log_for(cfg)
         if s.message_tracking_log_enabled:
             self.tracking = tracking_log_for(cfg)
-        self.manager = QueueManager(cfg, self.store, tracking=self.tracking, node_id=self.node_id)
+        self.manager = QueueManager(
+            cfg,
+            self.store,
+            tracking=self.tracking,
+            node_id=self.node_id,
+            lease_seconds=cfg.queue.lease_duration.total_seconds(),
+        )
         wake = self.manager.wake
         self.ctx = ServerContext(
             cfg, self.store, protocol_log=self.protocol_log, tracking=self.tracking, on_message=wake
@@ -153,6 +161,16 @@ class Relay:
         assert self.ctx is not None and self.server is not None
         ctx = self.ctx
         retired: list[TrackingLog] = []
+
+        restart_only = [
+            f"queue.{key}"
+            for key in ("store", "database_url")
+            if getattr(new.queue, key) != getattr(self.config.queue, key)
+        ]
+        if restart_only:
+            logger.warning(
+                "%s changed: takes effect when relaygate serve restarts", ", ".join(restart_only)
+            )
 
         def apply() -> None:  # every listener is bound, none of the new ones accepts yet
             self.config = new
@@ -335,7 +353,12 @@ def run(
     if worker_index is None and config.server.workers > 1 and resolved is not None:
         from relaygate.workers import Supervisor
 
-        raise SystemExit(Supervisor(config, resolved).run())
+        try:
+            status = Supervisor(config, resolved).run()
+        except StoreError as exc:  # the queue database cannot be reached or opened
+            logger.error("cannot start: %s", exc)
+            status = 1
+        raise SystemExit(status)
     if worker_index is not None:
         from relaygate.config.model import MAX_WORKERS
         from relaygate.logs.protocol import use_session_id_stride
@@ -349,6 +372,8 @@ def run(
         pass
     try:
         asyncio.run(_main(config, resolved, worker_index=worker_index, link_fd=link_fd))
-    except ListenerError as exc:  # a port in use, an implicit-TLS certificate that cannot load
+    except (ListenerError, StoreError) as exc:
+        # a port in use, an implicit-TLS certificate that cannot load, a queue database that
+        # cannot be opened or reached
         logger.error("cannot start: %s", exc)
         raise SystemExit(1) from None

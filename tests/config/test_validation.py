@@ -6,6 +6,7 @@ the expected message; the file must produce exactly that one problem. `configs/g
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -161,28 +162,62 @@ def test_embedded_default_is_valid_and_loopback_only() -> None:
     assert connector.relay_ranges_text == ["127.0.0.0/8", "::1"]
 
 
-def test_the_postgresql_store_is_refused_by_name_until_it_exists(tmp_path: Path) -> None:
-    """`queue.store = "postgresql"` is a name of the contract, but this build has no such store:
-    `check` refuses it naming the key, and `serve` stops with that message, not a traceback."""
-    text = '[queue]\nstore = "postgresql"\ndatabase_url = "postgresql://relay@127.0.0.1/relay"\n'
+@pytest.mark.parametrize(
+    ("url_line", "expected"),
+    [
+        ("", 'pg.toml: queue.database_url: required with store = "postgresql"'),
+        ('database_url = "  "\n', "pg.toml: queue.database_url: required with store"),
+        ('database_url = "mysql://relay@db/relay"\n', "queue.database_url: must start with"),
+        ('database_url = "host=db port"\n', "queue.database_url: not a valid PostgreSQL URL"),
+    ],
+)
+def test_the_postgresql_store_needs_a_valid_database_url(url_line: str, expected: str) -> None:
+    """`store = "postgresql"` without a usable `database_url` is refused by `check`, naming it."""
     with pytest.raises(ConfigError) as info:
-        parse_text(text, "pg.toml")
+        parse_text(f'[queue]\nstore = "postgresql"\n{url_line}', "pg.toml")
     (problem,) = [str(p) for p in info.value.problems]
-    assert problem.startswith("pg.toml: queue.store: 'postgresql' is not available"), problem
-    assert "use 'sqlite'" in problem
+    assert expected in problem, problem
+
+
+def test_a_lease_shorter_than_three_seconds_is_refused() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_text('[queue]\nlease_duration = "00:00:02"\n', "q.toml")
+    (problem,) = [str(p) for p in info.value.problems]
+    assert problem.startswith("q.toml: queue.lease_duration: must be at least"), problem
+    assert parse_text('[queue]\nlease_duration = "00:00:03"\n', "q.toml").queue.lease_duration
+
+
+def test_serve_names_an_unreachable_queue_database_without_its_password(tmp_path: Path) -> None:
+    """`check` accepts a well-formed URL (it does not connect); `serve` cannot reach the
+    database: it stops with the reason and the URL, its password left out, not a traceback."""
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     config = tmp_path / "pg.toml"
-    config.write_text(f'[server]\ndata_dir = "{tmp_path / "data"}"\n' + text, encoding="utf-8")
-    for verb in ("check", "serve"):
-        proc = subprocess.run(
-            [sys.executable, "-m", "relaygate", verb, "--config", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert proc.returncode != 0, (verb, proc.stdout, proc.stderr)
-        out = proc.stdout + proc.stderr
-        assert "queue.store: 'postgresql' is not available" in out, (verb, out)
-        assert "Traceback" not in out, (verb, out)
+    config.write_text(
+        f'[server]\ndata_dir = "{tmp_path / "data"}"\n'
+        f'[queue]\nstore = "postgresql"\n'
+        f'database_url = "postgresql://relay:s3cret@127.0.0.1:{port}/relay?connect_timeout=2"\n',
+        encoding="utf-8",
+    )
+    check = subprocess.run(
+        [sys.executable, "-m", "relaygate", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "relaygate", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert f"cannot connect to the queue database postgresql://relay@127.0.0.1:{port}/relay" in out
+    assert "s3cret" not in out, out
+    assert "Traceback" not in out, out
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from relaygate.queue import model as model_mod
 from relaygate.queue import sqlite_store
 from relaygate.queue.model import (
     Envelope,
@@ -31,7 +30,6 @@ from relaygate.queue.sqlite_store import SqliteStore
 from relaygate.queue.store import (
     CorruptMessageError,
     Store,
-    StoreClosedError,
     StoreFullError,
     StoreOutcomeUnknownError,
     open_store,
@@ -82,75 +80,6 @@ PAYLOADS = {
 }
 
 
-async def test_round_trip_is_byte_identical(store: SqliteStore) -> None:
-    ids = {}
-    for name, data in PAYLOADS.items():
-        ids[name] = await store.submit(env(message_id=f"<{name}@t>"), data)
-    for name, data in PAYLOADS.items():
-        got = await store.read_data(ids[name])
-        assert type(got) is bytes
-        assert got == data, name
-        msg = await store.get(ids[name])
-        assert msg is not None and msg.size == len(data) and msg.message_id == f"<{name}@t>"
-
-
-async def test_submit_accepts_bytearray_and_memoryview(store: SqliteStore) -> None:
-    a = await store.submit(env(), bytearray(b"abc\x00"))
-    b = await store.submit(env(), memoryview(b"xyz\r"))
-    assert await store.read_data(a) == b"abc\x00"
-    assert await store.read_data(b) == b"xyz\r"
-    with pytest.raises(TypeError):
-        await store.submit(env(), "text")  # type: ignore[arg-type]
-
-
-async def test_envelope_fields_are_stored(store: SqliteStore) -> None:
-    e = Envelope(
-        sender="",
-        recipients=["a@x.example", "b@y.example", "a@x.example"],
-        client_ip="10.0.0.5",
-        connector="SMTP Relay Internal",
-        helo="printer01",
-        auth_user="CORP\\scanner",
-        message_id="<1@printer01>",
-        metadata={"tls": "TLSv1.3", "note": "ünïcode"},
-    )
-    before = time.time()
-    qid = await store.submit(e, b"data")
-    msg = await store.get(qid)
-    assert msg is not None
-    assert QID.match(qid) and msg.queue_id == qid
-    assert msg.sender == ""
-    assert [r.address for r in msg.recipients] == ["a@x.example", "b@y.example"]  # deduplicated
-    assert all(r.status is R and r.attempts == 0 and r.next_attempt is None for r in msg.recipients)
-    assert (msg.client_ip, msg.connector, msg.helo, msg.auth_user, msg.message_id) == (
-        "10.0.0.5",
-        "SMTP Relay Internal",
-        "printer01",
-        "CORP\\scanner",
-        "<1@printer01>",
-    )
-    assert msg.metadata == {"tls": "TLSv1.3", "note": "ünïcode"}
-    assert before <= msg.received_at <= time.time()
-    assert not msg.suspended and not msg.delay_notified
-    assert msg.lease_owner is None and msg.lease_until is None
-    assert msg.status is R
-
-
-async def test_envelope_without_recipients_is_refused(store: SqliteStore) -> None:
-    with pytest.raises(ValueError):
-        await store.submit(Envelope(sender="a@b", recipients=[]), b"x")
-    assert (await store.counts())["messages"] == 0
-
-
-async def test_queue_ids_unique_and_time_ordered(store: SqliteStore) -> None:
-    ids = await asyncio.gather(*(store.submit(env(), b"x") for _ in range(300)))
-    assert len(set(ids)) == 300 and all(QID.match(i) for i in ids)
-    seq = [await store.submit(env(), b"y") for _ in range(20)]
-    assert seq == sorted(seq) and seq[0] > max(ids)
-    listed = [m.queue_id for m in await store.list_messages(limit=10_000)]
-    assert listed == sorted(listed) and len(listed) == 320
-
-
 def test_queue_id_generator_survives_clock_going_back() -> None:
     gen = QueueIdGenerator()
     a = gen.next(now=2_000_000_000.0)
@@ -160,19 +89,6 @@ def test_queue_id_generator_survives_clock_going_back() -> None:
     assert abs(QueueIdGenerator.timestamp(a) - 2_000_000_000.0) < 0.001
     seeded = QueueIdGenerator(floor=c)
     assert seeded.next(now=0.0) > c
-
-
-async def test_ids_stay_ordered_across_restart_with_clock_behind(
-    db_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    async with SqliteStore(db_path) as s:
-        first = await s.submit(env(), b"1")
-    real = time.time
-    monkeypatch.setattr(model_mod.time, "time", lambda: real() - 3600)  # clock one hour behind
-    async with SqliteStore(db_path) as s:
-        second = await s.submit(env(), b"2")
-        assert second > first
-        assert await s.read_data(first) == b"1"
 
 
 # --------------------------------------------------------------------------- group commit
@@ -306,22 +222,6 @@ async def test_batch_respects_byte_cap(db_path: Path) -> None:
         assert all([await s.read_data(i) == big for i in ids])
 
 
-async def test_close_flushes_queued_work_then_refuses(db_path: Path) -> None:
-    s = SqliteStore(db_path)
-    await s.open()
-    pending = [asyncio.ensure_future(s.submit(env(), b"late %d" % i)) for i in range(50)]
-    await asyncio.sleep(0)  # let them reach the writer queue
-    await s.close()
-    ids = [await p for p in pending]
-    with pytest.raises(StoreClosedError):
-        await s.submit(env(), b"after close")
-    with pytest.raises(StoreClosedError):
-        await s.get(ids[0])
-    async with SqliteStore(db_path) as s2:
-        for i, qid in enumerate(ids):
-            assert await s2.read_data(qid) == b"late %d" % i
-
-
 async def test_disk_full_is_reported_and_store_recovers(store: SqliteStore) -> None:
     ok = await store.submit(env(), b"fits")
     store.spool_threshold = 10**9  # keep the big message inside the database for this one
@@ -340,256 +240,10 @@ async def test_disk_full_is_reported_and_store_recovers(store: SqliteStore) -> N
 # --------------------------------------------------------------------------- leases
 
 
-async def test_two_owners_never_get_the_same_message(store: SqliteStore) -> None:
-    ids = {await store.submit(env(), b"%d" % i) for i in range(30)}
-    now = time.time()
-    a, b = await asyncio.gather(
-        store.lease_due("node-a", now, 60, limit=20), store.lease_due("node-b", now, 60, limit=20)
-    )
-    got_a, got_b = {m.queue_id for m in a}, {m.queue_id for m in b}
-    assert not (got_a & got_b)
-    assert got_a | got_b == ids
-    assert all(m.lease_owner == "node-a" and m.lease_until == now + 60 for m in a)
-    assert await store.lease_due("node-c", now + 1, 60, limit=100) == []
-    assert (await store.counts())["active"] == 30
-
-
-async def test_expired_lease_can_be_taken_over(store: SqliteStore) -> None:
-    qid = await store.submit(env(), b"x")
-    t = time.time()
-    assert [m.queue_id for m in await store.lease_due("a", t, 30, 10)] == [qid]
-    assert await store.lease_due("b", t + 29, 30, 10) == []
-    taken = await store.lease_due("b", t + 31, 30, 10)
-    assert [m.queue_id for m in taken] == [qid] and taken[0].lease_owner == "b"
-    # the old owner cannot release the new owner's lease
-    await store.release(qid, "a")
-    got = await store.get(qid)
-    assert got is not None and got.lease_owner == "b"
-    await store.release(qid, "b")
-    got = await store.get(qid)
-    assert got is not None and got.lease_owner is None and got.lease_until is None
-    assert [m.queue_id for m in await store.lease_due("c", t + 32, 30, 10)] == [qid]
-
-
-async def test_renewing_extends_only_the_leases_the_owner_still_holds(store: SqliteStore) -> None:
-    """A delivery longer than a lease keeps it by renewing; another owner's lease is not touched,
-    and nothing is leased that was not."""
-    mine, taken, free = [await store.submit(env(), b"%d" % i) for i in range(3)]
-    t = time.time()
-    await store.lease_due("a", t, 30, 2)  # mine and taken, in queue-id order
-    assert [m.queue_id for m in await store.lease_due("b", t + 31, 30, 1)] == [mine]
-    # "b" took `mine` after "a"'s lease ran out; "a" still holds `taken`
-    assert await store.renew_leases("a", [mine, taken, free], t + 100) == 1
-    assert await store.renew_leases("a", [], t + 100) == 0
-    got = {m.queue_id: m for m in await store.list_messages()}
-    assert (got[taken].lease_owner, got[taken].lease_until) == ("a", t + 100)
-    assert (got[mine].lease_owner, got[mine].lease_until) == ("b", t + 61)
-    assert (got[free].lease_owner, got[free].lease_until) == (None, None)
-    # renewed: nobody else can take it past its first lease's end ("b"'s ended at t + 61)
-    assert [m.queue_id for m in await store.lease_due("c", t + 95, 30, 10)] == [mine, free]
-
-
-async def test_same_owner_gets_its_leased_messages_back(store: SqliteStore) -> None:
-    """A node restarting under the same name recovers its in-flight messages at once."""
-    qid = await store.submit(env(), b"x")
-    t = time.time()
-    await store.lease_due("node-1", t, 600, 10)
-    assert [m.queue_id for m in await store.lease_due("node-1", t + 1, 600, 10)] == [qid]
-
-
-async def test_lease_respects_limit_and_order(store: SqliteStore) -> None:
-    ids = [await store.submit(env(), b"%d" % i) for i in range(5)]
-    assert await store.lease_due("a", time.time(), 60, 0) == []
-    got = await store.lease_due("a", time.time(), 60, 3)
-    assert [m.queue_id for m in got] == ids[:3]
-
-
-async def test_not_due_and_suspended_messages_are_not_leased(store: SqliteStore) -> None:
-    t = time.time()
-    later = await store.submit(env("x@r.example"), b"later")
-    susp = await store.submit(env(), b"suspended")
-    await store.record_results(later, "a", [RecipientState("x@r.example", D, 1, "451", t, t + 300)])
-    await store.set_flags(susp, suspended=True)
-    assert await store.lease_due("a", t, 60, 10) == []
-    assert [m.queue_id for m in await store.lease_due("a", t + 301, 60, 10)] == [later]
-    await store.set_flags(susp, suspended=False)
-    assert [m.queue_id for m in await store.lease_due("b", t, 60, 10)] == [susp]
-
-
 # --------------------------------------------------------------------------- per-recipient progress
 
 
-async def test_delivered_recipients_survive_restart_and_are_not_leased_again(
-    db_path: Path,
-) -> None:
-    t = time.time()
-    rcpts = ["a@x.example", "b@x.example", "c@x.example"]
-    async with SqliteStore(db_path) as s:
-        qid = await s.submit(env(*rcpts), b"body")
-        assert len(await s.lease_due("n1", t, 60, 10)) == 1
-        await s.record_results(
-            qid,
-            "n1",
-            [
-                RecipientState("a@x.example", DONE, 1, "", t, None),
-                RecipientState("b@x.example", DONE, 1, "", t, None),
-                RecipientState("c@x.example", D, 1, "451 4.4.1 try later", t, t + 600),
-            ],
-        )
-        await s.release(qid, "n1")
-    # (an abrupt stop is covered by the crash test; record_results is durable on return)
-    async with SqliteStore(db_path) as s:
-        assert await s.lease_due("n2", t + 1, 60, 10) == []
-        assert (await s.counts())["retry"] == 1
-        [again] = await s.lease_due("n2", t + 601, 60, 10)
-        assert status_of(again) == {"a@x.example": DONE, "b@x.example": DONE, "c@x.example": D}
-        c = again.recipients[2]
-        assert (c.attempts, c.last_error, c.last_attempt, c.next_attempt) == (
-            1,
-            "451 4.4.1 try later",
-            t,
-            t + 600,
-        )
-        assert [r.address for r in again.pending_recipients] == ["c@x.example"]
-        assert again.status is D
-
-
-async def test_final_states_are_never_downgraded(store: SqliteStore) -> None:
-    t = time.time()
-    qid = await store.submit(env("a@x", "b@x"), b"x")
-    await store.record_results(
-        qid, "n", [RecipientState("a@x", DONE, 1, "", t), RecipientState("b@x", F, 1, "550", t)]
-    )
-    # a stale owner reporting an older outcome must not resurrect them
-    await store.record_results(
-        qid,
-        "old",
-        [
-            RecipientState("a@x", D, 1, "timeout", t, t),
-            RecipientState("b@x", R),
-            RecipientState("zz@x", R),
-        ],
-    )
-    msg = await store.get(qid)
-    assert msg is not None and status_of(msg) == {"a@x": DONE, "b@x": F}
-    assert msg.recipients[1].last_error == "550"
-    assert msg.status is F
-    assert await store.lease_due("n", t + 10_000, 60, 10) == []
-    await store.retry_now(qid)
-    assert await store.lease_due("n", t + 10_000, 60, 10) == []
-
-
-async def test_record_results_from_a_previous_owner_still_counts(store: SqliteStore) -> None:
-    t = time.time()
-    qid = await store.submit(env("a@x"), b"x")
-    await store.lease_due("a", t, 10, 10)
-    await store.lease_due("b", t + 11, 10, 10)  # a's lease expired, b took over
-    await store.record_results(qid, "a", [RecipientState("a@x", DONE, 1, "", t + 12)])
-    msg = await store.get(qid)
-    assert msg is not None and msg.recipients[0].status is DONE
-    assert msg.lease_owner == "b"  # the lease itself stays with b
-
-
 # --------------------------------------------------------------------------- admin operations
-
-
-async def test_suspend_resume_retry_now_and_flags(store: SqliteStore) -> None:
-    t = time.time()
-    qid = await store.submit(env("a@x", "b@x"), b"x")
-    await store.record_results(
-        qid, "n", [RecipientState("a@x", D, 2, "421", t, t + 3600), RecipientState("b@x", DONE, 1)]
-    )
-    await store.set_flags(qid, suspended=True)
-    msg = await store.get(qid)
-    assert msg is not None and msg.suspended and msg.status is S
-    assert [m.queue_id for m in await store.list_messages(status="suspended")] == [qid]
-    await store.retry_now(qid)
-    assert await store.lease_due("n", t, 60, 10) == []  # still suspended
-    await store.set_flags(qid, suspended=False, delay_notified=True)
-    msg = await store.get(qid)
-    assert msg is not None and not msg.suspended and msg.delay_notified and msg.status is D
-    [leased] = await store.lease_due("n", t, 60, 10)  # retry_now made it due at once
-    assert leased.recipients[0].next_attempt is None and leased.recipients[0].attempts == 2
-    assert leased.recipients[1].status is DONE
-    await store.set_flags(qid, delay_notified=False)
-    msg = await store.get(qid)
-    assert msg is not None and not msg.delay_notified and not msg.suspended
-
-
-async def test_remove(store: SqliteStore) -> None:
-    qid = await store.submit(env("a@x"), b"gone")
-    keep = await store.submit(env("b@x"), b"stays")
-    removed = await store.remove(qid)
-    assert (
-        removed is not None and removed.queue_id == qid and removed.recipients[0].address == "a@x"
-    )
-    assert await store.get(qid) is None
-    with pytest.raises(KeyError):
-        await store.read_data(qid)
-    assert await store.remove(qid) is None
-    assert await store.read_data(keep) == b"stays"
-    # results for a message removed during delivery are dropped quietly
-    await store.record_results(qid, "n", [RecipientState("a@x", DONE)])
-    await store.release(qid, "n")
-    assert (await store.counts())["messages"] == 1
-
-
-async def test_unknown_ids(store: SqliteStore) -> None:
-    assert await store.get("0000000000000000") is None
-    for call in (
-        store.read_data("0000000000000000"),
-        store.set_flags("0000000000000000", suspended=True),
-        store.retry_now("0000000000000000"),
-    ):
-        with pytest.raises(KeyError):
-            await call
-
-
-async def test_list_counts_and_purge(store: SqliteStore) -> None:
-    t = time.time()
-    ready = await store.submit(env("a@x"), b"1")
-    retry = await store.submit(env("a@x"), b"2")
-    done = await store.submit(env("a@x", "b@x"), b"3")
-    failed = await store.submit(env("a@x"), b"4")
-    susp = await store.submit(env("a@x"), b"5")
-    await store.record_results(retry, "n", [RecipientState("a@x", D, 1, "", t, t + 60)])
-    await store.record_results(
-        done, "n", [RecipientState("a@x", DONE, 1), RecipientState("b@x", DONE, 1)]
-    )
-    await store.record_results(failed, "n", [RecipientState("a@x", F, 1, "550 5.1.1")])
-    await store.set_flags(susp, suspended=True)
-    by_status = {
-        s: [m.queue_id for m in await store.list_messages(status=s)]
-        for s in ("Ready", "retry", "DEFERRED", "Delivered", "failed", "Suspended")
-    }
-    assert by_status == {
-        "Ready": [ready],
-        "retry": [retry],
-        "DEFERRED": [retry],
-        "Delivered": [done],
-        "failed": [failed],
-        "Suspended": [susp],
-    }
-    with pytest.raises(ValueError):
-        await store.list_messages(status="bogus")
-    assert [m.queue_id for m in await store.list_messages(limit=2)] == [ready, retry]
-    counts = await store.counts()
-    assert counts == {
-        "messages": 5,
-        "ready": 1,
-        "retry": 1,
-        "delivered": 1,
-        "failed": 1,
-        "suspended": 1,
-        "active": 0,
-        "recipients_pending": 3,
-    }
-    assert await store.purge_completed(older_than=t - 10) == 0  # completed just now
-    assert await store.purge_completed(older_than=time.time() + 1) == 2
-    assert {m.queue_id for m in await store.list_messages()} == {ready, retry, susp}
-    assert await store.get(done) is None
-    with pytest.raises(KeyError):
-        await store.read_data(failed)
 
 
 async def test_corrupted_bytes_are_detected(store: SqliteStore, db_path: Path) -> None:
@@ -736,43 +390,6 @@ async def test_sigkill_never_loses_an_acknowledged_message(tmp_path: Path) -> No
 
 
 # --------------------------------------------------------------------------- hand-off to the manager
-
-
-async def test_submit_with_a_lease_is_stored_leased_and_matches_stored_message_new(
-    store: SqliteStore,
-) -> None:
-    t = time.time()
-    e = env("a@x.example", "b@x.example", "a@x.example")
-    qid = await store.submit(e, b"handed off", lease=("node-1", t + 600))
-    got = await store.get(qid)
-    assert got is not None
-    assert (got.lease_owner, got.lease_until) == ("node-1", t + 600)
-    # Another owner cannot lease it while the lease lives; the owner itself can.
-    assert await store.lease_due("node-2", t, 60, 10) == []
-    assert [m.queue_id for m in await store.lease_due("node-1", t, 600, 10)] == [qid]
-    # What the session builds in memory is what the store holds (received_at aside).
-    built = StoredMessage.new(
-        qid, e, size=10, received_at=got.received_at, lease=("node-1", t + 600)
-    )
-    assert built == got
-
-
-async def test_record_results_with_release_drops_the_owners_lease_in_the_same_write(
-    store: SqliteStore,
-) -> None:
-    t = time.time()
-    qid = await store.submit(env("a@x.example"), b"x", lease=("node-1", t + 600))
-    # Someone else's release flag does nothing to node-1's lease.
-    await store.record_results(qid, "node-2", [], release=True)
-    got = await store.get(qid)
-    assert got is not None and got.lease_owner == "node-1" and got.lease_until == t + 600
-    await store.record_results(
-        qid, "node-1", [RecipientState("a@x.example", DONE, 1, "250 ok", t)], release=True
-    )
-    got = await store.get(qid)
-    assert got is not None
-    assert got.lease_owner is None and got.lease_until is None
-    assert got.recipients[0].status == DONE
 
 
 # --------------------------------------------------------------------------- spool files

@@ -306,7 +306,12 @@ class QueueConfig:
     admin_notification_address: str = ""
     max_concurrent_deliveries: int = 20
     store: str = _spec("sqlite", choices=("sqlite", "postgresql"))
+    #: store = "postgresql": libpq URL of the database the nodes share, e.g.
+    #: "postgresql://relaygate:secret@db.corp.example/relaygate" (unused with SQLite).
     database_url: str = ""
+    #: How long a delivery attempt holds a message before another worker or node may take it;
+    #: renewed while the attempt runs. In a cluster: how soon a dead node's messages move on.
+    lease_duration: timedelta = _span("00:30:00")
     completed_retention: timedelta = _span("1.00:00:00")
     #: Back pressure (queue/pressure.py): below this much free space on the queue's disk, MAIL
     #: FROM gets 452 4.3.1 (Exchange's fixed constant); 0 turns it off.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 from relaygate.config.loader import Problem
@@ -364,16 +365,48 @@ def validate(
         parse_binding(config.admin.listen)
     except ValueError as exc:
         problems.append(Problem(src, "admin.listen", str(exc)))
-    if config.queue.store == "postgresql":
-        # The name is part of the configuration contract (DESIGN.md: several nodes sharing one
-        # PostgreSQL queue), but this build has only the SQLite store: say so here rather than
-        # let `serve` fail on a missing module.
+    problems.extend(_queue_rules(config))
+    return problems
+
+
+#: A lease renewed every third of its length must outlast a delivery's slowest reply wait.
+_MIN_LEASE = timedelta(seconds=3)
+
+
+def _queue_rules(config: Config) -> list[Problem]:
+    src, q = config.source, config.queue
+    problems: list[Problem] = []
+    if q.lease_duration < _MIN_LEASE:
+        problems.append(
+            Problem(src, "queue.lease_duration", "must be at least 00:00:03 (3 seconds)")
+        )
+    if q.store != "postgresql":
+        return problems
+    if not q.database_url.strip():
         problems.append(
             Problem(
                 src,
-                "queue.store",
-                "'postgresql' is not available in this version of RelayGate (the PostgreSQL "
-                "queue store for several nodes is not built yet); use 'sqlite'",
+                "queue.database_url",
+                'required with store = "postgresql", e.g. '
+                '"postgresql://relaygate@db.corp.example/relaygate"',
             )
         )
+        return problems
+    url = q.database_url.strip()
+    if "://" in url and not url.startswith(("postgresql://", "postgres://")):
+        problems.append(
+            Problem(
+                src,
+                "queue.database_url",
+                "must start with postgresql:// (or be a libpq key=value string)",
+            )
+        )
+        return problems
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(url)
+    except Exception as exc:  # psycopg.ProgrammingError: its message names what is wrong
+        reason = str(exc).strip()
+        problems.append(Problem(src, "queue.database_url", f"not a valid PostgreSQL URL: {reason}"))
     return problems

@@ -316,6 +316,8 @@ class QueueManager:
             # and those still delivering are closed when they come back to it.
             old, self.pool = self.pool, ConnectionPool()
             self._spawn(old.aclose())
+        if config.queue.lease_duration != self.config.queue.lease_duration:
+            self.lease_seconds = config.queue.lease_duration.total_seconds()
         self.config = config
         self.schedule = RetrySchedule.from_config(config.queue)
         if not self._resolver_fixed:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -22,6 +23,7 @@ __all__ = [
     "RecipientState",
     "RecipientStatus",
     "StoredMessage",
+    "derived_columns",
     "message_status",
     "parse_status",
 ]
@@ -181,6 +183,38 @@ def message_status(suspended: bool, statuses: list[RecipientStatus]) -> Recipien
     if RecipientStatus.FAILED in present:
         return RecipientStatus.FAILED
     return RecipientStatus.DELIVERED
+
+
+def derived_columns(
+    suspended: bool,
+    completed_at: float | None,
+    recipients: Iterable[tuple[str, float | None]],
+    now: float,
+) -> tuple[str, float | None, int, float | None]:
+    """The columns a store keeps derived from a message's recipients, recomputed after every
+    change to them: ``(status, next_due, open_rcpts, completed_at)``. ``recipients`` are
+    ``(status, next_attempt)`` pairs. ``next_due`` is the earliest ``next_attempt`` of a
+    Ready/Retry recipient (``None`` = due now, counted as 0), ``None`` when none waits;
+    ``completed_at`` is kept from before, or ``now`` when the last recipient has just finished.
+    Both engines call this, so they agree on every message's status."""
+    statuses: list[RecipientStatus] = []
+    due: list[float] = []
+    for status, next_attempt in recipients:
+        st = RecipientStatus(status)
+        statuses.append(st)
+        if st in PENDING_STATUSES:
+            due.append(0.0 if next_attempt is None else next_attempt)
+    open_rcpts = sum(1 for s in statuses if s not in FINAL_STATUSES)
+    if open_rcpts:
+        completed_at = None
+    elif completed_at is None:
+        completed_at = now
+    return (
+        message_status(suspended, statuses).value,
+        min(due) if due else None,
+        open_rcpts,
+        completed_at,
+    )
 
 
 class QueueIdGenerator:

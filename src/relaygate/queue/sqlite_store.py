@@ -46,13 +46,12 @@ from typing import Any, TypeVar
 
 from .model import (
     FINAL_STATUSES,
-    PENDING_STATUSES,
     Envelope,
     QueueIdGenerator,
     RecipientState,
     RecipientStatus,
     StoredMessage,
-    message_status,
+    derived_columns,
     parse_status,
 )
 from .spool import SPOOL_THRESHOLD, Spool, fsync_dir
@@ -751,27 +750,12 @@ class SqliteStore(Store):
         ).fetchall()
         if not rows:
             return
-        suspended, completed_at = bool(rows[0][0]), rows[0][1]
-        statuses: list[RecipientStatus] = []
-        due: list[float] = []
-        for _, _, status, next_attempt in rows:
-            if status is None:  # no recipient rows (LEFT JOIN)
-                continue
-            st = RecipientStatus(status)
-            statuses.append(st)
-            if st in PENDING_STATUSES:
-                due.append(0.0 if next_attempt is None else next_attempt)
-        open_rcpts = sum(1 for s in statuses if s not in FINAL_STATUSES)
-        if open_rcpts:
-            completed_at = None
-        elif completed_at is None:
-            completed_at = now
-        derived = (
-            message_status(suspended, statuses).value,
-            min(due) if due else None,
-            open_rcpts,
-            completed_at,
-        )
+        derived = derived_columns(
+            bool(rows[0][0]),
+            rows[0][1],
+            ((status, next_attempt) for _, _, status, next_attempt in rows if status is not None),
+            now,
+        )  # status None: the message has no recipient rows (LEFT JOIN)
         if release_owner is None:
             conn.execute(_UPDATE_DERIVED, (*derived, queue_id))
         else:

@@ -84,6 +84,12 @@ class Store(Protocol):
         """Finish everything already submitted, then stop. Idempotent."""
         ...
 
+    async def __aenter__(self) -> Store:
+        """``async with store:`` opens it, and closes it at the end of the block."""
+        ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
     async def submit(
         self,
         envelope: Envelope,
@@ -178,7 +184,8 @@ class Store(Protocol):
 
 def open_store(data_dir: Path) -> Store:
     """The single-node store: SQLite at ``data_dir/queue/queue.db`` (not yet opened: call
-    ``await store.open()``)."""
+    ``await store.open()``). The configured store, SQLite or PostgreSQL, comes from
+    ``relaygate.app.open_store``."""
     from .sqlite_store import SqliteStore
 
     return SqliteStore(Path(data_dir) / "queue" / "queue.db")

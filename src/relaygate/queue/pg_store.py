@@ -1,0 +1,753 @@
+"""PostgreSQL queue store: several relay nodes sharing one queue (DESIGN.md, decision 3).
+
+Any node delivers any message: a node leases due messages with ``FOR UPDATE SKIP LOCKED`` (two
+nodes never wait for each other's rows, and never get the same message), and a lease a dead node
+held simply expires (``queue.lease_duration``) and is taken by a live one.
+
+The same ``Store`` contract as SQLite (store.py), the same tables and derived columns
+(``status``, ``next_due``, ``open_rcpts``, ``completed_at`` from ``model.derived_columns``):
+* Durability: ``submit`` commits with PostgreSQL's default ``synchronous_commit = on``, so the
+  250 waits for the WAL flush on the database server. PostgreSQL group-commits concurrent
+  transactions itself. Delivery bookkeeping (leases, results) commits with
+  ``synchronous_commit = off``, as SQLite commits it without an fsync: it survives a crash of
+  any relay node; a crash of the database server itself may lose its last fraction of a second,
+  which means a re-delivery, never a loss.
+* The message bytes are stored in the database (``bytea``), never in a local spool file: the
+  node that delivers a message is often not the one that received it.
+* Every write that touches one message locks its ``messages`` row first, then its recipients:
+  one lock order for every call, so two nodes' calls cannot deadlock. A deadlock or
+  serialization failure all the same (PostgreSQL aborts the whole transaction) is retried.
+* An error from COMMIT itself (the connection lost while committing) is "outcome unknown", as
+  in SQLite: the transaction may have committed on the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg_pool import AsyncConnectionPool
+
+from .model import (
+    FINAL_STATUSES,
+    Envelope,
+    QueueIdGenerator,
+    RecipientState,
+    RecipientStatus,
+    StoredMessage,
+    derived_columns,
+    parse_status,
+)
+from .store import (
+    CorruptMessageError,
+    MessageInFlightError,
+    Store,
+    StoreClosedError,
+    StoreError,
+    StoreFullError,
+    StoreOutcomeUnknownError,
+)
+
+__all__ = ["PostgresStore", "redact_url"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Conn = psycopg.AsyncConnection[Any]
+
+SCHEMA_VERSION = 1
+#: Any fixed number: taken with pg_advisory_xact_lock while the schema is created, so that nodes
+#: starting together do not race on CREATE TABLE IF NOT EXISTS (which is not concurrency-safe).
+_SCHEMA_LOCK = 0x52_47_51_31  # "RGQ1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS relaygate_schema (version integer NOT NULL);
+CREATE TABLE IF NOT EXISTS messages (
+    queue_id       text PRIMARY KEY,
+    sender         text NOT NULL,
+    size           bigint NOT NULL,
+    received_at    double precision NOT NULL,
+    message_id     text NOT NULL,
+    client_ip      text NOT NULL,
+    connector      text NOT NULL,
+    helo           text NOT NULL,
+    auth_user      text NOT NULL,
+    suspended      boolean NOT NULL DEFAULT false,
+    delay_notified boolean NOT NULL DEFAULT false,
+    metadata       text NOT NULL DEFAULT '{}',
+    lease_owner    text,
+    lease_until    double precision,
+    status         text NOT NULL,
+    next_due       double precision,
+    open_rcpts     integer NOT NULL,
+    completed_at   double precision
+);
+CREATE INDEX IF NOT EXISTS messages_due ON messages (next_due, queue_id)
+    WHERE NOT suspended AND next_due IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_status ON messages (status, queue_id);
+CREATE INDEX IF NOT EXISTS messages_completed ON messages (completed_at)
+    WHERE completed_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_lease_owner ON messages (lease_owner)
+    WHERE lease_owner IS NOT NULL;
+CREATE TABLE IF NOT EXISTS recipients (
+    queue_id     text NOT NULL REFERENCES messages (queue_id) ON DELETE CASCADE,
+    idx          integer NOT NULL,
+    address      text NOT NULL,
+    status       text NOT NULL,
+    attempts     integer NOT NULL DEFAULT 0,
+    last_error   text NOT NULL DEFAULT '',
+    last_attempt double precision,
+    next_attempt double precision,
+    PRIMARY KEY (queue_id, idx)
+);
+CREATE TABLE IF NOT EXISTS message_data (
+    queue_id text PRIMARY KEY REFERENCES messages (queue_id) ON DELETE CASCADE,
+    sha256   bytea NOT NULL,
+    data     bytea NOT NULL
+);
+"""
+
+_MSG_COLS = (
+    "queue_id, sender, size, received_at, message_id, client_ip, connector, helo, auth_user, "
+    "suspended, delay_notified, metadata, lease_owner, lease_until"
+)
+_RCPT_COLS = "queue_id, address, status, attempts, last_error, last_attempt, next_attempt"
+_FINAL = [s.value for s in FINAL_STATUSES]
+#: SQLSTATEs after which the whole transaction can simply run again.
+_RETRYABLE = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
+_ATTEMPTS = 5
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.Error:
+        return "<unparsable database_url>"
+    user = str(info.get("user") or "")
+    host = str(info.get("host") or "localhost")
+    port = f":{info['port']}" if info.get("port") else ""
+    return f"postgresql://{user + '@' if user else ''}{host}{port}/{info.get('dbname') or ''}"
+
+
+def _wrap_error(exc: psycopg.Error) -> StoreError:
+    if isinstance(exc, pg_errors.DiskFull | pg_errors.OutOfMemory | pg_errors.TooManyConnections):
+        err: StoreError = StoreFullError(f"queue database full or out of resources: {exc}")
+    else:
+        err = StoreError(f"queue database error: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+async def _load(conn: Conn, ids: Sequence[str]) -> list[StoredMessage]:
+    """The messages ``ids`` with their recipients, in the order given (unknown ids skipped)."""
+    if not ids:
+        return []
+    cur = await conn.execute(
+        f"SELECT {_MSG_COLS} FROM messages WHERE queue_id = ANY(%s)", (list(ids),)
+    )
+    rows = {r[0]: r for r in await cur.fetchall()}
+    rcpts: dict[str, list[RecipientState]] = {qid: [] for qid in rows}
+    cur = await conn.execute(
+        f"SELECT {_RCPT_COLS} FROM recipients WHERE queue_id = ANY(%s) ORDER BY queue_id, idx",
+        (list(rows),),
+    )
+    for (
+        qid,
+        address,
+        status,
+        attempts,
+        last_error,
+        last_attempt,
+        next_attempt,
+    ) in await cur.fetchall():
+        rcpts[qid].append(
+            RecipientState(
+                address=address,
+                status=RecipientStatus(status),
+                attempts=attempts,
+                last_error=last_error,
+                last_attempt=last_attempt,
+                next_attempt=next_attempt,
+            )
+        )
+    out: list[StoredMessage] = []
+    for qid in ids:
+        r = rows.get(qid)
+        if r is None:
+            continue
+        out.append(
+            StoredMessage(
+                queue_id=r[0],
+                sender=r[1],
+                recipients=rcpts[qid],
+                size=r[2],
+                received_at=r[3],
+                message_id=r[4],
+                client_ip=r[5],
+                connector=r[6],
+                helo=r[7],
+                auth_user=r[8],
+                suspended=r[9],
+                delay_notified=r[10],
+                metadata=json.loads(r[11]),
+                lease_owner=r[12],
+                lease_until=r[13],
+            )
+        )
+    return out
+
+
+async def _lock_message(conn: Conn, queue_id: str) -> tuple[bool, float | None] | None:
+    """Lock the message's row (the first lock of every write to one message: see the module
+    docstring) and return ``(suspended, completed_at)``, or ``None`` if it does not exist."""
+    cur = await conn.execute(
+        "SELECT suspended, completed_at FROM messages WHERE queue_id = %s FOR UPDATE", (queue_id,)
+    )
+    row = await cur.fetchone()
+    return None if row is None else (row[0], row[1])
+
+
+async def _refresh(
+    conn: Conn,
+    queue_id: str,
+    locked: tuple[bool, float | None],
+    now: float,
+    release_owner: str | None = None,
+) -> None:
+    """Recompute the derived columns from the recipients (``locked``: what _lock_message read);
+    with ``release_owner``, end that owner's lease in the same UPDATE."""
+    cur = await conn.execute(
+        "SELECT status, next_attempt FROM recipients WHERE queue_id = %s", (queue_id,)
+    )
+    status, next_due, open_rcpts, completed_at = derived_columns(
+        locked[0], locked[1], await cur.fetchall(), now
+    )
+    await conn.execute(
+        "UPDATE messages SET status = %s, next_due = %s, open_rcpts = %s, completed_at = %s, "
+        "lease_until = CASE WHEN lease_owner = %s THEN NULL ELSE lease_until END, "
+        "lease_owner = CASE WHEN lease_owner = %s THEN NULL ELSE lease_owner END "
+        "WHERE queue_id = %s",
+        (status, next_due, open_rcpts, completed_at, release_owner, release_owner, queue_id),
+    )
+
+
+class PostgresStore(Store):
+    """The cluster queue store. See the module docstring for the design."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_connections: int = 1,
+        max_connections: int = 10,
+        connect_timeout: float = 15.0,
+    ) -> None:
+        self.url = url
+        self.min_connections = min_connections
+        self.max_connections = max_connections
+        self.connect_timeout = connect_timeout
+        self._pool: AsyncConnectionPool[Conn] | None = None
+        self._ids = QueueIdGenerator()
+        self._closed = False
+        self._active = 0  # calls in progress (close waits for them)
+        self._idle = asyncio.Event()
+        # statistics, as SqliteStore.stats() reports them
+        self.commits = 0
+        self.failed_commits = 0
+        self.retried = 0
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({redact_url(self.url)})"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        if self._closed:
+            raise StoreClosedError("store was closed; create a new one")
+        # One direct connection first: it fails at once with libpq's reason (refused, bad
+        # password, no such database), where the pool would retry until its timeout.
+        try:
+            probe = await psycopg.AsyncConnection.connect(
+                self.url, connect_timeout=max(1, int(self.connect_timeout))
+            )
+        except psycopg.Error as exc:
+            reason = " ".join(str(exc).split())
+            raise StoreError(
+                f"cannot connect to the queue database {redact_url(self.url)}: {reason}"
+            ) from exc
+        await probe.close()
+        pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
+            self.url,
+            min_size=self.min_connections,
+            max_size=self.max_connections,
+            timeout=self.connect_timeout,
+            kwargs={"autocommit": False, "connect_timeout": max(1, int(self.connect_timeout))},
+            open=False,
+            name="relaygate-queue",
+        )
+        try:
+            await pool.open(wait=True, timeout=self.connect_timeout)
+        except Exception as exc:
+            await pool.close()
+            raise StoreError(
+                f"cannot connect to the queue database {redact_url(self.url)}: {exc}"
+            ) from exc
+        self._pool = pool
+        try:
+            top = await self._tx(self._init_schema)
+        except BaseException:
+            self._pool = None
+            await pool.close()
+            raise
+        if top:
+            self._ids.advance_past(top)
+
+    async def _init_schema(self, conn: Conn) -> str | None:
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+        await conn.execute(_SCHEMA)
+        cur = await conn.execute("SELECT max(version) FROM relaygate_schema")
+        row = await cur.fetchone()
+        version = row[0] if row else None
+        if version is None:
+            await conn.execute(
+                "INSERT INTO relaygate_schema (version) VALUES (%s)", (SCHEMA_VERSION,)
+            )
+        elif version > SCHEMA_VERSION:
+            raise StoreError(
+                f"queue database {redact_url(self.url)}: schema version {version} is newer "
+                f"than this RelayGate ({SCHEMA_VERSION})"
+            )
+        cur = await conn.execute("SELECT max(queue_id) FROM messages")
+        row = await cur.fetchone()
+        return row[0] if row else None
+
+    async def close(self) -> None:
+        """Refuse new calls, let the calls already made finish (a submit in progress may be a
+        message its client waits a 250 for), then close the connections."""
+        pool, self._pool = self._pool, None
+        self._closed = True
+        if pool is None:
+            return
+        if self._active:
+            self._idle.clear()
+            await self._idle.wait()
+        await pool.close()
+
+    async def __aenter__(self) -> PostgresStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "commits": self.commits,
+            "failed_commits": self.failed_commits,
+            "retried_transactions": self.retried,
+        }
+
+    # ------------------------------------------------------------------ transactions
+
+    async def _tx(
+        self,
+        fn: Callable[..., Awaitable[T]],
+        *args: Any,
+        durable: bool = True,
+        readonly: bool = False,
+    ) -> T:
+        """Run ``fn(conn, *args)`` in one transaction and commit it. ``durable=False``: the
+        commit does not wait for the server's WAL flush (delivery bookkeeping)."""
+        pool = self._pool
+        if pool is None:
+            raise StoreClosedError("queue store is not open")
+        self._active += 1
+        try:
+            return await self._run(pool, fn, args, durable, readonly)
+        finally:
+            self._active -= 1
+            if not self._active:
+                self._idle.set()
+
+    async def _run(
+        self,
+        pool: AsyncConnectionPool[Conn],
+        fn: Callable[..., Awaitable[T]],
+        args: tuple[Any, ...],
+        durable: bool,
+        readonly: bool,
+    ) -> T:
+        for attempt in range(_ATTEMPTS):
+            committing = False
+            conn_lost = False
+            try:
+                async with pool.connection() as conn:
+                    try:
+                        if readonly:
+                            await conn.execute(
+                                "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"
+                            )
+                        elif not durable:
+                            await conn.execute("SET LOCAL synchronous_commit = off")
+                        result = await fn(conn, *args)
+                        committing = True
+                        await conn.commit()
+                    except BaseException:
+                        conn_lost = conn.broken or conn.closed
+                        if not committing and not conn_lost:
+                            with contextlib.suppress(psycopg.Error):
+                                await conn.rollback()
+                        raise
+            except psycopg.Error as exc:
+                # Run again: a deadlock or serialization failure (the server undid the whole
+                # transaction), or a connection that broke before COMMIT (a database restart, an
+                # idle connection dropped by a firewall): nothing of it was committed.
+                again = isinstance(exc, _RETRYABLE) or (conn_lost and not committing)
+                if again and attempt + 1 < _ATTEMPTS:
+                    self.retried += 1
+                    if conn_lost:  # its siblings in the pool are likely gone too: test them now
+                        with contextlib.suppress(Exception):
+                            await pool.check()
+                    continue
+                self.failed_commits += 1
+                if committing:
+                    err = StoreOutcomeUnknownError(
+                        f"queue database commit failed, outcome unknown: {exc}"
+                    )
+                    raise err from exc
+                raise _wrap_error(exc) from exc
+            self.commits += 1
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # ------------------------------------------------------------------ writes
+
+    async def submit(
+        self,
+        envelope: Envelope,
+        data: bytes,
+        *,
+        lease: tuple[str, float] | None = None,
+        received_at: float | None = None,
+    ) -> str:
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(f"message data must be bytes, not {type(data).__name__}")
+        recipients = list(dict.fromkeys(envelope.recipients))
+        if not recipients:
+            raise ValueError("an envelope needs at least one recipient")
+        if not all(isinstance(a, str) and a for a in recipients):
+            raise ValueError("recipient addresses must be non-empty strings")
+        blob = bytes(data)
+        return await self._tx(
+            self._op_submit,
+            envelope,
+            recipients,
+            blob,
+            hashlib.sha256(blob).digest(),
+            time.time() if received_at is None else received_at,
+            lease,
+        )
+
+    async def _op_submit(
+        self,
+        conn: Conn,
+        env: Envelope,
+        recipients: list[str],
+        data: bytes,
+        digest: bytes,
+        received_at: float,
+        lease: tuple[str, float] | None,
+    ) -> str:
+        lease_owner, lease_until = lease if lease is not None else (None, None)
+        metadata = json.dumps(env.metadata, ensure_ascii=False, sort_keys=True)
+        for _ in range(1000):
+            queue_id = self._ids.next()
+            cur = await conn.execute(
+                "INSERT INTO messages (queue_id, sender, size, received_at, message_id, "
+                "client_ip, connector, helo, auth_user, metadata, status, next_due, "
+                "open_rcpts, lease_owner, lease_until) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 0, %s, %s, %s) "
+                "ON CONFLICT (queue_id) DO NOTHING",
+                (
+                    queue_id,
+                    env.sender,
+                    len(data),
+                    received_at,
+                    env.message_id,
+                    env.client_ip,
+                    env.connector,
+                    env.helo,
+                    env.auth_user,
+                    metadata,
+                    RecipientStatus.READY.value,
+                    len(recipients),
+                    lease_owner,
+                    lease_until,
+                ),
+            )
+            if cur.rowcount == 1:
+                break
+            # Another node took this id (same millisecond): continue past the largest one.
+            top = await (await conn.execute("SELECT max(queue_id) FROM messages")).fetchone()
+            if top and top[0]:
+                self._ids.advance_past(top[0])
+        else:  # pragma: no cover
+            raise StoreError("could not allocate a queue id")
+        await conn.execute(
+            "INSERT INTO message_data (queue_id, sha256, data) VALUES (%s, %s, %s)",
+            (queue_id, digest, data),
+        )
+        async with conn.cursor() as cur:
+            await cur.executemany(
+                "INSERT INTO recipients (queue_id, idx, address, status) VALUES (%s, %s, %s, %s)",
+                [(queue_id, i, a, RecipientStatus.READY.value) for i, a in enumerate(recipients)],
+            )
+        return queue_id
+
+    async def lease_due(
+        self, owner: str, now: float, lease_seconds: float, limit: int
+    ) -> list[StoredMessage]:
+        if limit <= 0:
+            return []
+
+        async def run(conn: Conn) -> list[StoredMessage]:
+            # SKIP LOCKED: rows another node is leasing (or writing) right now are not waited
+            # for; a row that changed since this statement's snapshot is checked again by
+            # PostgreSQL against the WHERE clause once locked, so no lease is taken twice.
+            cur = await conn.execute(
+                "WITH picked AS ("
+                " SELECT queue_id FROM messages"
+                " WHERE NOT suspended AND next_due <= %(now)s"
+                " AND (lease_owner IS NULL OR lease_until IS NULL OR lease_until <= %(now)s"
+                "      OR lease_owner = %(owner)s)"
+                " ORDER BY next_due, queue_id LIMIT %(limit)s"
+                " FOR UPDATE SKIP LOCKED) "
+                "UPDATE messages m SET lease_owner = %(owner)s, lease_until = %(until)s "
+                "FROM picked WHERE m.queue_id = picked.queue_id "
+                "RETURNING m.queue_id, m.next_due",
+                {"now": now, "owner": owner, "limit": limit, "until": now + lease_seconds},
+            )
+            picked = sorted(await cur.fetchall(), key=lambda r: (r[1], r[0]))
+            return await _load(conn, [r[0] for r in picked])
+
+        return await self._tx(run, durable=False)
+
+    async def release(self, queue_id: str, owner: str) -> None:
+        async def run(conn: Conn) -> None:
+            await conn.execute(
+                "UPDATE messages SET lease_owner = NULL, lease_until = NULL "
+                "WHERE queue_id = %s AND lease_owner = %s",
+                (queue_id, owner),
+            )
+
+        await self._tx(run, durable=False)
+
+    async def renew_leases(self, owner: str, queue_ids: Sequence[str], until: float) -> int:
+        if not queue_ids:
+            return 0
+
+        async def run(conn: Conn) -> int:
+            cur = await conn.execute(
+                "UPDATE messages SET lease_until = %s "
+                "WHERE lease_owner = %s AND queue_id = ANY(%s)",
+                (until, owner, sorted(queue_ids)),
+            )
+            return cur.rowcount
+
+        return await self._tx(run, durable=False)
+
+    async def release_owners(self, owners: Sequence[str]) -> int:
+        """Drop every lease held by one of ``owners`` (processes of this node known not to run:
+        the supervisor before it starts its workers). Returns how many were dropped."""
+        if not owners:
+            return 0
+
+        async def run(conn: Conn) -> int:
+            cur = await conn.execute(
+                "UPDATE messages SET lease_owner = NULL, lease_until = NULL "
+                "WHERE lease_owner = ANY(%s)",
+                (list(owners),),
+            )
+            return cur.rowcount
+
+        return await self._tx(run, durable=False)
+
+    async def record_results(
+        self, queue_id: str, owner: str, results: list[RecipientState], *, release: bool = False
+    ) -> None:
+        rows = [
+            (
+                RecipientStatus(r.status).value,
+                r.attempts,
+                r.last_error,
+                r.last_attempt,
+                r.next_attempt,
+                queue_id,
+                r.address,
+                _FINAL,
+            )
+            for r in results
+        ]
+        now = time.time()
+
+        async def run(conn: Conn) -> None:
+            locked = await _lock_message(conn, queue_id)
+            if locked is None:  # removed by the admin meanwhile
+                return
+            if rows:
+                async with conn.cursor() as cur:
+                    await cur.executemany(
+                        "UPDATE recipients SET status = %s, attempts = %s, last_error = %s, "
+                        "last_attempt = %s, next_attempt = %s "
+                        "WHERE queue_id = %s AND address = %s AND status <> ALL(%s)",
+                        rows,
+                    )
+            await _refresh(conn, queue_id, locked, now, owner if release else None)
+
+        await self._tx(run, durable=False)
+
+    async def set_flags(
+        self,
+        queue_id: str,
+        *,
+        suspended: bool | None = None,
+        delay_notified: bool | None = None,
+    ) -> None:
+        now = time.time()
+
+        async def run(conn: Conn) -> None:
+            locked = await _lock_message(conn, queue_id)
+            if locked is None:
+                raise KeyError(queue_id)
+            await conn.execute(
+                "UPDATE messages SET suspended = coalesce(%s, suspended), "
+                "delay_notified = coalesce(%s, delay_notified) WHERE queue_id = %s",
+                (suspended, delay_notified, queue_id),
+            )
+            new_suspended = locked[0] if suspended is None else suspended
+            await _refresh(conn, queue_id, (new_suspended, locked[1]), now)
+
+        await self._tx(run)
+
+    async def retry_now(self, queue_id: str) -> None:
+        now = time.time()
+
+        async def run(conn: Conn) -> None:
+            locked = await _lock_message(conn, queue_id)
+            if locked is None:
+                raise KeyError(queue_id)
+            await conn.execute(
+                "UPDATE recipients SET next_attempt = NULL "
+                "WHERE queue_id = %s AND status <> ALL(%s)",
+                (queue_id, _FINAL),
+            )
+            await _refresh(conn, queue_id, locked, now)
+
+        await self._tx(run)
+
+    async def remove(
+        self, queue_id: str, *, unless_in_flight_at: float | None = None
+    ) -> StoredMessage | None:
+        async def run(conn: Conn) -> StoredMessage | None:
+            if await _lock_message(conn, queue_id) is None:
+                return None
+            msg = (await _load(conn, [queue_id]))[0]
+            if (
+                unless_in_flight_at is not None
+                and msg.lease_owner is not None
+                and msg.lease_until is not None
+                and msg.lease_until > unless_in_flight_at
+            ):
+                raise MessageInFlightError(msg)
+            await conn.execute("DELETE FROM messages WHERE queue_id = %s", (queue_id,))
+            return msg
+
+        return await self._tx(run)
+
+    async def purge_completed(self, older_than: float) -> int:
+        async def run(conn: Conn) -> int:
+            cur = await conn.execute(
+                "DELETE FROM messages WHERE completed_at IS NOT NULL AND completed_at < %s",
+                (older_than,),
+            )
+            return cur.rowcount
+
+        return await self._tx(run)
+
+    # ------------------------------------------------------------------ reads
+
+    async def get(self, queue_id: str) -> StoredMessage | None:
+        async def run(conn: Conn) -> StoredMessage | None:
+            found = await _load(conn, [queue_id])
+            return found[0] if found else None
+
+        return await self._tx(run, readonly=True)
+
+    async def read_data(self, queue_id: str) -> bytes:
+        async def run(conn: Conn) -> bytes:
+            cur = await conn.execute(
+                "SELECT sha256, data FROM message_data WHERE queue_id = %s", (queue_id,)
+            )
+            row = await cur.fetchone()
+            if row is None:
+                raise KeyError(queue_id)
+            digest, data = row
+            data = bytes(data)
+            if hashlib.sha256(data).digest() != bytes(digest):
+                raise CorruptMessageError(f"message {queue_id}: stored bytes fail their checksum")
+            return data
+
+        return await self._tx(run, readonly=True)
+
+    async def list_messages(
+        self, *, limit: int = 1000, status: str | None = None
+    ) -> list[StoredMessage]:
+        wanted = None if status is None else parse_status(status).value
+        if limit <= 0:
+            return []
+
+        async def run(conn: Conn) -> list[StoredMessage]:
+            if wanted is None:
+                cur = await conn.execute(
+                    "SELECT queue_id FROM messages ORDER BY queue_id LIMIT %s", (limit,)
+                )
+            else:
+                cur = await conn.execute(
+                    "SELECT queue_id FROM messages WHERE status = %s ORDER BY queue_id LIMIT %s",
+                    (wanted, limit),
+                )
+            return await _load(conn, [r[0] for r in await cur.fetchall()])
+
+        return await self._tx(run, readonly=True)
+
+    async def counts(self) -> dict[str, int]:
+        now = time.time()
+
+        async def run(conn: Conn) -> dict[str, int]:
+            out = {"messages": 0, **{s.value.lower(): 0 for s in RecipientStatus}}
+            cur = await conn.execute("SELECT status, count(*) FROM messages GROUP BY status")
+            for status, n in await cur.fetchall():
+                out[str(status).lower()] = n
+                out["messages"] += n
+            cur = await conn.execute(
+                "SELECT count(*) FILTER (WHERE lease_owner IS NOT NULL AND lease_until > %s), "
+                "coalesce(sum(open_rcpts), 0) FROM messages",
+                (now,),
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            out["active"], out["recipients_pending"] = int(row[0]), int(row[1])
+            return out
+
+        return await self._tx(run, readonly=True)

@@ -1,0 +1,283 @@
+"""PostgresStore beyond the shared contract (test_store_contract.py): several nodes on one
+database, connections lost, a crash of the relay and of the database server. Against a real
+PostgreSQL started for the tests (tests/support/postgres.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from relaygate.queue import model as model_mod
+from relaygate.queue.model import Envelope, RecipientState, RecipientStatus
+from relaygate.queue.pg_store import PostgresStore
+from relaygate.queue.store import CorruptMessageError, StoreError
+
+ROOT = Path(__file__).resolve().parents[2]
+DONE = RecipientStatus.DELIVERED
+
+
+def env(*rcpts: str) -> Envelope:
+    return Envelope(sender="app@corp.example", recipients=list(rcpts) or ["user@corp.example"])
+
+
+@pytest.fixture
+async def nodes(postgres_url: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
+    """Two stores on one database, as two relay nodes would have (opened together: the schema
+    is created once, under an advisory lock)."""
+    a, b = PostgresStore(postgres_url), PostgresStore(postgres_url)
+    await asyncio.gather(a.open(), b.open())
+    try:
+        yield a, b
+    finally:
+        await asyncio.gather(a.close(), b.close())
+
+
+async def test_two_nodes_deliver_every_message_exactly_once(
+    nodes: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """Both nodes receive and lease at once, in several concurrent loops each (as a queue
+    manager scans while its sessions submit): no message is leased by two nodes while a lease
+    lives, and each is delivered (recorded Delivered) exactly once."""
+    a, b = nodes
+    total = 300
+    delivered: dict[str, str] = {}
+    duplicates: list[str] = []
+    submitted: list[str] = []
+
+    async def receive(store: PostgresStore, first: int) -> None:
+        for i in range(first, total, 2):
+            submitted.append(await store.submit(env(f"r{i}@corp.example"), b"m%d" % i))
+
+    async def deliver(store: PostgresStore, owner: str) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            leased = await store.lease_due(owner, time.time(), 60, 7)
+            for msg in leased:
+                if msg.queue_id in delivered:
+                    duplicates.append(msg.queue_id)
+                delivered[msg.queue_id] = owner
+                done = [
+                    RecipientState(r.address, DONE, 1, "250 ok", time.time())
+                    for r in msg.recipients
+                ]
+                await store.record_results(msg.queue_id, owner, done, release=True)
+            if not leased:
+                if len(delivered) >= total:
+                    return
+                await asyncio.sleep(0.005)
+
+    await asyncio.gather(
+        receive(a, 0),
+        receive(b, 1),
+        *(deliver(a, f"NODE-A-w{i}") for i in range(3)),
+        *(deliver(b, f"NODE-B-w{i}") for i in range(3)),
+    )
+    assert not duplicates, f"{len(duplicates)} messages leased twice: {duplicates[:5]}"
+    assert sorted(delivered) == sorted(submitted) and len(submitted) == total
+    owners = set(delivered.values())
+    assert any(o.startswith("NODE-A") for o in owners) and any(
+        o.startswith("NODE-B") for o in owners
+    )
+    counts = await a.counts()
+    assert counts["delivered"] == total and counts["recipients_pending"] == 0
+
+
+async def test_nodes_in_the_same_millisecond_get_distinct_queue_ids(
+    nodes: tuple[PostgresStore, PostgresStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each node numbers its messages from the clock: two nodes whose clocks read the same
+    millisecond pick the same id, and the second moves past the ids already taken."""
+    a, b = nodes
+    frozen = time.time()
+    monkeypatch.setattr(model_mod.time, "time", lambda: frozen)
+    ids = await asyncio.gather(*(s.submit(env(), b"%d" % i) for i, s in enumerate([a, b] * 40)))
+    assert len(set(ids)) == 80
+    datas = await asyncio.gather(*(b.read_data(q) for q in ids))
+    assert datas == [b"%d" % i for i in range(80)]
+
+
+async def test_results_and_admin_calls_from_two_nodes_do_not_deadlock(
+    nodes: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """Writes to one message lock its row first, then its recipients: one node recording
+    results while the other suspends, retries, purges and removes the same messages ends
+    without an error (a deadlock would surface as StoreError after PostgreSQL's 1 s check)."""
+    a, b = nodes
+    ids = [await a.submit(env("x@r.example", "y@r.example"), b"m") for _ in range(40)]
+
+    async def results(i: int, qid: str) -> None:
+        await a.record_results(
+            qid,
+            "NODE-A",
+            [RecipientState("y@r.example", DONE), RecipientState("x@r.example", DONE)],
+            release=True,
+        )
+
+    async def admin(i: int, qid: str) -> None:
+        if i % 4 == 0:
+            await b.remove(qid)
+        elif i % 4 == 1:
+            await b.set_flags(qid, suspended=True)
+        elif i % 4 == 2:
+            await b.retry_now(qid)
+        else:
+            await b.purge_completed(time.time() + 1)
+
+    await asyncio.gather(
+        *(results(i, q) for i, q in enumerate(ids)), *(admin(i, q) for i, q in enumerate(ids))
+    )
+    assert a.stats()["failed_commits"] == 0 and b.stats()["failed_commits"] == 0
+
+
+async def test_tampered_bytes_are_detected(postgres_url: str) -> None:
+    async with PostgresStore(postgres_url) as store:
+        qid = await store.submit(env(), b"original bytes")
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE message_data SET data = %s WHERE queue_id = %s", (b"tampered bytes", qid)
+            )
+        with pytest.raises(CorruptMessageError):
+            await store.read_data(qid)
+
+
+async def test_lost_connections_are_replaced_without_failing_a_call(postgres_url: str) -> None:
+    """Every connection of the pool dropped by the server (a restart, an administrator, a
+    firewall): the next calls run on new connections; nothing was committed by the dropped ones,
+    so running them again is safe."""
+    async with PostgresStore(postgres_url, min_connections=4) as store:
+        first = await asyncio.gather(*(store.submit(env(), b"before %d" % i) for i in range(8)))
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            killed = conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchone()
+        assert killed and killed[0] >= 1
+        after = await asyncio.gather(*(store.submit(env(), b"after %d" % i) for i in range(8)))
+        assert store.stats()["retried_transactions"] >= 1
+        datas = await asyncio.gather(*(store.read_data(q) for q in first + after))
+        assert datas == [b"before %d" % i for i in range(8)] + [b"after %d" % i for i in range(8)]
+
+
+async def test_a_newer_schema_is_refused(postgres_url: str) -> None:
+    async with PostgresStore(postgres_url):
+        pass
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("UPDATE relaygate_schema SET version = 99")
+    with pytest.raises(StoreError, match="schema version 99 is newer than this RelayGate"):
+        await PostgresStore(postgres_url).open()
+
+
+async def test_an_unreachable_database_is_named_without_its_password() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = PostgresStore(f"postgresql://relay:s3cret@127.0.0.1:{port}/queue", connect_timeout=2)
+    with pytest.raises(StoreError) as info:
+        await store.open()
+    text = str(info.value)
+    assert text.startswith(
+        f"cannot connect to the queue database postgresql://relay@127.0.0.1:{port}/queue"
+    )
+    assert "s3cret" not in text and "s3cret" not in repr(store)
+
+
+# --------------------------------------------------------------------------- crashes
+
+CHILD_SRC = r"""
+import asyncio, itertools, os, sys
+from relaygate.queue.model import Envelope
+from relaygate.queue.pg_store import PostgresStore
+
+def payload(n):
+    return b"Message-ID: <%d>\r\n\r\n" % n + bytes([n % 256]) * (100 + (n * 37) % 20000)
+
+async def main():
+    store = PostgresStore(sys.argv[1])
+    await store.open()
+    counter = itertools.count()
+    async def session():
+        while True:
+            n = next(counter)
+            qid = await store.submit(Envelope(sender="", recipients=[f"r{n}@x"]), payload(n))
+            os.write(1, f"{qid} {n}\n".encode())   # only after submit() returned
+    os.write(1, b"READY\n")
+    await asyncio.gather(*(session() for _ in range(8)))
+
+asyncio.run(main())
+"""
+
+
+def payload(n: int) -> bytes:
+    return b"Message-ID: <%d>\r\n\r\n" % n + bytes([n % 256]) * (100 + (n * 37) % 20000)
+
+
+def _submit_until_killed(url: str, kill: callable, after: float) -> list[tuple[str, int]]:  # type: ignore[valid-type]
+    """Run CHILD_SRC (8 concurrent submitters), call ``kill(proc)`` after ``after`` seconds, and
+    return the (queue id, n) pairs it reported as acknowledged."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD_SRC, url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    chunks: list[bytes] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        while b := os.read(proc.stdout.fileno(), 65536):
+            chunks.append(b)
+            if b"READY\n" in b"".join(chunks[:2]) or b"READY\n" in b:
+                ready.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        assert ready.wait(15), proc.stderr.read() if proc.stderr else b""
+        time.sleep(after)
+        kill(proc)
+    finally:
+        if proc.poll() is None:
+            time.sleep(1)
+            proc.kill()
+        proc.wait(10)
+        reader.join(10)
+    acked = []
+    for line in b"".join(chunks).decode().split("\n")[:-1]:  # a torn last line is dropped
+        if line != "READY":
+            qid, n = line.split()
+            acked.append((qid, int(n)))
+    return acked
+
+
+async def _check_all_there(url: str, acked: list[tuple[str, int]]) -> None:
+    async with PostgresStore(url) as store:
+        stored = {m.queue_id for m in await store.list_messages(limit=1_000_000)}
+        lost = [qid for qid, _ in acked if qid not in stored]
+        assert not lost, f"{len(lost)} of {len(acked)} acknowledged messages lost"
+        datas = await asyncio.gather(*(store.read_data(qid) for qid, _ in acked))
+        for (qid, n), data in zip(acked, datas, strict=True):
+            assert data == payload(n), qid
+
+
+async def test_sigkill_of_the_relay_never_loses_an_acknowledged_message(postgres_url: str) -> None:
+    acked: list[tuple[str, int]] = []
+    for delay in (0.4, 0.9):
+        got = await asyncio.to_thread(
+            _submit_until_killed, postgres_url, lambda p: os.kill(p.pid, signal.SIGKILL), delay
+        )
+        assert got, "nothing was acknowledged"
+        acked += got
+        await _check_all_there(postgres_url, acked)
