@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
-DEBS := swaks postfix chromium
+DEBS := swaks postfix chromium postgresql
 
 .PHONY: run test lint fmt soak bench debs clean
 
@@ -23,7 +23,8 @@ run: $(STAMP)
 	$(BIN)/relaygate serve
 
 # Debian packages the tests drive: swaks (an independent SMTP client), postfix (smtp-sink, smtp-source),
-# chromium (the admin centre tests, through Playwright with executable_path).
+# chromium (the admin centre tests, through Playwright with executable_path), postgresql (the tests
+# start their own throwaway server from its binaries, tests/support/postgres.py).
 debs:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
