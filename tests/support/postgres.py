@@ -143,16 +143,7 @@ class PostgresServer:
         for attempt in range(attempts):
             self.port = _free_port()
             self.log_path.unlink(missing_ok=True)
-            opts = " ".join(
-                f"-c {setting}"
-                for setting in (
-                    "listen_addresses=127.0.0.1",
-                    f"port={self.port}",
-                    f"unix_socket_directories={shlex.quote(str(self.data_dir))}",
-                    "max_connections=200",
-                    "shared_buffers=32MB",
-                )
-            )
+            opts = self._options()
             try:
                 self._run(
                     "pg_ctl",
@@ -172,6 +163,40 @@ class PostgresServer:
             except PostgresStartError as exc:
                 if "address already in use" not in str(exc).lower() or attempt == attempts - 1:
                     raise
+
+    def crash(self) -> None:
+        """Stop the server the way a crash would (``-m immediate``: no shutdown checkpoint, so
+        the next start replays the WAL), keeping its data."""
+        self._run("pg_ctl", "stop", "-D", str(self.data_dir), "-m", "immediate", "-w", what="crash")
+
+    def restart(self) -> None:
+        """Start a crashed server again on its data and port (crash recovery runs first)."""
+        self._run(
+            "pg_ctl",
+            "start",
+            "-D",
+            str(self.data_dir),
+            "-w",
+            "-t",
+            "60",
+            "-l",
+            str(self.log_path),
+            "-o",
+            self._options(),
+            what="pg_ctl start (restart)",
+        )
+
+    def _options(self) -> str:
+        return " ".join(
+            f"-c {setting}"
+            for setting in (
+                "listen_addresses=127.0.0.1",
+                f"port={self.port}",
+                f"unix_socket_directories={shlex.quote(str(self.data_dir))}",
+                "max_connections=200",
+                "shared_buffers=32MB",
+            )
+        )
 
     def stop(self) -> None:
         """Stop the server (if running) and delete its directory; safe to call twice."""
