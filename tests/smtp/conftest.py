@@ -27,9 +27,9 @@ from typing import Any
 import pytest
 import tomlkit
 
+from relaygate.app import open_store
 from relaygate.config import load_config
 from relaygate.queue.model import StoredMessage
-from relaygate.queue.sqlite_store import SqliteStore
 from tests.smtp.helpers import RawClient, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -218,7 +218,7 @@ class RelayHandle:
             return asyncio.run_coroutine_threadsafe(fn(self.relay.store), self.loop).result(20)
 
         async def run() -> Any:
-            store = SqliteStore(self.data_dir / "queue" / "queue.db")
+            store = open_store(self.config)  # the configured engine: SQLite or PostgreSQL
             await store.open()
             try:
                 return await fn(store)

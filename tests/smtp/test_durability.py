@@ -134,22 +134,34 @@ class _CollectingSink:
 
 
 @pytest.mark.parametrize(
-    ("total", "rounds"),
+    ("total", "rounds", "engine"),
     [
-        pytest.param(TOTAL, ROUNDS, id="bounded"),
+        pytest.param(TOTAL, ROUNDS, "sqlite", id="bounded"),
+        # The same with the queue in PostgreSQL (cluster mode, one node).
+        pytest.param(TOTAL, ROUNDS, "postgresql", id="bounded-postgresql"),
         # `make soak`: 20x the messages and 10 kills, still bounded in count and time.
         pytest.param(
-            20 * TOTAL, 10, id="soak", marks=[pytest.mark.slow, pytest.mark.timeout(1800)]
+            20 * TOTAL,
+            10,
+            "sqlite",
+            id="soak",
+            marks=[pytest.mark.slow, pytest.mark.timeout(1800)],
         ),
     ],
 )
-def test_acknowledged_messages_are_delivered_after_sigkill(relay, total: int, rounds: int):
+def test_acknowledged_messages_are_delivered_after_sigkill(
+    request: pytest.FixtureRequest, total: int, rounds: int, engine: str
+):
     """The end-to-end form: SIGKILL `relaygate serve` while it receives and delivers, restart it, and
     every message that got a 250 reaches the smart host once it accepts mail (at least once; a copy
     may repeat when a kill fell between the sink's 250 and the recorded result). During the kills the
     smart host is slow and answers 451, so deliveries are in flight (messages leased, most of them
     handed straight from the session to the local queue manager) and others wait for a retry: a
     restart must take those leases back at once, not after they expire (30 minutes)."""
+    queue: dict[str, str] = {}
+    if engine == "postgresql":  # asked for before `relay`: the relay stops before the drop
+        queue = {"store": "postgresql", "database_url": request.getfixturevalue("postgres_url")}
+    relay = request.getfixturevalue("relay")
     handler = _CollectingSink()
     sink = Controller(handler, hostname="127.0.0.1", port=free_port())
     sink.start()
@@ -160,6 +172,7 @@ def test_acknowledged_messages_are_delivered_after_sigkill(relay, total: int, ro
         r.doc["queue"] = {
             "transient_failure_retry_interval": "00:00:01",
             "message_retry_interval": "00:00:01",
+            **queue,
         }
         r.config_path.write_text(tomlkit.dumps(r.doc), encoding="utf-8")
         r.config = load_config(r.config_path)

@@ -360,6 +360,9 @@ class QueueManager:
                 if self._stopping:
                     break
                 log.error("queue store is closed; the queue manager waits")
+            except StoreError as exc:  # the database is down or full: say why, once a scan
+                self.stats["loop_errors"] += 1
+                log.error("queue scan failed: %s", exc)
             except Exception:
                 self.stats["loop_errors"] += 1
                 log.exception("queue scan failed")

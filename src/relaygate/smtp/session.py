@@ -28,7 +28,7 @@ from relaygate.logs.protocol import receiving_message_info
 from relaygate.policy.rights import SessionRights, session_rights
 from relaygate.policy.verdicts import Verdict, check_mail, check_rcpt, relay_local_ips
 from relaygate.queue.model import LINE_BREAKS, LINE_BREAKS_CRLF, SMTPUTF8, Envelope, StoredMessage
-from relaygate.queue.store import StoreFullError, StoreOutcomeUnknownError
+from relaygate.queue.store import StoreError, StoreFullError, StoreOutcomeUnknownError
 from relaygate.replies import Reply
 from relaygate.smtp.message import DataReader, has_bare_cr_or_lf, received_header, scan_headers
 
@@ -652,6 +652,10 @@ class Session:
                 "queue store full, message from %s refused with 452 4.3.1: %s", self.client_ip, exc
             )
             self.reply(replies.INSUFFICIENT_RESOURCES)
+            return
+        except StoreError as exc:  # database down, I/O error: the reason is in the message
+            self.ctx.logger.error("queue store failed for %s: %s", self.client_ip, exc)
+            self.reply(replies.QUEUE_FAILED)
             return
         except Exception as exc:  # any store failure: the client must retry, nothing was promised
             self.ctx.logger.exception("queue store failed for %s: %s", self.client_ip, exc)
