@@ -24,7 +24,8 @@ run: $(STAMP)
 
 # Debian packages the tests drive: swaks (an independent SMTP client), postfix (smtp-sink, smtp-source),
 # chromium (the admin centre tests, through Playwright with executable_path), postgresql (the tests
-# start their own throwaway server from its binaries, tests/support/postgres.py).
+# start their own throwaway server from its binaries, tests/support/postgres.py; the system's own
+# server, which Debian starts on installation, is stopped as postfix is).
 debs:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -32,6 +33,9 @@ debs:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  $$SUDO systemctl disable --now postfix >/dev/null 2>&1 || $$SUDO postfix stop >/dev/null 2>&1 || true; \
+	  case "$$missing" in *postgresql*) \
+	    $$SUDO systemctl disable --now postgresql >/dev/null 2>&1 || $$SUDO service postgresql stop >/dev/null 2>&1 || true;; \
+	  esac; \
 	fi
 
 test: $(TEST_STAMP) debs

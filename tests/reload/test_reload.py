@@ -333,3 +333,34 @@ def test_a_reload_applies_the_log_settings(relay):  # noqa: F811
     assert h.relay.tracking is None and h.relay.ctx.tracking is None
     assert h.relay.manager.tracking is None
     assert tracking.directory._closed and tracking.directory._file is None
+
+
+def test_a_reload_applies_the_lease_duration_and_defers_a_new_queue_store(relay, caplog):  # noqa: F811
+    """`queue.lease_duration` is taken at once by the queue manager; `queue.store` and
+    `database_url` cannot change under a running relay: it says they take effect at the next
+    restart and keeps its queue (the message sent afterwards is stored in it)."""
+    from tests.smtp.conftest import relay_connector
+
+    conn = relay_connector(ranges=["127.0.0.5"])
+    h = relay([conn])
+    store = h.relay.store
+    assert h.relay.manager.lease_seconds == 1800.0
+    with caplog.at_level(logging.WARNING, logger="relaygate"):
+        h.reconfigure(
+            [conn],
+            queue={
+                "lease_duration": "00:02:00",
+                "store": "postgresql",
+                "database_url": "postgresql://relaygate@127.0.0.1:9/relaygate",
+            },
+        )
+    assert h.relay.manager.lease_seconds == 120.0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert (
+        "queue.store, queue.database_url changed: takes effect when relaygate serve restarts"
+        in warnings
+    ), warnings
+    assert h.relay.store is store
+    with h.smtp("127.0.0.5") as c:
+        c.sendmail("a@corp.example", ["x@external.example"], b"Subject: t\r\n\r\nhi\r\n")
+    assert len(h.messages()) == 1
