@@ -225,10 +225,11 @@ def test_io_error_does_not_kill_writer(tmp_path: Path) -> None:
     d.close()
 
 
-def test_a_file_another_writer_deleted_is_not_written_to_any_more(tmp_path: Path) -> None:
+def test_a_file_another_writer_has_open_is_never_deleted(tmp_path: Path) -> None:
     """server.workers > 1: each worker has its own writer on the same folder, and one's cleanup
-    deletes the oldest files, which can be the file another is still writing. That writer's
-    later lines must land in a file that exists, not in the deleted one."""
+    deletes the oldest files, which can be the file another is still writing. That file is kept
+    (its writer holds a shared lock on it), so no line written to it is lost; the other files
+    still go."""
     kw: dict = dict(max_file_size=4096, max_directory_size=8192, max_age=timedelta(0))
     idle = LogDirectory(tmp_path, "RECV", ["#Fields: x"], start_thread=False, **kw)
     busy = LogDirectory(tmp_path, "RECV", ["#Fields: x"], start_thread=False, **kw)
@@ -241,11 +242,36 @@ def test_a_file_another_writer_deleted_is_not_written_to_any_more(tmp_path: Path
     for i in range(400):
         busy.append((now, f"busy-worker line {i:04d} " + "x" * 40))
     busy.flush()
-    assert not held.exists()  # deleted by the busy writer's size cleanup
+    assert held.exists()  # the oldest, yet open in another writer: kept
     idle.append((now, "idle-worker line 2"))
     idle.flush()
+    assert idle.current_file == held
+    assert held.read_text().count("idle-worker line") == 2
+    busy_files = [p for p in tmp_path.glob("RECV*") if p != held]
+    assert sum(p.stat().st_size for p in busy_files) <= 8192  # busy's own old files went
+    assert "busy-worker line 0399" in "".join(p.read_text() for p in busy_files)
     idle.close()
     busy.close()
-    text = "".join(p.read_text() for p in tmp_path.glob("RECV*"))
-    assert "idle-worker line 2" in text
-    assert idle.current_file != held
+    # Closed, it is an old file like any other: the next cleanup may delete it.
+    kw["max_directory_size"] = 100  # nothing but the open file fits
+    late = LogDirectory(tmp_path, "RECV", ["#Fields: x"], start_thread=False, **kw)
+    late.append((now, "late line"))
+    late.flush()
+    late.close()
+    assert not held.exists()
+
+
+def test_a_file_deleted_under_its_writer_is_not_written_to_any_more(tmp_path: Path) -> None:
+    """Deleted by hand (or by a writer of an older version that took no lock): the writer's
+    next lines go to a new file that exists, not to the deleted one."""
+    d = make(tmp_path)
+    d.append_line("line 1")
+    d.flush()
+    held = d.current_file
+    assert held is not None
+    held.unlink()
+    d.append_line("line 2")
+    d.flush()
+    assert d.current_file != held and d.current_file is not None
+    assert "line 2" in d.current_file.read_text()
+    d.close()

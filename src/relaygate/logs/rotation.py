@@ -21,6 +21,7 @@ in Exchange's files.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
@@ -332,6 +333,13 @@ class LogDirectory:
             except FileExistsError:
                 number += 1
                 continue
+            # Held while the file is open: another writer's cleanup (server.workers > 1) leaves
+            # a file alone whose lock it cannot take (see _unlink).
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+            if os.fstat(f.fileno()).st_nlink == 0:  # deleted between its creation and the lock
+                f.close()
+                number += 1
+                continue
             break
         self._file, self._file_path = f, path
         self._file_hour, self._file_number = hour, number
@@ -407,11 +415,28 @@ class LogDirectory:
         )
 
     def _unlink(self, name: str) -> bool:
+        """Delete one of our files, unless another writer has it open (its shared lock): with
+        several workers on one folder, deleting a file another worker writes to would lose the
+        lines it writes before it notices. False if the file was kept."""
+        path = self.path / name
         try:
-            (self.path / name).unlink()
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            _log.warning("log %s: cannot delete %s: %s", self.path, name, exc)
+            return False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # another writer's open file
+            path.unlink()
             return True
         except FileNotFoundError:
             return True
         except OSError as exc:
             _log.warning("log %s: cannot delete %s: %s", self.path, name, exc)
             return False
+        finally:
+            os.close(fd)
