@@ -397,6 +397,30 @@ def _server_findings(config: Config) -> Iterator[Finding]:
         )
 
 
+def _queue_findings(config: Config) -> Iterator[Finding]:
+    q = config.queue
+    if q.store != "postgresql" or not q.database_url:
+        return
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        has_password = bool(conninfo_to_dict(q.database_url).get("password"))
+    except Exception:  # `check` reports a malformed URL
+        return
+    if has_password:
+        yield Finding(
+            "low",
+            "database-password-in-config",
+            "",
+            "queue.database_url",
+            "queue.database_url holds the database password in the configuration file, where "
+            "whoever reads the file (a backup, a support bundle) reads the password",
+            "take it out of the URL: libpq reads it from a password file "
+            '(database_url = "postgresql://relaygate@db/relaygate?passfile=/etc/relaygate/pgpass", '
+            "mode 0600) or from the PGPASSWORD environment variable of relaygate serve",
+        )
+
+
 def admin_exposed(config: Config) -> bool:
     """The admin listener answers beyond this machine (not a loopback address) with no API token:
     whoever reaches it can read the queue (senders, recipients, Subjects) and remove messages."""
@@ -433,6 +457,7 @@ def audit(config: Config, *, max_prefix_v4: int = 24, max_prefix_v6: int = 64) -
     findings.extend(_shadow_findings(config))
     findings.extend(_server_findings(config))
     findings.extend(_admin_findings(config))
+    findings.extend(_queue_findings(config))
     order = {s: i for i, s in enumerate(SEVERITIES)}
     return sorted(findings, key=lambda f: order[f.severity])
 

@@ -406,3 +406,19 @@ def test_basic_auth_without_a_logon_failure_rate_limit_is_medium() -> None:
     found = audit(config(text + 'logon_failure_rate_limit = "unlimited"\n'))
     assert codes(found) == [("medium", "logon-failures-unlimited", "Submission")]
     assert found[0].key == "logon_failure_rate_limit"
+
+
+def test_a_database_password_in_the_config_file_is_low(tmp_path: Path) -> None:
+    queue = '\n[queue]\nstore = "postgresql"\ndatabase_url = "{}"\n'
+    found = audit(config(CLEAN + queue.format("postgresql://relay:s3cret@db.corp.example/q")))
+    assert codes(found) == [("low", "database-password-in-config", "")]
+    assert found[0].key == "queue.database_url" and "s3cret" not in found[0].message
+    for clean in (
+        "postgresql://relay@db.corp.example/q?passfile=/etc/relaygate/pgpass",
+        "host=db.corp.example user=relay dbname=q",
+    ):
+        assert audit(config(CLEAN + queue.format(clean))) == []
+    with_keyword = "host=db user=relay password=s3cret dbname=q"
+    assert codes(audit(config(CLEAN + queue.format(with_keyword)))) == [
+        ("low", "database-password-in-config", "")
+    ]
