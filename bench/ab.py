@@ -5,10 +5,13 @@
         [--messages 4000] [--pairs 3] [--size 10] [--workers auto] [--json FILE]
     .venv/bin/python bench/ab.py --env NAME=VALUE ...      # the same code, switched by environment
     .venv/bin/python bench/ab.py --python OTHER/bin/python # the same code on another interpreter
+    .venv/bin/python bench/ab.py --b-postgresql           # B keeps its queue in PostgreSQL
 
 A is this checkout's relay. B is the relay imported from DIR (a patched copy of `src/`, put first on
 PYTHONPATH), with the `--env` variables set, run by `--python` (another venv's interpreter with
-relaygate installed, e.g. a newer CPython) when given; without them B is A.
+relaygate installed, e.g. a newer CPython) when given; without them B is A. With --b-postgresql
+B's queue is a fresh database on a throwaway PostgreSQL server started for the run (the tests'
+launcher, tests/support/postgres.py; Debian package postgresql), A's the default SQLite store.
 Each run starts a fresh `relaygate serve` (the benchmark configuration of bench/run.py) and an
 smtp-sink, sends 100 warm-up messages, then `--messages` with `smtp-source -s SESSIONS` and
 reads over that timed run:
@@ -27,6 +30,7 @@ difference needs several pairs, and one under ~15 % is not seen in one pair.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -98,6 +102,14 @@ def imported_from(env: dict[str, str], python: Path | None = None) -> Path:
     return Path(out.stdout.strip()).resolve().parent
 
 
+def postgres_server() -> Any:
+    """The tests' throwaway PostgreSQL server (tests/support/postgres.py), not yet started."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.support.postgres import PostgresServer
+
+    return PostgresServer()
+
+
 def _machine() -> list[int]:
     with open("/proc/stat") as f:
         return [int(x) for x in f.readline().split()[1:]]
@@ -132,9 +144,14 @@ def interpreter(python: Path) -> str:
 
 
 def run_once(
-    label: str, env: dict[str, str], args: argparse.Namespace, python: Path | None = None
+    label: str,
+    env: dict[str, str],
+    args: argparse.Namespace,
+    python: Path | None = None,
+    database_url: str | None = None,
 ) -> dict[str, Any]:
-    """One fresh relay, one timed smtp-source run."""
+    """One fresh relay, one timed smtp-source run (its queue in ``database_url`` if given)."""
+    queue = f'store = "postgresql"\ndatabase_url = "{database_url}"\n' if database_url else ""
     with tempfile.TemporaryDirectory(prefix="relaygate-ab-", dir="/var/tmp") as tmp:
         work = Path(tmp)
         sink = Sink(work).start()
@@ -142,6 +159,7 @@ def run_once(
             work,
             sink.port,
             server_extra=f"workers = {json.dumps(args.workers)}\n",
+            queue_extra=queue,
             env=env,
             python=python,
         )
@@ -237,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="B's interpreter (another venv's bin/python with relaygate installed)",
     )
+    ap.add_argument(
+        "--b-postgresql",
+        action="store_true",
+        help="B keeps its queue in PostgreSQL (a throwaway server), A in SQLite",
+    )
     ap.add_argument("--sessions", type=int, default=10)
     ap.add_argument("--messages", type=int, default=4000, help="timed messages per run")
     ap.add_argument("--pairs", type=int, default=3)
@@ -255,8 +278,11 @@ def main(argv: list[str] | None = None) -> int:
         env = parse_env(args.env)
     except ValueError as exc:
         ap.error(str(exc))
-    if args.variant is None and not env and args.python is None:
-        ap.error("nothing to compare: give --variant DIR, --env NAME=VALUE or --python PATH")
+    if args.variant is None and not env and args.python is None and not args.b_postgresql:
+        ap.error(
+            "nothing to compare: give --variant DIR, --env NAME=VALUE, --python PATH "
+            "or --b-postgresql"
+        )
     if args.python is not None and not os.access(args.python, os.X_OK):
         ap.error(f"--python {args.python}: not an executable")
     if args.variant is not None and not (args.variant / "relaygate" / "__init__.py").is_file():
@@ -277,18 +303,26 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"A: {imported_from({})}, {interpreter(default_python())}\n"
         f"B: {b_where}, {interpreter(b_python or default_python())}"
-        + (f" with {' '.join(args.env)}" if args.env else ""),
+        + (f" with {' '.join(args.env)}" if args.env else "")
+        + (", queue in PostgreSQL" if args.b_postgresql else ""),
         flush=True,
     )
     rows: list[dict[str, Any]] = []
-    for pair in range(args.pairs):
-        order = ("A", "B") if pair % 2 == 0 else ("B", "A")
-        for label in order:
-            b_side = label == "B"
-            row = run_once(label, b_env if b_side else {}, args, b_python if b_side else None)
-            row["pair"] = pair
-            rows.append(row)
-            print(_line(row), flush=True)
+    with contextlib.ExitStack() as stack:
+        pg = stack.enter_context(postgres_server()) if args.b_postgresql else None
+        for pair in range(args.pairs):
+            order = ("A", "B") if pair % 2 == 0 else ("B", "A")
+            for label in order:
+                b_side = label == "B"
+                url = pg.create_database() if pg is not None and b_side else None
+                row = run_once(
+                    label, b_env if b_side else {}, args, b_python if b_side else None, url
+                )
+                if url is not None and pg is not None:
+                    pg.drop_database(url.rsplit("/", 1)[1])
+                row["pair"] = pair
+                rows.append(row)
+                print(_line(row), flush=True)
     wrong = sink_mismatches(rows)
     summary = summarise(rows)
     print(

@@ -6,7 +6,8 @@ name would shadow the real package.)
 One relay connector on 127.0.0.1:PORT for 127.0.0.0/8 with ms-Exch-SMTP-Accept-Any-Recipient,
 protocol logging Verbose (as an administrator runs it), message tracking on, no tarpit, connection
 limits raised so that the load generator is never refused; one send connector to the smtp-sink as
-smart host. The queue is the default SQLite store under the temp dir.
+smart host. The queue is the default SQLite store under the temp dir, or what `queue_extra` says
+(bench/ab.py --b-postgresql: a PostgreSQL queue).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ address_spaces = ["*"]
 dns_routing_enabled = false
 smart_hosts = ["127.0.0.1"]
 port = {sink_port}
-"""
+{queue_section}"""
 
 
 def relaygate_exe() -> list[str]:
@@ -108,6 +109,7 @@ class RelayGateSystem:
         *,
         max_connections: int = 20000,
         server_extra: str = "",
+        queue_extra: str = "",
         env: dict[str, str] | None = None,
         python: Path | None = None,
     ) -> None:
@@ -118,6 +120,8 @@ class RelayGateSystem:
         self.port = free_port()
         self.max_connections = max_connections
         self.server_extra = server_extra
+        #: lines of a `[queue]` section (empty: the default SQLite queue)
+        self.queue_extra = queue_extra
         #: set in the relay's environment on top of ours (bench/ab.py's variant: PYTHONPATH...)
         self.env = dict(env or {})
         #: run `python -m relaygate` instead of this checkout's .venv (bench/ab.py --python)
@@ -134,6 +138,7 @@ class RelayGateSystem:
                 sink_port=self.sink_port,
                 max_conn=self.max_connections,
                 server_extra=self.server_extra,
+                queue_section=f"\n[queue]\n{self.queue_extra}" if self.queue_extra else "",
             )
         )
 
