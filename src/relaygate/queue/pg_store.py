@@ -115,6 +115,37 @@ CREATE TABLE IF NOT EXISTS message_data (
 );
 """
 
+#: A submit in one statement: the message, its bytes and its recipients (none of the three when
+#: the queue id is taken: ON CONFLICT leaves `m` empty).
+_SUBMIT = """
+WITH m AS (
+    INSERT INTO messages (queue_id, sender, size, received_at, message_id, client_ip, connector,
+        helo, auth_user, metadata, status, next_due, open_rcpts, lease_owner, lease_until)
+    VALUES (%(queue_id)s, %(sender)s, %(size)s, %(received_at)s, %(message_id)s, %(client_ip)s,
+        %(connector)s, %(helo)s, %(auth_user)s, %(metadata)s, %(ready)s, 0, %(open_rcpts)s,
+        %(lease_owner)s, %(lease_until)s)
+    ON CONFLICT (queue_id) DO NOTHING
+    RETURNING queue_id
+), d AS (
+    INSERT INTO message_data (queue_id, sha256, data)
+    SELECT queue_id, %(sha256)s, %(data)s FROM m
+), r AS (
+    INSERT INTO recipients (queue_id, idx, address, status)
+    SELECT m.queue_id, t.n - 1, t.address, %(ready)s
+    FROM m, unnest(%(recipients)s::text[]) WITH ORDINALITY AS t(address, n)
+)
+SELECT queue_id FROM m
+"""
+#: Per-recipient outcomes, one statement for all of them (a recipient already final is kept).
+_RECORD = """
+UPDATE recipients r SET status = v.status, attempts = v.attempts, last_error = v.last_error,
+    last_attempt = v.last_attempt, next_attempt = v.next_attempt
+FROM unnest(%s::text[], %s::text[], %s::integer[], %s::text[], %s::double precision[],
+            %s::double precision[]) AS v(address, status, attempts, last_error, last_attempt,
+                                         next_attempt)
+WHERE r.queue_id = %s AND r.address = v.address AND r.status <> ALL(%s)
+"""
+
 _MSG_COLS = (
     "queue_id, sender, size, received_at, message_id, client_ip, connector, helo, auth_user, "
     "suspended, delay_notified, metadata, lease_owner, lease_until"
@@ -204,6 +235,15 @@ async def _load(conn: Conn, ids: Sequence[str]) -> list[StoredMessage]:
             )
         )
     return out
+
+
+async def _rowcount(conn: Conn, query: str, params: Sequence[Any]) -> int:
+    """Run a statement and return how many rows it changed: in pipeline mode the count is known
+    only once the server's answer is read, so sync the pipeline for it."""
+    async with conn.pipeline() as pipeline:  # the pipeline already running (nested)
+        cur = await conn.execute(query, params)
+        await pipeline.sync()
+    return cur.rowcount
 
 
 async def _lock_message(conn: Conn, queue_id: str) -> tuple[bool, float | None] | None:
@@ -317,7 +357,9 @@ class PostgresStore(Store):
 
     async def _init_schema(self, conn: Conn) -> str | None:
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-        await conn.execute(_SCHEMA)
+        for statement in _SCHEMA.split(";"):  # one at a time: pipeline mode takes one each
+            if statement.strip():
+                await conn.execute(statement)
         cur = await conn.execute("SELECT max(version) FROM relaygate_schema")
         row = await cur.fetchone()
         version = row[0] if row else None
@@ -396,15 +438,19 @@ class PostgresStore(Store):
             try:
                 async with pool.connection() as conn:
                     try:
-                        if readonly:
-                            await conn.execute(
-                                "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"
-                            )
-                        elif not durable:
-                            await conn.execute("SET LOCAL synchronous_commit = off")
-                        result = await fn(conn, *args)
-                        committing = True
-                        await conn.commit()
+                        # Pipeline mode: statements go out together and the client waits only
+                        # where a call reads a result (and at COMMIT): a submit is two round
+                        # trips to the server, not one per statement.
+                        async with conn.pipeline():
+                            if readonly:
+                                await conn.execute(
+                                    "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"
+                                )
+                            elif not durable:
+                                await conn.execute("SET LOCAL synchronous_commit = off")
+                            result = await fn(conn, *args)
+                            committing = True
+                            await conn.commit()
                     except BaseException:
                         conn_lost = conn.broken or conn.closed
                         if not committing and not conn_lost:
@@ -476,46 +522,34 @@ class PostgresStore(Store):
         for _ in range(1000):
             queue_id = self._ids.next()
             cur = await conn.execute(
-                "INSERT INTO messages (queue_id, sender, size, received_at, message_id, "
-                "client_ip, connector, helo, auth_user, metadata, status, next_due, "
-                "open_rcpts, lease_owner, lease_until) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 0, %s, %s, %s) "
-                "ON CONFLICT (queue_id) DO NOTHING",
-                (
-                    queue_id,
-                    env.sender,
-                    len(data),
-                    received_at,
-                    env.message_id,
-                    env.client_ip,
-                    env.connector,
-                    env.helo,
-                    env.auth_user,
-                    metadata,
-                    RecipientStatus.READY.value,
-                    len(recipients),
-                    lease_owner,
-                    lease_until,
-                ),
+                _SUBMIT,
+                {
+                    "queue_id": queue_id,
+                    "sender": env.sender,
+                    "size": len(data),
+                    "received_at": received_at,
+                    "message_id": env.message_id,
+                    "client_ip": env.client_ip,
+                    "connector": env.connector,
+                    "helo": env.helo,
+                    "auth_user": env.auth_user,
+                    "metadata": metadata,
+                    "ready": RecipientStatus.READY.value,
+                    "open_rcpts": len(recipients),
+                    "lease_owner": lease_owner,
+                    "lease_until": lease_until,
+                    "sha256": digest,
+                    "data": data,
+                    "recipients": recipients,
+                },
             )
-            if cur.rowcount == 1:
-                break
+            if await cur.fetchone() is not None:
+                return queue_id
             # Another node took this id (same millisecond): continue past the largest one.
             top = await (await conn.execute("SELECT max(queue_id) FROM messages")).fetchone()
             if top and top[0]:
                 self._ids.advance_past(top[0])
-        else:  # pragma: no cover
-            raise StoreError("could not allocate a queue id")
-        await conn.execute(
-            "INSERT INTO message_data (queue_id, sha256, data) VALUES (%s, %s, %s)",
-            (queue_id, digest, data),
-        )
-        async with conn.cursor() as cur:
-            await cur.executemany(
-                "INSERT INTO recipients (queue_id, idx, address, status) VALUES (%s, %s, %s, %s)",
-                [(queue_id, i, a, RecipientStatus.READY.value) for i, a in enumerate(recipients)],
-            )
-        return queue_id
+        raise StoreError("could not allocate a queue id")  # pragma: no cover
 
     async def lease_due(
         self, owner: str, now: float, lease_seconds: float, limit: int
@@ -560,12 +594,12 @@ class PostgresStore(Store):
             return 0
 
         async def run(conn: Conn) -> int:
-            cur = await conn.execute(
+            return await _rowcount(
+                conn,
                 "UPDATE messages SET lease_until = %s "
                 "WHERE lease_owner = %s AND queue_id = ANY(%s)",
                 (until, owner, sorted(queue_ids)),
             )
-            return cur.rowcount
 
         return await self._tx(run, durable=False)
 
@@ -576,45 +610,42 @@ class PostgresStore(Store):
             return 0
 
         async def run(conn: Conn) -> int:
-            cur = await conn.execute(
+            return await _rowcount(
+                conn,
                 "UPDATE messages SET lease_owner = NULL, lease_until = NULL "
                 "WHERE lease_owner = ANY(%s)",
                 (list(owners),),
             )
-            return cur.rowcount
 
         return await self._tx(run, durable=False)
 
     async def record_results(
         self, queue_id: str, owner: str, results: list[RecipientState], *, release: bool = False
     ) -> None:
-        rows = [
-            (
-                RecipientStatus(r.status).value,
-                r.attempts,
-                r.last_error,
-                r.last_attempt,
-                r.next_attempt,
-                queue_id,
-                r.address,
-                _FINAL,
-            )
-            for r in results
-        ]
+        latest = {r.address: r for r in results}  # one outcome per address: the last given
+        columns: tuple[list[Any], ...] = ([], [], [], [], [], [])
+        for r in latest.values():
+            for column, value in zip(
+                columns,
+                (
+                    r.address,
+                    RecipientStatus(r.status).value,
+                    r.attempts,
+                    r.last_error,
+                    r.last_attempt,
+                    r.next_attempt,
+                ),
+                strict=True,
+            ):
+                column.append(value)
         now = time.time()
 
         async def run(conn: Conn) -> None:
             locked = await _lock_message(conn, queue_id)
             if locked is None:  # removed by the admin meanwhile
                 return
-            if rows:
-                async with conn.cursor() as cur:
-                    await cur.executemany(
-                        "UPDATE recipients SET status = %s, attempts = %s, last_error = %s, "
-                        "last_attempt = %s, next_attempt = %s "
-                        "WHERE queue_id = %s AND address = %s AND status <> ALL(%s)",
-                        rows,
-                    )
+            if latest:
+                await conn.execute(_RECORD, (*columns, queue_id, _FINAL))
             await _refresh(conn, queue_id, locked, now, owner if release else None)
 
         await self._tx(run, durable=False)
@@ -679,11 +710,11 @@ class PostgresStore(Store):
 
     async def purge_completed(self, older_than: float) -> int:
         async def run(conn: Conn) -> int:
-            cur = await conn.execute(
+            return await _rowcount(
+                conn,
                 "DELETE FROM messages WHERE completed_at IS NOT NULL AND completed_at < %s",
                 (older_than,),
             )
-            return cur.rowcount
 
         return await self._tx(run)
 
