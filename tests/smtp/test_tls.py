@@ -3,8 +3,11 @@ STARTTLS injection (security-bar §2F)."""
 
 from __future__ import annotations
 
+import asyncio
 import smtplib
+import socket
 import ssl
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,7 @@ import trustme
 
 from relaygate.smtp.tls import ensure_self_signed
 from tests.smtp.conftest import FQDN, relay_connector
-from tests.smtp.helpers import RawClient
+from tests.smtp.helpers import RawClient, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -338,3 +341,276 @@ def test_implicit_tls_handshakes_never_hang_under_concurrent_clients(
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         failures = [f for f in pool.map(handshake, range(400)) if f]
     assert failures == []
+
+
+def _silent(source: str, port: int) -> socket.socket:
+    """A TCP connection to the relay that never sends a byte (no ClientHello)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+    sock.settimeout(0.05)
+    return sock
+
+
+def _server_closed(sock: socket.socket) -> bool:
+    """True when the relay has closed `sock` (EOF or reset); nothing is ever expected from it."""
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+def _open_after(socks: list[socket.socket], settle: float) -> int:
+    """How many of `socks` the relay still holds open once `settle` seconds have passed."""
+    time.sleep(settle)
+    return sum(not _server_closed(s) for s in socks)
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> float | None:
+    """Seconds until the relay closed `sock` having sent nothing; None if still open then."""
+    started = time.monotonic()
+    sock.settimeout(seconds)
+    try:
+        data = sock.recv(1)
+    except TimeoutError:
+        return None
+    except OSError:  # reset: the relay closed it with our bytes unread
+        data = b""
+    assert data == b"", f"the relay sent {data!r} before any TLS handshake"
+    return time.monotonic() - started
+
+
+def _served_over_smtps(port: int, source: str, client_ctx: ssl.SSLContext) -> bool:
+    """True when a message from `source` is taken over implicit TLS; False when refused."""
+    try:
+        with smtplib.SMTP_SSL(
+            "127.0.0.1", port, context=client_ctx, source_address=(source, 0), timeout=10,
+            local_hostname="client.corp.example",
+        ) as s:  # fmt: skip
+            code, _ = s.ehlo()
+            assert code == 250
+            s.sendmail("app@corp.example", ["x@external.example"], b"Subject: 465\r\n\r\nhi\r\n")
+    except (OSError, smtplib.SMTPException):
+        return False
+    return True
+
+
+def _counted(r: Any) -> dict[tuple[str, str], int]:
+    """The relay's open-connection counts per (connector, source) (thread mode)."""
+
+    async def read() -> dict[tuple[str, str], int]:
+        return dict(r.relay.ctx.limits.per_source)
+
+    return asyncio.run_coroutine_threadsafe(read(), r.loop).result(5)
+
+
+def _implicit_tls_connector(cert_files: dict[str, str], **overrides: Any) -> dict[str, Any]:
+    return relay_connector(
+        ranges=["127.0.0.0/8"],
+        name="Implicit TLS",
+        tls_mode="implicit",
+        **cert_files,
+        **overrides,
+    )
+
+
+# "process": `relaygate serve` on uvloop.
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_implicit_tls_connections_are_counted_before_the_handshake(
+    relay, cert_files, client_ctx, mode
+):
+    """Connections to an implicit-TLS port are counted against max_inbound_connection_per_source
+    when accepted, before any TLS work: a source holding its 2 connections silently (no
+    ClientHello) has its 3rd closed at once, with nothing sent in clear text (it used to be held
+    for asyncio's 60 s handshake timeout, uncounted); another source is served meanwhile and
+    counted once; once the silent ones close, the source is served again."""
+    r = relay([_implicit_tls_connector(cert_files, max_inbound_connection_per_source=2)], mode=mode)
+    silent = [_silent("127.0.0.9", r.port) for _ in range(2)]
+    try:
+        time.sleep(0.5)  # accepted and counted
+        with _silent("127.0.0.9", r.port) as third:
+            elapsed = _closed_within(third, 5)
+            assert elapsed is not None and elapsed < 2, "a 3rd connection from 127.0.0.9 was held"
+        assert _open_after(silent, 0) == 2  # admitted: waiting for their ClientHello
+        with smtplib.SMTP_SSL(
+            "127.0.0.1", r.port, context=client_ctx, source_address=("127.0.0.10", 0),
+            timeout=10, local_hostname="client.corp.example",
+        ) as s:  # fmt: skip
+            code, _ = s.ehlo()
+            assert code == 250
+            if mode == "thread":  # the session does not count its connection a second time
+                assert _counted(r) == {
+                    ("Implicit TLS", "127.0.0.9"): 2,
+                    ("Implicit TLS", "127.0.0.10"): 1,
+                }
+            s.sendmail("app@corp.example", ["x@external.example"], b"Subject: a\r\n\r\nhi\r\n")
+    finally:
+        for sock in silent:
+            sock.close()
+
+    # Their handshakes end at the client's close and give the slots back (within a few turns
+    # of the relay's event loop, hence the retries).
+    assert wait_for(lambda: _served_over_smtps(r.port, "127.0.0.9", client_ctx), timeout=5)
+    assert sorted(m.client_ip for m in r.messages()) == ["127.0.0.10", "127.0.0.9"]
+    if mode == "thread":
+        assert wait_for(lambda: _counted(r) == {}, timeout=5)
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_an_implicit_tls_handshake_that_never_completes_is_dropped_and_frees_its_slot(
+    relay, cert_files, client_ctx, mode
+):
+    """An admitted implicit-TLS connection whose handshake never completes (nothing sent, or the
+    start of a ClientHello only) is closed after min(inactivity timeout, connection timeout,
+    60 s), here 2 s, and its slot is given back: the source is served again."""
+    r = relay(
+        [
+            _implicit_tls_connector(
+                cert_files,
+                max_inbound_connection_per_source=2,
+                connection_inactivity_timeout="00:00:02",
+                connection_timeout="00:00:30",
+            )
+        ],
+        mode=mode,
+    )
+    started = time.monotonic()
+    silent = _silent("127.0.0.9", r.port)
+    partial = _silent("127.0.0.9", r.port)
+    try:
+        partial.sendall(b"\x16\x03\x01\x02\x00\x01")  # a handshake record of 512 bytes: 1 sent
+        time.sleep(0.3)
+        with _silent("127.0.0.9", r.port) as third:  # both slots taken
+            refused = _closed_within(third, 5)
+            assert refused is not None and refused < 1
+        for sock in (silent, partial):
+            assert _closed_within(sock, 8) is not None
+        elapsed = time.monotonic() - started
+        assert 1.5 < elapsed < 5, elapsed
+    finally:
+        silent.close()
+        partial.close()
+    assert wait_for(lambda: _served_over_smtps(r.port, "127.0.0.9", client_ctx), timeout=5)
+    if mode == "thread":
+        assert wait_for(lambda: _counted(r) == {}, timeout=5)
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_a_trusted_proxy_sends_its_proxy_header_inside_implicit_tls(
+    relay, cert_files, client_ctx, mode
+):
+    """A trusted proxy in front of an implicit-TLS port: TLS first, then the PROXY header inside
+    it; the proxy's own address is not counted nor used to choose the connector (no connector
+    covers it here): the client the header names is, once it is read."""
+    r = relay(
+        [
+            relay_connector(
+                ["10.1.2.0/24"],
+                name="Relay via LB",
+                tls_mode="implicit",
+                max_inbound_connection_per_source=1,
+                **cert_files,
+            )
+        ],
+        server={"trusted_proxies": ["127.0.0.7"]},
+        mode=mode,
+    )
+    with r.raw("127.0.0.7", tls=client_ctx) as one, r.raw("127.0.0.7", tls=client_ctx) as two:
+        one.send(b"PROXY TCP4 10.1.2.3 127.0.0.1 40000 465\r\n")
+        one.expect(220)
+        two.send(b"PROXY TCP4 10.1.2.4 127.0.0.1 40001 465\r\n")
+        two.expect(220)
+        assert one.cmd("EHLO printer.corp.example", 250).lines[0].endswith("Hello [10.1.2.3]")
+        assert two.cmd("EHLO printer.corp.example", 250).lines[0].endswith("Hello [10.1.2.4]")
+        one.cmd("MAIL FROM:<printer@corp.example>", 250)
+        one.cmd("RCPT TO:<x@external.example>", 250)
+        one.cmd("DATA", 354)
+        one.send(b"Subject: via proxy\r\n\r\nbody\r\n.\r\n")
+        one.expect(250)
+    (msg,) = r.messages()
+    assert msg.client_ip == "10.1.2.3" and msg.connector == "Relay via LB"
+    assert b"\twith ESMTPS id " in r.data(msg.queue_id)
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_every_connection_limit_applies_to_implicit_tls_before_the_handshake(
+    relay, cert_files, client_ctx, mode
+):
+    """max_inbound_connection_per_source, the percentage form and max_inbound_connection all
+    count silent implicit-TLS connections (from the reverted f4d5878, kept: the rules are those of
+    a plain connection); the admitted ones are ended by the 3 s inactivity timeout."""
+    r = relay(
+        [
+            _implicit_tls_connector(
+                cert_files,
+                max_inbound_connection=3,
+                max_inbound_connection_per_source=2,
+                max_inbound_connection_percentage_per_source=100,
+                connection_inactivity_timeout="00:00:03",
+                connection_timeout="00:00:30",
+            )
+        ],
+        mode=mode,
+    )
+    held: list[socket.socket] = []
+    try:
+        first = [_silent("127.0.0.5", r.port) for _ in range(6)]
+        held += first
+        assert _open_after(first, 1.0) == 2  # per source
+        second = [_silent("127.0.0.6", r.port) for _ in range(3)]
+        held += second
+        # One: the percentage rule shares the one connection still available; 3 held now.
+        assert _open_after(second, 1.0) == 1
+        third = [_silent("127.0.0.7", r.port) for _ in range(2)]
+        held += third
+        assert _open_after(third, 1.0) == 0  # max_inbound_connection
+        # The 3 admitted handshakes are ended by the 3 s inactivity timeout.
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline and _open_after(held, 0.2):
+            pass
+        assert _open_after(held, 0) == 0
+    finally:
+        for s in held:
+            s.close()
+    assert wait_for(lambda: _served_over_smtps(r.port, "127.0.0.5", client_ctx), timeout=5)
+    (msg,) = r.messages()
+    assert msg.connector == "Implicit TLS"
+    assert b"\twith ESMTPS id " in r.data(msg.queue_id)
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_implicit_tls_over_ipv6_is_counted_before_the_handshake(
+    relay, cert_files, client_ctx, mode
+):
+    """The same admission before the handshake for an IPv6 client on an IPv6 listener."""
+    r = relay(
+        [
+            relay_connector(
+                ["::1"],
+                name="Implicit TLS v6",
+                bindings=["[::1]:{port}"],
+                tls_mode="implicit",
+                max_inbound_connection_per_source=1,
+                **cert_files,
+            )
+        ],
+        mode=mode,
+    )
+    silent = socket.create_connection(("::1", r.port), timeout=5, source_address=("::1", 0))
+    try:
+        time.sleep(0.3)
+        with socket.create_connection(("::1", r.port), timeout=5) as second:
+            refused = _closed_within(second, 5)
+            assert refused is not None and refused < 2
+    finally:
+        silent.close()
+
+    def served() -> bool:
+        try:
+            with r.raw("::1", host="::1", tls=client_ctx) as c:
+                c.expect(220)
+                return c.cmd("EHLO client.corp.example", 250).lines[0].endswith("Hello [::1]")
+        except (OSError, AssertionError):
+            return False
+
+    assert wait_for(served, timeout=5)

@@ -9,6 +9,7 @@ A client that no connector accepts is closed without a banner. A PROXY header is
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import hashlib
 import ipaddress
@@ -17,7 +18,7 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -55,6 +56,7 @@ _SELECTION_CACHE_SIZE = 65536
 # net.core.somaxconn). When the queue is full, a new client's SYN is dropped and it waits for its
 # retransmission, 1 s and more: a burst of devices reconnecting must not meet that.
 LISTEN_BACKLOG = 1024
+_ACCEPT_RETRY_DELAY = 1.0  # seconds without accepting after EMFILE and the like (as asyncio)
 
 
 class ListenerError(OSError):
@@ -164,6 +166,87 @@ def _listener_state(config: Config, binding: Binding, implicit: bool) -> _Listen
     return _ListenerState(
         True, v6only, (connector.tls_min_version, str(cert), str(key), digest.hexdigest())
     )
+
+
+class _Admitted(NamedTuple):
+    """An implicit-TLS connection counted against its connector's limits before its handshake."""
+
+    connector: ReceiveConnector
+    client: tuple[str, int]
+    local: tuple[str, int]
+
+
+class _TlsListener:
+    """An implicit-TLS listening socket with its own accept loop (the interface of the
+    `asyncio.Server` a plain socket gets: `sockets`, `start_serving`, `close`, `wait_closed`).
+
+    With `create_server(ssl=...)` the loop runs the TLS handshake before the protocol sees the
+    connection, so connections were counted against the connector's limits only once it was
+    done: silent clients held sockets for asyncio's 60 s outside every limit. Here each accepted
+    socket goes to `on_accept` before a byte of it is read, which admits or closes it and hands
+    it to `loop.connect_accepted_socket(ssl=...)`: the ClientHello waits in the kernel's buffer
+    until the TLS transport reads it, so nothing read early has to be handed over (the race of
+    upgrading a plain transport with `start_tls`, reverted in d5d326d)."""
+
+    def __init__(
+        self, sock: socket.socket, on_accept: Callable[[socket.socket, Any], None]
+    ) -> None:
+        self._sock = sock
+        self._on_accept = on_accept
+        self._loop = asyncio.get_running_loop()
+        self._reading = False
+        self._closed = False
+        self._retry: asyncio.TimerHandle | None = None
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return () if self._closed else (self._sock,)
+
+    async def start_serving(self) -> None:
+        self._start_reading()
+
+    def _start_reading(self) -> None:
+        self._retry = None
+        if not self._closed and not self._reading:
+            self._loop.add_reader(self._sock.fileno(), self._accept)
+            self._reading = True
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._retry is not None:
+            self._retry.cancel()
+        if self._reading:
+            self._loop.remove_reader(self._sock.fileno())
+            self._reading = False
+        self._sock.close()  # connections accepted already go on, as with asyncio.Server.close
+
+    async def wait_closed(self) -> None:
+        return
+
+    def _accept(self) -> None:
+        # As asyncio's own accept loop: up to a backlog's worth per wake-up.
+        for _ in range(LISTEN_BACKLOG):
+            try:
+                conn, addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise  # the loop logs it; the reader stays
+                # Linux keeps reporting the socket readable: stop reading it for a while.
+                logger.error("accept on %s: %s", self._sock.getsockname(), exc)
+                self._loop.remove_reader(self._sock.fileno())
+                self._reading = False
+                self._retry = self._loop.call_later(_ACCEPT_RETRY_DELAY, self._start_reading)
+                return
+            try:
+                conn.setblocking(False)
+                self._on_accept(conn, addr)
+            except Exception:  # one connection's failure never stops the listener
+                logger.exception("accepting a connection from %s failed", addr)
+                conn.close()
 
 
 class Handoff(Protocol):
@@ -328,12 +411,13 @@ class SmtpServer:
         self.reuse_port = (
             ctx.config.server.workers > 1 if reuse_port is None else reuse_port
         ) and hasattr(socket, "SO_REUSEPORT")
-        self._servers: dict[Binding, asyncio.Server] = {}
+        self._servers: dict[Binding, asyncio.Server | _TlsListener] = {}
         #: What each listening socket was opened with (compared on reload) and its TLS context
         #: (None: plain; kept to reopen the socket as it was when a reload is rolled back).
         self._states: dict[Binding, _ListenerState] = {}
         self._ssl: dict[Binding, ssl.SSLContext | None] = {}
         self._sessions: set[asyncio.Task[None]] = set()
+        self._handshakes: set[asyncio.Task[Any]] = set()  # implicit TLS, before the session
         self._live: set[Session] = set()  # told to finish when the server stops
 
     @property
@@ -387,7 +471,7 @@ class SmtpServer:
                 # and a socket reopened with other settings needs its own.
                 self._servers.pop(binding).close()
                 closed[binding] = (self._states.pop(binding), self._ssl.pop(binding))
-        opened: dict[Binding, asyncio.Server] = {}
+        opened: dict[Binding, asyncio.Server | _TlsListener] = {}
         for binding in to_open:
             try:
                 opened[binding] = await self._listen(
@@ -419,7 +503,7 @@ class SmtpServer:
         binding: Binding,
         implicit: bool,
         ssl_ctx: ssl.SSLContext | None,
-    ) -> asyncio.Server:
+    ) -> asyncio.Server | _TlsListener:
         """A listening socket for `binding`, not accepting yet (`start_serving`)."""
         if implicit and ssl_ctx is None:  # never a plain socket in place of an implicit-TLS one
             raise ValueError(f"implicit-TLS listener {binding} without a TLS context")
@@ -452,29 +536,129 @@ class SmtpServer:
             # One client address → one worker, so per-source limits are counted in one place.
             attach_source_steering(sock, workers)
 
-        async def on_connect(conn: Connection) -> None:
+        async def on_connect(conn: Connection, admitted: _Admitted | None = None) -> None:
             task = asyncio.current_task()
             assert task is not None
             self._sessions.add(task)
             try:
-                await self._handle(conn, implicit)
+                await self._handle(conn, admitted)
             except Exception:  # a task boundary: log with context, never crash the listener
                 logger.exception("session from %s failed", conn.get_extra_info("peername"))
             finally:
                 self._sessions.discard(task)
                 conn.close()
 
+        if ssl_ctx is not None:
+            return _TlsListener(
+                sock, functools.partial(self._accept_tls, ssl_ctx=ssl_ctx, on_connect=on_connect)
+            )
         loop = asyncio.get_running_loop()
         # create_server listens again, with its own backlog (100 unless given): pass ours.
         return await loop.create_server(
             lambda: Connection(on_connect),
             sock=sock,
-            ssl=ssl_ctx,
             backlog=LISTEN_BACKLOG,
             start_serving=False,
         )
 
-    async def _handle(self, conn: Connection, implicit: bool) -> None:
+    def _accept_tls(
+        self,
+        sock: socket.socket,
+        peer: Any,
+        *,
+        ssl_ctx: ssl.SSLContext,
+        on_connect: Callable[[Connection, _Admitted | None], Coroutine[Any, Any, None]],
+    ) -> None:
+        """An implicit-TLS connection just accepted, nothing read from it yet: choose its
+        connector and count it in as `_handle` does for a plain one, or close it at once (no
+        clear-text reply: an SMTPS client cannot read one, and the handshake is the work the
+        limits are there to spare), then start its handshake bounded as STARTTLS's is."""
+        try:
+            local = sock.getsockname()
+        except OSError:  # already reset by the client
+            sock.close()
+            return
+        client_ip, client_port = canonical_ip(peer[0]), peer[1]
+        local_ip, local_port = canonical_ip(local[0]), local[1]
+        config = self.ctx.config
+        admitted: _Admitted | None = None
+        timeout: float | None = None  # asyncio's 60 s
+        if not (
+            config.server.trusted_proxies
+            and any(
+                r.contains(ipaddress.ip_address(client_ip)) for r in config.server.trusted_proxies
+            )
+        ):
+            # A trusted proxy's PROXY header comes inside TLS: that connection is counted by
+            # `_handle` once the header names the client, as before.
+            connector = self.ctx.select(local_ip, local_port, client_ip).connector
+            if connector is None:
+                logger.info(
+                    "no connector for %s on %s:%s; closed before the TLS handshake",
+                    client_ip,
+                    local_ip,
+                    local_port,
+                )
+                sock.close()
+                return
+            refusal = self.ctx.limits.admit(connector, client_ip)
+            if refusal is not None:
+                logger.debug(
+                    "%s from %s on implicit-TLS %s:%s; closed before the TLS handshake",
+                    refusal.line(),
+                    client_ip,
+                    local_ip,
+                    local_port,
+                )
+                sock.close()
+                return
+            admitted = _Admitted(connector, (client_ip, client_port), (local_ip, local_port))
+            timeout = max(  # asyncio refuses a handshake timeout that is not positive
+                1.0,
+                min(
+                    connector.connection_inactivity_timeout.total_seconds(),
+                    connector.connection_timeout.total_seconds(),
+                    60.0,
+                ),
+            )
+        # `conn` starts its session (connection_made) once the handshake is done; the task
+        # ends then, or when the handshake fails, times out or is cancelled (the loop closes the
+        # transport): see `_handshake_done`.
+        conn = Connection(lambda c: on_connect(c, admitted))
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(
+            loop.connect_accepted_socket(
+                lambda: conn, sock, ssl=ssl_ctx, ssl_handshake_timeout=timeout
+            )
+        )
+        self._handshakes.add(task)
+        task.add_done_callback(
+            functools.partial(self._handshake_done, conn, sock, client_ip, admitted)
+        )
+
+    def _handshake_done(
+        self,
+        conn: Connection,
+        sock: socket.socket,
+        client_ip: str,
+        admitted: _Admitted | None,
+        task: asyncio.Task[Any],
+    ) -> None:
+        self._handshakes.discard(task)
+        exc = None if task.cancelled() else task.exception()
+        if conn.task is not None:
+            return  # the session started: it releases the count when it ends
+        # No session (a done callback: even for a task cancelled before it ran): nobody else
+        # gives the count back or closes the socket (a no-op when the transport took it).
+        sock.close()
+        if admitted is not None:
+            self.ctx.limits.release(admitted.connector, admitted.client[0])
+        logger.debug("implicit TLS handshake with %s failed: %r", client_ip, exc)
+
+    async def _handle(self, conn: Connection, admitted: _Admitted | None = None) -> None:
+        if admitted is not None:  # implicit TLS: chosen and counted in by `_accept_tls`
+            await self._serve(conn, admitted.connector, admitted.client, admitted.local)
+            return
         peer = conn.get_extra_info("peername")
         local = conn.get_extra_info("sockname")
         if peer is None or local is None:
@@ -515,26 +699,40 @@ class SmtpServer:
             except ConnectionError:
                 pass
             return
+        await self._serve(
+            conn, connector, (client_ip, client_port), (local_ip, local_port), initial
+        )
+
+    async def _serve(
+        self,
+        conn: Connection,
+        connector: ReceiveConnector,
+        client: tuple[str, int],
+        local: tuple[str, int],
+        initial: bytes = b"",
+    ) -> None:
+        """Run the session of a connection counted in on `connector`; the count is released
+        when it ends."""
         try:
             session = Session(
                 self.ctx,
                 connector,
                 conn,
-                client=(client_ip, client_port),
-                local=(local_ip, local_port),
+                client=client,
+                local=local,
                 # From the transport, never from the listener's configured mode.
                 tls_active=conn.get_extra_info("ssl_object") is not None,
                 initial=initial,
             )
         except BaseException:
-            self.ctx.limits.release(connector, client_ip)
+            self.ctx.limits.release(connector, client[0])
             raise
         self._live.add(session)
         try:
             await session.run()
         finally:
             self._live.discard(session)
-            self.ctx.limits.release(connector, client_ip)
+            self.ctx.limits.release(connector, client[0])
 
     async def _read_proxy(self, conn: Connection) -> tuple[tuple[str, int] | None, bytes] | None:
         """Read a PROXY v1 or v2 header from a trusted proxy. Returns (source, leftover bytes) or None."""
@@ -577,6 +775,11 @@ class SmtpServer:
         self._servers.clear()
         self._states.clear()
         self._ssl.clear()
+        if self._handshakes:  # implicit TLS without a session yet: nothing to finish
+            handshakes = list(self._handshakes)
+            for task in handshakes:
+                task.cancel()
+            await asyncio.wait(handshakes, timeout=grace)
         for session in list(self._live):
             session.shutdown()  # 421 to those waiting for a command; messages in DATA finish
         if self._sessions:
