@@ -59,9 +59,12 @@ class RawClient:
         host: str = "127.0.0.1",
         timeout: float = 5.0,
         tls: ssl.SSLContext | None = None,
+        preamble: bytes = b"",
     ) -> None:
         sock = socket.create_connection((host, port), timeout=timeout, source_address=(source, 0))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if preamble:  # in clear, before TLS (a load balancer's PROXY header)
+            sock.sendall(preamble)
         if tls is not None:
             sock = tls.wrap_socket(sock, server_hostname="relay.corp.example")
         self.sock: socket.socket = sock

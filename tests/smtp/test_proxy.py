@@ -112,3 +112,33 @@ def test_malformed_proxy_from_trusted_balancer_closes(proxied, bad):
         c.send(bad)
         assert c.is_closed(wait=3)
         assert c.received == b""
+
+
+@pytest.mark.parametrize(
+    ("buf", "expected"),
+    [
+        (b"", None),
+        (b"PRO", None),
+        (b"PROXY TCP4 10.0.0.1 10.0.0.2 1", None),
+        (b"PROXY TCP4 10.0.0.1 10.0.0.2 1 2\r\n\x16\x03\x01", 34),
+        (b"\r\n\r\n\x00\r\nQU", None),
+        (b"\r\n\r\n\x00\r\nQUIT\n\x21\x11", None),
+        (b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c" + bytes(12) + b"\x16", 28),
+    ],
+)
+def test_the_header_length_is_known_before_the_bytes_after_it_are_read(
+    buf: bytes, expected: int | None
+) -> None:
+    """Used to take a PROXY header off a socket in front of implicit TLS without the ClientHello
+    behind it: None asks for more bytes."""
+    from relaygate.smtp import proxy
+
+    assert proxy.header_length(buf) == expected
+
+
+@pytest.mark.parametrize("buf", [b"\x16\x03\x01\x02\x00", b"EHLO x\r\n", b"PROXY " + b"x" * 120])
+def test_anything_but_a_proxy_header_is_refused_at_once(buf: bytes) -> None:
+    from relaygate.smtp import proxy
+
+    with pytest.raises(proxy.ProxyError):
+        proxy.header_length(buf)

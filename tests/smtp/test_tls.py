@@ -495,17 +495,29 @@ def test_an_implicit_tls_handshake_that_never_completes_is_dropped_and_frees_its
         assert wait_for(lambda: _counted(r) == {}, timeout=5)
 
 
+def _refused_before_tls(port: int, preamble: bytes, ctx: ssl.SSLContext) -> bool:
+    """From the trusted proxy 127.0.0.7: the connection is closed before any banner."""
+    try:
+        with RawClient(port, source="127.0.0.7", tls=ctx, preamble=preamble) as c:
+            return c.read_line() is None
+    except (ssl.SSLError, OSError):
+        return True
+
+
 @pytest.mark.parametrize("mode", ["thread", "process"])
-def test_a_trusted_proxy_sends_its_proxy_header_inside_implicit_tls(
+def test_a_trusted_proxy_sends_its_proxy_header_before_implicit_tls(
     relay, cert_files, client_ctx, mode
 ):
-    """A trusted proxy in front of an implicit-TLS port: TLS first, then the PROXY header inside
-    it; the proxy's own address is not counted nor used to choose the connector (no connector
-    covers it here): the client the header names is, once it is read."""
+    """A trusted proxy in front of an implicit-TLS port sends its PROXY header in clear, then the
+    client's TLS bytes (HAProxy's `send-proxy`; the protocol puts the header before any other
+    data). The header is taken off the socket without the ClientHello behind it; the proxy's own
+    address is neither counted nor used to choose the connector (no connector covers it here):
+    the client the header names is, before its handshake. Before, the header was expected inside
+    TLS, which no proxy sends."""
     r = relay(
         [
             relay_connector(
-                ["10.1.2.0/24"],
+                ["10.1.2.0/24", "2001:db8::/64"],
                 name="Relay via LB",
                 tls_mode="implicit",
                 max_inbound_connection_per_source=1,
@@ -515,13 +527,25 @@ def test_a_trusted_proxy_sends_its_proxy_header_inside_implicit_tls(
         server={"trusted_proxies": ["127.0.0.7"]},
         mode=mode,
     )
-    with r.raw("127.0.0.7", tls=client_ctx) as one, r.raw("127.0.0.7", tls=client_ctx) as two:
-        one.send(b"PROXY TCP4 10.1.2.3 127.0.0.1 40000 465\r\n")
+    v1 = b"PROXY TCP4 10.1.2.3 127.0.0.1 40000 465\r\n"
+    v2 = (  # PROXY v2, TCP over IPv6, from 2001:db8::4 port 40001
+        b"\r\n\r\n\x00\r\nQUIT\n\x21\x21\x00\x24"
+        + socket.inet_pton(socket.AF_INET6, "2001:db8::4")
+        + socket.inet_pton(socket.AF_INET6, "::1")
+        + (40001).to_bytes(2, "big")
+        + (465).to_bytes(2, "big")
+    )
+    with (
+        r.raw("127.0.0.7", tls=client_ctx, preamble=v1) as one,
+        r.raw("127.0.0.7", tls=client_ctx, preamble=v2) as two,
+    ):
         one.expect(220)
-        two.send(b"PROXY TCP4 10.1.2.4 127.0.0.1 40001 465\r\n")
         two.expect(220)
         assert one.cmd("EHLO printer.corp.example", 250).lines[0].endswith("Hello [10.1.2.3]")
-        assert two.cmd("EHLO printer.corp.example", 250).lines[0].endswith("Hello [10.1.2.4]")
+        assert two.cmd("EHLO printer.corp.example", 250).lines[0].endswith("Hello [2001:db8::4]")
+        # 10.1.2.3 holds its one slot (max_inbound_connection_per_source = 1): a second
+        # connection naming it is closed before its handshake.
+        assert _refused_before_tls(r.port, v1, client_ctx)
         one.cmd("MAIL FROM:<printer@corp.example>", 250)
         one.cmd("RCPT TO:<x@external.example>", 250)
         one.cmd("DATA", 354)
@@ -530,6 +554,33 @@ def test_a_trusted_proxy_sends_its_proxy_header_inside_implicit_tls(
     (msg,) = r.messages()
     assert msg.client_ip == "10.1.2.3" and msg.connector == "Relay via LB"
     assert b"\twith ESMTPS id " in r.data(msg.queue_id)
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_a_proxy_header_in_two_segments_or_malformed_before_implicit_tls(
+    relay, cert_files, client_ctx, mode
+):
+    """A header that arrives in two TCP segments is still taken whole; a malformed one, or a
+    ClientHello where the header should be, closes the connection before any TLS."""
+    r = relay(
+        [relay_connector(["10.1.2.0/24"], tls_mode="implicit", **cert_files)],
+        server={"trusted_proxies": ["127.0.0.7"]},
+        mode=mode,
+    )
+    sock = socket.create_connection(
+        ("127.0.0.1", r.port), timeout=5, source_address=("127.0.0.7", 0)
+    )
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.sendall(b"PROXY TCP4 10.1.2.")
+    time.sleep(0.1)
+    sock.sendall(b"9 127.0.0.1 40000 465\r\n")
+    with client_ctx.wrap_socket(sock, server_hostname="relay.corp.example") as tls:
+        tls.settimeout(5)
+        assert tls.recv(4096).startswith(b"220 ")
+        tls.sendall(b"EHLO printer.corp.example\r\n")
+        assert b"Hello [10.1.2.9]" in tls.recv(4096)
+    for bad in (b"PROXY TCP4 not-an-address 127.0.0.1 1 2\r\n", b""):
+        assert _refused_before_tls(r.port, bad, client_ctx), bad
 
 
 @pytest.mark.parametrize("mode", ["thread", "process"])
@@ -614,3 +665,19 @@ def test_implicit_tls_over_ipv6_is_counted_before_the_handshake(
             return False
 
     assert wait_for(served, timeout=5)
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_accepted_sockets_have_nodelay_on_asyncio_s_own_loop(
+    relay, cert_files, client_ctx, implicit
+):
+    """Thread mode runs asyncio's loop, which sets TCP_NODELAY only on a socket whose protocol
+    is TCP: the listening socket was made with protocol 0, so replies waited for Nagle's
+    algorithm there (uvloop sets it on every socket)."""
+    extra = {"tls_mode": "implicit", **cert_files} if implicit else {}
+    r = relay([relay_connector(["127.0.0.0/24"], **extra)], mode="thread")
+    with r.raw("127.0.0.5", tls=client_ctx if implicit else None) as c:
+        c.expect(220)
+        (session,) = r.relay.server._live
+        server_side = session.conn.get_extra_info("socket")
+        assert server_side.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)

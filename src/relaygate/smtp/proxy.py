@@ -9,9 +9,18 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-__all__ = ["V2_SIGNATURE", "ProxyError", "parse_v1", "parse_v2"]
+__all__ = [
+    "V1_MAX",
+    "V2_SIGNATURE",
+    "ProxyError",
+    "header_length",
+    "parse_header",
+    "parse_v1",
+    "parse_v2",
+]
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+V1_MAX = 107  # the longest v1 header, CRLF included (the specification's figure)
 
 
 class ProxyError(ValueError):
@@ -60,3 +69,32 @@ def parse_v2(header: bytes) -> tuple[tuple[str, int] | None, int]:
         src6 = ipaddress.IPv6Address(body[0:16])
         return (str(src6), struct.unpack("!H", body[32:34])[0]), total
     raise ProxyError("unsupported PROXY v2 address family")
+
+
+def header_length(buf: bytes) -> int | None:
+    """How long the PROXY header at the start of ``buf`` is, or ``None`` if ``buf`` is a
+    beginning of one and more bytes are needed. Raises ProxyError if ``buf`` cannot start one.
+    Lets a reader take the header off a socket and leave what follows (a TLS ClientHello)."""
+    if buf.startswith(b"PROXY "):
+        end = buf.find(b"\r\n", 0, V1_MAX)
+        if end >= 0:
+            return end + 2
+        if len(buf) >= V1_MAX:
+            raise ProxyError("PROXY v1 header without CRLF")
+        return None
+    if b"PROXY "[: len(buf)] == buf:
+        return None
+    if buf.startswith(V2_SIGNATURE):
+        if len(buf) < 16:
+            return None
+        return 16 + struct.unpack("!H", buf[14:16])[0]
+    if V2_SIGNATURE[: len(buf)] == buf:
+        return None
+    raise ProxyError("not a PROXY header")
+
+
+def parse_header(header: bytes) -> tuple[str, int] | None:
+    """The source a complete v1 or v2 header names (None: LOCAL/UNKNOWN, keep the peer)."""
+    if header.startswith(V2_SIGNATURE):
+        return parse_v2(header)[0]
+    return parse_v1(header[:-2])

@@ -176,6 +176,44 @@ class _Admitted(NamedTuple):
     local: tuple[str, int]
 
 
+#: How long a trusted proxy may take to send its PROXY header (as `_read_proxy` waits).
+PROXY_HEADER_TIMEOUT = 10.0
+
+
+def _resolve_once(fut: asyncio.Future[None]) -> None:
+    if not fut.done():  # a level-triggered reader can fire again before its waiter runs
+        fut.set_result(None)
+
+
+async def _take_proxy_header(sock: socket.socket) -> tuple[str, int] | None:
+    """Read exactly the PROXY header off a non-blocking socket and nothing after it (peeking
+    first): what follows is the client's TLS handshake, for the TLS layer to read. Returns the
+    source it names (None: LOCAL/UNKNOWN)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            buf = sock.recv(proxy.V1_MAX + 512, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            buf = None
+        if buf == b"":
+            raise ConnectionResetError("closed before its PROXY header")
+        if buf:
+            length = proxy.header_length(buf)
+            if length is not None and len(buf) >= length:
+                header = sock.recv(length)  # all of it is in the buffer: it was peeked
+                return proxy.parse_header(header)
+            # The start of a header and no more yet: the socket stays readable, so wait a
+            # moment instead of for readability (a header nearly always comes in one segment).
+            await asyncio.sleep(0.01)
+            continue
+        readable = loop.create_future()
+        loop.add_reader(sock.fileno(), _resolve_once, readable)
+        try:
+            await readable
+        finally:
+            loop.remove_reader(sock.fileno())
+
+
 class _TlsListener:
     """An implicit-TLS listening socket with its own accept loop (the interface of the
     `asyncio.Server` a plain socket gets: `sockets`, `start_serving`, `close`, `wait_closed`).
@@ -508,7 +546,9 @@ class SmtpServer:
         if implicit and ssl_ctx is None:  # never a plain socket in place of an implicit-TLS one
             raise ValueError(f"implicit-TLS listener {binding} without a TLS context")
         family = socket.AF_INET6 if binding.version == 6 else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP
+        # (uvloop on every one), and each reply must leave at once.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if self.reuse_port:
@@ -572,55 +612,85 @@ class SmtpServer:
         """An implicit-TLS connection just accepted, nothing read from it yet: choose its
         connector and count it in as `_handle` does for a plain one, or close it at once (no
         clear-text reply: an SMTPS client cannot read one, and the handshake is the work the
-        limits are there to spare), then start its handshake bounded as STARTTLS's is."""
+        limits are there to spare), then start its handshake bounded as STARTTLS's is. From a
+        trusted proxy, its PROXY header is read first, in clear as the protocol sends it before
+        the TLS bytes, and the client it names is the one counted."""
         try:
             local = sock.getsockname()
         except OSError:  # already reset by the client
             sock.close()
             return
-        client_ip, client_port = canonical_ip(peer[0]), peer[1]
-        local_ip, local_port = canonical_ip(local[0]), local[1]
-        config = self.ctx.config
-        admitted: _Admitted | None = None
-        timeout: float | None = None  # asyncio's 60 s
-        if not (
-            config.server.trusted_proxies
-            and any(
-                r.contains(ipaddress.ip_address(client_ip)) for r in config.server.trusted_proxies
+        client = (canonical_ip(peer[0]), peer[1])
+        local_end = (canonical_ip(local[0]), local[1])
+        proxies = self.ctx.config.server.trusted_proxies
+        if proxies and any(r.contains(ipaddress.ip_address(client[0])) for r in proxies):
+            task = asyncio.get_running_loop().create_task(
+                self._accept_proxied_tls(sock, client, local_end, ssl_ctx, on_connect)
             )
-        ):
-            # A trusted proxy's PROXY header comes inside TLS: that connection is counted by
-            # `_handle` once the header names the client, as before.
-            connector = self.ctx.select(local_ip, local_port, client_ip).connector
-            if connector is None:
-                logger.info(
-                    "no connector for %s on %s:%s; closed before the TLS handshake",
-                    client_ip,
-                    local_ip,
-                    local_port,
-                )
-                sock.close()
-                return
-            refusal = self.ctx.limits.admit(connector, client_ip)
-            if refusal is not None:
-                logger.debug(
-                    "%s from %s on implicit-TLS %s:%s; closed before the TLS handshake",
-                    refusal.line(),
-                    client_ip,
-                    local_ip,
-                    local_port,
-                )
-                sock.close()
-                return
-            admitted = _Admitted(connector, (client_ip, client_port), (local_ip, local_port))
-            timeout = max(  # asyncio refuses a handshake timeout that is not positive
-                1.0,
-                min(
-                    connector.connection_inactivity_timeout.total_seconds(),
-                    connector.connection_timeout.total_seconds(),
-                    60.0,
-                ),
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+            return
+        self._start_tls_session(sock, client, local_end, ssl_ctx, on_connect)
+
+    async def _accept_proxied_tls(
+        self,
+        sock: socket.socket,
+        peer: tuple[str, int],
+        local: tuple[str, int],
+        ssl_ctx: ssl.SSLContext,
+        on_connect: Callable[[Connection, _Admitted | None], Coroutine[Any, Any, None]],
+    ) -> None:
+        try:
+            source = await asyncio.wait_for(_take_proxy_header(sock), PROXY_HEADER_TIMEOUT)
+        except (proxy.ProxyError, ValueError, TimeoutError, OSError) as exc:
+            logger.info("PROXY header from %s before implicit TLS refused: %s", peer[0], exc)
+            sock.close()
+            return
+        except BaseException:  # cancelled (a stop): nobody else closes it
+            sock.close()
+            raise
+        client = peer if source is None else (canonical_ip(source[0]), source[1])
+        self._start_tls_session(sock, client, local, ssl_ctx, on_connect)
+
+    def _start_tls_session(
+        self,
+        sock: socket.socket,
+        client: tuple[str, int],
+        local: tuple[str, int],
+        ssl_ctx: ssl.SSLContext,
+        on_connect: Callable[[Connection, _Admitted | None], Coroutine[Any, Any, None]],
+    ) -> None:
+        """Admit `client` (or close the socket) and start the TLS handshake on the socket."""
+        connector = self.ctx.select(local[0], local[1], client[0]).connector
+        if connector is None:
+            logger.info(
+                "no connector for %s on %s:%s; closed before the TLS handshake",
+                client[0],
+                local[0],
+                local[1],
             )
+            sock.close()
+            return
+        refusal = self.ctx.limits.admit(connector, client[0])
+        if refusal is not None:
+            logger.debug(
+                "%s from %s on implicit-TLS %s:%s; closed before the TLS handshake",
+                refusal.line(),
+                client[0],
+                local[0],
+                local[1],
+            )
+            sock.close()
+            return
+        admitted = _Admitted(connector, client, local)
+        timeout = max(  # asyncio refuses a handshake timeout that is not positive
+            1.0,
+            min(
+                connector.connection_inactivity_timeout.total_seconds(),
+                connector.connection_timeout.total_seconds(),
+                60.0,
+            ),
+        )
         # `conn` starts its session (connection_made) once the handshake is done; the task
         # ends then, or when the handshake fails, times out or is cancelled (the loop closes the
         # transport): see `_handshake_done`.
@@ -633,7 +703,7 @@ class SmtpServer:
         )
         self._handshakes.add(task)
         task.add_done_callback(
-            functools.partial(self._handshake_done, conn, sock, client_ip, admitted)
+            functools.partial(self._handshake_done, conn, sock, client[0], admitted)
         )
 
     def _handshake_done(
@@ -663,8 +733,9 @@ class SmtpServer:
         local = conn.get_extra_info("sockname")
         if peer is None or local is None:
             return
-        # No TCP_NODELAY here: asyncio and uvloop both set it on every accepted TCP socket
-        # (tests/smtp/test_connection.py checks it), so each reply leaves at once.
+        # No TCP_NODELAY here: asyncio and uvloop both set it on every accepted TCP socket (the
+        # listening socket is made IPPROTO_TCP for asyncio's sake; tests/smtp/test_connection.py
+        # and test_tls.py check it), so each reply leaves at once.
         client_ip, client_port = canonical_ip(peer[0]), peer[1]
         local_ip, local_port = canonical_ip(local[0]), local[1]
         initial = b""
