@@ -179,6 +179,24 @@ def test_the_postgresql_store_needs_a_valid_database_url(url_line: str, expected
     assert expected in problem, problem
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://relaygate:Tr0ub4dor%&3@db.corp.example/relaygate",  # a bare % in it
+        "postgresql://relaygate:Tr0ub4dor 3@db.corp.example/relaygate",  # a space in it
+        "postgresql://relaygate:Tr0ub4dor3@[fd00::5/relaygate",  # a typo elsewhere
+    ],
+)
+def test_an_invalid_database_url_is_refused_without_echoing_its_password(url: str) -> None:
+    """libpq's reason quotes the part of the URL it cannot parse, which may be the password:
+    `check` prints the problem and `serve` or a refused reload logs it."""
+    with pytest.raises(ConfigError) as info:
+        parse_text(f'[queue]\nstore = "postgresql"\ndatabase_url = "{url}"\n', "pg.toml")
+    (problem,) = [str(p) for p in info.value.problems]
+    assert "queue.database_url: not a valid PostgreSQL URL: " in problem, problem
+    assert "Tr0ub4dor" not in problem, problem
+
+
 def test_a_lease_shorter_than_three_seconds_is_refused() -> None:
     with pytest.raises(ConfigError) as info:
         parse_text('[queue]\nlease_duration = "00:00:02"\n', "q.toml")

@@ -407,6 +407,12 @@ def _queue_rules(config: Config) -> list[Problem]:
     try:
         conninfo_to_dict(url)
     except Exception as exc:  # psycopg.ProgrammingError: its message names what is wrong
-        reason = str(exc).strip()
+        # ...and quotes the offending part of the URL, which may be the password (`check`
+        # prints it, `serve` and a refused reload log it): the quoted parts are left out.
+        reason = _QUOTED.sub('"…"', " ".join(str(exc).split()))
         problems.append(Problem(src, "queue.database_url", f"not a valid PostgreSQL URL: {reason}"))
     return problems
+
+
+#: A quoted part of a libpq error message (a token, or the whole URL).
+_QUOTED = re.compile(r'"[^"]*"')
