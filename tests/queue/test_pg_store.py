@@ -176,6 +176,40 @@ async def test_lost_connections_are_replaced_without_failing_a_call(postgres_url
         assert datas == [b"before %d" % i for i in range(8)] + [b"after %d" % i for i in range(8)]
 
 
+def _server_processes(server: PostgresServer) -> list[int]:
+    """The postmaster of ``server`` and its children (backends, walwriter...)."""
+    master = int((server.data_dir / "postmaster.pid").read_text().split()[0])
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == master:
+                children.append(int(stat.parent.name))
+    return [master, *children]
+
+
+async def test_a_database_that_stops_answering_fails_the_call_and_close_returns() -> None:
+    """A hung database server (SIGSTOP here; a dropped network alike) answers nothing: the call
+    fails with a StoreError (the session's 451) instead of holding its client, and close()
+    (the relay's stop) does not wait for it forever."""
+    with PostgresServer() as server:
+        store = PostgresStore(server.create_database())
+        store.call_timeout = 2
+        await store.open()
+        await store.submit(env(), b"before")
+        pids = _server_processes(server)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreError, match="did not answer within 2 s"):
+                await asyncio.wait_for(store.submit(env(), b"during"), 30)
+            assert time.monotonic() - started < 20
+            await asyncio.wait_for(store.close(), 20)
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+
+
 async def test_a_newer_schema_is_refused(postgres_url: str) -> None:
     async with PostgresStore(postgres_url):
         pass

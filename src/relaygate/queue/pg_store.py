@@ -290,13 +290,19 @@ class PostgresStore(Store):
         min_connections: int = 1,
         max_connections: int = 10,
         connect_timeout: float = 5.0,
+        call_timeout: float = 30.0,
     ) -> None:
         """``connect_timeout`` also bounds the wait for a free connection: while the database is
-        down, a submit fails with 451 within it instead of holding its client."""
+        down, a submit fails with 451 within it instead of holding its client. ``call_timeout``
+        bounds one transaction: a database server that stops answering (hung, or its network
+        dropping packets) fails the call instead of holding it, its client and ``close()``
+        forever (psycopg then cancels the query and, if the server does not answer that
+        either, drops the connection within 10 s more)."""
         self.url = url
         self.min_connections = min_connections
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout
+        self.call_timeout = call_timeout
         self._pool: AsyncConnectionPool[Conn] | None = None
         self._ids = QueueIdGenerator()
         self._closed = False
@@ -436,7 +442,7 @@ class PostgresStore(Store):
             committing = False
             conn_lost = False
             try:
-                async with pool.connection() as conn:
+                async with asyncio.timeout(self.call_timeout), pool.connection() as conn:
                     try:
                         # Pipeline mode: statements go out together and the client waits only
                         # where a call reads a result (and at COMMIT): a submit is two round
@@ -454,9 +460,17 @@ class PostgresStore(Store):
                     except BaseException:
                         conn_lost = conn.broken or conn.closed
                         if not committing and not conn_lost:
-                            with contextlib.suppress(psycopg.Error):
-                                await conn.rollback()
+                            with contextlib.suppress(psycopg.Error, TimeoutError):
+                                await asyncio.wait_for(conn.rollback(), self.connect_timeout)
                         raise
+            except TimeoutError as exc:
+                # The server stopped answering: no retry (it would wait as long again). The
+                # query was cancelled or its connection dropped; a COMMIT may have gone through.
+                self.failed_commits += 1
+                what = f"queue database did not answer within {self.call_timeout:g} s"
+                if committing:
+                    raise StoreOutcomeUnknownError(f"{what} to COMMIT, outcome unknown") from exc
+                raise StoreError(what) from exc
             except psycopg.Error as exc:
                 # Run again: a deadlock or serialization failure (the server undid the whole
                 # transaction), or a connection that broke before COMMIT (a database restart, an
