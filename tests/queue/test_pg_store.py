@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import psycopg
@@ -327,6 +327,49 @@ async def test_sigkill_of_the_relay_never_loses_an_acknowledged_message(postgres
         assert got, "nothing was acknowledged"
         acked += got
         await _check_all_there(postgres_url, acked)
+
+
+def _wal_writer(server: PostgresServer) -> int:
+    master = int((server.data_dir / "postmaster.pid").read_text().split()[0])
+    for pid in _server_processes(server)[1:]:
+        with contextlib.suppress(OSError):
+            if b"walwriter" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+    raise AssertionError(f"no walwriter under postmaster {master}")
+
+
+async def _crash_after(server: PostgresServer, call: Callable[[], Awaitable[object]]) -> None:
+    """Run ``call`` with the server's WAL writer stalled, then crash the server: what the call
+    committed survives only if its COMMIT waited for the WAL flush itself."""
+    wal_writer = _wal_writer(server)
+    os.kill(wal_writer, signal.SIGSTOP)
+    try:
+        await call()
+    finally:
+        os.kill(wal_writer, signal.SIGKILL)  # the postmaster resets: every backend ends
+        os.kill(wal_writer, signal.SIGCONT)
+    server.crash()
+    server.restart()
+
+
+async def test_an_acknowledged_submit_is_durable_even_with_synchronous_commit_off() -> None:
+    """synchronous_commit = off on the server, the database or the role (a common tuning)
+    must not make a 250 a promise the database forgets in a crash."""
+    with PostgresServer() as server:
+        url = server.create_database()
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("ALTER ROLE relaygate SET synchronous_commit = off")
+        store = PostgresStore(url)
+        await store.open()
+        acked: list[str] = []
+
+        async def submit() -> None:
+            acked.append(await store.submit(env(), b"acknowledged"))
+
+        await _crash_after(server, submit)
+        await store.close()
+        async with PostgresStore(url) as again:
+            assert await again.read_data(acked[0]) == b"acknowledged"
 
 
 async def test_a_crash_of_the_database_server_loses_no_acknowledged_message() -> None:

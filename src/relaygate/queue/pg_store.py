@@ -6,8 +6,9 @@ held simply expires (``queue.lease_duration``) and is taken by a live one.
 
 The same ``Store`` contract as SQLite (store.py), the same tables and derived columns
 (``status``, ``next_due``, ``open_rcpts``, ``completed_at`` from ``model.derived_columns``):
-* Durability: ``submit`` commits with PostgreSQL's default ``synchronous_commit = on``, so the
-  250 waits for the WAL flush on the database server. PostgreSQL group-commits concurrent
+* Durability: ``submit`` commits with ``synchronous_commit = on`` (set for the transaction if
+  the server, database or role default is off), so the 250 waits for the WAL flush on the
+  database server. PostgreSQL group-commits concurrent
   transactions itself. Delivery bookkeeping (leases, results) commits with
   ``synchronous_commit = off``, as SQLite commits it without an fsync: it survives a crash of
   any relay node; a crash of the database server itself may lose its last fraction of a second,
@@ -237,6 +238,18 @@ async def _load(conn: Conn, ids: Sequence[str]) -> list[StoredMessage]:
     return out
 
 
+async def _configure_connection(conn: Conn) -> None:
+    """Each new connection of the pool: its transactions commit with synchronous_commit on even
+    where the server's, database's or role's default is off (a common tuning): "a 250 means
+    durable" must not depend on it. A stronger setting (remote_write, remote_apply...) is kept;
+    delivery bookkeeping that may be lazier says so per transaction (SET LOCAL)."""
+    await conn.execute(
+        "SELECT set_config('synchronous_commit', 'on', false) "
+        "WHERE current_setting('synchronous_commit') = 'off'"
+    )
+    await conn.commit()
+
+
 async def _rowcount(conn: Conn, query: str, params: Sequence[Any]) -> int:
     """Run a statement and return how many rows it changed: in pipeline mode the count is known
     only once the server's answer is read, so sync the pipeline for it."""
@@ -343,6 +356,7 @@ class PostgresStore(Store):
             kwargs={"autocommit": False, "connect_timeout": max(1, int(self.connect_timeout))},
             open=False,
             name="relaygate-queue",
+            configure=_configure_connection,
         )
         try:
             await pool.open(wait=True, timeout=self.connect_timeout)
