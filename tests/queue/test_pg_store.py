@@ -372,6 +372,29 @@ async def test_an_acknowledged_submit_is_durable_even_with_synchronous_commit_of
             assert await again.read_data(acked[0]) == b"acknowledged"
 
 
+async def test_a_recorded_delivery_survives_a_crash_of_the_database_server() -> None:
+    """The Store contract: a recipient recorded as Delivered is never handed out for delivery
+    again, even after a crash (of the database server too)."""
+    with PostgresServer() as server:
+        url = server.create_database()
+        store = PostgresStore(url)
+        await store.open()
+        qid = await store.submit(env(), b"x")
+        now = time.time()
+        assert [m.queue_id for m in await store.lease_due("A", now, 60, 10)] == [qid]
+        delivered = RecipientState("user@corp.example", DONE, attempts=1, last_attempt=now)
+
+        async def record() -> None:
+            await store.record_results(qid, "A", [delivered], release=True)
+
+        await _crash_after(server, record)
+        await store.close()
+        async with PostgresStore(url) as again:
+            assert await again.lease_due("B", time.time(), 60, 10) == []
+            msg = await again.get(qid)
+            assert msg is not None and [r.status for r in msg.recipients] == [DONE]
+
+
 async def test_a_crash_of_the_database_server_loses_no_acknowledged_message() -> None:
     """The database server stops as in a crash (no shutdown checkpoint) while 8 submitters
     run: after crash recovery every submit that returned is there, byte for byte. Its own

@@ -8,11 +8,13 @@ The same ``Store`` contract as SQLite (store.py), the same tables and derived co
 (``status``, ``next_due``, ``open_rcpts``, ``completed_at`` from ``model.derived_columns``):
 * Durability: ``submit`` commits with ``synchronous_commit = on`` (set for the transaction if
   the server, database or role default is off), so the 250 waits for the WAL flush on the
-  database server. PostgreSQL group-commits concurrent
-  transactions itself. Delivery bookkeeping (leases, results) commits with
-  ``synchronous_commit = off``, as SQLite commits it without an fsync: it survives a crash of
-  any relay node; a crash of the database server itself may lose its last fraction of a second,
-  which means a re-delivery, never a loss.
+  database server. PostgreSQL group-commits concurrent transactions itself. Delivery results
+  (``record_results``) are durable too: the contract's "a recipient recorded as Delivered is
+  never handed out for delivery again, even after a crash" includes a crash of the database
+  server, where an unflushed result is lost whole. Leases commit with
+  ``synchronous_commit = off``: they survive a crash of any relay node; a crash of the database
+  server itself may lose its last fraction of a second of them, which means a re-delivery at
+  worst, never a loss.
 * The message bytes are stored in the database (``bytea``), never in a local spool file: the
   node that delivers a message is often not the one that received it.
 * Every write that touches one message locks its ``messages`` row first, then its recipients:
@@ -676,7 +678,9 @@ class PostgresStore(Store):
                 await conn.execute(_RECORD, (*columns, queue_id, _FINAL))
             await _refresh(conn, queue_id, locked, now, owner if release else None)
 
-        await self._tx(run, durable=False)
+        # Durable, as the contract asks: a Delivered that a crash of the database server undid
+        # would be delivered again by whichever node leases the message next.
+        await self._tx(run)
 
     async def set_flags(
         self,
