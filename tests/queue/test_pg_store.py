@@ -210,6 +210,19 @@ async def test_a_database_that_stops_answering_fails_the_call_and_close_returns(
                 os.kill(pid, signal.SIGCONT)
 
 
+async def test_a_message_over_512_mb_reads_back(postgres_url: str) -> None:
+    """bytea read as text is hex, twice the size: past 512 MB the server cannot build it
+    ("invalid memory alloc request size") and an acknowledged message was never delivered."""
+    size = 513 * 1024 * 1024
+    data = bytearray(size)
+    data[-7:] = b"the end"
+    async with PostgresStore(postgres_url) as store:
+        qid = await store.submit(env(), data)
+        del data
+        back = await store.read_data(qid)
+        assert len(back) == size and back.endswith(b"the end")
+
+
 async def test_a_newer_schema_is_refused(postgres_url: str) -> None:
     async with PostgresStore(postgres_url):
         pass

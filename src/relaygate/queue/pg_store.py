@@ -761,8 +761,13 @@ class PostgresStore(Store):
 
     async def read_data(self, queue_id: str) -> bytes:
         async def run(conn: Conn) -> bytes:
+            # Binary results: as text, bytea comes back hex-encoded, twice its size plus 2, and
+            # the server cannot build a value past 1 GB: a message over 512 MB was stored (and
+            # acknowledged) but could never be read back, so never delivered.
             cur = await conn.execute(
-                "SELECT sha256, data FROM message_data WHERE queue_id = %s", (queue_id,)
+                "SELECT sha256, data FROM message_data WHERE queue_id = %s",
+                (queue_id,),
+                binary=True,
             )
             row = await cur.fetchone()
             if row is None:
