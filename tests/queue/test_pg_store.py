@@ -223,6 +223,27 @@ async def test_a_message_over_512_mb_reads_back(postgres_url: str) -> None:
         assert len(back) == size and back.endswith(b"the end")
 
 
+async def test_a_busy_database_is_waited_for_not_refused(postgres_url: str) -> None:
+    """More concurrent submits than the pool has connections, on a database that answers but
+    slowly (a trigger sleeps 0.5 s per message): the submits queue for a connection longer than
+    connect_timeout; none may fail for that (a 451 for mail the database would have taken)."""
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        async with PostgresStore(postgres_url):
+            pass  # the schema
+        conn.execute(
+            "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN PERFORM pg_sleep(0.5); RETURN NEW; END $$"
+        )
+        conn.execute(
+            "CREATE TRIGGER slow BEFORE INSERT ON messages FOR EACH ROW EXECUTE FUNCTION slow()"
+        )
+    async with PostgresStore(postgres_url, max_connections=2, connect_timeout=1) as store:
+        results = await asyncio.gather(
+            *(store.submit(env(), b"m%d" % i) for i in range(8)), return_exceptions=True
+        )
+        assert all(isinstance(r, str) for r in results), results
+
+
 async def test_a_newer_schema_is_refused(postgres_url: str) -> None:
     async with PostgresStore(postgres_url):
         pass

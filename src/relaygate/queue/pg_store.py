@@ -32,12 +32,12 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .model import (
     FINAL_STATUSES,
@@ -446,6 +446,24 @@ class PostgresStore(Store):
             if not self._active:
                 self._idle.set()
 
+    @contextlib.asynccontextmanager
+    async def _connection(self, pool: AsyncConnectionPool[Conn]) -> AsyncIterator[Conn]:
+        """A connection of the pool. Not one within ``connect_timeout``: if the pool has fewer
+        connections than it may open, the database cannot be reached (fail fast: the 451 comes
+        soon); if every connection it may open is in use, the database is answering, only busy
+        (many sessions, big messages): wait on, up to ``call_timeout``, rather than refuse a
+        message already received."""
+        try:
+            conn = await pool.getconn(timeout=self.connect_timeout)
+        except PoolTimeout:
+            if pool.get_stats().get("pool_size", 0) < self.max_connections:
+                raise
+            conn = await pool.getconn(timeout=max(self.call_timeout - self.connect_timeout, 1.0))
+        try:
+            yield conn
+        finally:
+            await pool.putconn(conn)
+
     async def _run(
         self,
         pool: AsyncConnectionPool[Conn],
@@ -458,7 +476,7 @@ class PostgresStore(Store):
             committing = False
             conn_lost = False
             try:
-                async with asyncio.timeout(self.call_timeout), pool.connection() as conn:
+                async with asyncio.timeout(self.call_timeout), self._connection(pool) as conn:
                     try:
                         # Pipeline mode: statements go out together and the client waits only
                         # where a call reads a result (and at COMMIT): a submit is two round
