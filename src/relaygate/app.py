@@ -362,6 +362,9 @@ def run(
     if worker_index is not None:
         from relaygate.config.model import MAX_WORKERS
         from relaygate.logs.protocol import use_session_id_stride
+        from relaygate.workers import pinned_queue
+
+        config = pinned_queue(config)
 
         use_session_id_stride(worker_index, MAX_WORKERS)
     try:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -45,7 +46,10 @@ from typing import Any
 
 from relaygate.config import Config, ConfigError, load_config
 
-__all__ = ["Supervisor", "worker_ready"]
+__all__ = ["PINNED_QUEUE_ENV", "Supervisor", "pinned_queue", "worker_ready"]
+
+#: Set by the supervisor for its workers: the queue store the node started with (JSON).
+PINNED_QUEUE_ENV = "RELAYGATE_WORKER_QUEUE"
 
 logger = logging.getLogger("relaygate.workers")
 
@@ -60,6 +64,27 @@ def worker_ready(link: socket.socket, *, endpoints: str, admin: str) -> None:
     """Called by a worker once it listens: tell the supervisor (one JSON line on the link)."""
     line = json.dumps({"pid": os.getpid(), "endpoints": endpoints, "admin": admin}) + "\n"
     link.sendall(line.encode())
+
+
+def pinned_queue(config: Config) -> Config:
+    """A worker's config with the queue store its supervisor started with (see ``_spawn``)."""
+    raw = os.environ.get(PINNED_QUEUE_ENV)
+    if not raw:
+        return config
+    pinned = json.loads(raw)
+    queue = config.queue
+    if (queue.store, queue.database_url) == (pinned["store"], pinned["database_url"]):
+        return config
+    logger.warning(
+        "queue.store or queue.database_url changed since relaygate serve started: this worker "
+        "keeps the queue of its siblings until relaygate serve restarts"
+    )
+    return dataclasses.replace(
+        config,
+        queue=dataclasses.replace(
+            queue, store=pinned["store"], database_url=pinned["database_url"]
+        ),
+    )
 
 
 @dataclass
@@ -187,8 +212,18 @@ class Supervisor:
             "--worker-link-fd",
             str(child.fileno()),
         ]
+        # The queue this node started on, whatever the file says now: a worker restarted after a
+        # reload that changed queue.store or queue.database_url ("takes effect at the next
+        # restart") would otherwise put its messages in another queue than its siblings.
+        queue = self.config.queue
+        env = dict(os.environ)
+        env[PINNED_QUEUE_ENV] = json.dumps(
+            {"store": queue.store, "database_url": queue.database_url}
+        )
         try:
-            w.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=(child.fileno(),))
+            w.proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, pass_fds=(child.fileno(),), env=env
+            )
         except OSError:
             parent.close()
             raise

@@ -6,12 +6,16 @@ when its leases expire."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
+import signal
 import smtplib
 import threading
 import time
 from collections import Counter
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -220,3 +224,48 @@ def test_a_database_outage_is_a_temporary_failure_and_the_relay_recovers(relay) 
             assert "queue database" in log, log[-2000:]
     finally:
         sink.controller.stop()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_restarted_worker_keeps_the_queue_its_node_started_with(postgres_url, relay) -> None:  # type: ignore[no-untyped-def]
+    """queue.store changed by a reload "takes effect when relaygate serve restarts": a worker
+    the supervisor restarts meanwhile (it crashed) must not open the new queue while its
+    siblings and the admin API stay on the old one (its messages would be in a queue nobody
+    else on the node sees)."""
+    node = relay([relay_connector(["127.0.0.0/24"])], mode="process", server={"workers": 2})
+    assert node.proc is not None
+    node.doc["queue"]["store"] = "postgresql"
+    node.doc["queue"]["database_url"] = postgres_url
+    node.config_path.write_text(tomlkit.dumps(node.doc), encoding="utf-8")
+    node.proc.send_signal(signal.SIGHUP)
+    time.sleep(1)
+    workers = _children(node.proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(max(workers), signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while len(set(_children(node.proc.pid)) - set(workers)) < 1:
+        assert time.monotonic() < deadline, "the worker was not restarted"
+        time.sleep(0.2)
+    time.sleep(2)  # listening again
+    for i in range(20):  # the kernel spreads connections over both workers
+        with node.smtp() as client:
+            client.sendmail(
+                "a@corp.example", ["user@corp.example"], b"Subject: %d\r\n\r\nx\r\n" % i
+            )
+    with psycopg.connect(postgres_url) as conn:
+        row = conn.execute("SELECT to_regclass('messages') IS NOT NULL").fetchone()
+        in_postgres = (
+            conn.execute("SELECT count(*) FROM messages").fetchone()[0]  # type: ignore[index]
+            if row and row[0]
+            else 0
+        )
+    assert in_postgres == 0
+    assert len(node.messages()) == 20  # node.config: the SQLite queue it started with
