@@ -244,6 +244,27 @@ async def test_a_busy_database_is_waited_for_not_refused(postgres_url: str) -> N
         assert all(isinstance(r, str) for r in results), results
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        # an unencoded "/" in the password: libpq takes "Tr0ub" for the port, "4dor@..." for
+        # the database name
+        ("postgresql://127.0.0.1:Tr0ub/4dor@127.0.0.1:1/queue", "postgresql://127.0.0.1@127.0.0.1:1/queue"),
+        ("postgresql://relay:Tr0ub?4dor@127.0.0.1:1/queue", "postgresql://relay@127.0.0.1:1/queue"),
+        ("postgresql://relay@127.0.0.1:1/queue?password=Tr0ub4dor", "postgresql://relay@127.0.0.1:1/queue"),
+        ("host=127.0.0.1 port=1 user=relay password=Tr0ub4dor", "postgresql://relay@127.0.0.1:1/"),
+    ],
+)  # fmt: skip
+async def test_a_password_libpq_misreads_is_not_shown_either(url: str, shown: str) -> None:
+    store = PostgresStore(url, connect_timeout=1)
+    assert "Tr0ub" not in repr(store) and "4dor" not in repr(store)
+    with pytest.raises(StoreError) as info:
+        await store.open()
+    text = str(info.value)
+    assert text.startswith(f"cannot connect to the queue database {shown}: "), text
+    assert "Tr0ub" not in text and "4dor" not in text, text
+
+
 async def test_a_newer_schema_is_refused(postgres_url: str) -> None:
     async with PostgresStore(postgres_url):
         pass

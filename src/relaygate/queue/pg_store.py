@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -161,15 +162,42 @@ _ATTEMPTS = 5
 
 
 def redact_url(url: str) -> str:
-    """The URL without its password, for messages and logs."""
+    """The URL without its password, for messages and logs. A URL is cut up as written, not as
+    libpq parses it: a password with an unencoded ``/``, ``?`` or ``#`` (a common mistake) ends
+    libpq's authority early, and the password then shows up as a host, port or database name."""
+    text = url.strip()
+    scheme, sep, rest = text.partition("://")
+    if sep:
+        userinfo, at, location = rest.rpartition("@")  # the last "@": a password may hold one
+        user = userinfo.split(":", 1)[0] if at else ""
+        location = location.split("?", 1)[0]  # the query may carry password=...
+        return f"{scheme}://{user + '@' if user else ''}{location}"
     try:
-        info = psycopg.conninfo.conninfo_to_dict(url)
+        info = psycopg.conninfo.conninfo_to_dict(text)
     except psycopg.Error:
         return "<unparsable database_url>"
     user = str(info.get("user") or "")
     host = str(info.get("host") or "localhost")
     port = f":{info['port']}" if info.get("port") else ""
     return f"postgresql://{user + '@' if user else ''}{host}{port}/{info.get('dbname') or ''}"
+
+
+def _scrub(text: str, url: str) -> str:
+    """``text`` (libpq's reason) without any piece of the URL's password: parsed wrongly, the
+    password may be quoted in it as a host, port or database name."""
+    secrets: set[str] = set()
+    _, sep, rest = url.strip().partition("://")
+    if sep:
+        userinfo, at, _ = rest.rpartition("@")
+        if at and ":" in userinfo:
+            password = userinfo.split(":", 1)[1]
+            secrets.add(password)
+            secrets.update(re.split(r"[/?#@:]", password))
+    with contextlib.suppress(psycopg.Error):
+        secrets.add(str(psycopg.conninfo.conninfo_to_dict(url).get("password") or ""))
+    for secret in sorted((p for p in secrets if len(p) >= 3), key=len, reverse=True):
+        text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", "…", text)
+    return text
 
 
 def _wrap_error(exc: psycopg.Error) -> StoreError:
@@ -345,7 +373,7 @@ class PostgresStore(Store):
                 self.url, connect_timeout=max(1, int(self.connect_timeout))
             )
         except psycopg.Error as exc:
-            reason = " ".join(str(exc).split())
+            reason = _scrub(" ".join(str(exc).split()), self.url)
             raise StoreError(
                 f"cannot connect to the queue database {redact_url(self.url)}: {reason}"
             ) from exc
@@ -365,7 +393,8 @@ class PostgresStore(Store):
         except Exception as exc:
             await pool.close()
             raise StoreError(
-                f"cannot connect to the queue database {redact_url(self.url)}: {exc}"
+                f"cannot connect to the queue database {redact_url(self.url)}: "
+                f"{_scrub(str(exc), self.url)}"
             ) from exc
         self._pool = pool
         try:
