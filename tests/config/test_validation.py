@@ -308,3 +308,21 @@ def test_a_malformed_smart_host_is_refused_naming_connector_and_key(host: str) -
         parse_text(_SEND.format(hosts=f'"10.0.0.9", "{host}"'), "s.toml")
     (problem,) = info.value.problems
     assert str(problem).startswith('s.toml: send_connectors[0] "Out": smart_hosts[1]: '), problem
+
+
+def test_the_postgresql_queue_refuses_a_max_message_size_it_cannot_store() -> None:
+    """PostgreSQL keeps a value of at most 1 GB: with a max_message_size above it (the config
+    allows 2 GB) such a message would be received whole, then refused at its submit (a 451),
+    and sent again by its client for ever; `check` says so by connector and key."""
+    base = (
+        '[queue]\nstore = "postgresql"\ndatabase_url = "postgresql://relay@db/q"\n'
+        '[[receive_connectors]]\nname = "Scans"\nbindings = ["0.0.0.0:25"]\n'
+        'remote_ip_ranges = ["10.0.0.5"]\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_text(base + 'max_message_size = "1024MB"\n', "pg.toml")
+    (problem,) = [str(p) for p in info.value.problems]
+    assert 'receive_connectors[0] "Scans": max_message_size: at most 1023MB' in problem, problem
+    assert parse_text(base + 'max_message_size = "1023MB"\n', "pg.toml")
+    sqlite = base.replace('store = "postgresql"', 'store = "sqlite"')
+    assert parse_text(sqlite + 'max_message_size = "2000MB"\n', "s.toml")

@@ -450,6 +450,28 @@ async def test_a_recorded_delivery_survives_a_crash_of_the_database_server() -> 
             assert msg is not None and [r.status for r in msg.recipients] == [DONE]
 
 
+async def test_a_lease_survives_a_crash_of_the_database_server() -> None:
+    """Every mutating call is durable (the Store contract), leases included: a lease the
+    database forgot in a crash would let a second node deliver a message the first one is
+    still delivering."""
+    with PostgresServer() as server:
+        url = server.create_database()
+        store = PostgresStore(url)
+        await store.open()
+        qid = await store.submit(env(), b"x")
+        now = time.time()
+
+        async def lease() -> None:
+            assert [m.queue_id for m in await store.lease_due("A", now, 600, 10)] == [qid]
+
+        await _crash_after(server, lease)
+        await store.close()
+        async with PostgresStore(url) as again:
+            assert await again.lease_due("B", time.time(), 60, 10) == []
+            msg = await again.get(qid)
+            assert msg is not None and msg.lease_owner == "A"
+
+
 async def test_a_crash_of_the_database_server_loses_no_acknowledged_message() -> None:
     """The database server stops as in a crash (no shutdown checkpoint) while 8 submitters
     run: after crash recovery every submit that returned is there, byte for byte. Its own

@@ -13,7 +13,7 @@ ConnectionInactivityTimeout; value ranges from §1.4; banner starting with 220.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -365,15 +365,20 @@ def validate(
         parse_binding(config.admin.listen)
     except ValueError as exc:
         problems.append(Problem(src, "admin.listen", str(exc)))
-    problems.extend(_queue_rules(config))
+    problems.extend(_queue_rules(config, lambda i: at("receive_connectors", i)))
     return problems
 
+
+#: The biggest message the PostgreSQL queue takes: a bytea value holds at most 1 GB, and the
+#: stored message is the received one plus its Received header.
+PG_MAX_MESSAGE_SIZE = 1023 * 1024 * 1024
 
 #: A lease renewed every third of its length must outlast a delivery's slowest reply wait.
 _MIN_LEASE = timedelta(seconds=3)
 
 
-def _queue_rules(config: Config) -> list[Problem]:
+def _queue_rules(config: Config, position: Callable[[int], int]) -> list[Problem]:
+    """[queue] keys; `position(i)`: the file index of the i-th receive connector."""
     src, q = config.source, config.queue
     problems: list[Problem] = []
     if q.lease_duration < _MIN_LEASE:
@@ -382,6 +387,17 @@ def _queue_rules(config: Config) -> list[Problem]:
         )
     if q.store != "postgresql":
         return problems
+    for i, c in enumerate(config.receive_connectors):
+        if c.max_message_size > PG_MAX_MESSAGE_SIZE:
+            problems.append(
+                Problem(
+                    src,
+                    f"receive_connectors[{position(i)}].max_message_size",
+                    'at most 1023MB with queue.store = "postgresql" (PostgreSQL stores a value '
+                    "of at most 1 GB: a bigger message would be accepted and never stored)",
+                    c.name,
+                )
+            )
     if not q.database_url.strip():
         problems.append(
             Problem(

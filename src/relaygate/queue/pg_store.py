@@ -6,15 +6,11 @@ held simply expires (``queue.lease_duration``) and is taken by a live one.
 
 The same ``Store`` contract as SQLite (store.py), the same tables and derived columns
 (``status``, ``next_due``, ``open_rcpts``, ``completed_at`` from ``model.derived_columns``):
-* Durability: ``submit`` commits with ``synchronous_commit = on`` (set for the transaction if
-  the server, database or role default is off), so the 250 waits for the WAL flush on the
-  database server. PostgreSQL group-commits concurrent transactions itself. Delivery results
-  (``record_results``) are durable too: the contract's "a recipient recorded as Delivered is
-  never handed out for delivery again, even after a crash" includes a crash of the database
-  server, where an unflushed result is lost whole. Leases commit with
-  ``synchronous_commit = off``: they survive a crash of any relay node; a crash of the database
-  server itself may lose its last fraction of a second of them, which means a re-delivery at
-  worst, never a loss.
+* Durability: every write commits with ``synchronous_commit`` at least ``on`` (set on each
+  connection of the pool if the server's, database's or role's default is off), so a 250 waits
+  for the WAL flush on the database server, and so does a delivery result or a lease: the
+  contract's "every mutating call is durable on return" holds through a crash of the database
+  server too. PostgreSQL group-commits concurrent transactions itself.
 * The message bytes are stored in the database (``bytea``), never in a local spool file: the
   node that delivers a message is often not the one that received it.
 * Every write that touches one message locks its ``messages`` row first, then its recipients:
@@ -271,8 +267,7 @@ async def _load(conn: Conn, ids: Sequence[str]) -> list[StoredMessage]:
 async def _configure_connection(conn: Conn) -> None:
     """Each new connection of the pool: its transactions commit with synchronous_commit on even
     where the server's, database's or role's default is off (a common tuning): "a 250 means
-    durable" must not depend on it. A stronger setting (remote_write, remote_apply...) is kept;
-    delivery bookkeeping that may be lazier says so per transaction (SET LOCAL)."""
+    durable" must not depend on it. A stronger setting (remote_write, remote_apply...) is kept."""
     await conn.execute(
         "SELECT set_config('synchronous_commit', 'on', false) "
         "WHERE current_setting('synchronous_commit') = 'off'"
@@ -459,17 +454,16 @@ class PostgresStore(Store):
         self,
         fn: Callable[..., Awaitable[T]],
         *args: Any,
-        durable: bool = True,
         readonly: bool = False,
     ) -> T:
-        """Run ``fn(conn, *args)`` in one transaction and commit it. ``durable=False``: the
-        commit does not wait for the server's WAL flush (delivery bookkeeping)."""
+        """Run ``fn(conn, *args)`` in one transaction and commit it (durably: the connection's
+        synchronous_commit is at least on, see _configure_connection)."""
         pool = self._pool
         if pool is None:
             raise StoreClosedError("queue store is not open")
         self._active += 1
         try:
-            return await self._run(pool, fn, args, durable, readonly)
+            return await self._run(pool, fn, args, readonly)
         finally:
             self._active -= 1
             if not self._active:
@@ -498,7 +492,6 @@ class PostgresStore(Store):
         pool: AsyncConnectionPool[Conn],
         fn: Callable[..., Awaitable[T]],
         args: tuple[Any, ...],
-        durable: bool,
         readonly: bool,
     ) -> T:
         for attempt in range(_ATTEMPTS):
@@ -515,8 +508,6 @@ class PostgresStore(Store):
                                 await conn.execute(
                                     "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"
                                 )
-                            elif not durable:
-                                await conn.execute("SET LOCAL synchronous_commit = off")
                             result = await fn(conn, *args)
                             committing = True
                             await conn.commit()
@@ -654,7 +645,7 @@ class PostgresStore(Store):
             picked = sorted(await cur.fetchall(), key=lambda r: (r[1], r[0]))
             return await _load(conn, [r[0] for r in picked])
 
-        return await self._tx(run, durable=False)
+        return await self._tx(run)
 
     async def release(self, queue_id: str, owner: str) -> None:
         async def run(conn: Conn) -> None:
@@ -664,7 +655,7 @@ class PostgresStore(Store):
                 (queue_id, owner),
             )
 
-        await self._tx(run, durable=False)
+        await self._tx(run)
 
     async def renew_leases(self, owner: str, queue_ids: Sequence[str], until: float) -> int:
         if not queue_ids:
@@ -678,7 +669,7 @@ class PostgresStore(Store):
                 (until, owner, sorted(queue_ids)),
             )
 
-        return await self._tx(run, durable=False)
+        return await self._tx(run)
 
     async def release_owners(self, owners: Sequence[str]) -> int:
         """Drop every lease held by one of ``owners`` (processes of this node known not to run:
@@ -694,7 +685,7 @@ class PostgresStore(Store):
                 (list(owners),),
             )
 
-        return await self._tx(run, durable=False)
+        return await self._tx(run)
 
     async def record_results(
         self, queue_id: str, owner: str, results: list[RecipientState], *, release: bool = False
