@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                     sink_port=sink.port,
                     max_conn=100,
                     server_extra="",
+                    queue_section="",
                 )
             )
             for rep in range(args.reps):

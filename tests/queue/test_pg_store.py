@@ -402,7 +402,7 @@ async def _crash_after(server: PostgresServer, call: Callable[[], Awaitable[obje
         await call()
     finally:
         os.kill(wal_writer, signal.SIGKILL)  # the postmaster resets: every backend ends
-        os.kill(wal_writer, signal.SIGCONT)
+        # (SIGKILL ends a stopped process too; the postmaster may have reaped it already)
     server.crash()
     server.restart()
 
