@@ -6,17 +6,21 @@ Suspended; plus the two final states Delivered and Failed.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 __all__ = [
     "FINAL_STATUSES",
     "LINE_BREAKS",
     "LINE_BREAKS_CRLF",
+    "MESSAGE_COLUMNS",
     "PENDING_STATUSES",
+    "RECIPIENT_COLUMNS",
     "SMTPUTF8",
     "Envelope",
     "QueueIdGenerator",
@@ -24,8 +28,11 @@ __all__ = [
     "RecipientStatus",
     "StoredMessage",
     "derived_columns",
+    "message_from_row",
     "message_status",
     "parse_status",
+    "recipient_from_row",
+    "submitted_recipients",
 ]
 
 
@@ -254,3 +261,60 @@ class QueueIdGenerator:
     def timestamp(cls, queue_id: str) -> float:
         """Approximate creation time (unix seconds) encoded in a queue id."""
         return (int(queue_id, 16) >> cls._SHIFT) / 1000.0
+
+
+#: The columns both stores select for a message and for a recipient, in the order
+#: message_from_row and recipient_from_row read them.
+MESSAGE_COLUMNS = (
+    "queue_id, sender, size, received_at, message_id, client_ip, connector, helo, auth_user, "
+    "suspended, delay_notified, metadata, lease_owner, lease_until"
+)
+RECIPIENT_COLUMNS = "queue_id, address, status, attempts, last_error, last_attempt, next_attempt"
+
+
+def recipient_from_row(row: Sequence[Any]) -> RecipientState:
+    """A ``RECIPIENT_COLUMNS`` row (its queue id, first, is the caller's to use)."""
+    _qid, address, status, attempts, last_error, last_attempt, next_attempt = row
+    return RecipientState(
+        address=address,
+        status=RecipientStatus(status),
+        attempts=attempts,
+        last_error=last_error,
+        last_attempt=last_attempt,
+        next_attempt=next_attempt,
+    )
+
+
+def message_from_row(row: Sequence[Any], recipients: list[RecipientState]) -> StoredMessage:
+    """A ``MESSAGE_COLUMNS`` row and the message's recipients (metadata is stored as JSON)."""
+    return StoredMessage(
+        queue_id=row[0],
+        sender=row[1],
+        recipients=recipients,
+        size=row[2],
+        received_at=row[3],
+        message_id=row[4],
+        client_ip=row[5],
+        connector=row[6],
+        helo=row[7],
+        auth_user=row[8],
+        suspended=bool(row[9]),
+        delay_notified=bool(row[10]),
+        metadata=json.loads(row[11]),
+        lease_owner=row[12],
+        lease_until=row[13],
+    )
+
+
+def submitted_recipients(envelope: Envelope, data: object) -> list[str]:
+    """What ``Store.submit`` checks before storing anything, for both engines: bytes-like data
+    (``TypeError``), at least one recipient, each a non-empty string (``ValueError``). Returns
+    the recipients with duplicates dropped, in order."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"message data must be bytes, not {type(data).__name__}")
+    recipients = list(dict.fromkeys(envelope.recipients))
+    if not recipients:
+        raise ValueError("an envelope needs at least one recipient")
+    if not all(isinstance(a, str) and a for a in recipients):
+        raise ValueError("recipient addresses must be non-empty strings")
+    return recipients

@@ -38,13 +38,18 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .model import (
     FINAL_STATUSES,
+    MESSAGE_COLUMNS,
+    RECIPIENT_COLUMNS,
     Envelope,
     QueueIdGenerator,
     RecipientState,
     RecipientStatus,
     StoredMessage,
     derived_columns,
+    message_from_row,
     parse_status,
+    recipient_from_row,
+    submitted_recipients,
 )
 from .store import (
     CorruptMessageError,
@@ -146,11 +151,8 @@ FROM unnest(%s::text[], %s::text[], %s::integer[], %s::text[], %s::double precis
 WHERE r.queue_id = %s AND r.address = v.address AND r.status <> ALL(%s)
 """
 
-_MSG_COLS = (
-    "queue_id, sender, size, received_at, message_id, client_ip, connector, helo, auth_user, "
-    "suspended, delay_notified, metadata, lease_owner, lease_until"
-)
-_RCPT_COLS = "queue_id, address, status, attempts, last_error, last_attempt, next_attempt"
+_MSG_COLS = MESSAGE_COLUMNS
+_RCPT_COLS = RECIPIENT_COLUMNS
 _FINAL = [s.value for s in FINAL_STATUSES]
 #: SQLSTATEs after which the whole transaction can simply run again.
 _RETRYABLE = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
@@ -218,50 +220,9 @@ async def _load(conn: Conn, ids: Sequence[str]) -> list[StoredMessage]:
         f"SELECT {_RCPT_COLS} FROM recipients WHERE queue_id = ANY(%s) ORDER BY queue_id, idx",
         (list(rows),),
     )
-    for (
-        qid,
-        address,
-        status,
-        attempts,
-        last_error,
-        last_attempt,
-        next_attempt,
-    ) in await cur.fetchall():
-        rcpts[qid].append(
-            RecipientState(
-                address=address,
-                status=RecipientStatus(status),
-                attempts=attempts,
-                last_error=last_error,
-                last_attempt=last_attempt,
-                next_attempt=next_attempt,
-            )
-        )
-    out: list[StoredMessage] = []
-    for qid in ids:
-        r = rows.get(qid)
-        if r is None:
-            continue
-        out.append(
-            StoredMessage(
-                queue_id=r[0],
-                sender=r[1],
-                recipients=rcpts[qid],
-                size=r[2],
-                received_at=r[3],
-                message_id=r[4],
-                client_ip=r[5],
-                connector=r[6],
-                helo=r[7],
-                auth_user=r[8],
-                suspended=r[9],
-                delay_notified=r[10],
-                metadata=json.loads(r[11]),
-                lease_owner=r[12],
-                lease_until=r[13],
-            )
-        )
-    return out
+    for row in await cur.fetchall():
+        rcpts[row[0]].append(recipient_from_row(row))
+    return [message_from_row(rows[qid], rcpts[qid]) for qid in ids if qid in rows]
 
 
 async def _configure_connection(conn: Conn) -> None:
@@ -557,13 +518,7 @@ class PostgresStore(Store):
         lease: tuple[str, float] | None = None,
         received_at: float | None = None,
     ) -> str:
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise TypeError(f"message data must be bytes, not {type(data).__name__}")
-        recipients = list(dict.fromkeys(envelope.recipients))
-        if not recipients:
-            raise ValueError("an envelope needs at least one recipient")
-        if not all(isinstance(a, str) and a for a in recipients):
-            raise ValueError("recipient addresses must be non-empty strings")
+        recipients = submitted_recipients(envelope, data)
         blob = bytes(data)
         return await self._tx(
             self._op_submit,

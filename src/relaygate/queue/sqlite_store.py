@@ -46,13 +46,18 @@ from typing import Any, TypeVar
 
 from .model import (
     FINAL_STATUSES,
+    MESSAGE_COLUMNS,
+    RECIPIENT_COLUMNS,
     Envelope,
     QueueIdGenerator,
     RecipientState,
     RecipientStatus,
     StoredMessage,
     derived_columns,
+    message_from_row,
     parse_status,
+    recipient_from_row,
+    submitted_recipients,
 )
 from .spool import SPOOL_THRESHOLD, Spool, fsync_dir
 from .store import (
@@ -120,11 +125,8 @@ CREATE TABLE IF NOT EXISTS message_data (
 );
 """
 
-_MSG_COLS = (
-    "queue_id, sender, size, received_at, message_id, client_ip, connector, helo, auth_user, "
-    "suspended, delay_notified, metadata, lease_owner, lease_until"
-)
-_RCPT_COLS = "queue_id, address, status, attempts, last_error, last_attempt, next_attempt"
+_MSG_COLS = MESSAGE_COLUMNS
+_RCPT_COLS = RECIPIENT_COLUMNS
 _FINAL_SQL = ", ".join(f"'{s.value}'" for s in sorted(FINAL_STATUSES))
 _UPDATE_DERIVED = (
     "UPDATE messages SET status = ?, next_due = ?, open_rcpts = ?, completed_at = ? "
@@ -216,41 +218,13 @@ def _load_messages(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> lis
     ids = list(rcpts)
     for chunk in _chunks(ids):
         marks = ",".join("?" * len(chunk))
-        for qid, address, status, attempts, last_error, last_attempt, next_attempt in conn.execute(
+        for row in conn.execute(
             f"SELECT {_RCPT_COLS} FROM recipients WHERE queue_id IN ({marks}) "
             "ORDER BY queue_id, idx",
             chunk,
         ):
-            rcpts[qid].append(
-                RecipientState(
-                    address=address,
-                    status=RecipientStatus(status),
-                    attempts=attempts,
-                    last_error=last_error,
-                    last_attempt=last_attempt,
-                    next_attempt=next_attempt,
-                )
-            )
-    return [
-        StoredMessage(
-            queue_id=r[0],
-            sender=r[1],
-            recipients=rcpts[r[0]],
-            size=r[2],
-            received_at=r[3],
-            message_id=r[4],
-            client_ip=r[5],
-            connector=r[6],
-            helo=r[7],
-            auth_user=r[8],
-            suspended=bool(r[9]),
-            delay_notified=bool(r[10]),
-            metadata=json.loads(r[11]),
-            lease_owner=r[12],
-            lease_until=r[13],
-        )
-        for r in rows
-    ]
+            rcpts[row[0]].append(recipient_from_row(row))
+    return [message_from_row(r, rcpts[r[0]]) for r in rows]
 
 
 def _load_ids(conn: sqlite3.Connection, ids: Sequence[str]) -> list[StoredMessage]:
@@ -952,13 +926,7 @@ class SqliteStore(Store):
         lease: tuple[str, float] | None = None,
         received_at: float | None = None,
     ) -> str:
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise TypeError(f"message data must be bytes, not {type(data).__name__}")
-        recipients = list(dict.fromkeys(envelope.recipients))
-        if not recipients:
-            raise ValueError("an envelope needs at least one recipient")
-        if not all(isinstance(a, str) and a for a in recipients):
-            raise ValueError("recipient addresses must be non-empty strings")
+        recipients = submitted_recipients(envelope, data)
         blob = bytes(data)
         if received_at is None:
             received_at = time.time()
