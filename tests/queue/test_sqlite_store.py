@@ -6,7 +6,6 @@ import asyncio
 import fcntl
 import os
 import random
-import re
 import signal
 import sqlite3
 import subprocess
@@ -34,19 +33,7 @@ from relaygate.queue.store import (
     StoreOutcomeUnknownError,
     open_store,
 )
-
-QID = re.compile(r"^[0-9A-F]{16}$")
-R, D, DONE, F, S = (
-    RecipientStatus.READY,
-    RecipientStatus.DEFERRED,
-    RecipientStatus.DELIVERED,
-    RecipientStatus.FAILED,
-    RecipientStatus.SUSPENDED,
-)
-
-
-def env(*rcpts: str, sender: str = "app@corp.example", **kw: object) -> Envelope:
-    return Envelope(sender=sender, recipients=list(rcpts) or ["user@corp.example"], **kw)  # type: ignore[arg-type]
+from tests.queue.test_store_contract import DONE, QID, env
 
 
 @pytest.fixture

@@ -143,22 +143,8 @@ class PostgresServer:
         for attempt in range(attempts):
             self.port = _free_port()
             self.log_path.unlink(missing_ok=True)
-            opts = self._options()
             try:
-                self._run(
-                    "pg_ctl",
-                    "start",
-                    "-D",
-                    str(self.data_dir),
-                    "-w",
-                    "-t",
-                    "60",
-                    "-l",
-                    str(self.log_path),
-                    "-o",
-                    opts,
-                    what="pg_ctl start",
-                )
+                self._pg_ctl_start(what="pg_ctl start")
                 return
             except PostgresStartError as exc:
                 if "address already in use" not in str(exc).lower() or attempt == attempts - 1:
@@ -171,6 +157,9 @@ class PostgresServer:
 
     def restart(self) -> None:
         """Start a crashed server again on its data and port (crash recovery runs first)."""
+        self._pg_ctl_start(what="pg_ctl start (restart)")
+
+    def _pg_ctl_start(self, *, what: str) -> None:
         self._run(
             "pg_ctl",
             "start",
@@ -183,7 +172,7 @@ class PostgresServer:
             str(self.log_path),
             "-o",
             self._options(),
-            what="pg_ctl start (restart)",
+            what=what,
         )
 
     def _options(self) -> str:
