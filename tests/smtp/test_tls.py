@@ -584,6 +584,34 @@ def test_a_proxy_header_in_two_segments_or_malformed_before_implicit_tls(
 
 
 @pytest.mark.parametrize("mode", ["thread", "process"])
+def test_a_proxy_v2_header_with_long_tlvs_before_implicit_tls(relay, cert_files, client_ctx, mode):
+    """A v2 header is 16 + up to 65535 bytes: its TLVs (a proxy's unique id, SSL details, a
+    cloud balancer's endpoint id, padding) may make it longer than what is peeked at first. It
+    is taken whole all the same, at once (it was left unread, held 10 s and the connection
+    closed before its handshake)."""
+    r = relay(
+        [relay_connector(["10.1.2.0/24"], tls_mode="implicit", **cert_files)],
+        server={"trusted_proxies": ["127.0.0.7"]},
+        mode=mode,
+    )
+    for size in (100, 700, 4000, 20000):
+        noop = b"\x04" + (size - 3).to_bytes(2, "big") + bytes(size - 3)  # PP2_TYPE_NOOP
+        body = (
+            socket.inet_aton("10.1.2.3")
+            + socket.inet_aton("127.0.0.1")
+            + (40000).to_bytes(2, "big")
+            + (465).to_bytes(2, "big")
+            + noop
+        )
+        header = b"\r\n\r\n\x00\r\nQUIT\n\x21\x11" + len(body).to_bytes(2, "big") + body
+        started = time.monotonic()
+        with r.raw("127.0.0.7", tls=client_ctx, preamble=header) as c:
+            c.expect(220)
+            assert c.cmd("EHLO printer.corp.example", 250).lines[0].endswith("Hello [10.1.2.3]")
+        assert time.monotonic() - started < 2, size
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
 def test_every_connection_limit_applies_to_implicit_tls_before_the_handshake(
     relay, cert_files, client_ctx, mode
 ):

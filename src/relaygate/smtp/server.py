@@ -190,9 +190,10 @@ async def _take_proxy_header(sock: socket.socket) -> tuple[str, int] | None:
     first): what follows is the client's TLS handshake, for the TLS layer to read. Returns the
     source it names (None: LOCAL/UNKNOWN)."""
     loop = asyncio.get_running_loop()
+    size = proxy.V1_MAX + 512  # what is peeked: a v1 header, or a v2 one with a few TLVs
     while True:
         try:
-            buf = sock.recv(proxy.V1_MAX + 512, socket.MSG_PEEK)
+            buf = sock.recv(size, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             buf = None
         if buf == b"":
@@ -202,6 +203,10 @@ async def _take_proxy_header(sock: socket.socket) -> tuple[str, int] | None:
             if length is not None and len(buf) >= length:
                 header = sock.recv(length)  # all of it is in the buffer: it was peeked
                 return proxy.parse_header(header)
+            if length is not None:
+                # A v2 header may be up to 16 + 65535 bytes long (TLVs): peek all of it, or a
+                # longer one than the first peek would never be seen whole.
+                size = max(size, length)
             # The start of a header and no more yet: the socket stays readable, so wait a
             # moment instead of for readability (a header nearly always comes in one segment).
             await asyncio.sleep(0.01)
