@@ -142,3 +142,54 @@ def test_anything_but_a_proxy_header_is_refused_at_once(buf: bytes) -> None:
 
     with pytest.raises(proxy.ProxyError):
         proxy.header_length(buf)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"PROXY TCP4 10.1.2.3 127.0.0.1 40000 465\r\n",
+        v2_header("10.1.2.3"),
+        v2_header("10.1.2.3")[:14]  # with 1000 bytes of TLVs (PP2_TYPE_NOOP)
+        + struct.pack("!H", 12 + 1000)
+        + v2_header("10.1.2.3")[16:]
+        + b"\x04"
+        + struct.pack("!H", 997)
+        + bytes(997),
+    ],
+    ids=["v1", "v2", "v2-tlvs"],
+)
+def test_the_header_is_taken_off_the_socket_whatever_its_segments(header: bytes) -> None:
+    """_take_proxy_header, the header cut in two at every place (a pause between the parts):
+    it returns the source once the header is whole and leaves every byte after it (a
+    ClientHello) on the socket, and an end of the connection before the header's end is an
+    error at once, not a wait for PROXY_HEADER_TIMEOUT."""
+    import asyncio
+    import socket
+
+    from relaygate.smtp.server import _take_proxy_header
+
+    after = b"\x16\x03\x01\x02\x00\x01\x00"
+
+    async def take(parts: list[bytes], then_close: bool) -> tuple[object, bytes]:
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        with ours, theirs:
+            task = asyncio.create_task(_take_proxy_header(ours))
+            for part in parts:
+                theirs.sendall(part)
+                await asyncio.sleep(0.002)
+            if then_close:
+                theirs.shutdown(socket.SHUT_WR)
+            try:
+                result: object = await asyncio.wait_for(task, 2)
+            except (ConnectionError, TimeoutError) as exc:
+                return type(exc), b""
+            ours.setblocking(True)
+            ours.settimeout(1)
+            return result, ours.recv(len(after) + 1)
+
+    cuts = range(1, len(header)) if len(header) < 100 else [1, 15, 16, 17, 28, 29, 600, 1027]
+    for cut in cuts:
+        parts = [header[:cut], header[cut:] + after]
+        assert asyncio.run(take(parts, False)) == (("10.1.2.3", 40000), after), cut
+        assert asyncio.run(take([header[:cut]], True)) == (ConnectionResetError, b""), cut

@@ -4,9 +4,11 @@ STARTTLS injection (security-bar §2F)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import smtplib
 import socket
 import ssl
+import struct
 import time
 import warnings
 from pathlib import Path
@@ -609,6 +611,66 @@ def test_a_proxy_v2_header_with_long_tlvs_before_implicit_tls(relay, cert_files,
             c.expect(220)
             assert c.cmd("EHLO printer.corp.example", 250).lines[0].endswith("Hello [10.1.2.3]")
         assert time.monotonic() - started < 2, size
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_a_proxy_header_cut_short_before_implicit_tls_is_noticed_at_once(
+    relay, cert_files, client_ctx, mode
+):
+    """The start of a PROXY header, then an end of the connection (FIN or reset): the relay
+    closes its side at once and keeps nothing of it (it peeked the same unread bytes every
+    10 ms and never saw the end behind them: each held its socket and task for the 10 s
+    PROXY_HEADER_TIMEOUT). Headers waiting for their rest cost no CPU meanwhile (the 10 ms
+    polling took a fifth of a core for 300 of them)."""
+    r = relay(
+        [relay_connector(["10.1.2.0/24"], tls_mode="implicit", **cert_files)],
+        server={"trusted_proxies": ["127.0.0.7"]},
+        mode=mode,
+    )
+    pid = os.getpid() if mode == "thread" else r.proc.pid
+
+    def proxy() -> socket.socket:
+        sock = socket.create_connection(
+            ("127.0.0.1", r.port), timeout=5, source_address=("127.0.0.7", 0)
+        )
+        sock.sendall(b"PROXY TCP4 10.1.2.")
+        return sock
+
+    fin = proxy()
+    fin.shutdown(socket.SHUT_WR)
+    assert (_closed_within(fin, 5) or 5) < 1
+    fin.close()
+
+    time.sleep(0.3)
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    reset = [proxy() for _ in range(20)]
+    time.sleep(0.3)
+    for sock in reset:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    assert wait_for(lambda: len(os.listdir(f"/proc/{pid}/fd")) <= fds, timeout=1.5)
+    if mode == "thread":
+        assert not r.relay.server._handshakes
+
+    if mode == "process":
+        waiting = [proxy() for _ in range(300)]
+        try:
+            time.sleep(0.5)
+            before = _cpu_seconds(pid)
+            time.sleep(2)
+            assert _cpu_seconds(pid) - before < 0.1
+        finally:
+            for sock in waiting:
+                sock.close()
+    with r.raw(
+        "127.0.0.7", tls=client_ctx, preamble=b"PROXY TCP4 10.1.2.3 127.0.0.1 1 465\r\n"
+    ) as c:
+        c.expect(220)
 
 
 @pytest.mark.parametrize("mode", ["thread", "process"])

@@ -188,28 +188,28 @@ def _resolve_once(fut: asyncio.Future[None]) -> None:
 async def _take_proxy_header(sock: socket.socket) -> tuple[str, int] | None:
     """Read exactly the PROXY header off a non-blocking socket and nothing after it (peeking
     first): what follows is the client's TLS handshake, for the TLS layer to read. Returns the
-    source it names (None: LOCAL/UNKNOWN)."""
+    source it names (None: LOCAL/UNKNOWN).
+
+    What is peeked before the header's end is there all belongs to the header (a v1 header ends
+    at its first CRLF, a v2 one is at least 16 bytes and then as long as it says): it is read
+    off the socket at once, so the socket is readable again only when more comes, or at its end
+    (an end behind unread bytes is never seen by peeking them again)."""
     loop = asyncio.get_running_loop()
-    size = proxy.V1_MAX + 512  # what is peeked: a v1 header, or a v2 one with a few TLVs
+    taken = b""  # the header's bytes read so far
     while True:
         try:
-            buf = sock.recv(size, socket.MSG_PEEK)
+            peeked = sock.recv(proxy.V1_MAX + 512, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
-            buf = None
-        if buf == b"":
+            peeked = None
+        if peeked == b"":
             raise ConnectionResetError("closed before its PROXY header")
-        if buf:
-            length = proxy.header_length(buf)
-            if length is not None and len(buf) >= length:
-                header = sock.recv(length)  # all of it is in the buffer: it was peeked
-                return proxy.parse_header(header)
-            if length is not None:
-                # A v2 header may be up to 16 + 65535 bytes long (TLVs): peek all of it, or a
-                # longer one than the first peek would never be seen whole.
-                size = max(size, length)
-            # The start of a header and no more yet: the socket stays readable, so wait a
-            # moment instead of for readability (a header nearly always comes in one segment).
-            await asyncio.sleep(0.01)
+        if peeked:
+            length = proxy.header_length(taken + peeked)
+            # The header's bytes among those peeked: all of them until its end is there.
+            want = len(peeked) if length is None else min(len(peeked), length - len(taken))
+            taken += sock.recv(want)  # in the buffer: they were peeked
+            if length is not None and len(taken) >= length:
+                return proxy.parse_header(taken)
             continue
         readable = loop.create_future()
         loop.add_reader(sock.fileno(), _resolve_once, readable)
