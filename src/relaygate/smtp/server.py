@@ -655,7 +655,11 @@ class SmtpServer:
             sock.close()
             raise
         client = peer if source is None else (canonical_ip(source[0]), source[1])
-        self._start_tls_session(sock, client, local, ssl_ctx, on_connect)
+        try:
+            self._start_tls_session(sock, client, local, ssl_ctx, on_connect)
+        except Exception:  # a task boundary, as on_connect's: log it, never leave the socket
+            logger.exception("implicit TLS connection from %s via %s failed", client[0], peer[0])
+            sock.close()
 
     def _start_tls_session(
         self,
