@@ -193,3 +193,15 @@ def test_the_header_is_taken_off_the_socket_whatever_its_segments(header: bytes)
         parts = [header[:cut], header[cut:] + after]
         assert asyncio.run(take(parts, False)) == (("10.1.2.3", 40000), after), cut
         assert asyncio.run(take([header[:cut]], True)) == (ConnectionResetError, b""), cut
+
+
+def test_a_v2_header_with_an_unassigned_command_is_refused() -> None:
+    """proxy-protocol.txt 2.2: commands other than LOCAL (0) and PROXY (1) are unassigned, and
+    a receiver must drop the connection (before, they were taken as PROXY)."""
+    from relaygate.smtp import proxy
+
+    body = bytes([10, 1, 2, 3, 127, 0, 0, 1]) + (40000).to_bytes(2, "big") + (25).to_bytes(2, "big")
+    header = proxy.V2_SIGNATURE + b"\x21\x11\x00\x0c" + body
+    assert proxy.parse_v2(header) == (("10.1.2.3", 40000), 28)
+    with pytest.raises(proxy.ProxyError):
+        proxy.parse_v2(proxy.V2_SIGNATURE + b"\x22\x11\x00\x0c" + body)

@@ -61,6 +61,8 @@ def parse_v2(header: bytes) -> tuple[tuple[str, int] | None, int]:
         raise ProxyError("unsupported PROXY version")
     if ver_cmd & 0x0F == 0:  # LOCAL: health check from the proxy itself
         return None, total
+    if ver_cmd & 0x0F != 1:  # the specification: drop a connection with an unassigned command
+        raise ProxyError("unsupported PROXY v2 command")
     body = header[16:total]
     if fam == 0x11 and length >= 12:
         src = ipaddress.IPv4Address(body[0:4])
