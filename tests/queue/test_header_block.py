@@ -1,7 +1,9 @@
-"""`header_block` cuts at the first empty line before normalising (so a 1 MB body is never copied):
-it must give exactly what normalising the whole message first gives."""
+"""`header_block` finds the end of the header on the raw bytes (so a 1 MB body is never copied): it
+must give exactly what normalising the whole message first, then reading it line by line, gives."""
 
 from __future__ import annotations
+
+import re
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -10,20 +12,25 @@ from relaygate.queue.bounce import header_block, header_value
 
 
 def reference_header_block(message: bytes) -> bytes:
-    """The straightforward definition: CRLF → LF over everything, then cut at the first "\\n\\n"."""
+    """The straightforward definition: CRLF → LF over everything, then the lines up to the first
+    one that is neither a header field nor a continuation (the empty line, or a body line)."""
     text = message.replace(b"\r\n", b"\n")
-    end = text.find(b"\n\n")
-    head = text if end < 0 else text[: end + 1]
-    if head.startswith(b"\n"):
-        return b""
-    lines = head.split(b"\n")
+    lines = text.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
-    return b"".join(line.rstrip(b"\r") + b"\r\n" for line in lines)
+    head: list[bytes] = []
+    for line in lines:
+        if re.match(rb"[!-9;-~]+[ \t]*:", line) or (head and line[:1] in (b" ", b"\t")):
+            head.append(line)
+        else:
+            break
+    return b"".join(line.rstrip(b"\r") + b"\r\n" for line in head)
 
 
 _pieces = st.lists(
-    st.sampled_from([b"\r", b"\n", b"\r\n", b"Subject: x", b" folded", b"a", b":", b"\r\r\n"]),
+    st.sampled_from(
+        [b"\r", b"\n", b"\r\n", b"Subject: x", b" folded", b"a", b":", b"\r\r\n", b"\t", b"X :"]
+    ),
     max_size=40,
 )
 
@@ -39,3 +46,14 @@ def test_a_big_body_is_not_part_of_the_header() -> None:
     message = b"Subject: Invoice\r\nFrom: a@b.example\r\n\r\n" + b"Subject: not this\r\n" * 60000
     assert header_block(message) == b"Subject: Invoice\r\nFrom: a@b.example\r\n"
     assert header_value(message, "Subject") == "Invoice"
+
+
+def test_a_message_without_an_empty_line_is_not_all_header() -> None:
+    """A script's report with no empty line: the header ends at its first body line (as the
+    receiving session measures it), so an NDR never returns the body."""
+    message = (
+        b"Subject: Nightly report\r\nFrom: a@b.example\r\n" + b"secret=1 in the body\r\n" * 1000
+    )
+    assert header_block(message) == b"Subject: Nightly report\r\nFrom: a@b.example\r\n"
+    assert header_block(b"no header at all\r\nSubject: not this\r\n") == b""
+    assert header_value(b"Subject: x\r\nbody\r\nMessage-ID: <no@t>\r\n", "Message-ID") == ""

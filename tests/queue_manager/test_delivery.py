@@ -345,6 +345,37 @@ async def test_a_commit_with_an_unknown_outcome_gets_no_reply_and_results_are_st
         assert len(a.handler.messages) == 1
 
 
+async def test_an_ndr_returns_the_header_of_a_message_without_an_empty_line_not_its_body(
+    tmp_path: Path,
+) -> None:
+    """A script's report with no empty line after its header: the NDR (and the admin's copy)
+    carried the whole message, body included, twice (text part and text/rfc822-headers)."""
+    async with (
+        sinks(ScriptedHandler(lambda _a, _n: "550 5.1.1 User unknown"), ScriptedHandler()) as (
+            a,
+            b,
+        ),
+        relay_running(
+            tmp_path,
+            {"*": a.port, "senders.test": b.port},
+            queue={"admin_notification_address": ADMIN},
+        ) as relay,
+    ):
+        body = b"db_password=hunter2 in the nightly report\r\n" * 2000
+        data = b"From: Scanner <scanner@senders.test>\r\nSubject: Nightly\r\n" + body
+        await send(relay, SENDER, ["bob@example.com"], data)
+        (ndr,) = await wait_for(lambda: b.handler.messages)
+        assert ndr["rcpt_tos"] == [SENDER, ADMIN]
+        assert b"hunter2" not in ndr["content"]
+        assert len(ndr["content"]) < 4096
+        _text, _status, headers = parse_mail(ndr["content"]).get_payload()
+        original_headers = headers.get_payload(decode=True)
+        assert original_headers.startswith(b"Received: ")
+        assert original_headers.endswith(
+            b"From: Scanner <scanner@senders.test>\r\nSubject: Nightly\r\n"
+        )
+
+
 async def test_the_null_sender_is_never_bounced(tmp_path: Path) -> None:
     async with (
         sinks(ScriptedHandler(lambda _a, _n: "550 5.1.1 User unknown"), ScriptedHandler()) as (

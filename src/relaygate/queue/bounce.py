@@ -38,6 +38,9 @@ __all__ = [
 ]
 
 _FOLD = re.compile(rb"\r?\n[ \t]+")
+# Header field lines ("name:", printable ASCII without ":", blanks allowed before the colon) and
+# their continuation lines; the last line may lack its line feed.
+_HEADER_LINES = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\n]*(?:\n|\Z)(?:[ \t][^\n]*(?:\n|\Z))*)*")
 _CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
@@ -53,22 +56,19 @@ class DsnRecipient:
 
 
 def header_block(message: bytes) -> bytes:
-    """The header section of ``message`` (up to the first empty line), CRLF line ends, ending in CRLF."""
-    # Cut at the first empty line before normalising, so a 1 MB body is never copied: "\n\n" and
-    # "\n\r\n" in the raw bytes are exactly where "\n\n" is once CRLF has become LF.
-    # The usual end ("\r\n\r\n") first; the other form is then only looked for before it.
-    end = message.find(b"\n\r\n")
-    bare = message.find(b"\n\n", 0, end + 1 if end >= 0 else len(message))
-    if bare >= 0:
-        end = bare
-    if end >= 0:
-        message = message[: end + 1]
-    text = message.replace(b"\r\n", b"\n")
-    end = text.find(b"\n\n")
-    head = text if end < 0 else text[: end + 1]
-    if head.startswith(b"\n"):
-        return b""
-    lines = head.split(b"\n")
+    """The header section of ``message``, CRLF line ends, ending in CRLF.
+
+    It ends at the first line that is neither a header field (``name:``) nor a continuation of
+    one: the empty line, or the first body line of a message that has no empty line, as the
+    receiving session decides (`relaygate.smtp.message.scan_headers`, Postfix's rule). A message
+    without an empty line is not all header: a report gives its sender the header, never the body.
+    """
+    # One anchored match over the raw bytes (LF ends a line, CR before it is part of it, as after
+    # CRLF → LF): the body, however big, is never copied.
+    match = _HEADER_LINES.match(message)
+    head = message[: match.end()] if match else b""
+    text = head.replace(b"\r\n", b"\n")
+    lines = text.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
     return b"".join(line.rstrip(b"\r") + b"\r\n" for line in lines)
