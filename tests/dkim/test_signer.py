@@ -148,6 +148,37 @@ def test_disabled_key_is_not_used_and_not_loaded(tmp_path):
     assert result.reason == "DKIM key for domain corp.example is disabled (selector s1)"
 
 
+def test_skip_unusable_keeps_every_usable_key_signing(tmp_path, loopback_dns):
+    """The running relay builds its signer with skip_unusable: a key that cannot be loaded (a
+    rotation's new key not written yet) is left out and named; every other key still signs."""
+    good = _key(tmp_path)
+    other = _key(tmp_path, domain="other.example", selector="o1")
+    for key in (good, other):
+        _publish(loopback_dns, key)
+    missing = Key("corp.example", "s2", tmp_path / "s2-not-yet.key")
+    broken = Key("broken.example", "b1", tmp_path / "nope.key")
+    with pytest.raises(DkimConfigError):
+        DkimSigner([good, missing, other, broken])
+    signer = DkimSigner([good, missing, other, broken], skip_unusable=True)
+    assert signer.domains == ["corp.example", "other.example"]
+    assert signer.selectors("corp.example") == ["s1"]
+    assert len(signer.problems) == 2 and "s2-not-yet.key" in signer.problems[0]
+    for domain, sender in (
+        ("corp.example", "x@corp.example"),
+        ("other.example", "y@other.example"),
+    ):
+        message = MESSAGE.replace(b"scanner@corp.example", sender.encode())
+        result = signer.sign(message, envelope_sender=sender)
+        assert result.signed and result.domain == domain and result.selector in ("s1", "o1")
+        assert dkim.verify(result.data, dnsfunc=loopback_dns.txt_lookup)
+    result = signer.sign(
+        MESSAGE.replace(b"scanner@corp.example", b"z@broken.example"),
+        envelope_sender="z@broken.example",
+    )
+    assert not result.signed
+    assert result.reason == "DKIM key for domain broken.example cannot be used (selector b1)"
+
+
 def test_missing_from_falls_back_to_envelope_sender(tmp_path, loopback_dns):
     key = _key(tmp_path)
     _publish(loopback_dns, key)

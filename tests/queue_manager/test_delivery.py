@@ -587,6 +587,45 @@ key_file = "{key_file}"
         assert any("DKIM unsigned" in i and "nokey.test" in i for i in infos), infos
 
 
+async def test_one_unusable_dkim_key_after_a_reload_leaves_the_other_keys_signing(
+    tmp_path: Path,
+) -> None:
+    """Key rotation: a second selector for senders.test whose key file is not there yet. The
+    reload disabled DKIM signing for every domain (all mail unsigned, DMARC fails); now that
+    entry is left out and the keys that can be used go on signing."""
+    import dkim
+    from relaygate.dkim.keys import load_private_key, record_name, write_key
+    from tests.support.dns_server import LoopbackDNS
+
+    keys = tmp_path / "keys"
+    s1 = write_key(keys, "senders.test", "s1")
+    o1 = write_key(keys, "other.test", "o1")
+    extra = "".join(
+        f'\n[[dkim]]\ndomain = "{domain}"\nselector = "{selector}"\nkey_file = "{path}"\n'
+        for domain, selector, path in (("senders.test", "s1", s1), ("other.test", "o1", o1))
+    )
+    config_file = tmp_path / "relaygate.toml"
+    with LoopbackDNS() as dns_server:
+        for domain, selector, path in (("senders.test", "s1", s1), ("other.test", "o1", o1)):
+            record = load_private_key(path, "rsa-sha256").record
+            dns_server.add(record_name(selector, domain), "TXT", record)
+        async with (
+            sinks(ScriptedHandler()) as (a,),
+            relay_running(tmp_path, {"*": a.port}, extra=extra, config_file=config_file) as relay,
+        ):
+            rotation = f'\n[[dkim]]\ndomain = "senders.test"\nselector = "s2"\nkey_file = "{keys}/s2.key"\n'
+            config_file.write_text(config_file.read_text() + rotation)
+            await relay.reload()
+            assert relay.manager.signer is not None
+            for sender in (SENDER, "printer@other.test"):
+                data = original("Rotated").replace(b"scanner@senders.test", sender.encode())
+                await send(relay, sender, ["bob@example.com"], data)
+            await wait_for(lambda: len(a.handler.messages) == 2)
+            for got in a.handler.messages:
+                assert got["content"].startswith(b"DKIM-Signature: ")
+                assert dkim.verify(got["content"], dnsfunc=dns_server.txt_lookup)
+
+
 async def test_a_signature_covers_the_octets_sent_and_does_not_count_against_the_route_limit(
     tmp_path: Path,
 ) -> None:

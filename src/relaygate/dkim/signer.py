@@ -232,6 +232,10 @@ class DkimSigner:
     (where ``relaygate dkim new`` writes). Disabled entries are ignored. Every problem with enabled keys (missing or
     unreadable file, wrong key type, duplicate domain+selector, unknown algorithm, a header that
     must not be signed) is collected and raised together as :class:`DkimConfigError`.
+
+    ``skip_unusable`` (the running relay): an entry with a problem is left out instead, and the
+    problems are kept in ``problems``; every usable key still signs. One bad entry (a rotation's
+    new key whose file is not there yet, a typo) must not send every domain's mail unsigned.
     """
 
     def __init__(
@@ -241,6 +245,7 @@ class DkimSigner:
         domain_source: str = "header_from",
         envelope_fallback: bool = True,
         data_dir: Path | None = None,
+        skip_unusable: bool = False,
     ) -> None:
         if domain_source not in DOMAIN_SOURCES:
             raise DkimConfigError(
@@ -250,6 +255,7 @@ class DkimSigner:
         self.envelope_fallback = envelope_fallback
         self._keys: dict[str, list[_Key]] = {}
         self._disabled: dict[str, list[str]] = {}
+        self._unusable: dict[str, list[str]] = {}
         problems: list[str] = []
         seen: set[tuple[str, str]] = set()
         for entry in keys:
@@ -262,42 +268,59 @@ class DkimSigner:
             if not getattr(entry, "enabled", True):
                 self._disabled.setdefault(domain, []).append(selector)
                 continue
-            if (domain, selector) in seen:
-                problems.append(f"{label}: configured twice")
-                continue
-            seen.add((domain, selector))
-            headers = tuple(getattr(entry, "headers", None) or DEFAULT_SIGNED_HEADERS)
-            bad = [h for h in headers if h.strip().lower() in _NEVER_SIGN]
-            if bad:
-                problems.append(f"{label}: header(s) {', '.join(bad)} must not be signed")
-                continue
-            if not any(h.strip().lower() == "from" for h in headers):
-                headers = ("From", *headers)
-            key_file = getattr(entry, "key_file", None)
-            if key_file is None:
-                if data_dir is None:
-                    problems.append(f"{label}: key_file is not set")
-                    continue
-                key_file = key_path(data_dir, domain, selector)
-            try:
-                loaded = load_private_key(Path(key_file), str(entry.algorithm))
-            except DkimKeyError as exc:
-                problems.append(f"{label}: {exc}")
-                continue
-            if loaded.algorithm == "ed25519-sha256":
-                try:
-                    import nacl.signing  # noqa: F401  (dkimpy signs Ed25519 with PyNaCl)
-                except ImportError:
-                    problems.append(f"{label}: ed25519-sha256 needs the PyNaCl package")
-                    continue
-            self._keys.setdefault(domain, []).append(
-                _Key(domain, selector, loaded.algorithm, headers, loaded)
-            )
-        if problems:
+            before = len(problems)
+            self._add_key(entry, domain, selector, label, seen, data_dir, problems)
+            if len(problems) > before:
+                self._unusable.setdefault(domain, []).append(selector)
+        self.problems = problems
+        if problems and not skip_unusable:
             raise DkimConfigError(problems)
 
+    def _add_key(
+        self,
+        entry: Any,
+        domain: str,
+        selector: str,
+        label: str,
+        seen: set[tuple[str, str]],
+        data_dir: Path | None,
+        problems: list[str],
+    ) -> None:
+        """Load one enabled entry into ``_keys``, or append why it cannot be used to ``problems``."""
+        if (domain, selector) in seen:
+            problems.append(f"{label}: configured twice")
+            return
+        seen.add((domain, selector))
+        headers = tuple(getattr(entry, "headers", None) or DEFAULT_SIGNED_HEADERS)
+        bad = [h for h in headers if h.strip().lower() in _NEVER_SIGN]
+        if bad:
+            problems.append(f"{label}: header(s) {', '.join(bad)} must not be signed")
+            return
+        if not any(h.strip().lower() == "from" for h in headers):
+            headers = ("From", *headers)
+        key_file = getattr(entry, "key_file", None)
+        if key_file is None:
+            if data_dir is None:
+                problems.append(f"{label}: key_file is not set")
+                return
+            key_file = key_path(data_dir, domain, selector)
+        try:
+            loaded = load_private_key(Path(key_file), str(entry.algorithm))
+        except DkimKeyError as exc:
+            problems.append(f"{label}: {exc}")
+            return
+        if loaded.algorithm == "ed25519-sha256":
+            try:
+                import nacl.signing  # noqa: F401  (dkimpy signs Ed25519 with PyNaCl)
+            except ImportError:
+                problems.append(f"{label}: ed25519-sha256 needs the PyNaCl package")
+                return
+        self._keys.setdefault(domain, []).append(
+            _Key(domain, selector, loaded.algorithm, headers, loaded)
+        )
+
     @classmethod
-    def from_config(cls, config: Any) -> DkimSigner:
+    def from_config(cls, config: Any, *, skip_unusable: bool = False) -> DkimSigner:
         """Build from a loaded ``Config`` (``config.dkim`` and ``config.server.dkim_domain_source``)."""
         server = getattr(config, "server", None)
         source = getattr(server, "dkim_domain_source", None) or "header_from"
@@ -306,6 +329,7 @@ class DkimSigner:
             getattr(config, "dkim", None) or [],
             domain_source=source,
             data_dir=Path(data_dir) if data_dir is not None else None,
+            skip_unusable=skip_unusable,
         )
 
     @property
@@ -360,7 +384,10 @@ class DkimSigner:
             return SignResult(message, False, "", "", f"not signed: {why}")
         keys = self._keys.get(domain)
         if not keys:
-            if domain in self._disabled:
+            if domain in self._unusable:
+                selectors = ", ".join(self._unusable[domain])
+                reason = f"DKIM key for domain {domain} cannot be used (selector {selectors})"
+            elif domain in self._disabled:
                 selectors = ", ".join(self._disabled[domain])
                 reason = f"DKIM key for domain {domain} is disabled (selector {selectors})"
             else:

@@ -160,10 +160,15 @@ def _build_signer(config: Any) -> Any:
         log.warning("DKIM keys are configured but the signer is not available; sending unsigned")
         return None
     try:
-        return DkimSigner.from_config(config)
+        signer = DkimSigner.from_config(config, skip_unusable=True)
     except Exception as exc:  # DkimConfigError: `relaygate check` lists the problems
         log.error("DKIM signing disabled, the [[dkim]] configuration cannot be used: %s", exc)
         return None
+    # A key that cannot be used is left out, and the others sign: one bad entry (a rotation's new
+    # key not written yet) must not send every domain's mail unsigned.
+    for problem in signer.problems:
+        log.error("DKIM key not used (mail it would sign goes out unsigned): %s", problem)
+    return signer
 
 
 class QueueManager:
