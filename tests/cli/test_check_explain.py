@@ -408,3 +408,28 @@ tls_key_file = "{key}"
     path.write_text(body.format(cert=cert, key=key))
     result = _invoke(cli, "check", "--config", str(path))
     assert result.exit_code == 0, result.output
+
+
+def test_check_reports_a_dkim_key_that_cannot_be_loaded(cli: CliRunner, tmp_path: Path) -> None:
+    """`serve` leaves out a DKIM key it cannot load and that domain's mail goes unsigned (DMARC
+    fails): `check` must say so before a reload, naming the entry (it said OK)."""
+    from relaygate.dkim.keys import write_key
+
+    good = write_key(tmp_path / "keys", "corp.example", "s1")
+    path = tmp_path / "relaygate.toml"
+    entry = '[[dkim]]\ndomain = "corp.example"\nselector = "{selector}"\nkey_file = "{key}"\n\n'
+    path.write_text(
+        f'[server]\ndata_dir = "{tmp_path / "data"}"\n\n'
+        + entry.format(selector="s1", key=good)
+        + entry.format(selector="s2", key=tmp_path / "keys" / "s2.key")
+    )
+    result = _invoke(cli, "check", "--config", str(path))
+    assert result.exit_code == 1, result.output
+    assert (
+        f'{path}: dkim[1] "corp.example selector s2": cannot read DKIM key '
+        f"{tmp_path / 'keys' / 's2.key'}: No such file or directory"
+    ) in " ".join(result.output.split()), result.output
+    assert "dkim[0]" not in result.output
+    write_key(tmp_path / "keys", "corp.example", "s2").rename(tmp_path / "keys" / "s2.key")
+    result = _invoke(cli, "check", "--config", str(path))
+    assert result.exit_code == 0, result.output

@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
         source = config_source(config)
         try:
             cfg = load_config(config)
-            problems = tls_file_problems(cfg)
+            problems = tls_file_problems(cfg) + dkim_key_problems(cfg)
         except ConfigError as exc:
             problems = exc.problems
         if problems:
@@ -86,4 +86,31 @@ def tls_file_problems(cfg: Config) -> list[Problem]:
             problems.append(
                 Problem(cfg.source, f"receive_connectors[{i}].{found[0]}", found[1], c.name)
             )
+    return problems
+
+
+def dkim_key_problems(cfg: Config) -> list[Problem]:
+    """The DKIM keys `serve` would sign with: one that cannot be loaded (missing or unreadable
+    file, wrong key type, a header that must not be signed...) is left out and its domain's mail
+    goes unsigned, so `check` loads each enabled key and names the entry."""
+    from relaygate.dkim.signer import DkimConfigError, DkimSigner
+
+    problems = []
+    data_dir = Path(cfg.server.data_dir)
+    seen: dict[tuple[str, str], int] = {}
+    for i, key in enumerate(cfg.dkim):
+        if not key.enabled:
+            continue
+        ident = (key.domain.lower().rstrip("."), key.selector.strip().lower())
+        if ident in seen:
+            problems.append(Problem(cfg.source, f"dkim[{i}]", f"duplicates dkim[{seen[ident]}]"))
+            continue
+        seen[ident] = i
+        try:
+            DkimSigner([key], data_dir=data_dir)
+        except DkimConfigError as exc:
+            name = f"{key.domain} selector {key.selector}"
+            for why in exc.problems:
+                why = why.partition(": ")[2] if why.startswith("[[dkim]] ") else why
+                problems.append(Problem(cfg.source, f"dkim[{i}]", why, name))
     return problems
