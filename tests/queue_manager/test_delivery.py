@@ -686,6 +686,56 @@ async def test_smtputf8_declared_by_the_client_is_kept_for_the_next_hop(tmp_path
         assert got["content"].endswith(utf8_header)
 
 
+async def test_an_ndr_to_a_utf8_sender_goes_only_with_smtputf8(tmp_path: Path) -> None:
+    """The report's To is the sender, here a UTF-8 address (RFC 6532): its header is UTF-8, so it
+    needs SMTPUTF8 like a client's UTF-8 header. The admin's copy went to a next hop without
+    SMTPUTF8, as 8-bit header octets in a plain transaction."""
+    utf8_sender = "jörg@senders.test"
+    data = b"From: scanner@senders.test\r\nSubject: Scan\r\n\r\nhi\r\n"
+    bounce = ScriptedHandler(lambda _a, _n: "550 5.1.1 User unknown")
+    for offers_utf8 in (False, True):
+        async with (
+            sinks(bounce) as (a,),
+            sinks_with_smtputf8(offers_utf8) as b,
+            relay_running(
+                tmp_path / str(offers_utf8),
+                {"*": a.port, "senders.test": b.port},
+                queue={"admin_notification_address": ADMIN},
+            ) as relay,
+        ):
+            await send(relay, utf8_sender, ["bob@example.com"], data, mail_params=b" SMTPUTF8")
+
+            async def report_done() -> bool:
+                dsn = [m for m in await relay.store.list_messages() if m.sender == ""]
+                return bool(dsn) and all(
+                    r.status in (RecipientStatus.DELIVERED, RecipientStatus.FAILED)
+                    for r in dsn[0].recipients
+                )
+
+            await wait_for(report_done)
+            for got in b.handler.messages:
+                head = got["content"].split(b"\r\n\r\n", 1)[0]
+                assert head.isascii() or "SMTPUTF8" in got["mail_options"], got["mail_options"]
+            (dsn,) = [m for m in await relay.store.list_messages() if m.sender == ""]
+            assert dsn.metadata["smtputf8"] == "1"
+            if offers_utf8:
+                (got,) = b.handler.messages
+                assert got["rcpt_tos"] == [utf8_sender, ADMIN]
+                assert f"To: <{utf8_sender}>".encode() in got["content"]
+            else:
+                assert b.handler.messages == []
+                assert {r.last_error[:9] for r in dsn.recipients} == {"550 5.6.7"}
+
+
+@contextlib.asynccontextmanager
+async def sinks_with_smtputf8(offers_utf8: bool) -> AsyncIterator[Sink]:
+    sink = await start_sink(ScriptedHandler(), enable_SMTPUTF8=offers_utf8)
+    try:
+        yield sink
+    finally:
+        await sink.close()
+
+
 async def test_a_new_message_goes_straight_to_the_manager_and_its_lease_ends_with_the_results(
     tmp_path: Path,
 ) -> None:

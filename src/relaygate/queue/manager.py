@@ -58,7 +58,7 @@ from relaygate.delivery.dns import Resolver
 from relaygate.delivery.nexthop import NextHopError, resolve_next_hops
 from relaygate.delivery.oauth import OAuthTokenProvider
 from relaygate.delivery.routing import RouteKey, RouteTable, domain_of, explain_route
-from relaygate.queue.bounce import DsnRecipient, build_dsn, header_value
+from relaygate.queue.bounce import DsnRecipient, build_dsn, header_block, header_value
 from relaygate.queue.model import (
     LINE_BREAKS,
     LINE_BREAKS_CRLF,
@@ -813,12 +813,17 @@ class QueueManager:
             postmaster=self.postmaster(),
         )
         message_id = header_value(body, "Message-ID")
+        metadata = {"dsn": action, "original_queue_id": msg.queue_id}
+        if not header_block(body).isascii():
+            # A UTF-8 sender is in the report's To (RFC 6532): like a client's UTF-8 header, it
+            # goes only to a next hop that offers SMTPUTF8 (RFC 6531 §3.2), never as 8-bit junk.
+            metadata[SMTPUTF8] = "1"
         envelope = Envelope(
             sender="",
             recipients=to,
             helo=fqdn,
             message_id=message_id,
-            metadata={"dsn": action, "original_queue_id": msg.queue_id},
+            metadata=metadata,
         )
         queue_id = await self.store.submit(envelope, body)
         self.stats["ndr" if action == "failed" else "delay_notices"] += 1
