@@ -18,9 +18,11 @@ import pytest
 
 from relaygate.admin.api import create_app
 from relaygate.app import Relay
+from relaygate.config import parse_text
 from tests.queue_manager.helpers import (
     ScriptedHandler,
     free_port,
+    make_config_text,
     parse_mail,
     send,
     smtp_port,
@@ -345,3 +347,36 @@ async def test_queue_list_and_show_print_device_and_server_text_verbatim(tmp_pat
     finally:
         await relay.stop()
         await sink.close()
+
+
+async def test_an_empty_token_file_does_not_open_the_api(tmp_path: Path) -> None:
+    """admin.api_token_file naming an empty file (emptied by mistake, or written by a failed
+    deployment step): before, the token was taken as "none" and the API and every page of the
+    admin centre answered without one, with no warning. Now the admin listener does not start,
+    and the CLI says why instead of calling the API without a token."""
+    token_file = tmp_path / "token"
+    token_file.write_text("\n   \n", encoding="utf-8")
+    admin_port = free_port()
+    config_file = tmp_path / "relaygate.toml"
+    config_file.write_text(
+        make_config_text(
+            tmp_path / "data",
+            smtp_port=free_port(),
+            admin_port=admin_port,
+            routes={"*": free_port()},
+            admin_extra=f'api_token_file = "{token_file}"',
+        ),
+        encoding="utf-8",
+    )
+    relay = Relay(parse_text(config_file.read_text(encoding="utf-8"), str(config_file)))
+    try:
+        with pytest.raises(ValueError, match="is empty"):
+            await relay.start()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{admin_port}") as client:
+            for path in ("/api/queue", "/queue"):
+                with pytest.raises(httpx.ConnectError):
+                    await client.get(path)
+    finally:
+        await relay.stop()
+    rc, _out, err = await cli("list", config=config_file)
+    assert rc == 1 and "is empty" in err, err

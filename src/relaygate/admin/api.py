@@ -56,7 +56,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relaygate.control import Conflict, NotFound, QueueControl
 
-__all__ = ["API_PREFIX", "MetricsCollector", "create_app", "health_report", "read_token"]
+__all__ = [
+    "API_PREFIX",
+    "MetricsCollector",
+    "TokenFileError",
+    "create_app",
+    "health_report",
+    "read_token",
+]
 
 log = logging.getLogger("relaygate.admin")
 
@@ -65,12 +72,23 @@ _OPEN_PATHS = ("/healthz", "/api/health", "/metrics")
 _SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
+class TokenFileError(ValueError):
+    """``admin.api_token_file`` is set but holds no token."""
+
+
 def read_token(path: Path | None) -> str | None:
-    """The API token from ``admin.api_token_file`` (first line, stripped), or None."""
+    """The API token from ``admin.api_token_file`` (first line, stripped); None when no file is
+    configured. A file that is configured but empty raises :class:`TokenFileError`: the token is
+    there to protect the queue, so a file emptied by mistake must not open the API and the admin
+    centre to everyone (``OSError`` when it cannot be read)."""
     if path is None:
         return None
     token = Path(path).read_text(encoding="utf-8").strip().splitlines()
-    return token[0].strip() if token and token[0].strip() else None
+    if not token or not token[0].strip():
+        raise TokenFileError(
+            f"admin.api_token_file {str(path)!r} is empty: its first line must be the API token"
+        )
+    return token[0].strip()
 
 
 def _error(status: int, message: str) -> JSONResponse:

@@ -65,12 +65,14 @@ class _Api:
                 url = admin_url(config.admin.listen)
             token_file = getattr(config.admin, "api_token_file", None)
             if token_file is not None:
-                from relaygate.admin.api import read_token
+                from relaygate.admin.api import TokenFileError, read_token
 
                 try:
                     token = read_token(token_file)
                 except OSError as exc:
                     die(f"cannot read admin.api_token_file {str(token_file)!r}: {exc.strerror}")
+                except TokenFileError as exc:
+                    die(str(exc))
         assert url is not None
         self.url = url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
