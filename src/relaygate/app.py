@@ -20,7 +20,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from relaygate.admin.server import AdminServer
+from relaygate.admin.server import AdminServer, AdminStartError
 from relaygate.config import Config, ConfigError, load_config
 from relaygate.fd_limit import raise_fd_limit
 from relaygate.logs.tracking import MESSAGE_TRACKING_DIR, TrackingLog
@@ -132,7 +132,11 @@ class Relay:
             self.manager.local_endpoints = set(self.server.endpoints)
         if cfg.admin.enabled and self.worker_index in (None, 0):
             self.admin = AdminServer(self)
-            await self.admin.start()
+            try:
+                await self.admin.start()
+            except BaseException:  # no token, or the port is taken: stop what started, report it
+                await self.stop()
+                raise
         logger.info(
             "RelayGate %s listening on %s (config %s)",
             s.name,
@@ -375,8 +379,8 @@ def run(
         pass
     try:
         asyncio.run(_main(config, resolved, worker_index=worker_index, link_fd=link_fd))
-    except (ListenerError, StoreError) as exc:
+    except (ListenerError, StoreError, AdminStartError) as exc:
         # a port in use, an implicit-TLS certificate that cannot load, a queue database that
-        # cannot be opened or reached
+        # cannot be opened or reached, an admin token file that cannot be read or is empty
         logger.error("cannot start: %s", exc)
         raise SystemExit(1) from None

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import resource
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import httpx
 import pytest
 
 from relaygate.admin.api import create_app
+from relaygate.admin.server import AdminStartError
 from relaygate.app import Relay
 from relaygate.config import parse_text
 from tests.queue_manager.helpers import (
@@ -370,7 +372,7 @@ async def test_an_empty_token_file_does_not_open_the_api(tmp_path: Path) -> None
     )
     relay = Relay(parse_text(config_file.read_text(encoding="utf-8"), str(config_file)))
     try:
-        with pytest.raises(ValueError, match="is empty"):
+        with pytest.raises(AdminStartError, match="is empty"):
             await relay.start()
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{admin_port}") as client:
             for path in ("/api/queue", "/queue"):
@@ -380,3 +382,51 @@ async def test_an_empty_token_file_does_not_open_the_api(tmp_path: Path) -> None
         await relay.stop()
     rc, _out, err = await cli("list", config=config_file)
     assert rc == 1 and "is empty" in err, err
+
+
+async def test_serve_reports_an_admin_listener_that_cannot_start(tmp_path: Path) -> None:
+    """The admin port taken by another program, or admin.api_token_file missing: before,
+    `relaygate serve` ended with a Python traceback, and in-process the SMTP listener and the
+    queue manager that had started stayed up. Now it says what is wrong in one line, exits 1,
+    and stops what it had started."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        cases = {
+            "port": (taken.getsockname()[1], "", "cannot listen on admin.listen 127.0.0.1:"),
+            "token": (
+                free_port(),
+                f'api_token_file = "{tmp_path / "missing.token"}"',
+                "cannot read admin.api_token_file",
+            ),
+        }
+        for name, (admin_port, admin_extra, expected) in cases.items():
+            smtp = free_port()
+            text = make_config_text(
+                tmp_path / name,
+                smtp_port=smtp,
+                admin_port=admin_port,
+                routes={"*": free_port()},
+                admin_extra=admin_extra,
+            )
+            relay = Relay(parse_text(text, "<test>"))
+            with pytest.raises(AdminStartError, match=expected):
+                await relay.start()
+            with pytest.raises(OSError):  # the SMTP listener was closed again
+                socket.create_connection(("127.0.0.1", smtp), timeout=2).close()
+            await relay.stop()
+
+            config = tmp_path / f"{name}.toml"
+            config.write_text(text.replace(str(smtp), str(free_port())), encoding="utf-8")
+            env = {**os.environ, "NO_COLOR": "1"}
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "relaygate", "serve", "--config", str(config),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 1, (name, out, err)
+            assert b"Traceback" not in err, err.decode()
+            assert f"cannot start: {expected}".encode() in err, err.decode()
+    finally:
+        taken.close()

@@ -17,13 +17,18 @@ from typing import Any
 import uvicorn
 from starlette.routing import BaseRoute
 
-from relaygate.admin.api import create_app, read_token
+from relaygate.admin.api import TokenFileError, create_app, read_token
 from relaygate.audit import admin_exposed
 from relaygate.config.values import parse_binding
 
-__all__ = ["AdminServer"]
+__all__ = ["AdminServer", "AdminStartError"]
 
 log = logging.getLogger("relaygate.admin")
+
+
+class AdminStartError(RuntimeError):
+    """The admin listener cannot start: its token file cannot be read or is empty, or its
+    address cannot be bound. `relaygate serve` reports it in one line and exits 1."""
 
 
 class _Server(uvicorn.Server):
@@ -72,9 +77,23 @@ class AdminServer:
         if self._task is not None:
             return
         config = self.relay.config
-        token = read_token(getattr(config.admin, "api_token_file", None))
+        token_file = getattr(config.admin, "api_token_file", None)
+        try:
+            token = read_token(token_file)
+        except OSError as exc:
+            raise AdminStartError(
+                f"cannot read admin.api_token_file {str(token_file)!r}: {exc.strerror or exc}"
+            ) from exc
+        except TokenFileError as exc:
+            raise AdminStartError(str(exc)) from exc
         self.app = create_app(self.relay, token=token, extra_routes=self.extra_routes)
-        sock = self._bind()
+        try:
+            sock = self._bind()
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise AdminStartError(
+                f"cannot listen on admin.listen {config.admin.listen}: {reason}"
+            ) from exc
         name = sock.getsockname()
         self.endpoint = (name[0], name[1])
         server = _Server(
@@ -92,10 +111,10 @@ class AdminServer:
         self._task = asyncio.create_task(server.serve(sockets=[sock]), name="relaygate-admin")
         while not server.started:
             if self._task.done():
-                exc = self._task.exception()
+                failure = self._task.exception()
                 self._task = None
                 sock.close()
-                raise RuntimeError(f"admin listener on {config.admin.listen} failed: {exc!r}")
+                raise AdminStartError(f"admin listener on {config.admin.listen} failed: {failure!r}")
             await asyncio.sleep(0.01)
         log.info("admin centre and API listening on %s", self.url)
         if admin_exposed(config):
