@@ -32,6 +32,7 @@ from relaygate.queue.retry import RetrySchedule
 from relaygate.queue.store import MessageInFlightError, Store
 
 __all__ = [
+    "MAX_LIST_LIMIT",
     "MESSAGE_STATUSES",
     "Conflict",
     "NotFound",
@@ -51,6 +52,9 @@ MESSAGE_STATUSES = (
     "Delivered",
     "Failed",
 )
+
+#: The most messages one ``list_messages`` call returns (and scans for a derived status).
+MAX_LIST_LIMIT = 100_000
 
 _QUEUE_ID = re.compile(r"^[0-9A-F]{16}$")
 
@@ -235,7 +239,7 @@ class QueueControl:
         if wanted in ("Unreachable",):
             store_status = "Retry"
         messages = await self.store.list_messages(
-            limit=limit if store_status or not wanted else 100_000, status=store_status
+            limit=limit if store_status or not wanted else MAX_LIST_LIMIT, status=store_status
         )
         now = self.clock()
         config = self.config

@@ -430,3 +430,40 @@ async def test_serve_reports_an_admin_listener_that_cannot_start(tmp_path: Path)
             assert f"cannot start: {expected}".encode() in err, err.decode()
     finally:
         taken.close()
+
+
+async def test_queue_list_limit_is_bounded_and_checked(tmp_path: Path) -> None:
+    """`limit` past what the database takes (10**20) gave a 500 with a plain-text body (an
+    OverflowError in the store); 10**9 asked for the whole queue whatever its size, "1_0" was
+    read as 10. Now the limit is digits from 0 to 100000, else 400 with the JSON error."""
+    sink = await start_sink(ScriptedHandler(lambda _a, _n: "451 4.2.0 later"))
+    config = tmp_path / "relaygate.toml"
+    relay = await start_relay(
+        tmp_path / "data",
+        {"*": sink.port},
+        queue={"transient_failure_retry_interval": "00:10:00"},
+        config_file=config,
+    )
+    try:
+        for _ in range(2):
+            await send(relay, SENDER, ["bob@example.com"], MESSAGE)
+        async with httpx.AsyncClient(base_url=admin_url(relay)) as client:
+            for limit in (str(10**20), str(10**9), "100001", "-1", "1_0", "1e3", "", "٣"):
+                r = await client.get("/api/queue", params={"limit": limit})
+                assert r.status_code == 400, (limit, r.status_code, r.text)
+                assert r.json() == {
+                    "error": "limit must be a whole number from 0 to 100000",
+                    "status": 400,
+                }
+            for limit, count in (("1", 1), ("0", 0), ("100000", 2), (" 2 ", 2)):
+                r = await client.get("/api/queue", params={"limit": limit})
+                assert r.status_code == 200 and len(r.json()["messages"]) == count, limit
+        (rc, out, err), (rc_big, _o, err_big) = await asyncio.gather(
+            cli("list", "--limit", "1", "--json", config=config),
+            cli("list", "--limit", str(10**20), config=config),
+        )
+        assert rc == 0 and len(json.loads(out)) == 1, err
+        assert rc_big == 2 and "--limit" in err_big and "Internal Server Error" not in err_big
+    finally:
+        await relay.stop()
+        await sink.close()

@@ -3,7 +3,8 @@
 Routes (JSON unless said otherwise):
 
 =========================================  ==================================================
-``GET /api/queue[?status=Retry&limit=N]``  messages (``relaygate.control.message_view``)
+``GET /api/queue[?status=Retry&limit=N]``  messages (``relaygate.control.message_view``),
+                                           N from 0 to 100000 (default 1000)
 ``GET /api/queue/{id}``                    one message with per-recipient detail and Subject
 ``POST /api/queue/{id}/retry``             Retry-Queue / Resubmit
 ``POST /api/queue/{id}/suspend``           Suspend-Message
@@ -54,7 +55,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from relaygate.control import Conflict, NotFound, QueueControl
+from relaygate.control import MAX_LIST_LIMIT, Conflict, NotFound, QueueControl
 
 __all__ = [
     "API_PREFIX",
@@ -321,12 +322,14 @@ def create_app(
 
     async def queue_list(request: Request) -> Response:
         status = request.query_params.get("status")
+        text = request.query_params.get("limit", "1000").strip()
+        # digits only (int() also takes "1_000", "١٠" and numbers too big for the database)
+        if not (text.isascii() and text.isdigit() and len(text) <= 9) or (
+            int(text) > MAX_LIST_LIMIT
+        ):
+            return _error(400, f"limit must be a whole number from 0 to {MAX_LIST_LIMIT}")
         try:
-            limit = int(request.query_params.get("limit", "1000"))
-        except ValueError:
-            return _error(400, "limit must be a number")
-        try:
-            items = await control.list_messages(status=status, limit=max(0, limit))
+            items = await control.list_messages(status=status, limit=int(text))
         except ValueError as exc:
             return _error(400, str(exc))
         return JSONResponse({"server": relay.config.server.name, "messages": items})

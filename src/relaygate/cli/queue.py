@@ -17,6 +17,7 @@ from urllib.parse import quote
 import typer
 
 from relaygate.cli.common import CONFIG_OPTION, JSON_OPTION, console, die, emit_json, load_or_exit
+from relaygate.control import MAX_LIST_LIMIT
 
 __all__ = ["admin_url", "register"]
 
@@ -226,7 +227,9 @@ def register(app: typer.Typer) -> None:
             "--status",
             help="Active, Ready, Retry, Suspended, Unreachable, Delivered or Failed.",
         ),
-        limit: int = typer.Option(1000, "--limit", help="At most this many messages."),
+        limit: int = typer.Option(
+            1000, "--limit", min=0, max=MAX_LIST_LIMIT, help="At most this many messages."
+        ),
         config: Path | None = CONFIG_OPTION,
         url: str | None = URL_OPTION,
         json_out: bool = JSON_OPTION,
