@@ -9,6 +9,7 @@ import os
 import re
 import resource
 import socket
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -465,5 +466,51 @@ async def test_queue_list_limit_is_bounded_and_checked(tmp_path: Path) -> None:
         assert rc == 0 and len(json.loads(out)) == 1, err
         assert rc_big == 2 and "--limit" in err_big and "Internal Server Error" not in err_big
     finally:
+        await relay.stop()
+        await sink.close()
+
+
+async def test_a_failing_queue_store_is_a_json_503_not_a_plain_500(tmp_path: Path) -> None:
+    """The queue database failing under the API (here SQLite loses its recipients table; in a
+    cluster, PostgreSQL going down): the API answered Starlette's plain-text "Internal Server
+    Error" 500 and the CLI could only say that. The API's errors are JSON, and a store failure
+    is 503 (as /healthz says); the admin centre shows a page saying so."""
+    sink = await start_sink(ScriptedHandler(lambda _a, _n: "451 4.2.0 later"))
+    config = tmp_path / "relaygate.toml"
+    relay = await start_relay(
+        tmp_path / "data",
+        {"*": sink.port},
+        queue={"transient_failure_retry_interval": "00:10:00"},
+        config_file=config,
+    )
+    db = sqlite3.connect(tmp_path / "data" / "queue" / "queue.db")
+    try:
+        await send(relay, SENDER, ["bob@example.com"], MESSAGE)
+        async with httpx.AsyncClient(base_url=admin_url(relay)) as client:
+            (item,) = (await client.get("/api/queue")).json()["messages"]
+            qid = item["QueueId"]
+            db.execute("ALTER TABLE recipients RENAME TO recipients_away")
+            db.commit()
+            for method, path in (
+                ("GET", "/api/queue"),
+                ("GET", f"/api/queue/{qid}"),
+                ("POST", f"/api/queue/{qid}/suspend"),
+                ("DELETE", f"/api/queue/{qid}"),
+            ):
+                r = await client.request(method, path)
+                assert r.status_code == 503, (method, path, r.status_code, r.text)
+                body = r.json()
+                assert body["status"] == 503, body
+                assert body["error"].startswith("queue store unavailable: "), body
+            page = await client.get("/queue")
+            assert page.status_code == 503 and "Queue store unavailable" in page.text
+            assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+            rc, _out, err = await cli("list", config=config)
+            assert rc == 1 and "queue store unavailable" in err and "HTTP 503" in err, err
+            db.execute("ALTER TABLE recipients_away RENAME TO recipients")
+            db.commit()
+            assert (await client.get(f"/api/queue/{qid}")).json()["Status"] == "Retry"
+    finally:
+        db.close()
         await relay.stop()
         await sink.close()

@@ -56,6 +56,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relaygate.control import MAX_LIST_LIMIT, Conflict, NotFound, QueueControl
+from relaygate.queue.store import StoreError
 
 __all__ = [
     "API_PREFIX",
@@ -387,7 +388,19 @@ def create_app(
 
         routes.extend(web_routes())
     routes.extend(extra_routes)
-    app = Starlette(routes=routes)
+
+    async def store_failed(request: Request, exc: Exception) -> Response:
+        # The queue database failing (PostgreSQL down, SQLite I/O error): 503 with the API's JSON
+        # error, or the admin centre's page, rather than Starlette's plain-text 500.
+        log.warning("admin %s %s: queue store: %s", request.method, request.url.path, exc)
+        message = f"queue store unavailable: {exc}"
+        if web and not request.url.path.startswith(API_PREFIX + "/"):
+            from relaygate.admin.web import error_page
+
+            return error_page(request, "Queue store unavailable", message, 503)
+        return _error(503, message)
+
+    app = Starlette(routes=routes, exception_handlers={StoreError: store_failed})
     app.add_middleware(_Guard, relay=relay, token=token)
     app.state.control = control
     app.state.relay = relay

@@ -114,7 +114,9 @@ class AdminServer:
                 failure = self._task.exception()
                 self._task = None
                 sock.close()
-                raise AdminStartError(f"admin listener on {config.admin.listen} failed: {failure!r}")
+                raise AdminStartError(
+                    f"admin listener on {config.admin.listen} failed: {failure!r}"
+                )
             await asyncio.sleep(0.01)
         log.info("admin centre and API listening on %s", self.url)
         if admin_exposed(config):

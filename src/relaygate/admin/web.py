@@ -60,6 +60,7 @@ __all__ = [
     "STATIC_DIR",
     "TEMPLATES_DIR",
     "connector_rows",
+    "error_page",
     "explain_results",
     "relay_method",
     "render",
@@ -152,6 +153,13 @@ def render(request: Request, template: str, context: dict[str, Any], status: int
 
 def _message(request: Request, title: str, text: str, status: int) -> Response:
     return render(request, "message.html", {"title": title, "text": text}, status)
+
+
+def error_page(request: Request, title: str, text: str, status: int) -> Response:
+    """An error as a page of the admin centre (only for a signed-in user when a token is set)."""
+    if not _signed_in(request):
+        return _message(request, title, "The admin centre needs the API token.", status)
+    return _message(request, title, text, status)
 
 
 def _post_refused(request: Request) -> Response | None:
