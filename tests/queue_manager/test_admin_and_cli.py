@@ -46,12 +46,16 @@ def admin_url(relay: Relay) -> str:
     return str(relay.admin.url)
 
 
-async def cli(*args: str, config: Path | None = None) -> tuple[int, str, str]:
+async def cli(
+    *args: str, config: Path | None = None, env_extra: dict[str, str] | None = None
+) -> tuple[int, str, str]:
     argv = [sys.executable, "-m", "relaygate", "queue", *args]
     if config is not None:
         argv += ["--config", str(config)]
     env = {**os.environ, "COLUMNS": "250", "NO_COLOR": "1", "TERM": "dumb"}
     env.pop("RELAYGATE_CONFIG", None)
+    env.pop("RELAYGATE_ADMIN_URL", None)
+    env.update(env_extra or {})
     proc = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
     )
@@ -514,3 +518,32 @@ async def test_a_failing_queue_store_is_a_json_503_not_a_plain_500(tmp_path: Pat
         db.close()
         await relay.stop()
         await sink.close()
+
+
+async def test_queue_cli_with_url_sends_the_token_of_the_config(tmp_path: Path) -> None:
+    """`relaygate queue --url ...` (or $RELAYGATE_ADMIN_URL) with the config found as usual
+    ($RELAYGATE_CONFIG here): the URL replaced the config altogether, so the token of
+    admin.api_token_file was not sent and a server that wants it answered 401 ("missing or
+    wrong API token"), with no way to pass it. Now the token comes from that config."""
+    token_file = tmp_path / "token"
+    token_file.write_text("cli-token-4b1d\n", encoding="utf-8")
+    config = tmp_path / "relaygate.toml"
+    relay = await start_relay(
+        tmp_path / "data",
+        {"*": free_port()},
+        config_file=config,
+        admin_extra=f'api_token_file = "{token_file}"',
+    )
+    try:
+        url = admin_url(relay)
+        env = {"RELAYGATE_CONFIG": str(config)}
+        (rc, out, err), (rc_env, out_env, err_env), (rc_none, _o, err_none) = await asyncio.gather(
+            cli("list", "--json", "--url", url, env_extra=env),
+            cli("list", "--json", env_extra={**env, "RELAYGATE_ADMIN_URL": url}),
+            cli("list", "--json", "--url", url),  # no config anywhere: no token, 401
+        )
+        assert rc == 0 and json.loads(out) == [], err
+        assert rc_env == 0 and json.loads(out_env) == [], err_env
+        assert rc_none == 1 and "HTTP 401" in err_none, err_none
+    finally:
+        await relay.stop()

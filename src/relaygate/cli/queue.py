@@ -17,6 +17,7 @@ from urllib.parse import quote
 import typer
 
 from relaygate.cli.common import CONFIG_OPTION, JSON_OPTION, console, die, emit_json, load_or_exit
+from relaygate.config import default_config_path
 from relaygate.control import MAX_LIST_LIMIT
 
 __all__ = ["admin_url", "register"]
@@ -59,7 +60,10 @@ class _Api:
         if url is None:
             url = os.environ.get(URL_ENV) or None
         config = None
-        if url is None or config_path is not None:
+        # The config is read for the URL and for the token: with --url (or $RELAYGATE_ADMIN_URL)
+        # too when there is one (--config, $RELAYGATE_CONFIG, ./relaygate.toml), or a server that
+        # wants the token would only answer 401.
+        if url is None or default_config_path(config_path) is not None:
             config = load_or_exit(config_path)
         if config is not None:
             if url is None:
