@@ -547,3 +547,53 @@ async def test_queue_cli_with_url_sends_the_token_of_the_config(tmp_path: Path) 
         assert rc_none == 1 and "HTTP 401" in err_none, err_none
     finally:
         await relay.stop()
+
+
+async def test_a_token_file_written_on_windows_works(tmp_path: Path) -> None:
+    """A token file with a UTF-8 BOM (Notepad, PowerShell 5.1's Set-Content -Encoding UTF8) and
+    CRLF: the BOM became part of the token, so the token as typed got 401 from the API and
+    "wrong token" from /login, and `relaygate queue` died with a UnicodeEncodeError traceback.
+    Now the BOM is dropped; a token that cannot travel in an HTTP header (UTF-16 file, spaces,
+    non-ASCII) is refused at start-up with the reason."""
+    token_file = tmp_path / "token"
+    token_file.write_bytes(b"\xef\xbb\xbfbom-token-7f3a\r\n")
+    config = tmp_path / "relaygate.toml"
+    relay = await start_relay(
+        tmp_path / "data",
+        {"*": free_port()},
+        config_file=config,
+        admin_extra=f'api_token_file = "{token_file}"',
+    )
+    try:
+        url = admin_url(relay)
+        async with httpx.AsyncClient(base_url=url) as client:
+            ok = await client.get("/api/queue", headers={"Authorization": "Bearer bom-token-7f3a"})
+            assert ok.status_code == 200, ok.text
+            login = await client.post(
+                "/login", data={"token": "bom-token-7f3a"}, headers={"Origin": url}
+            )
+            assert login.status_code == 303, login.text
+        rc, out, err = await cli("list", "--json", config=config)
+        assert rc == 0 and json.loads(out) == [], err
+    finally:
+        await relay.stop()
+    for name, content, reason in (
+        ("utf16", "tok-en\r\n".encode("utf-16"), "is not UTF-8 text"),
+        ("space", b"two words\n", "must be printable ASCII"),
+        ("latin", "pässwort\n".encode(), "must be printable ASCII"),
+    ):
+        bad = tmp_path / f"{name}.token"
+        bad.write_bytes(content)
+        text = make_config_text(
+            tmp_path / name,
+            smtp_port=free_port(),
+            admin_port=free_port(),
+            routes={"*": free_port()},
+            admin_extra=f'api_token_file = "{bad}"',
+        )
+        refused = Relay(parse_text(text, "<test>"))
+        try:
+            with pytest.raises(AdminStartError, match=reason):
+                await refused.start()
+        finally:
+            await refused.stop()

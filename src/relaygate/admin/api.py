@@ -85,12 +85,25 @@ def read_token(path: Path | None) -> str | None:
     centre to everyone (``OSError`` when it cannot be read)."""
     if path is None:
         return None
-    token = Path(path).read_text(encoding="utf-8").strip().splitlines()
+    try:
+        # utf-8-sig: Notepad and PowerShell 5.1 (Set-Content -Encoding UTF8) write a BOM first
+        token = Path(path).read_text(encoding="utf-8-sig").strip().splitlines()
+    except UnicodeDecodeError:
+        raise TokenFileError(
+            f"admin.api_token_file {str(path)!r} is not UTF-8 text (saved as UTF-16?)"
+        ) from None
     if not token or not token[0].strip():
         raise TokenFileError(
             f"admin.api_token_file {str(path)!r} is empty: its first line must be the API token"
         )
-    return token[0].strip()
+    value = token[0].strip()
+    if not all("!" <= c <= "~" for c in value):
+        # it travels in an HTTP header (Authorization: Bearer): ASCII without spaces or controls
+        raise TokenFileError(
+            f"admin.api_token_file {str(path)!r}: the API token must be printable ASCII "
+            "without spaces"
+        )
+    return value
 
 
 def _error(status: int, message: str) -> JSONResponse:
