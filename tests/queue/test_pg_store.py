@@ -486,3 +486,15 @@ async def test_a_crash_of_the_database_server_loses_no_acknowledged_message() ->
         assert acked, "nothing was acknowledged before the crash"
         server.restart()
         await _check_all_there(url, acked)
+
+
+def test_a_database_error_never_carries_a_piece_of_the_password() -> None:
+    """A reconnect's error can quote a misparsed URL (a password with an unencoded '/' read as
+    a host name): the StoreError a session logs and /healthz shows leaves it out."""
+    from relaygate.queue.pg_store import _wrap_error
+
+    url = "postgresql://relay:Tr0ub/4dor@db.corp.example/queue"
+    exc = psycopg.OperationalError('could not translate host name "Tr0ub" to address')
+    text = str(_wrap_error(exc, url))
+    assert "Tr0ub" not in text and "4dor" not in text, text
+    assert text.startswith("queue database error: could not translate host name")

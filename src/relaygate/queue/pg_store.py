@@ -198,11 +198,14 @@ def _scrub(text: str, url: str) -> str:
     return text
 
 
-def _wrap_error(exc: psycopg.Error) -> StoreError:
+def _wrap_error(exc: psycopg.Error, url: str) -> StoreError:
+    """A StoreError for the session, the log and /healthz: libpq's text without any piece of the
+    URL's password (a reconnect's error may quote a misparsed one)."""
+    reason = _scrub(str(exc), url)
     if isinstance(exc, pg_errors.DiskFull | pg_errors.OutOfMemory | pg_errors.TooManyConnections):
-        err: StoreError = StoreFullError(f"queue database full or out of resources: {exc}")
+        err: StoreError = StoreFullError(f"queue database full or out of resources: {reason}")
     else:
-        err = StoreError(f"queue database error: {exc}")
+        err = StoreError(f"queue database error: {reason}")
     err.__cause__ = exc
     return err
 
@@ -500,10 +503,11 @@ class PostgresStore(Store):
                 self.failed_commits += 1
                 if committing:
                     err = StoreOutcomeUnknownError(
-                        f"queue database commit failed, outcome unknown: {exc}"
+                        "queue database commit failed, outcome unknown: "
+                        f"{_scrub(str(exc), self.url)}"
                     )
                     raise err from exc
-                raise _wrap_error(exc) from exc
+                raise _wrap_error(exc, self.url) from exc
             self.commits += 1
             return result
         raise AssertionError("unreachable")  # pragma: no cover
@@ -617,11 +621,14 @@ class PostgresStore(Store):
             return 0
 
         async def run(conn: Conn) -> int:
+            # Rows locked in queue-id order, as every call locking several does: two such
+            # calls never wait for each other in a cycle (a deadlock, then a retry).
             return await _rowcount(
                 conn,
-                "UPDATE messages SET lease_until = %s "
-                "WHERE lease_owner = %s AND queue_id = ANY(%s)",
-                (until, owner, sorted(queue_ids)),
+                "UPDATE messages SET lease_until = %s WHERE queue_id IN ("
+                " SELECT queue_id FROM messages WHERE lease_owner = %s AND queue_id = ANY(%s)"
+                " ORDER BY queue_id FOR UPDATE)",
+                (until, owner, list(queue_ids)),
             )
 
         return await self._tx(run)
@@ -735,9 +742,12 @@ class PostgresStore(Store):
 
     async def purge_completed(self, older_than: float) -> int:
         async def run(conn: Conn) -> int:
-            return await _rowcount(
+            return await _rowcount(  # locked in queue-id order (see renew_leases)
                 conn,
-                "DELETE FROM messages WHERE completed_at IS NOT NULL AND completed_at < %s",
+                "DELETE FROM messages WHERE queue_id IN ("
+                " SELECT queue_id FROM messages"
+                " WHERE completed_at IS NOT NULL AND completed_at < %s"
+                " ORDER BY queue_id FOR UPDATE)",
                 (older_than,),
             )
 
