@@ -371,3 +371,41 @@ def test_with_a_token_every_page_needs_a_session(tmp_path: Path) -> None:
         assert node.api("GET", f"/api/queue/{qid}").json()["Status"] == "Suspended"
     finally:
         node.stop()
+
+
+def test_token_guessing_is_refused_after_ten_wrong_tokens_a_minute(tmp_path: Path) -> None:
+    """Before, the token could be tried as fast as the listener answered. Ten wrong tokens from
+    one address (bearer token and sign-in page together); then every attempt from it, even the
+    right token, gets 429 with Retry-After, while another address is served."""
+    token = "s3cret-token-for-guessing"
+    (tmp_path / "token").write_text(token + "\n", encoding="utf-8")
+    node = RelayThread(
+        tmp_path / "data", token=token, admin_extra=f'api_token_file = "{tmp_path / "token"}"'
+    )
+    origin = {"Origin": node.url}
+    guesser = httpx.Client(
+        base_url=node.url, timeout=10, transport=httpx.HTTPTransport(local_address="127.0.0.9")
+    )
+    other = httpx.Client(
+        base_url=node.url, timeout=10, transport=httpx.HTTPTransport(local_address="127.0.0.10")
+    )
+    try:
+        assert guesser.get("/api/queue").status_code == 401  # no token offered: not a guess
+        for i in range(5):
+            wrong = guesser.get("/api/queue", headers={"Authorization": f"Bearer guess{i}"})
+            assert wrong.status_code == 401
+            page = guesser.post("/login", data={"token": f"guess{i}"}, headers=origin)
+            assert page.status_code == 401
+        right = {"Authorization": f"Bearer {token}"}
+        blocked = guesser.get("/api/queue", headers=right)
+        assert blocked.status_code == 429 and blocked.headers["retry-after"] == "60"
+        assert "too many wrong API tokens" in blocked.json()["error"]
+        page = guesser.post("/login", data={"token": token}, headers=origin)
+        assert page.status_code == 429 and "too many wrong tokens" in page.text
+        assert other.get("/api/queue", headers=right).status_code == 200
+        signed_in = other.post("/login", data={"token": token}, headers=origin)
+        assert signed_in.status_code == 303
+    finally:
+        guesser.close()
+        other.close()
+        node.stop()

@@ -16,12 +16,13 @@ Routes (JSON unless said otherwise):
 =========================================  ==================================================
 
 ``{id}`` is ``SERVER\\QueueId`` (URL-encoded) or the bare queue id. Errors are
-``{"error": "...", "status": N}`` with 400/401/403/404/409/503.
+``{"error": "...", "status": N}`` with 400/401/403/404/409/429/503.
 
 Protection (the listener is meant for loopback or a management network):
 
 * ``admin.api_token_file`` set → every ``/api/`` route except ``/api/health`` needs
-  ``Authorization: Bearer <token>`` (the CLI sends it);
+  ``Authorization: Bearer <token>`` (the CLI sends it); after 10 wrong tokens in a minute from one
+  address (API and sign-in page together) its requests get 429 until the minute has passed;
 * requests whose ``Host`` is a DNS name other than ``localhost``, ``server.fqdn`` or ``server.name``
   are refused (DNS rebinding), and so are state-changing requests whose ``Origin`` is another site
   (cross-site request forgery from a browser on the admin's machine).
@@ -57,6 +58,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relaygate.control import MAX_LIST_LIMIT, Conflict, NotFound, QueueControl
 from relaygate.queue.store import StoreError
+from relaygate.smtp.limits import SlidingWindow
 
 __all__ = [
     "API_PREFIX",
@@ -125,13 +127,48 @@ def _is_ip(text: str) -> bool:
     return True
 
 
+#: Wrong tokens (the API's bearer token, the admin centre's sign-in) one client address may try
+#: in a minute; past them every attempt from it, right or wrong, gets 429 until the minute has
+#: passed. With the listener reachable from the network the token is all that guards the queue.
+TOKEN_GUESS_LIMIT = 10
+
+
+class TokenGuesses:
+    """Wrong API tokens per client address over a sliding minute (see TOKEN_GUESS_LIMIT)."""
+
+    WINDOW = 60.0
+
+    def __init__(self, limit: int = TOKEN_GUESS_LIMIT) -> None:
+        self.limit = limit
+        self._window = SlidingWindow(self.WINDOW)
+
+    def blocked(self, client: str) -> bool:
+        return self._window.count(client, time.monotonic()) >= self.limit
+
+    def wrong(self, client: str) -> None:
+        self._window.add(client, time.monotonic())
+
+
+def too_many_guesses() -> JSONResponse:
+    response = _error(429, "too many wrong API tokens from this address: wait a minute")
+    response.headers["Retry-After"] = str(int(TokenGuesses.WINDOW))
+    return response
+
+
 class _Guard:
     """ASGI middleware: Host allow-list, same-origin for state changes, bearer token."""
 
-    def __init__(self, app: ASGIApp, relay: Any, token: str | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        relay: Any,
+        token: str | None = None,
+        guesses: TokenGuesses | None = None,
+    ) -> None:
         self.app = app
         self.relay = relay
         self.token = token
+        self.guesses = guesses or TokenGuesses()
 
     def _allowed_host(self, host_header: str) -> bool:
         name = _host_name(host_header).lower().rstrip(".")
@@ -158,11 +195,16 @@ class _Guard:
         if response is None and path.startswith(API_PREFIX + "/") and path not in _OPEN_PATHS:
             token = self.token
             if token:
+                client = (scope.get("client") or ("", 0))[0]
                 given = headers.get("authorization", "")
                 scheme, _, value = given.partition(" ")
-                if scheme.lower() != "bearer" or not hmac.compare_digest(
+                if self.guesses.blocked(client):
+                    response = too_many_guesses()
+                elif scheme.lower() != "bearer" or not hmac.compare_digest(
                     value.strip().encode(), token.encode()
                 ):
+                    if given:  # a token was offered, and it was wrong
+                        self.guesses.wrong(client)
                     response = _error(401, "missing or wrong API token (admin.api_token_file)")
         if response is not None:
             await response(scope, receive, send)
@@ -414,7 +456,9 @@ def create_app(
         return _error(503, message)
 
     app = Starlette(routes=routes, exception_handlers={StoreError: store_failed})
-    app.add_middleware(_Guard, relay=relay, token=token)
+    guesses = TokenGuesses()
+    app.add_middleware(_Guard, relay=relay, token=token, guesses=guesses)
+    app.state.token_guesses = guesses
     app.state.control = control
     app.state.relay = relay
     app.state.token = token

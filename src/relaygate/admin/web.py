@@ -454,7 +454,15 @@ async def login_submit(request: Request) -> Response:
         given = (await _form(request)).get("token", [""])[0].strip()
     except ValueError as exc:
         return _message(request, "Bad request", str(exc), 413)
+    guesses = request.app.state.token_guesses
+    client = request.client.host if request.client else ""
+    if guesses.blocked(client):
+        error = "too many wrong tokens from this address: wait a minute"
+        response = render(request, "login.html", {"error": error}, 429)
+        response.headers["Retry-After"] = str(int(guesses.WINDOW))
+        return response
     if not hmac.compare_digest(given.encode(), token.encode()):
+        guesses.wrong(client)
         return render(request, "login.html", {"error": "wrong token"}, 401)
     response = RedirectResponse("/", status_code=303)
     response.set_cookie(
