@@ -356,3 +356,22 @@ async def test_signed_message_through_an_smtp_sink_verifies(tmp_path, loopback_d
         await server.wait_closed()
     assert received and b".leading dot line" in received[0]
     assert dkim.verify(received[0], dnsfunc=loopback_dns.txt_lookup)
+
+
+def test_a_message_without_an_empty_line_is_signed_with_one_inserted(tmp_path, loopback_dns):
+    """dkimpy refuses a header followed by a body line with no empty line ("Unexpected
+    characters in RFC822 header"), and such a message went out unsigned. The empty line is put
+    where the header ends (the session's rule, as Postfix's cleanup does) and the message as
+    sent, with it, verifies; a message that is all header is signed as it is."""
+    key = _key(tmp_path)
+    _publish(loopback_dns, key)
+    head, _, body = MESSAGE.partition(b"\r\n\r\n")
+    no_gap = head + b"\r\n" + body  # "Your scan is attached." right after the last field
+    result = DkimSigner([key]).sign(no_gap, envelope_sender="scanner@corp.example")
+    assert result.signed, result.reason
+    assert result.data.endswith(MESSAGE), result.data[-200:]
+    assert dkim.verify(result.data, dnsfunc=loopback_dns.txt_lookup)
+    all_header = head + b"\r\n"
+    result = DkimSigner([key]).sign(all_header, envelope_sender="scanner@corp.example")
+    assert result.signed and result.data.endswith(all_header), result.reason
+    assert dkim.verify(result.data, dnsfunc=loopback_dns.txt_lookup)

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import dkim
 from relaygate.dkim.keys import DkimKeyError, LoadedKey, key_path, load_private_key
+from relaygate.header_section import with_empty_line
 
 __all__ = [
     "DEFAULT_SIGNED_HEADERS",
@@ -394,6 +395,10 @@ class DkimSigner:
                 reason = f"no DKIM key for domain {domain}"
             return SignResult(message, False, domain, "", reason)
         linesep = b"\r\n" if b"\r\n" in message else b"\n"
+        # dkimpy refuses a header followed by a body line with no empty line between them
+        # ("Unexpected characters in RFC822 header"), and the message went out unsigned: the
+        # empty line is inserted where the header ends, and what is signed is what is sent.
+        message = with_empty_line(message, linesep)
         present: dict[str, int] = {}
         for name, _ in _header_block(message):
             present[name.lower()] = present.get(name.lower(), 0) + 1

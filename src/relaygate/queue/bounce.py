@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from email.header import Header
 from email.utils import format_datetime, formatdate
 
+from relaygate.header_section import header_end
 from relaygate.replies import Reply
 
 __all__ = [
@@ -40,7 +41,6 @@ __all__ = [
 _FOLD = re.compile(rb"\r?\n[ \t]+")
 # Header field lines ("name:", printable ASCII without ":", blanks allowed before the colon) and
 # their continuation lines; the last line may lack its line feed.
-_HEADER_LINES = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\n]*(?:\n|\Z)(?:[ \t][^\n]*(?:\n|\Z))*)*")
 _CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
@@ -63,10 +63,7 @@ def header_block(message: bytes) -> bytes:
     receiving session decides (`relaygate.smtp.message.scan_headers`, Postfix's rule). A message
     without an empty line is not all header: a report gives its sender the header, never the body.
     """
-    # One anchored match over the raw bytes (LF ends a line, CR before it is part of it, as after
-    # CRLF → LF): the body, however big, is never copied.
-    match = _HEADER_LINES.match(message)
-    head = message[: match.end()] if match else b""
+    head = message[: header_end(message)]  # the body, however big, is never copied
     text = head.replace(b"\r\n", b"\n")
     lines = text.split(b"\n")
     if lines and lines[-1] == b"":
