@@ -433,3 +433,31 @@ def test_check_reports_a_dkim_key_that_cannot_be_loaded(cli: CliRunner, tmp_path
     write_key(tmp_path / "keys", "corp.example", "s2").rename(tmp_path / "keys" / "s2.key")
     result = _invoke(cli, "check", "--config", str(path))
     assert result.exit_code == 0, result.output
+
+
+def test_check_reports_an_admin_token_file_serve_would_refuse(
+    cli: CliRunner, tmp_path: Path
+) -> None:
+    """A missing, empty or unusable admin.api_token_file stops `serve` at start (an empty one
+    once opened the API to everyone); `check` said OK. It reads the file as `serve` does."""
+    token = tmp_path / "token"
+    path = tmp_path / "relaygate.toml"
+    path.write_text(
+        f'[server]\ndata_dir = "{tmp_path / "data"}"\n\n[admin]\napi_token_file = "{token}"\n'
+    )
+    for content, expected in (
+        (None, "admin.api_token_file: cannot read it: No such file or directory"),
+        ("\n", "admin.api_token_file: '" + str(token) + "' is empty"),
+        ("two words\n", "the API token must be printable ASCII without spaces"),
+    ):
+        if content is not None:
+            token.write_text(content, encoding="utf-8")
+        result = _invoke(cli, "check", "--config", str(path))
+        assert result.exit_code == 1, (content, result.output)
+        assert expected in " ".join(result.output.split()), result.output
+    token.write_text("s3cret-token\n", encoding="utf-8")
+    assert _invoke(cli, "check", "--config", str(path)).exit_code == 0
+    disabled = path.read_text().replace("[admin]\n", "[admin]\nenabled = false\n")
+    path.write_text(disabled)
+    token.unlink()
+    assert _invoke(cli, "check", "--config", str(path)).exit_code == 0

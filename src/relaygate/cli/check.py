@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
         source = config_source(config)
         try:
             cfg = load_config(config)
-            problems = tls_file_problems(cfg) + dkim_key_problems(cfg)
+            problems = tls_file_problems(cfg) + dkim_key_problems(cfg) + token_file_problems(cfg)
         except ConfigError as exc:
             problems = exc.problems
         if problems:
@@ -114,3 +114,21 @@ def dkim_key_problems(cfg: Config) -> list[Problem]:
                 why = why.partition(": ")[2] if why.startswith("[[dkim]] ") else why
                 problems.append(Problem(cfg.source, f"dkim[{i}]", why, name))
     return problems
+
+
+def token_file_problems(cfg: Config) -> list[Problem]:
+    """The admin listener's API token file: missing, unreadable, empty or holding a token that
+    cannot travel in an HTTP header stops `serve` at start, so `check` reads it the same way."""
+    from relaygate.admin.api import TokenFileError, read_token
+
+    admin = cfg.admin
+    if not admin.enabled or admin.api_token_file is None:
+        return []
+    try:
+        read_token(admin.api_token_file)
+    except TokenFileError as exc:
+        why = str(exc).removeprefix("admin.api_token_file ")
+        return [Problem(cfg.source, "admin.api_token_file", why)]
+    except OSError as exc:
+        return [Problem(cfg.source, "admin.api_token_file", f"cannot read it: {exc.strerror}")]
+    return []
