@@ -373,6 +373,39 @@ def test_with_a_token_every_page_needs_a_session(tmp_path: Path) -> None:
         node.stop()
 
 
+def test_a_session_ends_after_twelve_hours_and_when_signed_out(tmp_path: Path) -> None:
+    """The cookie's value was fixed for a given token and never expired: a copy of it (a shared
+    machine, a leaked browser profile) worked until the token changed, sign-out included."""
+    import time as time_mod
+
+    from relaygate.admin.web import SESSION_LIFETIME
+
+    token = "s3cret-token-for-sessions"
+    (tmp_path / "token").write_text(token + "\n", encoding="utf-8")
+    node = RelayThread(
+        tmp_path / "data", token=token, admin_extra=f'api_token_file = "{tmp_path / "token"}"'
+    )
+    origin = {"Origin": node.url}
+    try:
+        old = session_value(token, int(time_mod.time()) - SESSION_LIFETIME - 1)
+        with httpx.Client(base_url=node.url, cookies={SESSION_COOKIE: old}, timeout=10) as c:
+            assert c.get("/").status_code == 303  # to /login
+        forged = session_value("another-token")
+        with httpx.Client(base_url=node.url, cookies={SESSION_COOKIE: forged}, timeout=10) as c:
+            assert c.get("/").status_code == 303
+        signed_in = node.api("POST", "/login", data={"token": token}, headers=origin)
+        assert signed_in.status_code == 303
+        assert "max-age=43200" in signed_in.headers["set-cookie"].lower()
+        value = signed_in.cookies[SESSION_COOKIE]
+        with httpx.Client(base_url=node.url, cookies={SESSION_COOKIE: value}, timeout=10) as c:
+            assert c.get("/").status_code == 200
+            assert c.post("/logout", headers=origin).status_code == 303
+        with httpx.Client(base_url=node.url, cookies={SESSION_COOKIE: value}, timeout=10) as c:
+            assert c.get("/").status_code == 303  # a copy of the cookie is signed out too
+    finally:
+        node.stop()
+
+
 def test_token_guessing_is_refused_after_ten_wrong_tokens_a_minute(tmp_path: Path) -> None:
     """Before, the token could be tried as fast as the listener answered. Ten wrong tokens from
     one address (bearer token and sign-in page together); then every attempt from it, even the

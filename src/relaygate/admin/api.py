@@ -459,6 +459,7 @@ def create_app(
     guesses = TokenGuesses()
     app.add_middleware(_Guard, relay=relay, token=token, guesses=guesses)
     app.state.token_guesses = guesses
+    app.state.signed_out = {}  # admin centre session cookies signed out: value -> issued
     app.state.control = control
     app.state.relay = relay
     app.state.token = token

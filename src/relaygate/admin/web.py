@@ -25,7 +25,8 @@ Security:
   refuse a ``Sec-Fetch-Site`` other than ``same-origin``: only the admin centre's own forms change
   the queue; scripts use the JSON API;
 * with ``admin.api_token_file`` set, every page and action needs a session: ``/login`` takes the API
-  token and sets an HttpOnly, SameSite=Strict cookie holding an HMAC of the token (never the token);
+  token and sets an HttpOnly, SameSite=Strict cookie holding an HMAC made with the token (never the
+  token), valid for 12 hours; signing out ends that session everywhere (until a restart);
   without a token file the pages are open to whoever reaches the listener, exactly like the API;
 * HTML responses carry a Content-Security-Policy without any script source and with
   ``frame-ancestors 'none'`` (no clickjacking of the buttons), ``nosniff``, ``no-store`` and
@@ -38,6 +39,7 @@ import hashlib
 import hmac
 import ipaddress
 import re
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -124,11 +126,32 @@ _env.filters["size"] = _size
 _env.filters["when"] = _when
 
 
-def session_value(token: str) -> str:
-    """The session cookie's value for ``token``: an HMAC of it, so the cookie never holds the token."""
-    return hmac.new(
-        token.encode(), b"relaygate admin centre session v1", hashlib.sha256
+#: How long a sign-in lasts (the cookie's Max-Age, and checked on every request).
+SESSION_LIFETIME = 12 * 3600
+
+
+def session_value(token: str, issued: int | None = None) -> str:
+    """The session cookie's value: when it was issued and an HMAC of that with the token as the
+    key, so the cookie never holds the token, ends after SESSION_LIFETIME, and changing the token
+    ends every session."""
+    issued = int(time.time()) if issued is None else issued
+    mac = hmac.new(
+        token.encode(), b"relaygate admin centre session v2 %d" % issued, hashlib.sha256
     ).hexdigest()
+    return f"{issued}.{mac}"
+
+
+def _session_issued(token: str, value: str) -> int | None:
+    """When a valid, live session cookie was issued; None for anything else."""
+    issued_text, _, _mac = value.partition(".")
+    if not issued_text.isascii() or not issued_text.isdigit() or len(issued_text) > 12:
+        return None
+    issued = int(issued_text)
+    if not hmac.compare_digest(value.encode(), session_value(token, issued).encode()):
+        return None
+    if not -60 <= time.time() - issued < SESSION_LIFETIME:  # a minute of clock skew ahead
+        return None
+    return issued
 
 
 def _signed_in(request: Request) -> bool:
@@ -136,7 +159,9 @@ def _signed_in(request: Request) -> bool:
     if not token:
         return True
     given = request.cookies.get(SESSION_COOKIE, "")
-    return hmac.compare_digest(given.encode(), session_value(token).encode())
+    if given in request.app.state.signed_out:
+        return False
+    return _session_issued(token, given) is not None
 
 
 def render(request: Request, template: str, context: dict[str, Any], status: int = 200) -> Response:
@@ -468,6 +493,7 @@ async def login_submit(request: Request) -> Response:
     response.set_cookie(
         SESSION_COOKIE,
         session_value(token),
+        max_age=SESSION_LIFETIME,
         httponly=True,
         samesite="strict",
         secure=request.url.scheme == "https",
@@ -479,6 +505,17 @@ async def login_submit(request: Request) -> Response:
 async def logout(request: Request) -> Response:
     if (refused := _post_refused(request)) is not None:
         return refused
+    token: str | None = request.app.state.token
+    given = request.cookies.get(SESSION_COOKIE, "")
+    if token and _session_issued(token, given) is not None:
+        # Signed out for good, not only in this browser: a copy of the cookie stops working too.
+        # Kept until it would have ended anyway (this process's memory: a restart forgets it).
+        signed_out: dict[str, int] = request.app.state.signed_out
+        now = time.time()
+        for value, issued in list(signed_out.items()):
+            if now - issued >= SESSION_LIFETIME:
+                del signed_out[value]
+        signed_out[given] = _session_issued(token, given) or 0
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
