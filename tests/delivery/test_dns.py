@@ -30,6 +30,16 @@ async def test_mx_sorted_by_preference(loopback_dns):
     assert mx == [(5, "primary.corp.test"), (10, "second.corp.test"), (20, "backup.corp.test")]
 
 
+async def test_a_host_listed_twice_is_tried_once_at_its_best_preference(loopback_dns):
+    """Duplicate MX records (the same host twice, or at two preferences) made the same host a
+    next hop twice: a host that timed out was waited for twice (Postfix removes duplicates)."""
+    loopback_dns.add("dup.test", "MX", (10, "mx.dup.test"))
+    loopback_dns.add("dup.test", "MX", (30, "MX.dup.test"))
+    loopback_dns.add("dup.test", "MX", (20, "backup.dup.test"))
+    mx = await resolver_for(loopback_dns).mx("dup.test")
+    assert mx == [(10, "mx.dup.test"), (20, "backup.dup.test")]
+
+
 async def test_equal_preferences_are_shuffled(loopback_dns):
     for i in range(6):
         loopback_dns.add("eq.test", "MX", (10, f"mx{i}.eq.test"))

@@ -170,14 +170,16 @@ class Resolver:
         answer = await self._query(name, "MX")
         if answer is None:
             return [(0, name)]
-        records: list[tuple[int, str]] = []
+        best: dict[str, int] = {}  # a host listed twice is tried once, at its best preference
         null_seen = False
         for rr in answer:
             target = rr.exchange.to_text(omit_final_dot=True)
             if target in ("", "."):
                 null_seen = True
                 continue
-            records.append((int(rr.preference), target.lower()))
+            host, pref = target.lower(), int(rr.preference)
+            best[host] = min(pref, best.get(host, pref))
+        records = [(pref, host) for host, pref in best.items()]
         if not records:
             if null_seen:
                 raise DnsError(replies.NULL_MX, True, name)
