@@ -22,8 +22,6 @@ from relaygate.queue.model import (
     Envelope,
     QueueIdGenerator,
     RecipientState,
-    RecipientStatus,
-    StoredMessage,
 )
 from relaygate.queue.sqlite_store import SqliteStore
 from relaygate.queue.store import (
@@ -49,22 +47,6 @@ async def store(db_path: Path) -> AsyncIterator[SqliteStore]:
         yield s
     finally:
         await s.close()
-
-
-def status_of(msg: StoredMessage) -> dict[str, RecipientStatus]:
-    return {r.address: r.status for r in msg.recipients}
-
-
-# --------------------------------------------------------------------------- submit / read back
-
-PAYLOADS = {
-    "empty": b"",
-    "nul": b"Subject: x\r\n\r\nbefore\x00after\x00\x00\r\n",
-    "eight_bit": bytes(range(256)) * 4,
-    "lone_cr_lf": b"a\rb\nc\r\r\n\n.\r\n..\r\n\r.\n",
-    "utf8_headers": "Subject: Grüße – 請求書\r\n\r\nÄÖÜ\r\n".encode(),
-    "five_mb": random.Random(7).randbytes(5 * 1024 * 1024),
-}
 
 
 def test_queue_id_generator_survives_clock_going_back() -> None:
