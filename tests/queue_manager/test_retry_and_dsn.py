@@ -162,3 +162,22 @@ def test_identities() -> None:
     assert normalise_id("RELAY01\\Retry\\0123456789ABCDEF") == "0123456789ABCDEF"
     with pytest.raises(LookupError):
         normalise_id("RELAY01\\42")
+
+
+def test_a_utf8_recipient_is_of_type_utf8_in_a_global_delivery_status() -> None:
+    """RFC 6533 §3: in message/global-delivery-status a UTF-8 address is `utf-8; ...`; it was
+    `rfc822;`, a type whose addresses are ASCII. An ASCII one stays rfc822."""
+    body = build_dsn(
+        action="failed",
+        reporting_mta="relay.test",
+        to="scanner@corp.test",
+        original=ORIGINAL,
+        recipients=[
+            DsnRecipient("jörg@example.com", Reply(550, "5.1.1", "User unknown")),
+            DsnRecipient("bob@example.com", Reply(550, "5.1.1", "User unknown")),
+        ],
+        received_at=0.0,
+    )
+    assert b"Content-Type: message/global-delivery-status" in body
+    assert "Final-Recipient: utf-8; jörg@example.com\r\n".encode() in body
+    assert b"Final-Recipient: rfc822; bob@example.com\r\n" in body

@@ -223,7 +223,10 @@ def build_dsn(
     status.append(f"Arrival-Date: {_date(received_at)}")
     status.append("")
     for r in recipients:
-        status.append(f"Final-Recipient: rfc822; {_clean(r.address)}")
+        # RFC 6533 §3: a UTF-8 address is of type utf-8 (the part is then
+        # message/global-delivery-status), an ASCII one rfc822.
+        address_type = "rfc822" if r.address.isascii() else "utf-8"
+        status.append(f"Final-Recipient: {address_type}; {_clean(r.address)}")
         status.append(f"Action: {action}")
         status.append(f"Status: {status_of(r.reply)}")
         if r.remote_mta:
