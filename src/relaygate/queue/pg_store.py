@@ -607,31 +607,26 @@ class PostgresStore(Store):
         return await self._tx(run)
 
     async def release(self, queue_id: str, owner: str) -> None:
-        async def run(conn: Conn) -> None:
-            await conn.execute(
-                "UPDATE messages SET lease_owner = NULL, lease_until = NULL "
-                "WHERE queue_id = %s AND lease_owner = %s",
-                (queue_id, owner),
-            )
-
-        await self._tx(run)
+        await self._tx(
+            _rowcount,
+            "UPDATE messages SET lease_owner = NULL, lease_until = NULL "
+            "WHERE queue_id = %s AND lease_owner = %s",
+            (queue_id, owner),
+        )
 
     async def renew_leases(self, owner: str, queue_ids: Sequence[str], until: float) -> int:
         if not queue_ids:
             return 0
 
-        async def run(conn: Conn) -> int:
-            # Rows locked in queue-id order, as every call locking several does: two such
-            # calls never wait for each other in a cycle (a deadlock, then a retry).
-            return await _rowcount(
-                conn,
-                "UPDATE messages SET lease_until = %s WHERE queue_id IN ("
-                " SELECT queue_id FROM messages WHERE lease_owner = %s AND queue_id = ANY(%s)"
-                " ORDER BY queue_id FOR UPDATE)",
-                (until, owner, list(queue_ids)),
-            )
-
-        return await self._tx(run)
+        # Rows locked in queue-id order, as every call locking several does: two such calls
+        # never wait for each other in a cycle (a deadlock, then a retry).
+        return await self._tx(
+            _rowcount,
+            "UPDATE messages SET lease_until = %s WHERE queue_id IN ("
+            " SELECT queue_id FROM messages WHERE lease_owner = %s AND queue_id = ANY(%s)"
+            " ORDER BY queue_id FOR UPDATE)",
+            (until, owner, list(queue_ids)),
+        )
 
     async def release_owners(self, owners: Sequence[str]) -> int:
         """Drop every lease held by one of ``owners`` (processes of this node known not to run:
@@ -639,15 +634,11 @@ class PostgresStore(Store):
         if not owners:
             return 0
 
-        async def run(conn: Conn) -> int:
-            return await _rowcount(
-                conn,
-                "UPDATE messages SET lease_owner = NULL, lease_until = NULL "
-                "WHERE lease_owner = ANY(%s)",
-                (list(owners),),
-            )
-
-        return await self._tx(run)
+        return await self._tx(
+            _rowcount,
+            "UPDATE messages SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ANY(%s)",
+            (list(owners),),
+        )
 
     async def record_results(
         self, queue_id: str, owner: str, results: list[RecipientState], *, release: bool = False
@@ -741,17 +732,13 @@ class PostgresStore(Store):
         return await self._tx(run)
 
     async def purge_completed(self, older_than: float) -> int:
-        async def run(conn: Conn) -> int:
-            return await _rowcount(  # locked in queue-id order (see renew_leases)
-                conn,
-                "DELETE FROM messages WHERE queue_id IN ("
-                " SELECT queue_id FROM messages"
-                " WHERE completed_at IS NOT NULL AND completed_at < %s"
-                " ORDER BY queue_id FOR UPDATE)",
-                (older_than,),
-            )
-
-        return await self._tx(run)
+        return await self._tx(  # locked in queue-id order (see renew_leases)
+            _rowcount,
+            "DELETE FROM messages WHERE queue_id IN ("
+            " SELECT queue_id FROM messages WHERE completed_at IS NOT NULL AND completed_at < %s"
+            " ORDER BY queue_id FOR UPDATE)",
+            (older_than,),
+        )
 
     # ------------------------------------------------------------------ reads
 
