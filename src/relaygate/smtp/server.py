@@ -606,6 +606,11 @@ class SmtpServer:
             start_serving=False,
         )
 
+    def _trusted_proxy(self, ip: str) -> bool:
+        """`ip` is in server.trusted_proxies: its connections start with a PROXY header."""
+        proxies = self.ctx.config.server.trusted_proxies
+        return bool(proxies) and any(r.contains(ipaddress.ip_address(ip)) for r in proxies)
+
     def _accept_tls(
         self,
         sock: socket.socket,
@@ -627,8 +632,7 @@ class SmtpServer:
             return
         client = (canonical_ip(peer[0]), peer[1])
         local_end = (canonical_ip(local[0]), local[1])
-        proxies = self.ctx.config.server.trusted_proxies
-        if proxies and any(r.contains(ipaddress.ip_address(client[0])) for r in proxies):
+        if self._trusted_proxy(client[0]):
             task = asyncio.get_running_loop().create_task(
                 self._accept_proxied_tls(sock, client, local_end, ssl_ctx, on_connect)
             )
@@ -748,10 +752,7 @@ class SmtpServer:
         client_ip, client_port = canonical_ip(peer[0]), peer[1]
         local_ip, local_port = canonical_ip(local[0]), local[1]
         initial = b""
-        config = self.ctx.config
-        if config.server.trusted_proxies and any(
-            r.contains(ipaddress.ip_address(client_ip)) for r in config.server.trusted_proxies
-        ):
+        if self._trusted_proxy(client_ip):
             result = await self._read_proxy(conn)
             if result is None:
                 return  # malformed PROXY header from the balancer: close
