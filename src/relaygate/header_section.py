@@ -27,7 +27,6 @@ def with_empty_line(message: bytes, linesep: bytes = b"\r\n") -> bytes:
     where the header ends if the sender left it out (as Postfix's cleanup does). Unchanged when
     it is there, or when the message is all header."""
     end = header_end(message)
-    rest = message[end:]
-    if not rest or rest.startswith((b"\r\n", b"\n")):
-        return message
-    return message[:end] + linesep + rest
+    if end == len(message) or message.startswith((b"\r\n", b"\n"), end):
+        return message  # the usual case: no copy of the body
+    return message[:end] + linesep + message[end:]
