@@ -137,3 +137,23 @@ async def test_from_config(loopback_dns):
     assert await Resolver.from_config(Config(), lifetime=2.0).mx("cfg.test") == [
         (10, "mx.cfg.test")
     ]
+
+
+async def test_mx_records_naming_ip_addresses_are_skipped(loopback_dns):
+    """An MX target must be a host name (RFC 1035 §3.3.9). One written as an address was taken for
+    a host and connected to; Postfix and Exim skip such records."""
+    loopback_dns.add("mixed.test", "MX", (5, "192.0.2.7."))
+    loopback_dns.add("mixed.test", "MX", (7, "[192.0.2.8]."))
+    loopback_dns.add("mixed.test", "MX", (10, "mx.mixed.test"))
+    assert await resolver_for(loopback_dns).mx("mixed.test") == [(10, "mx.mixed.test")]
+
+
+async def test_only_mx_records_naming_ip_addresses_is_transient(loopback_dns):
+    loopback_dns.add("numeric.test", "MX", (10, "127.0.0.9."))
+    loopback_dns.add("numeric.test", "A", "127.0.0.10")
+    with pytest.raises(DnsError) as info:
+        await resolver_for(loopback_dns).mx("numeric.test")
+    assert not info.value.permanent
+    assert info.value.reply.line() == (
+        "451 4.4.0 DNS query failed. The error was: the MX records name IP addresses, not hosts"
+    )

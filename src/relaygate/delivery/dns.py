@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import random
 import socket
 from collections.abc import Iterable, Sequence
@@ -29,6 +30,12 @@ from relaygate import replies
 from relaygate.replies import Reply
 
 __all__ = ["DnsError", "Resolver", "parse_dns_server"]
+
+log = logging.getLogger(__name__)
+
+#: Why a domain whose every MX record names an IP address (RFC 1035 §3.3.9 wants a host name)
+#: gets no next hop.
+MX_NAMES_ADDRESSES = "the MX records name IP addresses, not hosts"
 
 
 class DnsError(Exception):
@@ -162,7 +169,8 @@ class Resolver:
         """MX hosts by preference (equal preferences shuffled); host names without trailing dot.
 
         No MX → ``[(0, domain)]`` (implicit MX, RFC 5321 §5.1). Null MX → DnsError(NULL_MX,
-        permanent). An address literal domain (``[192.0.2.1]``) is returned as itself.
+        permanent). An address literal domain (``[192.0.2.1]``) is returned as itself. A record
+        whose target is an IP address is skipped; if every record is, a transient DnsError.
         """
         name = domain.strip().rstrip(".")
         if name.startswith("["):
@@ -172,17 +180,29 @@ class Resolver:
             return [(0, name)]
         best: dict[str, int] = {}  # a host listed twice is tried once, at its best preference
         null_seen = False
+        numeric: list[str] = []
         for rr in answer:
             target = rr.exchange.to_text(omit_final_dot=True)
             if target in ("", "."):
                 null_seen = True
                 continue
+            if _is_ip(_strip_brackets(target)):
+                # RFC 1035 §3.3.9: the exchange is a domain name. An address written there is
+                # skipped, as Postfix ("numeric domain name in resource data of MX record") and
+                # Exim (allow_mx_to_ip = false) do, rather than connected to as if it were a host.
+                numeric.append(target)
+                continue
             host, pref = target.lower(), int(rr.preference)
             best[host] = min(pref, best.get(host, pref))
+        if numeric:
+            log.warning("MX records of %s name IP addresses, skipped: %s", name, ", ".join(numeric))
         records = [(pref, host) for host, pref in best.items()]
         if not records:
             if null_seen:
                 raise DnsError(replies.NULL_MX, True, name)
+            if numeric:
+                # Transient: the domain's owner may fix the records before the message expires.
+                raise DnsError(replies.dns_query_failed(MX_NAMES_ADDRESSES), False, name)
             return [(0, name)]
         # RFC 7505 §3: a null MX must stand alone; a "." mixed with real hosts is ignored.
         return self._shuffle_equal(records)
