@@ -57,3 +57,9 @@ def test_a_message_without_an_empty_line_is_not_all_header() -> None:
     assert header_block(message) == b"Subject: Nightly report\r\nFrom: a@b.example\r\n"
     assert header_block(b"no header at all\r\nSubject: not this\r\n") == b""
     assert header_value(b"Subject: x\r\nbody\r\nMessage-ID: <no@t>\r\n", "Message-ID") == ""
+
+
+def test_header_value_drops_c0_and_c1_controls() -> None:
+    """U+009B (CSI) in a UTF-8 Subject reached `relaygate queue show`'s terminal and NDRs as is."""
+    message = "Subject: Scan\u009b31m red\u0085 \x1b[2J done\tok\r\n\r\nbody\r\n".encode()
+    assert header_value(message, "Subject") == "Scan31m red [2J done\tok"

@@ -39,9 +39,10 @@ __all__ = [
 ]
 
 _FOLD = re.compile(rb"\r?\n[ \t]+")
-# Header field lines ("name:", printable ASCII without ":", blanks allowed before the colon) and
-# their continuation lines; the last line may lack its line feed.
-_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# C0 controls but TAB, DEL, and the C1 controls (U+0080-U+009F, which a UTF-8 Subject can hold:
+# U+009B is a terminal's CSI), so header text shown by `relaygate queue show` or copied into a
+# report cannot drive a terminal or forge lines.
+_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +73,8 @@ def header_block(message: bytes) -> bytes:
 
 
 def header_value(message: bytes, name: str) -> str:
-    """The unfolded value of the first ``name`` header ("" if absent), undecoded, controls removed."""
+    """The unfolded value of the first ``name`` header ("" if absent), undecoded, C0 (but TAB) and
+    C1 controls removed."""
     head = _FOLD.sub(b" ", header_block(message))
     wanted = name.lower().encode("ascii") + b":"
     for line in head.split(b"\r\n"):
