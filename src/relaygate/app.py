@@ -25,6 +25,7 @@ from relaygate.config import Config, ConfigError, load_config
 from relaygate.fd_limit import raise_fd_limit
 from relaygate.logs.tracking import MESSAGE_TRACKING_DIR, TrackingLog
 from relaygate.malloc_tuning import tune_malloc
+from relaygate.node_lock import NodeLock, NodeLockError
 from relaygate.queue.manager import QueueManager
 from relaygate.queue.pressure import DiskPressure
 from relaygate.queue.sqlite_store import SqliteStore
@@ -338,6 +339,23 @@ def _on_link(link: socket.socket, stop: asyncio.Event) -> None:
         stop.set()
 
 
+#: The lock of this process's node (see `run`): referenced here so that it lives as long as the
+#: process does.
+_NODE_LOCKS: list[NodeLock] = []
+
+
+def _lock_node(config: Config) -> None:
+    s = config.server
+    url = config.queue.database_url if config.queue.store == "postgresql" else None
+    lock = NodeLock(Path(s.data_dir), str(s.name), url or None)
+    try:
+        lock.acquire()
+    except (NodeLockError, StoreError) as exc:
+        logger.error("cannot start: %s", exc)
+        raise SystemExit(1) from None
+    _NODE_LOCKS.append(lock)
+
+
 def run(
     config_path: Path | None = None,
     *,
@@ -354,6 +372,10 @@ def run(
     if worker_index is None:  # the workers inherit the limit from their supervisor
         raise_fd_limit(config)
     resolved = default_config_path(config_path)
+    if worker_index is None:
+        # Held until the process exits (its workers run under it): no second node with this
+        # data_dir, or with this server.name on a shared queue database (relaygate.node_lock).
+        _lock_node(config)
     if worker_index is None and config.server.workers > 1 and resolved is not None:
         from relaygate.workers import Supervisor
 
