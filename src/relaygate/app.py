@@ -31,6 +31,7 @@ from relaygate.queue.pressure import DiskPressure
 from relaygate.queue.sqlite_store import SqliteStore
 from relaygate.queue.store import Store, StoreError
 from relaygate.smtp.server import ListenerError, ServerContext, SmtpServer, protocol_log_for
+from relaygate.worker_stats import SnapshotWriter
 
 __all__ = ["Relay", "open_store", "run", "worker_node_id"]
 
@@ -86,6 +87,7 @@ class Relay:
         self.manager: Any = None
         self.admin: Any = None
         self.pressure: DiskPressure | None = None
+        self.snapshots: SnapshotWriter | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -131,6 +133,9 @@ class Relay:
             raise
         if self.manager is not None:
             self.manager.local_endpoints = set(self.server.endpoints)
+        if self.worker_index and cfg.server.workers > 1:  # worker 0 sums them for /metrics
+            self.snapshots = SnapshotWriter(self, self.worker_index)
+            self.snapshots.start()
         if cfg.admin.enabled and self.worker_index in (None, 0):
             self.admin = AdminServer(self)
             try:
@@ -234,6 +239,8 @@ class Relay:
             await self.manager.stop()
         if self.pressure is not None:
             await self.pressure.stop()
+        if self.snapshots is not None:
+            await self.snapshots.stop()
         await self.store.close()
         for log in (self.protocol_log, self.tracking):
             if log is not None:

@@ -59,6 +59,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from relaygate.control import MAX_LIST_LIMIT, Conflict, NotFound, QueueControl
 from relaygate.queue.store import StoreError
 from relaygate.smtp.limits import SlidingWindow
+from relaygate.worker_stats import NodeFigures, node_figures
 
 __all__ = [
     "API_PREFIX",
@@ -213,9 +214,9 @@ class _Guard:
 
 
 def open_sessions(relay: Any) -> dict[str, int]:
-    """This process's open SMTP sessions per receive connector name (none before it listens)."""
-    limits = getattr(getattr(relay, "ctx", None), "limits", None)
-    return dict(getattr(limits, "per_connector", {}))
+    """Open SMTP sessions per receive connector name, of every worker of the node (none before
+    it listens)."""
+    return node_figures(relay).open_sessions
 
 
 class MetricsCollector:
@@ -242,8 +243,8 @@ class MetricsCollector:
             "Messages under a live delivery lease",
             value=float(self.counts.get("active", 0)),
         )
-        manager = getattr(self.relay, "manager", None)
-        stats: dict[str, int] = getattr(manager, "stats", {}) or {}
+        figures = node_figures(self.relay)  # with server.workers > 1: every worker's, summed
+        stats = figures.delivery
         recipients = CounterMetricFamily(
             "relaygate_delivery_recipients",
             "Recipient delivery outcomes",
@@ -265,9 +266,10 @@ class MetricsCollector:
         yield GaugeMetricFamily(
             "relaygate_deliveries_in_flight",
             "Messages being delivered now",
-            value=float(getattr(manager, "in_flight", 0) or 0),
+            value=float(figures.in_flight),
         )
-        yield from self._sessions()
+        yield from self._sessions(figures)
+        yield from self._received(figures)
         pressure = getattr(self.relay, "pressure", None)
         if pressure is not None:
             yield GaugeMetricFamily(
@@ -282,12 +284,43 @@ class MetricsCollector:
                     value=float(pressure.space.free),
                 )
 
-    def _sessions(self) -> Iterable[Any]:
+    def _received(self, figures: NodeFigures) -> Iterable[Any]:
+        """What the receive connectors took and refused, since the node (its workers) started."""
+        smtp = figures.smtp
+        families = (
+            ("relaygate_smtp_sessions_admitted", "SMTP sessions admitted", smtp.sessions),
+            (
+                "relaygate_smtp_connections_refused",
+                "Connections refused with 421 by max_inbound_connection(_per_source)",
+                smtp.connections_refused,
+            ),
+            (
+                "relaygate_smtp_messages_received",
+                "Messages accepted (250 after DATA)",
+                smtp.messages,
+            ),
+            ("relaygate_smtp_received_bytes", "Bytes of the messages accepted", smtp.bytes),
+        )
+        for name, text, counts in families:
+            family = CounterMetricFamily(name, text, labels=["connector"])
+            for connector, n in sorted(counts.items()):
+                family.add_metric([connector], float(n))
+            yield family
+        refusals = CounterMetricFamily(
+            "relaygate_smtp_refusals",
+            "Replies of 400 and above (a refused recipient, message or command), by reply",
+            labels=["connector", "code", "status"],
+        )
+        for (connector, code, status), n in sorted(smtp.refusals.items()):
+            refusals.add_metric([connector, str(code), status], float(n))
+        yield refusals
+
+    def _sessions(self, figures: NodeFigures) -> Iterable[Any]:
         """Open SMTP sessions per receive connector, next to the connector's limit: with
         process_open_fds / process_max_fds what an operator alerts on before clients get 421s
         or dropped connections."""
         ctx = getattr(self.relay, "ctx", None)
-        open_now = open_sessions(self.relay)
+        open_now = figures.open_sessions
         sessions = GaugeMetricFamily(
             "relaygate_smtp_sessions", "Open inbound SMTP sessions", labels=["connector"]
         )
@@ -309,7 +342,7 @@ class MetricsCollector:
             yield GaugeMetricFamily(
                 "relaygate_data_in_memory_bytes",
                 "Message bytes held by sessions receiving or committing them",
-                value=float(memory.used),
+                value=float(figures.data_in_memory),
             )
             yield GaugeMetricFamily(
                 "relaygate_data_in_memory_limit_bytes",

@@ -239,7 +239,7 @@ def relay_method(connector: ReceiveConnector) -> tuple[str, str]:
 def connector_rows(
     config: Config, open_sessions: dict[str, int] | None = None
 ) -> list[dict[str, Any]]:
-    """The receive connectors as the dashboard shows them; `open_sessions`: this process's open
+    """The receive connectors as the dashboard shows them; `open_sessions`: the node's open
     SMTP sessions per connector name."""
     rows = []
     open_sessions = open_sessions or {}

@@ -35,6 +35,7 @@ from relaygate.queue.store import Store
 from relaygate.smtp import proxy
 from relaygate.smtp.auth import UserStore, users_path
 from relaygate.smtp.connection import Connection
+from relaygate.smtp.counters import SmtpCounters
 from relaygate.smtp.limits import (
     AuthFailures,
     ConnectionLimits,
@@ -326,6 +327,8 @@ class ServerContext:
         #: ``take_new``); without one, ``on_message(queue_id)`` wakes whoever scans the queue.
         self.handoff: Handoff | None = None
         self.limits = ConnectionLimits()
+        #: /metrics counters of this process (summed over the workers by relaygate.worker_stats)
+        self.counters = SmtpCounters()
         self.rates = RateLimiter()
         self.auth_failures = AuthFailures()
         #: Back pressure on the queue's disk (set by the relay; None: never refuse for it).
@@ -426,6 +429,8 @@ class ServerContext:
     def message_received(
         self, queue_id: str, envelope: Envelope, size: int, session: Session
     ) -> None:
+        self.counters.messages[envelope.connector] += 1
+        self.counters.bytes[envelope.connector] += size
         if self.tracking is not None:
             self.tracking.write(
                 "RECEIVE",
@@ -686,6 +691,7 @@ class SmtpServer:
             return
         refusal = self.ctx.limits.admit(connector, client[0])
         if refusal is not None:
+            self.ctx.counters.connections_refused[connector.name] += 1
             logger.debug(
                 "%s from %s on implicit-TLS %s:%s; closed before the TLS handshake",
                 refusal.line(),
@@ -695,6 +701,7 @@ class SmtpServer:
             )
             sock.close()
             return
+        self.ctx.counters.sessions[connector.name] += 1
         admitted = _Admitted(connector, client, local)
         timeout = max(  # asyncio refuses a handshake timeout that is not positive
             1.0,
@@ -774,12 +781,14 @@ class SmtpServer:
             return
         refusal = self.ctx.limits.admit(connector, client_ip)
         if refusal is not None:
+            self.ctx.counters.connections_refused[connector.name] += 1
             conn.write(refusal.line().encode() + b"\r\n")
             try:
                 await conn.drain()
             except ConnectionError:
                 pass
             return
+        self.ctx.counters.sessions[connector.name] += 1
         await self._serve(
             conn, connector, (client_ip, client_port), (local_ip, local_port), initial
         )

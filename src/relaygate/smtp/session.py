@@ -121,6 +121,8 @@ class Session:
         )
         self.out.append(line.encode("utf-8", "replace") + b"\r\n")
         self.log.sent(line)
+        if reply.code >= 400:
+            self.ctx.counters.refusals[(self.connector.name, reply.code, reply.enhanced)] += 1
 
     def reply_lines(self, code: int, lines: list[str]) -> None:
         for i, text in enumerate(lines):
