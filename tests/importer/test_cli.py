@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -120,6 +121,10 @@ def test_dry_run_text_detects_logs_among_files(tmp_path: Path) -> None:
     assert "proposed remote_ip_ranges: 10.10.5.11-10.10.5.13, 192.168.20.7, 2001:db8:10::25" in text
     assert "connected without sending (not in the proposal): 10.10.5.30" in text
     assert "relayed = ?" in text  # no accepted domains known
+    assert re.search(
+        r"^read 2 protocol log file\(s\), 0\.0 MB, 123 lines in \d+\.\d s$", text, re.M
+    )
+    assert "reading protocol logs" not in proc.stderr  # the progress bar is for terminals only
 
 
 def test_write_merges_and_keeps_comments(tmp_path: Path) -> None:

@@ -42,6 +42,8 @@ def test_usage_per_connector_and_client() -> None:
     report = analyze_protocol_logs([LOGS], ACCEPTED)
     assert report.to_dict() == {
         "files": [str(LOGS / "RECV2024031409-1.LOG"), str(LOGS / "RECV2024031410-1.LOG")],
+        "lines": 123,  # the two files' lines without the # header lines
+        "bytes": 18896,
         "accepted_domains": ACCEPTED,
         "connectors": [
             {
@@ -184,3 +186,31 @@ def test_propose_ranges_never_covers_an_unseen_address() -> None:
 def test_propose_ranges_rejects_garbage() -> None:
     with pytest.raises(ValueError):
         propose_ranges(["printer.corp.example"])
+
+
+def test_progress_is_reported_before_each_file() -> None:
+    """Months of logs take minutes: the CLI draws a progress bar from these calls."""
+    calls: list[tuple[int, int, str]] = []
+    report = analyze_protocol_logs(
+        [LOGS], ACCEPTED, progress=lambda i, n, path: calls.append((i, n, path.name))
+    )
+    assert calls == [(0, 2, "RECV2024031409-1.LOG"), (1, 2, "RECV2024031410-1.LOG")]
+    assert len(report.files) == 2
+
+
+def test_columns_follow_each_fields_header() -> None:
+    """A `#Fields:` line in the middle of a file (a restarted service) changes the columns of
+    the lines after it; each column is looked up once per header, not once per line."""
+    from relaygate.importer.protocol_logs import _Columns
+
+    columns = _Columns(["date-time", "remote-endpoint", "event", "session-id", "connector-id"])
+    row = ["2024-01-01T00:00:00Z", " 10.0.0.1:25 ", "+", "S1", "EX\\R"]
+    assert columns.record(row) == (
+        "EX\\R",
+        "S1",
+        "10.0.0.1:25",
+        "+",
+        "2024-01-01T00:00:00Z",
+        "",
+        "",
+    )

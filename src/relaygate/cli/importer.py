@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import tomlkit
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 from tomlkit.items import Table as TomlTable
 from tomlkit.toml_document import TOMLDocument
@@ -215,6 +217,26 @@ def _print_usage(console: Console, usage: UsageReport, result: ImportResult) -> 
         console.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
+def _read_logs(paths: list[Path], accepted_domains: list[str]) -> UsageReport:
+    """`analyze_protocol_logs` with a progress bar on stderr when it is a terminal."""
+    err = Console(stderr=True)
+    if not err.is_terminal:
+        return analyze_protocol_logs(paths, accepted_domains)
+    columns = (
+        TextColumn("reading protocol logs"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+    )
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("", total=None)
+
+        def progress(done: int, total: int, path: Path) -> None:
+            bar.update(task, total=total, completed=done, description=escape(path.name))
+
+        return analyze_protocol_logs(paths, accepted_domains, progress)
+
+
 def _print_lists(console: Console, result: ImportResult) -> None:
     for error in result.errors:
         console.print(f"[red]error:[/] {escape(error)}")
@@ -318,7 +340,9 @@ def exchange(
         missing = [p for p in log_paths if not p.exists()]
         if missing:
             raise _fail(f"{missing[0]}: no such file or directory")
-        usage = analyze_protocol_logs(log_paths, _accepted_domains(config_path, accepted_domain))
+        started = time.monotonic()
+        usage = _read_logs(log_paths, _accepted_domains(config_path, accepted_domain))
+        elapsed = time.monotonic() - started
         if narrow_ranges:
             _apply_proposed_ranges(result, usage)
     elif narrow_ranges:
@@ -351,6 +375,10 @@ def exchange(
         _print_lists(console, result)
         if usage is not None:
             _print_usage(console, usage, result)
+            console.print(
+                f"read {len(usage.files)} protocol log file(s), {usage.bytes / 1e6:,.1f} MB, "
+                f"{usage.lines:,} lines in {elapsed:.1f} s"
+            )
         if write and not problems:
             names = ", ".join(c["name"] for c in result.connectors)
             console.print(
