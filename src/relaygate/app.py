@@ -31,6 +31,7 @@ from relaygate.queue.pressure import DiskPressure
 from relaygate.queue.sqlite_store import SqliteStore
 from relaygate.queue.store import Store, StoreError
 from relaygate.smtp.server import ListenerError, ServerContext, SmtpServer, protocol_log_for
+from relaygate.smtp.shared_rates import SharedRateTable
 from relaygate.worker_stats import SnapshotWriter
 
 __all__ = ["Relay", "open_store", "run", "worker_node_id"]
@@ -116,6 +117,10 @@ class Relay:
             cfg, self.store, protocol_log=self.protocol_log, tracking=self.tracking, on_message=wake
         )
         self.ctx.handoff = self.manager
+        if self.worker_index is not None:
+            # The message rate counts this worker shares with its siblings (None when started
+            # without a supervisor's table: then counted in this process, as with one worker).
+            self.ctx.rates.shared = SharedRateTable.from_env()
         queue_dir = Path(s.data_dir) / "queue"
         self.pressure = DiskPressure(
             queue_dir if queue_dir.is_dir() else Path(s.data_dir), cfg.queue.min_free_disk_space

@@ -13,6 +13,9 @@ The supervisor (the process `relaygate serve` started) does not touch mail. It:
 
 * drops, before starting any worker, the queue leases this node's processes left behind (a crash,
   or a previous run with another number of workers), so nothing waits for a lease to expire;
+* creates, before starting any worker, a fresh table of message rate counts that every worker maps
+  (``<data_dir>/run/message-rates``, smtp/shared_rates.py) and hands them its path and token, so
+  message_rate_limit holds for the node, not per worker;
 * starts the workers and prints ``RelayGate ready: SMTP ...`` once every worker listens (a worker
   that fails during start-up stops the whole start with exit status 1);
 * forwards SIGTERM/SIGINT (graceful stop: each worker stops accepting, tells clients waiting to
@@ -45,6 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from relaygate.config import Config, ConfigError, load_config
+from relaygate.smtp.shared_rates import RATE_TABLE_ENV, table_path
+from relaygate.smtp.shared_rates import create as create_rate_table
 
 __all__ = ["PINNED_QUEUE_ENV", "Supervisor", "pinned_queue", "worker_ready"]
 
@@ -116,12 +121,15 @@ class Supervisor:
         self._sel = selectors.DefaultSelector()
         self._signals: list[int] = []
         self._wake_r, self._wake_w = socket.socketpair()
+        #: RATE_TABLE_ENV for the workers ("<token hex> <path>"), or None: counted per worker.
+        self._rate_table: str | None = None
 
     # ------------------------------------------------------------------ entry point
 
     def run(self) -> int:
         """Start, serve until asked to stop, stop. Returns the process exit status."""
         self._release_stale_leases()
+        self._create_rate_table()
         old = self._install_signals()
         try:
             for w in self.workers:
@@ -198,6 +206,20 @@ class Supervisor:
         if released:
             logger.info("released %d queue lease(s) left by a previous run", released)
 
+    def _create_rate_table(self) -> None:
+        """A new, empty shared table for this run, before any worker starts (so none of them
+        races to create it, and counts of a previous run, or a file of another layout, are gone).
+        A restarted worker maps the same table and finds the counts its predecessor made."""
+        path = table_path(Path(self.config.server.data_dir)).resolve()
+        try:
+            token = create_rate_table(path)
+        except OSError as exc:
+            logger.error(
+                "cannot create %s (%s): message_rate_limit is counted per worker", path, exc
+            )
+            return
+        self._rate_table = f"{token.hex()} {path}"
+
     def _spawn(self, w: _Worker) -> None:
         parent, child = socket.socketpair()
         cmd = [
@@ -220,6 +242,10 @@ class Supervisor:
         env[PINNED_QUEUE_ENV] = json.dumps(
             {"store": queue.store, "database_url": queue.database_url}
         )
+        # The table this run created, whatever data_dir the file says now (like the queue).
+        env.pop(RATE_TABLE_ENV, None)
+        if self._rate_table is not None:
+            env[RATE_TABLE_ENV] = self._rate_table
         try:
             w.proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, pass_fds=(child.fileno(),), env=env

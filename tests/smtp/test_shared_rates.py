@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from relaygate.config.model import ReceiveConnector
 from relaygate.smtp import shared_rates
+from relaygate.smtp.limits import RateLimiter
 from relaygate.smtp.shared_rates import (
     BUCKETS,
     HEADER_SIZE,
@@ -132,6 +134,54 @@ def test_a_worker_without_a_usable_table_counts_alone(
     t = SharedRateTable.from_env()
     assert t is not None
     t.close()
+
+
+def test_rate_limiter_counts_users_in_the_shared_table_and_addresses_when_told(
+    path: Path,
+) -> None:
+    """Two limiters on one table stand for two workers: a user is limited across them; an address
+    only when share_ip (worker_balance = "connection"); else each worker counts its own."""
+    token = create(path, slots=64)
+    w0 = RateLimiter(SharedRateTable.open(path, token))
+    w1 = RateLimiter(SharedRateTable.open(path, token))
+    user = ReceiveConnector(name="c", message_rate_limit=2, message_rate_source="User")
+    ip = ReceiveConnector(name="d", message_rate_limit=1, message_rate_source="IPAddress")
+    both = ReceiveConnector(name="e", message_rate_limit=1, message_rate_source="All")
+    w0.record(user, "127.0.0.5", T0, user="scanner")
+    w1.record(user, "127.0.0.6", T0, user="scanner")
+    assert not w0.allowed(user, "127.0.0.7", T0 + 1, user="scanner")
+    assert not w1.allowed(user, "127.0.0.5", T0 + 1, user="scanner")
+    assert w1.allowed(user, "127.0.0.5", T0 + 1, user="printer")
+    assert w0.allowed(user, "127.0.0.5", T0 + 61, user="scanner")  # the window slid
+
+    w0.record(ip, "127.0.0.5", T0)  # an address is on one worker: counted there only
+    assert not w0.allowed(ip, "127.0.0.5", T0)
+    assert w1.allowed(ip, "127.0.0.5", T0)
+    w0.share_ip = w1.share_ip = True  # ... unless its sessions may reach any worker
+    w0.record(ip, "127.0.0.9", T0)
+    assert not w1.allowed(ip, "127.0.0.9", T0)
+
+    w1.share_ip = False  # All: the user key is shared, the address key is not
+    w0.share_ip = False
+    w0.record(both, "127.0.0.5", T0, user="printer")
+    assert not w1.allowed(both, "127.0.0.6", T0, user="printer")  # the user, on another worker
+    assert not w0.allowed(both, "127.0.0.5", T0, user="someone")  # the address, on its worker
+    assert w1.allowed(both, "127.0.0.5", T0, user="someone")
+
+
+def test_rate_limiter_counts_alone_what_a_full_table_cannot_hold(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = create(path, slots=1)
+    rates = RateLimiter(SharedRateTable.open(path, token))
+    c = ReceiveConnector(name="c", message_rate_limit=2, message_rate_source="User")
+    with caplog.at_level(logging.WARNING):
+        rates.record(c, "127.0.0.5", T0, user="a")  # takes the only slot
+        rates.record(c, "127.0.0.5", T0, user="b")  # no room: counted in this process
+        rates.record(c, "127.0.0.5", T0, user="b")
+    assert caplog.text.count("logged once") == 1
+    assert not rates.allowed(c, "127.0.0.5", T0, user="b")  # the limit holds (in this process)
+    assert rates.allowed(c, "127.0.0.5", T0, user="a")
 
 
 # -- processes ------------------------------------------------------------------------------------

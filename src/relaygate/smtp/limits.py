@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import defaultdict, deque
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from relaygate import replies
 from relaygate.config.model import ReceiveConnector
 from relaygate.replies import Reply
+from relaygate.smtp.shared_rates import SharedRateTable, key_digest
 
 __all__ = [
     "AuthFailures",
@@ -19,6 +21,8 @@ __all__ = [
     "SlidingWindow",
     "default_data_memory",
 ]
+
+logger = logging.getLogger("relaygate.smtp")
 
 
 @dataclass
@@ -152,13 +156,30 @@ class RateLimiter:
     An anonymous session on a `User` connector is counted per IP address: Exchange's behaviour
     there is not documented (exchange-semantics.md §1.4 gives only the values), and not counting
     it at all would leave anonymous mail unlimited on a connector that asked for a limit.
-    Per-user counts are per process: with `server.workers > 1` a user connecting from several
-    addresses may reach several workers (smtp/steering.py keeps one address on one worker)."""
+
+    One process (`server.workers = 1`) counts everything here, exactly. With several workers the
+    supervisor gives them a table they all count in (`shared`, smtp/shared_rates.py), so a limit
+    holds for the node whatever worker a session is on. It is used for the keys whose sessions can
+    reach several workers: users always (smtp/steering.py keeps one *address* on one worker, not
+    one user); addresses only when `share_ip` is set (`worker_balance = "connection"`, or the
+    kernel refused the steering program), since otherwise all of an address's sessions are on
+    this worker and counting it here is exact and cheaper. The shared table counts in per-second
+    buckets: a message counts for 60 to 61 seconds there (never less than the window). A key the
+    shared table has no room for, or a message for which its lock could not be had, is counted
+    here (logged once): the limit then holds per worker for that key, as before the table existed.
+
+    A message is counted when it is queued and checked at MAIL, so sessions of one source sending
+    at the same moment may together pass the limit by at most their number less one."""
 
     WINDOW = 60.0
 
-    def __init__(self) -> None:
+    def __init__(self, shared: SharedRateTable | None = None) -> None:
         self._window = SlidingWindow(self.WINDOW)
+        #: The node's table shared with the other workers, or None (one process: all local).
+        self.shared = shared
+        #: Per-address keys in the shared table too: an address's sessions may reach any worker.
+        self.share_ip = False
+        self._degraded_logged = False
 
     @staticmethod
     def _keys(
@@ -185,8 +206,22 @@ class RateLimiter:
         if limit is None:
             return True
         now = time.monotonic() if now is None else now
+        keys = self._keys(connector, source, user)
+        window, shared = self._window, self.shared
+        # Counted here: one process, or only address keys (keys[-1] is the user key whenever
+        # there is one, see _keys) while an address's sessions all reach this worker.
+        if shared is None or not keys or (keys[-1][1] == "ip" and not self.share_ip):
+            return all(window.count(key, now) < limit for key in keys)
+        shared_keys = [k for k in keys if k[1] == "user" or self.share_ip]
+        if not all(window.count(k, now) < limit for k in keys if k not in shared_keys):
+            return False
+        counts = shared.counts([key_digest(*k) for k in shared_keys], now)
+        if counts is None:
+            self._degraded("its lock was held too long")
+            counts = [0] * len(shared_keys)
+        # plus what was counted here when the shared table had no room or no lock for it
         return all(
-            self._window.count(key, now) < limit for key in self._keys(connector, source, user)
+            n + window.count(k, now) < limit for n, k in zip(counts, shared_keys, strict=True)
         )
 
     def record(
@@ -200,8 +235,31 @@ class RateLimiter:
         if connector.message_rate_limit is None:
             return
         now = time.monotonic() if now is None else now
-        for key in self._keys(connector, source, user):
-            self._window.add(key, now)
+        keys = self._keys(connector, source, user)
+        window, shared = self._window, self.shared
+        if shared is None or not keys or (keys[-1][1] == "ip" and not self.share_ip):
+            for key in keys:
+                window.add(key, now)
+            return
+        shared_keys = {key_digest(*k): k for k in keys if k[1] == "user" or self.share_ip}
+        missed = shared.add(list(shared_keys), now)
+        if missed:
+            self._degraded("it is full or its lock was held too long")
+        for key in keys:
+            if key not in shared_keys.values():
+                window.add(key, now)
+        for digest in missed:
+            window.add(shared_keys[digest], now)
+
+    def _degraded(self, why: str) -> None:
+        if not self._degraded_logged:
+            self._degraded_logged = True
+            logger.warning(
+                "message rate table %s: %s; some message_rate_limit counts are kept by this "
+                "worker alone (logged once)",
+                self.shared.path if self.shared is not None else "",
+                why,
+            )
 
 
 class AuthFailures:

@@ -577,14 +577,17 @@ class SmtpServer:
         sock.setblocking(False)
         server = config.server
         workers = server.workers
-        if (
-            self.reuse_port
-            and workers > 1
-            and server.worker_balance == "client_address"
-            and sys.platform.startswith("linux")
-        ):
+        if self.reuse_port and workers > 1:
             # One client address → one worker, so per-source limits are counted in one place.
-            attach_source_steering(sock, workers)
+            steered = (
+                server.worker_balance == "client_address"
+                and sys.platform.startswith("linux")
+                and attach_source_steering(sock, workers)
+            )
+            if not steered:
+                # An address's sessions may reach any worker: its message rate is counted in the
+                # table the workers share (users' always are), not in this process.
+                self.ctx.rates.share_ip = True
 
         async def on_connect(conn: Connection, admitted: _Admitted | None = None) -> None:
             task = asyncio.current_task()
