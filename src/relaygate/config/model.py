@@ -128,6 +128,9 @@ class ReceiveConnector:
     #: AUTH is refused with 450 4.7.1 before any password is checked. RelayGate's own (Exchange
     #: limits failures per connection only): 2 × max_logon_failures' default. "unlimited": off.
     logon_failure_rate_limit: int | None = 6
+    #: Messages per minute (sliding window) per source as message_rate_source names it; past it
+    #: MAIL is answered 421 4.4.2. Counted for the whole node with server.workers > 1 (a table the
+    #: workers share: smtp/shared_rates.py). "unlimited": off.
     message_rate_limit: int | None = UNLIMITED
     message_rate_source: str = _spec("IPAddress", choices=("None", "User", "IPAddress", "All"))
     tarpit_interval: timedelta = _span("00:00:05")
@@ -268,8 +271,9 @@ class ServerConfig:
     workers: int = 1
     #: How the kernel shares new connections among workers: "client_address" (all connections of
     #: one client reach one worker, so per-source limits hold relay-wide) or "connection" (every
-    #: connection hashed on its own: one heavy client can use every worker; per-source limits are
-    #: then counted per worker).
+    #: connection hashed on its own: one heavy client can use every worker;
+    #: max_inbound_connection_per_source and logon_failure_rate_limit are then counted per worker,
+    #: message_rate_limit still per node).
     worker_balance: str = _spec("client_address", choices=("client_address", "connection"))
     dkim_domain_source: str = _spec("header_from", choices=("header_from", "envelope_sender"))
     #: Message bytes all sessions of one process may hold while they receive and commit them
