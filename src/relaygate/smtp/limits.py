@@ -207,15 +207,31 @@ class RateLimiter:
             return True
         now = time.monotonic() if now is None else now
         keys = self._keys(connector, source, user)
-        window, shared = self._window, self.shared
-        # Counted here: one process, or only address keys (keys[-1] is the user key whenever
-        # there is one, see _keys) while an address's sessions all reach this worker.
-        if shared is None or not keys or (keys[-1][1] == "ip" and not self.share_ip):
-            return all(window.count(key, now) < limit for key in keys)
-        shared_keys = [k for k in keys if k[1] == "user" or self.share_ip]
+        # Counted here, as with one process, unless the connector counts users (their sessions
+        # may reach any worker) or an address's sessions may reach any worker too (share_ip).
+        # Two tests only on this, the common path, and a loop rather than all() over a
+        # generator, which pays for them (bench/rate_limiter.py).
+        if self.shared is None or (
+            connector.message_rate_source == "IPAddress" and not self.share_ip
+        ):
+            window = self._window
+            for key in keys:  # noqa: SIM110 (see above)
+                if window.count(key, now) >= limit:
+                    return False
+            return True
+        return self._allowed_shared(keys, limit, now)
+
+    # The shared paths are methods of their own: their comprehensions would make the common
+    # paths above create closure cells on every call (measured: bench/rate_limiter.py).
+    def _allowed_shared(self, keys: list[tuple[str, str, str]], limit: int, now: float) -> bool:
+        assert self.shared is not None
+        window, share_ip = self._window, self.share_ip
+        shared_keys = [k for k in keys if k[1] == "user" or share_ip]
         if not all(window.count(k, now) < limit for k in keys if k not in shared_keys):
             return False
-        counts = shared.counts([key_digest(*k) for k in shared_keys], now)
+        if not shared_keys:  # an anonymous session counted by address, or "None": no lock
+            return True
+        counts = self.shared.counts([key_digest(*k) for k in shared_keys], now)
         if counts is None:
             self._degraded("its lock was held too long")
             counts = [0] * len(shared_keys)
@@ -235,14 +251,19 @@ class RateLimiter:
         if connector.message_rate_limit is None:
             return
         now = time.monotonic() if now is None else now
-        keys = self._keys(connector, source, user)
-        window, shared = self._window, self.shared
-        if shared is None or not keys or (keys[-1][1] == "ip" and not self.share_ip):
-            for key in keys:
-                window.add(key, now)
+        if self.shared is None or (
+            connector.message_rate_source == "IPAddress" and not self.share_ip
+        ):
+            for key in self._keys(connector, source, user):
+                self._window.add(key, now)
             return
-        shared_keys = {key_digest(*k): k for k in keys if k[1] == "user" or self.share_ip}
-        missed = shared.add(list(shared_keys), now)
+        self._record_shared(self._keys(connector, source, user), now)
+
+    def _record_shared(self, keys: list[tuple[str, str, str]], now: float) -> None:
+        assert self.shared is not None
+        window, share_ip = self._window, self.share_ip
+        shared_keys = {key_digest(*k): k for k in keys if k[1] == "user" or share_ip}
+        missed = self.shared.add(list(shared_keys), now) if shared_keys else []
         if missed:
             self._degraded("it is full or its lock was held too long")
         for key in keys:
