@@ -157,16 +157,24 @@ def test_rate_limiter_counts_users_in_the_shared_table_and_addresses_when_told(
     w0.record(ip, "127.0.0.5", T0)  # an address is on one worker: counted there only
     assert not w0.allowed(ip, "127.0.0.5", T0)
     assert w1.allowed(ip, "127.0.0.5", T0)
-    w0.share_ip = w1.share_ip = True  # ... unless its sessions may reach any worker
+    for w in (w0, w1):  # ... unless its sessions may reach any worker
+        w.share_addresses(unsteered=True)
     w0.record(ip, "127.0.0.9", T0)
     assert not w1.allowed(ip, "127.0.0.9", T0)
 
-    w1.share_ip = False  # All: the user key is shared, the address key is not
-    w0.share_ip = False
+    for w in (w0, w1):  # All: the user key is shared, the address key is not
+        w.share_addresses(unsteered=False)
     w0.record(both, "127.0.0.5", T0, user="printer")
     assert not w1.allowed(both, "127.0.0.6", T0, user="printer")  # the user, on another worker
     assert not w0.allowed(both, "127.0.0.5", T0, user="someone")  # the address, on its worker
     assert w1.allowed(both, "127.0.0.5", T0, user="someone")
+
+    for w in (w0, w1):  # trusted proxies: a client's address may reach any worker too
+        w.share_addresses(proxied=True)
+    w0.record(ip, "192.0.2.7", T0)
+    assert not w1.allowed(ip, "192.0.2.7", T0)
+    w1.share_addresses(proxied=False)
+    assert w1.allowed(ip, "192.0.2.7", T0)
 
 
 def test_rate_limiter_counts_alone_what_a_full_table_cannot_hold(

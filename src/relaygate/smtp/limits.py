@@ -161,9 +161,9 @@ class RateLimiter:
     supervisor gives them a table they all count in (`shared`, smtp/shared_rates.py), so a limit
     holds for the node whatever worker a session is on. It is used for the keys whose sessions can
     reach several workers: users always (smtp/steering.py keeps one *address* on one worker, not
-    one user); addresses only when `share_ip` is set (`worker_balance = "connection"`, or the
-    kernel refused the steering program), since otherwise all of an address's sessions are on
-    this worker and counting it here is exact and cheaper. The shared table counts in per-second
+    one user); addresses only when `share_ip` is set (`worker_balance = "connection"`, the
+    kernel refused the steering program, or trusted proxies: `share_addresses`), since otherwise
+    all of an address's sessions are on this worker and counting it here is exact and cheaper. The shared table counts in per-second
     buckets: a message counts for 60 to 61 seconds there (never less than the window). A key the
     shared table has no room for, or a message for which its lock could not be had, is counted
     here (logged once): the limit then holds per worker for that key, as before the table existed.
@@ -177,9 +177,26 @@ class RateLimiter:
         self._window = SlidingWindow(self.WINDOW)
         #: The node's table shared with the other workers, or None (one process: all local).
         self.shared = shared
-        #: Per-address keys in the shared table too: an address's sessions may reach any worker.
+        #: Per-address keys in the shared table too: an address's sessions may reach any worker
+        #: (`unsteered` or `proxied`, kept by `share_addresses`).
         self.share_ip = False
+        self._unsteered = False
+        self._proxied = False
         self._degraded_logged = False
+
+    def share_addresses(
+        self, *, unsteered: bool | None = None, proxied: bool | None = None
+    ) -> None:
+        """Whether an address's sessions may reach several workers: `unsteered`, a listener the
+        kernel does not steer by client address (`worker_balance = "connection"`, or the
+        program was refused); `proxied`, trusted proxies are configured (a client's address then
+        comes from the PROXY header, and the kernel steers by the proxy's: a client reaching the
+        relay through two proxies may reach two workers)."""
+        if unsteered is not None:
+            self._unsteered = unsteered
+        if proxied is not None:
+            self._proxied = proxied
+        self.share_ip = self._unsteered or self._proxied
 
     @staticmethod
     def _keys(

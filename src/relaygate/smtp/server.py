@@ -357,6 +357,8 @@ class ServerContext:
         self._banner_stamp = ""
         self.users = UserStore(users_path(config.server.data_dir, config.server.users_file))
         self.host_ips = host_ips()  # for relay_local_ips: the relay's own address literals
+        # A client's address from a PROXY header is not what the kernel steered by.
+        self.rates.share_addresses(proxied=bool(config.server.trusted_proxies))
 
     def select(self, local_ip: str, local_port: int, client_ip: str) -> Selection:
         """`select_connector` for the current config, remembered per (local, client) triple."""
@@ -587,7 +589,7 @@ class SmtpServer:
             if not steered:
                 # An address's sessions may reach any worker: its message rate is counted in the
                 # table the workers share (users' always are), not in this process.
-                self.ctx.rates.share_ip = True
+                self.ctx.rates.share_addresses(unsteered=True)
 
         async def on_connect(conn: Connection, admitted: _Admitted | None = None) -> None:
             task = asyncio.current_task()
