@@ -452,3 +452,82 @@ async def test_record_results_with_release_drops_the_owners_lease_in_the_same_wr
     assert got is not None
     assert got.lease_owner is None and got.lease_until is None
     assert got.recipients[0].status == DONE
+
+
+async def test_list_pages_with_a_cursor_in_the_query(store: Store) -> None:
+    """``after``: the next page starts past the last queue id of this one, in the query (a
+    queue id compared as text: upper-case hex sorts as the ids are made, time-ordered)."""
+    ids = [await store.submit(env(f"u{i}@x.example"), b"x") for i in range(7)]
+    assert ids == sorted(ids)
+    pages, after = [], None
+    while True:
+        page = [m.queue_id for m in await store.list_messages(limit=3, after=after)]
+        if not page:
+            break
+        pages.append(page)
+        after = page[-1]
+    assert pages == [ids[0:3], ids[3:6], ids[6:7]]
+    assert [m.queue_id for m in await store.list_messages(after=ids[2].lower())] == ids[3:]
+    await store.set_flags(ids[4], suspended=True)
+    await store.set_flags(ids[1], suspended=True)
+    suspended = await store.list_messages(status="Suspended", after=ids[1])
+    assert [m.queue_id for m in suspended] == [ids[4]]
+    assert await store.list_messages(after="F" * 16) == []
+    for bad in ("", "123", "G" * 16, ids[0] + "0", "' OR 1=1 --"):
+        with pytest.raises(ValueError, match="after"):
+            await store.list_messages(after=bad)
+
+
+async def test_list_filters_on_sender_and_recipients(store: Store) -> None:
+    from relaygate.queue.store import AddressPattern
+
+    def p(text: str) -> AddressPattern:
+        return AddressPattern.parse(text)
+
+    scan1 = await store.submit(env("a@corp.example", sender="Scan1@Scanners.Corp.Example"), b"1")
+    erp = await store.submit(
+        env("b@other.example", "a@corp.example", sender="erp@corp.example"), b"2"
+    )
+    null = await store.submit(env("c@corp.example", sender=""), b"3")
+    scan2 = await store.submit(env("d@x.example", sender="scan2@scanners.corp.example"), b"4")
+    odd = await store.submit(env("e%_@x.example", sender="o%d_d@corp.example"), b"5")
+    await store.record_results(erp, "n", [RecipientState("a@corp.example", DONE, 1)])
+
+    async def ids(**kw: object) -> list[str]:
+        return [m.queue_id for m in await store.list_messages(**kw)]  # type: ignore[arg-type]
+
+    assert await ids(sender=p("scan1@scanners.corp.example")) == [scan1]  # any ASCII case
+    assert await ids(sender=p("*@SCANNERS.corp.example")) == [scan1, scan2]
+    assert await ids(sender=p("scan*")) == [scan1, scan2]
+    assert await ids(sender=p("*corp*")) == [scan1, erp, scan2, odd]
+    assert await ids(sender=p("<>")) == [null]
+    assert await ids(sender=p("*")) == [scan1, erp, null, scan2, odd]
+    # % and _ are not wildcards: only * is
+    assert await ids(sender=p("o%d_d@*")) == [odd]
+    assert await ids(sender=p("o_d%*")) == []
+    assert await ids(sender=p("oxdxd@corp.example")) == []
+    # any recipient, whatever its status (a@corp.example is Delivered in erp)
+    assert await ids(recipient=p("a@corp.example")) == [scan1, erp]
+    assert await ids(recipient=p("*@corp.example")) == [scan1, erp, null]
+    assert await ids(recipient=p("e%_@*")) == [odd]
+    assert await ids(recipient=p("e__@*")) == []
+    # combined with each other, the status, the cursor and the limit
+    assert await ids(sender=p("*@scanners.corp.example"), recipient=p("d@*")) == [scan2]
+    assert await ids(recipient=p("*@corp.example"), status="Ready") == [scan1, erp, null]
+    assert await ids(recipient=p("*@corp.example"), after=scan1, limit=1) == [erp]
+    assert await ids(sender=p("*corp*"), after=erp, limit=2) == [scan2, odd]
+    # a message is listed once however many recipients match
+    assert await ids(recipient=p("*")) == [scan1, erp, null, scan2, odd]
+
+
+def test_address_patterns_are_checked() -> None:
+    from relaygate.queue.store import AddressPattern
+
+    for bad in ("", "  ", "a*b@x", "*a*b*", "a b@x", "a\x00@x", "<>>"):
+        with pytest.raises(ValueError, match="^from"):
+            AddressPattern.parse(bad, name="from")
+    pattern = AddressPattern.parse("*@Scanners.CORP.example")
+    assert pattern.matches("scan1@scanners.corp.example")
+    assert not pattern.matches("scan1@scanners.corp.example.evil")
+    assert AddressPattern.parse("<Scan1@x>").matches("scan1@X")
+    assert AddressPattern.parse("<>").matches("") and not AddressPattern.parse("<>").matches("a")

@@ -52,6 +52,7 @@ from .model import (
     submitted_recipients,
 )
 from .store import (
+    AddressPattern,
     CorruptMessageError,
     MessageInFlightError,
     Store,
@@ -59,6 +60,7 @@ from .store import (
     StoreError,
     StoreFullError,
     StoreOutcomeUnknownError,
+    check_after,
 )
 
 __all__ = ["PostgresStore", "redact_url"]
@@ -208,6 +210,41 @@ def _wrap_error(exc: psycopg.Error, url: str) -> StoreError:
         err = StoreError(f"queue database error: {reason}")
     err.__cause__ = exc
     return err
+
+
+#: ASCII-only lower-casing, as SQLite's lower() (whatever the database's locale and collation).
+_ASCII_LOWER = "translate({}, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')"
+
+
+def _list_filters(
+    status: str | None,
+    after: str | None,
+    sender: AddressPattern | None,
+    recipient: AddressPattern | None,
+) -> tuple[str, list[Any]]:
+    """The WHERE clause of ``list_messages`` and its parameters."""
+    clauses: list[str] = []
+    args: list[Any] = []
+    if status is not None:
+        clauses.append("status = %s")
+        args.append(parse_status(status).value)
+    after = check_after(after)
+    if after is not None:
+        clauses.append("queue_id > %s")
+        args.append(after)
+    for pattern, column in ((sender, "sender"), (recipient, "r.address")):
+        if pattern is None:
+            continue
+        test = _ASCII_LOWER.format(column) + (" LIKE %s ESCAPE '\\'" if pattern.like else " = %s")
+        if column == "sender":
+            clauses.append(test)
+        else:
+            clauses.append(
+                f"EXISTS (SELECT 1 FROM recipients r WHERE r.queue_id = messages.queue_id "
+                f"AND {test})"
+            )
+        args.append(pattern.sql_value)
+    return ("WHERE " + " AND ".join(clauses) if clauses else ""), args
 
 
 async def _load(conn: Conn, ids: Sequence[str]) -> list[StoredMessage]:
@@ -771,22 +808,21 @@ class PostgresStore(Store):
         return await self._tx(run, readonly=True)
 
     async def list_messages(
-        self, *, limit: int = 1000, status: str | None = None
+        self,
+        *,
+        limit: int = 1000,
+        status: str | None = None,
+        after: str | None = None,
+        sender: AddressPattern | None = None,
+        recipient: AddressPattern | None = None,
     ) -> list[StoredMessage]:
-        wanted = None if status is None else parse_status(status).value
+        where, args = _list_filters(status, after, sender, recipient)
         if limit <= 0:
             return []
+        sql = f"SELECT queue_id FROM messages {where} ORDER BY queue_id LIMIT %s"
 
         async def run(conn: Conn) -> list[StoredMessage]:
-            if wanted is None:
-                cur = await conn.execute(
-                    "SELECT queue_id FROM messages ORDER BY queue_id LIMIT %s", (limit,)
-                )
-            else:
-                cur = await conn.execute(
-                    "SELECT queue_id FROM messages WHERE status = %s ORDER BY queue_id LIMIT %s",
-                    (wanted, limit),
-                )
+            cur = await conn.execute(sql, (*args, limit))
             return await _load(conn, [r[0] for r in await cur.fetchall()])
 
         return await self._tx(run, readonly=True)

@@ -61,6 +61,7 @@ from .model import (
 )
 from .spool import SPOOL_THRESHOLD, Spool, fsync_dir
 from .store import (
+    AddressPattern,
     CorruptMessageError,
     MessageInFlightError,
     Store,
@@ -68,6 +69,7 @@ from .store import (
     StoreError,
     StoreFullError,
     StoreOutcomeUnknownError,
+    check_after,
     open_store,
 )
 
@@ -237,6 +239,36 @@ def _load_ids(conn: sqlite3.Connection, ids: Sequence[str]) -> list[StoredMessag
         ):
             rows[row[0]] = row
     return _load_messages(conn, [rows[i] for i in ids if i in rows])
+
+
+def _list_filters(
+    status: str | None,
+    after: str | None,
+    sender: AddressPattern | None,
+    recipient: AddressPattern | None,
+) -> tuple[str, list[Any]]:
+    """The WHERE clause of ``list_messages`` and its parameters. ``lower()`` is SQLite's own,
+    which lower-cases ASCII letters only (as :func:`relaygate.queue.store.ascii_lower`)."""
+    clauses: list[str] = []
+    args: list[Any] = []
+    if status is not None:
+        clauses.append("status = ?")
+        args.append(parse_status(status).value)
+    after = check_after(after)
+    if after is not None:
+        clauses.append("queue_id > ?")
+        args.append(after)
+    if sender is not None:
+        clauses.append("lower(sender) LIKE ? ESCAPE '\\'" if sender.like else "lower(sender) = ?")
+        args.append(sender.sql_value)
+    if recipient is not None:
+        test = "LIKE ? ESCAPE '\\'" if recipient.like else "= ?"
+        clauses.append(
+            "EXISTS (SELECT 1 FROM recipients r WHERE r.queue_id = messages.queue_id "
+            f"AND lower(r.address) {test})"
+        )
+        args.append(recipient.sql_value)
+    return ("WHERE " + " AND ".join(clauses) if clauses else ""), args
 
 
 class SqliteStore(Store):
@@ -1089,21 +1121,19 @@ class SqliteStore(Store):
         return await self._read(run)
 
     async def list_messages(
-        self, *, limit: int = 1000, status: str | None = None
+        self,
+        *,
+        limit: int = 1000,
+        status: str | None = None,
+        after: str | None = None,
+        sender: AddressPattern | None = None,
+        recipient: AddressPattern | None = None,
     ) -> list[StoredMessage]:
-        wanted = None if status is None else parse_status(status).value
+        where, args = _list_filters(status, after, sender, recipient)
+        sql = f"SELECT {_MSG_COLS} FROM messages {where} ORDER BY queue_id LIMIT ?"
 
         def run(conn: sqlite3.Connection) -> list[StoredMessage]:
-            if wanted is None:
-                rows = conn.execute(
-                    f"SELECT {_MSG_COLS} FROM messages ORDER BY queue_id LIMIT ?", (limit,)
-                ).fetchall()
-            else:
-                rows = conn.execute(
-                    f"SELECT {_MSG_COLS} FROM messages WHERE status = ? ORDER BY queue_id LIMIT ?",
-                    (wanted, limit),
-                ).fetchall()
-            return _load_messages(conn, rows)
+            return _load_messages(conn, conn.execute(sql, (*args, limit)).fetchall())
 
         if limit <= 0:
             return []

@@ -25,13 +25,16 @@ Contract highlights
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from .model import Envelope, RecipientState, StoredMessage
 
 __all__ = [
+    "AddressPattern",
     "CorruptMessageError",
     "MessageInFlightError",
     "Store",
@@ -39,8 +42,92 @@ __all__ = [
     "StoreError",
     "StoreFullError",
     "StoreOutcomeUnknownError",
+    "ascii_lower",
+    "check_after",
     "open_store",
 ]
+
+_QUEUE_ID = re.compile(r"^[0-9A-Fa-f]{16}$")
+_ASCII_UPPER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def ascii_lower(text: str) -> str:
+    """Lower-case the ASCII letters only (what SQLite's ``lower()`` does, and what the
+    PostgreSQL store does with ``translate``): the same answer on both engines whatever the
+    database's locale; other letters are compared exactly."""
+    return text.translate(_ASCII_UPPER)
+
+
+def check_after(after: str | None) -> str | None:
+    """The ``after`` cursor of ``list_messages``: a queue id (16 hex digits), upper-cased.
+    ``ValueError`` for anything else."""
+    if after is None:
+        return None
+    text = after.strip()
+    if not _QUEUE_ID.match(text):
+        raise ValueError(f"after must be a queue id (16 hex digits), not {after!r}")
+    return text.upper()
+
+
+@dataclass(frozen=True, slots=True)
+class AddressPattern:
+    """An address filter as Get-Message -Filter takes them (``FromAddress -like``): an address,
+    matched exactly, or with ``*`` at its start and/or end (``*@scanners.corp.example``,
+    ``scanner@*``, ``*invoice*``); ``<>`` is the null sender. ASCII letters match in any case.
+
+    ``text`` is the (ascii-lower-cased) address or the part between the stars; ``prefix`` /
+    ``suffix``: a star stood at the start / at the end. A store compares :attr:`sql_value`
+    with ``=`` (when not :attr:`like`) or ``LIKE ... ESCAPE '\\'`` against the ascii-lower-cased
+    column (:func:`ascii_lower`)."""
+
+    text: str
+    prefix: bool = False
+    suffix: bool = False
+
+    @classmethod
+    def parse(cls, pattern: str, *, name: str = "pattern") -> AddressPattern:
+        """``ValueError`` naming ``name`` for an empty pattern, a ``*`` inside, spaces or
+        control characters."""
+        text = pattern.strip()
+        if text == "<>":
+            return cls("")
+        if text.startswith("<") and text.endswith(">"):
+            text = text[1:-1].strip()
+        if not text:
+            raise ValueError(f"{name} must be an address or a pattern like *@example.com")
+        if any(ord(c) <= 0x20 or c in "\x7f<>" for c in text):
+            raise ValueError(
+                f"{name} {pattern!r}: spaces, control characters, '<' and '>' are not allowed"
+            )
+        core = text.strip("*")
+        if "*" in core:
+            raise ValueError(
+                f"{name} {pattern!r}: '*' may only stand at the start or the end "
+                "(like *@example.com or scanner@*)"
+            )
+        return cls(ascii_lower(core), text.startswith("*"), text.endswith("*"))
+
+    @property
+    def like(self) -> bool:
+        return self.prefix or self.suffix
+
+    @property
+    def sql_value(self) -> str:
+        if not self.like:
+            return self.text
+        escaped = self.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        return ("%" if self.prefix else "") + escaped + ("%" if self.suffix else "")
+
+    def matches(self, address: str) -> bool:
+        """The same test in Python."""
+        value = ascii_lower(address)
+        if self.prefix and self.suffix:
+            return self.text in value
+        if self.prefix:
+            return value.endswith(self.text)
+        if self.suffix:
+            return value.startswith(self.text)
+        return value == self.text
 
 
 class StoreError(Exception):
@@ -114,11 +201,22 @@ class Store(Protocol):
         ...
 
     async def list_messages(
-        self, *, limit: int = 1000, status: str | None = None
+        self,
+        *,
+        limit: int = 1000,
+        status: str | None = None,
+        after: str | None = None,
+        sender: AddressPattern | None = None,
+        recipient: AddressPattern | None = None,
     ) -> list[StoredMessage]:
-        """Messages in queue-id (arrival) order. ``status`` filters on the message status
-        (:attr:`StoredMessage.status`): Ready, Retry, Suspended, Delivered or Failed, any case;
-        ``ValueError`` for anything else."""
+        """Up to ``limit`` messages in queue-id (arrival) order. ``status`` filters on the message
+        status (:attr:`StoredMessage.status`): Ready, Retry, Suspended, Delivered or Failed, any
+        case; ``ValueError`` for anything else. ``after``: only messages whose queue id is greater
+        (the cursor of the next page: the last queue id of this one; see :func:`check_after`,
+        ``ValueError`` if it is not a queue id). ``sender``: the envelope sender matches
+        (:class:`AddressPattern`, ``""`` for ``<>``); ``recipient``: at least one recipient,
+        whatever its status, matches. All filters are in the query (``queue_id > ? ... ORDER BY
+        queue_id LIMIT ?``), never applied to a larger result afterwards."""
         ...
 
     async def lease_due(
