@@ -9,11 +9,28 @@ A message is shown with Exchange's ``Get-Message`` / ``Get-Queue`` field names: 
 ``NextRetryTime``, ``Size``, ``FromAddress``, ``Recipients`` (each with its own status and last
 response), ``DateReceived``, ``ExpirationTime``, ``MessageId``. Times are ISO 8601 in UTC.
 
-Operations (Exchange counterpart): ``list_messages`` (Get-Message), ``show`` (Get-Message
--IncludeRecipientInfo), ``retry`` (Retry-Queue / Resubmit: every unfinished recipient is due now,
-routing is done again), ``suspend`` / ``resume`` (Suspend-Message / Resume-Message), ``remove``
-(Remove-Message [-WithNDR]: the unfinished recipients get ``550 4.3.2 QUEUE.Admin; message deleted
-by administrative action``).
+Operations (Exchange counterpart): ``list_messages`` / ``list_page`` (Get-Message [-Filter], a
+page at a time: see below), ``show`` (Get-Message -IncludeRecipientInfo), ``retry`` (Retry-Queue /
+Resubmit: every unfinished recipient is due now, routing is done again), ``suspend`` / ``resume``
+(Suspend-Message / Resume-Message), ``remove`` (Remove-Message [-WithNDR]: the unfinished
+recipients get ``550 4.3.2 QUEUE.Admin; message deleted by administrative action``), ``queues``
+(Get-Queue: the delivery queues), ``retry_queue`` (Retry-Queue -Identity SERVER\\NextHop; on the
+Unreachable queue, Retry-Queue -Resubmit).
+
+Paging and filters (``list_page``): messages come in queue-id order (arrival order: queue ids are
+time-ordered); ``after`` (a queue id) starts past it, and a page's ``next_after`` is where the next
+one starts (None: nothing further). ``sender`` / ``recipient`` (``*`` at the start or end,
+`relaygate.queue.store.AddressPattern`), the cursor and a stored status (Ready, Retry, Suspended,
+Delivered, Failed) are in the store's query. What is derived from the lease or from routing (the
+Active and Unreachable statuses, ``queue``: the delivery queue of an unfinished recipient, as
+``message_view`` computes it with the current send connectors) is tested here on the messages the
+store returns, at most MAX_LIST_LIMIT of them per call: when that many were looked at before the
+page was full, the page is returned with ``next_after`` at the last message looked at.
+
+A delivery queue (``queue_view``) is named as Exchange names them: the recipient domain for DNS
+delivery, the smart-host list for smart-host delivery (``[10.0.0.5]``, ``smtp.office365.com``),
+``Unreachable`` when no send connector matches. A message whose recipients go to two next hops is
+in both queues (Exchange bifurcates it).
 """
 
 from __future__ import annotations
@@ -21,6 +38,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,17 +47,20 @@ from relaygate.delivery.routing import DELIVERY_UNREACHABLE, explain_route
 from relaygate.queue.bounce import DsnRecipient, header_value
 from relaygate.queue.model import FINAL_STATUSES, PENDING_STATUSES, RecipientStatus, StoredMessage
 from relaygate.queue.retry import RetrySchedule
-from relaygate.queue.store import MessageInFlightError, Store
+from relaygate.queue.store import AddressPattern, MessageInFlightError, Store
 
 __all__ = [
     "MAX_LIST_LIMIT",
     "MESSAGE_STATUSES",
+    "QUEUE_STATUSES",
     "Conflict",
+    "MessagePage",
     "NotFound",
     "QueueControl",
     "iso_time",
     "message_view",
     "normalise_id",
+    "queue_name",
 ]
 
 #: What ``Status`` can say, and what ``list_messages(status=...)`` filters on.
@@ -53,8 +74,19 @@ MESSAGE_STATUSES = (
     "Failed",
 )
 
-#: The most messages one ``list_messages`` call returns (and scans for a derived status).
+#: The most messages one ``list_messages`` call returns (and scans for a derived status or the
+#: delivery queue); also what ``queues`` and ``retry_queue`` look at, at most.
 MAX_LIST_LIMIT = 100_000
+
+#: What a delivery queue's ``Status`` can say (``queues``): Active (a message of it is being
+#: delivered now), Ready (something in it is due), Retry (everything in it waits for a later
+#: attempt), Suspended (every message in it is suspended).
+QUEUE_STATUSES = ("Active", "Ready", "Retry", "Suspended")
+
+#: Messages read from the store at a time when a filter is applied here.
+_SCAN_CHUNK = 500
+#: The stored statuses of unfinished messages (Active is Ready or Retry under a live lease).
+_UNFINISHED = ("Ready", "Retry", "Suspended")
 
 _QUEUE_ID = re.compile(r"^[0-9A-F]{16}$")
 
@@ -74,6 +106,113 @@ def normalise_id(identity: str) -> str:
     if not _QUEUE_ID.match(qid):
         raise NotFound(f"{identity!r} is not a message identity (SERVER\\QueueId, 16 hex digits)")
     return qid
+
+
+def queue_name(identity: str, server: str) -> str:
+    """``RELAY01\\[10.0.0.5]``, ``[10.0.0.5]``, ``unreachable`` → the delivery queue's name
+    (``Unreachable`` spelt as Exchange does). ``ValueError`` naming ``queue`` when it is empty
+    or names another server."""
+    text = identity.strip().replace("/", "\\")
+    if "\\" in text:
+        node, _, text = text.partition("\\")
+        if node.strip().lower() != server.lower():
+            raise ValueError(
+                f"queue {identity!r} is on server {node.strip()!r}; this server is {server}"
+            )
+        text = text.strip()
+    if not text or "\\" in text:
+        raise ValueError(
+            "queue must be a delivery queue: its NextHopDomain (a domain, a smart-host list "
+            f"such as [10.0.0.5]) or Unreachable, optionally as {server}\\NAME"
+        )
+    return DELIVERY_UNREACHABLE if text.lower() == DELIVERY_UNREACHABLE.lower() else text
+
+
+def _cursor(after: str | None) -> str | None:
+    if after is None or not after.strip():
+        return None
+    try:
+        return normalise_id(after)
+    except NotFound:
+        raise ValueError(
+            f"after must be a message identity (SERVER\\QueueId, 16 hex digits), not {after!r}"
+        ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class MessagePage:
+    """One page of ``list_page``: the messages (``message_view``) and where the next page
+    starts (``after=next_after``); ``next_after`` is None when nothing follows. ``scanned``: how
+    many messages were read from the store to fill it."""
+
+    messages: list[dict[str, Any]]
+    next_after: str | None
+    scanned: int
+
+
+def _in_queue(view: dict[str, Any], name: str) -> bool:
+    wanted = name.lower()
+    return any(
+        r["Status"] not in _FINAL_VIEW and str(r["NextHopDomain"]).lower() == wanted
+        for r in view["Recipients"]
+    )
+
+
+_FINAL_VIEW = tuple(s.value for s in FINAL_STATUSES)
+
+
+class _QueueTally:
+    """What ``queues`` gathers about one delivery queue."""
+
+    def __init__(self, next_hop: str, delivery_type: str, connector: str) -> None:
+        self.next_hop = next_hop
+        self.delivery_type = delivery_type
+        self.connector = connector
+        self.messages: set[str] = set()
+        self.statuses: set[str] = set()
+        self.recipients = 0
+        self.due = False
+        self.retry_times: list[float] = []
+        self.last_attempt: float | None = None
+        self.last_error = ""
+
+    def add(self, msg: StoredMessage, status: str, r: Any, now: float) -> None:
+        self.messages.add(msg.queue_id)
+        self.statuses.add(status)
+        self.recipients += 1
+        if status != "Suspended" and r.status != RecipientStatus.SUSPENDED:
+            if r.next_attempt is None or r.next_attempt <= now:
+                self.due = True
+            else:
+                self.retry_times.append(r.next_attempt)
+        if r.last_attempt is not None and (
+            self.last_attempt is None or r.last_attempt >= self.last_attempt
+        ):
+            self.last_attempt = r.last_attempt
+            self.last_error = r.last_error or self.last_error
+
+    def view(self, server: str, now: float) -> dict[str, Any]:
+        """A queue as Get-Queue shows it."""
+        if "Active" in self.statuses:
+            status = "Active"
+        elif self.statuses == {"Suspended"}:
+            status = "Suspended"
+        elif self.due:
+            status = "Ready"
+        else:
+            status = "Retry"
+        return {
+            "Identity": f"{server}\\{self.next_hop}",
+            "DeliveryType": self.delivery_type,
+            "NextHopDomain": self.next_hop,
+            "SendConnector": self.connector,
+            "Status": status,
+            "MessageCount": len(self.messages),
+            "RecipientCount": self.recipients,
+            "NextRetryTime": iso_time(min(self.retry_times)) if self.retry_times else None,
+            "LastRetryTime": iso_time(self.last_attempt),
+            "LastError": self.last_error,
+        }
 
 
 def iso_time(ts: float | None) -> str | None:
@@ -223,9 +362,42 @@ class QueueControl:
         return msg
 
     async def list_messages(
-        self, *, status: str | None = None, limit: int = 1000
+        self,
+        *,
+        status: str | None = None,
+        limit: int = 1000,
+        after: str | None = None,
+        sender: str | None = None,
+        recipient: str | None = None,
+        queue: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Messages in arrival order; ``status`` is one of MESSAGE_STATUSES (any case)."""
+        """Messages in arrival order; ``status`` is one of MESSAGE_STATUSES (any case). The other
+        arguments are those of ``list_page``."""
+        page = await self.list_page(
+            status=status,
+            limit=limit,
+            after=after,
+            sender=sender,
+            recipient=recipient,
+            queue=queue,
+        )
+        return page.messages
+
+    async def list_page(
+        self,
+        *,
+        status: str | None = None,
+        limit: int = 1000,
+        after: str | None = None,
+        sender: str | None = None,
+        recipient: str | None = None,
+        queue: str | None = None,
+    ) -> MessagePage:
+        """Up to ``limit`` messages past ``after`` (a message identity) in arrival order, with
+        Get-Message's filters: ``status`` (MESSAGE_STATUSES), ``sender`` (FromAddress) and
+        ``recipient`` (any recipient): an address or ``*@domain`` / ``name@*`` (any ASCII case;
+        ``<>`` is the null sender); ``queue``: a delivery queue, as ``queue_name`` reads it.
+        ``ValueError`` naming the parameter (status, after, from, to, queue) for a bad value."""
         wanted = None
         if status:
             matches = [s for s in MESSAGE_STATUSES if s.lower() == status.strip().lower()]
@@ -234,19 +406,49 @@ class QueueControl:
                     f"unknown status {status!r}; use one of {', '.join(MESSAGE_STATUSES)}"
                 )
             wanted = matches[0]
-        # Store-level filter where it is exact; Active/Unreachable are derived views.
-        store_status = wanted if wanted in ("Delivered", "Failed", "Suspended") else None
-        if wanted in ("Unreachable",):
-            store_status = "Retry"
-        messages = await self.store.list_messages(
-            limit=limit if store_status or not wanted else MAX_LIST_LIMIT, status=store_status
-        )
-        now = self.clock()
+        cursor = _cursor(after)
         config = self.config
-        out = [message_view(m, config, now=now) for m in messages]
-        if wanted:
-            out = [v for v in out if v["Status"] == wanted]
-        return out[:limit]
+        filters: dict[str, Any] = {
+            "sender": None if sender is None else AddressPattern.parse(sender, name="from"),
+            "recipient": (
+                None if recipient is None else AddressPattern.parse(recipient, name="to")
+            ),
+        }
+        hop = None if queue is None else queue_name(queue, str(config.server.name))
+        # The store filters on the stored status. Active (a live lease: a stored Ready or Retry)
+        # and Unreachable (a stored Retry whose unfinished recipients have no route) are derived
+        # from it here, and so are Ready and Retry (which are not Active).
+        store_status = {"Active": None, "Unreachable": "Retry"}.get(wanted or "", wanted)
+        filters["status"] = store_status
+        now = self.clock()
+        if limit <= 0:
+            return MessagePage([], None, 0)
+        if hop is None and wanted in (None, "Suspended", "Delivered", "Failed"):
+            # Every filter is in the query: one more than the page says whether one follows.
+            found = await self.store.list_messages(limit=limit + 1, after=cursor, **filters)
+            views = [message_view(m, config, now=now) for m in found[:limit]]
+            more = len(found) > limit
+            return MessagePage(views, views[-1]["QueueId"] if more else None, len(found))
+        out: list[dict[str, Any]] = []
+        scanned = 0
+        while scanned < MAX_LIST_LIMIT:
+            chunk = min(_SCAN_CHUNK, MAX_LIST_LIMIT - scanned)
+            found = await self.store.list_messages(limit=chunk, after=cursor, **filters)
+            for m in found:
+                scanned += 1
+                cursor = m.queue_id
+                view = message_view(m, config, now=now)
+                if wanted and view["Status"] != wanted:
+                    continue
+                if hop is not None and not _in_queue(view, hop):
+                    continue
+                if len(out) == limit:  # a match past the page: there is a next one
+                    return MessagePage(out, out[-1]["QueueId"], scanned)
+                out.append(view)
+            if len(found) < chunk:
+                return MessagePage(out, None, scanned)
+        # MAX_LIST_LIMIT messages looked at: the caller goes on from the last one.
+        return MessagePage(out, cursor, scanned)
 
     async def show(self, identity: str) -> dict[str, Any]:
         msg = await self._get(identity)
@@ -354,6 +556,95 @@ class QueueControl:
                 )
         view["Status"] = "Removed"
         return {"Removed": view, "WithNdr": with_ndr, "NdrQueueId": ndr_id}
+
+    async def _unfinished(self) -> tuple[list[StoredMessage], bool]:
+        """The messages not yet Delivered/Failed, in arrival order, at most MAX_LIST_LIMIT of
+        them; and whether there were more."""
+        found: list[StoredMessage] = []
+        for status in _UNFINISHED:
+            room = MAX_LIST_LIMIT - len(found)
+            found += await self.store.list_messages(limit=room + 1, status=status)
+            if len(found) > MAX_LIST_LIMIT:
+                break
+        found.sort(key=lambda m: m.queue_id)
+        return found[:MAX_LIST_LIMIT], len(found) > MAX_LIST_LIMIT
+
+    async def queues(self) -> dict[str, Any]:
+        """Get-Queue: ``{"server", "queues": [queue_view...], "truncated"}``, the delivery
+        queues with messages in them, by name; ``truncated``: more than MAX_LIST_LIMIT
+        unfinished messages, and the first MAX_LIST_LIMIT were counted."""
+        messages, truncated = await self._unfinished()
+        config = self.config
+        server = str(config.server.name)
+        now = self.clock()
+        groups: dict[str, _QueueTally] = {}
+        for msg in messages:
+            view = message_view(msg, config, now=now)
+            for state, r in zip(msg.recipients, view["Recipients"], strict=True):
+                if state.status in FINAL_STATUSES or not r["NextHopDomain"]:
+                    continue
+                tally = groups.get(r["NextHopDomain"])
+                if tally is None:
+                    tally = groups[r["NextHopDomain"]] = _QueueTally(
+                        r["NextHopDomain"], r["DeliveryType"], r["SendConnector"]
+                    )
+                tally.add(msg, view["Status"], state, now)
+        queues = [groups[k].view(server, now) for k in sorted(groups, key=str.lower)]
+        return {"server": server, "queues": queues, "truncated": truncated}
+
+    async def queue(self, identity: str) -> dict[str, Any]:
+        """One delivery queue (``queue_view``); NotFound when it holds no message."""
+        name = self._queue_identity(identity)
+        for view in (await self.queues())["queues"]:
+            if view["NextHopDomain"].lower() == name.lower():
+                return view
+        raise NotFound(f"queue {identity} not found: no message waits in it")
+
+    def _queue_identity(self, identity: str) -> str:
+        try:
+            return queue_name(identity, str(self.config.server.name))
+        except ValueError as exc:
+            raise NotFound(str(exc)) from None
+
+    async def retry_queue(self, identity: str) -> dict[str, Any]:
+        """Retry-Queue: every message with an unfinished recipient in the queue is due now
+        (``retry_now``: all its unfinished recipients, in this queue or another). The delivery
+        run routes each recipient again, so on the Unreachable queue this is Retry-Queue
+        -Resubmit: a send connector added since takes them. Suspended messages stay as they
+        are (Resume-Message them). NotFound when the queue holds no message."""
+        name = self._queue_identity(identity)
+        messages, _truncated = await self._unfinished()
+        config = self.config
+        now = self.clock()
+        retried: list[str] = []
+        suspended: list[str] = []
+        found = False
+        for msg in messages:
+            view = message_view(msg, config, now=now)
+            if not _in_queue(view, name):
+                continue
+            found = True
+            if msg.suspended or view["Status"] == "Suspended":
+                suspended.append(msg.queue_id)
+                continue
+            try:
+                await self.store.retry_now(msg.queue_id)
+            except KeyError:  # removed meanwhile
+                continue
+            retried.append(msg.queue_id)
+        if not found:
+            raise NotFound(f"queue {identity} not found: no message waits in it")
+        if retried and self.manager is not None:
+            self.manager.wake()
+        server = str(config.server.name)
+        return {
+            "Identity": f"{server}\\{name}",
+            "NextHopDomain": name,
+            "Resubmit": name == DELIVERY_UNREACHABLE,
+            "RetriedCount": len(retried),
+            "Retried": [f"{server}\\{q}" for q in retried],
+            "SuspendedCount": len(suspended),
+        }
 
     async def counts(self) -> dict[str, int]:
         return await self.store.counts()

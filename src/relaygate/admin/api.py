@@ -2,18 +2,53 @@
 
 Routes (JSON unless said otherwise):
 
-=========================================  ==================================================
-``GET /api/queue[?status=Retry&limit=N]``  messages (``relaygate.control.message_view``),
-                                           N from 0 to 100000 (default 1000)
-``GET /api/queue/{id}``                    one message with per-recipient detail and Subject
-``POST /api/queue/{id}/retry``             Retry-Queue / Resubmit
-``POST /api/queue/{id}/suspend``           Suspend-Message
-``POST /api/queue/{id}/resume``            Resume-Message
-``DELETE /api/queue/{id}[?with_ndr=true]`` Remove-Message [-WithNDR]
-``GET /api/queue/summary``                 message counts by status
-``GET /api/health``, ``GET /healthz``      liveness: 200 when the store answers, else 503
-``GET /metrics``                           Prometheus text format
-=========================================  ==================================================
+==============================================  ============================================
+``GET /api/queue[?status=&limit=&after=...]``   messages (``relaygate.control.message_view``),
+                                                oldest first; see "Paging and filters"
+``GET /api/queue/{id}``                         one message with per-recipient detail and
+                                                Subject
+``POST /api/queue/{id}/retry``                  Retry-Queue / Resubmit (one message)
+``POST /api/queue/{id}/suspend``                Suspend-Message
+``POST /api/queue/{id}/resume``                 Resume-Message
+``DELETE /api/queue/{id}[?with_ndr=true]``      Remove-Message [-WithNDR]
+``GET /api/queue/summary``                      message counts by status
+``GET /api/queues``                             Get-Queue: the delivery queues
+``GET /api/queues/{queue}``                     one delivery queue
+``POST /api/queues/{queue}/retry``              Retry-Queue -Identity SERVER\\NextHop (on
+                                                ``Unreachable``: Retry-Queue -Resubmit)
+``GET /api/health``, ``GET /healthz``           liveness: 200 when the store answers, else 503
+``GET /metrics``                                Prometheus text format
+==============================================  ============================================
+
+Paging and filters (``GET /api/queue``, Get-Message -Filter): ``limit`` from 0 to 100000 (default
+1000); ``after``: a message identity, the list starts past it (queue ids are time-ordered, so this
+is arrival order); ``status``: Active, Ready, Retry, Suspended, Unreachable, Delivered or Failed;
+``from``: the FromAddress and ``to``: any recipient, each an address or a pattern with ``*`` at its
+start or end (``*@scanners.corp.example``, ``scanner@*``), ASCII letters in any case, ``<>`` for
+the null sender; ``queue``: the delivery queue (its NextHopDomain as a message shows it, e.g.
+``[10.0.0.5]`` or ``example.com``, or ``Unreachable``; ``SERVER\\`` before it is allowed). The
+response stays the object it was, ``{"server": ..., "messages": [...]}``, with one key added:
+``"next_after"``, the value of ``after`` for the next page, or null when nothing follows; when
+there is a next page a ``Link: </api/queue?...&after=ID>; rel="next"`` header says the same
+(RFC 8288). Chosen over a bare list plus a header because the body already was an object
+(clients read ``messages``), and an added key breaks none of them. The cursor, the status,
+``from`` and ``to`` are in the store's query; Active, Unreachable and ``queue`` are worked out
+from the lease and from routing for each message the store returns, at most 100000 of them per
+request: if that many were looked at before the page was full, the page comes back shorter, with
+``next_after`` at the last message looked at. A bad value is a 400 whose error names the
+parameter.
+
+Get-Queue (``GET /api/queues``): ``{"server", "queues": [...], "truncated"}``, one entry per
+delivery queue with messages in it: ``Identity`` (``SERVER\\NextHopDomain``), ``DeliveryType``
+(SmartHostConnectorDelivery, DnsConnectorDelivery, Unreachable), ``NextHopDomain``,
+``SendConnector``, ``Status`` (Active: a message of it is being delivered; Ready: something in it
+is due; Retry: all of it waits for a later attempt; Suspended: all its messages are suspended),
+``MessageCount``, ``RecipientCount``, ``NextRetryTime``, ``LastRetryTime``, ``LastError``.
+``truncated`` is true when more than 100000 messages are unfinished (the first 100000 were
+counted). ``POST /api/queues/{queue}/retry`` makes every message with a recipient in that queue due
+now (all its unfinished recipients), except suspended ones, and answers ``{"Identity",
+"NextHopDomain", "Resubmit", "RetriedCount", "Retried": [message identities], "SuspendedCount"}``;
+404 when no message waits in the queue.
 
 ``{id}`` is ``SERVER\\QueueId`` (URL-encoded) or the bare queue id. Errors are
 ``{"error": "...", "status": N}`` with 400/401/403/404/409/429/503.
@@ -41,7 +76,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -410,18 +445,48 @@ def create_app(
     started = time.time()
 
     async def queue_list(request: Request) -> Response:
-        status = request.query_params.get("status")
-        text = request.query_params.get("limit", "1000").strip()
+        q = request.query_params
+        text = q.get("limit", "1000").strip()
         # digits only (int() also takes "1_000", "١٠" and numbers too big for the database)
         if not (text.isascii() and text.isdigit() and len(text) <= 9) or (
             int(text) > MAX_LIST_LIMIT
         ):
             return _error(400, f"limit must be a whole number from 0 to {MAX_LIST_LIMIT}")
+        filters = {
+            key: (q.get(param) or "").strip() or None
+            for key, param in (
+                ("status", "status"),
+                ("after", "after"),
+                ("sender", "from"),
+                ("recipient", "to"),
+                ("queue", "queue"),
+            )
+        }
         try:
-            items = await control.list_messages(status=status, limit=int(text))
+            page = await control.list_page(limit=int(text), **filters)
         except ValueError as exc:
             return _error(400, str(exc))
-        return JSONResponse({"server": relay.config.server.name, "messages": items})
+        response = JSONResponse(
+            {
+                "server": relay.config.server.name,
+                "messages": page.messages,
+                "next_after": page.next_after,
+            }
+        )
+        if page.next_after is not None:
+            params = [(k, v) for k, v in q.multi_items() if k != "after"]
+            query = urlencode([*params, ("after", page.next_after)])
+            response.headers["Link"] = f'<{request.url.path}?{query}>; rel="next"'
+        return response
+
+    async def queues_list(request: Request) -> Response:
+        return JSONResponse(await control.queues())
+
+    async def queues_show(request: Request) -> Response:
+        return await _call(control.queue, request.path_params["identity"])
+
+    async def queues_retry(request: Request) -> Response:
+        return await _call(control.retry_queue, request.path_params["identity"])
 
     async def queue_summary(request: Request) -> Response:
         return JSONResponse(await control.counts())
@@ -470,6 +535,9 @@ def create_app(
         Route(f"{API_PREFIX}/queue/{{identity}}/retry", queue_retry, methods=["POST"]),
         Route(f"{API_PREFIX}/queue/{{identity}}/suspend", queue_suspend, methods=["POST"]),
         Route(f"{API_PREFIX}/queue/{{identity}}/resume", queue_resume, methods=["POST"]),
+        Route(f"{API_PREFIX}/queues", queues_list, methods=["GET"]),
+        Route(f"{API_PREFIX}/queues/{{identity}}", queues_show, methods=["GET"]),
+        Route(f"{API_PREFIX}/queues/{{identity}}/retry", queues_retry, methods=["POST"]),
     ]
     if web:
         from relaygate.admin.web import web_routes  # the pages import this module
