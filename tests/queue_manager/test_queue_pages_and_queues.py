@@ -8,6 +8,7 @@ the Unreachable queue."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from tests.queue_manager.helpers import (
     start_sink,
     wait_for,
 )
-from tests.queue_manager.test_admin_and_cli import MESSAGE, admin_url
+from tests.queue_manager.test_admin_and_cli import MESSAGE, admin_url, cli
 
 QUEUE = {
     "transient_failure_retry_interval": "00:10:00",
@@ -280,3 +281,65 @@ async def test_api_retry_queue_retries_that_queue_and_resubmits_unreachable(node
         for identity in ("[127.0.0.1]:1", "OTHER%5CUnreachable"):
             r = await client.post(f"/api/queues/{identity}/retry")
             assert r.status_code == 404, (identity, r.text)
+
+
+async def test_queue_cli_pages_filters_summary_and_retry_queue(node: Node) -> None:
+    i, config = node.ids, node.config
+    (
+        (rc_page, page, err_page),
+        (rc_json, out_json, err_json),
+        (rc_bad, _o, err_bad),
+        (rc_sum, summary, err_sum),
+        (rc_sum_json, summary_json, err_sum_json),
+        (rc_neither, _o2, err_neither),
+        (rc_both, _o3, err_both),
+    ) = await asyncio.gather(
+        cli("list", "--limit", "2", config=config),
+        cli(
+            "list",
+            "--limit",
+            "1",
+            "--after",
+            i[2],
+            "--from",
+            "*@corp.test",
+            "--json",
+            config=config,
+        ),
+        cli("list", "--from", "scan*@x", config=config),
+        cli("summary", config=config),
+        cli("summary", "--json", config=config),
+        cli("retry", config=config),
+        cli("retry", i[0], "--queue", "Unreachable", config=config),
+    )
+    assert rc_page == 0, err_page
+    assert f"RELAYTEST\\{i[0]}" in page and f"RELAYTEST\\{i[1]}" in page
+    assert f"RELAYTEST\\{i[2]}" not in page
+    assert f"add --after {i[1]}" in page  # the page was full: where the next one starts
+    assert rc_json == 0, err_json
+    assert [m["QueueId"] for m in json.loads(out_json)] == [i[3]]  # stdout: the JSON list
+    assert f"add --after {i[3]}" in err_json
+    assert rc_bad == 1 and "from 'scan*@x'" in err_bad and "HTTP 400" in err_bad, err_bad
+    assert rc_sum == 0, err_sum
+    assert f"RELAYTEST\\{node.queue_a}" in summary and "SmartHostConnectorDelivery" in summary
+    assert "RELAYTEST\\Unreachable" in summary and "3 queue(s)." in summary
+    assert rc_sum_json == 0, err_sum_json
+    counts = {q["NextHopDomain"]: q["MessageCount"] for q in json.loads(summary_json)}
+    assert counts == {node.queue_a: 3, node.queue_b: 2, "Unreachable": 1}
+    assert rc_neither == 2 and "--queue" in err_neither
+    assert rc_both == 2 and "one of the two" in err_both
+
+    (
+        (rc_rq, out_rq, err_rq),
+        (rc_ru, out_ru, err_ru),
+        (rc_missing, _o4, err_missing),
+    ) = await asyncio.gather(
+        cli("retry", "--queue", f"RELAYTEST\\{node.queue_b}", config=config),
+        cli("retry", "--queue", "unreachable", "--json", config=config),
+        cli("retry", "--queue", "[127.0.0.1]:1", config=config),
+    )
+    assert rc_rq == 0, err_rq
+    assert f"RELAYTEST\\{node.queue_b}: 2 message(s) queued for an immediate retry" in out_rq
+    assert rc_ru == 0 and json.loads(out_ru)["Resubmit"] is True, err_ru
+    assert rc_missing == 1 and "not found" in err_missing and "HTTP 404" in err_missing
+    await wait_for(lambda: len(node.handler_b.attempts["carol@example.net"]) == 2)

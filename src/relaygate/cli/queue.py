@@ -1,7 +1,8 @@
-"""`relaygate queue list/show/retry/suspend/resume/remove`: queue operations on the running server.
+"""`relaygate queue list/show/retry/suspend/resume/remove/summary`: queue operations on the running
+server.
 
-Like Exchange's Get-Message / Retry-Queue / Suspend-Message / Resume-Message / Remove-Message, these
-act on the running node: the CLI calls the admin API at ``admin.listen`` (see
+Like Exchange's Get-Message / Get-Queue / Retry-Queue / Suspend-Message / Resume-Message /
+Remove-Message, these act on the running node: the CLI calls the admin API at ``admin.listen`` (see
 `relaygate.admin.api`), sending the token of ``admin.api_token_file`` when one is configured. It
 never opens the queue database itself.
 """
@@ -16,7 +17,15 @@ from urllib.parse import quote
 
 import typer
 
-from relaygate.cli.common import CONFIG_OPTION, JSON_OPTION, console, die, emit_json, load_or_exit
+from relaygate.cli.common import (
+    CONFIG_OPTION,
+    JSON_OPTION,
+    console,
+    die,
+    emit_json,
+    err_console,
+    load_or_exit,
+)
 from relaygate.config import default_config_path
 from relaygate.control import MAX_LIST_LIMIT
 
@@ -169,6 +178,30 @@ def _print_list(messages: list[dict[str, Any]]) -> None:
     console.print(f"{len(messages)} message(s).", markup=False)
 
 
+def _print_queues(queues: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    if not queues:
+        console.print("No message waits in a delivery queue.", markup=False)
+        return
+    table = Table(header_style="bold")
+    for col in ("Identity", "DeliveryType", "Status", "MessageCount"):
+        table.add_column(col, overflow="fold", no_wrap=col in ("Status", "MessageCount"))
+    table.add_column("NextRetryTime", no_wrap=True)
+    table.add_column("LastError", overflow="fold", max_width=50)
+    for q in queues:
+        table.add_row(
+            _text(q["Identity"]),
+            _text(q["DeliveryType"]),
+            _status(q["Status"]),
+            _text(q["MessageCount"]),
+            _text(_local(q.get("NextRetryTime"))),
+            _text(q["LastError"]),
+        )
+    console.print(table)
+    console.print(f"{len(queues)} queue(s).", markup=False)
+
+
 def _print_message(m: dict[str, Any]) -> None:
     from rich.table import Table
 
@@ -234,16 +267,71 @@ def register(app: typer.Typer) -> None:
         limit: int = typer.Option(
             1000, "--limit", min=0, max=MAX_LIST_LIMIT, help="At most this many messages."
         ),
+        after: str | None = typer.Option(
+            None,
+            "--after",
+            help="Start past this message (SERVER\\QueueId or the queue id): the next page.",
+        ),
+        sender: str | None = typer.Option(
+            None,
+            "--from",
+            help="FromAddress: an address or a pattern like *@scanners.corp.example or "
+            "scanner@* (any case); <> for the null sender.",
+        ),
+        recipient: str | None = typer.Option(
+            None, "--to", help="Any recipient: an address or a pattern like *@example.com."
+        ),
+        queue: str | None = typer.Option(
+            None,
+            "--queue",
+            help="The delivery queue (its NextHopDomain, as `relaygate queue summary` lists "
+            "them) or Unreachable.",
+        ),
         config: Path | None = CONFIG_OPTION,
         url: str | None = URL_OPTION,
         json_out: bool = JSON_OPTION,
     ) -> None:
-        """Messages in the queue, oldest first (Get-Message)."""
-        body = _Api(config, url).call("GET", "/api/queue", status=status, limit=limit)
+        """Messages in the queue, oldest first, a page at a time (Get-Message [-Filter])."""
+        body = _Api(config, url).call(
+            "GET",
+            "/api/queue",
+            status=status,
+            limit=limit,
+            after=after,
+            **{"from": sender, "to": recipient, "queue": queue},
+        )
         if json_out:
             emit_json(body["messages"])
         else:
             _print_list(body["messages"])
+        next_after = body.get("next_after")
+        if next_after:
+            # On stderr with --json, so that stdout stays the JSON list.
+            out = err_console if json_out else console
+            out.print(
+                f"More messages follow: add --after {next_after} (with the same filters) "
+                "for the next page.",
+                markup=False,
+            )
+
+    @queue_app.command("summary")
+    def summary(
+        config: Path | None = CONFIG_OPTION,
+        url: str | None = URL_OPTION,
+        json_out: bool = JSON_OPTION,
+    ) -> None:
+        """The delivery queues: next hop, delivery type, status, message count (Get-Queue)."""
+        body = _Api(config, url).call("GET", "/api/queues")
+        if json_out:
+            emit_json(body["queues"])
+        else:
+            _print_queues(body["queues"])
+        if body.get("truncated"):
+            err_console.print(
+                f"warning: more than {MAX_LIST_LIMIT} messages are unfinished; the counts are "
+                f"those of the first {MAX_LIST_LIMIT}.",
+                markup=False,
+            )
 
     @queue_app.command("show")
     def show(
@@ -274,9 +362,45 @@ def register(app: typer.Typer) -> None:
 
         return command
 
-    queue_app.command(
-        "retry", help="Attempt the message's unfinished recipients now (Retry-Queue -Resubmit)."
-    )(_action("retry", "queued for an immediate retry"))
+    retry_message = _action("retry", "queued for an immediate retry")
+
+    @queue_app.command("retry")
+    def retry(
+        identity: str | None = typer.Argument(
+            None, help="SERVER\\QueueId or the queue id (or --queue)."
+        ),
+        queue: str | None = typer.Option(
+            None,
+            "--queue",
+            help="Retry a whole delivery queue instead: its NextHopDomain or SERVER\\NextHop, "
+            "or Unreachable (Retry-Queue -Resubmit).",
+        ),
+        config: Path | None = CONFIG_OPTION,
+        url: str | None = URL_OPTION,
+        json_out: bool = JSON_OPTION,
+    ) -> None:
+        """Attempt the message's unfinished recipients now, or those of every message in a
+        delivery queue with --queue (Retry-Queue; routing is done again: -Resubmit)."""
+        if (identity is None) == (queue is None):
+            die("give a message identity or --queue NAME (one of the two)", 2)
+        if identity is not None:
+            retry_message(identity=identity, config=config, url=url, json_out=json_out)
+            return
+        assert queue is not None
+        path = "/api/queues/" + quote(queue.strip(), safe="") + "/retry"
+        body = _Api(config, url).call("POST", path)
+        if json_out:
+            emit_json(body)
+            return
+        line = (
+            f"{body['Identity']}: {body['RetriedCount']} message(s) queued for an immediate retry"
+        )
+        if body.get("Resubmit"):
+            line += " (resubmitted: routed again)"
+        if body.get("SuspendedCount"):
+            line += f"; {body['SuspendedCount']} suspended message(s) left as they are"
+        console.print(line + ".", markup=False)
+
     queue_app.command("suspend", help="Stop delivering the message (Suspend-Message).")(
         _action("suspend", "suspended")
     )
