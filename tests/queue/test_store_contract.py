@@ -524,7 +524,7 @@ def test_address_patterns_are_checked() -> None:
     from relaygate.queue.store import AddressPattern
 
     for bad in ("", "  ", "a*b@x", "*a*b*", "a b@x", "a\x00@x", "<>>"):
-        with pytest.raises(ValueError, match="^from"):
+        with pytest.raises(ValueError, match=r"^from"):
             AddressPattern.parse(bad, name="from")
     pattern = AddressPattern.parse("*@Scanners.CORP.example")
     assert pattern.matches("scan1@scanners.corp.example")
