@@ -67,6 +67,7 @@ class RelayThread:
         *,
         token: str | None = None,
         queue: dict[str, Any] | None = None,
+        routes: dict[str, int] | None = None,
         **kwargs: Any,
     ) -> None:
         self.token = token  # sent as the bearer token to /api/
@@ -75,10 +76,11 @@ class RelayThread:
         self.thread.start()
         self.smtp_port = free_port()
         closed = free_port()  # nothing listens: every delivery attempt fails, messages stay
+        self.closed_port = closed
         self.relay: Relay = self.call(
             start_relay(
                 data_dir,
-                {"*": closed},
+                {"*": closed, **(routes or {})},
                 queue={**QUEUE, **(queue or {})},
                 smtp_port=self.smtp_port,
                 extra=FRONTEND.format(port=self.smtp_port),
@@ -441,4 +443,69 @@ def test_token_guessing_is_refused_after_ten_wrong_tokens_a_minute(tmp_path: Pat
     finally:
         guesser.close()
         other.close()
+        node.stop()
+
+
+def test_delivery_queues_filters_and_next_page_in_the_browser(tmp_path: Path, tab: Page) -> None:
+    """Before, /queue showed the first 500 messages with no way further, no filter but the
+    status, and no view of the delivery queues (Get-Queue) nor a way to retry one."""
+    other = free_port()  # a second smart host, closed too: its own delivery queue
+    node = RelayThread(tmp_path / "data", routes={"example.net": other})
+    queue_star, queue_net = f"[127.0.0.1]:{node.closed_port}", f"[127.0.0.1]:{other}"
+    try:
+        org = [node.send(f"Page {n}", to=f"user{n}@example.org") for n in range(3)]
+        net = node.send("Other queue", to="someone@example.net")
+        tab.goto(node.url + "/queue")
+        rows = tab.locator("#queues tbody tr")
+        expect(rows).to_have_count(2)
+        star = tab.locator(f'#queues tr[data-queue="{queue_star}"]')
+        expect(star).to_contain_text(f"RELAYTEST\\{queue_star}")
+        expect(star).to_contain_text("SmartHostConnectorDelivery")
+        expect(star.locator("td.status")).to_have_text("Retry")
+        expect(star.locator("td.count")).to_have_text("3")
+        expect(star).to_contain_text("451 4.4.0")
+        # a queue's link lists its messages only
+        tab.locator(f'#queues tr[data-queue="{queue_net}"]').get_by_role("link").click()
+        expect(tab.locator("#queue tbody tr")).to_have_count(1)
+        expect(_row(tab, net)).to_contain_text("someone@example.net")
+        expect(tab.locator('#filters input[name="queue"]')).to_have_value(queue_net)
+
+        # a page at a time: the "Next page" link carries the cursor and the filters
+        tab.goto(node.url + "/queue?limit=1&to=*@example.org")
+        seen = []
+        for n in range(3):
+            expect(tab.locator("#queue tbody tr")).to_have_count(1)
+            seen.append(tab.locator("#queue tbody tr").get_attribute("data-queue-id"))
+            if n < 2:
+                tab.locator("#next-page").click()
+                assert "after=" in tab.url and "to=" in tab.url
+        assert seen == org
+        expect(tab.locator("#next-page")).to_have_count(0)  # the last page: nothing follows
+        tab.locator("#first-page").click()
+        expect(tab.locator("#queue tbody tr")).to_have_count(3)  # the filter is kept
+
+        tab.fill('#filters input[name="from"]', "app@*")
+        tab.fill('#filters input[name="to"]', "")
+        tab.get_by_role("button", name="Filter").click()
+        expect(tab.locator("#queue tbody tr")).to_have_count(4)
+        tab.fill('#filters input[name="from"]', "a*p@corp.test")
+        tab.get_by_role("button", name="Filter").click()
+        expect(tab.locator("p.error")).to_contain_text("from 'a*p@corp.test'")
+
+        # Retry-Queue: the button makes the queue's messages due now
+        before = node.api("GET", f"/api/queue/{net}").json()["RetryCount"]
+        tab.goto(node.url + "/queue")
+        tab.locator(f'#queues tr[data-queue="{queue_net}"]').get_by_role(
+            "button", name="Retry queue"
+        ).click()
+        expect(tab.locator(".notice")).to_contain_text(
+            f"Retry requested for 1 message(s) in RELAYTEST\\{queue_net}"
+        )
+        deadline = time.monotonic() + 15
+        while node.api("GET", f"/api/queue/{net}").json()["RetryCount"] <= before:
+            assert time.monotonic() < deadline, "the queue was not retried"
+            time.sleep(0.1)
+        for qid in org:  # the other queue was not retried
+            assert node.api("GET", f"/api/queue/{qid}").json()["RetryCount"] == 1
+    finally:
         node.stop()

@@ -7,8 +7,12 @@ links and forms.
 ``GET /``                          dashboard: health, queue counts, receive connectors (bindings,
                                    RemoteIPRanges, relay method from `relaygate.audit.relay_grant`),
                                    send connectors, audit findings (`relaygate.audit.audit`)
-``GET /queue[?status=S]``          the queue, with Retry / Suspend / Resume / Remove buttons
+``GET /queue[?status=S&from=&to=``  the delivery queues (Get-Queue: each links to its messages, with
+``&queue=&after=&limit=]``          a Retry button), then the messages (Get-Message -Filter, a page
+                                   of ``limit``, at most 500, with a "Next page" link carrying the
+                                   cursor ``after``), with Retry / Suspend / Resume / Remove buttons
 ``GET /queue/{id}``                one message with per-recipient detail
+``POST /queues/{queue}/retry``     Retry-Queue (``Unreachable``: -Resubmit), then 303 to the queue
 ``POST /queue/{id}/{action}``      ``retry`` | ``suspend`` | ``resume`` | ``remove`` (form field
                                    ``with_ndr=true`` for Remove-Message -WithNDR): calls
                                    `relaygate.control.QueueControl`, then 303 back to the page
@@ -42,7 +46,7 @@ import re
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import jinja2
 from starlette.requests import Request
@@ -54,7 +58,14 @@ from relaygate.admin.api import health_report, open_sessions
 from relaygate.audit import SEVERITIES, audit, relay_grant, summary
 from relaygate.config.model import Config, ReceiveConnector, SendConnector
 from relaygate.config.values import parse_binding
-from relaygate.control import MESSAGE_STATUSES, Conflict, NotFound, QueueControl, normalise_id
+from relaygate.control import (
+    MESSAGE_STATUSES,
+    Conflict,
+    NotFound,
+    QueueControl,
+    normalise_id,
+    queue_name,
+)
 from relaygate.policy.explain import endpoints_for, explain
 
 __all__ = [
@@ -363,26 +374,98 @@ async def dashboard(request: Request) -> Response:
     return render(request, "dashboard.html", context, status)
 
 
+#: The query parameters of /queue, as the API names them, and list_page's argument for each.
+_QUEUE_FILTERS = (
+    ("status", "status"),
+    ("from", "sender"),
+    ("to", "recipient"),
+    ("queue", "queue"),
+)
+
+
+def _queue_notice(request: Request) -> str | None:
+    """The line shown after a queue's Retry button (known verb, count in digits, a queue name)."""
+    q = request.query_params
+    count = q.get("count", "")
+    if q.get("done") != "retry-queue" or not (count.isascii() and count.isdigit()):
+        return None
+    server = str(request.app.state.relay.config.server.name)
+    try:
+        name = queue_name(q.get("queue", ""), server)
+    except ValueError:
+        return None
+    return f"Retry requested for {int(count)} message(s) in {server}\\{name}."
+
+
 async def queue_page(request: Request) -> Response:
     if (redirect := _login_redirect(request)) is not None:
         return redirect
     control: QueueControl = request.app.state.control
-    status = request.query_params.get("status") or None
+    q = request.query_params
+    form = {param: (q.get(param) or "").strip() for param, _arg in _QUEUE_FILTERS}
+    after = (q.get("after") or "").strip()
+    text = (q.get("limit") or "").strip()
+    limit = QUEUE_PAGE_LIMIT
     error, code = None, 200
-    try:
-        messages = await control.list_messages(status=status, limit=QUEUE_PAGE_LIMIT)
-    except ValueError as exc:
-        messages, error, code = [], str(exc), 400
+    if text:
+        if (
+            text.isascii()
+            and text.isdigit()
+            and len(text) <= 6
+            and 1 <= int(text) <= QUEUE_PAGE_LIMIT
+        ):
+            limit = int(text)
+        else:
+            error, code = f"limit must be a whole number from 1 to {QUEUE_PAGE_LIMIT}", 400
+    messages: list[dict[str, Any]] = []
+    next_url = None
+    if error is None:
+        args = {arg: form[param] or None for param, arg in _QUEUE_FILTERS}
+        try:
+            page = await control.list_page(limit=limit, after=after or None, **args)
+        except ValueError as exc:
+            error, code = str(exc), 400
+        else:
+            messages = page.messages
+            if page.next_after is not None:
+                kept = [(k, v) for k, v in form.items() if v]
+                if text:
+                    kept.append(("limit", str(limit)))
+                next_url = "/queue?" + urlencode([*kept, ("after", page.next_after)])
+    first_url = "/queue?" + urlencode([(k, v) for k, v in form.items() if v]) if after else None
+    queues = await control.queues()
     context = {
         "messages": messages,
-        "status": status or "",
+        "queues": queues["queues"],
+        "queues_truncated": queues["truncated"],
+        "form": form,
+        "status": form["status"],
         "statuses": MESSAGE_STATUSES,
-        "limit": QUEUE_PAGE_LIMIT,
-        "notice": _notice(request),
+        "after": after,
+        "next_url": next_url,
+        "first_url": first_url,
+        "queue_url": lambda name: "/queue?" + urlencode({"queue": name}),
+        "queue_path": lambda identity: "/queues/" + quote(identity, safe="") + "/retry",
+        "notice": _notice(request) or _queue_notice(request),
         "error": error,
         "final": _FINAL,
     }
     return render(request, "queue.html", context, code)
+
+
+async def queue_retry(request: Request) -> Response:
+    """The Retry button of a delivery queue (Retry-Queue; -Resubmit on Unreachable)."""
+    if not _signed_in(request):
+        return _message(request, "Sign in first", "The admin centre needs the API token.", 401)
+    if (refused := _post_refused(request)) is not None:
+        return refused
+    control: QueueControl = request.app.state.control
+    try:
+        done = await control.retry_queue(request.path_params["identity"])
+    except NotFound as exc:
+        return _message(request, "Not found", str(exc.args[0]) if exc.args else "not found", 404)
+    query = {"done": "retry-queue", "queue": done["NextHopDomain"], "count": done["RetriedCount"]}
+    return RedirectResponse("/queue?" + urlencode(query), status_code=303)
 
 
 async def message_page(request: Request) -> Response:
@@ -528,6 +611,7 @@ def web_routes() -> list[BaseRoute]:
         Route("/queue", queue_page, methods=["GET"]),
         Route("/queue/{identity}", message_page, methods=["GET"]),
         Route("/queue/{identity}/{action}", message_action, methods=["POST"]),
+        Route("/queues/{identity}/retry", queue_retry, methods=["POST"]),
         Route("/explain", explain_page, methods=["GET"]),
         Route("/login", login_page, methods=["GET"]),
         Route("/login", login_submit, methods=["POST"]),
