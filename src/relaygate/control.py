@@ -27,10 +27,12 @@ Active and Unreachable statuses, ``queue``: the delivery queue of an unfinished 
 store returns, at most MAX_LIST_LIMIT of them per call: when that many were looked at before the
 page was full, the page is returned with ``next_after`` at the last message looked at.
 
-A delivery queue (``queue_view``) is named as Exchange names them: the recipient domain for DNS
+A delivery queue (``queues``) is named as Exchange names them: the recipient domain for DNS
 delivery, the smart-host list for smart-host delivery (``[10.0.0.5]``, ``smtp.office365.com``),
-``Unreachable`` when no send connector matches. A message whose recipients go to two next hops is
-in both queues (Exchange bifurcates it).
+``Unreachable`` when no send connector matches. A recipient is in the queue routing gives it with
+the current send connectors, except one whose last attempt found no route: it stays in
+Unreachable until its next attempt (``retry_queue("Unreachable")`` resubmits it; a reload does
+too). A message whose recipients go to two next hops is in both queues (Exchange bifurcates it).
 """
 
 from __future__ import annotations
@@ -150,10 +152,20 @@ class MessagePage:
     scanned: int
 
 
+def _recipient_queue(r: dict[str, Any]) -> tuple[str, str, str]:
+    """(NextHopDomain, DeliveryType, SendConnector) of the delivery queue an unfinished
+    recipient (of ``message_view``'s Recipients) waits in: Unreachable while its last attempt
+    found no route, until it is resubmitted (a send connector added since does not move it
+    before its next attempt, as in Exchange); else the queue routing gives it now."""
+    if r["Status"] == DELIVERY_UNREACHABLE:
+        return DELIVERY_UNREACHABLE, DELIVERY_UNREACHABLE, ""
+    return str(r["NextHopDomain"]), str(r["DeliveryType"]), str(r["SendConnector"])
+
+
 def _in_queue(view: dict[str, Any], name: str) -> bool:
     wanted = name.lower()
     return any(
-        r["Status"] not in _FINAL_VIEW and str(r["NextHopDomain"]).lower() == wanted
+        r["Status"] not in _FINAL_VIEW and _recipient_queue(r)[0].lower() == wanted
         for r in view["Recipients"]
     )
 
@@ -581,13 +593,12 @@ class QueueControl:
         for msg in messages:
             view = message_view(msg, config, now=now)
             for state, r in zip(msg.recipients, view["Recipients"], strict=True):
-                if state.status in FINAL_STATUSES or not r["NextHopDomain"]:
+                hop, delivery_type, connector = _recipient_queue(r)
+                if state.status in FINAL_STATUSES or not hop:
                     continue
-                tally = groups.get(r["NextHopDomain"])
+                tally = groups.get(hop)
                 if tally is None:
-                    tally = groups[r["NextHopDomain"]] = _QueueTally(
-                        r["NextHopDomain"], r["DeliveryType"], r["SendConnector"]
-                    )
+                    tally = groups[hop] = _QueueTally(hop, delivery_type, connector)
                 tally.add(msg, view["Status"], state, now)
         queues = [groups[k].view(server, now) for k in sorted(groups, key=str.lower)]
         return {"server": server, "queues": queues, "truncated": truncated}

@@ -19,10 +19,12 @@ import httpx
 import pytest
 
 from relaygate.app import Relay
+from relaygate.config import parse_text
 from tests.queue_manager.helpers import (
     ScriptedHandler,
     Sink,
     send,
+    send_connector_text,
     start_relay,
     start_sink,
     wait_for,
@@ -278,6 +280,33 @@ async def test_api_retry_queue_retries_that_queue_and_resubmits_unreachable(node
 
         await wait_for(routed_again)  # the delivery run routed it again: still no connector
         assert (await client.get(f"/api/queue/{i[3]}")).json()["Status"] == "Unreachable"
+
+        # A send connector for nowhere.test appears (set here without Relay.reload, which
+        # resubmits the Unreachable queue itself): the message waits in Unreachable until
+        # Retry-Queue -Resubmit, then goes out through the new route (sink A) at once.
+        text = node.config.read_text(encoding="utf-8")
+        text += send_connector_text("To nowhere", "nowhere.test", node.a.port)
+        new = parse_text(text, str(node.config))
+        assert node.relay.manager is not None
+        node.relay.config = node.relay.manager.config = new
+        queues = {q["NextHopDomain"]: q for q in (await client.get("/api/queues")).json()["queues"]}
+        assert queues["Unreachable"]["MessageCount"] == 1
+        assert (await client.get("/api/queue", params={"queue": "Unreachable"})).json()["messages"][
+            0
+        ]["QueueId"] == i[3]
+        await asyncio.sleep(0.5)
+        assert "x@nowhere.test" not in node.handler_a.attempts
+        r = await client.post("/api/queues/Unreachable/retry")
+        assert r.status_code == 200 and r.json()["RetriedCount"] == 1, r.text
+        await wait_for(lambda: node.handler_a.attempts.get("x@nowhere.test"))
+
+        async def moved() -> bool:
+            view = (await client.get(f"/api/queue/{i[3]}")).json()
+            return view["Status"] == "Retry" and view["NextHopDomain"] == node.queue_a
+
+        await wait_for(moved)
+        queues = {q["NextHopDomain"]: q for q in (await client.get("/api/queues")).json()["queues"]}
+        assert "Unreachable" not in queues
         for identity in ("[127.0.0.1]:1", "OTHER%5CUnreachable"):
             r = await client.post(f"/api/queues/{identity}/retry")
             assert r.status_code == 404, (identity, r.text)
