@@ -45,6 +45,7 @@ from relaygate.queue.bounce import header_value
 from relaygate.queue.model import Envelope, RecipientState, RecipientStatus
 from relaygate.queue.sqlite_store import SqliteStore
 from relaygate.replies import Reply
+from relaygate.smtp.counters import SmtpCounters
 from relaygate.smtp.message import has_bare_cr_or_lf, received_header, scan_headers
 from relaygate.smtp.server import ServerContext
 
@@ -92,6 +93,7 @@ class Parts:
         self.protocol_log: ProtocolLog | None = None
         self.tracking: TrackingLog | None = None
         self.store: SqliteStore | None = None
+        self.counters = SmtpCounters()  # what ServerContext.message_received counts for /metrics
         if "logs" in names:
             self.protocol_log = ProtocolLog(
                 directory / "ProtocolLog", server_name=self.config.server.name
@@ -305,8 +307,9 @@ class PartsSession(asyncio.Protocol):
         elapsed = time.monotonic() - self.data_started
         message_id = scan.message_id or f"<{queue_id}@{p.fqdn}>"
         self.reply(replies.message_queued(queue_id, message_id, p.fqdn, len(data), elapsed))
-        # RelayGate's own RECEIVE event: ServerContext.message_received reads only .tracking and
-        # .config of its context (Parts has both) and .client_ip, .helo, .fqdn of the session.
+        # RelayGate's own RECEIVE event: ServerContext.message_received reads only .tracking,
+        # .config and .counters of its context (Parts has them) and .client_ip, .helo, .fqdn of
+        # the session.
         ServerContext.message_received(p, queue_id, envelope, len(data), self)  # type: ignore[arg-type]
         if self.deliverer is not None:
             self.deliverer.todo.put_nowait((queue_id, envelope, data))
