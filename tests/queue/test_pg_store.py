@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 from relaygate.queue import model as model_mod
-from relaygate.queue.model import Envelope, RecipientState, RecipientStatus
+from relaygate.queue.model import Envelope, RecipientState, RecipientStatus, SendLimit, SendWait
 from relaygate.queue.pg_store import PostgresStore
 from relaygate.queue.store import CorruptMessageError, StoreError
 from tests.support.postgres import PostgresServer
@@ -272,6 +272,23 @@ async def test_a_newer_schema_is_refused(postgres_url: str) -> None:
         conn.execute("UPDATE relaygate_schema SET version = 99")
     with pytest.raises(StoreError, match="schema version 99 is newer than this RelayGate"):
         await PostgresStore(postgres_url).open()
+
+
+async def test_a_version_1_queue_is_upgraded_in_place(postgres_url: str) -> None:
+    """A queue of the release before send budgets: its messages stay, send_log is added."""
+    async with PostgresStore(postgres_url) as store:
+        qid = await store.submit(env("a@x.example"), b"kept")
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("DROP TABLE send_log")
+        conn.execute("UPDATE relaygate_schema SET version = 1")
+    async with PostgresStore(postgres_url) as store:
+        assert await store.read_data(qid) == b"kept"
+        limit = [SendLimit(60.0, max_messages=1)]
+        assert await store.reserve_send("m365", 1000.0, 1, limit) is None
+        assert await store.reserve_send("m365", 1001.0, 1, limit) == SendWait(1060.0, limit[0])
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        row = conn.execute("SELECT version FROM relaygate_schema").fetchone()
+    assert row is not None and row[0] == 2
 
 
 async def test_an_unreachable_database_is_named_without_its_password() -> None:

@@ -22,6 +22,8 @@ from relaygate.queue.model import (
     Envelope,
     QueueIdGenerator,
     RecipientState,
+    SendLimit,
+    SendWait,
 )
 from relaygate.queue.sqlite_store import SqliteStore
 from relaygate.queue.store import (
@@ -539,5 +541,22 @@ async def test_a_version_1_queue_is_upgraded_in_place(db_path: Path) -> None:
         qid = await s.submit(env(), b"v" * 100_000)
         assert await s.read_data(qid) == b"v" * 100_000
     conn = sqlite3.connect(db_path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == sqlite_store.SCHEMA_VERSION
+    conn.close()
+
+
+async def test_a_version_2_queue_is_upgraded_in_place(db_path: Path) -> None:
+    """A queue of the release before send budgets: its messages stay, send_log is added."""
+    async with SqliteStore(db_path) as s:
+        qid = await s.submit(env("a@x.example"), b"kept")
+    conn = sqlite3.connect(db_path)
+    conn.executescript("DROP TABLE send_log; PRAGMA user_version = 2;")
+    conn.close()
+    async with SqliteStore(db_path) as s:
+        assert await s.read_data(qid) == b"kept"
+        limit = [SendLimit(60.0, max_messages=1)]
+        assert await s.reserve_send("m365", 1000.0, 1, limit) is None
+        assert await s.reserve_send("m365", 1001.0, 1, limit) == SendWait(1060.0, limit[0])
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
     conn.close()

@@ -16,9 +16,12 @@ import pytest
 
 from relaygate.queue import model as model_mod
 from relaygate.queue.model import (
+    SEND_LOG_RETENTION,
     Envelope,
     RecipientState,
     RecipientStatus,
+    SendLimit,
+    SendWait,
     StoredMessage,
 )
 from relaygate.queue.pg_store import PostgresStore
@@ -531,3 +534,91 @@ def test_address_patterns_are_checked() -> None:
     assert not pattern.matches("scan1@scanners.corp.example.evil")
     assert AddressPattern.parse("<Scan1@x>").matches("scan1@X")
     assert AddressPattern.parse("<>").matches("") and not AddressPattern.parse("<>").matches("a")
+
+
+# ------------------------------------------------------------------ send budgets (reserve_send)
+
+MINUTE = SendLimit(60.0, max_messages=3)
+DAY = SendLimit(86400.0, max_recipients=10)
+
+
+async def test_reserve_send_counts_messages_in_a_rolling_window(store: Store) -> None:
+    t = 1_700_000_000.0
+    for i in range(3):
+        assert await store.reserve_send("m365", t + i, 1, [MINUTE]) is None
+    # Full: nothing is counted, and the answer is when the oldest send leaves the window.
+    assert await store.reserve_send("m365", t + 3, 1, [MINUTE]) == SendWait(t + 60, MINUTE)
+    assert await store.reserve_send("m365", t + 59.5, 1, [MINUTE]) == SendWait(t + 60, MINUTE)
+    assert await store.reserve_send("m365", t + 60, 1, [MINUTE]) is None  # the first has left
+    assert await store.reserve_send("m365", t + 60.5, 1, [MINUTE]) == SendWait(t + 61, MINUTE)
+    # Another budget is another count.
+    assert await store.reserve_send("smarthost", t + 60.5, 1, [MINUTE]) is None
+
+
+async def test_reserve_send_counts_recipients_and_waits_until_enough_have_left(
+    store: Store,
+) -> None:
+    t = 1_700_000_000.0
+    assert await store.reserve_send("m365", t, 4, [DAY]) is None
+    assert await store.reserve_send("m365", t + 10, 4, [DAY]) is None
+    # 8 counted: 3 (or 6) more need the first send (4) to leave; 7 more need both to.
+    assert await store.reserve_send("m365", t + 20, 3, [DAY]) == SendWait(t + 86400, DAY)
+    assert await store.reserve_send("m365", t + 20, 6, [DAY]) == SendWait(t + 86400, DAY)
+    assert await store.reserve_send("m365", t + 20, 7, [DAY]) == SendWait(t + 10 + 86400, DAY)
+    assert await store.reserve_send("m365", t + 20, 2, [DAY]) is None  # exactly 10
+    assert await store.reserve_send("m365", t + 30, 1, [DAY]) == SendWait(t + 86400, DAY)
+    # More recipients than the limit can never fit: the caller must split.
+    with pytest.raises(ValueError):
+        await store.reserve_send("m365", t + 30, 11, [DAY])
+
+
+async def test_reserve_send_must_fit_every_limit(store: Store) -> None:
+    t = 1_700_000_000.0
+    both = [MINUTE, DAY]
+    assert await store.reserve_send("m365", t, 5, both) is None
+    assert await store.reserve_send("m365", t + 1, 5, both) is None
+    # The minute has room (2 of 3), the day has none: the day's answer counts.
+    assert await store.reserve_send("m365", t + 2, 1, both) == SendWait(t + 86400, DAY)
+    # A day later both windows are empty again.
+    assert await store.reserve_send("m365", t + 86401, 3, both) is None
+
+
+async def test_purge_prunes_old_send_records(store: Store) -> None:
+    old = time.time() - SEND_LOG_RETENTION - 100
+    assert await store.reserve_send("m365", old, 1, [SendLimit(60.0, max_messages=1)]) is None
+    one = SendLimit(60.0, max_messages=1)
+    assert await store.reserve_send("m365", old + 1, 1, [one]) == SendWait(old + 60, one)
+    await store.purge_completed(0)
+    # The record is gone (a window reaching back to it counts nothing any more).
+    assert await store.reserve_send("m365", old + 1, 1, [SendLimit(60.0, max_messages=1)]) is None
+
+
+@pytest.mark.parametrize("kind", ["messages", "recipients"])
+async def test_two_clients_reserving_at_once_never_exceed_a_budget(
+    new_store: Callable[[], Store], kind: str
+) -> None:
+    """Two store clients on one queue (two worker processes, or two nodes of a cluster), each
+    reserving many times concurrently: exactly the budget is granted, never more."""
+    a, b = new_store(), new_store()
+    await a.open()  # one after the other: two SQLite stores creating one file at once collide
+    await b.open()
+    try:
+        now = time.time()
+        if kind == "messages":
+            limits, size, budget = [SendLimit(60.0, max_messages=7)], 1, 7
+        else:
+            limits, size, budget = [SendLimit(86400.0, max_recipients=20)], 3, 6  # 6 x 3 <= 20
+
+        async def one(s: Store, i: int) -> SendWait | None:
+            return await s.reserve_send("shared", now + i * 1e-6, size, limits)
+
+        answers = await asyncio.gather(
+            *(one(a, i) for i in range(0, 60, 2)), *(one(b, i) for i in range(1, 60, 2))
+        )
+        assert sum(1 for x in answers if x is None) == budget
+        assert all(x is None or x.until > now for x in answers)
+        # Both clients see the budget as spent.
+        assert await a.reserve_send("shared", now + 1, size, limits) is not None
+        assert await b.reserve_send("shared", now + 1, size, limits) is not None
+    finally:
+        await asyncio.gather(a.close(), b.close())

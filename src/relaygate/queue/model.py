@@ -21,11 +21,14 @@ __all__ = [
     "MESSAGE_COLUMNS",
     "PENDING_STATUSES",
     "RECIPIENT_COLUMNS",
+    "SEND_LOG_RETENTION",
     "SMTPUTF8",
     "Envelope",
     "QueueIdGenerator",
     "RecipientState",
     "RecipientStatus",
+    "SendLimit",
+    "SendWait",
     "StoredMessage",
     "derived_columns",
     "message_from_row",
@@ -168,6 +171,43 @@ class Envelope:
     auth_user: str = ""
     message_id: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
+
+
+#: Send records (``Store.reserve_send``) are kept this long, the longest window a send connector's
+#: limits use (max_recipients_per_day); older ones are pruned.
+SEND_LOG_RETENTION = 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class SendLimit:
+    """A rolling-window budget for ``Store.reserve_send``: at most ``max_messages`` sends and at
+    most ``max_recipients`` recipients (None: no such limit) counted within any ``window`` seconds.
+    A send counted at ``at`` leaves the window at ``at + window``."""
+
+    window: float
+    max_messages: int | None = None
+    max_recipients: int | None = None
+
+    def check(self, recipients: int) -> None:
+        """``ValueError`` for a send that could never fit this limit."""
+        if not 0 < self.window <= SEND_LOG_RETENTION:
+            raise ValueError(f"window must be in (0, {SEND_LOG_RETENTION:g}] s, got {self.window}")
+        if self.max_messages is not None and self.max_messages < 1:
+            raise ValueError(f"max_messages must be at least 1, got {self.max_messages}")
+        if self.max_recipients is not None and recipients > self.max_recipients:
+            raise ValueError(
+                f"{recipients} recipients can never fit max_recipients={self.max_recipients}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class SendWait:
+    """``reserve_send``'s answer when a send does not fit: it could at ``until`` (when enough
+    of the oldest counted sends have left the windows), ``limit`` being the one that holds it
+    longest."""
+
+    until: float
+    limit: SendLimit
 
 
 def message_status(suspended: bool, statuses: list[RecipientStatus]) -> RecipientStatus:

@@ -40,10 +40,13 @@ from .model import (
     FINAL_STATUSES,
     MESSAGE_COLUMNS,
     RECIPIENT_COLUMNS,
+    SEND_LOG_RETENTION,
     Envelope,
     QueueIdGenerator,
     RecipientState,
     RecipientStatus,
+    SendLimit,
+    SendWait,
     StoredMessage,
     derived_columns,
     message_from_row,
@@ -70,10 +73,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Conn = psycopg.AsyncConnection[Any]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: send_log (send connectors' pacing limits)
 #: Any fixed number: taken with pg_advisory_xact_lock while the schema is created, so that nodes
 #: starting together do not race on CREATE TABLE IF NOT EXISTS (which is not concurrency-safe).
 _SCHEMA_LOCK = 0x52_47_51_31  # "RGQ1"
+#: The first key of the two-key advisory lock that serialises the reservations of one send budget
+#: (the second: hashtext of the budget's key). Two-key locks never collide with _SCHEMA_LOCK.
+_SEND_BUDGET_LOCK = 0x52_47_53_42  # "RGSB"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS relaygate_schema (version integer NOT NULL);
@@ -120,6 +126,12 @@ CREATE TABLE IF NOT EXISTS message_data (
     sha256   bytea NOT NULL,
     data     bytea NOT NULL
 );
+CREATE TABLE IF NOT EXISTS send_log (
+    key        text NOT NULL,
+    at         double precision NOT NULL,
+    recipients integer NOT NULL
+);
+CREATE INDEX IF NOT EXISTS send_log_key_at ON send_log (key, at);
 """
 
 #: A submit in one statement: the message, its bytes and its recipients (none of the three when
@@ -419,6 +431,10 @@ class PostgresStore(Store):
                 f"queue database {redact_url(self.url)}: schema version {version} is newer "
                 f"than this RelayGate ({SCHEMA_VERSION})"
             )
+        elif version < SCHEMA_VERSION:
+            # An older queue, upgraded in place: what it lacks was created just above (1 → 2:
+            # the send_log table and its index).
+            await conn.execute("UPDATE relaygate_schema SET version = %s", (SCHEMA_VERSION,))
         cur = await conn.execute("SELECT max(queue_id) FROM messages")
         row = await cur.fetchone()
         return row[0] if row else None
@@ -769,13 +785,79 @@ class PostgresStore(Store):
         return await self._tx(run)
 
     async def purge_completed(self, older_than: float) -> int:
-        return await self._tx(  # locked in queue-id order (see renew_leases)
-            _rowcount,
-            "DELETE FROM messages WHERE queue_id IN ("
-            " SELECT queue_id FROM messages WHERE completed_at IS NOT NULL AND completed_at < %s"
-            " ORDER BY queue_id FOR UPDATE)",
-            (older_than,),
-        )
+        sends_before = time.time() - SEND_LOG_RETENTION
+
+        async def run(conn: Conn) -> int:
+            purged = await _rowcount(  # locked in queue-id order (see renew_leases)
+                conn,
+                "DELETE FROM messages WHERE queue_id IN ("
+                " SELECT queue_id FROM messages WHERE completed_at IS NOT NULL"
+                " AND completed_at < %s ORDER BY queue_id FOR UPDATE)",
+                (older_than,),
+            )
+            # Send records no window counts any more (reservations only insert: they never
+            # wait for these rows, nor these for them).
+            await conn.execute("DELETE FROM send_log WHERE at <= %s", (sends_before,))
+            return purged
+
+        return await self._tx(run)
+
+    async def reserve_send(
+        self, key: str, now: float, recipients: int, limits: Sequence[SendLimit]
+    ) -> SendWait | None:
+        for lim in limits:
+            lim.check(recipients)
+
+        async def run(conn: Conn) -> SendWait | None:
+            # One reservation of this budget at a time across every node: the count and the
+            # insert below cannot interleave with another node's (READ COMMITTED alone would let
+            # two transactions both see the last free slot). Held until COMMIT.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_SEND_BUDGET_LOCK, key)
+            )
+            wait: SendWait | None = None
+            for lim in limits:
+                since = now - lim.window
+                cur = await conn.execute(
+                    "SELECT count(*), coalesce(sum(recipients), 0) FROM send_log "
+                    "WHERE key = %s AND at > %s",
+                    (key, since),
+                )
+                row = await cur.fetchone()
+                assert row is not None
+                count, total = int(row[0]), int(row[1])
+                when: float | None = None
+                if lim.max_messages is not None and count + 1 > lim.max_messages:
+                    # the (count - max + 1)-th oldest send must leave the window
+                    cur = await conn.execute(
+                        "SELECT at FROM send_log WHERE key = %s AND at > %s "
+                        "ORDER BY at LIMIT 1 OFFSET %s",
+                        (key, since, count - lim.max_messages),
+                    )
+                    found = await cur.fetchone()
+                    assert found is not None
+                    when = float(found[0]) + lim.window
+                if lim.max_recipients is not None and total + recipients > lim.max_recipients:
+                    cur = await conn.execute(
+                        "SELECT at FROM (SELECT at, sum(recipients) OVER (ORDER BY at) AS freed"
+                        " FROM send_log WHERE key = %s AND at > %s) AS w WHERE freed >= %s"
+                        " ORDER BY at LIMIT 1",
+                        (key, since, total + recipients - lim.max_recipients),
+                    )
+                    found = await cur.fetchone()
+                    assert found is not None
+                    when = max(when or 0.0, float(found[0]) + lim.window)
+                if when is not None and (wait is None or when > wait.until):
+                    wait = SendWait(when, lim)
+            if wait is not None:
+                return wait
+            await conn.execute(
+                "INSERT INTO send_log (key, at, recipients) VALUES (%s, %s, %s)",
+                (key, now, recipients),
+            )
+            return None
+
+        return await self._tx(run)
 
     # ------------------------------------------------------------------ reads
 

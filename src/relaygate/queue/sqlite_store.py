@@ -48,10 +48,13 @@ from .model import (
     FINAL_STATUSES,
     MESSAGE_COLUMNS,
     RECIPIENT_COLUMNS,
+    SEND_LOG_RETENTION,
     Envelope,
     QueueIdGenerator,
     RecipientState,
     RecipientStatus,
+    SendLimit,
+    SendWait,
     StoredMessage,
     derived_columns,
     message_from_row,
@@ -79,7 +82,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2  # 2: message_data.spool (big messages in spool files)
+SCHEMA_VERSION = 3  # 2: message_data.spool (big messages in spool files); 3: send_log (pacing)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -125,6 +128,13 @@ CREATE TABLE IF NOT EXISTS message_data (
     data     BLOB NOT NULL,   -- empty when the bytes are in a spool file
     spool    TEXT             -- that file's name in <queue dir>/spool (see spool.py)
 );
+-- one row per send counted against a budget (reserve_send: send connectors' pacing limits)
+CREATE TABLE IF NOT EXISTS send_log (
+    key        TEXT NOT NULL,
+    at         REAL NOT NULL,
+    recipients INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS send_log_key_at ON send_log (key, at);
 """
 
 _MSG_COLS = MESSAGE_COLUMNS
@@ -932,7 +942,7 @@ class SqliteStore(Store):
         self._unlink_after_commit.extend(spools)  # last: only once nothing here can fail
         return found[0]
 
-    def _op_purge(self, conn: sqlite3.Connection, older_than: float) -> int:
+    def _op_purge(self, conn: sqlite3.Connection, older_than: float, sends_before: float) -> int:
         spools = [
             r[0]
             for r in conn.execute(
@@ -946,7 +956,53 @@ class SqliteStore(Store):
             (older_than,),
         )
         self._unlink_after_commit.extend(spools)
-        return cur.rowcount
+        purged = cur.rowcount
+        conn.execute("DELETE FROM send_log WHERE at <= ?", (sends_before,))
+        return purged
+
+    @staticmethod
+    def _op_reserve_send(
+        conn: sqlite3.Connection,
+        key: str,
+        now: float,
+        recipients: int,
+        limits: tuple[SendLimit, ...],
+    ) -> SendWait | None:
+        # The writer runs one transaction at a time (and, with several processes, under the
+        # writer flock / BEGIN IMMEDIATE): the count and the insert cannot interleave with
+        # another reservation's.
+        wait: SendWait | None = None
+        for lim in limits:
+            since = now - lim.window
+            count, total = conn.execute(
+                "SELECT count(*), coalesce(sum(recipients), 0) FROM send_log "
+                "WHERE key = ? AND at > ?",
+                (key, since),
+            ).fetchone()
+            when: float | None = None
+            if lim.max_messages is not None and count + 1 > lim.max_messages:
+                # the (count - max + 1)-th oldest send must leave the window
+                row = conn.execute(
+                    "SELECT at FROM send_log WHERE key = ? AND at > ? ORDER BY at LIMIT 1 OFFSET ?",
+                    (key, since, count - lim.max_messages),
+                ).fetchone()
+                when = row[0] + lim.window
+            if lim.max_recipients is not None and total + recipients > lim.max_recipients:
+                row = conn.execute(
+                    "SELECT at FROM (SELECT at, sum(recipients) OVER (ORDER BY at) AS freed "
+                    "FROM send_log WHERE key = ? AND at > ?) WHERE freed >= ? "
+                    "ORDER BY at LIMIT 1",
+                    (key, since, total + recipients - lim.max_recipients),
+                ).fetchone()
+                when = max(when or 0.0, row[0] + lim.window)
+            if when is not None and (wait is None or when > wait.until):
+                wait = SendWait(when, lim)
+        if wait is not None:
+            return wait
+        conn.execute(
+            "INSERT INTO send_log (key, at, recipients) VALUES (?, ?, ?)", (key, now, recipients)
+        )
+        return None
 
     # ------------------------------------------------------------------ public API: writes
 
@@ -1091,7 +1147,18 @@ class SqliteStore(Store):
         return await self._write(self._op_remove, queue_id, unless_in_flight_at)
 
     async def purge_completed(self, older_than: float) -> int:
-        return await self._write(self._op_purge, older_than)
+        return await self._write(self._op_purge, older_than, time.time() - SEND_LOG_RETENTION)
+
+    async def reserve_send(
+        self, key: str, now: float, recipients: int, limits: Sequence[SendLimit]
+    ) -> SendWait | None:
+        for lim in limits:
+            lim.check(recipients)
+        # Not fsync'd (as leases): a power cut may forget the last reservations, which at worst
+        # lets a few more sends through in that window; a crash of this process forgets nothing.
+        return await self._write(
+            self._op_reserve_send, key, now, recipients, tuple(limits), durable=False
+        )
 
     # ------------------------------------------------------------------ public API: reads
 

@@ -21,6 +21,9 @@ Contract highlights
 * Unknown queue ids: ``get``/``remove`` return ``None``; ``read_data``, ``set_flags`` and
   ``retry_now`` raise ``KeyError``; ``release`` and ``record_results`` are no-ops (the admin may
   have removed the message while it was being delivered).
+* Send budgets (``reserve_send``) are shared by every client of one store: the workers of a node
+  (SQLite) and every node of a cluster (PostgreSQL). A reservation is atomic: two clients that
+  reserve at once never both take the last slot.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from .model import Envelope, RecipientState, StoredMessage
+from .model import Envelope, RecipientState, SendLimit, SendWait, StoredMessage
 
 __all__ = [
     "AddressPattern",
@@ -270,7 +273,25 @@ class Store(Protocol):
 
     async def purge_completed(self, older_than: float) -> int:
         """Delete messages whose recipients are all Delivered/Failed and that were completed
-        before the unix time ``older_than``. Returns how many were deleted."""
+        before the unix time ``older_than``. Returns how many were deleted. Also drops every send
+        record (``reserve_send``) older than ``SEND_LOG_RETENTION``, of any budget (a renamed or
+        removed send connector's too)."""
+        ...
+
+    async def reserve_send(
+        self, key: str, now: float, recipients: int, limits: Sequence[SendLimit]
+    ) -> SendWait | None:
+        """Reserve one send of ``recipients`` recipients against the budget ``key`` (a send
+        connector's pacing limits, shared by all the clients of this store) at the unix time
+        ``now``, atomically: if, for every limit, the sends already counted within its window
+        (``at > now - window``) plus this one stay within it, count this one at ``now`` and return
+        ``None``; otherwise count nothing and return a :class:`SendWait`: the earliest time at
+        which the oldest counted sends will have left the windows far enough for it to fit (if
+        nobody else sends meanwhile), and the limit that holds it longest.
+        A reservation is never given back (the caller sends, or its upstream may have counted the
+        attempt). ``purge_completed`` prunes the records (a window is at most
+        ``SEND_LOG_RETENTION``). ``ValueError`` for a send that can never fit (more recipients
+        than a ``max_recipients``, a ``max_messages`` under 1) or a window out of range."""
         ...
 
     async def counts(self) -> dict[str, int]:
