@@ -310,6 +310,68 @@ def test_a_malformed_smart_host_is_refused_naming_connector_and_key(host: str) -
     assert str(problem).startswith('s.toml: send_connectors[0] "Out": smart_hosts[1]: '), problem
 
 
+@pytest.mark.parametrize("key", ["max_messages_per_minute", "max_recipients_per_day"])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("0", "must be at least 1 (or 'unlimited' for no limit)"),
+        ("-1", "must not be negative, got -1"),
+        ("2.5", "expected a whole number, got 2.5"),
+        ('"thirty"', "expected a whole number, got 'thirty'"),
+        ("true", "expected a whole number, got True"),
+    ],
+)
+def test_a_bad_pacing_limit_is_refused_naming_connector_and_key(
+    key: str, value: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_text(_SEND.format(hosts='"10.0.0.9"') + f"{key} = {value}\n", "s.toml")
+    assert [str(p) for p in info.value.problems] == [
+        f's.toml: send_connectors[0] "Out": {key}: {expected}'
+    ]
+
+
+def test_pacing_limits_default_to_unlimited_and_take_numbers_or_unlimited() -> None:
+    (out,) = parse_text(_SEND.format(hosts='"10.0.0.9"'), "s.toml").send_connectors
+    assert (out.max_messages_per_minute, out.max_recipients_per_day) == (None, None)
+    text = _SEND.format(hosts='"10.0.0.9"')
+    (out,) = parse_text(
+        text + 'max_messages_per_minute = 30\nmax_recipients_per_day = "Unlimited"\n', "s.toml"
+    ).send_connectors
+    assert (out.max_messages_per_minute, out.max_recipients_per_day) == (30, None)
+    (out,) = parse_text(text + "max_recipients_per_day = 10000\n", "s.toml").send_connectors
+    assert (out.max_messages_per_minute, out.max_recipients_per_day) == (None, 10000)
+
+
+def test_relaygate_check_refuses_bad_pacing_limits(tmp_path: Path) -> None:
+    """The real command: exit 1, every bad value listed with its connector and key."""
+    path = tmp_path / "relaygate.toml"
+    path.write_text(
+        _SEND.format(hosts='"smtp.office365.com"')
+        + "max_messages_per_minute = 0\nmax_recipients_per_day = -10\n"
+        + '\n[[send_connectors]]\nname = "Second"\naddress_spaces = ["x.example"]\n'
+        + "max_messages_per_minute = 1.5\nmax_recipients_per_day = 10000\n",
+        encoding="utf-8",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "relaygate", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done
+    out = done.stdout + done.stderr
+    assert (
+        f'{path}: send_connectors[0] "Out": max_messages_per_minute: must be at least 1' in out
+    ), out
+    assert f'{path}: send_connectors[0] "Out": max_recipients_per_day: must not be negative' in out
+    assert (
+        f'{path}: send_connectors[1] "Second": max_messages_per_minute: expected a whole number'
+        in out
+    ), out
+    assert "3 error(s)" in out, out
+
+
 def test_the_postgresql_queue_refuses_a_max_message_size_it_cannot_store() -> None:
     """PostgreSQL keeps a value of at most 1 GB: with a max_message_size above it (the config
     allows 2 GB) such a message would be received whole, then refused at its submit (a 451),

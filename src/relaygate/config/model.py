@@ -223,6 +223,13 @@ class SendConnector:
     connection_inactivity_timeout: timedelta = _span("00:10:00")
     protocol_logging_level: str = _spec("None", choices=("None", "Verbose"))
     comment: str = ""
+    #: Pacing to the upstream's quota (RelayGate's own; Exchange has none): at most this many
+    #: messages (SMTP transactions) in any rolling 60 s through this connector, shared by every
+    #: worker and node. Past it, mail waits in the queue (Retry) instead of being refused upstream.
+    #: Microsoft 365 SMTP AUTH: 30 per mailbox. None / "unlimited": no pacing.
+    max_messages_per_minute: int | None = UNLIMITED
+    #: The same for recipients in any rolling 24 hours (Microsoft 365: 10,000 per mailbox).
+    max_recipients_per_day: int | None = UNLIMITED
 
 
 @dataclass(frozen=True, slots=True)

@@ -173,6 +173,10 @@ def _send_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
                 "oauth_client_secret_env",
                 "set oauth_client_secret_env or oauth_client_secret_file for XOAUTH2",
             )
+    for key in ("max_messages_per_minute", "max_recipients_per_day"):
+        # the loader has refused non-integers and negative numbers already
+        if getattr(s, key) == 0:
+            yield key, "must be at least 1 (or 'unlimited' for no limit)"
     if s.tls_auth_level != "EncryptionOnly" and not s.require_tls:
         yield (
             "tls_auth_level",
