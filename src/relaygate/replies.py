@@ -246,6 +246,23 @@ DELIVERY_FAILED_INTERNAL = Reply(
 DELIVERY_PENDING = Reply(400, "4.0.0", "QUEUE.Pending; delivery has not completed yet")
 
 
+#: The LastError prefix of a recipient held back by a send connector's pacing limit.
+PACED_PREFIX = "QUEUE.Paced;"
+
+
+def send_connector_paced(connector: str, key: str, limit: int) -> Reply:
+    """A recipient not sent because its send connector's budget (max_messages_per_minute,
+    max_recipients_per_day) is spent: it waits in the queue (Retry) until the rolling window frees,
+    not counted as a failed attempt. RelayGate's own: Exchange has no such pacing; 4.4.2 as
+    Exchange's own rate limit replies."""
+    return Reply(
+        451,
+        "4.4.2",
+        f'{PACED_PREFIX} send connector "{connector}" reached {key} ({limit}); '
+        "the message waits in the queue until the rolling window frees",
+    )
+
+
 def auth_rate_limited(client_ip: str) -> Reply:
     """logon_failure_rate_limit reached: Exchange has no per-address AUTH limit, so the reply is
     Postfix's (smtpd_client_auth_rate_limit, security-bar item 140), transient."""

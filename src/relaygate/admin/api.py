@@ -285,7 +285,7 @@ class MetricsCollector:
             "Recipient delivery outcomes",
             labels=["outcome"],
         )
-        for key in ("delivered", "deferred", "failed", "expired"):
+        for key in ("delivered", "deferred", "failed", "paced", "expired"):
             recipients.add_metric([key], float(stats.get(key, 0)))
         yield recipients
         yield CounterMetricFamily(

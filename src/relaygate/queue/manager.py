@@ -15,6 +15,10 @@ durably before it forgets the message:
   route`` as its last error and is shown in the Unreachable queue, as Exchange does; a configuration
   reload resubmits it at once;
 * 5xx → Failed, and an NDR;
+* a send connector's pacing budget spent (``max_messages_per_minute``, ``max_recipients_per_day``,
+  `relaygate.queue.pacing`) → not attempted: Retry until the window frees, with a
+  ``451 4.4.2 QUEUE.Paced; ...`` last error; no retry is used up (the attempt count, and so the
+  retry interval, is left as it was), but the delay notice and the expiry still come on time;
 * still pending ``delay_notification_timeout`` after arrival → one delay notice (DSN, delayed);
 * still pending ``message_expiration_timeout`` after arrival → Failed with
   ``550 4.4.7 QUEUE.Expired; message expired``, and an NDR.
@@ -58,6 +62,7 @@ from relaygate.delivery.dns import Resolver
 from relaygate.delivery.nexthop import NextHopError, resolve_next_hops
 from relaygate.delivery.oauth import OAuthTokenProvider
 from relaygate.delivery.routing import RouteKey, RouteTable, domain_of, explain_route
+from relaygate.queue import pacing
 from relaygate.queue.bounce import DsnRecipient, build_dsn, header_block, header_value
 from relaygate.queue.model import (
     LINE_BREAKS,
@@ -67,6 +72,7 @@ from relaygate.queue.model import (
     Envelope,
     RecipientState,
     RecipientStatus,
+    SendWait,
     StoredMessage,
 )
 from relaygate.queue.retry import RetrySchedule
@@ -88,6 +94,9 @@ from relaygate.replies import DELIVERY_FAILED_INTERNAL, DELIVERY_PENDING  # noqa
 DELIVERED = "delivered"
 DEFERRED = "deferred"
 FAILED = "failed"
+#: Not attempted: the send connector's pacing budget is spent (see relaygate.queue.pacing). The
+#: recipient waits (Retry) until RouteResult.retry_at; its attempts are not counted.
+PACED = "paced"
 
 
 def classify(reply: Reply) -> str:
@@ -112,11 +121,12 @@ class RouteResult:
 
     address: str
     reply: Reply
-    outcome: str  # delivered | deferred | failed
+    outcome: str  # delivered | deferred | failed | paced
     connector: str = ""
     remote_host: str = ""
     remote_ip: str = ""
-    source: str = "SMTP"  # the tracking-log source: SMTP, ROUTING, DNS
+    source: str = "SMTP"  # the tracking-log source: SMTP, ROUTING, DNS, QUEUE
+    retry_at: float | None = None  # paced: when the send connector's window has room again
 
 
 def _split_hop(label: str | None) -> tuple[str, str]:
@@ -216,12 +226,16 @@ class QueueManager:
         self._rescan = False
         #: while a scan runs: the messages whose delivery ended since it called lease_due
         self._ended_during_scan: set[str] | None = None
+        #: send budgets the store said are spent, until when: no store call for them meanwhile
+        #: (slots only free with time; a reload that changes limits forgets these)
+        self._paced_until: dict[str, SendWait] = {}
         #: Counters for /metrics (monotonic since start).
         self.stats: dict[str, int] = {
             "attempts": 0,
             "delivered": 0,
             "deferred": 0,
             "failed": 0,
+            "paced": 0,
             "expired": 0,
             "ndr": 0,
             "delay_notices": 0,
@@ -323,22 +337,30 @@ class QueueManager:
             self._spawn(old.aclose())
         if config.queue.lease_duration != self.config.queue.lease_duration:
             self.lease_seconds = config.queue.lease_duration.total_seconds()
+        limits_changed = _pacing_limits(config) != _pacing_limits(self.config)
         self.config = config
         self.schedule = RetrySchedule.from_config(config.queue)
         if not self._resolver_fixed:
             self.resolver = Resolver.from_config(config)
         self.signer = _build_signer(config)
         self.token_providers = _build_token_providers(config, self.token_providers)
+        if limits_changed:
+            self._paced_until.clear()
         if self.running:
             self._spawn(self._load_tls_contexts())
-            self._spawn(self.resubmit_unreachable())
+            self._spawn(self.resubmit_unreachable(paced=limits_changed))
         self.wake()
 
-    async def resubmit_unreachable(self) -> int:
-        """``retry_now`` every message with a recipient in the Unreachable queue; how many."""
+    async def resubmit_unreachable(self, *, paced: bool = False) -> int:
+        """``retry_now`` every message with a recipient in the Unreachable queue (``paced``: or
+        held back by a send connector's pacing limit, whose limits a reload changed); how many."""
         count = 0
         for msg in await self.store.list_messages(limit=100_000, status="Retry"):
-            if any(is_unreachable(r) for r in msg.recipients):
+            if any(
+                is_unreachable(r)
+                or (paced and r.status in PENDING_STATUSES and pacing.is_paced(r.last_error))
+                for r in msg.recipients
+            ):
                 with contextlib.suppress(KeyError):
                     await self.store.retry_now(msg.queue_id)
                     count += 1
@@ -584,6 +606,56 @@ class QueueManager:
         except CredentialsError as exc:
             log.error("%s", exc)
             return [RouteResult(a, CREDENTIALS_MISSING, DEFERRED, name) for a in addrs]
+        limits = pacing.limits_for(connector)
+        if not limits:  # the usual case: no pacing, no store call
+            return await self._send(msg, connector, hops, credentials, addrs, data, crlf_only)
+        # Pacing: one reservation per SMTP transaction, made before it is attempted. A send that
+        # then fails keeps its reservation (the upstream may well have counted it).
+        sent: list[RouteResult] = []
+        batches = pacing.batches(addrs, connector)
+        for i, batch in enumerate(batches):
+            wait = await self._reserve(connector, limits, len(batch))
+            if wait is not None:
+                reply = pacing.paced_reply(connector, wait.limit)
+                sent += [
+                    RouteResult(a, reply, PACED, name, source="QUEUE", retry_at=wait.until)
+                    for rest in batches[i:]
+                    for a in rest
+                ]
+                break
+            sent += await self._send(msg, connector, hops, credentials, batch, data, crlf_only)
+        return sent
+
+    async def _reserve(
+        self, connector: Any, limits: tuple[Any, ...], recipients: int
+    ) -> SendWait | None:
+        """A slot in the connector's budget (None), or when it will have one."""
+        key = pacing.budget_key(connector)
+        now = self.clock()
+        known = self._paced_until.get(key)
+        if known is not None and now < known.until:
+            return known  # the store said so: no slot frees before then
+        wait = await self.store.reserve_send(key, now, recipients, limits)
+        if wait is None:
+            self._paced_until.pop(key, None)
+        elif wait.limit.max_messages is not None:
+            # Only a message limit holds every send back alike (a smaller one may still fit
+            # a recipient budget).
+            self._paced_until[key] = wait
+        return wait
+
+    async def _send(
+        self,
+        msg: StoredMessage,
+        connector: Any,
+        hops: Any,
+        credentials: Any,
+        addrs: list[str],
+        data: bytes,
+        crlf_only: bool,
+    ) -> list[RouteResult]:
+        """One SMTP transaction for ``addrs`` through the route's next hops."""
+        name = str(connector.name)
         helo = getattr(connector, "fqdn", None) or self.config.server.fqdn
         outcome_ = await deliver(
             hops,
@@ -654,7 +726,26 @@ class QueueManager:
         for res in results:
             attempts = by_addr[res.address].attempts + 1
             line = res.reply.line()
-            if res.outcome == DELIVERED:
+            if res.outcome == PACED:
+                # Not an attempt: attempts and last_attempt stay; due again when the window
+                # frees, but never past the delay notice or the expiry (time still runs).
+                before = by_addr[res.address]
+                nxt = self.schedule.not_later_than(
+                    res.retry_at if res.retry_at is not None else now,
+                    now,
+                    msg.received_at,
+                    delay_notified=msg.delay_notified,
+                )
+                state = RecipientState(
+                    res.address,
+                    RecipientStatus.DEFERRED,
+                    before.attempts,
+                    line,
+                    before.last_attempt,
+                    nxt,
+                )
+                deferred.append(res)
+            elif res.outcome == DELIVERED:
                 state = RecipientState(
                     res.address, RecipientStatus.DELIVERED, attempts, line, now, None
                 )
@@ -890,7 +981,7 @@ class QueueManager:
 
     def _track_results(self, msg: StoredMessage, results: list[RouteResult], data: bytes) -> None:
         groups: dict[tuple[str, str, str, str, str], list[RouteResult]] = {}
-        event_of = {DELIVERED: "SEND", DEFERRED: "DEFER", FAILED: "FAIL"}
+        event_of = {DELIVERED: "SEND", DEFERRED: "DEFER", FAILED: "FAIL", PACED: "DEFER"}
         for r in results:
             key = (event_of[r.outcome], r.source, r.connector, r.remote_host, r.remote_ip)
             groups.setdefault(key, []).append(r)
@@ -913,6 +1004,11 @@ class QueueManager:
                 connector_id=connector,
                 **extra,
             )
+
+
+def _pacing_limits(config: Any) -> dict[str, tuple[Any, ...]]:
+    """Each send connector's pacing limits, by budget key (to see whether a reload changed any)."""
+    return {pacing.budget_key(c): pacing.limits_for(c) for c in config.send_connectors}
 
 
 def _last_reply(recipient: RecipientState) -> Reply:

@@ -76,7 +76,16 @@ class RetrySchedule:
         Never later than the expiry (the message must expire on time) nor, while the delay notice is
         still owed, than the moment it falls due (it is sent after that attempt).
         """
-        when = now + self.interval_after(attempts)
+        return self.not_later_than(
+            now + self.interval_after(attempts), now, received_at, delay_notified=delay_notified
+        )
+
+    def not_later_than(
+        self, when: float, now: float, received_at: float, *, delay_notified: bool = True
+    ) -> float:
+        """``when``, brought forward to the expiry and, while the delay notice is still owed, to
+        the moment it falls due (a paced recipient waits for its send connector's window, but
+        time's own events still come on time)."""
         when = min(when, self.expires_at(received_at))
         if not delay_notified and self.delay_notification < self.expiration:
             notice = self.delay_notice_at(received_at)
