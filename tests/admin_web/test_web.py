@@ -219,6 +219,21 @@ def test_dashboard_shows_health_counts_connectors_and_findings(
     assert css.status_code == 200 and "text/css" in css.headers["content-type"]
 
 
+def test_send_connector_rows_show_their_pacing() -> None:
+    from relaygate.admin.web import send_connector_rows
+    from relaygate.config import parse_text
+
+    cfg = parse_text(
+        '[[send_connectors]]\nname = "M365"\naddress_spaces = ["*"]\n'
+        'dns_routing_enabled = false\nsmart_hosts = ["smtp.office365.com"]\n'
+        "max_messages_per_minute = 30\n"
+        '[[send_connectors]]\nname = "MX"\naddress_spaces = ["x.example"]\n',
+        "t.toml",
+    )
+    rows = {r["name"]: r["pacing"] for r in send_connector_rows(cfg)}
+    assert rows == {"M365": "30 messages/minute", "MX": "unlimited"}
+
+
 def test_dashboard_shows_back_pressure(tmp_path: Path, tab: Page) -> None:
     st = os.statvfs(tmp_path)
     more_than_free = st.f_bavail * st.f_frsize + 50 * 1024**3

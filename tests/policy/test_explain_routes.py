@@ -110,3 +110,22 @@ def test_an_ipv4_mapped_client_is_explained_as_the_ipv4_client_the_server_sees()
     result = explain(cfg, client_ip=client, local=endpoints[0], sender=None, recipients=[])
     assert result.selection.connector is not None
     assert result.selection.connector.name == expected.connector.name
+
+
+def test_the_route_shows_the_send_connectors_pacing() -> None:
+    paced = CONFIG.replace(
+        'smart_hosts = ["corp-example.mail.protection.outlook.com"]\n',
+        'smart_hosts = ["corp-example.mail.protection.outlook.com"]\n'
+        "max_messages_per_minute = 30\nmax_recipients_per_day = 10000\n",
+    )
+    cfg = parse_text(paced, "routes.toml")
+    result = explain(
+        cfg,
+        client_ip="10.0.0.5",
+        local=("0.0.0.0", 25),
+        sender="scanner@corp.example",
+        recipients=["a@gmail.com", "b@eu.partner.example", "d@elsewhere.example"],
+    ).to_dict()
+    routes = {r["address"]: r["route"] for r in result["recipients"]}
+    assert routes["a@gmail.com"]["pacing"] == "30 messages/minute, 10000 recipients/day"
+    assert routes["b@eu.partner.example"]["pacing"] == "unlimited"

@@ -67,6 +67,7 @@ from relaygate.control import (
     queue_name,
 )
 from relaygate.policy.explain import endpoints_for, explain
+from relaygate.queue import pacing
 
 __all__ = [
     "SESSION_COOKIE",
@@ -296,6 +297,7 @@ def send_connector_rows(config: Config) -> list[dict[str, Any]]:
             "route": _route_text(c),
             "auth": c.smart_host_auth_mechanism,
             "require_tls": c.require_tls,
+            "pacing": pacing.describe(c),
         }
         for c in config.send_connectors
     ]

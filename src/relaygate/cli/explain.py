@@ -102,4 +102,7 @@ def register(app: typer.Typer) -> None:
                         else str(route)
                     )
                     console.print(f"    route: {text}", markup=False)
+                    limits = route.get("pacing") if isinstance(route, dict) else None
+                    if limits and limits != "unlimited":
+                        console.print(f"    paced: {limits}", markup=False)
             console.print()

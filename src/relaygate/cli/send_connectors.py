@@ -16,6 +16,7 @@ from tomlkit.items import Table as TomlTable
 from relaygate.cli.config_objects import SEND
 from relaygate.cli.connector_verbs import register_object_verbs
 from relaygate.config import model as m
+from relaygate.queue import pacing
 
 __all__ = ["register"]
 
@@ -30,7 +31,16 @@ def _smart_host_routing(table: TomlTable, opts: dict[str, Any]) -> None:
 
 def _list_table(cfg: m.Config, items: tuple[m.SendConnector, ...]) -> Table:
     table = Table(header_style="bold")
-    for col in ("Name", "Enabled", "AddressSpaces", "Route", "Auth", "RequireTLS", "Cost"):
+    for col in (
+        "Name",
+        "Enabled",
+        "AddressSpaces",
+        "Route",
+        "Auth",
+        "RequireTLS",
+        "Cost",
+        "Pacing",
+    ):
         table.add_column(col, overflow="fold")
     for s in items:
         route = (
@@ -49,6 +59,7 @@ def _list_table(cfg: m.Config, items: tuple[m.SendConnector, ...]) -> Table:
                     s.smart_host_auth_mechanism,
                     "true" if s.require_tls else "false",
                     str(s.cost),
+                    pacing.describe(s),
                 )
             )
         )

@@ -14,6 +14,7 @@ from relaygate.delivery.routing import explain_route
 from relaygate.policy.rights import EXTENDED_RIGHTS, session_rights
 from relaygate.policy.selection import Selection, select_connector
 from relaygate.policy.verdicts import check_mail, check_rcpt, host_ips, relay_local_ips
+from relaygate.queue import pacing
 
 __all__ = ["Explanation", "endpoints_for", "explain"]
 
@@ -87,6 +88,8 @@ def _route_for(config: Config, address: str) -> dict[str, Any]:
         "delivery_type": route.route.delivery_type,
         "reason": route.reason,
         "reply": reply.line() if reply is not None else None,
+        # the chosen send connector's pacing (max_messages_per_minute, max_recipients_per_day)
+        "pacing": pacing.describe(route.connector) if route.connector is not None else None,
         "candidates": [
             {"connector": c.connector, "address_space": c.address_space, "verdict": c.verdict}
             for c in route.candidates
