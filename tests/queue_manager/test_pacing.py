@@ -288,3 +288,32 @@ async def test_a_connector_without_limits_makes_no_store_call_for_pacing(tmp_pat
             await send(relay, SENDER, [f"u{n}@example.com"], body(n))
         await wait_for(lambda: len(up.handler.messages) == 3)
         assert calls == []
+
+
+async def test_a_backlog_is_spread_over_the_windows_it_needs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At most max_messages_per_minute can go per window: of the held-back messages, the first
+    that many are due when the window frees, the next ones a window later each (not all of them
+    at every freed slot)."""
+    window = 2.0
+    monkeypatch.setattr(pacing, "MESSAGE_WINDOW", window)
+    async with running(tmp_path, _extra("max_messages_per_minute = 2")) as (relay, up, _home):
+        handler: TimedHandler = up.handler  # type: ignore[assignment]
+        for n in range(7):
+            await send(relay, SENDER, [f"u{n}@example.com"], body(n))
+
+        async def five_paced() -> list[float]:
+            rs = recipients(await relay.store.list_messages()).values()
+            due = [r.next_attempt for r in rs if r.status is RETRY and r.next_attempt]
+            return sorted(due) if len(due) == 5 else []
+
+        due = await wait_for(five_paced, timeout=window - 0.5)
+        assert len(handler.messages) == 2
+        first = min(handler.arrived)
+        # two due when the first window frees, two a window later, one two windows later
+        assert [round((d - first) / window) for d in due] == [1, 1, 2, 2, 3]
+        await wait_for(lambda: len(handler.messages) == 7, timeout=4 * window + 5)
+        arrived = sorted(handler.arrived)
+        # never more than 2 in any window
+        assert all(arrived[i + 2] - arrived[i] >= window - 0.2 for i in range(5))

@@ -229,6 +229,8 @@ class QueueManager:
         #: send budgets the store said are spent, until when: no store call for them meanwhile
         #: (slots only free with time; a reload that changes limits forgets these)
         self._paced_until: dict[str, SendWait] = {}
+        #: messages held back per budget since its last granted reservation (see _retry_at)
+        self._paced_count: dict[str, int] = {}
         #: Counters for /metrics (monotonic since start).
         self.stats: dict[str, int] = {
             "attempts": 0,
@@ -346,6 +348,7 @@ class QueueManager:
         self.token_providers = _build_token_providers(config, self.token_providers)
         if limits_changed:
             self._paced_until.clear()
+            self._paced_count.clear()
         if self.running:
             self._spawn(self._load_tls_contexts())
             self._spawn(self.resubmit_unreachable(paced=limits_changed))
@@ -617,8 +620,9 @@ class QueueManager:
             wait = await self._reserve(connector, limits, len(batch))
             if wait is not None:
                 reply = pacing.paced_reply(connector, wait.limit)
+                retry_at = self._retry_at(pacing.budget_key(connector), wait)
                 sent += [
-                    RouteResult(a, reply, PACED, name, source="QUEUE", retry_at=wait.until)
+                    RouteResult(a, reply, PACED, name, source="QUEUE", retry_at=retry_at)
                     for rest in batches[i:]
                     for a in rest
                 ]
@@ -638,11 +642,24 @@ class QueueManager:
         wait = await self.store.reserve_send(key, now, recipients, limits)
         if wait is None:
             self._paced_until.pop(key, None)
+            self._paced_count.pop(key, None)
         elif wait.limit.max_messages is not None:
             # Only a message limit holds every send back alike (a smaller one may still fit
             # a recipient budget).
             self._paced_until[key] = wait
         return wait
+
+    def _retry_at(self, key: str, wait: SendWait) -> float:
+        """When a held-back message is due again: when the window frees (``wait.until``) for the
+        first ``max_messages`` held back; at most that many can go in one window, so the next
+        ones are due a window later each, instead of all of them taking the queue again for
+        every slot that frees (a backlog of N messages would be N writes per freed slot)."""
+        k = self._paced_count.get(key, 0)
+        self._paced_count[key] = k + 1
+        per_window = wait.limit.max_messages
+        if per_window is None:
+            return wait.until
+        return wait.until + (k // per_window) * wait.limit.window
 
     async def _send(
         self,
