@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 INTERVAL = 2.0
 STALE_AFTER = 5 * INTERVAL
-DELIVERY_KEYS = ("attempts", "delivered", "deferred", "failed", "expired", "ndr", "delay_notices")
 
 
 def snapshot_path(data_dir: Path, index: int) -> Path:
@@ -72,7 +71,7 @@ def own_figures(relay: Any) -> NodeFigures:
     memory = getattr(ctx, "data_memory", None)
     return NodeFigures(
         smtp=getattr(ctx, "counters", None) or SmtpCounters(),
-        delivery={key: int(stats.get(key, 0)) for key in DELIVERY_KEYS},
+        delivery={key: int(value) for key, value in stats.items()},  # the manager's counters
         open_sessions=dict(getattr(limits, "per_connector", {})),
         in_flight=int(getattr(manager, "in_flight", 0) or 0),
         data_in_memory=int(getattr(memory, "used", 0) or 0),

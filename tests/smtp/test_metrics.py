@@ -90,6 +90,8 @@ def test_received_and_refused_are_counted_per_connector(relay: Any) -> None:
         )
         assert refused == 1
         assert metric(text, "relaygate_smtp_messages_received_total", connector=front_name) is None
+        # every counter of the queue manager reaches /metrics, pacing's too
+        assert metric(text, "relaygate_delivery_recipients_total", outcome="paced") == 0
     finally:
         sink.controller.stop()
 
