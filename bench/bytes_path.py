@@ -43,8 +43,8 @@ def cases() -> list[tuple[str, Callable[[bytes], object] | None]]:
         ("store: sha256", lambda m: hashlib.sha256(m).digest()),
         ("deliver: any(b > 0x7F for b in prepared)", lambda m: any(b > 0x7F for b in m)),
         ("  alternative: not prepared.isascii()", lambda m: not m.isascii()),
-        ("deliver: prepare_data", _get("relaygate.delivery.client", "prepare_data")),
-        ("deliver: dot_stuff (regex (?m)^\\.)", _get("relaygate.delivery.client", "dot_stuff")),
+        ("deliver: prepare_data", _get("relaygate.delivery.wire", "prepare_data")),
+        ("deliver: dot_stuff (regex (?m)^\\.)", _get("relaygate.delivery.wire", "dot_stuff")),
         ("  alternative: bytes.replace(b'\\r\\n.', ...)", _dot_stuff_c),
         (
             "deliver: aiosmtplib normalize_message_line_endings",

@@ -45,7 +45,8 @@ from relaygate_sut import CONFIG
 
 from relaygate.app import tune_gc
 from relaygate.config import load_config
-from relaygate.delivery.client import ConnectionPool, dot_stuff
+from relaygate.delivery.client import ConnectionPool
+from relaygate.delivery.wire import dot_stuff
 from relaygate.logs.tracking import TrackingLog
 from relaygate.queue.bounce import header_value
 from relaygate.queue.manager import QueueManager

@@ -36,7 +36,7 @@ from floor_server import Connected
 from relaygate import replies
 from relaygate.addresses import AddressError, parse_mail_from, parse_rcpt_to
 from relaygate.config import load_config
-from relaygate.delivery.client import dot_stuff
+from relaygate.delivery.wire import dot_stuff
 from relaygate.logs.protocol import NULL_SESSION_LOG, ProtocolLog, receiving_message_info
 from relaygate.logs.tracking import TrackingLog
 from relaygate.policy.rights import session_rights

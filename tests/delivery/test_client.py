@@ -20,14 +20,12 @@ from relaygate.delivery.client import (
     TOKEN_UNAVAILABLE,
     UNABLE_TO_CONNECT,
     ConnectionPool,
-    Credentials,
-    CredentialsError,
     deliver,
     helo_name_for,
-    normalise_for_wire,
-    prepare_data,
     remote_reply,
 )
+from relaygate.delivery.credentials import Credentials, CredentialsError
+from relaygate.delivery.wire import normalise_for_wire, prepare_data
 
 from . import helpers
 from .helpers import SILENT, Connector, Handler, RawSink, hop, start_sink

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relaygate.delivery.client import (
+from relaygate.delivery.wire import (
     MAX_LINE_OCTETS,
     dot_stuff,
     normalise_for_wire,

@@ -833,7 +833,7 @@ async def test_delivery_rescans_line_breaks_only_when_the_receive_check_did_not_
     """The session's bare CR/LF check is recorded with the message and spares delivery a second
     scan of the bytes; a message without that record (here: put in the store directly, with a bare
     LF) is scanned and leaves with CRLF line breaks only."""
-    from relaygate.delivery import client
+    from relaygate.delivery import wire
     from relaygate.queue.model import LINE_BREAKS, Envelope
 
     scans: list[int] = []
@@ -842,8 +842,8 @@ async def test_delivery_rescans_line_breaks_only_when_the_receive_check_did_not_
         scans.append(len(content))
         return has_bare(content)
 
-    has_bare = client.has_bare_cr_or_lf
-    monkeypatch.setattr(client, "has_bare_cr_or_lf", counting)
+    has_bare = wire.has_bare_cr_or_lf
+    monkeypatch.setattr(wire, "has_bare_cr_or_lf", counting)
     async with (
         sinks(ScriptedHandler()) as (a,),
         relay_running(tmp_path, {"*": a.port}) as relay,

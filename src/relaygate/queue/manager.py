@@ -52,16 +52,15 @@ from relaygate import replies
 from relaygate.delivery.client import (
     CREDENTIALS_MISSING,
     ConnectionPool,
-    Credentials,
-    CredentialsError,
     deliver,
-    prepare_data,
     tls_context_for,
 )
+from relaygate.delivery.credentials import Credentials, CredentialsError
 from relaygate.delivery.dns import Resolver
 from relaygate.delivery.nexthop import NextHopError, resolve_next_hops
 from relaygate.delivery.oauth import OAuthTokenProvider
 from relaygate.delivery.routing import RouteKey, RouteTable, domain_of, explain_route
+from relaygate.delivery.wire import prepare_data
 from relaygate.queue import pacing
 from relaygate.queue.bounce import DsnRecipient, build_dsn, header_block, header_value
 from relaygate.queue.model import (
