@@ -7,9 +7,9 @@ own, on purpose:
   because those run addresses through ``email.utils.parseaddr`` (the project has one strict address
   parser, and a relay must send the envelope it accepted, byte for byte);
 * the message body is normalised (`relaygate.delivery.wire`: `prepare_data`, `normalise_for_wire`)
-  before aiosmtplib sees it. aiosmtplib's own DATA step (bare CR/LF → CRLF, ``^.`` → ``..``, then ``.\\r\\n``) is then exactly
-  the identity plus dot-stuffing on our CRLF-only input, so what reaches the wire is
-  ``normalise_for_wire(data)``; a raw-socket test pins this byte for byte.
+  before aiosmtplib sees it. aiosmtplib's own DATA step (bare CR/LF → CRLF, ``^.`` → ``..``, then
+  ``.\\r\\n``) is then exactly the identity plus dot-stuffing on our CRLF-only input, so what
+  reaches the wire is ``normalise_for_wire(data)``; a raw-socket test pins this byte for byte.
 
 Rules (issue 4, security-bar §2D and §3J):
 

@@ -163,10 +163,11 @@ class RateLimiter:
     reach several workers: users always (smtp/steering.py keeps one *address* on one worker, not
     one user); addresses only when `share_ip` is set (`worker_balance = "connection"`, the
     kernel refused the steering program, or trusted proxies: `share_addresses`), since otherwise
-    all of an address's sessions are on this worker and counting it here is exact and cheaper. The shared table counts in per-second
-    buckets: a message counts for 60 to 61 seconds there (never less than the window). A key the
-    shared table has no room for, or a message for which its lock could not be had, is counted
-    here (logged once): the limit then holds per worker for that key, as before the table existed.
+    all of an address's sessions are on this worker and counting it here is exact and cheaper.
+    The shared table counts in per-second buckets: a message counts for 60 to 61 seconds there
+    (never less than the window). A key the shared table has no room for, or a message for which
+    its lock could not be had, is counted here (logged once): the limit then holds per worker for
+    that key, as before the table existed.
 
     A message is counted when it is queued and checked at MAIL, so sessions of one source sending
     at the same moment may together pass the limit by at most their number less one."""
