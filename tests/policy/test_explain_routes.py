@@ -129,3 +129,21 @@ def test_the_route_shows_the_send_connectors_pacing() -> None:
     routes = {r["address"]: r["route"] for r in result["recipients"]}
     assert routes["a@gmail.com"]["pacing"] == "30 messages/minute, 10000 recipients/day"
     assert routes["b@eu.partner.example"]["pacing"] == "unlimited"
+
+
+def test_the_route_shows_the_send_connectors_send_as() -> None:
+    as_mailbox = CONFIG.replace(
+        'smart_hosts = ["corp-example.mail.protection.outlook.com"]\n',
+        'smart_hosts = ["corp-example.mail.protection.outlook.com"]\n'
+        'send_as = "relay@corp.example"\n',
+    )
+    result = explain(
+        parse_text(as_mailbox, "routes.toml"),
+        client_ip="10.0.0.5",
+        local=("0.0.0.0", 25),
+        sender="scanner@corp.example",
+        recipients=["a@gmail.com", "b@eu.partner.example"],
+    ).to_dict()
+    routes = {r["address"]: r["route"] for r in result["recipients"]}
+    assert routes["a@gmail.com"]["send_as"] == "relay@corp.example"
+    assert routes["b@eu.partner.example"]["send_as"] is None

@@ -230,6 +230,11 @@ class SendConnector:
     max_messages_per_minute: int | None = UNLIMITED
     #: The same for recipients in any rolling 24 hours (Microsoft 365: 10,000 per mailbox).
     max_recipients_per_day: int | None = UNLIMITED
+    #: The mailbox every message through this connector is sent as (MAIL FROM and the From
+    #: header's address; the writer's address kept as display name and Reply-To): what Microsoft
+    #: 365 SMTP AUTH with one mailbox requires (554 5.2.252 SendAsDenied otherwise). "" = as
+    #: written. See relaygate.delivery.send_as.
+    send_as: str = ""
 
 
 @dataclass(frozen=True, slots=True)

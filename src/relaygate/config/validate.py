@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
+from relaygate import replies
+from relaygate.addresses import AddressError, parse_path
 from relaygate.config.loader import Problem
 from relaygate.config.model import Config, ReceiveConnector, SendConnector
 from relaygate.config.values import (
@@ -173,6 +175,18 @@ def _send_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
                 "oauth_client_secret_env",
                 "set oauth_client_secret_env or oauth_client_secret_file for XOAUTH2",
             )
+    if s.send_as:
+        try:
+            address = parse_path(
+                f"<{s.send_as}>",
+                allow_null=False,
+                allow_postmaster=False,
+                error=replies.UNRECOGNIZED_COMMAND,
+            )
+        except AddressError:
+            address = None
+        if address is None or not address.domain:
+            yield "send_as", f"{s.send_as!r} is not a mail address (name@domain)"
     for key in ("max_messages_per_minute", "max_recipients_per_day"):
         # the loader has refused non-integers and negative numbers already
         if getattr(s, key) == 0:

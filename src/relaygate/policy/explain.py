@@ -90,6 +90,8 @@ def _route_for(config: Config, address: str) -> dict[str, Any]:
         "reply": reply.line() if reply is not None else None,
         # the chosen send connector's pacing (max_messages_per_minute, max_recipients_per_day)
         "pacing": pacing.describe(route.connector) if route.connector is not None else None,
+        # the mailbox the message leaves as through that connector (send_as), None: as written
+        "send_as": (getattr(route.connector, "send_as", "") or None) if route.connector else None,
         "candidates": [
             {"connector": c.connector, "address_space": c.address_space, "verdict": c.verdict}
             for c in route.candidates

@@ -60,6 +60,7 @@ from relaygate.delivery.dns import Resolver
 from relaygate.delivery.nexthop import NextHopError, resolve_next_hops
 from relaygate.delivery.oauth import OAuthTokenProvider
 from relaygate.delivery.routing import RouteKey, RouteTable, domain_of, explain_route
+from relaygate.delivery.send_as import rewrite_headers
 from relaygate.delivery.wire import prepare_data
 from relaygate.queue import pacing
 from relaygate.queue.bounce import DsnRecipient, build_dsn, header_block, header_value
@@ -508,12 +509,15 @@ class QueueManager:
         groups = routes.route([r.address for r in due], size=msg.size)
         to_send = data
         # Checked on receipt: no second scan of the bytes (unless a signature was added to them).
-        crlf_only = msg.metadata.get(LINE_BREAKS) == LINE_BREAKS_CRLF
-        if self.signer is not None and any(not k.is_unreachable for k in groups):
+        received_crlf = crlf_only = msg.metadata.get(LINE_BREAKS) == LINE_BREAKS_CRLF
+        if self.signer is not None and any(
+            not k.is_unreachable and not _send_as(k) for k in groups
+        ):
             # Signed as they will go on the wire: the client folds lines over 998 octets and drops
             # NULs, which would break a signature made over the stored bytes (DMARC fails).
             to_send = await self._sign(msg, prepare_data(data, crlf_only=crlf_only))
             crlf_only = False
+        sent_as = await self._sent_as(msg, data, received_crlf, groups)
 
         self.stats["attempts"] += 1
         by_addr = {r.address: r for r in due}
@@ -522,8 +526,10 @@ class QueueManager:
         async def run_route(key: RouteKey, addrs: list[str]) -> None:
             # Each route's outcome is recorded as soon as it is known: a crash or a stop while
             # another route is still in progress never causes a resend to these recipients.
+            send_as = _send_as(key)
+            route_data, route_crlf = (sent_as[send_as], False) if send_as else (to_send, crlf_only)
             try:
-                results = await self._deliver_route(msg, key, addrs, to_send, crlf_only)
+                results = await self._deliver_route(msg, key, addrs, route_data, route_crlf)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -553,9 +559,28 @@ class QueueManager:
         await self._maybe_delay_notice(msg, by_addr, pending, deferred, data)
         return release
 
-    async def _sign(self, msg: StoredMessage, data: bytes) -> bytes:
+    async def _sent_as(
+        self, msg: StoredMessage, data: bytes, crlf_only: bool, groups: Any
+    ) -> dict[str, bytes]:
+        """The bytes for the routes whose send connector has ``send_as``, by that address: From
+        and Sender rewritten (relaygate.delivery.send_as), then signed as that sender. Empty in
+        the usual case (no such connector)."""
+        out: dict[str, bytes] = {}
+        for key in groups:
+            send_as = _send_as(key)
+            if send_as and send_as not in out:
+                rewritten = rewrite_headers(prepare_data(data, crlf_only=crlf_only), send_as)
+                if self.signer is not None:
+                    rewritten = await self._sign(msg, rewritten, envelope_sender=send_as)
+                out[send_as] = rewritten
+        return out
+
+    async def _sign(
+        self, msg: StoredMessage, data: bytes, *, envelope_sender: str | None = None
+    ) -> bytes:
+        sender = msg.sender if envelope_sender is None else envelope_sender
         try:
-            result = await asyncio.to_thread(self.signer.sign, data, envelope_sender=msg.sender)
+            result = await asyncio.to_thread(self.signer.sign, data, envelope_sender=sender)
         except Exception:
             log.exception("message %s: DKIM signing failed; sent unsigned", msg.queue_id)
             return data
@@ -677,7 +702,7 @@ class QueueManager:
             hops,
             connector=connector,
             helo_name=helo,
-            sender=msg.sender,
+            sender=getattr(connector, "send_as", "") or msg.sender,
             recipients=addrs,
             data=data,
             credentials=credentials,
@@ -1020,6 +1045,11 @@ class QueueManager:
                 connector_id=connector,
                 **extra,
             )
+
+
+def _send_as(key: RouteKey) -> str:
+    """The ``send_as`` of a route's send connector ("" for none, and for the Unreachable queue)."""
+    return "" if key.is_unreachable else str(getattr(key.connector, "send_as", "") or "")
 
 
 def _pacing_limits(config: Any) -> dict[str, tuple[Any, ...]]:

@@ -1,0 +1,98 @@
+"""A send connector's ``send_as``: mail leaves as one mailbox, whoever wrote it.
+
+Microsoft 365 (SMTP AUTH with one licensed mailbox, the usual way a relay reaches it) refuses a
+message whose sender is not that mailbox: ``554 5.2.252 SendAsDenied; relay@corp.example not
+allowed to send as scanner@corp.example``, and so do Outlook.com, SES and others. The printers
+and applications behind a relay write their own From. With ``send_as`` set on the connector that
+reaches such a host, a message through it is sent with:
+
+* MAIL FROM ``<send_as>`` (the null sender of a report too: such a host takes no other);
+* its ``From:`` address replaced by ``send_as``, the display name kept (the old address becomes
+  the display name when there was none), so the recipient still sees who wrote it;
+* a ``Reply-To:`` with the original From when the message has none, so replies reach the writer;
+* a ``Sender:`` header's address replaced too (it would otherwise be checked the same way).
+
+Only the header section is rewritten (the body is never copied beyond the one join); a header
+this module cannot read (no From, an unreadable address) is left as it is and the host decides.
+The queue keeps the original envelope: RelayGate's own NDRs and delay notices still go to the
+original sender, and the tracking log shows it; only what the remote host sees changes.
+"""
+
+from __future__ import annotations
+
+import re
+from email.utils import getaddresses
+
+from relaygate.header_section import header_end
+
+__all__ = ["rewrite_headers"]
+
+_FIELD = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.IGNORECASE)
+# A display name safe to write as a quoted-string: printable ASCII or UTF-8 text without quotes,
+# backslashes or controls (anything else is dropped from the name, never passed through raw).
+_UNSAFE_NAME = re.compile(r'["\\\x00-\x1f\x7f]')
+_ENCODED_WORDS = re.compile(r"(?:=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=\s*)+")
+
+
+def _fields(header: bytes) -> list[bytes]:
+    """The header section's fields, each with its continuation lines and line endings."""
+    out: list[bytes] = []
+    for line in header.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and out:
+            out[-1] += line
+        else:
+            out.append(line)
+    return out
+
+
+def _name_of(field: bytes) -> bytes:
+    match = _FIELD.match(field)
+    return match.group(1).lower() if match else b""
+
+
+def _mailbox(field: bytes) -> tuple[str, str] | None:
+    """(display name, address) of a From/Sender field's first mailbox, None if unreadable."""
+    value = field.split(b":", 1)[1].decode("utf-8", "replace")
+    value = " ".join(value.split())  # unfolded
+    found = getaddresses([value])
+    if not found or "@" not in found[0][1]:
+        return None
+    return found[0]
+
+
+def _field(name: str, display: str, address: str) -> bytes:
+    display = _UNSAFE_NAME.sub("", display).strip()
+    if not display:
+        value = f"<{address}>"
+    elif _ENCODED_WORDS.fullmatch(display):
+        value = f"{display} <{address}>"  # RFC 2047: an encoded-word is never quoted
+    else:
+        value = f'"{display}" <{address}>'
+    return f"{name}: {value}\r\n".encode()
+
+
+def rewrite_headers(prepared: bytes, send_as: str) -> bytes:
+    """``prepared`` (CRLF lines, as `relaygate.delivery.wire.prepare_data` gives them) with its
+    From and Sender addresses replaced by ``send_as`` and a Reply-To added (see the module)."""
+    end = header_end(prepared)
+    fields = _fields(prepared[:end])
+    names = [_name_of(f) for f in fields]
+    if b"from" not in names:
+        return prepared
+    out: list[bytes] = []
+    original_from: bytes | None = None
+    for field, name in zip(fields, names, strict=True):
+        if name in (b"from", b"sender"):
+            mailbox = _mailbox(field)
+            if mailbox is None:
+                return prepared  # unreadable: left as written
+            display, address = mailbox
+            if name == b"from" and original_from is None:
+                original_from = field.split(b":", 1)[1].strip()
+                display = display or address
+            out.append(_field("From" if name == b"from" else "Sender", display, send_as))
+        else:
+            out.append(field)
+    if b"reply-to" not in names and original_from is not None:
+        out.append(b"Reply-To: " + original_from + b"\r\n")
+    return b"".join(out) + prepared[end:]
