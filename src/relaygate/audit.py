@@ -422,6 +422,48 @@ def _queue_findings(config: Config) -> Iterator[Finding]:
         )
 
 
+# Microsoft 365's SMTP AUTH endpoints (client submission), where one mailbox signs in.
+_M365_SUBMISSION = ("smtp.office365.com", "smtp-legacy.office365.com", "smtp.office365.us")
+
+
+def _send_connector_findings(config: Config) -> Iterator[Finding]:
+    """Microsoft 365 SMTP AUTH through one mailbox: what it refuses that a relay can avoid."""
+    for i, s in enumerate(config.send_connectors):
+        hosts = {h.strip().strip("[]").rsplit(":", 1)[0].lower() for h in s.smart_hosts}
+        if (
+            not s.enabled
+            or s.smart_host_auth_mechanism == "None"
+            or not hosts & set(_M365_SUBMISSION)
+        ):
+            continue
+        mailbox = s.auth_username or "the mailbox"
+        where = f'send connector "{s.name}"'
+        if not s.send_as:
+            yield Finding(
+                "info",
+                "m365-send-as",
+                where,
+                f"send_connectors[{i}].send_as",
+                f"Microsoft 365 accepts over SMTP AUTH only senders {mailbox} may send as "
+                "(554 5.2.252 SendAsDenied): the devices' own From addresses are refused unless "
+                "the mailbox has Send As rights for each of them",
+                f'set send_as = "{s.auth_username or "relay@your.domain"}" to send every message '
+                "as the mailbox (the writer is kept as display name and Reply-To)",
+            )
+        if s.max_messages_per_minute is None or s.max_recipients_per_day is None:
+            yield Finding(
+                "info",
+                "m365-quota",
+                where,
+                f"send_connectors[{i}].max_messages_per_minute",
+                "Microsoft 365 takes 30 messages a minute and 10,000 recipients a day per "
+                "mailbox over SMTP AUTH; past them it refuses mail, some of it permanently "
+                "(554 5.2.0 ...SubmissionQuotaExceededException bounces it)",
+                "set max_messages_per_minute = 30 and max_recipients_per_day = 10000: mail then "
+                "waits in the queue instead",
+            )
+
+
 def admin_exposed(config: Config) -> bool:
     """The admin listener answers beyond this machine (not a loopback address) with no API token:
     whoever reaches it can read the queue (senders, recipients, Subjects) and remove messages."""
@@ -459,6 +501,7 @@ def audit(config: Config, *, max_prefix_v4: int = 24, max_prefix_v6: int = 64) -
     findings.extend(_server_findings(config))
     findings.extend(_admin_findings(config))
     findings.extend(_queue_findings(config))
+    findings.extend(_send_connector_findings(config))
     order = {s: i for i, s in enumerate(SEVERITIES)}
     return sorted(findings, key=lambda f: order[f.severity])
 

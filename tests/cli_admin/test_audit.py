@@ -422,3 +422,38 @@ def test_a_database_password_in_the_config_file_is_low(tmp_path: Path) -> None:
     assert codes(audit(config(CLEAN + queue.format(with_keyword)))) == [
         ("low", "database-password-in-config", "")
     ]
+
+
+M365 = """
+[[send_connectors]]
+name = "Outbound to Microsoft 365"
+address_spaces = ["*"]
+dns_routing_enabled = false
+smart_hosts = ["smtp.office365.com"]
+port = 587
+smart_host_auth_mechanism = "XOAUTH2"
+auth_username = "relay@corp.example"
+oauth_tenant_id = "t"
+oauth_client_id = "c"
+oauth_client_secret_env = "SECRET"
+require_tls = true
+"""
+
+
+def test_microsoft_365_through_one_mailbox_without_send_as_or_pacing() -> None:
+    findings = audit(config(CLEAN + M365))
+    assert codes(findings) == [
+        ("info", "m365-send-as", 'send connector "Outbound to Microsoft 365"'),
+        ("info", "m365-quota", 'send connector "Outbound to Microsoft 365"'),
+    ]
+    (send_as,) = only(findings, "m365-send-as")
+    assert send_as.key == "send_connectors[0].send_as"
+    assert "554 5.2.252 SendAsDenied" in send_as.message
+    assert 'set send_as = "relay@corp.example"' in send_as.fix
+    tuned = M365 + (
+        'send_as = "relay@corp.example"\nmax_messages_per_minute = 30\n'
+        "max_recipients_per_day = 10000\n"
+    )
+    assert audit(config(CLEAN + tuned)) == []
+    # a smart host that is not Microsoft 365's submission endpoint, or no AUTH: nothing to say
+    assert audit(config(CLEAN + M365.replace("smtp.office365.com", "smtp.partner.example"))) == []
