@@ -226,12 +226,14 @@ def test_send_connector_rows_show_their_pacing() -> None:
     cfg = parse_text(
         '[[send_connectors]]\nname = "M365"\naddress_spaces = ["*"]\n'
         'dns_routing_enabled = false\nsmart_hosts = ["smtp.office365.com"]\n'
-        "max_messages_per_minute = 30\n"
+        'max_messages_per_minute = 30\nsend_as = "relay@corp.example"\n'
         '[[send_connectors]]\nname = "MX"\naddress_spaces = ["x.example"]\n',
         "t.toml",
     )
     rows = {r["name"]: r["pacing"] for r in send_connector_rows(cfg)}
     assert rows == {"M365": "30 messages/minute", "MX": "unlimited"}
+    sent_as = {r["name"]: r["send_as"] for r in send_connector_rows(cfg)}
+    assert sent_as == {"M365": "relay@corp.example", "MX": ""}
 
 
 def test_dashboard_shows_back_pressure(tmp_path: Path, tab: Page) -> None:

@@ -298,6 +298,7 @@ def send_connector_rows(config: Config) -> list[dict[str, Any]]:
             "auth": c.smart_host_auth_mechanism,
             "require_tls": c.require_tls,
             "pacing": pacing.describe(c),
+            "send_as": c.send_as,
         }
         for c in config.send_connectors
     ]
