@@ -420,6 +420,49 @@ async def test_list_counts_and_purge(store: Store) -> None:
         await store.read_data(failed)
 
 
+async def test_queue_entries_are_the_unfinished_messages_with_their_unfinished_recipients(
+    store: Store,
+) -> None:
+    """Get-Queue's one query: what it says of each message is what ``get`` says, less the
+    finished messages, the finished recipients, the bytes and the envelope details."""
+    t = time.time()
+    ready = await store.submit(env("a@x", "b@y", "c@z", sender="s@corp"), b"1" * 10)
+    partial = await store.submit(env("a@x", "b@y", "c@z"), b"22")
+    await store.record_results(
+        partial,
+        "n",
+        [
+            RecipientState("a@x", DONE, 1, "250 ok", t),
+            RecipientState("b@y", D, 2, "451 busy", t - 5, t + 600),
+            RecipientState("c@z", F, 1, "550 no", t),
+        ],
+    )
+    done = await store.submit(env("a@x"), b"3")
+    await store.record_results(done, "n", [RecipientState("a@x", DONE, 1)])
+    failed = await store.submit(env("a@x"), b"4")
+    await store.record_results(failed, "n", [RecipientState("a@x", F, 1, "550 5.1.1")])
+    susp = await store.submit(env("d@x"), b"5")
+    await store.set_flags(susp, suspended=True)
+    leased = await store.submit(env("e@x"), b"6", lease=("node1", t + 300))
+    entries = await store.queue_entries(limit=100)
+    assert [e.queue_id for e in entries] == [ready, partial, susp, leased]
+    for entry in entries:
+        msg = await store.get(entry.queue_id)
+        assert msg is not None
+        assert entry.size == msg.size and entry.status is msg.status
+        assert entry.suspended == msg.suspended
+        assert (entry.lease_owner, entry.lease_until) == (msg.lease_owner, msg.lease_until)
+        assert entry.recipients == msg.pending_recipients
+    assert [r.address for r in entries[0].recipients] == ["a@x", "b@y", "c@z"]
+    assert entries[1].recipients == [RecipientState("b@y", D, 2, "451 busy", t - 5, t + 600)]
+    assert entries[1].status is D and entries[2].status is S and entries[2].suspended
+    assert entries[3].lease_owner == "node1" and entries[3].lease_until == t + 300
+    assert [e.queue_id for e in await store.queue_entries(limit=2)] == [ready, partial]
+    assert await store.queue_entries(limit=0) == []
+    await store.remove(ready)
+    assert [e.queue_id for e in await store.queue_entries(limit=1)] == [partial]
+
+
 async def test_submit_with_a_lease_is_stored_leased_and_matches_stored_message_new(
     store: Store,
 ) -> None:

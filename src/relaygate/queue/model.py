@@ -20,10 +20,12 @@ __all__ = [
     "LINE_BREAKS_CRLF",
     "MESSAGE_COLUMNS",
     "PENDING_STATUSES",
+    "QUEUE_ENTRY_COLUMNS",
     "RECIPIENT_COLUMNS",
     "SEND_LOG_RETENTION",
     "SMTPUTF8",
     "Envelope",
+    "QueueEntry",
     "QueueIdGenerator",
     "RecipientState",
     "RecipientStatus",
@@ -34,6 +36,7 @@ __all__ = [
     "message_from_row",
     "message_status",
     "parse_status",
+    "queue_entries_from_rows",
     "recipient_from_row",
     "submitted_recipients",
 ]
@@ -147,6 +150,22 @@ class StoredMessage:
     @property
     def pending_recipients(self) -> list[RecipientState]:
         return [r for r in self.recipients if not r.status.is_final]
+
+
+@dataclass(slots=True)
+class QueueEntry:
+    """What Get-Queue needs of an unfinished message (``Store.queue_entries``): no bytes, no
+    envelope details, only its unfinished recipients. ``status`` is the stored message status
+    (:attr:`StoredMessage.status`: Ready, Retry or Suspended), so the fields read by
+    ``relaygate.control.message_status`` mean what they mean on a :class:`StoredMessage`."""
+
+    queue_id: str
+    size: int
+    status: RecipientStatus
+    suspended: bool
+    lease_owner: str | None
+    lease_until: float | None
+    recipients: list[RecipientState]  # the unfinished ones (not Delivered/Failed), in order
 
 
 #: Envelope metadata key: the receiving session checked that every line break in the stored bytes
@@ -310,6 +329,45 @@ MESSAGE_COLUMNS = (
     "suspended, delay_notified, metadata, lease_owner, lease_until"
 )
 RECIPIENT_COLUMNS = "queue_id, address, status, attempts, last_error, last_attempt, next_attempt"
+
+
+#: ``Store.queue_entries``: the message columns (``m.``) and the recipient columns (``r.``) of one
+#: row, in the order queue_entries_from_rows reads them.
+QUEUE_ENTRY_COLUMNS = (
+    "m.queue_id, m.size, m.status, m.suspended, m.lease_owner, m.lease_until, "
+    "r.address, r.status, r.attempts, r.last_error, r.last_attempt, r.next_attempt"
+)
+
+
+def queue_entries_from_rows(rows: Iterable[Sequence[Any]]) -> list[QueueEntry]:
+    """``QUEUE_ENTRY_COLUMNS`` rows, one per unfinished recipient, ordered by queue id and
+    recipient → one :class:`QueueEntry` per message."""
+    out: list[QueueEntry] = []
+    entry: QueueEntry | None = None
+    for row in rows:
+        qid = row[0]
+        if entry is None or entry.queue_id != qid:
+            entry = QueueEntry(
+                queue_id=qid,
+                size=row[1],
+                status=RecipientStatus(row[2]),
+                suspended=bool(row[3]),
+                lease_owner=row[4],
+                lease_until=row[5],
+                recipients=[],
+            )
+            out.append(entry)
+        entry.recipients.append(
+            RecipientState(
+                address=row[6],
+                status=RecipientStatus(row[7]),
+                attempts=row[8],
+                last_error=row[9],
+                last_attempt=row[10],
+                next_attempt=row[11],
+            )
+        )
+    return out
 
 
 def recipient_from_row(row: Sequence[Any]) -> RecipientState:

@@ -39,9 +39,11 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from .model import (
     FINAL_STATUSES,
     MESSAGE_COLUMNS,
+    QUEUE_ENTRY_COLUMNS,
     RECIPIENT_COLUMNS,
     SEND_LOG_RETENTION,
     Envelope,
+    QueueEntry,
     QueueIdGenerator,
     RecipientState,
     RecipientStatus,
@@ -51,6 +53,7 @@ from .model import (
     derived_columns,
     message_from_row,
     parse_status,
+    queue_entries_from_rows,
     recipient_from_row,
     submitted_recipients,
 )
@@ -166,6 +169,14 @@ WHERE r.queue_id = %s AND r.address = v.address AND r.status <> ALL(%s)
 """
 
 _MSG_COLS = MESSAGE_COLUMNS
+#: Store.queue_entries: the first %s unfinished messages (the messages_status index), joined with
+#: their unfinished recipients (the recipients' primary key).
+_QUEUE_ENTRIES_SQL = (
+    f"SELECT {QUEUE_ENTRY_COLUMNS} FROM (SELECT queue_id, size, status, suspended, lease_owner, "
+    "lease_until FROM messages WHERE status IN ('Ready', 'Retry', 'Suspended') "
+    "ORDER BY queue_id LIMIT %s) AS m JOIN recipients AS r ON r.queue_id = m.queue_id "
+    "AND r.status NOT IN ('Delivered', 'Failed') ORDER BY m.queue_id, r.idx"
+)
 _RCPT_COLS = RECIPIENT_COLUMNS
 _FINAL = [s.value for s in FINAL_STATUSES]
 #: SQLSTATEs after which the whole transaction can simply run again.
@@ -906,6 +917,16 @@ class PostgresStore(Store):
         async def run(conn: Conn) -> list[StoredMessage]:
             cur = await conn.execute(sql, (*args, limit))
             return await _load(conn, [r[0] for r in await cur.fetchall()])
+
+        return await self._tx(run, readonly=True)
+
+    async def queue_entries(self, *, limit: int) -> list[QueueEntry]:
+        if limit <= 0:
+            return []
+
+        async def run(conn: Conn) -> list[QueueEntry]:
+            cur = await conn.execute(_QUEUE_ENTRIES_SQL, (limit,))
+            return queue_entries_from_rows(await cur.fetchall())
 
         return await self._tx(run, readonly=True)
 

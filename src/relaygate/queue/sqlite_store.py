@@ -47,9 +47,11 @@ from typing import Any, TypeVar
 from .model import (
     FINAL_STATUSES,
     MESSAGE_COLUMNS,
+    QUEUE_ENTRY_COLUMNS,
     RECIPIENT_COLUMNS,
     SEND_LOG_RETENTION,
     Envelope,
+    QueueEntry,
     QueueIdGenerator,
     RecipientState,
     RecipientStatus,
@@ -59,6 +61,7 @@ from .model import (
     derived_columns,
     message_from_row,
     parse_status,
+    queue_entries_from_rows,
     recipient_from_row,
     submitted_recipients,
 )
@@ -138,6 +141,14 @@ CREATE INDEX IF NOT EXISTS send_log_key_at ON send_log (key, at);
 """
 
 _MSG_COLS = MESSAGE_COLUMNS
+#: Store.queue_entries: the first ? unfinished messages (the messages_status index), joined with
+#: their unfinished recipients (the recipients' primary key).
+_QUEUE_ENTRIES_SQL = (
+    f"SELECT {QUEUE_ENTRY_COLUMNS} FROM (SELECT queue_id, size, status, suspended, lease_owner, "
+    "lease_until FROM messages WHERE status IN ('Ready', 'Retry', 'Suspended') "
+    "ORDER BY queue_id LIMIT ?) AS m JOIN recipients AS r ON r.queue_id = m.queue_id "
+    "AND r.status NOT IN ('Delivered', 'Failed') ORDER BY m.queue_id, r.idx"
+)
 _RCPT_COLS = RECIPIENT_COLUMNS
 _FINAL_SQL = ", ".join(f"'{s.value}'" for s in sorted(FINAL_STATUSES))
 _UPDATE_DERIVED = (
@@ -1204,6 +1215,15 @@ class SqliteStore(Store):
 
         if limit <= 0:
             return []
+        return await self._read(run)
+
+    async def queue_entries(self, *, limit: int) -> list[QueueEntry]:
+        if limit <= 0:
+            return []
+
+        def run(conn: sqlite3.Connection) -> list[QueueEntry]:
+            return queue_entries_from_rows(conn.execute(_QUEUE_ENTRIES_SQL, (limit,)))
+
         return await self._read(run)
 
     async def counts(self) -> dict[str, int]:

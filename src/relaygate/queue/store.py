@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from .model import Envelope, RecipientState, SendLimit, SendWait, StoredMessage
+from .model import Envelope, QueueEntry, RecipientState, SendLimit, SendWait, StoredMessage
 
 __all__ = [
     "AddressPattern",
@@ -220,6 +220,14 @@ class Store(Protocol):
         (:class:`AddressPattern`, ``""`` for ``<>``); ``recipient``: at least one recipient,
         whatever its status, matches. All filters are in the query (``queue_id > ? ... ORDER BY
         queue_id LIMIT ?``), never applied to a larger result afterwards."""
+        ...
+
+    async def queue_entries(self, *, limit: int) -> list[QueueEntry]:
+        """The first ``limit`` unfinished messages (stored status Ready, Retry or Suspended) in
+        queue-id order, each as a :class:`QueueEntry`: the few message columns Get-Queue reads
+        and its unfinished recipients in their order; no bytes, no metadata, no finished
+        recipients. One query (messages joined with recipients), so that Get-Queue over
+        100,000 messages does not build 100,000 :class:`StoredMessage` objects."""
         ...
 
     async def lease_due(
