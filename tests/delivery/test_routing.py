@@ -214,3 +214,50 @@ def test_route_table_memory_is_bounded():
     for i in range(RouteTable._MAX + 10):
         table.route([f"x@d{i}.test"])
     assert len(table._memo) <= RouteTable._MAX
+
+
+def test_route_one_parses_a_domain_once_and_agrees_with_explain_route(monkeypatch):
+    """Get-Queue routes every unfinished recipient: the domain text of a plain address is parsed
+    once (domain_of was called per address: unique addresses defeat its cache); an address the
+    parser may treat differently (quoted or long local part, brackets) is parsed on its own."""
+    conns = [
+        Connector("Idn", ["xn--bcher-kva.example"], smart_hosts=["[10.0.0.3]"]),
+        Connector("Corp", ["corp.example"], smart_hosts=["[10.0.0.1]"], max_message_size=1000),
+        Connector("Any", ["*"], dns_routing_enabled=True),
+    ]
+    addresses = [
+        "a@corp.example",
+        "b@CORP.Example.",
+        "c.d+e@corp.example",
+        '"q@x"@corp.example',
+        "x" * 65 + "@corp.example",
+        "<f@corp.example>",
+        "g@Bücher.example",
+        "h@xn--bcher-kva.example",
+        "i@bad..domain",
+        "j@[10.0.0.7]",
+        "postmaster",
+        "k@" + "l" * 250 + ".example",
+    ]
+    table = RouteTable(conns)
+    for _round in range(2):  # decided afresh, then remembered: the same answers
+        for address in addresses:
+            for size in (None, 500, 5000):
+                expected = explain_route(conns, address, size=size).route
+                assert table.route_one(address, size=size) == expected, (address, size)
+    parsed: list[str] = []
+    real = routing.domain_of
+
+    def counting(address):
+        parsed.append(address)
+        return real(address)
+
+    monkeypatch.setattr(routing, "domain_of", counting)
+    fresh = RouteTable(conns)
+    for i in range(500):
+        assert fresh.route_one(f"user{i}@Corp.Example", size=10).next_hop == "[10.0.0.1]"
+    # the table's own parse and explain_route's, for the first address; before: 501
+    assert parsed == ["user0@Corp.Example"] * 2
+    fresh.route_one('"odd"@Corp.Example', size=10)
+    fresh.route_one('"odd"@Corp.Example', size=10)
+    assert parsed[2:] == ['"odd"@Corp.Example'] * 2  # not trusted to the domain text alone

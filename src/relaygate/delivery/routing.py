@@ -20,12 +20,13 @@ server does.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from relaygate import replies
-from relaygate.addresses import AddressError, parse_path
+from relaygate.addresses import MAX_LOCAL_PART, MAX_PATH, AddressError, parse_path
 from relaygate.replies import Reply
 
 __all__ = [
@@ -256,6 +257,29 @@ def route_key_for(connector: Any, domain: str) -> RouteKey:
     return RouteKey(connector.name, domain, DELIVERY_DNS, connector)
 
 
+#: A local part of atext and dots only (RFC 5321 Dot-string, ASCII): parsing such an address
+#: succeeds or fails on its domain alone (within MAX_LOCAL_PART and MAX_PATH).
+_PLAIN_LOCAL = re.compile(
+    r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(?:\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*"
+)
+
+
+def _plain_domain(address: str) -> str | None:
+    """The text after the ``@`` of an address whose routing domain depends on that text alone
+    (a plain local part, no brackets or spaces around, within the length limits), else None:
+    every such address with the same domain text has the same ``domain_of``."""
+    local, at, domain = address.rpartition("@")
+    if (
+        not at
+        or len(local) > MAX_LOCAL_PART
+        or len(address.encode("utf-8", "surrogatepass")) + 2 > MAX_PATH
+        or not _PLAIN_LOCAL.fullmatch(local)
+        or domain != domain.strip()
+    ):
+        return None
+    return domain
+
+
 def _route_domain(address: str) -> str:
     """The domain a route is chosen for: an address's, or a bare domain."""
     return (
@@ -387,19 +411,45 @@ class RouteTable:
             if (limit := getattr(conn, "max_message_size", None)) is not None
         )
         self._memo: dict[tuple[str, tuple[bool, ...] | None], RouteKey] = {}
+        self._domains: dict[str, str] = {}
 
     def route(
         self, recipients: Iterable[str], *, size: int | None = None
     ) -> dict[RouteKey, list[str]]:
-        over = None if size is None else tuple(size > limit for limit in self._limits)
+        over = self._over(size)
         groups: dict[RouteKey, list[str]] = {}
         for rcpt in recipients:
-            memo_key = (_route_domain(rcpt), over)
-            key = self._memo.get(memo_key)
-            if key is None:
-                key = explain_route(self.connectors, rcpt, size=size).route
-                if len(self._memo) >= self._MAX:
-                    self._memo.clear()
-                self._memo[memo_key] = key
-            groups.setdefault(key, []).append(rcpt)
+            groups.setdefault(self._key(rcpt, size, over), []).append(rcpt)
         return groups
+
+    def route_one(self, recipient: str, *, size: int | None = None) -> RouteKey:
+        """The delivery queue of one recipient of a message of ``size`` bytes: what
+        ``explain_route(connectors, recipient, size=size).route`` says, remembered."""
+        return self._key(recipient, size, self._over(size))
+
+    def _over(self, size: int | None) -> tuple[bool, ...] | None:
+        return None if size is None else tuple(size > limit for limit in self._limits)
+
+    def _domain(self, rcpt: str) -> str:
+        """``_route_domain(rcpt)``, parsed once per domain text (not once per address): a
+        queue of 100,000 recipients at a few domains has a few domains to parse."""
+        raw = _plain_domain(rcpt)
+        if raw is None:
+            return _route_domain(rcpt)
+        domain = self._domains.get(raw)
+        if domain is None:
+            domain = _route_domain(rcpt)
+            if len(self._domains) >= self._MAX:
+                self._domains.clear()
+            self._domains[raw] = domain
+        return domain
+
+    def _key(self, rcpt: str, size: int | None, over: tuple[bool, ...] | None) -> RouteKey:
+        memo_key = (self._domain(rcpt), over)
+        key = self._memo.get(memo_key)
+        if key is None:
+            key = explain_route(self.connectors, rcpt, size=size).route
+            if len(self._memo) >= self._MAX:
+                self._memo.clear()
+            self._memo[memo_key] = key
+        return key
