@@ -37,6 +37,7 @@ too). A message whose recipients go to two next hops is in both queues (Exchange
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Callable
@@ -59,6 +60,8 @@ from relaygate.queue.retry import RetrySchedule
 from relaygate.queue.store import AddressPattern, MessageInFlightError, Store
 
 __all__ = [
+    "BULK_ACTIONS",
+    "BULK_FILTERS",
     "MAX_LIST_LIMIT",
     "MESSAGE_STATUSES",
     "QUEUE_STATUSES",
@@ -94,6 +97,14 @@ QUEUE_STATUSES = ("Active", "Ready", "Retry", "Suspended")
 
 #: Messages read from the store at a time when a filter is applied here.
 _SCAN_CHUNK = 500
+
+#: What ``bulk`` does to every message a filter matches (Get-Message -Filter | Retry-Message,
+#: Suspend-Message, Resume-Message, Remove-Message).
+BULK_ACTIONS = ("retry", "suspend", "resume", "remove")
+#: ``bulk``'s filters, as the API and the CLI name them: at least one is required.
+BULK_FILTERS = ("from", "to", "queue", "status")
+#: Messages ``bulk`` changes at once (SQLite commits concurrent writes together).
+_BULK_BATCH = 64
 
 _QUEUE_ID = re.compile(r"^[0-9A-F]{16}$")
 
@@ -574,6 +585,124 @@ class QueueControl:
                 )
         view["Status"] = "Removed"
         return {"Removed": view, "WithNdr": with_ndr, "NdrQueueId": ndr_id}
+
+    async def bulk(
+        self,
+        action: str,
+        *,
+        sender: str | None = None,
+        recipient: str | None = None,
+        queue: str | None = None,
+        status: str | None = None,
+        after: str | None = None,
+        with_ndr: bool = False,
+        dry_run: bool = False,
+    ) -> dict[str, Any]:
+        """``action`` (BULK_ACTIONS) on every message ``list_page`` finds with these filters, at
+        most MAX_LIST_LIMIT of them per call, as Exchange admins pipe ``Get-Message -Filter``
+        into Suspend-Message, Resume-Message, Remove-Message [-WithNDR] or Retry-Message.
+
+        A filter (``sender``, ``recipient``, ``queue`` or ``status``) is required: ``ValueError``
+        naming them without one (``after`` alone is no filter), so that nobody empties the queue
+        by accident; ``ValueError`` naming the parameter for a bad value, as ``list_page``.
+        ``dry_run``: change nothing, say what would be acted on.
+
+        Returns ``{"server", "action", "dry_run", "with_ndr", "matched", "done", "skipped":
+        [{"identity", "reason"}], "identities": [...], "ndrs", "limit_reached",
+        "next_after"}``: ``identities`` are those acted on (in a dry run: those matched);
+        ``skipped``, what the action did not apply to and why: a message being delivered
+        (Active) is not removed (the single remove says 409), an already suspended one is not
+        suspended again, a suspended one is not retried (resume it), one not suspended is not
+        resumed, a finished one is neither retried nor suspended, one removed meanwhile is
+        gone. ``limit_reached``: MAX_LIST_LIMIT messages were looked at or matched and more may
+        match past ``next_after``: call again with ``after=next_after``."""
+        if action not in BULK_ACTIONS:
+            raise ValueError(f"unknown action {action!r}; use one of {', '.join(BULK_ACTIONS)}")
+        given = [v for v in (sender, recipient, queue, status) if v is not None and v.strip()]
+        if not given:
+            raise ValueError(
+                f"a bulk {action} needs at least one filter: "
+                f"{', '.join(BULK_FILTERS)} (to act on one message, give its identity)"
+            )
+        if with_ndr and action != "remove":
+            raise ValueError("with_ndr applies to remove only")
+
+        def clean(value: str | None) -> str | None:
+            return value.strip() if value is not None and value.strip() else None
+
+        page = await self.list_page(
+            limit=MAX_LIST_LIMIT,
+            after=after,
+            sender=clean(sender),
+            recipient=clean(recipient),
+            queue=clean(queue),
+            status=clean(status),
+        )
+        server = str(self.config.server.name)
+        views = page.messages
+        done: list[str] = []
+        skipped: list[dict[str, str]] = []
+        ndrs = 0
+        if not dry_run:
+            outcomes: list[tuple[str, str | None, bool]] = []
+            for start in range(0, len(views), _BULK_BATCH):
+                batch = views[start : start + _BULK_BATCH]
+                outcomes += await asyncio.gather(
+                    *(self._bulk_one(action, v, with_ndr) for v in batch)
+                )
+            for identity, reason, ndr in outcomes:
+                if reason is None:
+                    done.append(identity)
+                    ndrs += ndr
+                else:
+                    skipped.append({"identity": identity, "reason": reason})
+            if done and action in ("retry", "resume") and self.manager is not None:
+                self.manager.wake()
+        return {
+            "server": server,
+            "action": action,
+            "dry_run": dry_run,
+            "with_ndr": with_ndr,
+            "matched": len(views),
+            "done": len(done),
+            "skipped": skipped,
+            "identities": [v["Identity"] for v in views] if dry_run else done,
+            "ndrs": ndrs,
+            "limit_reached": page.next_after is not None,
+            "next_after": page.next_after,
+        }
+
+    async def _bulk_one(
+        self, action: str, view: dict[str, Any], with_ndr: bool
+    ) -> tuple[str, str | None, bool]:
+        """(identity, why it was skipped or None when done, whether an NDR was queued)."""
+        identity, qid, status = view["Identity"], view["QueueId"], view["Status"]
+        finished = status in _FINAL_VIEW
+        try:
+            if action == "remove":
+                body = await self.remove(qid, with_ndr=with_ndr)
+                return identity, None, bool(body["NdrQueueId"])
+            if action == "suspend":
+                if finished:
+                    return identity, f"message is {status}: it cannot be suspended", False
+                if view["Suspended"]:
+                    return identity, "already suspended", False
+                await self.store.set_flags(qid, suspended=True)
+            elif action == "resume":
+                if not view["Suspended"]:
+                    return identity, "not suspended", False
+                await self.store.set_flags(qid, suspended=False)
+            else:  # retry
+                if finished:
+                    return identity, f"message is {status}: nothing to retry", False
+                if view["Suspended"] or status == "Suspended":
+                    return identity, "suspended: resume it first (Resume-Message)", False
+                await self.store.retry_now(qid)
+        except Conflict as exc:
+            return identity, str(exc), False
+        except (NotFound, KeyError):
+            return identity, "not found: removed meanwhile", False
+        return identity, None, False
 
     async def _queue_entries(self) -> tuple[list[QueueEntry], bool]:
         """The messages not yet Delivered/Failed, in arrival order, at most MAX_LIST_LIMIT of

@@ -11,6 +11,10 @@ Routes (JSON unless said otherwise):
 ``POST /api/queue/{id}/suspend``                Suspend-Message
 ``POST /api/queue/{id}/resume``                 Resume-Message
 ``DELETE /api/queue/{id}[?with_ndr=true]``      Remove-Message [-WithNDR]
+``POST /api/queue/{action}?from=&to=``          bulk: ``action`` (retry, suspend, resume,
+``&queue=&status=[&with_ndr=&dry_run=]``        remove) on every message the filters match
+                                                (Get-Message -Filter | Remove-Message...);
+                                                see "Bulk operations"
 ``GET /api/queue/summary``                      message counts by status
 ``GET /api/queues``                             Get-Queue: the delivery queues
 ``GET /api/queues/{queue}``                     one delivery queue
@@ -49,6 +53,21 @@ counted). ``POST /api/queues/{queue}/retry`` makes every message with a recipien
 now (all its unfinished recipients), except suspended ones, and answers ``{"Identity",
 "NextHopDomain", "Resubmit", "RetriedCount", "Retried": [message identities], "SuspendedCount"}``;
 404 when no message waits in the queue.
+
+Bulk operations (``POST /api/queue/{retry|suspend|resume|remove}``): the action on every message
+``GET /api/queue`` would list with the same ``from``, ``to``, ``queue`` and ``status`` (and
+``after``), at most 100000 of them per request. At least one of ``from``, ``to``, ``queue``,
+``status`` is required (400 naming them otherwise: nobody empties the queue by accident);
+``with_ndr=true`` (remove only) sends NDRs as the single remove does; ``dry_run=true`` changes
+nothing and lists what would be acted on. The answer: ``{"server", "action", "dry_run",
+"with_ndr", "matched", "done", "skipped": [{"identity", "reason"}], "identities", "ndrs",
+"limit_reached", "next_after"}``: ``identities`` are the messages acted on (in a dry run, those
+matched); ``skipped`` those the action does not apply to, with the reason: a message being
+delivered now (Active) is not removed (the single ``DELETE`` answers 409 for it), an already
+suspended one is not suspended again, a suspended one is not retried, one not suspended is not
+resumed, a Delivered or Failed one is neither retried nor suspended. ``limit_reached`` true:
+100000 messages were looked at or matched and more may match: send the request again with
+``after`` set to ``next_after``. The status is 200 whenever the filters were valid, skips or not.
 
 ``{id}`` is ``SERVER\\QueueId`` (URL-encoded) or the bare queue id. Errors are
 ``{"error": "...", "status": N}`` with 400/401/403/404/409/429/503.
@@ -91,7 +110,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from relaygate.control import MAX_LIST_LIMIT, Conflict, NotFound, QueueControl
+from relaygate.control import BULK_ACTIONS, MAX_LIST_LIMIT, Conflict, NotFound, QueueControl
 from relaygate.queue.store import StoreError
 from relaygate.smtp.limits import SlidingWindow
 from relaygate.worker_stats import NodeFigures, node_figures
@@ -142,6 +161,10 @@ def read_token(path: Path | None) -> str | None:
             "without spaces"
         )
     return value
+
+
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no", "")
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -513,6 +536,35 @@ def create_app(
             with_ndr=flag in ("true", "1", "yes"),
         )
 
+    def bulk_route(action: str) -> Route:
+        async def queue_bulk(request: Request) -> Response:
+            q = request.query_params
+            flags: dict[str, bool] = {}
+            for name in ("with_ndr", "dry_run"):
+                value = q.get(name, "false").strip().lower()
+                if value not in _TRUE + _FALSE:
+                    return _error(400, f"{name} must be true or false")
+                flags[name] = value in _TRUE
+            params = {
+                key: q.get(param)
+                for key, param in (
+                    ("sender", "from"),
+                    ("recipient", "to"),
+                    ("queue", "queue"),
+                    ("status", "status"),
+                    ("after", "after"),
+                )
+            }
+            try:
+                body = await control.bulk(
+                    action, **params, with_ndr=flags["with_ndr"], dry_run=flags["dry_run"]
+                )
+            except ValueError as exc:
+                return _error(400, str(exc))
+            return JSONResponse(body)
+
+        return Route(f"{API_PREFIX}/queue/{action}", queue_bulk, methods=["POST"])
+
     async def health(request: Request) -> Response:
         body, status = await health_report(relay, control, started)
         return JSONResponse(body, status_code=status)
@@ -530,6 +582,8 @@ def create_app(
         Route(f"{API_PREFIX}/health", health, methods=["GET"]),
         Route(f"{API_PREFIX}/queue", queue_list, methods=["GET"]),
         Route(f"{API_PREFIX}/queue/summary", queue_summary, methods=["GET"]),
+        # before /api/queue/{identity}: POST /api/queue/remove is the bulk remove
+        *(bulk_route(action) for action in BULK_ACTIONS),
         Route(f"{API_PREFIX}/queue/{{identity}}", queue_show, methods=["GET"]),
         Route(f"{API_PREFIX}/queue/{{identity}}", queue_remove, methods=["DELETE"]),
         Route(f"{API_PREFIX}/queue/{{identity}}/retry", queue_retry, methods=["POST"]),

@@ -347,83 +347,107 @@ def register(app: typer.Typer) -> None:
         else:
             _print_message(body)
 
+    def _single(verb: str, done: str, identity: str, api: _Api, json_out: bool) -> None:
+        body = api.call("POST", _path(identity) + "/" + verb)
+        if json_out:
+            emit_json(body)
+        else:
+            console.print(f"{body['Identity']}: {done}; status {body['Status']}.", markup=False)
+
     def _action(verb: str, done: str) -> Any:
         def command(
-            identity: str = typer.Argument(..., help="SERVER\\QueueId or the queue id."),
+            identity: str | None = IDENTITY_ARGUMENT,
+            sender: str | None = BULK_FROM,
+            recipient: str | None = BULK_TO,
+            queue: str | None = BULK_QUEUE,
+            status: str | None = BULK_STATUS,
+            after: str | None = BULK_AFTER,
+            yes: bool = YES_OPTION,
             config: Path | None = CONFIG_OPTION,
             url: str | None = URL_OPTION,
             json_out: bool = JSON_OPTION,
         ) -> None:
-            body = _Api(config, url).call("POST", _path(identity) + "/" + verb)
-            if json_out:
-                emit_json(body)
+            filters = _filters(identity, sender, recipient, queue, status, after)
+            api = _Api(config, url)
+            if identity is not None:
+                _single(verb, done, identity, api, json_out)
             else:
-                console.print(f"{body['Identity']}: {done}; status {body['Status']}.", markup=False)
+                _bulk(api, verb, filters, yes=yes, json_out=json_out)
 
         return command
-
-    retry_message = _action("retry", "queued for an immediate retry")
 
     @queue_app.command("retry")
     def retry(
         identity: str | None = typer.Argument(
-            None, help="SERVER\\QueueId or the queue id (or --queue)."
+            None, help="SERVER\\QueueId or the queue id (or --queue, or filters)."
         ),
         queue: str | None = typer.Option(
             None,
             "--queue",
             help="Retry a whole delivery queue instead: its NextHopDomain or SERVER\\NextHop, "
-            "or Unreachable (Retry-Queue -Resubmit).",
+            "or Unreachable (Retry-Queue -Resubmit). With --from, --to or --status: only the "
+            "messages of that queue that match them (a bulk retry, see --yes).",
         ),
+        sender: str | None = BULK_FROM,
+        recipient: str | None = BULK_TO,
+        status: str | None = BULK_STATUS,
+        after: str | None = BULK_AFTER,
+        yes: bool = YES_OPTION,
         config: Path | None = CONFIG_OPTION,
         url: str | None = URL_OPTION,
         json_out: bool = JSON_OPTION,
     ) -> None:
         """Attempt the message's unfinished recipients now, or those of every message in a
-        delivery queue with --queue (Retry-Queue; routing is done again: -Resubmit)."""
-        if (identity is None) == (queue is None):
-            die("give a message identity or --queue NAME (one of the two)", 2)
+        delivery queue with --queue (Retry-Queue; routing is done again: -Resubmit), or of every
+        message matching --from/--to/--status (Get-Message -Filter | Retry-Message)."""
+        filters = _filters(identity, sender, recipient, queue, status, after)
+        api = _Api(config, url)
         if identity is not None:
-            retry_message(identity=identity, config=config, url=url, json_out=json_out)
+            _single("retry", "queued for an immediate retry", identity, api, json_out)
             return
-        assert queue is not None
-        path = "/api/queues/" + quote(queue.strip(), safe="") + "/retry"
-        body = _Api(config, url).call("POST", path)
-        if json_out:
-            emit_json(body)
+        if sender is None and recipient is None and status is None and after is None:
+            assert queue is not None
+            _retry_queue(api, queue, json_out)
             return
-        line = (
-            f"{body['Identity']}: {body['RetriedCount']} message(s) queued for an immediate retry"
-        )
-        if body.get("Resubmit"):
-            line += " (resubmitted: routed again)"
-        if body.get("SuspendedCount"):
-            line += f"; {body['SuspendedCount']} suspended message(s) left as they are"
-        console.print(line + ".", markup=False)
+        _bulk(api, "retry", filters, yes=yes, json_out=json_out)
 
-    queue_app.command("suspend", help="Stop delivering the message (Suspend-Message).")(
-        _action("suspend", "suspended")
-    )
-    queue_app.command("resume", help="Deliver the message again (Resume-Message).")(
-        _action("resume", "resumed")
-    )
+    queue_app.command(
+        "suspend",
+        help="Stop delivering the message, or every message matching the filters "
+        "(Suspend-Message [-Filter]).",
+    )(_action("suspend", "suspended"))
+    queue_app.command(
+        "resume",
+        help="Deliver the message again, or every message matching the filters "
+        "(Resume-Message [-Filter]).",
+    )(_action("resume", "resumed"))
 
     @queue_app.command("remove")
     def remove(
-        identity: str = typer.Argument(..., help="SERVER\\QueueId or the queue id."),
+        identity: str | None = IDENTITY_ARGUMENT,
+        sender: str | None = BULK_FROM,
+        recipient: str | None = BULK_TO,
+        queue: str | None = BULK_QUEUE,
+        status: str | None = BULK_STATUS,
+        after: str | None = BULK_AFTER,
         with_ndr: bool = typer.Option(
             False,
             "--with-ndr",
             help="Send the sender an NDR (550 4.3.2 QUEUE.Admin) for undelivered recipients.",
         ),
+        yes: bool = YES_OPTION,
         config: Path | None = CONFIG_OPTION,
         url: str | None = URL_OPTION,
         json_out: bool = JSON_OPTION,
     ) -> None:
-        """Delete a message from the queue (Remove-Message [-WithNDR])."""
-        body = _Api(config, url).call(
-            "DELETE", _path(identity), with_ndr="true" if with_ndr else "false"
-        )
+        """Delete a message from the queue, or every message matching the filters
+        (Remove-Message [-Filter] [-WithNDR])."""
+        filters = _filters(identity, sender, recipient, queue, status, after)
+        api = _Api(config, url)
+        if identity is None:
+            _bulk(api, "remove", filters, yes=yes, json_out=json_out, with_ndr=with_ndr)
+            return
+        body = api.call("DELETE", _path(identity), with_ndr="true" if with_ndr else "false")
         if json_out:
             emit_json(body)
             return
@@ -434,3 +458,148 @@ def register(app: typer.Typer) -> None:
         elif with_ndr:
             line += "; no NDR (nothing undelivered, or the null sender)"
         console.print(line + ".", markup=False)
+
+
+def _retry_queue(api: _Api, queue: str, json_out: bool) -> None:
+    """Retry-Queue: ``retry --queue NAME`` alone, at once as before (no dry run)."""
+    path = "/api/queues/" + quote(queue.strip(), safe="") + "/retry"
+    body = api.call("POST", path)
+    if json_out:
+        emit_json(body)
+        return
+    line = f"{body['Identity']}: {body['RetriedCount']} message(s) queued for an immediate retry"
+    if body.get("Resubmit"):
+        line += " (resubmitted: routed again)"
+    if body.get("SuspendedCount"):
+        line += f"; {body['SuspendedCount']} suspended message(s) left as they are"
+    console.print(line + ".", markup=False)
+
+
+IDENTITY_ARGUMENT = typer.Argument(
+    None, help="SERVER\\QueueId or the queue id (or filters: --from, --to, --queue, --status)."
+)
+BULK_FROM = typer.Option(
+    None,
+    "--from",
+    help="Instead of an ID: every message whose FromAddress matches (an address, or a pattern "
+    "like *@scanners.corp.example or scanner@*; <> for the null sender).",
+)
+BULK_TO = typer.Option(
+    None, "--to", help="Instead of an ID: every message with a recipient matching (*@example.com)."
+)
+BULK_QUEUE = typer.Option(
+    None,
+    "--queue",
+    help="Instead of an ID: every message in this delivery queue (its NextHopDomain, or "
+    "Unreachable).",
+)
+BULK_STATUS = typer.Option(
+    None,
+    "--status",
+    help="Instead of an ID: every message with this status (Active, Ready, Retry, Suspended, "
+    "Unreachable, Delivered, Failed).",
+)
+BULK_AFTER = typer.Option(
+    None,
+    "--after",
+    help="With filters: only messages past this one (to go on where a call that reached the "
+    f"limit of {MAX_LIST_LIMIT} stopped).",
+)
+YES_OPTION = typer.Option(
+    False,
+    "--yes",
+    "-y",
+    help="With filters: do it. Without --yes only the number of messages that match (and the "
+    "first few) is shown, and nothing is changed.",
+)
+
+#: Identities a dry run or a bulk result lists before "... and N more".
+_SHOWN = 10
+
+
+def _filters(
+    identity: str | None,
+    sender: str | None,
+    recipient: str | None,
+    queue: str | None,
+    status: str | None,
+    after: str | None,
+) -> dict[str, str | None]:
+    """The bulk filters as the API names them; exit 2 unless exactly one of the identity and
+    the filters is given."""
+    filters = {"from": sender, "to": recipient, "queue": queue, "status": status}
+    given = any(v is not None for v in filters.values())
+    if (identity is None) == (not given):
+        die(
+            "give a message identity or filters (--from, --to, --queue, --status): one of the two",
+            2,
+        )
+    if identity is not None and after is not None:
+        die("--after goes with filters, not with a message identity", 2)
+    return {**filters, "after": after}
+
+
+_DONE = {"retry": "queued for an immediate retry", "suspend": "suspended", "resume": "resumed"}
+
+
+def _bulk(
+    api: _Api,
+    verb: str,
+    filters: dict[str, str | None],
+    *,
+    yes: bool,
+    json_out: bool,
+    with_ndr: bool = False,
+) -> None:
+    """``POST /api/queue/{verb}`` with the filters: a dry run without ``yes``."""
+    params: dict[str, Any] = {**filters, "dry_run": "false" if yes else "true"}
+    if verb == "remove":
+        params["with_ndr"] = "true" if with_ndr else "false"
+    body = api.call("POST", f"/api/queue/{verb}", **params)
+    if json_out:
+        emit_json(body)
+    else:
+        _print_bulk(verb, body, filters, with_ndr=with_ndr)
+    if body.get("limit_reached"):
+        # on stderr, so that stdout stays the JSON object with --json
+        out = err_console if json_out else console
+        out.print(
+            f"At most {MAX_LIST_LIMIT} messages are taken at a time and more may match: run it "
+            f"again with --after {body['next_after']} (and the same filters) for the rest.",
+            markup=False,
+        )
+
+
+def _print_bulk(
+    verb: str, body: dict[str, Any], filters: dict[str, str | None], *, with_ndr: bool
+) -> None:
+    identities: list[str] = body["identities"]
+    if body["dry_run"]:
+        console.print(
+            f"{body['matched']} message(s) match: nothing was changed (a dry run).", markup=False
+        )
+        for identity in identities[:_SHOWN]:
+            console.print(f"  {identity}", markup=False)
+        if len(identities) > _SHOWN:
+            console.print(f"  ... and {len(identities) - _SHOWN} more", markup=False)
+        if body["matched"]:
+            console.print(
+                f"Add --yes to {verb} them{' (with NDRs)' if with_ndr else ''}.", markup=False
+            )
+        return
+    if verb == "remove":
+        line = f"{body['done']} of {body['matched']} message(s) removed"
+        if with_ndr:
+            line += f"; {body['ndrs']} NDR(s) queued"
+    else:
+        line = f"{body['done']} of {body['matched']} message(s) {_DONE[verb]}"
+    console.print(line + ".", markup=False)
+    skipped: list[dict[str, str]] = body["skipped"]
+    if skipped:
+        console.print(f"{len(skipped)} skipped:", markup=False)
+        for item in skipped[:_SHOWN]:
+            console.print(f"  {item['identity']}: {item['reason']}", markup=False)
+        if len(skipped) > _SHOWN:
+            console.print(
+                f"  ... and {len(skipped) - _SHOWN} more (--json lists them)", markup=False
+            )

@@ -1,0 +1,255 @@
+"""Bulk operations by filter (Get-Message -Filter | Remove-Message / Suspend-Message /
+Resume-Message / Retry-Message) on a running node: the admin API over a real socket, and
+`relaygate queue remove|suspend|resume|retry --from/--to/--queue/--status` as a subprocess.
+Before, every one of these acted on one message identity at a time only.
+
+The node of test_queue_pages_and_queues: five messages in Retry (one of them Unreachable) from
+two scanners and two applications, to sinks A and B that answer 451 to every RCPT."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from relaygate import control
+from tests.queue_manager.helpers import (
+    ScriptedHandler,
+    send,
+    start_relay,
+    start_sink,
+    wait_for,
+)
+from tests.queue_manager.test_admin_and_cli import MESSAGE, SENDER, admin_url, cli
+from tests.queue_manager.test_queue_pages_and_queues import Node, node
+
+__all__ = ["node"]  # the fixture, used by name
+
+
+async def _statuses(client: httpx.AsyncClient) -> dict[str, str]:
+    items = (await client.get("/api/queue")).json()["messages"]
+    return {m["QueueId"]: m["Status"] for m in items}
+
+
+async def test_api_bulk_operations_need_a_filter(node: Node) -> None:
+    async with httpx.AsyncClient(base_url=node.url) as client:
+        before = await _statuses(client)
+        for action in ("retry", "suspend", "resume", "remove"):
+            for params in ({}, {"from": " ", "to": ""}, {"after": node.ids[0]}):
+                r = await client.post(f"/api/queue/{action}", params=params)
+                assert r.status_code == 400, (action, params, r.text)
+                error = r.json()["error"]
+                assert "needs at least one filter: from, to, queue, status" in error, error
+        for params in (
+            {"from": "scan*@x"},
+            {"status": "Sleeping"},
+            {"queue": "OTHER\\example.com"},
+            {"from": "*", "with_ndr": "maybe"},
+            {"from": "*", "dry_run": "perhaps"},
+        ):
+            r = await client.post("/api/queue/remove", params=params)
+            assert r.status_code == 400, (params, r.text)
+        r = await client.post("/api/queue/suspend", params={"from": "*", "with_ndr": "true"})
+        assert r.status_code == 400 and "remove only" in r.json()["error"]
+        assert await _statuses(client) == before  # nothing changed
+
+
+async def test_api_bulk_suspend_resume_retry_and_remove_by_filter(node: Node) -> None:
+    i = node.ids
+    server = "RELAYTEST"
+    async with httpx.AsyncClient(base_url=node.url) as client:
+        # a dry run says what would be suspended, and changes nothing
+        r = await client.post(
+            "/api/queue/suspend", params={"from": "*@scanners.corp.test", "dry_run": "true"}
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["dry_run"] is True and body["matched"] == 2 and body["done"] == 0
+        assert body["identities"] == [f"{server}\\{i[0]}", f"{server}\\{i[1]}"]
+        assert set((await _statuses(client)).values()) <= {"Retry", "Unreachable"}
+
+        r = await client.post("/api/queue/suspend", params={"from": "*@scanners.corp.test"})
+        body = r.json()
+        assert (body["action"], body["matched"], body["done"], body["skipped"]) == (
+            "suspend",
+            2,
+            2,
+            [],
+        )
+        assert body["identities"] == [f"{server}\\{i[0]}", f"{server}\\{i[1]}"]
+        assert body["limit_reached"] is False and body["next_after"] is None
+        statuses = await _statuses(client)
+        assert statuses[i[0]] == statuses[i[1]] == "Suspended" and statuses[i[4]] == "Retry"
+
+        # already suspended: skipped, with the reason; the others are suspended
+        r = await client.post("/api/queue/suspend", params={"to": "bob@example.com"})
+        body = r.json()
+        assert body["matched"] == 2 and body["identities"] == [f"{server}\\{i[4]}"]
+        assert body["skipped"] == [{"identity": f"{server}\\{i[0]}", "reason": "already suspended"}]
+
+        # retry by queue: the suspended ones are skipped, the others tried again at once
+        attempts = len(node.handler_b.attempts["eve@example.net"])
+        r = await client.post("/api/queue/retry", params={"queue": node.queue_b})
+        body = r.json()
+        assert body["matched"] == 2 and body["identities"] == [f"{server}\\{i[2]}"]
+        assert body["skipped"] == [
+            {
+                "identity": f"{server}\\{i[1]}",
+                "reason": "suspended: resume it first (Resume-Message)",
+            }
+        ]
+        await wait_for(lambda: len(node.handler_b.attempts["eve@example.net"]) > attempts)
+
+        # resume the Suspended ones (status filter): all three
+        r = await client.post("/api/queue/resume", params={"status": "suspended"})
+        body = r.json()
+        assert body["done"] == 3 and body["skipped"] == []
+        assert body["identities"] == [f"{server}\\{q}" for q in (i[0], i[1], i[4])]
+
+        # Remove-Message -Filter {FromAddress -like 'erp@*'} -WithNDR $false
+        r = await client.post("/api/queue/remove", params={"from": "erp@*"})
+        body = r.json()
+        assert (body["matched"], body["done"], body["ndrs"], body["with_ndr"]) == (2, 2, 0, False)
+        assert body["identities"] == [f"{server}\\{i[2]}", f"{server}\\{i[3]}"]
+        left = await _statuses(client)
+        assert set(left) == {i[0], i[1], i[4]}
+
+        # with NDRs: one per message with undelivered recipients, queued as a new message
+        r = await client.post(
+            "/api/queue/remove", params={"from": "*@scanners.corp.test", "with_ndr": "true"}
+        )
+        body = r.json()
+        assert (body["done"], body["ndrs"]) == (2, 2), body
+        items = (await client.get("/api/queue")).json()["messages"]
+        assert i[4] in [m["QueueId"] for m in items]
+        dsns = [m for m in items if m["IsDsn"]]
+        assert sorted(m["OriginalQueueId"] for m in dsns) == [i[0], i[1]]
+
+
+async def test_api_bulk_work_is_bounded_per_request(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At most MAX_LIST_LIMIT messages per request; the answer says so and where to go on."""
+    i = node.ids
+    monkeypatch.setattr(control, "MAX_LIST_LIMIT", 2)
+    async with httpx.AsyncClient(base_url=node.url) as client:
+        done: list[str] = []
+        after = None
+        for _round in range(5):
+            params = {"to": "*@*", "after": after} if after else {"to": "*@*"}
+            body = (await client.post("/api/queue/suspend", params=params)).json()
+            done += [x.rsplit("\\", 1)[1] for x in body["identities"]]
+            assert body["matched"] <= 2
+            if not body["limit_reached"]:
+                assert body["next_after"] is None
+                break
+            after = body["next_after"]
+            assert after == done[-1]
+        assert done == i and _round == 2
+        assert set((await _statuses(client)).values()) == {"Suspended"}
+
+
+async def test_api_bulk_remove_skips_a_message_being_delivered(tmp_path: Path) -> None:
+    """The single remove answers 409 for an Active message; the bulk remove skips it and says
+    why, and removes the others."""
+    hold = asyncio.Event()
+    internet = ScriptedHandler(lambda a, _n: "451 4.2.0 later" if a.startswith("bob@") else None)
+    internet.hold = hold
+    a = await start_sink(internet)
+    relay = await start_relay(
+        tmp_path / "data", {"*": a.port}, queue={"transient_failure_retry_interval": "00:10:00"}
+    )
+    try:
+        async with httpx.AsyncClient(base_url=admin_url(relay)) as http:
+            await send(relay, SENDER, ["bob@example.com"], MESSAGE)  # 451: waits in Retry
+
+            async def in_retry() -> bool:
+                return list((await _statuses(http)).values()) == ["Retry"]
+
+            await wait_for(in_retry)
+            await send(relay, SENDER, ["carol@example.com"], MESSAGE)  # DATA held: Active
+            await asyncio.wait_for(internet.data_started.wait(), 10)
+            statuses = await _statuses(http)
+            assert sorted(statuses.values()) == ["Active", "Retry"]
+            active = next(q for q, s in statuses.items() if s == "Active")
+            waiting = next(q for q, s in statuses.items() if s == "Retry")
+            r = await http.post("/api/queue/remove", params={"from": SENDER})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert (body["matched"], body["done"]) == (2, 1)
+            assert body["identities"] == [f"RELAYTEST\\{waiting}"]
+            [skip] = body["skipped"]
+            assert skip["identity"] == f"RELAYTEST\\{active}"
+            assert "being delivered now (Active)" in skip["reason"]
+            assert list(await _statuses(http)) == [active]
+            hold.set()
+    finally:
+        hold.set()
+        await relay.stop()
+        await a.close()
+
+
+async def test_cli_bulk_forms_dry_run_yes_json_and_the_id_forms(node: Node) -> None:
+    i, config = node.ids, node.config
+    async with httpx.AsyncClient(base_url=node.url) as client:
+        before = await _statuses(client)
+        (
+            (rc_dry, out_dry, err_dry),
+            (rc_dry_json, out_dry_json, err_dry_json),
+            (rc_none, _o1, err_none),
+            (rc_both, _o2, err_both),
+            (rc_bad, _o3, err_bad),
+        ) = await asyncio.gather(
+            cli("remove", "--from", "*@scanners.corp.test", config=config),
+            cli("suspend", "--to", "*@example.com", "--json", config=config),
+            cli("suspend", config=config),
+            cli("resume", i[0], "--status", "Suspended", config=config),
+            cli("remove", "--from", "scan*@x", "--yes", config=config),
+        )
+        assert rc_dry == 0, err_dry
+        assert "2 message(s) match: nothing was changed (a dry run)." in out_dry
+        assert f"RELAYTEST\\{i[0]}" in out_dry and f"RELAYTEST\\{i[1]}" in out_dry
+        assert "Add --yes to remove them." in out_dry
+        assert rc_dry_json == 0, err_dry_json
+        dry = json.loads(out_dry_json)
+        assert dry["dry_run"] is True and dry["matched"] == 3 and dry["done"] == 0
+        assert rc_none == 2 and "one of the two" in err_none
+        assert rc_both == 2 and "one of the two" in err_both
+        assert rc_bad == 1 and "from 'scan*@x'" in err_bad and "HTTP 400" in err_bad
+        assert await _statuses(client) == before  # the dry runs changed nothing
+
+        (rc_s, out_s, err_s), (rc_r, out_r, err_r) = await asyncio.gather(
+            cli("suspend", "--from", "*@scanners.corp.test", "--yes", config=config),
+            cli("retry", "--queue", "Unreachable", "--status", "Unreachable", "-y", config=config),
+        )
+        assert rc_s == 0 and "2 of 2 message(s) suspended." in out_s, err_s
+        assert rc_r == 0 and "1 of 1 message(s) queued for an immediate retry." in out_r, err_r
+        statuses = await _statuses(client)
+        assert statuses[i[0]] == statuses[i[1]] == "Suspended"
+
+        (rc_again, out_again, err_again), (rc_res, out_res, err_res) = await asyncio.gather(
+            cli("suspend", "--to", "bob@example.com", "--yes", config=config),
+            cli("resume", "--from", "scan2@scanners.corp.test", "--yes", "--json", config=config),
+        )
+        assert rc_again == 0, err_again
+        assert "1 of 2 message(s) suspended." in out_again
+        assert f"RELAYTEST\\{i[0]}: already suspended" in out_again
+        assert rc_res == 0, err_res
+        resumed = json.loads(out_res)
+        assert resumed["identities"] == [f"RELAYTEST\\{i[1]}"] and resumed["done"] == 1
+
+        rc_rm, out_rm, err_rm = await cli(
+            "remove", "--from", "erp@*", "--yes", "--with-ndr", "--json", config=config
+        )
+        assert rc_rm == 0, err_rm
+        removed = json.loads(out_rm)
+        assert removed["identities"] == [f"RELAYTEST\\{i[2]}", f"RELAYTEST\\{i[3]}"]
+        assert removed["with_ndr"] is True and removed["ndrs"] == 2
+        # the ID forms are as they were
+        rc_one, out_one, err_one = await cli("remove", i[4], config=config)
+        assert rc_one == 0 and f"RELAYTEST\\{i[4]}: removed." in out_one, err_one
+        rc_res1, out_res1, err_res1 = await cli("resume", i[0], config=config)
+        assert rc_res1 == 0 and "resumed" in out_res1, err_res1
