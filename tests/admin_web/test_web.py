@@ -526,3 +526,54 @@ def test_delivery_queues_filters_and_next_page_in_the_browser(tmp_path: Path, ta
             assert node.api("GET", f"/api/queue/{qid}").json()["RetryCount"] == 1
     finally:
         node.stop()
+
+
+def test_bulk_buttons_on_a_filtered_queue_in_the_browser(tmp_path: Path, tab: Page) -> None:
+    """Suspend all / Resume all / Remove all (no NDR) on /queue when a filter is set: before,
+    each message had to be acted on with its own button."""
+    other = free_port()
+    node = RelayThread(tmp_path / "data", routes={"example.net": other})
+    try:
+        org = [node.send(f"Flood {n}", to=f"user{n}@example.org") for n in range(3)]
+        net = node.send("Keep me", to="someone@example.net")
+        tab.goto(node.url + "/queue")
+        expect(tab.locator("#bulk")).to_have_count(0)  # no filter, no bulk buttons
+
+        tab.goto(node.url + "/queue?to=*@example.org&limit=2")
+        bulk = tab.locator("#bulk")
+        expect(bulk).to_contain_text("not only this page")
+        bulk.get_by_role("button", name="Suspend all").click()  # the box is not ticked
+        assert "bulk=" not in tab.url
+        assert node.api("GET", f"/api/queue/{org[0]}").json()["Status"] == "Retry"
+        bulk.get_by_role("checkbox").check()
+        bulk.get_by_role("button", name="Suspend all").click()
+        expect(tab.locator(".notice")).to_contain_text("Suspended 3 of 3 matching message(s).")
+        assert "to=" in tab.url  # back to the same filter
+        for qid in org:
+            assert node.api("GET", f"/api/queue/{qid}").json()["Status"] == "Suspended"
+        assert node.api("GET", f"/api/queue/{net}").json()["Status"] == "Retry"
+
+        tab.locator("#bulk").get_by_role("checkbox").check()
+        tab.locator("#bulk").get_by_role("button", name="Resume all").click()
+        expect(tab.locator(".notice")).to_contain_text("Resumed 3 of 3 matching message(s).")
+
+        tab.locator("#bulk").get_by_role("checkbox").check()
+        tab.locator("#bulk").get_by_role("button", name="Remove all (no NDR)").click()
+        expect(tab.locator(".notice")).to_contain_text("Removed (no NDR) 3 of 3 matching")
+        expect(tab.locator("#queue tbody tr")).to_have_count(1)  # "No messages"
+        for qid in org:
+            assert node.api("GET", f"/api/queue/{qid}").status_code == 404
+        assert node.api("GET", f"/api/queue/{net}").status_code == 200
+
+        origin = {"Origin": node.url}
+        no_filter = node.api(
+            "POST", "/queue/bulk", data={"action": "remove", "confirm": "yes"}, headers=origin
+        )
+        assert no_filter.status_code == 400 and "needs at least one filter" in no_filter.text
+        unconfirmed = node.api(
+            "POST", "/queue/bulk", data={"action": "remove", "to": "*@example.net"}, headers=origin
+        )
+        assert unconfirmed.status_code == 400
+        assert node.api("GET", f"/api/queue/{net}").status_code == 200
+    finally:
+        node.stop()

@@ -16,6 +16,10 @@ links and forms.
 ``POST /queue/{id}/{action}``      ``retry`` | ``suspend`` | ``resume`` | ``remove`` (form field
                                    ``with_ndr=true`` for Remove-Message -WithNDR): calls
                                    `relaygate.control.QueueControl`, then 303 back to the page
+``POST /queue/bulk``               ``action`` = ``suspend`` | ``resume`` | ``remove`` (no NDR) on
+                                   every message the form's ``status``/``from``/``to``/``queue``
+                                   match (``QueueControl.bulk``, a filter required, the box
+                                   ``confirm=yes`` ticked), then 303 to /queue with the counts
 ``GET /explain?client_ip=…``       what ``relaygate explain`` shows (`relaygate.policy.explain`)
 ``GET/POST /login``, ``POST /logout``  only when ``admin.api_token_file`` is set
 ``GET /static/admin.css``          the stylesheet
@@ -59,6 +63,7 @@ from relaygate.audit import SEVERITIES, audit, relay_grant, summary
 from relaygate.config.model import Config, ReceiveConnector, SendConnector
 from relaygate.config.values import parse_binding
 from relaygate.control import (
+    MAX_LIST_LIMIT,
     MESSAGE_STATUSES,
     Conflict,
     NotFound,
@@ -97,6 +102,8 @@ _DONE = {
     "remove-ndr": "Removed (with an NDR to the sender)",
 }
 _FINAL = ("Delivered", "Failed")
+#: The bulk buttons of /queue (when a filter is set): action → what the notice says was done.
+BULK_WEB_ACTIONS = {"suspend": "Suspended", "resume": "Resumed", "remove": "Removed (no NDR)"}
 _SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
@@ -449,11 +456,75 @@ async def queue_page(request: Request) -> Response:
         "first_url": first_url,
         "queue_url": lambda name: "/queue?" + urlencode({"queue": name}),
         "queue_path": lambda identity: "/queues/" + quote(identity, safe="") + "/retry",
-        "notice": _notice(request) or _queue_notice(request),
+        "notice": _notice(request) or _queue_notice(request) or _bulk_notice(request),
+        "filtered": any(form.values()),
         "error": error,
         "final": _FINAL,
     }
     return render(request, "queue.html", context, code)
+
+
+def _bulk_notice(request: Request) -> str | None:
+    """The line shown after a bulk button (known action, counts in digits)."""
+    q = request.query_params
+    action = q.get("bulk", "")
+    counts = [q.get(k, "") for k in ("n", "matched", "skipped")]
+    if action not in BULK_WEB_ACTIONS or not all(c.isascii() and c.isdigit() for c in counts):
+        return None
+    done, matched, skipped = (int(c) for c in counts)
+    line = f"{BULK_WEB_ACTIONS[action]} {done} of {matched} matching message(s)."
+    if skipped:
+        line += (
+            f" {skipped} skipped (being delivered now, or already in that state: "
+            "`relaygate queue` or the API list them with the reason)."
+        )
+    if q.get("more") == "1":
+        line += f" More than {MAX_LIST_LIMIT} matched: press the button again for the rest."
+    return line
+
+
+async def queue_bulk(request: Request) -> Response:
+    """The Suspend all / Resume all / Remove all buttons of a filtered /queue."""
+    if not _signed_in(request):
+        return _message(request, "Sign in first", "The admin centre needs the API token.", 401)
+    if (refused := _post_refused(request)) is not None:
+        return refused
+    try:
+        form = await _form(request)
+    except ValueError as exc:
+        return _message(request, "Bad request", str(exc), 413)
+
+    def field(name: str) -> str:
+        return form.get(name, [""])[0].strip()
+
+    action = field("action")
+    if action not in BULK_WEB_ACTIONS:
+        return _message(request, "Bad request", f"unknown action {action!r}", 400)
+    if field("confirm") != "yes":
+        return _message(
+            request, "Not confirmed", "Tick the box: it acts on every matching message.", 400
+        )
+    filters = {param: field(param) for param, _arg in _QUEUE_FILTERS}
+    control: QueueControl = request.app.state.control
+    try:
+        body = await control.bulk(
+            action,
+            status=filters["status"] or None,
+            sender=filters["from"] or None,
+            recipient=filters["to"] or None,
+            queue=filters["queue"] or None,
+        )
+    except ValueError as exc:
+        return _message(request, "Bad request", str(exc), 400)
+    query = [
+        *((k, v) for k, v in filters.items() if v),
+        ("bulk", action),
+        ("n", str(body["done"])),
+        ("matched", str(body["matched"])),
+        ("skipped", str(len(body["skipped"]))),
+        ("more", "1" if body["limit_reached"] else "0"),
+    ]
+    return RedirectResponse("/queue?" + urlencode(query), status_code=303)
 
 
 async def queue_retry(request: Request) -> Response:
@@ -612,6 +683,7 @@ def web_routes() -> list[BaseRoute]:
     return [
         Route("/", dashboard, methods=["GET"]),
         Route("/queue", queue_page, methods=["GET"]),
+        Route("/queue/bulk", queue_bulk, methods=["POST"]),
         Route("/queue/{identity}", message_page, methods=["GET"]),
         Route("/queue/{identity}/{action}", message_action, methods=["POST"]),
         Route("/queues/{identity}/retry", queue_retry, methods=["POST"]),
