@@ -91,6 +91,9 @@ class _Api:
         self.url = url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 
+    #: How long a call may take to answer (seconds).
+    timeout = 30.0
+
     def call(self, method: str, path: str, **params: Any) -> Any:
         import httpx
 
@@ -100,7 +103,7 @@ class _Api:
                 self.url + path,
                 params={k: v for k, v in params.items() if v is not None},
                 headers=self.headers,
-                timeout=30.0,
+                timeout=self.timeout,
             )
         except httpx.ConnectError:
             self.not_running()
@@ -513,6 +516,9 @@ YES_OPTION = typer.Option(
     "first few) is shown, and nothing is changed.",
 )
 
+#: How long the CLI waits for a bulk call (at most MAX_LIST_LIMIT messages) to answer.
+BULK_TIMEOUT = 600.0
+
 #: Identities a dry run or a bulk result lists before "... and N more".
 _SHOWN = 10
 
@@ -555,6 +561,8 @@ def _bulk(
     params: dict[str, Any] = {**filters, "dry_run": "false" if yes else "true"}
     if verb == "remove":
         params["with_ndr"] = "true" if with_ndr else "false"
+    # 100,000 messages take a while (removing 20,000 took 6.5 s: docs/benchmarks.md)
+    api.timeout = BULK_TIMEOUT
     body = api.call("POST", f"/api/queue/{verb}", **params)
     if json_out:
         emit_json(body)
