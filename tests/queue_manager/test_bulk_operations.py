@@ -150,6 +150,18 @@ async def test_api_bulk_work_is_bounded_per_request(
             assert after == done[-1]
         assert done == i and _round == 2
         assert set((await _statuses(client)).values()) == {"Suspended"}
+        # the CLI says where to go on (the server's limit is 2 here)
+        rc, out, err = await cli("resume", "--to", "*@*", "--yes", config=node.config)
+        assert rc == 0 and "2 of 2 message(s) resumed." in out, err
+        assert f"run it again with --after {i[1]} (and the same filters)" in out
+        rc, out, err = await cli(
+            "resume", "--to", "*@*", "--after", i[1], "--yes", "--json", config=node.config
+        )
+        assert rc == 0 and json.loads(out)["identities"] == [
+            f"RELAYTEST\\{i[2]}",
+            f"RELAYTEST\\{i[3]}",
+        ]
+        assert f"--after {i[3]}" in err  # on stderr with --json
 
 
 async def test_api_bulk_remove_skips_a_message_being_delivered(tmp_path: Path) -> None:
