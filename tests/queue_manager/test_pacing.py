@@ -317,3 +317,41 @@ async def test_a_backlog_is_spread_over_the_windows_it_needs(
         arrived = sorted(handler.arrived)
         # never more than 2 in any window
         assert all(arrived[i + 2] - arrived[i] >= window - 0.2 for i in range(5))
+
+
+async def test_a_store_error_reserving_a_later_batch_keeps_the_earlier_batches_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recipients of a batch already delivered are recorded Delivered even when the
+    reservation of a later batch fails (the database blinks): they are never sent again."""
+    from relaygate.queue.store import StoreError
+
+    async with running(tmp_path, _extra("max_recipients_per_day = 2")) as (relay, up, _home):
+        handler: TimedHandler = up.handler  # type: ignore[assignment]
+        real = relay.store.reserve_send
+        calls = 0
+
+        async def flaky(*args: Any, **kw: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                raise StoreError("queue database unreachable")
+            return await real(*args, **kw)
+
+        monkeypatch.setattr(relay.store, "reserve_send", flaky)
+        rcpts = [f"r{i}@example.com" for i in range(4)]
+        await send(relay, SENDER, rcpts, body(1))
+
+        async def settled() -> bool:
+            rs = recipients(await relay.store.list_messages())
+            return calls >= 2 and all(r.attempts or r.status is DONE for r in rs.values())
+
+        await wait_for(settled)
+        rs = recipients(await relay.store.list_messages())
+        assert [m["rcpt_tos"] for m in handler.messages] == [rcpts[0:2]]
+        assert {a: rs[a].status for a in rcpts} == {
+            rcpts[0]: DONE,
+            rcpts[1]: DONE,
+            rcpts[2]: RETRY,
+            rcpts[3]: RETRY,
+        }

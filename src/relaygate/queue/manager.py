@@ -641,7 +641,22 @@ class QueueManager:
         sent: list[RouteResult] = []
         batches = pacing.batches(addrs, connector)
         for i, batch in enumerate(batches):
-            wait = await self._reserve(connector, limits, len(batch))
+            try:
+                wait = await self._reserve(connector, limits, len(batch))
+            except Exception as exc:
+                if not sent:
+                    raise  # nothing sent yet: the caller defers the whole route
+                # Earlier batches went out: their results must be recorded (a route-wide
+                # failure would defer them too, and they would be sent again).
+                log.error(
+                    "message %s: cannot reserve a send through %s: %r", msg.queue_id, name, exc
+                )
+                sent += [
+                    RouteResult(a, DELIVERY_FAILED_INTERNAL, DEFERRED, name)
+                    for rest in batches[i:]
+                    for a in rest
+                ]
+                break
             if wait is not None:
                 reply = pacing.paced_reply(connector, wait.limit)
                 retry_at = self._retry_at(pacing.budget_key(connector), wait)
