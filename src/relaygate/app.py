@@ -356,7 +356,7 @@ def _on_link(link: socket.socket, stop: asyncio.Event) -> None:
 _NODE_LOCKS: list[NodeLock] = []
 
 
-def _lock_node(config: Config) -> None:
+def _lock_node(config: Config) -> NodeLock:
     s = config.server
     url = config.queue.database_url if config.queue.store == "postgresql" else None
     lock = NodeLock(Path(s.data_dir), str(s.name), url or None)
@@ -366,6 +366,7 @@ def _lock_node(config: Config) -> None:
         logger.error("cannot start: %s", exc)
         raise SystemExit(1) from None
     _NODE_LOCKS.append(lock)
+    return lock
 
 
 def run(
@@ -384,15 +385,16 @@ def run(
     if worker_index is None:  # the workers inherit the limit from their supervisor
         raise_fd_limit(config)
     resolved = default_config_path(config_path)
+    lock: NodeLock | None = None
     if worker_index is None:
         # Held until the process exits (its workers run under it): no second node with this
         # data_dir, or with this server.name on a shared queue database (relaygate.node_lock).
-        _lock_node(config)
+        lock = _lock_node(config)
     if worker_index is None and config.server.workers > 1 and resolved is not None:
         from relaygate.workers import Supervisor
 
         try:
-            status = Supervisor(config, resolved).run()
+            status = Supervisor(config, resolved, hold_fds=(lock.fileno(),) if lock else ()).run()
         except StoreError as exc:  # the queue database cannot be reached or opened
             logger.error("cannot start: %s", exc)
             status = 1

@@ -14,7 +14,11 @@ safe if no other live process runs as the same node. Two ways to break it, both 
 with the PostgreSQL queue a session advisory lock on the name, held on a connection of its own
 for the node's lifetime. Both are released by the kernel or the database when the process dies
 (SIGKILL included), so a node that crashed starts again at once. The supervisor (or the single
-process) holds the lock; its worker processes do not need it.
+process) takes the lock, and hands the locked file to its worker processes (`fileno`): a worker
+outlives a supervisor killed with SIGKILL while it finishes its deliveries, under its queue leases,
+and a new start (which drops this node's leases) must not run beside it. A start that finds the
+directory locked by a supervisor that is gone waits for those workers to exit (at most
+`ORPHAN_WAIT` seconds).
 
 The database lock guards the start: if the connection holding it is lost (a database restart),
 the name is not claimed again until the node restarts. Server-side TCP keepalives on that
@@ -26,14 +30,22 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 __all__ = ["LOCK_FILE", "NodeLock", "NodeLockError", "name_lock_key"]
 
 LOCK_FILE = "relaygate.lock"
+
+#: How long a start waits for the workers of a killed supervisor to finish (seconds): they stop
+#: when they see it gone, after up to stop_grace for deliveries and the sessions' grace.
+ORPHAN_WAIT = 120.0
+
+logger = logging.getLogger("relaygate")
 
 # Server-side keepalives of the connection that holds the name (seconds): a peer that vanished
 # without closing is noticed after about idle + interval * count.
@@ -69,6 +81,11 @@ class NodeLock:
                 self.release()
                 raise
 
+    def fileno(self) -> int:
+        """The locked file (for the workers to inherit: the lock lasts while any of them runs)."""
+        assert self._fd is not None, "not acquired"
+        return self._fd
+
     def release(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(Exception):
@@ -85,15 +102,38 @@ class NodeLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
-            os.close(fd)
-            raise NodeLockError(
-                f"another relaygate serve (pid {holder}) is running with data_dir "
-                f"{str(self.path.parent)!r}; stop it first, or give this node its own "
-                f"server.data_dir"
-            ) from None
+            if not (
+                holder.isdigit() and not _alive(int(holder)) and self._wait_orphans(fd, holder)
+            ):
+                os.close(fd)
+                raise NodeLockError(
+                    f"another relaygate serve (pid {holder}) is running with data_dir "
+                    f"{str(self.path.parent)!r}; stop it first, or give this node its own "
+                    f"server.data_dir"
+                ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+
+    def _wait_orphans(self, fd: int, holder: str) -> bool:
+        """The supervisor that took the lock is gone but the lock is held: its workers still
+        finish their deliveries. Wait for them to exit (True), at most ORPHAN_WAIT seconds."""
+        logger.warning(
+            "waiting for the workers of relaygate serve pid %s, which is gone, to stop "
+            "(they still hold %s; at most %g s)",
+            holder,
+            self.path,
+            ORPHAN_WAIT,
+        )
+        deadline = time.monotonic() + ORPHAN_WAIT
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                continue
+        return False
 
     def _lock_name(self, url: str) -> None:
         import psycopg
@@ -145,3 +185,13 @@ class NodeLock:
         app, addr, pid = row
         where = f"from {addr}" if addr else "over a local socket"
         return f"{app or 'an unnamed client'}, {where}, database backend pid {pid}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -113,8 +113,13 @@ class _Worker:
 class Supervisor:
     """Runs ``config.server.workers`` worker processes until SIGTERM/SIGINT. See the module doc."""
 
-    def __init__(self, config: Config, config_path: Path) -> None:
+    def __init__(
+        self, config: Config, config_path: Path, *, hold_fds: tuple[int, ...] = ()
+    ) -> None:
         self.config = config
+        #: Descriptors every worker inherits and keeps open: the node's lock file (node_lock.py),
+        #: held while any worker runs, even after this process is killed.
+        self.hold_fds = hold_fds
         self.config_path = Path(config_path).resolve()
         self.count = config.server.workers
         self.workers = [_Worker(i) for i in range(self.count)]
@@ -248,7 +253,7 @@ class Supervisor:
             env[RATE_TABLE_ENV] = self._rate_table
         try:
             w.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, pass_fds=(child.fileno(),), env=env
+                cmd, stdin=subprocess.DEVNULL, pass_fds=(child.fileno(), *self.hold_fds), env=env
             )
         except OSError:
             parent.close()

@@ -5,9 +5,13 @@ node, releasing the first one's queue leases."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +126,48 @@ def test_an_unreachable_database_is_named_without_its_password(relay: Any) -> No
         "connection failed"
     ) in refused.stderr
     assert "s3cret" not in refused.stderr + refused.stdout
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def test_a_restart_waits_for_the_workers_of_a_killed_supervisor(relay: Any) -> None:
+    """SIGKILL of the supervisor leaves its workers running until they notice and finish what
+    they deliver; they keep their queue leases meanwhile. A new `relaygate serve` on the same
+    data_dir drops this node's leases when it starts: it must not start (and release the leases
+    of deliveries still in progress) before the old workers are gone."""
+    node = relay([relay_connector(["127.0.0.0/24"])], mode="process", server={"workers": 2})
+    assert node.proc is not None
+    workers = _children(node.proc.pid)
+    assert len(workers) == 2
+    for pid in workers:  # still delivering: they outlive their supervisor for a while
+        os.kill(pid, signal.SIGSTOP)
+    node.kill()
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    second = subprocess.Popen(
+        [sys.executable, "-m", "relaygate", "serve", "--config", str(node.config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=node.config_path.parent,
+    )
+    try:
+        time.sleep(4)
+        assert second.poll() is None, second.communicate()
+        ready = select.select([second.stdout], [], [], 0)[0]
+        assert not ready, "the second serve started beside the old workers"
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        assert second.stdout is not None
+        line = second.stdout.readline()
+        assert line.startswith("RelayGate ready"), line
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        second.terminate()
+        _out, err = second.communicate(timeout=30)
+    assert f"waiting for the workers of relaygate serve pid {node.proc.pid}" in err
