@@ -745,7 +745,11 @@ class QueueControl:
         now = self.clock()
         table = RouteTable(list(config.send_connectors))
         groups: dict[str, _QueueTally] = {}
-        for entry in entries:
+        for i, entry in enumerate(entries, 1):
+            if i % _SCAN_CHUNK == 0:
+                # This runs on the loop that serves SMTP: up to MAX_LIST_LIMIT entries take
+                # a while, so hand it back between chunks.
+                await asyncio.sleep(0)
             status = message_status(entry, now)
             for r, hop, delivery_type, connector in self._entry_queues(entry, table):
                 tally = groups.get(hop)
@@ -784,7 +788,9 @@ class QueueControl:
         retried: list[str] = []
         suspended: list[str] = []
         found = False
-        for entry in entries:
+        for i, entry in enumerate(entries, 1):
+            if i % _SCAN_CHUNK == 0:
+                await asyncio.sleep(0)  # as in queues()
             if not any(
                 hop.lower() == wanted for _r, hop, _t, _c in self._entry_queues(entry, table)
             ):

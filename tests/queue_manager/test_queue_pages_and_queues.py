@@ -372,3 +372,63 @@ async def test_queue_cli_pages_filters_summary_and_retry_queue(node: Node) -> No
     assert rc_ru == 0 and json.loads(out_ru)["Resubmit"] is True, err_ru
     assert rc_missing == 1 and "not found" in err_missing and "HTTP 404" in err_missing
     await wait_for(lambda: len(node.handler_b.attempts["carol@example.net"]) == 2)
+
+
+async def test_get_queue_over_a_large_queue_lets_the_event_loop_run(tmp_path: Path) -> None:
+    """Get-Queue (the admin centre's /queue page calls it on every view) works out a view of up
+    to 100,000 unfinished messages. That work runs on the event loop of the process serving SMTP:
+    it must hand the loop back every few hundred messages, not hold it for seconds."""
+    from relaygate.control import QueueControl
+    from relaygate.queue.model import Envelope
+    from relaygate.queue.sqlite_store import SqliteStore
+
+    config = parse_text(
+        f'[server]\nname = "RELAY01"\ndata_dir = "{tmp_path}"\n'
+        + send_connector_text("Out", "example.com", 25),
+        "<test>",
+    )
+    store = SqliteStore(tmp_path / "queue.db")
+    await store.open()
+    try:
+        total = 1600
+        await asyncio.gather(
+            *(
+                store.submit(
+                    Envelope(f"s{i}@corp.test", [f"r{i}@example.com"], "127.0.0.1", "c"), b"x\r\n"
+                )
+                for i in range(total)
+            )
+        )
+        control = QueueControl(store, lambda: config)
+        views = 0  # messages worked out: the queues of each one's unfinished recipients
+        real_queues = control._entry_queues
+
+        def counting_queues(*args: Any, **kw: Any) -> Any:
+            nonlocal views
+            views += 1
+            return real_queues(*args, **kw)
+
+        longest = 0
+        stop = False
+
+        async def ticker() -> None:
+            nonlocal longest
+            last = views
+            while not stop:
+                await asyncio.sleep(0)
+                longest, last = max(longest, views - last), views
+
+        control._entry_queues = counting_queues  # type: ignore[method-assign]
+        tick = asyncio.ensure_future(ticker())
+        try:
+            queues = await control.queues()
+            retried = await control.retry_queue(queues["queues"][0]["NextHopDomain"])
+        finally:
+            stop = True
+            await tick
+        assert queues["queues"][0]["MessageCount"] == total
+        assert retried["RetriedCount"] == total
+        assert views >= 2 * total
+        assert longest <= 500, f"{longest} messages worked out without yielding the event loop"
+    finally:
+        await store.close()
