@@ -96,8 +96,14 @@ class NodeLock:
             self._fd = None
 
     def _lock_directory(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise NodeLockError(
+                f"cannot open the node lock file {str(self.path)!r} in server.data_dir: "
+                f"{exc.strerror or exc}"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -111,8 +117,17 @@ class NodeLock:
                     f"{str(self.path.parent)!r}; stop it first, or give this node its own "
                     f"server.data_dir"
                 ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        # The pid only names the holder to a second start: a full disk must not stop this one
+        # (the relay runs on a full disk, refusing mail with 452). Written over the previous pid
+        # and then cut to length, so that a file already holding one needs no new block.
+        pid = f"{os.getpid()}\n".encode()
+        try:
+            os.pwrite(fd, pid, 0)
+            os.ftruncate(fd, len(pid))
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)  # no stale pid for a second start to take for this one
+            logger.warning("cannot write this process's pid to %s: %s", self.path, exc.strerror)
         self._fd = fd
 
     def _wait_orphans(self, fd: int, holder: str) -> bool:

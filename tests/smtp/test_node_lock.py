@@ -171,3 +171,33 @@ def test_a_restart_waits_for_the_workers_of_a_killed_supervisor(relay: Any) -> N
         second.terminate()
         _out, err = second.communicate(timeout=30)
     assert f"waiting for the workers of relaygate serve pid {node.proc.pid}" in err
+
+
+def test_a_full_disk_does_not_stop_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The relay starts on a full disk (it refuses mail with 452 until there is room again, as
+    the release before the lock did): the pid in the lock file is only for a second start's
+    message, so failing to write it (ENOSPC; reproduced on a full tmpfs) is logged, not fatal.
+    A second start then refuses at once ("pid unknown"), not taking a stale pid for a gone
+    supervisor."""
+    (tmp_path / LOCK_FILE).write_text("999999999\n")  # a previous run's, long gone
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    first = NodeLock(tmp_path, "RELAY01")
+    first.acquire()
+    try:
+        assert "cannot write this process's pid" in caplog.text
+        with pytest.raises(NodeLockError, match=r"\(pid unknown\)"):
+            NodeLock(tmp_path, "RELAY01").acquire()
+    finally:
+        first.release()
+
+
+def test_a_data_dir_that_cannot_hold_the_lock_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NodeLockError, match=r"cannot open the node lock file .*server\.data_dir"):
+        NodeLock(tmp_path / "file" / "data", "RELAY01").acquire()
