@@ -333,3 +333,27 @@ def _slot_of(t: SharedRateTable, key: bytes) -> int:
         if bytes(t._mm[at : at + 16]) == key:
             return at
     raise AssertionError("key not in the table")
+
+
+def test_the_table_is_allocated_when_created_not_when_a_slot_is_written(path: Path) -> None:
+    """A write to a hole of a shared mapping on a full disk is a SIGBUS: the worker would die
+    between storing a message and answering 250 (reproduced on a full tmpfs). So every block of
+    the table is allocated by `create`, where a full disk is an OSError the supervisor handles
+    (message_rate_limit then counted per worker)."""
+    create(path, slots=256)
+    st = os.stat(path)
+    assert st.st_size == HEADER_SIZE + 256 * SLOT_SIZE
+    assert st.st_blocks * 512 >= st.st_size
+
+
+def test_no_room_for_the_table_is_an_oserror_and_leaves_nothing(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match="No space left"):
+        create(path)
+    assert not path.exists()
+    assert list(path.parent.iterdir()) == []

@@ -79,7 +79,7 @@ VERSION = 1
 WINDOW = 60  # seconds: MessageRateLimit is per minute
 BUCKETS = WINDOW + 1  # seconds now-60 ... now, each its own bucket
 PROBES = 32  # slots looked at from a key's home slot
-DEFAULT_SLOTS = 8192  # x 512 bytes = 4 MiB, sparse until used; 8,192 live senders per minute
+DEFAULT_SLOTS = 8192  # x 512 bytes = 4 MiB, allocated at creation; 8,192 live senders per minute
 LOCK_WAIT = 0.05  # seconds
 DIGEST = 16
 
@@ -123,8 +123,10 @@ def create(path: Path, *, slots: int = DEFAULT_SLOTS) -> bytes:
     token = secrets.token_bytes(DIGEST)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".message-rates.")
     try:
-        # ftruncate: zeros, sparse on disk until a slot is used
-        os.ftruncate(fd, HEADER_SIZE + slots * SLOT_SIZE)
+        # Every block allocated now (zeros), not sparse: a worker writing a slot in a hole of
+        # its mapping when the disk is full would get SIGBUS and die between storing a message
+        # and its 250. Without room here, the caller counts per worker instead.
+        os.posix_fallocate(fd, 0, HEADER_SIZE + slots * SLOT_SIZE)
         os.pwrite(fd, _HEADER.pack(MAGIC, VERSION, slots, SLOT_SIZE, BUCKETS, token), 0)
         os.close(fd)
         fd = -1
