@@ -32,7 +32,7 @@ from relaygate.queue.sqlite_store import SqliteStore
 from relaygate.queue.store import Store, StoreError
 from relaygate.smtp.server import ListenerError, ServerContext, SmtpServer, protocol_log_for
 from relaygate.smtp.shared_rates import SharedRateTable
-from relaygate.worker_stats import SnapshotWriter
+from relaygate.worker_stats import NodeSums, SnapshotWriter
 
 __all__ = ["Relay", "open_store", "run", "worker_node_id"]
 
@@ -89,6 +89,8 @@ class Relay:
         self.admin: Any = None
         self.pressure: DiskPressure | None = None
         self.snapshots: SnapshotWriter | None = None
+        #: worker 0 of several: the other workers' figures for /metrics (relaygate.worker_stats)
+        self.node_sums: NodeSums | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -117,6 +119,9 @@ class Relay:
             cfg, self.store, protocol_log=self.protocol_log, tracking=self.tracking, on_message=wake
         )
         self.ctx.handoff = self.manager
+        if self.worker_index == 0 and cfg.server.workers > 1:  # before any session: the
+            # other workers' counters from here on (their figures now, if this is a restart)
+            self.node_sums = NodeSums(Path(s.data_dir), cfg.server.workers, 0)
         if self.worker_index is not None:
             # The message rate counts this worker shares with its siblings (None when started
             # without a supervisor's table: then counted in this process, as with one worker).

@@ -7,11 +7,19 @@ atomically, written off the event loop), and worker 0 adds them to its own live 
 is scraped. What this costs and gives:
 
 * a figure from another worker is at most `INTERVAL` seconds old;
-* a worker that restarts starts its counters from zero, so the node's sum goes down: Prometheus
-  reads that as a counter reset, as it does when a whole node restarts;
+* the node's counters never go down while worker 0 runs (Prometheus would read a drop as a reset
+  and count the whole new value, the other workers' totals, as an increase): a worker that
+  restarts starts its own counters from zero, so worker 0 (`NodeSums`) keeps the last figures of
+  the worker's previous process, told apart by the pid in the snapshot, and adds them to the sum.
+  What a worker counted after its last snapshot before it died (at most `INTERVAL` seconds) is
+  lost;
+* the node's counters start from zero when worker 0 starts, as when a whole node restarts: the
+  supervisor removes the snapshots of a previous run before it starts the workers
+  (`clear_snapshots`), and a restarted worker 0 counts the others from what they had when it
+  started (their figures before are not counted again);
 * a snapshot not renewed for `STALE_AFTER` seconds (its worker is gone) still counts for the
-  counters, which stay until that worker's successor replaces the file, but not for the gauges
-  (sessions open now, deliveries in flight, message bytes in memory).
+  counters, but not for the gauges (sessions open now, deliveries in flight, message bytes in
+  memory).
 """
 
 from __future__ import annotations
@@ -28,7 +36,15 @@ from typing import Any
 
 from relaygate.smtp.counters import SmtpCounters
 
-__all__ = ["INTERVAL", "NodeFigures", "SnapshotWriter", "node_figures", "snapshot_path"]
+__all__ = [
+    "INTERVAL",
+    "NodeFigures",
+    "NodeSums",
+    "SnapshotWriter",
+    "clear_snapshots",
+    "node_figures",
+    "snapshot_path",
+]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +75,27 @@ class NodeFigures:
                 self.open_sessions[name] = self.open_sessions.get(name, 0) + value
             self.in_flight += other.in_flight
             self.data_in_memory += other.data_in_memory
+
+    def counters_since(self, base: NodeFigures) -> NodeFigures:
+        """These figures with `base`'s counters taken off (`base`: an earlier snapshot of the same
+        process); the gauges are these."""
+        out = NodeFigures(
+            open_sessions=dict(self.open_sessions),
+            in_flight=self.in_flight,
+            data_in_memory=self.data_in_memory,
+        )
+        out.smtp.add(self.smtp)
+        smtp, old = out.smtp, base.smtp
+        for mine, theirs in (
+            (smtp.sessions, old.sessions),
+            (smtp.connections_refused, old.connections_refused),
+            (smtp.messages, old.messages),
+            (smtp.bytes, old.bytes),
+        ):
+            mine.subtract(theirs)
+        smtp.refusals.subtract(old.refusals)
+        out.delivery = {k: v - base.delivery.get(k, 0) for k, v in self.delivery.items()}
+        return out
 
 
 def own_figures(relay: Any) -> NodeFigures:
@@ -92,7 +129,7 @@ def _encode(figures: NodeFigures) -> bytes:
     ).encode()
 
 
-def _decode(raw: bytes) -> tuple[float, NodeFigures]:
+def _decode(raw: bytes) -> tuple[float, int, NodeFigures]:
     data = json.loads(raw)
     figures = NodeFigures(
         smtp=SmtpCounters.from_snapshot(data.get("smtp", {})),
@@ -101,13 +138,69 @@ def _decode(raw: bytes) -> tuple[float, NodeFigures]:
         in_flight=int(data.get("in_flight", 0)),
         data_in_memory=int(data.get("data_in_memory", 0)),
     )
-    return float(data.get("written", 0.0)), figures
+    return float(data.get("written", 0.0)), int(data.get("pid", 0)), figures
 
 
 def _write(path: Path, raw: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(raw)
     os.replace(tmp, path)  # a reader sees the old snapshot or the new one, never half of one
+
+
+def clear_snapshots(data_dir: Path) -> None:
+    """Remove the snapshots of a previous run (the supervisor, before it starts any worker)."""
+    for path in (Path(data_dir) / "run").glob("metrics-w*.json*"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+@dataclass
+class _Process:
+    """A worker process as worker 0 has seen it through its snapshots."""
+
+    pid: int
+    #: its figures when worker 0 started (counted before: not this run of worker 0's)
+    base: NodeFigures
+    last: NodeFigures
+
+
+class NodeSums:
+    """Worker 0's view of the other workers (see the module doc): their figures summed so that the
+    node's counters do not go down when one of them restarts. Created when worker 0 starts."""
+
+    def __init__(self, data_dir: Path, workers: int, index: int) -> None:
+        self.data_dir = Path(data_dir)
+        self.others = [i for i in range(workers) if i != index]
+        self._seen: dict[int, _Process] = {}
+        #: the counters of the earlier processes of the other workers, since worker 0 started
+        self.gone = NodeFigures()
+        for other, (_written, pid, figures) in self._read().items():
+            self._seen[other] = _Process(pid, figures, figures)
+
+    def _read(self) -> dict[int, tuple[float, int, NodeFigures]]:
+        found = {}
+        for other in self.others:
+            path = snapshot_path(self.data_dir, other)
+            try:
+                found[other] = _decode(path.read_bytes())
+            except FileNotFoundError:
+                continue  # that worker has not written yet
+            except (OSError, ValueError, TypeError) as exc:
+                log.warning("cannot read the metrics of worker %d from %s: %s", other, path, exc)
+        return found
+
+    def add_to(self, total: NodeFigures) -> None:
+        now = time.time()
+        for other, (written, pid, figures) in self._read().items():
+            seen = self._seen.get(other)
+            if seen is not None and seen.pid != pid:  # restarted: keep what it had counted
+                self.gone.add(seen.last.counters_since(seen.base), gauges=False)
+                seen = None
+            if seen is None:
+                seen = self._seen[other] = _Process(pid, NodeFigures(), figures)
+            seen.last = figures
+            total.add(figures.counters_since(seen.base), gauges=now - written < STALE_AFTER)
+        total.add(self.gone, gauges=False)
 
 
 def node_figures(relay: Any) -> NodeFigures:
@@ -118,19 +211,11 @@ def node_figures(relay: Any) -> NodeFigures:
     index = getattr(relay, "worker_index", None)
     if index is None or config.server.workers <= 1:
         return total
-    now = time.time()
-    for other in range(config.server.workers):
-        if other == index:
-            continue
-        path = snapshot_path(config.server.data_dir, other)
-        try:
-            written, figures = _decode(path.read_bytes())
-        except FileNotFoundError:
-            continue  # that worker has not written yet
-        except (OSError, ValueError, TypeError) as exc:
-            log.warning("cannot read the metrics of worker %d from %s: %s", other, path, exc)
-            continue
-        total.add(figures, gauges=now - written < STALE_AFTER)
+    sums = getattr(relay, "node_sums", None)
+    if sums is None:  # not made at start (a test's relay): from now on
+        sums = NodeSums(config.server.data_dir, config.server.workers, index)
+        relay.node_sums = sums
+    sums.add_to(total)
     return total
 
 

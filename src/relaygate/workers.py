@@ -50,6 +50,7 @@ from typing import Any
 from relaygate.config import Config, ConfigError, load_config
 from relaygate.smtp.shared_rates import RATE_TABLE_ENV, table_path
 from relaygate.smtp.shared_rates import create as create_rate_table
+from relaygate.worker_stats import clear_snapshots
 
 __all__ = ["PINNED_QUEUE_ENV", "Supervisor", "pinned_queue", "worker_ready"]
 
@@ -135,6 +136,8 @@ class Supervisor:
         """Start, serve until asked to stop, stop. Returns the process exit status."""
         self._release_stale_leases()
         self._create_rate_table()
+        # /metrics sums this run's workers only (relaygate.worker_stats)
+        clear_snapshots(Path(self.config.server.data_dir))
         old = self._install_signals()
         try:
             for w in self.workers:

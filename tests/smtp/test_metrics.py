@@ -5,7 +5,9 @@ a real SMTP sink, the metrics read over HTTP."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import smtplib
 import time
 from typing import Any
@@ -133,3 +135,96 @@ def test_the_workers_figures_are_summed(relay: Any, workers: int) -> None:
         assert 0 < snapshot["smtp"]["messages"][name] < sent
     finally:
         sink.controller.stop()
+
+
+def test_a_worker_restart_does_not_take_its_counts_out_of_the_sums(relay: Any) -> None:
+    """A worker killed and restarted by the supervisor starts counting from zero. The node's
+    counters must not go down then: Prometheus reads a drop as a reset and counts the whole new
+    value (the other workers' totals since the start) as an increase, a spike that never
+    happened."""
+    sink = Sink()
+    sink.controller.start()
+    try:
+        node = relay(
+            [relay_connector(["127.0.0.0/24"])],
+            mode="process",
+            server={"workers": 2},
+            start=False,
+        )
+        with_admin_and_sink(node, sink)
+        sent = 0
+        for source in [f"127.0.0.{i}" for i in range(5, 13)]:
+            with node.smtp(source=source) as client:
+                client.sendmail("scanner@corp.example", ["a@example.net"], b"Subject: m\r\n\r\nx")
+                sent += 1
+        name = "SMTP Relay Internal"
+        snapshot_path = node.data_dir / "run" / "metrics-w1.json"
+        deadline = time.monotonic() + 20
+        while True:  # worker 1's snapshot holds what it received
+            text = scrape(node)
+            if metric(text, "relaygate_smtp_messages_received_total", connector=name) == sent:
+                break
+            assert time.monotonic() < deadline, text
+            time.sleep(0.2)
+        old = json.loads(snapshot_path.read_text())
+        assert old["smtp"]["messages"][name] > 0
+        os.kill(old["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while json.loads(snapshot_path.read_text())["pid"] == old["pid"]:  # its successor wrote
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        text = scrape(node)
+        assert metric(text, "relaygate_smtp_messages_received_total", connector=name) == sent
+        assert metric(text, "relaygate_smtp_sessions_admitted_total", connector=name) == 8
+    finally:
+        sink.controller.stop()
+
+
+def test_a_node_restart_does_not_count_the_previous_runs_snapshots(relay: Any) -> None:
+    """The snapshots of a previous run are gone when the node starts again: their figures are
+    not this run's (read by worker 0 until the new worker 1 replaces them, or added for good)."""
+    node = relay(
+        [relay_connector(["127.0.0.0/24"])],
+        mode="process",
+        server={"workers": 2},
+        start=False,
+    )
+    node.doc["admin"]["enabled"] = True
+    node.config_path.write_text(tomlkit.dumps(node.doc), encoding="utf-8")
+    run = node.data_dir / "run"
+    run.mkdir(parents=True)
+    stale = {"written": time.time(), "pid": 1, "smtp": {"messages": {"Old": 1000}}}
+    for i in (1, 2):  # worker 2: a previous run had more workers
+        (run / f"metrics-w{i}.json").write_text(json.dumps(stale))
+    node.config = load_config(node.config_path)
+    node.start()
+    assert not (run / "metrics-w2.json").exists()
+    assert metric(scrape(node), "relaygate_smtp_messages_received_total", connector="Old") is None
+
+
+def test_worker_0_restarted_counts_the_others_from_its_start(tmp_path: Any) -> None:
+    """A restarted worker 0 starts the node's counters from zero (a clean reset for Prometheus):
+    the others' figures made before it started are not counted; what they count after is, and
+    survives their own restarts."""
+    from relaygate.worker_stats import NodeFigures, NodeSums, snapshot_path
+
+    def write(pid: int, messages: int) -> None:
+        path = snapshot_path(tmp_path, 1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"written": time.time(), "pid": pid, "smtp": {"messages": {"C": messages}}}
+        path.write_text(json.dumps(data))
+
+    def total(sums: NodeSums) -> int:
+        figures = NodeFigures()
+        sums.add_to(figures)
+        return figures.smtp.messages["C"]
+
+    write(pid=100, messages=50)  # worker 1 ran before this worker 0
+    sums = NodeSums(tmp_path, 2, 0)
+    assert total(sums) == 0
+    write(pid=100, messages=53)
+    assert total(sums) == 3
+    write(pid=101, messages=1)  # worker 1 restarted
+    assert total(sums) == 4
+    write(pid=101, messages=2)
+    assert total(sums) == 5
