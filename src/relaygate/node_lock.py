@@ -108,10 +108,15 @@ class NodeLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
-            if not (
-                holder.isdigit() and not _alive(int(holder)) and self._wait_orphans(fd, holder)
-            ):
+            orphans = holder.isdigit() and not _alive(int(holder))
+            if not (orphans and self._wait_orphans(fd, holder)):
                 os.close(fd)
+                if orphans:
+                    raise NodeLockError(
+                        f"the workers of relaygate serve pid {holder}, which is gone, still run "
+                        f"with data_dir {str(self.path.parent)!r} after {ORPHAN_WAIT:g} s; stop "
+                        f"them first (relaygate serve --worker-index ...)"
+                    ) from None
                 raise NodeLockError(
                     f"another relaygate serve (pid {holder}) is running with data_dir "
                     f"{str(self.path.parent)!r}; stop it first, or give this node its own "

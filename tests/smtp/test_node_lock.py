@@ -201,3 +201,35 @@ def test_a_data_dir_that_cannot_hold_the_lock_file_is_named(tmp_path: Path) -> N
     (tmp_path / "file").write_text("")
     with pytest.raises(NodeLockError, match=r"cannot open the node lock file .*server\.data_dir"):
         NodeLock(tmp_path / "file" / "data", "RELAY01").acquire()
+
+
+def test_workers_of_a_gone_supervisor_that_do_not_stop_are_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock held past ORPHAN_WAIT by the workers of a supervisor that is gone: the error says
+    so, not that the dead pid is running."""
+    from relaygate import node_lock
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'999999999\\n'); print(flush=True); "
+            "time.sleep(60)",
+            str(tmp_path / LOCK_FILE),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None
+        holder.stdout.readline()
+        monkeypatch.setattr(node_lock, "ORPHAN_WAIT", 0.5)
+        with pytest.raises(NodeLockError, match=r"the workers of relaygate serve pid 999999999"):
+            NodeLock(tmp_path, "RELAY01").acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    again = NodeLock(tmp_path, "RELAY01")
+    again.acquire()  # they are gone: taken
+    again.release()
