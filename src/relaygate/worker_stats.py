@@ -191,7 +191,8 @@ class NodeSums:
 
     def add_to(self, total: NodeFigures) -> None:
         now = time.time()
-        for other, (written, pid, figures) in self._read().items():
+        found = self._read()
+        for other, (written, pid, figures) in found.items():
             seen = self._seen.get(other)
             if seen is not None and seen.pid != pid:  # restarted: keep what it had counted
                 self.gone.add(seen.last.counters_since(seen.base), gauges=False)
@@ -200,6 +201,9 @@ class NodeSums:
                 seen = self._seen[other] = _Process(pid, NodeFigures(), figures)
             seen.last = figures
             total.add(figures.counters_since(seen.base), gauges=now - written < STALE_AFTER)
+        for other, seen in self._seen.items():  # a snapshot removed or unreadable: its last
+            if other not in found:
+                total.add(seen.last.counters_since(seen.base), gauges=False)
         total.add(self.gone, gauges=False)
 
 

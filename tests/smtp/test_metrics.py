@@ -228,3 +228,7 @@ def test_worker_0_restarted_counts_the_others_from_its_start(tmp_path: Any) -> N
     assert total(sums) == 4
     write(pid=101, messages=2)
     assert total(sums) == 5
+    snapshot_path(tmp_path, 1).write_text("{")  # unreadable (or removed): its last figures
+    assert total(sums) == 5
+    snapshot_path(tmp_path, 1).unlink()
+    assert total(sums) == 5
