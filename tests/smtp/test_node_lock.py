@@ -162,6 +162,7 @@ def test_a_restart_waits_for_the_workers_of_a_killed_supervisor(relay: Any) -> N
         for pid in workers:
             os.kill(pid, signal.SIGKILL)
         assert second.stdout is not None
+        assert select.select([second.stdout], [], [], 60)[0], "the second serve did not start"
         line = second.stdout.readline()
         assert line.startswith("RelayGate ready"), line
     finally:
