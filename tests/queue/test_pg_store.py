@@ -19,6 +19,7 @@ import psycopg
 import pytest
 
 from relaygate.queue import model as model_mod
+from relaygate.queue import pg_store as pg_store_mod
 from relaygate.queue.model import Envelope, RecipientState, RecipientStatus, SendLimit, SendWait
 from relaygate.queue.pg_store import PostgresStore
 from relaygate.queue.store import CorruptMessageError, StoreError
@@ -272,23 +273,51 @@ async def test_a_newer_schema_is_refused(postgres_url: str) -> None:
         conn.execute("UPDATE relaygate_schema SET version = 99")
     with pytest.raises(StoreError, match="schema version 99 is newer than this RelayGate"):
         await PostgresStore(postgres_url).open()
+    assert schema_numbers(postgres_url) == (99, pg_store_mod.SCHEMA_LAYOUT)
 
 
-async def test_a_version_1_queue_is_upgraded_in_place(postgres_url: str) -> None:
-    """A queue of the release before send budgets: its messages stay, send_log is added."""
+def schema_numbers(url: str) -> tuple[int, int]:
+    """relaygate_schema's one row: (version, every release checks it; layout)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute("SELECT version, layout FROM relaygate_schema").fetchall()
+    assert len(rows) == 1, rows
+    return rows[0][0], rows[0][1]
+
+
+async def test_a_queue_of_the_previous_release_is_upgraded_in_place(postgres_url: str) -> None:
+    """A queue of the release before send budgets (version 1, no send_log, no layout column):
+    its messages stay, send_log is added, and its version stays 1, so nodes of that release can
+    still open it (send_log is additive: only the layout goes to 2; test_schema_compat.py runs
+    that release)."""
     async with PostgresStore(postgres_url) as store:
         qid = await store.submit(env("a@x.example"), b"kept")
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         conn.execute("DROP TABLE send_log")
+        conn.execute("ALTER TABLE relaygate_schema DROP COLUMN layout")
         conn.execute("UPDATE relaygate_schema SET version = 1")
     async with PostgresStore(postgres_url) as store:
         assert await store.read_data(qid) == b"kept"
         limit = [SendLimit(60.0, max_messages=1)]
         assert await store.reserve_send("m365", 1000.0, 1, limit) is None
         assert await store.reserve_send("m365", 1001.0, 1, limit) == SendWait(1060.0, limit[0])
+    assert schema_numbers(postgres_url) == (1, 2)
+    async with PostgresStore(postgres_url) as store:  # again, with the table there
+        assert await store.reserve_send("m365", 1002.0, 1, limit) == SendWait(1060.0, limit[0])
+    assert schema_numbers(postgres_url) == (1, 2)
+
+
+async def test_a_newer_additive_layout_is_used_as_it_is(postgres_url: str) -> None:
+    """A later release's additive change (a table this one does not know, layout above
+    SCHEMA_LAYOUT, the same version) does not lock this release out, and is not undone."""
+    async with PostgresStore(postgres_url):
+        pass
     with psycopg.connect(postgres_url, autocommit=True) as conn:
-        row = conn.execute("SELECT version FROM relaygate_schema").fetchone()
-    assert row is not None and row[0] == 2
+        conn.execute("CREATE TABLE later (x integer)")
+        conn.execute("UPDATE relaygate_schema SET layout = 99")
+    async with PostgresStore(postgres_url) as store:
+        qid = await store.submit(env(), b"later")
+        assert await store.read_data(qid) == b"later"
+    assert schema_numbers(postgres_url) == (pg_store_mod.SCHEMA_VERSION, 99)
 
 
 async def test_an_unreachable_database_is_named_without_its_password() -> None:

@@ -29,6 +29,7 @@ from relaygate.queue.sqlite_store import SqliteStore
 from relaygate.queue.store import (
     CorruptMessageError,
     Store,
+    StoreError,
     StoreFullError,
     StoreOutcomeUnknownError,
     open_store,
@@ -540,23 +541,61 @@ async def test_a_version_1_queue_is_upgraded_in_place(db_path: Path) -> None:
     async with SqliteStore(db_path) as s:
         qid = await s.submit(env(), b"v" * 100_000)
         assert await s.read_data(qid) == b"v" * 100_000
+    assert schema_numbers(db_path) == (2, 3)
+
+
+def schema_numbers(db_path: Path) -> tuple[int, int]:
+    """(PRAGMA user_version: the version every release checks, relaygate_schema.layout)."""
     conn = sqlite3.connect(db_path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == sqlite_store.SCHEMA_VERSION
-    conn.close()
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        (layout,) = conn.execute("SELECT layout FROM relaygate_schema").fetchall()
+        return version, layout[0]
+    finally:
+        conn.close()
 
 
-async def test_a_version_2_queue_is_upgraded_in_place(db_path: Path) -> None:
-    """A queue of the release before send budgets: its messages stay, send_log is added."""
+async def test_a_queue_of_the_previous_release_is_upgraded_in_place(db_path: Path) -> None:
+    """A queue of the release before send budgets (version 2, no send_log, no layout): its
+    messages stay, send_log is added, and its version stays 2, so that release can still open it
+    (send_log is additive: only the layout goes to 3; test_schema_compat.py runs that release)."""
     async with SqliteStore(db_path) as s:
         qid = await s.submit(env("a@x.example"), b"kept")
     conn = sqlite3.connect(db_path)
-    conn.executescript("DROP TABLE send_log; PRAGMA user_version = 2;")
+    conn.executescript("DROP TABLE send_log; DROP TABLE relaygate_schema; PRAGMA user_version = 2;")
     conn.close()
     async with SqliteStore(db_path) as s:
         assert await s.read_data(qid) == b"kept"
         limit = [SendLimit(60.0, max_messages=1)]
         assert await s.reserve_send("m365", 1000.0, 1, limit) is None
         assert await s.reserve_send("m365", 1001.0, 1, limit) == SendWait(1060.0, limit[0])
+    assert schema_numbers(db_path) == (2, 3)
+    async with SqliteStore(db_path) as s:  # again, with the table there: nothing changes
+        assert await s.reserve_send("m365", 1002.0, 1, limit) == SendWait(1060.0, limit[0])
+    assert schema_numbers(db_path) == (2, 3)
+
+
+async def test_a_newer_additive_layout_is_used_as_it_is(db_path: Path) -> None:
+    """A later release's additive change (a table this one does not know, layout above
+    SCHEMA_LAYOUT, the same version) does not lock this release out, and is not undone."""
+    async with SqliteStore(db_path):
+        pass
     conn = sqlite3.connect(db_path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+    conn.executescript("CREATE TABLE later (x INTEGER); UPDATE relaygate_schema SET layout = 99;")
     conn.close()
+    async with SqliteStore(db_path) as s:
+        qid = await s.submit(env(), b"later")
+        assert await s.read_data(qid) == b"later"
+    assert schema_numbers(db_path) == (sqlite_store.SCHEMA_VERSION, 99)
+
+
+async def test_a_newer_version_is_refused(db_path: Path) -> None:
+    """A later release's change this one cannot tolerate bumps the version: refused at open."""
+    async with SqliteStore(db_path):
+        pass
+    conn = sqlite3.connect(db_path)
+    conn.executescript("PRAGMA user_version = 99;")
+    conn.close()
+    with pytest.raises(StoreError, match="schema version 99 is newer than this RelayGate"):
+        await SqliteStore(db_path).open()
+    assert schema_numbers(db_path) == (99, sqlite_store.SCHEMA_LAYOUT)

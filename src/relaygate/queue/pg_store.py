@@ -18,6 +18,21 @@ The same ``Store`` contract as SQLite (store.py), the same tables and derived co
   serialization failure all the same (PostgreSQL aborts the whole transaction) is retried.
 * An error from COMMIT itself (the connection lost while committing) is "outcome unknown", as
   in SQLite: the transaction may have committed on the server.
+
+Schema versions: two numbers in the one row of ``relaygate_schema``, the same rule as SQLite's
+(sqlite_store.py), so that nodes of two releases can share one queue (a rolling upgrade, or one
+node rolled back):
+* ``version`` (``SCHEMA_VERSION``) is the one every release checks at open, since the first: a
+  release refuses a queue whose version is above its own. It is "the oldest release that can use
+  this queue", so bump it ONLY for a change older code cannot tolerate: a column it does not
+  fill but newer code needs filled, a table or column it uses dropped or renamed, a meaning
+  changed, a table newer code relies on being kept in step with the messages by every writer.
+  A queue's version is raised to this release's at open, never lowered.
+* ``layout`` (``SCHEMA_LAYOUT``) is the full layout: bump it for EVERY change, additive ones
+  included (a table or index only newer code uses, a column older code's writes leave correct).
+  Additive objects are created idempotently (IF NOT EXISTS) at every open, so a queue of any older
+  layout is upgraded in place, and one of a newer layout (a newer release's additive change) is
+  used as it is; its layout is never lowered.
 """
 
 from __future__ import annotations
@@ -76,7 +91,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Conn = psycopg.AsyncConnection[Any]
 
-SCHEMA_VERSION = 2  # 2: send_log (send connectors' pacing limits)
+#: relaygate_schema.version, checked at open by every release (see "Schema versions" above). Not
+#: 2: development builds of send_log (a952ede until this rule) wrote 2, so the next bump is to 3.
+SCHEMA_VERSION = 1
+#: relaygate_schema.layout: 1 (what version 1 meant before the split), 2: send_log (send
+#: connectors' pacing limits; additive: a release without it simply does not pace).
+SCHEMA_LAYOUT = 2
 #: Any fixed number: taken with pg_advisory_xact_lock while the schema is created, so that nodes
 #: starting together do not race on CREATE TABLE IF NOT EXISTS (which is not concurrency-safe).
 _SCHEMA_LOCK = 0x52_47_51_31  # "RGQ1"
@@ -84,8 +104,15 @@ _SCHEMA_LOCK = 0x52_47_51_31  # "RGQ1"
 #: (the second: hashtext of the budget's key). Two-key locks never collide with _SCHEMA_LOCK.
 _SEND_BUDGET_LOCK = 0x52_47_53_42  # "RGSB"
 
-_SCHEMA = """
+#: Created (or completed: a queue of layout 1 has no layout column) before the version is checked.
+_SCHEMA_TABLE = """
 CREATE TABLE IF NOT EXISTS relaygate_schema (version integer NOT NULL);
+ALTER TABLE relaygate_schema ADD COLUMN IF NOT EXISTS layout integer
+"""
+
+#: Every table and index of SCHEMA_LAYOUT, idempotent: run at every open of a queue whose version
+#: this release accepts.
+_SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     queue_id       text PRIMARY KEY,
     sender         text NOT NULL,
@@ -427,25 +454,33 @@ class PostgresStore(Store):
 
     async def _init_schema(self, conn: Conn) -> str | None:
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-        for statement in _SCHEMA.split(";"):  # one at a time: pipeline mode takes one each
+        for statement in _SCHEMA_TABLE.split(";"):  # one at a time: pipeline mode takes one each
             if statement.strip():
                 await conn.execute(statement)
-        cur = await conn.execute("SELECT max(version) FROM relaygate_schema")
+        cur = await conn.execute("SELECT max(version), max(layout) FROM relaygate_schema")
         row = await cur.fetchone()
-        version = row[0] if row else None
-        if version is None:
-            await conn.execute(
-                "INSERT INTO relaygate_schema (version) VALUES (%s)", (SCHEMA_VERSION,)
-            )
-        elif version > SCHEMA_VERSION:
+        version, layout = (row[0], row[1]) if row else (None, None)
+        if version is not None and version > SCHEMA_VERSION:
             raise StoreError(
                 f"queue database {redact_url(self.url)}: schema version {version} is newer "
                 f"than this RelayGate ({SCHEMA_VERSION})"
             )
-        elif version < SCHEMA_VERSION:
-            # An older queue, upgraded in place: what it lacks was created just above (1 → 2:
-            # the send_log table and its index).
-            await conn.execute("UPDATE relaygate_schema SET version = %s", (SCHEMA_VERSION,))
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                await conn.execute(statement)
+        if version is None:
+            await conn.execute(
+                "INSERT INTO relaygate_schema (version, layout) VALUES (%s, %s)",
+                (SCHEMA_VERSION, SCHEMA_LAYOUT),
+            )
+        elif version < SCHEMA_VERSION or layout is None or layout < SCHEMA_LAYOUT:
+            # An older queue, upgraded in place: what it lacks was created just above (layout
+            # 1 → 2: the send_log table and its index). A newer layout stays as it is.
+            await conn.execute(
+                "UPDATE relaygate_schema SET version = greatest(version, %s), "
+                "layout = greatest(layout, %s)",
+                (SCHEMA_VERSION, SCHEMA_LAYOUT),
+            )
         cur = await conn.execute("SELECT max(queue_id) FROM messages")
         row = await cur.fetchone()
         return row[0] if row else None

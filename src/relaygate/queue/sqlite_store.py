@@ -20,6 +20,20 @@ Schema: ``messages`` (envelope, flags, lease and a few derived columns kept up t
 writer: ``status``, ``next_due``, ``open_rcpts``, ``completed_at``), ``recipients`` (one row per
 recipient, so a per-recipient update is one small row write) and ``message_data`` (the bytes plus a
 SHA-256 checked on every read).
+
+Schema versions: two numbers, the same rule as PostgreSQL's (pg_store.py), so that a node can be
+rolled back to the previous release (and, with PostgreSQL, a cluster upgraded one node at a time):
+* ``PRAGMA user_version`` (``SCHEMA_VERSION``) is the one every release checks at open, since the
+  first: a release refuses a queue whose version is above its own. It is "the oldest release that
+  can use this queue", so bump it ONLY for a change older code cannot tolerate: a column it does
+  not fill but newer code needs filled, a table or column it uses dropped or renamed, a meaning
+  changed, a table newer code relies on being kept in step with the messages by every writer.
+  A queue's version is raised to this release's at open, never lowered.
+* ``relaygate_schema.layout`` (``SCHEMA_LAYOUT``) is the full layout: bump it for EVERY change,
+  additive ones included (a table or index only newer code uses, a column older code's writes
+  leave correct). Additive objects are created idempotently (IF NOT EXISTS) at every open, so a
+  queue of any older layout is upgraded in place, and one of a newer layout (a newer release's
+  additive change) is used as it is; its layout is never lowered.
 """
 
 from __future__ import annotations
@@ -85,7 +99,13 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3  # 2: message_data.spool (big messages in spool files); 3: send_log (pacing)
+#: PRAGMA user_version, checked at open by every release (see "Schema versions" above): 2:
+#: message_data.spool (big messages in spool files). Not 3: development builds of send_log
+#: (a952ede until this rule) wrote 3, so the next bump is to 4.
+SCHEMA_VERSION = 2
+#: relaygate_schema.layout: 1 and 2 as the versions above, 3: send_log (send connectors' pacing
+#: limits; additive: a release without it simply does not pace).
+SCHEMA_LAYOUT = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -138,6 +158,8 @@ CREATE TABLE IF NOT EXISTS send_log (
     recipients INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS send_log_key_at ON send_log (key, at);
+-- one row: the layout (SCHEMA_LAYOUT), the version every release checks is PRAGMA user_version
+CREATE TABLE IF NOT EXISTS relaygate_schema (layout INTEGER NOT NULL);
 """
 
 _MSG_COLS = MESSAGE_COLUMNS
@@ -434,21 +456,29 @@ class SqliteStore(Store):
         return conn
 
     def _init_schema(self, conn: sqlite3.Connection) -> None:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path}: queue schema version {version} is newer than this RelayGate "
-                f"({SCHEMA_VERSION})"
-            )
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("BEGIN IMMEDIATE")  # the version read and set under the write lock (workers)
         try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path}: queue schema version {version} is newer than this RelayGate "
+                    f"({SCHEMA_VERSION})"
+                )
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
                     conn.execute(stmt)
             columns = {row[1] for row in conn.execute("PRAGMA table_info(message_data)")}
             if "spool" not in columns:  # a version 1 queue: every message is still inline
                 conn.execute("ALTER TABLE message_data ADD COLUMN spool TEXT")
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            # An older layout was upgraded just above (3: the send_log table and its index);
+            # a newer one stays as it is.
+            layout = conn.execute("SELECT max(layout) FROM relaygate_schema").fetchone()[0]
+            if layout is None:
+                conn.execute("INSERT INTO relaygate_schema (layout) VALUES (?)", (SCHEMA_LAYOUT,))
+            elif layout < SCHEMA_LAYOUT:
+                conn.execute("UPDATE relaygate_schema SET layout = ?", (SCHEMA_LAYOUT,))
+            if version < SCHEMA_VERSION:
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
