@@ -5,6 +5,7 @@ aiosmtpd sinks on loopback as smart hosts, DKIM verified over what a sink receiv
 from __future__ import annotations
 
 import asyncio
+from email.utils import getaddresses
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,28 @@ def test_rewrite_keeps_an_existing_reply_to_and_replaces_sender() -> None:
 def test_a_message_without_a_readable_from_is_left_as_written() -> None:
     for message in (b"Subject: none\r\n\r\nbody\r\n", b"From: nobody\r\n\r\nbody\r\n"):
         assert rewrite_headers(message, MAILBOX) == message
+
+
+def from_mailboxes(content: bytes) -> list[tuple[str, str]]:
+    """The From field's mailboxes as a mail reader parses them (unfolded)."""
+    (value,) = header(content.replace(b"\r\n ", b" ").replace(b"\r\n\t", b"\t"), b"From")
+    return getaddresses([value.decode("utf-8", "replace")])
+
+
+@pytest.mark.parametrize(
+    "display",
+    [
+        b'"=?x?q?<evil@attacker.example>,?="',  # specials inside what looks like an encoded-word
+        b'"=?utf-8?q?a?= , <evil@attacker.example>"',
+        b'"=?utf-8?b?YQ==?=;evil@attacker.example"',
+        b'"=?utf-8?q?a:b?="',
+    ],
+)
+def test_a_display_name_never_becomes_another_mailbox_in_the_new_from(display: bytes) -> None:
+    # A quoted display name that only looks like encoded-words was written unquoted, and its
+    # comma, angle brackets or semicolon made the From read as two mailboxes (one of the
+    # writer's choosing).
+    out = rewrite_headers(b"From: " + display + b" <scan@corp.example>\r\n\r\nbody\r\n", MAILBOX)
+    mailboxes = from_mailboxes(out)
+    assert len(mailboxes) == 1
+    assert mailboxes[0][1] == MAILBOX

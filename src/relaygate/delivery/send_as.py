@@ -31,7 +31,14 @@ _FIELD = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.IGNORECASE)
 # A display name safe to write as a quoted-string: printable ASCII or UTF-8 text without quotes,
 # backslashes or controls (anything else is dropped from the name, never passed through raw).
 _UNSAFE_NAME = re.compile(r'["\\\x00-\x1f\x7f]')
-_ENCODED_WORDS = re.compile(r"(?:=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=\s*)+")
+# RFC 2047 encoded-words as a phrase may hold them (§5 (3)): a charset token, then B's base64
+# alphabet or Q's letters, digits and "!*+-/=_" only. Anything looser (a comma, "<", ">", ";",
+# ":" or "@" between "=?" and "?=") would be read as structure once written unquoted: a second
+# mailbox in the new From, of the writer's choosing.
+_ENCODED_WORDS = re.compile(
+    r"(?:=\?[!#$%&'*+\-0-9A-Z^_`a-z{|}~]+\?(?:[bB]\?[A-Za-z0-9+/=]*|[qQ]\?[A-Za-z0-9!*+\-/=_]*)"
+    r"\?=(?:[ \t]+|$))+"
+)
 
 
 def _fields(header: bytes) -> list[bytes]:
