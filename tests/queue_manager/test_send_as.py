@@ -182,3 +182,51 @@ def test_a_display_name_never_becomes_another_mailbox_in_the_new_from(display: b
     mailboxes = from_mailboxes(out)
     assert len(mailboxes) == 1
     assert mailboxes[0][1] == MAILBOX
+
+
+def test_a_long_display_name_is_folded_into_lines_of_at_most_998_octets() -> None:
+    # Folded over several lines in the original, one line of 1,600 octets once unfolded.
+    words = [b"Scanner%03d" % i for i in range(150)]
+    name = b"\r\n ".join(b" ".join(words[i : i + 10]) for i in range(0, 150, 10))
+    one_word = b'"' + b"x" * 990 + b"\r\n " + b"y" * 500 + b'"'  # no space to fold at
+    for display in (name, one_word):
+        head = b"From: " + display + b" <scan@corp.example>\r\n"
+        out = rewrite_headers(head + b"Subject: s\r\n\r\nbody\r\n", MAILBOX)
+        assert max(len(line) for line in out.split(b"\r\n")) <= 998
+        assert from_mailboxes(out)[0][1] == MAILBOX
+    out = rewrite_headers(b"From: " + name + b" <scan@corp.example>\r\n\r\nbody\r\n", MAILBOX)
+    assert from_mailboxes(out) == [(" ".join(w.decode() for w in words), MAILBOX)]
+    # A From line of 998 octets: its Reply-To ("Reply-To: " is longer than "From: ") fits too.
+    local = b"s" * 60
+    address = b" <" + local + b"@corp.example>"
+    long_from = b"From: " + b"n" * (998 - 6 - len(address)) + address
+    assert len(long_from) == 998
+    out = rewrite_headers(long_from + b"\r\n\r\nbody\r\n", MAILBOX)
+    assert max(len(line) for line in out.split(b"\r\n")) <= 998
+
+
+async def test_a_long_display_name_still_verifies_after_the_rewrite(tmp_path: Path) -> None:
+    # The rewritten From was one line over 998 octets: signed as it was, then folded by the
+    # delivery client (wire.prepare_data), and the signature over From failed (DMARC fails).
+    pem, record = generate_key("rsa-sha256")
+    (tmp_path / "corp.key").write_bytes(pem)
+    extra = (
+        f'\n[[dkim]]\ndomain = "corp.test"\nselector = "s1"\nkey_file = "{tmp_path / "corp.key"}"\n'
+    )
+    m365 = ScriptedHandler()
+    b = await start_sink(m365)
+    extra = send_connector_text("To M365", "m365.test", b.port, f'send_as = "{MAILBOX}"') + extra
+    relay = await start_relay(tmp_path / "data", {"*": b.port}, extra=extra)
+    words = " ".join(f"Scanner{i:03d}" for i in range(150)).encode()
+    name = b"\r\n ".join(words[i : i + 100] for i in range(0, len(words), 100))
+    message = b"From: " + name + b" <scanner@senders.test>\r\nSubject: long\r\n\r\npage 1\r\n"
+    try:
+        code, _ = await send(relay, "scanner@senders.test", ["alice@m365.test"], message)
+        assert code == 250
+        await wait_for(lambda: m365.messages)
+        sent = m365.messages[0]["content"]
+        assert from_mailboxes(sent)[0][1] == MAILBOX
+        assert dkim.verify(sent, dnsfunc=lambda name, timeout=5: record.encode())
+    finally:
+        await relay.stop()
+        await b.close()

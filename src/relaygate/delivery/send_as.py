@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from email.utils import getaddresses
 
+from relaygate.delivery.wire import MAX_LINE_OCTETS
 from relaygate.header_section import header_end
 
 __all__ = ["rewrite_headers"]
@@ -30,6 +31,11 @@ __all__ = ["rewrite_headers"]
 _FIELD = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.IGNORECASE)
 # A display name safe to write as a quoted-string: printable ASCII or UTF-8 text without quotes,
 # backslashes or controls (anything else is dropped from the name, never passed through raw).
+# A written From/Sender is folded at its spaces past this many octets (RFC 5322's 78), and a
+# display name with a word longer than _MAX_NAME_OCTETS is cut there: every line then fits in
+# 998 octets, with any address.
+_FOLD_AT = 78
+_MAX_NAME_OCTETS = 640
 _UNSAFE_NAME = re.compile(r'["\\\x00-\x1f\x7f]')
 # RFC 2047 encoded-words as a phrase may hold them (§5 (3)): a charset token, then B's base64
 # alphabet or Q's letters, digits and "!*+-/=_" only. Anything looser (a comma, "<", ">", ";",
@@ -67,15 +73,37 @@ def _mailbox(field: bytes) -> tuple[str, str] | None:
     return found[0]
 
 
+def _folded(line: bytes) -> bytes:
+    """``line`` (no CRLF) folded at its spaces into lines of at most _FOLD_AT octets where a
+    word allows it, and CRLF-ended. A written field is signed as it is here: the delivery client
+    would otherwise fold a line over 998 octets anywhere, after the signature (DKIM fails)."""
+    if len(line) <= _FOLD_AT:
+        return line + b"\r\n"
+    out: list[bytes] = []
+    name, first, *words = line.split(b" ")
+    current = name + b" " + first  # never a line of the field name alone
+    for word in words:
+        if len(current) + 1 + len(word) > _FOLD_AT:
+            out.append(current)
+            current = word
+        else:
+            current += b" " + word
+    out.append(current)
+    return b"\r\n ".join(out) + b"\r\n"
+
+
 def _field(name: str, display: str, address: str) -> bytes:
     display = _UNSAFE_NAME.sub("", display).strip()
+    # a name longer than a line can hold (no space to fold at) is cut, never split by the client
+    if display and max(map(len, display.encode().split(b" "))) > _MAX_NAME_OCTETS:
+        display = display.encode()[:_MAX_NAME_OCTETS].decode("utf-8", "ignore").strip()
     if not display:
         value = f"<{address}>"
     elif _ENCODED_WORDS.fullmatch(display):
         value = f"{display} <{address}>"  # RFC 2047: an encoded-word is never quoted
     else:
         value = f'"{display}" <{address}>'
-    return f"{name}: {value}\r\n".encode()
+    return _folded(f"{name}: {value}".encode())
 
 
 def rewrite_headers(prepared: bytes, send_as: str) -> bytes:
@@ -101,5 +129,8 @@ def rewrite_headers(prepared: bytes, send_as: str) -> bytes:
         else:
             out.append(field)
     if b"reply-to" not in names and original_from is not None:
-        out.append(b"Reply-To: " + original_from + b"\r\n")
+        # Its first line was "From: ..." (at most 998 octets): "Reply-To: " is 4 octets longer.
+        first = original_from.split(b"\r\n", 1)[0]
+        fold = b"\r\n " if len(b"Reply-To: " + first) > MAX_LINE_OCTETS else b" "
+        out.append(b"Reply-To:" + fold + original_from + b"\r\n")
     return b"".join(out) + prepared[end:]
