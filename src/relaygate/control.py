@@ -603,7 +603,9 @@ class QueueControl:
         into Suspend-Message, Resume-Message, Remove-Message [-WithNDR] or Retry-Message.
 
         A filter (``sender``, ``recipient``, ``queue`` or ``status``) is required: ``ValueError``
-        naming them without one (``after`` alone is no filter), so that nobody empties the queue
+        naming them without one (``after`` alone is no filter, nor an address pattern that
+        matches every address: ``*``, ``*@*``, as ``--from "*$DOMAIN"`` with DOMAIN unset gives),
+        so that nobody empties the queue
         by accident; ``ValueError`` naming the parameter for a bad value, as ``list_page``.
         ``dry_run``: change nothing, say what would be acted on.
 
@@ -619,10 +621,16 @@ class QueueControl:
         if action not in BULK_ACTIONS:
             raise ValueError(f"unknown action {action!r}; use one of {', '.join(BULK_ACTIONS)}")
         given = [v for v in (sender, recipient, queue, status) if v is not None and v.strip()]
-        if not given:
+        match_all = _match_all(from_=sender, to=recipient)
+        if not given or len(match_all) == len(given):
+            why = "".join(
+                f"; {name} {value!r} matches every message, which is no filter (to act on every "
+                "message of a status, give status)"
+                for name, value in match_all
+            )
             raise ValueError(
                 f"a bulk {action} needs at least one filter: "
-                f"{', '.join(BULK_FILTERS)} (to act on one message, give its identity)"
+                f"{', '.join(BULK_FILTERS)} (to act on one message, give its identity){why}"
             )
         if with_ndr and action != "remove":
             raise ValueError("with_ndr applies to remove only")
@@ -820,3 +828,20 @@ class QueueControl:
 
     async def counts(self) -> dict[str, int]:
         return await self.store.counts()
+
+
+def _match_all(**patterns: str | None) -> list[tuple[str, str]]:
+    """(parameter, value) of the address patterns given that match every address (``*``,
+    ``*@*``): ``bulk`` does not count them as a filter. A bad pattern is left to ``list_page``,
+    which names it."""
+    out: list[tuple[str, str]] = []
+    for name, value in patterns.items():
+        if value is None or not value.strip():
+            continue
+        name = name.rstrip("_")
+        try:
+            if AddressPattern.parse(value, name=name).matches_all:
+                out.append((name, value.strip()))
+        except ValueError:
+            continue
+    return out

@@ -347,6 +347,19 @@ def test_cross_origin_and_originless_posts_are_refused(node: RelayThread) -> Non
         for action in ("suspend", "remove"):
             r = node.api("POST", f"/queue/{qid}/{action}", headers=headers)
             assert r.status_code == 403, (headers, action, r.status_code)
+        bulk = {"action": "remove", "confirm": "yes", "to": "*@example.org"}
+        r = node.api("POST", "/queue/bulk", data=bulk, headers=headers)
+        assert r.status_code == 403, (headers, "bulk", r.status_code)
+    assert node.api("GET", f"/api/queue/{qid}").json()["Status"] == "Retry"
+    # a pattern that matches every address is no filter on the bulk buttons either
+    for everything in ({"from": "*"}, {"to": "*@*"}):
+        r = node.api(
+            "POST",
+            "/queue/bulk",
+            data={"action": "remove", "confirm": "yes", **everything},
+            headers={"Origin": node.url, "Host": host},
+        )
+        assert r.status_code == 400 and "matches every message" in r.text, r.text
     assert node.api("GET", f"/api/queue/{qid}").json()["Status"] == "Retry"
     # the same request from the admin centre's own origin works
     r = node.api("POST", f"/queue/{qid}/suspend", headers={"Origin": node.url, "Host": host})
@@ -371,6 +384,8 @@ def test_with_a_token_every_page_needs_a_session(tmp_path: Path) -> None:
             r = node.api("GET", path)
             assert r.status_code == 303 and r.headers["location"] == "/login", path
         assert node.api("POST", f"/queue/{qid}/suspend", headers=origin).status_code == 401
+        bulk = {"action": "remove", "confirm": "yes", "to": "*@example.org"}
+        assert node.api("POST", "/queue/bulk", data=bulk, headers=origin).status_code == 401
         wrong = node.api("POST", "/login", data={"token": "guess"}, headers=origin)
         assert wrong.status_code == 401 and "wrong token" in wrong.text
         assert node.api("POST", "/login", data={"token": token}).status_code == 403  # no Origin

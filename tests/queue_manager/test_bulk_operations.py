@@ -47,14 +47,41 @@ async def test_api_bulk_operations_need_a_filter(node: Node) -> None:
             {"from": "scan*@x"},
             {"status": "Sleeping"},
             {"queue": "OTHER\\example.com"},
-            {"from": "*", "with_ndr": "maybe"},
-            {"from": "*", "dry_run": "perhaps"},
+            {"from": "*@x", "with_ndr": "maybe"},
+            {"from": "*@x", "dry_run": "perhaps"},
         ):
             r = await client.post("/api/queue/remove", params=params)
             assert r.status_code == 400, (params, r.text)
-        r = await client.post("/api/queue/suspend", params={"from": "*", "with_ndr": "true"})
+        r = await client.post("/api/queue/suspend", params={"from": "*@x", "with_ndr": "true"})
         assert r.status_code == 400 and "remove only" in r.json()["error"]
         assert await _statuses(client) == before  # nothing changed
+
+
+async def test_a_pattern_that_matches_every_address_is_no_filter(node: Node) -> None:
+    """``from=*`` or ``to=*@*`` (say ``--from "*$DOMAIN"`` with DOMAIN unset) would act on the
+    whole queue, which the required filter is there to prevent: refused, naming the parameter;
+    with a real filter next to it, it is taken."""
+    async with httpx.AsyncClient(base_url=node.url) as client:
+        before = await _statuses(client)
+        for params in (
+            {"from": "*"},
+            {"to": "*@*"},
+            {"from": "<*>"},
+            {"to": "**", "from": "*@*"},
+        ):
+            r = await client.post("/api/queue/remove", params=params)
+            assert r.status_code == 400, (params, r.text)
+            error = r.json()["error"]
+            assert "needs at least one filter" in error, error
+            name = next(iter(params))
+            assert f"{name} {params[name]!r} matches every message" in error, error
+        assert await _statuses(client) == before  # nothing changed
+        r = await client.post(
+            "/api/queue/suspend", params={"from": "*", "status": "Retry", "dry_run": "true"}
+        )
+        assert r.status_code == 200 and r.json()["matched"] == 4, r.text
+    rc, _out, err = await cli("remove", "--from", "*", "--yes", config=node.config)
+    assert rc == 1 and "from '*' matches every message" in err, err
 
 
 async def test_api_bulk_suspend_resume_retry_and_remove_by_filter(node: Node) -> None:
@@ -139,7 +166,7 @@ async def test_api_bulk_work_is_bounded_per_request(
         done: list[str] = []
         after = None
         for _round in range(5):
-            params = {"to": "*@*", "after": after} if after else {"to": "*@*"}
+            params = {"from": "*corp.test", "after": after} if after else {"from": "*corp.test"}
             body = (await client.post("/api/queue/suspend", params=params)).json()
             done += [x.rsplit("\\", 1)[1] for x in body["identities"]]
             assert body["matched"] <= 2
@@ -151,11 +178,11 @@ async def test_api_bulk_work_is_bounded_per_request(
         assert done == i and _round == 2
         assert set((await _statuses(client)).values()) == {"Suspended"}
         # the CLI says where to go on (the server's limit is 2 here)
-        rc, out, err = await cli("resume", "--to", "*@*", "--yes", config=node.config)
+        rc, out, err = await cli("resume", "--from", "*corp.test", "--yes", config=node.config)
         assert rc == 0 and "2 of 2 message(s) resumed." in out, err
         assert f"run it again with --after {i[1]} (and the same filters)" in out
         rc, out, err = await cli(
-            "resume", "--to", "*@*", "--after", i[1], "--yes", "--json", config=node.config
+            "resume", "--from", "*corp.test", "--after", i[1], "--yes", "--json", config=node.config
         )
         assert rc == 0 and json.loads(out)["identities"] == [
             f"RELAYTEST\\{i[2]}",

@@ -57,7 +57,8 @@ now (all its unfinished recipients), except suspended ones, and answers ``{"Iden
 Bulk operations (``POST /api/queue/{retry|suspend|resume|remove}``): the action on every message
 ``GET /api/queue`` would list with the same ``from``, ``to``, ``queue`` and ``status`` (and
 ``after``), at most 100000 of them per request. At least one of ``from``, ``to``, ``queue``,
-``status`` is required (400 naming them otherwise: nobody empties the queue by accident);
+``status`` is required (400 naming them otherwise: nobody empties the queue by accident;
+``from=*`` or ``to=*@*``, which match every address, are no filter);
 ``with_ndr=true`` (remove only) sends NDRs as the single remove does; ``dry_run=true`` changes
 nothing and lists what would be acted on. The answer: ``{"server", "action", "dry_run",
 "with_ndr", "matched", "done", "skipped": [{"identity", "reason"}], "identities", "ndrs",

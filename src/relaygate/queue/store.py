@@ -115,6 +115,12 @@ class AddressPattern:
         return self.prefix or self.suffix
 
     @property
+    def matches_all(self) -> bool:
+        """``*`` (any address, the null sender too) or ``*@*`` (any address with a domain):
+        a pattern that selects nothing out."""
+        return self.prefix and self.suffix and self.text in ("", "@")
+
+    @property
     def sql_value(self) -> str:
         if not self.like:
             return self.text
