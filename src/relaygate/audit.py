@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from relaygate.config.model import Config, ReceiveConnector
-from relaygate.config.values import IPRange, parse_binding, parse_ip_range
+from relaygate.config.values import IPRange, parse_binding, parse_ip_range, parse_smart_host
 from relaygate.policy.rights import (
     ACCEPT_ANY_RECIPIENT,
     is_externally_secured,
@@ -429,7 +429,12 @@ _M365_SUBMISSION = ("smtp.office365.com", "smtp-legacy.office365.com", "smtp.off
 def _send_connector_findings(config: Config) -> Iterator[Finding]:
     """Microsoft 365 SMTP AUTH through one mailbox: what it refuses that a relay can avoid."""
     for i, s in enumerate(config.send_connectors):
-        hosts = {h.strip().strip("[]").rsplit(":", 1)[0].lower() for h in s.smart_hosts}
+        hosts = set()
+        for entry in s.smart_hosts:
+            try:  # as `check` and delivery read it: any case, a final dot, a port
+                hosts.add(parse_smart_host(entry, s.port)[0])
+            except ValueError:
+                continue  # `check` names it
         if (
             not s.enabled
             or s.smart_host_auth_mechanism == "None"
@@ -450,12 +455,17 @@ def _send_connector_findings(config: Config) -> Iterator[Finding]:
                 f'set send_as = "{s.auth_username or "relay@your.domain"}" to send every message '
                 "as the mailbox (the writer is kept as display name and Reply-To)",
             )
-        if s.max_messages_per_minute is None or s.max_recipients_per_day is None:
+        missing = [
+            key
+            for key in ("max_messages_per_minute", "max_recipients_per_day")
+            if getattr(s, key) is None
+        ]
+        if missing:
             yield Finding(
                 "info",
                 "m365-quota",
                 where,
-                f"send_connectors[{i}].max_messages_per_minute",
+                f"send_connectors[{i}].{missing[0]}",
                 "Microsoft 365 takes 30 messages a minute and 10,000 recipients a day per "
                 "mailbox over SMTP AUTH; past them it refuses mail, some of it permanently "
                 "(554 5.2.0 ...SubmissionQuotaExceededException bounces it)",

@@ -457,3 +457,20 @@ def test_microsoft_365_through_one_mailbox_without_send_as_or_pacing() -> None:
     assert audit(config(CLEAN + tuned)) == []
     # a smart host that is not Microsoft 365's submission endpoint, or no AUTH: nothing to say
     assert audit(config(CLEAN + M365.replace("smtp.office365.com", "smtp.partner.example"))) == []
+
+
+def test_microsoft_365_is_recognised_as_check_reads_the_host_and_the_key_is_the_missing_one() -> (
+    None
+):
+    # The smart host as `check` and delivery take it (parse_smart_host): any case, a final dot,
+    # a port. It was compared as written, and such a connector was not pointed at.
+    for host in ("SMTP.Office365.com.", "smtp.office365.com.:587"):
+        findings = audit(config(CLEAN + M365.replace('"smtp.office365.com"', f'"{host}"')))
+        assert [f.code for f in findings] == ["m365-send-as", "m365-quota"], host
+    # Only the daily limit missing: the finding names that key, not the one that is set.
+    per_minute = M365 + 'send_as = "relay@corp.example"\nmax_messages_per_minute = 30\n'
+    (quota,) = audit(config(CLEAN + per_minute))
+    assert quota.key == "send_connectors[0].max_recipients_per_day"
+    per_day = M365 + 'send_as = "relay@corp.example"\nmax_recipients_per_day = 10000\n'
+    (quota,) = audit(config(CLEAN + per_day))
+    assert quota.key == "send_connectors[0].max_messages_per_minute"
