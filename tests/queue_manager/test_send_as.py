@@ -230,3 +230,14 @@ async def test_a_long_display_name_still_verifies_after_the_rewrite(tmp_path: Pa
     finally:
         await relay.stop()
         await b.close()
+
+
+def test_an_unreadable_sender_does_not_keep_the_from_as_written() -> None:
+    # "Sender: scanner" (no domain, as some devices write it) left the whole header as written:
+    # the writer's From went to a host that refuses it (554 5.2.252 SendAsDenied).
+    for sender in (b"scanner", b"undisclosed-recipients:;", b""):
+        message = b"From: Scan <scan@corp.example>\r\nSender: " + sender + b"\r\n\r\nbody\r\n"
+        out = rewrite_headers(message, MAILBOX)
+        assert header(out, b"From") == [b'"Scan" <relay@corp.test>'], sender
+        assert header(out, b"Sender") == [b"<relay@corp.test>"], sender
+        assert header(out, b"Reply-To") == [b"Scan <scan@corp.example>"], sender

@@ -10,10 +10,11 @@ reaches such a host, a message through it is sent with:
 * its ``From:`` address replaced by ``send_as``, the display name kept (the old address becomes
   the display name when there was none), so the recipient still sees who wrote it;
 * a ``Reply-To:`` with the original From when the message has none, so replies reach the writer;
-* a ``Sender:`` header's address replaced too (it would otherwise be checked the same way).
+* a ``Sender:`` header's address replaced too (it would otherwise be checked the same way; one
+  that cannot be read becomes ``Sender: <send_as>``).
 
 Only the header section is rewritten (the body is never copied beyond the one join); a header
-this module cannot read (no From, an unreadable address) is left as it is and the host decides.
+this module cannot read (no From, an unreadable From address) is left as it is and the host decides.
 The queue keeps the original envelope: RelayGate's own NDRs and delay notices still go to the
 original sender, and the tracking log shows it; only what the remote host sees changes.
 """
@@ -119,8 +120,13 @@ def rewrite_headers(prepared: bytes, send_as: str) -> bytes:
     for field, name in zip(fields, names, strict=True):
         if name in (b"from", b"sender"):
             mailbox = _mailbox(field)
+            if mailbox is None and name == b"sender":
+                # replaced all the same: a Sender the host cannot read must not keep the From
+                # (which it checks) as written
+                out.append(_field("Sender", "", send_as))
+                continue
             if mailbox is None:
-                return prepared  # unreadable: left as written
+                return prepared  # an unreadable From: left as written
             display, address = mailbox
             if name == b"from" and original_from is None:
                 original_from = field.split(b":", 1)[1].strip()
