@@ -115,6 +115,23 @@ def test_check_refuses_a_send_as_that_is_not_an_address(tmp_path: Path) -> None:
         )
 
 
+def test_a_refused_send_as_says_why() -> None:
+    # It said "is not a mail address (name@domain)" for an address of that very form.
+    for bad, why in (
+        ("rélay@corp.test", "non-ASCII"),
+        ("relay@10.0.0.1", "address literal"),
+        ("relay@corp..test", "label"),
+    ):
+        text = make_config_text(
+            Path("/nonexistent"), smtp_port=2600, admin_port=2601, routes={"*": 2602}
+        ) + send_connector_text("To M365", "m365.test", 2603, f'send_as = "{bad}"')
+        with pytest.raises(ConfigError) as info:
+            parse_text(text, "<test>")
+        [line] = [x for x in str(info.value).splitlines() if "send_as" in x]
+        assert f"{bad!r} is not a mail address (name@domain): " in line, line
+        assert why in line, line
+
+
 @pytest.mark.parametrize(
     ("head", "from_", "reply_to"),
     [

@@ -183,10 +183,11 @@ def _send_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
                 allow_postmaster=False,
                 error=replies.UNRECOGNIZED_COMMAND,
             )
-        except AddressError:
-            address = None
+            why = "" if address is None or address.domain else ": no domain"
+        except AddressError as exc:
+            address, why = None, f": {exc.reason}"
         if address is None or not address.domain:
-            yield "send_as", f"{s.send_as!r} is not a mail address (name@domain)"
+            yield "send_as", f"{s.send_as!r} is not a mail address (name@domain){why}"
     for key in ("max_messages_per_minute", "max_recipients_per_day"):
         # the loader has refused non-integers and negative numbers already
         if getattr(s, key) == 0:
