@@ -47,6 +47,7 @@ from typing import Any
 
 from relaygate import replies
 from relaygate.delivery.routing import DELIVERY_UNREACHABLE, RouteTable, explain_route
+from relaygate.header_section import header_end
 from relaygate.queue.bounce import DsnRecipient, header_value
 from relaygate.queue.model import (
     FINAL_STATUSES,
@@ -536,6 +537,9 @@ class QueueControl:
                 data = await self.store.read_data(msg.queue_id)
             except Exception:
                 data = b""
+            # The NDR and the tracking log read the header only: the body (a 30 MB scan) is
+            # not kept while the removal and the NDR wait for the store (a bulk runs 64 at once).
+            data = data[: header_end(data)]
         try:
             # Not while an attempt is under way: it could still deliver the message after the
             # sender was told it was deleted. Exchange marks it PendingRemove; here the admin is

@@ -292,3 +292,51 @@ async def test_cli_bulk_forms_dry_run_yes_json_and_the_id_forms(node: Node) -> N
         assert rc_one == 0 and f"RELAYTEST\\{i[4]}: removed." in out_one, err_one
         rc_res1, out_res1, err_res1 = await cli("resume", i[0], config=config)
         assert rc_res1 == 0 and "resumed" in out_res1, err_res1
+
+
+async def test_bulk_remove_with_ndr_keeps_no_whole_message_in_memory(tmp_path: Path) -> None:
+    """An NDR needs the original's header only: each remove kept the whole message it read
+    until its NDR was stored, and the bulk runs 64 of them at once (64 scans of 30 MB, 2 GB)."""
+    internet = ScriptedHandler(lambda a, _n: "451 4.2.0 later")
+    a = await start_sink(internet)
+    relay = await start_relay(
+        tmp_path / "data", {"*": a.port}, queue={"transient_failure_retry_interval": "00:10:00"}
+    )
+    alive = [0, 0]  # whole messages read and still referenced, the most at once
+
+    class Whole(bytes):
+        def __del__(self) -> None:
+            alive[0] -= 1
+
+    try:
+        async with httpx.AsyncClient(base_url=admin_url(relay)) as http:
+            for _ in range(12):
+                await send(relay, SENDER, ["bob@example.com"], MESSAGE)
+
+            async def all_in_retry() -> bool:
+                statuses = list((await _statuses(http)).values())
+                return statuses == ["Retry"] * 12
+
+            await wait_for(all_in_retry)
+            store = relay.store
+            assert store is not None
+            read_data = store.read_data
+
+            removed = set(await _statuses(http))
+
+            async def counted(queue_id: str) -> bytes:
+                if queue_id not in removed:  # the NDRs, read to be delivered
+                    return await read_data(queue_id)
+                data = Whole(await read_data(queue_id))
+                alive[0] += 1
+                alive[1] = max(alive)
+                return data
+
+            store.read_data = counted  # type: ignore[method-assign]
+            r = await http.post("/api/queue/remove", params={"from": SENDER, "with_ndr": "true"})
+            body = r.json()
+            assert (body["done"], body["ndrs"]) == (12, 12), body
+            assert alive[1] <= 2, f"{alive[1]} whole messages held at once"
+    finally:
+        await relay.stop()
+        await a.close()
