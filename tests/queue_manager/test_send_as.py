@@ -171,9 +171,24 @@ def test_rewrite_keeps_an_existing_reply_to_and_replaces_sender() -> None:
     assert header(out, b"Reply-To") == [b"help@corp.example"]
 
 
-def test_a_message_without_a_readable_from_is_left_as_written() -> None:
-    for message in (b"Subject: none\r\n\r\nbody\r\n", b"From: nobody\r\n\r\nbody\r\n"):
-        assert rewrite_headers(message, MAILBOX) == message
+def test_a_from_without_an_address_or_no_from_at_all_becomes_the_mailbox() -> None:
+    """Left as written, the host refused them (554 5.2.252 SendAsDenied, or no From at all)."""
+    cases = {
+        b"Subject: none\r\n\r\nbody\r\n": b"Subject: none\r\nFrom: <relay@corp.test>\r\n",
+        b"From: nobody\r\n\r\nbody\r\n": b"From: <relay@corp.test>\r\n",
+        b"From: undisclosed-recipients:;\r\nSubject: s\r\n\r\nbody\r\n": (
+            b"From: <relay@corp.test>\r\nSubject: s\r\n"
+        ),
+    }
+    for message, head in cases.items():
+        assert rewrite_headers(message, MAILBOX) == head + b"\r\nbody\r\n"
+
+
+def test_a_second_from_field_is_dropped() -> None:
+    message = b"From: A <a@corp.example>\r\nFrom: B <b@corp.example>\r\n\r\nbody\r\n"
+    out = rewrite_headers(message, MAILBOX)
+    assert header(out, b"From") == [b'"A" <relay@corp.test>']
+    assert header(out, b"Reply-To") == [b"A <a@corp.example>"]
 
 
 def from_mailboxes(content: bytes) -> list[tuple[str, str]]:

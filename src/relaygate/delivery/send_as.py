@@ -13,8 +13,10 @@ reaches such a host, a message through it is sent with:
 * a ``Sender:`` header's address replaced too (it would otherwise be checked the same way; one
   that cannot be read becomes ``Sender: <send_as>``).
 
-Only the header section is rewritten (the body is never copied beyond the one join); a header
-this module cannot read (no From, an unreadable From address) is left as it is and the host decides.
+Only the header section is rewritten (the body is never copied beyond the one join). A From
+with no address to keep (a group such as ``undisclosed-recipients:;``, a name without a domain)
+becomes ``From: <send_as>``, a message without one gets it (RFC 5322 requires it, and the host
+checks it), and a second From field is dropped (one is allowed).
 The queue keeps the original envelope: RelayGate's own NDRs and delay notices still go to the
 original sender, and the tracking log shows it; only what the remote host sees changes.
 """
@@ -113,27 +115,30 @@ def rewrite_headers(prepared: bytes, send_as: str) -> bytes:
     end = header_end(prepared)
     fields = _fields(prepared[:end])
     names = [_name_of(f) for f in fields]
-    if b"from" not in names:
-        return prepared
     out: list[bytes] = []
     original_from: bytes | None = None
+    seen_from = False
     for field, name in zip(fields, names, strict=True):
+        if name == b"from" and seen_from:
+            continue  # RFC 5322 allows one From: a second would be the mailbox again
         if name in (b"from", b"sender"):
             mailbox = _mailbox(field)
-            if mailbox is None and name == b"sender":
-                # replaced all the same: a Sender the host cannot read must not keep the From
-                # (which it checks) as written
-                out.append(_field("Sender", "", send_as))
-                continue
             if mailbox is None:
-                return prepared  # an unreadable From: left as written
+                # No address to keep (a group such as "undisclosed-recipients:;", no domain):
+                # the field is the mailbox's all the same, since the host checks it.
+                out.append(_field("From" if name == b"from" else "Sender", "", send_as))
+                seen_from = seen_from or name == b"from"
+                continue
             display, address = mailbox
-            if name == b"from" and original_from is None:
+            if name == b"from":
+                seen_from = True
                 original_from = field.split(b":", 1)[1].strip()
                 display = display or address
             out.append(_field("From" if name == b"from" else "Sender", display, send_as))
         else:
             out.append(field)
+    if not seen_from:  # none at all (RFC 5322 requires one): the host would refuse it
+        out.append(_field("From", "", send_as))
     if b"reply-to" not in names and original_from is not None:
         # Its first line was "From: ..." (at most 998 octets): "Reply-To: " is 4 octets longer.
         first = original_from.split(b"\r\n", 1)[0]
