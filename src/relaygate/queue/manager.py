@@ -517,7 +517,12 @@ class QueueManager:
             # NULs, which would break a signature made over the stored bytes (DMARC fails).
             to_send = await self._sign(msg, prepare_data(data, crlf_only=crlf_only))
             crlf_only = False
-        sent_as = await self._sent_as(msg, data, received_crlf, groups)
+        # A coroutine only when a route sends as a mailbox (not the usual case).
+        sent_as = (
+            await self._sent_as(msg, data, received_crlf, groups)
+            if any(_send_as(k) for k in groups)
+            else {}
+        )
 
         self.stats["attempts"] += 1
         by_addr = {r.address: r for r in due}
@@ -563,8 +568,7 @@ class QueueManager:
         self, msg: StoredMessage, data: bytes, crlf_only: bool, groups: Any
     ) -> dict[str, bytes]:
         """The bytes for the routes whose send connector has ``send_as``, by that address: From
-        and Sender rewritten (relaygate.delivery.send_as), then signed as that sender. Empty in
-        the usual case (no such connector)."""
+        and Sender rewritten (relaygate.delivery.send_as), then signed as that sender."""
         out: dict[str, bytes] = {}
         for key in groups:
             send_as = _send_as(key)
