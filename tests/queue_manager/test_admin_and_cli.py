@@ -611,3 +611,51 @@ async def test_a_token_file_written_on_windows_works(tmp_path: Path) -> None:
                 await refused.start()
         finally:
             await refused.stop()
+
+
+async def test_queue_list_and_summary_fit_a_narrow_terminal(tmp_path: Path) -> None:
+    """At 80 columns (a terminal, or output piped) each message and queue is one line, long
+    values cut with an ellipsis and columns empty in every row left out; a wide one shows all."""
+    long_error = "451 4.2.0 " + "Mailbox busy, try again later please " * 3
+    sink = await start_sink(ScriptedHandler(lambda _a, _n: long_error.strip()))
+    config = tmp_path / "relaygate.toml"
+    relay = await start_relay(
+        tmp_path / "data",
+        {"*": sink.port},
+        queue={"transient_failure_retry_interval": "00:01:00"},
+        config_file=config,
+    )
+    try:
+        for n in range(2):
+            await send(relay, SENDER, [f"user{n}@example.com"], MESSAGE)
+        async with httpx.AsyncClient(base_url=admin_url(relay)) as client:
+
+            async def retried() -> Any:
+                items = (await client.get("/api/queue", params={"status": "Retry"})).json()
+                return len(items["messages"]) == 2 and items["messages"]
+
+            items = await wait_for(retried)
+        narrow = {"COLUMNS": "80"}
+        (rc, out, err), (rc_q, out_q, err_q), (rc_w, wide, err_w) = await asyncio.gather(
+            cli("list", config=config, env_extra=narrow),
+            cli("summary", config=config, env_extra=narrow),
+            cli("list", config=config),
+        )
+        assert rc == 0 and rc_q == 0 and rc_w == 0, err + err_q + err_w
+        lines = out.splitlines()
+        assert all(len(line) <= 80 for line in lines), out
+        for item in items:  # the whole identity, on the line of its status and cut error
+            (row,) = [line for line in lines if item["Identity"] in line]
+            assert "Retry" in row and "451 4." in row and "…" in row
+        assert "NextRetryTime" in out and "NextHopDomain" not in out  # left out when narrow
+        assert "narrow terminal" in out and "--json" in out
+        queue_lines = out_q.splitlines()
+        assert all(len(line) <= 80 for line in queue_lines)
+        (queue_row,) = [line for line in queue_lines if f"127.0.0.1]:{sink.port}" in line]
+        assert "Retry" in queue_row and "2" in queue_row
+        # wide (250 columns): every column, the error whole (folded at 50)
+        assert "NextHopDomain" in wide and "narrow terminal" not in wide and "…" not in wide
+        assert wide.count("please") == 2 * 3
+    finally:
+        await relay.stop()
+        await sink.close()
