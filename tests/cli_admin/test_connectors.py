@@ -744,3 +744,27 @@ def test_a_name_with_a_trailing_dot_is_found(tmp_path: Path) -> None:
     r = run("connector", "set", "Relay.", "--banner", "220 hi", "-c", str(cfg))
     assert r.code == 0, r.err
     assert connector(cfg, "Relay.")["banner"] == "220 hi"
+
+
+def test_lists_fit_a_narrow_terminal(cfg: Path) -> None:
+    """At 80 columns (a terminal, or piped output) `connector list`, `send-connector list` and
+    `permission list` print one line per row, names whole, long values cut; 300 shows all."""
+    narrow = {"COLUMNS": "80"}
+    receive = run("connector", "list", "--config", str(cfg), env=narrow)
+    send = run("send-connector", "list", "--config", str(cfg), env=narrow)
+    wide = run("connector", "list", "--config", str(cfg))
+    for r in (receive, send, wide):
+        assert r.code == 0, r.err
+    for r in (receive, send):
+        assert all(len(line) <= 80 for line in r.out.splitlines()), r.out
+        assert "narrow terminal" in r.out and "--json" in r.out
+    rows = [line for line in receive.out.splitlines() if line.startswith("RELAY01\\")]
+    assert [row.split("  ")[0] for row in rows] == [
+        "RELAY01\\SMTP Relay Internal",
+        "RELAY01\\Default Frontend",
+    ]
+    assert "method A" in rows[0] and "PermissionGroups" not in receive.out
+    names = [c["name"] for c in load(cfg)["send_connectors"]]
+    for name in names:  # one line each, the name whole
+        assert len([line for line in send.out.splitlines() if line.startswith(name)]) == 1
+    assert "PermissionGroups" in wide.out and "narrow terminal" not in wide.out

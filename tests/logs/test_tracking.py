@@ -296,3 +296,30 @@ def test_client_supplied_fields_have_their_control_characters_escaped(tmp_path: 
     assert row["sender-address"] == "evil\\x00@corp.example"
     assert row["client-hostname"] == "helo\\x0d\\x0aRECEIVE,forged"
     assert row["message-subject"] == "Scan\\x07 \u00e9t\u00e9"
+
+
+def test_trace_cli_fits_a_narrow_terminal(tmp_path: Path) -> None:
+    """At 80 columns one line per event (per recipient), times shortened, long values cut."""
+    populate(tmp_path / "trk")
+    env = dict(os.environ, COLUMNS="80")
+    env.pop("RELAYGATE_CONFIG", None)
+    res = subprocess.run(
+        [sys.executable, "-m", "relaygate", "trace", "--log-dir", str(tmp_path / "trk")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), res.stdout
+    rows = [line for line in lines if re.match(r"(\d\d:\d\d:\d\d|\d\d-\d\d \d\d:\d\d) ", line)]
+    names = {"RECEIVE", "SEND", "FAIL", "DSN"}
+    assert [next(w for w in row.split() if w in names) for row in rows] == [
+        "RECEIVE",
+        "SEND",
+        "FAIL",
+        "DSN",
+    ]
+    assert "Message-Id" not in res.stdout and "narrow terminal" in res.stdout

@@ -21,6 +21,7 @@ from rich.text import Text
 
 from relaygate.audit import relay_grant
 from relaygate.cli.common import console, die, emit_json
+from relaygate.cli.tables import print_narrow_hint
 from relaygate.config import model as m
 from relaygate.config import values as v
 
@@ -212,6 +213,7 @@ def print_listing(
         console.print(empty, markup=False)
         return
     console.print(make_table())
+    print_narrow_hint()
 
 
 def diff(kind: Kind, before: Any, after: Any) -> dict[str, dict[str, Any]]:

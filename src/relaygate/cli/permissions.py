@@ -20,6 +20,7 @@ from relaygate.cli.config_objects import RECEIVE, find, print_listing
 from relaygate.cli.file_edits import edit_named
 from relaygate.cli.model_flags import split
 from relaygate.cli.receive_connectors import CONNECTOR_ARGUMENT
+from relaygate.cli.tables import CUT, WHOLE, WIDE, list_table
 from relaygate.config import edit as ed
 from relaygate.config import model as m
 from relaygate.importer.exchange import canonical_user
@@ -78,18 +79,24 @@ def _permission_rows(
 
 
 def _rows_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(header_style="bold")
-    for col in ("Identity", "User", "Deny", "ExtendedRights", "Source"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        table.add_row(
+    columns = [
+        ("Identity", WHOLE),
+        ("User", CUT),
+        ("Deny", WHOLE),
+        ("ExtendedRights", CUT),
+        ("Source", WIDE),
+    ]
+    cells = [
+        [
             Text(r["identity"]),
             Text(r["user"]),
             Text("true" if r["deny"] else "false"),
             Text("\n".join(r["extended_rights"])),
             Text(r["source"]),
-        )
-    return table
+        ]
+        for r in rows
+    ]
+    return list_table(columns, cells)
 
 
 def _is_entry(p: TomlTable, user: str, deny: bool) -> bool:

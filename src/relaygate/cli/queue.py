@@ -26,6 +26,7 @@ from relaygate.cli.common import (
     err_console,
     load_or_exit,
 )
+from relaygate.cli.tables import CUT, WHOLE, WIDE, list_table, print_narrow_hint, when
 from relaygate.config import default_config_path
 from relaygate.control import MAX_LIST_LIMIT
 
@@ -155,76 +156,14 @@ def _status(value: str) -> Any:
     return Text(value, style=_STATUS_STYLE.get(value, ""))
 
 
-#: Below this many columns a table row is kept to one line (at 80 columns, the usual width of
-#: a terminal or of piped output, folding made each message eight lines tall): columns marked
-#: "wide" and columns empty in every row are left out, long values are cut with an ellipsis,
-#: times are shortened, and the table has no vertical rules.
-WIDE_TABLE = 120
-
-WHOLE, CUT, WIDE = "whole", "cut", "wide"  # how a column is shown in a narrow console
-
-
-def _narrow() -> bool:
-    return console.width < WIDE_TABLE
-
-
-def _table(columns: list[tuple[str, str]], rows: list[list[Any]]) -> Any:
-    """A rich table of ``columns`` (name, WHOLE | CUT | WIDE), laid out for the console's width."""
-    from rich import box
-    from rich.table import Table
-
-    if not _narrow():
-        table = Table(header_style="bold")
-        for name, _kind in columns:
-            table.add_column(
-                name,
-                overflow="fold",
-                no_wrap=name in ("Identity", "Status", "MessageCount", "NextRetryTime"),
-                max_width=50 if name == "LastError" else None,
-            )
-        for row in rows:
-            table.add_row(*row)
-        return table
-    keep = [
-        i
-        for i, (_name, kind) in enumerate(columns)
-        if kind != WIDE and any(str(row[i]) for row in rows)
-    ]
-    # the columns shown whole keep their width (an Identity is what the other commands take),
-    # those that may be cut share what is left
-    table = Table(header_style="bold", expand=True, box=box.SIMPLE_HEAD, pad_edge=False)
-    for i in keep:
-        name, kind = columns[i]
-        if kind == CUT:
-            ratio = 2 if name == "LastError" else 1
-            table.add_column(name, overflow="ellipsis", no_wrap=True, ratio=ratio, min_width=4)
-        else:
-            width = max(len(name), *(len(str(row[i])) for row in rows))
-            table.add_column(name, no_wrap=True, min_width=width)
-    for row in rows:
-        table.add_row(*(row[i] for i in keep))
-    return table
-
-
 def _print_table(columns: list[tuple[str, str]], rows: list[list[Any]], summary: str) -> None:
-    console.print(_table(columns, rows))
+    console.print(list_table(columns, rows))
     console.print(summary, markup=False)
-    if _narrow():
-        console.print(
-            "(narrow terminal: long values cut, some columns left out; see --json)",
-            markup=False,
-            style="dim",
-        )
+    print_narrow_hint()
 
 
 def _when(value: str | None) -> str:
-    """A time for a table cell: whole, or in a narrow console ``HH:MM:SS`` when it is today."""
-    text = _local(value)
-    if text and _narrow():
-        day, _, clock = text.partition(" ")
-        today = datetime.now().astimezone().strftime("%Y-%m-%d")
-        return clock if day == today else text[5:16]
-    return text
+    return when(_local(value))
 
 
 def _print_list(messages: list[dict[str, Any]]) -> None:

@@ -21,6 +21,7 @@ from relaygate.cli.common import CONFIG_OPTION, JSON_OPTION
 from relaygate.cli.config_objects import RECEIVE
 from relaygate.cli.connector_verbs import register_object_verbs
 from relaygate.cli.file_edits import edit_named
+from relaygate.cli.tables import CUT, WHOLE, WIDE, list_table
 from relaygate.config import edit as ed
 from relaygate.config import model as m
 
@@ -47,23 +48,22 @@ def _seed_new_receive(table: TomlTable, opts: dict[str, Any]) -> None:
 
 
 def _list_table(cfg: m.Config, items: tuple[m.ReceiveConnector, ...]) -> Table:
-    table = Table(header_style="bold")
-    for col in (
-        "Identity",
-        "Enabled",
-        "Role",
-        "Bindings",
-        "RemoteIPRanges",
-        "PermissionGroups",
-        "AuthMechanism",
-        "Relay",
-    ):
-        table.add_column(col, overflow="fold")
+    columns = [
+        ("Identity", WHOLE),
+        ("Enabled", WHOLE),
+        ("Role", WIDE),
+        ("Bindings", CUT),
+        ("RemoteIPRanges", CUT),
+        ("PermissionGroups", WIDE),
+        ("AuthMechanism", WIDE),
+        ("Relay", CUT),
+    ]
+    rows = []
     for c in items:
         ranges = [r.text for r in c.remote_ip_ranges]
         shown = ", ".join(ranges[:4]) + (f" (+{len(ranges) - 4} more)" if len(ranges) > 4 else "")
-        table.add_row(
-            *(
+        rows.append(
+            [
                 Text(x)
                 for x in (
                     f"{cfg.server.name}\\{c.name}",
@@ -75,9 +75,9 @@ def _list_table(cfg: m.Config, items: tuple[m.ReceiveConnector, ...]) -> Table:
                     ", ".join(c.auth_mechanism),
                     relay_grant(c).describe(),
                 )
-            )
+            ]
         )
-    return table
+    return list_table(columns, rows)
 
 
 def _register_enable(group: typer.Typer) -> None:

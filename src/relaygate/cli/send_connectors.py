@@ -15,6 +15,7 @@ from tomlkit.items import Table as TomlTable
 
 from relaygate.cli.config_objects import SEND
 from relaygate.cli.connector_verbs import register_object_verbs
+from relaygate.cli.tables import CUT, WHOLE, WIDE, list_table
 from relaygate.config import model as m
 from relaygate.queue import pacing
 
@@ -30,26 +31,25 @@ def _smart_host_routing(table: TomlTable, opts: dict[str, Any]) -> None:
 
 
 def _list_table(cfg: m.Config, items: tuple[m.SendConnector, ...]) -> Table:
-    table = Table(header_style="bold")
-    for col in (
-        "Name",
-        "Enabled",
-        "AddressSpaces",
-        "Route",
-        "Auth",
-        "RequireTLS",
-        "Cost",
-        "Pacing",
-    ):
-        table.add_column(col, overflow="fold")
+    columns = [
+        ("Name", WHOLE),
+        ("Enabled", WHOLE),
+        ("AddressSpaces", CUT),
+        ("Route", CUT),
+        ("Auth", WIDE),
+        ("RequireTLS", WIDE),
+        ("Cost", WHOLE),
+        ("Pacing", WIDE),
+    ]
+    rows = []
     for s in items:
         route = (
             "MX (DNS)"
             if s.dns_routing_enabled
             else ", ".join(f"{h}:{s.port}" for h in s.smart_hosts)
         )
-        table.add_row(
-            *(
+        rows.append(
+            [
                 Text(x)
                 for x in (
                     s.name,
@@ -61,9 +61,9 @@ def _list_table(cfg: m.Config, items: tuple[m.SendConnector, ...]) -> Table:
                     str(s.cost),
                     pacing.describe(s),
                 )
-            )
+            ]
         )
-    return table
+    return list_table(columns, rows)
 
 
 def register(app: typer.Typer) -> None:

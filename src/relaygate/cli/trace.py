@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from relaygate.cli.common import CONFIG_OPTION, JSON_OPTION, console, die, emit_json, load_or_exit
+from relaygate.cli.tables import CUT, WHOLE, WIDE, list_table, print_narrow_hint, when
 from relaygate.logs.tracking import DEFAULT_SEARCH_LIMIT, MESSAGE_TRACKING_DIR, search
 
 __all__ = ["parse_when", "register"]
@@ -61,19 +62,25 @@ def _local(value: str) -> str:
 
 
 def _print_table(rows: list[dict[str, Any]], directory: Path) -> None:
-    from rich.table import Table
     from rich.text import Text
 
     if not rows:
         console.print(f"No tracking events found in {directory}.", markup=False)
         return
-    table = Table(show_lines=False, header_style="bold")
-    for col in ("Date-time", "Event", "Source", "Sender", "Recipients", "Status", "Message-Id"):
-        table.add_column(col, overflow="fold")
-    table.add_column("Subject", overflow="ellipsis", max_width=40)
+    columns = [
+        ("Date-time", WHOLE),
+        ("Event", WHOLE),
+        ("Source", WIDE),
+        ("Sender", CUT),
+        ("Recipients", CUT),
+        ("Status", CUT),
+        ("Message-Id", WIDE),
+        ("Subject", WIDE),
+    ]
+    cells = []
     for r in rows:
-        cells = (
-            _local(r.get("date-time", "")),
+        values = (
+            when(_local(r.get("date-time", ""))),
             r.get("event-id", ""),
             r.get("source", ""),
             r.get("sender-address", ""),
@@ -83,9 +90,10 @@ def _print_table(rows: list[dict[str, Any]], directory: Path) -> None:
             r.get("message-subject", ""),
         )
         # Text(): subjects and addresses come from senders; never interpret them as markup.
-        table.add_row(*(Text(str(c)) for c in cells))
-    console.print(table)
+        cells.append([Text(str(c)) for c in values])
+    console.print(list_table(columns, cells))
     console.print(f"{len(rows)} event(s); times are local.", style="dim", markup=False)
+    print_narrow_hint()
 
 
 def register(app: typer.Typer) -> None:
