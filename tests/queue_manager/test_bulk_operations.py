@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from relaygate import control
+from relaygate.control import operations
 from tests.queue_manager.helpers import (
     ScriptedHandler,
     send,
@@ -161,7 +161,7 @@ async def test_api_bulk_work_is_bounded_per_request(
 ) -> None:
     """At most MAX_LIST_LIMIT messages per request; the answer says so and where to go on."""
     i = node.ids
-    monkeypatch.setattr(control, "MAX_LIST_LIMIT", 2)
+    monkeypatch.setattr(operations, "MAX_LIST_LIMIT", 2)
     async with httpx.AsyncClient(base_url=node.url) as client:
         done: list[str] = []
         after = None
