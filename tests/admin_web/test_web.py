@@ -553,6 +553,10 @@ def test_bulk_buttons_on_a_filtered_queue_in_the_browser(tmp_path: Path, tab: Pa
         net = node.send("Keep me", to="someone@example.net")
         tab.goto(node.url + "/queue")
         expect(tab.locator("#bulk")).to_have_count(0)  # no filter, no bulk buttons
+        tab.goto(node.url + "/queue?from=*")  # a filter that matches every message: none either
+        expect(tab.locator("#queue tbody tr")).to_have_count(4)
+        expect(tab.locator("#bulk")).to_have_count(0)
+        expect(tab.locator("#bulk-none")).to_contain_text("'*' matches every message")
 
         tab.goto(node.url + "/queue?to=*@example.org&limit=2")
         bulk = tab.locator("#bulk")

@@ -340,3 +340,36 @@ async def test_bulk_remove_with_ndr_keeps_no_whole_message_in_memory(tmp_path: P
     finally:
         await relay.stop()
         await a.close()
+
+
+async def test_a_dry_run_says_what_would_be_skipped(node: Node) -> None:
+    """The dry run reads the messages' state as the real call would: an already suspended
+    message is listed as skipped, with the reason, not counted as one it would suspend."""
+    i, config = node.ids, node.config
+    server = "RELAYTEST"
+    async with httpx.AsyncClient(base_url=node.url) as client:
+        await client.post(f"/api/queue/{i[0]}/suspend")
+        before = await _statuses(client)
+        r = await client.post(
+            "/api/queue/suspend", params={"to": "bob@example.com", "dry_run": "true"}
+        )
+        body = r.json()
+        assert (body["matched"], body["would_do"], body["done"]) == (2, 1, 0)
+        assert body["identities"] == [f"{server}\\{i[4]}"]
+        assert body["skipped"] == [{"identity": f"{server}\\{i[0]}", "reason": "already suspended"}]
+        retry = (
+            await client.post(
+                "/api/queue/retry", params={"from": "*@scanners.corp.test", "dry_run": "true"}
+            )
+        ).json()
+        assert retry["would_do"] == 1 and retry["identities"] == [f"{server}\\{i[1]}"]
+        assert retry["skipped"][0]["reason"] == "suspended: resume it first (Resume-Message)"
+        rc, out, err = await cli("resume", "--from", "*@scanners.corp.test", config=config)
+        assert rc == 0, err
+        assert "2 message(s) match, 1 of them can be resumed: nothing was changed" in out
+        assert f"1 would be skipped:\n  {server}\\{i[1]}: not suspended" in out
+        assert "Add --yes to resume them." in out
+        assert await _statuses(client) == before  # nothing changed
+        # the real call skips what the dry run said
+        real = (await client.post("/api/queue/suspend", params={"to": "bob@example.com"})).json()
+        assert real["identities"] == [f"{server}\\{i[4]}"] and real["skipped"] == body["skipped"]

@@ -61,9 +61,10 @@ Bulk operations (``POST /api/queue/{retry|suspend|resume|remove}``): the action 
 ``from=*`` or ``to=*@*``, which match every address, are no filter);
 ``with_ndr=true`` (remove only) sends NDRs as the single remove does; ``dry_run=true`` changes
 nothing and lists what would be acted on. The answer: ``{"server", "action", "dry_run",
-"with_ndr", "matched", "done", "skipped": [{"identity", "reason"}], "identities", "ndrs",
-"limit_reached", "next_after"}``: ``identities`` are the messages acted on (in a dry run, those
-matched); ``skipped`` those the action does not apply to, with the reason: a message being
+"with_ndr", "matched", "done", "would_do", "skipped": [{"identity", "reason"}], "identities",
+"ndrs", "limit_reached", "next_after"}``: ``identities`` are the messages acted on (in a dry run,
+those it would act on, ``would_do`` of them, and ``done`` is 0); ``skipped`` those the action
+does not apply to (in a dry run: would not, by the messages' state now), with the reason: a message being
 delivered now (Active) is not removed (the single ``DELETE`` answers 409 for it), an already
 suspended one is not suspended again, a suspended one is not retried, one not suspended is not
 resumed, a Delivered or Failed one is neither retried nor suspended. ``limit_reached`` true:

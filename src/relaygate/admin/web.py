@@ -68,6 +68,7 @@ from relaygate.control import (
     Conflict,
     NotFound,
     QueueControl,
+    bulk_filter_problem,
     normalise_id,
     queue_name,
 )
@@ -458,6 +459,10 @@ async def queue_page(request: Request) -> Response:
         "queue_path": lambda identity: "/queues/" + quote(identity, safe="") + "/retry",
         "notice": _notice(request) or _queue_notice(request) or _bulk_notice(request),
         "filtered": any(form.values()),
+        # the bulk buttons only where bulk would take these filters (not `from = *` alone)
+        "bulk_problem": bulk_filter_problem(
+            "action", **{arg: form[param] or None for param, arg in _QUEUE_FILTERS}
+        ),
         "error": error,
         "final": _FINAL,
     }

@@ -599,15 +599,18 @@ def _print_bulk(
     verb: str, body: dict[str, Any], filters: dict[str, str | None], *, with_ndr: bool
 ) -> None:
     identities: list[str] = body["identities"]
+    skipped: list[dict[str, str]] = body["skipped"]
     if body["dry_run"]:
-        console.print(
-            f"{body['matched']} message(s) match: nothing was changed (a dry run).", markup=False
-        )
+        line = f"{body['matched']} message(s) match"
+        if skipped:
+            line += f", {body['would_do']} of them can be {_DONE.get(verb, 'removed')}"
+        console.print(line + ": nothing was changed (a dry run).", markup=False)
         for identity in identities[:_SHOWN]:
             console.print(f"  {identity}", markup=False)
         if len(identities) > _SHOWN:
             console.print(f"  ... and {len(identities) - _SHOWN} more", markup=False)
-        if body["matched"]:
+        _print_skipped(skipped, "would be skipped")
+        if body["would_do"]:
             console.print(
                 f"Add --yes to {verb} them{' (with NDRs)' if with_ndr else ''}.", markup=False
             )
@@ -619,9 +622,12 @@ def _print_bulk(
     else:
         line = f"{body['done']} of {body['matched']} message(s) {_DONE[verb]}"
     console.print(line + ".", markup=False)
-    skipped: list[dict[str, str]] = body["skipped"]
+    _print_skipped(skipped, "skipped")
+
+
+def _print_skipped(skipped: list[dict[str, str]], what: str) -> None:
     if skipped:
-        console.print(f"{len(skipped)} skipped:", markup=False)
+        console.print(f"{len(skipped)} {what}:", markup=False)
         for item in skipped[:_SHOWN]:
             console.print(f"  {item['identity']}: {item['reason']}", markup=False)
         if len(skipped) > _SHOWN:

@@ -33,7 +33,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from relaygate.control.operations import BULK_ACTIONS, BULK_FILTERS, MessageOperations
+from relaygate.control.operations import (
+    BULK_ACTIONS,
+    BULK_FILTERS,
+    MessageOperations,
+    bulk_filter_problem,
+)
 from relaygate.control.queues import QUEUE_STATUSES, DeliveryQueues
 from relaygate.control.queues import _QueueTally as _QueueTally
 from relaygate.control.reads import MAX_LIST_LIMIT, MessagePage
@@ -60,6 +65,7 @@ __all__ = [
     "MessagePage",
     "NotFound",
     "QueueControl",
+    "bulk_filter_problem",
     "iso_time",
     "message_view",
     "normalise_id",

@@ -21,7 +21,7 @@ from relaygate.queue.bounce import DsnRecipient
 from relaygate.queue.model import FINAL_STATUSES
 from relaygate.queue.store import AddressPattern, MessageInFlightError
 
-__all__ = ["BULK_ACTIONS", "BULK_FILTERS", "MessageOperations"]
+__all__ = ["BULK_ACTIONS", "BULK_FILTERS", "MessageOperations", "bulk_filter_problem"]
 
 #: What ``bulk`` does to every message a filter matches (Get-Message -Filter | Retry-Message,
 #: Suspend-Message, Resume-Message, Remove-Message).
@@ -154,10 +154,11 @@ class MessageOperations(MessageReads):
         by accident; ``ValueError`` naming the parameter for a bad value, as ``list_page``.
         ``dry_run``: change nothing, say what would be acted on.
 
-        Returns ``{"server", "action", "dry_run", "with_ndr", "matched", "done", "skipped":
+        Returns ``{"server", "action", "dry_run", "with_ndr", "matched", "done", "would_do", "skipped":
         [{"identity", "reason"}], "identities": [...], "ndrs", "limit_reached",
-        "next_after"}``: ``identities`` are those acted on (in a dry run: those matched);
-        ``skipped``, what the action did not apply to and why: a message being delivered
+        "next_after"}``: ``identities`` are those acted on (in a dry run: those it would act on, ``would_do``
+        their number, and ``done`` 0); ``skipped``, what the action did not apply to (in a dry
+        run: would not, as far as the messages' state now tells) and why: a message being delivered
         (Active) is not removed (the single remove says 409), an already suspended one is not
         suspended again, a suspended one is not retried (resume it), one not suspended is not
         resumed, a finished one is neither retried nor suspended, one removed meanwhile is
@@ -165,18 +166,11 @@ class MessageOperations(MessageReads):
         match past ``next_after``: call again with ``after=next_after``."""
         if action not in BULK_ACTIONS:
             raise ValueError(f"unknown action {action!r}; use one of {', '.join(BULK_ACTIONS)}")
-        given = [v for v in (sender, recipient, queue, status) if v is not None and v.strip()]
-        match_all = _match_all(from_=sender, to=recipient)
-        if not given or len(match_all) == len(given):
-            why = "".join(
-                f"; {name} {value!r} matches every message, which is no filter (to act on every "
-                "message of a status, give status)"
-                for name, value in match_all
-            )
-            raise ValueError(
-                f"a bulk {action} needs at least one filter: "
-                f"{', '.join(BULK_FILTERS)} (to act on one message, give its identity){why}"
-            )
+        problem = bulk_filter_problem(
+            action, sender=sender, recipient=recipient, queue=queue, status=status
+        )
+        if problem is not None:
+            raise ValueError(problem)
         if with_ndr and action != "remove":
             raise ValueError("with_ndr applies to remove only")
 
@@ -194,9 +188,17 @@ class MessageOperations(MessageReads):
         server = str(self.config.server.name)
         views = page.messages
         done: list[str] = []
+        would: list[str] = []  # a dry run's
         skipped: list[dict[str, str]] = []
         ndrs = 0
-        if not dry_run:
+        if dry_run:  # what the real call would skip, as far as the messages' state now tells
+            for v in views:
+                reason = _skip_reason(action, v)
+                if reason is None:
+                    would.append(v["Identity"])
+                else:
+                    skipped.append({"identity": v["Identity"], "reason": reason})
+        else:
             outcomes: list[tuple[str, str | None, bool]] = []
             for start in range(0, len(views), _BULK_BATCH):
                 batch = views[start : start + _BULK_BATCH]
@@ -219,7 +221,8 @@ class MessageOperations(MessageReads):
             "matched": len(views),
             "done": len(done),
             "skipped": skipped,
-            "identities": [v["Identity"] for v in views] if dry_run else done,
+            "would_do": len(would),
+            "identities": would if dry_run else done,
             "ndrs": ndrs,
             "limit_reached": page.next_after is not None,
             "next_after": page.next_after,
@@ -229,33 +232,77 @@ class MessageOperations(MessageReads):
         self, action: str, view: dict[str, Any], with_ndr: bool
     ) -> tuple[str, str | None, bool]:
         """(identity, why it was skipped or None when done, whether an NDR was queued)."""
-        identity, qid, status = view["Identity"], view["QueueId"], view["Status"]
-        finished = status in _FINAL_VIEW
+        identity, qid = view["Identity"], view["QueueId"]
+        if action != "remove" and (reason := _skip_reason(action, view)) is not None:
+            return identity, reason, False
         try:
             if action == "remove":
                 body = await self.remove(qid, with_ndr=with_ndr)
                 return identity, None, bool(body["NdrQueueId"])
             if action == "suspend":
-                if finished:
-                    return identity, f"message is {status}: it cannot be suspended", False
-                if view["Suspended"]:
-                    return identity, "already suspended", False
                 await self.store.set_flags(qid, suspended=True)
             elif action == "resume":
-                if not view["Suspended"]:
-                    return identity, "not suspended", False
                 await self.store.set_flags(qid, suspended=False)
             else:  # retry
-                if finished:
-                    return identity, f"message is {status}: nothing to retry", False
-                if view["Suspended"] or status == "Suspended":
-                    return identity, "suspended: resume it first (Resume-Message)", False
                 await self.store.retry_now(qid)
         except Conflict as exc:
             return identity, str(exc), False
         except (NotFound, KeyError):
             return identity, "not found: removed meanwhile", False
         return identity, None, False
+
+
+def bulk_filter_problem(
+    action: str,
+    *,
+    sender: str | None = None,
+    recipient: str | None = None,
+    queue: str | None = None,
+    status: str | None = None,
+) -> str | None:
+    """Why these filters cannot select a bulk ``action``, or None: at least one filter is
+    required, and an address pattern that matches every address (``*``, ``*@*``, as
+    ``--from "*$DOMAIN"`` with DOMAIN unset gives) does not count as one. The admin centre asks
+    before it shows its bulk buttons."""
+    given = [v for v in (sender, recipient, queue, status) if v is not None and v.strip()]
+    match_all = _match_all(from_=sender, to=recipient)
+    if given and len(match_all) < len(given):
+        return None
+    why = "".join(
+        f"; {name} {value!r} matches every message, which is no filter (to act on every "
+        "message of a status, give status)"
+        for name, value in match_all
+    )
+    return (
+        f"a bulk {action} needs at least one filter: "
+        f"{', '.join(BULK_FILTERS)} (to act on one message, give its identity){why}"
+    )
+
+
+def _skip_reason(action: str, view: dict[str, Any]) -> str | None:
+    """Why ``action`` does not apply to the message ``view`` shows, or None. A remove is only
+    refused for a message being delivered (the store says so at the time; this is the dry
+    run's reading of it)."""
+    status = view["Status"]
+    finished = status in _FINAL_VIEW
+    if action == "remove":
+        if status == "Active":
+            return "being delivered now (Active): remove it when this attempt has ended"
+        return None
+    if action == "suspend":
+        if finished:
+            return f"message is {status}: it cannot be suspended"
+        if view["Suspended"]:
+            return "already suspended"
+    elif action == "resume":
+        if not view["Suspended"]:
+            return "not suspended"
+    else:  # retry
+        if finished:
+            return f"message is {status}: nothing to retry"
+        if view["Suspended"] or status == "Suspended":
+            return "suspended: resume it first (Resume-Message)"
+    return None
 
 
 def _match_all(**patterns: str | None) -> list[tuple[str, str]]:
