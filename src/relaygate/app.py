@@ -30,6 +30,7 @@ from relaygate.queue.manager import QueueManager
 from relaygate.queue.pressure import DiskPressure
 from relaygate.queue.sqlite_store import SqliteStore
 from relaygate.queue.store import Store, StoreError
+from relaygate.sd_notify import Notifier, watchdog_interval
 from relaygate.smtp.server import ListenerError, ServerContext, SmtpServer, protocol_log_for
 from relaygate.smtp.shared_rates import SharedRateTable
 from relaygate.worker_stats import NodeSums, SnapshotWriter
@@ -296,14 +297,31 @@ async def _main(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(relay.reload()))
-    watcher = asyncio.ensure_future(relay.watch_config())
     assert relay.server is not None
     endpoints = ", ".join(f"{h}:{p}" for h, p in relay.server.endpoints)
     admin = f"; admin http://{relay.config.admin.listen}" if relay.admin is not None else ""
+    ready = f"RelayGate ready: SMTP {endpoints}{admin}"
+    # systemd (Type=notify): only the process it started; a worker's supervisor speaks for it
+    systemd = Notifier() if link_fd is None else None
+
+    async def reload() -> None:
+        if systemd is not None:
+            systemd.reloading()
+        try:
+            await relay.reload()
+        finally:
+            if systemd is not None:
+                systemd.ready(ready)
+
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
+    watcher = asyncio.ensure_future(relay.watch_config())
+    pinger = None
     link: socket.socket | None = None
-    if link_fd is None:
-        print(f"RelayGate ready: SMTP {endpoints}{admin}", flush=True)
+    if systemd is not None:
+        print(ready, flush=True)
+        systemd.ready(ready)
+        if (interval := watchdog_interval()) is not None:
+            pinger = asyncio.ensure_future(_ping_watchdog(systemd, interval))
     else:
         from relaygate.workers import worker_ready
 
@@ -314,12 +332,23 @@ async def _main(
         link.setblocking(False)
         loop.add_reader(link.fileno(), _on_link, link, stop)
     await stop.wait()
+    if systemd is not None:
+        systemd.stopping()
+    if pinger is not None:
+        pinger.cancel()
     if link is not None:
         loop.remove_reader(link.fileno())
     watcher.cancel()
     await relay.stop()
     if link is not None:
         link.close()
+
+
+async def _ping_watchdog(systemd: Notifier, interval: float) -> None:
+    """WATCHDOG=1 from the event loop: if the loop stops turning, systemd restarts the service."""
+    while True:
+        systemd.watchdog()
+        await asyncio.sleep(interval)
 
 
 # CPython's default thresholds are (700, 10, 10). Measured at 50 sessions with 2 workers

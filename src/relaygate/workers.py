@@ -48,6 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from relaygate.config import Config, ConfigError, load_config
+from relaygate.sd_notify import ENV_VARS as SYSTEMD_ENV
+from relaygate.sd_notify import Notifier, watchdog_interval
 from relaygate.smtp.shared_rates import RATE_TABLE_ENV, table_path
 from relaygate.smtp.shared_rates import create as create_rate_table
 from relaygate.worker_stats import clear_snapshots
@@ -129,6 +131,10 @@ class Supervisor:
         self._wake_r, self._wake_w = socket.socketpair()
         #: RATE_TABLE_ENV for the workers ("<token hex> <path>"), or None: counted per worker.
         self._rate_table: str | None = None
+        #: systemd's notifications (sd_notify.py): this process speaks for its workers.
+        self._systemd = Notifier()
+        self._watchdog = watchdog_interval()
+        self._ready_line = "RelayGate ready"
 
     # ------------------------------------------------------------------ entry point
 
@@ -150,15 +156,18 @@ class Supervisor:
             logger.info(
                 "supervisor %d: %d workers listening (pids %s)", os.getpid(), self.count, pids
             )
-            print(
+            self._ready_line = (
                 f"RelayGate ready: SMTP {first.get('endpoints', '')}{first.get('admin', '')}"
-                f"; {self.count} workers",
-                flush=True,
+                f"; {self.count} workers"
             )
+            print(self._ready_line, flush=True)
+            self._systemd.ready(self._ready_line)
             self._serve()
             return 0
         finally:
+            self._systemd.stopping()
             self._stop_all()
+            self._systemd.close()
             self._restore_signals(old)
             self._sel.close()
             self._wake_r.close()
@@ -247,6 +256,8 @@ class Supervisor:
         # restart") would otherwise put its messages in another queue than its siblings.
         queue = self.config.queue
         env = dict(os.environ)
+        for name in SYSTEMD_ENV:  # only this process notifies systemd
+            env.pop(name, None)
         env[PINNED_QUEUE_ENV] = json.dumps(
             {"store": queue.store, "database_url": queue.database_url}
         )
@@ -323,16 +334,23 @@ class Supervisor:
         return None
 
     def _serve(self) -> None:
+        pinged = 0.0
         while True:
             now = time.monotonic()
+            if self._watchdog is not None and now - pinged >= self._watchdog:
+                self._systemd.watchdog()
+                pinged = now
             waits = [w.restart_at - now for w in self.workers if w.restart_at is not None]
-            self._poll(max(0.0, min([0.5, *waits])))
+            self._poll(max(0.0, min([0.5, *waits, self._watchdog or 0.5])))
             stop, reload = self._take_signals()
             if stop:
                 logger.info("stopping %d workers", self.count)
                 return
             if reload:
+                # the workers re-read the file on their own (each logs what it applied)
+                self._systemd.reloading()
                 self._reload()
+                self._systemd.ready(self._ready_line)
             now = time.monotonic()
             for w in self.workers:
                 self._check(w, now)
