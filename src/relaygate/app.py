@@ -323,7 +323,7 @@ async def _main(
         if (interval := watchdog_interval()) is not None:
             pinger = asyncio.ensure_future(_ping_watchdog(systemd, interval))
     else:
-        from relaygate.workers import worker_ready
+        from relaygate.workers import heartbeat_interval, worker_ready
 
         # The supervisor prints the ready line once every worker listens; EOF on the link means
         # the supervisor is gone, and a worker without its supervisor stops.
@@ -331,6 +331,7 @@ async def _main(
         worker_ready(link, endpoints=endpoints, admin=admin)
         link.setblocking(False)
         loop.add_reader(link.fileno(), _on_link, link, stop)
+        pinger = asyncio.ensure_future(_heartbeats(link, heartbeat_interval(relay.config)))
     await stop.wait()
     if systemd is not None:
         systemd.stopping()
@@ -342,6 +343,16 @@ async def _main(
     await relay.stop()
     if link is not None:
         link.close()
+
+
+async def _heartbeats(link: socket.socket, interval: float) -> None:
+    """A worker's "my event loop turns" to its supervisor, which kills a worker that goes quiet
+    for server.worker_hang_timeout (workers.py)."""
+    from relaygate.workers import send_heartbeat
+
+    while True:
+        await asyncio.sleep(interval)
+        send_heartbeat(link)
 
 
 async def _ping_watchdog(systemd: Notifier, interval: float) -> None:

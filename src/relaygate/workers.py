@@ -22,7 +22,12 @@ The supervisor (the process `relaygate serve` started) does not touch mail. It:
   send a command 421 4.3.2, lets messages being received and deliveries finish) and SIGHUP
   (reload; every worker re-reads the config file);
 * restarts a worker that exits unexpectedly, after a backoff that doubles with every failure in a
-  row (0.5 s … 30 s; a worker that ran for a minute resets it).
+  row (0.5 s … 30 s; a worker that ran for a minute resets it);
+* kills (and so restarts) a worker whose event loop has sent no heartbeat for
+  ``server.worker_hang_timeout`` (1 minute): a hung worker would otherwise keep receiving its share
+  of new connections from the kernel and leave them unanswered;
+* tells systemd when the node is ready, reloading or stopping, and pings its watchdog
+  (sd_notify.py).
 
 Each worker holds one end of a socketpair whose other end the supervisor keeps: the worker writes
 one JSON line when it listens, and stops by itself when it reads EOF (the supervisor is gone, even
@@ -54,7 +59,14 @@ from relaygate.smtp.shared_rates import RATE_TABLE_ENV, table_path
 from relaygate.smtp.shared_rates import create as create_rate_table
 from relaygate.worker_stats import clear_snapshots
 
-__all__ = ["PINNED_QUEUE_ENV", "Supervisor", "pinned_queue", "worker_ready"]
+__all__ = [
+    "PINNED_QUEUE_ENV",
+    "Supervisor",
+    "heartbeat_interval",
+    "pinned_queue",
+    "send_heartbeat",
+    "worker_ready",
+]
 
 #: Set by the supervisor for its workers: the queue store the node started with (JSON).
 PINNED_QUEUE_ENV = "RELAYGATE_WORKER_QUEUE"
@@ -72,6 +84,19 @@ def worker_ready(link: socket.socket, *, endpoints: str, admin: str) -> None:
     """Called by a worker once it listens: tell the supervisor (one JSON line on the link)."""
     line = json.dumps({"pid": os.getpid(), "endpoints": endpoints, "admin": admin}) + "\n"
     link.sendall(line.encode())
+
+
+def heartbeat_interval(config: Config) -> float:
+    """How often a worker tells its supervisor that its event loop turns: a few times per
+    ``server.worker_hang_timeout``, at most every 5 s."""
+    timeout = config.server.worker_hang_timeout.total_seconds()
+    return max(0.2, min(5.0, timeout / 4)) if timeout > 0 else 5.0
+
+
+def send_heartbeat(link: socket.socket) -> None:
+    """One heartbeat line on the worker's (non-blocking) link; a full buffer skips one."""
+    with contextlib.suppress(OSError):  # full (skip one), or the supervisor is gone (EOF stops us)
+        link.send(b'{"alive": 1}\n')
 
 
 def pinned_queue(config: Config) -> Config:
@@ -107,6 +132,8 @@ class _Worker:
     restart_at: float | None = None
     reload_pending: bool = False
     spawned: int = field(default=0)
+    #: monotonic time of the worker's last line (ready, or a heartbeat from its event loop)
+    answered: float = 0.0
 
     @property
     def alive(self) -> bool:
@@ -134,6 +161,7 @@ class Supervisor:
         #: systemd's notifications (sd_notify.py): this process speaks for its workers.
         self._systemd = Notifier()
         self._watchdog = watchdog_interval()
+        self._hang_timeout = config.server.worker_hang_timeout.total_seconds()
         self._ready_line = "RelayGate ready"
 
     # ------------------------------------------------------------------ entry point
@@ -307,10 +335,13 @@ class Supervisor:
                 self._close_link(w)  # the worker exited (or closed its end): poll() will tell
                 continue
             w.buf += data
+            w.answered = time.monotonic()
             while b"\n" in w.buf:
                 line, w.buf = w.buf.split(b"\n", 1)
                 with contextlib.suppress(ValueError):
-                    w.ready = json.loads(line)
+                    said = json.loads(line)
+                    if "alive" not in said:  # the ready line; then heartbeats
+                        w.ready = said
 
     def _wait_all_ready(self) -> int | None:
         """None once every worker listens; otherwise the exit status to stop with."""
@@ -365,6 +396,16 @@ class Supervisor:
             if w.ready is None and now - w.started > READY_TIMEOUT:
                 logger.error("worker %d (pid %d) not listening: killed", w.index, w.proc.pid)
                 w.proc.kill()
+            elif w.ready is not None and 0 < self._hang_timeout < now - w.answered:
+                logger.error(
+                    "worker %d (pid %d) has not answered for %.0f s (its event loop is blocked;"
+                    " server.worker_hang_timeout): killed",
+                    w.index,
+                    w.proc.pid,
+                    now - w.answered,
+                )
+                w.proc.kill()
+                w.answered = now  # one kill; poll() sees it exit, and it is restarted
             elif w.ready is not None and w.reload_pending:
                 w.reload_pending = False
                 self._signal(w, signal.SIGHUP)
@@ -393,6 +434,8 @@ class Supervisor:
         except Exception:  # never let a reload take the supervisor (and every worker) down
             logger.exception("reload refused: cannot load %s", self.config_path)
             new = None
+        if new is not None:
+            self._hang_timeout = new.server.worker_hang_timeout.total_seconds()
         if new is not None and new.server.workers != self.count:
             logger.warning(
                 "server.workers changed from %d to %d: takes effect when relaygate serve restarts",

@@ -437,6 +437,30 @@ def test_a_killed_worker_is_restarted_and_service_continues(
     assert s.stop() == 0
 
 
+def test_a_hung_worker_is_killed_and_restarted(serve: Any, sink: tuple[Sink, int]) -> None:
+    """A worker whose event loop stops (SIGSTOP stands in for a hang) sends no heartbeat: after
+    server.worker_hang_timeout the supervisor kills it and starts another; before, it stayed,
+    and the kernel kept handing it half of the new connections, unanswered."""
+    s = serve(workers=2, extra='worker_hang_timeout = "00:00:02"')
+    before = s.children()
+    victim = before[1]
+    time.sleep(1.5)  # heartbeats flow: nobody is killed for being quiet while healthy
+    assert "has not answered" not in s.log()
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        assert wait_until(lambda: f"(pid {victim}) has not answered for" in s.log(), 15), s.log()
+        assert wait_until(lambda: len(s.children()) == 2 and victim not in s.children(), 30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGCONT)
+    assert "server.worker_hang_timeout" in s.log()
+    assert wait_until(lambda: s.log().count("listening on 127.0.0.1") >= 3, 30), s.log()[-3000:]
+    ids = [f"<after-hang-{i}@corp.example>" for i in range(20)]
+    send_many(s.port, ids)  # every connection answered: none lands on a hung worker
+    assert_delivered_once(sink[0], s, ids)
+    assert s.stop() == 0
+
+
 def test_sighup_reloads_every_worker(serve: Any) -> None:
     s = serve(workers=2)
     workers = s.children()

@@ -287,6 +287,9 @@ class ServerConfig:
     #: max_inbound_connection_per_source and logon_failure_rate_limit are then counted per worker,
     #: message_rate_limit still per node).
     worker_balance: str = _spec("client_address", choices=("client_address", "connection"))
+    #: With workers > 1: a worker whose event loop has not answered the supervisor for this long
+    #: (a hang: the kernel keeps handing it new connections) is killed and restarted. 0: never.
+    worker_hang_timeout: timedelta = _span("00:01:00")
     dkim_domain_source: str = _spec("header_from", choices=("header_from", "envelope_sender"))
     #: Message bytes all sessions of one process may hold while they receive and commit them
     #: (smtp/limits.py DataMemory); past it a message gets 452 4.3.1. None: a quarter of the
