@@ -414,6 +414,25 @@ def _lock_node(config: Config) -> NodeLock:
     return lock
 
 
+def _lock_worker(config: Config, index: int, link_fd: int | None) -> None:
+    """A worker's shared hold on the node's name (PostgreSQL queue; the directory lock comes
+    from the supervisor): a worker that cannot take it does not serve."""
+    from relaygate.workers import supervisor_alive
+
+    url = config.queue.database_url if config.queue.store == "postgresql" else None
+    if not url:
+        return
+    s = config.server
+    lock = NodeLock(Path(s.data_dir), str(s.name), url)
+    alive = None if link_fd is None else (lambda: supervisor_alive(link_fd))
+    try:
+        lock.acquire_worker(index, alive)
+    except (NodeLockError, StoreError) as exc:
+        logger.error("cannot start: %s", exc)
+        raise SystemExit(1) from None
+    _NODE_LOCKS.append(lock)
+
+
 def run(
     config_path: Path | None = None,
     *,
@@ -438,9 +457,14 @@ def run(
     if worker_index is None and config.server.workers > 1 and resolved is not None:
         from relaygate.workers import Supervisor
 
+        assert lock is not None
         try:
-            status = Supervisor(config, resolved, hold_fds=(lock.fileno(),) if lock else ()).run()
-        except StoreError as exc:  # the queue database cannot be reached or opened
+            # Before any worker starts: the workers take the name shared too, each for its
+            # lifetime, so that it stays claimed while any of them runs (relaygate.node_lock).
+            lock.share()
+            status = Supervisor(config, resolved, hold_fds=(lock.fileno(),)).run()
+        except (StoreError, NodeLockError) as exc:
+            # the queue database cannot be reached or opened, or the name's lock was lost
             logger.error("cannot start: %s", exc)
             status = 1
         raise SystemExit(status)
@@ -450,6 +474,9 @@ def run(
         from relaygate.workers import pinned_queue
 
         config = pinned_queue(config)
+        # Before the store opens, the listeners bind or a delivery starts: the name stays
+        # claimed while this worker runs, even if its supervisor is killed (relaygate.node_lock).
+        _lock_worker(config, worker_index, link_fd)
 
         use_session_id_stride(worker_index, MAX_WORKERS)
     try:

@@ -20,9 +20,36 @@ and a new start (which drops this node's leases) must not run beside it. A start
 directory locked by a supervisor that is gone waits for those workers to exit (at most
 `ORPHAN_WAIT` seconds).
 
-The database lock guards the start: if the connection holding it is lost (a database restart),
-the name is not claimed again until the node restarts. Server-side TCP keepalives on that
-connection let the database notice a node whose machine died within about half a minute.
+The name lock must last as long as the node's processes too, but a database lock cannot be
+inherited: each process holds its own, on a connection of its own. The order, with
+``server.workers > 1``:
+
+1. The supervisor tries the name EXCLUSIVE (``pg_try_advisory_lock``). That fails while any
+   session holds it in any mode: another node, or the workers of an earlier run of this one whose
+   supervisor was killed. The start is refused, naming the holders (`NodeLockError`).
+2. Still holding it exclusive, the supervisor takes it SHARED on the same connection (a session's
+   own locks never conflict with its requests) and then drops the exclusive hold (`share`): the
+   name is never free in between. Only then does it start workers.
+3. Each worker, before it opens the queue, listens or delivers, takes the name SHARED on a
+   connection of its own (`acquire_worker`) for its lifetime, then checks that its supervisor is
+   still alive (its link is not at EOF). If the lock is refused, or the supervisor is gone, the
+   worker exits without serving.
+
+No window: a second node gets the name only when no session holds it. The supervisor holds it from
+step 1 until it dies; a worker's hold starts while its supervisor's still lasts (the supervisor,
+alive after the worker's lock was granted, held the name since before it started that worker) and
+ends when the worker exits; so from step 1 until the last process of the node is gone, some
+process of the node holds it. A worker whose supervisor was killed before the worker took its
+lock could be granted it beside a new node (which holds the name shared after step 2): step 3's
+check makes it exit before it does anything. Two nodes starting at once race only for the
+exclusive lock of step 1, which the database grants to one of them. A single process (``workers =
+1``) keeps its exclusive lock: it has no workers.
+
+The database lock guards the start: if a connection holding it is lost (a database restart), that
+process does not take the name again; a running node keeps running and the name is claimed again
+at the node's next start (a worker its supervisor restarts takes it again, if it can). Server-side
+TCP keepalives on those connections let the database notice a process whose machine died within
+about half a minute.
 """
 
 from __future__ import annotations
@@ -34,6 +61,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +73,18 @@ LOCK_FILE = "relaygate.lock"
 #: when they see it gone, after up to stop_grace for deliveries and the sessions' grace.
 ORPHAN_WAIT = 120.0
 
+#: How many of the processes holding a name an error message lists.
+_HOLDERS_SHOWN = 4
+
 logger = logging.getLogger("relaygate")
 
-# Server-side keepalives of the connection that holds the name (seconds): a peer that vanished
+# Server-side keepalives of the connections that hold the name (seconds): a peer that vanished
 # without closing is noticed after about idle + interval * count.
 _KEEPALIVE = {"tcp_keepalives_idle": 10, "tcp_keepalives_interval": 5, "tcp_keepalives_count": 3}
+
+# The application_name of a worker's connection starts so (a supervisor's or single process's
+# with "relaygate node "): a refused start tells orphan workers from a running node by it.
+_WORKER_APP = "relaygate worker "
 
 
 class NodeLockError(Exception):
@@ -75,11 +110,56 @@ class NodeLock:
         """Take both locks or raise NodeLockError (StoreError: the database cannot be reached)."""
         self._lock_directory()
         if self.database_url:
+            host, pid = socket.gethostname(), os.getpid()
             try:
-                self._lock_name(self.database_url)
+                self._lock_name(
+                    self.database_url, f"relaygate node {self.server_name} on {host} (pid {pid})"
+                )
             except BaseException:
                 self.release()
                 raise
+
+    def share(self) -> None:
+        """A supervisor, after `acquire` and before it starts any worker: hold the name shared
+        instead of exclusive, so that its workers can take it shared too (step 2 of the module
+        doc). The shared lock is taken before the exclusive one is dropped: no other node can
+        take the name in between. StoreError: the database connection failed meanwhile."""
+        if self._conn is None:
+            return  # no database: the directory lock is all
+        import psycopg
+
+        url = self.database_url
+        assert url is not None
+        key = name_lock_key(self.server_name)
+        try:
+            row = self._conn.execute("SELECT pg_try_advisory_lock_shared(%s)", (key,)).fetchone()
+            if row is None or not row[0]:  # not expected: the exclusive holder is this session
+                raise NodeLockError(self._in_use(url, _holders(self._conn, key)))
+            self._conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        except psycopg.Error as exc:
+            raise _connect_failed(exc, url) from None
+
+    def acquire_worker(self, index: int, supervisor_alive: Callable[[], bool] | None) -> None:
+        """A worker process, before it opens the queue or serves: take the name shared, on a
+        connection of its own, for the process's lifetime (step 3 of the module doc; the
+        directory lock it inherits from its supervisor). ``supervisor_alive`` is asked once the
+        lock is granted: False means the supervisor was killed before this worker held the name
+        (another node may hold it by now), and the worker must not start. Raises NodeLockError,
+        or StoreError if the database cannot be reached."""
+        if not self.database_url:
+            return
+        # The pid before the host name: the database cuts an application name at 63 bytes.
+        me = f"{_WORKER_APP}{index} of node {self.server_name} (pid {os.getpid()})"
+        try:
+            self._lock_name(self.database_url, f"{me} on {socket.gethostname()}", shared=True)
+            if supervisor_alive is not None and not supervisor_alive():
+                raise NodeLockError(
+                    "the supervisor of this worker (relaygate serve) is gone: the worker does "
+                    "not start"
+                )
+        except BaseException:
+            self.release()
+            raise
 
     def fileno(self) -> int:
         """The locked file (for the workers to inherit: the lock lasts while any of them runs)."""
@@ -87,7 +167,12 @@ class NodeLock:
         return self._fd
 
     def release(self) -> None:
+        """Let go of what this lock holds: the name is free for others when it returns (closing
+        the connection alone leaves the database to drop the lock a moment later)."""
         if self._conn is not None:
+            with contextlib.suppress(Exception):
+                if not self._conn.broken:
+                    self._conn.execute("SELECT pg_advisory_unlock_all()")
             with contextlib.suppress(Exception):
                 self._conn.close()
             self._conn = None
@@ -155,56 +240,89 @@ class NodeLock:
                 continue
         return False
 
-    def _lock_name(self, url: str) -> None:
+    def _connect(self, url: str, application_name: str) -> Any:
+        """A connection of this lock's own (autocommit, server-side keepalives), kept in _conn."""
         import psycopg
-
-        from relaygate.queue.pg_store import _scrub, redact_url
-        from relaygate.queue.store import StoreError
-
-        me = f"relaygate node {self.server_name} on {socket.gethostname()} (pid {os.getpid()})"
-
-        def failed(exc: psycopg.Error) -> StoreError:  # as PostgresStore.open words it
-            reason = _scrub(" ".join(str(exc).split()), url)
-            return StoreError(f"cannot connect to the queue database {redact_url(url)}: {reason}")
 
         try:
             conn = psycopg.connect(
-                url, autocommit=True, connect_timeout=5, application_name=me[:63]
+                url, autocommit=True, connect_timeout=5, application_name=application_name[:63]
             )
         except psycopg.Error as exc:
-            raise failed(exc) from None
+            raise _connect_failed(exc, url) from None
         self._conn = conn
         try:
             for name, value in _KEEPALIVE.items():
                 conn.execute(f"SET {name} = {int(value)}")
-            key = name_lock_key(self.server_name)
-            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+        except psycopg.Error as exc:
+            raise _connect_failed(exc, url) from None
+        return conn
+
+    def _lock_name(self, url: str, application_name: str, *, shared: bool = False) -> None:
+        import psycopg
+
+        conn = self._connect(url, application_name)
+        key = name_lock_key(self.server_name)
+        take = "pg_try_advisory_lock_shared" if shared else "pg_try_advisory_lock"
+        try:
+            row = conn.execute(f"SELECT {take}(%s)", (key,)).fetchone()
             if row is not None and row[0]:
                 return
-            holder = self._holder(conn, key)
+            holders = _holders(conn, key)
         except psycopg.Error as exc:
-            raise failed(exc) from None
-        raise NodeLockError(
-            f"server.name {self.server_name!r} is in use by another node on the queue database "
-            f"{redact_url(url)} ({holder}); every node of a cluster needs its own server.name"
-        )
+            raise _connect_failed(exc, url) from None
+        raise NodeLockError(self._in_use(url, holders))
 
-    @staticmethod
-    def _holder(conn: Any, key: int) -> str:
-        """Who holds the name, as far as this role may see (application_name and address)."""
-        unsigned = key & 0xFFFFFFFFFFFFFFFF
-        row = conn.execute(
-            "SELECT a.application_name, a.client_addr::text, a.pid FROM pg_locks l "
-            "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
-            "AND l.granted AND l.classid::bigint = %s AND l.objid::bigint = %s "
-            "AND l.objsubid = 1",
-            (unsigned >> 32, unsigned & 0xFFFFFFFF),
-        ).fetchone()
-        if row is None:
-            return "holder not visible to this database role"
-        app, addr, pid = row
+    def _in_use(self, url: str, holders: list[tuple[str, str]]) -> str:
+        """Why a start is refused: who holds the name (application name, where), what to do."""
+        from relaygate.queue.pg_store import redact_url
+
+        where = f"server.name {self.server_name!r} is in use by another node on the queue database"
+        where += f" {redact_url(url)}"
+        if not holders:
+            return f"{where} (holder not visible to this database role); {_OWN_NAME}"
+        listed = "; ".join(f"{app}, {origin}" for app, origin in holders[:_HOLDERS_SHOWN])
+        if len(holders) > _HOLDERS_SHOWN:
+            listed += f"; and {len(holders) - _HOLDERS_SHOWN} more"
+        if all(app.startswith(_WORKER_APP) for app, _origin in holders):
+            # Only workers: their supervisor is gone (killed) and they finish their deliveries.
+            return (
+                f"{where}: worker processes of a relaygate serve that is gone still hold it while "
+                f"they finish their deliveries ({listed}); start this node once they have exited "
+                f"(they stop by themselves, or stop those relaygate serve --worker-index ... "
+                f"processes); if they belong to another node: {_OWN_NAME}"
+            )
+        return f"{where} ({listed}); {_OWN_NAME}"
+
+
+_OWN_NAME = "every node of a cluster needs its own server.name"
+
+
+def _connect_failed(exc: Exception, url: str) -> Exception:
+    """A database error as PostgresStore.open words it (a StoreError, without the password)."""
+    from relaygate.queue.pg_store import _scrub, redact_url
+    from relaygate.queue.store import StoreError
+
+    reason = _scrub(" ".join(str(exc).split()), url)
+    return StoreError(f"cannot connect to the queue database {redact_url(url)}: {reason}")
+
+
+def _holders(conn: Any, key: int) -> list[tuple[str, str]]:
+    """The processes holding a name, as far as this role may see: (application name, where), the
+    exclusive holder first, then the oldest connections."""
+    unsigned = key & 0xFFFFFFFFFFFFFFFF
+    rows = conn.execute(
+        "SELECT a.application_name, a.client_addr::text, a.pid FROM pg_locks l "
+        "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
+        "AND l.granted AND l.classid::bigint = %s AND l.objid::bigint = %s "
+        "AND l.objsubid = 1 ORDER BY l.mode = 'ExclusiveLock' DESC, a.backend_start, a.pid",
+        (unsigned >> 32, unsigned & 0xFFFFFFFF),
+    ).fetchall()
+    holders = []
+    for app, addr, pid in rows:
         where = f"from {addr}" if addr else "over a local socket"
-        return f"{app or 'an unnamed client'}, {where}, database backend pid {pid}"
+        holders.append((app or "an unnamed client", f"{where}, database backend pid {pid}"))
+    return holders
 
 
 def _alive(pid: int) -> bool:

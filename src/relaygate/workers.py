@@ -9,7 +9,12 @@ whose lease owner is ``<server.name>-w<i>``, so two workers never hold the same 
 restarted worker i takes back the leases of the worker i it replaces at once. Only worker 0 runs
 the admin listener.
 
-The supervisor (the process `relaygate serve` started) does not touch mail. It:
+The supervisor (the process `relaygate serve` started) does not touch mail. It holds the node's
+locks (`relaygate.node_lock`): the directory lock, whose file every worker inherits, and with the
+PostgreSQL queue the lock on ``server.name``, which it holds shared from before it starts any
+worker; each worker takes that one shared too, on a connection of its own, before it opens the
+queue or listens, and does not start if it cannot. So the node keeps its name and directory while
+any of its processes runs, even after a SIGKILL of the supervisor. It:
 
 * drops, before starting any worker, the queue leases this node's processes left behind (a crash,
   or a previous run with another number of workers), so nothing waits for a lease to expire;
@@ -31,7 +36,8 @@ The supervisor (the process `relaygate serve` started) does not touch mail. It:
 
 Each worker holds one end of a socketpair whose other end the supervisor keeps: the worker writes
 one JSON line when it listens, and stops by itself when it reads EOF (the supervisor is gone, even
-after a SIGKILL), so workers are never orphaned.
+after a SIGKILL), so workers are never orphaned for longer than they take to finish their
+deliveries (they keep the node's locks meanwhile).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import dataclasses
 import json
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
@@ -65,6 +72,7 @@ __all__ = [
     "heartbeat_interval",
     "pinned_queue",
     "send_heartbeat",
+    "supervisor_alive",
     "worker_ready",
 ]
 
@@ -97,6 +105,24 @@ def send_heartbeat(link: socket.socket) -> None:
     """One heartbeat line on the worker's (non-blocking) link; a full buffer skips one."""
     with contextlib.suppress(OSError):  # full (skip one), or the supervisor is gone (EOF stops us)
         link.send(b'{"alive": 1}\n')
+
+
+def supervisor_alive(link_fd: int) -> bool:
+    """Whether the supervisor at the other end of a worker's link still runs: the supervisor never
+    writes to the link, so a link with something to read is at EOF (the supervisor closed it, or
+    died, SIGKILL included: the kernel closes its end as the process exits)."""
+    link = socket.socket(fileno=link_fd)
+    try:
+        if not select.select([link], [], [], 0)[0]:
+            return True
+        try:
+            return link.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:  # reset: the other end is gone
+            return False
+    finally:
+        link.detach()  # the descriptor stays the worker's (relaygate.app._main reads it)
 
 
 def pinned_queue(config: Config) -> Config:

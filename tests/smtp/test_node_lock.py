@@ -9,6 +9,8 @@ import contextlib
 import os
 import select
 import signal
+import smtplib
+import socket
 import subprocess
 import sys
 import time
@@ -82,11 +84,11 @@ def test_name_keys_ignore_case_and_differ_between_names() -> None:
     assert name_lock_key("RELAY01") != name_lock_key("RELAY02")
 
 
-def pg_node(relay: Any, name: str, url: str) -> RelayHandle:
+def pg_node(relay: Any, name: str, url: str, *, workers: int = 1) -> RelayHandle:
     node: RelayHandle = relay(
         [relay_connector(["127.0.0.0/24"])],
         mode="process",
-        server={"name": name},
+        server={"name": name, "workers": workers},
         queue={"store": "postgresql", "database_url": url},
         start=False,
     )
@@ -234,3 +236,175 @@ def test_workers_of_a_gone_supervisor_that_do_not_stop_are_named(
     again = NodeLock(tmp_path, "RELAY01")
     again.acquire()  # they are gone: taken
     again.release()
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie no init reaps counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def _wait_gone(pids: list[int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(_gone(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"still running after {timeout:g} s: {pids}"
+        time.sleep(0.1)
+
+
+def test_the_workers_of_a_killed_supervisor_keep_the_server_name(
+    postgres_url: str, relay: Any
+) -> None:
+    """SIGKILL of the supervisor leaves its workers finishing their deliveries under their queue
+    leases. The directory lock stops a restart on this machine; a node with the same name on
+    another machine (another data_dir) takes this name's leases when it starts, so it must be
+    refused too while those workers live, and start once they are gone."""
+    first = pg_node(relay, "EDGE3", postgres_url, workers=2).start()
+    assert first.proc is not None
+    workers = _children(first.proc.pid)
+    assert len(workers) == 2
+    twin = pg_node(relay, "edge3", postgres_url)  # another data_dir: another machine
+    try:
+        refused = serve_once(twin.config_path)  # the supervisor holds the name too
+        assert refused.returncode == 1, refused.stderr
+        assert "cannot start: server.name 'edge3' is in use by another node" in refused.stderr
+        assert "relaygate node EDGE3 on " in refused.stderr
+        assert f"(pid {first.proc.pid})" in refused.stderr
+        for pid in workers:  # still delivering: they outlive their supervisor for a while
+            os.kill(pid, signal.SIGSTOP)
+        first.kill()
+        try:
+            refused = serve_once(twin.config_path, timeout=15)
+        except subprocess.TimeoutExpired:
+            pytest.fail("a node with the same server.name started beside the orphan workers")
+        assert refused.returncode == 1, refused.stderr
+        assert "RelayGate ready" not in refused.stdout
+        assert "cannot start: server.name 'edge3' is in use by another node" in refused.stderr
+        assert "worker processes of a relaygate serve that is gone still hold it" in refused.stderr
+        for index, pid in enumerate(workers):
+            assert f"relaygate worker {index} of node EDGE3 (pid " in refused.stderr
+            assert f"of node EDGE3 (pid {pid}) on " in refused.stderr
+        assert f"(pid {first.proc.pid})" not in refused.stderr
+        for pid in workers:  # they see their supervisor gone, finish and exit by themselves
+            os.kill(pid, signal.SIGCONT)
+        _wait_gone(workers, 15)
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    twin.start()
+    send_one(twin)
+    twin.kill()
+    first.start()  # the same node again, now that none of its processes runs: at once
+    send_one(first)
+
+
+def test_a_worker_that_cannot_hold_the_server_name_does_not_serve(
+    postgres_url: str, relay: Any
+) -> None:
+    """A worker takes the name shared before it opens the queue or listens: refused while
+    another node holds the name, and when its supervisor is gone (killed before the worker held
+    the name: another node may hold it shared by now), it exits without serving."""
+    node = pg_node(relay, "EDGE4", postgres_url, workers=2)
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    serve = [sys.executable, "-m", "relaygate", "serve", "--config", str(node.config_path)]
+    other = NodeLock(node.tmp / "other", "EDGE4", postgres_url)
+    other.acquire()  # another node runs with this name
+    try:
+        worker = subprocess.run(
+            [*serve, "--worker-index", "0"],
+            capture_output=True, text=True, timeout=15, env=env, cwd=node.tmp,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail("a worker served while another node held its server.name")
+    finally:
+        other.release()
+    assert worker.returncode == 1, worker.stderr
+    assert "cannot start: server.name 'EDGE4' is in use by another node" in worker.stderr
+    assert f"(pid {os.getpid()})" in worker.stderr
+    assert "RelayGate ready" not in worker.stdout
+    supervisor_end, worker_end = socket.socketpair()
+    supervisor_end.close()  # its supervisor is gone
+    with worker_end:
+        fd = str(worker_end.fileno())
+        try:
+            worker = subprocess.run(
+                [*serve, "--worker-index", "1", "--worker-link-fd", fd],
+                capture_output=True, text=True, timeout=15, env=env, cwd=node.tmp,
+                pass_fds=(worker_end.fileno(),),
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            pytest.fail("a worker whose supervisor is gone kept running")
+    assert worker.returncode == 1, worker.stderr
+    assert "cannot start: the supervisor of this worker (relaygate serve) is gone" in (
+        worker.stderr
+    )
+    assert "RelayGate ready" not in worker.stdout
+    assert not node.data_dir.exists()  # it opened nothing
+    again = NodeLock(node.tmp / "other", "EDGE4", postgres_url)
+    again.acquire()  # the refused workers hold nothing
+    again.release()
+
+
+def test_the_name_is_held_shared_from_before_the_workers_start(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """The order of relaygate.node_lock's docstring: the supervisor converts its exclusive lock
+    to shared with no gap, its workers take it shared beside it, and another node's start is
+    refused until the last of them lets go."""
+    supervisor = NodeLock(tmp_path / "a", "EDGE5", postgres_url)
+    supervisor.acquire()
+    supervisor.share()
+    worker = NodeLock(tmp_path / "a", "EDGE5", postgres_url)
+    locks = [supervisor, worker]
+    try:
+        worker.acquire_worker(0, lambda: True)
+        with pytest.raises(NodeLockError, match=r"relaygate node EDGE5 on .*relaygate worker 0"):
+            NodeLock(tmp_path / "b", "edge5", postgres_url).acquire()
+        supervisor.release()  # killed: its worker still holds the name
+        with pytest.raises(NodeLockError, match=r"worker processes of a relaygate serve that is"):
+            NodeLock(tmp_path / "b", "edge5", postgres_url).acquire()
+        worker.release()
+        other = NodeLock(tmp_path / "b", "edge5", postgres_url)
+        locks.append(other)
+        other.acquire()  # every process of the first node is gone: taken at once
+        late = NodeLock(tmp_path / "a", "EDGE5", postgres_url)
+        with pytest.raises(NodeLockError, match=r"in use by another node .*relaygate node edge5"):
+            late.acquire_worker(1, lambda: True)  # the other node's holds it exclusive
+        other.share()  # the other node's workers start
+        with pytest.raises(NodeLockError, match=r"the supervisor of this worker .* is gone"):
+            late.acquire_worker(1, lambda: False)  # granted, but its supervisor died first
+        other.release()
+        again = NodeLock(tmp_path / "c", "EDGE5", postgres_url)
+        locks.append(again)
+        again.acquire()  # the late worker let go of what it was granted
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def test_a_database_restart_does_not_stop_a_node_with_workers(relay: Any) -> None:
+    """The connections that hold the name (the supervisor's and each worker's) are dropped by a
+    database restart: the node keeps running and serving, as with one process."""
+    from tests.support.postgres import PostgresServer
+
+    with PostgresServer() as server:
+        url = server.create_database() + "?connect_timeout=2"
+        node = pg_node(relay, "EDGE6", url, workers=2).start()
+        assert node.proc is not None
+        workers = _children(node.proc.pid)
+        server.crash()
+        server.restart()
+        deadline = time.monotonic() + 20
+        while True:  # the first calls after the restart may still meet a dropped connection
+            try:
+                send_one(node)
+                break
+            except smtplib.SMTPDataError as exc:
+                assert exc.smtp_code == 451 and time.monotonic() < deadline, exc
+                time.sleep(0.5)
+        assert node.proc.poll() is None, "the supervisor stopped"
+        assert sorted(_children(node.proc.pid)) == sorted(workers), "a worker stopped"
+        node.stop()
