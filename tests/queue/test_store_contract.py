@@ -626,6 +626,76 @@ async def test_reserve_send_must_fit_every_limit(store: Store) -> None:
     assert await store.reserve_send("m365", t + 86401, 3, both) is None
 
 
+async def test_reserve_send_partial_takes_the_recipients_that_fit(store: Store) -> None:
+    """partial=True: a send that does not fit whole counts its first R recipients (R = the room
+    left) and says when the rest could go; with no room at all nothing is counted."""
+    t = 1_700_000_000.0
+    assert await store.reserve_send("m365", t, 4, [DAY], partial=True) is None  # fits: as before
+    assert await store.reserve_send("m365", t + 10, 3, [DAY]) is None
+    # 7 of 10 counted: 8 more do not fit; 3 are counted now, the other 5 need both sends out.
+    assert await store.reserve_send("m365", t + 20, 8, [DAY], partial=True) == SendWait(
+        t + 10 + 86400, DAY, reserved=3
+    )
+    # The 3 were counted: the budget is full, a one-recipient send waits for the first send.
+    assert await store.reserve_send("m365", t + 21, 1, [DAY]) == SendWait(t + 86400, DAY)
+    # Full: partial counts nothing either (reserved = 0), the answer is the usual one.
+    assert await store.reserve_send("m365", t + 21, 5, [DAY], partial=True) == SendWait(
+        t + 10 + 86400, DAY
+    )
+    # When the first send (4) has left, 4 of 5 go; the last one waits for the second send.
+    assert await store.reserve_send("m365", t + 86400, 5, [DAY], partial=True) == SendWait(
+        t + 10 + 86400, DAY, reserved=4
+    )
+    assert await store.reserve_send("m365", t + 86400, 1, [DAY]) == SendWait(t + 10 + 86400, DAY)
+    # Without partial a send that does not fit whole still counts nothing.
+    assert await store.reserve_send("other", t, 9, [DAY]) is None
+    assert await store.reserve_send("other", t + 1, 2, [DAY]) == SendWait(t + 86400, DAY)
+    assert await store.reserve_send("other", t + 2, 1, [DAY]) is None  # the 1 left is still there
+
+
+async def test_reserve_send_partial_never_passes_a_spent_message_limit(store: Store) -> None:
+    t = 1_700_000_000.0
+    one = SendLimit(60.0, max_messages=1)
+    both = [one, DAY]
+    assert await store.reserve_send("m365", t, 6, both, partial=True) is None
+    # The message limit is spent: nothing is counted although 4 recipients would fit.
+    assert await store.reserve_send("m365", t + 1, 5, both, partial=True) == SendWait(
+        t + 86400, DAY
+    )
+    # A minute later the message limit has room: 4 of 5 go, and the rest waits for the day
+    # (the send just counted also holds the minute, the later of the two is the answer).
+    assert await store.reserve_send("m365", t + 61, 5, both, partial=True) == SendWait(
+        t + 86400, DAY, reserved=4
+    )
+    assert await store.reserve_send("m365", t + 200, 1, both, partial=True) == SendWait(
+        t + 86400, DAY
+    )
+
+
+async def test_two_clients_reserving_partially_at_once_never_exceed_a_budget(
+    new_store: Callable[[], Store],
+) -> None:
+    a, b = new_store(), new_store()
+    await a.open()
+    await b.open()
+    try:
+        now = time.time()
+        limits = [SendLimit(86400.0, max_recipients=20)]
+
+        async def one(s: Store, i: int) -> int:
+            wait = await s.reserve_send("shared", now + i * 1e-6, 3, limits, partial=True)
+            return 3 if wait is None else wait.reserved
+
+        granted = await asyncio.gather(
+            *(one(a, i) for i in range(0, 20, 2)), *(one(b, i) for i in range(1, 20, 2))
+        )
+        # 6 sends of 3, one of the last 2, then nothing: exactly the budget.
+        assert sum(granted) == 20
+        assert sorted(granted, reverse=True)[:8] == [3, 3, 3, 3, 3, 3, 2, 0]
+    finally:
+        await asyncio.gather(a.close(), b.close())
+
+
 async def test_purge_prunes_old_send_records(store: Store) -> None:
     old = time.time() - SEND_LOG_RETENTION - 100
     assert await store.reserve_send("m365", old, 1, [SendLimit(60.0, max_messages=1)]) is None

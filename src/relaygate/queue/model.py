@@ -223,10 +223,16 @@ class SendLimit:
 class SendWait:
     """``reserve_send``'s answer when a send does not fit: it could at ``until`` (when enough
     of the oldest counted sends have left the windows), ``limit`` being the one that holds it
-    longest."""
+    longest.
+
+    ``reserved``: with ``reserve_send(..., partial=True)``, how many of its recipients were
+    counted now all the same (the first ones, as many as the recipient limits had room for: the
+    caller sends those now); ``until`` and ``limit`` are then about the rest. 0: nothing was
+    counted (always so without ``partial``)."""
 
     until: float
     limit: SendLimit
+    reserved: int = 0
 
 
 def message_status(suspended: bool, statuses: list[RecipientStatus]) -> RecipientStatus:

@@ -314,6 +314,48 @@ def _list_filters(
     return ("WHERE " + " AND ".join(clauses) if clauses else ""), args
 
 
+def _send_wait(
+    conn: sqlite3.Connection,
+    key: str,
+    now: float,
+    recipients: int,
+    limits: tuple[SendLimit, ...],
+) -> tuple[SendWait | None, int]:
+    """Whether a send of ``recipients`` fits the budget ``key`` at ``now`` (None) or when it
+    will (``Store.reserve_send``), and the room for recipients left now: 0 when a message limit
+    is spent, else the least any recipient limit has left (``recipients`` with none)."""
+    wait: SendWait | None = None
+    room = recipients
+    for lim in limits:
+        since = now - lim.window
+        count, total = conn.execute(
+            "SELECT count(*), coalesce(sum(recipients), 0) FROM send_log WHERE key = ? AND at > ?",
+            (key, since),
+        ).fetchone()
+        when: float | None = None
+        if lim.max_messages is not None and count + 1 > lim.max_messages:
+            room = 0
+            # the (count - max + 1)-th oldest send must leave the window
+            row = conn.execute(
+                "SELECT at FROM send_log WHERE key = ? AND at > ? ORDER BY at LIMIT 1 OFFSET ?",
+                (key, since, count - lim.max_messages),
+            ).fetchone()
+            when = row[0] + lim.window
+        if lim.max_recipients is not None:
+            room = min(room, max(0, lim.max_recipients - total))
+            if total + recipients > lim.max_recipients:
+                row = conn.execute(
+                    "SELECT at FROM (SELECT at, sum(recipients) OVER (ORDER BY at) AS freed "
+                    "FROM send_log WHERE key = ? AND at > ?) WHERE freed >= ? "
+                    "ORDER BY at LIMIT 1",
+                    (key, since, total + recipients - lim.max_recipients),
+                ).fetchone()
+                when = max(when or 0.0, row[0] + lim.window)
+        if when is not None and (wait is None or when > wait.until):
+            wait = SendWait(when, lim)
+    return wait, room
+
+
 class SqliteStore(Store):
     """The single-node queue store. See the module docstring for the design."""
 
@@ -1008,42 +1050,25 @@ class SqliteStore(Store):
         now: float,
         recipients: int,
         limits: tuple[SendLimit, ...],
+        partial: bool,
     ) -> SendWait | None:
         # The writer runs one transaction at a time (and, with several processes, under the
         # writer flock / BEGIN IMMEDIATE): the count and the insert cannot interleave with
         # another reservation's.
-        wait: SendWait | None = None
-        for lim in limits:
-            since = now - lim.window
-            count, total = conn.execute(
-                "SELECT count(*), coalesce(sum(recipients), 0) FROM send_log "
-                "WHERE key = ? AND at > ?",
-                (key, since),
-            ).fetchone()
-            when: float | None = None
-            if lim.max_messages is not None and count + 1 > lim.max_messages:
-                # the (count - max + 1)-th oldest send must leave the window
-                row = conn.execute(
-                    "SELECT at FROM send_log WHERE key = ? AND at > ? ORDER BY at LIMIT 1 OFFSET ?",
-                    (key, since, count - lim.max_messages),
-                ).fetchone()
-                when = row[0] + lim.window
-            if lim.max_recipients is not None and total + recipients > lim.max_recipients:
-                row = conn.execute(
-                    "SELECT at FROM (SELECT at, sum(recipients) OVER (ORDER BY at) AS freed "
-                    "FROM send_log WHERE key = ? AND at > ?) WHERE freed >= ? "
-                    "ORDER BY at LIMIT 1",
-                    (key, since, total + recipients - lim.max_recipients),
-                ).fetchone()
-                when = max(when or 0.0, row[0] + lim.window)
-            if when is not None and (wait is None or when > wait.until):
-                wait = SendWait(when, lim)
-        if wait is not None:
+        wait, room = _send_wait(conn, key, now, recipients, limits)
+        if wait is None:
+            room = recipients
+        elif not partial or room < 1:
             return wait
         conn.execute(
-            "INSERT INTO send_log (key, at, recipients) VALUES (?, ?, ?)", (key, now, recipients)
+            "INSERT INTO send_log (key, at, recipients) VALUES (?, ?, ?)", (key, now, room)
         )
-        return None
+        if wait is None:
+            return None
+        # Partial: the first `room` recipients are counted; when could the others go?
+        rest, _ = _send_wait(conn, key, now, recipients - room, limits)
+        assert rest is not None  # the tightest recipient limit is full now
+        return SendWait(rest.until, rest.limit, room)
 
     # ------------------------------------------------------------------ public API: writes
 
@@ -1191,14 +1216,20 @@ class SqliteStore(Store):
         return await self._write(self._op_purge, older_than, time.time() - SEND_LOG_RETENTION)
 
     async def reserve_send(
-        self, key: str, now: float, recipients: int, limits: Sequence[SendLimit]
+        self,
+        key: str,
+        now: float,
+        recipients: int,
+        limits: Sequence[SendLimit],
+        *,
+        partial: bool = False,
     ) -> SendWait | None:
         for lim in limits:
             lim.check(recipients)
         # Not fsync'd (as leases): a power cut may forget the last reservations, which at worst
         # lets a few more sends through in that window; a crash of this process forgets nothing.
         return await self._write(
-            self._op_reserve_send, key, now, recipients, tuple(limits), durable=False
+            self._op_reserve_send, key, now, recipients, tuple(limits), partial, durable=False
         )
 
     # ------------------------------------------------------------------ public API: reads

@@ -293,7 +293,13 @@ class Store(Protocol):
         ...
 
     async def reserve_send(
-        self, key: str, now: float, recipients: int, limits: Sequence[SendLimit]
+        self,
+        key: str,
+        now: float,
+        recipients: int,
+        limits: Sequence[SendLimit],
+        *,
+        partial: bool = False,
     ) -> SendWait | None:
         """Reserve one send of ``recipients`` recipients against the budget ``key`` (a send
         connector's pacing limits, shared by all the clients of this store) at the unix time
@@ -302,6 +308,14 @@ class Store(Protocol):
         ``None``; otherwise count nothing and return a :class:`SendWait`: the earliest time at
         which the oldest counted sends will have left the windows far enough for it to fit (if
         nobody else sends meanwhile), and the limit that holds it longest.
+        ``partial``: a send that does not fit whole takes what room is left instead, when every
+        message limit has room for it and the recipient limits for at least one recipient: one
+        send of the first R recipients is counted at ``now`` (R = the room left under the
+        tightest recipient limit, 1 <= R < ``recipients``) and the answer is a
+        :class:`SendWait` with ``reserved = R`` whose ``until``/``limit`` say when the other
+        ``recipients - R`` could go (as if asked for them right after). Without room for one
+        recipient, or a message limit spent, nothing is counted (``reserved = 0``), as without
+        ``partial``.
         A reservation is never given back (the caller sends, or its upstream may have counted the
         attempt). ``purge_completed`` prunes the records (a window is at most
         ``SEND_LOG_RETENTION``). ``ValueError`` for a send that can never fit (more recipients
