@@ -8,6 +8,7 @@ monkeypatch (the relay runs in this process); they are not configuration keys.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -139,7 +140,7 @@ async def test_max_messages_per_minute_holds_the_rest_until_the_window_frees(
         assert not home.handler.messages  # no delay notice, no NDR
 
 
-async def test_max_recipients_per_day_holds_a_message_that_does_not_fit(
+async def test_max_recipients_per_day_sends_what_fits_and_holds_the_rest(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     window = 3.0
@@ -148,25 +149,132 @@ async def test_max_recipients_per_day_holds_a_message_that_does_not_fit(
         handler: TimedHandler = up.handler  # type: ignore[assignment]
         await send(relay, SENDER, ["a1@example.com", "a2@example.com", "a3@example.com"], body(1))
         await wait_for(lambda: handler.messages)
-        # 3 of 4 spent: a message to 2 does not fit, one to 1 does.
+        # 3 of 4 spent: of a message to 2, the first goes now and the other waits.
         await send(relay, SENDER, ["b1@example.com", "b2@example.com"], body(2))
-
-        async def b_paced() -> Any:
-            rs = recipients(await relay.store.list_messages())
-            b1 = rs.get("b1@example.com")
-            return b1 if b1 is not None and b1.status is RETRY else None
-
-        b1 = await wait_for(b_paced, timeout=window - 1)
-        assert "reached max_recipients_per_day (4)" in b1.last_error
-        assert b1.attempts == 0
-        assert b1.next_attempt is not None and b1.next_attempt <= handler.arrived[0] + window
-        await send(relay, SENDER, ["c1@example.com"], body(3))
         await wait_for(lambda: len(handler.messages) == 2, timeout=window - 1)
-        assert handler.messages[1]["rcpt_tos"] == ["c1@example.com"]
-        # b's two recipients go when a's three have left the window.
+        assert handler.messages[1]["rcpt_tos"] == ["b1@example.com"]
+
+        async def b2_paced() -> Any:
+            rs = recipients(await relay.store.list_messages())
+            b2 = rs.get("b2@example.com")
+            return b2 if b2 is not None and b2.status is RETRY else None
+
+        b2 = await wait_for(b2_paced, timeout=window - 1)
+        assert "reached max_recipients_per_day (4)" in b2.last_error
+        assert b2.attempts == 0
+        assert b2.next_attempt is not None and b2.next_attempt <= handler.arrived[0] + window
+        # The budget is spent: a message to one waits as well.
+        await send(relay, SENDER, ["c1@example.com"], body(3))
+        await wait_for(b2_paced)
+        assert len(handler.messages) == 2
+        # b2 and c1 go when a's three have left the window.
+        await wait_for(lambda: len(handler.messages) == 4, timeout=window + 5)
+        assert sorted(r for m in handler.messages[2:] for r in m["rcpt_tos"]) == [
+            "b2@example.com",
+            "c1@example.com",
+        ]
+        assert min(handler.arrived[2:]) >= handler.arrived[0] + window - 0.2
+
+
+async def test_a_message_bigger_than_the_budget_left_sends_what_fits_now(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Budget 100 a day, 70 spent: a message to 80 sends its first 30 now, in one transaction;
+    the other 50 wait (Retry, not attempted) and go when the 70 leave the window. No recipient
+    is sent twice."""
+    window = 3.0
+    monkeypatch.setattr(pacing, "RECIPIENT_WINDOW", window)
+    async with running(tmp_path, _extra("max_recipients_per_day = 100")) as (relay, up, home):
+        handler: TimedHandler = up.handler  # type: ignore[assignment]
+        await send(relay, SENDER, [f"early{i}@example.com" for i in range(70)], body(1))
+        await wait_for(lambda: handler.messages)
+        big = [f"r{i}@example.com" for i in range(80)]
+        await send(relay, SENDER, big, body(2))
+        await wait_for(lambda: len(handler.messages) == 2, timeout=window - 1)
+        assert handler.messages[1]["rcpt_tos"] == big[:30]
+
+        async def fifty_paced() -> list[Any]:
+            rs = recipients(await relay.store.list_messages())
+            held = [rs[a] for a in big[30:] if rs[a].status is RETRY]
+            return held if len(held) == 50 else []
+
+        held = await wait_for(fifty_paced, timeout=window - 1)
+        assert len(handler.messages) == 2
+        rs = recipients(await relay.store.list_messages())
+        assert all(rs[a].status is DONE and rs[a].attempts == 1 for a in big[:30])
+        for r in held:
+            assert r.last_error == (
+                '451 4.4.2 QUEUE.Paced; send connector "M365" reached max_recipients_per_day '
+                "(100); the message waits in the queue until the rolling window frees"
+            )
+            assert r.attempts == 0
+            # due when the 70 leave the window (then 50 fit)
+            assert r.next_attempt is not None
+            assert r.next_attempt <= handler.arrived[0] + window
         await wait_for(lambda: len(handler.messages) == 3, timeout=window + 5)
-        assert handler.messages[2]["rcpt_tos"] == ["b1@example.com", "b2@example.com"]
+        assert handler.messages[2]["rcpt_tos"] == big[30:]
         assert handler.arrived[2] >= handler.arrived[0] + window - 0.2
+
+        async def all_done() -> bool:
+            rs = recipients(await relay.store.list_messages())
+            return all(rs[a].status is DONE for a in big)
+
+        await wait_for(all_done)
+        rs = recipients(await relay.store.list_messages())
+        assert {rs[a].attempts for a in big} == {1}
+        sent = [r for m in handler.messages for r in m["rcpt_tos"]]
+        assert len(sent) == len(set(sent)) == 150  # nobody twice
+        assert not home.handler.messages
+
+
+async def test_a_big_message_is_not_starved_by_one_recipient_sends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The budget's other user (another node of the cluster sharing it, sending one-recipient
+    messages) takes every freed slot half a second after it frees. A message to 3 that waited
+    for 3 free slots at once would wait for ever; it takes each slot there is when it is due
+    (the relay scans every 0.2 s) and is all sent within a few windows."""
+    window = 3.0
+    monkeypatch.setattr(pacing, "RECIPIENT_WINDOW", window)
+    async with running(tmp_path, _extra("max_recipients_per_day = 3")) as (relay, up, _home):
+        handler: TimedHandler = up.handler  # type: ignore[assignment]
+        (connector,) = [c for c in relay.config.send_connectors if c.name == "M365"]
+        key, limits = pacing.budget_key(connector), pacing.limits_for(connector)
+        taken: list[float] = []
+
+        async def other_node_takes_one() -> Any:
+            wait = await relay.store.reserve_send(key, time.time(), 1, limits)
+            if wait is None:
+                taken.append(time.time())
+            return wait
+
+        # The other node has used the day's budget, one send a second.
+        for _ in range(3):
+            assert await other_node_takes_one() is None
+            await asyncio.sleep(1.0)
+        big = ["big0@example.com", "big1@example.com", "big2@example.com"]
+        await send(relay, SENDER, big, body(1))
+
+        async def competitor() -> None:
+            deadline = time.monotonic() + 5 * window
+            while time.monotonic() < deadline:  # bounded
+                wait = await other_node_takes_one()
+                if wait is not None:  # spent: back half a second after a slot frees
+                    await asyncio.sleep(max(0.0, wait.until - time.time()) + 0.5)
+
+        task = asyncio.create_task(competitor())
+        try:
+            await wait_for(
+                lambda: sorted(r for m in handler.messages for r in m["rcpt_tos"]) == big,
+                timeout=4 * window,
+            )
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert len(taken) >= 4  # the other node kept sending meanwhile
+        rs = recipients(await relay.store.list_messages())
+        assert all(rs[a].status is DONE and rs[a].attempts == 1 for a in big)
 
 
 async def test_more_recipients_than_a_days_budget_go_in_batches(

@@ -16,7 +16,8 @@ durably before it forgets the message:
   reload resubmits it at once;
 * 5xx → Failed, and an NDR;
 * a send connector's pacing budget spent (``max_messages_per_minute``, ``max_recipients_per_day``,
-  `relaygate.queue.pacing`) → not attempted: Retry until the window frees, with a
+  `relaygate.queue.pacing`; what is left of a day's budget is taken by the first recipients of a
+  transaction bigger than it) → not attempted: Retry until the window frees, with a
   ``451 4.4.2 QUEUE.Paced; ...`` last error; no retry is used up (the attempt count, and so the
   retry interval, is left as it was), but the delay notice and the expiry still come on time;
 * still pending ``delay_notification_timeout`` after arrival → one delay notice (DSN, delayed);
@@ -640,8 +641,35 @@ class QueueManager:
         limits = pacing.limits_for(connector)
         if not limits:  # the usual case: no pacing, no store call
             return await self._send(msg, connector, hops, credentials, addrs, data, crlf_only)
-        # Pacing: one reservation per SMTP transaction, made before it is attempted. A send that
-        # then fails keeps its reservation (the upstream may well have counted it).
+        sent, held, wait = await self._paced_send(
+            msg, connector, limits, hops, credentials, addrs, data, crlf_only
+        )
+        if wait is None:
+            return sent
+        reply = pacing.paced_reply(connector, wait.limit)
+        retry_at = self._retry_at(pacing.budget_key(connector), wait)
+        sent += [
+            RouteResult(a, reply, PACED, name, source="QUEUE", retry_at=retry_at) for a in held
+        ]
+        return sent
+
+    async def _paced_send(
+        self,
+        msg: StoredMessage,
+        connector: Any,
+        limits: tuple[Any, ...],
+        hops: Any,
+        credentials: Any,
+        addrs: list[str],
+        data: bytes,
+        crlf_only: bool,
+    ) -> tuple[list[RouteResult], list[str], SendWait | None]:
+        """Send what the connector's budget lets go now: one reservation per SMTP transaction,
+        made before it is attempted (a send that then fails keeps its reservation: the upstream
+        may well have counted it). A transaction the budget has only some room left for takes
+        that room: its first recipients go now. Returns the results, the recipients held back
+        (in order) and the budget's answer for them (None: none held back)."""
+        name = str(connector.name)
         sent: list[RouteResult] = []
         batches = pacing.batches(addrs, connector)
         for i, batch in enumerate(batches):
@@ -660,36 +688,37 @@ class QueueManager:
                     for rest in batches[i:]
                     for a in rest
                 ]
-                break
-            if wait is not None:
-                reply = pacing.paced_reply(connector, wait.limit)
-                retry_at = self._retry_at(pacing.budget_key(connector), wait)
-                sent += [
-                    RouteResult(a, reply, PACED, name, source="QUEUE", retry_at=retry_at)
-                    for rest in batches[i:]
-                    for a in rest
-                ]
-                break
-            sent += await self._send(msg, connector, hops, credentials, batch, data, crlf_only)
-        return sent
+                return sent, [], None
+            if wait is None:
+                sent += await self._send(msg, connector, hops, credentials, batch, data, crlf_only)
+                continue
+            if wait.reserved:  # the budget's last room: the first recipients now
+                now_ = batch[: wait.reserved]
+                sent += await self._send(msg, connector, hops, credentials, now_, data, crlf_only)
+            held = batch[wait.reserved :] + [a for rest in batches[i + 1 :] for a in rest]
+            return sent, held, wait
+        return sent, [], None
 
     async def _reserve(
         self, connector: Any, limits: tuple[Any, ...], recipients: int
     ) -> SendWait | None:
-        """A slot in the connector's budget (None), or when it will have one."""
+        """A slot in the connector's budget (None), or when it will have one (with
+        ``reserved`` > 0: a slot for that many of the recipients, the first ones)."""
         key = pacing.budget_key(connector)
         now = self.clock()
         known = self._paced_until.get(key)
         if known is not None and now < known.until:
             return known  # the store said so: no slot frees before then
-        wait = await self.store.reserve_send(key, now, recipients, limits)
-        if wait is None:
+        # partial: a transaction that does not fit whole takes what is left of a recipient
+        # budget (a big message is not starved by the small ones that keep using each freed slot)
+        wait = await self.store.reserve_send(key, now, recipients, limits, partial=True)
+        if wait is None or wait.reserved:
             self._paced_until.pop(key, None)
             self._paced_count.pop(key, None)
-        elif wait.limit.max_messages is not None:
+        if wait is not None and wait.limit.max_messages is not None:
             # Only a message limit holds every send back alike (a smaller one may still fit
             # a recipient budget).
-            self._paced_until[key] = wait
+            self._paced_until[key] = replace(wait, reserved=0)
         return wait
 
     def _retry_at(self, key: str, wait: SendWait) -> float:

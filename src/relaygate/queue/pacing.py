@@ -5,7 +5,10 @@ The budget is counted in the queue store, so every worker process of a node and 
 cluster (``queue.store = "postgresql"``) share it, as the quota belongs to the upstream mailbox.
 The queue manager reserves a slot before each SMTP transaction through a limited connector; a
 transaction that does not fit is not attempted: its recipients stay queued (Retry) until the
-window frees, without using up a retry. A connector without limits costs nothing: no store call.
+window frees, without using up a retry. One that fits only in part (fewer recipients left in the
+day's budget than it has) takes what is left: its first recipients go now, the rest wait (so a
+message to many recipients is not starved by small ones taking each freed slot). A connector
+without limits costs nothing: no store call.
 
 Pure functions, no I/O.
 """
@@ -56,7 +59,8 @@ def budget_key(connector: Any) -> str:
 def batches(addresses: list[str], connector: Any) -> list[list[str]]:
     """The transactions a route's recipients go in: one, unless they are more than
     ``max_recipients_per_day`` (they could never fit one day's budget): then batches of at most
-    that many, each reserved and sent on its own, the later ones when the window allows."""
+    that many, each reserved and sent on its own, the later ones when the window allows (a batch
+    that fits only in part sends its first recipients, ``Store.reserve_send(partial=True)``)."""
     per_day = getattr(connector, "max_recipients_per_day", None)
     if per_day is None or len(addresses) <= per_day:
         return [addresses]
