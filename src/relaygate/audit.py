@@ -428,7 +428,20 @@ _M365_SUBMISSION = ("smtp.office365.com", "smtp-legacy.office365.com", "smtp.off
 
 def _send_connector_findings(config: Config) -> Iterator[Finding]:
     """Microsoft 365 SMTP AUTH through one mailbox: what it refuses that a relay can avoid."""
+    by_name = {c.name.lower(): c for c in config.send_connectors}
     for i, s in enumerate(config.send_connectors):
+        overflow = by_name.get(s.overflow_connector.lower()) if s.overflow_connector else None
+        if s.enabled and overflow is not None and not overflow.enabled:
+            # `check` accepts it (disabling a route must not break the file that names it)
+            yield Finding(
+                "low",
+                "overflow-disabled",
+                f'send connector "{s.name}"',
+                f"send_connectors[{i}].overflow_connector",
+                f'the overflow connector "{overflow.name}" is disabled: what this connector\'s '
+                "pacing holds back waits in the queue instead of spilling over",
+                f'enable send connector "{overflow.name}", or name another overflow_connector',
+            )
         hosts = set()
         for entry in s.smart_hosts:
             try:  # as `check` and delivery read it: any case, a final dot, a port

@@ -232,6 +232,14 @@ def test_send_connector_rows_show_their_pacing() -> None:
     )
     rows = {r["name"]: r["pacing"] for r in send_connector_rows(cfg)}
     assert rows == {"M365": "30 messages/minute", "MX": "unlimited"}
+    spill = parse_text(
+        '[[send_connectors]]\nname = "M365"\naddress_spaces = ["*"]\n'
+        'max_messages_per_minute = 30\noverflow_connector = "MX"\n'
+        '[[send_connectors]]\nname = "MX"\naddress_spaces = ["x.example"]\n',
+        "t.toml",
+    )
+    rows = {r["name"]: r["pacing"] for r in send_connector_rows(spill)}
+    assert rows["M365"] == '30 messages/minute, then via "MX" (overflow_connector)'
     sent_as = {r["name"]: r["send_as"] for r in send_connector_rows(cfg)}
     assert sent_as == {"M365": "relay@corp.example", "MX": ""}
 

@@ -474,3 +474,22 @@ def test_microsoft_365_is_recognised_as_check_reads_the_host_and_the_key_is_the_
     per_day = M365 + 'send_as = "relay@corp.example"\nmax_recipients_per_day = 10000\n'
     (quota,) = audit(config(CLEAN + per_day))
     assert quota.key == "send_connectors[0].max_messages_per_minute"
+
+
+def test_an_overflow_connector_that_is_disabled_is_low() -> None:
+    """`check` accepts a disabled overflow_connector (it is skipped while disabled): audit
+    says that nothing spills over meanwhile."""
+    text = CLEAN + (
+        '[[send_connectors]]\nname = "M365"\naddress_spaces = ["*"]\n'
+        'max_recipients_per_day = 10000\noverflow_connector = "ESP"\n'
+        '[[send_connectors]]\nname = "ESP"\naddress_spaces = ["esp.example"]\n'
+    )
+    assert audit(config(text)) == []
+    (finding,) = audit(config(text + "enabled = false\n"))
+    assert (finding.severity, finding.code, finding.connector) == (
+        "low",
+        "overflow-disabled",
+        'send connector "M365"',
+    )
+    assert finding.key == "send_connectors[0].overflow_connector"
+    assert '"ESP" is disabled' in finding.message

@@ -372,6 +372,66 @@ def test_relaygate_check_refuses_bad_pacing_limits(tmp_path: Path) -> None:
     assert "3 error(s)" in out, out
 
 
+_SPILL = (
+    _SEND.format(hosts='"10.0.0.9"')
+    + "max_recipients_per_day = 10000\n{overflow}"
+    + '\n[[send_connectors]]\nname = "ESP"\naddress_spaces = ["esp.example"]\n'
+    + "{esp}"
+)
+
+
+def test_overflow_connector_names_another_send_connector_any_case() -> None:
+    config = parse_text(_SPILL.format(overflow='overflow_connector = "esp"\n', esp=""), "s.toml")
+    assert config.send_connectors[0].overflow_connector == "esp"
+    assert config.send_connectors[1].overflow_connector == ""  # the default: none
+    # A disabled one is accepted (skipped while disabled; `relaygate audit` says so).
+    parse_text(
+        _SPILL.format(overflow='overflow_connector = "ESP"\n', esp="enabled = false\n"), "s.toml"
+    )
+
+
+@pytest.mark.parametrize(
+    ("overflow", "expected"),
+    [
+        (
+            "Backup",
+            "s.toml: send_connectors[0] \"Out\": overflow_connector: 'Backup' is not a send "
+            "connector (send connectors: 'ESP')",
+        ),
+        (
+            "out",
+            's.toml: send_connectors[0] "Out": overflow_connector: names the connector itself; '
+            "name another send connector",
+        ),
+    ],
+)
+def test_a_bad_overflow_connector_is_refused_naming_connector_and_key(
+    overflow: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_text(_SPILL.format(overflow=f'overflow_connector = "{overflow}"\n', esp=""), "s.toml")
+    assert [str(p) for p in info.value.problems] == [expected]
+
+
+def test_relaygate_check_refuses_an_unknown_overflow_connector(tmp_path: Path) -> None:
+    path = tmp_path / "relaygate.toml"
+    path.write_text(
+        _SPILL.format(overflow="", esp='overflow_connector = "Second route"\n'), encoding="utf-8"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "relaygate", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done
+    out = done.stdout + done.stderr
+    assert (
+        f"{path}: send_connectors[1] \"ESP\": overflow_connector: 'Second route' is not a send "
+        "connector" in out
+    ), out
+
+
 def test_the_postgresql_queue_refuses_a_max_message_size_it_cannot_store() -> None:
     """PostgreSQL keeps a value of at most 1 GB: with a max_message_size above it (the config
     allows 2 GB) such a message would be received whole, then refused at its submit (a 451),

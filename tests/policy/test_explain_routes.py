@@ -131,6 +131,26 @@ def test_the_route_shows_the_send_connectors_pacing() -> None:
     assert routes["b@eu.partner.example"]["pacing"] == "unlimited"
 
 
+def test_the_route_shows_the_send_connectors_overflow_connector() -> None:
+    spill = CONFIG.replace(
+        'smart_hosts = ["corp-example.mail.protection.outlook.com"]\n',
+        'smart_hosts = ["corp-example.mail.protection.outlook.com"]\n'
+        'max_recipients_per_day = 10000\noverflow_connector = "Partner by MX"\n',
+    )
+    result = explain(
+        parse_text(spill, "routes.toml"),
+        client_ip="10.0.0.5",
+        local=("0.0.0.0", 25),
+        sender="scanner@corp.example",
+        recipients=["a@gmail.com"],
+    ).to_dict()
+    (route,) = [r["route"] for r in result["recipients"]]
+    assert route["connector"] == "To Microsoft 365"
+    assert route["pacing"] == (
+        '10000 recipients/day, then via "Partner by MX" (overflow_connector)'
+    )
+
+
 def test_the_route_shows_the_send_connectors_send_as() -> None:
     as_mailbox = CONFIG.replace(
         'smart_hosts = ["corp-example.mail.protection.outlook.com"]\n',

@@ -230,6 +230,10 @@ class SendConnector:
     max_messages_per_minute: int | None = UNLIMITED
     #: The same for recipients in any rolling 24 hours (Microsoft 365: 10,000 per mailbox).
     max_recipients_per_day: int | None = UNLIMITED
+    #: Spill-over (RelayGate's own): the name of another send connector that takes a transaction
+    #: this one's pacing holds back (its smart hosts or MX, its auth, send_as and own budget;
+    #: followed on through its own overflow_connector). "" = none: the mail waits.
+    overflow_connector: str = ""
     #: The mailbox every message through this connector is sent as (MAIL FROM and the From
     #: header's address; the writer's address kept as display name and Reply-To): what Microsoft
     #: 365 SMTP AUTH with one mailbox requires (554 5.2.252 SendAsDenied otherwise). "" = as

@@ -364,6 +364,7 @@ def validate(
                 )
             )
         send_names.setdefault(s.name.lower(), si)
+    problems.extend(_overflow_rules(config, lambda i: at("send_connectors", i)))
 
     for n, k in enumerate(config.dkim):
         i = at("dkim", n)
@@ -385,6 +386,38 @@ def validate(
     except ValueError as exc:
         problems.append(Problem(src, "admin.listen", str(exc)))
     problems.extend(_queue_rules(config, lambda i: at("receive_connectors", i)))
+    return problems
+
+
+def _overflow_rules(config: Config, position: Callable[[int], int]) -> list[Problem]:
+    """``overflow_connector``: another send connector's name (any case), not the connector's own.
+    A disabled one is accepted (disabling a route must not break the file that names it): it is
+    skipped while disabled, and ``relaygate audit`` says so."""
+    src = config.source
+    names = {s.name.lower() for s in config.send_connectors}
+    problems: list[Problem] = []
+    for i, s in enumerate(config.send_connectors):
+        target = s.overflow_connector
+        if not target:
+            continue
+        path = f"send_connectors[{position(i)}].overflow_connector"
+        if target.lower() == s.name.lower():
+            problems.append(
+                Problem(
+                    src, path, "names the connector itself; name another send connector", s.name
+                )
+            )
+        elif target.lower() not in names:
+            known = ", ".join(repr(c.name) for c in config.send_connectors if c is not s)
+            problems.append(
+                Problem(
+                    src,
+                    path,
+                    f"{s.overflow_connector!r} is not a send connector"
+                    + (f" (send connectors: {known})" if known else ""),
+                    s.name,
+                )
+            )
     return problems
 
 

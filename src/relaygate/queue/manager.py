@@ -60,7 +60,14 @@ from relaygate.delivery.credentials import Credentials, CredentialsError
 from relaygate.delivery.dns import Resolver
 from relaygate.delivery.nexthop import NextHopError, resolve_next_hops
 from relaygate.delivery.oauth import OAuthTokenProvider
-from relaygate.delivery.routing import RouteKey, RouteTable, domain_of, explain_route
+from relaygate.delivery.routing import (
+    DELIVERY_SMART_HOST,
+    RouteKey,
+    RouteTable,
+    domain_of,
+    explain_route,
+    route_key_for,
+)
 from relaygate.delivery.send_as import rewrite_headers
 from relaygate.delivery.wire import prepare_data
 from relaygate.queue import pacing
@@ -535,7 +542,9 @@ class QueueManager:
             send_as = _send_as(key)
             route_data, route_crlf = (sent_as[send_as], False) if send_as else (to_send, crlf_only)
             try:
-                results = await self._deliver_route(msg, key, addrs, route_data, route_crlf)
+                results = await self._deliver_route(
+                    msg, key, addrs, route_data, route_crlf, data, received_crlf
+                )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -608,8 +617,18 @@ class QueueManager:
         return bytes(result.data)
 
     async def _deliver_route(
-        self, msg: StoredMessage, key: RouteKey, addrs: list[str], data: bytes, crlf_only: bool
+        self,
+        msg: StoredMessage,
+        key: RouteKey,
+        addrs: list[str],
+        data: bytes,
+        crlf_only: bool,
+        original: bytes,
+        original_crlf: bool,
     ) -> list[RouteResult]:
+        """One route's recipients: ``data`` as this route sends it (signed, sent as its
+        ``send_as``); ``original``: the message as stored (for an overflow connector that sends
+        it otherwise)."""
         if key.is_unreachable:
             out = []
             for a in addrs:
@@ -646,11 +665,21 @@ class QueueManager:
         )
         if wait is None:
             return sent
-        reply = pacing.paced_reply(connector, wait.limit)
-        retry_at = self._retry_at(pacing.budget_key(connector), wait)
-        sent += [
-            RouteResult(a, reply, PACED, name, source="QUEUE", retry_at=retry_at) for a in held
-        ]
+        # Held back by the budget: through the overflow connector(s) when there are some, else
+        # (and for whatever they hold back too) they wait in the queue.
+        spent = [(connector, wait)]
+        if getattr(connector, "overflow_connector", ""):
+            spilled, held = await self._overflow(
+                msg, connector, held, spent, data, crlf_only, original, original_crlf
+            )
+            sent += spilled
+        if held:
+            reply = pacing.paced_reply(connector, wait.limit)
+            # due when the first of the spent connectors has room again
+            retry_at = min(self._retry_at(pacing.budget_key(c), w) for c, w in spent)
+            sent += [
+                RouteResult(a, reply, PACED, name, source="QUEUE", retry_at=retry_at) for a in held
+            ]
         return sent
 
     async def _paced_send(
@@ -698,6 +727,129 @@ class QueueManager:
             held = batch[wait.reserved :] + [a for rest in batches[i + 1 :] for a in rest]
             return sent, held, wait
         return sent, [], None
+
+    async def _overflow(
+        self,
+        msg: StoredMessage,
+        first: Any,
+        held: list[str],
+        spent: list[tuple[Any, SendWait]],
+        data: bytes,
+        crlf_only: bool,
+        original: bytes,
+        original_crlf: bool,
+    ) -> tuple[list[RouteResult], list[str]]:
+        """``held``, the recipients ``first``'s pacing holds back, through its
+        ``overflow_connector``, then that one's, and so on: each sends them its own way (its
+        next hops, auth, send_as) within its own budget, and passes on what that holds back.
+        A disabled connector, or one whose max_message_size the message exceeds, is skipped;
+        the chain ends at an unknown name or a connector already visited. Returns the results
+        and the recipients still held; each spent connector's wait is appended to ``spent``."""
+        results: list[RouteResult] = []
+        visited = {str(first.name).lower()}
+        current = first
+        while held:
+            target = str(getattr(current, "overflow_connector", "") or "").lower()
+            current = next(
+                (c for c in self.config.send_connectors if str(c.name).lower() == target), None
+            )
+            if current is None or str(current.name).lower() in visited:
+                break
+            visited.add(str(current.name).lower())
+            limit = getattr(current, "max_message_size", None)
+            if not getattr(current, "enabled", True) or (
+                limit is not None and msg.size is not None and msg.size > limit
+            ):
+                continue
+            try:
+                send_as = str(getattr(current, "send_as", "") or "")
+                if send_as == str(getattr(first, "send_as", "") or ""):
+                    via = data, crlf_only  # sent alike: the bytes are ready
+                elif send_as:
+                    key = RouteKey(current.name, "", DELIVERY_SMART_HOST, current)
+                    via = (await self._sent_as(msg, original, original_crlf, [key]))[send_as], False
+                elif self.signer is not None:
+                    via = (
+                        await self._sign(msg, prepare_data(original, crlf_only=original_crlf)),
+                        False,
+                    )
+                else:
+                    via = original, original_crlf
+            except Exception as exc:
+                log.error(
+                    "message %s: cannot prepare the message for overflow connector %s: %r",
+                    msg.queue_id,
+                    current.name,
+                    exc,
+                )
+                break
+            sent, held = await self._spill(msg, current, held, spent, *via)
+            if sent:
+                log.info(
+                    "message %s: %d recipient(s) held back by the pacing of %s went through "
+                    "overflow connector %s",
+                    msg.queue_id,
+                    len(sent),
+                    first.name,
+                    current.name,
+                )
+            results += sent
+        return results, held
+
+    async def _spill(
+        self,
+        msg: StoredMessage,
+        connector: Any,
+        addrs: list[str],
+        spent: list[tuple[Any, SendWait]],
+        data: bytes,
+        crlf_only: bool,
+    ) -> tuple[list[RouteResult], list[str]]:
+        """``addrs`` through the overflow ``connector`` (one route per next hop: by domain
+        when it routes by MX). A route it cannot take now (its budget spent, no next hop, no
+        credentials, a store error) keeps its recipients held, for the next connector of the
+        chain or the queue."""
+        name = str(connector.name)
+        routes: dict[str, list[str]] = {}
+        for a in addrs:
+            routes.setdefault(route_key_for(connector, domain_of(a)).next_hop, []).append(a)
+        limits = pacing.limits_for(connector)
+        results: list[RouteResult] = []
+        held: list[str] = []
+        for group in routes.values():
+            try:
+                hops = await resolve_next_hops(
+                    connector,
+                    domain_of(group[0]),
+                    self.resolver,
+                    local_endpoints=self.local_endpoints,
+                )
+                credentials = Credentials.from_connector(
+                    connector, token_provider=self.token_providers.get(name)
+                )
+                if not limits:
+                    results += await self._send(
+                        msg, connector, hops, credentials, group, data, crlf_only
+                    )
+                    continue
+                sent, rest, wait = await self._paced_send(
+                    msg, connector, limits, hops, credentials, group, data, crlf_only
+                )
+            except Exception as exc:  # NextHopError, CredentialsError, StoreError...
+                log.error(
+                    "message %s: overflow connector %s cannot take %d recipient(s): %s",
+                    msg.queue_id,
+                    name,
+                    len(group),
+                    getattr(exc, "reply", None) or repr(exc),
+                )
+                held += group
+                continue
+            results += sent
+            held += rest
+            if wait is not None:
+                spent.append((connector, wait))
+        return results, held
 
     async def _reserve(
         self, connector: Any, limits: tuple[Any, ...], recipients: int
@@ -1101,8 +1253,15 @@ def _send_as(key: RouteKey) -> str:
 
 
 def _pacing_limits(config: Any) -> dict[str, tuple[Any, ...]]:
-    """Each send connector's pacing limits, by budget key (to see whether a reload changed any)."""
-    return {pacing.budget_key(c): pacing.limits_for(c) for c in config.send_connectors}
+    """Each send connector's pacing limits and overflow connector, by budget key (to see
+    whether a reload changed any)."""
+    return {
+        pacing.budget_key(c): (
+            *pacing.limits_for(c),
+            str(getattr(c, "overflow_connector", "") or "").lower(),
+        )
+        for c in config.send_connectors
+    }
 
 
 def _last_reply(recipient: RecipientState) -> Reply:

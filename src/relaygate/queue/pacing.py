@@ -7,8 +7,9 @@ The queue manager reserves a slot before each SMTP transaction through a limited
 transaction that does not fit is not attempted: its recipients stay queued (Retry) until the
 window frees, without using up a retry. One that fits only in part (fewer recipients left in the
 day's budget than it has) takes what is left: its first recipients go now, the rest wait (so a
-message to many recipients is not starved by small ones taking each freed slot). A connector
-without limits costs nothing: no store call.
+message to many recipients is not starved by small ones taking each freed slot). With an
+``overflow_connector``, what the budget holds back goes through that send connector instead
+(and on through its own). A connector without limits costs nothing: no store call.
 
 Pure functions, no I/O.
 """
@@ -85,7 +86,8 @@ def is_paced(last_error: str) -> bool:
 
 def describe(connector: Any) -> str:
     """The connector's limits for people (admin centre, ``explain``, ``send-connector list``):
-    ``"30 messages/minute, 10000 recipients/day"``, or ``"unlimited"``."""
+    ``"30 messages/minute, 10000 recipients/day"``, or ``"unlimited"``; with an
+    ``overflow_connector``: ``"..., then via "ESP" (overflow_connector)"``."""
     parts = []
     per_minute = getattr(connector, "max_messages_per_minute", None)
     per_day = getattr(connector, "max_recipients_per_day", None)
@@ -93,4 +95,7 @@ def describe(connector: Any) -> str:
         parts.append(f"{per_minute} messages/minute")
     if per_day is not None:
         parts.append(f"{per_day} recipients/day")
+    overflow = getattr(connector, "overflow_connector", "") or ""
+    if parts and overflow:  # (without limits nothing is ever held back: no overflow)
+        parts.append(f'then via "{overflow}" (overflow_connector)')
     return ", ".join(parts) or "unlimited"
