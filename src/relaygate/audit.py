@@ -500,6 +500,24 @@ def admin_exposed(config: Config) -> bool:
     return not address.is_loopback
 
 
+def _graph_findings(config: Config) -> Iterator[Finding]:
+    """A Graph send connector without a fixed mailbox calls sendMail as each envelope sender."""
+    for i, s in enumerate(config.send_connectors):
+        if not s.enabled or s.delivery_method != "Graph" or s.graph_mailbox or s.send_as:
+            continue
+        yield Finding(
+            "info",
+            "graph-mailbox",
+            f'send connector "{s.name}"',
+            f"send_connectors[{i}].graph_mailbox",
+            "Microsoft Graph sends from the message's envelope sender's mailbox: a device "
+            "whose sender is not a mailbox of the tenant gets an NDR (404 or 403 from Graph), "
+            "and reports with the null sender cannot be sent at all",
+            'set graph_mailbox = "relay@your.domain" (and send_as to the same address to send '
+            "every message as it)",
+        )
+
+
 def _admin_findings(config: Config) -> Iterator[Finding]:
     if admin_exposed(config):
         yield Finding(
@@ -525,6 +543,7 @@ def audit(config: Config, *, max_prefix_v4: int = 24, max_prefix_v6: int = 64) -
     findings.extend(_admin_findings(config))
     findings.extend(_queue_findings(config))
     findings.extend(_send_connector_findings(config))
+    findings.extend(_graph_findings(config))
     order = {s: i for i, s in enumerate(SEVERITIES)}
     return sorted(findings, key=lambda f: order[f.severity])
 

@@ -288,6 +288,10 @@ _HOST_WITH_PORT = re.compile(r"(\]|^[^:\[\]]+):\d+$")
 
 
 def _route_text(c: SendConnector) -> str:
+    if c.delivery_method == "Graph":
+        from relaygate.delivery.graph import route_label
+
+        return f"{route_label(c)} via {c.graph_endpoint}"
     if c.dns_routing_enabled or not c.smart_hosts:
         return f"MX lookup (DNS), port {c.port}"
     hosts = ", ".join(c.smart_hosts)
@@ -303,7 +307,9 @@ def send_connector_rows(config: Config) -> list[dict[str, Any]]:
             "enabled": c.enabled,
             "address_spaces": list(c.address_spaces),
             "route": _route_text(c),
-            "auth": c.smart_host_auth_mechanism,
+            "auth": "OAuth (Graph)"
+            if c.delivery_method == "Graph"
+            else c.smart_host_auth_mechanism,
             "require_tls": c.require_tls,
             "pacing": pacing.describe(c),
             "send_as": c.send_as,

@@ -17,6 +17,7 @@ from relaygate.cli.config_objects import SEND
 from relaygate.cli.connector_verbs import register_object_verbs
 from relaygate.cli.tables import CUT, WHOLE, WIDE, list_table
 from relaygate.config import model as m
+from relaygate.delivery.graph import is_graph, route_label
 from relaygate.queue import pacing
 
 __all__ = ["register"]
@@ -44,7 +45,9 @@ def _list_table(cfg: m.Config, items: tuple[m.SendConnector, ...]) -> Table:
     rows = []
     for s in items:
         route = (
-            "MX (DNS)"
+            route_label(s)
+            if is_graph(s)
+            else "MX (DNS)"
             if s.dns_routing_enabled
             else ", ".join(f"{h}:{s.port}" for h in s.smart_hosts)
         )
@@ -56,7 +59,7 @@ def _list_table(cfg: m.Config, items: tuple[m.SendConnector, ...]) -> Table:
                     "true" if s.enabled else "false",
                     ", ".join(s.address_spaces),
                     route,
-                    s.smart_host_auth_mechanism,
+                    "OAuth (Graph)" if is_graph(s) else s.smart_host_auth_mechanism,
                     "true" if s.require_tls else "false",
                     str(s.cost),
                     pacing.describe(s),

@@ -239,6 +239,15 @@ class SendConnector:
     #: 365 SMTP AUTH with one mailbox requires (554 5.2.252 SendAsDenied otherwise). "" = as
     #: written. See relaygate.delivery.send_as.
     send_as: str = ""
+    #: How this connector delivers (RelayGate's own key): "SMTP" (the default; smart hosts or MX)
+    #: or "Graph": Microsoft Graph's sendMail over HTTPS with the oauth_* app registration, for
+    #: tenants that turned SMTP AUTH off. See relaygate.delivery.graph.
+    delivery_method: str = _spec("SMTP", choices=("SMTP", "Graph"))
+    #: Graph's base URL (national clouds: https://graph.microsoft.us/v1.0, ...).
+    graph_endpoint: str = "https://graph.microsoft.com/v1.0"
+    #: The mailbox whose /users/{mailbox}/sendMail is called. "" = send_as when set, else the
+    #: message's envelope sender.
+    graph_mailbox: str = ""
 
 
 @dataclass(frozen=True, slots=True)

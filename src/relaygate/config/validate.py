@@ -139,9 +139,12 @@ def _send_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
     for i, space in enumerate(s.address_spaces):
         if not _ADDRESS_SPACE.match(space.lower()):
             yield f"address_spaces[{i}]", f"{space!r} is not '*', a domain or '*.domain'"
-    if s.dns_routing_enabled and s.smart_hosts:
+    graph = s.delivery_method == "Graph"
+    if graph:
+        yield from _graph_rules(s)
+    elif s.dns_routing_enabled and s.smart_hosts:
         yield "smart_hosts", "set dns_routing_enabled = false to route through smart hosts"
-    if not s.dns_routing_enabled and not s.smart_hosts:
+    elif not s.dns_routing_enabled and not s.smart_hosts:
         yield "smart_hosts", "is required when dns_routing_enabled = false"
     for i, host in enumerate(s.smart_hosts):
         try:
@@ -176,27 +179,83 @@ def _send_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
                 "set oauth_client_secret_env or oauth_client_secret_file for XOAUTH2",
             )
     if s.send_as:
-        try:
-            address = parse_path(
-                f"<{s.send_as}>",
-                allow_null=False,
-                allow_postmaster=False,
-                error=replies.UNRECOGNIZED_COMMAND,
-            )
-            why = "" if address is None or address.domain else ": no domain"
-        except AddressError as exc:
-            address, why = None, f": {exc.reason}"
-        if address is None or not address.domain:
+        why = _not_an_address(s.send_as)
+        if why is not None:
             yield "send_as", f"{s.send_as!r} is not a mail address (name@domain){why}"
     for key in ("max_messages_per_minute", "max_recipients_per_day"):
         # the loader has refused non-integers and negative numbers already
         if getattr(s, key) == 0:
             yield key, "must be at least 1 (or 'unlimited' for no limit)"
-    if s.tls_auth_level != "EncryptionOnly" and not s.require_tls:
+    if s.tls_auth_level != "EncryptionOnly" and not s.require_tls and not graph:
         yield (
             "tls_auth_level",
             "certificate validation needs require_tls = true (else a stripped STARTTLS bypasses it)",
         )
+
+
+def _not_an_address(text: str) -> str | None:
+    """None when `text` is a mail address (name@domain), else why not (": reason" or "")."""
+    try:
+        address = parse_path(
+            f"<{text}>",
+            allow_null=False,
+            allow_postmaster=False,
+            error=replies.UNRECOGNIZED_COMMAND,
+        )
+        why = "" if address is None or address.domain else ": no domain"
+    except AddressError as exc:
+        address, why = None, f": {exc.reason}"
+    return None if address is not None and address.domain else why
+
+
+def _graph_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
+    """delivery_method = "Graph": HTTPS to graph_endpoint with the oauth_* app registration.
+    Smart hosts are refused (they would never be used); dns_routing_enabled, port and the SMTP
+    TLS keys other than tls_ca_file are ignored (documented)."""
+    from urllib.parse import urlsplit
+
+    from relaygate.delivery.graph import is_graph_scope
+
+    if s.smart_hosts:
+        yield (
+            "smart_hosts",
+            "must be empty with delivery_method = 'Graph' (Graph delivers over HTTPS to "
+            "graph_endpoint); use another send connector for smart hosts",
+        )
+    if s.smart_host_auth_mechanism not in ("None", "XOAUTH2"):
+        yield (
+            "smart_host_auth_mechanism",
+            f"{s.smart_host_auth_mechanism!r} cannot be used with delivery_method = 'Graph', "
+            "which signs in with the oauth_* keys (leave it unset)",
+        )
+    for key in ("oauth_tenant_id", "oauth_client_id"):
+        if not getattr(s, key):
+            yield key, "is required for delivery_method = 'Graph'"
+    if not s.oauth_client_secret_env and s.oauth_client_secret_file is None:
+        yield (
+            "oauth_client_secret_env",
+            "set oauth_client_secret_env or oauth_client_secret_file for delivery_method = 'Graph'",
+        )
+    if not s.oauth_authority_host.startswith("https://"):
+        yield "oauth_authority_host", "must be an https:// URL (the client secret is sent there)"
+    url = urlsplit(s.graph_endpoint.strip())
+    if url.scheme != "https" or not url.hostname:
+        yield (
+            "graph_endpoint",
+            f"{s.graph_endpoint!r} must be an https:// URL such as "
+            "'https://graph.microsoft.com/v1.0' (the access token is sent there)",
+        )
+    elif not is_graph_scope(s.oauth_scope, s.graph_endpoint):
+        yield (
+            "oauth_scope",
+            f"{s.oauth_scope!r} is not a Microsoft Graph scope; with delivery_method = 'Graph' "
+            "leave it unset (https://graph.microsoft.com/.default) or give the Graph of your "
+            "cloud, e.g. 'https://graph.microsoft.us/.default'",
+        )
+    if s.graph_mailbox:
+        why = _not_an_address(s.graph_mailbox)
+        if why is not None:
+            yield "graph_mailbox", f"{s.graph_mailbox!r} is not a mail address (name@domain){why}"
 
 
 def _one_socket(config: Config, x: Binding, y: Binding) -> bool:

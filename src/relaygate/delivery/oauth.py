@@ -76,7 +76,8 @@ class OAuthTokenProvider:
         self.requests = 0  # tokens asked of msal (cache hits included), for the tests and /metrics
 
     @classmethod
-    def from_connector(cls, connector: Any) -> OAuthTokenProvider:
+    def from_connector(cls, connector: Any, *, scope: str | None = None) -> OAuthTokenProvider:
+        """`scope`: instead of the connector's oauth_scope (a Graph connector's Graph scope)."""
         return cls(
             connector_name=str(connector.name),
             tenant_id=str(connector.oauth_tenant_id),
@@ -84,8 +85,14 @@ class OAuthTokenProvider:
             secret_file=connector.oauth_client_secret_file,
             secret_env=str(connector.oauth_client_secret_env or ""),
             authority_host=str(connector.oauth_authority_host or DEFAULT_AUTHORITY_HOST),
-            scope=str(connector.oauth_scope or DEFAULT_SCOPE),
+            scope=scope or str(connector.oauth_scope or DEFAULT_SCOPE),
         )
+
+    async def invalidate(self) -> None:
+        """Forget the cached token (the resource refused it: revoked, or its rights changed):
+        the next call asks Entra ID for a new one."""
+        async with self._lock:
+            self._app = None
 
     async def __call__(self) -> str:
         async with self._lock:

@@ -31,6 +31,7 @@ from relaygate.replies import Reply
 
 __all__ = [
     "DELIVERY_DNS",
+    "DELIVERY_GRAPH",
     "DELIVERY_SMART_HOST",
     "DELIVERY_UNREACHABLE",
     "AddressSpace",
@@ -51,6 +52,8 @@ __all__ = [
 
 DELIVERY_DNS = "DnsConnectorDelivery"
 DELIVERY_SMART_HOST = "SmartHostConnectorDelivery"
+#: RelayGate's own: a send connector with delivery_method = "Graph" (one queue per connector).
+DELIVERY_GRAPH = "MicrosoftGraphDelivery"
 DELIVERY_UNREACHABLE = "Unreachable"
 
 
@@ -249,6 +252,10 @@ def route_key_for(connector: Any, domain: str) -> RouteKey:
     """The delivery queue for `domain` through `connector` (None → Unreachable)."""
     if connector is None:
         return RouteKey(None, DELIVERY_UNREACHABLE, DELIVERY_UNREACHABLE)
+    if getattr(connector, "delivery_method", "SMTP") == "Graph":
+        from relaygate.delivery.graph import route_label
+
+        return RouteKey(connector.name, route_label(connector), DELIVERY_GRAPH, connector)
     hosts = list(getattr(connector, "smart_hosts", ()) or ())
     if hosts and not getattr(connector, "dns_routing_enabled", False):
         return RouteKey(
@@ -344,6 +351,8 @@ def explain_route(
         how = (
             f"MX lookup for {domain}"
             if route.delivery_type == DELIVERY_DNS
+            else route.next_hop
+            if route.delivery_type == DELIVERY_GRAPH
             else f"smart hosts {route.next_hop}"
         )
         reason = (

@@ -58,9 +58,11 @@ from relaygate.delivery.client import (
 )
 from relaygate.delivery.credentials import Credentials, CredentialsError
 from relaygate.delivery.dns import Resolver
+from relaygate.delivery.graph import GraphTransport, graph_mailbox, graph_scope, is_graph
 from relaygate.delivery.nexthop import NextHopError, resolve_next_hops
 from relaygate.delivery.oauth import OAuthTokenProvider
 from relaygate.delivery.routing import (
+    DELIVERY_GRAPH,
     DELIVERY_SMART_HOST,
     RouteKey,
     RouteTable,
@@ -134,7 +136,9 @@ class RouteResult:
     remote_host: str = ""
     remote_ip: str = ""
     source: str = "SMTP"  # the tracking-log source: SMTP, ROUTING, DNS, QUEUE
-    retry_at: float | None = None  # paced: when the send connector's window has room again
+    #: paced: when the send connector's window has room again; deferred: not before then
+    #: (Microsoft Graph's Retry-After)
+    retry_at: float | None = None
 
 
 def _split_hop(label: str | None) -> tuple[str, str]:
@@ -149,13 +153,17 @@ def _split_hop(label: str | None) -> tuple[str, str]:
 def _build_token_providers(
     config: Any, previous: dict[str, OAuthTokenProvider]
 ) -> dict[str, OAuthTokenProvider]:
-    """One OAuth token provider per XOAUTH2 send connector. A reload keeps a provider (and its
-    cached token) when nothing it is built from changed."""
+    """One OAuth token provider per XOAUTH2 or Graph send connector (Graph's with Graph's
+    scope). A reload keeps a provider (and its cached token) when nothing it is built from
+    changed."""
     out: dict[str, OAuthTokenProvider] = {}
     for connector in config.send_connectors:
-        if connector.smart_host_auth_mechanism != "XOAUTH2":
+        graph = is_graph(connector)
+        if connector.smart_host_auth_mechanism != "XOAUTH2" and not graph:
             continue
-        fresh = OAuthTokenProvider.from_connector(connector)
+        fresh = OAuthTokenProvider.from_connector(
+            connector, scope=graph_scope(connector) if graph else None
+        )
         old = previous.get(fresh.connector_name)
         same = old is not None and (
             old.authority,
@@ -224,6 +232,8 @@ class QueueManager:
         self.signer = _build_signer(config)
         self.token_providers = _build_token_providers(config, {})
         self.pool: ConnectionPool | None = None
+        #: HTTP clients of the Graph send connectors, made at the first Graph delivery
+        self.graph: GraphTransport | None = None
         self._wake = asyncio.Event()
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -304,6 +314,10 @@ class QueueManager:
             with contextlib.suppress(Exception):
                 await self.pool.aclose()
             self.pool = None
+        if self.graph is not None:
+            with contextlib.suppress(Exception):
+                await self.graph.aclose()
+            self.graph = None
 
     def _has_room(self) -> bool:
         return self.running and not self._stopping and len(self._inflight) < self.max_concurrent
@@ -345,6 +359,9 @@ class QueueManager:
             # and those still delivering are closed when they come back to it.
             old, self.pool = self.pool, ConnectionPool()
             self._spawn(old.aclose())
+        if self.graph is not None and config.send_connectors != self.config.send_connectors:
+            old_graph, self.graph = self.graph, None  # a new CA file or endpoint: new clients
+            self._spawn(old_graph.aclose())
         if config.queue.lease_duration != self.config.queue.lease_duration:
             self.lease_seconds = config.queue.lease_duration.total_seconds()
         limits_changed = _pacing_limits(config) != _pacing_limits(self.config)
@@ -640,6 +657,14 @@ class QueueManager:
             return out
         connector = key.connector
         name = str(connector.name)
+        if key.delivery_type == DELIVERY_GRAPH:
+            send = self._graph_sender(msg, connector, data, crlf_only)
+            limits = pacing.limits_for(connector)
+            if not limits:
+                return await send(addrs)
+            return await self._paced_route(
+                msg, connector, limits, addrs, send, data, crlf_only, original, original_crlf
+            )
         try:
             hops = await resolve_next_hops(
                 connector,
@@ -660,13 +685,32 @@ class QueueManager:
         limits = pacing.limits_for(connector)
         if not limits:  # the usual case: no pacing, no store call
             return await self._send(msg, connector, hops, credentials, addrs, data, crlf_only)
-        sent, held, wait = await self._paced_send(
-            msg, connector, limits, hops, credentials, addrs, data, crlf_only
+        send = functools.partial(
+            self._send, msg, connector, hops, credentials, data=data, crlf_only=crlf_only
         )
+        return await self._paced_route(
+            msg, connector, limits, addrs, send, data, crlf_only, original, original_crlf
+        )
+
+    async def _paced_route(
+        self,
+        msg: StoredMessage,
+        connector: Any,
+        limits: tuple[Any, ...],
+        addrs: list[str],
+        send: Callable[[list[str]], Awaitable[list[RouteResult]]],
+        data: bytes,
+        crlf_only: bool,
+        original: bytes,
+        original_crlf: bool,
+    ) -> list[RouteResult]:
+        """A paced route: what the budget lets go now through ``send``; what it holds back
+        through the overflow connector(s) when there are some, else (and for whatever they
+        hold back too) it waits in the queue."""
+        name = str(connector.name)
+        sent, held, wait = await self._paced_send(msg, connector, limits, addrs, send)
         if wait is None:
             return sent
-        # Held back by the budget: through the overflow connector(s) when there are some, else
-        # (and for whatever they hold back too) they wait in the queue.
         spent = [(connector, wait)]
         if getattr(connector, "overflow_connector", ""):
             spilled, held = await self._overflow(
@@ -687,17 +731,15 @@ class QueueManager:
         msg: StoredMessage,
         connector: Any,
         limits: tuple[Any, ...],
-        hops: Any,
-        credentials: Any,
         addrs: list[str],
-        data: bytes,
-        crlf_only: bool,
+        send: Callable[[list[str]], Awaitable[list[RouteResult]]],
     ) -> tuple[list[RouteResult], list[str], SendWait | None]:
-        """Send what the connector's budget lets go now: one reservation per SMTP transaction,
-        made before it is attempted (a send that then fails keeps its reservation: the upstream
-        may well have counted it). A transaction the budget has only some room left for takes
-        that room: its first recipients go now. Returns the results, the recipients held back
-        (in order) and the budget's answer for them (None: none held back)."""
+        """Send through ``send`` (one SMTP transaction, or one Graph send, per call) what the
+        connector's budget lets go now: one reservation per call, made before it is attempted
+        (a send that then fails keeps its reservation: the upstream may well have counted it).
+        A transaction the budget has only some room left for takes that room: its first
+        recipients go now. Returns the results, the recipients held back (in order) and the
+        budget's answer for them (None: none held back)."""
         name = str(connector.name)
         sent: list[RouteResult] = []
         batches = pacing.batches(addrs, connector)
@@ -719,11 +761,10 @@ class QueueManager:
                 ]
                 return sent, [], None
             if wait is None:
-                sent += await self._send(msg, connector, hops, credentials, batch, data, crlf_only)
+                sent += await send(batch)
                 continue
             if wait.reserved:  # the budget's last room: the first recipients now
-                now_ = batch[: wait.reserved]
-                sent += await self._send(msg, connector, hops, credentials, now_, data, crlf_only)
+                sent += await send(batch[: wait.reserved])
             held = batch[wait.reserved :] + [a for rest in batches[i + 1 :] for a in rest]
             return sent, held, wait
         return sent, [], None
@@ -816,25 +857,34 @@ class QueueManager:
         limits = pacing.limits_for(connector)
         results: list[RouteResult] = []
         held: list[str] = []
+        graph = getattr(connector, "delivery_method", "SMTP") == "Graph"
         for group in routes.values():
             try:
-                hops = await resolve_next_hops(
-                    connector,
-                    domain_of(group[0]),
-                    self.resolver,
-                    local_endpoints=self.local_endpoints,
-                )
-                credentials = Credentials.from_connector(
-                    connector, token_provider=self.token_providers.get(name)
-                )
-                if not limits:
-                    results += await self._send(
-                        msg, connector, hops, credentials, group, data, crlf_only
+                if graph:
+                    send = self._graph_sender(msg, connector, data, crlf_only)
+                else:
+                    hops = await resolve_next_hops(
+                        connector,
+                        domain_of(group[0]),
+                        self.resolver,
+                        local_endpoints=self.local_endpoints,
                     )
+                    credentials = Credentials.from_connector(
+                        connector, token_provider=self.token_providers.get(name)
+                    )
+                    send = functools.partial(
+                        self._send,
+                        msg,
+                        connector,
+                        hops,
+                        credentials,
+                        data=data,
+                        crlf_only=crlf_only,
+                    )
+                if not limits:
+                    results += await send(group)
                     continue
-                sent, rest, wait = await self._paced_send(
-                    msg, connector, limits, hops, credentials, group, data, crlf_only
-                )
+                sent, rest, wait = await self._paced_send(msg, connector, limits, group, send)
             except Exception as exc:  # NextHopError, CredentialsError, StoreError...
                 log.error(
                     "message %s: overflow connector %s cannot take %d recipient(s): %s",
@@ -850,6 +900,50 @@ class QueueManager:
             if wait is not None:
                 spent.append((connector, wait))
         return results, held
+
+    def _graph_sender(
+        self, msg: StoredMessage, connector: Any, data: bytes, crlf_only: bool
+    ) -> Callable[[list[str]], Awaitable[list[RouteResult]]]:
+        """One Graph send per call, of the recipients given (delivery_method = "Graph":
+        relaygate.delivery.graph), with the octets the SMTP client would put on the wire."""
+        prepared = prepare_data(data, crlf_only=crlf_only)
+        return lambda batch: self._send_graph(msg, connector, batch, prepared)
+
+    async def _send_graph(
+        self, msg: StoredMessage, connector: Any, addrs: list[str], data: bytes
+    ) -> list[RouteResult]:
+        name = str(connector.name)
+        if self.graph is None:
+            self.graph = GraphTransport()
+        timeout = (
+            self.delivery_timeout
+            if self.delivery_timeout is not None
+            else connector.connection_inactivity_timeout.total_seconds()
+        )
+        outcome = await self.graph.deliver(
+            connector,
+            token_provider=self.token_providers.get(name),
+            mailbox=graph_mailbox(connector, msg.sender),
+            recipients=addrs,
+            data=data,
+            timeout=timeout,
+        )
+        retry_at = None if outcome.retry_after is None else self.clock() + outcome.retry_after
+        out = []
+        for a in addrs:
+            reply = outcome.per_recipient.get(a, DELIVERY_FAILED_INTERNAL)
+            outcome_ = classify(reply)
+            out.append(
+                RouteResult(
+                    a,
+                    reply,
+                    outcome_,
+                    name,
+                    outcome.host,
+                    retry_at=retry_at if outcome_ == DEFERRED else None,
+                )
+            )
+        return out
 
     async def _reserve(
         self, connector: Any, limits: tuple[Any, ...], recipients: int
@@ -996,6 +1090,12 @@ class QueueManager:
                 nxt = self.schedule.next_attempt(
                     attempts, now, msg.received_at, delay_notified=msg.delay_notified
                 )
+                if res.retry_at is not None and res.retry_at > nxt:
+                    # the upstream asked for a wait (Retry-After): not sooner, but still never
+                    # past the delay notice or the expiry
+                    nxt = self.schedule.not_later_than(
+                        res.retry_at, now, msg.received_at, delay_notified=msg.delay_notified
+                    )
                 state = RecipientState(
                     res.address, RecipientStatus.DEFERRED, attempts, line, now, nxt
                 )

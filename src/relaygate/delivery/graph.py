@@ -1,0 +1,508 @@
+"""Delivery through Microsoft Graph's ``sendMail`` instead of SMTP (``delivery_method = "Graph"``).
+
+Many Microsoft 365 tenants turn SMTP AUTH off; an Entra ID app with the ``Mail.Send`` application
+permission can still send as a mailbox over HTTPS. The message goes as the relay would send it over
+SMTP (Received header, send_as rewriting, DKIM signature: the manager prepares the same bytes),
+base64-encoded MIME with ``Content-Type: text/plain`` and the connector's OAuth token (client
+credentials, scope ``https://graph.microsoft.com/.default``, reusing `OAuthTokenProvider`).
+
+Graph takes the recipients from the MIME header (To, Cc, Bcc), not from an envelope, so:
+
+* when the addresses of To, Cc and Bcc are exactly the route's envelope recipients (a printer
+  mailing one address), one ``POST /users/{mailbox}/sendMail`` with the message as it is;
+* otherwise a draft is made from the MIME (``POST /users/{mailbox}/messages``), its
+  toRecipients / ccRecipients / bccRecipients are set to (To ∩ envelope, Cc ∩ envelope, the rest of
+  the envelope), and it is sent (``POST .../messages/{id}/send``). Header recipients that are not
+  envelope recipients of this route are not in the copy Graph sends (another route, or nobody,
+  delivers to them). A failure after the draft exists deletes it (best effort) and is transient.
+
+Answers become SMTP-style replies so that the queue records them as it records an SMTP server's:
+202 → 250 for every recipient; 429, 5xx, timeouts and connection errors → 4xx (Retry-After is a
+lower bound on the next attempt); 401 → the cached token is dropped and the call made once more,
+then 4xx; 400 / 403 / 404 / 413 → 5xx with Graph's error code and message. A message whose base64
+form would pass Graph's 4 MB request limit is refused before any call (552 5.3.4). The token is
+never logged nor put in a reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.header
+import email.utils
+import json
+import logging
+import re
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from relaygate.delivery.oauth import DEFAULT_SCOPE, TokenError
+from relaygate.replies import Reply
+
+__all__ = [
+    "DEFAULT_ENDPOINT",
+    "GRAPH_MAX_MIME_OCTETS",
+    "GRAPH_MAX_REQUEST_OCTETS",
+    "GRAPH_SCOPE",
+    "GraphOutcome",
+    "GraphTransport",
+    "graph_mailbox",
+    "graph_scope",
+    "is_graph",
+    "is_graph_scope",
+    "recipient_plan",
+    "route_label",
+]
+
+log = logging.getLogger("relaygate.delivery.graph")
+
+DEFAULT_ENDPOINT = "https://graph.microsoft.com/v1.0"
+GRAPH_SCOPE = "https://graph.microsoft.com/.default"
+#: Graph's limit on one REST request (4 MB); the MIME goes base64-encoded (4 octets per 3).
+GRAPH_MAX_REQUEST_OCTETS = 4 * 1024 * 1024
+#: The biggest message that fits: 3 MiB of MIME is exactly 4 MiB of base64.
+GRAPH_MAX_MIME_OCTETS = GRAPH_MAX_REQUEST_OCTETS // 4 * 3
+
+#: The Graph hosts of Microsoft's clouds (global, US Government L4/L5, China, Germany).
+_GRAPH_HOSTS = frozenset(
+    {
+        "graph.microsoft.com",
+        "graph.microsoft.us",
+        "dod-graph.microsoft.us",
+        "microsoftgraph.chinacloudapi.cn",
+        "graph.microsoft.de",
+    }
+)
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def is_graph(connector: Any) -> bool:
+    return getattr(connector, "delivery_method", "SMTP") == "Graph"
+
+
+def is_graph_scope(scope: str, endpoint: str = DEFAULT_ENDPOINT) -> bool:
+    """The scope a Graph connector may ask for: left at Exchange's default (→ Graph's), or
+    ``https://<a Graph host, or graph_endpoint's host>/.default``."""
+    if not scope or scope == DEFAULT_SCOPE:
+        return True
+    url = urlsplit(scope)
+    host = (url.hostname or "").lower()
+    return (
+        url.scheme == "https"
+        and url.path == "/.default"
+        and (host in _GRAPH_HOSTS or host == (urlsplit(endpoint).hostname or "").lower())
+    )
+
+
+def graph_scope(connector: Any) -> str:
+    """The token scope of a Graph connector (oauth_scope at Exchange's default → Graph's)."""
+    scope = str(getattr(connector, "oauth_scope", "") or "")
+    return GRAPH_SCOPE if not scope or scope == DEFAULT_SCOPE else scope
+
+
+def graph_mailbox(connector: Any, sender: str) -> str:
+    """The mailbox whose sendMail is called: graph_mailbox, else send_as, else the sender."""
+    return (
+        str(getattr(connector, "graph_mailbox", "") or "")
+        or str(getattr(connector, "send_as", "") or "")
+        or ("" if sender in ("", "<>") else sender)
+    )
+
+
+def route_label(connector: Any) -> str:
+    """How `explain`, the queue and the CLI name a Graph route."""
+    mailbox = (
+        str(getattr(connector, "graph_mailbox", "") or "")
+        or str(getattr(connector, "send_as", "") or "")
+        or "of the envelope sender"
+    )
+    return f"Microsoft Graph (mailbox {mailbox})"
+
+
+def graph_host(connector: Any) -> str:
+    return (
+        urlsplit(str(getattr(connector, "graph_endpoint", "") or DEFAULT_ENDPOINT)).hostname or ""
+    )
+
+
+# ==================================================================================================
+# recipients
+
+
+def _decoded(name: str) -> str:
+    try:
+        return str(email.header.make_header(email.header.decode_header(name)))
+    except Exception:  # a malformed encoded word: the raw text
+        return name
+
+
+def _header_addresses(data: bytes, names: Iterable[str]) -> dict[str, list[tuple[str, str]]]:
+    end = data.find(b"\r\n\r\n")
+    head = data if end < 0 else data[: end + 4]
+    parsed = BytesHeaderParser(policy=compat32).parsebytes(head)
+    out: dict[str, list[tuple[str, str]]] = {}
+    for name in names:
+        values = [str(v) for v in parsed.get_all(name, [])]
+        out[name] = [
+            (_decoded(display), address.strip())
+            for display, address in email.utils.getaddresses(values)
+            if "@" in address
+        ]
+    return out
+
+
+@dataclass(frozen=True)
+class RecipientPlan:
+    """The recipients Graph must send this route's copy to (each (display name, address))."""
+
+    to: list[tuple[str, str]]
+    cc: list[tuple[str, str]]
+    bcc: list[tuple[str, str]]
+
+
+def recipient_plan(data: bytes, recipients: Sequence[str]) -> RecipientPlan | None:
+    """None when the header's To, Cc and Bcc addresses are exactly `recipients` (sendMail as it
+    is); else the recipient lists for a draft: To ∩ envelope, Cc ∩ envelope, envelope − To − Cc.
+    Addresses compare case-insensitively."""
+    wanted = {r.casefold(): r for r in recipients}
+    found = _header_addresses(data, ("To", "Cc", "Bcc"))
+    in_header = {a.casefold() for field_ in found.values() for _n, a in field_}
+    if in_header == set(wanted):
+        return None
+    taken: set[str] = set()
+
+    def keep(entries: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        out = []
+        for display, address in entries:
+            key = address.casefold()
+            if key in wanted and key not in taken:
+                taken.add(key)
+                out.append((display, address))
+        return out
+
+    to = keep(found["To"])
+    cc = keep(found["Cc"])
+    bcc = [("", r) for key, r in wanted.items() if key not in taken]
+    return RecipientPlan(to, cc, bcc)
+
+
+def _recipients_json(entries: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    out = []
+    for display, address in entries:
+        mail: dict[str, str] = {"address": address}
+        if display:
+            mail["name"] = display
+        out.append({"emailAddress": mail})
+    return out
+
+
+# ==================================================================================================
+# replies
+
+
+@dataclass
+class GraphOutcome:
+    """One attempt's result: a reply per recipient, as `DeliveryOutcome` has.
+
+    retry_after: Graph's Retry-After in seconds (a lower bound on the next attempt), when given.
+    host: the Graph host (the tracking log's server-hostname).
+    """
+
+    per_recipient: dict[str, Reply]
+    host: str = ""
+    retry_after: float | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+class _GraphError(Exception):
+    def __init__(self, reply: Reply, *, status: int = 0, retry_after: float | None = None) -> None:
+        super().__init__(reply.line())
+        self.reply = reply
+        self.status = status
+        self.retry_after = retry_after
+
+
+def _clean(text: str, limit: int = 300) -> str:
+    text = _CONTROL.sub(" ", text).strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _error_detail(status: int, body: bytes) -> str:
+    """``403 ErrorAccessDenied: Access is denied.`` from Graph's error object (or the status)."""
+    code = message = ""
+    try:
+        error = json.loads(body.decode("utf-8", "replace")).get("error", {})
+        if isinstance(error, dict):
+            code = str(error.get("code", "") or "")
+            message = str(error.get("message", "") or "")
+    except (ValueError, AttributeError):
+        pass
+    detail = f"{status} {code}".strip()
+    if message:
+        detail += f": {message}"
+    return _clean(detail)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def reply_for_status(status: int, body: bytes, mailbox: str, retry_after: float | None) -> Reply:
+    """The SMTP-style reply for a Graph error answer."""
+    detail = _error_detail(status, body)
+    if status == 429:
+        wait = f"; Retry-After {retry_after:g} s" if retry_after is not None else ""
+        return Reply(451, "4.7.0", f"Microsoft Graph throttled the request ({detail}){wait}")
+    if status == 401:
+        return Reply(451, "4.7.0", f"Microsoft Graph refused the access token ({detail})")
+    if status in (408, 409, 423, 425) or status >= 500:
+        return Reply(451, "4.4.0", f"Microsoft Graph is unavailable ({detail})")
+    if status == 403:
+        return Reply(550, "5.7.1", f"Microsoft Graph refused to send as {mailbox} ({detail})")
+    if status == 404:
+        return Reply(
+            550, "5.1.1", f"Microsoft Graph: no mailbox {mailbox} or no access to it ({detail})"
+        )
+    if status == 413:
+        return _too_big(detail)
+    return Reply(554, "5.6.0", f"Microsoft Graph refused the message ({detail})")
+
+
+def _too_big(detail: str) -> Reply:
+    return Reply(
+        552,
+        "5.3.4",
+        f"Message too big for Microsoft Graph ({detail}): a request holds at most "
+        f"{GRAPH_MAX_REQUEST_OCTETS // (1024 * 1024)} MB, the message base64-encoded, so about "
+        f"{GRAPH_MAX_MIME_OCTETS // (1024 * 1024)} MB of message; big messages need a send "
+        "connector that delivers over SMTP",
+    )
+
+
+NO_MAILBOX = Reply(
+    550,
+    "5.7.0",
+    "Microsoft Graph needs a mailbox to send from: the message has the null sender; set "
+    "graph_mailbox or send_as on the send connector",
+)
+
+
+# ==================================================================================================
+# the transport
+
+
+def _tls_context(ca_file: str | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if ca_file:
+        ctx.load_verify_locations(cafile=ca_file)
+    return ctx
+
+
+class GraphTransport:
+    """The HTTP clients of the Graph send connectors (one per endpoint and CA file, kept alive
+    between messages). ``aclose`` when the manager stops or the connectors change."""
+
+    def __init__(self) -> None:
+        self._clients: dict[tuple[str, str], Any] = {}
+        self._lock = asyncio.Lock()
+
+    async def _client(self, connector: Any) -> Any:
+        import httpx  # imported on first use: only Graph connectors need it
+
+        ca = getattr(connector, "tls_ca_file", None)
+        key = (graph_host(connector), str(ca) if ca else "")
+        async with self._lock:
+            client = self._clients.get(key)
+            if client is None:
+                # Loading the trust store takes ~20 ms: not on the event loop.
+                ctx = await asyncio.to_thread(_tls_context, key[1] or None)
+                client = self._clients[key] = httpx.AsyncClient(
+                    verify=ctx, follow_redirects=False, trust_env=False
+                )
+            return client
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            try:
+                await client.aclose()
+            except Exception:  # pragma: no cover - closing must never raise
+                pass
+
+    async def deliver(
+        self,
+        connector: Any,
+        *,
+        token_provider: Callable[[], Awaitable[str]] | None,
+        mailbox: str,
+        recipients: Iterable[str],
+        data: bytes,
+        timeout: float,
+    ) -> GraphOutcome:
+        """One attempt for `recipients` through Graph (see the module docstring)."""
+        rcpts = list(dict.fromkeys(recipients))
+        host = graph_host(connector)
+        outcome = GraphOutcome(per_recipient={}, host=host)
+        if not rcpts:
+            return outcome
+
+        def every(reply: Reply) -> GraphOutcome:
+            outcome.per_recipient = {r: reply for r in rcpts}
+            return outcome
+
+        if not mailbox:
+            return every(NO_MAILBOX)
+        if 4 * ((len(data) + 2) // 3) > GRAPH_MAX_REQUEST_OCTETS:
+            return every(_too_big(f"{len(data)} octets, {4 * ((len(data) + 2) // 3)} in base64"))
+        if token_provider is None:  # pragma: no cover - the manager builds one per connector
+            return every(Reply(451, "4.7.0", "Microsoft Graph: no token provider"))
+        plan = recipient_plan(data, rcpts)
+        body = base64.b64encode(data)
+        client = await self._client(connector)
+        base = str(getattr(connector, "graph_endpoint", "") or DEFAULT_ENDPOINT).rstrip("/")
+        user = f"{base}/users/{quote(mailbox, safe='@')}"
+        refreshed = False
+        while True:
+            try:
+                token = await token_provider()
+            except TokenError as exc:
+                log.error("%s", exc)
+                outcome.errors.append(str(exc))
+                return every(
+                    Reply(451, "4.7.0", f"SMTPSEND.Auth.TokenUnavailable; {_clean(str(exc))}")
+                )
+            call = _Caller(client, token, mailbox, timeout)
+            try:
+                if plan is None:
+                    await call.post_mime(f"{user}/sendMail", body, expect=(202,))
+                    how = "sendMail"
+                else:
+                    await _draft_and_send(call, user, body, plan)
+                    how = "draft sent"
+            except _GraphError as failure:
+                if failure.status == 401 and not refreshed:
+                    refreshed = True
+                    log.info("Microsoft Graph refused the token for %s; asking a new one", mailbox)
+                    await _invalidate(token_provider)
+                    continue
+                log.info("Microsoft Graph delivery as %s failed: %s", mailbox, failure.reply.line())
+                outcome.errors.append(f"{host}: {failure.reply.line()}")
+                outcome.retry_after = failure.retry_after
+                return every(failure.reply)
+            return every(
+                Reply(250, "2.6.0", f"202 Accepted by Microsoft Graph ({how} as {mailbox})")
+            )
+
+
+async def _invalidate(token_provider: Any) -> None:
+    invalidate = getattr(token_provider, "invalidate", None)
+    if invalidate is not None:
+        await invalidate()
+
+
+class _Caller:
+    """HTTP calls with the bearer token; a non-expected status raises `_GraphError`."""
+
+    def __init__(self, client: Any, token: str, mailbox: str, timeout: float) -> None:
+        self.client = client
+        self.headers = {"Authorization": f"Bearer {token}"}
+        self.mailbox = mailbox
+        self.timeout = timeout
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        expect: tuple[int, ...],
+        content: bytes | None = None,
+        json_body: Any = None,
+        content_type: str | None = None,
+    ) -> Any:
+        import httpx
+
+        headers = dict(self.headers)
+        if content_type:
+            headers["Content-Type"] = content_type
+        try:
+            response = await self.client.request(
+                method,
+                url,
+                content=content,
+                json=json_body,
+                headers=headers,
+                timeout=self.timeout,
+            )
+        except httpx.TimeoutException as exc:
+            raise _GraphError(
+                Reply(
+                    451, "4.4.1", f"Microsoft Graph did not answer in time ({type(exc).__name__})"
+                )
+            ) from None
+        except httpx.HTTPError as exc:
+            reason = type(exc).__name__
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                reason = f"certificate validation failed: {cause.verify_message or cause.reason}"
+            raise _GraphError(
+                Reply(451, "4.4.0", f"Cannot reach Microsoft Graph ({_clean(reason)})")
+            ) from None
+        if response.status_code in expect:
+            return response
+        status = response.status_code
+        wait = _retry_after(response.headers.get("Retry-After"))
+        reply = reply_for_status(status, response.content, self.mailbox, wait)
+        raise _GraphError(reply, status=status, retry_after=wait)
+
+    async def post_mime(self, url: str, body: bytes, *, expect: tuple[int, ...]) -> Any:
+        return await self.request(
+            "POST", url, expect=expect, content=body, content_type="text/plain"
+        )
+
+
+async def _draft_and_send(call: _Caller, user: str, body: bytes, plan: RecipientPlan) -> None:
+    created = await call.post_mime(f"{user}/messages", body, expect=(200, 201))
+    try:
+        draft_id = str(created.json()["id"])
+    except (ValueError, KeyError, TypeError):
+        raise _GraphError(
+            Reply(451, "4.4.0", "Microsoft Graph made a draft but did not say its id")
+        ) from None
+    url = f"{user}/messages/{quote(draft_id, safe='')}"
+    try:
+        await call.request(
+            "PATCH",
+            url,
+            expect=(200,),
+            json_body={
+                "toRecipients": _recipients_json(plan.to),
+                "ccRecipients": _recipients_json(plan.cc),
+                "bccRecipients": _recipients_json(plan.bcc),
+            },
+        )
+        await call.request("POST", f"{url}/send", expect=(202,))
+    except _GraphError as failure:
+        try:
+            await call.request("DELETE", url, expect=(204, 200, 404))
+        except _GraphError as exc:
+            log.warning("Microsoft Graph draft %s left in place: %s", draft_id, exc.reply.line())
+        reply = failure.reply
+        if reply.is_permanent:  # after the draft: transient (the next attempt starts over)
+            reply = Reply(451, "4.4.0", reply.text)
+        raise _GraphError(reply, status=failure.status, retry_after=failure.retry_after) from None
