@@ -153,7 +153,7 @@ def _send_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
             yield f"smart_hosts[{i}]", str(exc)
     if not 0 < s.port < 65536:
         yield "port", "must be 1-65535"
-    if s.smart_host_auth_mechanism in ("BasicAuth", "BasicAuthRequireTLS"):
+    if s.smart_host_auth_mechanism in ("BasicAuth", "BasicAuthRequireTLS") and not graph:
         if not s.auth_username:
             yield (
                 "auth_username",
@@ -164,7 +164,7 @@ def _send_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
                 "auth_password_file",
                 "set auth_password_file or auth_password_env for smart-host AUTH",
             )
-    if s.smart_host_auth_mechanism == "XOAUTH2":
+    if s.smart_host_auth_mechanism == "XOAUTH2" and not graph:
         for key in ("auth_username", "oauth_tenant_id", "oauth_client_id"):
             if not getattr(s, key):
                 yield key, "is required for smart_host_auth_mechanism = 'XOAUTH2'"

@@ -1,0 +1,519 @@
+"""Delivery through Microsoft Graph (``delivery_method = "Graph"``): a fake Graph over HTTPS on
+loopback (a trustme certificate the connector trusts through ``tls_ca_file``), the fake Entra ID
+token service of the XOAUTH2 tests (real msal flow), and the real relay driven by an SMTP client."""
+
+from __future__ import annotations
+
+import base64
+import json
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from relaygate.config.loader import ConfigError, parse_text
+from relaygate.delivery.graph import GRAPH_SCOPE, recipient_plan
+from relaygate.delivery.routing import explain_route
+from relaygate.queue.model import RecipientStatus
+from tests.delivery.test_oauth import CLIENT_ID, SECRET, TENANT, TOKEN, FakeEntra
+from tests.queue_manager.helpers import (
+    Handler,
+    parse_mail,
+    send,
+    split_received,
+    start_relay,
+    start_sink,
+    wait_for,
+)
+
+SENDER = "scanner@corp.test"
+
+
+@dataclass
+class Call:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float = field(default_factory=time.monotonic)
+
+    @property
+    def mime(self) -> bytes:
+        return base64.b64decode(self.body, validate=True)
+
+
+Answer = tuple[int, dict[str, str], bytes]
+
+
+def graph_error(status: int, code: str, message: str, **headers: str) -> Answer:
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    return status, {"Content-Type": "application/json", **headers}, body
+
+
+class FakeGraph:
+    """/v1.0/users/{mailbox}/sendMail, /messages, /messages/{id}, /messages/{id}/send.
+
+    `script(call)` may answer a call (else the success answer of Graph is given)."""
+
+    def __init__(self, cert: trustme.LeafCert) -> None:
+        self.calls: list[Call] = []
+        self.script: Callable[[Call], Answer | None] = lambda call: None
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                call = Call(self.command, self.path, dict(self.headers), self.rfile.read(length))
+                owner.calls.append(call)
+                status, headers, body = owner.script(call) or owner.success(call)
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_POST = do_PATCH = do_DELETE = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        cert.configure_cert(ctx)
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def success(call: Call) -> Answer:
+        if call.method == "POST" and call.path.endswith("/messages"):
+            body = json.dumps({"id": "AAMkAD=draft/1", "isDraft": True}).encode()
+            return 201, {"Content-Type": "application/json"}, body
+        if call.method == "PATCH":
+            return 200, {"Content-Type": "application/json"}, b"{}"
+        if call.method == "DELETE":
+            return 204, {}, b""
+        return 202, {}, b""
+
+    @property
+    def endpoint(self) -> str:
+        return f"https://127.0.0.1:{self.port}/v1.0"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def ca_file(ca: trustme.CA, tmp_path: Path) -> Path:
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    return bundle
+
+
+@pytest.fixture
+def entra(ca: trustme.CA, ca_file: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeEntra]:
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca_file))  # msal's requests session trusts it
+    monkeypatch.setenv("RG_TEST_GRAPH_SECRET", SECRET)
+    server = FakeEntra(ca.issue_cert("127.0.0.1"))
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def graph(ca: trustme.CA) -> Iterator[FakeGraph]:
+    server = FakeGraph(ca.issue_cert("127.0.0.1"))
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def graph_connector(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, *lines: str, space: str = "example.com"
+) -> str:
+    return "\n".join(
+        [
+            "",
+            "[[send_connectors]]",
+            'name = "Graph M365"',
+            f'address_spaces = ["{space}"]',
+            'delivery_method = "Graph"',
+            f'graph_endpoint = "{graph.endpoint}"',
+            f'oauth_tenant_id = "{TENANT}"',
+            f'oauth_client_id = "{CLIENT_ID}"',
+            'oauth_client_secret_env = "RG_TEST_GRAPH_SECRET"',
+            f'oauth_authority_host = "{entra.authority_host}"',
+            f'tls_ca_file = "{ca_file}"',
+            'connection_inactivity_timeout = "00:00:10"',
+            *lines,
+            "",
+        ]
+    )
+
+
+async def statuses(relay: Any, sender: str = SENDER) -> dict[str, Any]:
+    msgs = [m for m in await relay.store.list_messages() if m.sender == sender]
+    return {r.address: r for m in msgs for r in m.recipients}
+
+
+# ------------------------------------------------------------------------------------ 1. sendMail
+
+
+@pytest.mark.parametrize(
+    ("lines", "mailbox"),
+    [
+        ((), SENDER),
+        (('graph_mailbox = "relay@corp.test"',), "relay@corp.test"),
+        (('send_as = "relay@corp.test"',), "relay@corp.test"),
+    ],
+    ids=["envelope-sender", "graph_mailbox", "send_as"],
+)
+async def test_one_sendmail_with_the_relay_s_bytes_and_a_graph_token(
+    graph: FakeGraph,
+    entra: FakeEntra,
+    ca_file: Path,
+    tmp_path: Path,
+    lines: tuple[str, ...],
+    mailbox: str,
+) -> None:
+    relay = await start_relay(
+        tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file, *lines)
+    )
+    try:
+        data = (
+            b"From: Scanner 3F <scanner@corp.test>\r\nTo: Bob <bob@example.com>\r\n"
+            b"Subject: scan\r\nMessage-ID: <scan-1@corp.test>\r\n\r\nscanned page\r\n"
+        )
+        assert (await send(relay, SENDER, ["bob@example.com"], data))[0] == 250
+        await wait_for(lambda: len(graph.calls) == 1, timeout=15.0)
+
+        async def delivered() -> bool:
+            r = (await statuses(relay)).get("bob@example.com")
+            return r is not None and r.status == RecipientStatus.DELIVERED
+
+        assert await wait_for(delivered, timeout=10.0)
+        [call] = graph.calls
+        assert call.method == "POST" and call.path == f"/v1.0/users/{mailbox}/sendMail"
+        assert call.headers["Content-Type"] == "text/plain"
+        assert call.headers["Authorization"] == f"Bearer {TOKEN}"
+        assert [f["scope"] for f in entra.token_requests] == [[GRAPH_SCOPE]]
+        received, rest = split_received(call.mime)
+        assert b"by relay.test" in received
+        if lines and lines[0].startswith("send_as"):
+            sent = parse_mail(rest)
+            assert sent["From"].addresses[0].addr_spec == "relay@corp.test"
+            assert sent["Reply-To"].addresses[0].addr_spec == SENDER
+            assert rest.endswith(b"\r\n\r\nscanned page\r\n")
+        else:
+            assert rest == data  # the message as the client wrote it, the Received added
+        r = (await statuses(relay))["bob@example.com"]
+        assert r.last_error.startswith("250 2.6.0 202 Accepted")
+        assert relay.manager is not None
+        # the token is never in a reply, the queue or the tracking log
+        assert TOKEN not in r.last_error
+        logs = "".join(
+            p.read_text(errors="replace") for p in (tmp_path / "data").rglob("*.LOG")
+        ) + "".join(p.read_text(errors="replace") for p in (tmp_path / "data").rglob("*.log"))
+        assert TOKEN not in logs
+    finally:
+        await relay.stop()
+
+
+# ------------------------------------------------------------------ 2. envelope ≠ To/Cc: a draft
+
+
+async def test_an_envelope_unlike_the_header_goes_as_a_draft_with_exactly_its_recipients(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    sink = await start_sink(Handler())
+    relay = await start_relay(
+        tmp_path / "data",
+        {"other.test": sink.port},
+        extra=graph_connector(graph, entra, ca_file),
+    )
+    try:
+        data = (
+            b"From: scanner@corp.test\r\n"
+            b"To: Bob <bob@example.com>, carol@other.test\r\n"
+            b"Cc: frank@example.com\r\n"
+            b"Subject: invoice\r\n\r\nbody\r\n"
+        )
+        # carol: routed to the SMTP connector; erin: Bcc (envelope only); frank: header only
+        rcpts = ["bob@example.com", "carol@other.test", "erin@example.com"]
+        assert (await send(relay, SENDER, rcpts, data))[0] == 250
+        await wait_for(lambda: len(graph.calls) == 3 and sink.handler.messages, timeout=15.0)
+        create, patch, send_call = graph.calls
+        base = f"/v1.0/users/{SENDER}/messages"
+        assert (create.method, create.path) == ("POST", base)
+        assert create.headers["Content-Type"] == "text/plain"
+        assert split_received(create.mime)[1] == data
+        draft = "/AAMkAD%3Ddraft%2F1"
+        assert (patch.method, patch.path) == ("PATCH", base + draft)
+        assert json.loads(patch.body) == {
+            "toRecipients": [{"emailAddress": {"address": "bob@example.com", "name": "Bob"}}],
+            "ccRecipients": [],
+            "bccRecipients": [{"emailAddress": {"address": "erin@example.com"}}],
+        }
+        assert (send_call.method, send_call.path) == ("POST", base + draft + "/send")
+        assert all(c.headers["Authorization"] == f"Bearer {TOKEN}" for c in graph.calls)
+        assert not any(c.path.endswith("/sendMail") for c in graph.calls)
+        assert sink.handler.messages[0]["rcpt_tos"] == ["carol@other.test"]
+
+        async def delivered() -> bool:
+            s = await statuses(relay)
+            return len(s) == 3 and all(r.status == RecipientStatus.DELIVERED for r in s.values())
+
+        assert await wait_for(delivered, timeout=10.0)
+    finally:
+        await relay.stop()
+        await sink.close()
+
+
+async def test_a_failed_send_of_the_draft_deletes_it_and_retries_later(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    def script(call: Call) -> Answer | None:
+        if call.path.endswith("/send") and sum(c.path.endswith("/send") for c in graph.calls) == 1:
+            return graph_error(403, "ErrorAccessDenied", "Access is denied.")
+        return None
+
+    graph.script = script
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    try:
+        data = b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n"
+        assert (await send(relay, SENDER, ["bob@example.com", "erin@example.com"], data))[0] == 250
+
+        async def delivered() -> bool:
+            s = await statuses(relay)
+            return len(s) == 2 and all(r.status == RecipientStatus.DELIVERED for r in s.values())
+
+        assert await wait_for(delivered, timeout=15.0)
+        methods = [(c.method, c.path.rsplit("/", 1)[-1]) for c in graph.calls]
+        assert methods[:4] == [
+            ("POST", "messages"),
+            ("PATCH", "AAMkAD%3Ddraft%2F1"),
+            ("POST", "send"),
+            ("DELETE", "AAMkAD%3Ddraft%2F1"),
+        ]
+        assert methods[4:] == [
+            ("POST", "messages"),
+            ("PATCH", "AAMkAD%3Ddraft%2F1"),
+            ("POST", "send"),
+        ]
+        assert (await statuses(relay))["erin@example.com"].attempts == 2
+    finally:
+        await relay.stop()
+
+
+# ------------------------------------------------------------------------ 3. 429 + Retry-After
+
+
+async def test_throttled_with_retry_after_then_accepted_is_delivered_later(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    graph.script = lambda call: (
+        graph_error(429, "ApplicationThrottled", "Too many requests", **{"Retry-After": "3"})
+        if len(graph.calls) == 1
+        else None
+    )
+    # The relay's own schedule would retry after 1 s; Graph asked for 3.
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    try:
+        data = b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n"
+        assert (await send(relay, SENDER, ["bob@example.com"], data))[0] == 250
+
+        async def deferred() -> Any:
+            r = (await statuses(relay)).get("bob@example.com")
+            return r if r is not None and r.attempts == 1 else None
+
+        r = await wait_for(deferred, timeout=10.0)
+        assert r.status == RecipientStatus.DEFERRED
+        assert r.last_error.startswith("451 4.7.0 Microsoft Graph throttled the request")
+        assert "ApplicationThrottled" in r.last_error
+        assert r.next_attempt - r.last_attempt >= 2.9
+
+        async def delivered() -> bool:
+            r = (await statuses(relay)).get("bob@example.com")
+            return r is not None and r.status == RecipientStatus.DELIVERED
+
+        assert await wait_for(delivered, timeout=15.0)
+        assert len(graph.calls) == 2
+        assert graph.calls[1].at - graph.calls[0].at >= 2.8
+    finally:
+        await relay.stop()
+
+
+# ------------------------------------------------------------------------------ 4. 403 → NDR
+
+
+async def test_access_denied_is_permanent_with_graph_s_error_in_the_ndr(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    graph.script = lambda call: graph_error(
+        403, "ErrorAccessDenied", "Access to OData is disabled: SendAs denied."
+    )
+    sink = await start_sink(Handler())  # the sender's domain: where the NDR goes
+    relay = await start_relay(
+        tmp_path / "data",
+        {"corp.test": sink.port},
+        extra=graph_connector(graph, entra, ca_file),
+    )
+    try:
+        data = b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n"
+        assert (await send(relay, SENDER, ["bob@example.com"], data))[0] == 250
+        await wait_for(lambda: sink.handler.messages, timeout=15.0)
+        r = (await statuses(relay))["bob@example.com"]
+        assert r.status == RecipientStatus.FAILED
+        assert r.last_error.startswith("550 5.7.1 Microsoft Graph refused to send as")
+        assert "403 ErrorAccessDenied: Access to OData is disabled" in r.last_error
+        ndr = sink.handler.messages[0]
+        assert ndr["mail_from"] in ("", "<>") and ndr["rcpt_tos"] == [SENDER]
+        text = ndr["content"].decode(errors="replace").replace("\r\n ", " ")
+        assert "5.7.1" in text and "ErrorAccessDenied" in text
+        assert len(graph.calls) == 1  # never retried
+    finally:
+        await relay.stop()
+        await sink.close()
+
+
+# ----------------------------------------------------------------------- 5. 401 → a new token
+
+
+async def test_a_refused_token_is_replaced_once_and_the_message_delivered(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    graph.script = lambda call: (
+        graph_error(401, "InvalidAuthenticationToken", "Access token has expired.")
+        if len(graph.calls) == 1
+        else None
+    )
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    try:
+        data = b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n"
+        assert (await send(relay, SENDER, ["bob@example.com"], data))[0] == 250
+
+        async def delivered() -> Any:
+            r = (await statuses(relay)).get("bob@example.com")
+            return r if r is not None and r.status == RecipientStatus.DELIVERED else None
+
+        r = await wait_for(delivered, timeout=15.0)
+        assert r.attempts == 1  # within the same attempt
+        assert len(graph.calls) == 2
+        assert len(entra.token_requests) == 2  # the cached token was dropped
+    finally:
+        await relay.stop()
+
+
+# --------------------------------------------------------------------------------- 6. oversize
+
+
+async def test_a_message_over_graph_s_request_limit_fails_without_calling_graph(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    try:
+        line = b"x" * 76 + b"\r\n"
+        body = line * (3 * 1024 * 1024 // len(line) + 10)  # base64 of it: over 4 MiB
+        data = b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: big\r\n\r\n" + body
+        assert (await send(relay, SENDER, ["bob@example.com"], data))[0] == 250
+
+        async def failed() -> Any:
+            r = (await statuses(relay)).get("bob@example.com")
+            return r if r is not None and r.status == RecipientStatus.FAILED else None
+
+        r = await wait_for(failed, timeout=15.0)
+        assert r.last_error.startswith("552 5.3.4 Message too big for Microsoft Graph")
+        assert "4 MB" in r.last_error and "SMTP" in r.last_error
+        assert graph.calls == [] and entra.token_requests == []
+    finally:
+        await relay.stop()
+
+
+# ------------------------------------------------------------------------ 7. config validation
+
+BASE = """
+[server]
+name = "R"
+fqdn = "relay.test"
+[[accepted_domains]]
+domain = "corp.test"
+[[send_connectors]]
+name = "Graph M365"
+address_spaces = ["*"]
+delivery_method = "Graph"
+"""
+OAUTH = f"""
+oauth_tenant_id = "{TENANT}"
+oauth_client_id = "{CLIENT_ID}"
+oauth_client_secret_env = "M365_SECRET"
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "words"),
+    [
+        ("", "oauth_tenant_id", "required for delivery_method = 'Graph'"),
+        ('oauth_tenant_id = "t"\noauth_client_id = "c"\n', "oauth_client_secret_env", "secret"),
+        (OAUTH + 'smart_hosts = ["smtp.office365.com"]\n', "smart_hosts", "must be empty"),
+        (
+            OAUTH + 'oauth_scope = "https://outlook.office365.com/SMTP.Send"\n',
+            "oauth_scope",
+            "not a Microsoft Graph scope",
+        ),
+        (OAUTH + 'graph_endpoint = "http://graph.test/v1.0"\n', "graph_endpoint", "https://"),
+        (OAUTH + 'graph_mailbox = "not an address"\n', "graph_mailbox", "not a mail address"),
+        (
+            OAUTH + 'smart_host_auth_mechanism = "BasicAuth"\n',
+            "smart_host_auth_mechanism",
+            "oauth_* keys",
+        ),
+        (OAUTH, "", ""),
+    ],
+    ids=["tenant", "secret", "smart_hosts", "scope", "endpoint", "mailbox", "basic-auth", "ok"],
+)
+def test_graph_connector_validation(extra: str, key: str, words: str) -> None:
+    text = BASE + extra
+    if not key:  # a complete Graph connector: valid, its route says Microsoft Graph
+        config = parse_text(text + 'graph_mailbox = "relay@corp.test"\n', "<test>")
+        route = explain_route(config.send_connectors, "bob@example.com")
+        assert route.route.next_hop == "Microsoft Graph (mailbox relay@corp.test)"
+        assert "delivery by Microsoft Graph (mailbox relay@corp.test)" in route.reason
+        us = BASE + OAUTH + 'oauth_scope = "https://graph.microsoft.us/.default"\n'
+        parse_text(us, "<test>")  # a national cloud's Graph scope is accepted
+        return
+    with pytest.raises(ConfigError) as info:
+        parse_text(text, "<test>")
+    message = str(info.value)
+    assert f'send_connectors[0] "Graph M365": {key}:' in message
+    assert words in message
+
+
+def test_the_recipient_plan() -> None:
+    head = b"To: A <a@x.test>, b@x.test\r\nCc: c@x.test\r\n\r\nbody\r\n"
+    assert recipient_plan(head, ["A@X.test", "b@x.test", "c@x.test"]) is None
+    plan = recipient_plan(head, ["a@x.test", "c@x.test", "d@x.test"])
+    assert plan is not None
+    assert plan.to == [("A", "a@x.test")]
+    assert plan.cc == [("", "c@x.test")]
+    assert plan.bcc == [("", "d@x.test")]
+    # a Bcc header with an address not in this route's envelope: not sent as is
+    assert recipient_plan(b"To: a@x.test\r\nBcc: z@x.test\r\n\r\n", ["a@x.test"]) is not None
