@@ -477,7 +477,19 @@ class _Caller:
 
 
 async def _draft_and_send(call: _Caller, user: str, body: bytes, plan: RecipientPlan) -> None:
-    created = await call.post_mime(f"{user}/messages", body, expect=(200, 201))
+    try:
+        created = await call.post_mime(f"{user}/messages", body, expect=(200, 201))
+    except _GraphError as failure:
+        if failure.status == 403:
+            hint = (
+                "; a message whose To/Cc/Bcc differ from its envelope goes as a draft, "
+                "which needs the Mail.ReadWrite application permission"
+            )
+            reply = failure.reply
+            raise _GraphError(
+                Reply(reply.code, reply.enhanced, reply.text + hint), status=403
+            ) from None
+        raise
     try:
         draft_id = str(created.json()["id"])
     except (ValueError, KeyError, TypeError):
