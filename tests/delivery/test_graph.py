@@ -517,3 +517,51 @@ def test_the_recipient_plan() -> None:
     assert plan.bcc == [("", "d@x.test")]
     # a Bcc header with an address not in this route's envelope: not sent as is
     assert recipient_plan(b"To: a@x.test\r\nBcc: z@x.test\r\n\r\n", ["a@x.test"]) is not None
+
+
+# ------------------------------------------------------------- 8. pacing and overflow with Graph
+
+
+async def test_a_paced_smtp_connector_spills_over_to_graph_and_a_paced_graph_one_waits(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """An SMTP connector whose budget is spent hands the message to its overflow connector, a
+    Graph one (one sendMail); the Graph connector's own budget then holds the third message back
+    (451 4.4.2 QUEUE.Paced), without calling Graph."""
+    from tests.queue_manager.helpers import ScriptedHandler, send_connector_text
+
+    sink = await start_sink(ScriptedHandler())
+    extra = send_connector_text(
+        "Mailbox",
+        "example.com",
+        sink.port,
+        "max_messages_per_minute = 1",
+        'overflow_connector = "Graph M365"',
+    ) + graph_connector(graph, entra, ca_file, "max_messages_per_minute = 1", space="graph.invalid")
+    relay = await start_relay(tmp_path / "data", {}, extra=extra)
+    try:
+        data = b"From: scanner@corp.test\r\nTo: {rcpt}\r\nSubject: x\r\n\r\nx\r\n"
+        for n in range(3):
+            rcpt = f"user{n}@example.com"
+            body = data.replace(b"{rcpt}", rcpt.encode())
+            assert (await send(relay, SENDER, [rcpt], body))[0] == 250
+            await wait_for(lambda n=n: len(sink.handler.messages) + len(graph.calls) > n or n == 2)
+
+        async def settled() -> dict[str, Any] | None:
+            s = await statuses(relay)
+            done = len(s) == 3 and s["user2@example.com"].last_error
+            return (
+                s if done and s["user1@example.com"].status == RecipientStatus.DELIVERED else None
+            )
+
+        s = await wait_for(settled, timeout=15.0)
+        assert [m["rcpt_tos"] for m in sink.handler.messages] == [["user0@example.com"]]
+        assert [c.path for c in graph.calls] == [f"/v1.0/users/{SENDER}/sendMail"]
+        assert b"To: user1@example.com" in split_received(graph.calls[0].mime)[1]
+        assert s["user1@example.com"].status == RecipientStatus.DELIVERED
+        held = s["user2@example.com"]
+        assert held.status == RecipientStatus.DEFERRED and held.attempts == 0
+        assert held.last_error.startswith('451 4.4.2 QUEUE.Paced; send connector "Mailbox"')
+    finally:
+        await relay.stop()
+        await sink.close()
