@@ -184,6 +184,16 @@ SEND_HELLO_AFTER_TLS = Reply(503, "5.5.1", "Send hello first")
 DATA_SYNTAX = Reply(501, "5.5.4", "Syntax: DATA")
 BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT <size> [LAST]")
 CONNECTION_DROPPED = Reply(421, "4.4.2", "Connection dropped")
+#: A recipient outside the receive connector's allowed_recipients (RelayGate's own key; worded as
+#: Exchange's permission replies). Given only to a recipient the connector's rights would accept.
+RECIPIENT_NOT_ALLOWED = Reply(
+    550, "5.7.1", "Client does not have permissions to send to this recipient on this connector"
+)
+#: End of DATA on a connector with allowed_senders: the From header cannot be read as a list of
+#: addresses (a group, a defect, no address, not UTF-8), so it cannot be checked.
+INVALID_FROM_HEADER = Reply(
+    554, "5.6.0", "Invalid message content, the From header cannot be parsed"
+)
 
 
 # --- outbound session (delivery/client.py, nexthop.py) and queue (queue/manager.py) ------------

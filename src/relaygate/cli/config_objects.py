@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from relaygate.address_patterns import AddressRule
 from relaygate.audit import relay_grant
 from relaygate.cli.common import console, die, emit_json
 from relaygate.cli.tables import print_narrow_hint
@@ -128,7 +129,7 @@ def json_value(value: Any) -> Any:
         return v.format_timespan(value)
     if isinstance(value, v.Binding):
         return str(value)
-    if isinstance(value, v.IPRange):
+    if isinstance(value, v.IPRange | AddressRule):
         return value.text
     if isinstance(value, Path):
         return str(value)

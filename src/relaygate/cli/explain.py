@@ -27,6 +27,11 @@ def register(app: typer.Typer) -> None:
         auth_user: str | None = typer.Option(
             None, "--auth-user", help="Explain as a session authenticated as USER."
         ),
+        header_from: str | None = typer.Option(
+            None,
+            "--header-from",
+            help="The message's From header value, checked at end of DATA against allowed_senders.",
+        ),
         config: Path | None = CONFIG_OPTION,
         json_out: bool = JSON_OPTION,
     ) -> None:
@@ -54,6 +59,7 @@ def register(app: typer.Typer) -> None:
                 sender=sender,
                 recipients=list(to),
                 authenticated_user=auth_user,
+                header_from=header_from,
             )
             for ep in endpoints
         ]
@@ -85,6 +91,9 @@ def register(app: typer.Typer) -> None:
                 console.print("    (none)")
             for right in d["rights"]:
                 console.print(f"    {right['right']}  ← {right['granted_by']}", markup=False)
+            for key in ("allowed_senders", "allowed_recipients"):
+                if d[key]:
+                    console.print(f"  {key}: {', '.join(d[key])}", markup=False)
             if d["mail"]:
                 m = d["mail"]
                 console.print(f"  MAIL FROM:<{m['address'] or ''}> → {m['reply']}", markup=False)
@@ -108,4 +117,9 @@ def register(app: typer.Typer) -> None:
                     send_as = route.get("send_as") if isinstance(route, dict) else None
                     if send_as:
                         console.print(f"    sent as: {send_as} (send_as)", markup=False)
+            if d["header_from"]:
+                h = d["header_from"]
+                outcome = h["reply"] or "passes (the message is queued)"
+                console.print(f"  From: {h['value']} → {outcome}", markup=False)
+                console.print(f"    because {h['reason']}", markup=False)
             console.print()

@@ -21,6 +21,7 @@ import typer
 from tomlkit.items import Array
 from tomlkit.items import Table as TomlTable
 
+from relaygate.address_patterns import parse_address_rule
 from relaygate.cli.common import CONFIG_OPTION, JSON_OPTION
 from relaygate.cli.config_objects import (
     RECEIVE,
@@ -216,6 +217,8 @@ def _entry_key(field: str, text: str) -> tuple[Any, ...]:
         if field == "bindings":
             b = v.parse_binding(text)
             return ("binding", b.address, b.port)
+        if field in ("allowed_senders", "allowed_recipients"):
+            return ("address", parse_address_rule(text).text)
     except ValueError:
         pass
     return ("text", text.strip().lower())

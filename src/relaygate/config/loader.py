@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from relaygate.address_patterns import AddressRule, parse_address_rule
 from relaygate.config import model as m
 from relaygate.config import values as v
 
@@ -159,6 +160,31 @@ class _Builder:
 
     _key_remote_ip_ranges = _ranges
     _key_trusted_proxies = _ranges
+
+    def _address_rules(
+        self, raw: Any, path: str, connector: str, *, null: bool
+    ) -> tuple[AddressRule, ...]:
+        rules: list[AddressRule] = []
+        for i, item in enumerate(_as_list(raw)):
+            try:
+                rule = parse_address_rule(item)
+            except ValueError as exc:
+                self.error(f"{path}[{i}]", str(exc), connector)
+                continue
+            if rule.kind == "null" and not null:
+                self.error(f"{path}[{i}]", "<> (the null sender) is not a recipient", connector)
+                continue
+            if rule not in rules:
+                rules.append(rule)
+        return tuple(rules)
+
+    def _key_allowed_senders(self, raw: Any, path: str, connector: str) -> tuple[AddressRule, ...]:
+        return self._address_rules(raw, path, connector, null=True)
+
+    def _key_allowed_recipients(
+        self, raw: Any, path: str, connector: str
+    ) -> tuple[AddressRule, ...]:
+        return self._address_rules(raw, path, connector, null=False)
 
     def _key_bindings(self, raw: Any, path: str, connector: str) -> tuple[v.Binding, ...]:
         bindings = []

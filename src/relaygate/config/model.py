@@ -17,6 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from relaygate.address_patterns import AddressRule
 from relaygate.config import values as v
 
 __all__ = [
@@ -103,6 +104,14 @@ class ReceiveConnector:
     auth_mechanism: tuple[str, ...] = _spec(("Tls",), factory=lambda: ("Tls",))
     permission_groups: tuple[str, ...] = _spec((), factory=tuple)
     permissions: tuple[Permission, ...] = _spec((), factory=tuple)
+    #: Who may send through this connector (RelayGate's own; smtprelay's allowed_sender): the MAIL
+    #: FROM address, and every address of the From header, must match one entry ("scan@corp.example",
+    #: "*@corp.example", "*@*.corp.example", "*@*", "<>"). Empty (the default): no restriction beyond
+    #: the connector's rights. Applies to every session, authenticated or not.
+    allowed_senders: tuple[AddressRule, ...] = _spec((), factory=tuple)
+    #: To whom: every RCPT TO must match one entry (same forms, no "<>"), in addition to the relay
+    #: rules (it narrows what the rights allow, never widens it). Empty: no restriction.
+    allowed_recipients: tuple[AddressRule, ...] = _spec((), factory=tuple)
     fqdn: str | None = None
     banner: str | None = None
     comment: str = ""

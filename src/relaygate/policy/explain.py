@@ -11,9 +11,16 @@ from relaygate.addresses import AddressError, parse_mail_from, parse_rcpt_to
 from relaygate.config.model import Config
 from relaygate.config.values import Binding, normalise_ip
 from relaygate.delivery.routing import explain_route
+from relaygate.policy.address_rules import compile_connector_rules
 from relaygate.policy.rights import EXTENDED_RIGHTS, session_rights
 from relaygate.policy.selection import Selection, select_connector
-from relaygate.policy.verdicts import check_mail, check_rcpt, host_ips, relay_local_ips
+from relaygate.policy.verdicts import (
+    check_header_from,
+    check_mail,
+    check_rcpt,
+    host_ips,
+    relay_local_ips,
+)
 from relaygate.queue import pacing
 
 __all__ = ["Explanation", "endpoints_for", "explain"]
@@ -28,6 +35,7 @@ class Explanation:
     principals: list[str] = field(default_factory=list)
     mail: dict[str, Any] | None = None
     recipients: list[dict[str, Any]] = field(default_factory=list)
+    header_from: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         sel = self.selection
@@ -51,8 +59,15 @@ class Explanation:
             ],
             "principals": self.principals,
             "rights": self.rights,
+            "allowed_senders": [r.text for r in sel.connector.allowed_senders]
+            if sel.connector
+            else [],
+            "allowed_recipients": [r.text for r in sel.connector.allowed_recipients]
+            if sel.connector
+            else [],
             "mail": self.mail,
             "recipients": self.recipients,
+            "header_from": self.header_from,
         }
 
 
@@ -107,7 +122,9 @@ def explain(
     sender: str | None,
     recipients: list[str],
     authenticated_user: str | None = None,
+    header_from: str | None = None,
 ) -> Explanation:
+    """`header_from`: the From header's value, for the end-of-DATA check of allowed_senders."""
     local_ip, local_port = local
     selection = select_connector(
         config.receive_connectors, local_ip=local_ip, local_port=local_port, client_ip=client_ip
@@ -135,6 +152,7 @@ def explain(
         if right in rights.rights
     ]
     authenticated = authenticated_user is not None
+    address_rules = compile_connector_rules(connector)
     mail_ok = True
     if sender is not None:
         path = (
@@ -148,11 +166,13 @@ def explain(
                 connector=connector,
                 accepted_domains=config.accepted_domains,
                 authenticated=authenticated,
+                address_rules=address_rules,
             )
             result.mail = {
                 "address": sender,
                 "reply": verdict.reply.line(),
                 "reason": verdict.reason,
+                "allowed_by": verdict.matched or None,
             }
             mail_ok = verdict.accepted
         except AddressError as exc:
@@ -195,12 +215,29 @@ def explain(
             authenticated=authenticated,
             # the relay's own address literal ([RIP]) gets the same 550 5.1.1 the server gives
             local_ips=own_ips,
+            address_rules=address_rules,
         )
         entry.update(reply=verdict.reply.line(), reason=verdict.reason)
+        if verdict.matched:
+            entry["allowed_by"] = verdict.matched
         if verdict.tarpit and connector.tarpit_interval.total_seconds() > 0:
             entry["tarpit"] = f"{connector.tarpit_interval.total_seconds():g}s"
         if verdict.accepted:
             accepted += 1
             entry["route"] = _route_for(config, str(address))
         result.recipients.append(entry)
+    if header_from is not None:
+        verdict = check_header_from(
+            [header_from.encode("utf-8")],
+            connector=connector,
+            authenticated=authenticated,
+            address_rules=address_rules,
+        )
+        result.header_from = {
+            "value": header_from,
+            # the end-of-DATA reply: None when the header passes (the message is then queued)
+            "reply": None if verdict.accepted else verdict.reply.line(),
+            "reason": verdict.reason,
+            "allowed_by": verdict.matched or None,
+        }
     return result

@@ -15,10 +15,16 @@ from relaygate import replies
 from relaygate.addresses import Address
 from relaygate.config.model import AcceptedDomain, Config, ReceiveConnector
 from relaygate.policy import rights as r
+from relaygate.policy.address_rules import (
+    ConnectorAddressRules,
+    compile_connector_rules,
+    from_header_addresses,
+)
 from relaygate.replies import Reply
 
 __all__ = [
     "Verdict",
+    "check_header_from",
     "check_mail",
     "check_rcpt",
     "host_ips",
@@ -32,11 +38,14 @@ _RESERVED_SLDS = frozenset({"example.com", "example.net", "example.org"})
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """A decision: `reply` to send, `reason` to log, `tarpit` if the error is delayed."""
+    """A decision: `reply` to send, `reason` to log, `tarpit` if the error is delayed; `matched`:
+    the allowed_senders / allowed_recipients entry that let the address through ("" when the
+    connector has no such list, or the address was refused)."""
 
     reply: Reply
     reason: str
     tarpit: bool = False
+    matched: str = ""
 
     @property
     def accepted(self) -> bool:
@@ -88,8 +97,11 @@ def check_mail(
     accepted_domains: Sequence[AcceptedDomain],
     authenticated: bool,
     declared_size: int | None = None,
+    address_rules: ConnectorAddressRules | None = None,
 ) -> Verdict:
-    """MAIL FROM: Submit right, declared SIZE, then the sender rules (null sender always allowed)."""
+    """MAIL FROM: Submit right, declared SIZE, the connector's allowed_senders (when set: the null
+    sender too must be listed), then the sender rules (null sender otherwise always allowed).
+    `address_rules`: the connector's compiled lists (compiled here when not given)."""
     if not rights.may_submit:
         if authenticated:
             return Verdict(replies.SUBMIT_DENIED, "the session lacks ms-Exch-SMTP-Submit")
@@ -106,10 +118,51 @@ def check_mail(
             replies.MESSAGE_TOO_BIG,
             f"SIZE={declared_size} exceeds max_message_size {connector.max_message_size}",
         )
+    denied = replies.SEND_AS_DENIED if authenticated else replies.ANONYMOUS_SEND_AS_DENIED
+    matched = ""
+    if connector.allowed_senders:
+        senders = (address_rules or compile_connector_rules(connector)).senders
+        hit = senders.match(sender)
+        if hit is None:
+            return Verdict(
+                denied,
+                f"sender refused: {_text(sender)} is not in allowed_senders of connector "
+                f"{connector.name}",
+                tarpit=not authenticated,
+            )
+        matched = hit
+    verdict = _check_sender_rights(
+        sender,
+        rights=rights,
+        accepted_domains=accepted_domains,
+        authenticated=authenticated,
+        denied=denied,
+    )
+    if matched and verdict.accepted:
+        return Verdict(
+            verdict.reply,
+            f"{verdict.reason}; matches {matched} in allowed_senders of connector {connector.name}",
+            verdict.tarpit,
+            matched,
+        )
+    return verdict
+
+
+def _text(address: Address | None) -> str:
+    return "<>" if address is None else f"<{address}>"
+
+
+def _check_sender_rights(
+    sender: Address | None,
+    *,
+    rights: r.SessionRights,
+    accepted_domains: Sequence[AcceptedDomain],
+    authenticated: bool,
+    denied: Reply,
+) -> Verdict:
     if sender is None:  # <> — RFC 2505 §2.6.1: must not be refused
         return Verdict(replies.SENDER_OK, "null reverse-path")
     domain_entry = match_accepted_domain(sender.domain, accepted_domains) if sender.domain else None
-    denied = replies.SEND_AS_DENIED if authenticated else replies.ANONYMOUS_SEND_AS_DENIED
     if domain_entry is not None and domain_entry.domain_type == "Authoritative":
         # Accept-Any-Sender does not cover authoritative domains: removing Accept-Authoritative-Domain-
         # Sender from ANONYMOUS LOGON (which keeps Any-Sender) is Exchange's classic anti-spoofing setting
@@ -149,8 +202,90 @@ def check_rcpt(
     accepted_count: int,
     authenticated: bool,
     local_ips: Collection[str] = (),
+    address_rules: ConnectorAddressRules | None = None,
 ) -> Verdict:
-    """RCPT TO: recipient limit, then reserved/literal rules, then accepted domains or the relay right."""
+    """RCPT TO: recipient limit, then reserved/literal rules, then accepted domains or the relay
+    right; a recipient these accept must then match the connector's allowed_recipients when it
+    has some (it narrows, never widens). The domain-less <postmaster> is exempt (RFC 5321 §4.5.1).
+    `address_rules`: the connector's compiled lists (compiled here when not given)."""
+    verdict = _check_rcpt_rights(
+        recipient,
+        rights=rights,
+        connector=connector,
+        accepted_domains=accepted_domains,
+        accepted_count=accepted_count,
+        authenticated=authenticated,
+        local_ips=local_ips,
+    )
+    if not verdict.accepted or not connector.allowed_recipients or not recipient.domain:
+        return verdict
+    allowed = (address_rules or compile_connector_rules(connector)).recipients
+    hit = allowed.match(recipient)
+    if hit is None:
+        return Verdict(
+            replies.RECIPIENT_NOT_ALLOWED,
+            f"recipient refused: <{recipient}> is not in allowed_recipients of connector "
+            f"{connector.name} (the relay rules alone would accept it: {verdict.reason})",
+            not authenticated and not rights.externally_secured,
+        )
+    return Verdict(
+        verdict.reply,
+        f"{verdict.reason}; matches {hit} in allowed_recipients of connector {connector.name}",
+        verdict.tarpit,
+        hit,
+    )
+
+
+def check_header_from(
+    from_fields: Sequence[bytes],
+    *,
+    connector: ReceiveConnector,
+    authenticated: bool,
+    address_rules: ConnectorAddressRules | None = None,
+) -> Verdict:
+    """End of DATA (the P2 check): on a connector with allowed_senders, every address of the From
+    header (`from_fields`: the raw value of each From field) must match it, as MAIL FROM did. A
+    message without a From header passes (the relay adds none; MAIL FROM was checked). A From
+    header that cannot be read strictly is refused with 554 5.6.0."""
+    if not connector.allowed_senders:
+        return Verdict(replies.OK, "no allowed_senders on this connector")
+    if not from_fields:
+        return Verdict(replies.OK, "no From header (only MAIL FROM is checked)")
+    tarpit = not authenticated
+    try:
+        addresses = from_header_addresses(from_fields)
+    except ValueError as exc:
+        return Verdict(replies.INVALID_FROM_HEADER, f"From header refused: {exc}", tarpit)
+    senders = (address_rules or compile_connector_rules(connector)).senders
+    matched: list[str] = []
+    for address in addresses:
+        hit = senders.match(address)
+        if hit is None:
+            return Verdict(
+                replies.SEND_AS_DENIED if authenticated else replies.ANONYMOUS_SEND_AS_DENIED,
+                f"From header refused: <{address}> is not in allowed_senders of connector "
+                f"{connector.name}",
+                tarpit,
+            )
+        matched.append(hit)
+    return Verdict(
+        replies.OK,
+        f"From header {', '.join(f'<{a}>' for a in addresses)} matches "
+        f"{', '.join(dict.fromkeys(matched))} in allowed_senders of connector {connector.name}",
+        matched=", ".join(dict.fromkeys(matched)),
+    )
+
+
+def _check_rcpt_rights(
+    recipient: Address,
+    *,
+    rights: r.SessionRights,
+    connector: ReceiveConnector,
+    accepted_domains: Sequence[AcceptedDomain],
+    accepted_count: int,
+    authenticated: bool,
+    local_ips: Collection[str],
+) -> Verdict:
     tarpit = not authenticated and not rights.externally_secured
     if accepted_count >= connector.max_recipients_per_message:
         return Verdict(

@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+from relaygate.address_patterns import AddressPattern, ascii_lower
 
 from .model import Envelope, QueueEntry, RecipientState, SendLimit, SendWait, StoredMessage
 
@@ -51,14 +52,6 @@ __all__ = [
 ]
 
 _QUEUE_ID = re.compile(r"^[0-9A-Fa-f]{16}$")
-_ASCII_UPPER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
-
-
-def ascii_lower(text: str) -> str:
-    """Lower-case the ASCII letters only (what SQLite's ``lower()`` does, and what the
-    PostgreSQL store does with ``translate``): the same answer on both engines whatever the
-    database's locale; other letters are compared exactly."""
-    return text.translate(_ASCII_UPPER)
 
 
 def check_after(after: str | None) -> str | None:
@@ -70,73 +63,6 @@ def check_after(after: str | None) -> str | None:
     if not _QUEUE_ID.match(text):
         raise ValueError(f"after must be a queue id (16 hex digits), not {after!r}")
     return text.upper()
-
-
-@dataclass(frozen=True, slots=True)
-class AddressPattern:
-    """An address filter as Get-Message -Filter takes them (``FromAddress -like``): an address,
-    matched exactly, or with ``*`` at its start and/or end (``*@scanners.corp.example``,
-    ``scanner@*``, ``*invoice*``); ``<>`` is the null sender. ASCII letters match in any case.
-
-    ``text`` is the (ascii-lower-cased) address or the part between the stars; ``prefix`` /
-    ``suffix``: a star stood at the start / at the end. A store compares :attr:`sql_value`
-    with ``=`` (when not :attr:`like`) or ``LIKE ... ESCAPE '\\'`` against the ascii-lower-cased
-    column (:func:`ascii_lower`)."""
-
-    text: str
-    prefix: bool = False
-    suffix: bool = False
-
-    @classmethod
-    def parse(cls, pattern: str, *, name: str = "pattern") -> AddressPattern:
-        """``ValueError`` naming ``name`` for an empty pattern, a ``*`` inside, spaces or
-        control characters."""
-        text = pattern.strip()
-        if text == "<>":
-            return cls("")
-        if text.startswith("<") and text.endswith(">"):
-            text = text[1:-1].strip()
-        if not text:
-            raise ValueError(f"{name} must be an address or a pattern like *@example.com")
-        if any(ord(c) <= 0x20 or c in "\x7f<>" for c in text):
-            raise ValueError(
-                f"{name} {pattern!r}: spaces, control characters, '<' and '>' are not allowed"
-            )
-        core = text.strip("*")
-        if "*" in core:
-            raise ValueError(
-                f"{name} {pattern!r}: '*' may only stand at the start or the end "
-                "(like *@example.com or scanner@*)"
-            )
-        return cls(ascii_lower(core), text.startswith("*"), text.endswith("*"))
-
-    @property
-    def like(self) -> bool:
-        return self.prefix or self.suffix
-
-    @property
-    def matches_all(self) -> bool:
-        """``*`` (any address, the null sender too) or ``*@*`` (any address with a domain):
-        a pattern that selects nothing out."""
-        return self.prefix and self.suffix and self.text in ("", "@")
-
-    @property
-    def sql_value(self) -> str:
-        if not self.like:
-            return self.text
-        escaped = self.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        return ("%" if self.prefix else "") + escaped + ("%" if self.suffix else "")
-
-    def matches(self, address: str) -> bool:
-        """The same test in Python."""
-        value = ascii_lower(address)
-        if self.prefix and self.suffix:
-            return self.text in value
-        if self.prefix:
-            return value.endswith(self.text)
-        if self.suffix:
-            return value.startswith(self.text)
-        return value == self.text
 
 
 class StoreError(Exception):

@@ -12,7 +12,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
-__all__ = ["DataReader", "HeaderScan", "has_bare_cr_or_lf", "received_header", "scan_headers"]
+__all__ = [
+    "DataReader",
+    "HeaderScan",
+    "from_fields",
+    "has_bare_cr_or_lf",
+    "received_header",
+    "scan_headers",
+]
 
 # The header block: field lines ("name:", the name printable ASCII without ":", blanks allowed before
 # the colon) and their continuation lines, up to the first line that is neither, as Postfix's cleanup
@@ -23,6 +30,9 @@ _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _MESSAGE_ID = re.compile(
     rb"^message-id[ \t]*:[ \t]*(<[^>\r\n]{1,900}>)", re.IGNORECASE | re.MULTILINE
 )
+
+# A From field and its continuation lines (the value, folded, with its line ends).
+_FROM = re.compile(rb"^from[ \t]*:([^\n]*\n(?:[ \t][^\n]*\n)*)", re.IGNORECASE | re.MULTILINE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +56,15 @@ def scan_headers(content: bytes) -> HeaderScan:
     m = _MESSAGE_ID.search(header)
     message_id = m.group(1).decode("ascii", "replace") if m else ""
     return HeaderScan(len(header), hops, message_id)
+
+
+def from_fields(content: bytes) -> list[bytes]:
+    """The raw value of every From field of the header block (the same block `scan_headers`
+    measures: a "From:" line in the body is not a header), folded lines kept."""
+    match = _HEADER_BLOCK.match(content)
+    if not match or not match.end():
+        return []
+    return _FROM.findall(content, 0, match.end())
 
 
 _TERMINATOR = b"\r\n.\r\n"

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple, Protocol
 from relaygate.config.model import Config, ReceiveConnector
 from relaygate.config.values import Binding, normalise_ip, wildcard_covers
 from relaygate.logs.protocol import PROTOCOL_LOG_RECEIVE_DIR, NullSessionLog, ProtocolLog
+from relaygate.policy.address_rules import ConnectorAddressRules, compile_connector_rules
 from relaygate.policy.rights import SessionRights, session_rights
 from relaygate.policy.selection import Selection, select_connector
 from relaygate.policy.verdicts import host_ips
@@ -353,6 +354,7 @@ class ServerContext:
         # the connector for (local address, port, client) and a connector's session rights.
         self._selections: dict[tuple[str, int, str], Selection] = {}
         self._rights: dict[int, tuple[ReceiveConnector, SessionRights]] = {}
+        self._address_rules: dict[int, tuple[ReceiveConnector, ConnectorAddressRules]] = {}
         self._banner_second = -1
         self._banner_stamp = ""
         self.users = UserStore(users_path(config.server.data_dir, config.server.users_file))
@@ -382,6 +384,14 @@ class ServerContext:
         if entry is None or entry[0] is not connector:
             entry = (connector, session_rights(connector))
             self._rights[id(connector)] = entry
+        return entry[1]
+
+    def address_rules(self, connector: ReceiveConnector) -> ConnectorAddressRules:
+        """`connector`'s allowed_senders / allowed_recipients, compiled once per config load."""
+        entry = self._address_rules.get(id(connector))
+        if entry is None or entry[0] is not connector:
+            entry = (connector, compile_connector_rules(connector))
+            self._address_rules[id(connector)] = entry
         return entry[1]
 
     def banner_stamp(self) -> str:

@@ -26,11 +26,23 @@ from relaygate.addresses import Address, AddressError, parse_domain, parse_mail_
 from relaygate.config.model import ReceiveConnector
 from relaygate.logs.protocol import receiving_message_info
 from relaygate.policy.rights import SessionRights, session_rights
-from relaygate.policy.verdicts import Verdict, check_mail, check_rcpt, relay_local_ips
+from relaygate.policy.verdicts import (
+    Verdict,
+    check_header_from,
+    check_mail,
+    check_rcpt,
+    relay_local_ips,
+)
 from relaygate.queue.model import LINE_BREAKS, LINE_BREAKS_CRLF, SMTPUTF8, Envelope, StoredMessage
 from relaygate.queue.store import StoreError, StoreFullError, StoreOutcomeUnknownError
 from relaygate.replies import Reply
-from relaygate.smtp.message import DataReader, has_bare_cr_or_lf, received_header, scan_headers
+from relaygate.smtp.message import (
+    DataReader,
+    from_fields,
+    has_bare_cr_or_lf,
+    received_header,
+    scan_headers,
+)
 
 if TYPE_CHECKING:
     from relaygate.smtp.connection import Connection
@@ -89,6 +101,8 @@ class Session:
         self.esmtp = False
         self.auth_user: str | None = None
         self.rights: SessionRights = ctx.rights(connector)
+        # allowed_senders / allowed_recipients, compiled once per connector of a config load
+        self.address_rules = ctx.address_rules(connector)
         self.txn: _Transaction | None = None
         self.errors = 0
         self.logon_failures = 0
@@ -422,6 +436,7 @@ class Session:
             accepted_domains=self.ctx.config.accepted_domains,
             authenticated=self.authenticated,
             declared_size=declared,
+            address_rules=self.address_rules,
         )
         if not verdict.accepted:
             self.log.info(f"MAIL refused: {verdict.reason}")
@@ -468,6 +483,7 @@ class Session:
                 if rcpt.is_literal
                 else ()
             ),
+            address_rules=self.address_rules,
         )
         if not verdict.accepted:
             self.log.info(f"RCPT {rcpt} refused: {verdict.reason}")
@@ -594,6 +610,17 @@ class Session:
             )
             self.reply(replies.HOP_COUNT_EXCEEDED)
             return
+        if c.allowed_senders:  # the P2 check: the From header's addresses, as MAIL FROM's
+            verdict = check_header_from(
+                from_fields(content),
+                connector=c,
+                authenticated=self.authenticated,
+                address_rules=self.address_rules,
+            )
+            if not verdict.accepted:
+                self.log.info(f"message refused: {verdict.reason}")
+                await self.protocol_error(verdict.reply, tarpit=verdict.tarpit)
+                return
         self.messages += 1
         local_id = f"{self.log.session_id};{self.messages}"
         protocol = "ESMTP" if self.esmtp else "SMTP"
