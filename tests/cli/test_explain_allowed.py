@@ -63,20 +63,8 @@ def test_explain_sender_and_recipients_text(cli: CliRunner) -> None:
 
 
 def test_explain_json(cli: CliRunner) -> None:
-    data = json.loads(
-        _invoke(
-            cli,
-            "--from",
-            "<>",
-            "--to",
-            "alerts@msp.example",
-            "--to",
-            "x@msp.example",
-            "--header-from",
-            "scan@corp.example",
-            "--json",
-        )  # fmt: skip
-    )
+    args = ["--from", "<>", "--to", "alerts@msp.example", "--to", "x@msp.example"]
+    data = json.loads(_invoke(cli, *args, "--header-from", "scan@corp.example", "--json"))
     assert data["connector"] == "Printers"
     assert data["allowed_senders"] == [
         "scan@corp.example",
