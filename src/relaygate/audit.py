@@ -165,6 +165,7 @@ def _connector_findings(
                 "relay grant here and create a dedicated relay connector whose remote_ip_ranges list only the "
                 "devices",
             )
+        wide = False
         for entry in ranges:
             limit = max_prefix_v4 if entry.version == 4 else max_prefix_v6
             prefix = entry.prefix_length()
@@ -174,6 +175,7 @@ def _connector_findings(
                 what = f"{entry.size:,} addresses (as wide as a /{prefix}, wider than /{limit})"
             else:
                 continue
+            wide = True
             yield Finding(
                 "high",
                 "relay-range-too-wide",
@@ -184,6 +186,18 @@ def _connector_findings(
                 f"replace {entry.text} with the exact addresses of the printers and applications that relay "
                 f'(`relaygate connector set "{c.name}" --remove-remote-ip-ranges {entry.text} '
                 "--add-remote-ip-ranges <device IPs>`)",
+            )
+        if wide and not c.allowed_senders:
+            yield Finding(
+                "info",
+                "relay-without-allowed-senders",
+                c.name,
+                "allowed_senders",
+                "this relay connector accepts a wide range of clients and lets them send as anyone: "
+                "allowed_senders is empty",
+                "until the range is narrowed, limit the senders the devices really use "
+                f'(`relaygate connector set "{c.name}" --allowed-senders scan@corp.example,'
+                "*@erp.corp.example`), and the recipients with allowed_recipients",
             )
         if grant.method_a and grant.method_b:
             yield Finding(

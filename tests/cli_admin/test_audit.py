@@ -493,3 +493,16 @@ def test_an_overflow_connector_that_is_disabled_is_low() -> None:
     )
     assert finding.key == "send_connectors[0].overflow_connector"
     assert '"ESP" is disabled' in finding.message
+
+
+def test_wide_relay_without_allowed_senders_gets_a_suggestion() -> None:
+    found = audit(config(relay(ranges='["10.0.0.0/16"]')))
+    (hint,) = only(found, "relay-without-allowed-senders")
+    assert (hint.severity, hint.key) == ("info", "allowed_senders")
+    assert "--allowed-senders" in hint.fix
+    limited = relay(
+        ranges='["10.0.0.0/16"]', extra=RELAY_DEFAULTS + 'allowed_senders = ["*@corp.example"]\n'
+    )
+    assert not only(audit(config(limited)), "relay-without-allowed-senders")
+    # a narrow relay connector: no suggestion (the CLEAN config stays without findings)
+    assert not only(audit(config(relay())), "relay-without-allowed-senders")
