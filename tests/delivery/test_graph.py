@@ -4,6 +4,7 @@ token service of the XOAUTH2 tests (real msal flow), and the real relay driven b
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import ssl
@@ -565,3 +566,51 @@ async def test_a_paced_smtp_connector_spills_over_to_graph_and_a_paced_graph_one
     finally:
         await relay.stop()
         await sink.close()
+
+
+# ------------------------------------------------------------------------------- 9. review
+
+
+async def test_a_reload_while_a_graph_send_is_in_flight_does_not_send_it_twice(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """A reload that changes the send connectors while Graph is answering a sendMail must not
+    cut that request (Graph has sent the mail: cut, it would be deferred and sent again)."""
+    answered = threading.Event()
+
+    def script(call: Call) -> Answer | None:
+        if len(graph.calls) == 1:
+            time.sleep(1.5)  # Graph takes its time; the mail is sent all the same
+            answered.set()
+        return None
+
+    graph.script = script
+    config_file = tmp_path / "relaygate.toml"
+    relay = await start_relay(
+        tmp_path / "data",
+        {},
+        extra=graph_connector(graph, entra, ca_file),
+        config_file=config_file,
+    )
+    try:
+        data = b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n"
+        assert (await send(relay, SENDER, ["bob@example.com"], data))[0] == 250
+        assert await wait_for(lambda: len(graph.calls) == 1, timeout=15.0)
+        text = config_file.read_text(encoding="utf-8")
+        config_file.write_text(text.replace('"00:00:10"', '"00:00:11"'), encoding="utf-8")
+        await relay.reload()
+        timeouts = [c.connection_inactivity_timeout for c in relay.config.send_connectors]
+        assert any(t.total_seconds() == 11 for t in timeouts)
+
+        async def settled() -> Any:
+            r = (await statuses(relay)).get("bob@example.com")
+            return r if r is not None and r.attempts >= 1 else None
+
+        await wait_for(settled, timeout=15.0)
+        await asyncio.sleep(2.5)  # a retry would come after 1 s
+        r = (await statuses(relay))["bob@example.com"]
+        assert answered.is_set()
+        assert r.status == RecipientStatus.DELIVERED, r.last_error
+        assert len(graph.calls) == 1
+    finally:
+        await relay.stop()

@@ -321,6 +321,9 @@ class GraphTransport:
     def __init__(self) -> None:
         self._clients: dict[tuple[str, str], Any] = {}
         self._lock = asyncio.Lock()
+        self._busy = 0  # deliveries in flight
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def _client(self, connector: Any) -> Any:
         import httpx  # imported on first use: only Graph connectors need it
@@ -336,6 +339,14 @@ class GraphTransport:
                     verify=ctx, follow_redirects=False, trust_env=False
                 )
             return client
+
+    async def retire(self) -> None:
+        """Close the clients once the deliveries in flight are over (a reload: cutting a request
+        Graph may already have acted on would send the message again at the retry)."""
+        try:
+            await self._idle.wait()
+        finally:  # cancelled (a stop past its grace): closed all the same
+            await self.aclose()
 
     async def aclose(self) -> None:
         clients, self._clients = list(self._clients.values()), {}
@@ -356,6 +367,32 @@ class GraphTransport:
         timeout: float,
     ) -> GraphOutcome:
         """One attempt for `recipients` through Graph (see the module docstring)."""
+        self._busy += 1
+        self._idle.clear()
+        try:
+            return await self._deliver(
+                connector,
+                token_provider=token_provider,
+                mailbox=mailbox,
+                recipients=recipients,
+                data=data,
+                timeout=timeout,
+            )
+        finally:
+            self._busy -= 1
+            if not self._busy:
+                self._idle.set()
+
+    async def _deliver(
+        self,
+        connector: Any,
+        *,
+        token_provider: Callable[[], Awaitable[str]] | None,
+        mailbox: str,
+        recipients: Iterable[str],
+        data: bytes,
+        timeout: float,
+    ) -> GraphOutcome:
         rcpts = list(dict.fromkeys(recipients))
         host = graph_host(connector)
         outcome = GraphOutcome(per_recipient={}, host=host)

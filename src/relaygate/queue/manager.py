@@ -361,7 +361,7 @@ class QueueManager:
             self._spawn(old.aclose())
         if self.graph is not None and config.send_connectors != self.config.send_connectors:
             old_graph, self.graph = self.graph, None  # a new CA file or endpoint: new clients
-            self._spawn(old_graph.aclose())
+            self._spawn(old_graph.retire())  # once its deliveries in flight are over
         if config.queue.lease_duration != self.config.queue.lease_duration:
             self.lease_seconds = config.queue.lease_duration.total_seconds()
         limits_changed = _pacing_limits(config) != _pacing_limits(self.config)
