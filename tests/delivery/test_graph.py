@@ -614,3 +614,46 @@ async def test_a_reload_while_a_graph_send_is_in_flight_does_not_send_it_twice(
         assert len(graph.calls) == 1
     finally:
         await relay.stop()
+
+
+@pytest.mark.parametrize("case", ["too-big", "null-sender"])
+async def test_a_graph_overflow_connector_that_cannot_take_the_message_is_skipped(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path, case: str
+) -> None:
+    """What an SMTP connector's pacing holds back waits for it (451 4.4.2 QUEUE.Paced) when
+    its Graph overflow connector could never send the message (over Graph's request limit, or
+    the null sender with no mailbox to send from): not failed with an NDR."""
+    from tests.queue_manager.helpers import ScriptedHandler, send_connector_text
+
+    sink = await start_sink(ScriptedHandler())
+    extra = send_connector_text(
+        "Mailbox",
+        "example.com",
+        sink.port,
+        "max_messages_per_minute = 1",
+        'overflow_connector = "Graph M365"',
+    ) + graph_connector(graph, entra, ca_file, space="graph.invalid")
+    relay = await start_relay(tmp_path / "data", {}, extra=extra)
+    try:
+        first = b"From: scanner@corp.test\r\nTo: user0@example.com\r\nSubject: x\r\n\r\nx\r\n"
+        assert (await send(relay, SENDER, ["user0@example.com"], first))[0] == 250
+        await wait_for(lambda: sink.handler.messages, timeout=10.0)
+        sender, text = SENDER, b"x\r\n"
+        if case == "too-big":
+            text = (b"x" * 76 + b"\r\n") * (3 * 1024 * 1024 // 78 + 10)
+        else:
+            sender = ""
+        data = b"From: scanner@corp.test\r\nTo: user1@example.com\r\nSubject: y\r\n\r\n" + text
+        assert (await send(relay, sender, ["user1@example.com"], data))[0] == 250
+
+        async def settled() -> Any:
+            r = (await statuses(relay, sender)).get("user1@example.com")
+            return r if r is not None and r.last_error else None
+
+        r = await wait_for(settled, timeout=15.0)
+        assert r.status == RecipientStatus.DEFERRED, r.last_error
+        assert r.last_error.startswith('451 4.4.2 QUEUE.Paced; send connector "Mailbox"')
+        assert graph.calls == []
+    finally:
+        await relay.stop()
+        await sink.close()

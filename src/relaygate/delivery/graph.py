@@ -57,6 +57,7 @@ __all__ = [
     "is_graph",
     "is_graph_scope",
     "recipient_plan",
+    "refusal",
     "route_label",
 ]
 
@@ -303,6 +304,17 @@ NO_MAILBOX = Reply(
 )
 
 
+def refusal(mailbox: str, data: bytes) -> Reply | None:
+    """Why Graph could never send `data` (the octets on the wire) as `mailbox`, before any call:
+    no mailbox (the null sender), or over the request limit once base64-encoded; else None."""
+    if not mailbox:
+        return NO_MAILBOX
+    encoded = 4 * ((len(data) + 2) // 3)
+    if encoded > GRAPH_MAX_REQUEST_OCTETS:
+        return _too_big(f"{len(data)} octets, {encoded} in base64")
+    return None
+
+
 # ==================================================================================================
 # the transport
 
@@ -403,10 +415,9 @@ class GraphTransport:
             outcome.per_recipient = {r: reply for r in rcpts}
             return outcome
 
-        if not mailbox:
-            return every(NO_MAILBOX)
-        if 4 * ((len(data) + 2) // 3) > GRAPH_MAX_REQUEST_OCTETS:
-            return every(_too_big(f"{len(data)} octets, {4 * ((len(data) + 2) // 3)} in base64"))
+        refused = refusal(mailbox, data)
+        if refused is not None:
+            return every(refused)
         if token_provider is None:  # pragma: no cover - the manager builds one per connector
             return every(Reply(451, "4.7.0", "Microsoft Graph: no token provider"))
         plan = recipient_plan(data, rcpts)

@@ -59,6 +59,7 @@ from relaygate.delivery.client import (
 from relaygate.delivery.credentials import Credentials, CredentialsError
 from relaygate.delivery.dns import Resolver
 from relaygate.delivery.graph import GraphTransport, graph_mailbox, graph_scope, is_graph
+from relaygate.delivery.graph import refusal as graph_refusal
 from relaygate.delivery.nexthop import NextHopError, resolve_next_hops
 from relaygate.delivery.oauth import OAuthTokenProvider
 from relaygate.delivery.routing import (
@@ -783,7 +784,8 @@ class QueueManager:
         """``held``, the recipients ``first``'s pacing holds back, through its
         ``overflow_connector``, then that one's, and so on: each sends them its own way (its
         next hops, auth, send_as) within its own budget, and passes on what that holds back.
-        A disabled connector, or one whose max_message_size the message exceeds, is skipped;
+        A disabled connector, one whose max_message_size the message exceeds, or a Graph one that
+        could never send it (over its request limit, the null sender without a mailbox) is skipped;
         the chain ends at an unknown name or a connector already visited. Returns the results
         and the recipients still held; each spent connector's wait is appended to ``spent``."""
         results: list[RouteResult] = []
@@ -824,6 +826,10 @@ class QueueManager:
                     exc,
                 )
                 break
+            if is_graph(current) and graph_refusal(
+                graph_mailbox(current, msg.sender), prepare_data(via[0], crlf_only=via[1])
+            ):
+                continue  # Graph could never send it (too big, the null sender): not this one
             sent, held = await self._spill(msg, current, held, spent, *via)
             if sent:
                 log.info(
