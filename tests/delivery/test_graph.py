@@ -657,3 +657,35 @@ async def test_a_graph_overflow_connector_that_cannot_take_the_message_is_skippe
     finally:
         await relay.stop()
         await sink.close()
+
+
+async def test_an_smtputf8_message_whose_header_is_its_envelope_goes_by_sendmail(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """A UTF-8 header (SMTPUTF8) naming exactly the envelope's recipient: one sendMail, as for
+    an ASCII one (read as Latin garbage, the recipient did not match: a draft put it in Bcc,
+    emptied the To, and needed Mail.ReadWrite)."""
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    try:
+        rcpt = "jürgen@example.com"
+        data = (
+            "From: scanner@corp.test\r\nTo: Jürgen Weiß <jürgen@example.com>\r\n"
+            "Subject: x\r\n\r\nx\r\n"
+        ).encode()
+        code, _ = await send(relay, SENDER, [rcpt], data, mail_params=b" SMTPUTF8")
+        assert code == 250
+
+        async def delivered() -> bool:
+            r = (await statuses(relay)).get(rcpt)
+            return r is not None and r.status == RecipientStatus.DELIVERED
+
+        assert await wait_for(delivered, timeout=15.0)
+        assert [c.path for c in graph.calls] == [f"/v1.0/users/{SENDER}/sendMail"]
+    finally:
+        await relay.stop()
+
+
+def test_the_recipient_plan_reads_a_utf8_header() -> None:
+    head = "To: Jürgen <bob@x.test>\r\n\r\nbody\r\n".encode()
+    plan = recipient_plan(head, ["bob@x.test", "erin@x.test"])
+    assert plan is not None and plan.to == [("Jürgen", "bob@x.test")]

@@ -37,7 +37,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from email.parser import BytesHeaderParser
+from email.parser import HeaderParser
 from email.policy import compat32
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -147,7 +147,9 @@ def _decoded(name: str) -> str:
 def _header_addresses(data: bytes, names: Iterable[str]) -> dict[str, list[tuple[str, str]]]:
     end = data.find(b"\r\n\r\n")
     head = data if end < 0 else data[: end + 4]
-    parsed = BytesHeaderParser(policy=compat32).parsebytes(head)
+    # Read as UTF-8 (RFC 6532, SMTPUTF8): as ASCII, an 8-bit address never matched its envelope
+    # recipient and names came out as U+FFFD.
+    parsed = HeaderParser(policy=compat32).parsestr(head.decode("utf-8", "replace"))
     out: dict[str, list[tuple[str, str]]] = {}
     for name in names:
         values = [str(v) for v in parsed.get_all(name, [])]
