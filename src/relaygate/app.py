@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -331,7 +332,8 @@ async def _main(
         worker_ready(link, endpoints=endpoints, admin=admin)
         link.setblocking(False)
         loop.add_reader(link.fileno(), _on_link, link, stop)
-        pinger = asyncio.ensure_future(_heartbeats(link, heartbeat_interval(relay.config)))
+        # at the pace of the configuration in force (a reload may change worker_hang_timeout)
+        pinger = asyncio.ensure_future(_heartbeats(link, lambda: heartbeat_interval(relay.config)))
     await stop.wait()
     if systemd is not None:
         systemd.stopping()
@@ -345,14 +347,16 @@ async def _main(
         link.close()
 
 
-async def _heartbeats(link: socket.socket, interval: float) -> None:
+async def _heartbeats(link: socket.socket, interval: Callable[[], float]) -> None:
     """A worker's "my event loop turns" to its supervisor, which kills a worker that goes quiet
-    for server.worker_hang_timeout (workers.py)."""
+    for server.worker_hang_timeout (workers.py); each says when the next one comes."""
     from relaygate.workers import send_heartbeat
 
+    every = interval()
     while True:
-        await asyncio.sleep(interval)
-        send_heartbeat(link)
+        await asyncio.sleep(every)
+        every = interval()
+        send_heartbeat(link, every)
 
 
 async def _ping_watchdog(systemd: Notifier, interval: float) -> None:

@@ -81,6 +81,8 @@ PINNED_QUEUE_ENV = "RELAYGATE_WORKER_QUEUE"
 
 logger = logging.getLogger("relaygate.workers")
 
+#: The longest a worker waits between two heartbeats (`heartbeat_interval`).
+HEARTBEAT_MAX = 5.0
 READY_TIMEOUT = 60.0  # a worker not listening after this long is killed (and restarted)
 STOP_TIMEOUT = 40.0  # sessions 5 s + deliveries 10 s + store close, with room to spare
 BACKOFF_MIN = 0.5
@@ -98,13 +100,14 @@ def heartbeat_interval(config: Config) -> float:
     """How often a worker tells its supervisor that its event loop turns: a few times per
     ``server.worker_hang_timeout``, at most every 5 s."""
     timeout = config.server.worker_hang_timeout.total_seconds()
-    return max(0.2, min(5.0, timeout / 4)) if timeout > 0 else 5.0
+    return max(0.2, min(HEARTBEAT_MAX, timeout / 4)) if timeout > 0 else HEARTBEAT_MAX
 
 
-def send_heartbeat(link: socket.socket) -> None:
-    """One heartbeat line on the worker's (non-blocking) link; a full buffer skips one."""
+def send_heartbeat(link: socket.socket, every: float = HEARTBEAT_MAX) -> None:
+    """One heartbeat line on the worker's (non-blocking) link, with the worker's interval until
+    the next one (`every`); a full buffer skips one."""
     with contextlib.suppress(OSError):  # full (skip one), or the supervisor is gone (EOF stops us)
-        link.send(b'{"alive": 1}\n')
+        link.send(b'{"alive": 1, "every": %.3f}\n' % every)
 
 
 def supervisor_alive(link_fd: int) -> bool:
@@ -160,6 +163,9 @@ class _Worker:
     spawned: int = field(default=0)
     #: monotonic time of the worker's last line (ready, or a heartbeat from its event loop)
     answered: float = 0.0
+    #: the worker's heartbeat interval, as its last heartbeat said (its own configuration's: the
+    #: workers reload the file on their own, the supervisor's worker_hang_timeout may differ)
+    every: float = HEARTBEAT_MAX
 
     @property
     def alive(self) -> bool:
@@ -329,7 +335,7 @@ class Supervisor:
         finally:
             child.close()
         parent.setblocking(False)
-        w.link, w.buf, w.ready = parent, b"", None
+        w.link, w.buf, w.ready, w.every = parent, b"", None, HEARTBEAT_MAX
         w.started, w.restart_at = time.monotonic(), None
         w.spawned += 1
         self._sel.register(parent, selectors.EVENT_READ, w)
@@ -368,6 +374,8 @@ class Supervisor:
                     said = json.loads(line)
                     if "alive" not in said:  # the ready line; then heartbeats
                         w.ready = said
+                    else:
+                        w.every = float(said.get("every", HEARTBEAT_MAX))
 
     def _wait_all_ready(self) -> int | None:
         """None once every worker listens; otherwise the exit status to stop with."""
@@ -422,7 +430,15 @@ class Supervisor:
             if w.ready is None and now - w.started > READY_TIMEOUT:
                 logger.error("worker %d (pid %d) not listening: killed", w.index, w.proc.pid)
                 w.proc.kill()
-            elif w.ready is not None and 0 < self._hang_timeout < now - w.answered:
+            elif (
+                w.ready is not None
+                and 0 < self._hang_timeout < now - w.answered
+                and (
+                    # never less than two of the worker's own heartbeat intervals: a reload may
+                    # have changed the timeout here before (or without) the worker's pace
+                    now - w.answered > 2 * w.every + 1
+                )
+            ):
                 logger.error(
                     "worker %d (pid %d) has not answered for %.0f s (its event loop is blocked;"
                     " server.worker_hang_timeout): killed",

@@ -461,6 +461,35 @@ def test_a_hung_worker_is_killed_and_restarted(serve: Any, sink: tuple[Sink, int
     assert s.stop() == 0
 
 
+@pytest.mark.parametrize(
+    ("before", "after", "how"),
+    [("00:01:00", "00:00:02", "sighup"), ("00:00:02", "00:01:00", "file")],
+    ids=["lowered-by-sighup", "raised-in-the-file"],
+)
+def test_a_changed_worker_hang_timeout_kills_no_healthy_worker(
+    serve: Any, before: str, after: str, how: str
+) -> None:
+    """The workers heartbeat at the pace of their configuration, which the supervisor's (read
+    again only at a SIGHUP) may not match: lowered by a SIGHUP, the supervisor expected beats
+    every 2 s from workers beating every 5 s, and killed every healthy worker at once. Raised in
+    the file (the workers reload on their own, and now slow their beats down): the supervisor
+    still expects 2 s."""
+    s = serve(workers=2, extra=f'worker_hang_timeout = "{before}"')
+    workers = s.children()
+    s.server_extra = f'worker_hang_timeout = "{after}"'
+    s.write_config("220 RelayGate")
+    if how == "sighup":
+        assert s.proc is not None
+        s.proc.send_signal(signal.SIGHUP)
+    assert wait_until(
+        lambda: all(f"[w{i}]: configuration reloaded from" in s.log() for i in range(2)), 15
+    ), s.log()[-3000:]
+    time.sleep(12)
+    assert "has not answered" not in s.log(), s.log()[-3000:]
+    assert s.children() == workers
+    assert s.stop() == 0
+
+
 def test_sighup_reloads_every_worker(serve: Any) -> None:
     s = serve(workers=2)
     workers = s.children()
