@@ -689,3 +689,63 @@ def test_the_recipient_plan_reads_a_utf8_header() -> None:
     head = "To: Jürgen <bob@x.test>\r\n\r\nbody\r\n".encode()
     plan = recipient_plan(head, ["bob@x.test", "erin@x.test"])
     assert plan is not None and plan.to == [("Jürgen", "bob@x.test")]
+
+
+def test_retry_after_values_from_a_misbehaving_endpoint() -> None:
+    """Retry-After: seconds or an HTTP date; anything else is no lower bound (never an
+    exception that would leave a draft behind)."""
+    from relaygate.delivery.graph import _retry_after
+
+    assert _retry_after("30") == 30.0
+    assert _retry_after(" 7 ") == 7.0
+    assert _retry_after("²") is None  # isdigit() takes it, float() would raise
+    assert _retry_after("-5") is None and _retry_after("soon") is None and _retry_after("") is None
+    assert _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
+
+
+async def test_graph_calls_go_through_the_environment_s_proxy(
+    graph: FakeGraph,
+    entra: FakeEntra,
+    ca_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """HTTPS_PROXY is honoured for Graph as msal honours it for the token: a CONNECT proxy on
+    loopback sees the tunnels to Entra ID (msal's) and to Graph (ours)."""
+    import asyncio as aio
+
+    tunnels: list[bytes] = []
+
+    async def proxy(reader: aio.StreamReader, writer: aio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        tunnels.append(head.split(b"\r\n", 1)[0])
+        host, _, port = head.split()[1].decode().rpartition(":")
+        up_r, up_w = await aio.open_connection(host, int(port))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        async def pipe(r: aio.StreamReader, w: aio.StreamWriter) -> None:
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            finally:
+                w.close()
+
+        await aio.gather(pipe(reader, up_w), pipe(up_r, writer), return_exceptions=True)
+
+    server = await aio.start_server(proxy, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    try:
+        data = b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n"
+        assert (await send(relay, SENDER, ["bob@example.com"], data))[0] == 250
+        await wait_for(lambda: len(graph.calls) == 1, timeout=15.0)
+        entra_port = entra.authority_host.rsplit(":", 1)[1]
+        targets = {t.split()[1].decode() for t in tunnels}
+        assert targets == {f"127.0.0.1:{graph.port}", f"127.0.0.1:{entra_port}"}
+    finally:
+        await relay.stop()
+        server.close()

@@ -257,7 +257,7 @@ def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # not "²", which isdigit() takes and float() refuses
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -349,8 +349,10 @@ class GraphTransport:
             if client is None:
                 # Loading the trust store takes ~20 ms: not on the event loop.
                 ctx = await asyncio.to_thread(_tls_context, key[1] or None)
+                # trust_env: HTTPS_PROXY / NO_PROXY as msal's token requests honour them (a
+                # network whose only way out is a proxy); the trust store stays ctx.
                 client = self._clients[key] = httpx.AsyncClient(
-                    verify=ctx, follow_redirects=False, trust_env=False
+                    verify=ctx, follow_redirects=False, trust_env=True
                 )
             return client
 
