@@ -72,6 +72,7 @@ from relaygate.control import (
     normalise_id,
     queue_name,
 )
+from relaygate.delivery.oauth import auth_label
 from relaygate.policy.explain import endpoints_for, explain
 from relaygate.queue import pacing
 
@@ -307,9 +308,7 @@ def send_connector_rows(config: Config) -> list[dict[str, Any]]:
             "enabled": c.enabled,
             "address_spaces": list(c.address_spaces),
             "route": _route_text(c),
-            "auth": "OAuth (Graph)"
-            if c.delivery_method == "Graph"
-            else c.smart_host_auth_mechanism,
+            "auth": auth_label(c) or "None",
             "require_tls": c.require_tls,
             "pacing": pacing.describe(c),
             "send_as": c.send_as,

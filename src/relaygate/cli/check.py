@@ -26,7 +26,12 @@ def register(app: typer.Typer) -> None:
         source = config_source(config)
         try:
             cfg = load_config(config)
-            problems = tls_file_problems(cfg) + dkim_key_problems(cfg) + token_file_problems(cfg)
+            problems = (
+                tls_file_problems(cfg)
+                + dkim_key_problems(cfg)
+                + token_file_problems(cfg)
+                + service_account_problems(cfg)
+            )
         except ConfigError as exc:
             problems = exc.problems
         if problems:
@@ -113,6 +118,32 @@ def dkim_key_problems(cfg: Config) -> list[Problem]:
             for why in exc.problems:
                 why = why.partition(": ")[2] if why.startswith("[[dkim]] ") else why
                 problems.append(Problem(cfg.source, f"dkim[{i}]", why, name))
+    return problems
+
+
+def service_account_problems(cfg: Config) -> list[Problem]:
+    """The Google service account key files XOAUTH2 connectors sign their token requests with:
+    missing, unreadable, not JSON, lacking a field or without a usable RSA private key, the
+    connector's mail waits in the queue (TokenUnavailable), so `check` loads each one. The
+    messages name the file and the problem, never the key."""
+    from relaygate.delivery.google_oauth import ServiceAccountError, load_service_account
+
+    problems = []
+    for i, s in enumerate(cfg.send_connectors):
+        if (
+            s.oauth_provider != "google"
+            or s.smart_host_auth_mechanism != "XOAUTH2"
+            or s.oauth_service_account_file is None
+        ):
+            continue
+        try:
+            load_service_account(s.oauth_service_account_file)
+        except ServiceAccountError as exc:
+            problems.append(
+                Problem(
+                    cfg.source, f"send_connectors[{i}].oauth_service_account_file", str(exc), s.name
+                )
+            )
     return problems
 
 

@@ -114,6 +114,9 @@ def register(app: typer.Typer) -> None:
                     limits = route.get("pacing") if isinstance(route, dict) else None
                     if limits and limits != "unlimited":
                         console.print(f"    paced: {limits}", markup=False)
+                    auth = route.get("auth") if isinstance(route, dict) else None
+                    if auth:
+                        console.print(f"    auth: {auth}", markup=False)
                     send_as = route.get("send_as") if isinstance(route, dict) else None
                     if send_as:
                         console.print(f"    sent as: {send_as} (send_as)", markup=False)

@@ -18,6 +18,7 @@ from relaygate.cli.connector_verbs import register_object_verbs
 from relaygate.cli.tables import CUT, WHOLE, WIDE, list_table
 from relaygate.config import model as m
 from relaygate.delivery.graph import is_graph, route_label
+from relaygate.delivery.oauth import auth_label
 from relaygate.queue import pacing
 
 __all__ = ["register"]
@@ -59,7 +60,7 @@ def _list_table(cfg: m.Config, items: tuple[m.SendConnector, ...]) -> Table:
                     "true" if s.enabled else "false",
                     ", ".join(s.address_spaces),
                     route,
-                    "OAuth (Graph)" if is_graph(s) else s.smart_host_auth_mechanism,
+                    auth_label(s) or "None",
                     "true" if s.require_tls else "false",
                     str(s.cost),
                     pacing.describe(s),

@@ -210,13 +210,20 @@ class SendConnector:
     auth_username: str = ""
     auth_password_file: Path | None = _spec(None, Path)
     auth_password_env: str = ""
+    #: Who issues the XOAUTH2 token (RelayGate's own key): "entra" (Entra ID, the oauth_tenant_id /
+    #: oauth_client_id / client secret keys) or "google" (a Google Workspace service account with
+    #: domain-wide delegation, oauth_service_account_file; auth_username is the mailbox it acts as).
+    oauth_provider: str = _spec("entra", choices=("entra", "google"))
+    #: The Google service account's JSON key file as Google Cloud issues it (oauth_provider = "google").
+    oauth_service_account_file: Path | None = _spec(None, Path)
     oauth_tenant_id: str = ""
     oauth_client_id: str = ""
     oauth_client_secret_env: str = ""
     oauth_client_secret_file: Path | None = _spec(None, Path)
     #: Entra ID's sign-in host (national clouds: login.microsoftonline.us, login.chinacloudapi.cn).
     oauth_authority_host: str = "https://login.microsoftonline.com"
-    #: The token's scope: Exchange Online's SMTP AUTH.
+    #: The token's scope: Exchange Online's SMTP AUTH (with oauth_provider = "google", this default
+    #: stands for Gmail's https://mail.google.com/).
     oauth_scope: str = "https://outlook.office365.com/.default"
     require_tls: bool = False
     implicit_tls: bool = False

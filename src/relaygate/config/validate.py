@@ -164,7 +164,25 @@ def _send_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
                 "auth_password_file",
                 "set auth_password_file or auth_password_env for smart-host AUTH",
             )
-    if s.smart_host_auth_mechanism == "XOAUTH2" and not graph:
+    google = s.oauth_provider == "google"
+    if google and (graph or s.smart_host_auth_mechanism != "XOAUTH2"):
+        yield (
+            "oauth_provider",
+            "'google' signs in to Gmail's SMTP with XOAUTH2: set smart_host_auth_mechanism = "
+            "'XOAUTH2'"
+            + (" (delivery_method = 'Graph' signs in with Entra ID only)" if graph else ""),
+        )
+    elif google:
+        yield from _google_rules(s)
+    elif s.oauth_service_account_file is not None and (
+        graph or s.smart_host_auth_mechanism == "XOAUTH2"
+    ):
+        yield (
+            "oauth_service_account_file",
+            "is for oauth_provider = 'google' (a Google service account); Entra ID signs in with "
+            "oauth_tenant_id, oauth_client_id and the client secret",
+        )
+    if s.smart_host_auth_mechanism == "XOAUTH2" and not graph and not google:
         for key in ("auth_username", "oauth_tenant_id", "oauth_client_id"):
             if not getattr(s, key):
                 yield key, "is required for smart_host_auth_mechanism = 'XOAUTH2'"
@@ -190,6 +208,62 @@ def _send_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
         yield (
             "tls_auth_level",
             "certificate validation needs require_tls = true (else a stripped STARTTLS bypasses it)",
+        )
+
+
+_ENTRA_ONLY = (
+    "oauth_tenant_id",
+    "oauth_client_id",
+    "oauth_client_secret_env",
+    "oauth_client_secret_file",
+)
+
+
+def _google_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
+    """XOAUTH2 with oauth_provider = "google": a service account with domain-wide delegation
+    acting as auth_username. The key file itself is read by `relaygate check` (like the TLS and
+    DKIM key files), not by the loader."""
+    from relaygate.delivery.oauth import DEFAULT_AUTHORITY_HOST
+
+    if not s.auth_username:
+        yield (
+            "auth_username",
+            "is required for oauth_provider = 'google': the Workspace mailbox the service "
+            "account sends as (the XOAUTH2 user)",
+        )
+    else:
+        why = _not_an_address(s.auth_username)
+        if why is not None:
+            yield (
+                "auth_username",
+                f"{s.auth_username!r} is not a mail address (name@domain){why}: with "
+                "oauth_provider = 'google' it is the Workspace mailbox the service account acts as",
+            )
+    if s.oauth_service_account_file is None:
+        yield (
+            "oauth_service_account_file",
+            "is required for oauth_provider = 'google' (the service account's JSON key file)",
+        )
+    for key in _ENTRA_ONLY:
+        if getattr(s, key):
+            yield (
+                key,
+                "is for oauth_provider = 'entra' (Entra ID); a Google service account signs in "
+                "with oauth_service_account_file (remove it)",
+            )
+    if s.oauth_authority_host != DEFAULT_AUTHORITY_HOST:
+        yield (
+            "oauth_authority_host",
+            "is for oauth_provider = 'entra'; Google's token endpoint is the token_uri of the "
+            "service account's key file (remove it)",
+        )
+    if not s.oauth_scope.strip() or any(
+        not part.startswith("https://") for part in s.oauth_scope.split()
+    ):
+        yield (
+            "oauth_scope",
+            f"{s.oauth_scope!r} is not a Google OAuth scope (Gmail's SMTP needs "
+            "'https://mail.google.com/', the default)",
         )
 
 

@@ -550,15 +550,21 @@ async def _authenticate(
         if mech == "XOAUTH2":
             if "xoauth2" not in offered or credentials.token_provider is None:
                 raise _HopFailed(AUTH_NOT_OFFERED)
+            provider = credentials.token_provider
+            token = await _token(provider)
             try:
-                token = await credentials.token_provider()
-            except TokenError as exc:  # worded without the secret (see oauth.py)
-                log.warning("OAuth token unavailable: %s", exc)
-                raise _HopFailed(TOKEN_UNAVAILABLE) from None
-            except Exception as exc:  # another provider's message may carry secrets: type only
-                log.warning("OAuth token provider failed: %s", type(exc).__name__)
-                raise _HopFailed(TOKEN_UNAVAILABLE) from None
-            await smtp.auth_xoauth2(credentials.username, token, timeout=timeout)
+                await smtp.auth_xoauth2(credentials.username, token, timeout=timeout)
+            except SMTPAuthenticationError as exc:
+                # 535: the token was refused (revoked, or the delegation changed while it was
+                # cached). A provider that caches drops it and the AUTH is tried once more with a
+                # new one; a second refusal is the server's answer.
+                invalidate = getattr(provider, "invalidate", None)
+                if exc.code != 535 or invalidate is None:
+                    raise
+                log.info("the smart host refused the OAuth token (%s); asking a new one", exc.code)
+                await invalidate()
+                token = await _token(provider)
+                await smtp.auth_xoauth2(credentials.username, token, timeout=timeout)
         elif "plain" in offered and credentials.password is not None:
             await smtp.auth_plain(credentials.username, credentials.password, timeout=timeout)
         elif "login" in offered and credentials.password is not None:
@@ -571,6 +577,27 @@ async def _authenticate(
         raise _HopFailed(remote_reply(exc.code, exc.message)) from None
     except SMTPResponseException as exc:
         raise _HopFailed(remote_reply(exc.code, exc.message)) from None
+
+
+async def _token(provider: Any) -> str:
+    try:
+        return str(await provider())
+    except TokenError as exc:  # worded without the secret (see oauth.py, google_oauth.py)
+        log.warning("OAuth token unavailable: %s", exc)
+        # The provider's error (Entra ID's or Google's code and description) in the reply, so
+        # the queue's LastError says why; the TokenError's text never holds a secret.
+        text = " ".join(str(exc).split())
+        text = text if len(text) <= 300 else text[:297] + "..."
+        raise _HopFailed(
+            Reply(
+                TOKEN_UNAVAILABLE.code,
+                TOKEN_UNAVAILABLE.enhanced,
+                f"{TOKEN_UNAVAILABLE.text}: {text}",
+            )
+        ) from None
+    except Exception as exc:  # another provider's message may carry secrets: type only
+        log.warning("OAuth token provider failed: %s", type(exc).__name__)
+        raise _HopFailed(TOKEN_UNAVAILABLE) from None
 
 
 @dataclass

@@ -20,10 +20,18 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-__all__ = ["DEFAULT_AUTHORITY_HOST", "DEFAULT_SCOPE", "OAuthTokenProvider", "TokenError"]
+__all__ = [
+    "DEFAULT_AUTHORITY_HOST",
+    "DEFAULT_SCOPE",
+    "OAuthTokenProvider",
+    "TokenError",
+    "TokenProvider",
+    "auth_label",
+    "build_token_provider",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,48 @@ _KNOWN_HOSTS = frozenset(
 
 class TokenError(Exception):
     """No access token: the text names the connector and Entra ID's error, never the secret."""
+
+
+class TokenProvider(Protocol):
+    """What the SMTP client and Graph use of a connector's token source (Entra ID's msal client
+    credentials here, a Google service account in google_oauth.py)."""
+
+    connector_name: str
+
+    async def __call__(self) -> str: ...
+
+    async def invalidate(self) -> None: ...
+
+    @property
+    def signature(self) -> tuple[Any, ...]: ...
+
+
+def build_token_provider(connector: Any, *, scope: str | None = None) -> TokenProvider:
+    """The token provider of an XOAUTH2 (or Graph) send connector, by its ``oauth_provider``:
+    "entra" (the default) or "google". `scope`: instead of the connector's own."""
+    if str(getattr(connector, "oauth_provider", "entra") or "entra") == "google":
+        from relaygate.delivery.google_oauth import GoogleTokenProvider
+
+        return GoogleTokenProvider.from_connector(connector, scope=scope)
+    return OAuthTokenProvider.from_connector(connector, scope=scope)
+
+
+def auth_label(connector: Any) -> str | None:
+    """How `explain`, `send-connector list` and the admin centre name a send connector's
+    authentication to its smart host; None when it does not authenticate. A Google service
+    account is named by its key file's client_email (read for display; "?" when unreadable)."""
+    if str(getattr(connector, "delivery_method", "SMTP") or "SMTP") == "Graph":
+        return "OAuth (Graph)"
+    mech = str(getattr(connector, "smart_host_auth_mechanism", "None") or "None")
+    if mech == "None":
+        return None
+    user = str(getattr(connector, "auth_username", "") or "")
+    if mech == "XOAUTH2" and getattr(connector, "oauth_provider", "entra") == "google":
+        from relaygate.delivery.google_oauth import read_client_email
+
+        email = read_client_email(getattr(connector, "oauth_service_account_file", None))
+        return f"XOAUTH2 (Google service account {email or '?'} as {user or '?'})"
+    return mech
 
 
 class OAuthTokenProvider:
@@ -86,6 +136,18 @@ class OAuthTokenProvider:
             secret_env=str(connector.oauth_client_secret_env or ""),
             authority_host=str(connector.oauth_authority_host or DEFAULT_AUTHORITY_HOST),
             scope=scope or str(connector.oauth_scope or DEFAULT_SCOPE),
+        )
+
+    @property
+    def signature(self) -> tuple[Any, ...]:
+        """What the provider is built from: a reload keeps it (and its token) when unchanged."""
+        return (
+            "entra",
+            self.authority,
+            self.client_id,
+            self.scope,
+            self.secret_file,
+            self.secret_env,
         )
 
     async def invalidate(self) -> None:

@@ -10,6 +10,7 @@ from relaygate import replies
 from relaygate.addresses import AddressError, parse_mail_from, parse_rcpt_to
 from relaygate.config.model import Config
 from relaygate.config.values import Binding, normalise_ip
+from relaygate.delivery.oauth import auth_label
 from relaygate.delivery.routing import explain_route
 from relaygate.policy.address_rules import compile_connector_rules
 from relaygate.policy.rights import EXTENDED_RIGHTS, session_rights
@@ -107,6 +108,8 @@ def _route_for(config: Config, address: str) -> dict[str, Any]:
         "pacing": pacing.describe(route.connector) if route.connector is not None else None,
         # the mailbox the message leaves as through that connector (send_as), None: as written
         "send_as": (getattr(route.connector, "send_as", "") or None) if route.connector else None,
+        # how that connector signs in to its smart host (None: it does not)
+        "auth": auth_label(route.connector) if route.connector is not None else None,
         "candidates": [
             {"connector": c.connector, "address_space": c.address_space, "verdict": c.verdict}
             for c in route.candidates

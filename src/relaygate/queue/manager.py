@@ -61,7 +61,7 @@ from relaygate.delivery.dns import Resolver
 from relaygate.delivery.graph import GraphTransport, graph_mailbox, graph_scope, is_graph
 from relaygate.delivery.graph import refusal as graph_refusal
 from relaygate.delivery.nexthop import NextHopError, resolve_next_hops
-from relaygate.delivery.oauth import OAuthTokenProvider
+from relaygate.delivery.oauth import TokenProvider, build_token_provider
 from relaygate.delivery.routing import (
     DELIVERY_GRAPH,
     DELIVERY_SMART_HOST,
@@ -152,27 +152,19 @@ def _split_hop(label: str | None) -> tuple[str, str]:
 
 
 def _build_token_providers(
-    config: Any, previous: dict[str, OAuthTokenProvider]
-) -> dict[str, OAuthTokenProvider]:
+    config: Any, previous: dict[str, TokenProvider]
+) -> dict[str, TokenProvider]:
     """One OAuth token provider per XOAUTH2 or Graph send connector (Graph's with Graph's
-    scope). A reload keeps a provider (and its cached token) when nothing it is built from
-    changed."""
-    out: dict[str, OAuthTokenProvider] = {}
+    scope; Entra ID's or a Google service account's by oauth_provider). A reload keeps a
+    provider (and its cached token) when nothing it is built from changed."""
+    out: dict[str, TokenProvider] = {}
     for connector in config.send_connectors:
         graph = is_graph(connector)
         if connector.smart_host_auth_mechanism != "XOAUTH2" and not graph:
             continue
-        fresh = OAuthTokenProvider.from_connector(
-            connector, scope=graph_scope(connector) if graph else None
-        )
+        fresh = build_token_provider(connector, scope=graph_scope(connector) if graph else None)
         old = previous.get(fresh.connector_name)
-        same = old is not None and (
-            old.authority,
-            old.client_id,
-            old.scope,
-            old.secret_file,
-            old.secret_env,
-        ) == (fresh.authority, fresh.client_id, fresh.scope, fresh.secret_file, fresh.secret_env)
+        same = old is not None and old.signature == fresh.signature
         out[fresh.connector_name] = old if same and old is not None else fresh
     return out
 
