@@ -673,3 +673,23 @@ def test_explain_and_the_connector_list_name_the_service_account(
     table = _list_table(cfg, cfg.send_connectors)
     cells = [str(c) for col in table.columns for c in col._cells]
     assert label in cells
+
+
+def test_a_reload_keeps_the_provider_and_its_token_unless_its_inputs_changed(
+    tmp_path: Path,
+) -> None:
+    from relaygate.queue.manager import _build_token_providers
+
+    def config(key_file: str) -> Any:
+        return parse_text(
+            BASE
+            + f'oauth_provider = "google"\noauth_service_account_file = "{key_file}"\n'
+            + f'auth_username = "{MAILBOX}"\n',
+            "<test>",
+        )
+
+    first = _build_token_providers(config("/etc/relaygate/sa.json"), {})
+    again = _build_token_providers(config("/etc/relaygate/sa.json"), first)
+    assert again["Gmail"] is first["Gmail"]
+    other = _build_token_providers(config("/etc/relaygate/sa-rotated.json"), first)
+    assert other["Gmail"] is not first["Gmail"]
