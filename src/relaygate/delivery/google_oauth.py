@@ -105,7 +105,7 @@ def load_service_account(path: Path | str) -> ServiceAccount:
         )
     try:
         key = load_pem_private_key(info["private_key"].encode(), password=None)
-    except (ValueError, TypeError, Exception) as exc:  # UnsupportedAlgorithm included
+    except Exception as exc:  # ValueError, TypeError, UnsupportedAlgorithm
         raise ServiceAccountError(
             f"{where!r}: private_key is not a PEM private key without a password "
             f"({type(exc).__name__})"
