@@ -440,6 +440,46 @@ def _queue_findings(config: Config) -> Iterator[Finding]:
 _M365_SUBMISSION = ("smtp.office365.com", "smtp-legacy.office365.com", "smtp.office365.us")
 
 
+#: A tenant's MX endpoint (contoso-com.mail.protection.outlook.com; the newer *.mx.microsoft):
+#: relaying there without AUTH is Microsoft 365's connector-based relay (exchange-semantics §9.3).
+_M365_MX_SUFFIXES = (".mail.protection.outlook.com", ".mx.microsoft")
+
+
+def _m365_connector_finding(s: Any, i: int) -> Finding:
+    where = f'send connector "{s.name}"'
+    if s.tls_certificate_file is not None:
+        how = (
+            f"by this connector's client certificate ({s.tls_certificate_file}): the tenant's "
+            "inbound connector must name its subject (TlsSenderCertificateName)"
+        )
+        key, fix = (
+            "tls_certificate_file",
+            "keep the certificate's subject and the inbound connector's "
+            "TlsSenderCertificateName the same; renew it before it expires, then reload",
+        )
+    else:
+        how = (
+            "by this relay's public IP address (SenderIPAddresses), since no client "
+            "certificate is set (tls_certificate_file)"
+        )
+        key, fix = (
+            "tls_certificate_file",
+            "create a partner inbound connector in Exchange admin center for this relay's "
+            "public IP address; or set tls_certificate_file and tls_key_file to a certificate "
+            "whose subject the inbound connector names (TlsSenderCertificateName)",
+        )
+    return Finding(
+        "info",
+        "m365-connector-relay",
+        where,
+        f"send_connectors[{i}].{key}",
+        "relays to Microsoft 365's MX without AUTH: mail to other organisations is only "
+        f"accepted when the tenant's inbound connector recognises the relay, {how} "
+        "(else 550 5.7.64 TenantAttribution; Relay Access Denied)",
+        fix,
+    )
+
+
 def _send_connector_findings(config: Config) -> Iterator[Finding]:
     """Microsoft 365 SMTP AUTH through one mailbox: what it refuses that a relay can avoid."""
     by_name = {c.name.lower(): c for c in config.send_connectors}
@@ -462,6 +502,13 @@ def _send_connector_findings(config: Config) -> Iterator[Finding]:
                 hosts.add(parse_smart_host(entry, s.port)[0])
             except ValueError:
                 continue  # `check` names it
+        if (
+            s.enabled
+            and s.delivery_method == "SMTP"
+            and s.smart_host_auth_mechanism == "None"
+            and any(h.endswith(_M365_MX_SUFFIXES) for h in hosts)
+        ):
+            yield _m365_connector_finding(s, i)
         if (
             not s.enabled
             or s.smart_host_auth_mechanism == "None"

@@ -46,6 +46,12 @@ class Connector:
     fqdn: str | None = None
     max_message_size: int | None = None
     connection_inactivity_timeout: float = 10.0
+    tls_certificate_file: Path | None = None
+    tls_key_file: Path | None = None
+    ignore_starttls: bool = False
+    force_helo: bool = False
+    smtp_max_messages_per_connection: int = 20
+    source_ip_address: str | None = None
 
 
 def hop(port: int, host: str = "sink.test", ip: str = "127.0.0.1") -> NextHop:

@@ -80,7 +80,9 @@ def _unusable(cert: Path | None, key: Path | None) -> tuple[str, str] | None:
 
 def tls_file_problems(cfg: Config) -> list[Problem]:
     """The certificate/key files `serve` would load: an implicit-TLS listener does not open
-    without them (and STARTTLS is not offered), so `check` reads them, naming connector and key."""
+    without them (and STARTTLS is not offered), and a send connector's client certificate that
+    cannot be loaded fails every TLS session through it, so `check` reads them, naming connector
+    and key."""
     problems = []
     found = _unusable(cfg.server.tls_certificate_file, cfg.server.tls_key_file)
     if found is not None:
@@ -90,6 +92,13 @@ def tls_file_problems(cfg: Config) -> list[Problem]:
         if found is not None:
             problems.append(
                 Problem(cfg.source, f"receive_connectors[{i}].{found[0]}", found[1], c.name)
+            )
+    # A send connector's client certificate: unloadable, every STARTTLS through it would fail.
+    for i, s in enumerate(cfg.send_connectors):
+        found = _unusable(s.tls_certificate_file, s.tls_key_file)
+        if found is not None:
+            problems.append(
+                Problem(cfg.source, f"send_connectors[{i}].{found[0]}", found[1], s.name)
             )
     return problems
 

@@ -264,6 +264,26 @@ class SendConnector:
     #: The mailbox whose /users/{mailbox}/sendMail is called. "" = send_as when set, else the
     #: message's envelope sender.
     graph_mailbox: str = ""
+    #: A client certificate (PEM, chain first) and its key, presented on STARTTLS and implicit TLS:
+    #: Exchange's TlsCertificateName, for a Microsoft 365 inbound connector that recognises the
+    #: relay by its certificate's subject, or a smart host that authenticates relays that way.
+    #: Both or neither. Same key names as the receive connector's.
+    tls_certificate_file: Path | None = _spec(None, Path)
+    tls_key_file: Path | None = _spec(None, Path)
+    #: IgnoreSTARTTLS: never STARTTLS, even when offered (a trusted link to a host whose TLS is
+    #: broken). Incompatible with anything that requires TLS.
+    ignore_starttls: bool = False
+    #: ForceHELO: HELO instead of EHLO, so no extension is used (no STARTTLS, AUTH, PIPELINING,
+    #: SIZE, 8BITMIME, SMTPUTF8).
+    force_helo: bool = False
+    #: SmtpMaxMessagesPerConnection: messages per SMTP session before a new connection.
+    smtp_max_messages_per_connection: int = 20
+    #: SourceIPAddress: the local address outbound connections bind to (None: any).
+    source_ip_address: str | None = None
+
+
+#: The bound of smtp_max_messages_per_connection (Exchange takes an Int32; no session needs more).
+MAX_MESSAGES_PER_CONNECTION = 10_000
 
 
 @dataclass(frozen=True, slots=True)

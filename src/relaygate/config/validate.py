@@ -12,6 +12,7 @@ ConnectionInactivityTimeout; value ranges from §1.4; banner starting with 220.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -20,7 +21,12 @@ from typing import Any
 from relaygate import replies
 from relaygate.addresses import AddressError, parse_path
 from relaygate.config.loader import Problem
-from relaygate.config.model import Config, ReceiveConnector, SendConnector
+from relaygate.config.model import (
+    MAX_MESSAGES_PER_CONNECTION,
+    Config,
+    ReceiveConnector,
+    SendConnector,
+)
 from relaygate.config.values import (
     Binding,
     format_timespan,
@@ -209,6 +215,65 @@ def _send_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
             "tls_auth_level",
             "certificate validation needs require_tls = true (else a stripped STARTTLS bypasses it)",
         )
+    if not graph:
+        yield from _send_smtp_option_rules(s)
+
+
+_AUTH_NEEDS_TLS = ("BasicAuthRequireTLS", "XOAUTH2")
+_AUTH_NEEDS_EHLO = ("BasicAuth", "BasicAuthRequireTLS", "XOAUTH2")
+
+
+def _send_smtp_option_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
+    """tls_certificate_file/tls_key_file, ignore_starttls, force_helo,
+    smtp_max_messages_per_connection, source_ip_address (Exchange's TlsCertificateName,
+    IgnoreSTARTTLS, ForceHELO, SmtpMaxMessagesPerConnection, SourceIPAddress)."""
+    if (s.tls_certificate_file is None) != (s.tls_key_file is None):
+        yield "tls_certificate_file", "set both tls_certificate_file and tls_key_file, or neither"
+    tls_needed = [
+        why
+        for why, needed in (
+            ("require_tls = true", s.require_tls),
+            (f"tls_auth_level = {s.tls_auth_level!r}", s.tls_auth_level != "EncryptionOnly"),
+            (
+                f"smart_host_auth_mechanism = {s.smart_host_auth_mechanism!r}",
+                s.smart_host_auth_mechanism in _AUTH_NEEDS_TLS,
+            ),
+        )
+        if needed
+    ]
+    if not s.implicit_tls and tls_needed:
+        if s.ignore_starttls:
+            yield (
+                "ignore_starttls",
+                f"cannot be true with {tls_needed[0]}, which requires TLS (STARTTLS would never "
+                "be used: every message would wait in the queue)",
+            )
+        if s.force_helo:
+            yield (
+                "force_helo",
+                f"cannot be true with {tls_needed[0]}, which requires TLS: after HELO no "
+                "STARTTLS is possible (use implicit_tls, or EHLO)",
+            )
+    if s.force_helo and s.smart_host_auth_mechanism in _AUTH_NEEDS_EHLO:
+        yield (
+            "force_helo",
+            f"cannot be true with smart_host_auth_mechanism = {s.smart_host_auth_mechanism!r}: "
+            "AUTH is an ESMTP extension, never offered after HELO",
+        )
+    if not 1 <= s.smtp_max_messages_per_connection <= MAX_MESSAGES_PER_CONNECTION:
+        yield (
+            "smtp_max_messages_per_connection",
+            f"must be 1-{MAX_MESSAGES_PER_CONNECTION:,}",
+        )
+    if s.source_ip_address is not None:
+        try:
+            ipaddress.ip_address(s.source_ip_address.strip())
+        except ValueError:
+            yield (
+                "source_ip_address",
+                f"{s.source_ip_address!r} is not an IPv4 or IPv6 address (a local address of "
+                "this server, e.g. '192.0.2.10')",
+            )
 
 
 _ENTRA_ONLY = (

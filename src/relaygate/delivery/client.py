@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import ipaddress
 import logging
 import re
 import socket
@@ -89,6 +91,7 @@ __all__ = [
     "DeliveryOutcome",
     "deliver",
     "helo_name_for",
+    "load_tls_context",
     "remote_reply",
     "tls_context_for",
     "tls_failed",
@@ -203,26 +206,80 @@ def _tls_required(connector: Any) -> bool:
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_context(level: str, ca_file: str | None) -> ssl.SSLContext:
+def _cached_context(
+    level: str,
+    ca_file: str | None,
+    client_cert: tuple[str, str, str] | None = None,
+) -> ssl.SSLContext:
+    """client_cert: (certificate file, key file, digest of both); the digest is in the cache key
+    only so that a renewed certificate under the same file names gets a new context."""
     if level == "EncryptionOnly":
         # create_default_context's settings without its trust store, which this level never
         # consults: loading the system's CAs took 21 ms, on the event loop, at the first delivery.
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-        return ctx
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    if ca_file:
-        ctx.load_verify_locations(cafile=ca_file)
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.check_hostname = level == "DomainValidation"
+    else:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        if ca_file:
+            ctx.load_verify_locations(cafile=ca_file)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.check_hostname = level == "DomainValidation"
+    if client_cert is not None:
+        ctx.load_cert_chain(client_cert[0], client_cert[1])
     return ctx
 
 
+#: (certificate file, key file) → digest of their bytes when last loaded (load_tls_context):
+#: which cached context `tls_context_for` takes, without reading the files at every session.
+_client_cert_digests: dict[tuple[str, str], str] = {}
+
+
+def _client_cert(connector: Any) -> tuple[str, str] | None:
+    cert = getattr(connector, "tls_certificate_file", None)
+    key = getattr(connector, "tls_key_file", None)
+    return (str(cert), str(key)) if cert and key else None
+
+
 def tls_context_for(connector: Any) -> ssl.SSLContext:
-    """The client TLS context for the connector's tls_auth_level (cached per level and CA file)."""
+    """The client TLS context for the connector's tls_auth_level (cached per level, CA file and
+    client certificate; the certificate as `load_tls_context` last read it)."""
     ca = getattr(connector, "tls_ca_file", None)
-    return _cached_context(_tls_level(connector), str(ca) if ca else None)
+    files = _client_cert(connector)
+    if files is None:
+        return _cached_context(_tls_level(connector), str(ca) if ca else None)
+    digest = _client_cert_digests.get(files)
+    if digest is None:  # not loaded yet (a caller that did not go through load_tls_context)
+        digest = _file_digest(files)
+        _client_cert_digests[files] = digest
+    return _cached_context(_tls_level(connector), str(ca) if ca else None, (*files, digest))
+
+
+def _file_digest(files: tuple[str, str]) -> str:
+    h = hashlib.sha256()
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                h.update(f.read())
+        except OSError as exc:
+            h.update(f"unreadable: {exc}".encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def load_tls_context(connector: Any) -> ssl.SSLContext:
+    """`tls_context_for`, after reading the client certificate files again (blocking: the queue
+    manager calls it in a thread at start and at every reload). A certificate renewed under the
+    same file names is taken up by new sessions from then on, as a reload reopens an implicit-TLS
+    listener whose certificate changed. Raises OSError/ssl.SSLError when they cannot be loaded."""
+    files = _client_cert(connector)
+    if files is not None:
+        digest = _file_digest(files)
+        ca = getattr(connector, "tls_ca_file", None)
+        # built before it is published: the event loop never loads it itself
+        _cached_context(_tls_level(connector), str(ca) if ca else None, (*files, digest))
+        _client_cert_digests[files] = digest
+    return tls_context_for(connector)
 
 
 def _server_name(connector: Any, hop: NextHop) -> str:
@@ -276,6 +333,8 @@ class _Session:
     key: tuple[Any, ...]
     tls: bool
     messages: int = 0
+    #: The connector's smtp_max_messages_per_connection (Exchange's SmtpMaxMessagesPerConnection).
+    max_messages: int = 20
     idle_since: float = 0.0
     #: No transaction in progress on the server (the last one ended with its final reply, or
     #: RSET): a reused session can start with MAIL, without an RSET round trip.
@@ -304,14 +363,16 @@ class _Session:
 class ConnectionPool:
     """Open, authenticated sessions kept for `idle_seconds` so the next message to the same hop
     through the same connector reuses them (RSET first only when the last transaction did not end cleanly). At most `max_size` idle sessions
-    and `max_messages_per_connection` messages per session (Exchange's SmtpMaxMessagesPerConnection)."""
+    and, per session, its connector's smtp_max_messages_per_connection messages (Exchange's
+    SmtpMaxMessagesPerConnection, 20 by default); `max_messages_per_connection` lowers that cap
+    for every connector (None: the connectors' own)."""
 
     def __init__(
         self,
         *,
         idle_seconds: float = 5.0,
         max_size: int = 16,
-        max_messages_per_connection: int = 20,
+        max_messages_per_connection: int | None = None,
     ) -> None:
         self.idle_seconds = idle_seconds
         self.max_size = max_size
@@ -358,7 +419,11 @@ class ConnectionPool:
         if (
             self._closed
             or not session.alive
-            or session.messages >= self.max_messages_per_connection
+            or session.messages >= session.max_messages
+            or (
+                self.max_messages_per_connection is not None
+                and session.messages >= self.max_messages_per_connection
+            )
             or self.idle_seconds <= 0
         ):
             self._discard(session)
@@ -415,11 +480,45 @@ class ConnectionPool:
 # one hop
 
 
-async def _connect_socket(hop: NextHop, timeout: float) -> socket.socket:
+def _source_address(connector: Any, hop: NextHop) -> str | None:
+    """The connector's source_ip_address for this hop (Exchange's SourceIPAddress); None: any.
+    An address of the other family than the hop's cannot reach it: the hop fails."""
+    source = (getattr(connector, "source_ip_address", None) or "").strip()
+    if not source:
+        return None
+    ip = ipaddress.ip_address(source)  # validated at load
+    if (ip.version == 6) != (":" in hop.ip):
+        if ip.version == 6 and ip.ipv4_mapped is not None and ":" not in hop.ip:
+            return str(ip.ipv4_mapped)
+        raise _HopFailed(
+            Reply(
+                451,
+                "4.4.0",
+                f"Failed to connect. source_ip_address {source} is IPv{ip.version} and "
+                f"the next hop {hop.ip} is not",
+            )
+        )
+    return str(ip)
+
+
+async def _connect_socket(hop: NextHop, timeout: float, source: str | None = None) -> socket.socket:
     family = socket.AF_INET6 if ":" in hop.ip else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
+    if source is not None:
+        try:
+            sock.bind((source, 0))
+        except OSError as exc:
+            sock.close()
+            raise _HopFailed(
+                Reply(
+                    451,
+                    "4.4.0",
+                    f"Failed to connect. Cannot bind source_ip_address {source}: "
+                    f"{exc.strerror or exc}",
+                )
+            ) from None
     try:
         await asyncio.wait_for(loop.sock_connect(sock, (hop.ip, hop.port)), timeout)
     except TimeoutError:
@@ -432,6 +531,14 @@ async def _connect_socket(hop: NextHop, timeout: float) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+async def _helo(smtp: aiosmtplib.SMTP, helo_name: str, timeout: float) -> None:
+    """force_helo (Exchange's ForceHELO): HELO, never EHLO, hence no extension at all."""
+    try:
+        await smtp.helo(hostname=helo_name, timeout=timeout)
+    except SMTPHeloError as exc:
+        raise _HopFailed(remote_reply(exc.code, exc.message)) from None
 
 
 async def _ehlo(smtp: aiosmtplib.SMTP, helo_name: str, timeout: float) -> None:
@@ -459,9 +566,20 @@ async def _open_session(
 ) -> _Session:
     tls_required = _tls_required(connector)
     implicit = bool(getattr(connector, "implicit_tls", False))
-    ctx = tls_context_for(connector)
+    try:
+        ctx = tls_context_for(connector)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        # A client certificate that cannot be loaded: deferred with the reason, never sent
+        # without the certificate the next hop may recognise the relay by.
+        detail = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+        raise _HopFailed(
+            tls_failed(f"the client certificate (tls_certificate_file) cannot be loaded: {detail}")
+        ) from None
     server_name = _server_name(connector, hop)
-    sock = await _connect_socket(hop, timeout)
+    force_helo = bool(getattr(connector, "force_helo", False))
+    if force_helo or getattr(connector, "ignore_starttls", False):
+        allow_starttls = False
+    sock = await _connect_socket(hop, timeout, _source_address(connector, hop))
     smtp = aiosmtplib.SMTP(
         hostname=server_name if implicit else hop.ip,
         sock=sock,
@@ -484,7 +602,10 @@ async def _open_session(
                 raise _HopFailed(tls_failed(_tls_reason(ssl_exc))) from None
             raise _HopFailed(CONNECTION_DROPPED, connection_lost=True) from None
 
-        await _ehlo(smtp, helo_name, timeout)
+        if force_helo:
+            await _helo(smtp, helo_name, timeout)
+        else:
+            await _ehlo(smtp, helo_name, timeout)
         tls = implicit
         if not tls and allow_starttls and smtp.supports_extension("starttls"):
             try:
@@ -507,12 +628,32 @@ async def _open_session(
                 raise _HopFailed(tls_failed(reason), retry_plain=not tls_required) from None
             else:
                 tls = True
-                await _ehlo(smtp, helo_name, timeout)
+                try:
+                    await _ehlo(smtp, helo_name, timeout)
+                except (SMTPServerDisconnected, OSError) as exc:
+                    # TLS 1.3: the server checks our certificate (or its absence) after our
+                    # side of the handshake is done; its alert, if it sends one before closing,
+                    # arrives instead of the EHLO reply.
+                    if isinstance(exc, SMTPTimeoutError | TimeoutError):
+                        raise
+                    ssl_exc = _find_ssl_error(exc)
+                    reason = (
+                        _tls_reason(ssl_exc)
+                        if ssl_exc is not None
+                        else "TLS handshake failed: the server closed the connection at once "
+                        + (
+                            "(does it accept the client certificate, tls_certificate_file?)"
+                            if _client_cert(connector)
+                            else "(does it require a client certificate? see tls_certificate_file)"
+                        )
+                    )
+                    raise _HopFailed(tls_failed(reason), retry_plain=not tls_required) from None
         if tls_required and not tls:
             raise _HopFailed(TLS_NOT_OFFERED)
 
         await _authenticate(smtp, connector, credentials, tls, timeout)
-        return _Session(smtp, key, tls)
+        limit = getattr(connector, "smtp_max_messages_per_connection", 20)
+        return _Session(smtp, key, tls, max_messages=limit if isinstance(limit, int) else 20)
     except _HopFailed:
         await _Session(smtp, key, False).quit(timeout=min(timeout, 2.0))
         raise

@@ -54,7 +54,7 @@ from relaygate.delivery.client import (
     CREDENTIALS_MISSING,
     ConnectionPool,
     deliver,
-    tls_context_for,
+    load_tls_context,
 )
 from relaygate.delivery.credentials import Credentials, CredentialsError
 from relaygate.delivery.dns import Resolver
@@ -280,10 +280,12 @@ class QueueManager:
     async def _load_tls_contexts(self) -> None:
         """Build the send connectors' client TLS contexts now, in a thread: one that validates
         certificates loads the system's trust store (~20 ms), which would otherwise block the
-        event loop, every session included, at the connector's first delivery."""
+        event loop, every session included, at the connector's first delivery. A client
+        certificate (tls_certificate_file) is read again here, so a reload takes up a renewed
+        one under the same file names."""
         for connector in self.config.send_connectors:
             try:
-                await asyncio.to_thread(tls_context_for, connector)
+                await asyncio.to_thread(load_tls_context, connector)
             # ssl.SSLError is an OSError. The same failure is reported again at delivery.
             except (OSError, ValueError) as exc:
                 log.warning("send connector %s: its TLS context: %s", connector.name, exc)
