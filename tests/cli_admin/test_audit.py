@@ -506,3 +506,40 @@ def test_wide_relay_without_allowed_senders_gets_a_suggestion() -> None:
     assert not only(audit(config(limited)), "relay-without-allowed-senders")
     # a narrow relay connector: no suggestion (the CLEAN config stays without findings)
     assert not only(audit(config(relay())), "relay-without-allowed-senders")
+
+
+M365_CONNECTOR = """
+[[send_connectors]]
+name = "To Microsoft 365"
+address_spaces = ["*"]
+dns_routing_enabled = false
+smart_hosts = ["{host}"]
+require_tls = true
+"""
+
+
+@pytest.mark.parametrize(
+    "host", ["corp-example.mail.protection.outlook.com", "corp.example.x1y2z3.mx.microsoft"]
+)
+def test_connector_based_relay_to_microsoft_365_says_how_the_tenant_matches_it(
+    host: str, tmp_path: Path
+) -> None:
+    """exchange-semantics §9.3: the tenant's inbound connector matches the relay by IP or by
+    its certificate's subject; audit says which this connector relies on."""
+    text = CLEAN + M365_CONNECTOR.format(host=host)
+    (finding,) = audit(config(text))
+    assert (finding.severity, finding.code, finding.connector) == (
+        "info",
+        "m365-connector-relay",
+        'send connector "To Microsoft 365"',
+    )
+    assert finding.key == "send_connectors[0].tls_certificate_file"
+    assert "public IP address" in finding.message and "tls_certificate_file" in finding.message
+    cert, key = tmp_path / "relay.crt", tmp_path / "relay.key"
+    with_cert = text + f"tls_certificate_file = '{cert}'\ntls_key_file = '{key}'\n"
+    (finding,) = audit(config(with_cert))
+    assert str(cert) in finding.message and "TlsSenderCertificateName" in finding.message
+    # SMTP AUTH, another smart host, or a disabled connector: not this finding
+    other = CLEAN + M365_CONNECTOR.format(host="smtp.partner.example")
+    assert only(audit(config(other)), "m365-connector-relay") == []
+    assert only(audit(config(text + "enabled = false\n")), "m365-connector-relay") == []

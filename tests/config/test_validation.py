@@ -448,3 +448,123 @@ def test_the_postgresql_queue_refuses_a_max_message_size_it_cannot_store() -> No
     assert parse_text(base + 'max_message_size = "1023MB"\n', "pg.toml")
     sqlite = base.replace('store = "postgresql"', 'store = "sqlite"')
     assert parse_text(sqlite + 'max_message_size = "2000MB"\n', "s.toml")
+
+
+# --------------------------------------------------------------------------------------------------
+# tls_certificate_file / tls_key_file, ignore_starttls, force_helo, smtp_max_messages_per_connection,
+# source_ip_address (Exchange's TlsCertificateName, IgnoreSTARTTLS, ForceHELO,
+# SmtpMaxMessagesPerConnection, SourceIPAddress)
+
+
+def test_the_send_connector_smtp_options_default_as_in_exchange() -> None:
+    (out,) = parse_text(_SEND.format(hosts='"10.0.0.9"'), "s.toml").send_connectors
+    assert (out.tls_certificate_file, out.tls_key_file) == (None, None)
+    assert (out.ignore_starttls, out.force_helo) == (False, False)
+    assert out.smtp_max_messages_per_connection == 20
+    assert out.source_ip_address is None
+    (out,) = parse_text(
+        _SEND.format(hosts='"10.0.0.9"')
+        + 'tls_certificate_file = "relay.crt"\ntls_key_file = "relay.key"\n'
+        + "ignore_starttls = true\nforce_helo = true\nsmtp_max_messages_per_connection = 3\n"
+        + 'source_ip_address = "2001:db8::25"\n',
+        "s.toml",
+    ).send_connectors
+    assert out.tls_certificate_file == Path("relay.crt") and out.tls_key_file == Path("relay.key")
+    assert out.ignore_starttls and out.force_helo
+    assert out.smtp_max_messages_per_connection == 3
+    assert out.source_ip_address == "2001:db8::25"
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        (
+            'tls_certificate_file = "relay.crt"',
+            "tls_certificate_file: set both tls_certificate_file and tls_key_file, or neither",
+        ),
+        (
+            'tls_key_file = "relay.key"',
+            "tls_certificate_file: set both tls_certificate_file and tls_key_file, or neither",
+        ),
+        (
+            "ignore_starttls = true\nrequire_tls = true",
+            "ignore_starttls: cannot be true with require_tls = true, which requires TLS",
+        ),
+        (
+            'ignore_starttls = true\nsmart_host_auth_mechanism = "BasicAuthRequireTLS"\n'
+            'auth_username = "u"\nauth_password_env = "P"',
+            "ignore_starttls: cannot be true with smart_host_auth_mechanism = "
+            "'BasicAuthRequireTLS', which requires TLS",
+        ),
+        (
+            "force_helo = true\nrequire_tls = true",
+            "force_helo: cannot be true with require_tls = true, which requires TLS",
+        ),
+        (
+            'force_helo = true\nsmart_host_auth_mechanism = "BasicAuth"\n'
+            'auth_username = "u"\nauth_password_env = "P"',
+            "force_helo: cannot be true with smart_host_auth_mechanism = 'BasicAuth': AUTH is",
+        ),
+        ("smtp_max_messages_per_connection = 0", "smtp_max_messages_per_connection: must be 1-"),
+        (
+            "smtp_max_messages_per_connection = 100000",
+            "smtp_max_messages_per_connection: must be 1-10,000",
+        ),
+        (
+            'source_ip_address = "10.0.0.300"',
+            "source_ip_address: '10.0.0.300' is not an IPv4 or IPv6 address",
+        ),
+        (
+            'source_ip_address = "relay.corp.example"',
+            "source_ip_address: 'relay.corp.example' is not an IPv4 or IPv6 address",
+        ),
+    ],
+)
+def test_bad_send_connector_smtp_options_are_refused_naming_connector_and_key(
+    lines: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_text(_SEND.format(hosts='"10.0.0.9"') + lines + "\n", "s.toml")
+    problems = [str(p) for p in info.value.problems]
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f's.toml: send_connectors[0] "Out": {expected}'), problems
+
+
+def test_ignore_starttls_and_force_helo_are_accepted_with_implicit_tls() -> None:
+    parse_text(
+        _SEND.format(hosts='"10.0.0.9"')
+        + "implicit_tls = true\nrequire_tls = true\nignore_starttls = true\nforce_helo = true\n",
+        "s.toml",
+    )
+
+
+def test_relaygate_check_names_an_unreadable_client_certificate(tmp_path: Path) -> None:
+    path = tmp_path / "relaygate.toml"
+    key = tmp_path / "relay.key"
+    key.write_text("not a key", encoding="utf-8")
+    path.write_text(
+        _SEND.format(hosts='"10.0.0.9"')
+        + f"tls_certificate_file = '{tmp_path / 'missing.crt'}'\ntls_key_file = '{key}'\n",
+        encoding="utf-8",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "relaygate", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done
+    out = done.stdout + done.stderr
+    assert (
+        f'{path}: send_connectors[0] "Out": tls_certificate_file: {tmp_path / "missing.crt"}: '
+        "cannot read" in out
+    ), out
+    (tmp_path / "missing.crt").write_text("not a certificate", encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "relaygate", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 1 and "tls_certificate_file" in out and "cannot be loaded" in out, out
