@@ -68,6 +68,7 @@ class RelayThread:
         token: str | None = None,
         queue: dict[str, Any] | None = None,
         routes: dict[str, int] | None = None,
+        extra: str = "",
         **kwargs: Any,
     ) -> None:
         self.token = token  # sent as the bearer token to /api/
@@ -83,7 +84,7 @@ class RelayThread:
                 {"*": closed, **(routes or {})},
                 queue={**QUEUE, **(queue or {})},
                 smtp_port=self.smtp_port,
-                extra=FRONTEND.format(port=self.smtp_port),
+                extra=FRONTEND.format(port=self.smtp_port) + extra,
                 **kwargs,
             )
         )

@@ -20,6 +20,11 @@ Routes (JSON unless said otherwise):
 ``GET /api/queues/{queue}``                     one delivery queue
 ``POST /api/queues/{queue}/retry``              Retry-Queue -Identity SERVER\\NextHop (on
                                                 ``Unreachable``: Retry-Queue -Resubmit)
+``GET /api/connectors/receive/{name}``          one receive connector: every key (as
+                                                ``relaygate connector show``), identity, relay
+                                                grant, session rights, audit findings
+``GET /api/connectors/send/{name}``             one send connector: every key, route, pacing,
+                                                overflow connector, its delivery queues, findings
 ``GET /api/health``, ``GET /healthz``           liveness: 200 when the store answers, else 503
 ``GET /metrics``                                Prometheus text format
 ==============================================  ============================================
@@ -84,7 +89,8 @@ Protection (the listener is meant for loopback or a management network):
   (cross-site request forgery from a browser on the admin's machine).
 
 The web admin centre (HTML pages, `relaygate.admin.web`) is served by the same application and behind
-the same guard: ``/``, ``/queue``, ``/queue/{id}``, ``/explain``, ``/login``, ``/static/…``.
+the same guard: ``/``, ``/queue``, ``/queue/{id}``, ``/explain``, ``/connectors/{receive,send}/{name}``,
+``/login``, ``/static/…``.
 `create_app(relay, extra_routes=...)` takes further routes.
 """
 
@@ -567,6 +573,29 @@ def create_app(
 
         return Route(f"{API_PREFIX}/queue/{action}", queue_bulk, methods=["POST"])
 
+    async def receive_connector_show(request: Request) -> Response:
+        from relaygate.admin import connectors as views
+        from relaygate.audit import audit
+
+        config = relay.config
+        name = request.path_params["name"]
+        connector = views.find_receive(config, name)
+        if connector is None:
+            return _error(404, f"no receive connector named {name!r}")
+        return JSONResponse(views.receive_connector_view(config, connector, audit(config)))
+
+    async def send_connector_show(request: Request) -> Response:
+        from relaygate.admin import connectors as views
+        from relaygate.audit import audit
+
+        config = relay.config
+        name = request.path_params["name"]
+        connector = views.find_send(config, name)
+        if connector is None:
+            return _error(404, f"no send connector named {name!r}")
+        view = views.send_connector_view(config, connector, audit(config), await control.queues())
+        return JSONResponse(view)
+
     async def health(request: Request) -> Response:
         body, status = await health_report(relay, control, started)
         return JSONResponse(body, status_code=status)
@@ -594,6 +623,12 @@ def create_app(
         Route(f"{API_PREFIX}/queues", queues_list, methods=["GET"]),
         Route(f"{API_PREFIX}/queues/{{identity}}", queues_show, methods=["GET"]),
         Route(f"{API_PREFIX}/queues/{{identity}}/retry", queues_retry, methods=["POST"]),
+        Route(
+            f"{API_PREFIX}/connectors/receive/{{name:path}}",
+            receive_connector_show,
+            methods=["GET"],
+        ),
+        Route(f"{API_PREFIX}/connectors/send/{{name:path}}", send_connector_show, methods=["GET"]),
     ]
     if web:
         from relaygate.admin.web import web_routes  # the pages import this module

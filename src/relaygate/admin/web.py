@@ -21,6 +21,11 @@ links and forms.
                                    match (``QueueControl.bulk``, a filter required, the box
                                    ``confirm=yes`` ticked), then 303 to /queue with the counts
 ``GET /explain?client_ip=…``       what ``relaygate explain`` shows (`relaygate.policy.explain`)
+``GET /connectors/receive/{name}``  one receive connector, read-only: every key as ``relaygate
+                                   connector show`` prints it, the relay grant, the rights of an
+                                   anonymous and an authenticated session, its audit findings
+``GET /connectors/send/{name}``     one send connector, read-only: every key, route, pacing (and
+                                   its overflow connector), its delivery queues, its findings
 ``GET/POST /login``, ``POST /logout``  only when ``admin.api_token_file`` is set
 ``GET /static/admin.css``          the stylesheet
 =================================  ==================================================================
@@ -58,6 +63,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from relaygate.admin import connectors as connector_views
 from relaygate.admin.api import health_report, open_sessions
 from relaygate.audit import SEVERITIES, audit, relay_grant, summary
 from relaygate.config.model import Config, ReceiveConnector, SendConnector
@@ -81,10 +87,12 @@ __all__ = [
     "STATIC_DIR",
     "TEMPLATES_DIR",
     "connector_rows",
+    "connector_url",
     "error_page",
     "explain_results",
     "relay_method",
     "render",
+    "route_text",
     "send_connector_rows",
     "session_value",
     "web_routes",
@@ -145,6 +153,14 @@ _env = jinja2.Environment(
 )
 _env.filters["size"] = _size
 _env.filters["when"] = _when
+
+
+def connector_url(kind: str, name: Any) -> str:
+    """The page of the ``kind`` (``receive`` | ``send``) connector ``name``, URL-encoded."""
+    return f"/connectors/{kind}/" + quote(str(name), safe="")
+
+
+_env.globals["connector_url"] = connector_url
 
 
 #: How long a sign-in lasts (the cookie's Max-Age, and checked on every request).
@@ -288,7 +304,7 @@ def connector_rows(
 _HOST_WITH_PORT = re.compile(r"(\]|^[^:\[\]]+):\d+$")
 
 
-def _route_text(c: SendConnector) -> str:
+def route_text(c: SendConnector) -> str:
     if c.delivery_method == "Graph":
         from relaygate.delivery.graph import route_label
 
@@ -307,7 +323,7 @@ def send_connector_rows(config: Config) -> list[dict[str, Any]]:
             "name": c.name,
             "enabled": c.enabled,
             "address_spaces": list(c.address_spaces),
-            "route": _route_text(c),
+            "route": route_text(c),
             "auth": auth_label(c) or "None",
             "require_tls": c.require_tls,
             "pacing": pacing.describe(c),
@@ -630,6 +646,36 @@ async def explain_page(request: Request) -> Response:
     return render(request, "explain.html", context, code)
 
 
+async def receive_connector_page(request: Request) -> Response:
+    """One receive connector, read-only (Get-ReceiveConnector | Format-List)."""
+    if (redirect := _login_redirect(request)) is not None:
+        return redirect
+    config = request.app.state.relay.config
+    name = request.path_params["name"]
+    connector = connector_views.find_receive(config, name)
+    if connector is None:
+        return error_page(request, "Not found", f"No receive connector named {name!r}.", 404)
+    view = connector_views.receive_connector_view(config, connector, audit(config))
+    return render(request, "receive_connector.html", {"c": view})
+
+
+async def send_connector_page(request: Request) -> Response:
+    """One send connector, read-only (Get-SendConnector | Format-List), with its queues."""
+    if (redirect := _login_redirect(request)) is not None:
+        return redirect
+    config = request.app.state.relay.config
+    name = request.path_params["name"]
+    connector = connector_views.find_send(config, name)
+    if connector is None:
+        return error_page(request, "Not found", f"No send connector named {name!r}.", 404)
+    control: QueueControl = request.app.state.control
+    view = connector_views.send_connector_view(
+        config, connector, audit(config), await control.queues()
+    )
+    context = {"c": view, "queue_url": lambda q: "/queue?" + urlencode({"queue": q})}
+    return render(request, "send_connector.html", context)
+
+
 async def login_page(request: Request) -> Response:
     if not request.app.state.token:
         return RedirectResponse("/", status_code=303)
@@ -698,6 +744,8 @@ def web_routes() -> list[BaseRoute]:
         Route("/queue/{identity}/{action}", message_action, methods=["POST"]),
         Route("/queues/{identity}/retry", queue_retry, methods=["POST"]),
         Route("/explain", explain_page, methods=["GET"]),
+        Route("/connectors/receive/{name:path}", receive_connector_page, methods=["GET"]),
+        Route("/connectors/send/{name:path}", send_connector_page, methods=["GET"]),
         Route("/login", login_page, methods=["GET"]),
         Route("/login", login_submit, methods=["POST"]),
         Route("/logout", logout, methods=["POST"]),
