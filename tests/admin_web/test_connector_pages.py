@@ -26,6 +26,7 @@ pytestmark = pytest.mark.browser
 
 TOKEN = "s3cret-token-for-connector-pages"
 SECRET = "Pa55word-that-must-never-show-7f3a9c"
+CLIENT_SECRET = "Entra-client-secret-never-shown-41d8"
 
 EXTRA = """
 [[receive_connectors]]
@@ -59,6 +60,15 @@ address_spaces = ["overflow.invalid"]
 dns_routing_enabled = false
 smart_hosts = ["[127.0.0.1]:{paced_port}"]
 enabled = false
+
+[[send_connectors]]
+name = "Graph Mail"
+address_spaces = ["graph.invalid"]
+delivery_method = "Graph"
+oauth_tenant_id = "00000000-0000-0000-0000-000000000001"
+oauth_client_id = "00000000-0000-0000-0000-000000000002"
+oauth_client_secret_file = "{graph_secret_file}"
+graph_mailbox = "relay@corp.test"
 """
 
 
@@ -74,8 +84,15 @@ def node() -> Iterator[Node]:
         (base / "token").write_text(TOKEN + "\n", encoding="utf-8")
         secret_file = base / "m365-password.txt"
         secret_file.write_text(SECRET + "\n", encoding="utf-8")
+        graph_secret_file = base / "entra-client-secret.txt"
+        graph_secret_file.write_text(CLIENT_SECRET + "\n", encoding="utf-8")
         paced_port = free_port()  # nothing listens: the message stays queued
-        extra = EXTRA.format(scan_port=free_port(), paced_port=paced_port, secret_file=secret_file)
+        extra = EXTRA.format(
+            scan_port=free_port(),
+            paced_port=paced_port,
+            secret_file=secret_file,
+            graph_secret_file=graph_secret_file,
+        )
         relay = Node(
             base / "data",
             token=TOKEN,
@@ -264,17 +281,28 @@ def test_connector_json_and_no_secret_anywhere(node: Node) -> None:
         assert missing.status_code == 404
         assert missing.json() == {"error": f"no {kind} connector named {name!r}", "status": 404}
 
-    # the password file's content appears in no page and no JSON
+    graph = node.api("GET", "/api/connectors/send/graph%20mail").json()
+    assert graph["route"] == (
+        "Microsoft Graph (mailbox relay@corp.test) via https://graph.microsoft.com/v1.0"
+    )
+    assert graph["auth"].startswith("OAuth")
+    assert {k["key"]: k["value"] for k in graph["keys"]}["oauth_client_secret_file"].endswith(
+        "entra-client-secret.txt"
+    )
+
+    # the password and client secret files' contents appear in no page and no JSON
     session = {SESSION_COOKIE: session_value(TOKEN)}
     with httpx.Client(base_url=node.url, cookies=session, timeout=10) as client:
         for path in (
             "/",
             "/connectors/send/M365%20Paced",
             "/connectors/send/Overflow%20ESP",
+            "/connectors/send/Graph%20Mail",
             "/connectors/receive/Test%20Relay",
+            "/api/connectors/send/M365%20Paced",
+            "/api/connectors/send/Graph%20Mail",
         ):
-            page = client.get(path)
+            page = client.get(path, headers={"Authorization": f"Bearer {TOKEN}"})
             assert page.status_code == 200, path
-            assert SECRET not in page.text, path
-    assert SECRET not in r.text
-    assert SECRET not in node.api("GET", "/api/connectors/send/Overflow%20ESP").text
+            assert SECRET not in page.text and CLIENT_SECRET not in page.text, path
+            assert "Pa55word" not in page.text and "Entra-client-secret" not in page.text, path
