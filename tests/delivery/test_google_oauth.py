@@ -693,3 +693,79 @@ def test_a_reload_keeps_the_provider_and_its_token_unless_its_inputs_changed(
     assert again["Gmail"] is first["Gmail"]
     other = _build_token_providers(config("/etc/relaygate/sa-rotated.json"), first)
     assert other["Gmail"] is not first["Gmail"]
+
+
+# --------------------------------------------------------------------------------------------------
+# a token endpoint that answers too slowly or too much
+
+
+class TricklingEndpoint:
+    """HTTPS on 127.0.0.1 that answers 200 and then either trickles its body a byte at a time
+    ("slow": never idle as long as a read timeout) or sends JSON without end ("huge"), for
+    `duration` seconds at most. `sent` counts the body bytes written."""
+
+    def __init__(self, cert: trustme.LeafCert, mode: str, duration: float = 12.0) -> None:
+        self.sent = 0
+        self.stop = threading.Event()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                end = time.monotonic() + duration
+                try:
+                    self.wfile.write(b'{"access_token": "ya29.slow", "padding": "')
+                    while time.monotonic() < end and not owner.stop.is_set():
+                        if mode == "slow":
+                            self.wfile.write(b"x")
+                            self.wfile.flush()
+                            owner.sent += 1
+                            time.sleep(0.2)
+                        else:
+                            self.wfile.write(b"x" * 65536)
+                            owner.sent += 65536
+                            time.sleep(0.02)
+                    self.wfile.write(b'"}')
+                except OSError:
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        cert.configure_cert(ctx)
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.token_uri = f"https://127.0.0.1:{self.server.server_address[1]}/token"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("mode", ["slow", "huge"])
+async def test_a_slow_or_endless_token_response_is_a_token_error_within_the_timeout(
+    ca: trustme.CA, rsa_key: rsa.RSAPrivateKey, tmp_path: Path, mode: str
+) -> None:
+    """The timeout bounds the whole request (not each read), and the body is bounded: the
+    provider's lock is held meanwhile, so every delivery through the connector would wait."""
+    endpoint = TricklingEndpoint(ca.issue_cert("127.0.0.1"), mode)
+    try:
+        ca_file = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        key_file = tmp_path / "sa.json"
+        write_key_file(key_file, rsa_key, endpoint.token_uri)
+        p = provider(Account(key_file, ca_file, ""), timeout=1.5)
+        started = time.monotonic()
+        with pytest.raises(TokenError, match="token request to"):
+            await asyncio.wait_for(p(), 6.0)
+        assert time.monotonic() - started < 4.0
+        assert endpoint.sent < 1024 * 1024
+    finally:
+        endpoint.close()

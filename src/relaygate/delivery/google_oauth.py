@@ -54,6 +54,8 @@ GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 #: Google refuses an assertion whose exp is more than an hour after its iat.
 ASSERTION_LIFETIME = 3600
+#: A token response is a few hundred bytes; more is not read.
+MAX_RESPONSE_OCTETS = 64 * 1024
 _REQUIRED = ("type", "client_email", "private_key", "private_key_id", "token_uri")
 
 
@@ -256,16 +258,36 @@ class GoogleTokenProvider:
         account, assertion, ctx = await asyncio.to_thread(prepare)
         uri = account.token_uri
         self.requests += 1
+        raw = b""
         try:
-            # trust_env: HTTPS_PROXY / NO_PROXY, as the Graph and msal requests honour them.
-            async with httpx.AsyncClient(
-                verify=ctx, follow_redirects=False, trust_env=True, timeout=self.timeout
-            ) as client:
-                response = await client.post(
-                    uri,
-                    data={"grant_type": JWT_BEARER, "assertion": assertion},
-                    headers={"Accept": "application/json"},
-                )
+            # self.timeout bounds the whole request (httpx's bounds each read: a body trickled a
+            # byte at a time would hold the lock, and every delivery of the connector, forever),
+            # and the body is read up to MAX_RESPONSE_OCTETS.
+            async with asyncio.timeout(self.timeout):
+                # trust_env: HTTPS_PROXY / NO_PROXY, as the Graph and msal requests honour them.
+                async with (
+                    httpx.AsyncClient(
+                        verify=ctx, follow_redirects=False, trust_env=True, timeout=self.timeout
+                    ) as client,
+                    client.stream(
+                        "POST",
+                        uri,
+                        data={"grant_type": JWT_BEARER, "assertion": assertion},
+                        headers={"Accept": "application/json"},
+                    ) as response,
+                ):
+                    async for chunk in response.aiter_bytes():
+                        raw += chunk
+                        if len(raw) > MAX_RESPONSE_OCTETS:
+                            raise TokenError(
+                                f"send connector {name!r}: token request to {uri} failed: "
+                                f"the response is over {MAX_RESPONSE_OCTETS} bytes"
+                            )
+        except TimeoutError:
+            raise TokenError(
+                f"send connector {name!r}: token request to {uri} failed: "
+                f"no complete answer within {self.timeout:g} s"
+            ) from None
         except httpx.HTTPError as exc:
             reason = type(exc).__name__
             cause: BaseException | None = exc
@@ -280,7 +302,7 @@ class GoogleTokenProvider:
                 f"send connector {name!r}: token request to {uri} failed: {reason}"
             ) from None
         try:
-            body = response.json()
+            body = json.loads(raw)
         except ValueError:
             body = None
         if not isinstance(body, dict):
