@@ -437,27 +437,59 @@ async def test_the_relay_delivers_through_gmail_with_one_token_for_several_messa
 async def test_a_535_drops_the_token_and_the_relay_delivers_with_a_new_one(
     google: FakeGoogle, account: Account, ca: trustme.CA, tmp_path: Path
 ) -> None:
-    """The sink takes only the second token (the first was revoked while cached): AUTH → 535,
+    """The sink took the first token, then refuses it (revoked while cached): AUTH → 535,
     a new JWT, a new token, AUTH again on the same connection, delivered on the first attempt."""
-    sink = await _sink(ca, XOAuth2Sink(accept="ya29.token-1"))
+    sink = await _sink(ca, XOAuth2Sink(accept="ya29.token-0"))
     relay = await start_relay(tmp_path / "data", {}, extra=gmail_connector(sink.port, account))
     try:
-        assert (await send(relay, "scanner@corp.test", ["bob@example.com"], DATA))[0] == 250
+        assert relay.manager is not None and relay.manager.pool is not None
+        relay.manager.pool.idle_seconds = 0  # a new connection, and AUTH, for each message
+        assert (await send(relay, "scanner@corp.test", ["alice@example.com"], DATA))[0] == 250
         await wait_for(lambda: len(sink.handler.messages) == 1, timeout=15.0)
+        sink.handler.oauth_tokens[MAILBOX] = "ya29.token-1"
+        assert (await send(relay, "scanner@corp.test", ["bob@example.com"], DATA))[0] == 250
+        await wait_for(lambda: len(sink.handler.messages) == 2, timeout=15.0)
         assert len(google.issued) == 2
-        assert sink.handler.auth_seen == [("XOAUTH2", MAILBOX), ("XOAUTH2", MAILBOX)]
-        assert sink.handler.connections == 1
+        assert sink.handler.auth_seen == [("XOAUTH2", MAILBOX)] * 3
+        assert sink.handler.connections == 2
 
         async def delivered() -> bool:
             msgs = await relay.store.list_messages()
-            return len(msgs) == 1 and msgs[0].recipients[0].status == RecipientStatus.DELIVERED
+            return len(msgs) == 2 and all(
+                m.recipients[0].status == RecipientStatus.DELIVERED for m in msgs
+            )
 
         assert await wait_for(delivered, timeout=10.0)
         msgs = await relay.store.list_messages()
-        assert msgs[0].recipients[0].attempts == 1
+        assert all(m.recipients[0].attempts == 1 for m in msgs)
     finally:
         await relay.stop()
         await sink.close()
+
+
+async def test_a_535_to_a_token_never_accepted_is_not_retried_on_the_connection(
+    google: FakeGoogle, account: Account, ca: trustme.CA, tmp_path: Path
+) -> None:
+    """A token just issued and refused (the mailbox may not use SMTP AUTH, the delegation lacks
+    the scope) would be refused again: one AUTH per connection, not a new token and a second
+    failed AUTH each time (failed logins count towards the account's lock-out)."""
+    sink = await _sink(ca, XOAuth2Sink(accept="ya29.never"))
+    relay = await start_relay(tmp_path / "data", {}, extra=gmail_connector(sink.port, account))
+    try:
+        assert (await send(relay, "scanner@corp.test", ["bob@example.com"], DATA))[0] == 250
+
+        async def deferred() -> Any:
+            msgs = await relay.store.list_messages()
+            return len(msgs) == 1 and msgs[0].recipients[0].last_error
+
+        assert await wait_for(deferred, timeout=15.0)
+    finally:
+        await relay.stop()
+        await sink.close()
+    assert sink.handler.messages == []
+    assert sink.handler.connections >= 1
+    assert len(sink.handler.auth_seen) <= sink.handler.connections
+    assert len(google.issued) <= sink.handler.connections
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,7 @@ import re
 import socket
 import ssl
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -697,15 +698,23 @@ async def _authenticate(
                 await smtp.auth_xoauth2(credentials.username, token, timeout=timeout)
             except SMTPAuthenticationError as exc:
                 # 535: the token was refused (revoked, or the delegation changed while it was
-                # cached). A provider that caches drops it and the AUTH is tried once more with a
-                # new one; a second refusal is the server's answer.
+                # cached). A provider that caches drops it, so the next connection asks a new one.
+                # The AUTH is tried once more at once only with a token that had been accepted:
+                # one never accepted would be refused again (a mailbox without SMTP AUTH, a
+                # missing scope), and each failed AUTH counts towards the account's lock-out.
                 invalidate = getattr(provider, "invalidate", None)
                 if exc.code != 535 or invalidate is None:
                     raise
-                log.info("the smart host refused the OAuth token (%s); asking a new one", exc.code)
                 await invalidate()
+                if _accepted_tokens.get(provider) != token:
+                    raise
+                log.info("the smart host refused the OAuth token (%s); asking a new one", exc.code)
                 token = await _token(provider)
                 await smtp.auth_xoauth2(credentials.username, token, timeout=timeout)
+            try:
+                _accepted_tokens[provider] = token
+            except TypeError:  # not weakly referenceable: no retry after a 535
+                pass
         elif "plain" in offered and credentials.password is not None:
             await smtp.auth_plain(credentials.username, credentials.password, timeout=timeout)
         elif "login" in offered and credentials.password is not None:
@@ -718,6 +727,10 @@ async def _authenticate(
         raise _HopFailed(remote_reply(exc.code, exc.message)) from None
     except SMTPResponseException as exc:
         raise _HopFailed(remote_reply(exc.code, exc.message)) from None
+
+
+#: token provider → the last token a smart host accepted from it (see _authenticate).
+_accepted_tokens: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
 
 async def _token(provider: Any) -> str:
