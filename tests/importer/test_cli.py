@@ -72,8 +72,9 @@ def test_dry_run_json(tmp_path: Path) -> None:
                "--accepted-domain", "corp.example", "--json", cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert set(out) == {"connectors", "permissions", "warnings", "skipped", "errors", "sources", "usage",
-                        "written", "problems"}  # fmt: skip
+    assert set(out) == {"connectors", "send_connectors", "permissions", "warnings", "skipped", "errors",
+                        "sources", "usage", "written", "problems"}  # fmt: skip
+    assert out["send_connectors"] == []
     assert [c["name"] for c in out["connectors"]] == [
         "Relay Printers",
         "App Relay",

@@ -1,6 +1,6 @@
-"""`relaygate import exchange FILE...`: Exchange exports and protocol logs → receive connectors.
+"""`relaygate import exchange FILE...`: Exchange exports and protocol logs → receive and send connectors.
 
-Dry run by default: prints the `[[receive_connectors]]` TOML that would be added and the usage report
+Dry run by default: prints the `[[receive_connectors]]` / `[[send_connectors]]` TOML that would be added and the usage report
 from the protocol logs. `--write` merges the connectors into the config file (tomlkit, comments kept),
 refusing names already present, validates the whole result as `relaygate check` would, and only then
 replaces the file atomically. A refused write leaves the file byte-identical.
@@ -34,7 +34,7 @@ from relaygate.importer.exchange import (
     combine_results,
     decode_export,
     detect_format,
-    parse_receive_connectors,
+    parse_exchange_export,
 )
 from relaygate.importer.protocol_logs import (
     UsageReport,
@@ -135,16 +135,18 @@ def _connector_table(connector: dict[str, Any], sources: list[str]) -> TomlTable
     return table
 
 
-def _toml_for(result: ImportResult) -> str:
+def _toml_for(result: ImportResult, *, send: bool = False) -> str:
     doc = tomlkit.document()
     aot = tomlkit.aot()
-    for connector in result.connectors:
-        table = _connector_table(connector, result.sources.get(connector["name"], []))
+    connectors = result.send_connectors if send else result.connectors
+    for connector in connectors:
+        sources = [] if send else result.sources.get(connector["name"], [])
+        table = _connector_table(connector, sources)
         if aot.body:
             table.trivia.indent = "\n"
         aot.append(table)
-    if result.connectors:
-        doc["receive_connectors"] = aot
+    if connectors:
+        doc["send_connectors" if send else "receive_connectors"] = aot
     return re.sub(r"\n{3,}", "\n\n", tomlkit.dumps(doc))
 
 
@@ -255,23 +257,32 @@ def _write(config_path: Path, result: ImportResult) -> list[str]:
     validates, atomic write); → the problems that refused the write (empty when written)."""
     if result.errors:
         return [*result.errors, "nothing written"]
-    if not result.connectors:
+    if not result.connectors and not result.send_connectors:
         return ["no receive connector to write"]
 
     def mutate(doc: TOMLDocument) -> None:
-        names = {str(t.get("name", "")).lower() for t in ed.tables(doc, "receive_connectors")}
-        clashes = [c["name"] for c in result.connectors if c["name"].lower() in names]
+        clashes = []
+        for array, kind, connectors in (
+            ("receive_connectors", "receive", result.connectors),
+            ("send_connectors", "send", result.send_connectors),
+        ):
+            names = {str(t.get("name", "")).lower() for t in ed.tables(doc, array)}
+            clashes += [(kind, c["name"]) for c in connectors if c["name"].lower() in names]
         if clashes:
             raise ed.EditError(
                 "\n".join(
-                    f"{config_path}: a receive connector named {name!r} already exists; remove or rename it first"
-                    for name in clashes
+                    f"{config_path}: a {kind} connector named {name!r} already exists; remove or rename it first"
+                    for kind, name in clashes
                 )
             )
         for connector in result.connectors:
             table = _connector_table(connector, result.sources.get(connector["name"], []))
             table.trivia.indent = "\n"
             ed.append_table(doc, "receive_connectors", table)
+        for connector in result.send_connectors:
+            table = _connector_table(connector, [])
+            table.trivia.indent = "\n"
+            ed.append_table(doc, "send_connectors", table)
 
     try:
         ed.apply_edit(config_path, mutate, create=True)
@@ -285,7 +296,8 @@ def _write(config_path: Path, result: ImportResult) -> list[str]:
 def exchange(
     files: list[Path] = typer.Argument(
         ...,
-        help="Get-ReceiveConnector / Get-ADPermission exports (Format-List, ConvertTo-Json, Export-Csv) "
+        help="Get-ReceiveConnector / Get-SendConnector / Get-ADPermission exports (Format-List, "
+        "ConvertTo-Json, Export-Csv) "
         "and RECV*.LOG protocol logs or their directories; detected by content.",
         show_default=False,
     ),
@@ -320,7 +332,7 @@ def exchange(
         False, "--json", help="Print a JSON object instead of TOML and tables."
     ),
 ) -> None:
-    """Turn exported Exchange receive connectors (and protocol logs) into RelayGate connectors."""
+    """Turn exported Exchange receive and send connectors (and protocol logs) into RelayGate connectors."""
     config_path = _config_path(config)
     exports, log_paths = _classify([*files, *permissions])
     log_paths.extend(logs)
@@ -331,7 +343,7 @@ def exchange(
                 raise ExchangeImportError(
                     "an Exchange log that is not an SMTP receive protocol log"
                 )
-            results.append(parse_receive_connectors(text, filename=str(path), full=all_values))
+            results.append(parse_exchange_export(text, filename=str(path), full=all_values))
         except ExchangeImportError as exc:
             raise _fail(f"{path}: {exc}" if str(path) not in str(exc) else str(exc)) from None
     result = combine_results(results)
@@ -355,6 +367,7 @@ def exchange(
     if as_json:
         payload = {
             "connectors": result.connectors,
+            "send_connectors": result.send_connectors,
             "permissions": result.permissions,
             "warnings": result.warnings,
             "skipped": result.skipped,
@@ -372,6 +385,9 @@ def exchange(
         if result.connectors and not (write and not problems):
             typer.echo(f"# receive connectors to add to {config_path} (dry run; --write to merge)")
             typer.echo(_toml_for(result))
+        if result.send_connectors and not (write and not problems):
+            typer.echo(f"# send connectors to add to {config_path} (dry run; --write to merge)")
+            typer.echo(_toml_for(result, send=True))
         _print_lists(console, result)
         if usage is not None:
             _print_usage(console, usage, result)
@@ -379,10 +395,16 @@ def exchange(
                 f"read {len(usage.files)} protocol log file(s), {usage.bytes / 1e6:,.1f} MB, "
                 f"{usage.lines:,} lines in {elapsed:.1f} s"
             )
-        if write and not problems:
+        if write and not problems and result.connectors:
             names = ", ".join(c["name"] for c in result.connectors)
             console.print(
                 f"wrote {len(result.connectors)} connector(s) to {escape(str(config_path))}: {escape(names)}"
+            )
+        if write and not problems and result.send_connectors:
+            names = ", ".join(c["name"] for c in result.send_connectors)
+            console.print(
+                f"wrote {len(result.send_connectors)} send connector(s) to {escape(str(config_path))}: "
+                f"{escape(names)}"
             )
     if problems:
         err = Console(stderr=True, highlight=False, soft_wrap=True)
