@@ -18,6 +18,9 @@ CSV = FIXTURES / "receive_connectors.csv"
 JSON_EXPORT = FIXTURES / "receive_connectors.json"
 ACL_FL = FIXTURES / "adpermission_fl.txt"
 ACL_CSV = FIXTURES / "adpermission.csv"
+SEND_FL = FIXTURES / "send_connectors_fl.txt"
+SEND_CSV = FIXTURES / "send_connectors.csv"
+SEND_JSON = FIXTURES / "send_connectors.json"
 LOGS = FIXTURES / "logs"
 
 CONFIG = """\
@@ -263,3 +266,59 @@ def test_write_or_logs_with_an_unreadable_config_is_a_clear_error(
         assert "Traceback" not in proc.stderr
         assert f"{config}:" in proc.stderr
         assert ("not UTF-8" if kind == "not utf-8" else "Is a directory") in proc.stderr
+
+
+def test_receive_and_send_exports_in_one_call_write_a_loadable_config(tmp_path: Path) -> None:
+    from relaygate.config import load_config
+
+    config = tmp_path / "relaygate.toml"
+    config.write_text(CONFIG)
+    proc = run(FL, SEND_JSON, SEND_CSV, "--permissions", ACL_FL, "--write", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["written"] == "relaygate.toml" and out["problems"] == [] and out["errors"] == []
+    assert [c["name"] for c in out["connectors"]] == ["Relay Printers", "App Relay"]
+    assert [c["name"] for c in out["send_connectors"]] == ["Outbound to Office 365", "Internet"]
+    assert out["send_connectors"][0]["smart_hosts"] == ["smtp.office365.com"]
+    assert out["send_connectors"][0]["port"] == 587
+    assert out["send_connectors"][1]["source_ip_address"] == "10.0.0.5"
+    assert any("SmartHostAuthMechanism BasicAuthRequireTLS" in w for w in out["warnings"])
+    assert any(s.startswith("Internet: ErrorPolicies = ") for s in out["skipped"])
+    loaded = load_config(config)
+    assert [c.name for c in loaded.receive_connectors] == [
+        "Loopback",
+        "Relay Printers",
+        "App Relay",
+    ]
+    assert [s.name for s in loaded.send_connectors] == [
+        "Outbound",
+        "Outbound to Office 365",
+        "Internet",
+    ]
+    office, internet = loaded.send_connectors[1:]
+    assert office.smart_hosts == ("smtp.office365.com",) and not office.dns_routing_enabled
+    assert office.require_tls and office.smtp_max_messages_per_connection == 20
+    assert not office.enabled  # until its credential is set
+    assert internet.dns_routing_enabled and internet.ignore_starttls
+    assert internet.fqdn == "mail.corp.example" and internet.source_ip_address == "10.0.0.5"
+    assert "# imported from Exchange Internet" in config.read_text()
+
+
+def test_dry_run_text_prints_send_connectors_toml(tmp_path: Path) -> None:
+    proc = run(SEND_FL, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "# send connectors to add to relaygate.toml (dry run; --write to merge)" in proc.stdout
+    assert "# receive connectors to add" not in proc.stdout
+    toml_text = proc.stdout.split("(dry run; --write to merge)\n", 1)[1].split("warning:", 1)[0]
+    doc = tomllib.loads(toml_text)
+    assert [s["name"] for s in doc["send_connectors"]] == ["Outbound to Office 365", "Internet"]
+
+
+def test_write_refuses_a_send_connector_name_already_present(tmp_path: Path) -> None:
+    config = tmp_path / "relaygate.toml"
+    original = CONFIG + '\n[[send_connectors]]\nname = "internet"\naddress_spaces = ["*"]\n'
+    config.write_bytes(original.encode())
+    proc = run(SEND_FL, "--write", "--config", config, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert config.read_bytes() == original.encode()
+    assert "a send connector named 'Internet' already exists" in proc.stderr

@@ -1127,7 +1127,7 @@ _SEND_UNSUPPORTED: dict[str, tuple[str | None, str]] = {
     "requireoorg": ("false", "the X-OORG extension is not supported"),
     "linkedreceiveconnector": ("", "RelayGate has no linked receive connectors"),
 }
-_ADDRESS_SPACE_TEXT = re.compile(r"^(?:([A-Za-z0-9-]+):)?([^;]*?)(?:;\s*(\d+))?$")
+_ADDRESS_SPACE_TEXT = re.compile(r"^(?:([A-Za-z0-9-]+):)?(.*?)(?:;\s*(\d+))?$", re.DOTALL)
 _SPACE_DOMAIN = re.compile(
     r"^(\*|(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*)$"
 )
@@ -1198,11 +1198,11 @@ def _address_spaces(
             kept.append(address.lower())
             costs.append(cost)
     if not kept:
-        out["address_spaces"] = []
+        # address_spaces is required: left at RelayGate's default ("*") on a disabled connector
         out["enabled"] = False
         result.warnings.append(
             f"{identity}: imported disabled because no SMTP address space could be read; "
-            "fill in address_spaces and set enabled = true"
+            "set address_spaces and enabled = true"
         )
         return
     out["address_spaces"] = kept
