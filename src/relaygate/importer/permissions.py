@@ -1,0 +1,153 @@
+"""`Get-ADPermission` records → connector name → `[{user, extended_rights[, deny]}]`, and what
+RelayGate knows of the principals and SMTP extended rights in them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from relaygate.importer.result import ImportResult
+from relaygate.importer.values import (
+    _Bad,
+    _bool,
+    _get,
+    _identity,
+    _is_empty,
+    _items,
+    _string,
+)
+
+ANONYMOUS_LOGON = "NT AUTHORITY\\ANONYMOUS LOGON"
+AUTHENTICATED_USERS = "NT AUTHORITY\\Authenticated Users"
+ACCEPT_ANY_RECIPIENT = "ms-Exch-SMTP-Accept-Any-Recipient"
+
+#: The SMTP extended rights a receive connector's ACL can carry (reference §3.1), canonical spelling.
+EXTENDED_RIGHTS = (
+    "ms-Exch-SMTP-Submit",
+    "ms-Exch-SMTP-Accept-Any-Recipient",
+    "ms-Exch-SMTP-Accept-Any-Sender",
+    "ms-Exch-SMTP-Accept-Authoritative-Domain-Sender",
+    "ms-Exch-SMTP-Accept-Authentication-Flag",
+    "ms-Exch-Accept-Headers-Routing",
+    "ms-Exch-Accept-Headers-Organization",
+    "ms-Exch-Accept-Headers-Forest",
+    "ms-Exch-Bypass-Anti-Spam",
+    "ms-Exch-Bypass-Message-Size-Limit",
+    "ms-Exch-SMTP-Accept-Exch50",
+)
+_RIGHTS_BY_LOWER = {r.lower(): r for r in EXTENDED_RIGHTS}
+
+# Well-known principals, including their SIDs and the German spellings seen on localised DCs.
+_PRINCIPALS = {
+    "nt authority\\anonymous logon": ANONYMOUS_LOGON,
+    "anonymous logon": ANONYMOUS_LOGON,
+    "s-1-5-7": ANONYMOUS_LOGON,
+    "nt-autorität\\anonymous-anmeldung": ANONYMOUS_LOGON,
+    "nt authority\\authenticated users": AUTHENTICATED_USERS,
+    "authenticated users": AUTHENTICATED_USERS,
+    "s-1-5-11": AUTHENTICATED_USERS,
+    "nt-autorität\\authentifizierte benutzer": AUTHENTICATED_USERS,
+    "ms exchange\\externally secured servers": "MS Exchange\\Externally Secured Servers",
+    "ms exchange\\partner servers": "MS Exchange\\Partner Servers",
+    "ms exchange\\edge transport servers": "MS Exchange\\Edge Transport Servers",
+    "ms exchange\\hub transport servers": "MS Exchange\\Hub Transport Servers",
+}
+
+# Rights each permission group grants on its own (reference §3.2). Explicit ACEs that only repeat
+# these are dropped from `permissions`: `permission_groups` already says it.
+_HEADERS_ROUTING = "ms-Exch-Accept-Headers-Routing"
+_GROUP_GRANTS: dict[str, dict[str, frozenset[str]]] = {
+    "AnonymousUsers": {
+        ANONYMOUS_LOGON: frozenset(
+            {
+                _HEADERS_ROUTING,
+                "ms-Exch-SMTP-Accept-Any-Sender",
+                "ms-Exch-SMTP-Accept-Authoritative-Domain-Sender",
+                "ms-Exch-SMTP-Submit",
+            }
+        )
+    },
+    "ExchangeUsers": {
+        AUTHENTICATED_USERS: frozenset(
+            {
+                _HEADERS_ROUTING,
+                "ms-Exch-Bypass-Anti-Spam",
+                ACCEPT_ANY_RECIPIENT,
+                "ms-Exch-SMTP-Submit",
+            }
+        )
+    },
+    "Partners": {
+        "MS Exchange\\Partner Servers": frozenset({_HEADERS_ROUTING, "ms-Exch-SMTP-Submit"})
+    },
+}
+# Principals whose ACEs all come from the ExchangeServers / ExchangeLegacyServers groups.
+_SERVER_PRINCIPAL_SUFFIXES = (
+    "\\exchange servers",
+    "\\edge transport servers",
+    "\\hub transport servers",
+    "\\externally secured servers",
+    "\\exchangelegacyinterop",
+)
+
+
+def _is_permission_record(record: dict[str, Any]) -> bool:
+    keys = {k.lower() for k in record}
+    return "extendedrights" in keys or ("user" in keys and "accessrights" in keys)
+
+
+def canonical_user(user: str) -> str:
+    """Normalise a principal: well-known names and SIDs get Exchange's spelling; others are kept."""
+    text = user.strip()
+    return _PRINCIPALS.get(text.lower(), text)
+
+
+def _permissions(
+    records: list[dict[str, Any]], result: ImportResult
+) -> dict[str, list[dict[str, Any]]]:
+    grants: dict[str, dict[tuple[str, bool], list[str]]] = {}
+    for record in records:
+        server, name = _identity(record)
+        identity = f"{server}\\{name}" if server else name
+        try:
+            inherited = not _is_empty(_get(record, "IsInherited")) and _bool(
+                _get(record, "IsInherited")
+            )
+            deny = not _is_empty(_get(record, "Deny")) and _bool(_get(record, "Deny"))
+            rights, _ = _items(_get(record, "ExtendedRights"))
+        except _Bad as exc:
+            result.warnings.append(f"{identity}: an AD permission entry could not be read ({exc})")
+            continue
+        user_raw = _get(record, "User")
+        if not name or _is_empty(user_raw) or not rights or inherited:
+            continue  # plain ACEs (ReadProperty, GenericAll...) and inherited ones are not connector rights
+        user = canonical_user(_string(user_raw))
+        kept = []
+        for right in rights:
+            canonical = _RIGHTS_BY_LOWER.get(str(right).lower())
+            if canonical is None:
+                result.skipped.append(f"{identity}: extended right {right} for {user}")
+            elif canonical not in kept:
+                kept.append(canonical)
+        if not kept:
+            continue
+        bucket = grants.setdefault(name, {}).setdefault((user, deny), [])
+        bucket.extend(r for r in kept if r not in bucket)
+        if user not in _PRINCIPALS.values() and not user.lower().endswith(
+            _SERVER_PRINCIPAL_SUFFIXES
+        ):
+            warning = (
+                f"{identity}: {user} is an Active Directory account; RelayGate has no directory, so it only "
+                "matches a RelayGate user of that exact name"
+            )
+            if warning not in result.warnings:
+                result.warnings.append(warning)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, by_user in grants.items():
+        out[name] = []
+        for (user, deny), rights in by_user.items():
+            entry: dict[str, Any] = {"user": user, "extended_rights": rights}
+            if deny:
+                entry["deny"] = True
+            out[name].append(entry)
+    return out
