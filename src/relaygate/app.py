@@ -81,6 +81,9 @@ class Relay:
     ) -> None:
         self.config = config
         self.config_path = config_path
+        # The file as `config` was read from it (near enough: just after): the watcher compares
+        # against this, so an edit made while the relay starts is not missed.
+        self._config_stamp = _stamp(config_path) if config_path is not None else None
         self.worker_index = worker_index
         self.store = open_store(config, shared=worker_index is not None)
         self.tracking: TrackingLog | None = None
@@ -263,7 +266,7 @@ class Relay:
         """Reload when the config file changes (edits by `relaygate connector ...` are atomic renames)."""
         if self.config_path is None:
             return
-        last = _stamp(self.config_path)
+        last = self._config_stamp
         while True:
             await asyncio.sleep(interval)
             now = _stamp(self.config_path)

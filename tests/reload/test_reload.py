@@ -364,3 +364,38 @@ def test_a_reload_applies_the_lease_duration_and_defers_a_new_queue_store(relay,
     with h.smtp("127.0.0.5") as c:
         c.sendmail("a@corp.example", ["x@external.example"], b"Subject: t\r\n\r\nhi\r\n")
     assert len(h.messages()) == 1
+
+
+async def test_an_edit_made_while_the_relay_starts_is_not_missed(tmp_path: Path) -> None:
+    """The file watcher compares against the file as the config was read, not as it is when the
+    watcher first runs: an edit between the two (a worker reporting ready while `relaygate
+    connector set` runs) was never reloaded."""
+    import asyncio
+
+    from relaygate.app import Relay
+    from relaygate.config import load_config
+    from tests.queue_manager.helpers import free_port, make_config_text
+
+    path = tmp_path / "relaygate.toml"
+    path.write_text(
+        make_config_text(
+            tmp_path / "data", smtp_port=free_port(), admin_port=free_port(), routes={}
+        )
+    )
+    node = Relay(load_config(path), config_path=path)
+    await node.start()
+    try:
+        text = path.read_text()
+        time.sleep(0.01)  # a later mtime
+        path.write_text(text.replace('name = "RELAYTEST"', 'name = "RELAYEDIT"', 1))
+        watcher = asyncio.ensure_future(node.watch_config(interval=0.1))
+        try:
+            for _ in range(50):
+                if node.config.server.name == "RELAYEDIT":
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            watcher.cancel()
+        assert node.config.server.name == "RELAYEDIT"
+    finally:
+        await node.stop()
