@@ -166,34 +166,37 @@ def _when(value: str | None) -> str:
     return when(_local(value))
 
 
+def _print_records(
+    records: list[dict[str, Any]], columns: list[tuple[str, str, str]], summary: str
+) -> None:
+    """A list table of API records: ``columns`` are (header, WHOLE | CUT | WIDE, field)."""
+    rows = [[_cell(record, field) for _h, _k, field in columns] for record in records]
+    _print_table([(header, kind) for header, kind, _f in columns], rows, summary)
+
+
+def _cell(record: dict[str, Any], field: str) -> Any:
+    if field == "Status":
+        return _status(record["Status"])
+    if field == "NextRetryTime":
+        return _text(_when(record.get("NextRetryTime")))
+    return _text(record[field])
+
+
 def _print_list(messages: list[dict[str, Any]]) -> None:
     if not messages:
         console.print("The queue is empty.", markup=False)
         return
     columns = [
-        ("Identity", WHOLE),
-        ("FromAddress", CUT),
-        ("Status", WHOLE),
-        ("Size", WHOLE),
-        ("NextHopDomain", WIDE),
-        ("Rcpts", WIDE),
-        ("LastError", CUT),
-        ("NextRetryTime", WHOLE),
+        ("Identity", WHOLE, "Identity"),
+        ("FromAddress", CUT, "FromAddress"),
+        ("Status", WHOLE, "Status"),
+        ("Size", WHOLE, "Size"),
+        ("NextHopDomain", WIDE, "NextHopDomain"),
+        ("Rcpts", WIDE, "RecipientCount"),
+        ("LastError", CUT, "LastError"),
+        ("NextRetryTime", WHOLE, "NextRetryTime"),
     ]
-    rows = [
-        [
-            _text(m["Identity"]),
-            _text(m["FromAddress"]),
-            _status(m["Status"]),
-            _text(m["Size"]),
-            _text(m["NextHopDomain"]),
-            _text(m["RecipientCount"]),
-            _text(m["LastError"]),
-            _text(_when(m.get("NextRetryTime"))),
-        ]
-        for m in messages
-    ]
-    _print_table(columns, rows, f"{len(messages)} message(s).")
+    _print_records(messages, columns, f"{len(messages)} message(s).")
 
 
 def _print_queues(queues: list[dict[str, Any]]) -> None:
@@ -201,25 +204,14 @@ def _print_queues(queues: list[dict[str, Any]]) -> None:
         console.print("No message waits in a delivery queue.", markup=False)
         return
     columns = [
-        ("Identity", WHOLE),
-        ("DeliveryType", WIDE),
-        ("Status", WHOLE),
-        ("MessageCount", WHOLE),
-        ("NextRetryTime", WHOLE),
-        ("LastError", CUT),
+        ("Identity", WHOLE, "Identity"),
+        ("DeliveryType", WIDE, "DeliveryType"),
+        ("Status", WHOLE, "Status"),
+        ("MessageCount", WHOLE, "MessageCount"),
+        ("NextRetryTime", WHOLE, "NextRetryTime"),
+        ("LastError", CUT, "LastError"),
     ]
-    rows = [
-        [
-            _text(q["Identity"]),
-            _text(q["DeliveryType"]),
-            _status(q["Status"]),
-            _text(q["MessageCount"]),
-            _text(_when(q.get("NextRetryTime"))),
-            _text(q["LastError"]),
-        ]
-        for q in queues
-    ]
-    _print_table(columns, rows, f"{len(queues)} queue(s).")
+    _print_records(queues, columns, f"{len(queues)} queue(s).")
 
 
 def _print_message(m: dict[str, Any]) -> None:
