@@ -42,6 +42,14 @@ allowed_senders = ["scan@corp.test", "*@floor2.corp.test"]
 user = "NT AUTHORITY\\\\ANONYMOUS LOGON"
 extended_rights = ["ms-Exch-SMTP-Accept-Any-Recipient"]
 
+[[receive_connectors.permissions]]
+user = "CORP\\\\scan-admin"
+extended_rights = ["ms-Exch-SMTP-Submit", "ms-Exch-SMTP-Accept-Any-Sender"]
+
+[[receive_connectors.permissions]]
+user = "corp\\\\SCAN-ADMIN"
+extended_rights = ["ms-Exch-SMTP-Accept-Any-Recipient"]
+
 [[send_connectors]]
 name = "M365 Paced"
 address_spaces = ["paced.example"]
@@ -180,6 +188,18 @@ def test_dashboard_links_to_the_receive_connector_page(node: Node, tab: Page) ->
     expect(tab.locator("#allowed")).to_contain_text("scan@corp.test")
     expect(tab.locator("#allowed")).to_contain_text("*@floor2.corp.test")
     expect(_key(tab, "remote_ip_ranges")).to_have_text("127.0.0.2, 127.0.0.3")
+    # a user named by a permission gets a card of its own (one, though named twice in two cases)
+    expect(tab.locator("#rights .card")).to_have_count(3)
+    user = tab.locator("#rights-user-1")
+    expect(user.locator("h2")).to_have_text("Signed in as CORP\\scan-admin")
+    expect(user).to_contain_text("permission for CORP\\scan-admin")
+    expect(user).to_contain_text("permission for corp\\SCAN-ADMIN")
+    expect(user).to_contain_text("ms-Exch-SMTP-Accept-Any-Sender")
+    expect(user).to_contain_text("submit: yes · relay: yes")
+    expect(user.locator(".warn-text")).to_contain_text("this connector offers no AUTH")
+    # the grant is the user's own: neither the anonymous nor the any-user card has it
+    expect(tab.locator("#rights-authenticated")).not_to_contain_text("Accept-Any-Sender")
+    expect(tab.locator("#rights-anonymous")).not_to_contain_text("scan-admin")
 
 
 def test_send_connector_page_shows_route_pacing_queue_and_overflow(node: Node, tab: Page) -> None:
@@ -262,9 +282,16 @@ def test_connector_json_and_no_secret_anywhere(node: Node) -> None:
     assert body["relay"]["method"] == "A" and body["relay"]["anonymous"] is True
     assert body["rights"]["anonymous"]["may_relay"] is True
     assert body["rights"]["authenticated"]["may_submit"] is False
+    assert body["rights"]["users"] == []  # Test Relay's permissions name no user
+    assert body["rights"]["offers_auth"] is False
     assert any(f["code"] == "tls-not-offered" for f in body["findings"])
     scanners = node.api("GET", "/api/connectors/receive/Scanners%20Floor%202").json()
     assert scanners["allowed_senders"] == ["scan@corp.test", "*@floor2.corp.test"]
+    (user,) = scanners["rights"]["users"]
+    assert user["user"] == "CORP\\scan-admin"
+    assert "ms-Exch-SMTP-Accept-Any-Sender" in user["rights"]
+    assert user["may_submit"] is True and user["may_relay"] is True
+    assert "ms-Exch-SMTP-Accept-Any-Sender" not in scanners["rights"]["authenticated"]["rights"]
 
     r = node.api("GET", "/api/connectors/send/M365%20PACED")
     assert r.status_code == 200

@@ -19,6 +19,7 @@ from typing import Any
 
 from relaygate.audit import Finding, relay_grant
 from relaygate.config.model import Config, ReceiveConnector, SendConnector
+from relaygate.policy import rights as r
 from relaygate.policy.rights import SessionRights, session_rights
 from relaygate.queue import pacing
 
@@ -30,9 +31,23 @@ __all__ = [
     "send_connector_view",
 ]
 
-#: The user an authenticated session is shown for (rights granted to a named user by an explicit
-#: permission are not shown: they depend on who signs in).
+#: The user the "authenticated session" card is shown for: a user no permission names, so it shows
+#: what any user who signs in gets. Users named by a permission get a card of their own.
 AUTHENTICATED_SAMPLE = "(any authenticated user)"
+
+#: Principals that are groups or server identities, not users who sign in with AUTH.
+_GROUP_PRINCIPALS = frozenset(
+    p.lower()
+    for p in (
+        r.ANONYMOUS,
+        r.AUTHENTICATED_USERS,
+        r.EVERYONE,
+        r.EXCHANGE_SERVERS,
+        r.EXTERNALLY_SECURED,
+        r.LEGACY_INTEROP,
+        r.PARTNER_SERVERS,
+    )
+)
 
 
 def find_receive(config: Config, name: str) -> ReceiveConnector | None:
@@ -77,6 +92,20 @@ def _session(rights: SessionRights) -> dict[str, Any]:
     }
 
 
+def named_users(connector: ReceiveConnector) -> list[str]:
+    """The users a permission of `connector` names (Add-ADPermission -User alice), in file order,
+    each once (names are matched in any case, as the session matches them)."""
+    users: dict[str, str] = {}
+    for permission in connector.permissions:
+        if permission.user.lower() not in _GROUP_PRINCIPALS:
+            users.setdefault(permission.user.lower(), permission.user)
+    return list(users.values())
+
+
+def _offers_auth(connector: ReceiveConnector) -> bool:
+    return any(m.startswith("BasicAuth") for m in connector.auth_mechanism)
+
+
 def receive_connector_view(
     config: Config, connector: ReceiveConnector, findings: list[Finding]
 ) -> dict[str, Any]:
@@ -105,6 +134,12 @@ def receive_connector_view(
             "authenticated": _session(
                 session_rights(connector, authenticated_user=AUTHENTICATED_SAMPLE)
             ),
+            # A user's own grants (and denials) apply only after that user signs in.
+            "users": [
+                {"user": user, **_session(session_rights(connector, authenticated_user=user))}
+                for user in named_users(connector)
+            ],
+            "offers_auth": _offers_auth(connector),
         },
         "allowed_senders": [r.text for r in connector.allowed_senders],
         "allowed_recipients": [r.text for r in connector.allowed_recipients],
