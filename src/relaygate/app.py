@@ -24,6 +24,7 @@ from typing import Any
 from relaygate.admin.server import AdminServer, AdminStartError
 from relaygate.config import Config, ConfigError, load_config
 from relaygate.fd_limit import raise_fd_limit
+from relaygate.logs.privacy import AddressPrivacy, PrivacyKeyError, privacy_for
 from relaygate.logs.tracking import MESSAGE_TRACKING_DIR, TrackingLog
 from relaygate.malloc_tuning import tune_malloc
 from relaygate.node_lock import NodeLock, NodeLockError
@@ -50,7 +51,7 @@ def open_store(config: Config, *, shared: bool = False) -> Store:
     return SqliteStore(Path(config.server.data_dir) / "queue" / "queue.db", shared_writers=shared)
 
 
-def tracking_log_for(config: Config) -> TrackingLog:
+def tracking_log_for(config: Config, privacy: AddressPrivacy | None = None) -> TrackingLog:
     s = config.server
     return TrackingLog(
         Path(s.data_dir) / MESSAGE_TRACKING_DIR,
@@ -58,7 +59,16 @@ def tracking_log_for(config: Config) -> TrackingLog:
         max_file_size=s.message_tracking_log_max_file_size,
         max_directory_size=s.message_tracking_log_max_directory_size,
         max_age=s.message_tracking_log_max_age,
+        privacy=privacy,
+        subject_logging=s.message_tracking_log_subject_logging_enabled,
     )
+
+
+def log_privacy_for(config: Config) -> AddressPrivacy | None:
+    """The address rewriting of ``server.log_address_privacy`` (its key created if need be), or
+    None. Raises PrivacyKeyError, naming the key file, when the key cannot be had."""
+    s = config.server
+    return privacy_for(s.log_address_privacy, Path(s.data_dir), create_key=True)
 
 
 def worker_node_id(server_name: str, index: int) -> str:
@@ -88,6 +98,8 @@ class Relay:
         self.store = open_store(config, shared=worker_index is not None)
         self.tracking: TrackingLog | None = None
         self.protocol_log: Any = None
+        #: server.log_address_privacy's rewriting of log addresses (None: "none")
+        self.log_privacy: AddressPrivacy | None = None
         self.ctx: ServerContext | None = None
         self.server: SmtpServer | None = None
         self.manager: Any = None
@@ -101,6 +113,7 @@ class Relay:
     async def start(self) -> None:
         cfg = self.config
         Path(cfg.server.data_dir).mkdir(parents=True, exist_ok=True)
+        self.log_privacy = log_privacy_for(cfg)  # PrivacyKeyError: cannot start
         await self.store.open()
         s = cfg.server
         if self.worker_index is None:
@@ -109,9 +122,9 @@ class Relay:
             release_owners = getattr(self.store, "release_owners", None)
             if release_owners is not None:
                 await release_owners(worker_node_ids(str(s.name)))
-        self.protocol_log = protocol_log_for(cfg)
+        self.protocol_log = protocol_log_for(cfg, self.log_privacy)
         if s.message_tracking_log_enabled:
-            self.tracking = tracking_log_for(cfg)
+            self.tracking = tracking_log_for(cfg, self.log_privacy)
         self.manager = QueueManager(
             cfg,
             self.store,
@@ -186,6 +199,11 @@ class Relay:
         assert self.ctx is not None and self.server is not None
         ctx = self.ctx
         retired: list[TrackingLog] = []
+        try:
+            privacy = await asyncio.to_thread(log_privacy_for, new)
+        except PrivacyKeyError as exc:
+            logger.error("reload refused, keeping the running configuration: %s", exc)
+            return
 
         restart_only = [
             f"queue.{key}"
@@ -200,7 +218,7 @@ class Relay:
         def apply() -> None:  # every listener is bound, none of the new ones accepts yet
             self.config = new
             ctx.apply(new)
-            retired.extend(self._apply_logs(new))
+            retired.extend(self._apply_logs(new, privacy))
             if self.manager is not None:
                 self.manager.apply(new)
             if self.pressure is not None:
@@ -215,30 +233,33 @@ class Relay:
             await asyncio.to_thread(log.close)
         logger.info("configuration reloaded from %s", self.config_path)
 
-    def _apply_logs(self, new: Config) -> list[TrackingLog]:
-        """The log settings of a reloaded config: rotation limits in place, the tracking log
-        opened or closed (handed to the SMTP service and the queue manager). Returns the tracking
-        log to close, if it was switched off."""
+    def _apply_logs(self, new: Config, privacy: AddressPrivacy | None) -> list[TrackingLog]:
+        """The log settings of a reloaded config: rotation limits and address privacy in place,
+        the tracking log opened or closed (handed to the SMTP service and the queue manager).
+        Returns the tracking log to close, if it was switched off."""
         s = new.server
+        self.log_privacy = privacy
         if self.protocol_log is not None:
             self.protocol_log.directory.set_limits(
                 s.receive_protocol_log_max_file_size,
                 s.receive_protocol_log_max_directory_size,
                 s.receive_protocol_log_max_age,
             )
+            self.protocol_log.set_privacy(privacy)
         retired: list[TrackingLog] = []
         if not s.message_tracking_log_enabled:
             if self.tracking is not None:
                 retired.append(self.tracking)
             self.tracking = None
         elif self.tracking is None:
-            self.tracking = tracking_log_for(new)
+            self.tracking = tracking_log_for(new, privacy)
         else:
             self.tracking.directory.set_limits(
                 s.message_tracking_log_max_file_size,
                 s.message_tracking_log_max_directory_size,
                 s.message_tracking_log_max_age,
             )
+            self.tracking.set_privacy(privacy, s.message_tracking_log_subject_logging_enabled)
         if self.ctx is not None:
             self.ctx.tracking = self.tracking
         if self.manager is not None:
@@ -461,6 +482,13 @@ def run(
         # Held until the process exits (its workers run under it): no second node with this
         # data_dir, or with this server.name on a shared queue database (relaygate.node_lock).
         lock = _lock_node(config)
+    if worker_index is None:
+        # The pseudonymization key, before any worker: they all read the one created here.
+        try:
+            log_privacy_for(config)
+        except PrivacyKeyError as exc:
+            logger.error("cannot start: %s", exc)
+            raise SystemExit(1) from None
     if worker_index is None and config.server.workers > 1 and resolved is not None:
         from relaygate.workers import Supervisor
 
@@ -494,7 +522,7 @@ def run(
         pass
     try:
         asyncio.run(_main(config, resolved, worker_index=worker_index, link_fd=link_fd))
-    except (ListenerError, StoreError, AdminStartError) as exc:
+    except (ListenerError, StoreError, AdminStartError, PrivacyKeyError) as exc:
         # a port in use, an implicit-TLS certificate that cannot load, a queue database that
         # cannot be opened or reached, an admin token file that cannot be read or is empty
         logger.error("cannot start: %s", exc)

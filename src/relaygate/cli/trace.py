@@ -10,8 +10,17 @@ from typing import Any
 
 import typer
 
-from relaygate.cli.common import CONFIG_OPTION, JSON_OPTION, console, die, emit_json, load_or_exit
+from relaygate.cli.common import (
+    CONFIG_OPTION,
+    JSON_OPTION,
+    console,
+    die,
+    emit_json,
+    err_console,
+    load_or_exit,
+)
 from relaygate.cli.tables import CUT, WHOLE, WIDE, list_table, print_narrow_hint, when
+from relaygate.logs.privacy import AddressPrivacy, PrivacyKeyError, privacy_for
 from relaygate.logs.tracking import DEFAULT_SEARCH_LIMIT, MESSAGE_TRACKING_DIR, search
 
 __all__ = ["parse_when", "register"]
@@ -50,6 +59,16 @@ def _tracking_dir(config: Path | None, log_dir: Path | None) -> Path:
     if log_dir is not None:
         return log_dir
     return Path(load_or_exit(config).server.data_dir) / MESSAGE_TRACKING_DIR
+
+
+def _privacy(config: Path | None, log_dir: Path | None) -> AddressPrivacy | None:
+    """The configured ``server.log_address_privacy`` (the config is read unless only --log-dir
+    is given): the searched addresses are rewritten as the relay wrote them. Reads the key, never
+    creates it (a key made by another user than the service's would lock the relay out)."""
+    if log_dir is not None and config is None:
+        return None
+    s = load_or_exit(config).server
+    return privacy_for(s.log_address_privacy, Path(s.data_dir), create_key=False)
 
 
 def _local(value: str) -> str:
@@ -131,6 +150,20 @@ def register(app: typer.Typer) -> None:
         directory = _tracking_dir(config, log_dir)
         where = f"--log-dir {directory}" if log_dir is not None else str(directory)
         try:
+            privacy = _privacy(config, log_dir) if sender or recipient else None
+        except PrivacyKeyError as exc:
+            if as_json:
+                emit_json({"ok": False, "directory": str(directory), "error": str(exc)})
+                raise typer.Exit(1) from None
+            die(str(exc))
+        if privacy is not None and privacy.mode == "mask":
+            wanted = ", ".join(privacy.text(a) for a in (sender, recipient) if a)
+            err_console.print(
+                f"server.log_address_privacy = mask: the log holds {wanted}, which other "
+                "addresses may share; the events of all of them are shown.",
+                markup=False,
+            )
+        try:
             if directory.exists() and not directory.is_dir():
                 raise NotADirectoryError(errno.ENOTDIR, "not a directory")
             rows = search(
@@ -142,6 +175,7 @@ def register(app: typer.Typer) -> None:
                 message_id=message_id,
                 event_id=event_id,
                 limit=limit,
+                privacy=privacy,
             )
         except OSError as exc:
             reason = "not a directory" if isinstance(exc, NotADirectoryError) else exc.strerror

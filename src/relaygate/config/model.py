@@ -348,6 +348,13 @@ class ServerConfig:
     receive_protocol_log_max_directory_size: int = _size("250MB")
     receive_protocol_log_max_age: timedelta = _span("30.00:00:00")
     message_tracking_log_enabled: bool = True
+    #: Set-TransportService -MessageTrackingLogSubjectLoggingEnabled: false leaves the tracking
+    #: log's message-subject field empty.
+    message_tracking_log_subject_logging_enabled: bool = True
+    #: The addresses written to the protocol and message tracking logs: "none" (as they are),
+    #: "mask" (a***@corp.example) or "pseudonymize" (h-<12 hex digits>@corp.example, a keyed
+    #: hash with the key in <data_dir>/keys/log-privacy.key; relaygate trace finds them by address).
+    log_address_privacy: str = _spec("none", choices=("none", "mask", "pseudonymize"))
     message_tracking_log_max_file_size: int = _size("10MB")
     message_tracking_log_max_directory_size: int = _size("1000MB")
     message_tracking_log_max_age: timedelta = _span("30.00:00:00")

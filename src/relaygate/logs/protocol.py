@@ -22,6 +22,8 @@ Lines::
     2023-01-11T15:59:51.433Z,RELAY01\\SMTP Relay Internal,08D892B7A9441226,0,10.0.0.5:25,10.0.0.77:50123,+,,
 
 Message bodies are never logged; AUTH payloads are replaced by ``<authentication response>``.
+With ``server.log_address_privacy`` set, the addresses in the data and context fields are masked or
+pseudonymized on the flush thread (``relaygate.logs.privacy``).
 Control characters in the data and context fields (C0 with CR and LF, DEL, C1) are written as
 ``\\xNN``: a client's command can neither start a forged line nor carry terminal escapes.
 """
@@ -30,10 +32,11 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from relaygate.logs.privacy import AddressPrivacy
 from relaygate.logs.rotation import (
     HEADER_DATE_PLACEHOLDER,
     LogDirectory,
@@ -138,6 +141,21 @@ def _format_line(record: tuple) -> str:
         f"{format_timestamp(record[0])}{record[1]}{record[2]}{record[3]}{record[4]},"
         f"{csv_field(escape_controls(record[5]))},{csv_field(escape_controls(record[6]))}"
     )
+
+
+def _private_formatter(privacy: AddressPrivacy) -> Callable[[tuple], str]:
+    """``_format_line`` with the addresses in the data and context fields rewritten
+    (``server.log_address_privacy``); on the flush thread too."""
+    text = privacy.text
+
+    def format_line(record: tuple) -> str:
+        return (
+            f"{format_timestamp(record[0])}{record[1]}{record[2]}{record[3]}{record[4]},"
+            f"{csv_field(escape_controls(text(record[5])))},"
+            f"{csv_field(escape_controls(text(record[6])))}"
+        )
+
+    return format_line
 
 
 class SessionLog:
@@ -284,6 +302,7 @@ class ProtocolLog:
         max_age: timedelta = DEFAULT_MAX_AGE,
         send: bool = False,
         flush_interval: float = 0.2,
+        privacy: AddressPrivacy | None = None,
     ) -> None:
         self.server_name = server_name
         self.send = send
@@ -302,13 +321,19 @@ class ProtocolLog:
             max_file_size,
             max_directory_size,
             max_age,
-            formatter=_format_line,
+            formatter=_format_line if privacy is None else _private_formatter(privacy),
             flush_interval=flush_interval,
         )
 
     @property
     def path(self) -> Path:
         return self.directory.path
+
+    def set_privacy(self, privacy: AddressPrivacy | None) -> None:
+        """``server.log_address_privacy`` changed (a reload): lines logged from now on follow it."""
+        self.directory.set_formatter(
+            _format_line if privacy is None else _private_formatter(privacy)
+        )
 
     def connector_id(self, connector_name: str) -> str:
         """``SERVER\\Connector`` for receive logs; the bare connector name for send logs."""

@@ -201,6 +201,12 @@ class LogDirectory:
         self._cleanup_at = min(self._cleanup_at, self.max_directory_size)
         self._last_cleanup = 0.0  # the background thread cleans up at its next pass
 
+    def set_formatter(self, formatter: Callable[[Record], str] | None) -> None:
+        """A new formatter (a reload): every record appended from now on is written with it (a
+        batch reads the formatter after it is taken, so records queued a moment before may be too).
+        Cheap, no I/O: callable from the event loop."""
+        self._format = formatter or _default_formatter
+
     @property
     def current_file(self) -> Path | None:
         return self._file_path

@@ -12,11 +12,12 @@ import csv
 import os
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from relaygate.logs.privacy import AddressPrivacy
 from relaygate.logs.protocol import escape_controls
 from relaygate.logs.rotation import (
     HEADER_DATE_PLACEHOLDER,
@@ -98,6 +99,43 @@ def _format_line(record: tuple) -> str:
     return f"{format_timestamp(record[0])},{','.join([q(esc(v)) for v in record[1]])},{uuid.uuid4()},{SCHEMA_VERSION}"
 
 
+# Positions in a record's values (TRACKING_FIELDS without date-time, log-id and schema-version).
+_SUBJECT = TRACKING_FIELDS.index("message-subject") - 1
+#: The fields whose addresses server.log_address_privacy rewrites: every field that holds an
+#: envelope or header address, or text that can quote one (the HELO name, replies, the subject,
+#: agent notes). Message-IDs (message-id, network-message-id, reference) are not addresses.
+PRIVATE_FIELDS = (
+    "client-hostname",
+    "recipient-address",
+    "recipient-status",
+    "related-recipient-address",
+    "message-subject",
+    "sender-address",
+    "return-path",
+    "message-info",
+    "custom-data",
+)
+_PRIVATE = tuple(TRACKING_FIELDS.index(f) - 1 for f in PRIVATE_FIELDS)
+
+
+def _formatter(privacy: AddressPrivacy | None, subject_logging: bool) -> Callable[[tuple], str]:
+    """The line formatter for the privacy settings: ``_format_line`` itself when there are none."""
+    if privacy is None and subject_logging:
+        return _format_line
+    text = privacy.text if privacy is not None else None
+
+    def format_line(record: tuple) -> str:
+        values = list(record[1])
+        if not subject_logging:
+            values[_SUBJECT] = ""
+        if text is not None:
+            for i in _PRIVATE:
+                values[i] = text(values[i])
+        return _format_line((record[0], values))
+
+    return format_line
+
+
 def _join(values: str | Iterable[str]) -> str:
     if isinstance(values, str):
         return values
@@ -117,6 +155,8 @@ class TrackingLog:
         max_directory_size: int = DEFAULT_MAX_DIRECTORY_SIZE,
         max_age: timedelta = DEFAULT_MAX_AGE,
         flush_interval: float = 0.2,
+        privacy: AddressPrivacy | None = None,
+        subject_logging: bool = True,
     ) -> None:
         self.server_name = server_name
         self.server_ip = server_ip
@@ -134,13 +174,18 @@ class TrackingLog:
             max_file_size,
             max_directory_size,
             max_age,
-            formatter=_format_line,
+            formatter=_formatter(privacy, subject_logging),
             flush_interval=flush_interval,
         )
 
     @property
     def path(self) -> Path:
         return self.directory.path
+
+    def set_privacy(self, privacy: AddressPrivacy | None, subject_logging: bool) -> None:
+        """``server.log_address_privacy`` / ``message_tracking_log_subject_logging_enabled``
+        changed (a reload): events logged from now on follow them."""
+        self.directory.set_formatter(_formatter(privacy, subject_logging))
 
     def write(
         self,
@@ -311,6 +356,16 @@ def _to_result(row: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+def _wanted(address: str | None, privacy: AddressPrivacy | None) -> frozenset[str] | None:
+    """The forms of a searched ``address`` that a row may hold, lower-cased."""
+    if not address:
+        return None
+    forms = {address.lower()}
+    if privacy is not None:
+        forms.add(privacy.text(address).lower())
+    return frozenset(forms)
+
+
 def search(
     directory: Path,
     *,
@@ -321,6 +376,7 @@ def search(
     message_id: str | None = None,
     event_id: str | None = None,
     limit: int | None = DEFAULT_SEARCH_LIMIT,
+    privacy: AddressPrivacy | None = None,
 ) -> list[dict[str, Any]]:
     """Tracking events matching every given filter, oldest first.
 
@@ -330,11 +386,13 @@ def search(
     Keys are the field names of the file (``date-time``, ``sender-address`` ...);
     ``recipient-address``, ``recipient-status`` and ``reference`` are lists, ``total-bytes`` and
     ``recipient-count`` integers.
+    ``privacy``: the logs' ``server.log_address_privacy``; ``sender`` and ``recipient`` then also
+    match their masked or pseudonymized form (and still their own, for lines written before).
     """
     since = _aware(since)
     until = _aware(until)
-    sender_l = sender.lower() if sender else None
-    recipient_l = recipient.lower() if recipient else None
+    sender_l = _wanted(sender, privacy)
+    recipient_l = _wanted(recipient, privacy)
     msgid_l = _norm_msgid(message_id) if message_id else None
     event_u = event_id.upper() if event_id else None
 
@@ -352,9 +410,9 @@ def search(
         for row in _read_rows(path):
             if event_u is not None and row.get("event-id", "").upper() != event_u:
                 continue
-            if sender_l is not None and row.get("sender-address", "").lower() != sender_l:
+            if sender_l is not None and row.get("sender-address", "").lower() not in sender_l:
                 continue
-            if recipient_l is not None and recipient_l not in (
+            if recipient_l is not None and recipient_l.isdisjoint(
                 r.lower() for r in row.get("recipient-address", "").split(";")
             ):
                 continue

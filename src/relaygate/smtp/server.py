@@ -25,6 +25,7 @@ from typing import Any, NamedTuple, Protocol
 
 from relaygate.config.model import Config, ReceiveConnector
 from relaygate.config.values import Binding, normalise_ip, wildcard_covers
+from relaygate.logs.privacy import AddressPrivacy
 from relaygate.logs.protocol import PROTOCOL_LOG_RECEIVE_DIR, NullSessionLog, ProtocolLog
 from relaygate.policy.address_rules import ConnectorAddressRules, compile_connector_rules
 from relaygate.policy.rights import SessionRights, session_rights
@@ -893,7 +894,7 @@ class SmtpServer:
                 task.cancel()
 
 
-def protocol_log_for(config: Config) -> ProtocolLog:
+def protocol_log_for(config: Config, privacy: AddressPrivacy | None = None) -> ProtocolLog:
     s = config.server
     return ProtocolLog(
         Path(s.data_dir) / PROTOCOL_LOG_RECEIVE_DIR,
@@ -901,4 +902,5 @@ def protocol_log_for(config: Config) -> ProtocolLog:
         max_file_size=s.receive_protocol_log_max_file_size,
         max_directory_size=s.receive_protocol_log_max_directory_size,
         max_age=s.receive_protocol_log_max_age,
+        privacy=privacy,
     )

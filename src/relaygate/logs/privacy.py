@@ -1,0 +1,164 @@
+"""Address privacy in the protocol and message tracking logs (``server.log_address_privacy``).
+
+``"none"`` (the default) writes addresses as they are. ``"mask"`` keeps the first character of the
+local part and the domain: ``alice@corp.example`` → ``a***@corp.example``. ``"pseudonymize"``
+replaces the local part by a keyed hash (HMAC-SHA256 of the lower-cased address, 12 hex digits):
+``alice@corp.example`` → ``h-3f9a1c2b7d04@corp.example``, the same pseudonym for the same address
+in every file, every worker and after restarts, so ``relaygate trace`` can look an address up by
+pseudonymizing the query with the same key. The key (32 random bytes, hex) is created once, mode
+0600, at ``<data_dir>/keys/log-privacy.key``.
+
+The rewriting runs on the log writers' flush threads (``relaygate.logs.rotation``), never on the
+event loop: with ``"none"`` the writers keep their plain formatters and nothing is done at all.
+Message-IDs are not addresses and are kept (the tracking log's ``message-id`` and ``reference``
+fields, and the ``<message-id> [InternalId=...]`` of the protocol log's ``250 2.6.0`` reply), so
+``relaygate trace --message-id`` and log correlation keep working.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+from pathlib import Path
+
+__all__ = [
+    "KEY_PATH",
+    "MODES",
+    "AddressPrivacy",
+    "PrivacyKeyError",
+    "load_key",
+    "privacy_for",
+]
+
+MODES = ("none", "mask", "pseudonymize")
+#: Relative to ``server.data_dir``.
+KEY_PATH = Path("keys") / "log-privacy.key"
+#: Hex digits of the HMAC kept in a pseudonym (48 bits).
+PSEUDONYM_DIGITS = 12
+
+# An address in free text: a quoted or unquoted local part, "@", a domain or an address literal.
+# Runs of characters that cannot be in a local part (space, <, >, brackets, comma, ";", ":") end it,
+# so "MAIL FROM:<alice@corp.example> SIZE=1" and "a@x;b@y" give the addresses alone. A message id
+# followed by " [InternalId=" (the 250 2.6.0 reply) is kept as it is.
+_DELIMS = r"\s<>()\[\]\\,;:@\""
+_ADDRESS = re.compile(
+    rf"(?P<msgid><[^<>\s]*>)(?= \[InternalId=)"
+    rf"|(?P<local>\"(?:[^\"\\\r\n]|\\.)*\"|[^{_DELIMS}]+)"
+    rf"@(?P<domain>\[[^\]\s]*\]|[^{_DELIMS}]+)"
+)
+_KEY_TEXT = re.compile(r"^[0-9a-f]{64}$")
+
+
+class PrivacyKeyError(Exception):
+    """The pseudonymization key cannot be created or read (the message names the file and the
+    key ``server.log_address_privacy``)."""
+
+
+class AddressPrivacy:
+    """Rewrites the addresses in log text as ``mode`` ("mask" or "pseudonymize") says."""
+
+    __slots__ = ("_key", "_sub", "mode")
+
+    def __init__(self, mode: str, key: bytes | None = None) -> None:
+        if mode not in ("mask", "pseudonymize"):
+            raise ValueError(f"log_address_privacy: no rewriting for {mode!r}")
+        if mode == "pseudonymize" and not key:
+            raise ValueError("log_address_privacy = pseudonymize needs a key")
+        self.mode = mode
+        self._key = key or b""
+        self._sub = self._mask if mode == "mask" else self._pseudonym
+
+    def text(self, value: str) -> str:
+        """``value`` with every address in it rewritten (the rest unchanged)."""
+        if "@" not in value:
+            return value
+        return _ADDRESS.sub(self._sub, value)
+
+    def pseudonym(self, address: str) -> str:
+        """The local part ``address``'s pseudonym has (``h-`` and 12 hex digits)."""
+        digest = hmac.new(self._key, address.lower().encode("utf-8"), hashlib.sha256)
+        return "h-" + digest.hexdigest()[:PSEUDONYM_DIGITS]
+
+    @staticmethod
+    def _mask(m: re.Match[str]) -> str:
+        local = m.group("local")
+        if local is None:
+            return m.group("msgid")
+        first = local[1:2] if local[:1] == '"' else local[:1]
+        if first == '"':
+            first = ""
+        return f"{first}***@{m.group('domain')}"
+
+    def _pseudonym(self, m: re.Match[str]) -> str:
+        local = m.group("local")
+        if local is None:
+            return m.group("msgid")
+        domain = m.group("domain")
+        return f"{self.pseudonym(f'{local}@{domain}')}@{domain}"
+
+
+def load_key(data_dir: Path, *, create: bool) -> bytes:
+    """The pseudonymization key of ``data_dir``; ``create``: make it first if there is none
+    (atomically: several workers starting together all end up with the one that won)."""
+    path = Path(data_dir) / KEY_PATH
+    if create and not path.exists():
+        _create_key(path)
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        raise PrivacyKeyError(
+            f"server.log_address_privacy = pseudonymize: the key {path} does not exist "
+            "(relaygate serve creates it when it starts with this setting)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise PrivacyKeyError(
+            f"server.log_address_privacy = pseudonymize: cannot read the key {path}: {reason}"
+        ) from None
+    if not _KEY_TEXT.match(text):
+        raise PrivacyKeyError(
+            f"server.log_address_privacy = pseudonymize: the key {path} is not 64 "
+            "hexadecimal digits"
+        )
+    return bytes.fromhex(text)
+
+
+def _create_key(path: Path) -> None:
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, (secrets.token_hex(32) + "\n").encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # never replaces a key another process created meanwhile
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise PrivacyKeyError(
+            f"server.log_address_privacy = pseudonymize: cannot create the key {path}: "
+            f"{exc.strerror or exc}"
+        ) from None
+
+
+def privacy_for(mode: str, data_dir: Path, *, create_key: bool) -> AddressPrivacy | None:
+    """The rewriting ``server.log_address_privacy = mode`` asks for (None for "none")."""
+    if mode == "none":
+        return None
+    if mode == "mask":
+        return AddressPrivacy("mask")
+    return AddressPrivacy("pseudonymize", load_key(data_dir, create=create_key))

@@ -1,0 +1,319 @@
+"""server.log_address_privacy and message_tracking_log_subject_logging_enabled, end to end: a real
+`relaygate serve` (a subprocess), real smtplib clients from loopback sources, a real SMTP sink
+(aiosmtpd) as the smart host, then the protocol and tracking log files the relay wrote, read as
+they are on disk, and `relaygate trace` run as a command."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomlkit
+from aiosmtpd.controller import Controller
+
+from relaygate.config import ConfigError, load_config
+from tests.smtp.conftest import RelayHandle, relay, relay_connector  # noqa: F401
+from tests.smtp.helpers import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Local parts that appear nowhere else: grepping the log files for them finds any leak.
+SENDER = "alice.sender@corp.example"
+RECIPIENT = "bob.recipient@partner.example"
+REFUSED = "carol.refused@partner.example"
+IN_SUBJECT = "dave.subject@corp.example"
+LOCAL_PARTS = ("alice.sender", "bob.recipient", "carol.refused", "dave.subject")
+PSEUDONYM = re.compile(r"h-[0-9a-f]{12}@")
+
+
+class Sink:
+    """The smart host: keeps the envelope and content of every message it accepts."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.controller = Controller(self, hostname="127.0.0.1", port=free_port())
+
+    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+        with self.lock:
+            self.messages.append(
+                (envelope.mail_from, list(envelope.rcpt_tos), bytes(envelope.original_content))
+            )
+        return "250 2.0.0 Ok: queued"
+
+    def wait_for(self, marker: bytes, timeout: float = 20) -> tuple[str, list[str], bytes]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                for m in self.messages:
+                    if marker in m[2]:
+                        return m
+            time.sleep(0.05)
+        raise AssertionError(f"{marker!r} never reached the sink")
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    s = Sink()
+    s.controller.start()
+    try:
+        yield s
+    finally:
+        s.controller.stop()
+
+
+def start(
+    relay: Callable[..., RelayHandle],  # noqa: F811
+    sink: Sink,
+    *,
+    ranges: tuple[str, ...] = ("127.0.0.5",),
+    **server: Any,
+) -> RelayHandle:
+    """`relaygate serve` with message tracking on, delivering to `sink`; `server`: [server] keys."""
+    conn = relay_connector(list(ranges), allowed_recipients=["*@corp.example", RECIPIENT])
+    node = relay(
+        [conn], mode="process", start=False, server={"message_tracking_log_enabled": True, **server}
+    )
+    node.doc["send_connectors"][0]["port"] = sink.controller.port
+    node.doc["queue"]["transient_failure_retry_interval"] = "00:00:01"
+    write_config(node)
+    return node.start()
+
+
+def write_config(node: RelayHandle) -> None:
+    node.config_path.write_text(tomlkit.dumps(node.doc), encoding="utf-8")
+    node.config = load_config(node.config_path)
+
+
+def send(
+    node: RelayHandle,
+    marker: str,
+    *,
+    sender: str = SENDER,
+    subject: str | None = None,
+    source: str = "127.0.0.5",
+    refused: bool = True,
+) -> None:
+    """One message from `sender` to RECIPIENT (and a refused RCPT first), in its own session."""
+    with node.smtp(source) as c:
+        c.ehlo("device.corp.example")
+        assert c.mail(sender)[0] == 250
+        if refused:  # its refusal reason quotes the address in the protocol log
+            assert c.rcpt(REFUSED)[0] == 550
+        assert c.rcpt(RECIPIENT)[0] == 250
+        subject = subject or f"Invoice {marker} for {IN_SUBJECT}"
+        body = f"From: {sender}\r\nTo: {RECIPIENT}\r\nSubject: {subject}\r\n\r\n{marker}\r\n"
+        assert c.data(body.encode())[0] == 250
+
+
+def log_texts(node: RelayHandle) -> dict[str, str]:
+    """Every protocol and tracking log file of the node, by name."""
+    logs = node.data_dir / "logs"
+    files = [*logs.glob("ProtocolLog/SmtpReceive/RECV*.LOG"), *logs.glob("MessageTracking/*.LOG")]
+    return {p.name: p.read_text(encoding="utf-8") for p in sorted(files)}
+
+
+def tracking_rows(node: RelayHandle) -> list[dict[str, str]]:
+    from relaygate.logs.tracking import search
+
+    return search(node.data_dir / "logs" / "MessageTracking", limit=None)
+
+
+def wait_for_rows(
+    node: RelayHandle, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 20
+) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    rows: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        rows = tracking_rows(node)
+        if predicate(rows):
+            return rows
+        time.sleep(0.1)
+    raise AssertionError(f"tracking log never matched; rows: {rows}")
+
+
+def sent(marker: str) -> Callable[[list[dict[str, Any]]], bool]:
+    """The SEND event of the message whose subject holds `marker` is in the log."""
+    return lambda rows: any(
+        r["event-id"] == "SEND" and marker in r["message-subject"] for r in rows
+    )
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    return subprocess.run(
+        [sys.executable, "-m", "relaygate", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+def test_mask_leaves_no_local_part_in_the_protocol_and_tracking_logs(relay, sink):  # noqa: F811
+    node = start(relay, sink, log_address_privacy="mask")
+    send(node, "MASK-1")
+    # The mail itself is untouched: the sink gets the real addresses.
+    mail_from, rcpts, content = sink.wait_for(b"MASK-1")
+    assert (mail_from, rcpts) == (SENDER, [RECIPIENT])
+    assert IN_SUBJECT.encode() in content
+    rows = wait_for_rows(node, sent("MASK-1"))
+    texts = log_texts(node)
+    assert any(n.startswith("RECV") for n in texts) and any(n.startswith("MSGTRK") for n in texts)
+    for name, text in texts.items():
+        for local in LOCAL_PARTS:
+            assert local not in text.lower(), f"{local} written in {name}"
+        assert "MASK-1\r\n" not in text  # never the body
+    protocol = "".join(t for n, t in texts.items() if n.startswith("RECV")).lower()
+    assert "mail from:<a***@corp.example>" in protocol  # smtplib sends "mail FROM:"
+    assert "rcpt to:<b***@partner.example>" in protocol
+    assert "<c***@partner.example> is not in allowed_recipients" in protocol
+    for event in ("RECEIVE", "SEND"):
+        row = next(r for r in rows if r["event-id"] == event)
+        assert row["sender-address"] == "a***@corp.example"
+        assert row["return-path"] == "a***@corp.example"
+        assert row["recipient-address"] == ["b***@partner.example"]
+    assert row["message-subject"] == "Invoice MASK-1 for d***@corp.example"
+    # trace masks the query the same way (and says the masked form may be shared)
+    found = cli("trace", "--sender", SENDER, "--json", "--config", str(node.config_path))
+    assert found.returncode == 0, found.stderr
+    assert {r["event-id"] for r in json.loads(found.stdout)} >= {"RECEIVE", "SEND"}
+    assert "a***@corp.example" in found.stderr
+
+
+def test_pseudonymize_gives_one_stable_pseudonym_and_trace_finds_it_by_address(relay, sink):  # noqa: F811
+    node = start(relay, sink, log_address_privacy="pseudonymize")
+    key = node.data_dir / "keys" / "log-privacy.key"
+    assert key.is_file()
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(key.parent.stat().st_mode) == 0o700
+    key_text = key.read_text()
+    send(node, "PSEUDO-1")
+    send(node, "PSEUDO-2", refused=False)
+    wait_for_rows(node, lambda rows: sent("PSEUDO-1")(rows) and sent("PSEUDO-2")(rows))
+    node.stop()  # and again after a restart, with the same key
+    node.start()
+    assert key.read_text() == key_text
+    send(node, "PSEUDO-3", refused=False)
+    sink.wait_for(b"PSEUDO-3")
+    rows = wait_for_rows(node, sent("PSEUDO-3"))
+
+    texts = log_texts(node)
+    for name, text in texts.items():
+        for local in LOCAL_PARTS:
+            assert local not in text.lower(), f"{local} written in {name}"
+    received = [r for r in rows if r["event-id"] == "RECEIVE"]
+    assert len(received) == 3
+    senders = {r["sender-address"] for r in received}
+    recipients = {a for r in received for a in r["recipient-address"]}
+    assert len(senders) == 1 and len(recipients) == 1, (senders, recipients)
+    pseudonym = senders.pop()
+    assert re.fullmatch(r"h-[0-9a-f]{12}@corp\.example", pseudonym), pseudonym
+    assert re.fullmatch(r"h-[0-9a-f]{12}@partner\.example", recipients.pop())
+    protocol = "".join(t for n, t in texts.items() if n.startswith("RECV")).lower()
+    assert protocol.count(f"mail from:<{pseudonym}>") == 3
+
+    # relaygate trace finds the messages by the clear address (sender and recipient)
+    by_sender = cli("trace", "--sender", SENDER, "--json", "--config", str(node.config_path))
+    assert by_sender.returncode == 0, by_sender.stderr
+    events = json.loads(by_sender.stdout)
+    subjects = {r["message-subject"] for r in events if r["event-id"] == "SEND"}
+    assert {s.split()[1] for s in subjects} == {"PSEUDO-1", "PSEUDO-2", "PSEUDO-3"}
+    assert all(r["sender-address"] == pseudonym for r in events)
+    by_rcpt = cli(
+        "trace", "--recipient", RECIPIENT.upper(), "--json", "--config", str(node.config_path)
+    )
+    assert by_rcpt.returncode == 0, by_rcpt.stderr
+    assert len([r for r in json.loads(by_rcpt.stdout) if r["event-id"] == "RECEIVE"]) == 3
+    other = cli("trace", "--sender", "x" + SENDER, "--json", "--config", str(node.config_path))
+    assert other.returncode == 0 and json.loads(other.stdout) == []
+
+
+def test_pseudonyms_are_the_same_in_every_worker(relay, sink):  # noqa: F811
+    sources = [f"127.0.0.{i}" for i in range(10, 26)]
+    node = start(
+        relay, sink, ranges=("127.0.0.0/24",), log_address_privacy="pseudonymize", workers=2
+    )
+    for i, source in enumerate(sources):
+        send(node, f"W-{i}", source=source, refused=False)
+    rows = wait_for_rows(
+        node, lambda rows: len([r for r in rows if r["event-id"] == "RECEIVE"]) == len(sources)
+    )
+    assert len({r["sender-address"] for r in rows if r["event-id"] == "RECEIVE"}) == 1
+    pseudonym = rows[0]["sender-address"]
+    assert PSEUDONYM.match(pseudonym)
+    # Each worker writes its own tracking files: the pseudonym is in those of both workers.
+    files = [n for n, t in log_texts(node).items() if n.startswith("MSGTRK") and pseudonym in t]
+    assert len(files) >= 2, files
+    assert len(list((node.data_dir / "keys").iterdir())) == 1  # one key, no leftovers
+
+
+def test_subject_logging_disabled_leaves_the_subject_out(relay, sink):  # noqa: F811
+    node = start(relay, sink, message_tracking_log_subject_logging_enabled=False)
+    send(node, "SUBJ-1", subject="Quarterly results SUBJ-1")
+    sink.wait_for(b"SUBJ-1")
+    rows = wait_for_rows(node, lambda rs: any(r["event-id"] == "SEND" for r in rs))
+    assert {r["message-subject"] for r in rows} == {""}
+    assert all("Quarterly" not in t for t in log_texts(node).values())
+    # the addresses are as they were ("none" is the default)
+    assert rows[0]["sender-address"] == SENDER
+
+
+def test_a_sighup_reload_applies_the_privacy_settings_to_new_lines(relay, sink):  # noqa: F811
+    node = start(relay, sink)  # "none" and subjects logged: the defaults
+    send(node, "RELOAD-1", sender="first.before@corp.example", refused=False)
+    wait_for_rows(node, sent("RELOAD-1"))
+    node.doc["server"]["log_address_privacy"] = "mask"
+    node.doc["server"]["message_tracking_log_subject_logging_enabled"] = False
+    write_config(node)
+    assert node.proc is not None
+    node.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while "configuration reloaded" not in node.stderr_path.read_text():
+        assert time.monotonic() < deadline, node.stderr_path.read_text()
+        time.sleep(0.1)
+    send(node, "RELOAD-2", sender="second.after@corp.example", refused=False)
+    sink.wait_for(b"RELOAD-2")
+    rows = wait_for_rows(
+        node, lambda rs: any(r["event-id"] == "SEND" and r["sender-address"][:1] == "s" for r in rs)
+    )
+    texts = "".join(log_texts(node).values()).lower()
+    assert "mail from:<first.before@corp.example>" in texts  # written before the reload
+    assert "second.after" not in texts
+    assert "mail from:<s***@corp.example>" in texts
+    sends = [r for r in rows if r["event-id"] == "SEND"]
+    after = [r for r in sends if r["sender-address"] == "s***@corp.example"]
+    assert after and {r["message-subject"] for r in after} == {""}
+    before = [r for r in sends if r["sender-address"] == "first.before@corp.example"]
+    assert before and all("RELOAD-1" in r["message-subject"] for r in before)
+
+
+def test_a_bad_log_address_privacy_value_is_an_error_naming_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "relaygate.toml"
+    path.write_text('[server]\ndata_dir = "data"\nlog_address_privacy = "hash"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    text = str(err.value)
+    assert "log_address_privacy" in text and "none, mask, pseudonymize" in text
+
+
+def test_trace_without_the_key_says_which_file_is_missing(tmp_path: Path) -> None:
+    path = tmp_path / "relaygate.toml"
+    data = tmp_path / "data"
+    path.write_text(f'[server]\ndata_dir = "{data}"\nlog_address_privacy = "pseudonymize"\n')
+    out = cli("trace", "--sender", SENDER, "--json", "--config", str(path))
+    assert out.returncode == 1
+    error = json.loads(out.stdout)["error"]
+    assert "server.log_address_privacy" in error and str(data / "keys" / "log-privacy.key") in error
+    assert not (data / "keys").exists()  # trace never creates the key
