@@ -132,6 +132,7 @@ class Relay:
             node_id=self.node_id,
             lease_seconds=cfg.queue.lease_duration.total_seconds(),
         )
+        self.manager.log_privacy = self.log_privacy
         wake = self.manager.wake
         self.ctx = ServerContext(
             cfg, self.store, protocol_log=self.protocol_log, tracking=self.tracking, on_message=wake
@@ -264,6 +265,7 @@ class Relay:
             self.ctx.tracking = self.tracking
         if self.manager is not None:
             self.manager.tracking = self.tracking
+            self.manager.log_privacy = privacy
         return retired
 
     async def stop(self) -> None:

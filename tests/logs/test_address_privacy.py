@@ -45,6 +45,12 @@ class Sink:
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.controller = Controller(self, hostname="127.0.0.1", port=free_port())
 
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # type: ignore[no-untyped-def]
+        if address.startswith("gone."):
+            return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
     async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
         with self.lock:
             self.messages.append(
@@ -192,6 +198,26 @@ def test_mask_leaves_no_local_part_in_the_protocol_and_tracking_logs(relay, sink
     assert "a***@corp.example" in found.stderr
 
 
+def test_mask_covers_failures_reports_and_the_service_log(relay, sink):  # noqa: F811
+    """A recipient the next hop refuses: the FAIL event (its reply quotes the address), the
+    DSN event (related-recipient-address) and the service log's line about the NDR."""
+    node = start(relay, sink, log_address_privacy="mask")
+    with node.smtp("127.0.0.5") as c:
+        c.sendmail(SENDER, ["gone.user@corp.example"], b"Subject: FAIL-1\r\n\r\nFAIL-1\r\n")
+    rows = wait_for_rows(node, lambda rs: {"FAIL", "DSN"} <= {r["event-id"] for r in rs})
+    fail = next(r for r in rows if r["event-id"] == "FAIL")
+    assert fail["recipient-address"] == ["g***@corp.example"]
+    assert fail["recipient-status"][0].startswith("550 5.1.1 <g***@corp.example>: ")
+    dsn = next(r for r in rows if r["event-id"] == "DSN")
+    assert dsn["recipient-address"] == ["a***@corp.example"]
+    assert dsn["related-recipient-address"] == "g***@corp.example"
+    texts = "".join(log_texts(node).values()).lower()
+    assert "gone.user" not in texts and "alice.sender" not in texts
+    service = node.stderr_path.read_text()
+    assert re.search(r"non-delivery report \S+ to a\*\*\*@corp\.example", service), service
+    assert "alice.sender" not in service
+
+
 def test_pseudonymize_gives_one_stable_pseudonym_and_trace_finds_it_by_address(relay, sink):  # noqa: F811
     node = start(relay, sink, log_address_privacy="pseudonymize")
     key = node.data_dir / "keys" / "log-privacy.key"
@@ -317,3 +343,25 @@ def test_trace_without_the_key_says_which_file_is_missing(tmp_path: Path) -> Non
     error = json.loads(out.stdout)["error"]
     assert "server.log_address_privacy" in error and str(data / "keys" / "log-privacy.key") in error
     assert not (data / "keys").exists()  # trace never creates the key
+
+
+def test_without_privacy_the_writers_keep_their_plain_formatters(tmp_path: Path) -> None:
+    """The hot path: "none" with subjects logged adds no step to writing a line; a reload back to
+    "none" restores the plain formatters."""
+    from relaygate.logs import protocol, tracking
+    from relaygate.logs.privacy import AddressPrivacy
+
+    with (
+        protocol.ProtocolLog(tmp_path / "p", server_name="R") as plog,
+        tracking.TrackingLog(tmp_path / "t", server_name="R") as tlog,
+    ):
+        assert plog.directory._format is protocol._format_line
+        assert tlog.directory._format is tracking._format_line
+        plog.set_privacy(AddressPrivacy("mask"))
+        tlog.set_privacy(None, False)
+        assert plog.directory._format is not protocol._format_line
+        assert tlog.directory._format is not tracking._format_line
+        plog.set_privacy(None)
+        tlog.set_privacy(None, True)
+        assert plog.directory._format is protocol._format_line
+        assert tlog.directory._format is tracking._format_line

@@ -211,6 +211,9 @@ class QueueManager:
         self._routes: RouteTable | None = None  # routing decisions for config.send_connectors
         self.store = store
         self.tracking = tracking
+        #: server.log_address_privacy for the addresses this writes to the service log (the
+        #: Relay sets it at start and at every reload); None: as they are
+        self.log_privacy: Any = None
         self.node_id = node_id or str(config.server.name)
         self.clock = clock
         self.scan_interval = scan_interval
@@ -1274,12 +1277,13 @@ class QueueManager:
             message_subject=header_value(body, "Subject"),
             message_info=msg.queue_id,
         )
+        privacy = self.log_privacy
         log.info(
             "message %s: %s report %s to %s",
             msg.queue_id,
             "non-delivery" if action == "failed" else "delay",
             queue_id,
-            ", ".join(to),
+            ", ".join(to) if privacy is None else privacy.text(", ".join(to)),
         )
         self.wake(queue_id)
         return queue_id
