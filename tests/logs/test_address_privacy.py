@@ -365,3 +365,19 @@ def test_without_privacy_the_writers_keep_their_plain_formatters(tmp_path: Path)
         tlog.set_privacy(None, True)
         assert plog.directory._format is protocol._format_line
         assert tlog.directory._format is tracking._format_line
+
+
+def test_serve_stops_at_start_naming_a_key_it_cannot_read(relay, sink):  # noqa: F811
+    node = relay(
+        [relay_connector()],
+        mode="process",
+        start=False,
+        server={"log_address_privacy": "pseudonymize"},
+    )
+    key = node.data_dir / "keys" / "log-privacy.key"
+    key.parent.mkdir(parents=True)
+    key.write_text("not a key\n")
+    out = cli("serve", "--config", str(node.config_path))
+    assert out.returncode == 1
+    assert f"server.log_address_privacy = pseudonymize: the key {key} is not 64" in out.stderr
+    assert key.read_text() == "not a key\n"  # never replaced: it may be the key of older lines
