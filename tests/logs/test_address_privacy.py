@@ -381,3 +381,23 @@ def test_serve_stops_at_start_naming_a_key_it_cannot_read(relay, sink):  # noqa:
     assert out.returncode == 1
     assert f"server.log_address_privacy = pseudonymize: the key {key} is not 64" in out.stderr
     assert key.read_text() == "not a key\n"  # never replaced: it may be the key of older lines
+
+
+def test_a_reload_to_pseudonymize_without_a_usable_key_keeps_the_running_settings(
+    relay,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    node = relay([relay_connector()], server={"message_tracking_log_enabled": True})
+    key = node.data_dir / "keys" / "log-privacy.key"
+    key.parent.mkdir(parents=True)
+    key.write_text("0" * 63 + "\n")
+    node.doc["server"]["log_address_privacy"] = "pseudonymize"
+    with caplog.at_level("ERROR", logger="relaygate"):
+        node.reconfigure([relay_connector()])
+    assert node.relay.config.server.log_address_privacy == "none"
+    assert node.relay.log_privacy is None
+    assert "reload refused" in caplog.text and str(key) in caplog.text
+    with node.smtp("127.0.0.5") as c:
+        c.sendmail(SENDER, [RECIPIENT], b"Subject: t\r\n\r\nhi\r\n")
+    node.relay.protocol_log.flush()
+    assert "alice.sender@corp.example" in node.protocol_log_text().lower()
