@@ -239,6 +239,35 @@ async def test_one_sendmail_with_the_relay_s_bytes_and_a_graph_token(
         await relay.stop()
 
 
+async def test_sendmail_with_a_certificate_credential(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """An app registration without a client secret: the Graph token is asked for with a client
+    assertion signed by the certificate's key, which the fake Entra ID verifies."""
+    from tests.delivery.test_oauth import x5t_s256
+    from tests.delivery.test_oauth_certificate import make_certificate
+
+    cert_file, cert, _, _ = make_certificate(tmp_path / "creds", "graph")
+    entra.register(cert)
+    extra = graph_connector(graph, entra, ca_file).replace(
+        'oauth_client_secret_env = "RG_TEST_GRAPH_SECRET"',
+        f'oauth_client_certificate_file = "{cert_file}"',
+    )
+    relay = await start_relay(tmp_path / "data", {}, extra=extra)
+    try:
+        data = b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: s\r\n\r\nbody\r\n"
+        assert (await send(relay, SENDER, ["bob@example.com"], data))[0] == 250
+        await wait_for(lambda: len(graph.calls) == 1, timeout=15.0)
+        assert graph.calls[0].headers["Authorization"] == f"Bearer {TOKEN}"
+        [form] = entra.token_requests
+        assert form["scope"] == [GRAPH_SCOPE] and "client_secret" not in form
+        [(header, claims)] = entra.assertions
+        assert header["x5t#S256"] == x5t_s256(cert)
+        assert claims["aud"] == entra.token_endpoint and claims["iss"] == CLIENT_ID
+    finally:
+        await relay.stop()
+
+
 # ------------------------------------------------------------------ 2. envelope ≠ To/Cc: a draft
 
 

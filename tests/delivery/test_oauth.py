@@ -1,12 +1,19 @@
 """XOAUTH2 to Microsoft 365 with msal: a fake Entra ID token service over HTTPS on loopback (its
 OpenID configuration and its v2.0 token endpoint, trusted through REQUESTS_CA_BUNDLE), the real msal
-client-credentials flow, and an SMTP sink that accepts only that token."""
+client-credentials flow, and an SMTP sink that accepts only that token.
+
+The fake takes a client secret or a certificate credential: a client assertion JWT it verifies as
+Entra ID does (the certificate named by x5t#S256 must be registered, the signature must verify
+against it, aud must be its token endpoint, iss = sub = client_id, the assertion within its time
+range and its jti not seen before), answering Entra ID's errors otherwise."""
 
 from __future__ import annotations
 
+import base64
 import json
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -39,11 +46,31 @@ TOKEN = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.fake-access-token"
 SCOPE = "https://outlook.office365.com/.default"
 
 
+def _b64decode(part: str) -> bytes:
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+def x5t_s256(certificate: Any) -> str:
+    """base64url SHA-256 of a cryptography certificate's DER (the JWT header's x5t#S256)."""
+    from cryptography.hazmat.primitives import hashes
+
+    digest = certificate.fingerprint(hashes.SHA256())
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+
+
 class FakeEntra:
     """/{tenant}/v2.0/.well-known/openid-configuration and /{tenant}/oauth2/v2.0/token."""
 
     def __init__(self, cert: trustme.LeafCert) -> None:
         self.token_requests: list[dict[str, list[str]]] = []
+        #: the certificates uploaded to the app registration, by x5t#S256
+        self.registered: dict[str, Any] = {}
+        #: (header, claims) of every client assertion that passed
+        self.assertions: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        self.seen_jti: set[str] = set()
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -78,6 +105,21 @@ class FakeEntra:
                 owner.token_requests.append(form)
                 if self.path != f"/{TENANT}/oauth2/v2.0/token":
                     self._json(404, {"error": "not_found"})
+                elif "client_assertion" in form or "client_assertion_type" in form:
+                    refusal = owner.verify_assertion(form)
+                    if refusal is not None:
+                        self._json(
+                            401,
+                            {
+                                "error": "invalid_client",
+                                "error_description": refusal + "\r\nTrace ID: 0000",
+                            },
+                        )
+                    else:
+                        self._json(
+                            200,
+                            {"token_type": "Bearer", "expires_in": 3599, "access_token": TOKEN},
+                        )
                 elif form.get("client_secret") != [SECRET]:
                     self._json(
                         401,
@@ -103,6 +145,74 @@ class FakeEntra:
     @property
     def authority_host(self) -> str:
         return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def token_endpoint(self) -> str:
+        return f"https://127.0.0.1:{self.port}/{TENANT}/oauth2/v2.0/token"
+
+    def register(self, certificate: Any) -> None:
+        """Upload a certificate (cryptography's x509.Certificate) to the app registration."""
+        self.registered[x5t_s256(certificate)] = certificate
+
+    def verify_assertion(self, form: dict[str, list[str]]) -> str | None:
+        """None when the client assertion is good, else Entra ID's refusal (AADSTS code)."""
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+
+        if form.get("client_assertion_type") != [CLIENT_ASSERTION_TYPE]:
+            return "AADSTS50027: Invalid client_assertion_type."
+        if "client_secret" in form:
+            return "AADSTS700025: Client secret and client assertion both given."
+        try:
+            (assertion,) = form["client_assertion"]
+            head, body, sig = assertion.split(".")
+            header = json.loads(_b64decode(head))
+            claims = json.loads(_b64decode(body))
+            signature = _b64decode(sig)
+        except (KeyError, ValueError):
+            return "AADSTS50012: Client assertion is not a JWT."
+        certificate = self.registered.get(str(header.get("x5t#S256")))
+        if certificate is None:
+            return (
+                "AADSTS700027: The certificate with identifier used to sign the client "
+                "assertion is not registered on application."
+            )
+        alg = header.get("alg")
+        pad: Any = (
+            padding.PKCS1v15()
+            if alg == "RS256"
+            else padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.DIGEST_LENGTH)
+            if alg == "PS256"
+            else None
+        )
+        if pad is None:
+            return f"AADSTS5002738: Invalid JWT token. '{alg}' is not a supported algorithm."
+        try:
+            certificate.public_key().verify(
+                signature, f"{head}.{body}".encode(), pad, hashes.SHA256()
+            )
+        except InvalidSignature:
+            return "AADSTS700027: Client assertion contains an invalid signature."
+        if claims.get("aud") != self.token_endpoint:
+            return f"AADSTS700212: No matching federated identity record for aud {claims.get('aud')!r}."
+        client_id = form.get("client_id", [""])[0]
+        if claims.get("iss") != client_id or claims.get("sub") != client_id:
+            return (
+                "AADSTS700021: Client assertion application identifier doesn't match 'client_id'."
+            )
+        now = time.time()
+        exp, nbf = claims.get("exp"), claims.get("nbf", claims.get("iat"))
+        if not isinstance(exp, int) or not isinstance(nbf, int) or not nbf - 300 <= now < exp:
+            return "AADSTS700024: Client assertion is not within its valid time range."
+        if exp - nbf > 600:
+            return "AADSTS700024: Client assertion lifetime is longer than 10 minutes."
+        jti = claims.get("jti")
+        if not isinstance(jti, str) or not jti or jti in self.seen_jti:
+            return "AADSTS700023: Client assertion jti is missing or was used before."
+        self.seen_jti.add(jti)
+        self.assertions.append((header, claims))
+        return None
 
     def close(self) -> None:
         self.server.shutdown()

@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
                 + dkim_key_problems(cfg)
                 + token_file_problems(cfg)
                 + service_account_problems(cfg)
+                + certificate_credential_problems(cfg)
             )
         except ConfigError as exc:
             problems = exc.problems
@@ -153,6 +154,36 @@ def service_account_problems(cfg: Config) -> list[Problem]:
                     cfg.source, f"send_connectors[{i}].oauth_service_account_file", str(exc), s.name
                 )
             )
+    return problems
+
+
+def certificate_credential_problems(cfg: Config) -> list[Problem]:
+    """The Entra ID certificate credentials (oauth_client_certificate_file / oauth_client_key_file)
+    of XOAUTH2 and Graph send connectors: one that cannot be loaded (unreadable, no certificate,
+    no key, an encrypted or non-RSA key, a key of another certificate) keeps the connector's mail
+    in the queue, so `check` loads each one. The messages name the file, never the key."""
+    from relaygate.delivery.entra_certificate import (
+        CertificateCredentialError,
+        load_certificate_credential,
+    )
+
+    problems = []
+    for i, s in enumerate(cfg.send_connectors):
+        entra = s.delivery_method == "Graph" or (
+            s.smart_host_auth_mechanism == "XOAUTH2" and s.oauth_provider == "entra"
+        )
+        if not entra or s.oauth_client_certificate_file is None:
+            continue
+        try:
+            load_certificate_credential(s.oauth_client_certificate_file, s.oauth_client_key_file)
+        except CertificateCredentialError as exc:
+            key = (
+                "oauth_client_key_file"
+                if str(exc).startswith("oauth_client_key_file")
+                else ("oauth_client_certificate_file")
+            )
+            why = str(exc).removeprefix(f"{key} ")
+            problems.append(Problem(cfg.source, f"send_connectors[{i}].{key}", why, s.name))
     return problems
 
 

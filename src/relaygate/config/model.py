@@ -220,6 +220,13 @@ class SendConnector:
     oauth_client_id: str = ""
     oauth_client_secret_env: str = ""
     oauth_client_secret_file: Path | None = _spec(None, Path)
+    #: Instead of a client secret (RelayGate's own key): a certificate credential of the Entra ID
+    #: app registration, a PEM file with the certificate (the one uploaded to the app) and its
+    #: unencrypted RSA private key. Token requests carry a client assertion signed with the key.
+    oauth_client_certificate_file: Path | None = _spec(None, Path)
+    #: The private key in a file of its own, when oauth_client_certificate_file holds only the
+    #: certificate. "" / unset: the key is in the certificate file.
+    oauth_client_key_file: Path | None = _spec(None, Path)
     #: Entra ID's sign-in host (national clouds: login.microsoftonline.us, login.chinacloudapi.cn).
     oauth_authority_host: str = "https://login.microsoftonline.com"
     #: The token's scope: Exchange Online's SMTP AUTH (with oauth_provider = "google", this default

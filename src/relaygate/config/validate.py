@@ -197,11 +197,7 @@ def _send_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
                 "oauth_authority_host",
                 "must be an https:// URL (the client secret is sent there)",
             )
-        if not s.oauth_client_secret_env and s.oauth_client_secret_file is None:
-            yield (
-                "oauth_client_secret_env",
-                "set oauth_client_secret_env or oauth_client_secret_file for XOAUTH2",
-            )
+        yield from _entra_credential_rules(s, "smart_host_auth_mechanism = 'XOAUTH2'")
     if s.send_as:
         why = _not_an_address(s.send_as)
         if why is not None:
@@ -281,7 +277,37 @@ _ENTRA_ONLY = (
     "oauth_client_id",
     "oauth_client_secret_env",
     "oauth_client_secret_file",
+    "oauth_client_certificate_file",
+    "oauth_client_key_file",
 )
+
+
+def _entra_credential_rules(s: SendConnector, why: str) -> Iterator[tuple[str, str]]:
+    """The app registration's credential: exactly one of a client secret (oauth_client_secret_env
+    or oauth_client_secret_file) or a certificate (oauth_client_certificate_file, its key in it or
+    in oauth_client_key_file). The certificate file itself is read by `relaygate check`."""
+    secret = bool(s.oauth_client_secret_env) or s.oauth_client_secret_file is not None
+    certificate = s.oauth_client_certificate_file is not None
+    if secret and certificate:
+        given = (
+            "oauth_client_secret_env" if s.oauth_client_secret_env else "oauth_client_secret_file"
+        )
+        yield (
+            "oauth_client_certificate_file",
+            f"set either a client secret ({given}) or oauth_client_certificate_file, not both: "
+            "Entra ID signs the connector in with one credential",
+        )
+    elif not secret and not certificate:
+        yield (
+            "oauth_client_secret_env",
+            "set oauth_client_secret_env or oauth_client_secret_file (a client secret), or "
+            f"oauth_client_certificate_file (a certificate credential) for {why}",
+        )
+    if s.oauth_client_key_file is not None and not certificate:
+        yield (
+            "oauth_client_key_file",
+            "is the private key of oauth_client_certificate_file: set that too, or remove it",
+        )
 
 
 def _google_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
@@ -370,11 +396,7 @@ def _graph_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
     for key in ("oauth_tenant_id", "oauth_client_id"):
         if not getattr(s, key):
             yield key, "is required for delivery_method = 'Graph'"
-    if not s.oauth_client_secret_env and s.oauth_client_secret_file is None:
-        yield (
-            "oauth_client_secret_env",
-            "set oauth_client_secret_env or oauth_client_secret_file for delivery_method = 'Graph'",
-        )
+    yield from _entra_credential_rules(s, "delivery_method = 'Graph'")
     if not s.oauth_authority_host.startswith("https://"):
         yield "oauth_authority_host", "must be an https:// URL (the client secret is sent there)"
     url = urlsplit(s.graph_endpoint.strip())

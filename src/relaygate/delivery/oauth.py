@@ -2,7 +2,9 @@
 
 A send connector with ``smart_host_auth_mechanism = "XOAUTH2"`` authenticates as an Entra ID app
 registration with the client-credentials grant: ``oauth_tenant_id``, ``oauth_client_id`` and a client
-secret from ``oauth_client_secret_file`` or ``oauth_client_secret_env``; the token's scope is
+secret from ``oauth_client_secret_file`` or ``oauth_client_secret_env``, or a certificate credential
+(``oauth_client_certificate_file``, optionally ``oauth_client_key_file``: a client assertion JWT
+signed with the certificate's key, see entra_certificate.py); the token's scope is
 ``oauth_scope`` (Exchange Online's ``https://outlook.office365.com/.default``) and its authority
 ``oauth_authority_host``/tenant (``https://login.microsoftonline.com``; national clouds have their own
 host). msal keeps the token in its in-memory cache until shortly before it expires, so one token serves
@@ -10,14 +12,21 @@ every delivery of the connector for about an hour.
 
 msal's HTTP calls block, so they run in a thread, one at a time per connector (a burst of deliveries
 after a restart asks for one token, not fifty). Failures become :class:`TokenError` with Entra ID's
-error code and the first line of its description; the secret is never part of a message or a log.
+error code and the first line of its description; the secret (or the private key, or the signed
+assertion) is never part of a message or a log.
+
+A reload keeps the provider (its msal application and cached token) while nothing it is built from
+changed, the content of the certificate credential's files included: a renewed certificate put in
+place of the old one is taken up by the reload (the next token is asked for with it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -109,6 +118,8 @@ class OAuthTokenProvider:
         client_id: str,
         secret_file: Path | None = None,
         secret_env: str = "",
+        certificate_file: Path | None = None,
+        key_file: Path | None = None,
         authority_host: str = DEFAULT_AUTHORITY_HOST,
         scope: str = DEFAULT_SCOPE,
         environ: Mapping[str, str] | None = None,
@@ -118,6 +129,11 @@ class OAuthTokenProvider:
         self.client_id = client_id
         self.secret_file = secret_file
         self.secret_env = secret_env
+        self.certificate_file = certificate_file
+        self.key_file = key_file
+        #: the credential files' content as the provider was built (start, reload): a renewed
+        #: certificate makes a new provider
+        self.certificate_digest = _digest(certificate_file, key_file)
         self.authority = f"{authority_host.rstrip('/')}/{tenant_id}"
         self.scope = scope
         self._environ = environ
@@ -134,6 +150,8 @@ class OAuthTokenProvider:
             client_id=str(connector.oauth_client_id),
             secret_file=connector.oauth_client_secret_file,
             secret_env=str(connector.oauth_client_secret_env or ""),
+            certificate_file=getattr(connector, "oauth_client_certificate_file", None),
+            key_file=getattr(connector, "oauth_client_key_file", None),
             authority_host=str(connector.oauth_authority_host or DEFAULT_AUTHORITY_HOST),
             scope=scope or str(connector.oauth_scope or DEFAULT_SCOPE),
         )
@@ -148,7 +166,15 @@ class OAuthTokenProvider:
             self.scope,
             self.secret_file,
             self.secret_env,
+            self.certificate_file,
+            self.key_file,
+            self.certificate_digest,
         )
+
+    @property
+    def token_endpoint(self) -> str:
+        """Entra ID's v2.0 token endpoint of the tenant: a client assertion's audience."""
+        return f"{self.authority}/oauth2/v2.0/token"
 
     async def invalidate(self) -> None:
         """Forget the cached token (the resource refused it: revoked, or its rights changed):
@@ -181,6 +207,29 @@ class OAuthTokenProvider:
             )
         return value
 
+    def _certificate_credential(self) -> dict[str, Any]:
+        """msal's client_credential for a certificate credential: a callable that signs a new
+        client assertion (new jti, iat/nbf/exp) for each token request."""
+        from relaygate.delivery.entra_certificate import (
+            CertificateCredentialError,
+            load_certificate_credential,
+            sign_client_assertion,
+        )
+
+        assert self.certificate_file is not None
+        try:
+            credential = load_certificate_credential(self.certificate_file, self.key_file)
+        except CertificateCredentialError as exc:
+            raise TokenError(f"send connector {self.connector_name!r}: {exc}") from None
+        client_id, audience = self.client_id, self.token_endpoint
+
+        def assertion() -> str:
+            return sign_client_assertion(
+                credential, client_id=client_id, audience=audience, now=time.time()
+            )
+
+        return {"client_assertion": assertion}
+
     def _application(self) -> Any:
         if self._app is None:
             import msal  # imported on first use: only XOAUTH2 connectors need it
@@ -188,7 +237,11 @@ class OAuthTokenProvider:
             known = (urlsplit(self.authority).hostname or "") in _KNOWN_HOSTS
             self._app = msal.ConfidentialClientApplication(
                 self.client_id,
-                client_credential=self._secret(),
+                client_credential=(
+                    self._secret()
+                    if self.certificate_file is None
+                    else self._certificate_credential()
+                ),
                 authority=self.authority,
                 validate_authority=known,
                 instance_discovery=known,
@@ -215,10 +268,27 @@ class OAuthTokenProvider:
             error = str(result.get("error", error))
             lines = str(result.get("error_description", "")).strip().splitlines()
             description = lines[0] if lines else ""
-        # Refused (an expired or revoked secret...): the next request reads the secret again,
-        # so a secret replaced in its file is used without a restart.
+        # Refused (an expired or revoked secret or certificate...): the next request reads the
+        # secret (the certificate) again, so one replaced in its file is used without a restart.
         self._app = None
         raise TokenError(
             f"send connector {self.connector_name!r}: {self.authority} refused the token "
             f"request: {error}" + (f" ({description})" if description else "")
         )
+
+
+def _digest(*paths: Path | None) -> str:
+    """SHA-256 of the files' content ("" without files; "unreadable" for one that cannot be read:
+    the token request says why)."""
+    if not any(p is not None for p in paths):
+        return ""
+    h = hashlib.sha256()
+    for path in paths:
+        if path is None:
+            continue
+        try:
+            h.update(Path(path).read_bytes())
+        except OSError:
+            return "unreadable"
+        h.update(b"\0")
+    return h.hexdigest()

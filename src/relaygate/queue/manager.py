@@ -351,10 +351,15 @@ class QueueManager:
     def apply(self, config: Any) -> None:
         """Take a reloaded configuration. Unreachable recipients are resubmitted at once (a new
         send connector may route them), as Exchange resubmits its Unreachable queue."""
-        if self.pool is not None and config.send_connectors != self.config.send_connectors:
-            # Sessions opened under the old send connectors (their TLS, AUTH, credentials) must
-            # not carry mail under the new ones: a new pool; the old one quits its idle sessions,
-            # and those still delivering are closed when they come back to it.
+        providers = _build_token_providers(config, self.token_providers)
+        renewed = any(self.token_providers.get(name) is not p for name, p in providers.items())
+        if self.pool is not None and (
+            renewed or config.send_connectors != self.config.send_connectors
+        ):
+            # Sessions opened under the old send connectors (their TLS, AUTH, credentials: a
+            # renewed certificate credential too) must not carry mail under the new ones: a new
+            # pool; the old one quits its idle sessions, and those still delivering are closed
+            # when they come back to it.
             old, self.pool = self.pool, ConnectionPool()
             self._spawn(old.aclose())
         if self.graph is not None and config.send_connectors != self.config.send_connectors:
@@ -368,7 +373,7 @@ class QueueManager:
         if not self._resolver_fixed:
             self.resolver = Resolver.from_config(config)
         self.signer = _build_signer(config)
-        self.token_providers = _build_token_providers(config, self.token_providers)
+        self.token_providers = providers
         if limits_changed:
             self._paced_until.clear()
             self._paced_count.clear()
