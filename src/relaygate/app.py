@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from relaygate.admin.server import AdminServer, AdminStartError
+from relaygate.certificates import CertificateExpiry, read_expiries
 from relaygate.config import Config, ConfigError, load_config
 from relaygate.fd_limit import raise_fd_limit
 from relaygate.logs.privacy import AddressPrivacy, PrivacyKeyError, privacy_for
@@ -108,6 +109,9 @@ class Relay:
         self.snapshots: SnapshotWriter | None = None
         #: worker 0 of several: the other workers' figures for /metrics (relaygate.worker_stats)
         self.node_sums: NodeSums | None = None
+        #: the expiry dates of the certificates of the config (certificates.py), read at start and
+        #: on reload: /metrics and the admin centre's findings (not read per scrape)
+        self.certificates: tuple[CertificateExpiry, ...] = ()
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -166,6 +170,7 @@ class Relay:
             self.snapshots = SnapshotWriter(self, self.worker_index)
             self.snapshots.start()
         if cfg.admin.enabled and self.worker_index in (None, 0):
+            self.certificates = await asyncio.to_thread(read_expiries, cfg)
             self.admin = AdminServer(self)
             try:
                 await self.admin.start()
@@ -205,6 +210,8 @@ class Relay:
         except PrivacyKeyError as exc:
             logger.error("reload refused, keeping the running configuration: %s", exc)
             return
+        # Read before anything is applied (a renewed certificate file is what a reload is for).
+        certificates = await asyncio.to_thread(read_expiries, new) if self.admin is not None else ()
 
         restart_only = [
             f"queue.{key}"
@@ -218,6 +225,7 @@ class Relay:
 
         def apply() -> None:  # every listener is bound, none of the new ones accepts yet
             self.config = new
+            self.certificates = certificates
             ctx.apply(new)
             retired.extend(self._apply_logs(new, privacy))
             if self.manager is not None:

@@ -7,6 +7,11 @@ A *relay connector* is one whose anonymous sessions hold ms-Exch-SMTP-Accept-Any
 recipe of exchange-semantics.md §3.3: method A (AnonymousUsers plus an explicit permission for
 ANONYMOUS LOGON) or method B (ExternalAuthoritative + ExchangeServers, "externally secured").
 
+Certificates: `audit(config, certificates=...)` adds a finding for each certificate that expires within
+CERTIFICATE_WARNING_DAYS (medium) or has expired (high); the caller reads the dates
+(`relaygate.certificates.read_expiries`: the CLI when it runs, the server at start and reload), so the
+function stays pure.
+
 Severities: high (an open or nearly open relay, full trust for too many hosts; `audit` exits 1),
 medium (weakens security or forensics), low (missing abuse limits), info (worth a look).
 """
@@ -14,10 +19,12 @@ medium (weakens security or forensics), low (missing abuse limits), info (worth 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from relaygate.certificates import ENTRA_CREDENTIAL, LISTENER, SMTP_CLIENT, CertificateExpiry
 from relaygate.config.model import Config, ReceiveConnector
 from relaygate.config.values import IPRange, parse_binding, parse_ip_range, parse_smart_host
 from relaygate.policy.rights import (
@@ -31,6 +38,7 @@ __all__ = [
     "Finding",
     "RelayGrant",
     "audit",
+    "certificate_findings",
     "has_high",
     "relay_grant",
     "summary",
@@ -39,6 +47,8 @@ __all__ = [
 SEVERITIES = ("high", "medium", "low", "info")
 MAX_RANGES = 5  # the seed's heuristic: more than five RemoteIPRanges entries deserves a look
 MAX_EXTERNALLY_SECURED_HOSTS = 4
+#: A certificate that expires within this many days is a medium finding (expired: high).
+CERTIFICATE_WARNING_DAYS = 30
 _LOOPBACK_V4 = parse_ip_range("127.0.0.0/8")
 _LOOPBACK_V6 = parse_ip_range("::1")
 _AUTH_OFFERING = frozenset({"BasicAuth", "Integrated"})
@@ -594,8 +604,76 @@ def _admin_findings(config: Config) -> Iterator[Finding]:
         )
 
 
-def audit(config: Config, *, max_prefix_v4: int = 24, max_prefix_v6: int = 64) -> list[Finding]:
-    """Every finding for `config`, most severe first (stable within a severity: file order)."""
+_CERTIFICATE_ROLE = {
+    LISTENER: (
+        "the listener's TLS certificate",
+        "clients that verify it refuse STARTTLS (and implicit TLS) with this relay",
+    ),
+    SMTP_CLIENT: (
+        "the client certificate presented to smart hosts",
+        "a Microsoft 365 connector or smart host that recognises the relay by it refuses its mail",
+    ),
+    ENTRA_CREDENTIAL: (
+        "the Entra ID certificate credential",
+        "Entra ID refuses its token requests and the connector's mail waits in the queue",
+    ),
+}
+
+
+def certificate_findings(
+    certificates: Iterable[CertificateExpiry],
+    now: datetime,
+    *,
+    warning_days: int = CERTIFICATE_WARNING_DAYS,
+) -> list[Finding]:
+    """A finding per certificate expired at `now` (high) or expiring within `warning_days`
+    (medium), naming the key, the connector and the date."""
+    findings = []
+    for cert in certificates:
+        ref = cert.ref
+        left = cert.not_after - now
+        if left >= timedelta(days=warning_days):
+            continue
+        role, effect = _CERTIFICATE_ROLE.get(ref.use, ("the certificate", "TLS with it fails"))
+        date = cert.not_after.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        if left <= timedelta(0):
+            severity, code = "high", "certificate-expired"
+            when = f"expired on {date}"
+            effect_text = f": {effect}"
+        else:
+            severity, code = "medium", "certificate-expiring"
+            days = left.days
+            when = f"expires on {date} (in {days} day{'s' if days != 1 else ''})"
+            effect_text = f"; after that {effect}"
+        findings.append(
+            Finding(
+                severity,
+                code,
+                ref.connector,
+                ref.key,
+                f"{role} {ref.file} {when}{effect_text}",
+                f"renew it, replace {ref.file} and reload (systemctl reload relaygate)"
+                + (
+                    "; upload the new certificate to the app registration first"
+                    if ref.use == ENTRA_CREDENTIAL
+                    else ""
+                ),
+            )
+        )
+    return findings
+
+
+def audit(
+    config: Config,
+    *,
+    max_prefix_v4: int = 24,
+    max_prefix_v6: int = 64,
+    certificates: Sequence[CertificateExpiry] = (),
+    now: datetime | None = None,
+) -> list[Finding]:
+    """Every finding for `config`, most severe first (stable within a severity: file order).
+    `certificates`: the expiry dates read from the configuration's certificate files (none: no
+    certificate findings); `now`: the time they are judged at (default: the current time)."""
     findings: list[Finding] = []
     for connector in config.receive_connectors:
         findings.extend(_connector_findings(connector, config, max_prefix_v4, max_prefix_v6))
@@ -605,6 +683,8 @@ def audit(config: Config, *, max_prefix_v4: int = 24, max_prefix_v6: int = 64) -
     findings.extend(_queue_findings(config))
     findings.extend(_send_connector_findings(config))
     findings.extend(_graph_findings(config))
+    if certificates:
+        findings.extend(certificate_findings(certificates, now or datetime.now(UTC)))
     order = {s: i for i, s in enumerate(SEVERITIES)}
     return sorted(findings, key=lambda f: order[f.severity])
 

@@ -336,6 +336,7 @@ class MetricsCollector:
         )
         yield from self._sessions(figures)
         yield from self._received(figures)
+        yield self._certificates()
         pressure = getattr(self.relay, "pressure", None)
         if pressure is not None:
             yield GaugeMetricFamily(
@@ -349,6 +350,20 @@ class MetricsCollector:
                     "Free space on the queue's file system at the last sample",
                     value=float(pressure.space.free),
                 )
+
+    def _certificates(self) -> Any:
+        """The notAfter of each certificate the relay holds, as read at start or the last
+        reload (certificates.py): alert on `relaygate_certificate_expiry_timestamp_seconds - time()
+        < 30 * 86400`."""
+        family = GaugeMetricFamily(
+            "relaygate_certificate_expiry_timestamp_seconds",
+            "notAfter of the certificate (Unix time), as read at start or the last reload; "
+            "use: listener, smtp_client, entra_credential",
+            labels=["use", "name", "file"],
+        )
+        for cert in getattr(self.relay, "certificates", ()):
+            family.add_metric([cert.ref.use, cert.ref.name, str(cert.ref.file)], cert.timestamp)
+        return family
 
     def _received(self, figures: NodeFigures) -> Iterable[Any]:
         """What the receive connectors took and refused, since the node (its workers) started."""
@@ -582,7 +597,8 @@ def create_app(
         connector = views.find_receive(config, name)
         if connector is None:
             return _error(404, f"no receive connector named {name!r}")
-        return JSONResponse(views.receive_connector_view(config, connector, audit(config)))
+        findings = audit(config, certificates=getattr(relay, "certificates", ()))
+        return JSONResponse(views.receive_connector_view(config, connector, findings))
 
     async def send_connector_show(request: Request) -> Response:
         from relaygate.admin import connectors as views
@@ -593,7 +609,8 @@ def create_app(
         connector = views.find_send(config, name)
         if connector is None:
             return _error(404, f"no send connector named {name!r}")
-        view = views.send_connector_view(config, connector, audit(config), await control.queues())
+        findings = audit(config, certificates=getattr(relay, "certificates", ()))
+        view = views.send_connector_view(config, connector, findings, await control.queues())
         return JSONResponse(view)
 
     async def health(request: Request) -> Response:

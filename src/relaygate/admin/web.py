@@ -387,13 +387,18 @@ def _notice(request: Request) -> str | None:
 # -- handlers --------------------------------------------------------------------------------------
 
 
+def _certificates(request: Request) -> Any:
+    """The relay's certificate expiry dates (read at start and reload) for the audit findings."""
+    return getattr(request.app.state.relay, "certificates", ())
+
+
 async def dashboard(request: Request) -> Response:
     if (redirect := _login_redirect(request)) is not None:
         return redirect
     state = request.app.state
     health, status = await health_report(state.relay, state.control, state.started)
     config = state.relay.config
-    findings = audit(config)
+    findings = audit(config, certificates=_certificates(request))
     context = {
         "health": health,
         "counts": health.get("queue") or {},
@@ -655,7 +660,8 @@ async def receive_connector_page(request: Request) -> Response:
     connector = connector_views.find_receive(config, name)
     if connector is None:
         return error_page(request, "Not found", f"No receive connector named {name!r}.", 404)
-    view = connector_views.receive_connector_view(config, connector, audit(config))
+    findings = audit(config, certificates=_certificates(request))
+    view = connector_views.receive_connector_view(config, connector, findings)
     return render(request, "receive_connector.html", {"c": view})
 
 
@@ -670,7 +676,10 @@ async def send_connector_page(request: Request) -> Response:
         return error_page(request, "Not found", f"No send connector named {name!r}.", 404)
     control: QueueControl = request.app.state.control
     view = connector_views.send_connector_view(
-        config, connector, audit(config), await control.queues()
+        config,
+        connector,
+        audit(config, certificates=_certificates(request)),
+        await control.queues(),
     )
     context = {"c": view, "queue_url": lambda q: "/queue?" + urlencode({"queue": q})}
     return render(request, "send_connector.html", context)

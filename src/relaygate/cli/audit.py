@@ -9,6 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from relaygate.audit import audit, has_high, summary
+from relaygate.certificates import read_expiries
 from relaygate.cli.common import (
     CONFIG_OPTION,
     JSON_OPTION,
@@ -41,9 +42,17 @@ def register(app: typer.Typer) -> None:
             help="Relay ranges wider than this IPv6 prefix are high.",
         ),
     ) -> None:
-        """Flag open relays, over-broad ranges, overlaps, missing limits, logging off, TLS off."""
+        """Flag open relays, over-broad ranges, overlaps, missing limits, logging off, TLS off,
+        certificates expired or expiring within 30 days."""
         cfg = load_or_exit(config)
-        findings = audit(cfg, max_prefix_v4=max_prefix_v4, max_prefix_v6=max_prefix_v6)
+        # The certificates' expiry dates, read from their files (one that cannot be read is a
+        # `check` error, not repeated here).
+        findings = audit(
+            cfg,
+            max_prefix_v4=max_prefix_v4,
+            max_prefix_v6=max_prefix_v6,
+            certificates=read_expiries(cfg),
+        )
         counts = summary(findings)
         source = config_source(config)
         if json_out:

@@ -1,0 +1,218 @@
+"""Certificate expiry monitoring: the certificates RelayGate holds (the listener's, a receive
+connector's own, a send connector's client certificate, an Entra ID certificate credential), each
+with notAfter in 10 days, in the past or in a year (generated here with cryptography's builder):
+the metric from a real GET /metrics of a running relay (and after a reload that replaced a file),
+the audit findings (pure function, and `relaygate audit --json`), and the dashboard's findings."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from relaygate.app import Relay
+from relaygate.audit import audit, certificate_findings
+from relaygate.certificates import CertificateExpiry, CertificateRef, read_expiries
+from relaygate.config import load_config
+from tests.delivery.test_oauth import CLIENT_ID, TENANT
+from tests.delivery.test_oauth_certificate import make_certificate
+from tests.queue_manager.helpers import free_port, make_config_text
+
+METRIC = "relaygate_certificate_expiry_timestamp_seconds"
+
+
+def _not_after(path: Path) -> float:
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificates(path.read_bytes())[0].not_valid_after_utc.timestamp()
+
+
+def write_config(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
+    """A config whose listener certificate expires in 10 days, whose receive connector's own
+    certificate expired 5 days ago, whose send connector's client certificate expires in a year
+    and whose Entra ID certificate credential expires in 10 days."""
+    d = tmp_path / "certs"
+    listener, _, listener_key, _ = make_certificate(d, "listener", days=10, key_apart=True)
+    own, _, own_key, _ = make_certificate(d, "connector", days=-5, key_apart=True)
+    client, _, client_key, _ = make_certificate(d, "client", days=365, key_apart=True)
+    entra = make_certificate(d, "entra", days=10)[0]
+    text = make_config_text(
+        tmp_path / "data",
+        smtp_port=free_port(),
+        admin_port=free_port(),
+        routes={},
+        extra=f"""
+[[send_connectors]]
+name = "Cert Connector"
+address_spaces = ["cert.example"]
+dns_routing_enabled = false
+smart_hosts = ["[127.0.0.1]:9"]
+tls_certificate_file = "{client}"
+tls_key_file = "{client_key}"
+
+[[send_connectors]]
+name = "Outbound to Microsoft 365"
+address_spaces = ["example.com"]
+dns_routing_enabled = false
+smart_hosts = ["[127.0.0.1]:9"]
+require_tls = true
+smart_host_auth_mechanism = "XOAUTH2"
+auth_username = "relay@corp.test"
+oauth_tenant_id = "{TENANT}"
+oauth_client_id = "{CLIENT_ID}"
+oauth_client_certificate_file = "{entra}"
+""",
+    )
+    text = text.replace(
+        'fqdn = "relay.test"\n',
+        f'fqdn = "relay.test"\ntls_certificate_file = "{listener}"\ntls_key_file = "{listener_key}"\n',
+        1,
+    ).replace(
+        'protocol_logging_level = "Verbose"\n',
+        'protocol_logging_level = "Verbose"\n'
+        f'tls_certificate_file = "{own}"\ntls_key_file = "{own_key}"\n',
+        1,
+    )
+    config_file = tmp_path / "relaygate.toml"
+    config_file.write_text(text, encoding="utf-8")
+    return config_file, {"listener": listener, "connector": own, "client": client, "entra": entra}
+
+
+def parse_metric(text: str) -> dict[tuple[str, str, str], float]:
+    """(use, name, file) → value of each sample of the metric (labels in any order)."""
+    out = {}
+    for line in text.splitlines():
+        m = re.fullmatch(METRIC + r"\{(.*)\} (\S+)", line.strip())
+        if m:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m[1]))
+            out[(labels["use"], labels["name"], labels["file"])] = float(m[2])
+    return out
+
+
+# ------------------------------------------------------------------------------ the pure function
+
+
+def _expiry(use: str, key: str, connector: str, days: float, now: dt.datetime) -> Any:
+    ref = CertificateRef(use, connector or "RELAY01", connector, key, Path(f"/etc/{use}.pem"))
+    return CertificateExpiry(ref, now + dt.timedelta(days=days))
+
+
+def test_certificate_findings_medium_within_30_days_high_once_expired() -> None:
+    now = dt.datetime(2026, 12, 7, 12, 0, tzinfo=dt.UTC)
+    certs = [
+        _expiry("listener", "server.tls_certificate_file", "", 10, now),
+        _expiry("smtp_client", "send_connectors[0].tls_certificate_file", 'send connector "A"', -1, now),
+        _expiry("entra_credential", "send_connectors[1].oauth_client_certificate_file", 'send connector "M365"', 365, now),
+        _expiry("listener", "receive_connectors[0].tls_certificate_file", "Printers", 30, now),
+    ]  # fmt: skip
+    findings = certificate_findings(certs, now)
+    assert [(f.severity, f.code, f.connector, f.key) for f in findings] == [
+        ("medium", "certificate-expiring", "", "server.tls_certificate_file"),
+        ("high", "certificate-expired", 'send connector "A"', "send_connectors[0].tls_certificate_file"),
+    ]  # fmt: skip
+    assert "/etc/listener.pem expires on 2026-12-17 12:00 UTC (in 10 days)" in findings[0].message
+    assert "expired on 2026-12-06 12:00 UTC" in findings[1].message
+    # audit() merges them, most severe first; without dates, no certificate findings
+    merged = audit(load_config(None), certificates=certs, now=now)
+    assert [f.code for f in merged if f.code.startswith("certificate")] == [
+        "certificate-expired",
+        "certificate-expiring",
+    ]
+    assert not [f for f in audit(load_config(None)) if f.code.startswith("certificate")]
+
+
+# ---------------------------------------------------------------------------- relaygate audit
+
+
+def test_relaygate_audit_json_names_key_connector_and_date(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from relaygate.cli import app
+
+    monkeypatch.delenv("RELAYGATE_CONFIG", raising=False)
+    config_file, files = write_config(tmp_path)
+    result = CliRunner().invoke(app, ["audit", "--config", str(config_file), "--json"])
+    assert result.exit_code == 1, result.output  # an expired certificate is high
+    body = json.loads(result.stdout)
+    found = {f["key"]: f for f in body["findings"] if f["code"].startswith("certificate")}
+    assert set(found) == {
+        "server.tls_certificate_file",
+        "receive_connectors[0].tls_certificate_file",
+        "send_connectors[1].oauth_client_certificate_file",
+    }  # the client certificate, valid a year, is fine
+    listener = found["server.tls_certificate_file"]
+    assert listener["severity"] == "medium" and listener["connector"] == ""
+    date = dt.datetime.fromtimestamp(_not_after(files["listener"]), dt.UTC).strftime("%Y-%m-%d")
+    assert str(files["listener"]) in listener["message"] and date in listener["message"]
+    own = found["receive_connectors[0].tls_certificate_file"]
+    assert own["severity"] == "high" and own["connector"] == "Test Relay"
+    assert own["code"] == "certificate-expired" and "expired on" in own["message"]
+    entra = found["send_connectors[1].oauth_client_certificate_file"]
+    assert entra["severity"] == "medium"
+    assert entra["connector"] == 'send connector "Outbound to Microsoft 365"'
+    assert "Entra ID certificate credential" in entra["message"]
+    assert body["summary"]["high"] >= 1
+
+
+def test_an_unreadable_certificate_is_left_to_check(tmp_path: Path) -> None:
+    config_file, files = write_config(tmp_path)
+    files["entra"].unlink()
+    expiries = read_expiries(load_config(config_file))
+    assert {e.ref.use for e in expiries} == {"listener", "smtp_client"}
+
+
+# -------------------------------------------------------------------- /metrics, reload, dashboard
+
+
+async def test_metrics_of_a_running_relay_and_a_reload_after_the_file_is_replaced(
+    tmp_path: Path,
+) -> None:
+    config_file, files = write_config(tmp_path)
+    config = load_config(config_file)
+    relay = Relay(config, config_path=config_file)
+    await relay.start()
+    try:
+        base = f"http://{config.admin.listen}"
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            metrics = parse_metric((await client.get("/metrics")).text)
+            assert metrics == {
+                ("listener", "RELAYTEST", str(files["listener"])): _not_after(files["listener"]),
+                ("listener", "Test Relay", str(files["connector"])): _not_after(files["connector"]),
+                ("smtp_client", "Cert Connector", str(files["client"])): _not_after(
+                    files["client"]
+                ),
+                ("entra_credential", "Outbound to Microsoft 365", str(files["entra"])): (
+                    _not_after(files["entra"])
+                ),
+            }
+            now = dt.datetime.now(dt.UTC).timestamp()
+            assert metrics[("listener", "RELAYTEST", str(files["listener"]))] - now > 9 * 86400
+            assert metrics[("listener", "Test Relay", str(files["connector"]))] < now
+
+            # the dashboard shows the findings (the admin centre has no token here)
+            page = (await client.get("/")).text
+            assert "certificate-expired" in page or "expired on" in page
+            assert "receive_connectors[0].tls_certificate_file" in page
+            assert "send_connectors[1].oauth_client_certificate_file" in page
+
+            # the connector's certificate is renewed in place; a reload takes it up
+            renewed = make_certificate(tmp_path / "renewed", "connector", days=400, key_apart=True)
+            files["connector"].write_bytes(renewed[0].read_bytes())
+            assert renewed[2] is not None
+            own_key = Path(str(files["connector"]).removesuffix(".pem") + ".key")
+            own_key.write_bytes(renewed[2].read_bytes())
+            await relay.reload()
+            after = parse_metric((await client.get("/metrics")).text)
+            key = ("listener", "Test Relay", str(files["connector"]))
+            assert after[key] == _not_after(files["connector"]) > now + 399 * 86400
+            assert len(after) == 4
+            page = (await client.get("/")).text
+            assert "receive_connectors[0].tls_certificate_file" not in page
+    finally:
+        await relay.stop()
