@@ -326,6 +326,7 @@ def test_a_secret_and_a_certificate_together_are_refused_naming_both_keys() -> N
     message = str(info.value)
     assert NAME in message
     assert "oauth_client_secret_env" in message and "oauth_client_certificate_file" in message
+    assert "not both" in message
 
 
 def test_graph_also_refuses_a_secret_file_and_a_certificate_together() -> None:
@@ -337,6 +338,7 @@ def test_graph_also_refuses_a_secret_file_and_a_certificate_together() -> None:
     message = str(info.value)
     assert NAME in message
     assert "oauth_client_secret_file" in message and "oauth_client_certificate_file" in message
+    assert "not both" in message
 
 
 def test_neither_credential_names_both_ways_and_a_lone_key_file_is_refused() -> None:
