@@ -523,10 +523,13 @@ def _print_line(line: TranscriptLine) -> None:
 
 def register(app: typer.Typer) -> None:
     test = typer.Typer(
-        help="Test a relay from the outside: send a message, or talk SMTP by hand.",
+        help="Test a relay from the outside: send a message, talk SMTP by hand, or check it is no open relay.",
         no_args_is_help=True,
     )
     app.add_typer(test, name="test")
+    from relaygate.cli.relaytest import register_relay
+
+    register_relay(test)
 
     @test.command("send")
     def send(

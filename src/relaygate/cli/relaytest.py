@@ -1,0 +1,289 @@
+"""`relaygate test relay`: the open-relay self-test (relaygate.selftest) with its options and output."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from pathlib import Path
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from relaygate.cli.common import CONFIG_OPTION, JSON_OPTION, console, die, emit_json
+from relaygate.selftest import (
+    DEFAULT_EXTERNAL_DOMAIN,
+    DEFAULT_EXTERNAL_IP,
+    Attempt,
+    RelayTestOptions,
+    SourceResult,
+    default_helo,
+    default_sender,
+    exit_code,
+    is_reserved_domain,
+    run_relay_test,
+)
+from relaygate.smtp_transcript import is_loopback, split_server
+
+__all__ = ["register_relay"]
+
+_VERDICT_STYLE = {"refused": "green", "accepted": "bold red", "error": "yellow", "skipped": "dim"}
+
+
+def _domain(value: str, option: str) -> str:
+    from relaygate import replies
+    from relaygate.addresses import AddressError, parse_domain
+
+    try:
+        return parse_domain(value, allow_literal=False, error=replies.INVALID_RECIPIENT)
+    except AddressError as exc:
+        die(f"{option} {value!r}: not a domain name ({exc.reason})", 2)
+
+
+def _config_domains(config: Path | None) -> tuple[list[tuple[str, str]], str]:
+    """The accepted domains (domain, type) of the config file, and a note when it is unreadable."""
+    from relaygate.config import ConfigError, default_config_path, load_config
+
+    path = default_config_path(config)
+    if path is None:
+        return [], "no config file (--config, $RELAYGATE_CONFIG or ./relaygate.toml)"
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        return [], f"{path} could not be read ({len(exc.problems)} problem(s); `relaygate check`)"
+    return [(d.domain, d.domain_type) for d in cfg.accepted_domains], str(path)
+
+
+def _print_source(result: SourceResult, opts: RelayTestOptions) -> None:
+    title = f"From {result.label} to {opts.server}" + (
+        f" ({result.server_name})" if result.server_name else ""
+    )
+    console.print(Text(title, style="bold"))
+    if result.error:
+        console.print(Text(result.summary(), style="bold red"))
+        return
+    if result.control is not None:
+        c = result.control
+        style = "green" if c.verdict == "accepted" else "yellow"
+        line = f"control: {c.command} -> {c.reply or c.note} ({c.verdict})"
+        if c.verdict != "accepted":
+            line += ": the relay does not accept this local recipient, so refusals below may not be relay decisions"
+        console.print(Text(line, style=style))
+    table = Table(header_style="bold")
+    for name in ("#", "Vector", "Command", "Reply", "Verdict"):
+        table.add_column(name, overflow="fold")
+    usual_mail = f"MAIL FROM:<{opts.sender or default_sender(opts.external_domain)}>"
+    for number, a in enumerate(result.attempts, 1):
+        reply = a.reply or a.note
+        if a.reply and a.note:
+            reply += f" ({a.note})"
+        table.add_row(
+            str(number),
+            a.vector,
+            _command_cell(a, usual_mail, opts.helo),
+            reply,
+            Text(a.verdict, style=_VERDICT_STYLE.get(a.verdict, "")),
+        )
+    console.print(table)
+    temporary = [a for a in result.attempts if a.temporary]
+    if temporary and not result.accepted:
+        console.print(
+            Text(
+                f"note: {len(temporary)} refusal(s) were temporary (4xx): the relay may answer "
+                "otherwise later; run the test again to be sure",
+                style="yellow",
+            )
+        )
+    style = "bold red" if result.accepted else ("bold yellow" if result.errors else "bold green")
+    console.print(Text(result.summary(), style=style))
+
+
+def _command_cell(attempt: Attempt, usual_mail: str, usual_helo: str) -> str:
+    """The deciding command, with the EHLO and MAIL lines when they are not the usual ones."""
+    lines = []
+    if attempt.helo and attempt.helo != usual_helo:
+        lines.append(f"EHLO {attempt.helo}")
+    if (
+        attempt.commands
+        and attempt.commands[0] != usual_mail
+        and attempt.command != attempt.commands[0]
+    ):
+        lines.append(attempt.commands[0])
+    lines.append(attempt.command)
+    return "\n".join(lines)
+
+
+def register_relay(test: typer.Typer) -> None:
+    @test.command("relay")
+    def relay(
+        server: str = typer.Option(
+            ..., "--server", help="H[:P] of the relay (port 25, or 465 with --tls)."
+        ),
+        source_ip: list[str] = typer.Option(
+            [],
+            "--source-ip",
+            help="Local address to test from (repeatable; default: the OS picks).",
+        ),
+        external_domain: str = typer.Option(
+            DEFAULT_EXTERNAL_DOMAIN,
+            "--external-domain",
+            help="The domain the attempts try to relay to (never contacted: DATA is never sent).",
+        ),
+        external_ip: str = typer.Option(
+            DEFAULT_EXTERNAL_IP,
+            "--external-ip",
+            help="The address of the external-literal attempt (never contacted).",
+        ),
+        local_domain: str | None = typer.Option(
+            None,
+            "--local-domain",
+            help="An accepted domain (default: the first Authoritative one of --config).",
+        ),
+        sender: str | None = typer.Option(
+            None, "--from", help="Envelope sender (default: relaytest@<external domain>)."
+        ),
+        tls: bool = typer.Option(
+            False, "--tls", help="Implicit TLS from the first byte (port 465 style)."
+        ),
+        starttls: bool = typer.Option(False, "--starttls", help="STARTTLS after EHLO."),
+        insecure: bool = typer.Option(
+            False, "--insecure", help="Do not verify the server's certificate."
+        ),
+        timeout: float = typer.Option(
+            10.0, "--timeout", min=0.1, help="Seconds to wait to connect and for each reply."
+        ),
+        max_time: float = typer.Option(
+            300.0,
+            "--max-time",
+            min=1.0,
+            help="Seconds at most per source address for the whole battery (a tarpit delays each "
+            "refusal); attempts not made by then are errors.",
+        ),
+        json_out: bool = JSON_OPTION,
+        config: Path | None = CONFIG_OPTION,
+    ) -> None:
+        """Prove the relay is not an open relay from a client address: ~35 relay attempts (plain,
+        Nmap smtp-open-relay's 16, percent hack, bang paths, source routes, quoted local parts,
+        literals, HELO spoofing, case, trailing dot, SMTPUTF8, syntax variants), each MAIL FROM +
+        RCPT TO then RSET, and never DATA: nothing is ever relayed.
+
+        Bounded: each connect and reply waits at most --timeout seconds and each source address
+        takes at most --max-time seconds however slowly the server answers (tarpit_interval).
+
+        Exit 0: every attempt refused; 1: some attempt accepted (an open relay); 2: usage error,
+        the server could not be reached, or some attempt could not be completed."""
+        if tls and starttls:
+            die("use --tls or --starttls, not both", 2)
+        try:
+            split_server(server, 465 if tls else 25)
+        except ValueError as exc:
+            die(f"--server {exc}", 2)
+        for ip in source_ip:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                die(f"--source-ip {ip!r}: not an IP address", 2)
+        try:
+            ipaddress.ip_address(external_ip)
+        except ValueError:
+            die(f"--external-ip {external_ip!r}: not an IP address", 2)
+        if sender is not None and (
+            not sender or any(c in sender for c in " <>\r\n\t") or "@" not in sender
+        ):
+            die(f"--from {sender!r}: give a plain address, user@domain", 2)
+        external = _domain(external_domain, "--external-domain")
+        local = _domain(local_domain, "--local-domain") if local_domain else None
+        domains, source = _config_domains(config)
+        notes: list[str] = []
+        if local is None:
+            local = next((d for d, kind in domains if kind == "Authoritative"), None)
+            if local is None:
+                notes.append(
+                    "no local domain: the control attempt and the vectors routed through the local "
+                    f"domain are skipped (give --local-domain; {source}: no Authoritative domain)"
+                    if domains
+                    else "no local domain: the control attempt and the vectors routed through the "
+                    f"local domain are skipped (give --local-domain; {source})"
+                )
+        from relaygate.config.model import AcceptedDomain
+
+        for domain, kind in domains:
+            if AcceptedDomain(domain, kind).matches(external):
+                die(
+                    f"--external-domain {external} is accepted domain {domain} ({kind}) in "
+                    f"{source}: mail to it is not relaying; choose a domain outside the accepted domains",
+                    2,
+                )
+        if external == local:
+            die(f"--external-domain {external} is the local domain: choose a domain outside it", 2)
+        if is_reserved_domain(external):
+            notes.append(
+                f"{external} is a reserved name (RFC 2606): relays with "
+                "reject_reserved_*_recipient_domains (Exchange RejectReserved*) refuse it whatever "
+                "the client may do, so a refusal proves less; prefer a real domain"
+            )
+        opts = RelayTestOptions(
+            server=server,
+            source_ips=list(source_ip) or [None],
+            external_domain=external,
+            external_ip=external_ip,
+            local_domain=local,
+            sender=sender,
+            helo=default_helo(),
+            tls=tls,
+            starttls=starttls,
+            insecure=insecure,
+            timeout=timeout,
+            max_time=max_time,
+        )
+
+        def shown(result: SourceResult) -> None:
+            if not json_out:
+                _print_source(result, opts)
+
+        if not json_out:
+            for note in notes:
+                console.print(Text("note: " + note, style="yellow"))
+        results = asyncio.run(run_relay_test(opts, on_source=shown))
+        code = exit_code(results)
+        if json_out:
+            emit_json(
+                {
+                    "server": server,
+                    "external_domain": external,
+                    "local_domain": local,
+                    "notes": notes,
+                    "open_relay": code == 1,
+                    "sources": [r.to_dict() for r in results],
+                    "exit_code": code,
+                }
+            )
+        else:
+            looped = [r.local for r in results if r.local and is_loopback(r.local)]
+            if looped:
+                console.print(
+                    Text(
+                        f"note: tested from loopback ({', '.join(looped)}): the result holds for "
+                        "the connector that takes that address; test devices' addresses with "
+                        "--source-ip or from their network",
+                        style="dim",
+                    )
+                )
+            if len(results) > 1:
+                console.print(
+                    Text(
+                        "open relay from " + ", ".join(r.label for r in results if r.accepted)
+                        if code == 1
+                        else "no relay accepted"
+                        if code == 0
+                        else "no relay accepted, but the test is incomplete (see above)",
+                        style={0: "bold green", 1: "bold red"}.get(code, "bold yellow"),
+                    )
+                )
+        if code == 2 and any(r.error for r in results):
+            from relaygate.cli.common import err_console
+
+            for r in results:
+                if r.error:
+                    err_console.print(f"error: {r.error}", markup=False)
+        raise typer.Exit(code)
