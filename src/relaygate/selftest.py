@@ -161,6 +161,7 @@ class SourceResult:
     peer: str = ""
     server_name: str = ""
     error: str = ""  # the first connection failed: nothing could be tried
+    notes: list[str] = field(default_factory=list)  # what limits the result (TLS required, ...)
     control: Attempt | None = None
     attempts: list[Attempt] = field(default_factory=list)
     transcript: Transcript = field(default_factory=Transcript)
@@ -202,6 +203,7 @@ class SourceResult:
             "peer": self.peer,
             "server_name": self.server_name,
             "error": self.error or None,
+            "notes": self.notes,
             "open_relay": bool(self.accepted),
             "attempted": len(self.counted()),
             "accepted": len(self.accepted),
@@ -347,6 +349,11 @@ def _mixed_case(domain: str) -> str:
 # -- running it ---------------------------------------------------------------------------------------
 
 
+#: The server went away mid-session (it closes after max_protocol_errors, sometimes before our next
+#: command is even written): the next attempt takes a fresh connection.
+_LOST = (SMTPClosed, ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
+
+
 class _OutOfTime(Exception):
     """The source address's --max-time budget ran out."""
 
@@ -459,7 +466,7 @@ class _Probe:
                     _decide(attempt, "RCPT", vector.rcpt, reply)
                 await self._reset()
                 return
-            except SMTPClosed:
+            except _LOST:
                 await self.close()
                 if retry:
                     attempt.verdict, attempt.stage = "error", attempt.stage or "connect"
@@ -476,7 +483,7 @@ class _Probe:
             return
         try:
             reply = await self.command("RSET")
-        except (SMTPClosed, TimeoutError):
+        except (*_LOST, TimeoutError, ssl.SSLError):
             await self.close()
             return
         if reply.code != 250:
@@ -587,9 +594,29 @@ async def _run_source(opts: RelayTestOptions, source_ip: str | None) -> SourceRe
             await _attempt(probe, vector, attempt)
         for vid, title, why in skipped:
             result.attempts.append(Attempt(vid, title, "skipped", note=why))
+        _add_notes(result, opts)
         return result
     finally:
         await probe.close()
+
+
+def _add_notes(result: SourceResult, opts: RelayTestOptions) -> None:
+    """What limits the result: refusals at MAIL are not relay decisions."""
+    decided = [
+        a for a in [result.control, *result.attempts] if a is not None and a.verdict != "skipped"
+    ]
+    at_mail = [a for a in decided if a.stage == "MAIL" and a.verdict == "refused"]
+    if not (opts.tls or opts.starttls) and any(a.code == 530 for a in at_mail):
+        result.notes.append(
+            "the server wants STARTTLS before MAIL (530): these refusals are not relay decisions; "
+            "run again with --starttls (--insecure for a self-signed certificate) to test what a "
+            "TLS client may relay"
+        )
+    elif decided and len(at_mail) == len(decided):
+        result.notes.append(
+            "every MAIL FROM was refused: this address may not submit at all (AUTH required?), "
+            "so no relay decision was reached"
+        )
 
 
 async def _attempt(probe: _Probe, vector: Vector, attempt: Attempt) -> None:

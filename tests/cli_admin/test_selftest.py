@@ -281,3 +281,26 @@ def test_battery_never_holds_data_and_targets_the_external_domain() -> None:
     assert by_id["source-route-local"].rcpt == (
         "RCPT TO:<@corp.example,@ext.example.net:relaytest@ext.example.net>"
     )
+
+
+def test_require_tls_needs_starttls_and_starttls_reaches_the_relay_decision(
+    make_relay: Callable[..., RelayHandle], sink: SMTPServer
+) -> None:
+    """A connector with require_tls answers 530 to MAIL in clear: that is no relay decision, and
+    the test says so; with --starttls (self-signed certificate: --insecure) RCPT decides."""
+    handle = make_relay(require_tls=True)
+    clear = relay_test(handle, "--source-ip", RESTRICTED, "--json")
+    (source,) = clear.json()["sources"]
+    assert {a["stage"] for a in source["attempts"]} == {"MAIL"}
+    assert source["attempts"][0]["reply"] == "530 5.7.0 Must issue a STARTTLS command first"
+    assert any("--starttls" in note for note in source["notes"])
+    r = relay_test(handle, "--source-ip", RESTRICTED, "--starttls", "--insecure", "--json")
+    assert r.code == 0, r.out + r.err
+    (source,) = r.json()["sources"]
+    assert source["notes"] == []
+    assert source["control"]["verdict"] == "accepted"
+    by_id = {a["vector"]: a for a in source["attempts"]}
+    assert by_id["plain"]["stage"] == "RCPT" and by_id["plain"]["reply"].startswith("550 5.7.54")
+    assert {a["verdict"] for a in source["attempts"]} == {"refused"}
+    assert any(line["text"].startswith("TLS established") for line in source["transcript"])
+    assert sink.handler.peers == [] and handle.messages() == []

@@ -85,6 +85,8 @@ def _print_source(result: SourceResult, opts: RelayTestOptions) -> None:
             Text(a.verdict, style=_VERDICT_STYLE.get(a.verdict, "")),
         )
     console.print(table)
+    for note in result.notes:
+        console.print(Text("note: " + note, style="yellow"))
     temporary = [a for a in result.attempts if a.temporary]
     if temporary and not result.accepted:
         console.print(
