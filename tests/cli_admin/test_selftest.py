@@ -16,7 +16,6 @@ import pytest
 import tomlkit
 
 from relaygate.config import load_config
-from relaygate.selftest import battery
 from tests.cli_admin.helpers import Recorder, SMTPServer, run
 from tests.smtp.conftest import (  # noqa: F401 - `relay` is a fixture
     RelayHandle,
@@ -266,6 +265,9 @@ def test_external_domain_that_is_accepted_is_a_usage_error(
 
 
 def test_battery_never_holds_data_and_targets_the_external_domain() -> None:
+    from relaygate.selftest import BATTERY, battery
+
+    assert len(BATTERY) == 34  # as README and --help say
     vectors, skipped = battery(
         external="ext.example.net", sender="a@ext.example.net", local="corp.example",
         server_name="relay.corp.example", server_ip="::1", external_ip="203.0.113.25",
