@@ -392,7 +392,7 @@ class _Probe:
         if self.conn is not None:
             if self.conn.writer is not None and not self.conn.closed:
                 try:
-                    self.conn.timeout = min(self.opts.timeout, 5.0)
+                    self.conn.timeout = min(self.opts.timeout, 2.0)
                     await self.conn.command("QUIT")
                 except (SMTPClosed, TimeoutError, OSError, ssl.SSLError):
                     pass
@@ -402,7 +402,15 @@ class _Probe:
     async def open(self, helo: str) -> tuple[str, str, Reply] | None:
         """Connect and greet with `helo`. Returns None when ready, else (stage, command, reply) of
         the refusal (banner, EHLO/HELO or STARTTLS). Raises OSError, TimeoutError, SMTPClosed or
-        ssl.SSLError when it cannot connect."""
+        ssl.SSLError when it cannot connect, _OutOfTime when the budget ran out."""
+        try:
+            return await self._open(helo)
+        except TimeoutError:
+            if time.monotonic() >= self.deadline:
+                raise _OutOfTime() from None
+            raise
+
+    async def _open(self, helo: str) -> tuple[str, str, Reply] | None:
         await self.close()
         conn = SMTPConnection(self.result.transcript, timeout=self._budget())
         self.conn = conn
@@ -483,7 +491,7 @@ class _Probe:
             return
         try:
             reply = await self.command("RSET")
-        except (*_LOST, TimeoutError, ssl.SSLError):
+        except (*_LOST, TimeoutError, ssl.SSLError, _OutOfTime):  # the attempt is decided
             await self.close()
             return
         if reply.code != 250:
@@ -584,9 +592,10 @@ async def _run_source(opts: RelayTestOptions, source_ip: str | None) -> SourceRe
                 result.attempts.append(attempt)
             return result
         if opts.local_domain:
-            control = Attempt("control", f"local recipient postmaster@{opts.local_domain}", "error")
-            await _attempt(probe, Vector("control", control.title, f"MAIL FROM:<{sender}>",
-                                         f"RCPT TO:<postmaster@{opts.local_domain}>"), control)  # fmt: skip
+            rcpt = f"postmaster@{opts.local_domain}"
+            control = Attempt("control", f"local recipient {rcpt}", "error")
+            check = Vector("control", control.title, f"MAIL FROM:<{sender}>", f"RCPT TO:<{rcpt}>")
+            await _attempt(probe, check, control)
             result.control = control
         for vector in vectors:
             attempt = Attempt(vector.id, vector.title, "error")
@@ -625,7 +634,7 @@ async def _attempt(probe: _Probe, vector: Vector, attempt: Attempt) -> None:
     except _OutOfTime:
         await probe.close()
         attempt.verdict = "error"
-        attempt.note = f"not tried: --max-time {probe.opts.max_time:g}s ran out (tarpit?)"
+        attempt.note = f"not completed: --max-time {probe.opts.max_time:g}s ran out (tarpit?)"
     except (OSError, ssl.SSLError) as exc:
         await probe.close()
         attempt.verdict = "error"
