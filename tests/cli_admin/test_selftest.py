@@ -306,3 +306,22 @@ def test_require_tls_needs_starttls_and_starttls_reaches_the_relay_decision(
     assert {a["verdict"] for a in source["attempts"]} == {"refused"}
     assert any(line["text"].startswith("TLS established") for line in source["transcript"])
     assert sink.handler.peers == [] and handle.messages() == []
+
+
+def test_narrow_terminal_keeps_commands_and_replies_whole(
+    make_relay: Callable[..., RelayHandle], sink: SMTPServer
+) -> None:
+    handle = make_relay()
+    r = run("test", "relay", "--server", f"127.0.0.1:{handle.port}", "--source-ip", OPEN,
+            "--local-domain", "corp.example", env={"COLUMNS": "80"})  # fmt: skip
+    assert r.code == 1, r.out + r.err
+    lines = r.out.splitlines()
+    i = lines.index(" 1 plain accepted")
+    assert lines[i + 1 : i + 3] == [
+        "   RCPT TO:<relaytest@nmap.scanme.org>",
+        "   250 2.1.5 Recipient OK",
+    ]
+    j = lines.index(" 2 null-sender accepted")
+    assert lines[j + 1] == "   MAIL FROM:<>"
+    assert "   RCPT TO:<relaytest%nmap.scanme.org%corp.example@corp.example>" in lines
+    assert sink.handler.peers == []

@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from relaygate.cli.common import CONFIG_OPTION, JSON_OPTION, console, die, emit_json
+from relaygate.cli.tables import is_narrow
 from relaygate.selftest import (
     DEFAULT_EXTERNAL_DOMAIN,
     DEFAULT_EXTERNAL_IP,
@@ -66,24 +67,36 @@ def _print_source(result: SourceResult, opts: RelayTestOptions) -> None:
         style = "green" if c.verdict == "accepted" else "yellow"
         line = f"control: {c.command} -> {c.reply or c.note} ({c.verdict})"
         if c.verdict != "accepted":
-            line += ": the relay does not accept this local recipient, so refusals below may not be relay decisions"
+            line += (
+                ": the relay does not accept this local recipient, so the refusals below may "
+                "not be relay decisions"
+            )
         console.print(Text(line, style=style))
-    table = Table(header_style="bold")
-    for name in ("#", "Vector", "Command", "Reply", "Verdict"):
-        table.add_column(name, overflow="fold")
     usual_mail = f"MAIL FROM:<{opts.sender or default_sender(opts.external_domain)}>"
-    for number, a in enumerate(result.attempts, 1):
+    rows: list[tuple[str, str, str, str, Text]] = []
+    for index, a in enumerate(result.attempts, 1):
         reply = a.reply or a.note
         if a.reply and a.note:
             reply += f" ({a.note})"
-        table.add_row(
-            str(number),
-            a.vector,
-            _command_cell(a, usual_mail, opts.helo),
-            reply,
-            Text(a.verdict, style=_VERDICT_STYLE.get(a.verdict, "")),
-        )
+        verdict = Text(a.verdict, style=_VERDICT_STYLE.get(a.verdict, ""))
+        rows.append((str(index), a.vector, _command_cell(a, usual_mail, opts.helo), reply, verdict))
+    if is_narrow():  # one short record per attempt: the command and reply must stay whole
+        for number, vector, command, reply, verdict in rows:
+            console.print(Text.assemble(f"{number:>2} {vector} ", verdict))
+            for line in (*command.split("\n"), reply):
+                console.print(Text("   " + line), overflow="fold")
+        _print_footer(result)
+        return
+    table = Table(header_style="bold")
+    for name in ("#", "Vector", "Command", "Reply", "Verdict"):
+        table.add_column(name, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
+    _print_footer(result)
+
+
+def _print_footer(result: SourceResult) -> None:
     for note in result.notes:
         console.print(Text("note: " + note, style="yellow"))
     temporary = [a for a in result.attempts if a.temporary]
