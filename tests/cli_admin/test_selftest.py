@@ -262,6 +262,14 @@ def test_external_domain_that_is_accepted_is_a_usage_error(
     assert "--external-domain corp.example is accepted domain corp.example" in r.err
     bad = relay_test(handle, "--external-domain", "not a domain")
     assert bad.code == 2 and "--external-domain 'not a domain'" in bad.err
+    reserved = relay_test(
+        handle, "--source-ip", RESTRICTED, "--external-domain", "victim.example.net", "--json"
+    )
+    assert reserved.code == 0, reserved.out + reserved.err
+    data = reserved.json()
+    assert any("victim.example.net is a reserved name" in note for note in data["notes"])
+    by_id = {a["vector"]: a for a in data["sources"][0]["attempts"]}
+    assert by_id["plain"]["command"] == "RCPT TO:<relaytest@victim.example.net>"
 
 
 def test_battery_never_holds_data_and_targets_the_external_domain() -> None:
