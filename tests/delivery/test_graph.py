@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
+import os
+import re
+import smtplib
 import ssl
 import threading
 import time
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 import trustme
@@ -58,14 +63,47 @@ def graph_error(status: int, code: str, message: str, **headers: str) -> Answer:
     return status, {"Content-Type": "application/json", **headers}, body
 
 
+@dataclass
+class Draft:
+    """A message in the fake mailbox: the MIME it was made from, its uploaded attachments (each
+    the AttachmentItem plus ``content``), the recipients its PATCH set."""
+
+    mime: bytes
+    attachments: list[dict[str, Any]] = field(default_factory=list)
+    recipients: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class UploadSession:
+    draft: str
+    item: dict[str, Any]
+    received: bytearray = field(default_factory=bytearray)
+
+
+#: Graph's unit for upload chunks, and its request limit.
+CHUNK_UNIT = 320 * 1024
+MAX_REQUEST = 4 * 1024 * 1024
+_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+
+
 class FakeGraph:
-    """/v1.0/users/{mailbox}/sendMail, /messages, /messages/{id}, /messages/{id}/send.
+    """/v1.0/users/{mailbox}/sendMail, /messages, /messages/{id}, /messages/{id}/send,
+    /messages/{id}/attachments/createUploadSession and the sessions' upload URLs (/upload/...,
+    pre-authenticated: a request with an Authorization header is refused, as is a Content-Range
+    that is not the next one, a chunk over 4 MB or, but for the last, not a multiple of
+    320 KiB). Drafts live in `drafts` until sent (→ `sent`) or deleted; `violations` lists
+    what an upload did wrong.
 
     `script(call)` may answer a call (else the success answer of Graph is given)."""
 
     def __init__(self, cert: trustme.LeafCert) -> None:
         self.calls: list[Call] = []
         self.script: Callable[[Call], Answer | None] = lambda call: None
+        self.drafts: dict[str, Draft] = {}
+        self.sent: list[Draft] = []
+        self.sessions: dict[str, UploadSession] = {}
+        self.violations: list[str] = []
+        self.lock = threading.Lock()
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -77,8 +115,9 @@ class FakeGraph:
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 call = Call(self.command, self.path, dict(self.headers), self.rfile.read(length))
-                owner.calls.append(call)
-                status, headers, body = owner.script(call) or owner.success(call)
+                with owner.lock:
+                    owner.calls.append(call)
+                    status, headers, body = owner.script(call) or owner.success(call)
                 self.send_response(status)
                 for k, v in headers.items():
                     self.send_header(k, v)
@@ -86,7 +125,7 @@ class FakeGraph:
                 self.end_headers()
                 self.wfile.write(body)
 
-            do_POST = do_PATCH = do_DELETE = _handle
+            do_POST = do_PATCH = do_DELETE = do_PUT = _handle
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -97,15 +136,96 @@ class FakeGraph:
         self.thread.start()
 
     @staticmethod
-    def success(call: Call) -> Answer:
-        if call.method == "POST" and call.path.endswith("/messages"):
-            body = json.dumps({"id": "AAMkAD=draft/1", "isDraft": True}).encode()
+    def _draft_id(path: str) -> str:
+        segments = path.split("?", 1)[0].split("/")
+        return unquote(segments[segments.index("messages") + 1])
+
+    def success(self, call: Call) -> Answer:
+        path = call.path.split("?", 1)[0]
+        if call.method == "PUT" and path.startswith("/upload/"):
+            return self.upload(call, path.rsplit("/", 1)[-1])
+        if call.method == "POST" and path.endswith("/sendMail"):
+            self.sent.append(Draft(call.mime))
+            return 202, {}, b""
+        if call.method == "POST" and path.endswith("/messages"):
+            draft_id = "AAMkAD=draft/1"
+            self.drafts[draft_id] = Draft(call.mime)
+            body = json.dumps({"id": draft_id, "isDraft": True}).encode()
             return 201, {"Content-Type": "application/json"}, body
+        draft_id = self._draft_id(path)
+        if draft_id not in self.drafts:
+            return graph_error(404, "ErrorItemNotFound", "The specified object was not found.")
+        if call.method == "POST" and path.endswith("/attachments/createUploadSession"):
+            return self.create_upload_session(draft_id, json.loads(call.body))
         if call.method == "PATCH":
+            self.drafts[draft_id].recipients = json.loads(call.body)
             return 200, {"Content-Type": "application/json"}, b"{}"
         if call.method == "DELETE":
+            del self.drafts[draft_id]
             return 204, {}, b""
-        return 202, {}, b""
+        if call.method == "POST" and path.endswith("/send"):
+            self.sent.append(self.drafts.pop(draft_id))
+            return 202, {}, b""
+        return graph_error(400, "BadRequest", f"unexpected {call.method} {path}")
+
+    def create_upload_session(self, draft_id: str, body: dict[str, Any]) -> Answer:
+        item = body.get("AttachmentItem")
+        if (
+            not isinstance(item, dict)
+            or item.get("attachmentType") != "file"
+            or not item.get("name")
+            or not isinstance(item.get("size"), int)
+            or item["size"] <= 0
+        ):
+            return graph_error(400, "ErrorInvalidRequest", f"bad AttachmentItem {item!r}")
+        sid = f"s{len(self.sessions) + 1}"
+        self.sessions[sid] = UploadSession(draft_id, item)
+        url = f"https://127.0.0.1:{self.port}/upload/{sid}?authtoken=opaque-{sid}"
+        answer = {
+            "uploadUrl": url,
+            "expirationDateTime": "2030-01-01T00:00:00Z",
+            "nextExpectedRanges": ["0-"],
+        }
+        return 201, {"Content-Type": "application/json"}, json.dumps(answer).encode()
+
+    def upload(self, call: Call, sid: str) -> Answer:
+        session = self.sessions.get(sid)
+        if session is None:
+            return graph_error(404, "ErrorItemNotFound", "No such upload session.")
+        size = session.item["size"]
+        match = _RANGE.fullmatch(call.headers.get("Content-Range", ""))
+        problem = ""
+        if "Authorization" in call.headers or "authorization" in call.headers:
+            problem = "an Authorization header on the pre-authenticated upload URL"
+        elif match is None:
+            problem = f"no Content-Range ({call.headers.get('Content-Range')!r})"
+        else:
+            start, end, total = (int(g) for g in match.groups())
+            chunk = len(call.body)
+            if total != size:
+                problem = f"Content-Range total {total} is not the session's size {size}"
+            elif start != len(session.received):
+                problem = f"Content-Range starts at {start}, {len(session.received)} expected"
+            elif end - start + 1 != chunk:
+                problem = f"Content-Range {start}-{end} for {chunk} octets"
+            elif chunk > MAX_REQUEST:
+                problem = f"a chunk of {chunk} octets"
+            elif end != size - 1 and chunk % CHUNK_UNIT:
+                problem = f"a chunk of {chunk} octets, not a multiple of 320 KiB"
+        if problem:
+            self.violations.append(problem)
+            return graph_error(400, "InvalidRequest", problem)
+        session.received += call.body
+        if len(session.received) < size:
+            answer = {"nextExpectedRanges": [f"{len(session.received)}-"]}
+            return 200, {"Content-Type": "application/json"}, json.dumps(answer).encode()
+        del self.sessions[sid]
+        draft = self.drafts.get(session.draft)
+        if draft is None:
+            return graph_error(404, "ErrorItemNotFound", "The draft is gone.")
+        draft.attachments.append({**session.item, "content": bytes(session.received)})
+        location = f"https://127.0.0.1:{self.port}/attachments/{len(draft.attachments)}"
+        return 201, {"Location": location}, b""
 
     @property
     def endpoint(self) -> str:
@@ -778,3 +898,292 @@ async def test_graph_calls_go_through_the_environment_s_proxy(
     finally:
         await relay.stop()
         server.close()
+
+
+# --------------------------------------------------------- 10. over 4 MB: attachments uploaded
+
+
+def scan_message(pdf: bytes, to: str = "Bob <bob@example.com>") -> bytes:
+    """What a scanner sends: a short text and the PDF, base64, in a multipart/mixed."""
+    from email import policy
+    from email.message import EmailMessage
+
+    msg = EmailMessage()
+    msg["From"] = "Scanner 3F <scanner@corp.test>"
+    msg["To"] = to
+    msg["Subject"] = "Scanned document"
+    msg["Message-ID"] = "<scan-big@corp.test>"
+    msg.set_content("Scanned on 3F. See the attached PDF.\n")
+    msg.add_attachment(pdf, maintype="application", subtype="pdf", filename="Scan 0001.pdf")
+    return msg.as_bytes(policy=policy.SMTP)
+
+
+def pdf_like(octets: int) -> bytes:
+    return b"%PDF-1.7\n" + os.urandom(octets - 15) + b"%%EOF\n"
+
+
+def smtplib_send(relay: Any, sender: str, rcpts: list[str], data: bytes) -> None:
+    """Submit with the standard library's client (a real SMTP session over loopback)."""
+    from tests.queue_manager.helpers import smtp_port
+
+    with smtplib.SMTP("127.0.0.1", smtp_port(relay), timeout=60) as client:
+        client.ehlo("scanner.test")
+        assert client.sendmail(sender, rcpts, data) == {}
+
+
+async def test_a_10_mb_scan_goes_as_a_draft_with_its_pdf_uploaded_in_chunks(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    pdf = pdf_like(7_600_000)  # ~10.3 MB of message once base64
+    data = scan_message(pdf)
+    assert len(data) > 10_000_000
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    try:
+        rcpts = ["bob@example.com", "erin@example.com"]  # erin: envelope only (a Bcc)
+        await asyncio.to_thread(smtplib_send, relay, SENDER, rcpts, data)
+
+        async def delivered() -> dict[str, Any] | None:
+            s = await statuses(relay)
+            done = len(s) == 2 and all(r.status == RecipientStatus.DELIVERED for r in s.values())
+            return s if done else None
+
+        s = await wait_for(delivered, timeout=30.0)
+        assert graph.violations == []
+        [sent] = graph.sent
+        assert graph.drafts == {}
+        # the draft: the message without the PDF part, headers and text body as they were
+        received, rest = split_received(sent.mime)
+        assert b"by relay.test" in received
+        assert len(rest) < 2048 and b"%PDF" not in rest and b"Scan 0001.pdf" not in rest
+        draft = parse_mail(rest)
+        assert draft["Subject"] == "Scanned document"
+        assert draft["Message-ID"] == "<scan-big@corp.test>"
+        assert draft["To"].addresses[0].addr_spec == "bob@example.com"
+        parts = list(draft.iter_parts())
+        assert [p.get_content_type() for p in parts] == ["text/plain"]
+        assert parts[0].get_content() == "Scanned on 3F. See the attached PDF.\r\n"
+        boundary = b"\r\n--" + str(parse_mail(data).get_boundary()).encode()
+        second = data.index(boundary, data.index(boundary) + 1)
+        assert data.endswith(boundary + b"--\r\n")
+        assert rest == data[:second] + boundary + b"--\r\n"  # the rest, byte for byte
+        # the PDF, uploaded whole
+        [attachment] = sent.attachments
+        assert hashlib.sha256(attachment["content"]).digest() == hashlib.sha256(pdf).digest()
+        assert attachment["name"] == "Scan 0001.pdf"
+        assert attachment["contentType"] == "application/pdf"
+        assert attachment["size"] == len(pdf) and attachment["isInline"] is False
+        # the recipients: exactly the envelope's
+        assert sent.recipients == {
+            "toRecipients": [{"emailAddress": {"address": "bob@example.com", "name": "Bob"}}],
+            "ccRecipients": [],
+            "bccRecipients": [{"emailAddress": {"address": "erin@example.com"}}],
+        }
+        # the calls: draft, session, chunks (no token on the upload URL), recipients, send
+        kinds = [(c.method, c.path.split("?")[0].rsplit("/", 1)[-1]) for c in graph.calls]
+        draft_path = "AAMkAD%3Ddraft%2F1"
+        assert kinds == [
+            ("POST", "messages"),
+            ("POST", "createUploadSession"),
+            ("PUT", "s1"),
+            ("PUT", "s1"),
+            ("PUT", "s1"),
+            ("PATCH", draft_path),
+            ("POST", "send"),
+        ]
+        puts = [c for c in graph.calls if c.method == "PUT"]
+        assert all("Authorization" not in c.headers for c in puts)
+        assert [len(c.body) for c in puts[:-1]] == [10 * CHUNK_UNIT] * 2
+        assert puts[0].headers["Content-Range"] == f"bytes 0-{10 * CHUNK_UNIT - 1}/{len(pdf)}"
+        others = [c for c in graph.calls if c.method != "PUT"]
+        assert all(c.headers["Authorization"] == f"Bearer {TOKEN}" for c in others)
+        assert not any(c.path.endswith("/sendMail") for c in graph.calls)
+        r = s["bob@example.com"]
+        assert r.last_error.startswith("250 2.6.0 202 Accepted by Microsoft Graph (draft sent")
+        assert "1 attachment(s) uploaded" in r.last_error
+    finally:
+        await relay.stop()
+
+
+async def test_throttled_during_the_upload_deletes_the_draft_and_retries_later(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    throttled: list[int] = []
+
+    def script(call: Call) -> Answer | None:
+        if call.method == "PUT" and not throttled and len(graph.sessions) == 1:
+            session = next(iter(graph.sessions.values()))
+            if session.received:  # the second chunk of the first attempt
+                throttled.append(len(graph.calls))
+                return graph_error(
+                    429, "ApplicationThrottled", "Too many requests", **{"Retry-After": "2"}
+                )
+        return None
+
+    graph.script = script
+    pdf = pdf_like(4_000_000)
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    try:
+        await asyncio.to_thread(smtplib_send, relay, SENDER, ["bob@example.com"], scan_message(pdf))
+
+        async def deferred() -> Any:
+            r = (await statuses(relay)).get("bob@example.com")
+            return r if r is not None and r.attempts == 1 else None
+
+        r = await wait_for(deferred, timeout=20.0)
+        assert r.status == RecipientStatus.DEFERRED
+        assert r.last_error.startswith("451 4.7.0 Microsoft Graph throttled the request")
+        assert r.next_attempt - r.last_attempt >= 1.9
+        first = [(c.method, c.path.split("?")[0].rsplit("/", 1)[-1]) for c in graph.calls[:5]]
+        assert first == [
+            ("POST", "messages"),
+            ("POST", "createUploadSession"),
+            ("PUT", "s1"),
+            ("PUT", "s1"),  # 429
+            ("DELETE", "AAMkAD%3Ddraft%2F1"),  # no draft left behind
+        ]
+
+        async def delivered() -> Any:
+            r = (await statuses(relay)).get("bob@example.com")
+            return r if r is not None and r.status == RecipientStatus.DELIVERED else None
+
+        r = await wait_for(delivered, timeout=20.0)
+        assert r.attempts == 2
+        assert graph.drafts == {} and graph.violations == []
+        [sent] = graph.sent
+        [attachment] = sent.attachments
+        assert attachment["content"] == pdf
+    finally:
+        await relay.stop()
+
+
+async def test_a_graph_error_during_the_upload_is_permanent_and_deletes_the_draft(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    graph.script = lambda call: (
+        graph_error(403, "ErrorAccessDenied", "Access is denied.")
+        if call.path.endswith("/createUploadSession")
+        else None
+    )
+    sink = await start_sink(Handler())  # the sender's domain: where the NDR goes
+    relay = await start_relay(
+        tmp_path / "data", {"corp.test": sink.port}, extra=graph_connector(graph, entra, ca_file)
+    )
+    try:
+        data = scan_message(pdf_like(3_500_000))
+        await asyncio.to_thread(smtplib_send, relay, SENDER, ["bob@example.com"], data)
+        await wait_for(lambda: sink.handler.messages, timeout=20.0)
+        r = (await statuses(relay))["bob@example.com"]
+        assert r.status == RecipientStatus.FAILED and r.attempts == 1
+        assert r.last_error.startswith("550 5.7.1 Microsoft Graph refused to send as")
+        assert "403 ErrorAccessDenied" in r.last_error and "Mail.ReadWrite" in r.last_error
+        assert [c.method for c in graph.calls] == ["POST", "POST", "DELETE"]
+        assert graph.drafts == {} and graph.sent == []
+        text = sink.handler.messages[0]["content"].decode(errors="replace")
+        assert "ErrorAccessDenied" in text.replace("\r\n ", " ")
+    finally:
+        await relay.stop()
+        await sink.close()
+
+
+async def test_a_big_scan_spills_over_to_a_graph_overflow_connector(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """A Graph overflow connector takes what its SMTP connector's pacing holds back even when
+    the message is over Graph's request limit, as long as its attachments can be uploaded."""
+    from tests.queue_manager.helpers import ScriptedHandler, send_connector_text
+
+    sink = await start_sink(ScriptedHandler())
+    extra = send_connector_text(
+        "Mailbox",
+        "example.com",
+        sink.port,
+        "max_messages_per_minute = 1",
+        'overflow_connector = "Graph M365"',
+    ) + graph_connector(graph, entra, ca_file, space="graph.invalid")
+    relay = await start_relay(tmp_path / "data", {}, extra=extra)
+    try:
+        first = b"From: scanner@corp.test\r\nTo: user0@example.com\r\nSubject: x\r\n\r\nx\r\n"
+        assert (await send(relay, SENDER, ["user0@example.com"], first))[0] == 250
+        await wait_for(lambda: sink.handler.messages, timeout=10.0)
+        pdf = pdf_like(4_000_000)
+        data = scan_message(pdf, to="user1@example.com")
+        await asyncio.to_thread(smtplib_send, relay, SENDER, ["user1@example.com"], data)
+
+        async def delivered() -> Any:
+            r = (await statuses(relay)).get("user1@example.com")
+            return r if r is not None and r.status == RecipientStatus.DELIVERED else None
+
+        r = await wait_for(delivered, timeout=20.0)
+        assert "attachment(s) uploaded" in r.last_error
+        [sent] = graph.sent
+        assert sent.attachments[0]["content"] == pdf
+        assert len(sink.handler.messages) == 1
+    finally:
+        await relay.stop()
+        await sink.close()
+
+
+def test_the_split_keeps_the_rest_byte_for_byte_and_names_inline_parts() -> None:
+    """Only the parts taken out change: an inline image of a multipart/related keeps its
+    Content-ID; a multipart left with no part gets an empty one; a text body never goes."""
+    from relaygate.delivery.graph import large_plan
+    from relaygate.delivery.mime_split import Split, Unsplittable, split_attachments
+
+    image = os.urandom(3_300_000)
+    head = (
+        b"From: a@corp.test\r\nTo: b@example.com\r\nSubject: logo\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/related; boundary="B1"\r\n\r\npreamble'
+    )
+    html = b'\r\n--B1\r\nContent-Type: text/html\r\n\r\n<img src="cid:logo@x">\r\n'
+    part = (
+        b"\r\n--B1\r\nContent-Type: image/png\r\nContent-Transfer-Encoding: base64\r\n"
+        b"Content-ID: <logo@x>\r\nContent-Disposition: inline\r\n\r\n"
+        + base64.encodebytes(image).replace(b"\n", b"\r\n")
+    )
+    data = head + html + part + b"\r\n--B1--\r\n"
+    split = large_plan(data)
+    assert isinstance(split, Split)
+    assert split.rest == head + html + b"\r\n--B1--\r\n"
+    [png] = split.parts
+    assert (png.name, png.content_type, png.content_id) == ("attachment.png", "image/png", "logo@x")
+    assert png.content(data) == image
+    # only the image: an empty text part holds its place
+    alone = head + part + b"\r\n--B1--\r\n"
+    split = split_attachments(alone, 1024, 3 * 1024 * 1024)
+    assert isinstance(split, Split)
+    assert split.rest == (
+        head + b"\r\n--B1\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n\r\n--B1--\r\n"
+    )
+    # a text body over the limit cannot go as an attachment
+    big_text = head + b"\r\n--B1\r\nContent-Type: text/plain\r\n\r\n" + b"x" * 3_300_000
+    result = split_attachments(big_text + b"\r\n--B1--\r\n", 1024, 3 * 1024 * 1024)
+    assert isinstance(result, Unsplittable) and "text/plain" in result.reason
+
+
+def test_the_fake_upload_url_checks_what_graph_checks(graph: FakeGraph, ca_file: Path) -> None:
+    """The fake's upload URL refuses what Graph refuses (so the transport's passing is worth
+    something): a bearer token, a chunk that is not a multiple of 320 KiB but for the last, a
+    range that is not the next one; and assembles the attachment from good chunks."""
+    import httpx
+
+    graph.drafts["d"] = Draft(b"")
+    size = CHUNK_UNIT + 10
+    answer = graph.create_upload_session(
+        "d", {"AttachmentItem": {"attachmentType": "file", "name": "a.pdf", "size": size}}
+    )
+    url = json.loads(answer[2])["uploadUrl"]
+    content = os.urandom(size)
+
+    def put(start: int, end: int, **headers: str) -> int:
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        ctx = ssl.create_default_context(cafile=str(ca_file))
+        with httpx.Client(verify=ctx) as client:
+            return client.put(url, content=content[start:end], headers=headers).status_code
+
+    assert put(0, CHUNK_UNIT, Authorization=f"Bearer {TOKEN}") == 400
+    assert put(0, 1000) == 400  # not a multiple of 320 KiB, not the last
+    assert put(1000, CHUNK_UNIT) == 400  # not where the upload stands
+    assert len(graph.violations) == 3
+    assert put(0, CHUNK_UNIT) == 200
+    assert put(CHUNK_UNIT, size) == 201
+    assert graph.drafts["d"].attachments[0]["content"] == content

@@ -19,9 +19,19 @@ Graph takes the recipients from the MIME header (To, Cc, Bcc), not from an envel
 Answers become SMTP-style replies so that the queue records them as it records an SMTP server's:
 202 → 250 for every recipient; 429, 5xx, timeouts and connection errors → 4xx (Retry-After is a
 lower bound on the next attempt); 401 → the cached token is dropped and the call made once more,
-then 4xx; 400 / 403 / 404 / 413 → 5xx with Graph's error code and message. A message whose base64
-form would pass Graph's 4 MB request limit is refused before any call (552 5.3.4). The token is
-never logged nor put in a reply.
+then 4xx; 400 / 403 / 404 / 413 → 5xx with Graph's error code and message. The token is never
+logged nor put in a reply.
+
+A message whose base64 form would pass Graph's 4 MB request limit (a scanner's big PDF) takes the
+large-message path: its biggest attachment parts are taken out (`relaygate.delivery.mime_split`)
+until the rest is under 2 MiB; a draft is made from the rest (a faithful copy of its headers and
+body); each part is attached through an upload session (``POST .../messages/{id}/attachments/
+createUploadSession``, then its octets PUT to the session's pre-authenticated ``uploadUrl``, which
+never gets the token, in chunks of 3,200 KiB, a multiple of 320 KiB, with Content-Range); the
+draft's recipients are set to the envelope's as above, and it is sent. A failure once the draft
+exists deletes it; 429 / 5xx / timeouts are transient (Retry-After kept), other 4xx permanent with
+Graph's error. A message that cannot be split so (a text body alone over the limit, an attachment
+over Graph's 150 MB) is refused before any call (552 5.3.4).
 """
 
 from __future__ import annotations
@@ -42,14 +52,17 @@ from email.policy import compat32
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from relaygate.delivery.mime_split import Attachment, Split, Unsplittable, split_attachments
 from relaygate.delivery.oauth import DEFAULT_SCOPE, TokenError
 from relaygate.replies import Reply
 
 __all__ = [
     "DEFAULT_ENDPOINT",
+    "GRAPH_MAX_ATTACHMENT_OCTETS",
     "GRAPH_MAX_MIME_OCTETS",
     "GRAPH_MAX_REQUEST_OCTETS",
     "GRAPH_SCOPE",
+    "UPLOAD_CHUNK_OCTETS",
     "GraphOutcome",
     "GraphTransport",
     "graph_mailbox",
@@ -69,6 +82,13 @@ GRAPH_SCOPE = "https://graph.microsoft.com/.default"
 GRAPH_MAX_REQUEST_OCTETS = 4 * 1024 * 1024
 #: The biggest message that fits: 3 MiB of MIME is exactly 4 MiB of base64.
 GRAPH_MAX_MIME_OCTETS = GRAPH_MAX_REQUEST_OCTETS // 4 * 3
+#: The biggest file attachment an upload session takes (150 MB).
+GRAPH_MAX_ATTACHMENT_OCTETS = 150 * 1024 * 1024
+#: A bigger message goes without its big attachments: the draft made of the rest stays well
+#: under the request limit (its base64 under 2.7 MiB).
+SPLIT_TARGET_OCTETS = 2 * 1024 * 1024
+#: One PUT to an upload URL: a multiple of 320 KiB (Graph's unit), at most 4 MB.
+UPLOAD_CHUNK_OCTETS = 10 * 320 * 1024
 
 #: The Graph hosts of Microsoft's clouds (global, US Government L4/L5, China, Germany).
 _GRAPH_HOSTS = frozenset(
@@ -170,14 +190,16 @@ class RecipientPlan:
     bcc: list[tuple[str, str]]
 
 
-def recipient_plan(data: bytes, recipients: Sequence[str]) -> RecipientPlan | None:
+def recipient_plan(
+    data: bytes, recipients: Sequence[str], *, always: bool = False
+) -> RecipientPlan | None:
     """None when the header's To, Cc and Bcc addresses are exactly `recipients` (sendMail as it
-    is); else the recipient lists for a draft: To ∩ envelope, Cc ∩ envelope, envelope − To − Cc.
-    Addresses compare case-insensitively."""
+    is) and not `always`; else the recipient lists for a draft: To ∩ envelope, Cc ∩ envelope,
+    envelope − To − Cc. Addresses compare case-insensitively."""
     wanted = {r.casefold(): r for r in recipients}
     found = _header_addresses(data, ("To", "Cc", "Bcc"))
     in_header = {a.casefold() for field_ in found.values() for _n, a in field_}
-    if in_header == set(wanted):
+    if in_header == set(wanted) and not always:
         return None
     taken: set[str] = set()
 
@@ -293,8 +315,9 @@ def _too_big(detail: str) -> Reply:
         "5.3.4",
         f"Message too big for Microsoft Graph ({detail}): a request holds at most "
         f"{GRAPH_MAX_REQUEST_OCTETS // (1024 * 1024)} MB, the message base64-encoded, so about "
-        f"{GRAPH_MAX_MIME_OCTETS // (1024 * 1024)} MB of message; big messages need a send "
-        "connector that delivers over SMTP",
+        f"{GRAPH_MAX_MIME_OCTETS // (1024 * 1024)} MB of message without the attachments "
+        f"(each attachment at most {GRAPH_MAX_ATTACHMENT_OCTETS // (1024 * 1024)} MB); such "
+        "messages need a send connector that delivers over SMTP",
     )
 
 
@@ -306,15 +329,35 @@ NO_MAILBOX = Reply(
 )
 
 
+def _encoded_size(octets: int) -> int:
+    return 4 * ((octets + 2) // 3)
+
+
+def large_plan(data: bytes) -> Split | Reply | None:
+    """How Graph can take `data` (the octets on the wire): None when whole (its base64 within
+    the request limit); else without its big attachments (`Split`), or never (the 552 reply:
+    what is left without the attachments is still over the limit, or an attachment is over
+    150 MB)."""
+    encoded = _encoded_size(len(data))
+    if encoded <= GRAPH_MAX_REQUEST_OCTETS:
+        return None
+    split = split_attachments(data, SPLIT_TARGET_OCTETS, GRAPH_MAX_MIME_OCTETS)
+    if isinstance(split, Unsplittable):
+        return _too_big(f"{len(data)} octets, {encoded} in base64; {split.reason}")
+    for part in split.parts:
+        if part.estimated_size > GRAPH_MAX_ATTACHMENT_OCTETS:
+            return _too_big(f"the attachment {part.name!r} is about {part.estimated_size} octets")
+    return split
+
+
 def refusal(mailbox: str, data: bytes) -> Reply | None:
     """Why Graph could never send `data` (the octets on the wire) as `mailbox`, before any call:
-    no mailbox (the null sender), or over the request limit once base64-encoded; else None."""
+    no mailbox (the null sender), or too big even without its attachments (`large_plan`);
+    else None."""
     if not mailbox:
         return NO_MAILBOX
-    encoded = 4 * ((len(data) + 2) // 3)
-    if encoded > GRAPH_MAX_REQUEST_OCTETS:
-        return _too_big(f"{len(data)} octets, {encoded} in base64")
-    return None
+    plan = large_plan(data)
+    return plan if isinstance(plan, Reply) else None
 
 
 # ==================================================================================================
@@ -419,13 +462,19 @@ class GraphTransport:
             outcome.per_recipient = {r: reply for r in rcpts}
             return outcome
 
-        refused = refusal(mailbox, data)
-        if refused is not None:
-            return every(refused)
+        if not mailbox:
+            return every(NO_MAILBOX)
+        large = large_plan(data)
+        if isinstance(large, Reply):
+            return every(large)
         if token_provider is None:  # pragma: no cover - the manager builds one per connector
             return every(Reply(451, "4.7.0", "Microsoft Graph: no token provider"))
-        plan = recipient_plan(data, rcpts)
-        body = base64.b64encode(data)
+        if large is None:
+            plan = recipient_plan(data, rcpts)
+            body = base64.b64encode(data)
+        else:  # the draft path always, its recipients set from the envelope
+            plan = recipient_plan(data, rcpts, always=True)
+            body = base64.b64encode(large.rest)
         client = await self._client(connector)
         base = str(getattr(connector, "graph_endpoint", "") or DEFAULT_ENDPOINT).rstrip("/")
         user = f"{base}/users/{quote(mailbox, safe='@')}"
@@ -441,7 +490,10 @@ class GraphTransport:
                 )
             call = _Caller(client, token, mailbox, timeout)
             try:
-                if plan is None:
+                if large is not None and plan is not None:
+                    await _upload_and_send(call, user, body, plan, data, large.parts)
+                    how = f"draft sent, {len(large.parts)} attachment(s) uploaded"
+                elif plan is None:
                     await call.post_mime(f"{user}/sendMail", body, expect=(202,))
                     how = "sendMail"
                 else:
@@ -486,12 +538,18 @@ class _Caller:
         content: bytes | None = None,
         json_body: Any = None,
         content_type: str | None = None,
+        extra: dict[str, str] | None = None,
+        authorized: bool = True,
     ) -> Any:
+        """`authorized`: with the bearer token (not to an upload URL: it is pre-authenticated,
+        and outside Graph's host)."""
         import httpx
 
-        headers = dict(self.headers)
+        headers = dict(self.headers) if authorized else {}
         if content_type:
             headers["Content-Type"] = content_type
+        if extra:
+            headers.update(extra)
         try:
             response = await self.client.request(
                 method,
@@ -528,19 +586,13 @@ class _Caller:
         )
 
 
-async def _draft_and_send(call: _Caller, user: str, body: bytes, plan: RecipientPlan) -> None:
+async def _create_draft(call: _Caller, user: str, body: bytes, hint: str) -> tuple[str, str]:
+    """A draft made from the MIME: its id and URL (a 403 gets `hint`)."""
     try:
         created = await call.post_mime(f"{user}/messages", body, expect=(200, 201))
     except _GraphError as failure:
         if failure.status == 403:
-            hint = (
-                "; a message whose To/Cc/Bcc differ from its envelope goes as a draft, "
-                "which needs the Mail.ReadWrite application permission"
-            )
-            reply = failure.reply
-            raise _GraphError(
-                Reply(reply.code, reply.enhanced, reply.text + hint), status=403
-            ) from None
+            raise _GraphError(_with_hint(failure.reply, hint), status=403) from None
         raise
     try:
         draft_id = str(created.json()["id"])
@@ -548,25 +600,123 @@ async def _draft_and_send(call: _Caller, user: str, body: bytes, plan: Recipient
         raise _GraphError(
             Reply(451, "4.4.0", "Microsoft Graph made a draft but did not say its id")
         ) from None
-    url = f"{user}/messages/{quote(draft_id, safe='')}"
+    return draft_id, f"{user}/messages/{quote(draft_id, safe='')}"
+
+
+_DRAFT_HINT = (
+    "; a message whose To/Cc/Bcc differ from its envelope goes as a draft, "
+    "which needs the Mail.ReadWrite application permission"
+)
+_UPLOAD_HINT = (
+    "; a message over Graph's 4 MB request limit goes as a draft with its attachments "
+    "uploaded, which needs the Mail.ReadWrite application permission"
+)
+
+
+def _with_hint(reply: Reply, hint: str) -> Reply:
+    return Reply(reply.code, reply.enhanced, reply.text + hint)
+
+
+async def _delete_draft(call: _Caller, url: str, draft_id: str) -> None:
     try:
-        await call.request(
-            "PATCH",
-            url,
-            expect=(200,),
-            json_body={
-                "toRecipients": _recipients_json(plan.to),
-                "ccRecipients": _recipients_json(plan.cc),
-                "bccRecipients": _recipients_json(plan.bcc),
-            },
-        )
-        await call.request("POST", f"{url}/send", expect=(202,))
+        await call.request("DELETE", url, expect=(204, 200, 404))
+    except _GraphError as exc:
+        log.warning("Microsoft Graph draft %s left in place: %s", draft_id, exc.reply.line())
+    except Exception as exc:  # best effort: never in place of the failure being reported
+        log.warning("Microsoft Graph draft %s left in place: %r", draft_id, exc)
+
+
+async def _set_recipients_and_send(call: _Caller, url: str, plan: RecipientPlan) -> None:
+    await call.request(
+        "PATCH",
+        url,
+        expect=(200,),
+        json_body={
+            "toRecipients": _recipients_json(plan.to),
+            "ccRecipients": _recipients_json(plan.cc),
+            "bccRecipients": _recipients_json(plan.bcc),
+        },
+    )
+    await call.request("POST", f"{url}/send", expect=(202,))
+
+
+async def _draft_and_send(call: _Caller, user: str, body: bytes, plan: RecipientPlan) -> None:
+    draft_id, url = await _create_draft(call, user, body, _DRAFT_HINT)
+    try:
+        await _set_recipients_and_send(call, url, plan)
     except _GraphError as failure:
-        try:
-            await call.request("DELETE", url, expect=(204, 200, 404))
-        except _GraphError as exc:
-            log.warning("Microsoft Graph draft %s left in place: %s", draft_id, exc.reply.line())
+        await _delete_draft(call, url, draft_id)
         reply = failure.reply
         if reply.is_permanent:  # after the draft: transient (the next attempt starts over)
             reply = Reply(451, "4.4.0", reply.text)
         raise _GraphError(reply, status=failure.status, retry_after=failure.retry_after) from None
+
+
+async def _upload_and_send(
+    call: _Caller,
+    user: str,
+    body: bytes,
+    plan: RecipientPlan,
+    data: bytes,
+    parts: Sequence[Attachment],
+) -> None:
+    """The large-message path: a draft of the message without `parts`, each part attached
+    through an upload session, the recipients set, the draft sent. Any failure once the draft
+    exists deletes it; the failure's reply stands (429 / 5xx transient, other 4xx permanent)."""
+    draft_id, url = await _create_draft(call, user, body, _UPLOAD_HINT)
+    try:
+        for part in parts:
+            await _attach(call, url, data, part)
+        await _set_recipients_and_send(call, url, plan)
+    except BaseException:  # cancelled (a stop) too: no draft left behind
+        await asyncio.shield(_delete_draft(call, url, draft_id))
+        raise
+
+
+async def _attach(call: _Caller, url: str, data: bytes, part: Attachment) -> None:
+    """One file attachment through an upload session: createUploadSession, then its octets in
+    chunks to the session's uploadUrl (no bearer token there)."""
+    content = part.content(data)
+    size = len(content)
+    if size > GRAPH_MAX_ATTACHMENT_OCTETS:
+        raise _GraphError(_too_big(f"the attachment {part.name!r} is {size} octets"))
+    item: dict[str, Any] = {
+        "attachmentType": "file",
+        "name": part.name,
+        "size": size,
+        "contentType": part.content_type,
+        "isInline": bool(part.content_id),
+    }
+    if part.content_id:
+        item["contentId"] = part.content_id
+    try:
+        session = await call.request(
+            "POST",
+            f"{url}/attachments/createUploadSession",
+            expect=(200, 201),
+            json_body={"AttachmentItem": item},
+        )
+    except _GraphError as failure:
+        if failure.status == 403:
+            raise _GraphError(_with_hint(failure.reply, _UPLOAD_HINT), status=403) from None
+        raise
+    try:
+        upload_url = str(session.json()["uploadUrl"])
+    except (ValueError, KeyError, TypeError):
+        upload_url = ""
+    if urlsplit(upload_url).scheme != "https":
+        raise _GraphError(
+            Reply(451, "4.4.0", "Microsoft Graph made an upload session without an https uploadUrl")
+        )
+    view = memoryview(content)
+    for start in range(0, size, UPLOAD_CHUNK_OCTETS):
+        chunk = view[start : start + UPLOAD_CHUNK_OCTETS]
+        await call.request(
+            "PUT",
+            upload_url,
+            expect=(200, 201),
+            content=bytes(chunk),  # one chunk's copy at a time
+            content_type="application/octet-stream",
+            extra={"Content-Range": f"bytes {start}-{start + len(chunk) - 1}/{size}"},
+            authorized=False,
+        )

@@ -787,7 +787,8 @@ class QueueManager:
         ``overflow_connector``, then that one's, and so on: each sends them its own way (its
         next hops, auth, send_as) within its own budget, and passes on what that holds back.
         A disabled connector, one whose max_message_size the message exceeds, or a Graph one that
-        could never send it (over its request limit, the null sender without a mailbox) is skipped;
+        could never send it (too big even with its attachments uploaded apart, the null sender
+        without a mailbox) is skipped;
         the chain ends at an unknown name or a connector already visited. Returns the results
         and the recipients still held; each spent connector's wait is appended to ``spent``."""
         results: list[RouteResult] = []
@@ -831,7 +832,7 @@ class QueueManager:
             if is_graph(current) and graph_refusal(
                 graph_mailbox(current, msg.sender), prepare_data(via[0], crlf_only=via[1])
             ):
-                continue  # Graph could never send it (too big, the null sender): not this one
+                continue  # Graph could never send it (unsplittable, the null sender): not this one
             sent, held = await self._spill(msg, current, held, spent, *via)
             if sent:
                 log.info(

@@ -1,0 +1,230 @@
+"""Taking the big attachments out of a message, for Microsoft Graph's large-message path.
+
+Graph takes a message's MIME in one request of at most 4 MB (base64), but attachments of up to
+150 MB through upload sessions. `split_attachments` finds the MIME parts that can go as file
+attachments (a filename, an ``attachment`` disposition or a Content-ID: never a text body) and
+takes out the biggest ones until the rest is under a target size. The rest is the message's own
+octets with those parts cut out (their delimiter line and the part, nothing else): headers,
+bodies and the other parts are byte for byte what the relay would have sent. A multipart left
+with no part gets one empty ``text/plain`` part (RFC 2046 wants at least one).
+
+Pure functions on the CRLF octets of the wire (`relaygate.delivery.wire.prepare_data`); only
+offsets are kept, a part's content is decoded when it is uploaded (`Attachment.content`).
+"""
+
+from __future__ import annotations
+
+import binascii
+import email.header
+import mimetypes
+from dataclasses import dataclass
+from email.message import Message
+from email.parser import HeaderParser
+from email.policy import compat32
+
+__all__ = ["Attachment", "Split", "Unsplittable", "split_attachments"]
+
+#: Bounds on the parse of a hostile message: nesting depth and parts in all.
+MAX_DEPTH = 20
+MAX_PARTS = 2000
+#: A part smaller than this is never worth an upload session of its own.
+MIN_PART_OCTETS = 1024
+
+_EMPTY_PART = b"Content-Type: text/plain; charset=us-ascii\r\n\r\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """A part taken out of the message.
+
+    start, end: the part's body (its encoded content) in the message's octets.
+    encoding: its Content-Transfer-Encoding (lower case; ``7bit`` when none).
+    name, content_type: as Graph's AttachmentItem wants them.
+    content_id: without the angle brackets, for an inline part (``""`` otherwise).
+    """
+
+    start: int
+    end: int
+    encoding: str
+    name: str
+    content_type: str
+    content_id: str
+
+    def content(self, data: bytes | memoryview) -> bytes:
+        """The part's decoded octets (one copy of the attachment; the message is not copied)."""
+        view = memoryview(data)[self.start : self.end]
+        if self.encoding == "base64":
+            return binascii.a2b_base64(view)  # ignores the line breaks, as a reader does
+        if self.encoding == "quoted-printable":
+            return binascii.a2b_qp(view)
+        return bytes(view)
+
+    @property
+    def estimated_size(self) -> int:
+        """The decoded size before decoding (base64: 3 octets per 4, line breaks included)."""
+        encoded = self.end - self.start
+        return encoded * 3 // 4 if self.encoding == "base64" else encoded
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """rest: the message without the parts; parts: what was taken out, in message order."""
+
+    rest: bytes
+    parts: tuple[Attachment, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Unsplittable:
+    """Why the message cannot be brought under the limit (for the NDR)."""
+
+    reason: str
+
+
+@dataclass(slots=True)
+class _Leaf:
+    cut_start: int  # the CRLF before its delimiter line
+    cut_end: int  # the CRLF before the next delimiter line
+    parent: int  # the index of its multipart
+    attachment: Attachment | None  # None: not a file attachment (a text body, an alternative)
+    size: int  # the octets the cut removes
+    label: str
+
+
+def _decoded(value: str) -> str:
+    try:
+        return str(email.header.make_header(email.header.decode_header(value)))
+    except Exception:  # a malformed encoded word: the raw text
+        return value
+
+
+def _headers(data: bytes, start: int, end: int) -> tuple[Message, int]:
+    """A part's header (parsed) and where its body starts."""
+    if data.startswith(b"\r\n", start):
+        return Message(), start + 2
+    stop = data.find(b"\r\n\r\n", start, end)
+    body = end if stop < 0 else stop + 4
+    head = data[start:body].decode("utf-8", "replace")
+    return HeaderParser(policy=compat32).parsestr(head), body
+
+
+def _describe(head: Message, body_start: int, end: int) -> tuple[str, Attachment | None]:
+    """A label for the NDR, and the part as an attachment when it can be one."""
+    ctype = head.get_content_type()
+    filename = head.get_filename() or head.get_param("name")
+    name = _decoded(str(filename)) if isinstance(filename, str) else ""
+    disposition = head.get_content_disposition()
+    cid = str(head.get("Content-ID", "") or "").strip().strip("<>").strip()
+    label = f'"{name}" ({ctype})' if name else ctype
+    if not (name or disposition == "attachment" or cid):
+        return label, None  # a body: it stays in the message
+    if not name:
+        name = "attachment" + (mimetypes.guess_extension(ctype) or ".bin")
+    encoding = str(head.get("Content-Transfer-Encoding", "7bit") or "7bit").strip().lower()
+    inline = disposition == "inline" or (disposition is None and bool(cid))
+    return label, Attachment(
+        start=body_start,
+        end=end,
+        encoding=encoding,
+        name=name,
+        content_type=ctype,
+        content_id=cid if inline and cid else "",
+    )
+
+
+def _walk(data: bytes) -> tuple[list[_Leaf], dict[int, tuple[int, bytes, int]], str]:
+    """The leaf parts of the message's multiparts (recursively), each multipart as (its first
+    delimiter's CRLF, its boundary, number of parts), and the top part's label when the message
+    is not multipart."""
+    leaves: list[_Leaf] = []
+    multiparts: dict[int, tuple[int, bytes, int]] = {}
+    head, body = _headers(data, 0, len(data))
+    if head.get_content_maintype() != "multipart":
+        return leaves, multiparts, _describe(head, body, len(data))[0]
+    stack: list[tuple[Message, int, int, int]] = [(head, body, len(data), 0)]
+    count = 0
+    while stack:
+        head, body, end, depth = stack.pop()
+        boundary = head.get_param("boundary")
+        if not isinstance(boundary, str) or not boundary or depth >= MAX_DEPTH:
+            continue
+        delimiter = b"\r\n--" + boundary.encode("utf-8", "replace")
+        index = len(multiparts)
+        # The CRLF before the first delimiter is the header's blank line's.
+        pos = data.find(delimiter, body - 2, end)
+        first = pos
+        parts = 0
+        while pos >= 0 and count < MAX_PARTS:
+            after = pos + len(delimiter)
+            if data.startswith(b"--", after):
+                break  # the close delimiter
+            line_end = data.find(b"\r\n", after, end)
+            if line_end < 0:
+                break
+            start = line_end + 2
+            nxt = data.find(delimiter, start - 2, end)
+            if nxt < 0:  # no close delimiter: the part runs to the end
+                nxt = end
+            part_head, part_body = _headers(data, start, nxt)
+            count += 1
+            parts += 1
+            if part_head.get_content_maintype() == "multipart":
+                stack.append((part_head, part_body, nxt, depth + 1))
+            else:
+                label, attachment = _describe(part_head, part_body, nxt)
+                leaves.append(_Leaf(pos, nxt, index, attachment, nxt - pos, label))
+            if nxt >= end:
+                break
+            pos = nxt
+        if first >= 0:
+            multiparts[index] = (first, delimiter, parts)
+    return leaves, multiparts, ""
+
+
+def split_attachments(data: bytes, target: int, limit: int) -> Split | Unsplittable:
+    """Take the biggest attachment parts out of `data` until what is left is at most `target`
+    octets. Unsplittable when what is left after taking out every attachment (of at least
+    MIN_PART_OCTETS) would still be over `limit`."""
+    leaves, multiparts, single = _walk(data)
+    candidates = sorted(
+        (leaf for leaf in leaves if leaf.attachment and leaf.size >= MIN_PART_OCTETS),
+        key=lambda leaf: leaf.size,
+        reverse=True,
+    )
+    left = len(data)
+    taken: list[_Leaf] = []
+    for leaf in candidates:
+        if left <= target:
+            break
+        taken.append(leaf)
+        left -= leaf.size
+    if left > limit:
+        if single:
+            why = f"it is one part ({single}), not an attachment that can be uploaded apart"
+        else:
+            kept = [leaf for leaf in leaves if leaf not in taken]
+            biggest = max(kept, key=lambda leaf: leaf.size, default=None)
+            why = f"{left} octets are left without its attachments"
+            if biggest is not None:
+                why += f", the biggest part {biggest.label} ({biggest.size} octets)"
+        return Unsplittable(why)
+    taken.sort(key=lambda leaf: leaf.cut_start)
+    emptied = {
+        leaf.parent
+        for leaf in taken
+        if sum(t.parent == leaf.parent for t in taken) == multiparts[leaf.parent][2]
+    }
+    view = memoryview(data)
+    pieces: list[bytes | memoryview] = []
+    at = 0
+    placed: set[int] = set()
+    for leaf in taken:
+        pieces.append(view[at : leaf.cut_start])
+        if leaf.parent in emptied and leaf.parent not in placed:
+            placed.add(leaf.parent)
+            pieces += [multiparts[leaf.parent][1], b"\r\n", _EMPTY_PART]
+        at = leaf.cut_end
+    pieces.append(view[at:])
+    rest = b"".join(pieces)
+    parts = tuple(leaf.attachment for leaf in taken if leaf.attachment is not None)
+    return Split(rest, parts)
