@@ -157,6 +157,8 @@ class FakeGraph:
             return graph_error(404, "ErrorItemNotFound", "The specified object was not found.")
         if call.method == "POST" and path.endswith("/attachments/createUploadSession"):
             return self.create_upload_session(draft_id, json.loads(call.body))
+        if call.method == "POST" and path.endswith("/attachments"):
+            return self.post_attachment(draft_id, json.loads(call.body), len(call.body))
         if call.method == "PATCH":
             self.drafts[draft_id].recipients = json.loads(call.body)
             return 200, {"Content-Type": "application/json"}, b"{}"
@@ -187,6 +189,17 @@ class FakeGraph:
             "nextExpectedRanges": ["0-"],
         }
         return 201, {"Content-Type": "application/json"}, json.dumps(answer).encode()
+
+    def post_attachment(self, draft_id: str, item: dict[str, Any], octets: int) -> Answer:
+        """A fileAttachment in one request (under the 4 MB request limit)."""
+        if octets > MAX_REQUEST or item.get("@odata.type") != "#microsoft.graph.fileAttachment":
+            problem = f"a direct attachment of {octets} octets, {item.get('@odata.type')!r}"
+            self.violations.append(problem)
+            return graph_error(413 if octets > MAX_REQUEST else 400, "InvalidRequest", problem)
+        content = base64.b64decode(item.pop("contentBytes"), validate=True)
+        attachment = {**item, "size": len(content), "content": content, "direct": True}
+        self.drafts[draft_id].attachments.append(attachment)
+        return 201, {"Content-Type": "application/json"}, b"{}"
 
     def upload(self, call: Call, sid: str) -> Answer:
         session = self.sessions.get(sid)
@@ -1187,3 +1200,45 @@ def test_the_fake_upload_url_checks_what_graph_checks(graph: FakeGraph, ca_file:
     assert put(0, CHUNK_UNIT) == 200
     assert put(CHUNK_UNIT, size) == 201
     assert graph.drafts["d"].attachments[0]["content"] == content
+
+
+async def test_attachments_under_3_mb_go_in_one_post_and_the_smallest_stay_in_the_draft(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """Three 1.2 MB scans (4.9 MB of message): the two biggest are taken out (the rest is then
+    under 2 MiB) and each goes in one POST .../attachments (under 3 MB: no upload session); the
+    third stays in the draft's MIME."""
+    from email import policy
+    from email.message import EmailMessage
+
+    pages = [pdf_like(1_200_000 + n * 1000) for n in range(3)]
+    msg = EmailMessage()
+    msg["From"] = "scanner@corp.test"
+    msg["To"] = "bob@example.com"
+    msg["Subject"] = "three pages"
+    msg.set_content("3 pages\n")
+    for n, page in enumerate(pages):
+        msg.add_attachment(page, maintype="application", subtype="pdf", filename=f"p{n}.pdf")
+    data = msg.as_bytes(policy=policy.SMTP)
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    try:
+        await asyncio.to_thread(smtplib_send, relay, SENDER, ["bob@example.com"], data)
+
+        async def delivered() -> Any:
+            r = (await statuses(relay)).get("bob@example.com")
+            return r if r is not None and r.status == RecipientStatus.DELIVERED else None
+
+        await wait_for(delivered, timeout=30.0)
+        [sent] = graph.sent
+        assert graph.violations == [] and graph.sessions == {}
+        assert not any(c.path.endswith("/createUploadSession") for c in graph.calls)
+        got = {a["name"]: a for a in sent.attachments}
+        assert sorted(got) == ["p1.pdf", "p2.pdf"]  # the two biggest, in message order
+        assert got["p1.pdf"]["content"] == pages[1] and got["p2.pdf"]["content"] == pages[2]
+        assert all(a["direct"] and a["contentType"] == "application/pdf" for a in got.values())
+        kept = parse_mail(split_received(sent.mime)[1])
+        names = [p.get_filename() for p in kept.iter_attachments()]
+        assert names == ["p0.pdf"]
+        assert next(kept.iter_attachments()).get_content() == pages[0]
+    finally:
+        await relay.stop()

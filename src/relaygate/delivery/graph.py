@@ -27,7 +27,8 @@ large-message path: its biggest attachment parts are taken out (`relaygate.deliv
 until the rest is under 2 MiB; a draft is made from the rest (a faithful copy of its headers and
 body); each part is attached through an upload session (``POST .../messages/{id}/attachments/
 createUploadSession``, then its octets PUT to the session's pre-authenticated ``uploadUrl``, which
-never gets the token, in chunks of 3,200 KiB, a multiple of 320 KiB, with Content-Range); the
+never gets the token, in chunks of 3,200 KiB, a multiple of 320 KiB, with Content-Range), or in
+one ``POST .../attachments`` when under 3 MB (as Microsoft's documentation advises); the
 draft's recipients are set to the envelope's as above, and it is sent. A failure once the draft
 exists deletes it; 429 / 5xx / timeouts are transient (Retry-After kept), other 4xx permanent with
 Graph's error. A message that cannot be split so (a text body alone over the limit, an attachment
@@ -89,6 +90,9 @@ GRAPH_MAX_ATTACHMENT_OCTETS = 150 * 1024 * 1024
 SPLIT_TARGET_OCTETS = 2 * 1024 * 1024
 #: One PUT to an upload URL: a multiple of 320 KiB (Graph's unit), at most 4 MB.
 UPLOAD_CHUNK_OCTETS = 10 * 320 * 1024
+#: An attachment under 3 MB goes in one POST (its base64 in JSON, under the request limit), as
+#: Microsoft's documentation says; upload sessions are for 3 to 150 MB.
+DIRECT_ATTACHMENT_OCTETS = 3_000_000
 
 #: The Graph hosts of Microsoft's clouds (global, US Government L4/L5, China, Germany).
 _GRAPH_HOSTS = frozenset(
@@ -674,22 +678,27 @@ async def _upload_and_send(
 
 
 async def _attach(call: _Caller, url: str, data: bytes, part: Attachment) -> None:
-    """One file attachment through an upload session: createUploadSession, then its octets in
-    chunks to the session's uploadUrl (no bearer token there)."""
+    """One file attachment: under 3 MB, one POST of a fileAttachment; else an upload session
+    (createUploadSession, then its octets in chunks to the session's uploadUrl, which gets no
+    bearer token)."""
     content = part.content(data)
     size = len(content)
     if size > GRAPH_MAX_ATTACHMENT_OCTETS:
         raise _GraphError(_too_big(f"the attachment {part.name!r} is {size} octets"))
     item: dict[str, Any] = {
-        "attachmentType": "file",
         "name": part.name,
-        "size": size,
         "contentType": part.content_type,
         "isInline": bool(part.content_id),
     }
     if part.content_id:
         item["contentId"] = part.content_id
     try:
+        if size < DIRECT_ATTACHMENT_OCTETS:
+            item["@odata.type"] = "#microsoft.graph.fileAttachment"
+            item["contentBytes"] = base64.b64encode(content).decode("ascii")
+            await call.request("POST", f"{url}/attachments", expect=(200, 201), json_body=item)
+            return
+        item.update(attachmentType="file", size=size)
         session = await call.request(
             "POST",
             f"{url}/attachments/createUploadSession",
