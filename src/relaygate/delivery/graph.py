@@ -665,7 +665,7 @@ async def _upload_and_send(
     parts: Sequence[Attachment],
 ) -> None:
     """The large-message path: a draft of the message without `parts`, each part attached
-    through an upload session, the recipients set, the draft sent. Any failure once the draft
+    (`_attach`), the recipients set, the draft sent. Any failure once the draft
     exists deletes it; the failure's reply stands (429 / 5xx transient, other 4xx permanent)."""
     draft_id, url = await _create_draft(call, user, body, _UPLOAD_HINT)
     try:
