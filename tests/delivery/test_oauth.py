@@ -40,6 +40,9 @@ def pipelining(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
 
 
 TENANT = "11111111-2222-3333-4444-555555555555"
+#: the tenant's domain name, which oauth_tenant_id may give instead of its id: Entra ID's discovery
+#: for it answers the tenant's endpoints by id, as the real one does
+TENANT_DOMAIN = "corp.onmicrosoft.test"
 CLIENT_ID = "66666666-7777-8888-9999-000000000000"
 SECRET = "s3cr3t~value.that-must-never-leak"
 TOKEN = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.fake-access-token"
@@ -62,7 +65,8 @@ CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
 
 class FakeEntra:
-    """/{tenant}/v2.0/.well-known/openid-configuration and /{tenant}/oauth2/v2.0/token."""
+    """/{tenant}/v2.0/.well-known/openid-configuration (also by TENANT_DOMAIN) and
+    /{tenant}/oauth2/v2.0/token."""
 
     def __init__(self, cert: trustme.LeafCert) -> None:
         self.token_requests: list[dict[str, list[str]]] = []
@@ -87,7 +91,10 @@ class FakeEntra:
 
             def do_GET(self) -> None:
                 base = f"https://127.0.0.1:{owner.port}/{TENANT}"
-                if self.path.startswith(f"/{TENANT}/v2.0/.well-known/openid-configuration"):
+                if any(
+                    self.path.startswith(f"/{t}/v2.0/.well-known/openid-configuration")
+                    for t in (TENANT, TENANT_DOMAIN)
+                ):
                     self._json(
                         200,
                         {

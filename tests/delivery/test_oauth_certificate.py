@@ -33,6 +33,7 @@ from tests.delivery.test_oauth import (
     CLIENT_ASSERTION_TYPE,
     CLIENT_ID,
     TENANT,
+    TENANT_DOMAIN,
     TOKEN,
     FakeEntra,
     x5t_s256,
@@ -129,6 +130,28 @@ async def test_a_certificate_credential_signs_a_client_assertion_entra_accepts(
     # a new provider (a restart) signs a new assertion: a new jti, which the fake accepts
     assert await cert_provider(entra, cert_file, key_file)() == TOKEN
     assert len(entra.assertions) == 2 and entra.assertions[1][1]["jti"] != claims["jti"]
+
+
+async def test_the_audience_is_the_token_endpoint_msal_posts_to(
+    entra: FakeEntra, tmp_path: Path
+) -> None:
+    """oauth_tenant_id given as the tenant's domain name: Entra ID's discovery answers the token
+    endpoint by the tenant's id and msal posts there; Entra ID refuses an assertion whose aud is
+    not the endpoint it was posted to (MSAL.NET #3352; the same with login.windows.net, whose
+    discovery answers login.microsoftonline.com), so aud is the discovered endpoint, as in the
+    assertions msal signs itself."""
+    cert_file, cert, _, _ = make_certificate(tmp_path, "app")
+    entra.register(cert)
+    p = OAuthTokenProvider(
+        connector_name=NAME,
+        tenant_id=TENANT_DOMAIN,
+        client_id=CLIENT_ID,
+        certificate_file=cert_file,
+        authority_host=entra.authority_host,
+    )
+    assert await p() == TOKEN
+    [(_, claims)] = entra.assertions
+    assert claims["aud"] == entra.token_endpoint
 
 
 async def test_a_certificate_not_registered_is_refused_with_entra_s_error(

@@ -173,7 +173,8 @@ class OAuthTokenProvider:
 
     @property
     def token_endpoint(self) -> str:
-        """Entra ID's v2.0 token endpoint of the tenant: a client assertion's audience."""
+        """Entra ID's v2.0 token endpoint of the tenant as configured (a client assertion's
+        audience is the one msal discovers, by the tenant's id: see _application)."""
         return f"{self.authority}/oauth2/v2.0/token"
 
     async def invalidate(self) -> None:
@@ -207,9 +208,10 @@ class OAuthTokenProvider:
             )
         return value
 
-    def _certificate_credential(self) -> dict[str, Any]:
+    def _certificate_credential(self, audience: list[str]) -> dict[str, Any]:
         """msal's client_credential for a certificate credential: a callable that signs a new
-        client assertion (new jti, iat/nbf/exp) for each token request."""
+        client assertion (new jti, iat/nbf/exp) for each token request. `audience`: filled with
+        the token endpoint msal posts to, once its application has discovered it."""
         from relaygate.delivery.entra_certificate import (
             CertificateCredentialError,
             load_certificate_credential,
@@ -221,11 +223,14 @@ class OAuthTokenProvider:
             credential = load_certificate_credential(self.certificate_file, self.key_file)
         except CertificateCredentialError as exc:
             raise TokenError(f"send connector {self.connector_name!r}: {exc}") from None
-        client_id, audience = self.client_id, self.token_endpoint
+        client_id, fallback = self.client_id, self.token_endpoint
 
         def assertion() -> str:
             return sign_client_assertion(
-                credential, client_id=client_id, audience=audience, now=time.time()
+                credential,
+                client_id=client_id,
+                audience=audience[0] if audience else fallback,
+                now=time.time(),
             )
 
         return {"client_assertion": assertion}
@@ -235,17 +240,23 @@ class OAuthTokenProvider:
             import msal  # imported on first use: only XOAUTH2 connectors need it
 
             known = (urlsplit(self.authority).hostname or "") in _KNOWN_HOSTS
-            self._app = msal.ConfidentialClientApplication(
+            # A client assertion's aud must be the token endpoint it is posted to: the one Entra
+            # ID's discovery gives (by the tenant's id, on login.microsoftonline.com for the
+            # login.windows.net alias), not one built from oauth_tenant_id, as msal's own do.
+            audience: list[str] = []
+            app = msal.ConfidentialClientApplication(
                 self.client_id,
                 client_credential=(
                     self._secret()
                     if self.certificate_file is None
-                    else self._certificate_credential()
+                    else self._certificate_credential(audience)
                 ),
                 authority=self.authority,
                 validate_authority=known,
                 instance_discovery=known,
             )
+            audience.append(str(app.authority.token_endpoint))
+            self._app = app
         return self._app
 
     def _acquire(self) -> str:
