@@ -119,7 +119,9 @@ async def test_a_certificate_credential_signs_a_client_assertion_entra_accepts(
     assert form["client_assertion_type"] == [CLIENT_ASSERTION_TYPE]
     assert "client_secret" not in form
     [(header, claims)] = entra.assertions  # the fake verified the signature, aud, iss, exp, jti
-    assert header["alg"] == "RS256" and header["typ"] == "JWT"
+    # Microsoft's "certificate credentials" page today: alg "Should be PS256" (PSS padding), as
+    # msal signs its own for Entra ID; the fake verified PSS with a 32-byte salt (RFC 7518 3.5)
+    assert header["alg"] == "PS256" and header["typ"] == "JWT"
     assert header["x5t#S256"] == x5t_s256(cert)
     assert header["x5t"] == _b64(cert.fingerprint(hashes.SHA1()))
     assert claims["aud"] == entra.token_endpoint

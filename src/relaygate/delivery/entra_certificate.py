@@ -5,8 +5,10 @@ token request then carries ``client_assertion_type=urn:ietf:params:oauth:client-
 jwt-bearer`` and ``client_assertion``, a JWT (Microsoft identity platform, "certificate
 credentials"; RFC 7523):
 
-* header ``alg`` RS256, ``typ`` JWT, ``x5t#S256`` (base64url SHA-256 of the certificate's DER) and
-  ``x5t`` (the SHA-1 one, which Entra ID also accepts; AD FS knows only that one);
+* header ``alg`` PS256 (RSASSA-PSS with SHA-256, salt as long as the hash: RFC 7518 3.5; the page
+  says it "Should be PS256", and msal signs its own so for Entra ID), ``typ`` JWT, ``x5t#S256``
+  (base64url SHA-256 of the certificate's DER) and ``x5t`` (the SHA-1 one, which Entra ID also
+  accepts);
 * claims ``aud`` = the tenant's token endpoint, ``iss`` = ``sub`` = the client (application) id,
   ``jti`` unique, ``nbf`` = ``iat`` = now, ``exp`` ten minutes later.
 
@@ -125,7 +127,7 @@ def load_certificate_credential(
         )
     if not isinstance(key, rsa.RSAPrivateKey):
         raise CertificateCredentialError(
-            f"{key_where}: the private key is not an RSA key (Entra ID's RS256 needs one)"
+            f"{key_where}: the private key is not an RSA key (Entra ID's PS256 needs one)"
         )
     public = certificate.public_key()
     if not isinstance(public, rsa.RSAPublicKey) or (
@@ -151,11 +153,11 @@ def load_certificate_credential(
 def sign_client_assertion(
     credential: CertificateCredential, *, client_id: str, audience: str, now: float
 ) -> str:
-    """The RS256 client assertion for one token request (a new jti each time)."""
+    """The PS256 client assertion for one token request (a new jti each time)."""
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import padding
 
-    header = {"alg": "RS256", "typ": "JWT", "x5t#S256": credential.x5t_s256, "x5t": credential.x5t}
+    header = {"alg": "PS256", "typ": "JWT", "x5t#S256": credential.x5t_s256, "x5t": credential.x5t}
     issued = int(now)
     claims = {
         "aud": audience,
@@ -172,6 +174,8 @@ def sign_client_assertion(
         + _b64(json.dumps(claims, separators=(",", ":")).encode())
     )
     signature = credential.private_key.sign(
-        signing_input.encode("ascii"), padding.PKCS1v15(), hashes.SHA256()
+        signing_input.encode("ascii"),
+        padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.DIGEST_LENGTH),
+        hashes.SHA256(),
     )
     return signing_input + "." + _b64(signature)
