@@ -69,12 +69,15 @@ def _entra_credential(s: Any) -> bool:
 
 
 def certificate_refs(config: Any) -> list[CertificateRef]:
-    """Every certificate file the running relay uses: the server's listener certificate, the
-    enabled receive connectors' own, the enabled send connectors' client certificates (SMTP
-    delivery) and Entra ID certificate credentials."""
+    """Every certificate file the running relay uses: the server's listener certificate (while an
+    enabled receive connector has none of its own: it is theirs), the enabled receive connectors'
+    own, the enabled send connectors' client certificates (SMTP delivery) and Entra ID certificate
+    credentials."""
     refs: list[CertificateRef] = []
     server = config.server
-    if server.tls_certificate_file is not None:
+    if server.tls_certificate_file is not None and any(
+        c.enabled and c.tls_certificate_file is None for c in config.receive_connectors
+    ):
         refs.append(
             CertificateRef(
                 LISTENER, str(server.name), "", "server.tls_certificate_file",

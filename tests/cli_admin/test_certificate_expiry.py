@@ -34,8 +34,8 @@ def _not_after(path: Path) -> float:
 
 
 def write_config(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
-    """A config whose listener certificate expires in 10 days, whose receive connector's own
-    certificate expired 5 days ago, whose send connector's client certificate expires in a year
+    """A config whose listener certificate (of its second receive connector, which has none of
+    its own) expires in 10 days, whose first receive connector's own certificate expired 5 days ago, whose send connector's client certificate expires in a year
     and whose Entra ID certificate credential expires in 10 days."""
     d = tmp_path / "certs"
     listener, _, listener_key, _ = make_certificate(d, "listener", days=10, key_apart=True)
@@ -67,6 +67,11 @@ auth_username = "relay@corp.test"
 oauth_tenant_id = "{TENANT}"
 oauth_client_id = "{CLIENT_ID}"
 oauth_client_certificate_file = "{entra}"
+
+[[receive_connectors]]
+name = "Scanners"
+bindings = ["127.0.0.1:{free_port()}"]
+remote_ip_ranges = ["127.0.0.2"]
 """,
     )
     text = text.replace(
@@ -165,6 +170,48 @@ def test_an_unreadable_certificate_is_left_to_check(tmp_path: Path) -> None:
     files["entra"].unlink()
     expiries = read_expiries(load_config(config_file))
     assert {e.ref.use for e in expiries} == {"listener", "smtp_client"}
+
+
+def test_the_server_certificate_counts_only_while_a_receive_connector_uses_it(
+    tmp_path: Path,
+) -> None:
+    """server.tls_certificate_file is the certificate of the enabled receive connectors that have
+    none of their own (smtp/tls.py server_context): with each of them holding its own, the old
+    expired server certificate left in the file is used by nothing, and is no finding (a high one
+    made `audit` exit 1) nor a metric to alert on."""
+    d = tmp_path / "certs"
+    server, _, server_key, _ = make_certificate(d, "server", days=-5, key_apart=True)
+    own, _, own_key, _ = make_certificate(d, "own", days=365, key_apart=True)
+    text = make_config_text(
+        tmp_path / "data", smtp_port=free_port(), admin_port=free_port(), routes={}
+    )
+    text = text.replace(
+        'fqdn = "relay.test"\n',
+        f'fqdn = "relay.test"\ntls_certificate_file = "{server}"\ntls_key_file = "{server_key}"\n',
+        1,
+    ).replace(
+        'protocol_logging_level = "Verbose"\n',
+        'protocol_logging_level = "Verbose"\n'
+        f'tls_certificate_file = "{own}"\ntls_key_file = "{own_key}"\n',
+        1,
+    )
+    other = f"""
+[[receive_connectors]]
+name = "Scanners"
+enabled = {{enabled}}
+bindings = ["127.0.0.1:{free_port()}"]
+remote_ip_ranges = ["127.0.0.2"]
+"""
+    config_file = tmp_path / "relaygate.toml"
+    for enabled, used in (("false", False), ("true", True)):
+        config_file.write_text(text + other.format(enabled=enabled), encoding="utf-8")
+        config = load_config(config_file)
+        expiries = read_expiries(config)
+        keys = {e.ref.key for e in expiries}
+        assert ("server.tls_certificate_file" in keys) is used, enabled
+        codes = {f.key: f.code for f in audit(config, certificates=expiries)}
+        assert (codes.get("server.tls_certificate_file") == "certificate-expired") is used
+        assert "receive_connectors[0].tls_certificate_file" not in codes  # valid a year
 
 
 # -------------------------------------------------------------------- /metrics, reload, dashboard
