@@ -232,6 +232,30 @@ async def test_an_unusable_credential_file_names_the_file_and_sends_nothing(
     assert entra.token_requests == []
 
 
+def test_a_pfx_given_by_mistake_is_named_with_the_conversion(tmp_path: Path) -> None:
+    """Windows exports the app's certificate as a .pfx (or a DER .cer): the error says the file is
+    not PEM and how to convert it, not only that no PEM certificate was found."""
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    from relaygate.delivery.entra_certificate import (
+        CertificateCredentialError,
+        load_certificate_credential,
+    )
+
+    _, cert, _, key = make_certificate(tmp_path, "app")
+    pfx = tmp_path / "app.pfx"
+    pfx.write_bytes(
+        pkcs12.serialize_key_and_certificates(b"app", key, cert, None, serialization.NoEncryption())
+    )
+    der = tmp_path / "app.cer"
+    der.write_bytes(cert.public_bytes(serialization.Encoding.DER))
+    for path in (pfx, der):
+        with pytest.raises(CertificateCredentialError) as info:
+            load_certificate_credential(path)
+        text = str(info.value)
+        assert str(path) in text and "not PEM" in text and "openssl pkcs12" in text
+
+
 # ----------------------------------------------------------------- the fake refuses a wrong one
 
 

@@ -97,8 +97,14 @@ def load_certificate_credential(
     try:
         certificate = x509.load_pem_x509_certificates(raw)[0]
     except (ValueError, IndexError):
+        hint = (
+            ""
+            if b"-----BEGIN" in raw
+            else " (it is not PEM: a .pfx/.p12 or DER .cer? convert it with "
+            "openssl pkcs12 -in app.pfx -nodes -out app.pem, or openssl x509 -inform der)"
+        )
         raise CertificateCredentialError(
-            f"{where}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+            f"{where}: holds no PEM certificate (-----BEGIN CERTIFICATE-----){hint}"
         ) from None
     if key_file is not None:
         key_path = Path(key_file)
