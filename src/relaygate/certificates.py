@@ -68,15 +68,22 @@ def _entra_credential(s: Any) -> bool:
     )
 
 
+def _offers_tls(c: Any) -> bool:
+    """An enabled receive connector with 'Tls' in auth_mechanism (STARTTLS, or implicit TLS,
+    which needs it too): the only ones a listener certificate serves."""
+    return bool(c.enabled and "Tls" in c.auth_mechanism)
+
+
 def certificate_refs(config: Any) -> list[CertificateRef]:
     """Every certificate file the running relay uses: the server's listener certificate (while an
-    enabled receive connector has none of its own: it is theirs), the enabled receive connectors'
-    own, the enabled send connectors' client certificates (SMTP delivery) and Entra ID certificate
+    enabled receive connector with TLS has none of its own: it is theirs), the own one of the
+    enabled receive connectors with TLS ('Tls' in auth_mechanism: STARTTLS or implicit TLS), the
+    enabled send connectors' client certificates (SMTP delivery) and Entra ID certificate
     credentials."""
     refs: list[CertificateRef] = []
     server = config.server
     if server.tls_certificate_file is not None and any(
-        c.enabled and c.tls_certificate_file is None for c in config.receive_connectors
+        _offers_tls(c) and c.tls_certificate_file is None for c in config.receive_connectors
     ):
         refs.append(
             CertificateRef(
@@ -85,7 +92,7 @@ def certificate_refs(config: Any) -> list[CertificateRef]:
             )
         )  # fmt: skip
     for i, c in enumerate(config.receive_connectors):
-        if c.enabled and c.tls_certificate_file is not None:
+        if _offers_tls(c) and c.tls_certificate_file is not None:
             refs.append(
                 CertificateRef(
                     LISTENER, c.name, c.name, f"receive_connectors[{i}].tls_certificate_file",

@@ -35,7 +35,8 @@ def _not_after(path: Path) -> float:
 
 def write_config(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
     """A config whose listener certificate (of its second receive connector, which has none of
-    its own) expires in 10 days, whose first receive connector's own certificate expired 5 days ago, whose send connector's client certificate expires in a year
+    its own) expires in 10 days, whose first receive connector's own certificate (it offers
+    STARTTLS) expired 5 days ago, whose send connector's client certificate expires in a year
     and whose Entra ID certificate credential expires in 10 days."""
     d = tmp_path / "certs"
     listener, _, listener_key, _ = make_certificate(d, "listener", days=10, key_apart=True)
@@ -74,15 +75,19 @@ bindings = ["127.0.0.1:{free_port()}"]
 remote_ip_ranges = ["127.0.0.2"]
 """,
     )
-    text = text.replace(
-        'fqdn = "relay.test"\n',
-        f'fqdn = "relay.test"\ntls_certificate_file = "{listener}"\ntls_key_file = "{listener_key}"\n',
-        1,
-    ).replace(
-        'protocol_logging_level = "Verbose"\n',
-        'protocol_logging_level = "Verbose"\n'
-        f'tls_certificate_file = "{own}"\ntls_key_file = "{own_key}"\n',
-        1,
+    text = (
+        text.replace(
+            'fqdn = "relay.test"\n',
+            f'fqdn = "relay.test"\ntls_certificate_file = "{listener}"\ntls_key_file = "{listener_key}"\n',
+            1,
+        )
+        .replace('auth_mechanism = ["None"]', 'auth_mechanism = ["Tls"]', 1)
+        .replace(
+            'protocol_logging_level = "Verbose"\n',
+            'protocol_logging_level = "Verbose"\n'
+            f'tls_certificate_file = "{own}"\ntls_key_file = "{own_key}"\n',
+            1,
+        )
     )
     config_file = tmp_path / "relaygate.toml"
     config_file.write_text(text, encoding="utf-8")
@@ -212,6 +217,44 @@ remote_ip_ranges = ["127.0.0.2"]
         codes = {f.key: f.code for f in audit(config, certificates=expiries)}
         assert (codes.get("server.tls_certificate_file") == "certificate-expired") is used
         assert "receive_connectors[0].tls_certificate_file" not in codes  # valid a year
+
+
+def test_a_receive_connector_without_tls_holds_no_certificate(tmp_path: Path) -> None:
+    """A receive connector offers STARTTLS (or implicit TLS) only with 'Tls' in auth_mechanism:
+    without it, neither its own tls_certificate_file nor the server's is used for it, and an
+    expired one is no certificate-expired finding (which made `audit` exit 1)."""
+    d = tmp_path / "certs"
+    server, _, server_key, _ = make_certificate(d, "server", days=-5, key_apart=True)
+    own, _, own_key, _ = make_certificate(d, "own", days=-5, key_apart=True)
+    text = make_config_text(
+        tmp_path / "data", smtp_port=free_port(), admin_port=free_port(), routes={}
+    )
+    assert 'auth_mechanism = ["None"]' in text  # the helper's connector: no TLS
+    text = text.replace(
+        'fqdn = "relay.test"\n',
+        f'fqdn = "relay.test"\ntls_certificate_file = "{server}"\ntls_key_file = "{server_key}"\n',
+        1,
+    ).replace(
+        'protocol_logging_level = "Verbose"\n',
+        'protocol_logging_level = "Verbose"\n'
+        f'tls_certificate_file = "{own}"\ntls_key_file = "{own_key}"\n',
+        1,
+    )
+    other = f"""
+[[receive_connectors]]
+name = "Scanners"
+auth_mechanism = {{mechanism}}
+bindings = ["127.0.0.1:{free_port()}"]
+remote_ip_ranges = ["127.0.0.2"]
+"""
+    config_file = tmp_path / "relaygate.toml"
+    for mechanism, used in (('["None"]', False), ('["Tls"]', True)):
+        config_file.write_text(text + other.format(mechanism=mechanism), encoding="utf-8")
+        config = load_config(config_file)
+        expiries = read_expiries(config)
+        codes = {f.key: f.code for f in audit(config, certificates=expiries)}
+        assert "receive_connectors[0].tls_certificate_file" not in codes, mechanism
+        assert (codes.get("server.tls_certificate_file") == "certificate-expired") is used
 
 
 # -------------------------------------------------------------------- /metrics, reload, dashboard
