@@ -401,3 +401,39 @@ def test_a_reload_to_pseudonymize_without_a_usable_key_keeps_the_running_setting
         c.sendmail(SENDER, [RECIPIENT], b"Subject: t\r\n\r\nhi\r\n")
     node.relay.protocol_log.flush()
     assert "alice.sender@corp.example" in node.protocol_log_text().lower()
+
+
+def test_a_long_subject_without_an_address_does_not_stall_the_relay(relay, sink):  # noqa: F811
+    """The address pattern was tried from every character of a run of local-part characters, each
+    try running to the end of the run: quadratic in the run's length, in one C call that holds the
+    GIL. A 60,000-character word in a Subject (which has "@" somewhere) stopped the whole relay,
+    event loop included, for about 20 s while the tracking log's flush thread masked the line."""
+    node = start(relay, sink, log_address_privacy="mask")
+    subject = "x" * 60_000 + " @ LONG-1"
+    send(node, "LONG-1", subject=subject, refused=False)
+    time.sleep(0.5)  # the flush thread (every 0.2 s) has the RECEIVE line
+    began = time.monotonic()
+    with node.smtp("127.0.0.5", timeout=5) as c:
+        assert c.noop()[0] == 250
+    assert time.monotonic() - began < 2
+    rows = wait_for_rows(node, sent("LONG-1"), timeout=10)
+    assert next(r for r in rows if r["event-id"] == "SEND")["message-subject"] == subject
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["x" * 60_000 + " @x", "<" + "x" * 60_000 + " @x", '"' + '\\"' * 30_000 + " @x"],
+    ids=["run", "bracket", "escaped-quotes"],
+)
+def test_the_address_pattern_is_linear_in_the_text(text: str) -> None:
+    """The same, for each way the pattern could start over (all took 10 s and more)."""
+    from relaygate.logs.privacy import AddressPrivacy
+
+    for privacy in (AddressPrivacy("mask"), AddressPrivacy("pseudonymize", b"k" * 32)):
+        began = time.monotonic()
+        assert privacy.text(text) == text
+        assert time.monotonic() - began < 0.5
+    assert (
+        AddressPrivacy("mask").text('x "a b"@c.example <d@e.example>')
+        == "x a***@c.example <d***@e.example>"
+    )
