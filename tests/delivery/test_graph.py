@@ -1242,3 +1242,40 @@ async def test_attachments_under_3_mb_go_in_one_post_and_the_smallest_stay_in_th
         assert next(kept.iter_attachments()).get_content() == pages[0]
     finally:
         await relay.stop()
+
+
+async def test_graph_s_service_log_lines_follow_log_address_privacy(
+    graph: FakeGraph,
+    entra: FakeEntra,
+    ca_file: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The mailbox Graph sends as is the envelope sender when no graph_mailbox / send_as is set:
+    the service log's lines about a refused token and a failed send named it in clear with
+    server.log_address_privacy = "mask"."""
+    from relaygate.app import Relay
+    from tests.queue_manager.helpers import free_port, make_config_text
+
+    graph.script = lambda call: graph_error(
+        401, "InvalidAuthenticationToken", "Access token has expired."
+    )
+    text = make_config_text(
+        tmp_path / "data",
+        smtp_port=free_port(),
+        admin_port=free_port(),
+        routes={},
+        extra=graph_connector(graph, entra, ca_file),
+    ).replace("[server]\n", '[server]\nlog_address_privacy = "mask"\n', 1)
+    relay = Relay(parse_text(text, "<test>"))
+    with caplog.at_level("INFO", logger="relaygate.delivery"):
+        await relay.start()
+        try:
+            data = b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n"
+            assert (await send(relay, SENDER, ["bob@example.com"], data))[0] == 250
+            await wait_for(lambda: "Microsoft Graph delivery as" in caplog.text, timeout=15.0)
+        finally:
+            await relay.stop()
+    assert "Microsoft Graph refused the token for s***@corp.test" in caplog.text
+    assert "Microsoft Graph delivery as s***@corp.test failed: " in caplog.text
+    assert "scanner@" not in caplog.text

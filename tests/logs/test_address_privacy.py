@@ -437,3 +437,31 @@ def test_the_address_pattern_is_linear_in_the_text(text: str) -> None:
         AddressPrivacy("mask").text('x "a b"@c.example <d@e.example>')
         == "x a***@c.example <d***@e.example>"
     )
+
+
+def test_a_next_hop_s_temporary_refusal_quoting_the_address_is_masked_in_the_service_log(
+    relay,  # noqa: F811
+    sink,
+):
+    """Greylisting: the next hop answers every RCPT with "450 4.2.0 <address>: ... Greylisted".
+    The delivery client's service-log line about the failed hop (written at every retry) had the
+    recipient in clear while the tracking log's DEFER line had it masked."""
+
+    class Greylisting(Sink):
+        async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # type: ignore[no-untyped-def]
+            return f"450 4.2.0 <{address}>: Recipient address rejected: Greylisted"
+
+    grey = Greylisting()
+    grey.controller.start()
+    try:
+        node = start(relay, grey, log_address_privacy="mask")
+        with node.smtp("127.0.0.5") as c:
+            c.sendmail(SENDER, ["grey.listed@corp.example"], b"Subject: GREY-1\r\n\r\nGREY-1\r\n")
+        rows = wait_for_rows(node, lambda rs: any(r["event-id"] == "DEFER" for r in rs))
+        defer = next(r for r in rows if r["event-id"] == "DEFER")
+        assert "<g***@corp.example>: Recipient address rejected" in defer["recipient-status"][0]
+        service = node.stderr_path.read_text()
+        assert "<g***@corp.example>: Recipient address rejected: Greylisted" in service, service
+        assert "grey.listed" not in service
+    finally:
+        grey.controller.stop()

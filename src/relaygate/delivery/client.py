@@ -67,6 +67,7 @@ from relaygate.delivery.nexthop import NextHop
 from relaygate.delivery.oauth import TokenError
 from relaygate.delivery.pipeline import ReplyReader
 from relaygate.delivery.wire import dot_stuff, header_is_ascii, prepare_data
+from relaygate.logs.privacy import AddressPrivacy
 from relaygate.replies import (
     AUTH_NEEDS_TLS,
     AUTH_NOT_OFFERED,
@@ -1044,6 +1045,7 @@ async def deliver(
     crlf_only: bool = False,
     size: int | None = None,
     smtputf8: bool = False,
+    log_privacy: AddressPrivacy | None = None,
 ) -> DeliveryOutcome:
     """Deliver one message to the first hop that takes it.
 
@@ -1056,6 +1058,8 @@ async def deliver(
     added cannot push a message over the limit that routing chose the connector by.
     smtputf8: the client declared SMTPUTF8; the message then needs a next hop that offers it if
     its header has UTF-8 in it (else it goes as usual, as Postfix does; RFC 6531 §3.2).
+    log_privacy: ``server.log_address_privacy`` for the service log's line about a failed hop (a
+    next hop's reply often quotes the address: "450 4.2.0 <bob@...>: ... Greylisted").
     """
     rcpt_list = list(dict.fromkeys(recipients))
     outcome = DeliveryOutcome(per_recipient={})
@@ -1114,7 +1118,12 @@ async def deliver(
                 hop, connector, helo_name, credentials, t, env, pending, pool
             )
         except _HopFailed as failure:
-            log.info("delivery via %s failed: %s", hop.label, failure.reply.line())
+            line = failure.reply.line()
+            log.info(
+                "delivery via %s failed: %s",
+                hop.label,
+                line if log_privacy is None else log_privacy.text(line),
+            )
             outcome.transcript_errors.append(f"{hop.label}: {failure.reply.line()}")
             if primary is None:
                 primary = failure.reply

@@ -55,6 +55,7 @@ from urllib.parse import quote, urlsplit
 
 from relaygate.delivery.mime_split import Attachment, Split, Unsplittable, split_attachments
 from relaygate.delivery.oauth import DEFAULT_SCOPE, TokenError
+from relaygate.logs.privacy import AddressPrivacy
 from relaygate.replies import Reply
 
 __all__ = [
@@ -428,8 +429,11 @@ class GraphTransport:
         recipients: Iterable[str],
         data: bytes,
         timeout: float,
+        log_privacy: AddressPrivacy | None = None,
     ) -> GraphOutcome:
-        """One attempt for `recipients` through Graph (see the module docstring)."""
+        """One attempt for `recipients` through Graph (see the module docstring).
+        ``log_privacy``: ``server.log_address_privacy`` for the service log's lines, which name the
+        mailbox (the envelope sender when no graph_mailbox or send_as is set)."""
         self._busy += 1
         self._idle.clear()
         try:
@@ -440,6 +444,7 @@ class GraphTransport:
                 recipients=recipients,
                 data=data,
                 timeout=timeout,
+                log_privacy=log_privacy,
             )
         finally:
             self._busy -= 1
@@ -455,6 +460,7 @@ class GraphTransport:
         recipients: Iterable[str],
         data: bytes,
         timeout: float,
+        log_privacy: AddressPrivacy | None = None,
     ) -> GraphOutcome:
         rcpts = list(dict.fromkeys(recipients))
         host = graph_host(connector)
@@ -482,6 +488,7 @@ class GraphTransport:
         client = await self._client(connector)
         base = str(getattr(connector, "graph_endpoint", "") or DEFAULT_ENDPOINT).rstrip("/")
         user = f"{base}/users/{quote(mailbox, safe='@')}"
+        logged = mailbox if log_privacy is None else log_privacy.text(mailbox)
         refreshed = False
         while True:
             try:
@@ -506,10 +513,13 @@ class GraphTransport:
             except _GraphError as failure:
                 if failure.status == 401 and not refreshed:
                     refreshed = True
-                    log.info("Microsoft Graph refused the token for %s; asking a new one", mailbox)
+                    log.info("Microsoft Graph refused the token for %s; asking a new one", logged)
                     await _invalidate(token_provider)
                     continue
-                log.info("Microsoft Graph delivery as %s failed: %s", mailbox, failure.reply.line())
+                line = failure.reply.line()
+                if log_privacy is not None:
+                    line = log_privacy.text(line)
+                log.info("Microsoft Graph delivery as %s failed: %s", logged, line)
                 outcome.errors.append(f"{host}: {failure.reply.line()}")
                 outcome.retry_after = failure.retry_after
                 return every(failure.reply)

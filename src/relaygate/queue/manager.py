@@ -936,6 +936,7 @@ class QueueManager:
             recipients=addrs,
             data=data,
             timeout=timeout,
+            log_privacy=self.log_privacy,
         )
         retry_at = None if outcome.retry_after is None else self.clock() + outcome.retry_after
         out = []
@@ -1014,6 +1015,7 @@ class QueueManager:
             crlf_only=crlf_only,
             size=msg.size,
             smtputf8=msg.metadata.get(SMTPUTF8) == "1",
+            log_privacy=self.log_privacy,
         )
         host, ip = _split_hop(outcome_.hop_used)
         if not host and outcome_.transcript_errors:
