@@ -17,6 +17,7 @@ fields, and the ``<message-id> [InternalId=...]`` of the protocol log's ``250 2.
 
 from __future__ import annotations
 
+import email.header
 import hashlib
 import hmac
 import os
@@ -53,6 +54,28 @@ _ADDRESS = re.compile(
     rf"@(?P<domain>\[[^\]\s]*\]|[^{_DELIMS}]+)"
 )
 _KEY_TEXT = re.compile(r"^[0-9a-f]{64}$")
+# A run of RFC 2047 encoded words (the white space between two of them is not part of the text).
+# Matched here, not by email.header.decode_header on the whole value: its pattern is quadratic on
+# a long run of unterminated "=?a?q? " (a 100 KB Subject: 17 s).
+_WORD = r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?="
+_ENCODED_WORDS = re.compile(rf"{_WORD}(?:\s+{_WORD})*")
+
+
+def _decoded(m: re.Match[str]) -> str:
+    try:
+        parts = email.header.decode_header(m.group())
+    except Exception:  # bad base64...: as it is
+        return m.group()
+    out = []
+    for part, charset in parts:
+        if isinstance(part, str):
+            out.append(part)
+            continue
+        try:
+            out.append(part.decode(charset or "ascii", "replace"))
+        except LookupError:  # a charset Python does not know: its ASCII is still readable
+            out.append(part.decode("utf-8", "replace"))
+    return "".join(out)
 
 
 class PrivacyKeyError(Exception):
@@ -79,6 +102,19 @@ class AddressPrivacy:
         if "@" not in value:
             return value
         return _ADDRESS.sub(self._sub, value)
+
+    def header_text(self, value: str) -> str:
+        """``text`` for a header's raw value (the tracking log's subject): RFC 2047 encoded words
+        (``=?utf-8?b?...?=``, a subject with a non-ASCII character) can hold an address that
+        ``text`` cannot see. A value whose decoded text has an address is returned decoded, with
+        the addresses rewritten; any other as ``text`` returns it."""
+        if "=?" in value:
+            decoded = _ENCODED_WORDS.sub(_decoded, value)
+            if decoded != value and "@" in decoded:
+                rewritten = self.text(decoded)
+                if rewritten != decoded:
+                    return rewritten
+        return self.text(value)
 
     def pseudonym(self, address: str) -> str:
         """The local part ``address``'s pseudonym has (``h-`` and 12 hex digits)."""

@@ -123,14 +123,15 @@ def _formatter(privacy: AddressPrivacy | None, subject_logging: bool) -> Callabl
     if privacy is None and subject_logging:
         return _format_line
     text = privacy.text if privacy is not None else None
+    header_text = privacy.header_text if privacy is not None else None
 
     def format_line(record: tuple) -> str:
         values = list(record[1])
         if not subject_logging:
             values[_SUBJECT] = ""
-        if text is not None:
+        if text is not None and header_text is not None:
             for i in _PRIVATE:
-                values[i] = text(values[i])
+                values[i] = header_text(values[i]) if i == _SUBJECT else text(values[i])
         return _format_line((record[0], values))
 
     return format_line
