@@ -505,3 +505,27 @@ def test_an_address_in_an_encoded_subject_is_rewritten(relay, sink):  # noqa: F8
     assert got["ENC-N"]["message-subject"] == subjects["ENC-N"]  # as before: no address in it
     texts = "".join(log_texts(node).values())
     assert b64[:24] not in texts and "dave=2Esubject" not in texts
+
+
+@pytest.mark.parametrize("mode", ["mask", "pseudonymize"])
+def test_a_path_without_a_domain_is_rewritten_too(relay, sink, mode):  # noqa: F811
+    """A device set up with a bare name as its recipient or sender ("RCPT TO:<carol.refused>", no
+    domain) is refused with 501, and the protocol log had the name in clear: the pattern needed an
+    "@". A bracketed path after "FROM:" / "TO:" is now rewritten whatever it holds (never "<>")."""
+    node = start(relay, sink, log_address_privacy=mode)
+    with node.raw("127.0.0.5") as c:
+        c.expect(220)
+        c.cmd("EHLO device.corp.example", 250)
+        c.cmd("MAIL FROM:<alice.sender>", 501)
+        c.cmd("MAIL FROM:<>", 250)
+        c.cmd("RCPT TO:<carol.refused>", 501)
+        c.cmd("RCPT TO:<bob.recipient@partner.example>", 250)
+        c.cmd("QUIT", 221)
+    text = node.protocol_log_text()
+    assert "MAIL FROM:<>," in text
+    for local in LOCAL_PARTS:
+        assert local not in text.lower(), f"{local} written in the protocol log"
+    if mode == "mask":
+        assert "MAIL FROM:<a***>," in text and "RCPT TO:<c***>," in text
+    else:
+        assert re.search(r"RCPT TO:<h-[0-9a-f]{12}>,", text), text

@@ -52,6 +52,8 @@ _ADDRESS = re.compile(
     rf"(?P<msgid><[^<>\s]*>)(?= \[InternalId=)"
     rf"|(?P<local>(?<!\\)\"(?:[^\"\\\r\n]|\\.)*\"|(?<![^{_DELIMS}])[^{_DELIMS}]+)"
     rf"@(?P<domain>\[[^\]\s]*\]|[^{_DELIMS}]+)"
+    # a path without a domain ("RCPT TO:<john.smith>", a device set up without one: a 501)
+    rf"|(?:(?<=:<)|(?<=: <))(?P<bare>[^<>@\s]+)(?=>)"
 )
 _KEY_TEXT = re.compile(r"^[0-9a-f]{64}$")
 # A run of RFC 2047 encoded words (the white space between two of them is not part of the text).
@@ -99,7 +101,7 @@ class AddressPrivacy:
 
     def text(self, value: str) -> str:
         """``value`` with every address in it rewritten (the rest unchanged)."""
-        if "@" not in value:
+        if "@" not in value and ":<" not in value and ": <" not in value:
             return value
         return _ADDRESS.sub(self._sub, value)
 
@@ -125,7 +127,8 @@ class AddressPrivacy:
     def _mask(m: re.Match[str]) -> str:
         local = m.group("local")
         if local is None:
-            return m.group("msgid")
+            bare = m.group("bare")
+            return m.group("msgid") if bare is None else f"{bare[:1]}***"
         first = local[1:2] if local[:1] == '"' else local[:1]
         if first == '"':
             first = ""
@@ -134,7 +137,8 @@ class AddressPrivacy:
     def _pseudonym(self, m: re.Match[str]) -> str:
         local = m.group("local")
         if local is None:
-            return m.group("msgid")
+            bare = m.group("bare")
+            return m.group("msgid") if bare is None else self.pseudonym(bare)
         domain = m.group("domain")
         return f"{self.pseudonym(f'{local}@{domain}')}@{domain}"
 
