@@ -529,3 +529,97 @@ def test_a_path_without_a_domain_is_rewritten_too(relay, sink, mode):  # noqa: F
         assert "MAIL FROM:<a***>," in text and "RCPT TO:<c***>," in text
     else:
         assert re.search(r"RCPT TO:<h-[0-9a-f]{12}>,", text), text
+
+
+class RawNextHop:
+    """A next hop that answers every RCPT with `rcpt_reply` (bytes: not always UTF-8, as aiosmtplib
+    reads them: undecodable bytes become surrogates)."""
+
+    def __init__(self, rcpt_reply: bytes) -> None:
+        import socket
+
+        self.rcpt_reply = rcpt_reply
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    def _session(self, conn: Any) -> None:
+        with conn:
+            conn.settimeout(10)
+            f = conn.makefile("rb")
+            conn.sendall(b"220 hop.example ESMTP\r\n")
+            for line in f:
+                verb = line[:4].upper()
+                if verb in (b"EHLO", b"HELO"):
+                    conn.sendall(b"250 hop.example\r\n")
+                elif verb == b"RCPT":
+                    conn.sendall(self.rcpt_reply + b"\r\n")
+                elif verb == b"QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    conn.sendall(b"250 ok\r\n")
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+async def test_a_next_hop_reply_that_is_not_utf8_is_pseudonymized(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A next hop's reply with a byte that is not UTF-8 in an address ("<gr\\xfcn@...>" from a
+    Latin-1 host; aiosmtplib reads it as a lone surrogate): the pseudonym's HMAC encoded the text
+    as strict UTF-8 and raised. The tracking log's flush thread lost the whole batch (the DEFER
+    line and every line written with it), and the delivery client's service-log line raised out
+    of the attempt (an internal error instead of the hop's reply, no failover)."""
+    from relaygate.delivery.client import deliver
+    from relaygate.delivery.nexthop import NextHop
+    from relaygate.logs.privacy import AddressPrivacy
+    from relaygate.logs.tracking import TrackingLog, search
+    from tests.delivery.helpers import Connector
+
+    privacy = AddressPrivacy("pseudonymize", b"k" * 32)
+    hop = RawNextHop(b"450 4.2.0 <gr\xfcn.user@corp.example>: Recipient address rejected: later")
+    try:
+        with caplog.at_level("INFO", logger="relaygate.delivery"):
+            outcome = await deliver(
+                [
+                    NextHop(
+                        host="hop.example", ip="127.0.0.1", port=hop.port, tls_name="hop.example"
+                    )
+                ],
+                connector=Connector(),
+                helo_name="relay.corp.example",
+                sender=SENDER,
+                recipients=["gruen.user@corp.example"],
+                data=b"Subject: x\r\n\r\nx\r\n",
+                timeout=5.0,
+                log_privacy=privacy,
+            )
+    finally:
+        hop.stop()
+    reply = outcome.per_recipient["gruen.user@corp.example"]
+    assert reply.code == 451 and 'responded with: "450 4.2.0 <gr' in reply.text, reply
+    assert re.search(r"failed: 450 4\.2\.0 <h-[0-9a-f]{12}@corp\.example>: Recipient", caplog.text)
+
+    with TrackingLog(tmp_path / "t", server_name="R", privacy=privacy) as log:
+        log.write("RECEIVE", "SMTP", recipients=["gruen.user@corp.example"], sender=SENDER)
+        log.write("DEFER", "SMTP", recipients=["gruen.user@corp.example"],
+                  recipient_status=[reply.line()], sender=SENDER)  # fmt: skip
+        log.flush()
+        rows = search(tmp_path / "t", limit=None)
+    assert [r["event-id"] for r in rows] == ["RECEIVE", "DEFER"]
+    assert PSEUDONYM.search(rows[1]["recipient-status"][0]), rows[1]

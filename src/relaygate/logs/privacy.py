@@ -120,7 +120,10 @@ class AddressPrivacy:
 
     def pseudonym(self, address: str) -> str:
         """The local part ``address``'s pseudonym has (``h-`` and 12 hex digits)."""
-        digest = hmac.new(self._key, address.lower().encode("utf-8"), hashlib.sha256)
+        # surrogateescape: a next hop's reply is read so (aiosmtplib), its bytes that are not
+        # UTF-8 as lone surrogates; strict UTF-8 raised on the flush thread and lost the batch
+        data = address.lower().encode("utf-8", "surrogateescape")
+        digest = hmac.new(self._key, data, hashlib.sha256)
         return "h-" + digest.hexdigest()[:PSEUDONYM_DIGITS]
 
     @staticmethod
