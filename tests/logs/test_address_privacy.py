@@ -584,7 +584,8 @@ async def test_a_next_hop_reply_that_is_not_utf8_is_pseudonymized(
     Latin-1 host; aiosmtplib reads it as a lone surrogate): the pseudonym's HMAC encoded the text
     as strict UTF-8 and raised. The tracking log's flush thread lost the whole batch (the DEFER
     line and every line written with it), and the delivery client's service-log line raised out
-    of the attempt (an internal error instead of the hop's reply, no failover)."""
+    of the attempt (an internal error instead of the hop's reply, no failover). remote_reply now
+    turns such bytes into U+FFFD; the rewriting must not raise on the text either way."""
     from relaygate.delivery.client import deliver
     from relaygate.delivery.nexthop import NextHop
     from relaygate.logs.privacy import AddressPrivacy
@@ -617,8 +618,10 @@ async def test_a_next_hop_reply_that_is_not_utf8_is_pseudonymized(
 
     with TrackingLog(tmp_path / "t", server_name="R", privacy=privacy) as log:
         log.write("RECEIVE", "SMTP", recipients=["gruen.user@corp.example"], sender=SENDER)
+        # as a next hop's reply reaches here (aiosmtplib reads it with surrogateescape)
+        status = "450 4.2.0 <gr\udcfcn.user@corp.example>: Recipient address rejected: later"
         log.write("DEFER", "SMTP", recipients=["gruen.user@corp.example"],
-                  recipient_status=[reply.line()], sender=SENDER)  # fmt: skip
+                  recipient_status=[status], sender=SENDER)  # fmt: skip
         log.flush()
         rows = search(tmp_path / "t", limit=None)
     assert [r["event-id"] for r in rows] == ["RECEIVE", "DEFER"]

@@ -145,7 +145,11 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def remote_reply(code: int, message: str) -> Reply:
-    """A remote host's reply as a `Reply` (enhanced code split off, lines joined, controls dropped)."""
+    """A remote host's reply as a `Reply` (enhanced code split off, lines joined, controls dropped).
+    Bytes that are not UTF-8 (aiosmtplib reads them as lone surrogates) become U+FFFD: the queue
+    store, the logs and the NDR all need text that encodes."""
+    if message and not message.isascii():
+        message = message.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     enhanced = ""
     parts: list[str] = []
     for raw_line in (message or "").splitlines() or [""]:
