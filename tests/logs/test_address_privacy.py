@@ -626,3 +626,34 @@ async def test_a_next_hop_reply_that_is_not_utf8_is_pseudonymized(
         rows = search(tmp_path / "t", limit=None)
     assert [r["event-id"] for r in rows] == ["RECEIVE", "DEFER"]
     assert PSEUDONYM.search(rows[1]["recipient-status"][0]), rows[1]
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not Path("/usr/bin/setpriv").exists(), reason="needs root and setpriv"
+)
+def test_serve_stops_at_start_naming_a_key_directory_it_cannot_enter(relay):  # noqa: F811
+    """A keys directory the service's user cannot search (mode 000): Path.exists() raised
+    PermissionError, which is no PrivacyKeyError, so serve died with a traceback instead of the
+    one-line reason. Run as root without CAP_DAC_OVERRIDE, which is then held to the mode bits."""
+    node = relay(
+        [relay_connector()],
+        mode="process",
+        start=False,
+        server={"log_address_privacy": "pseudonymize"},
+    )
+    keys = node.data_dir / "keys"
+    keys.mkdir(parents=True)
+    keys.chmod(0)
+    try:
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        out = subprocess.run(
+            ["/usr/bin/setpriv", "--bounding-set", "-dac_override,-dac_read_search",
+             sys.executable, "-m", "relaygate", "serve", "--config", str(node.config_path)],
+            capture_output=True, text=True, env=env, timeout=60,
+        )  # fmt: skip
+    finally:
+        keys.chmod(0o700)
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    assert f"server.log_address_privacy = pseudonymize: cannot create the key {keys}" in out.stderr
+    assert "Permission denied" in out.stderr

@@ -150,7 +150,9 @@ def load_key(data_dir: Path, *, create: bool) -> bytes:
     """The pseudonymization key of ``data_dir``; ``create``: make it first if there is none
     (atomically: several workers starting together all end up with the one that won)."""
     path = Path(data_dir) / KEY_PATH
-    if create and not path.exists():
+    # os.path.exists: False on any error (Path.exists() raised PermissionError on a keys directory
+    # the user cannot search, a traceback instead of the reason); creating then names it.
+    if create and not os.path.exists(path):
         _create_key(path)
     try:
         text = path.read_text(encoding="ascii").strip()
