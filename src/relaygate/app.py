@@ -26,6 +26,8 @@ from relaygate.certificates import CertificateExpiry, read_expiries
 from relaygate.config import Config, ConfigError, load_config
 from relaygate.fd_limit import raise_fd_limit
 from relaygate.logs.privacy import AddressPrivacy, PrivacyKeyError, privacy_for
+from relaygate.logs.service import apply_config as apply_service_log
+from relaygate.logs.service import configure as configure_service_log
 from relaygate.logs.tracking import MESSAGE_TRACKING_DIR, TrackingLog
 from relaygate.malloc_tuning import tune_malloc
 from relaygate.node_lock import NodeLock, NodeLockError
@@ -224,6 +226,7 @@ class Relay:
             )
 
         def apply() -> None:  # every listener is bound, none of the new ones accepts yet
+            apply_service_log(new.server.log_format, new.server.log_level)
             self.config = new
             self.certificates = certificates
             ctx.apply(new)
@@ -478,10 +481,8 @@ def run(
     link_fd: int | None = None,
 ) -> None:
     config = load_config(config_path)
-    worker = "" if worker_index is None else f"[w{worker_index}]"
-    logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s{worker}: %(message)s"
-    )
+    # server.log_format / log_level (the serve flags win); `[wN]` or "worker" in a worker
+    configure_service_log(config.server.log_format, config.server.log_level, worker=worker_index)
     from relaygate.config import default_config_path
 
     if worker_index is None:  # the workers inherit the limit from their supervisor

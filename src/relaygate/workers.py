@@ -60,6 +60,8 @@ from pathlib import Path
 from typing import Any
 
 from relaygate.config import Config, ConfigError, load_config
+from relaygate.logs.service import apply_config as apply_service_log
+from relaygate.logs.service import worker_flags
 from relaygate.sd_notify import ENV_VARS as SYSTEMD_ENV
 from relaygate.sd_notify import Notifier, watchdog_interval
 from relaygate.smtp.shared_rates import RATE_TABLE_ENV, table_path
@@ -88,6 +90,7 @@ STOP_TIMEOUT = 40.0  # sessions 5 s + deliveries 10 s + store close, with room t
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0  # a worker that ran this long before dying starts the backoff afresh
+FILE_CHECK_INTERVAL = 2.0  # how often the supervisor looks for an edit of the config file
 
 
 def worker_ready(link: socket.socket, *, endpoints: str, admin: str) -> None:
@@ -195,6 +198,10 @@ class Supervisor:
         self._watchdog = watchdog_interval()
         self._hang_timeout = config.server.worker_hang_timeout.total_seconds()
         self._ready_line = "RelayGate ready"
+        #: the config file as last read here (the workers watch it themselves): an edit that
+        #: changes server.log_format/log_level applies to this process's lines too
+        self._file_stamp = _file_stamp(self.config_path)
+        self._file_checked = time.monotonic()
 
     # ------------------------------------------------------------------ entry point
 
@@ -310,6 +317,7 @@ class Supervisor:
             str(w.index),
             "--worker-link-fd",
             str(child.fileno()),
+            *worker_flags(),  # --log-format/--log-level as this process was given them
         ]
         # The queue this node started on, whatever the file says now: a worker restarted after a
         # reload that changed queue.store or queue.database_url ("takes effect at the next
@@ -417,6 +425,9 @@ class Supervisor:
                 self._reload()
                 self._systemd.ready(self._ready_line)
             now = time.monotonic()
+            if now - self._file_checked >= FILE_CHECK_INTERVAL:
+                self._file_checked = now
+                self._check_log_settings()
             for w in self.workers:
                 self._check(w, now)
 
@@ -468,7 +479,21 @@ class Supervisor:
         )
         w.proc, w.ready, w.restart_at = None, None, now + delay
 
+    def _check_log_settings(self) -> None:
+        """The config file was edited (no SIGHUP: the workers' own watchers reload it): apply its
+        server.log_format and server.log_level to this process's lines."""
+        stamp = _file_stamp(self.config_path)
+        if stamp == self._file_stamp:
+            return
+        self._file_stamp = stamp
+        try:
+            new = load_config(self.config_path)
+        except Exception:  # invalid (the workers log why) or unreadable: keep what is in force
+            return
+        apply_service_log(new.server.log_format, new.server.log_level)
+
     def _reload(self) -> None:
+        self._file_stamp = _file_stamp(self.config_path)
         try:
             new = load_config(self.config_path)
         except ConfigError:
@@ -478,6 +503,8 @@ class Supervisor:
             new = None
         if new is not None:
             self._hang_timeout = new.server.worker_hang_timeout.total_seconds()
+            # this process's own lines; each worker applies the file's on its own reload
+            apply_service_log(new.server.log_format, new.server.log_level)
         if new is not None and new.server.workers != self.count:
             logger.warning(
                 "server.workers changed from %d to %d: takes effect when relaygate serve restarts",
@@ -513,6 +540,14 @@ class Supervisor:
                 w.proc.kill()
                 w.proc.wait()
             self._close_link(w)
+
+
+def _file_stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_ino)
 
 
 def backoff_delay(failures: int) -> float:

@@ -100,6 +100,8 @@ class AdminServer:
             uvicorn.Config(
                 self.app,
                 log_level="warning",
+                # its lines go through the service log (relaygate.logs.service), in its format
+                log_config=None,
                 access_log=False,
                 lifespan="off",
                 proxy_headers=False,

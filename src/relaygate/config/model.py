@@ -362,6 +362,13 @@ class ServerConfig:
     #: "mask" (a***@corp.example) or "pseudonymize" (h-<12 hex digits>@corp.example, a keyed
     #: hash with the key in <data_dir>/keys/log-privacy.key; relaygate trace finds them by address).
     log_address_privacy: str = _spec("none", choices=("none", "mask", "pseudonymize"))
+    #: The service log on stderr (start-up, reloads, delivery errors): "text" (time LEVEL logger:
+    #: message) or "json" (one object a line: time, level, logger, message, worker, pid,
+    #: exception). `relaygate serve --log-format` wins over it; a reload applies a change.
+    log_format: str = _spec("text", choices=("text", "json"))
+    #: The service log's least severe level: "DEBUG", "INFO", "WARNING" or "ERROR".
+    #: `relaygate serve --log-level` wins over it; a reload applies a change.
+    log_level: str = _spec("INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     message_tracking_log_max_file_size: int = _size("10MB")
     message_tracking_log_max_directory_size: int = _size("1000MB")
     message_tracking_log_max_age: timedelta = _span("30.00:00:00")

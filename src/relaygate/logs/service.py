@@ -1,0 +1,322 @@
+"""The service log: Python logging on stderr (start-up, reloads, delivery errors, worker restarts).
+
+``server.log_format`` (or ``relaygate serve --log-format``) picks the line format:
+
+* ``"text"`` (the default): ``<time> <LEVEL> <logger>[wN]: <message>``, as it always was;
+* ``"json"``: one JSON object per line, for containers and log collectors: ``time`` (RFC 3339,
+  UTC, milliseconds), ``level``, ``logger``, ``message``, ``worker`` (its index, only in a worker
+  process of ``server.workers > 1``), ``pid``, ``exception`` (the formatted traceback, one string)
+  and the ``extra`` fields a log call passes.
+
+``server.log_level`` (or ``--log-level``) is the root logger's level. Both apply at start (the
+flags before the config is even read), and on a reload (SIGHUP or a file edit) unless a flag set
+them. Every process of a node (supervisor and workers) writes its own lines; each line is written to
+stderr with one ``write`` call, so lines of several processes do not interleave.
+
+Client-controlled text never splits or forges a line: JSON escapes every control character and
+shows a non-UTF-8 byte as ``\\xNN``; in the text format the values interpolated into a message
+(``%s`` arguments: addresses, host names, replies, exception texts) have their control characters
+escaped (``\\n``, ``\\r``, ``\\x1b``...). Only the message's own format string (written in the code)
+and the config errors of the administrator's own file may span lines there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from relaygate.config import ConfigError
+
+__all__ = [
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "JsonFormatter",
+    "TextFormatter",
+    "apply_config",
+    "configure",
+    "current",
+    "set_overrides",
+    "worker_flags",
+]
+
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+# Control characters (C0, DEL, C1), the Unicode line and paragraph separators, lone surrogates
+# (a non-UTF-8 byte decoded with surrogateescape): escaped in the text format's arguments.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# The text format's own message text may hold newlines (a list of config problems), no others.
+_UNSAFE_IN_MESSAGE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+# The attributes every LogRecord has: the others were passed as ``extra`` (JSON fields).
+_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    ch = match.group()
+    if ch in _ESCAPES:
+        return _ESCAPES[ch]
+    code = ord(ch)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def escape(text: str) -> str:
+    """``text`` on one line: control characters and undecodable bytes as backslash escapes."""
+    return text if _UNSAFE.search(text) is None else _UNSAFE.sub(_escape_char, text)
+
+
+class _Escaped:
+    """An argument whose str() and repr() have their control characters escaped."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __str__(self) -> str:
+        return escape(str(self.value))
+
+    def __repr__(self) -> str:
+        return escape(repr(self.value))
+
+
+def _safe_arg(value: Any) -> Any:
+    if isinstance(value, str):
+        return escape(value)
+    if value is None or isinstance(value, int | float | bytes):  # %d, %.1f; bytes print as repr
+        return value
+    if isinstance(value, ConfigError):  # the administrator's file: one problem a line
+        return value
+    return value if _UNSAFE.search(str(value)) is None else _Escaped(value)
+
+
+def safe_message(record: logging.LogRecord) -> str:
+    """``record.getMessage()`` with the control characters of its arguments escaped."""
+    msg = str(record.msg)
+    args = record.args
+    if args:
+        if isinstance(args, Mapping):
+            msg = msg % {k: _safe_arg(v) for k, v in args.items()}
+        else:
+            msg = msg % tuple(_safe_arg(a) for a in args)
+    if _UNSAFE_IN_MESSAGE.search(msg) is not None:
+        msg = _UNSAFE_IN_MESSAGE.sub(_escape_char, msg)
+    return msg
+
+
+class TextFormatter(logging.Formatter):
+    """``<time> <LEVEL> <logger>[wN]: <message>`` (the format of logging.basicConfig before)."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        tag = "" if worker is None else f"[w{worker}]"
+        super().__init__(f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = safe_message(record)
+        record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line = f"{line}\n{record.exc_text}"
+        if record.stack_info:
+            line = f"{line}\n{self.formatStack(record.stack_info)}"
+        return line
+
+
+def _utf8(text: str) -> str:
+    """``text`` that encodes as UTF-8: a byte that was not UTF-8 (surrogateescape) as ``\\xNN``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: the rest stays as it is (JSON escapes it)
+        return _SURROGATE.sub(_escape_char, text)
+    return text
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return _utf8(value)
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, list | tuple):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {_utf8(str(k)): _json_value(v) for k, v in value.items()}
+    return _utf8(str(value))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line (see the module doc); ASCII only, so any reader can parse it."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def format(self, record: logging.LogRecord) -> str:
+        try:
+            message = record.getMessage()
+        except Exception:  # wrong arguments for the format: still one line, nothing lost
+            message = f"{record.msg!r} % {record.args!r}"
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        fields: dict[str, Any] = {
+            "time": f"{stamp}.{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": _utf8(message),
+        }
+        if self.worker is not None:
+            fields["worker"] = self.worker
+        fields["pid"] = record.process if record.process is not None else os.getpid()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            fields["exception"] = _utf8(record.exc_text)
+        if record.stack_info:
+            fields["stack"] = _utf8(self.formatStack(record.stack_info))
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and key not in fields and not key.startswith("_"):
+                fields[key] = _json_value(value)
+        return json.dumps(fields, ensure_ascii=True, default=str)
+
+
+class _LineHandler(logging.StreamHandler[Any]):
+    """Each record as one write(2) of the whole line: the supervisor and its workers share the
+    stderr they were started with, and a long line (a traceback) written in pieces could be cut
+    by another process's line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+            stream = self.stream
+            try:
+                fd = stream.fileno()
+            except (AttributeError, OSError, ValueError):  # not a file (a test's capture)
+                stream.write(data.decode("utf-8"))
+                stream.flush()
+                return
+            stream.flush()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
+class _State:
+    handler: _LineHandler | None = None
+    worker: int | None = None
+    format: str = "text"
+    level: str = "INFO"
+    #: --log-format / --log-level: they win over the config file, at start and on reloads
+    overrides: dict[str, str] = {}
+
+
+def set_overrides(*, log_format: str | None = None, log_level: str | None = None) -> None:
+    """The ``relaygate serve`` flags (None: the config file decides)."""
+    _State.overrides = {
+        k: v for k, v in (("format", log_format), ("level", log_level)) if v is not None
+    }
+
+
+def worker_flags() -> list[str]:
+    """The flags a worker is started with so that it logs as its supervisor was told to."""
+    flags: list[str] = []
+    if "format" in _State.overrides:
+        flags += ["--log-format", _State.overrides["format"]]
+    if "level" in _State.overrides:
+        flags += ["--log-level", _State.overrides["level"]]
+    return flags
+
+
+def current() -> tuple[str, str]:
+    """The (format, level) in force."""
+    return _State.format, _State.level
+
+
+def configure(log_format: str, log_level: str, *, worker: int | None = None) -> None:
+    """Install the service log on the root logger (replacing what an earlier call installed):
+    stderr, ``log_format`` ("text"/"json"), ``log_level``; the flags given to `set_overrides` win."""
+    log_format = _State.overrides.get("format", log_format)
+    log_level = _State.overrides.get("level", log_level)
+    root = logging.getLogger()
+    if _State.handler is not None:
+        root.removeHandler(_State.handler)
+    handler = _LineHandler(sys.stderr)
+    handler.setFormatter(_formatter(log_format, worker))
+    root.addHandler(handler)
+    root.setLevel(log_level)
+    _State.handler, _State.worker = handler, worker
+    _State.format, _State.level = log_format, log_level
+    if log_format == "json":
+        _log_uncaught()
+        logging.captureWarnings(True)  # warnings.warn(...) as log lines, not free text
+
+
+def apply_config(log_format: str, log_level: str) -> bool:
+    """A reload: switch to the file's format and level (unless a flag set them). True if that
+    changed anything (then one line says what is in force)."""
+    log_format = _State.overrides.get("format", log_format)
+    log_level = _State.overrides.get("level", log_level)
+    if (log_format, log_level) == (_State.format, _State.level) or _State.handler is None:
+        return False
+    changed_format = log_format != _State.format
+    _State.handler.setFormatter(_formatter(log_format, _State.worker))
+    logging.getLogger().setLevel(log_level)
+    _State.format, _State.level = log_format, log_level
+    if log_format == "json":
+        _log_uncaught()
+        logging.captureWarnings(True)
+    logging.getLogger("relaygate").log(
+        logging.WARNING if changed_format else logging.INFO,
+        "service log: format %s, level %s (server.log_format, server.log_level)",
+        log_format,
+        log_level,
+    )
+    return True
+
+
+def _formatter(log_format: str, worker: int | None) -> logging.Formatter:
+    return JsonFormatter(worker) if log_format == "json" else TextFormatter(worker)
+
+
+def _log_uncaught() -> None:
+    """An exception nothing caught (the main thread's, a thread's) as a log line, not a bare
+    traceback on stderr that a JSON reader cannot parse."""
+    import threading
+
+    logger = logging.getLogger("relaygate")
+
+    def on_exception(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+        if issubclass(kind, KeyboardInterrupt):
+            sys.__excepthook__(kind, exc, tb)
+            return
+        logger.critical("uncaught exception", exc_info=(kind, exc, tb))
+
+    def on_thread_exception(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit or args.exc_value is None:
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        logger.critical(
+            "uncaught exception in thread %s",
+            name,
+            exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+        )
+
+    sys.excepthook = on_exception
+    threading.excepthook = on_thread_exception

@@ -1,0 +1,520 @@
+"""The service log on stderr: `server.log_format` ("text" / "json"), `server.log_level`, and the
+`relaygate serve --log-format/--log-level` flags (relaygate.logs.service).
+
+A real `relaygate serve` (one process, or a supervisor and two workers) on 127.0.0.1, mail sent with
+smtplib through to an aiosmtpd sink on loopback; every line of the relay's stderr is parsed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from relaygate.config import ConfigError
+from relaygate.config.loader import Problem
+from relaygate.logs.service import JsonFormatter, TextFormatter
+from tests.smtp.helpers import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CONFIG = """\
+[server]
+name = "RELAY01"
+fqdn = "relay.corp.example"
+data_dir = "{data}"
+workers = {workers}
+log_address_privacy = "mask"
+{server_extra}
+
+[admin]
+enabled = true
+listen = "127.0.0.1:{admin_port}"
+
+[[accepted_domains]]
+domain = "corp.example"
+
+[[receive_connectors]]
+name = "Relay"
+bindings = ["127.0.0.1:{port}"]
+remote_ip_ranges = ["127.0.0.0/8"]
+auth_mechanism = ["None"]
+permission_groups = ["AnonymousUsers"]
+tarpit_interval = "00:00:00"
+connection_inactivity_timeout = "00:00:30"
+banner = "{banner}"
+
+[[receive_connectors.permissions]]
+user = "NT AUTHORITY\\\\ANONYMOUS LOGON"
+extended_rights = ["ms-Exch-SMTP-Accept-Any-Recipient"]
+
+[[send_connectors]]
+name = "Sink"
+address_spaces = ["*"]
+dns_routing_enabled = false
+smart_hosts = ["127.0.0.1"]
+port = {sink_port}
+"""
+
+TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+class Sink:
+    """The smart host: refuses recipients whose local part starts with "nobody" (a delivery
+    error, so an NDR), takes the rest; every delivered envelope's recipients."""
+
+    def __init__(self) -> None:
+        self.delivered: list[list[str]] = []
+        self.lock = threading.Lock()
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
+        if address.startswith("nobody"):
+            return "550 5.1.1 User unknown"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        with self.lock:
+            self.delivered.append(list(envelope.rcpt_tos))
+        return "250 2.0.0 OK"
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.delivered)
+
+
+@pytest.fixture
+def sink() -> Iterator[tuple[Sink, int]]:
+    handler = Sink()
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield handler, port
+    finally:
+        controller.stop()
+
+
+class Served:
+    """`relaygate serve` in a subprocess; its stderr in a file."""
+
+    def __init__(
+        self, tmp: Path, sink_port: int, *, workers: int = 1, server_extra: str = ""
+    ) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.sink_port = sink_port
+        self.workers = workers
+        self.data = tmp / "data"
+        self.config = tmp / "relaygate.toml"
+        self.stderr = tmp / "serve.stderr"
+        self.write_config(server_extra)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def write_config(self, server_extra: str = "", banner: str = "220 RelayGate") -> None:
+        self.config.write_text(
+            CONFIG.format(
+                data=self.data,
+                workers=self.workers,
+                server_extra=server_extra,
+                admin_port=self.admin_port,
+                port=self.port,
+                banner=banner,
+                sink_port=self.sink_port,
+            )
+        )
+
+    def start(self, *flags: str, expect_ready: bool = True) -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        env.pop("RELAYGATE_CONFIG", None)
+        with open(self.stderr, "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "relaygate", "serve", "--config", str(self.config), *flags],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                cwd=self.tmp,
+                env=env,
+            )
+        if not expect_ready:
+            return
+        found: list[bytes] = []
+
+        def read() -> None:
+            assert self.proc is not None and self.proc.stdout is not None
+            for line in self.proc.stdout:
+                if line.startswith(b"RelayGate ready"):
+                    found.append(line)
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(60)
+        if not found:
+            self.stop()
+            raise AssertionError(f"relaygate serve did not start:\n{self.text()}")
+
+    def text(self) -> str:
+        return self.stderr.read_text(errors="replace") if self.stderr.exists() else ""
+
+    def lines(self) -> list[str]:
+        return self.stderr.read_bytes().decode("ascii").splitlines()
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every stderr line as a JSON object (json.loads fails on any line that is not one)."""
+        out = []
+        for line in self.lines():
+            record = json.loads(line)
+            assert isinstance(record, dict), line
+            out.append(record)
+        return out
+
+    def wait_for(self, predicate: Any, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"timed out; stderr:\n{self.text()}")
+
+    def messages(self) -> list[str]:
+        """The messages logged so far (lines that are not JSON yet count as their text)."""
+        out = []
+        for line in self.text().splitlines():
+            try:
+                out.append(str(json.loads(line)["message"]))
+            except (ValueError, KeyError, TypeError):
+                out.append(line)
+        return out
+
+    def reload(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(45)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def served(tmp_path: Path, sink: tuple[Sink, int]) -> Iterator[Any]:
+    started: list[Served] = []
+
+    def make(**kwargs: Any) -> Served:
+        s = Served(tmp_path, sink[1], **kwargs)
+        started.append(s)
+        return s
+
+    try:
+        yield make
+    finally:
+        for s in started:
+            s.stop()
+
+
+def send(port: int, rcpts: list[str], sender: str = "alice@corp.example") -> None:
+    body = f"From: {sender}\r\nTo: {', '.join(rcpts)}\r\nSubject: log test\r\n\r\nhello\r\n"
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        smtp.sendmail(sender, rcpts, body)
+
+
+def hostile_client(port: int) -> list[bytes]:
+    """Commands with control characters, a non-UTF-8 byte and CR/LF injection attempts; the
+    relay's replies (raw)."""
+    attempts = [
+        b"EHLO evil\x1b[2J\x00\xff.example\r\n",
+        b"EHLO evil.example\r\nINJECTED 2026-01-01 ERROR relaygate: forged\r\n",
+        b'{"level": "ERROR", "message": "forged"}\r\n',
+        b"EHLO client.example\r\n",
+        b"MAIL FROM:<ev\ril@corp.example>\r\n",
+        b"MAIL FROM:<ev\nil@corp.example>\r\n",
+        b'MAIL FROM:<"e\x1bv\x7fil"@corp.example>\r\n',
+        b"MAIL FROM:<e\xffv@corp.example>\r\n",
+        b"QUIT\r\n",
+    ]
+    replies = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.settimeout(10)
+        replies.append(sock.recv(4096))
+        for data in attempts:
+            try:
+                sock.sendall(data)
+                replies.append(sock.recv(4096))
+            except OSError:  # the relay closed after too many errors: what it read is enough
+                break
+    return replies
+
+
+DEEP_TOML = "x = " + "[" * 50_000 + "]" * 50_000 + "\n"  # tomllib: RecursionError, not ConfigError
+
+
+def check_record(record: dict[str, Any], supervisor_pid: int, workers: int) -> None:
+    assert TIME.match(record["time"]), record
+    assert record["level"] in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), record
+    assert isinstance(record["logger"], str) and record["logger"], record
+    assert isinstance(record["message"], str), record
+    assert isinstance(record["pid"], int), record
+    if workers == 1 or record["pid"] == supervisor_pid:
+        assert "worker" not in record, record
+    else:
+        assert record["worker"] in range(workers), record
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_json_service_log_every_line_is_json(
+    served: Any, sink: tuple[Sink, int], workers: int
+) -> None:
+    """Mail through to the sink, a delivery error (550: an NDR, its address masked), a client
+    sending control characters and CR/LF, a reload whose loading raises (a traceback), a reload
+    that succeeds, a stop: every line of stderr is one JSON object with the fields."""
+    handler, _port = sink
+    s = served(workers=workers, server_extra='log_format = "json"')
+    s.start()
+    assert s.proc is not None
+    send(s.port, ["bob@corp.example"])
+    send(s.port, ["nobody@corp.example"])  # refused by the sink: an NDR to alice
+    s.wait_for(lambda: handler.count() >= 2)
+    s.wait_for(lambda: any("non-delivery report" in m for m in s.messages()))
+    replies = hostile_client(s.port)
+    assert replies[0].startswith(b"220"), replies
+    with socket.create_connection(("127.0.0.1", s.admin_port), timeout=10) as web:
+        web.sendall(b"NOT HTTP\x00\r\n\r\n")  # uvicorn logs a warning
+        web.settimeout(10)
+        web.recv(4096)
+    s.wait_for(lambda: any("Invalid HTTP request" in m for m in s.messages()))
+
+    s.config.write_text(DEEP_TOML)
+    s.reload()
+    s.wait_for(lambda: sum("reload refused" in m for m in s.messages()) >= workers)
+    s.write_config('log_format = "json"', banner="220 RelayGate reloaded")
+    s.reload()
+    s.wait_for(lambda: sum("configuration reloaded" in m for m in s.messages()) >= workers)
+    assert s.stop() == 0
+
+    records = s.records()
+    assert len(records) == len(s.lines()) > 5
+    for record in records:
+        check_record(record, s.proc.pid, workers)
+    messages = [r["message"] for r in records]
+    assert not any("forged" in m or "INJECTED" in m for m in messages), messages
+    ndr = [m for m in messages if "non-delivery report" in m]
+    assert ndr and all("a***@corp.example" in m and "alice" not in m for m in ndr), ndr
+    uvicorn = [r for r in records if "Invalid HTTP request" in r["message"]]
+    assert uvicorn and uvicorn[0]["logger"].startswith("uvicorn"), uvicorn
+    assert uvicorn[0]["level"] == "WARNING" and uvicorn[0].get("worker") == (
+        0 if workers > 1 else None
+    )
+    refused = [r for r in records if "reload refused" in r["message"]]
+    assert len(refused) == workers + (workers > 1)  # each worker, and the supervisor
+    for record in refused:
+        assert record["level"] == "ERROR"
+        assert record["exception"].startswith("Traceback (most recent call last):")
+        assert "RecursionError" in record["exception"]
+    reloaded = [r for r in records if "configuration reloaded" in r["message"]]
+    if workers > 1:
+        assert sorted(r["worker"] for r in reloaded) == list(range(workers))
+        # the supervisor's own lines, without a worker index
+        assert any(r["pid"] == s.proc.pid and "workers listening" in r["message"] for r in records)
+
+
+def test_log_level_warning_hides_info_lines_and_a_reload_changes_it(served: Any) -> None:
+    s = served(server_extra='log_format = "json"\nlog_level = "WARNING"')
+    s.start()
+    send(s.port, ["bob@corp.example"])
+    s.write_config('log_format = "json"\nlog_level = "INFO"', banner="220 again")
+    s.reload()
+    s.wait_for(lambda: any("configuration reloaded" in m for m in s.messages()))
+    s.stop()
+    records = s.records()
+    before = records[: next(i for i, r in enumerate(records) if "service log" in r["message"])]
+    assert not [r for r in before if r["level"] in ("DEBUG", "INFO")], before
+    # the start-up lines that INFO shows ("listening on") were not written
+    assert not any("listening on" in r["message"] for r in before)
+    assert any(
+        r["message"] == "service log: format json, level INFO (server.log_format, server.log_level)"
+        for r in records
+    )
+    assert any(r["level"] == "INFO" for r in records)
+
+
+def test_a_reload_switches_the_format_from_text_to_json(served: Any) -> None:
+    s = served()
+    s.start()
+    first = s.lines()
+    assert first and all(not line.startswith("{") for line in first)
+    assert any(" INFO relaygate: RelayGate RELAY01 listening on " in line for line in first)
+    s.write_config('log_format = "json"', banner="220 json now")
+    s.reload()
+    s.wait_for(lambda: any("configuration reloaded" in m for m in s.messages()))
+    s.stop()
+    later = s.lines()[len(first) :]
+    assert later
+    for line in later:
+        assert json.loads(line)["time"]
+    assert json.loads(later[0])["message"].startswith("service log: format json, level INFO")
+
+
+def test_an_edit_of_the_file_switches_the_supervisor_and_the_workers_to_json(served: Any) -> None:
+    """No SIGHUP: the workers' file watchers reload it, the supervisor looks at the file too."""
+    s = served(workers=2)
+    s.start()
+    first = s.lines()
+    assert any("[w1]: RelayGate RELAY01 listening on" in line for line in first)
+    s.write_config('log_format = "json"', banner="220 json now")
+    s.wait_for(lambda: sum(m.startswith("service log: format json") for m in s.messages()) >= 3)
+    assert s.stop() == 0
+    later = [json.loads(line) for line in s.lines()[len(first) :]]
+    assert s.proc is not None
+    switched = [r for r in later if r["message"].startswith("service log: format json")]
+    assert sorted(r.get("worker", -1) for r in switched) == [-1, 0, 1]
+    assert any(r["message"] == "stopping 2 workers" and "worker" not in r for r in later)
+
+
+def test_the_flags_win_over_the_file_in_the_supervisor_and_the_workers(
+    served: Any, sink: tuple[Sink, int]
+) -> None:
+    """--log-format json with a file that says text (twice: a reload keeps the flag), two
+    workers: every line JSON; --log-level DEBUG shows debug lines."""
+    s = served(workers=2, server_extra='log_format = "text"\nlog_level = "ERROR"')
+    s.start("--log-format", "JSON", "--log-level", "debug")
+    send(s.port, ["bob@corp.example"])
+    s.wait_for(lambda: sink[0].count() >= 1)
+    s.write_config('log_format = "text"\nlog_level = "ERROR"', banner="220 still json")
+    s.reload()
+    s.wait_for(lambda: sum("configuration reloaded" in m for m in s.messages()) >= 2)
+    assert s.stop() == 0
+    records = s.records()
+    assert s.proc is not None
+    for record in records:
+        check_record(record, s.proc.pid, 2)
+    assert {r["worker"] for r in records if "worker" in r} == {0, 1}
+    assert any(r["level"] == "DEBUG" for r in records)
+    assert not any("service log:" in r["message"] for r in records)  # nothing to switch
+
+
+def test_a_config_error_at_start_is_json_with_the_flag(served: Any) -> None:
+    s = served(server_extra='log_level = "LOUD"\nworker_balance = "random"')
+    s.start("--log-format", "json", expect_ready=False)
+    assert s.proc is not None
+    assert s.proc.wait(60) == 1
+    records = s.records()
+    by_key = {r.get("key"): r for r in records}
+    assert by_key["server.log_level"]["level"] == "ERROR"
+    assert (
+        "'LOUD' is not one of DEBUG, INFO, WARNING, ERROR" in by_key["server.log_level"]["message"]
+    )
+    assert "server.worker_balance" in by_key
+    assert records[-1]["message"] == "cannot start: 2 configuration error(s)"
+    assert all(TIME.match(r["time"]) and r["pid"] == s.proc.pid for r in records)
+
+
+def test_a_bad_flag_value_is_refused_naming_the_flag() -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    out = subprocess.run(
+        [sys.executable, "-m", "relaygate", "serve", "--log-format", "xml"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert out.returncode == 2
+    assert "--log-format" in out.stderr and "'xml' is not one of text, json" in out.stderr
+    helped = subprocess.run(
+        [sys.executable, "-m", "relaygate", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        env=dict(env, COLUMNS="200"),
+        timeout=60,
+    )
+    assert "--log-format" in helped.stdout and "--log-level" in helped.stdout
+
+
+# -- the formatters on a real logger ----------------------------------------------------------------
+
+
+def _logged(formatter: logging.Formatter, *args: Any, exc: bool = False) -> str:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    logger = logging.getLogger("relaygate.test-service-log")
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        if exc:
+            try:
+                raise ValueError("bad\nvalue")
+            except ValueError:
+                logger.exception(*args)
+        else:
+            logger.warning(*args)
+    finally:
+        logger.removeHandler(handler)
+    return stream.getvalue()
+
+
+def test_text_format_escapes_control_characters_of_the_values_it_interpolates() -> None:
+    """A value from outside (an address, a remote server's reply, an exception text) cannot start
+    a line of its own, or move the cursor, in the text service log."""
+    text = _logged(
+        TextFormatter(),
+        "message %s: report to %s: %s",
+        "Q1",
+        "a\r\n2026-12-07 03:00:00,000 ERROR relaygate: forged@x",
+        OSError("550 no\nsuch\x1b[2Kuser \udcff"),
+    )
+    assert text.count("\n") == 1, text
+    assert "a\\r\\n2026-12-07 03:00:00,000 ERROR relaygate: forged@x" in text
+    assert "550 no\\nsuch\\x1b[2Kuser \\xff" in text
+    worker = _logged(TextFormatter(3), "plain %d", 5)
+    assert re.match(
+        r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} WARNING relaygate\.test-service-log"
+        r"\[w3\]: plain 5\n$",
+        worker,
+    ), worker
+
+
+def test_text_format_keeps_the_lines_of_a_config_error() -> None:
+    error = ConfigError([Problem("f.toml", "server.workers", "bad"), Problem("f.toml", "x", "y")])
+    text = _logged(TextFormatter(), "reload refused, configuration invalid:\n%s", error)
+    assert text.endswith(
+        ": reload refused, configuration invalid:\nf.toml: server.workers: bad\nf.toml: x: y\n"
+    )
+
+
+def test_json_format_one_ascii_line_whatever_the_message_holds() -> None:
+    line = _logged(JsonFormatter(1), "from %s: %s", "ev\r\nil\x00\u2028", "b\udcffd", exc=True)
+    assert line.count("\n") == 1 and line.isascii()
+    record = json.loads(line)
+    assert record["message"] == "from ev\r\nil\x00\u2028: b\\xffd"
+    assert record["worker"] == 1 and record["level"] == "ERROR"
+    assert record["exception"].startswith("Traceback (most recent call last):\n")
+    assert record["exception"].endswith("ValueError: bad\nvalue")
