@@ -465,8 +465,9 @@ def _logged(formatter: logging.Formatter, *args: Any, exc: bool = False) -> str:
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
-    logger = logging.getLogger("relaygate.test-service-log")
-    logger.propagate = False
+    # outside the logger tree: nothing reaches pytest's own log capture (its xdist reports
+    # cannot carry the lone surrogate of a non-UTF-8 byte)
+    logger = logging.Logger("relaygate.test-service-log")
     logger.addHandler(handler)
     try:
         if exc:
