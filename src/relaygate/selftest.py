@@ -32,7 +32,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from relaygate.smtp_transcript import Reply, SMTPClosed, SMTPConnection, Transcript, split_server
+from relaygate.smtp_transcript import (
+    Reply,
+    SMTPClosed,
+    SMTPConnection,
+    SMTPReplyError,
+    Transcript,
+    split_server,
+)
 
 __all__ = [
     "BATTERY",
@@ -474,6 +481,11 @@ class _Probe:
                     _decide(attempt, "RCPT", vector.rcpt, reply)
                 await self._reset()
                 return
+            except SMTPReplyError as exc:  # unreadable: out of step, the connection was dropped
+                await self.close()
+                attempt.verdict, attempt.stage = "error", attempt.stage or "connect"
+                attempt.note = f"unreadable reply ({exc})"
+                return
             except _LOST:
                 await self.close()
                 if retry:
@@ -548,6 +560,8 @@ def _connect_error(exc: BaseException, opts: RelayTestOptions, source_ip: str | 
         )
     if isinstance(exc, TimeoutError):
         return f"cannot connect to {where}: no answer within {opts.timeout:g}s"
+    if isinstance(exc, SMTPReplyError):
+        return f"cannot test {where}: unreadable reply ({exc})"
     if isinstance(exc, SMTPClosed):
         return (
             f"{opts.server} closed the connection {source} before greeting: no receive connector "

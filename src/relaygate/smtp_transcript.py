@@ -22,6 +22,7 @@ __all__ = [
     "Reply",
     "SMTPClosed",
     "SMTPConnection",
+    "SMTPReplyError",
     "Transcript",
     "TranscriptLine",
     "is_loopback",
@@ -36,6 +37,11 @@ _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s")
 
 class SMTPClosed(Exception):
     """The server closed the connection (EOF) while a reply was expected."""
+
+
+class SMTPReplyError(SMTPClosed):
+    """The server's reply cannot be read (a line over asyncio's 64 KiB limit): the session is out
+    of step and unusable, so the connection is closed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +259,10 @@ class SMTPConnection:
                 self.transcript.note(f"connection reset by the server ({exc})")
                 self.closed = True
                 raise SMTPClosed("connection reset") from None
+            except ValueError:  # over the StreamReader's limit (64 KiB): a line that never ends
+                self.transcript.note("reply line too long (over 64 KiB): connection dropped")
+                await self.close()
+                raise SMTPReplyError("reply line too long") from None
             if not raw:
                 self.transcript.note("connection closed by the server")
                 self.closed = True

@@ -1,0 +1,92 @@
+"""`relaygate test relay` (relaygate.selftest) against small fake SMTP servers on 127.0.0.1 / ::1 that
+misbehave: huge or endless replies, odd codes, replies out of step. Each server records every line
+the client sent; the test must stay bounded, never crash, and never send DATA or BDAT."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from relaygate.selftest import RelayTestOptions, SourceResult, exit_code, run_relay_test
+
+Writer = asyncio.StreamWriter
+Action = bytes | Callable[[Writer], Awaitable[None]]
+
+
+class FakeSMTP:
+    """A scripted SMTP server: `replies` maps a verb (EHLO, MAIL, RCPT, ...) to the bytes to send
+    (or a coroutine writing them); any other verb gets `250 ok`. `received` holds every line."""
+
+    def __init__(
+        self,
+        replies: dict[str, Action] | None = None,
+        banner: bytes = b"220 fake.example.net ESMTP\r\n",
+    ) -> None:
+        self.replies = replies or {}
+        self.banner = banner
+        self.received: list[bytes] = []
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> FakeSMTP:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: Writer) -> None:
+        try:
+            writer.write(self.banner)
+            await writer.drain()
+            while line := await reader.readline():
+                self.received.append(line)
+                verb = line.split(b" ")[0].split(b":")[0].strip().upper().decode("ascii", "replace")
+                action = self.replies.get(verb, b"250 ok\r\n")
+                if isinstance(action, bytes):
+                    writer.write(action)
+                    await writer.drain()
+                else:
+                    await action(writer)
+                if verb == "QUIT":
+                    break
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    def sent_verbs(self) -> list[str]:
+        return [
+            line.split(b" ")[0].split(b":")[0].strip().upper().decode() for line in self.received
+        ]
+
+
+async def selftest(fake: FakeSMTP, **options: Any) -> tuple[list[SourceResult], float]:
+    opts = RelayTestOptions(
+        server=f"127.0.0.1:{fake.port}",
+        source_ips=[None],
+        local_domain="corp.example",
+        timeout=options.pop("timeout", 2.0),
+        max_time=options.pop("max_time", 6.0),
+        **options,
+    )
+    started = time.monotonic()
+    results = await asyncio.wait_for(run_relay_test(opts), 40)
+    elapsed = time.monotonic() - started
+    for verb in fake.sent_verbs():
+        assert verb not in ("DATA", "BDAT"), fake.received
+    return results, elapsed
+
+
+async def test_reply_line_without_end_is_an_error_not_a_crash() -> None:
+    """A server that answers EHLO with one 200 kB line: asyncio's readline raised ValueError
+    (`Separator is not found, and chunk exceed the limit`) out of run_relay_test."""
+    async with FakeSMTP({"EHLO": b"250 " + b"x" * 200_000 + b"\r\n"}) as fake:
+        results, elapsed = await selftest(fake)
+    (result,) = results
+    assert result.error and "unreadable reply" in result.error
+    assert exit_code(results) == 2 and elapsed < 10
