@@ -31,6 +31,8 @@ __all__ = [
 ]
 
 MASK = "********"
+#: The most lines one reply may have (an EHLO reply has a few dozen at most).
+MAX_REPLY_LINES = 1000
 _REPLY = re.compile(r"^(\d{3})([ -])?(.*)$")
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s")
 
@@ -248,13 +250,22 @@ class SMTPConnection:
         await asyncio.wait_for(self.writer.drain(), self.timeout)
 
     async def read_reply(self) -> Reply:
-        """Read one complete reply (all continuation lines)."""
+        """Read one complete reply (all continuation lines) within `timeout` seconds in all, and of
+        at most MAX_REPLY_LINES lines: a server that never ends a multi-line reply is bounded too."""
         assert self.reader is not None
         code = 0
         texts: list[str] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
         while True:
+            if len(texts) >= MAX_REPLY_LINES:
+                self.transcript.note(
+                    f"reply longer than {MAX_REPLY_LINES} lines: connection dropped"
+                )
+                await self.close()
+                raise SMTPReplyError(f"reply longer than {MAX_REPLY_LINES} lines")
             try:
-                raw = await asyncio.wait_for(self.reader.readline(), self.timeout)
+                raw = await asyncio.wait_for(self.reader.readline(), deadline - loop.time())
             except (ConnectionResetError, BrokenPipeError) as exc:
                 self.transcript.note(f"connection reset by the server ({exc})")
                 self.closed = True

@@ -9,6 +9,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
+
 from relaygate.selftest import RelayTestOptions, SourceResult, exit_code, run_relay_test
 
 Writer = asyncio.StreamWriter
@@ -90,3 +92,21 @@ async def test_reply_line_without_end_is_an_error_not_a_crash() -> None:
     (result,) = results
     assert result.error and "unreadable reply" in result.error
     assert exit_code(results) == 2 and elapsed < 10
+
+
+async def _endless(writer: Writer) -> None:
+    while True:
+        writer.write(b"250-still going\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.005)
+
+
+@pytest.mark.parametrize("verb", ["EHLO", "RCPT"])
+async def test_multiline_reply_that_never_ends_is_bounded(verb: str) -> None:
+    """Continuation lines arriving faster than --timeout kept read_reply reading for ever (the
+    timeout was per line, --max-time was not checked inside a reply); even cancelling hung, as
+    the final QUIT read the same endless reply."""
+    async with FakeSMTP({verb: _endless}) as fake:
+        results, elapsed = await selftest(fake, timeout=1.0, max_time=4.0)
+    assert elapsed < 15
+    assert exit_code(results) == 2
