@@ -377,6 +377,10 @@ class _Probe:
         self.deadline = time.monotonic() + opts.max_time
         self.conn: SMTPConnection | None = None
         self.helo: str | None = None
+        #: The server answered with a code no SMTP command here may get (1xx, 3xx such as 354, or no
+        #: code): its state is unknown (in DATA mode whatever we send is message content), so
+        #: nothing more is sent on this connection, not even RSET or QUIT.
+        self.out_of_step = False
         self.context = _tls_context(opts.insecure) if (opts.tls or opts.starttls) else None
 
     def _budget(self) -> float:
@@ -389,22 +393,27 @@ class _Probe:
         assert self.conn is not None
         self.conn.timeout = self._budget()
         try:
-            return await self.conn.command(line)
+            return self._check(await self.conn.command(line))
         except TimeoutError:
             if time.monotonic() >= self.deadline:
                 raise _OutOfTime() from None
             raise
 
+    def _check(self, reply: Reply) -> Reply:
+        if not 200 <= reply.code < 300 and not 400 <= reply.code < 600:
+            self.out_of_step = True
+        return reply
+
     async def close(self) -> None:
         if self.conn is not None:
-            if self.conn.writer is not None and not self.conn.closed:
+            if self.conn.writer is not None and not self.conn.closed and not self.out_of_step:
                 try:
                     self.conn.timeout = min(self.opts.timeout, 2.0)
                     await self.conn.command("QUIT")
                 except (SMTPClosed, TimeoutError, OSError, ssl.SSLError):
                     pass
             await self.conn.close()
-        self.conn, self.helo = None, None
+        self.conn, self.helo, self.out_of_step = None, None, False
 
     async def open(self, helo: str) -> tuple[str, str, Reply] | None:
         """Connect and greet with `helo`. Returns None when ready, else (stage, command, reply) of
@@ -431,13 +440,15 @@ class _Probe:
         local, peer = conn.local_address, conn.peer_address
         self.result.local, self.result.peer = local[0], peer[0]
         conn.timeout = self._budget()
-        banner = await conn.read_reply()
+        banner = self._check(await conn.read_reply())
         if banner.code != 220:
             return "banner", "(connect)", banner
         if not self.result.server_name:
             self.result.server_name = _first_name(banner)
         ehlo = await self.command(f"EHLO {helo}")
         if ehlo.code != 250:
+            if not 500 <= ehlo.code < 600:  # only "EHLO unknown" calls for HELO
+                return "EHLO", f"EHLO {helo}", ehlo
             ehlo = await self.command(f"HELO {helo}")
             if ehlo.code != 250:
                 return "EHLO", f"HELO {helo}", ehlo
@@ -472,7 +483,7 @@ class _Probe:
                 attempt.commands = [vector.mail]
                 attempt.command = vector.mail
                 reply = await self.command(vector.mail)
-                if not reply.positive:
+                if not 200 <= reply.code < 300:
                     _decide(attempt, "MAIL", vector.mail, reply)
                 else:
                     attempt.commands.append(vector.rcpt)
@@ -500,6 +511,9 @@ class _Probe:
 
     async def _reset(self) -> None:
         if self.conn is None or self.conn.closed:
+            return
+        if self.out_of_step:
+            await self.close()
             return
         try:
             reply = await self.command("RSET")

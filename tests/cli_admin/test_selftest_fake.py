@@ -29,6 +29,7 @@ class FakeSMTP:
         self.replies = replies or {}
         self.banner = banner
         self.received: list[bytes] = []
+        self.sessions: list[list[bytes]] = []  # the lines of each connection
         self.server: asyncio.Server | None = None
         self.port = 0
 
@@ -42,11 +43,14 @@ class FakeSMTP:
         self.server.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: Writer) -> None:
+        session: list[bytes] = []
+        self.sessions.append(session)
         try:
             writer.write(self.banner)
             await writer.drain()
             while line := await reader.readline():
                 self.received.append(line)
+                session.append(line)
                 verb = line.split(b" ")[0].split(b":")[0].strip().upper().decode("ascii", "replace")
                 action = self.replies.get(verb, b"250 ok\r\n")
                 if isinstance(action, bytes):
@@ -110,3 +114,24 @@ async def test_multiline_reply_that_never_ends_is_bounded(verb: str) -> None:
         results, elapsed = await selftest(fake, timeout=1.0, max_time=4.0)
     assert elapsed < 15
     assert exit_code(results) == 2
+
+
+@pytest.mark.parametrize(
+    ("verb", "reply"),
+    [("MAIL", b"354 go ahead\r\n"), ("RCPT", b"354 go ahead\r\n"), ("RCPT", b"150 what\r\n"),
+     ("RCPT", b"no code at all\r\n"), ("EHLO", b"354 go ahead\r\n")],
+)  # fmt: skip
+async def test_nothing_is_sent_after_an_unexpected_reply(verb: str, reply: bytes) -> None:
+    """A 354 (or 1xx, or no code) to MAIL, RCPT or EHLO leaves the server in a state we do not
+    know (after 354, everything we send is message content): the test sent RCPT after a 354 to
+    MAIL (Reply.positive is 2xx-3xx) and RSET/QUIT after any of them, and HELO after a 354 to
+    EHLO; and it counted a 354 to MAIL followed by a 250 to RCPT as an open relay."""
+    async with FakeSMTP({verb: reply}) as fake:
+        results, elapsed = await selftest(fake)
+    (result,) = results
+    assert result.accepted == [] and exit_code(results) == 2 and elapsed < 10
+    assert {a.verdict for a in result.attempts} <= {"error", "skipped"}
+    for session in fake.sessions:
+        answered = [line for line in session if line.upper().startswith(verb.encode())]
+        if answered:  # the unexpected reply was the last thing the client heard
+            assert session[-1] is answered[0], session
