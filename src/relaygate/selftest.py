@@ -23,6 +23,7 @@ vectors not tried within it are `error`.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 import socket
@@ -392,6 +393,12 @@ class _Probe:
     async def command(self, line: str) -> Reply:
         assert self.conn is not None
         self.conn.timeout = self._budget()
+        await asyncio.sleep(0)  # let bytes already on the socket reach the reader
+        if self.conn.unread():  # e.g. two replies to MAIL: RCPT would read the second one
+            self.out_of_step = True
+            self.result.transcript.note("the server sent a reply nobody asked for")
+            await self.close()
+            raise SMTPReplyError("a reply nobody asked for: the server is out of step")
         try:
             return self._check(await self.conn.command(line))
         except TimeoutError:

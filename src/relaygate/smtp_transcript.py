@@ -289,6 +289,11 @@ class SMTPConnection:
             if m.group(2) != "-":
                 return Reply(code, tuple(texts))
 
+    def unread(self) -> bool:
+        """Whether the server has sent bytes not read yet: before a command, a reply nobody asked
+        for (the session is out of step: the next reply read would not be this command's)."""
+        return bool(getattr(self.reader, "_buffer", b""))
+
     async def command(self, line: str, *, shown: str | None = None) -> Reply:
         await self.send_line(line, shown=shown)
         return await self.read_reply()

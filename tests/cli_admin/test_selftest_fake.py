@@ -135,3 +135,19 @@ async def test_nothing_is_sent_after_an_unexpected_reply(verb: str, reply: bytes
         answered = [line for line in session if line.upper().startswith(verb.encode())]
         if answered:  # the unexpected reply was the last thing the client heard
             assert session[-1] is answered[0], session
+
+
+@pytest.mark.parametrize(
+    "replies",
+    [{"MAIL": b"250 ok\r\n250 ok\r\n"}, {"EHLO": b"250 fake.example.net\r\n250 again\r\n"}],
+)
+async def test_a_reply_nobody_asked_for_is_not_read_as_the_next_one(
+    replies: dict[str, Action],
+) -> None:
+    """A server that answers MAIL twice and refuses every RCPT: the test read the second 250 as
+    the RCPT's answer and reported 34 of 34 attempts accepted, an open relay (exit 1)."""
+    async with FakeSMTP({**replies, "RCPT": b"550 5.7.54 Unable to relay\r\n"}) as fake:
+        results, elapsed = await selftest(fake)
+    (result,) = results
+    assert result.accepted == [] and exit_code(results) == 2 and elapsed < 10
+    assert result.error or {a.verdict for a in result.attempts} <= {"error", "skipped"}
