@@ -10,9 +10,11 @@ variants). After the RCPT answer the transaction is reset with RSET (a fresh con
 server closed it, as RelayGate and Exchange do after max_protocol_errors), and QUIT ends the session:
 no message is ever transferred, so nothing can be relayed whatever the server answers.
 
-Verdicts: `refused` (4xx/5xx at MAIL or RCPT, or at the banner / EHLO), `accepted` (2xx to RCPT: the
-relay would relay — the failure this test looks for), `error` (connection or protocol problem, or the
-time budget ran out), `skipped` (the vector needs the local domain or the server's name, unknown).
+Verdicts: `refused` (5xx at MAIL or RCPT, or at the banner / EHLO), `accepted` (2xx to RCPT: the
+relay would relay — the failure this test looks for), `deferred` (4xx: not decided, the relay may
+answer otherwise later), `error` (connection or protocol problem, or the time budget ran out),
+`skipped` (the vector needs the local domain or the server's name, unknown). Deferred and error
+attempts leave the test incomplete (exit 2).
 A recipient in the local domain (postmaster@LOCAL) is sent first as a control: accepted shows the
 relay is up and accepts local mail; it never counts as a relay.
 
@@ -115,7 +117,7 @@ class Attempt:
 
     vector: str
     title: str
-    verdict: str  # refused | accepted | error | skipped
+    verdict: str  # refused | accepted | deferred | error | skipped
     helo: str = ""
     commands: list[str] = field(default_factory=list)
     command: str = ""
@@ -126,7 +128,7 @@ class Attempt:
 
     @property
     def temporary(self) -> bool:
-        return self.verdict == "refused" and self.code is not None and 400 <= self.code < 500
+        return self.verdict == "deferred"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -186,6 +188,10 @@ class SourceResult:
         return [a for a in self.attempts if a.verdict == "error"]
 
     @property
+    def deferred(self) -> list[Attempt]:
+        return [a for a in self.attempts if a.verdict == "deferred"]
+
+    @property
     def label(self) -> str:
         return self.local or self.source_ip or "(OS-chosen address)"
 
@@ -197,10 +203,15 @@ class SourceResult:
             return (
                 f"open relay: {len(self.accepted)} of {tried} attempts accepted from {self.label}"
             )
-        if self.errors:
+        if self.errors or self.deferred:
+            why = [
+                *([f"{len(self.deferred)} deferred with 4xx"] if self.deferred else []),
+                *([f"{len(self.errors)} could not be completed"] if self.errors else []),
+            ]
+            undecided = len(self.deferred) + len(self.errors)
             return (
-                f"no relay accepted from {self.label}, but {len(self.errors)} of {tried} attempts "
-                "could not be completed (see the errors): the test is incomplete"
+                f"no relay accepted from {self.label}, but {undecided} of {tried} attempts were "
+                f"not decided ({', '.join(why)}): the test is incomplete"
             )
         return f"no relay accepted from {self.label} ({tried} attempts refused)"
 
@@ -215,6 +226,7 @@ class SourceResult:
             "open_relay": bool(self.accepted),
             "attempted": len(self.counted()),
             "accepted": len(self.accepted),
+            "deferred": len(self.deferred),
             "errors": len(self.errors),
             "summary": self.summary(),
             "control": self.control.to_dict() if self.control else None,
@@ -540,7 +552,9 @@ def _decide(attempt: Attempt, stage: str, command: str, reply: Reply) -> None:
     )
     if stage == "RCPT" and 200 <= reply.code < 300:
         attempt.verdict = "accepted"
-    elif 400 <= reply.code < 600:
+    elif 400 <= reply.code < 500:
+        attempt.verdict = "deferred"
+    elif 500 <= reply.code < 600:
         attempt.verdict = "refused"
     else:
         attempt.verdict = "error"
@@ -622,7 +636,7 @@ async def _run_source(opts: RelayTestOptions, source_ip: str | None) -> SourceRe
         )
         if refusal is not None:  # the banner or EHLO refuses this client: nothing can relay
             for vector in vectors:
-                attempt = Attempt(vector.id, vector.title, "refused", helo=opts.helo)
+                attempt = Attempt(vector.id, vector.title, "error", helo=opts.helo)
                 _decide(attempt, *refusal)
                 result.attempts.append(attempt)
             return result
@@ -691,9 +705,9 @@ async def run_relay_test(
 
 def exit_code(results: list[SourceResult]) -> int:
     """1: some vector was accepted (an open relay); 2: a source could not be tested, or some vector
-    could not be completed; 0: every vector refused from every source."""
+    was deferred (4xx) or could not be completed; 0: every vector refused from every source."""
     if any(r.accepted for r in results):
         return 1
-    if any(r.error or r.errors for r in results):
+    if any(r.error or r.errors or r.deferred for r in results):
         return 2
     return 0

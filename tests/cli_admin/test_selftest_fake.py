@@ -151,3 +151,28 @@ async def test_a_reply_nobody_asked_for_is_not_read_as_the_next_one(
     (result,) = results
     assert result.accepted == [] and exit_code(results) == 2 and elapsed < 10
     assert result.error or {a.verdict for a in result.attempts} <= {"error", "skipped"}
+
+
+@pytest.mark.parametrize(
+    ("replies", "banner"),
+    [
+        ({}, b"421 4.3.2 Service not available, too busy\r\n"),
+        ({"EHLO": b"421 4.3.2 busy\r\n"}, b"220 fake.example.net ESMTP\r\n"),
+        ({"MAIL": b"451 4.3.0 try later\r\n"}, b"220 fake.example.net ESMTP\r\n"),
+        ({"RCPT": b"450 4.7.1 greylisted, try later\r\n"}, b"220 fake.example.net ESMTP\r\n"),
+    ],
+)
+async def test_temporary_refusals_are_not_decided(
+    replies: dict[str, Action], banner: bytes
+) -> None:
+    """A 4xx decides nothing (greylisting, a busy server, a recipient lookup that failed): the
+    test reported every attempt `refused` and exit 0, "no relay accepted", for a server that only
+    said "not now" (a 421 banner included)."""
+    async with FakeSMTP(replies, banner=banner) as fake:
+        results, elapsed = await selftest(fake)
+    (result,) = results
+    assert exit_code(results) == 2 and elapsed < 10
+    assert {a.verdict for a in result.attempts} <= {"deferred", "skipped"}
+    assert all(a.temporary for a in result.attempts if a.verdict != "skipped")
+    assert "not decided" in result.summary() and "incomplete" in result.summary()
+    assert result.to_dict()["deferred"] == len(result.counted())

@@ -28,7 +28,13 @@ from relaygate.smtp_transcript import is_loopback, split_server
 
 __all__ = ["register_relay"]
 
-_VERDICT_STYLE = {"refused": "green", "accepted": "bold red", "error": "yellow", "skipped": "dim"}
+_VERDICT_STYLE = {
+    "refused": "green",
+    "accepted": "bold red",
+    "deferred": "yellow",
+    "error": "yellow",
+    "skipped": "dim",
+}
 
 
 def _domain(value: str, option: str) -> str:
@@ -103,12 +109,16 @@ def _print_footer(result: SourceResult) -> None:
     if temporary and not result.accepted:
         console.print(
             Text(
-                f"note: {len(temporary)} refusal(s) were temporary (4xx): the relay may answer "
-                "otherwise later; run the test again to be sure",
+                f"note: {len(temporary)} attempt(s) were deferred (4xx): not decided, the relay "
+                "may answer otherwise later; run the test again to be sure",
                 style="yellow",
             )
         )
-    style = "bold red" if result.accepted else ("bold yellow" if result.errors else "bold green")
+    style = (
+        "bold red"
+        if result.accepted
+        else ("bold yellow" if result.errors or result.deferred else "bold green")
+    )
     console.print(Text(result.summary(), style=style))
 
 
@@ -185,7 +195,8 @@ def register_relay(test: typer.Typer) -> None:
         takes at most --max-time seconds however slowly the server answers (tarpit_interval).
 
         Exit 0: every attempt refused; 1: some attempt accepted (an open relay); 2: usage error,
-        the server could not be reached, or some attempt could not be completed."""
+        the server could not be reached, or some attempt was deferred (4xx) or could not be
+        completed."""
         if tls and starttls:
             die("use --tls or --starttls, not both", 2)
         try:
