@@ -172,6 +172,8 @@ class SourceResult:
     server_name: str = ""
     error: str = ""  # the first connection failed: nothing could be tried
     notes: list[str] = field(default_factory=list)  # what limits the result (TLS required, ...)
+    #: MAIL was refused in clear for want of STARTTLS: nothing was decided for a TLS client
+    needs_starttls: bool = False
     control: Attempt | None = None
     attempts: list[Attempt] = field(default_factory=list)
     transcript: Transcript = field(default_factory=Transcript)
@@ -202,6 +204,11 @@ class SourceResult:
         if self.accepted:
             return (
                 f"open relay: {len(self.accepted)} of {tried} attempts accepted from {self.label}"
+            )
+        if self.needs_starttls:
+            return (
+                f"no relay decision from {self.label}: the server wants STARTTLS before MAIL "
+                "(run again with --starttls): the test is incomplete"
             )
         if self.errors or self.deferred:
             why = [
@@ -664,7 +671,10 @@ def _add_notes(result: SourceResult, opts: RelayTestOptions) -> None:
         a for a in [result.control, *result.attempts] if a is not None and a.verdict != "skipped"
     ]
     at_mail = [a for a in decided if a.stage == "MAIL" and a.verdict == "refused"]
-    if not (opts.tls or opts.starttls) and any(a.code == 530 for a in at_mail):
+    if not (opts.tls or opts.starttls) and any(
+        a.code == 530 and "TLS" in a.reply.upper() for a in at_mail
+    ):  # "530 5.7.0 Must issue a STARTTLS command first" (530 5.7.1 is: not authenticated)
+        result.needs_starttls = True
         result.notes.append(
             "the server wants STARTTLS before MAIL (530): these refusals are not relay decisions; "
             "run again with --starttls (--insecure for a self-signed certificate) to test what a "
@@ -705,9 +715,10 @@ async def run_relay_test(
 
 def exit_code(results: list[SourceResult]) -> int:
     """1: some vector was accepted (an open relay); 2: a source could not be tested, or some vector
-    was deferred (4xx) or could not be completed; 0: every vector refused from every source."""
+    was deferred (4xx) or could not be completed, or MAIL needs STARTTLS that was not used; 0:
+    every vector refused from every source."""
     if any(r.accepted for r in results):
         return 1
-    if any(r.error or r.errors or r.deferred for r in results):
+    if any(r.error or r.errors or r.deferred or r.needs_starttls for r in results):
         return 2
     return 0

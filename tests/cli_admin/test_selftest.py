@@ -333,3 +333,28 @@ def test_narrow_terminal_keeps_commands_and_replies_whole(
     assert lines[j + 1] == "   MAIL FROM:<>"
     assert "   RCPT TO:<relaytest%nmap.scanme.org%corp.example@corp.example>" in lines
     assert sink.handler.peers == []
+
+
+def test_open_relay_behind_require_tls_is_not_passed_in_clear(
+    relay: Callable[..., RelayHandle],  # noqa: F811
+    sink: SMTPServer,
+) -> None:
+    """An anonymous relay connector with require_tls answers 530 to every MAIL in clear: the test
+    in clear said "no relay accepted" with exit 0 (a note only), though any client that issues
+    STARTTLS may relay. Without --starttls it decides nothing: exit 2."""
+    handle = relay(
+        [internal_connector(), relay_connector((OPEN,), name="Anonymous Relay", require_tls=True)],
+        start=False,
+    )
+    handle.doc["send_connectors"][0]["port"] = sink.port
+    handle.config_path.write_text(tomlkit.dumps(handle.doc), encoding="utf-8")
+    handle.config = load_config(handle.config_path)
+    handle.start()
+    clear = relay_test(handle, "--source-ip", OPEN, "--json")
+    assert clear.code == 2, clear.out + clear.err
+    (source,) = clear.json()["sources"]
+    assert any("--starttls" in note for note in source["notes"])
+    assert "incomplete" in source["summary"]
+    tls = relay_test(handle, "--source-ip", OPEN, "--starttls", "--insecure", "--json")
+    assert tls.code == 1, tls.out + tls.err  # what a TLS client gets: an open relay
+    assert sink.handler.peers == [] and handle.messages() == []

@@ -117,7 +117,11 @@ def _print_footer(result: SourceResult) -> None:
     style = (
         "bold red"
         if result.accepted
-        else ("bold yellow" if result.errors or result.deferred else "bold green")
+        else (
+            "bold yellow"
+            if result.errors or result.deferred or result.needs_starttls
+            else "bold green"
+        )
     )
     console.print(Text(result.summary(), style=style))
 
@@ -195,8 +199,8 @@ def register_relay(test: typer.Typer) -> None:
         takes at most --max-time seconds however slowly the server answers (tarpit_interval).
 
         Exit 0: every attempt refused; 1: some attempt accepted (an open relay); 2: usage error,
-        the server could not be reached, or some attempt was deferred (4xx) or could not be
-        completed."""
+        the server could not be reached, some attempt was deferred (4xx) or could not be
+        completed, or MAIL needs STARTTLS and --starttls was not given."""
         if tls and starttls:
             die("use --tls or --starttls, not both", 2)
         try:
