@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from relaygate.logs.protocol import escape_controls
+
 __all__ = [
     "Reply",
     "SMTPClosed",
@@ -278,7 +280,8 @@ class SMTPConnection:
                 self.transcript.note("connection closed by the server")
                 self.closed = True
                 raise SMTPClosed("connection closed")
-            text = raw.decode("utf-8", "replace").rstrip("\r\n")
+            # control characters as \xNN: the text goes to a terminal (ESC sequences) and to JSON
+            text = escape_controls(raw.decode("utf-8", "replace").rstrip("\r\n"))
             self.transcript.server(text)
             m = _REPLY.match(text)
             if not m:

@@ -5,6 +5,7 @@ the client sent; the test must stay bounded, never crash, and never send DATA or
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 from relaygate.selftest import RelayTestOptions, SourceResult, exit_code, run_relay_test
+from tests.cli_admin.helpers import PYTHON, Run
 
 Writer = asyncio.StreamWriter
 Action = bytes | Callable[[Writer], Awaitable[None]]
@@ -176,3 +178,33 @@ async def test_temporary_refusals_are_not_decided(
     assert all(a.temporary for a in result.attempts if a.verdict != "skipped")
     assert "not decided" in result.summary() and "incomplete" in result.summary()
     assert result.to_dict()["deferred"] == len(result.counted())
+
+
+async def cli(*args: str) -> Run:
+    """`python -m relaygate ...` without blocking the loop the fake server runs in."""
+    env = {k: v for k, v in os.environ.items() if k != "RELAYGATE_CONFIG"}
+    env.update({"COLUMNS": "300", "NO_COLOR": "1", "TERM": "dumb"})
+    proc = await asyncio.create_subprocess_exec(
+        PYTHON, "-m", "relaygate", *args, env=env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return Run(proc.returncode, out.decode(), err.decode())
+
+
+async def test_control_characters_in_replies_do_not_reach_the_terminal() -> None:
+    """The server's reply text went to the terminal as sent: ESC sequences (here: erase the line,
+    then a forged verdict), NUL and invalid UTF-8 drove the administrator's terminal."""
+    forged = b"\x1b[2K\r\x1b]0;title\x07no relay accepted\x00\xff"
+    async with FakeSMTP({"RCPT": b"250 2.1.5 OK " + forged + b"\r\n"}) as fake:
+        r = await cli("test", "relay", "--server", f"127.0.0.1:{fake.port}", "--local-domain",
+                      "corp.example", "--timeout", "2", "--max-time", "20")  # fmt: skip
+        j = await cli("test", "relay", "--server", f"127.0.0.1:{fake.port}", "--local-domain",
+                      "corp.example", "--timeout", "2", "--max-time", "20", "--json")  # fmt: skip
+    assert r.code == 1 and j.code == 1, r.out + r.err
+    for text in (r.out, r.err, j.out):
+        assert not any(c in text for c in "\x1b\x00\x07\r"), repr(text[:2000])
+    assert "250 2.1.5 OK \\x1b[2K\\x0d" in r.out  # shown, escaped
+    (source,) = j.json()["sources"]
+    assert source["attempts"][0]["reply"].startswith("250 2.1.5 OK \\x1b[2K\\x0d\\x1b]0;title")
