@@ -6,7 +6,8 @@ domain if the relay accepted it: the plain form, Nmap smtp-open-relay's sixteen 
 forged senders, percent hack, quoted local parts hiding an @ or %, user@ext@host, source routes, bang
 paths) and security-bar §1B's (chained percent, the accepted domain as the routing host, an external
 address literal, HELO spoofing, case and trailing-dot spellings, an SMTPUTF8 recipient, syntax
-variants). After the RCPT answer the transaction is reset with RSET (a fresh connection when the
+variants, user@local@ext, local!ext!user, a bare numeric domain, a comment, an external recipient
+after a local one in one transaction). After the RCPT answer the transaction is reset with RSET (a fresh connection when the
 server closed it, as RelayGate and Exchange do after max_protocol_errors), and QUIT ends the session:
 no message is ever transferred, so nothing can be relayed whatever the server answers.
 
@@ -101,7 +102,7 @@ class Vector:
 
     id: a short stable name (`plain`, `percent-local`, ...); title: what it tries, in words;
     mail: the whole MAIL command; rcpt: the whole RCPT command; helo: the EHLO name to use (None:
-    the default one).
+    the default one); before: RCPT commands sent first in the same transaction (not deciding).
     """
 
     id: str
@@ -109,6 +110,7 @@ class Vector:
     mail: str
     rcpt: str
     helo: str | None = None
+    before: tuple[str, ...] = ()
 
 
 @dataclass
@@ -321,6 +323,22 @@ BATTERY: tuple[tuple[str, str, str, str, str | None], ...] = (
     ("helo-server-name", "HELO spoofing: the server's own name", _MAIL, _RCPT, "{name}"),
     ("helo-localhost", "HELO spoofing: localhost", _MAIL, _RCPT, "localhost"),
     ("helo-literal", "HELO spoofing: the server's IP literal", _MAIL, _RCPT, "{literal}"),
+    ("double-at-local-first", "user@local-domain@ext", _MAIL, "RCPT TO:<{user}@{local}@{ext}>",
+     None),
+    ("bang-chain-local", "bang path local!ext!user", _MAIL, "RCPT TO:<{local}!{ext}!{user}>", None),
+    ("numeric-domain", "external IP without brackets", _MAIL, "RCPT TO:<{user}@{ext_ip}>", None),
+    ("quoted-at-space-local", "quoted @ and blank in the local domain", _MAIL,
+     'RCPT TO:<"{user}@{ext} x"@{local}>', None),
+    ("comment-local", "a comment holding a local address", _MAIL,
+     "RCPT TO:<{user}@{ext}(<postmaster@{local}>)>", None),
+    ("syntax-nested-brackets", "doubled angle brackets", _MAIL, "RCPT TO:<<{user}@{ext}>>", None),
+    ("syntax-display-name", "a display name before the path", _MAIL,
+     "RCPT TO:<Name <{user}@{ext}>>", None),
+    ("syntax-trailing-blank", "a blank after the path", _MAIL, _RCPT + " ", None),
+    # two RCPTs in one transaction: a local recipient first (a relay that decided "allowed" once
+    # must decide again for the next); only the last RCPT's answer decides
+    ("mixed-transaction", "an external recipient after a local one", _MAIL,
+     "RCPT TO:<postmaster@{local}>\n" + _RCPT, None),
 )  # fmt: skip
 
 
@@ -342,6 +360,7 @@ def battery(
         "name": server_name or "",
         "literal": _literal(server_ip),
         "ext_literal": _literal(external_ip),
+        "ext_ip": external_ip,
         "ext_mixed": _mixed_case(external),
     }
     vectors: list[Vector] = []
@@ -353,13 +372,15 @@ def battery(
         elif "{name}" in text and not server_name:
             skipped.append((vid, title, _NO_NAME))
         else:
+            *before, deciding = rcpt.format(**values).split("\n")
             vectors.append(
                 Vector(
                     vid,
                     title,
                     mail.format(**values),
-                    rcpt.format(**values),
+                    deciding,
                     helo.format(**values) if helo else None,
+                    tuple(before),
                 )
             )
     return vectors, skipped
@@ -511,11 +532,14 @@ class _Probe:
                 reply = await self.command(vector.mail)
                 if not 200 <= reply.code < 300:
                     _decide(attempt, "MAIL", vector.mail, reply)
-                else:
-                    attempt.commands.append(vector.rcpt)
-                    attempt.command = vector.rcpt
-                    reply = await self.command(vector.rcpt)
-                    _decide(attempt, "RCPT", vector.rcpt, reply)
+                else:  # the RCPTs `before` do not decide; the last one does
+                    for line in (*vector.before, vector.rcpt):
+                        attempt.commands.append(line)
+                        attempt.command = line
+                        reply = await self.command(line)
+                        if self.out_of_step:
+                            break
+                    _decide(attempt, "RCPT", attempt.command, reply)
                 await self._reset()
                 return
             except SMTPReplyError as exc:  # unreadable: out of step, the connection was dropped

@@ -118,6 +118,12 @@ def test_restricted_client_every_vector_refused_exit_0(
     )
     assert by_id["helo-server-name"]["helo"] == "relay.corp.example"
     assert by_id["null-sender"]["commands"][0] == "MAIL FROM:<>"
+    mixed = by_id["mixed-transaction"]
+    assert mixed["commands"][1:] == [
+        "RCPT TO:<postmaster@corp.example>",
+        "RCPT TO:<relaytest@nmap.scanme.org>",
+    ]
+    assert mixed["stage"] == "RCPT" and mixed["reply"].startswith("550 5.7.54")
     # the control: the local recipient is accepted (the relay is up), reported apart
     control = source["control"]
     assert control["command"] == "RCPT TO:<postmaster@corp.example>"
@@ -275,7 +281,7 @@ def test_external_domain_that_is_accepted_is_a_usage_error(
 def test_battery_never_holds_data_and_targets_the_external_domain() -> None:
     from relaygate.selftest import BATTERY, battery
 
-    assert len(BATTERY) == 34  # as README and --help say
+    assert len(BATTERY) == 43  # as README and --help say
     vectors, skipped = battery(
         external="ext.example.net", sender="a@ext.example.net", local="corp.example",
         server_name="relay.corp.example", server_ip="::1", external_ip="203.0.113.25",
@@ -291,6 +297,15 @@ def test_battery_never_holds_data_and_targets_the_external_domain() -> None:
     assert by_id["source-route-local"].rcpt == (
         "RCPT TO:<@corp.example,@ext.example.net:relaytest@ext.example.net>"
     )
+    # security-bar §1B vectors that were missing (7, 12, 16, 27, 28, 29, 35)
+    assert by_id["double-at-local-first"].rcpt == "RCPT TO:<relaytest@corp.example@ext.example.net>"
+    assert by_id["bang-chain-local"].rcpt == "RCPT TO:<corp.example!ext.example.net!relaytest>"
+    assert by_id["numeric-domain"].rcpt == "RCPT TO:<relaytest@203.0.113.25>"
+    assert by_id["syntax-trailing-blank"].rcpt == "RCPT TO:<relaytest@ext.example.net> "
+    mixed = by_id["mixed-transaction"]
+    assert mixed.before == ("RCPT TO:<postmaster@corp.example>",)
+    assert mixed.rcpt == "RCPT TO:<relaytest@ext.example.net>"
+    assert all(v.before == () for v in vectors if v is not mixed)
 
 
 def test_require_tls_needs_starttls_and_starttls_reaches_the_relay_decision(

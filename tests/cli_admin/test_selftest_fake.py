@@ -208,3 +208,32 @@ async def test_control_characters_in_replies_do_not_reach_the_terminal() -> None
     assert "250 2.1.5 OK \\x1b[2K\\x0d" in r.out  # shown, escaped
     (source,) = j.json()["sources"]
     assert source["attempts"][0]["reply"].startswith("250 2.1.5 OK \\x1b[2K\\x0d\\x1b]0;title")
+
+
+async def test_relay_right_that_sticks_after_a_local_recipient_is_found() -> None:
+    """A server that refuses an external recipient alone but accepts it after a local one in the
+    same transaction (a "relay allowed" decision that sticks, security-bar §1B 35): every
+    vector of the battery was refused and the test said exit 0; mixed-transaction finds it."""
+    state = {"local": False}
+
+    async def mail(writer: Writer) -> None:
+        state["local"] = False
+        writer.write(b"250 2.1.0 ok\r\n")
+
+    def rcpt_reply(line: bytes) -> bytes:
+        if line.lower().startswith(b"rcpt to:<postmaster@corp.example>"):
+            state["local"] = True
+            return b"250 2.1.5 ok\r\n"
+        return b"250 2.1.5 ok\r\n" if state["local"] else b"550 5.7.54 Unable to relay\r\n"
+
+    fake = FakeSMTP({"MAIL": mail})
+
+    async def rcpt(writer: Writer) -> None:
+        writer.write(rcpt_reply(fake.received[-1]))
+
+    fake.replies["RCPT"] = rcpt
+    async with fake:
+        results, _elapsed = await selftest(fake)
+    (result,) = results
+    assert [a.vector for a in result.accepted] == ["mixed-transaction"]
+    assert exit_code(results) == 1

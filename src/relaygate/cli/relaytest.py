@@ -137,6 +137,7 @@ def _command_cell(attempt: Attempt, usual_mail: str, usual_helo: str) -> str:
         and attempt.command != attempt.commands[0]
     ):
         lines.append(attempt.commands[0])
+    lines.extend(attempt.commands[1:-1])  # RCPTs before the deciding one (mixed-transaction)
     lines.append(attempt.command)
     return "\n".join(lines)
 
@@ -190,10 +191,11 @@ def register_relay(test: typer.Typer) -> None:
         json_out: bool = JSON_OPTION,
         config: Path | None = CONFIG_OPTION,
     ) -> None:
-        """Prove the relay is not an open relay from a client address: 34 relay attempts (plain,
+        """Prove the relay is not an open relay from a client address: 43 relay attempts (plain,
         Nmap smtp-open-relay's 16, percent hack, bang paths, source routes, quoted local parts,
-        literals, HELO spoofing, case, trailing dot, SMTPUTF8, syntax variants), each MAIL FROM +
-        RCPT TO then RSET, and never DATA: nothing is ever relayed.
+        literals, HELO spoofing, case, trailing dot, SMTPUTF8, syntax variants, an external
+        recipient after a local one), each MAIL FROM + RCPT TO then RSET, and never DATA: nothing
+        is ever relayed.
 
         Bounded: each connect and reply waits at most --timeout seconds and each source address
         takes at most --max-time seconds however slowly the server answers (tarpit_interval).
