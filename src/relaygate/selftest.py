@@ -592,6 +592,30 @@ def _decide(attempt: Attempt, stage: str, command: str, reply: Reply) -> None:
         attempt.note = f"unexpected reply at {stage}"
 
 
+_LOCAL_TARGET = (
+    "a local recipient as RFC 5321 reads it: a relay only if the server routes its local part "
+    "onward (percent hack, quoted @, bang path)"
+)
+
+
+def _local_target(rcpt: str, local: set[str | None]) -> bool:
+    """Whether RCPT's path, read as RFC 5321 reads it (source route ignored, quotes kept), has no
+    domain or one of `local` (the local domain, the server's name or IP literal)."""
+    path = rcpt.partition(":")[2].strip().removeprefix("<").removesuffix(">")
+    if path.startswith("@"):
+        path = path.partition(":")[2]
+    quoted, at = False, -1
+    for i, c in enumerate(path):
+        if c == '"':
+            quoted = not quoted
+        elif c == "@" and not quoted:
+            at = i
+    if at < 0:
+        return True
+    domain = path[at + 1 :].lower().rstrip(".")
+    return domain in {name.lower() for name in local if name}
+
+
 def _first_name(reply: Reply) -> str:
     """The host name a 220 banner or a 250 EHLO reply starts with (`relay.corp.example ...`)."""
     first = reply.lines[0].split() if reply.lines else []
@@ -681,6 +705,10 @@ async def _run_source(opts: RelayTestOptions, source_ip: str | None) -> SourceRe
             attempt = Attempt(vector.id, vector.title, "error")
             result.attempts.append(attempt)
             await _attempt(probe, vector, attempt)
+            if attempt.verdict == "accepted" and _local_target(
+                vector.rcpt, {opts.local_domain, result.server_name, _literal(server_ip)}
+            ):
+                attempt.note = _LOCAL_TARGET
         for vid, title, why in skipped:
             result.attempts.append(Attempt(vid, title, "skipped", note=why))
         _add_notes(result, opts)

@@ -237,3 +237,26 @@ async def test_relay_right_that_sticks_after_a_local_recipient_is_found() -> Non
     (result,) = results
     assert [a.vector for a in result.accepted] == ["mixed-transaction"]
     assert exit_code(results) == 1
+
+
+async def test_an_accepted_local_recipient_says_so() -> None:
+    """A server that delivers locally whatever the local part holds (no percent hack, no bang
+    paths) accepts `relaytest%ext@corp.example`: RFC 5321 reads that as a local mailbox, so the
+    250 is relaying only if the server routes the local part onward. The test reported these as
+    relaying with no word of it, like `relaytest@ext`; they stay accepted, with a note."""
+
+    async def rcpt(writer: Writer) -> None:
+        path = fake.received[-1].decode().partition(":")[2].strip().strip("<>")
+        local = "@" not in path or path.lower().endswith(("@corp.example", "@fake.example.net"))
+        writer.write(b"250 2.1.5 ok\r\n" if local else b"550 5.7.54 Unable to relay\r\n")
+
+    fake = FakeSMTP({"RCPT": rcpt})
+    async with fake:
+        results, _elapsed = await selftest(fake)
+    (result,) = results
+    by_id = {a.vector: a for a in result.attempts}
+    assert by_id["plain"].verdict == "refused" and by_id["plain"].note == ""
+    accepted = {a.vector for a in result.accepted}
+    assert {"percent-local", "quoted-at-local", "bang-local", "percent-server-name"} <= accepted
+    assert all("local recipient as RFC 5321 reads it" in a.note for a in result.accepted)
+    assert exit_code(results) == 1  # still reported: only the server knows where it goes
