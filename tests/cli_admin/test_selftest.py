@@ -319,6 +319,9 @@ def test_require_tls_needs_starttls_and_starttls_reaches_the_relay_decision(
     assert {a["stage"] for a in source["attempts"]} == {"MAIL"}
     assert source["attempts"][0]["reply"] == "530 5.7.0 Must issue a STARTTLS command first"
     assert any("--starttls" in note for note in source["notes"])
+    untrusted = relay_test(handle, "--source-ip", RESTRICTED, "--starttls")  # self-signed
+    assert untrusted.code == 2, untrusted.out + untrusted.err
+    assert "CERTIFICATE_VERIFY_FAILED (use --insecure to test anyway)" in untrusted.err
     r = relay_test(handle, "--source-ip", RESTRICTED, "--starttls", "--insecure", "--json")
     assert r.code == 0, r.out + r.err
     (source,) = r.json()["sources"]

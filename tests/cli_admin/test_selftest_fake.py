@@ -27,7 +27,9 @@ class FakeSMTP:
         self,
         replies: dict[str, Action] | None = None,
         banner: bytes = b"220 fake.example.net ESMTP\r\n",
+        host: str = "127.0.0.1",
     ) -> None:
+        self.host = host
         self.replies = replies or {}
         self.banner = banner
         self.received: list[bytes] = []
@@ -36,7 +38,7 @@ class FakeSMTP:
         self.port = 0
 
     async def __aenter__(self) -> FakeSMTP:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._handle, self.host, 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
@@ -75,7 +77,7 @@ class FakeSMTP:
 
 async def selftest(fake: FakeSMTP, **options: Any) -> tuple[list[SourceResult], float]:
     opts = RelayTestOptions(
-        server=f"127.0.0.1:{fake.port}",
+        server=f"[{fake.host}]:{fake.port}",
         source_ips=[None],
         local_domain="corp.example",
         timeout=options.pop("timeout", 2.0),
@@ -260,3 +262,14 @@ async def test_an_accepted_local_recipient_says_so() -> None:
     assert {"percent-local", "quoted-at-local", "bang-local", "percent-server-name"} <= accepted
     assert all("local recipient as RFC 5321 reads it" in a.note for a in result.accepted)
     assert exit_code(results) == 1  # still reported: only the server knows where it goes
+
+
+async def test_ipv6_server() -> None:
+    """[::1]:port works; the literal vectors use the IPv6 literal form."""
+    async with FakeSMTP({"RCPT": b"550 5.7.54 Unable to relay\r\n"}, host="::1") as fake:
+        results, _elapsed = await selftest(fake)
+    (result,) = results
+    assert result.error == "" and result.peer == "::1" and exit_code(results) == 0
+    by_id = {a.vector: a for a in result.attempts}
+    assert by_id["percent-literal"].command == "RCPT TO:<relaytest%nmap.scanme.org@[IPv6:::1]>"
+    assert by_id["helo-literal"].helo == "[IPv6:::1]"
