@@ -435,9 +435,12 @@ class _Probe:
         self.conn.timeout = self._budget()
         await asyncio.sleep(0)  # let bytes already on the socket reach the reader
         if self.conn.unread():  # e.g. two replies to MAIL: RCPT would read the second one
+            unasked = await self.conn.read_reply()
             self.out_of_step = True
-            self.result.transcript.note("the server sent a reply nobody asked for")
             await self.close()
+            if unasked.code == 421:  # RFC 5321 §3.8: closing (timeout, shutdown, too many errors)
+                raise SMTPClosed("421 before the next command")
+            self.result.transcript.note("the server sent a reply nobody asked for")
             raise SMTPReplyError("a reply nobody asked for: the server is out of step")
         try:
             return self._check(await self.conn.command(line))

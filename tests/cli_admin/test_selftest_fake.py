@@ -273,3 +273,20 @@ async def test_ipv6_server() -> None:
     by_id = {a.vector: a for a in result.attempts}
     assert by_id["percent-literal"].command == "RCPT TO:<relaytest%nmap.scanme.org@[IPv6:::1]>"
     assert by_id["helo-literal"].helo == "[IPv6:::1]"
+
+
+async def test_a_421_between_commands_is_a_closed_connection() -> None:
+    """A server may send 421 and close at any time (RFC 5321 §3.8: idle or session timeout,
+    shutdown; RelayGate after max_protocol_errors): the next attempt takes a new connection. Here
+    every RSET is answered and followed by a 421 and the close."""
+
+    async def rset(writer: Writer) -> None:
+        writer.write(b"250 2.0.0 ok\r\n421 4.4.1 Connection timed out\r\n")
+        await writer.drain()
+        writer.close()
+
+    async with FakeSMTP({"RSET": rset, "RCPT": b"550 5.7.54 Unable to relay\r\n"}) as fake:
+        results, _elapsed = await selftest(fake)
+    (result,) = results
+    assert {a.verdict for a in result.attempts} == {"refused"}
+    assert {a.stage for a in result.attempts} == {"RCPT"} and exit_code(results) == 0
