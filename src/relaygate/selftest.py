@@ -668,6 +668,12 @@ def _connect_error(exc: BaseException, opts: RelayTestOptions, source_ip: str | 
         )
     if isinstance(exc, OSError) and source_ip and exc.errno in (99, 49, 10049):  # EADDRNOTAVAIL
         return f"cannot connect to {opts.server}: --source-ip {source_ip} is not an address of this machine"
+    if isinstance(exc, OSError) and source_ip and "no matching local address" in str(exc):
+        version = ipaddress.ip_address(source_ip.partition("%")[0]).version
+        return (
+            f"cannot connect to {opts.server} from {source_ip}: the server has no IPv{version} "
+            "address (an IPv4 --source-ip reaches IPv4 servers, an IPv6 one IPv6 servers)"
+        )
     if isinstance(exc, OSError):
         return f"cannot connect to {where}: {os.strerror(exc.errno) if exc.errno else exc}"
     return f"cannot test {where}: {exc}"

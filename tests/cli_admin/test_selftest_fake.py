@@ -290,3 +290,17 @@ async def test_a_421_between_commands_is_a_closed_connection() -> None:
     (result,) = results
     assert {a.verdict for a in result.attempts} == {"refused"}
     assert {a.stage for a in result.attempts} == {"RCPT"} and exit_code(results) == 0
+
+
+async def test_source_ip_that_cannot_be_used_is_a_clear_error() -> None:
+    """Not an address of this machine, or of the other family than the server's: exit 2 and a
+    message naming the option (the second was asyncio's `no matching local address with
+    family=<AddressFamily.AF_INET: 2> found`)."""
+    async with FakeSMTP() as fake:
+        server = f"127.0.0.1:{fake.port}"
+        absent = await cli("test", "relay", "--server", server, "--source-ip", "192.0.2.77")
+        v6 = await cli("test", "relay", "--server", server, "--source-ip", "::1")
+    assert absent.code == 2 and v6.code == 2
+    assert "--source-ip 192.0.2.77 is not an address of this machine" in absent.err
+    assert f"cannot connect to {server} from ::1: the server has no IPv6 address" in v6.err
+    assert fake.sessions == []
