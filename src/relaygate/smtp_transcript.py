@@ -33,8 +33,9 @@ __all__ = [
 ]
 
 MASK = "********"
-#: The most lines one reply may have (an EHLO reply has a few dozen at most).
-MAX_REPLY_LINES = 1000
+#: The most bytes one reply may have, all its lines (an EHLO reply has a few hundred): a hostile
+#: server cannot fill the transcript (and memory) with endless replies.
+MAX_REPLY_BYTES = 65536
 _REPLY = re.compile(r"^(\d{3})([ -])?(.*)$")
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s")
 
@@ -253,19 +254,18 @@ class SMTPConnection:
 
     async def read_reply(self) -> Reply:
         """Read one complete reply (all continuation lines) within `timeout` seconds in all, and of
-        at most MAX_REPLY_LINES lines: a server that never ends a multi-line reply is bounded too."""
+        at most MAX_REPLY_BYTES: a server that never ends a multi-line reply is bounded too."""
         assert self.reader is not None
         code = 0
         texts: list[str] = []
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
+        size = 0
         while True:
-            if len(texts) >= MAX_REPLY_LINES:
-                self.transcript.note(
-                    f"reply longer than {MAX_REPLY_LINES} lines: connection dropped"
-                )
+            if size > MAX_REPLY_BYTES:
+                self.transcript.note(f"reply over {MAX_REPLY_BYTES} bytes: connection dropped")
                 await self.close()
-                raise SMTPReplyError(f"reply longer than {MAX_REPLY_LINES} lines")
+                raise SMTPReplyError(f"reply over {MAX_REPLY_BYTES} bytes")
             try:
                 raw = await asyncio.wait_for(self.reader.readline(), deadline - loop.time())
             except (ConnectionResetError, BrokenPipeError) as exc:
@@ -280,6 +280,7 @@ class SMTPConnection:
                 self.transcript.note("connection closed by the server")
                 self.closed = True
                 raise SMTPClosed("connection closed")
+            size += len(raw)
             # control characters as \xNN: the text goes to a terminal (ESC sequences) and to JSON
             text = escape_controls(raw.decode("utf-8", "replace").rstrip("\r\n"))
             self.transcript.server(text)

@@ -304,3 +304,23 @@ async def test_source_ip_that_cannot_be_used_is_a_clear_error() -> None:
     assert "--source-ip 192.0.2.77 is not an address of this machine" in absent.err
     assert f"cannot connect to {server} from ::1: the server has no IPv6 address" in v6.err
     assert fake.sessions == []
+
+
+async def test_huge_replies_do_not_fill_memory() -> None:
+    """A reply of a thousand 60 kB lines was read whole (60 MB into the transcript) before the
+    1000-line cap, for every attempt: a hostile server could exhaust the tester's memory. A reply
+    is now at most 64 KiB."""
+    line = b"250-" + b"x" * 60_000 + b"\r\n"
+
+    async def fat(writer: Writer) -> None:
+        for _ in range(1000):
+            writer.write(line)
+            await writer.drain()
+        writer.write(b"250 ok\r\n")
+
+    async with FakeSMTP({"RCPT": fat}) as fake:
+        results, _elapsed = await selftest(fake, max_time=10.0)
+    (result,) = results
+    assert exit_code(results) == 2 and result.accepted == []
+    assert sum(len(line.text) for line in result.transcript.lines) < 10_000_000
+    assert all("unreadable reply" in a.note for a in result.attempts)
