@@ -7,9 +7,11 @@ forged senders, percent hack, quoted local parts hiding an @ or %, user@ext@host
 paths) and security-bar §1B's (chained percent, the accepted domain as the routing host, an external
 address literal, HELO spoofing, case and trailing-dot spellings, an SMTPUTF8 recipient, syntax
 variants, user@local@ext, local!ext!user, a bare numeric domain, a comment, an external recipient
-after a local one in one transaction). After the RCPT answer the transaction is reset with RSET (a fresh connection when the
-server closed it, as RelayGate and Exchange do after max_protocol_errors), and QUIT ends the session:
-no message is ever transferred, so nothing can be relayed whatever the server answers.
+after a local one in one transaction). After the RCPT answer the transaction is reset with RSET (a
+fresh connection when the server closed it, as RelayGate and Exchange do after
+max_protocol_errors), and QUIT ends the session: no message is ever transferred, so nothing can be
+relayed whatever the server answers. A reply no command here may get (354, 1xx, no code) or one
+nobody asked for leaves the server out of step: nothing more is sent on that connection.
 
 Verdicts: `refused` (5xx at MAIL or RCPT, or at the banner / EHLO), `accepted` (2xx to RCPT: the
 relay would relay — the failure this test looks for), `deferred` (4xx: not decided, the relay may
@@ -435,9 +437,11 @@ class _Probe:
         self.conn.timeout = self._budget()
         await asyncio.sleep(0)  # let bytes already on the socket reach the reader
         if self.conn.unread():  # e.g. two replies to MAIL: RCPT would read the second one
-            unasked = await self.conn.read_reply()
             self.out_of_step = True
-            await self.close()
+            try:
+                unasked = await self.conn.read_reply()
+            finally:
+                await self.close()
             if unasked.code == 421:  # RFC 5321 §3.8: closing (timeout, shutdown, too many errors)
                 raise SMTPClosed("421 before the next command")
             self.result.transcript.note("the server sent a reply nobody asked for")
