@@ -288,6 +288,9 @@ class SMTPConnection:
             if not m:
                 # Not a reply line: keep it visible and treat it as a final, unparseable reply.
                 return Reply(0, (*texts, text))
+            if texts and int(m.group(1)) != code:  # RFC 5321 §4.2.1: one code for all lines
+                self.transcript.note("the reply's lines have different codes")
+                return Reply(0, (*texts, text))
             code = int(m.group(1))
             texts.append(m.group(3))
             if m.group(2) != "-":

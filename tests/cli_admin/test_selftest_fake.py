@@ -324,3 +324,15 @@ async def test_huge_replies_do_not_fill_memory() -> None:
     assert exit_code(results) == 2 and result.accepted == []
     assert sum(len(line.text) for line in result.transcript.lines) < 10_000_000
     assert all("unreadable reply" in a.note for a in result.attempts)
+
+
+@pytest.mark.parametrize("reply", [b"550-5.7.54 Unable to relay\r\n250 ok\r\n",
+                                   b"250-ok\r\n550 5.7.54 Unable to relay\r\n"])  # fmt: skip
+async def test_a_reply_whose_lines_disagree_decides_nothing(reply: bytes) -> None:
+    """RFC 5321 §4.2.1: every line of a reply has the same code. The last line's code was taken:
+    `550-... / 250 ok` to RCPT counted as accepted, `250-... / 550` as refused."""
+    async with FakeSMTP({"RCPT": reply}) as fake:
+        results, _elapsed = await selftest(fake)
+    (result,) = results
+    assert {a.verdict for a in result.attempts} <= {"error", "skipped"}
+    assert exit_code(results) == 2
