@@ -28,6 +28,7 @@ from relaygate.config.loader import ConfigError, parse_text
 from relaygate.delivery.graph import GRAPH_SCOPE, recipient_plan
 from relaygate.delivery.routing import explain_route
 from relaygate.queue.model import RecipientStatus
+from relaygate.replies import Reply
 from tests.delivery.test_oauth import CLIENT_ID, SECRET, TENANT, TOKEN, FakeEntra
 from tests.queue_manager.helpers import (
     Handler,
@@ -1279,3 +1280,67 @@ async def test_graph_s_service_log_lines_follow_log_address_privacy(
     assert "Microsoft Graph refused the token for s***@corp.test" in caplog.text
     assert "Microsoft Graph delivery as s***@corp.test failed: " in caplog.text
     assert "scanner@" not in caplog.text
+
+
+# ------------------------------------------------------------------------------ 11. review
+
+
+def signed_scan(pdf: bytes) -> bytes:
+    """An S/MIME clear-signed scan: the signature covers the multipart/mixed, PDF included."""
+    inner = scan_message(pdf)
+    head, _, body = inner.partition(b"\r\n\r\n")
+    mixed_type = next(line for line in head.split(b"\r\n") if line.startswith(b"Content-Type:"))
+    return (
+        b"From: Scanner 3F <scanner@corp.test>\r\nTo: bob@example.com\r\nSubject: signed\r\n"
+        b"MIME-Version: 1.0\r\nContent-Type: multipart/signed; "
+        b'protocol="application/pkcs7-signature"; micalg=sha-256; boundary="SIG"\r\n\r\n'
+        b"--SIG\r\n" + mixed_type + b"\r\n\r\n" + body + b"\r\n--SIG\r\n"
+        b"Content-Type: application/pkcs7-signature; name=smime.p7s\r\n"
+        b"Content-Transfer-Encoding: base64\r\n"
+        b"Content-Disposition: attachment; filename=smime.p7s\r\n\r\n"
+        + base64.encodebytes(os.urandom(3000)).replace(b"\n", b"\r\n")
+        + b"\r\n--SIG--\r\n"
+    )
+
+
+def test_a_signed_or_encrypted_multipart_is_never_split() -> None:
+    """Taking the PDF out of a multipart/signed would break the signature silently (the
+    recipient sees a forged-looking message): such a message is refused as unsplittable, at the
+    top or nested, and its signature part is not taken out either."""
+    from relaygate.delivery.graph import large_plan
+    from relaygate.delivery.mime_split import Unsplittable, split_attachments
+
+    data = signed_scan(pdf_like(3_500_000))
+    plan = large_plan(data)
+    assert isinstance(plan, Reply) and plan.code == 552, plan
+    assert "multipart/signed" in plan.text and "signature" in plan.text
+    wrapped = (
+        b'From: a@corp.test\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="W"'
+        b"\r\n\r\n--W\r\nContent-Type: text/plain\r\n\r\nfooter\r\n--W\r\n"
+        + data.split(b"Subject: signed\r\nMIME-Version: 1.0\r\n", 1)[1]
+        + b"\r\n--W--\r\n"
+    )
+    result = split_attachments(wrapped, 1024, 3 * 1024 * 1024)
+    assert isinstance(result, Unsplittable) and "multipart/signed" in result.reason
+    encrypted = data.replace(b"multipart/signed", b"multipart/encrypted")
+    assert isinstance(split_attachments(encrypted, 1024, 3 * 1024 * 1024), Unsplittable)
+
+
+async def test_a_big_signed_message_is_refused_before_any_graph_call(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    try:
+        data = signed_scan(pdf_like(3_500_000))
+        await asyncio.to_thread(smtplib_send, relay, SENDER, ["bob@example.com"], data)
+
+        async def failed() -> Any:
+            r = (await statuses(relay)).get("bob@example.com")
+            return r if r is not None and r.status == RecipientStatus.FAILED else None
+
+        r = await wait_for(failed, timeout=20.0)
+        assert r.last_error.startswith("552 5.3.4 Message too big for Microsoft Graph")
+        assert "multipart/signed" in r.last_error
+        assert graph.calls == [] and graph.sent == []
+    finally:
+        await relay.stop()

@@ -31,6 +31,9 @@ MAX_PARTS = 2000
 MIN_PART_OCTETS = 1024
 
 _EMPTY_PART = b"Content-Type: text/plain; charset=us-ascii\r\n\r\n"
+#: Multiparts whose parts are covered by a signature or encrypted (RFC 1847: S/MIME, PGP/MIME):
+#: taking a part out would break the signature silently, so they are never split.
+_SEALED = frozenset({"multipart/signed", "multipart/encrypted"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +114,8 @@ def _headers(data: bytes, start: int, end: int) -> tuple[Message, int]:
 def _describe(head: Message, body_start: int, end: int) -> tuple[str, Attachment | None]:
     """A label for the NDR, and the part as an attachment when it can be one."""
     ctype = head.get_content_type()
+    if ctype in _SEALED:
+        return f"{ctype}, whose parts its signature or encryption covers", None
     filename = head.get_filename() or head.get_param("name")
     name = _decoded(str(filename)) if isinstance(filename, str) else ""
     disposition = head.get_content_disposition()
@@ -139,7 +144,7 @@ def _walk(data: bytes) -> tuple[list[_Leaf], dict[int, tuple[int, bytes, int]], 
     leaves: list[_Leaf] = []
     multiparts: dict[int, tuple[int, bytes, int]] = {}
     head, body = _headers(data, 0, len(data))
-    if head.get_content_maintype() != "multipart":
+    if head.get_content_maintype() != "multipart" or head.get_content_type() in _SEALED:
         return leaves, multiparts, _describe(head, body, len(data))[0]
     stack: list[tuple[Message, int, int, int]] = [(head, body, len(data), 0)]
     count = 0
@@ -168,7 +173,10 @@ def _walk(data: bytes) -> tuple[list[_Leaf], dict[int, tuple[int, bytes, int]], 
             part_head, part_body = _headers(data, start, nxt)
             count += 1
             parts += 1
-            if part_head.get_content_maintype() == "multipart":
+            if (
+                part_head.get_content_maintype() == "multipart"
+                and part_head.get_content_type() not in _SEALED
+            ):
                 stack.append((part_head, part_body, nxt, depth + 1))
             else:
                 label, attachment = _describe(part_head, part_body, nxt)
@@ -183,7 +191,7 @@ def _walk(data: bytes) -> tuple[list[_Leaf], dict[int, tuple[int, bytes, int]], 
 
 def split_attachments(data: bytes, target: int, limit: int) -> Split | Unsplittable:
     """Take the biggest attachment parts out of `data` until what is left is at most `target`
-    octets. Unsplittable when what is left after taking out every attachment (of at least
+    octets (never out of a multipart/signed or multipart/encrypted). Unsplittable when what is left after taking out every attachment (of at least
     MIN_PART_OCTETS) would still be over `limit`."""
     leaves, multiparts, single = _walk(data)
     candidates = sorted(
