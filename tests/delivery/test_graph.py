@@ -457,7 +457,8 @@ async def test_a_failed_send_of_the_draft_deletes_it_and_retries_later(
 ) -> None:
     def script(call: Call) -> Answer | None:
         if call.path.endswith("/send") and sum(c.path.endswith("/send") for c in graph.calls) == 1:
-            return graph_error(403, "ErrorAccessDenied", "Access is denied.")
+            # the draft gone (a 404 once it exists): a 4xx about the message itself is an NDR
+            return graph_error(404, "ErrorItemNotFound", "The specified object was not found.")
         return None
 
     graph.script = script
@@ -1344,3 +1345,73 @@ async def test_a_big_signed_message_is_refused_before_any_graph_call(
         assert graph.calls == [] and graph.sent == []
     finally:
         await relay.stop()
+
+
+async def test_a_draft_or_upload_session_graph_no_longer_finds_is_retried_not_bounced(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """A 404 once the draft exists is about the draft or its upload session (the mailbox was
+    just found): before, the large path bounced the message with '550 5.1.1 no mailbox'."""
+    missing: list[int] = []
+
+    def script(call: Call) -> Answer | None:
+        if call.path.endswith("/createUploadSession") and not missing:
+            missing.append(len(graph.calls))
+            return graph_error(404, "ErrorItemNotFound", "The specified object was not found.")
+        return None
+
+    graph.script = script
+    pdf = pdf_like(3_500_000)
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    try:
+        await asyncio.to_thread(smtplib_send, relay, SENDER, ["bob@example.com"], scan_message(pdf))
+
+        async def tried() -> Any:
+            r = (await statuses(relay)).get("bob@example.com")
+            return r if r is not None and r.attempts >= 1 else None
+
+        r = await wait_for(tried, timeout=20.0)
+        assert r.status != RecipientStatus.FAILED, r.last_error
+        assert r.last_error.startswith("451 4.4.0 Microsoft Graph no longer finds the draft")
+        assert "404 ErrorItemNotFound" in r.last_error and "no mailbox" not in r.last_error
+        assert [c.method for c in graph.calls[:3]] == ["POST", "POST", "DELETE"]
+
+        async def delivered() -> Any:
+            r = (await statuses(relay)).get("bob@example.com")
+            return r if r is not None and r.status == RecipientStatus.DELIVERED else None
+
+        r = await wait_for(delivered, timeout=20.0)
+        assert r.attempts == 2 and graph.drafts == {}
+        assert graph.sent[0].attachments[0]["content"] == pdf
+    finally:
+        await relay.stop()
+
+
+async def test_a_refused_send_of_a_draft_is_permanent_as_it_is_for_a_big_message(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """The draft path (To/Cc unlike the envelope) answers a 403 on the send as the large path
+    does: an NDR now, the draft deleted. Before, it was retried until the message expired (a
+    new draft made and deleted at every attempt) while the same 403 on a big message bounced."""
+    graph.script = lambda call: (
+        graph_error(403, "ErrorAccessDenied", "Access is denied.")
+        if call.path.endswith("/send")
+        else None
+    )
+    sink = await start_sink(Handler())
+    relay = await start_relay(
+        tmp_path / "data", {"corp.test": sink.port}, extra=graph_connector(graph, entra, ca_file)
+    )
+    try:
+        data = b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n"
+        assert (await send(relay, SENDER, ["bob@example.com", "erin@example.com"], data))[0] == 250
+        await wait_for(lambda: sink.handler.messages, timeout=20.0)
+        s = await statuses(relay)
+        assert all(r.status == RecipientStatus.FAILED and r.attempts == 1 for r in s.values())
+        assert s["erin@example.com"].last_error.startswith("550 5.7.1 Microsoft Graph refused")
+        methods = [c.method for c in graph.calls]
+        assert methods == ["POST", "PATCH", "POST", "DELETE"]
+        assert graph.drafts == {} and graph.sent == []
+    finally:
+        await relay.stop()
+        await sink.close()

@@ -14,7 +14,9 @@ Graph takes the recipients from the MIME header (To, Cc, Bcc), not from an envel
   toRecipients / ccRecipients / bccRecipients are set to (To ∩ envelope, Cc ∩ envelope, the rest of
   the envelope), and it is sent (``POST .../messages/{id}/send``). Header recipients that are not
   envelope recipients of this route are not in the copy Graph sends (another route, or nobody,
-  delivers to them). A failure after the draft exists deletes it (best effort) and is transient.
+  delivers to them). A failure after the draft exists deletes it (best effort); it is transient
+  or permanent as one before the draft, but for a 404 (the draft or its upload session gone:
+  transient).
 
 Answers become SMTP-style replies so that the queue records them as it records an SMTP server's:
 202 → 250 for every recipient; 429, 5xx, timeouts and connection errors → 4xx (Retry-After is a
@@ -30,8 +32,8 @@ createUploadSession``, then its octets PUT to the session's pre-authenticated ``
 never gets the token, in chunks of 3,200 KiB, a multiple of 320 KiB, with Content-Range), or in
 one ``POST .../attachments`` when under 3 MB (as Microsoft's documentation advises); the
 draft's recipients are set to the envelope's as above, and it is sent. A failure once the draft
-exists deletes it; 429 / 5xx / timeouts are transient (Retry-After kept), other 4xx permanent with
-Graph's error. A message that cannot be split so (a text body alone over the limit, an attachment
+exists deletes it; 429 / 5xx / timeouts / 404 are transient (Retry-After kept), other 4xx
+permanent with Graph's error. A message that cannot be split so (a text body alone over the limit, an attachment
 over Graph's 150 MB) is refused before any call (552 5.3.4).
 """
 
@@ -252,11 +254,19 @@ class GraphOutcome:
 
 
 class _GraphError(Exception):
-    def __init__(self, reply: Reply, *, status: int = 0, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        reply: Reply,
+        *,
+        status: int = 0,
+        retry_after: float | None = None,
+        detail: str = "",
+    ) -> None:
         super().__init__(reply.line())
         self.reply = reply
         self.status = status
         self.retry_after = retry_after
+        self.detail = detail  # Graph's status and error, for a reply made later
 
 
 def _clean(text: str, limit: int = 300) -> str:
@@ -592,7 +602,8 @@ class _Caller:
         status = response.status_code
         wait = _retry_after(response.headers.get("Retry-After"))
         reply = reply_for_status(status, response.content, self.mailbox, wait)
-        raise _GraphError(reply, status=status, retry_after=wait)
+        detail = _error_detail(status, response.content)
+        raise _GraphError(reply, status=status, retry_after=wait, detail=detail)
 
     async def post_mime(self, url: str, body: bytes, *, expect: tuple[int, ...]) -> Any:
         return await self.request(
@@ -654,16 +665,29 @@ async def _set_recipients_and_send(call: _Caller, url: str, plan: RecipientPlan)
     await call.request("POST", f"{url}/send", expect=(202,))
 
 
+def _after_draft(failure: _GraphError) -> _GraphError:
+    """A failure once the draft exists, as one before it (429 / 5xx transient, other 4xx
+    permanent), but for a 404: the mailbox was there a moment ago, so it is the draft or its
+    upload session Graph no longer finds (another client deleted it, a session that expired,
+    Graph's replication): transient, the next attempt starts over with a new draft."""
+    if failure.status != 404:
+        return failure
+    reply = Reply(
+        451,
+        "4.4.0",
+        f"Microsoft Graph no longer finds the draft it made or its upload session "
+        f"({failure.detail or 404}); the next attempt starts over",
+    )
+    return _GraphError(reply, status=404, retry_after=failure.retry_after, detail=failure.detail)
+
+
 async def _draft_and_send(call: _Caller, user: str, body: bytes, plan: RecipientPlan) -> None:
     draft_id, url = await _create_draft(call, user, body, _DRAFT_HINT)
     try:
         await _set_recipients_and_send(call, url, plan)
     except _GraphError as failure:
         await _delete_draft(call, url, draft_id)
-        reply = failure.reply
-        if reply.is_permanent:  # after the draft: transient (the next attempt starts over)
-            reply = Reply(451, "4.4.0", reply.text)
-        raise _GraphError(reply, status=failure.status, retry_after=failure.retry_after) from None
+        raise _after_draft(failure) from None
 
 
 async def _upload_and_send(
@@ -676,12 +700,16 @@ async def _upload_and_send(
 ) -> None:
     """The large-message path: a draft of the message without `parts`, each part attached
     (`_attach`), the recipients set, the draft sent. Any failure once the draft
-    exists deletes it; the failure's reply stands (429 / 5xx transient, other 4xx permanent)."""
+    exists deletes it; the failure's reply stands (429 / 5xx transient, other 4xx permanent; a
+    404 transient: `_after_draft`)."""
     draft_id, url = await _create_draft(call, user, body, _UPLOAD_HINT)
     try:
         for part in parts:
             await _attach(call, url, data, part)
         await _set_recipients_and_send(call, url, plan)
+    except _GraphError as failure:
+        await _delete_draft(call, url, draft_id)
+        raise _after_draft(failure) from None
     except BaseException:  # cancelled (a stop) too: no draft left behind
         await asyncio.shield(_delete_draft(call, url, draft_id))
         raise
