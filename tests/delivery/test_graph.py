@@ -1415,3 +1415,39 @@ async def test_a_refused_send_of_a_draft_is_permanent_as_it_is_for_a_big_message
     finally:
         await relay.stop()
         await sink.close()
+
+
+async def test_the_relay_s_dkim_signature_the_split_breaks_is_not_in_the_draft(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """Taking the PDF out changes the body its DKIM signature's bh= covers: the draft must not
+    carry a signature that can only fail (dkim=fail at every receiver, for this relay's
+    domain). A message sent whole (sendMail) keeps its valid signature."""
+    import dkim
+    from relaygate.dkim.keys import generate_key
+
+    pem, record = generate_key("rsa-sha256")
+    key_file = tmp_path / "s1.key"
+    key_file.write_bytes(pem)
+    extra = graph_connector(graph, entra, ca_file) + (
+        f'\n[[dkim]]\ndomain = "corp.test"\nselector = "s1"\nkey_file = "{key_file}"\n'
+    )
+    relay = await start_relay(tmp_path / "data", {}, extra=extra)
+    try:
+        small = b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: s\r\n\r\nsmall\r\n"
+        await asyncio.to_thread(smtplib_send, relay, SENDER, ["bob@example.com"], small)
+        await wait_for(lambda: len(graph.sent) == 1, timeout=20.0)
+        whole = graph.sent[0].mime
+        assert b"DKIM-Signature:" in whole
+        assert dkim.verify(whole, dnsfunc=lambda name, timeout=5: record.encode())
+
+        pdf = pdf_like(3_500_000)
+        await asyncio.to_thread(smtplib_send, relay, SENDER, ["bob@example.com"], scan_message(pdf))
+        await wait_for(lambda: len(graph.sent) == 2, timeout=30.0)
+        draft = graph.sent[1].mime
+        assert b"%PDF" not in draft and graph.sent[1].attachments[0]["content"] == pdf
+        head = draft.split(b"\r\n\r\n", 1)[0].lower()
+        assert b"dkim-signature:" not in head, draft[:600]
+        assert b"\r\nsubject: scanned document\r\n" in head and b"\r\nfrom: " in head
+    finally:
+        await relay.stop()

@@ -27,7 +27,7 @@ logged nor put in a reply.
 A message whose base64 form would pass Graph's 4 MB request limit (a scanner's big PDF) takes the
 large-message path: its biggest attachment parts are taken out (`relaygate.delivery.mime_split`)
 until the rest is under 2 MiB; a draft is made from the rest (a faithful copy of its headers and
-body); each part is attached through an upload session (``POST .../messages/{id}/attachments/
+body, but for its DKIM signatures: the cut breaks them); each part is attached through an upload session (``POST .../messages/{id}/attachments/
 createUploadSession``, then its octets PUT to the session's pre-authenticated ``uploadUrl``, which
 never gets the token, in chunks of 3,200 KiB, a multiple of 320 KiB, with Content-Range), or in
 one ``POST .../attachments`` when under 3 MB (as Microsoft's documentation advises); the
@@ -362,7 +362,30 @@ def large_plan(data: bytes) -> Split | Reply | None:
     for part in split.parts:
         if part.estimated_size > GRAPH_MAX_ATTACHMENT_OCTETS:
             return _too_big(f"the attachment {part.name!r} is about {part.estimated_size} octets")
-    return split
+    return Split(_without_dkim_signatures(split.rest), split.parts)
+
+
+def _without_dkim_signatures(data: bytes) -> bytes:
+    """`data` without the DKIM-Signature fields of its header: the parts taken out change the
+    body their bh= covers, so each could only fail at the receiver (dkim=fail for the signing
+    domain; DMARC then rests on SPF or Exchange Online's own signature)."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return data
+    lines = data[: end + 2].split(b"\r\n")[:-1]
+    kept: list[bytes] = []
+    dropping = False
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):  # a continuation line: goes with its field
+            if not dropping:
+                kept.append(line)
+            continue
+        dropping = line[:15].lower() == b"dkim-signature:"
+        if not dropping:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return data
+    return b"".join(line + b"\r\n" for line in kept) + data[end + 2 :]
 
 
 def refusal(mailbox: str, data: bytes) -> Reply | None:
