@@ -1451,3 +1451,48 @@ async def test_the_relay_s_dkim_signature_the_split_breaks_is_not_in_the_draft(
         assert b"\r\nsubject: scanned document\r\n" in head and b"\r\nfrom: " in head
     finally:
         await relay.stop()
+
+
+def test_the_split_of_a_message_of_many_small_parts_stays_linear(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 5.5 MB message of a 3.2 MB text body and ~2,000 attachments of 1.1 KB (anyone the relay
+    accepts mail from can send one): the split compared every leaf with every leaf taken (about
+    2 million dataclass comparisons, over a second with the event loop blocked, at every
+    attempt and every overflow check). Counted here, not timed."""
+    from relaygate.delivery import mime_split
+    from relaygate.delivery.graph import large_plan
+    from relaygate.delivery.mime_split import Split
+
+    compared = [0]
+    original_eq = mime_split._Leaf.__eq__
+
+    def counting_eq(self: Any, other: Any) -> Any:
+        compared[0] += 1
+        return original_eq(self, other)
+
+    monkeypatch.setattr(mime_split._Leaf, "__eq__", counting_eq)
+    parts = b"".join(
+        b"--b\r\nContent-Type: application/octet-stream; name=x%d.bin\r\n\r\n" % n
+        + b"x" * 1100
+        + b"\r\n"
+        for n in range(1999)
+    )
+    data = (
+        (
+            b'From: a@corp.test\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"'
+            b"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\n" + b"y" * 3_200_000 + b"\r\n"
+        )
+        + parts
+        + b"--b--\r\n"
+    )
+    started = time.monotonic()
+    plan = large_plan(data)
+    assert isinstance(plan, Reply) and plan.code == 552  # the text body alone is over 3 MB
+    assert compared[0] < 10_000, compared[0]
+    # and with the parts bigger: ~800 of them taken out
+    bigger = data.replace(b"y" * 3_200_000, b"y" * 100).replace(b"x" * 1100, b"x" * 1700)
+    split = large_plan(bigger)
+    assert isinstance(split, Split) and len(split.parts) > 700
+    assert compared[0] < 10_000, compared[0]
+    assert time.monotonic() - started < 30  # a bound on the whole, not the measure

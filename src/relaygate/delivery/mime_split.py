@@ -17,6 +17,7 @@ from __future__ import annotations
 import binascii
 import email.header
 import mimetypes
+from collections import Counter
 from dataclasses import dataclass
 from email.message import Message
 from email.parser import HeaderParser
@@ -210,18 +211,16 @@ def split_attachments(data: bytes, target: int, limit: int) -> Split | Unsplitta
         if single:
             why = f"it is one part ({single}), not an attachment that can be uploaded apart"
         else:
-            kept = [leaf for leaf in leaves if leaf not in taken]
+            out = {id(leaf) for leaf in taken}  # by identity: thousands of parts stay linear
+            kept = [leaf for leaf in leaves if id(leaf) not in out]
             biggest = max(kept, key=lambda leaf: leaf.size, default=None)
             why = f"{left} octets are left without its attachments"
             if biggest is not None:
                 why += f", the biggest part {biggest.label} ({biggest.size} octets)"
         return Unsplittable(why)
     taken.sort(key=lambda leaf: leaf.cut_start)
-    emptied = {
-        leaf.parent
-        for leaf in taken
-        if sum(t.parent == leaf.parent for t in taken) == multiparts[leaf.parent][2]
-    }
+    taken_of = Counter(leaf.parent for leaf in taken)
+    emptied = {parent for parent, n in taken_of.items() if n == multiparts[parent][2]}
     view = memoryview(data)
     pieces: list[bytes | memoryview] = []
     at = 0
