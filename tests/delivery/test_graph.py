@@ -1496,3 +1496,30 @@ def test_the_split_of_a_message_of_many_small_parts_stays_linear(
     assert isinstance(split, Split) and len(split.parts) > 700
     assert compared[0] < 10_000, compared[0]
     assert time.monotonic() - started < 30  # a bound on the whole, not the measure
+
+
+def test_a_part_without_the_blank_line_after_its_header_keeps_its_content() -> None:
+    """A part whose header runs straight into its base64 (no empty line: a sloppy generator):
+    readers take the first line that is not a header field as the start of the body (Python's
+    parser does, with MissingHeaderBodySeparatorDefect). The split took the whole part for its
+    header and uploaded an empty a.pdf, the 3.3 MB of the file gone from what was sent."""
+    from email import policy
+    from email.parser import BytesParser
+
+    from relaygate.delivery.graph import large_plan
+    from relaygate.delivery.mime_split import Split
+
+    pdf = pdf_like(3_300_000)
+    data = (
+        b'From: a@corp.test\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"'
+        b"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b\r\n"
+        b"Content-Type: application/pdf; name=a.pdf\r\nContent-Transfer-Encoding: base64\r\n"
+        + base64.encodebytes(pdf).replace(b"\n", b"\r\n")
+        + b"--b--\r\n"
+    )
+    reader = BytesParser(policy=policy.default).parsebytes(data)
+    assert [p.get_content() for p in reader.iter_attachments()] == [pdf]  # what a reader sees
+    split = large_plan(data)
+    assert isinstance(split, Split)
+    [part] = split.parts
+    assert part.name == "a.pdf" and part.content(data) == pdf

@@ -17,6 +17,7 @@ from __future__ import annotations
 import binascii
 import email.header
 import mimetypes
+import re
 from collections import Counter
 from dataclasses import dataclass
 from email.message import Message
@@ -32,6 +33,8 @@ MAX_PARTS = 2000
 MIN_PART_OCTETS = 1024
 
 _EMPTY_PART = b"Content-Type: text/plain; charset=us-ascii\r\n\r\n"
+#: A header line: a field name and its colon, or a folded line (email.feedparser's headerRE).
+_HEADER_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]*:|[\t ]")
 #: Multiparts whose parts are covered by a signature or encrypted (RFC 1847: S/MIME, PGP/MIME):
 #: taking a part out would break the signature silently, so they are never split.
 _SEALED = frozenset({"multipart/signed", "multipart/encrypted"})
@@ -103,11 +106,22 @@ def _decoded(value: str) -> str:
 
 
 def _headers(data: bytes, start: int, end: int) -> tuple[Message, int]:
-    """A part's header (parsed) and where its body starts."""
+    """A part's header (parsed) and where its body starts: after the empty line, or, when a
+    line that is no header field comes first (no empty line), at that line, as readers take it
+    (Python's parser: MissingHeaderBodySeparatorDefect)."""
     if data.startswith(b"\r\n", start):
         return Message(), start + 2
-    stop = data.find(b"\r\n\r\n", start, end)
-    body = end if stop < 0 else stop + 4
+    pos = body = start
+    while pos < end:
+        eol = data.find(b"\r\n", pos, end)
+        eol = end if eol < 0 else eol
+        if eol == pos:  # the empty line
+            body = min(eol + 2, end)
+            break
+        if not _HEADER_LINE.match(data, pos, eol):
+            body = pos
+            break
+        pos = body = min(eol + 2, end)
     head = data[start:body].decode("utf-8", "replace")
     return HeaderParser(policy=compat32).parsestr(head), body
 
