@@ -1523,3 +1523,29 @@ def test_a_part_without_the_blank_line_after_its_header_keeps_its_content() -> N
     assert isinstance(split, Split)
     [part] = split.parts
     assert part.name == "a.pdf" and part.content(data) == pdf
+
+
+def test_a_text_body_with_a_content_id_stays_the_body() -> None:
+    """The root of a multipart/related names itself with a Content-ID (RFC 2387's start=): a
+    2.5 MB HTML report and its 4 MB PDF. The split took the HTML out as an inline
+    'attachment.html' once the PDF was out (the rest still over 2 MiB), so the draft was sent
+    with an empty body; a body stays, the rest (under the 3 MB limit) goes as it is."""
+    from relaygate.delivery.graph import large_plan
+    from relaygate.delivery.mime_split import Split
+
+    html = b"<html><body>" + b"<p>row</p>\r\n" * 210_000 + b"</body></html>\r\n"
+    pdf = pdf_like(4_000_000)
+    data = (
+        b"From: reports@corp.test\r\nTo: b@example.com\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/related; type="text/html"; start="<root@r>"; boundary="R"'
+        b"\r\n\r\n--R\r\nContent-Type: text/html; charset=utf-8\r\nContent-ID: <root@r>\r\n\r\n"
+        + html
+        + b"\r\n--R\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; "
+        b'filename="report.pdf"\r\nContent-Transfer-Encoding: base64\r\n\r\n'
+        + base64.encodebytes(pdf).replace(b"\n", b"\r\n")
+        + b"\r\n--R--\r\n"
+    )
+    split = large_plan(data)
+    assert isinstance(split, Split)
+    assert [p.name for p in split.parts] == ["report.pdf"]
+    assert html in split.rest

@@ -2,8 +2,8 @@
 
 Graph takes a message's MIME in one request of at most 4 MB (base64), but attachments of up to
 150 MB through upload sessions. `split_attachments` finds the MIME parts that can go as file
-attachments (a filename, an ``attachment`` disposition or a Content-ID: never a text body) and
-takes out the biggest ones until the rest is under a target size. The rest is the message's own
+attachments (a filename, an ``attachment`` disposition or, but for a text part, a Content-ID:
+never a text body) and takes out the biggest ones until the rest is under a target size. The rest is the message's own
 octets with those parts cut out (their delimiter line and the part, nothing else): headers,
 bodies and the other parts are byte for byte what the relay would have sent. A multipart left
 with no part gets one empty ``text/plain`` part (RFC 2046 wants at least one).
@@ -136,7 +136,10 @@ def _describe(head: Message, body_start: int, end: int) -> tuple[str, Attachment
     disposition = head.get_content_disposition()
     cid = str(head.get("Content-ID", "") or "").strip().strip("<>").strip()
     label = f'"{name}" ({ctype})' if name else ctype
-    if not (name or disposition == "attachment" or cid):
+    # A Content-ID alone makes an inline image an attachment, not a text part: the root of a
+    # multipart/related may have one (RFC 2387's start=), and it is the body.
+    referenced = bool(cid) and head.get_content_maintype() != "text"
+    if not (name or disposition == "attachment" or referenced):
         return label, None  # a body: it stays in the message
     if not name:
         name = "attachment" + (mimetypes.guess_extension(ctype) or ".bin")
