@@ -1549,3 +1549,45 @@ def test_a_text_body_with_a_content_id_stays_the_body() -> None:
     assert isinstance(split, Split)
     assert [p.name for p in split.parts] == ["report.pdf"]
     assert html in split.rest
+
+
+async def test_an_upload_url_that_is_not_https_gets_no_octet(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """The uploadUrl comes from Graph's answer and goes to another host than graph_endpoint:
+    one in clear (http://) is refused before any octet of the attachment goes to it, the draft
+    deleted, the attempt transient."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)
+    listener.settimeout(0.2)
+    clear_url = f"http://127.0.0.1:{listener.getsockname()[1]}/upload/s1"
+
+    def script(call: Call) -> Answer | None:
+        if call.path.endswith("/createUploadSession"):
+            body = json.dumps({"uploadUrl": clear_url, "nextExpectedRanges": ["0-"]}).encode()
+            return 201, {"Content-Type": "application/json"}, body
+        return None
+
+    graph.script = script
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    try:
+        data = scan_message(pdf_like(3_500_000))
+        await asyncio.to_thread(smtplib_send, relay, SENDER, ["bob@example.com"], data)
+
+        async def tried() -> Any:
+            r = (await statuses(relay)).get("bob@example.com")
+            return r if r is not None and r.attempts >= 1 else None
+
+        r = await wait_for(tried, timeout=20.0)
+        assert r.status == RecipientStatus.DEFERRED
+        assert "without an https uploadUrl" in r.last_error and r.last_error.startswith("451")
+        assert [c.method for c in graph.calls[:3]] == ["POST", "POST", "DELETE"]
+        assert graph.drafts == {}
+        with pytest.raises(TimeoutError):
+            listener.accept()  # nobody connected
+    finally:
+        await relay.stop()
+        listener.close()
