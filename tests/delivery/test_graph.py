@@ -1591,3 +1591,31 @@ async def test_an_upload_url_that_is_not_https_gets_no_octet(
     finally:
         await relay.stop()
         listener.close()
+
+
+async def test_the_pre_authenticated_upload_url_never_reaches_the_log(
+    graph: FakeGraph,
+    entra: FakeEntra,
+    ca_file: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The uploadUrl carries its own authorization (?authtoken=...): whoever has it can PUT
+    octets into the draft's attachment until it expires, an attachment Graph then sends from the
+    organisation's mailbox. `relaygate serve` logs at INFO (logging.basicConfig), where httpx
+    wrote every request's URL ("HTTP Request: PUT https://...?authtoken=...") in the service log,
+    and the mailbox's address in the Graph URLs whatever log_address_privacy says."""
+    import logging
+
+    caplog.set_level(logging.INFO)  # as `relaygate serve` sets the root logger
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    try:
+        data = scan_message(pdf_like(3_500_000))
+        await asyncio.to_thread(smtplib_send, relay, SENDER, ["bob@example.com"], data)
+        await wait_for(lambda: graph.sent, timeout=20.0)
+        assert any(c.method == "PUT" for c in graph.calls)
+        logged = "\n".join(record.getMessage() for record in caplog.records)
+        assert "authtoken" not in logged, logged[-2000:]
+        assert "/upload/" not in logged and "/users/" not in logged
+    finally:
+        await relay.stop()
