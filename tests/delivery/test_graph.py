@@ -1619,3 +1619,41 @@ async def test_the_pre_authenticated_upload_url_never_reaches_the_log(
         assert "/upload/" not in logged and "/users/" not in logged
     finally:
         await relay.stop()
+
+
+@pytest.mark.parametrize("big", [True, False], ids=["upload", "draft"])
+async def test_a_stop_past_its_grace_leaves_no_draft_behind(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path, big: bool
+) -> None:
+    """The relay stops (SIGTERM) while Graph is slow: the delivery cancelled after stop_grace
+    deletes its draft, in the large-message path (an upload PUT) as in the draft path (the
+    PATCH of the recipients); before, the draft path left a copy of the message in the
+    mailbox's Drafts at every such stop, and the next attempt made another."""
+    slowed: list[str] = []
+
+    def script(call: Call) -> Answer | None:
+        slow = call.method == ("PUT" if big else "PATCH")
+        if slow and not slowed:
+            slowed.append(call.path)
+            time.sleep(3.5)  # past stop_grace (2 s); the DELETE waits for this answer
+        return None
+
+    graph.script = script
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    stopped = False
+    try:
+        if big:
+            data = scan_message(pdf_like(3_500_000))
+        else:  # erin only in the envelope: the draft path
+            data = b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n"
+        rcpts = ["bob@example.com"] if big else ["bob@example.com", "erin@example.com"]
+        await asyncio.to_thread(smtplib_send, relay, SENDER, rcpts, data)
+        await wait_for(lambda: slowed, timeout=20.0)
+        await relay.stop()
+        stopped = True
+        assert graph.sent == []
+        assert graph.drafts == {}, [c.method for c in graph.calls]
+        assert graph.calls[-1].method == "DELETE"
+    finally:
+        if not stopped:
+            await relay.stop()

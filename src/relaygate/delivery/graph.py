@@ -716,6 +716,9 @@ async def _draft_and_send(call: _Caller, user: str, body: bytes, plan: Recipient
     except _GraphError as failure:
         await _delete_draft(call, url, draft_id)
         raise _after_draft(failure) from None
+    except BaseException:  # cancelled (a stop) too: no draft left behind
+        await asyncio.shield(_delete_draft(call, url, draft_id))
+        raise
 
 
 async def _upload_and_send(
