@@ -1657,3 +1657,38 @@ async def test_a_stop_past_its_grace_leaves_no_draft_behind(
     finally:
         if not stopped:
             await relay.stop()
+
+
+def test_a_part_in_an_encoding_the_split_cannot_decode_stays_in_the_message() -> None:
+    """Content-Transfer-Encoding: x-uuencode (old gateways, some scanners' firmware): the split
+    took the part out and uploaded its encoded text as 'scan.pdf', a file that is not the PDF.
+    Only 7bit / 8bit / binary / base64 / quoted-printable parts are taken out; another stays in
+    the MIME Graph gets, as it was (here the rest is then under the limit)."""
+    import binascii
+
+    from relaygate.delivery.graph import large_plan
+    from relaygate.delivery.mime_split import Split, Unsplittable, split_attachments
+
+    pdf = pdf_like(1_500_000)
+    uu = (
+        b"begin 644 scan.pdf\r\n"
+        + b"".join(
+            binascii.b2a_uu(pdf[i : i + 45]).replace(b"\n", b"\r\n") for i in range(0, len(pdf), 45)
+        )
+        + b"`\r\nend\r\n"
+    )
+    big = pdf_like(3_500_000)
+    data = (
+        b'From: a@corp.test\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"'
+        b"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b\r\n"
+        b"Content-Type: application/pdf; name=scan.pdf\r\nContent-Transfer-Encoding: x-uuencode"
+        b"\r\nContent-Disposition: attachment; filename=scan.pdf\r\n\r\n" + uu + b"\r\n--b\r\n"
+        b"Content-Type: application/pdf; name=big.pdf\r\nContent-Transfer-Encoding: base64\r\n"
+        b"Content-Disposition: attachment; filename=big.pdf\r\n\r\n"
+        + base64.encodebytes(big).replace(b"\n", b"\r\n")
+        + b"\r\n--b--\r\n"
+    )
+    split = large_plan(data)
+    assert isinstance(split, Split)
+    assert [p.name for p in split.parts] == ["big.pdf"] and uu in split.rest
+    assert isinstance(split_attachments(data, 1024, len(uu)), Unsplittable)

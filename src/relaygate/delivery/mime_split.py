@@ -33,6 +33,8 @@ MAX_PARTS = 2000
 MIN_PART_OCTETS = 1024
 
 _EMPTY_PART = b"Content-Type: text/plain; charset=us-ascii\r\n\r\n"
+#: The transfer encodings `Attachment.content` decodes (RFC 2045's; no x-uuencode and the like).
+_DECODED = frozenset({"7bit", "8bit", "binary", "base64", "quoted-printable"})
 #: A header line: a field name and its colon, or a folded line (email.feedparser's headerRE).
 _HEADER_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]*:|[\t ]")
 #: Multiparts whose parts are covered by a signature or encrypted (RFC 1847: S/MIME, PGP/MIME):
@@ -141,9 +143,11 @@ def _describe(head: Message, body_start: int, end: int) -> tuple[str, Attachment
     referenced = bool(cid) and head.get_content_maintype() != "text"
     if not (name or disposition == "attachment" or referenced):
         return label, None  # a body: it stays in the message
+    encoding = str(head.get("Content-Transfer-Encoding", "7bit") or "7bit").strip().lower()
+    if encoding not in _DECODED:
+        return label, None  # x-uuencode and the like: uploaded, its octets would not be the file
     if not name:
         name = "attachment" + (mimetypes.guess_extension(ctype) or ".bin")
-    encoding = str(head.get("Content-Transfer-Encoding", "7bit") or "7bit").strip().lower()
     inline = disposition == "inline" or (disposition is None and bool(cid))
     return label, Attachment(
         start=body_start,
