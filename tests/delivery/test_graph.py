@@ -1692,3 +1692,30 @@ def test_a_part_in_an_encoding_the_split_cannot_decode_stays_in_the_message() ->
     assert isinstance(split, Split)
     assert [p.name for p in split.parts] == ["big.pdf"] and uu in split.rest
     assert isinstance(split_attachments(data, 1024, len(uu)), Unsplittable)
+
+
+async def test_an_attachment_whose_base64_lacks_its_padding_is_delivered(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """Some encoders leave out the final '=' of base64, and readers decode it all the same
+    (Python's email: InvalidBase64PaddingDefect). binascii raised 'Incorrect padding' in the
+    upload: an internal error, the draft made and deleted at every attempt until the message
+    expired. The file is uploaded whole."""
+    pdf = pdf_like(3_500_002)  # 3,500,002 = 3 × 1,166,667 + 1: the base64 ends with "=="
+    data = scan_message(pdf)
+    encoded = base64.encodebytes(pdf).replace(b"\n", b"\r\n")
+    assert encoded.endswith(b"==\r\n") and encoded in data
+    data = data.replace(encoded, encoded[:-4] + b"\r\n")
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    try:
+        await asyncio.to_thread(smtplib_send, relay, SENDER, ["bob@example.com"], data)
+
+        async def tried() -> Any:
+            r = (await statuses(relay)).get("bob@example.com")
+            return r if r is not None and r.attempts >= 1 else None
+
+        r = await wait_for(tried, timeout=20.0)
+        assert r.status == RecipientStatus.DELIVERED, r.last_error
+        assert graph.sent[0].attachments[0]["content"] == pdf
+    finally:
+        await relay.stop()

@@ -63,7 +63,10 @@ class Attachment:
         """The part's decoded octets (one copy of the attachment; the message is not copied)."""
         view = memoryview(data)[self.start : self.end]
         if self.encoding == "base64":
-            return binascii.a2b_base64(view)  # ignores the line breaks, as a reader does
+            try:
+                return binascii.a2b_base64(view)  # ignores the line breaks, as a reader does
+            except binascii.Error:  # its "=" padding left out, or its last group cut short
+                return _lenient_base64(view)
         if self.encoding == "quoted-printable":
             return binascii.a2b_qp(view)
         return bytes(view)
@@ -73,6 +76,20 @@ class Attachment:
         """The decoded size before decoding (base64: 3 octets per 4, line breaks included)."""
         encoded = self.end - self.start
         return encoded * 3 // 4 if self.encoding == "base64" else encoded
+
+
+_NOT_BASE64 = bytes(
+    set(range(256)) - set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
+)
+
+
+def _lenient_base64(view: memoryview) -> bytes:
+    """Base64 that binascii refuses, decoded as readers do (email's decode_b): the padding
+    added; a last group of one character (no octet in it) dropped."""
+    clean = bytes(view).translate(None, _NOT_BASE64)
+    if len(clean) % 4 == 1:
+        clean = clean[:-1]
+    return binascii.a2b_base64(clean + b"=" * (-len(clean) % 4))
 
 
 @dataclass(frozen=True, slots=True)
