@@ -1719,3 +1719,47 @@ async def test_an_attachment_whose_base64_lacks_its_padding_is_delivered(
         assert graph.sent[0].attachments[0]["content"] == pdf
     finally:
         await relay.stop()
+
+
+async def test_a_reload_during_an_upload_lets_it_finish_and_sends_once(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """SIGHUP (a reload that changes the send connectors) while an attachment is being uploaded:
+    the old HTTP client is retired once the delivery is over, so the upload, the PATCH and the
+    send go on; one draft, sent once, none left."""
+    slowed: list[int] = []
+
+    def script(call: Call) -> Answer | None:
+        if call.method == "PUT" and not slowed:
+            slowed.append(len(graph.calls))
+            time.sleep(1.5)
+        return None
+
+    graph.script = script
+    config_file = tmp_path / "relaygate.toml"
+    relay = await start_relay(
+        tmp_path / "data",
+        {},
+        extra=graph_connector(graph, entra, ca_file),
+        config_file=config_file,
+    )
+    try:
+        pdf = pdf_like(4_000_000)
+        await asyncio.to_thread(smtplib_send, relay, SENDER, ["bob@example.com"], scan_message(pdf))
+        await wait_for(lambda: slowed, timeout=20.0)
+        text = config_file.read_text(encoding="utf-8")
+        config_file.write_text(text.replace('"00:00:10"', '"00:00:11"'), encoding="utf-8")
+        await relay.reload()
+
+        async def delivered() -> Any:
+            r = (await statuses(relay)).get("bob@example.com")
+            return r if r is not None and r.status == RecipientStatus.DELIVERED else None
+
+        r = await wait_for(delivered, timeout=20.0)
+        await asyncio.sleep(1.5)  # a retry would come after 1 s
+        assert r.attempts == 1
+        assert len(graph.sent) == 1 and graph.drafts == {} and graph.violations == []
+        assert graph.sent[0].attachments[0]["content"] == pdf
+        assert [c.method for c in graph.calls].count("DELETE") == 0
+    finally:
+        await relay.stop()
