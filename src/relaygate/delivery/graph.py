@@ -540,7 +540,7 @@ class GraphTransport:
             call = _Caller(client, token, mailbox, timeout)
             try:
                 if large is not None and plan is not None:
-                    await _upload_and_send(call, user, body, plan, data, large.parts)
+                    await _draft_and_send(call, user, body, plan, data, large.parts)
                     how = f"draft sent, {len(large.parts)} attachment(s) uploaded"
                 elif plan is None:
                     await call.post_mime(f"{user}/sendMail", body, expect=(202,))
@@ -709,31 +709,20 @@ def _after_draft(failure: _GraphError) -> _GraphError:
     return _GraphError(reply, status=404, retry_after=failure.retry_after, detail=failure.detail)
 
 
-async def _draft_and_send(call: _Caller, user: str, body: bytes, plan: RecipientPlan) -> None:
-    draft_id, url = await _create_draft(call, user, body, _DRAFT_HINT)
-    try:
-        await _set_recipients_and_send(call, url, plan)
-    except _GraphError as failure:
-        await _delete_draft(call, url, draft_id)
-        raise _after_draft(failure) from None
-    except BaseException:  # cancelled (a stop) too: no draft left behind
-        await asyncio.shield(_delete_draft(call, url, draft_id))
-        raise
-
-
-async def _upload_and_send(
+async def _draft_and_send(
     call: _Caller,
     user: str,
     body: bytes,
     plan: RecipientPlan,
-    data: bytes,
-    parts: Sequence[Attachment],
+    data: bytes = b"",
+    parts: Sequence[Attachment] = (),
 ) -> None:
-    """The large-message path: a draft of the message without `parts`, each part attached
-    (`_attach`), the recipients set, the draft sent. Any failure once the draft
-    exists deletes it; the failure's reply stands (429 / 5xx transient, other 4xx permanent; a
-    404 transient: `_after_draft`)."""
-    draft_id, url = await _create_draft(call, user, body, _UPLOAD_HINT)
+    """A draft of `body`, each of `parts` (taken out of `data`) attached (`_attach`), the
+    recipients set, the draft sent: the path of a message whose header recipients differ from
+    its envelope (no parts) and of one over Graph's request limit (`body` is the message without
+    its big parts). Any failure once the draft exists deletes it; the failure's reply stands (429
+    / 5xx transient, other 4xx permanent; a 404 transient: `_after_draft`)."""
+    draft_id, url = await _create_draft(call, user, body, _UPLOAD_HINT if parts else _DRAFT_HINT)
     try:
         for part in parts:
             await _attach(call, url, data, part)
