@@ -44,6 +44,7 @@ from relaygate.smtp_transcript import (
     SMTPConnection,
     SMTPReplyError,
     Transcript,
+    client_tls_context,
     split_server,
 )
 
@@ -424,7 +425,7 @@ class _Probe:
         #: code): its state is unknown (in DATA mode whatever we send is message content), so
         #: nothing more is sent on this connection, not even RSET or QUIT.
         self.out_of_step = False
-        self.context = _tls_context(opts.insecure) if (opts.tls or opts.starttls) else None
+        self.context = client_tls_context(opts.insecure) if (opts.tls or opts.starttls) else None
 
     def _budget(self) -> float:
         left = self.deadline - time.monotonic()
@@ -638,14 +639,6 @@ def _first_name(reply: Reply) -> str:
     except ValueError:
         return word.lower().rstrip(".")
     return ""
-
-
-def _tls_context(insecure: bool) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    if insecure:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 def _connect_error(exc: BaseException, opts: RelayTestOptions, source_ip: str | None) -> str:

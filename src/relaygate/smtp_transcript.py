@@ -27,6 +27,7 @@ __all__ = [
     "SMTPReplyError",
     "Transcript",
     "TranscriptLine",
+    "client_tls_context",
     "is_loopback",
     "mask_auth_line",
     "split_server",
@@ -335,3 +336,13 @@ class SMTPConnection:
 def _fmt(address: tuple[str, int]) -> str:
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def client_tls_context(insecure: bool) -> ssl.SSLContext:
+    """The TLS context of `test send`, `test smtp` and `test relay`: the system's trust store and
+    host name check, both off with --insecure (a lab relay's self-signed certificate)."""
+    context = ssl.create_default_context()
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context

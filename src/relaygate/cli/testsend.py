@@ -29,6 +29,7 @@ from relaygate.smtp_transcript import (
     SMTPConnection,
     Transcript,
     TranscriptLine,
+    client_tls_context,
     is_loopback,
     mask_auth_line,
     split_server,
@@ -88,14 +89,6 @@ class SendResult:
 def _fmt(address: tuple[str, int]) -> str:
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _tls_context(insecure: bool) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    if insecure:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 def _local_addresses() -> set[str]:
@@ -240,7 +233,7 @@ async def run_send(opts: SendOptions, transcript: Transcript) -> SendResult:
         result.verdict = f"Error: {exc}"
         return result
     conn = SMTPConnection(transcript, timeout=opts.timeout)
-    context = _tls_context(opts.insecure) if (opts.tls or opts.starttls) else None
+    context = client_tls_context(opts.insecure) if (opts.tls or opts.starttls) else None
     try:
         try:
             await conn.open(
@@ -450,7 +443,7 @@ async def run_interactive(
     transcript = Transcript(on_line=show)
     host, port = split_server(server, 465 if tls else 25)
     conn = SMTPConnection(transcript, timeout=timeout)
-    context = _tls_context(insecure) if (tls or starttls) else None
+    context = client_tls_context(insecure) if (tls or starttls) else None
     loop = asyncio.get_running_loop()
     try:
         await conn.open(
@@ -496,7 +489,7 @@ async def run_interactive(
                 in_data = True
             elif verb == "STARTTLS" and reply.code == 220:
                 if context is None:
-                    context = _tls_context(insecure)
+                    context = client_tls_context(insecure)
                 await conn.starttls(context, host)
             elif verb == "QUIT":
                 break
