@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
-DEBS := swaks postfix chromium postgresql systemd
+DEBS := swaks postfix chromium postgresql systemd pebble
 
 .PHONY: run test lint fmt soak bench debs clean
 
@@ -26,7 +26,7 @@ run: $(STAMP)
 # chromium (the admin centre tests, through Playwright with executable_path), postgresql (the tests
 # start their own throwaway server from its binaries, tests/support/postgres.py; the system's own
 # server, which Debian starts on installation, is stopped as postfix is), systemd (systemd-analyze
-# verifies packaging/relaygate.service).
+# verifies packaging/relaygate.service), pebble (Let's Encrypt's ACME test server: tests/acme/).
 debs:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from relaygate.acme import AcmeManager, acme_enabled, acme_files
 from relaygate.admin.server import AdminServer, AdminStartError
 from relaygate.certificates import CertificateExpiry, read_expiries
 from relaygate.config import Config, ConfigError, load_config
@@ -114,6 +115,9 @@ class Relay:
         #: the expiry dates of the certificates of the config (certificates.py), read at start and
         #: on reload: /metrics and the admin centre's findings (not read per scrape)
         self.certificates: tuple[CertificateExpiry, ...] = ()
+        #: the ACME client (relaygate.acme) when this process runs it: a node of one process
+        #: (a supervisor runs it for its workers)
+        self.acme: AcmeManager | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -171,6 +175,10 @@ class Relay:
         if self.worker_index and cfg.server.workers > 1:  # worker 0 sums them for /metrics
             self.snapshots = SnapshotWriter(self, self.worker_index)
             self.snapshots.start()
+        if self.worker_index is None and acme_enabled(s):
+            # Its thread orders and renews; the new files are picked up by watch_config.
+            self.acme = AcmeManager(cfg)
+            self.acme.start()
         if cfg.admin.enabled and self.worker_index in (None, 0):
             self.certificates = await asyncio.to_thread(read_expiries, cfg)
             self.admin = AdminServer(self)
@@ -220,6 +228,8 @@ class Relay:
             for key in ("store", "database_url")
             if getattr(new.queue, key) != getattr(self.config.queue, key)
         ]
+        if bool(new.server.acme_directory_url) != bool(self.config.server.acme_directory_url):
+            restart_only.append("server.acme_directory_url (on/off)")
         if restart_only:
             logger.warning(
                 "%s changed: takes effect when relaygate serve restarts", ", ".join(restart_only)
@@ -235,6 +245,8 @@ class Relay:
                 self.manager.apply(new)
             if self.pressure is not None:
                 self.pressure.apply(new.queue.min_free_disk_space)
+            if self.acme is not None and new.server.acme_directory_url:
+                self.acme.apply(new)
 
         try:
             await self.server.sync_listeners(new, before_serving=apply)
@@ -279,7 +291,27 @@ class Relay:
             self.manager.log_privacy = privacy
         return retired
 
+    async def refresh_certificates(self) -> None:
+        """The listener certificate files changed (ACME renewed them): new STARTTLS sessions
+        and implicit-TLS sockets take them, as a reload does; open sessions keep theirs."""
+        if self.ctx is None or self.server is None:
+            return
+        self.ctx.refresh_tls()
+        try:
+            await self.server.sync_listeners()
+        except OSError as exc:  # an implicit-TLS socket could not be reopened: as it was
+            logger.error("new listener certificate not taken by every listener: %s", exc)
+        if self.admin is not None:
+            self.certificates = await asyncio.to_thread(read_expiries, self.config)
+        logger.info("listener certificate reloaded (ACME)")
+
+    def _acme_stamp(self) -> tuple[int, int] | None:
+        s = self.config.server
+        return _stamp(acme_files(Path(s.data_dir))[0]) if s.acme_directory_url else None
+
     async def stop(self) -> None:
+        if self.acme is not None:
+            await asyncio.to_thread(self.acme.stop)
         if self.admin is not None:
             await self.admin.stop()
         if self.server is not None:
@@ -301,6 +333,9 @@ class Relay:
         if self.config_path is None:
             return
         last = self._config_stamp
+        # The ACME certificate (every process of the node; written by the one that runs the
+        # ACME client): a new file is swapped in like a renewed file on reload.
+        acme_last = self._acme_stamp()
         while True:
             await asyncio.sleep(interval)
             now = _stamp(self.config_path)
@@ -310,6 +345,15 @@ class Relay:
                     await self.reload()
                 except Exception:  # the watcher must outlive a failed reload
                     logger.exception("reload of %s failed", self.config_path)
+                acme_last = self._acme_stamp()  # a reload loads the certificate files anew
+                continue
+            acme_now = self._acme_stamp()
+            if acme_now != acme_last:
+                acme_last = acme_now
+                try:
+                    await self.refresh_certificates()
+                except Exception:
+                    logger.exception("taking the new ACME certificate failed")
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:
@@ -504,15 +548,24 @@ def run(
         from relaygate.workers import Supervisor
 
         assert lock is not None
+        supervisor: Supervisor | None = None
         try:
             # Before any worker starts: the workers take the name shared too, each for its
             # lifetime, so that it stays claimed while any of them runs (relaygate.node_lock).
             lock.share()
-            status = Supervisor(config, resolved, hold_fds=(lock.fileno(),)).run()
+            supervisor = Supervisor(config, resolved, hold_fds=(lock.fileno(),))
+            if acme_enabled(config.server):
+                # The node's only ACME client; the workers watch the files it writes.
+                supervisor.acme = AcmeManager(config)
+                supervisor.acme.start()
+            status = supervisor.run()
         except (StoreError, NodeLockError) as exc:
             # the queue database cannot be reached or opened, or the name's lock was lost
             logger.error("cannot start: %s", exc)
             status = 1
+        finally:
+            if supervisor is not None and supervisor.acme is not None:
+                supervisor.acme.stop()
         raise SystemExit(status)
     if worker_index is not None:
         from relaygate.config.model import MAX_WORKERS

@@ -10,7 +10,7 @@ ANONYMOUS LOGON) or method B (ExternalAuthoritative + ExchangeServers, "external
 Certificates: `audit(config, certificates=...)` adds a finding for each certificate that expires within
 CERTIFICATE_WARNING_DAYS (medium) or has expired (high); the caller reads the dates
 (`relaygate.certificates.read_expiries`: the CLI when it runs, the server at start and reload), so the
-function stays pure.
+function stays pure (but for one existence check: `_acme_findings`).
 
 Severities: high (an open or nearly open relay, full trust for too many hosts; `audit` exits 1),
 medium (weakens security or forensics), low (missing abuse limits), info (worth a look).
@@ -22,6 +22,7 @@ import ipaddress
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from relaygate.certificates import ENTRA_CREDENTIAL, LISTENER, SMTP_CLIENT, CertificateExpiry
@@ -422,6 +423,36 @@ def _server_findings(config: Config) -> Iterator[Finding]:
         )
 
 
+def _acme_findings(config: Config) -> Iterator[Finding]:
+    """ACME on and no certificate obtained yet (the one file this module looks at: whether
+    <data_dir>/acme/certificate.pem exists): STARTTLS is not offered."""
+    s = config.server
+    if not s.acme_directory_url:
+        return
+    from relaygate.acme import acme_domains, acme_files
+
+    cert, key = acme_files(Path(s.data_dir))
+    if cert.exists() and key.exists():
+        return
+    withheld = [
+        c.name
+        for c in config.receive_connectors
+        if c.enabled and "Tls" in c.auth_mechanism and c.tls_certificate_file is None
+    ]
+    yield Finding(
+        "medium",
+        "acme-certificate-missing",
+        "",
+        "server.acme_directory_url",
+        f"no ACME certificate for {', '.join(acme_domains(s))} has been obtained yet from "
+        f"{s.acme_directory_url} ({cert} does not exist): STARTTLS is not offered"
+        + (f" on {', '.join(withheld)}" if withheld else "")
+        + " and implicit-TLS listeners present the self-signed certificate",
+        "see the relay's log for the CA's error (relaygate.acme); the CA must reach "
+        f"server.acme_http_listen ({s.acme_http_listen}) as port 80 of each name",
+    )
+
+
 def _queue_findings(config: Config) -> Iterator[Finding]:
     q = config.queue
     if q.store != "postgresql" or not q.database_url:
@@ -652,7 +683,12 @@ def certificate_findings(
                 ref.connector,
                 ref.key,
                 f"{role} {ref.file} {when}{effect_text}",
-                f"renew it, replace {ref.file} and reload (systemctl reload relaygate)"
+                (
+                    "RelayGate renews it itself (server.acme_renew_before ahead): see the log for "
+                    "why it has not (relaygate.acme)"
+                    if ref.key == "server.acme_directory_url"
+                    else f"renew it, replace {ref.file} and reload (systemctl reload relaygate)"
+                )
                 + (
                     "; upload the new certificate to the app registration first"
                     if ref.use == ENTRA_CREDENTIAL
@@ -679,6 +715,7 @@ def audit(
         findings.extend(_connector_findings(connector, config, max_prefix_v4, max_prefix_v6))
     findings.extend(_shadow_findings(config))
     findings.extend(_server_findings(config))
+    findings.extend(_acme_findings(config))
     findings.extend(_admin_findings(config))
     findings.extend(_queue_findings(config))
     findings.extend(_send_connector_findings(config))

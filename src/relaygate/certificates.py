@@ -91,6 +91,16 @@ def certificate_refs(config: Any) -> list[CertificateRef]:
                 Path(server.tls_certificate_file),
             )
         )  # fmt: skip
+    if getattr(server, "acme_directory_url", ""):
+        from relaygate.acme import acme_files
+
+        acme_cert, _key = acme_files(Path(server.data_dir))
+        if acme_cert.exists():  # none yet: the audit's acme-certificate-missing says so
+            refs.append(
+                CertificateRef(
+                    LISTENER, str(server.name), "", "server.acme_directory_url", acme_cert
+                )
+            )
     for i, c in enumerate(config.receive_connectors):
         if _offers_tls(c) and c.tls_certificate_file is not None:
             refs.append(

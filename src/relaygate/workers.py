@@ -185,6 +185,9 @@ class Supervisor:
         #: Descriptors every worker inherits and keeps open: the node's lock file (node_lock.py),
         #: held while any worker runs, even after this process is killed.
         self.hold_fds = hold_fds
+        #: The node's ACME client (relaygate.acme.AcmeManager), when server.acme_directory_url is
+        #: set: it runs here, in a thread, and nowhere else; workers watch the files it writes.
+        self.acme: Any = None
         self.config_path = Path(config_path).resolve()
         self.count = config.server.workers
         self.workers = [_Worker(i) for i in range(self.count)]
@@ -505,6 +508,8 @@ class Supervisor:
             self._hang_timeout = new.server.worker_hang_timeout.total_seconds()
             # this process's own lines; each worker applies the file's on its own reload
             apply_service_log(new.server.log_format, new.server.log_level)
+            if self.acme is not None and new.server.acme_directory_url:
+                self.acme.apply(new)  # the acme_* settings of the reloaded file
         if new is not None and new.server.workers != self.count:
             logger.warning(
                 "server.workers changed from %d to %d: takes effect when relaygate serve restarts",

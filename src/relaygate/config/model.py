@@ -335,6 +335,27 @@ class ServerConfig:
     tls_certificate_file: Path | None = _spec(None, Path)
     tls_key_file: Path | None = _spec(None, Path)
     users_file: Path | None = _spec(None, Path)
+    #: ACME (RFC 8555; RelayGate's own keys): the CA's directory URL, e.g.
+    #: "https://acme-v02.api.letsencrypt.org/directory". Set: the relay obtains the listener
+    #: certificate itself (HTTP-01 challenge), keeps it under <data_dir>/acme/ and renews it in the
+    #: background (relaygate.acme); it stands for tls_certificate_file / tls_key_file, which must
+    #: then be unset. "" (the default): no ACME.
+    acme_directory_url: str = ""
+    #: The account's contact address (mailto:), for the CA's expiry notices. "": none.
+    acme_email: str = ""
+    #: The names the certificate is for (dNSName SANs, the first one its subject). Empty: [fqdn].
+    acme_domains: tuple[str, ...] = _spec((), factory=tuple)
+    #: Where the HTTP-01 responder listens while an order is pending (the CA connects to port 80
+    #: of each name; a port forward or load balancer may map it to another).
+    acme_http_listen: str = "0.0.0.0:80"
+    #: A CA bundle (PEM) that the ACME directory's HTTPS certificate is checked against (a private
+    #: CA such as step-ca or pebble). Unset: the system's trust store.
+    acme_ca_file: Path | None = _spec(None, Path)
+    #: Renew when the certificate expires within this span.
+    acme_renew_before: timedelta = _span("30.00:00:00")
+    #: How often the certificate's expiry is looked at, and the least time between two orders
+    #: (after a failure the retry waits this long at most a minute, then doubles, up to a day).
+    acme_check_interval: timedelta = _span("01:00:00")
     #: Worker processes sharing the listening ports (SO_REUSEPORT); 1 = one process, no supervisor.
     workers: int = 1
     #: How the kernel shares new connections among workers: "client_address" (all connections of

@@ -606,7 +606,66 @@ def validate(
     except ValueError as exc:
         problems.append(Problem(src, "admin.listen", str(exc)))
     problems.extend(_queue_rules(config, lambda i: at("receive_connectors", i)))
+    raw_server = doc.get("server")
+    if not isinstance(raw_server, dict):
+        raw_server = {}
+    problems.extend(
+        Problem(src, f"server.{key}", message) for key, message in _acme_rules(config, raw_server)
+    )
     return problems
+
+
+_ACME_NAME = re.compile(
+    r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+$"
+)
+
+
+def _acme_rules(config: Config, raw: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """[server] acme_*: the directory URL turns ACME on; the other keys need it; the ACME
+    certificate stands for the server-wide tls_certificate_file / tls_key_file."""
+    s = config.server
+    if not s.acme_directory_url:
+        for key in ("acme_email", "acme_domains", "acme_ca_file"):
+            if _given(raw, key):
+                yield key, "has no effect without server.acme_directory_url; set it or remove this"
+        return
+    for key in ("tls_certificate_file", "tls_key_file"):
+        if getattr(s, key) is not None:
+            yield (
+                "acme_directory_url",
+                f"set either server.acme_directory_url (the relay obtains the certificate) or "
+                f"server.{key} (you supply it), not both",
+            )
+            break
+    if not s.acme_directory_url.lower().startswith("https://"):
+        yield (
+            "acme_directory_url",
+            f"{s.acme_directory_url!r} is not an https:// URL (RFC 8555 §6.1)",
+        )
+    names = s.acme_domains or (s.fqdn,)
+    for i, name in enumerate(names):
+        where = f"acme_domains[{i}]" if s.acme_domains else "fqdn"
+        if name.startswith("*."):
+            yield (
+                where,
+                f"{name!r}: a wildcard name needs the DNS-01 challenge; HTTP-01 cannot prove it",
+            )
+        elif not _ACME_NAME.match(name.lower().rstrip(".")):
+            yield where, f"{name!r} is not a fully qualified host name a public CA can validate"
+    if s.acme_email and not re.match(r"^[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+$", s.acme_email):
+        yield "acme_email", f"{s.acme_email!r} is not an email address"
+    try:
+        from relaygate.config.values import parse_binding
+
+        parse_binding(s.acme_http_listen)
+    except ValueError as exc:
+        yield "acme_http_listen", str(exc)
+    if s.acme_ca_file is not None and not s.acme_ca_file.is_file():
+        yield "acme_ca_file", f"{s.acme_ca_file} is not a file"
+    if s.acme_renew_before <= timedelta(0):
+        yield "acme_renew_before", "must be greater than 0"
+    if s.acme_check_interval < timedelta(seconds=1):
+        yield "acme_check_interval", "must be at least 00:00:01"
 
 
 def _overflow_rules(config: Config, position: Callable[[int], int]) -> list[Problem]:

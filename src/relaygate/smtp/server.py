@@ -47,7 +47,7 @@ from relaygate.smtp.limits import (
 )
 from relaygate.smtp.session import Session
 from relaygate.smtp.steering import attach_source_steering
-from relaygate.smtp.tls import server_context
+from relaygate.smtp.tls import listener_files, server_context
 
 __all__ = ["ListenerError", "ServerContext", "SmtpServer", "TlsUnavailable", "listener_bindings"]
 
@@ -87,6 +87,12 @@ class TlsUnavailable(OSError):
                 "server.tls_certificate_file / server.tls_key_file"
             )
             files = f"{config.server.tls_certificate_file}, {config.server.tls_key_file}"
+        elif config.server.acme_directory_url:
+            where = (
+                f'receive connector "{connector.name}" (implicit TLS): the ACME certificate '
+                "(server.acme_directory_url)"
+            )
+            files = str(Path(config.server.data_dir) / "acme")
         else:
             where = f'receive connector "{connector.name}" (implicit TLS): self-signed certificate'
             files = str(Path(config.server.data_dir) / "tls")
@@ -144,7 +150,7 @@ def _implicit_connector(config: Config, binding: Binding) -> ReceiveConnector:
 def _implicit_context(config: Config, binding: Binding) -> ssl.SSLContext:
     connector = _implicit_connector(config, binding)
     try:
-        return server_context(config, connector)
+        return server_context(config, connector, implicit=True)
     except (OSError, ssl.SSLError, ValueError) as exc:
         raise TlsUnavailable(config, connector, exc) from exc
 
@@ -154,12 +160,9 @@ def _listener_state(config: Config, binding: Binding, implicit: bool) -> _Listen
     if not implicit:
         return _ListenerState(False, v6only, ())
     connector = _implicit_connector(config, binding)
-    cert, key = connector.tls_certificate_file, connector.tls_key_file
-    if cert is None:
-        cert, key = config.server.tls_certificate_file, config.server.tls_key_file
-    if cert is None or key is None:  # smtp/tls.py ensure_self_signed
-        folder = Path(config.server.data_dir) / "tls"
-        cert, key = folder / "selfsigned.crt", folder / "selfsigned.key"
+    files = listener_files(config, connector, implicit=True)
+    assert files is not None  # (implicit: the self-signed one at least)
+    cert, key, _source = files
     digest = hashlib.sha256()
     for path in (cert, key):  # a renewed certificate often keeps its file name
         try:
@@ -339,6 +342,9 @@ class ServerContext:
         self.logger = logger
         self.host_ips: list[str] = []
         self._tls: dict[str, ssl.SSLContext | None] = {}
+        #: Connectors that do not offer STARTTLS although their auth_mechanism has Tls: ACME is on
+        #: and has no certificate yet (empty without ACME).
+        self.starttls_withheld: frozenset[str] = frozenset()
         self.config = config
         self.users = UserStore(users_path(config.server.data_dir, config.server.users_file))
         self.apply(config)
@@ -346,7 +352,7 @@ class ServerContext:
     def apply(self, config: Config) -> None:
         """Take a new configuration (start or reload). Open sessions keep the connector they started with."""
         self.config = config
-        self._tls = {}
+        self.refresh_tls()
         limit = config.server.max_data_in_memory
         self.data_memory.limit = (
             limit if limit is not None else default_data_memory(config.server.workers)
@@ -362,6 +368,25 @@ class ServerContext:
         self.host_ips = host_ips()  # for relay_local_ips: the relay's own address literals
         # A client's address from a PROXY header is not what the kernel steered by.
         self.rates.share_addresses(proxied=bool(config.server.trusted_proxies))
+
+    def refresh_tls(self) -> None:
+        """Forget the TLS contexts built so far: the next STARTTLS loads the certificate files
+        again (a reload, or a certificate renewed by ACME). Open sessions keep theirs."""
+        self._tls = {}
+        config = self.config
+        if config.server.acme_directory_url:
+            self.starttls_withheld = frozenset(
+                c.name
+                for c in config.receive_connectors
+                if "Tls" in c.auth_mechanism and listener_files(config, c) is None
+            )
+            if self.starttls_withheld:
+                logger.warning(
+                    "no ACME certificate yet: STARTTLS not offered on %s",
+                    ", ".join(sorted(self.starttls_withheld)),
+                )
+        else:
+            self.starttls_withheld = frozenset()
 
     def select(self, local_ip: str, local_port: int, client_ip: str) -> Selection:
         """`select_connector` for the current config, remembered per (local, client) triple."""

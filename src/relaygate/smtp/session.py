@@ -372,7 +372,11 @@ class Session:
         # extension we do not implement would mislead clients. The parameters are tolerated.
         if c.enhanced_status_codes_enabled:
             lines.append("ENHANCEDSTATUSCODES")
-        if "Tls" in c.auth_mechanism and not self.tls_active:
+        if (
+            "Tls" in c.auth_mechanism
+            and not self.tls_active
+            and c.name not in self.ctx.starttls_withheld
+        ):
             lines.append("STARTTLS")
         mechanisms = self.auth_mechanisms()
         if mechanisms:

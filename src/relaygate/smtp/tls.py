@@ -15,7 +15,7 @@ from pathlib import Path
 
 from relaygate.config.model import Config, ReceiveConnector
 
-__all__ = ["ensure_self_signed", "server_context"]
+__all__ = ["AcmePending", "ensure_self_signed", "listener_files", "server_context"]
 
 _VERSIONS = {
     "1.0": ssl.TLSVersion.TLSv1,
@@ -85,11 +85,57 @@ def _write_replace(path: Path, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def server_context(config: Config, connector: ReceiveConnector) -> ssl.SSLContext:
-    cert, key = connector.tls_certificate_file, connector.tls_key_file
-    if cert is None:
-        cert, key = config.server.tls_certificate_file, config.server.tls_key_file
-    if cert is None or key is None:
+class AcmePending(OSError):
+    """server.acme_directory_url is set and no certificate has been obtained yet: STARTTLS is
+    not offered (an implicit-TLS listener uses the self-signed certificate meanwhile)."""
+
+    def __init__(self, config: Config, connector: ReceiveConnector) -> None:
+        super().__init__(
+            f'receive connector "{connector.name}": no ACME certificate obtained yet from '
+            f"{config.server.acme_directory_url} (server.acme_directory_url): STARTTLS not offered"
+        )
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+#: `listener_files`' sources
+CONNECTOR, SERVER, ACME, SELF_SIGNED = "connector", "server", "acme", "self-signed"
+
+
+def listener_files(
+    config: Config, connector: ReceiveConnector, *, implicit: bool = False
+) -> tuple[Path, Path, str] | None:
+    """The certificate and key `connector` presents, and where they come from: its own files,
+    the server's, the ACME certificate, or the self-signed one (not created here). None: ACME is
+    on and has no certificate yet (an implicit-TLS listener then takes the self-signed one)."""
+    if connector.tls_certificate_file is not None and connector.tls_key_file is not None:
+        return connector.tls_certificate_file, connector.tls_key_file, CONNECTOR
+    s = config.server
+    if s.tls_certificate_file is not None and s.tls_key_file is not None:
+        return s.tls_certificate_file, s.tls_key_file, SERVER
+    if s.acme_directory_url:
+        from relaygate.acme import acme_files
+
+        cert, key = acme_files(Path(s.data_dir))
+        if cert.exists() and key.exists():
+            return cert, key, ACME
+        if not implicit:
+            return None
+    folder = Path(s.data_dir) / "tls"
+    return folder / "selfsigned.crt", folder / "selfsigned.key", SELF_SIGNED
+
+
+def server_context(
+    config: Config, connector: ReceiveConnector, *, implicit: bool = False
+) -> ssl.SSLContext:
+    """The TLS context of `connector` (`implicit`: for its implicit-TLS socket). AcmePending
+    (an OSError) when ACME has no certificate yet for a STARTTLS connector."""
+    files = listener_files(config, connector, implicit=implicit)
+    if files is None:
+        raise AcmePending(config, connector)
+    cert, key, source = files
+    if source == SELF_SIGNED:
         cert, key = ensure_self_signed(config.server.data_dir, config.server.fqdn)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     version = _VERSIONS[connector.tls_min_version]
@@ -99,6 +145,12 @@ def server_context(config: Config, connector: ReceiveConnector) -> ssl.SSLContex
     with warnings.catch_warnings():  # TLSv1/TLSv1_1 are deprecated names; the admin chose them
         warnings.simplefilter("ignore", DeprecationWarning)
         ctx.minimum_version = version
-    ctx.load_cert_chain(str(cert), str(key))
+    if source == ACME:  # the two files are replaced together under this lock (relaygate.acme)
+        from relaygate.acme import files_lock
+
+        with files_lock(Path(config.server.data_dir), exclusive=False):
+            ctx.load_cert_chain(str(cert), str(key))
+    else:
+        ctx.load_cert_chain(str(cert), str(key))
     ctx.options |= ssl.OP_NO_COMPRESSION
     return ctx
