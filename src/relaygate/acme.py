@@ -1,7 +1,7 @@
 """ACME (RFC 8555) for the listener certificate: the HTTP-01 challenge, renewal in the background.
 
 With ``server.acme_directory_url`` set, one process of the node (the only one, or the supervisor of
-``server.workers > 1``) runs an :class:`AcmeManager` thread. It keeps ``<data_dir>/acme/``:
+``server.workers > 1``) runs an :class:`AcmeManager` thread (never a worker). It keeps ``<data_dir>/acme/``:
 
 * ``account.key``: the ACME account's key (EC P-256), created on the first order;
 * ``certificate.key`` and ``certificate.pem``: the listener certificate's key and chain (leaf
@@ -17,6 +17,12 @@ for the order's tokens and 404 to anything else. The certificate is renewed when
 between two orders). A failure (CA unreachable, challenge refused) is logged with the CA's problem
 document and retried after min(1 minute, acme_check_interval), doubling up to 6 hours; the
 listeners keep the certificate they have (or, before the first one, STARTTLS is not offered).
+
+Several nodes on one PostgreSQL queue (``queue.store = "postgresql"``) run one ACME client for
+the cluster (:class:`ClusterShare`): the node holding an advisory lock on the names orders, and
+publishes the certificate (chain and key) and the pending challenge tokens in the queue database;
+every node copies the certificate into its own files and runs the challenge responder all the
+time, answering tokens from the database (the CA may reach any node behind the load balancer).
 
 The listeners take the files as their certificate (smtp/tls.py ``listener_files``): every process
 of the node watches ``certificate.pem`` (``Relay.watch_config``, every 2 s) and swaps its TLS
@@ -35,6 +41,7 @@ import http.server
 import json
 import logging
 import os
+import re
 import ssl
 import threading
 import time
@@ -73,6 +80,7 @@ ORDER_TIMEOUT = 120.0
 RETRY_FIRST = 60.0
 RETRY_MAX = 6 * 3600.0
 CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,128}$")  # RFC 8555 §8.3: base64url, >= 128 bits
 
 
 def acme_enabled(server: Any) -> bool:
@@ -217,14 +225,39 @@ class ChallengeResponder:
     """The HTTP-01 responder: ``GET /.well-known/acme-challenge/<token>`` → the key
     authorization of a pending challenge, 404 for anything else. Runs in its own thread."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(
+        self, host: str, port: int, *, lookup: Callable[[str], str | None] | None = None
+    ) -> None:
         self.host, self.port = host, port
         self.tokens: dict[str, str] = {}
+        #: Where a token not in `tokens` is looked up (a cluster: the queue database, where the
+        #: node that runs the order put it).
+        self.lookup = lookup
+        #: Called for each token added (a cluster: puts it in the queue database).
+        self.publish: Callable[[str, str], None] | None = None
         self._server: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    def add(self, token: str, key_authorization: str) -> None:
+        self.tokens[token] = key_authorization
+        if self.publish is not None:
+            self.publish(token, key_authorization)
+
+    def answer(self, token: str) -> str | None:
+        found = self.tokens.get(token)
+        if found is None and self.lookup is not None and _TOKEN.match(token):
+            try:
+                found = self.lookup(token)
+            except Exception as exc:  # the database is away: as if unknown
+                logger.warning("ACME challenge responder: token lookup failed: %s", exc)
+        return found
+
     def start(self) -> None:
-        tokens = self.tokens
+        answer_for = self.answer
 
         class Handler(http.server.BaseHTTPRequestHandler):
             server_version = "RelayGate-ACME"
@@ -234,7 +267,7 @@ class ChallengeResponder:
                 path = self.path.split("?", 1)[0]
                 answer = None
                 if path.startswith(CHALLENGE_PREFIX):
-                    answer = tokens.get(path[len(CHALLENGE_PREFIX) :])
+                    answer = answer_for(path[len(CHALLENGE_PREFIX) :])
                 if answer is None:
                     self.send_error(404)
                     return
@@ -292,8 +325,16 @@ class AcmeClient:
     """One ACME account at one CA (blocking; run in the manager's thread)."""
 
     def __init__(
-        self, directory_url: str, account_key: Any, *, email: str = "", ca_file: Path | None = None
+        self,
+        directory_url: str,
+        account_key: Any,
+        *,
+        email: str = "",
+        ca_file: Path | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
+        #: set when the relay stops: a pending order gives up at its next poll
+        self.stop = stop or threading.Event()
         self.directory_url = directory_url
         self.key = account_key
         self.jwk = _jwk(account_key)
@@ -389,7 +430,8 @@ class AcmeClient:
                 wait = float(response.headers.get("Retry-After", "1"))
             except ValueError:
                 wait = 1.0
-            time.sleep(min(max(wait, 0.2), 5.0, max(0.0, deadline - time.monotonic())))
+            if self.stop.wait(min(max(wait, 0.2), 5.0, max(0.0, deadline - time.monotonic()))):
+                raise AcmeError("the relay is stopping: order abandoned")
 
     def order(self, domains: tuple[str, ...], responder: ChallengeResponder) -> Issued:
         """newOrder → HTTP-01 for each authorization → finalize with a new key → the chain."""
@@ -415,7 +457,7 @@ class AcmeClient:
             if challenge is None:
                 raise AcmeError(f"{name}: the CA offers no http-01 challenge")
             token = str(challenge["token"])
-            responder.tokens[token] = f"{token}.{thumbprint}"
+            responder.add(token, f"{token}.{thumbprint}")
             self.post(challenge["url"], {})
             authz = self._poll(
                 authz_url, lambda a: a.get("status") not in ("pending", "processing"), deadline
@@ -463,6 +505,128 @@ class AcmeClient:
         return Issued(chain, _key_pem(key), leaf.serial_number, leaf.not_valid_after_utc)
 
 
+# ----------------------------------------------------------------------------- a cluster
+
+
+class ClusterShare:
+    """Several nodes on one PostgreSQL queue (``queue.store = "postgresql"``) share one
+    certificate for the same names: the node that holds an advisory lock on the names (on a
+    connection of its own, for as long as it lives) runs the ACME client and publishes the
+    certificate and the pending challenge tokens in two tables; the others copy the certificate
+    to their own files and answer the challenges from the table (the CA may reach any node
+    behind the load balancer). When that node dies its lock goes, and the next node to try
+    takes over."""
+
+    CERTIFICATES = "relaygate_acme_certificates"
+    CHALLENGES = "relaygate_acme_challenges"
+
+    def __init__(self, database_url: str, names: tuple[str, ...]) -> None:
+        self.url = database_url
+        self.names = ",".join(sorted(n.lower() for n in names))
+        digest = hashlib.blake2b(f"relaygate-acme:{self.names}".encode(), digest_size=8)
+        self.lock_key = int.from_bytes(digest.digest(), "big", signed=True)
+        self._leader: Any = None  # the connection holding the lock
+        self._ready = False
+
+    def _connect(self) -> Any:
+        import psycopg
+
+        return psycopg.connect(
+            self.url, autocommit=True, connect_timeout=5, application_name="relaygate-acme"
+        )
+
+    def _setup(self, conn: Any) -> None:
+        if self._ready:
+            return
+        for _attempt in range(3):  # two nodes creating the tables at once: one wins, retry
+            try:
+                conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {self.CERTIFICATES} (names text PRIMARY KEY, "
+                    "chain bytea NOT NULL, key bytea NOT NULL, updated timestamptz NOT NULL "
+                    "DEFAULT now())"
+                )
+                conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {self.CHALLENGES} (token text PRIMARY KEY, "
+                    "key_authorization text NOT NULL, created timestamptz NOT NULL DEFAULT now())"
+                )
+                self._ready = True
+                return
+            except Exception:
+                time.sleep(0.2)
+        raise AcmeError(f"cannot create {self.CERTIFICATES} in the queue database")
+
+    def lead(self) -> bool:
+        """This process runs the ACME client for the names (it holds, or now takes, the lock)."""
+        if self._leader is not None:
+            try:
+                self._leader.execute("SELECT 1")
+                return True
+            except Exception:  # the connection (and with it the lock) is gone
+                self._close_leader()
+        conn = self._connect()
+        try:
+            self._setup(conn)
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (self.lock_key,)).fetchone()
+        except Exception:
+            conn.close()
+            raise
+        if row is not None and row[0]:
+            self._leader = conn
+            return True
+        conn.close()
+        return False
+
+    def fetch(self) -> tuple[bytes, bytes] | None:
+        """(chain, key) published for the names, if any."""
+        with self._connect() as conn:
+            self._setup(conn)
+            row = conn.execute(
+                f"SELECT chain, key FROM {self.CERTIFICATES} WHERE names = %s", (self.names,)
+            ).fetchone()
+        return None if row is None else (bytes(row[0]), bytes(row[1]))
+
+    def publish(self, chain: bytes, key: bytes) -> None:
+        with self._connect() as conn:
+            self._setup(conn)
+            conn.execute(
+                f"INSERT INTO {self.CERTIFICATES} (names, chain, key) VALUES (%s, %s, %s) "
+                "ON CONFLICT (names) DO UPDATE SET chain = EXCLUDED.chain, key = EXCLUDED.key, "
+                "updated = now()",
+                (self.names, chain, key),
+            )
+
+    def put_token(self, token: str, key_authorization: str) -> None:
+        with self._connect() as conn:
+            self._setup(conn)
+            conn.execute(f"DELETE FROM {self.CHALLENGES} WHERE created < now() - interval '1 day'")
+            conn.execute(
+                f"INSERT INTO {self.CHALLENGES} (token, key_authorization) VALUES (%s, %s) "
+                "ON CONFLICT (token) DO NOTHING",
+                (token, key_authorization),
+            )
+
+    def lookup(self, token: str) -> str | None:
+        with self._connect() as conn:  # (no table yet: an error, the responder's 404)
+            row = conn.execute(
+                f"SELECT key_authorization FROM {self.CHALLENGES} WHERE token = %s", (token,)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def drop_tokens(self, tokens: list[str]) -> None:
+        if tokens:
+            with self._connect() as conn:
+                conn.execute(f"DELETE FROM {self.CHALLENGES} WHERE token = ANY(%s)", (tokens,))
+
+    def _close_leader(self) -> None:
+        if self._leader is not None:
+            with contextlib.suppress(Exception):
+                self._leader.close()
+        self._leader = None
+
+    def close(self) -> None:
+        self._close_leader()
+
+
 # ----------------------------------------------------------------------------- the manager
 
 
@@ -477,6 +641,13 @@ class AcmeManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.failures = 0
+        #: queue.store = "postgresql": one ACME client for the cluster (ClusterShare), and a
+        #: challenge responder that runs all the time on every node
+        self.cluster: ClusterShare | None = None
+        self.responder: ChallengeResponder | None = None
+        self._leading: bool | None = None
+        if getattr(config.queue, "store", "sqlite") == "postgresql" and config.queue.database_url:
+            self.cluster = ClusterShare(config.queue.database_url, acme_domains(config.server))
 
     @property
     def folder(self) -> Path:
@@ -491,7 +662,79 @@ class AcmeManager:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(ORDER_TIMEOUT + 10)
+            # a pending order stops at its next poll; an HTTP request takes at most this long
+            self._thread.join(REQUEST_TIMEOUT + 10)
+        if self.responder is not None:
+            self.responder.stop()
+        if self.cluster is not None:
+            self.cluster.close()
+
+    def _cluster_step(self) -> bool:
+        """A cluster node: the responder up, the published certificate in this node's files.
+        True: this node runs the ACME client now."""
+        assert self.cluster is not None
+        s = self.config.server
+        if self.responder is None or not self.responder.running:
+            from relaygate.config.values import parse_binding
+
+            listen = parse_binding(s.acme_http_listen)
+            responder = ChallengeResponder(listen.address, listen.port, lookup=self.cluster.lookup)
+            responder.publish = self.cluster.put_token
+            try:
+                responder.start()
+            except OSError as exc:
+                raise AcmeError(
+                    f"the HTTP-01 responder cannot listen on {s.acme_http_listen} "
+                    f"(server.acme_http_listen): {exc.strerror or exc}"
+                ) from exc
+            self.responder = responder
+        leading = self.cluster.lead()
+        if leading != self._leading:
+            logger.info(
+                "ACME: %s",
+                "this node runs the cluster's ACME client for "
+                f"{self.cluster.names} (lock in the queue database)"
+                if leading
+                else f"another node runs the cluster's ACME client for {self.cluster.names}; "
+                "this node takes the certificate from the queue database",
+            )
+            self._leading = leading
+        published = self.cluster.fetch()
+        if published is not None:
+            chain, key = published
+            cert_path, _key_path = acme_files(Path(s.data_dir))
+            try:
+                current = cert_path.read_bytes()
+            except OSError:
+                current = b""
+            if current != chain:
+                self._install(chain, key, "taken from the queue database")
+        return leading
+
+    def _install(self, chain: bytes, key: bytes, how: str) -> None:
+        """Both files, replaced together under the lock; logged; `on_renewed`."""
+        from cryptography import x509
+
+        s = self.config.server
+        leaf = x509.load_pem_x509_certificates(chain)[0]
+        cert_path, key_path = acme_files(Path(s.data_dir))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with files_lock(Path(s.data_dir), exclusive=True):
+            write_private(key_path, key)
+            write_private(cert_path, chain)
+        logger.info(
+            "ACME: certificate for %s %s (serial %x, valid until %s): %s",
+            ", ".join(acme_domains(s)),
+            how,
+            leaf.serial_number,
+            f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}",
+            cert_path,
+        )
+        if self.on_renewed is not None:
+            try:
+                self.on_renewed()
+            except Exception:
+                logger.exception("ACME: swapping in the new certificate failed")
 
     def apply(self, config: Any) -> None:
         """A reloaded configuration: its acme_* settings are used from the next check on."""
@@ -527,6 +770,11 @@ class AcmeManager:
         while not self._stop.is_set():
             interval = self.config.server.acme_check_interval.total_seconds()
             try:
+                if self.cluster is not None and not self._cluster_step():
+                    # another node orders; look again soon (it may die, or renew)
+                    self.failures = 0
+                    self._stop.wait(min(interval, 60.0))
+                    continue
                 reason = self.due()
                 if reason is not None:
                     self.obtain(reason)
@@ -574,38 +822,39 @@ class AcmeManager:
 
         listen = parse_binding(s.acme_http_listen)
         client = AcmeClient(
-            s.acme_directory_url, account_key, email=s.acme_email, ca_file=s.acme_ca_file
+            s.acme_directory_url,
+            account_key,
+            email=s.acme_email,
+            ca_file=s.acme_ca_file,
+            stop=self._stop,
         )
         try:
             client.register()
-            responder = ChallengeResponder(listen.address, listen.port)
-            try:
-                responder.start()
-            except OSError as exc:
-                raise AcmeError(
-                    f"the HTTP-01 responder cannot listen on {s.acme_http_listen} "
-                    f"(server.acme_http_listen): {exc.strerror or exc}"
-                ) from exc
-            try:
-                issued = client.order(domains, responder)
-            finally:
-                responder.stop()
+            if self.responder is not None:  # a cluster's: runs all the time
+                responder = self.responder
+                try:
+                    issued = client.order(domains, responder)
+                finally:
+                    tokens, responder.tokens = list(responder.tokens), {}
+                    if self.cluster is not None:
+                        with contextlib.suppress(Exception):
+                            self.cluster.drop_tokens(tokens)
+            else:
+                responder = ChallengeResponder(listen.address, listen.port)
+                try:
+                    responder.start()
+                except OSError as exc:
+                    raise AcmeError(
+                        f"the HTTP-01 responder cannot listen on {s.acme_http_listen} "
+                        f"(server.acme_http_listen): {exc.strerror or exc}"
+                    ) from exc
+                try:
+                    issued = client.order(domains, responder)
+                finally:
+                    responder.stop()
         finally:
             client.close()
-        cert, key = acme_files(Path(s.data_dir))
-        with files_lock(Path(s.data_dir), exclusive=True):
-            write_private(key, issued.key_pem)
-            write_private(cert, issued.chain_pem)
-        logger.info(
-            "ACME: certificate for %s installed (serial %x, valid until %s): %s",
-            ", ".join(domains),
-            issued.serial,
-            f"{issued.not_after:%Y-%m-%d %H:%M:%SZ}",
-            cert,
-        )
-        if self.on_renewed is not None:
-            try:
-                self.on_renewed()
-            except Exception:
-                logger.exception("ACME: swapping in the new certificate failed")
+        if self.cluster is not None:  # first: the other nodes copy it from there
+            self.cluster.publish(issued.chain_pem, issued.key_pem)
+        self._install(issued.chain_pem, issued.key_pem, "installed")
         return issued

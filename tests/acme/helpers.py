@@ -190,13 +190,13 @@ class Pebble:
 
 CONFIG = """\
 [server]
-name = "RELAY01"
+name = "{node_name}"
 fqdn = "{fqdn}"
 data_dir = "{data}"
 workers = {workers}
 acme_directory_url = "{directory}"
 acme_email = "hostmaster@acme.test"
-acme_http_listen = "127.0.0.1:{http_port}"
+acme_http_listen = "{http_host}:{http_port}"
 acme_ca_file = "{ca_file}"
 acme_renew_before = "{renew_before}"
 acme_check_interval = "{check_interval}"
@@ -204,6 +204,7 @@ acme_check_interval = "{check_interval}"
 
 [admin]
 enabled = false
+{queue}
 
 [[accepted_domains]]
 domain = "corp.example"
@@ -245,6 +246,9 @@ class Relay:
         check_interval: str = "01:00:00",
         server_extra: str = "",
         implicit: bool = False,
+        http_host: str = "127.0.0.1",
+        database_url: str = "",
+        node_name: str = "RELAY01",
     ) -> None:
         self.tmp = tmp
         self.port = free_port()
@@ -259,6 +263,13 @@ class Relay:
                 workers=workers,
                 directory=pebble.directory_url,
                 http_port=pebble.http_port,
+                http_host=http_host,
+                node_name=node_name,
+                queue=(
+                    f'\n[queue]\nstore = "postgresql"\ndatabase_url = "{database_url}"\n'
+                    if database_url
+                    else ""
+                ),
                 ca_file=pebble.ca_file,
                 renew_before=renew_before,
                 check_interval=check_interval,

@@ -211,3 +211,43 @@ def test_the_challenge_responder_answers_only_pending_tokens() -> None:
         pass
     else:
         raise AssertionError(f"the responder still listens on {port}")
+
+
+def test_a_cluster_runs_one_acme_client_and_every_node_presents_its_certificate(
+    pebble, relays, postgres_url
+) -> None:
+    # Two nodes on one PostgreSQL queue. The CA looks for relay.acme.test at 127.0.0.1, where
+    # node B's responder listens; node A's listens on 127.0.0.2. A starts first and runs the
+    # cluster's ACME client: its orders succeed only through B answering from the database.
+    a = relays(
+        pebble, name="a", node_name="NODE-A", http_host="127.0.0.2",
+        database_url=postgres_url, check_interval="00:00:02",
+    )  # fmt: skip
+    assert wait_until(lambda: "this node runs the cluster's ACME client" in a.log(), 30), a.log()
+    b = relays(
+        pebble, name="b", node_name="NODE-B", http_host="127.0.0.1",
+        database_url=postgres_url, check_interval="00:00:02",
+    )  # fmt: skip
+    assert wait_until(lambda: a.cert_file.exists() and b.cert_file.exists(), 90), a.log() + b.log()
+    assert "another node runs the cluster's ACME client" in b.log()
+    assert "ACME: ordering" not in b.log()
+    assert "taken from the queue database" in b.log()
+    assert re.search(
+        r'ACME challenge responder: 127\.0\.0\.1 "GET /\.well-known/acme-challenge/\S+ '
+        r'HTTP/1\.1" 200',
+        b.log(),
+    ), b.log()
+    serial = file_serial(a.cert_file)
+    assert file_serial(b.cert_file) == serial
+    assert b.cert_file.read_bytes() == a.cert_file.read_bytes()
+    assert stat.S_IMODE(b.cert_file.stat().st_mode) == 0o600
+    root = pebble.root_pem()
+    for relay in (a, b):
+        cert = wait_until(
+            lambda r=relay: attempt(lambda: starttls_certificate(r.port, root)), timeout=20
+        )
+        assert cert is not None and cert.serial_number == serial, relay.log()
+
+    # A goes: B takes over the cluster's ACME client.
+    a.stop()
+    assert wait_until(lambda: "this node runs the cluster's ACME client" in b.log(), 60), b.log()

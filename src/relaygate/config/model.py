@@ -345,16 +345,17 @@ class ServerConfig:
     acme_email: str = ""
     #: The names the certificate is for (dNSName SANs, the first one its subject). Empty: [fqdn].
     acme_domains: tuple[str, ...] = _spec((), factory=tuple)
-    #: Where the HTTP-01 responder listens while an order is pending (the CA connects to port 80
-    #: of each name; a port forward or load balancer may map it to another).
+    #: Where the HTTP-01 responder listens while an order is pending (all the time on the nodes
+    #: of a cluster, queue.store = "postgresql"). The CA connects to port 80 of each name; a port
+    #: forward or load balancer may map it to another.
     acme_http_listen: str = "0.0.0.0:80"
     #: A CA bundle (PEM) that the ACME directory's HTTPS certificate is checked against (a private
     #: CA such as step-ca or pebble). Unset: the system's trust store.
     acme_ca_file: Path | None = _spec(None, Path)
     #: Renew when the certificate expires within this span.
     acme_renew_before: timedelta = _span("30.00:00:00")
-    #: How often the certificate's expiry is looked at, and the least time between two orders
-    #: (after a failure the retry waits this long at most a minute, then doubles, up to a day).
+    #: How often the certificate's expiry is looked at, and the least time between two orders.
+    #: After a failure the first retry waits min(1 minute, this), then the wait doubles, up to 6 h.
     acme_check_interval: timedelta = _span("01:00:00")
     #: Worker processes sharing the listening ports (SO_REUSEPORT); 1 = one process, no supervisor.
     workers: int = 1
