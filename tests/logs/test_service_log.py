@@ -519,3 +519,26 @@ def test_json_format_one_ascii_line_whatever_the_message_holds() -> None:
     assert record["worker"] == 1 and record["level"] == "ERROR"
     assert record["exception"].startswith("Traceback (most recent call last):\n")
     assert record["exception"].endswith("ValueError: bad\nvalue")
+
+
+def test_text_format_a_line_without_control_characters_is_as_before() -> None:
+    """Text-format users see the same lines as before (logging.basicConfig's format) whenever
+    the values put no raw control character in the line: %r of a string, a dict argument, a
+    mapping argument already print their control characters as Python escapes, and escaping
+    them again wrote `\\\\n` (`'a\\\\nb'`) where the line had `\\n`."""
+    old = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    calls: list[tuple[Any, ...]] = [
+        ("reply %r", "550 no\nsuch\x1b[2K user\udcff"),
+        ("reply %r from %s", "a\r\nb", "host.example"),
+        ("answer %s", {"reply": "a\nb\x1b", "code": 550}),
+        ("answer %(reply)r (%(code)d)", {"reply": "a\nb\x1b", "code": 550}),
+        ("recipients %s", ["a\nb@corp.example", "c@corp.example"]),
+        ("failed: %r", OSError("550 no\nsuch user")),
+        ("plain %s %d %.1f %r", "text", 5, 2.5, b"by\x00tes"),
+    ]
+    for call in calls:
+        new_line = _logged(TextFormatter(), *call)
+        old_line = _logged(old, *call)
+        # the same but for the time stamp
+        assert new_line.split(" ", 2)[2] == old_line.split(" ", 2)[2], call
+        assert new_line.count("\n") == 1, call

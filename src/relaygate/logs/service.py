@@ -95,8 +95,9 @@ class _Escaped:
 
 
 def _safe_arg(value: Any) -> Any:
-    if isinstance(value, str):
-        return escape(value)
+    # A string is wrapped like any other value, not escaped in place: %r (and a dict or list
+    # argument, which shows its strings by repr) already writes control characters as escapes,
+    # and escaping them first doubled the backslashes of lines that were fine before.
     if value is None or isinstance(value, int | float | bytes):  # %d, %.1f; bytes print as repr
         return value
     if isinstance(value, ConfigError):  # the administrator's file: one problem a line
