@@ -461,7 +461,7 @@ def test_a_bad_flag_value_is_refused_naming_the_flag() -> None:
 # -- the formatters on a real logger ----------------------------------------------------------------
 
 
-def _logged(formatter: logging.Formatter, *args: Any, exc: bool = False) -> str:
+def _logged(formatter: logging.Formatter, *args: Any, exc: bool = False, extra: Any = None) -> str:
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
@@ -476,7 +476,7 @@ def _logged(formatter: logging.Formatter, *args: Any, exc: bool = False) -> str:
             except ValueError:
                 logger.exception(*args)
         else:
-            logger.warning(*args)
+            logger.warning(*args, extra=extra)
     finally:
         logger.removeHandler(handler)
     return stream.getvalue()
@@ -542,3 +542,59 @@ def test_text_format_a_line_without_control_characters_is_as_before() -> None:
         # the same but for the time stamp
         assert new_line.split(" ", 2)[2] == old_line.split(" ", 2)[2], call
         assert new_line.count("\n") == 1, call
+
+
+def _strict_json(line: str) -> dict[str, Any]:
+    """json.loads as a strict reader (jq, Go, JavaScript): NaN and Infinity are not JSON."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    record = json.loads(line, parse_constant=refuse)
+    assert isinstance(record, dict)
+    return record
+
+
+def test_json_format_exotic_extra_values_still_make_one_strict_json_line() -> None:
+    """`extra` values of any type: one line a strict JSON reader parses, and the log call never
+    raises (a self-referencing list recursed until RecursionError, which logging lets through to
+    the caller; NaN was written as `NaN`; an object whose str() fails lost the line to a
+    '--- Logging error ---' traceback in free text)."""
+    from datetime import UTC, datetime
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+        __repr__ = __str__
+
+    loop: list[Any] = [1]
+    loop.append(loop)
+    cycle: dict[str, Any] = {}
+    cycle["self"] = cycle
+    deep: list[Any] = []
+    for _ in range(100_000):
+        deep = [deep]
+    extra = {
+        "nan": float("nan"),
+        "inf": float("inf"),
+        "ninf": [float("-inf")],
+        "loop": loop,
+        "cycle": cycle,
+        "deep": deep,
+        "odd": Unprintable(),
+        "keys": {1: "one", None: "none", ("a", 2): b"\x00\xff", Unprintable(): 1},
+        "path": Path("/var/lib/relaygate"),
+        "when": datetime(2026, 12, 7, 3, 0, tzinfo=UTC),
+        "error": OSError("550 no\nsuch user"),
+    }
+    line = _logged(JsonFormatter(), "exotic %s", "values", extra=extra)
+    assert line.count("\n") == 1 and line.isascii(), line[:500]
+    record = _strict_json(line)
+    assert record["message"] == "exotic values"
+    assert record["nan"] == "nan" and record["inf"] == "inf" and record["ninf"] == ["-inf"]
+    assert record["loop"][0] == 1 and isinstance(record["deep"], list)
+    assert record["odd"] == "<unprintable Unprintable>"
+    assert record["keys"]["1"] == "one" and record["keys"]["None"] == "none"
+    assert record["path"] == "/var/lib/relaygate" and record["error"] == "550 no\nsuch user"
+    assert record["when"].startswith("2026-12-07 03:00:00")

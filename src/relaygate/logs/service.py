@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -148,16 +149,32 @@ def _utf8(text: str) -> str:
     return text
 
 
-def _json_value(value: Any) -> Any:
+# How deep the lists and dicts of an `extra` value are walked; deeper (or a list that holds
+# itself) is written as its str(): the walk must not reach RecursionError, which logging passes
+# on to the code that logged.
+_JSON_DEPTH = 8
+
+
+def _json_text(value: object) -> str:
+    try:
+        return _utf8(str(value))
+    except Exception:  # its __str__ fails (or recurses): the line is still written
+        return f"<unprintable {type(value).__name__}>"
+
+
+def _json_value(value: Any, depth: int = 0) -> Any:
     if isinstance(value, str):
         return _utf8(value)
-    if value is None or isinstance(value, bool | int | float):
+    if value is None or isinstance(value, bool | int):
         return value
-    if isinstance(value, list | tuple):
-        return [_json_value(v) for v in value]
-    if isinstance(value, dict):
-        return {_utf8(str(k)): _json_value(v) for k, v in value.items()}
-    return _utf8(str(value))
+    if isinstance(value, float):  # NaN and Infinity are not JSON: a strict reader refuses them
+        return value if math.isfinite(value) else str(value)
+    if depth < _JSON_DEPTH:
+        if isinstance(value, list | tuple):
+            return [_json_value(v, depth + 1) for v in value]
+        if isinstance(value, dict):
+            return {_json_text(k): _json_value(v, depth + 1) for k, v in value.items()}
+    return _json_text(value)
 
 
 class JsonFormatter(logging.Formatter):
@@ -191,7 +208,7 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _STANDARD and key not in fields and not key.startswith("_"):
                 fields[key] = _json_value(value)
-        return json.dumps(fields, ensure_ascii=True, default=str)
+        return json.dumps(fields, ensure_ascii=True, allow_nan=False, default=_json_text)
 
 
 class _LineHandler(logging.StreamHandler[Any]):
