@@ -598,3 +598,32 @@ def test_json_format_exotic_extra_values_still_make_one_strict_json_line() -> No
     assert record["keys"]["1"] == "one" and record["keys"]["None"] == "none"
     assert record["path"] == "/var/lib/relaygate" and record["error"] == "550 no\nsuch user"
     assert record["when"].startswith("2026-12-07 03:00:00")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_reload_to_a_higher_level_still_says_what_is_in_force(served: Any, workers: int) -> None:
+    """A reload that raises log_level (INFO to ERROR) wrote its 'service log: ...' line at INFO,
+    after the new level was set: the line was filtered out, and nothing in the log said the
+    level had changed (nor from which process)."""
+    s = served(workers=workers, server_extra='log_format = "json"')
+    s.start()
+    s.write_config('log_format = "json"\nlog_level = "ERROR"', banner="220 quiet now")
+    s.reload()
+    expected = workers + 1 if workers > 1 else 1  # the supervisor and each worker, or the one
+    s.wait_for(
+        lambda: (
+            sum(m.startswith("service log: format json, level ERROR") for m in s.messages())
+            >= expected
+        )
+    )
+    assert s.stop() == 0
+    switched = [r for r in s.records() if r["message"].startswith("service log:")]
+    assert [r["level"] for r in switched] == ["INFO"] * expected, switched
+    # and nothing else below ERROR after it
+    records = s.records()
+    first = records.index(switched[0])
+    assert not [
+        r
+        for r in records[first:]
+        if r["level"] in ("DEBUG", "INFO", "WARNING") and r not in switched
+    ]

@@ -300,12 +300,16 @@ def apply_config(log_format: str, log_level: str) -> bool:
     if log_format == "json":
         _log_uncaught()
         logging.captureWarnings(True)
-    logging.getLogger("relaygate").log(
-        logging.WARNING if changed_format else logging.INFO,
-        "service log: format %s, level %s (server.log_format, server.log_level)",
-        log_format,
-        log_level,
-    )
+    logger = logging.getLogger("relaygate")
+    level = logging.WARNING if changed_format else logging.INFO
+    message = "service log: format %s, level %s (server.log_format, server.log_level)"
+    if logger.isEnabledFor(level):
+        logger.log(level, message, log_format, log_level)
+    else:  # the new level is above the line's own: it still says what is in force now
+        record = logger.makeRecord(
+            logger.name, level, __file__, 0, message, (log_format, log_level), None
+        )
+        _State.handler.handle(record)
     return True
 
 
