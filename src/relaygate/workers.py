@@ -60,8 +60,9 @@ from pathlib import Path
 from typing import Any
 
 from relaygate.config import Config, ConfigError, load_config
+from relaygate.logs.service import START_FORMAT_ENV, worker_flags
 from relaygate.logs.service import apply_config as apply_service_log
-from relaygate.logs.service import worker_flags
+from relaygate.logs.service import current as current_log_format
 from relaygate.sd_notify import ENV_VARS as SYSTEMD_ENV
 from relaygate.sd_notify import Notifier, watchdog_interval
 from relaygate.smtp.shared_rates import RATE_TABLE_ENV, table_path
@@ -334,6 +335,9 @@ class Supervisor:
         )
         # The table this run created, whatever data_dir the file says now (like the queue).
         env.pop(RATE_TABLE_ENV, None)
+        # A worker that cannot read the file (edited into an invalid one since) says so in the
+        # format of this process's lines, not as text in a JSON stream.
+        env[START_FORMAT_ENV] = current_log_format()[0]
         if self._rate_table is not None:
             env[RATE_TABLE_ENV] = self._rate_table
         try:

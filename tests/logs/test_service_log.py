@@ -627,3 +627,26 @@ def test_a_reload_to_a_higher_level_still_says_what_is_in_force(served: Any, wor
         for r in records[first:]
         if r["level"] in ("DEBUG", "INFO", "WARNING") and r not in switched
     ]
+
+
+def test_a_worker_restarted_on_an_invalid_file_logs_its_refusal_as_json(served: Any) -> None:
+    """log_format = "json" in the file, two workers; the file is then edited into an invalid
+    one (the running workers refuse the reload and keep going) and a worker dies: the one the
+    supervisor starts in its place reads the invalid file and refuses to start. Its problems
+    were printed as free text (the worker could not read the file that says json) into the
+    JSON stream, again at every restart."""
+    s = served(workers=2, server_extra='log_format = "json"')
+    s.start()
+    s.write_config('log_format = "json"\nlog_level = "LOUD"', banner="220 broken")
+    s.wait_for(lambda: sum("reload refused" in m for m in s.messages()) >= 2)
+    pids = {
+        json.loads(line)["pid"]
+        for line in s.lines()
+        if line.startswith("{") and json.loads(line).get("worker") == 1
+    }
+    os.kill(pids.pop(), signal.SIGKILL)
+    s.wait_for(lambda: sum("'LOUD' is not one of" in m for m in s.messages()) >= 1 + 2, timeout=40)
+    assert s.stop() == 0
+    records = s.records()  # every line is JSON
+    refused = [r for r in records if "'LOUD' is not one of" in r["message"]]
+    assert any(r.get("key") == "server.log_level" and r.get("worker") == 1 for r in refused)

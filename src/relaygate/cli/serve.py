@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import typer
@@ -46,7 +47,11 @@ def register(app: typer.Typer) -> None:
         log_format = _choice("--log-format", log_format, service.LOG_FORMATS)
         log_level = _choice("--log-level", log_level, service.LOG_LEVELS)
         service.set_overrides(log_format=log_format, log_level=log_level)
-        if log_format == "json":
+        start_format = log_format
+        if start_format is None and worker_index is not None:
+            # a worker started by its supervisor: the supervisor's format until the file is read
+            start_format = os.environ.get(service.START_FORMAT_ENV)
+        if start_format == "json":
             # A config error at start is a JSON line too (the file's own log_format is unknown).
             service.configure("json", log_level or "INFO", worker=worker_index)
             _load_or_log(config)

@@ -37,6 +37,7 @@ from relaygate.config import ConfigError
 __all__ = [
     "LOG_FORMATS",
     "LOG_LEVELS",
+    "START_FORMAT_ENV",
     "JsonFormatter",
     "TextFormatter",
     "apply_config",
@@ -47,6 +48,9 @@ __all__ = [
 ]
 
 LOG_FORMATS = ("text", "json")
+#: Set by the supervisor for a worker it starts: the format its own lines are in, which the worker
+#: uses until it has read the config file (so that a file it cannot read is logged in that format).
+START_FORMAT_ENV = "RELAYGATE_WORKER_LOG_FORMAT"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 # Control characters (C0, DEL, C1), the Unicode line and paragraph separators, lone surrogates
