@@ -650,3 +650,26 @@ def test_a_worker_restarted_on_an_invalid_file_logs_its_refusal_as_json(served: 
     records = s.records()  # every line is JSON
     refused = [r for r in records if "'LOUD' is not one of" in r["message"]]
     assert any(r.get("key") == "server.log_level" and r.get("worker") == 1 for r in refused)
+
+
+def test_json_format_an_argument_that_cannot_be_printed_still_makes_a_json_line() -> None:
+    """An argument whose str() and repr() raise: JsonFormatter's fallback for a message it cannot
+    build used repr(), which raised too, and the line became a free-text '--- Logging error ---'
+    traceback in the JSON stream."""
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+        __repr__ = __str__
+
+    errors = io.StringIO()
+    saved, sys.stderr = sys.stderr, errors  # where logging reports an error while logging
+    try:
+        line = _logged(JsonFormatter(), "value %s from %s", Unprintable(), "host.example")
+    finally:
+        sys.stderr = saved
+    assert errors.getvalue() == ""
+    record = _strict_json(line)
+    assert record["message"] == "'value %s from %s' % (<unprintable Unprintable>, 'host.example')"
+    assert line.count("\n") == 1

@@ -166,6 +166,13 @@ def _json_text(value: object) -> str:
         return f"<unprintable {type(value).__name__}>"
 
 
+def _json_repr(value: object) -> str:
+    try:
+        return repr(value)
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
+
+
 def _json_value(value: Any, depth: int = 0) -> Any:
     if isinstance(value, str):
         return _utf8(value)
@@ -191,8 +198,9 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         try:
             message = record.getMessage()
-        except Exception:  # wrong arguments for the format: still one line, nothing lost
-            message = f"{record.msg!r} % {record.args!r}"
+        except Exception:  # wrong arguments, or an argument whose str() fails: still one line
+            args = record.args if isinstance(record.args, tuple) else (record.args,)
+            message = f"{_json_repr(record.msg)} % ({', '.join(map(_json_repr, args))})"
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         fields: dict[str, Any] = {
             "time": f"{stamp}.{int(record.msecs):03d}Z",
