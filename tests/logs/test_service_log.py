@@ -673,3 +673,36 @@ def test_json_format_an_argument_that_cannot_be_printed_still_makes_a_json_line(
     record = _strict_json(line)
     assert record["message"] == "'value %s from %s' % (<unprintable Unprintable>, 'host.example')"
     assert line.count("\n") == 1
+
+
+def test_json_an_exception_python_ignores_is_a_json_line_too() -> None:
+    """An exception raised in a __del__ (or a finalizer, a weakref callback) is one Python can
+    only report: 'Exception ignored in: ...' and a traceback, in free text on stderr, among the
+    JSON lines (sys.unraisablehook was not routed to the log as sys.excepthook and
+    threading.excepthook were). A real process, its stderr parsed line by line."""
+    code = (
+        "from relaygate.logs import service\n"
+        "service.configure('json', 'INFO')\n"
+        "class Leaky:\n"
+        "    def __del__(self):\n"
+        "        raise ValueError('in __del__')\n"
+        "Leaky()\n"
+        "import threading\n"
+        "t = threading.Thread(target=lambda: 1 / 0)\n"
+        "t.start(); t.join()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert out.returncode == 0, out.stderr
+    records = [_strict_json(line) for line in out.stderr.splitlines()]
+    ignored = [r for r in records if "Leaky.__del__" in r["message"]]
+    assert ignored and ignored[0]["level"] == "ERROR", records
+    assert ignored[0]["message"].startswith("Exception ignored in: <function Leaky.__del__")
+    assert ignored[0]["exception"].endswith("ValueError: in __del__")
+    assert any("uncaught exception in thread" in r["message"] for r in records)

@@ -330,8 +330,8 @@ def _formatter(log_format: str, worker: int | None) -> logging.Formatter:
 
 
 def _log_uncaught() -> None:
-    """An exception nothing caught (the main thread's, a thread's) as a log line, not a bare
-    traceback on stderr that a JSON reader cannot parse."""
+    """An exception nothing caught (the main thread's, a thread's, one Python ignored in a
+    __del__) as a log line, not a bare traceback on stderr that a JSON reader cannot parse."""
     import threading
 
     logger = logging.getLogger("relaygate")
@@ -352,5 +352,18 @@ def _log_uncaught() -> None:
             exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
         )
 
+    def on_unraisable(unraisable: Any) -> None:
+        # An exception Python can only ignore (in __del__, a finalizer, a weakref callback):
+        # "Exception ignored in: ..." and a traceback, free text, unless logged here.
+        what = unraisable.err_msg or "Exception ignored in"
+        exc_info = None
+        if unraisable.exc_type is not None:
+            exc_info = (unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback)
+        if unraisable.object is None:
+            logger.error("%s", what, exc_info=exc_info)
+        else:
+            logger.error("%s: %s", what, _json_repr(unraisable.object), exc_info=exc_info)
+
     sys.excepthook = on_exception
     threading.excepthook = on_thread_exception
+    sys.unraisablehook = on_unraisable
