@@ -461,3 +461,79 @@ def test_check_reports_an_admin_token_file_serve_would_refuse(
     path.write_text(disabled)
     token.unlink()
     assert _invoke(cli, "check", "--config", str(path)).exit_code == 0
+
+
+def test_check_takes_an_empty_path_key_as_unset_naming_a_required_one(
+    cli: CliRunner, tmp_path: Path
+) -> None:
+    """`key = ""` on an optional path key was Path("."): `check` said "Is a directory" (or took the
+    key as set). "" now means unset, as `connector set --KEY ""` (which removes the key) does; on
+    data_dir, which cannot be unset, it is an error naming the key."""
+    from relaygate.dkim.keys import write_key
+    from relaygate.smtp.tls import ensure_self_signed
+
+    data = tmp_path / "data"
+    write_key(data, "corp.example", "s1")  # the default key_file of the [[dkim]] entry
+    path = tmp_path / "relaygate.toml"
+    path.write_text(
+        f'[server]\ndata_dir = "{data}"\nusers_file = ""\ntls_certificate_file = ""\n'
+        'tls_key_file = ""\n\n[admin]\napi_token_file = ""\n\n'
+        '[[receive_connectors]]\nname = "Relay"\nbindings = ["0.0.0.0:25"]\n'
+        'remote_ip_ranges = ["10.0.0.0/8"]\ntls_certificate_file = ""\ntls_key_file = ""\n\n'
+        '[[send_connectors]]\nname = "Out"\naddress_spaces = ["*"]\n'
+        'smart_hosts = ["smtp.example.com"]\ndns_routing_enabled = false\ntls_ca_file = ""\n'
+        'tls_certificate_file = ""\ntls_key_file = ""\nauth_password_file = ""\n'
+        'oauth_client_key_file = ""\noauth_client_certificate_file = ""\n'
+        'oauth_client_secret_file = ""\noauth_service_account_file = ""\n\n'
+        '[[dkim]]\ndomain = "corp.example"\nselector = "s1"\nkey_file = ""\n'
+    )
+    result = _invoke(cli, "check", "--config", str(path))
+    assert result.exit_code == 0, result.output
+    assert "Is a directory" not in result.output
+    result = _invoke(cli, "check", "--config", str(path), "--json")
+    assert result.exit_code == 0 and json.loads(result.output)["valid"] is True, result.output
+
+    # One of a pair given as "" is unset: the pair rule names the key, not "Is a directory".
+    cert, key = ensure_self_signed(tmp_path / "tls", "relay.corp.example")
+    text = path.read_text()
+    path.write_text(
+        text.replace('name = "Relay"\n', f'name = "Relay"\ntls_mode = "starttls"\n', 1).replace(
+            'tls_key_file = ""\n\n[[send', f'tls_key_file = "{key}"\n\n[[send', 1
+        )
+    )
+    result = _invoke(cli, "check", "--config", str(path))
+    assert result.exit_code == 1, result.output
+    flat = " ".join(result.output.split())
+    assert (
+        'receive_connectors[0] "Relay": tls_certificate_file: set both tls_certificate_file and '
+        "tls_key_file, or neither"
+    ) in flat, result.output
+    assert "Is a directory" not in flat
+    # The CLI editor agrees: --tls-certificate-file "" (with the key removed too) leaves no key.
+    path.write_text(
+        text.replace(
+            'tls_certificate_file = ""\ntls_key_file = ""\n\n[[send',
+            f'tls_certificate_file = "{cert}"\ntls_key_file = "{key}"\n\n[[send',
+        )
+    )
+    assert _invoke(cli, "check", "--config", str(path)).exit_code == 0
+    result = _invoke(
+        cli,
+        "connector",
+        "set",
+        "Relay",
+        "-c",
+        str(path),
+        "--tls-certificate-file",
+        "",
+        "--tls-key-file",
+        "",
+    )
+    assert result.exit_code == 0, result.output
+    assert str(cert) not in path.read_text()
+    assert _invoke(cli, "check", "--config", str(path)).exit_code == 0
+
+    path.write_text(text.replace(f'data_dir = "{data}"', 'data_dir = ""'))
+    result = _invoke(cli, "check", "--config", str(path))
+    assert result.exit_code == 1, result.output
+    assert "server.data_dir: must not be empty" in " ".join(result.output.split()), result.output

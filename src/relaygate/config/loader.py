@@ -106,6 +106,12 @@ class _Builder:
         if parse is not None:
             if isinstance(raw, str) and raw.lower() == "unlimited" and _allows_none(hint):
                 return None
+            if parse is Path and isinstance(raw, str) and not raw.strip():
+                # Path("") is Path("."), the current directory: "" means unset, as the CLI's
+                # `--KEY ""` (which removes the key) does; a path that must be set cannot be empty.
+                if _allows_none(hint):
+                    return None
+                raise ValueError("must not be empty (remove the key for the default)")
             try:
                 return parse(raw)
             except TypeError:  # e.g. Path(5): a wrong TOML type is a problem to report, not a crash
