@@ -306,3 +306,54 @@ async def test_metrics_of_a_running_relay_and_a_reload_after_the_file_is_replace
             assert "receive_connectors[0].tls_certificate_file" not in page
     finally:
         await relay.stop()
+
+
+async def test_metrics_has_no_duplicate_sample_when_a_connector_is_named_like_the_server(
+    tmp_path: Path,
+) -> None:
+    """A receive connector named like server.name with the server's certificate file gave the
+    same (use, name, file) sample twice, and Prometheus rejects the whole scrape for a duplicate.
+    The real /metrics, parsed with prometheus_client's parser: every sample is unique."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    config_file, files = write_config(tmp_path)
+    text = config_file.read_text(encoding="utf-8")
+    config_file.write_text(
+        text
+        + f"""
+[[receive_connectors]]
+name = "RELAYTEST"
+auth_mechanism = ["Tls"]
+bindings = ["127.0.0.1:{free_port()}"]
+remote_ip_ranges = ["127.0.0.3"]
+tls_certificate_file = "{files["listener"]}"
+tls_key_file = "{str(files["listener"]).removesuffix(".pem") + ".key"}"
+""",
+        encoding="utf-8",
+    )
+    config = load_config(config_file)
+    assert [c.ref.name for c in read_expiries(config)].count("RELAYTEST") == 2  # the situation
+    relay = Relay(config, config_path=config_file)
+    await relay.start()
+    try:
+        async with httpx.AsyncClient(
+            base_url=f"http://{config.admin.listen}", timeout=10
+        ) as client:
+            body = (await client.get("/metrics")).text
+    finally:
+        await relay.stop()
+    samples = [
+        (s.name, tuple(sorted(s.labels.items())))
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+    ]
+    assert len(samples) > 20
+    duplicates = {s for s in samples if samples.count(s) > 1}
+    assert not duplicates, duplicates
+    listener = [s for s in samples if s[0] == METRIC and ("name", "RELAYTEST") in s[1]]
+    assert listener == [
+        (METRIC, (("file", str(files["listener"])), ("name", "RELAYTEST"), ("use", "listener")))
+    ]
+    assert parse_metric(body)[("listener", "RELAYTEST", str(files["listener"]))] == _not_after(
+        files["listener"]
+    )

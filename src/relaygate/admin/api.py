@@ -361,8 +361,15 @@ class MetricsCollector:
             "use: listener, smtp_client, entra_credential",
             labels=["use", "name", "file"],
         )
+        # One sample per label set: a receive connector named like server.name with the server's
+        # file is the same (use, name, file) twice, and Prometheus rejects a scrape with a
+        # duplicate sample. The same file has the same date; should it differ, the earlier counts.
+        samples: dict[tuple[str, str, str], float] = {}
         for cert in getattr(self.relay, "certificates", ()):
-            family.add_metric([cert.ref.use, cert.ref.name, str(cert.ref.file)], cert.timestamp)
+            labels = (cert.ref.use, cert.ref.name, str(cert.ref.file))
+            samples[labels] = min(samples.get(labels, cert.timestamp), cert.timestamp)
+        for labels, value in samples.items():
+            family.add_metric(list(labels), value)
         return family
 
     def _received(self, figures: NodeFigures) -> Iterable[Any]:
