@@ -651,6 +651,16 @@ _CERTIFICATE_ROLE = {
 }
 
 
+def _time_left(left: timedelta) -> str:
+    """ "in 12 days", "in 5 hours" under a day (it said "in 0 days"), "within an hour"."""
+    if left.days >= 1:
+        return f"in {left.days} day{'s' if left.days != 1 else ''}"
+    hours = int(left.total_seconds() // 3600)
+    if hours >= 1:
+        return f"in {hours} hour{'s' if hours != 1 else ''}"
+    return "within an hour"
+
+
 def certificate_findings(
     certificates: Iterable[CertificateExpiry],
     now: datetime,
@@ -673,8 +683,7 @@ def certificate_findings(
             effect_text = f": {effect}"
         else:
             severity, code = "medium", "certificate-expiring"
-            days = left.days
-            when = f"expires on {date} (in {days} day{'s' if days != 1 else ''})"
+            when = f"expires on {date} ({_time_left(left)})"
             effect_text = f"; after that {effect}"
         findings.append(
             Finding(

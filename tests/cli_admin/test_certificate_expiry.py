@@ -357,3 +357,20 @@ tls_key_file = "{str(files["listener"]).removesuffix(".pem") + ".key"}"
     assert parse_metric(body)[("listener", "RELAYTEST", str(files["listener"]))] == _not_after(
         files["listener"]
     )
+
+
+def test_certificate_expiring_within_a_day_says_hours_not_0_days() -> None:
+    """A certificate expiring in less than a day said "(in 0 days)": hours, then "within an hour"."""
+    now = dt.datetime(2026, 12, 7, 12, 0, tzinfo=dt.UTC)
+    certs = [
+        _expiry("listener", "server.tls_certificate_file", "", 5.5 / 24, now),
+        _expiry("listener", "receive_connectors[0].tls_certificate_file", "A", 1.2 / 24, now),
+        _expiry("listener", "receive_connectors[1].tls_certificate_file", "B", 0.5 / 24, now),
+        _expiry("listener", "receive_connectors[2].tls_certificate_file", "C", 1.5, now),
+    ]
+    messages = [f.message for f in certificate_findings(certs, now)]
+    assert "expires on 2026-12-07 17:30 UTC (in 5 hours)" in messages[0]
+    assert "(in 1 hour)" in messages[1]
+    assert "expires on 2026-12-07 12:30 UTC (within an hour)" in messages[2]
+    assert "(in 1 day)" in messages[3]
+    assert not [m for m in messages if "0 days" in m]
