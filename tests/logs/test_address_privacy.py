@@ -422,8 +422,14 @@ def test_a_long_subject_without_an_address_does_not_stall_the_relay(relay, sink)
 
 @pytest.mark.parametrize(
     "text",
-    ["x" * 60_000 + " @x", "<" + "x" * 60_000 + " @x", '"' + '\\"' * 30_000 + " @x"],
-    ids=["run", "bracket", "escaped-quotes"],
+    [
+        "x" * 60_000 + " @x",
+        "<" + "x" * 60_000 + " @x",
+        '"' + '\\"' * 30_000 + " @x",
+        "ORCPT=rfc822;" + "x" * 60_000 + " +40",
+        ";x+4" * 20_000 + " +40",
+    ],
+    ids=["run", "bracket", "escaped-quotes", "xtext-run", "xtext-tokens"],
 )
 def test_the_address_pattern_is_linear_in_the_text(text: str) -> None:
     """The same, for each way the pattern could start over (all took 10 s and more)."""
@@ -657,3 +663,48 @@ def test_serve_stops_at_start_naming_a_key_directory_it_cannot_enter(relay):  # 
     assert "Traceback" not in out.stderr, out.stderr
     assert f"server.log_address_privacy = pseudonymize: cannot create the key {keys}" in out.stderr
     assert "Permission denied" in out.stderr
+
+
+@pytest.mark.parametrize("mode", ["mask", "pseudonymize"])
+def test_vrfy_expn_and_xtext_parameters_are_rewritten(relay, sink, mode):  # noqa: F811
+    """`VRFY john.smith`, `EXPN` and an xtext-encoded address in an ESMTP parameter
+    (ORCPT=rfc822;carol.refused+40partner.example: no "@" to find) were written in clear. The
+    parameter is decoded to find the address and written rewritten, with the pseudonym the same
+    address has elsewhere."""
+    node = start(relay, sink, log_address_privacy=mode)
+    with node.raw("127.0.0.5") as c:
+        c.expect(220)
+        c.cmd("EHLO device.corp.example", 250)
+        c.cmd("VRFY john.smith", 252)
+        c.cmd("vrfy <john.smith>", 252)
+        c.cmd("EXPN staff.list", 502)
+        c.cmd("MAIL FROM:<alice.sender@corp.example> ENVID=erin.envid+40corp.example", 250)
+        c.cmd(
+            "RCPT TO:<bob.recipient@partner.example> NOTIFY=FAILURE "
+            "ORCPT=rfc822;carol.refused+40partner.example",
+            250,
+        )
+        c.cmd(
+            "RCPT TO:<dave.subject@corp.example> ORCPT=utf-8;dave.subject\\x{40}corp.example",
+            250,
+        )
+        c.cmd("RSET", 250)
+        c.cmd("RCPT TO:<carol.refused@partner.example>", 503)  # the plain form, for its pseudonym
+        c.cmd("QUIT", 221)
+    text = node.protocol_log_text()
+    assert "VRFY " in text and "EXPN " in text and "NOTIFY=FAILURE ORCPT=rfc822;" in text, text
+    for local in (*LOCAL_PARTS, "john.smith", "staff.list", "erin.envid"):
+        assert local not in text.lower(), f"{local} written in the protocol log"
+    assert "+40" not in text and "x{40}" not in text
+    if mode == "mask":
+        assert "VRFY j***," in text and "vrfy <j***>," in text and "EXPN s***," in text
+        assert "ORCPT=rfc822;c***@partner.example," in text
+        assert "ORCPT=utf-8;d***@corp.example," in text
+        assert "ENVID=e***@corp.example," in text
+    else:
+        carol = re.findall(r"RCPT TO:<(h-[0-9a-f]{12})@partner\.example>,", text)
+        assert carol and f"ORCPT=rfc822;{carol[0]}@partner.example," in text, text
+        dave = re.search(r"RCPT TO:<(h-[0-9a-f]{12})@corp\.example> ORCPT=utf-8;\1@corp", text)
+        assert dave, text
+        john = re.findall(r"VRFY (h-[0-9a-f]{12}),", text)
+        assert john and f"vrfy <{john[0]}>," in text, text

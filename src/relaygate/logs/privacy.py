@@ -55,6 +55,11 @@ _ADDRESS = re.compile(
     # a path without a domain ("RCPT TO:<john.smith>", a device set up without one: a 501)
     rf"|(?:(?<=:<)|(?<=: <))(?P<bare>[^<>@\s]+)(?=>)"
 )
+# An ESMTP parameter value in xtext (RFC 3461: ORCPT=rfc822;john+40corp.example, AUTH=...) or
+# utf-8-addr-xtext (RFC 6533: ORCPT=utf-8;john\x{40}corp.example) whose "@" is encoded: the token
+# after "=" or ";" holding the encoded "@". Tried only at a "=" or ";", each try within its token.
+_XTEXT = re.compile(r"(?<=[=;])[^\s=;<>]*(?:\+40|\\x\{40\})[^\s=;<>]*")
+_XTEXT_CHAR = re.compile(r"\+([0-9A-Fa-f]{2})|\\x\{([0-9A-Fa-f]{1,6})\}")
 _KEY_TEXT = re.compile(r"^[0-9a-f]{64}$")
 # A run of RFC 2047 encoded words (the white space between two of them is not part of the text).
 # Matched here, not by email.header.decode_header on the whole value: its pattern is quadratic on
@@ -80,6 +85,11 @@ def _decoded(m: re.Match[str]) -> str:
     return "".join(out)
 
 
+def _xtext_char(m: re.Match[str]) -> str:
+    code = int(m.group(1) or m.group(2), 16)
+    return chr(code) if code <= 0x10FFFF else m.group()
+
+
 class PrivacyKeyError(Exception):
     """The pseudonymization key cannot be created or read (the message names the file and the
     key ``server.log_address_privacy``)."""
@@ -100,10 +110,39 @@ class AddressPrivacy:
         self._sub = self._mask if mode == "mask" else self._pseudonym
 
     def text(self, value: str) -> str:
-        """``value`` with every address in it rewritten (the rest unchanged)."""
-        if "@" not in value and ":<" not in value and ": <" not in value:
+        """``value`` with every address in it rewritten (the rest unchanged): an address, a path
+        after "FROM:" / "TO:", the argument of VRFY and EXPN (a name or an address), and an
+        xtext-encoded address in an ESMTP parameter (``ORCPT=rfc822;john+40corp.example``,
+        decoded to find it, written decoded and rewritten: ``ORCPT=rfc822;j***@corp.example``)."""
+        if value[4:5] == " " and value[:4].upper() in ("VRFY", "EXPN"):
+            return self._verify_argument(value)
+        if "@" in value or ":<" in value or ": <" in value:
+            value = _ADDRESS.sub(self._sub, value)
+        if "+40" in value or "\\x{40}" in value:
+            value = _XTEXT.sub(self._xtext, value)
+        return value
+
+    def _verify_argument(self, value: str) -> str:
+        """``VRFY john.smith`` / ``EXPN staff``: the argument names a person or a list even
+        without a domain."""
+        arg = value[5:].strip()
+        if not arg:
             return value
-        return _ADDRESS.sub(self._sub, value)
+        if "@" in arg or "+40" in arg or "\\x{40}" in arg:
+            return value[:5] + self.text(arg)
+        inner = arg[1:-1] if arg[:1] == "<" and arg[-1:] == ">" and len(arg) > 2 else None
+        if inner is not None:
+            return f"{value[:5]}<{self._bare(inner)}>"
+        return value[:5] + self._bare(arg)
+
+    def _bare(self, name: str) -> str:
+        return f"{name[:1]}***" if self.mode == "mask" else self.pseudonym(name)
+
+    def _xtext(self, m: re.Match[str]) -> str:
+        token = m.group()
+        decoded = _XTEXT_CHAR.sub(_xtext_char, token)
+        rewritten = _ADDRESS.sub(self._sub, decoded) if "@" in decoded else decoded
+        return rewritten if rewritten != decoded else token
 
     def header_text(self, value: str) -> str:
         """``text`` for a header's raw value (the tracking log's subject): RFC 2047 encoded words
