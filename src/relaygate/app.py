@@ -26,7 +26,12 @@ from relaygate.admin.server import AdminServer, AdminStartError
 from relaygate.certificates import CertificateExpiry, read_expiries
 from relaygate.config import Config, ConfigError, load_config
 from relaygate.fd_limit import raise_fd_limit
-from relaygate.logs.privacy import AddressPrivacy, PrivacyKeyError, privacy_for
+from relaygate.logs.privacy import (
+    AddressPrivacy,
+    PrivacyKeyError,
+    key_mode_warning,
+    privacy_for,
+)
 from relaygate.logs.service import apply_config as apply_service_log
 from relaygate.logs.service import configure as configure_service_log
 from relaygate.logs.tracking import MESSAGE_TRACKING_DIR, TrackingLog
@@ -544,6 +549,9 @@ def run(
         except PrivacyKeyError as exc:
             logger.error("cannot start: %s", exc)
             raise SystemExit(1) from None
+        warning = key_mode_warning(Path(config.server.data_dir))
+        if warning is not None:  # warned, not refused: the relay starts
+            logger.warning("%s", warning)
     if worker_index is None and config.server.workers > 1 and resolved is not None:
         from relaygate.workers import Supervisor
 

@@ -708,3 +708,34 @@ def test_vrfy_expn_and_xtext_parameters_are_rewritten(relay, sink, mode):  # noq
         assert dave, text
         john = re.findall(r"VRFY (h-[0-9a-f]{12}),", text)
         assert john and f"vrfy <{john[0]}>," in text, text
+
+
+def test_a_key_readable_by_others_is_warned_about_once_at_start(relay, sink):  # noqa: F811
+    """A key file copied between cluster nodes keeps the copy's 0644: anyone on the host can then
+    tell which address a pseudonym stands for. `serve` warns once (not per worker), naming the
+    file and its mode, and starts; the key is used as it is (it is the key of older lines)."""
+    from relaygate.logs.privacy import key_mode_warning
+
+    node = relay(
+        [relay_connector()],
+        mode="process",
+        start=False,
+        server={"log_address_privacy": "pseudonymize", "workers": 2},
+    )
+    key = node.data_dir / "keys" / "log-privacy.key"
+    key.parent.mkdir(parents=True)
+    key.write_text("ab" * 32 + "\n")
+    key.chmod(0o644)
+    node.start()
+    with node.smtp("127.0.0.5") as c:  # it started and serves
+        assert c.noop()[0] == 250
+    node.stop()
+    stderr = node.stderr_path.read_text(errors="replace")
+    warning = f"the log privacy key {key} has mode 0644, broader than 0600"
+    assert stderr.count(warning) == 1, stderr
+    assert f"chmod 600 {key}" in stderr
+    assert key.read_text() == "ab" * 32 + "\n" and stat.S_IMODE(key.stat().st_mode) == 0o644
+    key.chmod(0o600)
+    assert key_mode_warning(node.data_dir) is None
+    key.chmod(0o640)
+    assert "has mode 0640" in str(key_mode_warning(node.data_dir))

@@ -23,6 +23,7 @@ import hmac
 import os
 import re
 import secrets
+import stat
 from pathlib import Path
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "MODES",
     "AddressPrivacy",
     "PrivacyKeyError",
+    "key_mode_warning",
     "load_key",
     "privacy_for",
 ]
@@ -240,6 +242,24 @@ def _create_key(path: Path) -> None:
             f"server.log_address_privacy = pseudonymize: cannot create the key {path}: "
             f"{exc.strerror or exc}"
         ) from None
+
+
+def key_mode_warning(data_dir: Path) -> str | None:
+    """A warning when the key file exists readable or writable by others than its owner (a key
+    copied between cluster nodes with cp/scp keeps the copy's 0644): whoever reads it can link
+    each pseudonym to its address by trying candidates. None when it is 0600 (or 0400), absent
+    or cannot be examined (reading it says why, when it is used)."""
+    path = Path(data_dir) / KEY_PATH
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return None
+    if not mode & 0o177:
+        return None
+    return (
+        f"the log privacy key {path} has mode {mode:04o}, broader than 0600: whoever can read it "
+        f"can tell which address a pseudonym in the logs stands for; chmod 600 {path}"
+    )
 
 
 def privacy_for(mode: str, data_dir: Path, *, create_key: bool) -> AddressPrivacy | None:
