@@ -85,9 +85,11 @@ def default_sender(external_domain: str) -> str:
 
 
 def default_helo() -> str:
-    """This host's FQDN for EHLO, unless it is `localhost` or has no dot (then a name of our own,
+    """This host's name for EHLO as the system has it (gethostname: no DNS lookup, unlike
+    socket.getfqdn, which has no timeout: a broken resolver hung `relaygate test relay` before
+    any of its bounds applied), unless it is `localhost` or has no dot (then a name of our own,
     so that the HELO-spoofing attempts differ from the normal greeting)."""
-    name = socket.getfqdn()
+    name = socket.gethostname()
     if "." not in name or name.lower().startswith("localhost"):
         return "relaygate-selftest.invalid"
     return name

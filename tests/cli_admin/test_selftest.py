@@ -8,6 +8,10 @@ ANONYMOUS LOGON (an anonymous relay). Its only send connector's smart host is a 
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,7 +20,7 @@ import pytest
 import tomlkit
 
 from relaygate.config import load_config
-from tests.cli_admin.helpers import Recorder, SMTPServer, run
+from tests.cli_admin.helpers import PYTHON, Recorder, SMTPServer, run
 from tests.smtp.conftest import (  # noqa: F401 - `relay` is a fixture
     RelayHandle,
     relay,
@@ -376,3 +380,44 @@ def test_open_relay_behind_require_tls_is_not_passed_in_clear(
     tls = relay_test(handle, "--source-ip", OPEN, "--starttls", "--insecure", "--json")
     assert tls.code == 1, tls.out + tls.err  # what a TLS client gets: an open relay
     assert sink.handler.peers == [] and handle.messages() == []
+
+
+def test_a_resolver_that_hangs_does_not_hang_the_tool(
+    make_relay: Callable[..., RelayHandle], sink: SMTPServer, tmp_path: Any
+) -> None:
+    """socket.getfqdn() has no timeout: the EHLO name (and server.fqdn's default, when the config
+    file has none) called it before any bound of the tool applied, and a broken resolver hung
+    `relaygate test relay`. Run with a getfqdn that never returns and a config without
+    server.fqdn: the battery runs and ends well within its bounds, greeting with gethostname()."""
+    handle = make_relay()
+    doc = tomlkit.parse(handle.config_path.read_text(encoding="utf-8"))
+    doc["server"].pop("fqdn", None)
+    config = tmp_path / "no-fqdn.toml"
+    config.write_text(tomlkit.dumps(doc), encoding="utf-8")
+    hang = (
+        "import socket, time\n"
+        "def hang(*args, **kwargs):\n"
+        "    time.sleep(600)\n"
+        "socket.getfqdn = hang\n"
+        "from relaygate.cli import main\n"
+        "main()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RELAYGATE_CONFIG"}
+    started = time.monotonic()
+    proc = subprocess.run(
+        [PYTHON, "-c", hang, "test", "relay", "--server", f"127.0.0.1:{handle.port}",
+         "--config", str(config), "--source-ip", RESTRICTED, "--timeout", "5",
+         "--max-time", "40", "--json"],
+        capture_output=True, text=True, env=env, timeout=50,
+    )  # fmt: skip
+    assert time.monotonic() - started < 45
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["local_domain"] == "corp.example"  # the config was read
+    (source,) = data["sources"]
+    name = socket.gethostname()
+    expected = (
+        name if "." in name and not name.lower().startswith("localhost")
+        else "relaygate-selftest.invalid"
+    )  # fmt: skip
+    assert {a["vector"]: a for a in source["attempts"]}["plain"]["helo"] == expected

@@ -49,13 +49,24 @@ def _domain(value: str, option: str) -> str:
 
 def _config_domains(config: Path | None) -> tuple[list[tuple[str, str]], str]:
     """The accepted domains (domain, type) of the config file, and a note when it is unreadable."""
-    from relaygate.config import ConfigError, default_config_path, load_config
+    import tomllib
+
+    from relaygate.config import ConfigError, default_config_path
+    from relaygate.config.loader import parse_config
 
     path = default_config_path(config)
     if path is None:
         return [], "no config file (--config, $RELAYGATE_CONFIG or ./relaygate.toml)"
     try:
-        cfg = load_config(path)
+        doc = tomllib.loads(path.read_bytes().decode("utf-8-sig"))
+        server = doc.get("server", {})
+        if isinstance(server, dict) and "fqdn" not in server:
+            # server.fqdn's default is socket.getfqdn(), a DNS lookup without a timeout: a broken
+            # resolver would hang the tool here. Only the accepted domains are wanted.
+            doc["server"] = {**server, "fqdn": "relay.localdomain"}
+        cfg = parse_config(doc, str(path), base_dir=path.parent)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        return [], f"{path} could not be read ({exc}; `relaygate check`)"
     except ConfigError as exc:
         return [], f"{path} could not be read ({len(exc.problems)} problem(s); `relaygate check`)"
     return [(d.domain, d.domain_type) for d in cfg.accepted_domains], str(path)
