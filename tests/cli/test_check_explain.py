@@ -497,9 +497,7 @@ def test_check_takes_an_empty_path_key_as_unset_naming_a_required_one(
     cert, key = ensure_self_signed(tmp_path / "tls", "relay.corp.example")
     text = path.read_text()
     path.write_text(
-        text.replace('name = "Relay"\n', f'name = "Relay"\ntls_mode = "starttls"\n', 1).replace(
-            'tls_key_file = ""\n\n[[send', f'tls_key_file = "{key}"\n\n[[send', 1
-        )
+        text.replace('tls_key_file = ""\n\n[[send', f'tls_key_file = "{key}"\n\n[[send', 1)
     )
     result = _invoke(cli, "check", "--config", str(path))
     assert result.exit_code == 1, result.output
