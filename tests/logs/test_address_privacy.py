@@ -708,6 +708,11 @@ def test_vrfy_expn_and_xtext_parameters_are_rewritten(relay, sink, mode):  # noq
         assert dave, text
         john = re.findall(r"VRFY (h-[0-9a-f]{12}),", text)
         assert john and f"vrfy <{john[0]}>," in text, text
+    # Only a command line is read as VRFY / EXPN: a subject that begins so is not rewritten.
+    from relaygate.logs.privacy import AddressPrivacy
+
+    assert AddressPrivacy("mask").text("Expn staff meeting") == "Expn staff meeting"
+    assert AddressPrivacy("mask").command("Expn staff meeting") == "Expn s***"
 
 
 def test_a_key_readable_by_others_is_warned_about_once_at_start(relay, sink):  # noqa: F811

@@ -113,20 +113,21 @@ class AddressPrivacy:
 
     def text(self, value: str) -> str:
         """``value`` with every address in it rewritten (the rest unchanged): an address, a path
-        after "FROM:" / "TO:", the argument of VRFY and EXPN (a name or an address), and an
-        xtext-encoded address in an ESMTP parameter (``ORCPT=rfc822;john+40corp.example``,
-        decoded to find it, written decoded and rewritten: ``ORCPT=rfc822;j***@corp.example``)."""
-        if value[4:5] == " " and value[:4].upper() in ("VRFY", "EXPN"):
-            return self._verify_argument(value)
+        after "FROM:" / "TO:", and an xtext-encoded address in an ESMTP parameter
+        (``ORCPT=rfc822;john+40corp.example``, decoded to find it, written decoded and rewritten:
+        ``ORCPT=rfc822;j***@corp.example``)."""
         if "@" in value or ":<" in value or ": <" in value:
             value = _ADDRESS.sub(self._sub, value)
         if "+40" in value or "\\x{40}" in value:
             value = _XTEXT.sub(self._xtext, value)
         return value
 
-    def _verify_argument(self, value: str) -> str:
-        """``VRFY john.smith`` / ``EXPN staff``: the argument names a person or a list even
-        without a domain."""
+    def command(self, value: str) -> str:
+        """``text`` for an SMTP command line (the protocol log's ``<`` lines): also the argument
+        of ``VRFY john.smith`` / ``EXPN staff``, which names a person or a list even without a
+        domain (only there: a subject that begins with "Vrfy " is no command)."""
+        if value[4:5] != " " or value[:4].upper() not in ("VRFY", "EXPN"):
+            return self.text(value)
         arg = value[5:].strip()
         if not arg:
             return value

@@ -147,11 +147,13 @@ def _private_formatter(privacy: AddressPrivacy) -> Callable[[tuple], str]:
     """``_format_line`` with the addresses in the data and context fields rewritten
     (``server.log_address_privacy``); on the flush thread too."""
     text = privacy.text
+    command = privacy.command
 
     def format_line(record: tuple) -> str:
+        data = command(record[5]) if record[4] == "<" else text(record[5])
         return (
             f"{format_timestamp(record[0])}{record[1]}{record[2]}{record[3]}{record[4]},"
-            f"{csv_field(escape_controls(text(record[5])))},"
+            f"{csv_field(escape_controls(data))},"
             f"{csv_field(escape_controls(text(record[6])))}"
         )
 
