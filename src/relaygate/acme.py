@@ -759,6 +759,16 @@ class AcmeManager:
         wanted = {d.lower() for d in acme_domains(s)}
         if names != wanted:
             return f"names changed ({', '.join(sorted(names))} → {', '.join(sorted(wanted))})"
+        from cryptography.hazmat.primitives import serialization
+
+        try:
+            private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+        except (OSError, ValueError, TypeError):
+            return f"{key} cannot be read"
+        spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        if private.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
+            # a replacement interrupted between the key's rename and the chain's
+            return f"{key} is not the key of {cert}"
         now = now or datetime.now(UTC)
         if leaf.not_valid_after_utc - s.acme_renew_before <= now:
             return (
