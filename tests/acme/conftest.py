@@ -38,6 +38,17 @@ def pebble(tmp_path: Path, dns: LoopbackDNS) -> Iterator[Pebble]:
 
 
 @pytest.fixture
+def short_pebble(tmp_path: Path, dns: LoopbackDNS) -> Iterator[Pebble]:
+    """pebble issuing certificates that live 15 s: each is due for renewal 10 s after issue
+    (the last third of its life)."""
+    p = Pebble(tmp_path / "pebble", dns.address, validity_seconds=15).start()
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+@pytest.fixture
 def relays(tmp_path: Path) -> Iterator[Callable[..., Relay]]:
     """Start `relaygate serve` processes; all stopped at the end."""
     started: list[Relay] = []

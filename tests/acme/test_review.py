@@ -70,3 +70,13 @@ def test_a_key_that_does_not_match_the_chain_is_due(tmp_path: Path) -> None:
     reason = AcmeManager(_config(tmp_path)).due()
     assert reason is not None and "key" in reason
 
+
+def test_a_short_lived_certificate_is_not_reordered_at_every_check(tmp_path: Path) -> None:
+    # A CA issuing 24-hour certificates (step-ca's default) with the default acme_renew_before
+    # (30 days): a certificate just obtained must not be due at once, else the relay orders a
+    # new one at every acme_check_interval.
+    _install(tmp_path, lifetime=timedelta(hours=24))
+    assert AcmeManager(_config(tmp_path)).due() is None
+    # ... but it is renewed in the last third of its life
+    _install(tmp_path, lifetime=timedelta(hours=24), age=timedelta(hours=17))
+    assert AcmeManager(_config(tmp_path)).due() is not None
