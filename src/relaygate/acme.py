@@ -80,6 +80,13 @@ ORDER_TIMEOUT = 120.0
 RETRY_FIRST = 60.0
 RETRY_MAX = 6 * 3600.0
 CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
+#: The responder (port 80, all the time on a cluster's nodes): a request must arrive within
+#: RESPONDER_TIMEOUT (slowloris); past MAX_RESPONDER_CONNECTIONS at once a new connection is
+#: closed unanswered; at most MAX_LOOKUPS tokens are looked up in the queue database at once
+#: (one connection each: PostgreSQL's max_connections is the mail queue's too).
+RESPONDER_TIMEOUT = 10.0
+MAX_RESPONDER_CONNECTIONS = 64
+MAX_LOOKUPS = 4
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,128}$")  # RFC 8555 §8.3: base64url, >= 128 bits
 
 
@@ -237,6 +244,7 @@ class ChallengeResponder:
         self.publish: Callable[[str, str], None] | None = None
         self._server: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._lookups = threading.BoundedSemaphore(MAX_LOOKUPS)
 
     @property
     def running(self) -> bool:
@@ -250,10 +258,14 @@ class ChallengeResponder:
     def answer(self, token: str) -> str | None:
         found = self.tokens.get(token)
         if found is None and self.lookup is not None and _TOKEN.match(token):
+            if not self._lookups.acquire(timeout=RESPONDER_TIMEOUT):
+                return None  # a flood of unknown tokens: as if unknown
             try:
                 found = self.lookup(token)
             except Exception as exc:  # the database is away: as if unknown
                 logger.warning("ACME challenge responder: token lookup failed: %s", exc)
+            finally:
+                self._lookups.release()
         return found
 
     def start(self) -> None:
@@ -262,6 +274,7 @@ class ChallengeResponder:
         class Handler(http.server.BaseHTTPRequestHandler):
             server_version = "RelayGate-ACME"
             sys_version = ""
+            timeout = RESPONDER_TIMEOUT  # each read (socket timeout; StreamRequestHandler)
 
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
@@ -285,11 +298,29 @@ class ChallengeResponder:
 
         family = __import__("socket").AF_INET6 if ":" in self.host else None
 
+        slots = threading.BoundedSemaphore(MAX_RESPONDER_CONNECTIONS)
+
         class Server(http.server.ThreadingHTTPServer):
             daemon_threads = True
             allow_reuse_address = True
             if family is not None:
                 address_family = family
+
+            def process_request(self, request: Any, client_address: Any) -> None:
+                if not slots.acquire(blocking=False):  # too many at once: no thread for it
+                    self.shutdown_request(request)
+                    return
+                try:
+                    super().process_request(request, client_address)
+                except BaseException:
+                    slots.release()
+                    raise
+
+            def process_request_thread(self, request: Any, client_address: Any) -> None:
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    slots.release()
 
         self._server = Server((self.host, self.port), Handler)
         self._server.timeout = 5

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -80,3 +82,102 @@ def test_a_short_lived_certificate_is_not_reordered_at_every_check(tmp_path: Pat
     # ... but it is renewed in the last third of its life
     _install(tmp_path, lifetime=timedelta(hours=24), age=timedelta(hours=17))
     assert AcmeManager(_config(tmp_path)).due() is not None
+
+
+def _responder(monkeypatch, **kw):  # type: ignore[no-untyped-def]
+    from relaygate import acme
+    from tests.smtp.helpers import free_port
+
+    port = free_port()
+    responder = acme.ChallengeResponder("127.0.0.1", port, **kw)
+    return responder, port
+
+
+def test_a_connection_that_sends_nothing_is_closed(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Slowloris on port 80 (a cluster runs the responder all the time): a client that connects
+    # and never sends its request line must not hold a thread (and a socket) for ever.
+    from relaygate import acme
+
+    monkeypatch.setattr(acme, "RESPONDER_TIMEOUT", 1.0, raising=False)
+    responder, port = _responder(monkeypatch)
+    responder.start()
+    try:
+        idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+        started = time.monotonic()
+        try:
+            data = idle.recv(100)  # the server closes: b"" (or an error response first)
+        except TimeoutError:
+            raise AssertionError(
+                "the responder still holds an idle connection after 10 s"
+            ) from None
+        finally:
+            idle.close()
+        assert time.monotonic() - started < 8, data
+    finally:
+        responder.stop()
+
+
+def test_database_lookups_of_unknown_tokens_are_bounded(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # A cluster node looks a token it does not hold up in the queue database, one connection
+    # per request: anyone reaching port 80 must not open unboundedly many database connections
+    # (PostgreSQL's max_connections is shared with the mail queue).
+    import threading
+
+    import httpx
+
+    lock = threading.Lock()
+    active, peak = [0], [0]
+
+    def slow_lookup(token: str) -> str | None:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.5)
+        with lock:
+            active[0] -= 1
+        return None
+
+    responder, port = _responder(monkeypatch, lookup=slow_lookup)
+    responder.start()
+    try:
+
+        def get(i: int) -> None:
+            token = f"unknown-token-{i:04d}-abcdefgh"
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/.well-known/acme-challenge/{token}", timeout=15)
+            except httpx.HTTPError:
+                pass
+
+        threads = [threading.Thread(target=get, args=(i,)) for i in range(30)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        responder.stop()
+    from relaygate import acme
+
+    assert 1 <= peak[0] <= getattr(acme, "MAX_LOOKUPS", 4), peak[0]
+
+
+def test_idle_connections_do_not_each_hold_a_thread(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Connections are bounded: past the limit a new one is closed at once, not given a thread.
+    import threading
+
+    from relaygate import acme
+
+    monkeypatch.setattr(acme, "MAX_RESPONDER_CONNECTIONS", 8, raising=False)
+    responder, port = _responder(monkeypatch)
+    responder.start()
+    before = threading.active_count()
+    held = []
+    try:
+        for _ in range(40):
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        time.sleep(1.0)
+        grown = threading.active_count() - before
+    finally:
+        for s in held:
+            s.close()
+        responder.stop()
+    assert grown <= 8, grown
