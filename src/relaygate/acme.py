@@ -292,8 +292,13 @@ class ChallengeResponder:
                 self.wfile.write(body)
 
             def log_message(self, format: str, *args: Any) -> None:
+                from relaygate.logs.protocol import escape_controls
+
+                # the request line is the client's: no escape sequence or CR into the log
                 logger.info(
-                    "ACME challenge responder: %s %s", self.client_address[0], format % args
+                    "ACME challenge responder: %s %s",
+                    self.client_address[0],
+                    escape_controls(format % args),
                 )
 
         family = __import__("socket").AF_INET6 if ":" in self.host else None

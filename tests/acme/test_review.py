@@ -181,3 +181,26 @@ def test_idle_connections_do_not_each_hold_a_thread(monkeypatch) -> None:  # typ
             s.close()
         responder.stop()
     assert grown <= 8, grown
+
+
+def test_the_request_line_is_logged_without_its_control_characters(monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    # Anyone reaching port 80 writes the request line into the relay's log: an escape sequence
+    # or a carriage return must not reach a terminal or a log viewer raw (the standard library's
+    # own log_message escapes them; the responder's override must too).
+    import logging
+
+    responder, port = _responder(monkeypatch)
+    responder.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="relaygate.acme"):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"GET /\x1b[2J\x1b[31mforged\rline HTTP/1.1\r\nHost: x\r\n\r\n")
+                while s.recv(4096):
+                    pass
+            time.sleep(0.3)
+    finally:
+        responder.stop()
+    logged = [r.getMessage() for r in caplog.records if "challenge responder" in r.getMessage()]
+    assert logged, caplog.text
+    for message in logged:
+        assert "\x1b" not in message and "\r" not in message, repr(message)
