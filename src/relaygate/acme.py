@@ -831,7 +831,9 @@ class AcmeManager:
                 wait = interval
             except Exception as exc:  # a thread boundary: log, keep serving, retry later
                 self.failures += 1
-                wait = min(min(RETRY_FIRST, interval) * 2 ** (self.failures - 1), RETRY_MAX)
+                # (the exponent capped: 2 ** 1024 does not convert to a float)
+                doubling = 2 ** min(self.failures - 1, 32)
+                wait = min(min(RETRY_FIRST, interval) * doubling, RETRY_MAX)
                 self._log_failure(exc, wait)
             self._stop.wait(wait)
 

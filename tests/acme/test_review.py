@@ -204,3 +204,26 @@ def test_the_request_line_is_logged_without_its_control_characters(monkeypatch, 
     assert logged, caplog.text
     for message in logged:
         assert "\x1b" not in message and "\r" not in message, repr(message)
+
+
+def test_the_client_thread_outlives_a_long_run_of_failures(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    # The back-off is min(1 minute, interval) * 2 ** (failures - 1), capped at 6 hours: after
+    # some 1024 failures in a row (about 256 days of an unreachable CA at 6 h each) 2 ** 1024
+    # no longer converts to a float. That must not end the ACME thread (for good: nothing
+    # restarts it, the CA coming back would change nothing).
+    import logging
+
+    manager = AcmeManager(_config(tmp_path, 'acme_check_interval = "00:00:01"'))
+    manager.failures = 1100
+    with caplog.at_level(logging.ERROR, logger="relaygate.acme"):
+        manager.start()
+        try:
+            deadline = time.monotonic() + 20
+            while "failure 1101" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(0.5)
+            assert "failure 1101" in caplog.text, caplog.text
+            assert manager._thread is not None and manager._thread.is_alive()
+            assert "retry in 21600 s" in caplog.text, caplog.text
+        finally:
+            manager.stop()
