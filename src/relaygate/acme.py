@@ -682,6 +682,7 @@ class AcmeManager:
         self.cluster: ClusterShare | None = None
         self.responder: ChallengeResponder | None = None
         self._leading: bool | None = None
+        self._responder_failed = False
         if getattr(config.queue, "store", "sqlite") == "postgresql" and config.queue.database_url:
             self.cluster = ClusterShare(config.queue.database_url, acme_domains(config.server))
 
@@ -719,11 +720,20 @@ class AcmeManager:
             try:
                 responder.start()
             except OSError as exc:
-                raise AcmeError(
-                    f"the HTTP-01 responder cannot listen on {s.acme_http_listen} "
-                    f"(server.acme_http_listen): {exc.strerror or exc}"
-                ) from exc
-            self.responder = responder
+                # Logged, and tried again at the next step; the certificate the cluster
+                # publishes is still taken below (a node that orders itself fails its order).
+                if not self._responder_failed:
+                    logger.error(
+                        "ACME: the HTTP-01 responder cannot listen on %s "
+                        "(server.acme_http_listen): %s; the CA's requests must reach another "
+                        "node",
+                        s.acme_http_listen,
+                        exc.strerror or exc,
+                    )
+                self._responder_failed = True
+            else:
+                self.responder = responder
+                self._responder_failed = False
         leading = self.cluster.lead()
         if leading != self._leading:
             logger.info(
@@ -879,6 +889,12 @@ class AcmeManager:
             ca_file=s.acme_ca_file,
             stop=self._stop,
         )
+        if self.cluster is not None and self.responder is None:
+            client.close()
+            raise AcmeError(
+                f"the HTTP-01 responder cannot listen on {s.acme_http_listen} "
+                "(server.acme_http_listen): this node cannot order for the cluster"
+            )
         try:
             client.register()
             if self.responder is not None:  # a cluster's: runs all the time

@@ -227,3 +227,32 @@ def test_the_client_thread_outlives_a_long_run_of_failures(tmp_path: Path, caplo
             assert "retry in 21600 s" in caplog.text, caplog.text
         finally:
             manager.stop()
+
+
+def test_a_cluster_node_whose_responder_cannot_listen_still_takes_the_certificate(
+    pebble, relays, postgres_url
+) -> None:  # type: ignore[no-untyped-def]
+    # Node B cannot bind acme_http_listen (something else holds the port; the load balancer
+    # sends the CA to A). The certificate A publishes needs no responder on B: B must still
+    # copy it into its files, not wait behind a responder that keeps failing (with its
+    # back-off growing to 6 hours) while its own certificate runs out.
+    from tests.acme.helpers import file_serial, wait_until
+
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    blocker.bind(("127.0.0.2", pebble.http_port))
+    blocker.listen(1)
+    try:
+        a = relays(
+            pebble, name="a", node_name="NODE-A", http_host="127.0.0.1",
+            database_url=postgres_url, check_interval="00:00:02",
+        )  # fmt: skip
+        assert wait_until(lambda: a.cert_file.exists(), 60), a.log()
+        b = relays(
+            pebble, name="b", node_name="NODE-B", http_host="127.0.0.2",
+            database_url=postgres_url, check_interval="00:00:02",
+        )  # fmt: skip
+        assert wait_until(lambda: "cannot listen" in b.log(), 30), b.log()
+        assert wait_until(lambda: b.cert_file.exists(), 30), b.log()
+        assert file_serial(b.cert_file) == file_serial(a.cert_file)
+    finally:
+        blocker.close()
