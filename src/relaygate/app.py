@@ -12,6 +12,7 @@ endpoints with SO_REUSEPORT, has its own store connection, logs and queue manage
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import os
@@ -225,16 +226,21 @@ class Relay:
         except PrivacyKeyError as exc:
             logger.error("reload refused, keeping the running configuration: %s", exc)
             return
-        # Read before anything is applied (a renewed certificate file is what a reload is for).
-        certificates = await asyncio.to_thread(read_expiries, new) if self.admin is not None else ()
-
         restart_only = [
             f"queue.{key}"
             for key in ("store", "database_url")
             if getattr(new.queue, key) != getattr(self.config.queue, key)
         ]
-        if bool(new.server.acme_directory_url) != bool(self.config.server.acme_directory_url):
+        running_url = self.config.server.acme_directory_url
+        if bool(new.server.acme_directory_url) != bool(running_url):
             restart_only.append("server.acme_directory_url (on/off)")
+            # Until then ACME stays as it runs: on, the listeners keep the ACME certificate; off,
+            # they do not wait for one that no ACME client (started at start only) would obtain.
+            server = dataclasses.replace(new.server, acme_directory_url=running_url)
+            new = dataclasses.replace(new, server=server)
+        # Read before anything is applied (a renewed certificate file is what a reload is for).
+        certificates = await asyncio.to_thread(read_expiries, new) if self.admin is not None else ()
+
         if restart_only:
             logger.warning(
                 "%s changed: takes effect when relaygate serve restarts", ", ".join(restart_only)

@@ -256,3 +256,33 @@ def test_a_cluster_node_whose_responder_cannot_listen_still_takes_the_certificat
         assert file_serial(b.cert_file) == file_serial(a.cert_file)
     finally:
         blocker.close()
+
+
+def test_turning_acme_on_by_a_reload_leaves_starttls_as_it_was(tmp_path: Path, pebble) -> None:  # type: ignore[no-untyped-def]
+    # The reload says "server.acme_directory_url (on/off) changed: takes effect when relaygate
+    # serve restarts" (no ACME client is started). The listeners must then go on as they were,
+    # not look for an ACME certificate nothing will obtain and stop offering STARTTLS until
+    # the restart.
+    import os
+    import signal
+
+    from tests.acme.helpers import Relay, ehlo_keywords, wait_until
+
+    folder = tmp_path / "relay"
+    folder.mkdir()
+    relay = Relay(folder, pebble)
+    with_acme = relay.config.read_text()
+    relay.config.write_text(
+        "".join(line for line in with_acme.splitlines(True) if not line.startswith("acme_"))
+    )
+    relay.start()
+    try:
+        assert "STARTTLS" in ehlo_keywords(relay.port)
+        relay.config.write_text(with_acme)
+        assert relay.proc is not None
+        os.kill(relay.proc.pid, signal.SIGHUP)
+        assert wait_until(lambda: "configuration reloaded" in relay.log(), 20), relay.log()
+        assert "takes effect when relaygate serve restarts" in relay.log()
+        assert "STARTTLS" in ehlo_keywords(relay.port), relay.log()
+    finally:
+        relay.stop()
