@@ -95,8 +95,10 @@ def acme_enabled(server: Any) -> bool:
 
 
 def acme_domains(server: Any) -> tuple[str, ...]:
-    """The certificate's names: ``acme_domains``, or the server's fqdn."""
-    return tuple(server.acme_domains) or (str(server.fqdn),)
+    """The certificate's names: ``acme_domains``, or the server's fqdn; as the CA and the
+    certificate write them (lower case, no final dot), each once."""
+    names = tuple(server.acme_domains) or (str(server.fqdn),)
+    return tuple(dict.fromkeys(n.lower().rstrip(".") for n in names))
 
 
 def acme_files(data_dir: Path) -> tuple[Path, Path]:

@@ -286,3 +286,16 @@ def test_turning_acme_on_by_a_reload_leaves_starttls_as_it_was(tmp_path: Path, p
         assert "STARTTLS" in ehlo_keywords(relay.port), relay.log()
     finally:
         relay.stop()
+
+
+def test_a_configured_name_with_a_trailing_dot_is_the_same_name(tmp_path: Path) -> None:
+    # `relaygate check` accepts "relay.acme.test." (an absolute name); the CA identifiers and
+    # the certificate's SANs have no final dot. The name must be ordered without it, and a
+    # certificate for it must not look like "names changed" at every check (a new order each
+    # acme_check_interval).
+    from relaygate.acme import acme_domains
+
+    _install(tmp_path, lifetime=timedelta(days=90))
+    config = _config(tmp_path, 'acme_domains = ["Relay.Acme.Test."]')
+    assert acme_domains(config.server) == ("relay.acme.test",)  # type: ignore[attr-defined]
+    assert AcmeManager(config).due() is None
