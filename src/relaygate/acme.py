@@ -513,9 +513,13 @@ class AcmeClient:
                     f"{name}: authorization {authz.get('status')}: {detail or 'no detail'}"
                 )
         key = ec.generate_private_key(ec.SECP256R1())
+        # The CN: the first name that fits one (ub-common-name 64), else none (the SANs are
+        # what counts; a truncated name would be one more identifier the CA refuses).
+        cn = next((d for d in domains if len(d) <= 64), None)
+        subject = [x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn is not None else []
         csr = (
             x509.CertificateSigningRequestBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domains[0][:64])]))
+            .subject_name(x509.Name(subject))
             .add_extension(
                 x509.SubjectAlternativeName([x509.DNSName(d) for d in domains]), critical=False
             )

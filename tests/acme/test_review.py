@@ -299,3 +299,49 @@ def test_a_configured_name_with_a_trailing_dot_is_the_same_name(tmp_path: Path) 
     config = _config(tmp_path, 'acme_domains = ["Relay.Acme.Test."]')
     assert acme_domains(config.server) == ("relay.acme.test",)  # type: ignore[attr-defined]
     assert AcmeManager(config).due() is None
+
+
+LONG_NAME = "a" * 60 + ".relay.acme.test"  # 76 characters; a CN holds at most 64
+
+
+def test_the_csr_of_a_long_name_has_no_common_name_that_is_not_a_name(tmp_path: Path) -> None:
+    # A host name of 65..253 characters is valid (`relaygate check` accepts it) but cannot be
+    # the subject's CN (ub-common-name 64). The CSR carried its first 64 characters as CN: no
+    # name at all, and one that is none of the SANs (Let's Encrypt takes the CN as one more
+    # identifier and refuses the order's finalization; pebble ignores the CN). It must have no
+    # CN then (RFC 8555 §7.4 needs only the SANs).
+    import base64
+
+    from relaygate.acme import AcmeClient, ChallengeResponder
+    from tests.acme.helpers import Pebble
+    from tests.support.dns_server import LoopbackDNS
+
+    csrs: list[x509.CertificateSigningRequest] = []
+    with LoopbackDNS({LONG_NAME: [("A", "127.0.0.1")]}) as dns:
+        pebble = Pebble(tmp_path / "pebble", dns.address).start()
+        client = AcmeClient(
+            pebble.directory_url, ec.generate_private_key(ec.SECP256R1()), ca_file=pebble.ca_file
+        )
+        post = client.post
+
+        def spy(url: str, payload: object, **kw: object):  # type: ignore[no-untyped-def]
+            if isinstance(payload, dict) and "csr" in payload:
+                der = base64.urlsafe_b64decode(payload["csr"] + "==")
+                csrs.append(x509.load_der_x509_csr(der))
+            return post(url, payload, **kw)  # type: ignore[arg-type]
+
+        client.post = spy  # type: ignore[method-assign]
+        responder = ChallengeResponder("127.0.0.1", pebble.http_port)
+        responder.start()
+        try:
+            client.register()
+            issued = client.order((LONG_NAME,), responder)
+        finally:
+            responder.stop()
+            client.close()
+            pebble.stop()
+    assert issued.chain_pem and len(csrs) == 1
+    san = csrs[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == [LONG_NAME]
+    cns = [a.value for a in csrs[0].subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    assert all(cn in (LONG_NAME,) for cn in cns) and all(len(str(cn)) <= 64 for cn in cns), cns
