@@ -822,10 +822,11 @@ class AcmeManager:
             # a replacement interrupted between the key's rename and the chain's
             return f"{key} is not the key of {cert}"
         now = now or datetime.now(UTC)
-        # a CA's short-lived certificates (step-ca: 24 h) are renewed in their last third, not
-        # at every check when acme_renew_before is longer than their whole life
+        # at most two thirds of the certificate's life ahead: a CA's short-lived certificates
+        # (step-ca: 24 h) are not ordered anew at every check when acme_renew_before is longer
+        # than their whole life (each serves a third of it at least)
         lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
-        if leaf.not_valid_after_utc - min(s.acme_renew_before, lifetime / 3) <= now:
+        if leaf.not_valid_after_utc - min(s.acme_renew_before, lifetime * 2 / 3) <= now:
             return (
                 f"expires {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}, within acme_renew_before"
             )

@@ -39,8 +39,8 @@ def pebble(tmp_path: Path, dns: LoopbackDNS) -> Iterator[Pebble]:
 
 @pytest.fixture
 def short_pebble(tmp_path: Path, dns: LoopbackDNS) -> Iterator[Pebble]:
-    """pebble issuing certificates that live 15 s: each is due for renewal 10 s after issue
-    (the last third of its life)."""
+    """pebble issuing certificates that live 15 s: each is due for renewal 5 s after issue
+    (two thirds of its life ahead)."""
     p = Pebble(tmp_path / "pebble", dns.address, validity_seconds=15).start()
     try:
         yield p

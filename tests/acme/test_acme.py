@@ -66,8 +66,8 @@ def test_account_key_certificate_and_key_are_private_files(pebble, relays) -> No
 
 
 def test_renewal_replaces_the_certificate_while_a_session_stays_open(short_pebble, relays) -> None:
-    # pebble's certificates live 15 s: each is renewed 10 s after issue (renew_before, 10 years,
-    # is longer than that life: the last third of it counts instead), at a check (every 3 s).
+    # pebble's certificates live 15 s: each is renewed 5 s after issue (renew_before, 10 years,
+    # is longer than that life: two thirds of it count instead), at a check (every 3 s).
     pebble = short_pebble
     relay = relays(pebble, renew_before="3650.00:00:00", check_interval="00:00:03", implicit=True)
     assert wait_until(lambda: relay.cert_file.exists(), timeout=60), relay.log()

@@ -79,9 +79,15 @@ def test_a_short_lived_certificate_is_not_reordered_at_every_check(tmp_path: Pat
     # new one at every acme_check_interval.
     _install(tmp_path, lifetime=timedelta(hours=24))
     assert AcmeManager(_config(tmp_path)).due() is None
-    # ... but it is renewed in the last third of its life
-    _install(tmp_path, lifetime=timedelta(hours=24), age=timedelta(hours=17))
+    # ... but it is renewed once it has served a third of its life
+    _install(tmp_path, lifetime=timedelta(hours=24), age=timedelta(hours=9))
     assert AcmeManager(_config(tmp_path)).due() is not None
+    # and an acme_renew_before within two thirds of the life is taken as it is
+    sixty = _config(tmp_path, 'acme_renew_before = "60.00:00:00"')
+    _install(tmp_path, lifetime=timedelta(days=90), age=timedelta(days=29))
+    assert AcmeManager(sixty).due() is None
+    _install(tmp_path, lifetime=timedelta(days=90), age=timedelta(days=31))
+    assert AcmeManager(sixty).due() is not None
 
 
 def _responder(monkeypatch, **kw):  # type: ignore[no-untyped-def]

@@ -352,8 +352,8 @@ class ServerConfig:
     #: A CA bundle (PEM) that the ACME directory's HTTPS certificate is checked against (a private
     #: CA such as step-ca or pebble). Unset: the system's trust store.
     acme_ca_file: Path | None = _spec(None, Path)
-    #: Renew when the certificate expires within this span (or within the last third of its life,
-    #: if that is shorter: short-lived certificates are not ordered anew at every check).
+    #: Renew when the certificate expires within this span (or within two thirds of its life, if
+    #: that is shorter: short-lived certificates are not ordered anew at every check).
     acme_renew_before: timedelta = _span("30.00:00:00")
     #: How often the certificate's expiry is looked at, and the least time between two orders.
     #: After a failure the first retry waits min(1 minute, this), then the wait doubles, up to 6 h.
