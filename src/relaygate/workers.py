@@ -79,7 +79,8 @@ __all__ = [
     "worker_ready",
 ]
 
-#: Set by the supervisor for its workers: the queue store the node started with (JSON).
+#: Set by the supervisor for its workers: the queue store the node started with, and its
+#: server.acme_directory_url (JSON).
 PINNED_QUEUE_ENV = "RELAYGATE_WORKER_QUEUE"
 
 logger = logging.getLogger("relaygate.workers")
@@ -133,11 +134,20 @@ def supervisor_alive(link_fd: int) -> bool:
 
 
 def pinned_queue(config: Config) -> Config:
-    """A worker's config with the queue store its supervisor started with (see ``_spawn``)."""
+    """A worker's config with the queue store its supervisor started with (see ``_spawn``),
+    and ACME on or off as it started (only the supervisor runs the ACME client, from start)."""
     raw = os.environ.get(PINNED_QUEUE_ENV)
     if not raw:
         return config
     pinned = json.loads(raw)
+    url = pinned.get("acme_directory_url")
+    if url is not None and bool(url) != bool(config.server.acme_directory_url):
+        logger.warning(
+            "server.acme_directory_url turned on or off since relaygate serve started: this "
+            "worker keeps ACME as its siblings until relaygate serve restarts"
+        )
+        server = dataclasses.replace(config.server, acme_directory_url=url)
+        config = dataclasses.replace(config, server=server)
     queue = config.queue
     if (queue.store, queue.database_url) == (pinned["store"], pinned["database_url"]):
         return config
@@ -331,7 +341,12 @@ class Supervisor:
         for name in SYSTEMD_ENV:  # only this process notifies systemd
             env.pop(name, None)
         env[PINNED_QUEUE_ENV] = json.dumps(
-            {"store": queue.store, "database_url": queue.database_url}
+            {
+                "store": queue.store,
+                "database_url": queue.database_url,
+                # ACME on or off as the node started (the supervisor runs the client or not)
+                "acme_directory_url": self.config.server.acme_directory_url,
+            }
         )
         # The table this run created, whatever data_dir the file says now (like the queue).
         env.pop(RATE_TABLE_ENV, None)

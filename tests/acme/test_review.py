@@ -351,3 +351,65 @@ def test_the_csr_of_a_long_name_has_no_common_name_that_is_not_a_name(tmp_path: 
     assert san.get_values_for_type(x509.DNSName) == [LONG_NAME]
     cns = [a.value for a in csrs[0].subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     assert all(cn in (LONG_NAME,) for cn in cns) and all(len(str(cn)) <= 64 for cn in cns), cns
+
+
+def test_a_worker_restarted_after_acme_was_turned_on_by_a_reload_keeps_starttls(
+    tmp_path: Path, pebble
+) -> None:  # type: ignore[no-untyped-def]
+    # As the reload itself (see above), a worker the supervisor starts again after that reload
+    # (it died, or hung) must run with ACME as the node started, like its siblings: not look
+    # for an ACME certificate that no ACME client obtains and offer no STARTTLS.
+    import os
+    import signal
+
+    from tests.acme.helpers import Relay, wait_until
+
+    folder = tmp_path / "relay"
+    folder.mkdir()
+    relay = Relay(folder, pebble, workers=2)
+    with_acme = relay.config.read_text()
+    relay.config.write_text(
+        "".join(line for line in with_acme.splitlines(True) if not line.startswith("acme_"))
+    )
+    relay.start()
+    sources = [f"127.0.0.{i}" for i in range(2, 14)]
+
+    def starttls_everywhere() -> bool:
+        for source in sources:
+            with socket.create_connection(
+                ("127.0.0.1", relay.port), timeout=5, source_address=(source, 0)
+            ) as s:
+                f = s.makefile("rb")
+                f.readline()
+                s.sendall(b"EHLO check.acme.test\r\n")
+                lines = []
+                while True:
+                    line = f.readline()
+                    lines.append(line)
+                    if not line or line[3:4] != b"-":
+                        break
+                if not any(b"STARTTLS" in x for x in lines):
+                    return False
+        return True
+
+    try:
+        assert relay.proc is not None
+        assert wait_until(starttls_everywhere, 20), relay.log()
+        relay.config.write_text(with_acme)
+        os.kill(relay.proc.pid, signal.SIGHUP)
+        assert wait_until(lambda: relay.log().count("configuration reloaded") >= 2, 20), relay.log()
+        supervisor = relay.proc.pid
+
+        def workers() -> list[int]:
+            path = Path(f"/proc/{supervisor}/task/{supervisor}/children")
+            return [int(pid) for pid in path.read_text().split()]
+
+        victim = workers()[0]
+        os.kill(victim, signal.SIGKILL)
+        assert wait_until(lambda: victim not in workers() and len(workers()) == 2, 30)
+        # the new worker up and serving (the two first ones said so at start)
+        assert wait_until(lambda: relay.log().count(" listening on 127.0.0.1:") >= 3, 30)
+        time.sleep(1)
+        assert starttls_everywhere(), relay.log()
+    finally:
+        relay.stop()
