@@ -1,0 +1,357 @@
+"""RelayGate's real delivery (a relay in-process, mail sent in over SMTP) against a next hop that
+misbehaves at every point of the session (tests/support/chaos_sink.py).
+
+What each case checks, as a production MTA must guarantee it:
+
+* nothing is lost: a transient fault on the first connection is retried (transient retry 1 s) and
+  the message is delivered once the hop behaves; a permanent refusal bounces with an NDR whose
+  Status is the remote's;
+* nothing is duplicated beyond SMTP's at-least-once rule: the hop records a transaction when it
+  decided to answer 2xx to the final dot; a reset or close *after* that reply is a delivery (one
+  copy), a fault *before* it is retried (the hop never saw a completed transaction, so again one
+  copy); only a 2xx the relay could not read at all may cost one resend (``max_copies`` = 2);
+* every wait is bounded by the send connector's connection_inactivity_timeout (1 s here);
+* the queue's LastError and the tracking log say what happened; no worker is left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from email.message import Message
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relaygate.app import Relay
+from relaygate.logs.tracking import MESSAGE_TRACKING_DIR, search
+from relaygate.queue.model import RecipientStatus
+from tests.queue_manager.helpers import (
+    Handler,
+    parse_mail,
+    send,
+    send_connector_text,
+    start_relay,
+    start_sink,
+    wait_for,
+)
+from tests.support.chaos_sink import CLOSE, HANG, RESET, Action, ChaosSink, Reply
+
+SENDER = "scanner@senders.test"
+BODY = (
+    b"From: scanner@senders.test\r\nTo: bob@example.com\r\nSubject: chaos\r\n"
+    b"Message-ID: <chaos@senders.test>\r\n\r\nline one\r\n.leading dot\r\n"
+)
+EIGHT_BIT = BODY + b"Caf\xc3\xa9\r\n"
+
+POINTS = ["banner", "ehlo", "mail", "rcpt", "data", "dot"]
+
+
+def first_connection(point: str, act: Action) -> Callable[[str, int, int], Action]:
+    """`act` at `point` on the first connection only; the hop behaves afterwards."""
+    return lambda p, conn, n: act if (p == point and conn == 1) else None
+
+
+@dataclass
+class Case:
+    id: str
+    script: Callable[[str, int, int], Action] = lambda p, c, n: None
+    sink: dict[str, Any] = field(default_factory=dict)
+    rcpts: list[str] = field(default_factory=lambda: ["bob@example.com"])
+    body: bytes = BODY
+    #: final status by recipient (default: every one DELIVERED)
+    final: dict[str, RecipientStatus] | None = None
+    #: the first attempt defers with this text in LastError / the DEFER event
+    deferred_with: str = ""
+    #: permanent: the NDR's Status for the FAILED recipients
+    ndr_status: str = ""
+    max_copies: int = 1
+    smtputf8: bool = False
+
+
+def hop_fault_cases() -> list[Case]:
+    """A hang, a close (FIN), a reset (RST) and a 421 at every point of the first connection."""
+    cases = []
+    for point in POINTS:
+        faults: list[tuple[str, Action, str]] = [
+            ("hang", HANG, "421 4.4.1 Connection timed out"),
+            ("close", CLOSE, "451 4.4.0"),
+            ("reset", RESET, "451 4.4.0"),
+            ("421", Reply(b"421 4.3.2 Service shutting down\r\n", after="close"), "421 4.3.2"),
+        ]
+        for name, act, reason in faults:
+            if point == "banner" and name == "hang":
+                reason = "421 4.4.1"
+            cases.append(
+                Case(f"{name}-at-{point}", first_connection(point, act), deferred_with=reason)
+            )
+    return cases
+
+
+CASES = [
+    *hop_fault_cases(),
+    # after the 250 to the final dot: delivered, exactly one copy, never sent again
+    Case(
+        "250-then-reset-before-quit",
+        lambda p, c, n: Reply(b"250 2.6.0 Queued\r\n", after="reset") if p == "dot" else None,
+    ),
+    Case(
+        "250-then-close-before-quit",
+        lambda p, c, n: Reply(b"250 2.6.0 Queued\r\n", after="close") if p == "dot" else None,
+    ),
+    Case("hang-at-quit", lambda p, c, n: HANG if p == "quit" else None),
+    Case("354-then-close", first_connection("data", Reply(b"354 go\r\n", after="close"))),
+    # replies that are not clean text
+    Case("non-utf8-final-reply", first_connection("dot", Reply(b"250 2.6.0 ok \xff\xfe\x80\r\n"))),
+    Case("nul-in-replies", lambda p, c, n: Reply(b"250 2.1.0 o\x00k\r\n") if p == "mail" else None),
+    Case("nul-in-final-reply", first_connection("dot", Reply(b"250 2.6.0 q\x00ueued\r\n"))),
+    Case(
+        "non-utf8-rcpt-reply", lambda p, c, n: Reply(b"250 \xe9t\xe9\r\n") if p == "rcpt" else None
+    ),
+    Case(
+        "overlong-600-final-reply", first_connection("dot", Reply(b"250 " + b"x" * 600 + b"\r\n"))
+    ),
+    Case(
+        "overlong-200k-mail-reply",
+        first_connection("mail", Reply(b"250 " + b"x" * 200_000 + b"\r\n")),
+        deferred_with="451 4.4.0",
+    ),
+    Case(
+        "overlong-70k-final-reply",
+        first_connection("dot", Reply(b"250 " + b"x" * 70_000 + b"\r\n")),
+        max_copies=2,  # a 2xx the relay cannot read is no 2xx: one resend
+    ),
+    Case(
+        "garbage-reply-to-mail",
+        first_connection("mail", Reply(b"hello there\r\n")),
+        deferred_with="451 4.4.0",
+    ),
+    # replies split across many small writes
+    Case(
+        "split-ehlo-and-final-reply",
+        lambda p, c, n: (
+            Reply(b"250-chaos.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n", chunk=3, delay=0.01)
+            if p == "ehlo"
+            else Reply(b"250 2.6.0 Queued as split\r\n", chunk=1, delay=0.005)
+            if p == "dot"
+            else None
+        ),
+    ),
+    Case(
+        "slow-banner-1-byte-per-second",
+        first_connection("banner", Reply(b"220 chaos.test slow banner\r\n", chunk=1, delay=1.0)),
+        deferred_with="421 4.4.1",
+    ),
+    # multi-line replies whose lines disagree: the last line's code is the reply's
+    Case(
+        "mixed-codes-rcpt-250-then-550",
+        lambda p, c, n: (
+            Reply(b"250-2.1.5 fine\r\n550 5.1.1 no such user\r\n") if p == "rcpt" else None
+        ),
+        final={"bob@example.com": RecipientStatus.FAILED},
+        ndr_status="5.1.1",
+        max_copies=0,
+    ),
+    Case(
+        "mixed-codes-final-250-then-554",
+        lambda p, c, n: (
+            Reply(b"250-2.6.0 queued\r\n554 5.6.0 rejected after all\r\n", accept=False)
+            if p == "dot"
+            else None
+        ),
+        final={"bob@example.com": RecipientStatus.FAILED},
+        ndr_status="5.6.0",
+        max_copies=0,
+    ),
+    # PIPELINING: more or fewer replies than commands
+    Case(
+        "pipelining-extra-reply-to-mail",
+        first_connection("mail", Reply(b"250 2.1.0 ok\r\n250 2.1.0 ok again\r\n")),
+    ),
+    Case(
+        "pipelining-extra-reply-to-rcpt",
+        first_connection("rcpt", Reply(b"250 2.1.5 ok\r\n250 2.1.5 ok again\r\n")),
+    ),
+    Case(
+        "pipelining-missing-reply-to-rcpt",
+        first_connection("rcpt", Reply(b"")),
+        rcpts=["bob@example.com", "carol@example.com"],
+        deferred_with="421 4.4.1",
+    ),
+    Case(
+        "pipelining-extra-final-reply",
+        lambda p, c, n: (
+            Reply(b"250 2.6.0 Queued\r\n250 2.6.0 Queued twice\r\n") if p == "dot" else None
+        ),
+    ),
+    # extensions advertised and not honoured
+    Case(
+        "starttls-then-handshake-fails",
+        lambda p, c, n: (
+            Reply(b"220 2.0.0 go ahead\r\nthis is not TLS\r\n", after="close")
+            if p == "starttls"
+            else None
+        ),
+        sink={"extensions": ["STARTTLS", "PIPELINING", "8BITMIME", "SIZE 10000000"]},
+    ),
+    Case("chunking-advertised", sink={"extensions": ["CHUNKING", "PIPELINING", "8BITMIME"]}),
+    Case(
+        "size-1-advertised",
+        sink={"extensions": ["PIPELINING", "8BITMIME", "SIZE 1"]},
+        final={"bob@example.com": RecipientStatus.FAILED},
+        ndr_status="5.3.4",
+        max_copies=0,
+    ),
+    Case(
+        "8bitmime-absent-for-8-bit-message",
+        sink={"extensions": ["PIPELINING", "SIZE 10000000"]},
+        body=EIGHT_BIT,
+        final={"bob@example.com": RecipientStatus.FAILED},
+        ndr_status="5.6.3",
+        max_copies=0,
+    ),
+    Case(
+        "smtputf8-absent-for-utf8-address",
+        sink={"extensions": ["PIPELINING", "8BITMIME"]},
+        rcpts=["bob@example.com", "jörg@example.com"],
+        final={
+            "bob@example.com": RecipientStatus.DELIVERED,
+            "jörg@example.com": RecipientStatus.FAILED,
+        },
+        ndr_status="5.6.7",
+        smtputf8=True,
+    ),
+    # per-recipient results
+    Case(
+        "452-too-many-recipients-for-some",
+        lambda p, c, n: (
+            Reply(b"452 4.5.3 Too many recipients\r\n") if p == "rcpt" and n == 2 else None
+        ),
+        rcpts=["a@example.com", "b@example.com", "c@example.com"],
+    ),
+    Case(
+        "550-for-one-recipient",
+        sink={"rcpt_replies": {"bad@example.com": b"550 5.1.1 User unknown\r\n"}},
+        rcpts=["good@example.com", "bad@example.com"],
+        final={
+            "good@example.com": RecipientStatus.DELIVERED,
+            "bad@example.com": RecipientStatus.FAILED,
+        },
+        ndr_status="5.1.1",
+    ),
+    Case(
+        "552-at-end-of-data",
+        lambda p, c, n: Reply(b"552 5.3.4 Message too big\r\n") if p == "dot" else None,
+        final={"bob@example.com": RecipientStatus.FAILED},
+        ndr_status="5.3.4",
+        max_copies=0,
+    ),
+    Case(
+        "554-at-end-of-data",
+        lambda p, c, n: Reply(b"554 5.7.1 Rejected by policy\r\n") if p == "dot" else None,
+        final={"bob@example.com": RecipientStatus.FAILED},
+        ndr_status="5.7.1",
+        max_copies=0,
+    ),
+    Case(
+        "451-at-end-of-data",
+        first_connection("dot", Reply(b"451 4.3.0 Try again later\r\n")),
+        deferred_with="451 4.3.0 Try again later",
+    ),
+]
+
+
+@contextlib.asynccontextmanager
+async def chaos_relay(tmp_path: Path, case: Case) -> AsyncIterator[tuple[Relay, ChaosSink, Any]]:
+    chaos = await ChaosSink(script=case.script, idle=10.0, **case.sink).start()
+    ndr = await start_sink(Handler())
+    relay = None
+    try:
+        # the chaos hop takes everything but the senders' domain, where the NDRs go
+        extra = send_connector_text(
+            "To chaos", "*", chaos.port, 'connection_inactivity_timeout = "00:00:01"'
+        )
+        relay = await start_relay(
+            tmp_path / "data", {"senders.test": ndr.port}, extra=extra, scan_interval=0.1
+        )
+        yield relay, chaos, ndr
+    finally:
+        if relay is not None:
+            await relay.stop()
+        await chaos.close()
+        await ndr.close()
+
+
+def tracking(relay: Relay, event: str) -> list[dict[str, Any]]:
+    if relay.tracking is not None:
+        relay.tracking.flush()
+    return search(Path(relay.config.server.data_dir) / MESSAGE_TRACKING_DIR, event_id=event)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+async def test_chaos_hop(tmp_path: Path, case: Case) -> None:
+    final = case.final or {r: RecipientStatus.DELIVERED for r in case.rcpts}
+    async with chaos_relay(tmp_path, case) as (relay, chaos, ndr):
+        started = time.monotonic()
+        code, _ = await send(
+            relay, SENDER, case.rcpts, case.body, mail_params=b" SMTPUTF8" if case.smtputf8 else b""
+        )
+        assert code == 250
+
+        async def settled() -> Any:
+            msgs = [m for m in await relay.store.list_messages() if m.sender == SENDER]
+            return all(r.status.is_final for r in msgs[0].recipients) and msgs[0]
+
+        msg = await wait_for(settled, timeout=15)
+        took = time.monotonic() - started
+        # a fault on the first connection costs at most one timeout (1 s) plus the retry (1 s)
+        assert took < 8, took
+        assert {r.address: r.status for r in msg.recipients} == final
+        await asyncio.sleep(0.5)  # more scans: nothing is sent again
+        for r in case.rcpts:
+            copies = chaos.copies(r)
+            if final[r] == RecipientStatus.DELIVERED:
+                assert 1 <= copies <= case.max_copies, (r, copies)
+            else:
+                assert copies == 0, (r, copies)
+        for t in chaos.transactions:  # whatever was taken is the whole message
+            assert t.data.endswith(case.body.replace(b"\r\n.", b"\r\n..")), t.data[-200:]
+
+        by_addr = {r.address: r for r in msg.recipients}
+        delivered = [r for r in case.rcpts if final[r] == RecipientStatus.DELIVERED]
+        failed = [r for r in case.rcpts if final[r] == RecipientStatus.FAILED]
+        for r in delivered:
+            assert by_addr[r].last_error.startswith("2"), by_addr[r].last_error
+        if delivered:
+            sent = await wait_for(lambda: tracking(relay, "SEND"))
+            assert set(delivered) <= {a for e in sent for a in e["recipient-address"]}
+        if failed:
+            await wait_for(lambda: ndr.handler.messages)
+            (report,) = ndr.handler.messages
+            assert report["mail_from"] == "<>" and report["rcpt_tos"] == [SENDER]
+            # message/delivery-status, or message/global-delivery-status for a UTF-8 address
+            parts = parse_mail(report["content"]).get_payload()
+            assert isinstance(parts, list)
+            status = parts[1]
+            assert isinstance(status, Message)
+            fields = status.as_bytes().decode("utf-8")
+            assert sorted(re.findall(r"Final-Recipient: \S+; (\S+)", fields)) == sorted(failed)
+            assert set(re.findall(r"\nStatus: (\S+)", fields)) == {case.ndr_status}
+            for r in failed:
+                assert by_addr[r].last_error.startswith("5"), by_addr[r].last_error
+            fails = await wait_for(lambda: tracking(relay, "FAIL"))
+            assert set(failed) <= {a for e in fails for a in e["recipient-address"]}
+        else:
+            assert not ndr.handler.messages
+        if case.deferred_with:
+            defers = tracking(relay, "DEFER")
+            assert defers, "the first attempt should have been deferred"
+            assert case.deferred_with in defers[0]["recipient-status"][0], defers[0]
+            assert max(r.attempts for r in msg.recipients) >= 2
+        assert relay.manager is not None
+        await wait_for(lambda: relay.manager.in_flight == 0, timeout=3)  # no stuck worker
