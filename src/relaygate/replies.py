@@ -199,6 +199,14 @@ INVALID_FROM_HEADER = Reply(
 # --- outbound session (delivery/client.py, nexthop.py) and queue (queue/manager.py) ------------
 UNABLE_TO_CONNECT = Reply(421, "4.2.1", "Unable to connect")
 CONNECTION_DROPPED_SEND = Reply(421, "4.4.2", "Connection dropped due to SocketError")
+
+
+def out_of_sequence(command: str, remote: str) -> Reply:
+    """A next hop's reply that cannot answer `command` (a 250 where DATA needs 354: replies and
+    commands are out of step). Transient: the session is dropped and the message tried again."""
+    return Reply(451, "4.5.0", f"SMTPSEND.ProtocolError; unexpected reply to {command}: {remote}")
+
+
 TLS_NOT_OFFERED = Reply(
     451,
     "4.7.10",

@@ -178,6 +178,16 @@ CASES = [
         first_connection("rcpt", Reply(b"250 2.1.5 ok\r\n250 2.1.5 ok again\r\n")),
     ),
     Case(
+        "extra-reply-to-mail-without-pipelining",
+        first_connection("mail", Reply(b"250 2.1.0 ok\r\n250 2.1.0 ok again\r\n")),
+        sink={"extensions": ["8BITMIME", "SIZE 10000000"]},
+    ),
+    Case(
+        "extra-reply-to-rcpt-without-pipelining",
+        first_connection("rcpt", Reply(b"250 2.1.5 ok\r\n250 2.1.5 ok again\r\n")),
+        sink={"extensions": ["8BITMIME", "SIZE 10000000"]},
+    ),
+    Case(
         "pipelining-missing-reply-to-rcpt",
         first_connection("rcpt", Reply(b"")),
         rcpts=["bob@example.com", "carol@example.com"],

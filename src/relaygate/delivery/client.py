@@ -840,10 +840,22 @@ def _after_data(
     return results, data_reply
 
 
+def _check_data_start(session: _Session, reply: Reply) -> None:
+    """A positive reply to DATA that is not 354 (a next hop that sent more replies than commands,
+    or answers DATA with 250): the replies are out of step with the commands, and taking it as the
+    reply to the content would record a delivery whose content was never sent."""
+    if reply.code != 354 and reply.is_positive:
+        session.close()
+        raise _HopFailed(replies.out_of_sequence("DATA", reply.line()))
+
+
 def _rcpt_reply(reply: Reply) -> Reply:
     """RFC 5321 §4.5.3.1.10: a 552 to RCPT (RFC 821's "too many recipients") is taken as 452,
-    temporary: the recipient is tried again, not bounced."""
+    temporary: the recipient is tried again, not bounced. A positive reply other than 250/251
+    (a 354 or 220 read out of step) is no answer to RCPT: transient, never "delivered"."""
     if reply.code != 552:
+        if reply.is_positive and reply.code not in (250, 251):
+            return replies.out_of_sequence("RCPT", reply.line())
         return reply
     enhanced = "4" + reply.enhanced[1:] if reply.enhanced.startswith("5.") else reply.enhanced
     return Reply(452, enhanced, reply.text)
@@ -937,6 +949,8 @@ async def _transaction(
             # Refused at the end of DATA the transaction is over; refused at DATA itself, RSET first.
             session.clean = getattr(exc, "after_content", False)
             data_reply = remote_reply(exc.code, exc.message)
+            if not session.clean:
+                _check_data_start(session, data_reply)
             if data_reply.is_transient:
                 raise _HopFailed(data_reply) from None
             return _after_data(results, rcpt_replies, accepted, data_reply)
@@ -987,6 +1001,7 @@ async def _pipelined(
             raise _HopFailed(mail, connection_lost=reused)
         rcpt_replies = {r: _rcpt_reply(remote_reply(*await reader.reply(timeout))) for r in rcpts}
         data_start = remote_reply(*await reader.reply(timeout))
+        _check_data_start(session, data_start)
         accepted = [r for r in rcpts if rcpt_replies[r].code in (250, 251)]
         if data_start.code == 354 and (not accepted or not 200 <= mail.code < 300):
             # DATA should have been refused (no valid recipient): end the empty content at once.
