@@ -332,6 +332,9 @@ def test_helo_name_and_remote_reply_parsing():
     r = remote_reply(550, "5.7.1 first line\n5.7.1 second\x00 line")
     assert r == replies.Reply(550, "5.7.1", "first line second line")
     assert remote_reply(250, "OK") == replies.Reply(250, "", "OK")
+    # lines whose codes disagree (the last line's code is the reply's): its own class's status
+    r = remote_reply(554, "2.6.0 queued\n5.6.0 rejected after all")
+    assert r == replies.Reply(554, "5.6.0", "2.6.0 queued rejected after all")
 
 
 async def test_route_size_limit():

@@ -145,17 +145,21 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def remote_reply(code: int, message: str) -> Reply:
-    """A remote host's reply as a `Reply` (enhanced code split off, lines joined, controls dropped).
+    """A remote host's reply as a `Reply` (enhanced code of the reply's class split off, lines
+    joined, controls dropped).
     Bytes that are not UTF-8 (aiosmtplib reads them as lone surrogates) become U+FFFD: the queue
     store, the logs and the NDR all need text that encodes."""
     if message and not message.isascii():
         message = message.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     enhanced = ""
+    klass = str(code)[:1]
     parts: list[str] = []
     for raw_line in (message or "").splitlines() or [""]:
         line = _CONTROL.sub("", raw_line).strip()
         m = _ENHANCED.match(line)
-        if m:
+        # An enhanced code of another class than the reply's (a "250-2.6.0" line ahead of
+        # "554 5.6.0") is text: a 554 must not be reported with Status 2.6.0.
+        if m and m.group(1)[0] == klass:
             if not enhanced:
                 enhanced = m.group(1)
             if m.group(1) == enhanced:
