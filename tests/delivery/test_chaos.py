@@ -188,6 +188,17 @@ CASES = [
         sink={"extensions": ["8BITMIME", "SIZE 10000000"]},
     ),
     Case(
+        "421-at-second-rcpt-without-pipelining",
+        lambda p, c, n: (
+            Reply(b"421 4.3.2 Too busy, closing\r\n", after="close")
+            if p == "rcpt" and c == 1 and n == 2
+            else None
+        ),
+        sink={"extensions": ["8BITMIME", "SIZE 10000000"]},
+        rcpts=["bob@example.com", "carol@example.com"],
+        deferred_with="421 4.3.2 Too busy, closing",
+    ),
+    Case(
         "pipelining-missing-reply-to-rcpt",
         first_connection("rcpt", Reply(b"")),
         rcpts=["bob@example.com", "carol@example.com"],

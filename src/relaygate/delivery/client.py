@@ -844,6 +844,14 @@ def _after_data(
     return results, data_reply
 
 
+def _raise_if_closing(session: _Session, reply: Reply) -> None:
+    """A 421 to RCPT: the server is closing the channel (RFC 5321 §3.8); the transaction is over
+    and its reply, not the dropped connection that follows, is what the queue's LastError says."""
+    if reply.code == 421:
+        session.close()
+        raise _HopFailed(reply)
+
+
 def _check_data_start(session: _Session, reply: Reply) -> None:
     """A positive reply to DATA that is not 354 (a next hop that sent more replies than commands,
     or answers DATA with 250): the replies are out of step with the commands, and taking it as the
@@ -936,6 +944,7 @@ async def _transaction(
                 smtp, b"RCPT", b"TO:<" + env.recipients[r].encode("utf-8") + b">", timeout=timeout
             )
             rcpt_replies[r] = reply = _rcpt_reply(reply)
+            _raise_if_closing(session, reply)
             if reply.code in (250, 251):
                 accepted.append(r)
         if not accepted:
@@ -1003,7 +1012,10 @@ async def _pipelined(
             # like a dropped connection, one fresh connection to the same hop may take the message.
             session.close()
             raise _HopFailed(mail, connection_lost=reused)
-        rcpt_replies = {r: _rcpt_reply(remote_reply(*await reader.reply(timeout))) for r in rcpts}
+        rcpt_replies: dict[str, Reply] = {}
+        for r in rcpts:
+            rcpt_replies[r] = reply = _rcpt_reply(remote_reply(*await reader.reply(timeout)))
+            _raise_if_closing(session, reply)
         data_start = remote_reply(*await reader.reply(timeout))
         _check_data_start(session, data_start)
         accepted = [r for r in rcpts if rcpt_replies[r].code in (250, 251)]
