@@ -1,8 +1,8 @@
 """A next hop that misbehaves on purpose: an SMTP server on loopback written on raw asyncio streams
 (not aiosmtpd), so that every octet it sends, and when, is the test's choice.
 
-It speaks enough SMTP to take mail (EHLO/HELO, MAIL, RCPT, DATA, RSET, NOOP, QUIT, and STARTTLS /
-AUTH to fail them) and records every transaction it completed: a transaction counts as completed
+It speaks enough SMTP to take mail (EHLO/HELO, MAIL, RCPT, DATA, RSET, NOOP, QUIT; STARTTLS is
+refused unless scripted, AUTH with an initial response is accepted unless scripted) and records every transaction it completed: a transaction counts as completed
 when the sink decided to answer the final dot with a 2xx, whether or not that reply reached the
 client (a connection reset right after it is still a delivery, SMTP's at-least-once rule).
 
@@ -144,7 +144,7 @@ class ChaosSink:
                 elif verb == b"STAR":  # STARTTLS
                     ok = await answer("starttls", b"454 4.7.0 TLS not available\r\n")
                 elif verb == b"AUTH":
-                    ok = await answer("auth", b"504 5.7.4 Unrecognized authentication type\r\n")
+                    ok = await answer("auth", b"235 2.7.0 Authentication successful\r\n")
                 elif verb == b"MAIL":
                     mail_from = line[10:].split(b">")[0].lstrip(b"<").decode("utf-8", "replace")
                     rcpts = []
