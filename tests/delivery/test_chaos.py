@@ -138,6 +138,22 @@ CASES = [
         max_copies=2,  # a 2xx the relay cannot read is no 2xx: one resend
     ),
     Case(
+        "354-to-the-final-dot",
+        first_connection("dot", Reply(b"354 2.0.0 go on\r\n", accept=False)),
+        deferred_with="451 4.5.0",
+    ),
+    Case(
+        "354-to-the-final-dot-without-pipelining",
+        first_connection("dot", Reply(b"354 2.0.0 go on\r\n", accept=False)),
+        sink={"extensions": ["8BITMIME"]},
+        deferred_with="451 4.5.0",
+    ),
+    Case(
+        "1xx-to-the-final-dot",
+        first_connection("dot", Reply(b"199 thinking\r\n", accept=False)),
+        deferred_with="451 4.5.0",
+    ),
+    Case(
         "garbage-reply-to-mail",
         first_connection("mail", Reply(b"hello there\r\n")),
         deferred_with="451 4.4.0",
@@ -358,7 +374,9 @@ SLOW_CASES = [
     *[
         replace(c, id=c.id + "-without-pipelining", sink={"extensions": ["8BITMIME"]})
         for c in CASES
-        if c.id.startswith(("250-then", "354-then", "non-utf8", "nul-in", "overlong", "slow"))
+        if c.id.startswith(
+            ("250-then", "354-then", "1xx-to", "non-utf8", "nul-in", "overlong", "slow")
+        )
     ],
 ]
 

@@ -861,6 +861,14 @@ def _check_data_start(session: _Session, reply: Reply) -> None:
         raise _HopFailed(replies.out_of_sequence("DATA", reply.line()))
 
 
+def _check_final(session: _Session, reply: Reply) -> None:
+    """A 1xx or 3xx to the end of the content (a second 354...) is no final reply: the next hop
+    has not said it took the message, so it is not delivered; transient, the session dropped."""
+    if reply.is_positive and not 200 <= reply.code < 300:
+        session.close()
+        raise _HopFailed(replies.out_of_sequence("the end of DATA", reply.line()))
+
+
 def _rcpt_reply(reply: Reply) -> Reply:
     """RFC 5321 §4.5.3.1.10: a 552 to RCPT (RFC 821's "too many recipients") is taken as 452,
     temporary: the recipient is tried again, not bounced. A positive reply other than 250/251
@@ -964,6 +972,8 @@ async def _transaction(
             data_reply = remote_reply(exc.code, exc.message)
             if not session.clean:
                 _check_data_start(session, data_reply)
+            else:
+                _check_final(session, data_reply)
             if data_reply.is_transient:
                 raise _HopFailed(data_reply) from None
             return _after_data(results, rcpt_replies, accepted, data_reply)
@@ -1045,6 +1055,7 @@ async def _pipelined(
             reader.write(body)
             reader.write(b".\r\n")
         data_reply = remote_reply(*await reader.reply(timeout))
+        _check_final(session, data_reply)
         session.clean = True  # the final reply ends the transaction, whatever it says
         if data_reply.code == 250:
             session.messages += 1
