@@ -456,3 +456,36 @@ async def run_case(tmp_path: Path, case: Case) -> None:
             assert any(line.startswith(case.saw) for line in chaos.commands[0]), chaos.commands
         assert relay.manager is not None
         await wait_for(lambda: relay.manager.in_flight == 0, timeout=3)  # no stuck worker
+
+
+async def test_a_late_extra_reply_does_not_shift_the_next_message_on_a_pooled_session(
+    tmp_path: Path,
+) -> None:
+    """The hop answers the final dot, then, a moment later, sends one more reply while the session
+    waits in the pool: the next message on that session must not take it for its own replies."""
+    late = Reply(b"250 2.6.0 Queued\r\n250 2.0.0 stale\r\n", chunk=18, delay=0.3)
+    case = Case("late", lambda p, c, n: late if p == "dot" and c == 1 and n == 1 else None)
+    async with chaos_relay(tmp_path, case) as (relay, chaos, _ndr):
+        for i in range(2):
+            await send(relay, SENDER, [f"rcpt{i}@example.com"], BODY)
+
+            async def settled(count: int = i + 1) -> bool:
+                msgs = [m for m in await relay.store.list_messages() if m.sender == SENDER]
+                return len(msgs) == count and all(
+                    r.status.is_final for m in msgs for r in m.recipients
+                )
+
+            await wait_for(settled, timeout=10)
+            await asyncio.sleep(0.5)  # the stale reply arrives while the session is pooled
+        msgs = [m for m in await relay.store.list_messages() if m.sender == SENDER]
+        assert {r.address: r.status for m in msgs for r in m.recipients} == {
+            "rcpt0@example.com": RecipientStatus.DELIVERED,
+            "rcpt1@example.com": RecipientStatus.DELIVERED,
+        }
+        assert [t.rcpts for t in chaos.transactions] == [
+            ["rcpt0@example.com"],
+            ["rcpt1@example.com"],
+        ]
+        assert chaos.connections == 1  # the second message went on the pooled session
+        for t in chaos.transactions:
+            assert t.data.endswith(BODY.replace(b"\r\n.", b"\r\n.."))
