@@ -541,3 +541,21 @@ async def test_required_tls_that_always_fails_defers_then_expires_with_an_ndr(
         assert all(not line.startswith(b"MAIL") for conn in chaos.commands for line in conn)
         msgs = [m for m in await relay.store.list_messages() if m.sender == SENDER]
         assert msgs[0].recipients[0].status == RecipientStatus.FAILED
+
+
+async def test_a_hop_that_never_answers_quit_holds_the_pool_close_no_longer_than_its_timeout(
+    tmp_path: Path,
+) -> None:
+    """The pooled session's QUIT (at shutdown, or when the pool reaps it) waited 2 s whatever the
+    send connector's connection_inactivity_timeout (0.5 s here)."""
+    case = Case("quit", lambda p, c, n: HANG if p == "quit" else None)
+    async with chaos_relay(tmp_path, case) as (relay, chaos, _ndr):
+        await send(relay, SENDER, ["bob@example.com"], BODY)
+        await wait_for(lambda: chaos.transactions)
+        assert relay.manager is not None and relay.manager.pool is not None
+        pool = relay.manager.pool
+        await wait_for(lambda: len(pool) == 1)
+        started = time.monotonic()
+        await pool.aclose()
+        assert time.monotonic() - started < 1.0
+        assert any(line == b"QUIT" for line in chaos.commands[0])

@@ -360,7 +360,12 @@ class _Session:
         except Exception:  # pragma: no cover - closing must never raise
             pass
 
-    async def quit(self, timeout: float = 2.0) -> None:
+    async def quit(self, timeout: float | None = None) -> None:
+        """QUIT, waiting at most 2 s and never longer than the connector's timeout (the
+        session's own: a next hop that never answers QUIT must not hold a pool's close)."""
+        if timeout is None:
+            own = self.smtp.timeout
+            timeout = 2.0 if own is None else min(float(own), 2.0)
         try:
             if self.smtp.is_connected:
                 await self.smtp.quit(timeout=timeout)
