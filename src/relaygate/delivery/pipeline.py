@@ -18,7 +18,7 @@ from aiosmtplib import SMTPResponseException, SMTPServerDisconnected, SMTPTimeou
 
 __all__ = ["ReplyReader"]
 
-_MAX_PENDING = 64 * 1024  # octets without a complete reply: not an SMTP server
+_MAX_PENDING = 64 * 1024  # octets of one reply (complete or not): not an SMTP server
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -114,6 +114,8 @@ class ReplyReader(asyncio.Protocol):
                 break
             line = bytes(buf[start : end + 1])
             start = end + 1
+            if start > _MAX_PENDING:  # this reply's lines so far, complete or not: same bound
+                raise SMTPResponseException(-1, "Response too long")
             code_text = line[:3]
             if not code_text.isdigit():
                 raise SMTPResponseException(
