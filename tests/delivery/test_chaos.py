@@ -160,6 +160,18 @@ CASES = [
         deferred_with="451 4.5.0",
     ),
     Case(
+        # a 3xx to MAIL is no answer to it: not a sender taken, and never an empty message sent
+        "354-to-mail",
+        first_connection("mail", Reply(b"354 go ahead\r\n")),
+        deferred_with="451 4.5.0",
+    ),
+    Case(
+        "354-to-mail-without-pipelining",
+        first_connection("mail", Reply(b"354 go ahead\r\n")),
+        sink={"extensions": ["8BITMIME"]},
+        deferred_with="451 4.5.0",
+    ),
+    Case(
         "1xx-to-the-final-dot",
         first_connection("dot", Reply(b"199 thinking\r\n", accept=False)),
         deferred_with="451 4.5.0",

@@ -866,6 +866,14 @@ def _check_data_start(session: _Session, reply: Reply) -> None:
         raise _HopFailed(replies.out_of_sequence("DATA", reply.line()))
 
 
+def _check_mail(session: _Session, reply: Reply) -> None:
+    """A 1xx or 3xx to MAIL (a 354 read out of step) is no answer to it: taken as acceptance, the
+    client went on and ended an empty content, or sent its content as commands; transient."""
+    if reply.is_positive and not 200 <= reply.code < 300:
+        session.close()
+        raise _HopFailed(replies.out_of_sequence("MAIL", reply.line()))
+
+
 def _check_final(session: _Session, reply: Reply) -> None:
     """A 1xx or 3xx to the end of the content (a second 354...) is no final reply: the next hop
     has not said it took the message, so it is not delivered; transient, the session dropped."""
@@ -942,6 +950,7 @@ async def _transaction(
             # one fresh connection to the same hop may take the message.
             session.close()
             raise _HopFailed(mail, connection_lost=True)
+        _check_mail(session, mail)
         if mail.is_transient or mail.code < 200:
             raise _HopFailed(mail)
         session.clean = False  # a transaction is open until its final reply or RSET
@@ -1027,6 +1036,7 @@ async def _pipelined(
             # like a dropped connection, one fresh connection to the same hop may take the message.
             session.close()
             raise _HopFailed(mail, connection_lost=reused)
+        _check_mail(session, mail)
         rcpt_replies: dict[str, Reply] = {}
         for r in rcpts:
             rcpt_replies[r] = reply = _rcpt_reply(remote_reply(*await reader.reply(timeout)))
