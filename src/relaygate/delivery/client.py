@@ -1062,6 +1062,15 @@ async def _pipelined(
         if data_start.code != 354:  # DATA itself refused: the transaction is still open
             if data_start.is_transient:
                 raise _HopFailed(data_start)
+            # A refusal at DATA is also what a stale extra reply read as MAIL's leaves (every
+            # reply shifted by one, the last RCPT's 550 read as DATA's): the RSET the session
+            # needs anyway must then read 250, or the refusal was not DATA's and bounces no one.
+            reader.write(b"RSET\r\n")
+            rset = remote_reply(*await reader.reply(timeout))
+            if rset.code != 250:
+                session.close()
+                raise _HopFailed(replies.out_of_sequence("RSET", rset.line()))
+            session.clean = True
             return _after_data(results, rcpt_replies, accepted, data_start)
         body = env.stuffed
         if len(body) < _SEPARATE_TERMINATOR:
