@@ -1,0 +1,73 @@
+"""The files under ``<data_dir>/acme/``: their names, the lock that keeps the pair in step, and
+the atomic writes.
+
+Kept apart because the listeners (smtp/tls.py), the audit and the certificates command read
+these files without running any ACME: they need only the names and the lock, not the client.
+``account.key`` is the ACME account's key; ``certificate.key`` and ``certificate.pem`` are
+replaced together under ``.lock``; every file is written atomically, mode 0600.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+ACME_DIR = "acme"
+CERTIFICATE_FILE = "certificate.pem"
+KEY_FILE = "certificate.key"
+ACCOUNT_KEY_FILE = "account.key"
+LOCK_FILE = ".lock"
+
+
+def acme_files(data_dir: Path) -> tuple[Path, Path]:
+    """(certificate chain, key) of the ACME certificate under ``data_dir``."""
+    folder = Path(data_dir) / ACME_DIR
+    return folder / CERTIFICATE_FILE, folder / KEY_FILE
+
+
+@contextlib.contextmanager
+def files_lock(data_dir: Path, *, exclusive: bool) -> Iterator[None]:
+    """The lock that keeps certificate.pem and certificate.key a pair: the writer holds it
+    exclusive while it replaces both, a reader shared while it loads them."""
+    folder = Path(data_dir) / ACME_DIR
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    except FileNotFoundError:  # nothing obtained yet: nothing to keep in step
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """`data` into `path`, mode 0600, atomically: temporary file, fsync, rename, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _fsync_dir(folder: Path) -> None:
+    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

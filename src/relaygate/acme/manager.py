@@ -1,0 +1,309 @@
+"""When to order and what to do with the result: :class:`AcmeManager`, the background thread
+that checks the certificate's expiry and names, orders through the client, retries with
+back-off, installs the files and, on a cluster, drives :class:`ClusterShare`; and
+``acme_enabled`` / ``acme_domains``, which read the settings.
+
+Kept apart because it is the policy (when, how often, what happens on failure); the protocol,
+the responder, the files and the cluster sharing are each in their own module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from relaygate.acme.cluster import ClusterShare
+from relaygate.acme.files import ACCOUNT_KEY_FILE, ACME_DIR, acme_files, files_lock, write_private
+from relaygate.acme.protocol import (
+    REQUEST_TIMEOUT,
+    AcmeClient,
+    AcmeError,
+    Issued,
+    _load_or_create_key,
+)
+from relaygate.acme.responder import ChallengeResponder
+
+logger = logging.getLogger("relaygate.acme")
+
+#: Failure back-off: the first retry after min(this, acme_check_interval), doubling up to MAX.
+RETRY_FIRST = 60.0
+RETRY_MAX = 6 * 3600.0
+
+
+def acme_enabled(server: Any) -> bool:
+    return bool(getattr(server, "acme_directory_url", ""))
+
+
+def acme_domains(server: Any) -> tuple[str, ...]:
+    """The certificate's names: ``acme_domains``, or the server's fqdn; as the CA and the
+    certificate write them (lower case, no final dot), each once."""
+    names = tuple(server.acme_domains) or (str(server.fqdn),)
+    return tuple(dict.fromkeys(n.lower().rstrip(".") for n in names))
+
+
+class AcmeManager:
+    """Keeps the ACME certificate of ``config.server`` fresh, in a thread of its own.
+
+    ``on_renewed()`` is called (from that thread) after new files are in place."""
+
+    def __init__(self, config: Any, *, on_renewed: Callable[[], None] | None = None) -> None:
+        self.config = config
+        self.on_renewed = on_renewed
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.failures = 0
+        #: queue.store = "postgresql": one ACME client for the cluster (ClusterShare), and a
+        #: challenge responder that runs all the time on every node
+        self.cluster: ClusterShare | None = None
+        self.responder: ChallengeResponder | None = None
+        self._leading: bool | None = None
+        self._responder_failed = False
+        if getattr(config.queue, "store", "sqlite") == "postgresql" and config.queue.database_url:
+            self.cluster = ClusterShare(config.queue.database_url, acme_domains(config.server))
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.config.server.data_dir) / ACME_DIR
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.folder, 0o700)
+        self._thread = threading.Thread(target=self._run, name="relaygate-acme", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            # a pending order stops at its next poll; an HTTP request takes at most this long
+            self._thread.join(REQUEST_TIMEOUT + 10)
+        if self.responder is not None:
+            self.responder.stop()
+        if self.cluster is not None:
+            self.cluster.close()
+
+    def _cluster_step(self) -> bool:
+        """A cluster node: the responder up, the published certificate in this node's files.
+        True: this node runs the ACME client now."""
+        assert self.cluster is not None
+        s = self.config.server
+        if self.responder is None or not self.responder.running:
+            from relaygate.config.values import parse_binding
+
+            listen = parse_binding(s.acme_http_listen)
+            responder = ChallengeResponder(listen.address, listen.port, lookup=self.cluster.lookup)
+            responder.publish = self.cluster.put_token
+            try:
+                responder.start()
+            except OSError as exc:
+                # Logged, and tried again at the next step; the certificate the cluster
+                # publishes is still taken below (a node that orders itself fails its order).
+                if not self._responder_failed:
+                    logger.error(
+                        "ACME: the HTTP-01 responder cannot listen on %s "
+                        "(server.acme_http_listen): %s; the CA's requests must reach another "
+                        "node",
+                        s.acme_http_listen,
+                        exc.strerror or exc,
+                    )
+                self._responder_failed = True
+            else:
+                self.responder = responder
+                self._responder_failed = False
+        leading = self.cluster.lead()
+        if leading != self._leading:
+            logger.info(
+                "ACME: %s",
+                "this node runs the cluster's ACME client for "
+                f"{self.cluster.names} (lock in the queue database)"
+                if leading
+                else f"another node runs the cluster's ACME client for {self.cluster.names}; "
+                "this node takes the certificate from the queue database",
+            )
+            self._leading = leading
+        published = self.cluster.fetch()
+        if published is not None:
+            chain, key = published
+            cert_path, _key_path = acme_files(Path(s.data_dir))
+            try:
+                current = cert_path.read_bytes()
+            except OSError:
+                current = b""
+            if current != chain:
+                self._install(chain, key, "taken from the queue database")
+        return leading
+
+    def _install(self, chain: bytes, key: bytes, how: str) -> None:
+        """Both files, replaced together under the lock; logged; `on_renewed`."""
+        from cryptography import x509
+
+        s = self.config.server
+        leaf = x509.load_pem_x509_certificates(chain)[0]
+        cert_path, key_path = acme_files(Path(s.data_dir))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with files_lock(Path(s.data_dir), exclusive=True):
+            write_private(key_path, key)
+            write_private(cert_path, chain)
+        logger.info(
+            "ACME: certificate for %s %s (serial %x, valid until %s): %s",
+            ", ".join(acme_domains(s)),
+            how,
+            leaf.serial_number,
+            f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}",
+            cert_path,
+        )
+        if self.on_renewed is not None:
+            try:
+                self.on_renewed()
+            except Exception:
+                logger.exception("ACME: swapping in the new certificate failed")
+
+    def apply(self, config: Any) -> None:
+        """A reloaded configuration: its acme_* settings are used from the next check on."""
+        self.config = config
+
+    def due(self, now: datetime | None = None) -> str | None:
+        """Why a certificate is to be ordered now (None: the current one is good)."""
+        s = self.config.server
+        cert, key = acme_files(Path(s.data_dir))
+        if not cert.exists() or not key.exists():
+            return "no certificate yet"
+        from cryptography import x509
+
+        try:
+            leaf = x509.load_pem_x509_certificates(cert.read_bytes())[0]
+        except (OSError, ValueError, IndexError):
+            return f"{cert} cannot be read"
+        names: set[str] = set()
+        with contextlib.suppress(x509.ExtensionNotFound):
+            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            names = {n.lower() for n in san.get_values_for_type(x509.DNSName)}
+        wanted = {d.lower() for d in acme_domains(s)}
+        if names != wanted:
+            return f"names changed ({', '.join(sorted(names))} → {', '.join(sorted(wanted))})"
+        from cryptography.hazmat.primitives import serialization
+
+        try:
+            private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+        except (OSError, ValueError, TypeError):
+            return f"{key} cannot be read"
+        spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        if private.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
+            # a replacement interrupted between the key's rename and the chain's
+            return f"{key} is not the key of {cert}"
+        now = now or datetime.now(UTC)
+        # at most two thirds of the certificate's life ahead: a CA's short-lived certificates
+        # (step-ca: 24 h) are not ordered anew at every check when acme_renew_before is longer
+        # than their whole life (each serves a third of it at least)
+        lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+        if leaf.not_valid_after_utc - min(s.acme_renew_before, lifetime * 2 / 3) <= now:
+            return (
+                f"expires {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}, within acme_renew_before"
+            )
+        return None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            interval = self.config.server.acme_check_interval.total_seconds()
+            try:
+                if self.cluster is not None and not self._cluster_step():
+                    # another node orders; look again soon (it may die, or renew)
+                    self.failures = 0
+                    self._stop.wait(min(interval, 60.0))
+                    continue
+                reason = self.due()
+                if reason is not None:
+                    self.obtain(reason)
+                self.failures = 0
+                wait = interval
+            except Exception as exc:  # a thread boundary: log, keep serving, retry later
+                self.failures += 1
+                # (the exponent capped: 2 ** 1024 does not convert to a float)
+                doubling = 2 ** min(self.failures - 1, 32)
+                wait = min(min(RETRY_FIRST, interval) * doubling, RETRY_MAX)
+                self._log_failure(exc, wait)
+            self._stop.wait(wait)
+
+    def _log_failure(self, exc: Exception, wait: float) -> None:
+        s = self.config.server
+        cert, _key = acme_files(Path(s.data_dir))
+        keeps = (
+            "the listeners keep the current certificate"
+            if cert.exists()
+            else "STARTTLS is not offered (and implicit-TLS listeners use the self-signed "
+            "certificate) until one is obtained"
+        )
+        detail = str(exc) if isinstance(exc, AcmeError | OSError) else repr(exc)
+        logger.error(
+            "ACME: cannot obtain a certificate for %s from %s (failure %d): %s; retry in %.0f s; %s",
+            ", ".join(acme_domains(s)),
+            s.acme_directory_url,
+            self.failures,
+            detail,
+            wait,
+            keeps,
+        )
+
+    def obtain(self, reason: str) -> Issued:
+        """One order, now: account (created if need be), challenge, certificate, files."""
+        s = self.config.server
+        domains = acme_domains(s)
+        logger.info(
+            "ACME: ordering a certificate for %s from %s (%s)",
+            ", ".join(domains),
+            s.acme_directory_url,
+            reason,
+        )
+        self.folder.mkdir(parents=True, exist_ok=True)
+        account_key = _load_or_create_key(self.folder / ACCOUNT_KEY_FILE)
+        from relaygate.config.values import parse_binding
+
+        listen = parse_binding(s.acme_http_listen)
+        client = AcmeClient(
+            s.acme_directory_url,
+            account_key,
+            email=s.acme_email,
+            ca_file=s.acme_ca_file,
+            stop=self._stop,
+        )
+        if self.cluster is not None and self.responder is None:
+            client.close()
+            raise AcmeError(
+                f"the HTTP-01 responder cannot listen on {s.acme_http_listen} "
+                "(server.acme_http_listen): this node cannot order for the cluster"
+            )
+        try:
+            client.register()
+            if self.responder is not None:  # a cluster's: runs all the time
+                responder = self.responder
+                try:
+                    issued = client.order(domains, responder)
+                finally:
+                    tokens, responder.tokens = list(responder.tokens), {}
+                    if self.cluster is not None:
+                        with contextlib.suppress(Exception):
+                            self.cluster.drop_tokens(tokens)
+            else:
+                responder = ChallengeResponder(listen.address, listen.port)
+                try:
+                    responder.start()
+                except OSError as exc:
+                    raise AcmeError(
+                        f"the HTTP-01 responder cannot listen on {s.acme_http_listen} "
+                        f"(server.acme_http_listen): {exc.strerror or exc}"
+                    ) from exc
+                try:
+                    issued = client.order(domains, responder)
+                finally:
+                    responder.stop()
+        finally:
+            client.close()
+        if self.cluster is not None:  # first: the other nodes copy it from there
+            self.cluster.publish(issued.chain_pem, issued.key_pem)
+        self._install(issued.chain_pem, issued.key_pem, "installed")
+        return issued
