@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from relaygate.acme import AcmeManager, acme_files
+from relaygate.acme import responder as acme_responder
 from relaygate.config import parse_text
 
 CONFIG = """\
@@ -102,9 +103,8 @@ def _responder(monkeypatch, **kw):  # type: ignore[no-untyped-def]
 def test_a_connection_that_sends_nothing_is_closed(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     # Slowloris on port 80 (a cluster runs the responder all the time): a client that connects
     # and never sends its request line must not hold a thread (and a socket) for ever.
-    from relaygate import acme
 
-    monkeypatch.setattr(acme, "RESPONDER_TIMEOUT", 1.0, raising=False)
+    monkeypatch.setattr(acme_responder, "RESPONDER_TIMEOUT", 1.0)
     responder, port = _responder(monkeypatch)
     responder.start()
     try:
@@ -170,9 +170,7 @@ def test_idle_connections_do_not_each_hold_a_thread(monkeypatch) -> None:  # typ
     # Connections are bounded: past the limit a new one is closed at once, not given a thread.
     import threading
 
-    from relaygate import acme
-
-    monkeypatch.setattr(acme, "MAX_RESPONDER_CONNECTIONS", 8, raising=False)
+    monkeypatch.setattr(acme_responder, "MAX_RESPONDER_CONNECTIONS", 8)
     responder, port = _responder(monkeypatch)
     responder.start()
     before = threading.active_count()

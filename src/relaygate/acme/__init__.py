@@ -44,17 +44,9 @@ This module re-exports the names the rest of RelayGate (and its tests) import fr
 
 from __future__ import annotations
 
-import sys
-import types
-from typing import Any
-
-from relaygate.acme import responder as _responder
 from relaygate.acme.files import ACME_DIR, acme_files, files_lock
 from relaygate.acme.manager import AcmeManager, acme_domains, acme_enabled
 from relaygate.acme.protocol import AcmeClient, AcmeError
-from relaygate.acme.responder import MAX_LOOKUPS as MAX_LOOKUPS
-from relaygate.acme.responder import MAX_RESPONDER_CONNECTIONS as MAX_RESPONDER_CONNECTIONS
-from relaygate.acme.responder import RESPONDER_TIMEOUT as RESPONDER_TIMEOUT
 from relaygate.acme.responder import ChallengeResponder
 
 __all__ = [
@@ -68,17 +60,3 @@ __all__ = [
     "acme_files",
     "files_lock",
 ]
-
-#: The responder's limits, still settable as ``relaygate.acme.<NAME>`` (as when this was one
-#: module, e.g. a test's monkeypatch): setting one here sets it where the responder reads it.
-_RESPONDER_LIMITS = ("RESPONDER_TIMEOUT", "MAX_RESPONDER_CONNECTIONS", "MAX_LOOKUPS")
-
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _RESPONDER_LIMITS:
-            setattr(_responder, name, value)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
