@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port()  # below the ephemeral range: tests/support/ports.py
 
 
 def _read_until(sock: socket.socket, end: bytes, timeout: float = 10.0) -> bytes:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import ssl
 import time
 
@@ -26,6 +25,7 @@ from relaygate.delivery.client import (
 )
 from relaygate.delivery.credentials import Credentials, CredentialsError
 from relaygate.delivery.wire import normalise_for_wire, prepare_data
+from tests.support.ports import free_port
 
 from . import helpers
 from .helpers import SILENT, Connector, Handler, RawSink, hop, start_sink
@@ -73,13 +73,6 @@ async def send(hops, connector=None, *, rcpts=("a@dest.test",), data=MSG, **kw):
         data=data,
         **kw,
     )
-
-
-def free_port() -> int:
-    """A port nobody listens on (bound then closed)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from email.message import EmailMessage
@@ -21,6 +20,7 @@ import aiosmtplib
 from relaygate.app import Relay
 from relaygate.config import load_config, parse_text
 from tests.delivery.helpers import Handler, Sink, start_sink
+from tests.support.ports import free_port
 
 __all__ = [
     "Handler",
@@ -33,12 +33,6 @@ __all__ = [
     "start_sink",
     "wait_for",
 ]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def send_connector_text(name: str, space: str, port: int, *extra_lines: str) -> str:

@@ -16,6 +16,8 @@ import time
 
 import pytest
 
+from tests.support.ports import free_port
+
 __all__ = [
     "CLOSED",
     "RawClient",
@@ -26,12 +28,6 @@ __all__ = [
 ]
 
 CLOSED = "<closed>"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class Reply:

@@ -24,7 +24,6 @@ import pwd
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -32,6 +31,8 @@ from pathlib import Path
 
 import psycopg
 from psycopg import sql
+
+from tests.support.ports import free_port
 
 __all__ = ["PostgresNotInstalledError", "PostgresServer", "PostgresStartError", "find_bindir"]
 
@@ -78,10 +79,7 @@ def find_bindir() -> Path:
 
 
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return free_port()  # below the ephemeral range: tests/support/ports.py
 
 
 class PostgresServer:
