@@ -866,20 +866,14 @@ def _check_data_start(session: _Session, reply: Reply) -> None:
         raise _HopFailed(replies.out_of_sequence("DATA", reply.line()))
 
 
-def _check_mail(session: _Session, reply: Reply) -> None:
-    """A 1xx or 3xx to MAIL (a 354 read out of step) is no answer to it: taken as acceptance, the
-    client went on and ended an empty content, or sent its content as commands; transient."""
+def _check_completion(session: _Session, reply: Reply, command: str) -> None:
+    """A 1xx or 3xx where a completion reply is due (to MAIL, or to the end of the content: a 354
+    read out of step) is no answer: taken as acceptance of MAIL, the client went on and ended an
+    empty content or sent its content as commands; taken as the final reply, a message the next
+    hop never said it took was recorded delivered. Transient, the session dropped."""
     if reply.is_positive and not 200 <= reply.code < 300:
         session.close()
-        raise _HopFailed(replies.out_of_sequence("MAIL", reply.line()))
-
-
-def _check_final(session: _Session, reply: Reply) -> None:
-    """A 1xx or 3xx to the end of the content (a second 354...) is no final reply: the next hop
-    has not said it took the message, so it is not delivered; transient, the session dropped."""
-    if reply.is_positive and not 200 <= reply.code < 300:
-        session.close()
-        raise _HopFailed(replies.out_of_sequence("the end of DATA", reply.line()))
+        raise _HopFailed(replies.out_of_sequence(command, reply.line()))
 
 
 def _rcpt_reply(reply: Reply) -> Reply:
@@ -950,7 +944,7 @@ async def _transaction(
             # one fresh connection to the same hop may take the message.
             session.close()
             raise _HopFailed(mail, connection_lost=True)
-        _check_mail(session, mail)
+        _check_completion(session, mail, "MAIL")
         if mail.is_transient or mail.code < 200:
             raise _HopFailed(mail)
         session.clean = False  # a transaction is open until its final reply or RSET
@@ -987,7 +981,7 @@ async def _transaction(
             if not session.clean:
                 _check_data_start(session, data_reply)
             else:
-                _check_final(session, data_reply)
+                _check_completion(session, data_reply, "the end of DATA")
             if data_reply.is_transient:
                 raise _HopFailed(data_reply) from None
             return _after_data(results, rcpt_replies, accepted, data_reply)
@@ -1036,7 +1030,7 @@ async def _pipelined(
             # like a dropped connection, one fresh connection to the same hop may take the message.
             session.close()
             raise _HopFailed(mail, connection_lost=reused)
-        _check_mail(session, mail)
+        _check_completion(session, mail, "MAIL")
         rcpt_replies: dict[str, Reply] = {}
         for r in rcpts:
             rcpt_replies[r] = reply = _rcpt_reply(remote_reply(*await reader.reply(timeout)))
@@ -1079,7 +1073,7 @@ async def _pipelined(
             reader.write(body)
             reader.write(b".\r\n")
         data_reply = remote_reply(*await reader.reply(timeout))
-        _check_final(session, data_reply)
+        _check_completion(session, data_reply, "the end of DATA")
         session.clean = True  # the final reply ends the transaction, whatever it says
         if data_reply.code == 250:
             session.messages += 1
