@@ -231,6 +231,13 @@ class Relay:
             for key in ("store", "database_url")
             if getattr(new.queue, key) != getattr(self.config.queue, key)
         ]
+        if self.worker_index in (None, 0):  # the admin listener's worker
+            # The admin listener, its token and what it guards are read once, at start.
+            restart_only += [
+                f"admin.{key}"
+                for key in ("enabled", "listen", "api_token_file", "metrics_require_token")
+                if getattr(new.admin, key) != getattr(self.config.admin, key)
+            ]
         running_url = self.config.server.acme_directory_url
         if bool(new.server.acme_directory_url) != bool(running_url):
             restart_only.append("server.acme_directory_url (on/off)")

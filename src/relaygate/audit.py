@@ -592,8 +592,20 @@ def _send_connector_findings(config: Config) -> Iterator[Finding]:
 def admin_exposed(config: Config) -> bool:
     """The admin listener answers beyond this machine (not a loopback address) with no API token:
     whoever reaches it can read the queue (senders, recipients, Subjects) and remove messages."""
+    return config.admin.api_token_file is None and _admin_on_network(config)
+
+
+def metrics_exposed(config: Config) -> bool:
+    """The admin listener answers beyond this machine and its /metrics needs no token
+    (``admin.metrics_require_token`` off): whoever reaches it reads the receive and send connector
+    names, certificate file paths, and the queue's and connectors' traffic figures."""
+    return not config.admin.metrics_require_token and _admin_on_network(config)
+
+
+def _admin_on_network(config: Config) -> bool:
+    """The admin listener is enabled on an address that is not a loopback address."""
     admin = config.admin
-    if not admin.enabled or admin.api_token_file is not None:
+    if not admin.enabled:
         return False
     try:
         address = ipaddress.ip_address(parse_binding(admin.listen).address)
@@ -632,6 +644,19 @@ def _admin_findings(config: Config) -> Iterator[Finding]:
             "retry, suspend or remove messages",
             'keep admin.listen = "127.0.0.1:8025" (the default), or set admin.api_token_file '
             "and restrict access to a management network",
+        )
+    if metrics_exposed(config):
+        yield Finding(
+            "low",
+            "admin-metrics-without-token",
+            "",
+            "admin.metrics_require_token",
+            f"the admin listener is on {config.admin.listen} (reachable from the network) and "
+            "/metrics answers without a token: anyone who reaches it reads the connector names, "
+            "certificate file paths and the relay's queue and traffic figures",
+            "set admin.metrics_require_token = true (it needs admin.api_token_file) and give "
+            "the scraper the token (Prometheus: authorization.credentials_file), or keep "
+            'admin.listen = "127.0.0.1:8025" (the default)',
         )
 
 

@@ -382,15 +382,46 @@ def test_admin_listener_on_the_network_without_a_token_is_high(listen: str, tmp_
     """Before, `audit` said nothing: anyone reaching it could list and remove queued mail."""
     exposed = CLEAN + f'\n[admin]\nlisten = "{listen}"\n'
     found = audit(config(exposed))
-    assert codes(found) == [("high", "admin-exposed-without-token", "")]
+    # /metrics is open as well (the low finding of the next test)
+    assert codes(found) == [
+        ("high", "admin-exposed-without-token", ""),
+        ("low", "admin-metrics-without-token", ""),
+    ]
     assert found[0].key == "admin.listen" and listen in found[0].message
     token = tmp_path / "token"
     token.write_text("s3cret\n")
-    with_token = exposed + f'api_token_file = "{token}"\n'
+    with_token = exposed + f'api_token_file = "{token}"\nmetrics_require_token = true\n'
     assert audit(config(with_token)) == []
     for safe in ("127.0.0.1:8025", "127.0.0.9:18025", "[::1]:8025"):
         assert audit(config(CLEAN + f'\n[admin]\nlisten = "{safe}"\n')) == []
     assert audit(config(exposed + "enabled = false\n")) == []
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:8025", "10.0.0.1:8025", "[::]:8025"])
+def test_metrics_open_on_the_network_is_low(listen: str, tmp_path: Path) -> None:
+    """Before, `audit` said nothing of /metrics: with the API token set it still answered
+    anyone on the network (connector names, certificate paths, queue figures)."""
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    with_token = CLEAN + f'\n[admin]\nlisten = "{listen}"\napi_token_file = "{token}"\n'
+    found = audit(config(with_token))
+    assert codes(found) == [("low", "admin-metrics-without-token", "")]
+    (finding,) = found
+    assert finding.key == "admin.metrics_require_token"
+    assert listen in finding.message and "/metrics" in finding.message
+    assert "metrics_require_token = true" in finding.fix
+    assert not has_high(found)
+    assert audit(config(with_token + "metrics_require_token = true\n")) == []
+    # on loopback, or with the admin centre off, nobody else reaches /metrics
+    for safe in ("127.0.0.1:8025", "[::1]:8025"):
+        assert audit(config(CLEAN + f'\n[admin]\nlisten = "{safe}"\n')) == []
+    assert audit(config(with_token + "enabled = false\n")) == []
+    # the CLI: listed with its severity, exit 0 (not high)
+    path = write(tmp_path / "relaygate.toml", with_token)
+    r = run("audit", "-c", str(path), "--json")
+    assert r.code == 0, r.err
+    listed = [f for f in r.json()["findings"] if f["code"] == "admin-metrics-without-token"]
+    assert [(f["severity"], f["key"]) for f in listed] == [("low", "admin.metrics_require_token")]
 
 
 def test_basic_auth_without_a_logon_failure_rate_limit_is_medium() -> None:

@@ -6,6 +6,7 @@ the expected message; the file must produce exactly that one problem. `configs/g
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -568,3 +569,40 @@ def test_relaygate_check_names_an_unreadable_client_certificate(tmp_path: Path) 
     )
     out = done.stdout + done.stderr
     assert done.returncode == 1 and "tls_certificate_file" in out and "cannot be loaded" in out, out
+
+
+def test_metrics_require_token_without_an_api_token_file_is_an_error(tmp_path: Path) -> None:
+    """`admin.metrics_require_token = true` asks /metrics for the API token: without
+    `admin.api_token_file` there is none, and the error names both keys (`check` and the real
+    command, text and --json)."""
+    base = '[server]\nname = "RELAY01"\n\n[admin]\nlisten = "127.0.0.1:8025"\n'
+    with pytest.raises(ConfigError) as info:
+        parse_text(base + "metrics_require_token = true\n", "m.toml")
+    (problem,) = info.value.problems
+    assert problem.path == "admin.metrics_require_token"
+    assert "admin.api_token_file" in problem.message
+    assert str(problem).startswith("m.toml: admin.metrics_require_token: ")
+    # an empty api_token_file is unset: the same error
+    with pytest.raises(ConfigError):
+        parse_text(base + 'api_token_file = ""\nmetrics_require_token = true\n', "m.toml")
+    with pytest.raises(ConfigError) as wrong_type:
+        parse_text(base + 'metrics_require_token = "yes"\n', "m.toml")
+    assert wrong_type.value.problems[0].path == "admin.metrics_require_token"
+    token = tmp_path / "token"
+    token.write_text("s3cret\n", encoding="utf-8")
+    ok = parse_text(base + f'api_token_file = "{token}"\nmetrics_require_token = true\n', "m.toml")
+    assert ok.admin.metrics_require_token is True
+    assert parse_text(base, "m.toml").admin.metrics_require_token is False  # the default
+
+    path = tmp_path / "relaygate.toml"
+    path.write_text(base + "metrics_require_token = true\n", encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "relaygate", "check", "--config", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done
+    errors = json.loads(done.stdout)["errors"]
+    assert [e["path"] for e in errors] == ["admin.metrics_require_token"], errors
+    assert "admin.api_token_file" in errors[0]["message"]

@@ -72,7 +72,7 @@ async def test_api_health_metrics_errors_and_guards(tmp_path: Path) -> None:
     try:
         await send(relay, SENDER, ["bob@example.com"], MESSAGE)
         async with httpx.AsyncClient(base_url=admin_url(relay)) as client:
-            health = (await client.get("/healthz")).json()
+            health = (await client.get("/api/health")).json()  # no token: the whole report
             assert health["status"] == "ok"
             assert health["queue_manager"]["running"] is True
             assert health["queue"]["messages"] == 1
@@ -178,10 +178,11 @@ async def test_back_pressure_shows_on_health_metrics_and_mail_from(tmp_path: Pat
     )
     try:
         async with httpx.AsyncClient(base_url=admin_url(relay)) as client:
-            health = await client.get("/healthz")
+            health = await client.get("/api/health")
             assert health.status_code == 200
             body = health.json()
             assert body["status"] == "degraded"
+            assert (await client.get("/healthz")).json() == {"status": "degraded"}
             assert body["back_pressure"]["active"] is True
             assert body["back_pressure"]["min_free_disk_space"] == more_than_free
             assert body["back_pressure"]["disk_free_bytes"] < more_than_free
@@ -520,6 +521,16 @@ async def test_a_failing_queue_store_is_a_json_503_not_a_plain_500(tmp_path: Pat
                 body = r.json()
                 assert body["status"] == 503, body
                 assert body["error"].startswith("queue store unavailable: "), body
+            # the counts fail too: a probe learns the store is down, and nothing of its error
+            db.execute("ALTER TABLE messages RENAME TO messages_away")
+            db.commit()
+            probe = await client.get("/healthz")
+            assert probe.status_code == 503 and probe.json() == {"status": "error"}
+            detail = await client.get("/api/health")  # no token configured: the API is open
+            assert detail.status_code == 503
+            assert detail.json()["error"].startswith("queue store: "), detail.text
+            db.execute("ALTER TABLE messages_away RENAME TO messages")
+            db.commit()
             page = await client.get("/queue")
             assert page.status_code == 503 and "Queue store unavailable" in page.text
             assert "frame-ancestors 'none'" in page.headers["content-security-policy"]

@@ -25,7 +25,13 @@ Routes (JSON unless said otherwise):
                                                 grant, session rights, audit findings
 ``GET /api/connectors/send/{name}``             one send connector: every key, route, pacing,
                                                 overflow connector, its delivery queues, findings
-``GET /api/health``, ``GET /healthz``           liveness: 200 when the store answers, else 503
+``GET /healthz``                                liveness for probes: 200 when the store answers,
+                                                else 503; the body is ``{"status": "ok"}``
+                                                (``degraded``, ``error``) and nothing more
+``GET /api/health``                             the same status code; the whole report (server,
+                                                listeners, queue counts, back pressure, the
+                                                store's error) to whoever may read the API,
+                                                ``{"status"}`` alone to others
 ``GET /metrics``                                Prometheus text format
 ==============================================  ============================================
 
@@ -82,8 +88,12 @@ resumed, a Delivered or Failed one is neither retried nor suspended. ``limit_rea
 Protection (the listener is meant for loopback or a management network):
 
 * ``admin.api_token_file`` set → every ``/api/`` route except ``/api/health`` needs
-  ``Authorization: Bearer <token>`` (the CLI sends it); after 10 wrong tokens in a minute from one
-  address (API and sign-in page together) its requests get 429 until the minute has passed;
+  ``Authorization: Bearer <token>`` (the CLI sends it), and so does ``/metrics`` with
+  ``admin.metrics_require_token``: 401 with ``WWW-Authenticate: Bearer`` otherwise, the token
+  compared in constant time; ``/api/health`` gives its whole report only with the token (a wrong
+  one is a 401, as elsewhere); after 10 wrong tokens in a minute from one address (API,
+  /metrics and sign-in page together) its requests get 429 until the minute has passed;
+* ``/healthz`` stays open (load balancers send no token) and says only ok, degraded or error;
 * requests whose ``Host`` is a DNS name other than ``localhost``, ``server.fqdn`` or ``server.name``
   are refused (DNS rebinding), and so are state-changing requests whose ``Origin`` is another site
   (cross-site request forgery from a browser on the admin's machine).
@@ -135,7 +145,10 @@ __all__ = [
 log = logging.getLogger("relaygate.admin")
 
 API_PREFIX = "/api"
-_OPEN_PATHS = ("/healthz", "/api/health", "/metrics")
+HEALTH_DETAIL_PATH = "/api/health"
+_OPEN_PATHS = ("/healthz", HEALTH_DETAIL_PATH, "/metrics")
+#: request.state key set by the guard: the request may read the whole health report
+_HEALTH_DETAIL = "relaygate_health_detail"
 _SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
@@ -222,8 +235,16 @@ def too_many_guesses() -> JSONResponse:
     return response
 
 
+def _unauthorized() -> JSONResponse:
+    response = _error(401, "missing or wrong API token (admin.api_token_file)")
+    # RFC 6750 §3: a 401 for a bearer-token resource says which scheme it takes
+    response.headers["WWW-Authenticate"] = 'Bearer realm="relaygate"'
+    return response
+
+
 class _Guard:
-    """ASGI middleware: Host allow-list, same-origin for state changes, bearer token."""
+    """ASGI middleware: Host allow-list, same-origin for state changes, bearer token (on /api/,
+    and on /metrics with ``metrics_token``)."""
 
     def __init__(
         self,
@@ -231,11 +252,33 @@ class _Guard:
         relay: Any,
         token: str | None = None,
         guesses: TokenGuesses | None = None,
+        metrics_token: bool = False,
     ) -> None:
         self.app = app
         self.relay = relay
         self.token = token
         self.guesses = guesses or TokenGuesses()
+        self.metrics_token = metrics_token
+
+    def _check_token(self, scope: Scope, given: str) -> Response | None:
+        """None when ``given`` (the Authorization header) carries the token; else the answer:
+        429 after too many wrong tokens from the client's address, 401 otherwise. Without a
+        token configured nothing can match (``metrics_require_token`` is refused without one
+        by validation; should it get here anyway, /metrics stays closed)."""
+        client = (scope.get("client") or ("", 0))[0]
+        if self.guesses.blocked(client):
+            return too_many_guesses()
+        scheme, _, value = given.partition(" ")
+        token = self.token
+        if (
+            token
+            and scheme.lower() == "bearer"
+            and hmac.compare_digest(value.strip().encode(), token.encode())
+        ):
+            return None
+        if given:  # a token was offered, and it was wrong
+            self.guesses.wrong(client)
+        return _unauthorized()
 
     def _allowed_host(self, host_header: str) -> bool:
         name = _host_name(host_header).lower().rstrip(".")
@@ -259,20 +302,23 @@ class _Guard:
             origin = urlsplit(headers["origin"])
             if origin.netloc.lower() != host.lower():
                 response = _error(403, "cross-origin request refused")
-        if response is None and path.startswith(API_PREFIX + "/") and path not in _OPEN_PATHS:
-            token = self.token
-            if token:
-                client = (scope.get("client") or ("", 0))[0]
+        if response is None:
+            if path.startswith(API_PREFIX + "/") and path not in _OPEN_PATHS:
+                if self.token:
+                    response = self._check_token(scope, headers.get("authorization", ""))
+            elif path == "/metrics":
+                if self.metrics_token:
+                    response = self._check_token(scope, headers.get("authorization", ""))
+            elif path == HEALTH_DETAIL_PATH:
+                # open to probes (the short answer); the whole report to whoever may read the
+                # API: anyone without a token configured, else a request with the right one
                 given = headers.get("authorization", "")
-                scheme, _, value = given.partition(" ")
-                if self.guesses.blocked(client):
-                    response = too_many_guesses()
-                elif scheme.lower() != "bearer" or not hmac.compare_digest(
-                    value.strip().encode(), token.encode()
-                ):
-                    if given:  # a token was offered, and it was wrong
-                        self.guesses.wrong(client)
-                    response = _error(401, "missing or wrong API token (admin.api_token_file)")
+                if not self.token:
+                    scope.setdefault("state", {})[_HEALTH_DETAIL] = True
+                elif given:
+                    response = self._check_token(scope, given)
+                    if response is None:
+                        scope.setdefault("state", {})[_HEALTH_DETAIL] = True
         if response is not None:
             await response(scope, receive, send)
             return
@@ -622,7 +668,13 @@ def create_app(
 
     async def health(request: Request) -> Response:
         body, status = await health_report(relay, control, started)
-        return JSONResponse(body, status_code=status)
+        if request.url.path == HEALTH_DETAIL_PATH and request.scope.get("state", {}).get(
+            _HEALTH_DETAIL
+        ):
+            return JSONResponse(body, status_code=status)
+        # A probe (and whoever reaches the listener) learns up, degraded or down: no names,
+        # addresses, queue figures or error texts (those are the API's, behind its token).
+        return JSONResponse({"status": body["status"]}, status_code=status)
 
     async def metrics(request: Request) -> Response:
         try:
@@ -673,7 +725,10 @@ def create_app(
 
     app = Starlette(routes=routes, exception_handlers={StoreError: store_failed})
     guesses = TokenGuesses()
-    app.add_middleware(_Guard, relay=relay, token=token, guesses=guesses)
+    metrics_token = bool(getattr(relay.config.admin, "metrics_require_token", False))
+    app.add_middleware(
+        _Guard, relay=relay, token=token, guesses=guesses, metrics_token=metrics_token
+    )
     app.state.token_guesses = guesses
     app.state.signed_out = {}  # admin centre session cookies signed out: value -> issued
     app.state.control = control

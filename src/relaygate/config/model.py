@@ -404,6 +404,9 @@ class AdminConfig:
     listen: str = "127.0.0.1:8025"
     enabled: bool = True
     api_token_file: Path | None = _spec(None, Path)
+    #: /metrics needs the API's bearer token (``Authorization: Bearer <token>``, 401 otherwise);
+    #: needs api_token_file. Off by default: scrapers without a token keep working.
+    metrics_require_token: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -605,6 +605,15 @@ def validate(
         parse_binding(config.admin.listen)
     except ValueError as exc:
         problems.append(Problem(src, "admin.listen", str(exc)))
+    if config.admin.metrics_require_token and config.admin.api_token_file is None:
+        problems.append(
+            Problem(
+                src,
+                "admin.metrics_require_token",
+                "admin.metrics_require_token = true needs admin.api_token_file: /metrics asks "
+                "for the API's bearer token, and there is none",
+            )
+        )
     problems.extend(_queue_rules(config, lambda i: at("receive_connectors", i)))
     raw_server = doc.get("server")
     if not isinstance(raw_server, dict):

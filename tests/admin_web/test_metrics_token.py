@@ -1,0 +1,171 @@
+"""``admin.metrics_require_token`` and what the open health routes say, over real HTTP to the
+admin listener of a running relay (tests.queue_manager.helpers.start_relay, 127.0.0.1)."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from pathlib import Path
+
+import httpx
+import pytest
+
+from relaygate.admin import api
+from relaygate.app import Relay
+from tests.queue_manager.helpers import free_port, start_relay
+from tests.queue_manager.test_admin_and_cli import admin_url
+
+TOKEN = "m3trics-S3cret"
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+
+
+async def _relay(tmp_path: Path, admin_extra: str) -> Relay:
+    """A relay whose only route goes to a closed port (nothing is delivered)."""
+    token = tmp_path / "api-token"
+    token.write_text(TOKEN + "\n", encoding="utf-8")
+    admin = admin_extra.format(token=token)
+    return await start_relay(tmp_path / "data", {"*": free_port()}, admin_extra=admin)
+
+
+async def test_metrics_need_the_api_token_when_required(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, /metrics answered anyone whatever the config said (and the key was unknown)."""
+    compared: list[bytes] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append(a)
+        return real(a, b)
+
+    monkeypatch.setattr(api.hmac, "compare_digest", spy)
+    relay = await _relay(tmp_path, 'api_token_file = "{token}"\nmetrics_require_token = true\n')
+    try:
+        async with httpx.AsyncClient(base_url=admin_url(relay), timeout=10) as client:
+            for headers in (
+                {},
+                {"Authorization": "Bearer wrong"},
+                {"Authorization": f"Basic {TOKEN}"},  # the right value in the wrong scheme
+                {"Authorization": f"Bearer {TOKEN}x"},
+            ):
+                r = await client.get("/metrics", headers=headers)
+                assert r.status_code == 401, (headers, r.text)
+                assert r.headers["www-authenticate"].startswith("Bearer"), r.headers
+                assert r.json()["error"] == "missing or wrong API token (admin.api_token_file)"
+                assert "relaygate_" not in r.text
+            ok = await client.get("/metrics", headers=BEARER)
+            assert ok.status_code == 200, ok.text
+            assert ok.headers["content-type"].startswith("text/plain")
+            assert 'relaygate_queue_messages{status="Retry"}' in ok.text
+            assert 'relaygate_smtp_sessions{connector="Test Relay"}' in ok.text
+            # the token was compared with hmac.compare_digest (constant time), not with ==
+            assert TOKEN.encode() in compared and b"wrong" in compared
+            # the API still needs it too, and says how (RFC 6750)
+            api_401 = await client.get("/api/queue")
+            assert api_401.status_code == 401
+            assert api_401.headers["www-authenticate"].startswith("Bearer")
+            assert (await client.get("/api/queue", headers=BEARER)).status_code == 200
+            # /healthz stays open: a load balancer sends no token
+            health = await client.get("/healthz")
+            assert health.status_code == 200 and health.json() == {"status": "ok"}
+            # wrong tokens on /metrics count with the API's: past the limit even the right one
+            # waits (429), so /metrics is no way round the guessing limit
+            for _ in range(api.TOKEN_GUESS_LIMIT - 3):  # three were wrong above
+                r = await client.get("/metrics", headers={"Authorization": "Bearer guess"})
+                assert r.status_code == 401
+            blocked = await client.get("/metrics", headers=BEARER)
+            assert blocked.status_code == 429 and blocked.headers["retry-after"] == "60"
+    finally:
+        await relay.stop()
+
+
+async def test_metrics_stay_open_by_default_with_an_api_token(tmp_path: Path) -> None:
+    """metrics_require_token = false (the default): the scrapers of before keep working."""
+    relay = await _relay(tmp_path, 'api_token_file = "{token}"\nmetrics_require_token = false\n')
+    try:
+        assert relay.config.admin.metrics_require_token is False
+        async with httpx.AsyncClient(base_url=admin_url(relay), timeout=10) as client:
+            r = await client.get("/metrics")
+            assert r.status_code == 200 and "relaygate_queue_messages" in r.text
+            denied = await client.get("/api/queue")
+            assert denied.status_code == 401
+            assert denied.headers["www-authenticate"].startswith("Bearer")
+    finally:
+        await relay.stop()
+
+
+async def test_health_routes_tell_a_probe_only_up_or_down(tmp_path: Path) -> None:
+    """Before, /healthz (and /api/health without the token) gave anyone who reached the
+    listener the server's name and FQDN, the SMTP listening addresses, the uptime, queue counts
+    and free disk space. Now a probe gets the status code and ``{"status"}``; the whole report
+    goes to whoever may read the API."""
+    relay = await _relay(tmp_path, 'api_token_file = "{token}"\n')
+    try:
+        smtp_host, smtp_port = relay.server.endpoints[0] if relay.server else ("", 0)
+        async with httpx.AsyncClient(base_url=admin_url(relay), timeout=10) as client:
+            for path in ("/healthz", "/api/health"):
+                r = await client.get(path)
+                assert r.status_code == 200, (path, r.text)
+                assert r.json() == {"status": "ok"}, path
+                for secret in ("RELAYTEST", "relay.test", str(smtp_port), "uptime", "queue"):
+                    assert secret not in r.text, (path, secret)
+            # with the API token: the whole report, as the admin centre shows it
+            full = await client.get("/api/health", headers=BEARER)
+            assert full.status_code == 200
+            body = full.json()
+            assert body["status"] == "ok" and body["server"] == "RELAYTEST"
+            assert body["smtp"] == [f"{smtp_host}:{smtp_port}"]
+            assert body["queue"]["messages"] == 0
+            # a wrong token is refused (not a silent short answer: no oracle for guessing)
+            wrong = await client.get("/api/health", headers={"Authorization": "Bearer nope"})
+            assert wrong.status_code == 401
+            # /healthz ignores tokens: always the probe's answer
+            probe = await client.get("/healthz", headers=BEARER)
+            assert probe.json() == {"status": "ok"}
+    finally:
+        await relay.stop()
+
+
+async def test_healthz_is_short_without_a_token_configured_too(tmp_path: Path) -> None:
+    """No api_token_file: the API is open, so /api/health gives the whole report to anyone;
+    /healthz, the probe's route, still says only the status."""
+    relay = await start_relay(tmp_path / "data", {"*": free_port()})
+    try:
+        async with httpx.AsyncClient(base_url=admin_url(relay), timeout=10) as client:
+            assert (await client.get("/healthz")).json() == {"status": "ok"}
+            body = (await client.get("/api/health")).json()
+            assert body["server"] == "RELAYTEST" and "queue" in body
+    finally:
+        await relay.stop()
+
+
+async def test_a_reload_says_metrics_require_token_waits_for_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The guard and its token are set when the admin listener starts: a reload that turns the
+    key on says so rather than leaving the admin believing /metrics is closed."""
+    config = tmp_path / "relaygate.toml"
+    token = tmp_path / "api-token"
+    token.write_text(TOKEN + "\n", encoding="utf-8")
+    relay = await start_relay(
+        tmp_path / "data",
+        {"*": free_port()},
+        config_file=config,
+        admin_extra=f'api_token_file = "{token}"',
+    )
+    try:
+        text = config.read_text(encoding="utf-8")
+        marker = f'api_token_file = "{token}"'
+        config.write_text(
+            text.replace(marker, marker + "\nmetrics_require_token = true"), encoding="utf-8"
+        )
+        with caplog.at_level(logging.WARNING, logger="relaygate"):
+            await relay.reload()
+        assert relay.config.admin.metrics_require_token is True  # the reload was taken
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert (
+            "admin.metrics_require_token changed: takes effect when relaygate serve restarts"
+            in warnings
+        ), warnings
+    finally:
+        await relay.stop()
