@@ -233,9 +233,10 @@ class Relay:
         ]
         if self.worker_index in (None, 0):  # the admin listener's worker
             # The admin listener, its token and what it guards are read once, at start.
+            running = ("listen", "api_token_file", "metrics_require_token") if self.admin else ()
             restart_only += [
                 f"admin.{key}"
-                for key in ("enabled", "listen", "api_token_file", "metrics_require_token")
+                for key in ("enabled", *running)
                 if getattr(new.admin, key) != getattr(self.config.admin, key)
             ]
         running_url = self.config.server.acme_directory_url
