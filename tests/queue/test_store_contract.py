@@ -463,6 +463,31 @@ async def test_queue_entries_are_the_unfinished_messages_with_their_unfinished_r
     assert [e.queue_id for e in await store.queue_entries(limit=1)] == [partial]
 
 
+async def test_queue_entries_page_with_a_queue_id_cursor(store: Store) -> None:
+    """``after``: keyset pages of queue_entries (Retry-Queue walks a queue of any size with
+    them), in the query; finished messages are skipped wherever they fall."""
+    ids = [await store.submit(env(f"r{i}@x"), b"m") for i in range(7)]
+    await store.record_results(ids[3], "n", [RecipientState("r3@x", DONE, 1)])
+    unfinished = [q for q in ids if q != ids[3]]
+    pages, after = [], None
+    for _ in range(10):
+        page = [e.queue_id for e in await store.queue_entries(limit=2, after=after)]
+        pages.append(page)
+        if len(page) < 2:
+            break
+        after = page[-1]
+    assert pages == [unfinished[0:2], unfinished[2:4], unfinished[4:6], []]
+    assert [e.queue_id for e in await store.queue_entries(limit=9, after=ids[2].lower())] == (
+        unfinished[3:]
+    )
+    assert [
+        r.address for r in (await store.queue_entries(limit=1, after=ids[4]))[0].recipients
+    ] == ["r5@x"]
+    assert await store.queue_entries(limit=5, after="F" * 16) == []
+    with pytest.raises(ValueError, match="after"):
+        await store.queue_entries(limit=5, after="not-an-id")
+
+
 async def test_submit_with_a_lease_is_stored_leased_and_matches_stored_message_new(
     store: Store,
 ) -> None:

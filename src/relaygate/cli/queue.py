@@ -475,6 +475,7 @@ def register(app: typer.Typer) -> None:
 def _retry_queue(api: _Api, queue: str, json_out: bool) -> None:
     """Retry-Queue: ``retry --queue NAME`` alone, at once as before (no dry run)."""
     path = "/api/queues/" + quote(queue.strip(), safe="") + "/retry"
+    api.timeout = BULK_TIMEOUT  # it goes through the whole queue (every page of it)
     body = api.call("POST", path)
     if json_out:
         emit_json(body)

@@ -18,6 +18,7 @@ tests/queue/test_get_queue_fast_path.py checks. Retry-Queue is here rather than 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 from relaygate.control.reads import _SCAN_CHUNK, MAX_LIST_LIMIT, MessageReads
@@ -89,6 +90,24 @@ class _QueueTally:
 
 class DeliveryQueues(MessageReads):
     """Get-Queue and Retry-Queue (see the module's docstring)."""
+
+    #: Messages per store page when Retry-Queue walks the whole queue (tests make it small).
+    queue_page_size = 1000
+
+    async def _entry_pages(self) -> AsyncIterator[list[QueueEntry]]:
+        """Every unfinished message, ``queue_page_size`` at a time (``Store.queue_entries``
+        with a keyset cursor: none is skipped however big the queue, and only one page is held
+        at a time); the event loop serves SMTP between pages."""
+        size = max(1, self.queue_page_size)
+        after: str | None = None
+        while True:
+            page = await self.store.queue_entries(limit=size, after=after)
+            if page:
+                yield page
+            if len(page) < size:
+                return
+            after = page[-1].queue_id
+            await asyncio.sleep(0)
 
     async def _queue_entries(self) -> tuple[list[QueueEntry], bool]:
         """The messages not yet Delivered/Failed, in arrival order, at most MAX_LIST_LIMIT of
@@ -166,7 +185,6 @@ class DeliveryQueues(MessageReads):
         -Resubmit: a send connector added since takes them. Suspended messages stay as they
         are (Resume-Message them). NotFound when the queue holds no message."""
         name = self._queue_identity(identity)
-        entries, _truncated = await self._queue_entries()
         config = self.config
         now = self.clock()
         table = RouteTable(list(config.send_connectors))
@@ -174,22 +192,23 @@ class DeliveryQueues(MessageReads):
         retried: list[str] = []
         suspended: list[str] = []
         found = False
-        for i, entry in enumerate(entries, 1):
-            if i % _SCAN_CHUNK == 0:
-                await asyncio.sleep(0)  # as in queues()
-            if not any(
-                hop.lower() == wanted for _r, hop, _t, _c in self._entry_queues(entry, table)
-            ):
-                continue
-            found = True
-            if entry.suspended or message_status(entry, now) == "Suspended":
-                suspended.append(entry.queue_id)
-                continue
-            try:
-                await self.store.retry_now(entry.queue_id)
-            except KeyError:  # removed meanwhile
-                continue
-            retried.append(entry.queue_id)
+        # The whole queue, a page at a time: Get-Queue may stop counting at MAX_LIST_LIMIT (it
+        # says so), but Retry-Queue must not leave the messages past it waiting.
+        async for entries in self._entry_pages():
+            for entry in entries:
+                if not any(
+                    hop.lower() == wanted for _r, hop, _t, _c in self._entry_queues(entry, table)
+                ):
+                    continue
+                found = True
+                if entry.suspended or message_status(entry, now) == "Suspended":
+                    suspended.append(entry.queue_id)
+                    continue
+                try:
+                    await self.store.retry_now(entry.queue_id)
+                except KeyError:  # removed meanwhile
+                    continue
+                retried.append(entry.queue_id)
         if not found:
             raise NotFound(f"queue {identity} not found: no message waits in it")
         if retried and self.manager is not None:

@@ -37,7 +37,7 @@ from relaygate.queue.store import AddressPattern, Store
 __all__ = ["MAX_LIST_LIMIT", "MessagePage", "MessageReads"]
 
 #: The most messages one ``list_messages`` call returns (and scans for a derived status or the
-#: delivery queue); also what ``queues`` and ``retry_queue`` look at, at most.
+#: delivery queue); also what ``queues`` counts, at most (``retry_queue`` pages through all).
 MAX_LIST_LIMIT = 100_000
 
 #: Messages read from the store at a time when a filter is applied here.

@@ -108,6 +108,10 @@ FAILED = "failed"
 #: Not attempted: the send connector's pacing budget is spent (see relaygate.queue.pacing). The
 #: recipient waits (Retry) until RouteResult.retry_at; its attempts are not counted.
 PACED = "paced"
+#: Messages read from the store per page when the queue is walked whole (resubmitting the
+#: Unreachable queue after a reload): keyset pages (``after`` = the last queue id), so a queue of
+#: any size is gone through without holding it in memory, the event loop served between pages.
+RESUBMIT_PAGE_SIZE = 1000
 
 
 def classify(reply: Reply) -> str:
@@ -220,6 +224,8 @@ class QueueManager:
         self.lease_seconds = lease_seconds
         self.stop_grace = stop_grace
         self.delivery_timeout = delivery_timeout
+        #: messages per store page in resubmit_unreachable (tests make it small)
+        self.resubmit_page_size = RESUBMIT_PAGE_SIZE
         #: This relay's SMTP listeners (ip, port): a next hop among them is a mail loop.
         self.local_endpoints: set[tuple[str, int]] = set()
         self.schedule = RetrySchedule.from_config(config.queue)
@@ -384,17 +390,29 @@ class QueueManager:
 
     async def resubmit_unreachable(self, *, paced: bool = False) -> int:
         """``retry_now`` every message with a recipient in the Unreachable queue (``paced``: or
-        held back by a send connector's pacing limit, whose limits a reload changed); how many."""
+        held back by a send connector's pacing limit, whose limits a reload changed); how many.
+        The whole queue, ``resubmit_page_size`` messages at a time in queue-id order (a message
+        that arrives meanwhile is routed by the new configuration anyway)."""
         count = 0
-        for msg in await self.store.list_messages(limit=100_000, status="Retry"):
-            if any(
-                is_unreachable(r)
-                or (paced and r.status in PENDING_STATUSES and pacing.is_paced(r.last_error))
-                for r in msg.recipients
-            ):
-                with contextlib.suppress(KeyError):
-                    await self.store.retry_now(msg.queue_id)
-                    count += 1
+        after: str | None = None
+        page_size = max(1, self.resubmit_page_size)
+        while True:
+            page = await self.store.list_messages(limit=page_size, status="Retry", after=after)
+            for msg in page:
+                if any(
+                    is_unreachable(r)
+                    or (paced and r.status in PENDING_STATUSES and pacing.is_paced(r.last_error))
+                    for r in msg.recipients
+                ):
+                    with contextlib.suppress(KeyError):
+                        await self.store.retry_now(msg.queue_id)
+                        count += 1
+            if len(page) < page_size:
+                break
+            after = page[-1].queue_id
+            if count:
+                self.wake()  # deliveries start while the walk goes on
+            await asyncio.sleep(0)  # the loop serves SMTP sessions between pages
         if count:
             self.wake()
         return count

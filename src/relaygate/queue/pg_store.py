@@ -201,8 +201,9 @@ _MSG_COLS = MESSAGE_COLUMNS
 _QUEUE_ENTRIES_SQL = (
     f"SELECT {QUEUE_ENTRY_COLUMNS} FROM (SELECT queue_id, size, status, suspended, lease_owner, "
     "lease_until FROM messages WHERE status IN ('Ready', 'Retry', 'Suspended') "
-    "ORDER BY queue_id LIMIT %s) AS m JOIN recipients AS r ON r.queue_id = m.queue_id "
-    "AND r.status NOT IN ('Delivered', 'Failed') ORDER BY m.queue_id, r.idx"
+    "AND queue_id > %s ORDER BY queue_id LIMIT %s) AS m JOIN recipients AS r "
+    "ON r.queue_id = m.queue_id AND r.status NOT IN ('Delivered', 'Failed') "
+    "ORDER BY m.queue_id, r.idx"
 )
 _RCPT_COLS = RECIPIENT_COLUMNS
 _FINAL = [s.value for s in FINAL_STATUSES]
@@ -982,12 +983,13 @@ class PostgresStore(Store):
 
         return await self._tx(run, readonly=True)
 
-    async def queue_entries(self, *, limit: int) -> list[QueueEntry]:
+    async def queue_entries(self, *, limit: int, after: str | None = None) -> list[QueueEntry]:
+        cursor = check_after(after) or ""  # every queue id is greater than ""
         if limit <= 0:
             return []
 
         async def run(conn: Conn) -> list[QueueEntry]:
-            cur = await conn.execute(_QUEUE_ENTRIES_SQL, (limit,))
+            cur = await conn.execute(_QUEUE_ENTRIES_SQL, (cursor, limit))
             return queue_entries_from_rows(await cur.fetchall())
 
         return await self._tx(run, readonly=True)

@@ -163,13 +163,14 @@ CREATE TABLE IF NOT EXISTS relaygate_schema (layout INTEGER NOT NULL);
 """
 
 _MSG_COLS = MESSAGE_COLUMNS
-#: Store.queue_entries: the first ? unfinished messages (the messages_status index), joined with
-#: their unfinished recipients (the recipients' primary key).
+#: Store.queue_entries: the first ? unfinished messages past a queue id (the messages_status
+#: index), joined with their unfinished recipients (the recipients' primary key).
 _QUEUE_ENTRIES_SQL = (
     f"SELECT {QUEUE_ENTRY_COLUMNS} FROM (SELECT queue_id, size, status, suspended, lease_owner, "
     "lease_until FROM messages WHERE status IN ('Ready', 'Retry', 'Suspended') "
-    "ORDER BY queue_id LIMIT ?) AS m JOIN recipients AS r ON r.queue_id = m.queue_id "
-    "AND r.status NOT IN ('Delivered', 'Failed') ORDER BY m.queue_id, r.idx"
+    "AND queue_id > ? ORDER BY queue_id LIMIT ?) AS m JOIN recipients AS r "
+    "ON r.queue_id = m.queue_id AND r.status NOT IN ('Delivered', 'Failed') "
+    "ORDER BY m.queue_id, r.idx"
 )
 _RCPT_COLS = RECIPIENT_COLUMNS
 _FINAL_SQL = ", ".join(f"'{s.value}'" for s in sorted(FINAL_STATUSES))
@@ -1278,12 +1279,13 @@ class SqliteStore(Store):
             return []
         return await self._read(run)
 
-    async def queue_entries(self, *, limit: int) -> list[QueueEntry]:
+    async def queue_entries(self, *, limit: int, after: str | None = None) -> list[QueueEntry]:
+        cursor = check_after(after) or ""  # every queue id is greater than ""
         if limit <= 0:
             return []
 
         def run(conn: sqlite3.Connection) -> list[QueueEntry]:
-            return queue_entries_from_rows(conn.execute(_QUEUE_ENTRIES_SQL, (limit,)))
+            return queue_entries_from_rows(conn.execute(_QUEUE_ENTRIES_SQL, (cursor, limit)))
 
         return await self._read(run)
 

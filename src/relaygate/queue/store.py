@@ -154,12 +154,13 @@ class Store(Protocol):
         queue_id LIMIT ?``), never applied to a larger result afterwards."""
         ...
 
-    async def queue_entries(self, *, limit: int) -> list[QueueEntry]:
+    async def queue_entries(self, *, limit: int, after: str | None = None) -> list[QueueEntry]:
         """The first ``limit`` unfinished messages (stored status Ready, Retry or Suspended) in
         queue-id order, each as a :class:`QueueEntry`: the few message columns Get-Queue reads
         and its unfinished recipients in their order; no bytes, no metadata, no finished
         recipients. One query (messages joined with recipients), so that Get-Queue over
-        100,000 messages does not build 100,000 :class:`StoredMessage` objects."""
+        100,000 messages does not build 100,000 :class:`StoredMessage` objects. ``after``: only
+        messages whose queue id is greater (keyset paging, as in ``list_messages``)."""
         ...
 
     async def lease_due(
