@@ -20,7 +20,14 @@ import pytest
 
 from relaygate.queue import model as model_mod
 from relaygate.queue import pg_store as pg_store_mod
-from relaygate.queue.model import Envelope, RecipientState, RecipientStatus, SendLimit, SendWait
+from relaygate.queue.model import (
+    Envelope,
+    GraphDraft,
+    RecipientState,
+    RecipientStatus,
+    SendLimit,
+    SendWait,
+)
 from relaygate.queue.pg_store import PostgresStore
 from relaygate.queue.store import CorruptMessageError, StoreError
 from tests.support.postgres import PostgresServer
@@ -286,13 +293,14 @@ def schema_numbers(url: str) -> tuple[int, int]:
 
 async def test_a_queue_of_the_previous_release_is_upgraded_in_place(postgres_url: str) -> None:
     """A queue of the release before send budgets (version 1, no send_log, no layout column):
-    its messages stay, send_log is added, and its version stays 1, so nodes of that release can
-    still open it (send_log is additive: only the layout goes to 2; test_schema_compat.py runs
-    that release)."""
+    its messages stay, send_log and graph_drafts are added, and its version stays 1, so nodes of
+    that release can still open it (both are additive: only the layout goes to 3;
+    test_schema_compat.py runs that release)."""
     async with PostgresStore(postgres_url) as store:
         qid = await store.submit(env("a@x.example"), b"kept")
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         conn.execute("DROP TABLE send_log")
+        conn.execute("DROP TABLE graph_drafts")
         conn.execute("ALTER TABLE relaygate_schema DROP COLUMN layout")
         conn.execute("UPDATE relaygate_schema SET version = 1")
     async with PostgresStore(postgres_url) as store:
@@ -300,10 +308,12 @@ async def test_a_queue_of_the_previous_release_is_upgraded_in_place(postgres_url
         limit = [SendLimit(60.0, max_messages=1)]
         assert await store.reserve_send("m365", 1000.0, 1, limit) is None
         assert await store.reserve_send("m365", 1001.0, 1, limit) == SendWait(1060.0, limit[0])
-    assert schema_numbers(postgres_url) == (1, 2)
-    async with PostgresStore(postgres_url) as store:  # again, with the table there
+        await store.save_graph_draft(qid, "r", GraphDraft("m@x.example", "d1"))
+    assert schema_numbers(postgres_url) == (1, 3)
+    async with PostgresStore(postgres_url) as store:  # again, with the tables there
         assert await store.reserve_send("m365", 1002.0, 1, limit) == SendWait(1060.0, limit[0])
-    assert schema_numbers(postgres_url) == (1, 2)
+        assert await store.graph_draft(qid, "r") == GraphDraft("m@x.example", "d1")
+    assert schema_numbers(postgres_url) == (1, 3)
 
 
 async def test_a_newer_additive_layout_is_used_as_it_is(postgres_url: str) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from relaygate.queue.model import Envelope, SendLimit, SendWait
+from relaygate.queue.model import Envelope, GraphDraft, SendLimit, SendWait
 from relaygate.queue.pg_store import PostgresStore
 from relaygate.queue.sqlite_store import SqliteStore
 from relaygate.queue.store import Store
@@ -152,6 +152,7 @@ async def test_the_previous_release_keeps_working_on_a_queue_this_release_opened
         assert await store.reserve_send("m365", 1000.0, 1, limit) is None
         assert await store.reserve_send("m365", 1001.0, 1, limit) == SendWait(1060.0, limit[0])
         mine = await store.submit(Envelope("new@corp.example", ["user@corp.example"]), b"new")
+        await store.save_graph_draft(mine, "Graph\nuser@corp.example", GraphDraft("m@x", "d1"))
         assert checked_version(name, where) == old  # what the previous release accepts
         if name == "sqlite":  # one node: the previous release runs after this one stopped
             await store.close()
@@ -166,8 +167,10 @@ async def test_the_previous_release_keeps_working_on_a_queue_this_release_opened
         for qid in (mine, second["submitted"]):
             msg = await store.get(qid)
             assert msg is not None and msg.status.value == "Delivered", msg
+        assert await store.graph_draft(mine, "Graph\nuser@corp.example") == GraphDraft("m@x", "d1")
         # the previous release left the send records alone: the budget is still spent
         assert await store.reserve_send("m365", 1002.0, 1, limit) == SendWait(1060.0, limit[0])
         assert await store.purge_completed(time.time() + 1) == 3
+        assert await store.graph_draft(mine, "Graph\nuser@corp.example") is None  # with it
     finally:
         await store.close()

@@ -20,6 +20,7 @@ import pytest
 from relaygate.queue import sqlite_store
 from relaygate.queue.model import (
     Envelope,
+    GraphDraft,
     QueueIdGenerator,
     RecipientState,
     SendLimit,
@@ -541,7 +542,7 @@ async def test_a_version_1_queue_is_upgraded_in_place(db_path: Path) -> None:
     async with SqliteStore(db_path) as s:
         qid = await s.submit(env(), b"v" * 100_000)
         assert await s.read_data(qid) == b"v" * 100_000
-    assert schema_numbers(db_path) == (2, 3)
+    assert schema_numbers(db_path) == (2, 4)
 
 
 def schema_numbers(db_path: Path) -> tuple[int, int]:
@@ -557,22 +558,27 @@ def schema_numbers(db_path: Path) -> tuple[int, int]:
 
 async def test_a_queue_of_the_previous_release_is_upgraded_in_place(db_path: Path) -> None:
     """A queue of the release before send budgets (version 2, no send_log, no layout): its
-    messages stay, send_log is added, and its version stays 2, so that release can still open it
-    (send_log is additive: only the layout goes to 3; test_schema_compat.py runs that release)."""
+    messages stay, send_log and graph_drafts are added, and its version stays 2, so that release
+    can still open it (both are additive: only the layout goes to 4; test_schema_compat.py runs that release)."""
     async with SqliteStore(db_path) as s:
         qid = await s.submit(env("a@x.example"), b"kept")
     conn = sqlite3.connect(db_path)
-    conn.executescript("DROP TABLE send_log; DROP TABLE relaygate_schema; PRAGMA user_version = 2;")
+    conn.executescript(
+        "DROP TABLE send_log; DROP TABLE graph_drafts; DROP TABLE relaygate_schema; "
+        "PRAGMA user_version = 2;"
+    )
     conn.close()
     async with SqliteStore(db_path) as s:
         assert await s.read_data(qid) == b"kept"
         limit = [SendLimit(60.0, max_messages=1)]
         assert await s.reserve_send("m365", 1000.0, 1, limit) is None
         assert await s.reserve_send("m365", 1001.0, 1, limit) == SendWait(1060.0, limit[0])
-    assert schema_numbers(db_path) == (2, 3)
-    async with SqliteStore(db_path) as s:  # again, with the table there: nothing changes
+        await s.save_graph_draft(qid, "r", GraphDraft("m@x.example", "d1"))
+    assert schema_numbers(db_path) == (2, 4)
+    async with SqliteStore(db_path) as s:  # again, with the tables there: nothing changes
         assert await s.reserve_send("m365", 1002.0, 1, limit) == SendWait(1060.0, limit[0])
-    assert schema_numbers(db_path) == (2, 3)
+        assert await s.graph_draft(qid, "r") == GraphDraft("m@x.example", "d1")
+    assert schema_numbers(db_path) == (2, 4)
 
 
 async def test_a_newer_additive_layout_is_used_as_it_is(db_path: Path) -> None:

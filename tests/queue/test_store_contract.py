@@ -18,6 +18,7 @@ from relaygate.queue import model as model_mod
 from relaygate.queue.model import (
     SEND_LOG_RETENTION,
     Envelope,
+    GraphDraft,
     RecipientState,
     RecipientStatus,
     SendLimit,
@@ -602,6 +603,46 @@ def test_address_patterns_are_checked() -> None:
     assert not pattern.matches("scan1@scanners.corp.example.evil")
     assert AddressPattern.parse("<Scan1@x>").matches("scan1@X")
     assert AddressPattern.parse("<>").matches("") and not AddressPattern.parse("<>").matches("a")
+
+
+# ------------------------------------------------------------------ Graph drafts
+
+
+async def test_a_graph_draft_is_recorded_durably_per_route_and_goes_with_its_message(
+    new_store: Callable[[], Store],
+) -> None:
+    """save_graph_draft / graph_draft: one record per (message, route), replaced, forgotten,
+    there after a restart, gone with the message; an unknown queue id is a no-op."""
+    store = new_store()
+    await store.open()
+    try:
+        qid = await store.submit(env("a@x.example", "b@x.example"), b"m")
+        other = await store.submit(env("c@x.example"), b"n")
+        assert await store.graph_draft(qid, "Graph M365\na@x.example") is None
+        await store.save_graph_draft(qid, "Graph M365\na@x.example", GraphDraft("mb@x", "d1"))
+        await store.save_graph_draft(qid, "Graph M365\nb@x.example", GraphDraft("mb@x", "d2"))
+        await store.save_graph_draft(
+            qid, "Graph M365\na@x.example", GraphDraft("mb@x", "d1", sending=True)
+        )
+        await store.save_graph_draft(other, "Graph M365\nc@x.example", GraphDraft("mb@x", "d3"))
+        await store.save_graph_draft("0123456789ABCDEF", "r", GraphDraft("mb@x", "d4"))
+        assert await store.graph_draft("0123456789ABCDEF", "r") is None
+    finally:
+        await store.close()
+    store = new_store()
+    await store.open()  # a restart: the records are still there
+    try:
+        assert await store.graph_draft(qid, "Graph M365\na@x.example") == GraphDraft(
+            "mb@x", "d1", sending=True
+        )
+        assert await store.graph_draft(qid, "Graph M365\nb@x.example") == GraphDraft("mb@x", "d2")
+        await store.save_graph_draft(qid, "Graph M365\nb@x.example", None)
+        assert await store.graph_draft(qid, "Graph M365\nb@x.example") is None
+        assert await store.remove(qid) is not None
+        assert await store.graph_draft(qid, "Graph M365\na@x.example") is None
+        assert await store.graph_draft(other, "Graph M365\nc@x.example") == GraphDraft("mb@x", "d3")
+    finally:
+        await store.close()
 
 
 # ------------------------------------------------------------------ send budgets (reserve_send)

@@ -25,6 +25,7 @@ __all__ = [
     "SEND_LOG_RETENTION",
     "SMTPUTF8",
     "Envelope",
+    "GraphDraft",
     "QueueEntry",
     "QueueIdGenerator",
     "RecipientState",
@@ -233,6 +234,20 @@ class SendWait:
     until: float
     limit: SendLimit
     reserved: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class GraphDraft:
+    """A Microsoft Graph draft an attempt made for one route of a message
+    (``Store.save_graph_draft``): what the next attempt must resolve before it makes another.
+
+    mailbox: the mailbox the draft is in; draft_id: its id there.
+    sending: ``POST .../send`` was (or was about to be) requested: Graph may have sent it.
+    """
+
+    mailbox: str
+    draft_id: str
+    sending: bool = False
 
 
 def message_status(suspended: bool, statuses: list[RecipientStatus]) -> RecipientStatus:

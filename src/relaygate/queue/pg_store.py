@@ -58,6 +58,7 @@ from .model import (
     RECIPIENT_COLUMNS,
     SEND_LOG_RETENTION,
     Envelope,
+    GraphDraft,
     QueueEntry,
     QueueIdGenerator,
     RecipientState,
@@ -95,8 +96,10 @@ Conn = psycopg.AsyncConnection[Any]
 #: 2: development builds of send_log (a952ede until this rule) wrote 2, so the next bump is to 3.
 SCHEMA_VERSION = 1
 #: relaygate_schema.layout: 1 (what version 1 meant before the split), 2: send_log (send
-#: connectors' pacing limits; additive: a release without it simply does not pace).
-SCHEMA_LAYOUT = 2
+#: connectors' pacing limits; additive: a release without it simply does not pace), 3:
+#: graph_drafts (the Graph drafts an attempt left to resolve; additive: a release without it makes
+#: a new draft, as it did).
+SCHEMA_LAYOUT = 3
 #: Any fixed number: taken with pg_advisory_xact_lock while the schema is created, so that nodes
 #: starting together do not race on CREATE TABLE IF NOT EXISTS (which is not concurrency-safe).
 _SCHEMA_LOCK = 0x52_47_51_31  # "RGQ1"
@@ -162,6 +165,14 @@ CREATE TABLE IF NOT EXISTS send_log (
     recipients integer NOT NULL
 );
 CREATE INDEX IF NOT EXISTS send_log_key_at ON send_log (key, at);
+CREATE TABLE IF NOT EXISTS graph_drafts (
+    queue_id text NOT NULL REFERENCES messages (queue_id) ON DELETE CASCADE,
+    route    text NOT NULL,
+    mailbox  text NOT NULL,
+    draft_id text NOT NULL,
+    sending  boolean NOT NULL,
+    PRIMARY KEY (queue_id, route)
+);
 """
 
 #: A submit in one statement: the message, its bytes and its recipients (none of the three when
@@ -522,7 +533,8 @@ class PostgresStore(Store):
             )
         elif version < SCHEMA_VERSION or layout is None or layout < SCHEMA_LAYOUT:
             # An older queue, upgraded in place: what it lacks was created just above (layout
-            # 1 → 2: the send_log table and its index). A newer layout stays as it is.
+            # 1 → 2: the send_log table and its index; 3: graph_drafts). A newer layout stays as
+            # it is.
             await conn.execute(
                 "UPDATE relaygate_schema SET version = greatest(version, %s), "
                 "layout = greatest(layout, %s)",
@@ -933,7 +945,39 @@ class PostgresStore(Store):
 
         return await self._tx(run)
 
+    async def save_graph_draft(self, queue_id: str, route: str, draft: GraphDraft | None) -> None:
+        async def run(conn: Conn) -> None:
+            if draft is None:
+                await conn.execute(
+                    "DELETE FROM graph_drafts WHERE queue_id = %s AND route = %s",
+                    (queue_id, route),
+                )
+                return
+            # A message removed meanwhile: no row (its record would go with it).
+            await conn.execute(
+                "INSERT INTO graph_drafts (queue_id, route, mailbox, draft_id, sending) "
+                "SELECT %s, %s, %s, %s, %s WHERE EXISTS "
+                "(SELECT 1 FROM messages WHERE queue_id = %s) "
+                "ON CONFLICT (queue_id, route) DO UPDATE SET mailbox = excluded.mailbox, "
+                "draft_id = excluded.draft_id, sending = excluded.sending",
+                (queue_id, route, draft.mailbox, draft.draft_id, draft.sending, queue_id),
+            )
+
+        await self._tx(run)
+
     # ------------------------------------------------------------------ reads
+
+    async def graph_draft(self, queue_id: str, route: str) -> GraphDraft | None:
+        async def run(conn: Conn) -> GraphDraft | None:
+            cur = await conn.execute(
+                "SELECT mailbox, draft_id, sending FROM graph_drafts "
+                "WHERE queue_id = %s AND route = %s",
+                (queue_id, route),
+            )
+            row = await cur.fetchone()
+            return None if row is None else GraphDraft(row[0], row[1], bool(row[2]))
+
+        return await self._tx(run, readonly=True)
 
     async def get(self, queue_id: str) -> StoredMessage | None:
         async def run(conn: Conn) -> StoredMessage | None:

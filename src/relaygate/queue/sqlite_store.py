@@ -65,6 +65,7 @@ from .model import (
     RECIPIENT_COLUMNS,
     SEND_LOG_RETENTION,
     Envelope,
+    GraphDraft,
     QueueEntry,
     QueueIdGenerator,
     RecipientState,
@@ -104,8 +105,9 @@ T = TypeVar("T")
 #: (a952ede until this rule) wrote 3, so the next bump is to 4.
 SCHEMA_VERSION = 2
 #: relaygate_schema.layout: 1 and 2 as the versions above, 3: send_log (send connectors' pacing
-#: limits; additive: a release without it simply does not pace).
-SCHEMA_LAYOUT = 3
+#: limits; additive: a release without it simply does not pace), 4: graph_drafts (the Graph drafts
+#: an attempt left to resolve; additive: a release without it makes a new draft, as it did).
+SCHEMA_LAYOUT = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -158,6 +160,15 @@ CREATE TABLE IF NOT EXISTS send_log (
     recipients INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS send_log_key_at ON send_log (key, at);
+-- the Microsoft Graph draft an attempt made for a route (Store.save_graph_draft)
+CREATE TABLE IF NOT EXISTS graph_drafts (
+    queue_id TEXT NOT NULL REFERENCES messages (queue_id) ON DELETE CASCADE,
+    route    TEXT NOT NULL,
+    mailbox  TEXT NOT NULL,
+    draft_id TEXT NOT NULL,
+    sending  INTEGER NOT NULL,
+    PRIMARY KEY (queue_id, route)
+) WITHOUT ROWID;
 -- one row: the layout (SCHEMA_LAYOUT), the version every release checks is PRAGMA user_version
 CREATE TABLE IF NOT EXISTS relaygate_schema (layout INTEGER NOT NULL);
 """
@@ -513,7 +524,8 @@ class SqliteStore(Store):
             columns = {row[1] for row in conn.execute("PRAGMA table_info(message_data)")}
             if "spool" not in columns:  # a version 1 queue: every message is still inline
                 conn.execute("ALTER TABLE message_data ADD COLUMN spool TEXT")
-            # An older layout was upgraded just above (3: the send_log table and its index);
+            # An older layout was upgraded just above (3: the send_log table and its index; 4:
+            # graph_drafts);
             # a newer one stays as it is.
             layout = conn.execute("SELECT max(layout) FROM relaygate_schema").fetchone()[0]
             if layout is None:
@@ -1071,6 +1083,21 @@ class SqliteStore(Store):
         assert rest is not None  # the tightest recipient limit is full now
         return SendWait(rest.until, rest.limit, room)
 
+    @staticmethod
+    def _op_save_graph_draft(
+        conn: sqlite3.Connection, queue_id: str, route: str, draft: GraphDraft | None
+    ) -> None:
+        if draft is None:
+            conn.execute(
+                "DELETE FROM graph_drafts WHERE queue_id = ? AND route = ?", (queue_id, route)
+            )
+            return
+        conn.execute(  # a message removed meanwhile: no row (its record goes with it)
+            "INSERT OR REPLACE INTO graph_drafts (queue_id, route, mailbox, draft_id, sending) "
+            "SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM messages WHERE queue_id = ?)",
+            (queue_id, route, draft.mailbox, draft.draft_id, int(draft.sending), queue_id),
+        )
+
     # ------------------------------------------------------------------ public API: writes
 
     async def submit(
@@ -1233,7 +1260,22 @@ class SqliteStore(Store):
             self._op_reserve_send, key, now, recipients, tuple(limits), partial, durable=False
         )
 
+    async def save_graph_draft(self, queue_id: str, route: str, draft: GraphDraft | None) -> None:
+        # fsync'd: the next attempt, after a crash too, must find the draft (or know it is gone)
+        await self._write(self._op_save_graph_draft, queue_id, route, draft)
+
     # ------------------------------------------------------------------ public API: reads
+
+    async def graph_draft(self, queue_id: str, route: str) -> GraphDraft | None:
+        def run(conn: sqlite3.Connection) -> GraphDraft | None:
+            row = conn.execute(
+                "SELECT mailbox, draft_id, sending FROM graph_drafts "
+                "WHERE queue_id = ? AND route = ?",
+                (queue_id, route),
+            ).fetchone()
+            return None if row is None else GraphDraft(row[0], row[1], bool(row[2]))
+
+        return await self._read(run)
 
     async def get(self, queue_id: str) -> StoredMessage | None:
         found = await self._read(_load_ids, [queue_id])

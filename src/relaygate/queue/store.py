@@ -21,6 +21,8 @@ Contract highlights
 * Unknown queue ids: ``get``/``remove`` return ``None``; ``read_data``, ``set_flags`` and
   ``retry_now`` raise ``KeyError``; ``release`` and ``record_results`` are no-ops (the admin may
   have removed the message while it was being delivered).
+* Graph drafts (``save_graph_draft``) are durable on return, as every mutating call: a node that
+  takes the message over after a crash finds them.
 * Send budgets (``reserve_send``) are shared by every client of one store: the workers of a node
   (SQLite) and every node of a cluster (PostgreSQL). A reservation is atomic: two clients that
   reserve at once never both take the last slot.
@@ -35,7 +37,15 @@ from typing import Protocol, runtime_checkable
 
 from relaygate.address_patterns import AddressPattern, ascii_lower
 
-from .model import Envelope, QueueEntry, RecipientState, SendLimit, SendWait, StoredMessage
+from .model import (
+    Envelope,
+    GraphDraft,
+    QueueEntry,
+    RecipientState,
+    SendLimit,
+    SendWait,
+    StoredMessage,
+)
 
 __all__ = [
     "AddressPattern",
@@ -247,6 +257,18 @@ class Store(Protocol):
         attempt). ``purge_completed`` prunes the records (a window is at most
         ``SEND_LOG_RETENTION``). ``ValueError`` for a send that can never fit (more recipients
         than a ``max_recipients``, a ``max_messages`` under 1) or a window out of range."""
+        ...
+
+    async def graph_draft(self, queue_id: str, route: str) -> GraphDraft | None:
+        """The Graph draft recorded for ``route`` of the message (``save_graph_draft``), or
+        ``None``."""
+        ...
+
+    async def save_graph_draft(self, queue_id: str, route: str, draft: GraphDraft | None) -> None:
+        """Record (durably) the Graph draft an attempt made for ``route`` (a send connector and
+        its recipients) of the message, replacing the one recorded before; ``None`` forgets it.
+        A no-op for an unknown queue id; the record goes with its message (``remove``, a
+        purge)."""
         ...
 
     async def counts(self) -> dict[str, int]:
