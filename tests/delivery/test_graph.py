@@ -27,6 +27,7 @@ import trustme
 from relaygate.config.loader import ConfigError, parse_text
 from relaygate.delivery.graph import GRAPH_SCOPE, recipient_plan
 from relaygate.delivery.routing import explain_route
+from relaygate.logs.tracking import search
 from relaygate.queue.model import RecipientStatus
 from relaygate.replies import Reply
 from tests.delivery.test_oauth import CLIENT_ID, SECRET, TENANT, TOKEN, FakeEntra
@@ -57,6 +58,10 @@ class Call:
 
 
 Answer = tuple[int, dict[str, str], bytes]
+#: Answers a script may give: DROP closes the connection without an answer; HANG holds the
+#: request (no answer) until `FakeGraph.release` is set (at most 60 s), then closes it.
+DROP: Answer = (0, {}, b"")
+HANG: Answer = (-1, {}, b"")
 
 
 def graph_error(status: int, code: str, message: str, **headers: str) -> Answer:
@@ -92,10 +97,14 @@ class FakeGraph:
     /messages/{id}/attachments/createUploadSession and the sessions' upload URLs (/upload/...,
     pre-authenticated: a request with an Authorization header is refused, as is a Content-Range
     that is not the next one, a chunk over 4 MB or, but for the last, not a multiple of
-    320 KiB). Drafts live in `drafts` until sent (→ `sent`) or deleted; `violations` lists
-    what an upload did wrong.
+    320 KiB). Drafts live in `drafts` until sent (→ `sent`) or deleted, each with its own id
+    (``AAMkAD=draft/<n>``); a GET of a draft answers its isDraft, of a sent or deleted one 404
+    (Graph moves a sent draft to Sent Items, under another id); `violations` lists what an
+    upload did wrong.
 
-    `script(call)` may answer a call (else the success answer of Graph is given)."""
+    `script(call)` may answer a call (else the success answer of Graph is given), DROP or HANG
+    included; it may call `success(call)` first (Graph acted on the request, then the answer is
+    lost)."""
 
     def __init__(self, cert: trustme.LeafCert) -> None:
         self.calls: list[Call] = []
@@ -105,6 +114,8 @@ class FakeGraph:
         self.sessions: dict[str, UploadSession] = {}
         self.violations: list[str] = []
         self.lock = threading.Lock()
+        self.release = threading.Event()  # ends the HANG answers
+        self.made = 0  # drafts made
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -119,6 +130,11 @@ class FakeGraph:
                 with owner.lock:
                     owner.calls.append(call)
                     status, headers, body = owner.script(call) or owner.success(call)
+                if status in (DROP[0], HANG[0]):
+                    if status == HANG[0]:
+                        owner.release.wait(60)
+                    self.close_connection = True
+                    return
                 self.send_response(status)
                 for k, v in headers.items():
                     self.send_header(k, v)
@@ -126,7 +142,7 @@ class FakeGraph:
                 self.end_headers()
                 self.wfile.write(body)
 
-            do_POST = do_PATCH = do_DELETE = do_PUT = _handle
+            do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _handle
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -149,7 +165,8 @@ class FakeGraph:
             self.sent.append(Draft(call.mime))
             return 202, {}, b""
         if call.method == "POST" and path.endswith("/messages"):
-            draft_id = "AAMkAD=draft/1"
+            self.made += 1
+            draft_id = f"AAMkAD=draft/{self.made}"
             self.drafts[draft_id] = Draft(call.mime)
             body = json.dumps({"id": draft_id, "isDraft": True}).encode()
             return 201, {"Content-Type": "application/json"}, body
@@ -160,6 +177,9 @@ class FakeGraph:
             return self.create_upload_session(draft_id, json.loads(call.body))
         if call.method == "POST" and path.endswith("/attachments"):
             return self.post_attachment(draft_id, json.loads(call.body), len(call.body))
+        if call.method == "GET":
+            body = json.dumps({"id": draft_id, "isDraft": True}).encode()
+            return 200, {"Content-Type": "application/json"}, body
         if call.method == "PATCH":
             self.drafts[draft_id].recipients = json.loads(call.body)
             return 200, {"Content-Type": "application/json"}, b"{}"
@@ -246,6 +266,7 @@ class FakeGraph:
         return f"https://127.0.0.1:{self.port}/v1.0"
 
     def close(self) -> None:
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -481,7 +502,7 @@ async def test_a_failed_send_of_the_draft_deletes_it_and_retries_later(
         ]
         assert methods[4:] == [
             ("POST", "messages"),
-            ("PATCH", "AAMkAD%3Ddraft%2F1"),
+            ("PATCH", "AAMkAD%3Ddraft%2F2"),
             ("POST", "send"),
         ]
         assert (await statuses(relay))["erin@example.com"].attempts == 2
@@ -1761,5 +1782,161 @@ async def test_a_reload_during_an_upload_lets_it_finish_and_sends_once(
         assert len(graph.sent) == 1 and graph.drafts == {} and graph.violations == []
         assert graph.sent[0].attachments[0]["content"] == pdf
         assert [c.method for c in graph.calls].count("DELETE") == 0
+    finally:
+        await relay.stop()
+
+
+# ------------------------------------------------------ 11. a send whose outcome is unknown
+
+
+def is_send(call: Call) -> bool:
+    return call.method == "POST" and call.path.endswith("/send")
+
+
+def kinds(graph: FakeGraph) -> list[tuple[str, str]]:
+    return [(c.method, c.path.split("?")[0].rsplit("/", 1)[-1]) for c in graph.calls]
+
+
+@pytest.mark.parametrize("lost", ["dropped", "timeout", "503"])
+@pytest.mark.parametrize("big", [False, True], ids=["draft", "upload"])
+async def test_a_send_graph_accepted_but_did_not_answer_is_looked_up_not_sent_twice(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path, lost: str, big: bool
+) -> None:
+    """Graph takes the draft's send, then the answer is lost (the connection dropped, no answer
+    within the timeout, a 503): the attempt is deferred with the draft kept; the next one looks
+    the draft up first, finds it gone (sent: moved to Sent Items) and records the recipients
+    delivered, confirmed by lookup, in the queue and the tracking log. Before, the retry made a
+    new draft and the recipient got the message twice."""
+
+    def script(call: Call) -> Answer | None:
+        if is_send(call) and sum(map(is_send, graph.calls)) == 1:
+            graph.success(call)  # Graph sends it...
+            if lost == "503":
+                return graph_error(503, "ServiceUnavailable", "Try again")
+            return DROP if lost == "dropped" else HANG  # ...and the answer never comes
+        return None
+
+    graph.script = script
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    assert relay.manager is not None
+    relay.manager.delivery_timeout = 2.0
+    try:
+        if big:
+            data = scan_message(pdf_like(3_500_000))
+            await asyncio.to_thread(smtplib_send, relay, SENDER, ["bob@example.com"], data)
+        else:  # erin only in the envelope: the draft path
+            data = b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n"
+            assert (await send(relay, SENDER, ["bob@example.com", "erin@example.com"], data))[
+                0
+            ] == 250
+
+        async def delivered() -> Any:
+            s = await statuses(relay)
+            done = s and all(r.status == RecipientStatus.DELIVERED for r in s.values())
+            return s if done else None
+
+        s = await wait_for(delivered, timeout=30.0)
+        await asyncio.sleep(1.5)  # a retry would come after 1 s
+        assert len(graph.sent) == 1 and graph.drafts == {}  # the recipient got it once
+        r = s["bob@example.com"]
+        assert r.attempts == 2
+        assert r.last_error.startswith("250 2.6.0 Microsoft Graph had sent the draft"), r
+        assert "confirmed by lookup: the draft is gone (404)" in r.last_error
+        calls = kinds(graph)
+        assert calls.count(("POST", "messages")) == 1
+        assert [k for k in calls if k[1] == "send"] == [("POST", "send")]
+        assert calls[-1] == ("GET", "AAMkAD%3Ddraft%2F1")
+        assert ("DELETE", "AAMkAD%3Ddraft%2F1") not in calls
+        assert relay.tracking is not None
+        await asyncio.to_thread(relay.tracking.flush)
+        defers = search(relay.tracking.path, event_id="DEFER")
+        assert any("the next attempt looks it up" in str(e["recipient-status"]) for e in defers)
+        sends = search(relay.tracking.path, event_id="SEND")
+        assert any("confirmed by lookup" in str(e["recipient-status"]) for e in sends)
+    finally:
+        await relay.stop()
+
+
+async def test_a_draft_still_a_draft_after_a_lost_answer_is_sent_again_not_rebuilt(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """The connection drops before Graph took the send: the next attempt finds the draft still a
+    draft (isDraft true) and sends that same draft (its attachment uploaded once), not a new
+    one."""
+
+    def script(call: Call) -> Answer | None:
+        if is_send(call) and sum(map(is_send, graph.calls)) == 1:
+            return DROP  # Graph never got it: the draft stays a draft
+        return None
+
+    graph.script = script
+    pdf = pdf_like(3_500_000)
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    try:
+        await asyncio.to_thread(smtplib_send, relay, SENDER, ["bob@example.com"], scan_message(pdf))
+
+        async def delivered() -> Any:
+            r = (await statuses(relay)).get("bob@example.com")
+            return r if r is not None and r.status == RecipientStatus.DELIVERED else None
+
+        r = await wait_for(delivered, timeout=30.0)
+        await asyncio.sleep(1.5)
+        assert r.attempts == 2
+        assert "the draft of an earlier attempt sent" in r.last_error
+        [sent] = graph.sent
+        assert graph.drafts == {}
+        assert [a["content"] for a in sent.attachments] == [pdf]
+        assert kinds(graph) == [
+            ("POST", "messages"),
+            ("POST", "createUploadSession"),
+            ("PUT", "s1"),
+            ("PUT", "s1"),
+            ("PATCH", "AAMkAD%3Ddraft%2F1"),
+            ("POST", "send"),
+            ("GET", "AAMkAD%3Ddraft%2F1"),
+            ("POST", "send"),
+        ]
+        sends = [c.path for c in graph.calls if is_send(c)]
+        assert sends[0] == sends[1]
+    finally:
+        await relay.stop()
+
+
+async def test_a_failed_lookup_is_retried_before_anything_else_at_the_next_attempt(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """The lookup of a draft whose send got no answer fails (a 503): the attempt stays a
+    temporary failure; the next one looks it up again, first, and nothing is sent twice."""
+
+    def script(call: Call) -> Answer | None:
+        if is_send(call):
+            graph.success(call)
+            return DROP
+        if call.method == "GET" and sum(c.method == "GET" for c in graph.calls) == 1:
+            return graph_error(503, "ServiceUnavailable", "Try again")
+        return None
+
+    graph.script = script
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    try:
+        data = b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n"
+        assert (await send(relay, SENDER, ["bob@example.com", "erin@example.com"], data))[0] == 250
+
+        async def delivered() -> Any:
+            r = (await statuses(relay)).get("erin@example.com")
+            return r if r is not None and r.status == RecipientStatus.DELIVERED else None
+
+        r = await wait_for(delivered, timeout=30.0)
+        await asyncio.sleep(1.5)
+        assert r.attempts == 3
+        assert "confirmed by lookup" in r.last_error
+        assert kinds(graph) == [
+            ("POST", "messages"),
+            ("PATCH", "AAMkAD%3Ddraft%2F1"),
+            ("POST", "send"),
+            ("GET", "AAMkAD%3Ddraft%2F1"),
+            ("GET", "AAMkAD%3Ddraft%2F1"),
+        ]
+        assert len(graph.sent) == 1 and graph.drafts == {}
     finally:
         await relay.stop()

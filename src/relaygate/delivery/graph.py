@@ -52,7 +52,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from email.parser import HeaderParser
 from email.policy import compat32
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
 
 from relaygate.delivery.mime_split import Attachment, Split, Unsplittable, split_attachments
@@ -67,6 +67,7 @@ __all__ = [
     "GRAPH_MAX_REQUEST_OCTETS",
     "GRAPH_SCOPE",
     "UPLOAD_CHUNK_OCTETS",
+    "DraftRecord",
     "GraphOutcome",
     "GraphTransport",
     "graph_mailbox",
@@ -101,6 +102,14 @@ UPLOAD_CHUNK_OCTETS = 10 * 320 * 1024
 #: An attachment under 3 MB goes in one POST (its base64 in JSON, under the request limit), as
 #: Microsoft's documentation says; upload sessions are for 3 to 150 MB.
 DIRECT_ATTACHMENT_OCTETS = 3_000_000
+#: Messages at most this big are split and their attachments decoded on the event loop (a few
+#: milliseconds); bigger ones in a worker thread (`_off_loop`): a 100 MB attachment's base64
+#: takes ~0.5 s to decode, during which no SMTP session would get a reply.
+OFF_LOOP_OCTETS = 1024 * 1024
+#: Decoded attachments held at once by all the Graph deliveries of the process (each up to
+#: 150 MB, for as long as its upload lasts): a burst of big scans waits its turn rather than
+#: taking the memory of them all.
+DECODED_ATTACHMENTS = 2
 
 #: The Graph hosts of Microsoft's clouds (global, US Government L4/L5, China, Germany).
 _GRAPH_HOSTS = frozenset(
@@ -266,12 +275,16 @@ class _GraphError(Exception):
         status: int = 0,
         retry_after: float | None = None,
         detail: str = "",
+        unknown: bool = False,
     ) -> None:
         super().__init__(reply.line())
         self.reply = reply
         self.status = status
         self.retry_after = retry_after
         self.detail = detail  # Graph's status and error, for a reply made later
+        #: Graph may have acted on the request: it was sent (or being sent) and no answer came
+        #: (a timeout, the connection dropped), or the answer was a 5xx.
+        self.unknown = unknown
 
 
 def _clean(text: str, limit: int = 300) -> str:
@@ -404,6 +417,39 @@ def refusal(mailbox: str, data: bytes) -> Reply | None:
 
 
 # ==================================================================================================
+# the draft an attempt leaves behind
+
+
+class DraftRecord(Protocol):
+    """Where the draft of one route of a message is remembered between attempts, durably (the
+    queue store's graph_drafts, through the queue manager): a crash mid-upload, or a send whose
+    answer never came, leaves a draft that the next attempt, on this node or another, after a
+    restart too, must resolve before it makes another one.
+
+    Why the queue store and not a marker on the draft found again by a ``$filter`` query: the
+    store already is the durable, shared (PostgreSQL: every node) state of each message and is
+    written before the draft is used; a marker would need an extra PATCH (a draft made from MIME
+    takes no extended property) with a crash window before it, a query at every attempt of
+    every big message, and the mailbox of the attempt that made it (the connector's may have
+    changed since)."""
+
+    async def load(self) -> tuple[str, str, bool] | None:
+        """(mailbox, draft id, whether its send was requested), or None."""
+        ...
+
+    async def save(self, mailbox: str, draft_id: str, *, sending: bool) -> None: ...
+
+    async def forget(self) -> None: ...
+
+
+async def _off_loop(fn: Callable[..., Any], *args: Any, octets: int) -> Any:
+    """``fn(*args)`` in a worker thread when it works on more than OFF_LOOP_OCTETS, else here."""
+    if octets <= OFF_LOOP_OCTETS:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
+# ==================================================================================================
 # the transport
 
 
@@ -424,6 +470,8 @@ class GraphTransport:
         self._busy = 0  # deliveries in flight
         self._idle = asyncio.Event()
         self._idle.set()
+        #: DECODED_ATTACHMENTS: taken while a decoded attachment is held (decode and upload)
+        self._decoded = asyncio.Semaphore(DECODED_ATTACHMENTS)
 
     async def _client(self, connector: Any) -> Any:
         import httpx  # imported on first use: only Graph connectors need it
@@ -468,10 +516,12 @@ class GraphTransport:
         data: bytes,
         timeout: float,
         log_privacy: AddressPrivacy | None = None,
+        drafts: DraftRecord | None = None,
     ) -> GraphOutcome:
         """One attempt for `recipients` through Graph (see the module docstring).
         ``log_privacy``: ``server.log_address_privacy`` for the service log's lines, which name the
-        mailbox (the envelope sender when no graph_mailbox or send_as is set)."""
+        mailbox (the envelope sender when no graph_mailbox or send_as is set). ``drafts``: where
+        the draft of this route is remembered between attempts (None: not at all)."""
         self._busy += 1
         self._idle.clear()
         try:
@@ -483,6 +533,7 @@ class GraphTransport:
                 data=data,
                 timeout=timeout,
                 log_privacy=log_privacy,
+                drafts=drafts,
             )
         finally:
             self._busy -= 1
@@ -499,6 +550,7 @@ class GraphTransport:
         data: bytes,
         timeout: float,
         log_privacy: AddressPrivacy | None = None,
+        drafts: DraftRecord | None = None,
     ) -> GraphOutcome:
         rcpts = list(dict.fromkeys(recipients))
         host = graph_host(connector)
@@ -512,7 +564,7 @@ class GraphTransport:
 
         if not mailbox:
             return every(NO_MAILBOX)
-        large = large_plan(data)
+        large = await _off_loop(large_plan, data, octets=len(data))
         if isinstance(large, Reply):
             return every(large)
         if token_provider is None:  # pragma: no cover - the manager builds one per connector
@@ -525,7 +577,7 @@ class GraphTransport:
             body = base64.b64encode(large.rest)
         client = await self._client(connector)
         base = str(getattr(connector, "graph_endpoint", "") or DEFAULT_ENDPOINT).rstrip("/")
-        user = f"{base}/users/{quote(mailbox, safe='@')}"
+        user = _user_url(base, mailbox)
         logged = mailbox if log_privacy is None else log_privacy.text(mailbox)
         refreshed = False
         while True:
@@ -538,16 +590,15 @@ class GraphTransport:
                     Reply(451, "4.7.0", f"SMTPSEND.Auth.TokenUnavailable; {_clean(str(exc))}")
                 )
             call = _Caller(client, token, mailbox, timeout)
+            job = _DraftJob(call, base, drafts, self._decoded, logged)
             try:
                 if large is not None and plan is not None:
-                    await _draft_and_send(call, user, body, plan, data, large.parts)
-                    how = f"draft sent, {len(large.parts)} attachment(s) uploaded"
+                    how = await job.run(user, body, plan, data, large.parts)
                 elif plan is None:
                     await call.post_mime(f"{user}/sendMail", body, expect=(202,))
                     how = "sendMail"
                 else:
-                    await _draft_and_send(call, user, body, plan)
-                    how = "draft sent"
+                    how = await job.run(user, body, plan)
             except _GraphError as failure:
                 if failure.status == 401 and not refreshed:
                     refreshed = True
@@ -561,6 +612,15 @@ class GraphTransport:
                 outcome.errors.append(f"{host}: {failure.reply.line()}")
                 outcome.retry_after = failure.retry_after
                 return every(failure.reply)
+            if how == _CONFIRMED:
+                return every(
+                    Reply(
+                        250,
+                        "2.6.0",
+                        "Microsoft Graph had sent the draft of an earlier attempt whose answer "
+                        f"was lost (confirmed by lookup: {job.confirmed}; as {job.mailbox})",
+                    )
+                )
             return every(
                 Reply(250, "2.6.0", f"202 Accepted by Microsoft Graph ({how} as {mailbox})")
             )
@@ -581,6 +641,12 @@ class _Caller:
         self.mailbox = mailbox
         self.timeout = timeout
 
+    def as_mailbox(self, mailbox: str) -> _Caller:
+        """The same calls, their errors naming `mailbox`."""
+        other = _Caller(self.client, "", mailbox, self.timeout)
+        other.headers = self.headers
+        return other
+
     async def request(
         self,
         method: str,
@@ -597,6 +663,10 @@ class _Caller:
         and outside Graph's host)."""
         import httpx
 
+        # The errors before any octet of the request left (connecting, waiting for a pooled
+        # connection); any other (a read timeout, the connection dropped) may come after Graph
+        # got the request and acted on it.
+        unsent = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
         headers = dict(self.headers) if authorized else {}
         if content_type:
             headers["Content-Type"] = content_type
@@ -615,7 +685,8 @@ class _Caller:
             raise _GraphError(
                 Reply(
                     451, "4.4.1", f"Microsoft Graph did not answer in time ({type(exc).__name__})"
-                )
+                ),
+                unknown=not isinstance(exc, unsent),
             ) from None
         except httpx.HTTPError as exc:
             reason = type(exc).__name__
@@ -623,7 +694,8 @@ class _Caller:
             if isinstance(cause, ssl.SSLCertVerificationError):
                 reason = f"certificate validation failed: {cause.verify_message or cause.reason}"
             raise _GraphError(
-                Reply(451, "4.4.0", f"Cannot reach Microsoft Graph ({_clean(reason)})")
+                Reply(451, "4.4.0", f"Cannot reach Microsoft Graph ({_clean(reason)})"),
+                unknown=not isinstance(exc, unsent),
             ) from None
         if response.status_code in expect:
             return response
@@ -631,7 +703,9 @@ class _Caller:
         wait = _retry_after(response.headers.get("Retry-After"))
         reply = reply_for_status(status, response.content, self.mailbox, wait)
         detail = _error_detail(status, response.content)
-        raise _GraphError(reply, status=status, retry_after=wait, detail=detail)
+        raise _GraphError(
+            reply, status=status, retry_after=wait, detail=detail, unknown=status >= 500
+        )
 
     async def post_mime(self, url: str, body: bytes, *, expect: tuple[int, ...]) -> Any:
         return await self.request(
@@ -670,27 +744,27 @@ def _with_hint(reply: Reply, hint: str) -> Reply:
     return Reply(reply.code, reply.enhanced, reply.text + hint)
 
 
-async def _delete_draft(call: _Caller, url: str, draft_id: str) -> None:
+_CONFIRMED = "confirmed"
+
+
+def _user_url(base: str, mailbox: str) -> str:
+    return f"{base}/users/{quote(mailbox, safe='@')}"
+
+
+def _draft_url(user: str, draft_id: str) -> str:
+    return f"{user}/messages/{quote(draft_id, safe='')}"
+
+
+async def _delete_draft(call: _Caller, url: str, draft_id: str) -> bool:
+    """Best effort: whether the draft is gone."""
     try:
         await call.request("DELETE", url, expect=(204, 200, 404))
+        return True
     except _GraphError as exc:
         log.warning("Microsoft Graph draft %s left in place: %s", draft_id, exc.reply.line())
     except Exception as exc:  # best effort: never in place of the failure being reported
         log.warning("Microsoft Graph draft %s left in place: %r", draft_id, exc)
-
-
-async def _set_recipients_and_send(call: _Caller, url: str, plan: RecipientPlan) -> None:
-    await call.request(
-        "PATCH",
-        url,
-        expect=(200,),
-        json_body={
-            "toRecipients": _recipients_json(plan.to),
-            "ccRecipients": _recipients_json(plan.cc),
-            "bccRecipients": _recipients_json(plan.bcc),
-        },
-    )
-    await call.request("POST", f"{url}/send", expect=(202,))
+    return False
 
 
 def _after_draft(failure: _GraphError) -> _GraphError:
@@ -709,37 +783,226 @@ def _after_draft(failure: _GraphError) -> _GraphError:
     return _GraphError(reply, status=404, retry_after=failure.retry_after, detail=failure.detail)
 
 
-async def _draft_and_send(
-    call: _Caller,
-    user: str,
-    body: bytes,
-    plan: RecipientPlan,
-    data: bytes = b"",
-    parts: Sequence[Attachment] = (),
-) -> None:
-    """A draft of `body`, each of `parts` (taken out of `data`) attached (`_attach`), the
-    recipients set, the draft sent: the path of a message whose header recipients differ from
-    its envelope (no parts) and of one over Graph's request limit (`body` is the message without
-    its big parts). Any failure once the draft exists deletes it; the failure's reply stands (429
-    / 5xx transient, other 4xx permanent; a 404 transient: `_after_draft`)."""
-    draft_id, url = await _create_draft(call, user, body, _UPLOAD_HINT if parts else _DRAFT_HINT)
-    try:
-        for part in parts:
-            await _attach(call, url, data, part)
-        await _set_recipients_and_send(call, url, plan)
-    except _GraphError as failure:
-        await _delete_draft(call, url, draft_id)
-        raise _after_draft(failure) from None
-    except BaseException:  # cancelled (a stop) too: no draft left behind
-        await asyncio.shield(_delete_draft(call, url, draft_id))
-        raise
+class _DraftJob:
+    """The draft path of one attempt: first what an earlier attempt left (`DraftRecord`), then a
+    draft of the message, its parts attached, its recipients set, and its send.
+
+    What an earlier attempt left is resolved before anything else:
+    * a draft whose send was never requested (a crash mid-upload, a failure whose DELETE
+      failed): deleted (404: already gone), then the attempt starts over;
+    * a draft whose send was requested and not answered (a timeout, the connection dropped, a
+      5xx: Graph may have sent it): looked up by id. Gone (404: sent, Graph moved it to Sent
+      Items, where it has another id) or no longer a draft (``isDraft`` false): the message was
+      sent, the recipients are delivered ("confirmed by lookup"). Still a draft: that same draft
+      is sent again (no new one). The lookup failing leaves the attempt a temporary failure and
+      the record in place, for the next attempt to look it up again.
+    The send's outcome unknown, the draft is kept (and the record): never deleted then, nor
+    looked up at once (Graph sends after its 202, moving the draft a moment later)."""
+
+    def __init__(
+        self,
+        call: _Caller,
+        base: str,
+        record: DraftRecord | None,
+        decoded: asyncio.Semaphore,
+        logged: str,
+    ) -> None:
+        self.call = call
+        self.base = base
+        self.record = record
+        self.decoded = decoded
+        self.logged = logged  # the mailbox as the service log names it
+        self.mailbox = call.mailbox  # the mailbox of the draft (an earlier attempt's)
+        self.confirmed = ""  # how the lookup confirmed an earlier attempt's send
+
+    async def run(
+        self,
+        user: str,
+        body: bytes,
+        plan: RecipientPlan,
+        data: bytes = b"",
+        parts: Sequence[Attachment] = (),
+    ) -> str:
+        """A draft of `body`, each of `parts` (taken out of `data`) attached, the recipients
+        set, the draft sent: the path of a message whose header recipients differ from its
+        envelope (no parts) and of one over Graph's request limit (`body` is the message
+        without its big parts). Any failure once the draft exists deletes it (the failure's
+        reply stands: 429 / 5xx transient, other 4xx permanent; a 404 transient: `_after_draft`),
+        but for a send whose outcome is unknown. Returns how it went, for the reply."""
+        if self.record is not None:
+            earlier = await self._earlier()
+            if earlier:
+                return earlier
+        call = self.call
+        draft_id, url = await _create_draft(
+            call, user, body, _UPLOAD_HINT if parts else _DRAFT_HINT
+        )
+        sending = False
+        try:
+            await self._remember(draft_id, sending=False)
+            for part in parts:
+                await self._attach(url, data, part)
+            await call.request(
+                "PATCH",
+                url,
+                expect=(200,),
+                json_body={
+                    "toRecipients": _recipients_json(plan.to),
+                    "ccRecipients": _recipients_json(plan.cc),
+                    "bccRecipients": _recipients_json(plan.bcc),
+                },
+            )
+            sending = True
+            await self._send(url, draft_id)
+        except _GraphError as failure:
+            if not failure.unknown or not sending:
+                await self._discard(url, draft_id)
+            raise _after_draft(failure) from None
+        except BaseException:  # cancelled (a stop) too: no draft left behind, but one maybe sent
+            if not sending:
+                await asyncio.shield(self._discard(url, draft_id))
+            raise
+        if parts:
+            return f"draft sent, {len(parts)} attachment(s) uploaded"
+        return "draft sent"
+
+    async def _earlier(self) -> str:
+        """Resolve what an earlier attempt left: "" (nothing left: go on), or how it went."""
+        assert self.record is not None
+        left = await self.record.load()
+        if left is None:
+            return ""
+        mailbox, draft_id, sending = left
+        self.mailbox = mailbox
+        url = _draft_url(_user_url(self.base, mailbox), draft_id)
+        call = self.call.as_mailbox(mailbox)
+        if not sending:
+            log.info(
+                "Microsoft Graph draft %s of an earlier attempt as %s was never sent: deleted",
+                draft_id,
+                self.logged,
+            )
+            try:
+                await call.request("DELETE", url, expect=(204, 200, 404))
+            except _GraphError as failure:
+                raise _GraphError(
+                    Reply(
+                        451,
+                        "4.4.0",
+                        f"Microsoft Graph: cannot delete the draft an earlier attempt left "
+                        f"({_clean(failure.reply.line())}); tried again at the next attempt",
+                    ),
+                    status=401 if failure.status == 401 else 0,
+                    retry_after=failure.retry_after,
+                ) from None
+            await self.record.forget()
+            return ""
+        try:
+            found = await call.request("GET", f"{url}?$select=isDraft", expect=(200, 404))
+            gone = found.status_code == 404
+            is_draft = not gone and bool(found.json().get("isDraft", True))
+        except (_GraphError, ValueError, AttributeError) as failure:
+            why = failure.reply.line() if isinstance(failure, _GraphError) else "not JSON"
+            log.info(
+                "Microsoft Graph draft %s as %s, whose send's answer was lost: lookup failed: %s",
+                draft_id,
+                self.logged,
+                why,
+            )
+            raise _GraphError(
+                Reply(
+                    451,
+                    "4.4.0",
+                    "Microsoft Graph: the send of a draft got no answer and looking the draft up "
+                    f"failed ({_clean(why)}); it is looked up again at the next attempt, before "
+                    "anything is sent",
+                ),
+                status=401 if isinstance(failure, _GraphError) and failure.status == 401 else 0,
+                retry_after=failure.retry_after if isinstance(failure, _GraphError) else None,
+            ) from None
+        if not is_draft:
+            self.confirmed = "the draft is gone (404)" if gone else "isDraft is false"
+            log.info(
+                "Microsoft Graph draft %s as %s, whose send's answer was lost, was sent (%s)",
+                draft_id,
+                self.logged,
+                self.confirmed,
+            )
+            await self.record.forget()
+            return _CONFIRMED
+        log.info(
+            "Microsoft Graph draft %s as %s, whose send's answer was lost, is still a draft: "
+            "sent again",
+            draft_id,
+            self.logged,
+        )
+        try:
+            await self._send(url, draft_id, call=call)
+        except _GraphError as failure:
+            if not failure.unknown:
+                await self._discard(url, draft_id, call=call)
+            raise _after_draft(failure) from None
+        return "the draft of an earlier attempt sent"
+
+    async def _send(self, url: str, draft_id: str, *, call: _Caller | None = None) -> None:
+        """POST .../send, remembered as requested first (durably: a crash once it is on its
+        way must not make the next attempt send another draft)."""
+        call = call or self.call
+        await self._remember(draft_id, sending=True)
+        try:
+            await call.request("POST", f"{url}/send", expect=(202,))
+        except _GraphError as failure:
+            if not failure.unknown:
+                raise
+            log.warning(
+                "Microsoft Graph draft %s as %s: no answer to its send (%s); the next attempt "
+                "looks it up before sending it again",
+                draft_id,
+                self.logged,
+                failure.reply.line(),
+            )
+            reply = failure.reply
+            raise _GraphError(
+                Reply(
+                    reply.code,
+                    reply.enhanced,
+                    reply.text + "; the draft may have been sent: the next attempt looks it up "
+                    "before sending it again",
+                ),
+                status=failure.status,
+                retry_after=failure.retry_after,
+                detail=failure.detail,
+                unknown=True,
+            ) from None
+        if self.record is not None:
+            await self.record.forget()
+
+    async def _remember(self, draft_id: str, *, sending: bool) -> None:
+        if self.record is not None:
+            await self.record.save(self.mailbox, draft_id, sending=sending)
+
+    async def _discard(self, url: str, draft_id: str, *, call: _Caller | None = None) -> None:
+        """Delete the draft (best effort) and, once it is gone, forget it; a record kept (the
+        DELETE failed) makes the next attempt delete it first."""
+        if not await _delete_draft(call or self.call, url, draft_id):
+            return
+        if self.record is not None:
+            try:
+                await self.record.forget()
+            except Exception as exc:  # the next attempt finds the draft gone: no harm
+                log.warning("Microsoft Graph draft %s: cannot forget it: %r", draft_id, exc)
+
+    async def _attach(self, url: str, data: bytes, part: Attachment) -> None:
+        """One file attachment: under 3 MB, one POST of a fileAttachment; else an upload
+        session (createUploadSession, then its octets in chunks to the session's uploadUrl,
+        which gets no bearer token). Decoded off the event loop when big, and held (decoded)
+        within the transport's DECODED_ATTACHMENTS."""
+        async with self.decoded:
+            content = await _off_loop(part.content, data, octets=part.end - part.start)
+            await _upload(self.call, url, part, content)
 
 
-async def _attach(call: _Caller, url: str, data: bytes, part: Attachment) -> None:
-    """One file attachment: under 3 MB, one POST of a fileAttachment; else an upload session
-    (createUploadSession, then its octets in chunks to the session's uploadUrl, which gets no
-    bearer token)."""
-    content = part.content(data)
+async def _upload(call: _Caller, url: str, part: Attachment, content: bytes) -> None:
     size = len(content)
     if size > GRAPH_MAX_ATTACHMENT_OCTETS:
         raise _GraphError(_too_big(f"the attachment {part.name!r} is {size} octets"))
@@ -753,7 +1016,8 @@ async def _attach(call: _Caller, url: str, data: bytes, part: Attachment) -> Non
     try:
         if size < DIRECT_ATTACHMENT_OCTETS:
             item["@odata.type"] = "#microsoft.graph.fileAttachment"
-            item["contentBytes"] = base64.b64encode(content).decode("ascii")
+            encoded = await _off_loop(base64.b64encode, content, octets=size)
+            item["contentBytes"] = encoded.decode("ascii")
             await call.request("POST", f"{url}/attachments", expect=(200, 201), json_body=item)
             return
         item.update(attachmentType="file", size=size)

@@ -31,6 +31,10 @@ MAX_DEPTH = 20
 MAX_PARTS = 2000
 #: A part smaller than this is never worth an upload session of its own.
 MIN_PART_OCTETS = 1024
+#: A bigger part's base64 or quoted-printable is decoded this much at a time: binascii keeps the
+#: GIL through one call, so a worker thread decoding 100 MB in one call would stall the event
+#: loop as long as decoding on it (~0.5 s); between pieces the loop gets its turn.
+DECODE_PIECE_OCTETS = 1024 * 1024
 
 _EMPTY_PART = b"Content-Type: text/plain; charset=us-ascii\r\n\r\n"
 #: The transfer encodings `Attachment.content` decodes (RFC 2045's; no x-uuencode and the like).
@@ -63,11 +67,15 @@ class Attachment:
         """The part's decoded octets (one copy of the attachment; the message is not copied)."""
         view = memoryview(data)[self.start : self.end]
         if self.encoding == "base64":
+            if len(view) > DECODE_PIECE_OCTETS:
+                return _base64_in_pieces(view)
             try:
                 return binascii.a2b_base64(view)  # ignores the line breaks, as a reader does
             except binascii.Error:  # its "=" padding left out, or its last group cut short
                 return _lenient_base64(view)
         if self.encoding == "quoted-printable":
+            if len(view) > DECODE_PIECE_OCTETS:
+                return _qp_in_pieces(view)
             return binascii.a2b_qp(view)
         return bytes(view)
 
@@ -90,6 +98,39 @@ def _lenient_base64(view: memoryview) -> bytes:
     if len(clean) % 4 == 1:
         clean = clean[:-1]
     return binascii.a2b_base64(clean + b"=" * (-len(clean) % 4))
+
+
+def _base64_in_pieces(view: memoryview) -> bytes:
+    """Base64 decoded DECODE_PIECE_OCTETS at a time, as `_lenient_base64` decodes it (what is
+    not of the alphabet ignored, the padding implied): each piece's groups of 4 characters, the
+    characters left over carried to the next."""
+    out: list[bytes] = []
+    carry = b""
+    for start in range(0, len(view), DECODE_PIECE_OCTETS):
+        clean = carry + bytes(view[start : start + DECODE_PIECE_OCTETS]).translate(
+            None, _NOT_BASE64
+        )
+        whole = len(clean) - len(clean) % 4
+        out.append(binascii.a2b_base64(clean[:whole]))
+        carry = clean[whole:]
+    if len(carry) > 1:  # a last group of one character holds no octet
+        out.append(binascii.a2b_base64(carry + b"=" * (-len(carry) % 4)))
+    return b"".join(out)
+
+
+def _qp_in_pieces(view: memoryview) -> bytes:
+    """Quoted-printable decoded about DECODE_PIECE_OCTETS at a time, each piece ending after a
+    line break (an ``=XX`` or a soft break never spans one)."""
+    out: list[bytes] = []
+    start = 0
+    while start < len(view):
+        end = min(start + DECODE_PIECE_OCTETS, len(view))
+        if end < len(view):
+            cut = bytes(view[start:end]).rfind(b"\n")
+            end = start + cut + 1 if cut >= 0 else end
+        out.append(binascii.a2b_qp(view[start:end]))
+        start = end
+    return b"".join(out)
 
 
 @dataclass(frozen=True, slots=True)

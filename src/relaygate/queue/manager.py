@@ -58,6 +58,7 @@ from relaygate.delivery.client import (
 )
 from relaygate.delivery.credentials import Credentials, CredentialsError
 from relaygate.delivery.dns import Resolver
+from relaygate.delivery.graph import OFF_LOOP_OCTETS as GRAPH_OFF_LOOP_OCTETS
 from relaygate.delivery.graph import GraphTransport, graph_mailbox, graph_scope, is_graph
 from relaygate.delivery.graph import refusal as graph_refusal
 from relaygate.delivery.nexthop import NextHopError, resolve_next_hops
@@ -81,6 +82,7 @@ from relaygate.queue.model import (
     PENDING_STATUSES,
     SMTPUTF8,
     Envelope,
+    GraphDraft,
     RecipientState,
     RecipientStatus,
     SendWait,
@@ -847,9 +849,7 @@ class QueueManager:
                     exc,
                 )
                 break
-            if is_graph(current) and graph_refusal(
-                graph_mailbox(current, msg.sender), prepare_data(via[0], crlf_only=via[1])
-            ):
+            if is_graph(current) and await _graph_refuses(current, msg.sender, *via):
                 continue  # Graph could never send it (unsplittable, the null sender): not this one
             sent, held = await self._spill(msg, current, held, spent, *via)
             if sent:
@@ -932,9 +932,20 @@ class QueueManager:
         self, msg: StoredMessage, connector: Any, data: bytes, crlf_only: bool
     ) -> Callable[[list[str]], Awaitable[list[RouteResult]]]:
         """One Graph send per call, of the recipients given (delivery_method = "Graph":
-        relaygate.delivery.graph), with the octets the SMTP client would put on the wire."""
-        prepared = prepare_data(data, crlf_only=crlf_only)
-        return lambda batch: self._send_graph(msg, connector, batch, prepared)
+        relaygate.delivery.graph), with the octets the SMTP client would put on the wire
+        (prepared once, in a worker thread for a big message: ~2 ms per MB)."""
+        prepared: list[bytes] = []
+
+        async def send(batch: list[str]) -> list[RouteResult]:
+            if not prepared:
+                if len(data) > GRAPH_OFF_LOOP_OCTETS:
+                    ready = await asyncio.to_thread(prepare_data, data, crlf_only=crlf_only)
+                else:
+                    ready = prepare_data(data, crlf_only=crlf_only)
+                prepared.append(ready)
+            return await self._send_graph(msg, connector, batch, prepared[0])
+
+        return send
 
     async def _send_graph(
         self, msg: StoredMessage, connector: Any, addrs: list[str], data: bytes
@@ -955,6 +966,7 @@ class QueueManager:
             data=data,
             timeout=timeout,
             log_privacy=self.log_privacy,
+            drafts=_StoredDraft(self.store, msg.queue_id, _graph_route(name, addrs)),
         )
         retry_at = None if outcome.retry_after is None else self.clock() + outcome.retry_after
         out = []
@@ -1375,6 +1387,46 @@ class QueueManager:
                 connector_id=connector,
                 **extra,
             )
+
+
+async def _graph_refuses(connector: Any, sender: str, data: bytes, crlf_only: bool) -> bool:
+    """Whether Graph could never send ``data`` through ``connector`` (its split of a big
+    message in a worker thread: the event loop keeps serving the sessions)."""
+
+    def refused() -> bool:
+        prepared = prepare_data(data, crlf_only=crlf_only)
+        return graph_refusal(graph_mailbox(connector, sender), prepared) is not None
+
+    if len(data) > GRAPH_OFF_LOOP_OCTETS:
+        return await asyncio.to_thread(refused)
+    return refused()
+
+
+def _graph_route(connector: str, addrs: list[str]) -> str:
+    """The key of a Graph route's draft record: its send connector and its recipients (a
+    batch of them: a paced connector's batches are the same at every attempt)."""
+    return "\n".join([connector.lower(), *sorted(a.lower() for a in addrs)])
+
+
+class _StoredDraft:
+    """A `relaygate.delivery.graph.DraftRecord` in the queue store (graph_drafts)."""
+
+    def __init__(self, store: Any, queue_id: str, route: str) -> None:
+        self.store = store
+        self.queue_id = queue_id
+        self.route = route
+
+    async def load(self) -> tuple[str, str, bool] | None:
+        draft = await self.store.graph_draft(self.queue_id, self.route)
+        return None if draft is None else (draft.mailbox, draft.draft_id, draft.sending)
+
+    async def save(self, mailbox: str, draft_id: str, *, sending: bool) -> None:
+        await self.store.save_graph_draft(
+            self.queue_id, self.route, GraphDraft(mailbox, draft_id, sending)
+        )
+
+    async def forget(self) -> None:
+        await self.store.save_graph_draft(self.queue_id, self.route, None)
 
 
 def _send_as(key: RouteKey) -> str:
