@@ -10,8 +10,12 @@ import hashlib
 import json
 import os
 import re
+import signal
 import smtplib
+import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +37,7 @@ from relaygate.replies import Reply
 from tests.delivery.test_oauth import CLIENT_ID, SECRET, TENANT, TOKEN, FakeEntra
 from tests.queue_manager.helpers import (
     Handler,
+    free_port,
     parse_mail,
     send,
     split_received,
@@ -1940,3 +1945,111 @@ async def test_a_failed_lookup_is_retried_before_anything_else_at_the_next_attem
         assert len(graph.sent) == 1 and graph.drafts == {}
     finally:
         await relay.stop()
+
+
+# --------------------------------------------------- 12. a crash (SIGKILL) during an upload
+
+
+class ServeProcess:
+    """`relaygate serve --config` as a child process (the real command, killed for real)."""
+
+    def __init__(self, config: Path, port: int, log: Path) -> None:
+        self.config = config
+        self.port = port
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "relaygate", "serve", "--config", str(self.config)],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text(errors="replace")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f"relaygate serve did not listen:\n{self.log.read_text()}")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+async def test_a_relay_killed_during_an_upload_deletes_its_draft_after_the_restart(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """SIGKILL of `relaygate serve` while Graph holds a chunk of the attachment's upload: the
+    draft stays in the mailbox's Drafts. Restarted, the relay finds it in the queue store,
+    deletes it, then sends the message with a new draft: the mailbox ends with exactly one sent
+    message and no draft. Before, the old draft stayed forever."""
+    from tests.queue_manager.helpers import make_config_text
+
+    held = threading.Event()
+
+    def script(call: Call) -> Answer | None:
+        if call.method == "PUT" and not held.is_set():
+            held.set()
+            return HANG  # the first chunk never gets its answer
+        return None
+
+    graph.script = script
+    port = free_port()
+    config = tmp_path / "relaygate.toml"
+    config.write_text(
+        make_config_text(
+            tmp_path / "data",
+            smtp_port=port,
+            admin_port=free_port(),
+            routes={},
+            extra=graph_connector(graph, entra, ca_file),
+        ),
+        encoding="utf-8",
+    )
+    relay = ServeProcess(config, port, tmp_path / "serve.stderr")
+    pdf = pdf_like(3_500_000)
+    try:
+        await asyncio.to_thread(relay.start)
+        with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+            client.ehlo("scanner.test")
+            await asyncio.to_thread(client.sendmail, SENDER, ["bob@example.com"], scan_message(pdf))
+        assert await asyncio.to_thread(held.wait, 30)
+        await asyncio.to_thread(relay.kill)
+        graph.release.set()
+        with graph.lock:
+            assert list(graph.drafts) == ["AAMkAD=draft/1"] and graph.sent == []
+
+        await asyncio.to_thread(relay.start)  # the same data_dir: the message is still queued
+        await wait_for(lambda: graph.sent, timeout=30.0)
+        await asyncio.sleep(1.5)  # a retry would come after 1 s
+        with graph.lock:
+            assert len(graph.sent) == 1 and graph.drafts == {}
+            assert [a["content"] for a in graph.sent[0].attachments] == [pdf]
+            after = [(c.method, c.path.split("?")[0].rsplit("/", 1)[-1]) for c in graph.calls]
+        assert after[: after.index(("PUT", "s1")) + 1] == [
+            ("POST", "messages"),
+            ("POST", "createUploadSession"),
+            ("PUT", "s1"),
+        ]
+        restart = after[after.index(("PUT", "s1")) + 1 :]
+        assert restart[:2] == [("DELETE", "AAMkAD%3Ddraft%2F1"), ("POST", "messages")]
+        assert restart[-2:] == [("PATCH", "AAMkAD%3Ddraft%2F2"), ("POST", "send")]
+    finally:
+        graph.release.set()
+        await asyncio.to_thread(relay.stop)
