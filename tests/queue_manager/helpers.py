@@ -58,8 +58,10 @@ def make_config_text(
     queue: dict[str, Any] | None = None,
     extra: str = "",
     admin_extra: str = "",
+    receive_extra: str = "",
 ) -> str:
-    """routes: address space → sink port (one smart-host send connector each)."""
+    """routes: address space → sink port (one smart-host send connector each); receive_extra:
+    more keys of the receive connector."""
     q = {
         "transient_failure_retry_interval": "00:00:01",
         "transient_failure_retry_count": 2,
@@ -102,6 +104,7 @@ remote_ip_ranges = ["127.0.0.1"]
 auth_mechanism = ["None"]
 permission_groups = ["AnonymousUsers"]
 protocol_logging_level = "Verbose"
+{receive_extra}
 
 [[receive_connectors.permissions]]
 user = "NT AUTHORITY\\\\ANONYMOUS LOGON"
@@ -121,6 +124,7 @@ async def start_relay(
     smtp_port: int | None = None,
     config_file: Path | None = None,
     admin_extra: str = "",
+    receive_extra: str = "",
 ) -> Relay:
     """Start a relay; with ``config_file`` the config is written there and loaded from it."""
     smtp_port = smtp_port or free_port()
@@ -133,6 +137,7 @@ async def start_relay(
         queue=queue,
         extra=extra,
         admin_extra=admin_extra,
+        receive_extra=receive_extra,
     )
     if config_file is not None:
         config_file.write_text(text, encoding="utf-8")

@@ -1002,7 +1002,7 @@ class _DraftJob:
             await _upload(self.call, url, part, content)
 
 
-async def _upload(call: _Caller, url: str, part: Attachment, content: bytes) -> None:
+async def _upload(call: _Caller, url: str, part: Attachment, content: bytes | bytearray) -> None:
     size = len(content)
     if size > GRAPH_MAX_ATTACHMENT_OCTETS:
         raise _GraphError(_too_big(f"the attachment {part.name!r} is {size} octets"))

@@ -63,7 +63,7 @@ class Attachment:
     content_type: str
     content_id: str
 
-    def content(self, data: bytes | memoryview) -> bytes:
+    def content(self, data: bytes | memoryview) -> bytes | bytearray:
         """The part's decoded octets (one copy of the attachment; the message is not copied)."""
         view = memoryview(data)[self.start : self.end]
         if self.encoding == "base64":
@@ -100,37 +100,39 @@ def _lenient_base64(view: memoryview) -> bytes:
     return binascii.a2b_base64(clean + b"=" * (-len(clean) % 4))
 
 
-def _base64_in_pieces(view: memoryview) -> bytes:
+def _base64_in_pieces(view: memoryview) -> bytearray:
     """Base64 decoded DECODE_PIECE_OCTETS at a time, as `_lenient_base64` decodes it (what is
     not of the alphabet ignored, the padding implied): each piece's groups of 4 characters, the
-    characters left over carried to the next."""
-    out: list[bytes] = []
+    characters left over carried to the next. Appended to one buffer piece by piece: neither
+    a copy of the whole nor its allocation at once (a 100 MB buffer's pages are faulted in
+    under the GIL: ~0.1 s)."""
+    out = bytearray()
     carry = b""
     for start in range(0, len(view), DECODE_PIECE_OCTETS):
         clean = carry + bytes(view[start : start + DECODE_PIECE_OCTETS]).translate(
             None, _NOT_BASE64
         )
         whole = len(clean) - len(clean) % 4
-        out.append(binascii.a2b_base64(clean[:whole]))
+        out += binascii.a2b_base64(clean[:whole])
         carry = clean[whole:]
     if len(carry) > 1:  # a last group of one character holds no octet
-        out.append(binascii.a2b_base64(carry + b"=" * (-len(carry) % 4)))
-    return b"".join(out)
+        out += binascii.a2b_base64(carry + b"=" * (-len(carry) % 4))
+    return out
 
 
-def _qp_in_pieces(view: memoryview) -> bytes:
+def _qp_in_pieces(view: memoryview) -> bytearray:
     """Quoted-printable decoded about DECODE_PIECE_OCTETS at a time, each piece ending after a
     line break (an ``=XX`` or a soft break never spans one)."""
-    out: list[bytes] = []
+    out = bytearray()
     start = 0
     while start < len(view):
         end = min(start + DECODE_PIECE_OCTETS, len(view))
         if end < len(view):
             cut = bytes(view[start:end]).rfind(b"\n")
             end = start + cut + 1 if cut >= 0 else end
-        out.append(binascii.a2b_qp(view[start:end]))
+        out += binascii.a2b_qp(view[start:end])
         start = end
-    return b"".join(out)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
