@@ -2187,3 +2187,49 @@ async def test_a_big_attachment_s_decode_does_not_stall_the_relay_s_other_sessio
                 probe.kill()
                 probe.wait(10)
         await relay.stop()
+
+
+async def test_at_most_two_big_attachments_are_held_decoded_at_once(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """Three big scans at once: two attachments are decoded and uploading (Graph holds their
+    chunks), the third waits its turn before it is decoded (no upload session yet), then goes
+    once one is done: each decoded attachment is held in memory for its whole upload, so a burst
+    of big messages must not hold them all."""
+    held: list[str] = []
+
+    def script(call: Call) -> Answer | None:
+        if call.method == "PUT" and call.path not in held and len(held) < 2:
+            held.append(call.path)
+            return HANG  # the first chunk of two sessions: no answer until released
+        return None
+
+    graph.script = script
+    pdfs = [pdf_like(3_500_000 + i) for i in range(3)]
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    assert relay.manager is not None
+    relay.manager.delivery_timeout = 60.0
+    try:
+        for pdf in pdfs:
+            await asyncio.to_thread(
+                smtplib_send, relay, SENDER, ["bob@example.com"], scan_message(pdf)
+            )
+        await wait_for(lambda: len(held) == 2, timeout=30.0)
+        await wait_for(lambda: len(graph.drafts) == 3, timeout=30.0)  # all three under way
+        await asyncio.sleep(1.0)  # time for a third upload, were it let go
+        sessions = [c for c in graph.calls if c.path.endswith("/createUploadSession")]
+        assert len(sessions) == 2 and len(held) == 2
+        graph.release.set()  # the held requests end (connection closed): those retry later
+
+        async def delivered() -> bool:
+            s = [m for m in await relay.store.list_messages() if m.sender == SENDER]
+            return len(s) == 3 and all(
+                r.status == RecipientStatus.DELIVERED for m in s for r in m.recipients
+            )
+
+        await wait_for(delivered, timeout=60.0)
+        assert sorted(bytes(d.attachments[0]["content"]) for d in graph.sent) == sorted(pdfs)
+        assert graph.drafts == {}
+    finally:
+        graph.release.set()
+        await relay.stop()
