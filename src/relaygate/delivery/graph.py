@@ -34,7 +34,12 @@ one ``POST .../attachments`` when under 3 MB (as Microsoft's documentation advis
 draft's recipients are set to the envelope's as above, and it is sent. A failure once the draft
 exists deletes it; 429 / 5xx / timeouts / 404 are transient (Retry-After kept), other 4xx
 permanent with Graph's error. A message that cannot be split so (a text body alone over the limit, an attachment
-over Graph's 150 MB) is refused before any call (552 5.3.4).
+over Graph's 150 MB) is refused before any call (552 5.3.4). The split and the decoding of the
+attachments run in a worker thread (`_off_loop`), at most DECODED_ATTACHMENTS held at once.
+
+A draft is remembered between attempts (`DraftRecord`: the queue store), so that a send whose
+outcome is unknown (a timeout, the connection dropped, a 5xx) is looked up before it is sent
+again, and a draft a crash left behind is deleted (`_DraftJob`).
 """
 
 from __future__ import annotations

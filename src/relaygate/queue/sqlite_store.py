@@ -18,8 +18,9 @@ them run alongside the writer).
 
 Schema: ``messages`` (envelope, flags, lease and a few derived columns kept up to date by the
 writer: ``status``, ``next_due``, ``open_rcpts``, ``completed_at``), ``recipients`` (one row per
-recipient, so a per-recipient update is one small row write) and ``message_data`` (the bytes plus a
-SHA-256 checked on every read).
+recipient, so a per-recipient update is one small row write), ``message_data`` (the bytes plus a
+SHA-256 checked on every read), ``send_log`` (pacing) and ``graph_drafts`` (the Microsoft Graph
+draft an attempt left to resolve, per message and route).
 
 Schema versions: two numbers, the same rule as PostgreSQL's (pg_store.py), so that a node can be
 rolled back to the previous release (and, with PostgreSQL, a cluster upgraded one node at a time):
