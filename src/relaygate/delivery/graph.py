@@ -817,7 +817,8 @@ class _DraftJob:
         self.record = record
         self.decoded = decoded
         self.logged = logged  # the mailbox as the service log names it
-        self.mailbox = call.mailbox  # the mailbox of the draft (an earlier attempt's)
+        #: the draft's mailbox: this attempt's, or that of an earlier attempt's draft
+        self.mailbox = call.mailbox
         self.confirmed = ""  # how the lookup confirmed an earlier attempt's send
 
     async def run(
@@ -878,7 +879,6 @@ class _DraftJob:
         if left is None:
             return ""
         mailbox, draft_id, sending = left
-        self.mailbox = mailbox
         url = _draft_url(_user_url(self.base, mailbox), draft_id)
         call = self.call.as_mailbox(mailbox)
         if not sending:
@@ -925,6 +925,7 @@ class _DraftJob:
                 status=401 if isinstance(failure, _GraphError) and failure.status == 401 else 0,
                 retry_after=failure.retry_after if isinstance(failure, _GraphError) else None,
             ) from None
+        self.mailbox = mailbox  # the draft's, for its record and the reply
         if not is_draft:
             self.confirmed = "the draft is gone (404)" if gone else "isDraft is false"
             log.info(
