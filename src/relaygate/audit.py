@@ -424,15 +424,38 @@ def _server_findings(config: Config) -> Iterator[Finding]:
 
 
 def _acme_findings(config: Config) -> Iterator[Finding]:
-    """ACME on and no certificate obtained yet (the one file this module looks at: whether
+    """ACME on: the last certificate the CA returned was refused (<data_dir>/acme/refused.json,
+    written by the ACME client); no certificate obtained yet (whether
     <data_dir>/acme/certificate.pem exists): STARTTLS is not offered."""
     s = config.server
     if not s.acme_directory_url:
         return
     from relaygate.acme import acme_domains, acme_files
+    from relaygate.acme.files import read_refused
 
     cert, key = acme_files(Path(s.data_dir))
-    if cert.exists() and key.exists():
+    have = cert.exists() and key.exists()
+    refused = read_refused(Path(s.data_dir))
+    if refused is not None:
+        names = ", ".join(str(d) for d in refused.get("domains") or acme_domains(s))
+        yield Finding(
+            "medium",
+            "acme-certificate-refused",
+            "",
+            "server.acme_directory_url",
+            f"the certificate {refused.get('directory_url') or s.acme_directory_url} returned "
+            f"for {names} at {refused.get('at', '?')} was not installed "
+            f"({refused.get('check', '?')} check): {refused.get('detail', '')}; "
+            + (
+                "the listeners keep the current certificate"
+                if have
+                else "there is no certificate yet"
+            ),
+            "the ACME client retries with back-off (see the relay's log, relaygate.acme); if the "
+            "CA keeps returning such a certificate, ask its operator, or point "
+            "server.acme_directory_url at another CA",
+        )
+    if have:
         return
     withheld = [
         c.name

@@ -36,6 +36,7 @@ The package, one module a concern (each can be read alone):
 * ``protocol.py``: the RFC 8555 client (JWS, nonces, account, orders);
 * ``responder.py``: the HTTP-01 challenge responder;
 * ``cluster.py``: sharing one certificate through the queue database;
+* ``verify.py``: what the CA returned, checked before it is installed;
 * ``manager.py``: when to order, the back-off, the background loop.
 
 This module re-exports the names the rest of RelayGate (and its tests) import from
@@ -45,18 +46,22 @@ This module re-exports the names the rest of RelayGate (and its tests) import fr
 from __future__ import annotations
 
 from relaygate.acme.files import ACME_DIR, acme_files, files_lock
-from relaygate.acme.manager import AcmeManager, acme_domains, acme_enabled
+from relaygate.acme.manager import AcmeManager, acme_domains, acme_enabled, reconcile
 from relaygate.acme.protocol import AcmeClient, AcmeError
 from relaygate.acme.responder import ChallengeResponder
+from relaygate.acme.verify import CertificateRefused, check_issued
 
 __all__ = [
     "ACME_DIR",
     "AcmeClient",
     "AcmeError",
     "AcmeManager",
+    "CertificateRefused",
     "ChallengeResponder",
     "acme_domains",
     "acme_enabled",
     "acme_files",
+    "check_issued",
     "files_lock",
+    "reconcile",
 ]

@@ -4,22 +4,31 @@ the atomic writes.
 Kept apart because the listeners (smtp/tls.py), the audit and the certificates command read
 these files without running any ACME: they need only the names and the lock, not the client.
 ``account.key`` is the ACME account's key; ``certificate.key`` and ``certificate.pem`` are
-replaced together under ``.lock``; every file is written atomically, mode 0600.
+replaced together under ``.lock``, with ``certificate.names``; ``refused.json`` says why the
+last certificate the CA returned was not installed. Every file is written atomically, mode 0600.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ACME_DIR = "acme"
 CERTIFICATE_FILE = "certificate.pem"
 KEY_FILE = "certificate.key"
 ACCOUNT_KEY_FILE = "account.key"
 LOCK_FILE = ".lock"
+#: The names the installed certificate was ordered for, one a line (a CA may add names: the
+#: certificate's own SANs are not the order's).
+NAMES_FILE = "certificate.names"
+#: The last certificate the CA returned that was not installed (acme/verify.py): why, for whom,
+#: when (JSON); removed when a certificate is installed. `relaygate audit` reports it.
+REFUSED_FILE = "refused.json"
 
 
 def acme_files(data_dir: Path) -> tuple[Path, Path]:
@@ -43,6 +52,24 @@ def files_lock(data_dir: Path, *, exclusive: bool) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def read_refused(data_dir: Path) -> dict[str, Any] | None:
+    """What ``refused.json`` says (check, detail, domains, at), if there is one to say."""
+    try:
+        doc = json.loads((Path(data_dir) / ACME_DIR / REFUSED_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def read_names(data_dir: Path) -> set[str] | None:
+    """The names the installed certificate was ordered for (None: not recorded, an older run)."""
+    try:
+        text = (Path(data_dir) / ACME_DIR / NAMES_FILE).read_text()
+    except OSError:
+        return None
+    return {line.strip() for line in text.splitlines() if line.strip()}
 
 
 def write_private(path: Path, data: bytes) -> None:

@@ -10,6 +10,7 @@ the responder, the files and the cluster sharing are each in their own module.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -19,7 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from relaygate.acme.cluster import ClusterShare
-from relaygate.acme.files import ACCOUNT_KEY_FILE, ACME_DIR, acme_files, files_lock, write_private
+from relaygate.acme.files import (
+    ACCOUNT_KEY_FILE,
+    ACME_DIR,
+    NAMES_FILE,
+    REFUSED_FILE,
+    acme_files,
+    files_lock,
+    read_names,
+    write_private,
+)
 from relaygate.acme.protocol import (
     REQUEST_TIMEOUT,
     AcmeClient,
@@ -28,6 +38,7 @@ from relaygate.acme.protocol import (
     _load_or_create_key,
 )
 from relaygate.acme.responder import ChallengeResponder
+from relaygate.acme.verify import CertificateRefused, check_issued, dns_names, renewal_time
 
 logger = logging.getLogger("relaygate.acme")
 
@@ -47,6 +58,44 @@ def acme_domains(server: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(n.lower().rstrip(".") for n in names))
 
 
+def reconcile(manager: AcmeManager | None, config: Any) -> AcmeManager | None:
+    """A reloaded configuration's ACME applied to the process's running client (`manager`, None
+    if there is none): turned on, a client is started (it orders if there is no certificate
+    for the names yet); turned off, the running one is stopped (without waiting for it: it ends
+    at its next poll and installs nothing more); on a cluster, new names or a new
+    acme_http_listen start a client anew (the lock and the responder depend on them); else the
+    settings are applied (new names or CA: a new order now). Returns the client now running."""
+    s = config.server
+    if manager is None:
+        if not acme_enabled(s):
+            return None
+        logger.info(
+            "ACME: turned on by the reload: certificate for %s from %s",
+            ", ".join(acme_domains(s)),
+            s.acme_directory_url,
+        )
+        started = AcmeManager(config)
+        started.start()
+        return started
+    if not acme_enabled(s):
+        logger.info(
+            "ACME: turned off by the reload: the client stops; the listeners take the configured "
+            "certificate files (or the self-signed certificate)"
+        )
+        manager.stop(wait=False)
+        return None
+    old = manager.config.server
+    if manager.cluster is not None and (
+        acme_domains(old) != acme_domains(s) or old.acme_http_listen != s.acme_http_listen
+    ):
+        manager.stop(wait=False)
+        started = AcmeManager(config)
+        started.start()
+        return started
+    manager.apply(config)
+    return manager
+
+
 class AcmeManager:
     """Keeps the ACME certificate of ``config.server`` fresh, in a thread of its own.
 
@@ -56,6 +105,8 @@ class AcmeManager:
         self.config = config
         self.on_renewed = on_renewed
         self._stop = threading.Event()
+        #: set by `apply` (new names or CA: look now) and `stop`: ends the wait between checks
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.failures = 0
         #: queue.store = "postgresql": one ACME client for the cluster (ClusterShare), and a
@@ -77,9 +128,12 @@ class AcmeManager:
         self._thread = threading.Thread(target=self._run, name="relaygate-acme", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, *, wait: bool = True) -> None:
+        """Stop the client. `wait` False (a reload that turns ACME off or replaces the client):
+        do not wait for the thread, which ends at its next poll and installs nothing more."""
         self._stop.set()
-        if self._thread is not None:
+        self._wake.set()
+        if self._thread is not None and wait:
             # a pending order stops at its next poll; an HTTP request takes at most this long
             self._thread.join(REQUEST_TIMEOUT + 10)
         if self.responder is not None:
@@ -135,6 +189,8 @@ class AcmeManager:
             except OSError:
                 current = b""
             if current != chain:
+                # checked as an order's (but for renewal: the node that ordered it renews it)
+                self._check(chain, key, renew_before=None)
                 self._install(chain, key, "taken from the queue database")
         return leading
 
@@ -143,18 +199,27 @@ class AcmeManager:
         from cryptography import x509
 
         s = self.config.server
+        if self._stop.is_set():  # stopped (ACME off, or replaced by a reload) while ordering
+            logger.info("ACME: a certificate came after the client was stopped: not installed")
+            return
         leaf = x509.load_pem_x509_certificates(chain)[0]
         cert_path, key_path = acme_files(Path(s.data_dir))
+        domains = acme_domains(s)
         self.folder.mkdir(parents=True, exist_ok=True)
         with files_lock(Path(s.data_dir), exclusive=True):
             write_private(key_path, key)
             write_private(cert_path, chain)
+            write_private(self.folder / NAMES_FILE, "".join(f"{d}\n" for d in domains).encode())
+        with contextlib.suppress(FileNotFoundError):
+            (self.folder / REFUSED_FILE).unlink()
+        extra = sorted(dns_names(leaf) - set(domains))
         logger.info(
-            "ACME: certificate for %s %s (serial %x, valid until %s): %s",
-            ", ".join(acme_domains(s)),
+            "ACME: certificate for %s %s (serial %x, valid until %s%s): %s",
+            ", ".join(domains),
             how,
             leaf.serial_number,
             f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}",
+            f"; the CA added {', '.join(extra)}" if extra else "",
             cert_path,
         )
         if self.on_renewed is not None:
@@ -163,9 +228,38 @@ class AcmeManager:
             except Exception:
                 logger.exception("ACME: swapping in the new certificate failed")
 
+    def _check(self, chain: bytes, key: bytes, *, renew_before: Any) -> None:
+        """`check_issued` for the configured names; a refusal is recorded in refused.json (for
+        `relaygate audit`) and raised: the failure path, the files untouched."""
+        try:
+            check_issued(chain, key, acme_domains(self.config.server), renew_before=renew_before)
+        except CertificateRefused as exc:
+            self._record_refused(exc)
+            raise
+
+    def _record_refused(self, exc: CertificateRefused) -> None:
+        s = self.config.server
+        record = {
+            "check": exc.check,
+            "detail": exc.detail,
+            "domains": list(acme_domains(s)),
+            "directory_url": s.acme_directory_url,
+            "at": f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ}",
+        }
+        with contextlib.suppress(OSError):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_private(self.folder / REFUSED_FILE, json.dumps(record).encode())
+
     def apply(self, config: Any) -> None:
-        """A reloaded configuration: its acme_* settings are used from the next check on."""
+        """A reloaded configuration: its acme_* settings are used from the next check on; a
+        change of the names or of the CA is looked at now (a new order)."""
+        old = self.config.server
         self.config = config
+        new = config.server
+        if acme_domains(old) != acme_domains(new) or (
+            old.acme_directory_url != new.acme_directory_url
+        ):
+            self._wake.set()
 
     def due(self, now: datetime | None = None) -> str | None:
         """Why a certificate is to be ordered now (None: the current one is good)."""
@@ -179,13 +273,13 @@ class AcmeManager:
             leaf = x509.load_pem_x509_certificates(cert.read_bytes())[0]
         except (OSError, ValueError, IndexError):
             return f"{cert} cannot be read"
-        names: set[str] = set()
-        with contextlib.suppress(x509.ExtensionNotFound):
-            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            names = {n.lower() for n in san.get_values_for_type(x509.DNSName)}
-        wanted = {d.lower() for d in acme_domains(s)}
-        if names != wanted:
-            return f"names changed ({', '.join(sorted(names))} → {', '.join(sorted(wanted))})"
+        names = dns_names(leaf)
+        # the names it was ordered for (a CA may add some); not recorded (an older run): its own
+        ordered = read_names(Path(s.data_dir))
+        ordered = names if ordered is None else ordered
+        wanted = set(acme_domains(s))
+        if ordered != wanted or not wanted <= names:
+            return f"names changed ({', '.join(sorted(ordered))} → {', '.join(sorted(wanted))})"
         from cryptography.hazmat.primitives import serialization
 
         try:
@@ -200,8 +294,7 @@ class AcmeManager:
         # at most two thirds of the certificate's life ahead: a CA's short-lived certificates
         # (step-ca: 24 h) are not ordered anew at every check when acme_renew_before is longer
         # than their whole life (each serves a third of it at least)
-        lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
-        if leaf.not_valid_after_utc - min(s.acme_renew_before, lifetime * 2 / 3) <= now:
+        if renewal_time(leaf, s.acme_renew_before) <= now:
             return (
                 f"expires {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}, within acme_renew_before"
             )
@@ -214,7 +307,7 @@ class AcmeManager:
                 if self.cluster is not None and not self._cluster_step():
                     # another node orders; look again soon (it may die, or renew)
                     self.failures = 0
-                    self._stop.wait(min(interval, 60.0))
+                    self._sleep(min(interval, 60.0))
                     continue
                 reason = self.due()
                 if reason is not None:
@@ -222,12 +315,19 @@ class AcmeManager:
                 self.failures = 0
                 wait = interval
             except Exception as exc:  # a thread boundary: log, keep serving, retry later
+                if self._stop.is_set():  # stopped meanwhile (ACME off): nothing to retry
+                    break
                 self.failures += 1
                 # (the exponent capped: 2 ** 1024 does not convert to a float)
                 doubling = 2 ** min(self.failures - 1, 32)
                 wait = min(min(RETRY_FIRST, interval) * doubling, RETRY_MAX)
                 self._log_failure(exc, wait)
-            self._stop.wait(wait)
+            self._sleep(wait)
+
+    def _sleep(self, seconds: float) -> None:
+        """Until the next check: `seconds`, or less if `apply` or `stop` wakes the thread."""
+        self._wake.wait(seconds)
+        self._wake.clear()
 
     def _log_failure(self, exc: Exception, wait: float) -> None:
         s = self.config.server
@@ -301,8 +401,13 @@ class AcmeManager:
                     issued = client.order(domains, responder)
                 finally:
                     responder.stop()
+        except CertificateRefused as exc:  # not PEM (the client parses it): as the other checks
+            self._record_refused(exc)
+            raise
         finally:
             client.close()
+        # Before anything is written or swapped: what the CA returned is what was ordered.
+        self._check(issued.chain_pem, issued.key_pem, renew_before=s.acme_renew_before)
         if self.cluster is not None:  # first: the other nodes copy it from there
             self.cluster.publish(issued.chain_pem, issued.key_pem)
         self._install(issued.chain_pem, issued.key_pem, "installed")

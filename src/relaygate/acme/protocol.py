@@ -297,8 +297,7 @@ class AcmeClient:
             )
         response = self.post(order["certificate"], None)
         chain = response.content
-        try:
-            leaf = x509.load_pem_x509_certificates(chain)[0]
-        except (ValueError, IndexError) as exc:
-            raise AcmeError(f"the CA's certificate cannot be read: {exc}") from exc
+        from relaygate.acme.verify import parse_chain
+
+        leaf = parse_chain(chain)[0]  # the other checks: the manager's, before it installs
         return Issued(chain, _key_pem(key), leaf.serial_number, leaf.not_valid_after_utc)

@@ -1,0 +1,229 @@
+"""What the CA returns is checked before it is installed (relaygate.acme.verify).
+
+A fake ACME CA (tests/acme/fake_ca.py; pebble cannot be made to return a wrong chain) answers a
+real `relaygate serve` whose certificate, obtained before, is due for renewal: for each wrong
+answer the relay keeps the certificate it has (the files, and what a verifying smtplib client
+sees after STARTTLS), logs the refusal naming the check and the name, counts it as a failure
+(back-off), and `relaygate audit` reports it; when the CA then answers right, the new
+certificate is installed and the finding goes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from relaygate.acme import CertificateRefused, check_issued
+from tests.acme.fake_ca import FakeCA
+from tests.acme.helpers import (
+    Relay,
+    attempt,
+    relaygate_cli,
+    starttls_certificate,
+    wait_until,
+)
+
+NAME = "relay.acme.test"
+
+
+@pytest.fixture
+def fake_ca(tmp_path: Path) -> Iterator[FakeCA]:
+    ca = FakeCA(tmp_path / "fake-ca").start()
+    try:
+        yield ca
+    finally:
+        ca.stop()
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _install_old(ca: FakeCA, data: Path) -> tuple[int, bytes, bytes]:
+    """A certificate for relay.acme.test from the CA in <data>/acme, as the manager writes it,
+    due for renewal (10 days left, acme_renew_before 30 days): (serial, chain, key)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    leaf = ca.leaf(
+        [NAME], key.public_key(), start=now - dt.timedelta(days=80), end=now + dt.timedelta(days=10)
+    )
+    folder = data / "acme"
+    folder.mkdir(parents=True)
+    os.chmod(folder, 0o700)
+    chain, key_pem = ca.pem_chain(leaf), _key_pem(key)
+    (folder / "certificate.pem").write_bytes(chain)
+    (folder / "certificate.key").write_bytes(key_pem)
+    return leaf.serial_number, chain, key_pem
+
+
+def _refused_findings(relay: Relay) -> list[dict[str, str]]:
+    done = relaygate_cli("audit", "--config", str(relay.config), "--json")
+    findings = json.loads(done.stdout)["findings"]
+    return [f for f in findings if f["code"] == "acme-certificate-refused"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "check", "why"),
+    [
+        ("other-names", "names", "does not name relay.acme.test (its DNS names: other.acme.test)"),
+        ("other-key", "key", "another public key than the one the CSR was made with"),
+        ("expired", "validity", "not now"),
+        ("wrong-intermediate", "chain", "is not signed by certificate 2"),
+        ("garbage", "pem", "not a PEM certificate chain"),
+        ("due", "renewal", "already within acme_renew_before"),
+    ],
+)
+def test_a_wrong_certificate_from_the_ca_is_not_installed(
+    tmp_path: Path, fake_ca: FakeCA, mode: str, check: str, why: str
+) -> None:
+    fake_ca.mode = mode
+    folder = tmp_path / "relay"
+    folder.mkdir()
+    relay = Relay(folder, fake_ca, check_interval="00:00:02")  # type: ignore[arg-type]
+    old_serial, old_chain, old_key = _install_old(fake_ca, relay.data)
+    root = fake_ca.root_pem()
+    relay.start()
+    try:
+        # the CA is asked (the certificate is due), answers wrong, twice (the retry after 2 s)
+        refused = f"the CA's certificate was refused ({check} check): "
+        assert wait_until(lambda: relay.log().count(refused) >= 2, timeout=30), relay.log()
+        assert fake_ca.issued[:2] == [mode, mode]
+        log = relay.log()
+        line = next(x for x in log.splitlines() if refused in x)
+        assert f"cannot obtain a certificate for {NAME} from {fake_ca.directory_url}" in line
+        assert why in line, line
+        assert "the listeners keep the current certificate" in line
+        # counted as a failure: the back-off doubles
+        assert "(failure 1)" in line and "retry in 2 s" in line
+        assert "(failure 2)" in log and "retry in 4 s" in log, log
+        assert "installed (serial" not in log
+        # the files are the old ones, and STARTTLS presents the old certificate
+        assert (relay.data / "acme" / "certificate.pem").read_bytes() == old_chain
+        assert (relay.data / "acme" / "certificate.key").read_bytes() == old_key
+        cert = starttls_certificate(relay.port, root)
+        assert cert.serial_number == old_serial
+        # relaygate audit says so, naming the check and the name
+        (finding,) = _refused_findings(relay)
+        assert finding["key"] == "server.acme_directory_url"
+        assert f"({check} check)" in finding["message"] and NAME in finding["message"]
+        assert why in finding["message"]
+
+        # The CA answers right: the next retry installs its certificate, and the finding goes.
+        fake_ca.mode = "good"
+        assert wait_until(lambda: "installed (serial" in relay.log(), timeout=30), relay.log()
+
+        def renewed() -> x509.Certificate | None:
+            c = attempt(lambda: starttls_certificate(relay.port, root))
+            return c if c is not None and c.serial_number != old_serial else None
+
+        new = wait_until(renewed, timeout=20)
+        assert new is not None, relay.log()
+        assert f"installed (serial {new.serial_number:x}" in relay.log()
+        assert _refused_findings(relay) == []
+    finally:
+        relay.stop()
+
+
+# ----------------------------------------------------------------------------- check_issued
+
+
+def _csr_key() -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key, _key_pem(key)
+
+
+def _check(ca: FakeCA, chain: bytes, key_pem: bytes, **kw: object) -> str:
+    with pytest.raises(CertificateRefused) as info:
+        check_issued(chain, key_pem, [NAME], renew_before=dt.timedelta(days=30), **kw)  # type: ignore[arg-type]
+    return info.value.check
+
+
+def test_check_issued_takes_a_right_chain_and_names_as_the_ca_writes_them(fake_ca: FakeCA) -> None:
+    ca = fake_ca
+    key, key_pem = _csr_key()
+    now = dt.datetime.now(dt.UTC)
+    # the CA adds a name the order did not ask for: not required, not refused
+    leaf = ca.leaf(
+        ["Relay.Acme.Test", "www.acme.test"], key.public_key(),
+        start=now - dt.timedelta(hours=1), end=now + dt.timedelta(days=90),
+    )  # fmt: skip
+    got = check_issued(
+        ca.pem_chain(leaf), key_pem, ["relay.acme.test."], renew_before=dt.timedelta(days=30)
+    )
+    assert got.serial_number == leaf.serial_number
+
+
+def test_check_issued_names_each_failed_check(tmp_path: Path, fake_ca: FakeCA) -> None:
+    ca = fake_ca
+    key, key_pem = _csr_key()
+    now = dt.datetime.now(dt.UTC)
+    good = (now - dt.timedelta(hours=1), now + dt.timedelta(days=90))
+
+    def leaf(
+        names: tuple[str, ...] = (NAME,), pub: object = None, span: tuple = good, **kw: object
+    ):  # type: ignore[no-untyped-def,type-arg]
+        return ca.leaf(list(names), pub or key.public_key(), start=span[0], end=span[1], **kw)  # type: ignore[arg-type]
+
+    assert _check(ca, b"", key_pem) == "pem"
+    assert (
+        _check(ca, b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", key_pem)
+        == "pem"
+    )
+    assert _check(ca, ca.pem_chain(leaf(("mail.acme.test",))), key_pem) == "names"
+    other = ec.generate_private_key(ec.SECP256R1()).public_key()
+    assert _check(ca, ca.pem_chain(leaf(pub=other)), key_pem) == "key"
+    future = (now + dt.timedelta(days=1), now + dt.timedelta(days=90))
+    assert _check(ca, ca.pem_chain(leaf(span=future)), key_pem) == "validity"
+    expired = (now - dt.timedelta(days=90), now - dt.timedelta(seconds=1))
+    assert _check(ca, ca.pem_chain(leaf(span=expired)), key_pem) == "validity"
+    soon = (now - dt.timedelta(days=80), now + dt.timedelta(days=10))
+    assert _check(ca, ca.pem_chain(leaf(span=soon)), key_pem) == "renewal"
+    # ... not checked for a certificate another node of the cluster obtained
+    check_issued(ca.pem_chain(leaf(span=soon)), key_pem, [NAME], renew_before=None)
+    assert _check(ca, ca.pem_chain(leaf(), ca.impostor), key_pem) == "chain"
+    # the intermediate signed by another root than the one in the chain
+    stranger = FakeCA(tmp_path / "other")
+    stranger.stop()
+    chain = ca.pem_chain(leaf()).rsplit(b"-----BEGIN CERTIFICATE-----", 1)[0] + stranger.root_pem()
+    assert _check(ca, chain, key_pem) == "chain"
+
+
+def test_a_name_the_ca_added_does_not_make_the_certificate_due_again(tmp_path: Path) -> None:
+    # The manager records the names it ordered (certificate.names): a certificate on which the
+    # CA added a name (taken above) is not "names changed" at every check, a new order each
+    # acme_check_interval; a name removed from acme_domains still is.
+    from relaygate.acme import AcmeManager
+    from relaygate.config import parse_text
+
+    ca = FakeCA(tmp_path / "ca")
+    ca.stop()
+    key, key_pem = _csr_key()
+    now = dt.datetime.now(dt.UTC)
+    leaf = ca.leaf(
+        [NAME, "www.acme.test"], key.public_key(),
+        start=now - dt.timedelta(hours=1), end=now + dt.timedelta(days=90),
+    )  # fmt: skip
+
+    def config(domains: str) -> object:
+        return parse_text(
+            f'[server]\nfqdn = "{NAME}"\ndata_dir = "{tmp_path}"\n'
+            f'acme_directory_url = "https://127.0.0.1:1/dir"\nacme_domains = {domains}\n',
+            source="relaygate.toml",
+        )
+
+    manager = AcmeManager(config(f'["{NAME}"]'))
+    manager._install(ca.pem_chain(leaf), key_pem, "installed")
+    assert (tmp_path / "acme" / "certificate.names").read_text() == f"{NAME}\n"
+    assert manager.due() is None
+    both = AcmeManager(config(f'["{NAME}", "mail.acme.test"]')).due()
+    assert both is not None and "names changed" in both
