@@ -12,7 +12,6 @@ endpoints with SO_REUSEPORT, has its own store connection, logs and queue manage
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import logging
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from relaygate.acme import AcmeManager, acme_enabled, acme_files
+from relaygate.acme import reconcile as reconcile_acme
 from relaygate.admin.server import AdminServer, AdminStartError
 from relaygate.certificates import CertificateExpiry, read_expiries
 from relaygate.config import Config, ConfigError, load_config
@@ -239,13 +239,8 @@ class Relay:
                 for key in ("enabled", *running)
                 if getattr(new.admin, key) != getattr(self.config.admin, key)
             ]
-        running_url = self.config.server.acme_directory_url
-        if bool(new.server.acme_directory_url) != bool(running_url):
-            restart_only.append("server.acme_directory_url (on/off)")
-            # Until then ACME stays as it runs: on, the listeners keep the ACME certificate; off,
-            # they do not wait for one that no ACME client (started at start only) would obtain.
-            server = dataclasses.replace(new.server, acme_directory_url=running_url)
-            new = dataclasses.replace(new, server=server)
+        # ACME on or off applies (the listeners' certificate source follows the new config);
+        # the ACME client is started or stopped below, once the reload is applied.
         # Read before anything is applied (a renewed certificate file is what a reload is for).
         certificates = await asyncio.to_thread(read_expiries, new) if self.admin is not None else ()
 
@@ -264,14 +259,15 @@ class Relay:
                 self.manager.apply(new)
             if self.pressure is not None:
                 self.pressure.apply(new.queue.min_free_disk_space)
-            if self.acme is not None and new.server.acme_directory_url:
-                self.acme.apply(new)
 
         try:
             await self.server.sync_listeners(new, before_serving=apply)
         except OSError as exc:  # the listeners are as they were; nothing of `new` was applied
             logger.error("reload refused, keeping the running configuration: %s", exc)
             return
+        if self.worker_index is None:  # (a supervisor runs the client for its workers)
+            # ACME turned on: the client starts; off: it stops; else its settings apply.
+            self.acme = await asyncio.to_thread(reconcile_acme, self.acme, new)
         for log in retired:  # message tracking switched off: write what it holds, then close
             await asyncio.to_thread(log.close)
         logger.info("configuration reloaded from %s", self.config_path)
@@ -369,6 +365,8 @@ class Relay:
             acme_now = self._acme_stamp()
             if acme_now != acme_last:
                 acme_last = acme_now
+                if acme_now is None and not self.config.server.acme_directory_url:
+                    continue  # ACME turned off (the reload took the other files already)
                 try:
                     await self.refresh_certificates()
                 except Exception:

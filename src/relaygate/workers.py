@@ -80,7 +80,7 @@ __all__ = [
 ]
 
 #: Set by the supervisor for its workers: the queue store the node started with, and its
-#: server.acme_directory_url (JSON).
+#: server.acme_directory_url as last applied (JSON).
 PINNED_QUEUE_ENV = "RELAYGATE_WORKER_QUEUE"
 
 logger = logging.getLogger("relaygate.workers")
@@ -135,7 +135,7 @@ def supervisor_alive(link_fd: int) -> bool:
 
 def pinned_queue(config: Config) -> Config:
     """A worker's config with the queue store its supervisor started with (see ``_spawn``),
-    and ACME on or off as it started (only the supervisor runs the ACME client, from start)."""
+    and ACME on or off as the supervisor last applied it (only the supervisor runs the client)."""
     raw = os.environ.get(PINNED_QUEUE_ENV)
     if not raw:
         return config
@@ -143,8 +143,8 @@ def pinned_queue(config: Config) -> Config:
     url = pinned.get("acme_directory_url")
     if url is not None and bool(url) != bool(config.server.acme_directory_url):
         logger.warning(
-            "server.acme_directory_url turned on or off since relaygate serve started: this "
-            "worker keeps ACME as its siblings until relaygate serve restarts"
+            "server.acme_directory_url: ACME on or off as the supervisor last applied it (the "
+            "file says otherwise: this worker keeps ACME as its siblings until the next reload)"
         )
         server = dataclasses.replace(config.server, acme_directory_url=url)
         config = dataclasses.replace(config, server=server)
@@ -199,6 +199,9 @@ class Supervisor:
         #: The node's ACME client (relaygate.acme.AcmeManager), when server.acme_directory_url is
         #: set: it runs here, in a thread, and nowhere else; workers watch the files it writes.
         self.acme: Any = None
+        #: server.acme_directory_url as this process last applied it (start, reload): a worker
+        #: started again runs ACME on or off as its siblings (``_spawn``, ``pinned_queue``)
+        self.acme_directory_url = config.server.acme_directory_url
         self.config_path = Path(config_path).resolve()
         self.count = config.server.workers
         self.workers = [_Worker(i) for i in range(self.count)]
@@ -344,8 +347,8 @@ class Supervisor:
             {
                 "store": queue.store,
                 "database_url": queue.database_url,
-                # ACME on or off as the node started (the supervisor runs the client or not)
-                "acme_directory_url": self.config.server.acme_directory_url,
+                # ACME on or off as its siblings (the supervisor runs the client or not)
+                "acme_directory_url": self.acme_directory_url,
             }
         )
         # The table this run created, whatever data_dir the file says now (like the queue).
@@ -513,6 +516,16 @@ class Supervisor:
         except Exception:  # invalid (the workers log why) or unreadable: keep what is in force
             return
         apply_service_log(new.server.log_format, new.server.log_level)
+        self._apply_acme(new)
+
+    def _apply_acme(self, new: Config) -> None:
+        """The ACME client of the node (this process's; the workers watch its files): started,
+        stopped or given the new settings, as the reloaded file says (the workers apply the
+        same file to their listeners). A worker started from now on pins this state."""
+        from relaygate.acme import reconcile
+
+        self.acme = reconcile(self.acme, new)
+        self.acme_directory_url = new.server.acme_directory_url
 
     def _reload(self) -> None:
         self._file_stamp = _file_stamp(self.config_path)
@@ -527,8 +540,7 @@ class Supervisor:
             self._hang_timeout = new.server.worker_hang_timeout.total_seconds()
             # this process's own lines; each worker applies the file's on its own reload
             apply_service_log(new.server.log_format, new.server.log_level)
-            if self.acme is not None and new.server.acme_directory_url:
-                self.acme.apply(new)  # the acme_* settings of the reloaded file
+            self._apply_acme(new)
         if new is not None and new.server.workers != self.count:
             logger.warning(
                 "server.workers changed from %d to %d: takes effect when relaygate serve restarts",

@@ -262,36 +262,6 @@ def test_a_cluster_node_whose_responder_cannot_listen_still_takes_the_certificat
         blocker.close()
 
 
-def test_turning_acme_on_by_a_reload_leaves_starttls_as_it_was(tmp_path: Path, pebble) -> None:  # type: ignore[no-untyped-def]
-    # The reload says "server.acme_directory_url (on/off) changed: takes effect when relaygate
-    # serve restarts" (no ACME client is started). The listeners must then go on as they were,
-    # not look for an ACME certificate nothing will obtain and stop offering STARTTLS until
-    # the restart.
-    import os
-    import signal
-
-    from tests.acme.helpers import Relay, ehlo_keywords, wait_until
-
-    folder = tmp_path / "relay"
-    folder.mkdir()
-    relay = Relay(folder, pebble)
-    with_acme = relay.config.read_text()
-    relay.config.write_text(
-        "".join(line for line in with_acme.splitlines(True) if not line.startswith("acme_"))
-    )
-    relay.start()
-    try:
-        assert "STARTTLS" in ehlo_keywords(relay.port)
-        relay.config.write_text(with_acme)
-        assert relay.proc is not None
-        os.kill(relay.proc.pid, signal.SIGHUP)
-        assert wait_until(lambda: "configuration reloaded" in relay.log(), 20), relay.log()
-        assert "takes effect when relaygate serve restarts" in relay.log()
-        assert "STARTTLS" in ehlo_keywords(relay.port), relay.log()
-    finally:
-        relay.stop()
-
-
 def test_a_configured_name_with_a_trailing_dot_is_the_same_name(tmp_path: Path) -> None:
     # `relaygate check` accepts "relay.acme.test." (an absolute name); the CA identifiers and
     # the certificate's SANs have no final dot. The name must be ordered without it, and a
@@ -354,9 +324,9 @@ def test_the_csr_of_a_long_name_has_no_common_name_that_is_not_a_name(tmp_path: 
 def test_a_worker_restarted_after_acme_was_turned_on_by_a_reload_keeps_starttls(
     tmp_path: Path, pebble
 ) -> None:  # type: ignore[no-untyped-def]
-    # As the reload itself (see above), a worker the supervisor starts again after that reload
-    # (it died, or hung) must run with ACME as the node started, like its siblings: not look
-    # for an ACME certificate that no ACME client obtains and offer no STARTTLS.
+    # A worker the supervisor starts again after a reload that turned ACME on (it died, or
+    # hung) must run with ACME as its siblings do now (the supervisor's client obtains the
+    # certificate; test_reload.py): it offers STARTTLS like them.
     import os
     import signal
 
