@@ -227,3 +227,56 @@ def test_a_name_the_ca_added_does_not_make_the_certificate_due_again(tmp_path: P
     assert manager.due() is None
     both = AcmeManager(config(f'["{NAME}", "mail.acme.test"]')).due()
     assert both is not None and "names changed" in both
+
+
+def test_a_cluster_node_does_not_install_a_wrong_certificate_from_the_queue_database(
+    tmp_path: Path, postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The node that orders checks before it publishes; a node that copies the certificate from
+    # the queue database checks it too (a node of another version, a hand-edited row): a wrong
+    # one is not installed, and the step goes on (the node leading still orders when due).
+    import logging
+
+    from relaygate.acme import AcmeManager
+    from relaygate.acme.cluster import ClusterShare
+    from relaygate.config import parse_text
+    from tests.smtp.helpers import free_port
+
+    ca = FakeCA(tmp_path / "ca")
+    ca.stop()
+    data = tmp_path / "data"
+    old_serial, old_chain, old_key = _install_old(ca, data)
+    config = parse_text(
+        f'[server]\nfqdn = "{NAME}"\ndata_dir = "{data}"\n'
+        f'acme_directory_url = "https://127.0.0.1:1/dir"\n'
+        f'acme_http_listen = "127.0.0.1:{free_port()}"\n'
+        f'[queue]\nstore = "postgresql"\ndatabase_url = "{postgres_url}"\n',
+        source="relaygate.toml",
+    )
+    manager = AcmeManager(config)
+    share = ClusterShare(postgres_url, (NAME,))
+    now = dt.datetime.now(dt.UTC)
+    span = {"start": now - dt.timedelta(hours=1), "end": now + dt.timedelta(days=60)}
+    key, key_pem = _csr_key()
+    wrong = ca.leaf(["other.acme.test"], key.public_key(), **span)
+    try:
+        share.publish(ca.pem_chain(wrong), key_pem)
+        with caplog.at_level(logging.ERROR, logger="relaygate.acme"):
+            assert manager._cluster_step() is True  # it leads (no other node), and goes on
+        assert (data / "acme" / "certificate.pem").read_bytes() == old_chain
+        assert (data / "acme" / "certificate.key").read_bytes() == old_key
+        assert "in the queue database is not installed" in caplog.text
+        assert "(names check)" in caplog.text and "keep the current certificate" in caplog.text
+        assert json.loads((data / "acme" / "refused.json").read_text())["check"] == "names"
+
+        right = ca.leaf([NAME], key.public_key(), **span)
+        share.publish(ca.pem_chain(right), key_pem)
+        manager._cluster_step()
+        installed = x509.load_pem_x509_certificates(
+            (data / "acme" / "certificate.pem").read_bytes()
+        )
+        assert installed[0].serial_number == right.serial_number != old_serial
+        assert not (data / "acme" / "refused.json").exists()
+    finally:
+        manager.stop()
+        share.close()

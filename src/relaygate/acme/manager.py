@@ -115,6 +115,8 @@ class AcmeManager:
         self.responder: ChallengeResponder | None = None
         self._leading: bool | None = None
         self._responder_failed = False
+        #: the chain in the queue database last refused (`_cluster_step`): not checked again
+        self._refused_chain = b""
         if getattr(config.queue, "store", "sqlite") == "postgresql" and config.queue.database_url:
             self.cluster = ClusterShare(config.queue.database_url, acme_domains(config.server))
 
@@ -188,10 +190,25 @@ class AcmeManager:
                 current = cert_path.read_bytes()
             except OSError:
                 current = b""
-            if current != chain:
-                # checked as an order's (but for renewal: the node that ordered it renews it)
-                self._check(chain, key, renew_before=None)
-                self._install(chain, key, "taken from the queue database")
+            if current != chain and chain != self._refused_chain:
+                # checked as an order's (but for renewal: the node that ordered it renews it);
+                # refused, it is logged once and this step goes on (the node leading orders
+                # anew when its own is due; the others look again at the next step)
+                try:
+                    self._check(chain, key, renew_before=None)
+                except CertificateRefused as exc:
+                    self._refused_chain = chain
+                    logger.error(
+                        "ACME: the certificate for %s in the queue database is not installed: "
+                        "%s; %s",
+                        ", ".join(acme_domains(s)),
+                        exc,
+                        "the listeners keep the current certificate"
+                        if current
+                        else "STARTTLS is not offered until one is installed",
+                    )
+                else:
+                    self._install(chain, key, "taken from the queue database")
         return leading
 
     def _install(self, chain: bytes, key: bytes, how: str) -> None:
