@@ -506,7 +506,8 @@ class Supervisor:
 
     def _check_log_settings(self) -> None:
         """The config file was edited (no SIGHUP: the workers' own watchers reload it): apply its
-        server.log_format and server.log_level to this process's lines."""
+        server.log_format and server.log_level to this process's lines, and its ACME on or off
+        and acme_* settings to the node's ACME client (`_apply_acme`)."""
         stamp = _file_stamp(self.config_path)
         if stamp == self._file_stamp:
             return

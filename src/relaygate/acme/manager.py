@@ -74,9 +74,7 @@ def reconcile(manager: AcmeManager | None, config: Any) -> AcmeManager | None:
             ", ".join(acme_domains(s)),
             s.acme_directory_url,
         )
-        started = AcmeManager(config)
-        started.start()
-        return started
+        return _start(config)
     if not acme_enabled(s):
         logger.info(
             "ACME: turned off by the reload: the client stops; the listeners take the configured "
@@ -89,11 +87,25 @@ def reconcile(manager: AcmeManager | None, config: Any) -> AcmeManager | None:
         acme_domains(old) != acme_domains(s) or old.acme_http_listen != s.acme_http_listen
     ):
         manager.stop(wait=False)
-        started = AcmeManager(config)
-        started.start()
-        return started
+        return _start(config)
     manager.apply(config)
     return manager
+
+
+def _start(config: Any) -> AcmeManager | None:
+    """A client started for a reloaded configuration; None (logged) if it cannot start: the
+    relay runs on, and the next reload tries again."""
+    started = AcmeManager(config)
+    try:
+        started.start()
+    except OSError as exc:  # <data_dir>/acme cannot be made
+        logger.error(
+            "ACME: the client cannot start (server.acme_directory_url): %s; no certificate is "
+            "ordered until a reload succeeds in starting it",
+            exc,
+        )
+        return None
+    return started
 
 
 class AcmeManager:
