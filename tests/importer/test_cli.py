@@ -125,6 +125,8 @@ def test_dry_run_text_detects_logs_among_files(tmp_path: Path) -> None:
     assert "proposed remote_ip_ranges: 10.10.5.11-10.10.5.13, 192.168.20.7, 2001:db8:10::25" in text
     assert "connected without sending (not in the proposal): 10.10.5.30" in text
     assert "relayed = ?" in text  # no accepted domains known
+    # The hint names the TOML table to add, brackets and all (not eaten as console markup).
+    assert "a config with [[accepted_domains]] to tell" in text
     assert re.search(
         r"^read 2 protocol log file\(s\), 0\.0 MB, 123 lines in \d+\.\d s$", text, re.M
     )

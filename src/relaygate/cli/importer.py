@@ -213,7 +213,8 @@ def _print_usage(console: Console, usage: UsageReport, result: ImportResult) -> 
             )
     if not usage.accepted_domains:
         console.print(
-            "  (relayed = ?: give --accepted-domain or a config with [[accepted_domains]] to tell)"
+            "  (relayed = ?: give --accepted-domain or a config with [[accepted_domains]] to tell)",
+            markup=False,
         )
     for warning in usage.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
