@@ -206,6 +206,35 @@ def test_a_lease_shorter_than_three_seconds_is_refused() -> None:
     assert parse_text('[queue]\nlease_duration = "00:00:03"\n', "q.toml").queue.lease_duration
 
 
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("not an address", "'not an address' is not a mail address (name@domain): "),
+        ("it@corp@example", "'it@corp@example' is not a mail address (name@domain): "),
+        ("postmaster", "'postmaster' is not a mail address (name@domain): address has no domain"),
+    ],
+)
+def test_relaygate_check_refuses_a_bad_admin_notification_address(
+    tmp_path: Path, value: str, why: str
+) -> None:
+    """The copies of NDRs (and the postmaster address) go to queue.admin_notification_address: a
+    value that is no address is refused by `check`, naming the key, not found out by the NDRs."""
+    path = tmp_path / "relaygate.toml"
+    path.write_text(f'[queue]\nadmin_notification_address = "{value}"\n', encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "relaygate", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done
+    out = done.stdout + done.stderr
+    assert f"{path}: queue.admin_notification_address: {why}" in out, out
+    assert "Traceback" not in out, out
+    good = '[queue]\nadmin_notification_address = " it@corp.example "\n'
+    assert parse_text(good, "q.toml").queue.admin_notification_address.strip() == "it@corp.example"
+
+
 def test_serve_names_an_unreachable_queue_database_without_its_password(tmp_path: Path) -> None:
     """`check` accepts a well-formed URL (it does not connect); `serve` cannot reach the
     database: it stops with the reason and the URL, its password left out, not a traceback."""

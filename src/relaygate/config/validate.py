@@ -725,6 +725,17 @@ def _queue_rules(config: Config, position: Callable[[int], int]) -> list[Problem
         problems.append(
             Problem(src, "queue.lease_duration", "must be at least 00:00:03 (3 seconds)")
         )
+    admin = q.admin_notification_address.strip()
+    if admin:
+        why = _not_an_address(admin)
+        if why is not None:
+            problems.append(
+                Problem(
+                    src,
+                    "queue.admin_notification_address",
+                    f"{admin!r} is not a mail address (name@domain){why}",
+                )
+            )
     if q.store != "postgresql":
         return problems
     for i, c in enumerate(config.receive_connectors):
