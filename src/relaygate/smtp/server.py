@@ -63,10 +63,21 @@ _ACCEPT_RETRY_DELAY = 1.0  # seconds without accepting after EMFILE and the like
 
 
 class ListenerError(OSError):
-    """A listener could not be opened; `binding` names it."""
+    """A listener could not be opened; `binding` names it, and `config` the receive connectors
+    whose bindings it is (an administrator looks for the connector, not the socket)."""
 
-    def __init__(self, binding: Binding, exc: OSError) -> None:
-        super().__init__(exc.errno, f"cannot listen on {binding}: {exc.strerror or exc}")
+    def __init__(self, binding: Binding, exc: OSError, config: Config | None = None) -> None:
+        names = [
+            f'"{c.name}"'
+            for c in (config.receive_connectors if config is not None else ())
+            if c.enabled and binding in c.bindings
+        ]
+        owner = (
+            f" (bindings of receive connector{'s' if len(names) > 1 else ''} {', '.join(names)})"
+            if names
+            else ""
+        )
+        super().__init__(exc.errno, f"cannot listen on {binding}{owner}: {exc.strerror or exc}")
         self.binding = binding
 
     def __str__(self) -> str:
@@ -575,7 +586,7 @@ class SmtpServer:
                     self._servers[back] = server
                     self._states[back], self._ssl[back] = back_state, back_ssl
                     await server.start_serving()
-                raise ListenerError(binding, exc) from exc
+                raise ListenerError(binding, exc, config) from exc
         if before_serving is not None:
             before_serving()
         for binding, server in opened.items():
