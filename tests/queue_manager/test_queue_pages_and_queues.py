@@ -374,6 +374,24 @@ async def test_queue_cli_pages_filters_summary_and_retry_queue(node: Node) -> No
     await wait_for(lambda: len(node.handler_b.attempts["carol@example.net"]) == 2)
 
 
+async def test_queue_list_says_nothing_matched_rather_than_the_queue_is_empty(node: Node) -> None:
+    """A filter, --after or --limit 0 that selects no message: the queue holds five messages, so
+    "The queue is empty." would be untrue; the list says that no message matched."""
+    config = node.config
+    results = await asyncio.gather(
+        cli("list", "--from", "nobody@corp.test", config=config),
+        cli("list", "--to", "*@nowhere.example", config=config),
+        cli("list", "--status", "Suspended", config=config),
+        cli("list", "--after", node.ids[-1], config=config),
+        cli("list", "--limit", "0", config=config),
+    )
+    for rc, out, err in results:
+        assert rc == 0, err
+        assert out.strip() == "No message matches.", out
+    rc, out, err = await cli("list", "--from", "nobody@corp.test", "--json", config=config)
+    assert rc == 0 and json.loads(out) == [], err
+
+
 async def test_get_queue_over_a_large_queue_lets_the_event_loop_run(tmp_path: Path) -> None:
     """Get-Queue (the admin centre's /queue page calls it on every view) works out a view of up
     to 100,000 unfinished messages. That work runs on the event loop of the process serving SMTP:

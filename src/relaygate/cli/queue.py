@@ -182,9 +182,12 @@ def _cell(record: dict[str, Any], field: str) -> Any:
     return _text(record[field])
 
 
-def _print_list(messages: list[dict[str, Any]]) -> None:
+def _print_list(messages: list[dict[str, Any]], selective: bool = False) -> None:
+    """`selective`: a filter, --after or --limit 0 chose the page, so an empty page says that
+    nothing matched, not that the queue is empty."""
     if not messages:
-        console.print("The queue is empty.", markup=False)
+        text = "No message matches." if selective else "The queue is empty."
+        console.print(text, markup=False)
         return
     columns = [
         ("Identity", WHOLE, "Identity"),
@@ -315,7 +318,10 @@ def register(app: typer.Typer) -> None:
         if json_out:
             emit_json(body["messages"])
         else:
-            _print_list(body["messages"])
+            selective = limit == 0 or any(
+                v is not None for v in (status, after, sender, recipient, queue)
+            )
+            _print_list(body["messages"], selective)
         next_after = body.get("next_after")
         if next_after:
             # On stderr with --json, so that stdout stays the JSON list.
