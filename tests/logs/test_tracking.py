@@ -252,6 +252,20 @@ def test_trace_cli_log_dir_that_is_a_file(tmp_path: Path) -> None:
     assert data["ok"] is False and data["error"] == f"--log-dir {not_a_dir}: not a directory"
 
 
+def test_trace_cli_log_dir_that_does_not_exist(tmp_path: Path) -> None:
+    """A mistyped --log-dir is an error naming it, not "No tracking events found"."""
+    missing = tmp_path / "MessageTrackin"
+    res = run_trace("--log-dir", str(missing), "--sender", "scanner@corp.example", cwd=tmp_path)
+    assert res.returncode == 1, res.stdout
+    assert "Traceback" not in res.stderr
+    assert f"--log-dir {missing}: no such directory" in res.stderr, res.stderr
+    assert "No tracking events" not in res.stdout
+    res = run_trace("--log-dir", str(missing), "--json", cwd=tmp_path)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    data = json.loads(res.stdout)
+    assert data["ok"] is False and data["error"] == f"--log-dir {missing}: no such directory"
+
+
 def test_trace_cli_uses_config_data_dir(tmp_path: Path) -> None:
     pytest.importorskip("relaygate.config")
     cfg = tmp_path / "relaygate.toml"

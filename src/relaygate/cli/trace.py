@@ -166,6 +166,10 @@ def register(app: typer.Typer) -> None:
         try:
             if directory.exists() and not directory.is_dir():
                 raise NotADirectoryError(errno.ENOTDIR, "not a directory")
+            if log_dir is not None and not directory.exists():
+                # A mistyped --log-dir is not "no events": the default directory may be missing
+                # (nothing logged yet), a directory named on purpose must be there.
+                raise FileNotFoundError(errno.ENOENT, "no such directory")
             rows = search(
                 directory,
                 sender=sender,
