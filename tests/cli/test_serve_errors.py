@@ -63,3 +63,40 @@ remote_ip_ranges = ["127.0.0.4"]
         f'"Scanners Floor 2", "Printers"): Address already in use'
     ) in done.stderr, done.stderr
     assert '"Apps"' not in done.stderr, done.stderr
+
+
+def test_a_queue_database_that_cannot_be_opened_is_named(tmp_path: Path) -> None:
+    """`<data_dir>/queue` is a file (a restore gone wrong): before, the one line said only
+    "queue database error: unable to open database file"; it names the database file now."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "queue").write_text("not a directory\n", encoding="utf-8")
+    config = tmp_path / "relaygate.toml"
+    config.write_text(
+        f"""\
+[server]
+data_dir = "{data}"
+
+[admin]
+listen = "127.0.0.1:{free_port()}"
+
+[[receive_connectors]]
+name = "Printers"
+bindings = ["127.0.0.1:{free_port()}"]
+remote_ip_ranges = ["127.0.0.2"]
+""",
+        encoding="utf-8",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "relaygate", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    assert done.returncode == 1, done
+    assert "Traceback" not in done.stderr, done.stderr
+    assert (
+        f"cannot start: cannot open the queue database {data / 'queue' / 'queue.db'}: "
+        "unable to open database file"
+    ) in done.stderr, done.stderr

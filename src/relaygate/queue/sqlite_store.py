@@ -611,6 +611,16 @@ class SqliteStore(Store):
             if self._wconn is not None:
                 self._wconn.close()
                 self._wconn = None
+            if isinstance(exc, sqlite3.Error | OSError):
+                # At start-up: name the file (under server.data_dir), not SQLite's words alone.
+                kind = (
+                    StoreFullError if isinstance(_wrap_error(exc), StoreFullError) else StoreError
+                )
+                reason = exc if isinstance(exc, sqlite3.Error) else exc.strerror or exc
+                opened = kind(f"cannot open the queue database {self.path}: {reason}")
+                opened.__cause__ = exc
+                ready.set_exception(opened)
+                return
             ready.set_exception(_wrap_error(exc))
             return
         ready.set_result(None)
