@@ -316,6 +316,30 @@ def test_dry_run_text_prints_send_connectors_toml(tmp_path: Path) -> None:
     assert [s["name"] for s in doc["send_connectors"]] == ["Outbound to Office 365", "Internet"]
 
 
+def test_a_verbose_send_connector_is_told_that_no_send_protocol_log_is_written(
+    tmp_path: Path,
+) -> None:
+    """Exchange's send connector logs to SmtpSend with ProtocolLoggingLevel Verbose; RelayGate
+    keeps the key but writes no send protocol log: the import says so for that connector only,
+    in text and in --json."""
+    proc = run(SEND_FL, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout + proc.stderr
+    assert (
+        "Outbound to Office 365: ProtocolLoggingLevel Verbose is imported, but RelayGate writes "
+        "no SMTP send protocol log (SmtpSend)"
+    ) in out, out
+    assert "Internet: ProtocolLoggingLevel" not in out  # its level is None
+    proc = run(SEND_JSON, "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    warnings = json.loads(proc.stdout)["warnings"]
+    assert [w for w in warnings if "no SMTP send protocol log" in w] == [
+        "Outbound to Office 365: ProtocolLoggingLevel Verbose is imported, but RelayGate writes "
+        "no SMTP send protocol log (SmtpSend): each delivery shows in the message tracking log "
+        "(relaygate trace) and the queue's LastError"
+    ], warnings
+
+
 def test_write_refuses_a_send_connector_name_already_present(tmp_path: Path) -> None:
     config = tmp_path / "relaygate.toml"
     original = CONFIG + '\n[[send_connectors]]\nname = "internet"\naddress_spaces = ["*"]\n'

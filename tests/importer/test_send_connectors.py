@@ -77,7 +77,9 @@ def test_send_connector_warnings(name: str) -> None:
     [cert] = [w for w in result.warnings if "TlsCertificateName" in w]
     assert cert.startswith("Internet: TlsCertificateName '<I>CN=Corp Issuing CA 01")
     assert "tls_certificate_file / tls_key_file" in cert
-    assert len(result.warnings) == 2
+    [log] = [w for w in result.warnings if "ProtocolLoggingLevel" in w]
+    assert log.startswith("Outbound to Office 365: ProtocolLoggingLevel Verbose is imported")
+    assert len(result.warnings) == 3
 
 
 def test_json_credential_user_name_is_named_in_the_warning() -> None:

@@ -244,6 +244,8 @@ class SendConnector:
     fqdn: str | None = None
     max_message_size: int | None = _spec(None, v.parse_size)
     connection_inactivity_timeout: timedelta = _span("00:10:00")
+    #: Kept as Exchange has it (the importer carries it over), but no SMTP send protocol log
+    #: (SmtpSend) is written: deliveries show in the message tracking log and the queue.
     protocol_logging_level: str = _spec("None", choices=("None", "Verbose"))
     comment: str = ""
     #: Pacing to the upstream's quota (RelayGate's own; Exchange has none): at most this many

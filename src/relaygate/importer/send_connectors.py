@@ -322,6 +322,12 @@ def _send_connector(
             "tls_key_file"
         )
     _send_auth_warnings(identity, out, record, result)
+    if out.get("protocol_logging_level") == "Verbose":
+        result.warnings.append(
+            f"{identity}: ProtocolLoggingLevel Verbose is imported, but RelayGate writes no SMTP "
+            "send protocol log (SmtpSend): each delivery shows in the message tracking log "
+            "(relaygate trace) and the queue's LastError"
+        )
     if out.get("smart_hosts") and out.get("dns_routing_enabled") is True:
         result.warnings.append(
             f"{identity}: SmartHosts are set but DNSRoutingEnabled is True; check which one Exchange "
