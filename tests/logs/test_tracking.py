@@ -266,6 +266,28 @@ def test_trace_cli_log_dir_that_does_not_exist(tmp_path: Path) -> None:
     assert data["ok"] is False and data["error"] == f"--log-dir {missing}: no such directory"
 
 
+def test_trace_cli_refuses_an_unknown_event_id(tmp_path: Path) -> None:
+    """`--event-id RECIEVE` matched nothing and printed "No tracking events found" (exit 0): an
+    administrator read it as "no such message". It is a usage error listing the ids now; the
+    ids are taken in any case, AGENTINFO (DKIM decisions) included."""
+    populate(tmp_path / "trk")
+    res = run_trace("--log-dir", str(tmp_path / "trk"), "--event-id", "RECIEVE", cwd=tmp_path)
+    assert res.returncode == 2, res.stdout
+    assert "Traceback" not in res.stderr
+    assert "--event-id 'RECIEVE': use one of RECEIVE, SEND, DEFER, FAIL, DSN, AGENTINFO" in (
+        res.stderr
+    ), res.stderr
+    assert "No tracking events" not in res.stdout
+    res = run_trace(
+        "--log-dir", str(tmp_path / "trk"), "--event-id", " dsn ", "--json", cwd=tmp_path
+    )
+    assert res.returncode == 0, res.stderr
+    events = json.loads(res.stdout)
+    assert events and {e["event-id"] for e in events} == {"DSN"}
+    res = run_trace("--log-dir", str(tmp_path / "trk"), "--event-id", "agentinfo", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+
+
 def test_trace_cli_uses_config_data_dir(tmp_path: Path) -> None:
     pytest.importorskip("relaygate.config")
     cfg = tmp_path / "relaygate.toml"

@@ -21,7 +21,12 @@ from relaygate.cli.common import (
 )
 from relaygate.cli.tables import CUT, WHOLE, WIDE, list_table, print_narrow_hint, when
 from relaygate.logs.privacy import AddressPrivacy, PrivacyKeyError, privacy_for
-from relaygate.logs.tracking import DEFAULT_SEARCH_LIMIT, MESSAGE_TRACKING_DIR, search
+from relaygate.logs.tracking import (
+    DEFAULT_SEARCH_LIMIT,
+    EVENT_IDS,
+    MESSAGE_TRACKING_DIR,
+    search,
+)
 
 __all__ = ["parse_when", "register"]
 
@@ -128,7 +133,7 @@ def register(app: typer.Typer) -> None:
             None, "--message-id", help="Message-ID header, with or without <>."
         ),
         event_id: str | None = typer.Option(
-            None, "--event-id", help="RECEIVE, SEND, DEFER, FAIL, DSN, EXPAND, SUBMIT, DROP."
+            None, "--event-id", help=f"{', '.join(EVENT_IDS)} (any case)."
         ),
         limit: int = typer.Option(
             DEFAULT_SEARCH_LIMIT, "--limit", min=0, help="Most recent N events (ResultSize)."
@@ -147,6 +152,10 @@ def register(app: typer.Typer) -> None:
             until_dt = parse_when(until) if until else None
         except typer.BadParameter as exc:
             die(str(exc.message), 2)
+        if event_id is not None and event_id.strip().upper() not in EVENT_IDS:
+            # A mistyped id matched nothing and read as "no such events".
+            die(f"--event-id {event_id!r}: use one of {', '.join(EVENT_IDS)}", 2)
+        event_id = event_id.strip() if event_id is not None else None
         directory = _tracking_dir(config, log_dir)
         where = f"--log-dir {directory}" if log_dir is not None else str(directory)
         try:

@@ -81,7 +81,18 @@ TRACKING_FIELDS = (
     "log-id",
     "schema-version",
 )
-EVENT_IDS = ("RECEIVE", "SEND", "DEFER", "FAIL", "DSN", "EXPAND", "SUBMIT", "DROP")
+#: The event ids `relaygate trace --event-id` takes (Exchange's for a relay; AGENTINFO: DKIM).
+EVENT_IDS = (
+    "RECEIVE",
+    "SEND",
+    "DEFER",
+    "FAIL",
+    "DSN",
+    "AGENTINFO",
+    "EXPAND",
+    "SUBMIT",
+    "DROP",
+)
 SOFTWARE = "Microsoft Exchange Server"
 VERSION = "15.0.0.0"
 SCHEMA_VERSION = "15.0.0.0"
