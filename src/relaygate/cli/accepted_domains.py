@@ -71,7 +71,13 @@ def _register_domain(group: typer.Typer) -> None:
         """List accepted domains (Get-AcceptedDomain)."""
         cfg = load_or_exit(config)
         rows = [obj_json(DOMAIN, d) for d in cfg.accepted_domains]
-        print_listing(json_out, rows, "No accepted domains.", lambda: _domains_table(cfg))
+        print_listing(
+            json_out,
+            rows,
+            "No accepted domains.",
+            lambda: _domains_table(cfg),
+            narrow_layout=False,  # three short columns, folded rather than cut
+        )
 
     @group.command("add")
     def add_cmd(

@@ -204,9 +204,16 @@ def print_object(kind: Kind, obj: Any, config: m.Config) -> None:
 
 
 def print_listing(
-    json_out: bool, rows: list[Any], empty: str, make_table: Callable[[], Table]
+    json_out: bool,
+    rows: list[Any],
+    empty: str,
+    make_table: Callable[[], Table],
+    *,
+    narrow_layout: bool = True,
 ) -> None:
-    """What a `list` verb prints: the rows as JSON, `empty` when there are none, else the table."""
+    """What a `list` verb prints: the rows as JSON, `empty` when there are none, else the table.
+    `narrow_layout`: the table is a `tables.list_table`, which a narrow terminal cuts (and the
+    hint after it says so); a table that shows everything at any width gets no hint."""
     if json_out:
         emit_json(rows)
         return
@@ -214,7 +221,8 @@ def print_listing(
         console.print(empty, markup=False)
         return
     console.print(make_table())
-    print_narrow_hint()
+    if narrow_layout:
+        print_narrow_hint()
 
 
 def diff(kind: Kind, before: Any, after: Any) -> dict[str, dict[str, Any]]:
