@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import smtplib
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.support.ports import free_port
@@ -100,3 +102,53 @@ remote_ip_ranges = ["127.0.0.2"]
         f"cannot start: cannot open the queue database {data / 'queue' / 'queue.db'}: "
         "unable to open database file"
     ) in done.stderr, done.stderr
+
+
+def test_a_protocol_log_folder_that_is_a_file_is_a_warning_not_a_traceback(tmp_path: Path) -> None:
+    """`<data_dir>/logs/ProtocolLog` is a file: the relay serves, and the service log says in one
+    line per problem that the folder cannot be listed and that lines were dropped; before, the
+    log writer's cleanup printed a Python traceback ("background flush failed")."""
+    data = tmp_path / "data"
+    (data / "logs").mkdir(parents=True)
+    (data / "logs" / "ProtocolLog").write_text("not a directory\n", encoding="utf-8")
+    smtp = free_port()
+    config = tmp_path / "relaygate.toml"
+    config.write_text(
+        f"""\
+[server]
+data_dir = "{data}"
+
+[admin]
+listen = "127.0.0.1:{free_port()}"
+
+[[receive_connectors]]
+name = "Printers"
+bindings = ["127.0.0.1:{smtp}"]
+remote_ip_ranges = ["127.0.0.1"]
+protocol_logging_level = "Verbose"
+""",
+        encoding="utf-8",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relaygate", "serve", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        ready = proc.stdout.readline()  # "RelayGate ready: ..." once it listens
+        assert ready.startswith("RelayGate ready"), ready
+        with smtplib.SMTP("127.0.0.1", smtp, timeout=10) as client:
+            assert client.noop()[0] == 250
+        time.sleep(1.0)  # the log writer flushes every 0.2 s
+    finally:
+        proc.terminate()
+        _out, err = proc.communicate(timeout=30)
+    folder = data / "logs" / "ProtocolLog" / "SmtpReceive"
+    assert "Traceback" not in err, err
+    assert f"log {folder}: cannot list the folder for its cleanup: [Errno 20] Not a directory" in (
+        err
+    ), err
+    assert f"log {folder}: dropped " in err, err

@@ -383,6 +383,9 @@ class LogDirectory:
         except FileNotFoundError:
             self._dir_size = 0
             return
+        except OSError as exc:  # not a directory, no permission: the writes say so too
+            _log.warning("log %s: cannot list the folder for its cleanup: %s", self.path, exc)
+            return
         files: list[tuple[float, int, int, str, int]] = []
         for e in entries:
             try:
