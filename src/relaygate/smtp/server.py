@@ -493,6 +493,7 @@ class ServerContext:
                 total_bytes=size,
                 client_ip=session.client_ip,
                 client_hostname=session.helo or "",
+                server_ip=session.local[0],
                 server_hostname=session.fqdn,
                 connector_id=f"{self.config.server.name}\\{envelope.connector}",
                 source_context=envelope.metadata.get("session", ""),
