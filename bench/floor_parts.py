@@ -134,6 +134,7 @@ class PartsSession(asyncio.Protocol):
         self.committing = False
         self.log: Any = NULL_SESSION_LOG
         self.client_ip = ""
+        self.local: tuple[str, int] = ("", 0)  # read by message_received (tracking server-ip)
         self.helo = ""
         self.fqdn = parts.fqdn
         self.sender: Any = None
@@ -146,6 +147,7 @@ class PartsSession(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
         self.client_ip = peer[0]
+        self.local = (local[0], local[1])
         self.log = self.parts.session_log((local[0], local[1]), (peer[0], peer[1]))
         banner = self.parts.banner()
         self.log.connect()
