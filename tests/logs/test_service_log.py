@@ -7,6 +7,7 @@ smtplib through to an aiosmtpd sink on loopback; every line of the relay's stder
 
 from __future__ import annotations
 
+import http.server
 import io
 import json
 import logging
@@ -725,3 +726,75 @@ def test_json_an_exception_python_ignores_is_a_json_line_too() -> None:
     assert ignored[0]["message"].startswith("Exception ignored in: <function Leaky.__del__")
     assert ignored[0]["exception"].endswith("ValueError: in __del__")
     assert any("uncaught exception in thread" in r["message"] for r in records)
+
+
+# -- httpx and httpcore held back (relaygate.logs.service.QUIET_LOGGERS) ----------------------------
+
+HTTPX_USER = """\
+import sys
+import httpx
+from relaygate.logs.service import configure
+
+configure(sys.argv[1], sys.argv[2])
+# any httpx user (a token endpoint, an ACME CA), in a process that never imported the Graph code
+assert "relaygate.delivery.graph" not in sys.modules
+reply = httpx.get(f"http://127.0.0.1:{sys.argv[3]}/upload?authtoken=SECRET-TOKEN-123", timeout=10)
+assert reply.status_code == 204, reply
+"""
+
+
+class _NoContent(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(204)
+        self.send_header("Location", "/next?authtoken=SECRET-TOKEN-123")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:  # not on the test's stderr
+        pass
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+def test_configure_keeps_httpx_request_lines_out_whatever_the_level(
+    log_format: str, level: str
+) -> None:
+    """The service log's setup itself holds httpx and httpcore at WARNING (it was a side effect
+    of importing the Graph code): a URL or a header with a token is never logged."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NoContent)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", HTTPX_USER, log_format, level, str(server.server_address[1])],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    assert out.returncode == 0, out.stderr
+    assert "HTTP Request:" not in out.stderr
+    assert "SECRET-TOKEN" not in out.stderr
+    assert "httpcore" not in out.stderr and "httpx" not in out.stderr
+
+
+def test_importing_the_graph_code_changes_no_logger() -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import logging, relaygate.delivery.graph as g; "
+            "print(logging.getLogger('httpx').level, logging.getLogger('httpcore').level)",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "0"]  # NOTSET: the service log's setup decides

@@ -85,11 +85,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("relaygate.delivery.graph")
-#: httpx logs each request's URL at INFO, the level of the relay's service log: an upload URL
-#: carries its own authorization (``?authtoken=``: anyone holding it can add an attachment to the
-#: draft until it expires), a Graph URL the mailbox's address (whatever log_address_privacy
-#: says). The relay's own lines say what it needs to.
-logging.getLogger("httpx").setLevel(logging.WARNING)
+# httpx's request lines (an upload URL carries its own authorization) are held back by the
+# service log's setup, in every process: relaygate.logs.service.QUIET_LOGGERS.
 
 DEFAULT_ENDPOINT = "https://graph.microsoft.com/v1.0"
 GRAPH_SCOPE = "https://graph.microsoft.com/.default"

@@ -10,8 +10,10 @@
 
 ``server.log_level`` (or ``--log-level``) is the root logger's level. Both apply at start (the
 flags before the config is even read), and on a reload (SIGHUP or a file edit) unless a flag set
-them. Every process of a node (supervisor and workers) writes its own lines; each line is written to
-stderr with one ``write`` call, so lines of several processes do not interleave.
+them. The loggers of QUIET_LOGGERS (httpx, httpcore) stay at WARNING whatever the level: their
+INFO and DEBUG lines show request URLs and headers, which can carry a token. Every process of a
+node (supervisor and workers) writes its own lines; each line is written to stderr with one
+``write`` call, so lines of several processes do not interleave.
 
 Client-controlled text never splits or forges a line: JSON escapes every control character and
 shows a non-UTF-8 byte as ``\\xNN``; in the text format the values interpolated into a message
@@ -37,6 +39,7 @@ from relaygate.config import ConfigError
 __all__ = [
     "LOG_FORMATS",
     "LOG_LEVELS",
+    "QUIET_LOGGERS",
     "START_FORMAT_ENV",
     "JsonFormatter",
     "TextFormatter",
@@ -52,6 +55,12 @@ LOG_FORMATS = ("text", "json")
 #: uses until it has read the config file (so that a file it cannot read is logged in that format).
 START_FORMAT_ENV = "RELAYGATE_WORKER_LOG_FORMAT"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+#: Held at WARNING by `configure` in every process, whatever server.log_level says (DEBUG too):
+#: httpx logs each request's URL at INFO (a Graph upload URL carries its own authorization,
+#: ``?authtoken=``; a Graph URL names the mailbox; ACME and token endpoints), httpcore each
+#: request's and response's headers at DEBUG (nonces, locations). The relay's own lines say
+#: what it needs to.
+QUIET_LOGGERS = ("httpx", "httpcore")
 
 # Control characters (C0, DEL, C1), the Unicode line and paragraph separators, lone surrogates
 # (a non-UTF-8 byte decoded with surrogateescape): escaped in the text format's arguments.
@@ -285,6 +294,8 @@ def configure(log_format: str, log_level: str, *, worker: int | None = None) -> 
     log_format = _State.overrides.get("format", log_format)
     log_level = _State.overrides.get("level", log_level)
     root = logging.getLogger()
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     if _State.handler is not None:
         root.removeHandler(_State.handler)
     handler = _LineHandler(sys.stderr)
