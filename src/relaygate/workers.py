@@ -32,7 +32,11 @@ any of its processes runs, even after a SIGKILL of the supervisor. It:
   ``server.worker_hang_timeout`` (1 minute): a hung worker would otherwise keep receiving its share
   of new connections from the kernel and leave them unanswered;
 * tells systemd when the node is ready, reloading or stopping, and pings its watchdog
-  (sd_notify.py).
+  (sd_notify.py);
+* is the only writer of the node's stderr: each worker's stderr and stdout are pipes that threads of
+  the supervisor read, passing each run of whole lines on to the supervisor's stderr with one write
+  (logs/worker_output.py), so that lines of several workers never interleave, even where stderr is
+  a pipe.
 
 Each worker holds one end of a socketpair whose other end the supervisor keeps: the worker writes
 one JSON line when it listens, and stops by itself when it reads EOF (the supervisor is gone, even
@@ -60,9 +64,10 @@ from pathlib import Path
 from typing import Any
 
 from relaygate.config import Config, ConfigError, load_config
-from relaygate.logs.service import START_FORMAT_ENV, worker_flags
+from relaygate.logs.service import START_FORMAT_ENV, STDERR_FALLBACK_ENV, worker_flags
 from relaygate.logs.service import apply_config as apply_service_log
 from relaygate.logs.service import current as current_log_format
+from relaygate.logs.worker_output import WorkerOutput
 from relaygate.sd_notify import ENV_VARS as SYSTEMD_ENV
 from relaygate.sd_notify import Notifier, watchdog_interval
 from relaygate.smtp.shared_rates import RATE_TABLE_ENV, table_path
@@ -89,6 +94,7 @@ logger = logging.getLogger("relaygate.workers")
 HEARTBEAT_MAX = 5.0
 READY_TIMEOUT = 60.0  # a worker not listening after this long is killed (and restarted)
 STOP_TIMEOUT = 40.0  # sessions 5 s + deliveries 10 s + store close, with room to spare
+OUTPUT_DRAIN_TIMEOUT = 5.0  # for the last lines of the workers once they all exited
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0  # a worker that ran this long before dying starts the backoff afresh
@@ -219,6 +225,12 @@ class Supervisor:
         #: changes server.log_format/log_level applies to this process's lines too
         self._file_stamp = _file_stamp(self.config_path)
         self._file_checked = time.monotonic()
+        #: the threads passing the workers' stderr and stdout on (those of workers that exited
+        #: end by themselves once they passed the last line on)
+        self._outputs: list[WorkerOutput] = []
+        #: a descriptor of this process's stderr, inherited by every worker: where it writes once
+        #: its stderr pipe is broken (this process is gone; relaygate.logs.service)
+        self._stderr_copy = -1
 
     # ------------------------------------------------------------------ entry point
 
@@ -229,6 +241,8 @@ class Supervisor:
         # /metrics sums this run's workers only (relaygate.worker_stats)
         clear_snapshots(Path(self.config.server.data_dir))
         old = self._install_signals()
+        with contextlib.suppress(OSError):
+            self._stderr_copy = os.dup(2)
         try:
             for w in self.workers:
                 self._spawn(w)
@@ -251,6 +265,7 @@ class Supervisor:
         finally:
             self._systemd.stopping()
             self._stop_all()
+            self._drain_outputs()
             self._systemd.close()
             self._restore_signals(old)
             self._sel.close()
@@ -358,15 +373,36 @@ class Supervisor:
         env[START_FORMAT_ENV] = current_log_format()[0]
         if self._rate_table is not None:
             env[RATE_TABLE_ENV] = self._rate_table
+        pass_fds = [child.fileno(), *self.hold_fds]
+        env.pop(STDERR_FALLBACK_ENV, None)
+        if self._stderr_copy >= 0:
+            env[STDERR_FALLBACK_ENV] = str(self._stderr_copy)
+            pass_fds.append(self._stderr_copy)
+        self._outputs = [o for o in self._outputs if not o.done]
+        err = WorkerOutput(2, f"worker {w.index} stderr")
+        # a worker prints nothing (its supervisor prints the ready line): what it might write to
+        # stdout is raw output too, which goes with the rest to stderr, never to a stdout that
+        # nobody may read any more once the ready line was seen
+        out = WorkerOutput(2, f"worker {w.index} stdout")
         try:
             w.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, pass_fds=(child.fileno(), *self.hold_fds), env=env
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out.write_fd,
+                stderr=err.write_fd,
+                pass_fds=pass_fds,
+                env=env,
             )
         except OSError:
             parent.close()
+            err.close()
+            out.close()
             raise
         finally:
             child.close()
+        for output in (err, out):
+            output.start()
+            self._outputs.append(output)
         parent.setblocking(False)
         w.link, w.buf, w.ready, w.every = parent, b"", None, HEARTBEAT_MAX
         w.started, w.restart_at = time.monotonic(), None
@@ -577,6 +613,16 @@ class Supervisor:
                 w.proc.kill()
                 w.proc.wait()
             self._close_link(w)
+
+    def _drain_outputs(self) -> None:
+        """Every worker exited: wait (a little) for their last lines to be passed on."""
+        deadline = time.monotonic() + OUTPUT_DRAIN_TIMEOUT
+        for output in self._outputs:
+            output.join(max(0.0, deadline - time.monotonic()))
+        self._outputs = []
+        if self._stderr_copy >= 0:
+            os.close(self._stderr_copy)
+            self._stderr_copy = -1
 
 
 def _file_stamp(path: Path) -> tuple[int, int] | None:

@@ -11,9 +11,13 @@
 ``server.log_level`` (or ``--log-level``) is the root logger's level. Both apply at start (the
 flags before the config is even read), and on a reload (SIGHUP or a file edit) unless a flag set
 them. The loggers of QUIET_LOGGERS (httpx, httpcore) stay at WARNING whatever the level: their
-INFO and DEBUG lines show request URLs and headers, which can carry a token. Every process of a
-node (supervisor and workers) writes its own lines; each line is written to stderr with one
-``write`` call, so lines of several processes do not interleave.
+INFO and DEBUG lines show request URLs and headers, which can carry a token.
+
+Each line is written with one ``write`` call, under a lock that the process's threads share
+(`write_whole`), and is at most MAX_LINE bytes (a longer message, traceback or ``extra`` value is
+cut, saying how much; a JSON line stays one JSON object). With ``server.workers > 1`` the
+workers' stderr is a pipe that their supervisor reads: it writes their lines to its own stderr
+whole, so lines of several processes never interleave (relaygate.logs.worker_output).
 
 Client-controlled text never splits or forges a line: JSON escapes every control character and
 shows a non-UTF-8 byte as ``\\xNN``; in the text format the values interpolated into a message
@@ -30,6 +34,7 @@ import math
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -39,8 +44,10 @@ from relaygate.config import ConfigError
 __all__ = [
     "LOG_FORMATS",
     "LOG_LEVELS",
+    "MAX_LINE",
     "QUIET_LOGGERS",
     "START_FORMAT_ENV",
+    "STDERR_FALLBACK_ENV",
     "JsonFormatter",
     "TextFormatter",
     "apply_config",
@@ -48,6 +55,7 @@ __all__ = [
     "current",
     "set_overrides",
     "worker_flags",
+    "write_whole",
 ]
 
 LOG_FORMATS = ("text", "json")
@@ -61,6 +69,12 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 #: request's and response's headers at DEBUG (nonces, locations). The relay's own lines say
 #: what it needs to.
 QUIET_LOGGERS = ("httpx", "httpcore")
+#: The longest line the service log writes, in bytes, its newline included (and the longest a
+#: supervisor passes on from a worker in one piece: relaygate.logs.worker_output).
+MAX_LINE = 64 * 1024
+#: Set by the supervisor for a worker: a descriptor of the supervisor's own stderr, which the
+#: worker writes to instead of its stderr pipe once that is broken (the supervisor is gone).
+STDERR_FALLBACK_ENV = "RELAYGATE_WORKER_STDERR_FD"
 
 # Control characters (C0, DEL, C1), the Unicode line and paragraph separators, lone surrogates
 # (a non-UTF-8 byte decoded with surrogateescape): escaped in the text format's arguments.
@@ -150,7 +164,38 @@ class TextFormatter(logging.Formatter):
             line = f"{line}\n{record.exc_text}"
         if record.stack_info:
             line = f"{line}\n{self.formatStack(record.stack_info)}"
+        if len(line) > _TEXT_CHECK_ABOVE:
+            line = _cut_text(line)
         return line
+
+
+# A text line of at most this many characters is under MAX_LINE bytes (a character is at most 4
+# bytes of UTF-8, 6 as a backslash escape of a byte that was not UTF-8).
+_TEXT_CHECK_ABOVE = (MAX_LINE - 1) // 6
+
+
+def _cut_text(line: str) -> str:
+    """`line` in less than MAX_LINE bytes of UTF-8: its start and its end, saying how much of
+    its middle was cut."""
+    data = line.encode("utf-8", "backslashreplace")
+    if len(data) < MAX_LINE:
+        return line
+    half = (MAX_LINE - 200) // 2
+    head = data[:half].decode("utf-8", "ignore")
+    tail = data[len(data) - half :].decode("utf-8", "ignore")
+    return f"{head}{_cut_note(len(line) - len(head) - len(tail))}{tail}"
+
+
+def _cut_note(count: int) -> str:
+    return f" [... {count} characters cut: line over {MAX_LINE} bytes ...] "
+
+
+def _cut_middle(value: str, keep: int) -> str:
+    """`value` with `keep` characters of it kept, its start and its end (the last lines of a
+    traceback name the exception)."""
+    head = keep // 2
+    tail = keep - head
+    return f"{value[:head]}{_cut_note(len(value) - keep)}{value[len(value) - tail :]}"
 
 
 def _utf8(text: str) -> str:
@@ -229,13 +274,70 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _STANDARD and key not in fields and not key.startswith("_"):
                 fields[key] = _json_value(value)
-        return json.dumps(fields, ensure_ascii=True, allow_nan=False, default=_json_text)
+        line = _dumps(fields)
+        return line if len(line) < MAX_LINE else _cut_json(fields, line)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=True, allow_nan=False, default=_json_text)
+
+
+# The fields a cut never touches (short, and what a reader selects on).
+_KEEP = frozenset(("time", "level", "logger", "worker", "pid"))
+
+
+def _cut_json(fields: dict[str, Any], line: str) -> str:
+    """One JSON object under MAX_LINE bytes (ASCII: a character is a byte): the middle of the
+    longest fields cut, each saying how much (and ``"cut": true`` on the line), to a share of
+    the room each."""
+    for _ in range(8):
+        excess = len(line) - (MAX_LINE - 1)
+        if excess <= 0:
+            return line
+        sizes = {k: len(_dumps(v)) for k, v in fields.items() if k not in _KEEP}
+        room = max(0, sum(sizes.values()) - excess - 100 * len(sizes))  # a note each
+        cap = _level(sorted(sizes.values()), room)
+        for key, size in sizes.items():
+            if size > cap:
+                value = fields[key] if isinstance(fields[key], str) else _dumps(fields[key])
+                # escapes make a character several bytes: the same share of characters
+                fields[key] = _cut_middle(value, len(value) * cap // size)
+        fields["cut"] = True
+        line = _dumps(fields)
+    return _dumps(
+        {k: fields[k] for k in _KEEP if k in fields}
+        | {"message": f"<a line over {MAX_LINE} bytes, cut>", "cut": True}
+    )
+
+
+def _level(sizes: list[int], room: int) -> int:
+    """The largest size `cap` (sizes sorted) such that the sizes, each at most `cap`, sum to at
+    most `room`."""
+    for i, size in enumerate(sizes):
+        left = len(sizes) - i
+        if size * left > room:
+            return room // left
+        room -= size
+    return sizes[-1] if sizes else 0
+
+
+# One for the process: its log lines and (in a supervisor) the lines its threads pass on from the
+# workers are each written whole. Reentrant: a signal handler that logs must not wait on itself.
+_WRITE_LOCK = threading.RLock()
+
+
+def write_whole(fd: int, data: bytes) -> None:
+    """All of `data` to `fd`, no other write of this process's threads in between."""
+    view = memoryview(data)
+    with _WRITE_LOCK:
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 class _LineHandler(logging.StreamHandler[Any]):
-    """Each record as one write(2) of the whole line: the supervisor and its workers share the
-    stderr they were started with, and a long line (a traceback) written in pieces could be cut
-    by another process's line."""
+    """Each record as one write(2) of the whole line (`write_whole`): a long line (a traceback)
+    written in pieces could be cut by another thread's line, or (on a stderr shared with other
+    processes) by another process's."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -248,13 +350,33 @@ class _LineHandler(logging.StreamHandler[Any]):
                 stream.flush()
                 return
             stream.flush()
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            try:
+                write_whole(fd, data)
+            except BrokenPipeError:
+                # A worker whose supervisor is gone: its stderr pipe has no reader any more.
+                if fd != 2 or not _use_fallback_stderr():
+                    raise
+                write_whole(fd, data)
         except RecursionError:
             raise
         except Exception:
             self.handleError(record)
+
+
+def _use_fallback_stderr() -> bool:
+    """A worker's stderr pipe is broken: put the descriptor of its supervisor's own stderr (see
+    STDERR_FALLBACK_ENV) in its place, for the lines it still logs while it stops (a supervisor
+    killed outright passes nothing on). False if there is none."""
+    raw = os.environ.pop(STDERR_FALLBACK_ENV, None)
+    if raw is None or not raw.isdigit() or _State.worker is None:
+        return False
+    fd = int(raw)
+    try:
+        os.dup2(fd, 2)
+        os.close(fd)
+    except OSError:
+        return False
+    return True
 
 
 class _State:

@@ -1,0 +1,135 @@
+"""A worker's stdout and stderr, read by its supervisor and written whole (``server.workers > 1``).
+
+Workers do not write to the stderr the supervisor was started with: when that is a pipe (systemd's
+journal, docker, a log shipper), a write of more than PIPE_BUF (4,096) bytes by one process can be
+cut by another process's, and a JSON line is then no longer one. Each worker's stderr and stdout
+are pipes instead, each read by a thread of the supervisor (`WorkerOutput`) that writes what it
+read up to its last complete line to the supervisor's own stderr with one write, under the lock its
+own log lines take (`relaygate.logs.service.write_whole`). So the supervisor is the only writer,
+each worker's lines keep their order, and a worker's raw output (a fatal error, a C library's
+message, anything it printed) passes through too.
+
+* A line longer than MAX_LINE (64 KiB) is passed on in pieces of MAX_LINE bytes, each but the last
+  ending with CUT_MARKER: what is held stays bounded. The service log's own lines are never that
+  long (relaygate.logs.service cuts a longer message first, keeping a JSON line JSON).
+* A last line without its newline (a worker that died while writing it) is passed on, with a
+  newline, when the pipe ends.
+* The threads only read and write: a supervisor busy with something else (a reload, stopping its
+  workers) does not keep a worker waiting, and each pipe is made PIPE_SIZE (1 MiB) where the
+  kernel allows, so a worker rarely waits for a slow reader of the supervisor's stderr either.
+* A supervisor that is killed (SIGKILL) closes the pipes' reading ends: a worker's next line fails
+  with EPIPE and the worker then writes to a descriptor of the supervisor's stderr that it was
+  given (relaygate.logs.service.STDERR_FALLBACK_ENV), so the lines it logs while it stops (it
+  reads EOF on its link, relaygate.workers) are not lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import threading
+
+from relaygate.logs.service import MAX_LINE, write_whole
+
+__all__ = ["CUT_MARKER", "PIPE_SIZE", "WorkerOutput", "complete_lines"]
+
+#: Ends each piece of a line cut at MAX_LINE bytes but the last.
+CUT_MARKER = b" [line over 64 KiB: continued on the next line]"
+#: The size asked for each pipe (F_SETPIPE_SZ; 1 MiB is Linux's default limit for a user).
+PIPE_SIZE = 1 << 20
+_READ_SIZE = 64 * 1024
+_PIECE = MAX_LINE - len(CUT_MARKER) - 1
+
+
+def complete_lines(data: bytes) -> tuple[bytes, bytes]:
+    """(what to write now, what to keep): `data` up to its last newline, a line over MAX_LINE
+    bytes (its newline included) in pieces that end with CUT_MARKER; what is kept is shorter than
+    MAX_LINE."""
+    end = data.rfind(b"\n") + 1
+    out, rest = data[:end], data[end:]
+    if len(out) > MAX_LINE:  # then a line may be too long (never when this is not)
+        out = b"".join(_cut(line) + b"\n" for line in out[:-1].split(b"\n"))
+    while len(rest) >= MAX_LINE:
+        out += rest[:_PIECE] + CUT_MARKER + b"\n"
+        rest = rest[_PIECE:]
+    return out, rest
+
+
+def _cut(line: bytes) -> bytes:
+    """`line` (without its newline) in pieces each MAX_LINE bytes at most with a newline."""
+    if len(line) < MAX_LINE:
+        return line
+    parts = []
+    while len(line) >= MAX_LINE:
+        parts.append(line[:_PIECE] + CUT_MARKER + b"\n")
+        line = line[_PIECE:]
+    parts.append(line)
+    return b"".join(parts)
+
+
+class WorkerOutput:
+    """One pipe of one worker (its stderr or its stdout): a thread passes what the worker writes
+    on to `target` (the supervisor's stderr, 2), a run of whole lines at a time, until the pipe
+    ends (every process holding its writing end exited, or closed it)."""
+
+    def __init__(self, target: int, name: str) -> None:
+        self.target = target
+        self.name = name
+        read_fd, self.write_fd = os.pipe()  # both close-on-exec; Popen puts write_fd on 1 or 2
+        with contextlib.suppress(OSError, AttributeError):  # Linux only; a limit may refuse it
+            fcntl.fcntl(read_fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        self._read_fd = read_fd
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        """After the worker started: the writing end is the worker's alone from now on."""
+        self.close_write_end()
+        self._thread.start()
+
+    def close_write_end(self) -> None:
+        if self.write_fd >= 0:
+            os.close(self.write_fd)
+            self.write_fd = -1
+
+    def close(self) -> None:
+        """The worker could not be started: nothing to read."""
+        self.close_write_end()
+        if not self._thread.is_alive() and self._read_fd >= 0:
+            os.close(self._read_fd)
+            self._read_fd = -1
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def join(self, timeout: float) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        held = b""
+        broken = False  # the target cannot be written (closed, EPIPE): read on, drop it
+        try:
+            while True:
+                try:
+                    data = os.read(self._read_fd, _READ_SIZE)
+                except OSError:
+                    data = b""
+                if not data:
+                    break
+                out, held = complete_lines(held + data)
+                if out and not broken:
+                    broken = not self._write(out)
+            if held and not broken:
+                self._write(held + b"\n")
+        finally:
+            os.close(self._read_fd)
+            self._read_fd = -1
+
+    def _write(self, data: bytes) -> bool:
+        try:
+            write_whole(self.target, data)
+        except OSError:
+            return False
+        return True

@@ -1,0 +1,319 @@
+"""The workers' service log reaches the node's stderr whole when stderr is a pipe (systemd's journal,
+docker, a log shipper): the supervisor reads each worker's stderr and stdout and is the only writer
+(relaygate.logs.worker_output); a line is never longer than MAX_LINE (relaygate.logs.service).
+
+A real `relaygate serve` with two workers whose stderr is a pipe read slowly (a shipper that lags,
+so the pipe is full while the workers write), and real processes writing through `WorkerOutput`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relaygate.logs.service import JsonFormatter, TextFormatter
+from tests.logs.test_service_log import CONFIG, ROOT, Served, check_record
+from tests.smtp.helpers import free_port
+
+LONG = 8 * 1024
+MAX_LINE = 64 * 1024  # relaygate.logs.service.MAX_LINE (imported where the test needs it)
+
+
+class PipedServed(Served):
+    """`relaygate serve` whose stderr is a pipe that a thread reads 4 KiB at a time with a pause
+    in between: everything read, in order."""
+
+    def __init__(self, tmp: Path, **kwargs: Any) -> None:
+        super().__init__(tmp, free_port(), **kwargs)  # no mail is sent: no sink
+        self.received = bytearray()
+        self.lock = threading.Lock()
+        self.reader: threading.Thread | None = None
+
+    def start(self, *flags: str, expect_ready: bool = True) -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        env.pop("RELAYGATE_CONFIG", None)
+        read_fd, write_fd = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "relaygate", "serve", "--config", str(self.config), *flags],
+                stdout=subprocess.PIPE,
+                stderr=write_fd,
+                stdin=subprocess.DEVNULL,
+                cwd=self.tmp,
+                env=env,
+            )
+        finally:
+            os.close(write_fd)
+        self.reader = threading.Thread(target=self._read, args=(read_fd,), daemon=True)
+        self.reader.start()
+        ready: list[bytes] = []
+
+        def read_stdout() -> None:
+            assert self.proc is not None and self.proc.stdout is not None
+            for line in self.proc.stdout:
+                if line.startswith(b"RelayGate ready"):
+                    ready.append(line)
+                    return
+
+        waiter = threading.Thread(target=read_stdout, daemon=True)
+        waiter.start()
+        waiter.join(60)
+        if not ready:
+            self.stop()
+            raise AssertionError(f"relaygate serve did not start:\n{self.text()}")
+
+    def _read(self, fd: int) -> None:
+        try:
+            while chunk := os.read(fd, 4096):  # until every writer (each process) is gone
+                with self.lock:
+                    self.received += chunk
+                time.sleep(0.005)
+        finally:
+            os.close(fd)
+
+    def text(self) -> str:
+        with self.lock:
+            return bytes(self.received).decode("ascii", "replace")
+
+    def lines(self) -> list[str]:
+        with self.lock:
+            return bytes(self.received).decode("ascii").splitlines()
+
+    def stop(self) -> int | None:
+        code = super().stop()
+        if self.reader is not None:
+            self.reader.join(30)
+            assert not self.reader.is_alive(), "a process still holds the stderr pipe"
+        return code
+
+
+@pytest.fixture
+def piped(tmp_path: Path) -> Iterator[Any]:
+    started: list[PipedServed] = []
+
+    def make(**kwargs: Any) -> PipedServed:
+        s = PipedServed(tmp_path, **kwargs)
+        started.append(s)
+        return s
+
+    try:
+        yield make
+    finally:
+        for s in started:
+            s.stop()
+
+
+def write_invalid_config(s: Served, round_: int, count: int = 300) -> None:
+    """The relay's config with `count` remote IP ranges that are not ranges: a reload refused,
+    with one problem a range in the error every worker logs (~140 bytes each). Written whole
+    (renamed into place): a watcher must not read a file half written."""
+    ranges = ", ".join(f'"not-a-range-{round_}-{i}"' for i in range(count))
+    text = CONFIG.format(
+        data=s.data,
+        workers=s.workers,
+        server_extra='log_format = "json"',
+        admin_port=s.admin_port,
+        port=s.port,
+        banner="220 RelayGate",
+        sink_port=s.sink_port,
+    )
+    assert 'remote_ip_ranges = ["127.0.0.0/8"]' in text
+    text = text.replace('remote_ip_ranges = ["127.0.0.0/8"]', f"remote_ip_ranges = [{ranges}]")
+    new = s.config.with_suffix(".new")
+    new.write_text(text)
+    os.replace(new, s.config)
+
+
+def refusals(s: PipedServed) -> dict[int, int]:
+    """How many "reload refused" lines each worker logged so far (a line cut short, or one being
+    read, does not count: it is checked at the end)."""
+    counts = {0: 0, 1: 0}
+    for line in s.text().splitlines():
+        if "reload refused" in line:
+            try:
+                counts[json.loads(line)["worker"]] += 1
+            except (ValueError, KeyError):
+                pass
+    return counts
+
+
+def test_long_json_lines_of_two_workers_reach_a_piped_stderr_whole(piped: Any) -> None:
+    """Two workers each log, at the same moments (a SIGHUP to both, and their file watchers), a
+    JSON line of ~40 KiB (a reload refused, listing 300 problems), 12 times; stderr is a pipe that
+    fills up. Every line read from it is one JSON object: each of those 24+ long lines whole, with
+    its worker field, each process's lines in order. (Before, the workers wrote to the shared pipe
+    themselves: a write over PIPE_BUF into a full pipe went in pieces, cut by the other worker's.)"""
+    s = piped(workers=2, server_extra='log_format = "json"')
+    s.start()
+    rounds = 12
+    for round_ in range(rounds):
+        write_invalid_config(s, round_)
+        s.reload()
+        s.wait_for(lambda r=round_: min(refusals(s).values()) > r, timeout=30)
+    assert s.stop() == 0
+    assert s.proc is not None
+
+    lines = s.lines()
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pytest.fail(f"not a JSON line ({len(line)} bytes): {line[:200]!r}...{line[-200:]!r}")
+    for record in records:
+        check_record(record, s.proc.pid, 2)
+    long = [(line, r) for line, r in zip(lines, records, strict=True) if len(line) > LONG]
+    assert len(long) >= 2 * rounds, [
+        r["message"][:300] for r in records if "reload" in r["message"]
+    ][:4]
+    for line, record in long:
+        assert record["message"].startswith("reload refused, configuration invalid:"), line[:200]
+        assert "remote_ip_ranges[299]" in record["message"]
+        assert record["worker"] in (0, 1) and len(line) < MAX_LINE
+    assert {r["worker"] for _line, r in long} == {0, 1}
+    for pid in {r["pid"] for r in records}:  # each process's lines in the order it wrote them
+        times = [r["time"] for r in records if r["pid"] == pid]
+        assert times == sorted(times), pid
+
+
+# -- WorkerOutput with real processes writing -------------------------------------------------------
+
+WRITER = textwrap.dedent(
+    """\
+    import os, sys, time
+    name, count = sys.argv[1], int(sys.argv[2])
+    for i in range(count):
+        line = f"{name} {i:03d} " + name * 9000 + "\\n"
+        os.write(2, line[:4000].encode())  # a line in pieces, another process writing meanwhile
+        time.sleep(0.002)
+        os.write(2, line[4000:].encode())
+    os.write(2, b"x" * 150000 + b"\\n")  # over MAX_LINE: in pieces, each saying so
+    os.write(2, b"Fatal Python error: raw output, and a last line without its newline")
+    """
+)
+
+
+def test_worker_output_passes_each_line_on_whole_and_in_order(tmp_path: Path) -> None:
+    """Two processes write lines of 9 KiB each in two writes, interleaving; through WorkerOutput
+    (the supervisor's reading of its workers' stderr) into one pipe every line arrives whole and
+    in order, a line over 64 KiB in pieces that end with the marker, the last line without a
+    newline at the process's exit."""
+    from relaygate.logs.worker_output import CUT_MARKER, WorkerOutput
+
+    target_read, target_write = os.pipe()
+    received = bytearray()
+
+    def read() -> None:
+        while chunk := os.read(target_read, 65536):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    outputs, procs = [], []
+    try:
+        for name in ("a", "b"):
+            output = WorkerOutput(target_write, f"test {name}")
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", WRITER, name, "40"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=output.write_fd,
+                )
+            )
+            output.start()
+            outputs.append(output)
+        for proc in procs:
+            assert proc.wait(60) == 0
+        for output in outputs:
+            output.join(10)
+            assert output.done
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        os.close(target_write)
+        reader.join(10)
+        os.close(target_read)
+    lines = bytes(received).split(b"\n")
+    assert lines[-1] == b""
+    lines = lines[:-1]
+    assert all(len(line) < MAX_LINE for line in lines)
+    for name in ("a", "b"):
+        mine = [line for line in lines if line.startswith(f"{name} ".encode())]
+        assert mine == [f"{name} {i:03d} ".encode() + name.encode() * 9000 for i in range(40)]
+        # the long line: its pieces in a row
+    pieces = [line for line in lines if line.startswith(b"x")]
+    assert len(pieces) == 6  # 150,000 bytes: two pieces each, per process
+    assert all(p.endswith(CUT_MARKER) for i, p in enumerate(pieces) if i % 3 != 2)
+    assert b"".join(p.removesuffix(CUT_MARKER) for p in pieces) == b"x" * 300000
+    raw = [line for line in lines if line.startswith(b"Fatal Python error")]
+    assert raw == [b"Fatal Python error: raw output, and a last line without its newline"] * 2
+
+
+# -- the service log's own lines are never over MAX_LINE ----------------------------------------------
+
+
+def _record(message: str, *, exc: bool = False, **extra: Any) -> logging.LogRecord:
+    record = logging.LogRecord("relaygate", logging.ERROR, __file__, 1, "%s", (message,), None)
+    if exc:
+        try:
+            raise RuntimeError("the end of the traceback")
+        except RuntimeError:
+            record.exc_info = sys.exc_info()
+    record.__dict__.update(extra)
+    return record
+
+
+def test_a_json_line_over_max_line_is_cut_in_its_middle_and_stays_json() -> None:
+    from relaygate.logs.service import MAX_LINE as LIMIT
+
+    assert LIMIT == MAX_LINE
+    formatter = JsonFormatter(worker=1)
+    message = "start " + "\x01é" * 100_000 + " end"  # escapes: up to 6 bytes a character
+    line = formatter.format(_record(message, exc=True, connector="c" * 80_000))
+    assert len(line) < MAX_LINE
+    record = json.loads(line)
+    assert record["cut"] is True and record["worker"] == 1 and record["level"] == "ERROR"
+    assert record["message"].startswith("start \x01é") and record["message"].endswith(" end")
+    assert "characters cut: line over 65536 bytes" in record["message"]
+    assert record["exception"].endswith("RuntimeError: the end of the traceback")
+    short = formatter.format(_record("short"))
+    assert "cut" not in json.loads(short)
+
+
+def test_a_text_line_over_max_line_is_cut_in_its_middle() -> None:
+    line = TextFormatter(worker=0).format(_record("start " + "é" * 200_000 + " end"))
+    assert len(line.encode()) < MAX_LINE
+    assert "relaygate[w0]: start é" in line and line.endswith(" end")
+    assert "characters cut: line over 65536 bytes" in line
+
+
+def test_with_the_supervisor_killed_the_workers_last_lines_still_reach_stderr(
+    piped: Any,
+) -> None:
+    """SIGKILL of the supervisor: the workers' stderr pipes lose their reader; each worker then
+    writes to the supervisor's stderr itself, so its "supervisor gone" line is not lost."""
+    s = piped(workers=2, server_extra='log_format = "json"')
+    s.start()
+    assert s.proc is not None
+    s.proc.send_signal(signal.SIGKILL)
+    s.proc.wait(10)
+    assert s.reader is not None
+    s.reader.join(60)  # EOF: the workers stopped (each held the pipe)
+    assert not s.reader.is_alive()
+    gone = [json.loads(line) for line in s.lines() if "supervisor gone" in line]
+    assert sorted(r["worker"] for r in gone) == [0, 1], s.text()[-3000:]
