@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -317,3 +318,35 @@ def test_with_the_supervisor_killed_the_workers_last_lines_still_reach_stderr(
     assert not s.reader.is_alive()
     gone = [json.loads(line) for line in s.lines() if "supervisor gone" in line]
     assert sorted(r["worker"] for r in gone) == [0, 1], s.text()[-3000:]
+
+
+def test_a_line_to_a_full_non_blocking_stderr_is_still_written_whole() -> None:
+    """A stderr descriptor that another program left non-blocking: a write that finds the pipe
+    full waits for room instead of losing the rest of the line (EAGAIN)."""
+    from relaygate.logs.service import write_whole
+
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    data = b"y" * 300_000 + b"\n"  # more than the pipe holds
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            write_whole(write_fd, data)
+        except BaseException as exc:  # reported by the test
+            errors.append(exc)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    time.sleep(0.5)  # the writer finds the pipe full
+    got = bytearray()
+    deadline = time.monotonic() + 20
+    try:
+        while len(got) < len(data) and time.monotonic() < deadline:
+            if select.select([read_fd], [], [], 0.5)[0]:
+                got += os.read(read_fd, 65536)
+        writer.join(10)
+    finally:
+        os.close(write_fd)
+        os.close(read_fd)
+    assert not errors and bytes(got) == data

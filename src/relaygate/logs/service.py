@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import re
+import select
 import sys
 import threading
 import time
@@ -331,7 +332,10 @@ def write_whole(fd: int, data: bytes) -> None:
     view = memoryview(data)
     with _WRITE_LOCK:
         while view:
-            view = view[os.write(fd, view) :]
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:  # a descriptor left non-blocking by whoever shares it
+                select.select([], [fd], [], 1.0)
 
 
 class _LineHandler(logging.StreamHandler[Any]):
