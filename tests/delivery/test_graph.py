@@ -1635,7 +1635,13 @@ async def test_the_pre_authenticated_upload_url_never_reaches_the_log(
     and the mailbox's address in the Graph URLs whatever log_address_privacy says."""
     import logging
 
-    caplog.set_level(logging.INFO)  # as `relaygate serve` sets the root logger
+    from relaygate.logs.service import QUIET_LOGGERS
+
+    # as `relaygate serve` sets the loggers (relaygate.logs.service.configure, which the tests of
+    # the service log run in a real process): the root at INFO, httpx and httpcore at WARNING
+    caplog.set_level(logging.INFO)
+    for name in QUIET_LOGGERS:
+        caplog.set_level(logging.WARNING, logger=name)
     relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
     try:
         data = scan_message(pdf_like(3_500_000))
