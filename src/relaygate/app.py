@@ -232,17 +232,31 @@ class Relay:
             if getattr(new.queue, key) != getattr(self.config.queue, key)
         ]
         if self.worker_index in (None, 0):  # the admin listener's worker
-            # The admin listener, its token and what it guards are read once, at start.
-            running = ("listen", "api_token_file", "metrics_require_token") if self.admin else ()
-            restart_only += [
-                f"admin.{key}"
-                for key in ("enabled", *running)
-                if getattr(new.admin, key) != getattr(self.config.admin, key)
-            ]
+            # The one place that says which admin keys wait for a restart. The listener is bound
+            # at start (its address matters only while it runs); /metrics' guard is set at start
+            # too. The API token is read again below and applies now (AdminServer.apply_token).
+            running = self.config.admin
+            keys = ("enabled", "listen", "metrics_require_token") if self.admin else ("enabled",)
+            moved = [k for k in keys if getattr(new.admin, k) != getattr(running, k)]
+            restart_only += [f"admin.{key}" for key in moved]
+            if self.admin is not None and ("listen" in moved or "enabled" in moved):
+                # Until then the config says where the admin listener is (the audit's finding
+                # about a listener reachable from the network without a token reads it).
+                admin = dataclasses.replace(new.admin, listen=running.listen, enabled=True)
+                new = dataclasses.replace(new, admin=admin)
         # ACME on or off applies (the listeners' certificate source follows the new config);
         # the ACME client is started or stopped below, once the reload is applied.
         # Read before anything is applied (a renewed certificate file is what a reload is for).
         certificates = await asyncio.to_thread(read_expiries, new) if self.admin is not None else ()
+        admin_token: str | None = None
+        if self.admin is not None:
+            # A token file set or changed since the start applies now (it used to wait for a
+            # restart while the audit, reading the new config, no longer reported the open API).
+            try:
+                admin_token = await asyncio.to_thread(self.admin.read_token, new)
+            except AdminStartError as exc:
+                logger.error("reload refused, keeping the running configuration: %s", exc)
+                return
 
         if restart_only:
             logger.warning(
@@ -259,6 +273,8 @@ class Relay:
                 self.manager.apply(new)
             if self.pressure is not None:
                 self.pressure.apply(new.queue.min_free_disk_space)
+            if self.admin is not None:
+                self.admin.apply_token(admin_token)
 
         try:
             await self.server.sync_listeners(new, before_serving=apply)

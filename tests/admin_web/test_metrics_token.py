@@ -169,3 +169,44 @@ async def test_a_reload_says_metrics_require_token_waits_for_a_restart(
         ), warnings
     finally:
         await relay.stop()
+
+
+async def test_a_reload_rotates_the_token_of_metrics_and_health_with_the_apis(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload reads admin.api_token_file again (AdminServer.apply_token): the new token is the
+    one /metrics (metrics_require_token) and /api/health's whole report ask for, as /api does;
+    a leaked token rotated in place must not stay valid on any of them. Wrong tokens still
+    count together whatever route they try."""
+    config = tmp_path / "relaygate.toml"
+    token = tmp_path / "api-token"
+    token.write_text(TOKEN + "\n", encoding="utf-8")
+    relay = await start_relay(
+        tmp_path / "data",
+        {"*": free_port()},
+        config_file=config,
+        admin_extra=f'api_token_file = "{token}"\nmetrics_require_token = true',
+    )
+    rotated = {"Authorization": "Bearer r0tated-S3cret"}
+    try:
+        async with httpx.AsyncClient(base_url=admin_url(relay), timeout=10) as client:
+            assert (await client.get("/metrics", headers=BEARER)).status_code == 200
+            token.write_text("r0tated-S3cret\n", encoding="utf-8")
+            with caplog.at_level(logging.WARNING, logger="relaygate"):
+                await relay.reload()
+            assert "api_token_file" not in caplog.text  # applied, not "at restart"
+            for path in ("/metrics", "/api/queue", "/api/health"):
+                old = await client.get(path, headers=BEARER)
+                assert old.status_code == 401, (path, old.text)
+                assert old.headers["www-authenticate"].startswith("Bearer"), path
+                assert (await client.get(path, headers=rotated)).status_code == 200, path
+            full = (await client.get("/api/health", headers=rotated)).json()
+            assert full["server"] == "RELAYTEST" and "queue" in full
+            assert (await client.get("/api/health")).json() == {"status": "ok"}
+            # three wrong above (one per route): the guessing limit is one for all of them
+            for _ in range(api.TOKEN_GUESS_LIMIT - 3):
+                r = await client.get("/api/health", headers={"Authorization": "Bearer guess"})
+                assert r.status_code == 401
+            assert (await client.get("/metrics", headers=rotated)).status_code == 429
+    finally:
+        await relay.stop()

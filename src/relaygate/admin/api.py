@@ -93,6 +93,7 @@ Protection (the listener is meant for loopback or a management network):
   compared in constant time; ``/api/health`` gives its whole report only with the token (a wrong
   one is a 401, as elsewhere); after 10 wrong tokens in a minute from one address (API,
   /metrics and sign-in page together) its requests get 429 until the minute has passed;
+  a reload reads the file again (the token then required is the file's; `AdminServer.apply_token`);
 * ``/healthz`` stays open (load balancers send no token) and says only ok, degraded or error;
 * requests whose ``Host`` is a DNS name other than ``localhost``, ``server.fqdn`` or ``server.name``
   are refused (DNS rebinding), and so are state-changing requests whose ``Origin`` is another site
@@ -244,21 +245,13 @@ def _unauthorized() -> JSONResponse:
 
 class _Guard:
     """ASGI middleware: Host allow-list, same-origin for state changes, bearer token (on /api/,
-    and on /metrics with ``metrics_token``)."""
+    and on /metrics with ``metrics_require_token``), both read from the app's state per request."""
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        relay: Any,
-        token: str | None = None,
-        guesses: TokenGuesses | None = None,
-        metrics_token: bool = False,
-    ) -> None:
+    def __init__(self, app: ASGIApp, relay: Any, state: Any) -> None:
         self.app = app
         self.relay = relay
-        self.token = token
-        self.guesses = guesses or TokenGuesses()
-        self.metrics_token = metrics_token
+        self.state = state  # the application's: `token` changes at a reload (AdminServer.apply)
+        self.guesses: TokenGuesses = state.token_guesses
 
     def _check_token(self, scope: Scope, given: str) -> Response | None:
         """None when ``given`` (the Authorization header) carries the token; else the answer:
@@ -269,7 +262,7 @@ class _Guard:
         if self.guesses.blocked(client):
             return too_many_guesses()
         scheme, _, value = given.partition(" ")
-        token = self.token
+        token: str | None = self.state.token
         if (
             token
             and scheme.lower() == "bearer"
@@ -303,17 +296,18 @@ class _Guard:
             if origin.netloc.lower() != host.lower():
                 response = _error(403, "cross-origin request refused")
         if response is None:
+            token: str | None = self.state.token  # AdminServer.apply_token sets it at a reload
             if path.startswith(API_PREFIX + "/") and path not in _OPEN_PATHS:
-                if self.token:
+                if token:
                     response = self._check_token(scope, headers.get("authorization", ""))
             elif path == "/metrics":
-                if self.metrics_token:
+                if self.state.metrics_require_token:
                     response = self._check_token(scope, headers.get("authorization", ""))
             elif path == HEALTH_DETAIL_PATH:
                 # open to probes (the short answer); the whole report to whoever may read the
                 # API: anyone without a token configured, else a request with the right one
                 given = headers.get("authorization", "")
-                if not self.token:
+                if not token:
                     scope.setdefault("state", {})[_HEALTH_DETAIL] = True
                 elif given:
                     response = self._check_token(scope, given)
@@ -724,12 +718,11 @@ def create_app(
         return _error(503, message)
 
     app = Starlette(routes=routes, exception_handlers={StoreError: store_failed})
-    guesses = TokenGuesses()
-    metrics_token = bool(getattr(relay.config.admin, "metrics_require_token", False))
-    app.add_middleware(
-        _Guard, relay=relay, token=token, guesses=guesses, metrics_token=metrics_token
+    app.state.token_guesses = TokenGuesses()
+    app.state.metrics_require_token = bool(
+        getattr(relay.config.admin, "metrics_require_token", False)
     )
-    app.state.token_guesses = guesses
+    app.add_middleware(_Guard, relay=relay, state=app.state)
     app.state.signed_out = {}  # admin centre session cookies signed out: value -> issued
     app.state.control = control
     app.state.relay = relay

@@ -73,19 +73,34 @@ class AdminServer:
             raise
         return sock
 
-    async def start(self) -> None:
-        if self._task is not None:
-            return
-        config = self.relay.config
+    @staticmethod
+    def read_token(config: Any) -> str | None:
+        """The API token ``config`` names (None: no token file). AdminStartError when the file
+        cannot be read or holds no token: at start the relay does not start, at a reload the
+        reload is refused (the running token stays; a file emptied by mistake never opens the
+        API)."""
         token_file = getattr(config.admin, "api_token_file", None)
         try:
-            token = read_token(token_file)
+            return read_token(token_file)
         except OSError as exc:
             raise AdminStartError(
                 f"cannot read admin.api_token_file {str(token_file)!r}: {exc.strerror or exc}"
             ) from exc
         except TokenFileError as exc:
             raise AdminStartError(str(exc)) from exc
+
+    def apply_token(self, token: str | None) -> None:
+        """A reload's token (from `read_token`): the API and the pages require it from the next
+        request on; a changed token ends every session of the admin centre (their HMAC was
+        made with the old one)."""
+        if self.app is not None:
+            self.app.state.token = token
+
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        config = self.relay.config
+        token = self.read_token(config)
         self.app = create_app(self.relay, token=token, extra_routes=self.extra_routes)
         try:
             sock = self._bind()

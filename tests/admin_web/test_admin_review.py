@@ -1,0 +1,93 @@
+"""Adversarial checks of the admin listener over real sockets (httpx against an in-process relay
+on 127.0.0.1): what a reload does to the API token, and what the guard lets through."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.admin_web.test_web import RelayThread
+
+
+def _rewrite_admin(config_file: Path, admin_extra: str) -> None:
+    """The same config with ``admin_extra`` in place of the [admin] keys after ``listen``."""
+    text = config_file.read_text(encoding="utf-8")
+    head, _, tail = text.partition("[admin]\n")
+    listen, _, rest = tail.partition("\n")
+    rest = "\n".join(line for line in rest.split("\n") if not line.startswith("api_token_file"))
+    config_file.write_text(f"{head}[admin]\n{listen}\n{admin_extra}\n{rest}", encoding="utf-8")
+
+
+def test_a_reload_applies_a_new_api_token(tmp_path: Path) -> None:
+    """Setting admin.api_token_file (the dashboard's "admin-exposed-without-token" fix) and
+    reloading left the API and the pages open without a token, while the finding, computed from
+    the new config, went away; a changed token (a leaked one rotated) kept the old one valid."""
+    config_file = tmp_path / "relaygate.toml"
+    node = RelayThread(tmp_path / "data", config_file=config_file)
+    token_file = tmp_path / "token"
+    try:
+        assert node.api("GET", "/api/queue").status_code == 200
+        token_file.write_text("first-token-after-reload\n", encoding="utf-8")
+        _rewrite_admin(config_file, f'api_token_file = "{token_file}"')
+        node.call(node.relay.reload())
+        assert node.relay.config.admin.api_token_file == token_file
+        assert node.api("GET", "/api/queue").status_code == 401
+        assert node.api("GET", "/").status_code == 303  # to /login
+        first = {"Authorization": "Bearer first-token-after-reload"}
+        assert node.api("GET", "/api/queue", headers=first).status_code == 200
+        # the token rotated in place: the old one stops working at the reload
+        token_file.write_text("second-token-after-reload\n", encoding="utf-8")
+        node.call(node.relay.reload())
+        assert node.api("GET", "/api/queue", headers=first).status_code == 401
+        second = {"Authorization": "Bearer second-token-after-reload"}
+        assert node.api("GET", "/api/queue", headers=second).status_code == 200
+    finally:
+        node.stop()
+
+
+def test_a_reload_with_an_empty_token_file_keeps_the_running_token(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A token file emptied by mistake must not open the API at a reload either (as at start)."""
+    config_file = tmp_path / "relaygate.toml"
+    token_file = tmp_path / "token"
+    token_file.write_text("kept-token\n", encoding="utf-8")
+    node = RelayThread(
+        tmp_path / "data",
+        config_file=config_file,
+        admin_extra=f'api_token_file = "{token_file}"',
+    )
+    try:
+        token_file.write_text("", encoding="utf-8")
+        with caplog.at_level(logging.ERROR, logger="relaygate"):
+            node.call(node.relay.reload())
+        assert "api_token_file" in caplog.text
+        assert httpx.get(node.url + "/api/queue", timeout=10).status_code == 401
+        kept = {"Authorization": "Bearer kept-token"}
+        assert node.api("GET", "/api/queue", headers=kept).status_code == 200
+    finally:
+        node.stop()
+
+
+def test_a_reload_that_moves_the_admin_listener_says_it_needs_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """admin.listen is bound at start only: a reload that changed it was silent, and the running
+    config then named an address the listener was not on (the audit's finding followed it)."""
+    config_file = tmp_path / "relaygate.toml"
+    node = RelayThread(tmp_path / "data", config_file=config_file)
+    try:
+        listen = node.relay.config.admin.listen
+        text = config_file.read_text(encoding="utf-8")
+        config_file.write_text(text.replace(f'listen = "{listen}"', 'listen = "0.0.0.0:1"'))
+        with caplog.at_level(logging.WARNING, logger="relaygate"):
+            node.call(node.relay.reload())
+        assert "admin.listen changed: takes effect when relaygate serve restarts" in caplog.text
+        assert node.relay.config.admin.listen == listen
+        page = node.api("GET", "/")
+        assert page.status_code == 200 and "admin-exposed-without-token" not in page.text
+    finally:
+        node.stop()
