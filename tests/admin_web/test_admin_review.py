@@ -91,3 +91,55 @@ def test_a_reload_that_moves_the_admin_listener_says_it_needs_a_restart(
         assert page.status_code == 200 and "admin-exposed-without-token" not in page.text
     finally:
         node.stop()
+
+
+def test_idle_and_surplus_admin_connections_are_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The admin listener runs in the SMTP listener's process (worker 0) and kept a connection
+    that never completed a request open for ever (uvicorn times out only between requests): idle
+    or half-sent connections, as many as anyone who reaches the port opens, used up the file
+    descriptors the relay needs for SMTP, deliveries and the queue. Now a request must arrive
+    within REQUEST_TIMEOUT, and past MAX_CONNECTIONS a new connection is closed at once."""
+    import socket
+    import time
+
+    from relaygate.admin import server as admin_server
+
+    monkeypatch.setattr(admin_server, "REQUEST_TIMEOUT", 1.0, raising=False)
+    monkeypatch.setattr(admin_server, "MAX_CONNECTIONS", 20, raising=False)
+    node = RelayThread(tmp_path / "data")
+    assert node.relay.admin is not None and node.relay.admin.endpoint is not None
+    host, port = node.relay.admin.endpoint
+    held: list[socket.socket] = []
+    try:
+        idle = socket.create_connection((host, port), timeout=10)
+        half = socket.create_connection((host, port), timeout=10)
+        half.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # the head never ends
+        body = socket.create_connection((host, port), timeout=10)
+        body.sendall(
+            b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\nto"
+        )  # the body never ends
+        held += [idle, half, body]
+        started = time.monotonic()
+        for s in (idle, half, body):
+            s.settimeout(10)
+            while s.recv(4096):  # closed by the server (a 4xx first is fine)
+                pass
+        assert time.monotonic() - started < 8
+        # Past MAX_CONNECTIONS a connection is closed at once; the first ones stay served.
+        for _ in range(20):
+            held.append(socket.create_connection((host, port), timeout=10))
+        extra = socket.create_connection((host, port), timeout=10)
+        held.append(extra)
+        extra.settimeout(5)
+        assert extra.recv(4096) == b""
+        for s in held:
+            s.close()
+        held.clear()
+        time.sleep(0.2)
+        assert node.api("GET", "/api/queue").status_code == 200
+    finally:
+        for s in held:
+            s.close()
+        node.stop()

@@ -14,8 +14,10 @@ import socket
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import h11
 import uvicorn
 from starlette.routing import BaseRoute
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from relaygate.admin.api import TokenFileError, create_app, read_token
 from relaygate.audit import admin_exposed
@@ -29,6 +31,63 @@ log = logging.getLogger("relaygate.admin")
 class AdminStartError(RuntimeError):
     """The admin listener cannot start: its token file cannot be read or is empty, or its
     address cannot be bound. `relaygate serve` reports it in one line and exits 1."""
+
+
+#: Seconds a client has to send a whole request (head and body), from its connection or from the
+#: previous response: uvicorn alone waits for ever until the first request is complete.
+REQUEST_TIMEOUT = 30.0
+#: Connections the admin listener keeps open at once; past them a new one is closed at once.
+#: The listener shares worker 0's file descriptors with SMTP, deliveries and the queue.
+MAX_CONNECTIONS = 128
+
+
+class _Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request and a cap on connections."""
+
+    _deadline: asyncio.TimerHandle | None = None
+    _full = False  # said once, until a connection is taken again
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > MAX_CONNECTIONS:
+            if not _Protocol._full:
+                log.warning(
+                    "admin listener: %d connections open, new ones are closed until some end",
+                    MAX_CONNECTIONS,
+                )
+            _Protocol._full = True
+            transport.abort()
+            return
+        _Protocol._full = False
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(REQUEST_TIMEOUT, self._expired)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
+            self.transport.close()  # a request begun and not finished, or none at all
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
+            self._disarm()  # the whole request is in: the application takes its time
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state in (h11.IDLE, h11.SEND_BODY):
+            self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
 
 
 class _Server(uvicorn.Server):
@@ -114,6 +173,7 @@ class AdminServer:
         server = _Server(
             uvicorn.Config(
                 self.app,
+                http=_Protocol,
                 log_level="warning",
                 # its lines go through the service log (relaygate.logs.service), in its format
                 log_config=None,
