@@ -143,3 +143,24 @@ def test_idle_and_surplus_admin_connections_are_closed(
         for s in held:
             s.close()
         node.stop()
+
+
+def test_a_token_file_every_local_user_can_read_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The log privacy key is checked for its mode; the API token was not, though on the default
+    loopback listener every local user reaches the API and the token is all that guards it."""
+    token_file = tmp_path / "token"
+    token_file.write_text("world-readable-token\n", encoding="utf-8")
+    token_file.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="relaygate"):
+        node = RelayThread(tmp_path / "data", admin_extra=f'api_token_file = "{token_file}"')
+        node.stop()
+    assert f"admin.api_token_file '{token_file}' has mode 0644" in caplog.text
+    assert "world-readable-token" not in caplog.text
+    caplog.clear()
+    token_file.chmod(0o640)  # the admins' group may read it (relaygate queue does)
+    with caplog.at_level(logging.WARNING, logger="relaygate"):
+        node = RelayThread(tmp_path / "data2", admin_extra=f'api_token_file = "{token_file}"')
+        node.stop()
+    assert "api_token_file" not in caplog.text

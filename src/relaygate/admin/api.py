@@ -110,6 +110,8 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import os
+import stat
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -141,6 +143,7 @@ __all__ = [
     "create_app",
     "health_report",
     "read_token",
+    "token_mode_warning",
 ]
 
 log = logging.getLogger("relaygate.admin")
@@ -183,6 +186,25 @@ def read_token(path: Path | None) -> str | None:
             "without spaces"
         )
     return value
+
+
+def token_mode_warning(path: Path | None) -> str | None:
+    """A warning when ``admin.api_token_file`` is readable or writable by every local user (a
+    copy keeps `cp`'s 0644): the listener is on loopback, so they all reach it, and the token is
+    all that stops them listing and removing the queue. Group access is left alone (the admins
+    who run `relaygate queue` read the file). None otherwise, or when it cannot be examined."""
+    if path is None:
+        return None
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return None
+    if not mode & 0o007:
+        return None
+    return (
+        f"admin.api_token_file {str(path)!r} has mode {mode:04o}: every local user can read the "
+        f"API token and use the queue's API and the admin centre with it; chmod o-rwx {path}"
+    )
 
 
 _TRUE = ("true", "1", "yes")

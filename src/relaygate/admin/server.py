@@ -19,7 +19,7 @@ import uvicorn
 from starlette.routing import BaseRoute
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from relaygate.admin.api import TokenFileError, create_app, read_token
+from relaygate.admin.api import TokenFileError, create_app, read_token, token_mode_warning
 from relaygate.audit import admin_exposed
 from relaygate.config.values import parse_binding
 
@@ -160,6 +160,8 @@ class AdminServer:
             return
         config = self.relay.config
         token = self.read_token(config)
+        if (warning := token_mode_warning(config.admin.api_token_file)) is not None:
+            log.warning("%s", warning)  # warned, not refused: the relay starts
         self.app = create_app(self.relay, token=token, extra_routes=self.extra_routes)
         try:
             sock = self._bind()
