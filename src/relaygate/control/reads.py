@@ -18,6 +18,7 @@ current config, the clock and ``_get`` (a message by its identity). ``operations
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ MAX_LIST_LIMIT = 100_000
 
 #: Messages read from the store at a time when a filter is applied here.
 _SCAN_CHUNK = 500
+#: Message views made between two turns of the event loop: it is the loop that serves SMTP
+#: (worker 0), and MAX_LIST_LIMIT views take seconds (Get-Queue hands it back likewise).
+_VIEW_CHUNK = 100
 
 
 def _cursor(after: str | None) -> str | None:
@@ -159,7 +163,11 @@ class MessageReads:
         if hop is None and wanted in (None, "Suspended", "Delivered", "Failed"):
             # Every filter is in the query: one more than the page says whether one follows.
             found = await self.store.list_messages(limit=limit + 1, after=cursor, **filters)
-            views = [message_view(m, config, now=now) for m in found[:limit]]
+            views = []
+            for i, m in enumerate(found[:limit], 1):
+                if i % _VIEW_CHUNK == 0:
+                    await asyncio.sleep(0)
+                views.append(message_view(m, config, now=now))
             more = len(found) > limit
             return MessagePage(views, views[-1]["QueueId"] if more else None, len(found))
         out: list[dict[str, Any]] = []
@@ -169,6 +177,8 @@ class MessageReads:
             found = await self.store.list_messages(limit=chunk, after=cursor, **filters)
             for m in found:
                 scanned += 1
+                if scanned % _VIEW_CHUNK == 0:
+                    await asyncio.sleep(0)
                 cursor = m.queue_id
                 view = message_view(m, config, now=now)
                 if wanted and view["Status"] != wanted:
