@@ -236,14 +236,15 @@ class Relay:
             # at start (its address matters only while it runs); /metrics' guard is set at start
             # too. The API token is read again below and applies now (AdminServer.apply_token).
             running = self.config.admin
-            keys = ("enabled", "listen", "metrics_require_token") if self.admin else ("enabled",)
+            listening = self.admin is not None
+            keys = ("enabled", "listen", "metrics_require_token") if listening else ("enabled",)
             moved = [k for k in keys if getattr(new.admin, k) != getattr(running, k)]
             restart_only += [f"admin.{key}" for key in moved]
-            if self.admin is not None and ("listen" in moved or "enabled" in moved):
-                # Until then the config says where the admin listener is (the audit's finding
-                # about a listener reachable from the network without a token reads it).
-                admin = dataclasses.replace(new.admin, listen=running.listen, enabled=True)
-                new = dataclasses.replace(new, admin=admin)
+            kept = {k: getattr(running, k) for k in ("enabled", "listen") if k in moved}
+            if kept:
+                # Until then the config says where the admin listener is, or that there is none
+                # (the audit's finding about a listener reachable from the network reads it).
+                new = dataclasses.replace(new, admin=dataclasses.replace(new.admin, **kept))
         # ACME on or off applies (the listeners' certificate source follows the new config);
         # the ACME client is started or stopped below, once the reload is applied.
         # Read before anything is applied (a renewed certificate file is what a reload is for).

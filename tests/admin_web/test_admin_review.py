@@ -217,3 +217,26 @@ def test_a_long_queue_listing_does_not_stall_the_smtp_loop(tmp_path: Path) -> No
             node.call(asyncio.wait_for(task, 5))
     finally:
         node.stop()
+
+
+async def test_a_reload_that_enables_the_admin_listener_says_it_needs_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same for admin.enabled switched on: nothing listens until a restart, and the running
+    config must not claim a listener (nor the audit report one) before then."""
+    from tests.queue_manager.helpers import start_relay
+
+    config_file = tmp_path / "relaygate.toml"
+    relay = await start_relay(
+        tmp_path / "data", {"*": 9}, config_file=config_file, admin_extra="enabled = false"
+    )
+    try:
+        assert relay.admin is None
+        text = config_file.read_text(encoding="utf-8")
+        config_file.write_text(text.replace("\nenabled = false\n", "\nenabled = true\n"))
+        with caplog.at_level(logging.WARNING, logger="relaygate"):
+            await relay.reload()
+        assert "admin.enabled changed: takes effect when relaygate serve restarts" in caplog.text
+        assert relay.config.admin.enabled is False and relay.admin is None
+    finally:
+        await relay.stop()
