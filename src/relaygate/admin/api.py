@@ -285,7 +285,7 @@ class _Guard:
     def __init__(self, app: ASGIApp, relay: Any, state: Any) -> None:
         self.app = app
         self.relay = relay
-        self.state = state  # the application's: `token` changes at a reload (AdminServer.apply)
+        self.state = state  # the app's: `token` changes at a reload (AdminServer.apply_token)
         self.guesses: TokenGuesses = state.token_guesses
 
     def _check_token(self, scope: Scope, given: str) -> Response | None:
