@@ -232,12 +232,11 @@ class Relay:
             if getattr(new.queue, key) != getattr(self.config.queue, key)
         ]
         if self.worker_index in (None, 0):  # the admin listener's worker
-            # The one place that says which admin keys wait for a restart. The listener is bound
-            # at start (its address matters only while it runs); /metrics' guard is set at start
-            # too. The API token is read again below and applies now (AdminServer.apply_token).
+            # The one place that says which admin keys wait for a restart: the listener is bound
+            # at start (its address matters only while it runs). The API token (read again
+            # below) and metrics_require_token apply now (AdminServer.apply_token).
             running = self.config.admin
-            listening = self.admin is not None
-            keys = ("enabled", "listen", "metrics_require_token") if listening else ("enabled",)
+            keys = ("enabled", "listen") if self.admin is not None else ("enabled",)
             moved = [k for k in keys if getattr(new.admin, k) != getattr(running, k)]
             restart_only += [f"admin.{key}" for key in moved]
             kept = {k: getattr(running, k) for k in ("enabled", "listen") if k in moved}
@@ -275,7 +274,9 @@ class Relay:
             if self.pressure is not None:
                 self.pressure.apply(new.queue.min_free_disk_space)
             if self.admin is not None:
-                self.admin.apply_token(admin_token)
+                self.admin.apply_token(
+                    admin_token, metrics_require_token=new.admin.metrics_require_token
+                )
 
         try:
             await self.server.sync_listeners(new, before_serving=apply)

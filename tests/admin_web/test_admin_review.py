@@ -240,3 +240,30 @@ async def test_a_reload_that_enables_the_admin_listener_says_it_needs_a_restart(
         assert relay.config.admin.enabled is False and relay.admin is None
     finally:
         await relay.stop()
+
+
+def test_a_reload_warns_of_a_token_file_every_local_user_can_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload reads the token file again (a token rotated with `cp` is 0644): it warns of a
+    world-readable file as the start does, and applies the token all the same."""
+    config_file = tmp_path / "relaygate.toml"
+    token_file = tmp_path / "token"
+    token_file.write_text("private-token\n", encoding="utf-8")
+    token_file.chmod(0o600)
+    node = RelayThread(
+        tmp_path / "data",
+        config_file=config_file,
+        admin_extra=f'api_token_file = "{token_file}"',
+    )
+    try:
+        token_file.write_text("rotated-readable-token\n", encoding="utf-8")
+        token_file.chmod(0o644)
+        with caplog.at_level(logging.WARNING, logger="relaygate"):
+            node.call(node.relay.reload())
+        assert f"admin.api_token_file '{token_file}' has mode 0644" in caplog.text
+        assert "rotated-readable-token" not in caplog.text
+        rotated = {"Authorization": "Bearer rotated-readable-token"}
+        assert node.api("GET", "/api/queue", headers=rotated).status_code == 200
+    finally:
+        node.stop()

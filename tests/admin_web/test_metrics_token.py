@@ -139,14 +139,17 @@ async def test_healthz_is_short_without_a_token_configured_too(tmp_path: Path) -
         await relay.stop()
 
 
-async def test_a_reload_says_metrics_require_token_waits_for_a_restart(
+async def test_a_reload_applies_metrics_require_token(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The guard and its token are set when the admin listener starts: a reload that turns the
-    key on says so rather than leaving the admin believing /metrics is closed."""
+    """The guard reads metrics_require_token from the app's state at each request, as it reads
+    the token (AdminServer.apply_token): a reload that turns the key on closes /metrics at once
+    (before the merge with the token reload it said "takes effect at restart" and /metrics stayed
+    open until then), and turning it off opens it again; no restart is asked for."""
     config = tmp_path / "relaygate.toml"
     token = tmp_path / "api-token"
     token.write_text(TOKEN + "\n", encoding="utf-8")
+    token.chmod(0o600)
     relay = await start_relay(
         tmp_path / "data",
         {"*": free_port()},
@@ -154,19 +157,28 @@ async def test_a_reload_says_metrics_require_token_waits_for_a_restart(
         admin_extra=f'api_token_file = "{token}"',
     )
     try:
-        text = config.read_text(encoding="utf-8")
-        marker = f'api_token_file = "{token}"'
-        config.write_text(
-            text.replace(marker, marker + "\nmetrics_require_token = true"), encoding="utf-8"
-        )
-        with caplog.at_level(logging.WARNING, logger="relaygate"):
+        async with httpx.AsyncClient(base_url=admin_url(relay), timeout=10) as client:
+            assert (await client.get("/metrics")).status_code == 200
+            text = config.read_text(encoding="utf-8")
+            marker = f'api_token_file = "{token}"'
+            config.write_text(
+                text.replace(marker, marker + "\nmetrics_require_token = true"), encoding="utf-8"
+            )
+            with caplog.at_level(logging.WARNING, logger="relaygate"):
+                await relay.reload()
+            assert relay.config.admin.metrics_require_token is True  # the reload was taken
+            warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+            assert not [w for w in warnings if "admin." in w], warnings
+            closed = await client.get("/metrics")
+            assert closed.status_code == 401
+            assert closed.headers["www-authenticate"].startswith("Bearer")
+            opened = await client.get("/metrics", headers=BEARER)
+            assert opened.status_code == 200 and "relaygate_queue_messages" in opened.text
+            # and off again: the scrapers without a token are served from the reload on
+            config.write_text(text, encoding="utf-8")
             await relay.reload()
-        assert relay.config.admin.metrics_require_token is True  # the reload was taken
-        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-        assert (
-            "admin.metrics_require_token changed: takes effect when relaygate serve restarts"
-            in warnings
-        ), warnings
+            assert relay.config.admin.metrics_require_token is False
+            assert (await client.get("/metrics")).status_code == 200
     finally:
         await relay.stop()
 
@@ -181,6 +193,7 @@ async def test_a_reload_rotates_the_token_of_metrics_and_health_with_the_apis(
     config = tmp_path / "relaygate.toml"
     token = tmp_path / "api-token"
     token.write_text(TOKEN + "\n", encoding="utf-8")
+    token.chmod(0o600)  # no mode warning: the log below must not name the key at all
     relay = await start_relay(
         tmp_path / "data",
         {"*": free_port()},

@@ -93,7 +93,8 @@ Protection (the listener is meant for loopback or a management network):
   compared in constant time; ``/api/health`` gives its whole report only with the token (a wrong
   one is a 401, as elsewhere); after 10 wrong tokens in a minute from one address (API,
   /metrics and sign-in page together) its requests get 429 until the minute has passed;
-  a reload reads the file again (the token then required is the file's; `AdminServer.apply_token`);
+  a reload reads the file again and ``metrics_require_token`` with it (the guard reads both from
+  the app's state at each request; ``AdminServer.apply_token``);
 * ``/healthz`` stays open (load balancers send no token) and says only ok, degraded or error;
 * requests whose ``Host`` is a DNS name other than ``localhost``, ``server.fqdn`` or ``server.name``
   are refused (DNS rebinding), and so are state-changing requests whose ``Origin`` is another site

@@ -137,31 +137,36 @@ class AdminServer:
         """The API token ``config`` names (None: no token file). AdminStartError when the file
         cannot be read or holds no token: at start the relay does not start, at a reload the
         reload is refused (the running token stays; a file emptied by mistake never opens the
-        API)."""
+        API). A file every local user may read or write is used, with a warning (at a reload
+        too: a rotated token copied with `cp` is 0644)."""
         token_file = getattr(config.admin, "api_token_file", None)
         try:
-            return read_token(token_file)
+            token = read_token(token_file)
         except OSError as exc:
             raise AdminStartError(
                 f"cannot read admin.api_token_file {str(token_file)!r}: {exc.strerror or exc}"
             ) from exc
         except TokenFileError as exc:
             raise AdminStartError(str(exc)) from exc
+        if (warning := token_mode_warning(token_file)) is not None:
+            log.warning("%s", warning)  # warned, not refused: the relay starts, the reload goes on
+        return token
 
-    def apply_token(self, token: str | None) -> None:
-        """A reload's token (from `read_token`): the API and the pages require it from the next
-        request on; a changed token ends every session of the admin centre (their HMAC was
-        made with the old one)."""
+    def apply_token(self, token: str | None, *, metrics_require_token: bool) -> None:
+        """A reload's token (from `read_token`) and ``admin.metrics_require_token``: the API, the
+        pages, /api/health's whole report and /metrics (when it asks for the token) require it
+        from the next request on (the guard reads both from the app's state per request); a
+        changed token ends every session of the admin centre (their HMAC was made with the old
+        one)."""
         if self.app is not None:
             self.app.state.token = token
+            self.app.state.metrics_require_token = metrics_require_token
 
     async def start(self) -> None:
         if self._task is not None:
             return
         config = self.relay.config
         token = self.read_token(config)
-        if (warning := token_mode_warning(config.admin.api_token_file)) is not None:
-            log.warning("%s", warning)  # warned, not refused: the relay starts
         self.app = create_app(self.relay, token=token, extra_routes=self.extra_routes)
         try:
             sock = self._bind()
