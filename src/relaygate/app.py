@@ -12,6 +12,7 @@ endpoints with SO_REUSEPORT, has its own store connection, logs and queue manage
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import os
