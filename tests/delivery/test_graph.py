@@ -2239,3 +2239,48 @@ async def test_at_most_two_big_attachments_are_held_decoded_at_once(
     finally:
         graph.release.set()
         await relay.stop()
+
+
+# ------------------------------------------------------------------------ 14. review (rgraph)
+
+
+@pytest.mark.parametrize(
+    "code",
+    ["MailboxNotEnabledForRESTAPI", "ErrorInvalidUser", "ResourceNotFound"],
+)
+async def test_a_lookup_404_about_the_mailbox_is_not_proof_that_the_draft_was_sent(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path, code: str
+) -> None:
+    """The send of a draft gets no answer and Graph never took it; by the next attempt the
+    lookup answers 404 for the mailbox (Microsoft documents a 404 MailboxNotEnabledForRESTAPI
+    for a mailbox that lost its licence or was soft-deleted, ErrorInvalidUser for a user it
+    does not find), not ErrorItemNotFound for the draft. That says nothing about the draft:
+    the recipients must not be recorded delivered (they never got anything); the attempt
+    stays deferred and a later lookup, the mailbox back, finds the draft and sends it."""
+
+    def script(call: Call) -> Answer | None:
+        if is_send(call) and sum(map(is_send, graph.calls)) == 1:
+            return DROP  # Graph never got it: the draft stays a draft
+        if call.method == "GET" and sum(c.method == "GET" for c in graph.calls) == 1:
+            return graph_error(404, code, "The mailbox is either inactive, soft-deleted, ...")
+        return None
+
+    graph.script = script
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    try:
+        data = b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n"
+        assert (await send(relay, SENDER, ["bob@example.com", "erin@example.com"], data))[0] == 250
+
+        async def settled() -> Any:
+            r = (await statuses(relay)).get("erin@example.com")
+            done = r is not None and (r.status == RecipientStatus.DELIVERED or r.attempts >= 3)
+            return r if done else None
+
+        r = await wait_for(settled, timeout=30.0)
+        assert "confirmed by lookup" not in r.last_error, r  # before: recorded delivered
+        assert len(graph.sent) == 1, (r, kinds(graph))  # the recipients did get it
+        assert r.status == RecipientStatus.DELIVERED, r
+        assert "the draft of an earlier attempt sent" in r.last_error, r
+        assert graph.drafts == {}
+    finally:
+        await relay.stop()

@@ -294,6 +294,15 @@ def _clean(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _error_code(body: bytes) -> str:
+    """Graph's error code (``ErrorItemNotFound``), or ""."""
+    try:
+        error = json.loads(body.decode("utf-8", "replace")).get("error", {})
+    except (ValueError, AttributeError):
+        return ""
+    return str(error.get("code", "") or "") if isinstance(error, dict) else ""
+
+
 def _error_detail(status: int, body: bytes) -> str:
     """``403 ErrorAccessDenied: Access is denied.`` from Graph's error object (or the status)."""
     code = message = ""
@@ -902,6 +911,14 @@ class _DraftJob:
         try:
             found = await call.request("GET", f"{url}?$select=isDraft", expect=(200, 404))
             gone = found.status_code == 404
+            if gone and _error_code(found.content) != "ErrorItemNotFound":
+                # A 404 about the mailbox (MailboxNotEnabledForRESTAPI: no licence, inactive or
+                # soft-deleted; ErrorInvalidUser), not the item: no proof the draft was sent.
+                raise _GraphError(
+                    reply_for_status(404, found.content, mailbox, None),
+                    status=404,
+                    detail=_error_detail(404, found.content),
+                )
             is_draft = not gone and bool(found.json().get("isDraft", True))
         except (_GraphError, ValueError, AttributeError) as failure:
             why = failure.reply.line() if isinstance(failure, _GraphError) else "not JSON"
