@@ -2284,3 +2284,60 @@ async def test_a_lookup_404_about_the_mailbox_is_not_proof_that_the_draft_was_se
         assert graph.drafts == {}
     finally:
         await relay.stop()
+
+
+async def test_a_leftover_draft_that_can_never_be_deleted_does_not_hold_the_message(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """An attempt through old@ fails after its draft was made (a 503 to the PATCH) and the
+    draft's DELETE is refused (403: the application may no longer touch old@, say an
+    application access policy); the admin moves the connector to relay@ and reloads. The
+    draft left in old@ was never sent: it cannot make a duplicate, so a DELETE that will never
+    succeed must not hold the message. Before, every attempt answered 451 "cannot delete the
+    draft an earlier attempt left" until the message expired (an NDR, two days later)."""
+
+    def script(call: Call) -> Answer | None:
+        if call.method == "PATCH" and "/old@" in call.path:
+            return graph_error(503, "ServiceUnavailable", "Try again")
+        if call.method == "DELETE" and "/old@" in call.path:
+            return graph_error(403, "ErrorAccessDenied", "Access is denied.")
+        return None
+
+    graph.script = script
+    config_file = tmp_path / "relaygate.toml"
+    relay = await start_relay(
+        tmp_path / "data",
+        {},
+        extra=graph_connector(graph, entra, ca_file, 'graph_mailbox = "old@corp.test"'),
+        config_file=config_file,
+    )
+    try:
+        data = b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n"
+        assert (await send(relay, SENDER, ["bob@example.com", "erin@example.com"], data))[0] == 250
+        await wait_for(lambda: any(c.method == "DELETE" for c in graph.calls), timeout=20.0)
+        text = config_file.read_text(encoding="utf-8")
+        config_file.write_text(text.replace("old@corp.test", "relay@corp.test"), encoding="utf-8")
+        await relay.reload()
+
+        async def delivered() -> Any:
+            r = (await statuses(relay)).get("erin@example.com")
+            return r if r is not None and r.status == RecipientStatus.DELIVERED else None
+
+        try:
+            r = await wait_for(delivered, timeout=10.0)
+        except AssertionError:
+            stuck = (await statuses(relay))["erin@example.com"]
+            raise AssertionError((stuck, kinds(graph))) from None
+        assert "202 Accepted by Microsoft Graph (draft sent as relay@corp.test)" in r.last_error
+        assert len(graph.sent) == 1
+        assert list(graph.drafts) == ["AAMkAD=draft/1"]  # the one old@ keeps: never sent
+        assert relay.store is not None
+        assert (
+            await relay.store.graph_draft(
+                (await relay.store.list_messages())[0].queue_id,
+                "graph m365\nbob@example.com\nerin@example.com",
+            )
+            is None
+        )
+    finally:
+        await relay.stop()

@@ -896,6 +896,18 @@ class _DraftJob:
             try:
                 await call.request("DELETE", url, expect=(204, 200, 404))
             except _GraphError as failure:
+                if failure.reply.code >= 500 and failure.status != 401:
+                    # Refused for good (403: the app may no longer touch that mailbox): a draft
+                    # never sent makes no duplicate; it must not hold the message until expiry.
+                    log.warning(
+                        "Microsoft Graph draft %s of an earlier attempt as %s left in place "
+                        "(never sent): %s",
+                        draft_id,
+                        self.logged,
+                        failure.reply.line(),
+                    )
+                    await self.record.forget()
+                    return ""
                 raise _GraphError(
                     Reply(
                         451,
