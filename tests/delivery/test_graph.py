@@ -84,6 +84,7 @@ class Draft:
     mime: bytes
     attachments: list[dict[str, Any]] = field(default_factory=list)
     recipients: dict[str, Any] = field(default_factory=dict)
+    immutable: bool = False  # made with Prefer: IdType="ImmutableId"
 
 
 @dataclass
@@ -174,7 +175,8 @@ class FakeGraph:
         if call.method == "POST" and path.endswith("/messages"):
             self.made += 1
             draft_id = f"AAMkAD=draft/{self.made}"
-            self.drafts[draft_id] = Draft(call.mime)
+            prefer = call.headers.get("Prefer", "") or call.headers.get("prefer", "")
+            self.drafts[draft_id] = Draft(call.mime, immutable='IdType="ImmutableId"' in prefer)
             body = json.dumps({"id": draft_id, "isDraft": True}).encode()
             return 201, {"Content-Type": "application/json"}, body
         draft_id = self._draft_id(path)
@@ -197,6 +199,14 @@ class FakeGraph:
             self.sent.append(self.drafts.pop(draft_id))
             return 202, {}, b""
         return graph_error(400, "BadRequest", f"unexpected {call.method} {path}")
+
+    def trash(self, draft_id: str) -> None:
+        """A user deletes the draft in Outlook: it moves to Deleted Items, where its default
+        id is another (Graph: an id changes when the item moves to another folder), its
+        immutable id the same."""
+        draft = self.drafts.pop(draft_id)
+        self.made += 1
+        self.drafts[draft_id if draft.immutable else f"AAMkAD=deleted/{self.made}"] = draft
 
     def create_upload_session(self, draft_id: str, body: dict[str, Any]) -> Answer:
         item = body.get("AttachmentItem")
@@ -2339,5 +2349,41 @@ async def test_a_leftover_draft_that_can_never_be_deleted_does_not_hold_the_mess
             )
             is None
         )
+    finally:
+        await relay.stop()
+
+
+async def test_a_draft_a_user_deleted_after_a_lost_send_is_not_recorded_delivered(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """The send of a draft gets no answer and Graph never took it; before the next attempt a
+    user of the relay's mailbox deletes the draft (Outlook moves it to Deleted Items). By
+    default an Outlook item's id changes when it moves to another folder, so the lookup by id
+    answered 404 and the recipients were recorded delivered: they never got the message.
+    Microsoft documents immutable ids (Prefer: IdType="ImmutableId") for exactly this: the
+    id stays as the item moves within the mailbox (the sent copy in Sent Items keeps the
+    draft's id too), so the lookup finds the draft, still a draft, and sends it."""
+
+    def script(call: Call) -> Answer | None:
+        if is_send(call) and sum(map(is_send, graph.calls)) == 1:
+            graph.trash("AAMkAD=draft/1")  # Graph never got the send; the user deletes it
+            return DROP
+        return None
+
+    graph.script = script
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    try:
+        data = b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n"
+        assert (await send(relay, SENDER, ["bob@example.com", "erin@example.com"], data))[0] == 250
+
+        async def settled() -> Any:
+            r = (await statuses(relay)).get("erin@example.com")
+            done = r is not None and (r.status == RecipientStatus.DELIVERED or r.attempts >= 3)
+            return r if done else None
+
+        r = await wait_for(settled, timeout=30.0)
+        assert "confirmed by lookup" not in r.last_error, r  # before: recorded delivered
+        assert len(graph.sent) == 1, (r, kinds(graph))  # the recipients got it
+        assert r.status == RecipientStatus.DELIVERED, r
     finally:
         await relay.stop()

@@ -648,7 +648,11 @@ class _Caller:
 
     def __init__(self, client: Any, token: str, mailbox: str, timeout: float) -> None:
         self.client = client
-        self.headers = {"Authorization": f"Bearer {token}"}
+        # Immutable ids: a draft keeps its id when it moves within the mailbox (to Sent Items
+        # once sent, to Deleted Items when a user deletes it), so that the lookup of a draft
+        # whose send got no answer tells one from the other (by default the id changes with
+        # the folder: both looked gone, a deleted draft recorded delivered).
+        self.headers = {"Authorization": f"Bearer {token}", "Prefer": 'IdType="ImmutableId"'}
         self.mailbox = mailbox
         self.timeout = timeout
 
@@ -802,8 +806,8 @@ class _DraftJob:
     * a draft whose send was never requested (a crash mid-upload, a failure whose DELETE
       failed): deleted (404: already gone), then the attempt starts over;
     * a draft whose send was requested and not answered (a timeout, the connection dropped, a
-      5xx: Graph may have sent it): looked up by id. Gone (404: sent, Graph moved it to Sent
-      Items, where it has another id) or no longer a draft (``isDraft`` false): the message was
+      5xx: Graph may have sent it): looked up by its immutable id. No longer a draft (``isDraft``
+      false: the copy in Sent Items) or gone (404 ErrorItemNotFound): the message was
       sent, the recipients are delivered ("confirmed by lookup"). Still a draft: that same draft
       is sent again (no new one). The lookup failing leaves the attempt a temporary failure and
       the record in place, for the next attempt to look it up again.
