@@ -2387,3 +2387,42 @@ async def test_a_draft_a_user_deleted_after_a_lost_send_is_not_recorded_delivere
         assert r.status == RecipientStatus.DELIVERED, r
     finally:
         await relay.stop()
+
+
+async def test_an_earlier_draft_that_vanishes_as_it_is_sent_again_is_not_sent_a_third_time(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """Graph takes the draft's send but answers 503 (outcome unknown) and is slow to act on it:
+    the next attempt's lookup still finds a draft, and its send of that same draft gets a 404
+    ErrorItemNotFound, the first send having moved it meanwhile. The draft went away: as for
+    the lookup's 404, the message was sent. Before, that 404 deleted nothing, forgot the
+    record and deferred; the attempt after made a new draft and sent the message again."""
+    first: list[Call] = []
+
+    def script(call: Call) -> Answer | None:
+        if is_send(call) and not first:
+            first.append(call)  # taken, acted on later
+            return graph_error(503, "ServiceUnavailable", "Try again")
+        if is_send(call) and len(first) == 1:
+            first.append(call)
+            graph.success(first[0])  # the first send goes through now: the draft moves
+            return graph_error(404, "ErrorItemNotFound", "The specified object was not found.")
+        return None
+
+    graph.script = script
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    try:
+        data = b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n"
+        assert (await send(relay, SENDER, ["bob@example.com", "erin@example.com"], data))[0] == 250
+
+        async def delivered() -> Any:
+            r = (await statuses(relay)).get("erin@example.com")
+            return r if r is not None and r.status == RecipientStatus.DELIVERED else None
+
+        r = await wait_for(delivered, timeout=30.0)
+        await asyncio.sleep(1.5)  # a retry would come after 1 s
+        assert len(graph.sent) == 1, kinds(graph)  # the recipients got it once
+        assert "confirmed" in r.last_error, r
+        assert kinds(graph).count(("POST", "messages")) == 1
+    finally:
+        await relay.stop()

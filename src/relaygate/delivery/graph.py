@@ -975,6 +975,18 @@ class _DraftJob:
         try:
             await self._send(url, draft_id, call=call)
         except _GraphError as failure:
+            if failure.detail.partition(":")[0] == "404 ErrorItemNotFound":
+                # Gone since the lookup: the earlier send, taken, moved it (as the lookup's
+                # 404). Deleted and forgotten, the next attempt would make and send another.
+                self.confirmed = "the draft went away as it was sent again (404)"
+                log.info(
+                    "Microsoft Graph draft %s as %s, whose send's answer was lost, was sent (%s)",
+                    draft_id,
+                    self.logged,
+                    self.confirmed,
+                )
+                await self.record.forget()
+                return _CONFIRMED
             if not failure.unknown:
                 await self._discard(url, draft_id, call=call)
             raise _after_draft(failure) from None
