@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import hashlib
 import json
@@ -2426,3 +2427,19 @@ async def test_an_earlier_draft_that_vanishes_as_it_is_sent_again_is_not_sent_a_
         assert kinds(graph).count(("POST", "messages")) == 1
     finally:
         await relay.stop()
+
+
+@pytest.mark.parametrize("straddling", [b"=41", b"=\r\n"], ids=["escape", "soft-break"])
+@pytest.mark.parametrize("back", [0, 1, 2])
+def test_a_quoted_printable_line_over_a_decode_piece_decodes_as_in_one_call(
+    straddling: bytes, back: int
+) -> None:
+    """A big quoted-printable attachment is decoded a piece at a time, each piece ending after
+    a line break; a line longer than a piece (unwrapped QP, as some generators write it) was
+    cut at the piece's size, through an ``=XX`` escape or a soft line break's ``=``: the part
+    came out corrupted ("41" for "A", a CRLF for a soft break)."""
+    from relaygate.delivery.mime_split import DECODE_PIECE_OCTETS, Attachment
+
+    body = b"x" * (DECODE_PIECE_OCTETS - back) + straddling + b"y" * 10 + b"\r\n"
+    part = Attachment(0, len(body), "quoted-printable", "a.csv", "text/csv", "")
+    assert bytes(part.content(body)) == binascii.a2b_qp(body)

@@ -122,14 +122,18 @@ def _base64_in_pieces(view: memoryview) -> bytearray:
 
 def _qp_in_pieces(view: memoryview) -> bytearray:
     """Quoted-printable decoded about DECODE_PIECE_OCTETS at a time, each piece ending after a
-    line break (an ``=XX`` or a soft break never spans one)."""
+    line break (an ``=XX`` or a soft break never spans one), or, in a line longer than a piece,
+    before an ``=`` its last two octets hold."""
     out = bytearray()
     start = 0
     while start < len(view):
         end = min(start + DECODE_PIECE_OCTETS, len(view))
         if end < len(view):
             cut = bytes(view[start:end]).rfind(b"\n")
-            end = start + cut + 1 if cut >= 0 else end
+            if cut >= 0:
+                end = start + cut + 1
+            else:  # a line longer than a piece: not through an "=XX" nor a soft break's "="
+                end -= 2 if view[end - 2] == 0x3D else 1 if view[end - 1] == 0x3D else 0
         out += binascii.a2b_qp(view[start:end])
         start = end
     return out
