@@ -2443,3 +2443,56 @@ def test_a_quoted_printable_line_over_a_decode_piece_decodes_as_in_one_call(
     body = b"x" * (DECODE_PIECE_OCTETS - back) + straddling + b"y" * 10 + b"\r\n"
     part = Attachment(0, len(body), "quoted-printable", "a.csv", "text/csv", "")
     assert bytes(part.content(body)) == binascii.a2b_qp(body)
+
+
+async def test_a_paced_partial_batch_whose_answer_was_lost_is_looked_up_not_sent_again(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """A Graph connector with max_recipients_per_day = 3, one recipient already spent: a
+    message to a, b and c sends a and b now (the day's room), c waits; Graph sends it but the
+    answer is lost. A day later all three are due together: the record was kept under the
+    route (a, b), so the attempt for (a, b, c) found none and made a new draft for all three:
+    a and b got the message twice. Now the earlier batch goes first, on its own (looked up:
+    sent), then c alone."""
+
+    def script(call: Call) -> Answer | None:
+        if is_send(call) and sum(map(is_send, graph.calls)) == 1:
+            graph.success(call)
+            return DROP
+        return None
+
+    graph.script = script
+    extra = graph_connector(graph, entra, ca_file, "max_recipients_per_day = 3")
+    relay = await start_relay(tmp_path / "data", {}, extra=extra)
+    assert relay.manager is not None
+    try:
+        one = b"From: scanner@corp.test\r\nTo: x@example.com\r\nSubject: x\r\n\r\nx\r\n"
+        assert (await send(relay, "first@corp.test", ["x@example.com"], one))[0] == 250
+        await wait_for(lambda: len(graph.sent) == 1, timeout=20.0)
+        data = b"From: scanner@corp.test\r\nTo: a@example.com\r\nSubject: x\r\n\r\nx\r\n"
+        rcpts = ["a@example.com", "b@example.com", "c@example.com"]
+        assert (await send(relay, SENDER, rcpts, data))[0] == 250
+        await wait_for(lambda: sum(map(is_send, graph.calls)) == 1, timeout=20.0)
+        await asyncio.sleep(2.5)  # a and b retried meanwhile: held by the day's budget
+        assert len(graph.sent) == 2
+        relay.manager.clock = lambda: time.time() + 90_000  # a day later: all three due
+
+        async def delivered() -> Any:
+            s = await statuses(relay)
+            done = len(s) == 3 and all(r.status == RecipientStatus.DELIVERED for r in s.values())
+            return s if done else None
+
+        s = await wait_for(delivered, timeout=30.0)
+        got: dict[str, int] = {}
+        for draft in graph.sent[1:]:
+            for key in ("toRecipients", "ccRecipients", "bccRecipients"):
+                for r in draft.recipients.get(key, []):
+                    got[r["emailAddress"]["address"]] = got.get(r["emailAddress"]["address"], 0) + 1
+        assert got == dict.fromkeys(rcpts, 1), (got, kinds(graph))
+        assert "confirmed by lookup" in s["a@example.com"].last_error
+        assert "202 Accepted" in s["c@example.com"].last_error
+        assert relay.store is not None
+        [msg] = [m for m in await relay.store.list_messages() if m.sender == SENDER]
+        assert await relay.store.graph_drafts(msg.queue_id) == {}
+    finally:
+        await relay.stop()

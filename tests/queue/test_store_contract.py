@@ -636,8 +636,14 @@ async def test_a_graph_draft_is_recorded_durably_per_route_and_goes_with_its_mes
             "mb@x", "d1", sending=True
         )
         assert await store.graph_draft(qid, "Graph M365\nb@x.example") == GraphDraft("mb@x", "d2")
+        assert await store.graph_drafts(qid) == {
+            "Graph M365\na@x.example": GraphDraft("mb@x", "d1", sending=True),
+            "Graph M365\nb@x.example": GraphDraft("mb@x", "d2"),
+        }
         await store.save_graph_draft(qid, "Graph M365\nb@x.example", None)
         assert await store.graph_draft(qid, "Graph M365\nb@x.example") is None
+        assert list(await store.graph_drafts(qid)) == ["Graph M365\na@x.example"]
+        assert await store.graph_drafts("0123456789ABCDEF") == {}
         assert await store.remove(qid) is not None
         assert await store.graph_draft(qid, "Graph M365\na@x.example") is None
         assert await store.graph_draft(other, "Graph M365\nc@x.example") == GraphDraft("mb@x", "d3")

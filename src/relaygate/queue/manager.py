@@ -951,6 +951,15 @@ class QueueManager:
         self, msg: StoredMessage, connector: Any, addrs: list[str], data: bytes
     ) -> list[RouteResult]:
         name = str(connector.name)
+        earlier = await self._earlier_graph_batch(msg, name, addrs)
+        if earlier:
+            # An earlier attempt's draft is recorded for some of these recipients only (a paced
+            # connector's partial batch whose send got no answer, then the whole route due): that
+            # batch first, on its own, so that its draft is looked up (or deleted) under its
+            # record; a new draft for all of them would send it twice to those.
+            rest = [a for a in addrs if a not in earlier]
+            first = await self._send_graph(msg, connector, earlier, data)
+            return first + await self._send_graph(msg, connector, rest, data)
         if self.graph is None:
             self.graph = GraphTransport()
         timeout = (
@@ -984,6 +993,25 @@ class QueueManager:
                 )
             )
         return out
+
+    async def _earlier_graph_batch(
+        self, msg: StoredMessage, name: str, addrs: list[str]
+    ) -> list[str]:
+        """Those of ``addrs`` that an earlier attempt's Graph draft, recorded through connector
+        ``name`` for a part of them only, was for ([] when none: the usual case)."""
+        if len(addrs) < 2:
+            return []
+        records = await self.store.graph_drafts(msg.queue_id)
+        if not records or _graph_route(name, addrs) in records:
+            return []
+        prefix = name.lower() + "\n"
+        wanted = {a.lower() for a in addrs}
+        for route in records:
+            if route.startswith(prefix):
+                batch = set(route[len(prefix) :].split("\n"))
+                if batch < wanted:
+                    return [a for a in addrs if a.lower() in batch]
+        return []
 
     async def _reserve(
         self, connector: Any, limits: tuple[Any, ...], recipients: int

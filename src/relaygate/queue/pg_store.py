@@ -979,6 +979,17 @@ class PostgresStore(Store):
 
         return await self._tx(run, readonly=True)
 
+    async def graph_drafts(self, queue_id: str) -> dict[str, GraphDraft]:
+        async def run(conn: Conn) -> dict[str, GraphDraft]:
+            cur = await conn.execute(
+                "SELECT route, mailbox, draft_id, sending FROM graph_drafts WHERE queue_id = %s",
+                (queue_id,),
+            )
+            rows = await cur.fetchall()
+            return {row[0]: GraphDraft(row[1], row[2], bool(row[3])) for row in rows}
+
+        return await self._tx(run, readonly=True)
+
     async def get(self, queue_id: str) -> StoredMessage | None:
         async def run(conn: Conn) -> StoredMessage | None:
             found = await _load(conn, [queue_id])

@@ -1288,6 +1288,16 @@ class SqliteStore(Store):
 
         return await self._read(run)
 
+    async def graph_drafts(self, queue_id: str) -> dict[str, GraphDraft]:
+        def run(conn: sqlite3.Connection) -> dict[str, GraphDraft]:
+            rows = conn.execute(
+                "SELECT route, mailbox, draft_id, sending FROM graph_drafts WHERE queue_id = ?",
+                (queue_id,),
+            ).fetchall()
+            return {row[0]: GraphDraft(row[1], row[2], bool(row[3])) for row in rows}
+
+        return await self._read(run)
+
     async def get(self, queue_id: str) -> StoredMessage | None:
         found = await self._read(_load_ids, [queue_id])
         return found[0] if found else None

@@ -264,6 +264,11 @@ class Store(Protocol):
         ``None``."""
         ...
 
+    async def graph_drafts(self, queue_id: str) -> dict[str, GraphDraft]:
+        """Every Graph draft recorded for the message, by route (``{}`` for none, and for an
+        unknown queue id)."""
+        ...
+
     async def save_graph_draft(self, queue_id: str, route: str, draft: GraphDraft | None) -> None:
         """Record (durably) the Graph draft an attempt made for ``route`` (a send connector and
         its recipients) of the message, replacing the one recorded before; ``None`` forgets it.
