@@ -350,3 +350,63 @@ def test_a_line_to_a_full_non_blocking_stderr_is_still_written_whole() -> None:
         os.close(write_fd)
         os.close(read_fd)
     assert not errors and bytes(got) == data
+
+
+# A worker writing a line whenever it reads one on its stdin: the test decides when.
+ECHOER = textwrap.dedent(
+    """
+    import os, sys
+    for request in sys.stdin:
+        os.write(2, request.encode())
+    """
+)
+
+
+def test_a_worker_s_lines_flow_again_once_the_supervisor_s_stderr_can_be_written_again(
+    tmp_path: Path,
+) -> None:
+    """The supervisor's stderr fails for a while (a full disk: ENOSPC, shown with /dev/full):
+    the worker's lines of that while are lost, but once stderr can be written again (space
+    freed), its next lines are passed on, as the supervisor's own are; they are not dropped
+    until the worker is restarted."""
+    import fcntl
+    import termios
+
+    from relaygate.logs.worker_output import WorkerOutput
+
+    log = tmp_path / "stderr.log"
+    target = os.open("/dev/full", os.O_WRONLY)
+    output = WorkerOutput(target, "test full")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ECHOER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=output.write_fd,
+    )
+    output.start()
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(b"during the full disk\n")
+        proc.stdin.flush()
+        deadline = time.monotonic() + 10
+        pending = b"\0\0\0\0"
+        while time.monotonic() < deadline:  # the line was read (and its write failed)
+            pending = fcntl.ioctl(output._read_fd, termios.FIONREAD, b"\0\0\0\0")
+            if pending == b"\0\0\0\0":
+                break
+            time.sleep(0.01)
+        time.sleep(0.3)
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(fd, target)  # space freed: the same descriptor writes again
+        os.close(fd)
+        proc.stdin.write(b"after the full disk\n")
+        proc.stdin.close()
+        assert proc.wait(30) == 0
+        output.join(10)
+        assert output.done
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(target)
+    assert b"after the full disk\n" in log.read_bytes()

@@ -109,7 +109,6 @@ class WorkerOutput:
 
     def _run(self) -> None:
         held = b""
-        broken = False  # the target cannot be written (closed, EPIPE): read on, drop it
         try:
             while True:
                 try:
@@ -119,9 +118,12 @@ class WorkerOutput:
                 if not data:
                     break
                 out, held = complete_lines(held + data)
-                if out and not broken:
-                    broken = not self._write(out)
-            if held and not broken:
+                if out:
+                    # The target cannot be written (EPIPE, EIO, ENOSPC...): these lines are
+                    # dropped and reading goes on; the next ones are tried again, since a full
+                    # disk gets space back (as the supervisor's own lines do).
+                    self._write(out)
+            if held:
                 self._write(held + b"\n")
         finally:
             os.close(self._read_fd)
