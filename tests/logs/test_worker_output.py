@@ -116,7 +116,9 @@ def piped(tmp_path: Path) -> Iterator[Any]:
             s.stop()
 
 
-def write_invalid_config(s: Served, round_: int, count: int = 300) -> None:
+def write_invalid_config(
+    s: Served, round_: int, count: int = 300, server_extra: str = 'log_format = "json"'
+) -> None:
     """The relay's config with `count` remote IP ranges that are not ranges: a reload refused,
     with one problem a range in the error every worker logs (~140 bytes each). Written whole
     (renamed into place): a watcher must not read a file half written."""
@@ -124,7 +126,7 @@ def write_invalid_config(s: Served, round_: int, count: int = 300) -> None:
     text = CONFIG.format(
         data=s.data,
         workers=s.workers,
-        server_extra='log_format = "json"',
+        server_extra=server_extra,
         admin_port=s.admin_port,
         port=s.port,
         banner="220 RelayGate",
@@ -410,3 +412,36 @@ def test_a_worker_s_lines_flow_again_once_the_supervisor_s_stderr_can_be_written
             proc.wait(10)
         os.close(target)
     assert b"after the full disk\n" in log.read_bytes()
+
+
+def test_long_multi_line_text_records_of_two_workers_are_not_cut_by_each_other(
+    piped: Any,
+) -> None:
+    """The text format keeps a record of several lines (a reload refused, one problem a line;
+    a traceback) as several lines. Two workers each log four such records of ~40 KiB at the
+    same moments (four SIGHUPs in a row), 12 times, into a stderr pipe read slowly, so that
+    more than one read's worth (64 KiB) waits in each worker's pipe: each record reaches stderr
+    in one piece, as the worker wrote it with one write, no line of another process among its
+    lines. (Before, the supervisor read 64 KiB at a time and passed on the whole lines of each
+    read: a record cut at a read's end had the other worker's record in its middle.)"""
+    s = piped(workers=2)
+    s.start()
+    rounds = 12
+
+    def refused() -> int:
+        return s.text().count("reload refused, configuration invalid")
+
+    for round_ in range(rounds):
+        write_invalid_config(s, round_, server_extra="")  # the text format, the default
+        for _ in range(4):
+            s.reload()
+            time.sleep(0.05)
+        s.wait_for(lambda r=round_: refused() >= 8 * (r + 1), timeout=30)
+    assert s.stop() == 0
+    lines = s.lines()
+    starts = [i for i, line in enumerate(lines) if "reload refused, configuration invalid" in line]
+    assert len(starts) >= 8 * rounds
+    for i in starts:
+        record = lines[i + 1 : i + 301]  # one problem a line, remote_ip_ranges[0] to [299]
+        strays = [line[:120] for line in record if "remote_ip_ranges[" not in line]
+        assert not strays, f"the record at line {i} is cut by other lines: {strays[:3]}"

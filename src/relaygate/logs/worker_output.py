@@ -28,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import struct
+import termios
 import threading
 
 from relaygate.logs.service import MAX_LINE, write_whole
@@ -40,6 +42,14 @@ CUT_MARKER = b" [line over 64 KiB: continued on the next line]"
 PIPE_SIZE = 1 << 20
 _READ_SIZE = 64 * 1024
 _PIECE = MAX_LINE - len(CUT_MARKER) - 1
+
+
+def _waiting(fd: int) -> int:
+    """How many bytes the pipe `fd` holds now (0 if that cannot be asked)."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0])
+    except OSError:
+        return 0
 
 
 def complete_lines(data: bytes) -> tuple[bytes, bytes]:
@@ -112,7 +122,11 @@ class WorkerOutput:
         try:
             while True:
                 try:
-                    data = os.read(self._read_fd, _READ_SIZE)
+                    # All that the pipe holds, not _READ_SIZE of it: a record the worker wrote
+                    # with one write (a text record of several lines: a traceback, a list of
+                    # config problems) is then passed on in one piece, never cut at a read's
+                    # end by another worker's lines (the pipe is PIPE_SIZE at most).
+                    data = os.read(self._read_fd, max(_READ_SIZE, _waiting(self._read_fd)))
                 except OSError:
                     data = b""
                 if not data:
