@@ -91,6 +91,10 @@ class FakeCA:
         self.chains: dict[int, bytes] = {}
         #: the modes in which a certificate was asked for (finalize), in order
         self.issued: list[str] = []
+        #: an Event: a finalize waits (up to 20 s) until it is set (an order pending at the CA);
+        #: `finalizing` is set when one waits
+        self.hold: threading.Event | None = None
+        self.finalizing = threading.Event()
         self._ids = itertools.count(1)
         self._nonces = itertools.count(1)
         self._lock = threading.Lock()
@@ -253,6 +257,10 @@ class FakeCA:
                     self._send(200, {"status": "valid", "identifier": ident, "challenges": []})
                 elif parts[0] == "finalize":
                     n = int(parts[1])
+                    hold = ca.hold
+                    if hold is not None:
+                        ca.finalizing.set()
+                        hold.wait(20)
                     csr = x509.load_der_x509_csr(_b64decode(payload["csr"]))
                     ca.chains[n] = ca.issue(csr)
                     ca.orders[n].update(status="valid", certificate=f"{ca.base}/cert/{n}")

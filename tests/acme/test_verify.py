@@ -280,3 +280,52 @@ def test_a_cluster_node_does_not_install_a_wrong_certificate_from_the_queue_data
     finally:
         manager.stop()
         share.close()
+
+
+def test_a_reload_during_a_pending_order_does_not_refuse_what_was_ordered(
+    tmp_path: Path, fake_ca: FakeCA
+) -> None:
+    # acme_domains change (SIGHUP) while an order is pending at the CA: the certificate the CA
+    # then returns is for the names that were ordered. It is checked against those (not the
+    # reloaded ones: that was a "names" refusal, a failure, an audit finding and an error log
+    # for a certificate the CA rightly issued), and the new names are ordered next.
+    import signal
+    import threading
+
+    hold = threading.Event()
+    fake_ca.hold = hold
+    folder = tmp_path / "relay"
+    folder.mkdir()
+    relay = Relay(folder, fake_ca, check_interval="01:00:00")  # type: ignore[arg-type]
+    _install_old(fake_ca, relay.data)
+    relay.start()
+    try:
+        assert fake_ca.finalizing.wait(30), relay.log()  # the order for relay.acme.test waits
+        relay.config.write_text(
+            relay.config.read_text().replace(
+                "acme_email =", f'acme_domains = ["{NAME}", "mail.acme.test"]\nacme_email =', 1
+            )
+        )
+        assert relay.proc is not None
+        os.kill(relay.proc.pid, signal.SIGHUP)
+        assert wait_until(lambda: "configuration reloaded" in relay.log(), timeout=20)
+        fake_ca.hold = None
+        hold.set()
+
+        def both() -> bool:
+            try:
+                leaf = x509.load_pem_x509_certificates(relay.cert_file.read_bytes())[0]
+            except (OSError, ValueError):
+                return False
+            from relaygate.acme.verify import dns_names
+
+            return dns_names(leaf) == {NAME, "mail.acme.test"}
+
+        assert wait_until(both, timeout=30), relay.log()
+        log = relay.log()
+        assert "was refused" not in log, log
+        assert "cannot obtain a certificate" not in log, log
+        assert _refused_findings(relay) == []
+    finally:
+        hold.set()
+        relay.stop()

@@ -223,7 +223,9 @@ class AcmeManager:
                     self._install(chain, key, "taken from the queue database")
         return leading
 
-    def _install(self, chain: bytes, key: bytes, how: str) -> None:
+    def _install(
+        self, chain: bytes, key: bytes, how: str, domains: tuple[str, ...] | None = None
+    ) -> None:
         """Both files, replaced together under the lock; logged; `on_renewed`."""
         from cryptography import x509
 
@@ -233,7 +235,9 @@ class AcmeManager:
             return
         leaf = x509.load_pem_x509_certificates(chain)[0]
         cert_path, key_path = acme_files(Path(s.data_dir))
-        domains = acme_domains(s)
+        # the names ordered (a reload may have changed acme_domains meanwhile: then `due`
+        # finds "names changed" and the new ones are ordered next)
+        domains = domains or acme_domains(s)
         self.folder.mkdir(parents=True, exist_ok=True)
         with files_lock(Path(s.data_dir), exclusive=True):
             write_private(key_path, key)
@@ -257,21 +261,32 @@ class AcmeManager:
             except Exception:
                 logger.exception("ACME: swapping in the new certificate failed")
 
-    def _check(self, chain: bytes, key: bytes, *, renew_before: Any) -> None:
-        """`check_issued` for the configured names; a refusal is recorded in refused.json (for
-        `relaygate audit`) and raised: the failure path, the files untouched."""
+    def _check(
+        self,
+        chain: bytes,
+        key: bytes,
+        *,
+        renew_before: Any,
+        domains: tuple[str, ...] | None = None,
+    ) -> None:
+        """`check_issued` for `domains` (the names ordered; None: the configured ones); a
+        refusal is recorded in refused.json (for `relaygate audit`) and raised: the failure
+        path, the files untouched."""
+        domains = domains or acme_domains(self.config.server)
         try:
-            check_issued(chain, key, acme_domains(self.config.server), renew_before=renew_before)
+            check_issued(chain, key, domains, renew_before=renew_before)
         except CertificateRefused as exc:
-            self._record_refused(exc)
+            self._record_refused(exc, domains)
             raise
 
-    def _record_refused(self, exc: CertificateRefused) -> None:
+    def _record_refused(
+        self, exc: CertificateRefused, domains: tuple[str, ...] | None = None
+    ) -> None:
         s = self.config.server
         record = {
             "check": exc.check,
             "detail": exc.detail,
-            "domains": list(acme_domains(s)),
+            "domains": list(domains or acme_domains(s)),
             "directory_url": s.acme_directory_url,
             "at": f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ}",
         }
@@ -431,13 +446,16 @@ class AcmeManager:
                 finally:
                     responder.stop()
         except CertificateRefused as exc:  # not PEM (the client parses it): as the other checks
-            self._record_refused(exc)
+            self._record_refused(exc, domains)
             raise
         finally:
             client.close()
-        # Before anything is written or swapped: what the CA returned is what was ordered.
-        self._check(issued.chain_pem, issued.key_pem, renew_before=s.acme_renew_before)
+        # Before anything is written or swapped: what the CA returned is what was ordered
+        # (`domains`, even if a reload changed acme_domains while the order was pending).
+        self._check(
+            issued.chain_pem, issued.key_pem, renew_before=s.acme_renew_before, domains=domains
+        )
         if self.cluster is not None:  # first: the other nodes copy it from there
             self.cluster.publish(issued.chain_pem, issued.key_pem)
-        self._install(issued.chain_pem, issued.key_pem, "installed")
+        self._install(issued.chain_pem, issued.key_pem, "installed", domains)
         return issued
