@@ -8,7 +8,9 @@ certificate), issuing from its own root and intermediate, and told what to retur
 * ``expired``: the leaf expired yesterday;
 * ``due``: the leaf expires in 10 days (within the default acme_renew_before, 30 days);
 * ``wrong-intermediate``: the chain's intermediate (same name, another key) did not sign the leaf;
-* ``garbage``: not PEM at all.
+* ``garbage``: not PEM at all;
+* ``ahead``: a good chain from a CA whose clock is 2 minutes ahead of the relay's (notBefore
+  its "now", not backdated).
 
 pebble cannot be made to return a wrong chain, hence this. JWS signatures are not checked (the
 client's JWS is pebble's to check, in test_acme.py); the CSR is parsed for its names and key.
@@ -42,6 +44,7 @@ MODES = (
     "due",
     "wrong-intermediate",
     "garbage",
+    "ahead",
 )
 
 
@@ -179,6 +182,8 @@ class FakeCA:
             key = ec.generate_private_key(ec.SECP256R1()).public_key()
         elif mode == "expired":
             start, end = now - dt.timedelta(days=91), now - dt.timedelta(days=1)
+        elif mode == "ahead":
+            start = now + dt.timedelta(minutes=2)
         elif mode == "due":
             start, end = now - dt.timedelta(days=80), now + dt.timedelta(days=10)
         leaf = self.leaf(names, key, start=start, end=end)  # type: ignore[arg-type]

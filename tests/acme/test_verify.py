@@ -26,6 +26,7 @@ from tests.acme.fake_ca import FakeCA
 from tests.acme.helpers import (
     Relay,
     attempt,
+    file_serial,
     relaygate_cli,
     starttls_certificate,
     wait_until,
@@ -329,3 +330,35 @@ def test_a_reload_during_a_pending_order_does_not_refuse_what_was_ordered(
     finally:
         hold.set()
         relay.stop()
+
+
+def test_a_ca_clock_a_little_ahead_does_not_refuse_every_certificate(
+    tmp_path: Path, fake_ca: FakeCA
+) -> None:
+    # A CA that does not backdate notBefore (step-ca backdates only 1 minute by default) and
+    # a relay clock a little behind: notBefore is a minute or two "in the future". Refused
+    # (validity check), each order was refused alike: an order at every back-off, at a real CA
+    # against its rate limits, and never a certificate. A few minutes of skew are taken.
+    fake_ca.mode = "ahead"
+    folder = tmp_path / "relay"
+    folder.mkdir()
+    relay = Relay(folder, fake_ca, check_interval="00:00:02")  # type: ignore[arg-type]
+    old_serial, _chain, _key = _install_old(fake_ca, relay.data)
+    relay.start()
+    try:
+        assert wait_until(
+            lambda: "installed (serial" in relay.log() or "was refused" in relay.log(), timeout=30
+        ), relay.log()
+        assert "was refused" not in relay.log(), relay.log()
+        assert file_serial(relay.cert_file) != old_serial
+        assert fake_ca.issued == ["ahead"]
+    finally:
+        relay.stop()
+
+    key, key_pem = _csr_key()
+    now = dt.datetime.now(dt.UTC)
+    ahead = fake_ca.leaf(
+        [NAME], key.public_key(),
+        start=now + dt.timedelta(minutes=2), end=now + dt.timedelta(days=90),
+    )  # fmt: skip
+    check_issued(fake_ca.pem_chain(ahead), key_pem, [NAME], renew_before=dt.timedelta(days=30))

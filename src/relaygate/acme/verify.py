@@ -1,6 +1,7 @@
 """What the CA returned, checked before it is installed (:func:`check_issued`): the chain parses,
-its leaf names every ordered name, holds the key the CSR was made with, is valid now and not
-already due for renewal, and each certificate of the chain is signed by the next.
+its leaf names every ordered name, holds the key the CSR was made with, is valid now (a notBefore
+up to CLOCK_SKEW ahead is taken) and not already due for renewal, and each certificate of the
+chain is signed by the next.
 
 Kept apart because it is the one gate between the CA's answer and the listeners: the manager
 calls it before it writes a file or swaps a TLS context, and a refusal (:class:`CertificateRefused`,
@@ -21,6 +22,11 @@ from relaygate.acme.protocol import AcmeError
 
 #: The checks, in the order they are made (the name a refusal carries).
 CHECKS = ("pem", "names", "key", "validity", "renewal", "chain")
+
+#: How far ahead of this host's clock a notBefore may be: a CA that does not backdate it, and
+#: a clock a little behind the CA's, must not have every certificate refused (and ordered anew
+#: at each retry, against the CA's rate limits). Clients check notBefore by their own clocks.
+CLOCK_SKEW = timedelta(minutes=10)
 
 
 class CertificateRefused(AcmeError):
@@ -122,7 +128,7 @@ def check_issued(
     now = now or datetime.now(UTC)
     start, end = leaf.not_valid_before_utc, leaf.not_valid_after_utc
     stamp = "%Y-%m-%d %H:%M:%SZ"
-    if not start <= now < end:
+    if not start - CLOCK_SKEW <= now < end:
         raise CertificateRefused(
             "validity",
             f"the certificate is valid from {start:{stamp}} to {end:{stamp}}, "
