@@ -362,3 +362,48 @@ def test_a_ca_clock_a_little_ahead_does_not_refuse_every_certificate(
         start=now + dt.timedelta(minutes=2), end=now + dt.timedelta(days=90),
     )  # fmt: skip
     check_issued(fake_ca.pem_chain(ahead), key_pem, [NAME], renew_before=dt.timedelta(days=30))
+
+
+def test_a_refusal_no_longer_in_question_leaves_the_audit(tmp_path: Path, fake_ca: FakeCA) -> None:
+    # A name added by a reload, and the CA's certificate for it refused: audit reports it.
+    # The name removed again by a reload, the certificate the relay has is good for what is
+    # configured, nothing is ordered, nothing is refused: the finding (for names no longer
+    # configured) must go, not stay until some later certificate is installed.
+    import signal
+
+    fake_ca.mode = "other-names"
+    folder = tmp_path / "relay"
+    folder.mkdir()
+    relay = Relay(folder, fake_ca, check_interval="00:00:02")  # type: ignore[arg-type]
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    good = fake_ca.leaf(
+        [NAME], key.public_key(), start=now - dt.timedelta(hours=1), end=now + dt.timedelta(days=60)
+    )
+    acme = relay.data / "acme"
+    acme.mkdir(parents=True)
+    os.chmod(acme, 0o700)
+    (acme / "certificate.pem").write_bytes(fake_ca.pem_chain(good))
+    (acme / "certificate.key").write_bytes(_key_pem(key))
+    plain = relay.config.read_text()
+    relay.start()
+    try:
+        assert relay.proc is not None
+        relay.config.write_text(
+            plain.replace(
+                "acme_email =", f'acme_domains = ["{NAME}", "mail.acme.test"]\nacme_email =', 1
+            )
+        )
+        os.kill(relay.proc.pid, signal.SIGHUP)
+        assert wait_until(lambda: "was refused (names check)" in relay.log(), timeout=30)
+        assert len(_refused_findings(relay)) == 1
+        relay.config.write_text(plain)
+        os.kill(relay.proc.pid, signal.SIGHUP)
+        assert wait_until(lambda: relay.log().count("configuration reloaded") == 2, timeout=20)
+        assert wait_until(lambda: _refused_findings(relay) == [], timeout=15), (
+            _refused_findings(relay),
+            relay.log(),
+        )
+        assert file_serial(relay.cert_file) == good.serial_number
+    finally:
+        relay.stop()

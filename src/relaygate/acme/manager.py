@@ -356,6 +356,11 @@ class AcmeManager:
                 reason = self.due()
                 if reason is not None:
                     self.obtain(reason)
+                elif not self._refused_chain:
+                    # the certificate is good for the names configured: a refusal recorded
+                    # before (names since removed, ACME off and on) is no longer in question
+                    with contextlib.suppress(FileNotFoundError):
+                        (self.folder / REFUSED_FILE).unlink()
                 self.failures = 0
                 wait = interval
             except Exception as exc:  # a thread boundary: log, keep serving, retry later
