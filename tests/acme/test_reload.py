@@ -66,7 +66,8 @@ def _everyone_sees(
 def _on_and_off(tmp_path: Path, pebble, *, workers: int, hup: bool) -> None:  # type: ignore[no-untyped-def]
     folder = tmp_path / "relay"
     folder.mkdir()
-    relay = Relay(folder, pebble, workers=workers, implicit=True)
+    # a check each second: a client still running after "off" would order within the 3 s below
+    relay = Relay(folder, pebble, workers=workers, implicit=True, check_interval="00:00:01")
     with_acme, without = _variants(relay, tmp_path / "files")
     files_root = (tmp_path / "files" / "api-ca.pem").read_bytes()
     relay.config.write_text(without)
