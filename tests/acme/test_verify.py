@@ -407,3 +407,39 @@ def test_a_refusal_no_longer_in_question_leaves_the_audit(tmp_path: Path, fake_c
         assert file_serial(relay.cert_file) == good.serial_number
     finally:
         relay.stop()
+
+
+def test_another_ca_by_a_reload_orders_from_it_at_once(tmp_path: Path, fake_ca: FakeCA) -> None:
+    # From a staging CA to the production one (acme_directory_url and acme_ca_file, SIGHUP):
+    # the reload wakes the client "new names or CA: a new order now", but the certificate of
+    # the old CA was still good for the names, so nothing was ordered: the listeners kept the
+    # staging (untrusted) certificate until it came due, weeks later.
+    import signal
+
+    other = FakeCA(tmp_path / "other-ca").start()
+    folder = tmp_path / "relay"
+    folder.mkdir()
+    relay = Relay(folder, fake_ca, check_interval="01:00:00")  # type: ignore[arg-type]
+    relay.start()
+    try:
+        assert wait_until(lambda: "installed (serial" in relay.log(), timeout=30), relay.log()
+        first = file_serial(relay.cert_file)
+        assert fake_ca.issued == ["good"] and other.issued == []
+        text = relay.config.read_text()
+        relay.config.write_text(
+            text.replace(fake_ca.directory_url, other.directory_url).replace(
+                str(fake_ca.ca_file), str(other.ca_file)
+            )
+        )
+        assert relay.proc is not None
+        os.kill(relay.proc.pid, signal.SIGHUP)
+        assert wait_until(lambda: other.issued == ["good"], timeout=20), relay.log()
+        assert wait_until(lambda: file_serial(relay.cert_file) != first, timeout=20)
+        leaf = x509.load_pem_x509_certificates(relay.cert_file.read_bytes())[0]
+        assert leaf.issuer == other.inter.subject  # (both fakes' names are alike)
+        leaf.verify_directly_issued_by(other.inter)
+        assert "CA changed" in relay.log()
+        assert fake_ca.issued == ["good"]
+    finally:
+        relay.stop()
+        other.stop()

@@ -4,8 +4,9 @@ the atomic writes.
 Kept apart because the listeners (smtp/tls.py), the audit and the certificates command read
 these files without running any ACME: they need only the names and the lock, not the client.
 ``account.key`` is the ACME account's key; ``certificate.key`` and ``certificate.pem`` are
-replaced together under ``.lock``, with ``certificate.names``; ``refused.json`` says why the
-last certificate the CA returned was not installed. Every file is written atomically, mode 0600.
+replaced together under ``.lock``, with ``certificate.names`` and ``certificate.directory``;
+``refused.json`` says why the last certificate the CA returned was not installed. Every file is
+written atomically, mode 0600.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ LOCK_FILE = ".lock"
 #: The names the installed certificate was ordered for, one a line (a CA may add names: the
 #: certificate's own SANs are not the order's).
 NAMES_FILE = "certificate.names"
+#: The ACME directory URL the installed certificate came from (another CA configured: due).
+DIRECTORY_FILE = "certificate.directory"
 #: The last certificate the CA returned that was not installed (acme/verify.py): why, for whom,
 #: when (JSON); removed when a certificate is installed. `relaygate audit` reports it.
 REFUSED_FILE = "refused.json"
@@ -70,6 +73,14 @@ def read_names(data_dir: Path) -> set[str] | None:
     except OSError:
         return None
     return {line.strip() for line in text.splitlines() if line.strip()}
+
+
+def read_directory(data_dir: Path) -> str | None:
+    """The directory URL the installed certificate came from (None: not recorded, an older run)."""
+    try:
+        return (Path(data_dir) / ACME_DIR / DIRECTORY_FILE).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def write_private(path: Path, data: bytes) -> None:

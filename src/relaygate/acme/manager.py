@@ -23,10 +23,12 @@ from relaygate.acme.cluster import ClusterShare
 from relaygate.acme.files import (
     ACCOUNT_KEY_FILE,
     ACME_DIR,
+    DIRECTORY_FILE,
     NAMES_FILE,
     REFUSED_FILE,
     acme_files,
     files_lock,
+    read_directory,
     read_names,
     write_private,
 )
@@ -224,7 +226,12 @@ class AcmeManager:
         return leading
 
     def _install(
-        self, chain: bytes, key: bytes, how: str, domains: tuple[str, ...] | None = None
+        self,
+        chain: bytes,
+        key: bytes,
+        how: str,
+        domains: tuple[str, ...] | None = None,
+        directory: str | None = None,
     ) -> None:
         """Both files, replaced together under the lock; logged; `on_renewed`."""
         from cryptography import x509
@@ -238,11 +245,13 @@ class AcmeManager:
         # the names ordered (a reload may have changed acme_domains meanwhile: then `due`
         # finds "names changed" and the new ones are ordered next)
         domains = domains or acme_domains(s)
+        directory = directory or s.acme_directory_url
         self.folder.mkdir(parents=True, exist_ok=True)
         with files_lock(Path(s.data_dir), exclusive=True):
             write_private(key_path, key)
             write_private(cert_path, chain)
             write_private(self.folder / NAMES_FILE, "".join(f"{d}\n" for d in domains).encode())
+            write_private(self.folder / DIRECTORY_FILE, f"{directory}\n".encode())
         with contextlib.suppress(FileNotFoundError):
             (self.folder / REFUSED_FILE).unlink()
         extra = sorted(dns_names(leaf) - set(domains))
@@ -324,6 +333,11 @@ class AcmeManager:
         wanted = set(acme_domains(s))
         if ordered != wanted or not wanted <= names:
             return f"names changed ({', '.join(sorted(ordered))} → {', '.join(sorted(wanted))})"
+        # the CA it came from (a reload from a staging CA to the production one); not recorded
+        # (an older run): not due for that
+        came_from = read_directory(Path(s.data_dir))
+        if came_from is not None and came_from != s.acme_directory_url:
+            return f"CA changed ({came_from} → {s.acme_directory_url})"
         from cryptography.hazmat.primitives import serialization
 
         try:
@@ -462,5 +476,5 @@ class AcmeManager:
         )
         if self.cluster is not None:  # first: the other nodes copy it from there
             self.cluster.publish(issued.chain_pem, issued.key_pem)
-        self._install(issued.chain_pem, issued.key_pem, "installed", domains)
+        self._install(issued.chain_pem, issued.key_pem, "installed", domains, s.acme_directory_url)
         return issued
