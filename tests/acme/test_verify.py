@@ -399,7 +399,8 @@ def test_a_refusal_no_longer_in_question_leaves_the_audit(tmp_path: Path, fake_c
         assert len(_refused_findings(relay)) == 1
         relay.config.write_text(plain)
         os.kill(relay.proc.pid, signal.SIGHUP)
-        assert wait_until(lambda: relay.log().count("configuration reloaded") == 2, timeout=20)
+        # (SIGHUP and the file watcher may each reload)
+        assert wait_until(lambda: relay.log().count("configuration reloaded") >= 2, timeout=20)
         assert wait_until(lambda: _refused_findings(relay) == [], timeout=15), (
             _refused_findings(relay),
             relay.log(),
