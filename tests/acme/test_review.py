@@ -372,12 +372,31 @@ def test_a_worker_restarted_after_acme_was_turned_on_by_a_reload_keeps_starttls(
             path = Path(f"/proc/{supervisor}/task/{supervisor}/children")
             return [int(pid) for pid in path.read_text().split()]
 
+        # every worker presents the certificate the supervisor's client obtained (STARTTLS
+        # alone proves nothing: a worker running with ACME off offers it too, self-signed)
+        from tests.acme.helpers import attempt, file_serial, starttls_certificate
+
+        assert wait_until(lambda: relay.cert_file.exists(), 60), relay.log()
+        serial = file_serial(relay.cert_file)
+        root = pebble.root_pem()
+
+        def acme_everywhere() -> bool:
+            return all(
+                getattr(
+                    attempt(lambda s=s: starttls_certificate(relay.port, root, source=s)),
+                    "serial_number",
+                    None,
+                )
+                == serial
+                for s in sources
+            )
+
+        assert wait_until(acme_everywhere, 30), relay.log()
         victim = workers()[0]
         os.kill(victim, signal.SIGKILL)
         assert wait_until(lambda: victim not in workers() and len(workers()) == 2, 30)
         # the new worker up and serving (the two first ones said so at start)
         assert wait_until(lambda: relay.log().count(" listening on 127.0.0.1:") >= 3, 30)
-        time.sleep(1)
-        assert starttls_everywhere(), relay.log()
+        assert wait_until(acme_everywhere, 20), relay.log()
     finally:
         relay.stop()
