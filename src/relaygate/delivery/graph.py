@@ -957,15 +957,9 @@ class _DraftJob:
             ) from None
         self.mailbox = mailbox  # the draft's, for its record and the reply
         if not is_draft:
-            self.confirmed = "the draft is gone (404)" if gone else "isDraft is false"
-            log.info(
-                "Microsoft Graph draft %s as %s, whose send's answer was lost, was sent (%s)",
-                draft_id,
-                self.logged,
-                self.confirmed,
+            return await self._confirm(
+                draft_id, "the draft is gone (404)" if gone else "isDraft is false"
             )
-            await self.record.forget()
-            return _CONFIRMED
         log.info(
             "Microsoft Graph draft %s as %s, whose send's answer was lost, is still a draft: "
             "sent again",
@@ -978,19 +972,27 @@ class _DraftJob:
             if failure.detail.partition(":")[0] == "404 ErrorItemNotFound":
                 # Gone since the lookup: the earlier send, taken, moved it (as the lookup's
                 # 404). Deleted and forgotten, the next attempt would make and send another.
-                self.confirmed = "the draft went away as it was sent again (404)"
-                log.info(
-                    "Microsoft Graph draft %s as %s, whose send's answer was lost, was sent (%s)",
-                    draft_id,
-                    self.logged,
-                    self.confirmed,
+                return await self._confirm(
+                    draft_id, "the draft went away as it was sent again (404)"
                 )
-                await self.record.forget()
-                return _CONFIRMED
             if not failure.unknown:
                 await self._discard(url, draft_id, call=call)
             raise _after_draft(failure) from None
         return "the draft of an earlier attempt sent"
+
+    async def _confirm(self, draft_id: str, how: str) -> str:
+        """The draft whose send's answer was lost was sent (``how`` we know): its record
+        forgotten, the recipients to be recorded delivered, confirmed by lookup."""
+        assert self.record is not None  # (only a draft with a record is looked up)
+        self.confirmed = how
+        log.info(
+            "Microsoft Graph draft %s as %s, whose send's answer was lost, was sent (%s)",
+            draft_id,
+            self.logged,
+            how,
+        )
+        await self.record.forget()
+        return _CONFIRMED
 
     async def _send(self, url: str, draft_id: str, *, call: _Caller | None = None) -> None:
         """POST .../send, remembered as requested first (durably: a crash once it is on its
