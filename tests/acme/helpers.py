@@ -20,7 +20,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.smtp.helpers import free_port
+from tests.support.serve_process import wait_for_ready_line
 
 ROOT = Path(__file__).resolve().parents[2]
 PEBBLE = shutil.which("pebble") or "/usr/bin/pebble"
@@ -292,19 +292,8 @@ class Relay:
                 cwd=self.tmp,
                 env=env,
             )
-        found: list[bytes] = []
-
-        def read() -> None:
-            assert self.proc is not None and self.proc.stdout is not None
-            for line in self.proc.stdout:
-                if line.startswith(b"RelayGate ready"):
-                    found.append(line)
-                    return
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(60)
-        if not found:
+        found = wait_for_ready_line(self.proc)
+        if found is None:
             self.stop()
             raise AssertionError(f"relaygate serve did not start:\n{self.log()}")
         return self

@@ -31,6 +31,7 @@ from relaygate.config import ConfigError
 from relaygate.config.loader import Problem
 from relaygate.logs.service import JsonFormatter, TextFormatter
 from tests.smtp.helpers import free_port
+from tests.support.serve_process import wait_for_ready_line
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -157,19 +158,8 @@ class Served:
             )
         if not expect_ready:
             return
-        found: list[bytes] = []
-
-        def read() -> None:
-            assert self.proc is not None and self.proc.stdout is not None
-            for line in self.proc.stdout:
-                if line.startswith(b"RelayGate ready"):
-                    found.append(line)
-                    return
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(60)
-        if not found:
+        found = wait_for_ready_line(self.proc)
+        if found is None:
             self.stop()
             raise AssertionError(f"relaygate serve did not start:\n{self.text()}")
 

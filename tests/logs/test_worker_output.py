@@ -27,6 +27,7 @@ import pytest
 from relaygate.logs.service import JsonFormatter, TextFormatter
 from tests.logs.test_service_log import CONFIG, ROOT, Served, check_record
 from tests.smtp.helpers import free_port
+from tests.support.serve_process import wait_for_ready_line
 
 LONG = 8 * 1024
 MAX_LINE = 64 * 1024  # relaygate.logs.service.MAX_LINE (imported where the test needs it)
@@ -59,19 +60,8 @@ class PipedServed(Served):
             os.close(write_fd)
         self.reader = threading.Thread(target=self._read, args=(read_fd,), daemon=True)
         self.reader.start()
-        ready: list[bytes] = []
-
-        def read_stdout() -> None:
-            assert self.proc is not None and self.proc.stdout is not None
-            for line in self.proc.stdout:
-                if line.startswith(b"RelayGate ready"):
-                    ready.append(line)
-                    return
-
-        waiter = threading.Thread(target=read_stdout, daemon=True)
-        waiter.start()
-        waiter.join(60)
-        if not ready:
+        ready = wait_for_ready_line(self.proc)
+        if ready is None:
             self.stop()
             raise AssertionError(f"relaygate serve did not start:\n{self.text()}")
 

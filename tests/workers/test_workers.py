@@ -29,6 +29,7 @@ from aiosmtpd.controller import Controller
 
 from relaygate.config import ConfigError, parse_text
 from tests.smtp.helpers import RawClient, free_port
+from tests.support.serve_process import wait_for_ready_line
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -162,22 +163,11 @@ class Served:
                 env=env,
             )
         assert self.proc.stdout is not None
-        found: list[bytes] = []
-
-        def read() -> None:
-            assert self.proc is not None and self.proc.stdout is not None
-            for line in self.proc.stdout:
-                if line.startswith(b"RelayGate ready"):
-                    found.append(line)
-                    return
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(60)
-        if not found:
+        found = wait_for_ready_line(self.proc)
+        if found is None:
             self.stop()
             raise AssertionError(f"relaygate serve did not start:\n{self.log()}")
-        self.ready_line = found[0]
+        self.ready_line = found
 
     def log(self) -> str:
         return self.stderr.read_text(errors="replace")
