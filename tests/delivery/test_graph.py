@@ -2255,6 +2255,17 @@ async def test_at_most_two_big_attachments_are_held_decoded_at_once(
 # ------------------------------------------------------------------------ 14. review (rgraph)
 
 
+async def delivered_or_given_up(relay: Any, address: str, attempts: int = 3) -> Any:
+    """The recipient's record once it is delivered or has had `attempts` attempts."""
+
+    async def settled() -> Any:
+        r = (await statuses(relay)).get(address)
+        done = r is not None and (r.status == RecipientStatus.DELIVERED or r.attempts >= attempts)
+        return r if done else None
+
+    return await wait_for(settled, timeout=30.0)
+
+
 @pytest.mark.parametrize(
     "code",
     ["MailboxNotEnabledForRESTAPI", "ErrorInvalidUser", "ResourceNotFound"],
@@ -2282,12 +2293,7 @@ async def test_a_lookup_404_about_the_mailbox_is_not_proof_that_the_draft_was_se
         data = b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n"
         assert (await send(relay, SENDER, ["bob@example.com", "erin@example.com"], data))[0] == 250
 
-        async def settled() -> Any:
-            r = (await statuses(relay)).get("erin@example.com")
-            done = r is not None and (r.status == RecipientStatus.DELIVERED or r.attempts >= 3)
-            return r if done else None
-
-        r = await wait_for(settled, timeout=30.0)
+        r = await delivered_or_given_up(relay, "erin@example.com")
         assert "confirmed by lookup" not in r.last_error, r  # before: recorded delivered
         assert len(graph.sent) == 1, (r, kinds(graph))  # the recipients did get it
         assert r.status == RecipientStatus.DELIVERED, r
@@ -2377,12 +2383,7 @@ async def test_a_draft_a_user_deleted_after_a_lost_send_is_not_recorded_delivere
         data = b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n"
         assert (await send(relay, SENDER, ["bob@example.com", "erin@example.com"], data))[0] == 250
 
-        async def settled() -> Any:
-            r = (await statuses(relay)).get("erin@example.com")
-            done = r is not None and (r.status == RecipientStatus.DELIVERED or r.attempts >= 3)
-            return r if done else None
-
-        r = await wait_for(settled, timeout=30.0)
+        r = await delivered_or_given_up(relay, "erin@example.com")
         assert "confirmed by lookup" not in r.last_error, r  # before: recorded delivered
         assert len(graph.sent) == 1, (r, kinds(graph))  # the recipients got it
         assert r.status == RecipientStatus.DELIVERED, r
