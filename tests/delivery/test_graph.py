@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,7 +32,9 @@ import pytest
 import trustme
 
 from relaygate.config.loader import ConfigError, parse_text
+from relaygate.delivery import mime_split
 from relaygate.delivery.graph import GRAPH_SCOPE, recipient_plan
+from relaygate.delivery.mime_split import DECODE_PIECE_OCTETS
 from relaygate.delivery.routing import explain_route
 from relaygate.logs.tracking import search
 from relaygate.queue.model import RecipientStatus
@@ -2134,8 +2137,27 @@ print(json.dumps({"worst": worst, "worst_data": worst_data, "sent": sent}))
 """
 
 
+def _record_base64_decodes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(thread, input length) of every base64 decode mime_split makes from now on."""
+    calls: list[tuple[int, int]] = []
+
+    def a2b_base64(data: Any) -> bytes:
+        calls.append((threading.get_ident(), len(data)))
+        return binascii.a2b_base64(data)
+
+    recording = types.SimpleNamespace(
+        a2b_base64=a2b_base64, a2b_qp=binascii.a2b_qp, Error=binascii.Error
+    )
+    monkeypatch.setattr(mime_split, "binascii", recording)
+    return calls
+
+
 async def test_a_big_attachment_s_decode_does_not_stall_the_relay_s_other_sessions(
-    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+    graph: FakeGraph,
+    entra: FakeEntra,
+    ca_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A 120 MB scan (a 90 MB PDF) goes through Graph while an SMTP client sends small messages
     to the same relay: decoding the PDF's base64 (~0.4 s in one binascii call, which keeps the
@@ -2149,6 +2171,8 @@ async def test_a_big_attachment_s_decode_does_not_stall_the_relay_s_other_sessio
         return None
 
     graph.script = script
+    decodes = _record_base64_decodes(monkeypatch)
+    loop_thread = threading.get_ident()
     pdf = pdf_like(90_000_000)
     data = scan_message(pdf)
     assert len(data) > 120_000_000
@@ -2189,11 +2213,17 @@ async def test_a_big_attachment_s_decode_does_not_stall_the_relay_s_other_sessio
         )
         assert result["sent"] >= 3
         print(f"largest loop stall {watch.worst:.3f} s, the probe's {result}")
-        # Before: 0.4 s and more (the decode); now ~0.05 s (0.1 on a machine whose two CPUs
-        # run eight processes). DATA's bound leaves room for the fsync of the queue too.
-        assert watch.worst < 0.2, watch.worst
-        assert result["worst"] < 0.2, result
-        assert result["worst_data"] < 0.5, result
+        # How: the attachment is decoded off the loop's thread, a piece at a time (a single
+        # binascii call keeps the GIL for its whole input). This holds whatever the machine's load.
+        assert decodes, "the attachment was not decoded through mime_split"
+        assert max(size for _, size in decodes) <= DECODE_PIECE_OCTETS + 4, decodes[:5]
+        assert not [d for d in decodes if d[0] == loop_thread and d[1] > 64 * 1024]
+        # What it buys: before, the loop stalled 0.37-0.55 s (the decode) on a quiet machine; now
+        # ~0.05 s there, 0.25 s on two CPUs running the suite beside six other test runs. DATA's
+        # bound leaves room for the fsync of the queue too.
+        assert watch.worst < 0.35, watch.worst
+        assert result["worst"] < 0.35, result
+        assert result["worst_data"] < 0.6, result
     finally:
         go.set()
         stop.touch()
