@@ -36,6 +36,7 @@ from relaygate.queue.store import (
     open_store,
 )
 from tests.queue.test_store_contract import DONE, QID, env
+from tests.support.proc_io import bytes_read
 
 
 @pytest.fixture
@@ -403,6 +404,28 @@ async def test_a_damaged_or_missing_spool_file_is_corrupt_not_wrong_bytes(
     path.unlink()
     with pytest.raises(CorruptMessageError, match="unreadable"):
         await store.read_data(qid)
+
+
+async def test_the_head_of_a_spooled_message_is_read_only_as_far_as_asked(
+    store: SqliteStore, db_path: Path
+) -> None:
+    """``read_head`` reads the spool file's first bytes, never the rest (a view of a 35 MB
+    message needs its header). The checksum covers the whole file: it cannot be checked on a
+    part, so a damage past the head does not stop the head being read; a missing file does."""
+    big = b"Subject: scan\r\n\r\n" + random.Random(3).randbytes(3_000_000)
+    qid = await store.submit(env(), big)
+    (name,) = spool_files(db_path)
+    path = db_path.parent / "spool" / name
+    await store.read_head(qid, 1000)  # the database's pages in its cache, as for any read
+    before = bytes_read()
+    assert await store.read_head(qid, 1000) == big[:1000]
+    read = bytes_read() - before
+    assert read < 64 * 1024, f"{read} bytes read for the first 1000 of 3 MB"
+    path.write_bytes(big[:-1] + b"!")
+    assert await store.read_head(qid, 1000) == big[:1000]
+    path.unlink()
+    with pytest.raises(CorruptMessageError, match="unreadable"):
+        await store.read_head(qid, 1000)
 
 
 async def test_remove_and_purge_delete_the_spool_file(store: SqliteStore, db_path: Path) -> None:

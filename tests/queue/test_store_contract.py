@@ -89,6 +89,19 @@ async def test_round_trip_is_byte_identical(store: Store) -> None:
         assert msg is not None and msg.size == len(data) and msg.message_id == f"<{name}@t>"
 
 
+async def test_read_head_is_the_first_bytes_of_the_message(store: Store) -> None:
+    """The view of one message reads its header only (``read_head``): the first ``limit`` bytes
+    as stored, all of a shorter message, in each engine and from a spool file alike."""
+    ids = {name: await store.submit(env(), data) for name, data in PAYLOADS.items()}
+    for name, data in PAYLOADS.items():
+        for limit in (0, 1, 17, 64 * 1024, len(data), len(data) + 100):
+            got = await store.read_head(ids[name], limit)
+            assert type(got) is bytes
+            assert got == data[:limit], (name, limit)
+    with pytest.raises(ValueError, match="read_head limit"):
+        await store.read_head(ids["nul"], -1)
+
+
 async def test_submit_accepts_bytearray_and_memoryview(store: Store) -> None:
     a = await store.submit(env(), bytearray(b"abc\x00"))
     b = await store.submit(env(), memoryview(b"xyz\r"))
@@ -367,6 +380,7 @@ async def test_unknown_ids(store: Store) -> None:
     assert await store.get("0000000000000000") is None
     for call in (
         store.read_data("0000000000000000"),
+        store.read_head("0000000000000000", 100),
         store.set_flags("0000000000000000", suspended=True),
         store.retry_now("0000000000000000"),
     ):

@@ -78,6 +78,21 @@ class Spool:
         """The bytes of spool file `name`; ``FileNotFoundError`` if it is gone."""
         return (self.directory / _checked(name)).read_bytes()
 
+    def read_head(self, name: str, limit: int) -> bytes:
+        """The first `limit` bytes of spool file `name` (fewer when it is shorter), without reading
+        further: unbuffered reads of what is still missing, never a buffer-full past `limit`.
+        ``FileNotFoundError`` if it is gone. Blocking: run it in a thread."""
+        parts: list[bytes] = []
+        missing = limit
+        with open(self.directory / _checked(name), "rb", buffering=0) as f:
+            while missing > 0:
+                part = f.read(missing)
+                if not part:
+                    break
+                parts.append(part)
+                missing -= len(part)
+        return b"".join(parts)
+
     def unlink(self, names: Iterable[str]) -> None:
         """Remove spool files whose rows are gone (already committed). Missing files are fine."""
         for name in names:

@@ -92,6 +92,7 @@ from .store import (
     StoreFullError,
     StoreOutcomeUnknownError,
     check_after,
+    check_head_limit,
     open_store,
 )
 
@@ -1320,6 +1321,30 @@ class SqliteStore(Store):
             if hashlib.sha256(data).digest() != digest:
                 raise CorruptMessageError(f"message {queue_id}: stored bytes fail their checksum")
             return bytes(data)
+
+        return await self._read(run)
+
+    async def read_head(self, queue_id: str, limit: int) -> bytes:
+        check_head_limit(limit)
+
+        def run(conn: sqlite3.Connection) -> bytes:
+            # substr on a BLOB counts bytes. A spooled message's row holds b"" and its file
+            # is read only as far as `limit`. No checksum: it covers the whole message.
+            row = conn.execute(
+                "SELECT substr(data, 1, ?), spool FROM message_data WHERE queue_id = ?",
+                (limit, queue_id),
+            ).fetchone()
+            if row is None:
+                raise KeyError(queue_id)
+            head, spool_name = row
+            if spool_name is None:
+                return bytes(head or b"")  # substr of an empty blob is NULL
+            try:
+                return self._spool.read_head(spool_name, limit)
+            except (OSError, ValueError) as exc:
+                raise CorruptMessageError(
+                    f"message {queue_id}: spool file {spool_name} unreadable: {exc}"
+                ) from exc
 
         return await self._read(run)
 

@@ -18,9 +18,9 @@ Contract highlights
   A lease held by ``owner`` does not stop ``owner`` itself from leasing the message again
   (a restarted node with the same owner name recovers its in-flight messages at once); callers
   that lease repeatedly must keep track of what they already have in flight.
-* Unknown queue ids: ``get``/``remove`` return ``None``; ``read_data``, ``set_flags`` and
-  ``retry_now`` raise ``KeyError``; ``release`` and ``record_results`` are no-ops (the admin may
-  have removed the message while it was being delivered).
+* Unknown queue ids: ``get``/``remove`` return ``None``; ``read_data``, ``read_head``,
+  ``set_flags`` and ``retry_now`` raise ``KeyError``; ``release`` and ``record_results`` are
+  no-ops (the admin may have removed the message while it was being delivered).
 * Graph drafts (``save_graph_draft``) are durable on return, as every mutating call: a node that
   takes the message over after a crash finds them.
 * Send budgets (``reserve_send``) are shared by every client of one store: the workers of a node
@@ -58,6 +58,7 @@ __all__ = [
     "StoreOutcomeUnknownError",
     "ascii_lower",
     "check_after",
+    "check_head_limit",
     "open_store",
 ]
 
@@ -73,6 +74,13 @@ def check_after(after: str | None) -> str | None:
     if not _QUEUE_ID.match(text):
         raise ValueError(f"after must be a queue id (16 hex digits), not {after!r}")
     return text.upper()
+
+
+def check_head_limit(limit: int) -> None:
+    """The ``limit`` of ``read_head``: ``ValueError`` under 0 (SQL's substring would read a
+    negative length as something else in each engine)."""
+    if limit < 0:
+        raise ValueError(f"read_head limit must be 0 or more bytes, not {limit}")
 
 
 class StoreError(Exception):
@@ -143,6 +151,14 @@ class Store(Protocol):
     async def read_data(self, queue_id: str) -> bytes:
         """The message bytes exactly as submitted. ``KeyError`` if unknown,
         :class:`CorruptMessageError` if they fail their checksum."""
+        ...
+
+    async def read_head(self, queue_id: str, limit: int) -> bytes:
+        """The first ``limit`` bytes of the message (all of it when it is shorter), read without
+        reading the rest: what an admin's view of one message needs (its header), where a
+        message can be 35 MB. Not checked against the checksum, which covers the whole message
+        only: the bytes are as stored, corrupt or not. ``KeyError`` if unknown; ``ValueError``
+        for a ``limit`` under 0."""
         ...
 
     async def list_messages(
