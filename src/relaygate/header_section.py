@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["header_end", "with_empty_line"]
+__all__ = ["header_end", "header_of_head", "with_empty_line"]
 
 _HEADER_LINES = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\n]*(?:\n|\Z)(?:[ \t][^\n]*(?:\n|\Z))*)*")
 
@@ -20,6 +20,30 @@ def header_end(message: bytes) -> int:
     """The offset just past the header section's last line (0: no header at all)."""
     match = _HEADER_LINES.match(message)
     return match.end() if match else 0
+
+
+def header_of_head(head: bytes, *, whole: bool) -> bytes:
+    """The header section of a message of which ``head`` is the first bytes (``whole``: all of
+    them), as far as ``head`` shows its fields whole. When ``head`` ends inside the header, its
+    last field may go on past the cut, in the rest of its line or in a continuation line: it is
+    left out, so that no field is shown cut short (half a Subject would read as the Subject).
+    A line after the fields that is not one (the empty line, or a cut line such as ``X-Lo``)
+    means the fields before it are whole, whatever that line turns out to be."""
+    end = header_end(head)
+    if whole or end < len(head):
+        return head[:end]
+    return head[: _last_field_start(head, end)]
+
+
+def _last_field_start(head: bytes, end: int) -> int:
+    """Where the last field of the header ``head[:end]`` starts: its first line, the last one
+    that does not start with a space or a tab (a continuation)."""
+    start = end
+    while start > 0:
+        start = head.rfind(b"\n", 0, start - 1) + 1
+        if head[start : start + 1] not in (b" ", b"\t"):
+            return start
+    return 0
 
 
 def with_empty_line(message: bytes, linesep: bytes = b"\r\n") -> bytes:

@@ -8,6 +8,7 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relaygate.header_section import header_end, header_of_head
 from relaygate.queue.bounce import header_block, header_value
 
 
@@ -63,3 +64,43 @@ def test_header_value_drops_c0_and_c1_controls() -> None:
     """U+009B (CSI) in a UTF-8 Subject reached `relaygate queue show`'s terminal and NDRs as is."""
     message = "Subject: Scan\u009b31m red\u0085 \x1b[2J done\tok\r\n\r\nbody\r\n".encode()
     assert header_value(message, "Subject") == "Scan31m red [2J done\tok"
+
+
+def _field_starts(message: bytes) -> set[int]:
+    """Where the fields of the message's header start, and where the header ends."""
+    end = header_end(message)
+    starts = {0, end}
+    for at in range(end):
+        if message[at : at + 1] == b"\n" and message[at + 1 : at + 2] not in (b" ", b"\t"):
+            starts.add(at + 1)
+    return {at for at in starts if at <= end}
+
+
+@settings(max_examples=500, deadline=None)
+@given(_pieces, st.integers(min_value=0, max_value=400))
+def test_a_header_read_in_part_shows_whole_fields_only(parts: list[bytes], cut: int) -> None:
+    """The view of a message reads its first bytes only (``Store.read_head``): what it shows of
+    the header is whole fields of the whole message's header, never a field cut short, and the
+    whole header when the whole message was read."""
+    message = b"".join(parts)
+    head = message[:cut]
+    shown = header_of_head(head, whole=len(head) == len(message))
+    assert message.startswith(shown)
+    assert len(shown) in _field_starts(message)
+    if cut >= len(message):
+        assert shown == message[: header_end(message)]
+
+
+def test_a_subject_cut_by_the_limit_is_left_out_not_shown_in_part() -> None:
+    message = b"From: a@b.example\r\nSubject: Quarterly\r\n report\r\n\r\nbody\r\n"
+    cut_in_line = message[: message.index(b"terly")]
+    assert header_of_head(cut_in_line, whole=False) == b"From: a@b.example\r\n"
+    before_fold = message[: message.index(b" report")]  # " report" may follow, or not
+    assert header_of_head(before_fold, whole=False) == b"From: a@b.example\r\n"
+    before_empty_line = message[: message.index(b"\r\n\r\n") + 2]
+    assert header_of_head(before_empty_line, whole=False) == b"From: a@b.example\r\n"
+    with_empty_line = message[: message.index(b"\r\n\r\n") + 4]
+    assert header_value(header_of_head(with_empty_line, whole=False), "Subject") == (
+        "Quarterly report"
+    )
+    assert header_of_head(message[:-2], whole=True) == message[: header_end(message)]
