@@ -33,6 +33,7 @@ from tests.queue_manager.helpers import (
     start_sink,
     wait_for,
 )
+from tests.support.proc_io import bytes_read
 
 SENDER = "scanner@senders.test"
 MESSAGE = (
@@ -352,6 +353,41 @@ async def test_queue_list_and_show_print_device_and_server_text_verbatim(tmp_pat
         assert rc_show == 0, err_show
         assert "[/urgent] [daily] invoice" in shown
         assert "[/busy] [daily] try later" in shown
+    finally:
+        await relay.stop()
+        await sink.close()
+
+
+async def test_showing_a_big_message_reads_its_header_not_its_body(tmp_path: Path) -> None:
+    """Before, showing one message (GET /api/queue/{id}: Get-Message, the admin page, `relaygate
+    queue show`) read it whole, 20 MB from its spool file, for its Subject. Now as far as its
+    receive connector's max_header_size (256 KB) and the Received field's room (8 KB)."""
+    internet = ScriptedHandler(lambda _a, _n: "451 4.2.0 later")
+    sink = await start_sink(internet)
+    relay = await start_relay(
+        tmp_path / "data", {"*": sink.port}, queue={"transient_failure_retry_interval": "00:10:00"}
+    )
+    body = (b"x" * 998 + b"\r\n") * (20 * 1024 * 1024 // 1000)
+    message = MESSAGE.replace(b"Subject: Queue ops", b"Subject: Scan of 20 MB").replace(
+        b"\r\n\r\nbody\r\n", b"\r\n\r\n" + body
+    )
+    try:
+        code, _ = await send(relay, SENDER, ["bob@example.com"], message)
+        assert code == 250
+        async with httpx.AsyncClient(base_url=admin_url(relay)) as client:
+
+            async def retried() -> Any:
+                items = (await client.get("/api/queue", params={"status": "Retry"})).json()
+                return items["messages"]  # its attempt (which reads it) is over
+
+            (item,) = await wait_for(retried)
+            assert item["Size"] > 20_000_000
+            before = bytes_read()
+            shown = (await client.get(f"/api/queue/{item['QueueId']}")).json()
+            read = bytes_read() - before
+        assert shown["Subject"] == "Scan of 20 MB"
+        # the head read, and a little for the database's pages and the HTTP exchange
+        assert read <= (256 + 8 + 64) * 1024, f"{read} bytes read to show one message"
     finally:
         await relay.stop()
         await sink.close()

@@ -16,7 +16,6 @@ from typing import Any
 from relaygate import replies
 from relaygate.control.reads import MAX_LIST_LIMIT, MessageReads
 from relaygate.control.views import _FINAL_VIEW, Conflict, NotFound, message_view
-from relaygate.header_section import header_end
 from relaygate.queue.bounce import DsnRecipient
 from relaygate.queue.model import FINAL_STATUSES
 from relaygate.queue.store import AddressPattern, MessageInFlightError
@@ -74,13 +73,13 @@ class MessageOperations(MessageReads):
         msg = await self._get(identity)
         data = b""
         if with_ndr:
+            # The NDR and the tracking log read the header only: the body (a 30 MB scan) is
+            # neither read nor kept while the removal and the NDR wait for the store (a bulk
+            # runs 64 at once).
             try:
-                data = await self.store.read_data(msg.queue_id)
+                data = await self._read_header(msg)
             except Exception:
                 data = b""
-            # The NDR and the tracking log read the header only: the body (a 30 MB scan) is
-            # not kept while the removal and the NDR wait for the store (a bulk runs 64 at once).
-            data = data[: header_end(data)]
         try:
             # Not while an attempt is under way: it could still deliver the message after the
             # sender was told it was deleted. Exchange marks it PendingRemove; here the admin is

@@ -10,12 +10,14 @@ its own so that it can be read, and tested, without a store or a running node.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from datetime import UTC, datetime
 from typing import Any
 
 from relaygate import replies
+from relaygate.config.model import ReceiveConnector
 from relaygate.delivery.routing import DELIVERY_UNREACHABLE, explain_route
 from relaygate.queue.bounce import header_value
 from relaygate.queue.model import (
@@ -31,6 +33,7 @@ __all__ = [
     "MESSAGE_STATUSES",
     "Conflict",
     "NotFound",
+    "header_read_limit",
     "iso_time",
     "message_status",
     "message_view",
@@ -50,6 +53,19 @@ MESSAGE_STATUSES = (
 )
 
 _QUEUE_ID = re.compile(r"^[0-9A-F]{16}$")
+
+
+#: A receive connector's max_header_size when the message's connector is no longer configured
+#: (or it was made here: an NDR): the default, 256 KB.
+_DEFAULT_MAX_HEADER = next(
+    int(f.default)
+    for f in dataclasses.fields(ReceiveConnector)
+    if f.name == "max_header_size" and isinstance(f.default, int)
+)
+#: Room for the Received field the receiving session puts above the header it measured against
+#: max_header_size (`relaygate.smtp.message.received_header`: a HELO of up to 255 characters,
+#: the FQDN, the connector's name, the recipient).
+_RECEIVED_ROOM = 8 * 1024
 
 
 class NotFound(LookupError):
@@ -87,6 +103,16 @@ def queue_name(identity: str, server: str) -> str:
             f"such as [10.0.0.5]) or Unreachable, optionally as {server}\\NAME"
         )
     return DELIVERY_UNREACHABLE if text.lower() == DELIVERY_UNREACHABLE.lower() else text
+
+
+def header_read_limit(msg: StoredMessage, config: Any) -> int:
+    """How many bytes of the message to read for its header (``Store.read_head``): the most
+    header its receive connector accepts (max_header_size, as configured now) and the Received
+    field added above it. A header the relay accepted is then whole in it, unless the limit was
+    lowered since (``header_of_head`` leaves out the field that the cut would show in part)."""
+    connector = config.connector(msg.connector) if msg.connector else None
+    most = connector.max_header_size if connector is not None else _DEFAULT_MAX_HEADER
+    return int(most) + _RECEIVED_ROOM
 
 
 def _recipient_queue(r: dict[str, Any]) -> tuple[str, str, str]:
