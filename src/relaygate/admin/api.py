@@ -144,6 +144,7 @@ __all__ = [
     "MetricsCollector",
     "TokenFileError",
     "create_app",
+    "guess_key",
     "health_report",
     "read_token",
     "token_mode_warning",
@@ -244,14 +245,39 @@ def _is_ip(text: str) -> bool:
     return True
 
 
-#: Wrong tokens (the API's bearer token, the admin centre's sign-in) one client address may try
-#: in a minute; past them every attempt from it, right or wrong, gets 429 until the minute has
+#: Wrong tokens (the API's bearer token, the admin centre's sign-in) one client may try in a
+#: minute; past them every attempt from it, right or wrong, gets 429 until the minute has
 #: passed. With the listener reachable from the network the token is all that guards the queue.
+#: A client is its address, an IPv6 one its /64 (`guess_key`).
 TOKEN_GUESS_LIMIT = 10
+
+#: The IPv6 prefix one client is counted by: a /64 is one network, one subscriber's or one
+#: host's (SLAAC, privacy addresses), and whoever has one has 2^64 addresses to guess from.
+_IPV6_CLIENT_PREFIX = 64
+_IPV6_HOST_BITS = 128 - _IPV6_CLIENT_PREFIX
+
+
+def guess_key(client: str) -> str:
+    """Whose wrong tokens ``client`` (the address the listener reports) counts towards: an
+    IPv4 address itself; an IPv6 address its /64 (``2001:db8:1:2::/64``), else ten guesses a
+    minute from each of its addresses would be 2^64 times ten; an IPv4-mapped IPv6 address (an
+    IPv4 client of a dual-stack listener) the IPv4 address, as it counts when it comes over
+    IPv4. Anything that is not an address (no client at all: "") is its own key."""
+    try:
+        ip = ipaddress.ip_address(client)
+    except ValueError:
+        return client
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        network = ipaddress.IPv6Address(int(ip) >> _IPV6_HOST_BITS << _IPV6_HOST_BITS)
+        return f"{network}/{_IPV6_CLIENT_PREFIX}"
+    return str(ip)
 
 
 class TokenGuesses:
-    """Wrong API tokens per client address over a sliding minute (see TOKEN_GUESS_LIMIT)."""
+    """Wrong API tokens per client over a sliding minute (see TOKEN_GUESS_LIMIT): the methods
+    take the client's address as the listener reports it, and count it by ``guess_key``."""
 
     WINDOW = 60.0
 
@@ -260,14 +286,16 @@ class TokenGuesses:
         self._window = SlidingWindow(self.WINDOW)
 
     def blocked(self, client: str) -> bool:
-        return self._window.count(client, time.monotonic()) >= self.limit
+        return self._window.count(guess_key(client), time.monotonic()) >= self.limit
 
     def wrong(self, client: str) -> None:
-        self._window.add(client, time.monotonic())
+        self._window.add(guess_key(client), time.monotonic())
 
 
 def too_many_guesses() -> JSONResponse:
-    response = _error(429, "too many wrong API tokens from this address: wait a minute")
+    response = _error(
+        429, "too many wrong API tokens from this address (or its IPv6 /64): wait a minute"
+    )
     response.headers["Retry-After"] = str(int(TokenGuesses.WINDOW))
     return response
 
@@ -291,7 +319,7 @@ class _Guard:
 
     def _check_token(self, scope: Scope, given: str) -> Response | None:
         """None when ``given`` (the Authorization header) carries the token; else the answer:
-        429 after too many wrong tokens from the client's address, 401 otherwise. Without a
+        429 after too many wrong tokens from the client (``guess_key``), 401 otherwise. Without a
         token configured nothing can match (``metrics_require_token`` is refused without one
         by validation; should it get here anyway, /metrics stays closed)."""
         client = (scope.get("client") or ("", 0))[0]

@@ -704,7 +704,7 @@ async def login_submit(request: Request) -> Response:
     guesses = request.app.state.token_guesses
     client = request.client.host if request.client else ""
     if guesses.blocked(client):
-        error = "too many wrong tokens from this address: wait a minute"
+        error = "too many wrong tokens from this address (or its IPv6 /64): wait a minute"
         response = render(request, "login.html", {"error": error}, 429)
         response.headers["Retry-After"] = str(int(guesses.WINDOW))
         return response

@@ -1,0 +1,122 @@
+"""The wrong-token limit (``TokenGuesses``: ten a minute, then 429) counts an IPv6 client by its
+/64, not by its address: whoever has a /64 (any subscriber, any SLAAC host) has 2^64 addresses,
+each of which had its own ten guesses a minute. An IPv4-mapped address (an IPv4 client of a
+dual-stack listener) counts as the IPv4 address. The API's bearer token and the admin centre's
+sign-in count together, by the same key.
+
+Only ::1 can be bound here, so the addresses of one /64 are the ASGI app's client addresses (what
+uvicorn puts in the scope), and the real listener on [::1] is shown to count ::1 with the rest
+of ::/64."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from relaygate.admin.api import TOKEN_GUESS_LIMIT, create_app, guess_key
+from relaygate.app import Relay
+from relaygate.config import parse_text
+from tests.queue_manager.helpers import free_port, make_config_text, start_relay
+
+TOKEN = "gu3ss-me-if-you-can"
+RIGHT = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def test_an_ipv6_client_is_counted_by_its_64_and_an_ipv4_one_by_its_address() -> None:
+    assert guess_key("2001:db8:1:2::a") == "2001:db8:1:2::/64"
+    assert guess_key("2001:db8:1:2:ffff:ffff:ffff:ffff") == "2001:db8:1:2::/64"
+    assert guess_key("2001:DB8:1:2:0:0:0:B") == "2001:db8:1:2::/64"  # any spelling
+    assert guess_key("2001:db8:1:3::a") == "2001:db8:1:3::/64"
+    assert guess_key("fe80::1%eth0") == "fe80::/64"  # a zone does not make another client
+    assert guess_key("::1") == "::/64"
+    assert guess_key("192.0.2.7") == "192.0.2.7"
+    assert guess_key("192.0.2.8") == "192.0.2.8"
+    assert guess_key("::ffff:192.0.2.7") == "192.0.2.7"  # as if it had come over IPv4
+    assert guess_key("") == ""  # no client address (a Unix socket): its own key
+
+
+def _client(app: object, address: str) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, client=(address, 40000))  # type: ignore[arg-type]
+    return httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1")
+
+
+async def test_wrong_tokens_from_one_ipv6_64_are_counted_together(tmp_path: Path) -> None:
+    """Before, each address of the /64 had ten guesses a minute of its own: the eleventh
+    address still got 401 (a guess), and the right token from it got in."""
+    relay = await start_relay(tmp_path / "data", {"*": free_port()})
+    app = create_app(relay, token=TOKEN)
+    origin = {"Origin": "http://127.0.0.1"}
+    guessers = [_client(app, f"2001:db8:1:2::{n:x}") for n in range(1, TOKEN_GUESS_LIMIT + 1)]
+    neighbour = _client(app, "2001:db8:1:2:8000::1")  # same /64, not one of the guessers
+    login_neighbour = _client(app, "2001:db8:1:2:9000::1")
+    other = _client(app, "2001:db8:1:3::1")  # the next /64
+    mapped = _client(app, "::ffff:192.0.2.7")
+    ipv4 = _client(app, "192.0.2.7")
+    try:
+        for n, guesser in enumerate(guessers):  # one guess each, half of them on the sign-in page
+            if n % 2:
+                wrong = await guesser.post("/login", data={"token": f"guess{n}"}, headers=origin)
+            else:
+                wrong = await guesser.get("/api/queue", headers={"Authorization": f"Bearer g{n}"})
+            assert wrong.status_code == 401, (n, wrong.text)
+        blocked = await neighbour.get("/api/queue", headers=RIGHT)
+        assert blocked.status_code == 429, blocked.text
+        assert "IPv6 /64" in blocked.json()["error"]
+        page = await login_neighbour.post("/login", data={"token": TOKEN}, headers=origin)
+        assert page.status_code == 429 and "too many wrong tokens" in page.text
+        assert (await other.get("/api/queue", headers=RIGHT)).status_code == 200
+
+        # ::ffff:192.0.2.7 and 192.0.2.7 are one client, whichever way it comes
+        for n in range(TOKEN_GUESS_LIMIT):
+            wrong = await mapped.get("/api/queue", headers={"Authorization": f"Bearer m{n}"})
+            assert wrong.status_code == 401
+        assert (await ipv4.get("/api/queue", headers=RIGHT)).status_code == 429
+    finally:
+        for client in (*guessers, neighbour, login_neighbour, other, mapped, ipv4):
+            await client.aclose()
+        await relay.stop()
+
+
+async def _relay_on_ipv6_loopback(tmp_path: Path) -> Relay:
+    """A relay whose admin listener is [::1] (start_relay's is 127.0.0.1), with a token file."""
+    token_file = tmp_path / "api-token"
+    token_file.write_text(TOKEN + "\n", encoding="utf-8")
+    admin_port = free_port()
+    text = make_config_text(
+        tmp_path / "data",
+        smtp_port=free_port(),
+        admin_port=admin_port,
+        routes={"*": free_port()},
+        admin_extra=f'api_token_file = "{token_file}"',
+    )
+    listen = f'listen = "127.0.0.1:{admin_port}"'
+    assert listen in text
+    relay = Relay(parse_text(text.replace(listen, f'listen = "[::1]:{admin_port}"'), "<test>"))
+    await relay.start()
+    return relay
+
+
+async def test_the_ipv6_listener_counts_its_client_with_the_rest_of_its_64(
+    tmp_path: Path,
+) -> None:
+    """Over a real connection to [::1]: nine wrong tokens from ::2 (the same /64, which cannot
+    be bound here: counted as the listener would report it) and one from ::1 itself are ten,
+    and ::1 is refused even with the right token. Before, ::1 had guessed once and got in."""
+    relay = await _relay_on_ipv6_loopback(tmp_path)
+    try:
+        assert relay.admin is not None and relay.admin.app is not None
+        url = str(relay.admin.url)
+        assert url.startswith("http://[::1]:"), url
+        guesses = relay.admin.app.state.token_guesses
+        for _ in range(TOKEN_GUESS_LIMIT - 1):
+            guesses.wrong("::2")
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            assert (await client.get("/api/queue", headers=RIGHT)).status_code == 200
+            wrong = await client.get("/api/queue", headers={"Authorization": "Bearer nope"})
+            assert wrong.status_code == 401
+            blocked = await client.get("/api/queue", headers=RIGHT)
+            assert blocked.status_code == 429, blocked.text
+            assert blocked.headers["retry-after"] == "60"
+    finally:
+        await relay.stop()
