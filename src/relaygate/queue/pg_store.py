@@ -83,7 +83,7 @@ from .store import (
     StoreFullError,
     StoreOutcomeUnknownError,
     check_after,
-    check_head_limit,
+    sql_head_limit,
 )
 
 __all__ = ["PostgresStore", "redact_url"]
@@ -1020,7 +1020,7 @@ class PostgresStore(Store):
         return await self._tx(run, readonly=True)
 
     async def read_head(self, queue_id: str, limit: int) -> bytes:
-        check_head_limit(limit)
+        length = sql_head_limit(limit)
 
         async def run(conn: Conn) -> bytes:
             # substring of a toasted bytea fetches the chunks the slice needs (decompressing a
@@ -1028,7 +1028,7 @@ class PostgresStore(Store):
             # the whole message.
             cur = await conn.execute(
                 "SELECT substring(data FROM 1 FOR %s) FROM message_data WHERE queue_id = %s",
-                (limit, queue_id),
+                (length, queue_id),
                 binary=True,
             )
             row = await cur.fetchone()

@@ -92,8 +92,8 @@ from .store import (
     StoreFullError,
     StoreOutcomeUnknownError,
     check_after,
-    check_head_limit,
     open_store,
+    sql_head_limit,
 )
 
 __all__ = ["SqliteStore", "open_store"]
@@ -1325,14 +1325,14 @@ class SqliteStore(Store):
         return await self._read(run)
 
     async def read_head(self, queue_id: str, limit: int) -> bytes:
-        check_head_limit(limit)
+        length = sql_head_limit(limit)
 
         def run(conn: sqlite3.Connection) -> bytes:
             # substr on a BLOB counts bytes. A spooled message's row holds b"" and its file
             # is read only as far as `limit`. No checksum: it covers the whole message.
             row = conn.execute(
                 "SELECT substr(data, 1, ?), spool FROM message_data WHERE queue_id = ?",
-                (limit, queue_id),
+                (length, queue_id),
             ).fetchone()
             if row is None:
                 raise KeyError(queue_id)

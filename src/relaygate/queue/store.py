@@ -58,8 +58,8 @@ __all__ = [
     "StoreOutcomeUnknownError",
     "ascii_lower",
     "check_after",
-    "check_head_limit",
     "open_store",
+    "sql_head_limit",
 ]
 
 _QUEUE_ID = re.compile(r"^[0-9A-Fa-f]{16}$")
@@ -76,11 +76,18 @@ def check_after(after: str | None) -> str | None:
     return text.upper()
 
 
-def check_head_limit(limit: int) -> None:
-    """The ``limit`` of ``read_head``: ``ValueError`` under 0 (SQL's substring would read a
-    negative length as something else in each engine)."""
+#: The longest length SQL's substr (SQLite) / substring (PostgreSQL) takes: a 32-bit integer
+#: (SQLite reads a longer one as something else, PostgreSQL has no bigint form). No message in
+#: either database is longer: their blobs and bytea values stop at 1 GB.
+_SQL_LENGTH_MAX = 2**31 - 1
+
+
+def sql_head_limit(limit: int) -> int:
+    """The ``limit`` of ``read_head`` as a length for SQL: ``ValueError`` under 0, at most
+    _SQL_LENGTH_MAX (max_header_size may be up to 2 GB, and room is added to it)."""
     if limit < 0:
         raise ValueError(f"read_head limit must be 0 or more bytes, not {limit}")
+    return min(limit, _SQL_LENGTH_MAX)
 
 
 class StoreError(Exception):
