@@ -173,7 +173,8 @@ def message_view(
     now: float | None = None,
     data: bytes | None = None,
 ) -> dict[str, Any]:
-    """A message as the API returns it (``data``, when given, adds Subject and headers)."""
+    """A message as the API returns it. ``data``, when given (the header section, or the whole
+    message), adds the Subject and the envelope's HELO, AUTH user and lease."""
     now = time.time() if now is None else now
     server = str(config.server.name)
     schedule = RetrySchedule.from_config(config.queue)
