@@ -294,7 +294,7 @@ def schema_numbers(url: str) -> tuple[int, int]:
 async def test_a_queue_of_the_previous_release_is_upgraded_in_place(postgres_url: str) -> None:
     """A queue of the release before send budgets (version 1, no send_log, no layout column):
     its messages stay, send_log and graph_drafts are added, and its version stays 1, so nodes of
-    that release can still open it (both are additive: only the layout goes to 3;
+    that release can still open it (both are additive: only the layout goes to 4;
     test_schema_compat.py runs that release)."""
     async with PostgresStore(postgres_url) as store:
         qid = await store.submit(env("a@x.example"), b"kept")
@@ -309,11 +309,47 @@ async def test_a_queue_of_the_previous_release_is_upgraded_in_place(postgres_url
         assert await store.reserve_send("m365", 1000.0, 1, limit) is None
         assert await store.reserve_send("m365", 1001.0, 1, limit) == SendWait(1060.0, limit[0])
         await store.save_graph_draft(qid, "r", GraphDraft("m@x.example", "d1"))
-    assert schema_numbers(postgres_url) == (1, 3)
+    assert schema_numbers(postgres_url) == (1, 4)
     async with PostgresStore(postgres_url) as store:  # again, with the tables there
         assert await store.reserve_send("m365", 1002.0, 1, limit) == SendWait(1060.0, limit[0])
         assert await store.graph_draft(qid, "r") == GraphDraft("m@x.example", "d1")
-    assert schema_numbers(postgres_url) == (1, 3)
+    assert schema_numbers(postgres_url) == (1, 4)
+
+
+async def test_a_layout_3_queue_gets_graph_drafts_message_id_and_its_release_still_writes(
+    postgres_url: str,
+) -> None:
+    """A queue of the release before graph_drafts.message_id (layout 3): the column is added
+    (its records read with no Message-ID), the version stays, and that release's upsert, which
+    does not name the column, still works."""
+    async with PostgresStore(postgres_url) as store:
+        qid = await store.submit(env("a@x.example"), b"kept")
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE graph_drafts DROP COLUMN message_id")
+        conn.execute("UPDATE relaygate_schema SET layout = 3")
+        conn.execute(
+            "INSERT INTO graph_drafts (queue_id, route, mailbox, draft_id, sending) "
+            "VALUES (%s, 'old', 'm@x.example', 'd0', true)",
+            (qid,),
+        )
+    async with PostgresStore(postgres_url) as store:
+        assert await store.graph_draft(qid, "old") == GraphDraft("m@x.example", "d0", True)
+        await store.save_graph_draft(qid, "r", GraphDraft("m@x.example", "", True, "<a@x.example>"))
+    assert schema_numbers(postgres_url) == (pg_store_mod.SCHEMA_VERSION, 4)
+    with psycopg.connect(postgres_url, autocommit=True) as conn:  # the layout 3 release's write
+        conn.execute(
+            "INSERT INTO graph_drafts (queue_id, route, mailbox, draft_id, sending) "
+            "SELECT %s, 'r2', 'm@x.example', 'd2', false "
+            "ON CONFLICT (queue_id, route) DO UPDATE SET mailbox = excluded.mailbox, "
+            "draft_id = excluded.draft_id, sending = excluded.sending",
+            (qid,),
+        )
+    async with PostgresStore(postgres_url) as store:
+        assert await store.graph_drafts(qid) == {
+            "old": GraphDraft("m@x.example", "d0", True),
+            "r": GraphDraft("m@x.example", "", True, "<a@x.example>"),
+            "r2": GraphDraft("m@x.example", "d2"),
+        }
 
 
 async def test_a_newer_additive_layout_is_used_as_it_is(postgres_url: str) -> None:

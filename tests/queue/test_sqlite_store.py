@@ -565,7 +565,7 @@ async def test_a_version_1_queue_is_upgraded_in_place(db_path: Path) -> None:
     async with SqliteStore(db_path) as s:
         qid = await s.submit(env(), b"v" * 100_000)
         assert await s.read_data(qid) == b"v" * 100_000
-    assert schema_numbers(db_path) == (2, 4)
+    assert schema_numbers(db_path) == (2, 5)
 
 
 def schema_numbers(db_path: Path) -> tuple[int, int]:
@@ -582,7 +582,7 @@ def schema_numbers(db_path: Path) -> tuple[int, int]:
 async def test_a_queue_of_the_previous_release_is_upgraded_in_place(db_path: Path) -> None:
     """A queue of the release before send budgets (version 2, no send_log, no layout): its
     messages stay, send_log and graph_drafts are added, and its version stays 2, so that release
-    can still open it (both are additive: only the layout goes to 4; test_schema_compat.py runs that release)."""
+    can still open it (both are additive: only the layout goes to 5; test_schema_compat.py runs that release)."""
     async with SqliteStore(db_path) as s:
         qid = await s.submit(env("a@x.example"), b"kept")
     conn = sqlite3.connect(db_path)
@@ -597,11 +597,53 @@ async def test_a_queue_of_the_previous_release_is_upgraded_in_place(db_path: Pat
         assert await s.reserve_send("m365", 1000.0, 1, limit) is None
         assert await s.reserve_send("m365", 1001.0, 1, limit) == SendWait(1060.0, limit[0])
         await s.save_graph_draft(qid, "r", GraphDraft("m@x.example", "d1"))
-    assert schema_numbers(db_path) == (2, 4)
+    assert schema_numbers(db_path) == (2, 5)
     async with SqliteStore(db_path) as s:  # again, with the tables there: nothing changes
         assert await s.reserve_send("m365", 1002.0, 1, limit) == SendWait(1060.0, limit[0])
         assert await s.graph_draft(qid, "r") == GraphDraft("m@x.example", "d1")
-    assert schema_numbers(db_path) == (2, 4)
+    assert schema_numbers(db_path) == (2, 5)
+
+
+async def test_a_layout_4_queue_gets_graph_drafts_message_id_and_its_release_still_writes(
+    db_path: Path,
+) -> None:
+    """A queue of the release before graph_drafts.message_id (layout 4): the column is added
+    (its records read with no Message-ID), the version stays, and that release's INSERT, which
+    does not name the column, still works."""
+    async with SqliteStore(db_path) as s:
+        qid = await s.submit(env("a@x.example"), b"kept")
+    conn = sqlite3.connect(db_path)
+    conn.executescript(
+        "DROP TABLE graph_drafts; CREATE TABLE graph_drafts (queue_id TEXT NOT NULL "
+        "REFERENCES messages (queue_id) ON DELETE CASCADE, route TEXT NOT NULL, mailbox TEXT "
+        "NOT NULL, draft_id TEXT NOT NULL, sending INTEGER NOT NULL, PRIMARY KEY (queue_id, "
+        "route)) WITHOUT ROWID; UPDATE relaygate_schema SET layout = 4;"
+    )
+    conn.execute(
+        "INSERT INTO graph_drafts (queue_id, route, mailbox, draft_id, sending) "
+        "VALUES (?, 'old', 'm@x.example', 'd0', 1)",
+        (qid,),
+    )
+    conn.commit()
+    conn.close()
+    async with SqliteStore(db_path) as s:
+        assert await s.graph_draft(qid, "old") == GraphDraft("m@x.example", "d0", True)
+        await s.save_graph_draft(qid, "r", GraphDraft("m@x.example", "", True, "<a@x.example>"))
+    assert schema_numbers(db_path) == (sqlite_store.SCHEMA_VERSION, 5)
+    conn = sqlite3.connect(db_path)  # the layout 4 release's write
+    conn.execute(
+        "INSERT OR REPLACE INTO graph_drafts (queue_id, route, mailbox, draft_id, sending) "
+        "SELECT ?, 'r2', 'm@x.example', 'd2', 0",
+        (qid,),
+    )
+    conn.commit()
+    conn.close()
+    async with SqliteStore(db_path) as s:
+        assert await s.graph_drafts(qid) == {
+            "old": GraphDraft("m@x.example", "d0", True),
+            "r": GraphDraft("m@x.example", "", True, "<a@x.example>"),
+            "r2": GraphDraft("m@x.example", "d2"),
+        }
 
 
 async def test_a_newer_additive_layout_is_used_as_it_is(db_path: Path) -> None:

@@ -627,7 +627,8 @@ async def test_a_graph_draft_is_recorded_durably_per_route_and_goes_with_its_mes
     new_store: Callable[[], Store],
 ) -> None:
     """save_graph_draft / graph_draft: one record per (message, route), replaced, forgotten,
-    there after a restart, gone with the message; an unknown queue id is a no-op."""
+    there after a restart (a sendMail's Message-ID too), gone with the message; an unknown queue
+    id is a no-op."""
     store = new_store()
     await store.open()
     try:
@@ -640,6 +641,9 @@ async def test_a_graph_draft_is_recorded_durably_per_route_and_goes_with_its_mes
             qid, "Graph M365\na@x.example", GraphDraft("mb@x", "d1", sending=True)
         )
         await store.save_graph_draft(other, "Graph M365\nc@x.example", GraphDraft("mb@x", "d3"))
+        # a plain sendMail in flight: no draft, the Message-ID to look it up by
+        sendmail = GraphDraft("mb@x", "", sending=True, message_id="<o'b+1@x.example>")
+        await store.save_graph_draft(other, "Graph M365\nd@x.example", sendmail)
         await store.save_graph_draft("0123456789ABCDEF", "r", GraphDraft("mb@x", "d4"))
         assert await store.graph_draft("0123456789ABCDEF", "r") is None
     finally:
@@ -662,6 +666,9 @@ async def test_a_graph_draft_is_recorded_durably_per_route_and_goes_with_its_mes
         assert await store.remove(qid) is not None
         assert await store.graph_draft(qid, "Graph M365\na@x.example") is None
         assert await store.graph_draft(other, "Graph M365\nc@x.example") == GraphDraft("mb@x", "d3")
+        assert await store.graph_draft(other, "Graph M365\nd@x.example") == GraphDraft(
+            "mb@x", "", sending=True, message_id="<o'b+1@x.example>"
+        )
     finally:
         await store.close()
 

@@ -241,13 +241,17 @@ class GraphDraft:
     """A Microsoft Graph draft an attempt made for one route of a message
     (``Store.save_graph_draft``): what the next attempt must resolve before it makes another.
 
-    mailbox: the mailbox the draft is in; draft_id: its id there.
-    sending: ``POST .../send`` was (or was about to be) requested: Graph may have sent it.
+    mailbox: the mailbox the draft is in; draft_id: its id there ("": no draft, a plain
+    ``sendMail`` of the message was (or was about to be) requested).
+    sending: ``POST .../send`` (or the sendMail) was (or was about to be) requested: Graph may
+    have sent it.
+    message_id: the message's Message-ID ("" for none), for looking it up in Sent Items.
     """
 
     mailbox: str
     draft_id: str
     sending: bool = False
+    message_id: str = ""
 
 
 def message_status(suspended: bool, statuses: list[RecipientStatus]) -> RecipientStatus:

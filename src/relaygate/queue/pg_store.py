@@ -99,8 +99,9 @@ SCHEMA_VERSION = 1
 #: relaygate_schema.layout: 1 (what version 1 meant before the split), 2: send_log (send
 #: connectors' pacing limits; additive: a release without it simply does not pace), 3:
 #: graph_drafts (the Graph drafts an attempt left to resolve; additive: a release without it makes
-#: a new draft, as it did).
-SCHEMA_LAYOUT = 3
+#: a new draft, as it did), 4: graph_drafts.message_id (a plain sendMail in flight is recorded
+#: too; additive: a release without it leaves it '' and never records a sendMail).
+SCHEMA_LAYOUT = 4
 #: Any fixed number: taken with pg_advisory_xact_lock while the schema is created, so that nodes
 #: starting together do not race on CREATE TABLE IF NOT EXISTS (which is not concurrency-safe).
 _SCHEMA_LOCK = 0x52_47_51_31  # "RGQ1"
@@ -172,8 +173,16 @@ CREATE TABLE IF NOT EXISTS graph_drafts (
     mailbox  text NOT NULL,
     draft_id text NOT NULL,
     sending  boolean NOT NULL,
+    message_id text NOT NULL DEFAULT '',
     PRIMARY KEY (queue_id, route)
 );
+"""
+#: Layout 4's column, for a graph_drafts table of layout 3 (added only when missing: an ALTER
+#: TABLE, even IF NOT EXISTS, locks the table out of the other nodes' deliveries).
+_GRAPH_DRAFTS_MESSAGE_ID = """
+SELECT 1 FROM information_schema.columns
+WHERE table_schema = current_schema() AND table_name = 'graph_drafts'
+    AND column_name = 'message_id'
 """
 
 #: A submit in one statement: the message, its bytes and its recipients (none of the three when
@@ -527,6 +536,11 @@ class PostgresStore(Store):
         for statement in _SCHEMA.split(";"):
             if statement.strip():
                 await conn.execute(statement)
+        cur = await conn.execute(_GRAPH_DRAFTS_MESSAGE_ID)
+        if await cur.fetchone() is None:
+            await conn.execute(
+                "ALTER TABLE graph_drafts ADD COLUMN message_id text NOT NULL DEFAULT ''"
+            )
         if version is None:
             await conn.execute(
                 "INSERT INTO relaygate_schema (version, layout) VALUES (%s, %s)",
@@ -534,8 +548,8 @@ class PostgresStore(Store):
             )
         elif version < SCHEMA_VERSION or layout is None or layout < SCHEMA_LAYOUT:
             # An older queue, upgraded in place: what it lacks was created just above (layout
-            # 1 → 2: the send_log table and its index; 3: graph_drafts). A newer layout stays as
-            # it is.
+            # 1 → 2: the send_log table and its index; 3: graph_drafts; 4:
+            # graph_drafts.message_id). A newer layout stays as it is.
             await conn.execute(
                 "UPDATE relaygate_schema SET version = greatest(version, %s), "
                 "layout = greatest(layout, %s)",
@@ -956,12 +970,22 @@ class PostgresStore(Store):
                 return
             # A message removed meanwhile: no row (its record would go with it).
             await conn.execute(
-                "INSERT INTO graph_drafts (queue_id, route, mailbox, draft_id, sending) "
-                "SELECT %s, %s, %s, %s, %s WHERE EXISTS "
+                "INSERT INTO graph_drafts "
+                "(queue_id, route, mailbox, draft_id, sending, message_id) "
+                "SELECT %s, %s, %s, %s, %s, %s WHERE EXISTS "
                 "(SELECT 1 FROM messages WHERE queue_id = %s) "
                 "ON CONFLICT (queue_id, route) DO UPDATE SET mailbox = excluded.mailbox, "
-                "draft_id = excluded.draft_id, sending = excluded.sending",
-                (queue_id, route, draft.mailbox, draft.draft_id, draft.sending, queue_id),
+                "draft_id = excluded.draft_id, sending = excluded.sending, "
+                "message_id = excluded.message_id",
+                (
+                    queue_id,
+                    route,
+                    draft.mailbox,
+                    draft.draft_id,
+                    draft.sending,
+                    draft.message_id,
+                    queue_id,
+                ),
             )
 
         await self._tx(run)
@@ -971,23 +995,24 @@ class PostgresStore(Store):
     async def graph_draft(self, queue_id: str, route: str) -> GraphDraft | None:
         async def run(conn: Conn) -> GraphDraft | None:
             cur = await conn.execute(
-                "SELECT mailbox, draft_id, sending FROM graph_drafts "
+                "SELECT mailbox, draft_id, sending, message_id FROM graph_drafts "
                 "WHERE queue_id = %s AND route = %s",
                 (queue_id, route),
             )
             row = await cur.fetchone()
-            return None if row is None else GraphDraft(row[0], row[1], bool(row[2]))
+            return None if row is None else GraphDraft(row[0], row[1], bool(row[2]), row[3])
 
         return await self._tx(run, readonly=True)
 
     async def graph_drafts(self, queue_id: str) -> dict[str, GraphDraft]:
         async def run(conn: Conn) -> dict[str, GraphDraft]:
             cur = await conn.execute(
-                "SELECT route, mailbox, draft_id, sending FROM graph_drafts WHERE queue_id = %s",
+                "SELECT route, mailbox, draft_id, sending, message_id FROM graph_drafts "
+                "WHERE queue_id = %s",
                 (queue_id,),
             )
             rows = await cur.fetchall()
-            return {row[0]: GraphDraft(row[1], row[2], bool(row[3])) for row in rows}
+            return {row[0]: GraphDraft(row[1], row[2], bool(row[3]), row[4]) for row in rows}
 
         return await self._tx(run, readonly=True)
 

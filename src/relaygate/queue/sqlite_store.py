@@ -20,7 +20,7 @@ Schema: ``messages`` (envelope, flags, lease and a few derived columns kept up t
 writer: ``status``, ``next_due``, ``open_rcpts``, ``completed_at``), ``recipients`` (one row per
 recipient, so a per-recipient update is one small row write), ``message_data`` (the bytes plus a
 SHA-256 checked on every read), ``send_log`` (pacing) and ``graph_drafts`` (the Microsoft Graph
-draft an attempt left to resolve, per message and route).
+draft, or plain sendMail, an attempt left to resolve, per message and route).
 
 Schema versions: two numbers, the same rule as PostgreSQL's (pg_store.py), so that a node can be
 rolled back to the previous release (and, with PostgreSQL, a cluster upgraded one node at a time):
@@ -108,8 +108,10 @@ T = TypeVar("T")
 SCHEMA_VERSION = 2
 #: relaygate_schema.layout: 1 and 2 as the versions above, 3: send_log (send connectors' pacing
 #: limits; additive: a release without it simply does not pace), 4: graph_drafts (the Graph drafts
-#: an attempt left to resolve; additive: a release without it makes a new draft, as it did).
-SCHEMA_LAYOUT = 4
+#: an attempt left to resolve; additive: a release without it makes a new draft, as it did), 5:
+#: graph_drafts.message_id (a plain sendMail in flight is recorded too; additive: a release
+#: without it leaves it '' and never records a sendMail).
+SCHEMA_LAYOUT = 5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -167,8 +169,9 @@ CREATE TABLE IF NOT EXISTS graph_drafts (
     queue_id TEXT NOT NULL REFERENCES messages (queue_id) ON DELETE CASCADE,
     route    TEXT NOT NULL,
     mailbox  TEXT NOT NULL,
-    draft_id TEXT NOT NULL,
+    draft_id TEXT NOT NULL,   -- '' for a plain sendMail
     sending  INTEGER NOT NULL,
+    message_id TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (queue_id, route)
 ) WITHOUT ROWID;
 -- one row: the layout (SCHEMA_LAYOUT), the version every release checks is PRAGMA user_version
@@ -526,9 +529,13 @@ class SqliteStore(Store):
             columns = {row[1] for row in conn.execute("PRAGMA table_info(message_data)")}
             if "spool" not in columns:  # a version 1 queue: every message is still inline
                 conn.execute("ALTER TABLE message_data ADD COLUMN spool TEXT")
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(graph_drafts)")}
+            if "message_id" not in columns:  # layout 4
+                conn.execute(
+                    "ALTER TABLE graph_drafts ADD COLUMN message_id TEXT NOT NULL DEFAULT ''"
+                )
             # An older layout was upgraded just above (3: the send_log table and its index; 4:
-            # graph_drafts);
-            # a newer one stays as it is.
+            # graph_drafts; 5: graph_drafts.message_id); a newer one stays as it is.
             layout = conn.execute("SELECT max(layout) FROM relaygate_schema").fetchone()[0]
             if layout is None:
                 conn.execute("INSERT INTO relaygate_schema (layout) VALUES (?)", (SCHEMA_LAYOUT,))
@@ -1105,9 +1112,18 @@ class SqliteStore(Store):
             )
             return
         conn.execute(  # a message removed meanwhile: no row (its record goes with it)
-            "INSERT OR REPLACE INTO graph_drafts (queue_id, route, mailbox, draft_id, sending) "
-            "SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM messages WHERE queue_id = ?)",
-            (queue_id, route, draft.mailbox, draft.draft_id, int(draft.sending), queue_id),
+            "INSERT OR REPLACE INTO graph_drafts "
+            "(queue_id, route, mailbox, draft_id, sending, message_id) "
+            "SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM messages WHERE queue_id = ?)",
+            (
+                queue_id,
+                route,
+                draft.mailbox,
+                draft.draft_id,
+                int(draft.sending),
+                draft.message_id,
+                queue_id,
+            ),
         )
 
     # ------------------------------------------------------------------ public API: writes
@@ -1281,21 +1297,22 @@ class SqliteStore(Store):
     async def graph_draft(self, queue_id: str, route: str) -> GraphDraft | None:
         def run(conn: sqlite3.Connection) -> GraphDraft | None:
             row = conn.execute(
-                "SELECT mailbox, draft_id, sending FROM graph_drafts "
+                "SELECT mailbox, draft_id, sending, message_id FROM graph_drafts "
                 "WHERE queue_id = ? AND route = ?",
                 (queue_id, route),
             ).fetchone()
-            return None if row is None else GraphDraft(row[0], row[1], bool(row[2]))
+            return None if row is None else GraphDraft(row[0], row[1], bool(row[2]), row[3])
 
         return await self._read(run)
 
     async def graph_drafts(self, queue_id: str) -> dict[str, GraphDraft]:
         def run(conn: sqlite3.Connection) -> dict[str, GraphDraft]:
             rows = conn.execute(
-                "SELECT route, mailbox, draft_id, sending FROM graph_drafts WHERE queue_id = ?",
+                "SELECT route, mailbox, draft_id, sending, message_id FROM graph_drafts "
+                "WHERE queue_id = ?",
                 (queue_id,),
             ).fetchall()
-            return {row[0]: GraphDraft(row[1], row[2], bool(row[3])) for row in rows}
+            return {row[0]: GraphDraft(row[1], row[2], bool(row[3]), row[4]) for row in rows}
 
         return await self._read(run)
 
