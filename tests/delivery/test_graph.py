@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_plus
 
 import pytest
 import trustme
@@ -102,6 +102,29 @@ class UploadSession:
 CHUNK_UNIT = 320 * 1024
 MAX_REQUEST = 4 * 1024 * 1024
 _RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+#: The one Sent Items query the relay makes: an OData string literal, its apostrophes doubled.
+_SENT_FILTER = re.compile(r"internetMessageId eq '((?:[^']|'')*)'")
+_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(<[^>\r\n]*>)", re.IGNORECASE | re.MULTILINE)
+
+
+def message_id_of(mime: bytes) -> str:
+    head = mime.split(b"\r\n\r\n", 1)[0]
+    match = _MESSAGE_ID.search(head)
+    return match.group(1).decode() if match else ""
+
+
+def header_recipients(mime: bytes) -> dict[str, Any]:
+    """toRecipients / ccRecipients / bccRecipients of a message sent from its MIME."""
+    import email.utils
+
+    parsed = parse_mail(mime.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n")
+    out: dict[str, Any] = {}
+    for name, key in (("To", "toRecipients"), ("Cc", "ccRecipients"), ("Bcc", "bccRecipients")):
+        values = [str(v) for v in parsed.get_all(name, [])]
+        out[key] = [
+            {"emailAddress": {"address": a}} for _n, a in email.utils.getaddresses(values) if a
+        ]
+    return out
 
 
 class FakeGraph:
@@ -112,7 +135,8 @@ class FakeGraph:
     320 KiB). Drafts live in `drafts` until sent (→ `sent`) or deleted, each with its own id
     (``AAMkAD=draft/<n>``); a GET of a draft answers its isDraft, of a sent or deleted one 404
     (Graph moves a sent draft to Sent Items, under another id); `violations` lists what an
-    upload did wrong.
+    upload did wrong. /mailFolders/sentitems/messages answers a ``$filter`` on
+    internetMessageId with what `sent` holds (each sendMail, each sent draft).
 
     `script(call)` may answer a call (else the success answer of Graph is given), DROP or HANG
     included; it may call `success(call)` first (Graph acted on the request, then the answer is
@@ -174,8 +198,10 @@ class FakeGraph:
         if call.method == "PUT" and path.startswith("/upload/"):
             return self.upload(call, path.rsplit("/", 1)[-1])
         if call.method == "POST" and path.endswith("/sendMail"):
-            self.sent.append(Draft(call.mime))
+            self.sent.append(Draft(call.mime, recipients=header_recipients(call.mime)))
             return 202, {}, b""
+        if call.method == "GET" and path.endswith("/mailFolders/sentitems/messages"):
+            return self.sent_items(call)
         if call.method == "POST" and path.endswith("/messages"):
             self.made += 1
             draft_id = f"AAMkAD=draft/{self.made}"
@@ -203,6 +229,31 @@ class FakeGraph:
             self.sent.append(self.drafts.pop(draft_id))
             return 202, {}, b""
         return graph_error(400, "BadRequest", f"unexpected {call.method} {path}")
+
+    def sent_items(self, call: Call) -> Answer:
+        """The mailbox's Sent Items, filtered by internetMessageId: the query string decoded
+        as Graph's front end does (a "+" is a space, "%2B" a plus sign), the filter an OData
+        string literal (an apostrophe in it doubled, else 400)."""
+        query = call.path.partition("?")[2]
+        params = {}
+        for pair in query.split("&"):
+            key, _, value = pair.partition("=")
+            params[unquote_plus(key)] = unquote_plus(value)
+        match = _SENT_FILTER.fullmatch(params.get("$filter", ""))
+        if match is None or params.get("$select", "").split(",")[0] != "id":
+            return graph_error(400, "BadRequest", f"Invalid filter clause {params!r}")
+        wanted = match.group(1).replace("''", "'")
+        found = [
+            {"id": f"AAMkAD=sent/{n}", **sent.recipients}
+            for n, sent in enumerate(self.sent, 1)
+            if message_id_of(sent.mime) == wanted
+        ]
+        return 200, {"Content-Type": "application/json"}, json.dumps({"value": found}).encode()
+
+    def purge(self, draft_id: str) -> None:
+        """The draft is hard-deleted (a user's Shift+Delete, a retention policy's purge): gone
+        from the mailbox, as a sent draft is gone from Drafts."""
+        del self.drafts[draft_id]
 
     def trash(self, draft_id: str) -> None:
         """A user deletes the draft in Outlook: it moves to Deleted Items, where its default
@@ -1872,7 +1923,9 @@ async def test_a_send_graph_accepted_but_did_not_answer_is_looked_up_not_sent_tw
         calls = kinds(graph)
         assert calls.count(("POST", "messages")) == 1
         assert [k for k in calls if k[1] == "send"] == [("POST", "send")]
-        assert calls[-1] == ("GET", "AAMkAD%3Ddraft%2F1")
+        # the scan has a Message-ID: the draft's 404 is checked against Sent Items too
+        lookups = [("GET", "AAMkAD%3Ddraft%2F1")] + ([("GET", "messages")] if big else [])
+        assert calls[-len(lookups) :] == lookups
         assert ("DELETE", "AAMkAD%3Ddraft%2F1") not in calls
         assert relay.tracking is not None
         await asyncio.to_thread(relay.tracking.flush)
@@ -2525,5 +2578,300 @@ async def test_a_paced_partial_batch_whose_answer_was_lost_is_looked_up_not_sent
         assert relay.store is not None
         [msg] = [m for m in await relay.store.list_messages() if m.sender == SENDER]
         assert await relay.store.graph_drafts(msg.queue_id) == {}
+    finally:
+        await relay.stop()
+
+
+# ------------------------------------------- 15. a sendMail whose answer was lost (graphsent)
+
+
+def is_sendmail(call: Call) -> bool:
+    return call.method == "POST" and call.path.endswith("/sendMail")
+
+
+def is_sent_items_lookup(call: Call) -> bool:
+    return call.method == "GET" and "/mailFolders/sentitems/messages?" in call.path
+
+
+#: A Message-ID with what a query string and an OData literal must escape: an apostrophe, a
+#: plus sign (a space to Graph's front end when not encoded), an ampersand and a hash.
+ODD_ID = "<o'brien+scan&1#3f@corp.test>"
+
+
+def plain_message(message_id: str = ODD_ID) -> bytes:
+    """A printer's message to one address, its header's recipients its envelope's: sendMail."""
+    return (
+        b"From: Scanner 3F <scanner@corp.test>\r\nTo: Bob <bob@example.com>\r\n"
+        b"Subject: scan\r\nMessage-ID: " + message_id.encode() + b"\r\n\r\nscanned page\r\n"
+    )
+
+
+async def delivered_record(relay: Any, address: str = "bob@example.com") -> Any:
+    async def delivered() -> Any:
+        r = (await statuses(relay)).get(address)
+        return r if r is not None and r.status == RecipientStatus.DELIVERED else None
+
+    return await wait_for(delivered, timeout=30.0)
+
+
+async def no_record_left(relay: Any) -> bool:
+    assert relay.store is not None
+    [msg] = [m for m in await relay.store.list_messages() if m.sender == SENDER]
+    return await relay.store.graph_drafts(msg.queue_id) == {}
+
+
+@pytest.mark.parametrize("lost", ["dropped", "timeout", "503"])
+async def test_a_sendmail_graph_took_but_did_not_answer_is_found_in_sent_items_not_sent_twice(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path, lost: str
+) -> None:
+    """Graph takes a plain sendMail, then its answer is lost (the connection dropped, no answer
+    within the timeout, a 503). The attempt is deferred with the sendMail remembered; the next
+    one looks the message up in the mailbox's Sent Items by its Message-ID (an apostrophe, a
+    plus sign, an ampersand and a hash in it: quoted as OData and the query string need), finds
+    it and records the recipient delivered, confirmed by lookup. Before, the retry sent the
+    message again: the recipient got it twice."""
+
+    def script(call: Call) -> Answer | None:
+        if is_sendmail(call) and sum(map(is_sendmail, graph.calls)) == 1:
+            graph.success(call)  # Graph sends it...
+            if lost == "503":
+                return graph_error(503, "ServiceUnavailable", "Try again")
+            return DROP if lost == "dropped" else HANG  # ...and the answer never comes
+
+        return None
+
+    graph.script = script
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    assert relay.manager is not None
+    relay.manager.delivery_timeout = 2.0
+    try:
+        assert (await send(relay, SENDER, ["bob@example.com"], plain_message()))[0] == 250
+        r = await delivered_record(relay)
+        assert len(graph.sent) == 1, kinds(graph)  # the recipient got it once
+        assert r.attempts == 2
+        assert r.last_error.startswith("250 2.6.0 Microsoft Graph had sent the message"), r
+        assert "confirmed by lookup: found in Sent Items by its Message-ID" in r.last_error
+        assert [is_sendmail(c) or is_sent_items_lookup(c) for c in graph.calls] == [True] * 2
+        [lookup] = [c for c in graph.calls if is_sent_items_lookup(c)]
+        assert lookup.path.startswith(f"/v1.0/users/{SENDER}/mailFolders/sentitems/messages?")
+        assert "%3Co%27%27brien%2Bscan%261%233f%40corp.test%3E" in lookup.path, lookup.path
+        assert await no_record_left(relay)
+        assert relay.tracking is not None
+        await asyncio.to_thread(relay.tracking.flush)
+        defers = search(relay.tracking.path, event_id="DEFER")
+        assert any("looks it up in Sent Items" in str(e["recipient-status"]) for e in defers)
+    finally:
+        await relay.stop()
+
+
+async def test_a_sendmail_graph_never_got_is_sent_once_after_the_lookup_finds_nothing(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """The connection drops before Graph took the sendMail: the next attempt's lookup finds
+    nothing in Sent Items, and the message is sent (once). The lookup is what is new: before,
+    the retry sent at once (which was right here, and a duplicate when Graph had taken it)."""
+
+    def script(call: Call) -> Answer | None:
+        if is_sendmail(call) and sum(map(is_sendmail, graph.calls)) == 1:
+            return DROP  # never sent
+        return None
+
+    graph.script = script
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    try:
+        assert (await send(relay, SENDER, ["bob@example.com"], plain_message()))[0] == 250
+        r = await delivered_record(relay)
+        assert len(graph.sent) == 1
+        assert "202 Accepted by Microsoft Graph (sendMail as scanner@corp.test)" in r.last_error
+        assert [(is_sendmail(c), is_sent_items_lookup(c)) for c in graph.calls] == [
+            (True, False),
+            (False, True),
+            (True, False),
+        ]
+        assert await no_record_left(relay)
+    finally:
+        await relay.stop()
+
+
+@pytest.mark.parametrize(
+    ("answer", "calls", "attempts"),
+    [
+        # a 404 about the mailbox says nothing about the message: deferred, looked up again
+        (graph_error(404, "MailboxNotEnabledForRESTAPI", "inactive"), ["send", "get", "get"], 3),
+        # the application may not read the mailbox (no Mail.ReadBasic.All): sent again, as
+        # before the lookup existed
+        (graph_error(403, "ErrorAccessDenied", "Access is denied."), ["send", "get", "send"], 2),
+    ],
+    ids=["404-mailbox", "403"],
+)
+async def test_a_sent_items_lookup_that_fails_neither_confirms_nor_holds_the_message(
+    graph: FakeGraph,
+    entra: FakeEntra,
+    ca_file: Path,
+    tmp_path: Path,
+    answer: Answer,
+    calls: list[str],
+    attempts: int,
+) -> None:
+    """Graph took the sendMail (answer lost). The first lookup fails: a 404 about the mailbox
+    is no proof of anything (the attempt is deferred, the next lookup finds the message); a 403
+    (no permission to read the mailbox) can never succeed and falls back to sending again."""
+
+    def script(call: Call) -> Answer | None:
+        if is_sendmail(call) and sum(map(is_sendmail, graph.calls)) == 1:
+            graph.success(call)
+            return DROP
+        if is_sent_items_lookup(call) and sum(map(is_sent_items_lookup, graph.calls)) == 1:
+            return answer
+        return None
+
+    graph.script = script
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    try:
+        assert (await send(relay, SENDER, ["bob@example.com"], plain_message()))[0] == 250
+        r = await delivered_record(relay)
+        got = ["send" if is_sendmail(c) else "get" for c in graph.calls]
+        assert got == calls, r
+        assert r.attempts == attempts, r
+        assert len(graph.sent) == calls.count("send")
+        assert ("confirmed by lookup" in r.last_error) == (calls[-1] == "get"), r
+        assert await no_record_left(relay)
+    finally:
+        await relay.stop()
+
+
+async def test_a_relay_killed_while_graph_holds_the_sendmail_answer_sends_once_after_restart(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """SIGKILL of `relaygate serve` after Graph took the sendMail, before its answer: the
+    restarted relay finds the sendMail remembered in the queue store, looks the message up in
+    Sent Items, finds it and records it delivered. Before, the restart sent it again."""
+    import sqlite3
+
+    from tests.queue_manager.helpers import make_config_text
+
+    held = threading.Event()
+
+    def script(call: Call) -> Answer | None:
+        if is_sendmail(call) and not held.is_set():
+            graph.success(call)
+            held.set()
+            return HANG  # sent; the answer never comes
+        return None
+
+    graph.script = script
+    port = free_port()
+    data_dir = tmp_path / "data"
+    config = tmp_path / "relaygate.toml"
+    config.write_text(
+        make_config_text(
+            data_dir,
+            smtp_port=port,
+            admin_port=free_port(),
+            routes={},
+            extra=graph_connector(graph, entra, ca_file),
+        ),
+        encoding="utf-8",
+    )
+    relay = ServeProcess(config, port, tmp_path / "serve.stderr")
+
+    def recipient() -> tuple[str, int, str] | None:
+        db = sqlite3.connect(f"file:{data_dir / 'queue' / 'queue.db'}?mode=ro", uri=True)
+        try:
+            row = db.execute("SELECT status, attempts, last_error FROM recipients").fetchone()
+        finally:
+            db.close()
+        return None if row is None else (str(row[0]), int(row[1]), str(row[2]))
+
+    async def delivered() -> tuple[str, int, str] | None:
+        row = await asyncio.to_thread(recipient)
+        return row if row is not None and row[0] == RecipientStatus.DELIVERED.value else None
+
+    try:
+        await asyncio.to_thread(relay.start)
+        with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+            client.ehlo("scanner.test")
+            await asyncio.to_thread(client.sendmail, SENDER, ["bob@example.com"], plain_message())
+        assert await asyncio.to_thread(held.wait, 30)
+        await asyncio.to_thread(relay.kill)
+        graph.release.set()
+        with graph.lock:
+            assert len(graph.sent) == 1
+
+        await asyncio.to_thread(relay.start)  # the same data_dir: the message is still queued
+        _status, _attempts, last_error = await wait_for(delivered, timeout=30.0)
+        with graph.lock:
+            assert len(graph.sent) == 1, kinds(graph)  # the recipient got it once
+            assert sum(map(is_sendmail, graph.calls)) == 1
+            assert sum(map(is_sent_items_lookup, graph.calls)) == 1
+        assert "confirmed by lookup" in last_error, last_error
+    finally:
+        graph.release.set()
+        await asyncio.to_thread(relay.stop)
+
+
+async def test_a_draft_purged_after_its_send_got_no_answer_is_sent_not_recorded_delivered(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """The send of a draft gets no answer and Graph never took it; before the next attempt the
+    draft is hard-deleted (purged: not in Deleted Items, so its immutable id is gone too). The
+    lookup's 404 ErrorItemNotFound was read as "sent": the recipients were recorded delivered
+    and never got the message. Now the 404 is checked against Sent Items by Message-ID: not
+    there, so a new draft is made and sent, once."""
+
+    def script(call: Call) -> Answer | None:
+        if is_send(call) and sum(map(is_send, graph.calls)) == 1:
+            graph.purge("AAMkAD=draft/1")  # never sent; purged
+            return DROP
+        return None
+
+    graph.script = script
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    try:
+        data = (
+            b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n"
+            b"Message-ID: <purged-1@corp.test>\r\n\r\nx\r\n"
+        )
+        assert (await send(relay, SENDER, ["bob@example.com", "erin@example.com"], data))[0] == 250
+        r = await delivered_or_given_up(relay, "erin@example.com")
+        assert len(graph.sent) == 1, (r, kinds(graph))  # before: none (recorded delivered)
+        assert r.status == RecipientStatus.DELIVERED, r
+        assert "confirmed by lookup" not in r.last_error, r
+        assert "202 Accepted by Microsoft Graph (draft sent" in r.last_error, r
+        assert kinds(graph).count(("POST", "messages")) == 2
+        assert sum(map(is_sent_items_lookup, graph.calls)) == 1
+        assert graph.drafts == {}
+        assert await no_record_left(relay)
+    finally:
+        await relay.stop()
+
+
+async def test_a_sent_draft_whose_id_graph_no_longer_finds_is_confirmed_in_sent_items(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """Graph sent the draft, the answer was lost, and the lookup by id answers 404 (the fake,
+    as Graph without immutable ids, moves a sent draft under another id): the copy in Sent
+    Items with the message's Message-ID confirms it; nothing is sent again."""
+
+    def script(call: Call) -> Answer | None:
+        if is_send(call) and sum(map(is_send, graph.calls)) == 1:
+            graph.success(call)
+            return DROP
+        return None
+
+    graph.script = script
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    try:
+        data = (
+            b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n"
+            b"Message-ID: <sent-1@corp.test>\r\n\r\nx\r\n"
+        )
+        assert (await send(relay, SENDER, ["bob@example.com", "erin@example.com"], data))[0] == 250
+        r = await delivered_record(relay, "erin@example.com")
+        assert len(graph.sent) == 1, kinds(graph)
+        assert "confirmed by lookup: the draft is gone (404) and the message is in Sent Items" in (
+            r.last_error
+        ), r
+        assert await no_record_left(relay)
     finally:
         await relay.stop()

@@ -125,6 +125,13 @@ _GRAPH_HOSTS = frozenset(
 )
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+#: The message's Message-ID field (its value folded onto the next line too), in the header.
+_MESSAGE_ID = re.compile(
+    rb"^message-id[ \t]*:[ \t]*(?:\r\n[ \t]+)?(<[^<>\s]{1,900}>)", re.IGNORECASE | re.MULTILINE
+)
+#: A 404 answer to the Sent Items query that is about the folder, not the mailbox: a mailbox
+#: without Sent Items (the lookup cannot be made: sent again).
+_NO_FOLDER = frozenset({"ErrorItemNotFound", "ErrorFolderNotFound"})
 
 
 def is_graph(connector: Any) -> bool:
@@ -239,6 +246,33 @@ def recipient_plan(
     cc = keep(found["Cc"])
     bcc = [("", r) for key, r in wanted.items() if key not in taken]
     return RecipientPlan(to, cc, bcc)
+
+
+def message_id(data: bytes) -> str:
+    """The Message-ID of `data` (the octets on the wire), with its angle brackets, or "": what
+    Graph keeps as the sent copy's internetMessageId. The relay adds none to a message that
+    has none (a lost answer to such a message's sendMail is not looked up: sent again)."""
+    end = data.find(b"\r\n\r\n")
+    found = _MESSAGE_ID.search(data, 0, len(data) if end < 0 else end + 2)
+    if found is None:
+        return ""
+    try:
+        return found.group(1).decode("utf-8")  # RFC 6532 allows UTF-8 in it
+    except UnicodeDecodeError:
+        return ""
+
+
+def sent_items_query(message_id: str) -> str:
+    """The query string of the Sent Items lookup by internetMessageId: an OData string literal
+    (an apostrophe doubled), then every reserved character percent-encoded (``<`` ``>`` ``'``,
+    and ``+``, which Graph's front end would read as a space, ``&`` and ``#``), as Microsoft's
+    "Encoding query parameters" asks. The recipients are selected to tell this route's copy from
+    another route's of the same message (each route has its own recipients)."""
+    literal = "'" + message_id.replace("'", "''") + "'"
+    return (
+        f"$filter={quote(f'internetMessageId eq {literal}', safe='')}"
+        "&$select=id,toRecipients,ccRecipients,bccRecipients"
+    )
 
 
 def _recipients_json(entries: list[tuple[str, str]]) -> list[dict[str, Any]]:
@@ -435,7 +469,8 @@ class DraftRecord(Protocol):
     """Where the draft of one route of a message is remembered between attempts, durably (the
     queue store's graph_drafts, through the queue manager): a crash mid-upload, or a send whose
     answer never came, leaves a draft that the next attempt, on this node or another, after a
-    restart too, must resolve before it makes another one.
+    restart too, must resolve before it makes another one. A plain sendMail in flight is
+    remembered there too (no draft id, the message's Message-ID), to be looked up in Sent Items.
 
     Why the queue store and not a marker on the draft found again by a ``$filter`` query: the
     store already is the durable, shared (PostgreSQL: every node) state of each message and is
@@ -444,11 +479,14 @@ class DraftRecord(Protocol):
     every big message, and the mailbox of the attempt that made it (the connector's may have
     changed since)."""
 
-    async def load(self) -> tuple[str, str, bool] | None:
-        """(mailbox, draft id, whether its send was requested), or None."""
+    async def load(self) -> tuple[str, str, bool, str] | None:
+        """(mailbox, draft id ("" for a plain sendMail), whether its send was requested, the
+        message's Message-ID ("" for none)), or None."""
         ...
 
-    async def save(self, mailbox: str, draft_id: str, *, sending: bool) -> None: ...
+    async def save(
+        self, mailbox: str, draft_id: str, *, sending: bool, message_id: str = ""
+    ) -> None: ...
 
     async def forget(self) -> None: ...
 
@@ -590,6 +628,7 @@ class GraphTransport:
         base = str(getattr(connector, "graph_endpoint", "") or DEFAULT_ENDPOINT).rstrip("/")
         user = _user_url(base, mailbox)
         logged = mailbox if log_privacy is None else log_privacy.text(mailbox)
+        msg_id = message_id(data)
         refreshed = False
         while True:
             try:
@@ -601,13 +640,12 @@ class GraphTransport:
                     Reply(451, "4.7.0", f"SMTPSEND.Auth.TokenUnavailable; {_clean(str(exc))}")
                 )
             call = _Caller(client, token, mailbox, timeout)
-            job = _DraftJob(call, base, drafts, self._decoded, logged)
+            job = _DraftJob(call, base, drafts, self._decoded, logged, msg_id, rcpts)
             try:
                 if large is not None and plan is not None:
                     how = await job.run(user, body, plan, data, large.parts)
                 elif plan is None:
-                    await call.post_mime(f"{user}/sendMail", body, expect=(202,))
-                    how = "sendMail"
+                    how = await job.send_mail(user, body)
                 else:
                     how = await job.run(user, body, plan)
             except _GraphError as failure:
@@ -628,8 +666,8 @@ class GraphTransport:
                     Reply(
                         250,
                         "2.6.0",
-                        "Microsoft Graph had sent the draft of an earlier attempt whose answer "
-                        f"was lost (confirmed by lookup: {job.confirmed}; as {job.mailbox})",
+                        f"Microsoft Graph had sent the {job.what} of an earlier attempt whose "
+                        f"answer was lost (confirmed by lookup: {job.confirmed}; as {job.mailbox})",
                     )
                 )
             return every(
@@ -760,6 +798,8 @@ def _with_hint(reply: Reply, hint: str) -> Reply:
 
 
 _CONFIRMED = "confirmed"
+#: What a Sent Items lookup tells (`_DraftJob._in_sent_items`).
+_FOUND, _ABSENT, _CANNOT = "found", "absent", "cannot"
 
 
 def _user_url(base: str, mailbox: str) -> str:
@@ -800,17 +840,25 @@ def _after_draft(failure: _GraphError) -> _GraphError:
 
 class _DraftJob:
     """The draft path of one attempt: first what an earlier attempt left (`DraftRecord`), then a
-    draft of the message, its parts attached, its recipients set, and its send.
+    draft of the message, its parts attached, its recipients set, and its send; or the plain
+    path's sendMail (`send_mail`), after the same resolution.
 
     What an earlier attempt left is resolved before anything else:
     * a draft whose send was never requested (a crash mid-upload, a failure whose DELETE
       failed): deleted (404: already gone), then the attempt starts over;
     * a draft whose send was requested and not answered (a timeout, the connection dropped, a
       5xx: Graph may have sent it): looked up by its immutable id. No longer a draft (``isDraft``
-      false: the copy in Sent Items) or gone (404 ErrorItemNotFound): the message was
-      sent, the recipients are delivered ("confirmed by lookup"). Still a draft: that same draft
-      is sent again (no new one). The lookup failing leaves the attempt a temporary failure and
-      the record in place, for the next attempt to look it up again.
+      false: the copy in Sent Items): the message was sent, the recipients are delivered
+      ("confirmed by lookup"). Gone (404 ErrorItemNotFound): sent, or purged (hard-deleted)
+      unsent; the message's Message-ID is looked up in Sent Items (`_in_sent_items`): there,
+      sent; not there, the record is forgotten and a new draft made and sent (a message without
+      a Message-ID, or a Sent Items that cannot be read: sent, as before the lookup existed).
+      Still a draft: that same draft is sent again (no new one);
+    * a plain sendMail that got no answer (no draft id): looked up in Sent Items by the
+      message's Message-ID. There: sent, confirmed by lookup. Not there, or Sent Items not to
+      be read (403, no such folder): the message is sent again.
+    A lookup failing otherwise (429, 5xx, no answer, a 404 about the mailbox) leaves the attempt
+    a temporary failure and the record in place, for the next attempt to look it up again.
     The send's outcome unknown, the draft is kept (and the record): never deleted then, nor
     looked up at once (Graph sends after its 202, moving the draft a moment later)."""
 
@@ -821,15 +869,64 @@ class _DraftJob:
         record: DraftRecord | None,
         decoded: asyncio.Semaphore,
         logged: str,
+        message_id: str = "",
+        recipients: Sequence[str] = (),
     ) -> None:
         self.call = call
         self.base = base
         self.record = record
         self.decoded = decoded
         self.logged = logged  # the mailbox as the service log names it
+        self.message_id = message_id  # the message's ("" for none)
+        #: this route's recipients: its copy in Sent Items names some of them (another route's
+        #: copy of the same message, the same Message-ID, names none of them)
+        self.recipients = frozenset(r.casefold() for r in recipients)
         #: the draft's mailbox: this attempt's, or that of an earlier attempt's draft
         self.mailbox = call.mailbox
         self.confirmed = ""  # how the lookup confirmed an earlier attempt's send
+        self.what = "draft"  # what the earlier attempt sent, for the reply
+
+    async def send_mail(self, user: str, body: bytes) -> str:
+        """The plain path: one sendMail of the MIME, remembered first (durably, with the
+        Message-ID: a lost answer, or a crash once it is on its way, must not make the next
+        attempt send it again unchecked) and forgotten once its outcome is known. A message
+        without a Message-ID is not remembered (it could not be looked up)."""
+        if self.record is not None:
+            earlier = await self._earlier()
+            if earlier:
+                return earlier
+        remembered = self.record is not None and bool(self.message_id)
+        if remembered:
+            await self._remember("", sending=True)
+        try:
+            await self.call.post_mime(f"{user}/sendMail", body, expect=(202,))
+        except _GraphError as failure:
+            if not remembered:
+                raise
+            if not failure.unknown:  # refused, or never left: nothing was sent
+                await self._forget_quietly("sendMail")
+                raise
+            log.warning(
+                "Microsoft Graph sendMail as %s: no answer (%s); the next attempt looks the "
+                "message up in Sent Items before sending it again",
+                self.logged,
+                failure.reply.line(),
+            )
+            raise _GraphError(
+                _with_hint(
+                    failure.reply,
+                    "; the message may have been sent: the next attempt looks it up in Sent "
+                    "Items before sending it again",
+                ),
+                status=failure.status,
+                retry_after=failure.retry_after,
+                detail=failure.detail,
+                unknown=True,
+            ) from None
+        if remembered:
+            assert self.record is not None
+            await self.record.forget()
+        return "sendMail"
 
     async def run(
         self,
@@ -888,9 +985,11 @@ class _DraftJob:
         left = await self.record.load()
         if left is None:
             return ""
-        mailbox, draft_id, sending = left
-        url = _draft_url(_user_url(self.base, mailbox), draft_id)
+        mailbox, draft_id, sending, message_id = left
         call = self.call.as_mailbox(mailbox)
+        if not draft_id:
+            return await self._earlier_send_mail(call, mailbox, message_id)
+        url = _draft_url(_user_url(self.base, mailbox), draft_id)
         if not sending:
             log.info(
                 "Microsoft Graph draft %s of an earlier attempt as %s was never sent: deleted",
@@ -956,6 +1055,23 @@ class _DraftJob:
                 retry_after=failure.retry_after if isinstance(failure, _GraphError) else None,
             ) from None
         self.mailbox = mailbox  # the draft's, for its record and the reply
+        if gone and message_id:
+            # Gone is sent or purged unsent (a user's Shift+Delete, a retention policy): only
+            # Sent Items tells which.
+            found = await self._in_sent_items(call, mailbox, message_id, what="draft")
+            if found == _ABSENT:
+                log.info(
+                    "Microsoft Graph draft %s as %s, whose send's answer was lost, is gone and "
+                    "not in Sent Items (purged unsent): a new draft is sent",
+                    draft_id,
+                    self.logged,
+                )
+                await self.record.forget()
+                return ""
+            if found == _FOUND:
+                return await self._confirm(
+                    draft_id, "the draft is gone (404) and the message is in Sent Items"
+                )
         if not is_draft:
             return await self._confirm(
                 draft_id, "the draft is gone (404)" if gone else "isDraft is false"
@@ -981,18 +1097,118 @@ class _DraftJob:
         return "the draft of an earlier attempt sent"
 
     async def _confirm(self, draft_id: str, how: str) -> str:
-        """The draft whose send's answer was lost was sent (``how`` we know): its record
-        forgotten, the recipients to be recorded delivered, confirmed by lookup."""
+        """The draft (or sendMail: `what`) whose send's answer was lost was sent (``how`` we
+        know): its record forgotten, the recipients to be recorded delivered, confirmed by
+        lookup."""
         assert self.record is not None  # (only a draft with a record is looked up)
         self.confirmed = how
         log.info(
-            "Microsoft Graph draft %s as %s, whose send's answer was lost, was sent (%s)",
+            "Microsoft Graph %s %s as %s, whose send's answer was lost, was sent (%s)",
+            self.what,
             draft_id,
             self.logged,
             how,
         )
         await self.record.forget()
         return _CONFIRMED
+
+    async def _earlier_send_mail(self, call: _Caller, mailbox: str, message_id: str) -> str:
+        """An earlier attempt's sendMail that got no answer: confirmed when Sent Items has the
+        message, else forgotten (the caller sends it)."""
+        assert self.record is not None
+        self.what = "message"
+        found = (
+            await self._in_sent_items(call, mailbox, message_id, what="sendMail")
+            if message_id
+            else _CANNOT
+        )
+        if found == _FOUND:
+            self.mailbox = mailbox
+            return await self._confirm(message_id, "found in Sent Items by its Message-ID")
+        log.info(
+            "Microsoft Graph sendMail %s of an earlier attempt as %s, whose answer was lost, "
+            "is not in Sent Items%s: sent again",
+            message_id,
+            self.logged,
+            "" if found == _ABSENT else " (the lookup cannot be made)",
+        )
+        await self.record.forget()
+        return ""
+
+    async def _in_sent_items(self, call: _Caller, mailbox: str, message_id: str, what: str) -> str:
+        """Whether the mailbox's Sent Items holds this route's copy of the message: _FOUND,
+        _ABSENT, or _CANNOT (the lookup can never be made: refused for good, such as a 403
+        without Mail.ReadBasic.All, or no Sent Items folder). Any other failure (429, 5xx, no
+        answer, a 404 about the mailbox) raises a temporary failure, the record kept."""
+        url = f"{_user_url(self.base, mailbox)}/mailFolders/sentitems/messages?"
+        try:
+            answer = await call.request(
+                "GET", url + sent_items_query(message_id), expect=(200, 404)
+            )
+            if answer.status_code == 404:
+                if _error_code(answer.content) in _NO_FOLDER:
+                    return _CANNOT
+                raise _GraphError(  # about the mailbox: no proof of anything
+                    reply_for_status(404, answer.content, mailbox, None),
+                    status=404,
+                    detail=_error_detail(404, answer.content),
+                )
+            items = answer.json()["value"]
+            if not isinstance(items, list):
+                raise ValueError("value is not a list")
+        except _GraphError as failure:
+            if failure.reply.code >= 500 and failure.status not in (401, 404):
+                log.warning(
+                    "Microsoft Graph %s as %s: cannot look the message up in Sent Items (%s)",
+                    what,
+                    self.logged,
+                    failure.reply.line(),
+                )
+                return _CANNOT
+            raise self._lookup_failed(what, failure.reply.line(), failure) from None
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise self._lookup_failed(what, "not JSON", None) from None
+        return _FOUND if any(self._names_this_route(item) for item in items) else _ABSENT
+
+    def _names_this_route(self, item: Any) -> bool:
+        """A Sent Items copy is this route's when it names one of its recipients."""
+        if not isinstance(item, dict):
+            return False
+        for key in ("toRecipients", "ccRecipients", "bccRecipients"):
+            for entry in item.get(key) or ():
+                address = entry.get("emailAddress", {}) if isinstance(entry, dict) else {}
+                if str(address.get("address", "")).casefold() in self.recipients:
+                    return True
+        return False
+
+    def _lookup_failed(self, what: str, why: str, failure: _GraphError | None) -> _GraphError:
+        log.info(
+            "Microsoft Graph %s as %s, whose answer was lost: Sent Items lookup failed: %s",
+            what,
+            self.logged,
+            why,
+        )
+        return _GraphError(
+            Reply(
+                451,
+                "4.4.0",
+                f"Microsoft Graph: the {what} of an earlier attempt got no answer and looking "
+                f"the message up in Sent Items failed ({_clean(why)}); it is looked up again "
+                "at the next attempt, before anything is sent",
+            ),
+            status=401 if failure is not None and failure.status == 401 else 0,
+            retry_after=failure.retry_after if failure is not None else None,
+        )
+
+    async def _forget_quietly(self, what: str) -> None:
+        """Forget the record of a send known not to have happened; a failure leaves it, and
+        the next attempt's lookup finds nothing: no harm."""
+        if self.record is None:
+            return
+        try:
+            await self.record.forget()
+        except Exception as exc:
+            log.warning("Microsoft Graph %s as %s: cannot forget it: %r", what, self.logged, exc)
 
     async def _send(self, url: str, draft_id: str, *, call: _Caller | None = None) -> None:
         """POST .../send, remembered as requested first (durably: a crash once it is on its
@@ -1029,7 +1245,9 @@ class _DraftJob:
 
     async def _remember(self, draft_id: str, *, sending: bool) -> None:
         if self.record is not None:
-            await self.record.save(self.mailbox, draft_id, sending=sending)
+            await self.record.save(
+                self.mailbox, draft_id, sending=sending, message_id=self.message_id
+            )
 
     async def _discard(self, url: str, draft_id: str, *, call: _Caller | None = None) -> None:
         """Delete the draft (best effort) and, once it is gone, forget it; a record kept (the

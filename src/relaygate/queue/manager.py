@@ -1446,13 +1446,17 @@ class _StoredDraft:
         self.queue_id = queue_id
         self.route = route
 
-    async def load(self) -> tuple[str, str, bool] | None:
+    async def load(self) -> tuple[str, str, bool, str] | None:
         draft = await self.store.graph_draft(self.queue_id, self.route)
-        return None if draft is None else (draft.mailbox, draft.draft_id, draft.sending)
+        if draft is None:
+            return None
+        return draft.mailbox, draft.draft_id, draft.sending, draft.message_id
 
-    async def save(self, mailbox: str, draft_id: str, *, sending: bool) -> None:
+    async def save(
+        self, mailbox: str, draft_id: str, *, sending: bool, message_id: str = ""
+    ) -> None:
         await self.store.save_graph_draft(
-            self.queue_id, self.route, GraphDraft(mailbox, draft_id, sending)
+            self.queue_id, self.route, GraphDraft(mailbox, draft_id, sending, message_id)
         )
 
     async def forget(self) -> None:
