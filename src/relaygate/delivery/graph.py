@@ -39,7 +39,19 @@ attachments run in a worker thread (`_off_loop`), at most DECODED_ATTACHMENTS he
 
 A draft is remembered between attempts (`DraftRecord`: the queue store), so that a send whose
 outcome is unknown (a timeout, the connection dropped, a 5xx) is looked up before it is sent
-again, and a draft a crash left behind is deleted (`_DraftJob`).
+again, and a draft a crash left behind is deleted (`_DraftJob`). A plain sendMail is remembered
+too, before it is sent (no draft id, the message's Message-ID: `message_id`), and forgotten once
+its outcome is known; one whose answer was lost (or whose process was killed meanwhile) is looked
+up in the mailbox's Sent Items by internetMessageId (``GET .../mailFolders/sentitems/messages?
+$filter=internetMessageId eq '<id>'``, `sent_items_query`) before anything is sent again: a copy
+naming one of the route's recipients is the message sent (delivered, "confirmed by lookup");
+none, or a lookup refused for good (403: no Mail.ReadBasic.All / Mail.Read; no Sent Items
+folder), and it is sent again (Sent Items can lag behind the 202, and a copy that never reaches
+it is never found: then a duplicate, as before the lookup); another failure (429, 5xx, no
+answer, a 404 about the mailbox) defers the attempt, nothing sent. A draft whose lookup by id
+answers 404 ErrorItemNotFound is checked against Sent Items the same way: a purged draft that
+never went is sent, not recorded delivered. The relay adds no Message-ID: a message without one
+is not remembered, and a lost answer to its sendMail is followed by another sendMail.
 """
 
 from __future__ import annotations
