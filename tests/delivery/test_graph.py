@@ -33,7 +33,7 @@ import trustme
 
 from relaygate.config.loader import ConfigError, parse_text
 from relaygate.delivery import mime_split
-from relaygate.delivery.graph import GRAPH_SCOPE, recipient_plan
+from relaygate.delivery.graph import GRAPH_SCOPE, message_id, recipient_plan, sent_items_query
 from relaygate.delivery.mime_split import DECODE_PIECE_OCTETS
 from relaygate.delivery.routing import explain_route
 from relaygate.logs.tracking import search
@@ -2875,3 +2875,16 @@ async def test_a_sent_draft_whose_id_graph_no_longer_finds_is_confirmed_in_sent_
         assert await no_record_left(relay)
     finally:
         await relay.stop()
+
+
+def test_the_message_id_looked_up_is_the_header_s_and_its_query_is_quoted() -> None:
+    """The Message-ID comes from the header only (folded too; a "Message-ID:" line in the body
+    is not one); the query's literal doubles an apostrophe and percent-encodes the rest."""
+    assert message_id(b"Subject: x\r\nMessage-ID: <a@b>\r\n\r\nbody\r\n") == "<a@b>"
+    assert message_id(b"Message-Id:\r\n <folded@b>\r\nTo: x@y\r\n\r\n") == "<folded@b>"
+    assert message_id(b"Subject: x\r\n\r\nMessage-ID: <in-body@b>\r\n") == ""
+    assert message_id(b"Subject: x\r\n\r\n") == ""
+    assert sent_items_query("<o'b+1@c>") == (
+        "$filter=internetMessageId%20eq%20%27%3Co%27%27b%2B1%40c%3E%27"
+        "&$select=id,toRecipients,ccRecipients,bccRecipients"
+    )
