@@ -95,6 +95,9 @@ HEARTBEAT_MAX = 5.0
 READY_TIMEOUT = 60.0  # a worker not listening after this long is killed (and restarted)
 STOP_TIMEOUT = 40.0  # sessions 5 s + deliveries 10 s + store close, with room to spare
 OUTPUT_DRAIN_TIMEOUT = 5.0  # for the last lines of the workers once they all exited
+#: How long the last lines of a worker that exited may take to come (its pipes to end) before
+#: the supervisor logs the exit anyway (a process it started may hold its stderr for long).
+EXIT_LINES_TIMEOUT = 2.0
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0  # a worker that ran this long before dying starts the backoff afresh
@@ -186,6 +189,11 @@ class _Worker:
     #: the worker's heartbeat interval, as its last heartbeat said (its own configuration's: the
     #: workers reload the file on their own, the supervisor's worker_hang_timeout may differ)
     every: float = HEARTBEAT_MAX
+    #: the threads passing this run's stderr and stdout on (logs/worker_output.py)
+    outputs: list[WorkerOutput] = field(default_factory=list)
+    #: monotonic time at which the supervisor saw this run exit (its exit is logged once its
+    #: last lines were passed on: `_last_lines_passed`), or None
+    exited_at: float | None = None
 
     @property
     def alive(self) -> bool:
@@ -379,11 +387,11 @@ class Supervisor:
             env[STDERR_FALLBACK_ENV] = str(self._stderr_copy)
             pass_fds.append(self._stderr_copy)
         self._outputs = [o for o in self._outputs if not o.done]
-        err = WorkerOutput(2, f"worker {w.index} stderr")
+        err = WorkerOutput(2, f"worker {w.index} stderr", self._wake)
         # a worker prints nothing (its supervisor prints the ready line): what it might write to
         # stdout is raw output too, which goes with the rest to stderr, never to a stdout that
         # nobody may read any more once the ready line was seen
-        out = WorkerOutput(2, f"worker {w.index} stdout")
+        out = WorkerOutput(2, f"worker {w.index} stdout", self._wake)
         try:
             w.proc = subprocess.Popen(
                 cmd,
@@ -403,11 +411,17 @@ class Supervisor:
         for output in (err, out):
             output.start()
             self._outputs.append(output)
+        w.outputs, w.exited_at = [err, out], None
         parent.setblocking(False)
         w.link, w.buf, w.ready, w.every = parent, b"", None, HEARTBEAT_MAX
         w.started, w.restart_at = time.monotonic(), None
         w.spawned += 1
         self._sel.register(parent, selectors.EVENT_READ, w)
+
+    def _wake(self) -> None:
+        """Wake `_poll` (from a thread: a worker's output ended)."""
+        with contextlib.suppress(OSError):  # full (it wakes anyway), or closed: stopped
+            self._wake_w.send(b"\0")
 
     def _close_link(self, w: _Worker) -> None:
         if w.link is not None:
@@ -455,6 +469,7 @@ class Supervisor:
                 return 0
             for w in self.workers:
                 if w.proc is not None and w.proc.poll() is not None:
+                    self._wait_last_lines(w)  # what it wrote about its failure, first
                     logger.error(
                         "worker %d exited with status %s during start-up; stopping",
                         w.index,
@@ -475,6 +490,11 @@ class Supervisor:
                 self._systemd.watchdog()
                 pinged = now
             waits = [w.restart_at - now for w in self.workers if w.restart_at is not None]
+            waits += [
+                w.exited_at + EXIT_LINES_TIMEOUT - now
+                for w in self.workers
+                if w.exited_at is not None
+            ]
             self._poll(max(0.0, min([0.5, *waits, self._watchdog or 0.5])))
             stop, reload = self._take_signals()
             if stop:
@@ -524,12 +544,16 @@ class Supervisor:
                 w.reload_pending = False
                 self._signal(w, signal.SIGHUP)
             return
-        ran = now - w.started
+        if w.exited_at is None:
+            w.exited_at, w.ready = now, None
+            self._close_link(w)
+        if not self._last_lines_passed(w, now):
+            return  # the loop goes on meanwhile; a pipe that ends wakes it (`_wake`)
+        ran = w.exited_at - w.started
         if ran >= STABLE_AFTER:
             w.failures = 0
         delay = backoff_delay(w.failures)
         w.failures += 1
-        self._close_link(w)
         logger.error(
             "worker %d (pid %d) exited unexpectedly (%s) after %.1f s; restarting in %.1f s",
             w.index,
@@ -538,7 +562,22 @@ class Supervisor:
             ran,
             delay,
         )
-        w.proc, w.ready, w.restart_at = None, None, now + delay
+        w.proc, w.ready, w.restart_at, w.exited_at = None, None, now + delay, None
+
+    @staticmethod
+    def _last_lines_passed(w: _Worker, now: float) -> bool:
+        """Whether the exited worker's pipes ended and all it wrote was passed on (then its exit
+        is logged after its last lines: a traceback, what it logged as it died), or
+        EXIT_LINES_TIMEOUT passed since it exited (a process it started holds its stderr)."""
+        assert w.exited_at is not None
+        return all(o.done for o in w.outputs) or now - w.exited_at >= EXIT_LINES_TIMEOUT
+
+    @staticmethod
+    def _wait_last_lines(w: _Worker) -> None:
+        """`_last_lines_passed`, waiting for it (the supervisor is stopping anyway)."""
+        deadline = time.monotonic() + EXIT_LINES_TIMEOUT
+        for output in w.outputs:
+            output.join(max(0.0, deadline - time.monotonic()))
 
     def _check_log_settings(self) -> None:
         """The config file was edited (no SIGHUP: the workers' own watchers reload it): apply its

@@ -8,13 +8,16 @@ so the pipe is full while the workers write), and real processes writing through
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import textwrap
 import threading
 import time
@@ -28,23 +31,37 @@ from relaygate.logs.service import JsonFormatter, TextFormatter
 from tests.logs.test_service_log import CONFIG, ROOT, Served, check_record
 from tests.smtp.helpers import free_port
 from tests.support.serve_process import wait_for_ready_line
+from tests.workers.test_workers import children_of
 
 LONG = 8 * 1024
 MAX_LINE = 64 * 1024  # relaygate.logs.service.MAX_LINE (imported where the test needs it)
+FULL = 60 * 1024  # a pipe of 64 KiB holding this much is full (writes go in by pages)
+
+
+# Put first on the workers' PYTHONPATH by PipedServed(hook=True): see its sitecustomize.py.
+WORKER_HOOK = ROOT / "tests" / "support" / "worker_hook"
 
 
 class PipedServed(Served):
     """`relaygate serve` whose stderr is a pipe that a thread reads 4 KiB at a time with a pause
-    in between: everything read, in order."""
+    in between, while `gate` is set (clear it and nobody reads: a stalled log shipper): everything
+    read, in order. With `hook`, its workers take the signals of WORKER_HOOK."""
 
-    def __init__(self, tmp: Path, **kwargs: Any) -> None:
+    def __init__(self, tmp: Path, *, hook: bool = False, **kwargs: Any) -> None:
         super().__init__(tmp, free_port(), **kwargs)  # no mail is sent: no sink
         self.received = bytearray()
         self.lock = threading.Lock()
         self.reader: threading.Thread | None = None
+        self.gate = threading.Event()
+        self.gate.set()
+        self.read_fd = -1
+        self.hook_dir = WORKER_HOOK if hook else None
 
     def start(self, *flags: str, expect_ready: bool = True) -> None:
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        path = [str(ROOT / "src")]
+        if self.hook_dir is not None:
+            path.insert(0, str(self.hook_dir))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
         env.pop("RELAYGATE_CONFIG", None)
         read_fd, write_fd = os.pipe()
         try:
@@ -58,6 +75,7 @@ class PipedServed(Served):
             )
         finally:
             os.close(write_fd)
+        self.read_fd = read_fd
         self.reader = threading.Thread(target=self._read, args=(read_fd,), daemon=True)
         self.reader.start()
         ready = wait_for_ready_line(self.proc)
@@ -67,7 +85,7 @@ class PipedServed(Served):
 
     def _read(self, fd: int) -> None:
         try:
-            while chunk := os.read(fd, 4096):  # until every writer (each process) is gone
+            while self.gate.wait() and (chunk := os.read(fd, 4096)):  # until every writer is gone
                 with self.lock:
                     self.received += chunk
                 time.sleep(0.005)
@@ -82,7 +100,16 @@ class PipedServed(Served):
         with self.lock:
             return bytes(self.received).decode("ascii").splitlines()
 
+    def unread(self) -> int:
+        """How many bytes wait in the stderr pipe (64 KiB at most; FULL: no room for a line)."""
+        return int(struct.unpack("i", fcntl.ioctl(self.read_fd, termios.FIONREAD, b"\0" * 4))[0])
+
+    def worker_pids(self) -> list[int]:
+        assert self.proc is not None
+        return children_of(self.proc.pid)
+
     def stop(self) -> int | None:
+        self.gate.set()  # a process blocked writing to stderr could not stop
         code = super().stop()
         if self.reader is not None:
             self.reader.join(30)
@@ -435,3 +462,27 @@ def test_long_multi_line_text_records_of_two_workers_are_not_cut_by_each_other(
         record = lines[i + 1 : i + 301]  # one problem a line, remote_ip_ranges[0] to [299]
         strays = [line[:120] for line in record if "remote_ip_ranges[" not in line]
         assert not strays, f"the record at line {i} is cut by other lines: {strays[:3]}"
+
+
+# -- a node's stderr that nobody reads for a while --------------------------------------------------
+
+
+def test_a_dead_worker_s_last_lines_come_before_the_line_saying_that_it_exited(piped: Any) -> None:
+    """A worker writes a traceback and dies (os._exit), and a process it started, which holds its
+    stderr pipe too, writes the worker's last line once the worker is reaped: the supervisor's
+    "exited unexpectedly" line comes after every one of those lines, the last included, since it
+    reads a dead worker's pipes to their end before it logs the exit. (Before, it logged the exit
+    as soon as it reaped the worker: its line went out before what was still to come on the
+    worker's pipe.)"""
+    s = piped(workers=2, hook=True)
+    s.start()
+    victim = s.worker_pids()[0]
+    os.kill(victim, signal.SIGUSR1)
+    s.wait_for(lambda: f"(pid {victim}) exited unexpectedly" in s.text())
+    s.wait_for(lambda: f"last line of worker {victim}" in s.text())
+    lines = s.lines()
+    exited = [i for i, line in enumerate(lines) if f"(pid {victim}) exited unexpectedly" in line]
+    crash = lines.index(f"RuntimeError: worker {victim} crashes (test)")
+    last = lines.index(f"last line of worker {victim}")
+    assert len(exited) == 1
+    assert crash < last < exited[0], f"exit line at {exited[0]}, last line at {last}"

@@ -14,9 +14,11 @@ message, anything it printed) passes through too.
   long (relaygate.logs.service cuts a longer message first, keeping a JSON line JSON).
 * A last line without its newline (a worker that died while writing it) is passed on, with a
   newline, when the pipe ends.
-* The threads only read and write: a supervisor busy with something else (a reload, stopping its
-  workers) does not keep a worker waiting, and each pipe is made PIPE_SIZE (1 MiB) where the
+* The threads only read and pass on: a supervisor busy with something else (a reload, stopping
+  its workers) does not keep a worker waiting, and each pipe is made PIPE_SIZE (1 MiB) where the
   kernel allows, so a worker rarely waits for a slow reader of the supervisor's stderr either.
+* When the pipe ends (the worker and anything it started that held its stderr are gone) the
+  thread says so (`on_end`): the supervisor logs a worker's exit after its last lines.
 * A supervisor that is killed (SIGKILL) closes the pipes' reading ends: a worker's next line fails
   with EPIPE and the worker then writes to a descriptor of the supervisor's stderr that it was
   given (relaygate.logs.service.STDERR_FALLBACK_ENV), so the lines it logs while it stops (it
@@ -31,6 +33,7 @@ import os
 import struct
 import termios
 import threading
+from collections.abc import Callable
 
 from relaygate.logs.service import MAX_LINE, write_whole
 
@@ -81,11 +84,18 @@ def _cut(line: bytes) -> bytes:
 class WorkerOutput:
     """One pipe of one worker (its stderr or its stdout): a thread passes what the worker writes
     on to `target` (the supervisor's stderr, 2), a run of whole lines at a time, until the pipe
-    ends (every process holding its writing end exited, or closed it)."""
+    ends (every process holding its writing end exited, or closed it); then it calls `on_end`."""
 
-    def __init__(self, target: int, name: str) -> None:
+    def __init__(
+        self,
+        target: int,
+        name: str,
+        on_end: Callable[[], None] | None = None,
+    ) -> None:
         self.target = target
         self.name = name
+        self._on_end = on_end
+        self._ended = threading.Event()
         read_fd, self.write_fd = os.pipe()  # both close-on-exec; Popen puts write_fd on 1 or 2
         with contextlib.suppress(OSError, AttributeError):  # Linux only; a limit may refuse it
             fcntl.fcntl(read_fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
@@ -111,7 +121,8 @@ class WorkerOutput:
 
     @property
     def done(self) -> bool:
-        return not self._thread.is_alive()
+        """The pipe ended and all read from it was passed on (or the thread never started)."""
+        return self._ended.is_set() or not self._thread.is_alive()
 
     def join(self, timeout: float) -> None:
         if self._thread.is_alive():
@@ -142,10 +153,10 @@ class WorkerOutput:
         finally:
             os.close(self._read_fd)
             self._read_fd = -1
+            self._ended.set()
+            if self._on_end is not None:
+                self._on_end()
 
-    def _write(self, data: bytes) -> bool:
-        try:
+    def _write(self, data: bytes) -> None:
+        with contextlib.suppress(OSError):
             write_whole(self.target, data)
-        except OSError:
-            return False
-        return True
