@@ -36,7 +36,10 @@ any of its processes runs, even after a SIGKILL of the supervisor. It:
 * is the only writer of the node's stderr: each worker's stderr and stdout are pipes that threads of
   the supervisor read, passing each run of whole lines on to the supervisor's stderr with one write
   (logs/worker_output.py), so that lines of several workers never interleave, even where stderr is
-  a pipe.
+  a pipe; a worker's exit is logged after its last lines. A thread writes that stderr
+  (logs/service.py, StderrBuffer): one that nobody reads (a full pipe) holds up neither the
+  supervision nor, through their pipes, the workers; what does not fit the buffer is dropped,
+  counted.
 
 Each worker holds one end of a socketpair whose other end the supervisor keeps: the worker writes
 one JSON line when it listens, and stops by itself when it reads EOF (the supervisor is gone, even
@@ -64,7 +67,13 @@ from pathlib import Path
 from typing import Any
 
 from relaygate.config import Config, ConfigError, load_config
-from relaygate.logs.service import START_FORMAT_ENV, STDERR_FALLBACK_ENV, worker_flags
+from relaygate.logs.service import (
+    START_FORMAT_ENV,
+    STDERR_FALLBACK_ENV,
+    StderrBuffer,
+    buffer_stderr,
+    worker_flags,
+)
 from relaygate.logs.service import apply_config as apply_service_log
 from relaygate.logs.service import current as current_log_format
 from relaygate.logs.worker_output import WorkerOutput
@@ -239,6 +248,9 @@ class Supervisor:
         #: a descriptor of this process's stderr, inherited by every worker: where it writes once
         #: its stderr pipe is broken (this process is gone; relaygate.logs.service)
         self._stderr_copy = -1
+        #: this process's stderr, written by a thread: a stderr nobody reads blocks neither the
+        #: supervision here nor the threads passing the workers' lines on (set by `run`)
+        self._stderr: StderrBuffer | None = None
 
     # ------------------------------------------------------------------ entry point
 
@@ -248,6 +260,7 @@ class Supervisor:
         self._create_rate_table()
         # /metrics sums this run's workers only (relaygate.worker_stats)
         clear_snapshots(Path(self.config.server.data_dir))
+        self._stderr = buffer_stderr()
         old = self._install_signals()
         with contextlib.suppress(OSError):
             self._stderr_copy = os.dup(2)
@@ -387,11 +400,12 @@ class Supervisor:
             env[STDERR_FALLBACK_ENV] = str(self._stderr_copy)
             pass_fds.append(self._stderr_copy)
         self._outputs = [o for o in self._outputs if not o.done]
-        err = WorkerOutput(2, f"worker {w.index} stderr", self._wake)
+        target = 2 if self._stderr is None else self._stderr
+        err = WorkerOutput(target, f"worker {w.index} stderr", self._wake)
         # a worker prints nothing (its supervisor prints the ready line): what it might write to
         # stdout is raw output too, which goes with the rest to stderr, never to a stdout that
         # nobody may read any more once the ready line was seen
-        out = WorkerOutput(2, f"worker {w.index} stdout", self._wake)
+        out = WorkerOutput(target, f"worker {w.index} stdout", self._wake)
         try:
             w.proc = subprocess.Popen(
                 cmd,
@@ -654,11 +668,14 @@ class Supervisor:
             self._close_link(w)
 
     def _drain_outputs(self) -> None:
-        """Every worker exited: wait (a little) for their last lines to be passed on."""
+        """Every worker exited: wait (a little) for their last lines to be passed on, and
+        written to stderr (which may not be read: then what is left is lost at exit)."""
         deadline = time.monotonic() + OUTPUT_DRAIN_TIMEOUT
         for output in self._outputs:
             output.join(max(0.0, deadline - time.monotonic()))
         self._outputs = []
+        if self._stderr is not None:
+            self._stderr.flush(max(0.0, deadline - time.monotonic()))
         if self._stderr_copy >= 0:
             os.close(self._stderr_copy)
             self._stderr_copy = -1

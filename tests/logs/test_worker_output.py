@@ -14,6 +14,7 @@ import logging
 import os
 import select
 import signal
+import smtplib
 import struct
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from relaygate.logs.service import JsonFormatter, TextFormatter
 from tests.logs.test_service_log import CONFIG, ROOT, Served, check_record
 from tests.smtp.helpers import free_port
 from tests.support.serve_process import wait_for_ready_line
-from tests.workers.test_workers import children_of
+from tests.workers.test_workers import children_of, wait_until
 
 LONG = 8 * 1024
 MAX_LINE = 64 * 1024  # relaygate.logs.service.MAX_LINE (imported where the test needs it)
@@ -486,3 +487,105 @@ def test_a_dead_worker_s_last_lines_come_before_the_line_saying_that_it_exited(p
     last = lines.index(f"last line of worker {victim}")
     assert len(exited) == 1
     assert crash < last < exited[0], f"exit line at {exited[0]}, last line at {last}"
+
+
+def test_a_supervisor_whose_stderr_is_not_read_still_restarts_a_worker_and_stops(
+    piped: Any,
+) -> None:
+    """The node's stderr is a pipe nobody reads any more (full) while a worker logs 5 MiB: the
+    supervisor still restarts a killed worker, takes a SIGHUP, and stops on SIGTERM within its
+    stop timeout. (Before, its line about the killed worker waited for stderr for ever, with it
+    the restart and the handling of every signal.)"""
+    from relaygate.workers import STOP_TIMEOUT
+
+    s = piped(workers=2, hook=True)
+    s.start()
+    assert s.proc is not None
+    s.gate.clear()
+    first, second = s.worker_pids()
+    os.kill(first, signal.SIGUSR2)
+    assert wait_until(lambda: s.unread() >= FULL, 20), f"stderr not full: {s.unread()} bytes"
+    os.kill(second, signal.SIGKILL)
+    assert wait_until(lambda: len(set(s.worker_pids()) - {first, second}) == 1, 20), (
+        f"no new worker: {s.worker_pids()}"
+    )
+    s.reload()
+    began = time.monotonic()
+    s.proc.send_signal(signal.SIGTERM)
+    try:
+        code = s.proc.wait(STOP_TIMEOUT + 10)
+    except subprocess.TimeoutExpired:
+        pytest.fail("relaygate serve did not stop on SIGTERM with its stderr not read")
+    assert code == 0 and time.monotonic() - began < STOP_TIMEOUT
+    assert s.unread() >= FULL  # nobody read it meanwhile
+
+
+def test_workers_logging_into_a_stderr_nobody_reads_keep_serving_and_what_is_dropped_is_counted(
+    piped: Any,
+) -> None:
+    """Both workers log 5 MiB each while the node's stderr is not read: more than their pipes
+    and the supervisor's buffer hold. Their event loops do not wait for stderr (each SMTP
+    connection gets its banner); once stderr is read again, the lines kept come whole, and one
+    line says how many were dropped. (Before, the supervisor's threads waited on the full stderr,
+    the workers' pipes filled, and each worker's event loop stopped in its next log line.)"""
+    s = piped(workers=2, hook=True, server_extra='log_format = "json"')
+    s.start()
+    assert s.proc is not None
+    s.gate.clear()
+    for pid in s.worker_pids():
+        os.kill(pid, signal.SIGUSR2)
+    for _ in range(6):
+        with smtplib.SMTP("127.0.0.1", s.port, timeout=10) as smtp:
+            assert smtp.noop()[0] == 250
+    s.gate.set()
+    notice = "service-log lines dropped: stderr not read"
+    s.wait_for(lambda: notice in s.text())
+    assert s.stop() == 0
+    records = [json.loads(line) for line in s.lines()]
+    notices = [r for r in records if notice in r["message"]]
+    assert len(notices) >= 1 and all("worker" not in r for r in notices), notices
+    assert all(r["level"] == "WARNING" and r["pid"] == s.proc.pid for r in notices), notices
+    dropped = sum(int(r["message"].split()[0]) for r in notices)
+    burst = [r for r in records if r["message"].startswith("burst ")]
+    assert 0 < len(burst) < 320 and len(burst) + dropped >= 320, (len(burst), dropped)
+    for r in burst:
+        assert r["message"].endswith("w" * 32000)
+
+
+def test_a_stderr_buffer_drops_what_does_not_fit_and_says_so_where_the_lines_are_missing() -> None:
+    """StderrBuffer: 400 lines of 1,000 bytes put while nobody reads its pipe are put at once (no
+    put waits); once the pipe is read, the lines that fitted (the pipe's 64 KiB and the 200,000
+    bytes of the limit) come in order, then one line saying how many were dropped, then a line
+    put after."""
+    from relaygate.logs.service import StderrBuffer
+
+    read_fd, write_fd = os.pipe()
+    buffer = StderrBuffer(write_fd, limit=200_000)
+    lines = [b"%04d " % i + b"z" * 994 + b"\n" for i in range(400)]
+    putter = threading.Thread(target=lambda: [buffer.put(line) for line in lines], daemon=True)
+    putter.start()
+    putter.join(10)
+    assert not putter.is_alive(), "a put waited for stderr to be read"
+    received = bytearray()
+
+    def read() -> None:
+        while chunk := os.read(read_fd, 65536):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert buffer.flush(20)
+        buffer.put(b"after\n")
+        assert buffer.flush(20)
+    finally:
+        os.close(write_fd)
+        reader.join(10)
+        os.close(read_fd)
+    got = bytes(received).split(b"\n")
+    kept = [line + b"\n" for line in got if line.startswith(b"0")]
+    assert 200 <= len(kept) < 400 and kept == lines[: len(kept)]
+    assert got[len(kept)].endswith(
+        b"%d service-log lines dropped: stderr not read" % (400 - len(kept))
+    )
+    assert got[len(kept) + 1 :] == [b"after", b""]

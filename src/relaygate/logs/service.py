@@ -19,6 +19,12 @@ cut, saying how much; a JSON line stays one JSON object). With ``server.workers 
 workers' stderr is a pipe that their supervisor reads: it writes their lines to its own stderr
 whole, so lines of several processes never interleave (relaygate.logs.worker_output).
 
+A supervisor writes its stderr from a thread of its own (`StderrBuffer`, `buffer_stderr`): when
+nobody reads it (a stalled log shipper: a full pipe), neither its supervision (restarts, signals)
+nor the threads passing its workers' lines on wait for it. Up to STDERR_BUFFER_LIMIT (4 MiB) waits
+meanwhile; the lines on top are dropped, and one line says how many
+(``N service-log lines dropped: stderr not read``) where they are missing.
+
 Client-controlled text never splits or forges a line: JSON escapes every control character and
 shows a non-UTF-8 byte as ``\\xNN``; in the text format the values interpolated into a message
 (``%s`` arguments: addresses, host names, replies, exception texts) have their control characters
@@ -28,6 +34,8 @@ and the config errors of the administrator's own file may span lines there.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
 import math
@@ -37,6 +45,7 @@ import select
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,10 +57,13 @@ __all__ = [
     "MAX_LINE",
     "QUIET_LOGGERS",
     "START_FORMAT_ENV",
+    "STDERR_BUFFER_LIMIT",
     "STDERR_FALLBACK_ENV",
     "JsonFormatter",
+    "StderrBuffer",
     "TextFormatter",
     "apply_config",
+    "buffer_stderr",
     "configure",
     "current",
     "set_overrides",
@@ -76,6 +88,11 @@ MAX_LINE = 64 * 1024
 #: Set by the supervisor for a worker: a descriptor of the supervisor's own stderr, which the
 #: worker writes to instead of its stderr pipe once that is broken (the supervisor is gone).
 STDERR_FALLBACK_ENV = "RELAYGATE_WORKER_STDERR_FD"
+#: The most a `StderrBuffer` holds while stderr is not read (bytes); more is dropped, counted.
+STDERR_BUFFER_LIMIT = 4 * 1024 * 1024
+#: How long a process with a `StderrBuffer` waits at exit for it to be written.
+EXIT_FLUSH_TIMEOUT = 2.0
+_DROPPED = "%d service-log lines dropped: stderr not read"
 
 # Control characters (C0, DEL, C1), the Unicode line and paragraph separators, lone surrogates
 # (a non-UTF-8 byte decoded with surrogateescape): escaped in the text format's arguments.
@@ -329,13 +346,108 @@ _WRITE_LOCK = threading.RLock()
 
 def write_whole(fd: int, data: bytes) -> None:
     """All of `data` to `fd`, no other write of this process's threads in between."""
-    view = memoryview(data)
     with _WRITE_LOCK:
-        while view:
-            try:
-                view = view[os.write(fd, view) :]
-            except BlockingIOError:  # a descriptor left non-blocking by whoever shares it
-                select.select([], [fd], [], 1.0)
+        _write_all(fd, data)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:  # a descriptor left non-blocking by whoever shares it
+            select.select([], [fd], [], 1.0)
+
+
+class StderrBuffer:
+    """A process's stderr written by a thread of its own (`buffer_stderr`; a supervisor of
+    ``server.workers > 1``), so that a stderr nobody reads (a log shipper that stalled: a full
+    pipe) keeps no other thread waiting: `put` never waits. What was put is written in order,
+    each piece with one write. While stderr is not read, up to `limit` bytes wait here; what
+    comes on top is dropped, counted in lines, and where the lines are missing one line says how
+    many (`dropped_notice`), as soon as there is room again or all before it was written."""
+
+    def __init__(self, fd: int, limit: int = STDERR_BUFFER_LIMIT) -> None:
+        self.fd = fd
+        self.limit = limit
+        self._pending: deque[bytes] = deque()
+        self._size = 0  # of what is pending or being written
+        self._dropped = 0  # lines, since the last notice
+        # reentrant: a signal handler that logs must not wait on the thread it interrupted
+        self._cond = threading.Condition(threading.RLock())
+        self._thread = threading.Thread(target=self._run, name="stderr writer", daemon=True)
+        self._thread.start()
+
+    def put(self, data: bytes) -> None:
+        """`data` to be written after what was put before; dropped (counted) if it does not fit."""
+        with self._cond:
+            if self._size and self._size + len(data) > self.limit:
+                self._dropped += data.count(b"\n") or 1
+                return
+            if self._dropped:
+                self._append(dropped_notice(self._dropped))
+                self._dropped = 0
+            self._append(data)
+            self._cond.notify_all()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for all that was put to be written; whether it was."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._size or self._dropped:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def _append(self, data: bytes) -> None:
+        self._pending.append(data)
+        self._size += len(data)
+
+    def _next(self) -> bytes:
+        """What to write next (waits for it): the oldest piece, or the notice of lines dropped
+        once all before them is written."""
+        with self._cond:
+            while not self._pending and not self._dropped:
+                self._cond.wait()
+            if self._pending:
+                return self._pending.popleft()
+            notice = dropped_notice(self._dropped)
+            self._dropped = 0
+            self._size += len(notice)
+            return notice
+
+    def _run(self) -> None:
+        while True:
+            data = self._next()
+            # Not under _WRITE_LOCK: this thread alone writes to fd while it runs, and a write
+            # that waits for a reader must not keep any other thread waiting.
+            with contextlib.suppress(OSError):  # EPIPE, EIO, ENOSPC: lost, as a write's would be
+                _write_all(self.fd, data)
+            with self._cond:
+                self._size -= len(data)
+                self._cond.notify_all()
+
+
+def dropped_notice(count: int) -> bytes:
+    """The line saying that `count` lines were dropped (in the service log's format in force)."""
+    record = logging.getLogger(__name__).makeRecord(
+        __name__, logging.WARNING, __file__, 0, _DROPPED, (count,), None
+    )
+    handler = _State.handler
+    text = handler.format(record) if handler is not None else record.getMessage()
+    return (text + "\n").encode("utf-8", "backslashreplace")
+
+
+def buffer_stderr() -> StderrBuffer:
+    """From now on this process's service-log lines go to stderr through a `StderrBuffer` (the
+    one returned, also for other lines to pass on: relaygate.logs.worker_output): a stderr that
+    is not read keeps no thread waiting. At exit, what waits is given a little time."""
+    if _State.stderr is None:
+        _State.stderr = StderrBuffer(2)
+        atexit.register(_State.stderr.flush, EXIT_FLUSH_TIMEOUT)
+    return _State.stderr
 
 
 class _LineHandler(logging.StreamHandler[Any]):
@@ -354,6 +466,10 @@ class _LineHandler(logging.StreamHandler[Any]):
                 stream.flush()
                 return
             stream.flush()
+            buffered = _State.stderr
+            if buffered is not None and fd == buffered.fd:
+                buffered.put(data)
+                return
             try:
                 write_whole(fd, data)
             except BrokenPipeError:
@@ -390,6 +506,8 @@ class _State:
     level: str = "INFO"
     #: --log-format / --log-level: they win over the config file, at start and on reloads
     overrides: dict[str, str] = {}
+    #: the process's stderr written by a thread (`buffer_stderr`), or None: written directly
+    stderr: StderrBuffer | None = None
 
 
 def set_overrides(*, log_format: str | None = None, log_level: str | None = None) -> None:

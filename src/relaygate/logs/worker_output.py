@@ -16,7 +16,11 @@ message, anything it printed) passes through too.
   newline, when the pipe ends.
 * The threads only read and pass on: a supervisor busy with something else (a reload, stopping
   its workers) does not keep a worker waiting, and each pipe is made PIPE_SIZE (1 MiB) where the
-  kernel allows, so a worker rarely waits for a slow reader of the supervisor's stderr either.
+  kernel allows. In a supervisor they pass the lines to its `StderrBuffer`
+  (relaygate.logs.service.buffer_stderr), which never waits: a supervisor's stderr that nobody
+  reads (a stalled log shipper, a full pipe) blocks neither a thread here nor, its pipe filling
+  up, a worker's event loop in its next log line; the lines on top of what the buffer holds are
+  dropped, and counted.
 * When the pipe ends (the worker and anything it started that held its stderr are gone) the
   thread says so (`on_end`): the supervisor logs a worker's exit after its last lines.
 * A supervisor that is killed (SIGKILL) closes the pipes' reading ends: a worker's next line fails
@@ -35,7 +39,7 @@ import termios
 import threading
 from collections.abc import Callable
 
-from relaygate.logs.service import MAX_LINE, write_whole
+from relaygate.logs.service import MAX_LINE, StderrBuffer, write_whole
 
 __all__ = ["CUT_MARKER", "PIPE_SIZE", "WorkerOutput", "complete_lines"]
 
@@ -83,12 +87,13 @@ def _cut(line: bytes) -> bytes:
 
 class WorkerOutput:
     """One pipe of one worker (its stderr or its stdout): a thread passes what the worker writes
-    on to `target` (the supervisor's stderr, 2), a run of whole lines at a time, until the pipe
-    ends (every process holding its writing end exited, or closed it); then it calls `on_end`."""
+    on to `target` (the supervisor's stderr: its `StderrBuffer`, or a descriptor written
+    directly), a run of whole lines at a time, until the pipe ends (every process holding its
+    writing end exited, or closed it); then it calls `on_end`."""
 
     def __init__(
         self,
-        target: int,
+        target: int | StderrBuffer,
         name: str,
         on_end: Callable[[], None] | None = None,
     ) -> None:
@@ -158,5 +163,8 @@ class WorkerOutput:
                 self._on_end()
 
     def _write(self, data: bytes) -> None:
+        if isinstance(self.target, StderrBuffer):
+            self.target.put(data)  # never waits (dropped, counted, if it does not fit)
+            return
         with contextlib.suppress(OSError):
             write_whole(self.target, data)
