@@ -8,6 +8,7 @@ so the pipe is full while the workers write), and real processes writing through
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -104,6 +105,18 @@ class PipedServed(Served):
     def unread(self) -> int:
         """How many bytes wait in the stderr pipe (64 KiB at most; FULL: no room for a line)."""
         return int(struct.unpack("i", fcntl.ioctl(self.read_fd, termios.FIONREAD, b"\0" * 4))[0])
+
+    def fill(self) -> None:
+        """Fill the stderr pipe to its last byte (a pipe that took a long line may still have
+        room for a short one): empty lines, written through the supervisor's descriptor."""
+        assert self.proc is not None
+        fd = os.open(f"/proc/{self.proc.pid}/fd/2", os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    os.write(fd, b"\n")
+        finally:
+            os.close(fd)
 
     def worker_pids(self) -> list[int]:
         assert self.proc is not None
@@ -589,3 +602,37 @@ def test_a_stderr_buffer_drops_what_does_not_fit_and_says_so_where_the_lines_are
         b"%d service-log lines dropped: stderr not read" % (400 - len(kept))
     )
     assert got[len(kept) + 1 :] == [b"after", b""]
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` is a process that has not exited (a zombie nobody reaped has)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def test_workers_whose_supervisor_is_killed_stop_though_nobody_reads_stderr(piped: Any) -> None:
+    """The supervisor is killed (SIGKILL) while the node's stderr is full and not read: each
+    worker, whose stderr pipe is then broken, logs the lines of its stop to the node's stderr
+    itself, without waiting for room there, and exits (it held the node's locks while it ran):
+    it waits 2 s at exit for stderr to take those lines, then goes without them. (Before, a
+    worker's first line there waited for stderr for ever, and the worker with it.)"""
+    s = piped(workers=2, hook=True)
+    s.start()
+    assert s.proc is not None
+    pids = s.worker_pids()
+    s.gate.clear()
+    os.kill(pids[0], signal.SIGUSR2)
+    assert wait_until(lambda: s.unread() >= FULL, 20), f"stderr not full: {s.unread()} bytes"
+    s.fill()
+    s.proc.send_signal(signal.SIGKILL)
+    s.proc.wait(10)
+    assert wait_until(lambda: not any(running(pid) for pid in pids), 30), (
+        f"workers still running: {[pid for pid in pids if running(pid)]}"
+    )
+    s.gate.set()
+    assert s.reader is not None
+    s.reader.join(30)
+    assert not s.reader.is_alive(), "a process still holds the node's stderr"

@@ -476,7 +476,10 @@ class _LineHandler(logging.StreamHandler[Any]):
                 # A worker whose supervisor is gone: its stderr pipe has no reader any more.
                 if fd != 2 or not _use_fallback_stderr():
                     raise
-                write_whole(fd, data)
+                # The node's stderr, which nobody may be reading: through a buffer, so that a
+                # full one keeps the worker from neither stopping nor exiting (lines it cannot
+                # take are dropped, counted)
+                buffer_stderr().put(data)
         except RecursionError:
             raise
         except Exception:
@@ -486,7 +489,8 @@ class _LineHandler(logging.StreamHandler[Any]):
 def _use_fallback_stderr() -> bool:
     """A worker's stderr pipe is broken: put the descriptor of its supervisor's own stderr (see
     STDERR_FALLBACK_ENV) in its place, for the lines it still logs while it stops (a supervisor
-    killed outright passes nothing on). False if there is none."""
+    killed outright passes nothing on), written from then on through a `StderrBuffer`. False if
+    there is none."""
     raw = os.environ.pop(STDERR_FALLBACK_ENV, None)
     if raw is None or not raw.isdigit() or _State.worker is None:
         return False

@@ -26,7 +26,8 @@ message, anything it printed) passes through too.
 * A supervisor that is killed (SIGKILL) closes the pipes' reading ends: a worker's next line fails
   with EPIPE and the worker then writes to a descriptor of the supervisor's stderr that it was
   given (relaygate.logs.service.STDERR_FALLBACK_ENV), so the lines it logs while it stops (it
-  reads EOF on its link, relaygate.workers) are not lost.
+  reads EOF on its link, relaygate.workers) are not lost; through a `StderrBuffer` of its own,
+  so that a stderr nobody reads does not keep it from stopping.
 """
 
 from __future__ import annotations
