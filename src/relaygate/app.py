@@ -35,6 +35,7 @@ from relaygate.logs.privacy import (
     privacy_for,
 )
 from relaygate.logs.service import apply_config as apply_service_log
+from relaygate.logs.service import buffer_stderr
 from relaygate.logs.service import configure as configure_service_log
 from relaygate.logs.tracking import MESSAGE_TRACKING_DIR, TrackingLog
 from relaygate.malloc_tuning import tune_malloc
@@ -563,6 +564,11 @@ def run(
     config = load_config(config_path)
     # server.log_format / log_level (the serve flags win); `[wN]` or "worker" in a worker
     configure_service_log(config.server.log_format, config.server.log_level, worker=worker_index)
+    if worker_index is None:
+        # The node's stderr, written by this process alone (a worker writes to a pipe that its
+        # supervisor reads): from a thread, so that a stderr nobody reads (a full pipe) keeps
+        # neither the event loop nor the supervision of the workers waiting.
+        buffer_stderr()
     from relaygate.config import default_config_path
 
     if worker_index is None:  # the workers inherit the limit from their supervisor

@@ -47,9 +47,10 @@ WORKER_HOOK = ROOT / "tests" / "support" / "worker_hook"
 class PipedServed(Served):
     """`relaygate serve` whose stderr is a pipe that a thread reads 4 KiB at a time with a pause
     in between, while `gate` is set (clear it and nobody reads: a stalled log shipper): everything
-    read, in order. With `hook`, its workers take the signals of WORKER_HOOK."""
+    read, in order. With `hook`, its workers take the signals of WORKER_HOOK (with
+    ``hook="serve"``, a relay of one process too)."""
 
-    def __init__(self, tmp: Path, *, hook: bool = False, **kwargs: Any) -> None:
+    def __init__(self, tmp: Path, *, hook: bool | str = False, **kwargs: Any) -> None:
         super().__init__(tmp, free_port(), **kwargs)  # no mail is sent: no sink
         self.received = bytearray()
         self.lock = threading.Lock()
@@ -58,12 +59,13 @@ class PipedServed(Served):
         self.gate.set()
         self.read_fd = -1
         self.hook_dir = WORKER_HOOK if hook else None
+        self.hook_env = {"RELAYGATE_TEST_HOOK": hook} if isinstance(hook, str) else {}
 
     def start(self, *flags: str, expect_ready: bool = True) -> None:
         path = [str(ROOT / "src")]
         if self.hook_dir is not None:
             path.insert(0, str(self.hook_dir))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), **self.hook_env)
         env.pop("RELAYGATE_CONFIG", None)
         read_fd, write_fd = os.pipe()
         try:
@@ -636,3 +638,28 @@ def test_workers_whose_supervisor_is_killed_stop_though_nobody_reads_stderr(pipe
     assert s.reader is not None
     s.reader.join(30)
     assert not s.reader.is_alive(), "a process still holds the node's stderr"
+
+
+def test_a_single_process_relay_logging_into_a_stderr_nobody_reads_keeps_serving(
+    piped: Any,
+) -> None:
+    """server.workers = 1: the relay logs 5 MiB while its stderr is not read (full). Its event
+    loop does not wait for stderr (each SMTP connection gets its banner), and once stderr is
+    read again one line says how many lines were dropped. (Before, its next log line waited for
+    stderr, and the event loop with it: no connection was answered.)"""
+    s = piped(workers=1, hook="serve", server_extra='log_format = "json"')
+    s.start()
+    assert s.proc is not None
+    s.gate.clear()
+    os.kill(s.proc.pid, signal.SIGUSR2)
+    for _ in range(3):
+        with smtplib.SMTP("127.0.0.1", s.port, timeout=10) as smtp:
+            assert smtp.noop()[0] == 250
+    s.gate.set()
+    notice = "service-log lines dropped: stderr not read"
+    s.wait_for(lambda: notice in s.text())
+    assert s.stop() == 0
+    records = [json.loads(line) for line in s.lines()]
+    dropped = sum(int(r["message"].split()[0]) for r in records if notice in r["message"])
+    burst = [r for r in records if r["message"].startswith("burst ")]
+    assert 0 < len(burst) < 160 and len(burst) + dropped >= 160, (len(burst), dropped)

@@ -19,9 +19,10 @@ cut, saying how much; a JSON line stays one JSON object). With ``server.workers 
 workers' stderr is a pipe that their supervisor reads: it writes their lines to its own stderr
 whole, so lines of several processes never interleave (relaygate.logs.worker_output).
 
-A supervisor writes its stderr from a thread of its own (`StderrBuffer`, `buffer_stderr`): when
-nobody reads it (a stalled log shipper: a full pipe), neither its supervision (restarts, signals)
-nor the threads passing its workers' lines on wait for it. Up to STDERR_BUFFER_LIMIT (4 MiB) waits
+The node's main process (``relaygate serve``: the relay itself, or the supervisor of its workers)
+writes its stderr from a thread of its own (`StderrBuffer`, `buffer_stderr`): when nobody reads it
+(a stalled log shipper: a full pipe), neither its event loop, nor a supervisor's supervision
+(restarts, signals) and threads passing its workers' lines on, wait for it. Up to STDERR_BUFFER_LIMIT (4 MiB) waits
 meanwhile; the lines on top are dropped, and one line says how many
 (``N service-log lines dropped: stderr not read``) where they are missing.
 
@@ -360,8 +361,8 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 class StderrBuffer:
-    """A process's stderr written by a thread of its own (`buffer_stderr`; a supervisor of
-    ``server.workers > 1``), so that a stderr nobody reads (a log shipper that stalled: a full
+    """A process's stderr written by a thread of its own (`buffer_stderr`: the node's main
+    process, relaygate.app.run), so that a stderr nobody reads (a log shipper that stalled: a full
     pipe) keeps no other thread waiting: `put` never waits. What was put is written in order,
     each piece with one write. While stderr is not read, up to `limit` bytes wait here; what
     comes on top is dropped, counted in lines, and where the lines are missing one line says how
@@ -373,7 +374,7 @@ class StderrBuffer:
         self._pending: deque[bytes] = deque()
         self._size = 0  # of what is pending or being written
         self._dropped = 0  # lines, since the last notice
-        # reentrant: a signal handler that logs must not wait on the thread it interrupted
+        # reentrant: a signal handler that logs while its thread is in `put` must not wait on itself
         self._cond = threading.Condition(threading.RLock())
         self._thread = threading.Thread(target=self._run, name="stderr writer", daemon=True)
         self._thread.start()

@@ -2,7 +2,8 @@
 
 A test puts this directory first on PYTHONPATH: Python imports this module at the start of every
 process it runs (the supervisor, its workers, anything they start); only a worker (``--worker-index``
-on its command line) takes the signals below.
+on its command line) takes the signals below, or with RELAYGATE_TEST_HOOK=serve any process of
+``relaygate serve`` (one that runs alone: ``server.workers = 1``).
 
 * SIGUSR1: the worker writes a traceback to its stderr, starts a process that inherits its stderr
   and writes ``last line of worker <pid>`` there once the worker is gone (reaped by its
@@ -54,6 +55,9 @@ def _log_burst(_signum: int, _frame: Any) -> None:
         log.warning("burst %d of worker %d %s", i, os.getpid(), "w" * 32000)
 
 
-if "--worker-index" in sys.argv:
+# RELAYGATE_TEST_HOOK=serve: in a single-process relay (server.workers = 1) too.
+if "--worker-index" in sys.argv or (
+    os.environ.get("RELAYGATE_TEST_HOOK") == "serve" and "serve" in sys.argv
+):
     signal.signal(signal.SIGUSR1, _crash)
     signal.signal(signal.SIGUSR2, _log_burst)
