@@ -170,7 +170,8 @@ async def test_5xx_fails_with_an_ndr_to_the_sender_and_a_copy_to_the_admin(
         report = parse_mail(ndr["content"])
         assert report.get_content_type() == "multipart/report"
         assert report["Subject"] == "Undeliverable: Scan 7"
-        assert report["From"].addresses[0].addr_spec == "postmaster@relay.test"
+        # the (first, as none is the default) accepted domain's postmaster, as Exchange's
+        assert report["From"].addresses[0].addr_spec == "postmaster@corp.test"
         text, status, headers = report.get_payload()
         assert "Delivery has failed to these recipients or groups:" in text.get_content()
         assert "bob@example.com" in text.get_content()
@@ -201,6 +202,42 @@ async def test_5xx_fails_with_an_ndr_to_the_sender_and_a_copy_to_the_admin(
         (dsn_event,) = tracking(relay, "DSN")
         assert dsn_event["reference"] == ["<Scan-7@senders.test>"]
         assert dsn_event["internal-message-id"] == dsn.queue_id
+
+
+async def test_an_ndr_comes_from_the_default_domains_postmaster_and_is_dkim_signed(
+    tmp_path: Path,
+) -> None:
+    """Exchange's reports come from postmaster@<default accepted domain> (`relaygate domain add
+    --default` says "postmaster@ for NDRs"). They came from postmaster@<server fqdn>, a domain
+    with no DKIM key (keys match the exact domain), so every NDR and delay notice went out
+    unsigned although the organisation's domain had a key."""
+    import dkim
+
+    from relaygate.dkim.keys import generate_key
+
+    pem, record = generate_key("rsa-sha256")
+    key_file = tmp_path / "s1.key"
+    key_file.write_bytes(pem)
+    extra = (
+        '\n[[accepted_domains]]\ndomain = "senders.test"\ndefault = true\n'
+        f'\n[[dkim]]\ndomain = "senders.test"\nselector = "s1"\nkey_file = "{key_file}"\n'
+    )
+    async with (
+        sinks(ScriptedHandler(lambda _a, _n: "550 5.1.1 User unknown"), ScriptedHandler()) as (
+            a,
+            b,
+        ),
+        relay_running(tmp_path, {"*": a.port, "senders.test": b.port}, extra=extra) as relay,
+    ):
+        await send(relay, SENDER, ["bob@example.com"], original("Scan 8"))
+        (ndr,) = await wait_for(lambda: reports(b))
+        content = ndr["content"]
+        assert parse_mail(content)["From"].addresses[0].addr_spec == "postmaster@senders.test"
+        assert content.startswith(b"DKIM-Signature: ")
+        assert b"d=senders.test" in content
+        assert dkim.verify(content, dnsfunc=lambda name, timeout=5: record.encode())
+        # Reporting-MTA stays the server's own name: the host that made the report
+        assert b"Reporting-MTA: dns; relay.test\r\n" in content
 
 
 async def test_an_ndr_that_cannot_be_queued_retries_the_failed_and_records_the_delivered(

@@ -452,6 +452,19 @@ class Config:
     def dkim_keys(self) -> tuple[DkimKey, ...]:
         return self.dkim
 
+    @property
+    def postmaster(self) -> str:
+        """``postmaster@<default accepted domain>`` (the first accepted domain when none is the
+        default, the server's FQDN when there is none): Exchange's postmaster for external
+        DSNs, the From of the relay's NDRs and delay notices. The organisation's domain, not
+        the relay's host name: that is where DKIM keys and DMARC policies are."""
+        default = next((d.domain for d in self.accepted_domains if d.default), None)
+        if default is None and self.accepted_domains:
+            default = self.accepted_domains[0].domain
+        if default is None:
+            return f"postmaster@{self.server.fqdn}"
+        return f"postmaster@{default.removeprefix('*.')}"
+
     def ipv6_only(self, port: int) -> bool:
         """A [::] listener on `port` is IPv6-only: an enabled connector binds 0.0.0.0 there too
         (else it is dual-stack and also receives IPv4 clients, as ::ffff:a.b.c.d)."""

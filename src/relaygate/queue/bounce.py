@@ -12,7 +12,9 @@ The report has three parts:
 3. ``text/rfc822-headers``: the header block of the original message (never its body: the original
    may be large or sensitive, and devices often send to addresses nobody reads).
 
-The report comes ``From: postmaster@<fqdn>`` (MAILER-DAEMON style) and is sent with the null
+The report comes ``From: Mail Delivery System <postmaster>``, the postmaster address the caller
+gives (the queue manager's is the default accepted domain's, as Exchange's, so that the domain's
+DKIM key signs it; ``postmaster@<reporting MTA>`` when none is given), and is sent with the null
 envelope sender ``<>`` so that it can never cause another report. Pure: bytes in, bytes out.
 """
 

@@ -25,7 +25,8 @@ durably before it forgets the message:
   ``550 4.4.7 QUEUE.Expired; message expired``, and an NDR.
 
 NDRs and delay notices (`relaygate.queue.bounce`) go to the original envelope sender (never when it
-is ``<>``), NDRs also to ``admin_notification_address`` when set. They are submitted to the store as
+is ``<>``), NDRs also to ``admin_notification_address`` when set, from the default accepted domain's
+postmaster (Exchange's; that domain's DKIM key signs them). They are submitted to the store as
 ordinary messages with the null sender, so they are durable and delivered by this same loop. A report
 is stored *before* the outcome that caused it is recorded: a crash in between can duplicate a report,
 never lose one.
@@ -1277,7 +1278,8 @@ class QueueManager:
     # ------------------------------------------------------------------------------ reports
 
     def postmaster(self) -> str:
-        return f"postmaster@{self.config.server.fqdn}"
+        """The reports' From: the default accepted domain's postmaster (signed with its key)."""
+        return str(self.config.postmaster)
 
     async def send_dsn(
         self,

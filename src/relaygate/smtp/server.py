@@ -467,13 +467,10 @@ class ServerContext:
         return self.protocol_log.session(connector.name, local, client)
 
     def postmaster_address(self) -> str:
-        default = next((d.domain for d in self.config.accepted_domains if d.default), None)
-        if default is None and self.config.accepted_domains:
-            default = self.config.accepted_domains[0].domain.removeprefix("*.")
         admin = self.config.queue.admin_notification_address
         if admin:
             return admin
-        return f"postmaster@{default or self.config.server.fqdn}"
+        return self.config.postmaster
 
     def message_received(
         self, queue_id: str, envelope: Envelope, size: int, session: Session
