@@ -240,6 +240,26 @@ def test_two_from_headers_fall_back_to_envelope(tmp_path):
     assert result.reason == "not signed: message has 2 From headers"
 
 
+def test_a_from_line_in_the_body_of_a_message_without_an_empty_line_is_not_a_header(
+    tmp_path, loopback_dns
+):
+    """The key was chosen from everything up to the first empty line, so in a message that has
+    none a body line "From: ..." counted as a second From: the envelope sender's domain signed
+    (other.example) although the message as sent, with the empty line put where its header ends,
+    is From corp.example. The header ends for the choice where it ends for the signature."""
+    corp, other = _key(tmp_path), _key(tmp_path, domain="other.example", selector="o1")
+    _publish(loopback_dns, corp)
+    message = (
+        b"From: Scanner <scanner@corp.example>\r\nSubject: report\r\n"
+        b"Forwarded report follows\r\nFrom: x@other.example\r\n"
+    )
+    result = DkimSigner([corp, other]).sign(message, envelope_sender="bounce@other.example")
+    assert result.signed and result.domain == "corp.example", result.reason
+    assert dkim.verify(result.data, dnsfunc=loopback_dns.txt_lookup)
+    strict = DkimSigner([corp], envelope_fallback=False)
+    assert strict.sign(message, envelope_sender="bounce@other.example").signed
+
+
 def test_null_envelope_sender_and_no_from(tmp_path):
     signer = DkimSigner([_key(tmp_path)])
     result = signer.sign(b"Subject: x\r\n\r\nbody\r\n", envelope_sender="")

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import dkim
 from relaygate.dkim.keys import DkimKeyError, LoadedKey, key_path, load_private_key
-from relaygate.header_section import with_empty_line
+from relaygate.header_section import header_end, with_empty_line
 
 __all__ = [
     "DEFAULT_SIGNED_HEADERS",
@@ -60,6 +60,7 @@ DOMAIN_SOURCES = ("header_from", "envelope_sender")
 # Headers RFC 6376 says must not be signed (they change in transit); dkimpy refuses them.
 _NEVER_SIGN = frozenset(h.decode() for h in dkim.DKIM.SHOULD_NOT)
 _LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
+_LINE_END = re.compile(r"\r?\n")
 
 
 class DkimKeyConfig(Protocol):
@@ -207,15 +208,14 @@ def from_header_domain(value: str) -> tuple[str | None, str]:
 
 
 def _header_block(message: bytes) -> list[tuple[str, str]]:
-    """Unfolded ``(name, value)`` pairs of the header section (names as written)."""
-    end = len(message)
-    for sep in (b"\r\n\r\n", b"\n\n"):
-        idx = message.find(sep)
-        if idx != -1:
-            end = min(end, idx)
-    text = message[:end].decode("utf-8", errors="replace")
+    """Unfolded ``(name, value)`` pairs of the header section (names as written).
+
+    The section ends where `header_end` says, as for the signature (`with_empty_line`) and the
+    receiving session: in a message without an empty line, a body line such as ``From: ...``
+    is body, not a second From that would hand the choice to the envelope sender's domain."""
+    text = message[: header_end(message)].decode("utf-8", errors="replace")
     fields: list[tuple[str, str]] = []
-    for line in re.split(r"\r?\n", text):
+    for line in _LINE_END.split(text):
         if line[:1] in (" ", "\t") and fields:
             name, value = fields[-1]
             fields[-1] = (name, value + " " + line.strip())
