@@ -230,14 +230,39 @@ def test_from_header_parser_accepts(value, domain):
     assert from_header_domain(value) == (domain, "")
 
 
-def test_two_from_headers_fall_back_to_envelope(tmp_path):
-    message = b"From: a@corp.example\r\nFrom: b@evil.example\r\nSubject: x\r\n\r\nbody\r\n"
-    signer = DkimSigner([_key(tmp_path, domain="relay.example")])
-    result = signer.sign(message, envelope_sender="bounce@relay.example")
-    assert result.signed and result.domain == "relay.example"
-    no_key = DkimSigner([_key(tmp_path)], envelope_fallback=False)
-    result = no_key.sign(message, envelope_sender="x@corp.example")
+def test_two_from_headers_fall_back_to_envelope(tmp_path, loopback_dns):
+    message = b"From: a@corp.example\r\nFrom: b@corp.example\r\nSubject: x\r\n\r\nbody\r\n"
+    key = _key(tmp_path)
+    _publish(loopback_dns, key)
+    result = DkimSigner([key]).sign(message, envelope_sender="bounce@corp.example")
+    assert result.signed and result.domain == "corp.example", result.reason
+    assert dkim.verify(result.data, dnsfunc=loopback_dns.txt_lookup)
+    strict = DkimSigner([key], envelope_fallback=False)
+    result = strict.sign(message, envelope_sender="x@corp.example")
     assert result.reason == "not signed: message has 2 From headers"
+
+
+@pytest.mark.parametrize(
+    "froms",
+    [
+        [b"a@corp.example", b"ceo@bank.example"],  # the receiver may check one, show the other
+        [b"ceo@bank.example, a@corp.example"],
+        [b'"CEO" <ceo@bank.example> (unbalanced'],
+    ],
+    ids=["two-from-headers", "two-addresses", "unreadable"],
+)
+def test_the_envelope_domain_never_signs_a_from_of_another_domain(tmp_path, froms):
+    """A From the strict parser cannot use fell back to the envelope sender's domain whatever
+    the From said: corp.example's key signed mail From bank.example (with two From fields, the
+    DMARC bypass of receivers that check one From and show the other). The fallback is for a
+    From without a domain of its own; a From naming another domain goes out unsigned."""
+    head = b"".join(b"From: " + value + b"\r\n" for value in froms)
+    message = head + b"Subject: x\r\n\r\nbody\r\n"
+    result = DkimSigner([_key(tmp_path)]).sign(message, envelope_sender="bounce@corp.example")
+    assert not result.signed
+    assert result.reason.endswith(
+        "; From names bank.example, not the envelope sender's domain corp.example"
+    ), result.reason
 
 
 def test_a_from_line_in_the_body_of_a_message_without_an_empty_line_is_not_a_header(

@@ -6,7 +6,9 @@ Key choice (documented behaviour, also shown by the tracking log):
   ``From`` header, because that is the domain DMARC aligns with. If the message has no ``From``
   header, more than one, a ``From`` with several addresses (or a group), or one the strict parser
   cannot read, the envelope sender's domain is used instead when ``envelope_fallback`` is on (the
-  default); otherwise the message goes out unsigned.
+  default); otherwise the message goes out unsigned. It is not used when a From field names
+  another domain (``From: a@corp.example`` and ``From: ceo@bank.example``): the envelope's key
+  never vouches for a message From someone else's domain; such a message goes out unsigned.
 * ``domain_source="envelope_sender"``: always the envelope sender's (MAIL FROM) domain.
 * Keys match the **exact** domain only: a key for ``corp.example`` does not sign mail from
   ``sub.corp.example`` (that would not align under strict DMARC and surprises admins). Configure
@@ -61,6 +63,7 @@ DOMAIN_SOURCES = ("header_from", "envelope_sender")
 _NEVER_SIGN = frozenset(h.decode() for h in dkim.DKIM.SHOULD_NOT)
 _LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
 _LINE_END = re.compile(r"\r?\n")
+_AT_DOMAIN = re.compile(r"@([^\s<>()\[\]\",;:@\\]+)")
 
 
 class DkimKeyConfig(Protocol):
@@ -205,6 +208,13 @@ def from_header_domain(value: str) -> tuple[str | None, str]:
     if domain is None:
         return None, f"From header address {address.strip()!r} has no usable domain"
     return domain, ""
+
+
+def _named_domains(values: Iterable[str]) -> set[str]:
+    """Every domain written after an ``@`` in ``values`` (From fields the strict parser refused),
+    display names and comments included: the domains a lenient reader may take the From for."""
+    found = (_normalise_domain(m.group(1)) for v in values for m in _AT_DOMAIN.finditer(v))
+    return {domain for domain in found if domain is not None}
 
 
 def _header_block(message: bytes) -> list[tuple[str, str]]:
@@ -364,7 +374,16 @@ class DkimSigner:
                 return domain, ""
         if not self.envelope_fallback:
             return None, why
-        return self._envelope_domain(envelope_sender, why)
+        domain, fallback_why = self._envelope_domain(envelope_sender, why)
+        # The fallback is for a From without a domain of its own (none, a group, a literal):
+        # the envelope's key must not vouch for a From naming another domain (two From fields
+        # are the DMARC bypass of receivers that check one and show the other).
+        others = sorted(_named_domains(froms) - {domain}) if domain is not None else []
+        if others:
+            return None, (
+                f"{why}; From names {', '.join(others)}, not the envelope sender's domain {domain}"
+            )
+        return domain, fallback_why
 
     @staticmethod
     def _envelope_domain(envelope_sender: str, why: str) -> tuple[str | None, str]:
