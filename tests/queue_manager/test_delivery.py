@@ -212,7 +212,6 @@ async def test_an_ndr_comes_from_the_default_domains_postmaster_and_is_dkim_sign
     with no DKIM key (keys match the exact domain), so every NDR and delay notice went out
     unsigned although the organisation's domain had a key."""
     import dkim
-
     from relaygate.dkim.keys import generate_key
 
     pem, record = generate_key("rsa-sha256")
