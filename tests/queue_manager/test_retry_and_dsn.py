@@ -181,3 +181,31 @@ def test_a_utf8_recipient_is_of_type_utf8_in_a_global_delivery_status() -> None:
     assert b"Content-Type: message/global-delivery-status" in body
     assert "Final-Recipient: utf-8; jörg@example.com\r\n".encode() in body
     assert b"Final-Recipient: rfc822; bob@example.com\r\n" in body
+
+
+def test_a_utf8_message_id_is_not_copied_into_the_reports_own_header() -> None:
+    """In-Reply-To and References carried the original's Message-ID as it was: a UTF-8 one
+    (an SMTPUTF8 client's, or undeclared 8-bit) made the report's own header UTF-8, so the
+    report needed SMTPUTF8 and never reached an ASCII sender whose next hop lacks it, for the
+    sake of two optional fields. An ASCII Message-ID is still referenced."""
+    utf8 = ORIGINAL.replace(b"<scan-1@corp.test>", "<bericht-märz@corp.test>".encode())
+    out = build_dsn(
+        action="failed",
+        reporting_mta="relay.test",
+        to="scanner@corp.test",
+        original=utf8,
+        recipients=[DsnRecipient("bob@example.com", Reply(550, "5.1.1", "User unknown"))],
+        received_at=0.0,
+    )
+    head = out[: out.index(b"\r\n\r\n")]
+    assert head.isascii(), head
+    assert b"In-Reply-To" not in head and b"References" not in head
+    ascii_out = build_dsn(
+        action="failed",
+        reporting_mta="relay.test",
+        to="scanner@corp.test",
+        original=ORIGINAL,
+        recipients=[DsnRecipient("bob@example.com", Reply(550, "5.1.1", "User unknown"))],
+        received_at=0.0,
+    )
+    assert b"\r\nIn-Reply-To: <scan-1@corp.test>\r\nReferences: <scan-1@corp.test>\r\n" in ascii_out

@@ -257,7 +257,9 @@ def build_dsn(
         f"Date: {formatdate(now, localtime=False, usegmt=True)}",
         f"Message-ID: {message_id}",
     ]
-    if orig_msgid:
+    # Only an ASCII one: a UTF-8 Message-ID would make the report's own header UTF-8, and the
+    # report then needs SMTPUTF8 (RFC 6531) to reach a sender who may well not have it.
+    if orig_msgid and orig_msgid.isascii():
         head.append(f"In-Reply-To: {orig_msgid}")
         head.append(f"References: {orig_msgid}")
     head += [
