@@ -158,9 +158,16 @@ def smtp_port(relay: Relay) -> int:
 
 
 async def send(
-    relay: Relay, sender: str, recipients: list[str], data: bytes, *, mail_params: bytes = b""
+    relay: Relay,
+    sender: str,
+    recipients: list[str],
+    data: bytes,
+    *,
+    mail_params: bytes = b"",
+    rcpt_params: dict[str, bytes] | None = None,
 ) -> tuple[int, str]:
-    """Submit through the relay's own SMTP listener; returns the end-of-DATA reply."""
+    """Submit through the relay's own SMTP listener; returns the end-of-DATA reply.
+    rcpt_params: what follows ``RCPT TO:<address>`` by address (`` NOTIFY=NEVER``)."""
     client = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(relay), timeout=10)
     await client.connect()
     try:
@@ -170,7 +177,8 @@ async def send(
         )
         assert resp.code == 250, resp
         for r in recipients:
-            resp = await client.execute_command(b"RCPT", b"TO:<" + r.encode() + b">")
+            params = (rcpt_params or {}).get(r, b"")
+            resp = await client.execute_command(b"RCPT", b"TO:<" + r.encode() + b">" + params)
             assert resp.code == 250, resp
         resp = await client.data(data)
         return resp.code, resp.message

@@ -415,6 +415,76 @@ async def test_an_ndr_returns_the_header_of_a_message_without_an_empty_line_not_
         )
 
 
+async def test_notify_orcpt_and_envid_given_by_the_client_are_honoured_in_the_reports(
+    tmp_path: Path,
+) -> None:
+    """RFC 3461's NOTIFY, ORCPT and ENVID were accepted and then ignored: NOTIFY=NEVER still
+    got an NDR (a monitoring tool asking never to be bounced to), NOTIFY=FAILURE a delay
+    notice, and ORCPT/ENVID never came back (Original-Recipient, Original-Envelope-Id) for the
+    sender to match the report with. A recipient without NOTIFY keeps the default (failure and
+    delay); the admin's copy is a copy of what is sent, as Exchange's GenerateCopyOfDSNFor."""
+    never, failure, default = "never@example.com", "failure@example.com", "plain@example.com"
+    late = "late@example.com"
+
+    def policy(address: str, _attempt: int) -> str | None:
+        return "451 4.3.2 Mailbox busy" if address == late else "550 5.1.1 User unknown"
+
+    async with (
+        sinks(ScriptedHandler(policy), ScriptedHandler()) as (a, b),
+        relay_running(
+            tmp_path,
+            {"*": a.port, "senders.test": b.port},
+            queue={
+                "admin_notification_address": ADMIN,
+                "transient_failure_retry_interval": "00:00:00.5",
+                "delay_notification_timeout": "00:00:01",
+            },
+        ) as relay,
+    ):
+        await send(
+            relay,
+            SENDER,
+            [never, failure, default],
+            original("Notify"),
+            mail_params=b" ENVID=QQ314159",
+            rcpt_params={
+                never: b" NOTIFY=NEVER",
+                failure: b" NOTIFY=FAILURE ORCPT=rfc822;Failure+2Bold@example.com",
+            },
+        )
+        (ndr,) = await wait_for(lambda: reports(b))
+        assert ndr["rcpt_tos"] == [SENDER, ADMIN]
+        report = parse_mail(ndr["content"])
+        per_message, *per_rcpt = report.get_payload()[1].get_payload()
+        assert per_message["Original-Envelope-Id"] == "QQ314159"
+        finals = [r["Final-Recipient"] for r in per_rcpt]
+        assert finals == [f"rfc822; {failure}", f"rfc822; {default}"]  # not NOTIFY=NEVER's
+        assert per_rcpt[0]["Original-Recipient"] == "rfc822; Failure+old@example.com"
+        assert per_rcpt[1]["Original-Recipient"] is None
+        assert never not in report.get_payload()[0].get_content()
+
+        # NOTIFY=NEVER only: nothing at all; NOTIFY=FAILURE: no delay notice
+        await send(relay, SENDER, [never], original("Never"), rcpt_params={never: b" NOTIFY=NEVER"})
+        await send(
+            relay, SENDER, [late], original("Not late"), rcpt_params={late: b" NOTIFY=FAILURE"}
+        )
+
+        async def settled() -> bool:
+            msgs = await relay.store.list_messages()
+            never_msg = next((m for m in msgs if m.message_id == "<Never@senders.test>"), None)
+            late_msg = next((m for m in msgs if m.message_id == "<Not-late@senders.test>"), None)
+            return (
+                never_msg is not None
+                and never_msg.recipients[0].status == RecipientStatus.FAILED
+                and late_msg is not None
+                and late_msg.delay_notified
+            )
+
+        await wait_for(settled)
+        assert len(reports(b)) == 1
+        assert len([m for m in await relay.store.list_messages() if m.sender == ""]) == 1
+
+
 async def test_the_null_sender_is_never_bounced(tmp_path: Path) -> None:
     async with (
         sinks(ScriptedHandler(lambda _a, _n: "550 5.1.1 User unknown"), ScriptedHandler()) as (

@@ -209,3 +209,34 @@ def test_a_utf8_message_id_is_not_copied_into_the_reports_own_header() -> None:
         received_at=0.0,
     )
     assert b"\r\nIn-Reply-To: <scan-1@corp.test>\r\nReferences: <scan-1@corp.test>\r\n" in ascii_out
+
+
+def test_orcpt_and_envid_come_back_decoded_and_cannot_add_fields() -> None:
+    """ORCPT and ENVID are xtext: given back decoded (RFC 3464 Original-Recipient,
+    Original-Envelope-Id), a UTF-8 one (RFC 6533 utf-8-addr-xtext) in a global delivery status,
+    and an encoded CR LF cannot start a field of its own in the report."""
+    body = build_dsn(
+        action="failed",
+        reporting_mta="relay.test",
+        to="scanner@corp.test",
+        original=ORIGINAL,
+        recipients=[
+            DsnRecipient(
+                "joerg@example.com",
+                Reply(550, "5.1.1", "User unknown"),
+                original_recipient="utf-8;j\\x{F6}rg@example.com",
+            ),
+            DsnRecipient(
+                "bob@example.com",
+                Reply(550, "5.1.1", "User unknown"),
+                original_recipient="rfc822;bob@example.com+0D+0AAction:+20delivered",
+            ),
+        ],
+        received_at=0.0,
+        envelope_id="QQ+2B1+0D+0AStatus:+202.0.0",
+    )
+    assert b"Content-Type: message/global-delivery-status" in body
+    assert "Original-Recipient: utf-8; jörg@example.com\r\n".encode() in body
+    assert b"Original-Recipient: rfc822; bob@example.comAction: delivered\r\n" in body
+    assert b"Original-Envelope-Id: QQ+1Status: 2.0.0\r\n" in body
+    assert b"\r\nAction: delivered" not in body and b"\r\nStatus: 2.0.0" not in body

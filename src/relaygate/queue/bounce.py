@@ -20,16 +20,18 @@ envelope sender ``<>`` so that it can never cause another report. Pure: bytes in
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.header import Header
 from email.utils import format_datetime, formatdate
 
 from relaygate.header_section import header_end
+from relaygate.queue.model import DSN_NOTIFY, DSN_ORCPT
 from relaygate.replies import Reply
 
 __all__ = [
@@ -37,6 +39,9 @@ __all__ = [
     "build_dsn",
     "header_block",
     "header_value",
+    "notify_allows",
+    "original_recipients",
+    "parse_notify",
     "status_of",
 ]
 
@@ -45,6 +50,9 @@ _FOLD = re.compile(rb"\r?\n[ \t]+")
 # U+009B is a terminal's CSI), so header text shown by `relaygate queue show` or copied into a
 # report cannot drive a terminal or forge lines.
 _CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+# xtext's "+XX" (RFC 3461 §4) and utf-8-addr-xtext's "\x{HHHH}" (RFC 6533 §3)
+_XTEXT_CHAR = re.compile(r"\+([0-9A-Fa-f]{2})|\\x\{([0-9A-Fa-f]{1,6})\}")
+_NOTIFY_CONDITIONS = frozenset(("SUCCESS", "FAILURE", "DELAY"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +64,7 @@ class DsnRecipient:
     remote_mta: str = ""
     last_attempt: float | None = None
     last_error: str = ""  # the last remote error, shown beside an expiry
+    original_recipient: str = ""  # the client's ORCPT (``rfc822;john+40corp.example``), as given
 
 
 def header_block(message: bytes) -> bytes:
@@ -84,6 +93,57 @@ def header_value(message: bytes, name: str) -> str:
             value = line[len(wanted) :].decode("utf-8", "replace").strip()
             return _CTL.sub("", value)
     return ""
+
+
+def parse_notify(value: str | None) -> str | None:
+    """A NOTIFY parameter (RFC 3461 §4.1) as ``NEVER`` or its conditions sorted and joined by
+    ``,``; None for a malformed one (ignored, as every NOTIFY was before it was honoured)."""
+    conditions = [c.strip().upper() for c in (value or "").split(",")]
+    if conditions == ["NEVER"]:
+        return "NEVER"
+    if len(set(conditions)) != len(conditions) or not set(conditions) <= _NOTIFY_CONDITIONS:
+        return None
+    return ",".join(sorted(conditions))
+
+
+def notify_allows(metadata: Mapping[str, str], address: str, action: str) -> bool:
+    """Whether the recipient's NOTIFY asks for a report of ``action`` (``failed`` needs FAILURE,
+    ``delayed`` DELAY); a recipient without NOTIFY gets both, the relay's default."""
+    notify = _recipient_map(metadata, DSN_NOTIFY).get(address)
+    if notify is None:
+        return True
+    return ("FAILURE" if action == "failed" else "DELAY") in notify.split(",")
+
+
+def original_recipients(metadata: Mapping[str, str]) -> dict[str, str]:
+    """The ORCPT each recipient was given with, by address."""
+    return _recipient_map(metadata, DSN_ORCPT)
+
+
+def _recipient_map(metadata: Mapping[str, str], key: str) -> dict[str, str]:
+    raw = metadata.get(key)
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def _xtext_char(m: re.Match[str]) -> str:
+    code = int(m.group(1) or m.group(2), 16)
+    return chr(code) if code <= 0x10FFFF else m.group()
+
+
+def _xtext_decoded(text: str) -> str:
+    return _clean(_XTEXT_CHAR.sub(_xtext_char, text))
+
+
+def _original_recipient(orcpt: str) -> str:
+    """ORCPT's ``type;xtext`` as an Original-Recipient value (RFC 3464 §2.3.1), decoded."""
+    address_type, _, address = orcpt.partition(";")
+    return f"{_clean(address_type.strip())}; {_xtext_decoded(address.strip())}"
 
 
 def status_of(reply: Reply) -> str:
@@ -152,11 +212,13 @@ def build_dsn(
     now: float | None = None,
     postmaster: str | None = None,
     message_id: str | None = None,
+    envelope_id: str = "",
 ) -> bytes:
     """The report as bytes (CRLF line ends, 7-bit headers of its own).
 
     action: ``failed`` (NDR) or ``delayed`` (delay notice). to: the original envelope sender (the
     ``To`` header). original: the original message (only its header block is used).
+    envelope_id: the client's ENVID (xtext), given back decoded as Original-Envelope-Id.
     """
     if action not in ("failed", "delayed"):
         raise ValueError(f"action must be 'failed' or 'delayed', not {action!r}")
@@ -219,9 +281,10 @@ def build_dsn(
     human = nl.join(text).encode("utf-8") + b"\r\n" + orig_headers
 
     # ---------------------------------------------------------------- delivery-status part
-    status: list[str] = [
-        f"Reporting-MTA: dns; {fqdn}",
-    ]
+    status: list[str] = []
+    if envelope_id:
+        status.append(f"Original-Envelope-Id: {_xtext_decoded(envelope_id)}")
+    status.append(f"Reporting-MTA: dns; {fqdn}")
     if queue_id:
         status.append(f"X-RelayGate-Queue-Id: {queue_id}")
     status.append(f"Arrival-Date: {_date(received_at)}")
@@ -230,6 +293,8 @@ def build_dsn(
         # RFC 6533 §3: a UTF-8 address is of type utf-8 (the part is then
         # message/global-delivery-status), an ASCII one rfc822.
         address_type = "rfc822" if r.address.isascii() else "utf-8"
+        if r.original_recipient:
+            status.append(f"Original-Recipient: {_original_recipient(r.original_recipient)}")
         status.append(f"Final-Recipient: {address_type}; {_clean(r.address)}")
         status.append(f"Action: {action}")
         status.append(f"Status: {status_of(r.reply)}")

@@ -76,8 +76,16 @@ from relaygate.delivery.routing import (
 from relaygate.delivery.send_as import rewrite_headers
 from relaygate.delivery.wire import prepare_data
 from relaygate.queue import pacing
-from relaygate.queue.bounce import DsnRecipient, build_dsn, header_block, header_value
+from relaygate.queue.bounce import (
+    DsnRecipient,
+    build_dsn,
+    header_block,
+    header_value,
+    notify_allows,
+    original_recipients,
+)
 from relaygate.queue.model import (
+    DSN_ENVID,
     LINE_BREAKS,
     LINE_BREAKS_CRLF,
     PENDING_STATUSES,
@@ -1290,16 +1298,26 @@ class QueueManager:
         action: str = "failed",
     ) -> str | None:
         """Store a report about ``msg`` and wake the loop; its queue id, or None when none is due
-        (null sender, no recipients). NDRs (``failed``) are copied to admin_notification_address."""
+        (null sender, no recipients, or none whose NOTIFY asks for it). NDRs (``failed``) are
+        copied to admin_notification_address (a copy of what is sent, as Exchange's
+        GenerateCopyOfDSNFor: none for NOTIFY=NEVER)."""
         if not recipients:
             return None
+        kind = "non-delivery" if action == "failed" else "delay"
         if msg.sender in ("", "<>"):
             log.info(
-                "message %s from <>: no %s report (never to the null sender)",
-                msg.queue_id,
-                "non-delivery" if action == "failed" else "delay",
+                "message %s from <>: no %s report (never to the null sender)", msg.queue_id, kind
             )
             return None
+        recipients = [r for r in recipients if notify_allows(msg.metadata, r.address, action)]
+        if not recipients:
+            log.info("message %s: no %s report (its recipients' NOTIFY)", msg.queue_id, kind)
+            return None
+        orcpts = original_recipients(msg.metadata)
+        if orcpts:
+            recipients = [
+                replace(r, original_recipient=orcpts.get(r.address, "")) for r in recipients
+            ]
         to = [msg.sender]
         admin = (self.config.queue.admin_notification_address or "").strip()
         if action == "failed" and admin and admin.lower() != msg.sender.lower():
@@ -1316,6 +1334,7 @@ class QueueManager:
             will_retry_until=self.schedule.expires_at(msg.received_at),
             now=self.clock(),
             postmaster=self.postmaster(),
+            envelope_id=msg.metadata.get(DSN_ENVID, ""),
         )
         message_id = header_value(body, "Message-ID")
         metadata = {"dsn": action, "original_queue_id": msg.queue_id}

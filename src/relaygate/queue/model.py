@@ -15,6 +15,9 @@ from enum import StrEnum
 from typing import Any
 
 __all__ = [
+    "DSN_ENVID",
+    "DSN_NOTIFY",
+    "DSN_ORCPT",
     "FINAL_STATUSES",
     "LINE_BREAKS",
     "LINE_BREAKS_CRLF",
@@ -177,6 +180,13 @@ LINE_BREAKS_CRLF = "CRLF"
 #: Envelope metadata key, set to "1" when the client declared SMTPUTF8 on MAIL: a message with
 #: UTF-8 in its headers then goes only to a next hop that offers SMTPUTF8 (RFC 6531 §3.2).
 SMTPUTF8 = "smtputf8"
+
+#: Envelope metadata keys for the RFC 3461 parameters a client gave (DSN is not advertised, but
+#: what is accepted is honoured in the relay's own reports): NOTIFY and ORCPT as JSON objects by
+#: recipient address (only the recipients that had one), ENVID as given (xtext).
+DSN_NOTIFY = "dsn_notify"
+DSN_ORCPT = "dsn_orcpt"
+DSN_ENVID = "dsn_envid"
 
 
 @dataclass

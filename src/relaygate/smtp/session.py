@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import json
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -33,7 +34,17 @@ from relaygate.policy.verdicts import (
     check_rcpt,
     relay_local_ips,
 )
-from relaygate.queue.model import LINE_BREAKS, LINE_BREAKS_CRLF, SMTPUTF8, Envelope, StoredMessage
+from relaygate.queue.bounce import parse_notify
+from relaygate.queue.model import (
+    DSN_ENVID,
+    DSN_NOTIFY,
+    DSN_ORCPT,
+    LINE_BREAKS,
+    LINE_BREAKS_CRLF,
+    SMTPUTF8,
+    Envelope,
+    StoredMessage,
+)
 from relaygate.queue.store import StoreError, StoreFullError, StoreOutcomeUnknownError
 from relaygate.replies import Reply
 from relaygate.smtp.message import (
@@ -73,6 +84,21 @@ class _Transaction:
     recipients: list[str] = field(default_factory=list)
     body: str = "7BIT"
     smtputf8: bool = False
+    # RFC 3461 parameters, kept for the relay's own reports (by recipient address)
+    envid: str = ""
+    notify: dict[str, str] = field(default_factory=dict)
+    orcpt: dict[str, str] = field(default_factory=dict)
+
+
+def _keep_dsn_params(txn: _Transaction, address: str, params: dict[str, str | None]) -> None:
+    """A recipient's NOTIFY and ORCPT, honoured in the relay's own reports (a malformed NOTIFY
+    is ignored, as every NOTIFY was before)."""
+    notify = parse_notify(params.get("NOTIFY"))
+    if notify is not None:
+        txn.notify[address] = notify
+    orcpt = params.get("ORCPT")
+    if orcpt:
+        txn.orcpt[address] = orcpt
 
 
 class Session:
@@ -368,8 +394,9 @@ class Session:
             lines.append("SIZE")
         if c.pipelining_enabled:
             lines.append("PIPELINING")
-        # DSN (RFC 3461) is not advertised: NOTIFY/RET are not honoured yet, and advertising an
-        # extension we do not implement would mislead clients. The parameters are tolerated.
+        # DSN (RFC 3461) is not advertised: no success or relayed reports are made and the
+        # parameters are not passed on to the next hop. A client that gives them anyway has
+        # NOTIFY (failure, delay), ORCPT and ENVID honoured in the relay's own reports.
         if c.enhanced_status_codes_enabled:
             lines.append("ENHANCEDSTATUSCODES")
         if (
@@ -424,7 +451,8 @@ class Session:
             elif key == "SMTPUTF8" and value is None:
                 txn.smtputf8 = True
             elif key in ("RET", "ENVID") and self.connector.delivery_status_notification_enabled:
-                pass
+                if key == "ENVID" and value:
+                    txn.envid = value
             elif key == "AUTH":
                 pass  # RFC 4954 §5: informational; never trusted
             else:
@@ -498,6 +526,7 @@ class Session:
             return
         address = str(rcpt) if rcpt.domain else self.ctx.postmaster_address()
         self.txn.recipients.append(address)
+        _keep_dsn_params(self.txn, address, params)
         self.reply(verdict.reply)
 
     async def do_data(self, arg: str) -> None:
@@ -660,6 +689,12 @@ class Session:
             envelope.metadata[LINE_BREAKS] = LINE_BREAKS_CRLF
         if txn.smtputf8:
             envelope.metadata[SMTPUTF8] = "1"
+        if txn.notify:
+            envelope.metadata[DSN_NOTIFY] = json.dumps(txn.notify)
+        if txn.orcpt:
+            envelope.metadata[DSN_ORCPT] = json.dumps(txn.orcpt)
+        if txn.envid:
+            envelope.metadata[DSN_ENVID] = txn.envid
         data = header + content
         handoff = self.ctx.handoff
         lease = handoff.lease_for_new() if handoff is not None else None
