@@ -420,3 +420,25 @@ def test_a_message_without_an_empty_line_is_signed_with_one_inserted(tmp_path, l
     result = DkimSigner([key]).sign(all_header, envelope_sender="scanner@corp.example")
     assert result.signed and result.data.endswith(all_header), result.reason
     assert dkim.verify(result.data, dnsfunc=loopback_dns.txt_lookup)
+
+
+def test_a_field_name_with_white_space_before_its_colon_is_signed(tmp_path, loopback_dns):
+    """RFC 5322's obsolete ``Subject : x`` (old devices write it; the session accepts it as a
+    header field) made dkimpy refuse the message ("Unexpected characters in RFC822 header") and
+    it went out unsigned; ``From : x`` alone (dkimpy skips it as an mbox "From " line) was
+    signed as if there were no From, which fails at every verifier that reads the field. The
+    space is dropped, as relaxed canonicalisation does anyway, and the message as sent
+    verifies; a body line of that shape is left alone."""
+    key = _key(tmp_path)
+    _publish(loopback_dns, key)
+    message = (
+        b"From : Scanner <scanner@corp.example>\r\nSubject\t: Scan\r\nTo: a@b.example\r\n\r\n"
+        b"Note : body lines keep their space\r\n"
+    )
+    result = DkimSigner([key]).sign(message, envelope_sender="scanner@corp.example")
+    assert result.signed and result.domain == "corp.example", result.reason
+    assert result.data.endswith(
+        b"From: Scanner <scanner@corp.example>\r\nSubject: Scan\r\nTo: a@b.example\r\n\r\n"
+        b"Note : body lines keep their space\r\n"
+    )
+    assert dkim.verify(result.data, dnsfunc=loopback_dns.txt_lookup)

@@ -63,6 +63,8 @@ DOMAIN_SOURCES = ("header_from", "envelope_sender")
 _NEVER_SIGN = frozenset(h.decode() for h in dkim.DKIM.SHOULD_NOT)
 _LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
 _LINE_END = re.compile(r"\r?\n")
+# A field name with white space before its colon (RFC 5322 obs-optional: "Subject : x").
+_SPACED_NAME = re.compile(rb"^([!-9;-~]+)[ \t]+:", re.MULTILINE)
 _AT_DOMAIN = re.compile(r"@([^\s<>()\[\]\",;:@\\]+)")
 
 
@@ -215,6 +217,20 @@ def _named_domains(values: Iterable[str]) -> set[str]:
     display names and comments included: the domains a lenient reader may take the From for."""
     found = (_normalise_domain(m.group(1)) for v in values for m in _AT_DOMAIN.finditer(v))
     return {domain for domain in found if domain is not None}
+
+
+def _tight_field_names(message: bytes) -> bytes:
+    """``message`` with the white space between a header field's name and its colon dropped.
+
+    dkimpy reads ``Subject : x`` as no field at all: it refused the message (sent unsigned) and,
+    for ``From : x`` (an mbox "From " line to it), signed as if there were no From, a signature
+    that fails at every receiver that reads the field. Relaxed canonicalisation drops that space
+    anyway, so the signature is the same; the message sent is the one signed."""
+    end = header_end(message)
+    head = message[:end]
+    if _SPACED_NAME.search(head) is None:
+        return message  # the usual case: no copy
+    return _SPACED_NAME.sub(rb"\1:", head) + message[end:]
 
 
 def _header_block(message: bytes) -> list[tuple[str, str]]:
@@ -417,7 +433,7 @@ class DkimSigner:
         # dkimpy refuses a header followed by a body line with no empty line between them
         # ("Unexpected characters in RFC822 header"), and the message went out unsigned: the
         # empty line is inserted where the header ends, and what is signed is what is sent.
-        message = with_empty_line(message, linesep)
+        message = _tight_field_names(with_empty_line(message, linesep))
         present: dict[str, int] = {}
         for name, _ in _header_block(message):
             present[name.lower()] = present.get(name.lower(), 0) + 1
