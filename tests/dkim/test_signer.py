@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -442,3 +443,30 @@ def test_a_field_name_with_white_space_before_its_colon_is_signed(tmp_path, loop
         b"Note : body lines keep their space\r\n"
     )
     assert dkim.verify(result.data, dnsfunc=loopback_dns.txt_lookup)
+
+
+def test_a_key_file_every_local_user_can_read_is_warned_about(tmp_path, loopback_dns, caplog):
+    """A key_file copied with cp keeps 0644: every local user can then sign mail as the domain
+    (OpenDKIM refuses such a key). The signer used it without a word; it still signs with it
+    (refusing would send the domain's mail unsigned) but says so, naming the entry, the file,
+    its mode and the fix. Group access is left alone (0640 root:relaygate is the packaged way)."""
+    key = _key(tmp_path)
+    _publish(loopback_dns, key)
+    key.key_file.chmod(0o644)
+    signer = DkimSigner([key])
+    assert signer.sign(MESSAGE, envelope_sender="x@corp.example").signed
+    (warning,) = signer.warnings
+    assert warning.startswith("[[dkim]] corp.example selector s1: ")
+    assert f"DKIM key {key.key_file} has mode 0644" in warning
+    assert f"chmod o-rwx {key.key_file}" in warning
+    # the running relay (start and reload) says it in the service log
+    from types import SimpleNamespace
+
+    from relaygate.queue.manager import _build_signer
+
+    config = SimpleNamespace(dkim=[key], server=SimpleNamespace(dkim_domain_source="header_from"))
+    with caplog.at_level(logging.WARNING, logger="relaygate"):
+        assert _build_signer(config) is not None
+    assert [r.getMessage() for r in caplog.records] == [warning]
+    key.key_file.chmod(0o640)
+    assert DkimSigner([key]).warnings == []

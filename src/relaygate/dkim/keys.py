@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ __all__ = [
     "LoadedKey",
     "dns_record",
     "generate_key",
+    "key_file_mode_warning",
     "key_path",
     "load_any_key",
     "load_private_key",
@@ -249,6 +251,22 @@ def load_private_key(path: Path, algorithm: str) -> LoadedKey:
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
     return LoadedKey(algorithm, dkimpy_key, base64.b64encode(der).decode("ascii"))
+
+
+def key_file_mode_warning(path: Path, domain: str) -> str | None:
+    """A warning when the key file is readable or writable by every local user (a copy keeps
+    `cp`'s 0644): any of them can then sign mail as ``domain``. Group access is left alone (0640
+    root:relaygate, the packaged layout). None otherwise, or when it cannot be examined."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return None
+    if not mode & 0o007:
+        return None
+    return (
+        f"DKIM key {path} has mode {mode:04o}: every local user can read the private key and "
+        f"sign mail as {domain}; chmod o-rwx {path}"
+    )
 
 
 def load_any_key(path: Path) -> LoadedKey:

@@ -31,7 +31,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import dkim
-from relaygate.dkim.keys import DkimKeyError, LoadedKey, key_path, load_private_key
+from relaygate.dkim.keys import (
+    DkimKeyError,
+    LoadedKey,
+    key_file_mode_warning,
+    key_path,
+    load_private_key,
+)
 from relaygate.header_section import header_end, with_empty_line
 
 __all__ = [
@@ -263,6 +269,9 @@ class DkimSigner:
     ``skip_unusable`` (the running relay): an entry with a problem is left out instead, and the
     problems are kept in ``problems``; every usable key still signs. One bad entry (a rotation's
     new key whose file is not there yet, a typo) must not send every domain's mail unsigned.
+
+    ``warnings``: keys that are used but should be looked at (a key file every local user can
+    read); the running relay logs them.
     """
 
     def __init__(
@@ -284,6 +293,7 @@ class DkimSigner:
         self._disabled: dict[str, list[str]] = {}
         self._unusable: dict[str, list[str]] = {}
         problems: list[str] = []
+        self.warnings: list[str] = []
         seen: set[tuple[str, str]] = set()
         for entry in keys:
             domain = _normalise_domain(str(entry.domain))
@@ -336,6 +346,8 @@ class DkimSigner:
         except DkimKeyError as exc:
             problems.append(f"{label}: {exc}")
             return
+        if (warning := key_file_mode_warning(Path(key_file), domain)) is not None:
+            self.warnings.append(f"{label}: {warning}")
         if loaded.algorithm == "ed25519-sha256":
             try:
                 import nacl.signing  # noqa: F401  (dkimpy signs Ed25519 with PyNaCl)

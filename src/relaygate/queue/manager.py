@@ -202,6 +202,8 @@ def _build_signer(config: Any) -> Any:
     # key not written yet) must not send every domain's mail unsigned.
     for problem in signer.problems:
         log.error("DKIM key not used (mail it would sign goes out unsigned): %s", problem)
+    for warning in signer.warnings:  # used, not refused: refusing would send mail unsigned
+        log.warning("%s", warning)
     return signer
 
 
