@@ -240,3 +240,31 @@ def test_orcpt_and_envid_come_back_decoded_and_cannot_add_fields() -> None:
     assert b"Original-Recipient: rfc822; bob@example.comAction: delivered\r\n" in body
     assert b"Original-Envelope-Id: QQ+1Status: 2.0.0\r\n" in body
     assert b"\r\nAction: delivered" not in body and b"\r\nStatus: 2.0.0" not in body
+
+
+@pytest.mark.parametrize(
+    ("reply", "says", "not_said"),
+    [
+        (replies.ROUTE_SIZE_LIMIT, "too large", "no route or mail server"),
+        (replies.MESSAGE_TOO_BIG, "too large", "rejected it"),
+        (replies.LOOP_DETECTED, "configuration", "no route or mail server"),
+        (replies.NO_NEXT_HOP, "no route or mail server", "too large"),
+    ],
+    ids=["route-size-limit", "hop-size-limit", "loop", "no-route"],
+)
+def test_the_senders_text_says_what_went_wrong(reply: Reply, says: str, not_said: str) -> None:
+    """Every ROUTING.* reply told the sender "no route or mail server was found for the
+    recipient's domain": a message too big for every route (5.3.4 ROUTING.SizeLimit) or one the
+    relay would send back to itself (ROUTING.Loop) sent its sender looking at the address, not
+    at the attachment or the relay's configuration."""
+    body = build_dsn(
+        action="failed",
+        reporting_mta="relay.test",
+        to="scanner@corp.test",
+        original=ORIGINAL,
+        recipients=[DsnRecipient("bob@example.com", reply)],
+        received_at=0.0,
+    )
+    human = parse_mail(body).get_payload()[0].get_content()
+    user_part = human.split("Diagnostic information for administrators:")[0]
+    assert says in user_part and not_said not in user_part, user_part

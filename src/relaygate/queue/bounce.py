@@ -184,6 +184,17 @@ def _user_text(reply: Reply) -> str:
         )
     if "QUEUE.Admin" in line:
         return "Your message was deleted from the queue by the administrator of the relay."
+    # 5.3.4 (RFC 3463 "message too big for system"): the relay's route limit or the next hop's
+    if reply.enhanced == "5.3.4" or "ROUTING.SizeLimit" in line:
+        return (
+            "Your message couldn't be delivered because it's too large for the way to the "
+            "recipient. Make it smaller (fewer or smaller attachments) and send it again."
+        )
+    if "ROUTING.Loop" in line:
+        return (
+            "Your message couldn't be delivered because of a configuration problem of the relay: "
+            "it would have been sent back to the relay itself. Contact your administrator."
+        )
     if "ROUTING." in line or "SMTPSEND.DNS" in line:
         return (
             "Your message couldn't be delivered because no route or mail server was found for "
