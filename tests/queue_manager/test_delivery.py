@@ -485,6 +485,46 @@ async def test_notify_orcpt_and_envid_given_by_the_client_are_honoured_in_the_re
         assert len([m for m in await relay.store.list_messages() if m.sender == ""]) == 1
 
 
+async def test_no_report_to_a_sender_the_connector_may_not_send_to(tmp_path: Path) -> None:
+    """A connector that limits to whom its clients send (allowed_recipients) but not as whom
+    (allowed_senders empty): a client could name any address as its sender and a recipient
+    that bounces, and the NDR, with every header the client wrote, went to that address,
+    which the client may not send to. Such a sender gets no report (NDR or delay notice);
+    the admin's copy still goes. A sender the list allows gets its NDR as before."""
+    outsider, insider = "victim@elsewhere.test", "ops@example.com"
+
+    def policy(address: str, _attempt: int) -> str | None:
+        return "550 5.1.1 User unknown" if address.startswith("nobody@") else None
+
+    async with (
+        sinks(ScriptedHandler(policy), ScriptedHandler()) as (a, b),
+        relay_running(
+            tmp_path,
+            {"*": a.port, "elsewhere.test": b.port, "senders.test": b.port},
+            queue={"admin_notification_address": ADMIN},
+            receive_extra='allowed_recipients = ["*@example.com"]',
+        ) as relay,
+    ):
+
+        async def reports_done() -> list[StoredMessage]:
+            dsns = [m for m in await relay.store.list_messages() if m.sender == ""]
+            done = all(r.status == RecipientStatus.DELIVERED for m in dsns for r in m.recipients)
+            return dsns if dsns and done else []
+
+        await send(relay, outsider, ["nobody@example.com"], original("Outsider"))
+        (dsn,) = await wait_for(reports_done)
+        assert [r.address for r in dsn.recipients] == [ADMIN]  # not the outsider
+        (ndr,) = reports(b)
+        assert ndr["rcpt_tos"] == [ADMIN]
+        assert b"Subject: Undeliverable: Outsider" in ndr["content"]
+
+        await send(relay, insider, ["nobody@example.com"], original("Insider"))
+        (to_insider,) = await wait_for(lambda: reports(a))
+        assert to_insider["rcpt_tos"] == [insider]
+        await wait_for(lambda: len(reports(b)) == 2)  # and the admin's copy
+        assert reports(b)[1]["rcpt_tos"] == [ADMIN]
+
+
 async def test_the_null_sender_is_never_bounced(tmp_path: Path) -> None:
     async with (
         sinks(ScriptedHandler(lambda _a, _n: "550 5.1.1 User unknown"), ScriptedHandler()) as (

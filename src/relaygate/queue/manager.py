@@ -88,6 +88,7 @@ from relaygate.queue.model import (
     DSN_ENVID,
     LINE_BREAKS,
     LINE_BREAKS_CRLF,
+    NO_REPORTS_TO_SENDER,
     PENDING_STATUSES,
     SMTPUTF8,
     Envelope,
@@ -1320,10 +1321,20 @@ class QueueManager:
             recipients = [
                 replace(r, original_recipient=orcpts.get(r.address, "")) for r in recipients
             ]
-        to = [msg.sender]
+        # A sender the client's connector may not send to (allowed_recipients) hears nothing:
+        # the report would carry what the client wrote to an address of its choosing.
+        to = [] if msg.metadata.get(NO_REPORTS_TO_SENDER) == "1" else [msg.sender]
         admin = (self.config.queue.admin_notification_address or "").strip()
-        if action == "failed" and admin and admin.lower() != msg.sender.lower():
+        if action == "failed" and admin and admin.lower() not in (t.lower() for t in to):
             to.append(admin)
+        if not to:
+            log.info(
+                "message %s: no %s report: its sender is not in allowed_recipients of connector %s",
+                msg.queue_id,
+                kind,
+                msg.connector,
+            )
+            return None
         fqdn = self.config.server.fqdn
         body = build_dsn(
             action=action,

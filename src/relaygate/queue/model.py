@@ -22,6 +22,7 @@ __all__ = [
     "LINE_BREAKS",
     "LINE_BREAKS_CRLF",
     "MESSAGE_COLUMNS",
+    "NO_REPORTS_TO_SENDER",
     "PENDING_STATUSES",
     "QUEUE_ENTRY_COLUMNS",
     "RECIPIENT_COLUMNS",
@@ -187,6 +188,12 @@ SMTPUTF8 = "smtputf8"
 DSN_NOTIFY = "dsn_notify"
 DSN_ORCPT = "dsn_orcpt"
 DSN_ENVID = "dsn_envid"
+
+#: Envelope metadata key, set to "1" when the receive connector limits to whom its clients send
+#: (allowed_recipients) but not as whom (allowed_senders) and the sender is not a recipient the
+#: client could have written to: its NDRs and delay notices would carry what the client wrote to
+#: an address of its choosing. They go to admin_notification_address only.
+NO_REPORTS_TO_SENDER = "no_reports_to_sender"
 
 
 @dataclass

@@ -41,6 +41,7 @@ from relaygate.queue.model import (
     DSN_ORCPT,
     LINE_BREAKS,
     LINE_BREAKS_CRLF,
+    NO_REPORTS_TO_SENDER,
     SMTPUTF8,
     Envelope,
     StoredMessage,
@@ -529,6 +530,16 @@ class Session:
         _keep_dsn_params(self.txn, address, params)
         self.reply(verdict.reply)
 
+    def _may_report_to_sender(self, sender: Address | None) -> bool:
+        """False when the connector has allowed_recipients, no allowed_senders, and the sender
+        matches none of them: a report to it would reach, with what the client wrote, an
+        address the client could not send to (a sender chosen at will, then a recipient that
+        bounces)."""
+        c = self.connector
+        if not c.allowed_recipients or c.allowed_senders or sender is None or not sender.domain:
+            return True
+        return self.address_rules.recipients.match(sender) is not None
+
     async def do_data(self, arg: str) -> None:
         if arg.strip():
             await self.protocol_error(replies.DATA_SYNTAX)
@@ -695,6 +706,8 @@ class Session:
             envelope.metadata[DSN_ORCPT] = json.dumps(txn.orcpt)
         if txn.envid:
             envelope.metadata[DSN_ENVID] = txn.envid
+        if not self._may_report_to_sender(txn.sender):
+            envelope.metadata[NO_REPORTS_TO_SENDER] = "1"
         data = header + content
         handoff = self.ctx.handoff
         lease = handoff.lease_for_new() if handoff is not None else None
