@@ -748,6 +748,45 @@ key_file = "{key_file}"
         assert noisy == []
 
 
+async def test_a_session_that_may_not_send_as_the_organisation_is_not_dkim_signed(
+    tmp_path: Path,
+) -> None:
+    """Removing ms-Exch-SMTP-Accept-Authoritative-Domain-Sender from ANONYMOUS LOGON is Exchange's
+    "no spoofing of my domain from the Internet": MAIL FROM:<ceo@corp.test> is refused. But the
+    From header is not MAIL FROM, and RelayGate signed `From: ceo@corp.test` sent with any other
+    MAIL FROM with corp.test's key: the spoof then passed DMARC at the receiver. A message from
+    such a session is not signed, and the tracking log says why."""
+    from relaygate.dkim.keys import generate_key
+    from relaygate.logs.tracking import search
+
+    pem, _record = generate_key("rsa-sha256")
+    key_file = tmp_path / "s1.key"
+    key_file.write_bytes(pem)
+    no_spoofing = (
+        "[[receive_connectors.permissions]]\n"
+        'user = "NT AUTHORITY\\\\ANONYMOUS LOGON"\n'
+        'extended_rights = ["ms-Exch-SMTP-Accept-Authoritative-Domain-Sender"]\n'
+        "deny = true\n"
+    )
+    extra = f'\n[[dkim]]\ndomain = "corp.test"\nselector = "s1"\nkey_file = "{key_file}"\n'
+    async with (
+        sinks(ScriptedHandler()) as (a,),
+        relay_running(tmp_path, {"*": a.port}, extra=extra, receive_extra=no_spoofing) as relay,
+    ):
+        spoof = b"From: CEO <ceo@corp.test>\r\nSubject: Wire transfer\r\n\r\nPay now.\r\n"
+        await send(relay, "x@attacker.test", ["bob@example.com"], spoof)
+        (got,) = await wait_for(lambda: a.handler.messages)
+        assert not got["content"].startswith(b"DKIM-Signature:")
+
+        async def agentinfo() -> list[dict]:
+            await asyncio.to_thread(relay.tracking.flush)
+            return search(relay.tracking.path, event_id="AGENTINFO")
+
+        (event,) = await wait_for(agentinfo)
+        assert "ms-Exch-SMTP-Accept-Authoritative-Domain-Sender" in event["custom-data"]
+        assert "Test Relay" in event["custom-data"]
+
+
 async def test_one_unusable_dkim_key_after_a_reload_leaves_the_other_keys_signing(
     tmp_path: Path,
 ) -> None:

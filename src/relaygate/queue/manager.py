@@ -89,6 +89,7 @@ from relaygate.queue.model import (
     LINE_BREAKS,
     LINE_BREAKS_CRLF,
     NO_REPORTS_TO_SENDER,
+    NOT_SIGNED,
     PENDING_STATUSES,
     SMTPUTF8,
     Envelope,
@@ -644,14 +645,16 @@ class QueueManager:
     async def _sign(
         self, msg: StoredMessage, data: bytes, *, envelope_sender: str | None = None
     ) -> bytes:
+        refused = msg.metadata.get(NOT_SIGNED)
+        if refused:  # received from a client that may not send as the organisation
+            self._track_signing(msg, data, f"DKIM unsigned: not signed: {refused}")
+            return data
         sender = msg.sender if envelope_sender is None else envelope_sender
         try:
             result = await asyncio.to_thread(self.signer.sign, data, envelope_sender=sender)
         except Exception:
             log.exception("message %s: DKIM signing failed; sent unsigned", msg.queue_id)
             return data
-        # Every signing decision goes to the tracking log (AGENTINFO, as Exchange's agents do), so
-        # `relaygate trace` answers "why did this arrive unsigned?".
         if result.signed:
             info = f"DKIM signed d={result.domain} s={result.selector}"
         else:
@@ -659,6 +662,12 @@ class QueueManager:
             # DEBUG, not INFO: at INFO every message from a domain without a key wrote a service
             # log line (thousands an hour from a busy printer domain); the tracking log has it.
             log.debug("message %s: %s", msg.queue_id, result.reason)
+        self._track_signing(msg, data, info)
+        return bytes(result.data)
+
+    def _track_signing(self, msg: StoredMessage, data: bytes, info: str) -> None:
+        """Every signing decision goes to the tracking log (AGENTINFO, as Exchange's agents do),
+        so `relaygate trace` answers "why did this arrive unsigned?"."""
         self.track(
             "AGENTINFO",
             "AGENT",
@@ -668,7 +677,6 @@ class QueueManager:
             data=data,
             custom_data=info,
         )
-        return bytes(result.data)
 
     async def _deliver_route(
         self,

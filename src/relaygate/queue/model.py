@@ -22,6 +22,7 @@ __all__ = [
     "LINE_BREAKS",
     "LINE_BREAKS_CRLF",
     "MESSAGE_COLUMNS",
+    "NOT_SIGNED",
     "NO_REPORTS_TO_SENDER",
     "PENDING_STATUSES",
     "QUEUE_ENTRY_COLUMNS",
@@ -188,6 +189,10 @@ SMTPUTF8 = "smtputf8"
 DSN_NOTIFY = "dsn_notify"
 DSN_ORCPT = "dsn_orcpt"
 DSN_ENVID = "dsn_envid"
+
+#: Envelope metadata key: why the message must not be DKIM-signed (the receiving session could not
+#: send as the organisation: unauthenticated, without ms-Exch-SMTP-Accept-Authoritative-Domain-Sender).
+NOT_SIGNED = "not_signed"
 
 #: Envelope metadata key, set to "1" when the receive connector limits to whom its clients send
 #: (allowed_recipients) but not as whom (allowed_senders) and the sender is not a recipient the

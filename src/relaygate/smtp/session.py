@@ -26,7 +26,11 @@ from relaygate import replies
 from relaygate.addresses import Address, AddressError, parse_domain, parse_mail_from, parse_rcpt_to
 from relaygate.config.model import ReceiveConnector
 from relaygate.logs.protocol import receiving_message_info
-from relaygate.policy.rights import SessionRights, session_rights
+from relaygate.policy.rights import (
+    ACCEPT_AUTHORITATIVE_DOMAIN_SENDER,
+    SessionRights,
+    session_rights,
+)
 from relaygate.policy.verdicts import (
     Verdict,
     check_header_from,
@@ -42,6 +46,7 @@ from relaygate.queue.model import (
     LINE_BREAKS,
     LINE_BREAKS_CRLF,
     NO_REPORTS_TO_SENDER,
+    NOT_SIGNED,
     SMTPUTF8,
     Envelope,
     StoredMessage,
@@ -708,6 +713,13 @@ class Session:
             envelope.metadata[DSN_ENVID] = txn.envid
         if not self._may_report_to_sender(txn.sender):
             envelope.metadata[NO_REPORTS_TO_SENDER] = "1"
+        if not self.authenticated and not self.rights.has(ACCEPT_AUTHORITATIVE_DOMAIN_SENDER):
+            # The admin said these clients may not send as the organisation (Exchange's
+            # anti-spoofing setting): its key must not vouch for the From they wrote either.
+            envelope.metadata[NOT_SIGNED] = (
+                f"the session on receive connector {c.name} may not send as the organisation "
+                f"({ACCEPT_AUTHORITATIVE_DOMAIN_SENDER} not granted)"
+            )
         data = header + content
         handoff = self.ctx.handoff
         lease = handoff.lease_for_new() if handoff is not None else None
