@@ -30,6 +30,7 @@ from relaygate.config.model import Config, ReceiveConnector
 from relaygate.config.values import IPRange, parse_binding, parse_ip_range, parse_smart_host
 from relaygate.policy.rights import (
     ACCEPT_ANY_RECIPIENT,
+    ACCEPT_AUTHORITATIVE_DOMAIN_SENDER,
     is_externally_secured,
     session_rights,
 )
@@ -777,10 +778,40 @@ def audit(
     findings.extend(_queue_findings(config))
     findings.extend(_send_connector_findings(config))
     findings.extend(_graph_findings(config))
+    findings.extend(_dkim_findings(config))
     if certificates:
         findings.extend(certificate_findings(certificates, now or datetime.now(UTC)))
     order = {s: i for i, s in enumerate(SEVERITIES)}
     return sorted(findings, key=lambda f: order[f.severity])
+
+
+def _dkim_findings(config: Config) -> Iterator[Finding]:
+    """A connector open to every address whose anonymous sessions may send as the organisation:
+    anyone can hand in a From of its domains, and RelayGate signs it with their keys (a spoof
+    that passes DMARC). A session denied the right is never signed (`relaygate.smtp.session`)."""
+    if not any(k.enabled for k in config.dkim):
+        return
+    for c in config.receive_connectors:
+        ranges = list(c.remote_ip_ranges)
+        if c.usage == "Internet" and not ranges:
+            ranges = [parse_ip_range("0.0.0.0-255.255.255.255")]
+        if not c.enabled or not any(_is_all(r) for r in ranges):
+            continue
+        if not session_rights(c).has(ACCEPT_AUTHORITATIVE_DOMAIN_SENDER):
+            continue
+        yield Finding(
+            "medium",
+            "dkim-anyone-signed",
+            c.name,
+            "permissions",
+            f"every address may connect and its anonymous sessions hold "
+            f"{ACCEPT_AUTHORITATIVE_DOMAIN_SENDER}: anyone can send From an address of your "
+            "domains and RelayGate signs it with their DKIM key, so the spoof passes DMARC",
+            f'deny the right to anonymous clients (`relaygate permission add "{c.name}" '
+            '--user "NT AUTHORITY\\ANONYMOUS LOGON" --extended-rights '
+            f"{ACCEPT_AUTHORITATIVE_DOMAIN_SENDER} --deny`, Exchange's anti-spoofing step); "
+            "their messages are then not signed",
+        )
 
 
 def has_high(findings: list[Finding]) -> bool:

@@ -574,3 +574,45 @@ def test_connector_based_relay_to_microsoft_365_says_how_the_tenant_matches_it(
     other = CLEAN + M365_CONNECTOR.format(host="smtp.partner.example")
     assert only(audit(config(other)), "m365-connector-relay") == []
     assert only(audit(config(text + "enabled = false\n")), "m365-connector-relay") == []
+
+
+INTERNET_INBOUND = """
+[[receive_connectors]]
+name = "Internet"
+usage = "Internet"
+bindings = ["0.0.0.0:25"]
+protocol_logging_level = "Verbose"
+message_rate_limit = 60
+"""
+DKIM_KEY = """
+[[dkim]]
+domain = "corp.example"
+selector = "s1"
+key_file = "/etc/relaygate/s1.key"
+"""
+DENY_AUTHORITATIVE_SENDER = """
+[[receive_connectors.permissions]]
+user = "NT AUTHORITY\\\\ANONYMOUS LOGON"
+extended_rights = ["ms-Exch-SMTP-Accept-Authoritative-Domain-Sender"]
+deny = true
+"""
+
+
+def test_dkim_with_a_connector_where_anyone_may_send_as_the_organisation() -> None:
+    """An Internet-facing connector keeps AnonymousUsers' Accept-Authoritative-Domain-Sender by
+    default: anyone can hand in `From: ceo@corp.example` and the organisation's DKIM key signs
+    it (DMARC then passes). Nothing said so. Denying the right (Exchange's anti-spoofing step)
+    clears it, and so does a connector for the devices' own addresses."""
+    base = CLEAN
+    found = only(audit(config(base + INTERNET_INBOUND + DKIM_KEY)), "dkim-anyone-signed")
+    assert [(f.severity, f.connector, f.key) for f in found] == [
+        ("medium", "Internet", "permissions")
+    ]
+    assert "ms-Exch-SMTP-Accept-Authoritative-Domain-Sender" in found[0].message
+    assert "--deny" in found[0].fix
+    assert not only(
+        audit(config(base + INTERNET_INBOUND + DENY_AUTHORITATIVE_SENDER + DKIM_KEY)),
+        "dkim-anyone-signed",
+    )
+    assert not only(audit(config(base + INTERNET_INBOUND)), "dkim-anyone-signed")  # no key
+    assert not only(audit(config(base + DKIM_KEY)), "dkim-anyone-signed")  # devices only
