@@ -535,6 +535,27 @@ class Session:
         _keep_dsn_params(self.txn, address, params)
         self.reply(verdict.reply)
 
+    def _delivery_metadata(self, txn: _Transaction) -> dict[str, str]:
+        """What delivery must know of this session: the RFC 3461 parameters for the reports,
+        whether the sender may get them, and why the message must not be DKIM-signed."""
+        metadata: dict[str, str] = {}
+        if txn.notify:
+            metadata[DSN_NOTIFY] = json.dumps(txn.notify)
+        if txn.orcpt:
+            metadata[DSN_ORCPT] = json.dumps(txn.orcpt)
+        if txn.envid:
+            metadata[DSN_ENVID] = txn.envid
+        if not self._may_report_to_sender(txn.sender):
+            metadata[NO_REPORTS_TO_SENDER] = "1"
+        if not self.authenticated and not self.rights.has(ACCEPT_AUTHORITATIVE_DOMAIN_SENDER):
+            # The admin said these clients may not send as the organisation (Exchange's
+            # anti-spoofing setting): its key must not vouch for the From they wrote either.
+            metadata[NOT_SIGNED] = (
+                f"the session on receive connector {self.connector.name} may not send as the "
+                f"organisation ({ACCEPT_AUTHORITATIVE_DOMAIN_SENDER} not granted)"
+            )
+        return metadata
+
     def _may_report_to_sender(self, sender: Address | None) -> bool:
         """False when the connector has allowed_recipients, no allowed_senders, and the sender
         matches none of them: a report to it would reach, with what the client wrote, an
@@ -705,21 +726,7 @@ class Session:
             envelope.metadata[LINE_BREAKS] = LINE_BREAKS_CRLF
         if txn.smtputf8:
             envelope.metadata[SMTPUTF8] = "1"
-        if txn.notify:
-            envelope.metadata[DSN_NOTIFY] = json.dumps(txn.notify)
-        if txn.orcpt:
-            envelope.metadata[DSN_ORCPT] = json.dumps(txn.orcpt)
-        if txn.envid:
-            envelope.metadata[DSN_ENVID] = txn.envid
-        if not self._may_report_to_sender(txn.sender):
-            envelope.metadata[NO_REPORTS_TO_SENDER] = "1"
-        if not self.authenticated and not self.rights.has(ACCEPT_AUTHORITATIVE_DOMAIN_SENDER):
-            # The admin said these clients may not send as the organisation (Exchange's
-            # anti-spoofing setting): its key must not vouch for the From they wrote either.
-            envelope.metadata[NOT_SIGNED] = (
-                f"the session on receive connector {c.name} may not send as the organisation "
-                f"({ACCEPT_AUTHORITATIVE_DOMAIN_SENDER} not granted)"
-            )
+        envelope.metadata.update(self._delivery_metadata(txn))
         data = header + content
         handoff = self.ctx.handoff
         lease = handoff.lease_for_new() if handoff is not None else None
