@@ -1300,6 +1300,16 @@ class QueueManager:
         """The reports' From: the default accepted domain's postmaster (signed with its key)."""
         return str(self.config.postmaster)
 
+    def _report_to(self, msg: StoredMessage, action: str) -> list[str]:
+        """Where a report about ``msg`` goes: its sender, and the admin for an NDR. A sender the
+        client's connector may not send to (allowed_recipients) hears nothing: the report would
+        carry what the client wrote to an address of its choosing."""
+        to = [] if msg.metadata.get(NO_REPORTS_TO_SENDER) == "1" else [msg.sender]
+        admin = (self.config.queue.admin_notification_address or "").strip()
+        if action == "failed" and admin and admin.lower() not in (t.lower() for t in to):
+            to.append(admin)
+        return to
+
     async def send_dsn(
         self,
         msg: StoredMessage,
@@ -1320,21 +1330,11 @@ class QueueManager:
                 "message %s from <>: no %s report (never to the null sender)", msg.queue_id, kind
             )
             return None
-        recipients = [r for r in recipients if notify_allows(msg.metadata, r.address, action)]
+        recipients = _reported(msg, recipients, action)
         if not recipients:
             log.info("message %s: no %s report (its recipients' NOTIFY)", msg.queue_id, kind)
             return None
-        orcpts = original_recipients(msg.metadata)
-        if orcpts:
-            recipients = [
-                replace(r, original_recipient=orcpts.get(r.address, "")) for r in recipients
-            ]
-        # A sender the client's connector may not send to (allowed_recipients) hears nothing:
-        # the report would carry what the client wrote to an address of its choosing.
-        to = [] if msg.metadata.get(NO_REPORTS_TO_SENDER) == "1" else [msg.sender]
-        admin = (self.config.queue.admin_notification_address or "").strip()
-        if action == "failed" and admin and admin.lower() not in (t.lower() for t in to):
-            to.append(admin)
+        to = self._report_to(msg, action)
         if not to:
             log.info(
                 "message %s: no %s report: its sender is not in allowed_recipients of connector %s",
@@ -1503,6 +1503,19 @@ class _StoredDraft:
 
     async def forget(self) -> None:
         await self.store.save_graph_draft(self.queue_id, self.route, None)
+
+
+def _reported(
+    msg: StoredMessage, recipients: Sequence[DsnRecipient], action: str
+) -> list[DsnRecipient]:
+    """The recipients whose NOTIFY asks for a report of ``action``, with the ORCPT they were
+    given with (RFC 3461, honoured though DSN is not advertised)."""
+    orcpts = original_recipients(msg.metadata)
+    return [
+        replace(r, original_recipient=orcpts.get(r.address, "")) if r.address in orcpts else r
+        for r in recipients
+        if notify_allows(msg.metadata, r.address, action)
+    ]
 
 
 def _send_as(key: RouteKey) -> str:
