@@ -241,6 +241,10 @@ def test_two_from_headers_fall_back_to_envelope(tmp_path, loopback_dns):
     strict = DkimSigner([key], envelope_fallback=False)
     result = strict.sign(message, envelope_sender="x@corp.example")
     assert result.reason == "not signed: message has 2 From headers"
+    # a device's unquoted comma in the display name: its only domain is the envelope's
+    broken = MESSAGE.replace(b"Scanner 3rd floor <", b"Scanner, 3rd floor <")
+    result = DkimSigner([key]).sign(broken, envelope_sender="scanner@corp.example")
+    assert result.signed and result.domain == "corp.example", result.reason
 
 
 @pytest.mark.parametrize(
