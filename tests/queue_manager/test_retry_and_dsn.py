@@ -268,3 +268,21 @@ def test_the_senders_text_says_what_went_wrong(reply: Reply, says: str, not_said
     human = parse_mail(body).get_payload()[0].get_content()
     user_part = human.split("Diagnostic information for administrators:")[0]
     assert says in user_part and not_said not in user_part, user_part
+
+
+def test_utf8_original_headers_come_back_as_message_global_headers() -> None:
+    """RFC 6533 §3: the header of an internationalized message (UTF-8 in its fields) is returned
+    as message/global-headers; text/rfc822-headers holds ASCII header text. An ASCII header
+    stays text/rfc822-headers."""
+    utf8 = b"From: j\xc3\xb6rg@corp.test\r\nSubject: Gr\xc3\xbc\xc3\x9fe\r\n\r\nbody\r\n"
+    for original, kind in ((utf8, "message/global-headers"), (ORIGINAL, "text/rfc822-headers")):
+        body = build_dsn(
+            action="failed",
+            reporting_mta="relay.test",
+            to="scanner@corp.test",
+            original=original,
+            recipients=[DsnRecipient("bob@example.com", Reply(550, "5.1.1", "User unknown"))],
+            received_at=0.0,
+        )
+        returned = parse_mail(body).get_payload()[2]
+        assert returned.get_content_type() == kind

@@ -10,7 +10,8 @@ The report has three parts:
    ``Final-Recipient``, ``Action`` (failed | delayed), ``Status``, ``Diagnostic-Code: smtp; <reply>``,
    ``Remote-MTA`` when a remote host answered, ``Last-Attempt-Date``, ``Will-Retry-Until`` (delayed);
 3. ``text/rfc822-headers``: the header block of the original message (never its body: the original
-   may be large or sensitive, and devices often send to addresses nobody reads).
+   may be large or sensitive, and devices often send to addresses nobody reads);
+   ``message/global-headers`` when it holds UTF-8 (RFC 6533).
 
 The report comes ``From: Mail Delivery System <postmaster>``, the postmaster address the caller
 gives (the queue manager's is the default accepted domain's, as Exchange's, so that the domain's
@@ -374,9 +375,13 @@ def build_dsn(
         ],
         delivery_status,
     )
-    cte_orig = "7bit" if orig_headers.isascii() else "8bit"
+    # RFC 6533 §3: the header of an internationalized message comes back as message/global-headers
+    ascii_orig = orig_headers.isascii()
     part(
-        ["Content-Type: text/rfc822-headers", f"Content-Transfer-Encoding: {cte_orig}"],
+        [
+            "Content-Type: " + ("text/rfc822-headers" if ascii_orig else "message/global-headers"),
+            f"Content-Transfer-Encoding: {'7bit' if ascii_orig else '8bit'}",
+        ],
         orig_headers or b"\r\n",
     )
     out += b"--" + b + b"--\r\n"
