@@ -59,8 +59,9 @@ delivery queue with messages in it: ``Identity`` (``SERVER\\NextHopDomain``), ``
 ``SendConnector``, ``Status`` (Active: a message of it is being delivered; Ready: something in it
 is due; Retry: all of it waits for a later attempt; Suspended: all its messages are suspended),
 ``MessageCount``, ``RecipientCount``, ``NextRetryTime``, ``LastRetryTime``, ``LastError``.
-``truncated`` is true when more than 100000 messages are unfinished (the first 100000 were
-counted). ``POST /api/queues/{queue}/retry`` makes every message with a recipient in that queue due
+Every unfinished message is counted, however many; ``truncated`` is always false (it stays for
+callers that read it: before, only the first 100000 unfinished messages were counted).
+``POST /api/queues/{queue}/retry`` makes every message with a recipient in that queue due
 now (all its unfinished recipients), except suspended ones, and answers ``{"Identity",
 "NextHopDomain", "Resubmit", "RetriedCount", "Retried": [message identities], "SuspendedCount"}``;
 404 when no message waits in the queue.

@@ -204,6 +204,7 @@ def send_connector_view(
             }
             for q in mine
         ],
+        # Always false now that Get-Queue counts every message; kept in the API's answer.
         "queues_truncated": bool(queues.get("truncated")),
         "findings": [f.to_dict() for f in findings if f.connector.lower() == where],
     }

@@ -474,7 +474,6 @@ async def queue_page(request: Request) -> Response:
     context = {
         "messages": messages,
         "queues": queues["queues"],
-        "queues_truncated": queues["truncated"],
         "form": form,
         "status": form["status"],
         "statuses": MESSAGE_STATUSES,

@@ -344,12 +344,6 @@ def register(app: typer.Typer) -> None:
             emit_json(body["queues"])
         else:
             _print_queues(body["queues"])
-        if body.get("truncated"):
-            err_console.print(
-                f"warning: more than {MAX_LIST_LIMIT} messages are unfinished; the counts are "
-                f"those of the first {MAX_LIST_LIMIT}.",
-                markup=False,
-            )
 
     @queue_app.command("show")
     def show(

@@ -7,12 +7,13 @@ the current send connectors, except one whose last attempt found no route: it st
 Unreachable until its next attempt (``retry_queue("Unreachable")`` resubmits it; a reload does
 too). A message whose recipients go to two next hops is in both queues (Exchange bifurcates it).
 
-``queues`` and ``retry_queue`` read only the few columns they need of the unfinished messages,
-in one query (``Store.queue_entries``), and route once per recipient domain (``RouteTable``)
-instead of building the ``message_view`` of each message: ``_entry_queues`` must put a
-recipient in the queue ``_recipient_queue`` (``views``) says it is in, which
-tests/queue/test_get_queue_fast_path.py checks. Retry-Queue is here rather than in
-``operations`` because it finds its messages by that same scan.
+``queues`` and ``retry_queue`` go through every unfinished message, however many (hundreds of
+thousands in an outage), a page at a time by keyset (``_entry_pages``: ``Store.queue_entries``,
+the few columns they need, never the bytes), handing the event loop back between pages, and
+route once per recipient domain (``RouteTable``) instead of building the ``message_view`` of
+each message: ``_entry_queues`` must put a recipient in the queue ``_recipient_queue``
+(``views``) says it is in, which tests/queue/test_get_queue_fast_path.py checks. Retry-Queue is
+here rather than in ``operations`` because it finds its messages by that same scan.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from relaygate.control.reads import _SCAN_CHUNK, MAX_LIST_LIMIT, MessageReads
+from relaygate.control.reads import _SCAN_CHUNK, MessageReads
 from relaygate.control.views import NotFound, _unreachable, iso_time, message_status, queue_name
 from relaygate.delivery.routing import DELIVERY_UNREACHABLE, RouteTable
 from relaygate.queue.model import FINAL_STATUSES, QueueEntry, RecipientState, RecipientStatus
@@ -35,29 +36,36 @@ QUEUE_STATUSES = ("Active", "Ready", "Retry", "Suspended")
 
 
 class _QueueTally:
-    """What ``queues`` gathers about one delivery queue."""
+    """What ``queues`` gathers about one delivery queue. Constant in size however many messages
+    it counts (a count, the earliest retry, not a set of ids nor a list of times): Get-Queue
+    goes through every unfinished message, hundreds of thousands in an outage. The recipients
+    of one message are added one after the other (``queues`` tallies a message at a time), so
+    a message is counted when its first recipient in this queue is added."""
 
     def __init__(self, next_hop: str, delivery_type: str, connector: str) -> None:
         self.next_hop = next_hop
         self.delivery_type = delivery_type
         self.connector = connector
-        self.messages: set[str] = set()
+        self.message_count = 0
+        self._last_message: str | None = None
         self.statuses: set[str] = set()
         self.recipients = 0
         self.due = False
-        self.retry_times: list[float] = []
+        self.next_retry: float | None = None
         self.last_attempt: float | None = None
         self.last_error = ""
 
     def add(self, queue_id: str, status: str, r: RecipientState, now: float) -> None:
-        self.messages.add(queue_id)
+        if queue_id != self._last_message:
+            self.message_count += 1
+            self._last_message = queue_id
         self.statuses.add(status)
         self.recipients += 1
         if status != "Suspended" and r.status != RecipientStatus.SUSPENDED:
             if r.next_attempt is None or r.next_attempt <= now:
                 self.due = True
-            else:
-                self.retry_times.append(r.next_attempt)
+            elif self.next_retry is None or r.next_attempt < self.next_retry:
+                self.next_retry = r.next_attempt
         if r.last_attempt is not None and (
             self.last_attempt is None or r.last_attempt >= self.last_attempt
         ):
@@ -80,9 +88,9 @@ class _QueueTally:
             "NextHopDomain": self.next_hop,
             "SendConnector": self.connector,
             "Status": status,
-            "MessageCount": len(self.messages),
+            "MessageCount": self.message_count,
             "RecipientCount": self.recipients,
-            "NextRetryTime": iso_time(min(self.retry_times)) if self.retry_times else None,
+            "NextRetryTime": iso_time(self.next_retry),
             "LastRetryTime": iso_time(self.last_attempt),
             "LastError": self.last_error,
         }
@@ -91,7 +99,8 @@ class _QueueTally:
 class DeliveryQueues(MessageReads):
     """Get-Queue and Retry-Queue (see the module's docstring)."""
 
-    #: Messages per store page when Retry-Queue walks the whole queue (tests make it small).
+    #: Messages per store page when Get-Queue or Retry-Queue walks the whole queue (tests make
+    #: it small). Larger pages were no faster over 300,000 messages.
     queue_page_size = 1000
 
     async def _entry_pages(self) -> AsyncIterator[list[QueueEntry]]:
@@ -108,13 +117,6 @@ class DeliveryQueues(MessageReads):
                 return
             after = page[-1].queue_id
             await asyncio.sleep(0)
-
-    async def _queue_entries(self) -> tuple[list[QueueEntry], bool]:
-        """The messages not yet Delivered/Failed, in arrival order, at most MAX_LIST_LIMIT of
-        them, as ``Store.queue_entries`` gives them (no bytes, unfinished recipients only); and
-        whether there were more."""
-        found = await self.store.queue_entries(limit=MAX_LIST_LIMIT + 1)
-        return found[:MAX_LIST_LIMIT], len(found) > MAX_LIST_LIMIT
 
     @staticmethod
     def _entry_queues(
@@ -136,33 +138,44 @@ class DeliveryQueues(MessageReads):
         return out
 
     async def queues(self) -> dict[str, Any]:
-        """Get-Queue: ``{"server", "queues": [queue_view...], "truncated"}``, the delivery
-        queues with messages in them, by name; ``truncated``: more than MAX_LIST_LIMIT
-        unfinished messages, and the first MAX_LIST_LIMIT were counted.
+        """Get-Queue: ``{"server", "queues": [queue_view...], "truncated": False}``, the delivery
+        queues with messages in them, by name, counting every unfinished message.
 
-        Read with one query of the few columns it needs (``Store.queue_entries``) and routed
-        once per recipient domain: the same answer as ``message_view`` of every unfinished
-        message would give (tests/queue/test_get_queue_fast_path.py), without reading
-        100,000 whole messages on each call."""
-        entries, truncated = await self._queue_entries()
+        Read a page at a time (``_entry_pages``: the few columns it needs, ``Store.queue_entries``,
+        handing the loop that serves SMTP back between pages) and routed once per recipient
+        domain: the same answer as ``message_view`` of every unfinished message would give
+        (tests/queue/test_get_queue_fast_path.py), without reading whole messages.
+        ``truncated`` is always false; it stays for the callers that read it (Get-Queue used to
+        count the first MAX_LIST_LIMIT unfinished messages only, and said so there)."""
         config = self.config
         server = str(config.server.name)
         now = self.clock()
         table = RouteTable(list(config.send_connectors))
         groups: dict[str, _QueueTally] = {}
-        for i, entry in enumerate(entries, 1):
-            if i % _SCAN_CHUNK == 0:
-                # This runs on the loop that serves SMTP: up to MAX_LIST_LIMIT entries take
-                # a while, so hand it back between chunks.
-                await asyncio.sleep(0)
+        async for entries in self._entry_pages():
+            for start in range(0, len(entries), _SCAN_CHUNK):
+                if start:
+                    await asyncio.sleep(0)  # the loop serves SMTP between chunks, too
+                self._tally(entries[start : start + _SCAN_CHUNK], groups, table, now)
+        queues = [groups[k].view(server, now) for k in sorted(groups, key=str.lower)]
+        return {"server": server, "queues": queues, "truncated": False}
+
+    def _tally(
+        self,
+        entries: list[QueueEntry],
+        groups: dict[str, _QueueTally],
+        table: RouteTable,
+        now: float,
+    ) -> None:
+        """Add these messages to the tallies of their delivery queues (``groups``, by
+        NextHopDomain), at one go: ``queues`` gives it at most _SCAN_CHUNK at a time."""
+        for entry in entries:
             status = message_status(entry, now)
             for r, hop, delivery_type, connector in self._entry_queues(entry, table):
                 tally = groups.get(hop)
                 if tally is None:
                     tally = groups[hop] = _QueueTally(hop, delivery_type, connector)
                 tally.add(entry.queue_id, status, r, now)
-        queues = [groups[k].view(server, now) for k in sorted(groups, key=str.lower)]
-        return {"server": server, "queues": queues, "truncated": truncated}
 
     async def queue(self, identity: str) -> dict[str, Any]:
         """One delivery queue (``queue_view``); NotFound when it holds no message."""
@@ -192,8 +205,7 @@ class DeliveryQueues(MessageReads):
         retried: list[str] = []
         suspended: list[str] = []
         found = False
-        # The whole queue, a page at a time: Get-Queue may stop counting at MAX_LIST_LIMIT (it
-        # says so), but Retry-Queue must not leave the messages past it waiting.
+        # The whole queue, a page at a time, as Get-Queue counts it.
         async for entries in self._entry_pages():
             for entry in entries:
                 if not any(

@@ -40,13 +40,13 @@ from relaygate.queue.store import AddressPattern, Store
 __all__ = ["MAX_LIST_LIMIT", "MessagePage", "MessageReads"]
 
 #: The most messages one ``list_messages`` call returns (and scans for a derived status or the
-#: delivery queue); also what ``queues`` counts, at most (``retry_queue`` pages through all).
+#: delivery queue). Get-Queue (``queues``) and Retry-Queue page through all of them.
 MAX_LIST_LIMIT = 100_000
 
 #: Messages read from the store at a time when a filter is applied here.
 _SCAN_CHUNK = 500
 #: Message views made between two turns of the event loop: it is the loop that serves SMTP
-#: (worker 0), and MAX_LIST_LIMIT views take seconds (Get-Queue hands it back likewise).
+#: (worker 0), and MAX_LIST_LIMIT views take seconds (Get-Queue hands it back between pages).
 _VIEW_CHUNK = 100
 
 
