@@ -385,3 +385,89 @@ async def test_get_queue_counts_300000_messages_without_stalling_the_loop(
     )
     assert stall < 0.25, f"the loop stood still for {stall:.3f} s"
     assert body == expected
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = SqliteStore(tmp_path / "queue.db")
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def test_get_queue_callers_at_the_same_time_share_one_count(
+    sqlite_store: SqliteStore, tmp_path: Path
+) -> None:
+    """Counting a big queue takes seconds of the worker that serves SMTP: three pages of the
+    admin centre loading at once counted it three times over."""
+    config = parse_text(CONFIG.format(data_dir=tmp_path / "data"), "<eq>")
+    now = time.time()
+    await fill(sqlite_store, 60, now)
+    messages = await unfinished(sqlite_store)
+    counting_store = CountingStore(sqlite_store)
+    control = QueueControl(counting_store, lambda: config, clock=lambda: now)  # type: ignore[arg-type]
+    control.queue_page_size = 7
+    pages = len(messages) // 7 + 1
+    bodies = await asyncio.gather(*(control.queues() for _ in range(3)))
+    assert bodies[0] == bodies[1] == bodies[2] == reference_queues(messages, config, now)
+    assert counting_store.calls == ["queue_entries"] * pages
+    assert bodies[0]["queues"][0] is not bodies[1]["queues"][0]  # each caller's own to change
+    # counted in milliseconds: the next call counts afresh
+    await control.queues()
+    assert counting_store.calls == ["queue_entries"] * (2 * pages)
+
+
+async def test_get_queue_gives_a_slow_count_again_for_as_long_as_it_took(
+    sqlite_store: SqliteStore, tmp_path: Path
+) -> None:
+    """A count that took seconds is given again for as long as it took (at most
+    queues_reuse_limit), not after an operation that changed messages nor after a reload: the
+    /queue page reloaded, or a dashboard polling GET /api/queues, kept the worker counting."""
+    configs = [parse_text(CONFIG.format(data_dir=tmp_path / "data"), "<eq>")]
+    now = time.time()
+    await fill(sqlite_store, 60, now)
+    ticks = [1000.0]  # the control's monotonic clock
+    page_takes = [2.0]
+
+    class SlowStore(CountingStore):
+        async def queue_entries(self, **kw: Any) -> Any:
+            self.calls.append("queue_entries")
+            ticks[0] += page_takes[0]
+            return await self.store.queue_entries(**kw)
+
+    slow = SlowStore(sqlite_store)
+    control = QueueControl(slow, lambda: configs[0], clock=lambda: now)  # type: ignore[arg-type]
+    control._monotonic = lambda: ticks[0]  # type: ignore[method-assign]
+
+    async def counted() -> bool:
+        """Whether Get-Queue read the store (counted) rather than gave its last count; and its
+        answer is right either way."""
+        before = len(slow.calls)
+        body = await control.queues()
+        assert body == reference_queues(await unfinished(sqlite_store), configs[0], now)
+        return len(slow.calls) > before
+
+    assert await counted()  # one page: 2 s
+    ticks[0] += 1.9
+    assert not await counted()
+    ticks[0] += 0.2
+    assert await counted()
+    first = (await unfinished(sqlite_store))[0].queue_id
+    await control.suspend(first)  # an operation here: counted again at once
+    assert await counted()
+    await control.resume(first)
+    assert await counted()
+    assert not await counted()
+    await control.retry_queue("gmail.test")
+    assert await counted()
+    configs[0] = parse_text(CONFIG.format(data_dir=tmp_path / "data"), "<eq>")  # a reload
+    assert await counted()
+    page_takes[0] = 60.0  # a count of a minute is given again for queues_reuse_limit only
+    ticks[0] += 2.1
+    assert await counted()
+    ticks[0] += control.queues_reuse_limit - 0.1
+    assert not await counted()
+    ticks[0] += 0.2
+    assert await counted()

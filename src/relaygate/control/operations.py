@@ -43,6 +43,7 @@ class MessageOperations(MessageReads):
             await self.store.retry_now(msg.queue_id)
         except KeyError:
             raise NotFound(f"message {identity} not found") from None
+        self._queue_changed()
         if self.manager is not None:
             self.manager.wake(msg.queue_id)
         return await self._after(msg.queue_id)
@@ -55,6 +56,7 @@ class MessageOperations(MessageReads):
             await self.store.set_flags(msg.queue_id, suspended=True)
         except KeyError:
             raise NotFound(f"message {identity} not found") from None
+        self._queue_changed()
         return await self._after(msg.queue_id)
 
     async def resume(self, identity: str) -> dict[str, Any]:
@@ -63,6 +65,7 @@ class MessageOperations(MessageReads):
             await self.store.set_flags(msg.queue_id, suspended=False)
         except KeyError:
             raise NotFound(f"message {identity} not found") from None
+        self._queue_changed()
         if self.manager is not None:
             self.manager.wake(msg.queue_id)
         return await self._after(msg.queue_id)
@@ -92,6 +95,7 @@ class MessageOperations(MessageReads):
             ) from None
         if removed is None:
             raise NotFound(f"message {identity} not found")
+        self._queue_changed()
         view = message_view(removed, self.config, now=self.clock())
         pending = [r for r in removed.recipients if r.status not in FINAL_STATUSES]
         ndr_id = None
@@ -248,6 +252,7 @@ class MessageOperations(MessageReads):
             return identity, str(exc), False
         except (NotFound, KeyError):
             return identity, "not found: removed meanwhile", False
+        self._queue_changed()
         return identity, None, False
 
 

@@ -19,7 +19,9 @@ here rather than in ``operations`` because it finds its messages by that same sc
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from relaygate.control.reads import _SCAN_CHUNK, MessageReads
@@ -96,12 +98,31 @@ class _QueueTally:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class _Count:
+    """One Get-Queue answer, with what decides whether ``queues`` may give it again."""
+
+    body: dict[str, Any]
+    ended: float  # time.monotonic()
+    took: float  # seconds
+
+
 class DeliveryQueues(MessageReads):
     """Get-Queue and Retry-Queue (see the module's docstring)."""
 
     #: Messages per store page when Get-Queue or Retry-Queue walks the whole queue (tests make
     #: it small). Larger pages were no faster over 300,000 messages.
     queue_page_size = 1000
+    #: A Get-Queue count that took at least this long (seconds) is given again, for as long as
+    #: it took but at most ``queues_reuse_limit`` seconds (see ``queues``).
+    queues_reuse_from = 0.5
+    queues_reuse_limit = 5.0
+    #: The count under way or the last one (``queues``), per QueueControl, so per worker, and
+    #: the config it routes with.
+    _count: asyncio.Task[_Count] | None = None
+    _count_config: Any = None
+    #: What ``queues`` measures ages with (tests give a clock of their own).
+    _monotonic = staticmethod(time.monotonic)
 
     async def _entry_pages(self) -> AsyncIterator[list[QueueEntry]]:
         """Every unfinished message, ``queue_page_size`` at a time (``Store.queue_entries``
@@ -139,7 +160,50 @@ class DeliveryQueues(MessageReads):
 
     async def queues(self) -> dict[str, Any]:
         """Get-Queue: ``{"server", "queues": [queue_view...], "truncated": False}``, the delivery
-        queues with messages in them, by name, counting every unfinished message.
+        queues with messages in them, by name, counting every unfinished message (``_counted``).
+
+        Callers that come while a count is under way share it, and a count that took at least
+        ``queues_reuse_from`` is given again for as long as it took (at most
+        ``queues_reuse_limit``), unless the config changed or an operation here changed
+        messages. Why: counting 300,000 messages takes seconds of the worker that serves SMTP,
+        and the admin centre's /queue and send connector pages count on every load, so a page
+        reloaded (or a dashboard polling GET /api/queues) would keep the worker counting; this
+        way counting takes at most about half of its time, and a small queue (counted in
+        milliseconds) is always counted afresh. Deliveries meanwhile show at the next count.
+        """
+        count = self._count
+        if count is None or not self._reusable(count):
+            self._count_config = self.config
+            count = self._count = asyncio.ensure_future(self._timed_count(self._count_config))
+        # One caller going away (a closed browser tab) does not cancel the others' count.
+        body = (await asyncio.shield(count)).body
+        return {**body, "queues": [dict(q) for q in body["queues"]]}
+
+    def _reusable(self, count: asyncio.Task[_Count]) -> bool:
+        if (
+            self._count_config is not self.config
+            or count.get_loop() is not asyncio.get_running_loop()
+        ):
+            return False  # reloaded: the routes may differ (or another loop: a tool's)
+        if not count.done():
+            return True
+        if count.cancelled() or count.exception() is not None:
+            return False
+        done = count.result()
+        age = self._monotonic() - done.ended
+        return done.took >= self.queues_reuse_from and age < min(done.took, self.queues_reuse_limit)
+
+    def _queue_changed(self) -> None:
+        self._count = None  # a count under way finishes for those waiting for it
+
+    async def _timed_count(self, config: Any) -> _Count:
+        start = self._monotonic()
+        body = await self._counted(config)
+        end = self._monotonic()
+        return _Count(body, end, end - start)
+
+    async def _counted(self, config: Any) -> dict[str, Any]:
+        """Get-Queue's answer, counted now.
 
         Read a page at a time (``_entry_pages``: the few columns it needs, ``Store.queue_entries``,
         handing the loop that serves SMTP back between pages) and routed once per recipient
@@ -147,7 +211,6 @@ class DeliveryQueues(MessageReads):
         (tests/queue/test_get_queue_fast_path.py), without reading whole messages.
         ``truncated`` is always false; it stays for the callers that read it (Get-Queue used to
         count the first MAX_LIST_LIMIT unfinished messages only, and said so there)."""
-        config = self.config
         server = str(config.server.name)
         now = self.clock()
         table = RouteTable(list(config.send_connectors))
@@ -223,6 +286,8 @@ class DeliveryQueues(MessageReads):
                 retried.append(entry.queue_id)
         if not found:
             raise NotFound(f"queue {identity} not found: no message waits in it")
+        if retried:
+            self._queue_changed()
         if retried and self.manager is not None:
             self.manager.wake()
         server = str(config.server.name)

@@ -93,6 +93,10 @@ class MessageReads:
     def config(self) -> Any:
         return self._config()
 
+    def _queue_changed(self) -> None:
+        """An operation here changed messages: Get-Queue (``DeliveryQueues``) counts again
+        rather than reuse its last count."""
+
     async def _get(self, identity: str) -> StoredMessage:
         qid = normalise_id(identity)
         msg = await self.store.get(qid)
