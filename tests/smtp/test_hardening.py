@@ -144,6 +144,27 @@ def test_content_after_refused_data_is_never_executed(two):
     assert two.messages() == []
 
 
+def test_content_that_arrived_during_a_tarpit_is_never_executed_after_refused_data(relay):
+    """As above, the 'body' in a second write. It arrives while the refused RCPT is tarpitted
+    (the session flushes MAIL's 250 and then sleeps): received by the connection, not yet read
+    into the session's buffer, it is pipelined all the same and must not run as commands."""
+    r = relay([default_frontend(tarpit_interval="00:00:02", max_protocol_errors=50)])
+    with r.raw("127.0.0.9") as c:
+        c.greet()
+        c.send(b"MAIL FROM:<app@corp.example>\r\nRCPT TO:<victim@external.example>\r\nDATA\r\n")
+        assert c.expect(250).text == "250 2.1.0 Sender OK"  # flushed as the tarpit starts
+        c.send(
+            b"MAIL FROM:<app@corp.example>\r\nRCPT TO:<user@corp.example>\r\nDATA\r\n"
+            b"Subject: smuggled\r\n\r\nbody\r\n.\r\n"
+        )
+        got = [x.text for x in c.replies_until_close()]
+    assert got == [
+        "550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain",
+        SYNC_ERROR,
+    ]
+    assert r.messages() == []
+
+
 def test_ehlo_and_mail_in_one_write_is_a_sync_error(two):
     with two.raw("127.0.0.5") as c:
         c.expect(220)

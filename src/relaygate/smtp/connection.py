@@ -74,6 +74,11 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
         return data
 
+    @property
+    def unread(self) -> int:
+        """Bytes received and not read yet: the client sent them before its last reply came."""
+        return self._unread
+
     def discard_unread(self) -> int:
         """Drop what was received and not read yet (STARTTLS: CVE-2011-0411); returns its size."""
         dropped = self._unread

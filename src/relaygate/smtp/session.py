@@ -315,13 +315,18 @@ class Session:
             raise _Close()
 
     def check_sync(self, verb: str) -> None:
-        """Bytes waiting behind a command that must end a pipeline group → close (security-bar §2C)."""
-        if not self.buf:
+        """Bytes waiting behind a command that must end a pipeline group → close (security-bar §2C).
+
+        Waiting means in the session's buffer or received by the connection and not read yet:
+        bytes that came while the session was not reading (a tarpit, a store commit, a password
+        check) were sent before their command's reply all the same (as Postfix peeks the socket)."""
+        if not self.buf and not self.conn.unread:
             return
         if verb in _GROUP_ENDERS or not self.pipelining:
             if verb in ("QUIT", "STARTTLS"):
                 return  # STARTTLS discards what follows it itself (RFC 3207 §4.2 / CVE-2011-0411)
-            self.log.info(f"Unauthorized pipelining after {verb}; {len(self.buf)} bytes pending")
+            pending = len(self.buf) + self.conn.discard_unread()
+            self.log.info(f"Unauthorized pipelining after {verb}; {pending} bytes pending")
             self.buf.clear()
             self.reply(replies.SYNC_ERROR)
             raise _Close()
