@@ -208,6 +208,34 @@ def test_from_header_spoofing_refused_at_end_of_data(relay: Any, sink: Sink) -> 
     )
 
 
+@pytest.mark.parametrize(
+    "breaker", [":\r\n", ": no name\r\n", "X\x01: control\r\n", "no colon\r\n"]
+)
+def test_a_from_header_behind_a_line_that_ends_the_strict_header_is_read_too(
+    relay: Any, sink: Sink, breaker: str
+) -> None:
+    """A line that is not a header field ends the header section for the relay (Postfix's rule),
+    but not for every reader: Python's email parser, for one, reads on past a ':' line and takes
+    the From field behind it. Up to the first empty line, every From field is checked."""
+    node = start(relay, sink)
+    hidden = f"Subject: hidden-from\r\n{breaker}From: ceo@corp.example\r\n\r\nhidden-from\r\n"
+    with client(node, PRINTERS) as c:
+        c.mail("scan@corp.example")
+        c.rcpt("it@corp.example")
+        assert line(c.data(hidden)) == ANON_SEND_AS
+        c.mail("scan@corp.example")
+        c.rcpt("it@corp.example")
+        # an allowed From behind such a line passes, and a From line in the body is not read
+        allowed = (
+            f"Subject: allowed-behind\r\n{breaker}From: scan@corp.example\r\n\r\n"
+            "allowed-behind\r\nFrom: ceo@corp.example\r\n"
+        )
+        assert c.data(allowed)[0] == 250
+    sink.wait_for(b"allowed-behind")
+    assert not sink.has(b"hidden-from")
+    assert not stored(node, b"hidden-from")
+
+
 def test_recipients_narrowed_per_rcpt(relay: Any, sink: Sink) -> None:
     node = start(relay, sink)
     with client(node, PRINTERS) as c:
