@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 
 import pytest
@@ -214,6 +216,54 @@ def test_legitimate_pipelining_replies_in_order(two):
     assert len(msgs) == 2
     assert [x.address for x in msgs[0].recipients] == ["a@corp.example", "b@corp.example"]
     assert b"Subject: m2" not in two.data(msgs[1].queue_id)
+
+
+def test_a_flood_of_pipelined_commands_lets_the_other_sessions_run(relay):
+    """RCPT past max_recipients_per_message (452, not a protocol error) and RSET do not end a
+    pipeline group: a client may send them by the megabyte. Its session answers every one, but
+    the event loop every other session of the process shares must get turns meanwhile: a session
+    used to run all it had received (up to the 2 MB at which reading pauses, ~1 s of commands)
+    without giving the loop one, and with a few such clients the others' replies and timers
+    waited seconds."""
+    r = relay([relay_connector(max_recipients_per_message=10, protocol_logging_level="None")])
+    assert r.loop is not None
+    lateness: list[float] = []
+    done = threading.Event()
+
+    async def tick() -> None:  # on the relay's loop: how late each 10 ms sleep wakes up
+        loop = asyncio.get_running_loop()
+        while not done.is_set():
+            before = loop.time()
+            await asyncio.sleep(0.01)
+            lateness.append(loop.time() - before - 0.01)
+
+    ticker = asyncio.run_coroutine_threadsafe(tick(), r.loop)
+    count = 80_000  # 2.2 MB
+    with r.raw(timeout=60) as c:
+        c.greet()
+        c.cmd("MAIL FROM:<app@corp.example>", 250)
+        sender = threading.Thread(
+            target=c.sock.sendall, args=(b"RCPT TO:<user@corp.example>\r\n" * count,)
+        )
+        sender.start()
+        # Read in bulk: parsing a reply at a time would hold the GIL the relay's thread needs.
+        chunks, seen = [c.buf], c.buf.count(b"\r\n")
+        while seen < count:
+            more = c.sock.recv(1 << 20)
+            assert more, "closed"
+            chunks.append(more)
+            seen += more.count(b"\r\n")
+        replies = b"".join(chunks)
+        sender.join()
+        c.buf = b""
+        c.cmd("NOOP", 250)
+    done.set()
+    ticker.result(5)
+    lines = replies.split(b"\r\n")[:-1]
+    assert lines == [b"250 2.1.5 Recipient OK"] * 10 + [b"452 4.5.3 Too many recipients"] * (
+        count - 10
+    )
+    assert max(lateness) < 0.25, f"the loop waited {max(lateness):.2f} s for one session"
 
 
 def test_bare_lf_in_commands(two):

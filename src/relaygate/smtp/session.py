@@ -71,6 +71,11 @@ MAX_COMMAND_LINE = (
     2048  # Exchange accepts 571-char addresses plus parameters; RFC 5321 minimum is 512
 )
 READ_CHUNK = 262144
+# Commands answered in a row before the event loop gets a turn. A read that finds bytes waiting
+# returns without one, so a client pipelining RSETs or RCPTs past the limit (neither is an error)
+# would otherwise have its session run everything received, up to the 2 MB at which the
+# connection stops reading: ~1 s during which no other session of the process is served.
+_COMMANDS_PER_TURN = 64
 _GROUP_ENDERS = frozenset(
     {"EHLO", "HELO", "DATA", "STARTTLS", "AUTH", "QUIT", "NOOP", "VRFY", "EXPN"}
 )
@@ -239,12 +244,17 @@ class Session:
         context = "Remote"
         self._task = asyncio.current_task()
         self._watchdog = self.loop.call_at(self._next_check(self.started), self._watch)
+        answered = 0
         try:
             while True:
                 line = await self.read_line()
                 if line is None:
                     break
                 await self.handle_line(line)
+                answered += 1
+                if answered == _COMMANDS_PER_TURN:  # let the other sessions run (see there)
+                    answered = 0
+                    await asyncio.sleep(0)
         except _Close as close:
             context = close.context
         except (OSError, asyncio.IncompleteReadError):  # resets, TLS record errors
