@@ -171,6 +171,23 @@ def test_auth_protocol_errors(relay):
         assert c.cmd("AUTH PLAIN " + b64("\0scanner\0" + PASSWORD)).code == 235
 
 
+@pytest.mark.parametrize("sep", ["\t", "\x0b", "\x0c"])
+def test_credentials_after_auth_and_any_blank_never_reach_the_protocol_log(relay, sep):
+    """ "AUTH<TAB>PLAIN <credentials>" is no AUTH command (500), but its line is logged all the
+    same: the initial response is masked whatever blank follows the verb, as after a space."""
+    r = relay([auth_connector()])
+    add_user(r, "scanner")
+    secret = b64("\0scanner\0" + PASSWORD)
+    with r.raw() as c:
+        c.greet()
+        assert c.cmd(f"AUTH{sep}PLAIN {secret}").code == 500
+        assert c.cmd(f"auth{sep}PLAIN{sep}{secret}").code == 500
+        assert c.cmd(f"AUTH PLAIN {secret}").code == 235
+    log = r.protocol_log_text()
+    assert log.count("PLAIN <authentication response>") == 3
+    assert secret not in log and PASSWORD not in log
+
+
 def test_basic_auth_require_tls_never_in_clear(relay):
     r = relay([auth_connector(auth_mechanism=["Tls", "BasicAuth", "BasicAuthRequireTLS"])])
     add_user(r, "scanner")

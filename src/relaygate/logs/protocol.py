@@ -197,8 +197,9 @@ class SessionLog:
         self._append((time.time(), self._head, seq, self._tail, ">", text, ""))
 
     def received(self, text: str) -> None:
-        """``<`` line: a command from the client. An AUTH initial response is masked."""
-        if text[:1] in "Aa" and text[:5].upper() == "AUTH ":
+        """``<`` line: a command from the client. An AUTH initial response is masked, whatever
+        blank follows the verb ("AUTH<TAB>PLAIN ..." is refused, but its credentials are real)."""
+        if text[:1] in "Aa" and text[:4].upper() == "AUTH" and text[4:5].isspace():
             text = _mask_auth_command(text)
         seq = self._seq
         self._seq = seq + 1
