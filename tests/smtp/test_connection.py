@@ -145,21 +145,25 @@ def test_a_reset_connection_raises_on_read_and_drain(run: Runner) -> None:
     run(body)
 
 
-def test_reading_pauses_while_too_much_is_unread(
-    run: Runner, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.parametrize("in_data", [False, True])
+def test_reading_pauses_while_too_much_is_unread(run: Runner, in_data: bool) -> None:
+    """Past 64 KB unread between messages, past 2 MB while a message is read (DATA)."""
+
     async def body(served: Served) -> None:
-        monkeypatch.setattr(connection_module, "_PAUSE_ABOVE", 64 * 1024)
         sock, conn = await served.client()
+        conn.reading_message(in_data)
         block = b"x" * (256 * 1024)
-        sender = asyncio.ensure_future(send(sock, block * 4))
+        blocks = 16 if in_data else 4
+        sender = asyncio.ensure_future(send(sock, block * blocks))
         for _ in range(100):
             await asyncio.sleep(0.02)
             if not conn.transport.is_reading():
                 break
         assert not conn.transport.is_reading()  # paused: the rest waits in the kernel
+        limit = connection_module._PAUSE_ABOVE if in_data else 64 * 1024
+        assert limit < conn.unread <= limit + len(block)
         got = 0
-        while got < len(block) * 4:
+        while got < len(block) * blocks:
             got += len(await asyncio.wait_for(conn.read(1024 * 1024), 5))
         await asyncio.wait_for(sender, 5)
         assert conn.transport.is_reading()

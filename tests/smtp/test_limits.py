@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 
 from tests.smtp.conftest import default_frontend, relay_connector
-from tests.smtp.helpers import RawClient
+from tests.smtp.helpers import RawClient, wait_for
 from tests.smtp.test_auth import PASSWORD, add_user, auth_connector, b64, cheap_argon2  # noqa: F401
 
 SMALL = 65536  # the smallest max_message_size Exchange allows
@@ -267,6 +268,36 @@ def test_max_inbound_connection_percentage_per_source(relay):
         c.expect(220)
     for h in held:
         h.close()
+
+
+def test_a_session_that_is_not_reading_holds_little_of_what_its_client_sends(relay):
+    """While a session does not read (the tarpit of a refused RCPT here; a store commit, a
+    password check, a client that does not read its replies), what its client goes on sending
+    waits in the connection until the socket stops being read. That was at 2 MB per connection
+    whatever the session was doing: 40 such clients took 84 MB of a worker, and
+    max_inbound_connection is 5000 (an IPv6 /64 has addresses enough for every one of them).
+    Between messages it is 64 KB now; DATA keeps 2 MB, so that a message streams while read."""
+    r = relay([default_frontend(tarpit_interval="00:00:03", max_protocol_errors=50)])
+    assert r.relay is not None and r.relay.server is not None
+    live = r.relay.server._live
+
+    def send_all(c: RawClient, data: bytes) -> None:
+        try:
+            c.sock.sendall(data)
+        except OSError:
+            pass  # closed by the test once it has looked
+
+    with r.raw("127.0.0.9") as c:
+        c.greet()
+        c.cmd("MAIL FROM:<app@corp.example>", 250)
+        c.send(b"RCPT TO:<victim@external.example>\r\n")  # refused after a 3 s tarpit
+        (session,) = live
+        sender = threading.Thread(target=send_all, args=(c, b"RSET\r\n" * 1_000_000), daemon=True)
+        sender.start()
+        paused = wait_for(lambda: not session.conn.transport.is_reading(), timeout=2.5)
+        unread = session.conn.unread
+    assert paused, "the connection never stopped reading"
+    assert unread <= 512 * 1024, f"{unread} bytes held for a session that is not reading"
 
 
 def test_max_protocol_errors(relay):

@@ -23,7 +23,12 @@ from typing import Any
 
 __all__ = ["Connection"]
 
-_PAUSE_ABOVE = 2 * 1024 * 1024  # unread bytes at which the socket stops being read
+# Unread bytes at which the socket stops being read (the rest waits in the kernel). A message
+# streams while the session reads it, so DATA may run ahead by 2 MB; between messages a session
+# that is not reading (a tarpit, a store commit, a password check) must not hold megabytes for
+# each of thousands of connections: 64 KB is a pipeline of ~2 000 commands.
+_PAUSE_ABOVE = 2 * 1024 * 1024
+_PAUSE_ABOVE_COMMANDS = 64 * 1024
 _TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only (see ack_now)
 
 
@@ -38,6 +43,7 @@ class Connection(asyncio.Protocol):
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
+        self._pause_above = _PAUSE_ABOVE_COMMANDS
         self._over_tls = False
         self._writing_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -69,7 +75,7 @@ class Connection(asyncio.Protocol):
             chunks.append(data[n:])
             data = data[:n]
         self._unread = len(chunks[0]) if chunks else 0
-        if self._reading_paused and self._unread < _PAUSE_ABOVE:
+        if self._reading_paused and self._unread < self._pause_above:
             self._reading_paused = False
             self.transport.resume_reading()
         return data
@@ -78,6 +84,11 @@ class Connection(asyncio.Protocol):
     def unread(self) -> int:
         """Bytes received and not read yet: the client sent them before its last reply came."""
         return self._unread
+
+    def reading_message(self, reading: bool) -> None:
+        """The session reads a message's content (DATA) from now on, or no longer: how much may
+        arrive before it is read (see _PAUSE_ABOVE)."""
+        self._pause_above = _PAUSE_ABOVE if reading else _PAUSE_ABOVE_COMMANDS
 
     def discard_unread(self) -> int:
         """Drop what was received and not read yet (STARTTLS: CVE-2011-0411); returns its size."""
@@ -149,7 +160,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._chunks.append(data)
         self._unread += len(data)
-        if self._unread > _PAUSE_ABOVE and not self._reading_paused:
+        if self._unread > self._pause_above and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()
         waiter = self._waiter

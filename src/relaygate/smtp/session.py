@@ -599,7 +599,11 @@ class Session:
         self._in_data = True
         self._held = 0
         try:
-            content, too_big = await self.read_data()
+            self.conn.reading_message(True)  # it streams while read: may run ahead (connection.py)
+            try:
+                content, too_big = await self.read_data()
+            finally:
+                self.conn.reading_message(False)
             txn, self.txn = self.txn, None
             if content is None:
                 raise _Close("Remote")
