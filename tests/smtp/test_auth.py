@@ -139,6 +139,34 @@ def test_auth_plain_and_login_success_relay_as_exchange_user(relay):
         assert b"\twith ESMTPA id " in r.data(m.queue_id)
 
 
+def test_auth_plain_with_its_initial_response_may_be_pipelined_with_mail(relay):
+    """RFC 4954 §4: AUTH must end a pipelined group, except with an initial response for a
+    mechanism done in one round trip and without a security layer, such as PLAIN: then MAIL
+    may follow in the same write. AUTH LOGIN, and PLAIN waiting for its 334, still end one."""
+    r = relay([auth_connector()])
+    add_user(r, "scanner")
+    plain = b64("\0scanner\0" + PASSWORD)
+    with r.raw() as c:
+        c.greet()
+        c.send(f"AUTH PLAIN {plain}\r\nMAIL FROM:<scanner@corp.example>\r\n")
+        assert c.expect(235).text == "235 2.7.0 Authentication successful"
+        assert c.expect(250).text == "250 2.1.0 Sender OK"  # as the authenticated user
+        c.cmd("RCPT TO:<y@external.example>", 250)
+    with r.raw() as c:  # a wrong password: the pipelined MAIL is the anonymous session's
+        c.greet()
+        wrong = b64("\0scanner\0wrong")
+        c.send(f"AUTH PLAIN {wrong}\r\nMAIL FROM:<scanner@corp.example>\r\n")
+        assert c.expect(535).code == 535
+        assert c.expect(530).text == "530 5.7.1 Client was not authenticated"
+    for pipelined in (f"AUTH LOGIN {b64('scanner')}", "AUTH PLAIN"):
+        with r.raw() as c:
+            c.greet()
+            c.send(f"{pipelined}\r\nMAIL FROM:<scanner@corp.example>\r\n")
+            assert [x.text for x in c.replies_until_close()] == [
+                "554 5.5.0 Error: SMTP protocol synchronization"
+            ]
+
+
 def test_auth_failure_tarpit_and_lockout(relay):
     r = relay([auth_connector(auth_tarpit_interval="00:00:01", max_logon_failures=2)])
     add_user(r, "scanner")

@@ -6,9 +6,9 @@ The session owns its read buffer (`self.buf`) instead of reading lines from the 
   `max_message_size` the bytes are dropped while the scan continues, so the session stays in sync;
 - after STARTTLS everything buffered in plain text is discarded (CVE-2011-0411);
 - pipelining is checked against what the client really sent: bytes waiting behind a command that must
-  end a group (EHLO, HELO, DATA, STARTTLS, AUTH, or any command when PIPELINING was not offered) are a
-  protocol-synchronisation error and close the session, so content sent after a refused DATA is never
-  executed as commands (security-bar §2C).
+  end a group (EHLO, HELO, DATA, STARTTLS, AUTH but AUTH PLAIN with its initial response, or any
+  command when PIPELINING was not offered) are a protocol-synchronisation error and close the session,
+  so content sent after a refused DATA is never executed as commands (security-bar §2C).
 Replies are queued and written when the client's pipeline is drained, never ahead of it.
 """
 
@@ -324,7 +324,7 @@ class Session:
             self.reply(replies.TOO_MANY_ERRORS)
             raise _Close()
 
-    def check_sync(self, verb: str) -> None:
+    def check_sync(self, verb: str, arg: str = "") -> None:
         """Bytes waiting behind a command that must end a pipeline group → close (security-bar §2C).
 
         Waiting means in the session's buffer or received by the connection and not read yet:
@@ -335,6 +335,8 @@ class Session:
         if verb in _GROUP_ENDERS or not self.pipelining:
             if verb in ("QUIT", "STARTTLS"):
                 return  # STARTTLS discards what follows it itself (RFC 3207 §4.2 / CVE-2011-0411)
+            if verb == "AUTH" and self.pipelining and _plain_with_initial_response(arg):
+                return  # RFC 4954 §4: done in one round trip, so it need not end the group
             pending = len(self.buf) + self.conn.discard_unread()
             self.log.info(f"Unauthorized pipelining after {verb}; {pending} bytes pending")
             self.buf.clear()
@@ -378,7 +380,7 @@ class Session:
         if handler is None:
             await self.protocol_error(replies.UNRECOGNIZED_COMMAND)
             return
-        self.check_sync(verb)
+        self.check_sync(verb, arg)
         await handler(self, arg)
 
     # -- verbs ----------------------------------------------------------------------------------------
@@ -975,6 +977,12 @@ class Session:
             self.reply(replies.AUTH_CANCELLED)
             return None
         return answer
+
+
+def _plain_with_initial_response(arg: str) -> bool:
+    """`AUTH PLAIN <initial response>`: a mechanism done in one round trip, no security layer."""
+    mechanism, _, initial = arg.strip().partition(" ")
+    return mechanism.upper() == "PLAIN" and bool(initial.strip())
 
 
 def _b64(text: str) -> bytes:
