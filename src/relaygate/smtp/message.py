@@ -27,8 +27,9 @@ __all__ = [
 # match; the alternatives start with different octets, so it never backtracks past a line.
 _HEADER_BLOCK = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\n]*\n(?:[ \t][^\n]*\n)*)*")
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
+# No control octet in it (a msg-id has none): a NUL cannot even be stored in PostgreSQL's text.
 _MESSAGE_ID = re.compile(
-    rb"^message-id[ \t]*:[ \t]*(<[^>\r\n]{1,900}>)", re.IGNORECASE | re.MULTILINE
+    rb"^message-id[ \t]*:[ \t]*(<[^>\x00-\x1f\x7f]{1,900}>)", re.IGNORECASE | re.MULTILINE
 )
 
 # A From field and its continuation lines (the value, folded, with its line ends).
