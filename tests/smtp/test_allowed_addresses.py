@@ -208,6 +208,25 @@ def test_from_header_spoofing_refused_at_end_of_data(relay: Any, sink: Sink) -> 
     )
 
 
+@pytest.mark.parametrize("value", ["<", "?=q@[<Z(", "(\u00e9=?q=?).Z@", "a@b <", "<@"])
+def test_a_from_header_the_standard_parser_trips_on_is_refused_not_a_crash(
+    relay: Any, sink: Sink, value: str
+) -> None:
+    """Python's RFC 5322 header parser raises IndexError, AttributeError or TypeError (not the
+    ValueError the check expected) on some malformed From values ("a@b <" is a defect it
+    reports, the control case): the session died with a
+    traceback logged at ERROR and the client got no reply, so it sent the message again, and
+    again. Such a From is one that cannot be parsed: 554 5.6.0, and the session goes on."""
+    node = start(relay, sink)
+    content = f"From: {value}\r\nSubject: tripped\r\n\r\ntripped\r\n".encode()
+    with client(node, PRINTERS) as c:
+        c.mail("scan@corp.example")
+        c.rcpt("it@corp.example")
+        assert line(c.data(content)) == BAD_FROM
+        assert c.noop()[0] == 250
+    assert not stored(node, b"tripped")
+
+
 @pytest.mark.parametrize(
     "breaker", [":\r\n", ": no name\r\n", "X\x01: control\r\n", "no colon\r\n"]
 )

@@ -114,6 +114,20 @@ _REGISTRY = HeaderRegistry()
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 
 
+def _parse_address_header(text: str) -> AddressHeader:
+    """The standard library's RFC 5322 parse of an address field's value. That parser raises
+    IndexError, AttributeError or TypeError on some malformed values (``<``, ``<@``): any
+    exception of its own is a value that cannot be parsed (ValueError), never a failed session."""
+    try:
+        header = _REGISTRY("from", text)
+    except Exception as exc:  # the parser's own bugs: whatever it raises
+        raise ValueError(
+            f"the From header {text!r} cannot be parsed ({type(exc).__name__})"
+        ) from None
+    assert isinstance(header, AddressHeader)  # the registry's class for "from"
+    return header
+
+
 def from_header_addresses(values: Sequence[bytes]) -> list[Address]:
     """The addresses of the From header fields `values` (each the raw text after `From:`, folded
     lines and all). `ValueError` with the reason when any field cannot be read strictly: not
@@ -130,8 +144,7 @@ def from_header_addresses(values: Sequence[bytes]) -> list[Address]:
         text = _FOLD.sub("", text).strip()
         if "\r" in text or "\n" in text or "\x00" in text:
             raise ValueError("the From header holds a bare CR, LF or NUL")
-        header = _REGISTRY("from", text)
-        assert isinstance(header, AddressHeader)  # the registry's class for "from"
+        header = _parse_address_header(text)
         defects = [d for d in header.defects if not isinstance(d, NonASCIILocalPartDefect)]
         if defects:
             raise ValueError(f"the From header {text!r} is malformed: {defects[0]}")
