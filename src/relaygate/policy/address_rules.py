@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.errors import NonASCIILocalPartDefect
-from email.headerregistry import AddressHeader, HeaderRegistry
+from email.headerregistry import AddressHeader, BaseHeader, HeaderRegistry
 
 from relaygate import replies
 from relaygate.address_patterns import AddressRule, ascii_lower
@@ -114,7 +114,7 @@ _REGISTRY = HeaderRegistry()
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 
 
-def _parse_address_header(text: str) -> AddressHeader:
+def _parse_address_header(text: str) -> BaseHeader:
     """The standard library's RFC 5322 parse of an address field's value. That parser raises
     IndexError, AttributeError or TypeError on some malformed values (``<``, ``<@``): any
     exception of its own is a value that cannot be parsed (ValueError), never a failed session."""
@@ -124,7 +124,6 @@ def _parse_address_header(text: str) -> AddressHeader:
         raise ValueError(
             f"the From header {text!r} cannot be parsed ({type(exc).__name__})"
         ) from None
-    assert isinstance(header, AddressHeader)  # the registry's class for "from"
     return header
 
 
@@ -145,6 +144,7 @@ def from_header_addresses(values: Sequence[bytes]) -> list[Address]:
         if "\r" in text or "\n" in text or "\x00" in text:
             raise ValueError("the From header holds a bare CR, LF or NUL")
         header = _parse_address_header(text)
+        assert isinstance(header, AddressHeader)  # the registry's class for "from"
         defects = [d for d in header.defects if not isinstance(d, NonASCIILocalPartDefect)]
         if defects:
             raise ValueError(f"the From header {text!r} is malformed: {defects[0]}")
