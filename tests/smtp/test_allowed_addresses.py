@@ -228,16 +228,21 @@ def test_a_from_header_the_standard_parser_trips_on_is_refused_not_a_crash(
 
 
 @pytest.mark.parametrize(
-    "breaker", [":\r\n", ": no name\r\n", "X\x01: control\r\n", "no colon\r\n"]
+    "breaker",
+    [":\r\n", ": no name\r\n", "X\x01: control\r\n", "no colon\r\n", "From mbox-line\r\n", ""],
 )
 def test_a_from_header_behind_a_line_that_ends_the_strict_header_is_read_too(
     relay: Any, sink: Sink, breaker: str
 ) -> None:
     """A line that is not a header field ends the header section for the relay (Postfix's rule),
     but not for every reader: Python's email parser, for one, reads on past a ':' line and takes
-    the From field behind it. Up to the first empty line, every From field is checked."""
+    the From field behind it, and past an mbox "From " line, and past a first line that is a
+    continuation. Up to the first empty line, every From field is checked."""
     node = start(relay, sink)
     hidden = f"Subject: hidden-from\r\n{breaker}From: ceo@corp.example\r\n\r\nhidden-from\r\n"
+    if not breaker:  # a first line that continues nothing: Python's parser reads on past it too
+        hidden = " leading\r\nFrom: ceo@corp.example\r\n\r\nhidden-from\r\n"
+        breaker = " \r\n"
     with client(node, PRINTERS) as c:
         c.mail("scan@corp.example")
         c.rcpt("it@corp.example")
