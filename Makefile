@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+BENCH_STAMP := $(VENV)/.installed-bench
 DEBS := swaks postfix chromium postgresql systemd pebble
 
 .PHONY: run test lint fmt soak bench debs clean
@@ -17,6 +18,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 $(TEST_STAMP): $(STAMP)
 	$(BIN)/pip install -q -c constraints.txt -e '.[test,dev]'
+	touch $@
+
+# The benchmark's extras: matplotlib for the plot in docs/benchmarks.png, py-spy for the profiles.
+$(BENCH_STAMP): $(TEST_STAMP)
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,dev,bench]'
 	touch $@
 
 run: $(STAMP)
@@ -45,7 +51,7 @@ test: $(TEST_STAMP) debs
 soak: $(TEST_STAMP) debs
 	$(BIN)/pytest -q -m slow
 
-bench: $(TEST_STAMP) debs
+bench: $(BENCH_STAMP) debs
 	$(BIN)/python bench/run.py
 
 lint: $(TEST_STAMP)
