@@ -16,6 +16,7 @@ import tomlkit
 from aiosmtpd.controller import Controller
 
 from relaygate.config.loader import load_config
+from relaygate.queue.spool import SPOOL_THRESHOLD
 from tests.smtp.conftest import relay_connector
 from tests.smtp.helpers import free_port
 
@@ -25,9 +26,11 @@ ROUNDS = 3
 QUEUE_ID = re.compile(rb"\[InternalId=([0-9A-F]{16}), ")
 
 
-def content_for(n: int) -> bytes:
+def content_for(n: int, *, spooled: bool = False) -> bytes:
+    """Message n; with `spooled`, every other one is big enough for a spool file (spool.py)."""
+    lines = 1 + n % 40 + (1000 if spooled and n % 2 else 0)
     body = b"".join(
-        b"line %d of message %d: %s\r\n" % (i, n, b"x" * (n % 50)) for i in range(1 + n % 40)
+        b"line %d of message %d: %s\r\n" % (i, n, b"x" * (n % 50)) for i in range(lines)
     )
     return (
         b"Message-ID: <durable-%d@corp.example>\r\nSubject: durability %d\r\n\r\n"
@@ -38,9 +41,10 @@ def content_for(n: int) -> bytes:
 class Sender:
     """Client threads that send numbered messages and record (queue id, content) only after a 250."""
 
-    def __init__(self, port: int, total: int = TOTAL) -> None:
+    def __init__(self, port: int, total: int = TOTAL, *, spooled: bool = False) -> None:
         self.port = port
         self.total = total
+        self.spooled = spooled
         self.next = 0
         self.lock = threading.Lock()
         self.acked: dict[str, bytes] = {}
@@ -63,12 +67,13 @@ class Sender:
                     s.mail("app@corp.example")
                     s.rcpt(f"user{n}@corp.example")
                     s.rcpt("copy@external.example")
-                    code, text = s.data(content_for(n))
+                    content = content_for(n, spooled=self.spooled)
+                    code, text = s.data(content)
                     if code == 250:
                         m = QUEUE_ID.search(text)
                         assert m, text
                         with self.lock:
-                            self.acked[m.group(1).decode()] = content_for(n)
+                            self.acked[m.group(1).decode()] = content
         except (OSError, smtplib.SMTPException):
             with self.lock:
                 self.errors += 1  # the server was killed under us: expected
@@ -83,10 +88,13 @@ class Sender:
             t.join(20)
 
 
-def test_acknowledged_messages_survive_sigkill(relay):
+@pytest.mark.parametrize("spooled", [False, True], ids=["inline", "spooled"])
+def test_acknowledged_messages_survive_sigkill(relay, spooled: bool):
+    """With `spooled`, half the messages are over 64 KB and live in spool files written into
+    files created ahead (spool.py), whose directory entries were made durable before use."""
     r = relay([relay_connector(["127.0.0.0/24"])], mode="process")
     rng = random.Random(20240517)
-    sender = Sender(r.port)
+    sender = Sender(r.port, spooled=spooled)
     for _ in range(ROUNDS):
         sender.round(rng.uniform(0.4, 1.5), r.kill)
         r.start()  # restart on the same data_dir
@@ -106,6 +114,8 @@ def test_acknowledged_messages_survive_sigkill(relay):
             header
         )
         assert header.count(b"Received:") == 1 and header.endswith(b"\r\n")
+    if spooled:
+        assert any(len(c) >= SPOOL_THRESHOLD for c in sender.acked.values())
     duplicates = len(stored) - len(sender.acked)
     assert duplicates >= 0  # unacknowledged copies (killed between fsync and the 250) may exist
     assert sender.next == sender.total

@@ -466,6 +466,7 @@ class SqliteStore(Store):
         for conn in self._rconns:
             conn.close()
         self._rconns.clear()
+        self._spool.close()  # the files created ahead and not used
         self._open = False
 
     async def __aenter__(self) -> SqliteStore:
