@@ -204,6 +204,64 @@ async def test_5xx_fails_with_an_ndr_to_the_sender_and_a_copy_to_the_admin(
         assert dsn_event["internal-message-id"] == dsn.queue_id
 
 
+class EightBitRefusal(ScriptedHandler):
+    """Refuses every recipient with a 550 whose text is 8-bit: UTF-8 or Latin-1 octets, as sent."""
+
+    def __init__(self, text: bytes) -> None:
+        super().__init__()
+        self.text = text
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        self.rcpts.append(address)
+        return b"550 5.1.1 " + self.text  # aiosmtpd writes bytes as they are
+
+
+class Without8BitMime(ScriptedHandler):
+    """A sink that does not offer 8BITMIME (RFC 6152): 8-bit content must not be sent to it."""
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        responses = await super().handle_EHLO(server, session, envelope, hostname, responses)
+        return [r for r in responses if r != "250-8BITMIME"]
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        (
+            "Empfänger unbekannt: Postfach gelöscht".encode(),
+            "Empfänger unbekannt: Postfach gelöscht",
+        ),
+        (b"Empf\xe4nger unbekannt", "Empf\ufffdnger unbekannt"),
+    ],
+    ids=["utf-8", "latin-1"],
+)
+async def test_an_ndr_with_8_bit_remote_text_is_7_bit_and_reaches_a_hop_without_8bitmime(
+    tmp_path: Path, text: bytes, shown: str
+) -> None:
+    """A remote reply with non-ASCII text was copied as 8-bit into the NDR's text part and its
+    Diagnostic-Code: the report was then 8-bit, and a route back to the sender without 8BITMIME
+    refused it (5.6.3), so the sender never learnt that the message was lost. Now the text part is
+    quoted-printable UTF-8 and the Diagnostic-Code escapes non-ASCII as RFC 6533's \\x{HHHH}."""
+    async with (
+        sinks(EightBitRefusal(text), Without8BitMime()) as (a, b),
+        relay_running(tmp_path, {"*": a.port, "senders.test": b.port}) as relay,
+    ):
+        await send(relay, SENDER, ["bob@example.com"], original("Scan 9"))
+        (ndr,) = await wait_for(lambda: reports(b))
+        content = ndr["content"]
+        assert content.isascii()
+        assert "BODY=8BITMIME" not in ndr["mail_options"]
+        report = parse_mail(content)
+        text_part, status, _headers = report.get_payload()
+        assert text_part["Content-Transfer-Encoding"] == "quoted-printable"
+        assert text_part.get_content_charset() == "utf-8"
+        assert f"returned '550 5.1.1 {shown}'" in text_part.get_content()
+        assert status.get_content_type() == "message/delivery-status"
+        _per_message, per_rcpt = status.get_payload()
+        escaped = "".join(c if c.isascii() else f"\\x{{{ord(c):X}}}" for c in shown)
+        assert per_rcpt["Diagnostic-Code"] == f"smtp; 550 5.1.1 {escaped}"
+
+
 async def test_an_ndr_comes_from_the_default_domains_postmaster_and_is_dkim_signed(
     tmp_path: Path,
 ) -> None:

@@ -13,6 +13,13 @@ The report has three parts:
    may be large or sensitive, and devices often send to addresses nobody reads);
    ``message/global-headers`` when it holds UTF-8 (RFC 6533).
 
+What a remote server answered never makes the report 8-bit, so that it reaches a sender whose route
+has no 8BITMIME: the text part is quoted-printable UTF-8 when it holds non-ASCII text, and the
+reply's non-ASCII characters in ``Diagnostic-Code`` (and ``Remote-MTA``, ``X-Last-Error``) are
+written as RFC 6533's ``\\x{HHHH}`` (the code point in hex; octets that were not UTF-8 arrive as
+U+FFFD, ``\\x{FFFD}``), in a message/global-delivery-status too: its UTF-8 is for addresses, which
+only an SMTPUTF8 original has.
+
 The report comes ``From: Mail Delivery System <postmaster>``, the postmaster address the caller
 gives (the queue manager's is the default accepted domain's, as Exchange's, so that the domain's
 DKIM key signs it; ``postmaster@<reporting MTA>`` when none is given), and is sent with the null
@@ -21,6 +28,7 @@ envelope sender ``<>`` so that it can never cause another report. Pure: bytes in
 
 from __future__ import annotations
 
+import binascii
 import json
 import re
 import secrets
@@ -54,6 +62,7 @@ _CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 # xtext's "+XX" (RFC 3461 §4) and utf-8-addr-xtext's "\x{HHHH}" (RFC 6533 §3)
 _XTEXT_CHAR = re.compile(r"\+([0-9A-Fa-f]{2})|\\x\{([0-9A-Fa-f]{1,6})\}")
 _NOTIFY_CONDITIONS = frozenset(("SUCCESS", "FAILURE", "DELAY"))
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +220,25 @@ def _clean(text: str) -> str:
     return _CTL.sub("", text)
 
 
+def _code_point_escape(m: re.Match[str]) -> str:
+    return f"\\x{{{ord(m.group()):X}}}"
+
+
+def _ascii_field(text: str) -> str:
+    """A remote server's text for a delivery-status field: cleaned, non-ASCII as ``\\x{HHHH}``
+    (RFC 6533 §3's notation), so that a reply in UTF-8 or Latin-1 never makes the report 8-bit."""
+    return _NON_ASCII.sub(_code_point_escape, _clean(text))
+
+
+def _text_part(body: bytes) -> tuple[str, bytes]:
+    """(Content-Transfer-Encoding, body) of the human-readable part: 7bit when it is ASCII, else
+    quoted-printable (a remote reply's or the original header's UTF-8 must not need 8BITMIME)."""
+    if body.isascii():
+        return "7bit", body
+    # istext: line breaks stay CRLF (the body's own) and are not encoded as =0D=0A
+    return "quoted-printable", binascii.b2a_qp(body, istext=True)
+
+
 def build_dsn(
     *,
     action: str,
@@ -311,10 +339,10 @@ def build_dsn(
         status.append(f"Action: {action}")
         status.append(f"Status: {status_of(r.reply)}")
         if r.remote_mta:
-            status.append(f"Remote-MTA: dns; {_clean(r.remote_mta)}")
-        status.append(f"Diagnostic-Code: smtp; {_clean(r.reply.line())}")
+            status.append(f"Remote-MTA: dns; {_ascii_field(r.remote_mta)}")
+        status.append(f"Diagnostic-Code: smtp; {_ascii_field(r.reply.line())}")
         if r.last_error and r.last_error != r.reply.line():
-            status.append(f"X-Last-Error: {_clean(r.last_error)}")
+            status.append(f"X-Last-Error: {_ascii_field(r.last_error)}")
         if r.last_attempt is not None:
             status.append(f"Last-Attempt-Date: {_date(r.last_attempt)}")
         if action == "delayed" and will_retry_until is not None:
@@ -362,10 +390,10 @@ def build_dsn(
             out.extend(b"\r\n")
         out.extend(b"\r\n")  # the CRLF before a boundary belongs to the boundary (RFC 2046)
 
-    cte_human = "7bit" if human.isascii() else "8bit"
+    cte_human, human_body = _text_part(human)
     part(
         ["Content-Type: text/plain; charset=utf-8", f"Content-Transfer-Encoding: {cte_human}"],
-        human,
+        human_body,
     )
     part(
         [
