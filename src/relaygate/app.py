@@ -40,7 +40,7 @@ from relaygate.logs.service import configure as configure_service_log
 from relaygate.logs.tracking import MESSAGE_TRACKING_DIR, TrackingLog
 from relaygate.malloc_tuning import tune_malloc
 from relaygate.node_lock import NodeLock, NodeLockError
-from relaygate.queue.manager import QueueManager
+from relaygate.queue.manager import QueueManager, build_signer
 from relaygate.queue.pressure import DiskPressure
 from relaygate.queue.sqlite_store import SqliteStore
 from relaygate.queue.store import Store, StoreError
@@ -260,6 +260,11 @@ class Relay:
                 logger.error("reload refused, keeping the running configuration: %s", exc)
                 return
 
+        # The DKIM keys are read and parsed (RSA: tens of ms each) in a thread, before anything is
+        # applied: in apply() they stalled every SMTP session. A key that cannot be used is left
+        # out and logged (build_signer); a reload refused below leaves this signer unused.
+        signer = await asyncio.to_thread(build_signer, new) if self.manager is not None else None
+
         if restart_only:
             logger.warning(
                 "%s changed: takes effect when relaygate serve restarts", ", ".join(restart_only)
@@ -272,7 +277,7 @@ class Relay:
             ctx.apply(new)
             retired.extend(self._apply_logs(new, privacy))
             if self.manager is not None:
-                self.manager.apply(new)
+                self.manager.apply(new, signer=signer)
             if self.pressure is not None:
                 self.pressure.apply(new.queue.min_free_disk_space)
             if self.admin is not None:

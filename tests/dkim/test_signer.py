@@ -466,11 +466,11 @@ def test_a_key_file_every_local_user_can_read_is_warned_about(tmp_path, loopback
     # the running relay (start and reload) says it in the service log
     from types import SimpleNamespace
 
-    from relaygate.queue.manager import _build_signer
+    from relaygate.queue.manager import build_signer
 
     config = SimpleNamespace(dkim=[key], server=SimpleNamespace(dkim_domain_source="header_from"))
     with caplog.at_level(logging.WARNING, logger="relaygate"):
-        assert _build_signer(config) is not None
+        assert build_signer(config) is not None
     assert [r.getMessage() for r in caplog.records] == [warning]
     key.key_file.chmod(0o640)
     assert DkimSigner([key]).warnings == []

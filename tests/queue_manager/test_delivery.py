@@ -689,7 +689,7 @@ async def test_no_route_is_the_unreachable_queue_until_a_reload_adds_one(tmp_pat
             ),
         )
         relay.config = new
-        relay.manager.apply(new)
+        relay.manager.apply(new, signer=relay.manager.signer)
         await wait_for(lambda: len(a.handler.messages) == 2, timeout=5)
         assert a.handler.messages[1]["rcpt_tos"] == ["bob@nowhere.test"]
 
@@ -882,6 +882,77 @@ async def test_one_unusable_dkim_key_after_a_reload_leaves_the_other_keys_signin
             for got in a.handler.messages:
                 assert got["content"].startswith(b"DKIM-Signature: ")
                 assert dkim.verify(got["content"], dnsfunc=dns_server.txt_lookup)
+
+
+async def longest_loop_stall(stop: asyncio.Event) -> float:
+    """The longest the event loop went without running this task, which asks to run every 10 ms
+    (a probe of what an SMTP session would wait for its next reply)."""
+    longest = 0.0
+    last = time.monotonic()
+    while not stop.is_set():
+        await asyncio.sleep(0.01)  # the probe's own tick, not a wait for a condition
+        now = time.monotonic()
+        longest = max(longest, now - last)
+        last = now
+    return longest
+
+
+async def test_a_reload_loads_the_dkim_keys_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload read and parsed every DKIM key file (RSA 4096: tens of ms each) inside the
+    synchronous apply on the event loop: with many keys, every SMTP session stood still meanwhile.
+    The key loader is slowed here to 0.4 s a key: the loop must not stall for it. A key that
+    cannot be loaded is still left out, logged naming its domain and file, and the others sign."""
+    from relaygate.dkim import signer as signer_module
+    from relaygate.dkim.keys import write_key
+
+    keys = tmp_path / "keys"
+    s1 = write_key(keys, "senders.test", "s1")
+    o1 = write_key(keys, "other.test", "o1")
+    extra = "".join(
+        f'\n[[dkim]]\ndomain = "{domain}"\nselector = "{selector}"\nkey_file = "{path}"\n'
+        for domain, selector, path in (("senders.test", "s1", s1), ("other.test", "o1", o1))
+    )
+    config_file = tmp_path / "relaygate.toml"
+    async with (
+        sinks(ScriptedHandler()) as (a,),
+        relay_running(tmp_path, {"*": a.port}, extra=extra, config_file=config_file) as relay,
+    ):
+        assert relay.manager is not None
+        old_signer = relay.manager.signer
+        bad = keys / "bad.test" / "b1.key"
+        bad.parent.mkdir()
+        bad.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+        config_file.write_text(
+            config_file.read_text()
+            + f'\n[[dkim]]\ndomain = "bad.test"\nselector = "b1"\nkey_file = "{bad}"\n'
+        )
+        real_load = signer_module.load_private_key
+
+        def slow_load(path: Path, algorithm: str) -> Any:
+            time.sleep(0.4)  # a big key on a busy machine
+            return real_load(path, algorithm)
+
+        monkeypatch.setattr(signer_module, "load_private_key", slow_load)
+        stop = asyncio.Event()
+        probe = asyncio.create_task(longest_loop_stall(stop))
+        await asyncio.sleep(0)  # the probe takes its first reading before the reload starts
+        with caplog.at_level(logging.ERROR, logger="relaygate"):
+            await relay.reload()
+        stop.set()
+        stall = await probe
+        assert stall < 0.3, f"the event loop stood still {stall:.2f} s during the reload"
+        signer = relay.manager.signer
+        assert signer is not None and signer is not old_signer
+        assert signer.domains == ["other.test", "senders.test"]
+        (problem,) = [
+            r.getMessage() for r in caplog.records if "DKIM key not used" in r.getMessage()
+        ]
+        assert "bad.test" in problem and str(bad) in problem
+        await send(relay, SENDER, ["bob@example.com"], original("After reload"))
+        (got,) = await wait_for(lambda: a.handler.messages)
+        assert got["content"].startswith(b"DKIM-Signature: ")
 
 
 async def test_a_signature_covers_the_octets_sent_and_does_not_count_against_the_route_limit(

@@ -186,8 +186,11 @@ def _build_token_providers(
     return out
 
 
-def _build_signer(config: Any) -> Any:
-    """The DKIM signer for the configured keys, or None (no keys, or dkimpy missing)."""
+def build_signer(config: Any) -> Any:
+    """The DKIM signer for the configured keys, or None (no keys, or dkimpy missing).
+
+    Reads and parses every key file (an RSA 4096 parse takes tens of ms): blocking, so a reload
+    calls it in a thread (``asyncio.to_thread``) and hands the result to `QueueManager.apply`."""
     if not getattr(config, "dkim", None):
         return None
     try:
@@ -246,7 +249,7 @@ class QueueManager:
         self.schedule = RetrySchedule.from_config(config.queue)
         self._resolver_fixed = resolver is not None
         self.resolver = resolver or Resolver.from_config(config)
-        self.signer = _build_signer(config)
+        self.signer = build_signer(config)
         self.token_providers = _build_token_providers(config, {})
         self.pool: ConnectionPool | None = None
         #: HTTP clients of the Graph send connectors, made at the first Graph delivery
@@ -369,9 +372,12 @@ class QueueManager:
         """Scan the queue now (a new message, a retry or resume by the administrator...)."""
         self._wake.set()
 
-    def apply(self, config: Any) -> None:
+    def apply(self, config: Any, *, signer: Any) -> None:
         """Take a reloaded configuration. Unreachable recipients are resubmitted at once (a new
-        send connector may route them), as Exchange resubmits its Unreachable queue."""
+        send connector may route them), as Exchange resubmits its Unreachable queue.
+
+        signer: `build_signer` of ``config``, built by the caller off the event loop (its key
+        files are read and parsed there), so that taking the reload does not stall sessions."""
         providers = _build_token_providers(config, self.token_providers)
         renewed = any(self.token_providers.get(name) is not p for name, p in providers.items())
         if self.pool is not None and (
@@ -393,7 +399,7 @@ class QueueManager:
         self.schedule = RetrySchedule.from_config(config.queue)
         if not self._resolver_fixed:
             self.resolver = Resolver.from_config(config)
-        self.signer = _build_signer(config)
+        self.signer = signer
         self.token_providers = providers
         if limits_changed:
             self._paced_until.clear()
