@@ -262,6 +262,37 @@ async def test_an_ndr_with_8_bit_remote_text_is_7_bit_and_reaches_a_hop_without_
         assert per_rcpt["Diagnostic-Code"] == f"smtp; 550 5.1.1 {escaped}"
 
 
+async def test_recipients_failing_on_two_routes_at_different_times_get_an_ndr_each(
+    tmp_path: Path,
+) -> None:
+    """What README says: a recipient's NDR goes when it fails, as Exchange's "a 5xx means an
+    immediate NDR for those recipients" (exchange-semantics.md §7.3); one that fails later on
+    another route gets an NDR of its own, not a second copy of the first recipient's."""
+
+    def later(address: str, attempt: int) -> str | None:
+        return "451 4.3.2 Try later" if attempt == 1 else "550 5.1.1 No such user"
+
+    async with (
+        sinks(
+            ScriptedHandler(lambda _a, _n: "550 5.1.1 User unknown"),
+            ScriptedHandler(later),
+            ScriptedHandler(),
+        ) as (now_route, later_route, b),
+        relay_running(
+            tmp_path,
+            {"example.com": now_route.port, "later.test": later_route.port, "senders.test": b.port},
+        ) as relay,
+    ):
+        await send(relay, SENDER, ["bob@example.com", "ann@later.test"], original("Scan 10"))
+        first, second = await wait_for(lambda: len(reports(b)) == 2 and reports(b))
+        listed = []
+        for ndr in (first, second):
+            per_rcpt = parse_mail(ndr["content"]).get_payload()[1].get_payload()[1:]
+            listed.append([r["Final-Recipient"] for r in per_rcpt])
+        assert listed == [["rfc822; bob@example.com"], ["rfc822; ann@later.test"]]
+        assert len(later_route.handler.attempts["ann@later.test"]) == 2
+
+
 async def test_an_ndr_comes_from_the_default_domains_postmaster_and_is_dkim_signed(
     tmp_path: Path,
 ) -> None:
