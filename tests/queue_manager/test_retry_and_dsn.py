@@ -286,3 +286,35 @@ def test_utf8_original_headers_come_back_as_message_global_headers() -> None:
         )
         returned = parse_mail(body).get_payload()[2]
         assert returned.get_content_type() == kind
+
+
+def test_a_remote_servers_8_bit_text_leaves_the_report_7_bit() -> None:
+    """Every field that carries what a remote server said (Diagnostic-Code, X-Last-Error, the
+    text part) was copied as UTF-8: the report needed 8BITMIME to reach the sender. Non-ASCII is
+    now ``\\x{HHHH}`` in the status fields and quoted-printable UTF-8 in the text part."""
+    body = build_dsn(
+        action="delayed",
+        reporting_mta="relay.test",
+        to="scanner@corp.test",
+        original=ORIGINAL,
+        recipients=[
+            DsnRecipient(
+                "bob@example.com",
+                Reply(451, "4.4.0", "Primary target IP address responded with: Zeitüberschreitung"),
+                "mx.example.com",
+                last_error="421 4.3.2 Überlastet",
+            )
+        ],
+        received_at=0.0,
+        will_retry_until=86400.0,
+        now=3600.0,
+    )
+    assert body.isascii()
+    text, status, _headers = parse_mail(body).get_payload()
+    assert text["Content-Transfer-Encoding"] == "quoted-printable"
+    assert "Zeitüberschreitung'" in text.get_content()
+    assert "Last error: '421 4.3.2 Überlastet'" in text.get_content()
+    assert status.get_content_type() == "message/delivery-status"
+    rcpt = status.get_payload()[1]
+    assert rcpt["Diagnostic-Code"].endswith("responded with: Zeit\\x{FC}berschreitung")
+    assert rcpt["X-Last-Error"] == "421 4.3.2 \\x{DC}berlastet"
