@@ -36,8 +36,37 @@ def _dot_stuff_c(data: bytes) -> bytes:
     return b"." + out if out.startswith(b".") else out
 
 
+def _wire(message: bytes) -> bytes:
+    """The message as a client sends it after the 354: dot-stuffed, then the terminator."""
+    return _dot_stuff_c(message) + b".\r\n"
+
+
+def _with_dot_lines(message: bytes) -> bytes:
+    """Every tenth line starts with "." (a signature, quoted-printable soft breaks, a diff)."""
+    lines = message.split(b"\r\n")
+    return b"\r\n".join(b"." + line if i % 10 == 5 else line for i, line in enumerate(lines))
+
+
+# The wire form of this size's message, plain and with dot-led lines (made once per size, untimed).
+_WIRE: dict[str, bytes] = {}
+
+
+def _read_data(wire: bytes) -> object:
+    """DataReader over `wire` in the session's 256 KB reads, then its result."""
+    reader_class = _get("relaygate.smtp.message", "DataReader")
+    if reader_class is None:
+        return None
+    reader = reader_class(len(wire) * 2)  # type: ignore[call-arg]
+    for start in range(0, len(wire), 262144):
+        if reader.feed(wire[start : start + 262144]):  # type: ignore[attr-defined]
+            return reader.result()  # type: ignore[attr-defined]
+    raise AssertionError("no terminator")
+
+
 def cases() -> list[tuple[str, Callable[[bytes], object] | None]]:
     return [
+        ("receive: DataReader feed + result", lambda m: _read_data(_WIRE["plain"])),
+        ("  the same, every 10th line dot-led", lambda m: _read_data(_WIRE["dotted"])),
         ("receive: has_bare_cr_or_lf", _get("relaygate.smtp.message", "has_bare_cr_or_lf")),
         ("receive: scan_headers", _get("relaygate.smtp.message", "scan_headers")),
         ("store: sha256", lambda m: hashlib.sha256(m).digest()),
@@ -58,6 +87,7 @@ def main() -> int:
     for size in (10 * 1024, 1024 * 1024):
         message = make_message(size, sender="a@bench.example", recipient="b@remote.example")
         rounds = 50 if size < 100_000 else 5
+        _WIRE.update(plain=_wire(message), dotted=_wire(_with_dot_lines(message)))
         for name, fn in cases():
             if fn is None:
                 print(f"{size // 1024:>4} KB  {'missing':>10}  {name}")
