@@ -56,9 +56,29 @@ def test_only_crlf_dot_crlf_ends_data(two):
         c.send(b"QUIT\r\n")
         assert [x.code for x in c.replies_until_close()] == [221]
     (msg,) = two.messages()
-    assert (
-        stored_content(two, msg.queue_id) == content
-    )  # kept byte for byte, ended only at CRLF.CRLF
+    # Kept byte for byte, ended only at CRLF.CRLF; the one line that starts with a period after a
+    # CRLF (".\rfive\r.") loses it (RFC 5321 §4.5.2), every CR and LF stays.
+    assert stored_content(two, msg.queue_id) == content.replace(b"\r\n.\rfive", b"\r\n\rfive")
+
+
+def test_a_leading_period_is_deleted_from_every_line_that_has_one(two):
+    """RFC 5321 §4.5.2: "If the first character is a period and there are other characters on the
+    line, the first character is deleted" — from ".foo" (a client that did not stuff) as from
+    "..foo", and from the first line of the content; a period elsewhere in a line stays."""
+    sent = (
+        b".X-First: the content's first line\r\nSubject: dots\r\n\r\n"
+        b".foo\r\n..bar\r\n...baz\r\n. \r\nin.the.middle.\r\n.\t\r\n"
+    )
+    with two.raw("127.0.0.5") as c:
+        start_data(c)
+        c.send(sent + b".\r\n")
+        c.expect(250)
+        c.cmd("NOOP", 250)  # the end of data was found where it was, nothing left over
+    (msg,) = two.messages()
+    assert stored_content(two, msg.queue_id) == (
+        b"X-First: the content's first line\r\nSubject: dots\r\n\r\n"
+        b"foo\r\n.bar\r\n..baz\r\n \r\nin.the.middle.\r\n\t\r\n"
+    )
 
 
 @pytest.mark.parametrize("stray", [b"bare\nlinefeed", b"bare\rcarriage return", b"end\n.\n"])
@@ -123,7 +143,10 @@ def test_smuggling_payload_in_one_write(two, ending, source):
         assert first.code == 250
         (msg,) = msgs
         assert [x.address for x in msg.recipients] == ["user@corp.example"]
-        assert stored_content(two, msg.queue_id) == legit + ending + SMUGGLED
+        # The fake ending's period, when it starts a CRLF line ("\r\n.\r"), is deleted as any
+        # line's leading period is (RFC 5321 §4.5.2); nothing else changes.
+        stored = (legit + ending + SMUGGLED).replace(b"\r\n.", b"\r\n")
+        assert stored_content(two, msg.queue_id) == stored
     if source == "127.0.0.5" and ending != b"\r\n\x00.\r\n":
         assert first.code == 554
 

@@ -22,17 +22,18 @@ def test_has_bare_cr_or_lf_matches_its_definition(parts: list[bytes]) -> None:
 
 def _reference_read(stream: bytes) -> tuple[bytes, bytes] | None:
     """RFC 5321 §4.1.1.4 and §4.5.2 as plainly as possible: the first CRLF.CRLF after the DATA
-    line's CRLF ends the content; a leading dot is removed from lines that start with one."""
+    line's CRLF ends the content; the first character of a line that starts with a period is
+    deleted, whatever follows it (".foo" is "foo", not only ".." is ".")."""
     end = (b"\r\n" + stream).find(b"\r\n.\r\n")
     if end < 0:
         return None
     lines = stream[:end].split(b"\r\n")
-    content = b"\r\n".join(line[1:] if line.startswith(b"..") else line for line in lines)
+    content = b"\r\n".join(line[1:] if line.startswith(b".") else line for line in lines)
     return content, stream[end + 3 :]
 
 
 _OCTETS = st.sampled_from(
-    [b"\r", b"\n", b"\r\n", b"a", b".", b"..", b"\r\n.", b"\r\n.\r\n", b"xyz"]
+    [b"\r", b"\n", b"\r\n", b"a", b".", b"..", b"\r\n.", b"\r\n.\r\n", b"xyz", b".a"]
 )
 
 
