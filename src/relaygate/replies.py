@@ -98,6 +98,10 @@ AUTH_UNKNOWN_MECHANISM = Reply(504, "5.7.4", "Unrecognized authentication type")
 AUTH_CANCELLED = Reply(501, "5.7.0", "Authentication cancelled")
 NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
 BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
+# A browser's, HTTP proxy client's or other protocol's line: the session is closed (security-bar 98).
+NON_SMTP_COMMAND = Reply(
+    554, "5.7.0", "Non-SMTP command (cross-protocol input), closing transmission channel"
+)
 
 # --- limits and throttling (§5.4) -------------------------------------------------------------------
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")

@@ -387,6 +387,62 @@ def test_writes_split_at_every_byte_position_give_identical_results(relay):
         assert data.endswith(b"\r\n" + EXPECTED_CONTENT) and data.count(b"Received: ") == 1
 
 
+NON_SMTP = "554 5.7.0 Non-SMTP command (cross-protocol input), closing transmission channel"
+
+
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        (b"GET / HTTP/1.1", "an HTTP request"),
+        (b"POST /submit HTTP/1.1", "an HTTP request"),
+        (b"CONNECT relay.corp.example:25 HTTP/1.0", "an HTTP request"),
+        (b"get / http/1.0", "an HTTP request"),
+        (b"Host: relay.corp.example", "a header field"),
+        (b"User-Agent: Mozilla/5.0 (X11; Linux x86_64)", "a header field"),
+        (b"Content-Length:0", "a header field"),
+        (b"X-Forwarded-For : 127.0.0.1", "a header field"),
+        (b" EHLO client.corp.example", "not starting with a letter"),
+        (b"1 MAIL FROM:<app@corp.example>", "not starting with a letter"),
+        (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03", "not starting with a letter"),
+        (b"\x00EHLO client.corp.example", "not starting with a letter"),
+        (b"<?xml version='1.0'?>", "not starting with a letter"),
+    ],
+)
+def test_cross_protocol_input_is_refused_and_the_connection_closed_at_once(two, line, why):
+    """Security-bar item 98: a browser, an HTTP proxy client, or a line starting with a control
+    octet (a TLS record starts with 0x16) is not an SMTP client making mistakes: the connection is
+    closed on the first such line (as Postfix's smtpd_forbidden_commands and its header check do),
+    not counted toward max_protocol_errors (50 here) while the rest of the request is read as
+    commands. The line and the reason are in the protocol log."""
+    with two.raw("127.0.0.9") as c:
+        c.greet()
+        # The rest of a request (its headers, the blank line) in the same write: never answered.
+        c.send(line + b"\r\nAccept: */*\r\n\r\nNOOP\r\n")
+        assert [x.text for x in c.replies_until_close()] == [NON_SMTP]
+    log = two.protocol_log_text()
+    assert f"Non-SMTP command ({why}); disconnecting" in log
+    assert NON_SMTP in log
+    assert "Accept: */*" not in log  # nothing after the line was read as a command
+
+
+def test_lines_like_cross_protocol_input_in_smtp_are_still_commands(two):
+    """Lowercase and mixed-case verbs are commands (item 99), a colon after the verb's argument is
+    not a header field ("MAIL FROM:"), a non-ASCII first octet is an unknown command (500, item
+    99), and message content holding HTTP or header-like lines is content."""
+    content = b"Subject: t\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n 1 indented\r\n\x16\r\n"
+    with two.raw("127.0.0.5") as c:
+        c.greet("ehlo client.corp.example")
+        assert c.cmd("\u00e9HLO client.corp.example").text == "500 5.3.3 Unrecognized command"
+        c.cmd("Mail From:<app@corp.example>", 250)
+        c.cmd("rcpt TO:<user@corp.example>", 250)
+        c.cmd("data", 354)
+        c.send(content + b".\r\n")
+        c.expect(250)
+        c.cmd("noop", 250)
+    (msg,) = two.messages()
+    assert stored_content(two, msg.queue_id) == content
+
+
 def test_a_verb_with_non_ascii_letters_is_not_a_command(two):
     """Security-bar item 99: str.upper() folds "ı" (U+0131) to "I", "ſ" (U+017F) to "S" and "ﬅ"
     (U+FB05) to "ST"; such a verb is not MAIL, RSET or STARTTLS but an unknown command."""

@@ -18,6 +18,7 @@ import asyncio
 import base64
 import binascii
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -79,6 +80,14 @@ _COMMANDS_PER_TURN = 64
 _GROUP_ENDERS = frozenset(
     {"EHLO", "HELO", "DATA", "STARTTLS", "AUTH", "QUIT", "NOOP", "VRFY", "EXPN"}
 )
+
+# The request lines a browser or an HTTP proxy client starts with (Postfix's smtpd_forbidden_commands
+# default: CONNECT GET POST).
+_HTTP_VERBS = frozenset({"GET", "POST", "CONNECT"})
+# A header field's name and colon ("Host: x", "User-Agent: ..."): printable ASCII without ":", blanks
+# allowed before the colon, as message.py reads a header line. "MAIL FROM:" is not one: the space
+# after MAIL comes before any colon.
+_HEADER_FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
 
 
 class _Close(Exception):
@@ -367,6 +376,13 @@ class Session:
             self.log.received(_mask_auth(text))
         else:
             self.log.received(text)
+        why = _non_smtp(body, verb)
+        if why:
+            # Another protocol talking (security-bar 98): answering each of its lines as an SMTP
+            # error, up to max_protocol_errors, only feeds a cross-protocol attack; hang up now.
+            self.log.info(f"Non-SMTP command ({why}); disconnecting")
+            self.reply(replies.NON_SMTP_COMMAND)
+            raise _Close()
         if bare and self.bare_lf_rejection:
             await self.protocol_error(replies.BARE_LF_IN_COMMAND)
             return
@@ -977,6 +993,22 @@ class Session:
             self.reply(replies.AUTH_CANCELLED)
             return None
         return answer
+
+
+def _non_smtp(line: bytes, verb: str) -> str:
+    """Why a command line is another protocol's, or "" when it may be SMTP: an HTTP request line, a
+    header field, or a first octet that is ASCII but not a letter (a space, a digit, a control
+    octet such as a TLS hello's 0x16). Verbs are case-insensitive (item 99: "mail from:" is
+    SMTP); a non-ASCII first octet is left to the unknown-command reply (item 99: 500). An empty
+    line is not cross-protocol either: some clients send a stray CRLF after the data."""
+    if verb in _HTTP_VERBS:
+        return "an HTTP request"
+    first = line[:1]
+    if first and first < b"\x80" and not first.isalpha():
+        return "not starting with a letter"
+    if _HEADER_FIELD.match(line):
+        return "a header field"
+    return ""
 
 
 def _plain_with_initial_response(arg: str) -> bool:
