@@ -172,6 +172,9 @@ class TrackingLog:
     ) -> None:
         self.server_name = server_name
         self.server_ip = server_ip
+        #: whether events carry the subject: a caller that has to parse it for an event can skip
+        #: the work when they do not
+        self.subject_logging = subject_logging
         headers = [
             f"#Software: {SOFTWARE}",
             f"#Version: {VERSION}",
@@ -197,6 +200,7 @@ class TrackingLog:
     def set_privacy(self, privacy: AddressPrivacy | None, subject_logging: bool) -> None:
         """``server.log_address_privacy`` / ``message_tracking_log_subject_logging_enabled``
         changed (a reload): events logged from now on follow them."""
+        self.subject_logging = subject_logging
         self.directory.set_formatter(_formatter(privacy, subject_logging))
 
     def write(

@@ -31,6 +31,7 @@ from relaygate.policy.address_rules import ConnectorAddressRules, compile_connec
 from relaygate.policy.rights import SessionRights, session_rights
 from relaygate.policy.selection import Selection, select_connector
 from relaygate.policy.verdicts import host_ips
+from relaygate.queue.bounce import header_value
 from relaygate.queue.model import Envelope, StoredMessage
 from relaygate.queue.pressure import DiskPressure
 from relaygate.queue.store import Store
@@ -473,16 +474,21 @@ class ServerContext:
         return self.config.postmaster
 
     def message_received(
-        self, queue_id: str, envelope: Envelope, size: int, session: Session
+        self, queue_id: str, envelope: Envelope, data: bytes, session: Session
     ) -> None:
+        size = len(data)
         self.counters.messages[envelope.connector] += 1
         self.counters.bytes[envelope.connector] += size
         if self.tracking is not None:
+            # Exchange's RECEIVE has the subject too (Get-MessageTrackingLog -MessageSubject
+            # finds a message still queued); read from the header only when it will be logged.
+            subject = header_value(data, "Subject") if self.tracking.subject_logging else ""
             self.tracking.write(
                 "RECEIVE",
                 "SMTP",
                 internal_message_id=queue_id,
                 message_id=envelope.message_id,
+                message_subject=subject,
                 recipients=envelope.recipients,
                 recipient_status=["250 2.1.5 Recipient OK"] * len(envelope.recipients),
                 sender=envelope.sender,

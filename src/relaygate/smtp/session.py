@@ -806,7 +806,7 @@ class Session:
                 queue_id, scan.message_id or f"<{queue_id}@{self.fqdn}>", self.fqdn, size, elapsed
             )
         )
-        self.ctx.message_received(queue_id, envelope, size, self)
+        self.ctx.message_received(queue_id, envelope, data, self)
         if handoff is not None and lease is not None:
             handoff.take_new(
                 StoredMessage.new(
