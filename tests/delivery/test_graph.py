@@ -89,6 +89,7 @@ class Draft:
     attachments: list[dict[str, Any]] = field(default_factory=list)
     recipients: dict[str, Any] = field(default_factory=dict)
     immutable: bool = False  # made with Prefer: IdType="ImmutableId"
+    created: float = field(default_factory=time.time)  # its createdDateTime (Sent Items)
 
 
 @dataclass
@@ -111,6 +112,11 @@ def message_id_of(mime: bytes) -> str:
     head = mime.split(b"\r\n\r\n", 1)[0]
     match = _MESSAGE_ID.search(head)
     return match.group(1).decode() if match else ""
+
+
+def iso_time(when: float) -> str:
+    """A Graph DateTimeOffset, as Graph gives it (UTC, "Z")."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
 def header_recipients(mime: bytes) -> dict[str, Any]:
@@ -243,8 +249,17 @@ class FakeGraph:
         if match is None or params.get("$select", "").split(",")[0] != "id":
             return graph_error(400, "BadRequest", f"Invalid filter clause {params!r}")
         wanted = match.group(1).replace("''", "'")
+        selected = params["$select"].split(",")
         found = [
-            {"id": f"AAMkAD=sent/{n}", **sent.recipients}
+            {
+                "id": f"AAMkAD=sent/{n}",
+                **sent.recipients,
+                **(
+                    {"createdDateTime": iso_time(sent.created)}
+                    if "createdDateTime" in selected
+                    else {}
+                ),
+            }
             for n, sent in enumerate(self.sent, 1)
             if message_id_of(sent.mime) == wanted
         ]
@@ -2886,5 +2901,39 @@ def test_the_message_id_looked_up_is_the_header_s_and_its_query_is_quoted() -> N
     assert message_id(b"Subject: x\r\n\r\n") == ""
     assert sent_items_query("<o'b+1@c>") == (
         "$filter=internetMessageId%20eq%20%27%3Co%27%27b%2B1%40c%3E%27"
-        "&$select=id,toRecipients,ccRecipients,bccRecipients"
+        "&$select=id,toRecipients,ccRecipients,bccRecipients,createdDateTime"
     )
+
+
+async def test_a_copy_in_sent_items_of_an_earlier_message_with_the_same_message_id_confirms_nothing(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """A scanner reuses Message-IDs (a counter reset by a reboot; or a user resends the same
+    message): yesterday's message with the same Message-ID to the same address is in Sent
+    Items. Today's sendMail never reaches Graph (the connection drops). The lookup found
+    yesterday's copy and recorded today's message delivered: it was never sent (lost). A copy
+    created before the message reached the queue (less a clock-skew allowance) is not it."""
+    graph.sent.append(
+        Draft(
+            plain_message(),
+            recipients=header_recipients(plain_message()),
+            created=time.time() - 86400,
+        )
+    )
+
+    def script(call: Call) -> Answer | None:
+        if is_sendmail(call) and sum(map(is_sendmail, graph.calls)) == 1:
+            return DROP  # never sent
+        return None
+
+    graph.script = script
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    try:
+        assert (await send(relay, SENDER, ["bob@example.com"], plain_message()))[0] == 250
+        r = await delivered_record(relay)
+        assert sum(map(is_sent_items_lookup, graph.calls)) == 1
+        assert len(graph.sent) == 2, (r, kinds(graph))  # before: 1 (today's never sent)
+        assert "confirmed by lookup" not in r.last_error, r
+        assert await no_record_left(relay)
+    finally:
+        await relay.stop()

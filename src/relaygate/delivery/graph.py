@@ -67,6 +67,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from email.parser import HeaderParser
 from email.policy import compat32
 from typing import Any, Protocol
@@ -144,6 +145,10 @@ _MESSAGE_ID = re.compile(
 #: A 404 answer to the Sent Items query that is about the folder, not the mailbox: a mailbox
 #: without Sent Items (the lookup cannot be made: sent again).
 _NO_FOLDER = frozenset({"ErrorItemNotFound", "ErrorFolderNotFound"})
+#: A Sent Items copy created this long before its message reached the queue still counts as
+#: this message's (the relay's clock ahead of Microsoft's); an older one is another message
+#: with the same Message-ID (a scanner's counter reset by a reboot, a user's resend).
+SENT_ITEMS_SKEW = 300.0
 
 
 def is_graph(connector: Any) -> bool:
@@ -279,11 +284,12 @@ def sent_items_query(message_id: str) -> str:
     (an apostrophe doubled), then every reserved character percent-encoded (``<`` ``>`` ``'``,
     and ``+``, which Graph's front end would read as a space, ``&`` and ``#``), as Microsoft's
     "Encoding query parameters" asks. The recipients are selected to tell this route's copy from
-    another route's of the same message (each route has its own recipients)."""
+    another route's of the same message (each route has its own recipients), and the time each
+    copy was created to tell it from an earlier message's with the same Message-ID."""
     literal = "'" + message_id.replace("'", "''") + "'"
     return (
         f"$filter={quote(f'internetMessageId eq {literal}', safe='')}"
-        "&$select=id,toRecipients,ccRecipients,bccRecipients"
+        "&$select=id,toRecipients,ccRecipients,bccRecipients,createdDateTime"
     )
 
 
@@ -490,6 +496,10 @@ class DraftRecord(Protocol):
     takes no extended property) with a crash window before it, a query at every attempt of
     every big message, and the mailbox of the attempt that made it (the connector's may have
     changed since)."""
+
+    #: When the message reached the queue (unix time): a Sent Items copy created earlier (less
+    #: SENT_ITEMS_SKEW) is another message's, whatever its Message-ID.
+    since: float
 
     async def load(self) -> tuple[str, str, bool, str] | None:
         """(mailbox, draft id ("" for a plain sendMail), whether its send was requested, the
@@ -893,6 +903,7 @@ class _DraftJob:
         #: this route's recipients: its copy in Sent Items names some of them (another route's
         #: copy of the same message, the same Message-ID, names none of them)
         self.recipients = frozenset(r.casefold() for r in recipients)
+        self.since = record.since if record is not None else 0.0
         #: the draft's mailbox: this attempt's, or that of an earlier attempt's draft
         self.mailbox = call.mailbox
         self.confirmed = ""  # how the lookup confirmed an earlier attempt's send
@@ -1183,8 +1194,9 @@ class _DraftJob:
         return _FOUND if any(self._names_this_route(item) for item in items) else _ABSENT
 
     def _names_this_route(self, item: Any) -> bool:
-        """A Sent Items copy is this route's when it names one of its recipients."""
-        if not isinstance(item, dict):
+        """A Sent Items copy is this route's when it was created after the message reached the
+        queue and names one of the route's recipients."""
+        if not isinstance(item, dict) or not self._created_since(item):
             return False
         for key in ("toRecipients", "ccRecipients", "bccRecipients"):
             for entry in item.get(key) or ():
@@ -1192,6 +1204,18 @@ class _DraftJob:
                 if str(address.get("address", "")).casefold() in self.recipients:
                     return True
         return False
+
+    def _created_since(self, item: dict[str, Any]) -> bool:
+        """Whether the copy was created after the message reached the queue (less the skew); a
+        copy without a readable createdDateTime is not taken as proof (sent again, at worst a
+        duplicate, rather than recorded delivered and never sent)."""
+        try:
+            created = datetime.fromisoformat(str(item["createdDateTime"]).replace("Z", "+00:00"))
+        except (KeyError, ValueError):
+            return False
+        if created.tzinfo is None:
+            return False
+        return created.timestamp() >= self.since - SENT_ITEMS_SKEW
 
     def _lookup_failed(self, what: str, why: str, failure: _GraphError | None) -> _GraphError:
         log.info(

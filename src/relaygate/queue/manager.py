@@ -1003,7 +1003,9 @@ class QueueManager:
             data=data,
             timeout=timeout,
             log_privacy=self.log_privacy,
-            drafts=_StoredDraft(self.store, msg.queue_id, _graph_route(name, addrs)),
+            drafts=_StoredDraft(
+                self.store, msg.queue_id, _graph_route(name, addrs), since=msg.received_at
+            ),
         )
         retry_at = None if outcome.retry_after is None else self.clock() + outcome.retry_after
         out = []
@@ -1489,10 +1491,11 @@ def _graph_route(connector: str, addrs: list[str]) -> str:
 class _StoredDraft:
     """A `relaygate.delivery.graph.DraftRecord` in the queue store (graph_drafts)."""
 
-    def __init__(self, store: Any, queue_id: str, route: str) -> None:
+    def __init__(self, store: Any, queue_id: str, route: str, *, since: float) -> None:
         self.store = store
         self.queue_id = queue_id
         self.route = route
+        self.since = since  # the message's received_at
 
     async def load(self) -> tuple[str, str, bool, str] | None:
         draft = await self.store.graph_draft(self.queue_id, self.route)
