@@ -2937,3 +2937,39 @@ async def test_a_copy_in_sent_items_of_an_earlier_message_with_the_same_message_
         assert await no_record_left(relay)
     finally:
         await relay.stop()
+
+
+async def test_a_sendmail_whose_result_was_never_stored_is_looked_up_not_sent_again(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """Graph answers the sendMail 202, then the relay dies before the delivery result is
+    committed (the results' write never returns: a stuck disk, then a restart). The record of
+    the sendMail was forgotten at the 202, before the result was stored: the restarted relay
+    found nothing to look up and sent the message again. The record now goes with the result
+    (the store drops a message's records in the transaction that finishes it)."""
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    assert relay.store is not None
+    storing = asyncio.Event()
+
+    async def never_stored(*_args: Any, **_kwargs: Any) -> None:
+        storing.set()
+        await asyncio.Event().wait()  # the process dies before the commit
+
+    relay.store.record_results = never_stored  # type: ignore[method-assign]
+    try:
+        assert (await send(relay, SENDER, ["bob@example.com"], plain_message()))[0] == 250
+        await asyncio.wait_for(storing.wait(), 30)
+        assert len(graph.sent) == 1
+        [msg] = [m for m in await relay.store.list_messages() if m.sender == SENDER]
+        assert await relay.store.graph_drafts(msg.queue_id) != {}  # before: {} (forgotten)
+    finally:
+        await relay.stop()
+
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    try:
+        r = await delivered_record(relay)
+        assert len(graph.sent) == 1, (r, kinds(graph))  # before: 2
+        assert "confirmed by lookup" in r.last_error, r
+        assert await no_record_left(relay)
+    finally:
+        await relay.stop()

@@ -673,6 +673,25 @@ async def test_a_graph_draft_is_recorded_durably_per_route_and_goes_with_its_mes
         await store.close()
 
 
+async def test_a_messages_graph_records_go_in_the_transaction_that_finishes_it(
+    store: Store,
+) -> None:
+    """A route's Graph record outlives its send until the result is stored: record_results
+    drops every record of the message when it finishes it (its last open recipient Delivered or
+    Failed), and none while a recipient is still open."""
+    t = time.time()
+    qid = await store.submit(env("a@x.example", "b@x.example"), b"m")
+    sendmail = GraphDraft("mb@x", "", sending=True, message_id="<1@x.example>")
+    await store.save_graph_draft(qid, "Graph M365\na@x.example", sendmail)
+    await store.save_graph_draft(qid, "Graph M365\nb@x.example", GraphDraft("mb@x", "d1", True))
+    delivered = RecipientState("a@x.example", RecipientStatus.DELIVERED, 1, "250", t, None)
+    await store.record_results(qid, "n1", [delivered])
+    assert len(await store.graph_drafts(qid)) == 2  # b is still open
+    failed = RecipientState("b@x.example", RecipientStatus.FAILED, 1, "550", t, None)
+    await store.record_results(qid, "n1", [failed])
+    assert await store.graph_drafts(qid) == {}
+
+
 # ------------------------------------------------------------------ send budgets (reserve_send)
 
 MINUTE = SendLimit(60.0, max_messages=3)

@@ -946,9 +946,9 @@ class _DraftJob:
                 detail=failure.detail,
                 unknown=True,
             ) from None
-        if remembered:
-            assert self.record is not None
-            await self.record.forget()
+        # Sent: the record stays until the result is stored (the store drops it in the
+        # transaction that finishes the message); forgotten now, a crash before that commit
+        # would send the message again unchecked.
         return "sendMail"
 
     async def run(
@@ -1276,8 +1276,7 @@ class _DraftJob:
                 detail=failure.detail,
                 unknown=True,
             ) from None
-        if self.record is not None:
-            await self.record.forget()
+        # Sent: the record stays until the result is stored (as `send_mail`'s).
 
     async def _remember(self, draft_id: str, *, sending: bool) -> None:
         if self.record is not None:

@@ -389,6 +389,10 @@ async def _refresh(
         "WHERE queue_id = %s",
         (status, next_due, open_rcpts, completed_at, release_owner, release_owner, queue_id),
     )
+    if open_rcpts == 0:
+        # Finished: the Graph records of its routes go in the transaction that records how
+        # (a record forgotten before the result is stored lets a crash send it again).
+        await conn.execute("DELETE FROM graph_drafts WHERE queue_id = %s", (queue_id,))
 
 
 async def _send_wait(

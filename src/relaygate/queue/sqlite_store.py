@@ -894,6 +894,10 @@ class SqliteStore(Store):
             conn.execute(
                 _UPDATE_DERIVED_RELEASE, (*derived, release_owner, release_owner, queue_id)
             )
+        if derived[2] == 0:  # open_rcpts
+            # Finished: the Graph records of its routes go in the transaction that records how
+            # (a record forgotten before the result is stored lets a crash send it again).
+            conn.execute("DELETE FROM graph_drafts WHERE queue_id = ?", (queue_id,))
 
     def _op_submit(
         self,

@@ -296,7 +296,9 @@ class Store(Protocol):
         """Record (durably) the Graph draft an attempt made for ``route`` (a send connector and
         its recipients) of the message, replacing the one recorded before; ``None`` forgets it.
         A no-op for an unknown queue id; the record goes with its message (``remove``, a
-        purge)."""
+        purge), and in the transaction that finishes the message (its last open recipient
+        Delivered or Failed: ``record_results``, an expiry), so that a send's record outlives
+        the send until its result is stored."""
         ...
 
     async def counts(self) -> dict[str, int]:
