@@ -263,7 +263,13 @@ class FakeGraph:
             for n, sent in enumerate(self.sent, 1)
             if message_id_of(sent.mime) == wanted
         ]
-        return 200, {"Content-Type": "application/json"}, json.dumps({"value": found}).encode()
+        # Graph's pages: 10 messages unless $top says otherwise, the rest behind @odata.nextLink
+        skip, top = int(params.get("$skip", "0")), int(params.get("$top", "10"))
+        page: dict[str, Any] = {"value": found[skip : skip + top]}
+        if skip + top < len(found):
+            rest = query.split("&$skip=")[0] + f"&$skip={skip + top}"
+            page["@odata.nextLink"] = f"{self.endpoint}{call.path.split('?')[0][5:]}?{rest}"
+        return 200, {"Content-Type": "application/json"}, json.dumps(page).encode()
 
     def purge(self, draft_id: str) -> None:
         """The draft is hard-deleted (a user's Shift+Delete, a retention policy's purge): gone
@@ -2971,5 +2977,39 @@ async def test_a_sendmail_whose_result_was_never_stored_is_looked_up_not_sent_ag
         assert len(graph.sent) == 1, (r, kinds(graph))  # before: 2
         assert "confirmed by lookup" in r.last_error, r
         assert await no_record_left(relay)
+    finally:
+        await relay.stop()
+
+
+async def test_a_lost_sendmail_is_found_past_the_first_page_of_the_sent_items_lookup(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """A device that sends every message with the same Message-ID: Sent Items holds a dozen
+    older copies. Graph takes today's sendMail and its answer is lost; its copy is the 13th,
+    on the second page of the lookup (Graph gives 10 a page, the rest behind @odata.nextLink).
+    The first page alone was read: not found, sent again (a duplicate). Every page is read."""
+    for n in range(12):
+        graph.sent.append(
+            Draft(
+                plain_message(),
+                recipients=header_recipients(plain_message()),
+                created=time.time() - 86400 + n,
+            )
+        )
+
+    def script(call: Call) -> Answer | None:
+        if is_sendmail(call) and sum(map(is_sendmail, graph.calls)) == 1:
+            graph.success(call)
+            return DROP
+        return None
+
+    graph.script = script
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    try:
+        assert (await send(relay, SENDER, ["bob@example.com"], plain_message()))[0] == 250
+        r = await delivered_record(relay)
+        assert len(graph.sent) == 13, (r, kinds(graph))  # before: 14 (sent again)
+        assert "confirmed by lookup" in r.last_error, r
+        assert sum(map(is_sent_items_lookup, graph.calls)) == 2  # two pages
     finally:
         await relay.stop()

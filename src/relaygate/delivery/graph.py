@@ -149,6 +149,8 @@ _NO_FOLDER = frozenset({"ErrorItemNotFound", "ErrorFolderNotFound"})
 #: this message's (the relay's clock ahead of Microsoft's); an older one is another message
 #: with the same Message-ID (a scanner's counter reset by a reboot, a user's resend).
 SENT_ITEMS_SKEW = 300.0
+#: The pages of a Sent Items lookup read at most (10 copies a page): past them, not found.
+SENT_ITEMS_PAGES = 50
 
 
 def is_graph(connector: Any) -> bool:
@@ -1162,21 +1164,42 @@ class _DraftJob:
         """Whether the mailbox's Sent Items holds this route's copy of the message: _FOUND,
         _ABSENT, or _CANNOT (the lookup can never be made: refused for good, such as a 403
         without Mail.ReadBasic.All, or no Sent Items folder). Any other failure (429, 5xx, no
-        answer, a 404 about the mailbox) raises a temporary failure, the record kept."""
-        url = f"{_user_url(self.base, mailbox)}/mailFolders/sentitems/messages?"
+        answer, a 404 about the mailbox) raises a temporary failure, the record kept. Every
+        page of the answer is read (Graph gives 10 a page: a device that reuses one Message-ID
+        fills more), up to SENT_ITEMS_PAGES; a next page outside graph_endpoint is not asked
+        for (it would get the token)."""
+        url = f"{_user_url(self.base, mailbox)}/mailFolders/sentitems/messages?" + sent_items_query(
+            message_id
+        )
+        for _page in range(SENT_ITEMS_PAGES):
+            page = await self._sent_items_page(call, url, mailbox, what)
+            if page is None:
+                return _CANNOT
+            items, next_link = page
+            if any(self._names_this_route(item) for item in items):
+                return _FOUND
+            if not isinstance(next_link, str) or not next_link.startswith(self.base + "/"):
+                return _ABSENT
+            url = next_link
+        return _ABSENT
+
+    async def _sent_items_page(
+        self, call: _Caller, url: str, mailbox: str, what: str
+    ) -> tuple[list[Any], Any] | None:
+        """One page of the Sent Items lookup: its messages and its @odata.nextLink, or None
+        when the lookup can never be made (see `_in_sent_items`)."""
         try:
-            answer = await call.request(
-                "GET", url + sent_items_query(message_id), expect=(200, 404)
-            )
+            answer = await call.request("GET", url, expect=(200, 404))
             if answer.status_code == 404:
                 if _error_code(answer.content) in _NO_FOLDER:
-                    return _CANNOT
+                    return None
                 raise _GraphError(  # about the mailbox: no proof of anything
                     reply_for_status(404, answer.content, mailbox, None),
                     status=404,
                     detail=_error_detail(404, answer.content),
                 )
-            items = answer.json()["value"]
+            body = answer.json()
+            items = body["value"]
             if not isinstance(items, list):
                 raise ValueError("value is not a list")
         except _GraphError as failure:
@@ -1187,11 +1210,11 @@ class _DraftJob:
                     self.logged,
                     failure.reply.line(),
                 )
-                return _CANNOT
+                return None
             raise self._lookup_failed(what, failure.reply.line(), failure) from None
         except (ValueError, KeyError, TypeError, AttributeError):
             raise self._lookup_failed(what, "not JSON", None) from None
-        return _FOUND if any(self._names_this_route(item) for item in items) else _ABSENT
+        return items, body.get("@odata.nextLink")
 
     def _names_this_route(self, item: Any) -> bool:
         """A Sent Items copy is this route's when it was created after the message reached the
