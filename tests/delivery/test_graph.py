@@ -3013,3 +3013,46 @@ async def test_a_lost_sendmail_is_found_past_the_first_page_of_the_sent_items_lo
         assert sum(map(is_sent_items_lookup, graph.calls)) == 2  # two pages
     finally:
         await relay.stop()
+
+
+async def test_a_sent_items_lookup_refused_for_good_is_warned_about_once_not_per_message(
+    graph: FakeGraph,
+    entra: FakeEntra,
+    ca_file: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The application lacks Mail.ReadBasic.All: every lookup answers 403 and the message is
+    sent again, with a warning. A Graph brownout loses the answers of many sendMails: the
+    warning came once per message and attempt (a flood in the service log, the same advice
+    each time). It now comes once per mailbox (an hour), the other lookups at DEBUG."""
+
+    def script(call: Call) -> Answer | None:
+        if is_sendmail(call) and sum(map(is_sendmail, graph.calls)) <= 3:
+            graph.success(call)
+            return DROP
+        if is_sent_items_lookup(call):
+            return graph_error(403, "ErrorAccessDenied", "Access is denied.")
+        return None
+
+    graph.script = script
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    try:
+        with caplog.at_level("INFO", logger="relaygate.delivery"):
+            for n in range(3):
+                rcpt = f"user{n}@example.com"
+                data = plain_message(f"<scan-{n}@corp.test>").replace(b"bob@example.com", rcpt.encode())
+                assert (await send(relay, SENDER, [rcpt], data))[0] == 250
+            for n in range(3):
+                await delivered_record(relay, f"user{n}@example.com")
+        assert sum(map(is_sent_items_lookup, graph.calls)) == 3
+        warned = [
+            r
+            for r in caplog.records
+            if "cannot look the message up in Sent Items" in r.getMessage()
+            and r.levelname == "WARNING"
+        ]
+        assert len(warned) == 1, [r.getMessage() for r in warned]  # before: 3
+        assert "ErrorAccessDenied" in warned[0].getMessage()
+    finally:
+        await relay.stop()

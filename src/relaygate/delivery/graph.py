@@ -149,6 +149,8 @@ _NO_FOLDER = frozenset({"ErrorItemNotFound", "ErrorFolderNotFound"})
 #: this message's (the relay's clock ahead of Microsoft's); an older one is another message
 #: with the same Message-ID (a scanner's counter reset by a reboot, a user's resend).
 SENT_ITEMS_SKEW = 300.0
+#: A Sent Items lookup refused for good is warned about once this often per mailbox (seconds).
+UNREADABLE_WARNING_INTERVAL = 3600.0
 #: The pages of a Sent Items lookup read at most (10 copies a page): past them, not found.
 SENT_ITEMS_PAGES = 50
 
@@ -545,6 +547,8 @@ class GraphTransport:
         self._idle.set()
         #: DECODED_ATTACHMENTS: taken while a decoded attachment is held (decode and upload)
         self._decoded = asyncio.Semaphore(DECODED_ATTACHMENTS)
+        #: when each mailbox's Sent Items was last found unreadable, as warned about (monotonic)
+        self._unreadable: dict[str, float] = {}
 
     async def _client(self, connector: Any) -> Any:
         import httpx  # imported on first use: only Graph connectors need it
@@ -665,6 +669,7 @@ class GraphTransport:
                 )
             call = _Caller(client, token, mailbox, timeout)
             job = _DraftJob(call, base, drafts, self._decoded, logged, msg_id, rcpts)
+            job.unreadable = self._unreadable
             try:
                 if large is not None and plan is not None:
                     how = await job.run(user, body, plan, data, large.parts)
@@ -910,6 +915,8 @@ class _DraftJob:
         self.mailbox = call.mailbox
         self.confirmed = ""  # how the lookup confirmed an earlier attempt's send
         self.what = "draft"  # what the earlier attempt sent, for the reply
+        #: the transport's: when each mailbox's Sent Items was last warned about as unreadable
+        self.unreadable: dict[str, float] = {}
 
     async def send_mail(self, user: str, body: bytes) -> str:
         """The plain path: one sendMail of the MIME, remembered first (durably, with the
@@ -1204,12 +1211,7 @@ class _DraftJob:
                 raise ValueError("value is not a list")
         except _GraphError as failure:
             if failure.reply.code >= 500 and failure.status not in (401, 404):
-                log.warning(
-                    "Microsoft Graph %s as %s: cannot look the message up in Sent Items (%s)",
-                    what,
-                    self.logged,
-                    failure.reply.line(),
-                )
+                self._warn_unreadable(mailbox, what, failure.reply.line())
                 return None
             raise self._lookup_failed(what, failure.reply.line(), failure) from None
         except (ValueError, KeyError, TypeError, AttributeError):
@@ -1227,6 +1229,25 @@ class _DraftJob:
                 if str(address.get("address", "")).casefold() in self.recipients:
                     return True
         return False
+
+    def _warn_unreadable(self, mailbox: str, what: str, why: str) -> None:
+        """A lookup refused for good (403: no Mail.ReadBasic.All): a warning once an hour per
+        mailbox, the others at DEBUG; a brownout that loses many answers would otherwise repeat
+        the same advice once per message."""
+        now = time.monotonic()
+        last = self.unreadable.get(mailbox)
+        level = logging.DEBUG
+        if last is None or now - last >= UNREADABLE_WARNING_INTERVAL:
+            self.unreadable[mailbox] = now
+            level = logging.WARNING
+        log.log(
+            level,
+            "Microsoft Graph %s as %s: cannot look the message up in Sent Items (%s); sent "
+            "again (grant Mail.ReadBasic.All to look lost sendMails up)",
+            what,
+            self.logged,
+            why,
+        )
 
     def _created_since(self, item: dict[str, Any]) -> bool:
         """Whether the copy was created after the message reached the queue (less the skew); a
