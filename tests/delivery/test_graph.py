@@ -3041,7 +3041,9 @@ async def test_a_sent_items_lookup_refused_for_good_is_warned_about_once_not_per
         with caplog.at_level("INFO", logger="relaygate.delivery"):
             for n in range(3):
                 rcpt = f"user{n}@example.com"
-                data = plain_message(f"<scan-{n}@corp.test>").replace(b"bob@example.com", rcpt.encode())
+                data = plain_message(f"<scan-{n}@corp.test>").replace(
+                    b"bob@example.com", rcpt.encode()
+                )
                 assert (await send(relay, SENDER, [rcpt], data))[0] == 250
             for n in range(3):
                 await delivered_record(relay, f"user{n}@example.com")
@@ -3054,5 +3056,48 @@ async def test_a_sent_items_lookup_refused_for_good_is_warned_about_once_not_per
         ]
         assert len(warned) == 1, [r.getMessage() for r in warned]  # before: 3
         assert "ErrorAccessDenied" in warned[0].getMessage()
+    finally:
+        await relay.stop()
+
+
+async def test_a_sendmail_in_flight_is_not_recorded_where_the_previous_release_reads_drafts(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """A mixed-version cluster (a rolling upgrade): the previous release reads a route's record
+    under the route's key (and, for a partial batch, any key that starts with the connector's
+    name and a newline) and takes its draft id as a draft's. A sendMail record there (draft id
+    '') made it GET .../messages/ (the mailbox's list: "still a draft") and POST
+    .../messages//send, refused: the message failed for good (an NDR), sent or not. A
+    sendMail is recorded under a key that release never reads (it sends again, as before);
+    this release still finds it."""
+    from relaygate.queue.manager import _graph_route
+
+    def script(call: Call) -> Answer | None:
+        if is_sendmail(call) and sum(map(is_sendmail, graph.calls)) == 1:
+            graph.success(call)
+            return DROP
+        return None
+
+    graph.script = script
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    assert relay.store is not None and relay.manager is not None
+    relay.manager.scan_interval = 3600.0  # the record stays for the test to read
+    try:
+        assert (await send(relay, SENDER, ["bob@example.com"], plain_message()))[0] == 250
+        [msg] = [m for m in await relay.store.list_messages() if m.sender == SENDER]
+
+        async def recorded() -> dict[str, Any] | None:
+            assert relay.store is not None
+            return await relay.store.graph_drafts(msg.queue_id) or None
+
+        records = await wait_for(recorded, timeout=30.0)
+        old_key = _graph_route("Graph M365", ["bob@example.com"])
+        assert await relay.store.graph_draft(msg.queue_id, old_key) is None  # before: draft id ''
+        assert not [k for k in records if k.startswith("graph m365\n")], records
+        relay.manager.scan_interval = 0.2
+        relay.manager._wake.set()
+        r = await delivered_record(relay)
+        assert "confirmed by lookup" in r.last_error, r  # this release still looks it up
+        assert len(graph.sent) == 1
     finally:
         await relay.stop()

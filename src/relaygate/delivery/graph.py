@@ -41,10 +41,12 @@ A draft is remembered between attempts (`DraftRecord`: the queue store), so that
 outcome is unknown (a timeout, the connection dropped, a 5xx) is looked up before it is sent
 again, and a draft a crash left behind is deleted (`_DraftJob`). A plain sendMail is remembered
 too, before it is sent (no draft id, the message's Message-ID: `message_id`), and forgotten once
-its outcome is known; one whose answer was lost (or whose process was killed meanwhile) is looked
-up in the mailbox's Sent Items by internetMessageId (``GET .../mailFolders/sentitems/messages?
-$filter=internetMessageId eq '<id>'``, `sent_items_query`) before anything is sent again: a copy
-naming one of the route's recipients is the message sent (delivered, "confirmed by lookup");
+its outcome is known (a 202's record with the stored result: the queue store drops it in the
+transaction that finishes the message); one whose answer was lost (or whose process was killed
+meanwhile) is looked up in the mailbox's Sent Items by internetMessageId (``GET .../mailFolders/
+sentitems/messages?$filter=internetMessageId eq '<id>'``, `sent_items_query`, every page) before
+anything is sent again: a copy naming one of the route's recipients, created after the message
+reached the queue (`SENT_ITEMS_SKEW`), is the message sent (delivered, "confirmed by lookup");
 none, or a lookup refused for good (403: no Mail.ReadBasic.All / Mail.Read; no Sent Items
 folder), and it is sent again (Sent Items can lag behind the 202, and a copy that never reaches
 it is never found: then a duplicate, as before the lookup); another failure (429, 5xx, no

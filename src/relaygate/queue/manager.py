@@ -1031,7 +1031,10 @@ class QueueManager:
         ``name`` for a part of them only, was for ([] when none: the usual case)."""
         if len(addrs) < 2:
             return []
-        records = await self.store.graph_drafts(msg.queue_id)
+        records = {
+            key.removeprefix(_SENDMAIL_KEY): draft
+            for key, draft in (await self.store.graph_drafts(msg.queue_id)).items()
+        }
         if not records or _graph_route(name, addrs) in records:
             return []
         prefix = name.lower() + "\n"
@@ -1488,30 +1491,48 @@ def _graph_route(connector: str, addrs: list[str]) -> str:
     return "\n".join([connector.lower(), *sorted(a.lower() for a in addrs)])
 
 
+#: Before the route's key, that of a plain sendMail's record (no draft id): the previous
+#: release reads a record under the route's key (and, for a paced partial batch, under any key
+#: starting with the connector's name) as a draft's, and would take '' for a draft id (a GET of
+#: .../messages/, the mailbox's list, then a POST to .../messages//send). Under this key it
+#: never sees it and sends again, as it did; a connector's name never starts with a newline.
+_SENDMAIL_KEY = "\n"
+
+
 class _StoredDraft:
-    """A `relaygate.delivery.graph.DraftRecord` in the queue store (graph_drafts)."""
+    """A `relaygate.delivery.graph.DraftRecord` in the queue store (graph_drafts): a draft's
+    under the route's key, a plain sendMail's under _SENDMAIL_KEY + that key."""
 
     def __init__(self, store: Any, queue_id: str, route: str, *, since: float) -> None:
         self.store = store
         self.queue_id = queue_id
         self.route = route
         self.since = since  # the message's received_at
+        #: the key of the record loaded or saved last (the one `forget` drops), None before
+        self.key: str | None = None
 
     async def load(self) -> tuple[str, str, bool, str] | None:
-        draft = await self.store.graph_draft(self.queue_id, self.route)
-        if draft is None:
-            return None
-        return draft.mailbox, draft.draft_id, draft.sending, draft.message_id
+        records = await self.store.graph_drafts(self.queue_id)  # one read for either key
+        for key in (self.route, _SENDMAIL_KEY + self.route):
+            draft = records.get(key)
+            if draft is not None:
+                self.key = key
+                return draft.mailbox, draft.draft_id, draft.sending, draft.message_id
+        return None
 
     async def save(
         self, mailbox: str, draft_id: str, *, sending: bool, message_id: str = ""
     ) -> None:
+        key = self.route if draft_id else _SENDMAIL_KEY + self.route
+        if self.key is not None and key != self.key:
+            await self.forget()  # the other kind's record (a route's plan seldom changes)
+        self.key = key
         await self.store.save_graph_draft(
-            self.queue_id, self.route, GraphDraft(mailbox, draft_id, sending, message_id)
+            self.queue_id, key, GraphDraft(mailbox, draft_id, sending, message_id)
         )
 
     async def forget(self) -> None:
-        await self.store.save_graph_draft(self.queue_id, self.route, None)
+        await self.store.save_graph_draft(self.queue_id, self.key or self.route, None)
 
 
 def _reported(
