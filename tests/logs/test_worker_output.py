@@ -82,6 +82,8 @@ class PipedServed(Served):
         self.read_fd = read_fd
         self.reader = threading.Thread(target=self._read, args=(read_fd,), daemon=True)
         self.reader.start()
+        if not expect_ready:
+            return
         ready = wait_for_ready_line(self.proc)
         if ready is None:
             self.stop()
@@ -663,3 +665,23 @@ def test_a_single_process_relay_logging_into_a_stderr_nobody_reads_keeps_serving
     dropped = sum(int(r["message"].split()[0]) for r in records if notice in r["message"])
     burst = [r for r in records if r["message"].startswith("burst ")]
     assert 0 < len(burst) < 160 and len(burst) + dropped >= 160, (len(burst), dropped)
+
+
+def test_the_traceback_of_an_uncaught_exception_comes_after_the_lines_logged_before_it(
+    piped: Any,
+) -> None:
+    """server.workers = 1, the text format: the relay logs 20 lines of 32 KiB, then an exception
+    nothing catches ends it; its stderr is a pipe read slowly. All 20 lines come, then the
+    traceback. (Before, Python wrote the traceback straight to stderr while most of those lines
+    still waited in the StderrBuffer: it came before them, in the middle of the log.)"""
+    s = piped(workers=1, hook="crash")
+    s.start(expect_ready=False)
+    assert s.proc is not None
+    assert s.proc.wait(30) == 1
+    assert s.reader is not None
+    s.reader.join(30)
+    lines = s.lines()
+    before = [i for i, line in enumerate(lines) if " before the crash " in line]
+    crash = lines.index("RuntimeError: the relay crashes at start (test)")
+    assert len(before) == 20
+    assert max(before) < crash, f"traceback at line {crash}, logged lines at {before}"

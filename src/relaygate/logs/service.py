@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import io
 import json
 import logging
 import math
@@ -47,7 +48,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from relaygate.config import ConfigError
@@ -448,7 +449,38 @@ def buffer_stderr() -> StderrBuffer:
     if _State.stderr is None:
         _State.stderr = StderrBuffer(2)
         atexit.register(_State.stderr.flush, EXIT_FLUSH_TIMEOUT)
+        _buffer_tracebacks(_State.stderr)
     return _State.stderr
+
+
+def _buffer_tracebacks(buffer: StderrBuffer) -> None:
+    """The tracebacks Python writes itself (an exception nothing caught, in the main thread or
+    another; the text format's, or any hook's that writes to sys.stderr) go through `buffer`
+    too: written straight to stderr, one came before the lines still waiting in the buffer
+    (most of what was logged just before the crash), and a stderr nobody read kept the process
+    from exiting. The JSON format's hooks (`_log_uncaught`) log through it anyway."""
+    previous = sys.excepthook
+    previous_thread = threading.excepthook
+
+    def on_exception(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+        _through_buffer(buffer, lambda: previous(kind, exc, tb))
+
+    def on_thread_exception(args: threading.ExceptHookArgs) -> None:
+        _through_buffer(buffer, lambda: previous_thread(args))
+
+    sys.excepthook = on_exception
+    threading.excepthook = on_thread_exception
+
+
+def _through_buffer(buffer: StderrBuffer, hook: Callable[[], None]) -> None:
+    """Run `hook` with what it writes to sys.stderr put in `buffer`, after the lines there."""
+    text = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(text):
+            hook()
+    finally:
+        if text.getvalue():
+            buffer.put(text.getvalue().encode("utf-8", "backslashreplace"))
 
 
 class _LineHandler(logging.StreamHandler[Any]):

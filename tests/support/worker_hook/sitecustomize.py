@@ -10,6 +10,9 @@ on its command line) takes the signals below, or with RELAYGATE_TEST_HOOK=serve 
   supervisor), and dies (os._exit(3)). Those are all the dead worker's lines: its pipe ends when
   both are gone.
 * SIGUSR2: the worker logs 160 lines of 32 KiB (5 MiB) through the service log, and goes on.
+
+With RELAYGATE_TEST_HOOK=crash, ``relaygate serve`` (one process) logs 20 lines of 32 KiB where
+it would start its event loop, then an exception nothing catches ends it (a bug at start).
 """
 
 from __future__ import annotations
@@ -54,6 +57,19 @@ def _log_burst(_signum: int, _frame: Any) -> None:
     for i in range(160):
         log.warning("burst %d of worker %d %s", i, os.getpid(), "w" * 32000)
 
+
+def _crash_at_start(coro: Any) -> None:
+    coro.close()  # never run
+    log = logging.getLogger("relaygate.test")
+    for i in range(20):
+        log.warning("line %d before the crash %s", i, "c" * 32000)
+    raise RuntimeError("the relay crashes at start (test)")
+
+
+if os.environ.get("RELAYGATE_TEST_HOOK") == "crash" and "serve" in sys.argv:
+    import asyncio
+
+    asyncio.run = _crash_at_start
 
 # RELAYGATE_TEST_HOOK=serve: in a single-process relay (server.workers = 1) too.
 if "--worker-index" in sys.argv or (
