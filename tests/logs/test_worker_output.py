@@ -685,3 +685,33 @@ def test_the_traceback_of_an_uncaught_exception_comes_after_the_lines_logged_bef
     crash = lines.index("RuntimeError: the relay crashes at start (test)")
     assert len(before) == 20
     assert max(before) < crash, f"traceback at line {crash}, logged lines at {before}"
+
+
+def test_a_relay_started_with_its_stderr_closed_writes_no_log_line_into_its_data_dir(
+    tmp_path: Path,
+) -> None:
+    """`relaygate serve 2>&-` (stderr closed, as some init scripts and daemonizers leave it),
+    two workers: no file the relay opens takes descriptor 2, so the supervisor passes its
+    workers' lines to no file of its own. (Before, the node's lock file took descriptor 2 and
+    the workers' service log was written into data_dir/relaygate.lock.)"""
+    s = Served(tmp_path, free_port(), workers=2)
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    env.pop("RELAYGATE_CONFIG", None)
+    command = [sys.executable, "-m", "relaygate", "serve", "--config", str(s.config)]
+    s.proc = subprocess.Popen(
+        ["/bin/sh", "-c", 'exec "$@" 2>&-', "sh", *command],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        cwd=tmp_path,
+        env=env,
+    )
+    try:
+        assert wait_for_ready_line(s.proc) is not None, "relaygate serve did not start"
+    finally:
+        assert s.stop() == 0
+    written = {
+        str(path.relative_to(s.data)): path.read_bytes()
+        for path in s.data.rglob("*")
+        if path.is_file() and b"relaygate[w" in path.read_bytes()
+    }
+    assert written == {}

@@ -44,6 +44,7 @@ def register(app: typer.Typer) -> None:
         and on reloads, in the supervisor and every worker."""
         from relaygate.logs import service
 
+        service.hold_standard_fds()  # before anything opens a file that could take 0, 1 or 2
         log_format = _choice("--log-format", log_format, service.LOG_FORMATS)
         log_level = _choice("--log-level", log_level, service.LOG_LEVELS)
         service.set_overrides(log_format=log_format, log_level=log_level)

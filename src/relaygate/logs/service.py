@@ -68,6 +68,7 @@ __all__ = [
     "buffer_stderr",
     "configure",
     "current",
+    "hold_standard_fds",
     "set_overrides",
     "worker_flags",
     "write_whole",
@@ -440,6 +441,22 @@ def dropped_notice(count: int) -> bytes:
     handler = _State.handler
     text = handler.format(record) if handler is not None else record.getMessage()
     return (text + "\n").encode("utf-8", "backslashreplace")
+
+
+def hold_standard_fds() -> None:
+    """Descriptors 0, 1 and 2 found closed (``relaygate serve 2>&-``) are opened on /dev/null:
+    otherwise the first file the process opens takes one (the node's lock file), and what is
+    written to stderr (the workers' lines that a supervisor passes on, a traceback) or to
+    stdout (the ready line) went into that file."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:  # EBADF: closed
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            os.set_inheritable(fd, True)  # as a standard descriptor is
 
 
 def buffer_stderr() -> StderrBuffer:
