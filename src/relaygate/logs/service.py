@@ -489,7 +489,7 @@ def _buffer_tracebacks(buffer: StderrBuffer) -> None:
     threading.excepthook = on_thread_exception
 
 
-def _through_buffer(buffer: StderrBuffer, hook: Callable[[], None]) -> None:
+def _through_buffer(buffer: StderrBuffer, hook: Callable[[], object]) -> None:
     """Run `hook` with what it writes to sys.stderr put in `buffer`, after the lines there."""
     text = io.StringIO()
     try:
