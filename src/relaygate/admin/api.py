@@ -114,8 +114,6 @@ import hmac
 import ipaddress
 import json
 import logging
-import os
-import stat
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -136,6 +134,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relaygate.control import BULK_ACTIONS, MAX_LIST_LIMIT, Conflict, NotFound, QueueControl
+from relaygate.file_modes import mode_granting
 from relaygate.queue.store import StoreError
 from relaygate.smtp.limits import SlidingWindow
 from relaygate.worker_stats import NodeFigures, node_figures
@@ -198,13 +197,8 @@ def token_mode_warning(path: Path | None) -> str | None:
     copy keeps `cp`'s 0644): the listener is on loopback, so they all reach it, and the token is
     all that stops them listing and removing the queue. Group access is left alone (the admins
     who run `relaygate queue` read the file). None otherwise, or when it cannot be examined."""
-    if path is None:
-        return None
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        return None
-    if not mode & 0o007:
+    mode = None if path is None else mode_granting(path, 0o007)
+    if mode is None:
         return None
     return (
         f"admin.api_token_file {str(path)!r} has mode {mode:04o}: every local user can read the "

@@ -11,12 +11,13 @@ from __future__ import annotations
 import base64
 import os
 import re
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from relaygate.file_modes import mode_granting
 
 __all__ = [
     "ALGORITHMS",
@@ -257,11 +258,8 @@ def key_file_mode_warning(path: Path, domain: str) -> str | None:
     """A warning when the key file is readable or writable by every local user (a copy keeps
     `cp`'s 0644): any of them can then sign mail as ``domain``. Group access is left alone (0640
     root:relaygate, the packaged layout). None otherwise, or when it cannot be examined."""
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        return None
-    if not mode & 0o007:
+    mode = mode_granting(path, 0o007)
+    if mode is None:
         return None
     return (
         f"DKIM key {path} has mode {mode:04o}: every local user can read the private key and "

@@ -23,8 +23,9 @@ import hmac
 import os
 import re
 import secrets
-import stat
 from pathlib import Path
+
+from relaygate.file_modes import mode_granting
 
 __all__ = [
     "KEY_PATH",
@@ -251,11 +252,8 @@ def key_mode_warning(data_dir: Path) -> str | None:
     each pseudonym to its address by trying candidates. None when it is 0600 (or 0400), absent
     or cannot be examined (reading it says why, when it is used)."""
     path = Path(data_dir) / KEY_PATH
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        return None
-    if not mode & 0o177:
+    mode = mode_granting(path, 0o177)
+    if mode is None:
         return None
     return (
         f"the log privacy key {path} has mode {mode:04o}, broader than 0600: whoever can read it "
