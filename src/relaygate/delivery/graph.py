@@ -828,6 +828,18 @@ def _with_hint(reply: Reply, hint: str) -> Reply:
     return Reply(reply.code, reply.enhanced, reply.text + hint)
 
 
+def _maybe_sent(failure: _GraphError, hint: str) -> _GraphError:
+    """A send that got no answer (timeout, dropped, 5xx): the same failure, its reply saying that
+    the next attempt looks the message up before sending it again."""
+    return _GraphError(
+        _with_hint(failure.reply, hint),
+        status=failure.status,
+        retry_after=failure.retry_after,
+        detail=failure.detail,
+        unknown=True,
+    )
+
+
 _CONFIRMED = "confirmed"
 #: What a Sent Items lookup tells (`_DraftJob._in_sent_items`).
 _FOUND, _ABSENT, _CANNOT = "found", "absent", "cannot"
@@ -946,16 +958,10 @@ class _DraftJob:
                 self.logged,
                 failure.reply.line(),
             )
-            raise _GraphError(
-                _with_hint(
-                    failure.reply,
-                    "; the message may have been sent: the next attempt looks it up in Sent "
-                    "Items before sending it again",
-                ),
-                status=failure.status,
-                retry_after=failure.retry_after,
-                detail=failure.detail,
-                unknown=True,
+            raise _maybe_sent(
+                failure,
+                "; the message may have been sent: the next attempt looks it up in Sent Items "
+                "before sending it again",
             ) from None
         # Sent: the record stays until the result is stored (the store drops it in the
         # transaction that finishes the message); forgotten now, a crash before that commit
@@ -1309,18 +1315,10 @@ class _DraftJob:
                 self.logged,
                 failure.reply.line(),
             )
-            reply = failure.reply
-            raise _GraphError(
-                Reply(
-                    reply.code,
-                    reply.enhanced,
-                    reply.text + "; the draft may have been sent: the next attempt looks it up "
-                    "before sending it again",
-                ),
-                status=failure.status,
-                retry_after=failure.retry_after,
-                detail=failure.detail,
-                unknown=True,
+            raise _maybe_sent(
+                failure,
+                "; the draft may have been sent: the next attempt looks it up before sending it "
+                "again",
             ) from None
         # Sent: the record stays until the result is stored (as `send_mail`'s).
 
