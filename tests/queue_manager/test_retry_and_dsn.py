@@ -58,6 +58,27 @@ ORIGINAL = (
     b"secret body\r\n"
 )
 
+USER_UNKNOWN = Reply(550, "5.1.1", "User unknown")
+
+
+def failed_report(
+    original: bytes = ORIGINAL,
+    *recipients: DsnRecipient,
+    to: str = "scanner@corp.test",
+    envelope_id: str = "",
+) -> bytes:
+    """The relay.test failure report to `to` of `original` (received at 0) for `recipients`:
+    bob@example.com, 550 5.1.1 User unknown, unless given."""
+    return build_dsn(
+        action="failed",
+        reporting_mta="relay.test",
+        to=to,
+        original=original,
+        recipients=list(recipients) or [DsnRecipient("bob@example.com", USER_UNKNOWN)],
+        received_at=0.0,
+        envelope_id=envelope_id,
+    )
+
 
 def test_ndr_is_an_rfc3464_report() -> None:
     body = build_dsn(
@@ -116,14 +137,7 @@ def test_ndr_subject_stays_7_bit_whatever_the_original(raw: bytes, shown: str) -
     """The report's own header is 7-bit (before, an 8-bit original Subject was copied into it, and
     the report went out without SMTPUTF8): a non-ASCII Subject is RFC 2047-encoded."""
     original = b"From: a@corp.test\r\nSubject: " + raw + b"\r\n\r\nbody\r\n"
-    out = build_dsn(
-        action="failed",
-        reporting_mta="relay.test",
-        to="a@corp.test",
-        original=original,
-        recipients=[DsnRecipient("bob@example.com", Reply(550, "5.1.1", "User unknown"))],
-        received_at=0.0,
-    )
+    out = failed_report(original, to="a@corp.test")
     head = out[: out.index(b"\r\n\r\n")]
     assert head.isascii()
     assert parse_mail(out)["Subject"] == shown
@@ -167,16 +181,10 @@ def test_identities() -> None:
 def test_a_utf8_recipient_is_of_type_utf8_in_a_global_delivery_status() -> None:
     """RFC 6533 §3: in message/global-delivery-status a UTF-8 address is `utf-8; ...`; it was
     `rfc822;`, a type whose addresses are ASCII. An ASCII one stays rfc822."""
-    body = build_dsn(
-        action="failed",
-        reporting_mta="relay.test",
-        to="scanner@corp.test",
-        original=ORIGINAL,
-        recipients=[
-            DsnRecipient("jörg@example.com", Reply(550, "5.1.1", "User unknown")),
-            DsnRecipient("bob@example.com", Reply(550, "5.1.1", "User unknown")),
-        ],
-        received_at=0.0,
+    body = failed_report(
+        ORIGINAL,
+        DsnRecipient("jörg@example.com", USER_UNKNOWN),
+        DsnRecipient("bob@example.com", USER_UNKNOWN),
     )
     assert b"Content-Type: message/global-delivery-status" in body
     assert "Final-Recipient: utf-8; jörg@example.com\r\n".encode() in body
@@ -189,25 +197,11 @@ def test_a_utf8_message_id_is_not_copied_into_the_reports_own_header() -> None:
     report needed SMTPUTF8 and never reached an ASCII sender whose next hop lacks it, for the
     sake of two optional fields. An ASCII Message-ID is still referenced."""
     utf8 = ORIGINAL.replace(b"<scan-1@corp.test>", "<bericht-märz@corp.test>".encode())
-    out = build_dsn(
-        action="failed",
-        reporting_mta="relay.test",
-        to="scanner@corp.test",
-        original=utf8,
-        recipients=[DsnRecipient("bob@example.com", Reply(550, "5.1.1", "User unknown"))],
-        received_at=0.0,
-    )
+    out = failed_report(utf8)
     head = out[: out.index(b"\r\n\r\n")]
     assert head.isascii(), head
     assert b"In-Reply-To" not in head and b"References" not in head
-    ascii_out = build_dsn(
-        action="failed",
-        reporting_mta="relay.test",
-        to="scanner@corp.test",
-        original=ORIGINAL,
-        recipients=[DsnRecipient("bob@example.com", Reply(550, "5.1.1", "User unknown"))],
-        received_at=0.0,
-    )
+    ascii_out = failed_report()
     assert b"\r\nIn-Reply-To: <scan-1@corp.test>\r\nReferences: <scan-1@corp.test>\r\n" in ascii_out
 
 
@@ -215,24 +209,18 @@ def test_orcpt_and_envid_come_back_decoded_and_cannot_add_fields() -> None:
     """ORCPT and ENVID are xtext: given back decoded (RFC 3464 Original-Recipient,
     Original-Envelope-Id), a UTF-8 one (RFC 6533 utf-8-addr-xtext) in a global delivery status,
     and an encoded CR LF cannot start a field of its own in the report."""
-    body = build_dsn(
-        action="failed",
-        reporting_mta="relay.test",
-        to="scanner@corp.test",
-        original=ORIGINAL,
-        recipients=[
-            DsnRecipient(
-                "joerg@example.com",
-                Reply(550, "5.1.1", "User unknown"),
-                original_recipient="utf-8;j\\x{F6}rg@example.com",
-            ),
-            DsnRecipient(
-                "bob@example.com",
-                Reply(550, "5.1.1", "User unknown"),
-                original_recipient="rfc822;bob@example.com+0D+0AAction:+20delivered",
-            ),
-        ],
-        received_at=0.0,
+    body = failed_report(
+        ORIGINAL,
+        DsnRecipient(
+            "joerg@example.com",
+            USER_UNKNOWN,
+            original_recipient="utf-8;j\\x{F6}rg@example.com",
+        ),
+        DsnRecipient(
+            "bob@example.com",
+            USER_UNKNOWN,
+            original_recipient="rfc822;bob@example.com+0D+0AAction:+20delivered",
+        ),
         envelope_id="QQ+2B1+0D+0AStatus:+202.0.0",
     )
     assert b"Content-Type: message/global-delivery-status" in body
@@ -257,14 +245,7 @@ def test_the_senders_text_says_what_went_wrong(reply: Reply, says: str, not_said
     recipient's domain": a message too big for every route (5.3.4 ROUTING.SizeLimit) or one the
     relay would send back to itself (ROUTING.Loop) sent its sender looking at the address, not
     at the attachment or the relay's configuration."""
-    body = build_dsn(
-        action="failed",
-        reporting_mta="relay.test",
-        to="scanner@corp.test",
-        original=ORIGINAL,
-        recipients=[DsnRecipient("bob@example.com", reply)],
-        received_at=0.0,
-    )
+    body = failed_report(ORIGINAL, DsnRecipient("bob@example.com", reply))
     human = parse_mail(body).get_payload()[0].get_content()
     user_part = human.split("Diagnostic information for administrators:")[0]
     assert says in user_part and not_said not in user_part, user_part
@@ -276,14 +257,7 @@ def test_utf8_original_headers_come_back_as_message_global_headers() -> None:
     stays text/rfc822-headers."""
     utf8 = b"From: j\xc3\xb6rg@corp.test\r\nSubject: Gr\xc3\xbc\xc3\x9fe\r\n\r\nbody\r\n"
     for original, kind in ((utf8, "message/global-headers"), (ORIGINAL, "text/rfc822-headers")):
-        body = build_dsn(
-            action="failed",
-            reporting_mta="relay.test",
-            to="scanner@corp.test",
-            original=original,
-            recipients=[DsnRecipient("bob@example.com", Reply(550, "5.1.1", "User unknown"))],
-            received_at=0.0,
-        )
+        body = failed_report(original)
         returned = parse_mail(body).get_payload()[2]
         assert returned.get_content_type() == kind
 
