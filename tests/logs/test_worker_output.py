@@ -537,6 +537,26 @@ def test_a_supervisor_whose_stderr_is_not_read_still_restarts_a_worker_and_stops
     assert s.unread() >= FULL  # nobody read it meanwhile
 
 
+DROPPED_NOTICE = "service-log lines dropped: stderr not read"
+
+
+def burst_into_unread_stderr(s: Any, pids: list[int], connections: int) -> list[dict[str, Any]]:
+    """While `s`'s stderr is not read, each of `pids` logs its 5 MiB burst (SIGUSR2, the worker
+    hook) and `connections` SMTP clients each get their NOOP answered (the event loops did not
+    wait for stderr); then stderr is read until the dropped-lines notice comes, and the relay
+    stops cleanly. The JSON records it logged."""
+    s.gate.clear()
+    for pid in pids:
+        os.kill(pid, signal.SIGUSR2)
+    for _ in range(connections):
+        with smtplib.SMTP("127.0.0.1", s.port, timeout=10) as smtp:
+            assert smtp.noop()[0] == 250
+    s.gate.set()
+    s.wait_for(lambda: DROPPED_NOTICE in s.text())
+    assert s.stop() == 0
+    return [json.loads(line) for line in s.lines()]
+
+
 def test_workers_logging_into_a_stderr_nobody_reads_keep_serving_and_what_is_dropped_is_counted(
     piped: Any,
 ) -> None:
@@ -548,18 +568,8 @@ def test_workers_logging_into_a_stderr_nobody_reads_keep_serving_and_what_is_dro
     s = piped(workers=2, hook=True, server_extra='log_format = "json"')
     s.start()
     assert s.proc is not None
-    s.gate.clear()
-    for pid in s.worker_pids():
-        os.kill(pid, signal.SIGUSR2)
-    for _ in range(6):
-        with smtplib.SMTP("127.0.0.1", s.port, timeout=10) as smtp:
-            assert smtp.noop()[0] == 250
-    s.gate.set()
-    notice = "service-log lines dropped: stderr not read"
-    s.wait_for(lambda: notice in s.text())
-    assert s.stop() == 0
-    records = [json.loads(line) for line in s.lines()]
-    notices = [r for r in records if notice in r["message"]]
+    records = burst_into_unread_stderr(s, s.worker_pids(), connections=6)
+    notices = [r for r in records if DROPPED_NOTICE in r["message"]]
     assert len(notices) >= 1 and all("worker" not in r for r in notices), notices
     assert all(r["level"] == "WARNING" and r["pid"] == s.proc.pid for r in notices), notices
     dropped = sum(int(r["message"].split()[0]) for r in notices)
@@ -652,17 +662,8 @@ def test_a_single_process_relay_logging_into_a_stderr_nobody_reads_keeps_serving
     s = piped(workers=1, hook="serve", server_extra='log_format = "json"')
     s.start()
     assert s.proc is not None
-    s.gate.clear()
-    os.kill(s.proc.pid, signal.SIGUSR2)
-    for _ in range(3):
-        with smtplib.SMTP("127.0.0.1", s.port, timeout=10) as smtp:
-            assert smtp.noop()[0] == 250
-    s.gate.set()
-    notice = "service-log lines dropped: stderr not read"
-    s.wait_for(lambda: notice in s.text())
-    assert s.stop() == 0
-    records = [json.loads(line) for line in s.lines()]
-    dropped = sum(int(r["message"].split()[0]) for r in records if notice in r["message"])
+    records = burst_into_unread_stderr(s, [s.proc.pid], connections=3)
+    dropped = sum(int(r["message"].split()[0]) for r in records if DROPPED_NOTICE in r["message"])
     burst = [r for r in records if r["message"].startswith("burst ")]
     assert 0 < len(burst) < 160 and len(burst) + dropped >= 160, (len(burst), dropped)
 
