@@ -31,6 +31,7 @@ from urllib.parse import unquote, unquote_plus
 import pytest
 import trustme
 
+from relaygate.app import Relay
 from relaygate.config.loader import ConfigError, parse_text
 from relaygate.delivery import mime_split
 from relaygate.delivery.graph import GRAPH_SCOPE, message_id, recipient_plan, sent_items_query
@@ -576,7 +577,7 @@ async def test_a_failed_send_of_the_draft_deletes_it_and_retries_later(
         return None
 
     graph.script = script
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     try:
         data = b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n"
         assert (await send(relay, SENDER, ["bob@example.com", "erin@example.com"], data))[0] == 250
@@ -615,7 +616,7 @@ async def test_throttled_with_retry_after_then_accepted_is_delivered_later(
         else None
     )
     # The relay's own schedule would retry after 1 s; Graph asked for 3.
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     try:
         data = b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n"
         assert (await send(relay, SENDER, ["bob@example.com"], data))[0] == 250
@@ -685,7 +686,7 @@ async def test_a_refused_token_is_replaced_once_and_the_message_delivered(
         if len(graph.calls) == 1
         else None
     )
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     try:
         data = b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n"
         assert (await send(relay, SENDER, ["bob@example.com"], data))[0] == 250
@@ -708,7 +709,7 @@ async def test_a_refused_token_is_replaced_once_and_the_message_delivered(
 async def test_a_message_over_graph_s_request_limit_fails_without_calling_graph(
     graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
 ) -> None:
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     try:
         line = b"x" * 76 + b"\r\n"
         body = line * (3 * 1024 * 1024 // len(line) + 10)  # base64 of it: over 4 MiB
@@ -943,7 +944,7 @@ async def test_an_smtputf8_message_whose_header_is_its_envelope_goes_by_sendmail
     """A UTF-8 header (SMTPUTF8) naming exactly the envelope's recipient: one sendMail, as for
     an ASCII one (read as Latin garbage, the recipient did not match: a draft put it in Bcc,
     emptied the To, and needed Mail.ReadWrite)."""
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     try:
         rcpt = "jürgen@example.com"
         data = (
@@ -1016,7 +1017,7 @@ async def test_graph_calls_go_through_the_environment_s_proxy(
     monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     try:
         data = b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n"
         assert (await send(relay, SENDER, ["bob@example.com"], data))[0] == 250
@@ -1066,7 +1067,7 @@ async def test_a_10_mb_scan_goes_as_a_draft_with_its_pdf_uploaded_in_chunks(
     pdf = pdf_like(7_600_000)  # ~10.3 MB of message once base64
     data = scan_message(pdf)
     assert len(data) > 10_000_000
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     try:
         rcpts = ["bob@example.com", "erin@example.com"]  # erin: envelope only (a Bcc)
         await asyncio.to_thread(smtplib_send, relay, SENDER, rcpts, data)
@@ -1150,7 +1151,7 @@ async def test_throttled_during_the_upload_deletes_the_draft_and_retries_later(
 
     graph.script = script
     pdf = pdf_like(4_000_000)
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     try:
         await asyncio.to_thread(smtplib_send, relay, SENDER, ["bob@example.com"], scan_message(pdf))
 
@@ -1336,7 +1337,7 @@ async def test_attachments_under_3_mb_go_in_one_post_and_the_smallest_stay_in_th
     for n, page in enumerate(pages):
         msg.add_attachment(page, maintype="application", subtype="pdf", filename=f"p{n}.pdf")
     data = msg.as_bytes(policy=policy.SMTP)
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     try:
         await asyncio.to_thread(smtplib_send, relay, SENDER, ["bob@example.com"], data)
 
@@ -1444,7 +1445,7 @@ def test_a_signed_or_encrypted_multipart_is_never_split() -> None:
 async def test_a_big_signed_message_is_refused_before_any_graph_call(
     graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
 ) -> None:
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     try:
         data = signed_scan(pdf_like(3_500_000))
         await asyncio.to_thread(smtplib_send, relay, SENDER, ["bob@example.com"], data)
@@ -1476,7 +1477,7 @@ async def test_a_draft_or_upload_session_graph_no_longer_finds_is_retried_not_bo
 
     graph.script = script
     pdf = pdf_like(3_500_000)
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     try:
         await asyncio.to_thread(smtplib_send, relay, SENDER, ["bob@example.com"], scan_message(pdf))
 
@@ -1686,7 +1687,7 @@ async def test_an_upload_url_that_is_not_https_gets_no_octet(
         return None
 
     graph.script = script
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     try:
         data = scan_message(pdf_like(3_500_000))
         await asyncio.to_thread(smtplib_send, relay, SENDER, ["bob@example.com"], data)
@@ -1728,7 +1729,7 @@ async def test_the_pre_authenticated_upload_url_never_reaches_the_log(
     caplog.set_level(logging.INFO)
     for name in QUIET_LOGGERS:
         caplog.set_level(logging.WARNING, logger=name)
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     try:
         data = scan_message(pdf_like(3_500_000))
         await asyncio.to_thread(smtplib_send, relay, SENDER, ["bob@example.com"], data)
@@ -1759,7 +1760,7 @@ async def test_a_stop_past_its_grace_leaves_no_draft_behind(
         return None
 
     graph.script = script
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     stopped = False
     try:
         if big:
@@ -1826,7 +1827,7 @@ async def test_an_attachment_whose_base64_lacks_its_padding_is_delivered(
     encoded = base64.encodebytes(pdf).replace(b"\n", b"\r\n")
     assert encoded.endswith(b"==\r\n") and encoded in data
     data = data.replace(encoded, encoded[:-4] + b"\r\n")
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     try:
         await asyncio.to_thread(smtplib_send, relay, SENDER, ["bob@example.com"], data)
 
@@ -1896,6 +1897,42 @@ def kinds(graph: FakeGraph) -> list[tuple[str, str]]:
     return [(c.method, c.path.split("?")[0].rsplit("/", 1)[-1]) for c in graph.calls]
 
 
+def lose_first_answer(
+    graph: FakeGraph, matches: Callable[[Call], bool], lost: str = "dropped", *, taken: bool = True
+) -> None:
+    """Script `graph`: the first call `matches` picks gets no answer, DROP (the connection
+    dropped), HANG ("timeout": none within the relay's timeout) or a 503; with `taken`, Graph
+    acted on it first (it sent the message), else it never got it."""
+
+    def script(call: Call) -> Answer | None:
+        if matches(call) and sum(map(matches, graph.calls)) == 1:
+            if taken:
+                graph.success(call)
+            if lost == "503":
+                return graph_error(503, "ServiceUnavailable", "Try again")
+            return DROP if lost == "dropped" else HANG
+        return None
+
+    graph.script = script
+
+
+async def start_graph_relay(
+    graph: FakeGraph,
+    entra: FakeEntra,
+    ca_file: Path,
+    tmp_path: Path,
+    *,
+    delivery_timeout: float | None = None,
+) -> Relay:
+    """A relay whose one route is the Graph connector; `delivery_timeout` shortened for the
+    tests whose Graph never answers."""
+    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    if delivery_timeout is not None:
+        assert relay.manager is not None
+        relay.manager.delivery_timeout = delivery_timeout
+    return relay
+
+
 @pytest.mark.parametrize("lost", ["dropped", "timeout", "503"])
 @pytest.mark.parametrize("big", [False, True], ids=["draft", "upload"])
 async def test_a_send_graph_accepted_but_did_not_answer_is_looked_up_not_sent_twice(
@@ -1907,18 +1944,8 @@ async def test_a_send_graph_accepted_but_did_not_answer_is_looked_up_not_sent_tw
     delivered, confirmed by lookup, in the queue and the tracking log. Before, the retry made a
     new draft and the recipient got the message twice."""
 
-    def script(call: Call) -> Answer | None:
-        if is_send(call) and sum(map(is_send, graph.calls)) == 1:
-            graph.success(call)  # Graph sends it...
-            if lost == "503":
-                return graph_error(503, "ServiceUnavailable", "Try again")
-            return DROP if lost == "dropped" else HANG  # ...and the answer never comes
-        return None
-
-    graph.script = script
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
-    assert relay.manager is not None
-    relay.manager.delivery_timeout = 2.0
+    lose_first_answer(graph, is_send, lost)  # Graph sends it, the answer is lost
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path, delivery_timeout=2.0)
     try:
         if big:
             data = scan_message(pdf_like(3_500_000))
@@ -1965,14 +1992,9 @@ async def test_a_draft_still_a_draft_after_a_lost_answer_is_sent_again_not_rebui
     draft (isDraft true) and sends that same draft (its attachment uploaded once), not a new
     one."""
 
-    def script(call: Call) -> Answer | None:
-        if is_send(call) and sum(map(is_send, graph.calls)) == 1:
-            return DROP  # Graph never got it: the draft stays a draft
-        return None
-
-    graph.script = script
+    lose_first_answer(graph, is_send, taken=False)  # Graph never got it: the draft stays a draft
     pdf = pdf_like(3_500_000)
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     try:
         await asyncio.to_thread(smtplib_send, relay, SENDER, ["bob@example.com"], scan_message(pdf))
 
@@ -2018,7 +2040,7 @@ async def test_a_failed_lookup_is_retried_before_anything_else_at_the_next_attem
         return None
 
     graph.script = script
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     try:
         data = b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n"
         assert (await send(relay, SENDER, ["bob@example.com", "erin@example.com"], data))[0] == 250
@@ -2327,7 +2349,7 @@ async def test_at_most_two_big_attachments_are_held_decoded_at_once(
 
     graph.script = script
     pdfs = [pdf_like(3_500_000 + i) for i in range(3)]
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     assert relay.manager is not None
     relay.manager.delivery_timeout = 60.0
     try:
@@ -2392,7 +2414,7 @@ async def test_a_lookup_404_about_the_mailbox_is_not_proof_that_the_draft_was_se
         return None
 
     graph.script = script
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     try:
         data = b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n"
         assert (await send(relay, SENDER, ["bob@example.com", "erin@example.com"], data))[0] == 250
@@ -2482,7 +2504,7 @@ async def test_a_draft_a_user_deleted_after_a_lost_send_is_not_recorded_delivere
         return None
 
     graph.script = script
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     try:
         data = b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n"
         assert (await send(relay, SENDER, ["bob@example.com", "erin@example.com"], data))[0] == 250
@@ -2516,7 +2538,7 @@ async def test_an_earlier_draft_that_vanishes_as_it_is_sent_again_is_not_sent_a_
         return None
 
     graph.script = script
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     try:
         data = b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n\r\nx\r\n"
         assert (await send(relay, SENDER, ["bob@example.com", "erin@example.com"], data))[0] == 250
@@ -2560,13 +2582,7 @@ async def test_a_paced_partial_batch_whose_answer_was_lost_is_looked_up_not_sent
     a and b got the message twice. Now the earlier batch goes first, on its own (looked up:
     sent), then c alone."""
 
-    def script(call: Call) -> Answer | None:
-        if is_send(call) and sum(map(is_send, graph.calls)) == 1:
-            graph.success(call)
-            return DROP
-        return None
-
-    graph.script = script
+    lose_first_answer(graph, is_send)  # Graph sends it, the answer is lost
     extra = graph_connector(graph, entra, ca_file, "max_recipients_per_day = 3")
     relay = await start_relay(tmp_path / "data", {}, extra=extra)
     assert relay.manager is not None
@@ -2652,19 +2668,8 @@ async def test_a_sendmail_graph_took_but_did_not_answer_is_found_in_sent_items_n
     it and records the recipient delivered, confirmed by lookup. Before, the retry sent the
     message again: the recipient got it twice."""
 
-    def script(call: Call) -> Answer | None:
-        if is_sendmail(call) and sum(map(is_sendmail, graph.calls)) == 1:
-            graph.success(call)  # Graph sends it...
-            if lost == "503":
-                return graph_error(503, "ServiceUnavailable", "Try again")
-            return DROP if lost == "dropped" else HANG  # ...and the answer never comes
-
-        return None
-
-    graph.script = script
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
-    assert relay.manager is not None
-    relay.manager.delivery_timeout = 2.0
+    lose_first_answer(graph, is_sendmail, lost)  # Graph sends it, the answer is lost
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path, delivery_timeout=2.0)
     try:
         assert (await send(relay, SENDER, ["bob@example.com"], plain_message()))[0] == 250
         r = await delivered_record(relay)
@@ -2692,13 +2697,8 @@ async def test_a_sendmail_graph_never_got_is_sent_once_after_the_lookup_finds_no
     nothing in Sent Items, and the message is sent (once). The lookup is what is new: before,
     the retry sent at once (which was right here, and a duplicate when Graph had taken it)."""
 
-    def script(call: Call) -> Answer | None:
-        if is_sendmail(call) and sum(map(is_sendmail, graph.calls)) == 1:
-            return DROP  # never sent
-        return None
-
-    graph.script = script
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    lose_first_answer(graph, is_sendmail, taken=False)  # never sent
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     try:
         assert (await send(relay, SENDER, ["bob@example.com"], plain_message()))[0] == 250
         r = await delivered_record(relay)
@@ -2747,7 +2747,7 @@ async def test_a_sent_items_lookup_that_fails_neither_confirms_nor_holds_the_mes
         return None
 
     graph.script = script
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     try:
         assert (await send(relay, SENDER, ["bob@example.com"], plain_message()))[0] == 250
         r = await delivered_record(relay)
@@ -2847,7 +2847,7 @@ async def test_a_draft_purged_after_its_send_got_no_answer_is_sent_not_recorded_
         return None
 
     graph.script = script
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     try:
         data = (
             b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n"
@@ -2874,14 +2874,8 @@ async def test_a_sent_draft_whose_id_graph_no_longer_finds_is_confirmed_in_sent_
     as Graph without immutable ids, moves a sent draft under another id): the copy in Sent
     Items with the message's Message-ID confirms it; nothing is sent again."""
 
-    def script(call: Call) -> Answer | None:
-        if is_send(call) and sum(map(is_send, graph.calls)) == 1:
-            graph.success(call)
-            return DROP
-        return None
-
-    graph.script = script
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    lose_first_answer(graph, is_send)  # Graph sends it, the answer is lost
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     try:
         data = (
             b"From: scanner@corp.test\r\nTo: bob@example.com\r\nSubject: x\r\n"
@@ -2927,13 +2921,8 @@ async def test_a_copy_in_sent_items_of_an_earlier_message_with_the_same_message_
         )
     )
 
-    def script(call: Call) -> Answer | None:
-        if is_sendmail(call) and sum(map(is_sendmail, graph.calls)) == 1:
-            return DROP  # never sent
-        return None
-
-    graph.script = script
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    lose_first_answer(graph, is_sendmail, taken=False)  # never sent
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     try:
         assert (await send(relay, SENDER, ["bob@example.com"], plain_message()))[0] == 250
         r = await delivered_record(relay)
@@ -2953,7 +2942,7 @@ async def test_a_sendmail_whose_result_was_never_stored_is_looked_up_not_sent_ag
     the sendMail was forgotten at the 202, before the result was stored: the restarted relay
     found nothing to look up and sent the message again. The record now goes with the result
     (the store drops a message's records in the transaction that finishes it)."""
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     assert relay.store is not None
     storing = asyncio.Event()
 
@@ -2971,7 +2960,7 @@ async def test_a_sendmail_whose_result_was_never_stored_is_looked_up_not_sent_ag
     finally:
         await relay.stop()
 
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     try:
         r = await delivered_record(relay)
         assert len(graph.sent) == 1, (r, kinds(graph))  # before: 2
@@ -2997,14 +2986,8 @@ async def test_a_lost_sendmail_is_found_past_the_first_page_of_the_sent_items_lo
             )
         )
 
-    def script(call: Call) -> Answer | None:
-        if is_sendmail(call) and sum(map(is_sendmail, graph.calls)) == 1:
-            graph.success(call)
-            return DROP
-        return None
-
-    graph.script = script
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    lose_first_answer(graph, is_sendmail)  # Graph sends it, the answer is lost
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     try:
         assert (await send(relay, SENDER, ["bob@example.com"], plain_message()))[0] == 250
         r = await delivered_record(relay)
@@ -3036,7 +3019,7 @@ async def test_a_sent_items_lookup_refused_for_good_is_warned_about_once_not_per
         return None
 
     graph.script = script
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     try:
         with caplog.at_level("INFO", logger="relaygate.delivery"):
             for n in range(3):
@@ -3072,14 +3055,8 @@ async def test_a_sendmail_in_flight_is_not_recorded_where_the_previous_release_r
     this release still finds it."""
     from relaygate.queue.manager import _graph_route
 
-    def script(call: Call) -> Answer | None:
-        if is_sendmail(call) and sum(map(is_sendmail, graph.calls)) == 1:
-            graph.success(call)
-            return DROP
-        return None
-
-    graph.script = script
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    lose_first_answer(graph, is_sendmail)  # Graph sends it, the answer is lost
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     assert relay.store is not None and relay.manager is not None
     relay.manager.scan_interval = 3600.0  # the record stays for the test to read
     try:
