@@ -37,6 +37,23 @@ SENDER = "scanner@senders.test"
 ADMIN = "it@senders.test"
 
 
+def dkim_table(domain: str, selector: str, key_file: Path | str) -> str:
+    """A [[dkim]] entry of the config: `domain` signed with `key_file` under `selector`."""
+    return f'\n[[dkim]]\ndomain = "{domain}"\nselector = "{selector}"\nkey_file = "{key_file}"\n'
+
+
+def two_signing_keys(keys: Path) -> tuple[list[tuple[str, str, Path]], str]:
+    """Keys written under `keys` for senders.test (selector s1) and other.test (o1): each one's
+    (domain, selector, key file), and their [[dkim]] entries."""
+    from relaygate.dkim.keys import write_key
+
+    signing = [
+        ("senders.test", "s1", write_key(keys, "senders.test", "s1")),
+        ("other.test", "o1", write_key(keys, "other.test", "o1")),
+    ]
+    return signing, "".join(dkim_table(*entry) for entry in signing)
+
+
 def original(subject: str = "Invoice 42", extra: bytes = b"") -> bytes:
     return (
         b"From: Scanner <scanner@senders.test>\r\n"
@@ -306,10 +323,8 @@ async def test_an_ndr_comes_from_the_default_domains_postmaster_and_is_dkim_sign
     pem, record = generate_key("rsa-sha256")
     key_file = tmp_path / "s1.key"
     key_file.write_bytes(pem)
-    extra = (
-        '\n[[accepted_domains]]\ndomain = "senders.test"\ndefault = true\n'
-        f'\n[[dkim]]\ndomain = "senders.test"\nselector = "s1"\nkey_file = "{key_file}"\n'
-    )
+    accepted = '\n[[accepted_domains]]\ndomain = "senders.test"\ndefault = true\n'
+    extra = accepted + dkim_table("senders.test", "s1", key_file)
     async with (
         sinks(ScriptedHandler(lambda _a, _n: "550 5.1.1 User unknown"), ScriptedHandler()) as (
             a,
@@ -857,7 +872,7 @@ async def test_a_session_that_may_not_send_as_the_organisation_is_not_dkim_signe
         'extended_rights = ["ms-Exch-SMTP-Accept-Authoritative-Domain-Sender"]\n'
         "deny = true\n"
     )
-    extra = f'\n[[dkim]]\ndomain = "corp.test"\nselector = "s1"\nkey_file = "{key_file}"\n'
+    extra = dkim_table("corp.test", "s1", key_file)
     async with (
         sinks(ScriptedHandler()) as (a,),
         relay_running(tmp_path, {"*": a.port}, extra=extra, receive_extra=no_spoofing) as relay,
@@ -883,26 +898,21 @@ async def test_one_unusable_dkim_key_after_a_reload_leaves_the_other_keys_signin
     reload disabled DKIM signing for every domain (all mail unsigned, DMARC fails); now that
     entry is left out and the keys that can be used go on signing."""
     import dkim
-    from relaygate.dkim.keys import load_private_key, record_name, write_key
+    from relaygate.dkim.keys import load_private_key, record_name
     from tests.support.dns_server import LoopbackDNS
 
     keys = tmp_path / "keys"
-    s1 = write_key(keys, "senders.test", "s1")
-    o1 = write_key(keys, "other.test", "o1")
-    extra = "".join(
-        f'\n[[dkim]]\ndomain = "{domain}"\nselector = "{selector}"\nkey_file = "{path}"\n'
-        for domain, selector, path in (("senders.test", "s1", s1), ("other.test", "o1", o1))
-    )
+    signing, extra = two_signing_keys(keys)
     config_file = tmp_path / "relaygate.toml"
     with LoopbackDNS() as dns_server:
-        for domain, selector, path in (("senders.test", "s1", s1), ("other.test", "o1", o1)):
+        for domain, selector, path in signing:
             record = load_private_key(path, "rsa-sha256").record
             dns_server.add(record_name(selector, domain), "TXT", record)
         async with (
             sinks(ScriptedHandler()) as (a,),
             relay_running(tmp_path, {"*": a.port}, extra=extra, config_file=config_file) as relay,
         ):
-            rotation = f'\n[[dkim]]\ndomain = "senders.test"\nselector = "s2"\nkey_file = "{keys}/s2.key"\n'
+            rotation = dkim_table("senders.test", "s2", f"{keys}/s2.key")
             config_file.write_text(config_file.read_text() + rotation)
             await relay.reload()
             assert relay.manager.signer is not None
@@ -936,15 +946,9 @@ async def test_a_reload_loads_the_dkim_keys_off_the_event_loop(
     The key loader is slowed here to 0.4 s a key: the loop must not stall for it. A key that
     cannot be loaded is still left out, logged naming its domain and file, and the others sign."""
     from relaygate.dkim import signer as signer_module
-    from relaygate.dkim.keys import write_key
 
     keys = tmp_path / "keys"
-    s1 = write_key(keys, "senders.test", "s1")
-    o1 = write_key(keys, "other.test", "o1")
-    extra = "".join(
-        f'\n[[dkim]]\ndomain = "{domain}"\nselector = "{selector}"\nkey_file = "{path}"\n'
-        for domain, selector, path in (("senders.test", "s1", s1), ("other.test", "o1", o1))
-    )
+    _signing, extra = two_signing_keys(keys)
     config_file = tmp_path / "relaygate.toml"
     async with (
         sinks(ScriptedHandler()) as (a,),
@@ -955,10 +959,7 @@ async def test_a_reload_loads_the_dkim_keys_off_the_event_loop(
         bad = keys / "bad.test" / "b1.key"
         bad.parent.mkdir()
         bad.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
-        config_file.write_text(
-            config_file.read_text()
-            + f'\n[[dkim]]\ndomain = "bad.test"\nselector = "b1"\nkey_file = "{bad}"\n'
-        )
+        config_file.write_text(config_file.read_text() + dkim_table("bad.test", "b1", bad))
         real_load = signer_module.load_private_key
 
         def slow_load(path: Path, algorithm: str) -> Any:
@@ -1002,7 +1003,7 @@ async def test_a_signature_covers_the_octets_sent_and_does_not_count_against_the
     async with sinks(ScriptedHandler(), ScriptedHandler()) as (a, b):
         extra = send_connector_text(
             "Size limited", "limited.test", b.port, 'max_message_size = "4KB"'
-        ) + (f'\n[[dkim]]\ndomain = "senders.test"\nselector = "s1"\nkey_file = "{key_file}"\n')
+        ) + dkim_table("senders.test", "s1", key_file)
         async with relay_running(tmp_path, {"*": a.port}, extra=extra) as relay:
             one_line_html = b"<html><body>" + b"x" * 1500 + b"\x00</body></html>\r\n"
             await send(relay, SENDER, ["bob@example.com"], original("Long", one_line_html))
