@@ -312,7 +312,7 @@ class PartsSession(asyncio.Protocol):
         # RelayGate's own RECEIVE event: ServerContext.message_received reads only .tracking,
         # .config and .counters of its context (Parts has them) and .client_ip, .helo, .fqdn of
         # the session.
-        ServerContext.message_received(p, queue_id, envelope, len(data), self)  # type: ignore[arg-type]
+        ServerContext.message_received(p, queue_id, envelope, data, self)  # type: ignore[arg-type]
         if self.deliverer is not None:
             self.deliverer.todo.put_nowait((queue_id, envelope, data))
         self._commands()
