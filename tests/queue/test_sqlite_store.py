@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import random
@@ -32,6 +33,7 @@ from relaygate.queue.sqlite_store import SqliteStore
 from relaygate.queue.store import (
     CorruptMessageError,
     Store,
+    StoreClosedError,
     StoreError,
     StoreFullError,
     StoreOutcomeUnknownError,
@@ -649,6 +651,45 @@ def test_a_sweep_keeps_an_orphan_written_since_it_was_found_old(tmp_path: Path) 
     os.utime(path, (cutoff - 10, cutoff - 10))
     assert spool_module._unlink_unless_held(str(path), cutoff)
     assert not path.exists()
+
+
+def spool_descriptors(spool: Path) -> list[str]:
+    """This process's open descriptors on files in `spool`."""
+    paths = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone by now
+            paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return [p for p in paths if p.startswith(f"{spool}/")]
+
+
+async def test_a_big_submit_whose_spool_write_starts_after_close_leaves_no_files(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session's big submit passed the open check, but its spool write (a thread) only started
+    once the store had closed (a stop past the sessions' grace time, the default executor busy):
+    it created a new batch of files ahead after close had removed the last one, and nothing was
+    left to remove those or close their descriptors (READY_BATCH - 1 empty files held)."""
+    entered = threading.Event()
+    resume = threading.Event()
+    real = SqliteStore._spool_write
+
+    def late(self: SqliteStore, blob: bytes) -> tuple[bytes, str]:
+        entered.set()
+        resume.wait(30)
+        return real(self, blob)
+
+    monkeypatch.setattr(SqliteStore, "_spool_write", late)
+    spool = db_path.parent / "spool"
+    s = SqliteStore(db_path)
+    await s.open()
+    submit = asyncio.create_task(s.submit(env(), b"z" * 100_000))
+    assert await asyncio.to_thread(entered.wait, 30)
+    await s.close()
+    resume.set()
+    with pytest.raises(StoreClosedError):
+        await submit
+    assert list(spool.iterdir()) == []
+    assert spool_descriptors(spool) == []
 
 
 async def test_a_version_1_queue_is_upgraded_in_place(db_path: Path) -> None:

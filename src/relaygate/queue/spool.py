@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["READY_BATCH", "SPOOL_THRESHOLD", "Spool", "fsync_dir"]
+__all__ = ["READY_BATCH", "SPOOL_THRESHOLD", "Spool", "SpoolClosedError", "fsync_dir"]
 
 #: Messages at least this big are spooled to files; smaller ones ride in the group commit.
 SPOOL_THRESHOLD = 64 * 1024
@@ -41,6 +41,10 @@ _ORPHAN_MIN_AGE = 3600.0  # seconds: far longer than any submit takes from file 
 
 #: Spool files created ahead at a time (one directory fsync for all of them).
 READY_BATCH = 8
+
+
+class SpoolClosedError(Exception):
+    """A write reached the spool after `Spool.close` (its store is closed)."""
 
 
 def fsync_dir(path: Path) -> None:
@@ -57,9 +61,12 @@ class Spool:
         self.directory = directory
         self._ready: list[tuple[str, int]] = []  # (name, fd held under flock), durable entries
         self._ready_lock = threading.Lock()  # writes run in several threads at once
+        self._closed = False  # set by close: no batch may be created after it (nobody removes it)
 
     def open(self) -> None:
         """Create the directory (and make its entry durable). Idempotent."""
+        with self._ready_lock:
+            self._closed = False
         if not self.directory.exists():
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             fsync_dir(self.directory.parent)
@@ -68,6 +75,7 @@ class Spool:
         """Remove the files created ahead and not used (nothing names them)."""
         with self._ready_lock:
             ready, self._ready = self._ready, []
+            self._closed = True
         for name, fd in ready:
             with contextlib.suppress(OSError):
                 (self.directory / name).unlink()
@@ -91,8 +99,13 @@ class Spool:
         return name
 
     def _take(self) -> tuple[str, int]:
-        """A file created ahead, its directory entry durable; a new batch when none is left."""
+        """A file created ahead, its directory entry durable; a new batch when none is left.
+        `SpoolClosedError` once closed: a write still in flight then (a session past the stop's
+        grace time) would create a batch after close removed the last, held until the process
+        exits and left behind as orphans."""
         with self._ready_lock:
+            if self._closed:
+                raise SpoolClosedError(f"spool {self.directory} is closed")
             if not self._ready:
                 self._ready = self._create_batch(READY_BATCH)
             return self._ready.pop()

@@ -81,7 +81,7 @@ from .model import (
     recipient_from_row,
     submitted_recipients,
 )
-from .spool import SPOOL_THRESHOLD, Spool, fsync_dir
+from .spool import SPOOL_THRESHOLD, Spool, SpoolClosedError, fsync_dir
 from .store import (
     AddressPattern,
     CorruptMessageError,
@@ -1162,6 +1162,8 @@ class SqliteStore(Store):
             raise StoreClosedError("queue store is not open")
         try:
             digest, name = await asyncio.to_thread(self._spool_write, blob)
+        except SpoolClosedError as exc:  # the store closed while this submit waited for a thread
+            raise StoreClosedError("queue store is not open") from exc
         except OSError as exc:
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             cls = StoreFullError if full else StoreError
