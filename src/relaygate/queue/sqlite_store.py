@@ -466,7 +466,9 @@ class SqliteStore(Store):
         for conn in self._rconns:
             conn.close()
         self._rconns.clear()
-        self._spool.close()  # the files created ahead and not used
+        # The files created ahead and not used: unlinks, and a wait for a batch being created
+        # (a directory fsync) if a late write is making one, so not on the event loop.
+        await asyncio.to_thread(self._spool.close)
         self._open = False
 
     async def __aenter__(self) -> SqliteStore:
