@@ -559,6 +559,42 @@ async def test_orphaned_spool_files_are_swept_at_open_once_old(db_path: Path) ->
         assert await s.read_data(qid) == b"k" * 100_000
 
 
+async def test_orphaned_spool_files_are_swept_by_the_purge_while_open(db_path: Path) -> None:
+    """A worker killed and restarted beside the others (or a relay restarted at once) leaves the
+    files its predecessor created ahead, too young for the sweep at its own open: swept only at
+    open, they stayed until the node's next start. The purge sweeps them too, at most every
+    orphan_sweep_interval; a live message's file and this store's own files created ahead stay."""
+    spool = db_path.parent / "spool"
+    async with SqliteStore(db_path, orphan_sweep_interval=0) as s:
+        qid = await s.submit(env(), b"k" * 100_000)
+        held = set(spool.iterdir())
+        assert len(held) == READY_BATCH  # the message's file and the ones waiting (flocked)
+        two_hours_ago = time.time() - 7200
+        for f in held:
+            os.utime(f, (two_hours_ago, two_hours_ago))
+        orphan = spool / ("ab" * 12)
+        orphan.write_bytes(b"")  # created ahead by a process killed an hour or two ago
+        os.utime(orphan, (two_hours_ago, two_hours_ago))
+        await s.purge_completed(time.time() - 86400)
+        assert not orphan.exists()
+        assert set(spool.iterdir()) == held
+        assert await s.read_data(qid) == b"k" * 100_000
+
+
+async def test_the_purge_sweeps_orphans_at_most_every_orphan_sweep_interval(
+    db_path: Path,
+) -> None:
+    spool = db_path.parent / "spool"
+    async with SqliteStore(db_path) as s:  # swept at open: the next sweep is an hour away
+        await s.submit(env(), b"k" * 100_000)
+        orphan = spool / ("ab" * 12)
+        orphan.write_bytes(b"")
+        two_hours_ago = time.time() - 7200
+        os.utime(orphan, (two_hours_ago, two_hours_ago))
+        await s.purge_completed(time.time() - 86400)
+        assert orphan.exists()
+
+
 async def test_big_messages_share_one_directory_fsync_per_batch_of_spool_files(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -18,7 +18,7 @@ Files are named by a random token, not the queue id: the id is only allocated in
 transaction, and writing first lets several sessions fsync their files in parallel, off the single
 writer thread. A crash between the file and the commit leaves an orphan file (or an empty one
 created ahead); `sweep_orphans` removes those no row names once they are old enough that no other
-process can still be about to commit them.
+process can still be about to commit them (the store runs it at open, and hourly with its purge).
 """
 
 from __future__ import annotations

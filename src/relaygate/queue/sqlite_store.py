@@ -386,6 +386,7 @@ class SqliteStore(Store):
         busy_timeout: float = 30.0,
         shared_writers: bool = False,
         spool_threshold: int = SPOOL_THRESHOLD,
+        orphan_sweep_interval: float = 3600.0,
     ) -> None:
         self.path = Path(path)
         #: Other processes write to this file too (``server.workers`` > 1): serialise the write
@@ -399,6 +400,12 @@ class SqliteStore(Store):
         self._ids = QueueIdGenerator()
         self._spool = Spool(self.path.parent / "spool")
         self.spool_threshold = spool_threshold
+        #: Seconds between sweeps of orphaned spool files while open (`purge_completed` runs
+        #: them), besides the one at open: a worker killed and restarted beside the others finds
+        #: the files its predecessor created ahead too young to sweep, and the node's next start
+        #: may be months away.
+        self.orphan_sweep_interval = orphan_sweep_interval
+        self._last_orphan_sweep = 0.0  # time.monotonic() of the last sweep
         #: spool files of rows deleted by the current batch: unlinked once it has committed
         self._unlink_after_commit: list[str] = []
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -554,6 +561,11 @@ class SqliteStore(Store):
         if top:
             self._ids.advance_past(top)
         self._spool.open()
+        self._sweep_orphans(conn)
+
+    def _sweep_orphans(self, conn: sqlite3.Connection) -> None:
+        """Remove the spool files no row names, once old (see `Spool.sweep_orphans`)."""
+        self._last_orphan_sweep = time.monotonic()
         referenced = {
             r[0] for r in conn.execute("SELECT spool FROM message_data WHERE spool IS NOT NULL")
         }
@@ -1278,7 +1290,14 @@ class SqliteStore(Store):
         return await self._write(self._op_remove, queue_id, unless_in_flight_at)
 
     async def purge_completed(self, older_than: float) -> int:
-        return await self._write(self._op_purge, older_than, time.time() - SEND_LOG_RETENTION)
+        purged = await self._write(self._op_purge, older_than, time.time() - SEND_LOG_RETENTION)
+        if time.monotonic() - self._last_orphan_sweep >= self.orphan_sweep_interval:
+            # On a reader thread: the scan of the spool directory stays off the writer's commits.
+            try:
+                await self._read(self._sweep_orphans)
+            except OSError as exc:  # the purge is done; tried again an interval later
+                log.warning("queue store: sweep of %s failed: %s", self._spool.directory, exc)
+        return purged
 
     async def reserve_send(
         self,
