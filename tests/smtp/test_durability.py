@@ -27,11 +27,13 @@ QUEUE_ID = re.compile(rb"\[InternalId=([0-9A-F]{16}), ")
 
 
 def content_for(n: int, *, spooled: bool = False) -> bytes:
-    """Message n; with `spooled`, every other one is big enough for a spool file (spool.py)."""
-    lines = 1 + n % 40 + (1000 if spooled and n % 2 else 0)
-    body = b"".join(
-        b"line %d of message %d: %s\r\n" % (i, n, b"x" * (n % 50)) for i in range(lines)
-    )
+    """Message n; with `spooled`, every other one is big enough for a spool file (spool.py):
+    1000 more lines of at least 86 bytes (with 1000 lines of the inline width, about one in
+    eight of them reached SPOOL_THRESHOLD)."""
+    big = spooled and n % 2
+    lines = 1 + n % 40 + (1000 if big else 0)
+    width = n % 50 + (64 if big else 0)
+    body = b"".join(b"line %d of message %d: %s\r\n" % (i, n, b"x" * width) for i in range(lines))
     return (
         b"Message-ID: <durable-%d@corp.example>\r\nSubject: durability %d\r\n\r\n"
         b".leading dot survives unstuffing\r\n%s" % (n, n, body)
@@ -115,7 +117,8 @@ def test_acknowledged_messages_survive_sigkill(relay, spooled: bool):
         )
         assert header.count(b"Received:") == 1 and header.endswith(b"\r\n")
     if spooled:
-        assert any(len(c) >= SPOOL_THRESHOLD for c in sender.acked.values())
+        big = sum(len(c) >= SPOOL_THRESHOLD for c in sender.acked.values())
+        assert big >= len(sender.acked) // 3, (big, len(sender.acked))
     duplicates = len(stored) - len(sender.acked)
     assert duplicates >= 0  # unacknowledged copies (killed between fsync and the 250) may exist
     assert sender.next == sender.total
