@@ -728,6 +728,39 @@ async def test_a_big_submit_whose_spool_write_starts_after_close_leaves_no_files
     assert spool_descriptors(spool) == []
 
 
+_WRITE_NEAR_THE_FD_LIMIT = """
+import os, resource, sys
+from pathlib import Path
+from relaygate.queue.spool import Spool
+spool = Spool(Path(sys.argv[1]))
+spool.open()
+in_use = len(os.listdir("/proc/self/fd")) - 1  # not the listing's own descriptor
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + int(sys.argv[2]), hard))
+print(spool.write(b"m" * 100_000), flush=True)
+"""
+
+
+@pytest.mark.parametrize("free", [2, 4])
+def test_a_spool_write_near_the_descriptor_limit_creates_fewer_files_ahead(
+    tmp_path: Path, free: int
+) -> None:
+    """A batch of files created ahead needs READY_BATCH + 1 descriptors (the directory's for
+    its fsync): a process near its limit (a connection flood) refused every big message with
+    EMFILE where one file at a time still fitted. It now makes the batch it can."""
+    directory = tmp_path / "spool"
+    done = subprocess.run(
+        [sys.executable, "-c", _WRITE_NEAR_THE_FD_LIMIT, str(directory), str(free)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    name = done.stdout.strip()
+    assert (directory / name).read_bytes() == b"m" * 100_000
+    assert len(list(directory.iterdir())) == free - 1  # the message's and the ones left ahead
+
+
 async def test_a_version_1_queue_is_upgraded_in_place(db_path: Path) -> None:
     db_path.parent.mkdir(parents=True)
     conn = sqlite3.connect(db_path)

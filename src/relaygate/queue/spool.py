@@ -24,6 +24,7 @@ process can still be about to commit them (the store runs it at open, and hourly
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import secrets
@@ -111,6 +112,7 @@ class Spool:
             return self._ready.pop()
 
     def _create_batch(self, count: int) -> list[tuple[str, int]]:
+        """Up to `count` files, fewer near the descriptor limit (at least one)."""
         made: list[tuple[str, int]] = []
         try:
             while len(made) < count:
@@ -123,14 +125,19 @@ class Spool:
                     )
                 except FileExistsError:  # pragma: no cover - 96 random bits
                     continue
+                except OSError as exc:
+                    if exc.errno not in (errno.EMFILE, errno.ENFILE) or len(made) < 2:
+                        raise
+                    # Out of descriptors (a connection flood): a smaller batch, one file given
+                    # back for the directory's fsync, rather than refusing the message.
+                    _discard(self.directory, made.pop())
+                    break
                 made.append((name, fd))
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new: nobody else can hold it
             fsync_dir(self.directory)
         except BaseException:
-            for name, fd in made:
-                os.close(fd)
-                with contextlib.suppress(OSError):
-                    (self.directory / name).unlink()
+            for entry in made:
+                _discard(self.directory, entry)
             raise
         return made
 
@@ -174,6 +181,14 @@ class Spool:
                 if entry.stat().st_mtime < cutoff and _unlink_unless_held(entry.path, cutoff):
                     removed += 1
         return removed
+
+
+def _discard(directory: Path, made: tuple[str, int]) -> None:
+    """Close and remove a file created ahead that will not be used."""
+    name, fd = made
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        (directory / name).unlink()
 
 
 def _unlink_unless_held(path: str, cutoff: float) -> bool:
