@@ -393,6 +393,42 @@ async def test_showing_a_big_message_reads_its_header_not_its_body(tmp_path: Pat
         await sink.close()
 
 
+async def test_a_spool_file_shorter_than_its_message_shows_no_field_cut_short(
+    tmp_path: Path,
+) -> None:
+    """A spooled message whose file was cut short (a damaged disk, a restore) in the middle of
+    its Subject: the view read fewer bytes than asked for and took them for the whole message,
+    so half the Subject was shown as the Subject. A field the short read may cut is left out,
+    as for a header longer than the read (``header_of_head``)."""
+    internet = ScriptedHandler(lambda _a, _n: "451 4.2.0 later")
+    sink = await start_sink(internet)
+    relay = await start_relay(
+        tmp_path / "data", {"*": sink.port}, queue={"transient_failure_retry_interval": "00:10:00"}
+    )
+    message = MESSAGE.replace(b"Subject: Queue ops", b"Subject: Quarterly results").replace(
+        b"\r\n\r\nbody\r\n", b"\r\n\r\n" + (b"x" * 998 + b"\r\n") * 100
+    )
+    try:
+        assert (await send(relay, SENDER, ["bob@example.com"], message))[0] == 250
+        async with httpx.AsyncClient(base_url=admin_url(relay)) as client:
+
+            async def retried() -> Any:
+                items = (await client.get("/api/queue", params={"status": "Retry"})).json()
+                return items["messages"]  # its attempt (which reads it) is over
+
+            (item,) = await wait_for(retried)
+            spool = (tmp_path / "data" / "queue" / "spool").iterdir()
+            (spooled,) = [f for f in spool if f.stat().st_size]  # not the files created ahead
+            data = spooled.read_bytes()
+            spooled.write_bytes(data[: data.index(b"Subject: Quarterly") + len(b"Subject: Quar")])
+            shown = (await client.get(f"/api/queue/{item['QueueId']}")).json()
+        assert shown["Subject"] == "", shown  # before: 'Quar'
+        assert shown["FromAddress"] == SENDER
+    finally:
+        await relay.stop()
+        await sink.close()
+
+
 async def test_an_empty_token_file_does_not_open_the_api(tmp_path: Path) -> None:
     """admin.api_token_file naming an empty file (emptied by mistake, or written by a failed
     deployment step): before, the token was taken as "none" and the API and every page of the

@@ -214,7 +214,9 @@ class MessageReads:
         whole. Unchecked: the checksum covers the whole message (``Store.read_head``)."""
         limit = header_read_limit(msg, self.config)
         head = await self.store.read_head(msg.queue_id, limit)
-        return header_of_head(head, whole=len(head) < limit or len(head) == msg.size)
+        # Whole only when it is as long as the message: fewer bytes than asked for from a
+        # longer message are a damaged (cut short) spool file, whose last field may be cut.
+        return header_of_head(head, whole=len(head) >= msg.size)
 
     async def _after(self, queue_id: str) -> dict[str, Any]:
         msg = await self.store.get(queue_id)
