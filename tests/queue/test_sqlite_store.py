@@ -433,6 +433,38 @@ async def test_the_head_of_a_spooled_message_is_read_only_as_far_as_asked(
         await store.read_head(qid, 1000)
 
 
+#: Reads a spool file's head with the longest limit a view asks for (max_header_size of 2 GB
+#: and the Received field's room) in a process whose address space is 512 MB.
+_HEAD_UNDER_RLIMIT = """
+import resource, sys
+from pathlib import Path
+from relaygate.queue.spool import Spool
+resource.setrlimit(resource.RLIMIT_AS, (512 << 20, 512 << 20))
+print(len(Spool(Path(sys.argv[1])).read_head(sys.argv[2], 2**31 + 8192)))
+"""
+
+
+def test_a_spool_files_head_takes_no_memory_for_more_than_the_file_holds(tmp_path: Path) -> None:
+    """A view asks for max_header_size (up to 2 GB) and 8 KB: an unbuffered read of that many
+    bytes allocated a buffer of that size first, whatever the file's size, and failed
+    (MemoryError: the view showed no header) where the address space or the commit is bounded
+    (ulimit -v, vm.overcommit_memory = 2). What is read is bounded by the file's size."""
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    data = b"Subject: scan\r\n\r\n" + b"x" * 100_000
+    name = spool.write(data)
+    spool.close()
+    out = subprocess.run(
+        [sys.executable, "-c", _HEAD_UNDER_RLIMIT, str(tmp_path / "spool"), name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(len(data))
+
+
 async def test_remove_and_purge_delete_the_spool_file(store: SqliteStore, db_path: Path) -> None:
     t = time.time()
     gone = await store.submit(env("a@x.example"), b"a" * 70_000)

@@ -150,8 +150,10 @@ class Spool:
         further: unbuffered reads of what is still missing, never a buffer-full past `limit`.
         ``FileNotFoundError`` if it is gone. Blocking: run it in a thread."""
         parts: list[bytes] = []
-        missing = limit
         with open(self.directory / _checked(name), "rb", buffering=0) as f:
+            # No more than the file holds: a read allocates the bytes it asks for first, and a
+            # view asks for max_header_size (up to 2 GB) whatever the message's size.
+            missing = min(limit, os.fstat(f.fileno()).st_size)
             while missing > 0:
                 part = f.read(missing)
                 if not part:
