@@ -36,14 +36,15 @@ ROOT = Path(__file__).resolve().parents[2]
 OLD_RELEASE = "5cc955048815ce15253b90f82cda554d557bdabc"
 OLD_VERSION = {"sqlite": 2, "postgresql": 1}
 
-#: A node of the previous release: opens the queue, submits one message, leases every due one
-#: and records it delivered; prints what it did as JSON.
+#: A node of the previous release: opens the queue, removes the messages named after its
+#: arguments, submits one message and goes through the admin's reads and operations on it,
+#: leases every due one and records it delivered; prints what it did as JSON.
 OLD_NODE = r"""
 import asyncio, json, sys, time
 import relaygate
 from relaygate.queue.model import Envelope, RecipientState, RecipientStatus
 
-engine, where, old_src = sys.argv[1:4]
+engine, where, old_src, *doomed = sys.argv[1:]
 assert relaygate.__file__.startswith(old_src), relaygate.__file__  # not this release's code
 
 
@@ -53,15 +54,26 @@ async def main():
     else:
         from relaygate.queue.pg_store import PostgresStore as Store
     async with Store(where) as store:
+        removed = [qid for qid in doomed if await store.remove(qid) is not None]
         qid = await store.submit(Envelope("old@corp.example", ["user@corp.example"]), b"old node")
+        # the rest of what an admin does, on a message of its own
+        assert (await store.get(qid)).sender == "old@corp.example"
+        assert await store.read_data(qid) == b"old node"
+        assert qid in {m.queue_id for m in await store.list_messages()}
+        assert sum((await store.counts()).values()) >= 1
+        await store.set_flags(qid, suspended=True)
+        await store.set_flags(qid, suspended=False)
+        await store.retry_now(qid)
         leased = await store.lease_due("old-node", time.time(), 60, 100)
+        ids = [msg.queue_id for msg in leased]
+        assert await store.renew_leases("old-node", ids, time.time() + 60) == len(ids)
         for msg in leased:
             done = [
                 RecipientState(r.address, RecipientStatus.DELIVERED, 1, "250 ok", time.time())
                 for r in msg.recipients
             ]
             await store.record_results(msg.queue_id, "old-node", done, release=True)
-    print(json.dumps({"submitted": qid, "delivered": sorted(m.queue_id for m in leased)}))
+    print(json.dumps({"submitted": qid, "delivered": sorted(ids), "removed": removed}))
 
 
 asyncio.run(main())
@@ -90,10 +102,10 @@ def old_release_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return dest / "src"
 
 
-def run_old_node(old_src: Path, engine: str, where: str) -> dict[str, Any]:
+def run_old_node(old_src: Path, engine: str, where: str, *doomed: str) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(old_src)}  # ahead of this checkout's editable install
     proc = subprocess.run(
-        [sys.executable, "-c", OLD_NODE, engine, where, str(old_src)],
+        [sys.executable, "-c", OLD_NODE, engine, where, str(old_src), *doomed],
         capture_output=True,
         text=True,
         env=env,
@@ -153,11 +165,15 @@ async def test_the_previous_release_keeps_working_on_a_queue_this_release_opened
         assert await store.reserve_send("m365", 1001.0, 1, limit) == SendWait(1060.0, limit[0])
         mine = await store.submit(Envelope("new@corp.example", ["user@corp.example"]), b"new")
         await store.save_graph_draft(mine, "Graph\nuser@corp.example", GraphDraft("m@x", "d1"))
+        doomed = await store.submit(Envelope("new@corp.example", ["x@corp.example"]), b"gone")
+        sendmail = GraphDraft("m@x", "", True, "<1@corp.example>")  # this release's column
+        await store.save_graph_draft(doomed, "\nGraph\nx@corp.example", sendmail)
         assert checked_version(name, where) == old  # what the previous release accepts
         if name == "sqlite":  # one node: the previous release runs after this one stopped
             await store.close()
 
-        second = await asyncio.to_thread(run_old_node, old_release_src, name, where)
+        second = await asyncio.to_thread(run_old_node, old_release_src, name, where, doomed)
+        assert second["removed"] == [doomed]
         assert second["delivered"] == sorted([mine, second["submitted"]])
         assert checked_version(name, where) == old
 
@@ -168,6 +184,8 @@ async def test_the_previous_release_keeps_working_on_a_queue_this_release_opened
             msg = await store.get(qid)
             assert msg is not None and msg.status.value == "Delivered", msg
         assert await store.graph_draft(mine, "Graph\nuser@corp.example") == GraphDraft("m@x", "d1")
+        assert await store.get(doomed) is None
+        assert await store.graph_drafts(doomed) == {}  # removed by the previous release: with it
         # the previous release left the send records alone: the budget is still spent
         assert await store.reserve_send("m365", 1002.0, 1, limit) == SendWait(1060.0, limit[0])
         assert await store.purge_completed(time.time() + 1) == 3
