@@ -39,6 +39,7 @@ from relaygate.delivery.mime_split import DECODE_PIECE_OCTETS
 from relaygate.delivery.routing import explain_route
 from relaygate.logs.tracking import search
 from relaygate.queue.model import RecipientStatus
+from relaygate.queue.sqlite_store import SqliteStore
 from relaygate.replies import Reply
 from tests.delivery.test_oauth import CLIENT_ID, SECRET, TENANT, TOKEN, FakeEntra
 from tests.queue_manager.helpers import (
@@ -2960,6 +2961,62 @@ async def test_a_sendmail_whose_result_was_never_stored_is_looked_up_not_sent_ag
     finally:
         await relay.stop()
 
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
+    try:
+        r = await delivered_record(relay)
+        assert len(graph.sent) == 1, (r, kinds(graph))  # before: 2
+        assert "confirmed by lookup" in r.last_error, r
+        assert await no_record_left(relay)
+    finally:
+        await relay.stop()
+
+
+def results_never_stored(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """Make every SQLite store's results write never return (a stuck disk; the process then
+    dies before the commit), from before the relay starts delivering: the event is set when a
+    delivery tries to store its results."""
+    storing = asyncio.Event()
+
+    async def never_stored(*_args: Any, **_kwargs: Any) -> None:
+        storing.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(SqliteStore, "record_results", never_stored)
+    return storing
+
+
+async def test_a_send_confirmed_by_lookup_keeps_its_record_until_the_result_is_stored(
+    graph: FakeGraph,
+    entra: FakeEntra,
+    ca_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As above, the result of the sendMail is never stored; the restarted relay finds the
+    message in Sent Items (confirmed by lookup), and its results write is stuck too, then a
+    second restart. The confirmation forgot the record before the result was stored: the third
+    relay found nothing to look up and sent the message again. The record now stays until the
+    store drops it with the result."""
+    stored = SqliteStore.record_results
+    storing = results_never_stored(monkeypatch)
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
+    try:
+        assert (await send(relay, SENDER, ["bob@example.com"], plain_message()))[0] == 250
+        await asyncio.wait_for(storing.wait(), 30)
+        assert len(graph.sent) == 1
+    finally:
+        await relay.stop()
+
+    storing.clear()
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
+    try:
+        await asyncio.wait_for(storing.wait(), 30)
+        assert any(map(is_sent_items_lookup, graph.calls)), kinds(graph)
+        assert not await no_record_left(relay)  # before: forgotten at the confirmation
+    finally:
+        await relay.stop()
+
+    monkeypatch.setattr(SqliteStore, "record_results", stored)  # the third stores it
     relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
     try:
         r = await delivered_record(relay)

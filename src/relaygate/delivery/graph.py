@@ -1138,8 +1138,9 @@ class _DraftJob:
 
     async def _confirm(self, draft_id: str, how: str) -> str:
         """The draft (or sendMail: `what`) whose send's answer was lost was sent (``how`` we
-        know): its record forgotten, the recipients to be recorded delivered, confirmed by
-        lookup."""
+        know): the recipients to be recorded delivered, confirmed by lookup. Its record stays:
+        the store drops it with that result (forgotten first, a crash before the result is
+        stored left the next attempt nothing to look up, and it sent the message again)."""
         assert self.record is not None  # (only a draft with a record is looked up)
         self.confirmed = how
         log.info(
@@ -1149,7 +1150,6 @@ class _DraftJob:
             self.logged,
             how,
         )
-        await self.record.forget()
         return _CONFIRMED
 
     async def _earlier_send_mail(self, call: _Caller, mailbox: str, message_id: str) -> str:
