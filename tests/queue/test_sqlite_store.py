@@ -708,6 +708,27 @@ async def test_a_sweep_leaves_the_spool_files_another_live_process_holds_however
     assert list(directory.iterdir()) == []
 
 
+def test_a_written_spool_file_is_held_until_its_row_is_settled_whatever_the_clock_says(
+    tmp_path: Path,
+) -> None:
+    """A big message's file, written and not yet named by a committed row, is held until the
+    submit releases it: a sweep sees only its modification time otherwise, and a clock stepped
+    forward by hours between the write and the commit made a live message's file look like an
+    old orphan."""
+    directory = tmp_path / "spool"
+    spool = Spool(directory)
+    spool.open()
+    name = spool.write(b"a message whose row is about to commit")
+    two_hours_ago = time.time() - 7200
+    os.utime(directory / name, (two_hours_ago, two_hours_ago))
+    assert Spool(directory).sweep_orphans(set()) == 0
+    assert (directory / name).exists()
+    spool.release(name)  # its commit failed: an orphan now, which a sweep takes
+    assert Spool(directory).sweep_orphans(set()) == 1
+    assert not (directory / name).exists()
+    spool.close()
+
+
 def test_a_sweep_keeps_an_orphan_written_since_it_was_found_old(tmp_path: Path) -> None:
     """Found old by the scan, then written (its holder released it after the write): the fresh
     modification time seen under the flock says it is a message's, whose row may commit."""

@@ -12,7 +12,10 @@ without it), files are created ahead, ``READY_BATCH`` at a time, and the directo
 once for the batch before any of them is used; a message is then written into one of them in place,
 and its ``fdatasync`` carries the new size. Each file waiting for a message is held under ``flock``
 by its process, so that `sweep_orphans` in another process (a worker restarted beside it) leaves it
-alone however long it waits; the ones left when the store closes are removed.
+alone however long it waits, and stays held once written until the submit `release`s it (its row
+committed, or never to be): between the two a sweep has only the file's modification time, which a
+clock stepped forward would make old. The files created ahead and left when the store closes are
+removed.
 
 Files are named by a random token, not the queue id: the id is only allocated inside the write
 transaction, and writing first lets several sessions fsync their files in parallel, off the single
@@ -61,6 +64,9 @@ class Spool:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._ready: list[tuple[str, int]] = []  # (name, fd held under flock), durable entries
+        #: files written and not yet named by a committed row (`release`): still held, so that no
+        #: sweep can take one for an old orphan however the clock moves meanwhile
+        self._written: dict[str, int] = {}
         self._ready_lock = threading.Lock()  # writes run in several threads at once
         self._closed = False  # set by close: no batch may be created after it (nobody removes it)
 
@@ -73,17 +79,23 @@ class Spool:
             fsync_dir(self.directory.parent)
 
     def close(self) -> None:
-        """Remove the files created ahead and not used (nothing names them)."""
+        """Remove the files created ahead and not used (nothing names them); let go of the
+        written ones still held (their submits are over: the store's writer has stopped)."""
         with self._ready_lock:
             ready, self._ready = self._ready, []
+            written, self._written = self._written, {}
             self._closed = True
         for name, fd in ready:
             with contextlib.suppress(OSError):
                 (self.directory / name).unlink()
             os.close(fd)
+        for fd in written.values():
+            os.close(fd)
 
     def write(self, data: bytes) -> str:
-        """Store `data` durably in a spool file; returns its name. Blocking: run it in a thread."""
+        """Store `data` durably in a spool file; returns its name. The file stays held (flock)
+        until `release`: call it once the row that names it is committed, or will not be.
+        Blocking: run it in a thread."""
         name, fd = self._take()
         try:
             view = memoryview(data)
@@ -96,8 +108,17 @@ class Spool:
             with contextlib.suppress(OSError):
                 (self.directory / name).unlink()
             raise
-        os.close(fd)  # the flock goes with it; the write has made its mtime new (see sweep)
+        with self._ready_lock:
+            self._written[name] = fd
         return name
+
+    def release(self, name: str) -> None:
+        """Let go of written file `name` (its flock): its row is committed (a sweep now finds it
+        named) or never will be (the caller removes it, or a later sweep does)."""
+        with self._ready_lock:
+            fd = self._written.pop(name, None)
+        if fd is not None:
+            os.close(fd)
 
     def _take(self) -> tuple[str, int]:
         """A file created ahead, its directory entry durable; a new batch when none is left.

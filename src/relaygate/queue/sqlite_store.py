@@ -1200,6 +1200,10 @@ class SqliteStore(Store):
             raise
         # Cancelled (a stop past its grace time): the queued write may still commit, so the file
         # stays; unreferenced, the orphan sweep removes it at the next start.
+        finally:
+            # Held from its write to here: no sweep could take it for an old orphan meanwhile,
+            # whatever the clock did (its modification time is all a sweep has otherwise).
+            self._spool.release(name)
 
     def _spool_write(self, blob: bytes) -> tuple[bytes, str]:
         return hashlib.sha256(blob).digest(), self._spool.write(blob)
