@@ -34,8 +34,8 @@ from relaygate.logs.privacy import (
     key_mode_warning,
     privacy_for,
 )
+from relaygate.logs.service import READY_FLUSH_TIMEOUT, buffer_stderr, flush_stderr
 from relaygate.logs.service import apply_config as apply_service_log
-from relaygate.logs.service import buffer_stderr
 from relaygate.logs.service import configure as configure_service_log
 from relaygate.logs.tracking import MESSAGE_TRACKING_DIR, TrackingLog
 from relaygate.malloc_tuning import tune_malloc
@@ -442,6 +442,7 @@ async def _main(
     pinger = None
     link: socket.socket | None = None
     if systemd is not None:
+        await asyncio.to_thread(flush_stderr, READY_FLUSH_TIMEOUT)  # the lines logged before it
         print(ready, flush=True)
         systemd.ready(ready)
         if (interval := watchdog_interval()) is not None:

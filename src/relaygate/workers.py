@@ -68,10 +68,12 @@ from typing import Any
 
 from relaygate.config import Config, ConfigError, load_config
 from relaygate.logs.service import (
+    READY_FLUSH_TIMEOUT,
     START_FORMAT_ENV,
     STDERR_FALLBACK_ENV,
     StderrBuffer,
     buffer_stderr,
+    flush_stderr,
     worker_flags,
 )
 from relaygate.logs.service import apply_config as apply_service_log
@@ -279,6 +281,7 @@ class Supervisor:
                 f"RelayGate ready: SMTP {first.get('endpoints', '')}{first.get('admin', '')}"
                 f"; {self.count} workers"
             )
+            flush_stderr(READY_FLUSH_TIMEOUT)  # the lines logged before it, as in one process
             print(self._ready_line, flush=True)
             self._systemd.ready(self._ready_line)
             self._serve()

@@ -459,6 +459,19 @@ def hold_standard_fds() -> None:
             os.set_inheritable(fd, True)  # as a standard descriptor is
 
 
+#: How long "RelayGate ready" waits for the service-log lines logged before it (`flush_stderr`).
+READY_FLUSH_TIMEOUT = 1.0
+
+
+def flush_stderr(timeout: float) -> bool:
+    """Wait up to `timeout` seconds for the lines waiting in this process's `StderrBuffer` to be
+    written (none: at once); whether they were. Before "RelayGate ready" on stdout: whoever reads
+    both (a test, a wrapper script) finds the start-up lines ("listening on") already there, as
+    when they were written directly; a stderr nobody reads holds it back `timeout` at most."""
+    buffered = _State.stderr
+    return True if buffered is None else buffered.flush(timeout)
+
+
 def buffer_stderr() -> StderrBuffer:
     """From now on this process's service-log lines go to stderr through a `StderrBuffer` (the
     one returned, also for other lines to pass on: relaygate.logs.worker_output): a stderr that
