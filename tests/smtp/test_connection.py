@@ -57,8 +57,15 @@ class Served:
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
-    async def client(self) -> tuple[socket.socket, Connection]:
-        sock = socket.create_connection(("127.0.0.1", self.port))
+    async def client(self, *, rcvbuf: int | None = None) -> tuple[socket.socket, Connection]:
+        """A client and the server's Connection for it. `rcvbuf`: the client's receive buffer,
+        fixed before connecting (no autotuning: a kernel whose tcp_rmem allows 32 MB absorbs
+        megabytes of a write the client never reads)."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(5)
+        sock.connect(("127.0.0.1", self.port))
         sock.setblocking(False)
         self.sockets.append(sock)
         conn = await asyncio.wait_for(self.accepted.get(), 5)
@@ -187,7 +194,7 @@ def test_discard_unread_drops_what_the_session_has_not_read(run: Runner) -> None
 
 def test_drain_waits_for_a_client_that_does_not_read(run: Runner) -> None:
     async def body(served: Served) -> None:
-        sock, conn = await served.client()
+        sock, conn = await served.client(rcvbuf=64 * 1024)
         for _ in range(64):  # until the transport's buffer is over its high-water mark
             conn.write(b"y" * (1024 * 1024))
             if conn.transport.get_write_buffer_size() > 0:
