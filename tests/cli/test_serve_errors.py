@@ -13,6 +13,17 @@ from pathlib import Path
 from tests.support.ports import free_port
 
 
+def serve_once(config: Path) -> subprocess.CompletedProcess[str]:
+    """`relaygate serve --config config`, run to its end (these configurations stop it at start)."""
+    return subprocess.run(
+        [sys.executable, "-m", "relaygate", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+
+
 def test_a_taken_smtp_port_names_the_receive_connectors_of_the_binding(tmp_path: Path) -> None:
     """Another program holds a connector's port: the error names the binding and the receive
     connectors that use it (several connectors share one listener), so the administrator knows
@@ -49,13 +60,7 @@ remote_ip_ranges = ["127.0.0.4"]
         encoding="utf-8",
     )
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "relaygate", "serve", "--config", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "NO_COLOR": "1"},
-        )
+        done = serve_once(config)
     finally:
         taken.close()
     assert done.returncode == 1, done
@@ -89,13 +94,7 @@ remote_ip_ranges = ["127.0.0.2"]
 """,
         encoding="utf-8",
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "relaygate", "serve", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "NO_COLOR": "1"},
-    )
+    done = serve_once(config)
     assert done.returncode == 1, done
     assert "Traceback" not in done.stderr, done.stderr
     assert (
