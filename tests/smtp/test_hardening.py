@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ssl
 import threading
 import time
 
@@ -403,7 +405,7 @@ NON_SMTP = "554 5.7.0 Non-SMTP command (cross-protocol input), closing transmiss
         (b"X-Forwarded-For : 127.0.0.1", "a header field"),
         (b" EHLO client.corp.example", "not starting with a letter"),
         (b"1 MAIL FROM:<app@corp.example>", "not starting with a letter"),
-        (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03", "not starting with a letter"),
+        (b"\x16\x01\x00\xa5\x01", "not starting with a letter"),
         (b"\x00EHLO client.corp.example", "not starting with a letter"),
         (b"<?xml version='1.0'?>", "not starting with a letter"),
     ],
@@ -423,6 +425,43 @@ def test_cross_protocol_input_is_refused_and_the_connection_closed_at_once(two, 
     assert f"Non-SMTP command ({why}); disconnecting" in log
     assert NON_SMTP in log
     assert "Accept: */*" not in log  # nothing after the line was read as a command
+
+
+def _client_hello() -> bytes:
+    """A real TLS ClientHello, from Python's own client."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(
+        incoming, outgoing, server_hostname="relay.corp.example"
+    )
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+# An SSL 3.0-style ClientHello record (no extensions) without any LF octet: a modern hello always
+# holds one (the supported_groups extension's type is 0x000a), an old device's need not.
+_OLD_HELLO_WITHOUT_LF = (
+    b"\x16\x03\x00\x00\x2d\x01\x00\x00\x29\x03\x00"
+    + bytes(range(0x20, 0x40))  # "random"
+    + b"\x00\x00\x02\x00\x2f\x01\x00"
+)
+
+
+@pytest.mark.parametrize("hello", [_client_hello(), _OLD_HELLO_WITHOUT_LF], ids=["modern", "old"])
+def test_a_tls_handshake_on_a_plain_port_is_named_and_closed_at_once(two, hello):
+    """A client set up for implicit TLS (port 465, "SSL" on a copier) talking to a STARTTLS port
+    sends its ClientHello and waits. The protocol log names it (the administrator's clue: the
+    device wants TLS at connect), the session hangs up at once, also when the hello holds no LF
+    (it used to wait for a line end until connection_inactivity_timeout)."""
+    assert (b"\n" in hello) == (hello is not _OLD_HELLO_WITHOUT_LF)
+    with two.raw("127.0.0.9", timeout=3.0) as c:
+        c.greet()
+        started = time.monotonic()
+        c.send(hello)
+        assert [x.text for x in c.replies_until_close()] == [NON_SMTP]
+        assert time.monotonic() - started < 2.0
+    log = two.protocol_log_text()
+    assert "Non-SMTP command (a TLS handshake: the client expects TLS at connect" in log
 
 
 def test_lines_like_cross_protocol_input_in_smtp_are_still_commands(two):

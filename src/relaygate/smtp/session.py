@@ -88,6 +88,9 @@ _HTTP_VERBS = frozenset({"GET", "POST", "CONNECT"})
 # allowed before the colon, as message.py reads a header line. "MAIL FROM:" is not one: the space
 # after MAIL comes before any colon.
 _HEADER_FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
+# A TLS record's first two octets when it is a handshake (a ClientHello): content type 22, major
+# version 3 (SSL 3.0 up to TLS 1.3's legacy version field).
+_TLS_HANDSHAKE = b"\x16\x03"
 
 
 class _Close(Exception):
@@ -235,6 +238,12 @@ class Session:
                         del self.buf[: nl + 1]
                         return b"\x00TOOLONG"
                     self.buf.clear()
+            if self.buf.startswith(_TLS_HANDSHAKE):
+                # A ClientHello need not hold an LF: it is not going to end as a line, and its
+                # client waits for an answer. Hand it over now (the caller hangs up).
+                line = bytes(self.buf)
+                self.buf.clear()
+                return line
             if not await self._fill():
                 return None
 
@@ -1003,6 +1012,8 @@ def _non_smtp(line: bytes, verb: str) -> str:
     line is not cross-protocol either: some clients send a stray CRLF after the data."""
     if verb in _HTTP_VERBS:
         return "an HTTP request"
+    if line.startswith(_TLS_HANDSHAKE):
+        return "a TLS handshake: the client expects TLS at connect (implicit TLS, as on port 465)"
     first = line[:1]
     if first and first < b"\x80" and not first.isalpha():
         return "not starting with a letter"
