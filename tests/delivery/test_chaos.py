@@ -22,7 +22,6 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
-from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from relaygate.logs.tracking import MESSAGE_TRACKING_DIR, search
 from relaygate.queue.model import RecipientStatus
 from tests.queue_manager.helpers import (
     Handler,
-    parse_mail,
+    report_part,
     send,
     send_connector_text,
     start_relay,
@@ -465,11 +464,7 @@ async def run_case(tmp_path: Path, case: Case) -> None:
             (report,) = ndr.handler.messages
             assert report["mail_from"] == "<>" and report["rcpt_tos"] == [SENDER]
             # message/delivery-status, or message/global-delivery-status for a UTF-8 address
-            parts = parse_mail(report["content"]).get_payload()
-            assert isinstance(parts, list)
-            status = parts[1]
-            assert isinstance(status, Message)
-            fields = status.as_bytes().decode("utf-8")
+            fields = report_part(report["content"], 1).decode("utf-8")
             assert sorted(re.findall(r"Final-Recipient: \S+; (\S+)", fields)) == sorted(failed)
             assert set(re.findall(r"\nStatus: (\S+)", fields)) == {case.ndr_status}
             for r in failed:

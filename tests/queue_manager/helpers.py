@@ -7,6 +7,7 @@ Everything listens on 127.0.0.1. The relay's SMTP and admin ports are picked fre
 from __future__ import annotations
 
 import asyncio
+import binascii
 import email
 import email.policy
 import time
@@ -207,6 +208,20 @@ def parse_mail(content: bytes) -> EmailMessage:
     msg = email.message_from_bytes(content, policy=email.policy.default)
     assert isinstance(msg, EmailMessage)
     return msg
+
+
+def report_part(report: bytes, index: int) -> bytes:
+    """Part `index` (0: the text, 1: the status, 2: the header) of a delivery report, its transfer
+    encoding undone: RFC 6533's global types are quoted-printable, and Python's parser reads a
+    message/* part as a message, never decoding it."""
+    boundary = parse_mail(report).get_boundary()
+    assert boundary
+    part = report.split(b"\r\n--" + boundary.encode() + b"\r\n")[index + 1]
+    head, _, content = part.partition(b"\r\n\r\n")
+    content = content.split(b"\r\n\r\n--" + boundary.encode())[0] + b"\r\n"
+    if b"Content-Transfer-Encoding: quoted-printable" in head:
+        return binascii.a2b_qp(content)
+    return content
 
 
 def split_received(content: bytes) -> tuple[bytes, bytes]:

@@ -12,7 +12,7 @@ from relaygate.control import normalise_id
 from relaygate.queue.bounce import DsnRecipient, build_dsn, header_block, status_of
 from relaygate.queue.retry import RetrySchedule
 from relaygate.replies import Reply
-from tests.queue_manager.helpers import parse_mail
+from tests.queue_manager.helpers import parse_mail, report_part
 
 
 def test_exchange_defaults_timeline() -> None:
@@ -187,8 +187,9 @@ def test_a_utf8_recipient_is_of_type_utf8_in_a_global_delivery_status() -> None:
         DsnRecipient("bob@example.com", USER_UNKNOWN),
     )
     assert b"Content-Type: message/global-delivery-status" in body
-    assert "Final-Recipient: utf-8; jörg@example.com\r\n".encode() in body
-    assert b"Final-Recipient: rfc822; bob@example.com\r\n" in body
+    status = report_part(body, 1)
+    assert "Final-Recipient: utf-8; jörg@example.com\r\n".encode() in status
+    assert b"Final-Recipient: rfc822; bob@example.com\r\n" in status
 
 
 def test_a_utf8_message_id_is_not_copied_into_the_reports_own_header() -> None:
@@ -224,10 +225,11 @@ def test_orcpt_and_envid_come_back_decoded_and_cannot_add_fields() -> None:
         envelope_id="QQ+2B1+0D+0AStatus:+202.0.0",
     )
     assert b"Content-Type: message/global-delivery-status" in body
-    assert "Original-Recipient: utf-8; jörg@example.com\r\n".encode() in body
-    assert b"Original-Recipient: rfc822; bob@example.comAction: delivered\r\n" in body
-    assert b"Original-Envelope-Id: QQ+1Status: 2.0.0\r\n" in body
-    assert b"\r\nAction: delivered" not in body and b"\r\nStatus: 2.0.0" not in body
+    status = report_part(body, 1)
+    assert "Original-Recipient: utf-8; jörg@example.com\r\n".encode() in status
+    assert b"Original-Recipient: rfc822; bob@example.comAction: delivered\r\n" in status
+    assert b"Original-Envelope-Id: QQ+1Status: 2.0.0\r\n" in status
+    assert b"\r\nAction: delivered" not in status and b"\r\nStatus: 2.0.0" not in status
 
 
 @pytest.mark.parametrize(
@@ -260,6 +262,21 @@ def test_utf8_original_headers_come_back_as_message_global_headers() -> None:
         body = failed_report(original)
         returned = parse_mail(body).get_payload()[2]
         assert returned.get_content_type() == kind
+
+
+def test_a_report_on_an_internationalized_message_is_7_bit() -> None:
+    """The returned UTF-8 header (message/global-headers) and a UTF-8 recipient's status
+    (message/global-delivery-status) were 8bit: the report to an ASCII sender needed 8BITMIME on
+    its way, and a report is never reported on when it fails. RFC 6533 §6.2-6.3 allow
+    quoted-printable for both: the report is now 7-bit, and decoding gives back the exact octets."""
+    header = b"From: j\xc3\xb6rg@corp.test\r\nSubject: Gr\xc3\xbc\xc3\x9fe " + b"x" * 120 + b"\r\n"
+    body = failed_report(
+        header + b"\r\nbody \xc3\xa4\r\n", DsnRecipient("jörg@example.com", USER_UNKNOWN)
+    )
+    assert body.isascii()
+    assert max(map(len, body.split(b"\r\n"))) <= 998
+    assert report_part(body, 2) == header
+    assert "Final-Recipient: utf-8; jörg@example.com\r\n".encode() in report_part(body, 1)
 
 
 def test_a_remote_servers_8_bit_text_leaves_the_report_7_bit() -> None:

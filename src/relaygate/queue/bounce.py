@@ -11,7 +11,8 @@ The report has three parts:
    ``Remote-MTA`` when a remote host answered, ``Last-Attempt-Date``, ``Will-Retry-Until`` (delayed);
 3. ``text/rfc822-headers``: the header block of the original message (never its body: the original
    may be large or sensitive, and devices often send to addresses nobody reads);
-   ``message/global-headers`` when it holds UTF-8 (RFC 6533).
+   ``message/global-headers`` when it holds UTF-8 (RFC 6533), quoted-printable so that the report
+   stays 7-bit (as ``message/global-delivery-status`` is, for a UTF-8 address).
 
 What a remote server answered never makes the report 8-bit, so that it reaches a sender whose route
 has no 8BITMIME: the text part is quoted-printable UTF-8 when it holds non-ASCII text, and the
@@ -224,6 +225,16 @@ def _code_point_escape(m: re.Match[str]) -> str:
     return f"\\x{{{ord(m.group()):X}}}"
 
 
+def _transfer_encoding(content: bytes) -> str:
+    return f"Content-Transfer-Encoding: {'7bit' if content.isascii() else 'quoted-printable'}"
+
+
+def _seven_bit(content: bytes) -> bytes:
+    """`content` as it goes in the report: as it is when ASCII, else quoted-printable (its CRLFs
+    kept as line breaks, long lines soft-broken)."""
+    return content if content.isascii() else binascii.b2a_qp(content, istext=True)
+
+
 def _ascii_field(text: str) -> str:
     """A remote server's text for a delivery-status field: cleaned, non-ASCII as ``\\x{HHHH}``
     (RFC 6533 §3's notation), so that a reply in UTF-8 or Latin-1 never makes the report 8-bit."""
@@ -395,22 +406,25 @@ def build_dsn(
         ["Content-Type: text/plain; charset=utf-8", f"Content-Transfer-Encoding: {cte_human}"],
         human_body,
     )
+    # RFC 6533 §3: a UTF-8 address makes the status message/global-delivery-status, and the header
+    # of an internationalized message comes back as message/global-headers. Both quoted-printable
+    # (§6.2-6.3 allow it): 8bit would make the report need 8BITMIME on its way to the sender, and a
+    # report that fails is never reported on.
     part(
         [
             "Content-Type: "
             + ("message/global-delivery-status" if utf8_status else "message/delivery-status"),
-            f"Content-Transfer-Encoding: {'8bit' if utf8_status else '7bit'}",
+            _transfer_encoding(delivery_status),
         ],
-        delivery_status,
+        _seven_bit(delivery_status),
     )
-    # RFC 6533 §3: the header of an internationalized message comes back as message/global-headers
     ascii_orig = orig_headers.isascii()
     part(
         [
             "Content-Type: " + ("text/rfc822-headers" if ascii_orig else "message/global-headers"),
-            f"Content-Transfer-Encoding: {'7bit' if ascii_orig else '8bit'}",
+            _transfer_encoding(orig_headers),
         ],
-        orig_headers or b"\r\n",
+        _seven_bit(orig_headers) or b"\r\n",
     )
     out += b"--" + b + b"--\r\n"
     return bytes(out)
