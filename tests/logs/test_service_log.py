@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import select
 import signal
 import smtplib
 import socket
@@ -716,6 +717,58 @@ def test_json_an_exception_python_ignores_is_a_json_line_too() -> None:
     assert ignored[0]["message"].startswith("Exception ignored in: <function Leaky.__del__")
     assert ignored[0]["exception"].endswith("ValueError: in __del__")
     assert any("uncaught exception in thread" in r["message"] for r in records)
+
+
+def test_text_format_warnings_and_ignored_exceptions_go_through_the_stderr_buffer() -> None:
+    """In the text format a `warnings.warn` and an exception Python ignores (in a __del__) were
+    written by Python straight to stderr, past the StderrBuffer: with a stderr nobody reads (a
+    stalled log shipper, the pipe full) the thread that warned (the event loop) waited for
+    ever. Now they are service-log lines in the buffer, after the lines logged before them. A
+    real process whose stderr pipe the test does not read until it says it got past both."""
+    code = (
+        "import sys, warnings\n"
+        "from relaygate.logs import service\n"
+        "service.buffer_stderr()\n"
+        "service.configure('text', 'INFO')\n"
+        "import logging\n"
+        "for i in range(2000):\n"
+        "    logging.getLogger('relaygate').info('filler %04d %s', i, 'x' * 60)\n"
+        "warnings.warn('a deprecated thing')\n"
+        "class Leaky:\n"
+        "    def __del__(self):\n"
+        "        raise ValueError('in __del__')\n"
+        "Leaky()\n"
+        "print('past both', flush=True)\n"
+        "sys.stdin.read()\n"  # stay until the test has read stdout
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None and proc.stderr is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 20)
+        assert ready, "the process waited for its stderr"
+        assert proc.stdout.readline() == b"past both\n"
+        proc.stdin.close()
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = err.splitlines()
+    filler = [i for i, line in enumerate(lines) if "filler " in line]
+    assert len(filler) == 2000
+    warned = [i for i, line in enumerate(lines) if "a deprecated thing" in line]
+    assert warned and warned[0] > filler[-1]
+    assert "WARNING" in lines[warned[0]] and "py.warnings" in lines[warned[0]]
+    ignored = [i for i, line in enumerate(lines) if "Leaky.__del__" in line]
+    assert ignored and ignored[0] > warned[0]
+    assert "ValueError: in __del__" in err
 
 
 # -- httpx and httpcore held back (relaygate.logs.service.QUIET_LOGGERS) ----------------------------

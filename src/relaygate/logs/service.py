@@ -485,12 +485,14 @@ def buffer_stderr() -> StderrBuffer:
 
 def _buffer_tracebacks(buffer: StderrBuffer) -> None:
     """The tracebacks Python writes itself (an exception nothing caught, in the main thread or
-    another; the text format's, or any hook's that writes to sys.stderr) go through `buffer`
+    another, or one it ignored in a __del__; the text format's, or any hook's that writes to
+    sys.stderr) go through `buffer`
     too: written straight to stderr, one came before the lines still waiting in the buffer
     (most of what was logged just before the crash), and a stderr nobody read kept the process
     from exiting. The JSON format's hooks (`_log_uncaught`) log through it anyway."""
     previous = sys.excepthook
     previous_thread = threading.excepthook
+    previous_unraisable = sys.unraisablehook
 
     def on_exception(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
         _through_buffer(buffer, lambda: previous(kind, exc, tb))
@@ -498,8 +500,12 @@ def _buffer_tracebacks(buffer: StderrBuffer) -> None:
     def on_thread_exception(args: threading.ExceptHookArgs) -> None:
         _through_buffer(buffer, lambda: previous_thread(args))
 
+    def on_unraisable(unraisable: Any) -> None:  # "Exception ignored in: ..." (a __del__'s)
+        _through_buffer(buffer, lambda: previous_unraisable(unraisable))
+
     sys.excepthook = on_exception
     threading.excepthook = on_thread_exception
+    sys.unraisablehook = on_unraisable
 
 
 def _through_buffer(buffer: StderrBuffer, hook: Callable[[], object]) -> None:
@@ -615,9 +621,12 @@ def configure(log_format: str, log_level: str, *, worker: int | None = None) -> 
     root.setLevel(log_level)
     _State.handler, _State.worker = handler, worker
     _State.format, _State.level = log_format, log_level
+    # warnings.warn(...) as log lines, in either format: Python's own text is not a JSON line,
+    # and it is written straight to stderr, past the StderrBuffer (a stderr nobody reads then
+    # holds up the thread that warned, the event loop)
+    logging.captureWarnings(True)
     if log_format == "json":
         _log_uncaught()
-        logging.captureWarnings(True)  # warnings.warn(...) as log lines, not free text
 
 
 def apply_config(log_format: str, log_level: str) -> bool:
@@ -633,7 +642,6 @@ def apply_config(log_format: str, log_level: str) -> bool:
     _State.format, _State.level = log_format, log_level
     if log_format == "json":
         _log_uncaught()
-        logging.captureWarnings(True)
     logger = logging.getLogger("relaygate")
     level = logging.WARNING if changed_format else logging.INFO
     message = "service log: format %s, level %s (server.log_format, server.log_level)"
