@@ -1924,10 +1924,12 @@ async def start_graph_relay(
     tmp_path: Path,
     *,
     delivery_timeout: float | None = None,
+    space: str = "example.com",
 ) -> Relay:
-    """A relay whose one route is the Graph connector; `delivery_timeout` shortened for the
-    tests whose Graph never answers."""
-    relay = await start_relay(tmp_path / "data", {}, extra=graph_connector(graph, entra, ca_file))
+    """A relay whose one route is the Graph connector (for `space`); `delivery_timeout`
+    shortened for the tests whose Graph never answers."""
+    connector = graph_connector(graph, entra, ca_file, space=space)
+    relay = await start_relay(tmp_path / "data", {}, extra=connector)
     if delivery_timeout is not None:
         assert relay.manager is not None
         relay.manager.delivery_timeout = delivery_timeout
@@ -2687,6 +2689,36 @@ async def test_a_sendmail_graph_took_but_did_not_answer_is_found_in_sent_items_n
         await asyncio.to_thread(relay.tracking.flush)
         defers = search(relay.tracking.path, event_id="DEFER")
         assert any("looks it up in Sent Items" in str(e["recipient-status"]) for e in defers)
+    finally:
+        await relay.stop()
+
+
+async def test_a_sent_items_copy_naming_an_idn_recipient_in_unicode_confirms_the_send(
+    graph: FakeGraph, entra: FakeEntra, ca_file: Path, tmp_path: Path
+) -> None:
+    """The envelope holds an internationalised domain as its A-label (the relay's form), and
+    Exchange Online names the recipient of its Sent Items copy in Unicode (bob@bücher.example):
+    the lookup compared the two spellings as text, found no copy of this route, and sent the
+    message again (a duplicate). Both are compared in one form now."""
+    rcpt = "bob@xn--bcher-kva.example"
+
+    def script(call: Call) -> Answer | None:
+        if is_sendmail(call) and sum(map(is_sendmail, graph.calls)) == 1:
+            graph.success(call)  # sent; Sent Items shows the address in Unicode
+            graph.sent[-1].recipients = {
+                "toRecipients": [{"emailAddress": {"address": "Bob@B\u00fcCHER.example"}}]
+            }
+            return DROP
+        return None
+
+    graph.script = script
+    relay = await start_graph_relay(graph, entra, ca_file, tmp_path, space="xn--bcher-kva.example")
+    try:
+        message = plain_message().replace(b"bob@example.com", rcpt.encode())
+        assert (await send(relay, SENDER, [rcpt], message))[0] == 250
+        r = await delivered_record(relay, rcpt)
+        assert len(graph.sent) == 1, kinds(graph)  # before: 2, the retry sent it again
+        assert "confirmed by lookup: found in Sent Items by its Message-ID" in r.last_error
     finally:
         await relay.stop()
 

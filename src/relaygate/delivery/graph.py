@@ -828,6 +828,20 @@ def _with_hint(reply: Reply, hint: str) -> Reply:
     return Reply(reply.code, reply.enhanced, reply.text + hint)
 
 
+def _comparable_address(address: str) -> str:
+    """One spelling of `address` for comparing the envelope's (its domain an A-label, as the
+    parser keeps it) with Graph's (Exchange Online may name an internationalised domain in
+    Unicode): the domain's labels as A-labels, all of it case-folded."""
+    local, at, domain = address.rpartition("@")
+    if not at or domain.isascii():
+        return address.casefold()
+    try:
+        domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:  # not a domain IDNA can spell: compared as it is
+        pass
+    return f"{local}@{domain}".casefold()
+
+
 def _maybe_sent(failure: _GraphError, hint: str) -> _GraphError:
     """A send that got no answer (timeout, dropped, 5xx): the same failure, its reply saying that
     the next attempt looks the message up before sending it again."""
@@ -923,7 +937,7 @@ class _DraftJob:
         self.message_id = message_id  # the message's ("" for none)
         #: this route's recipients: its copy in Sent Items names some of them (another route's
         #: copy of the same message, the same Message-ID, names none of them)
-        self.recipients = frozenset(r.casefold() for r in recipients)
+        self.recipients = frozenset(map(_comparable_address, recipients))
         self.since = record.since if record is not None else 0.0
         #: the draft's mailbox: this attempt's, or that of an earlier attempt's draft
         self.mailbox = call.mailbox
@@ -1234,7 +1248,7 @@ class _DraftJob:
         for key in ("toRecipients", "ccRecipients", "bccRecipients"):
             for entry in item.get(key) or ():
                 address = entry.get("emailAddress", {}) if isinstance(entry, dict) else {}
-                if str(address.get("address", "")).casefold() in self.recipients:
+                if _comparable_address(str(address.get("address", ""))) in self.recipients:
                     return True
         return False
 
