@@ -424,6 +424,35 @@ def _server_findings(config: Config) -> Iterator[Finding]:
         )
 
 
+def _proxy_findings(config: Config, max_prefix_v4: int, max_prefix_v6: int) -> Iterator[Finding]:
+    """server.trusted_proxies wider than a few load balancers: every host in it may send a PROXY
+    header naming any client address, and so choose the connector (and the relay rights) its
+    connection gets."""
+    broad = [
+        p
+        for p in config.server.trusted_proxies
+        if p.prefix_length() < (max_prefix_v4 if p.version == 4 else max_prefix_v6)
+    ]
+    if not broad:
+        return
+    everyone = any(_is_all(p) for p in broad)
+    yield Finding(
+        "high" if everyone else "medium",
+        "trusted-proxies-broad",
+        "",
+        "server.trusted_proxies",
+        f"server.trusted_proxies includes {', '.join(p.text for p in broad)}: any host there may "
+        "send a PROXY header naming any client address, and get the connector and relay rights "
+        "of that address"
+        + (
+            " (every client can: an open relay for anyone who knows a relay client's address)"
+            if everyone
+            else ""
+        ),
+        "list only the load balancers' or proxies' own addresses",
+    )
+
+
 def _acme_findings(config: Config) -> Iterator[Finding]:
     """ACME on: the last certificate the CA returned was refused (<data_dir>/acme/refused.json,
     written by the ACME client); no certificate obtained yet (whether
@@ -773,6 +802,7 @@ def audit(
         findings.extend(_connector_findings(connector, config, max_prefix_v4, max_prefix_v6))
     findings.extend(_shadow_findings(config))
     findings.extend(_server_findings(config))
+    findings.extend(_proxy_findings(config, max_prefix_v4, max_prefix_v6))
     findings.extend(_acme_findings(config))
     findings.extend(_admin_findings(config))
     findings.extend(_queue_findings(config))

@@ -275,6 +275,28 @@ def test_loopback_in_relay_ranges_with_trusted_proxies() -> None:
     assert only(audit(config(v6)), "loopback-relay-with-proxies")
 
 
+@pytest.mark.parametrize(
+    ("proxies", "severity"),
+    [
+        ('["0.0.0.0/0"]', "high"),
+        ('["::/0"]', "high"),
+        ('["10.0.0.0/8"]', "medium"),
+        ('["10.0.0.10", "2001:db8::/32"]', "medium"),
+    ],
+)
+def test_broad_trusted_proxies_are_flagged(proxies: str, severity: str) -> None:
+    """Any host in server.trusted_proxies may send a PROXY header naming any client address, and
+    so choose the connector, and the relay rights, its connection gets: 0.0.0.0/0 lets every
+    client relay by claiming a relay client's address. A range wider than the ranges' own limits
+    (/24, /64) is flagged too; the load balancers' own addresses are not."""
+    text = f"[server]\ntrusted_proxies = {proxies}\n" + relay(ranges='["10.0.0.5"]')
+    found = only(audit(config(text)), "trusted-proxies-broad")
+    assert [(f.severity, f.key) for f in found] == [(severity, "server.trusted_proxies")]
+    assert "PROXY header" in found[0].message
+    narrow = '[server]\ntrusted_proxies = ["10.0.0.10", "10.0.1.0/28", "2001:db8::10"]\n'
+    assert not only(audit(config(narrow + relay(ranges='["10.0.0.5"]'))), "trusted-proxies-broad")
+
+
 def test_relay_granted_both_ways() -> None:
     extra = RELAY_DEFAULTS + 'auth_mechanism = ["ExternalAuthoritative"]\n'
     found = audit(config(relay(groups='["ExchangeServers"]', extra=extra)))
