@@ -85,6 +85,10 @@ def register(app: typer.Typer) -> None:
                 console.print(f"    beat {c['connector']}: {c['why']}", markup=False)
             for c in d["not_candidates"]:
                 console.print(f"    not a candidate: {c['connector']}: {c['why']}", markup=False)
+            if d["auth"]:
+                a = d["auth"]
+                console.print(f"  AUTH as {a['user']} → {a['reply']}", markup=False)
+                console.print(f"    because {a['reason']}", markup=False)
             console.print(f"  Runs as: {', '.join(d['principals'])}", markup=False)
             console.print("  Rights:")
             if not d["rights"]:

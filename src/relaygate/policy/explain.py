@@ -8,7 +8,7 @@ from typing import Any
 
 from relaygate import replies
 from relaygate.addresses import AddressError, parse_mail_from, parse_rcpt_to
-from relaygate.config.model import Config
+from relaygate.config.model import Config, ReceiveConnector
 from relaygate.config.values import Binding, normalise_ip
 from relaygate.delivery.oauth import auth_label
 from relaygate.delivery.routing import explain_route
@@ -37,6 +37,8 @@ class Explanation:
     mail: dict[str, Any] | None = None
     recipients: list[dict[str, Any]] = field(default_factory=list)
     header_from: dict[str, Any] | None = None
+    #: --auth-user: the reply AUTH gets on the chosen connector (None: no AUTH asked about)
+    auth: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         sel = self.selection
@@ -58,6 +60,7 @@ class Explanation:
             "not_candidates": [
                 {"connector": c.connector.name, "why": c.reason} for c in sel.rejected
             ],
+            "auth": self.auth,
             "principals": self.principals,
             "rights": self.rights,
             "allowed_senders": [r.text for r in sel.connector.allowed_senders]
@@ -117,6 +120,28 @@ def _route_for(config: Config, address: str) -> dict[str, Any]:
     }
 
 
+def _auth_outcome(connector: ReceiveConnector, user: str) -> tuple[dict[str, Any], str | None]:
+    """What AUTH as `user` gets on `connector`, as `Session.do_auth` decides it before the password
+    (explain assumes the right one), and the user the session then runs as: None when the connector
+    offers no AUTH, where the server answers 504 and the session stays anonymous."""
+    mechanisms = connector.auth_mechanism
+    if "BasicAuth" not in mechanisms:
+        return {
+            "user": user,
+            "reply": replies.AUTH_UNKNOWN_MECHANISM.line(),
+            "reason": f"receive connector {connector.name} does not offer AUTH (its auth_mechanism "
+            "has no BasicAuth): the session stays anonymous",
+        }, None
+    after_tls = (
+        " after STARTTLS (BasicAuthRequireTLS)" if "BasicAuthRequireTLS" in mechanisms else ""
+    )
+    return {
+        "user": user,
+        "reply": replies.AUTH_OK.line(),
+        "reason": f"receive connector {connector.name} offers AUTH PLAIN LOGIN{after_tls}",
+    }, user.lower()  # the canonical name the server's session runs as
+
+
 def explain(
     config: Config,
     *,
@@ -127,7 +152,9 @@ def explain(
     authenticated_user: str | None = None,
     header_from: str | None = None,
 ) -> Explanation:
-    """`header_from`: the From header's value, for the end-of-DATA check of allowed_senders."""
+    """`header_from`: the From header's value, for the end-of-DATA check of allowed_senders.
+    `authenticated_user`: explain as a session that sent AUTH as this user with the right password
+    (on a connector that offers no AUTH the server refuses it, and the session stays anonymous)."""
     local_ip, local_port = local
     selection = select_connector(
         config.receive_connectors, local_ip=local_ip, local_port=local_port, client_ip=client_ip
@@ -146,6 +173,8 @@ def explain(
             for rcpt in recipients
         ]
         return result
+    if authenticated_user is not None:
+        result.auth, authenticated_user = _auth_outcome(connector, authenticated_user)
     rights = session_rights(connector, authenticated_user=authenticated_user)
     result.principals = list(rights.principals)
     granted_by = dict(rights.sources)
