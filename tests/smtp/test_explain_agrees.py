@@ -210,3 +210,31 @@ def test_auth_user_on_a_connector_that_offers_auth_relays_in_both(relay):
         "reply": "235 2.7.0 Authentication successful",
         "reason": "receive connector Client Submission offers AUTH PLAIN LOGIN",
     }
+
+
+@pytest.mark.parametrize(
+    ("sender", "rcpt"),
+    [
+        ("app@corp.example", "用户@corp.example"),
+        ("app@corp.example", "用户@evil.example"),
+        ("app@corp.example", "user@bücher.example"),
+        ("用户@corp.example", "it@corp.example"),
+        ("app@corp.example", "user@xn--bcher-kva.example"),
+    ],
+)
+@pytest.mark.parametrize("source", [OFF_LIST, ON_LIST])
+def test_an_smtputf8_address_gets_the_reply_a_client_declaring_smtputf8_gets(
+    two_connectors, source, sender, rcpt
+):
+    """A client sending a non-ASCII address must declare SMTPUTF8 (RFC 6531), and then the policy
+    decides: explain must show that decision, not the 553 5.6.7 of a client that forgot it."""
+    server = server_replies(two_connectors, source, f"<{sender}> SMTPUTF8", [rcpt])
+    assert explain_replies(two_connectors, source, sender, [rcpt]) == server
+
+
+def test_a_sender_given_with_its_smtputf8_parameter_is_not_given_it_twice(two_connectors):
+    r = two_connectors
+    rcpt = ["用户@corp.example"]
+    server = server_replies(r, OFF_LIST, "<app@corp.example> SMTPUTF8", rcpt)
+    assert server == ["250 2.1.0 Sender OK", "250 2.1.5 Recipient OK"]
+    assert explain_replies(r, OFF_LIST, "<app@corp.example> SMTPUTF8", rcpt) == server

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relaygate import replies
-from relaygate.addresses import AddressError, parse_mail_from, parse_rcpt_to
+from relaygate.addresses import AddressError, parse_mail_from, parse_rcpt_to, split_args
 from relaygate.config.model import Config, ReceiveConnector
 from relaygate.config.values import Binding, normalise_ip
 from relaygate.delivery.oauth import auth_label
@@ -120,6 +120,18 @@ def _route_for(config: Config, address: str) -> dict[str, Any]:
     }
 
 
+def _mail_argument(path: str, smtputf8: bool) -> str:
+    """`FROM:<path>`, with the SMTPUTF8 parameter when needed and not already given."""
+    argument = f"FROM:{path}"
+    if not smtputf8:
+        return argument
+    try:
+        _path, params = split_args(argument, "FROM")
+    except AddressError:
+        return argument  # parse_mail_from refuses it with the reply the server gives
+    return argument if "SMTPUTF8" in params else f"{argument} SMTPUTF8"
+
+
 def _auth_outcome(connector: ReceiveConnector, user: str) -> tuple[dict[str, Any], str | None]:
     """What AUTH as `user` gets on `connector`, as `Session.do_auth` decides it before the password
     (explain assumes the right one), and the user the session then runs as: None when the connector
@@ -186,12 +198,16 @@ def explain(
     authenticated = authenticated_user is not None
     address_rules = compile_connector_rules(connector)
     mail_ok = True
+    # A client with a non-ASCII address declares SMTPUTF8 (RFC 6531), and then the policy decides:
+    # that is the question asked, not the 553 5.6.7 of a client that forgot the parameter.
+    smtputf8 = not all(a.isascii() for a in (sender or "", *recipients))
     if sender is not None:
         path = (
             "<>" if sender in ("", "<>") else (sender if sender.startswith("<") else f"<{sender}>")
         )
         try:
-            address, _params = parse_mail_from(f"FROM:{path}")
+            address, params = parse_mail_from(_mail_argument(path, smtputf8))
+            smtputf8 = "SMTPUTF8" in params
             verdict = check_mail(
                 address,
                 rights=rights,
@@ -233,7 +249,7 @@ def explain(
             continue
         path = rcpt if rcpt.startswith("<") else f"<{rcpt}>"
         try:
-            address, _params = parse_rcpt_to(f"TO:{path}")
+            address, _params = parse_rcpt_to(f"TO:{path}", smtputf8=smtputf8)
         except AddressError as exc:
             entry.update(reply=exc.reply.line(), reason=exc.reason)
             result.recipients.append(entry)
