@@ -100,6 +100,48 @@ def test_proxy_from_untrusted_peer_is_a_bad_command(proxied):
 
 
 @pytest.mark.parametrize(
+    ("source", "connector"),
+    [
+        (
+            "::ffff:10.1.2.3",
+            "Relay via LB",
+        ),  # IPv4-mapped: the IPv4 client it is (DESIGN decision 6)
+        ("64:ff9b::a01:203", "Default Frontend"),  # NAT64 of 10.1.2.3: an IPv6 client
+        ("::a01:203", "Default Frontend"),  # IPv4-compatible ::10.1.2.3 (deprecated)
+        ("2002:a01:203::1", "Default Frontend"),  # 6to4 of 10.1.2.3
+    ],
+)
+def test_an_ipv6_client_is_matched_as_ipv4_only_when_ipv4_mapped(relay, source, connector):
+    """An address that embeds 10.1.2.3 in another IPv6 form is an IPv6 client: it never gets into an
+    IPv4 range by it (a host holds such an address without being 10.1.2.3). Only ::ffff:0:0/96,
+    what a dual-stack socket shows an IPv4 client as, is matched as IPv4; explain agrees."""
+    from relaygate.policy.explain import explain
+
+    r = relay(
+        [
+            default_frontend(remote_ip_ranges=["0.0.0.0-255.255.255.255", "::/0"]),
+            relay_connector(["10.1.2.3"], name="Relay via LB"),
+        ],
+        server={"trusted_proxies": ["127.0.0.7"]},
+    )
+    with r.raw("127.0.0.7") as c:
+        c.send(f"PROXY TCP6 {source} ::1 40000 25\r\n".encode())
+        c.expect(220)
+        hello, verdict = relay_through(c)
+    if connector == "Relay via LB":
+        assert hello.endswith("Hello [10.1.2.3]") and verdict == "250 2.1.5 Recipient OK"
+        assert [m.connector for m in r.messages()] == [connector]
+    else:
+        assert hello.endswith(f"Hello [{source}]") and verdict.startswith("550 5.7.54")
+        assert r.messages() == []
+    explained = explain(
+        r.config, client_ip=source, local=("127.0.0.1", r.port), sender=None, recipients=[]
+    )
+    assert explained.selection.connector is not None
+    assert explained.selection.connector.name == connector
+
+
+@pytest.mark.parametrize(
     "bad",
     [
         b"PROXY TCP4 not-an-ip 127.0.0.1 1 2\r\n",
