@@ -100,6 +100,16 @@ TRICKS = [
     "postmaster",
     "victim@evil.example",
     "v" * 65 + "@corp.example",
+    "u" * 60 + "@" + ".".join(["label"] * 40) + ".corp.example",
+    "victim@[IPv6:fe80::1]",
+    "victim@[IPv6:::1]",
+    "victim@[0.0.0.0]",
+    "victim@[1.2.3]",
+    "victim@[ 10.0.0.1 ]",
+    "victim@[IPv6:zz::1]",
+    "victim@localhost",
+    "victim@corp",
+    "user@corp.example(x)evil.example",
 ]
 
 

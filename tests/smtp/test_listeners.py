@@ -167,3 +167,20 @@ def test_a_specific_address_next_to_a_wildcard_on_the_same_port(relay):  # noqa:
     assert banner("127.0.0.1", r.ports[1]) == b"220 exact v4\r\n"
     assert banner("127.0.0.2", r.ports[1]) == b"220 any v6\r\n"
     assert banner("::1", r.ports[1]) == b"220 any v6\r\n"
+
+
+def test_a_binding_written_as_an_ipv4_mapped_address_takes_its_ipv4_clients(relay):  # noqa: F811
+    """`[::ffff:127.0.0.1]:PORT` is 127.0.0.1:PORT (DESIGN decision 6, as remote_ip_ranges): the
+    connector bound so takes the connections to that address, not none of them."""
+    r = relay(
+        [
+            relay_connector(
+                ["127.0.0.5"],
+                name="Mapped binding",
+                bindings=["[::ffff:127.0.0.1]:{port}"],
+                banner="220 mapped ready",
+            )
+        ]
+    )
+    assert banner("127.0.0.1", r.port, "127.0.0.5") == b"220 mapped ready\r\n"
+    assert [str(b) for b in r.config.receive_connectors[0].bindings] == [f"127.0.0.1:{r.port}"]

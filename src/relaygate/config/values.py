@@ -268,7 +268,7 @@ class Binding:
 
 
 def parse_binding(text: str) -> Binding:
-    """`0.0.0.0:25`, `[::]:25`, `10.0.0.1:587`."""
+    """`0.0.0.0:25`, `[::]:25`, `10.0.0.1:587`; `[::ffff:10.0.0.1]:25` is `10.0.0.1:25`."""
     if not isinstance(text, str):
         raise ValueError(f"expected 'IP:port', got {text!r}")
     raw = text.strip()
@@ -284,7 +284,9 @@ def parse_binding(text: str) -> Binding:
             )
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ValueError(f"{raw!r}: port must be 1-65535")
-    address = _parse_address(address_text)
+    # An IPv4-mapped address is the IPv4 address it carries (DESIGN decision 6): a connection to it
+    # has that IPv4 local address, which a binding kept as IPv6 would never match.
+    address = normalise_ip(_parse_address(address_text))
     return Binding(str(address), int(port_text))
 
 
