@@ -510,10 +510,14 @@ def validate(
                         b.name,
                     )
                 )
-            # Ranges conflict only on a binding both connectors hold exactly (an exact address and a
-            # wildcard do not conflict: selection prefers the exact one). Look at every shared pair, not
-            # just the first: ["0.0.0.0:25", "[::]:25"] and ["[::]:25"] share [::]:25 exactly.
-            same = next(((x, y) for x, y in shared if x == y), None)
+            # Ranges conflict on a binding both connectors hold exactly, and on two wildcards of one
+            # port (0.0.0.0 and the dual-stack [::] both take IPv4 clients, and neither is preferred);
+            # an exact address and a wildcard do not conflict: selection prefers the exact one. Look at
+            # every shared pair, not just the first: ["0.0.0.0:25", "[::]:25"] and ["[::]:25"] share
+            # [::]:25 exactly.
+            same = next(
+                ((x, y) for x, y in shared if x == y or (x.is_wildcard and y.is_wildcard)), None
+            )
             if same is None:
                 continue
             _, by = same
