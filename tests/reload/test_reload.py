@@ -399,3 +399,41 @@ async def test_an_edit_made_while_the_relay_starts_is_not_missed(tmp_path: Path)
         assert node.config.server.name == "RELAYEDIT"
     finally:
         await node.stop()
+
+
+def test_a_reload_that_takes_a_client_off_a_relay_connector_ends_its_open_session(relay):  # noqa: F811
+    """Removing a client from a relaying connector's remote_ip_ranges (a printer found spamming)
+    stops its relaying at once, not when its open session ends (connection_timeout, 10 minutes by
+    default, with no limit on its messages): its next MAIL gets 421 4.3.2 and the connection ends,
+    so it reconnects to the connector that now takes it. A session whose connector is still the
+    one that takes it carries on, with the rights that connector now has."""
+    from tests.smtp.conftest import relay_connector
+
+    def connectors(ranges: list[str], *, relay_right: bool = True) -> list[dict]:
+        relaying = relay_connector(ranges)
+        if not relay_right:
+            relaying["permissions"] = []
+        return [default_frontend(tarpit_interval="00:00:00"), relaying]
+
+    r = relay(connectors(["127.0.0.5", "127.0.0.6"]))
+    printer = RawClient(r.port, source="127.0.0.5")
+    other = RawClient(r.port, source="127.0.0.6")
+    for c in (printer, other):
+        c.greet()
+        c.cmd("MAIL FROM:<scanner@corp.example>", 250)
+        assert c.cmd("RCPT TO:<victim@external.example>").text == "250 2.1.5 Recipient OK"
+        c.cmd("RSET", 250)
+
+    r.reconfigure(connectors(["127.0.0.6"]))
+    assert printer.cmd("MAIL FROM:<scanner@corp.example>").text == "421 4.3.2 Service not available"
+    assert printer.is_closed()
+    assert rcpt_reply(r.port, "127.0.0.5") == RELAY_DENIED  # now on Default Frontend
+    other.cmd("MAIL FROM:<scanner@corp.example>", 250)
+    assert other.cmd("RCPT TO:<victim@external.example>").text == "250 2.1.5 Recipient OK"
+    other.cmd("RSET", 250)
+
+    r.reconfigure(connectors(["127.0.0.6"], relay_right=False))
+    other.cmd("MAIL FROM:<scanner@corp.example>", 250)
+    assert other.cmd("RCPT TO:<victim@external.example>").text == RELAY_DENIED
+    other.close()
+    printer.close()

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from relaygate import replies
 from relaygate.addresses import Address, AddressError, parse_domain, parse_mail_from, parse_rcpt_to
-from relaygate.config.model import ReceiveConnector
+from relaygate.config.model import Config, ReceiveConnector
 from relaygate.logs.protocol import receiving_message_info
 from relaygate.policy.rights import (
     ACCEPT_AUTHORITATIVE_DOMAIN_SENDER,
@@ -152,6 +152,10 @@ class Session:
         self.rights: SessionRights = ctx.rights(connector)
         # allowed_senders / allowed_recipients, compiled once per connector of a config load
         self.address_rules = ctx.address_rules(connector)
+        # The configuration the session's connector was last checked against (see _follow_reload);
+        # None: not yet (a reload may come between the selection and the session, as during an
+        # implicit-TLS handshake).
+        self._config_seen: Config | None = None
         self.txn: _Transaction | None = None
         self.errors = 0
         self.logon_failures = 0
@@ -471,10 +475,46 @@ class Session:
             return []
         return ["PLAIN", "LOGIN"]
 
+    def _follow_reload(self) -> None:
+        """After a reload, go on with the connector that now takes this client when it is the one
+        the session started on (by name): its new rights and address rules apply from here. When
+        another connector, or none, takes the client now (or an authenticated session's connector
+        no longer offers AUTH), end with 421 so that the client reconnects to what the
+        configuration says: a client taken off a relaying connector stops relaying at once, not
+        when its session ends (connection_timeout, 10 minutes by default)."""
+        config = self.ctx.config
+        if config is self._config_seen:
+            return
+        self._config_seen = config
+        now = self.ctx.select(self.local[0], self.local[1], self.client_ip).connector
+        if now is self.connector:
+            return
+        if (
+            now is None
+            or now.name.lower() != self.connector.name.lower()
+            or (self.auth_user is not None and "BasicAuth" not in now.auth_mechanism)
+        ):
+            taken_by = f"receive connector {now.name}" if now is not None else "no connector"
+            self.log.info(
+                f"after a reload {taken_by} takes {self.client_ip}, not receive connector "
+                f"{self.connector.name}; disconnecting"
+            )
+            self.reply(replies.SERVICE_NOT_AVAILABLE)
+            raise _Close()
+        self.connector = now
+        self.address_rules = self.ctx.address_rules(now)
+        self.rights = (
+            self.ctx.rights(now)
+            if self.auth_user is None
+            else session_rights(now, authenticated_user=self.auth_user)
+        )
+        self.log.info(self.rights.log_tokens(), "Set Session Permissions")
+
     async def do_mail(self, arg: str) -> None:
         if self.helo is None:
             await self.protocol_error(replies.SEND_HELLO_FIRST)
             return
+        self._follow_reload()
         if self.connector.require_tls and not self.tls_active:
             await self.protocol_error(replies.MUST_STARTTLS)
             return
@@ -539,6 +579,7 @@ class Session:
         if self.txn is None:
             await self.protocol_error(replies.NEED_MAIL)
             return
+        self._follow_reload()
         try:
             rcpt, params = parse_rcpt_to(arg, smtputf8=self.txn.smtputf8)
         except AddressError as exc:
