@@ -526,3 +526,25 @@ def test_helo_literal_must_be_printable_ascii_and_control_bytes_are_logged_escap
     assert "\x1b" not in log and "\x07" not in log
     assert "EHLO [\\x1b]0;pwned\\x07\\x1b[2J]" in log
     assert "MAIL FROM:<\\x1b[31mred@ext.example>" in log
+
+
+@pytest.mark.parametrize(
+    ("literal", "reply"),
+    [
+        ("[IPv6:2002:7f00:1::1]", "550 5.7.1 Recipient address literal not accepted"),  # 6to4 127.0.0.1
+        ("[IPv6:2002:a9fe:a9fe::1]", "550 5.7.1 Recipient address literal not accepted"),  # 169.254…
+        # Teredo whose client is 127.0.0.1 (the address is stored XOR 0xffffffff)
+        ("[IPv6:2001:0:4136:e378:8000:63bf:80ff:fffe]", "550 5.7.1 Recipient address literal not accepted"),
+        ("[IPv6:2002:cb00:7109::1]", "250 2.1.5 Recipient OK"),  # 6to4 of 203.0.113.9: relayed
+    ],
+)  # fmt: skip
+def test_an_ipv6_literal_embedding_a_dangerous_ipv4_address_is_refused_from_a_relay_client(
+    two, literal, reply
+):
+    """A relay client may name an address literal, never one that reaches the relay's own loopback
+    or the link-local metadata service (security-bar 15): also when it is spelt as the 6to4 or
+    Teredo IPv6 address that carries it, as it already is when IPv4-mapped."""
+    with two.raw("127.0.0.5") as c:
+        c.greet()
+        c.cmd("MAIL FROM:<app@corp.example>", 250)
+        assert c.cmd(f"RCPT TO:<victim@{literal}>").text == reply

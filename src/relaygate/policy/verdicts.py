@@ -185,12 +185,22 @@ def _check_sender_rights(
     return Verdict(replies.SENDER_OK, "sender allowed")
 
 
-def _dangerous_literal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+def _special(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return bool(
         ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved
     )
+
+
+def _dangerous_literal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Loopback, link-local (the metadata service), multicast, unspecified or reserved, also as
+    the IPv4 address an IPv6 one carries: IPv4-mapped, 6to4 (2002::/16) or a Teredo client (NAT64
+    and IPv4-compatible forms are in ::/8, reserved)."""
+    if _special(ip):
+        return True
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = [ip.ipv4_mapped, ip.sixtofour, ip.teredo[1] if ip.teredo else None]
+        return any(v4 is not None and _special(v4) for v4 in embedded)
+    return False
 
 
 def check_rcpt(
