@@ -326,6 +326,12 @@ def test_explain_form_shows_what_relaygate_explain_shows(node: RelayThread, tab:
     expect(recipient).to_contain_text("250 2.1.5")
     expect(recipient).to_contain_text("route: To * → ")
 
+    # AUTH is not offered on Default Frontend: the page says so and explains the session anonymous
+    tab.goto(node.url + "/explain?client_ip=127.0.0.5&auth_user=alice&to=someone%40example.org")
+    expect(result).to_contain_text("AUTH as alice → 504 5.7.4 Unrecognized authentication type")
+    expect(result).to_contain_text("Runs as: NT AUTHORITY\\ANONYMOUS LOGON")
+    expect(result.locator(".recipient")).to_contain_text("550 5.7.54")
+
     tab.fill('input[name="client_ip"]', "not-an-ip")
     tab.get_by_role("button", name="Explain").click()
     expect(tab.locator("p.error")).to_contain_text("is not an IP address")
