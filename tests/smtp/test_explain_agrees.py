@@ -248,3 +248,26 @@ def test_a_sender_given_with_its_smtputf8_parameter_is_not_given_it_twice(two_co
     server = server_replies(r, OFF_LIST, "<app@corp.example> SMTPUTF8", rcpt)
     assert server == ["250 2.1.0 Sender OK", "250 2.1.5 Recipient OK"]
     assert explain_replies(r, OFF_LIST, "<app@corp.example> SMTPUTF8", rcpt) == server
+
+
+def test_explain_tells_that_a_require_tls_connector_refuses_mail_before_starttls(relay):
+    """A printer that never sends STARTTLS gets 530 5.7.0 at MAIL on a require_tls connector:
+    explain says so next to the replies a client gets after STARTTLS."""
+    r = relay([relay_connector([ON_LIST], require_tls=True)])
+    server = server_replies(r, ON_LIST, "<app@corp.example>", [])
+    assert server == ["530 5.7.0 Must issue a STARTTLS command first"]
+    result = explain(
+        r.config,
+        client_ip=ON_LIST,
+        local=("127.0.0.1", r.port),
+        sender="app@corp.example",
+        recipients=["victim@evil.example"],
+    ).to_dict()
+    assert result["tls"] == {
+        "required": True,
+        "reply_before_starttls": server[0],
+        "reason": "receive connector SMTP Relay Internal has require_tls: a session that has not "
+        "sent STARTTLS gets this at MAIL; the replies shown are those after STARTTLS",
+    }
+    text = explain_cli(r, "--client-ip", ON_LIST, "--from", "app@corp.example")
+    assert f"  TLS required: MAIL before STARTTLS → {server[0]}\n" in text

@@ -85,6 +85,13 @@ def register(app: typer.Typer) -> None:
                 console.print(f"    beat {c['connector']}: {c['why']}", markup=False)
             for c in d["not_candidates"]:
                 console.print(f"    not a candidate: {c['connector']}: {c['why']}", markup=False)
+            if d["tls"]:
+                t = d["tls"]
+                console.print(
+                    f"  TLS required: MAIL before STARTTLS → {t['reply_before_starttls']}",
+                    markup=False,
+                )
+                console.print(f"    because {t['reason']}", markup=False)
             if d["auth"]:
                 a = d["auth"]
                 console.print(f"  AUTH as {a['user']} → {a['reply']}", markup=False)

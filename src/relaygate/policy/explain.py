@@ -39,6 +39,8 @@ class Explanation:
     header_from: dict[str, Any] | None = None
     #: --auth-user: the reply AUTH gets on the chosen connector (None: no AUTH asked about)
     auth: dict[str, Any] | None = None
+    #: require_tls on a STARTTLS listener: MAIL's reply before STARTTLS (None: no such rule)
+    tls: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         sel = self.selection
@@ -61,6 +63,7 @@ class Explanation:
                 {"connector": c.connector.name, "why": c.reason} for c in sel.rejected
             ],
             "auth": self.auth,
+            "tls": self.tls,
             "principals": self.principals,
             "rights": self.rights,
             "allowed_senders": [r.text for r in sel.connector.allowed_senders]
@@ -132,6 +135,19 @@ def _mail_argument(path: str, smtputf8: bool) -> str:
     return argument if "SMTPUTF8" in params else f"{argument} SMTPUTF8"
 
 
+def _tls_requirement(connector: ReceiveConnector) -> dict[str, Any] | None:
+    """On a require_tls connector whose listener speaks clear text first, MAIL before STARTTLS is
+    refused (`Session.do_mail`): explain shows the replies after STARTTLS, and says so."""
+    if not connector.require_tls or connector.tls_mode == "implicit":
+        return None
+    return {
+        "required": True,
+        "reply_before_starttls": replies.MUST_STARTTLS.line(),
+        "reason": f"receive connector {connector.name} has require_tls: a session that has not "
+        "sent STARTTLS gets this at MAIL; the replies shown are those after STARTTLS",
+    }
+
+
 def _auth_outcome(connector: ReceiveConnector, user: str) -> tuple[dict[str, Any], str | None]:
     """What AUTH as `user` gets on `connector`, as `Session.do_auth` decides it before the password
     (explain assumes the right one), and the user the session then runs as: None when the connector
@@ -185,6 +201,7 @@ def explain(
             for rcpt in recipients
         ]
         return result
+    result.tls = _tls_requirement(connector)
     if authenticated_user is not None:
         result.auth, authenticated_user = _auth_outcome(connector, authenticated_user)
     rights = session_rights(connector, authenticated_user=authenticated_user)
