@@ -84,6 +84,24 @@ async def test_a_pattern_that_matches_every_address_is_no_filter(node: Node) -> 
     assert rc == 1 and "from '*' matches every message" in err, err
 
 
+async def test_a_flag_given_without_a_value_is_true(node: Node) -> None:
+    """``POST /api/queue/remove?from=...&dry_run`` (curl, a script) read the bare flag as
+    false: instead of listing the matching messages it removed them all. A bare ``dry_run``
+    (or ``dry_run=``) is a dry run now, and a bare ``with_ndr`` is an NDR."""
+    async with httpx.AsyncClient(base_url=node.url) as client:
+        before = await _statuses(client)
+        for query in ("dry_run", "dry_run=", "with_ndr&dry_run", "dry_run=%20&with_ndr="):
+            r = await client.post(f"/api/queue/remove?from=*@scanners.corp.test&{query}")
+            assert r.status_code == 200, (query, r.text)
+            body = r.json()
+            assert (body["dry_run"], body["matched"], body["done"]) == (True, 2, 0), body
+            assert body["with_ndr"] is ("with_ndr" in query), (query, body)
+        assert await _statuses(client) == before  # nothing removed
+        for query in ("dry_run=no", "dry_run=FALSE&with_ndr=0"):
+            r = await client.post(f"/api/queue/suspend?from=*@nowhere.test&{query}")
+            assert r.status_code == 200 and r.json()["dry_run"] is False, (query, r.text)
+
+
 async def test_api_bulk_suspend_resume_retry_and_remove_by_filter(node: Node) -> None:
     i = node.ids
     server = "RELAYTEST"
@@ -373,3 +391,34 @@ async def test_a_dry_run_says_what_would_be_skipped(node: Node) -> None:
         # the real call skips what the dry run said
         real = (await client.post("/api/queue/suspend", params={"to": "bob@example.com"})).json()
         assert real["identities"] == [f"{server}\\{i[4]}"] and real["skipped"] == body["skipped"]
+
+
+async def test_the_single_remove_takes_a_bare_with_ndr_as_true(tmp_path: Path) -> None:
+    """``DELETE /api/queue/{id}?with_ndr`` removed the message without the NDR it asked for
+    (the bare flag read as false); ``with_ndr=no`` still removes without one."""
+    internet = ScriptedHandler(lambda _a, _n: "451 4.2.0 later")
+    a = await start_sink(internet)
+    relay = await start_relay(
+        tmp_path / "data", {"*": a.port}, queue={"transient_failure_retry_interval": "00:10:00"}
+    )
+    try:
+        async with httpx.AsyncClient(base_url=admin_url(relay)) as http:
+            for rcpt in ("bob@example.com", "carol@example.com"):
+                await send(relay, SENDER, [rcpt], MESSAGE)
+
+            async def both_in_retry() -> list[str] | None:
+                statuses = await _statuses(http)
+                return list(statuses) if list(statuses.values()) == ["Retry"] * 2 else None
+
+            first, second = await wait_for(both_in_retry)
+            with_ndr = await http.delete(f"/api/queue/{first}?with_ndr")
+            assert with_ndr.status_code == 200, with_ndr.text
+            assert with_ndr.json()["WithNdr"] is True and with_ndr.json()["NdrQueueId"]
+            without = await http.delete(f"/api/queue/{second}?with_ndr=no")
+            assert without.status_code == 200, without.text
+            assert without.json()["WithNdr"] is False and without.json()["NdrQueueId"] is None
+            bad = await http.delete(f"/api/queue/{second}?with_ndr=perhaps")
+            assert bad.status_code == 400 and "with_ndr" in bad.json()["error"]
+    finally:
+        await relay.stop()
+        await a.close()

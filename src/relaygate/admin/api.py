@@ -72,7 +72,8 @@ Bulk operations (``POST /api/queue/{retry|suspend|resume|remove}``): the action 
 ``status`` is required (400 naming them otherwise: nobody empties the queue by accident;
 ``from=*`` or ``to=*@*``, which match every address, are no filter);
 ``with_ndr=true`` (remove only) sends NDRs as the single remove does; ``dry_run=true`` changes
-nothing and lists what would be acted on. The answer: ``{"server", "action", "dry_run",
+nothing and lists what would be acted on (a flag given without a value, ``&dry_run``, is true:
+it used to read as false, so a dry run asked for that way removed what it was to list). The answer: ``{"server", "action", "dry_run",
 "with_ndr", "matched", "done", "would_do", "skipped": [{"identity", "reason"}], "identities",
 "ndrs", "limit_reached", "next_after"}``: ``identities`` are the messages acted on (in a dry run,
 those it would act on, ``would_do`` of them, and ``done`` is 0); ``skipped`` those the action
@@ -207,7 +208,22 @@ def token_mode_warning(path: Path | None) -> str | None:
 
 
 _TRUE = ("true", "1", "yes")
-_FALSE = ("false", "0", "no", "")
+_FALSE = ("false", "0", "no")
+
+
+def _flag(request: Request, name: str) -> bool | None:
+    """A boolean query parameter: False when absent; True when ``true``, ``1``, ``yes`` or
+    given without a value (``?dry_run``, ``?dry_run=``), False for ``false``, ``0``, ``no``
+    (any case); None for anything else (the caller's 400). A bare flag is true, not false:
+    ``POST /api/queue/remove?to=...&dry_run`` asks for a dry run, and reading it as false
+    removed every matching message."""
+    value = request.query_params.get(name)
+    if value is None:
+        return False
+    value = value.strip().lower()
+    if value in _TRUE or not value:
+        return True
+    return False if value in _FALSE else None
 
 
 #: Messages of a /api/queue page rendered to JSON between two turns of the event loop.
@@ -661,24 +677,20 @@ def create_app(
         return await _call(control.resume, request.path_params["identity"])
 
     async def queue_remove(request: Request) -> Response:
-        flag = request.query_params.get("with_ndr", "false").strip().lower()
-        if flag not in ("true", "false", "1", "0", "yes", "no", ""):
+        with_ndr = _flag(request, "with_ndr")
+        if with_ndr is None:
             return _error(400, "with_ndr must be true or false")
-        return await _call(
-            control.remove,
-            request.path_params["identity"],
-            with_ndr=flag in ("true", "1", "yes"),
-        )
+        return await _call(control.remove, request.path_params["identity"], with_ndr=with_ndr)
 
     def bulk_route(action: str) -> Route:
         async def queue_bulk(request: Request) -> Response:
             q = request.query_params
             flags: dict[str, bool] = {}
             for name in ("with_ndr", "dry_run"):
-                value = q.get(name, "false").strip().lower()
-                if value not in _TRUE + _FALSE:
+                value = _flag(request, name)
+                if value is None:
                     return _error(400, f"{name} must be true or false")
-                flags[name] = value in _TRUE
+                flags[name] = value
             params = {
                 key: q.get(param)
                 for key, param in (
