@@ -84,6 +84,29 @@ async def test_a_pattern_that_matches_every_address_is_no_filter(node: Node) -> 
     assert rc == 1 and "from '*' matches every message" in err, err
 
 
+async def test_a_filter_given_empty_is_refused_not_dropped(node: Node) -> None:
+    """``status=Retry&from=`` (``--status Retry --from "$SENDER"`` with SENDER unset) dropped the
+    empty ``from`` and acted on every Retry message; now it is refused, naming the filter."""
+    async with httpx.AsyncClient(base_url=node.url) as client:
+        before = await _statuses(client)
+        for params in (
+            {"status": "Retry", "from": ""},
+            {"to": "bob@example.com", "queue": " "},
+            {"from": "*@scanners.corp.test", "status": "", "dry_run": "true"},
+        ):
+            r = await client.post("/api/queue/remove", params=params)
+            assert r.status_code == 400, (params, r.text)
+            error = r.json()["error"]
+            assert "needs at least one filter" in error and "is empty" in error, error
+        assert await _statuses(client) == before  # nothing removed
+    rc, _out, err = await cli(
+        "remove", "--status", "Retry", "--from", "", "--yes", config=node.config
+    )
+    assert rc == 1 and "from is empty, which is no filter" in err, err
+    async with httpx.AsyncClient(base_url=node.url) as client:
+        assert await _statuses(client) == before
+
+
 async def test_a_flag_given_without_a_value_is_true(node: Node) -> None:
     """``POST /api/queue/remove?from=...&dry_run`` (curl, a script) read the bare flag as
     false: instead of listing the matching messages it removed them all. A bare ``dry_run``

@@ -70,7 +70,8 @@ Bulk operations (``POST /api/queue/{retry|suspend|resume|remove}``): the action 
 ``GET /api/queue`` would list with the same ``from``, ``to``, ``queue`` and ``status`` (and
 ``after``), at most 100000 of them per request. At least one of ``from``, ``to``, ``queue``,
 ``status`` is required (400 naming them otherwise: nobody empties the queue by accident;
-``from=*`` or ``to=*@*``, which match every address, are no filter);
+``from=*`` or ``to=*@*``, which match every address, are no filter, and a filter given empty,
+``status=Retry&from=``, is refused rather than dropped);
 ``with_ndr=true`` (remove only) sends NDRs as the single remove does; ``dry_run=true`` changes
 nothing and lists what would be acted on (a flag given without a value, ``&dry_run``, is true:
 it used to read as false, so a dry run asked for that way removed what it was to list). The answer: ``{"server", "action", "dry_run",

@@ -152,8 +152,8 @@ class MessageOperations(MessageReads):
 
         A filter (``sender``, ``recipient``, ``queue`` or ``status``) is required: ``ValueError``
         naming them without one (``after`` alone is no filter, nor an address pattern that
-        matches every address: ``*``, ``*@*``, as ``--from "*$DOMAIN"`` with DOMAIN unset gives),
-        so that nobody empties the queue
+        matches every address: ``*``, ``*@*``, as ``--from "*$DOMAIN"`` with DOMAIN unset gives,
+        nor a filter given empty, as ``--from "$SENDER"`` gives), so that nobody empties the queue
         by accident; ``ValueError`` naming the parameter for a bad value, as ``list_page``.
         ``dry_run``: change nothing, say what would be acted on.
 
@@ -265,18 +265,24 @@ def bulk_filter_problem(
     status: str | None = None,
 ) -> str | None:
     """Why these filters cannot select a bulk ``action``, or None: at least one filter is
-    required, and an address pattern that matches every address (``*``, ``*@*``, as
-    ``--from "*$DOMAIN"`` with DOMAIN unset gives) does not count as one. The admin centre asks
-    before it shows its bulk buttons."""
-    given = [v for v in (sender, recipient, queue, status) if v is not None and v.strip()]
+    required, an address pattern that matches every address (``*``, ``*@*``, as
+    ``--from "*$DOMAIN"`` with DOMAIN unset gives) does not count as one, and a filter given
+    empty (None is not given) is refused. The admin centre asks before it shows its bulk
+    buttons (with its empty form fields as None)."""
+    filters = {"from": sender, "to": recipient, "queue": queue, "status": status}
+    given = [v for v in filters.values() if v is not None and v.strip()]
+    # Given but empty (``--from "$SENDER"`` with SENDER unset): dropping it would widen the
+    # action to what the other filters match (``status=Retry&from=`` was every Retry message).
+    empty = [name for name, v in filters.items() if v is not None and not v.strip()]
     match_all = _match_all(from_=sender, to=recipient)
-    if given and len(match_all) < len(given):
+    if given and not empty and len(match_all) < len(given):
         return None
     why = "".join(
         f"; {name} {value!r} matches every message, which is no filter (to act on every "
         "message of a status, give status)"
         for name, value in match_all
     )
+    why += "".join(f"; {name} is empty, which is no filter" for name in empty)
     return (
         f"a bulk {action} needs at least one filter: "
         f"{', '.join(BULK_FILTERS)} (to act on one message, give its identity){why}"
