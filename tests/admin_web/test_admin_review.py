@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -100,7 +101,8 @@ def test_idle_and_surplus_admin_connections_are_closed(
     that never completed a request open for ever (uvicorn times out only between requests): idle
     or half-sent connections, as many as anyone who reaches the port opens, used up the file
     descriptors the relay needs for SMTP, deliveries and the queue. Now a request must arrive
-    within REQUEST_TIMEOUT, and past MAX_CONNECTIONS a new connection is closed at once."""
+    within REQUEST_TIMEOUT, and past MAX_CONNECTIONS a new connection takes the place of the
+    one that has waited longest (test_one_client_holding_every_connection_locks_out_no_one)."""
     import socket
     import time
 
@@ -127,22 +129,56 @@ def test_idle_and_surplus_admin_connections_are_closed(
             while s.recv(4096):  # closed by the server (a 4xx first is fine)
                 pass
         assert time.monotonic() - started < 8
-        # Past MAX_CONNECTIONS a connection is closed at once; the first ones stay served.
-        for _ in range(20):
-            held.append(socket.create_connection((host, port), timeout=10))
-        extra = socket.create_connection((host, port), timeout=10)
-        held.append(extra)
-        extra.settimeout(5)
-        assert extra.recv(4096) == b""
-        for s in held:
-            s.close()
-        held.clear()
-        time.sleep(0.2)
         assert node.api("GET", "/api/queue").status_code == 200
     finally:
         for s in held:
             s.close()
         node.stop()
+
+
+def test_one_client_holding_every_connection_locks_out_no_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past MAX_CONNECTIONS a new connection was closed at once: one client that kept that many
+    open (a request trickled in under REQUEST_TIMEOUT, again and again) shut the admins, the
+    CLI and the load balancer's /healthz probe out. Now the connection that has waited longest
+    for a request makes room for the new one."""
+    import socket
+
+    from relaygate.admin import server as admin_server
+
+    monkeypatch.setattr(admin_server, "MAX_CONNECTIONS", 20, raising=False)
+    node = RelayThread(tmp_path / "data")
+    assert node.relay.admin is not None and node.relay.admin.endpoint is not None
+    host, port = node.relay.admin.endpoint
+    request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    held: list[socket.socket] = []
+    try:
+        for _ in range(20):  # one after the other: the first has waited longest
+            s = socket.create_connection((host, port), timeout=10)
+            held.append(s)
+            s.sendall(request)
+            assert _response(s).startswith(b"HTTP/1.1 200")
+            s.sendall(b"GET /healthz HTTP/1.1\r\n")  # the next request, never finished
+        probe = httpx.get(node.url + "/healthz", timeout=10)
+        assert probe.status_code == 200 and probe.json() == {"status": "ok"}
+        assert held[0].recv(4096) == b""  # the longest waiting made room
+        held[1].sendall(b"Host: 127.0.0.1\r\n\r\n")  # the others are still served
+        assert _response(held[1]).startswith(b"HTTP/1.1 200")
+    finally:
+        for s in held:
+            s.close()
+        node.stop()
+
+
+def _response(s: Any) -> bytes:
+    """One whole response of /healthz (its head and its JSON body) read from socket ``s``."""
+    data = b""
+    while not data.endswith(b"}"):
+        chunk = s.recv(4096)
+        assert chunk, data
+        data += chunk
+    return data
 
 
 def test_a_token_file_every_local_user_can_read_is_warned_about(

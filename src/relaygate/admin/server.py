@@ -36,8 +36,10 @@ class AdminStartError(RuntimeError):
 #: Seconds a client has to send a whole request (head and body), from its connection or from the
 #: previous response: uvicorn alone waits for ever until the first request is complete.
 REQUEST_TIMEOUT = 30.0
-#: Connections the admin listener keeps open at once; past them a new one is closed at once.
-#: The listener shares worker 0's file descriptors with SMTP, deliveries and the queue.
+#: Connections the admin listener keeps open at once. Past them a new connection takes the place
+#: of the one that has waited longest for a request (idle, or its request not yet all sent); when
+#: every one has a request being answered, the new one is closed at once. The listener shares
+#: worker 0's file descriptors with SMTP, deliveries and the queue.
 MAX_CONNECTIONS = 128
 
 
@@ -45,14 +47,16 @@ class _Protocol(H11Protocol):
     """uvicorn's h11 protocol with a deadline for each request and a cap on connections."""
 
     _deadline: asyncio.TimerHandle | None = None
+    _waiting_since = 0.0  # loop time the deadline was armed: since then it waits for a request
     _full = False  # said once, until a connection is taken again
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if len(self.connections) > MAX_CONNECTIONS:
+        if len(self.connections) > MAX_CONNECTIONS and not self._make_room():
             if not _Protocol._full:
                 log.warning(
-                    "admin listener: %d connections open, new ones are closed until some end",
+                    "admin listener: %d connections open, each answering a request: new ones "
+                    "are closed until some end",
                     MAX_CONNECTIONS,
                 )
             _Protocol._full = True
@@ -61,8 +65,29 @@ class _Protocol(H11Protocol):
         _Protocol._full = False
         self._arm()
 
+    def _make_room(self) -> bool:
+        """Close the connection that has waited longest for a request, if one waits. Closing the
+        new one instead let a single client that keeps MAX_CONNECTIONS connections open (idle
+        keep-alive, or requests trickled in under REQUEST_TIMEOUT) lock out everyone else:
+        the admins, `relaygate queue` and the load balancer's /healthz probe."""
+        waiting = [
+            p
+            for p in self.connections
+            if p is not self
+            and isinstance(p, _Protocol)
+            and p._deadline is not None
+            and not p.transport.is_closing()
+        ]
+        if not waiting:
+            return False
+        oldest = min(waiting, key=lambda p: p._waiting_since)
+        oldest._disarm()
+        oldest.transport.abort()  # at once: a client that reads nothing keeps no buffer alive
+        return True
+
     def _arm(self) -> None:
         self._disarm()
+        self._waiting_since = self.loop.time()
         self._deadline = self.loop.call_later(REQUEST_TIMEOUT, self._expired)
 
     def _disarm(self) -> None:
