@@ -358,6 +358,45 @@ async def test_queue_list_and_show_print_device_and_server_text_verbatim(tmp_pat
         await sink.close()
 
 
+async def test_queue_list_and_show_print_no_terminal_control_from_a_remote_server(
+    tmp_path: Path,
+) -> None:
+    """A remote server's reply is stored with its C0 controls dropped, but C1 controls (U+009B is
+    CSI: "erase the screen", "move the cursor up") came through, and `queue list` / `queue show`
+    wrote them to the admin's terminal, which can act on them and hide or fake lines. Every
+    control is shown as U+FFFD now; the rest of the text as it was."""
+    internet = ScriptedHandler(lambda _a, _n: "451 4.2.0 busy \u009b2J\u009b1A\u0085 later")
+    sink = await start_sink(internet, enable_SMTPUTF8=True)
+    config = tmp_path / "relaygate.toml"
+    relay = await start_relay(
+        tmp_path / "data",
+        {"*": sink.port},
+        queue={"transient_failure_retry_interval": "00:01:00"},
+        config_file=config,
+    )
+    try:
+        await send(relay, SENDER, ["bob@example.com"], MESSAGE)
+
+        async def attempted() -> str | None:
+            rc, out, err = await cli("list", "--json", config=config)
+            assert rc == 0, err
+            [message] = json.loads(out)
+            return str(message["Identity"]) if "busy" in message["LastError"] else None
+
+        identity = await wait_for(attempted)
+        (rc_list, listed, err_list), (rc_show, shown, err_show) = await asyncio.gather(
+            cli("list", config=config), cli("show", identity, config=config)
+        )
+        assert rc_list == 0 and rc_show == 0, (err_list, err_show)
+        for out in (listed, shown):
+            assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", out), ascii(out)
+        assert "busy \ufffd2J\ufffd1A later" in shown, ascii(shown)  # U+0085 ends a line
+        assert "busy \ufffd2J" in listed, ascii(listed)
+    finally:
+        await relay.stop()
+        await sink.close()
+
+
 async def test_showing_a_big_message_reads_its_header_not_its_body(tmp_path: Path) -> None:
     """Before, showing one message (GET /api/queue/{id}: Get-Message, the admin page, `relaygate
     queue show`) read it whole, 20 MB from its spool file, for its Subject. Now as far as its

@@ -10,6 +10,7 @@ never opens the queue database itself.
 from __future__ import annotations
 
 import os
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -143,11 +144,18 @@ def _local(value: str | None) -> str:
     return dt.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
+#: C0 and C1 controls and DEL: a terminal acts on them (ESC and U+009B CSI begin escape sequences
+#: that move the cursor, erase lines or set the title). The queue keeps C1 controls a remote
+#: server put in its reply; printed, they could hide or fake lines of `queue list` / `show`.
+_TERMINAL_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def _text(value: Any) -> Any:
-    """A table cell shown as is: queue fields hold text from devices and remote servers, never markup."""
+    """A table cell shown as is: queue fields hold text from devices and remote servers, never
+    markup, and never a terminal control (each is shown as U+FFFD)."""
     from rich.text import Text
 
-    return Text("" if value is None else str(value))
+    return Text(_TERMINAL_CONTROLS.sub("\ufffd", "" if value is None else str(value)))
 
 
 def _status(value: str) -> Any:
