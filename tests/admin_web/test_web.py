@@ -386,6 +386,62 @@ def test_cross_origin_and_originless_posts_are_refused(node: RelayThread) -> Non
     node.api("DELETE", f"/api/queue/{qid}")
 
 
+def test_a_cross_site_page_in_chromium_changes_nothing(node: RelayThread, tab: Page) -> None:
+    """What Chromium itself sends when another site (127.0.0.2, another site than 127.0.0.1)
+    posts a form at the admin centre and calls the API with no-cors fetch POSTs (a DELETE needs
+    a CORS preflight, which the listener never grants): the requests above
+    (test_cross_origin_and_originless_posts_are_refused) assume its headers. Without a token the
+    API has no other guard; every request gets 403 and the message stays."""
+    import http.server
+
+    qid = node.send("Cross-site check")
+    api = f"{node.url}/api/queue"
+    attack = f"""<!doctype html><title>attack</title>
+<iframe name="sink"></iframe>
+<form id="f" method="post" action="{node.url}/queue/{qid}/remove" target="sink">
+<input name="with_ndr" value="false"></form>
+<script>
+const framed = new Promise(done => document.querySelector("iframe").onload = done);
+document.getElementById("f").submit();
+const calls = [
+  fetch("{api}/remove?to=*@example.org", {{method: "POST", mode: "no-cors"}}),
+  fetch("{api}/{qid}/suspend", {{method: "POST", mode: "no-cors", body: "x"}}),
+].map(p => p.catch(() => null));
+Promise.all([framed, ...calls]).then(() => document.title = "done");
+</script>""".encode()
+
+    class AttackerSite(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(attack)))
+            self.end_headers()
+            self.wfile.write(attack)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    site = http.server.HTTPServer(("127.0.0.2", 0), AttackerSite)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    answers: list[tuple[str, str, int]] = []
+    tab.on(
+        "response",
+        lambda r: (
+            r.url.startswith(node.url) and answers.append((r.request.method, r.url, r.status))
+        ),
+    )
+    try:
+        tab.goto(f"http://127.0.0.2:{site.server_port}/")
+        expect(tab).to_have_title("done")
+    finally:
+        site.shutdown()
+        site.server_close()
+    posts = [a for a in answers if a[0] == "POST"]
+    assert len(posts) == 3 and all(status == 403 for _m, _u, status in answers), answers
+    assert node.api("GET", f"/api/queue/{qid}").json()["Status"] == "Retry"
+    node.api("DELETE", f"/api/queue/{qid}")
+
+
 def test_with_a_token_every_page_needs_a_session(tmp_path: Path) -> None:
     token = "s3cret-token-for-the-admin-centre"
     (tmp_path / "token").write_text(token + "\n", encoding="utf-8")
