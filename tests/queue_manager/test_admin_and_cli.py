@@ -358,6 +358,38 @@ async def test_queue_list_and_show_print_device_and_server_text_verbatim(tmp_pat
         await sink.close()
 
 
+async def test_an_empty_identity_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    """`relaygate queue show ""` (say ``show "$ID"`` with ID unset) called ``/api/queue/``,
+    whose answer is a redirect (307): the CLI took it for the message and died with a
+    KeyError traceback, exit 1, as `remove ""` did. Now it says what is wrong (exit 2), and any
+    answer that is not a success is an error naming its status."""
+    config = tmp_path / "relaygate.toml"
+    relay = await start_relay(tmp_path / "data", {"*": free_port()}, config_file=config)
+    try:
+        for verb in ("show", "remove", "suspend", "resume", "retry"):
+            rc, _out, err = await cli(verb, " ", config=config)
+            assert rc == 2 and "Traceback" not in err, (verb, rc, err)
+            assert "a message identity cannot be empty" in err, (verb, err)
+    finally:
+        await relay.stop()
+
+    async def redirect(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 302 Found\r\nLocation: http://elsewhere.test/\r\n")
+        writer.write(b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    proxy = await asyncio.start_server(redirect, "127.0.0.1", 0)  # say, a proxy in the way
+    try:
+        url = f"http://127.0.0.1:{proxy.sockets[0].getsockname()[1]}"
+        rc, _out, err = await cli("list", "--url", url, config=config)
+        assert rc == 1 and "Traceback" not in err, (rc, err)
+        assert "Found (HTTP 302)" in err, err
+    finally:
+        proxy.close()
+        await proxy.wait_closed()
+
+
 async def test_queue_list_and_show_print_no_terminal_control_from_a_remote_server(
     tmp_path: Path,
 ) -> None:

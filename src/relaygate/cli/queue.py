@@ -117,7 +117,7 @@ class _Api:
             body = response.json()
         except ValueError:
             body = {"error": response.text.strip() or response.reason_phrase}
-        if response.status_code >= 400:
+        if not response.is_success:  # a redirect too (a proxy, a wrong --url): not the answer
             message = body.get("error") if isinstance(body, dict) else None
             die(f"{message or response.reason_phrase} (HTTP {response.status_code})")
         return body
@@ -131,6 +131,8 @@ class _Api:
 
 
 def _path(identity: str) -> str:
+    if not identity.strip():  # "/api/queue/" is no message (``show "$ID"`` with ID unset)
+        die("a message identity cannot be empty: give SERVER\\QueueId or the queue id", 2)
     return "/api/queue/" + quote(identity.strip(), safe="")
 
 
