@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -123,6 +124,32 @@ async def test_a_flag_given_without_a_value_is_true(node: Node) -> None:
         for query in ("dry_run=no", "dry_run=FALSE&with_ndr=0"):
             r = await client.post(f"/api/queue/suspend?from=*@nowhere.test&{query}")
             assert r.status_code == 200 and r.json()["dry_run"] is False, (query, r.text)
+
+
+async def test_parameters_in_the_body_are_refused_not_ignored(node: Node) -> None:
+    """The API reads its query string only: ``curl -X POST '...remove?from=...' -d dry_run=true``
+    (or a JSON body) removed every matching message, its dry run unread. A state-changing API
+    request with a body is a 400 now, and changes nothing."""
+    i = node.ids
+
+    async def chunked() -> AsyncIterator[bytes]:
+        yield b"dry_run=true"
+
+    async with httpx.AsyncClient(base_url=node.url) as client:
+        before = await _statuses(client)
+        query = "/api/queue/remove?from=*@scanners.corp.test"
+        for request in (
+            client.post(query, data={"dry_run": "true"}),
+            client.post(query, json={"dry_run": True}),
+            client.post(query, content=chunked()),  # Transfer-Encoding: chunked
+            client.request("DELETE", f"/api/queue/{i[0]}", data={"with_ndr": "true"}),
+        ):
+            r = await request
+            assert r.status_code == 400, r.text
+            assert "query string" in r.json()["error"], r.text
+        assert await _statuses(client) == before  # nothing removed
+        r = await client.post(query + "&dry_run=true", content=b"")  # an empty body is none
+        assert r.status_code == 200 and r.json()["dry_run"] is True, r.text
 
 
 async def test_api_bulk_suspend_resume_retry_and_remove_by_filter(node: Node) -> None:

@@ -85,6 +85,9 @@ resumed, a Delivered or Failed one is neither retried nor suspended. ``limit_rea
 100000 messages were looked at or matched and more may match: send the request again with
 ``after`` set to ``next_after``. The status is 200 whenever the filters were valid, skips or not.
 
+Parameters go in the query string: a ``POST`` or ``DELETE`` under ``/api/`` with a body is a 400
+(its body would be ignored: ``-d dry_run=true`` given to curl was, and the remove went ahead).
+
 ``{id}`` is ``SERVER\\QueueId`` (URL-encoded) or the bare queue id. Errors are
 ``{"error": "...", "status": N}`` with 400/401/403/404/409/429/503.
 
@@ -389,10 +392,26 @@ class _Guard:
                     response = self._check_token(scope, given)
                     if response is None:
                         scope.setdefault("state", {})[_HEALTH_DETAIL] = True
+        if response is None and _ignored_body(path, method, headers):
+            response = _error(
+                400,
+                "the API takes its parameters in the query string (?dry_run=true&from=...), "
+                "not in the request's body, which it would ignore",
+            )
         if response is not None:
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+def _ignored_body(path: str, method: str, headers: dict[str, str]) -> bool:
+    """A state-changing API request with a body: the API reads only its query string, so
+    ``curl -X POST '/api/queue/remove?to=...' -d dry_run=true`` removed every matching message
+    with the dry run it asked for left unread. Refused instead (the CLI sends no body)."""
+    if not path.startswith(API_PREFIX + "/") or method in _SAFE_METHODS:
+        return False
+    length = headers.get("content-length", "").strip()
+    return "transfer-encoding" in headers or (bool(length) and length != "0")
 
 
 def open_sessions(relay: Any) -> dict[str, int]:
