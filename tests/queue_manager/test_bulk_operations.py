@@ -152,6 +152,35 @@ async def test_parameters_in_the_body_are_refused_not_ignored(node: Node) -> Non
         assert r.status_code == 200 and r.json()["dry_run"] is True, r.text
 
 
+async def test_unknown_query_parameters_of_an_action_are_refused(node: Node) -> None:
+    """A parameter the route does not read was ignored: ``&dryrun=true`` (misspelt) or
+    ``&sender=`` (the filter is ``from``) and the remove went ahead on whatever the other
+    filters matched, the whole Retry status for ``status=Retry&sender=...``. A 400 naming it
+    now, on every state-changing route, and nothing changes."""
+    i = node.ids
+    async with httpx.AsyncClient(base_url=node.url) as client:
+        before = await _statuses(client)
+        for method, path, params, unknown in (
+            (
+                "POST",
+                "/api/queue/remove",
+                {"from": "*@scanners.corp.test", "dryrun": "1"},
+                "dryrun",
+            ),
+            ("POST", "/api/queue/remove", {"status": "Retry", "sender": "x@y.test"}, "sender"),
+            ("POST", "/api/queue/suspend", {"to": "bob@example.com", "dry-run": "true"}, "dry-run"),
+            ("DELETE", f"/api/queue/{i[0]}", {"withndr": "true"}, "withndr"),
+            ("POST", f"/api/queue/{i[0]}/suspend", {"dry_run": "true"}, "dry_run"),
+            ("POST", f"/api/queue/{i[0]}/retry", {"queue": "x"}, "queue"),
+            ("POST", f"/api/queues/{node.queue_b}/retry", {"dry_run": "true"}, "dry_run"),
+        ):
+            r = await client.request(method, path, params=params)
+            assert r.status_code == 400, (path, params, r.text)
+            error = r.json()["error"]
+            assert f"unknown query parameter(s) {unknown}: it takes" in error, error
+        assert await _statuses(client) == before  # nothing changed
+
+
 async def test_api_bulk_suspend_resume_retry_and_remove_by_filter(node: Node) -> None:
     i = node.ids
     server = "RELAYTEST"

@@ -86,7 +86,9 @@ resumed, a Delivered or Failed one is neither retried nor suspended. ``limit_rea
 ``after`` set to ``next_after``. The status is 200 whenever the filters were valid, skips or not.
 
 Parameters go in the query string: a ``POST`` or ``DELETE`` under ``/api/`` with a body is a 400
-(its body would be ignored: ``-d dry_run=true`` given to curl was, and the remove went ahead).
+(its body would be ignored: ``-d dry_run=true`` given to curl was, and the remove went ahead), and
+so is a query parameter a state-changing route does not read (``&dryrun=true``, ``&sender=``),
+naming it.
 
 ``{id}`` is ``SERVER\\QueueId`` (URL-encoded) or the bare queue id. Errors are
 ``{"error": "...", "status": N}`` with 400/401/403/404/409/429/503.
@@ -213,6 +215,21 @@ def token_mode_warning(path: Path | None) -> str | None:
 
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
+
+
+#: The query parameters of a bulk operation (``POST /api/queue/{action}``).
+_BULK_PARAMS = ("from", "to", "queue", "status", "after", "with_ndr", "dry_run")
+
+
+def _unread_params(request: Request, known: Sequence[str]) -> Response | None:
+    """A 400 naming the query parameters a state-changing route does not read, or None. Left
+    unread, they changed nothing about what was done: ``&dryrun=true`` (misspelt) or
+    ``&sender=...`` (the filter is ``from``) removed every message the other filters matched."""
+    unknown = sorted(set(request.query_params.keys()) - set(known))
+    if not unknown:
+        return None
+    takes = f"it takes {', '.join(known)}" if known else "it takes none"
+    return _error(400, f"unknown query parameter(s) {', '.join(unknown)}: {takes}")
 
 
 def _flag(request: Request, name: str) -> bool | None:
@@ -679,6 +696,8 @@ def create_app(
         return await _call(control.queue, request.path_params["identity"])
 
     async def queues_retry(request: Request) -> Response:
+        if (refused := _unread_params(request, ())) is not None:
+            return refused
         return await _call(control.retry_queue, request.path_params["identity"])
 
     async def queue_summary(request: Request) -> Response:
@@ -688,15 +707,23 @@ def create_app(
         return await _call(control.show, request.path_params["identity"])
 
     async def queue_retry(request: Request) -> Response:
+        if (refused := _unread_params(request, ())) is not None:
+            return refused
         return await _call(control.retry, request.path_params["identity"])
 
     async def queue_suspend(request: Request) -> Response:
+        if (refused := _unread_params(request, ())) is not None:
+            return refused
         return await _call(control.suspend, request.path_params["identity"])
 
     async def queue_resume(request: Request) -> Response:
+        if (refused := _unread_params(request, ())) is not None:
+            return refused
         return await _call(control.resume, request.path_params["identity"])
 
     async def queue_remove(request: Request) -> Response:
+        if (refused := _unread_params(request, ("with_ndr",))) is not None:
+            return refused
         with_ndr = _flag(request, "with_ndr")
         if with_ndr is None:
             return _error(400, "with_ndr must be true or false")
@@ -704,6 +731,8 @@ def create_app(
 
     def bulk_route(action: str) -> Route:
         async def queue_bulk(request: Request) -> Response:
+            if (refused := _unread_params(request, _BULK_PARAMS)) is not None:
+                return refused
             q = request.query_params
             flags: dict[str, bool] = {}
             for name in ("with_ndr", "dry_run"):
