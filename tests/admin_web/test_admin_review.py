@@ -171,6 +171,39 @@ def test_one_client_holding_every_connection_locks_out_no_one(
         node.stop()
 
 
+def test_upgrade_requests_are_served_as_http_without_a_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each request with an Upgrade header (WebSocket, curl --http2's h2c) wrote two warnings to
+    the service log, "Unsupported upgrade request." and advice to install a WebSocket library:
+    a log anyone who reaches the listener could fill, with advice that would have let WebSocket
+    requests past the guard. They are answered as HTTP/1.1, and nothing is logged."""
+    token = "upgr4de-token"
+    (tmp_path / "token").write_text(token + "\n", encoding="utf-8")
+    (tmp_path / "token").chmod(0o600)
+    node = RelayThread(
+        tmp_path / "data", token=token, admin_extra=f'api_token_file = "{tmp_path / "token"}"'
+    )
+    websocket = {
+        "Connection": "Upgrade",
+        "Upgrade": "websocket",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version": "13",
+    }
+    h2c = {"Connection": "Upgrade, HTTP2-Settings", "Upgrade": "h2c", "HTTP2-Settings": "AAMAAABk"}
+    try:
+        with caplog.at_level(logging.DEBUG):
+            for headers in (websocket, h2c):
+                health = httpx.get(node.url + "/healthz", headers=headers, timeout=10)
+                assert health.status_code == 200 and health.json() == {"status": "ok"}
+                guarded = httpx.get(node.url + "/api/queue", headers=headers, timeout=10)
+                assert guarded.status_code == 401, guarded.text
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert not [m for m in said if "upgrade" in m.lower() or "websocket" in m.lower()], said
+    finally:
+        node.stop()
+
+
 def _response(s: Any) -> bytes:
     """One whole response of /healthz (its head and its JSON body) read from socket ``s``."""
     data = b""

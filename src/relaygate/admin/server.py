@@ -114,6 +114,18 @@ class _Protocol(H11Protocol):
         self._disarm()
         super().connection_lost(exc)
 
+    # The admin listener serves plain HTTP/1.1 and no WebSocket: a request asking to upgrade
+    # (``Upgrade: websocket``, curl's ``h2c``) is answered as HTTP/1.1, as it was. uvicorn logged two
+    # warnings for each one, the second telling the admin to install a WebSocket library: anyone
+    # who reached the port could fill the service log with them, and following the advice would
+    # have let WebSocket requests past the guard (`relaygate.admin.api._Guard` checks HTTP only).
+
+    def _should_upgrade_to_ws(self) -> bool:
+        return False
+
+    def _unsupported_upgrade_warning(self) -> None:
+        pass
+
 
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
