@@ -204,6 +204,53 @@ def test_upgrade_requests_are_served_as_http_without_a_log_line(
         node.stop()
 
 
+def test_malformed_requests_are_logged_once_a_minute_with_a_count(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uvicorn wrote "Invalid HTTP request received." to the service log for each malformed
+    request: whoever reached the port (a scanner, TLS spoken to it) wrote a warning per
+    request. One line a minute now, then how many were left out; each still gets its 400."""
+    import socket
+    import time
+
+    from relaygate.admin import server as admin_server
+
+    node = RelayThread(tmp_path / "data")
+    assert node.relay.admin is not None and node.relay.admin.endpoint is not None
+    host, port = node.relay.admin.endpoint
+
+    def malformed() -> None:
+        with socket.create_connection((host, port), timeout=10) as s:
+            s.sendall(b"\x16\x03\x01\x02\x00 not HTTP\r\n\r\n")
+            answer = b""
+            while chunk := s.recv(4096):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 400"), answer
+
+    try:
+        with caplog.at_level(logging.WARNING):
+            for _ in range(30):
+                malformed()
+        flood = [r for r in caplog.records if r.getMessage() == "Invalid HTTP request received."]
+        assert not flood, f"{len(flood)} lines for 30 requests"
+        lines = [r.getMessage() for r in caplog.records if "invalid HTTP request" in r.getMessage()]
+        assert lines == [
+            "admin listener: invalid HTTP request (answered 400); more in the next 60 s are "
+            "counted, not logged"
+        ], lines
+        monkeypatch.setattr(admin_server, "INVALID_REQUEST_LOG_INTERVAL", 0.2)
+        time.sleep(0.3)  # the interval passes: time itself is what is waited for
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            malformed()
+        lines = [r.getMessage() for r in caplog.records if "invalid HTTP request" in r.getMessage()]
+        assert lines == [
+            "admin listener: invalid HTTP request (answered 400); 29 more since the last such line"
+        ], lines
+    finally:
+        node.stop()
+
+
 def _response(s: Any) -> bytes:
     """One whole response of /healthz (its head and its JSON body) read from socket ``s``."""
     data = b""

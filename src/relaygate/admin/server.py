@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -127,6 +128,40 @@ class _Protocol(H11Protocol):
         pass
 
 
+#: uvicorn logs "Invalid HTTP request received." for every malformed request (a port scanner, TLS
+#: spoken to the HTTP port): it is let through once in this many seconds, with a count.
+INVALID_REQUEST_LOG_INTERVAL = 60.0
+_INVALID_REQUEST = "Invalid HTTP request received."
+
+
+class _InvalidRequestLines(logging.Filter):
+    """A filter on uvicorn's logger: its line for a malformed request, once per
+    INVALID_REQUEST_LOG_INTERVAL with how many were left out since. Anyone who reached the
+    listener could write a warning to the service log with each malformed request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: float | None = None
+        self._left_out = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != _INVALID_REQUEST:
+            return True
+        now = time.monotonic()
+        if self._last is not None and now - self._last < INVALID_REQUEST_LOG_INTERVAL:
+            self._left_out += 1
+            return False
+        self._last = now
+        if self._left_out:
+            record.msg = "admin listener: invalid HTTP request (answered 400); %d more since the last such line"
+            record.args = (self._left_out,)
+        else:
+            record.msg = "admin listener: invalid HTTP request (answered 400); more in the next %d s are counted, not logged"
+            record.args = (int(INVALID_REQUEST_LOG_INTERVAL),)
+        self._left_out = 0
+        return True
+
+
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:  # the relay owns the signals
@@ -147,6 +182,7 @@ class AdminServer:
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
         self.endpoint: tuple[str, int] | None = None
+        self._invalid_lines = _InvalidRequestLines()
 
     @property
     def url(self) -> str | None:
@@ -229,11 +265,13 @@ class AdminServer:
             )
         )
         self._server = server
+        logging.getLogger("uvicorn.error").addFilter(self._invalid_lines)
         self._task = asyncio.create_task(server.serve(sockets=[sock]), name="relaygate-admin")
         while not server.started:
             if self._task.done():
                 failure = self._task.exception()
                 self._task = None
+                logging.getLogger("uvicorn.error").removeFilter(self._invalid_lines)
                 sock.close()
                 raise AdminStartError(
                     f"admin listener on {config.admin.listen} failed: {failure!r}"
@@ -252,6 +290,7 @@ class AdminServer:
         self._server = self._task = None
         if server is None or task is None:
             return
+        logging.getLogger("uvicorn.error").removeFilter(self._invalid_lines)
         server.should_exit = True
         try:
             await asyncio.wait_for(asyncio.shield(task), 8.0)
