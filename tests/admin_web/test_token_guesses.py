@@ -10,9 +10,11 @@ of ::/64."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import httpx
+import pytest
 
 from relaygate.admin.api import TOKEN_GUESS_LIMIT, create_app, guess_key
 from relaygate.app import Relay
@@ -118,5 +120,32 @@ async def test_the_ipv6_listener_counts_its_client_with_the_rest_of_its_64(
             blocked = await client.get("/api/queue", headers=RIGHT)
             assert blocked.status_code == 429, blocked.text
             assert blocked.headers["retry-after"] == "60"
+    finally:
+        await relay.stop()
+
+
+async def test_a_client_blocked_for_wrong_tokens_is_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Guessing the token left no trace in the service log: the client reaching the limit (and
+    so blocked) is one warning naming it; its blocked attempts add none."""
+    token = tmp_path / "api-token"
+    token.write_text(TOKEN + "\n", encoding="utf-8")
+    relay = await start_relay(
+        tmp_path / "data", {"*": free_port()}, admin_extra=f'api_token_file = "{token}"'
+    )
+    assert relay.admin is not None and relay.admin.url
+    try:
+        transport = httpx.AsyncHTTPTransport(local_address="127.0.0.9")
+        async with httpx.AsyncClient(base_url=relay.admin.url, transport=transport) as guesser:
+            with caplog.at_level(logging.WARNING, logger="relaygate.admin"):
+                for n in range(TOKEN_GUESS_LIMIT + 5):
+                    r = await guesser.get("/api/queue", headers={"Authorization": f"Bearer g{n}"})
+                    assert r.status_code == (401 if n < TOKEN_GUESS_LIMIT else 429)
+        lines = [r.getMessage() for r in caplog.records if "wrong API tokens" in r.getMessage()]
+        assert lines == [
+            f"admin listener: {TOKEN_GUESS_LIMIT} wrong API tokens in a minute from 127.0.0.9: "
+            "its requests get 429 until the minute has passed"
+        ], lines
     finally:
         await relay.stop()

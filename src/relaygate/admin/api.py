@@ -321,7 +321,18 @@ class TokenGuesses:
         return self._window.count(guess_key(client), time.monotonic()) >= self.limit
 
     def wrong(self, client: str) -> None:
-        self._window.add(guess_key(client), time.monotonic())
+        key = guess_key(client)
+        now = time.monotonic()
+        self._window.add(key, now)
+        if self._window.count(key, now) == self.limit:
+            # Once per block (a blocked client's attempts are not counted): before, guessing
+            # left no trace in the service log.
+            log.warning(
+                "admin listener: %d wrong API tokens in a minute from %s: its requests get 429 "
+                "until the minute has passed",
+                self.limit,
+                key if key == client else f"{client} ({key})",
+            )
 
 
 def too_many_guesses() -> JSONResponse:
