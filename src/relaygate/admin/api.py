@@ -621,7 +621,7 @@ async def health_report(
         },
     }
     try:
-        body["queue"] = await control.counts()
+        body["queue"] = await control.shared_counts()
     except Exception as exc:
         body["status"] = "error"
         body["error"] = f"queue store: {exc}"
@@ -808,7 +808,7 @@ def create_app(
 
     async def metrics(request: Request) -> Response:
         try:
-            collector.counts = await control.counts()
+            collector.counts = await control.shared_counts()
         except Exception as exc:
             log.warning("metrics: queue counts unavailable: %s", exc)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
