@@ -164,6 +164,11 @@ def _org_domain(domain: str) -> str:
     return ".".join(domain.split(".")[-2:])
 
 
+def _aligned_relaxed(one: str, other: str) -> bool:
+    """DMARC relaxed alignment (RFC 7489 §3.1): the same organisational domain."""
+    return _org_domain(one) == _org_domain(other)
+
+
 # ============================================================================= SPF syntax
 _MACRO = re.compile(r"%(?:\{[slodiphcrtv]\d*r?[.\-+,/_=]*\}|%|_|-)", re.IGNORECASE)
 _DOMAIN_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?$", re.IGNORECASE)
@@ -418,6 +423,10 @@ class _State:
     domain_missing: bool = False
     spf_result: str | None = None  # pyspf result for the relay IP, None = not evaluated
     spf_record: str | None = None
+    # the same for the envelope (MAIL FROM) domain when it is not the From domain: receivers
+    # check SPF there, so DMARC's SPF alignment depends on it, not on the From domain's record
+    envelope_spf_result: str | None = None
+    envelope_spf_fix: str = ""
     dkim_ok: bool = False  # published key matches the relay's local key
     dkim_detail: str = ""
 
@@ -886,16 +895,17 @@ async def _check_dmarc(
         return
     where = "" if found_at == domain else f" (inherited from {found_at})"
     aspf = tags.get("aspf", "r").lower()
-    envelope_domain = envelope_domain.lower().rstrip(".")
     if aspf == "s":
         envelope_aligns = envelope_domain == domain
     else:
-        envelope_aligns = _org_domain(envelope_domain) == _org_domain(domain)
+        envelope_aligns = _aligned_relaxed(envelope_domain, domain)
+    own_envelope = envelope_domain != domain
+    spf_result = state.envelope_spf_result if own_envelope else state.spf_result
     spf_aligned: bool | None
-    if state.spf_result is None:
+    if spf_result is None:
         spf_aligned = None if envelope_aligns else False
     else:
-        spf_aligned = state.spf_result == "pass" and envelope_aligns
+        spf_aligned = spf_result == "pass" and envelope_aligns
     dkim_aligned = state.dkim_ok  # the relay signs with d=<From domain>: aligned in both modes
     reasons = []
     if spf_aligned is False:
@@ -904,8 +914,10 @@ async def _check_dmarc(
                 f"SPF: the envelope sender domain {envelope_domain} does not align with "
                 f"{domain} (aspf={aspf})"
             )
+        elif own_envelope:
+            reasons.append(f"SPF: {spf_result} for {relay_ip} at {envelope_domain}")
         else:
-            reasons.append(f"SPF: {state.spf_result} for {relay_ip}")
+            reasons.append(f"SPF: {spf_result} for {relay_ip}")
     elif spf_aligned is None:
         reasons.append("SPF: not evaluated (pass --relay-ip)")
     if not dkim_aligned:
@@ -924,8 +936,11 @@ async def _check_dmarc(
         )
         return
     fixes = []
-    if spf_aligned is not True and relay_ip and state.spf_record and envelope_aligns:
-        fixes.append(zone_txt(domain, authorise_ip(state.spf_record, relay_ip)))
+    if spf_aligned is not True and relay_ip and envelope_aligns:
+        if own_envelope and state.envelope_spf_fix:
+            fixes.append(state.envelope_spf_fix)
+        elif not own_envelope and state.spf_record:
+            fixes.append(zone_txt(domain, authorise_ip(state.spf_record, relay_ip)))
     if not dkim_aligned:
         fixes.append(
             f"sign with a DKIM key for {domain}: relaygate dkim new --domain {domain} "
@@ -962,6 +977,23 @@ async def _check_dmarc(
     )
 
 
+async def _evaluate_envelope_spf(
+    resolver: dns.asyncresolver.Resolver, state: _State, relay_ip: str, envelope: str
+) -> None:
+    """SPF of the envelope domain for the relay's IP, and the record that would make it pass."""
+    result, _ = await asyncio.to_thread(_evaluate_spf, _blocking_twin(resolver), relay_ip, envelope)
+    state.envelope_spf_result = result
+    if result == "pass":
+        return
+    txt = await _txt(resolver, envelope)
+    records = _spf_records(txt.records) if txt.status == "ok" else []
+    if txt.failed or len(records) > 1:
+        return  # no single record to extend; the SPF result in the detail says why
+    ip_term = f"ip{ipaddress.ip_address(relay_ip).version}:{relay_ip}"
+    value = authorise_ip(records[0], relay_ip) if records else f"v=spf1 {ip_term} -all"
+    state.envelope_spf_fix = zone_txt(envelope, value)
+
+
 # ========================================================================== entry point
 async def diagnose(
     domain: str,
@@ -994,7 +1026,10 @@ async def diagnose(
         _check_spf(report, resolver, state, relay_ip),
         _check_dkim(report, resolver, state, selector, local_dkim_public),
     )
-    await _check_dmarc(report, resolver, state, relay_ip, envelope_domain or domain)
+    envelope = (envelope_domain or domain).strip().lower().rstrip(".")
+    if relay_ip and envelope != domain and _aligned_relaxed(envelope, domain):
+        await _evaluate_envelope_spf(resolver, state, relay_ip, envelope)
+    await _check_dmarc(report, resolver, state, relay_ip, envelope)
     order = {c: i for i, c in enumerate(("MX", "SPF", "DKIM", "DMARC"))}
     report.findings.sort(key=lambda f: order.get(f.check, 99))
     return report

@@ -457,3 +457,22 @@ def test_parse_tags():
     assert parse_tags("v=DKIM1; k=rsa; p=AB CD") == {"v": "DKIM1", "k": "rsa", "p": "ABCD"}
     assert parse_tags("v=DMARC1; p=none; p=reject") is None
     assert parse_tags("garbage") is None
+
+
+# ------------------------------------------------------------- adversarial review (session 21)
+
+
+async def test_dmarc_spf_alignment_checks_the_envelope_domains_own_spf(loopback_dns, keys):
+    """Receivers check SPF for the MAIL FROM domain: the From domain's SPF passing proves nothing."""
+    healthy(loopback_dns, keys[0])
+    loopback_dns.add("bounces.corp.example", "TXT", "v=spf1 -all")
+    report = await run(loopback_dns, None, selector=None, envelope_domain="bounces.corp.example")
+    finding = only(report, "DMARC", "error")
+    assert "neither SPF nor DKIM aligns" in finding.summary
+    assert "SPF: fail for 203.0.113.7 at bounces.corp.example" in finding.detail
+    assert "bounces.corp.example. 3600 IN TXT" in finding.fix
+    # once the envelope domain authorises the relay, SPF aligns (relaxed: same organisation)
+    loopback_dns.remove("bounces.corp.example", "TXT")
+    loopback_dns.add("bounces.corp.example", "TXT", "v=spf1 ip4:203.0.113.7 -all")
+    report = await run(loopback_dns, None, selector=None, envelope_domain="bounces.corp.example")
+    assert only(report, "DMARC").summary == "DMARC p=reject; relayed mail aligns via SPF"
