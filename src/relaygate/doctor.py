@@ -769,7 +769,7 @@ async def _check_dkim(
             except ValueError:
                 problem = "p= is not valid base64"
             else:
-                problem = _key_problem(key_type, raw)
+                problem = _key_problem(key_type, raw) or _usage_problem(tags)
     if problem:
         report.add(
             "DKIM",
@@ -811,6 +811,22 @@ async def _check_dkim(
         "The relay has no key for this domain and selector, so it does not sign with it.",
         "relaygate dkim show (or --config) to compare with the relay's key",
     )
+
+
+def _usage_problem(tags: dict[str, str]) -> str:
+    """A restriction in the key record that makes receivers refuse the relay's signatures.
+
+    RFC 6376 §3.6.1: h= lists the hashes the key may be used with (the relay signs rsa-sha256 and
+    ed25519-sha256) and s= the services (``email`` or ``*``); a signature outside either fails
+    verification (§6.1.2) however well the key matches.
+    """
+    hashes = [h.strip().lower() for h in tags.get("h", "sha256").split(":")]
+    if "sha256" not in hashes:
+        return f"h={tags['h']} does not allow sha256, the hash the relay signs with"
+    services = [v.strip().lower() for v in tags.get("s", "*").split(":")]
+    if "*" not in services and "email" not in services:
+        return f"s={tags['s']}: the key is not for email"
+    return ""
 
 
 def _key_problem(key_type: str, raw: bytes) -> str:

@@ -476,3 +476,25 @@ async def test_dmarc_spf_alignment_checks_the_envelope_domains_own_spf(loopback_
     loopback_dns.add("bounces.corp.example", "TXT", "v=spf1 ip4:203.0.113.7 -all")
     report = await run(loopback_dns, None, selector=None, envelope_domain="bounces.corp.example")
     assert only(report, "DMARC").summary == "DMARC p=reject; relayed mail aligns via SPF"
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        ("h=sha1", "h=sha1 does not allow sha256"),
+        ("s=tlsrpt", "s=tlsrpt: the key is not for email"),
+    ],
+)
+async def test_dkim_record_that_refuses_the_relays_signatures(loopback_dns, keys, extra, problem):
+    """RFC 6376 §3.6.1/§6.1.2: h= without sha256 or s= without email/* makes every signature fail."""
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove("s1._domainkey.corp.example")
+    loopback_dns.add("s1._domainkey.corp.example", "TXT", f"{keys[0]}; {extra}")
+    report = await run(loopback_dns, keys[0])
+    finding = only(report, "DKIM", "error")
+    assert problem in finding.summary, finding.summary
+    assert only(report, "DMARC").summary.endswith("aligns via SPF")  # not via DKIM
+    # the usual spellings are accepted
+    loopback_dns.remove("s1._domainkey.corp.example")
+    loopback_dns.add("s1._domainkey.corp.example", "TXT", f"{keys[0]}; h=sha1:sha256; s=email")
+    assert only(await run(loopback_dns, keys[0]), "DKIM").severity == "ok"
