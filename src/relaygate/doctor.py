@@ -20,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextvars
+import functools
 import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import dns.asyncresolver
@@ -159,9 +161,70 @@ def zone_txt(name: str, value: str, ttl: int = 3600) -> str:
     return f"{owner} {ttl} IN TXT {quoted}"
 
 
+# The Public Suffix List as Debian's "publicsuffix" package installs it. Without it the
+# organisational domain falls back to the last two labels, which is wrong under multi-label
+# suffixes (example.co.uk would be "co.uk").
+PUBLIC_SUFFIX_LIST = Path("/usr/share/publicsuffix/public_suffix_list.dat")
+
+
+@dataclass(frozen=True)
+class _SuffixRules:
+    """The rules of the Public Suffix List (https://publicsuffix.org/list/), as A-labels."""
+
+    exact: frozenset[str]
+    wildcard: frozenset[str]  # "ck" for the rule "*.ck"
+    exception: frozenset[str]  # "www.ck" for the rule "!www.ck"
+
+
+def _parse_suffix_list(text: str) -> _SuffixRules:
+    exact: set[str] = set()
+    wildcard: set[str] = set()
+    exception: set[str] = set()
+    for line in text.splitlines():
+        rule = line.strip().split(" ", 1)[0].lower()
+        if not rule or rule.startswith("//"):
+            continue
+        target = exact
+        if rule.startswith("!"):
+            target, rule = exception, rule[1:]
+        elif rule.startswith("*."):
+            target, rule = wildcard, rule[2:]
+        try:
+            target.add(rule.encode("idna").decode("ascii") if not rule.isascii() else rule)
+        except UnicodeError:
+            continue  # a rule Python's IDNA 2003 codec cannot encode; no A-label domain hits it
+    return _SuffixRules(frozenset(exact), frozenset(wildcard), frozenset(exception))
+
+
+@functools.cache
+def _suffix_rules(path: Path) -> _SuffixRules | None:
+    """The list at ``path``, read once (None when it is not installed). Blocking: call it in a
+    thread first (:func:`diagnose` does), later calls return the cached rules."""
+    try:
+        return _parse_suffix_list(path.read_text("utf-8"))
+    except OSError:
+        return None
+
+
+def _public_suffix_length(labels: list[str], rules: _SuffixRules) -> int:
+    """How many trailing labels form the public suffix (the PSL algorithm; default rule "*")."""
+    for start in range(len(labels)):
+        name = ".".join(labels[start:])
+        if name in rules.exception:
+            return len(labels) - start - 1
+        if name in rules.exact:
+            return len(labels) - start
+        if start + 1 < len(labels) and ".".join(labels[start + 1 :]) in rules.wildcard:
+            return len(labels) - start
+    return 1
+
+
 def _org_domain(domain: str) -> str:
-    """Naive organisational domain (last two labels); no public-suffix list is shipped."""
-    return ".".join(domain.split(".")[-2:])
+    """The organisational domain (RFC 7489 §3.2): the public suffix and one label more."""
+    labels = domain.lower().rstrip(".").split(".")
+    rules = _suffix_rules(PUBLIC_SUFFIX_LIST)
+    suffix = _public_suffix_length(labels, rules) if rules else 1
+    return ".".join(labels[-(suffix + 1) :])
 
 
 def _aligned_relaxed(one: str, other: str) -> bool:
@@ -1042,6 +1105,7 @@ async def diagnose(
         _check_spf(report, resolver, state, relay_ip),
         _check_dkim(report, resolver, state, selector, local_dkim_public),
     )
+    await asyncio.to_thread(_suffix_rules, PUBLIC_SUFFIX_LIST)  # reads the file once
     envelope = (envelope_domain or domain).strip().lower().rstrip(".")
     if relay_ip and envelope != domain and _aligned_relaxed(envelope, domain):
         await _evaluate_envelope_spf(resolver, state, relay_ip, envelope)

@@ -498,3 +498,51 @@ async def test_dkim_record_that_refuses_the_relays_signatures(loopback_dns, keys
     loopback_dns.remove("s1._domainkey.corp.example")
     loopback_dns.add("s1._domainkey.corp.example", "TXT", f"{keys[0]}; h=sha1:sha256; s=email")
     assert only(await run(loopback_dns, keys[0]), "DKIM").severity == "ok"
+
+
+@pytest.fixture
+def suffix_list(tmp_path, monkeypatch):
+    """A small Public Suffix List in place of the system's, so results do not depend on it."""
+    path = tmp_path / "public_suffix_list.dat"
+    path.write_text("// ===BEGIN ICANN DOMAINS===\nuk\nco.uk\nexample\n*.ck\n!www.ck\n")
+    monkeypatch.setattr(doctor_mod, "PUBLIC_SUFFIX_LIST", path)
+    return path
+
+
+def test_org_domain_follows_the_public_suffix_list(suffix_list):
+    doctor_mod._suffix_rules(suffix_list)  # what diagnose() does in a thread
+    org = doctor_mod._org_domain
+    assert org("mail.example.co.uk") == "example.co.uk"
+    assert org("example.co.uk") == "example.co.uk"
+    assert org("a.b.corp.example") == "corp.example"
+    assert org("mail.shop.foo.ck") == "shop.foo.ck"  # *.ck: foo.ck is a public suffix
+    assert org("mail.www.ck") == "www.ck"  # !www.ck: an exception to *.ck
+    assert org("a.b.unlisted") == "b.unlisted"  # the default rule "*"
+
+
+async def test_dmarc_organisational_domain_under_a_multi_label_public_suffix(
+    loopback_dns, suffix_list
+):
+    """mail.example.co.uk inherits _dmarc.example.co.uk (the org domain), not _dmarc.co.uk."""
+    loopback_dns.add("mail.example.co.uk", "MX", (10, "mx1.example.co.uk"))
+    loopback_dns.add("mx1.example.co.uk", "A", "192.0.2.10")
+    loopback_dns.add("mail.example.co.uk", "TXT", "v=spf1 -all")
+    loopback_dns.add("_dmarc.example.co.uk", "TXT", "v=DMARC1; p=reject")
+    report = await run(loopback_dns, None, domain="mail.example.co.uk", selector=None)
+    finding = only(report, "DMARC", "error")
+    assert "(p=reject (inherited from example.co.uk))" in finding.summary
+    assert ("_dmarc.co.uk", "TXT", "udp") not in loopback_dns.queries
+
+
+async def test_dmarc_relaxed_alignment_does_not_join_two_organisations(loopback_dns, suffix_list):
+    """relay.co.uk and customer.co.uk share only the public suffix: SPF does not align."""
+    loopback_dns.add("customer.co.uk", "MX", (10, "mx1.customer.co.uk"))
+    loopback_dns.add("mx1.customer.co.uk", "A", "192.0.2.10")
+    loopback_dns.add("customer.co.uk", "TXT", "v=spf1 ip4:203.0.113.7 -all")
+    loopback_dns.add("relay.co.uk", "TXT", "v=spf1 ip4:203.0.113.7 -all")
+    loopback_dns.add("_dmarc.customer.co.uk", "TXT", "v=DMARC1; p=reject")
+    report = await run(
+        loopback_dns, None, domain="customer.co.uk", selector=None, envelope_domain="relay.co.uk"
+    )
+    finding = only(report, "DMARC", "error")
+    assert "relay.co.uk does not align with customer.co.uk" in finding.detail
