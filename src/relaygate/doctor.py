@@ -46,6 +46,7 @@ __all__ = [
     "count_spf_lookups",
     "diagnose",
     "parse_tags",
+    "relay_address",
     "spf_syntax_problems",
     "zone_txt",
 ]
@@ -1074,6 +1075,18 @@ async def _evaluate_envelope_spf(
 
 
 # ========================================================================== entry point
+def relay_address(text: str) -> str:
+    """The relay's IP as SPF sees it: an IPv4-mapped IPv6 address is its IPv4 address.
+
+    RFC 7208 §5: a client connecting over IPv6 with an IPv4-mapped address is evaluated as the
+    IPv4 address, so only an ip4: term can authorise it (ValueError if ``text`` is no IP).
+    """
+    ip = ipaddress.ip_address(text.strip())
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
 async def diagnose(
     domain: str,
     *,
@@ -1093,7 +1106,7 @@ async def diagnose(
     """
     domain = domain.strip().lower().rstrip(".")
     if relay_ip is not None:
-        relay_ip = str(ipaddress.ip_address(relay_ip.strip()))
+        relay_ip = relay_address(relay_ip)
     report = Report(domain=domain, relay_ip=relay_ip, selector=selector)
     state = _State()
     await _check_mx(report, resolver, state)

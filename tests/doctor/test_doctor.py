@@ -546,3 +546,13 @@ async def test_dmarc_relaxed_alignment_does_not_join_two_organisations(loopback_
     )
     finding = only(report, "DMARC", "error")
     assert "relay.co.uk does not align with customer.co.uk" in finding.detail
+
+
+async def test_ipv4_mapped_relay_ip_is_the_ipv4_address(loopback_dns, keys):
+    """Receivers see ::ffff:192.0.2.99 as 192.0.2.99 (RFC 7208 §5): the fix must be ip4:."""
+    healthy(loopback_dns, keys[0])
+    report = await run(loopback_dns, keys[0], relay_ip="::ffff:192.0.2.99")
+    assert report.relay_ip == "192.0.2.99"
+    finding = only(report, "SPF", "error")
+    assert "does not authorise 192.0.2.99 (SPF fail)" in finding.summary
+    assert "ip4:192.0.2.99 -all" in finding.fix and "ip6:" not in finding.fix

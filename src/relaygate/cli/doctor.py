@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import sys
 from pathlib import Path
@@ -137,12 +136,12 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
     ) -> None:
         """MX, SPF (does it authorise the relay's IP), DKIM and DMARC for DOMAIN; exit 1 on errors."""
-        from relaygate.doctor import diagnose
+        from relaygate.doctor import diagnose, relay_address
 
         domain_n = domain.strip().lower().rstrip(".")
         if relay_ip is not None:
             try:
-                relay_ip = str(ipaddress.ip_address(relay_ip.strip()))
+                relay_ip = relay_address(relay_ip)
             except ValueError:
                 sys.stderr.write(f"error: --relay-ip {relay_ip!r} is not an IP address\n")
                 raise typer.Exit(2) from None
