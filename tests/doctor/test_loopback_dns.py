@@ -40,6 +40,12 @@ async def test_record_types_and_rcodes(loopback_dns):
     loopback_dns.set_nxdomain("mx.example.org")
     with pytest.raises(dns.resolver.NXDOMAIN):
         await resolver.resolve("mx.example.org", "A")
+    loopback_dns.set_servfail("mx.example.org", "AAAA")  # one type only
+    with pytest.raises(dns.resolver.NoNameservers, match="SERVFAIL"):
+        await resolver.resolve("mx.example.org", "AAAA")
+    loopback_dns.clear_overrides("mx.example.org")
+    assert [r.address for r in await resolver.resolve("mx.example.org", "A")] == ["192.0.2.1"]
+    assert [r.address for r in await resolver.resolve("mx.example.org", "AAAA")] == ["2001:db8::1"]
     loopback_dns.set_servfail("example.org")
     with pytest.raises(dns.resolver.NoNameservers, match="SERVFAIL"):
         await resolver.resolve("example.org", "MX")

@@ -37,7 +37,8 @@ Answers follow the real protocol:
 * a name that exists (it has records of another type, or names below it exist: an "empty
   non-terminal" such as ``_domainkey.example.org``) but no records of the type → NOERROR/NODATA;
 * any other name → NXDOMAIN;
-* ``set_nxdomain(name)`` forces NXDOMAIN and ``set_servfail(name)`` forces SERVFAIL for every type;
+* ``set_nxdomain(name)`` forces NXDOMAIN and ``set_servfail(name)`` forces SERVFAIL for every type
+  (``set_servfail(name, "A")``: for that type only);
 * a UDP answer larger than 512 bytes (or the client's EDNS buffer size) comes back truncated
   (TC set, no records), so the client retries over TCP, as with a real server.
 
@@ -129,6 +130,7 @@ class LoopbackDNS:
         self._lock = threading.Lock()
         self._records: dict[str, list[tuple[str, Any]]] = {}
         self._servfail: set[str] = set()
+        self._servfail_types: set[tuple[str, str]] = set()
         self._nxdomain: set[str] = set()
         self.queries: list[tuple[str, str, str]] = []
         self._udp: socketserver.ThreadingUDPServer | None = None
@@ -164,10 +166,13 @@ class LoopbackDNS:
                 else:
                     self._records.pop(key, None)
 
-    def set_servfail(self, name: str) -> None:
-        """Every query for this exact name answers SERVFAIL."""
+    def set_servfail(self, name: str, rtype: str | None = None) -> None:
+        """Every query for this exact name (of ``rtype`` only, if given) answers SERVFAIL."""
         with self._lock:
-            self._servfail.add(_norm(name))
+            if rtype is None:
+                self._servfail.add(_norm(name))
+            else:
+                self._servfail_types.add((_norm(name), rtype.upper()))
 
     def set_nxdomain(self, name: str) -> None:
         """Every query for this exact name answers NXDOMAIN, even if it has records."""
@@ -177,6 +182,7 @@ class LoopbackDNS:
     def clear_overrides(self, name: str) -> None:
         with self._lock:
             self._servfail.discard(_norm(name))
+            self._servfail_types = {k for k in self._servfail_types if k[0] != _norm(name)}
             self._nxdomain.discard(_norm(name))
 
     # ------------------------------------------------------------- lifecycle
@@ -274,7 +280,7 @@ class LoopbackDNS:
         qtype = QTYPE.get(question.qtype, str(question.qtype))
         with self._lock:
             self.queries.append((qname, qtype, transport))
-            if qname in self._servfail:
+            if qname in self._servfail or (qname, qtype) in self._servfail_types:
                 reply.header.rcode = RCODE.SERVFAIL
                 return reply
             if qname in self._nxdomain:
