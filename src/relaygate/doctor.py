@@ -540,7 +540,18 @@ async def _check_mx(report: Report, resolver: dns.asyncresolver.Resolver, state:
     if not hosts:
         a = await _query(resolver, domain, "A")
         aaaa = await _query(resolver, domain, "AAAA")
-        if a.status == "ok" or aaaa.status == "ok":
+        failure = _address_failure(a, aaaa)
+        if failure is not None:
+            report.add(
+                "MX",
+                "error",
+                f"{domain} has no MX record and the address lookup for the implicit MX failed: "
+                f"{failure.reply}",
+                f"{failure.error}. Senders queue replies and NDRs for {domain} with this error.",
+                f"Fix the name servers for {domain}: `dig {domain} A` must answer; better, "
+                f"publish an MX record: `{domain}. 3600 IN MX 10 <your mail host>.`",
+            )
+        elif a.status == "ok" or aaaa.status == "ok":
             report.add(
                 "MX",
                 "warning",
@@ -565,11 +576,27 @@ async def _check_mx(report: Report, resolver: dns.asyncresolver.Resolver, state:
     checks = await asyncio.gather(
         *(asyncio.gather(_query(resolver, h, "A"), _query(resolver, h, "AAAA")) for _, h in real)
     )
+    failed = [
+        (h, failure)
+        for (_, h), (a, aaaa) in zip(real, checks, strict=True)
+        if (failure := _address_failure(a, aaaa)) is not None
+    ]
     unresolved = [
         h
         for (_, h), (a, aaaa) in zip(real, checks, strict=True)
-        if "ok" not in (a.status, aaaa.status)
+        if "ok" not in (a.status, aaaa.status) and _address_failure(a, aaaa) is None
     ]
+    for host, failure in failed:
+        # an error when no MX host is known to resolve: mail to the domain waits in queues
+        alone = len(failed) + len(unresolved) == len(real)
+        report.add(
+            "MX",
+            "error" if alone else "warning",
+            f"address lookup for MX host {host} failed: {failure.reply}",
+            f"MX records: {listing}. {failure.error}. Senders skip a host they cannot resolve "
+            "and queue the mail when none resolves.",
+            f"Fix the name servers of {host}: `dig {host} A` must answer.",
+        )
     if unresolved:
         report.add(
             "MX",
@@ -580,8 +607,15 @@ async def _check_mx(report: Report, resolver: dns.asyncresolver.Resolver, state:
             "Publish A/AAAA records for the MX hosts, or point the MX at hosts that have them "
             "(an MX must not point at a CNAME or an IP address).",
         )
-    else:
+    elif not failed:
         report.add("MX", "ok", f"MX: {listing}", "Every MX host resolves to an address.")
+
+
+def _address_failure(a: _Lookup, aaaa: _Lookup) -> _Lookup | None:
+    """The failed lookup when neither A nor AAAA answered: a DNS error, not a missing address."""
+    if "ok" in (a.status, aaaa.status):
+        return None
+    return a if a.failed else aaaa if aaaa.failed else None
 
 
 async def _check_spf(

@@ -556,3 +556,27 @@ async def test_ipv4_mapped_relay_ip_is_the_ipv4_address(loopback_dns, keys):
     finding = only(report, "SPF", "error")
     assert "does not authorise 192.0.2.99 (SPF fail)" in finding.summary
     assert "ip4:192.0.2.99 -all" in finding.fix and "ip6:" not in finding.fix
+
+
+async def test_mx_host_lookup_failure_is_a_dns_error_not_a_missing_address(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    loopback_dns.set_servfail("mx2.corp.example")
+    report = await run(loopback_dns, keys[0])
+    finding = only(report, "MX", "warning")  # mx1 still resolves; if none does, an error
+    assert finding.summary == (
+        "address lookup for MX host mx2.corp.example failed: 451 4.4.0 DNS query failed. "
+        "The error was: ServerFailure"
+    )
+    assert "without an address" not in finding.summary
+
+
+async def test_implicit_mx_lookup_failure_is_a_dns_error(loopback_dns, keys):
+    """No MX, and the A lookup of the implicit MX fails: a DNS error, not 'no A record'."""
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove(DOMAIN, "MX")
+    loopback_dns.set_servfail(DOMAIN, "A")
+    finding = only(await run(loopback_dns, keys[0]), "MX", "error")
+    assert finding.summary == (
+        "corp.example has no MX record and the address lookup for the implicit MX failed: "
+        "451 4.4.0 DNS query failed. The error was: ServerFailure"
+    )
