@@ -343,7 +343,8 @@ class SpfCount:
 
     total: int = 0
     per_term: list[tuple[str, int]] = field(default_factory=list)  # top-level term -> lookups
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # permerror for every receiver
+    temporary: list[str] = field(default_factory=list)  # a lookup failed: temperror for now
 
 
 async def count_spf_lookups(
@@ -378,7 +379,7 @@ async def count_spf_lookups(
                     sub = await _txt(resolver, target)
                     recs = _spf_records(sub.records) if sub.status == "ok" else []
                     if sub.failed:
-                        result.problems.append(f"{name}:{target}: {sub.reply}")
+                        result.temporary.append(f"{name}:{target}: {sub.reply}")
                     elif len(recs) != 1:
                         what = "no SPF record" if not recs else f"{len(recs)} SPF records"
                         result.problems.append(
@@ -702,6 +703,17 @@ async def _check_spf(
             f"answer {_SPF_REJECT}",
             f"Record: {record}. " + "; ".join(count.problems),
             "Remove or correct the includes listed.",
+        )
+    if count.temporary:
+        structural = True
+        report.add(
+            "SPF",
+            "error",
+            f"SPF record of {domain} includes records whose lookup failed: receivers get SPF "
+            "temperror and defer the mail (451 4.4.3 / 451 4.7.x) or treat it as failed",
+            f"Record: {record}. " + "; ".join(count.temporary),
+            "Fix the name servers of the domains listed (`dig NAME TXT` must answer), or remove "
+            "the includes of services you no longer use.",
         )
     if not structural:
         report.add(

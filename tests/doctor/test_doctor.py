@@ -580,3 +580,13 @@ async def test_implicit_mx_lookup_failure_is_a_dns_error(loopback_dns, keys):
         "corp.example has no MX record and the address lookup for the implicit MX failed: "
         "451 4.4.0 DNS query failed. The error was: ServerFailure"
     )
+
+
+async def test_spf_include_that_fails_to_resolve_is_a_temperror(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    loopback_dns.set_servfail("_spf.corp.example")
+    report = await run(loopback_dns, keys[0], relay_ip="198.51.100.9")
+    finding = report.by_check("SPF")[0]
+    assert finding.severity == "error"
+    assert "temperror" in finding.summary and "permerror" not in finding.summary, finding.summary
+    assert "include:_spf.corp.example: 451 4.4.0" in finding.detail
