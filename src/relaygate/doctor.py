@@ -397,16 +397,21 @@ async def count_spf_lookups(
 
 
 def authorise_ip(record: str, ip: str) -> str:
-    """``record`` with ``ip4:IP`` / ``ip6:IP`` inserted before its ``all`` term (or first modifier)."""
+    """``record`` with ``ip4:IP`` / ``ip6:IP`` after its leading pass ``ip4:``/``ip6:`` terms.
+
+    Before every other term: mechanisms are evaluated in order and the first match decides, so
+    an earlier ``?ip4:`` / ``-include:`` covering the relay, or the lookups of earlier terms
+    reaching the limit of 10, would otherwise still decide against it.
+    """
     version = ipaddress.ip_address(ip).version
     mechanism = f"ip{version}:{ip}"
     terms = record.split()
-    position = len(terms)
-    for idx, term in enumerate(terms[1:], start=1):
-        kind, name, _, _ = _parse_term(term)
-        if (kind == "mechanism" and name == "all") or kind == "modifier":
-            position = idx
+    position = 1
+    for term in terms[1:]:
+        kind, name, _, qualifier = _parse_term(term)
+        if kind != "mechanism" or name not in ("ip4", "ip6") or qualifier not in ("", "+"):
             break
+        position += 1
     return " ".join([*terms[:position], mechanism, *terms[position:]])
 
 

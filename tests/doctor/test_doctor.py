@@ -189,7 +189,7 @@ async def test_spf_without_relay_ip_and_the_fix_works(loopback_dns, keys):
         "external recipients will answer 550 5.7.23 / 550 5.7.1 because SPF does not "
         "authorise 203.0.113.7 (SPF softfail)"
     )
-    fixed = "v=spf1 mx ip4:198.51.100.1 ip4:203.0.113.7 ~all"
+    fixed = "v=spf1 ip4:203.0.113.7 mx ip4:198.51.100.1 ~all"
     assert finding.fix == f'corp.example. 3600 IN TXT "{fixed}"'
     # publishing exactly the suggested record makes pyspf pass
     loopback_dns.remove(DOMAIN, "TXT")
@@ -210,7 +210,7 @@ async def test_spf_hard_fail_wording(loopback_dns, keys):
 async def test_spf_ipv6_relay(loopback_dns, keys):
     healthy(loopback_dns, keys[0])
     report = await run(loopback_dns, keys[0], relay_ip="2001:db8:1::7")
-    assert 'ip6:2001:db8:1::7 -all"' in only(report, "SPF", "error").fix
+    assert '"v=spf1 ip6:2001:db8:1::7 mx ' in only(report, "SPF", "error").fix
 
 
 async def test_spf_over_ten_lookups(loopback_dns, keys):
@@ -349,7 +349,7 @@ async def test_dmarc_reject_with_unaligned_from(loopback_dns, keys):
         "receivers will reject relayed mail (550 5.7.509 / DMARC): neither SPF nor DKIM aligns "
         "with From: @corp.example (p=reject)"
     )
-    assert '"v=spf1 mx ip4:203.0.113.7 -all"' in finding.fix
+    assert '"v=spf1 ip4:203.0.113.7 mx -all"' in finding.fix
     assert "relaygate dkim new --domain corp.example" in finding.fix
 
 
@@ -437,11 +437,19 @@ def test_spf_syntax_problems(record, problem):
 
 
 def test_authorise_ip():
-    assert authorise_ip("v=spf1 mx -all", "192.0.2.1") == "v=spf1 mx ip4:192.0.2.1 -all"
-    assert authorise_ip("v=spf1 mx", "192.0.2.1") == "v=spf1 mx ip4:192.0.2.1"
+    assert authorise_ip("v=spf1 mx -all", "192.0.2.1") == "v=spf1 ip4:192.0.2.1 mx -all"
+    assert authorise_ip("v=spf1", "192.0.2.1") == "v=spf1 ip4:192.0.2.1"
     assert (
-        authorise_ip("v=spf1 mx redirect=_spf.example", "2001:db8::1")
-        == "v=spf1 mx ip6:2001:db8::1 redirect=_spf.example"
+        authorise_ip("v=spf1 ip4:192.0.2.0/28 +ip6:2001:db8::/32 mx -all", "192.0.2.99")
+        == "v=spf1 ip4:192.0.2.0/28 +ip6:2001:db8::/32 ip4:192.0.2.99 mx -all"
+    )
+    assert (
+        authorise_ip("v=spf1 ~ip4:192.0.2.0/24 -all", "192.0.2.1")
+        == "v=spf1 ip4:192.0.2.1 ~ip4:192.0.2.0/24 -all"
+    )
+    assert (
+        authorise_ip("v=spf1 redirect=_spf.example", "2001:db8::1")
+        == "v=spf1 ip6:2001:db8::1 redirect=_spf.example"
     )
 
 
@@ -555,7 +563,7 @@ async def test_ipv4_mapped_relay_ip_is_the_ipv4_address(loopback_dns, keys):
     assert report.relay_ip == "192.0.2.99"
     finding = only(report, "SPF", "error")
     assert "does not authorise 192.0.2.99 (SPF fail)" in finding.summary
-    assert "ip4:192.0.2.99 -all" in finding.fix and "ip6:" not in finding.fix
+    assert '"v=spf1 ip4:192.0.2.99 mx ' in finding.fix and "ip6:" not in finding.fix
 
 
 async def test_mx_host_lookup_failure_is_a_dns_error_not_a_missing_address(loopback_dns, keys):
@@ -590,3 +598,27 @@ async def test_spf_include_that_fails_to_resolve_is_a_temperror(loopback_dns, ke
     assert finding.severity == "error"
     assert "temperror" in finding.summary and "permerror" not in finding.summary, finding.summary
     assert "include:_spf.corp.example: 451 4.4.0" in finding.detail
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        "v=spf1 ?ip4:203.0.113.0/24 -all",  # an earlier neutral term matches the relay
+        "v=spf1 -include:_spf.corp.example ~all",  # an earlier -include matches it
+    ],
+)
+async def test_the_suggested_spf_record_makes_the_relay_pass(loopback_dns, keys, record):
+    """The fix puts ip4:RELAY before any term that could match the relay first (or cost a lookup)."""
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove(DOMAIN, "TXT")
+    loopback_dns.add(DOMAIN, "TXT", record)
+    loopback_dns.remove("_spf.corp.example")
+    loopback_dns.add("_spf.corp.example", "TXT", "v=spf1 ip4:203.0.113.0/24 -all")
+    report = await run(loopback_dns, keys[0])
+    finding = report.by_check("SPF")[-1]
+    assert finding.severity == "error" and "203.0.113.7" in finding.summary
+    fixed = finding.fix.split('"')[1]
+    loopback_dns.remove(DOMAIN, "TXT")
+    loopback_dns.add(DOMAIN, "TXT", fixed)
+    report = await run(loopback_dns, keys[0])
+    assert report.by_check("SPF")[-1].summary == "SPF authorises 203.0.113.7 (pass)", fixed
