@@ -684,6 +684,7 @@ async def _check_spf(
         )
         state.spf_result = "permerror" if relay_ip else None
         return
+    _warn_open_spf(report, record, relay_ip)
     count = await count_spf_lookups(resolver, domain, record)
     structural = False
     if count.total > SPF_LOOKUP_LIMIT:
@@ -767,6 +768,31 @@ async def _check_spf(
         )
         detail = f"Record: {record}. pyspf: {explanation}"
     report.add("SPF", "error", summary, detail, fix)
+
+
+def _warn_open_spf(report: Report, record: str, relay_ip: str | None) -> None:
+    """A pass ``all`` authorises the whole Internet: the relay passes, and so does any spoofer."""
+    terms = record.split()
+    parsed = [_parse_term(term) for term in terms[1:]]
+    alls = [
+        i
+        for i, (kind, name, _, _) in enumerate(parsed, start=1)
+        if kind == "mechanism" and name == "all"
+    ]
+    if not alls or parsed[alls[0] - 1][3] not in ("", "+"):
+        return  # no all, or the first (the one that counts) fails, softfails or is neutral
+    idx = alls[0]
+    term = terms[idx]
+    closed = " ".join([*terms[:idx], "-all", *terms[idx + 1 :]])
+    report.add(
+        "SPF",
+        "warning",
+        f"SPF record of {report.domain} ends in '{term}': it authorises every IP address, so "
+        f"anyone can send as {report.domain} and pass SPF",
+        f"Record: {record}. Such a record protects nothing: DMARC cannot tell your mail from "
+        "spoofed mail by SPF, and some receivers score '+all' as suspicious.",
+        zone_txt(report.domain, authorise_ip(closed, relay_ip) if relay_ip else closed),
+    )
 
 
 def _merge_spf(records: list[str]) -> str:

@@ -622,3 +622,18 @@ async def test_the_suggested_spf_record_makes_the_relay_pass(loopback_dns, keys,
     loopback_dns.add(DOMAIN, "TXT", fixed)
     report = await run(loopback_dns, keys[0])
     assert report.by_check("SPF")[-1].summary == "SPF authorises 203.0.113.7 (pass)", fixed
+
+
+@pytest.mark.parametrize("all_term", ["+all", "all", "+ALL"])
+async def test_spf_that_authorises_every_address_is_a_warning(loopback_dns, keys, all_term):
+    """'+all' makes the relay pass, but also every spoofer: not a healthy record."""
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove(DOMAIN, "TXT")
+    loopback_dns.add(DOMAIN, "TXT", f"v=spf1 mx {all_term}")
+    report = await run(loopback_dns, keys[0])
+    finding = only(report, "SPF", "warning")
+    assert finding.summary.startswith(
+        f"SPF record of corp.example ends in '{all_term}': it authorises every IP address"
+    )
+    assert finding.fix == 'corp.example. 3600 IN TXT "v=spf1 ip4:203.0.113.7 mx -all"'
+    assert report.by_check("SPF")[-1].summary == "SPF authorises 203.0.113.7 (pass)"
