@@ -76,6 +76,7 @@ class Report:
     relay_ip: str | None = None
     selector: str | None = None
     findings: list[Finding] = field(default_factory=list)
+    envelope_domain: str | None = None  # MAIL FROM domain checked for SPF alignment
 
     def add(
         self, check: str, severity: str, summary: str, detail: str = "", fix: str = ""
@@ -101,6 +102,7 @@ class Report:
         return {
             "domain": self.domain,
             "relay_ip": self.relay_ip,
+            "envelope_domain": self.envelope_domain,
             "selector": self.selector,
             "worst": self.worst,
             "counts": counts,
@@ -1184,7 +1186,8 @@ async def diagnose(
     domain = domain.strip().lower().rstrip(".")
     if relay_ip is not None:
         relay_ip = relay_address(relay_ip)
-    report = Report(domain=domain, relay_ip=relay_ip, selector=selector)
+    envelope = (envelope_domain or domain).strip().lower().rstrip(".")
+    report = Report(domain=domain, relay_ip=relay_ip, selector=selector, envelope_domain=envelope)
     state = _State()
     await _check_mx(report, resolver, state)
     if state.domain_missing:
@@ -1196,7 +1199,6 @@ async def diagnose(
         _check_dkim(report, resolver, state, selector, local_dkim_public),
     )
     await asyncio.to_thread(_suffix_rules, PUBLIC_SUFFIX_LIST)  # reads the file once
-    envelope = (envelope_domain or domain).strip().lower().rstrip(".")
     if relay_ip and envelope != domain and _aligned_relaxed(envelope, domain):
         await _evaluate_envelope_spf(resolver, state, relay_ip, envelope)
     await _check_dmarc(report, resolver, state, relay_ip, envelope)

@@ -92,3 +92,18 @@ def test_doctor_bad_arguments(tmp_path):
         "doctor", "corp.example", "--relay-ip", "not-an-ip", "--data-dir", ".", cwd=tmp_path
     )
     assert proc.returncode == 2 and "not an IP address" in proc.stderr
+
+
+def test_doctor_json_names_the_envelope_domain_it_checked(tmp_path, loopback_dns):
+    """The JSON says which MAIL FROM domain the SPF alignment verdict is about."""
+    publish(loopback_dns, "v=DKIM1; k=rsa; p=")
+    loopback_dns.add("bounces.corp.example", "TXT", "v=spf1 ip4:203.0.113.7 -all")
+    proc = relaygate(
+        "doctor", "corp.example", "--relay-ip", "203.0.113.7", "--envelope-domain",
+        "Bounces.Corp.Example.", "--dns-server", loopback_dns.address, "--data-dir",
+        str(tmp_path), "--json", cwd=tmp_path,
+    )  # fmt: skip
+    report = json.loads(proc.stdout)
+    assert report["envelope_domain"] == "bounces.corp.example", report
+    dmarc = [f for f in report["findings"] if f["check"] == "DMARC"]
+    assert dmarc[0]["summary"] == "DMARC p=reject; relayed mail aligns via SPF"
