@@ -986,6 +986,15 @@ def _key_problem(key_type: str, raw: bytes) -> str:
     return ""
 
 
+_DMARC_VERSION = re.compile(r"v\s*=\s*DMARC1\s*(?:;|$)", re.IGNORECASE)
+
+
+def _is_dmarc_record(text: str) -> bool:
+    """RFC 7489 §6.6.3: a DMARC record starts with the tag v=DMARC1 (WSP allowed around '=');
+    "v=DMARC10" or "v=DMARC1x" are other texts, not a second record."""
+    return _DMARC_VERSION.match(text.lstrip()) is not None
+
+
 async def _check_dmarc(
     report: Report,
     resolver: dns.asyncresolver.Resolver,
@@ -999,12 +1008,12 @@ async def _check_dmarc(
     txt = await _txt(resolver, name)
     records: list[str] = []
     if not txt.failed and txt.status == "ok":
-        records = [r for r in txt.records if r.lower().startswith("v=dmarc1")]
+        records = [r for r in txt.records if _is_dmarc_record(r)]
     org = _org_domain(domain)
     if not txt.failed and not records and org != domain:
         parent = await _txt(resolver, f"_dmarc.{org}")
         if parent.status == "ok":
-            records = [r for r in parent.records if r.lower().startswith("v=dmarc1")]
+            records = [r for r in parent.records if _is_dmarc_record(r)]
             found_at = org
         txt = parent if parent.failed else txt
     if txt.failed:

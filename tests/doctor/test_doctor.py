@@ -637,3 +637,16 @@ async def test_spf_that_authorises_every_address_is_a_warning(loopback_dns, keys
     )
     assert finding.fix == 'corp.example. 3600 IN TXT "v=spf1 ip4:203.0.113.7 mx -all"'
     assert report.by_check("SPF")[-1].summary == "SPF authorises 203.0.113.7 (pass)"
+
+
+async def test_dmarc_record_is_recognised_by_its_v_tag_not_a_prefix(loopback_dns, keys):
+    """RFC 7489 §6.6.3: only records whose first tag is v=DMARC1 count; 'v=DMARC10' is not one."""
+    healthy(loopback_dns, keys[0])
+    loopback_dns.add("_dmarc.corp.example", "TXT", "v=DMARC10; p=none")
+    loopback_dns.add("_dmarc.corp.example", "TXT", "v=DMARC1x")
+    report = await run(loopback_dns, keys[0])
+    assert only(report, "DMARC").summary == "DMARC p=reject; relayed mail aligns via SPF and DKIM"
+    loopback_dns.remove("_dmarc.corp.example")
+    loopback_dns.add("_dmarc.corp.example", "TXT", "v = DMARC1 ; p = quarantine")
+    report = await run(loopback_dns, keys[0])
+    assert only(report, "DMARC").summary.startswith("DMARC p=quarantine;")
