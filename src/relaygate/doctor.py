@@ -116,6 +116,7 @@ class _Lookup:
     status: str  # ok | nodata | nxdomain | servfail | timeout | error
     records: list[Any] = field(default_factory=list)
     error: str = ""
+    canonical: str = ""  # the name the records are at, after CNAMEs (lower case, no final dot)
 
     @property
     def failed(self) -> bool:
@@ -144,7 +145,8 @@ async def _query(resolver: dns.asyncresolver.Resolver, name: str, rtype: str) ->
         return _Lookup("timeout", error=str(exc))
     except dns.exception.DNSException as exc:
         return _Lookup("error", error=str(exc))
-    return _Lookup("ok", list(answer))
+    canonical = answer.canonical_name.to_text(omit_final_dot=True).lower()
+    return _Lookup("ok", list(answer), canonical=canonical)
 
 
 async def _txt(resolver: dns.asyncresolver.Resolver, name: str) -> _Lookup:
@@ -605,6 +607,22 @@ async def _check_mx(report: Report, resolver: dns.asyncresolver.Resolver, state:
             "and queue the mail when none resolves.",
             f"Fix the name servers of {host}: `dig {host} A` must answer.",
         )
+    aliases = [
+        (p, h, target)
+        for (p, h), (a, aaaa) in zip(real, checks, strict=True)
+        if (target := _alias_target(h, a, aaaa))
+    ]
+    if aliases:
+        report.add(
+            "MX",
+            "warning",
+            "MX host(s) that are aliases (CNAME): "
+            + ", ".join(f"{h} -> {target}" for _, h, target in aliases),
+            f"MX records: {listing}. RFC 2181 §10.3: an MX must name a host, not an alias; most "
+            "senders follow the CNAME, some refuse or log it as a misconfiguration.",
+            "Point the MX at the host itself: "
+            + "; ".join(f"`{domain}. 3600 IN MX {p} {target}.`" for p, _, target in aliases),
+        )
     if unresolved:
         report.add(
             "MX",
@@ -615,8 +633,16 @@ async def _check_mx(report: Report, resolver: dns.asyncresolver.Resolver, state:
             "Publish A/AAAA records for the MX hosts, or point the MX at hosts that have them "
             "(an MX must not point at a CNAME or an IP address).",
         )
-    elif not failed:
+    elif not failed and not aliases:
         report.add("MX", "ok", f"MX: {listing}", "Every MX host resolves to an address.")
+
+
+def _alias_target(host: str, a: _Lookup, aaaa: _Lookup) -> str:
+    """The canonical name ``host`` is a CNAME for ("" when it is a host name itself)."""
+    for lookup in (a, aaaa):
+        if lookup.status == "ok" and lookup.canonical and lookup.canonical != host:
+            return lookup.canonical
+    return ""
 
 
 def _address_failure(a: _Lookup, aaaa: _Lookup) -> _Lookup | None:

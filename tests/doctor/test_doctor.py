@@ -650,3 +650,16 @@ async def test_dmarc_record_is_recognised_by_its_v_tag_not_a_prefix(loopback_dns
     loopback_dns.add("_dmarc.corp.example", "TXT", "v = DMARC1 ; p = quarantine")
     report = await run(loopback_dns, keys[0])
     assert only(report, "DMARC").summary.startswith("DMARC p=quarantine;")
+
+
+async def test_mx_host_that_is_an_alias_is_a_warning(loopback_dns, keys):
+    """RFC 2181 §10.3: an MX names a host, not an alias; some senders refuse a CNAME there."""
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove("mx2.corp.example")
+    loopback_dns.add("mx2.corp.example", "CNAME", "mail.provider.example")
+    loopback_dns.add("mail.provider.example", "A", "192.0.2.26")
+    finding = only(await run(loopback_dns, keys[0]), "MX", "warning")
+    assert finding.summary == (
+        "MX host(s) that are aliases (CNAME): mx2.corp.example -> mail.provider.example"
+    )
+    assert "MX 20 mail.provider.example." in finding.fix
