@@ -77,6 +77,7 @@ class Report:
     selector: str | None = None
     findings: list[Finding] = field(default_factory=list)
     envelope_domain: str | None = None  # MAIL FROM domain checked for SPF alignment
+    signing_domain: str | None = None  # the d= of the relay's signatures (DKIM alignment)
 
     def add(
         self, check: str, severity: str, summary: str, detail: str = "", fix: str = ""
@@ -103,6 +104,7 @@ class Report:
             "domain": self.domain,
             "relay_ip": self.relay_ip,
             "envelope_domain": self.envelope_domain,
+            "signing_domain": self.signing_domain,
             "selector": self.selector,
             "worst": self.worst,
             "counts": counts,
@@ -500,6 +502,7 @@ class _State:
     # the same for the envelope (MAIL FROM) domain when it is not the From domain: receivers
     # check SPF there, so DMARC's SPF alignment depends on it, not on the From domain's record
     envelope_spf_result: str | None = None
+    signing_domain: str = ""  # d= of the relay's signatures
     envelope_spf_fix: str = ""
     dkim_ok: bool = False  # published key matches the relay's local key
     dkim_detail: str = ""
@@ -867,7 +870,7 @@ async def _check_dkim(
     selector: str | None,
     local_public: str | None,
 ) -> None:
-    domain = report.domain
+    domain = state.signing_domain or report.domain  # the key receivers fetch is d='s
     if not selector:
         report.add(
             "DKIM",
@@ -1100,7 +1103,10 @@ async def _check_dmarc(
         spf_aligned = None if envelope_aligns else False
     else:
         spf_aligned = spf_result == "pass" and envelope_aligns
-    dkim_aligned = state.dkim_ok  # the relay signs with d=<From domain>: aligned in both modes
+    adkim = tags.get("adkim", "r").lower()
+    signing = state.signing_domain or domain
+    signature_aligns = signing == domain if adkim == "s" else _aligned_relaxed(signing, domain)
+    dkim_aligned = state.dkim_ok and signature_aligns
     reasons = []
     if spf_aligned is False:
         if not envelope_aligns:
@@ -1114,8 +1120,13 @@ async def _check_dmarc(
             reasons.append(f"SPF: {spf_result} for {relay_ip}")
     elif spf_aligned is None:
         reasons.append("SPF: not evaluated (pass --relay-ip)")
-    if not dkim_aligned:
-        reasons.append("DKIM: the relay has no matching published key for " + domain)
+    if state.dkim_ok and not signature_aligns:
+        reasons.append(
+            f"DKIM: the relay signs with d={signing}, which does not align with {domain} "
+            f"(adkim={adkim})"
+        )
+    elif not dkim_aligned:
+        reasons.append("DKIM: the relay has no matching published key for " + signing)
     pct = tags.get("pct", "100")
     detail = f"Record{where}: {records[0]}. " + "; ".join(reasons)
     if pct != "100":
@@ -1135,7 +1146,12 @@ async def _check_dmarc(
             fixes.append(state.envelope_spf_fix)
         elif not own_envelope and state.spf_record:
             fixes.append(zone_txt(domain, authorise_ip(state.spf_record, relay_ip)))
-    if not dkim_aligned:
+    if not dkim_aligned and not signature_aligns:
+        fixes.append(
+            f'sign with the From domain\'s key: server.dkim_domain_source = "header_from" and '
+            f"a [[dkim]] entry for {domain}"
+        )
+    elif not dkim_aligned:
         fixes.append(
             f"sign with a DKIM key for {domain}: relaygate dkim new --domain {domain} "
             "--selector s1, add the [[dkim]] entry, publish its TXT record"
@@ -1209,6 +1225,7 @@ async def diagnose(
     selector: str | None = None,
     local_dkim_public: str | None = None,
     envelope_domain: str | None = None,
+    signing_domain: str | None = None,
 ) -> Report:
     """Run the MX, SPF, DKIM and DMARC checks for ``domain``.
 
@@ -1217,13 +1234,22 @@ async def diagnose(
     local_dkim_public: the relay's key, as a TXT record value (``v=DKIM1; k=...; p=...``) or the
     bare ``p=`` base64; the published record must match it.
     envelope_domain: the MAIL FROM domain of relayed mail, for SPF alignment (default: ``domain``).
+    signing_domain: the d= domain the relay signs with (default: ``domain``; the envelope domain
+    under ``server.dkim_domain_source = "envelope_sender"``); the selector and key are its.
     """
     domain = domain.strip().lower().rstrip(".")
     if relay_ip is not None:
         relay_ip = relay_address(relay_ip)
     envelope = (envelope_domain or domain).strip().lower().rstrip(".")
-    report = Report(domain=domain, relay_ip=relay_ip, selector=selector, envelope_domain=envelope)
-    state = _State()
+    signing = (signing_domain or domain).strip().lower().rstrip(".")
+    report = Report(
+        domain=domain,
+        relay_ip=relay_ip,
+        selector=selector,
+        envelope_domain=envelope,
+        signing_domain=signing,
+    )
+    state = _State(signing_domain=signing)
     await _check_mx(report, resolver, state)
     if state.domain_missing:
         for check in ("SPF", "DKIM", "DMARC"):

@@ -107,3 +107,29 @@ def test_doctor_json_names_the_envelope_domain_it_checked(tmp_path, loopback_dns
     assert report["envelope_domain"] == "bounces.corp.example", report
     dmarc = [f for f in report["findings"] if f["check"] == "DMARC"]
     assert dmarc[0]["summary"] == "DMARC p=reject; relayed mail aligns via SPF"
+
+
+def test_doctor_checks_the_key_of_the_domain_the_relay_signs_with(tmp_path, loopback_dns):
+    """server.dkim_domain_source = "envelope_sender": the relay signs with MAIL FROM's domain, so
+    the From domain's key (published and matching) makes nothing align with From."""
+    key = write_key(tmp_path / "data", "corp.example", "s1")
+    publish(loopback_dns, load_private_key(key, "rsa-sha256").record)
+    loopback_dns.add("bounces.relay.example", "TXT", "v=spf1 ip4:203.0.113.7 -all")
+    config = tmp_path / "relaygate.toml"
+    config.write_text(
+        f'[server]\ndata_dir = "{tmp_path / "data"}"\ndkim_domain_source = "envelope_sender"\n\n'
+        '[[dkim]]\ndomain = "corp.example"\nselector = "s1"\n'
+    )
+    proc = relaygate(
+        "doctor", "corp.example", "--relay-ip", "203.0.113.7", "--envelope-domain",
+        "bounces.relay.example", "--dns-server", loopback_dns.address, "--config", str(config),
+        "--json", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["signing_domain"] == "bounces.relay.example"
+    by_check = {f["check"]: f for f in report["findings"]}
+    assert by_check["DKIM"]["summary"] == (
+        "relayed mail from bounces.relay.example is not DKIM-signed: no selector configured"
+    )
+    assert by_check["DMARC"]["summary"].startswith("receivers will reject relayed mail")

@@ -663,3 +663,19 @@ async def test_mx_host_that_is_an_alias_is_a_warning(loopback_dns, keys):
         "MX host(s) that are aliases (CNAME): mx2.corp.example -> mail.provider.example"
     )
     assert "MX 20 mail.provider.example." in finding.fix
+
+
+async def test_dkim_alignment_of_another_signing_domain_follows_adkim(loopback_dns, keys):
+    """d=mail.corp.example aligns with From corp.example under adkim=r, not under adkim=s."""
+    healthy(loopback_dns, keys[0])
+    loopback_dns.add("s1._domainkey.mail.corp.example", "TXT", keys[0])
+    report = await run(loopback_dns, keys[0], relay_ip=None, signing_domain="mail.corp.example")
+    assert "s1._domainkey.mail.corp.example matches" in only(report, "DKIM", "ok").summary
+    assert only(report, "DMARC").summary == "DMARC p=reject; relayed mail aligns via DKIM"
+    loopback_dns.remove("_dmarc.corp.example")
+    loopback_dns.add("_dmarc.corp.example", "TXT", "v=DMARC1; p=reject; adkim=s")
+    report = await run(loopback_dns, keys[0], relay_ip=None, signing_domain="mail.corp.example")
+    finding = only(report, "DMARC", "warning")  # SPF not evaluated (no --relay-ip)
+    assert "d=mail.corp.example, which does not align with corp.example (adkim=s)" in (
+        finding.detail
+    )

@@ -65,6 +65,15 @@ def _local_key(
     return selector, None
 
 
+def _signing_domain(cfg: Any, domain: str, envelope_domain: str | None) -> str:
+    """The d= domain of the relay's signatures: the From domain, or the MAIL FROM domain when
+    ``server.dkim_domain_source = "envelope_sender"`` (the key that must be published is its)."""
+    source = getattr(getattr(cfg, "server", None), "dkim_domain_source", "header_from")
+    if source == "envelope_sender" and envelope_domain:
+        return envelope_domain.strip().lower().rstrip(".")
+    return domain
+
+
 def _print_report(report: Any) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -167,7 +176,8 @@ def register(app: typer.Typer) -> None:
         except (ValueError, OSError) as exc:
             sys.stderr.write(f"error: bad --dns-server: {exc}\n")
             raise typer.Exit(2) from None
-        selector, local_public = _local_key(cfg, data_dir, domain_n, selector)
+        signing_domain = _signing_domain(cfg, domain_n, envelope_domain)
+        selector, local_public = _local_key(cfg, data_dir, signing_domain, selector)
         report = asyncio.run(
             diagnose(
                 domain_n,
@@ -176,6 +186,7 @@ def register(app: typer.Typer) -> None:
                 selector=selector,
                 local_dkim_public=local_public,
                 envelope_domain=envelope_domain,
+                signing_domain=signing_domain,
             )
         )
         if json_out:
