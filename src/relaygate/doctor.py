@@ -586,6 +586,16 @@ async def _check_mx(report: Report, resolver: dns.asyncresolver.Resolver, state:
         return
     real = [(p, h) for p, h in hosts if h not in ("", ".")]
     listing = ", ".join(f"{p} {h}" for p, h in real)
+    if len(real) < len(hosts):
+        report.add(
+            "MX",
+            "warning",
+            f"{domain} publishes a null MX next to mail hosts ({listing}): RFC 7505 forbids it, "
+            f"and senders that honour the null MX refuse mail to the domain "
+            f"({replies.NULL_MX.line()})",
+            "RFC 7505 §3: a domain with a null MX (MX 0 .) must publish no other MX record.",
+            f"Remove the null MX: `{domain}. IN MX 0 .`",
+        )
     checks = await asyncio.gather(
         *(asyncio.gather(_query(resolver, h, "A"), _query(resolver, h, "AAAA")) for _, h in real)
     )
@@ -659,6 +669,17 @@ async def _check_spf(
     report: Report, resolver: dns.asyncresolver.Resolver, state: _State, relay_ip: str | None
 ) -> None:
     domain = report.domain
+    if relay_ip and _is_private(relay_ip):
+        report.add(
+            "SPF",
+            "warning",
+            f"--relay-ip {relay_ip} is a private address: receivers see the relay's public (NAT) "
+            "address, or the smart host's, so this SPF verdict does not apply to them",
+            "Internet hosts never connect from RFC 1918, CGNAT (100.64.0.0/10), loopback, "
+            "link-local or unique-local (fc00::/7) addresses.",
+            "Run the doctor with the address receivers log for the relay's mail "
+            "(the Received: header they add, or `curl -s https://ifconfig.me` from the relay).",
+        )
     txt = await _txt(resolver, domain)
     if txt.failed:
         report.add(
@@ -824,6 +845,29 @@ def _warn_open_spf(report: Report, record: str, relay_ip: str | None) -> None:
         "spoofed mail by SPF, and some receivers score '+all' as suspicious.",
         zone_txt(report.domain, authorise_ip(closed, relay_ip) if relay_ip else closed),
     )
+
+
+# Addresses an Internet receiver never sees a client connect from. Not ipaddress's is_private:
+# that also covers the documentation ranges (192.0.2.0/24...), which examples use as public.
+_PRIVATE_NETWORKS = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "fc00::/7",
+        "fe80::/10",
+        "::1/128",
+    )
+)
+
+
+def _is_private(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    return any(address in net for net in _PRIVATE_NETWORKS if net.version == address.version)
 
 
 def _merge_spf(records: list[str]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from relaygate import doctor as doctor_mod
+from relaygate import replies
 from relaygate.dkim.keys import generate_key
 from relaygate.doctor import (
     Report,
@@ -678,4 +679,32 @@ async def test_dkim_alignment_of_another_signing_domain_follows_adkim(loopback_d
     finding = only(report, "DMARC", "warning")  # SPF not evaluated (no --relay-ip)
     assert "d=mail.corp.example, which does not align with corp.example (adkim=s)" in (
         finding.detail
+    )
+
+
+async def test_null_mx_next_to_mail_hosts_is_a_warning(loopback_dns, keys):
+    """RFC 7505 §3: a null MX must be the only MX; mixed, senders disagree on what it means."""
+    healthy(loopback_dns, keys[0])
+    loopback_dns.add(DOMAIN, "MX", (0, "."))
+    finding = only(await run(loopback_dns, keys[0]), "MX", "warning")
+    assert finding.summary == (
+        "corp.example publishes a null MX next to mail hosts (10 mx1.corp.example, "
+        "20 mx2.corp.example): RFC 7505 forbids it, and senders that honour the null MX "
+        f"refuse mail to the domain ({replies.NULL_MX.line()})"
+    )
+    assert "Remove the null MX" in finding.fix
+
+
+@pytest.mark.parametrize("private_ip", ["10.0.0.5", "192.168.1.20", "100.64.0.9", "fd00::25"])
+async def test_private_relay_ip_is_a_warning(loopback_dns, keys, private_ip):
+    """Receivers never see a private address: an SPF verdict for it says nothing."""
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove(DOMAIN, "TXT")
+    loopback_dns.add(DOMAIN, "TXT", "v=spf1 ip4:10.0.0.0/8 ip4:192.168.0.0/16 ip4:100.64.0.0/10 "
+                     "ip6:fd00::/8 -all")  # fmt: skip
+    report = await run(loopback_dns, keys[0], relay_ip=private_ip)
+    finding = only(report, "SPF", "warning")
+    assert finding.summary == (
+        f"--relay-ip {private_ip} is a private address: receivers see the relay's public (NAT) "
+        "address, or the smart host's, so this SPF verdict does not apply to them"
     )
