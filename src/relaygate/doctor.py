@@ -943,7 +943,7 @@ async def _check_dkim(
             f"Fix the name servers for {domain}: `dig {name} TXT` must answer.",
         )
         return
-    records = [r for r in txt.records if "p=" in r] if txt.status == "ok" else []
+    records = [r for r in txt.records if _is_dkim_record(r)] if txt.status == "ok" else []
     if not records:
         report.add(
             "DKIM",
@@ -975,7 +975,9 @@ async def _check_dkim(
     else:
         key_type = tags.get("k", "rsa").lower()
         p = tags.get("p", "")
-        if not p:
+        if "p" not in tags:
+            problem = "no p= tag: the record holds no key"
+        elif not p:
             problem = "p= is empty: the key is revoked"
         elif key_type not in ("rsa", "ed25519"):
             problem = f"unknown key type k={key_type}"
@@ -1027,6 +1029,14 @@ async def _check_dkim(
         "The relay has no key for this domain and selector, so it does not sign with it.",
         "relaygate dkim show (or --config) to compare with the relay's key",
     )
+
+
+_DKIM_VERSION = re.compile(r"\s*v\s*=\s*DKIM1\s*(?:;|$)", re.IGNORECASE)
+
+
+def _is_dkim_record(text: str) -> bool:
+    """A key record: it starts with v=DKIM1 or carries a p= tag (v= is optional, RFC 6376 §3.6.1)."""
+    return "p=" in text or _DKIM_VERSION.match(text) is not None
 
 
 def _usage_problem(tags: dict[str, str]) -> str:

@@ -708,3 +708,15 @@ async def test_private_relay_ip_is_a_warning(loopback_dns, keys, private_ip):
         f"--relay-ip {private_ip} is a private address: receivers see the relay's public (NAT) "
         "address, or the smart host's, so this SPF verdict does not apply to them"
     )
+
+
+async def test_dkim_record_without_a_key_is_unusable_not_missing(loopback_dns, keys):
+    """A v=DKIM1 record with no p= tag is there, but unusable (RFC 6376 §3.6.1: p= is required)."""
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove("s1._domainkey.corp.example")
+    loopback_dns.add("s1._domainkey.corp.example", "TXT", "v=DKIM1; k=rsa")
+    finding = only(await run(loopback_dns, keys[0]), "DKIM", "error")
+    assert finding.summary == (
+        "DKIM record at s1._domainkey.corp.example is unusable (no p= tag: the record holds no "
+        "key): receivers report dkim=permerror"
+    )
