@@ -133,3 +133,22 @@ def test_doctor_checks_the_key_of_the_domain_the_relay_signs_with(tmp_path, loop
         "relayed mail from bounces.relay.example is not DKIM-signed: no selector configured"
     )
     assert by_check["DMARC"]["summary"].startswith("receivers will reject relayed mail")
+
+
+def test_doctor_key_on_disk_without_a_dkim_entry_does_not_sign(tmp_path, loopback_dns):
+    """The relay signs only with [[dkim]] entries: a key file `dkim new` left in data_dir, with no
+    entry in the config, signs nothing, so it cannot make DMARC align."""
+    key = write_key(tmp_path / "data", "corp.example", "s1")
+    publish(loopback_dns, load_private_key(key, "rsa-sha256").record)
+    config = tmp_path / "relaygate.toml"
+    config.write_text(f'[server]\ndata_dir = "{tmp_path / "data"}"\n')
+    proc = relaygate(
+        "doctor", "corp.example", "--relay-ip", "198.51.100.9", "--dns-server",
+        loopback_dns.address, "--config", str(config), "--json", cwd=tmp_path,
+    )  # fmt: skip
+    report = json.loads(proc.stdout)
+    by_check = {f["check"]: f for f in report["findings"]}
+    assert by_check["DKIM"]["summary"] == (
+        "relayed mail from corp.example is not DKIM-signed: no selector configured"
+    )
+    assert by_check["DMARC"]["summary"].startswith("receivers will reject relayed mail")

@@ -37,7 +37,12 @@ def _resolver(servers: list[str], timeout: float) -> Any:
 def _local_key(
     cfg: Any, data_dir: Path | None, domain: str, selector: str | None
 ) -> tuple[str | None, str | None]:
-    """(selector, public record) of the relay's own key for ``domain`` (config first, then data_dir)."""
+    """(selector, public record) of the relay's own key for ``domain``.
+
+    With a config, only its enabled [[dkim]] entries: the relay signs with nothing else, so a key
+    file left in data_dir without an entry must not count as signing. Without one (--data-dir
+    only), the keys found under data_dir/dkim/DOMAIN/.
+    """
     from relaygate.dkim.keys import DkimKeyError, key_path, load_any_key, load_private_key
 
     candidates: list[tuple[str, Path | None, str | None]] = []
@@ -47,7 +52,7 @@ def _local_key(
             if path is None and data_dir is not None:
                 path = key_path(data_dir, domain, str(key.selector))
             candidates.append((str(key.selector).lower(), path, key.algorithm))
-    if data_dir is not None:
+    if cfg is None and data_dir is not None:
         folder = data_dir / "dkim" / domain
         if folder.is_dir():
             candidates.extend((p.stem.lower(), p, None) for p in sorted(folder.glob("*.key")))
