@@ -42,6 +42,7 @@ __all__ = [
     "SEVERITIES",
     "Finding",
     "Report",
+    "ascii_domain",
     "authorise_ip",
     "count_spf_lookups",
     "diagnose",
@@ -1259,6 +1260,16 @@ async def _evaluate_envelope_spf(
 
 
 # ========================================================================== entry point
+def ascii_domain(text: str) -> str:
+    """``text`` as DNS, zone files and the DKIM signer spell it: lower-case A-labels, no final dot
+    (ValueError naming the domain if it cannot be encoded)."""
+    name = text.strip().rstrip(".")
+    try:
+        return name.encode("idna").decode("ascii").lower()
+    except UnicodeError as exc:
+        raise ValueError(f"{text!r} is not a valid domain name ({exc})") from exc
+
+
 def relay_address(text: str) -> str:
     """The relay's IP as SPF sees it: an IPv4-mapped IPv6 address is its IPv4 address.
 
@@ -1291,11 +1302,11 @@ async def diagnose(
     signing_domain: the d= domain the relay signs with (default: ``domain``; the envelope domain
     under ``server.dkim_domain_source = "envelope_sender"``); the selector and key are its.
     """
-    domain = domain.strip().lower().rstrip(".")
+    domain = ascii_domain(domain)
     if relay_ip is not None:
         relay_ip = relay_address(relay_ip)
-    envelope = (envelope_domain or domain).strip().lower().rstrip(".")
-    signing = (signing_domain or domain).strip().lower().rstrip(".")
+    envelope = ascii_domain(envelope_domain or domain)
+    signing = ascii_domain(signing_domain or domain)
     report = Report(
         domain=domain,
         relay_ip=relay_ip,

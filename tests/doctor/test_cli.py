@@ -152,3 +152,9 @@ def test_doctor_key_on_disk_without_a_dkim_entry_does_not_sign(tmp_path, loopbac
         "relayed mail from corp.example is not DKIM-signed: no selector configured"
     )
     assert by_check["DMARC"]["summary"].startswith("receivers will reject relayed mail")
+
+
+def test_doctor_refuses_a_domain_that_is_not_one(tmp_path):
+    proc = relaygate("doctor", "corp..example", "--data-dir", ".", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "'corp..example' is not a valid domain name" in proc.stderr

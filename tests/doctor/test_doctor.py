@@ -720,3 +720,23 @@ async def test_dkim_record_without_a_key_is_unusable_not_missing(loopback_dns, k
         "DKIM record at s1._domainkey.corp.example is unusable (no p= tag: the record holds no "
         "key): receivers report dkim=permerror"
     )
+
+
+async def test_internationalised_domain_is_checked_and_fixed_as_a_labels(loopback_dns):
+    """Zone files and the signer's d= use A-labels: bücher.example is xn--bcher-kva.example."""
+    loopback_dns.add("xn--bcher-kva.example", "MX", (10, "mx1.xn--bcher-kva.example"))
+    loopback_dns.add("mx1.xn--bcher-kva.example", "A", "192.0.2.10")
+    loopback_dns.add("xn--bcher-kva.example", "TXT", "v=spf1 ip4:192.0.2.1 -all")
+    loopback_dns.add("_dmarc.xn--bcher-kva.example", "TXT", "v=DMARC1; p=reject")
+    report = await run(
+        loopback_dns, None, domain="BÜCHER.example", selector=None,
+        envelope_domain="xn--bcher-kva.example",
+    )  # fmt: skip
+    assert report.domain == report.envelope_domain == "xn--bcher-kva.example"
+    spf_fix = only(report, "SPF", "error").fix
+    assert (
+        spf_fix == 'xn--bcher-kva.example. 3600 IN TXT "v=spf1 ip4:192.0.2.1 ip4:203.0.113.7 -all"'
+    )
+    dmarc = only(report, "DMARC", "error")
+    assert "does not align" not in dmarc.detail  # the same domain in two spellings
+    assert "SPF: fail for 203.0.113.7" in dmarc.detail

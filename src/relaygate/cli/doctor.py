@@ -47,7 +47,7 @@ def _local_key(
 
     candidates: list[tuple[str, Path | None, str | None]] = []
     for key in getattr(cfg, "dkim", None) or ():
-        if str(key.domain).lower().rstrip(".") == domain and key.enabled:
+        if _same_domain(str(key.domain), domain) and key.enabled:
             path = Path(key.key_file) if key.key_file else None
             if path is None and data_dir is not None:
                 path = key_path(data_dir, domain, str(key.selector))
@@ -70,12 +70,22 @@ def _local_key(
     return selector, None
 
 
+def _same_domain(configured: str, domain: str) -> bool:
+    """A [[dkim]] entry's domain as the signer normalises it (A-labels) against ``domain``."""
+    from relaygate.doctor import ascii_domain
+
+    try:
+        return ascii_domain(configured) == domain
+    except ValueError:
+        return False
+
+
 def _signing_domain(cfg: Any, domain: str, envelope_domain: str | None) -> str:
     """The d= domain of the relay's signatures: the From domain, or the MAIL FROM domain when
     ``server.dkim_domain_source = "envelope_sender"`` (the key that must be published is its)."""
     source = getattr(getattr(cfg, "server", None), "dkim_domain_source", "header_from")
     if source == "envelope_sender" and envelope_domain:
-        return envelope_domain.strip().lower().rstrip(".")
+        return envelope_domain
     return domain
 
 
@@ -150,9 +160,14 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
     ) -> None:
         """MX, SPF (does it authorise the relay's IP), DKIM and DMARC for DOMAIN; exit 1 on errors."""
-        from relaygate.doctor import diagnose, relay_address
+        from relaygate.doctor import ascii_domain, diagnose, relay_address
 
-        domain_n = domain.strip().lower().rstrip(".")
+        try:
+            domain_n = ascii_domain(domain)
+            envelope_domain = ascii_domain(envelope_domain) if envelope_domain else None
+        except ValueError as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            raise typer.Exit(2) from None
         if relay_ip is not None:
             try:
                 relay_ip = relay_address(relay_ip)
