@@ -242,7 +242,11 @@ def _aligned_relaxed(one: str, other: str) -> bool:
 
 # ============================================================================= SPF syntax
 _MACRO = re.compile(r"%(?:\{[slodiphcrtv]\d*r?[.\-+,/_=]*\}|%|_|-)", re.IGNORECASE)
-_DOMAIN_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?$", re.IGNORECASE)
+# RFC 7208 §7.1: a domain-spec without macros is macro-literals (visible ASCII but '%') ending in
+# "." toplabel; the toplabel is alphanumeric with a letter, or has inner hyphens. Stricter host
+# name rules would call records receivers accept a permerror.
+_SPEC_LABEL = re.compile(r"[\x21-\x24\x26-\x7e]{1,63}")
+_TOPLABEL = re.compile(r"[a-z0-9]*[a-z][a-z0-9]*|[a-z0-9]+-[a-z0-9-]*[a-z0-9]", re.IGNORECASE)
 _MECHANISMS = ("all", "include", "a", "mx", "ptr", "ip4", "ip6", "exists")
 _LOOKUP_TERMS = ("include", "a", "mx", "ptr", "exists", "redirect")
 
@@ -250,8 +254,12 @@ _LOOKUP_TERMS = ("include", "a", "mx", "ptr", "exists", "redirect")
 def _valid_domain_spec(spec: str) -> bool:
     if "%" in spec:
         return not _MACRO.sub("", spec).count("%")
-    labels = spec.rstrip(".").split(".")
-    return len(labels) >= 2 and all(_DOMAIN_LABEL.match(label) for label in labels)
+    labels = (spec[:-1] if spec.endswith(".") else spec).split(".")
+    return (
+        len(labels) >= 2
+        and _TOPLABEL.fullmatch(labels[-1]) is not None
+        and all(_SPEC_LABEL.fullmatch(label) for label in labels)
+    )
 
 
 def _split_cidr(value: str) -> tuple[str, list[str]]:

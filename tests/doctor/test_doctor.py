@@ -740,3 +740,29 @@ async def test_internationalised_domain_is_checked_and_fixed_as_a_labels(loopbac
     dmarc = only(report, "DMARC", "error")
     assert "does not align" not in dmarc.detail  # the same domain in two spellings
     assert "SPF: fail for 203.0.113.7" in dmarc.detail
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        "v=spf1 a:foo-.example.com -all",  # RFC 7208 §7.1: labels are macro-literals
+        "v=spf1 include:my+host.example.com -all",
+        "v=spf1 a:-x.example.com mx:mail.example.c-m -all",  # toplabel with an inner hyphen
+        "v=spf1 include:_spf.example.com. -all",  # a final dot
+    ],
+)
+def test_spf_domain_specs_the_abnf_allows(record):
+    """Receivers (pyspf among them) accept these: calling them permerror would be a wrong fail."""
+    assert spf_syntax_problems(record) == []
+
+
+@pytest.mark.parametrize(
+    ("record", "problem"),
+    [
+        ("v=spf1 a:host.example.123 -all", "'host.example.123' is not a domain"),  # toplabel
+        ("v=spf1 include:localhost -all", "include needs a domain"),
+        ("v=spf1 a:mail..example.com -all", "'mail..example.com' is not a domain"),
+    ],
+)
+def test_spf_domain_specs_the_abnf_refuses(record, problem):
+    assert any(problem in p for p in spf_syntax_problems(record)), spf_syntax_problems(record)
