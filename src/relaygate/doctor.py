@@ -508,11 +508,7 @@ class _State:
     domain_missing: bool = False
     spf_result: str | None = None  # pyspf result for the relay IP, None = not evaluated
     spf_record: str | None = None
-    # the same for the envelope (MAIL FROM) domain when it is not the From domain: receivers
-    # check SPF there, so DMARC's SPF alignment depends on it, not on the From domain's record
-    envelope_spf_result: str | None = None
     signing_domain: str = ""  # d= of the relay's signatures
-    envelope_spf_fix: str = ""
     dkim_ok: bool = False  # published key matches the relay's local key
     dkim_detail: str = ""
 
@@ -677,7 +673,18 @@ def _address_failure(a: _Lookup, aaaa: _Lookup) -> _Lookup | None:
 async def _check_spf(
     report: Report, resolver: dns.asyncresolver.Resolver, state: _State, relay_ip: str | None
 ) -> None:
-    domain = report.domain
+    # receivers evaluate the MAIL FROM domain's record (RFC 7208 §2.4), so that is the one that
+    # decides the relay's fate and DMARC's SPF alignment; From's matters only when they are one
+    domain = report.envelope_domain or report.domain
+    if domain != report.domain:
+        report.add(
+            "SPF",
+            "info",
+            f"SPF checked for the envelope (MAIL FROM) domain {domain}: receivers evaluate its "
+            f"record, not {report.domain}'s",
+            "--envelope-domain names it; mail sent with a MAIL FROM in the From domain is checked "
+            f"against {report.domain}'s record (run the doctor without --envelope-domain).",
+        )
     if relay_ip and _is_private(relay_ip):
         report.add(
             "SPF",
@@ -745,7 +752,7 @@ async def _check_spf(
         )
         state.spf_result = "permerror" if relay_ip else None
         return
-    _warn_open_spf(report, record, relay_ip)
+    _warn_open_spf(report, domain, record, relay_ip)
     count = await count_spf_lookups(resolver, domain, record)
     structural = False
     if count.total > SPF_LOOKUP_LIMIT:
@@ -831,7 +838,7 @@ async def _check_spf(
     report.add("SPF", "error", summary, detail, fix)
 
 
-def _warn_open_spf(report: Report, record: str, relay_ip: str | None) -> None:
+def _warn_open_spf(report: Report, domain: str, record: str, relay_ip: str | None) -> None:
     """A pass ``all`` authorises the whole Internet: the relay passes, and so does any spoofer."""
     terms = record.split()
     parsed = [_parse_term(term) for term in terms[1:]]
@@ -848,11 +855,11 @@ def _warn_open_spf(report: Report, record: str, relay_ip: str | None) -> None:
     report.add(
         "SPF",
         "warning",
-        f"SPF record of {report.domain} ends in '{term}': it authorises every IP address, so "
-        f"anyone can send as {report.domain} and pass SPF",
+        f"SPF record of {domain} ends in '{term}': it authorises every IP address, so "
+        f"anyone can send as {domain} and pass SPF",
         f"Record: {record}. Such a record protects nothing: DMARC cannot tell your mail from "
         "spoofed mail by SPF, and some receivers score '+all' as suspicious.",
-        zone_txt(report.domain, authorise_ip(closed, relay_ip) if relay_ip else closed),
+        zone_txt(domain, authorise_ip(closed, relay_ip) if relay_ip else closed),
     )
 
 
@@ -1159,8 +1166,8 @@ async def _check_dmarc(
         envelope_aligns = envelope_domain == domain
     else:
         envelope_aligns = _aligned_relaxed(envelope_domain, domain)
-    own_envelope = envelope_domain != domain
-    spf_result = state.envelope_spf_result if own_envelope else state.spf_result
+    spf_result = state.spf_result  # the envelope domain's (see _check_spf)
+    at_envelope = f" at {envelope_domain}" if envelope_domain != domain else ""
     spf_aligned: bool | None
     if spf_result is None:
         spf_aligned = None if envelope_aligns else False
@@ -1177,10 +1184,8 @@ async def _check_dmarc(
                 f"SPF: the envelope sender domain {envelope_domain} does not align with "
                 f"{domain} (aspf={aspf})"
             )
-        elif own_envelope:
-            reasons.append(f"SPF: {spf_result} for {relay_ip} at {envelope_domain}")
         else:
-            reasons.append(f"SPF: {spf_result} for {relay_ip}")
+            reasons.append(f"SPF: {spf_result} for {relay_ip}{at_envelope}")
     elif spf_aligned is None:
         reasons.append("SPF: not evaluated (pass --relay-ip)")
     if state.dkim_ok and not signature_aligns:
@@ -1204,11 +1209,8 @@ async def _check_dmarc(
         )
         return
     fixes = []
-    if spf_aligned is not True and relay_ip and envelope_aligns:
-        if own_envelope and state.envelope_spf_fix:
-            fixes.append(state.envelope_spf_fix)
-        elif not own_envelope and state.spf_record:
-            fixes.append(zone_txt(domain, authorise_ip(state.spf_record, relay_ip)))
+    if spf_aligned is not True and relay_ip and envelope_aligns and state.spf_record:
+        fixes.append(zone_txt(envelope_domain, authorise_ip(state.spf_record, relay_ip)))
     if not dkim_aligned and not signature_aligns:
         fixes.append(
             f'sign with the From domain\'s key: server.dkim_domain_source = "header_from" and '
@@ -1248,23 +1250,6 @@ async def _check_dmarc(
         detail,
         "; ".join(fixes),
     )
-
-
-async def _evaluate_envelope_spf(
-    resolver: dns.asyncresolver.Resolver, state: _State, relay_ip: str, envelope: str
-) -> None:
-    """SPF of the envelope domain for the relay's IP, and the record that would make it pass."""
-    result, _ = await asyncio.to_thread(_evaluate_spf, _blocking_twin(resolver), relay_ip, envelope)
-    state.envelope_spf_result = result
-    if result == "pass":
-        return
-    txt = await _txt(resolver, envelope)
-    records = _spf_records(txt.records) if txt.status == "ok" else []
-    if txt.failed or len(records) > 1:
-        return  # no single record to extend; the SPF result in the detail says why
-    ip_term = f"ip{ipaddress.ip_address(relay_ip).version}:{relay_ip}"
-    value = authorise_ip(records[0], relay_ip) if records else f"v=spf1 {ip_term} -all"
-    state.envelope_spf_fix = zone_txt(envelope, value)
 
 
 # ========================================================================== entry point
@@ -1333,8 +1318,6 @@ async def diagnose(
         _check_dkim(report, resolver, state, selector, local_dkim_public),
     )
     await asyncio.to_thread(_suffix_rules, PUBLIC_SUFFIX_LIST)  # reads the file once
-    if relay_ip and envelope != domain and _aligned_relaxed(envelope, domain):
-        await _evaluate_envelope_spf(resolver, state, relay_ip, envelope)
     await _check_dmarc(report, resolver, state, relay_ip, envelope)
     order = {c: i for i, c in enumerate(("MX", "SPF", "DKIM", "DMARC"))}
     report.findings.sort(key=lambda f: order.get(f.check, 99))

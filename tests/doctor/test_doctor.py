@@ -766,3 +766,21 @@ def test_spf_domain_specs_the_abnf_allows(record):
 )
 def test_spf_domain_specs_the_abnf_refuses(record, problem):
     assert any(problem in p for p in spf_syntax_problems(record)), spf_syntax_problems(record)
+
+
+async def test_spf_section_checks_the_envelope_domain_receivers_check(loopback_dns, keys):
+    """With --envelope-domain, receivers evaluate that domain's SPF record: the From domain's
+    record failing the relay is no reason for 'recipients will answer 550' (nor exit 1)."""
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove(DOMAIN, "TXT")
+    loopback_dns.add(DOMAIN, "TXT", "v=spf1 mx -all")  # does not authorise the relay
+    loopback_dns.add("bounces.corp.example", "TXT", "v=spf1 ip4:203.0.113.7 -all")
+    report = await run(loopback_dns, keys[0], envelope_domain="bounces.corp.example")
+    assert not report.has_errors, [f.to_dict() for f in report.findings]
+    assert severities(report)["SPF"] == ["info", "ok", "ok"]
+    assert report.by_check("SPF")[0].summary == (
+        "SPF checked for the envelope (MAIL FROM) domain bounces.corp.example: receivers "
+        "evaluate its record, not corp.example's"
+    )
+    assert report.by_check("SPF")[1].detail == "Record: v=spf1 ip4:203.0.113.7 -all"
+    assert only(report, "DMARC").summary.endswith("aligns via SPF and DKIM")
