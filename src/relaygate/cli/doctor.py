@@ -140,7 +140,8 @@ def register(app: typer.Typer) -> None:
         envelope_domain: str | None = typer.Option(
             None,
             "--envelope-domain",
-            help="MAIL FROM domain of relayed mail if it differs from DOMAIN (SPF alignment).",
+            help="MAIL FROM domain of relayed mail if it differs from DOMAIN: receivers check "
+            "its SPF (and, with dkim_domain_source = envelope_sender, the relay signs with it).",
         ),
         dns_server: list[str] | None = typer.Option(
             None,
