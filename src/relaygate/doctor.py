@@ -379,6 +379,8 @@ async def count_spf_lookups(
         has_all = any(_parse_term(t)[1] == "all" for t in terms if _parse_term(t)[0] == "mechanism")
         for term in terms:
             kind, name, value, _ = _parse_term(term)
+            if kind == "mechanism" and name == "all":
+                break  # RFC 7208 §5.1: mechanisms after "all" are never evaluated
             if name not in _LOOKUP_TERMS or (kind == "modifier") != (name == "redirect"):
                 continue
             if name == "redirect" and has_all:
@@ -812,8 +814,8 @@ async def _check_spf(
         detail = f"pyspf: {explanation}" if explanation else ""
         if structural:
             detail = (
-                f"{detail}. The relay's IP matches before the lookup limit is reached; senders "
-                "matched later in the record get permerror."
+                f"{detail}. The relay's IP matches before the lookup limit or the failing "
+                "include is reached; senders matched later in the record get an error."
             ).lstrip(". ")
         report.add("SPF", "ok", f"SPF authorises {relay_ip} (pass)", detail)
         return

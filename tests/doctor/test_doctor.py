@@ -784,3 +784,14 @@ async def test_spf_section_checks_the_envelope_domain_receivers_check(loopback_d
     )
     assert report.by_check("SPF")[1].detail == "Record: v=spf1 ip4:203.0.113.7 -all"
     assert only(report, "DMARC").summary.endswith("aligns via SPF and DKIM")
+
+
+async def test_spf_terms_after_all_cost_no_lookup(loopback_dns, keys):
+    """Evaluation stops at 'all' (RFC 7208 §5.1): what follows is never looked up or counted."""
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove(DOMAIN, "TXT")
+    after = " ".join(f"a:h{i}.corp.example" for i in range(11))
+    loopback_dns.add(DOMAIN, "TXT", f"v=spf1 ip4:203.0.113.7 -all {after}")
+    report = await run(loopback_dns, keys[0])
+    assert severities(report)["SPF"] == ["ok", "ok"], [f.to_dict() for f in report.findings]
+    assert report.by_check("SPF")[0].summary == "SPF record is valid and needs 0 of 10 DNS lookups"
