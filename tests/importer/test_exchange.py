@@ -327,6 +327,90 @@ Identity       : EX01\\Anything Goes
     ]
 
 
+def _connector_and_acl(name: str, groups: str, ranges: str, user: str, auth: str = "Tls") -> str:
+    return f"""
+Identity         : EX01\\{name}
+Bindings         : {{0.0.0.0:25}}
+RemoteIPRanges   : {{{ranges}}}
+AuthMechanism    : {auth}
+PermissionGroups : {groups}
+TransportRole    : FrontendTransport
+
+User           : {user}
+ExtendedRights : {{ms-Exch-SMTP-Submit, ms-Exch-SMTP-Accept-Any-Recipient}}
+Deny           : False
+IsInherited    : False
+Identity       : EX01\\{name}
+"""
+
+
+@pytest.mark.parametrize(
+    ("groups", "ranges", "user"),
+    [
+        # Custom: the anonymous session's rights come from the ACE alone (as on the server).
+        ("Custom", "0.0.0.0-255.255.255.255", "NT AUTHORITY\\ANONYMOUS LOGON"),
+        # Everyone covers anonymous sessions too.
+        ("AnonymousUsers", "0.0.0.0/0", "Everyone"),
+        # Two halves are every address as much as one /0 is.
+        ("AnonymousUsers", "0.0.0.0/1, 128.0.0.0/1", "NT AUTHORITY\\ANONYMOUS LOGON"),
+        # A French domain controller's spelling of the same principal.
+        (
+            "AnonymousUsers",
+            "::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "AUTORITE NT\\ANONYMOUS LOGON",
+        ),
+    ],
+)
+def test_open_relay_is_called_out_whichever_way_anonymous_sessions_get_the_right(
+    groups: str, ranges: str, user: str
+) -> None:
+    merged = combine_results(
+        [parse_receive_connectors(_connector_and_acl("Wide Open", groups, ranges, user))]
+    )
+    assert (
+        "EX01\\Wide Open: grants relay to (nearly) all addresses: this is an OPEN RELAY. Narrow "
+        "remote_ip_ranges to the devices that send (see the protocol-log usage report) before using it"
+    ) in merged.warnings
+    assert not any("is an Active Directory account" in w for w in merged.warnings)
+
+
+def test_well_known_principals_keep_their_meaning_in_any_spelling() -> None:
+    merged = combine_results(
+        [
+            parse_receive_connectors(
+                _connector_and_acl(
+                    "Printers", "AnonymousUsers", "10.1.1.5", "AUTORITE NT\\ANONYMOUS LOGON"
+                )
+            )
+        ]
+    )
+    assert merged.connectors[0]["permissions"] == [
+        {
+            "user": "NT AUTHORITY\\ANONYMOUS LOGON",
+            "extended_rights": ["ms-Exch-SMTP-Accept-Any-Recipient"],
+        }
+    ]
+    assert merged.warnings == []
+
+
+def test_externally_secured_connector_is_always_called_full_trust() -> None:
+    text = """
+Identity         : EX01\\Trusted Subnet
+Bindings         : {0.0.0.0:25}
+RemoteIPRanges   : {10.0.0.0/8}
+AuthMechanism    : Tls, ExternalAuthoritative
+PermissionGroups : ExchangeServers
+TransportRole    : FrontendTransport
+"""
+    merged = combine_results([parse_receive_connectors(text)])
+    assert merged.warnings == [
+        "EX01\\Trusted Subnet: ExternalAuthoritative (externally secured) trusts 16,777,216 address(es) "
+        "fully: their mail relays, counts as internal and authenticated, may use any internal sender "
+        "address, and bypasses the size limit. Keep it for a few hosts secured outside the relay, or "
+        "move the devices to AnonymousUsers + an Accept-Any-Recipient permission"
+    ]
+
+
 def test_truncated_format_list_enumeration_is_reported() -> None:
     text = """
 Identity         : EX01\\Many Printers

@@ -26,12 +26,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from relaygate.config.model import Permission, ReceiveConnector
+from relaygate.config.values import IPRange, parse_ip_range
 from relaygate.importer.formats import ExchangeImportError, _records, decode_export, detect_format
 from relaygate.importer.permissions import (
     _GROUP_GRANTS,
     _SERVER_PRINCIPAL_SUFFIXES,
-    ACCEPT_ANY_RECIPIENT,
-    ANONYMOUS_LOGON,
     EXTENDED_RIGHTS,
     _is_permission_record,
     _permissions,
@@ -41,7 +41,8 @@ from relaygate.importer.permissions import AUTHENTICATED_USERS as AUTHENTICATED_
 from relaygate.importer.receive_connectors import _connector, _is_connector_record
 from relaygate.importer.result import ImportResult
 from relaygate.importer.send_connectors import _is_send_connector_record, _send_connector
-from relaygate.importer.values import _address, _Bad, _identity, format_size
+from relaygate.importer.values import _identity, format_size
+from relaygate.policy.rights import is_externally_secured, session_rights
 
 __all__ = [
     "EXTENDED_RIGHTS",
@@ -130,32 +131,67 @@ def _implied(groups: list[str], user: str) -> frozenset[str] | None:
     return frozenset(implied)
 
 
-def _grants_relay(connector: dict[str, Any]) -> bool:
-    perms = connector.get("permissions", [])
-    anonymous_relay = "AnonymousUsers" in connector.get("permission_groups", []) and any(
-        p["user"] == ANONYMOUS_LOGON
-        and ACCEPT_ANY_RECIPIENT in p["extended_rights"]
-        and not p.get("deny")
-        for p in perms
+def _as_model(connector: dict[str, Any]) -> ReceiveConnector | None:
+    """The rights-relevant part of an imported connector as the server sees it; None when its ranges
+    do not parse (the write's validation names them)."""
+    try:
+        ranges = tuple(parse_ip_range(text) for text in connector.get("remote_ip_ranges", []))
+    except ValueError:
+        return None
+    permissions = tuple(
+        Permission(p["user"], tuple(p["extended_rights"]), bool(p.get("deny")))
+        for p in connector.get("permissions", [])
     )
-    externally_secured = "ExternalAuthoritative" in connector.get("auth_mechanism", [])
-    return anonymous_relay or externally_secured
+    return ReceiveConnector(
+        name=connector["name"],
+        remote_ip_ranges=ranges,
+        auth_mechanism=tuple(connector.get("auth_mechanism", ("Tls",))),
+        permission_groups=tuple(connector.get("permission_groups", ())),
+        permissions=permissions,
+    )
 
 
-def _covers_everything(ranges: list[str]) -> bool:
-    for text in ranges:
-        try:
-            if "/" in text:
-                if text.endswith("/0"):
-                    return True
-            elif "-" in text:
-                low, _, high = text.partition("-")
-                first, last = _address(low), _address(high)
-                if int(last) - int(first) + 1 >= 2 ** (first.max_prefixlen - 8):
-                    return True
-        except _Bad:
-            continue
-    return False
+def _addresses_covered(ranges: tuple[IPRange, ...], version: int) -> int:
+    """How many addresses of one family the ranges cover together (overlaps counted once)."""
+    covered, end = 0, -1
+    for entry in sorted((r for r in ranges if r.version == version), key=lambda r: r.first):
+        first = max(entry.first, end + 1)
+        if entry.last >= first:
+            covered += entry.last - first + 1
+            end = entry.last
+    return covered
+
+
+def _covers_nearly_everything(ranges: tuple[IPRange, ...]) -> bool:
+    """At least half of an address family, however it is spelt (one /0, two /1 halves, a-b...)."""
+    return any(
+        _addresses_covered(ranges, version) >= 2 ** (bits - 1)
+        for version, bits in ((4, 32), (6, 128))
+    )
+
+
+def _relay_warnings(connector: dict[str, Any], origin: str) -> list[str]:
+    """Who the imported connector lets relay, judged by the server's own rights code
+    (`session_rights`): an ACE for ANONYMOUS LOGON or Everyone relays whatever the permission
+    groups say, and ExternalAuthoritative is full trust however few hosts it covers."""
+    model = _as_model(connector)
+    if model is None:
+        return []
+    warnings = []
+    if session_rights(model).may_relay and _covers_nearly_everything(model.remote_ip_ranges):
+        warnings.append(
+            f"{origin}: grants relay to (nearly) all addresses: this is an OPEN RELAY. Narrow "
+            "remote_ip_ranges to the devices that send (see the protocol-log usage report) before using it"
+        )
+    if is_externally_secured(model):
+        hosts = sum(_addresses_covered(model.remote_ip_ranges, version) for version in (4, 6))
+        warnings.append(
+            f"{origin}: ExternalAuthoritative (externally secured) trusts {hosts:,} address(es) fully: "
+            "their mail relays, counts as internal and authenticated, may use any internal sender "
+            "address, and bypasses the size limit. Keep it for a few hosts secured outside the relay, "
+            "or move the devices to AnonymousUsers + an Accept-Any-Recipient permission"
+        )
+    return warnings
 
 
 def _without_fqdn(connector: dict[str, Any]) -> dict[str, Any]:
@@ -251,9 +287,5 @@ def combine_results(results: list[ImportResult]) -> ImportResult:
             target["permissions"] = attached
     for connector in merged.connectors:
         origin = ", ".join(merged.sources.get(connector["name"], [connector["name"]]))
-        if _grants_relay(connector) and _covers_everything(connector.get("remote_ip_ranges", [])):
-            merged.warnings.append(
-                f"{origin}: grants relay to (nearly) all addresses: this is an OPEN RELAY. Narrow "
-                "remote_ip_ranges to the devices that send (see the protocol-log usage report) before using it"
-            )
+        merged.warnings.extend(_relay_warnings(connector, origin))
     return merged

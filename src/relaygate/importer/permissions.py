@@ -19,6 +19,7 @@ from relaygate.importer.values import (
 
 ANONYMOUS_LOGON = "NT AUTHORITY\\ANONYMOUS LOGON"
 AUTHENTICATED_USERS = "NT AUTHORITY\\Authenticated Users"
+EVERYONE = "Everyone"
 ACCEPT_ANY_RECIPIENT = "ms-Exch-SMTP-Accept-Any-Recipient"
 
 #: The SMTP extended rights a receive connector's ACL can carry (reference §3.1), canonical spelling.
@@ -47,6 +48,11 @@ _PRINCIPALS = {
     "authenticated users": AUTHENTICATED_USERS,
     "s-1-5-11": AUTHENTICATED_USERS,
     "nt-autorität\\authentifizierte benutzer": AUTHENTICATED_USERS,
+    "everyone": EVERYONE,
+    "s-1-1-0": EVERYONE,
+    "jeder": EVERYONE,
+    "tout le monde": EVERYONE,
+    "todos": EVERYONE,
     "ms exchange\\externally secured servers": "MS Exchange\\Externally Secured Servers",
     "ms exchange\\partner servers": "MS Exchange\\Partner Servers",
     "ms exchange\\edge transport servers": "MS Exchange\\Edge Transport Servers",
@@ -96,10 +102,26 @@ def _is_permission_record(record: dict[str, Any]) -> bool:
     return "extendedrights" in keys or ("user" in keys and "accessrights" in keys)
 
 
+# Well-known accounts by their name alone: a localised domain controller translates the "NT AUTHORITY"
+# part ("AUTORITE NT\\ANONYMOUS LOGON" on a French one) but not always the account.
+_WELL_KNOWN_ACCOUNTS = {
+    "anonymous logon": ANONYMOUS_LOGON,
+    "anonymous-anmeldung": ANONYMOUS_LOGON,
+    "authenticated users": AUTHENTICATED_USERS,
+    "authentifizierte benutzer": AUTHENTICATED_USERS,
+    "utilisateurs authentifiés": AUTHENTICATED_USERS,
+}
+
+
 def canonical_user(user: str) -> str:
-    """Normalise a principal: well-known names and SIDs get Exchange's spelling; others are kept."""
+    """Normalise a principal: well-known names and SIDs get Exchange's spelling, whatever the
+    language of the domain controller that named them; others are kept."""
     text = user.strip()
-    return _PRINCIPALS.get(text.lower(), text)
+    known = _PRINCIPALS.get(text.lower())
+    if known is not None:
+        return known
+    _, _, account = text.rpartition("\\")
+    return _WELL_KNOWN_ACCOUNTS.get(account.lower(), text)
 
 
 def _permissions(
