@@ -411,25 +411,30 @@ TransportRole    : FrontendTransport
     ]
 
 
-def test_truncated_format_list_enumeration_is_reported() -> None:
+def test_truncated_format_list_enumeration_is_reported_and_never_imported() -> None:
+    # $FormatEnumerationLimit (4 by default) cut both lists; the second wraps at the console width.
     text = """
 Identity         : EX01\\Many Printers
-Bindings         : {0.0.0.0:25}
-RemoteIPRanges   : {10.1.0.1, 10.1.0.2, 10.1.0.3, 10.1.0.4...}
+Bindings         : {10.0.0.25:25, 10.0.0.26:25, 10.0.0.27:25, 10.0.0.28:25...}
+RemoteIPRanges   : {10.1.0.1, 10.1.0.2, 10.1.0.3,
+                   10.1.0.4...}
 AuthMechanism    : Tls
 PermissionGroups : AnonymousUsers
 """
     result = parse_receive_connectors(text)
-    assert result.connectors[0]["remote_ip_ranges"] == [
-        "10.1.0.1",
-        "10.1.0.2",
-        "10.1.0.3",
-        "10.1.0.4",
+    assert result.connectors == [
+        {
+            "name": "Many Printers",
+            "enabled": False,
+            "auth_mechanism": ["Tls"],
+            "permission_groups": ["AnonymousUsers"],
+        }
     ]
     assert result.warnings == [
-        "EX01\\Many Printers: RemoteIPRanges was cut short by $FormatEnumerationLimit ('...' in the export); "
-        "only the 4 entries shown were imported. Re-export after `$FormatEnumerationLimit = -1`, or with "
-        "ConvertTo-Json"
+        f"EX01\\Many Printers: {name} was cut short by $FormatEnumerationLimit ('...' after the first 4 "
+        "entries in the export); not imported, and the connector is imported disabled. Re-export after "
+        f"`$FormatEnumerationLimit = -1` (or with ConvertTo-Json), or fill in {key} and set enabled = true"
+        for name, key in (("Bindings", "bindings"), ("RemoteIPRanges", "remote_ip_ranges"))
     ]
 
 

@@ -200,3 +200,24 @@ def test_combine_keeps_identical_send_connectors_once_and_refuses_different_ones
         "two different send connectors are named 'Internet'; import one of them, or rename one "
         "in the export"
     ]
+
+
+def test_truncated_address_spaces_are_not_imported_as_the_first_four() -> None:
+    text = """
+Identity      : Partners
+AddressSpaces : {SMTP:a.example;1, SMTP:b.example;1, SMTP:c.example;1, SMTP:d.example;1...}
+SmartHosts    : {smarthost.corp.example}
+DNSRoutingEnabled : False
+Enabled       : True
+"""
+    result = parse_exchange_export(text)
+    [send] = result.send_connectors
+    assert send["enabled"] is False and "address_spaces" not in send
+    parse_config({"send_connectors": [send]}, "<import>")  # still a valid (disabled) connector
+    assert result.warnings == [
+        "Partners: AddressSpaces was cut short by $FormatEnumerationLimit ('...' after the first 4 "
+        "entries in the export); not imported. Re-export after `$FormatEnumerationLimit = -1` (or with "
+        "ConvertTo-Json)",
+        "Partners: imported disabled because no SMTP address space could be read; set address_spaces "
+        "and enabled = true",
+    ]

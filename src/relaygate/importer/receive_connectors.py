@@ -151,18 +151,19 @@ def _connector(
         except _Bad as exc:
             result.warnings.append(f"{identity}: {param.exchange} {exc}; not imported")
             if param.key in ("bindings", "remote_ip_ranges"):
-                out["enabled"] = False
-                result.warnings.append(
-                    f"{identity}: imported disabled because its {param.exchange} could not be read; "
-                    f"fill in {param.key} and set enabled = true"
-                )
+                _disable(out, result, identity, param)
             continue
         if truncated:
+            # The first entries only would lock out every device past them after the cut-over (or
+            # listen on too few endpoints): the list is not imported at all.
             result.warnings.append(
-                f"{identity}: {param.exchange} was cut short by $FormatEnumerationLimit ('...' in the export); "
-                f"only the {len(value)} entries shown were imported. Re-export after "
-                "`$FormatEnumerationLimit = -1`, or with ConvertTo-Json"
+                f"{identity}: {param.exchange} was cut short by $FormatEnumerationLimit ('...' after the "
+                f"first {len(value)} entries in the export); not imported, and the connector is imported "
+                "disabled. Re-export after `$FormatEnumerationLimit = -1` (or with ConvertTo-Json), or "
+                f"fill in {param.key} and set enabled = true"
             )
+            out["enabled"] = False
+            continue
         if param.key == "bare_linefeed_rejection_enabled" and value is False:
             result.warnings.append(
                 f"{identity}: BareLinefeedRejectionEnabled is False in Exchange; RelayGate keeps rejecting "
@@ -194,6 +195,14 @@ def _connector(
     _connector_warnings(identity, name, out, result)
     result.sources.setdefault(name, []).append(identity)
     return out
+
+
+def _disable(out: dict[str, Any], result: ImportResult, identity: str, param: _Param) -> None:
+    out["enabled"] = False
+    result.warnings.append(
+        f"{identity}: imported disabled because its {param.exchange} could not be read; "
+        f"fill in {param.key} and set enabled = true"
+    )
 
 
 def _connector_warnings(

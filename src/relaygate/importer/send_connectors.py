@@ -162,11 +162,13 @@ def _address_spaces(
         result.warnings.append(f"{identity}: AddressSpaces {exc}; not imported")
         spaces, truncated = [], False
     if truncated:
+        # The first entries only would route the domains past them elsewhere, or nowhere.
         result.warnings.append(
-            f"{identity}: AddressSpaces was cut short by $FormatEnumerationLimit ('...' in the export); "
-            "only the entries shown were imported. Re-export after `$FormatEnumerationLimit = -1`, "
-            "or with ConvertTo-Json"
+            f"{identity}: AddressSpaces was cut short by $FormatEnumerationLimit ('...' after the first "
+            f"{len(spaces)} entries in the export); not imported. Re-export after "
+            "`$FormatEnumerationLimit = -1` (or with ConvertTo-Json)"
         )
+        spaces = []
     kept: list[str] = []
     costs: list[int] = []
     for space_type, address, cost in spaces:
