@@ -348,3 +348,52 @@ def test_write_refuses_a_send_connector_name_already_present(tmp_path: Path) -> 
     assert proc.returncode == 1
     assert config.read_bytes() == original.encode()
     assert "a send connector named 'Internet' already exists" in proc.stderr
+
+
+def test_ad_permissions_from_convertto_json_objects(tmp_path: Path) -> None:
+    # ConvertTo-Json in a local Exchange shell writes User, ExtendedRights and Identity as objects
+    # (IdParameters with RawIdentity), not as the strings remoting gives.
+    aces = [
+        {
+            "User": {
+                "RawIdentity": "NT AUTHORITY\\ANONYMOUS LOGON",
+                "SecurityIdentifier": "S-1-5-7",
+            },
+            "Identity": "EX01\\Relay Printers",
+            "ExtendedRights": ["ms-Exch-SMTP-Accept-Any-Recipient"],
+            "AccessRights": [256],
+            "Deny": False,
+            "IsInherited": False,
+        },
+        {
+            "User": "CORP\\svc-scan",
+            "Identity": {"RawIdentity": "EX01\\Relay Printers"},
+            "ExtendedRights": [{"RawIdentity": "ms-Exch-SMTP-Submit"}],
+            "Deny": False,
+            "IsInherited": False,
+        },
+        {
+            "User": {"SecurityIdentifier": {"Value": "S-1-5-7"}},
+            "Identity": {"DistinguishedName": None},
+            "ExtendedRights": [{"RawIdentity": "ms-Exch-SMTP-Accept-Any-Sender"}],
+            "Deny": True,
+            "IsInherited": False,
+        },
+    ]
+    acl = tmp_path / "acl.json"
+    acl.write_text(json.dumps(aces), encoding="utf-8")
+    proc = run(FL, "--permissions", acl, "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["connectors"][0]["permissions"] == [
+        {
+            "user": "NT AUTHORITY\\ANONYMOUS LOGON",
+            "extended_rights": ["ms-Exch-SMTP-Accept-Any-Recipient"],
+        },
+        {"user": "CORP\\svc-scan", "extended_rights": ["ms-Exch-SMTP-Submit"]},
+    ]
+    # The Deny ACE names no connector: said, never dropped in silence.
+    assert (
+        "an AD permission entry (Deny ms-Exch-SMTP-Accept-Any-Sender for NT AUTHORITY\\ANONYMOUS "
+        "LOGON) names no connector in its Identity; not imported"
+    ) in out["warnings"]

@@ -11,10 +11,10 @@ from relaygate.importer.values import (
     _Bad,
     _bool,
     _get,
+    _id_parameter,
     _identity,
     _is_empty,
     _items,
-    _string,
 )
 
 ANONYMOUS_LOGON = "NT AUTHORITY\\ANONYMOUS LOGON"
@@ -124,6 +124,18 @@ def canonical_user(user: str) -> str:
     return _WELL_KNOWN_ACCOUNTS.get(account.lower(), text)
 
 
+def _rights(raw: Any) -> list[Any]:
+    """ExtendedRights as a list; one cut short by $FormatEnumerationLimit cannot be read (a Deny ACE
+    read in part would grant what it denies)."""
+    items, truncated = _items(raw)
+    if truncated:
+        raise _Bad(
+            "ExtendedRights was cut short by $FormatEnumerationLimit ('...'); re-export after "
+            "`$FormatEnumerationLimit = -1`, or with ConvertTo-Json"
+        )
+    return items
+
+
 def _permissions(
     records: list[dict[str, Any]], result: ImportResult
 ) -> dict[str, list[dict[str, Any]]]:
@@ -136,14 +148,21 @@ def _permissions(
                 _get(record, "IsInherited")
             )
             deny = not _is_empty(_get(record, "Deny")) and _bool(_get(record, "Deny"))
-            rights, _ = _items(_get(record, "ExtendedRights"))
+            rights = [_id_parameter(item) for item in _rights(_get(record, "ExtendedRights"))]
+            user_raw = _get(record, "User")
+            user = "" if _is_empty(user_raw) else canonical_user(_id_parameter(user_raw))
         except _Bad as exc:
             result.warnings.append(f"{identity}: an AD permission entry could not be read ({exc})")
             continue
-        user_raw = _get(record, "User")
-        if not name or _is_empty(user_raw) or not rights or inherited:
+        if not user or not rights or inherited:
             continue  # plain ACEs (ReadProperty, GenericAll...) and inherited ones are not connector rights
-        user = canonical_user(_string(user_raw))
+        if not name:
+            # Dropping it in silence would lose a relay grant (or, for a Deny, widen the rights).
+            result.warnings.append(
+                f"an AD permission entry ({'Deny' if deny else 'Allow'} {', '.join(rights)} for {user}) "
+                "names no connector in its Identity; not imported"
+            )
+            continue
         kept = []
         for right in rights:
             canonical = _RIGHTS_BY_LOWER.get(str(right).lower())

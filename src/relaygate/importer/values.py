@@ -468,6 +468,21 @@ def _normalised_default(param: _Param) -> Any:
     return param.default
 
 
+def _id_parameter(raw: Any) -> str:
+    """A principal or extended right (SecurityPrincipalIdParameter, ExtendedRightIdParameter): a string
+    as remoting writes it, or the object a local shell's ConvertTo-Json writes (RawIdentity, else the
+    SID)."""
+    raw = _unwrap(raw)
+    if isinstance(raw, dict):
+        lowered = {k.lower(): v for k, v in raw.items()}
+        for key in ("rawidentity", "name", "securityidentifier", "sid"):
+            value = _unwrap(lowered.get(key))
+            if isinstance(value, str) and value.strip():
+                return value.strip()
+        raise _Bad(f"cannot read a principal or right from {_text(raw)}")
+    return _string(raw)
+
+
 def _identity(record: dict[str, Any]) -> tuple[str, str]:
     """→ (server, connector name) from Identity (`EX01\\Relay`, a DN or an ADObjectId object)."""
     raw = _get(record, "Identity")
@@ -475,7 +490,12 @@ def _identity(record: dict[str, Any]) -> tuple[str, str]:
     name = ""
     if isinstance(raw, dict):
         lowered = {k.lower(): v for k, v in raw.items()}
-        raw = lowered.get("distinguishedname") or lowered.get("name") or ""
+        raw = (
+            lowered.get("distinguishedname")
+            or lowered.get("rawidentity")  # an IdParameter, as ConvertTo-Json writes it
+            or lowered.get("name")
+            or ""
+        )
     if isinstance(raw, str) and raw.strip():
         text = raw.strip()
         if re.match(r"^CN=", text, re.IGNORECASE):
