@@ -397,3 +397,24 @@ def test_ad_permissions_from_convertto_json_objects(tmp_path: Path) -> None:
         "an AD permission entry (Deny ms-Exch-SMTP-Accept-Any-Sender for NT AUTHORITY\\ANONYMOUS "
         "LOGON) names no connector in its Identity; not imported"
     ) in out["warnings"]
+
+
+def test_a_log_among_the_files_is_told_by_its_header_not_read_whole(tmp_path: Path) -> None:
+    import tracemalloc
+
+    from relaygate.cli.importer import _classify
+
+    log = tmp_path / "RECV2024031409-1.LOG"
+    head = (LOGS / "RECV2024031409-1.LOG").read_bytes()
+    with log.open("wb") as out:
+        out.write(head)
+        for _ in range(1000):  # ~10 MB
+            out.write(head.split(b"\n", 5)[5])
+    tracemalloc.start()
+    try:
+        exports, logs = _classify([log, FL])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert logs == [log] and [path for path, _ in exports] == [FL]
+    assert peak < log.stat().st_size / 10, f"peak {peak:,} bytes"

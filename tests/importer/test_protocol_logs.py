@@ -214,3 +214,52 @@ def test_columns_follow_each_fields_header() -> None:
         "",
         "",
     )
+
+
+def test_a_large_log_is_streamed_not_read_whole(tmp_path: Path) -> None:
+    import tracemalloc
+
+    header = (
+        "\ufeff#Software: Microsoft Exchange Server\r\n#Version: 15.0.0.0\r\n"
+        "#Log-type: SMTP Receive Protocol Log\r\n#Date: 2024-03-14T09:00:02.117Z\r\n"
+        "#Fields: date-time,connector-id,session-id,sequence-number,local-endpoint,remote-endpoint,"
+        "event,data,context\r\n"
+    )
+    session = (
+        "2024-03-14T09:12:01.101Z,EX01\\Relay,S{n},0,10.0.0.5:25,[2001:db8::{h:x}]:49152,+,,\r\n"
+        '2024-03-14T09:12:01.102Z,EX01\\Relay,S{n},1,10.0.0.5:25,[2001:db8::{h:x}]:49152,>,"220 EX01 ready, '
+        'really",\r\n'
+        "2024-03-14T09:12:01.131Z,EX01\\Relay,S{n},2,10.0.0.5:25,[2001:db8::{h:x}]:49152,<,"
+        "MAIL FROM:<scan@corp.example>,\r\n"
+        "2024-03-14T09:12:01.131Z,EX01\\Relay,S{n},3,10.0.0.5:25,[2001:db8::{h:x}]:49152,<,"
+        "RCPT TO:<a@partner.example>,\r\n"
+        "2024-03-14T09:12:01.140Z,EX01\\Relay,S{n},4,10.0.0.5:25,[2001:db8::{h:x}]:49152,>,"
+        "250 2.1.0 Sender OK,\r\n"
+        "2024-03-14T09:12:01.141Z,EX01\\Relay,S{n},5,10.0.0.5:25,[2001:db8::{h:x}]:49152,>,"
+        "250 2.1.5 Recipient OK,\r\n"
+        "2024-03-14T09:12:01.150Z,EX01\\Relay,S{n},6,10.0.0.5:25,[2001:db8::{h:x}]:49152,>,"
+        '"250 2.6.0 <m{n}@corp.example> [InternalId=1, Hostname=EX01] Queued mail for delivery",\r\n'
+        "2024-03-14T09:12:01.160Z,EX01\\Relay,S{n},7,10.0.0.5:25,[2001:db8::{h:x}]:49152,-,,Local\r\n"
+    )
+    path = tmp_path / "RECV2024031409-1.LOG"
+    sessions = 15_000
+    with path.open("w", encoding="utf-8", newline="") as out:
+        out.write(header)
+        for n in range(sessions):
+            out.write(session.format(n=n, h=n % 7 + 1))
+    size = path.stat().st_size
+    assert size > 10_000_000
+
+    tracemalloc.start()
+    try:
+        report = analyze_protocol_logs([path], ACCEPTED)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert peak < size / 10, f"peak {peak:,} bytes for a {size:,}-byte log"
+    assert report.bytes == size and report.lines == sessions * 8 and report.warnings == []
+    [usage] = report.connectors.values()
+    assert usage.proposed_ranges() == ["2001:db8::1-2001:db8::7"]
+    assert sum(c.messages for c in usage.clients.values()) == sessions
+    assert sum(c.relayed(ACCEPTED) or 0 for c in usage.clients.values()) == sessions

@@ -46,6 +46,7 @@ __all__ = ["register"]
 
 ENV_VAR = "RELAYGATE_CONFIG"
 DEFAULT_CONFIG = Path("relaygate.toml")
+_LOG_HEAD_BYTES = 4096
 
 
 def register(app: typer.Typer) -> None:
@@ -79,13 +80,16 @@ def _classify(paths: list[Path]) -> tuple[list[tuple[Path, str]], list[Path]]:
             logs.append(path)
             continue
         try:
-            text = decode_export(path.read_bytes())
+            with path.open("rb") as file:
+                # A protocol log is told by its header: it is streamed later, not read whole here.
+                head = file.read(_LOG_HEAD_BYTES)
+                if is_receive_protocol_log(decode_export(head)):
+                    logs.append(path)
+                    continue
+                text = decode_export(head + file.read())
         except OSError as exc:
             raise _fail(f"{path}: cannot read ({exc.strerror})") from None
-        if is_receive_protocol_log(text):
-            logs.append(path)
-        else:
-            exports.append((path, text))
+        exports.append((path, text))
     return exports, logs
 
 

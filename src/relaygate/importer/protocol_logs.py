@@ -13,7 +13,9 @@ writes the same log format, so its own logs can be analysed the same way.
 from __future__ import annotations
 
 import csv
+import io
 import ipaddress
+import os
 import re
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -21,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from relaygate.importer.exchange import decode_export
 from relaygate.logs.protocol import PROTOCOL_LOG_FIELDS
 
 __all__ = [
@@ -227,6 +228,20 @@ def propose_ranges(ips: Iterable[str]) -> list[str]:
     return out
 
 
+_HEAD_BYTES = 4096
+
+
+def _log_encoding(head: bytes) -> str:
+    """The encoding of a log from its first bytes: Exchange writes UTF-8 (with or without BOM); a
+    copy saved by Windows PowerShell may be UTF-16. Undecodable bytes become U+FFFD (they can only be
+    in a data field: an EHLO name, an address)."""
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "utf-16"
+    if len(head) >= 4 and head[1::2].count(0) > len(head) // 4 and head[0::2].count(0) == 0:
+        return "utf-16-le"
+    return "utf-8-sig"
+
+
 def is_receive_protocol_log(text: str) -> bool:
     head = text[:4000]
     return "#Log-type: SMTP Receive Protocol Log" in head or (
@@ -297,27 +312,41 @@ class _Analyzer:
         return usage.clients.setdefault(session.ip, ClientUsage(session.ip))
 
     def feed_file(self, path: Path) -> None:
+        """Read one log line by line: a server writes up to 250 MB a day, and months of them are
+        read in one call, so a file is never held in memory whole."""
         try:
-            raw = path.read_bytes()
+            with path.open("rb") as raw:
+                head = raw.read(_HEAD_BYTES)
+                encoding = _log_encoding(head)
+                if not self._is_receive_log(path, head.decode(encoding, errors="replace")):
+                    return
+                raw.seek(0)
+                self.report.files.append(str(path))
+                self.report.bytes += os.fstat(raw.fileno()).st_size
+                text = io.TextIOWrapper(raw, encoding=encoding, errors="replace", newline="")
+                self._feed_lines(path, text)
         except OSError as exc:
             self.report.warnings.append(f"{path}: cannot read ({exc.strerror})")
-            return
-        text = decode_export(raw)
-        if "#Log-type:" in text[:2000] and not is_receive_protocol_log(text):
+
+    def _is_receive_log(self, path: Path, head: str) -> bool:
+        if "#Log-type:" in head[:2000] and not is_receive_protocol_log(head):
             self.report.warnings.append(f"{path}: not an SMTP receive protocol log; skipped")
-            return
-        self.report.files.append(str(path))
-        self.report.bytes += len(raw)
-        del raw
+            return False
+        return True
+
+    def _feed_lines(self, path: Path, text: Iterable[str]) -> None:
         columns = _Columns(DEFAULT_FIELDS)
         malformed = 0
 
         def data_lines() -> Iterable[str]:  # a `#Fields:` line changes the columns that follow
             nonlocal columns
-            for line in text.splitlines():
+            for line in text:
+                line = line.lstrip("\ufeff")
                 if line.startswith("#"):
                     if line.startswith("#Fields:"):
-                        columns = _Columns(f.strip() for f in line[len("#Fields:") :].split(","))
+                        columns = _Columns(
+                            f.strip() for f in line[len("#Fields:") :].strip().split(",")
+                        )
                 elif line.strip():
                     yield line
 
