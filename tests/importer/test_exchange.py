@@ -109,6 +109,56 @@ def test_format_list_with_wrapped_values() -> None:
     assert result.errors == []
 
 
+def _format_list(properties: dict[str, str], *, width: int, word_wrap: bool) -> str:
+    """One object as Format-List writes it at a console `width`: labels padded to the longest, values
+    wrapped at word ends (en, fr, de, it, pt, es cultures: a line keeps the space after its last
+    word) or cut at exactly the width (every other culture: StringManipulationHelper)."""
+    label_width = max(map(len, properties))
+    value_width = width - label_width - 3
+    lines = []
+    for label, value in properties.items():
+        chunks: list[str] = []
+        if word_wrap:
+            line = ""
+            for word in value.split(" "):
+                if line and len(line) + len(word) > value_width:
+                    chunks.append(line)
+                    line = ""
+                line += word + " "
+            chunks.append(line.rstrip())
+        else:
+            chunks = [value[i : i + value_width] for i in range(0, len(value), value_width)] or [""]
+        lines.append(f"{label.ljust(label_width)} : {chunks[0]}")
+        lines += [" " * (label_width + 3) + chunk for chunk in chunks[1:]]
+    return "\r\n" + "\r\n".join(lines) + "\r\n"
+
+
+@pytest.mark.parametrize("word_wrap", [True, False], ids=["word-wrap", "cut-at-width"])
+def test_format_list_values_wrapped_in_any_culture(word_wrap: bool) -> None:
+    text = _format_list(
+        {
+            "Identity": "EX01\\Relay Printers and Scanners Building 2",
+            "Bindings": "{0.0.0.0:25}",
+            "RemoteIPRanges": "{10.10.5.11, 10.10.5.12-10.10.5.40, 192.168.20.0/24}",
+            "AuthMechanism": "Tls, Integrated, BasicAuth, BasicAuthRequireTLS",
+            "PermissionGroups": "AnonymousUsers, ExchangeUsers, ExchangeServers",
+            "TransportRole": "FrontendTransport",
+            "Banner": "220 relay.corp.example ready for printers and scanners only",
+            "MaxInboundConnectionPercentagePerSource": "2",  # the longest label: 38 columns left
+        },
+        width=80,
+        word_wrap=word_wrap,
+    )
+    assert any(line.startswith(" ") for line in text.splitlines())  # it did wrap
+    result = parse_receive_connectors(text)
+    [connector] = result.connectors
+    assert connector["name"] == "Relay Printers and Scanners Building 2"
+    assert connector["remote_ip_ranges"] == ["10.10.5.11", "10.10.5.12-10.10.5.40", "192.168.20.0/24"]
+    assert connector["auth_mechanism"] == ["Tls", "Integrated", "BasicAuth", "BasicAuthRequireTLS"]
+    assert connector["permission_groups"] == ["AnonymousUsers", "ExchangeUsers", "ExchangeServers"]
+    assert connector["banner"] == "220 relay.corp.example ready for printers and scanners only"
+
+
 def test_csv_with_type_line_quoting_and_space_separated_lists() -> None:
     result = parse_receive_connectors(fixture("receive_connectors.csv"))
     assert result.connectors == [

@@ -61,18 +61,28 @@ def detect_format(text: str) -> str:
 _FL_KEY = re.compile(r"^([A-Za-z][A-Za-z0-9_.-]*)\s*:(?:\s(.*))?$")
 
 
-def _join_continuation(previous: str, continuation: str) -> str:
+def _join_continuation(previous: str, continuation: str, *, spaced: bool) -> str:
+    """A value's next line appended. `spaced`: a blank stood at the break (the line ended in one,
+    as word wrap leaves it, or the continuation starts with one, or the line stops short of the
+    width, its blank stripped); otherwise the break cut a word at the width (Format-List in cultures
+    other than en/fr/de/it/pt/es wraps that way)."""
+    if not previous:
+        return continuation
     if previous.startswith("{") and not previous.endswith("}"):
-        # Inside a wrapped {a, b, c} list: the break falls after ", " (or, rarely, inside one entry).
+        # Inside a wrapped {a, b, c} list: entries hold no blank, so only ", " separates.
         return previous + (" " if previous.endswith(",") else "") + continuation
-    return f"{previous} {continuation}" if previous else continuation
+    return previous + (" " if spaced or previous.endswith(",") else "") + continuation
 
 
 def _records_from_list(text: str) -> list[dict[str, Any]]:
+    lines = text.splitlines()
+    width = max((len(line.rstrip()) for line in lines), default=0)
     records: list[dict[str, Any]] = []
     current: dict[str, Any] = {}
     last_key: str | None = None
-    for raw_line in text.splitlines():
+    value_column = 0
+    previous_line = ""
+    for raw_line in lines:
         line = raw_line.rstrip()
         if not line.strip():
             if current:
@@ -81,7 +91,16 @@ def _records_from_list(text: str) -> list[dict[str, Any]]:
             continue
         if line[0] in " \t":
             if last_key is not None:
-                current[last_key] = _join_continuation(current[last_key], line.strip())
+                segment = raw_line[value_column:] if not raw_line[:value_column].strip() else line
+                spaced = (
+                    previous_line[-1:].isspace()
+                    or segment[:1].isspace()
+                    or len(previous_line.rstrip()) < width
+                )
+                current[last_key] = _join_continuation(
+                    current[last_key], segment.strip(), spaced=spaced
+                )
+                previous_line = raw_line
             continue
         match = _FL_KEY.match(line)
         if not match or match.group(1) in ("WARNING", "VERBOSE", "DEBUG", "PS"):
@@ -93,6 +112,8 @@ def _records_from_list(text: str) -> list[dict[str, Any]]:
             current = {}
         current[key] = value
         last_key = key
+        value_column = match.start(2) if match.group(2) is not None else len(line) + 1
+        previous_line = raw_line
     if current:
         records.append(current)
     return records
