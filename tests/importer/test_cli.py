@@ -418,3 +418,58 @@ def test_a_log_among_the_files_is_told_by_its_header_not_read_whole(tmp_path: Pa
         tracemalloc.stop()
     assert logs == [log] and [path for path, _ in exports] == [FL]
     assert peak < log.stat().st_size / 10, f"peak {peak:,} bytes"
+
+
+OPEN_RELAY = """
+Identity         : EX01\\Relay Printers
+Bindings         : {0.0.0.0:25}
+RemoteIPRanges   : {0.0.0.0-255.255.255.255}
+AuthMechanism    : Tls
+PermissionGroups : AnonymousUsers
+TransportRole    : FrontendTransport
+Enabled          : True
+
+User           : NT AUTHORITY\\ANONYMOUS LOGON
+ExtendedRights : {ms-Exch-SMTP-Accept-Any-Recipient}
+Deny           : False
+IsInherited    : False
+Identity       : EX01\\Relay Printers
+"""
+
+
+def test_write_never_puts_an_open_relay_live(tmp_path: Path) -> None:
+    # A running server reloads the config as soon as it changes: an enabled open relay would relay
+    # for the whole Internet from the moment of the write.
+    export = tmp_path / "open.txt"
+    export.write_text(OPEN_RELAY)
+    config = tmp_path / "relaygate.toml"
+    config.write_text(CONFIG)
+    proc = run(export, "--write", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    relay = next(
+        c
+        for c in tomllib.loads(config.read_text())["receive_connectors"]
+        if c["name"] == "Relay Printers"
+    )
+    assert relay["enabled"] is False
+    assert relay["remote_ip_ranges"] == ["0.0.0.0-255.255.255.255"]
+    assert (
+        "warning: EX01\\Relay Printers: grants relay to (nearly) all addresses: this is an OPEN RELAY, "
+        "so it is imported disabled. Narrow remote_ip_ranges to the devices that send (see the "
+        "protocol-log usage report), then set enabled = true"
+    ) in proc.stdout
+
+
+def test_an_open_relay_narrowed_from_the_logs_is_imported_enabled(tmp_path: Path) -> None:
+    export = tmp_path / "open.txt"
+    export.write_text(OPEN_RELAY)
+    proc = run(export, "--logs", LOGS, "--narrow-ranges", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    [relay] = out["connectors"]
+    assert relay["remote_ip_ranges"] == ["10.10.5.11-10.10.5.13", "192.168.20.7", "2001:db8:10::25"]
+    assert relay["enabled"] is True
+    assert (
+        "Relay Printers: enabled again: the ranges narrowed from the protocol logs no longer make it an "
+        "open relay"
+    ) in out["warnings"]

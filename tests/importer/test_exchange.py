@@ -153,7 +153,11 @@ def test_format_list_values_wrapped_in_any_culture(word_wrap: bool) -> None:
     result = parse_receive_connectors(text)
     [connector] = result.connectors
     assert connector["name"] == "Relay Printers and Scanners Building 2"
-    assert connector["remote_ip_ranges"] == ["10.10.5.11", "10.10.5.12-10.10.5.40", "192.168.20.0/24"]
+    assert connector["remote_ip_ranges"] == [
+        "10.10.5.11",
+        "10.10.5.12-10.10.5.40",
+        "192.168.20.0/24",
+    ]
     assert connector["auth_mechanism"] == ["Tls", "Integrated", "BasicAuth", "BasicAuthRequireTLS"]
     assert connector["permission_groups"] == ["AnonymousUsers", "ExchangeUsers", "ExchangeServers"]
     assert connector["banner"] == "220 relay.corp.example ready for printers and scanners only"
@@ -372,9 +376,11 @@ Identity       : EX01\\Anything Goes
 """
     merged = combine_results([parse_receive_connectors(connector), parse_receive_connectors(acl)])
     assert merged.warnings == [
-        "EX01\\Anything Goes: grants relay to (nearly) all addresses: this is an OPEN RELAY. Narrow "
-        "remote_ip_ranges to the devices that send (see the protocol-log usage report) before using it"
+        "EX01\\Anything Goes: grants relay to (nearly) all addresses: this is an OPEN RELAY, so it is "
+        "imported disabled. Narrow remote_ip_ranges to the devices that send (see the protocol-log usage "
+        "report), then set enabled = true"
     ]
+    assert merged.connectors[0]["enabled"] is False
 
 
 def _connector_and_acl(name: str, groups: str, ranges: str, user: str, auth: str = "Tls") -> str:
@@ -418,9 +424,11 @@ def test_open_relay_is_called_out_whichever_way_anonymous_sessions_get_the_right
         [parse_receive_connectors(_connector_and_acl("Wide Open", groups, ranges, user))]
     )
     assert (
-        "EX01\\Wide Open: grants relay to (nearly) all addresses: this is an OPEN RELAY. Narrow "
-        "remote_ip_ranges to the devices that send (see the protocol-log usage report) before using it"
+        "EX01\\Wide Open: grants relay to (nearly) all addresses: this is an OPEN RELAY, so it is "
+        "imported disabled. Narrow remote_ip_ranges to the devices that send (see the protocol-log usage "
+        "report), then set enabled = true"
     ) in merged.warnings
+    assert merged.connectors[0]["enabled"] is False
     assert not any("is an Active Directory account" in w for w in merged.warnings)
 
 

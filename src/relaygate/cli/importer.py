@@ -34,6 +34,7 @@ from relaygate.importer.exchange import (
     combine_results,
     decode_export,
     detect_format,
+    is_open_relay,
     parse_exchange_export,
 )
 from relaygate.importer.protocol_logs import (
@@ -163,6 +164,12 @@ def _apply_proposed_ranges(result: ImportResult, usage: UsageReport) -> None:
                 f"(was {', '.join(connector.get('remote_ip_ranges', [])) or 'empty'})"
             )
             connector["remote_ip_ranges"] = proposed
+            if connector["name"] in result.disabled_open_relays and not is_open_relay(connector):
+                connector["enabled"] = True
+                result.warnings.append(
+                    f"{connector['name']}: enabled again: the ranges narrowed from the protocol logs no "
+                    "longer make it an open relay"
+                )
         else:
             result.warnings.append(
                 f"{connector['name']}: no accepted message in the protocol logs; remote_ip_ranges left as exported"

@@ -53,6 +53,7 @@ __all__ = [
     "decode_export",
     "detect_format",
     "format_size",
+    "is_open_relay",
     "parse_ad_permissions",
     "parse_exchange_export",
     "parse_receive_connectors",
@@ -170,28 +171,52 @@ def _covers_nearly_everything(ranges: tuple[IPRange, ...]) -> bool:
     )
 
 
-def _relay_warnings(connector: dict[str, Any], origin: str) -> list[str]:
+def _open_relay(model: ReceiveConnector) -> bool:
+    return session_rights(model).may_relay and _covers_nearly_everything(model.remote_ip_ranges)
+
+
+def is_open_relay(connector: dict[str, Any]) -> bool:
+    """Whether an imported connector's anonymous sessions may relay for (nearly) every address,
+    judged by the server's own rights code."""
+    model = _as_model(connector)
+    return model is not None and _open_relay(model)
+
+
+def _disable(connector: dict[str, Any]) -> None:
+    """enabled = false, written next to the name where Exchange's Enabled was not exported."""
+    if "enabled" not in connector:
+        name = connector.pop("name")
+        rest = dict(connector)
+        connector.clear()
+        connector.update({"name": name, "enabled": False, **rest})
+    connector["enabled"] = False
+
+
+def _check_relay(connector: dict[str, Any], origin: str, merged: ImportResult) -> None:
     """Who the imported connector lets relay, judged by the server's own rights code
     (`session_rights`): an ACE for ANONYMOUS LOGON or Everyone relays whatever the permission
-    groups say, and ExternalAuthoritative is full trust however few hosts it covers."""
+    groups say, and ExternalAuthoritative is full trust however few hosts it covers. An open relay
+    is imported disabled: a running server reloads its config as soon as `--write` changes it."""
     model = _as_model(connector)
     if model is None:
-        return []
-    warnings = []
-    if session_rights(model).may_relay and _covers_nearly_everything(model.remote_ip_ranges):
-        warnings.append(
-            f"{origin}: grants relay to (nearly) all addresses: this is an OPEN RELAY. Narrow "
-            "remote_ip_ranges to the devices that send (see the protocol-log usage report) before using it"
+        return
+    if _open_relay(model):
+        if connector.get("enabled", True):
+            _disable(connector)
+            merged.disabled_open_relays.append(connector["name"])
+        merged.warnings.append(
+            f"{origin}: grants relay to (nearly) all addresses: this is an OPEN RELAY, so it is imported "
+            "disabled. Narrow remote_ip_ranges to the devices that send (see the protocol-log usage "
+            "report), then set enabled = true"
         )
     if is_externally_secured(model):
         hosts = sum(_addresses_covered(model.remote_ip_ranges, version) for version in (4, 6))
-        warnings.append(
+        merged.warnings.append(
             f"{origin}: ExternalAuthoritative (externally secured) trusts {hosts:,} address(es) fully: "
             "their mail relays, counts as internal and authenticated, may use any internal sender "
             "address, and bypasses the size limit. Keep it for a few hosts secured outside the relay, "
             "or move the devices to AnonymousUsers + an Accept-Any-Recipient permission"
         )
-    return warnings
 
 
 def _without_fqdn(connector: dict[str, Any]) -> dict[str, Any]:
@@ -287,5 +312,5 @@ def combine_results(results: list[ImportResult]) -> ImportResult:
             target["permissions"] = attached
     for connector in merged.connectors:
         origin = ", ".join(merged.sources.get(connector["name"], [connector["name"]]))
-        merged.warnings.extend(_relay_warnings(connector, origin))
+        _check_relay(connector, origin, merged)
     return merged

@@ -17,6 +17,7 @@ class ImportResult:
     skipped: Exchange parameters with no RelayGate key (`SERVER\\Name: Parameter = value`).
     errors: problems that make a write unsafe (two different connectors with one name).
     sources: connector name → the Exchange identity(ies) it came from (`EX01\\Relay`).
+    disabled_open_relays: names of the connectors imported disabled because they would be open relays.
     """
 
     connectors: list[dict[str, Any]] = field(default_factory=list)
@@ -26,6 +27,7 @@ class ImportResult:
     errors: list[str] = field(default_factory=list)
     sources: dict[str, list[str]] = field(default_factory=dict)
     send_connectors: list[dict[str, Any]] = field(default_factory=list)
+    disabled_open_relays: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
