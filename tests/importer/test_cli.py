@@ -169,7 +169,7 @@ def test_write_with_env_config_and_narrowed_ranges(tmp_path: Path) -> None:
     config = tmp_path / "conf" / "relay.toml"
     config.parent.mkdir()
     config.write_text(CONFIG)
-    proc = run(FL, "--logs", LOGS, "--narrow-ranges", "--write", "--json", cwd=tmp_path,
+    proc = run(FL, "--permissions", ACL_FL, "--logs", LOGS, "--narrow-ranges", "--write", "--json", cwd=tmp_path,
                env={"RELAYGATE_CONFIG": str(config)})  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
@@ -472,4 +472,33 @@ def test_an_open_relay_narrowed_from_the_logs_is_imported_enabled(tmp_path: Path
     assert (
         "Relay Printers: enabled again: the ranges narrowed from the protocol logs no longer make it an "
         "open relay"
+    ) in out["warnings"]
+
+
+def test_narrow_ranges_leaves_a_connector_that_does_not_relay_as_exported(tmp_path: Path) -> None:
+    # Default Frontend takes the organisation's mail from the whole Internet: narrowed to the one
+    # partner seen in the logs, it would refuse mail from every other sender after the cut-over.
+    export = tmp_path / "frontend.txt"
+    export.write_text(
+        """
+Identity         : EX01\\Default Frontend EX01
+Bindings         : {[::]:25, 0.0.0.0:25}
+RemoteIPRanges   : {::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff, 0.0.0.0-255.255.255.255}
+AuthMechanism    : Tls, Integrated, BasicAuth, BasicAuthRequireTLS, ExchangeServer
+PermissionGroups : AnonymousUsers, ExchangeServers, ExchangeLegacyServers
+TransportRole    : FrontendTransport
+"""
+    )
+    proc = run(export, "--logs", LOGS, "--narrow-ranges", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    [frontend] = out["connectors"]
+    assert frontend["remote_ip_ranges"] == [
+        "::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+        "0.0.0.0-255.255.255.255",
+    ]
+    assert (
+        "Default Frontend EX01: remote_ip_ranges not narrowed: anonymous clients cannot relay through "
+        "it (it takes mail for the accepted domains, or relays after AUTH only), so narrowing it to the "
+        "1 address(es) seen in the protocol logs would refuse every other sender"
     ) in out["warnings"]

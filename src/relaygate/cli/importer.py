@@ -36,6 +36,7 @@ from relaygate.importer.exchange import (
     detect_format,
     is_open_relay,
     parse_exchange_export,
+    relays_anonymously,
 )
 from relaygate.importer.protocol_logs import (
     UsageReport,
@@ -158,7 +159,16 @@ def _toml_for(result: ImportResult, *, send: bool = False) -> str:
 def _apply_proposed_ranges(result: ImportResult, usage: UsageReport) -> None:
     for connector in result.connectors:
         proposed = usage.proposed_ranges(connector["name"])
-        if proposed:
+        if proposed and not relays_anonymously(connector):
+            # Who may relay is not at stake: narrowing would only refuse senders not seen (the
+            # Internet's mail for the accepted domains, roaming users who authenticate).
+            result.warnings.append(
+                f"{connector['name']}: remote_ip_ranges not narrowed: anonymous clients cannot relay "
+                "through it (it takes mail for the accepted domains, or relays after AUTH only), so "
+                f"narrowing it to the {len(proposed)} address(es) seen in the protocol logs would refuse "
+                "every other sender"
+            )
+        elif proposed:
             result.warnings.append(
                 f"{connector['name']}: remote_ip_ranges narrowed from the protocol logs to {', '.join(proposed)} "
                 f"(was {', '.join(connector.get('remote_ip_ranges', [])) or 'empty'})"

@@ -57,6 +57,7 @@ __all__ = [
     "parse_ad_permissions",
     "parse_exchange_export",
     "parse_receive_connectors",
+    "relays_anonymously",
 ]
 
 
@@ -173,6 +174,13 @@ def _covers_nearly_everything(ranges: tuple[IPRange, ...]) -> bool:
 
 def _open_relay(model: ReceiveConnector) -> bool:
     return session_rights(model).may_relay and _covers_nearly_everything(model.remote_ip_ranges)
+
+
+def relays_anonymously(connector: dict[str, Any]) -> bool:
+    """Whether an imported connector's anonymous sessions may relay (method A or B), judged by the
+    server's own rights code; True when its ranges cannot be read (the caller must not assume less)."""
+    model = _as_model(connector)
+    return model is None or session_rights(model).may_relay
 
 
 def is_open_relay(connector: dict[str, Any]) -> bool:
