@@ -595,3 +595,16 @@ def test_format_detection_and_errors() -> None:
 )
 def test_format_size(size: int, text: str) -> None:
     assert format_size(size) == text
+
+
+def test_server_as_an_object_without_a_name_is_not_a_crash() -> None:
+    # ConvertTo-Json at a depth where Server (an ADObjectId) lost its Name: the Identity DN still
+    # names the server.
+    text = (
+        '{"Identity": "CN=Relay,CN=SMTP Receive Connectors,CN=Protocols,CN=EX01,CN=Servers,CN=Exchange",'
+        ' "Server": {"DistinguishedName": "CN=EX01,CN=Servers,CN=Exchange"}, "Bindings": ["0.0.0.0:25"],'
+        ' "RemoteIPRanges": ["10.0.0.1"], "PermissionGroups": "AnonymousUsers"}'
+    )
+    result = parse_receive_connectors(text)
+    assert [c["name"] for c in result.connectors] == ["Relay"]
+    assert result.sources == {"Relay": ["EX01\\Relay"]}

@@ -486,7 +486,10 @@ def _id_parameter(raw: Any) -> str:
 def _identity(record: dict[str, Any]) -> tuple[str, str]:
     """→ (server, connector name) from Identity (`EX01\\Relay`, a DN or an ADObjectId object)."""
     raw = _get(record, "Identity")
-    server = _string(_get(record, "Server")) if not _is_empty(_get(record, "Server")) else ""
+    try:
+        server = _string(_get(record, "Server")) if not _is_empty(_get(record, "Server")) else ""
+    except _Bad:
+        server = ""  # an object without a name: the Identity DN (below) may still name the server
     name = ""
     if isinstance(raw, dict):
         lowered = {k.lower(): v for k, v in raw.items()}
