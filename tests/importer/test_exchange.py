@@ -608,3 +608,19 @@ def test_server_as_an_object_without_a_name_is_not_a_crash() -> None:
     result = parse_receive_connectors(text)
     assert [c["name"] for c in result.connectors] == ["Relay"]
     assert result.sources == {"Relay": ["EX01\\Relay"]}
+
+
+def test_a_type_name_from_convertto_json_depth_says_how_to_re_export() -> None:
+    text = (
+        '{"Identity": "EX01\\\\Relay", "Bindings": ["0.0.0.0:25"], "PermissionGroups": "AnonymousUsers",'
+        ' "RemoteIPRanges": "Microsoft.Exchange.Data.MultiValuedProperty`1[Microsoft.Exchange.Data.IPRange]"}'
+    )
+    result = parse_receive_connectors(text)
+    assert result.connectors[0]["enabled"] is False
+    assert result.warnings[0] == (
+        "EX01\\Relay: RemoteIPRanges holds the .NET type name "
+        "'Microsoft.Exchange.Data.MultiValuedProperty`1[Microsoft.Exchange.Data.IPRange]' instead of its "
+        "values (Export-Csv writes multi-valued properties so, ConvertTo-Json what lies deeper than its "
+        "-Depth, 2 by default); re-export with `ConvertTo-Json -Depth 5`, or with Format-List after "
+        "`$FormatEnumerationLimit = -1`; not imported"
+    )

@@ -147,8 +147,10 @@ def _text(raw: Any) -> str:
 def _check_type_name(raw: Any) -> None:
     if isinstance(raw, str) and _TYPE_NAME.match(raw.strip()):
         raise _Bad(
-            f"holds the .NET type name {raw.strip()!r} instead of its values (Export-Csv does this for "
-            "multi-valued properties); export with ConvertTo-Json or Format-List instead"
+            f"holds the .NET type name {raw.strip()!r} instead of its values (Export-Csv writes "
+            "multi-valued properties so, ConvertTo-Json what lies deeper than its -Depth, 2 by default); "
+            "re-export with `ConvertTo-Json -Depth 5`, or with Format-List after "
+            "`$FormatEnumerationLimit = -1`"
         )
 
 
