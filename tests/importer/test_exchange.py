@@ -624,3 +624,24 @@ def test_a_type_name_from_convertto_json_depth_says_how_to_re_export() -> None:
         "-Depth, 2 by default); re-export with `ConvertTo-Json -Depth 5`, or with Format-List after "
         "`$FormatEnumerationLimit = -1`; not imported"
     )
+
+
+def test_a_wide_relay_range_is_called_out_but_imported() -> None:
+    merged = combine_results(
+        [
+            parse_receive_connectors(
+                _connector_and_acl(
+                    "Site Relay",
+                    "AnonymousUsers",
+                    "10.0.0.0-10.255.255.255, 192.168.7.0/24, 2001:db8::/48",
+                    "NT AUTHORITY\\ANONYMOUS LOGON",
+                )
+            )
+        ]
+    )
+    assert merged.connectors[0].get("enabled", True) is True
+    assert merged.warnings == [
+        "EX01\\Site Relay: anonymous clients of 10.0.0.0-10.255.255.255 (16,777,216 addresses, as wide "
+        "as a /8), 2001:db8::/48 (as wide as a /48) may relay: narrow remote_ip_ranges to the devices "
+        "that send (see the protocol-log usage report, or --narrow-ranges)"
+    ]

@@ -44,6 +44,10 @@ from relaygate.importer.send_connectors import _is_send_connector_record, _send_
 from relaygate.importer.values import _identity, format_size
 from relaygate.policy.rights import is_externally_secured, session_rights
 
+# The widest relay ranges `relaygate audit` accepts by default (its max_prefix_v4 / max_prefix_v6).
+MAX_RELAY_PREFIX_V4 = 24
+MAX_RELAY_PREFIX_V6 = 64
+
 __all__ = [
     "EXTENDED_RIGHTS",
     "ExchangeImportError",
@@ -172,6 +176,18 @@ def _covers_nearly_everything(ranges: tuple[IPRange, ...]) -> bool:
     )
 
 
+def _wide_ranges(ranges: tuple[IPRange, ...]) -> list[str]:
+    """Entries wider than `relaygate audit` lets a relay range be (its defaults: /24, /64)."""
+    wide = []
+    for entry in ranges:
+        prefix = entry.prefix_length()
+        if entry.version == 4 and prefix < MAX_RELAY_PREFIX_V4:
+            wide.append(f"{entry.text} ({entry.size:,} addresses, as wide as a /{prefix})")
+        elif entry.version == 6 and prefix < MAX_RELAY_PREFIX_V6:
+            wide.append(f"{entry.text} (as wide as a /{prefix})")
+    return wide
+
+
 def _open_relay(model: ReceiveConnector) -> bool:
     return session_rights(model).may_relay and _covers_nearly_everything(model.remote_ip_ranges)
 
@@ -217,6 +233,13 @@ def _check_relay(connector: dict[str, Any], origin: str, merged: ImportResult) -
             "disabled. Narrow remote_ip_ranges to the devices that send (see the protocol-log usage "
             "report), then set enabled = true"
         )
+    elif session_rights(model).may_relay and not is_externally_secured(model):
+        wide = _wide_ranges(model.remote_ip_ranges)
+        if wide:
+            merged.warnings.append(
+                f"{origin}: anonymous clients of {', '.join(wide)} may relay: narrow remote_ip_ranges to "
+                "the devices that send (see the protocol-log usage report, or --narrow-ranges)"
+            )
     if is_externally_secured(model):
         hosts = sum(_addresses_covered(model.remote_ip_ranges, version) for version in (4, 6))
         merged.warnings.append(
