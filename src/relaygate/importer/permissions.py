@@ -157,6 +157,8 @@ def _permissions(
         if not user or not rights or inherited:
             continue  # plain ACEs (ReadProperty, GenericAll...) and inherited ones are not connector rights
         if not name:
+            if not any(str(right).lower() in _RIGHTS_BY_LOWER for right in rights):
+                continue
             # Dropping it in silence would lose a relay grant (or, for a Deny, widen the rights).
             result.warnings.append(
                 f"an AD permission entry ({'Deny' if deny else 'Allow'} {', '.join(rights)} for {user}) "
