@@ -645,3 +645,11 @@ def test_a_wide_relay_range_is_called_out_but_imported() -> None:
         "as a /8), 2001:db8::/48 (as wide as a /48) may relay: narrow remote_ip_ranges to the devices "
         "that send (see the protocol-log usage report, or --narrow-ranges)"
     ]
+
+
+def test_a_plain_ace_without_a_connector_is_not_warned_about() -> None:
+    text = (
+        '[{"User": "CORP\\\\Exchange Servers", "Identity": {"DistinguishedName": null},'
+        ' "ExtendedRights": ["ms-Exch-EPI-Token-Serialization"], "Deny": false, "IsInherited": false}]'
+    )
+    assert parse_receive_connectors(text).warnings == []
