@@ -72,7 +72,7 @@ def cfg(tmp_path: Path) -> Path:
 
 
 def load(path: Path) -> dict:
-    return tomllib.loads(path.read_text())
+    return tomllib.loads(path.read_text(encoding="utf-8-sig"))
 
 
 def connector(path: Path, name: str) -> dict:
@@ -768,3 +768,26 @@ def test_lists_fit_a_narrow_terminal(cfg: Path) -> None:
     for name in names:  # one line each, the name whole
         assert len([line for line in send.out.splitlines() if line.startswith(name)]) == 1
     assert "PermissionGroups" in wide.out and "narrow terminal" not in wide.out
+
+
+def test_a_file_saved_with_a_byte_order_mark_can_be_edited_and_keeps_it(cfg: Path) -> None:
+    """Windows Notepad saves UTF-8 with a byte order mark: `check` and `serve` read such a file, so
+    the editing verbs must too (they refused it as 'not valid TOML: Empty key at line 1')."""
+    bom = b"\xef\xbb\xbf"
+    cfg.write_bytes(bom + cfg.read_bytes())
+    assert_valid(cfg)
+    r = run("connector", "set", "SMTP Relay Internal", "--banner", "220 hi", "-c", str(cfg))
+    assert r.code == 0, r.err
+    r = run("domain", "add", "branch.example", "-c", str(cfg), "--json")
+    assert r.code == 0, r.out + r.err
+    assert r.json()["created"] is False
+    data = cfg.read_bytes()
+    assert data.startswith(bom) and data.count(bom) == 1  # the file keeps its encoding
+    assert connector(cfg, "SMTP Relay Internal")["banner"] == "220 hi"
+    assert_comments_kept(cfg)
+    assert_valid(cfg)
+    # the same setting again is no change: the file is not rewritten
+    mtime = cfg.stat().st_mtime_ns
+    r = run("connector", "set", "SMTP Relay Internal", "--banner", "220 hi", "-c", str(cfg))
+    assert r.code == 0 and "no change" in r.out, r.out + r.err
+    assert cfg.stat().st_mtime_ns == mtime

@@ -48,6 +48,10 @@ __all__ = [
 
 T = TypeVar("T")
 
+#: The UTF-8 byte order mark Windows Notepad writes: the loader skips it (utf-8-sig), so the editor
+#: reads past it too and writes it back, keeping the file as its author saved it.
+_BOM = b"\xef\xbb\xbf"
+
 NEW_FILE_HEADER = (
     "# RelayGate configuration (created by `relaygate`; edit by hand or with the CLI, comments are kept).\n"
     "# Check it with `relaygate check`; a running server reloads it on change or SIGHUP.\n"
@@ -137,7 +141,7 @@ def _read(path: Path, create: bool) -> tuple[bytes | None, TOMLDocument]:
     except OSError as exc:
         raise ConfigError([Problem(str(path), "(file)", f"cannot read: {exc.strerror}")]) from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.removeprefix(_BOM).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError([Problem(str(path), "(file)", f"not UTF-8: {exc}")]) from None
     try:
@@ -164,11 +168,12 @@ def apply_edit(
     before: Config | None = None
     if raw is not None:
         with contextlib.suppress(ConfigError):
-            before = parse_text(raw.decode("utf-8"), source, base_dir=base_dir)
+            before = parse_text(raw.removeprefix(_BOM).decode("utf-8"), source, base_dir=base_dir)
     value = mutate(doc)
     text = tomlkit.dumps(doc)
     config = parse_text(text, source, base_dir=base_dir)  # raises ConfigError: nothing written
-    data = text.encode("utf-8")
+    bom = _BOM if raw is not None and raw.startswith(_BOM) else b""
+    data = bom + text.encode("utf-8")
     changed = raw != data
     if changed:
         atomic_write(path, data)
