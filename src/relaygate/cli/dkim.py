@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 
+from relaygate.cli.common import JSON_OPTION, fail
 from relaygate.dkim.keys import (
     ALGORITHMS,
     DkimKeyError,
@@ -30,12 +31,8 @@ _DATA_DIR = typer.Option(
     "--data-dir",
     help="Data directory holding dkim/ (default: server.data_dir of the config).",
 )
-_JSON = typer.Option(False, "--json", help="Print machine-readable JSON.")
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    sys.stderr.write(f"error: {message}\n")
-    return typer.Exit(code)
+_JSON = JSON_OPTION  # with --json, errors are JSON too (common.fail)
+_fail = fail
 
 
 def _load_config(config: Path | None) -> Any:

@@ -10,6 +10,8 @@ from typing import Any
 
 import typer
 
+from relaygate.cli.common import JSON_OPTION, emit_json, fail, json_requested, problems_json
+
 __all__ = ["register"]
 
 _STYLE = {"ok": "green", "info": "cyan", "warning": "yellow", "error": "bold red"}
@@ -158,7 +160,7 @@ def register(app: typer.Typer) -> None:
         data_dir: Path | None = typer.Option(
             None, "--data-dir", help="Data directory with dkim/ keys (default: server.data_dir)."
         ),
-        json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+        json_out: bool = JSON_OPTION,
     ) -> None:
         """MX, SPF (does it authorise the relay's IP), DKIM and DMARC for DOMAIN; exit 1 on errors."""
         from relaygate.doctor import ascii_domain, diagnose, relay_address
@@ -167,14 +169,12 @@ def register(app: typer.Typer) -> None:
             domain_n = ascii_domain(domain)
             envelope_domain = ascii_domain(envelope_domain) if envelope_domain else None
         except ValueError as exc:
-            sys.stderr.write(f"error: {exc}\n")
-            raise typer.Exit(2) from None
+            raise fail(str(exc), 2) from None
         if relay_ip is not None:
             try:
                 relay_ip = relay_address(relay_ip)
             except ValueError:
-                sys.stderr.write(f"error: --relay-ip {relay_ip!r} is not an IP address\n")
-                raise typer.Exit(2) from None
+                raise fail(f"--relay-ip {relay_ip!r} is not an IP address", 2) from None
         cfg = None
         if config is not None or data_dir is None:
             from relaygate.config import ConfigError, load_config
@@ -183,8 +183,17 @@ def register(app: typer.Typer) -> None:
                 cfg = load_config(config)
             except ConfigError as exc:
                 if config is not None:
-                    for problem in exc.problems:
-                        sys.stderr.write(f"{problem}\n")
+                    if json_requested():
+                        emit_json(
+                            {
+                                "ok": False,
+                                "source": str(config),
+                                "errors": problems_json(exc.problems),
+                            }
+                        )
+                    else:
+                        for problem in exc.problems:
+                            sys.stderr.write(f"{problem}\n")
                     raise typer.Exit(2) from None
                 sys.stderr.write("warning: the config file has errors; ignoring it\n")
         if data_dir is None and cfg is not None:
@@ -195,8 +204,7 @@ def register(app: typer.Typer) -> None:
         try:
             resolver = _resolver(servers, timeout)
         except (ValueError, OSError) as exc:
-            sys.stderr.write(f"error: bad --dns-server: {exc}\n")
-            raise typer.Exit(2) from None
+            raise fail(f"bad --dns-server: {exc}", 2) from None
         signing_domain = _signing_domain(cfg, domain_n, envelope_domain)
         selector, local_public = _local_key(cfg, data_dir, signing_domain, selector)
         report = asyncio.run(

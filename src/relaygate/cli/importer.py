@@ -26,6 +26,7 @@ from rich.table import Table
 from tomlkit.items import Table as TomlTable
 from tomlkit.toml_document import TOMLDocument
 
+from relaygate.cli.common import fail, remember_json
 from relaygate.config import ConfigError
 from relaygate.config import edit as ed
 from relaygate.importer.exchange import (
@@ -61,9 +62,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(import_app, name="import")
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
+_fail = fail  # with --json, errors are JSON too
 
 
 def _config_path(explicit: Path | None) -> Path:
@@ -351,7 +350,10 @@ def exchange(
         None, "--config", help="Config file (default: $RELAYGATE_CONFIG or ./relaygate.toml)."
     ),
     as_json: bool = typer.Option(
-        False, "--json", help="Print a JSON object instead of TOML and tables."
+        False,
+        "--json",
+        help="Print a JSON object instead of TOML and tables.",
+        callback=remember_json,
     ),
 ) -> None:
     """Turn exported Exchange receive and send connectors (and protocol logs) into RelayGate connectors."""
