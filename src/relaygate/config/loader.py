@@ -277,17 +277,16 @@ class _Builder:
                     )
                 else:
                     rights.append(canonical)
+            deny = item.get("deny", False)
+            if not isinstance(deny, bool):
+                # bool("false") is True: a quoted value would silently turn a grant into a deny
+                self.error(f"{p}.deny", f"expected true or false, got {deny!r}", connector)
+                continue
             if not rights:
                 if not _as_list(item.get("extended_rights", [])):  # bad names were reported above
                     self.error(f"{p}.extended_rights", "lists no extended right", connector)
                 continue
-            out.append(
-                m.Permission(
-                    user=user.strip(),
-                    extended_rights=tuple(rights),
-                    deny=bool(item.get("deny", False)),
-                )
-            )
+            out.append(m.Permission(user=user.strip(), extended_rights=tuple(rights), deny=deny))
         return tuple(out)
 
 
