@@ -223,12 +223,20 @@ class Relay:
         assert self.ctx is not None and self.server is not None
         ctx = self.ctx
         retired: list[TrackingLog] = []
+        restart_only: list[str] = []
+        if new.server.data_dir != self.config.server.data_dir:
+            # The queue, the logs and the node lock stay where they were opened: keys read from a
+            # new directory now (log privacy, DKIM, ACME) would not match what the relay keeps
+            # writing in the old one. Like queue.store, it takes effect at the next start.
+            restart_only.append("server.data_dir")
+            server = dataclasses.replace(new.server, data_dir=self.config.server.data_dir)
+            new = dataclasses.replace(new, server=server)
         try:
             privacy = await asyncio.to_thread(log_privacy_for, new)
         except PrivacyKeyError as exc:
             logger.error("reload refused, keeping the running configuration: %s", exc)
             return
-        restart_only = [
+        restart_only += [
             f"queue.{key}"
             for key in ("store", "database_url")
             if getattr(new.queue, key) != getattr(self.config.queue, key)

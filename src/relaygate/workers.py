@@ -154,8 +154,9 @@ def supervisor_alive(link_fd: int) -> bool:
 
 
 def pinned_queue(config: Config) -> Config:
-    """A worker's config with the queue store its supervisor started with (see ``_spawn``),
-    and ACME on or off as the supervisor last applied it (only the supervisor runs the client)."""
+    """A worker's config with the queue store and data directory its supervisor started with
+    (see ``_spawn``), and ACME on or off as the supervisor last applied it (only the supervisor
+    runs the client)."""
     raw = os.environ.get(PINNED_QUEUE_ENV)
     if not raw:
         return config
@@ -167,6 +168,15 @@ def pinned_queue(config: Config) -> Config:
             "file says otherwise: this worker keeps ACME as its siblings until the next reload)"
         )
         server = dataclasses.replace(config.server, acme_directory_url=url)
+        config = dataclasses.replace(config, server=server)
+    data_dir = pinned.get("data_dir")
+    if data_dir is not None and Path(data_dir) != config.server.data_dir:
+        logger.warning(
+            "server.data_dir changed since relaygate serve started: this worker keeps the data "
+            "directory of its siblings (%s) until relaygate serve restarts",
+            data_dir,
+        )
+        server = dataclasses.replace(config.server, data_dir=Path(data_dir))
         config = dataclasses.replace(config, server=server)
     queue = config.queue
     if (queue.store, queue.database_url) == (pinned["store"], pinned["database_url"]):
@@ -386,6 +396,8 @@ class Supervisor:
             {
                 "store": queue.store,
                 "database_url": queue.database_url,
+                # the SQLite queue, logs and keys of its siblings (a reload does not move them)
+                "data_dir": str(self.config.server.data_dir),
                 # ACME on or off as its siblings (the supervisor runs the client or not)
                 "acme_directory_url": self.acme_directory_url,
             }

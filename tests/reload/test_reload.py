@@ -437,3 +437,29 @@ def test_a_reload_that_takes_a_client_off_a_relay_connector_ends_its_open_sessio
     assert other.cmd("RCPT TO:<victim@external.example>").text == RELAY_DENIED
     other.close()
     printer.close()
+
+
+def test_a_reload_that_moves_data_dir_keeps_the_running_one_and_says_so(relay, caplog, tmp_path):  # noqa: F811
+    """The queue, the logs and the node lock stay where the relay opened them: a new
+    server.data_dir takes effect at the next start, as queue.store does. Before, the reload took
+    the keys from the new directory (a new log privacy key was created there, so addresses logged
+    from then on were pseudonymized with another key than those before: `trace` could not find
+    both) while the queue stayed in the old one, and nothing said so."""
+    from tests.smtp.conftest import relay_connector
+
+    conn = relay_connector(ranges=["127.0.0.5"])
+    h = relay([conn], server={"log_address_privacy": "pseudonymize"})
+    running = h.relay.config.server.data_dir
+    moved = tmp_path / "moved-data"
+    h.doc["server"]["data_dir"] = str(moved)
+    with caplog.at_level(logging.WARNING, logger="relaygate"):
+        h.reconfigure([conn])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "server.data_dir changed: takes effect when relaygate serve restarts" in warnings, (
+        warnings
+    )
+    assert h.relay.config.server.data_dir == running
+    with h.smtp("127.0.0.5") as c:
+        c.sendmail("a@corp.example", ["x@external.example"], b"Subject: t\r\n\r\nhi\r\n")
+    assert len(h.messages()) == 1  # in the running queue
+    assert not moved.exists()  # nothing of the running relay went to the new directory

@@ -719,3 +719,35 @@ def test_sighup_with_an_out_of_range_value_keeps_the_supervisor_and_workers(serv
         pass
     assert s.stop() == 0
     assert "Traceback" not in s.log(), s.log()[-3000:]
+
+
+def test_a_worker_restarted_after_data_dir_moved_keeps_its_siblings_directory(
+    serve: Any, sink: tuple[Sink, int]
+) -> None:
+    """server.data_dir edited in the file: the running workers keep theirs (the reload says it
+    waits for a restart), and a worker restarted after a crash opens its siblings' queue, not a
+    second SQLite queue in the new directory that the admin API and its siblings never see."""
+    s = serve(workers=2)
+    before = s.children()
+    moved = s.tmp / "moved"
+    running, s.data = s.data, moved
+    s.write_config("220 RelayGate one")
+    s.data = running
+    assert s.proc is not None
+    s.proc.send_signal(signal.SIGHUP)
+    said = "server.data_dir changed: takes effect when relaygate serve restarts"
+    assert wait_until(lambda: s.log().count(said) >= 2, 15), s.log()[-3000:]
+    victim = before[1]
+    os.kill(victim, signal.SIGKILL)
+    assert wait_until(lambda: len(s.children()) == 2 and victim not in s.children(), 30), s.log()[
+        -3000:
+    ]
+    assert wait_until(lambda: s.log().count("listening on 127.0.0.1") >= 3, 30), s.log()[-3000:]
+    assert not moved.exists()  # the restarted worker opened no queue there
+    assert "this worker keeps the data directory of its siblings" in s.log()
+    ids = [f"<moved-{i}@corp.example>" for i in range(8)]
+    send_many(s.port, ids)
+    assert_delivered_once(sink[0], s, ids)
+    assert {mid for mid, _ in stored(running)} >= set(ids)
+    assert not moved.exists()
+    assert s.stop() == 0
