@@ -635,3 +635,46 @@ def test_metrics_require_token_without_an_api_token_file_is_an_error(tmp_path: P
     errors = json.loads(done.stdout)["errors"]
     assert [e["path"] for e in errors] == ["admin.metrics_require_token"], errors
     assert "admin.api_token_file" in errors[0]["message"]
+
+
+@pytest.mark.parametrize("value", ["0", '"0"', '"0KB"', '"0.1B"'])
+def test_a_send_connector_max_message_size_of_zero_is_refused(value: str) -> None:
+    """0 is Postfix's "no limit" (message_size_limit = 0); here every message routed through the
+    connector was too big and got an NDR, and `check` said OK."""
+    with pytest.raises(ConfigError) as info:
+        parse_text(_SEND.format(hosts='"10.0.0.9"') + f"max_message_size = {value}\n", "s.toml")
+    assert [str(p) for p in info.value.problems] == [
+        's.toml: send_connectors[0] "Out": max_message_size: 0 bytes would refuse every message '
+        "(each would get an NDR); give a size such as '35MB', or 'unlimited' for no limit"
+    ]
+    for good, size in (('"unlimited"', None), ('"10MB"', 10 * 1024**2), ("1", 1)):
+        text = _SEND.format(hosts='"10.0.0.9"') + f"max_message_size = {good}\n"
+        assert parse_text(text, "s.toml").send_connectors[0].max_message_size == size
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        (
+            "message_expiration_timeout",
+            "must be greater than 00:00:00, which expires every message before its first "
+            "delivery attempt (each gets an NDR); Exchange's default is 2.00:00:00",
+        ),
+        (
+            "transient_failure_retry_interval",
+            "must be greater than 00:00:00, which retries a failing destination without pause",
+        ),
+        (
+            "message_retry_interval",
+            "must be greater than 00:00:00, which retries a failing destination without pause",
+        ),
+    ],
+)
+@pytest.mark.parametrize("zero", ['"00:00:00"', "0", '"0.00:00:00.0"'])
+def test_a_zero_queue_timing_is_refused_naming_the_key(key: str, expected: str, zero: str) -> None:
+    """Written as "no expiry" or "no wait", 00:00:00 NDR'd every message unsent (the expiry is
+    checked before the first attempt) or retried a dead smart host in a loop; `check` said OK."""
+    with pytest.raises(ConfigError) as info:
+        parse_text(f"[queue]\n{key} = {zero}\n", "q.toml")
+    assert [str(p) for p in info.value.problems] == [f"q.toml: queue.{key}: {expected}"]
+    assert parse_text(f'[queue]\n{key} = "00:00:01"\n', "q.toml")

@@ -202,6 +202,12 @@ def _send_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
         why = _not_an_address(s.send_as)
         if why is not None:
             yield "send_as", f"{s.send_as!r} is not a mail address (name@domain){why}"
+    if s.max_message_size == 0:  # None is "unlimited"
+        yield (
+            "max_message_size",
+            "0 bytes would refuse every message (each would get an NDR); give a size such as "
+            "'35MB', or 'unlimited' for no limit",
+        )
     for key in ("max_messages_per_minute", "max_recipients_per_day"):
         # the loader has refused non-integers and negative numbers already
         if getattr(s, key) == 0:
@@ -721,10 +727,25 @@ PG_MAX_MESSAGE_SIZE = 1023 * 1024 * 1024
 _MIN_LEASE = timedelta(seconds=3)
 
 
+#: [queue] time spans that 00:00:00 makes harmful (an admin may write it for "none"), and why.
+_QUEUE_SPANS_ABOVE_ZERO = (
+    (
+        "message_expiration_timeout",
+        "which expires every message before its first delivery attempt (each gets an NDR); "
+        "Exchange's default is 2.00:00:00",
+    ),
+    ("transient_failure_retry_interval", "which retries a failing destination without pause"),
+    ("message_retry_interval", "which retries a failing destination without pause"),
+)
+
+
 def _queue_rules(config: Config, position: Callable[[int], int]) -> list[Problem]:
     """[queue] keys; `position(i)`: the file index of the i-th receive connector."""
     src, q = config.source, config.queue
     problems: list[Problem] = []
+    for key, why in _QUEUE_SPANS_ABOVE_ZERO:
+        if getattr(q, key) <= timedelta(0):
+            problems.append(Problem(src, f"queue.{key}", f"must be greater than 00:00:00, {why}"))
     if q.lease_duration < _MIN_LEASE:
         problems.append(
             Problem(src, "queue.lease_duration", "must be at least 00:00:03 (3 seconds)")
