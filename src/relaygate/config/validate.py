@@ -743,9 +743,9 @@ def _queue_rules(config: Config, position: Callable[[int], int]) -> list[Problem
     """[queue] keys; `position(i)`: the file index of the i-th receive connector."""
     src, q = config.source, config.queue
     problems: list[Problem] = []
-    for key, why in _QUEUE_SPANS_ABOVE_ZERO:
+    for key, harm in _QUEUE_SPANS_ABOVE_ZERO:
         if getattr(q, key) <= timedelta(0):
-            problems.append(Problem(src, f"queue.{key}", f"must be greater than 00:00:00, {why}"))
+            problems.append(Problem(src, f"queue.{key}", f"must be greater than 00:00:00, {harm}"))
     if q.lease_duration < _MIN_LEASE:
         problems.append(
             Problem(src, "queue.lease_duration", "must be at least 00:00:03 (3 seconds)")
