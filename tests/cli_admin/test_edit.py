@@ -4,12 +4,16 @@ writes, comment placement."""
 from __future__ import annotations
 
 import os
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tomlkit
 
-from relaygate.config import ConfigError
+from relaygate.config import ConfigError, load_config
 from relaygate.config import edit as ed
 from tests.cli_admin.helpers import write
 
@@ -212,3 +216,53 @@ def test_a_new_key_goes_after_the_plain_keys_before_sub_tables_and_their_comment
         'tarpit_interval = "00:00:05"\n'
         '# permissions follow\n[[receive_connectors.permissions]]\nuser = "u"\n'
     )
+
+
+def _waiting_for_a_flock() -> bool:
+    """A thread of this process waits for an flock (a `->` line of /proc/locks with our pid)."""
+    pid = f" {os.getpid()} "
+    with open("/proc/locks", encoding="ascii") as locks:
+        return any("->" in line and "FLOCK" in line and pid in line for line in locks)
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_two_edits_at_once_are_serialised_and_neither_is_lost(path: Path) -> None:
+    """Two verbs run at once (a script's parallel calls, two admins): each read the file, changed
+    it and wrote it, so the first write was lost though both reported success. The second edit
+    now waits for the first and reads its result."""
+    first_is_editing, second_done = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def add_domain(domain: str, first: bool) -> None:
+        def mutate(doc: Any) -> None:
+            if first:  # hold the edit open until the second one has run or waits for us
+                first_is_editing.set()
+                assert _wait_for(lambda: second_done.is_set() or _waiting_for_a_flock())
+            ed.append_table(doc, "accepted_domains", ed.new_table([("domain", domain)]))
+
+        try:
+            ed.apply_edit(path, mutate)
+        except BaseException as exc:  # reported by the test thread
+            errors.append(exc)
+        finally:
+            if not first:
+                second_done.set()
+
+    first = threading.Thread(target=add_domain, args=("first.example", True))
+    first.start()
+    assert first_is_editing.wait(10)
+    second = threading.Thread(target=add_domain, args=("second.example", False))
+    second.start()
+    first.join(30)
+    second.join(30)
+    assert not errors, errors
+    domains = [d.domain for d in load_config(path).accepted_domains]
+    assert sorted(domains) == ["first.example", "second.example"]

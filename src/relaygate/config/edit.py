@@ -16,10 +16,11 @@ change the file through this module:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import stat
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -163,21 +164,44 @@ def apply_edit(
     invalid file); in both cases the file is byte-identical to before.
     """
     source = source or str(path)
-    raw, doc = _read(path, create)
-    base_dir = path.parent
-    before: Config | None = None
-    if raw is not None:
-        with contextlib.suppress(ConfigError):
-            before = parse_text(raw.removeprefix(_BOM).decode("utf-8"), source, base_dir=base_dir)
-    value = mutate(doc)
-    text = tomlkit.dumps(doc)
-    config = parse_text(text, source, base_dir=base_dir)  # raises ConfigError: nothing written
-    bom = _BOM if raw is not None and raw.startswith(_BOM) else b""
-    data = bom + text.encode("utf-8")
-    changed = raw != data
-    if changed:
-        atomic_write(path, data)
+    with _edit_lock(path):
+        raw, doc = _read(path, create)
+        base_dir = path.parent
+        before: Config | None = None
+        if raw is not None:
+            with contextlib.suppress(ConfigError):
+                text = raw.removeprefix(_BOM).decode("utf-8")
+                before = parse_text(text, source, base_dir=base_dir)
+        value = mutate(doc)
+        text = tomlkit.dumps(doc)
+        config = parse_text(text, source, base_dir=base_dir)  # raises ConfigError: nothing written
+        bom = _BOM if raw is not None and raw.startswith(_BOM) else b""
+        data = bom + text.encode("utf-8")
+        changed = raw != data
+        if changed:
+            atomic_write(path, data)
     return EditResult(path, config, before, changed, value, created=raw is None)
+
+
+@contextlib.contextmanager
+def _edit_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock for one read-change-write of `path`: two edits at once (a script's
+    parallel calls, two admins) each read the file and wrote their version, and the first change
+    was lost though both reported it made. The lock is on the file's directory: the file itself is
+    replaced by every write, so a lock on it would not be seen by the next editor. A directory
+    that cannot be opened (a new file's missing directory: `_read` says so) is not locked."""
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    directory = target.parent if str(target.parent) else Path(".")
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 # -- document helpers -------------------------------------------------------------------------------
