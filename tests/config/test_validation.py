@@ -678,3 +678,42 @@ def test_a_zero_queue_timing_is_refused_naming_the_key(key: str, expected: str, 
         parse_text(f"[queue]\n{key} = {zero}\n", "q.toml")
     assert [str(p) for p in info.value.problems] == [f"q.toml: queue.{key}: {expected}"]
     assert parse_text(f'[queue]\n{key} = "00:00:01"\n', "q.toml")
+
+
+_ON_THE_ADMIN_PORT = """
+[admin]
+listen = "127.0.0.1:8025"
+
+[[receive_connectors]]
+name = "Submission"
+bindings = ["0.0.0.0:587", "{binding}"]
+remote_ip_ranges = ["10.0.0.0/24"]
+{extra}
+"""
+
+
+@pytest.mark.parametrize("binding", ["127.0.0.1:8025", "0.0.0.0:8025", "[::]:8025"])
+def test_a_receive_connector_on_the_admin_listener_endpoint_is_refused(binding: str) -> None:
+    """`check` said OK and `serve` then stopped with 'cannot listen on admin.listen ...:
+    Address already in use' (or, on a reload, refused the new binding)."""
+    with pytest.raises(ConfigError) as info:
+        parse_text(_ON_THE_ADMIN_PORT.format(binding=binding, extra=""), "a.toml")
+    assert [str(p) for p in info.value.problems] == [
+        f'a.toml: receive_connectors[0] "Submission": bindings[1]: {binding} is where admin.listen '
+        "(127.0.0.1:8025) has the admin centre listen: the two cannot share it; give the "
+        "connector or admin.listen another port"
+    ]
+
+
+@pytest.mark.parametrize("extra", ["enabled = false", "[admin]\nenabled = false"])
+def test_the_admin_endpoint_is_free_for_a_disabled_connector_or_admin_centre(extra: str) -> None:
+    text = _ON_THE_ADMIN_PORT.format(binding="127.0.0.1:8025", extra="")
+    if extra.startswith("[admin]"):
+        text = text.replace(
+            'listen = "127.0.0.1:8025"', 'listen = "127.0.0.1:8025"\nenabled = false'
+        )
+    else:
+        text += extra + "\n"
+    assert parse_text(text, "a.toml").receive_connectors[0].bindings[1].port == 8025
+    other = _ON_THE_ADMIN_PORT.format(binding="127.0.0.2:8025", extra="")  # another address
+    assert parse_text(other, "a.toml")

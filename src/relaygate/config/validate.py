@@ -615,6 +615,7 @@ def validate(
         parse_binding(config.admin.listen)
     except ValueError as exc:
         problems.append(Problem(src, "admin.listen", str(exc)))
+    problems.extend(_admin_endpoint_rules(config, lambda i: at("receive_connectors", i)))
     if config.admin.metrics_require_token and config.admin.api_token_file is None:
         problems.append(
             Problem(
@@ -685,6 +686,36 @@ def _acme_rules(config: Config, raw: dict[str, Any]) -> Iterator[tuple[str, str]
         yield "acme_renew_before", "must be greater than 0"
     if s.acme_check_interval < timedelta(seconds=1):
         yield "acme_check_interval", "must be at least 00:00:01"
+
+
+def _admin_endpoint_rules(config: Config, position: Callable[[int], int]) -> list[Problem]:
+    """An enabled receive connector's binding on admin.listen's endpoint: `serve` cannot open both
+    (it stopped with 'Address already in use' after `check` had said OK). `position(i)`: the file
+    index of the i-th receive connector."""
+    from relaygate.config.values import parse_binding
+
+    if not config.admin.enabled:
+        return []
+    try:
+        admin = parse_binding(config.admin.listen)
+    except ValueError:  # reported as admin.listen's own problem
+        return []
+    problems: list[Problem] = []
+    for i, c in enumerate(config.receive_connectors):
+        if not c.enabled:
+            continue
+        for j, binding in enumerate(c.bindings):
+            if binding.shares_endpoint(admin):
+                problems.append(
+                    Problem(
+                        config.source,
+                        f"receive_connectors[{position(i)}].bindings[{j}]",
+                        f"{binding} is where admin.listen ({admin}) has the admin centre listen: "
+                        "the two cannot share it; give the connector or admin.listen another port",
+                        c.name,
+                    )
+                )
+    return problems
 
 
 def _overflow_rules(config: Config, position: Callable[[int], int]) -> list[Problem]:
