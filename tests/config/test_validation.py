@@ -717,3 +717,26 @@ def test_the_admin_endpoint_is_free_for_a_disabled_connector_or_admin_centre(ext
     assert parse_text(text, "a.toml").receive_connectors[0].bindings[1].port == 8025
     other = _ON_THE_ADMIN_PORT.format(binding="127.0.0.2:8025", extra="")  # another address
     assert parse_text(other, "a.toml")
+
+
+def test_a_path_with_a_nul_character_is_refused_naming_the_key(tmp_path: Path) -> None:
+    """TOML can spell a NUL ("\\u0000"); no path holds one. `check` stopped with a traceback
+    (ValueError: embedded null byte) reading the certificate, and serve on the data_dir."""
+    path = tmp_path / "nul.toml"
+    path.write_text(
+        '[server]\ndata_dir = "/var/lib/relay\\u0000gate"\n'
+        'tls_certificate_file = "cert\\u0000.pem"\ntls_key_file = "key.pem"\n',
+        encoding="utf-8",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "relaygate", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout.splitlines()[:2] == [
+        f"{path}: server.data_dir: must not contain a NUL character (\\u0000)",
+        f"{path}: server.tls_certificate_file: must not contain a NUL character (\\u0000)",
+    ]

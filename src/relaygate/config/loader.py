@@ -112,6 +112,10 @@ class _Builder:
                 if _allows_none(hint):
                     return None
                 raise ValueError("must not be empty (remove the key for the default)")
+            if parse is Path and isinstance(raw, str) and "\x00" in raw:
+                # TOML can spell it ("\u0000"), no file name holds it: open() and mkdir() raise
+                # ValueError ("embedded null byte"), a traceback in check and serve
+                raise ValueError("must not contain a NUL character (\\u0000)")
             try:
                 return parse(raw)
             except TypeError:  # e.g. Path(5): a wrong TOML type is a problem to report, not a crash
