@@ -791,3 +791,37 @@ def test_a_file_saved_with_a_byte_order_mark_can_be_edited_and_keeps_it(cfg: Pat
     r = run("connector", "set", "SMTP Relay Internal", "--banner", "220 hi", "-c", str(cfg))
     assert r.code == 0 and "no change" in r.out, r.out + r.err
     assert cfg.stat().st_mtime_ns == mtime
+
+
+def test_a_name_given_exactly_wins_over_one_that_only_differs_by_a_trailing_dot(
+    tmp_path: Path,
+) -> None:
+    """ "Relay" and "Relay." are two connectors to the loader; the verbs compare names without a
+    trailing dot and took the first of the two: `connector remove "Relay."` removed "Relay"."""
+    cfg = write(
+        tmp_path / "relaygate.toml",
+        """
+        [[receive_connectors]]
+        name = "Relay"
+        bindings = ["0.0.0.0:25"]
+        remote_ip_ranges = ["10.0.0.5"]
+        permission_groups = ["AnonymousUsers"]
+
+        [[receive_connectors]]
+        name = "Relay."
+        bindings = ["0.0.0.0:26"]
+        remote_ip_ranges = ["10.0.0.6"]
+        permission_groups = ["AnonymousUsers"]
+        """,
+    )
+    r = run("connector", "show", "Relay.", "-c", str(cfg), "--json")
+    assert r.code == 0 and r.json()["name"] == "Relay.", r.out + r.err
+    r = run("permission", "list", "relay.", "-c", str(cfg), "--json")
+    assert r.code == 0 and {row["connector"] for row in r.json()} == {"Relay."}, r.out + r.err
+    r = run("connector", "set", "relay.", "--banner", "220 dot", "-c", str(cfg))
+    assert r.code == 0, r.err
+    assert connector(cfg, "Relay.")["banner"] == "220 dot"
+    assert "banner" not in connector(cfg, "Relay")
+    r = run("connector", "remove", "Relay.", "-c", str(cfg))
+    assert r.code == 0 and "Removed receive connector 'Relay.'" in r.out, r.out + r.err
+    assert [c["name"] for c in load(cfg)["receive_connectors"]] == ["Relay"]

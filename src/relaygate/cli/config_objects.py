@@ -103,11 +103,14 @@ def norm_name(name: str) -> str:
 
 
 def find_obj(items: Iterable[Any] | None, key: str, name: str) -> Any:
-    """The object of `items` whose `key` is `name` (both sides compared as `norm_name`), or None."""
-    wanted = norm_name(name)
-    for obj in items or ():
-        if norm_name(str(getattr(obj, key))) == wanted:
-            return obj
+    """The object of `items` whose `key` is `name`: spelled as given (any case) first, else both
+    sides compared as `norm_name` ("Relay." and "Relay" can be two connectors), or None."""
+    candidates = list(items or ())
+    for same in (str.lower, norm_name):
+        wanted = same(name)
+        for obj in candidates:
+            if same(str(getattr(obj, key))) == wanted:
+                return obj
     return None
 
 

@@ -226,11 +226,14 @@ def find_table(
 ) -> tuple[int, Table]:
     """The table of `array` whose `key` equals `wanted` (case-insensitive), or EditError naming the choices."""
     found = tables(doc, array)
-    norm = _norm_name(wanted)
-    for i, table in enumerate(found):
-        value = table.get(key)
-        if isinstance(value, str) and _norm_name(value) == norm:
-            return i, table
+    # The name as given (any case) first: "Relay." and "Relay" are two connectors to the loader,
+    # and the first of them matched either spelling, so `remove "Relay."` removed "Relay".
+    for same in (_exact_name, _norm_name):
+        wanted_form = same(wanted)
+        for i, table in enumerate(found):
+            value = table.get(key)
+            if isinstance(value, str) and same(value) == wanted_form:
+                return i, table
     names = [str(t.get(key)) for t in found if isinstance(t.get(key), str)]
     have = (
         f" (have: {', '.join(repr(n) for n in names)})" if names else f" (the file has no {label}s)"
@@ -240,6 +243,10 @@ def find_table(
 
 def _norm_name(value: str) -> str:
     return value.strip().lower().rstrip(".")
+
+
+def _exact_name(value: str) -> str:
+    return value.lower()
 
 
 def new_table(values: Iterable[tuple[str, Any]], *, separate: bool = True) -> Table:
