@@ -502,3 +502,20 @@ TransportRole    : FrontendTransport
         "it (it takes mail for the accepted domains, or relays after AUTH only), so narrowing it to the "
         "1 address(es) seen in the protocol logs would refuse every other sender"
     ) in out["warnings"]
+
+
+def test_the_accepted_domains_of_a_config_saved_with_a_byte_order_mark_are_used(
+    tmp_path: Path,
+) -> None:
+    """check and serve read a config that Windows Notepad saved (a UTF-8 byte order mark first);
+    the protocol-log analysis read it as invalid TOML, silently knew no accepted domain and
+    answered 'relayed = ?' for every client."""
+    config = tmp_path / "relaygate.toml"
+    config.write_bytes(b"\xef\xbb\xbf" + CONFIG.encode("utf-8"))
+    proc = run(FL, "--logs", LOGS, "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    relay = next(
+        c for c in json.loads(proc.stdout)["usage"]["connectors"] if c["name"] == "Relay Printers"
+    )
+    by_ip = {c["ip"]: c for c in relay["clients"]}
+    assert by_ip["10.10.5.11"]["relayed"] is True

@@ -103,7 +103,9 @@ def _accepted_domains(config_path: Path, extra: list[str]) -> list[str]:
     except OSError as exc:
         raise _fail(f"{config_path}: cannot read the config ({exc.strerror})") from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode(
+            "utf-8-sig"
+        )  # a byte order mark (Notepad) is dropped, as load_config does
     except UnicodeDecodeError as exc:
         raise _fail(f"{config_path}: the config is not UTF-8 ({exc})") from None
     try:
