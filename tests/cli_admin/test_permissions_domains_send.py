@@ -395,3 +395,25 @@ def test_permission_user_short_spelling_is_canonicalised_and_grants_the_right(cf
     assert "NT AUTHORITY\\ANONYMOUS LOGON" in r.out
     assert "permissions" not in load(cfg)["receive_connectors"][0]
     assert not relays()
+
+
+def test_send_connector_list_shows_each_smart_host_with_the_port_it_is_reached_on(
+    tmp_path: Path,
+) -> None:
+    """A smart host with its own port was shown with the connector's port appended as well
+    ("smtp.corp.example:2525:25"), which is neither the port used nor a valid entry."""
+    cfg = write(
+        tmp_path / "relaygate.toml",
+        """
+        [[send_connectors]]
+        name = "Out"
+        dns_routing_enabled = false
+        smart_hosts = ["smtp.corp.example:2525", "[2001:db8::1]:587", "10.0.0.9", "[IPv6:2001:db8::2]"]
+        port = 26
+        """,
+    )
+    r = run("send-connector", "list", "-c", str(cfg))
+    assert r.code == 0, r.err
+    assert "smtp.corp.example:2525, [2001:db8::1]:587, 10.0.0.9:26, [2001:db8::2]:26" in r.out, (
+        r.out
+    )

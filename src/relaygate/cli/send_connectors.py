@@ -17,6 +17,7 @@ from relaygate.cli.config_objects import SEND
 from relaygate.cli.connector_verbs import register_object_verbs
 from relaygate.cli.tables import CUT, WHOLE, WIDE, list_table
 from relaygate.config import model as m
+from relaygate.config.values import parse_smart_host
 from relaygate.delivery.graph import is_graph, route_label
 from relaygate.delivery.oauth import auth_label
 from relaygate.queue import pacing
@@ -30,6 +31,16 @@ def _smart_host_routing(table: TomlTable, opts: dict[str, Any]) -> None:
         return
     if opts.get("smart_hosts") or opts.get("add_smart_hosts"):
         opts["dns_routing_enabled"] = False
+
+
+def _smart_host_endpoint(entry: str, port: int) -> str:
+    """`host:port` as delivery reaches it: the entry's own port, else the connector's (an entry
+    with its own port was shown with the connector's appended too: "smtp.corp.example:2525:25")."""
+    try:
+        host, port, _ = parse_smart_host(entry, port)
+    except ValueError:  # `check` refuses it; shown as written
+        return entry
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _list_table(cfg: m.Config, items: tuple[m.SendConnector, ...]) -> Table:
@@ -50,7 +61,7 @@ def _list_table(cfg: m.Config, items: tuple[m.SendConnector, ...]) -> Table:
             if is_graph(s)
             else "MX (DNS)"
             if s.dns_routing_enabled
-            else ", ".join(f"{h}:{s.port}" for h in s.smart_hosts)
+            else ", ".join(_smart_host_endpoint(h, s.port) for h in s.smart_hosts)
         )
         rows.append(
             [
