@@ -705,14 +705,19 @@ async def test_queue_cli_with_url_sends_the_token_of_the_config(tmp_path: Path) 
     try:
         url = admin_url(relay)
         env = {"RELAYGATE_CONFIG": str(config)}
-        (rc, out, err), (rc_env, out_env, err_env), (rc_none, _o, err_none) = await asyncio.gather(
+        (
+            (rc, out, err),
+            (rc_env, out_env, err_env),
+            (rc_none, out_none, err_none),
+        ) = await asyncio.gather(
             cli("list", "--json", "--url", url, env_extra=env),
             cli("list", "--json", env_extra={**env, "RELAYGATE_ADMIN_URL": url}),
             cli("list", "--json", "--url", url),  # no config anywhere: no token, 401
         )
         assert rc == 0 and json.loads(out) == [], err
         assert rc_env == 0 and json.loads(out_env) == [], err_env
-        assert rc_none == 1 and "HTTP 401" in err_none, err_none
+        # with --json the error is JSON on stdout
+        assert rc_none == 1 and "HTTP 401" in json.loads(out_none)["error"], out_none + err_none
     finally:
         await relay.stop()
 
