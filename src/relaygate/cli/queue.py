@@ -78,6 +78,13 @@ class _Api:
             config = load_or_exit(config_path)
         if config is not None:
             if url is None:
+                if not config.admin.enabled:
+                    # nothing answers at admin.listen, but the relay may well run: say what is off
+                    die(
+                        f"the admin API is off in {config.source} (admin.enabled = false): the "
+                        "queue verbs go through it; set admin.enabled = true (a restart of "
+                        "relaygate serve applies it) or pass --url"
+                    )
                 url = admin_url(config.admin.listen)
             token_file = getattr(config.admin, "api_token_file", None)
             if token_file is not None:
