@@ -825,3 +825,29 @@ def test_a_name_given_exactly_wins_over_one_that_only_differs_by_a_trailing_dot(
     r = run("connector", "remove", "Relay.", "-c", str(cfg))
     assert r.code == 0 and "Removed receive connector 'Relay.'" in r.out, r.out + r.err
     assert [c["name"] for c in load(cfg)["receive_connectors"]] == ["Relay"]
+
+
+def test_remove_takes_every_spelling_of_the_entry_away(tmp_path: Path) -> None:
+    """A range listed twice in two spellings (an import, two admins): --remove-remote-ip-ranges
+    took the first away, reported the connector updated, and the other spelling still let the
+    address relay."""
+    cfg = write(
+        tmp_path / "relaygate.toml",
+        """
+        [[receive_connectors]]
+        name = "Relay"
+        bindings = ["0.0.0.0:25"]
+        remote_ip_ranges = [
+          "10.0.0.5",     # old copier
+          "10.0.0.9",
+          "10.0.0.5/32",  # old copier again, from the import
+        ]
+        permission_groups = ["AnonymousUsers"]
+        """,
+    )
+    r = run("connector", "set", "Relay", "-c", str(cfg), "--remove-remote-ip-ranges", "10.0.0.5")
+    assert r.code == 0, r.err
+    assert connector(cfg, "Relay")["remote_ip_ranges"] == ["10.0.0.9"]
+    r = run("explain", "-c", str(cfg), "--client-ip", "10.0.0.5", "--to", "a@example.org", "--json")
+    assert r.code == 0, r.err
+    assert all(e["connector"] is None for e in r.json()["endpoints"])

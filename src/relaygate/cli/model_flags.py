@@ -262,10 +262,11 @@ def _edit_list(kind: Kind, table: TomlTable, name: str, opts: dict[str, Any]) ->
         if k not in keys:
             have = ", ".join(current) or "(empty)"
             raise ed.EditError(f"{entry!r} is not in {name} (have: {have}); nothing changed")
-        idx = keys.index(k)
-        del current[idx], keys[idx]
-        if in_place is not None:
-            del in_place[idx]
+        # Every spelling of it ("10.0.0.5" and "10.0.0.5/32"): one left behind still grants.
+        for idx in reversed([i for i, key in enumerate(keys) if key == k]):
+            del current[idx], keys[idx]
+            if in_place is not None:
+                del in_place[idx]
     if in_place is None:
         ed.set_key(table, name, current)
     return True
