@@ -266,3 +266,33 @@ def test_two_edits_at_once_are_serialised_and_neither_is_lost(path: Path) -> Non
     assert not errors, errors
     domains = [d.domain for d in load_config(path).accepted_domains]
     assert sorted(domains) == ["first.example", "second.example"]
+
+
+def test_a_file_that_cannot_be_written_is_an_error_not_a_traceback(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An admin without write access to the config's directory (/etc/relaygate owned by root):
+    the edit stopped with a PermissionError traceback. It is an error naming the file, with
+    --json too, and the file is unchanged."""
+    import errno
+    import json
+    import tempfile
+
+    from typer.testing import CliRunner
+
+    from relaygate.cli import app
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(path.parent))
+
+    before = path.read_bytes()
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    runner = CliRunner()
+    result = runner.invoke(app, ["connector", "set", "A", "--banner", "220 x", "-c", str(path)])
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert f"error: {path}: cannot write the file: Permission denied" in result.stderr
+    result = runner.invoke(app, ["domain", "add", "x.example", "-c", str(path), "--json"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert json.loads(result.stdout)["error"].startswith(f"{path}: cannot write the file")
+    assert path.read_bytes() == before

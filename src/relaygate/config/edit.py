@@ -160,8 +160,9 @@ def apply_edit(
 ) -> EditResult[T]:
     """Read `path`, run `mutate(doc)`, validate the result as `check` would, write it atomically.
 
-    Raises `EditError` (from `mutate` or a missing file) or `ConfigError` (the edit would leave an
-    invalid file); in both cases the file is byte-identical to before.
+    Raises `EditError` (from `mutate`, a missing file or one that cannot be written) or
+    `ConfigError` (the edit would leave an invalid file); in both cases the file is
+    byte-identical to before.
     """
     source = source or str(path)
     with _edit_lock(path):
@@ -179,7 +180,13 @@ def apply_edit(
         data = bom + text.encode("utf-8")
         changed = raw != data
         if changed:
-            atomic_write(path, data)
+            try:
+                atomic_write(path, data)
+            except OSError as exc:  # e.g. no write access to the directory: not a traceback
+                reason = exc.strerror or str(exc)
+                raise EditError(
+                    f"{path}: cannot write the file: {reason}; nothing changed"
+                ) from None
     return EditResult(path, config, before, changed, value, created=raw is None)
 
 
