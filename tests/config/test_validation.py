@@ -740,3 +740,24 @@ def test_a_path_with_a_nul_character_is_refused_naming_the_key(tmp_path: Path) -
         f"{path}: server.data_dir: must not contain a NUL character (\\u0000)",
         f"{path}: server.tls_certificate_file: must not contain a NUL character (\\u0000)",
     ]
+
+
+def test_a_bad_dns_server_is_refused_naming_the_entry() -> None:
+    """server.dns_servers was not checked: `check` said OK and `serve` stopped with a traceback
+    (ValueError: bad DNS server port) building the resolver; a reload applied half the file."""
+    text = (
+        '[server]\ndns_servers = ["127.0.0.1:5353", "1.2.3.4:99999", "[::1]:5353", "10.0.0.53:dns",'
+        ' "2001:db8::53", "not a host!"]\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_text(text, "d.toml")
+    assert [str(p) for p in info.value.problems] == [
+        "d.toml: server.dns_servers[1]: '1.2.3.4:99999': the port must be 1-65535",
+        "d.toml: server.dns_servers[3]: '10.0.0.53:dns': the port must be 1-65535",
+        "d.toml: server.dns_servers[5]: 'not a host!' is not a host name or IP address; use a "
+        "host name, an IPv4 address or an [IP] literal, with an optional :port",
+    ]
+    good = (
+        '[server]\ndns_servers = ["127.0.0.1:5353", "[::1]", "2001:db8::53", "ns1.corp.example"]\n'
+    )
+    assert len(parse_text(good, "d.toml").server.dns_servers) == 4

@@ -605,6 +605,12 @@ def validate(
                 Problem(src, f"dkim[{i}].selector", f"{k.selector!r} is not a valid selector")
             )
 
+    for i, entry in enumerate(config.server.dns_servers):
+        try:
+            parse_smart_host(entry, 53)  # the parser the resolver uses (delivery/dns.py)
+        except ValueError as exc:
+            problems.append(Problem(src, f"server.dns_servers[{i}]", str(exc)))
+
     for key in _LOG_SIZES:
         if getattr(config.server, key) <= 0:
             problems.append(Problem(src, f"server.{key}", "must be greater than 0"))

@@ -27,6 +27,7 @@ import dns.nameserver
 import dns.resolver
 
 from relaygate import replies
+from relaygate.config.values import parse_smart_host
 from relaygate.replies import Reply
 
 __all__ = ["DnsError", "Resolver", "parse_dns_server"]
@@ -56,24 +57,13 @@ def parse_dns_server(spec: str) -> tuple[str, int]:
 
     A host name is resolved once, here (configuration time), because a resolver needs addresses.
     """
-    text = spec.strip()
-    port = 53
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest.startswith(":"):
-            port = int(rest[1:])
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-        port = int(port_text)
-    else:
-        host = text
-    try:
-        ip = str(ipaddress.ip_address(host))
-    except ValueError:
-        ip = str(socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0][4][0])
-    if not 0 < port < 65536:
-        raise ValueError(f"bad DNS server port in {spec!r}")
-    return ip, port
+    # The smart hosts' parser, which `relaygate check` applies to server.dns_servers too: an
+    # entry check accepts is one the resolver can be built from (a port of 99999 or "dns" was
+    # accepted by check and stopped serve with a traceback).
+    host, port, is_ip = parse_smart_host(spec, 53)
+    if is_ip:
+        return host, port
+    return str(socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0][4][0]), port
 
 
 def _is_ip(text: str) -> bool:
