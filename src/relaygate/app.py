@@ -27,6 +27,7 @@ from relaygate.acme import reconcile as reconcile_acme
 from relaygate.admin.server import AdminServer, AdminStartError
 from relaygate.certificates import CertificateExpiry, read_expiries
 from relaygate.config import Config, ConfigError, load_config
+from relaygate.delivery.dns import Resolver
 from relaygate.fd_limit import raise_fd_limit
 from relaygate.logs.privacy import (
     AddressPrivacy,
@@ -272,6 +273,20 @@ class Relay:
         # applied: in apply() they stalled every SMTP session. A key that cannot be used is left
         # out and logged (build_signer); a reload refused below leaves this signer unused.
         signer = await asyncio.to_thread(build_signer, new) if self.manager is not None else None
+        # The resolver too: a host name in server.dns_servers is looked up when it is built (a
+        # blocking call, and one that can fail). In apply() it stalled the loop, and a failure
+        # came after the sessions had taken the new file, though the reload said it was refused.
+        resolver = None
+        if self.manager is not None and not self.manager.resolver_fixed:
+            try:
+                resolver = await asyncio.to_thread(Resolver.from_config, new)
+            except (OSError, ValueError) as exc:
+                logger.error(
+                    "reload refused, keeping the running configuration: server.dns_servers %s: %s",
+                    list(new.server.dns_servers),
+                    exc,
+                )
+                return
 
         if restart_only:
             logger.warning(
@@ -285,7 +300,7 @@ class Relay:
             ctx.apply(new)
             retired.extend(self._apply_logs(new, privacy))
             if self.manager is not None:
-                self.manager.apply(new, signer=signer)
+                self.manager.apply(new, signer=signer, resolver=resolver)
             if self.pressure is not None:
                 self.pressure.apply(new.queue.min_free_disk_space)
             if self.admin is not None:

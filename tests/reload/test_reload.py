@@ -463,3 +463,28 @@ def test_a_reload_that_moves_data_dir_keeps_the_running_one_and_says_so(relay, c
         c.sendmail("a@corp.example", ["x@external.example"], b"Subject: t\r\n\r\nhi\r\n")
     assert len(h.messages()) == 1  # in the running queue
     assert not moved.exists()  # nothing of the running relay went to the new directory
+
+
+def test_a_reload_whose_dns_server_cannot_be_resolved_applies_nothing(relay, caplog):  # noqa: F811
+    """server.dns_servers may name a host, resolved when the resolver is built. That happened in
+    the middle of applying the reload: the sessions already had the new file (here, its banner)
+    when the name failed, and the log said the reload was refused. Now the resolver is built
+    first, off the event loop, and a failure refuses the whole reload."""
+    from tests.smtp.conftest import relay_connector
+
+    conn = relay_connector(ranges=["127.0.0.5"], banner="220 before")
+    h = relay([conn])
+    resolver = h.relay.manager.resolver
+    h.doc["server"]["dns_servers"] = ["no-such-host.invalid"]
+    with caplog.at_level(logging.ERROR, logger="relaygate"):
+        h.reconfigure([relay_connector(ranges=["127.0.0.5"], banner="220 after")])
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(
+        m.startswith("reload refused, keeping the running configuration: server.dns_servers")
+        and "no-such-host.invalid" in m
+        for m in errors
+    ), errors
+    assert h.relay.config.server.dns_servers == ()
+    assert h.relay.manager.resolver is resolver
+    with RawClient(h.port, source="127.0.0.5") as c:
+        assert c.reply().text == "220 before"

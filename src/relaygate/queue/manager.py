@@ -372,12 +372,19 @@ class QueueManager:
         """Scan the queue now (a new message, a retry or resume by the administrator...)."""
         self._wake.set()
 
-    def apply(self, config: Any, *, signer: Any) -> None:
+    @property
+    def resolver_fixed(self) -> bool:
+        """The resolver was given at construction (tests): a reload keeps it."""
+        return self._resolver_fixed
+
+    def apply(self, config: Any, *, signer: Any, resolver: Resolver | None = None) -> None:
         """Take a reloaded configuration. Unreachable recipients are resubmitted at once (a new
         send connector may route them), as Exchange resubmits its Unreachable queue.
 
         signer: `build_signer` of ``config``, built by the caller off the event loop (its key
-        files are read and parsed there), so that taking the reload does not stall sessions."""
+        files are read and parsed there), so that taking the reload does not stall sessions.
+        resolver: ``Resolver.from_config(config)``, built by the caller off the event loop for
+        the same reason (a host name in dns_servers is looked up); None: built here."""
         providers = _build_token_providers(config, self.token_providers)
         renewed = any(self.token_providers.get(name) is not p for name, p in providers.items())
         if self.pool is not None and (
@@ -398,7 +405,7 @@ class QueueManager:
         self.config = config
         self.schedule = RetrySchedule.from_config(config.queue)
         if not self._resolver_fixed:
-            self.resolver = Resolver.from_config(config)
+            self.resolver = resolver if resolver is not None else Resolver.from_config(config)
         self.signer = signer
         self.token_providers = providers
         if limits_changed:
