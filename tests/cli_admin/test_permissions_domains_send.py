@@ -417,3 +417,24 @@ def test_send_connector_list_shows_each_smart_host_with_the_port_it_is_reached_o
     assert "smtp.corp.example:2525, [2001:db8::1]:587, 10.0.0.9:26, [2001:db8::2]:26" in r.out, (
         r.out
     )
+
+
+def test_permission_add_on_inline_permissions_names_the_table_to_write(tmp_path: Path) -> None:
+    """The refusal said 'rewrite it as [[permissions]] tables': a [[permissions]] table at the
+    top level is an unknown section; the connector's grants are [[receive_connectors.permissions]]."""
+    cfg = write(
+        tmp_path / "relaygate.toml",
+        """
+        [[receive_connectors]]
+        name = "A"
+        bindings = ["0.0.0.0:25"]
+        remote_ip_ranges = ["10.0.0.1"]
+        permissions = [{user = "NT AUTHORITY\\\\ANONYMOUS LOGON", extended_rights = ["ms-Exch-SMTP-Submit"]}]
+        """,
+    )
+    before = cfg.read_bytes()
+    r = run("permission", "add", "A", "--user", "ANONYMOUS LOGON",
+            "--extended-rights", "ms-Exch-SMTP-Accept-Any-Recipient", "-c", str(cfg))  # fmt: skip
+    assert r.code == 1
+    assert "rewrite it as [[receive_connectors.permissions]] tables" in r.err, r.err
+    assert cfg.read_bytes() == before

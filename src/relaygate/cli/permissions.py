@@ -33,6 +33,9 @@ from relaygate.policy.rights import (
 
 __all__ = ["register"]
 
+# How a connector's grants are written in the file (named when they are not written so).
+_PERMISSIONS_HEADER = "receive_connectors.permissions"
+
 
 def _canonical_right(right: str) -> str:
     return next((r for r in EXTENDED_RIGHTS if r.lower() == right.lower()), right)
@@ -145,7 +148,7 @@ def _register_permission(group: typer.Typer) -> None:
             die("--extended-rights is empty", 2)
 
         def change(doc: TOMLDocument, index: int, table: TomlTable) -> None:
-            for p in ed.tables(table, "permissions"):
+            for p in ed.tables(table, "permissions", header=_PERMISSIONS_HEADER):
                 if _is_entry(p, user, deny):
                     current = ed.list_value(p, "extended_rights")
                     lowered = [x.lower() for x in current]
@@ -177,7 +180,7 @@ def _register_permission(group: typer.Typer) -> None:
         rights = {_canonical_right(r).lower() for r in split(extended_rights)}
 
         def change(doc: TOMLDocument, index: int, table: TomlTable) -> None:
-            perms = ed.tables(table, "permissions")
+            perms = ed.tables(table, "permissions", header=_PERMISSIONS_HEADER)
             found = False
             for i in range(len(perms) - 1, -1, -1):
                 p = perms[i]

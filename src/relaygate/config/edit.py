@@ -214,16 +214,19 @@ def _edit_lock(path: Path) -> Iterator[None]:
 # -- document helpers -------------------------------------------------------------------------------
 
 
-def tables(doc: TOMLDocument | Table, array: str) -> list[Table]:
-    """The `[[array]]` tables of the document (empty if the key is absent)."""
+def tables(doc: TOMLDocument | Table, array: str, *, header: str | None = None) -> list[Table]:
+    """The `[[array]]` tables of the document (empty if the key is absent). `header`: the tables'
+    header as written in the file when it is not `array` (a sub-table's dotted path)."""
     if array not in doc:
         return []
     value = doc[array]
     if isinstance(value, AoT):
         return list(value.body)
+    header = header or array
     if isinstance(value, Array | list):
         raise EditError(
-            f"{array} is written as an inline array; rewrite it as [[{array}]] tables to edit it with the CLI"
+            f"{array} is written as an inline array; rewrite it as [[{header}]] tables to edit "
+            "it with the CLI"
         )
     raise EditError(f"{array} is not an array of tables")
 
