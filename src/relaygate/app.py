@@ -618,6 +618,14 @@ def run(
         warning = key_mode_warning(Path(config.server.data_dir))
         if warning is not None:  # warned, not refused: the relay starts
             logger.warning("%s", warning)
+        try:
+            if config.server.dns_servers:  # a host name among them is looked up here
+                Resolver.from_config(config)
+        except (OSError, ValueError) as exc:
+            logger.error(
+                "cannot start: server.dns_servers %s: %s", list(config.server.dns_servers), exc
+            )
+            raise SystemExit(1) from None
     if worker_index is None and config.server.workers > 1 and resolved is not None:
         from relaygate.workers import Supervisor
 

@@ -151,3 +151,32 @@ protocol_logging_level = "Verbose"
         err
     ), err
     assert f"log {folder}: dropped " in err, err
+
+
+def test_a_dns_server_name_that_cannot_be_resolved_is_one_line_naming_the_key(
+    tmp_path: Path,
+) -> None:
+    """server.dns_servers may name a host, looked up at start: one that does not resolve stopped
+    serve with a socket.gaierror traceback."""
+    config = tmp_path / "relaygate.toml"
+    config.write_text(
+        f"""\
+[server]
+name = "RELAY01"
+data_dir = "{tmp_path / "data"}"
+dns_servers = ["no-such-host.invalid"]
+
+[admin]
+listen = "127.0.0.1:{free_port()}"
+
+[[receive_connectors]]
+name = "Apps"
+bindings = ["127.0.0.1:{free_port()}"]
+remote_ip_ranges = ["127.0.0.4"]
+""",
+        encoding="utf-8",
+    )
+    done = serve_once(config)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "cannot start: server.dns_servers ['no-such-host.invalid']: " in done.stderr
