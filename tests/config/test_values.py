@@ -392,3 +392,17 @@ def test_logon_failure_rate_limit_can_be_unlimited() -> None:
     c = _connector(binding + 'logon_failure_rate_limit = "unlimited"\n')
     assert c.logon_failure_rate_limit is None
     assert _connector(binding + "logon_failure_rate_limit = 20\n").logon_failure_rate_limit == 20
+
+
+def test_a_fraction_of_a_second_is_shown_not_dropped() -> None:
+    """`connector show` / `set` printed tarpit_interval = "00:00:00.5" as 00:00:00 (and a change
+    from 00:00:05 to half a second as '00:00:05 → 00:00:00'): Exchange's form keeps the fraction."""
+    for text, shown in (
+        ("00:00:00.5", "00:00:00.5000000"),
+        ("1.00:00:01.25", "1.00:00:01.2500000"),
+        ("00:00:00.0000001", "00:00:00"),  # below a microsecond: what timedelta holds
+    ):
+        assert format_timespan(parse_timespan(text)) == shown
+    assert parse_timespan(format_timespan(parse_timespan("00:00:00.5"))) == parse_timespan(
+        "00:00:00.5"
+    )

@@ -74,11 +74,14 @@ def parse_timespan(value: object) -> timedelta:
 
 
 def format_timespan(value: timedelta) -> str:
-    total = int(value.total_seconds())
-    days, rest = divmod(total, 86400)
+    """[d.]hh:mm:ss[.fffffff] as Get-ReceiveConnector prints it (a fraction is kept: half a
+    second was shown as 00:00:00)."""
+    days, rest = value.days, value.seconds
     hours, rest = divmod(rest, 3600)
     minutes, seconds = divmod(rest, 60)
     core = f"{hours:02d}:{minutes:02d}:{seconds:02d}"
+    if value.microseconds:
+        core += f".{value.microseconds * 10:07d}"
     return f"{days}.{core}" if days else core
 
 
