@@ -149,6 +149,17 @@ def dns_query_failed(reason: str) -> Reply:
     return Reply(451, "4.4.0", f"DNS query failed. The error was: {reason}")
 
 
+def primary_relay_not_found(domain: str) -> Reply:
+    """This relay is an MX of `domain` and no better-preference MX is usable now (transient, as
+    Postfix's 4.4.4 "unable to find primary relay": the better MX is expected back)."""
+    return Reply(
+        451,
+        "4.4.4",
+        f"ROUTING.NoPrimaryRelay; this relay is a backup MX of {domain} and no better MX "
+        "has a usable address",
+    )
+
+
 def failover_failed(remote: str) -> Reply:
     """The LastError Exchange shows when every smart host / MX of a route failed transiently."""
     return Reply(

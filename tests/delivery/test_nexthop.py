@@ -271,3 +271,31 @@ async def test_ip_literal_smart_hosts_are_worked_out_once_per_configuration(loop
         with pytest.raises(NextHopError):
             await resolve_next_hops(looping, "x.test", res(loopback_dns), local_endpoints=OURS)
     assert nexthop._literal_hops.cache_info().currsize == 2
+
+
+@pytest.mark.parametrize(
+    "primary",
+    [
+        lambda d: d.set_servfail("primary.backup2.test"),  # its lookup fails for now
+        lambda d: d.add("primary.backup2.test", "TXT", "address removed for a renumbering"),
+    ],
+    ids=["servfail", "no-address"],
+)
+async def test_we_are_backup_mx_and_the_primary_does_not_resolve_defers(loopback_dns, primary):
+    """As backup MX, with the better MX not resolving at that moment, the mail waits for it
+    (Postfix: 4.4.4 "unable to find primary relay"): before, only our own MX was left, so the
+    message bounced with ROUTING.Loop as if the relay were the domain's only MX (reproduced)."""
+    loopback_dns.add("backup2.test", "MX", (10, "primary.backup2.test"))
+    loopback_dns.add("backup2.test", "MX", (20, "us.backup2.test"))
+    loopback_dns.add("us.backup2.test", "A", "127.0.0.1")
+    primary(loopback_dns)
+    with pytest.raises(NextHopError) as info:
+        await resolve_next_hops(
+            Connector(dns_routing_enabled=True),
+            "backup2.test",
+            res(loopback_dns),
+            local_endpoints=OURS,
+            allow_special_addresses=True,
+        )
+    assert not info.value.permanent
+    assert info.value.reply == replies.primary_relay_not_found("backup2.test")

@@ -15,7 +15,8 @@
   binding (0.0.0.0 / ::) or any loopback address with one of our ports counts — is this relay. Among MX
   hosts, as Postfix does, that hop and every MX of equal or worse preference are dropped (we are a
   backup MX); a smart host that is this relay is dropped. When nothing is left:
-  ``554 5.4.6 ROUTING.Loop; the next hop is this relay`` (permanent).
+  ``554 5.4.6 ROUTING.Loop; the next hop is this relay`` (permanent), unless a better MX exists
+  that gives no usable address now: then ``451 4.4.4 ROUTING.NoPrimaryRelay`` (transient).
 """
 
 from __future__ import annotations
@@ -316,6 +317,11 @@ async def _mx_hops(
             h for h in candidates if h.preference is not None and h.preference < loop_pref
         ]
         if not candidates:
+            if any(pref < loop_pref for pref, _host in mx):
+                # A better MX exists but gives no usable address now (a DNS failure, a host
+                # being renumbered): as a backup MX we wait for it, never bounce (Postfix's
+                # "unable to find primary relay").
+                raise NextHopError(replies.primary_relay_not_found(domain), False)
             raise NextHopError(replies.LOOP_DETECTED, True)
     if candidates:
         return candidates[:max_hops]
