@@ -992,3 +992,28 @@ async def test_a_garbled_reply_defers_the_message_and_drops_the_session():
     assert r.is_transient, r
     assert out.hop_used is None and out.delivered == []
     assert sink.data == []
+
+
+@pytest.mark.parametrize(
+    ("handler", "where"),
+    [
+        (lambda: Handler(data_reply="999 9.9.9 what now"), "the end of DATA"),
+        (lambda: Handler(rcpt_replies={"a@dest.test": "600 6.0.0 unheard of"}), "RCPT"),
+        (lambda: Handler(mail_reply="700 whatever"), "MAIL"),
+    ],
+    ids=["end-of-data", "rcpt", "mail"],
+)
+async def test_a_reply_code_outside_2xx_to_5xx_is_a_protocol_error_not_a_bounce(handler, where):
+    """RFC 5321 §4.2: a reply whose first digit is not 2 to 5 is out of range, a fatal error of
+    the session, and says nothing of the message. Before, a 6xx-9xx counted as a permanent
+    failure (Reply.is_permanent is code >= 500): an NDR for a message the next hop may have
+    taken at the end of DATA (reproduced). Now the hop failed transiently: retried, not bounced."""
+    sink = await start_sink(handler())
+    try:
+        out = await send(hop(sink.port))
+    finally:
+        await sink.close()
+    r = out.per_recipient["a@dest.test"]
+    assert r.is_transient, r
+    assert f"unexpected reply to {where}" in r.text, r
+    assert out.failed == [] and out.delivered == []

@@ -857,11 +857,19 @@ def _raise_if_closing(session: _Session, reply: Reply) -> None:
         raise _HopFailed(reply)
 
 
+def _out_of_range(reply: Reply) -> bool:
+    """A reply code whose first digit is not 2 to 5 (RFC 5321 §4.2: "fatal errors" of the
+    session). `Reply.is_permanent` is ``code >= 500``, so a 6xx-9xx would be taken for a
+    refusal and bounce a message the next hop may have taken: it answers nothing."""
+    return reply.code >= 600
+
+
 def _check_data_start(session: _Session, reply: Reply) -> None:
     """A positive reply to DATA that is not 354 (a next hop that sent more replies than commands,
     or answers DATA with 250): the replies are out of step with the commands, and taking it as the
-    reply to the content would record a delivery whose content was never sent."""
-    if reply.code != 354 and reply.is_positive:
+    reply to the content would record a delivery whose content was never sent. An out-of-range
+    code is no answer either."""
+    if reply.code != 354 and (reply.is_positive or _out_of_range(reply)):
         session.close()
         raise _HopFailed(replies.out_of_sequence("DATA", reply.line()))
 
@@ -870,8 +878,9 @@ def _check_completion(session: _Session, reply: Reply, command: str) -> None:
     """A 1xx or 3xx where a completion reply is due (to MAIL, or to the end of the content: a 354
     read out of step) is no answer: taken as acceptance of MAIL, the client went on and ended an
     empty content or sent its content as commands; taken as the final reply, a message the next
-    hop never said it took was recorded delivered. Transient, the session dropped."""
-    if reply.is_positive and not 200 <= reply.code < 300:
+    hop never said it took was recorded delivered. An out-of-range code (6xx-9xx) is no answer
+    either: taken as a refusal, it bounced. Transient, the session dropped."""
+    if (reply.is_positive and not 200 <= reply.code < 300) or _out_of_range(reply):
         session.close()
         raise _HopFailed(replies.out_of_sequence(command, reply.line()))
 
@@ -879,9 +888,10 @@ def _check_completion(session: _Session, reply: Reply, command: str) -> None:
 def _rcpt_reply(reply: Reply) -> Reply:
     """RFC 5321 §4.5.3.1.10: a 552 to RCPT (RFC 821's "too many recipients") is taken as 452,
     temporary: the recipient is tried again, not bounced. A positive reply other than 250/251
-    (a 354 or 220 read out of step) is no answer to RCPT: transient, never "delivered"."""
+    (a 354 or 220 read out of step) is no answer to RCPT: transient, never "delivered"; nor is
+    an out-of-range code (6xx-9xx): transient, never a bounce."""
     if reply.code != 552:
-        if reply.is_positive and reply.code not in (250, 251):
+        if (reply.is_positive and reply.code not in (250, 251)) or _out_of_range(reply):
             return replies.out_of_sequence("RCPT", reply.line())
         return reply
     enhanced = "4" + reply.enhanced[1:] if reply.enhanced.startswith("5.") else reply.enhanced
