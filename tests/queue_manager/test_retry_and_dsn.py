@@ -239,8 +239,10 @@ def test_orcpt_and_envid_come_back_decoded_and_cannot_add_fields() -> None:
         (replies.MESSAGE_TOO_BIG, "too large", "rejected it"),
         (replies.LOOP_DETECTED, "configuration", "no route or mail server"),
         (replies.NO_NEXT_HOP, "no route or mail server", "too large"),
+        # RFC 7505: the domain says it takes no mail at all; not a route the relay failed to find
+        (replies.NULL_MX, "doesn't accept email", "no route or mail server"),
     ],
-    ids=["route-size-limit", "hop-size-limit", "loop", "no-route"],
+    ids=["route-size-limit", "hop-size-limit", "loop", "no-route", "null-mx"],
 )
 def test_the_senders_text_says_what_went_wrong(reply: Reply, says: str, not_said: str) -> None:
     """Every ROUTING.* reply told the sender "no route or mail server was found for the

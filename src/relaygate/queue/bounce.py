@@ -206,6 +206,12 @@ def _user_text(reply: Reply) -> str:
             "Your message couldn't be delivered because of a configuration problem of the relay: "
             "it would have been sent back to the relay itself. Contact your administrator."
         )
+    if "SMTPSEND.DNS.NullMx" in line:
+        # RFC 7505: the domain publishes that it takes no mail; retrying or re-routing won't help
+        return (
+            "Your message couldn't be delivered because the recipient's domain doesn't accept "
+            "email (it publishes a null MX record). Check the recipient's address."
+        )
     if "ROUTING." in line or "SMTPSEND.DNS" in line:
         return (
             "Your message couldn't be delivered because no route or mail server was found for "
