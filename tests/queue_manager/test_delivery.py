@@ -27,6 +27,7 @@ from tests.queue_manager.helpers import (
     Sink,
     parse_mail,
     send,
+    send_connector_text,
     split_received,
     start_relay,
     start_sink,
@@ -995,7 +996,6 @@ async def test_a_signature_covers_the_octets_sent_and_does_not_count_against_the
     the size as received: the signature this relay adds must not then bounce it (5.3.4)."""
     import dkim
     from relaygate.dkim.keys import generate_key
-    from tests.queue_manager.helpers import send_connector_text
 
     pem, record = generate_key("rsa-sha256")
     key_file = tmp_path / "s1.key"
@@ -1399,3 +1399,40 @@ async def test_a_reload_that_hardens_a_send_connector_is_not_bypassed_by_a_poole
     finally:
         await relay.stop()
         await sink.close()
+
+
+async def test_a_password_file_that_is_not_utf8_defers_and_never_reaches_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A smart-host password saved in Latin-1 (``Pässwort``): reading it raised a
+    UnicodeDecodeError, whose repr holds the file's bytes, and the manager logged that repr
+    ("delivery via ... failed: UnicodeDecodeError('utf-8', b'P\\xe4sswort-...', ...)"): the
+    password in the service log (reproduced). Now it is a credentials error naming the file,
+    the recipient waits in the queue as with an unreadable file, and the bytes go nowhere."""
+    caplog.set_level(logging.INFO, logger="relaygate")
+    secret = "Pässwort-7Qz"
+    password_file = tmp_path / "smarthost.password"
+    password_file.write_bytes(secret.encode("latin-1") + b"\n")
+    auth = send_connector_text(
+        "Authenticated",
+        "example.com",
+        1,  # never connected to: the credentials are loaded first
+        'smart_host_auth_mechanism = "BasicAuth"',
+        'auth_username = "relay@corp.test"',
+        f'auth_password_file = "{password_file}"',
+    )
+    async with (
+        sinks(ScriptedHandler()) as (a,),
+        relay_running(tmp_path, {"*": a.port}, extra=auth) as relay,
+    ):
+        code, _ = await send(relay, SENDER, ["bob@example.com"], original())
+        assert code == 250
+        deferred = await wait_for(lambda: tracking(relay, "DEFER"))
+        assert deferred[0]["recipient-status"][0].startswith("451 4.7.0 SMTPSEND.Auth.")
+        (msg,) = await relay.store.list_messages()
+        assert msg.recipients[0].status == RecipientStatus.DEFERRED
+        assert msg.recipients[0].last_error == replies.CREDENTIALS_MISSING.line()
+    logged = caplog.text
+    assert str(password_file) in logged and "UTF-8" in logged
+    for leaked in ("Pässwort", "P\\xe4sswort", "sswort-7Qz"):
+        assert leaked not in logged, logged

@@ -52,7 +52,16 @@ class Credentials:
                         f"send connector {name!r}: cannot read auth_password_file {str(pw_file)!r}: "
                         f"{exc.strerror}"
                     ) from None
-                password = raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    # Never chained nor repr'd: a UnicodeDecodeError holds the file's bytes, and
+                    # the caller's log line would show the password.
+                    raise CredentialsError(
+                        f"send connector {name!r}: auth_password_file {str(pw_file)!r} is not "
+                        "UTF-8 text (save the password as UTF-8)"
+                    ) from None
+                password = text.removesuffix("\n").removesuffix("\r")
             elif pw_env:
                 password = env.get(pw_env)
                 if password is None:
