@@ -237,6 +237,40 @@ async def test_error_greeting_fails_over(greeting):
     assert greeting in out.transcript_errors[0]
 
 
+@pytest.mark.parametrize(
+    ("greeting", "ehlo_reply", "said"),
+    [
+        ("this is not SMTP", None, "Malformed SMTP response line"),
+        ("220 raw.test ESMTP", "this is not SMTP either", "Malformed SMTP response line"),
+        ("220 raw.test ESMTP", "250-" + "x" * 9000, "Response too long"),
+    ],
+    ids=["garbled-greeting", "garbled-ehlo", "overlong-ehlo"],
+)
+async def test_a_garbled_greeting_or_ehlo_reply_fails_over_to_the_next_hop(
+    greeting, ehlo_reply, said
+):
+    """A greeting or EHLO reply that is not SMTP (a middlebox, a port that speaks something
+    else): aiosmtplib's SMTPResponseException left `deliver` altogether, so the next MX or
+    smart host was never tried and the queue said "QUEUE.Internal; delivery attempt failed
+    inside the relay" until the message expired (reproduced). Now the hop failed, the next
+    one takes the message."""
+    raw = await RawSink(
+        greeting=greeting,
+        answer=lambda verb, conn, n: ehlo_reply if verb == b"EHLO" else None,
+    ).start()
+    sink = await start_sink()
+    try:
+        out = await send([hop(raw.port, "mx1.test"), hop(sink.port, "mx2.test")])
+    finally:
+        await raw.close()
+        await sink.close()
+    assert out.delivered == ["a@dest.test"]
+    assert out.hop_used == f"mx2.test[127.0.0.1]:{sink.port}"
+    [error] = out.transcript_errors
+    assert error.startswith(f"mx1.test[127.0.0.1]:{raw.port}: ") and said in error, error
+    assert raw.data == []
+
+
 async def test_failover_when_first_smart_host_refuses_connections():
     dead = free_port()
     sink = await start_sink()

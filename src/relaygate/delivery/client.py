@@ -672,6 +672,12 @@ async def _open_session(
     except _HopFailed:
         await _Session(smtp, key, False).quit(timeout=min(timeout, 2.0))
         raise
+    except SMTPResponseException as exc:
+        # A greeting or EHLO/AUTH reply that is not SMTP (garbled, over-long): this hop failed,
+        # like one that refused us; the next hop may take the message. Left to the caller, it
+        # ended the whole attempt without trying the other hops.
+        smtp.close()
+        raise _HopFailed(remote_reply(exc.code, exc.message)) from None
     except (SMTPServerDisconnected, SMTPTimeoutError, OSError) as exc:
         smtp.close()
         reply = (
