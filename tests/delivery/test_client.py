@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import time
 
@@ -1051,3 +1052,83 @@ async def test_a_reply_code_outside_2xx_to_5xx_is_a_protocol_error_not_a_bounce(
     assert r.is_transient, r
     assert f"unexpected reply to {where}" in r.text, r
     assert out.failed == [] and out.delivered == []
+
+
+class SlowReader(helpers.LoopbackServer):
+    """An SMTP server on a slow link: it takes the content 16 KiB at a time, 30 ms apart
+    (about 0.5 MB/s), with its receive buffer fixed at 4 KiB so that the kernel cannot take
+    the message in for it. Records how many octets came after the 354."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+
+    async def start(self) -> SlowReader:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited by accept
+        listener.bind(("127.0.0.1", 0))
+        self.server = await asyncio.start_server(self._serve, sock=listener)
+        self.port = listener.getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 slow.test ESMTP\r\n")
+        try:
+            while line := await reader.readline():
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    pipelining = b"250-PIPELINING\r\n" if helpers.PIPELINING else b""
+                    writer.write(b"250-slow.test\r\n" + pipelining + b"250 8BITMIME\r\n")
+                elif verb == b"DATA":
+                    writer.write(b"354 go ahead\r\n")
+                    await writer.drain()
+                    content = bytearray()
+                    while not content.endswith(b"\r\n.\r\n"):
+                        chunk = await reader.read(16384)
+                        if not chunk:
+                            return
+                        content += chunk
+                        await asyncio.sleep(0.03)
+                    self.received.append(len(content))
+                    writer.write(b"250 2.6.0 queued\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 2.0.0 bye\r\n")
+                    await writer.drain()
+                    return
+                else:
+                    writer.write(b"250 2.0.0 OK\r\n")
+                await writer.drain()
+        except ConnectionError:
+            return
+        finally:
+            writer.close()
+
+
+async def test_a_message_that_flows_slowly_is_not_cut_off_by_the_reply_timeout(monkeypatch):
+    """The timeout bounds each wait for the next hop (connection_inactivity_timeout), not the
+    transfer of the content: a 1 MB message on a ~0.5 MB/s link takes 2 s, each piece of it
+    moving well inside a 0.5 s timeout. Before, the whole content was handed to the transport
+    at once and the wait for the final reply began there, so it timed out while the content
+    was still flowing (reproduced, with or without PIPELINING), on every retry: a message
+    bigger than timeout × link speed could never be delivered. The client's send buffer is
+    fixed small too, so the kernel holds little of the message on either side."""
+    from relaygate.delivery import client
+
+    connect = client._connect_socket
+
+    async def small_send_buffer(*args, **kwargs):
+        sock = await connect(*args, **kwargs)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        return sock
+
+    monkeypatch.setattr(client, "_connect_socket", small_send_buffer)
+    data = b"Subject: scans\r\n\r\n" + (b"0123456789" * 7 + b"abcdef\r\n") * 13_000  # ~1 MB
+    slow = await SlowReader().start()
+    try:
+        t0 = time.monotonic()
+        out = await send(hop(slow.port), data=data, timeout=0.5)
+        took = time.monotonic() - t0
+    finally:
+        await slow.close()
+    assert out.delivered == ["a@dest.test"], out.per_recipient
+    assert slow.received == [len(normalise_for_wire(data))]
+    assert took > 1.0  # it did flow slowly: more than twice the timeout

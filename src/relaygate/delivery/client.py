@@ -42,7 +42,7 @@ import socket
 import ssl
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, cast
@@ -790,7 +790,36 @@ class _Envelope:
         return len(self.stuffed) + 3
 
 
-_SEPARATE_TERMINATOR = 64 * 1024
+#: Content of this size or more goes to the transport in pieces of this size (see `_write_content`).
+_CONTENT_PIECE = 64 * 1024
+
+
+async def _write_content(
+    write: Callable[[bytes], None], flow: Any, body: bytes, timeout: float
+) -> None:
+    """The stuffed content and ``.CRLF``. A small message (the usual case) is one write. A
+    bigger one goes in pieces, and whenever the transport's buffer is full (`flow`: the
+    aiosmtplib protocol, whose pause_writing/resume_writing track it) the next piece waits for
+    it to drain, at most `timeout`: the timeout bounds each wait for the next hop, as the reply
+    timeout that follows does. Handed over at once, the whole transfer counted against the wait
+    for the final reply, and a message slower to send than the timeout could never be
+    delivered. A connection lost meanwhile ends the writing: the reply read next says what
+    happened (a refusal the next hop sent before closing, or the lost connection)."""
+    if len(body) < _CONTENT_PIECE:
+        write(body + b".\r\n")
+        return
+    # Pieces are copies, 64 KiB at a time: the transport copies what the socket does not take
+    # at once anyway, and a bytes piece is what every transport (TLS, uvloop) accepts.
+    for start in range(0, len(body), _CONTENT_PIECE):
+        write(body[start : start + _CONTENT_PIECE])
+        if getattr(flow, "_paused", False) or getattr(flow, "_connection_lost", False):
+            try:
+                await asyncio.wait_for(flow._drain_helper(), timeout)
+            except TimeoutError:
+                raise SMTPTimeoutError("Timed out sending the message content") from None
+            except ConnectionError:
+                return
+    write(b".\r\n")
 
 
 class _DataRefused(SMTPDataError):
@@ -821,11 +850,7 @@ async def _data(smtp: aiosmtplib.SMTP, env: _Envelope, timeout: float) -> aiosmt
         if start.code != 354:
             raise _DataRefused(start.code, start.message, after_content=False)
         protocol._response_pending = True
-        if len(body) < _SEPARATE_TERMINATOR:
-            protocol.write(body + b".\r\n")
-        else:  # no copy of a big message just to append three octets
-            protocol.write(body)
-            protocol.write(b".\r\n")
+        await _write_content(protocol.write, protocol, body, timeout)
         response = await protocol.read_response(timeout=timeout)
     if response.code != 250:
         raise _DataRefused(response.code, response.message, after_content=True)
@@ -1082,12 +1107,7 @@ async def _pipelined(
                 raise _HopFailed(replies.out_of_sequence("RSET", rset.line()))
             session.clean = True
             return _after_data(results, rcpt_replies, accepted, data_start)
-        body = env.stuffed
-        if len(body) < _SEPARATE_TERMINATOR:
-            reader.write(body + b".\r\n")
-        else:  # no copy of a big message just to append three octets
-            reader.write(body)
-            reader.write(b".\r\n")
+        await _write_content(reader.write, reader.inner, env.stuffed, timeout)
         data_reply = remote_reply(*await reader.reply(timeout))
         _check_completion(session, data_reply, "the end of DATA")
         session.clean = True  # the final reply ends the transaction, whatever it says
