@@ -249,6 +249,51 @@ async def test_a_renewed_client_certificate_is_taken_up_when_reloaded(
     assert [_subject_cn(s.peercert) for s in sink.seen] == ["old.corp.test", "new.corp.test"]
 
 
+async def test_a_replaced_tls_ca_file_is_taken_up_when_reloaded(tmp_path: Path) -> None:
+    """The smart host moves to a certificate from a new private CA; the administrator writes
+    the new CA into the connector's tls_ca_file (same name) and reloads. Before, the trust
+    store was built once per file name and kept: every delivery still failed certificate
+    validation until the process restarted (reproduced). A reload reads the file again, as it
+    does a renewed client certificate."""
+    old_ca, new_ca = trustme.CA(), trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    new_ca.issue_cert("sink.test", "127.0.0.1").configure_cert(server_tls)
+    ca_file = tmp_path / "smarthost-ca.pem"
+    old_ca.cert_pem.write_to_path(str(ca_file))
+    connector = Connector(tls_auth_level="CertificateValidation", tls_ca_file=ca_file)
+    load_tls_context(connector)  # what the queue manager does at start, in a thread
+    sink = await RecordingSink(starttls=server_tls).start()
+    try:
+        before = await send(sink.port, connector)
+        new_ca.cert_pem.write_to_path(str(ca_file))  # the administrator's fix, same file name
+        load_tls_context(connector)  # what the queue manager does at a reload
+        after = await send(sink.port, connector)
+    finally:
+        await sink.close()
+    refused = before.per_recipient["a@dest.test"]
+    assert refused.is_transient and "certificate" in refused.text, refused
+    assert after.delivered == ["a@dest.test"], after.per_recipient
+
+
+async def test_a_tls_ca_file_that_cannot_be_loaded_is_named_in_the_reply(tmp_path: Path) -> None:
+    """A CA file that is not PEM (replaced by mistake): the hop is deferred without connecting,
+    and the reply names tls_ca_file. Before, it blamed the client certificate
+    (tls_certificate_file) of a connector that has none (reproduced)."""
+    ca_file = tmp_path / "smarthost-ca.pem"
+    ca_file.write_text("not a certificate\n")
+    sink = await RecordingSink(advertise_starttls=True).start()
+    try:
+        out = await send(
+            sink.port, Connector(tls_auth_level="CertificateValidation", tls_ca_file=ca_file)
+        )
+    finally:
+        await sink.close()
+    reply = out.per_recipient["a@dest.test"]
+    assert reply.is_transient and "tls_ca_file" in reply.text, reply
+    assert "tls_certificate_file" not in reply.text, reply
+    assert sink.seen == []
+
+
 # --------------------------------------------------------------------------------------------------
 # ignore_starttls (IgnoreSTARTTLS)
 

@@ -218,11 +218,12 @@ def _tls_required(connector: Any) -> bool:
 @functools.lru_cache(maxsize=32)
 def _cached_context(
     level: str,
-    ca_file: str | None,
+    ca_file: tuple[str, str] | None,
     client_cert: tuple[str, str, str] | None = None,
 ) -> ssl.SSLContext:
-    """client_cert: (certificate file, key file, digest of both); the digest is in the cache key
-    only so that a renewed certificate under the same file names gets a new context."""
+    """ca_file: (CA file, digest of it); client_cert: (certificate file, key file, digest of
+    both). The digests are in the cache key only so that a CA file replaced or a certificate
+    renewed under the same file names gets a new context."""
     if level == "EncryptionOnly":
         # create_default_context's settings without its trust store, which this level never
         # consults: loading the system's CAs took 21 ms, on the event loop, at the first delivery.
@@ -232,17 +233,32 @@ def _cached_context(
     else:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
         if ca_file:
-            ctx.load_verify_locations(cafile=ca_file)
+            try:
+                ctx.load_verify_locations(cafile=ca_file[0])
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise _TlsFileError("the CA file (tls_ca_file)", exc) from None
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.check_hostname = level == "DomainValidation"
     if client_cert is not None:
-        ctx.load_cert_chain(client_cert[0], client_cert[1])
+        try:
+            ctx.load_cert_chain(client_cert[0], client_cert[1])
+        except (OSError, ValueError) as exc:
+            raise _TlsFileError("the client certificate (tls_certificate_file)", exc) from None
     return ctx
 
 
-#: (certificate file, key file) → digest of their bytes when last loaded (load_tls_context):
-#: which cached context `tls_context_for` takes, without reading the files at every session.
-_client_cert_digests: dict[tuple[str, str], str] = {}
+class _TlsFileError(ValueError):
+    """A send connector's TLS file cannot be loaded; the message names which key it is."""
+
+    def __init__(self, what: str, exc: BaseException) -> None:
+        detail = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+        super().__init__(f"{what} cannot be loaded: {detail}")
+
+
+#: file names (the CA file; the certificate and key files) → digest of their bytes when last
+#: loaded (load_tls_context): which cached context `tls_context_for` takes, without reading the
+#: files at every session.
+_file_digests: dict[tuple[str, ...], str] = {}
 
 
 def _client_cert(connector: Any) -> tuple[str, str] | None:
@@ -251,21 +267,36 @@ def _client_cert(connector: Any) -> tuple[str, str] | None:
     return (str(cert), str(key)) if cert and key else None
 
 
-def tls_context_for(connector: Any) -> ssl.SSLContext:
-    """The client TLS context for the connector's tls_auth_level (cached per level, CA file and
-    client certificate; the certificate as `load_tls_context` last read it)."""
+def _ca_file(connector: Any) -> tuple[str] | None:
     ca = getattr(connector, "tls_ca_file", None)
-    files = _client_cert(connector)
-    if files is None:
-        return _cached_context(_tls_level(connector), str(ca) if ca else None)
-    digest = _client_cert_digests.get(files)
+    return (str(ca),) if ca else None
+
+
+def _known_digest(files: tuple[str, ...]) -> str:
+    digest = _file_digests.get(files)
     if digest is None:  # not loaded yet (a caller that did not go through load_tls_context)
         digest = _file_digest(files)
-        _client_cert_digests[files] = digest
-    return _cached_context(_tls_level(connector), str(ca) if ca else None, (*files, digest))
+        _file_digests[files] = digest
+    return digest
 
 
-def _file_digest(files: tuple[str, str]) -> str:
+def _context_for(connector: Any, digest: Callable[[tuple[str, ...]], str]) -> ssl.SSLContext:
+    ca = _ca_file(connector)
+    files = _client_cert(connector)
+    return _cached_context(
+        _tls_level(connector),
+        None if ca is None else (ca[0], digest(ca)),
+        None if files is None else (*files, digest(files)),
+    )
+
+
+def tls_context_for(connector: Any) -> ssl.SSLContext:
+    """The client TLS context for the connector's tls_auth_level (cached per level, CA file and
+    client certificate; the files as `load_tls_context` last read them)."""
+    return _context_for(connector, _known_digest)
+
+
+def _file_digest(files: tuple[str, ...]) -> str:
     h = hashlib.sha256()
     for path in files:
         try:
@@ -278,18 +309,21 @@ def _file_digest(files: tuple[str, str]) -> str:
 
 
 def load_tls_context(connector: Any) -> ssl.SSLContext:
-    """`tls_context_for`, after reading the client certificate files again (blocking: the queue
-    manager calls it in a thread at start and at every reload). A certificate renewed under the
-    same file names is taken up by new sessions from then on, as a reload reopens an implicit-TLS
-    listener whose certificate changed. Raises OSError/ssl.SSLError when they cannot be loaded."""
-    files = _client_cert(connector)
-    if files is not None:
-        digest = _file_digest(files)
-        ca = getattr(connector, "tls_ca_file", None)
-        # built before it is published: the event loop never loads it itself
-        _cached_context(_tls_level(connector), str(ca) if ca else None, (*files, digest))
-        _client_cert_digests[files] = digest
-    return tls_context_for(connector)
+    """`tls_context_for`, after reading the CA file and the client certificate files again
+    (blocking: the queue manager calls it in a thread at start and at every reload). A CA file
+    replaced or a certificate renewed under the same file names is taken up by new sessions from
+    then on, as a reload reopens an implicit-TLS listener whose certificate changed. Raises
+    OSError/ssl.SSLError when they cannot be loaded."""
+    fresh: dict[tuple[str, ...], str] = {}
+
+    def reread(files: tuple[str, ...]) -> str:
+        fresh[files] = _file_digest(files)
+        return fresh[files]
+
+    # built before it is published: the event loop never loads it itself
+    ctx = _context_for(connector, reread)
+    _file_digests.update(fresh)
+    return ctx
 
 
 def _server_name(connector: Any, hop: NextHop) -> str:
@@ -584,12 +618,11 @@ async def _open_session(
     try:
         ctx = tls_context_for(connector)
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        # A client certificate that cannot be loaded: deferred with the reason, never sent
-        # without the certificate the next hop may recognise the relay by.
-        detail = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
-        raise _HopFailed(
-            tls_failed(f"the client certificate (tls_certificate_file) cannot be loaded: {detail}")
-        ) from None
+        # A CA file or client certificate that cannot be loaded (_TlsFileError says which):
+        # deferred with the reason, never sent without the trust store the connector asks for
+        # or the certificate the next hop may recognise the relay by.
+        unusable = exc if isinstance(exc, _TlsFileError) else _TlsFileError("its TLS files", exc)
+        raise _HopFailed(tls_failed(str(unusable))) from None
     server_name = _server_name(connector, hop)
     force_helo = bool(getattr(connector, "force_helo", False))
     if force_helo or getattr(connector, "ignore_starttls", False):
