@@ -313,6 +313,10 @@ class Relay:
         except OSError as exc:  # the listeners are as they were; nothing of `new` was applied
             logger.error("reload refused, keeping the running configuration: %s", exc)
             return
+        if self.manager is not None:
+            # Loop detection knows the listeners as they are now: one added is this relay, one
+            # removed (its port perhaps taken by the next hop) no longer is.
+            self.manager.local_endpoints = set(self.server.endpoints)
         if self.worker_index is None:  # (a supervisor runs the client for its workers)
             # ACME turned on: the client starts; off: it stops; else its settings apply.
             self.acme = await asyncio.to_thread(reconcile_acme, self.acme, new)

@@ -1436,3 +1436,87 @@ async def test_a_password_file_that_is_not_utf8_defers_and_never_reaches_the_log
     assert str(password_file) in logged and "UTF-8" in logged
     for leaked in ("Pässwort", "P\\xe4sswort", "sswort-7Qz"):
         assert leaked not in logged, logged
+
+
+async def _rebind_receive_connector(relay: Relay, config_file: Path, bindings: list[int]) -> None:
+    """Reload `config_file` with the receive connector listening on `bindings` (ports)."""
+    text = config_file.read_text(encoding="utf-8")
+    current = next(line for line in text.splitlines() if line.startswith("bindings = "))
+    ports = ", ".join(f'"127.0.0.1:{p}"' for p in bindings)
+    config_file.write_text(text.replace(current, f"bindings = [{ports}]"), encoding="utf-8")
+    await relay.reload()
+    assert sorted(p for _h, p in relay.server.endpoints) == sorted(bindings)
+
+
+async def test_a_listener_added_by_a_reload_is_this_relay_for_loop_detection(
+    tmp_path: Path,
+) -> None:
+    """A reload that adds a listener: a smart host at that address is this relay. Before, the
+    queue manager kept the endpoints of the start, so the relay sent the message to itself,
+    again and again, each copy a new message, until the hop count stopped it (reproduced)."""
+    from tests.queue_manager.helpers import free_port, smtp_port
+
+    added = free_port()
+    async with (
+        sinks(ScriptedHandler()) as (b,),
+        relay_running(
+            tmp_path,
+            {"example.com": added, "senders.test": b.port},
+            config_file=tmp_path / "relaygate.toml",
+        ) as relay,
+    ):
+        await _rebind_receive_connector(
+            relay, tmp_path / "relaygate.toml", [smtp_port(relay), added]
+        )
+        await send(relay, SENDER, ["bob@example.com"], original())
+        ndr = await wait_for(lambda: reports(b))
+        per_rcpt = parse_mail(ndr[0]["content"]).get_payload()[1].get_payload()[1]
+        assert per_rcpt["Diagnostic-Code"] == "smtp; " + replies.LOOP_DETECTED.line()
+        assert len(await relay.store.list_messages()) == 2  # the original and the NDR, no loop
+
+
+async def test_a_listener_removed_by_a_reload_is_no_longer_this_relay(tmp_path: Path) -> None:
+    """A reload that moves the relay off a port another server then takes (a content filter
+    on 127.0.0.1, the smart host): before, the queue manager kept the endpoints of the start
+    and bounced every message with 554 ROUTING.Loop until a restart (reproduced)."""
+    from relaygate.config import load_config
+    from tests.queue_manager.helpers import free_port, make_config_text
+
+    smtp, moved = free_port(), free_port()
+    config_file = tmp_path / "relaygate.toml"
+    text = make_config_text(
+        tmp_path / "data",
+        smtp_port=smtp,
+        admin_port=free_port(),
+        routes={"example.com": moved},
+    )
+    config_file.write_text(
+        text.replace(
+            f'bindings = ["127.0.0.1:{smtp}"]',
+            f'bindings = ["127.0.0.1:{smtp}", "127.0.0.1:{moved}"]',
+        ),
+        encoding="utf-8",
+    )
+    relay = Relay(load_config(config_file), config_path=config_file)
+    await relay.start()
+    try:
+        assert relay.manager is not None
+        relay.manager.scan_interval = 0.2
+        await _rebind_receive_connector(relay, config_file, [smtp])
+        handler = ScriptedHandler()
+        filter_sink = await start_sink(handler, port=moved)  # now free: another server takes it
+        try:
+            await send(relay, SENDER, ["bob@example.com"], original())
+
+            async def final() -> Any:
+                msgs = await relay.store.list_messages()
+                done = [r for m in msgs for r in m.recipients if r.status.is_final]
+                return done[0] if done else None
+
+            rcpt = await wait_for(final)
+        finally:
+            await filter_sink.close()
+        assert rcpt.status == RecipientStatus.DELIVERED, rcpt.last_error
+        assert len(handler.messages) == 1
+    finally:
+        await relay.stop()
