@@ -380,6 +380,21 @@ async def test_remote_size_limit_is_permanent():
     assert sink.handler.mail_froms == []
 
 
+async def test_a_size_limit_that_is_not_a_number_is_ignored():
+    """SIZE with a value that is not ASCII digits ("²" passes str.isdigit, then int() raises):
+    the ValueError left `deliver`, so no other hop was tried and the queue said QUEUE.Internal
+    (reproduced). RFC 1870: a SIZE without a usable number gives no limit."""
+    raw = await RawSink(
+        answer=lambda verb, conn, n: "250-raw.test\r\n250 SIZE ²" if verb == b"EHLO" else None
+    ).start()
+    try:
+        out = await send(hop(raw.port))
+    finally:
+        await raw.close()
+    assert out.delivered == ["a@dest.test"], out.per_recipient
+    assert len(raw.data) == 1
+
+
 # --------------------------------------------------------------------------------------------------
 # byte-for-byte
 

@@ -992,7 +992,8 @@ async def _transaction(
     params: list[bytes] = []
     if smtp.supports_extension("size"):
         limit_text = smtp.esmtp_extensions.get("size", "").strip()
-        limit = int(limit_text) if limit_text.isdigit() else 0
+        # ASCII digits only: str.isdigit() also passes "²", which int() refuses.
+        limit = int(limit_text) if limit_text.isascii() and limit_text.isdigit() else 0
         if limit and env.wire_size > limit:
             results.update({r: replies.MESSAGE_TOO_BIG for r in rcpts})
             return results, None
