@@ -1081,7 +1081,8 @@ class SlowReader(helpers.LoopbackServer):
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited by accept
         listener.bind(("127.0.0.1", 0))
-        self.server = await asyncio.start_server(self._serve, sock=listener)
+        # a small stream buffer too: the server reads the content as it goes, not ahead of it
+        self.server = await asyncio.start_server(self._serve, sock=listener, limit=16384)
         self.port = listener.getsockname()[1]
         return self
 
