@@ -6,6 +6,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import struct
 import time
 
 import pytest
@@ -1148,3 +1149,43 @@ async def test_a_message_that_flows_slowly_is_not_cut_off_by_the_reply_timeout(m
     assert out.delivered == ["a@dest.test"], out.per_recipient
     assert slow.received == [len(normalise_for_wire(data))]
     assert took > 1.0  # it did flow slowly: more than twice the timeout
+
+
+class ResetAfter354(helpers.LoopbackServer):
+    """Answers DATA with 354, then resets the connection (RST) before reading the content."""
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 reset.test ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                pipelining = b"250-PIPELINING\r\n" if helpers.PIPELINING else b""
+                writer.write(b"250-reset.test\r\n" + pipelining + b"250 8BITMIME\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go ahead\r\n")
+                await writer.drain()
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()
+                return
+            else:
+                writer.write(b"250 2.0.0 OK\r\n")
+            await writer.drain()
+
+
+async def test_content_stops_at_a_connection_reset_without_a_warning_per_piece(caplog):
+    """A big message whose next hop resets the connection once it has said 354: the hop failed
+    (transient), and the content stops at the reset. Written piece by piece, every piece after
+    the reset made asyncio log "socket.send() raised exception." (473 lines for 31 MB,
+    reproduced with PIPELINING)."""
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    data = b"Subject: big\r\n\r\n" + (b"z" * 76 + b"\r\n") * 60_000  # ~4.7 MB: 72 pieces
+    server = await ResetAfter354().start()
+    try:
+        out = await send(hop(server.port), data=data)
+    finally:
+        await server.close()
+    reply = out.per_recipient["a@dest.test"]
+    assert reply.is_transient and out.delivered == [], reply
+    warnings = [r for r in caplog.records if "socket.send() raised" in r.getMessage()]
+    assert warnings == [], len(warnings)

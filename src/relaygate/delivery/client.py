@@ -828,7 +828,11 @@ _CONTENT_PIECE = 64 * 1024
 
 
 async def _write_content(
-    write: Callable[[bytes], None], flow: Any, body: bytes, timeout: float
+    write: Callable[[bytes], None],
+    flow: Any,
+    transport: asyncio.BaseTransport | None,
+    body: bytes,
+    timeout: float,
 ) -> None:
     """The stuffed content and ``.CRLF``. A small message (the usual case) is one write. A
     bigger one goes in pieces, and whenever the transport's buffer is full (`flow`: the
@@ -837,13 +841,16 @@ async def _write_content(
     timeout that follows does. Handed over at once, the whole transfer counted against the wait
     for the final reply, and a message slower to send than the timeout could never be
     delivered. A connection lost meanwhile ends the writing: the reply read next says what
-    happened (a refusal the next hop sent before closing, or the lost connection)."""
+    happened (a refusal the next hop sent before closing, or the lost connection); `transport`
+    closing is the first sign of it (asyncio logs a warning for every write after that)."""
     if len(body) < _CONTENT_PIECE:
         write(body + b".\r\n")
         return
     # Pieces are copies, 64 KiB at a time: the transport copies what the socket does not take
     # at once anyway, and a bytes piece is what every transport (TLS, uvloop) accepts.
     for start in range(0, len(body), _CONTENT_PIECE):
+        if transport is None or transport.is_closing():
+            return
         write(body[start : start + _CONTENT_PIECE])
         if getattr(flow, "_paused", False) or getattr(flow, "_connection_lost", False):
             try:
@@ -852,7 +859,8 @@ async def _write_content(
                 raise SMTPTimeoutError("Timed out sending the message content") from None
             except ConnectionError:
                 return
-    write(b".\r\n")
+    if transport is not None and not transport.is_closing():
+        write(b".\r\n")
 
 
 class _DataRefused(SMTPDataError):
@@ -883,7 +891,7 @@ async def _data(smtp: aiosmtplib.SMTP, env: _Envelope, timeout: float) -> aiosmt
         if start.code != 354:
             raise _DataRefused(start.code, start.message, after_content=False)
         protocol._response_pending = True
-        await _write_content(protocol.write, protocol, body, timeout)
+        await _write_content(protocol.write, protocol, protocol.transport, body, timeout)
         response = await protocol.read_response(timeout=timeout)
     if response.code != 250:
         raise _DataRefused(response.code, response.message, after_content=True)
@@ -1141,7 +1149,7 @@ async def _pipelined(
                 raise _HopFailed(replies.out_of_sequence("RSET", rset.line()))
             session.clean = True
             return _after_data(results, rcpt_replies, accepted, data_start)
-        await _write_content(reader.write, reader.inner, env.stuffed, timeout)
+        await _write_content(reader.write, reader.inner, transport, env.stuffed, timeout)
         data_reply = remote_reply(*await reader.reply(timeout))
         _check_completion(session, data_reply, "the end of DATA")
         session.clean = True  # the final reply ends the transaction, whatever it says
