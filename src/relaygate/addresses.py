@@ -473,3 +473,22 @@ def parse_rcpt_to(arg: str, *, smtputf8: bool = False) -> tuple[Address, dict[st
     if rcpt is None:  # unreachable with allow_null=False; keeps the type honest without assert
         raise AddressError(replies.INVALID_RECIPIENT, "null address <> not allowed here")
     return rcpt, params
+
+
+def is_special_destination(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """An address mail must not be sent to on a remote party's word (an address literal, an MX
+    record): loopback, link-local (a cloud's metadata service), multicast, unspecified or
+    reserved, also as the IPv4 address an IPv6 one carries: IPv4-mapped, 6to4 (2002::/16) or a
+    Teredo client (NAT64 and IPv4-compatible forms are in ::/8, reserved)."""
+    if _special_ip(ip):
+        return True
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = [ip.ipv4_mapped, ip.sixtofour, ip.teredo[1] if ip.teredo else None]
+        return any(v4 is not None and _special_ip(v4) for v4 in embedded)
+    return False
+
+
+def _special_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return bool(
+        ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved
+    )

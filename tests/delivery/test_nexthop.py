@@ -192,6 +192,27 @@ async def test_mx_to_loopback_refused_by_default(loopback_dns):
         await resolve_next_hops(Connector(dns_routing_enabled=True), "meta.test", res(loopback_dns))
 
 
+@pytest.mark.parametrize(
+    "aaaa",
+    [
+        "2002:7f00:1::1",  # 6to4 of 127.0.0.1
+        "2002:a9fe:a9fe::1",  # 6to4 of 169.254.169.254 (a cloud metadata service)
+        "2001:0:4136:e378:8000:63bf:80ff:fffe",  # Teredo, client 127.0.0.1
+    ],
+)
+async def test_an_mx_aaaa_embedding_a_special_ipv4_address_is_refused(loopback_dns, aaaa):
+    """An IPv6 address that carries a loopback or link-local IPv4 address (6to4, Teredo) is
+    refused as that address is, as the receiving side refuses it in an address literal; only the
+    IPv4-mapped form (::ffff:0:0/96, itself reserved) was."""
+    loopback_dns.add("evil6.test", "MX", (10, "mx.evil6.test"))
+    loopback_dns.add("mx.evil6.test", "AAAA", aaaa)
+    with pytest.raises(NextHopError) as info:
+        await resolve_next_hops(
+            Connector(dns_routing_enabled=True), "evil6.test", res(loopback_dns)
+        )
+    assert info.value.reply == MX_SPECIAL_ADDRESS and not info.value.permanent
+
+
 async def test_loop_smart_host_is_this_relay(loopback_dns):
     conn = Connector(smart_hosts=["[127.0.0.1]:2525"])
     with pytest.raises(NextHopError) as info:

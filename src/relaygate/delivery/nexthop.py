@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from relaygate import replies
+from relaygate.addresses import is_special_destination
 from relaygate.config.values import parse_smart_host
 from relaygate.delivery.dns import DnsError, Resolver
 from relaygate.replies import Reply
@@ -143,16 +144,6 @@ def is_own_address(ip: str) -> bool:
     except OSError:
         return False
     return True
-
-
-def _special(addr: IpAddress) -> bool:
-    return bool(
-        addr.is_loopback
-        or addr.is_link_local
-        or addr.is_unspecified
-        or addr.is_multicast
-        or addr.is_reserved
-    )
 
 
 async def _addresses(resolver: Resolver, host: str) -> list[str] | DnsError:
@@ -306,7 +297,7 @@ async def _mx_hops(
                 loop_pref = pref if loop_pref is None else min(loop_pref, pref)
                 continue
             addr = _ip(ip)
-            if addr is not None and _special(addr) and not allow_special:
+            if addr is not None and is_special_destination(addr) and not allow_special:
                 log.warning("MX %s of %s resolves to %s; refused by policy", host, domain, ip)
                 refused += 1
                 continue

@@ -6,13 +6,12 @@ Pure functions. A `Verdict` carries the reply the client sees and a `reason` for
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from relaygate import replies
-from relaygate.addresses import Address
+from relaygate.addresses import Address, is_special_destination
 from relaygate.config.model import AcceptedDomain, Config, ReceiveConnector
 from relaygate.policy import rights as r
 from relaygate.policy.address_rules import (
@@ -185,24 +184,6 @@ def _check_sender_rights(
     return Verdict(replies.SENDER_OK, "sender allowed")
 
 
-def _special(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    return bool(
-        ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved
-    )
-
-
-def _dangerous_literal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Loopback, link-local (the metadata service), multicast, unspecified or reserved, also as
-    the IPv4 address an IPv6 one carries: IPv4-mapped, 6to4 (2002::/16) or a Teredo client (NAT64
-    and IPv4-compatible forms are in ::/8, reserved)."""
-    if _special(ip):
-        return True
-    if isinstance(ip, ipaddress.IPv6Address):
-        embedded = [ip.ipv4_mapped, ip.sixtofour, ip.teredo[1] if ip.teredo else None]
-        return any(v4 is not None and _special(v4) for v4 in embedded)
-    return False
-
-
 def check_rcpt(
     recipient: Address,
     *,
@@ -312,7 +293,7 @@ def _check_rcpt_rights(
                 "address literal of this relay: RelayGate does no local delivery",
                 tarpit,
             )
-        if ip is None or _dangerous_literal(ip):
+        if ip is None or is_special_destination(ip):
             return Verdict(
                 replies.LITERAL_REFUSED,
                 f"address literal {recipient.domain} is loopback/link-local/reserved (never relayed)",
