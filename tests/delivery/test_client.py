@@ -366,6 +366,15 @@ def test_helo_name_and_remote_reply_parsing():
     assert r == replies.Reply(554, "5.6.0", "2.6.0 queued rejected after all")
 
 
+def test_a_remote_reply_loses_its_c1_controls_too():
+    """C1 controls (U+0080-U+009F: U+009B is a terminal's CSI, U+0085 a line break to some
+    readers) in a remote server's reply were kept, where C0 ones were dropped: they went into
+    the queue's LastError, the logs and the NDR, and from there to an administrator's terminal
+    or a sender's mail reader. Other non-ASCII text stays."""
+    r = remote_reply(550, "5.1.1 unknown\u009b2J user\u0085 Empf\u00e4nger")
+    assert r == replies.Reply(550, "5.1.1", "unknown2J user Empf\u00e4nger")
+
+
 async def test_route_size_limit():
     out = await send([hop(1)], Connector(max_message_size=10))
     assert out.per_recipient["a@dest.test"] == replies.ROUTE_SIZE_LIMIT
