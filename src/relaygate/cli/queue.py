@@ -154,8 +154,9 @@ def _local(value: str | None) -> str:
 
 
 #: C0 and C1 controls and DEL: a terminal acts on them (ESC and U+009B CSI begin escape sequences
-#: that move the cursor, erase lines or set the title). The queue keeps C1 controls a remote
-#: server put in its reply; printed, they could hide or fake lines of `queue list` / `show`.
+#: that move the cursor, erase lines or set the title). A remote server's reply loses its controls
+#: as it is read, but a message queued by an earlier release may still hold C1 ones in its
+#: LastError; printed, they could hide or fake lines of `queue list` / `show`.
 _TERMINAL_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
