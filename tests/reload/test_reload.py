@@ -488,3 +488,63 @@ def test_a_reload_whose_dns_server_cannot_be_resolved_applies_nothing(relay, cap
     assert h.relay.manager.resolver is resolver
     with RawClient(h.port, source="127.0.0.5") as c:
         assert c.reply().text == "220 before"
+
+
+def _authenticated(r, source: str = "127.0.0.5") -> RawClient:
+    """A session that has authenticated as `scanner` (no TLS) and relayed once."""
+    import base64
+
+    from tests.smtp.test_auth import PASSWORD
+
+    c = RawClient(r.port, source=source)
+    c.greet()
+    plain = base64.b64encode(f"\0scanner\0{PASSWORD}".encode()).decode()
+    c.cmd(f"AUTH PLAIN {plain}", 235)
+    c.cmd("MAIL FROM:<scanner@corp.example>", 250)
+    assert c.cmd("RCPT TO:<victim@external.example>").text == "250 2.1.5 Recipient OK"
+    c.cmd("RSET", 250)
+    return c
+
+
+def test_a_reload_that_takes_away_an_authenticated_sessions_right_to_be_authenticated_ends_it(
+    relay,  # noqa: F811
+    monkeypatch,
+):
+    """An authenticated session relays as its user: after a reload that removed the user (the
+    users file the reload reads no longer holds it), or that made its connector require TLS for
+    AUTH (BasicAuthRequireTLS) while it authenticated in clear, it could not authenticate now, so
+    it must not go on relaying as that user: 421 4.3.2 at its next MAIL, as a client taken off
+    the connector gets. A reload that changes nothing of the kind leaves it relaying."""
+    from argon2 import PasswordHasher
+
+    import relaygate.smtp.auth as auth
+    from tests.smtp.test_auth import add_user, auth_connector, cli
+
+    monkeypatch.setattr(
+        auth, "_HASHER", PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
+    )
+    r = relay([auth_connector()])
+    add_user(r, "scanner")
+    unrelated, tls_for_auth, removed = (_authenticated(r) for _ in range(3))
+
+    r.reconfigure([auth_connector(max_message_size=20_000_000)])  # an unrelated change
+    unrelated.cmd("MAIL FROM:<scanner@corp.example>", 250)
+    assert unrelated.cmd("RCPT TO:<victim@external.example>").text == "250 2.1.5 Recipient OK"
+    unrelated.cmd("RSET", 250)
+
+    r.reconfigure([auth_connector(auth_mechanism=["Tls", "BasicAuth", "BasicAuthRequireTLS"])])
+    assert tls_for_auth.cmd("MAIL FROM:<scanner@corp.example>").text == (
+        "421 4.3.2 Service not available"
+    )
+    assert tls_for_auth.is_closed()
+
+    r.reconfigure([auth_connector()])
+    assert cli(r, "user", "remove", "scanner").exit_code == 0
+    r.reconfigure([auth_connector()])  # the administrator's reload after removing the user
+    assert removed.cmd("MAIL FROM:<scanner@corp.example>").text == (
+        "421 4.3.2 Service not available"
+    )
+    assert removed.is_closed()
+    unrelated.cmd("MAIL FROM:<scanner@corp.example>", 421)
+    for c in (unrelated, tls_for_auth, removed):
+        c.close()

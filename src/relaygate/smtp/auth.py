@@ -69,6 +69,10 @@ class UserStore:
     def __len__(self) -> int:
         return len(self._users)
 
+    def __contains__(self, user: object) -> bool:
+        """Whether `user` (a canonical, lower-case name) is in the file as last read."""
+        return user in self._users
+
     def _verify_sync(self, user: str, password: str) -> bool:
         self.refresh()
         stored = self._users.get(user.lower())

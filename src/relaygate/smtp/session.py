@@ -21,7 +21,7 @@ import json
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from relaygate import replies
 from relaygate.addresses import Address, AddressError, parse_domain, parse_mail_from, parse_rcpt_to
@@ -478,29 +478,25 @@ class Session:
     def _follow_reload(self) -> None:
         """After a reload, go on with the connector that now takes this client when it is the one
         the session started on (by name): its new rights and address rules apply from here. When
-        another connector, or none, takes the client now (or an authenticated session's connector
-        no longer offers AUTH), end with 421 so that the client reconnects to what the
-        configuration says: a client taken off a relaying connector stops relaying at once, not
-        when its session ends (connection_timeout, 10 minutes by default)."""
+        another connector, or none, takes the client now, or an authenticated session could not
+        authenticate now (`_authentication_lost`), end with 421 so that the client reconnects to
+        what the configuration says: a client taken off a relaying connector stops relaying at
+        once, not when its session ends (connection_timeout, 10 minutes by default)."""
         config = self.ctx.config
         if config is self._config_seen:
             return
         self._config_seen = config
         now = self.ctx.select(self.local[0], self.local[1], self.client_ip).connector
+        if now is None or now.name.lower() != self.connector.name.lower():
+            taken_by = f"receive connector {now.name}" if now is not None else "no connector"
+            self._end_after_reload(
+                f"{taken_by} takes {self.client_ip}, not receive connector {self.connector.name}"
+            )
+        lost_auth = self._authentication_lost(now)
+        if lost_auth:
+            self._end_after_reload(lost_auth)
         if now is self.connector:
             return
-        if (
-            now is None
-            or now.name.lower() != self.connector.name.lower()
-            or (self.auth_user is not None and "BasicAuth" not in now.auth_mechanism)
-        ):
-            taken_by = f"receive connector {now.name}" if now is not None else "no connector"
-            self.log.info(
-                f"after a reload {taken_by} takes {self.client_ip}, not receive connector "
-                f"{self.connector.name}; disconnecting"
-            )
-            self.reply(replies.SERVICE_NOT_AVAILABLE)
-            raise _Close()
         self.connector = now
         self.address_rules = self.ctx.address_rules(now)
         self.rights = (
@@ -509,6 +505,32 @@ class Session:
             else session_rights(now, authenticated_user=self.auth_user)
         )
         self.log.info(self.rights.log_tokens(), "Set Session Permissions")
+
+    def _authentication_lost(self, connector: ReceiveConnector) -> str:
+        """Why an authenticated session could not authenticate now on `connector` (as reloaded),
+        or "": its user is gone from the users file the reload read (an account removed, its
+        password perhaps leaked), or the connector offers no AUTH, or only over TLS, which this
+        session did not use. Its rights are the user's: it must not keep them."""
+        user = self.auth_user
+        if user is None:
+            return ""
+        mechanisms = connector.auth_mechanism
+        if "BasicAuth" not in mechanisms:
+            return f"receive connector {connector.name} offers no AUTH (BasicAuth) now"
+        if "BasicAuthRequireTLS" in mechanisms and not self.tls_active:
+            return (
+                f"receive connector {connector.name} offers AUTH only after STARTTLS now "
+                "(BasicAuthRequireTLS)"
+            )
+        if user not in self.ctx.users:
+            return f"user {user} is no longer in the users file"
+        return ""
+
+    def _end_after_reload(self, why: str) -> NoReturn:
+        """421 4.3.2 and close: the client reconnects to what the configuration now says."""
+        self.log.info(f"after a reload {why}; disconnecting")
+        self.reply(replies.SERVICE_NOT_AVAILABLE)
+        raise _Close()
 
     async def do_mail(self, arg: str) -> None:
         if self.helo is None:
