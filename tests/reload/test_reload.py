@@ -548,3 +548,22 @@ def test_a_reload_that_takes_away_an_authenticated_sessions_right_to_be_authenti
     unrelated.cmd("MAIL FROM:<scanner@corp.example>", 421)
     for c in (unrelated, tls_for_auth, removed):
         c.close()
+
+
+def test_a_reload_between_mail_and_rcpt_ends_the_transaction_with_nothing_stored(relay):  # noqa: F811
+    """MAIL accepted, then a reload takes the client off its relaying connector: its RCPT gets
+    421 4.3.2 and the connection ends. The pipelined DATA and content that followed the RCPT
+    are never taken (nothing is stored, no 354), so no message is half-accepted."""
+    from tests.smtp.conftest import relay_connector
+
+    r = relay([default_frontend(tarpit_interval="00:00:00"), relay_connector(["127.0.0.5"])])
+    c = RawClient(r.port, source="127.0.0.5")
+    c.greet()
+    c.cmd("MAIL FROM:<scanner@corp.example>", 250)
+    r.reconfigure([default_frontend(tarpit_interval="00:00:00"), relay_connector(["127.0.0.6"])])
+    c.send(
+        b"RCPT TO:<victim@external.example>\r\nDATA\r\nSubject: scan\r\n\r\nbody\r\n.\r\nQUIT\r\n"
+    )
+    assert [reply.text for reply in c.replies_until_close()] == ["421 4.3.2 Service not available"]
+    assert r.messages() == []
+    c.close()
