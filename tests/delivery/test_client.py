@@ -1084,8 +1084,10 @@ class SlowReader(helpers.LoopbackServer):
     (about 0.5 MB/s), with its receive buffer fixed at 4 KiB so that the kernel cannot take
     the message in for it. Records how many octets came after the 354."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None, pause: float = 0.03) -> None:
         self.received: list[int] = []
+        self.tls = tls  # offer STARTTLS with this context
+        self.pause = pause  # between two 16 KiB reads of the content
 
     async def start(self) -> SlowReader:
         listener = socket.socket()
@@ -1098,12 +1100,20 @@ class SlowReader(helpers.LoopbackServer):
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 slow.test ESMTP\r\n")
+        starttls = self.tls is not None
         try:
             while line := await reader.readline():
                 verb = line[:4].upper()
                 if verb == b"EHLO":
                     pipelining = b"250-PIPELINING\r\n" if helpers.PIPELINING else b""
-                    writer.write(b"250-slow.test\r\n" + pipelining + b"250 8BITMIME\r\n")
+                    offer = b"250-STARTTLS\r\n" if starttls else b""
+                    writer.write(b"250-slow.test\r\n" + pipelining + offer + b"250 8BITMIME\r\n")
+                elif verb == b"STAR" and starttls and self.tls is not None:
+                    writer.write(b"220 2.0.0 go ahead\r\n")
+                    await writer.drain()
+                    await writer.start_tls(self.tls)
+                    starttls = False
+                    continue
                 elif verb == b"DATA":
                     writer.write(b"354 go ahead\r\n")
                     await writer.drain()
@@ -1113,7 +1123,7 @@ class SlowReader(helpers.LoopbackServer):
                         if not chunk:
                             return
                         content += chunk
-                        await asyncio.sleep(0.03)
+                        await asyncio.sleep(self.pause)
                     self.received.append(len(content))
                     writer.write(b"250 2.6.0 queued\r\n")
                 elif verb == b"QUIT":
@@ -1158,6 +1168,39 @@ async def test_a_message_that_flows_slowly_is_not_cut_off_by_the_reply_timeout(m
     assert out.delivered == ["a@dest.test"], out.per_recipient
     assert slow.received == [len(normalise_for_wire(data))]
     assert took > 1.0  # it did flow slowly: more than twice the timeout
+
+
+async def test_a_message_that_flows_slowly_over_tls_is_not_cut_off_by_the_reply_timeout(
+    monkeypatch, server_tls
+):
+    """The same over STARTTLS. asyncio's TLS transport (uvloop's too) asks its writer to pause
+    only when 512 KiB wait in it, not 64 KiB as a TCP transport does: the content was written
+    piece by piece, yet up to 512 KiB of it was still to go when the wait for the final reply
+    began, and a link that moves that in more than the timeout cut off every attempt
+    (reproduced: 1 MB at ~0.27 MB/s, 1 s timeout, 421 4.4.1 each time)."""
+    from relaygate.delivery import client
+
+    connect = client._connect_socket
+
+    async def small_send_buffer(*args, **kwargs):
+        sock = await connect(*args, **kwargs)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        return sock
+
+    monkeypatch.setattr(client, "_connect_socket", small_send_buffer)
+    data = b"Subject: scans\r\n\r\n" + (b"0123456789" * 7 + b"abcdef\r\n") * 13_000  # ~1 MB
+    slow = await SlowReader(tls=server_tls, pause=0.06).start()
+    try:
+        t0 = time.monotonic()
+        out = await send(
+            hop(slow.port), Connector(tls_auth_level="EncryptionOnly"), data=data, timeout=1.0
+        )
+        took = time.monotonic() - t0
+    finally:
+        await slow.close()
+    assert out.delivered == ["a@dest.test"], out.per_recipient
+    assert slow.received == [len(normalise_for_wire(data))]
+    assert took > 2.0  # it did flow slowly: more than twice the timeout
 
 
 class ResetAfter354(helpers.LoopbackServer):

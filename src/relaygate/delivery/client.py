@@ -846,6 +846,7 @@ async def _write_content(
     if len(body) < _CONTENT_PIECE:
         write(body + b".\r\n")
         return
+    _bound_write_buffer(transport)
     # Pieces are copies, 64 KiB at a time: the transport copies what the socket does not take
     # at once anyway, and a bytes piece is what every transport (TLS, uvloop) accepts.
     for start in range(0, len(body), _CONTENT_PIECE):
@@ -861,6 +862,20 @@ async def _write_content(
                 return
     if transport is not None and not transport.is_closing():
         write(b".\r\n")
+
+
+def _bound_write_buffer(transport: asyncio.BaseTransport | None) -> None:
+    """Make `transport` ask for a pause once a piece of content waits in it. A TCP transport
+    does so at 64 KiB already; a TLS one (asyncio's and uvloop's) only at 512 KiB, so up to
+    that much content was still to go when the wait for the final reply began, and a link too
+    slow to move it within the timeout cut off every attempt. Kept for the rest of the
+    connection (a pooled one's next content is paced alike; commands are far smaller)."""
+    try:
+        _low, high = cast(asyncio.WriteTransport, transport).get_write_buffer_limits()
+        if high > _CONTENT_PIECE:
+            cast(asyncio.WriteTransport, transport).set_write_buffer_limits(high=_CONTENT_PIECE)
+    except (AttributeError, NotImplementedError):  # a transport without flow control limits
+        return
 
 
 class _DataRefused(SMTPDataError):
