@@ -772,6 +772,32 @@ def test_text_format_warnings_and_ignored_exceptions_go_through_the_stderr_buffe
     assert "ValueError: in __del__" in err
 
 
+def test_an_exception_python_ignores_at_exit_still_reaches_stderr() -> None:
+    """An exception ignored in a __del__ while the interpreter shuts down (a module global, a
+    cycle collected last), after the StderrBuffer's last flush at exit: put in the buffer, it
+    was never written, where Python used to write it to stderr (reproduced: nothing at all).
+    Then it goes to stderr as Python writes it."""
+    code = (
+        "from relaygate.logs import service\n"
+        "service.buffer_stderr()\n"
+        "service.configure('text', 'INFO')\n"
+        "class Leaky:\n"
+        "    def __del__(self):\n"
+        "        raise ValueError('in __del__ at exit')\n"
+        "keep = Leaky()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+    )
+    assert done.returncode == 0
+    err = done.stderr.decode()
+    assert "Exception ignored in: <function Leaky.__del__" in err, err
+    assert "ValueError: in __del__ at exit" in err, err
+
+
 # -- httpx and httpcore held back (relaygate.logs.service.QUIET_LOGGERS) ----------------------------
 
 HTTPX_USER = """\

@@ -501,6 +501,11 @@ def _buffer_tracebacks(buffer: StderrBuffer) -> None:
         _through_buffer(buffer, lambda: previous_thread(args))
 
     def on_unraisable(unraisable: Any) -> None:  # "Exception ignored in: ..." (a __del__'s)
+        if sys.is_finalizing():
+            # Shutting down, past the buffer's last flush at exit (its thread no longer runs):
+            # put there, it would never be written.
+            previous_unraisable(unraisable)
+            return
         _through_buffer(buffer, lambda: previous_unraisable(unraisable))
 
     sys.excepthook = on_exception
