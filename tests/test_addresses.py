@@ -12,6 +12,7 @@ from relaygate import replies
 from relaygate.addresses import (
     Address,
     AddressError,
+    ascii_domain,
     is_ascii,
     parse_domain,
     parse_mail_from,
@@ -396,6 +397,19 @@ def test_idn_u_label_equals_a_label() -> None:
     assert rcpt("<user@bücher.example.>", smtputf8=True) == a
 
 
+def test_idn_labels_follow_idna_2008_sharp_s_included() -> None:
+    """IDNA 2008 (RFC 5891), as the registries and DNS do: "straße" is its own label,
+    xn--strae-oqa, not "strasse" (IDNA 2003's mapping). Both the U-label and the A-label were
+    refused (the A-label with 501 5.1.3 at RCPT), so no mail reached such a domain through the
+    relay. A label that only becomes valid by a mapping is still refused (the list below)."""
+    u = rcpt("<user@Straße.example>", smtputf8=True)
+    a = rcpt("<user@xn--strae-oqa.example>")
+    assert u == a == Address("user", "xn--strae-oqa.example")
+    assert rcpt("<user@strasse.example>").domain == "strasse.example"  # another domain
+    with pytest.raises(AddressError):
+        rcpt("<user@xn--strasse-x9a.example>")  # not the canonical A-label of any U-label
+
+
 def test_idn_homoglyph_is_a_different_domain() -> None:
     cyrillic = rcpt("<user@lос\u0430l.example>", smtputf8=True)  # о, с, а are Cyrillic
     assert cyrillic.domain.startswith("xn--")
@@ -407,7 +421,6 @@ def test_idn_homoglyph_is_a_different_domain() -> None:
     "path",
     [
         "<user@ｌｏｃａｌ.example>",  # fullwidth: nameprep would map it to "local"
-        "<user@straße.example>",  # IDNA 2003 maps ß -> ss: not a canonical U-label
         "<user@local\u3002example>",  # ideographic full stop as a label separator
         "<user@local\uff0eexample>",  # fullwidth full stop
         "<user@lo\u200bcal.example>",  # zero-width space
@@ -754,3 +767,15 @@ def test_valid_addresses_parse_canonically(
         return
     assert addr == Address(local, domain)
     _check_roundtrip(addr, smtputf8=False)
+
+
+def test_ascii_domain_spells_a_domain_as_the_envelope_parser_does() -> None:
+    """Headers, Graph's answers and the command line name domains in Unicode: compared with an
+    envelope domain (an IDNA 2008 A-label) they must be spelled the same way."""
+    assert ascii_domain("Straße.Example.") == "xn--strae-oqa.example."
+    assert ascii_domain("straße.example") == parse_domain(
+        "straße.example", smtputf8=True, error=R501
+    )
+    assert ascii_domain("BÜCHER.example") == "xn--bcher-kva.example"
+    assert ascii_domain("Corp.Example") == "corp.example"
+    assert ascii_domain("\u2665.example") == "xn--g6h.example"  # IDNA 2003's, 2008 refuses it

@@ -17,13 +17,14 @@ nothing is ever guessed, repaired or truncated.
 
 from __future__ import annotations
 
-import encodings.idna
 import functools
 import ipaddress
 import re
 import socket
 import unicodedata
 from dataclasses import dataclass
+
+import idna
 
 from relaygate import replies
 from relaygate.replies import Reply
@@ -201,25 +202,24 @@ def _domain_label(label: str, *, smtputf8: bool, error: Reply) -> str:
             raise AddressError(error, f"invalid domain label {label!r}")
         label = label.lower()
         if label.startswith("xn--"):
-            try:
-                encodings.idna.ToUnicode(label)  # decodes and checks the round trip
-            except UnicodeError as exc:
-                raise AddressError(error, f"invalid A-label {label!r}") from exc
+            try:  # a valid IDNA 2008 label, and the canonical A-label of it
+                canonical = idna.alabel(idna.ulabel(label)).decode("ascii") == label
+            except (idna.IDNAError, UnicodeError):
+                canonical = False
+            if not canonical:
+                raise AddressError(error, f"invalid A-label {label!r}")
         return label
     if not smtputf8:
         raise AddressError(replies.SMTPUTF8_REQUIRED, "non-ASCII domain without SMTPUTF8")
     ulabel = label.lower()
-    # IDNA 2008 hyphen rules (RFC 5891 §4.2.3.1), which the 2003 codec does not enforce
-    if ulabel.startswith("-") or ulabel.endswith("-") or ulabel[2:4] == "--":
-        raise AddressError(error, f"invalid hyphens in internationalised label {label!r}")
+    # IDNA 2008 (RFC 5891), as registries and DNS use it: no mapping (fullwidth letters, a soft
+    # hyphen, a zero-width space are refused, never mapped to another spelling of a label), its
+    # hyphen, contextual and bidi rules, and "ß" its own letter (IDNA 2003 made it "ss").
     try:
-        alabel = encodings.idna.ToASCII(ulabel).decode("ascii")
-        back = encodings.idna.ToUnicode(alabel)
-    except UnicodeError as exc:
+        alabel = idna.alabel(ulabel).decode("ascii")
+    except (idna.IDNAError, UnicodeError) as exc:
         raise AddressError(error, f"invalid internationalised label {label!r}") from exc
-    # Nameprep must not have changed the label (fullwidth letters, ß -> ss, ...): a label that only
-    # becomes valid by mapping is a different spelling, not the same domain.
-    if not alabel.startswith("xn--") or back != ulabel:
+    if not alabel.startswith("xn--"):
         raise AddressError(error, f"internationalised label {label!r} is not in canonical form")
     if len(alabel) > MAX_LABEL or not _LDH_LABEL.fullmatch(alabel):
         raise AddressError(error, f"invalid internationalised label {label!r}")
@@ -492,3 +492,25 @@ def _special_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return bool(
         ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved
     )
+
+
+def ascii_domain(domain: str) -> str:
+    """`domain` (from a header, a next hop's answer, the command line: not parsed as an envelope
+    domain) in the envelope's spelling: lower case, each non-ASCII label its IDNA 2008 A-label
+    as the parser makes it ("straße" -> "xn--strae-oqa"); a label IDNA 2008 refuses gets IDNA
+    2003's ("strasse"), else stays as it is. For comparing and looking up, never for refusing."""
+    labels = domain.lower().split(".")
+    if domain.isascii():
+        return ".".join(labels)
+    out = []
+    for label in labels:
+        if not label.isascii():
+            try:
+                label = idna.alabel(label).decode("ascii")
+            except (idna.IDNAError, UnicodeError):
+                try:
+                    label = label.encode("idna").decode("ascii")
+                except UnicodeError:
+                    pass
+        out.append(label)
+    return ".".join(out)

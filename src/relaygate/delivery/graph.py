@@ -75,6 +75,7 @@ from email.policy import compat32
 from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
 
+from relaygate.addresses import ascii_domain
 from relaygate.delivery.mime_split import Attachment, Split, Unsplittable, split_attachments
 from relaygate.delivery.oauth import DEFAULT_SCOPE, TokenError
 from relaygate.logs.privacy import AddressPrivacy
@@ -835,11 +836,7 @@ def _comparable_address(address: str) -> str:
     local, at, domain = address.rpartition("@")
     if not at or domain.isascii():
         return address.casefold()
-    try:
-        domain = domain.encode("idna").decode("ascii")
-    except UnicodeError:  # not a domain IDNA can spell: compared as it is
-        pass
-    return f"{local}@{domain}".casefold()
+    return f"{local}@{ascii_domain(domain)}".casefold()
 
 
 def _maybe_sent(failure: _GraphError, hint: str) -> _GraphError:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from relaygate import replies
-from relaygate.addresses import MAX_LOCAL_PART, MAX_PATH, AddressError, parse_path
+from relaygate.addresses import MAX_LOCAL_PART, MAX_PATH, AddressError, ascii_domain, parse_path
 from relaygate.replies import Reply
 
 __all__ = [
@@ -93,15 +93,7 @@ def _norm_domain(domain: str) -> str:
     d = domain.strip().lower()
     if d.endswith("."):
         d = d[:-1]
-    if not d.isascii():
-        try:
-            d = ".".join(
-                label.encode("idna").decode("ascii") if not label.isascii() else label
-                for label in d.split(".")
-            )
-        except UnicodeError:
-            pass
-    return d
+    return ascii_domain(d)
 
 
 def parse_address_space(raw: str) -> AddressSpace:

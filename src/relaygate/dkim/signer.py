@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import dkim
+from relaygate.addresses import ascii_domain
 from relaygate.dkim.keys import (
     DkimKeyError,
     LoadedKey,
@@ -123,10 +124,7 @@ def _normalise_domain(domain: str) -> str | None:
     domain = domain.strip().rstrip(".")
     if not domain:
         return None
-    try:
-        domain = domain.encode("idna").decode("ascii").lower()
-    except UnicodeError:
-        return None
+    domain = ascii_domain(domain)  # the envelope's spelling (IDNA 2008): the keys' domains
     labels = domain.split(".")
     if len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
         return None
