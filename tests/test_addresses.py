@@ -14,6 +14,7 @@ from relaygate.addresses import (
     AddressError,
     ascii_domain,
     is_ascii,
+    is_special_destination,
     parse_domain,
     parse_mail_from,
     parse_path,
@@ -779,3 +780,13 @@ def test_ascii_domain_spells_a_domain_as_the_envelope_parser_does() -> None:
     assert ascii_domain("BÜCHER.example") == "xn--bcher-kva.example"
     assert ascii_domain("Corp.Example") == "corp.example"
     assert ascii_domain("\u2665.example") == "xn--g6h.example"  # IDNA 2003's, 2008 refuses it
+
+
+def test_special_destination_judges_an_ipv4_mapped_address_by_its_ipv4_address() -> None:
+    """::ffff:0:0/96 is "reserved" to the ipaddress module: an IPv4-mapped public address was
+    special, unlike the IPv4 address it is (the callers unwrap it first, so nothing was refused
+    by it yet; the function now says what its docstring says)."""
+    assert not is_special_destination(ipaddress.ip_address("::ffff:192.0.2.1"))
+    assert is_special_destination(ipaddress.ip_address("::ffff:127.0.0.1"))
+    assert is_special_destination(ipaddress.ip_address("2002:7f00:1::1"))
+    assert not is_special_destination(ipaddress.ip_address("2001:db8::1"))

@@ -480,6 +480,8 @@ def is_special_destination(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) ->
     record): loopback, link-local (a cloud's metadata service), multicast, unspecified or
     reserved, also as the IPv4 address an IPv6 one carries: IPv4-mapped, 6to4 (2002::/16) or a
     Teredo client (NAT64 and IPv4-compatible forms are in ::/8, reserved)."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return _special_ip(ip.ipv4_mapped)  # ::ffff:0:0/96 itself is "reserved"
     if _special_ip(ip):
         return True
     if isinstance(ip, ipaddress.IPv6Address):
