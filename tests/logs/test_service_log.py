@@ -868,3 +868,38 @@ def test_importing_the_graph_code_changes_no_logger() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "0"]  # NOTSET: the service log's setup decides
+
+
+def test_two_tracebacks_at_once_leave_stderr_as_it_was() -> None:
+    """Python's hooks write a traceback to sys.stderr, which `_through_buffer` points at a
+    StringIO meanwhile (contextlib.redirect_stderr: for the whole process). Two threads' uncaught
+    exceptions at once each saved and restored sys.stderr, the second restoring the first's
+    StringIO: every later traceback and warning went nowhere. They now take turns."""
+    from relaygate.logs import service
+
+    class Collected:
+        def __init__(self) -> None:
+            self.pieces: list[bytes] = []
+
+        def put(self, data: bytes) -> None:
+            self.pieces.append(data)
+
+    collected = Collected()
+    original = sys.stderr
+
+    def slow_hook(name: str) -> None:
+        print(f"traceback of {name}", file=sys.stderr)
+        time.sleep(0.2)  # the other thread's hook starts meanwhile
+
+    threads = [
+        threading.Thread(target=service._through_buffer, args=(collected, lambda n=n: slow_hook(n)))
+        for n in ("a", "b")
+    ]
+    threads[0].start()
+    time.sleep(0.05)
+    threads[1].start()
+    for t in threads:
+        t.join(5)
+    left, sys.stderr = sys.stderr, original  # restored for the tests after this one, whatever
+    assert left is original
+    assert sorted(collected.pieces) == [b"traceback of a\n", b"traceback of b\n"]

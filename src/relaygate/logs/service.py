@@ -513,11 +513,17 @@ def _buffer_tracebacks(buffer: StderrBuffer) -> None:
     sys.unraisablehook = on_unraisable
 
 
+#: One hook at a time through `_through_buffer`: sys.stderr is the process's, and two threads'
+#: hooks at once each restored what the other had put there (a StringIO, for good). Re-entrant:
+#: a hook whose own output fails calls another hook in the same thread.
+_HOOK_TURN = threading.RLock()
+
+
 def _through_buffer(buffer: StderrBuffer, hook: Callable[[], object]) -> None:
     """Run `hook` with what it writes to sys.stderr put in `buffer`, after the lines there."""
     text = io.StringIO()
     try:
-        with contextlib.redirect_stderr(text):
+        with _HOOK_TURN, contextlib.redirect_stderr(text):
             hook()
     finally:
         if text.getvalue():
