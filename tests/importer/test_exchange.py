@@ -653,3 +653,29 @@ def test_a_plain_ace_without_a_connector_is_not_warned_about() -> None:
         ' "ExtendedRights": ["ms-Exch-EPI-Token-Serialization"], "Deny": false, "IsInherited": false}]'
     )
     assert parse_receive_connectors(text).warnings == []
+
+
+def test_an_inherited_relay_grant_to_anonymous_is_said_not_dropped_in_silence() -> None:
+    """An ACE inherited from the server's receive-connector container (Add-ADPermission run on
+    the container, not the connector) is not imported: most are Exchange's own groups' rights,
+    which the connector's permission groups carry. But an inherited relay right for ANONYMOUS
+    LOGON is what let the devices relay: dropped in silence, they stop after the cut-over."""
+    ace = (
+        "\nAccessRights        : {ExtendedRight}\n"
+        "ExtendedRights      : {ms-Exch-SMTP-Accept-Any-Recipient}\n"
+        "Deny                : False\n"
+        "User                : NT AUTHORITY\\ANONYMOUS LOGON\n"
+        "Identity            : EX01\\Relay Printers\n"
+        "IsInherited         : True\n"
+    )
+    result = parse_receive_connectors(fixture("adpermission_fl.txt") + ace)
+    assert [w for w in result.warnings if "inherited" in w] == [
+        "EX01\\Relay Printers: NT AUTHORITY\\ANONYMOUS LOGON holds "
+        "ms-Exch-SMTP-Accept-Any-Recipient by inheritance (from the server's receive connector "
+        "container); inherited rights are not imported: if the devices relay by it, add it with "
+        "`relaygate permission add`"
+    ]
+    # an inherited Exchange-group grant stays quiet, as before
+    quiet = ace.replace("NT AUTHORITY\\ANONYMOUS LOGON", "MS Exchange\\Hub Transport Servers")
+    result = parse_receive_connectors(fixture("adpermission_fl.txt") + quiet)
+    assert not [w for w in result.warnings if "inherited" in w]

@@ -136,6 +136,20 @@ def _rights(raw: Any) -> list[Any]:
     return items
 
 
+def _said_inherited_relay(
+    identity: str, user: str, rights: list[Any], result: ImportResult
+) -> None:
+    """Inherited ACEs are not imported (most are Exchange's own groups' rights, which permission
+    groups carry), but an inherited relay right for anonymous clients is likely what let the
+    devices relay (Add-ADPermission run on the container): say so, never drop it in silence."""
+    if any(str(right).lower() == ACCEPT_ANY_RECIPIENT.lower() for right in rights):
+        result.warnings.append(
+            f"{identity}: {user} holds {ACCEPT_ANY_RECIPIENT} by inheritance (from the server's "
+            "receive connector container); inherited rights are not imported: if the devices "
+            "relay by it, add it with `relaygate permission add`"
+        )
+
+
 def _permissions(
     records: list[dict[str, Any]], result: ImportResult
 ) -> dict[str, list[dict[str, Any]]]:
@@ -154,6 +168,8 @@ def _permissions(
         except _Bad as exc:
             result.warnings.append(f"{identity}: an AD permission entry could not be read ({exc})")
             continue
+        if inherited and not deny and user in (ANONYMOUS_LOGON, EVERYONE):
+            _said_inherited_relay(identity, user, rights, result)
         if not user or not rights or inherited:
             continue  # plain ACEs (ReadProperty, GenericAll...) and inherited ones are not connector rights
         if not name:
