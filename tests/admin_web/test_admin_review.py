@@ -383,3 +383,67 @@ def test_a_reload_warns_of_a_token_file_every_local_user_can_read(
         assert node.api("GET", "/api/queue", headers=rotated).status_code == 200
     finally:
         node.stop()
+
+
+async def _admin_clients(node: RelayThread) -> list[tuple[str, int]]:
+    """The peer addresses of the admin listener's open (not closing) connections, read in the
+    relay's loop."""
+    assert node.relay.admin is not None and node.relay.admin._server is not None
+    return [
+        p.client
+        for p in node.relay.admin._server.server_state.connections
+        if getattr(p, "client", None) and not p.transport.is_closing()
+    ]
+
+
+def _wait_accepted(node: RelayThread, s: Any) -> None:
+    """Until the listener has taken socket ``s`` (its connection_made has run)."""
+    import time
+
+    mine = s.getsockname()[:2]
+    deadline = time.monotonic() + 10
+    while tuple(mine) not in {tuple(c) for c in node.call(_admin_clients(node))}:
+        assert time.monotonic() < deadline, f"{mine} never accepted"
+        time.sleep(0.01)
+
+
+def test_a_flood_from_one_address_does_not_evict_another_clients_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past MAX_CONNECTIONS the connection that had waited longest made room, whoever held it:
+    a client opening connections fast (127.0.0.2 here) evicted an admin's connection whose
+    request had not been read yet (the listener reads it a turn of the loop after accepting it),
+    so under a flood the admins, `relaygate queue` and the /healthz probe still failed. Now the
+    room is made among the connections of the client holding the most."""
+    import socket
+
+    from relaygate.admin import server as admin_server
+
+    monkeypatch.setattr(admin_server, "MAX_CONNECTIONS", 20, raising=False)
+    node = RelayThread(tmp_path / "data")
+    assert node.relay.admin is not None and node.relay.admin.endpoint is not None
+    host, port = node.relay.admin.endpoint
+    held: list[socket.socket] = []
+
+    def attacker() -> socket.socket:
+        s = socket.create_connection((host, port), timeout=10, source_address=("127.0.0.2", 0))
+        held.append(s)
+        _wait_accepted(node, s)
+        return s
+
+    try:
+        for _ in range(20):
+            attacker()
+        admin = socket.create_connection((host, port), timeout=10)
+        held.append(admin)
+        _wait_accepted(node, admin)  # accepted; its request comes now, after the flood's next 20
+        for _ in range(20):
+            attacker()
+        admin.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert _response(admin).startswith(b"HTTP/1.1 200")
+        # the flood made room among its own connections: its first ones are gone
+        assert held[0].recv(4096) == b""
+    finally:
+        for s in held:
+            s.close()
+        node.stop()

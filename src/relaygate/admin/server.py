@@ -8,11 +8,12 @@ belong to the relay (`relaygate.app`), which stops this server in its shutdown s
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import h11
@@ -20,7 +21,13 @@ import uvicorn
 from starlette.routing import BaseRoute
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from relaygate.admin.api import TokenFileError, create_app, read_token, token_mode_warning
+from relaygate.admin.api import (
+    TokenFileError,
+    create_app,
+    guess_key,
+    read_token,
+    token_mode_warning,
+)
 from relaygate.audit import admin_exposed
 from relaygate.config.values import parse_binding
 
@@ -38,9 +45,10 @@ class AdminStartError(RuntimeError):
 #: previous response: uvicorn alone waits for ever until the first request is complete.
 REQUEST_TIMEOUT = 30.0
 #: Connections the admin listener keeps open at once. Past them a new connection takes the place
-#: of the one that has waited longest for a request (idle, or its request not yet all sent); when
-#: every one has a request being answered, the new one is closed at once. The listener shares
-#: worker 0's file descriptors with SMTP, deliveries and the queue.
+#: of the one that has waited longest for a request (idle, or its request not yet all sent) among
+#: those of the client holding the most; when every one has a request being answered, the new one
+#: is closed at once. The listener shares worker 0's file descriptors with SMTP, deliveries and
+#: the queue.
 MAX_CONNECTIONS = 128
 
 
@@ -50,10 +58,12 @@ class _Protocol(H11Protocol):
     _deadline: asyncio.TimerHandle | None = None
     _waiting_since = 0.0  # loop time the deadline was armed: since then it waits for a request
     _full = False  # said once, until a connection is taken again
+    _client = ""  # `_client_key`, worked out once: the cap compares it on every new connection
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if len(self.connections) > MAX_CONNECTIONS and not self._make_room():
+        self._client = _client_key(self)
+        if _open_count(self.connections) > MAX_CONNECTIONS and not self._make_room():
             if not _Protocol._full:
                 log.warning(
                     "admin listener: %d connections open, each answering a request: new ones "
@@ -67,10 +77,13 @@ class _Protocol(H11Protocol):
         self._arm()
 
     def _make_room(self) -> bool:
-        """Close the connection that has waited longest for a request, if one waits. Closing the
-        new one instead let a single client that keeps MAX_CONNECTIONS connections open (idle
-        keep-alive, or requests trickled in under REQUEST_TIMEOUT) lock out everyone else:
-        the admins, `relaygate queue` and the load balancer's /healthz probe."""
+        """Close a connection that waits for a request, if one waits: the one that has waited
+        longest among those of the client (``guess_key``) holding the most connections. Closing
+        the new one instead let a single client that keeps MAX_CONNECTIONS connections open
+        (idle keep-alive, or requests trickled in under REQUEST_TIMEOUT) lock out everyone else:
+        the admins, `relaygate queue` and the load balancer's /healthz probe. Closing the longest
+        waiting whoever held it let a client opening connections fast close an admin's before
+        its request was read (a turn of the loop after the accept)."""
         waiting = [
             p
             for p in self.connections
@@ -81,9 +94,12 @@ class _Protocol(H11Protocol):
         ]
         if not waiting:
             return False
-        oldest = min(waiting, key=lambda p: p._waiting_since)
-        oldest._disarm()
-        oldest.transport.abort()  # at once: a client that reads nothing keeps no buffer alive
+        held = collections.Counter(
+            p._client for p in _open(self.connections) if isinstance(p, _Protocol)
+        )
+        victim = min(waiting, key=lambda p: (-held[p._client], p._waiting_since))
+        victim._disarm()
+        victim.transport.abort()  # at once: a client that reads nothing keeps no buffer alive
         return True
 
     def _arm(self) -> None:
@@ -126,6 +142,23 @@ class _Protocol(H11Protocol):
 
     def _unsupported_upgrade_warning(self) -> None:
         pass
+
+
+def _open(connections: Iterable[Any]) -> list[Any]:
+    """The connections not being closed: an aborted one stays in uvicorn's set until its
+    connection_lost, a turn of the loop later, and counted, it made the listener look full while
+    a burst of new connections was being accepted."""
+    return [p for p in connections if not p.transport.is_closing()]
+
+
+def _open_count(connections: Iterable[Any]) -> int:
+    return len(_open(connections))
+
+
+def _client_key(protocol: Any) -> str:
+    """Whose connection it is: its IPv4 address, or its IPv6 address's /64 (`guess_key`)."""
+    client = getattr(protocol, "client", None)
+    return guess_key(client[0]) if client else ""
 
 
 #: uvicorn logs "Invalid HTTP request received." for every malformed request (a port scanner, TLS
