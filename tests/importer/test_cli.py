@@ -76,7 +76,7 @@ def test_dry_run_json(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert set(out) == {"connectors", "send_connectors", "permissions", "warnings", "skipped", "errors",
-                        "sources", "usage", "written", "problems"}  # fmt: skip
+                        "sources", "usage", "written", "disabled", "problems"}  # fmt: skip
     assert out["send_connectors"] == []
     assert [c["name"] for c in out["connectors"]] == [
         "Relay Printers",
@@ -519,3 +519,23 @@ def test_the_accepted_domains_of_a_config_saved_with_a_byte_order_mark_are_used(
     )
     by_ip = {c["ip"]: c for c in relay["clients"]}
     assert by_ip["10.10.5.11"]["relayed"] is True
+
+
+def test_the_summary_names_a_connector_written_disabled(tmp_path: Path) -> None:
+    """An open relay is written with enabled = false (b4ee017), but the last line said 'wrote 1
+    connector(s) to relaygate.toml: Relay Printers' as for a live one: an admin reading the
+    summary took the devices' connector for working. --json lists the disabled ones by name."""
+    export = tmp_path / "open.txt"
+    export.write_text(OPEN_RELAY)
+    config = tmp_path / "relaygate.toml"
+    config.write_text(CONFIG)
+    proc = run(export, "--write", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "wrote 1 connector(s) to relaygate.toml: Relay Printers (disabled: enabled = false, "
+        "see the warnings above)"
+    ) in proc.stdout
+    config.write_text(CONFIG)
+    out = json.loads(run(export, "--write", "--json", cwd=tmp_path).stdout)
+    assert out["disabled"] == ["Relay Printers"]
+    assert out["written"] == "relaygate.toml"

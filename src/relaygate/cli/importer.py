@@ -275,6 +275,19 @@ def _print_lists(console: Console, result: ImportResult) -> None:
             console.print(f"  {escape(item)}")
 
 
+def _disabled(connector: dict[str, Any]) -> bool:
+    return connector.get("enabled", True) is False
+
+
+def _named(connector: dict[str, Any]) -> str:
+    """A connector's name in the summary, saying when it is written disabled (an open relay, a
+    list cut short, Enabled False in Exchange): the name alone read as a live connector."""
+    name = str(connector["name"])
+    if _disabled(connector):
+        return f"{name} (disabled: enabled = false, see the warnings above)"
+    return name
+
+
 def _write(config_path: Path, result: ImportResult) -> list[str]:
     """Merge into the config file through `relaygate.config.edit` (comments kept, validated as `check`
     validates, atomic write); → the problems that refused the write (empty when written)."""
@@ -401,6 +414,9 @@ def exchange(
             "sources": result.sources,
             "usage": usage.to_dict() if usage is not None else None,
             "written": str(config_path) if write and not problems else None,
+            "disabled": [
+                c["name"] for c in (*result.connectors, *result.send_connectors) if _disabled(c)
+            ],
             "problems": problems,
         }
         typer.echo(json.dumps(payload, indent=2))
@@ -422,12 +438,12 @@ def exchange(
                 f"{usage.lines:,} lines in {elapsed:.1f} s"
             )
         if write and not problems and result.connectors:
-            names = ", ".join(c["name"] for c in result.connectors)
+            names = ", ".join(_named(c) for c in result.connectors)
             console.print(
                 f"wrote {len(result.connectors)} connector(s) to {escape(str(config_path))}: {escape(names)}"
             )
         if write and not problems and result.send_connectors:
-            names = ", ".join(c["name"] for c in result.send_connectors)
+            names = ", ".join(_named(c) for c in result.send_connectors)
             console.print(
                 f"wrote {len(result.send_connectors)} send connector(s) to {escape(str(config_path))}: "
                 f"{escape(names)}"
