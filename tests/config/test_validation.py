@@ -680,6 +680,19 @@ def test_a_zero_queue_timing_is_refused_naming_the_key(key: str, expected: str, 
     assert parse_text(f'[queue]\n{key} = "00:00:01"\n', "q.toml")
 
 
+def test_a_zero_transient_interval_is_accepted_when_no_transient_retry_is_made() -> None:
+    """With transient_failure_retry_count = 0 (Exchange's "no fast retries", 0-15) the transient
+    interval is never waited (every retry is message_retry_interval apart): a file that gave it
+    00:00:00 too, as "none", worked and was refused after the zero-timing rule, so serve and a
+    reload stopped on a harmless key."""
+    text = '[queue]\ntransient_failure_retry_count = 0\ntransient_failure_retry_interval = "00:00:00"\n'
+    config = parse_text(text, "q.toml")
+    assert config.queue.transient_failure_retry_count == 0
+    with pytest.raises(ConfigError) as info:  # with fast retries, still refused
+        parse_text(text.replace("count = 0", "count = 1"), "q.toml")
+    assert [p.path for p in info.value.problems] == ["queue.transient_failure_retry_interval"]
+
+
 _ON_THE_ADMIN_PORT = """
 [admin]
 listen = "127.0.0.1:8025"

@@ -781,6 +781,8 @@ def _queue_rules(config: Config, position: Callable[[int], int]) -> list[Problem
     src, q = config.source, config.queue
     problems: list[Problem] = []
     for key, harm in _QUEUE_SPANS_ABOVE_ZERO:
+        if key == "transient_failure_retry_interval" and q.transient_failure_retry_count == 0:
+            continue  # never waited: no fast retry is made (a file may say 00:00:00 for "none")
         if getattr(q, key) <= timedelta(0):
             problems.append(Problem(src, f"queue.{key}", f"must be greater than 00:00:00, {harm}"))
     if q.lease_duration < _MIN_LEASE:
