@@ -114,7 +114,7 @@ async def test_a_flag_given_without_a_value_is_true(node: Node) -> None:
     (or ``dry_run=``) is a dry run now, and a bare ``with_ndr`` is an NDR."""
     async with httpx.AsyncClient(base_url=node.url) as client:
         before = await _statuses(client)
-        for query in ("dry_run", "dry_run=", "with_ndr&dry_run", "dry_run=%20&with_ndr="):
+        for query in ("dry_run", "dry_run=", "with_ndr&dry_run", "dry_run=%20&with_ndr"):
             r = await client.post(f"/api/queue/remove?from=*@scanners.corp.test&{query}")
             assert r.status_code == 200, (query, r.text)
             body = r.json()
@@ -179,6 +179,23 @@ async def test_unknown_query_parameters_of_an_action_are_refused(node: Node) -> 
             error = r.json()["error"]
             assert f"unknown query parameter(s) {unknown}: it takes" in error, error
         assert await _statuses(client) == before  # nothing changed
+
+
+async def test_with_ndr_given_empty_is_refused_not_taken_as_true(node: Node) -> None:
+    """``with_ndr=`` (a script's ``with_ndr=$NDR`` with NDR unset) was false until 0c0084f read
+    it as the bare flag: the remove went ahead and sent an NDR to every sender, mail that cannot
+    be called back. Given empty it is refused, as an empty filter is; the bare ``&with_ndr``
+    stays true (and ``dry_run=``, which only ever makes it safer, a dry run)."""
+    async with httpx.AsyncClient(base_url=node.url) as client:
+        before = await _statuses(client)
+        for query in ("with_ndr=", "with_ndr=%20&dry_run=false"):
+            r = await client.post(f"/api/queue/remove?from=*@scanners.corp.test&{query}")
+            assert r.status_code == 400, (query, r.text)
+            assert "with_ndr is empty" in r.json()["error"], r.text
+        first = next(iter(before))
+        r = await client.delete(f"/api/queue/{first}?with_ndr=")
+        assert r.status_code == 400 and "with_ndr is empty" in r.json()["error"], r.text
+        assert await _statuses(client) == before  # nothing removed, no NDR queued
 
 
 async def test_api_bulk_suspend_resume_retry_and_remove_by_filter(node: Node) -> None:

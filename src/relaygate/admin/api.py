@@ -74,7 +74,8 @@ Bulk operations (``POST /api/queue/{retry|suspend|resume|remove}``): the action 
 ``status=Retry&from=``, is refused rather than dropped);
 ``with_ndr=true`` (remove only) sends NDRs as the single remove does; ``dry_run=true`` changes
 nothing and lists what would be acted on (a flag given without a value, ``&dry_run``, is true:
-it used to read as false, so a dry run asked for that way removed what it was to list). The answer: ``{"server", "action", "dry_run",
+it used to read as false, so a dry run asked for that way removed what it was to list;
+``with_ndr=`` given empty is a 400, not an NDR to every sender). The answer: ``{"server", "action", "dry_run",
 "with_ndr", "matched", "done", "would_do", "skipped": [{"identity", "reason"}], "identities",
 "ndrs", "limit_reached", "next_after"}``: ``identities`` are the messages acted on (in a dry run,
 those it would act on, ``would_do`` of them, and ``done`` is 0); ``skipped`` those the action
@@ -125,7 +126,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import unquote_plus, urlencode, urlsplit
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -230,6 +231,26 @@ def _unread_params(request: Request, known: Sequence[str]) -> Response | None:
         return None
     takes = f"it takes {', '.join(known)}" if known else "it takes none"
     return _error(400, f"unknown query parameter(s) {', '.join(unknown)}: {takes}")
+
+
+def _given_empty(request: Request, name: str) -> bool:
+    """Whether ``name=`` came with nothing (or blanks) after the ``=``, as ``with_ndr=$NDR`` gives
+    with NDR unset, told from the bare ``name`` (parsed alike: both read as "")."""
+    for part in request.url.query.split("&"):
+        key, equals, value = part.partition("=")
+        if equals and unquote_plus(key) == name and not unquote_plus(value).strip():
+            return True
+    return False
+
+
+def _with_ndr(request: Request) -> bool | Response:
+    """``with_ndr`` of a remove, or the 400 to answer. Given empty it is refused: it read as false
+    until a bare flag became true, and taken as true it sends an NDR to every sender, mail that
+    cannot be called back (``dry_run=`` stays a dry run: it only ever does less)."""
+    if _given_empty(request, "with_ndr"):
+        return _error(400, "with_ndr is empty: give true or false (or a bare &with_ndr for true)")
+    value = _flag(request, "with_ndr")
+    return _error(400, "with_ndr must be true or false") if value is None else value
 
 
 def _flag(request: Request, name: str) -> bool | None:
@@ -735,9 +756,9 @@ def create_app(
     async def queue_remove(request: Request) -> Response:
         if (refused := _unread_params(request, ("with_ndr",))) is not None:
             return refused
-        with_ndr = _flag(request, "with_ndr")
-        if with_ndr is None:
-            return _error(400, "with_ndr must be true or false")
+        with_ndr = _with_ndr(request)
+        if isinstance(with_ndr, Response):
+            return with_ndr
         return await _call(control.remove, request.path_params["identity"], with_ndr=with_ndr)
 
     def bulk_route(action: str) -> Route:
@@ -745,12 +766,13 @@ def create_app(
             if (refused := _unread_params(request, _BULK_PARAMS)) is not None:
                 return refused
             q = request.query_params
-            flags: dict[str, bool] = {}
-            for name in ("with_ndr", "dry_run"):
-                value = _flag(request, name)
-                if value is None:
-                    return _error(400, f"{name} must be true or false")
-                flags[name] = value
+            with_ndr = _with_ndr(request)
+            if isinstance(with_ndr, Response):
+                return with_ndr
+            dry_run = _flag(request, "dry_run")
+            if dry_run is None:
+                return _error(400, "dry_run must be true or false")
+            flags = {"with_ndr": with_ndr, "dry_run": dry_run}
             params = {
                 key: q.get(param)
                 for key, param in (
