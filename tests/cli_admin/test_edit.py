@@ -296,3 +296,29 @@ def test_a_file_that_cannot_be_written_is_an_error_not_a_traceback(
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert json.loads(result.stdout)["error"].startswith(f"{path}: cannot write the file")
     assert path.read_bytes() == before
+
+
+def test_an_edit_goes_ahead_where_the_directory_cannot_be_locked(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """flock on the config's directory (334f9e2) fails where the file system cannot lock it
+    (NFS: EBADF, its flock being a byte-range lock that needs a file open for writing; ENOLCK
+    without lockd; EOPNOTSUPP on some FUSE mounts): every edit, which worked there before,
+    stopped with an OSError traceback. The edit is made unlocked, as it was."""
+    import errno
+    import fcntl
+    import os
+
+    from typer.testing import CliRunner
+
+    from relaygate.cli import app
+
+    for code, domain in ((errno.EBADF, "nfs.example"), (errno.ENOLCK, "nolockd.example")):
+
+        def no_locks(fd: int, operation: int, code: int = code) -> None:
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(fcntl, "flock", no_locks)
+        result = CliRunner().invoke(app, ["domain", "add", domain, "-c", str(path)])
+        assert result.exit_code == 0, (result.output, result.exception)
+        assert domain in [d.domain for d in load_config(path).accepted_domains]

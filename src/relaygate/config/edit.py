@@ -196,7 +196,8 @@ def _edit_lock(path: Path) -> Iterator[None]:
     parallel calls, two admins) each read the file and wrote their version, and the first change
     was lost though both reported it made. The lock is on the file's directory: the file itself is
     replaced by every write, so a lock on it would not be seen by the next editor. A directory
-    that cannot be opened (a new file's missing directory: `_read` says so) is not locked."""
+    that cannot be opened (a new file's missing directory: `_read` says so), or not locked, is
+    edited unlocked."""
     target = Path(os.path.realpath(path)) if path.is_symlink() else path
     directory = target.parent if str(target.parent) else Path(".")
     try:
@@ -205,7 +206,14 @@ def _edit_lock(path: Path) -> Iterator[None]:
         yield
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            # A file system that cannot lock the directory: NFS emulates flock with byte-range
+            # locks, which need a file open for writing (EBADF on a directory), or has no lockd
+            # (ENOLCK); some FUSE mounts (EOPNOTSUPP). The edit goes ahead unlocked, as every
+            # edit did before the lock.
+            pass
         yield
     finally:
         os.close(fd)  # releases the lock
