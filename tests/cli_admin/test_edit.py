@@ -291,7 +291,9 @@ def test_a_file_that_cannot_be_written_is_an_error_not_a_traceback(
     result = runner.invoke(app, ["connector", "set", "A", "--banner", "220 x", "-c", str(path)])
     assert result.exit_code == 1, result.output
     assert isinstance(result.exception, SystemExit), result.exception
-    assert f"error: {path}: cannot write the file: Permission denied" in result.stderr
+    stderr = " ".join(result.stderr.split())
+    assert f"error: {path}: cannot write the file: cannot create a file in its directory" in stderr
+    assert "(Permission denied)" in stderr
     result = runner.invoke(app, ["domain", "add", "x.example", "-c", str(path), "--json"])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert json.loads(result.stdout)["error"].startswith(f"{path}: cannot write the file")
@@ -322,3 +324,31 @@ def test_an_edit_goes_ahead_where_the_directory_cannot_be_locked(
         result = CliRunner().invoke(app, ["domain", "add", domain, "-c", str(path)])
         assert result.exit_code == 0, (result.output, result.exception)
         assert domain in [d.domain for d in load_config(path).accepted_domains]
+
+
+def test_a_directory_that_cannot_be_written_is_named_not_the_writable_file(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is replaced as a whole (a temporary file beside it, then a rename), so it is the
+    directory that must be writable: with a writable file in a directory the admin cannot write
+    (/etc/relaygate owned by root, the file group-writable), the error said 'cannot write the
+    file' about a file `ls -l` shows writable. It names the directory now."""
+    import errno
+    import tempfile
+
+    from typer.testing import CliRunner
+
+    from relaygate.cli import app
+
+    def refused(*args: object, **kwargs: object) -> None:
+        # as mkstemp fails: on the temporary file's name, in the config's directory
+        raise PermissionError(errno.EACCES, "Permission denied", str(path.parent / ".x.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    result = CliRunner().invoke(app, ["domain", "add", "x.example", "-c", str(path)])
+    assert result.exit_code == 1, result.output
+    assert (
+        f"cannot create a file in its directory {path.parent} (Permission denied): the file is "
+        "replaced as a whole, through a temporary file beside it, so the directory must be "
+        "writable"
+    ) in " ".join(result.stderr.split()), result.stderr

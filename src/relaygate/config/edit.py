@@ -183,11 +183,23 @@ def apply_edit(
             try:
                 atomic_write(path, data)
             except OSError as exc:  # e.g. no write access to the directory: not a traceback
-                reason = exc.strerror or str(exc)
-                raise EditError(
-                    f"{path}: cannot write the file: {reason}; nothing changed"
-                ) from None
+                raise EditError(_write_failure(path, exc)) from None
     return EditResult(path, config, before, changed, value, created=raw is None)
+
+
+def _write_failure(path: Path, exc: OSError) -> str:
+    """Why `atomic_write` failed, naming the directory when it failed there: the file may well
+    be writable (`ls -l` says so) while its directory, where the temporary file goes, is not."""
+    reason = exc.strerror or str(exc)
+    target = Path(os.path.realpath(path))
+    failed = Path(os.path.realpath(exc.filename)) if exc.filename else None
+    if failed is not None and target.parent in (failed, failed.parent) and failed != target:
+        return (
+            f"{path}: cannot write the file: cannot create a file in its directory "
+            f"{target.parent} ({reason}): the file is replaced as a whole, through a temporary "
+            "file beside it, so the directory must be writable; nothing changed"
+        )
+    return f"{path}: cannot write the file: {reason}; nothing changed"
 
 
 @contextlib.contextmanager
