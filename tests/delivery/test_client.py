@@ -8,6 +8,7 @@ import socket
 import ssl
 import struct
 import time
+from typing import Any
 
 import pytest
 import trustme
@@ -1139,6 +1140,22 @@ class SlowReader(helpers.LoopbackServer):
             writer.close()
 
 
+def slow_link_message(monkeypatch: pytest.MonkeyPatch) -> bytes:
+    """A ~1 MB message, and the client's send buffer fixed small (8 KiB) so that the kernel
+    holds little of it on the client's side: the link's pace is the reader's."""
+    from relaygate.delivery import client
+
+    connect = client._connect_socket
+
+    async def small_send_buffer(*args: Any, **kwargs: Any) -> socket.socket:
+        sock = await connect(*args, **kwargs)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        return sock
+
+    monkeypatch.setattr(client, "_connect_socket", small_send_buffer)
+    return b"Subject: scans\r\n\r\n" + (b"0123456789" * 7 + b"abcdef\r\n") * 13_000
+
+
 async def test_a_message_that_flows_slowly_is_not_cut_off_by_the_reply_timeout(monkeypatch):
     """The timeout bounds each wait for the next hop (connection_inactivity_timeout), not the
     transfer of the content: a 1 MB message on a ~0.5 MB/s link takes 2 s, each piece of it
@@ -1147,17 +1164,7 @@ async def test_a_message_that_flows_slowly_is_not_cut_off_by_the_reply_timeout(m
     was still flowing (reproduced, with or without PIPELINING), on every retry: a message
     bigger than timeout × link speed could never be delivered. The client's send buffer is
     fixed small too, so the kernel holds little of the message on either side."""
-    from relaygate.delivery import client
-
-    connect = client._connect_socket
-
-    async def small_send_buffer(*args, **kwargs):
-        sock = await connect(*args, **kwargs)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
-        return sock
-
-    monkeypatch.setattr(client, "_connect_socket", small_send_buffer)
-    data = b"Subject: scans\r\n\r\n" + (b"0123456789" * 7 + b"abcdef\r\n") * 13_000  # ~1 MB
+    data = slow_link_message(monkeypatch)
     slow = await SlowReader().start()
     try:
         t0 = time.monotonic()
@@ -1178,17 +1185,7 @@ async def test_a_message_that_flows_slowly_over_tls_is_not_cut_off_by_the_reply_
     piece by piece, yet up to 512 KiB of it was still to go when the wait for the final reply
     began, and a link that moves that in more than the timeout cut off every attempt
     (reproduced: 1 MB at ~0.27 MB/s, 1 s timeout, 421 4.4.1 each time)."""
-    from relaygate.delivery import client
-
-    connect = client._connect_socket
-
-    async def small_send_buffer(*args, **kwargs):
-        sock = await connect(*args, **kwargs)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
-        return sock
-
-    monkeypatch.setattr(client, "_connect_socket", small_send_buffer)
-    data = b"Subject: scans\r\n\r\n" + (b"0123456789" * 7 + b"abcdef\r\n") * 13_000  # ~1 MB
+    data = slow_link_message(monkeypatch)
     slow = await SlowReader(tls=server_tls, pause=0.06).start()
     try:
         t0 = time.monotonic()

@@ -8,6 +8,7 @@ same question on the same loaded config: the replies must be equal, byte for byt
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import pytest
 
@@ -159,6 +160,21 @@ def explain_cli(r, *args: str) -> str:
     return done.stdout
 
 
+def explained_for_alice(r: Any, rcpts: list[str], server: list[str]) -> dict[str, Any]:
+    """explain's answer for a session from OFF_LIST authenticated as alice, checked to give the
+    server's own replies (MAIL, then each RCPT)."""
+    result = explain(
+        r.config,
+        client_ip=OFF_LIST,
+        local=("127.0.0.1", r.port),
+        sender="alice@corp.example",
+        recipients=rcpts,
+        authenticated_user="alice",
+    ).to_dict()
+    assert [result["mail"]["reply"], *(rc["reply"] for rc in result["recipients"])] == server
+    return result
+
+
 def test_auth_user_on_a_connector_that_offers_no_auth_is_explained_as_the_server_treats_it(
     two_connectors,
 ):
@@ -170,15 +186,7 @@ def test_auth_user_on_a_connector_that_offers_no_auth_is_explained_as_the_server
     rcpts = ["victim@evil.example", "it@corp.example"]
     server = server_replies(r, OFF_LIST, "<alice@corp.example>", rcpts, auth="alice")
     assert server[1].startswith("550 5.7.54")  # the session could not authenticate
-    result = explain(
-        r.config,
-        client_ip=OFF_LIST,
-        local=("127.0.0.1", r.port),
-        sender="alice@corp.example",
-        recipients=rcpts,
-        authenticated_user="alice",
-    ).to_dict()
-    assert [result["mail"]["reply"], *(rc["reply"] for rc in result["recipients"])] == server
+    result = explained_for_alice(r, rcpts, server)
     assert result["auth"] == {
         "user": "alice",
         "reply": "504 5.7.4 Unrecognized authentication type",
@@ -206,15 +214,7 @@ def test_auth_user_on_a_connector_that_offers_auth_relays_in_both(relay):
     rcpts = ["victim@evil.example"]
     server = server_replies(r, OFF_LIST, "<alice@corp.example>", rcpts, auth="alice")
     assert server == ["250 2.1.0 Sender OK", "250 2.1.5 Recipient OK"]
-    result = explain(
-        r.config,
-        client_ip=OFF_LIST,
-        local=("127.0.0.1", r.port),
-        sender="alice@corp.example",
-        recipients=rcpts,
-        authenticated_user="alice",
-    ).to_dict()
-    assert [result["mail"]["reply"], *(rc["reply"] for rc in result["recipients"])] == server
+    result = explained_for_alice(r, rcpts, server)
     assert result["auth"] == {
         "user": "alice",
         "reply": "235 2.7.0 Authentication successful",
