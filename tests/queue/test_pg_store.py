@@ -29,7 +29,7 @@ from relaygate.queue.model import (
     SendWait,
 )
 from relaygate.queue.pg_store import PostgresStore
-from relaygate.queue.store import CorruptMessageError, StoreError
+from relaygate.queue.store import ClockSkewError, CorruptMessageError, StoreError
 from tests.support.postgres import PostgresServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,6 +100,32 @@ async def test_two_nodes_deliver_every_message_exactly_once(
     )
     counts = await a.counts()
     assert counts["delivered"] == total and counts["recipients_pending"] == 0
+
+
+async def test_a_node_whose_clock_is_ahead_does_not_take_a_live_lease(postgres_url: str) -> None:
+    """Leases are compared with the node's clock: a node whose clock ran ahead of the others' by
+    more than a lease had left saw a live lease as expired, leased the message as well and
+    delivered it a second time. A node off the database server's clock by more than a third of
+    a lease (what a renewal every third of a lease keeps in hand) now refuses to lease, naming
+    the offset; within that it leases as before."""
+    skew = 90.0
+    healthy = PostgresStore(postgres_url)
+    ahead = PostgresStore(postgres_url, clock=lambda: time.time() + skew)
+    await asyncio.gather(healthy.open(), ahead.open())
+    try:
+        qid = await healthy.submit(env(), b"x")
+        leased = await healthy.lease_due("EDGE1", time.time(), 600, 10)
+        assert [m.queue_id for m in leased] == [qid]
+        with pytest.raises(ClockSkewError, match=r"clock is 9\d s ahead of the queue database"):
+            await ahead.lease_due("EDGE2", time.time() + skew, 60, 10)
+        got = await healthy.get(qid)
+        assert got is not None and got.lease_owner == "EDGE1"
+        # 90 s is within a third of a 600 s lease: EDGE1's lease is live, a new message is taken
+        fresh = await healthy.submit(env(), b"y")
+        taken = await ahead.lease_due("EDGE2", time.time() + skew, 600, 10)
+        assert [m.queue_id for m in taken] == [fresh]
+    finally:
+        await asyncio.gather(healthy.close(), ahead.close())
 
 
 async def test_nodes_in_the_same_millisecond_get_distinct_queue_ids(

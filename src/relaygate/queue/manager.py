@@ -100,7 +100,13 @@ from relaygate.queue.model import (
     StoredMessage,
 )
 from relaygate.queue.retry import RetrySchedule
-from relaygate.queue.store import CorruptMessageError, Store, StoreClosedError, StoreError
+from relaygate.queue.store import (
+    ClockSkewError,
+    CorruptMessageError,
+    Store,
+    StoreClosedError,
+    StoreError,
+)
 from relaygate.replies import Reply
 
 __all__ = [
@@ -262,6 +268,9 @@ class QueueManager:
         self._last_purge = 0.0
         self._last_renew = 0.0
         self._rescan = False
+        #: the store refused to lease: this node's clock is off the cluster's (ClockSkewError).
+        #: New messages are stored unleased meanwhile, for the nodes whose clocks agree.
+        self._clock_refused = False
         #: while a scan runs: the messages whose delivery ended since it called lease_due
         self._ended_during_scan: set[str] | None = None
         #: send budgets the store said are spent, until when: no store call for them meanwhile
@@ -347,7 +356,7 @@ class QueueManager:
     def lease_for_new(self) -> tuple[str, float] | None:
         """The lease a receiving session stores a new message with when this manager has room to
         deliver it at once (see :meth:`take_new`); None: store it unleased, the scan finds it."""
-        if not self._has_room():
+        if not self._has_room() or self._clock_refused:
             return None
         return (self.node_id, self.clock() + self.lease_seconds)
 
@@ -457,7 +466,10 @@ class QueueManager:
         while not self._stopping:
             self._wake.clear()
             try:
-                await self._scan()
+                with contextlib.suppress(ClockSkewError):  # said once, by _lease_due
+                    # Refused scans must not stop the deliveries in flight from renewing their
+                    # leases: another node would take those messages and deliver them too.
+                    await self._scan()
                 await self._renew_leases()
                 await self._housekeeping()
             except StoreClosedError:
@@ -489,7 +501,7 @@ class QueueManager:
         ended: set[str] = set()
         self._ended_during_scan = ended
         try:
-            leased = await self.store.lease_due(self.node_id, now, self.lease_seconds, limit)
+            leased = await self._lease_due(now, limit)
             # A full batch may have left due messages behind: scan again as soon as there is room.
             self._rescan = len(leased) >= limit
             for msg in leased:
@@ -505,6 +517,22 @@ class QueueManager:
                 task.add_done_callback(functools.partial(self._done, msg.queue_id))
         finally:
             self._ended_during_scan = None
+
+    async def _lease_due(self, now: float, limit: int) -> list[StoredMessage]:
+        """store.lease_due, keeping track of a refusal for this node's clock: said once when it
+        starts and once when it ends, not at every scan (every second) in between."""
+        try:
+            leased = await self.store.lease_due(self.node_id, now, self.lease_seconds, limit)
+        except ClockSkewError as exc:
+            if not self._clock_refused:
+                self._clock_refused = True
+                self.stats["loop_errors"] += 1
+                log.error("queue: %s", exc)
+            raise
+        if self._clock_refused:
+            self._clock_refused = False
+            log.warning("queue: this node's clock agrees with the queue's again; leasing resumes")
+        return leased
 
     def _done(self, queue_id: str, _task: asyncio.Task[None] | None = None) -> None:
         self._inflight.pop(queue_id, None)

@@ -75,6 +75,7 @@ from .model import (
 )
 from .store import (
     AddressPattern,
+    ClockSkewError,
     CorruptMessageError,
     MessageInFlightError,
     Store,
@@ -452,13 +453,16 @@ class PostgresStore(Store):
         max_connections: int = 10,
         connect_timeout: float = 5.0,
         call_timeout: float = 30.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """``connect_timeout`` also bounds the wait for a free connection: while the database is
         down, a submit fails with 451 within it instead of holding its client. ``call_timeout``
         bounds one transaction: a database server that stops answering (hung, or its network
         dropping packets) fails the call instead of holding it, its client and ``close()``
         forever (psycopg then cancels the query and, if the server does not answer that
-        either, drops the connection within 10 s more)."""
+        either, drops the connection within 10 s more). ``clock``: this node's wall clock (the
+        one its callers' ``now`` comes from), checked against the database server's before
+        leasing (tests give a skewed one)."""
         self.url = url
         self.min_connections = min_connections
         self.max_connections = max_connections
@@ -466,6 +470,7 @@ class PostgresStore(Store):
         self.call_timeout = call_timeout
         self._pool: AsyncConnectionPool[Conn] | None = None
         self._ids = QueueIdGenerator()
+        self._clock = clock
         self._closed = False
         self._active = 0  # calls in progress (close waits for them)
         self._idle = asyncio.Event()
@@ -762,6 +767,11 @@ class PostgresStore(Store):
             return []
 
         async def run(conn: Conn) -> list[StoredMessage]:
+            # The database server's clock, read in the same round trip as the lease (pipeline
+            # mode) and checked before the transaction commits: a clock stepped off is caught
+            # at the next scan. Ours around it: the offset is known within that round trip.
+            before = self._clock()
+            clock_cur = await conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8")
             # SKIP LOCKED: rows another node is leasing (or writing) right now are not waited
             # for; a row that changed since this statement's snapshot is checked again by
             # PostgreSQL against the WHERE clause once locked, so no lease is taken twice.
@@ -778,10 +788,31 @@ class PostgresStore(Store):
                 "RETURNING m.queue_id, m.next_due",
                 {"now": now, "owner": owner, "limit": limit, "until": now + lease_seconds},
             )
+            server_clock = await clock_cur.fetchone()
+            assert server_clock is not None
+            self._check_clock(float(server_clock[0]) - (before + self._clock()) / 2, lease_seconds)
             picked = sorted(await cur.fetchall(), key=lambda r: (r[1], r[0]))
             return await _load(conn, [r[0] for r in picked])
 
         return await self._tx(run)
+
+    def _check_clock(self, offset: float, lease_seconds: float) -> None:
+        """Refuse to lease when this node's clock is off the database server's (``offset``:
+        theirs minus ours) by more than a third of a lease. Every node compares leases with its
+        own clock (the contract's ``now``): one ahead by more than a lease has left takes a live
+        lease of another node, one behind writes leases the others see end early, and the
+        message is delivered twice. A delivery renews its lease every third of one, so a third
+        is what each lease keeps in hand. The database server's clock stands for the cluster's:
+        the one clock every node sees."""
+        if abs(offset) > lease_seconds / 3:
+            raise ClockSkewError(
+                f"this node's clock is {abs(offset):.0f} s "
+                f"{'behind' if offset > 0 else 'ahead of'} the queue database "
+                f"{redact_url(self.url)}'s, more than a third of queue.lease_duration "
+                f"({lease_seconds:g} s): its leases could overlap other nodes' and a message be "
+                "delivered twice, so it leases no message until the clocks agree (set up NTP on "
+                "the node and the database server)"
+            )
 
     async def release(self, queue_id: str, owner: str) -> None:
         await self._tx(

@@ -15,6 +15,8 @@ Contract highlights
   recorded as Delivered is never handed out for delivery again, even after a crash.
 * Delivered and Failed are final: ``record_results`` never moves a recipient out of them.
 * Leases use wall-clock time supplied by the caller (``now``) so that nodes of a cluster agree.
+  A shared store raises :class:`ClockSkewError` from ``lease_due`` when the caller's node clock
+  is too far off the cluster's for its leases to be compared safely with the other nodes'.
   A lease held by ``owner`` does not stop ``owner`` itself from leasing the message again
   (a restarted node with the same owner name recovers its in-flight messages at once); callers
   that lease repeatedly must keep track of what they already have in flight.
@@ -49,6 +51,7 @@ from .model import (
 
 __all__ = [
     "AddressPattern",
+    "ClockSkewError",
     "CorruptMessageError",
     "MessageInFlightError",
     "Store",
@@ -100,6 +103,12 @@ class StoreFullError(StoreError):
 
 class StoreClosedError(StoreError):
     """The store is not open (not yet opened, or closed / shutting down)."""
+
+
+class ClockSkewError(StoreError):
+    """This node's clock is too far off the shared store's to lease messages safely: the leases
+    of a cluster are compared with each node's clock, so a node ahead would take other nodes'
+    live leases (and a node behind would write leases they see expire early)."""
 
 
 class StoreOutcomeUnknownError(StoreError):
