@@ -128,6 +128,36 @@ async def test_a_node_whose_clock_is_ahead_does_not_take_a_live_lease(postgres_u
         await asyncio.gather(healthy.close(), ahead.close())
 
 
+async def test_a_slow_answer_is_not_taken_for_a_clock_that_is_off(postgres_url: str) -> None:
+    """The database server's clock is read somewhere within the round trip of lease_due: a
+    round trip as long as a third of a lease (here the lease waits 2.5 s on a table lock) is
+    not a clock off by that much, and the node leases as usual."""
+    store = PostgresStore(postgres_url)
+    await store.open()
+    try:
+        qid = await store.submit(env(), b"x")
+        async with await psycopg.AsyncConnection.connect(postgres_url) as locker:
+            await locker.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+            leasing = asyncio.create_task(store.lease_due("EDGE1", time.time(), 3, 10))
+
+            async def lease_waits_on_the_lock() -> bool:
+                cur = await locker.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                )
+                row = await cur.fetchone()
+                return row is not None and row[0] > 0
+
+            deadline = time.monotonic() + 10
+            while not await lease_waits_on_the_lock():
+                assert time.monotonic() < deadline, "lease_due never waited on the lock"
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(2.5)  # the slow answer itself: time has to pass
+            await locker.rollback()
+        assert [m.queue_id for m in await leasing] == [qid]
+    finally:
+        await store.close()
+
+
 async def test_nodes_in_the_same_millisecond_get_distinct_queue_ids(
     nodes: tuple[PostgresStore, PostgresStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
