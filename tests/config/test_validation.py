@@ -774,3 +774,20 @@ def test_a_bad_dns_server_is_refused_naming_the_entry() -> None:
         '[server]\ndns_servers = ["127.0.0.1:5353", "[::1]", "2001:db8::53", "ns1.corp.example"]\n'
     )
     assert len(parse_text(good, "d.toml").server.dns_servers) == 4
+
+
+def test_the_postgresql_queue_refuses_a_server_name_that_is_a_worker_lease_owner() -> None:
+    """The workers of node "edge" lease as "edge-w0".."edge-w63", and a node started as "edge"
+    drops those owners' leases: a node named "edge-w1" on the same queue shared a lease owner
+    with a worker of "edge" (each took the other's messages in flight as its own) and lost its
+    leases whenever "edge" started, and its messages in flight were delivered twice."""
+    base = '[queue]\nstore = "postgresql"\ndatabase_url = "postgresql://relay@db/q"\n'
+    with pytest.raises(ConfigError) as info:
+        parse_text('[server]\nname = "edge-w1"\n' + base, "pg.toml")
+    (problem,) = [str(p) for p in info.value.problems]
+    assert "server.name: 'edge-w1' ends in -w<number>" in problem, problem
+    assert "worker processes of a node named 'edge'" in problem, problem
+    for fine in ("edge-W1", "edge-web", "edge-w", "edge1"):
+        assert parse_text(f'[server]\nname = "{fine}"\n' + base, "pg.toml")
+    sqlite = base.replace('store = "postgresql"', 'store = "sqlite"')
+    assert parse_text('[server]\nname = "edge-w1"\n' + sqlite, "s.toml")

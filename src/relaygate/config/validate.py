@@ -762,6 +762,9 @@ PG_MAX_MESSAGE_SIZE = 1023 * 1024 * 1024
 
 #: A lease renewed every third of its length must outlast a delivery's slowest reply wait.
 _MIN_LEASE = timedelta(seconds=3)
+#: A server.name of the form the worker processes' lease owners take (app.worker_node_id:
+#: "<server.name>-w<index>"), found whole in the name.
+_WORKER_OWNER_NAME = re.compile(r"(.+)-w[0-9]+")
 
 
 #: [queue] time spans that 00:00:00 makes harmful (an admin may write it for "none"), and why.
@@ -774,6 +777,27 @@ _QUEUE_SPANS_ABOVE_ZERO = (
     ("transient_failure_retry_interval", "which retries a failing destination without pause"),
     ("message_retry_interval", "which retries a failing destination without pause"),
 )
+
+
+def _cluster_name_rules(config: Config) -> list[Problem]:
+    """server.name on a shared queue: not a lease owner of another node's worker. The workers
+    of node "edge" lease as "edge-w<i>" and a start of "edge" drops those owners' leases, so a
+    node named "edge-w1" would share its owner with one of them and lose its leases in flight to
+    the other nodes: its messages delivered twice. (On SQLite the queue is this node's alone.)"""
+    name = str(config.server.name)
+    match = _WORKER_OWNER_NAME.fullmatch(name)
+    if match is None:
+        return []
+    return [
+        Problem(
+            config.source,
+            "server.name",
+            f"{name!r} ends in -w<number>, the queue lease owner of the worker processes of a "
+            f"node named {match.group(1)!r}: on a shared queue the two nodes would take each "
+            "other's leases and deliver messages twice; choose a name without it "
+            f"(e.g. {match.group(1) + '-W' + name[match.end(1) + 2 :]!r})",
+        )
+    ]
 
 
 def _queue_rules(config: Config, position: Callable[[int], int]) -> list[Problem]:
@@ -802,6 +826,7 @@ def _queue_rules(config: Config, position: Callable[[int], int]) -> list[Problem
             )
     if q.store != "postgresql":
         return problems
+    problems.extend(_cluster_name_rules(config))
     for i, c in enumerate(config.receive_connectors):
         if c.max_message_size > PG_MAX_MESSAGE_SIZE:
             problems.append(
