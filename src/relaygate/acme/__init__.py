@@ -6,7 +6,8 @@ With ``server.acme_directory_url`` set, one process of the node (the only one, o
 * ``account.key``: the ACME account's key (EC P-256), created on the first order;
 * ``certificate.key`` and ``certificate.pem``: the listener certificate's key and chain (leaf
   first), replaced together under ``.lock`` (a reader takes the lock shared: never one file's new
-  version beside the other's old one).
+  version beside the other's old one; a replacement cut short by a crash is completed by the next
+  process to take the lock: files.py ``replace_pair``).
 
 Every file is written atomically (temporary file, fsync, rename, fsync of the directory), mode 0600.
 

@@ -27,9 +27,11 @@ from relaygate.acme.files import (
     NAMES_FILE,
     REFUSED_FILE,
     acme_files,
+    complete_replacement,
     files_lock,
     read_directory,
     read_names,
+    replace_pair,
     write_private,
 )
 from relaygate.acme.protocol import (
@@ -241,15 +243,14 @@ class AcmeManager:
             logger.info("ACME: a certificate came after the client was stopped: not installed")
             return
         leaf = x509.load_pem_x509_certificates(chain)[0]
-        cert_path, key_path = acme_files(Path(s.data_dir))
+        cert_path, _key_path = acme_files(Path(s.data_dir))
         # the names ordered (a reload may have changed acme_domains meanwhile: then `due`
         # finds "names changed" and the new ones are ordered next)
         domains = domains or acme_domains(s)
         directory = directory or s.acme_directory_url
         self.folder.mkdir(parents=True, exist_ok=True)
         with files_lock(Path(s.data_dir), exclusive=True):
-            write_private(key_path, key)
-            write_private(cert_path, chain)
+            replace_pair(Path(s.data_dir), key, chain)
             write_private(self.folder / NAMES_FILE, "".join(f"{d}\n" for d in domains).encode())
             write_private(self.folder / DIRECTORY_FILE, f"{directory}\n".encode())
         with contextlib.suppress(FileNotFoundError):
@@ -318,6 +319,8 @@ class AcmeManager:
         """Why a certificate is to be ordered now (None: the current one is good)."""
         s = self.config.server
         cert, key = acme_files(Path(s.data_dir))
+        # a replacement cut short by a crash is completed, not taken for a mismatched pair
+        complete_replacement(Path(s.data_dir))
         if not cert.exists() or not key.exists():
             return "no certificate yet"
         from cryptography import x509
