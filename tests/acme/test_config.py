@@ -92,3 +92,24 @@ def test_bad_acme_settings_name_the_key(
     (text,) = problems(tmp_path, extra)
     assert text.startswith(f"relaygate.toml: server.{key}: "), text
     assert expected in text, text
+
+
+@pytest.mark.parametrize(
+    ("extra", "other"),
+    [
+        (
+            '[[receive_connectors]]\nname = "Web"\nbindings = ["0.0.0.0:80"]\n'
+            'remote_ip_ranges = ["0.0.0.0/0"]',
+            'receive connector "Web" (bindings[0], 0.0.0.0:80)',
+        ),
+        ('[admin]\nlisten = "127.0.0.1:80"', "admin.listen (127.0.0.1:80)"),
+    ],
+)
+def test_a_challenge_responder_on_another_listeners_endpoint_is_refused(
+    tmp_path: Path, extra: str, other: str
+) -> None:
+    # `check` said OK; then every order failed at run time (the responder cannot listen on
+    # port 80 beside the other listener), and no certificate was ever obtained.
+    (text,) = problems(tmp_path, f'acme_directory_url = "https://ca.example/dir"\n{extra}')
+    assert text.startswith("relaygate.toml: server.acme_http_listen: "), text
+    assert f"0.0.0.0:80 is where {other} listens" in text, text

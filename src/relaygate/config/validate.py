@@ -683,15 +683,42 @@ def _acme_rules(config: Config, raw: dict[str, Any]) -> Iterator[tuple[str, str]
     try:
         from relaygate.config.values import parse_binding
 
-        parse_binding(s.acme_http_listen)
+        responder = parse_binding(s.acme_http_listen)
     except ValueError as exc:
         yield "acme_http_listen", str(exc)
+    else:
+        for other in _listeners_sharing(config, responder):
+            yield (
+                "acme_http_listen",
+                f"{responder} is where {other} listens: the HTTP-01 responder cannot listen "
+                "there too (every order would fail); give one of them another port, or forward "
+                "port 80 to a free one",
+            )
     if s.acme_ca_file is not None and not s.acme_ca_file.is_file():
         yield "acme_ca_file", f"{s.acme_ca_file} is not a file"
     if s.acme_renew_before <= timedelta(0):
         yield "acme_renew_before", "must be greater than 0"
     if s.acme_check_interval < timedelta(seconds=1):
         yield "acme_check_interval", "must be at least 00:00:01"
+
+
+def _listeners_sharing(config: Config, binding: Any) -> Iterator[str]:
+    """The relay's other listeners (enabled receive connectors' bindings, admin.listen) on the
+    endpoint of `binding`, named as a problem names them."""
+    from relaygate.config.values import parse_binding
+
+    for c in config.receive_connectors:
+        if c.enabled:
+            for j, other in enumerate(c.bindings):
+                if other.shares_endpoint(binding):
+                    yield f'receive connector "{c.name}" (bindings[{j}], {other})'
+    if config.admin.enabled:
+        try:
+            admin = parse_binding(config.admin.listen)
+        except ValueError:  # reported as admin.listen's own problem
+            return
+        if admin.shares_endpoint(binding):
+            yield f"admin.listen ({admin})"
 
 
 def _admin_endpoint_rules(config: Config, position: Callable[[int], int]) -> list[Problem]:
