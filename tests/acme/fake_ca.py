@@ -98,6 +98,10 @@ class FakeCA:
         #: `finalizing` is set when one waits
         self.hold: threading.Event | None = None
         self.finalizing = threading.Event()
+        #: > 0: newOrder is refused 429 rateLimited with this Retry-After (seconds); `new_orders`
+        #: counts the newOrder requests
+        self.retry_after = 0
+        self.new_orders = 0
         self._ids = itertools.count(1)
         self._nonces = itertools.count(1)
         self._lock = threading.Lock()
@@ -209,6 +213,7 @@ class FakeCA:
                 *,
                 location: str = "",
                 content_type: str = "application/json",
+                retry_after: int = 0,
             ) -> None:
                 data = json.dumps(body).encode() if isinstance(body, dict) else body
                 self.send_response(status)
@@ -217,6 +222,8 @@ class FakeCA:
                 self.send_header("Content-Length", str(len(data)))
                 if location:
                     self.send_header("Location", location)
+                if retry_after:
+                    self.send_header("Retry-After", str(retry_after))
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -247,7 +254,15 @@ class FakeCA:
             def _route(self, parts: list[str], payload: Any) -> None:
                 if parts == ["account"]:
                     self._send(201, {"status": "valid"}, location=f"{ca.base}/acct/1")
+                elif parts == ["order"] and ca.retry_after:
+                    ca.new_orders += 1
+                    problem = {
+                        "type": "urn:ietf:params:acme:error:rateLimited",
+                        "detail": "too many certificates already issued for relay.acme.test",
+                    }
+                    self._send(429, problem, retry_after=ca.retry_after)
                 elif parts == ["order"]:
+                    ca.new_orders += 1
                     n = next(ca._ids)
                     ca.orders[n] = {
                         "status": "ready",

@@ -444,3 +444,26 @@ def test_another_ca_by_a_reload_orders_from_it_at_once(tmp_path: Path, fake_ca: 
     finally:
         relay.stop()
         other.stop()
+
+
+def test_a_rate_limit_is_retried_after_the_cas_retry_after_not_sooner(
+    tmp_path: Path, fake_ca: FakeCA
+) -> None:
+    # RFC 8555 §6.6: a rate-limited request is answered 429 with Retry-After. Retried at the
+    # back-off's pace (2 s, 4 s, ...) each retry is refused again, and counts against the
+    # account at the CA; the relay must wait as long as the CA says (up to the back-off's most).
+    fake_ca.retry_after = 3600
+    folder = tmp_path / "relay"
+    folder.mkdir()
+    relay = Relay(folder, fake_ca, check_interval="00:00:02")  # type: ignore[arg-type]
+    relay.start()
+    try:
+        failed = "ACME: cannot obtain a certificate for relay.acme.test"
+        assert wait_until(lambda: failed in relay.log(), timeout=30), relay.log()
+        line = next(x for x in relay.log().splitlines() if failed in x)
+        assert "urn:ietf:params:acme:error:rateLimited" in line, line
+        assert "(failure 1)" in line and "retry in 3600 s" in line, line
+        assert fake_ca.new_orders == 1
+    finally:
+        relay.stop()
+    assert fake_ca.new_orders == 1, relay.log()

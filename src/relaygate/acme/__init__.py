@@ -16,7 +16,8 @@ that runs only while the order is pending: it answers ``GET /.well-known/acme-ch
 for the order's tokens and 404 to anything else. The certificate is renewed when it expires within
 ``acme_renew_before``; the expiry is looked at every ``acme_check_interval`` (also the least time
 between two orders). A failure (CA unreachable, challenge refused) is logged with the CA's problem
-document and retried after min(1 minute, acme_check_interval), doubling up to 6 hours; the
+document and retried after min(1 minute, acme_check_interval), doubling up to 6 hours (or after
+the CA's Retry-After, a rate limit's, if longer; at most 6 hours too); the
 listeners keep the certificate they have (or, before the first one, STARTTLS is not offered).
 
 Several nodes on one PostgreSQL queue (``queue.store = "postgresql"``) run one ACME client for

@@ -51,6 +51,14 @@ RETRY_FIRST = 60.0
 RETRY_MAX = 6 * 3600.0
 
 
+def _asked_to_wait(exc: Exception) -> float:
+    """The seconds the CA asked to wait (Retry-After: a rate limit, RFC 8555 §6.6; maintenance):
+    retrying sooner is refused again, and counts against the account. At most RETRY_MAX: a
+    Retry-After of days must not let the certificate expire unrenewed."""
+    asked = exc.retry_after if isinstance(exc, AcmeError) else None
+    return min(asked, RETRY_MAX) if asked is not None else 0.0
+
+
 def acme_enabled(server: Any) -> bool:
     return bool(getattr(server, "acme_directory_url", ""))
 
@@ -387,6 +395,7 @@ class AcmeManager:
                 # (the exponent capped: 2 ** 1024 does not convert to a float)
                 doubling = 2 ** min(self.failures - 1, 32)
                 wait = min(min(RETRY_FIRST, interval) * doubling, RETRY_MAX)
+                wait = max(wait, _asked_to_wait(exc))
                 self._log_failure(exc, wait)
             self._sleep(wait)
 

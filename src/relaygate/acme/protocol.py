@@ -9,6 +9,7 @@ cryptography only.
 from __future__ import annotations
 
 import base64
+import email.utils
 import hashlib
 import json
 import ssl
@@ -16,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,30 @@ def _b64(data: bytes) -> str:
 
 class AcmeError(Exception):
     """An order failed; the message carries the CA's problem document (RFC 8555 §6.7) when it
-    sent one, else what went wrong on the way (connection, timeout)."""
+    sent one, else what went wrong on the way (connection, timeout). `retry_after`: the seconds
+    the CA asked to wait before the next request (its Retry-After: a rate limit, §6.6, or a
+    CA down for maintenance), None if it did not say."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
+    """A Retry-After header (RFC 9110 §10.2.3: seconds, or an HTTP date) in seconds from now;
+    None if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # (an HTTP date is GMT)
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 def _problem(response: httpx.Response) -> str:
@@ -192,14 +216,20 @@ class AcmeClient:
             if response.status_code == 400 and "badNonce" in response.text:
                 continue
             if response.status_code >= 400:
-                raise AcmeError(f"{url}: {_problem(response)}")
+                raise AcmeError(
+                    f"{url}: {_problem(response)}",
+                    retry_after=retry_after_seconds(response.headers.get("Retry-After")),
+                )
             return response
         raise AcmeError(f"{url}: the CA refused five nonces in a row (badNonce)")
 
     def register(self) -> None:
         response = self._request("GET", self.directory_url)
         if response.status_code != 200:
-            raise AcmeError(f"directory {self.directory_url}: {_problem(response)}")
+            raise AcmeError(
+                f"directory {self.directory_url}: {_problem(response)}",
+                retry_after=retry_after_seconds(response.headers.get("Retry-After")),
+            )
         try:
             self.directory = response.json()
             self.directory["newNonce"], self.directory["newAccount"], self.directory["newOrder"]
