@@ -467,3 +467,14 @@ def test_a_rate_limit_is_retried_after_the_cas_retry_after_not_sooner(
     finally:
         relay.stop()
     assert fake_ca.new_orders == 1, relay.log()
+
+
+def test_retry_after_is_read_as_seconds_or_as_an_http_date() -> None:
+    from relaygate.acme.protocol import retry_after_seconds
+
+    now = dt.datetime(2026, 12, 7, 12, 0, tzinfo=dt.UTC)
+    assert retry_after_seconds("3600", now) == 3600.0
+    assert retry_after_seconds("Mon, 07 Dec 2026 13:30:00 GMT", now) == 5400.0
+    assert retry_after_seconds("Mon, 07 Dec 2026 11:00:00 GMT", now) == 0.0  # past: no wait
+    assert retry_after_seconds("soon", now) is None
+    assert retry_after_seconds(None, now) is None
