@@ -80,3 +80,29 @@ def test_a_crash_between_the_key_and_the_chain_leaves_a_pair_the_relay_serves(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     assert "TLS unavailable" not in relay.log()
+
+
+def test_a_crash_before_the_new_chain_was_written_keeps_the_old_pair(tmp_path: Path) -> None:
+    from relaygate.acme import files_lock
+    from relaygate.acme.files import replace_pair
+
+    folder = tmp_path / "acme"
+    folder.mkdir()
+    replace_pair(tmp_path, b"old key", b"old chain")
+    # died after certificate.key.new was written, before certificate.pem.new was
+    (folder / "certificate.key.new").write_bytes(b"new key")
+    with files_lock(tmp_path, exclusive=False):
+        assert (folder / "certificate.key").read_bytes() == b"old key"
+        assert (folder / "certificate.pem").read_bytes() == b"old chain"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".lock",
+        "certificate.key",
+        "certificate.pem",
+    ]
+    # died after both were written, before either rename: the new pair is complete, taken
+    (folder / "certificate.key.new").write_bytes(b"new key")
+    (folder / "certificate.pem.new").write_bytes(b"new chain")
+    with files_lock(tmp_path, exclusive=False):
+        assert (folder / "certificate.key").read_bytes() == b"new key"
+        assert (folder / "certificate.pem").read_bytes() == b"new chain"
+    assert not [p.name for p in folder.iterdir() if p.name.endswith(".new")]
