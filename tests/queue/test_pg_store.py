@@ -646,3 +646,22 @@ def test_a_database_error_never_carries_a_piece_of_the_password() -> None:
     text = str(_wrap_error(exc, url))
     assert "Tr0ub" not in text and "4dor" not in text, text
     assert text.startswith("queue database error: could not translate host name")
+
+
+async def test_a_big_message_gets_time_for_its_octets_not_only_the_call_timeout(
+    postgres_url: str,
+) -> None:
+    """call_timeout (30 s) bounds a transaction whatever it carries: a message near the 1023 MB
+    limit needs more than ~34 MB/s to the database to be stored or read back within it, and on a
+    slower link got a 451 at every attempt, or was stored and never read back (never
+    delivered). Submit and read now get the call timeout plus time for their octets (2 MiB/s).
+    Here a call timeout far too short for 64 MB shows it (0.7 s on loopback here)."""
+    store = PostgresStore(postgres_url, call_timeout=0.2)
+    await store.open()
+    try:
+        data = b"Subject: big\r\n\r\n" + os.urandom(64 * 1024 * 1024)
+        queue_id = await store.submit(env(), data)
+        assert await store.read_data(queue_id, size=len(data)) == data
+        assert await store.read_data(queue_id) == data  # the size read first when not given
+    finally:
+        await store.close()

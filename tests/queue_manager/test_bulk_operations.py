@@ -438,10 +438,10 @@ async def test_bulk_remove_with_ndr_keeps_no_whole_message_in_memory(tmp_path: P
 
             removed = set(await _statuses(http))
 
-            async def counted(queue_id: str) -> bytes:
+            async def counted(queue_id: str, *, size: int = 0) -> bytes:
                 if queue_id not in removed:  # the NDRs, read to be delivered
-                    return await read_data(queue_id)
-                data = Whole(await read_data(queue_id))
+                    return await read_data(queue_id, size=size)
+                data = Whole(await read_data(queue_id, size=size))
                 alive[0] += 1
                 alive[1] = max(alive)
                 return data

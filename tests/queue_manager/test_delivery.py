@@ -1113,9 +1113,9 @@ async def test_a_new_message_goes_straight_to_the_manager_and_its_lease_ends_wit
         reads: list[str] = []
         real_read = relay.store.read_data
 
-        async def counting_read(queue_id: str) -> bytes:
+        async def counting_read(queue_id: str, *, size: int = 0) -> bytes:
             reads.append(queue_id)
-            return await real_read(queue_id)
+            return await real_read(queue_id, size=size)
 
         relay.store.read_data = counting_read  # type: ignore[method-assign]
         data = original("Handed off")

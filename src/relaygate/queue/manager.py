@@ -595,7 +595,7 @@ class QueueManager:
             return False
         if data is None:
             try:
-                data = await self.store.read_data(msg.queue_id)
+                data = await self.store.read_data(msg.queue_id, size=msg.size)
             except KeyError:
                 return False  # removed by the administrator meanwhile
             except CorruptMessageError as exc:
@@ -1300,7 +1300,7 @@ class QueueManager:
     async def _expire(self, msg: StoredMessage, pending: list[RecipientState]) -> None:
         now = self.clock()
         try:
-            data = await self.store.read_data(msg.queue_id)
+            data = await self.store.read_data(msg.queue_id, size=msg.size)
         except KeyError:
             return
         except CorruptMessageError:

@@ -442,6 +442,11 @@ async def _send_wait(
     return wait, room
 
 
+#: The least transfer rate to the database a message's octets are given time for, beyond
+#: call_timeout: a 1023 MB message (the limit) gets about 8.5 minutes more, a 10 KB one 5 ms.
+TRANSFER_FLOOR = 2 * 1024 * 1024
+
+
 class PostgresStore(Store):
     """The cluster queue store. See the module docstring for the design."""
 
@@ -601,15 +606,18 @@ class PostgresStore(Store):
         fn: Callable[..., Awaitable[T]],
         *args: Any,
         readonly: bool = False,
+        octets: int = 0,
     ) -> T:
         """Run ``fn(conn, *args)`` in one transaction and commit it (durably: the connection's
-        synchronous_commit is at least on, see _configure_connection)."""
+        synchronous_commit is at least on, see _configure_connection). ``octets``: the message
+        octets it carries, which get time of their own beyond ``call_timeout``."""
         pool = self._pool
         if pool is None:
             raise StoreClosedError("queue store is not open")
         self._active += 1
         try:
-            return await self._run(pool, fn, args, readonly)
+            timeout = self.call_timeout + octets / TRANSFER_FLOOR
+            return await self._run(pool, fn, args, readonly, timeout)
         finally:
             self._active -= 1
             if not self._active:
@@ -639,12 +647,13 @@ class PostgresStore(Store):
         fn: Callable[..., Awaitable[T]],
         args: tuple[Any, ...],
         readonly: bool,
+        timeout: float,
     ) -> T:
         for attempt in range(_ATTEMPTS):
             committing = False
             conn_lost = False
             try:
-                async with asyncio.timeout(self.call_timeout), self._connection(pool) as conn:
+                async with asyncio.timeout(timeout), self._connection(pool) as conn:
                     try:
                         # Pipeline mode: statements go out together and the client waits only
                         # where a call reads a result (and at COMMIT): a submit is two round
@@ -667,7 +676,7 @@ class PostgresStore(Store):
                 # The server stopped answering: no retry (it would wait as long again). The
                 # query was cancelled or its connection dropped; a COMMIT may have gone through.
                 self.failed_commits += 1
-                what = f"queue database did not answer within {self.call_timeout:g} s"
+                what = f"queue database did not answer within {timeout:g} s"
                 if committing:
                     raise StoreOutcomeUnknownError(f"{what} to COMMIT, outcome unknown") from exc
                 raise StoreError(what) from exc
@@ -714,6 +723,7 @@ class PostgresStore(Store):
             hashlib.sha256(blob).digest(),
             time.time() if received_at is None else received_at,
             lease,
+            octets=len(blob),
         )
 
     async def _op_submit(
@@ -1062,7 +1072,10 @@ class PostgresStore(Store):
 
         return await self._tx(run, readonly=True)
 
-    async def read_data(self, queue_id: str) -> bytes:
+    async def read_data(self, queue_id: str, *, size: int = 0) -> bytes:
+        if size <= 0:  # how long the read may take depends on it
+            size = await self._tx(self._op_data_size, queue_id, readonly=True)
+
         async def run(conn: Conn) -> bytes:
             # Binary results: as text, bytea comes back hex-encoded, twice its size plus 2, and
             # the server cannot build a value past 1 GB: a message over 512 MB was stored (and
@@ -1081,7 +1094,17 @@ class PostgresStore(Store):
                 raise CorruptMessageError(f"message {queue_id}: stored bytes fail their checksum")
             return data
 
-        return await self._tx(run, readonly=True)
+        return await self._tx(run, readonly=True, octets=size)
+
+    @staticmethod
+    async def _op_data_size(conn: Conn, queue_id: str) -> int:
+        cur = await conn.execute(
+            "SELECT octet_length(data) FROM message_data WHERE queue_id = %s", (queue_id,)
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise KeyError(queue_id)
+        return int(row[0])
 
     async def read_head(self, queue_id: str, limit: int) -> bytes:
         length = sql_head_limit(limit)

@@ -1352,7 +1352,7 @@ class SqliteStore(Store):
         found = await self._read(_load_ids, [queue_id])
         return found[0] if found else None
 
-    async def read_data(self, queue_id: str) -> bytes:
+    async def read_data(self, queue_id: str, *, size: int = 0) -> bytes:
         def run(conn: sqlite3.Connection) -> bytes:
             row = conn.execute(
                 "SELECT sha256, data, spool FROM message_data WHERE queue_id = ?", (queue_id,)

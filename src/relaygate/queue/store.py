@@ -164,9 +164,11 @@ class Store(Protocol):
 
     async def get(self, queue_id: str) -> StoredMessage | None: ...
 
-    async def read_data(self, queue_id: str) -> bytes:
+    async def read_data(self, queue_id: str, *, size: int = 0) -> bytes:
         """The message bytes exactly as submitted. ``KeyError`` if unknown,
-        :class:`CorruptMessageError` if they fail their checksum."""
+        :class:`CorruptMessageError` if they fail their checksum. ``size``: the message's size
+        when the caller knows it (a store whose reads are bounded in time bounds this one by it;
+        0: the store finds it)."""
         ...
 
     async def read_head(self, queue_id: str, limit: int) -> bytes:
