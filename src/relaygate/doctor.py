@@ -37,6 +37,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from relaygate import replies
+from relaygate.addresses import AddressError, parse_domain
+from relaygate.addresses import ascii_domain as ascii_spelling
 
 __all__ = [
     "SEVERITIES",
@@ -197,10 +199,7 @@ def _parse_suffix_list(text: str) -> _SuffixRules:
             target, rule = exception, rule[1:]
         elif rule.startswith("*."):
             target, rule = wildcard, rule[2:]
-        try:
-            target.add(rule.encode("idna").decode("ascii") if not rule.isascii() else rule)
-        except UnicodeError:
-            continue  # a rule Python's IDNA 2003 codec cannot encode; no A-label domain hits it
+        target.add(ascii_spelling(rule))  # as the domains it is matched with are spelled
     return _SuffixRules(frozenset(exact), frozenset(wildcard), frozenset(exception))
 
 
@@ -1258,11 +1257,11 @@ async def _check_dmarc(
 def ascii_domain(text: str) -> str:
     """``text`` as DNS, zone files and the DKIM signer spell it: lower-case A-labels, no final dot
     (ValueError naming the domain if it cannot be encoded)."""
-    name = text.strip().rstrip(".")
-    try:
-        return name.encode("idna").decode("ascii").lower()
-    except UnicodeError as exc:
-        raise ValueError(f"{text!r} is not a valid domain name ({exc})") from exc
+    name = text.strip()
+    try:  # the envelope parser's spelling (IDNA 2008): the relay signs and routes by it
+        return parse_domain(name, smtputf8=True, allow_literal=False, error=replies.INVALID_DOMAIN)
+    except AddressError as exc:
+        raise ValueError(f"{text!r} is not a valid domain name ({exc.reason})") from exc
 
 
 def relay_address(text: str) -> str:
