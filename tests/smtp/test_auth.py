@@ -350,3 +350,22 @@ def test_auth_failure_limit_holds_for_concurrent_attempts_and_by_default(relay):
             c.close()
     assert codes == [450] * 4 + [535] * 6
     assert _auth_reply(r, "127.0.0.5", "scanner", PASSWORD).startswith("450 ")
+
+
+def test_require_tls_offers_and_takes_auth_only_after_starttls(relay):
+    """require_tls without BasicAuthRequireTLS: RFC 3207 §4 has a server that requires TLS answer
+    530 to every command but NOOP, EHLO, STARTTLS and QUIT; AUTH was offered in clear and took
+    the password in clear (235), while `relaygate audit` names require_tls as the cure for it."""
+    r = relay([auth_connector(require_tls=True)])
+    add_user(r, "scanner")
+    plain = "AUTH PLAIN " + b64("\0scanner\0" + PASSWORD)
+    with r.raw() as c:
+        assert not any(k.startswith("AUTH") for k in c.greet().lines)
+        assert c.cmd(plain).text == "530 5.7.0 Must issue a STARTTLS command first"
+        assert c.cmd("AUTH LOGIN").text == "530 5.7.0 Must issue a STARTTLS command first"
+        c.cmd("STARTTLS", 220)
+        c.starttls(insecure_ctx())
+        assert "AUTH PLAIN LOGIN" in c.cmd("EHLO client.corp.example", 250).lines
+        assert c.cmd(plain).code == 235
+    log = r.protocol_log_text()
+    assert "LogonDenied" not in log and "Set Session Permissions" in log

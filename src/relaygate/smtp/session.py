@@ -471,8 +471,10 @@ class Session:
         mechanisms = self.connector.auth_mechanism
         if "BasicAuth" not in mechanisms or self.auth_user is not None:
             return []
-        if "BasicAuthRequireTLS" in mechanisms and not self.tls_active:
-            return []
+        if not self.tls_active and (
+            "BasicAuthRequireTLS" in mechanisms or self.connector.require_tls
+        ):
+            return []  # not offered where do_auth would refuse it for want of TLS
         return ["PLAIN", "LOGIN"]
 
     def _follow_reload(self) -> None:
@@ -979,6 +981,11 @@ class Session:
             return
         if "BasicAuthRequireTLS" in mechanisms and not self.tls_active:
             await self.protocol_error(replies.BASIC_AUTH_REQUIRES_TLS)
+            return
+        if self.connector.require_tls and not self.tls_active:
+            # RFC 3207 §4: a server that requires TLS answers 530 to all but NOOP, EHLO, STARTTLS
+            # and QUIT. MAIL alone was refused: the password crossed in clear before it.
+            await self.protocol_error(replies.MUST_STARTTLS)
             return
         if not self.ctx.auth_failures.allowed(self.connector, self.client_ip):
             await self._auth_rate_limited()
