@@ -771,3 +771,34 @@ def test_accepted_sockets_have_nodelay_on_asyncio_s_own_loop(
         (session,) = r.relay.server._live
         server_side = session.conn.get_extra_info("socket")
         assert server_side.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_a_certificate_that_did_not_load_is_tried_again_once_its_files_change(
+    relay, cert_files, client_ctx
+):
+    """The key missing at the first STARTTLS (copied late): STARTTLS was answered 454 until the
+    next reload even after the key was in place, still offered in every EHLO, and the error
+    named no file ("[Errno 2] No such file or directory"). Now the error names the files and
+    keys, STARTTLS is not offered while they are unchanged, and it is back once they change."""
+    key = Path(cert_files["tls_key_file"])
+    pem = key.read_bytes()
+    key.unlink()
+    r = relay([relay_connector(**cert_files)], mode="process")
+    with r.raw() as c:
+        assert "STARTTLS" in c.greet().lines  # not known yet: the files load at the first STARTTLS
+        assert c.cmd("STARTTLS").text == "454 4.7.0 TLS not available due to temporary reason"
+    wait_for(lambda: "TLS unavailable" in r.stderr_path.read_text())
+    error = r.stderr_path.read_text()
+    assert f"cannot load certificate {cert_files['tls_certificate_file']} and key {key}" in error
+    assert "(tls_certificate_file / tls_key_file)" in error
+    assert "SMTP Relay Internal" in error
+    with r.raw() as c:
+        assert "STARTTLS" not in c.greet().lines
+        assert c.cmd("STARTTLS").code == 454
+    assert r.stderr_path.read_text().count("TLS unavailable") == 1  # once, not per session
+    key.write_bytes(pem)
+    with r.raw() as c:
+        assert "STARTTLS" in c.greet().lines
+        c.cmd("STARTTLS", 220)
+        c.starttls(client_ctx)
+        c.cmd("EHLO client.corp.example", 250)

@@ -48,7 +48,7 @@ from relaygate.smtp.limits import (
 )
 from relaygate.smtp.session import Session
 from relaygate.smtp.steering import attach_source_steering
-from relaygate.smtp.tls import listener_files, server_context
+from relaygate.smtp.tls import ACME, CONNECTOR, SELF_SIGNED, SERVER, listener_files, server_context
 
 __all__ = ["ListenerError", "ServerContext", "SmtpServer", "TlsUnavailable", "listener_bindings"]
 
@@ -354,6 +354,9 @@ class ServerContext:
         self.logger = logger
         self.host_ips: list[str] = []
         self._tls: dict[str, ssl.SSLContext | None] = {}
+        #: Connectors whose certificate files did not load, with the files' stamps then: tried
+        #: again once the files change (see tls_context); meanwhile STARTTLS is not offered.
+        self._tls_failed: dict[str, _FilesStamp] = {}
         #: Connectors that do not offer STARTTLS although their auth_mechanism has Tls: ACME is on
         #: and has no certificate yet (empty without ACME).
         self.starttls_withheld: frozenset[str] = frozenset()
@@ -386,6 +389,7 @@ class ServerContext:
         """Forget the TLS contexts built so far: the next STARTTLS loads the certificate files
         again (a reload, or a certificate renewed by ACME). Open sessions keep theirs."""
         self._tls = {}
+        self._tls_failed = {}
         config = self.config
         if config.server.acme_directory_url:
             self.starttls_withheld = frozenset(
@@ -453,13 +457,38 @@ class ServerContext:
             except (OSError, ssl.SSLError) as exc:
                 logger.error("TLS unavailable on connector %s: %s", connector.name, exc)
                 return None
-        if connector.name not in self._tls:
-            try:
-                self._tls[connector.name] = server_context(self.config, connector)
-            except (OSError, ssl.SSLError) as exc:
-                logger.error("TLS unavailable on connector %s: %s", connector.name, exc)
-                self._tls[connector.name] = None
-        return self._tls[connector.name]
+        name = connector.name
+        context = self._tls.get(name)
+        if context is not None:
+            return context
+        if self.tls_unavailable(connector):
+            return None  # the files that failed are unchanged: no new error per STARTTLS
+        files = listener_files(self.config, connector)
+        stamp = _files_stamp(files)
+        try:
+            context = server_context(self.config, connector)
+        except (OSError, ssl.SSLError) as exc:
+            # Kept until the files change, not until a reload: an administrator who fixes the
+            # key (a copy that was late, a chmod) gets STARTTLS back at the next session.
+            self._tls_failed[name] = stamp
+            logger.error(
+                "TLS unavailable on receive connector %s: %s; STARTTLS not offered until the "
+                "files load",
+                name,
+                _load_failure(files, exc),
+            )
+            return None
+        self._tls_failed.pop(name, None)
+        self._tls[name] = context
+        return context
+
+    def tls_unavailable(self, connector: ReceiveConnector) -> bool:
+        """Whether `connector`'s certificate files failed to load and have not changed since: its
+        EHLO reply does not offer STARTTLS (a client told 454 after an offer often gives up)."""
+        failed = self._tls_failed.get(connector.name)
+        if failed is None:
+            return False
+        return failed == _files_stamp(listener_files(self.config, connector))
 
     def session_log(
         self, connector: ReceiveConnector, local: tuple[str, int], client: tuple[str, int]
@@ -502,6 +531,44 @@ class ServerContext:
                 connector_id=f"{self.config.server.name}\\{envelope.connector}",
                 source_context=envelope.metadata.get("session", ""),
             )
+
+
+#: (mtime, ctime, inode, size) of a listener's certificate file then its key file (None: absent)
+_FilesStamp = tuple[tuple[int, int, int, int] | None, ...]
+
+
+def _files_stamp(files: tuple[Path, Path, str] | None) -> _FilesStamp:
+    """What tells that a certificate or key file changed: replaced, rewritten, or its mode or
+    owner changed (ctime), as a fix of an unreadable key does."""
+    if files is None:
+        return ()
+    stamps: list[tuple[int, int, int, int] | None] = []
+    for path in files[:2]:
+        try:
+            st = path.stat()
+        except OSError:
+            stamps.append(None)
+            continue
+        stamps.append((st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_size))
+    return tuple(stamps)
+
+
+#: `listener_files`' source → the keys that name the files
+_FILE_KEYS = {
+    CONNECTOR: "tls_certificate_file / tls_key_file",
+    SERVER: "server.tls_certificate_file / server.tls_key_file",
+    ACME: "the certificate of server.acme_directory_url",
+    SELF_SIGNED: "the self-signed certificate",
+}
+
+
+def _load_failure(files: tuple[Path, Path, str] | None, exc: BaseException) -> str:
+    """Why the files did not load, naming them and their keys: ssl's own error names neither
+    ("[Errno 2] No such file or directory")."""
+    if files is None:
+        return str(exc)  # AcmePending says it all
+    cert, key, source = files
+    return f"cannot load certificate {cert} and key {key} ({_FILE_KEYS.get(source, source)}): {exc}"
 
 
 class SmtpServer:

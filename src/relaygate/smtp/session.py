@@ -455,6 +455,7 @@ class Session:
             "Tls" in c.auth_mechanism
             and not self.tls_active
             and c.name not in self.ctx.starttls_withheld
+            and not self.ctx.tls_unavailable(c)
         ):
             lines.append("STARTTLS")
         mechanisms = self.auth_mechanisms()
