@@ -802,3 +802,26 @@ def test_a_certificate_that_did_not_load_is_tried_again_once_its_files_change(
         c.cmd("STARTTLS", 220)
         c.starttls(client_ctx)
         c.cmd("EHLO client.corp.example", 250)
+
+
+def test_a_starttls_handshake_that_never_completes_is_ended_and_logged_as_such(relay, cert_files):
+    """STARTTLS, then nothing, or a ClientHello cut short: the session ends after the inactivity
+    timeout, and the protocol log says so (it said "TLS negotiation failed: ", the reason left
+    empty); a broken handshake is logged with OpenSSL's reason."""
+    r = relay([relay_connector(connection_inactivity_timeout="00:00:01", **cert_files)])
+    for sent in (b"", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"):
+        with r.raw() as c:
+            c.greet()
+            c.cmd("STARTTLS", 220)
+            if sent:
+                c.send(sent)
+            assert c.is_closed(wait=5)
+    with r.raw() as c:
+        c.greet()
+        c.cmd("STARTTLS", 220)
+        c.send(b"\x16\x03\x01\x00\x05hello, not TLS\r\n")
+        assert c.is_closed(wait=5)
+    wait_for(lambda: r.protocol_log_text().count("TLS negotiation failed") == 3)
+    log = r.protocol_log_text()
+    assert log.count("TLS negotiation failed: no TLS handshake within 1 s after STARTTLS") == 2
+    assert "TLS negotiation failed: [SSL" in log

@@ -947,9 +947,15 @@ class Session:
         if pending:
             self.log.info(f"{pending} bytes sent after STARTTLS discarded")
         self.buf.clear()
+        limit = min(self.idle, 60)
         try:
-            await asyncio.wait_for(self.conn.start_tls(ctx), timeout=min(self.idle, 60))
-        except (TimeoutError, OSError, ConnectionError) as exc:
+            await asyncio.wait_for(self.conn.start_tls(ctx), timeout=limit)
+        except TimeoutError:  # before OSError, its base: its text is empty
+            self.log.info(
+                f"TLS negotiation failed: no TLS handshake within {limit:g} s after STARTTLS"
+            )
+            raise _Close() from None
+        except (OSError, ConnectionError) as exc:
             self.log.info(f"TLS negotiation failed: {exc}")
             raise _Close() from None
         self.tls_active = True
