@@ -825,3 +825,30 @@ def test_a_starttls_handshake_that_never_completes_is_ended_and_logged_as_such(r
     log = r.protocol_log_text()
     assert log.count("TLS negotiation failed: no TLS handshake within 1 s after STARTTLS") == 2
     assert "TLS negotiation failed: [SSL" in log
+
+
+def test_a_tls_key_every_local_user_can_read_is_used_with_a_warning_naming_it(
+    relay, cert_files, client_ctx
+):
+    """A key copied with `cp` (0644): STARTTLS works, and the log says that every local user can
+    read it, naming the connector, the file and its mode (as for DKIM keys); a 0640 key is
+    left alone."""
+    key = Path(cert_files["tls_key_file"])
+    key.chmod(0o644)
+    r = relay([relay_connector(**cert_files)], mode="process")
+    with r.smtp() as s:
+        s.starttls(context=client_ctx)
+        s.ehlo()
+    wait_for(lambda: "TLS key" in r.stderr_path.read_text())
+    assert (
+        f'WARNING relaygate.smtp: receive connector "SMTP Relay Internal": TLS key {key} has '
+        "mode 0644: every local user can read the private key"
+    ) in r.stderr_path.read_text()
+    key.chmod(0o640)
+    quiet = relay([relay_connector(**cert_files)], mode="process")
+    with quiet.smtp() as s:
+        s.starttls(context=client_ctx)
+        s.ehlo()
+        s.noop()
+    assert "TLS unavailable" not in quiet.stderr_path.read_text()
+    assert "TLS key" not in quiet.stderr_path.read_text()

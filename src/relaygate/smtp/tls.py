@@ -8,14 +8,24 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import ipaddress
+import logging
 import os
 import ssl
 import warnings
 from pathlib import Path
 
 from relaygate.config.model import Config, ReceiveConnector
+from relaygate.file_modes import mode_granting
 
-__all__ = ["AcmePending", "ensure_self_signed", "listener_files", "server_context"]
+__all__ = [
+    "AcmePending",
+    "ensure_self_signed",
+    "key_mode_warning",
+    "listener_files",
+    "server_context",
+]
+
+logger = logging.getLogger("relaygate.smtp")
 
 _VERSIONS = {
     "1.0": ssl.TLSVersion.TLSv1,
@@ -153,4 +163,20 @@ def server_context(
     else:
         ctx.load_cert_chain(str(cert), str(key))
     ctx.options |= ssl.OP_NO_COMPRESSION
+    if (warning := key_mode_warning(key, connector)) is not None:
+        logger.warning("%s", warning)  # used, not refused: refusing would leave mail in clear
     return ctx
+
+
+def key_mode_warning(key: Path, connector: ReceiveConnector) -> str | None:
+    """A warning when the TLS key file is readable or writable by every local user (a copy keeps
+    `cp`'s 0644): any of them can then pose as the relay to its clients, and read what they send
+    with cipher suites without forward secrecy. Group access is left alone (0640
+    root:relaygate, the packaged layout). None otherwise, or when it cannot be examined."""
+    mode = mode_granting(key, 0o007)
+    if mode is None:
+        return None
+    return (
+        f'receive connector "{connector.name}": TLS key {key} has mode {mode:04o}: every local '
+        f"user can read the private key and pose as the relay to its clients; chmod o-rwx {key}"
+    )
