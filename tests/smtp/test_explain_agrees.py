@@ -267,7 +267,37 @@ def test_explain_tells_that_a_require_tls_connector_refuses_mail_before_starttls
         "required": True,
         "reply_before_starttls": server[0],
         "reason": "receive connector SMTP Relay Internal has require_tls: a session that has not "
-        "sent STARTTLS gets this at MAIL; the replies shown are those after STARTTLS",
+        "sent STARTTLS gets this at MAIL (and AUTH); the replies shown are those after STARTTLS",
     }
     text = explain_cli(r, "--client-ip", ON_LIST, "--from", "app@corp.example")
     assert f"  TLS required: MAIL before STARTTLS → {server[0]}\n" in text
+
+
+def test_auth_user_on_a_require_tls_connector_is_explained_as_after_starttls(relay):
+    """require_tls keeps AUTH until STARTTLS, as BasicAuthRequireTLS does: explain says so."""
+    r = relay(
+        [
+            default_frontend(
+                name="Client Submission",
+                auth_mechanism=["Tls", "BasicAuth"],
+                permission_groups=["ExchangeUsers"],
+                require_tls=True,
+            )
+        ]
+    )
+    add_user(r, "alice")
+    with r.raw(OFF_LIST) as c:
+        c.greet()
+        blob = base64.b64encode(f"\0alice\0{PASSWORD}".encode()).decode()
+        assert c.cmd(f"AUTH PLAIN {blob}").text == "530 5.7.0 Must issue a STARTTLS command first"
+    result = explain(
+        r.config,
+        client_ip=OFF_LIST,
+        local=("127.0.0.1", r.port),
+        sender="alice@corp.example",
+        recipients=["victim@evil.example"],
+        authenticated_user="alice",
+    ).to_dict()
+    assert result["auth"]["reason"] == (
+        "receive connector Client Submission offers AUTH PLAIN LOGIN after STARTTLS (require_tls)"
+    )

@@ -347,7 +347,8 @@ async def _converse(
             result.verdict = "Failed: the server offers no AUTH here" + (
                 ""
                 if conn.tls
-                else " (try --starttls: BasicAuthRequireTLS offers AUTH only after TLS)"
+                else " (try --starttls: BasicAuthRequireTLS and require_tls offer AUTH only "
+                "after TLS)"
             )
             return result
         try:

@@ -144,7 +144,7 @@ def _tls_requirement(connector: ReceiveConnector) -> dict[str, Any] | None:
         "required": True,
         "reply_before_starttls": replies.MUST_STARTTLS.line(),
         "reason": f"receive connector {connector.name} has require_tls: a session that has not "
-        "sent STARTTLS gets this at MAIL; the replies shown are those after STARTTLS",
+        "sent STARTTLS gets this at MAIL (and AUTH); the replies shown are those after STARTTLS",
     }
 
 
@@ -160,9 +160,12 @@ def _auth_outcome(connector: ReceiveConnector, user: str) -> tuple[dict[str, Any
             "reason": f"receive connector {connector.name} does not offer AUTH (its auth_mechanism "
             "has no BasicAuth): the session stays anonymous",
         }, None
-    after_tls = (
-        " after STARTTLS (BasicAuthRequireTLS)" if "BasicAuthRequireTLS" in mechanisms else ""
-    )
+    if "BasicAuthRequireTLS" in mechanisms:
+        after_tls = " after STARTTLS (BasicAuthRequireTLS)"
+    elif connector.require_tls:
+        after_tls = " after STARTTLS (require_tls)"
+    else:
+        after_tls = ""
     return {
         "user": user,
         "reply": replies.AUTH_OK.line(),
