@@ -369,3 +369,22 @@ def test_require_tls_offers_and_takes_auth_only_after_starttls(relay):
         assert c.cmd(plain).code == 235
     log = r.protocol_log_text()
     assert "LogonDenied" not in log and "Set Session Permissions" in log
+
+
+def test_starttls_forgets_an_authentication_made_before_it(relay):
+    """RFC 3207 §4.2 (security-bar 86): what the session learnt before TLS, its AUTH included, is
+    discarded; the EHLO after TLS offers AUTH again and MAIL is the anonymous session's."""
+    r = relay([auth_connector()])
+    add_user(r, "scanner")
+    with r.raw() as c:
+        c.greet()
+        c.cmd("AUTH PLAIN " + b64("\0scanner\0" + PASSWORD), 235)
+        c.cmd("STARTTLS", 220)
+        c.starttls(insecure_ctx())
+        assert "AUTH PLAIN LOGIN" in c.cmd("EHLO client.corp.example", 250).lines
+        assert (
+            c.cmd("MAIL FROM:<scanner@corp.example>").text
+            == "530 5.7.1 Client was not authenticated"
+        )
+        c.cmd("AUTH PLAIN " + b64("\0scanner\0" + PASSWORD), 235)
+        c.cmd("MAIL FROM:<scanner@corp.example>", 250)
