@@ -128,6 +128,10 @@ AUTH_RATE_LIMITED = Reply(450, "4.7.1", "Too many AUTH commands from this client
 INACTIVITY_TIMEOUT = Reply(451, "4.7.0", "Timeout waiting for client input")
 CONNECTION_TIMEOUT = Reply(421, "4.4.1", "Connection timed out")
 INSUFFICIENT_RESOURCES = Reply(452, "4.3.1", "Insufficient system resources")
+# A reload took some of a transaction's recipients away (not all): sent again, RCPT says which.
+RECIPIENTS_CHANGED = Reply(
+    451, "4.7.0", "Some recipients are no longer accepted; send the message again"
+)
 SERVICE_NOT_AVAILABLE = Reply(421, "4.3.2", "Service not available")
 BARE_LINEFEED = Reply(554, "5.6.0", "Invalid message content, contains bare linefeeds")
 QUEUE_FAILED = Reply(451, "4.3.0", "Temporary failure storing the message; try again later")

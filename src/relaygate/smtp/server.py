@@ -365,8 +365,9 @@ class ServerContext:
         self.apply(config)
 
     def apply(self, config: Config) -> None:
-        """Take a new configuration (start or reload). An open session checks, at its next MAIL or
-        RCPT, that the connector it started on still takes its client (Session._follow_reload)."""
+        """Take a new configuration (start or reload). An open session checks, at its next command
+        and at the end of DATA, that the connector it started on still takes its client, and takes
+        that connector's new values (Session._follow_reload)."""
         self.config = config
         self.refresh_tls()
         limit = config.server.max_data_in_memory

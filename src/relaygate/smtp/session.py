@@ -105,6 +105,10 @@ class _Transaction:
     sender: Address | None = None
     sender_text: str = ""
     recipients: list[str] = field(default_factory=list)
+    # Each recipient as parsed (beside its queued form above), to check it again after a reload
+    rcpt_addresses: list[Address] = field(default_factory=list)
+    # The configuration MAIL was checked under: another one at DATA is a reload to check against
+    checked_under: Config | None = None
     body: str = "7BIT"
     smtputf8: bool = False
     # RFC 3461 parameters, kept for the relay's own reports (by recipient address)
@@ -389,6 +393,8 @@ class Session:
             self.log.received(_mask_auth(text))
         else:
             self.log.received(text)
+        if verb != "QUIT":  # a client saying goodbye gets its 221 whatever a reload said
+            self._follow_reload()  # before anything the reloaded connector may decide otherwise
         why = _non_smtp(body, verb)
         if why:
             # Another protocol talking (security-bar 98): answering each of its lines as an SMTP
@@ -480,7 +486,9 @@ class Session:
 
     def _follow_reload(self) -> None:
         """After a reload, go on with the connector that now takes this client when it is the one
-        the session started on (by name): its new rights and address rules apply from here. When
+        the session started on (by name): its new rights, address rules, limits, tarpits and
+        timeouts apply from here (`_take_connector_values`). Called before every command but
+        QUIT, and again at the end of DATA. When
         another connector, or none, takes the client now, or an authenticated session could not
         authenticate now (`_authentication_lost`), end with 421 so that the client reconnects to
         what the configuration says: a client taken off a relaying connector stops relaying at
@@ -508,6 +516,33 @@ class Session:
             else session_rights(now, authenticated_user=self.auth_user)
         )
         self.log.info(self.rights.log_tokens(), "Set Session Permissions")
+        self._take_connector_values(now)
+
+    def _take_connector_values(self, connector: ReceiveConnector) -> None:
+        """The values the session copied from its connector at its start, taken again from the
+        reloaded one (an admin shortening a tarpit or a timeout means the printers that keep
+        their connections open too). The timeouts count from when they always did: the absolute
+        one from the connection's start (one already over under the new value ends the session
+        with the usual 421 4.4.1, as when it runs out between two commands), the inactivity one
+        from the next read. What the client was told at EHLO (PIPELINING, SIZE, the greeting's
+        name) and the protocol log's level stay as they were until the next EHLO or session."""
+        self.fqdn = connector.fqdn or self.ctx.config.server.fqdn
+        self.tarpit = connector.tarpit_interval.total_seconds()
+        self.auth_tarpit = connector.auth_tarpit_interval.total_seconds()
+        self.bare_lf_rejection = connector.bare_linefeed_rejection_enabled
+        self.idle = connector.connection_inactivity_timeout.total_seconds()
+        self.deadline = self.started + connector.connection_timeout.total_seconds()
+        now = self.loop.time()
+        if now >= self.deadline:
+            self.log.info(
+                f"after a reload connection_timeout {_span(self.deadline - self.started)} of "
+                f"receive connector {connector.name} has passed; disconnecting"
+            )
+            self.reply(replies.CONNECTION_TIMEOUT)
+            raise _Close()
+        if self._watchdog is not None:  # due at the old values' time: at the new ones' now
+            self._watchdog.cancel()
+            self._watchdog = self.loop.call_at(self._next_check(now), self._watch)
 
     def _authentication_lost(self, connector: ReceiveConnector) -> str:
         """Why an authenticated session could not authenticate now on `connector` (as reloaded),
@@ -539,7 +574,6 @@ class Session:
         if self.helo is None:
             await self.protocol_error(replies.SEND_HELLO_FIRST)
             return
-        self._follow_reload()
         if self.connector.require_tls and not self.tls_active:
             await self.protocol_error(replies.MUST_STARTTLS)
             return
@@ -552,7 +586,9 @@ class Session:
             await self.protocol_error(exc.reply)
             return
         declared: int | None = None
-        txn = _Transaction(sender=sender, sender_text=str(sender) if sender else "")
+        txn = _Transaction(
+            sender=sender, sender_text=str(sender) if sender else "", checked_under=self.ctx.config
+        )
         for key, value in params.items():
             if key == "SIZE" and self.connector.size_enabled != "Disabled":
                 if value is None or not value.isdigit():
@@ -604,7 +640,6 @@ class Session:
         if self.txn is None:
             await self.protocol_error(replies.NEED_MAIL)
             return
-        self._follow_reload()
         try:
             rcpt, params = parse_rcpt_to(arg, smtputf8=self.txn.smtputf8)
         except AddressError as exc:
@@ -617,20 +652,7 @@ class Session:
             ):
                 await self.protocol_error(replies.UNRECOGNIZED_PARAMETER)
                 return
-        verdict: Verdict = check_rcpt(
-            rcpt,
-            rights=self.rights,
-            connector=self.connector,
-            accepted_domains=self.ctx.config.accepted_domains,
-            accepted_count=len(self.txn.recipients),
-            authenticated=self.authenticated,
-            local_ips=(
-                relay_local_ips(self.ctx.config, self.ctx.host_ips, self.local[0])
-                if rcpt.is_literal
-                else ()
-            ),
-            address_rules=self.address_rules,
-        )
+        verdict = self._rcpt_verdict(rcpt, len(self.txn.recipients))
         if not verdict.accepted:
             self.log.info(f"RCPT {rcpt} refused: {verdict.reason}")
             if verdict.reply.code == 452:  # too many recipients: not a protocol error
@@ -640,8 +662,82 @@ class Session:
             return
         address = str(rcpt) if rcpt.domain else self.ctx.postmaster_address()
         self.txn.recipients.append(address)
+        self.txn.rcpt_addresses.append(rcpt)
         _keep_dsn_params(self.txn, address, params)
         self.reply(verdict.reply)
+
+    def _rcpt_verdict(self, rcpt: Address, accepted_count: int) -> Verdict:
+        """RCPT's decision for `rcpt` with the session's connector and rights as they are now."""
+        return check_rcpt(
+            rcpt,
+            rights=self.rights,
+            connector=self.connector,
+            accepted_domains=self.ctx.config.accepted_domains,
+            accepted_count=accepted_count,
+            authenticated=self.authenticated,
+            local_ips=(
+                relay_local_ips(self.ctx.config, self.ctx.host_ips, self.local[0])
+                if rcpt.is_literal
+                else ()
+            ),
+            address_rules=self.address_rules,
+        )
+
+    def _transaction_stands(self, txn: _Transaction) -> bool:
+        """False (the refusal replied, the transaction over) when a reload since MAIL took away
+        what the transaction needs: its sender or any of its recipients would be refused now.
+        Checked at DATA before the 354 and at the end of DATA before the message is stored, after
+        `_follow_reload` (which ends the session when the connector no longer takes the client):
+        a recipient the new configuration refuses is never queued."""
+        config = self.ctx.config
+        if txn.checked_under is config:
+            return True
+        refusal = self._refusal_after_reload(txn)
+        if refusal is None:
+            txn.checked_under = config
+            return True
+        self.txn = None
+        self.reply(refusal)
+        return False
+
+    def _refusal_after_reload(self, txn: _Transaction) -> Reply | None:
+        """The reply to give the transaction under the configuration reloaded since MAIL, or
+        None: MAIL's refusal when its sender is refused now; else, RCPT's when all of its
+        recipients are (the client bounces the message as it would have at RCPT);
+        RECIPIENTS_CHANGED (4xx) when only some are, so the client sends it again and RCPT tells
+        it which: with a 250 it would take the others as accepted, and no one would learn they
+        were dropped."""
+        mail = check_mail(
+            txn.sender,
+            rights=self.rights,
+            connector=self.connector,
+            accepted_domains=self.ctx.config.accepted_domains,
+            authenticated=self.authenticated,
+            address_rules=self.address_rules,
+        )
+        if not mail.accepted:
+            self.log.info(f"after a reload MAIL refused: {mail.reason}")
+            return mail.reply
+        refused: list[Reply] = []
+        kept = 0
+        for rcpt in txn.rcpt_addresses:
+            verdict = self._rcpt_verdict(rcpt, kept)
+            if verdict.accepted:
+                kept += 1
+                continue
+            self.log.info(f"after a reload RCPT {rcpt} refused: {verdict.reason}")
+            refused.append(verdict.reply)
+        if not refused:
+            return None
+        return refused[0] if kept == 0 else replies.RECIPIENTS_CHANGED
+
+    def _size_limit(self) -> int:
+        """The largest message the session may send: its connector's max_message_size, or 2 GiB
+        for a session whose rights bypass it."""
+        limit = self.connector.max_message_size
+        if self.rights.bypasses_size_limit:
+            limit = max(limit, 2 * 1024**3)
+        return limit
 
     def _delivery_metadata(self, txn: _Transaction) -> dict[str, str]:
         """What delivery must know of this session: the RFC 3461 parameters for the reports,
@@ -687,6 +783,8 @@ class Session:
         if not self.txn.recipients:
             await self.protocol_error(replies.NEED_RCPT)
             return
+        if not self._transaction_stands(self.txn):
+            return
         self.reply(replies.START_MAIL_INPUT)
         started = time.monotonic()
         self._in_data = True
@@ -704,6 +802,9 @@ class Session:
                 self.log.info("message refused: the memory for messages in transit is spent")
                 self.reply(replies.INSUFFICIENT_RESOURCES)
                 return
+            self._follow_reload()  # a reload while the message came: checked as at DATA
+            if not self._transaction_stands(txn):
+                return
             await self.accept_message(txn, content, too_big, started)
         finally:
             self._in_data = False
@@ -713,10 +814,7 @@ class Session:
 
     async def read_data(self) -> tuple[bytes | None, bool]:
         """Read through CRLF.CRLF. Returns (unstuffed content or None at EOF, exceeded-size flag)."""
-        limit = self.connector.max_message_size
-        if self.rights.bypasses_size_limit:
-            limit = max(limit, 2 * 1024**3)
-        reader = DataReader(limit)
+        reader = DataReader(self._size_limit())
         memory = self.ctx.data_memory
         more = bytes(self.buf)
         self.buf.clear()
@@ -774,7 +872,7 @@ class Session:
         self, txn: _Transaction, content: bytes, too_big: bool, started: float
     ) -> None:
         c = self.connector
-        if too_big:
+        if too_big or len(content) > self._size_limit():  # the limit may be a reload's, lower
             self.log.info(f"message refused: larger than max_message_size {c.max_message_size}")
             self.reply(replies.MESSAGE_TOO_BIG)
             return
