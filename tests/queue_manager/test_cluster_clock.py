@@ -137,3 +137,61 @@ async def test_a_node_that_leases_nothing_for_its_clock_still_renews_its_deliver
         await relay.stop()
         await other.close()
         await sink.close()
+
+
+async def test_a_node_refused_for_its_clock_says_so_on_healthz_and_metrics_until_it_agrees(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """The refusal was only logged, once: /healthz said ok and /metrics nothing while the node
+    delivered nothing. Now /healthz says degraded, /api/health the reason, and the
+    relaygate_queue_clock_skew gauge is 1 until the clocks agree again (then ok and 0)."""
+    import httpx
+
+    from tests.queue_manager.test_admin_and_cli import admin_url
+
+    queue = {"store": "postgresql", "database_url": postgres_url, "lease_duration": "00:05:00"}
+    relay = await start_relay(tmp_path / "data", {"example.com": 9}, queue=queue)
+    try:
+        manager = relay.manager
+        assert manager is not None
+        async with httpx.AsyncClient(base_url=admin_url(relay)) as client:
+
+            async def status() -> str:
+                return str((await client.get("/healthz")).json()["status"])
+
+            async def gauge() -> str:
+                text = (await client.get("/metrics")).text
+                lines = [ln for ln in text.splitlines() if ln.startswith("relaygate_queue_clock_")]
+                return "\n".join(lines)
+
+            assert await status() == "ok"
+            assert await gauge() == "relaygate_queue_clock_skew 0.0"
+
+            def ahead() -> float:
+                return time.time() + SKEW
+
+            store: Any = relay.store
+            manager.clock = store._clock = ahead
+            manager.wake()
+
+            async def degraded() -> bool:
+                return await status() == "degraded"
+
+            await wait_for(degraded, timeout=20)
+            health = await client.get("/api/health")
+            assert health.status_code == 200  # still receiving: its messages go to the others
+            reason = health.json()["queue_manager"]["clock_skew"]
+            assert "s ahead of the queue database" in reason, health.json()
+            assert await gauge() == "relaygate_queue_clock_skew 1.0"
+
+            manager.clock = store._clock = time.time
+            manager.wake()
+
+            async def ok() -> bool:
+                return await status() == "ok"
+
+            await wait_for(ok, timeout=20)
+            assert (await client.get("/api/health")).json()["queue_manager"]["clock_skew"] is None
+            assert await gauge() == "relaygate_queue_clock_skew 0.0"
+    finally:
+        await relay.stop()

@@ -518,6 +518,15 @@ class MetricsCollector:
             "Messages being delivered now",
             value=float(figures.in_flight),
         )
+        manager = getattr(self.relay, "manager", None)
+        if manager is not None:
+            yield GaugeMetricFamily(
+                "relaygate_queue_clock_skew",
+                "1 while the shared queue (PostgreSQL) refuses this node's leases because its "
+                "clock is off the queue database's by more than a third of queue.lease_duration: "
+                "it delivers nothing meanwhile",
+                value=0.0 if getattr(manager, "clock_skew", None) is None else 1.0,
+            )
         yield from self._sessions(figures)
         yield from self._received(figures)
         yield self._certificates()
@@ -639,6 +648,8 @@ async def health_report(
         "queue_manager": {
             "running": bool(getattr(manager, "running", False)),
             "in_flight": int(getattr(manager, "in_flight", 0) or 0),
+            # why the shared queue refuses this node's leases (its clock), None while it leases
+            "clock_skew": getattr(manager, "clock_skew", None),
         },
     }
     try:
@@ -648,6 +659,10 @@ async def health_report(
         body["error"] = f"queue store: {exc}"
         return body, 503
     if manager is not None and not body["queue_manager"]["running"]:
+        body["status"] = "degraded"
+    if body["queue_manager"]["clock_skew"] is not None:
+        # Degraded, not down: the node still receives (its messages stored for the others to
+        # deliver), but delivers nothing until its clock agrees with the queue database's.
         body["status"] = "degraded"
     pressure = getattr(relay, "pressure", None)
     if pressure is not None:

@@ -268,9 +268,10 @@ class QueueManager:
         self._last_purge = 0.0
         self._last_renew = 0.0
         self._rescan = False
-        #: the store refused to lease: this node's clock is off the cluster's (ClockSkewError).
-        #: New messages are stored unleased meanwhile, for the nodes whose clocks agree.
-        self._clock_refused = False
+        #: Why the store refuses to lease (its ClockSkewError: this node's clock is off the
+        #: cluster's), None while it leases. New messages are stored unleased meanwhile, for the
+        #: nodes whose clocks agree; /healthz says degraded and /metrics has the gauge.
+        self.clock_skew: str | None = None
         #: while a scan runs: the messages whose delivery ended since it called lease_due
         self._ended_during_scan: set[str] | None = None
         #: send budgets the store said are spent, until when: no store call for them meanwhile
@@ -356,7 +357,7 @@ class QueueManager:
     def lease_for_new(self) -> tuple[str, float] | None:
         """The lease a receiving session stores a new message with when this manager has room to
         deliver it at once (see :meth:`take_new`); None: store it unleased, the scan finds it."""
-        if not self._has_room() or self._clock_refused:
+        if not self._has_room() or self.clock_skew is not None:
             return None
         return (self.node_id, self.clock() + self.lease_seconds)
 
@@ -524,13 +525,13 @@ class QueueManager:
         try:
             leased = await self.store.lease_due(self.node_id, now, self.lease_seconds, limit)
         except ClockSkewError as exc:
-            if not self._clock_refused:
-                self._clock_refused = True
+            if self.clock_skew is None:
                 self.stats["loop_errors"] += 1
                 log.error("queue: %s", exc)
+            self.clock_skew = str(exc)  # the offset as last measured
             raise
-        if self._clock_refused:
-            self._clock_refused = False
+        if self.clock_skew is not None:
+            self.clock_skew = None
             log.warning("queue: this node's clock agrees with the queue's again; leasing resumes")
         return leased
 
