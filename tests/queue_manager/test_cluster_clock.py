@@ -183,6 +183,8 @@ async def test_a_node_refused_for_its_clock_says_so_on_healthz_and_metrics_until
             reason = health.json()["queue_manager"]["clock_skew"]
             assert "s ahead of the queue database" in reason, health.json()
             assert await gauge() == "relaygate_queue_clock_skew 1.0"
+            dashboard = (await client.get("/")).text  # the admin centre's Health card says why
+            assert 'id="clock-skew"' in dashboard and "s ahead of the queue database" in dashboard
 
             manager.clock = store._clock = time.time
             manager.wake()
@@ -193,5 +195,6 @@ async def test_a_node_refused_for_its_clock_says_so_on_healthz_and_metrics_until
             await wait_for(ok, timeout=20)
             assert (await client.get("/api/health")).json()["queue_manager"]["clock_skew"] is None
             assert await gauge() == "relaygate_queue_clock_skew 0.0"
+            assert 'id="clock-skew"' not in (await client.get("/")).text
     finally:
         await relay.stop()
