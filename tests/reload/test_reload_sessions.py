@@ -246,3 +246,35 @@ def test_a_reload_that_changes_nothing_for_the_transaction_lets_data_through(rel
         "someone@corp.example",
     ]
     c.close()
+
+
+def test_a_reload_between_rcpt_and_data_restricting_the_senders_refuses_data(relay):  # noqa: F811
+    """allowed_senders set by a reload, the transaction's sender not in it: DATA gets the reply
+    MAIL would get now."""
+    r = relay([_frontend(), _printer()])
+    c = _in_transaction(r.port, "victim@external.example")
+    r.reconfigure([_frontend(), _printer(allowed_senders=["scan@corp.example"])])
+    refused = c.cmd("DATA")
+    assert refused.code == 550 and refused.text.startswith("550 5.7."), refused
+    c.cmd("MAIL FROM:<scan@corp.example>", 250)  # the session goes on with the new list
+    c.cmd("RCPT TO:<victim@external.example>", 250)
+    c.cmd("DATA", 354)
+    assert c.cmd("From: scan@corp.example\r\nSubject: scan\r\n\r\nbody\r\n.").code == 250
+    assert len(r.messages()) == 1
+    c.close()
+
+
+def test_a_reload_lowering_max_recipients_defers_a_message_over_the_new_limit(relay):  # noqa: F811
+    """max_recipients_per_message 10 → 1 with two recipients accepted: RCPT would now say 452
+    for the second, so the message is deferred (451) and sent again in two transactions."""
+    r = relay([_frontend(), _printer(max_recipients_per_message=10)])
+    c = _in_transaction(r.port, "a@external.example", "b@external.example")
+    r.reconfigure([_frontend(), _printer(max_recipients_per_message=1)])
+    assert c.cmd("DATA").text == (
+        "451 4.7.0 Some recipients are no longer accepted; send the message again"
+    )
+    c.cmd("MAIL FROM:<scanner@corp.example>", 250)
+    c.cmd("RCPT TO:<a@external.example>", 250)
+    assert c.cmd("RCPT TO:<b@external.example>").code == 452
+    assert r.messages() == []
+    c.close()
