@@ -4,6 +4,7 @@ on 127.0.0.1): what a reload does to the API token, and what the guard lets thro
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -443,6 +444,225 @@ def test_a_flood_from_one_address_does_not_evict_another_clients_request(
         assert _response(admin).startswith(b"HTTP/1.1 200")
         # the flood made room among its own connections: its first ones are gone
         assert held[0].recv(4096) == b""
+    finally:
+        for s in held:
+            s.close()
+        node.stop()
+
+
+#: What a client that reads nothing asks for, again and again: /metrics is some 4 KB.
+_METRICS = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+async def _write_states(node: RelayThread) -> dict[tuple[str, int], tuple[bool, int, bool]]:
+    """Each admin connection's peer → (writing paused, bytes waiting in the listener's buffer,
+    closing), read in the relay's loop."""
+    assert node.relay.admin is not None and node.relay.admin._server is not None
+    return {
+        tuple(p.client): (p.flow.write_paused, p.transport.get_write_buffer_size(),
+                          p.transport.is_closing())
+        for p in node.relay.admin._server.server_state.connections
+        if getattr(p, "client", None)
+    }  # fmt: skip
+
+
+def _small_window_socket(source: str = "127.0.0.1") -> Any:
+    """A TCP socket whose receive buffer is fixed small before it connects: the kernel here lets
+    buffers grow to 32 MB, and a client that reads nothing must fill them to block the
+    listener's writes."""
+    import socket
+
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.bind((source, 0))
+    return s
+
+
+def _state_of(node: RelayThread, s: Any) -> tuple[bool, int, bool] | None:
+    return node.call(_write_states(node)).get(tuple(s.getsockname()[:2]))
+
+
+def _block_writes(node: RelayThread, s: Any) -> None:
+    """Pipelines /metrics requests on ``s`` (never reading an answer) until the listener's
+    writes to it are paused: its buffer past asyncio's high-water mark."""
+    import time
+
+    s.setblocking(False)
+    stream = _METRICS * 2000
+    sent = 0
+    deadline = time.monotonic() + 15
+    while (state := _state_of(node, s)) is None or not state[0]:
+        assert time.monotonic() < deadline, f"writes to {s.getsockname()} never blocked: {state}"
+        try:
+            sent += s.send(stream[sent:])
+        except BlockingIOError:
+            pass
+        time.sleep(0.02)
+
+
+def _wait_dropped(node: RelayThread, s: Any, within: float) -> float:
+    """Seconds until the listener no longer holds ``s``'s connection (asserted within ``within``)."""
+    import time
+
+    started = time.monotonic()
+    while _state_of(node, s) is not None:
+        assert time.monotonic() - started < within, (
+            f"{s.getsockname()} still held after {within} s: {_state_of(node, s)}"
+        )
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_a_connection_whose_answers_are_never_read_is_closed_after_write_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that pipelines requests and reads none of the answers held its connection for
+    ever: once the listener's buffer passed its high-water mark the next answer waited for a
+    drain that never came, and neither REQUEST_TIMEOUT (armed only while a request is awaited)
+    nor uvicorn's keep-alive timeout applied. Now an answer that cannot be written further for
+    WRITE_TIMEOUT closes the connection (aborted: a close would wait for the buffer to drain)."""
+    import contextlib
+
+    from relaygate.admin import server as admin_server
+
+    monkeypatch.setattr(admin_server, "WRITE_TIMEOUT", 1.0, raising=False)
+    node = RelayThread(tmp_path / "data")
+    assert node.relay.admin is not None and node.relay.admin.endpoint is not None
+    host, port = node.relay.admin.endpoint
+    stuck = _small_window_socket()
+    try:
+        stuck.connect((host, port))
+        _block_writes(node, stuck)
+        took = _wait_dropped(node, stuck, within=10)
+        assert took < 5, took
+        stuck.setblocking(True)
+        stuck.settimeout(10)  # what was sent before the abort, then the end (or a reset)
+        with contextlib.suppress(ConnectionResetError):
+            while stuck.recv(65536):
+                pass
+        assert node.api("GET", "/api/queue").status_code == 200
+    finally:
+        stuck.close()
+        node.stop()
+
+
+def _closing_with_unsent_answer(node: RelayThread) -> Any:
+    """A connection (from 127.0.0.2) that asked for a close after some 40 KB of answers and
+    reads none of them: the last answer's end is still in the listener's buffer, under its
+    high-water mark, and the transport is closing. The listener's send buffer is fixed small here
+    as the client's receive buffer is, so both kernel buffers hold less than those 40 KB."""
+    import socket
+
+    assert node.relay.admin is not None and node.relay.admin.endpoint is not None
+    host, port = node.relay.admin.endpoint
+
+    async def shrink_send_buffer(peer: tuple[str, int]) -> None:
+        assert node.relay.admin is not None and node.relay.admin._server is not None
+        for p in node.relay.admin._server.server_state.connections:
+            if tuple(p.client) == peer:
+                sock = p.transport.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+    stuck = _small_window_socket("127.0.0.2")
+    stuck.connect((host, port))
+    _wait_accepted(node, stuck)
+    node.call(shrink_send_buffer(tuple(stuck.getsockname()[:2])))
+    closing = _METRICS.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    stuck.sendall(_METRICS * 8 + closing)
+    state = _wait_state(node, stuck, lambda state: state[2])  # the close answered
+    assert state is not None and state[2] and state[1] > 0 and not state[0], state
+    return stuck
+
+
+def test_a_closing_connection_with_an_answer_never_read_is_closed_after_write_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last answer before a close (``Connection: close``) still in the listener's buffer:
+    asyncio closes the socket only once the buffer has drained, so a client reading nothing
+    kept the file descriptor for ever. Now it is aborted after WRITE_TIMEOUT."""
+    from relaygate.admin import server as admin_server
+
+    monkeypatch.setattr(admin_server, "WRITE_TIMEOUT", 1.0, raising=False)
+    node = RelayThread(tmp_path / "data")
+    stuck = None
+    try:
+        stuck = _closing_with_unsent_answer(node)
+        took = _wait_dropped(node, stuck, within=10)
+        assert took < 5, took
+    finally:
+        if stuck is not None:
+            stuck.close()
+        node.stop()
+
+
+def test_a_closing_connection_with_an_unsent_answer_counts_towards_the_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A closing connection was left out of MAX_CONNECTIONS, though its socket stays open while
+    an answer to it is unsent: a client reading nothing could hold any number of file
+    descriptors past the cap. It counts now, and makes room for a new client at the cap."""
+    import socket
+
+    from relaygate.admin import server as admin_server
+
+    monkeypatch.setattr(admin_server, "MAX_CONNECTIONS", 1, raising=False)
+    node = RelayThread(tmp_path / "data")
+    assert node.relay.admin is not None and node.relay.admin.endpoint is not None
+    stuck = None
+    try:
+        stuck = _closing_with_unsent_answer(node)
+        with socket.create_connection(node.relay.admin.endpoint, timeout=10) as admin:
+            _wait_dropped(node, stuck, within=5)  # made room (WRITE_TIMEOUT is 30 s)
+            admin.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert _response(admin).startswith(b"HTTP/1.1 200")
+    finally:
+        if stuck is not None:
+            stuck.close()
+        node.stop()
+
+
+def _wait_state(
+    node: RelayThread, s: Any, condition: Callable[[tuple[bool, int, bool]], bool]
+) -> tuple[bool, int, bool] | None:
+    """``s``'s connection state (`_write_states`) once ``condition`` holds for it (10 s at most:
+    then the last state seen, for the caller's assertion)."""
+    import time
+
+    deadline = time.monotonic() + 10
+    while (state := _state_of(node, s)) is None or not condition(state):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    return state
+
+
+def test_write_blocked_connections_make_room_at_the_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One client holding MAX_CONNECTIONS connections, each with pipelined requests whose answers
+    it never reads, locked everyone else out: none of them waited for a request, so none could
+    make room, and each new connection was closed at once. A write-blocked connection now makes
+    room as an idle one does (the heaviest client's first)."""
+    import socket
+
+    from relaygate.admin import server as admin_server
+
+    monkeypatch.setattr(admin_server, "MAX_CONNECTIONS", 6, raising=False)
+    node = RelayThread(tmp_path / "data")
+    assert node.relay.admin is not None and node.relay.admin.endpoint is not None
+    host, port = node.relay.admin.endpoint
+    held: list[Any] = []
+    try:
+        for _ in range(6):
+            s = _small_window_socket("127.0.0.2")
+            held.append(s)
+            s.connect((host, port))
+            _block_writes(node, s)
+        with socket.create_connection((host, port), timeout=10) as admin:
+            admin.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert _response(admin).startswith(b"HTTP/1.1 200")
+        assert _state_of(node, held[0]) is None  # the first blocked made room
+        assert node.api("GET", "/api/queue").status_code == 200
     finally:
         for s in held:
             s.close()

@@ -44,19 +44,29 @@ class AdminStartError(RuntimeError):
 #: Seconds a client has to send a whole request (head and body), from its connection or from the
 #: previous response: uvicorn alone waits for ever until the first request is complete.
 REQUEST_TIMEOUT = 30.0
-#: Connections the admin listener keeps open at once. Past them a new connection takes the place
-#: of the one that has waited longest for a request (idle, or its request not yet all sent) among
-#: those of the client holding the most; when every one has a request being answered, the new one
-#: is closed at once. The listener shares worker 0's file descriptors with SMTP, deliveries and
-#: the queue.
+#: Seconds an answer may stay stuck in the listener's buffer: written no further since the buffer
+#: passed asyncio's high-water mark (the client reads nothing, or too little to bring it back under
+#: the low-water mark), or since the connection began to close with an answer not yet all sent.
+#: Then the connection is aborted: a client that pipelines requests and reads no answer held its
+#: connection (and the answer's task) for ever, and a close waits for the buffer to drain.
+WRITE_TIMEOUT = 30.0
+#: Connections the admin listener keeps open at once (a closing one counts while an answer to it
+#: is unsent: it holds its file descriptor until then). Past them a new connection takes the place
+#: of the one that has waited longest, for a request (idle, or its request not yet all sent) or
+#: for its client to read an answer (write-blocked), among those of the client holding the most;
+#: when every one has a request being answered, the new one is closed at once. The listener
+#: shares worker 0's file descriptors with SMTP, deliveries and the queue.
 MAX_CONNECTIONS = 128
 
 
 class _Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for each request and a cap on connections."""
+    """uvicorn's h11 protocol with a deadline for each request and for each answer's writing, and
+    a cap on connections."""
 
     _deadline: asyncio.TimerHandle | None = None
     _waiting_since = 0.0  # loop time the deadline was armed: since then it waits for a request
+    _write_deadline: asyncio.TimerHandle | None = None
+    _blocked_since = 0.0  # loop time the write deadline was armed: since then writes are stuck
     _full = False  # said once, until a connection is taken again
     _client = ""  # `_client_key`, worked out once: the cap compares it on every new connection
 
@@ -77,30 +87,41 @@ class _Protocol(H11Protocol):
         self._arm()
 
     def _make_room(self) -> bool:
-        """Close a connection that waits for a request, if one waits: the one that has waited
-        longest among those of the client (``guess_key``) holding the most connections. Closing
-        the new one instead let a single client that keeps MAX_CONNECTIONS connections open
-        (idle keep-alive, or requests trickled in under REQUEST_TIMEOUT) lock out everyone else:
-        the admins, `relaygate queue` and the load balancer's /healthz probe. Closing the longest
-        waiting whoever held it let a client opening connections fast close an admin's before
-        its request was read (a turn of the loop after the accept)."""
-        waiting = [
-            p
-            for p in self.connections
+        """Close a connection that waits for its client, if one does (for a request, or to have
+        an answer read: `_waiting_for_client`): the one that has waited longest among those of
+        the client (``guess_key``) holding the most connections. Closing the new one instead let
+        a single client that keeps MAX_CONNECTIONS connections open (idle keep-alive, requests
+        trickled in under REQUEST_TIMEOUT, pipelined requests whose answers it never reads) lock
+        out everyone else: the admins, `relaygate queue` and the load balancer's /healthz probe.
+        Closing the longest waiting whoever held it let a client opening connections fast close
+        an admin's before its request was read (a turn of the loop after the accept)."""
+        waiting = {
+            p: since
+            for p in _open(self.connections)
             if p is not self
             and isinstance(p, _Protocol)
-            and p._deadline is not None
-            and not p.transport.is_closing()
-        ]
+            and (since := p._waiting_for_client()) is not None
+        }
         if not waiting:
             return False
         held = collections.Counter(
             p._client for p in _open(self.connections) if isinstance(p, _Protocol)
         )
-        victim = min(waiting, key=lambda p: (-held[p._client], p._waiting_since))
+        victim = min(waiting, key=lambda p: (-held[p._client], waiting[p]))
         victim._disarm()
+        victim._unwatch_writes()
         victim.transport.abort()  # at once: a client that reads nothing keeps no buffer alive
         return True
+
+    def _waiting_for_client(self) -> float | None:
+        """Since when (loop time) this connection waits for its client: for a request (it may
+        be closed as idle), or for it to read an answer (write-blocked); None while its request
+        is being answered."""
+        if self._write_deadline is not None:
+            return self._blocked_since
+        if self._deadline is not None and not self.transport.is_closing():
+            return self._waiting_since
+        return None
 
     def _arm(self) -> None:
         self._disarm()
@@ -116,6 +137,45 @@ class _Protocol(H11Protocol):
         self._deadline = None
         if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
             self.transport.close()  # a request begun and not finished, or none at all
+            self._bound_unsent()
+
+    def _watch_writes(self) -> None:
+        """Abort the connection if its buffer is not written further within WRITE_TIMEOUT."""
+        if self._write_deadline is None:
+            self._blocked_since = self.loop.time()
+            self._write_deadline = self.loop.call_later(WRITE_TIMEOUT, self._write_expired)
+
+    def _unwatch_writes(self) -> None:
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
+            self._write_deadline = None
+
+    def _write_expired(self) -> None:
+        self._write_deadline = None
+        self.transport.abort()  # close() would wait for the buffer to drain, for ever
+
+    def _bound_unsent(self) -> None:
+        """After the transport began to close: asyncio closes the socket once the buffer is
+        empty, so an answer still in it gets WRITE_TIMEOUT to be written."""
+        if self.transport.is_closing() and self.transport.get_write_buffer_size():
+            self._watch_writes()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._watch_writes()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._unwatch_writes()
+        self._bound_unsent()  # a closing one that drains gets its time again from here
+
+    def timeout_keep_alive_handler(self) -> None:
+        super().timeout_keep_alive_handler()
+        self._bound_unsent()
+
+    def send_400_response(self, msg: str) -> None:
+        super().send_400_response(msg)
+        self._bound_unsent()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -126,9 +186,11 @@ class _Protocol(H11Protocol):
         super().on_response_complete()
         if not self.transport.is_closing() and self.conn.their_state in (h11.IDLE, h11.SEND_BODY):
             self._arm()
+        self._bound_unsent()  # the answer's ``Connection: close``, or the client's
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._unwatch_writes()
         super().connection_lost(exc)
 
     # The admin listener serves plain HTTP/1.1 and no WebSocket: a request asking to upgrade
@@ -145,10 +207,15 @@ class _Protocol(H11Protocol):
 
 
 def _open(connections: Iterable[Any]) -> list[Any]:
-    """The connections not being closed: an aborted one stays in uvicorn's set until its
+    """The connections not closed yet: not closing, or closing with an answer still unsent (its
+    socket stays open until then). An aborted one stays in uvicorn's set until its
     connection_lost, a turn of the loop later, and counted, it made the listener look full while
-    a burst of new connections was being accepted."""
-    return [p for p in connections if not p.transport.is_closing()]
+    a burst of new connections was being accepted (abort empties the buffer)."""
+    return [
+        p
+        for p in connections
+        if not p.transport.is_closing() or p.transport.get_write_buffer_size()
+    ]
 
 
 def _open_count(connections: Iterable[Any]) -> int:
