@@ -10,6 +10,7 @@ of ::/64."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -62,7 +63,9 @@ async def test_wrong_tokens_from_one_ipv6_64_are_counted_together(tmp_path: Path
             else:
                 wrong = await guesser.get("/api/queue", headers={"Authorization": f"Bearer g{n}"})
             assert wrong.status_code == 401, (n, wrong.text)
-        blocked = await neighbour.get("/api/queue", headers=RIGHT)
+        # blocked: a wrong token is a 429, not a 401, and then even the right one must wait
+        # for the next check (LOCKED_CHECK_INTERVAL)
+        blocked = await neighbour.get("/api/queue", headers={"Authorization": "Bearer n"})
         assert blocked.status_code == 429, blocked.text
         assert "IPv6 /64" in blocked.json()["error"]
         page = await login_neighbour.post("/login", data={"token": TOKEN}, headers=origin)
@@ -73,7 +76,9 @@ async def test_wrong_tokens_from_one_ipv6_64_are_counted_together(tmp_path: Path
         for n in range(TOKEN_GUESS_LIMIT):
             wrong = await mapped.get("/api/queue", headers={"Authorization": f"Bearer m{n}"})
             assert wrong.status_code == 401
-        assert (await ipv4.get("/api/queue", headers=RIGHT)).status_code == 429
+        assert (
+            await ipv4.get("/api/queue", headers={"Authorization": "Bearer 4"})
+        ).status_code == 429
     finally:
         for client in (*guessers, neighbour, login_neighbour, other, mapped, ipv4):
             await client.aclose()
@@ -104,7 +109,8 @@ async def test_the_ipv6_listener_counts_its_client_with_the_rest_of_its_64(
 ) -> None:
     """Over a real connection to [::1]: nine wrong tokens from ::2 (the same /64, which cannot
     be bound here: counted as the listener would report it) and one from ::1 itself are ten,
-    and ::1 is refused even with the right token. Before, ::1 had guessed once and got in."""
+    and ::1 is blocked: a wrong token is a 429, and the right one right after it too (checked
+    once in LOCKED_CHECK_INTERVAL). Before, ::1 had guessed once and got in."""
     relay = await _relay_on_ipv6_loopback(tmp_path)
     try:
         assert relay.admin is not None and relay.admin.app is not None
@@ -117,9 +123,10 @@ async def test_the_ipv6_listener_counts_its_client_with_the_rest_of_its_64(
             assert (await client.get("/api/queue", headers=RIGHT)).status_code == 200
             wrong = await client.get("/api/queue", headers={"Authorization": "Bearer nope"})
             assert wrong.status_code == 401
-            blocked = await client.get("/api/queue", headers=RIGHT)
+            blocked = await client.get("/api/queue", headers={"Authorization": "Bearer nope"})
             assert blocked.status_code == 429, blocked.text
-            assert blocked.headers["retry-after"] == "60"
+            assert blocked.headers["retry-after"] == "6"
+            assert (await client.get("/api/queue", headers=RIGHT)).status_code == 429
     finally:
         await relay.stop()
 
@@ -145,7 +152,52 @@ async def test_a_client_blocked_for_wrong_tokens_is_logged_once(
         lines = [r.getMessage() for r in caplog.records if "wrong API tokens" in r.getMessage()]
         assert lines == [
             f"admin listener: {TOKEN_GUESS_LIMIT} wrong API tokens in a minute from 127.0.0.9: "
-            "its requests get 429 until the minute has passed"
+            "its tokens are checked once in 6 s (the others get 429) until fewer fall in a minute"
         ], lines
+    finally:
+        await relay.stop()
+
+
+async def test_another_clients_wrong_tokens_leave_the_right_token_checked_at_a_low_rate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every local user reaches the loopback listener from 127.0.0.1: one who failed ten sign-ins
+    locked the admin's own `relaygate queue` and browser out, the right token refused with 429
+    for as long as the failures went on. Now a blocked client's token is still checked, once in
+    LOCKED_CHECK_INTERVAL (guessing stays at the limit's rate, ten a minute): the right one gets
+    in, a wrong one gets 429, and one sent before the next check is due gets 429 with the
+    seconds until then, unchecked."""
+    from relaygate.admin import api as admin_api
+
+    token = tmp_path / "api-token"
+    token.write_text(TOKEN + "\n", encoding="utf-8")
+    relay = await start_relay(
+        tmp_path / "data", {"*": free_port()}, admin_extra=f'api_token_file = "{token}"'
+    )
+    assert relay.admin is not None and relay.admin.url
+    url = relay.admin.url
+    origin = {"Origin": url}
+    try:
+        async with (
+            httpx.AsyncClient(base_url=url, timeout=10) as attacker,
+            httpx.AsyncClient(base_url=url, timeout=10) as admin,
+        ):
+            for n in range(TOKEN_GUESS_LIMIT):  # ten failed sign-ins from the same 127.0.0.1
+                wrong = await attacker.post("/login", data={"token": f"g{n}"}, headers=origin)
+                assert wrong.status_code == 401, (n, wrong.text)
+            assert (await admin.get("/api/queue", headers=RIGHT)).status_code == 200
+            blocked = await attacker.get("/api/queue", headers={"Authorization": "Bearer g"})
+            assert blocked.status_code == 429, blocked.text  # not checked: one just was
+            assert 1 <= int(blocked.headers["retry-after"]) <= 6, blocked.headers
+            early = await admin.get("/api/queue", headers=RIGHT)
+            assert early.status_code == 429  # the right one too, before the next check is due
+            monkeypatch.setattr(admin_api, "LOCKED_CHECK_INTERVAL", 0.2, raising=False)
+            await asyncio.sleep(0.25)  # the interval passes: time itself is what is waited for
+            wrong = await attacker.get("/api/queue", headers={"Authorization": "Bearer g2"})
+            assert wrong.status_code == 429  # checked, wrong: still blocked
+            await asyncio.sleep(0.25)
+            signed_in = await admin.post("/login", data={"token": TOKEN}, headers=origin)
+            assert signed_in.status_code == 303, signed_in.text
+            assert (await admin.get("/")).status_code == 200  # the session cookie works
     finally:
         await relay.stop()

@@ -101,7 +101,9 @@ Protection (the listener is meant for loopback or a management network):
   ``admin.metrics_require_token``: 401 with ``WWW-Authenticate: Bearer`` otherwise, the token
   compared in constant time; ``/api/health`` gives its whole report only with the token (a wrong
   one is a 401, as elsewhere); after 10 wrong tokens in a minute from one address (API,
-  /metrics and sign-in page together) its requests get 429 until the minute has passed;
+  /metrics and sign-in page together) it is blocked: one of its tokens is checked every 6 s
+  (the right one gets in, a wrong one gets 429), the others get 429 with ``Retry-After``, until
+  fewer than 10 wrong ones fall in the last minute;
   a reload reads the file again and ``metrics_require_token`` with it (the guard reads both from
   the app's state at each request; ``AdminServer.apply_token``);
 * ``/healthz`` stays open (load balancers send no token) and says only ok, degraded or error;
@@ -122,6 +124,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -299,10 +302,16 @@ def _is_ip(text: str) -> bool:
 
 
 #: Wrong tokens (the API's bearer token, the admin centre's sign-in) one client may try in a
-#: minute; past them every attempt from it, right or wrong, gets 429 until the minute has
-#: passed. With the listener reachable from the network the token is all that guards the queue.
+#: minute; past them the client is blocked until fewer than that many fall in the last minute.
+#: With the listener reachable from the network the token is all that guards the queue.
 #: A client is its address, an IPv6 one its /64 (`guess_key`).
 TOKEN_GUESS_LIMIT = 10
+#: Seconds between two checks of a blocked client's tokens: one in this many is compared (the
+#: right one gets in, a wrong one is a 429 and counts), the others get 429 unchecked. Refusing
+#: them all let anyone who shares the admin's address (every local user on a loopback
+#: listener, everyone behind one NAT) lock the admin out for as long as they went on failing;
+#: one check in 6 s keeps guessing at the limit's own rate, ten a minute.
+LOCKED_CHECK_INTERVAL = 6.0
 
 #: The IPv6 prefix one client is counted by: a /64 is one network, one subscriber's or one
 #: host's (SLAAC, privacy addresses), and whoever has one has 2^64 addresses to guess from.
@@ -337,9 +346,25 @@ class TokenGuesses:
     def __init__(self, limit: int = TOKEN_GUESS_LIMIT) -> None:
         self.limit = limit
         self._window = SlidingWindow(self.WINDOW)
+        self._checked: dict[str, float] = {}  # blocked client's key -> its last token check
 
     def blocked(self, client: str) -> bool:
         return self._window.count(guess_key(client), time.monotonic()) >= self.limit
+
+    def take_check(self, client: str) -> float:
+        """For a blocked client: 0 when its token may be compared now (that check is taken:
+        the next is due LOCKED_CHECK_INTERVAL later), else the seconds until it may be."""
+        key = guess_key(client)
+        now = time.monotonic()
+        last = self._checked.get(key)
+        if last is not None and now - last < LOCKED_CHECK_INTERVAL:
+            return LOCKED_CHECK_INTERVAL - (now - last)
+        if len(self._checked) >= self._window.max_keys:  # bounded, as the window is
+            self._checked = {
+                k: t for k, t in self._checked.items() if now - t < LOCKED_CHECK_INTERVAL
+            }
+        self._checked[key] = now
+        return 0.0
 
     def wrong(self, client: str) -> None:
         key = guess_key(client)
@@ -349,19 +374,31 @@ class TokenGuesses:
             # Once per block (a blocked client's attempts are not counted): before, guessing
             # left no trace in the service log.
             log.warning(
-                "admin listener: %d wrong API tokens in a minute from %s: its requests get 429 "
-                "until the minute has passed",
+                "admin listener: %d wrong API tokens in a minute from %s: its tokens are checked "
+                "once in %g s (the others get 429) until fewer fall in a minute",
                 self.limit,
                 key if key == client else f"{client} ({key})",
+                LOCKED_CHECK_INTERVAL,
             )
 
 
-def too_many_guesses() -> JSONResponse:
+def too_many_guesses(wait: float) -> JSONResponse:
+    """The 429 of a blocked client (`TokenGuesses`): ``wait``, the seconds until its next
+    token is checked, as Retry-After."""
+    seconds = retry_after(wait)
     response = _error(
-        429, "too many wrong API tokens from this address (or its IPv6 /64): wait a minute"
+        429,
+        "too many wrong API tokens from this address (or its IPv6 /64): one token is checked "
+        f"every {LOCKED_CHECK_INTERVAL:g} s until fewer than {TOKEN_GUESS_LIMIT} wrong ones fall "
+        f"in a minute; the next in {seconds} s",
     )
-    response.headers["Retry-After"] = str(int(TokenGuesses.WINDOW))
+    response.headers["Retry-After"] = str(seconds)
     return response
+
+
+def retry_after(wait: float) -> int:
+    """Whole seconds for a Retry-After header (RFC 9110 §10.2.3), at least 1."""
+    return max(1, math.ceil(wait))
 
 
 def _unauthorized() -> JSONResponse:
@@ -383,12 +420,14 @@ class _Guard:
 
     def _check_token(self, scope: Scope, given: str) -> Response | None:
         """None when ``given`` (the Authorization header) carries the token; else the answer:
-        429 after too many wrong tokens from the client (``guess_key``), 401 otherwise. Without a
-        token configured nothing can match (``metrics_require_token`` is refused without one
-        by validation; should it get here anyway, /metrics stays closed)."""
+        401, or 429 while the client (``guess_key``) is blocked for too many wrong tokens (its
+        token then checked at a low rate: `TokenGuesses.take_check`). Without a token configured
+        nothing can match (``metrics_require_token`` is refused without one by validation;
+        should it get here anyway, /metrics stays closed)."""
         client = (scope.get("client") or ("", 0))[0]
-        if self.guesses.blocked(client):
-            return too_many_guesses()
+        blocked = self.guesses.blocked(client)
+        if blocked and (wait := self.guesses.take_check(client)) > 0:
+            return too_many_guesses(wait)
         scheme, _, value = given.partition(" ")
         token: str | None = self.state.token
         if (
@@ -399,7 +438,7 @@ class _Guard:
             return None
         if given:  # a token was offered, and it was wrong
             self.guesses.wrong(client)
-        return _unauthorized()
+        return too_many_guesses(LOCKED_CHECK_INTERVAL) if blocked else _unauthorized()
 
     def _allowed_host(self, host_header: str) -> bool:
         name = _host_name(host_header).lower().rstrip(".")

@@ -64,7 +64,12 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from relaygate.admin import connectors as connector_views
-from relaygate.admin.api import health_report, open_sessions
+from relaygate.admin.api import (
+    LOCKED_CHECK_INTERVAL,
+    health_report,
+    open_sessions,
+    retry_after,
+)
 from relaygate.audit import SEVERITIES, audit, relay_grant, summary
 from relaygate.config.model import Config, ReceiveConnector, SendConnector
 from relaygate.config.values import parse_binding
@@ -711,13 +716,15 @@ async def login_submit(request: Request) -> Response:
         return _message(request, "Bad request", str(exc), 413)
     guesses = request.app.state.token_guesses
     client = request.client.host if request.client else ""
-    if guesses.blocked(client):
-        error = "too many wrong tokens from this address (or its IPv6 /64): wait a minute"
-        response = render(request, "login.html", {"error": error}, 429)
-        response.headers["Retry-After"] = str(int(guesses.WINDOW))
-        return response
+    # Blocked for too many wrong tokens (this address may be shared: every local user's is
+    # 127.0.0.1): the token is still checked, at a low rate (`TokenGuesses.take_check`).
+    blocked = guesses.blocked(client)
+    if blocked and (wait := guesses.take_check(client)) > 0:
+        return _too_many_guesses_page(request, wait)
     if not hmac.compare_digest(given.encode(), token.encode()):
         guesses.wrong(client)
+        if blocked:
+            return _too_many_guesses_page(request, LOCKED_CHECK_INTERVAL)
         return render(request, "login.html", {"error": "wrong token"}, 401)
     response = RedirectResponse("/", status_code=303)
     response.set_cookie(
@@ -729,6 +736,19 @@ async def login_submit(request: Request) -> Response:
         secure=request.url.scheme == "https",
         path="/",
     )
+    return response
+
+
+def _too_many_guesses_page(request: Request, wait: float) -> Response:
+    """The sign-in page's 429 while this address is blocked for wrong tokens; ``wait``: the
+    seconds until its next token is checked."""
+    seconds = retry_after(wait)
+    error = (
+        "too many wrong tokens from this address (or its IPv6 /64): one is checked every "
+        f"{LOCKED_CHECK_INTERVAL:g} s; try again in {seconds} s"
+    )
+    response = render(request, "login.html", {"error": error}, 429)
+    response.headers["Retry-After"] = str(seconds)
     return response
 
 
