@@ -5,8 +5,8 @@ dual-stack listener) counts as the IPv4 address. The API's bearer token and the 
 sign-in count together, by the same key.
 
 Only ::1 can be bound here, so the addresses of one /64 are the ASGI app's client addresses (what
-uvicorn puts in the scope), and the real listener on [::1] is shown to count ::1 with the rest
-of ::/64."""
+uvicorn puts in the scope). Every loopback address (127.0.0.0/8, ::1) is one client: the real
+listener on [::1] is shown to count ::1 with 127.0.0.0/8."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def test_an_ipv6_client_is_counted_by_its_64_and_an_ipv4_one_by_its_address() ->
     assert guess_key("2001:DB8:1:2:0:0:0:B") == "2001:db8:1:2::/64"  # any spelling
     assert guess_key("2001:db8:1:3::a") == "2001:db8:1:3::/64"
     assert guess_key("fe80::1%eth0") == "fe80::/64"  # a zone does not make another client
-    assert guess_key("::1") == "::/64"
+    assert guess_key("::1") == "loopback"  # with 127.0.0.0/8: any local user picks either
     assert guess_key("192.0.2.7") == "192.0.2.7"
     assert guess_key("192.0.2.8") == "192.0.2.8"
     assert guess_key("::ffff:192.0.2.7") == "192.0.2.7"  # as if it had come over IPv4
@@ -104,13 +104,13 @@ async def _relay_on_ipv6_loopback(tmp_path: Path) -> Relay:
     return relay
 
 
-async def test_the_ipv6_listener_counts_its_client_with_the_rest_of_its_64(
+async def test_the_ipv6_listener_counts_its_loopback_client_with_ipv4_loopback(
     tmp_path: Path,
 ) -> None:
-    """Over a real connection to [::1]: nine wrong tokens from ::2 (the same /64, which cannot
-    be bound here: counted as the listener would report it) and one from ::1 itself are ten,
-    and ::1 is blocked: a wrong token is a 429, and the right one right after it too (checked
-    once in LOCKED_CHECK_INTERVAL). Before, ::1 had guessed once and got in."""
+    """Over a real connection to [::1]: nine wrong tokens from 127.0.0.5 (another loopback
+    address: counted as an IPv4 listener would report it) and one from ::1 itself are ten, and
+    ::1 is blocked: a wrong token is a 429, and the right one right after it too (checked once
+    in LOCKED_CHECK_INTERVAL). Before, ::1 had guessed once and got in."""
     relay = await _relay_on_ipv6_loopback(tmp_path)
     try:
         assert relay.admin is not None and relay.admin.app is not None
@@ -118,7 +118,7 @@ async def test_the_ipv6_listener_counts_its_client_with_the_rest_of_its_64(
         assert url.startswith("http://[::1]:"), url
         guesses = relay.admin.app.state.token_guesses
         for _ in range(TOKEN_GUESS_LIMIT - 1):
-            guesses.wrong("::2")
+            guesses.wrong("127.0.0.5")
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
             assert (await client.get("/api/queue", headers=RIGHT)).status_code == 200
             wrong = await client.get("/api/queue", headers={"Authorization": "Bearer nope"})
@@ -151,7 +151,8 @@ async def test_a_client_blocked_for_wrong_tokens_is_logged_once(
                     assert r.status_code == (401 if n < TOKEN_GUESS_LIMIT else 429)
         lines = [r.getMessage() for r in caplog.records if "wrong API tokens" in r.getMessage()]
         assert lines == [
-            f"admin listener: {TOKEN_GUESS_LIMIT} wrong API tokens in a minute from 127.0.0.9: "
+            f"admin listener: {TOKEN_GUESS_LIMIT} wrong API tokens in a minute from 127.0.0.9 "
+            "(loopback): "
             "its tokens are checked once in 6 s (the others get 429) until fewer fall in a minute"
         ], lines
     finally:
@@ -199,5 +200,35 @@ async def test_another_clients_wrong_tokens_leave_the_right_token_checked_at_a_l
             signed_in = await admin.post("/login", data={"token": TOKEN}, headers=origin)
             assert signed_in.status_code == 303, signed_in.text
             assert (await admin.get("/")).status_code == 200  # the session cookie works
+    finally:
+        await relay.stop()
+
+
+def test_every_loopback_address_is_one_client() -> None:
+    """A local user may connect from any address of 127.0.0.0/8 (and ::1): counted each by its
+    own address, they had sixteen million times ten guesses a minute."""
+    assert guess_key("127.0.0.1") == guess_key("127.0.0.2") == guess_key("127.255.0.9")
+    assert guess_key("::1") == guess_key("::ffff:127.0.0.3") == guess_key("127.0.0.1")
+    assert guess_key("::2") == "::/64"  # not loopback: the unspecified /64 as before
+    assert guess_key("128.0.0.1") == "128.0.0.1"
+
+
+async def test_wrong_tokens_from_many_loopback_addresses_are_counted_together(
+    tmp_path: Path,
+) -> None:
+    """Over real connections to 127.0.0.1: ten wrong tokens, each from another address of
+    127.0.0.0/8, block the next loopback address too (its wrong token a 429, not a 401)."""
+    token = tmp_path / "api-token"
+    token.write_text(TOKEN + "\n", encoding="utf-8")
+    relay = await start_relay(
+        tmp_path / "data", {"*": free_port()}, admin_extra=f'api_token_file = "{token}"'
+    )
+    assert relay.admin is not None and relay.admin.url
+    try:
+        for n in range(TOKEN_GUESS_LIMIT + 1):
+            transport = httpx.AsyncHTTPTransport(local_address=f"127.0.0.{20 + n}")
+            async with httpx.AsyncClient(base_url=relay.admin.url, transport=transport) as c:
+                r = await c.get("/api/queue", headers={"Authorization": f"Bearer g{n}"})
+                assert r.status_code == (401 if n < TOKEN_GUESS_LIMIT else 429), (n, r.text)
     finally:
         await relay.stop()

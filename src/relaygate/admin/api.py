@@ -100,7 +100,8 @@ Protection (the listener is meant for loopback or a management network):
   ``Authorization: Bearer <token>`` (the CLI sends it), and so does ``/metrics`` with
   ``admin.metrics_require_token``: 401 with ``WWW-Authenticate: Bearer`` otherwise, the token
   compared in constant time; ``/api/health`` gives its whole report only with the token (a wrong
-  one is a 401, as elsewhere); after 10 wrong tokens in a minute from one address (API,
+  one is a 401, as elsewhere); after 10 wrong tokens in a minute from one client (its IPv4
+  address, its IPv6 /64, or any loopback address: `guess_key`; API,
   /metrics and sign-in page together) it is blocked: one of its tokens is checked every 6 s
   (the right one gets in, a wrong one gets 429), the others get 429 with ``Retry-After``, until
   fewer than 10 wrong ones fall in the last minute;
@@ -154,6 +155,7 @@ __all__ = [
     "API_PREFIX",
     "MetricsCollector",
     "TokenFileError",
+    "client_network",
     "create_app",
     "guess_key",
     "health_report",
@@ -319,12 +321,16 @@ _IPV6_CLIENT_PREFIX = 64
 _IPV6_HOST_BITS = 128 - _IPV6_CLIENT_PREFIX
 
 
-def guess_key(client: str) -> str:
-    """Whose wrong tokens ``client`` (the address the listener reports) counts towards: an
-    IPv4 address itself; an IPv6 address its /64 (``2001:db8:1:2::/64``), else ten guesses a
-    minute from each of its addresses would be 2^64 times ten; an IPv4-mapped IPv6 address (an
-    IPv4 client of a dual-stack listener) the IPv4 address, as it counts when it comes over
-    IPv4. Anything that is not an address (no client at all: "") is its own key."""
+#: The key every loopback address counts under (`guess_key`).
+LOOPBACK_CLIENT = "loopback"
+
+
+def client_network(client: str) -> str:
+    """Whose connection ``client`` (the address the listener reports) is: an IPv4 address
+    itself; an IPv6 address its /64 (``2001:db8:1:2::/64``: one subscriber's or one host's,
+    SLAAC and privacy addresses); an IPv4-mapped IPv6 address (an IPv4 client of a dual-stack
+    listener) the IPv4 address, as it counts when it comes over IPv4. Anything that is not an
+    address (no client at all: "") is its own key. The listener's connection cap compares it."""
     try:
         ip = ipaddress.ip_address(client)
     except ValueError:
@@ -335,6 +341,21 @@ def guess_key(client: str) -> str:
         network = ipaddress.IPv6Address(int(ip) >> _IPV6_HOST_BITS << _IPV6_HOST_BITS)
         return f"{network}/{_IPV6_CLIENT_PREFIX}"
     return str(ip)
+
+
+def guess_key(client: str) -> str:
+    """Whose wrong tokens ``client`` counts towards: its `client_network` (else ten guesses a
+    minute from each address of an IPv6 /64 would be 2^64 times ten), and every loopback
+    address (127.0.0.0/8, ::1, ::ffff:127.x.y.z) one client, LOOPBACK_CLIENT: a local user
+    can connect from any of them, and counted apart they gave sixteen million times ten
+    guesses a minute."""
+    try:
+        ip = ipaddress.ip_address(client.partition("%")[0])
+    except ValueError:
+        return client_network(client)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return LOOPBACK_CLIENT if ip.is_loopback else client_network(client)
 
 
 class TokenGuesses:
@@ -388,9 +409,9 @@ def too_many_guesses(wait: float) -> JSONResponse:
     seconds = retry_after(wait)
     response = _error(
         429,
-        "too many wrong API tokens from this address (or its IPv6 /64): one token is checked "
-        f"every {LOCKED_CHECK_INTERVAL:g} s until fewer than {TOKEN_GUESS_LIMIT} wrong ones fall "
-        f"in a minute; the next in {seconds} s",
+        "too many wrong API tokens from this address (its IPv6 /64, or any loopback address): "
+        f"one token is checked every {LOCKED_CHECK_INTERVAL:g} s until fewer than "
+        f"{TOKEN_GUESS_LIMIT} wrong ones fall in a minute; the next in {seconds} s",
     )
     response.headers["Retry-After"] = str(seconds)
     return response

@@ -23,8 +23,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from relaygate.admin.api import (
     TokenFileError,
+    client_network,
     create_app,
-    guess_key,
     read_token,
     token_mode_warning,
 )
@@ -89,7 +89,7 @@ class _Protocol(H11Protocol):
     def _make_room(self) -> bool:
         """Close a connection that waits for its client, if one does (for a request, or to have
         an answer read: `_waiting_for_client`): the one that has waited longest among those of
-        the client (``guess_key``) holding the most connections. Closing the new one instead let
+        the client (``client_network``) holding the most connections. Closing the new one instead let
         a single client that keeps MAX_CONNECTIONS connections open (idle keep-alive, requests
         trickled in under REQUEST_TIMEOUT, pipelined requests whose answers it never reads) lock
         out everyone else: the admins, `relaygate queue` and the load balancer's /healthz probe.
@@ -223,9 +223,10 @@ def _open_count(connections: Iterable[Any]) -> int:
 
 
 def _client_key(protocol: Any) -> str:
-    """Whose connection it is: its IPv4 address, or its IPv6 address's /64 (`guess_key`)."""
+    """Whose connection it is: its IPv4 address, or its IPv6 address's /64 (`client_network`;
+    each loopback address apart, unlike the wrong-token count's `guess_key`)."""
     client = getattr(protocol, "client", None)
-    return guess_key(client[0]) if client else ""
+    return client_network(client[0]) if client else ""
 
 
 #: uvicorn logs "Invalid HTTP request received." for every malformed request (a port scanner, TLS

@@ -744,8 +744,8 @@ def _too_many_guesses_page(request: Request, wait: float) -> Response:
     seconds until its next token is checked."""
     seconds = retry_after(wait)
     error = (
-        "too many wrong tokens from this address (or its IPv6 /64): one is checked every "
-        f"{LOCKED_CHECK_INTERVAL:g} s; try again in {seconds} s"
+        "too many wrong tokens from this address (its IPv6 /64, or any loopback address): "
+        f"one is checked every {LOCKED_CHECK_INTERVAL:g} s; try again in {seconds} s"
     )
     response = render(request, "login.html", {"error": error}, 429)
     response.headers["Retry-After"] = str(seconds)
