@@ -18,7 +18,7 @@ import httpx
 import pytest
 from playwright.sync_api import BrowserContext, Locator, Page, expect, sync_playwright
 
-from relaygate.admin.web import SESSION_COOKIE, session_value
+from relaygate.admin.web import session_value
 from tests.admin_web.test_web import CHROMIUM, CHROMIUM_ARGS, RelayThread
 from tests.queue_manager.helpers import free_port
 
@@ -131,7 +131,7 @@ def signed_in(node: Node) -> Iterator[BrowserContext]:
             viewport={"width": 1360, "height": 1000},
         )
         context.add_cookies(
-            [{"name": SESSION_COOKIE, "value": session_value(TOKEN), "url": node.url}]
+            [{"name": node.session_cookie, "value": session_value(TOKEN), "url": node.url}]
         )
         try:
             yield context
@@ -318,7 +318,7 @@ def test_connector_json_and_no_secret_anywhere(node: Node) -> None:
     )
 
     # the password and client secret files' contents appear in no page and no JSON
-    session = {SESSION_COOKIE: session_value(TOKEN)}
+    session = {node.session_cookie: session_value(TOKEN)}
     with httpx.Client(base_url=node.url, cookies=session, timeout=10) as client:
         for path in (
             "/",

@@ -26,7 +26,7 @@ import httpx
 import pytest
 from playwright.sync_api import BrowserContext, Page, expect, sync_playwright
 
-from relaygate.admin.web import SESSION_COOKIE, session_value
+from relaygate.admin.web import session_cookie, session_value
 from relaygate.app import Relay
 from tests.queue_manager.helpers import free_port, start_relay
 
@@ -91,6 +91,12 @@ class RelayThread:
         )
         assert self.relay.admin is not None and self.relay.admin.url
         self.url: str = self.relay.admin.url
+
+    @property
+    def session_cookie(self) -> str:
+        """The name of this relay's admin centre session cookie (it carries the port)."""
+        assert self.relay.admin is not None and self.relay.admin.endpoint is not None
+        return session_cookie(self.relay.admin.endpoint[1])
 
     def call(self, coro: Coroutine[Any, Any, Any], timeout: float = 30) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -482,7 +488,7 @@ def test_with_a_token_every_page_needs_a_session(tmp_path: Path) -> None:
         cookie = good.headers["set-cookie"]
         assert "httponly" in cookie.lower() and "samesite=strict" in cookie.lower()
         assert token not in cookie
-        session = {SESSION_COOKIE: session_value(token)}
+        session = {node.session_cookie: session_value(token)}
         with httpx.Client(base_url=node.url, cookies=session, timeout=10) as client:
             assert client.get("/").status_code == 200
             assert "Token check" in client.get(f"/queue/{qid}").text
@@ -510,19 +516,21 @@ def test_a_session_ends_after_twelve_hours_and_when_signed_out(tmp_path: Path) -
     origin = {"Origin": node.url}
     try:
         old = session_value(token, int(time_mod.time()) - SESSION_LIFETIME - 1)
-        with httpx.Client(base_url=node.url, cookies={SESSION_COOKIE: old}, timeout=10) as c:
+        with httpx.Client(base_url=node.url, cookies={node.session_cookie: old}, timeout=10) as c:
             assert c.get("/").status_code == 303  # to /login
         forged = session_value("another-token")
-        with httpx.Client(base_url=node.url, cookies={SESSION_COOKIE: forged}, timeout=10) as c:
+        with httpx.Client(
+            base_url=node.url, cookies={node.session_cookie: forged}, timeout=10
+        ) as c:
             assert c.get("/").status_code == 303
         signed_in = node.api("POST", "/login", data={"token": token}, headers=origin)
         assert signed_in.status_code == 303
         assert "max-age=43200" in signed_in.headers["set-cookie"].lower()
-        value = signed_in.cookies[SESSION_COOKIE]
-        with httpx.Client(base_url=node.url, cookies={SESSION_COOKIE: value}, timeout=10) as c:
+        value = signed_in.cookies[node.session_cookie]
+        with httpx.Client(base_url=node.url, cookies={node.session_cookie: value}, timeout=10) as c:
             assert c.get("/").status_code == 200
             assert c.post("/logout", headers=origin).status_code == 303
-        with httpx.Client(base_url=node.url, cookies={SESSION_COOKIE: value}, timeout=10) as c:
+        with httpx.Client(base_url=node.url, cookies={node.session_cookie: value}, timeout=10) as c:
             assert c.get("/").status_code == 303  # a copy of the cookie is signed out too
     finally:
         node.stop()
@@ -687,3 +695,39 @@ def test_bulk_buttons_on_a_filtered_queue_in_the_browser(tmp_path: Path, tab: Pa
         assert node.api("GET", f"/api/queue/{net}").status_code == 200
     finally:
         node.stop()
+
+
+def test_two_relays_on_one_host_keep_their_own_sessions_in_one_browser(
+    tmp_path: Path, tab: Page
+) -> None:
+    """Cookies are per host, not per port (RFC 6265 §8.5): two relays' admin centres on one host
+    (127.0.0.1:8025 and :8026) set the same cookie name, and signing in to the second signed
+    the browser out of the first (its cookie replaced by one made with the other token). The
+    cookie's name now carries the listener's port."""
+    nodes = []
+    try:
+        for name in ("first", "second"):
+            token = f"{name}-relay-token"
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "token").write_text(token + "\n", encoding="utf-8")
+            nodes.append(
+                RelayThread(
+                    tmp_path / name / "data",
+                    token=token,
+                    admin_extra=f'api_token_file = "{tmp_path / name / "token"}"',
+                )
+            )
+        for node in nodes:  # signed in to each in turn, by the sign-in form
+            tab.goto(node.url + "/login")
+            tab.fill('input[name="token"]', str(node.token))
+            tab.click('button[type="submit"]')
+            expect(tab).to_have_url(node.url + "/")
+        for node in nodes:
+            tab.goto(node.url + "/queue")
+            expect(tab).to_have_url(node.url + "/queue")  # not sent back to /login
+        names = sorted(c["name"] for c in tab.context.cookies())
+        assert len([n for n in names if n.startswith("relaygate_admin_session")]) == 2, names
+    finally:
+        tab.context.clear_cookies()
+        for node in nodes:
+            node.stop()

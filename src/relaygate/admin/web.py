@@ -39,7 +39,8 @@ Security:
   the queue; scripts use the JSON API;
 * with ``admin.api_token_file`` set, every page and action needs a session: ``/login`` takes the API
   token and sets an HttpOnly, SameSite=Strict cookie holding an HMAC made with the token (never the
-  token), valid for 12 hours; signing out ends that session everywhere (until a restart);
+  token), valid for 12 hours, named with the listener's port (``relaygate_admin_session_8025``:
+  cookies are per host, not per port, and two relays on one host must not replace each other's); signing out ends that session everywhere (until a restart);
   without a token file the pages are open to whoever reaches the listener, exactly like the API;
 * HTML responses carry a Content-Security-Policy without any script source and with
   ``frame-ancestors 'none'`` (no clickjacking of the buttons), ``nosniff``, ``no-store`` and
@@ -100,12 +101,14 @@ __all__ = [
     "render",
     "route_text",
     "send_connector_rows",
+    "session_cookie",
     "session_value",
     "web_routes",
 ]
 
 TEMPLATES_DIR = Path(__file__).with_name("templates")
 STATIC_DIR = Path(__file__).with_name("static")
+#: The session cookie's name, before the listener's port (`session_cookie`).
 SESSION_COOKIE = "relaygate_admin_session"
 QUEUE_PAGE_LIMIT = 500
 MAX_FORM_BYTES = 64 * 1024
@@ -197,11 +200,25 @@ def _session_issued(token: str, value: str) -> int | None:
     return issued
 
 
+def session_cookie(port: int | None) -> str:
+    """The name of the session cookie of the admin listener on ``port``. Browsers keep cookies
+    per host, not per port (RFC 6265 §8.5): with one name for all, signing in to a second
+    relay's admin centre on the same host (127.0.0.1:8025 and :8026) replaced the first one's
+    cookie and signed the browser out of it."""
+    return f"{SESSION_COOKIE}_{port}" if port else SESSION_COOKIE
+
+
+def _session_cookie(request: Request) -> str:
+    """The session cookie's name for this listener: by the port it accepted ``request`` on."""
+    server = request.scope.get("server")
+    return session_cookie(server[1] if server else None)
+
+
 def _signed_in(request: Request) -> bool:
     token: str | None = request.app.state.token
     if not token:
         return True
-    given = request.cookies.get(SESSION_COOKIE, "")
+    given = request.cookies.get(_session_cookie(request), "")
     if given in request.app.state.signed_out:
         return False
     return _session_issued(token, given) is not None
@@ -728,7 +745,7 @@ async def login_submit(request: Request) -> Response:
         return render(request, "login.html", {"error": "wrong token"}, 401)
     response = RedirectResponse("/", status_code=303)
     response.set_cookie(
-        SESSION_COOKIE,
+        _session_cookie(request),
         session_value(token),
         max_age=SESSION_LIFETIME,
         httponly=True,
@@ -756,7 +773,7 @@ async def logout(request: Request) -> Response:
     if (refused := _post_refused(request)) is not None:
         return refused
     token: str | None = request.app.state.token
-    given = request.cookies.get(SESSION_COOKIE, "")
+    given = request.cookies.get(_session_cookie(request), "")
     if token and _session_issued(token, given) is not None:
         # Signed out for good, not only in this browser: a copy of the cookie stops working too.
         # Kept until it would have ended anyway (this process's memory: a restart forgets it).
@@ -767,7 +784,7 @@ async def logout(request: Request) -> Response:
                 del signed_out[value]
         signed_out[given] = _session_issued(token, given) or 0
     response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(SESSION_COOKIE, path="/")
+    response.delete_cookie(_session_cookie(request), path="/")
     return response
 
 
