@@ -186,6 +186,12 @@ async def test_another_clients_wrong_tokens_leave_the_right_token_checked_at_a_l
             for n in range(TOKEN_GUESS_LIMIT):  # ten failed sign-ins from the same 127.0.0.1
                 wrong = await attacker.post("/login", data={"token": f"g{n}"}, headers=origin)
                 assert wrong.status_code == 401, (n, wrong.text)
+            # requests offering no token take no check (a page's /metrics scrape, a curl
+            # without -H): they are no guess, and would use up the admin's chance
+            for path in ("/api/queue", "/api/queue/summary"):
+                assert (await attacker.get(path)).status_code == 429
+            signed_out = await attacker.post("/login", data={"token": ""}, headers=origin)
+            assert signed_out.status_code == 429
             assert (await admin.get("/api/queue", headers=RIGHT)).status_code == 200
             blocked = await attacker.get("/api/queue", headers={"Authorization": "Bearer g"})
             assert blocked.status_code == 429, blocked.text  # not checked: one just was

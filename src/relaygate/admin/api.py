@@ -447,7 +447,9 @@ class _Guard:
         should it get here anyway, /metrics stays closed)."""
         client = (scope.get("client") or ("", 0))[0]
         blocked = self.guesses.blocked(client)
-        if blocked and (wait := self.guesses.take_check(client)) > 0:
+        # only a token offered takes one of a blocked client's checks: a request without one
+        # (a scraper, a curl missing its -H) is no guess, and must not use up the admin's turn
+        if blocked and given and (wait := self.guesses.take_check(client)) > 0:
             return too_many_guesses(wait)
         scheme, _, value = given.partition(" ")
         token: str | None = self.state.token

@@ -736,7 +736,7 @@ async def login_submit(request: Request) -> Response:
     # Blocked for too many wrong tokens (this address may be shared: every local user's is
     # 127.0.0.1): the token is still checked, at a low rate (`TokenGuesses.take_check`).
     blocked = guesses.blocked(client)
-    if blocked and (wait := guesses.take_check(client)) > 0:
+    if blocked and given and (wait := guesses.take_check(client)) > 0:
         return _too_many_guesses_page(request, wait)
     if not hmac.compare_digest(given.encode(), token.encode()):
         guesses.wrong(client)
