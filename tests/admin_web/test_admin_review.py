@@ -667,3 +667,30 @@ def test_write_blocked_connections_make_room_at_the_cap(
         for s in held:
             s.close()
         node.stop()
+
+
+def test_a_write_blocked_connection_does_not_hold_up_the_relays_stop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stop (or restart) of the relay waited uvicorn's whole 5 s grace for an answer a client
+    was not reading, then cancelled it and wrote "Exception in ASGI application" with a
+    traceback to the service log. A write-blocked connection is aborted at the stop."""
+    import time
+
+    node = RelayThread(tmp_path / "data")
+    assert node.relay.admin is not None and node.relay.admin.endpoint is not None
+    stuck = _small_window_socket()
+    try:
+        stuck.connect(node.relay.admin.endpoint)
+        _block_writes(node, stuck)
+        started = time.monotonic()
+        with caplog.at_level(logging.ERROR):
+            node.call(node.relay.stop())
+        assert time.monotonic() - started < 3
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert not errors, errors
+    finally:
+        stuck.close()
+        node.loop.call_soon_threadsafe(node.loop.stop)
+        node.thread.join(10)
+        node.loop.close()

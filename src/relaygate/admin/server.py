@@ -169,6 +169,16 @@ class _Protocol(H11Protocol):
         self._unwatch_writes()
         self._bound_unsent()  # a closing one that drains gets its time again from here
 
+    def shutdown(self) -> None:
+        """The server stops: uvicorn lets each answer finish, but one the client does not read
+        never would (the stop waited its whole grace, then cancelled the answer and logged a
+        traceback): a write-blocked connection is aborted at once."""
+        if self._write_deadline is not None:
+            self._unwatch_writes()
+            self.transport.abort()
+            return
+        super().shutdown()
+
     def timeout_keep_alive_handler(self) -> None:
         super().timeout_keep_alive_handler()
         self._bound_unsent()
