@@ -694,3 +694,35 @@ def test_a_write_blocked_connection_does_not_hold_up_the_relays_stop(
         node.loop.call_soon_threadsafe(node.loop.stop)
         node.thread.join(10)
         node.loop.close()
+
+
+def test_a_slow_reader_that_keeps_reading_is_not_cut_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WRITE_TIMEOUT bounds a stall, not an answer: a client that reads slowly but steadily
+    (a long listing over a slow link) gets every answer even when the whole takes many times
+    WRITE_TIMEOUT."""
+    import time
+
+    from relaygate.admin import server as admin_server
+
+    monkeypatch.setattr(admin_server, "WRITE_TIMEOUT", 0.5, raising=False)
+    node = RelayThread(tmp_path / "data")
+    assert node.relay.admin is not None and node.relay.admin.endpoint is not None
+    reader = _small_window_socket()
+    try:
+        reader.connect(node.relay.admin.endpoint)
+        count = 60  # some 270 KB of answers, read 8 KB at a time every 20 ms: over 0.5 s
+        reader.sendall(_METRICS * count)
+        reader.settimeout(10)
+        received = b""
+        started = time.monotonic()
+        while received.count(b"HTTP/1.1 200") < count or not received.endswith(b"\n"):
+            chunk = reader.recv(8192)
+            assert chunk, f"closed after {received.count(b'HTTP/1.1 200')} answers"
+            received += chunk
+            time.sleep(0.02)  # the pace of a slow link: what is waited for is time itself
+        assert time.monotonic() - started > 0.5
+    finally:
+        reader.close()
+        node.stop()
