@@ -46,7 +46,13 @@ from relaygate.queue.pressure import DiskPressure
 from relaygate.queue.sqlite_store import SqliteStore
 from relaygate.queue.store import Store, StoreError
 from relaygate.sd_notify import Notifier, watchdog_interval
-from relaygate.smtp.server import ListenerError, ServerContext, SmtpServer, protocol_log_for
+from relaygate.smtp.server import (
+    ListenerError,
+    ServerContext,
+    SmtpServer,
+    load_starttls_contexts,
+    protocol_log_for,
+)
 from relaygate.smtp.shared_rates import SharedRateTable
 from relaygate.worker_stats import NodeSums, SnapshotWriter
 
@@ -288,6 +294,9 @@ class Relay:
                 )
                 return
 
+        # STARTTLS contexts too (file reads, an ACME pair under its lock): not on the event loop.
+        tls = await asyncio.to_thread(load_starttls_contexts, new)
+
         if restart_only:
             logger.warning(
                 "%s changed: takes effect when relaygate serve restarts", ", ".join(restart_only)
@@ -297,7 +306,7 @@ class Relay:
             apply_service_log(new.server.log_format, new.server.log_level)
             self.config = new
             self.certificates = certificates
-            ctx.apply(new)
+            ctx.apply(new, tls=tls)
             retired.extend(self._apply_logs(new, privacy))
             if self.manager is not None:
                 self.manager.apply(new, signer=signer, resolver=resolver)
@@ -363,7 +372,14 @@ class Relay:
         and implicit-TLS sockets take them, as a reload does; open sessions keep theirs."""
         if self.ctx is None or self.server is None:
             return
-        self.ctx.refresh_tls()
+        # Built in a thread: the pair is read under its lock, which the ACME client may still
+        # hold (it writes and fsyncs certificate.names after the pair); on the event loop the
+        # wait stalled every session. Sessions use the old contexts until the new ones are in.
+        config = self.ctx.config
+        tls = await asyncio.to_thread(load_starttls_contexts, config)
+        if self.ctx.config is not config:
+            return  # a reload came meanwhile: it loaded the files anew
+        self.ctx.refresh_tls(tls)
         try:
             await self.server.sync_listeners()
         except OSError as exc:  # an implicit-TLS socket could not be reopened: as it was

@@ -50,7 +50,15 @@ from relaygate.smtp.session import Session
 from relaygate.smtp.steering import attach_source_steering
 from relaygate.smtp.tls import ACME, CONNECTOR, SELF_SIGNED, SERVER, listener_files, server_context
 
-__all__ = ["ListenerError", "ServerContext", "SmtpServer", "TlsUnavailable", "listener_bindings"]
+__all__ = [
+    "ListenerError",
+    "ServerContext",
+    "SmtpServer",
+    "StarttlsContexts",
+    "TlsUnavailable",
+    "listener_bindings",
+    "load_starttls_contexts",
+]
 
 logger = logging.getLogger("relaygate.smtp")
 
@@ -184,6 +192,24 @@ def _listener_state(config: Config, binding: Binding, implicit: bool) -> _Listen
     return _ListenerState(
         True, v6only, (connector.tls_min_version, str(cert), str(key), digest.hexdigest())
     )
+
+
+def _listeners_to_open(
+    config: Config, wanted: dict[Binding, bool], current: dict[Binding, _ListenerState]
+) -> tuple[dict[Binding, _ListenerState], dict[Binding, ssl.SSLContext | None]]:
+    """(the state of every wanted listener, the TLS context of each to open or reopen: None for
+    a plain one) for `SmtpServer.sync_listeners`. Blocking: reads the certificate files.
+    ListenerError if an implicit-TLS listener's certificate cannot be loaded."""
+    states = {b: _listener_state(config, b, implicit) for b, implicit in wanted.items()}
+    contexts: dict[Binding, ssl.SSLContext | None] = {}
+    for binding in (b for b in wanted if current.get(b) != states[b]):
+        try:
+            contexts[binding] = _implicit_context(config, binding) if wanted[binding] else None
+        except TlsUnavailable as exc:
+            raise ListenerError(binding, exc) from exc
+        if wanted[binding]:  # a self-signed certificate is created by the first context
+            states[binding] = _listener_state(config, binding, True)
+    return states, contexts
 
 
 class _Admitted(NamedTuple):
@@ -324,6 +350,65 @@ def canonical_ip(text: str) -> str:
     return str(normalise_ip(ipaddress.ip_address(text.partition("%")[0])))
 
 
+class StarttlsContexts(NamedTuple):
+    """The STARTTLS contexts of a configuration, built ahead by `load_starttls_contexts`."""
+
+    contexts: dict[str, ssl.SSLContext]  # by connector name, those that loaded
+    failed: dict[str, _FilesStamp]  # those that did not (logged): their files when they failed
+    withheld: frozenset[str]  # connectors not offering STARTTLS (ACME has no certificate yet)
+
+
+def load_starttls_contexts(config: Config) -> StarttlsContexts:
+    """Every STARTTLS context of `config`. Blocking (file reads, and an ACME pair is read under
+    its lock, which the ACME client holds while it writes and fsyncs a renewal): run it in a
+    thread, then hand the result to `ServerContext.refresh_tls` / `apply`."""
+    withheld = _starttls_withheld(config)
+    contexts: dict[str, ssl.SSLContext] = {}
+    failed: dict[str, _FilesStamp] = {}
+    for c in config.receive_connectors:
+        if (
+            c.enabled
+            and "Tls" in c.auth_mechanism
+            and c.tls_mode != "implicit"
+            and c.name not in withheld
+        ):
+            context, stamp = _starttls_context(config, c)
+            if context is not None:
+                contexts[c.name] = context
+            elif stamp is not None:
+                failed[c.name] = stamp
+    return StarttlsContexts(contexts, failed, withheld)
+
+
+def _starttls_withheld(config: Config) -> frozenset[str]:
+    """Connectors whose Tls cannot be offered yet: ACME is on and has no certificate."""
+    if not config.server.acme_directory_url:
+        return frozenset()
+    return frozenset(
+        c.name
+        for c in config.receive_connectors
+        if "Tls" in c.auth_mechanism and listener_files(config, c) is None
+    )
+
+
+def _starttls_context(
+    config: Config, connector: ReceiveConnector
+) -> tuple[ssl.SSLContext | None, _FilesStamp | None]:
+    """(`connector`'s STARTTLS context, None) or, if its certificate cannot be loaded (logged,
+    naming the files and their keys), (None, the files' stamp when they failed)."""
+    files = listener_files(config, connector)
+    stamp = _files_stamp(files)
+    try:
+        return server_context(config, connector), None
+    except (OSError, ssl.SSLError) as exc:
+        logger.error(
+            "TLS unavailable on receive connector %s: %s; STARTTLS not offered until the files load",
+            connector.name,
+            _load_failure(files, exc),
+        )
+        return None, stamp
+
+
 class ServerContext:
     """What sessions share: the current config, the store, logs, limits, TLS contexts and users."""
 
@@ -364,12 +449,13 @@ class ServerContext:
         self.users = UserStore(users_path(config.server.data_dir, config.server.users_file))
         self.apply(config)
 
-    def apply(self, config: Config) -> None:
+    def apply(self, config: Config, *, tls: StarttlsContexts | None = None) -> None:
         """Take a new configuration (start or reload). An open session checks, at its next command
         and at the end of DATA, that the connector it started on still takes its client, and takes
-        that connector's new values (Session._follow_reload)."""
+        that connector's new values (Session._follow_reload). `tls`: its STARTTLS contexts, built
+        ahead in a thread (else each is built at its first STARTTLS)."""
         self.config = config
-        self.refresh_tls()
+        self.refresh_tls(tls)
         limit = config.server.max_data_in_memory
         self.data_memory.limit = (
             limit if limit is not None else default_data_memory(config.server.workers)
@@ -386,25 +472,24 @@ class ServerContext:
         # A client's address from a PROXY header is not what the kernel steered by.
         self.rates.share_addresses(proxied=bool(config.server.trusted_proxies))
 
-    def refresh_tls(self) -> None:
+    def refresh_tls(self, prepared: StarttlsContexts | None = None) -> None:
         """Forget the TLS contexts built so far: the next STARTTLS loads the certificate files
-        again (a reload, or a certificate renewed by ACME). Open sessions keep theirs."""
-        self._tls = {}
-        self._tls_failed = {}
-        config = self.config
-        if config.server.acme_directory_url:
-            self.starttls_withheld = frozenset(
-                c.name
-                for c in config.receive_connectors
-                if "Tls" in c.auth_mechanism and listener_files(config, c) is None
-            )
-            if self.starttls_withheld:
-                logger.warning(
-                    "no ACME certificate yet: STARTTLS not offered on %s",
-                    ", ".join(sorted(self.starttls_withheld)),
-                )
+        again (a reload, or a certificate renewed by ACME). Open sessions keep theirs.
+        `prepared` (from `load_starttls_contexts` in a thread, for this config): taken as they
+        are, so no session waits for the files on the event loop."""
+        if prepared is not None:
+            self._tls = dict(prepared.contexts)
+            self._tls_failed = dict(prepared.failed)
+            self.starttls_withheld = prepared.withheld
         else:
-            self.starttls_withheld = frozenset()
+            self._tls = {}
+            self._tls_failed = {}
+            self.starttls_withheld = _starttls_withheld(self.config)
+        if self.starttls_withheld:
+            logger.warning(
+                "no ACME certificate yet: STARTTLS not offered on %s",
+                ", ".join(sorted(self.starttls_withheld)),
+            )
 
     def select(self, local_ip: str, local_port: int, client_ip: str) -> Selection:
         """`select_connector` for the current config, remembered per (local, client) triple."""
@@ -453,31 +538,18 @@ class ServerContext:
     ) -> ssl.SSLContext | None:
         """The server TLS context of `connector`; of a `config` not applied yet: built, not kept."""
         if config is not None and config is not self.config:
-            try:
-                return server_context(config, connector)
-            except (OSError, ssl.SSLError) as exc:
-                logger.error("TLS unavailable on connector %s: %s", connector.name, exc)
-                return None
+            return _starttls_context(config, connector)[0]
         name = connector.name
         context = self._tls.get(name)
         if context is not None:
             return context
         if self.tls_unavailable(connector):
             return None  # the files that failed are unchanged: no new error per STARTTLS
-        files = listener_files(self.config, connector)
-        stamp = _files_stamp(files)
-        try:
-            context = server_context(self.config, connector)
-        except (OSError, ssl.SSLError) as exc:
+        context, failed = _starttls_context(self.config, connector)
+        if failed is not None:
             # Kept until the files change, not until a reload: an administrator who fixes the
             # key (a copy that was late, a chmod) gets STARTTLS back at the next session.
-            self._tls_failed[name] = stamp
-            logger.error(
-                "TLS unavailable on receive connector %s: %s; STARTTLS not offered until the "
-                "files load",
-                name,
-                _load_failure(files, exc),
-            )
+            self._tls_failed[name] = failed
             return None
         self._tls_failed.pop(name, None)
         self._tls[name] = context
@@ -624,16 +696,12 @@ class SmtpServer:
         old = self.ctx.config
         config = old if config is None else config
         wanted = listener_bindings(config)
-        states = {b: _listener_state(config, b, implicit) for b, implicit in wanted.items()}
-        to_open = [b for b in wanted if self._states.get(b) != states[b]]
-        contexts: dict[Binding, ssl.SSLContext | None] = {}
-        for binding in to_open:
-            try:
-                contexts[binding] = _implicit_context(config, binding) if wanted[binding] else None
-            except TlsUnavailable as exc:
-                raise ListenerError(binding, exc) from exc
-            if wanted[binding]:  # a self-signed certificate is created by the first context
-                states[binding] = _listener_state(config, binding, True)
+        # In a thread: the certificate files are read, and an ACME pair under its lock, which
+        # the ACME client holds while it writes and fsyncs a renewal (seconds on a slow disk).
+        states, contexts = await asyncio.to_thread(
+            _listeners_to_open, config, wanted, dict(self._states)
+        )
+        to_open = list(contexts)
         closed: dict[Binding, tuple[_ListenerState, ssl.SSLContext | None]] = {}
         for binding in list(self._servers):
             if binding not in wanted or binding in contexts:
