@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from relaygate import replies
-from relaygate.addresses import AddressError, parse_domain
+from relaygate.addresses import AddressError, parse_domain, parse_path
 from relaygate.addresses import ascii_domain as ascii_spelling
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "authorise_ip",
     "count_spf_lookups",
     "diagnose",
+    "envelope_address",
     "parse_tags",
     "relay_address",
     "spf_syntax_problems",
@@ -81,6 +82,7 @@ class Report:
     findings: list[Finding] = field(default_factory=list)
     envelope_domain: str | None = None  # MAIL FROM domain checked for SPF alignment
     signing_domain: str | None = None  # the d= of the relay's signatures (DKIM alignment)
+    envelope_sender: str | None = None
 
     def add(
         self, check: str, severity: str, summary: str, detail: str = "", fix: str = ""
@@ -108,6 +110,7 @@ class Report:
             "relay_ip": self.relay_ip,
             "envelope_domain": self.envelope_domain,
             "signing_domain": self.signing_domain,
+            "envelope_sender": self.envelope_sender,
             "selector": self.selector,
             "worst": self.worst,
             "counts": counts,
@@ -359,6 +362,9 @@ class SpfCount:
     per_term: list[tuple[str, int]] = field(default_factory=list)  # top-level term -> lookups
     problems: list[str] = field(default_factory=list)  # permerror for every receiver
     temporary: list[str] = field(default_factory=list)  # a lookup failed: temperror for now
+    #: (domain whose record has it, macro) for each macro naming the sender (%{s}, %{l}): the
+    #: verdict then depends on the MAIL FROM address, not only on its domain
+    sender_macros: list[tuple[str, str]] = field(default_factory=list)
 
 
 async def count_spf_lookups(
@@ -380,6 +386,8 @@ async def count_spf_lookups(
             kind, name, value, _ = _parse_term(term)
             if kind == "mechanism" and name == "all":
                 break  # RFC 7208 §5.1: mechanisms after "all" are never evaluated
+            if name != "exp":  # (exp= only words the explanation)
+                result.sender_macros.extend((stack[-1], m) for m in _sender_macros(term))
             if name not in _LOOKUP_TERMS or (kind == "modifier") != (name == "redirect"):
                 continue
             if name == "redirect" and has_all:
@@ -410,6 +418,15 @@ async def count_spf_lookups(
 
     result.total = await walk(record, (domain.lower(),))
     return result
+
+
+# RFC 7208 §7.2: s is the MAIL FROM address, l its local part (upper case: URL-escaped)
+_SENDER_MACRO = re.compile(r"%\{([sl])[^}]*\}", re.IGNORECASE)
+
+
+def _sender_macros(term: str) -> list[str]:
+    """The macros of ``term`` that name the sender's address or local part ("%{l}", "%{s}")."""
+    return [f"%{{{m.group(1).lower()}}}" for m in _SENDER_MACRO.finditer(term)]
 
 
 def authorise_ip(record: str, ip: str) -> str:
@@ -490,11 +507,15 @@ def _spf_lookup_with(sync: dns.resolver.Resolver) -> Callable[..., list]:
     return lookup
 
 
-def _evaluate_spf(sync: dns.resolver.Resolver, ip: str, domain: str) -> tuple[str, str]:
+def _evaluate_spf(
+    sync: dns.resolver.Resolver, ip: str, sender: str, domain: str
+) -> tuple[str, str]:
+    """pyspf's verdict for mail from ``sender`` (its macros %{l}, %{s}, %{o} are expanded from
+    it) by ``ip``."""
     token = _spf_lookup.set(_spf_lookup_with(sync))
     try:
         result, explanation = spf.check2(
-            i=ip, s=f"postmaster@{domain}", h=domain, querytime=max(sync.lifetime * 5, 10)
+            i=ip, s=sender, h=domain, querytime=max(sync.lifetime * 5, 10)
         )
     finally:
         _spf_lookup.reset(token)
@@ -683,7 +704,8 @@ async def _check_spf(
             "info",
             f"SPF checked for the envelope (MAIL FROM) domain {domain}: receivers evaluate its "
             f"record, not {report.domain}'s",
-            "--envelope-domain names it; mail sent with a MAIL FROM in the From domain is checked "
+            "--envelope-domain (or --sender) names it; mail sent with a MAIL FROM in the From "
+            "domain is checked "
             f"against {report.domain}'s record (run the doctor without --envelope-domain).",
         )
     if relay_ip and _is_private(relay_ip):
@@ -805,12 +827,15 @@ async def _check_spf(
             "The IP receivers see is the relay's public (NAT) address, or the smart host's.",
         )
         return
+    sender = report.envelope_sender or f"postmaster@{domain}"
+    if count.sender_macros and not report.envelope_sender:
+        _warn_sender_dependent(report, domain, count.sender_macros, sender)
     result, explanation = await asyncio.to_thread(
-        _evaluate_spf, _blocking_twin(resolver), relay_ip, domain
+        _evaluate_spf, _blocking_twin(resolver), relay_ip, sender, domain
     )
     state.spf_result = result
     if result == "pass":
-        detail = f"pyspf: {explanation}" if explanation else ""
+        detail = f"pyspf, for {sender}: {explanation}" if explanation else ""
         if structural:
             detail = (
                 f"{detail}. The relay's IP matches before the lookup limit or the failing "
@@ -827,16 +852,35 @@ async def _check_spf(
             f"{relay_ip} (SPF {result})"
         )
         detail = (
-            f"Record: {record}. pyspf: {result} ({explanation}). A softfail or neutral also fails "
-            "DMARC's SPF check; with a DMARC quarantine/reject policy the mail is junked or refused."
+            f"Record: {record}. pyspf, for {sender}: {result} ({explanation}). A softfail or "
+            "neutral also fails DMARC's SPF check; with a DMARC quarantine/reject policy the mail "
+            "is junked or refused."
         )
     else:
         summary = (
             f"SPF check for {relay_ip} gives {result}: external recipients will answer "
             f"{_SPF_REJECT} (permerror) or defer (temperror)"
         )
-        detail = f"Record: {record}. pyspf: {explanation}"
+        detail = f"Record: {record}. pyspf, for {sender}: {explanation}"
     report.add("SPF", "error", summary, detail, fix)
+
+
+def _warn_sender_dependent(
+    report: Report, domain: str, macros: list[tuple[str, str]], sender: str
+) -> None:
+    """A record whose verdict depends on the MAIL FROM address (%{l}, %{s}) was evaluated for an
+    address the doctor made up: mail from the real senders may get another verdict."""
+    where, macro = macros[0]
+    whose = "its" if where == domain else f"{where}'s"
+    report.add(
+        "SPF",
+        "warning",
+        f"the SPF verdict for {domain} depends on the sender's address ({macro} in {whose} "
+        f"record): checked for {sender} only",
+        "RFC 7208 §7: %{l} and %{s} expand to the local part and the address of MAIL FROM, so "
+        "each sender of the domain can get its own verdict.",
+        "Run the doctor with --sender ADDRESS, the MAIL FROM address of the relayed mail.",
+    )
 
 
 def _warn_open_spf(report: Report, domain: str, record: str, relay_ip: str | None) -> None:
@@ -1264,6 +1308,25 @@ def ascii_domain(text: str) -> str:
         raise ValueError(f"{text!r} is not a valid domain name ({exc.reason})") from exc
 
 
+def envelope_address(text: str) -> str:
+    """A MAIL FROM address as the relay sends it: the local part as written, the domain as
+    lower-case A-labels (ValueError naming the address if it is not one)."""
+    try:
+        address = parse_path(
+            f"<{text.strip()}>",
+            smtputf8=True,
+            allow_null=False,
+            allow_postmaster=False,
+            error=replies.INVALID_SENDER,
+        )
+    except AddressError as exc:
+        raise ValueError(f"{text!r} is not a valid sender address ({exc.reason})") from exc
+    assert address is not None  # (allow_null=False)
+    if address.is_literal:
+        raise ValueError(f"{text!r}: SPF needs a sender address with a domain name")
+    return str(address)
+
+
 def relay_address(text: str) -> str:
     """The relay's IP as SPF sees it: an IPv4-mapped IPv6 address is its IPv4 address.
 
@@ -1285,6 +1348,7 @@ async def diagnose(
     local_dkim_public: str | None = None,
     envelope_domain: str | None = None,
     signing_domain: str | None = None,
+    envelope_sender: str | None = None,
 ) -> Report:
     """Run the MX, SPF, DKIM and DMARC checks for ``domain``.
 
@@ -1292,13 +1356,25 @@ async def diagnose(
     selector: the DKIM selector the relay signs with (None: reported as not signing).
     local_dkim_public: the relay's key, as a TXT record value (``v=DKIM1; k=...; p=...``) or the
     bare ``p=`` base64; the published record must match it.
-    envelope_domain: the MAIL FROM domain of relayed mail, for SPF alignment (default: ``domain``).
+    envelope_domain: the MAIL FROM domain of relayed mail, for SPF alignment (default: the
+    sender's domain, else ``domain``).
+    envelope_sender: the MAIL FROM address of relayed mail: SPF's %{l} and %{s} macros expand from
+    it (default: postmaster@ the envelope domain, with a warning when the record uses them).
     signing_domain: the d= domain the relay signs with (default: ``domain``; the envelope domain
     under ``server.dkim_domain_source = "envelope_sender"``); the selector and key are its.
     """
     domain = ascii_domain(domain)
     if relay_ip is not None:
         relay_ip = relay_address(relay_ip)
+    if envelope_sender is not None:
+        envelope_sender = envelope_address(envelope_sender)
+        sender_domain = envelope_sender.rpartition("@")[2]
+        if envelope_domain is not None and ascii_domain(envelope_domain) != sender_domain:
+            raise ValueError(
+                f"the envelope sender {envelope_sender} is not in the envelope domain "
+                f"{envelope_domain}"
+            )
+        envelope_domain = sender_domain
     envelope = ascii_domain(envelope_domain or domain)
     signing = ascii_domain(signing_domain or domain)
     report = Report(
@@ -1307,6 +1383,7 @@ async def diagnose(
         selector=selector,
         envelope_domain=envelope,
         signing_domain=signing,
+        envelope_sender=envelope_sender,
     )
     state = _State(signing_domain=signing)
     await _check_mx(report, resolver, state)

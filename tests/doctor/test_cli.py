@@ -158,3 +158,56 @@ def test_doctor_refuses_a_domain_that_is_not_one(tmp_path):
     proc = relaygate("doctor", "corp..example", "--data-dir", ".", cwd=tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "'corp..example' is not a valid domain name" in proc.stderr
+
+
+def _per_sender_spf(server: LoopbackDNS, authorised: str) -> None:
+    """corp.example authorises each sender by name (%{l}): only `authorised`@ from the relay."""
+    server.remove("corp.example", "TXT")
+    server.add("corp.example", "TXT", "v=spf1 exists:%{l}.%{i}._spf.%{d} -all")
+    server.add(f"{authorised}.203.0.113.7._spf.corp.example", "A", "127.0.0.2")
+
+
+def _spf_verdict(proc: subprocess.CompletedProcess[str]) -> dict[str, str]:
+    report = json.loads(proc.stdout)
+    return [f for f in report["findings"] if f["check"] == "SPF"][-1]
+
+
+def test_doctor_evaluates_spf_for_the_sender_given(tmp_path, loopback_dns):
+    publish(loopback_dns, "v=DKIM1; k=rsa; p=")
+    _per_sender_spf(loopback_dns, "scanner")
+    proc = relaygate(
+        "doctor", "corp.example", "--relay-ip", "203.0.113.7", "--sender", "scanner@Corp.Example",
+        "--dns-server", loopback_dns.address, "--data-dir", str(tmp_path), "--json", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["envelope_sender"] == "scanner@corp.example"
+    assert _spf_verdict(proc)["summary"] == "SPF authorises 203.0.113.7 (pass)"
+
+
+def test_doctor_evaluates_spf_for_the_configured_send_as(tmp_path, loopback_dns):
+    """A send connector's send_as is the MAIL FROM of the mail it sends: SPF is checked for it."""
+    publish(loopback_dns, "v=DKIM1; k=rsa; p=")
+    _per_sender_spf(loopback_dns, "relay")
+    config = tmp_path / "relaygate.toml"
+    config.write_text(
+        f'[server]\ndata_dir = "{tmp_path / "data"}"\n\n'
+        '[[send_connectors]]\nname = "Microsoft 365"\ndns_routing_enabled = false\nsmart_hosts = ["smtp.office365.com"]\n'
+        'port = 587\nsend_as = "relay@corp.example"\n'
+    )
+    proc = relaygate(
+        "doctor", "corp.example", "--relay-ip", "203.0.113.7", "--dns-server",
+        loopback_dns.address, "--config", str(config), "--json", cwd=tmp_path,
+    )  # fmt: skip
+    assert _spf_verdict(proc)["summary"] == "SPF authorises 203.0.113.7 (pass)", proc.stderr
+    assert json.loads(proc.stdout)["envelope_sender"] == "relay@corp.example"
+
+
+def test_doctor_refuses_a_sender_outside_the_envelope_domain(tmp_path):
+    proc = relaygate(
+        "doctor", "corp.example", "--sender", "scanner@corp.example", "--envelope-domain",
+        "bounces.corp.example", "--data-dir", ".", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--sender scanner@corp.example is not in --envelope-domain bounces.corp.example" in (
+        proc.stderr
+    )

@@ -795,3 +795,58 @@ async def test_spf_terms_after_all_cost_no_lookup(loopback_dns, keys):
     report = await run(loopback_dns, keys[0])
     assert severities(report)["SPF"] == ["ok", "ok"], [f.to_dict() for f in report.findings]
     assert report.by_check("SPF")[0].summary == "SPF record is valid and needs 0 of 10 DNS lookups"
+
+
+# RFC 7208 §7.3: %{l} is the local part of the MAIL FROM address, %{i} the client IP, %{d} the
+# domain. A record of this kind authorises each sender of the domain by name.
+PER_SENDER_SPF = "v=spf1 exists:%{l}.%{i}._spf.%{d} -all"
+
+
+@pytest.mark.parametrize(
+    ("sender", "authorised", "result"),
+    [
+        ("scanner@corp.example", "scanner", "pass"),  # postmaster is not authorised, scanner is
+        ("noreply@corp.example", "postmaster", "fail"),  # postmaster is, noreply is not
+    ],
+)
+async def test_spf_macros_are_expanded_for_the_relays_envelope_sender(
+    loopback_dns, keys, sender, authorised, result
+):
+    """The SPF verdict is the one receivers reach for the relay's MAIL FROM address, whose local
+    part the %{l} macro names: not the one for postmaster@ the doctor used to check."""
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove(DOMAIN, "TXT")
+    loopback_dns.add(DOMAIN, "TXT", PER_SENDER_SPF)
+    loopback_dns.add(f"{authorised}.{RELAY_IP}._spf.corp.example", "A", "127.0.0.2")
+    report = await run(loopback_dns, keys[0], envelope_sender=sender)
+    assert report.envelope_sender == sender
+    verdict = report.by_check("SPF")[-1]
+    if result == "pass":
+        assert verdict.summary == f"SPF authorises {RELAY_IP} (pass)", verdict.to_dict()
+        assert only(report, "DMARC").summary.endswith("aligns via SPF and DKIM")
+    else:
+        assert verdict.severity == "error", verdict.to_dict()
+        assert verdict.summary.endswith(f"does not authorise {RELAY_IP} (SPF fail)")
+        assert f"for {sender}" in verdict.detail
+    assert f"{sender.partition('@')[0]}.{RELAY_IP}._spf.corp.example" in {
+        name for name, _, _ in loopback_dns.queries
+    }
+
+
+async def test_spf_that_depends_on_the_sender_warns_when_no_sender_is_known(loopback_dns, keys):
+    """Without --sender the doctor cannot know the local part %{l} stands for: it says which
+    address it evaluated the record for, and how to name the real one."""
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove(DOMAIN, "TXT")
+    loopback_dns.add(DOMAIN, "TXT", "v=spf1 include:_spf.corp.example -all")
+    loopback_dns.remove("_spf.corp.example", "TXT")
+    loopback_dns.add("_spf.corp.example", "TXT", "v=spf1 exists:%{l}.%{i}._spf.%{o} -all")
+    loopback_dns.add(f"postmaster.{RELAY_IP}._spf.corp.example", "A", "127.0.0.2")
+    report = await run(loopback_dns, keys[0])
+    warning = only(report, "SPF", "warning")
+    assert warning.summary == (
+        "the SPF verdict for corp.example depends on the sender's address (%{l} in "
+        "_spf.corp.example's record): checked for postmaster@corp.example only"
+    )
+    assert "--sender" in warning.fix
+    assert report.by_check("SPF")[-1].summary == f"SPF authorises {RELAY_IP} (pass)"

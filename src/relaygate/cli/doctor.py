@@ -91,6 +91,25 @@ def _signing_domain(cfg: Any, domain: str, envelope_domain: str | None) -> str:
     return domain
 
 
+def _configured_sender(cfg: Any, envelope_domain: str) -> str | None:
+    """The MAIL FROM the relay itself puts on mail from ``envelope_domain``: the ``send_as`` of
+    the enabled send connectors in that domain, when they agree on one (else None: mail leaves
+    with its writers' own addresses, which the doctor cannot know)."""
+    from relaygate.doctor import envelope_address
+
+    senders: set[str] = set()
+    for connector in getattr(cfg, "send_connectors", None) or ():
+        if not connector.enabled or not connector.send_as:
+            continue
+        try:
+            sender = envelope_address(str(connector.send_as))
+        except ValueError:
+            continue  # (refused by `relaygate check`)
+        if sender.rpartition("@")[2] == envelope_domain:
+            senders.add(sender)
+    return senders.pop() if len(senders) == 1 else None
+
+
 def _print_report(report: Any) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -145,6 +164,12 @@ def register(app: typer.Typer) -> None:
             help="MAIL FROM domain of relayed mail if it differs from DOMAIN: receivers check "
             "its SPF (and, with dkim_domain_source = envelope_sender, the relay signs with it).",
         ),
+        sender: str | None = typer.Option(
+            None,
+            "--sender",
+            help="MAIL FROM address of relayed mail (SPF's %{l} and %{s} macros expand from it; "
+            "default: a send connector's send_as in the envelope domain, else postmaster@).",
+        ),
         dns_server: list[str] | None = typer.Option(
             None,
             "--dns-server",
@@ -163,13 +188,21 @@ def register(app: typer.Typer) -> None:
         json_out: bool = JSON_OPTION,
     ) -> None:
         """MX, SPF (does it authorise the relay's IP), DKIM and DMARC for DOMAIN; exit 1 on errors."""
-        from relaygate.doctor import ascii_domain, diagnose, relay_address
+        from relaygate.doctor import ascii_domain, diagnose, envelope_address, relay_address
 
         try:
             domain_n = ascii_domain(domain)
             envelope_domain = ascii_domain(envelope_domain) if envelope_domain else None
+            sender = envelope_address(sender) if sender is not None else None
         except ValueError as exc:
             raise fail(str(exc), 2) from None
+        if sender is not None:
+            sender_domain = sender.rpartition("@")[2]
+            if envelope_domain not in (None, sender_domain):
+                raise fail(
+                    f"--sender {sender} is not in --envelope-domain {envelope_domain}", 2
+                ) from None
+            envelope_domain = sender_domain
         if relay_ip is not None:
             try:
                 relay_ip = relay_address(relay_ip)
@@ -205,6 +238,8 @@ def register(app: typer.Typer) -> None:
             resolver = _resolver(servers, timeout)
         except (ValueError, OSError) as exc:
             raise fail(f"bad --dns-server: {exc}", 2) from None
+        if sender is None:
+            sender = _configured_sender(cfg, envelope_domain or domain_n)
         signing_domain = _signing_domain(cfg, domain_n, envelope_domain)
         selector, local_public = _local_key(cfg, data_dir, signing_domain, selector)
         report = asyncio.run(
@@ -216,6 +251,7 @@ def register(app: typer.Typer) -> None:
                 local_dkim_public=local_public,
                 envelope_domain=envelope_domain,
                 signing_domain=signing_domain,
+                envelope_sender=sender,
             )
         )
         if json_out:
