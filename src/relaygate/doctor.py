@@ -48,6 +48,7 @@ __all__ = [
     "authorise_ip",
     "count_spf_lookups",
     "diagnose",
+    "dkim_key_tags",
     "envelope_address",
     "parse_tags",
     "relay_address",
@@ -960,6 +961,40 @@ def parse_tags(record: str) -> dict[str, str] | None:
     return tags
 
 
+_DKIM_KEY_TAGS = ("v", "h", "k", "n", "p", "s", "t")
+_DKIM_TAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+_WHITESPACE = re.compile(r"\s+")
+
+
+def dkim_key_tags(record: str) -> dict[str, str] | None:
+    """A DKIM key record's tags as verifiers read them (None if malformed or a tag repeats).
+
+    RFC 6376 §3.2: tag names are case-sensitive ("K=" is not "k=", an unknown tag verifiers
+    ignore, §3.6.1) and so are values unless a tag says otherwise; whitespace around values is
+    not part of them, and p= is base64 in which whitespace (folding, the joints of TXT strings)
+    is ignored. So dkimpy reads it, and so receivers verify the relay's signatures.
+    """
+    tags: dict[str, str] = {}
+    for part in record.split(";"):
+        if not part.strip():
+            continue
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or not _DKIM_TAG_NAME.fullmatch(name) or name in tags:
+            return None
+        tags[name] = _WHITESPACE.sub("", value) if name == "p" else value.strip()
+    return tags
+
+
+def _miscased_tags(tags: dict[str, str]) -> str:
+    """A note on tags written in capitals that verifiers take for unknown ones ("K=", "P=")."""
+    miscased = [t for t in tags if t.lower() in _DKIM_KEY_TAGS and t not in _DKIM_KEY_TAGS]
+    if not miscased:
+        return ""
+    spelled = ", ".join(f"{t}= is not {t.lower()}=" for t in miscased)
+    return f"; tag names are case-sensitive (RFC 6376 §3.2): {spelled}"
+
+
 def _local_public(local: str) -> tuple[str | None, str]:
     """``(k, p)`` of the relay's key given as a record value or as the bare ``p=`` base64."""
     if "p=" in local:
@@ -1017,16 +1052,20 @@ async def _check_dkim(
             publish_fix,
         )
         return
-    if len(records) > 1:
+    if len(txt.records) > 1:
+        # RFC 6376 §3.6.2.2: several TXT records at the name give undefined results; another
+        # text there is no less a candidate than a second key (dkimpy takes the first one)
+        kind = "DKIM" if len(records) == len(txt.records) else "TXT"
         report.add(
             "DKIM",
             "error",
-            f"{len(records)} DKIM records at {name}: receivers may pick either and fail the signature",
-            " | ".join(records),
+            f"{len(txt.records)} {kind} records at {name}: receivers may pick either and fail the "
+            "signature",
+            " | ".join(txt.records),
             f"Keep only one record at {name}" + (f": {publish}" if publish else "."),
         )
         return
-    tags = parse_tags(records[0])
+    tags = dkim_key_tags(records[0])
     problem = ""
     key_type = ""
     if tags is None:
@@ -1034,12 +1073,16 @@ async def _check_dkim(
     elif tags.get("v", "DKIM1") != "DKIM1":
         problem = f"v={tags['v']} (must be DKIM1)"
     else:
-        key_type = tags.get("k", "rsa").lower()
+        key_type = tags.get("k", "rsa")
         p = tags.get("p", "")
         if "p" not in tags:
             problem = "no p= tag: the record holds no key"
         elif not p:
             problem = "p= is empty: the key is revoked"
+        elif key_type.lower() in ("rsa", "ed25519") and key_type not in ("rsa", "ed25519"):
+            problem = (
+                f"k={key_type}: verifiers compare the key type as written (k={key_type.lower()})"
+            )
         elif key_type not in ("rsa", "ed25519"):
             problem = f"unknown key type k={key_type}"
         else:
@@ -1049,6 +1092,7 @@ async def _check_dkim(
                 problem = "p= is not valid base64"
             else:
                 problem = _key_problem(key_type, raw) or _usage_problem(tags)
+        problem += _miscased_tags(tags) if problem else ""
     if problem:
         report.add(
             "DKIM",

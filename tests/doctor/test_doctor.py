@@ -850,3 +850,90 @@ async def test_spf_that_depends_on_the_sender_warns_when_no_sender_is_known(loop
     )
     assert "--sender" in warning.fix
     assert report.by_check("SPF")[-1].summary == f"SPF authorises {RELAY_IP} (pass)"
+
+
+SIGNED_MESSAGE = (
+    b"From: Scanner <scanner@corp.example>\r\n"
+    b"To: someone@external.example\r\n"
+    b"Subject: Scanned document\r\n"
+    b"Date: Mon, 23 Nov 2026 10:00:00 +0000\r\n"
+    b"Message-ID: <scan-1@corp.example>\r\n"
+    b"\r\n"
+    b"Your scan is attached.\r\n"
+)
+
+
+@pytest.fixture(scope="module", params=["rsa-sha256", "ed25519-sha256"])
+def signed(request, tmp_path_factory) -> tuple[str, str, bytes]:
+    """(key type, the relay's public record, a message the relay signed with s1 of corp.example)."""
+    from relaygate.dkim.keys import load_private_key, write_key
+    from relaygate.dkim.signer import DkimSigner
+
+    algorithm = request.param
+    folder = tmp_path_factory.mktemp("dkim")
+    path = write_key(folder, DOMAIN, "s1", algorithm)
+
+    class Key:  # a [[dkim]] entry
+        domain, selector, key_file, headers, enabled = DOMAIN, "s1", path, [], True
+
+    Key.algorithm = algorithm  # type: ignore[attr-defined]
+    result = DkimSigner([Key]).sign(SIGNED_MESSAGE, envelope_sender="scanner@corp.example")
+    assert result.signed, result.reason
+    return algorithm.partition("-")[0], load_private_key(path, algorithm).record, result.data
+
+
+def _key_record_variants(key_type: str, p: str) -> dict[str, str | tuple[str, ...]]:
+    half = len(p) // 2
+    return {
+        "as generated": f"v=DKIM1; k={key_type}; p={p}",
+        # RFC 6376 §3.2: tag names are case-sensitive; an unknown tag is ignored (§3.6.1), so
+        # K= leaves k= at its default, rsa
+        "K=": f"v=DKIM1; K={key_type}; p={p}",
+        "P=": f"v=DKIM1; k={key_type}; P={p}",
+        "V=": f"V=DKIM1; k={key_type}; p={p}",
+        "k= in capitals": f"v=DKIM1; k={key_type.upper()}; p={p}",
+        "p= folded over TXT strings": (f"v=DKIM1; k={key_type}; p={p[:half]}", f" {p[half:]}\t"),
+        "p= twice": f"v=DKIM1; k={key_type}; p={p}; p={p}",
+    }
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["as generated", "K=", "P=", "V=", "k= in capitals", "p= folded over TXT strings", "p= twice"],
+)
+async def test_dkim_key_record_is_read_as_receivers_read_it(loopback_dns, signed, variant):
+    """The doctor calls the published record good exactly when dkimpy's verifier (a receiver)
+    verifies the relay's signature with it."""
+    import dkim
+
+    key_type, local_record, message = signed
+    p = parse_tags(local_record)["p"]  # type: ignore[index]
+    healthy(loopback_dns, local_record)
+    loopback_dns.remove("s1._domainkey.corp.example", "TXT")
+    loopback_dns.add(
+        "s1._domainkey.corp.example", "TXT", _key_record_variants(key_type, p)[variant]
+    )
+    verified = dkim.verify(message, dnsfunc=loopback_dns.txt_lookup)
+    finding = only(await run(loopback_dns, local_record), "DKIM")
+    assert (finding.severity == "ok") == verified, (verified, finding.to_dict())
+    if variant == "P=":
+        assert "tag names are case-sensitive (RFC 6376 §3.2): P= is not p=" in finding.summary
+
+
+async def test_another_txt_record_at_the_selector_name_is_an_error(loopback_dns, signed):
+    """RFC 6376 §3.6.2.2: several TXT records at a selector name give undefined results; dkimpy
+    takes the first one, which may be the other record."""
+    import dkim
+
+    _, local_record, message = signed
+    healthy(loopback_dns, local_record)
+    loopback_dns.remove("s1._domainkey.corp.example", "TXT")
+    loopback_dns.add("s1._domainkey.corp.example", "TXT", "site-verification=0123456789")
+    loopback_dns.add("s1._domainkey.corp.example", "TXT", local_record)
+    assert not dkim.verify(message, dnsfunc=loopback_dns.txt_lookup)
+    finding = only(await run(loopback_dns, local_record), "DKIM")
+    assert finding.severity == "error", finding.to_dict()
+    assert finding.summary == (
+        "2 TXT records at s1._domainkey.corp.example: receivers may pick either and fail the "
+        "signature"
+    )
