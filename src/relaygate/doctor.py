@@ -79,11 +79,12 @@ class Finding:
 class Report:
     domain: str
     relay_ip: str | None = None
-    selector: str | None = None
+    selector: str | None = None  # the first of `selectors`
     findings: list[Finding] = field(default_factory=list)
     envelope_domain: str | None = None  # MAIL FROM domain checked for SPF alignment
     signing_domain: str | None = None  # the d= of the relay's signatures (DKIM alignment)
     envelope_sender: str | None = None
+    selectors: list[str] = field(default_factory=list)  # every DKIM selector checked
 
     def add(
         self, check: str, severity: str, summary: str, detail: str = "", fix: str = ""
@@ -113,6 +114,7 @@ class Report:
             "signing_domain": self.signing_domain,
             "envelope_sender": self.envelope_sender,
             "selector": self.selector,
+            "selectors": self.selectors,
             "worst": self.worst,
             "counts": counts,
             "findings": [f.to_dict() for f in self.findings],
@@ -1007,11 +1009,13 @@ async def _check_dkim(
     report: Report,
     resolver: dns.asyncresolver.Resolver,
     state: _State,
-    selector: str | None,
-    local_public: str | None,
+    keys: list[tuple[str, str | None]],
 ) -> None:
+    """The published key of each (selector, the relay's public record) the relay signs with.
+    Every enabled key of the signing domain signs (a rotation, RSA beside Ed25519), so each
+    has its own findings; DKIM aligns for DMARC if one of them verifies."""
     domain = state.signing_domain or report.domain  # the key receivers fetch is d='s
-    if not selector:
+    if not keys:
         report.add(
             "DKIM",
             "warning",
@@ -1022,6 +1026,18 @@ async def _check_dkim(
             "prints, publish the TXT record, then run the doctor with --selector s1",
         )
         return
+    for selector, local_public in keys:  # in order: each selector's findings together
+        await _check_selector(report, resolver, state, domain, selector, local_public)
+
+
+async def _check_selector(
+    report: Report,
+    resolver: dns.asyncresolver.Resolver,
+    state: _State,
+    domain: str,
+    selector: str,
+    local_public: str | None,
+) -> None:
     name = f"{selector}._domainkey.{domain}"
     publish = zone_txt(name, local_public) if local_public and "p=" in local_public else ""
     publish_fix = (
@@ -1390,6 +1406,7 @@ async def diagnose(
     relay_ip: str | None = None,
     selector: str | None = None,
     local_dkim_public: str | None = None,
+    dkim_keys: list[tuple[str, str | None]] | None = None,
     envelope_domain: str | None = None,
     signing_domain: str | None = None,
     envelope_sender: str | None = None,
@@ -1400,6 +1417,8 @@ async def diagnose(
     selector: the DKIM selector the relay signs with (None: reported as not signing).
     local_dkim_public: the relay's key, as a TXT record value (``v=DKIM1; k=...; p=...``) or the
     bare ``p=`` base64; the published record must match it.
+    dkim_keys: every (selector, local public record or None) the relay signs with, in place of
+    ``selector`` and ``local_dkim_public`` (the relay signs with each enabled key of the domain).
     envelope_domain: the MAIL FROM domain of relayed mail, for SPF alignment (default: the
     sender's domain, else ``domain``).
     envelope_sender: the MAIL FROM address of relayed mail: SPF's %{l} and %{s} macros expand from
@@ -1421,10 +1440,14 @@ async def diagnose(
         envelope_domain = sender_domain
     envelope = ascii_domain(envelope_domain or domain)
     signing = ascii_domain(signing_domain or domain)
+    if dkim_keys is None:
+        dkim_keys = [(selector, local_dkim_public)] if selector else []
+    keys = [(sel.strip().lower(), local) for sel, local in dkim_keys]
     report = Report(
         domain=domain,
         relay_ip=relay_ip,
-        selector=selector,
+        selector=keys[0][0] if keys else None,
+        selectors=[sel for sel, _ in keys],
         envelope_domain=envelope,
         signing_domain=signing,
         envelope_sender=envelope_sender,
@@ -1437,7 +1460,7 @@ async def diagnose(
         return report
     await asyncio.gather(
         _check_spf(report, resolver, state, relay_ip),
-        _check_dkim(report, resolver, state, selector, local_dkim_public),
+        _check_dkim(report, resolver, state, keys),
     )
     await asyncio.to_thread(_suffix_rules, PUBLIC_SUFFIX_LIST)  # reads the file once
     await _check_dmarc(report, resolver, state, relay_ip, envelope)

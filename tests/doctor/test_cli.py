@@ -211,3 +211,43 @@ def test_doctor_refuses_a_sender_outside_the_envelope_domain(tmp_path):
     assert "--sender scanner@corp.example is not in --envelope-domain bounces.corp.example" in (
         proc.stderr
     )
+
+
+def test_doctor_checks_every_selector_the_relay_signs_with(tmp_path, loopback_dns):
+    """Two [[dkim]] entries for the domain (a rotation, or RSA beside Ed25519): the relay signs
+    with both, so both published keys are checked and each is reported."""
+    data = tmp_path / "data"
+    old = write_key(data, "corp.example", "s1")
+    write_key(data, "corp.example", "s2", "ed25519-sha256")  # new key, not published yet
+    publish(loopback_dns, load_private_key(old, "rsa-sha256").record)
+    config = tmp_path / "relaygate.toml"
+    config.write_text(
+        f'[server]\ndata_dir = "{data}"\n\n'
+        '[[dkim]]\ndomain = "corp.example"\nselector = "s1"\n\n'
+        '[[dkim]]\ndomain = "corp.example"\nselector = "s2"\nalgorithm = "ed25519-sha256"\n'
+    )
+    proc = relaygate(
+        "doctor", "corp.example", "--relay-ip", "203.0.113.7", "--dns-server",
+        loopback_dns.address, "--config", str(config), "--json", cwd=tmp_path,
+    )  # fmt: skip
+    report = json.loads(proc.stdout)
+    dkim = [(f["severity"], f["summary"]) for f in report["findings"] if f["check"] == "DKIM"]
+    assert dkim == [
+        ("ok", "DKIM record at s1._domainkey.corp.example matches the relay's rsa key"),
+        ("error", "no DKIM record at s2._domainkey.corp.example: receivers report dkim=permerror "
+         "(no key for signature), so DMARC cannot pass on DKIM (550 5.7.509 / DMARC under "
+         "p=reject)"),
+    ], proc.stderr  # fmt: skip
+    assert report["selectors"] == ["s1", "s2"]
+    assert proc.returncode == 1
+    # DMARC aligns through the key that is published
+    dmarc = [f for f in report["findings"] if f["check"] == "DMARC"]
+    assert dmarc[0]["summary"] == "DMARC p=reject; relayed mail aligns via SPF and DKIM"
+
+    # --selector narrows the check to one of them
+    proc = relaygate(
+        "doctor", "corp.example", "--relay-ip", "203.0.113.7", "--selector", "S1", "--dns-server",
+        loopback_dns.address, "--config", str(config), "--json", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["selectors"] == ["s1"]

@@ -36,16 +36,18 @@ def _resolver(servers: list[str], timeout: float) -> Any:
     return resolver
 
 
-def _local_key(
+def _local_keys(
     cfg: Any, data_dir: Path | None, domain: str, selector: str | None
-) -> tuple[str | None, str | None]:
-    """(selector, public record) of the relay's own key for ``domain``.
+) -> list[tuple[str, str | None]]:
+    """(selector, public record or None) of each key the relay signs ``domain``'s mail with:
+    every one signs (a rotation, RSA beside Ed25519), so the doctor checks each. ``selector``
+    (--selector) narrows them to that one (checked even when the relay has no key for it).
 
     With a config, only its enabled [[dkim]] entries: the relay signs with nothing else, so a key
     file left in data_dir without an entry must not count as signing. Without one (--data-dir
     only), the keys found under data_dir/dkim/DOMAIN/.
     """
-    from relaygate.dkim.keys import DkimKeyError, key_path, load_any_key, load_private_key
+    from relaygate.dkim.keys import key_path
 
     candidates: list[tuple[str, Path | None, str | None]] = []
     for key in getattr(cfg, "dkim", None) or ():
@@ -58,18 +60,25 @@ def _local_key(
         folder = data_dir / "dkim" / domain
         if folder.is_dir():
             candidates.extend((p.stem.lower(), p, None) for p in sorted(folder.glob("*.key")))
-    for sel, path, algorithm in candidates:
-        if selector is not None and sel != selector.lower():
-            continue
-        if path is None:
-            return sel, None
-        try:
-            loaded = load_private_key(path, algorithm) if algorithm else load_any_key(path)
-        except DkimKeyError as exc:
-            sys.stderr.write(f"warning: {exc}\n")
-            return sel, None
-        return sel, loaded.record
-    return selector, None
+    if selector is not None:
+        candidates = [c for c in candidates if c[0] == selector.lower()][:1]
+        if not candidates:
+            return [(selector.lower(), None)]
+    return [(sel, _public_record(path, algorithm)) for sel, path, algorithm in candidates]
+
+
+def _public_record(path: Path | None, algorithm: str | None) -> str | None:
+    """The TXT record value of the key at ``path`` (None, with a warning, if it cannot be read)."""
+    from relaygate.dkim.keys import DkimKeyError, load_any_key, load_private_key
+
+    if path is None:
+        return None
+    try:
+        loaded = load_private_key(path, algorithm) if algorithm else load_any_key(path)
+    except DkimKeyError as exc:
+        sys.stderr.write(f"warning: {exc}\n")
+        return None
+    return loaded.record
 
 
 def _same_domain(configured: str, domain: str) -> bool:
@@ -156,7 +165,7 @@ def register(app: typer.Typer) -> None:
             None, "--relay-ip", help="The relay's public IP as receivers see it (SPF evaluation)."
         ),
         selector: str | None = typer.Option(
-            None, "--selector", help="DKIM selector (default: the configured key for DOMAIN)."
+            None, "--selector", help="DKIM selector (default: every configured key for DOMAIN)."
         ),
         envelope_domain: str | None = typer.Option(
             None,
@@ -241,14 +250,13 @@ def register(app: typer.Typer) -> None:
         if sender is None:
             sender = _configured_sender(cfg, envelope_domain or domain_n)
         signing_domain = _signing_domain(cfg, domain_n, envelope_domain)
-        selector, local_public = _local_key(cfg, data_dir, signing_domain, selector)
+        keys = _local_keys(cfg, data_dir, signing_domain, selector)
         report = asyncio.run(
             diagnose(
                 domain_n,
                 resolver=resolver,
                 relay_ip=relay_ip,
-                selector=selector,
-                local_dkim_public=local_public,
+                dkim_keys=keys,
                 envelope_domain=envelope_domain,
                 signing_domain=signing_domain,
                 envelope_sender=sender,
