@@ -159,8 +159,17 @@ class Relay:
         )
         self.manager.log_privacy = self.log_privacy
         wake = self.manager.wake
+        # The STARTTLS contexts are built now, in a thread, not by the first STARTTLS on the event
+        # loop: an ACME pair is read under its lock, which the ACME client (the supervisor's,
+        # with workers) holds for seconds while it writes and fsyncs a renewal.
+        tls = await asyncio.to_thread(load_starttls_contexts, cfg)
         self.ctx = ServerContext(
-            cfg, self.store, protocol_log=self.protocol_log, tracking=self.tracking, on_message=wake
+            cfg,
+            self.store,
+            protocol_log=self.protocol_log,
+            tracking=self.tracking,
+            on_message=wake,
+            tls=tls,
         )
         self.ctx.handoff = self.manager
         if self.worker_index == 0 and cfg.server.workers > 1:  # before any session: the
@@ -375,10 +384,11 @@ class Relay:
         # Built in a thread: the pair is read under its lock, which the ACME client may still
         # hold (it writes and fsyncs certificate.names after the pair); on the event loop the
         # wait stalled every session. Sessions use the old contexts until the new ones are in.
-        config = self.ctx.config
-        tls = await asyncio.to_thread(load_starttls_contexts, config)
-        if self.ctx.config is not config:
-            return  # a reload came meanwhile: it loaded the files anew
+        while True:
+            config = self.ctx.config
+            tls = await asyncio.to_thread(load_starttls_contexts, config)
+            if self.ctx.config is config:
+                break  # (else a reload came meanwhile, perhaps with files read before these)
         self.ctx.refresh_tls(tls)
         try:
             await self.server.sync_listeners()

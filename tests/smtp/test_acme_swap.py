@@ -114,3 +114,20 @@ def test_a_renewal_still_holding_the_files_lock_does_not_stall_sessions(relay, w
     swap.result(10)
     assert starttls_certificate(r.port, root, FQDN, source="127.0.0.5").serial_number == second
     assert implicit_certificate(r.ports[1], root, FQDN).serial_number == second
+
+
+def test_the_first_starttls_after_start_does_not_wait_for_the_writer(relay, writer_lock):
+    """The contexts are built at start, not by the first STARTTLS: one that came while the ACME
+    client (the supervisor's, with workers) held the lock froze the process's sessions."""
+    ca = trustme.CA()
+    root = ca.cert_pem.bytes()
+    r = relay([relay_connector()], server=_acme_server(), start=False)
+    (r.data_dir / ACME_DIR).mkdir(parents=True)
+    key, chain, serial = _new_pair(ca, r.data_dir)
+    with files_lock(r.data_dir, exclusive=True):
+        _install(r.data_dir, key, chain)
+    r.start()
+    fd = os.open(r.data_dir / ACME_DIR / LOCK_FILE, os.O_RDWR)
+    writer_lock.append(fd)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a renewal is being written
+    assert starttls_certificate(r.port, root, FQDN, source="127.0.0.5").serial_number == serial

@@ -420,7 +420,9 @@ class ServerContext:
         protocol_log: ProtocolLog | None = None,
         tracking: Any = None,
         on_message: Callable[[str], None] | None = None,
+        tls: StarttlsContexts | None = None,
     ) -> None:
+        """`tls`: the STARTTLS contexts of `config`, built ahead (`load_starttls_contexts`)."""
         self.store = store
         self.protocol_log = protocol_log
         self.tracking = tracking
@@ -447,7 +449,7 @@ class ServerContext:
         self.starttls_withheld: frozenset[str] = frozenset()
         self.config = config
         self.users = UserStore(users_path(config.server.data_dir, config.server.users_file))
-        self.apply(config)
+        self.apply(config, tls=tls)
 
     def apply(self, config: Config, *, tls: StarttlsContexts | None = None) -> None:
         """Take a new configuration (start or reload). An open session checks, at its next command
@@ -658,6 +660,9 @@ class SmtpServer:
         #: (None: plain; kept to reopen the socket as it was when a reload is rolled back).
         self._states: dict[Binding, _ListenerState] = {}
         self._ssl: dict[Binding, ssl.SSLContext | None] = {}
+        # One `sync_listeners` at a time (a SIGHUP reload beside the watcher's certificate
+        # refresh): each compares the listeners as they are with what it wants.
+        self._syncing = asyncio.Lock()
         self._sessions: set[asyncio.Task[None]] = set()
         self._handshakes: set[asyncio.Task[Any]] = set()  # implicit TLS, before the session
         self._live: set[Session] = set()  # told to finish when the server stops
@@ -693,6 +698,12 @@ class SmtpServer:
         `ListenerError` (an OSError naming the binding) is raised. `before_serving` runs once
         every new listener is bound and before any accepts a connection (a reload applies its
         configuration there)."""
+        async with self._syncing:
+            await self._sync_listeners(config, before_serving)
+
+    async def _sync_listeners(
+        self, config: Config | None, before_serving: Callable[[], None] | None
+    ) -> None:
         old = self.ctx.config
         config = old if config is None else config
         wanted = listener_bindings(config)
