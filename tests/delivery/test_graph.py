@@ -974,7 +974,7 @@ def test_the_recipient_plan_reads_a_utf8_header() -> None:
 def test_retry_after_values_from_a_misbehaving_endpoint() -> None:
     """Retry-After: seconds or an HTTP date; anything else is no lower bound (never an
     exception that would leave a draft behind)."""
-    from relaygate.delivery.graph import _retry_after
+    from relaygate.delivery.graph.errors import _retry_after
 
     assert _retry_after("30") == 30.0
     assert _retry_after(" 7 ") == 7.0
