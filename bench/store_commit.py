@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from relaygate.queue import sqlite_store
+from relaygate.queue import sqlite_writer
 from relaygate.queue.model import Envelope
 from relaygate.queue.sqlite_store import SqliteStore
 
@@ -27,7 +27,7 @@ BODY = b"Subject: bench\r\n\r\n" + (b"y" * 76 + b"\r\n") * 130  # ~10 KB, as ben
 
 
 def _no_reserve(self: SqliteStore, size: int) -> None:
-    self._wal_reserved = sqlite_store._WAL_LIMIT  # never write ahead: every commit appends
+    self._wal_reserved = sqlite_writer._WAL_LIMIT  # never write ahead: every commit appends
 
 
 async def _run(directory: Path, messages: int, callers: int) -> list[float]:

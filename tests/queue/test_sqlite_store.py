@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from relaygate.queue import spool as spool_module
-from relaygate.queue import sqlite_store
+from relaygate.queue import sqlite_store, sqlite_writer
 from relaygate.queue.model import (
     Envelope,
     GraphDraft,
@@ -147,7 +147,7 @@ async def test_the_wal_is_written_ahead_at_open_and_as_it_fills(db_path: Path) -
     fdatasync journal the new size): 4 MB at open, then 16 MB more whenever less than 8 MB of the
     written-ahead space is left, as read from SQLite's wal-index."""
     wal = Path(f"{db_path}-wal")
-    first, step = sqlite_store._WAL_RESERVE_FIRST, sqlite_store._WAL_RESERVE_STEP
+    first, step = sqlite_writer._WAL_RESERVE_FIRST, sqlite_writer._WAL_RESERVE_STEP
     async with SqliteStore(db_path, spool_threshold=10**9) as s:
         assert wal.stat().st_size >= first == s._wal_reserved
         assert s._wal_index is not None
@@ -182,11 +182,11 @@ async def test_a_failed_wal_reservation_only_logs(
     def full(fd: int, data: object, offset: int) -> int:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(sqlite_store.os, "pwrite", full)
+    monkeypatch.setattr(sqlite_writer.os, "pwrite", full)
     async with SqliteStore(db_path) as s:
         assert "could not reserve WAL space" in caplog.text
-        assert s._wal_reserved == sqlite_store._WAL_LIMIT  # not tried again on every batch
-        monkeypatch.setattr(sqlite_store.os, "pwrite", real)
+        assert s._wal_reserved == sqlite_writer._WAL_LIMIT  # not tried again on every batch
+        monkeypatch.setattr(sqlite_writer.os, "pwrite", real)
         qid = await s.submit(env(), b"still stored")
         assert await s.read_data(qid) == b"still stored"
 
@@ -346,7 +346,7 @@ async def test_sigkill_never_loses_an_acknowledged_message(tmp_path: Path) -> No
         got = await asyncio.to_thread(_run_and_kill, db, tag, delay)
         assert got, f"round {round_}: nothing was acknowledged in {delay:.2f}s"
         # recovery reads a WAL whose tail is the zeros written ahead (see _reserve_wal)
-        assert Path(f"{db}-wal").stat().st_size >= sqlite_store._WAL_RESERVE_FIRST
+        assert Path(f"{db}-wal").stat().st_size >= sqlite_writer._WAL_RESERVE_FIRST
         new = [(qid, tag, n) for qid, n in got]
         acked += new
         # check with a fresh store, as a restarted relay would: every message acknowledged so

@@ -20,7 +20,7 @@ The same ``Store`` contract as SQLite (store.py), the same tables and derived co
   in SQLite: the transaction may have committed on the server.
 
 Schema versions: two numbers in the one row of ``relaygate_schema``, the same rule as SQLite's
-(sqlite_store.py), so that nodes of two releases can share one queue (a rolling upgrade, or one
+(sqlite_schema.py), so that nodes of two releases can share one queue (a rolling upgrade, or one
 node rolled back):
 * ``version`` (``SCHEMA_VERSION``) is the one every release checks at open, since the first: a
   release refuses a queue whose version is above its own. It is "the oldest release that can use
