@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 from tests.logs.test_address_privacy import (  # noqa: F401
     Sink,
+    cli,
     send,
     sent,
     sink,
@@ -41,3 +43,34 @@ def test_receive_carries_the_message_subject(
     rows = wait_for_rows(node, sent("SUBJ-RCV-1"))
     (received,) = [r for r in rows if r["event-id"] == "RECEIVE"]
     assert received["message-subject"] == "Scan from MFP-3 SUBJ-RCV-1", received
+
+
+def test_a_subject_longer_than_the_csv_field_limit_hides_no_event(
+    relay: Callable[..., RelayHandle],  # noqa: F811
+    sink: Sink,  # noqa: F811
+) -> None:
+    """The reader's csv module refuses a field over 128 KiB ("field larger than field limit") and
+    search() took that for damage and stopped reading the file: a sender's 200 KB Subject hid its
+    own events and every event after them in the hour's file from `relaygate trace` (a message
+    sent later in the hour was never found). Both are found, the long subject whole."""
+    node = start(relay, sink)
+    # Folded: each header line well under 998 octets, 200 KB unfolded.
+    long_subject = "\r\n ".join(["HUGE-1"] + ["y" * 900] * 222)
+    send(node, "HUGE-1", subject=long_subject, refused=False)
+    send(node, "AFTER-HUGE-2", refused=False)
+    sink.wait_for(b"AFTER-HUGE-2")
+    rows = wait_for_rows(node, sent("AFTER-HUGE-2"))
+    events = [(r["event-id"], r["message-subject"][:12]) for r in rows]
+    assert ("RECEIVE", "HUGE-1 yyyyy") in events, events
+    assert ("SEND", "HUGE-1 yyyyy") in events, events
+    unfolded = long_subject.replace("\r\n", "")
+    assert [r["message-subject"] for r in rows if "HUGE-1" in r["message-subject"]] == [
+        unfolded,
+        unfolded,
+    ]
+    # The command an administrator runs reads the same.
+    result = cli("trace", "--json", "--log-dir", str(node.data_dir / "logs" / "MessageTracking"))
+    assert result.returncode == 0, result.stderr
+    subjects = [r["message-subject"] for r in json.loads(result.stdout)]
+    assert subjects.count(unfolded) == 2, [s[:12] for s in subjects]
+    assert subjects.count("Invoice AFTER-HUGE-2 for dave.subject@corp.example") == 2, subjects

@@ -330,7 +330,14 @@ def _tracking_files(directory: Path) -> list[tuple[datetime | None, timedelta, i
     return files
 
 
+# The csv module refuses a field over 128 KiB by default; a sender's Subject can be longer (a
+# folded header has no length limit), and its row must be read like any other.
+_FIELD_SIZE_LIMIT = 2**31 - 1
+
+
 def _read_rows(path: Path) -> Iterable[dict[str, str]]:
+    if csv.field_size_limit() < _FIELD_SIZE_LIMIT:
+        csv.field_size_limit(_FIELD_SIZE_LIMIT)
     fields: list[str] = list(TRACKING_FIELDS)
     try:
         fh = open(path, encoding="utf-8", errors="replace", newline="")  # noqa: SIM115
@@ -351,8 +358,10 @@ def _read_rows(path: Path) -> Iterable[dict[str, str]]:
             row = next(reader)
         except StopIteration:
             return
-        except csv.Error:  # a line being written right now, or damage: skip the rest
-            return
+        except csv.Error:
+            # Damage on this line (our lines hold no raw line break: one row a line): the rows
+            # after it are still read, as a bad row must not hide the events that follow it.
+            continue
         if len(row) != n:  # partial last line of the file being written
             continue
         yield dict(zip(fields, row, strict=True))
