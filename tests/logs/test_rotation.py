@@ -275,3 +275,69 @@ def test_a_file_deleted_under_its_writer_is_not_written_to_any_more(tmp_path: Pa
     assert d.current_file != held and d.current_file is not None
     assert "line 2" in d.current_file.read_text()
     d.close()
+
+
+# A child process whose files cannot grow past 10 bytes (RLIMIT_FSIZE; SIGXFSZ ignored, so a
+# write past it fails with EFBIG as one on a full disk fails with ENOSPC): not even a header fits.
+# It writes ten batches of 100 lines a flush apart, then gets its room back (as when space is freed) and
+# writes one more; it prints what it logged and what it left in the folder.
+_FULL_DISK_CHILD = r"""
+import json, logging, resource, sys, time
+from datetime import timedelta
+from pathlib import Path
+from relaygate.logs.rotation import LogDirectory
+
+records = []
+logging.getLogger("relaygate.logs.rotation").addHandler(logging.Handler())
+logging.getLogger("relaygate.logs.rotation").handlers[0].emit = records.append
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (10, hard))
+d = LogDirectory(Path(sys.argv[1]), "RECV", ["#Fields: date-time,data"], 10 << 20, 250 << 20,
+                 timedelta(days=30), start_thread=False)
+for i in range(10):
+    for j in range(100):  # 10 KB: more than the file's 8 KB buffer holds
+        d.append((time.time(), f"lost {i} {j} ".ljust(100, "x")))
+    d.flush()
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+d.append((time.time(), "written again"))
+d.flush()
+d.close()
+print(json.dumps({"dropped": d.dropped, "warnings": [r.getMessage() for r in records]}))
+"""
+
+
+def test_a_full_disk_is_said_once_and_leaves_no_empty_files(tmp_path: Path) -> None:
+    """A write that fails (a full disk) closed the file and the next batch opened a new one: one
+    empty (or header-only) file per flush, five a second, none ever deleted by the size cap, and
+    two warnings per flush in the service log. The failure is now said once, with the folder and
+    the reason; the files it could not write are removed; when the disk has room again the
+    writer says so, with how many lines it lost, and writes on."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    folder = tmp_path / "SmtpReceive"
+
+    def ignore_sigxfsz() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    run = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_CHILD, str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=ignore_sigxfsz,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src")),
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["dropped"] == 1000
+    (failing, again) = result["warnings"]
+    assert str(folder) in failing and "File too large" in failing, failing
+    assert str(folder) in again and "1000 lines" in again, again
+    files = sorted(folder.glob("RECV*.LOG"))
+    assert len(files) == 1, [f.name for f in files]
+    lines = files[0].read_text().splitlines()
+    assert lines[0] == "#Fields: date-time,data"
+    assert lines[1].endswith("written again") and len(lines) == 2, lines

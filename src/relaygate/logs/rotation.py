@@ -159,6 +159,10 @@ class LogDirectory:
         self._closed = False
         self._dirty = False  # bytes written since the last file flush
         self.dropped = 0  # records lost to I/O errors
+        # Why writing fails (None while it works) and the records lost since: a full disk or an
+        # unwritable folder is said once when it starts and once when it ends, not per batch.
+        self._failure: str | None = None
+        self._dropped_in_failure = 0
 
         self._file: BinaryIO | None = None
         self._file_path: Path | None = None
@@ -218,12 +222,16 @@ class LogDirectory:
             batch = self._take_pending()
             if batch:
                 self._write_batch(batch)
-            if self._file is not None and self._dirty:
-                self._dirty = False
-                try:
-                    self._file.flush()
-                except OSError as exc:
-                    _log.warning("log %s: flush failed: %s", self.path, exc)
+            if self._file is None or not self._dirty:
+                return
+            self._dirty = False
+            try:
+                self._file.flush()
+            except OSError as exc:
+                # The lines stay in the file's buffer: a later flush writes them if it can.
+                self._write_failed(exc, 0)
+            else:
+                self._write_succeeded()
 
     def close(self) -> None:
         """Stop the flush thread, write what is queued and close the file. Idempotent."""
@@ -290,9 +298,8 @@ class LogDirectory:
                 chunk.append(LINE_END)
             self._write_chunk(chunk)
         except OSError as exc:
-            self.dropped += len(batch)
-            _log.warning("log %s: dropped %d lines: %s", self.path, len(batch), exc)
-            self._close_file()  # reopen (new number) on the next batch
+            self._write_failed(exc, len(batch))
+            self._abandon_file()  # reopen (new number) on the next batch
 
     def _write_chunk(self, chunk: list[str]) -> None:
         if not chunk:
@@ -373,7 +380,45 @@ class LogDirectory:
             try:
                 f.close()
             except OSError as exc:
-                _log.warning("log %s: close failed: %s", self.path, exc)
+                self._write_failed(exc, 0)
+
+    def _abandon_file(self) -> None:
+        """Close the file a write failed on; remove it if no line of it reached the disk (a full
+        disk: the next batch opens another file, which must not leave one file per attempt)."""
+        path = self._file_path if self._file is not None else None
+        self._close_file()
+        if path is None:
+            return
+        try:
+            if path.stat().st_size <= self._header_size:
+                path.unlink()
+        except OSError:
+            pass  # gone already, or the folder cannot be changed: the file stays
+
+    def _write_failed(self, exc: OSError, lost: int) -> None:
+        self.dropped += lost
+        self._dropped_in_failure += lost
+        if self._failure is not None:
+            return
+        self._failure = exc.strerror or str(exc)
+        _log.warning(
+            "log %s: cannot write: %s (mail is relayed as usual; the log's lines are dropped "
+            "until it can be written again, which will be said)",
+            self.path,
+            exc,
+        )
+
+    def _write_succeeded(self) -> None:
+        if self._failure is None:
+            return
+        _log.warning(
+            "log %s: written again; %d lines were dropped while it could not be (%s)",
+            self.path,
+            self._dropped_in_failure,
+            self._failure,
+        )
+        self._failure = None
+        self._dropped_in_failure = 0
 
     def _cleanup(self, now: float) -> None:
         """Circular logging: delete files past max_age, then the oldest until under the size cap."""
@@ -384,7 +429,8 @@ class LogDirectory:
             self._dir_size = 0
             return
         except OSError as exc:  # not a directory, no permission: the writes say so too
-            _log.warning("log %s: cannot list the folder for its cleanup: %s", self.path, exc)
+            if self._failure is None:  # said once already when they do
+                _log.warning("log %s: cannot list the folder for its cleanup: %s", self.path, exc)
             return
         files: list[tuple[float, int, int, str, int]] = []
         for e in entries:
