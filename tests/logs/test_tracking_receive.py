@@ -74,3 +74,25 @@ def test_a_subject_longer_than_the_csv_field_limit_hides_no_event(
     subjects = [r["message-subject"] for r in json.loads(result.stdout)]
     assert subjects.count(unfolded) == 2, [s[:12] for s in subjects]
     assert subjects.count("Invoice AFTER-HUGE-2 for dave.subject@corp.example") == 2, subjects
+
+
+def test_a_report_for_two_recipients_has_one_status_for_its_one_recipient(
+    relay: Callable[..., RelayHandle],  # noqa: F811
+    sink: Sink,  # noqa: F811
+) -> None:
+    """The DSN event's recipient-status named the failed recipients joined by ";", the separator
+    of the field's own values: a report on two recipients read back as two statuses for its one
+    recipient (the sender), and `relaygate trace` showed the second address as a status."""
+    node = start(relay, sink)
+    with node.smtp("127.0.0.5") as c:
+        c.sendmail(
+            "erp@corp.example",
+            ["gone.a@corp.example", "gone.b@corp.example"],
+            b"Subject: TWO-GONE\r\n\r\nTWO-GONE\r\n",
+        )
+    rows = wait_for_rows(node, lambda rs: "DSN" in {r["event-id"] for r in rs})
+    dsn = next(r for r in rows if r["event-id"] == "DSN")
+    assert dsn["recipient-address"] == ["erp@corp.example"]
+    assert dsn["recipient-count"] == 1
+    assert dsn["recipient-status"] == ["failed: gone.a@corp.example, gone.b@corp.example"], dsn
+    assert dsn["related-recipient-address"] == "gone.a@corp.example;gone.b@corp.example"

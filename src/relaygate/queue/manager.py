@@ -1425,7 +1425,8 @@ class QueueManager:
             internal_message_id=queue_id,
             message_id=message_id,
             recipients=to,
-            recipient_status=[f"{action}: " + ";".join(r.address for r in recipients)] * len(to),
+            # ", " between the addresses: ";" separates the field's values (one per recipient)
+            recipient_status=[f"{action}: " + ", ".join(r.address for r in recipients)] * len(to),
             sender="",
             return_path="",
             total_bytes=len(body),
