@@ -359,3 +359,20 @@ def test_trace_cli_fits_a_narrow_terminal(tmp_path: Path) -> None:
         "DSN",
     ]
     assert "Message-Id" not in res.stdout and "narrow terminal" in res.stdout
+
+
+def test_trace_cli_finds_the_null_sender_and_a_bracketed_address(tmp_path: Path) -> None:
+    """`--sender '<>'` (the null sender of reports, as a MAIL FROM writes it) found nothing,
+    `--sender ''` was no filter at all (every event), and an address in angle brackets, as copied
+    from a MAIL FROM or a header, found nothing either: each read as "no such events"."""
+    populate(tmp_path / "trk")
+
+    def events(*args: str) -> list[str]:
+        res = run_trace("--log-dir", str(tmp_path / "trk"), "--json", *args, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        return [r["event-id"] for r in json.loads(res.stdout)]
+
+    assert events("--sender", "<>") == ["DSN"]
+    assert events("--sender", "") == ["DSN"]
+    assert events("--sender", " <Scanner@corp.example> ") == ["RECEIVE", "SEND"]
+    assert events("--recipient", "<bob@example.com>") == ["RECEIVE", "SEND"]

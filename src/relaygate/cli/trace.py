@@ -123,7 +123,9 @@ def _print_table(rows: list[dict[str, Any]], directory: Path) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("trace")
     def trace(
-        sender: str | None = typer.Option(None, "--sender", help="Envelope sender (MAIL FROM)."),
+        sender: str | None = typer.Option(
+            None, "--sender", help="Envelope sender (MAIL FROM); <> for reports (the null sender)."
+        ),
         recipient: str | None = typer.Option(None, "--recipient", help="One recipient address."),
         since: str | None = typer.Option(
             None, "--since", help="ISO date/time (local unless Z/offset) or relative: 30m, 2h, 1d."

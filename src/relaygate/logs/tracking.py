@@ -382,11 +382,16 @@ def _to_result(row: dict[str, str]) -> dict[str, Any]:
 
 
 def _wanted(address: str | None, privacy: AddressPrivacy | None) -> frozenset[str] | None:
-    """The forms of a searched ``address`` that a row may hold, lower-cased."""
-    if not address:
+    """The forms of a searched ``address`` that a row may hold, lower-cased. It may be given as a
+    MAIL FROM writes it, in angle brackets; ``<>`` or "" is the null sender (reports), which the
+    log writes as an empty field."""
+    if address is None:
         return None
+    address = address.strip()
+    if address[:1] == "<" and address[-1:] == ">":
+        address = address[1:-1].strip()
     forms = {address.lower()}
-    if privacy is not None:
+    if privacy is not None and address:
         forms.add(privacy.text(address).lower())
     return frozenset(forms)
 
@@ -405,7 +410,8 @@ def search(
 ) -> list[dict[str, Any]]:
     """Tracking events matching every given filter, oldest first.
 
-    Addresses, message ids (with or without ``<>``) and event ids compare case-insensitively;
+    Addresses and message ids (either with or without ``<>``; a ``sender`` of ``<>`` or "" is the
+    null sender) and event ids compare case-insensitively;
     ``recipient`` matches any address of a multi-recipient event. Naive datetimes are UTC.
     With more than ``limit`` matches the most recent ``limit`` are returned.
     Keys are the field names of the file (``date-time``, ``sender-address`` ...);
