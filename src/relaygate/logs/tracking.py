@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -99,6 +100,11 @@ SCHEMA_VERSION = "15.0.0.0"
 
 #: Fields returned by ``search()`` as lists (``;``-separated in the file) and as integers.
 LIST_FIELDS = ("recipient-address", "recipient-status", "reference")
+# A ";" that separates two values: one followed by a blank is part of a value, as in the status
+# "550 4.3.2 QUEUE.Admin; message deleted by administrative action" (Exchange's own replies,
+# QUEUE.Expired, ROUTING.NoNextHop..., and many a next hop's read so); the writer joins the
+# values with a bare ";".
+_VALUE_SEPARATOR = re.compile(r";(?!\s)")
 INT_FIELDS = ("total-bytes", "recipient-count")
 
 
@@ -371,7 +377,7 @@ def _to_result(row: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = dict(row)
     for key in LIST_FIELDS:
         if key in out:
-            out[key] = [v for v in out[key].split(";") if v] if out[key] else []
+            out[key] = [v for v in _VALUE_SEPARATOR.split(out[key]) if v] if out[key] else []
     for key in INT_FIELDS:
         if key in out:
             try:
