@@ -376,3 +376,19 @@ def test_trace_cli_finds_the_null_sender_and_a_bracketed_address(tmp_path: Path)
     assert events("--sender", "") == ["DSN"]
     assert events("--sender", " <Scanner@corp.example> ") == ["RECEIVE", "SEND"]
     assert events("--recipient", "<bob@example.com>") == ["RECEIVE", "SEND"]
+
+
+def test_trace_cli_says_when_the_limit_cut_the_results(tmp_path: Path) -> None:
+    """More events than --limit (1000 by default, as -ResultSize) matched: the most recent ones
+    were shown, and nothing said that older ones matched too; an administrator took them for all
+    the events of that sender. Now stderr says so (stdout, with --json, stays the JSON list)."""
+    populate(tmp_path / "trk")
+    res = run_trace("--log-dir", str(tmp_path / "trk"), "--json", "--limit", "3", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert [r["event-id"] for r in json.loads(res.stdout)] == ["SEND", "FAIL", "DSN"]
+    assert "the 3 most recent" in res.stderr and "--limit" in res.stderr, res.stderr
+    res = run_trace("--log-dir", str(tmp_path / "trk"), "--limit", "3", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "the 3 most recent" in res.stderr, res.stderr
+    res = run_trace("--log-dir", str(tmp_path / "trk"), "--json", "--limit", "4", cwd=tmp_path)
+    assert len(json.loads(res.stdout)) == 4 and res.stderr == "", res.stderr

@@ -189,7 +189,7 @@ def register(app: typer.Typer) -> None:
                 until=until_dt,
                 message_id=message_id,
                 event_id=event_id,
-                limit=limit,
+                limit=limit + 1,  # one more: whether older events match too
                 privacy=privacy,
             )
         except OSError as exc:
@@ -199,7 +199,17 @@ def register(app: typer.Typer) -> None:
                 emit_json({"ok": False, "directory": str(directory), "error": message})
                 raise typer.Exit(1) from None
             die(message)
+        cut = len(rows) > limit
+        if cut:
+            rows = rows[len(rows) - limit :] if limit else []
         if as_json:
             emit_json(rows)
         else:
             _print_table(rows, directory)
+        if cut:
+            # stderr: --json's stdout stays the list. Without it the shown events read as all.
+            err_console.print(
+                f"Showing the {limit} most recent of the matching events; older ones match too "
+                "(--limit N to see more, --since/--until to narrow the search).",
+                markup=False,
+            )
