@@ -392,3 +392,51 @@ def test_trace_cli_says_when_the_limit_cut_the_results(tmp_path: Path) -> None:
     assert "the 3 most recent" in res.stderr, res.stderr
     res = run_trace("--log-dir", str(tmp_path / "trk"), "--json", "--limit", "4", cwd=tmp_path)
     assert len(json.loads(res.stdout)) == 4 and res.stderr == "", res.stderr
+
+
+# Writes 100,000 SEND events in five hourly files (as a busy relay's, 4 MB each; a full default
+# directory holds 1000 MB), then searches them with limit=10 and prints how much the process's
+# peak memory grew, in MB.
+_BIG_SEARCH_CHILD = r"""
+import resource, sys
+from pathlib import Path
+from relaygate.logs.tracking import TrackingLog, search
+
+d = Path(sys.argv[1])
+with TrackingLog(d / "one", server_name="RELAY01") as t:
+    t.write("SEND", "SMTP", internal_message_id="68942C3DA0C00000", message_id="<m@x.example>",
+            recipients=["bob@example.com"], recipient_status=["250 2.0.0 OK"],
+            sender="printer@corp.example", connector_id="Outbound", message_subject="Scan")
+head_and_line = next((d / "one").glob("*.LOG")).read_bytes().decode().split("\r\n")
+head, line = head_and_line[:5], head_and_line[5]
+for hour in range(5):
+    with open(d / f"MSGTRK20261207{hour:02d}-1.LOG", "w", newline="") as out:
+        out.write("\r\n".join(head) + "\r\n")
+        stamp = f"2026-12-07T{hour:02d}:"
+        for i in range(20_000):
+            ms = i * 150  # one every 0.15 s
+            when = f"{stamp}{ms // 60_000:02d}:{ms // 1000 % 60:02d}.{ms % 1000:03d}Z"
+            out.write(when + line[24:].replace("<m@x.example>", f"<m{hour}-{i}@x>") + "\r\n")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rows = search(d, limit=10)
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024
+print(grown, len(rows), rows[-1]["message-id"])
+"""
+
+
+def test_search_keeps_only_the_events_it_returns_in_memory(tmp_path: Path) -> None:
+    """search() kept every matching event (a dict of 30 fields) until the end, then returned the
+    most recent `limit`: an unfiltered `relaygate trace` over 20 MB of events took 200 MB more
+    memory, over a full default directory (1000 MB) some 10 GB, on the relay's own machine. It
+    keeps the `limit` most recent as it reads."""
+    res = subprocess.run(
+        [sys.executable, "-c", _BIG_SEARCH_CHILD, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src")),
+    )
+    assert res.returncode == 0, res.stderr
+    grown, count, last = res.stdout.split()
+    assert (int(count), last) == (10, "<m4-19999@x>")
+    assert int(grown) < 50, f"{grown} MB more to search 100,000 events for 10"

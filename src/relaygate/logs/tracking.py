@@ -9,6 +9,7 @@ files back (ours or Exchange's own: columns are mapped through each file's ``#Fi
 from __future__ import annotations
 
 import csv
+import heapq
 import os
 import re
 import time
@@ -433,8 +434,7 @@ def search(
     msgid_l = _norm_msgid(message_id) if message_id else None
     event_u = event_id.upper() if event_id else None
 
-    matches: list[tuple[datetime, int, dict[str, str]]] = []
-    order = 0
+    matches = _MostRecent(limit)
     for start, period, _n, path in _tracking_files(Path(directory)):
         # A file covers one hour (one day for 2010-style names); skip it when outside the window.
         # Files only roll forward, so a file can start with lines a few ms older than its hour:
@@ -462,9 +462,31 @@ def search(
                 continue
             if until is not None and when > until:
                 continue
-            matches.append((when, order, row))
-            order += 1
-    matches.sort(key=lambda m: (m[0], m[1]))
-    if limit is not None and limit >= 0 and len(matches) > limit:
-        matches = matches[len(matches) - limit :] if limit else []
-    return [_to_result(m[2]) for m in matches]
+            matches.add(when, row)
+    return [_to_result(row) for row in matches.oldest_first()]
+
+
+class _MostRecent:
+    """The ``limit`` most recent of the rows added (all with None), kept as they come: a search
+    of a full directory (1000 MB, millions of events) held every match in memory before it cut
+    them to the few it returns (gigabytes for an unfiltered `relaygate trace`)."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit if limit is not None and limit >= 0 else None
+        # (when, order, row); the order (unique) breaks ties, in reading order, and keeps two
+        # rows from ever being compared. A heap (oldest first) while a limit applies.
+        self.rows: list[tuple[datetime, int, dict[str, str]]] = []
+        self.count = 0
+
+    def add(self, when: datetime, row: dict[str, str]) -> None:
+        entry = (when, self.count, row)
+        self.count += 1
+        if self.limit is None:
+            self.rows.append(entry)
+        elif len(self.rows) < self.limit:
+            heapq.heappush(self.rows, entry)
+        elif self.limit and entry[:2] > self.rows[0][:2]:
+            heapq.heapreplace(self.rows, entry)
+
+    def oldest_first(self) -> list[dict[str, str]]:
+        return [entry[2] for entry in sorted(self.rows, key=lambda e: (e[0], e[1]))]
