@@ -428,9 +428,11 @@ class LogDirectory:
         except FileNotFoundError:
             self._dir_size = 0
             return
-        except OSError as exc:  # not a directory, no permission: the writes say so too
-            if self._failure is None:  # said once already when they do
-                _log.warning("log %s: cannot list the folder for its cleanup: %s", self.path, exc)
+        except OSError as exc:
+            # Not a directory, no permission: the writes fail too (a folder that can be written
+            # but not listed is not a set-up anyone makes). One failure, said once, whichever of
+            # the cleanup (its first pass runs at start) and a write meets it first.
+            self._write_failed(exc, 0)
             return
         files: list[tuple[float, int, int, str, int]] = []
         for e in entries:
