@@ -273,7 +273,9 @@ def test_user_cli_names_that_look_like_markup_are_printed_verbatim(relay):
     added = cli(r, "user", "add", "a[/x]", "--password-stdin", stdin=PASSWORD + "\n")
     assert added.exit_code == 0, added.output
     assert "Added user a[/x] in " in added.stdout
-    assert cli(r, "user", "list").stdout.splitlines() == ["a[/x]"]
+    assert cli(r, "user", "list").stdout.splitlines() == [
+        "a[/x]  send as: any sender the connector allows (no send-as list)"
+    ]
     removed = cli(r, "user", "remove", "a[/x]")
     assert removed.exit_code == 0 and "Removed user a[/x] from " in removed.stdout
 

@@ -9,8 +9,22 @@ import typer
 from rich.markup import escape
 
 from relaygate.cli.common import CONFIG_OPTION, JSON_OPTION, console, die, emit_json, load_or_exit
+from relaygate.config.model import Config
 from relaygate.config.values import parse_binding
+from relaygate.policy.address_rules import SendAsList
 from relaygate.policy.explain import endpoints_for, explain
+from relaygate.smtp.auth import UserStore, users_path
+
+
+def _send_as(config: Config, user: str | None) -> SendAsList | None:
+    """`user`'s send-as list in the users file the server reads (None: no user, or no list)."""
+    if user is None:
+        return None
+    path = users_path(Path(config.server.data_dir), config.server.users_file)
+    try:
+        return UserStore(path).send_as(user)
+    except (OSError, ValueError) as exc:
+        die(f"cannot read the users file {path}: {exc}")
 
 
 def register(app: typer.Typer) -> None:
@@ -60,6 +74,7 @@ def register(app: typer.Typer) -> None:
                 recipients=list(to),
                 authenticated_user=auth_user,
                 header_from=header_from,
+                send_as=_send_as(cfg, auth_user),
             )
             for ep in endpoints
         ]
@@ -96,6 +111,11 @@ def register(app: typer.Typer) -> None:
                 a = d["auth"]
                 console.print(f"  AUTH as {a['user']} → {a['reply']}", markup=False)
                 console.print(f"    because {a['reason']}", markup=False)
+            if d["send_as"]:
+                console.print(
+                    f"  send-as list of user {d['auth']['user'].lower()}: {', '.join(d['send_as'])}",
+                    markup=False,
+                )
             console.print(f"  Runs as: {', '.join(d['principals'])}", markup=False)
             console.print("  Rights:")
             if not d["rights"]:

@@ -6,8 +6,9 @@ result per connector, `relaygate explain` compiles for its one question): exact 
 look-ups whatever the list's length. The answer is always that of `AddressRule.matches` (the
 `AddressPattern` matcher the queue filters use); the tests check the two agree.
 
-`from_header_addresses` reads the From header's addresses for the end-of-DATA (P2) check. Pure: no
-I/O anywhere here.
+`SendAsList` is an SMTP AUTH user's own list (the users file's `send_as`), in the same pattern
+language and with the same matcher. `from_header_addresses` reads the From header's addresses for the
+end-of-DATA (P2) check. Pure: no I/O anywhere here.
 """
 
 from __future__ import annotations
@@ -19,15 +20,17 @@ from email.errors import NonASCIILocalPartDefect
 from email.headerregistry import AddressHeader, BaseHeader, HeaderRegistry
 
 from relaygate import replies
-from relaygate.address_patterns import AddressRule, ascii_lower
+from relaygate.address_patterns import AddressRule, ascii_lower, parse_address_rule
 from relaygate.addresses import Address, AddressError, parse_path
 from relaygate.config.model import ReceiveConnector
 
 __all__ = [
     "AddressRules",
     "ConnectorAddressRules",
+    "SendAsList",
     "compile_connector_rules",
     "from_header_addresses",
+    "parse_send_as",
 ]
 
 
@@ -101,6 +104,43 @@ class ConnectorAddressRules:
 
     senders: AddressRules
     recipients: AddressRules
+
+
+@dataclass(frozen=True, slots=True)
+class SendAsList:
+    """The addresses SMTP AUTH user `user` may send as (Postfix's smtpd_sender_login_maps, Exchange's
+    Send-As on the mailbox): MAIL FROM and every From header address must match one entry."""
+
+    user: str
+    rules: AddressRules
+
+    @classmethod
+    def compile(cls, user: str, rules: Sequence[AddressRule]) -> SendAsList:
+        return cls(user, AddressRules.compile("", f"send-as list of user {user}", rules))
+
+    @property
+    def texts(self) -> list[str]:
+        return [rule.text for rule in self.rules.rules]
+
+    def match(self, address: Address | None) -> str | None:
+        """The entry `address` matches (None: the null sender `<>`), None if none does."""
+        return self.rules.match(address)
+
+
+def parse_send_as(patterns: Sequence[str]) -> tuple[AddressRule, ...]:
+    """A send-as list as `allowed_senders` entries (the same parser, duplicates dropped).
+    ValueError naming the first pattern that is not one of the forms `allowed_senders` takes."""
+    rules: list[AddressRule] = []
+    for pattern in patterns:
+        try:
+            rule = parse_address_rule(pattern)
+        except ValueError as exc:
+            reason = str(exc)  # most of the parser's reasons name the pattern already
+            named = reason if repr(pattern) in reason else f"{pattern!r}: {reason}"
+            raise ValueError(f"send-as pattern {named}") from None
+        if rule not in rules:
+            rules.append(rule)
+    return tuple(rules)
 
 
 def compile_connector_rules(connector: ReceiveConnector) -> ConnectorAddressRules:

@@ -12,7 +12,7 @@ from relaygate.config.model import Config, ReceiveConnector
 from relaygate.config.values import Binding, normalise_ip
 from relaygate.delivery.oauth import auth_label
 from relaygate.delivery.routing import explain_route
-from relaygate.policy.address_rules import compile_connector_rules
+from relaygate.policy.address_rules import SendAsList, compile_connector_rules
 from relaygate.policy.rights import EXTENDED_RIGHTS, session_rights
 from relaygate.policy.selection import Selection, select_connector
 from relaygate.policy.verdicts import (
@@ -41,6 +41,8 @@ class Explanation:
     auth: dict[str, Any] | None = None
     #: require_tls on a STARTTLS listener: MAIL's reply before STARTTLS (None: no such rule)
     tls: dict[str, Any] | None = None
+    #: --auth-user with a send-as list in the users file: its patterns (None: no list)
+    send_as: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         sel = self.selection
@@ -63,6 +65,7 @@ class Explanation:
                 {"connector": c.connector.name, "why": c.reason} for c in sel.rejected
             ],
             "auth": self.auth,
+            "send_as": self.send_as,
             "tls": self.tls,
             "principals": self.principals,
             "rights": self.rights,
@@ -182,10 +185,12 @@ def explain(
     recipients: list[str],
     authenticated_user: str | None = None,
     header_from: str | None = None,
+    send_as: SendAsList | None = None,
 ) -> Explanation:
     """`header_from`: the From header's value, for the end-of-DATA check of allowed_senders.
     `authenticated_user`: explain as a session that sent AUTH as this user with the right password
-    (on a connector that offers no AUTH the server refuses it, and the session stays anonymous)."""
+    (on a connector that offers no AUTH the server refuses it, and the session stays anonymous);
+    `send_as`: that user's send-as list as the users file holds it (`UserStore.send_as`)."""
     local_ip, local_port = local
     selection = select_connector(
         config.receive_connectors, local_ip=local_ip, local_port=local_port, client_ip=client_ip
@@ -207,7 +212,9 @@ def explain(
     result.tls = _tls_requirement(connector)
     if authenticated_user is not None:
         result.auth, authenticated_user = _auth_outcome(connector, authenticated_user)
-    rights = session_rights(connector, authenticated_user=authenticated_user)
+    rights = session_rights(connector, authenticated_user=authenticated_user, send_as=send_as)
+    if rights.send_as is not None:
+        result.send_as = rights.send_as.texts
     result.principals = list(rights.principals)
     granted_by = dict(rights.sources)
     result.rights = [
@@ -300,6 +307,7 @@ def explain(
             connector=connector,
             authenticated=authenticated,
             address_rules=address_rules,
+            send_as=rights.send_as,
         )
         result.header_from = {
             "value": header_from,

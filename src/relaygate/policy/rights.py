@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from relaygate.config.model import ReceiveConnector
+from relaygate.policy.address_rules import SendAsList
 
 __all__ = [
     "ANONYMOUS",
@@ -94,12 +95,15 @@ GROUP_GRANTS: dict[str, tuple[str, frozenset[str]]] = {
 @dataclass(frozen=True, slots=True)
 class SessionRights:
     """What a session may do. `principals` are the identities it runs as; `sources` says, per right,
-    which group or permission granted it (for `explain`)."""
+    which group or permission granted it (for `explain`). `send_as`: the authenticated user's
+    send-as list from the users file (None: the user has none, or the session is anonymous), the
+    Send-As right Exchange checks on the mailbox; it narrows the senders the rights allow."""
 
     rights: frozenset[str]
     principals: tuple[str, ...]
     sources: tuple[tuple[str, str], ...]
     externally_secured: bool = False
+    send_as: SendAsList | None = None
 
     def has(self, right: str) -> bool:
         return right in self.rights
@@ -129,9 +133,13 @@ def is_externally_secured(connector: ReceiveConnector) -> bool:
 
 
 def session_rights(
-    connector: ReceiveConnector, *, authenticated_user: str | None = None
+    connector: ReceiveConnector,
+    *,
+    authenticated_user: str | None = None,
+    send_as: SendAsList | None = None,
 ) -> SessionRights:
-    """The rights of a session on `connector`, anonymous or after AUTH as `authenticated_user`."""
+    """The rights of a session on `connector`, anonymous or after AUTH as `authenticated_user`
+    (whose send-as list, if any, is `send_as`)."""
     externally_secured = is_externally_secured(connector)
     if authenticated_user is not None:
         principals: list[str] = [AUTHENTICATED_USERS, authenticated_user, EVERYONE]
@@ -168,4 +176,10 @@ def session_rights(
             rights.add(right)
     rights -= denied
     sources = [s for s in sources if s[0] in rights]
-    return SessionRights(frozenset(rights), tuple(principals), tuple(sources), externally_secured)
+    return SessionRights(
+        frozenset(rights),
+        tuple(principals),
+        tuple(sources),
+        externally_secured,
+        send_as if authenticated_user is not None else None,
+    )

@@ -15,7 +15,9 @@ from relaygate.addresses import Address, is_special_destination
 from relaygate.config.model import AcceptedDomain, Config, ReceiveConnector
 from relaygate.policy import rights as r
 from relaygate.policy.address_rules import (
+    AddressRules,
     ConnectorAddressRules,
+    SendAsList,
     compile_connector_rules,
     from_header_addresses,
 )
@@ -99,7 +101,8 @@ def check_mail(
     address_rules: ConnectorAddressRules | None = None,
 ) -> Verdict:
     """MAIL FROM: Submit right, declared SIZE, the connector's allowed_senders (when set: the null
-    sender too must be listed), then the sender rules (null sender otherwise always allowed).
+    sender too must be listed), the authenticated user's send-as list (`rights.send_as`, likewise),
+    then the sender rules (null sender otherwise always allowed).
     `address_rules`: the connector's compiled lists (compiled here when not given)."""
     if not rights.may_submit:
         if authenticated:
@@ -130,6 +133,13 @@ def check_mail(
                 tarpit=not authenticated,
             )
         matched = hit
+    send_as = rights.send_as  # an authenticated user's own list: narrows the connector's
+    own = send_as.match(sender) if send_as is not None else None
+    if send_as is not None and own is None:
+        return Verdict(
+            replies.SEND_AS_DENIED,
+            f"sender refused: {_text(sender)} is not in the send-as list of user {send_as.user}",
+        )
     verdict = _check_sender_rights(
         sender,
         rights=rights,
@@ -137,14 +147,15 @@ def check_mail(
         authenticated=authenticated,
         denied=denied,
     )
-    if matched and verdict.accepted:
-        return Verdict(
-            verdict.reply,
-            f"{verdict.reason}; matches {matched} in allowed_senders of connector {connector.name}",
-            verdict.tarpit,
-            matched,
-        )
-    return verdict
+    if not verdict.accepted:
+        return verdict
+    reason = verdict.reason
+    if matched:
+        reason += f"; matches {matched} in allowed_senders of connector {connector.name}"
+    if send_as is not None:
+        reason += f"; matches {own} in the send-as list of user {send_as.user}"
+        matched = ", ".join(dict.fromkeys(m for m in (matched, own) if m))
+    return Verdict(verdict.reply, reason, verdict.tarpit, matched)
 
 
 def _text(address: Address | None) -> str:
@@ -233,12 +244,20 @@ def check_header_from(
     connector: ReceiveConnector,
     authenticated: bool,
     address_rules: ConnectorAddressRules | None = None,
+    send_as: SendAsList | None = None,
 ) -> Verdict:
     """End of DATA (the P2 check): on a connector with allowed_senders, every address of the From
-    header (`from_fields`: the raw value of each From field) must match it, as MAIL FROM did. A
-    message without a From header passes (the relay adds none; MAIL FROM was checked). A From
-    header that cannot be read strictly is refused with 554 5.6.0."""
-    if not connector.allowed_senders:
+    header (`from_fields`: the raw value of each From field) must match it, as MAIL FROM did; and
+    the authenticated user's send-as list `send_as` (the session's `rights.send_as`) when there is
+    one. A message without a From header passes (the relay adds none; MAIL FROM was checked). A
+    From header that cannot be read strictly is refused with 554 5.6.0."""
+    lists: list[tuple[AddressRules, str]] = []
+    if connector.allowed_senders:
+        senders = (address_rules or compile_connector_rules(connector)).senders
+        lists.append((senders, f"allowed_senders of connector {connector.name}"))
+    if send_as is not None:
+        lists.append((send_as.rules, f"the send-as list of user {send_as.user}"))
+    if not lists:
         return Verdict(replies.OK, "no allowed_senders on this connector")
     if not from_fields:
         return Verdict(replies.OK, "no From header (only MAIL FROM is checked)")
@@ -247,22 +266,25 @@ def check_header_from(
         addresses = from_header_addresses(from_fields)
     except ValueError as exc:
         return Verdict(replies.INVALID_FROM_HEADER, f"From header refused: {exc}", tarpit)
-    senders = (address_rules or compile_connector_rules(connector)).senders
     matched: list[str] = []
-    for address in addresses:
-        hit = senders.match(address)
-        if hit is None:
-            return Verdict(
-                replies.SEND_AS_DENIED if authenticated else replies.ANONYMOUS_SEND_AS_DENIED,
-                f"From header refused: <{address}> is not in allowed_senders of connector "
-                f"{connector.name}",
-                tarpit,
-            )
-        matched.append(hit)
+    reasons: list[str] = []
+    for rules, named in lists:
+        hits: list[str] = []
+        for address in addresses:
+            hit = rules.match(address)
+            if hit is None:
+                return Verdict(
+                    replies.SEND_AS_DENIED if authenticated else replies.ANONYMOUS_SEND_AS_DENIED,
+                    f"From header refused: <{address}> is not in {named}",
+                    tarpit,
+                )
+            hits.append(hit)
+        hits = list(dict.fromkeys(hits))
+        reasons.append(f"{', '.join(hits)} in {named}")
+        matched.extend(hits)
     return Verdict(
         replies.OK,
-        f"From header {', '.join(f'<{a}>' for a in addresses)} matches "
-        f"{', '.join(dict.fromkeys(matched))} in allowed_senders of connector {connector.name}",
+        f"From header {', '.join(f'<{a}>' for a in addresses)} matches {'; '.join(reasons)}",
         matched=", ".join(dict.fromkeys(matched)),
     )
 

@@ -510,11 +510,7 @@ class Session:
             return
         self.connector = now
         self.address_rules = self.ctx.address_rules(now)
-        self.rights = (
-            self.ctx.rights(now)
-            if self.auth_user is None
-            else session_rights(now, authenticated_user=self.auth_user)
-        )
+        self.rights = self.ctx.rights(now) if self.auth_user is None else self._user_rights(now)
         self.log.info(self.rights.log_tokens(), "Set Session Permissions")
         self._take_connector_values(now)
 
@@ -543,6 +539,37 @@ class Session:
         if self._watchdog is not None:  # due at the old values' time: at the new ones' now
             self._watchdog.cancel()
             self._watchdog = self.loop.call_at(self._next_check(now), self._watch)
+
+    def _user_rights(self, connector: ReceiveConnector) -> SessionRights:
+        """The rights of the authenticated user on `connector`, with its send-as list as the users
+        file was last read."""
+        assert self.auth_user is not None
+        return session_rights(
+            connector,
+            authenticated_user=self.auth_user,
+            send_as=self.ctx.users.send_as(self.auth_user),
+        )
+
+    async def _follow_users_file(self) -> None:
+        """At MAIL, an authenticated session follows the users file as it is now (`relaygate user
+        send-as` or `remove` while the session is open): a changed send-as list applies from this
+        MAIL on; a user no longer in the file is disconnected with 421, as a reload removing it
+        does (`_authentication_lost`). The file is stat-ed (and re-read if it changed) in a thread."""
+        user = self.auth_user
+        if user is None:
+            return
+        await asyncio.to_thread(self.ctx.users.refresh)
+        users = self.ctx.users
+        if user not in users:
+            self.log.info(f"user {user} is no longer in the users file {users.path}; disconnecting")
+            self.reply(replies.SERVICE_NOT_AVAILABLE)
+            raise _Close()
+        if users.send_as(user) is not self.rights.send_as:
+            self.rights = self._user_rights(self.connector)
+            listed = self.rights.send_as
+            self.log.info(
+                f"send-as list of user {user} is now {', '.join(listed.texts) if listed else 'none'}"
+            )
 
     def _authentication_lost(self, connector: ReceiveConnector) -> str:
         """Why an authenticated session could not authenticate now on `connector` (as reloaded),
@@ -607,6 +634,7 @@ class Session:
             else:
                 await self.protocol_error(replies.UNRECOGNIZED_PARAMETER)
                 return
+        await self._follow_users_file()
         if not self.ctx.rates.allowed(self.connector, self.client_ip, user=self.auth_user):
             self.reply(replies.RATE_LIMITED)
             raise _Close()
@@ -890,12 +918,14 @@ class Session:
             )
             self.reply(replies.HOP_COUNT_EXCEEDED)
             return
-        if c.allowed_senders:  # the P2 check: the From header's addresses, as MAIL FROM's
+        send_as = self.rights.send_as  # the user's list as MAIL (or a reload since) found it
+        if c.allowed_senders or send_as is not None:  # P2: the From header, as MAIL FROM
             verdict = check_header_from(
                 from_fields(content),
                 connector=c,
                 authenticated=self.authenticated,
                 address_rules=self.address_rules,
+                send_as=send_as,
             )
             if not verdict.accepted:
                 self.log.info(f"message refused: {verdict.reason}")
@@ -1139,7 +1169,7 @@ class Session:
             user = user.lower()  # the canonical name, as `relaygate user list` shows it
             self.auth_user = user
             self.authenticated = True
-            self.rights = session_rights(self.connector, authenticated_user=user)
+            self.rights = self._user_rights(self.connector)
             self.log.info(self.rights.log_tokens(), "Set Session Permissions")
             self.reply(replies.AUTH_OK)
             return
