@@ -46,6 +46,7 @@ from relaygate.queue.pressure import DiskPressure
 from relaygate.queue.sqlite_store import SqliteStore
 from relaygate.queue.store import Store, StoreError
 from relaygate.sd_notify import Notifier, watchdog_interval
+from relaygate.smtp.auth import UsersFileError
 from relaygate.smtp.server import (
     ListenerError,
     ServerContext,
@@ -698,8 +699,9 @@ def run(
         pass
     try:
         asyncio.run(_main(config, resolved, worker_index=worker_index, link_fd=link_fd))
-    except (ListenerError, StoreError, AdminStartError, PrivacyKeyError) as exc:
+    except (ListenerError, StoreError, AdminStartError, PrivacyKeyError, UsersFileError) as exc:
         # a port in use, an implicit-TLS certificate that cannot load, a queue database that
-        # cannot be opened or reached, an admin token file that cannot be read or is empty
+        # cannot be opened or reached, an admin token file that cannot be read or is empty, a
+        # users file that is not JSON or holds a send-as pattern that is not valid
         logger.error("cannot start: %s", exc)
         raise SystemExit(1) from None

@@ -179,3 +179,40 @@ remote_ip_ranges = ["127.0.0.4"]
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     assert "cannot start: server.dns_servers ['no-such-host.invalid']: " in done.stderr
+
+
+def test_a_users_file_with_a_bad_send_as_pattern_is_one_line_naming_the_user_and_the_pattern(
+    tmp_path: Path,
+) -> None:
+    """A send-as pattern written into the users file by hand that the parser refuses: the server
+    does not start (its users would otherwise run without their lists), and says why in one line
+    rather than a ValueError traceback."""
+    users = tmp_path / "users.json"
+    users.write_text('{"users": {"erp": "x"}, "send_as": {"erp": ["inv*@corp.example"]}}')
+    config = tmp_path / "relaygate.toml"
+    config.write_text(
+        f"""\
+[server]
+name = "RELAY01"
+data_dir = "{tmp_path / "data"}"
+users_file = "{users}"
+
+[admin]
+listen = "127.0.0.1:{free_port()}"
+
+[[receive_connectors]]
+name = "Submission"
+bindings = ["127.0.0.1:{free_port()}"]
+remote_ip_ranges = ["127.0.0.4"]
+permission_groups = ["ExchangeUsers"]
+auth_mechanism = ["Tls", "BasicAuth"]
+""",
+        encoding="utf-8",
+    )
+    done = serve_once(config)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert (
+        f"cannot start: cannot read the users file {users}: send_as of user erp: send-as pattern "
+        "'inv*@corp.example': '*' is allowed only as *@domain, *@*.domain or *@*"
+    ) in done.stderr, done.stderr

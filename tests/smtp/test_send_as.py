@@ -6,6 +6,7 @@ arrives), a list changed while a session is open, and `relaygate explain` giving
 from __future__ import annotations
 
 import json
+import logging
 import smtplib
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import tomlkit
 from relaygate.config.loader import load_config
 from relaygate.policy.explain import explain
 from relaygate.smtp.auth import UserStore
-from tests.smtp.conftest import RelayHandle
+from tests.smtp.conftest import RelayHandle, _Errors
 from tests.smtp.test_allowed_addresses import Sink
 from tests.smtp.test_auth import PASSWORD, auth_connector, cli
 from tests.smtp.test_auth import cheap_argon2 as cheap_argon2  # the autouse fixture, here too
@@ -288,3 +289,37 @@ def test_users_file_path_is_the_configured_one(relay: Any, tmp_path: Path) -> No
     assert json.loads(users.read_text())["send_as"] == {"alice": ["alice@corp.example"]}
     with logged_in(r, "alice") as c:
         assert line(c.mail("ceo@corp.example")) == USER_SEND_AS
+
+
+def test_a_users_file_broken_by_hand_keeps_the_lists_read_before(relay: Any, sink: Sink) -> None:
+    """A send-as pattern the parser refuses, written into the file by hand: AUTH and a reload keep
+    the users and lists read before (never a user without its list), and say why in the log."""
+    r = start(relay, sink)
+    add_user(r, "alice", "alice@corp.example")
+    with logged_in(r, "alice") as c:
+        assert line(c.mail("ceo@corp.example")) == USER_SEND_AS
+    users_file = r.data_dir / "users.json"
+    data = json.loads(users_file.read_text())
+    data["send_as"]["alice"] = ["*@*", "scan*@corp.example"]
+    users_file.write_text(json.dumps(data), encoding="utf-8")
+    with logged_in(r, "alice") as c:  # AUTH noticed the change, could not use it
+        assert line(c.mail("ceo@corp.example")) == USER_SEND_AS
+    r.reconfigure([auth_connector(max_protocol_errors=7)])  # a reload reads the file again
+    with logged_in(r, "alice") as c:
+        assert line(c.mail("ceo@corp.example")) == USER_SEND_AS
+        assert line(c.mail("alice@corp.example")) == SENDER_OK
+    reason = "send_as of user alice: send-as pattern 'scan*@corp.example'"
+    logged = take_logged_errors()
+    assert len(logged) == 2 and all(f"users file {users_file}: {reason}" in m for m in logged)
+    assert logged[1].endswith(f"; keeping the users read from {users_file}")
+
+
+def take_logged_errors() -> list[str]:
+    """The errors the service logged, taken from the `relay` fixture's collector (which fails the
+    test on any error left there at its end): these were expected."""
+    (collector,) = [
+        h for h in logging.getLogger("relaygate.smtp").handlers if isinstance(h, _Errors)
+    ]
+    taken = [record.getMessage() for record in collector.records]
+    collector.records.clear()
+    return taken

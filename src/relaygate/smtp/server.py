@@ -36,7 +36,7 @@ from relaygate.queue.model import Envelope, StoredMessage
 from relaygate.queue.pressure import DiskPressure
 from relaygate.queue.store import Store
 from relaygate.smtp import proxy
-from relaygate.smtp.auth import UserStore, users_path
+from relaygate.smtp.auth import UsersFileError, UserStore, users_path
 from relaygate.smtp.connection import Connection
 from relaygate.smtp.counters import SmtpCounters
 from relaygate.smtp.limits import (
@@ -448,7 +448,13 @@ class ServerContext:
         #: and has no certificate yet (empty without ACME).
         self.starttls_withheld: frozenset[str] = frozenset()
         self.config = config
-        self.users = UserStore(users_path(config.server.data_dir, config.server.users_file))
+        # At start a users file that cannot be read is an error (ValueError naming it): no users,
+        # or users without their send-as lists, would be worse than not starting.
+        path = users_path(config.server.data_dir, config.server.users_file)
+        try:
+            self.users = UserStore(path)
+        except ValueError as exc:
+            raise UsersFileError(f"cannot read the users file {path}: {exc}") from None
         self.apply(config, tls=tls)
 
     def apply(self, config: Config, *, tls: StarttlsContexts | None = None) -> None:
@@ -469,10 +475,26 @@ class ServerContext:
         self._address_rules: dict[int, tuple[ReceiveConnector, ConnectorAddressRules]] = {}
         self._banner_second = -1
         self._banner_stamp = ""
-        self.users = UserStore(users_path(config.server.data_dir, config.server.users_file))
+        self.users = self._read_users(config)
         self.host_ips = host_ips()  # for relay_local_ips: the relay's own address literals
         # A client's address from a PROXY header is not what the kernel steered by.
         self.rates.share_addresses(proxied=bool(config.server.trusted_proxies))
+
+    def _read_users(self, config: Config) -> UserStore:
+        """The users file of `config`, read again (a reload: `users_file` may have changed). One
+        that cannot be read keeps the users and send-as lists read before, as AUTH does when the
+        file changes (`UserStore.refresh`), rather than failing the reload half applied."""
+        path = users_path(config.server.data_dir, config.server.users_file)
+        try:
+            return UserStore(path)
+        except (OSError, ValueError) as exc:
+            logger.error(
+                "cannot read users file %s: %s; keeping the users read from %s",
+                path,
+                exc,
+                self.users.path,
+            )
+            return self.users
 
     def refresh_tls(self, prepared: StarttlsContexts | None = None) -> None:
         """Forget the TLS contexts built so far: the next STARTTLS loads the certificate files
