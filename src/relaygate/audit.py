@@ -793,10 +793,13 @@ def audit(
     max_prefix_v6: int = 64,
     certificates: Sequence[CertificateExpiry] = (),
     now: datetime | None = None,
+    users_without_send_as: Sequence[str] = (),
 ) -> list[Finding]:
     """Every finding for `config`, most severe first (stable within a severity: file order).
     `certificates`: the expiry dates read from the configuration's certificate files (none: no
-    certificate findings); `now`: the time they are judged at (default: the current time)."""
+    certificate findings); `now`: the time they are judged at (default: the current time);
+    `users_without_send_as`: the users file's users that have no send-as list (the caller reads
+    the file: `UserStore.without_send_as`)."""
     findings: list[Finding] = []
     for connector in config.receive_connectors:
         findings.extend(_connector_findings(connector, config, max_prefix_v4, max_prefix_v6))
@@ -809,6 +812,7 @@ def audit(
     findings.extend(_send_connector_findings(config))
     findings.extend(_graph_findings(config))
     findings.extend(_dkim_findings(config))
+    findings.extend(_send_as_findings(config, users_without_send_as))
     if certificates:
         findings.extend(certificate_findings(certificates, now or datetime.now(UTC)))
     order = {s: i for i, s in enumerate(SEVERITIES)}
@@ -841,6 +845,39 @@ def _dkim_findings(config: Config) -> Iterator[Finding]:
             '--user "NT AUTHORITY\\ANONYMOUS LOGON" --extended-rights '
             f"{ACCEPT_AUTHORITATIVE_DOMAIN_SENDER} --deny`, Exchange's anti-spoofing step); "
             "their messages are then not signed",
+        )
+
+
+def _send_as_findings(config: Config, unlisted: Sequence[str]) -> Iterator[Finding]:
+    """A BasicAuth connector where users without a send-as list may submit: each may send as any
+    sender the connector allows (any address of your domains, with ExchangeUsers), and with DKIM
+    on, RelayGate signs what it wrote. Medium when that holds (signing on, no allowed_senders),
+    low otherwise."""
+    if not unlisted:
+        return
+    signing = any(k.enabled for k in config.dkim)
+    for c in config.receive_connectors:
+        if not c.enabled or "BasicAuth" not in c.auth_mechanism:
+            continue
+        users = [u for u in unlisted if session_rights(c, authenticated_user=u).may_submit]
+        if not users:
+            continue
+        shown = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
+        scope = (
+            f"any sender allowed_senders lists ({', '.join(r.text for r in c.allowed_senders)})"
+            if c.allowed_senders
+            else "any sender the connector's rights allow"
+        )
+        signed = " and RelayGate DKIM-signs what they write" if signing else ""
+        yield Finding(
+            "medium" if signing and not c.allowed_senders else "low",
+            "auth-users-without-send-as",
+            c.name,
+            "users_file (send_as)",
+            f"user(s) {shown} have no send-as list: after AUTH on this connector each may send "
+            f"as {scope}{signed}",
+            f"give each user the addresses it sends as: `relaygate user send-as {users[0]} "
+            f"'{users[0]}@yourdomain'` (patterns as in allowed_senders)",
         )
 
 

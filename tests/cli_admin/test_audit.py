@@ -638,3 +638,56 @@ def test_dkim_with_a_connector_where_anyone_may_send_as_the_organisation() -> No
     )
     assert not only(audit(config(base + INTERNET_INBOUND)), "dkim-anyone-signed")  # no key
     assert not only(audit(config(base + DKIM_KEY)), "dkim-anyone-signed")  # devices only
+
+
+SUBMISSION = """
+[server]
+name = "RELAY01"
+data_dir = "{data_dir}"
+
+[[accepted_domains]]
+domain = "corp.example"
+
+[[receive_connectors]]
+name = "Submission"
+bindings = ["0.0.0.0:587"]
+remote_ip_ranges = ["10.0.0.0/8"]
+permission_groups = ["ExchangeUsers"]
+auth_mechanism = ["Tls", "BasicAuth", "BasicAuthRequireTLS"]
+"""
+
+
+def test_auth_users_without_a_send_as_list_are_low_and_medium_when_signed() -> None:
+    text = SUBMISSION.format(data_dir="/var/lib/relaygate")
+    assert audit(config(text)) == []  # no users file read: nothing to say
+    found = audit(config(text), users_without_send_as=["bob", "carol"])
+    assert codes(found) == [("low", "auth-users-without-send-as", "Submission")]
+    assert "user(s) bob, carol have no send-as list" in found[0].message
+    assert "relaygate user send-as bob 'bob@yourdomain'" in found[0].fix
+    # with DKIM on, what they write is signed with the organisation's key
+    signed = audit(config(text + DKIM_KEY), users_without_send_as=["bob"])
+    assert codes(only(signed, "auth-users-without-send-as")) == [
+        ("medium", "auth-users-without-send-as", "Submission")
+    ]
+    assert "DKIM-signs" in only(signed, "auth-users-without-send-as")[0].message
+    # a connector that offers no AUTH, or whose authenticated users may not submit: no finding
+    no_auth = text.replace('"Tls", "BasicAuth", "BasicAuthRequireTLS"', '"Tls"')
+    assert not only(
+        audit(config(no_auth), users_without_send_as=["bob"]), "auth-users-without-send-as"
+    )
+
+
+def test_cli_audit_reads_the_users_file_for_users_without_a_send_as_list(tmp_path: Path) -> None:
+    path = write(tmp_path / "submission.toml", SUBMISSION.format(data_dir=tmp_path / "data"))
+    for name, options in (("alice", ["--send-as", "alice@corp.example"]), ("bob", [])):
+        added = run(
+            "user", "add", name, "--password-stdin", *options, "-c", str(path), stdin="pw\n"
+        )
+        assert added.code == 0, added.err
+    found = run("audit", "-c", str(path), "--json").json()["findings"]
+    (finding,) = [f for f in found if f["code"] == "auth-users-without-send-as"]
+    assert finding["severity"] == "low" and "user(s) bob have no send-as list" in finding["message"]
+    done = run("user", "send-as", "bob", "bob@corp.example", "-c", str(path))
+    assert done.code == 0, done.err
+    found = run("audit", "-c", str(path), "--json").json()["findings"]
+    assert not [f for f in found if f["code"] == "auth-users-without-send-as"]

@@ -18,8 +18,20 @@ from relaygate.cli.common import (
     emit_json,
     load_or_exit,
 )
+from relaygate.config.model import Config
+from relaygate.smtp.auth import UserStore, users_path
 
 _STYLE = {"high": "bold red", "medium": "yellow", "low": "cyan", "info": "dim"}
+
+
+def _users_without_send_as(config: Config) -> list[str]:
+    """The SMTP AUTH users with no send-as list (a users file that cannot be read: none; the
+    server reports that file itself)."""
+    try:
+        store = UserStore(users_path(Path(config.server.data_dir), config.server.users_file))
+    except (OSError, ValueError):
+        return []
+    return store.without_send_as()
 
 
 def register(app: typer.Typer) -> None:
@@ -52,6 +64,7 @@ def register(app: typer.Typer) -> None:
             max_prefix_v4=max_prefix_v4,
             max_prefix_v6=max_prefix_v6,
             certificates=read_expiries(cfg),
+            users_without_send_as=_users_without_send_as(cfg),
         )
         counts = summary(findings)
         source = config_source(config)
