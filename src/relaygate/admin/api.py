@@ -147,6 +147,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relaygate.control import BULK_ACTIONS, MAX_LIST_LIMIT, Conflict, NotFound, QueueControl
 from relaygate.file_modes import mode_granting
+from relaygate.policy.address_rules import SendAsList
 from relaygate.queue.store import StoreError
 from relaygate.smtp.limits import SlidingWindow
 from relaygate.worker_stats import NodeFigures, node_figures
@@ -525,6 +526,19 @@ def _ignored_body(path: str, method: str, headers: dict[str, str]) -> bool:
     return "transfer-encoding" in headers or (bool(length) and length != "0")
 
 
+def users_without_send_as(relay: Any) -> list[str]:
+    """The SMTP AUTH users without a send-as list, as the SMTP service last read its users file
+    (for the audit findings; none before it runs)."""
+    ctx = getattr(relay, "ctx", None)
+    return ctx.users.without_send_as() if ctx is not None else []
+
+
+def user_send_as(relay: Any, user: str) -> SendAsList | None:
+    """`user`'s send-as list as the SMTP service last read its users file (for explain)."""
+    ctx = getattr(relay, "ctx", None)
+    return ctx.users.send_as(user) if ctx is not None else None
+
+
 def open_sessions(relay: Any) -> dict[str, int]:
     """Open SMTP sessions per receive connector name, of every worker of the node (none before
     it listens)."""
@@ -879,7 +893,11 @@ def create_app(
         connector = views.find_receive(config, name)
         if connector is None:
             return _error(404, f"no receive connector named {name!r}")
-        findings = audit(config, certificates=getattr(relay, "certificates", ()))
+        findings = audit(
+            config,
+            certificates=getattr(relay, "certificates", ()),
+            users_without_send_as=users_without_send_as(relay),
+        )
         return JSONResponse(views.receive_connector_view(config, connector, findings))
 
     async def send_connector_show(request: Request) -> Response:
@@ -891,7 +909,11 @@ def create_app(
         connector = views.find_send(config, name)
         if connector is None:
             return _error(404, f"no send connector named {name!r}")
-        findings = audit(config, certificates=getattr(relay, "certificates", ()))
+        findings = audit(
+            config,
+            certificates=getattr(relay, "certificates", ()),
+            users_without_send_as=users_without_send_as(relay),
+        )
         view = views.send_connector_view(config, connector, findings, await control.queues())
         return JSONResponse(view)
 

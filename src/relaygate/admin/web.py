@@ -70,8 +70,10 @@ from relaygate.admin.api import (
     health_report,
     open_sessions,
     retry_after,
+    user_send_as,
+    users_without_send_as,
 )
-from relaygate.audit import SEVERITIES, audit, relay_grant, summary
+from relaygate.audit import SEVERITIES, Finding, audit, relay_grant, summary
 from relaygate.config.model import Config, ReceiveConnector, SendConnector
 from relaygate.config.values import parse_binding
 from relaygate.control import (
@@ -86,6 +88,7 @@ from relaygate.control import (
 )
 from relaygate.delivery.oauth import auth_label
 from relaygate.delivery.routing import DELIVERY_UNREACHABLE
+from relaygate.policy.address_rules import SendAsList
 from relaygate.policy.explain import endpoints_for, explain
 from relaygate.queue import pacing
 
@@ -364,6 +367,7 @@ def explain_results(
     sender: str | None,
     recipients: list[str],
     auth_user: str | None,
+    send_as: SendAsList | None = None,
 ) -> list[dict[str, Any]]:
     """What ``relaygate explain`` computes: one result per local endpoint (``local`` or every
     binding). Raises ValueError with the field's name for bad input."""
@@ -389,6 +393,7 @@ def explain_results(
             sender=sender,
             recipients=recipients,
             authenticated_user=auth_user,
+            send_as=send_as,
         ).to_dict()
         for ep in endpoints
     ]
@@ -415,13 +420,24 @@ def _certificates(request: Request) -> Any:
     return getattr(request.app.state.relay, "certificates", ())
 
 
+def _findings(request: Request, config: Config) -> list[Finding]:
+    """`relaygate audit`'s findings for `config`, with the certificates and the users file as the
+    relay last read them (no I/O here)."""
+    relay = request.app.state.relay
+    return audit(
+        config,
+        certificates=_certificates(request),
+        users_without_send_as=users_without_send_as(relay),
+    )
+
+
 async def dashboard(request: Request) -> Response:
     if (redirect := _login_redirect(request)) is not None:
         return redirect
     state = request.app.state
     health, status = await health_report(state.relay, state.control, state.started)
     config = state.relay.config
-    findings = audit(config, certificates=_certificates(request))
+    findings = _findings(request, config)
     context = {
         "health": health,
         "counts": health.get("queue") or {},
@@ -667,13 +683,15 @@ async def explain_page(request: Request) -> Response:
     error, code = None, 200
     if client_ip:
         try:
+            relay = request.app.state.relay
             results = explain_results(
-                request.app.state.relay.config,
+                relay.config,
                 client_ip=client_ip,
                 local=local,
                 sender=sender_text or None,
                 recipients=recipients,
                 auth_user=auth_user or None,
+                send_as=user_send_as(relay, auth_user) if auth_user else None,
             )
         except ValueError as exc:
             error, code = str(exc), 400
@@ -690,7 +708,7 @@ async def receive_connector_page(request: Request) -> Response:
     connector = connector_views.find_receive(config, name)
     if connector is None:
         return error_page(request, "Not found", f"No receive connector named {name!r}.", 404)
-    findings = audit(config, certificates=_certificates(request))
+    findings = _findings(request, config)
     view = connector_views.receive_connector_view(config, connector, findings)
     return render(request, "receive_connector.html", {"c": view})
 
@@ -708,7 +726,7 @@ async def send_connector_page(request: Request) -> Response:
     view = connector_views.send_connector_view(
         config,
         connector,
-        audit(config, certificates=_certificates(request)),
+        _findings(request, config),
         await control.queues(),
     )
     context = {"c": view, "queue_url": lambda q: "/queue?" + urlencode({"queue": q})}
