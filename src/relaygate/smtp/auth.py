@@ -101,9 +101,14 @@ class UserStore:
             return
         self._state = _read_users(json.loads(text))
 
+    def changed(self) -> bool:
+        """Whether the file changed since it was last read (one stat: cheap enough for each MAIL
+        on the event loop; the re-read, `refresh`, goes to a thread)."""
+        return self._file_stamp() != self._stamp
+
     def refresh(self) -> None:
         """Re-read the file if `relaygate user add/remove` changed it (a stat per AUTH, no restart)."""
-        if self._file_stamp() != self._stamp:
+        if self.changed():
             try:
                 self.reload()
             except (OSError, ValueError) as exc:  # a broken file: keep the users we had

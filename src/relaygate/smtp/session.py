@@ -554,11 +554,13 @@ class Session:
         """At MAIL, an authenticated session follows the users file as it is now (`relaygate user
         send-as` or `remove` while the session is open): a changed send-as list applies from this
         MAIL on; a user no longer in the file is disconnected with 421, as a reload removing it
-        does (`_authentication_lost`). The file is stat-ed (and re-read if it changed) in a thread."""
+        does (`_authentication_lost`). One stat per MAIL here; the file is re-read, when it changed,
+        in a thread (not queued behind argon2 verifications for every MAIL)."""
         user = self.auth_user
         if user is None:
             return
-        await asyncio.to_thread(self.ctx.users.refresh)
+        if self.ctx.users.changed():
+            await asyncio.to_thread(self.ctx.users.refresh)
         users = self.ctx.users
         if user not in users:
             self.log.info(f"user {user} is no longer in the users file {users.path}; disconnecting")
