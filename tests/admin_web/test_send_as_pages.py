@@ -52,12 +52,12 @@ def node() -> Iterator[RelayThread]:
             relay.stop()
 
 
-def explain_page(node: RelayThread, sender: str) -> str:
+def explain_page(node: RelayThread, sender: str, user: str = "Alice") -> str:
     query = {
         "client_ip": "127.0.0.9",
         "local": f"127.0.0.1:{node.submission_port}",  # type: ignore[attr-defined]
         "from": sender,
-        "auth_user": "Alice",
+        "auth_user": user,
         "to": "it@corp.test",
     }
     page = node.api("GET", "/explain?" + urlencode(query))
@@ -91,3 +91,12 @@ def test_the_audit_findings_name_the_users_without_a_list(node: RelayThread) -> 
     found = [f for f in view["findings"] if f["code"] == "auth-users-without-send-as"]
     assert len(found) == 1 and "user(s) bob have no send-as list" in found[0]["message"]
     assert "have no send-as list" in node.api("GET", "/").text  # the dashboard's findings
+
+
+def test_the_explain_page_for_a_user_not_in_the_users_file_shows_auth_failing(
+    node: RelayThread,
+) -> None:
+    page = explain_page(node, "nobody@corp.test", "nobody")
+    assert "535 5.7.3 Authentication unsuccessful" in page
+    assert "user nobody is not in the users file" in page
+    assert "530 5.7.1 Client was not authenticated" in page  # MAIL, as the server answers it

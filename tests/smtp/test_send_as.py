@@ -5,6 +5,7 @@ arrives), a list changed while a session is open, and `relaygate explain` giving
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import smtplib
@@ -323,3 +324,29 @@ def take_logged_errors() -> list[str]:
     taken = [record.getMessage() for record in collector.records]
     collector.records.clear()
     return taken
+
+
+def test_explain_for_a_user_not_in_the_users_file_gives_the_failed_auth_of_the_server(
+    relay: Any, sink: Sink
+) -> None:
+    """AUTH as a name the users file does not hold fails whatever the password, and the session
+    stays anonymous: explain said 235 and showed the session relaying as ExchangeUsers."""
+    r = start(relay, sink)
+    add_user(r, "alice")
+    with r.raw() as c:
+        c.greet()
+        blob = base64.b64encode(f"\0nobody\0{PASSWORD}".encode()).decode()
+        auth = c.cmd(f"AUTH PLAIN {blob}").text
+        mail = c.cmd("MAIL FROM:<nobody@corp.example>").text
+    local = f"127.0.0.1:{r.port}"
+    args = ["explain", "--client-ip", "127.0.0.5", "--local", local, "--auth-user", "Nobody"]
+    data = json.loads(cli(r, *args, "--from", "nobody@corp.example", "--json").stdout)
+    assert data["auth"]["reply"] == auth == "535 5.7.3 Authentication unsuccessful"
+    assert data["auth"]["reason"] == (
+        f"user nobody is not in the users file {r.data_dir / 'users.json'}: AUTH fails whatever "
+        "the password, and the session stays anonymous"
+    )
+    assert data["mail"]["reply"] == mail == "530 5.7.1 Client was not authenticated"
+    assert "NT AUTHORITY\\ANONYMOUS LOGON" in data["principals"]
+    known = json.loads(cli(r, "explain", *args[1:-1], "alice", "--json").stdout)
+    assert known["auth"]["reply"] == "235 2.7.0 Authentication successful"

@@ -539,6 +539,15 @@ def user_send_as(relay: Any, user: str) -> SendAsList | None:
     return ctx.users.send_as(user) if ctx is not None else None
 
 
+def user_unknown_in(relay: Any, user: str) -> str | None:
+    """The users file's path when, as the SMTP service last read it, it does not hold `user`
+    (AUTH as `user` fails: for explain); None when it does, or before the service runs."""
+    ctx = getattr(relay, "ctx", None)
+    if ctx is None or user.lower() in ctx.users:
+        return None
+    return str(ctx.users.path)
+
+
 def open_sessions(relay: Any) -> dict[str, int]:
     """Open SMTP sessions per receive connector name, of every worker of the node (none before
     it listens)."""

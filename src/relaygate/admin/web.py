@@ -71,6 +71,7 @@ from relaygate.admin.api import (
     open_sessions,
     retry_after,
     user_send_as,
+    user_unknown_in,
     users_without_send_as,
 )
 from relaygate.audit import SEVERITIES, Finding, audit, relay_grant, summary
@@ -368,6 +369,7 @@ def explain_results(
     recipients: list[str],
     auth_user: str | None,
     send_as: SendAsList | None = None,
+    unknown_in: str | None = None,
 ) -> list[dict[str, Any]]:
     """What ``relaygate explain`` computes: one result per local endpoint (``local`` or every
     binding). Raises ValueError with the field's name for bad input."""
@@ -394,6 +396,7 @@ def explain_results(
             recipients=recipients,
             authenticated_user=auth_user,
             send_as=send_as,
+            unknown_in=unknown_in,
         ).to_dict()
         for ep in endpoints
     ]
@@ -692,6 +695,7 @@ async def explain_page(request: Request) -> Response:
                 recipients=recipients,
                 auth_user=auth_user or None,
                 send_as=user_send_as(relay, auth_user) if auth_user else None,
+                unknown_in=user_unknown_in(relay, auth_user) if auth_user else None,
             )
         except ValueError as exc:
             error, code = str(exc), 400

@@ -16,15 +16,17 @@ from relaygate.policy.explain import endpoints_for, explain
 from relaygate.smtp.auth import UserStore, users_path
 
 
-def _send_as(config: Config, user: str | None) -> SendAsList | None:
-    """`user`'s send-as list in the users file the server reads (None: no user, or no list)."""
+def _user_in_file(config: Config, user: str | None) -> tuple[SendAsList | None, str | None]:
+    """`user`'s send-as list in the users file the server reads (None: no user, or no list), and
+    the file's path when it does not hold `user` (the server's AUTH then fails)."""
     if user is None:
-        return None
+        return None, None
     path = users_path(Path(config.server.data_dir), config.server.users_file)
     try:
-        return UserStore(path).send_as(user)
+        store = UserStore(path)
     except (OSError, ValueError) as exc:
         die(f"cannot read the users file {path}: {exc}")
+    return store.send_as(user), (None if user.lower() in store else str(path))
 
 
 def register(app: typer.Typer) -> None:
@@ -65,6 +67,7 @@ def register(app: typer.Typer) -> None:
             endpoints = endpoints_for(cfg, client_ip)
             if not endpoints:
                 die("the configuration has no receive connector bindings")
+        send_as, unknown_in = _user_in_file(cfg, auth_user)
         results = [
             explain(
                 cfg,
@@ -74,7 +77,8 @@ def register(app: typer.Typer) -> None:
                 recipients=list(to),
                 authenticated_user=auth_user,
                 header_from=header_from,
-                send_as=_send_as(cfg, auth_user),
+                send_as=send_as,
+                unknown_in=unknown_in,
             )
             for ep in endpoints
         ]

@@ -151,10 +151,14 @@ def _tls_requirement(connector: ReceiveConnector) -> dict[str, Any] | None:
     }
 
 
-def _auth_outcome(connector: ReceiveConnector, user: str) -> tuple[dict[str, Any], str | None]:
+def _auth_outcome(
+    connector: ReceiveConnector, user: str, users_file: str | None
+) -> tuple[dict[str, Any], str | None]:
     """What AUTH as `user` gets on `connector`, as `Session.do_auth` decides it before the password
     (explain assumes the right one), and the user the session then runs as: None when the connector
-    offers no AUTH, where the server answers 504 and the session stays anonymous."""
+    offers no AUTH, where the server answers 504 and the session stays anonymous, or when `user` is
+    not in the users file (`users_file`: its path, the user being absent; None: not checked),
+    where AUTH fails whatever the password."""
     mechanisms = connector.auth_mechanism
     if "BasicAuth" not in mechanisms:
         return {
@@ -162,6 +166,13 @@ def _auth_outcome(connector: ReceiveConnector, user: str) -> tuple[dict[str, Any
             "reply": replies.AUTH_UNKNOWN_MECHANISM.line(),
             "reason": f"receive connector {connector.name} does not offer AUTH (its auth_mechanism "
             "has no BasicAuth): the session stays anonymous",
+        }, None
+    if users_file is not None:
+        return {
+            "user": user,
+            "reply": replies.AUTH_FAILED.line(),
+            "reason": f"user {user.lower()} is not in the users file {users_file}: AUTH fails "
+            "whatever the password, and the session stays anonymous",
         }, None
     if "BasicAuthRequireTLS" in mechanisms:
         after_tls = " after STARTTLS (BasicAuthRequireTLS)"
@@ -186,11 +197,13 @@ def explain(
     authenticated_user: str | None = None,
     header_from: str | None = None,
     send_as: SendAsList | None = None,
+    unknown_in: str | None = None,
 ) -> Explanation:
     """`header_from`: the From header's value, for the end-of-DATA check of allowed_senders.
     `authenticated_user`: explain as a session that sent AUTH as this user with the right password
     (on a connector that offers no AUTH the server refuses it, and the session stays anonymous);
-    `send_as`: that user's send-as list as the users file holds it (`UserStore.send_as`)."""
+    `send_as`: that user's send-as list as the users file holds it (`UserStore.send_as`);
+    `unknown_in`: the users file's path when it does not hold that user (AUTH then fails)."""
     local_ip, local_port = local
     selection = select_connector(
         config.receive_connectors, local_ip=local_ip, local_port=local_port, client_ip=client_ip
@@ -211,7 +224,7 @@ def explain(
         return result
     result.tls = _tls_requirement(connector)
     if authenticated_user is not None:
-        result.auth, authenticated_user = _auth_outcome(connector, authenticated_user)
+        result.auth, authenticated_user = _auth_outcome(connector, authenticated_user, unknown_in)
     rights = session_rights(connector, authenticated_user=authenticated_user, send_as=send_as)
     if rights.send_as is not None:
         result.send_as = rights.send_as.texts
