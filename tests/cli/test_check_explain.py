@@ -535,3 +535,27 @@ def test_check_takes_an_empty_path_key_as_unset_naming_a_required_one(
     result = _invoke(cli, "check", "--config", str(path))
     assert result.exit_code == 1, result.output
     assert "server.data_dir: must not be empty" in " ".join(result.output.split()), result.output
+
+
+def test_check_reports_a_users_file_serve_would_refuse(cli: CliRunner, tmp_path: Path) -> None:
+    """A users file that is not JSON, or holds a send-as pattern edited in by hand that the
+    parser refuses, stops `serve` at start; `check` said OK. It reads the file as `serve` does."""
+    users = tmp_path / "data" / "users.json"
+    path = tmp_path / "relaygate.toml"
+    path.write_text(f'[server]\ndata_dir = "{tmp_path / "data"}"\n')
+    assert _invoke(cli, "check", "--config", str(path)).exit_code == 0  # no file: no users
+    users.parent.mkdir()
+    for content, expected in (
+        ("{not json", f"server.users_file: {users}: Expecting property name"),
+        (
+            '{"users": {"erp": "x"}, "send_as": {"erp": ["inv*@corp.example"]}}',
+            f"server.users_file: {users}: send_as of user erp: send-as pattern "
+            "'inv*@corp.example': '*' is allowed only as",
+        ),
+    ):
+        users.write_text(content, encoding="utf-8")
+        result = _invoke(cli, "check", "--config", str(path))
+        assert result.exit_code == 1, (content, result.output)
+        assert expected in " ".join(result.output.split()), result.output
+    users.write_text('{"users": {"erp": "x"}, "send_as": {"erp": ["inv@corp.example"]}}')
+    assert _invoke(cli, "check", "--config", str(path)).exit_code == 0

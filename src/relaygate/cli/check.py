@@ -32,6 +32,7 @@ def register(app: typer.Typer) -> None:
                 + token_file_problems(cfg)
                 + service_account_problems(cfg)
                 + certificate_credential_problems(cfg)
+                + users_file_problems(cfg)
             )
         except ConfigError as exc:
             problems = exc.problems
@@ -202,4 +203,21 @@ def token_file_problems(cfg: Config) -> list[Problem]:
         return [Problem(cfg.source, "admin.api_token_file", why)]
     except OSError as exc:
         return [Problem(cfg.source, "admin.api_token_file", f"cannot read it: {exc.strerror}")]
+    return []
+
+
+def users_file_problems(cfg: Config) -> list[Problem]:
+    """The SMTP AUTH users file (`server.users_file`, default `<data_dir>/users.json`): one that is
+    not JSON, or holds a send-as pattern written by hand that the parser refuses, stops `serve` at
+    start, so `check` reads it the same way. A file that does not exist is no users (not an error)."""
+    from relaygate.smtp.auth import UserStore, users_path
+
+    path = users_path(Path(cfg.server.data_dir), cfg.server.users_file)
+    key = "server.users_file"
+    try:
+        UserStore(path)
+    except ValueError as exc:
+        return [Problem(cfg.source, key, f"{path}: {exc}")]
+    except OSError as exc:
+        return [Problem(cfg.source, key, f"{path}: cannot read it: {exc.strerror}")]
     return []
