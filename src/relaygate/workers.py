@@ -21,6 +21,9 @@ any of its processes runs, even after a SIGKILL of the supervisor. It:
 * creates, before starting any worker, a fresh table of message rate counts that every worker maps
   (``<data_dir>/run/message-rates``, smtp/shared_rates.py) and hands them its path and token, so
   message_rate_limit holds for the node, not per worker;
+* checks, before starting any worker, that no other process listens on the node's endpoints (a
+  socket without SO_REUSEPORT binds each): the workers' SO_REUSEPORT would otherwise share a
+  port with another node of the same user, and the start is refused, naming the binding;
 * starts the workers and prints ``RelayGate ready: SMTP ...`` once every worker listens (a worker
   that fails during start-up stops the whole start with exit status 1);
 * forwards SIGTERM/SIGINT (graceful stop: each worker stops accepting, tells clients waiting to
@@ -277,6 +280,8 @@ class Supervisor:
         with contextlib.suppress(OSError):
             self._stderr_copy = os.dup(2)
         try:
+            if not self._bindings_free():
+                return 1
             for w in self.workers:
                 self._spawn(w)
             status = self._wait_all_ready()
@@ -369,6 +374,18 @@ class Supervisor:
             )
             return
         self._rate_table = f"{token.hex()} {path}"
+
+    def _bindings_free(self) -> bool:
+        """Whether no other process listens on the node's endpoints (`check_bindings_free`:
+        the workers' SO_REUSEPORT would share them with it); logs why not."""
+        from relaygate.smtp.server import ListenerError, check_bindings_free
+
+        try:
+            check_bindings_free(self.config)
+        except ListenerError as exc:
+            logger.error("cannot start: %s", exc)
+            return False
+        return True
 
     def _spawn(self, w: _Worker) -> None:
         parent, child = socket.socketpair()

@@ -751,3 +751,40 @@ def test_a_worker_restarted_after_data_dir_moved_keeps_its_siblings_directory(
     assert {mid for mid, _ in stored(running)} >= set(ids)
     assert not moved.exists()
     assert s.stop() == 0
+
+
+def test_a_port_another_node_serves_with_workers_is_refused_at_start(
+    serve: Any, tmp_path: Path, sink: tuple[Sink, int]
+) -> None:
+    """Two nodes (their own data_dir, so the node lock does not meet) given one port, both with
+    workers: the listeners are SO_REUSEPORT, so the second node's workers joined the first's
+    group, and it said ready while the first's steering program sent it nothing (or, once the
+    first stopped, everything). The supervisor now checks each binding is free before it starts
+    any worker, and refuses the start naming the binding and its connector."""
+    first = serve(workers=2)
+    other = tmp_path / "other"
+    other.mkdir()
+    second = Served(other, sink[1], 2)
+    second.port = first.port
+    second.write_config("220 RelayGate two")
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    env.pop("RELAYGATE_CONFIG", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "relaygate", "serve", "--config", str(second.config)],
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        cwd=other,
+        env=env,
+        timeout=60,
+    )
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 1, err[-3000:]
+    assert b"RelayGate ready" not in proc.stdout
+    assert f'cannot listen on 127.0.0.1:{first.port} (bindings of receive connector "Relay")' in (
+        err
+    ), err[-3000:]
+    assert "Address already in use" in err
+    assert "[w0]" not in err and "[w1]" not in err  # refused before any worker started
+    with held_clients(first.port, 4, banner="RelayGate one"):
+        pass
+    assert first.stop() == 0

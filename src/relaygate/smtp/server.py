@@ -56,6 +56,7 @@ __all__ = [
     "SmtpServer",
     "StarttlsContexts",
     "TlsUnavailable",
+    "check_bindings_free",
     "listener_bindings",
     "load_starttls_contexts",
 ]
@@ -149,6 +150,32 @@ def listener_bindings(config: Config) -> dict[Binding, bool]:
             for w, w_implicit in wildcards
         )
     }
+
+
+def check_bindings_free(config: Config) -> None:
+    """Raise ListenerError (naming the binding and its connectors) if a listener of `config`
+    cannot be bound by a socket WITHOUT SO_REUSEPORT: another process listens there.
+
+    Worker processes bind with SO_REUSEPORT, which the kernel lets any process of the same user
+    share: a second node started on a port another node's workers hold would bind it too,
+    say ready, and split (or silently take over) the first's connections. A socket without
+    SO_REUSEPORT meets EADDRINUSE there, so the supervisor binds each endpoint that way (and
+    closes it: it never listens) before it starts its workers."""
+    for binding in listener_bindings(config):
+        family = socket.AF_INET6 if binding.version == 6 else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP) as sock:
+            try:
+                # as the listeners do (SO_REUSEADDR, IPV6_V6ONLY), so only a listener conflicts
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(
+                        socket.IPPROTO_IPV6,
+                        socket.IPV6_V6ONLY,
+                        1 if config.ipv6_only(binding.port) else 0,
+                    )
+                sock.bind((binding.address, binding.port))
+            except OSError as exc:
+                raise ListenerError(binding, exc, config) from exc
 
 
 class _ListenerState(NamedTuple):
