@@ -422,6 +422,16 @@ class Relay:
                 await asyncio.to_thread(log.close)
         self._stopped.set()
 
+    def hurry(self) -> None:
+        """A second SIGTERM/SIGINT while stopping: the sessions and deliveries still running are
+        cut now instead of at the end of their grace; the rest of `stop` (the store, the logs)
+        runs as it would."""
+        logger.warning("second signal: stopping now (sessions and deliveries in flight are cut)")
+        if self.server is not None:
+            self.server.cut_sessions()
+        if self.manager is not None:
+            self.manager.cut_deliveries()
+
     async def watch_config(self, interval: float = 2.0) -> None:
         """Reload when the config file changes (edits by `relaygate connector ...` are atomic renames)."""
         if self.config_path is None:
@@ -513,6 +523,8 @@ async def _main(
         # at the pace of the configuration in force (a reload may change worker_hang_timeout)
         pinger = asyncio.ensure_future(_heartbeats(link, lambda: heartbeat_interval(relay.config)))
     await stop.wait()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # the next one: no more grace
+        loop.add_signal_handler(sig, relay.hurry)
     if systemd is not None:
         systemd.stopping()
     if pinger is not None:

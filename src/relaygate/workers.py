@@ -27,8 +27,9 @@ any of its processes runs, even after a SIGKILL of the supervisor. It:
 * starts the workers and prints ``RelayGate ready: SMTP ...`` once every worker listens (a worker
   that fails during start-up stops the whole start with exit status 1);
 * forwards SIGTERM/SIGINT (graceful stop: each worker stops accepting, tells clients waiting to
-  send a command 421 4.3.2, lets messages being received and deliveries finish) and SIGHUP
-  (reload; every worker re-reads the config file);
+  send a command 421 4.3.2, lets messages being received and deliveries finish; a second
+  SIGTERM/SIGINT is passed on too, and a worker then cuts them short) and SIGHUP (reload; every
+  worker re-reads the config file);
 * restarts a worker that exits unexpectedly, after a backoff that doubles with every failure in a
   row (0.5 s … 30 s; a worker that ran for a minute resets it);
 * kills (and so restarts) a worker whose event loop has sent no heartbeat for
@@ -108,6 +109,8 @@ logger = logging.getLogger("relaygate.workers")
 HEARTBEAT_MAX = 5.0
 READY_TIMEOUT = 60.0  # a worker not listening after this long is killed (and restarted)
 STOP_TIMEOUT = 40.0  # sessions 5 s + deliveries 10 s + store close, with room to spare
+#: After a second SIGTERM/SIGINT: how long the workers have to cut short and close their stores.
+HURRY_TIMEOUT = 5.0
 OUTPUT_DRAIN_TIMEOUT = 5.0  # for the last lines of the workers once they all exited
 #: How long the last lines of a worker that exited may take to come (its pipes to end) before
 #: the supervisor logs the exit anyway (a process it started may hold its stderr for long).
@@ -683,20 +686,30 @@ class Supervisor:
                 w.proc.send_signal(sig)
 
     def _stop_all(self) -> None:
-        """SIGTERM every worker, wait up to STOP_TIMEOUT, SIGKILL what is left."""
+        """SIGTERM every worker, wait up to STOP_TIMEOUT, SIGKILL what is left. Another
+        SIGTERM/SIGINT meanwhile is passed on (a worker then cuts its sessions and deliveries
+        short: relaygate.app) and leaves them HURRY_TIMEOUT at most."""
         for w in self.workers:
             w.restart_at = None
             self._signal(w, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
+        hurried = False
+        while any(w.alive for w in self.workers) and time.monotonic() < deadline:
+            self._poll(min(0.2, max(0.0, deadline - time.monotonic())))
+            stop, _reload = self._take_signals()
+            if stop and not hurried:
+                hurried = True
+                logger.warning("second signal: stopping now (workers cut their sessions short)")
+                for w in self.workers:
+                    self._signal(w, signal.SIGTERM)
+                deadline = min(deadline, time.monotonic() + HURRY_TIMEOUT)
         for w in self.workers:
             if w.proc is None:
                 continue
-            try:
-                w.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            if w.proc.poll() is None:
                 logger.error("worker %d (pid %d) did not stop: killed", w.index, w.proc.pid)
                 w.proc.kill()
-                w.proc.wait()
+            w.proc.wait()
             self._close_link(w)
 
     def _drain_outputs(self) -> None:

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import smtplib
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -788,3 +789,58 @@ def test_a_port_another_node_serves_with_workers_is_refused_at_start(
     with held_clients(first.port, 4, banner="RelayGate one"):
         pass
     assert first.stop() == 0
+
+
+@contextlib.contextmanager
+def stalled_next_hop() -> Iterator[int]:
+    """A next hop whose port takes connections (the kernel's backlog) and never says a word: a
+    delivery to it waits for its banner, far past any stop grace."""
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as listener:
+        yield int(listener.getsockname()[1])
+
+
+def refuses_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_second_sigterm_stops_at_once_and_loses_nothing(tmp_path: Path, workers: int) -> None:
+    """The first SIGTERM lets a message being received finish (5 s) and a delivery in flight
+    finish (10 s); a second SIGTERM (or SIGINT: an impatient ^C) cuts both short and the process
+    exits at once. It used to be ignored: the stop took its whole grace. The message that got
+    its 250 is still in the queue, to be delivered at the next start."""
+    with stalled_next_hop() as hop:
+        s = Served(tmp_path, hop, workers)
+        s.start()
+        try:
+            assert s.proc is not None
+            mid = "<acked-before-stop@corp.example>"
+            with RawClient(s.port, timeout=10) as done:
+                done.greet()
+                send_on(done, mid)  # its delivery hangs on the silent next hop
+            held = RawClient(s.port, source="127.0.0.20", timeout=10)
+            held.greet()
+            held.cmd("MAIL FROM:<scanner@corp.example>", 250)
+            held.cmd("RCPT TO:<someone@remote.example>", 250)
+            held.cmd("DATA", 354)
+            held.send("Subject: half a message\r\n\r\n")  # and never the final dot
+            s.proc.send_signal(signal.SIGTERM)
+            assert wait_until(lambda: refuses_connections(s.port), 10), s.log()[-3000:]
+            assert s.proc.poll() is None  # the grace is running
+            started = time.monotonic()
+            s.proc.send_signal(signal.SIGINT)
+            s.proc.wait(30)
+            took = time.monotonic() - started
+            held.close()
+            assert took < 3.0, f"{took:.1f} s after the second signal\n{s.log()[-3000:]}"
+            assert s.proc.returncode == 0, s.log()[-3000:]
+            assert "second signal: stopping now" in s.log(), s.log()[-3000:]
+            assert [m for m, _ in stored(s.data)] == [mid]  # acknowledged, kept, not delivered
+            assert [st for _, st in stored(s.data)] != ["Delivered"]
+        finally:
+            if s.proc is not None and s.proc.poll() is None:
+                kill_tree(s.proc.pid)

@@ -351,6 +351,15 @@ class QueueManager:
                 await self.graph.aclose()
             self.graph = None
 
+    def cut_deliveries(self) -> None:
+        """Stop now (a second SIGTERM): cancel the deliveries in flight, as `stop` does to those
+        still running after ``stop_grace``. Their messages stay queued under this node's lease,
+        which the next start drops; one the next hop took before the cut is sent again."""
+        self._stopping = True  # none starts from now on, and `stop` has no grace left to give
+        self.stop_grace = 0.0
+        for task in [*self._inflight.values(), *self._background]:
+            task.cancel()
+
     def _has_room(self) -> bool:
         return self.running and not self._stopping and len(self._inflight) < self.max_concurrent
 

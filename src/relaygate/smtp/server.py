@@ -715,6 +715,7 @@ class SmtpServer:
         self._sessions: set[asyncio.Task[None]] = set()
         self._handshakes: set[asyncio.Task[Any]] = set()  # implicit TLS, before the session
         self._live: set[Session] = set()  # told to finish when the server stops
+        self._hurry = False  # `cut_sessions`: stop without a grace
 
     @property
     def endpoints(self) -> list[tuple[str, int]]:
@@ -1111,6 +1112,8 @@ class SmtpServer:
             return None
 
     async def stop(self, grace: float = 5.0) -> None:
+        if self._hurry:
+            grace = 0.0
         for server in self._servers.values():
             server.close()
         for server in self._servers.values():
@@ -1129,6 +1132,14 @@ class SmtpServer:
             _done, pending = await asyncio.wait(list(self._sessions), timeout=grace)
             for task in pending:
                 task.cancel()
+
+    def cut_sessions(self) -> None:
+        """Stop now (a second SIGTERM): cancel every session and TLS handshake, as `stop` does
+        to those still open after its grace; a message not yet acknowledged is not kept (its
+        client had no 250 and sends it again), one acknowledged is on disk already."""
+        self._hurry = True  # and those accepted before the listeners close: no grace either
+        for task in [*self._sessions, *self._handshakes]:
+            task.cancel()
 
 
 def protocol_log_for(config: Config, privacy: AddressPrivacy | None = None) -> ProtocolLog:
