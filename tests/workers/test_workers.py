@@ -351,7 +351,32 @@ def test_workers_key_is_validated_with_the_key_named() -> None:
     assert parse_text("[server]\nworkers = 64\n", "x").server.workers == 64
     assert parse_text("[server]\n", "x").server.workers == 1
     auto = parse_text('[server]\nworkers = "auto"\n', "x").server.workers
-    assert auto == max(1, min(64, os.cpu_count() or 1))
+    assert auto == max(1, min(64, len(os.sched_getaffinity(0))))
+
+
+def test_workers_auto_counts_the_cpus_the_process_may_use() -> None:
+    """ "auto" counted the machine's CPUs (os.cpu_count): `relaygate serve` pinned to one CPU
+    (taskset, systemd's CPUAffinity=, a container's cpuset) started one worker per CPU of the
+    host. It counts the CPUs of its affinity now, and a cgroup CPU quota lowers that."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs a machine with two CPUs to pin a process to one")
+    code = (
+        "import os; from relaygate.config import parse_text\n"
+        f"os.sched_setaffinity(0, {{{cpus[0]}}})\n"
+        "print(parse_text('[server]\\nworkers = \"auto\"\\n', 'x').server.workers)"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.decode().strip() == "1"
+
+    from relaygate.config.loader import cgroup_cpu_quota
+
+    assert cgroup_cpu_quota("max 100000") is None
+    assert cgroup_cpu_quota("150000 100000") == 2  # CPUQuota=150%: two workers' worth, rounded up
+    assert cgroup_cpu_quota("50000 100000") == 1
+    assert cgroup_cpu_quota("") is None and cgroup_cpu_quota("garbage") is None
 
 
 def test_one_worker_is_one_process(serve: Any) -> None:

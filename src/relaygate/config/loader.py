@@ -226,7 +226,7 @@ class _Builder:
     def _key_workers(self, raw: Any, path: str, connector: str) -> int:
         """`server.workers`: 1–64 processes sharing the listening ports, or "auto" (one per CPU)."""
         if isinstance(raw, str) and raw.strip().lower() == "auto":
-            return max(1, min(m.MAX_WORKERS, os.cpu_count() or 1))
+            return max(1, min(m.MAX_WORKERS, usable_cpus()))
         if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= m.MAX_WORKERS:
             raise ValueError(
                 f'expected a whole number from 1 to {m.MAX_WORKERS} or "auto", got {raw!r}'
@@ -454,3 +454,49 @@ def parse_text(text: str, source: str, *, base_dir: Path | None = None) -> m.Con
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([Problem(source, "(syntax)", f"not valid TOML: {exc}")]) from None
     return parse_config(doc, source, base_dir=base_dir)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (`server.workers = "auto"`): those of its affinity mask
+    (taskset, systemd's CPUAffinity=, a container's cpuset), fewer if its cgroup's CPU quota
+    (systemd's CPUQuota=, docker --cpus) gives it less time than that; os.cpu_count() counts the
+    machine's, and a relay in a 2-CPU container of a 64-CPU host started 64 workers."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(_read_cgroup_cpu_max())
+    return max(1, min(cpus, quota) if quota is not None else cpus)
+
+
+def cgroup_cpu_quota(cpu_max: str | None) -> int | None:
+    """The CPUs' worth of time that a cgroup v2 ``cpu.max`` ("<quota> <period>", or "max
+    <period>") allows, rounded up; None: no quota (or nothing readable)."""
+    if not cpu_max:
+        return None
+    parts = cpu_max.split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    try:
+        quota, period = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    if quota <= 0 or period <= 0:
+        return None
+    return -(-quota // period)
+
+
+def _read_cgroup_cpu_max() -> str | None:
+    """This process's cgroup v2 ``cpu.max`` (from /proc/self/cgroup's "0::<path>"), or None."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("0::"):
+            path = Path("/sys/fs/cgroup") / line[3:].lstrip("/") / "cpu.max"
+            try:
+                return path.read_text().strip()
+            except OSError:
+                return None
+    return None
