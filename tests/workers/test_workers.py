@@ -869,3 +869,48 @@ def test_a_second_sigterm_stops_at_once_and_loses_nothing(tmp_path: Path, worker
         finally:
             if s.proc is not None and s.proc.poll() is None:
                 kill_tree(s.proc.pid)
+
+
+SECOND_CONNECTOR = """
+[[receive_connectors]]
+name = "Second"
+bindings = ["127.0.0.1:{port}"]
+remote_ip_ranges = ["127.0.0.0/8"]
+permission_groups = ["AnonymousUsers"]
+tarpit_interval = "00:00:00"
+"""
+
+
+def test_a_listener_opened_after_workers_changed_in_the_file_steers_for_the_running_workers(
+    serve: Any,
+) -> None:
+    """`workers` edited in the file waits for a restart, but a listener opened by a reload (a new
+    binding; an implicit-TLS socket reopened for a renewed certificate) was given a steering
+    program for the file's count: with 2 workers running and 4 in the file, the sources it sent
+    to worker 2 or 3 (there is none) were spread by the kernel over both workers, and their
+    per-source limits counted per worker. It steers for the workers that run."""
+    s = serve(workers=2)
+    workers = s.children()
+    port2 = free_port()
+    s.workers = 4
+    s.write_config("220 RelayGate one")
+    s.config.write_text(s.config.read_text() + SECOND_CONNECTOR.format(port=port2))
+    assert s.proc is not None
+    s.proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: not refuses_connections(port2), 15), s.log()[-3000:]
+    assert "server.workers changed from 2 to 4" in s.log()
+    spread = {}
+    for i in range(12):
+        source = f"127.0.0.{60 + i}"
+        clients = [RawClient(port2, source=source, timeout=10) for _ in range(6)]
+        try:
+            for c in clients:
+                assert c.reply() is not None
+            per_pid = connections_per_pid(workers, port2)
+            if all(n > 0 for n in per_pid.values()):
+                spread[source] = per_pid
+        finally:
+            for c in clients:
+                c.close()
+    assert not spread, spread  # each source on one worker
+    assert s.stop() == 0

@@ -482,6 +482,9 @@ class ServerContext:
             self.users = UserStore(path)
         except ValueError as exc:
             raise UsersFileError(f"cannot read the users file {path}: {exc}") from None
+        #: The processes the node runs (fixed at start: a changed `server.workers` waits for a
+        #: restart), among which the default `max_data_in_memory` is divided.
+        self.workers = config.server.workers
         self.apply(config, tls=tls)
 
     def apply(self, config: Config, *, tls: StarttlsContexts | None = None) -> None:
@@ -492,9 +495,7 @@ class ServerContext:
         self.config = config
         self.refresh_tls(tls)
         limit = config.server.max_data_in_memory
-        self.data_memory.limit = (
-            limit if limit is not None else default_data_memory(config.server.workers)
-        )
+        self.data_memory.limit = limit if limit is not None else default_data_memory(self.workers)
         # Per-connection decisions that depend only on the configuration, computed once per config:
         # the connector for (local address, port, client) and a connector's session rights.
         self._selections: dict[tuple[str, int, str], Selection] = {}
@@ -704,6 +705,10 @@ class SmtpServer:
         self.reuse_port = (
             ctx.config.server.workers > 1 if reuse_port is None else reuse_port
         ) and hasattr(socket, "SO_REUSEPORT")
+        #: The worker processes sharing the listeners, fixed at start like `reuse_port`: a reload
+        #: that changes `server.workers` (effective at the next restart) must not give a listener
+        #: it opens a steering program for workers that do not run.
+        self.workers = ctx.workers
         self._servers: dict[Binding, asyncio.Server | _TlsListener] = {}
         #: What each listening socket was opened with (compared on reload) and its TLS context
         #: (None: plain; kept to reopen the socket as it was when a reload is rolled back).
@@ -827,7 +832,7 @@ class SmtpServer:
             raise
         sock.setblocking(False)
         server = config.server
-        workers = server.workers
+        workers = self.workers
         if self.reuse_port and workers > 1:
             # One client address → one worker, so per-source limits are counted in one place.
             steered = (
