@@ -87,3 +87,17 @@ def test_a_message_over_its_size_limit_does_not_spend_the_budget(relay):  # noqa
     c.send(body(40 * KB) + b".\r\n")
     c.expect(250)
     wait_all_given_back(r)
+
+
+def test_the_default_budget_follows_the_workers_that_run_not_the_file(relay):  # noqa: F811
+    """`server.workers` edited in the file waits for a restart: a reload kept dividing the
+    default budget (a quarter of the memory) by the file's figure, 8 times smaller with 16 in the
+    file for the 2 processes that run."""
+    from relaygate.smtp.limits import default_data_memory
+
+    r = relay([relay_connector()], server={"workers": 2})
+    assert r.relay.ctx.data_memory.limit == default_data_memory(2)
+    r.doc["server"]["workers"] = 16
+    r.reconfigure([relay_connector()])
+    assert r.relay.config.server.workers == 16  # the reload took the file
+    assert r.relay.ctx.data_memory.limit == default_data_memory(2)
