@@ -134,6 +134,9 @@ class Relay:
         #: the ACME client (relaygate.acme) when this process runs it: a node of one process
         #: (a supervisor runs it for its workers)
         self.acme: AcmeManager | None = None
+        #: Whether the node's admin centre runs (in worker 0 when there are several: the
+        #: listener is opened at start, admin.enabled edited waits for a restart)
+        self.admin_in_node = config.admin.enabled
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -281,6 +284,15 @@ class Relay:
             # restart while the audit, reading the new config, no longer reported the open API).
             try:
                 admin_token = await asyncio.to_thread(self.admin.read_token, new)
+            except AdminStartError as exc:
+                logger.error("reload refused, keeping the running configuration: %s", exc)
+                return
+        elif self.worker_index and self.admin_in_node:
+            # Worker 0 refuses a reload whose token file cannot be used: so does every worker,
+            # or the node would serve the new configuration from some workers and the old one
+            # from the others.
+            try:
+                await asyncio.to_thread(AdminServer.read_token, new, warn=False)
             except AdminStartError as exc:
                 logger.error("reload refused, keeping the running configuration: %s", exc)
                 return

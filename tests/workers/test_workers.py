@@ -914,3 +914,48 @@ def test_a_listener_opened_after_workers_changed_in_the_file_steers_for_the_runn
                 c.close()
     assert not spread, spread  # each source on one worker
     assert s.stop() == 0
+
+
+def test_a_reload_worker_0_refuses_is_refused_by_every_worker(
+    tmp_path: Path, sink: tuple[Sink, int]
+) -> None:
+    """Worker 0 runs the admin centre and refuses a reload whose admin.api_token_file cannot be
+    used (emptied by mistake); the other workers did not read it and took the file: half the
+    clients then met the new configuration and half the old one, until the next reload. Every
+    worker now refuses it, and the node keeps one configuration."""
+    s = Served(tmp_path, sink[1], 2)
+    token = tmp_path / "api.token"
+    token.write_text("a-long-enough-admin-token-0123456789\n")
+    token.chmod(0o600)
+    listen = f'listen = "127.0.0.1:{s.admin_port}"'
+    s.config.write_text(
+        s.config.read_text().replace(listen, f'{listen}\napi_token_file = "{token}"')
+    )
+    s.start()
+    try:
+        assert s.proc is not None
+        token.write_text("")  # emptied by mistake, and the banner changed in the same edit
+        text = s.config.read_text().replace("220 RelayGate one", "220 RelayGate two")
+        edit_keeping_stamp(s.config, text)
+        s.proc.send_signal(signal.SIGHUP)
+        refused = "reload refused"
+        reloaded = "configuration reloaded from"
+        assert wait_until(lambda: s.log().count(refused) + s.log().count(reloaded) >= 2, 15), (
+            s.log()[-3000:]
+        )
+        assert s.log().count(refused) == 2, s.log()[-3000:]
+        with held_clients(s.port, 30, banner="RelayGate one"):
+            pass
+        assert s.stop() == 0
+    finally:
+        if s.proc is not None and s.proc.poll() is None:
+            kill_tree(s.proc.pid)
+
+
+def edit_keeping_stamp(path: Path, text: str) -> None:
+    """Write `text` with the file's mtime and inode as they were: only a SIGHUP reloads it."""
+    st = path.stat()
+    with open(path, "r+", encoding="utf-8") as f:
+        f.write(text)
+        f.truncate()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))

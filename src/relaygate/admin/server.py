@@ -317,12 +317,13 @@ class AdminServer:
         return sock
 
     @staticmethod
-    def read_token(config: Any) -> str | None:
+    def read_token(config: Any, *, warn: bool = True) -> str | None:
         """The API token ``config`` names (None: no token file). AdminStartError when the file
         cannot be read or holds no token: at start the relay does not start, at a reload the
         reload is refused (the running token stays; a file emptied by mistake never opens the
         API). A file every local user may read or write is used, with a warning (at a reload
-        too: a rotated token copied with `cp` is 0644)."""
+        too: a rotated token copied with `cp` is 0644) unless ``warn`` is false (a worker that
+        only checks the file, so that it refuses the reload the admin centre's worker does)."""
         token_file = getattr(config.admin, "api_token_file", None)
         try:
             token = read_token(token_file)
@@ -332,7 +333,7 @@ class AdminServer:
             ) from exc
         except TokenFileError as exc:
             raise AdminStartError(str(exc)) from exc
-        if (warning := token_mode_warning(token_file)) is not None:
+        if warn and (warning := token_mode_warning(token_file)) is not None:
             log.warning("%s", warning)  # warned, not refused: the relay starts, the reload goes on
         return token
 
