@@ -495,7 +495,8 @@ async def _main(
     tune_malloc()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    stop_signals = _stop_signals(worker_index)
+    for sig in stop_signals:
         loop.add_signal_handler(sig, stop.set)
     assert relay.server is not None
     endpoints = ", ".join(f"{h}:{p}" for h, p in relay.server.endpoints)
@@ -535,7 +536,7 @@ async def _main(
         # at the pace of the configuration in force (a reload may change worker_hang_timeout)
         pinger = asyncio.ensure_future(_heartbeats(link, lambda: heartbeat_interval(relay.config)))
     await stop.wait()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # the next one: no more grace
+    for sig in stop_signals:  # the next one: no more grace
         loop.add_signal_handler(sig, relay.hurry)
     if systemd is not None:
         systemd.stopping()
@@ -547,6 +548,15 @@ async def _main(
     await relay.stop()
     if link is not None:
         link.close()
+
+
+def _stop_signals(worker_index: int | None) -> tuple[int, ...]:
+    """The signals that stop this process, a second one at once (`Relay.hurry`). A worker's
+    SIGINT is ignored (`run`): a terminal's ^C reaches every process of its group, and the
+    worker would take its supervisor's SIGTERM, which follows, as a second signal."""
+    if worker_index is None:
+        return (signal.SIGTERM, signal.SIGINT)
+    return (signal.SIGTERM,)
 
 
 async def _heartbeats(link: socket.socket, interval: Callable[[], float]) -> None:
@@ -645,6 +655,10 @@ def run(
     worker_index: int | None = None,
     link_fd: int | None = None,
 ) -> None:
+    if worker_index is not None:
+        # Its supervisor stops it (SIGTERM, a second one to hurry): a ^C reaches the supervisor
+        # too, which passes it on (`_stop_signals`)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     config = load_config(config_path)
     # server.log_format / log_level (the serve flags win); `[wN]` or "worker" in a worker
     configure_service_log(config.server.log_format, config.server.log_level, worker=worker_index)
