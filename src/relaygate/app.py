@@ -495,8 +495,7 @@ async def _main(
     tune_malloc()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    stop_signals = _stop_signals(worker_index)
-    for sig in stop_signals:
+    for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     assert relay.server is not None
     endpoints = ", ".join(f"{h}:{p}" for h, p in relay.server.endpoints)
@@ -532,31 +531,25 @@ async def _main(
         link = socket.socket(fileno=link_fd)
         worker_ready(link, endpoints=endpoints, admin=admin)
         link.setblocking(False)
-        loop.add_reader(link.fileno(), _on_link, link, stop)
+        loop.add_reader(link.fileno(), _on_link, link, stop, relay.hurry)
         # at the pace of the configuration in force (a reload may change worker_hang_timeout)
         pinger = asyncio.ensure_future(_heartbeats(link, lambda: heartbeat_interval(relay.config)))
     await stop.wait()
-    for sig in stop_signals:  # the next one: no more grace
-        loop.add_signal_handler(sig, relay.hurry)
+    if link is None:
+        # The next one: no more grace. (A worker hurries when its supervisor says so on the
+        # link: a stop signal sent to every process of the node, ^C in a terminal or
+        # KillMode=control-group, reaches it once from there and once more passed on.)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, relay.hurry)
     if systemd is not None:
         systemd.stopping()
     if pinger is not None:
         pinger.cancel()
+    watcher.cancel()
+    await relay.stop()  # the link is still read: the supervisor may say "hurry"
     if link is not None:
         loop.remove_reader(link.fileno())
-    watcher.cancel()
-    await relay.stop()
-    if link is not None:
         link.close()
-
-
-def _stop_signals(worker_index: int | None) -> tuple[int, ...]:
-    """The signals that stop this process, a second one at once (`Relay.hurry`). A worker's
-    SIGINT is ignored (`run`): a terminal's ^C reaches every process of its group, and the
-    worker would take its supervisor's SIGTERM, which follows, as a second signal."""
-    if worker_index is None:
-        return (signal.SIGTERM, signal.SIGINT)
-    return (signal.SIGTERM,)
 
 
 async def _heartbeats(link: socket.socket, interval: Callable[[], float]) -> None:
@@ -599,13 +592,21 @@ def tune_gc() -> None:
     )
 
 
-def _on_link(link: socket.socket, stop: asyncio.Event) -> None:
+def _on_link(link: socket.socket, stop: asyncio.Event, hurry: Callable[[], None]) -> None:
+    """What the supervisor says on a worker's link: nothing but `HURRY_LINE` (a second stop
+    signal reached it: relaygate.workers), then EOF when it is gone."""
+    from relaygate.workers import HURRY_LINE
+
     try:
         data = link.recv(4096)
     except (BlockingIOError, InterruptedError):
         return
     except OSError:
         data = b""
+    if HURRY_LINE in data:
+        stop.set()
+        hurry()
+        return
     if not data:
         logger.warning("supervisor gone: worker %d stops", os.getpid())
         asyncio.get_running_loop().remove_reader(link.fileno())
@@ -655,10 +656,6 @@ def run(
     worker_index: int | None = None,
     link_fd: int | None = None,
 ) -> None:
-    if worker_index is not None:
-        # Its supervisor stops it (SIGTERM, a second one to hurry): a ^C reaches the supervisor
-        # too, which passes it on (`_stop_signals`)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
     config = load_config(config_path)
     # server.log_format / log_level (the serve flags win); `[wN]` or "worker" in a worker
     configure_service_log(config.server.log_format, config.server.log_level, worker=worker_index)

@@ -28,7 +28,7 @@ any of its processes runs, even after a SIGKILL of the supervisor. It:
   that fails during start-up stops the whole start with exit status 1);
 * forwards SIGTERM/SIGINT (graceful stop: each worker stops accepting, tells clients waiting to
   send a command 421 4.3.2, lets messages being received and deliveries finish; a second
-  SIGTERM/SIGINT is passed on too, and a worker then cuts them short) and SIGHUP (reload; every
+  SIGTERM/SIGINT makes it tell each worker, on its link, to cut them short) and SIGHUP (reload; every
   worker re-reads the config file);
 * restarts a worker that exits unexpectedly, after a backoff that doubles with every failure in a
   row (0.5 s … 30 s; a worker that ran for a minute resets it);
@@ -46,9 +46,10 @@ any of its processes runs, even after a SIGKILL of the supervisor. It:
   counted.
 
 Each worker holds one end of a socketpair whose other end the supervisor keeps: the worker writes
-one JSON line when it listens, and stops by itself when it reads EOF (the supervisor is gone, even
-after a SIGKILL), so workers are never orphaned for longer than they take to finish their
-deliveries (they keep the node's locks meanwhile).
+one JSON line when it listens (then heartbeats), and stops by itself when it reads EOF (the
+supervisor is gone, even after a SIGKILL), so workers are never orphaned for longer than they take
+to finish their deliveries (they keep the node's locks meanwhile). The supervisor writes nothing
+there but HURRY_LINE, after a second stop signal.
 """
 
 from __future__ import annotations
@@ -111,6 +112,9 @@ READY_TIMEOUT = 60.0  # a worker not listening after this long is killed (and re
 STOP_TIMEOUT = 40.0  # sessions 5 s + deliveries 10 s + store close, with room to spare
 #: After a second SIGTERM/SIGINT: how long the workers have to cut short and close their stores.
 HURRY_TIMEOUT = 5.0
+#: What the supervisor writes on a worker's link, the only thing it ever writes there: a second
+#: stop signal reached it, the worker cuts its sessions and deliveries short (relaygate.app).
+HURRY_LINE = b"hurry\n"
 OUTPUT_DRAIN_TIMEOUT = 5.0  # for the last lines of the workers once they all exited
 #: How long the last lines of a worker that exited may take to come (its pipes to end) before
 #: the supervisor logs the exit anyway (a process it started may hold its stderr for long).
@@ -142,9 +146,9 @@ def send_heartbeat(link: socket.socket, every: float = HEARTBEAT_MAX) -> None:
 
 
 def supervisor_alive(link_fd: int) -> bool:
-    """Whether the supervisor at the other end of a worker's link still runs: the supervisor never
-    writes to the link, so a link with something to read is at EOF (the supervisor closed it, or
-    died, SIGKILL included: the kernel closes its end as the process exits)."""
+    """Whether the supervisor at the other end of a worker's link still runs: the link is at EOF
+    (the supervisor closed it, or died, SIGKILL included: the kernel closes its end as the process
+    exits) when it is readable with nothing to read (the supervisor writes only HURRY_LINE)."""
     link = socket.socket(fileno=link_fd)
     try:
         if not select.select([link], [], [], 0)[0]:
@@ -688,7 +692,7 @@ class Supervisor:
     def _stop_all(self) -> None:
         """SIGTERM every worker, wait up to STOP_TIMEOUT, SIGKILL what is left. Another
         SIGTERM/SIGINT meanwhile is passed on (a worker then cuts its sessions and deliveries
-        short: relaygate.app) and leaves them HURRY_TIMEOUT at most."""
+        short when told on its link: relaygate.app) and leaves them HURRY_TIMEOUT at most."""
         for w in self.workers:
             w.restart_at = None
             self._signal(w, signal.SIGTERM)
@@ -701,7 +705,7 @@ class Supervisor:
                 hurried = True
                 logger.warning("second signal: stopping now (workers cut their sessions short)")
                 for w in self.workers:
-                    self._signal(w, signal.SIGTERM)
+                    self._tell_hurry(w)
                 deadline = min(deadline, time.monotonic() + HURRY_TIMEOUT)
         for w in self.workers:
             if w.proc is None:
@@ -711,6 +715,15 @@ class Supervisor:
                 w.proc.kill()
             w.proc.wait()
             self._close_link(w)
+
+    @staticmethod
+    def _tell_hurry(w: _Worker) -> None:
+        """`HURRY_LINE` on the worker's link. Not a second SIGTERM: a stop signal sent to every
+        process of the node (^C in a terminal, KillMode=control-group, pkill) reaches a worker
+        once from there and once passed on from here, which must not cut its sessions short."""
+        if w.link is not None:
+            with contextlib.suppress(OSError):  # gone (EOF), or its buffer full: it stops anyway
+                w.link.send(HURRY_LINE)
 
     def _drain_outputs(self) -> None:
         """Every worker exited: wait (a little) for their last lines to be passed on, and
