@@ -107,13 +107,21 @@ class Relay:
     """One running RelayGate node, or one worker process of it (``worker_index`` 0..N-1)."""
 
     def __init__(
-        self, config: Config, *, config_path: Path | None = None, worker_index: int | None = None
+        self,
+        config: Config,
+        *,
+        config_path: Path | None = None,
+        worker_index: int | None = None,
+        config_stamp: tuple[int, int] | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
-        # The file as `config` was read from it (near enough: just after): the watcher compares
-        # against this, so an edit made while the relay starts is not missed.
-        self._config_stamp = _stamp(config_path) if config_path is not None else None
+        # The file as `config` was read from it (`config_stamp`, taken before it was read; else
+        # near enough: now): the watcher compares against this, so an edit made while the relay
+        # starts (it may wait for the node lock for minutes) is not missed.
+        if config_stamp is None and config_path is not None:
+            config_stamp = _stamp(config_path)
+        self._config_stamp = config_stamp
         self.worker_index = worker_index
         self.store = open_store(config, shared=worker_index is not None)
         self.tracking: TrackingLog | None = None
@@ -488,8 +496,11 @@ async def _main(
     *,
     worker_index: int | None = None,
     link_fd: int | None = None,
+    config_stamp: tuple[int, int] | None = None,
 ) -> None:
-    relay = Relay(config, config_path=config_path, worker_index=worker_index)
+    relay = Relay(
+        config, config_path=config_path, worker_index=worker_index, config_stamp=config_stamp
+    )
     await relay.start()
     tune_gc()
     tune_malloc()
@@ -656,6 +667,11 @@ def run(
     worker_index: int | None = None,
     link_fd: int | None = None,
 ) -> None:
+    from relaygate.config import default_config_path
+
+    resolved = default_config_path(config_path)
+    # before it is read: an edit made from now on (during the wait for the node lock too) is seen
+    stamp = _stamp(resolved) if resolved is not None else None
     config = load_config(config_path)
     # server.log_format / log_level (the serve flags win); `[wN]` or "worker" in a worker
     configure_service_log(config.server.log_format, config.server.log_level, worker=worker_index)
@@ -664,11 +680,8 @@ def run(
         # supervisor reads): from a thread, so that a stderr nobody reads (a full pipe) keeps
         # neither the event loop nor the supervision of the workers waiting.
         buffer_stderr()
-    from relaygate.config import default_config_path
-
     if worker_index is None:  # the workers inherit the limit from their supervisor
         raise_fd_limit(config)
-    resolved = default_config_path(config_path)
     lock: NodeLock | None = None
     if worker_index is None:
         # Held until the process exits (its workers run under it): no second node with this
@@ -701,7 +714,7 @@ def run(
             # Before any worker starts: the workers take the name shared too, each for its
             # lifetime, so that it stays claimed while any of them runs (relaygate.node_lock).
             lock.share()
-            supervisor = Supervisor(config, resolved, hold_fds=(lock.fileno(),))
+            supervisor = Supervisor(config, resolved, hold_fds=(lock.fileno(),), file_stamp=stamp)
             if acme_enabled(config.server):
                 # The node's only ACME client; the workers watch the files it writes.
                 supervisor.acme = AcmeManager(config)
@@ -733,7 +746,15 @@ def run(
     except ImportError:
         pass
     try:
-        asyncio.run(_main(config, resolved, worker_index=worker_index, link_fd=link_fd))
+        asyncio.run(
+            _main(
+                config,
+                resolved,
+                worker_index=worker_index,
+                link_fd=link_fd,
+                config_stamp=stamp,
+            )
+        )
     except (ListenerError, StoreError, AdminStartError, PrivacyKeyError, UsersFileError) as exc:
         # a port in use, an implicit-TLS certificate that cannot load, a queue database that
         # cannot be opened or reached, an admin token file that cannot be read or is empty, a

@@ -235,7 +235,12 @@ class Supervisor:
     """Runs ``config.server.workers`` worker processes until SIGTERM/SIGINT. See the module doc."""
 
     def __init__(
-        self, config: Config, config_path: Path, *, hold_fds: tuple[int, ...] = ()
+        self,
+        config: Config,
+        config_path: Path,
+        *,
+        hold_fds: tuple[int, ...] = (),
+        file_stamp: tuple[int, int] | None = None,
     ) -> None:
         self.config = config
         #: Descriptors every worker inherits and keeps open: the node's lock file (node_lock.py),
@@ -261,8 +266,10 @@ class Supervisor:
         self._hang_timeout = config.server.worker_hang_timeout.total_seconds()
         self._ready_line = "RelayGate ready"
         #: the config file as last read here (the workers watch it themselves): an edit that
-        #: changes server.log_format/log_level applies to this process's lines too
-        self._file_stamp = _file_stamp(self.config_path)
+        #: changes server.log_format/log_level applies to this process's lines too. Taken
+        #: before `config` was read (`file_stamp`), so an edit made while the start waited for
+        #: the node lock is seen.
+        self._file_stamp = file_stamp if file_stamp is not None else _file_stamp(self.config_path)
         self._file_checked = time.monotonic()
         #: the threads passing the workers' stderr and stdout on (those of workers that exited
         #: end by themselves once they passed the last line on)

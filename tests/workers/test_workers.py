@@ -997,3 +997,54 @@ def test_a_stop_signal_to_every_process_stops_the_workers_gracefully(
     finally:
         if s.proc is not None and s.proc.poll() is None:
             kill_tree(s.proc.pid)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_sighup_while_starting_is_no_stop(
+    tmp_path: Path, sink: tuple[Sink, int], workers: int
+) -> None:
+    """SIGHUP (a reload: logrotate's postrotate, an administrator) before `relaygate serve` had
+    its handler killed it (the default action), for instance during the up to 120 s it waits for
+    the workers of a killed supervisor to finish. It is ignored until the handlers are in place
+    (the file watchers take any edit made meanwhile)."""
+    s = Served(tmp_path, sink[1], workers)
+    lock_path = s.data / "relaygate.lock"
+    s.data.mkdir(parents=True)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], text=True,
+                          capture_output=True, check=True)  # fmt: skip
+    lock_path.write_text(gone.stdout)  # the pid of a supervisor that is gone
+    holder = os.open(lock_path, os.O_RDWR)  # its orphaned workers hold the lock
+    import fcntl
+
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    env.pop("RELAYGATE_CONFIG", None)
+    with open(s.stderr, "ab") as err:
+        s.proc = subprocess.Popen(
+            [sys.executable, "-m", "relaygate", "serve", "--config", str(s.config)],
+            stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, cwd=tmp_path, env=env,
+        )  # fmt: skip
+    try:
+        assert wait_until(lambda: "waiting for the workers of relaygate serve" in s.log(), 30), (
+            s.log()[-3000:]
+        )
+        s.write_config("220 RelayGate edited while starting")
+        s.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)  # time for the signal's default action, if it is still in place
+        assert s.proc.poll() is None, f"status {s.proc.returncode}\n{s.log()[-3000:]}"
+        os.close(holder)  # the orphans exit
+        holder = -1
+        assert wait_for_ready_line(s.proc) is not None, s.log()[-3000:]
+
+        def banner() -> str:
+            with RawClient(s.port, timeout=10) as c:
+                return c.received.decode() if c.greet().code == 250 else ""
+
+        # the edit is taken (a single process read the file before the wait)
+        assert wait_until(lambda: "edited while starting" in banner(), 10), s.log()[-3000:]
+        assert s.stop() == 0
+    finally:
+        if holder >= 0:
+            os.close(holder)
+        if s.proc.poll() is None:
+            kill_tree(s.proc.pid)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from pathlib import Path
 
 import typer
@@ -45,6 +46,10 @@ def register(app: typer.Typer) -> None:
         from relaygate.logs import service
 
         service.hold_standard_fds()  # before anything opens a file that could take 0, 1 or 2
+        # A reload asked for before the handler is in place (the start may wait up to 120 s for
+        # a killed supervisor's workers: relaygate.node_lock) must not stop the process, as the
+        # default action does; the file watchers take any edit made meanwhile.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         log_format = _choice("--log-format", log_format, service.LOG_FORMATS)
         log_level = _choice("--log-level", log_level, service.LOG_LEVELS)
         service.set_overrides(log_format=log_format, log_level=log_level)
