@@ -540,11 +540,18 @@ async def _main(
         # The supervisor prints the ready line once every worker listens; EOF on the link means
         # the supervisor is gone, and a worker without its supervisor stops.
         link = socket.socket(fileno=link_fd)
-        worker_ready(link, endpoints=endpoints, admin=admin)
-        link.setblocking(False)
-        loop.add_reader(link.fileno(), _on_link, link, stop, relay.hurry)
-        # at the pace of the configuration in force (a reload may change worker_hang_timeout)
-        pinger = asyncio.ensure_future(_heartbeats(link, lambda: heartbeat_interval(relay.config)))
+        try:
+            worker_ready(link, endpoints=endpoints, admin=admin)
+        except OSError:  # EPIPE: the supervisor died while this worker started
+            logger.warning("supervisor gone: worker %d stops", os.getpid())
+            stop.set()
+        else:
+            link.setblocking(False)
+            loop.add_reader(link.fileno(), _on_link, link, stop, relay.hurry)
+            # at the pace of the configuration in force (a reload may change the hang timeout)
+            pinger = asyncio.ensure_future(
+                _heartbeats(link, lambda: heartbeat_interval(relay.config))
+            )
     await stop.wait()
     if link is None:
         # The next one: no more grace. (A worker hurries when its supervisor says so on the

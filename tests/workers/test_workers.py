@@ -1048,3 +1048,28 @@ def test_a_sighup_while_starting_is_no_stop(
             os.close(holder)
         if s.proc.poll() is None:
             kill_tree(s.proc.pid)
+
+
+def test_a_worker_whose_supervisor_died_while_it_started_stops_cleanly(serve: Any) -> None:
+    """The supervisor killed while a worker it had just (re)started was still starting: the
+    worker's ready line met a closed link, and it died of the BrokenPipeError, a traceback and
+    no orderly stop (its store, its logs). It stops as a worker whose supervisor is gone does."""
+    s = serve(workers=2)
+    before = s.children()
+    os.kill(before[1], signal.SIGKILL)
+    assert wait_until(lambda: len(s.children()) == 2 and before[1] not in s.children(), 30)
+    starting = next(p for p in s.children() if p not in before)
+    os.kill(starting, signal.SIGSTOP)  # still starting (the interpreter alone takes longer)
+    assert s.proc is not None
+    s.proc.kill()
+    s.proc.wait(10)
+    os.kill(starting, signal.SIGCONT)
+    try:
+        assert wait_until(lambda: not alive(starting) and not alive(before[0]), 30), s.log()[-3000:]
+        said = f"supervisor gone: worker {starting} stops"
+        assert wait_until(lambda: said in s.log(), 10), s.log()[-3000:]
+        assert "Traceback" not in s.log(), s.log()[-3000:]
+    finally:
+        for pid in (starting, before[0]):
+            with _suppress():
+                os.kill(pid, signal.SIGKILL)
