@@ -188,9 +188,9 @@ class Relay:
             # other workers' counters from here on (their figures now, if this is a restart)
             self.node_sums = NodeSums(Path(s.data_dir), cfg.server.workers, 0)
         if self.worker_index is not None:
-            # The message rate counts this worker shares with its siblings (None when started
+            # The message rate and AUTH failure counts this worker shares with its siblings (None when started
             # without a supervisor's table: then counted in this process, as with one worker).
-            self.ctx.rates.shared = SharedRateTable.from_env()
+            self.ctx.rates.shared = self.ctx.auth_failures.shared = SharedRateTable.from_env()
         queue_dir = Path(s.data_dir) / "queue"
         self.pressure = DiskPressure(
             queue_dir if queue_dir.is_dir() else Path(s.data_dir), cfg.queue.min_free_disk_space

@@ -416,11 +416,11 @@ def _server_findings(config: Config) -> Iterator[Finding]:
             "",
             "server.worker_balance",
             f'worker_balance = "connection" with {s.workers} workers: each worker counts '
-            "max_inbound_connection_per_source and logon_failure_rate_limit on its own, so one "
-            f"source can hold up to {s.workers} times those limits (message_rate_limit is "
-            "counted for the node)",
+            "max_inbound_connection_per_source on its own, so one source can hold up to "
+            f"{s.workers} times that many connections (message_rate_limit and "
+            "logon_failure_rate_limit are counted for the node)",
             'keep worker_balance = "client_address" (the default) unless one busy client must use '
-            "every worker, or divide the per-source limits by the number of workers",
+            "every worker, or divide max_inbound_connection_per_source by the number of workers",
         )
 
 

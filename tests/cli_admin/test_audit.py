@@ -396,6 +396,9 @@ def test_per_source_limits_counted_per_worker_is_low() -> None:
     found = audit(config(text.replace("workers = 4", 'workers = 4\nworker_balance = "connection"')))
     assert codes(found) == [("low", "per-source-limits-per-worker", "")]
     assert found[0].key == "server.worker_balance" and "4 times" in found[0].message
+    # AUTH failures are counted for the node (tests/workers/test_auth_failures.py): not named
+    assert "max_inbound_connection_per_source on its own" in found[0].message
+    assert "logon_failure_rate_limit are counted for the node" in found[0].message
     assert not has_high(found)
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from relaygate.config.model import ReceiveConnector
 from relaygate.smtp import shared_rates
-from relaygate.smtp.limits import RateLimiter
+from relaygate.smtp.limits import AuthFailures, RateLimiter
 from relaygate.smtp.shared_rates import (
     BUCKETS,
     HEADER_SIZE,
@@ -69,6 +69,22 @@ def test_ring_reuses_a_bucket_a_window_later(table: SharedRateTable) -> None:
         table.add([K], T0 + second)
         expected = len([s for s in range(0, second + 1, 7) if s >= second - 60])
         assert count(table, K, T0 + second) == expected, second
+
+
+def test_subtract_takes_back_one_event_of_its_second_only(table: SharedRateTable) -> None:
+    """An AUTH attempt counted as failed, then succeeded: its event is taken back, not another
+    second's; once its bucket left the window or went to a later second, nothing changes."""
+    table.add([K], T0 + 1.2)
+    table.add([K, K], T0 + 5.5)
+    assert table.subtract(K, T0 + 5.1) is True  # same second as the two at T0 + 5.5
+    assert count(table, K, T0 + 6) == 2
+    assert table.subtract(K, T0 + 3.0) is True  # a second with nothing in it: no underflow
+    assert count(table, K, T0 + 6) == 2
+    assert table.subtract(key_digest("c", "auth-failures", "127.0.0.9"), T0 + 1.2) is True
+    assert count(table, K, T0 + 6) == 2  # another key: nothing taken from K
+    table.add([K], T0 + 1.0 + BUCKETS)  # the ring's bucket of T0 + 1 now holds a later second
+    assert table.subtract(K, T0 + 1.2) is True
+    assert count(table, K, T0 + 1.0 + BUCKETS) == 2  # T0 + 5's one and the new one
 
 
 def test_full_table_refuses_new_keys_until_a_slot_expires(path: Path) -> None:
@@ -190,6 +206,22 @@ def test_rate_limiter_counts_alone_what_a_full_table_cannot_hold(
     assert caplog.text.count("logged once") == 1
     assert not rates.allowed(c, "127.0.0.5", T0, user="b")  # the limit holds (in this process)
     assert rates.allowed(c, "127.0.0.5", T0, user="a")
+
+
+def test_auth_failures_count_in_the_shared_table_when_addresses_are_shared(path: Path) -> None:
+    """Two workers' AuthFailures on one table: failures from one address in either count for
+    both once share_ip is set; a success is taken back from the table."""
+    token = create(path, slots=64)
+    one, two = (AuthFailures(SharedRateTable.open(path, token)) for _ in range(2))
+    c = ReceiveConnector(name="c", logon_failure_rate_limit=2)
+    for worker in (one, two):
+        worker.share_addresses(unsteered=True)
+    one.begin(c, "127.0.0.9")
+    ok = two.begin(c, "127.0.0.9")
+    assert not one.allowed(c, "127.0.0.9") and not two.allowed(c, "127.0.0.9")
+    two.succeeded(c, "127.0.0.9", ok)
+    assert one.allowed(c, "127.0.0.9") and two.allowed(c, "127.0.0.9")
+    assert one.allowed(c, "127.0.0.10")
 
 
 # -- processes ------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import os
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from relaygate import replies
 from relaygate.config.model import ReceiveConnector
@@ -148,7 +149,51 @@ class SlidingWindow:
             del self._events[key]
 
 
-class RateLimiter:
+class _NodeCounts:
+    """What a per-source count needs to be kept for the node with several workers: the table the
+    workers share (smtp/shared_rates.py, None with one process) and whether an address's sessions
+    may reach several workers (`share_ip`)."""
+
+    #: The configuration key whose counts these are (for the log).
+    LIMIT_KEY = ""
+
+    def __init__(self, shared: SharedRateTable | None) -> None:
+        #: The node's table shared with the other workers, or None (one process: all local).
+        self.shared = shared
+        #: Per-address keys in the shared table too: an address's sessions may reach any worker
+        #: (`unsteered` or `proxied`, kept by `share_addresses`).
+        self.share_ip = False
+        self._unsteered = False
+        self._proxied = False
+        self._degraded_logged = False
+
+    def share_addresses(
+        self, *, unsteered: bool | None = None, proxied: bool | None = None
+    ) -> None:
+        """Whether an address's sessions may reach several workers: `unsteered`, a listener the
+        kernel does not steer by client address (`worker_balance = "connection"`, or the
+        program was refused); `proxied`, trusted proxies are configured (a client's address then
+        comes from the PROXY header, and the kernel steers by the proxy's: a client reaching the
+        relay through two proxies may reach two workers)."""
+        if unsteered is not None:
+            self._unsteered = unsteered
+        if proxied is not None:
+            self._proxied = proxied
+        self.share_ip = self._unsteered or self._proxied
+
+    def _degraded(self, why: str) -> None:
+        if not self._degraded_logged:
+            self._degraded_logged = True
+            logger.warning(
+                "shared rate table %s: %s; some %s counts are kept by this worker alone "
+                "(logged once)",
+                self.shared.path if self.shared is not None else "",
+                why,
+                self.LIMIT_KEY,
+            )
+
+
+class RateLimiter(_NodeCounts):
     """MessageRateLimit: messages per minute (a sliding 60-second window) per source, where the
     source is what MessageRateSource names: `IPAddress` the client's IP address, `User` the
     authenticated user, `All` both (each counted, either over the limit refuses), `None` no limit.
@@ -173,31 +218,11 @@ class RateLimiter:
     at the same moment may together pass the limit by at most their number less one."""
 
     WINDOW = 60.0
+    LIMIT_KEY = "message_rate_limit"
 
     def __init__(self, shared: SharedRateTable | None = None) -> None:
+        super().__init__(shared)
         self._window = SlidingWindow(self.WINDOW)
-        #: The node's table shared with the other workers, or None (one process: all local).
-        self.shared = shared
-        #: Per-address keys in the shared table too: an address's sessions may reach any worker
-        #: (`unsteered` or `proxied`, kept by `share_addresses`).
-        self.share_ip = False
-        self._unsteered = False
-        self._proxied = False
-        self._degraded_logged = False
-
-    def share_addresses(
-        self, *, unsteered: bool | None = None, proxied: bool | None = None
-    ) -> None:
-        """Whether an address's sessions may reach several workers: `unsteered`, a listener the
-        kernel does not steer by client address (`worker_balance = "connection"`, or the
-        program was refused); `proxied`, trusted proxies are configured (a client's address then
-        comes from the PROXY header, and the kernel steers by the proxy's: a client reaching the
-        relay through two proxies may reach two workers)."""
-        if unsteered is not None:
-            self._unsteered = unsteered
-        if proxied is not None:
-            self._proxied = proxied
-        self.share_ip = self._unsteered or self._proxied
 
     @staticmethod
     def _keys(
@@ -290,45 +315,79 @@ class RateLimiter:
         for digest in missed:
             window.add(shared_keys[digest], now)
 
-    def _degraded(self, why: str) -> None:
-        if not self._degraded_logged:
-            self._degraded_logged = True
-            logger.warning(
-                "message rate table %s: %s; some message_rate_limit counts are kept by this "
-                "worker alone (logged once)",
-                self.shared.path if self.shared is not None else "",
-                why,
-            )
+
+class _Attempt(NamedTuple):
+    """An AUTH attempt counted as failed by `AuthFailures.begin`, and where it was counted."""
+
+    key: tuple[str, str, str]
+    at: float
+    #: In the node's shared table (else in this process's window).
+    shared: bool
 
 
-class AuthFailures:
+class AuthFailures(_NodeCounts):
     """logon_failure_rate_limit: failed AUTH per minute per (connector, client IP address), across
     connections (max_logon_failures only ends one connection, and a client reconnects at once).
 
     An attempt is counted when its password is about to be checked (`begin`) and forgotten if it
     succeeds (`succeeded`), so concurrent attempts from one address cannot pass the check together
-    and a client that hangs up while its failure is tarpitted is counted all the same."""
+    and a client that hangs up while its failure is tarpitted is counted all the same.
+
+    With several workers, an address whose sessions may reach several of them (`share_ip`, as for
+    RateLimiter: `worker_balance = "connection"`, no steering program, trusted proxies) is
+    counted in the table the workers share, so the limit is the node's, not N times it per
+    worker; there a failure counts for 60 to 61 seconds (per-second buckets). Otherwise all of
+    an address's sessions are on this worker, and counting here is exact and cheaper. An attempt
+    the shared table had no room or no lock for is counted here (logged once)."""
 
     WINDOW = 60.0
+    LIMIT_KEY = "logon_failure_rate_limit"
 
-    def __init__(self) -> None:
+    def __init__(self, shared: SharedRateTable | None = None) -> None:
+        super().__init__(shared)
         self._window = SlidingWindow(self.WINDOW)
+
+    @staticmethod
+    def _key(connector: ReceiveConnector, source: str) -> tuple[str, str, str]:
+        return (connector.name, "auth-failures", source)
 
     def allowed(self, connector: ReceiveConnector, source: str, now: float | None = None) -> bool:
         limit = connector.logon_failure_rate_limit
         if limit is None:
             return True
         now = time.monotonic() if now is None else now
-        return self._window.count((connector.name, source), now) < limit
+        key = self._key(connector, source)
+        # plus what was counted here when the shared table had no room or no lock for it
+        failed = self._window.count(key, now)
+        if self.shared is not None and self.share_ip:
+            counts = self.shared.counts([key_digest(*key)], now)
+            if counts is None:
+                self._degraded("its lock was held too long")
+            else:
+                failed += counts[0]
+        return failed < limit
 
-    def begin(self, connector: ReceiveConnector, source: str) -> float | None:
+    def begin(self, connector: ReceiveConnector, source: str) -> _Attempt | None:
         """Count an attempt as failed until `succeeded`; returns its token (None: not counted)."""
         if connector.logon_failure_rate_limit is None:
             return None
         now = time.monotonic()
-        self._window.add((connector.name, source), now)
-        return now
+        key = self._key(connector, source)
+        if self.shared is not None and self.share_ip:
+            if not self.shared.add([key_digest(*key)], now):
+                return _Attempt(key, now, shared=True)
+            self._degraded("it is full or its lock was held too long")
+        self._window.add(key, now)
+        return _Attempt(key, now, shared=False)
 
-    def succeeded(self, connector: ReceiveConnector, source: str, token: float | None) -> None:
-        if token is not None:
-            self._window.discard((connector.name, source), token)
+    def succeeded(self, connector: ReceiveConnector, source: str, attempt: _Attempt | None) -> None:
+        if attempt is None:
+            return
+        if not attempt.shared:
+            self._window.discard(attempt.key, attempt.at)
+        elif self.shared is not None and not self.shared.subtract(
+            key_digest(*attempt.key), attempt.at
+        ):
+            # The success stays counted as a failure until it expires: a user who signs in
+            # right may then be refused sooner, never an attacker later.
+            self._degraded("its lock was held too long")

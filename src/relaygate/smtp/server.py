@@ -507,6 +507,7 @@ class ServerContext:
         self.host_ips = host_ips()  # for relay_local_ips: the relay's own address literals
         # A client's address from a PROXY header is not what the kernel steered by.
         self.rates.share_addresses(proxied=bool(config.server.trusted_proxies))
+        self.auth_failures.share_addresses(proxied=bool(config.server.trusted_proxies))
 
     def _read_users(self, config: Config) -> UserStore:
         """The users file of `config`, read again (a reload: `users_file` may have changed). One
@@ -841,9 +842,11 @@ class SmtpServer:
                 and attach_source_steering(sock, workers)
             )
             if not steered:
-                # An address's sessions may reach any worker: its message rate is counted in the
-                # table the workers share (users' always are), not in this process.
+                # An address's sessions may reach any worker: its message rate and its AUTH
+                # failures are counted in the table the workers share (users' always are), not
+                # in this process.
                 self.ctx.rates.share_addresses(unsteered=True)
+                self.ctx.auth_failures.share_addresses(unsteered=True)
 
         async def on_connect(conn: Connection, admitted: _Admitted | None = None) -> None:
             task = asyncio.current_task()

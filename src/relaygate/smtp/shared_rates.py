@@ -1,6 +1,8 @@
 """Message rate counts shared by the worker processes of one node (``server.workers > 1``).
 
-MessageRateLimit is "messages per minute per source". With several workers, the sessions of one
+MessageRateLimit is "messages per minute per source", logon_failure_rate_limit "failed AUTH per
+minute per client address" (smtp/limits.py `AuthFailures`, which takes back an attempt that
+succeeded with `subtract`). With several workers, the sessions of one
 source may reach several processes: an authenticated user connecting from several addresses always
 can (smtp/steering.py keeps one *address* on one worker), and with ``worker_balance =
 "connection"`` even one address spreads over every worker. Counted per process, the limit would be
@@ -186,8 +188,8 @@ class SharedRateTable:
             return cls.open(Path(path), bytes.fromhex(token_hex))
         except (OSError, ValueError, TableMismatch) as exc:
             logger.error(
-                "message rate counts cannot be shared with the other workers (%s): "
-                "message_rate_limit is counted per worker",
+                "message rate and AUTH failure counts cannot be shared with the other workers (%s): "
+                "message_rate_limit and logon_failure_rate_limit are counted per worker",
                 exc,
             )
             return None
@@ -295,5 +297,27 @@ class SharedRateTable:
                     _U32.pack_into(mm, bucket + 4, 1)
                     _U32.pack_into(mm, bucket, second)
             return missed
+        finally:
+            self._unlock()
+
+    def subtract(self, key: bytes, at: float) -> bool:
+        """Take back one event that `add` counted for `key` at `at` (an AUTH attempt counted as
+        failed before its password was checked, which succeeded); False if the lock could not be
+        had. Once the bucket of `at`'s second has left the window (or the slot went to another
+        key) the event counts nothing any more, and nothing is changed.
+
+        One write, the bucket's count: a worker killed before it leaves the event counted, as a
+        failure, until it expires with its bucket."""
+        second = int(at)
+        if not self._lock():
+            return False
+        try:
+            found, _ = self._find(key, second)
+            if found is not None:
+                bucket = found + _BUCKETS_AT + (second % BUCKETS) * _PAIR.size
+                held_second, count = _PAIR.unpack_from(self._mm, bucket)
+                if held_second == second and count > 0:
+                    _U32.pack_into(self._mm, bucket + 4, count - 1)
+            return True
         finally:
             self._unlock()

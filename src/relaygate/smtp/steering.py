@@ -6,9 +6,9 @@ worker and each worker's per-source counters (``max_inbound_connection_per_sourc
 ``logon_failure_rate_limit``) see only part of them: a source could hold N times its limit. The
 program below makes the kernel pick the worker from the client's address alone (IPv4: the address;
 IPv6: the XOR of its four words), so each source's counters live in one process and the limits hold
-as configured. (``message_rate_limit`` holds without it too: where an address or a user can reach
-several workers, the workers count in a table they share, smtp/shared_rates.py; with this program
-an address's count stays in its worker, which is cheaper.)
+as configured. (``message_rate_limit`` and ``logon_failure_rate_limit`` hold without it too: where
+an address or a user can reach several workers, the workers count in a table they share,
+smtp/shared_rates.py; with this program an address's count stays in its worker, which is cheaper.)
 
 The program returns an index into the group's sockets. While a worker restarts the group is one
 socket short; an index past its end makes the kernel fall back to its own hash, so nothing is refused
