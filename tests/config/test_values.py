@@ -392,6 +392,9 @@ def test_logon_failure_rate_limit_can_be_unlimited() -> None:
     c = _connector(binding + 'logon_failure_rate_limit = "unlimited"\n')
     assert c.logon_failure_rate_limit is None
     assert _connector(binding + "logon_failure_rate_limit = 20\n").logon_failure_rate_limit == 20
+    assert c.logon_failure_ipv6_prefix_length == 64  # one IPv6 subnet counted as one client
+    c = _connector(binding + "logon_failure_ipv6_prefix_length = 128\n")
+    assert c.logon_failure_ipv6_prefix_length == 128
 
 
 def test_a_fraction_of_a_second_is_shown_not_dropped() -> None:

@@ -320,6 +320,55 @@ def test_auth_failures_are_limited_per_address_across_connections(relay):
     assert "logon_failure_rate_limit 6 per minute reached for 127.0.0.5" in r.protocol_log_text()
 
 
+def _proxied_auth_reply(r, source: str, password: str) -> str:
+    """AUTH PLAIN as scanner from `source`, which the trusted proxy 127.0.0.7 names: the reply."""
+    with r.raw("127.0.0.7") as c:
+        c.send(f"PROXY TCP6 {source} ::1 40000 25\r\n".encode())
+        c.expect(220)
+        c.cmd("EHLO client.example", 250)
+        return c.cmd("AUTH PLAIN " + b64(f"\0scanner\0{password}")).text
+
+
+def test_ipv6_auth_failures_are_counted_per_64_by_default(relay):
+    """Each address of an IPv6 /64 (one subnet: whoever holds one address holds them all) had its
+    own guesses, so the limit bounded nothing over IPv6. By default failures are counted per /64,
+    the reply naming it; another /64 is not affected; logon_failure_ipv6_prefix_length = 128
+    counts per address again. Clients named by a trusted proxy's PROXY header (real sockets
+    reach only ::1)."""
+    subnet = "2001:db8:1:2::"
+    r = relay(
+        [auth_connector(remote_ip_ranges=["::/0"], logon_failure_rate_limit=2)],
+        server={"trusted_proxies": ["127.0.0.7"]},
+    )
+    add_user(r, "scanner")
+    assert _proxied_auth_reply(r, subnet + "1", "wrong").startswith("535 ")
+    assert _proxied_auth_reply(r, subnet + "2", "wrong").startswith("535 ")
+    refused = "450 4.7.1 Too many AUTH commands from 2001:db8:1:2::/64"
+    assert _proxied_auth_reply(r, subnet + "abcd:3", PASSWORD) == refused
+    assert _proxied_auth_reply(r, "2001:db8:1:3::1", PASSWORD).startswith("235 ")
+    assert (
+        "logon_failure_rate_limit 2 per minute reached for 2001:db8:1:2::/64"
+        in r.protocol_log_text()
+    )
+
+    r = relay(
+        [
+            auth_connector(
+                remote_ip_ranges=["::/0"],
+                logon_failure_rate_limit=2,
+                logon_failure_ipv6_prefix_length=128,
+            )
+        ],
+        server={"trusted_proxies": ["127.0.0.7"]},
+    )
+    add_user(r, "scanner")
+    for source in (subnet + "1", subnet + "1"):
+        assert _proxied_auth_reply(r, source, "wrong").startswith("535 ")
+    assert _proxied_auth_reply(r, subnet + "2", PASSWORD).startswith("235 ")
+    refused = f"450 4.7.1 Too many AUTH commands from {subnet}1"
+    assert _proxied_auth_reply(r, subnet + "1", PASSWORD) == refused
+
+
 def test_auth_failure_limit_is_configurable(relay):
     r = relay(
         [

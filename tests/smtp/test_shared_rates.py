@@ -224,6 +224,21 @@ def test_auth_failures_count_in_the_shared_table_when_addresses_are_shared(path:
     assert one.allowed(c, "127.0.0.10")
 
 
+def test_an_ipv6_network_is_counted_in_the_shared_table_even_when_steered(path: Path) -> None:
+    """Steering hashes whole addresses: a /64's addresses reach different workers, so its count
+    is the node's although addresses are not shared (share_ip unset)."""
+    token = create(path, slots=64)
+    one, two = (AuthFailures(SharedRateTable.open(path, token)) for _ in range(2))
+    c = ReceiveConnector(name="c", logon_failure_rate_limit=2)
+    one.begin(c, "2001:db8:1:2::1")
+    two.begin(c, "2001:db8:1:2::2")
+    assert not one.allowed(c, "2001:db8:1:2::3") and not two.allowed(c, "2001:db8:1:2::4")
+    assert one.allowed(c, "2001:db8:1:3::1")
+    one.begin(c, "127.0.0.9")  # an address, steered: counted in its worker alone
+    two.begin(c, "127.0.0.9")
+    assert one.allowed(c, "127.0.0.9") and two.allowed(c, "127.0.0.9")
+
+
 # -- processes ------------------------------------------------------------------------------------
 
 ADDER = """

@@ -137,6 +137,10 @@ class ReceiveConnector:
     #: AUTH is refused with 450 4.7.1 before any password is checked. RelayGate's own (Exchange
     #: limits failures per connection only): 2 × max_logon_failures' default. "unlimited": off.
     logon_failure_rate_limit: int | None = 6
+    #: logon_failure_rate_limit counts an IPv6 client by the network of this many leading bits
+    #: (32-128): whoever holds one address of a /64 (one subnet) holds all of them, and would get
+    #: the limit's guesses from each. 128: per address. IPv4 clients: per address.
+    logon_failure_ipv6_prefix_length: int = 64
     #: Messages per minute (sliding window) per source as message_rate_source names it; past it
     #: MAIL is answered 421 4.4.2. Counted for the whole node with server.workers > 1 (a table the
     #: workers share: smtp/shared_rates.py). "unlimited": off.

@@ -56,6 +56,7 @@ _LIMITS = (
     ("max_protocol_errors", 0, 2**31 - 1),
     ("max_logon_failures", 0, 10),
     ("logon_failure_rate_limit", 1, 2**31 - 1),
+    ("logon_failure_ipv6_prefix_length", 32, 128),
     ("message_rate_limit", 1, 2**31 - 1),
 )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import logging
 import os
 import time
@@ -316,6 +318,13 @@ class RateLimiter(_NodeCounts):
             window.add(shared_keys[digest], now)
 
 
+@functools.lru_cache(maxsize=4096)
+def _ipv6_network(address: str, prefix: int) -> str:
+    """The network of `prefix` bits holding the IPv6 `address` (cached: AUTH asks twice per
+    attempt, and a client usually tries again)."""
+    return str(ipaddress.IPv6Network((address, prefix), strict=False))
+
+
 class _Attempt(NamedTuple):
     """An AUTH attempt counted as failed by `AuthFailures.begin`, and where it was counted."""
 
@@ -348,8 +357,21 @@ class AuthFailures(_NodeCounts):
         self._window = SlidingWindow(self.WINDOW)
 
     @staticmethod
-    def _key(connector: ReceiveConnector, source: str) -> tuple[str, str, str]:
-        return (connector.name, "auth-failures", source)
+    def counted_as(connector: ReceiveConnector, source: str) -> str:
+        """What `source`'s failures are counted under: the address, or for an IPv6 client its
+        network of logon_failure_ipv6_prefix_length bits ("2001:db8:1:2::/64")."""
+        prefix = connector.logon_failure_ipv6_prefix_length
+        if prefix < 128 and ":" in source:  # IPv4-mapped clients reach here as IPv4
+            return _ipv6_network(source, prefix)
+        return source
+
+    def _key(self, connector: ReceiveConnector, source: str) -> tuple[str, str, str]:
+        return (connector.name, "auth-failures", self.counted_as(connector, source))
+
+    def _share(self, key: tuple[str, str, str]) -> bool:
+        """Count `key` in the node's table: its sessions may reach several workers. An address's
+        may when share_ip; an IPv6 network's always, as steering hashes whole addresses."""
+        return self.shared is not None and (self.share_ip or "/" in key[2])
 
     def allowed(self, connector: ReceiveConnector, source: str, now: float | None = None) -> bool:
         limit = connector.logon_failure_rate_limit
@@ -359,7 +381,8 @@ class AuthFailures(_NodeCounts):
         key = self._key(connector, source)
         # plus what was counted here when the shared table had no room or no lock for it
         failed = self._window.count(key, now)
-        if self.shared is not None and self.share_ip:
+        if self._share(key):
+            assert self.shared is not None
             counts = self.shared.counts([key_digest(*key)], now)
             if counts is None:
                 self._degraded("its lock was held too long")
@@ -373,7 +396,8 @@ class AuthFailures(_NodeCounts):
             return None
         now = time.monotonic()
         key = self._key(connector, source)
-        if self.shared is not None and self.share_ip:
+        if self._share(key):
+            assert self.shared is not None
             if not self.shared.add([key_digest(*key)], now):
                 return _Attempt(key, now, shared=True)
             self._degraded("it is full or its lock was held too long")

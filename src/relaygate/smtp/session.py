@@ -1189,13 +1189,15 @@ class Session:
             raise _Close()
 
     async def _auth_rate_limited(self) -> None:
-        """logon_failure_rate_limit reached for this address: refused before any password is
-        checked (a protocol error: a client repeating it is closed at max_protocol_errors)."""
+        """logon_failure_rate_limit reached for this address (or its IPv6 network): refused before
+        any password is checked (a protocol error: a client repeating it is closed at
+        max_protocol_errors)."""
+        counted_as = self.ctx.auth_failures.counted_as(self.connector, self.client_ip)
         self.log.info(
             f"Inbound AUTH refused: logon_failure_rate_limit "
-            f"{self.connector.logon_failure_rate_limit} per minute reached for {self.client_ip}"
+            f"{self.connector.logon_failure_rate_limit} per minute reached for {counted_as}"
         )
-        await self.protocol_error(replies.auth_rate_limited(self.client_ip))
+        await self.protocol_error(replies.auth_rate_limited(counted_as))
 
     async def _challenge(self, text: str) -> str | None:
         self.out.append(f"334 {text}\r\n".encode("ascii"))
