@@ -251,3 +251,31 @@ def test_doctor_checks_every_selector_the_relay_signs_with(tmp_path, loopback_dn
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads(proc.stdout)["selectors"] == ["s1"]
+
+
+def test_doctor_checks_spf_for_the_send_connectors_helo_names(tmp_path, loopback_dns):
+    """The names the send connectors say in EHLO (their fqdn, else server.fqdn) are checked: the
+    relay's NDRs carry no other identity. Before, a HELO name without SPF went unnoticed."""
+    publish(loopback_dns, "v=DKIM1; k=rsa; p=")
+    loopback_dns.add("out.corp.example", "TXT", "v=spf1 ip4:203.0.113.7 -all")
+    config = tmp_path / "relaygate.toml"
+    config.write_text(
+        f'[server]\ndata_dir = "{tmp_path / "data"}"\nfqdn = "relay.corp.example"\n\n'
+        '[[send_connectors]]\nname = "Internet"\naddress_spaces = ["*"]\n\n'
+        '[[send_connectors]]\nname = "Partners"\naddress_spaces = ["partner.example"]\n'
+        'fqdn = "out.corp.example"\n\n'
+        '[[send_connectors]]\nname = "Old"\naddress_spaces = ["old.example"]\n'
+        'fqdn = "old.corp.example"\nenabled = false\n'
+    )
+    proc = relaygate(
+        "doctor", "corp.example", "--relay-ip", "203.0.113.7", "--dns-server",
+        loopback_dns.address, "--config", str(config), "--json", cwd=tmp_path,
+    )  # fmt: skip
+    helo = [f for f in json.loads(proc.stdout)["findings"] if f["check"] == "HELO"]
+    assert [(f["severity"], f["summary"]) for f in helo] == [
+        ("warning", "the HELO name relay.corp.example has no SPF record: the relay's NDRs and "
+         "DSNs (MAIL FROM:<>, checked by the HELO name alone) get SPF none"),
+        ("ok", "SPF for the HELO name out.corp.example authorises 203.0.113.7 (pass)"),
+    ], proc.stderr  # fmt: skip
+    assert 'send connector "Internet" says EHLO relay.corp.example' in helo[0]["detail"]
+    assert proc.returncode == 0  # warnings only

@@ -937,3 +937,80 @@ async def test_another_txt_record_at_the_selector_name_is_an_error(loopback_dns,
         "2 TXT records at s1._domainkey.corp.example: receivers may pick either and fail the "
         "signature"
     )
+
+
+# -- the HELO identity (RFC 7208 §2.3): what receivers check for the relay's NDRs and DSNs ------
+
+HELO = "relay.corp.example"
+
+
+async def test_helo_name_authorising_the_relay_is_ok(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    loopback_dns.add(HELO, "TXT", "v=spf1 ip4:203.0.113.0/24 -all")
+    report = await run(loopback_dns, keys[0], helo_names={HELO: ["Internet"]})
+    finding = only(report, "HELO", "ok")
+    assert finding.summary == f"SPF for the HELO name {HELO} authorises {RELAY_IP} (pass)"
+    assert [f.check for f in report.findings] == ["MX", "SPF", "SPF", "HELO", "DKIM", "DMARC"]
+
+
+async def test_helo_name_without_spf_record_is_a_warning_and_the_fix_works(loopback_dns, keys):
+    """Before, the doctor checked the envelope domain only: a relay whose HELO name has no SPF
+    record was reported healthy, and its NDRs (MAIL FROM:<>, checked by HELO alone) get SPF none."""
+    healthy(loopback_dns, keys[0])
+    report = await run(loopback_dns, keys[0], helo_names={HELO: ["Internet", "Backup"]})
+    finding = only(report, "HELO", "warning")
+    assert finding.summary == (
+        f"the HELO name {HELO} has no SPF record: the relay's NDRs and DSNs (MAIL FROM:<>, "
+        "checked by the HELO name alone) get SPF none"
+    )
+    assert 'send connectors "Internet", "Backup" say EHLO relay.corp.example' in finding.detail
+    assert finding.fix == f'{HELO}. 3600 IN TXT "v=spf1 ip4:203.0.113.7 -all"'
+    loopback_dns.add(HELO, "TXT", "v=spf1 ip4:203.0.113.7 -all")
+    report = await run(loopback_dns, keys[0], helo_names={HELO: ["Internet"]})
+    assert only(report, "HELO").severity == "ok"
+
+
+async def test_helo_name_whose_spf_fails_the_relay_is_a_warning(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    loopback_dns.add(HELO, "TXT", "v=spf1 a -all")
+    loopback_dns.add(HELO, "A", "192.0.2.99")
+    report = await run(loopback_dns, keys[0], helo_names={HELO: ["Internet"]})
+    finding = only(report, "HELO", "warning")
+    assert finding.summary == (
+        f"SPF for the HELO name {HELO} does not authorise {RELAY_IP} (SPF fail): the relay's "
+        "NDRs and DSNs (MAIL FROM:<>, checked by the HELO name alone) fail SPF"
+    )
+    assert finding.fix == f'{HELO}. 3600 IN TXT "v=spf1 ip4:203.0.113.7 a -all"'
+    assert not report.has_errors  # the envelope domain's SPF passes: ordinary mail is fine
+
+
+async def test_helo_name_without_relay_ip_is_checked_for_a_record(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    report = await run(loopback_dns, keys[0], relay_ip=None, helo_names={HELO: ["Internet"]})
+    assert "has no SPF record" in only(report, "HELO", "warning").summary
+    loopback_dns.add(HELO, "TXT", "v=spf1 ip4:203.0.113.7 -all")
+    report = await run(loopback_dns, keys[0], relay_ip=None, helo_names={HELO: ["Internet"]})
+    assert only(report, "HELO", "info").summary == (
+        f"SPF for the HELO name {HELO} not evaluated for the relay: pass --relay-ip with the "
+        "relay's public IP"
+    )
+
+
+async def test_helo_name_that_is_not_a_domain_is_a_warning(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    report = await run(loopback_dns, keys[0], helo_names={"relay01": ["Internet"]})
+    finding = only(report, "HELO", "warning")
+    assert finding.summary == (
+        "the HELO name relay01 is not a fully qualified domain name: receivers cannot check SPF "
+        "for the relay's NDRs and DSNs (MAIL FROM:<>), and many refuse such a HELO"
+    )
+    assert "fqdn" in finding.fix
+
+
+async def test_helo_lookup_failure_is_a_warning(loopback_dns, keys):
+    healthy(loopback_dns, keys[0])
+    loopback_dns.set_servfail(HELO)
+    report = await run(loopback_dns, keys[0], helo_names={HELO: ["Internet"]})
+    assert only(report, "HELO", "warning").summary.startswith(
+        f"SPF lookup for the HELO name {HELO} failed"
+    )

@@ -119,6 +119,19 @@ def _configured_sender(cfg: Any, envelope_domain: str) -> str | None:
     return senders.pop() if len(senders) == 1 else None
 
 
+def _helo_names(cfg: Any) -> dict[str, list[str]]:
+    """Each name the relay says in EHLO (a send connector's fqdn, else server.fqdn, as the
+    delivery client does), with the enabled SMTP send connectors that say it."""
+    from relaygate.delivery.client import helo_name_for
+
+    server_fqdn = str(getattr(getattr(cfg, "server", None), "fqdn", "") or "")
+    names: dict[str, list[str]] = {}
+    for connector in getattr(cfg, "send_connectors", None) or ():
+        if connector.enabled and connector.delivery_method == "SMTP":
+            names.setdefault(helo_name_for(connector, server_fqdn), []).append(connector.name)
+    return names
+
+
 def _print_report(report: Any) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -196,7 +209,8 @@ def register(app: typer.Typer) -> None:
         ),
         json_out: bool = JSON_OPTION,
     ) -> None:
-        """MX, SPF (does it authorise the relay's IP), DKIM and DMARC for DOMAIN; exit 1 on errors."""
+        """MX, SPF (does it authorise the relay's IP; and the send connectors' HELO names), DKIM
+        and DMARC for DOMAIN; exit 1 on errors."""
         from relaygate.doctor import ascii_domain, diagnose, envelope_address, relay_address
 
         try:
@@ -260,6 +274,7 @@ def register(app: typer.Typer) -> None:
                 envelope_domain=envelope_domain,
                 signing_domain=signing_domain,
                 envelope_sender=sender,
+                helo_names=_helo_names(cfg),
             )
         )
         if json_out:
