@@ -20,7 +20,7 @@ any of its processes runs, even after a SIGKILL of the supervisor. It:
   or a previous run with another number of workers), so nothing waits for a lease to expire;
 * creates, before starting any worker, a fresh table of message rate counts that every worker maps
   (``<data_dir>/run/message-rates``, smtp/shared_rates.py) and hands them its path and token, so
-  message_rate_limit holds for the node, not per worker;
+  message_rate_limit and logon_failure_rate_limit hold for the node, not per worker;
 * checks, before starting any worker, that no other process listens on the node's endpoints (a
   socket without SO_REUSEPORT binds each): the workers' SO_REUSEPORT would otherwise share a
   port with another node of the same user, and the start is refused, naming the binding;
