@@ -639,7 +639,7 @@ async def test_a_crash_of_the_database_server_loses_no_acknowledged_message() ->
 def test_a_database_error_never_carries_a_piece_of_the_password() -> None:
     """A reconnect's error can quote a misparsed URL (a password with an unencoded '/' read as
     a host name): the StoreError a session logs and /healthz shows leaves it out."""
-    from relaygate.queue.pg_store import _wrap_error
+    from relaygate.queue.pg_connection import _wrap_error
 
     url = "postgresql://relay:Tr0ub/4dor@db.corp.example/queue"
     exc = psycopg.OperationalError('could not translate host name "Tr0ub" to address')

@@ -2,7 +2,7 @@
 rollback of one node), run for real: the previous release's own store code (``OLD_RELEASE``,
 extracted with ``git archive``) runs in a subprocess against the same database, on both engines.
 
-The rule it checks (sqlite_schema.py and pg_store.py, "Schema versions"): the checked version only
+The rule it checks (sqlite_schema.py and pg_schema.py, "Schema versions"): the checked version only
 goes up for a change older code cannot tolerate; send_log, added by this release, is additive, so
 the previous release must open the queue, take mail and deliver it, and simply not pace.
 """

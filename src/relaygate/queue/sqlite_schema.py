@@ -1,7 +1,7 @@
 """The SQLite queue's schema: its tables, and the two numbers that say which releases may
 use a queue.
 
-Schema versions: two numbers, the same rule as PostgreSQL's (pg_store.py), so that a node can be
+Schema versions: two numbers, the same rule as PostgreSQL's (pg_schema.py), so that a node can be
 rolled back to the previous release (and, with PostgreSQL, a cluster upgraded one node at a time):
 * ``PRAGMA user_version`` (``SCHEMA_VERSION``) is the one every release checks at open, since the
   first: a release refuses a queue whose version is above its own. It is "the oldest release that

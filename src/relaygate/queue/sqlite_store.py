@@ -22,7 +22,7 @@ recipient, so a per-recipient update is one small row write), ``message_data`` (
 SHA-256 checked on every read), ``send_log`` (pacing) and ``graph_drafts`` (the Microsoft Graph
 draft, or plain sendMail, an attempt left to resolve, per message and route).
 
-Schema versions: two numbers, the same rule as PostgreSQL's (pg_store.py), so that a node can be
+Schema versions: two numbers, the same rule as PostgreSQL's (pg_schema.py), so that a node can be
 rolled back to the previous release; see sqlite_schema.py, which holds the schema.
 
 The class is put together from sibling modules, one seam each: sqlite_schema.py (the tables and
