@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from relaygate import doctor as doctor_mod
 from relaygate import replies
 from relaygate.dkim.keys import generate_key
 from relaygate.doctor import (
@@ -12,6 +11,8 @@ from relaygate.doctor import (
     authorise_ip,
     diagnose,
     parse_tags,
+    public_suffix,
+    pyspf_hook,
     spf_syntax_problems,
     zone_txt,
 )
@@ -90,7 +91,7 @@ async def test_healthy_domain(loopback_dns, keys):
     assert set(data["findings"][0]) == {"check", "severity", "summary", "detail", "fix"}
     # every lookup went to the loopback server, and pyspf's hook is released afterwards
     assert (DOMAIN, "TXT", "udp") in loopback_dns.queries
-    assert doctor_mod._spf_lookup.get() is None
+    assert pyspf_hook._spf_lookup.get() is None
 
 
 async def test_no_mx_and_no_address(loopback_dns, keys):
@@ -514,13 +515,13 @@ def suffix_list(tmp_path, monkeypatch):
     """A small Public Suffix List in place of the system's, so results do not depend on it."""
     path = tmp_path / "public_suffix_list.dat"
     path.write_text("// ===BEGIN ICANN DOMAINS===\nuk\nco.uk\nexample\n*.ck\n!www.ck\n")
-    monkeypatch.setattr(doctor_mod, "PUBLIC_SUFFIX_LIST", path)
+    monkeypatch.setattr(public_suffix, "PUBLIC_SUFFIX_LIST", path)
     return path
 
 
 def test_org_domain_follows_the_public_suffix_list(suffix_list):
-    doctor_mod._suffix_rules(suffix_list)  # what diagnose() does in a thread
-    org = doctor_mod._org_domain
+    public_suffix._suffix_rules(suffix_list)  # what diagnose() does in a thread
+    org = public_suffix._org_domain
     assert org("mail.example.co.uk") == "example.co.uk"
     assert org("example.co.uk") == "example.co.uk"
     assert org("a.b.corp.example") == "corp.example"

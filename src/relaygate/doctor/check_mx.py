@@ -1,0 +1,174 @@
+"""The MX check: the domain exists, its MX hosts (or its implicit MX) resolve, no null MX beside
+mail hosts, no MX naming an alias.
+
+One module per check family; ``diagnose`` (__init__.py) runs it first, since a domain that does
+not exist makes the other checks moot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import dns.asyncresolver
+
+from relaygate import replies
+
+from .dns_records import _Lookup, _query
+from .report import Report, _State
+
+
+async def _check_mx(report: Report, resolver: dns.asyncresolver.Resolver, state: _State) -> None:
+    domain = report.domain
+    mx = await _query(resolver, domain, "MX")
+    if mx.failed:
+        report.add(
+            "MX",
+            "error",
+            f"MX lookup for {domain} failed: {mx.reply}",
+            "The domain's name servers did not answer (SERVFAIL or timeout). Relays keep mail for "
+            f"{domain} in the retry queue with this error and receivers that check the sender "
+            "domain defer mail from it.",
+            f"Check the delegation and the authoritative servers: `dig +trace {domain} MX`; "
+            "a broken DNSSEC chain or a lame name server are the usual causes.",
+        )
+        return
+    if mx.status == "nxdomain":
+        state.domain_missing = True
+        report.add(
+            "MX",
+            "error",
+            f"{domain} does not exist in DNS (NXDOMAIN): mail to it fails with "
+            f"{replies.DNS_NONEXISTENT_DOMAIN.line()}",
+            "Receivers that check the sender domain reject mail from it too "
+            "(550 5.1.8 / 450 4.1.8 Sender address rejected: Domain not found).",
+            "Check the spelling of the domain, and that it is registered and delegated to your "
+            "name servers (NS records at the registrar).",
+        )
+        return
+    hosts = sorted(
+        (int(r.preference), r.exchange.to_text(omit_final_dot=True).lower()) for r in mx.records
+    )
+    if hosts and all(h in ("", ".") for _, h in hosts):
+        report.add(
+            "MX",
+            "error",
+            f"{domain} publishes a null MX: it accepts no mail ({replies.NULL_MX.line()}); "
+            "receivers reject mail sent from it with 550 5.7.27 Sender address has null MX",
+            "RFC 7505: a domain with MX '0 .' declares it neither receives nor should be used as "
+            "a sender address; relayed mail with this From domain is refused.",
+            f"Replace the null MX with your mail host: `{domain}. 3600 IN MX 10 mail.{domain}.`",
+        )
+        return
+    if not hosts:
+        a = await _query(resolver, domain, "A")
+        aaaa = await _query(resolver, domain, "AAAA")
+        failure = _address_failure(a, aaaa)
+        if failure is not None:
+            report.add(
+                "MX",
+                "error",
+                f"{domain} has no MX record and the address lookup for the implicit MX failed: "
+                f"{failure.reply}",
+                f"{failure.error}. Senders queue replies and NDRs for {domain} with this error.",
+                f"Fix the name servers for {domain}: `dig {domain} A` must answer; better, "
+                f"publish an MX record: `{domain}. 3600 IN MX 10 <your mail host>.`",
+            )
+        elif a.status == "ok" or aaaa.status == "ok":
+            report.add(
+                "MX",
+                "warning",
+                f"{domain} has no MX record; senders fall back to its A/AAAA record (implicit MX)",
+                "Mail to the domain (replies, NDRs) goes to the web server's address, which "
+                "usually does not run SMTP.",
+                f"Publish an MX record: `{domain}. 3600 IN MX 10 <your mail host>.`",
+            )
+        else:
+            report.add(
+                "MX",
+                "error",
+                f"{domain} has no MX and no A record: replies and NDRs cannot be delivered, and "
+                "receivers that check the sender domain answer 550 5.1.8 / 450 4.1.8 Sender "
+                "address rejected: Domain not found",
+                "Relays route to the MX hosts, else to the domain's own address; it has neither.",
+                f"Publish an MX record: `{domain}. 3600 IN MX 10 <your mail host>.`",
+            )
+        return
+    real = [(p, h) for p, h in hosts if h not in ("", ".")]
+    listing = ", ".join(f"{p} {h}" for p, h in real)
+    if len(real) < len(hosts):
+        report.add(
+            "MX",
+            "warning",
+            f"{domain} publishes a null MX next to mail hosts ({listing}): RFC 7505 forbids it, "
+            f"and senders that honour the null MX refuse mail to the domain "
+            f"({replies.NULL_MX.line()})",
+            "RFC 7505 §3: a domain with a null MX (MX 0 .) must publish no other MX record.",
+            f"Remove the null MX: `{domain}. IN MX 0 .`",
+        )
+    checks = await asyncio.gather(
+        *(asyncio.gather(_query(resolver, h, "A"), _query(resolver, h, "AAAA")) for _, h in real)
+    )
+    failed = [
+        (h, failure)
+        for (_, h), (a, aaaa) in zip(real, checks, strict=True)
+        if (failure := _address_failure(a, aaaa)) is not None
+    ]
+    unresolved = [
+        h
+        for (_, h), (a, aaaa) in zip(real, checks, strict=True)
+        if "ok" not in (a.status, aaaa.status) and _address_failure(a, aaaa) is None
+    ]
+    for host, failure in failed:
+        # an error when no MX host is known to resolve: mail to the domain waits in queues
+        alone = len(failed) + len(unresolved) == len(real)
+        report.add(
+            "MX",
+            "error" if alone else "warning",
+            f"address lookup for MX host {host} failed: {failure.reply}",
+            f"MX records: {listing}. {failure.error}. Senders skip a host they cannot resolve "
+            "and queue the mail when none resolves.",
+            f"Fix the name servers of {host}: `dig {host} A` must answer.",
+        )
+    aliases = [
+        (p, h, target)
+        for (p, h), (a, aaaa) in zip(real, checks, strict=True)
+        if (target := _alias_target(h, a, aaaa))
+    ]
+    if aliases:
+        report.add(
+            "MX",
+            "warning",
+            "MX host(s) that are aliases (CNAME): "
+            + ", ".join(f"{h} -> {target}" for _, h, target in aliases),
+            f"MX records: {listing}. RFC 2181 §10.3: an MX must name a host, not an alias; most "
+            "senders follow the CNAME, some refuse or log it as a misconfiguration.",
+            "Point the MX at the host itself: "
+            + "; ".join(f"`{domain}. 3600 IN MX {p} {target}.`" for p, _, target in aliases),
+        )
+    if unresolved:
+        report.add(
+            "MX",
+            "warning",
+            f"MX host(s) without an address: {', '.join(unresolved)}",
+            f"MX records: {listing}. Senders skip hosts they cannot resolve; if all fail, mail "
+            "queues with '451 4.4.0 DNS query failed'.",
+            "Publish A/AAAA records for the MX hosts, or point the MX at hosts that have them "
+            "(an MX must not point at a CNAME or an IP address).",
+        )
+    elif not failed and not aliases:
+        report.add("MX", "ok", f"MX: {listing}", "Every MX host resolves to an address.")
+
+
+def _alias_target(host: str, a: _Lookup, aaaa: _Lookup) -> str:
+    """The canonical name ``host`` is a CNAME for ("" when it is a host name itself)."""
+    for lookup in (a, aaaa):
+        if lookup.status == "ok" and lookup.canonical and lookup.canonical != host:
+            return lookup.canonical
+    return ""
+
+
+def _address_failure(a: _Lookup, aaaa: _Lookup) -> _Lookup | None:
+    """The failed lookup when neither A nor AAAA answered: a DNS error, not a missing address."""
+    if "ok" in (a.status, aaaa.status):
+        return None
+    return a if a.failed else aaaa if aaaa.failed else None
