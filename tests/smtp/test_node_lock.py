@@ -156,8 +156,20 @@ def test_a_restart_waits_for_the_workers_of_a_killed_supervisor(relay: Any) -> N
         env=env,
         cwd=node.config_path.parent,
     )
+    waiting = f"waiting for the workers of relaygate serve pid {node.proc.pid}"
+    err = ""
     try:
-        time.sleep(4)
+        # Until the second serve says it waits (a loaded machine may take seconds to start it;
+        # killing the workers before it reached the lock would test nothing), then a while more.
+        assert second.stderr is not None
+        deadline = time.monotonic() + 60
+        while waiting not in err and time.monotonic() < deadline:
+            if select.select([second.stderr], [], [], 1)[0]:
+                line = second.stderr.readline()
+                assert line, f"the second serve ended: {err}"
+                err += line
+        assert waiting in err, err
+        time.sleep(2)
         assert second.poll() is None, second.communicate()
         ready = select.select([second.stdout], [], [], 0)[0]
         assert not ready, "the second serve started beside the old workers"
@@ -172,8 +184,8 @@ def test_a_restart_waits_for_the_workers_of_a_killed_supervisor(relay: Any) -> N
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         second.terminate()
-        _out, err = second.communicate(timeout=30)
-    assert f"waiting for the workers of relaygate serve pid {node.proc.pid}" in err
+        _out, rest = second.communicate(timeout=30)
+    assert waiting in err + rest
 
 
 def test_a_full_disk_does_not_stop_the_start(
