@@ -162,20 +162,33 @@ def check_bindings_free(config: Config) -> None:
     SO_REUSEPORT meets EADDRINUSE there, so the supervisor binds each endpoint that way (and
     closes it: it never listens) before it starts its workers."""
     for binding in listener_bindings(config):
-        family = socket.AF_INET6 if binding.version == 6 else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP) as sock:
-            try:
-                # as the listeners do (SO_REUSEADDR, IPV6_V6ONLY), so only a listener conflicts
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(
-                        socket.IPPROTO_IPV6,
-                        socket.IPV6_V6ONLY,
-                        1 if config.ipv6_only(binding.port) else 0,
-                    )
-                sock.bind((binding.address, binding.port))
-            except OSError as exc:
-                raise ListenerError(binding, exc, config) from exc
+        try:
+            # as the listeners do (SO_REUSEADDR, IPV6_V6ONLY), so only a listener conflicts
+            _bound_socket(config, binding, reuse_port=False).close()
+        except OSError as exc:
+            raise ListenerError(binding, exc, config) from exc
+
+
+def _bound_socket(config: Config, binding: Binding, *, reuse_port: bool) -> socket.socket:
+    """A TCP socket bound to `binding` as a listener binds it (SO_REUSEADDR; IPV6_V6ONLY as
+    `config` says for the port; SO_REUSEPORT if asked), not listening yet. IPPROTO_TCP, not 0:
+    asyncio sets TCP_NODELAY only on sockets that say they are TCP (uvloop on every one), and
+    each reply must leave at once. Closed again if it cannot be bound (OSError)."""
+    family = socket.AF_INET6 if binding.version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(
+                socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if config.ipv6_only(binding.port) else 0
+            )
+        sock.bind((binding.address, binding.port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class _ListenerState(NamedTuple):
@@ -812,21 +825,8 @@ class SmtpServer:
         """A listening socket for `binding`, not accepting yet (`start_serving`)."""
         if implicit and ssl_ctx is None:  # never a plain socket in place of an implicit-TLS one
             raise ValueError(f"implicit-TLS listener {binding} without a TLS context")
-        family = socket.AF_INET6 if binding.version == 6 else socket.AF_INET
-        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP
-        # (uvloop on every one), and each reply must leave at once.
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock = _bound_socket(config, binding, reuse_port=self.reuse_port)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if self.reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(
-                    socket.IPPROTO_IPV6,
-                    socket.IPV6_V6ONLY,
-                    1 if config.ipv6_only(binding.port) else 0,
-                )
-            sock.bind((binding.address, binding.port))
             sock.listen(LISTEN_BACKLOG)
         except OSError:
             sock.close()
