@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import select
 import struct
 import termios
 import threading
@@ -49,6 +50,9 @@ CUT_MARKER = b" [line over 64 KiB: continued on the next line]"
 #: The size asked for each pipe (F_SETPIPE_SZ; 1 MiB is Linux's default limit for a user).
 PIPE_SIZE = 1 << 20
 _READ_SIZE = 64 * 1024
+#: How long the rest of a write that filled the pipe is waited for, and how much is held for it.
+_REST_WAIT = 0.25
+_HOLD_MAX = 4 * PIPE_SIZE
 _PIECE = MAX_LINE - len(CUT_MARKER) - 1
 
 
@@ -58,6 +62,14 @@ def _waiting(fd: int) -> int:
         return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0])
     except OSError:
         return 0
+
+
+def _pipe_capacity(fd: int) -> int:
+    """How many bytes the pipe `fd` can hold (F_GETPIPE_SZ; PIPE_SIZE if that cannot be asked)."""
+    try:
+        return int(fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ))
+    except (OSError, AttributeError):
+        return PIPE_SIZE
 
 
 def complete_lines(data: bytes) -> tuple[bytes, bytes]:
@@ -106,6 +118,7 @@ class WorkerOutput:
         with contextlib.suppress(OSError, AttributeError):  # Linux only; a limit may refuse it
             fcntl.fcntl(read_fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         self._read_fd = read_fd
+        self._capacity = _pipe_capacity(read_fd)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -138,14 +151,7 @@ class WorkerOutput:
         held = b""
         try:
             while True:
-                try:
-                    # All that the pipe holds, not _READ_SIZE of it: a record the worker wrote
-                    # with one write (a text record of several lines: a traceback, a list of
-                    # config problems) is then passed on in one piece, never cut at a read's
-                    # end by another worker's lines (the pipe is PIPE_SIZE at most).
-                    data = os.read(self._read_fd, max(_READ_SIZE, _waiting(self._read_fd)))
-                except OSError:
-                    data = b""
+                data = self._read_writes()
                 if not data:
                     break
                 out, held = complete_lines(held + data)
@@ -162,6 +168,30 @@ class WorkerOutput:
             self._ended.set()
             if self._on_end is not None:
                 self._on_end()
+
+    def _read_writes(self) -> bytes:
+        """What the worker wrote, b"" at the pipe's end. All that the pipe holds, not _READ_SIZE
+        of it: a record the worker wrote with one write (a text record of several lines: a
+        traceback, a list of config problems) is then passed on in one piece, never cut at a
+        read's end by another worker's lines. A read that found the pipe full may have taken the
+        start of a write longer than the pipe (a kernel that refused PIPE_SIZE leaves a pipe of
+        a page or two to a user over its pipe quota): the rest follows as soon as the writer
+        runs, so it is waited for, briefly, before anything is passed on."""
+        data = self._read_once()
+        while data and len(data) >= self._capacity and len(data) < _HOLD_MAX:
+            if not select.select([self._read_fd], [], [], _REST_WAIT)[0]:
+                break  # a write that ended just as the pipe filled up
+            more = self._read_once()
+            if not more:
+                break  # the pipe's end: the next read says so again
+            data += more
+        return data
+
+    def _read_once(self) -> bytes:
+        try:
+            return os.read(self._read_fd, max(_READ_SIZE, _waiting(self._read_fd)))
+        except OSError:
+            return b""
 
     def _write(self, data: bytes) -> None:
         if isinstance(self.target, StderrBuffer):
