@@ -407,6 +407,47 @@ def _shadow_findings(config: Config) -> Iterator[Finding]:
                     )
 
 
+def _covers_public_suffix(wildcard: str) -> bool:
+    """`*.com`, `*.co.uk`: a wildcard accepted domain whose base is a public suffix."""
+    base = wildcard.removeprefix("*.")
+    if "." not in base:
+        return True
+    # Imported here: the doctor's DNS modules, and the list (read once), only for such a wildcard.
+    from relaygate.doctor import is_public_suffix
+
+    return is_public_suffix(base)
+
+
+def _accepted_domain_findings(config: Config) -> Iterator[Finding]:
+    """Every client that may submit may send to an accepted domain, relay right or not (check_rcpt):
+    one that covers a public suffix makes the relay open to every address under it."""
+    for i, d in enumerate(config.accepted_domains):
+        if not d.is_wildcard or not _covers_public_suffix(d.domain):
+            continue
+        suffix = d.domain.removeprefix("*.")
+        anonymous = [
+            c.name
+            for c in config.receive_connectors
+            if c.enabled and session_rights(c).may_submit and not session_rights(c).may_relay
+        ]
+        who = (
+            f"anonymous clients of {', '.join(anonymous)} (no relay right)"
+            if anonymous
+            else "every client that may submit mail, with or without the relay right"
+        )
+        yield Finding(
+            "high",
+            "accepted-domain-public-suffix",
+            "",
+            f"accepted_domains[{i}].domain",
+            f"accepted domain {d.domain} ({d.domain_type}) covers the whole public suffix "
+            f".{suffix}: {who} may send to any address under .{suffix}, as if it were the "
+            f"organisation's own (an open relay for .{suffix})",
+            f'remove it (`relaygate domain remove "{d.domain}"`) and list the organisation\'s '
+            "own domains (`*.corp.example` covers a domain and its subdomains)",
+        )
+
+
 def _server_findings(config: Config) -> Iterator[Finding]:
     s = config.server
     if s.workers > 1 and s.worker_balance == "connection":
@@ -804,6 +845,7 @@ def audit(
     for connector in config.receive_connectors:
         findings.extend(_connector_findings(connector, config, max_prefix_v4, max_prefix_v6))
     findings.extend(_shadow_findings(config))
+    findings.extend(_accepted_domain_findings(config))
     findings.extend(_server_findings(config))
     findings.extend(_proxy_findings(config, max_prefix_v4, max_prefix_v6))
     findings.extend(_acme_findings(config))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import smtplib
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,8 @@ import pytest
 from relaygate.audit import Finding, audit, has_high
 from relaygate.config import parse_text
 from tests.cli_admin.helpers import run, write
+from tests.smtp.conftest import RelayHandle
+from tests.smtp.conftest import relay as running_relay  # noqa: F401 - the `relay` fixture
 
 # A relay connector that passes every check: method A, narrow ranges, logging, TLS, limits.
 CLEAN = """
@@ -694,3 +698,46 @@ def test_cli_audit_reads_the_users_file_for_users_without_a_send_as_list(tmp_pat
     assert done.code == 0, done.err
     found = run("audit", "-c", str(path), "--json").json()["findings"]
     assert not [f for f in found if f["code"] == "auth-users-without-send-as"]
+
+
+@pytest.mark.parametrize("wildcard", ["*.org", "*.co.uk"])
+def test_an_accepted_domain_covering_a_public_suffix_is_an_open_relay(
+    wildcard: str,
+    running_relay: Callable[..., RelayHandle],  # noqa: F811
+) -> None:
+    # An accepted domain is a recipient domain every client that may submit can send to: one
+    # covering a whole top-level (or public) suffix lets an anonymous client with no relay right
+    # relay to every address under it. The real relay accepts it; audit must say so.
+    handle = running_relay(
+        [
+            {
+                "name": "Internal Apps",
+                "bindings": ["127.0.0.1:{port}"],
+                "remote_ip_ranges": ["127.0.0.5"],
+                "permission_groups": ["AnonymousUsers"],
+            }
+        ],
+        domains=[
+            {"domain": "corp.example", "domain_type": "Authoritative", "default": True},
+            {"domain": wildcard, "domain_type": "InternalRelay"},
+        ],
+    )
+    outside = "victim@mail." + wildcard.removeprefix("*.")
+    with smtplib.SMTP("127.0.0.1", handle.port, source_address=("127.0.0.5", 0)) as client:
+        client.ehlo("app.corp.example")
+        assert client.mail("spammer@elsewhere.net")[0] == 250
+        assert client.rcpt(outside)[0] == 250  # the server relays it
+        client.rset()
+    r = run("audit", "--config", str(handle.config_path), "--json")
+    assert r.code == 1, r.out + r.err
+    found = [f for f in r.json()["findings"] if f["code"] == "accepted-domain-public-suffix"]
+    assert [(f["severity"], f["key"]) for f in found] == [("high", "accepted_domains[1].domain")], (
+        r.out
+    )
+    assert wildcard in found[0]["message"] and "Internal Apps" in found[0]["message"]
+    assert "relaygate domain remove" in found[0]["fix"]
+    # the organisation's own subdomains are what a wildcard is for: no finding
+    assert not only(
+        audit(config(CLEAN + '[[accepted_domains]]\ndomain = "*.corp.example"\n')),
+        "accepted-domain-public-suffix",
+    )

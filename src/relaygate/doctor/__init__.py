@@ -39,7 +39,7 @@ from .check_mx import _check_mx
 from .check_spf import SPF_LOOKUP_LIMIT as SPF_LOOKUP_LIMIT
 from .check_spf import _check_spf
 from .dns_records import parse_tags, zone_txt
-from .public_suffix import _suffix_rules
+from .public_suffix import _suffix_rules, is_public_suffix
 from .report import SEVERITIES, Finding, Report, _State
 from .spf_record import SpfCount as SpfCount
 from .spf_record import authorise_ip, count_spf_lookups, spf_syntax_problems
@@ -54,6 +54,7 @@ __all__ = [
     "diagnose",
     "dkim_key_tags",
     "envelope_address",
+    "is_public_suffix",
     "parse_tags",
     "relay_address",
     "spf_syntax_problems",

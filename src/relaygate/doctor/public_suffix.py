@@ -79,3 +79,13 @@ def _org_domain(domain: str) -> str:
 def _aligned_relaxed(one: str, other: str) -> bool:
     """DMARC relaxed alignment (RFC 7489 §3.1): the same organisational domain."""
     return _org_domain(one) == _org_domain(other)
+
+
+def is_public_suffix(domain: str) -> bool:
+    """Whether `domain` is itself a public suffix (com, co.uk, github.io) by the Public Suffix
+    List; without the list installed only a single label is (the list's default rule "*").
+    Blocking the first time (the list is read once)."""
+    labels = domain.lower().rstrip(".").split(".")
+    rules = _suffix_rules(PUBLIC_SUFFIX_LIST)
+    suffix = _public_suffix_length(labels, rules) if rules else 1
+    return suffix >= len(labels)
