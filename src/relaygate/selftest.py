@@ -181,6 +181,9 @@ class SourceResult:
     notes: list[str] = field(default_factory=list)  # what limits the result (TLS required, ...)
     #: MAIL was refused in clear for want of STARTTLS: nothing was decided for a TLS client
     needs_starttls: bool = False
+    #: every MAIL FROM was refused for its sender (5xx, not 530): no RCPT was decided, and a
+    #: client that sends as an address the server allows (allowed_senders) may still relay
+    senders_refused: bool = False
     control: Attempt | None = None
     attempts: list[Attempt] = field(default_factory=list)
     transcript: Transcript = field(default_factory=Transcript)
@@ -217,6 +220,11 @@ class SourceResult:
                 f"no relay decision from {self.label}: the server wants STARTTLS before MAIL "
                 "(run again with --starttls): the test is incomplete"
             )
+        if self.senders_refused:
+            return (
+                f"no relay decision from {self.label}: every MAIL FROM was refused for its sender "
+                "(run again with --from an address the clients send as): the test is incomplete"
+            )
         if self.errors or self.deferred:
             why = [
                 *([f"{len(self.deferred)} deferred with 4xx"] if self.deferred else []),
@@ -238,6 +246,7 @@ class SourceResult:
             "error": self.error or None,
             "notes": self.notes,
             "open_relay": bool(self.accepted),
+            "senders_refused": self.senders_refused,
             "attempted": len(self.counted()),
             "accepted": len(self.accepted),
             "deferred": len(self.deferred),
@@ -740,6 +749,15 @@ def _add_notes(result: SourceResult, opts: RelayTestOptions) -> None:
             "run again with --starttls (--insecure for a self-signed certificate) to test what a "
             "TLS client may relay"
         )
+    elif decided and len(at_mail) == len(decided) and not any(a.code == 530 for a in at_mail):
+        # 550 5.7.1 "... permissions to send as this sender": the sender is what is refused, not
+        # the client; a device's own sender would reach RCPT, where the relay is decided
+        result.senders_refused = True
+        result.notes.append(
+            "every MAIL FROM was refused with a 5xx that is not an authentication requirement "
+            "(530): the server refuses these senders (allowed_senders?), so no RCPT, and no relay "
+            "decision, was reached; run again with --from an address the clients send as"
+        )
     elif decided and len(at_mail) == len(decided):
         result.notes.append(
             "every MAIL FROM was refused: this address may not submit at all (AUTH required?), "
@@ -775,10 +793,13 @@ async def run_relay_test(
 
 def exit_code(results: list[SourceResult]) -> int:
     """1: some vector was accepted (an open relay); 2: a source could not be tested, or some vector
-    was deferred (4xx) or could not be completed, or MAIL needs STARTTLS that was not used; 0:
-    every vector refused from every source."""
+    was deferred (4xx) or could not be completed, or MAIL needs STARTTLS that was not used, or
+    every sender was refused at MAIL (not for want of AUTH); 0: every vector refused from every
+    source."""
     if any(r.accepted for r in results):
         return 1
-    if any(r.error or r.errors or r.deferred or r.needs_starttls for r in results):
+    if any(
+        r.error or r.errors or r.deferred or r.needs_starttls or r.senders_refused for r in results
+    ):
         return 2
     return 0

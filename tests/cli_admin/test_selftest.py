@@ -421,3 +421,42 @@ def test_a_resolver_that_hangs_does_not_hang_the_tool(
         else "relaygate-selftest.invalid"
     )  # fmt: skip
     assert {a["vector"]: a for a in source["attempts"]}["plain"]["helo"] == expected
+
+
+def test_a_relay_that_refuses_every_sender_at_mail_is_not_passed(
+    relay: Callable[..., RelayHandle],  # noqa: F811
+    sink: SMTPServer,
+) -> None:
+    """An anonymous relay connector with allowed_senders refuses every MAIL FROM of the battery
+    (550 5.7.1: not a sender it allows): no RCPT is ever decided, yet the test said "no relay
+    accepted" with exit 0, while any client that sends as the allowed address relays to anyone.
+    A 5xx to MAIL that is not an authentication requirement (530) decides nothing: exit 2, and
+    --from with the devices' address reaches the relay decision."""
+    handle = relay(
+        [
+            internal_connector(permission_groups=[]),  # 127.0.0.5: anonymous may not submit
+            relay_connector((OPEN,), name="Anonymous Relay", allowed_senders=["scan@corp.example"]),
+        ],
+        start=False,
+    )
+    handle.doc["send_connectors"][0]["port"] = sink.port
+    handle.config_path.write_text(tomlkit.dumps(handle.doc), encoding="utf-8")
+    handle.config = load_config(handle.config_path)
+    handle.start()
+    r = relay_test(handle, "--source-ip", OPEN, "--json")
+    assert r.code == 2, r.out + r.err
+    (source,) = r.json()["sources"]
+    assert {a["stage"] for a in source["attempts"]} == {"MAIL"}
+    assert source["attempts"][0]["reply"].startswith("550 5.7.1 ")
+    assert "incomplete" in source["summary"] and "--from" in source["summary"]
+    assert any("--from" in note for note in source["notes"])
+    human = relay_test(handle, "--source-ip", OPEN)
+    assert human.code == 2, human.out + human.err
+    assert "AUTH required?" not in human.out  # that note is for 530 refusals
+    allowed = relay_test(handle, "--source-ip", OPEN, "--from", "scan@corp.example", "--json")
+    assert allowed.code == 1, allowed.out + allowed.err  # what a device's sender gets: it relays
+    # a connector that wants AUTH answers 530 to every MAIL: that is the decision (exit 0)
+    auth = relay_test(handle, "--source-ip", RESTRICTED)
+    assert auth.code == 0, auth.out + auth.err
+    assert "530 5.7.1 Client was not authenticated" in auth.out and "AUTH required?" in auth.out
+    assert sink.handler.peers == [] and handle.messages() == []

@@ -130,7 +130,7 @@ def _print_footer(result: SourceResult) -> None:
         if result.accepted
         else (
             "bold yellow"
-            if result.errors or result.deferred or result.needs_starttls
+            if result.errors or result.deferred or result.needs_starttls or result.senders_refused
             else "bold green"
         )
     )
@@ -213,7 +213,8 @@ def register_relay(test: typer.Typer) -> None:
 
         Exit 0: every attempt refused; 1: some attempt accepted (an open relay); 2: usage error,
         the server could not be reached, some attempt was deferred (4xx) or could not be
-        completed, or MAIL needs STARTTLS and --starttls was not given."""
+        completed, or MAIL needs STARTTLS and --starttls was not given, or every MAIL FROM was
+        refused for its sender (not 530: give --from an address the clients send as)."""
         if tls and starttls:
             die("use --tls or --starttls, not both", 2)
         try:
