@@ -130,6 +130,12 @@ def _is_all(entry: IPRange) -> bool:
     return entry.prefix_length() == 0
 
 
+def _is_loopback_only(entry: IPRange) -> bool:
+    """127.0.0.0/8 or ::1: this machine only, however many addresses it spells (its processes, or
+    a proxy on it: `loopback-relay-with-proxies`)."""
+    return _LOOPBACK_V4.contains_range(entry) or _LOOPBACK_V6.contains_range(entry)
+
+
 def _family_name(entry: IPRange) -> str:
     return "IPv4" if entry.version == 4 else "IPv6"
 
@@ -183,7 +189,7 @@ def _connector_findings(
             prefix = entry.prefix_length()
             if _is_all(entry):
                 what = f"every {_family_name(entry)} address (open relay)"
-            elif prefix < limit:
+            elif prefix < limit and not _is_loopback_only(entry):
                 what = f"{entry.size:,} addresses (as wide as a /{prefix}, wider than /{limit})"
             else:
                 continue

@@ -741,3 +741,18 @@ def test_an_accepted_domain_covering_a_public_suffix_is_an_open_relay(
         audit(config(CLEAN + '[[accepted_domains]]\ndomain = "*.corp.example"\n')),
         "accepted-domain-public-suffix",
     )
+
+
+def test_the_embedded_default_loopback_relay_is_not_a_wide_range(tmp_path: Path) -> None:
+    # With no config file, `serve` relays for this machine only (127.0.0.0/8 and ::1 on
+    # 127.0.0.1:2525): audit called that a range of 16,777,216 addresses, high, exit 1, on the
+    # product's own safe default. Loopback is one host, not a network.
+    r = run("audit", "--json", cwd=tmp_path)  # no ./relaygate.toml, no $RELAYGATE_CONFIG
+    assert r.code == 0, r.out + r.err
+    data = r.json()
+    assert data["source"] == "<embedded default>"
+    assert not [f for f in data["findings"] if f["severity"] == "high"], r.out
+    assert not only(audit(config(relay(ranges='["127.0.0.0/8", "::1"]'))), "relay-range-too-wide")
+    # a range that reaches beyond loopback is still measured
+    wide = only(audit(config(relay(ranges='["126.0.0.0/7"]'))), "relay-range-too-wide")
+    assert [f.severity for f in wide] == ["high"]
