@@ -107,7 +107,10 @@ class RelayGrant:
 
 
 def relay_grant(connector: ReceiveConnector) -> RelayGrant:
+    """A session relays when it holds Accept-Any-Recipient and Submit: without Submit its MAIL is
+    refused (check_mail), so the relay right alone lets nothing through."""
     anon = session_rights(connector)
+    anonymous = anon.may_relay and anon.may_submit
     principals = {p.lower() for p in anon.principals}
     method_a = tuple(
         dict.fromkeys(
@@ -118,12 +121,11 @@ def relay_grant(connector: ReceiveConnector) -> RelayGrant:
             and p.user.lower() in principals
         )
     )
-    method_b = is_externally_secured(connector) and anon.may_relay
+    method_b = is_externally_secured(connector) and anonymous
     offers_auth = bool(_AUTH_OFFERING & set(connector.auth_mechanism))
-    authenticated = (
-        offers_auth and session_rights(connector, authenticated_user="relaygate-audit").may_relay
-    )
-    return RelayGrant(anon.may_relay, method_a if anon.may_relay else (), method_b, authenticated)
+    user = session_rights(connector, authenticated_user="relaygate-audit")
+    authenticated = offers_auth and user.may_relay and user.may_submit
+    return RelayGrant(anonymous, method_a if anonymous else (), method_b, authenticated)
 
 
 def _is_all(entry: IPRange) -> bool:

@@ -756,3 +756,36 @@ def test_the_embedded_default_loopback_relay_is_not_a_wide_range(tmp_path: Path)
     # a range that reaches beyond loopback is still measured
     wide = only(audit(config(relay(ranges='["126.0.0.0/7"]'))), "relay-range-too-wide")
     assert [f.severity for f in wide] == ["high"]
+
+
+def test_the_relay_right_without_submit_is_no_relay(
+    running_relay: Callable[..., RelayHandle],  # noqa: F811
+) -> None:
+    # Accept-Any-Recipient given to Everyone on a connector without AnonymousUsers: anonymous
+    # sessions lack ms-Exch-SMTP-Submit, so the server refuses their MAIL (530) and nothing is
+    # relayed; audit called it a catch-all open relay (high, exit 1), a false alarm.
+    handle = running_relay(
+        [
+            {
+                "name": "Right Only",
+                "bindings": ["127.0.0.1:{port}"],
+                "remote_ip_ranges": ["0.0.0.0/0"],
+                "permission_groups": [],
+                "permissions": [
+                    {"user": "Everyone", "extended_rights": ["ms-Exch-SMTP-Accept-Any-Recipient"]}
+                ],
+            }
+        ]
+    )
+    with smtplib.SMTP("127.0.0.1", handle.port, source_address=("127.0.0.5", 0)) as client:
+        client.ehlo("app.corp.example")
+        assert client.mail("spammer@elsewhere.net")[0] == 530  # the server relays nothing
+    r = run("audit", "--config", str(handle.config_path), "--json")
+    assert r.code == 0, r.out + r.err
+    assert not [f for f in r.json()["findings"] if f["severity"] == "high"], r.out
+    # with AnonymousUsers (Submit) the same right is an open relay again
+    text = relay(ranges='["0.0.0.0/0"]', permission=False) + (
+        '[[receive_connectors.permissions]]\nuser = "Everyone"\n'
+        'extended_rights = ["ms-Exch-SMTP-Accept-Any-Recipient"]\n'
+    )
+    assert only(audit(config(text)), "catch-all-relay")
