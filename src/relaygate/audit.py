@@ -10,7 +10,8 @@ ANONYMOUS LOGON) or method B (ExternalAuthoritative + ExchangeServers, "external
 Certificates: `audit(config, certificates=...)` adds a finding for each certificate that expires within
 CERTIFICATE_WARNING_DAYS (medium) or has expired (high); the caller reads the dates
 (`relaygate.certificates.read_expiries`: the CLI when it runs, the server at start and reload), so the
-function stays pure (but for one existence check: `_acme_findings`).
+function stays pure (but for one existence check, `_acme_findings`, and the permission bits of
+the secret files, `_secret_file_findings`).
 
 Severities: high (an open or nearly open relay, full trust for too many hosts; `audit` exits 1),
 medium (weakens security or forensics), low (missing abuse limits), info (worth a look).
@@ -28,6 +29,7 @@ from typing import Any
 from relaygate.certificates import ENTRA_CREDENTIAL, LISTENER, SMTP_CLIENT, CertificateExpiry
 from relaygate.config.model import Config, ReceiveConnector
 from relaygate.config.values import IPRange, parse_binding, parse_ip_range, parse_smart_host
+from relaygate.file_modes import mode_granting
 from relaygate.policy.rights import (
     ACCEPT_ANY_RECIPIENT,
     ACCEPT_AUTHORITATIVE_DOMAIN_SENDER,
@@ -555,6 +557,63 @@ def _acme_findings(config: Config) -> Iterator[Finding]:
     )
 
 
+#: What a reader of each secret file can do (the finding's message).
+_SECRET_EFFECT = {
+    "tls_key_file": "read the private key and pose as the relay to its clients",
+    "auth_password_file": "read the smart host's password and send as the relay's account",
+    "oauth_client_secret_file": "read the app's client secret and get tokens for the mailbox",
+    "oauth_client_key_file": "read the app's private key and get tokens for the mailbox",
+    "oauth_client_certificate_file": "read the app's private key and get tokens for the mailbox",
+    "oauth_service_account_file": "read the service account's key and act as the mailbox",
+    "key_file": "read the DKIM private key and sign mail as the domain",
+    "users_file": "read the AUTH users' password hashes and guess them offline",
+    "api_token_file": "read the admin API token and manage the queue",
+}
+
+
+def _secret_files(config: Config) -> Iterator[tuple[str, str, Path]]:
+    """(connector, key, path) of every configured file that holds a secret."""
+    s = config.server
+    for key in ("tls_key_file", "users_file"):
+        if (path := getattr(s, key)) is not None:
+            yield "", f"server.{key}", path
+    for c in config.receive_connectors:
+        if c.tls_key_file is not None:
+            yield c.name, "tls_key_file", c.tls_key_file
+    for i, sc in enumerate(config.send_connectors):
+        keys = ["auth_password_file", "oauth_client_secret_file", "oauth_service_account_file"]
+        keys += ["tls_key_file", "oauth_client_key_file"]
+        if sc.oauth_client_key_file is None:  # the key is in the certificate file
+            keys.append("oauth_client_certificate_file")
+        for key in keys:
+            if (path := getattr(sc, key)) is not None:
+                yield f'send connector "{sc.name}"', f"send_connectors[{i}].{key}", path
+    for i, k in enumerate(config.dkim):
+        if k.key_file is not None:
+            yield "", f"dkim[{i}].key_file", k.key_file
+    if config.admin.api_token_file is not None:
+        yield "", "admin.api_token_file", config.admin.api_token_file
+
+
+def _secret_file_findings(config: Config) -> Iterator[Finding]:
+    """A secret file readable or writable by every local user (`cp` keeps 0644). Group access
+    is left alone (0640 root:relaygate, the packaged layout). One stat per file, like
+    `_acme_findings`' existence check; a file that cannot be examined is `check`'s to report."""
+    for connector, key, path in _secret_files(config):
+        mode = mode_granting(path, 0o007)
+        if mode is None:
+            continue
+        effect = _SECRET_EFFECT[key.rpartition(".")[2]]
+        yield Finding(
+            "medium",
+            "secret-file-readable",
+            connector,
+            key,
+            f"{path} has mode {mode:04o}: every local user can {effect}",
+            f"chmod o-rwx {path}",
+        )
+
+
 def _queue_findings(config: Config) -> Iterator[Finding]:
     q = config.queue
     if q.store != "postgresql" or not q.database_url:
@@ -859,6 +918,7 @@ def audit(
     findings.extend(_acme_findings(config))
     findings.extend(_admin_findings(config))
     findings.extend(_queue_findings(config))
+    findings.extend(_secret_file_findings(config))
     findings.extend(_send_connector_findings(config))
     findings.extend(_graph_findings(config))
     findings.extend(_dkim_findings(config))

@@ -419,6 +419,7 @@ def test_admin_listener_on_the_network_without_a_token_is_high(listen: str, tmp_
     assert found[0].key == "admin.listen" and listen in found[0].message
     token = tmp_path / "token"
     token.write_text("s3cret\n")
+    token.chmod(0o600)  # else secret-file-readable
     with_token = exposed + f'api_token_file = "{token}"\nmetrics_require_token = true\n'
     assert audit(config(with_token)) == []
     for safe in ("127.0.0.1:8025", "127.0.0.9:18025", "[::1]:8025"):
@@ -432,6 +433,7 @@ def test_metrics_open_on_the_network_is_low(listen: str, tmp_path: Path) -> None
     anyone on the network (connector names, certificate paths, queue figures)."""
     token = tmp_path / "token"
     token.write_text("s3cret\n")
+    token.chmod(0o600)  # else secret-file-readable
     with_token = CLEAN + f'\n[admin]\nlisten = "{listen}"\napi_token_file = "{token}"\n'
     found = audit(config(with_token))
     assert codes(found) == [("low", "admin-metrics-without-token", "")]
@@ -789,3 +791,49 @@ def test_the_relay_right_without_submit_is_no_relay(
         'extended_rights = ["ms-Exch-SMTP-Accept-Any-Recipient"]\n'
     )
     assert only(audit(config(text)), "catch-all-relay")
+
+
+def test_secret_files_every_local_user_can_read(tmp_path: Path) -> None:
+    # A password or private key copied with `cp` keeps 0644: every local user reads the smart
+    # host's password, or can sign as the domain. audit said nothing about it.
+    password = tmp_path / "m365.password"
+    password.write_text("s3cret\n", encoding="utf-8")
+    password.chmod(0o644)
+    made = run("dkim", "new", "--domain", "corp.example", "--selector", "s1", "--algorithm",
+               "ed25519-sha256", "--data-dir", str(tmp_path), "--json")  # fmt: skip
+    dkim = Path(made.json()["key_file"])
+    dkim.chmod(0o604)
+    cfg = write(
+        tmp_path / "relaygate.toml",
+        CLEAN
+        + f"""
+        [[send_connectors]]
+        name = "Smart Host"
+        address_spaces = ["*"]
+        dns_routing_enabled = false
+        smart_hosts = ["smtp.corp.example"]
+        smart_host_auth_mechanism = "BasicAuthRequireTLS"
+        auth_username = "relay@corp.example"
+        auth_password_file = "{password}"
+
+        [[dkim]]
+        domain = "corp.example"
+        selector = "s1"
+        key_file = "{dkim}"
+        algorithm = "ed25519-sha256"
+        """,
+    )
+    r = run("audit", "--config", str(cfg), "--json")
+    assert r.code == 0, r.out + r.err  # medium: exit 0
+    found = [f for f in r.json()["findings"] if f["code"] == "secret-file-readable"]
+    assert [(f["severity"], f["connector"], f["key"]) for f in found] == [
+        ("medium", 'send connector "Smart Host"', "send_connectors[0].auth_password_file"),
+        ("medium", "", "dkim[0].key_file"),
+    ], r.out
+    assert str(password) in found[0]["message"] and "0644" in found[0]["message"]
+    assert found[0]["fix"] == f"chmod o-rwx {password}"
+    # group access is the packaged layout (0640 root:relaygate): no finding
+    password.chmod(0o640)
+    dkim.chmod(0o600)
+    r = run("audit", "--config", str(cfg), "--json")
+    assert not [f for f in r.json()["findings"] if f["code"] == "secret-file-readable"], r.out
