@@ -682,10 +682,44 @@ def _m365_connector_finding(s: Any, i: int) -> Finding:
     )
 
 
+def _smart_host_auth_cleartext(s: Any, i: int) -> Finding | None:
+    """BasicAuth on a send connector that does not require TLS: delivery uses STARTTLS only when
+    offered (and retries in clear after a failed handshake), so the password can cross in clear,
+    to a smart host without STARTTLS or through anyone who strips it (delivery.client)."""
+    if (
+        not s.enabled
+        or s.delivery_method != "SMTP"
+        or s.smart_host_auth_mechanism != "BasicAuth"
+        or s.require_tls
+        or s.implicit_tls
+        or s.tls_auth_level != "EncryptionOnly"
+    ):
+        return None
+    when = (
+        "always in clear: ignore_starttls is set"
+        if s.ignore_starttls
+        else "in clear when the smart host does not offer STARTTLS, or when anyone on the way "
+        "strips it or breaks the handshake"
+    )
+    return Finding(
+        "medium",
+        "smart-host-auth-cleartext",
+        f'send connector "{s.name}"',
+        f"send_connectors[{i}].smart_host_auth_mechanism",
+        f"BasicAuth without required TLS sends the smart host password ({s.auth_username or 'the account'}) "
+        f"{when}",
+        f'set smart_host_auth_mechanism = "BasicAuthRequireTLS" (`relaygate send-connector set '
+        f'"{s.name}" --smart-host-auth-mechanism BasicAuthRequireTLS`), or require_tls = true',
+    )
+
+
 def _send_connector_findings(config: Config) -> Iterator[Finding]:
-    """Microsoft 365 SMTP AUTH through one mailbox: what it refuses that a relay can avoid."""
+    """Microsoft 365 SMTP AUTH through one mailbox: what it refuses that a relay can avoid; a
+    smart host password that may cross in clear."""
     by_name = {c.name.lower(): c for c in config.send_connectors}
     for i, s in enumerate(config.send_connectors):
+        if (cleartext := _smart_host_auth_cleartext(s, i)) is not None:
+            yield cleartext
         overflow = by_name.get(s.overflow_connector.lower()) if s.overflow_connector else None
         if s.enabled and overflow is not None and not overflow.enabled:
             # `check` accepts it (disabling a route must not break the file that names it)

@@ -8,12 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import tomlkit
 
 from relaygate.audit import Finding, audit, has_high
-from relaygate.config import parse_text
-from tests.cli_admin.helpers import run, write
-from tests.smtp.conftest import RelayHandle
+from relaygate.config import load_config, parse_text
+from tests.cli_admin.helpers import Recorder, SMTPServer, run, write
+from tests.smtp.conftest import RelayHandle, relay_connector
 from tests.smtp.conftest import relay as running_relay  # noqa: F401 - the `relay` fixture
+from tests.smtp.helpers import wait_for
 
 # A relay connector that passes every check: method A, narrow ranges, logging, TLS, limits.
 CLEAN = """
@@ -837,3 +839,60 @@ def test_secret_files_every_local_user_can_read(tmp_path: Path) -> None:
     dkim.chmod(0o600)
     r = run("audit", "--config", str(cfg), "--json")
     assert not [f for f in r.json()["findings"] if f["code"] == "secret-file-readable"], r.out
+
+
+def test_a_smart_host_password_that_may_cross_in_clear(
+    running_relay: Callable[..., RelayHandle],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    # smart_host_auth_mechanism = "BasicAuth" uses STARTTLS only when offered: a smart host that
+    # does not offer it (or a man in the middle that strips it) gets the password in clear. The
+    # receive side's BasicAuth-before-TLS was a finding; the send side said nothing.
+    handler = Recorder()
+    with SMTPServer(handler, auth_require_tls=False, authenticator=handler.authenticator) as host:
+        password = tmp_path / "smarthost.password"
+        password.write_text("s3cret-Pa55\n", encoding="utf-8")
+        password.chmod(0o600)
+        handle = running_relay(
+            [relay_connector(("127.0.0.5",))], start=False
+        )  # fmt: skip
+        handle.doc["send_connectors"][0].update(
+            {
+                "port": host.port,
+                "smart_host_auth_mechanism": "BasicAuth",
+                "auth_username": "printer",
+                "auth_password_file": str(password),
+            }
+        )
+        handle.config_path.write_text(tomlkit.dumps(handle.doc), encoding="utf-8")
+        handle.config = load_config(handle.config_path)
+        handle.start()
+        with smtplib.SMTP("127.0.0.1", handle.port, source_address=("127.0.0.5", 0)) as client:
+            client.sendmail(
+                "scan@corp.example", ["someone@example.net"], b"Subject: t\r\n\r\nx\r\n"
+            )
+        assert wait_for(lambda: handler.messages, timeout=30)
+        assert handler.logins == [("printer", "s3cret-Pa55")]  # read off a connection in clear
+    r = run("audit", "--config", str(handle.config_path), "--json")
+    found = [f for f in r.json()["findings"] if f["code"] == "smart-host-auth-cleartext"]
+    assert [(f["severity"], f["connector"], f["key"]) for f in found] == [
+        (
+            "medium",
+            'send connector "Outbound (unreachable)"',
+            "send_connectors[0].smart_host_auth_mechanism",
+        )
+    ], r.out
+    assert "BasicAuthRequireTLS" in found[0]["fix"]
+    # BasicAuthRequireTLS (or require_tls) never sends it in clear: no finding
+    for safe in ('smart_host_auth_mechanism = "BasicAuthRequireTLS"', "require_tls = true"):
+        text = handle.config_path.read_text(encoding="utf-8")
+        if safe.startswith("smart"):
+            text = text.replace('smart_host_auth_mechanism = "BasicAuth"', safe)
+        else:
+            text = text.replace('smart_host_auth_mechanism = "BasicAuth"', f"{safe}\n" + (
+                'smart_host_auth_mechanism = "BasicAuth"'))  # fmt: skip
+        other = write(tmp_path / "safe.toml", text)
+        r = run("audit", "--config", str(other), "--json")
+        assert not [f for f in r.json()["findings"] if f["code"] == "smart-host-auth-cleartext"], (
+            r.out
+        )
