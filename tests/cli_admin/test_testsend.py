@@ -8,11 +8,16 @@ from __future__ import annotations
 import base64
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from tests.cli_admin.helpers import RELAY_DENIED, Recorder, SMTPServer, run
+from tests.smtp.conftest import (  # noqa: F401 - `relay` is a fixture
+    RelayHandle,
+    relay,
+    relay_connector,
+)
 
 
 @pytest.fixture
@@ -274,3 +279,23 @@ def test_send_warning_names_connector_from_config(accepting: SMTPServer, tmp_pat
     assert r.code == 0, r.out + r.err
     warning = r.json()["warnings"][0]
     assert 'taken by connector "Loopback" (range 127.0.0.0/8), which grants relay' in warning
+
+
+def test_a_sender_refused_at_mail_is_not_explained_as_missing_submit(
+    relay: Callable[..., RelayHandle],  # noqa: F811
+) -> None:
+    """550 5.7.1 '... permissions to send as this sender' to MAIL is the connector's allowed_senders
+    (or an authoritative domain's sender without the right): test send told the admin the
+    connector lacked ms-Exch-SMTP-Submit and to add AnonymousUsers, which it already has."""
+    handle = relay([relay_connector(("127.0.0.5",), allowed_senders=["scan@corp.example"])])
+    r = run("test", "send", "--server", f"127.0.0.1:{handle.port}", "--source-ip", "127.0.0.5",
+            "--from", "someone@elsewhere.example", "--to", "a@corp.example", "--json")  # fmt: skip
+    assert r.code == 1, r.out + r.err
+    verdict = r.json()["verdict"]
+    assert "550 5.7.1 Anonymous client does not have permissions to send as this sender" in verdict
+    assert "AnonymousUsers" not in verdict and "ms-Exch-SMTP-Submit" not in verdict, verdict
+    assert "allowed_senders" in verdict and "--from" in verdict
+    # the sender it allows goes through
+    ok = run("test", "send", "--server", f"127.0.0.1:{handle.port}", "--source-ip", "127.0.0.5",
+             "--from", "scan@corp.example", "--to", "a@corp.example", "--json")  # fmt: skip
+    assert ok.code == 0, ok.out + ok.err

@@ -174,6 +174,15 @@ def _explain_refusal(reply: Reply, stage: str, client_ip: str) -> str:
         )
     if code == 530 and enh == "5.7.0":
         return "the connector requires STARTTLS first (require_tls); retry with --starttls"
+    if stage == "MAIL" and "send as this sender" in text:
+        # the sender is refused, not the client: the connector may submit (Exchange's 5.7.1 text)
+        return (
+            "this sender is refused, not the client: it is not in the connector's allowed_senders, "
+            "or it is in an authoritative accepted domain and the session lacks "
+            "ms-Exch-SMTP-Accept-Authoritative-Domain-Sender; retry with --from an address the "
+            f"device sends as; `relaygate explain --client-ip {client_ip} --from ADDRESS` "
+            "shows the sender rules"
+        )
     if code == 530 or (enh == "5.7.1" and stage == "MAIL"):
         return (
             f"the connector that took {client_ip} does not let anonymous clients submit "
