@@ -134,6 +134,21 @@ def _is_all(entry: IPRange) -> bool:
     return entry.prefix_length() == 0
 
 
+def _families_covered(ranges: Sequence[IPRange]) -> list[int]:
+    """The address families (4, 6) every address of which some entry contains: 0.0.0.0/0, and
+    also 0.0.0.0/1 + 128.0.0.0/1 or any other set of entries that leaves no gap."""
+    covered = []
+    for version, last in ((4, 2**32 - 1), (6, 2**128 - 1)):
+        reached = -1  # every address up to here is in some entry
+        for entry in sorted((r for r in ranges if r.version == version), key=lambda r: r.first):
+            if entry.first > reached + 1:
+                break
+            reached = max(reached, entry.last)
+        if reached >= last:
+            covered.append(version)
+    return covered
+
+
 def _is_loopback_only(entry: IPRange) -> bool:
     """127.0.0.0/8 or ::1: this machine only, however many addresses it spells (its processes, or
     a proxy on it: `loopback-relay-with-proxies`)."""
@@ -173,9 +188,9 @@ def _connector_findings(
         ranges = [parse_ip_range("0.0.0.0-255.255.255.255")]
 
     if grant.anonymous:
-        catch_all = [r for r in ranges if _is_all(r)]
+        catch_all = _families_covered(ranges)
         if catch_all:
-            families = " and ".join(sorted({_family_name(r) for r in catch_all}))
+            families = " and ".join(f"IPv{v}" for v in catch_all)
             yield Finding(
                 "high",
                 "catch-all-relay",
@@ -973,7 +988,7 @@ def _dkim_findings(config: Config) -> Iterator[Finding]:
         ranges = list(c.remote_ip_ranges)
         if c.usage == "Internet" and not ranges:
             ranges = [parse_ip_range("0.0.0.0-255.255.255.255")]
-        if not c.enabled or not any(_is_all(r) for r in ranges):
+        if not c.enabled or not _families_covered(ranges):
             continue
         if not session_rights(c).has(ACCEPT_AUTHORITATIVE_DOMAIN_SENDER):
             continue

@@ -896,3 +896,23 @@ def test_a_smart_host_password_that_may_cross_in_clear(
         assert not [f for f in r.json()["findings"] if f["code"] == "smart-host-auth-cleartext"], (
             r.out
         )
+
+
+@pytest.mark.parametrize(
+    ("ranges", "family"),
+    [
+        ('["0.0.0.0/1", "128.0.0.0/1"]', "IPv4"),
+        ('["0.0.0.0-127.255.255.255", "::ffff:128.0.0.0/97"]', "IPv4"),
+        ('["::/1", "8000::/1"]', "IPv6"),
+    ],
+)
+def test_every_address_written_as_several_ranges_is_a_catch_all(ranges: str, family: str) -> None:
+    # Two halves admit every client as 0.0.0.0/0 does: audit reported two wide ranges but not
+    # the catch-all open relay (nor, with DKIM keys, anyone's mail signed).
+    bindings = '["[::]:25"]' if family == "IPv6" else '["0.0.0.0:25"]'
+    found = audit(config(relay(ranges=ranges, bindings=bindings)))
+    catch = only(found, "catch-all-relay")
+    assert [(f.severity, f.connector) for f in catch] == [("high", "Relay")]
+    assert f"every {family} address" in catch[0].message
+    # half of the addresses is wide, not a catch-all
+    assert not only(audit(config(relay(ranges='["0.0.0.0/1"]'))), "catch-all-relay")
