@@ -501,7 +501,7 @@ def _proxy_findings(config: Config, max_prefix_v4: int, max_prefix_v6: int) -> I
     ]
     if not broad:
         return
-    everyone = any(_is_all(p) for p in broad)
+    everyone = bool(_families_covered(broad))
     yield Finding(
         "high" if everyone else "medium",
         "trusted-proxies-broad",

@@ -286,6 +286,7 @@ def test_loopback_in_relay_ranges_with_trusted_proxies() -> None:
     [
         ('["0.0.0.0/0"]', "high"),
         ('["::/0"]', "high"),
+        ('["0.0.0.0/1", "128.0.0.0/1"]', "high"),  # every address too (was medium)
         ('["10.0.0.0/8"]', "medium"),
         ('["10.0.0.10", "2001:db8::/32"]', "medium"),
     ],
