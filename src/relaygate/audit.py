@@ -55,7 +55,9 @@ MAX_EXTERNALLY_SECURED_HOSTS = 4
 CERTIFICATE_WARNING_DAYS = 30
 _LOOPBACK_V4 = parse_ip_range("127.0.0.0/8")
 _LOOPBACK_V6 = parse_ip_range("::1")
-_AUTH_OFFERING = frozenset({"BasicAuth", "Integrated"})
+#: The auth_mechanism values for which the server offers AUTH. Not Integrated (NTLM/Kerberos needs
+#: Active Directory): a connector with only that offers no AUTH at all (smtp.session).
+_AUTH_OFFERING = frozenset({"BasicAuth"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,7 +358,7 @@ def _connector_findings(
             c.name,
             "permission_groups",
             "ExchangeUsers grants relay only to authenticated sessions, but this connector offers no AUTH "
-            "mechanism (BasicAuth or Integrated): the group has no effect",
+            "(BasicAuth; RelayGate has no Integrated): the group has no effect",
             "remove ExchangeUsers, or offer BasicAuth + BasicAuthRequireTLS if clients should authenticate",
         )
 

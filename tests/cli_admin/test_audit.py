@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import tomlkit
 
-from relaygate.audit import Finding, audit, has_high
+from relaygate.audit import Finding, audit, has_high, relay_grant
 from relaygate.config import load_config, parse_text
 from tests.cli_admin.helpers import Recorder, SMTPServer, run, write
 from tests.smtp.conftest import RelayHandle, relay_connector
@@ -917,3 +917,28 @@ def test_every_address_written_as_several_ranges_is_a_catch_all(ranges: str, fam
     assert f"every {family} address" in catch[0].message
     # half of the addresses is wide, not a catch-all
     assert not only(audit(config(relay(ranges='["0.0.0.0/1"]'))), "catch-all-relay")
+
+
+def test_integrated_auth_is_no_auth_offered(
+    running_relay: Callable[..., RelayHandle],  # noqa: F811
+) -> None:
+    # AuthMechanism Integrated (NTLM/Kerberos) needs Active Directory: RelayGate offers no AUTH
+    # for it, so ExchangeUsers grants nothing; audit counted it as AUTH offered (no finding)
+    # and the admin centre showed the connector relaying "after AUTH only".
+    handle = running_relay(
+        [
+            {
+                "name": "Users",
+                "bindings": ["127.0.0.1:{port}"],
+                "remote_ip_ranges": ["127.0.0.5"],
+                "permission_groups": ["ExchangeUsers"],
+                "auth_mechanism": ["Tls", "Integrated"],
+            }
+        ]
+    )
+    with smtplib.SMTP("127.0.0.1", handle.port, source_address=("127.0.0.5", 0)) as client:
+        client.ehlo("app.corp.example")
+        assert not client.has_extn("auth")  # the server offers no AUTH
+    found = audit(handle.config)
+    assert ("info", "exchange-users-without-auth", "Users") in codes(found)
+    assert relay_grant(handle.config.receive_connectors[0]).describe() == "no"
