@@ -329,6 +329,7 @@ def _connector_findings(
         "BasicAuth" in c.auth_mechanism
         and "BasicAuthRequireTLS" not in c.auth_mechanism
         and not c.require_tls
+        and c.tls_mode != "implicit"  # TLS from the first byte: AUTH is never in clear
     ):
         yield Finding(
             "medium",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import smtplib
+import ssl
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -942,3 +943,38 @@ def test_integrated_auth_is_no_auth_offered(
     found = audit(handle.config)
     assert ("info", "exchange-users-without-auth", "Users") in codes(found)
     assert relay_grant(handle.config.receive_connectors[0]).describe() == "no"
+
+
+def test_basic_auth_on_an_implicit_tls_listener_is_not_clear_text(
+    running_relay: Callable[..., RelayHandle],  # noqa: F811
+) -> None:
+    # tls_mode = "implicit" (port 465): TLS from the first byte, AUTH included; audit said
+    # "BasicAuth is offered before STARTTLS: passwords can cross in clear text", a false alarm.
+    handle = running_relay(
+        [
+            {
+                "name": "Submission 465",
+                "bindings": ["127.0.0.1:{port}"],
+                "remote_ip_ranges": ["127.0.0.5"],
+                "permission_groups": ["ExchangeUsers"],
+                "auth_mechanism": ["Tls", "BasicAuth"],
+                "tls_mode": "implicit",
+            }
+        ]
+    )
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # the self-signed one
+    with smtplib.SMTP_SSL(
+        "127.0.0.1", handle.port, source_address=("127.0.0.5", 0), context=context, timeout=10
+    ) as client:
+        client.ehlo("app.corp.example")
+        assert client.has_extn("auth") and client.sock is not None
+        assert client.sock.version() is not None  # AUTH is offered inside TLS only
+    assert not only(audit(handle.config), "basic-auth-cleartext")
+    # the same connector on STARTTLS offers AUTH before it: reported
+    starttls = CLEAN + (
+        '[[receive_connectors]]\nname = "Submission"\nbindings = ["0.0.0.0:587"]\n'
+        'remote_ip_ranges = ["10.0.0.0/24"]\npermission_groups = ["ExchangeUsers"]\n'
+        'auth_mechanism = ["Tls", "BasicAuth"]\n'
+    )
+    assert only(audit(config(starttls)), "basic-auth-cleartext")
