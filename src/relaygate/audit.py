@@ -185,9 +185,9 @@ def _connector_findings(
 ) -> Iterator[Finding]:
     grant = relay_grant(c)
     note = _state(c)
+    # As the server selects: usage = "Internet" without remote_ip_ranges was given every IPv4
+    # address by the loader; written empty, it admits nobody.
     ranges = list(c.remote_ip_ranges)
-    if c.usage == "Internet" and not ranges:
-        ranges = [parse_ip_range("0.0.0.0-255.255.255.255")]
 
     if grant.anonymous:
         catch_all = _families_covered(ranges)
@@ -988,10 +988,7 @@ def _dkim_findings(config: Config) -> Iterator[Finding]:
     if not any(k.enabled for k in config.dkim):
         return
     for c in config.receive_connectors:
-        ranges = list(c.remote_ip_ranges)
-        if c.usage == "Internet" and not ranges:
-            ranges = [parse_ip_range("0.0.0.0-255.255.255.255")]
-        if not c.enabled or not _families_covered(ranges):
+        if not c.enabled or not _families_covered(c.remote_ip_ranges):
             continue
         if not session_rights(c).has(ACCEPT_AUTHORITATIVE_DOMAIN_SENDER):
             continue

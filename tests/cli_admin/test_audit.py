@@ -978,3 +978,33 @@ def test_basic_auth_on_an_implicit_tls_listener_is_not_clear_text(
         'auth_mechanism = ["Tls", "BasicAuth"]\n'
     )
     assert only(audit(config(starttls)), "basic-auth-cleartext")
+
+
+def test_an_internet_connector_with_its_ranges_removed_admits_nobody(
+    running_relay: Callable[..., RelayHandle],  # noqa: F811
+) -> None:
+    # usage = "Internet" gets 0.0.0.0-255.255.255.255 when remote_ip_ranges is not written; once
+    # written empty (every range removed) it admits no client at all, but audit still read it as
+    # every IPv4 address: a catch-all open relay (high, exit 1), a false alarm.
+    spec = {
+        "name": "Internet",
+        "usage": "Internet",
+        "bindings": ["127.0.0.1:{port}"],
+        "remote_ip_ranges": [],
+        "permissions": [
+            {"user": "Everyone", "extended_rights": ["ms-Exch-SMTP-Accept-Any-Recipient"]}
+        ],
+    }
+    handle = running_relay([spec, {**spec, "name": "Loopback", "usage": "Custom",
+                                   "remote_ip_ranges": ["127.0.0.9"], "permissions": []}])  # fmt: skip
+    with pytest.raises(smtplib.SMTPServerDisconnected):  # no connector takes 127.0.0.5
+        smtplib.SMTP("127.0.0.1", handle.port, source_address=("127.0.0.5", 0), timeout=10)
+    found = audit(handle.config)
+    assert not only(found, "catch-all-relay") and not has_high(found), codes(found)
+    # not written: the Internet default, every IPv4 address
+    text = CLEAN + (
+        '[[receive_connectors]]\nname = "Internet"\nusage = "Internet"\nbindings = ["0.0.0.0:25"]\n'
+        '[[receive_connectors.permissions]]\nuser = "Everyone"\n'
+        'extended_rights = ["ms-Exch-SMTP-Accept-Any-Recipient"]\n'
+    )
+    assert only(audit(config(text)), "catch-all-relay")
