@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from relaygate import replies
+from relaygate import public_suffix, replies
 from relaygate.dkim.keys import generate_key
 from relaygate.doctor import (
     Report,
     authorise_ip,
     diagnose,
+    org_domain,
     parse_tags,
-    public_suffix,
     pyspf_hook,
     spf_syntax_problems,
     zone_txt,
@@ -520,8 +520,8 @@ def suffix_list(tmp_path, monkeypatch):
 
 
 def test_org_domain_follows_the_public_suffix_list(suffix_list):
-    public_suffix._suffix_rules(suffix_list)  # what diagnose() does in a thread
-    org = public_suffix._org_domain
+    public_suffix.suffix_rules(suffix_list)  # what diagnose() does in a thread
+    org = org_domain._org_domain
     assert org("mail.example.co.uk") == "example.co.uk"
     assert org("example.co.uk") == "example.co.uk"
     assert org("a.b.corp.example") == "corp.example"

@@ -16,8 +16,8 @@ users of pyspf in the process are unaffected. The evaluation runs in a worker th
 
 A package, one module per check family: check_mx.py, check_spf.py, check_dkim.py,
 check_dmarc.py; beside them report.py (the report model), dns_records.py (lookups, zone-file
-lines, tag lists), public_suffix.py (the organisational domain), spf_record.py (SPF syntax and
-lookup count) and pyspf_hook.py (pyspf's DNS). This module holds the entry point, ``diagnose``,
+lines, tag lists), org_domain.py (the organisational domain, from relaygate.public_suffix),
+spf_record.py (SPF syntax and lookup count) and pyspf_hook.py (pyspf's DNS). This module holds the entry point, ``diagnose``,
 and the normalising of its arguments, and re-exports the public names.
 """
 
@@ -28,10 +28,9 @@ import ipaddress
 
 import dns.asyncresolver
 
-from relaygate import replies
+from relaygate import public_suffix, replies
 from relaygate.addresses import AddressError, parse_domain, parse_path
 
-from . import public_suffix
 from .check_dkim import _check_dkim, dkim_key_tags
 from .check_dmarc import _check_dmarc
 from .check_helo import _check_helo
@@ -39,7 +38,6 @@ from .check_mx import _check_mx
 from .check_spf import SPF_LOOKUP_LIMIT as SPF_LOOKUP_LIMIT
 from .check_spf import _check_spf
 from .dns_records import parse_tags, zone_txt
-from .public_suffix import _suffix_rules, is_public_suffix
 from .report import SEVERITIES, Finding, Report, _State
 from .spf_record import SpfCount as SpfCount
 from .spf_record import authorise_ip, count_spf_lookups, spf_syntax_problems
@@ -54,7 +52,6 @@ __all__ = [
     "diagnose",
     "dkim_key_tags",
     "envelope_address",
-    "is_public_suffix",
     "parse_tags",
     "relay_address",
     "spf_syntax_problems",
@@ -170,7 +167,9 @@ async def diagnose(
         _check_helo(report, resolver, relay_ip, helo_names or {}),
         _check_dkim(report, resolver, state, keys),
     )
-    await asyncio.to_thread(_suffix_rules, public_suffix.PUBLIC_SUFFIX_LIST)  # reads the file once
+    await asyncio.to_thread(
+        public_suffix.suffix_rules, public_suffix.PUBLIC_SUFFIX_LIST
+    )  # reads the file once
     await _check_dmarc(report, resolver, state, relay_ip, envelope)
     order = {c: i for i, c in enumerate(("MX", "SPF", "HELO", "DKIM", "DMARC"))}
     report.findings.sort(key=lambda f: order.get(f.check, 99))

@@ -11,7 +11,7 @@ import re
 import dns.asyncresolver
 
 from .dns_records import _txt, parse_tags, zone_txt
-from .public_suffix import _aligned_relaxed, _org_domain
+from .org_domain import _aligned_relaxed, _org_domain
 from .report import Report, _State
 from .spf_record import authorise_ip
 

@@ -1,9 +1,6 @@
-"""The organisational domain (RFC 7489 §3.2) from the Public Suffix List, and DMARC's relaxed
-alignment built on it.
-
-Kept apart from the DMARC check: the list is a file read once (in a thread, see ``diagnose``),
-and tests point ``PUBLIC_SUFFIX_LIST`` (an attribute of this module) at a small list of their own.
-"""
+"""The Public Suffix List (https://publicsuffix.org/list/) as Debian's "publicsuffix" package
+installs it: the doctor's organisational domain (DMARC) and audit's accepted-domain check. Light on
+imports, so that audit (called by the admin centre) does not load the doctor's DNS modules."""
 
 from __future__ import annotations
 
@@ -13,14 +10,21 @@ from pathlib import Path
 
 from relaygate.addresses import ascii_domain as ascii_spelling
 
-# The Public Suffix List as Debian's "publicsuffix" package installs it. Without it the
-# organisational domain falls back to the last two labels, which is wrong under multi-label
-# suffixes (example.co.uk would be "co.uk").
+__all__ = [
+    "PUBLIC_SUFFIX_LIST",
+    "SuffixRules",
+    "is_public_suffix",
+    "parse_suffix_list",
+    "public_suffix_length",
+    "suffix_rules",
+]
+
+#: Where Debian's "publicsuffix" package installs the list.
 PUBLIC_SUFFIX_LIST = Path("/usr/share/publicsuffix/public_suffix_list.dat")
 
 
 @dataclass(frozen=True)
-class _SuffixRules:
+class SuffixRules:
     """The rules of the Public Suffix List (https://publicsuffix.org/list/), as A-labels."""
 
     exact: frozenset[str]
@@ -28,7 +32,7 @@ class _SuffixRules:
     exception: frozenset[str]  # "www.ck" for the rule "!www.ck"
 
 
-def _parse_suffix_list(text: str) -> _SuffixRules:
+def parse_suffix_list(text: str) -> SuffixRules:
     exact: set[str] = set()
     wildcard: set[str] = set()
     exception: set[str] = set()
@@ -42,20 +46,20 @@ def _parse_suffix_list(text: str) -> _SuffixRules:
         elif rule.startswith("*."):
             target, rule = wildcard, rule[2:]
         target.add(ascii_spelling(rule))  # as the domains it is matched with are spelled
-    return _SuffixRules(frozenset(exact), frozenset(wildcard), frozenset(exception))
+    return SuffixRules(frozenset(exact), frozenset(wildcard), frozenset(exception))
 
 
 @functools.cache
-def _suffix_rules(path: Path) -> _SuffixRules | None:
-    """The list at ``path``, read once (None when it is not installed). Blocking: call it in a
-    thread first (:func:`diagnose` does), later calls return the cached rules."""
+def suffix_rules(path: Path) -> SuffixRules | None:
+    """The list at ``path``, read once (None when it is not installed). Blocking: an async caller
+    calls it in a thread first (the doctor's diagnose does), later calls return the cached rules."""
     try:
-        return _parse_suffix_list(path.read_text("utf-8"))
+        return parse_suffix_list(path.read_text("utf-8"))
     except OSError:
         return None
 
 
-def _public_suffix_length(labels: list[str], rules: _SuffixRules) -> int:
+def public_suffix_length(labels: list[str], rules: SuffixRules) -> int:
     """How many trailing labels form the public suffix (the PSL algorithm; default rule "*")."""
     for start in range(len(labels)):
         name = ".".join(labels[start:])
@@ -68,24 +72,11 @@ def _public_suffix_length(labels: list[str], rules: _SuffixRules) -> int:
     return 1
 
 
-def _org_domain(domain: str) -> str:
-    """The organisational domain (RFC 7489 §3.2): the public suffix and one label more."""
-    labels = domain.lower().rstrip(".").split(".")
-    rules = _suffix_rules(PUBLIC_SUFFIX_LIST)
-    suffix = _public_suffix_length(labels, rules) if rules else 1
-    return ".".join(labels[-(suffix + 1) :])
-
-
-def _aligned_relaxed(one: str, other: str) -> bool:
-    """DMARC relaxed alignment (RFC 7489 §3.1): the same organisational domain."""
-    return _org_domain(one) == _org_domain(other)
-
-
 def is_public_suffix(domain: str) -> bool:
     """Whether `domain` is itself a public suffix (com, co.uk, github.io) by the Public Suffix
     List; without the list installed only a single label is (the list's default rule "*").
     Blocking the first time (the list is read once)."""
     labels = domain.lower().rstrip(".").split(".")
-    rules = _suffix_rules(PUBLIC_SUFFIX_LIST)
-    suffix = _public_suffix_length(labels, rules) if rules else 1
+    rules = suffix_rules(PUBLIC_SUFFIX_LIST)
+    suffix = public_suffix_length(labels, rules) if rules else 1
     return suffix >= len(labels)
