@@ -3142,7 +3142,7 @@ async def test_a_sendmail_in_flight_is_not_recorded_where_the_previous_release_r
     .../messages//send, refused: the message failed for good (an NDR), sent or not. A
     sendMail is recorded under a key that release never reads (it sends again, as before);
     this release still finds it."""
-    from relaygate.queue.manager import _graph_route
+    from relaygate.queue.manager_graph import _graph_route
 
     lose_first_answer(graph, is_sendmail)  # Graph sends it, the answer is lost
     relay = await start_graph_relay(graph, entra, ca_file, tmp_path)
