@@ -215,7 +215,7 @@ INVALID_FROM_HEADER = Reply(
 )
 
 
-# --- outbound session (delivery/client.py, nexthop.py) and queue (queue/manager.py) ------------
+# --- outbound session (delivery/client/, nexthop.py) and queue (queue/manager*.py) ----------------
 UNABLE_TO_CONNECT = Reply(421, "4.2.1", "Unable to connect")
 CONNECTION_DROPPED_SEND = Reply(421, "4.4.2", "Connection dropped due to SocketError")
 

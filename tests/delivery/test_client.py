@@ -1143,16 +1143,16 @@ class SlowReader(helpers.LoopbackServer):
 def slow_link_message(monkeypatch: pytest.MonkeyPatch) -> bytes:
     """A ~1 MB message, and the client's send buffer fixed small (8 KiB) so that the kernel
     holds little of it on the client's side: the link's pace is the reader's."""
-    from relaygate.delivery import client
+    from relaygate.delivery.client import connection
 
-    connect = client._connect_socket
+    connect = connection._connect_socket
 
     async def small_send_buffer(*args: Any, **kwargs: Any) -> socket.socket:
         sock = await connect(*args, **kwargs)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
         return sock
 
-    monkeypatch.setattr(client, "_connect_socket", small_send_buffer)
+    monkeypatch.setattr(connection, "_connect_socket", small_send_buffer)
     return b"Subject: scans\r\n\r\n" + (b"0123456789" * 7 + b"abcdef\r\n") * 13_000
 
 

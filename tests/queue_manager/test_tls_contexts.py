@@ -7,7 +7,8 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-from relaygate.delivery.client import _cached_context, tls_context_for
+from relaygate.delivery.client import tls_context_for
+from relaygate.delivery.client.tls import _cached_context
 from tests.queue_manager.helpers import free_port, send_connector_text, start_relay, wait_for
 
 
