@@ -9,6 +9,7 @@ range and its jti not seen before), answering Entra ID's errors otherwise."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import ssl
@@ -24,6 +25,7 @@ import pytest
 import trustme
 
 from relaygate.config.loader import ConfigError, parse_text
+from relaygate.delivery import oauth
 from relaygate.delivery.oauth import OAuthTokenProvider, TokenError
 from relaygate.queue.model import RecipientStatus
 from tests.delivery import helpers
@@ -75,6 +77,9 @@ class FakeEntra:
         #: (header, claims) of every client assertion that passed
         self.assertions: list[tuple[dict[str, Any], dict[str, Any]]] = []
         self.seen_jti: set[str] = set()
+        #: set: the token endpoint reads the request and answers nothing until close()
+        self.hang = False
+        self.released = threading.Event()
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -110,6 +115,9 @@ class FakeEntra:
                 length = int(self.headers.get("Content-Length", "0"))
                 form = parse_qs(self.rfile.read(length).decode())
                 owner.token_requests.append(form)
+                if owner.hang:
+                    owner.released.wait()
+                    return
                 if self.path != f"/{TENANT}/oauth2/v2.0/token":
                     self._json(404, {"error": "not_found"})
                 elif "client_assertion" in form or "client_assertion_type" in form:
@@ -222,6 +230,7 @@ class FakeEntra:
         return None
 
     def close(self) -> None:
+        self.released.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -327,6 +336,28 @@ async def test_a_secret_replaced_after_entra_refused_it_is_used_without_a_restar
         ["old-expired-secret"],
         [SECRET],
     ]
+
+
+async def test_a_token_endpoint_that_never_answers_is_a_token_error_within_the_timeout(
+    entra: FakeEntra, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """msal's requests had no timeout: a token endpoint (or a proxy) that took the request and
+    never answered held the provider's lock for ever, and with it every delivery of the
+    connector, with nothing in LastError (review, reproduced: no answer after 10 s)."""
+    monkeypatch.setattr(oauth, "TOKEN_REQUEST_TIMEOUT", 1.0, raising=False)
+    entra.hang = True
+    p = provider(entra)
+    started = time.monotonic()
+    try:
+        with pytest.raises(TokenError) as info:
+            await asyncio.wait_for(p(), 10.0)
+    finally:
+        entra.released.set()  # else the loop's end waits for msal's thread
+    assert time.monotonic() - started < 5.0
+    text = str(info.value)
+    assert "Outbound to Microsoft 365" in text and entra.authority_host in text
+    assert "no answer within 1 s" in text
+    assert len(entra.token_requests) == 1
 
 
 def test_the_authority_must_be_https() -> None:

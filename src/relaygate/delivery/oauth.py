@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_AUTHORITY_HOST = "https://login.microsoftonline.com"
 DEFAULT_SCOPE = "https://outlook.office365.com/.default"
+#: Seconds msal's requests (the tenant's discovery, the token request) wait to connect and between
+#: two reads of an answer. msal's own default is no limit: an endpoint or a proxy that took the
+#: request and never answered held the provider's lock, and every delivery of the connector, for ever.
+TOKEN_REQUEST_TIMEOUT = 30.0
 
 # Hosts msal knows (public cloud, US Government, China, Germany): it validates the authority against
 # them through instance discovery. Any other host (a private or test authority) is used as it is.
@@ -123,8 +127,10 @@ class OAuthTokenProvider:
         authority_host: str = DEFAULT_AUTHORITY_HOST,
         scope: str = DEFAULT_SCOPE,
         environ: Mapping[str, str] | None = None,
+        timeout: float | None = None,
     ) -> None:
         self.connector_name = connector_name
+        self.timeout = TOKEN_REQUEST_TIMEOUT if timeout is None else timeout
         self.tenant_id = tenant_id
         self.client_id = client_id
         self.secret_file = secret_file
@@ -254,6 +260,7 @@ class OAuthTokenProvider:
                 authority=self.authority,
                 validate_authority=known,
                 instance_discovery=known,
+                timeout=self.timeout,
             )
             audience.append(str(app.authority.token_endpoint))
             self._app = app
@@ -269,7 +276,7 @@ class OAuthTokenProvider:
             self._app = None  # start over next time (a fixed secret file, a reachable network)
             raise TokenError(
                 f"send connector {self.connector_name!r}: token request to {self.authority} "
-                f"failed: {type(exc).__name__}"
+                f"failed: {self._failure(exc)}"
             ) from None
         token = result.get("access_token") if isinstance(result, dict) else None
         if token:
@@ -286,6 +293,15 @@ class OAuthTokenProvider:
             f"send connector {self.connector_name!r}: {self.authority} refused the token "
             f"request: {error}" + (f" ({description})" if description else "")
         )
+
+    def _failure(self, exc: Exception) -> str:
+        """What went wrong with a token request that got no answer, in words (the type alone
+        otherwise: an exception's text may quote the request)."""
+        import requests
+
+        if isinstance(exc, requests.exceptions.Timeout):
+            return f"no answer within {self.timeout:g} s"
+        return type(exc).__name__
 
 
 def _digest(*paths: Path | None) -> str:
