@@ -303,6 +303,22 @@ async def test_invalidate_drops_the_token(google: FakeGoogle, account: Account) 
     assert len(google.issued) == 2
 
 
+async def test_a_late_refusal_of_the_old_token_keeps_the_new_one(
+    google: FakeGoogle, account: Account
+) -> None:
+    """Several deliveries refused the same revoked token at once: the first drops it and gets a
+    new one, the others' refusals (of the old token) keep the new one. Before, each refusal
+    dropped whatever was cached: one token request per refused delivery (review, reproduced:
+    three requests)."""
+    p = provider(account)
+    old = await p()
+    await p.invalidate(old)  # the first delivery's 535
+    new = await p()
+    await p.invalidate(old)  # a second delivery's 535, to the same old token
+    assert await p() == new == "ya29.token-1"
+    assert len(google.issued) == 2
+
+
 @pytest.mark.parametrize(
     ("error", "description"),
     [

@@ -77,6 +77,8 @@ class FakeEntra:
         #: (header, claims) of every client assertion that passed
         self.assertions: list[tuple[dict[str, Any], dict[str, Any]]] = []
         self.seen_jti: set[str] = set()
+        #: set: each token issued is a new one (TOKEN-1, TOKEN-2...), else always TOKEN
+        self.fresh_tokens = False
         #: set: the token endpoint reads the request and answers nothing until close()
         self.hang = False
         self.released = threading.Event()
@@ -145,8 +147,9 @@ class FakeEntra:
                         },
                     )
                 else:
+                    token = f"{TOKEN}-{len(owner.token_requests)}" if owner.fresh_tokens else TOKEN
                     self._json(
-                        200, {"token_type": "Bearer", "expires_in": 3599, "access_token": TOKEN}
+                        200, {"token_type": "Bearer", "expires_in": 3599, "access_token": token}
                     )
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -336,6 +339,21 @@ async def test_a_secret_replaced_after_entra_refused_it_is_used_without_a_restar
         ["old-expired-secret"],
         [SECRET],
     ]
+
+
+async def test_a_late_refusal_of_the_old_token_keeps_the_new_one(entra: FakeEntra) -> None:
+    """Several deliveries refused the same revoked token at once (535, Graph's 401): the first
+    drops it and gets a new one, the others' refusals (of the old token) keep the new one.
+    Before, each refusal dropped msal's application and its cache: one token request per
+    refused delivery (review, reproduced: three requests)."""
+    entra.fresh_tokens = True
+    p = provider(entra)
+    old = await p()
+    await p.invalidate(old)  # the first delivery's 535
+    new = await p()
+    await p.invalidate(old)  # a second delivery's 535, to the same old token
+    assert await p() == new == f"{TOKEN}-2"
+    assert len(entra.token_requests) == 2
 
 
 async def test_a_token_endpoint_that_never_answers_is_a_token_error_within_the_timeout(

@@ -219,9 +219,13 @@ class GoogleTokenProvider:
         """What the provider is built from: a reload keeps it (and its token) when unchanged."""
         return ("google", self.key_file, self.subject, self.scope, self.ca_file)
 
-    async def invalidate(self) -> None:
-        """Forget the cached token (the SMTP server refused it): the next call asks for a new one."""
+    async def invalidate(self, token: str | None = None) -> None:
+        """Forget the cached token (the SMTP server refused it): the next call asks for a new one.
+        With `token` (the one refused), only while it is still the cached one: deliveries refused
+        the same token at once ask for one new token, not one each."""
         async with self._lock:
+            if token is not None and token != self._token:
+                return
             self._token = None
             self._expires_at = 0.0
 

@@ -77,7 +77,7 @@ class TokenProvider(Protocol):
 
     async def __call__(self) -> str: ...
 
-    async def invalidate(self) -> None: ...
+    async def invalidate(self, token: str | None = None) -> None: ...
 
     @property
     def signature(self) -> tuple[Any, ...]: ...
@@ -144,6 +144,7 @@ class OAuthTokenProvider:
         self.scope = scope
         self._environ = environ
         self._app: Any = None
+        self._token: str | None = None  # the last token msal gave (see invalidate)
         self._lock = asyncio.Lock()
         self.requests = 0  # tokens asked of msal (cache hits included), for the tests and /metrics
 
@@ -183,11 +184,16 @@ class OAuthTokenProvider:
         audience is the one msal discovers, by the tenant's id: see _application)."""
         return f"{self.authority}/oauth2/v2.0/token"
 
-    async def invalidate(self) -> None:
+    async def invalidate(self, token: str | None = None) -> None:
         """Forget the cached token (the resource refused it: revoked, or its rights changed):
-        the next call asks Entra ID for a new one."""
+        the next call asks Entra ID for a new one. With `token` (the one refused), only while
+        it is still the cached one: deliveries that were refused the same token at once then
+        ask for one new token, not one each (a late refusal would drop the new token)."""
         async with self._lock:
+            if token is not None and token != self._token:
+                return
             self._app = None
+            self._token = None
 
     async def __call__(self) -> str:
         async with self._lock:
@@ -280,7 +286,8 @@ class OAuthTokenProvider:
             ) from None
         token = result.get("access_token") if isinstance(result, dict) else None
         if token:
-            return str(token)
+            self._token = str(token)
+            return self._token
         error, description = "no access_token", ""
         if isinstance(result, dict):
             error = str(result.get("error", error))

@@ -65,7 +65,7 @@ async def _authenticate(
                 invalidate = getattr(provider, "invalidate", None)
                 if exc.code != 535 or invalidate is None:
                     raise
-                await invalidate()
+                await invalidate(token)
                 if _accepted_tokens.get(provider) != token:
                     raise
                 log.info("the smart host refused the OAuth token (%s); asking a new one", exc.code)

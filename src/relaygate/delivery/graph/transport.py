@@ -200,7 +200,7 @@ class GraphTransport:
                 if failure.status == 401 and not refreshed:
                     refreshed = True
                     log.info("Microsoft Graph refused the token for %s; asking a new one", logged)
-                    await _invalidate(token_provider)
+                    await _invalidate(token_provider, token)
                     continue
                 line = failure.reply.line()
                 if log_privacy is not None:
@@ -223,7 +223,8 @@ class GraphTransport:
             )
 
 
-async def _invalidate(token_provider: Any) -> None:
+async def _invalidate(token_provider: Any, token: str) -> None:
+    """Drop the refused `token` from the provider's cache (if it is still the cached one)."""
     invalidate = getattr(token_provider, "invalidate", None)
     if invalidate is not None:
-        await invalidate()
+        await invalidate(token)
