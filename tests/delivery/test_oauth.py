@@ -79,6 +79,8 @@ class FakeEntra:
         self.seen_jti: set[str] = set()
         #: set: each token issued is a new one (TOKEN-1, TOKEN-2...), else always TOKEN
         self.fresh_tokens = False
+        #: (status, body): the token endpoint's answer instead (an HTML page from a proxy...)
+        self.answer: tuple[int, bytes] | None = None
         #: set: the token endpoint reads the request and answers nothing until close()
         self.hang = False
         self.released = threading.Event()
@@ -119,6 +121,14 @@ class FakeEntra:
                 owner.token_requests.append(form)
                 if owner.hang:
                     owner.released.wait()
+                    return
+                if owner.answer is not None:
+                    code, body = owner.answer
+                    self.send_response(code)
+                    self.send_header("Content-Type", "text/html")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
                     return
                 if self.path != f"/{TENANT}/oauth2/v2.0/token":
                     self._json(404, {"error": "not_found"})
@@ -376,6 +386,36 @@ async def test_a_token_endpoint_that_never_answers_is_a_token_error_within_the_t
     assert "Outbound to Microsoft 365" in text and entra.authority_host in text
     assert "no answer within 1 s" in text
     assert len(entra.token_requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "said"),
+    [(502, "HTTP 502"), (200, "the answer is not JSON"), (403, "the answer is not JSON")],
+)
+async def test_an_answer_that_is_not_entra_s_is_named_by_its_status(
+    entra: FakeEntra, status: int, said: str
+) -> None:
+    """A proxy's or gateway's HTML page instead of Entra ID's JSON: the admin read 'failed:
+    MsalServiceError' or 'failed: JSONDecodeError' (review, reproduced)."""
+    entra.answer = (status, b"<html><body><h1>Bad gateway</h1></body></html>")
+    with pytest.raises(TokenError) as info:
+        await provider(entra)()
+    assert said in str(info.value) and "Outbound to Microsoft 365" in str(info.value)
+
+
+async def test_a_token_endpoint_whose_certificate_fails_validation_says_so(
+    entra: FakeEntra, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The endpoint's certificate is not trusted (a TLS-inspecting proxy, a private CA):
+    the admin read 'failed: SSLError' (review, reproduced)."""
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(other))
+    with pytest.raises(TokenError) as info:
+        await provider(entra)()
+    text = str(info.value)
+    assert "certificate validation failed" in text and entra.authority_host in text
+    assert entra.token_requests == []
 
 
 def test_the_authority_must_be_https() -> None:

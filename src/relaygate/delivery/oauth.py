@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
+import ssl
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -302,13 +304,40 @@ class OAuthTokenProvider:
         )
 
     def _failure(self, exc: Exception) -> str:
-        """What went wrong with a token request that got no answer, in words (the type alone
-        otherwise: an exception's text may quote the request)."""
+        """What went wrong with a token request that got no answer from Entra ID, in words (the
+        type alone otherwise: an exception's text may quote the request)."""
         import requests
+        from msal.exceptions import MsalServiceError
 
         if isinstance(exc, requests.exceptions.Timeout):
             return f"no answer within {self.timeout:g} s"
+        if isinstance(exc, requests.exceptions.SSLError):
+            verify = _cert_verification_error(exc)
+            if verify is not None:
+                return f"certificate validation failed: {verify.verify_message or verify.reason}"
+            return "TLS handshake failed"
+        if isinstance(exc, MsalServiceError):  # msal's "HTTP Error: 502" (a 5xx: not parsed)
+            status = str(exc.args[0] if exc.args else "").removeprefix("HTTP Error: ")
+            if status.isdigit():
+                return f"HTTP {status}"
+        if isinstance(exc, json.JSONDecodeError):
+            return "the answer is not JSON (a proxy's or gateway's page?)"
         return type(exc).__name__
+
+
+def _cert_verification_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification error under requests' and urllib3's wrappers, if any."""
+    pending: list[object] = [exc]
+    seen: set[int] = set()
+    while pending:
+        item = pending.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, ssl.SSLCertVerificationError):
+            return item
+        pending += [item.__cause__, item.__context__, getattr(item, "reason", None), *item.args]
+    return None
 
 
 def _digest(*paths: Path | None) -> str:
