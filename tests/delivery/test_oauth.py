@@ -327,6 +327,34 @@ async def test_a_secret_file_is_read_without_its_newline(entra: FakeEntra, tmp_p
     assert await p() == TOKEN
 
 
+async def test_a_secret_file_saved_by_notepad_is_read_or_named(
+    entra: FakeEntra, tmp_path: Path
+) -> None:
+    """A secret file with a UTF-8 BOM (Notepad's 'UTF-8 with BOM') sent the BOM as part of the
+    secret (Entra refused it: invalid_client); one saved as UTF-16 was 'token request ...
+    failed: UnicodeDecodeError', as if the network had failed (review, reproduced)."""
+    secret_file = tmp_path / "m365.secret"
+
+    def provider_of_file() -> OAuthTokenProvider:
+        return OAuthTokenProvider(
+            connector_name="M365",
+            tenant_id=TENANT,
+            client_id=CLIENT_ID,
+            secret_file=secret_file,
+            authority_host=entra.authority_host,
+        )
+
+    secret_file.write_bytes(b"\xef\xbb\xbf" + SECRET.encode() + b"\r\n")
+    assert await provider_of_file()() == TOKEN
+    secret_file.write_bytes((SECRET + "\r\n").encode("utf-16"))
+    with pytest.raises(TokenError) as info:
+        await provider_of_file()()
+    text = str(info.value)
+    assert "oauth_client_secret_file" in text and str(secret_file) in text
+    assert "not UTF-8" in text and "token request" not in text
+    assert len(entra.token_requests) == 1
+
+
 async def test_a_secret_replaced_after_entra_refused_it_is_used_without_a_restart(
     entra: FakeEntra, tmp_path: Path
 ) -> None:

@@ -213,7 +213,16 @@ class OAuthTokenProvider:
                     f"send connector {name!r}: cannot read oauth_client_secret_file "
                     f"{str(self.secret_file)!r}: {exc.strerror}"
                 ) from None
-            return raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
+            try:
+                # utf-8-sig: a BOM (Notepad's "UTF-8 with BOM") is not part of the secret
+                text = raw.decode("utf-8-sig")
+            except UnicodeDecodeError:
+                # Never chained nor repr'd: the error holds the file's bytes, the secret.
+                raise TokenError(
+                    f"send connector {name!r}: oauth_client_secret_file {str(self.secret_file)!r} "
+                    "is not UTF-8 text (save the secret as UTF-8)"
+                ) from None
+            return text.removesuffix("\n").removesuffix("\r")
         env = os.environ if self._environ is None else self._environ
         value = env.get(self.secret_env) if self.secret_env else None
         if not value:
