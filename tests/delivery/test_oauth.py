@@ -355,6 +355,44 @@ async def test_a_secret_file_saved_by_notepad_is_read_or_named(
     assert len(entra.token_requests) == 1
 
 
+def test_a_reload_takes_up_a_secret_rotated_in_its_file(tmp_path: Path) -> None:
+    """The secret renewed in oauth_client_secret_file, then a reload (as for a certificate): a
+    new provider, whose next token request sends the new secret. Before, the reload kept the
+    provider (its path had not changed) and msal's application the old secret: once the old
+    one was deleted from the app, the next token request was refused and that attempt's mail
+    deferred (review, reproduced: the same provider after the reload)."""
+    from relaygate.queue.manager import _build_token_providers
+
+    secret_file = tmp_path / "m365.secret"
+    secret_file.write_text("old-secret\n")
+    config = parse_text(
+        f"""
+[server]
+name = "R"
+fqdn = "relay.test"
+[[accepted_domains]]
+domain = "corp.test"
+[[send_connectors]]
+name = "M365"
+address_spaces = ["*"]
+dns_routing_enabled = false
+smart_hosts = ["smtp.office365.com"]
+port = 587
+require_tls = true
+smart_host_auth_mechanism = "XOAUTH2"
+auth_username = "relay@corp.test"
+oauth_tenant_id = "{TENANT}"
+oauth_client_id = "{CLIENT_ID}"
+oauth_client_secret_file = "{secret_file}"
+""",
+        "<test>",
+    )
+    first = _build_token_providers(config, {})
+    assert _build_token_providers(config, first)["M365"] is first["M365"]  # nothing changed
+    secret_file.write_text(SECRET + "\n")
+    assert _build_token_providers(config, first)["M365"] is not first["M365"]
+
+
 async def test_a_secret_replaced_after_entra_refused_it_is_used_without_a_restart(
     entra: FakeEntra, tmp_path: Path
 ) -> None:

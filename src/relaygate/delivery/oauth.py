@@ -16,8 +16,8 @@ error code and the first line of its description; the secret (or the private key
 assertion) is never part of a message or a log.
 
 A reload keeps the provider (its msal application and cached token) while nothing it is built from
-changed, the content of the certificate credential's files included: a renewed certificate put in
-place of the old one is taken up by the reload (the next token is asked for with it).
+changed, the content of the credential's files included: a renewed certificate or a new secret put
+in place of the old one is taken up by the reload (the next token is asked for with it).
 """
 
 from __future__ import annotations
@@ -140,8 +140,9 @@ class OAuthTokenProvider:
         self.certificate_file = certificate_file
         self.key_file = key_file
         #: the credential files' content as the provider was built (start, reload): a renewed
-        #: certificate makes a new provider
-        self.certificate_digest = _digest(certificate_file, key_file)
+        #: certificate, or a secret rotated in its file, makes a new provider (msal's
+        #: application keeps the credential it was built with)
+        self.credential_digest = _digest(secret_file, certificate_file, key_file)
         self.authority = f"{authority_host.rstrip('/')}/{tenant_id}"
         self.scope = scope
         self._environ = environ
@@ -177,7 +178,7 @@ class OAuthTokenProvider:
             self.secret_env,
             self.certificate_file,
             self.key_file,
-            self.certificate_digest,
+            self.credential_digest,
         )
 
     @property
