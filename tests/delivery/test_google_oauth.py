@@ -63,6 +63,7 @@ class FakeGoogle:
         self.issued: list[Issued] = []
         self.rejected: list[str] = []  # why the fake refused a request it did not expect to
         self.refuse: tuple[int, str, str] | None = None
+        self.requests = 0  # POSTs received, refused ones included
         self.expires_in = 3599
         self.clock = time.time
         owner = self
@@ -82,6 +83,7 @@ class FakeGoogle:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 form = parse_qs(self.rfile.read(length).decode())
+                owner.requests += 1
                 if owner.refuse is not None:
                     code, error, description = owner.refuse
                     self._json(code, {"error": error, "error_description": description})
@@ -340,6 +342,24 @@ async def test_a_refusal_is_named_by_google_s_error_never_by_the_key(
     assert f"{error} ({description})" in text
     assert "Outbound to Gmail" in text and CLIENT_EMAIL in text and MAILBOX in text
     assert "PRIVATE KEY" not in text and account.pem.splitlines()[1] not in text
+
+
+async def test_deliveries_waiting_for_a_token_request_that_failed_share_its_error(
+    google: FakeGoogle, account: Account
+) -> None:
+    """Five deliveries need a token at once and Google refuses the request: one request, five
+    TokenErrors. Before, each waiting delivery made its own request after the one before it
+    failed (review, reproduced: five requests; with an endpoint that does not answer, five
+    timeouts one after the other, every delivery of the connector waiting for all of them)."""
+    google.refuse = (401, "unauthorized_client", "Client is unauthorized.")
+    p = provider(account)
+    results = await asyncio.gather(*(p() for _ in range(5)), return_exceptions=True)
+    assert all(isinstance(r, TokenError) for r in results)
+    assert all("unauthorized_client" in str(r) for r in results)
+    assert google.requests == 1
+    google.refuse = None  # a later delivery asks again
+    assert await p() == "ya29.token-0"
+    assert google.requests == 2
 
 
 async def test_the_token_endpoint_s_certificate_is_verified(

@@ -300,6 +300,23 @@ async def test_a_refused_secret_is_named_by_entra_s_error_never_by_the_secret(
     assert "Trace ID" not in text  # the first line of the description only
 
 
+async def test_deliveries_waiting_for_a_token_request_that_failed_share_its_error(
+    entra: FakeEntra,
+) -> None:
+    """Five deliveries need a token at once and Entra ID refuses the secret: one request, five
+    TokenErrors. Before, each waiting delivery made its own request after the one before it
+    failed (review, reproduced: five requests; with an endpoint that does not answer, five
+    timeouts one after the other, every delivery of the connector waiting for all of them)."""
+    p = provider(entra, secret="wrong-secret-value")
+    results = await asyncio.gather(*(p() for _ in range(5)), return_exceptions=True)
+    assert all(isinstance(r, TokenError) for r in results)
+    assert all("AADSTS7000215" in str(r) for r in results)
+    assert len(entra.token_requests) == 1
+    with pytest.raises(TokenError):  # a later delivery asks again
+        await p()
+    assert len(entra.token_requests) == 2
+
+
 async def test_a_missing_secret_names_the_variable(entra: FakeEntra) -> None:
     p = OAuthTokenProvider(
         connector_name="M365",

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from relaygate.delivery.oauth import TokenError
+from relaygate.delivery.oauth import SharedFailure, TokenError
 
 __all__ = [
     "GOOGLE_SCOPE",
@@ -202,6 +202,7 @@ class GoogleTokenProvider:
         self._token: str | None = None
         self._expires_at = 0.0
         self._lock = asyncio.Lock()
+        self._waits = SharedFailure()
         self.requests = 0  # tokens asked of the token endpoint, for the tests and /metrics
 
     @classmethod
@@ -230,11 +231,14 @@ class GoogleTokenProvider:
             self._expires_at = 0.0
 
     async def __call__(self) -> str:
+        turn = self._waits.turn()
         async with self._lock:
             if self._token is not None and self._clock() < self._expires_at:
                 return self._token
+            self._waits.raise_if_failed_since(turn)
             self._token = None
-            token, lifetime = await self._fetch()
+            with self._waits.outcome():
+                token, lifetime = await self._fetch()
             # Renewed ahead of expiry (5 minutes for Google's hour, a tenth of a shorter one):
             # a token must not run out between AUTH and the end of a long transaction.
             self._expires_at = self._clock() + lifetime - min(300.0, lifetime / 10)

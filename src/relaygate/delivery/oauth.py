@@ -23,13 +23,14 @@ in place of the old one is taken up by the reload (the next token is asked for w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -38,6 +39,7 @@ __all__ = [
     "DEFAULT_AUTHORITY_HOST",
     "DEFAULT_SCOPE",
     "OAuthTokenProvider",
+    "SharedFailure",
     "TokenError",
     "TokenProvider",
     "auth_label",
@@ -149,6 +151,7 @@ class OAuthTokenProvider:
         self._app: Any = None
         self._token: str | None = None  # the last token msal gave (see invalidate)
         self._lock = asyncio.Lock()
+        self._waits = SharedFailure()
         self.requests = 0  # tokens asked of msal (cache hits included), for the tests and /metrics
 
     @classmethod
@@ -199,8 +202,11 @@ class OAuthTokenProvider:
             self._token = None
 
     async def __call__(self) -> str:
+        turn = self._waits.turn()
         async with self._lock:
-            return await asyncio.to_thread(self._acquire)
+            self._waits.raise_if_failed_since(turn)
+            with self._waits.outcome():
+                return await asyncio.to_thread(self._acquire)
 
     # -- blocking part (a worker thread) ----------------------------------------------------------
 
@@ -333,6 +339,42 @@ class OAuthTokenProvider:
         if isinstance(exc, json.JSONDecodeError):
             return "the answer is not JSON (a proxy's or gateway's page?)"
         return type(exc).__name__
+
+
+class SharedFailure:
+    """A provider's token calls wait for each other (one request at a time); those that waited
+    for one that failed get its TokenError without a request of their own. Else each made its
+    own after the one before it failed: a burst of deliveries with a refused secret made as many
+    requests, and with an endpoint that does not answer waited for as many timeouts in a row."""
+
+    def __init__(self) -> None:
+        self._done = 0  # token calls completed
+        self._failed: TokenError | None = None  # the last one's error, if it failed
+
+    def turn(self) -> int:
+        """Taken before waiting for the provider's lock."""
+        return self._done
+
+    def raise_if_failed_since(self, turn: int) -> None:
+        """Under the lock: the error of a call that failed while this one waited."""
+        if self._done != turn and self._failed is not None:
+            raise TokenError(*self._failed.args)
+
+    @contextlib.contextmanager
+    def outcome(self) -> Iterator[None]:
+        """Around the call made under the lock: records how it ended."""
+        try:
+            yield
+        except TokenError as exc:
+            self._failed = exc
+            raise
+        except BaseException:  # cancelled, or not worded: the next waiter asks for itself
+            self._failed = None
+            raise
+        else:
+            self._failed = None
+        finally:
+            self._done += 1
 
 
 def _cert_verification_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
