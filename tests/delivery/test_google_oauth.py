@@ -297,6 +297,22 @@ async def test_an_expired_token_is_renewed_with_a_fresh_assertion(
     assert google.rejected == []
 
 
+@pytest.mark.parametrize("expires_in", [float("nan"), "NaN", "soon", None, -5, 10**12])
+async def test_an_odd_expires_in_still_gives_the_token_kept_for_a_bounded_time(
+    google: FakeGoogle, account: Account, expires_in: Any
+) -> None:
+    """expires_in NaN (json reads the NaN literal; float() the string) made the provider raise
+    ValueError (its log line's int(NaN)): the token it had been given was lost, and the client
+    saw no TokenError, only 'OAuth token provider failed: ValueError' (review, reproduced)."""
+    google.expires_in = expires_in
+    now = [time.time()]
+    google.clock = lambda: now[0]
+    p = provider(account, clock=lambda: now[0])
+    assert await p() == "ya29.token-0"
+    now[0] += 24 * 3600 + 1  # whatever it said, never kept beyond a day
+    assert await p() == "ya29.token-1"
+
+
 async def test_invalidate_drops_the_token(google: FakeGoogle, account: Account) -> None:
     p = provider(account)
     assert await p() == "ya29.token-0"

@@ -27,6 +27,7 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import ssl
 import time
 from collections.abc import Callable
@@ -317,11 +318,7 @@ class GoogleTokenProvider:
             body = {}
         token = body.get("access_token")
         if response.status_code == 200 and isinstance(token, str) and token:
-            try:
-                lifetime = float(body.get("expires_in", 3600))
-            except (TypeError, ValueError):
-                lifetime = 3600.0
-            lifetime = min(max(lifetime, 0.0), 24 * 3600.0)
+            lifetime = _lifetime(body.get("expires_in"))
             log.info(
                 "send connector %r: Google access token for %s as %s (valid %d s)",
                 name,
@@ -337,6 +334,18 @@ class GoogleTokenProvider:
             f"{account.client_email} as {self.subject}: {error}"
             + (f" ({description})" if description else "")
         )
+
+
+def _lifetime(expires_in: Any) -> float:
+    """A token response's expires_in as seconds between 0 and a day: Google's hour when it is
+    missing or not a finite number (NaN, which json reads, would make every comparison false)."""
+    try:
+        lifetime = float(expires_in if expires_in is not None else 3600)
+    except (TypeError, ValueError):
+        lifetime = 3600.0
+    if not math.isfinite(lifetime):
+        lifetime = 3600.0
+    return min(max(lifetime, 0.0), 24 * 3600.0)
 
 
 def google_scope(connector: Any) -> str:
