@@ -36,6 +36,7 @@ from relaygate.config.loader import ConfigError, parse_text
 from relaygate.delivery import mime_split
 from relaygate.delivery.graph import GRAPH_SCOPE, message_id, recipient_plan, sent_items_query
 from relaygate.delivery.mime_split import DECODE_PIECE_OCTETS
+from relaygate.delivery.oauth import OAuthTokenProvider
 from relaygate.delivery.routing import explain_route
 from relaygate.logs.tracking import search
 from relaygate.queue.model import RecipientStatus
@@ -3167,3 +3168,34 @@ async def test_a_sendmail_in_flight_is_not_recorded_where_the_previous_release_r
         assert len(graph.sent) == 1
     finally:
         await relay.stop()
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "scope"),
+    [
+        ("https://graph.microsoft.us/v1.0", "https://graph.microsoft.us/.default"),
+        ("https://dod-graph.microsoft.us/v1.0", "https://dod-graph.microsoft.us/.default"),
+        (
+            "https://microsoftgraph.chinacloudapi.cn/v1.0",
+            "https://microsoftgraph.chinacloudapi.cn/.default",
+        ),
+        ("https://graph.microsoft.com/v1.0", GRAPH_SCOPE),
+        ("https://graph.test.internal/v1.0", GRAPH_SCOPE),  # not Microsoft's: as before
+    ],
+)
+def test_a_national_cloud_s_graph_endpoint_gets_a_token_for_its_own_graph(
+    endpoint: str, scope: str
+) -> None:
+    """graph_endpoint set to a national cloud's Graph and oauth_scope left unset: the token was
+    asked for the global Graph (https://graph.microsoft.com/.default), whose tokens the national
+    Graph refuses: 401 on every attempt, the mail deferred until it expired (review,
+    reproduced: the global scope)."""
+    from relaygate.queue.manager import _build_token_providers
+
+    config = parse_text(
+        BASE + OAUTH + 'graph_mailbox = "relay@corp.test"\n' + f'graph_endpoint = "{endpoint}"\n',
+        "<test>",
+    )
+    provider = _build_token_providers(config, {})["Graph M365"]
+    assert isinstance(provider, OAuthTokenProvider)
+    assert provider.scope == scope

@@ -46,9 +46,14 @@ def is_graph_scope(scope: str, endpoint: str = DEFAULT_ENDPOINT) -> bool:
 
 
 def graph_scope(connector: Any) -> str:
-    """The token scope of a Graph connector (oauth_scope at Exchange's default → Graph's)."""
+    """The token scope of a Graph connector: oauth_scope at Exchange's default → the Graph of
+    graph_endpoint when it is one of Microsoft's (a national cloud's Graph refuses the global
+    Graph's tokens), else the global Graph's."""
     scope = str(getattr(connector, "oauth_scope", "") or "")
-    return GRAPH_SCOPE if not scope or scope == DEFAULT_SCOPE else scope
+    if scope and scope != DEFAULT_SCOPE:
+        return scope
+    host = graph_host(connector).lower()
+    return f"https://{host}/.default" if host in _GRAPH_HOSTS else GRAPH_SCOPE
 
 
 def graph_mailbox(connector: Any, sender: str) -> str:
