@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import socket
 import ssl
@@ -27,6 +28,7 @@ from relaygate.delivery.client import (
     remote_reply,
 )
 from relaygate.delivery.credentials import Credentials, CredentialsError
+from relaygate.delivery.oauth import TokenError
 from relaygate.delivery.wire import normalise_for_wire, prepare_data
 from tests.support.ports import free_port
 
@@ -866,6 +868,67 @@ async def test_xoauth2_bad_token_defers(server_tls):
     assert sink.handler.mail_froms == []
 
 
+class _RevokingSink(Handler):
+    """Takes one token at a time for relay@corp.test. The second AUTH with a revoked token is
+    answered only once a message went through with the new one: that connection started with
+    the old token before another had renewed it."""
+
+    def __init__(self) -> None:
+        super().__init__(oauth_tokens={"relay@corp.test": "tok-0"})
+        self.revoked: set[str] = set()
+        self.refusals = 0
+
+    async def auth_XOAUTH2(self, server, args):
+        token = base64.b64decode(args[1]).split(b"Bearer ")[1].rstrip(b"\x01").decode()
+        if token in self.revoked:
+            self.refusals += 1
+            if self.refusals == 2:
+                while len(self.messages) < 2:
+                    await asyncio.sleep(0.01)
+        return await super().auth_XOAUTH2(server, args)
+
+
+class _RenewingProvider:
+    """A caching token provider: invalidate(token) renews it while it is the current one."""
+
+    def __init__(self) -> None:
+        self.current, self.issued = "tok-0", 1
+
+    async def __call__(self) -> str:
+        return self.current
+
+    async def invalidate(self, token: str | None = None) -> None:
+        if token is None or token == self.current:
+            self.current, self.issued = f"tok-{self.issued}", self.issued + 1
+
+
+async def test_xoauth2_two_connections_refused_the_same_revoked_token_both_deliver(server_tls):
+    """Two deliveries authenticate with a token that had been accepted and is now revoked: the
+    first renews it and delivers; the second's refusal comes after that. It retried only if
+    its token was the last one accepted (by then the new one): deferred, though a good token
+    was at hand (review, reproduced: the second deferred)."""
+    handler = _RevokingSink()
+    sink = await start_sink(handler, tls_context=server_tls, auth_required=True)
+    provider = _RenewingProvider()
+    conn = Connector(
+        smart_host_auth_mechanism="XOAUTH2", auth_username="relay@corp.test", require_tls=True
+    )
+    creds = Credentials("relay@corp.test", token_provider=provider)
+    try:
+        first = await send(hop(sink.port), conn, credentials=creds)
+        assert first.delivered == ["a@dest.test"]  # tok-0 accepted
+        handler.revoked.add("tok-0")
+        handler.oauth_tokens["relay@corp.test"] = "tok-1"
+        a, b = await asyncio.gather(
+            send(hop(sink.port), conn, credentials=creds, rcpts=("b@dest.test",)),
+            send(hop(sink.port), conn, credentials=creds, rcpts=("c@dest.test",)),
+        )
+    finally:
+        await sink.close()
+    assert a.delivered == ["b@dest.test"] and b.delivered == ["c@dest.test"]
+    assert provider.issued == 2  # one renewal for both
+
+
 async def test_xoauth2_token_provider_failure_defers(server_tls):
     sink = await start_sink(Handler(oauth_tokens={"u": "t"}), tls_context=server_tls)
 
@@ -878,8 +941,38 @@ async def test_xoauth2_token_provider_failure_defers(server_tls):
     finally:
         await sink.close()
     r = out.per_recipient["a@dest.test"]
-    assert r.is_transient and TOKEN_UNAVAILABLE.line() in r.text
+    assert r == TOKEN_UNAVAILABLE  # the relay's own reply, not the remote host's (no failover)
     assert "hunter2" not in r.line()
+
+
+async def test_xoauth2_no_token_is_not_asked_again_for_each_next_hop(server_tls):
+    """No token could be had: the next hops (smtp.office365.com's several addresses) would need
+    the same token. Each hop asked for it again: as many token requests per delivery as hops,
+    and with an endpoint that does not answer, a timeout for each (review, reproduced: three
+    requests for three hops)."""
+    sinks = [
+        await start_sink(Handler(oauth_tokens={"u": "t"}), tls_context=server_tls) for _ in range(3)
+    ]
+    calls = 0
+
+    async def token() -> str:
+        nonlocal calls
+        calls += 1
+        raise TokenError("send connector 'M365': invalid_client (AADSTS7000215: Invalid secret)")
+
+    conn = Connector(smart_host_auth_mechanism="XOAUTH2", auth_username="u")
+    try:
+        out = await send(
+            [hop(s.port) for s in sinks], conn, credentials=Credentials("u", token_provider=token)
+        )
+    finally:
+        for s in sinks:
+            await s.close()
+    assert calls == 1
+    r = out.per_recipient["a@dest.test"]
+    assert r.is_transient and r.text.startswith(TOKEN_UNAVAILABLE.text)
+    assert "AADSTS7000215" in r.text and "failover" not in r.text
+    assert all(s.handler.mail_froms == [] for s in sinks)
 
 
 # --------------------------------------------------------------------------------------------------

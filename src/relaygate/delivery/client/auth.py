@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections import deque
 from typing import Any
 
 import aiosmtplib
@@ -66,15 +67,12 @@ async def _authenticate(
                 if exc.code != 535 or invalidate is None:
                     raise
                 await invalidate(token)
-                if _accepted_tokens.get(provider) != token:
+                if not _was_accepted(provider, token):
                     raise
                 log.info("the smart host refused the OAuth token (%s); asking a new one", exc.code)
                 token = await _token(provider)
                 await smtp.auth_xoauth2(credentials.username, token, timeout=timeout)
-            try:
-                _accepted_tokens[provider] = token
-            except TypeError:  # not weakly referenceable: no retry after a 535
-                pass
+            _note_accepted(provider, token)
         elif "plain" in offered and credentials.password is not None:
             await smtp.auth_plain(credentials.username, credentials.password, timeout=timeout)
         elif "login" in offered and credentials.password is not None:
@@ -89,8 +87,27 @@ async def _authenticate(
         raise _HopFailed(remote_reply(exc.code, exc.message)) from None
 
 
-#: token provider → the last token a smart host accepted from it (see _authenticate).
-_accepted_tokens: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+#: token provider → the last tokens a smart host accepted from it (see _authenticate). A few, not
+#: the last one only: a connection that authenticated with the older token after another had
+#: a newer one accepted was refused its (accepted, now revoked) token and not retried.
+_accepted_tokens: weakref.WeakKeyDictionary[Any, deque[str]] = weakref.WeakKeyDictionary()
+_ACCEPTED_KEPT = 4
+
+
+def _was_accepted(provider: Any, token: str) -> bool:
+    try:
+        return token in _accepted_tokens.get(provider, ())
+    except TypeError:  # not weakly referenceable: no retry after a 535
+        return False
+
+
+def _note_accepted(provider: Any, token: str) -> None:
+    try:
+        kept = _accepted_tokens.setdefault(provider, deque(maxlen=_ACCEPTED_KEPT))
+    except TypeError:
+        return
+    if token not in kept:
+        kept.append(token)
 
 
 async def _token(provider: Any) -> str:
@@ -107,8 +124,9 @@ async def _token(provider: Any) -> str:
                 TOKEN_UNAVAILABLE.code,
                 TOKEN_UNAVAILABLE.enhanced,
                 f"{TOKEN_UNAVAILABLE.text}: {text}",
-            )
+            ),
+            final=True,
         ) from None
     except Exception as exc:  # another provider's message may carry secrets: type only
         log.warning("OAuth token provider failed: %s", type(exc).__name__)
-        raise _HopFailed(TOKEN_UNAVAILABLE) from None
+        raise _HopFailed(TOKEN_UNAVAILABLE, final=True) from None

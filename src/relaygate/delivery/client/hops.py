@@ -178,6 +178,9 @@ async def deliver(
                 line if log_privacy is None else log_privacy.text(line),
             )
             outcome.transcript_errors.append(f"{hop.label}: {failure.reply.line()}")
+            if failure.final:  # the next hops would fail the same way (and ask again)
+                outcome.per_recipient.update({r: failure.reply for r in pending})
+                return outcome
             if primary is None:
                 primary = failure.reply
             continue

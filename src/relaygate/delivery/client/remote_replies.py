@@ -52,15 +52,23 @@ class _HopFailed(Exception):
 
     retry_plain: opportunistic TLS failed, a clear-text retry of the same hop is allowed.
     connection_lost: the session died (a pooled session may simply have gone stale).
+    final: no other hop would do better (no OAuth token: each would ask for the same one); the
+    attempt ends with this reply.
     """
 
     def __init__(
-        self, reply: Reply, *, retry_plain: bool = False, connection_lost: bool = False
+        self,
+        reply: Reply,
+        *,
+        retry_plain: bool = False,
+        connection_lost: bool = False,
+        final: bool = False,
     ) -> None:
         super().__init__(reply.line())
         self.reply = reply
         self.retry_plain = retry_plain
         self.connection_lost = connection_lost
+        self.final = final
 
 
 def _raise_if_all_transient(rcpt_replies: dict[str, Reply]) -> None:
