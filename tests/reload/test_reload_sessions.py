@@ -1,7 +1,8 @@
 """A reload reaches the sessions already open: the values a session took from its connector when
 it started (tarpits, timeouts, bare-LF rejection) follow the reloaded connector from the next
-command on, and a transaction whose rights a reload took away between RCPT and the end of DATA
-is refused there, never queued."""
+command on (at once for a session waiting for a command: its timeouts, or its 421), and a
+transaction whose rights a reload took away between RCPT and the end of DATA is refused there,
+never queued."""
 
 from __future__ import annotations
 
@@ -63,22 +64,6 @@ def test_a_reload_shortening_the_inactivity_timeout_applies_from_the_next_comman
     assert timed_out is not None and timed_out.text == "451 4.7.0 Timeout waiting for client input"
     assert time.monotonic() - started < 4
     assert c.is_closed()
-    c.close()
-
-
-def test_a_reload_whose_connection_timeout_has_already_elapsed_ends_the_session(relay):  # noqa: F811
-    """connection_timeout 60 s → 2 s on a session open for longer than that: its next command
-    gets the usual 421 4.4.1 and the connection ends (it got 250 and went on for the old 60 s)."""
-    r = relay([_frontend(), _printer(connection_timeout="00:01:00")])
-    c = RawClient(r.port, source="127.0.0.5")
-    c.greet()
-    opened = time.monotonic()
-    shorter = {"connection_timeout": "00:00:02", "connection_inactivity_timeout": "00:00:01"}
-    r.reconfigure([_frontend(), _printer(**shorter)])
-    time.sleep(max(0.0, opened + 2.2 - time.monotonic()))  # the new timeout itself must pass
-    assert c.cmd("MAIL FROM:<scanner@corp.example>").text == "421 4.4.1 Connection timed out"
-    assert c.is_closed()
-    assert r.messages() == []
     c.close()
 
 
@@ -147,6 +132,8 @@ def test_a_reload_during_data_taking_the_client_off_its_connector_stores_nothing
     c.cmd("DATA", 354)
     c.send(b"Subject: scan\r\n\r\nfirst half\r\n")
     r.reconfigure([_frontend(), relay_connector(["127.0.0.6"])])
+    # Not cut in the middle of its message: the reload is applied to it at the end of DATA.
+    assert c.nothing_within(0.5)
     c.send(b"second half\r\n.\r\n")
     assert [reply.text for reply in c.replies_until_close()] == [SERVICE_NOT_AVAILABLE]
     assert r.messages() == []
@@ -277,4 +264,92 @@ def test_a_reload_lowering_max_recipients_defers_a_message_over_the_new_limit(re
     c.cmd("RCPT TO:<a@external.example>", 250)
     assert c.cmd("RCPT TO:<b@external.example>").code == 452
     assert r.messages() == []
+    c.close()
+
+
+# -- sessions idle when the reload lands -----------------------------------------------------------
+
+
+def test_a_reload_shortening_the_inactivity_timeout_reaches_an_idle_session(relay):  # noqa: F811
+    """connection_inactivity_timeout 20 s → 1 s while the client waits without a command: it gets
+    the usual 451 within the new second (it waited out the old 20 s: the client's 5 s read timed
+    out)."""
+    r = relay([_frontend(), _printer(connection_inactivity_timeout="00:00:20")])
+    c = RawClient(r.port, source="127.0.0.5")
+    c.greet()
+    started = time.monotonic()
+    r.reconfigure([_frontend(), _printer(connection_inactivity_timeout="00:00:01")])
+    timed_out = c.reply()
+    assert timed_out is not None and timed_out.text == "451 4.7.0 Timeout waiting for client input"
+    assert time.monotonic() - started < 3
+    assert c.is_closed()
+    c.close()
+
+
+def test_a_reload_whose_connection_timeout_has_passed_ends_an_idle_session_at_once(relay):  # noqa: F811
+    """connection_timeout 60 s → 2 s on an idle session already open for longer: 421 4.4.1 as the
+    reload lands, not at the next command (nor after the old inactivity timeout)."""
+    r = relay([_frontend(), _printer(connection_timeout="00:01:00")])
+    c = RawClient(r.port, source="127.0.0.5")
+    c.greet()
+    opened = time.monotonic()
+    time.sleep(max(0.0, opened + 2.2 - time.monotonic()))  # the new timeout itself must pass
+    started = time.monotonic()
+    shorter = {"connection_timeout": "00:00:02", "connection_inactivity_timeout": "00:00:01"}
+    r.reconfigure([_frontend(), _printer(**shorter)])
+    assert c.reply().text == "421 4.4.1 Connection timed out"  # type: ignore[union-attr]
+    assert time.monotonic() - started < 2
+    assert c.is_closed()
+    c.close()
+
+
+def test_a_reload_taking_the_client_off_its_connector_ends_an_idle_session_at_once(relay):  # noqa: F811
+    """The client's range removed from the relaying connector while its session waits for a
+    command: 421 4.3.2 and the connection closed as the reload lands (before: only at its next
+    command, which a printer holding its connection open may not send for minutes)."""
+    r = relay([_frontend(), _printer()])
+    c = _in_transaction(r.port, "victim@external.example")
+    started = time.monotonic()
+    r.reconfigure([_frontend(), relay_connector(["127.0.0.6"])])
+    assert [reply.text for reply in c.replies_until_close()] == [SERVICE_NOT_AVAILABLE]
+    assert time.monotonic() - started < 2
+    assert r.messages() == []
+    c.close()
+
+
+def test_a_reload_keeps_an_idle_session_its_connector_still_takes(relay):  # noqa: F811
+    """A reload that leaves the client on its connector ends nothing: the idle session goes on
+    with the new values (here a larger max_message_size) and its transaction."""
+    r = relay([_frontend(), _printer()])
+    c = _in_transaction(r.port, "victim@external.example")
+    r.reconfigure([_frontend(), _printer(max_message_size=20_000_000)])
+    c.cmd("DATA", 354)
+    assert c.cmd("Subject: scan\r\n\r\nbody\r\n.").code == 250
+    assert len(r.messages()) == 1
+    c.close()
+
+
+def test_a_reload_waits_for_an_auth_exchange_to_end(relay, monkeypatch):  # noqa: F811
+    """A reload taking the client off its connector during AUTH LOGIN's exchange does not cut
+    it (the client is answering a 334, not idle): the exchange ends as it would, and the next
+    command gets the 421."""
+    from argon2 import PasswordHasher
+
+    import relaygate.smtp.auth as auth
+    from tests.smtp.test_auth import PASSWORD, add_user, auth_connector, b64
+
+    monkeypatch.setattr(
+        auth, "_HASHER", PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
+    )
+    r = relay([auth_connector()])
+    add_user(r, "scanner")
+    c = RawClient(r.port, source="127.0.0.5")
+    c.greet()
+    c.cmd("AUTH LOGIN", 334)
+    r.reconfigure([auth_connector(remote_ip_ranges=["127.0.0.6"])])
+    assert c.nothing_within(0.5)
+    c.cmd(b64("scanner"), 334)
+    c.cmd(b64(PASSWORD), 235)
+    c.send(b"NOOP\r\n")
+    assert [reply.text for reply in c.replies_until_close()] == [SERVICE_NOT_AVAILABLE]
     c.close()

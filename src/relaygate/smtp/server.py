@@ -487,6 +487,9 @@ class ServerContext:
         #: Connectors that do not offer STARTTLS although their auth_mechanism has Tls: ACME is on
         #: and has no certificate yet (empty without ACME).
         self.starttls_withheld: frozenset[str] = frozenset()
+        #: Called at the end of every apply() (none yet at the first): the servers telling their
+        #: open sessions of a reload (SmtpServer registers itself, see `on_reload`).
+        self._reload_listeners: list[Callable[[], None]] = []
         self.config = config
         # At start a users file that cannot be read is an error (ValueError naming it): no users,
         # or users without their send-as lists, would be worse than not starting.
@@ -503,8 +506,9 @@ class ServerContext:
     def apply(self, config: Config, *, tls: StarttlsContexts | None = None) -> None:
         """Take a new configuration (start or reload). An open session checks, at its next command
         and at the end of DATA, that the connector it started on still takes its client, and takes
-        that connector's new values (Session._follow_reload). `tls`: its STARTTLS contexts, built
-        ahead in a thread (else each is built at its first STARTTLS)."""
+        that connector's new values (Session._follow_reload); one waiting for a command does so
+        now (the listeners registered with `on_reload`: Session.reload_applied). `tls`: its
+        STARTTLS contexts, built ahead in a thread (else each is built at its first STARTTLS)."""
         self.config = config
         self.refresh_tls(tls)
         limit = config.server.max_data_in_memory
@@ -521,6 +525,13 @@ class ServerContext:
         # A client's address from a PROXY header is not what the kernel steered by.
         self.rates.share_addresses(proxied=bool(config.server.trusted_proxies))
         self.auth_failures.share_addresses(proxied=bool(config.server.trusted_proxies))
+        # Last: the sessions told select, and read rights and users, through the caches reset above.
+        for listener in self._reload_listeners:
+            listener()
+
+    def on_reload(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (on the event loop, without arguments) after each reload is applied."""
+        self._reload_listeners.append(listener)
 
     def _read_users(self, config: Config) -> UserStore:
         """The users file of `config`, read again (a reload: `users_file` may have changed). One
@@ -733,8 +744,9 @@ class SmtpServer:
         self._syncing = asyncio.Lock()
         self._sessions: set[asyncio.Task[None]] = set()
         self._handshakes: set[asyncio.Task[Any]] = set()  # implicit TLS, before the session
-        self._live: set[Session] = set()  # told to finish when the server stops
+        self._live: set[Session] = set()  # told of reloads, and to finish when the server stops
         self._hurry = False  # `cut_sessions`: stop without a grace
+        ctx.on_reload(self._tell_sessions_of_reload)
 
     @property
     def endpoints(self) -> list[tuple[str, int]]:
@@ -1140,6 +1152,15 @@ class SmtpServer:
             _done, pending = await asyncio.wait(list(self._sessions), timeout=grace)
             for task in pending:
                 task.cancel()
+
+    def _tell_sessions_of_reload(self) -> None:
+        """A reload was applied: each open session waiting for a command follows it now rather
+        than at its next command (Session.reload_applied). Once per reload, never per command."""
+        for session in list(self._live):
+            try:
+                session.reload_applied()
+            except Exception:  # one session's failure must not fail the reload for the others
+                logger.exception("session from %s could not follow the reload", session.client_ip)
 
     def cut_sessions(self) -> None:
         """Stop now (a second SIGTERM): cancel every session and TLS handshake, as `stop` does

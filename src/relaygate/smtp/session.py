@@ -170,10 +170,12 @@ class Session:
         self.idle = connector.connection_inactivity_timeout.total_seconds()
         # The read timeouts: one watchdog timer per session (see _watch), not one per read.
         self._reading_since: float | None = None  # loop time the pending read started
-        # The reply to give when a read is cancelled: set by the watchdog, or by shutdown().
-        self._timed_out: Reply | None = None
+        # The reply to give when a read is cancelled: set by the watchdog, or by shutdown(); or
+        # the _Close of a reload that ended the session while it waited (replies queued already).
+        self._timed_out: Reply | _Close | None = None
         self._stopping = False  # the relay is stopping: 421 at the next command (see shutdown)
         self._in_data = False  # receiving or committing a message: a stop lets it finish
+        self._in_auth = False  # reading an AUTH exchange's answer: a reload waits for its end
         self._held = 0  # bytes taken from ctx.data_memory for this message; -1: refused for it
         self._watchdog: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[object] | None = None
@@ -309,6 +311,9 @@ class Session:
         asyncio.timeout cost a timer scheduled and cancelled on every read (~5 % of the event
         loop's time under load). A read that has waited too long is cancelled, and _read_more turns
         the cancellation into the timeout reply."""
+        if self._timed_out is not None:  # the read is cancelled already (a stop, a reload)
+            self._watchdog = None
+            return
         now = self.loop.time()
         due = self._next_check(now)
         if self._reading_since is not None and now + 0.001 >= due:
@@ -336,6 +341,35 @@ class Session:
         ):
             self._timed_out = replies.SERVICE_NOT_AVAILABLE
             self._task.cancel()
+
+    def reload_applied(self) -> None:
+        """A reload has just been applied (SmtpServer tells every open session). A session waiting
+        for its next command follows it now, as its next command would (`_follow_reload`): its
+        watchdog is re-armed with the new timeouts, so an idle client meets a shortened
+        connection_inactivity_timeout within the new value, and a session that must end (its
+        client taken off its connector, its authentication lost, its new connection_timeout
+        already over) gets its 421 at once. A session in the middle of a command (DATA, a
+        STARTTLS handshake, an AUTH exchange, a tarpit, a reply its client does not read) is left
+        alone: it follows at the end of DATA or at its next command, as before, so a message
+        being received is never cut by a reload."""
+        if not self._waiting_for_command():
+            return
+        try:
+            self._follow_reload()
+        except _Close as close:  # its reply is queued: end the pending read with it
+            assert self._task is not None  # (_waiting_for_command)
+            self._timed_out = close
+            self._task.cancel()
+
+    def _waiting_for_command(self) -> bool:
+        """Reading the client's next command line, between two commands."""
+        return (
+            self._reading_since is not None
+            and not self._in_data
+            and not self._in_auth
+            and self._timed_out is None
+            and self._task is not None
+        )
 
     async def protocol_error(self, reply: Reply, *, tarpit: bool = False) -> None:
         """A client error: counted toward max_protocol_errors, delayed by the tarpit if anonymous."""
@@ -488,7 +522,7 @@ class Session:
         """After a reload, go on with the connector that now takes this client when it is the one
         the session started on (by name): its new rights, address rules, limits, tarpits and
         timeouts apply from here (`_take_connector_values`). Called before every command but
-        QUIT, and again at the end of DATA. When
+        QUIT, and again at the end of DATA, and by `reload_applied` while waiting for one. When
         another connector, or none, takes the client now, or an authenticated session could not
         authenticate now (`_authentication_lost`), end with 421 so that the client reconnects to
         what the configuration says: a client taken off a relaying connector stops relaying at
@@ -520,7 +554,7 @@ class Session:
         their connections open too). The timeouts count from when they always did: the absolute
         one from the connection's start (one already over under the new value ends the session
         with the usual 421 4.4.1, as when it runs out between two commands), the inactivity one
-        from the next read. What the client was told at EHLO (PIPELINING, SIZE, the greeting's
+        from the start of the read pending (`reload_applied`: an idle session) or the next one. What the client was told at EHLO (PIPELINING, SIZE, the greeting's
         name) and the protocol log's level stay as they were until the next EHLO or session."""
         self.fqdn = connector.fqdn or self.ctx.config.server.fqdn
         self.tarpit = connector.tarpit_interval.total_seconds()
@@ -893,6 +927,8 @@ class Session:
             if timed_out is None or self._task is None:
                 raise  # a real cancellation (the server is stopping)
             self._task.uncancel()
+            if isinstance(timed_out, _Close):  # a reload ended the session (reload_applied)
+                raise timed_out from None
             self.reply(timed_out)
             raise _Close() from None
         finally:
@@ -1202,7 +1238,11 @@ class Session:
     async def _challenge(self, text: str) -> str | None:
         self.out.append(f"334 {text}\r\n".encode("ascii"))
         self.log.sent(f"334 {text}" if text else "334")
-        line = await self.read_line()
+        self._in_auth = True
+        try:
+            line = await self.read_line()
+        finally:
+            self._in_auth = False
         if line is None:
             raise _Close("Remote")
         self.log.received_auth_blob()
