@@ -559,3 +559,47 @@ def test_check_reports_a_users_file_serve_would_refuse(cli: CliRunner, tmp_path:
         assert expected in " ".join(result.output.split()), result.output
     users.write_text('{"users": {"erp": "x"}, "send_as": {"erp": ["inv@corp.example"]}}')
     assert _invoke(cli, "check", "--config", str(path)).exit_code == 0
+
+
+def test_check_reports_a_send_connector_secret_file_delivery_could_not_read(
+    cli: CliRunner, tmp_path: Path
+) -> None:
+    """auth_password_file (BasicAuth) and oauth_client_secret_file (Entra XOAUTH2) are read only
+    at a delivery: a missing, empty or non-UTF-8 file deferred every message of the connector
+    while `check` said OK. `check` reads them, naming connector, key and file (never the bytes)."""
+    password = tmp_path / "smarthost.password"
+    secret = tmp_path / "m365.secret"
+    path = tmp_path / "relaygate.toml"
+    path.write_text(
+        f'[server]\ndata_dir = "{tmp_path / "data"}"\n\n'
+        '[[send_connectors]]\nname = "Smart Host"\naddress_spaces = ["*"]\n'
+        'smart_hosts = ["smtp.example.com"]\ndns_routing_enabled = false\n'
+        'smart_host_auth_mechanism = "BasicAuthRequireTLS"\nauth_username = "relay"\n'
+        f'auth_password_file = "{password}"\n\n'
+        '[[send_connectors]]\nname = "M365"\naddress_spaces = ["m365.example"]\n'
+        'smart_hosts = ["smtp.office365.com"]\ndns_routing_enabled = false\n'
+        'smart_host_auth_mechanism = "XOAUTH2"\nauth_username = "relay@corp.example"\n'
+        'oauth_tenant_id = "contoso.onmicrosoft.com"\n'
+        'oauth_client_id = "00000000-0000-0000-0000-000000000001"\n'
+        f'oauth_client_secret_file = "{secret}"\n'
+    )
+    for content, why in (
+        (None, "cannot read it: No such file or directory"),
+        (b"\n", "is empty"),
+        (b"\xff\xfepass\n", "is not UTF-8 text"),
+    ):
+        for file in (password, secret):
+            if content is not None:
+                file.write_bytes(content)
+        result = _invoke(cli, "check", "--config", str(path))
+        assert result.exit_code == 1, (content, result.output)
+        flat = " ".join(result.output.split())
+        assert f'send_connectors[0] "Smart Host": auth_password_file: {password}: {why}' in flat, (
+            flat
+        )
+        assert f'send_connectors[1] "M365": oauth_client_secret_file: {secret}: {why}' in flat, flat
+        assert "pass" not in flat.replace("password", "")
+    password.write_text("s3cret\n", encoding="utf-8")
+    secret.write_text("app-secret\n", encoding="utf-8")
+    result = _invoke(cli, "check", "--config", str(path))
+    assert result.exit_code == 0, result.output

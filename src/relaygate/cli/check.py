@@ -33,6 +33,7 @@ def register(app: typer.Typer) -> None:
                 + service_account_problems(cfg)
                 + certificate_credential_problems(cfg)
                 + users_file_problems(cfg)
+                + secret_file_problems(cfg)
             )
         except ConfigError as exc:
             problems = exc.problems
@@ -221,3 +222,44 @@ def users_file_problems(cfg: Config) -> list[Problem]:
     except OSError as exc:
         return [Problem(cfg.source, key, f"{path}: cannot read it: {exc.strerror}")]
     return []
+
+
+def _secret_file_unusable(path: Path, encoding: str) -> str | None:
+    """Why a password or client secret file cannot be used, as the delivery reads it (one
+    trailing newline stripped); None when it can. Never the file's bytes: they are the secret."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        return f"{path}: cannot read it: {exc.strerror}"
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError:
+        return f"{path}: is not UTF-8 text (save it as UTF-8)"
+    if not text.removesuffix("\n").removesuffix("\r"):
+        return f"{path}: is empty"
+    return None
+
+
+def secret_file_problems(cfg: Config) -> list[Problem]:
+    """A send connector's auth_password_file (BasicAuth) and oauth_client_secret_file (Entra ID
+    XOAUTH2 or Graph) are read at each delivery, not when `serve` starts: missing, unreadable,
+    empty or not UTF-8, every message of the connector is deferred (and expires), so `check`
+    reads them the same way (utf-8-sig for the secret, as the token provider does)."""
+    problems = []
+    for i, s in enumerate(cfg.send_connectors):
+        basic = s.smart_host_auth_mechanism in ("BasicAuth", "BasicAuthRequireTLS")
+        entra = s.delivery_method == "Graph" or (
+            s.smart_host_auth_mechanism == "XOAUTH2" and s.oauth_provider == "entra"
+        )
+        for key, path, encoding in (
+            ("auth_password_file", s.auth_password_file if basic else None, "utf-8"),
+            (
+                "oauth_client_secret_file",
+                s.oauth_client_secret_file if entra else None,
+                "utf-8-sig",
+            ),
+        ):
+            why = None if path is None else _secret_file_unusable(Path(path), encoding)
+            if why is not None:
+                problems.append(Problem(cfg.source, f"send_connectors[{i}].{key}", why, s.name))
+    return problems
