@@ -12,8 +12,10 @@ from relaygate.importer.exchange import (
     decode_export,
     detect_format,
     format_size,
+    is_open_relay,
     parse_ad_permissions,
     parse_receive_connectors,
+    relays_anonymously,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -381,6 +383,41 @@ Identity       : EX01\\Anything Goes
         "report), then set enabled = true"
     ]
     assert merged.connectors[0]["enabled"] is False
+
+
+def test_accept_any_recipient_without_submit_is_not_imported_as_an_open_relay() -> None:
+    """Anonymous sessions need ms-Exch-SMTP-Submit as well to send at all (MAIL is answered 530
+    without it, on Exchange as here): a connector granting Everyone only Accept-Any-Recipient on
+    every address relays nothing, yet it was imported disabled and called an OPEN RELAY (the
+    check looked at the relay right alone; audit had the same gap, 9c2c557)."""
+    connector = """
+Identity         : EX01\\Partners Only
+Bindings         : {0.0.0.0:25}
+RemoteIPRanges   : {0.0.0.0-255.255.255.255}
+AuthMechanism    : Tls
+PermissionGroups : Custom
+TransportRole    : FrontendTransport
+
+User           : Everyone
+ExtendedRights : {ms-Exch-SMTP-Accept-Any-Recipient}
+Deny           : False
+IsInherited    : False
+Identity       : EX01\\Partners Only
+"""
+    merged = combine_results([parse_receive_connectors(connector)])
+    assert merged.errors == []
+    assert not any("OPEN RELAY" in w for w in merged.warnings), merged.warnings
+    assert not any("may relay" in w for w in merged.warnings), merged.warnings
+    assert merged.disabled_open_relays == []
+    assert merged.connectors[0].get("enabled", True) is True
+    assert not relays_anonymously(merged.connectors[0])
+    assert not is_open_relay(merged.connectors[0])
+    # With Submit too it is one, as before.
+    merged = combine_results(
+        [parse_receive_connectors(connector.replace("{ms-Exch", "{ms-Exch-SMTP-Submit, ms-Exch"))]
+    )
+    assert merged.connectors[0]["enabled"] is False
+    assert any("this is an OPEN RELAY" in w for w in merged.warnings), merged.warnings
 
 
 def _connector_and_acl(name: str, groups: str, ranges: str, user: str, auth: str = "Tls") -> str:

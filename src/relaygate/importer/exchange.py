@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from relaygate.audit import relay_grant
 from relaygate.config.model import Permission, ReceiveConnector
 from relaygate.config.values import IPRange, parse_ip_range
 from relaygate.importer.formats import ExchangeImportError, _records, decode_export, detect_format
@@ -42,7 +43,7 @@ from relaygate.importer.receive_connectors import _connector, _is_connector_reco
 from relaygate.importer.result import ImportResult
 from relaygate.importer.send_connectors import _is_send_connector_record, _send_connector
 from relaygate.importer.values import _identity, format_size
-from relaygate.policy.rights import is_externally_secured, session_rights
+from relaygate.policy.rights import is_externally_secured
 
 # The widest relay ranges `relaygate audit` accepts by default (its max_prefix_v4 / max_prefix_v6).
 MAX_RELAY_PREFIX_V4 = 24
@@ -188,15 +189,21 @@ def _wide_ranges(ranges: tuple[IPRange, ...]) -> list[str]:
     return wide
 
 
+def _anonymous_relay(model: ReceiveConnector) -> bool:
+    """Anonymous sessions relay: Accept-Any-Recipient and Submit both (without Submit MAIL is
+    refused, so the relay right alone lets nothing through), the policy `relaygate audit` uses."""
+    return relay_grant(model).anonymous
+
+
 def _open_relay(model: ReceiveConnector) -> bool:
-    return session_rights(model).may_relay and _covers_nearly_everything(model.remote_ip_ranges)
+    return _anonymous_relay(model) and _covers_nearly_everything(model.remote_ip_ranges)
 
 
 def relays_anonymously(connector: dict[str, Any]) -> bool:
     """Whether an imported connector's anonymous sessions may relay (method A or B), judged by the
     server's own rights code; True when its ranges cannot be read (the caller must not assume less)."""
     model = _as_model(connector)
-    return model is None or session_rights(model).may_relay
+    return model is None or _anonymous_relay(model)
 
 
 def is_open_relay(connector: dict[str, Any]) -> bool:
@@ -218,8 +225,9 @@ def _disable(connector: dict[str, Any]) -> None:
 
 def _check_relay(connector: dict[str, Any], origin: str, merged: ImportResult) -> None:
     """Who the imported connector lets relay, judged by the server's own rights code
-    (`session_rights`): an ACE for ANONYMOUS LOGON or Everyone relays whatever the permission
-    groups say, and ExternalAuthoritative is full trust however few hosts it covers. An open relay
+    (`session_rights`, through audit's `relay_grant`: the relay right and Submit both): an ACE
+    for ANONYMOUS LOGON or Everyone relays whatever the permission groups say, and
+    ExternalAuthoritative is full trust however few hosts it covers. An open relay
     is imported disabled: a running server reloads its config as soon as `--write` changes it."""
     model = _as_model(connector)
     if model is None:
@@ -233,7 +241,7 @@ def _check_relay(connector: dict[str, Any], origin: str, merged: ImportResult) -
             "disabled. Narrow remote_ip_ranges to the devices that send (see the protocol-log usage "
             "report), then set enabled = true"
         )
-    elif session_rights(model).may_relay and not is_externally_secured(model):
+    elif _anonymous_relay(model) and not is_externally_secured(model):
         wide = _wide_ranges(model.remote_ip_ranges)
         if wide:
             merged.warnings.append(
