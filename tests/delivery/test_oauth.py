@@ -10,6 +10,7 @@ range and its jti not seen before), answering Entra ID's errors otherwise."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import base64
 import json
 import ssl
@@ -484,6 +485,28 @@ async def test_an_answer_that_is_not_entra_s_is_named_by_its_status(
     with pytest.raises(TokenError) as info:
         await provider(entra)()
     assert said in str(info.value) and "Outbound to Microsoft 365" in str(info.value)
+
+
+async def test_an_answer_that_is_not_json_is_not_logged_whole_by_msal(
+    entra: FakeEntra, caplog: pytest.LogCaptureFixture
+) -> None:
+    """msal logged the whole page (a proxy's HTML, kilobytes) with a traceback at ERROR in the
+    service log, on top of the TokenError's line ("the answer is not JSON"): the records the
+    service log's root handler gets hold no msal line of the page (caplog's handler sits on the
+    root logger, as the service log's does)."""
+    page = "<html><body><h1>Proxy Authentication Required</h1>" + "x" * 4000 + "</body></html>"
+    entra.answer = (200, page.encode())
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(TokenError) as info:
+        await provider(entra)()
+    assert "the answer is not JSON" in str(info.value)
+    loud = [r for r in caplog.records if r.name.startswith("msal") and r.levelno >= logging.WARNING]
+    assert loud == [], [r.getMessage()[:200] for r in loud]
+    assert "Proxy Authentication Required" not in caplog.text
+    # Another msal error record still gets through (only this redundant one is dropped).
+    with caplog.at_level(logging.ERROR):
+        logging.getLogger("msal.oauth2cli.oauth2").error("some other msal error")
+    assert "some other msal error" in caplog.text
 
 
 async def test_a_token_endpoint_whose_certificate_fails_validation_says_so(

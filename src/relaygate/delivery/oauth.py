@@ -69,6 +69,29 @@ _KNOWN_HOSTS = frozenset(
 )
 
 
+#: msal's token client: on an answer that is not JSON it logs the whole answer (a proxy's HTML
+#: page, kilobytes) with a traceback at ERROR. The TokenError's one line says what happened.
+_MSAL_TOKEN_LOGGER = "msal.oauth2cli.oauth2"
+_MSAL_NOT_JSON = "Token response is not in json format"
+
+
+class _DropMsalNotJson(logging.Filter):
+    """Drops msal's "Token response is not in json format: <the page>" record (its other
+    records pass): the provider's TokenError says "the answer is not JSON", on one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_MSAL_NOT_JSON)
+
+
+_MSAL_FILTER = _DropMsalNotJson()
+
+
+def _quiet_msal_not_json() -> None:
+    """Installs the filter on msal's token client logger (once: the same instance is not added
+    twice). A logger's filter applies to the records logged on it, before any handler."""
+    logging.getLogger(_MSAL_TOKEN_LOGGER).addFilter(_MSAL_FILTER)
+
+
 class TokenError(Exception):
     """No access token: the text names the connector and Entra ID's error, never the secret."""
 
@@ -268,6 +291,8 @@ class OAuthTokenProvider:
     def _application(self) -> Any:
         if self._app is None:
             import msal  # imported on first use: only XOAUTH2 connectors need it
+
+            _quiet_msal_not_json()
 
             known = (urlsplit(self.authority).hostname or "") in _KNOWN_HOSTS
             # A client assertion's aud must be the token endpoint it is posted to: the one Entra
