@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from relaygate.config.values import IPRange
 from relaygate.smtp_transcript import (
     Reply,
     SMTPClosed,
@@ -167,6 +168,10 @@ class RelayTestOptions:
     insecure: bool = False
     timeout: float = 10.0
     max_time: float = 300.0
+    #: server.trusted_proxies of the relay's config (--config), and that file: a source address
+    #: they cover gets no greeting (the relay waits for a PROXY header), which the error says
+    trusted_proxies: tuple[IPRange, ...] = ()
+    config_source: str = ""
 
 
 @dataclass
@@ -687,6 +692,26 @@ def _connect_error(exc: BaseException, opts: RelayTestOptions, source_ip: str | 
     return f"cannot test {where}: {exc}"
 
 
+def _proxy_wait_error(exc: BaseException, opts: RelayTestOptions, local: str | None) -> str:
+    """The relay closed, or did not greet, a source address its server.trusted_proxies cover: it
+    waited for a PROXY header (a load balancer's) that the tester does not send. "" otherwise."""
+    if not local or not isinstance(exc, SMTPClosed | TimeoutError):
+        return ""
+    try:
+        address = ipaddress.ip_address(local.partition("%")[0])
+    except ValueError:
+        return ""
+    entry = next((r for r in opts.trusted_proxies if r.contains(address)), None)
+    if entry is None:
+        return ""
+    return (
+        f"{opts.server} did not greet {local}: {local} is in server.trusted_proxies ({entry.text}) "
+        f"of {opts.config_source}: the relay waits for a PROXY header from it (as from a load "
+        "balancer) and greets nobody without one; test from an address outside trusted_proxies "
+        "(--source-ip), or through the load balancer"
+    )
+
+
 async def _run_source(opts: RelayTestOptions, source_ip: str | None) -> SourceResult:
     result = SourceResult(source_ip=source_ip)
     probe = _Probe(opts, source_ip, result)
@@ -694,7 +719,9 @@ async def _run_source(opts: RelayTestOptions, source_ip: str | None) -> SourceRe
         try:
             refusal = await probe.open(opts.helo)
         except (OSError, SMTPClosed, ssl.SSLError, _OutOfTime) as exc:
-            result.error = _connect_error(exc, opts, source_ip)
+            result.error = _proxy_wait_error(exc, opts, result.local or source_ip) or (
+                _connect_error(exc, opts, source_ip)
+            )
             return result
         server_ip = result.peer
         sender = opts.sender or default_sender(opts.external_domain)

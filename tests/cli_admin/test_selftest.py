@@ -219,6 +219,38 @@ def test_dropped_client_exit_2(make_relay: Callable[..., RelayHandle]) -> None:
     assert "closed the connection from 127.0.0.7 before greeting" in r.err
 
 
+def test_a_source_in_trusted_proxies_is_told_the_relay_waits_for_a_proxy_header(
+    relay: Callable[..., RelayHandle],  # noqa: F811
+    sink: SMTPServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """server.trusted_proxies covers the tester's address: the relay waits for a PROXY header
+    (no banner) and closes at its timeout. The test said "no receive connector takes 127.0.0.5
+    there?", though one does: it now names trusted_proxies from --config, and the way out."""
+    import relaygate.smtp.server as smtp_server
+
+    monkeypatch.setattr(smtp_server, "PROXY_HEADER_TIMEOUT", 1.0)
+    handle = relay(
+        [internal_connector()], start=False, server={"trusted_proxies": ["127.0.0.0/29"]}
+    )
+    handle.doc["send_connectors"][0]["port"] = sink.port
+    handle.config_path.write_text(tomlkit.dumps(handle.doc), encoding="utf-8")
+    handle.config = load_config(handle.config_path)
+    handle.start()
+    for timeout in ("5", "0.5"):  # the relay closes first; the tester gives up first
+        r = run("test", "relay", "--server", f"127.0.0.1:{handle.port}", "--config",
+                str(handle.config_path), "--timeout", timeout, "--source-ip", RESTRICTED)  # fmt: skip
+        assert r.code == 2, r.out + r.err
+        err = " ".join(r.err.split())
+        assert "no receive connector takes" not in err, err
+        assert (
+            f"{RESTRICTED} is in server.trusted_proxies (127.0.0.0/29) of {handle.config_path}: "
+            "the relay waits for a PROXY header from it"
+        ) in err, err
+        assert "--source-ip" in err
+    assert sink.handler.peers == []
+
+
 def test_tarpit_is_bounded_by_max_time(
     make_relay: Callable[..., RelayHandle], sink: SMTPServer
 ) -> None:

@@ -12,6 +12,7 @@ from rich.text import Text
 
 from relaygate.cli.common import CONFIG_OPTION, JSON_OPTION, console, die, emit_json
 from relaygate.cli.tables import is_narrow
+from relaygate.config.values import IPRange
 from relaygate.selftest import (
     DEFAULT_EXTERNAL_DOMAIN,
     DEFAULT_EXTERNAL_IP,
@@ -47,8 +48,11 @@ def _domain(value: str, option: str) -> str:
         die(f"{option} {value!r}: not a domain name ({exc.reason})", 2)
 
 
-def _config_domains(config: Path | None) -> tuple[list[tuple[str, str]], str]:
-    """The accepted domains (domain, type) of the config file, and a note when it is unreadable."""
+def _config_domains(
+    config: Path | None,
+) -> tuple[list[tuple[str, str]], tuple[IPRange, ...], str]:
+    """The accepted domains (domain, type) and server.trusted_proxies of the config file, and
+    its path (a note when it is unreadable)."""
     import tomllib
 
     from relaygate.config import ConfigError, default_config_path
@@ -56,7 +60,7 @@ def _config_domains(config: Path | None) -> tuple[list[tuple[str, str]], str]:
 
     path = default_config_path(config)
     if path is None:
-        return [], "no config file (--config, $RELAYGATE_CONFIG or ./relaygate.toml)"
+        return [], (), "no config file (--config, $RELAYGATE_CONFIG or ./relaygate.toml)"
     try:
         doc = tomllib.loads(path.read_bytes().decode("utf-8-sig"))
         server = doc.get("server", {})
@@ -66,10 +70,15 @@ def _config_domains(config: Path | None) -> tuple[list[tuple[str, str]], str]:
             doc["server"] = {**server, "fqdn": "relay.localdomain"}
         cfg = parse_config(doc, str(path), base_dir=path.parent)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        return [], f"{path} could not be read ({exc}; `relaygate check`)"
+        return [], (), f"{path} could not be read ({exc}; `relaygate check`)"
     except ConfigError as exc:
-        return [], f"{path} could not be read ({len(exc.problems)} problem(s); `relaygate check`)"
-    return [(d.domain, d.domain_type) for d in cfg.accepted_domains], str(path)
+        return (
+            [],
+            (),
+            f"{path} could not be read ({len(exc.problems)} problem(s); `relaygate check`)",
+        )
+    domains = [(d.domain, d.domain_type) for d in cfg.accepted_domains]
+    return domains, cfg.server.trusted_proxies, str(path)
 
 
 def _print_source(result: SourceResult, opts: RelayTestOptions) -> None:
@@ -236,7 +245,7 @@ def register_relay(test: typer.Typer) -> None:
             die(f"--from {sender!r}: give a plain address, user@domain", 2)
         external = _domain(external_domain, "--external-domain")
         local = _domain(local_domain, "--local-domain") if local_domain else None
-        domains, source = _config_domains(config)
+        domains, trusted_proxies, source = _config_domains(config)
         notes: list[str] = []
         if local is None:
             local = next((d for d, kind in domains if kind == "Authoritative"), None)
@@ -278,6 +287,8 @@ def register_relay(test: typer.Typer) -> None:
             insecure=insecure,
             timeout=timeout,
             max_time=max_time,
+            trusted_proxies=trusted_proxies,
+            config_source=source,
         )
 
         def shown(result: SourceResult) -> None:

@@ -260,7 +260,7 @@ class _Admitted(NamedTuple):
     local: tuple[str, int]
 
 
-#: How long a trusted proxy may take to send its PROXY header (as `_read_proxy` waits).
+#: How long a trusted proxy may take to send its PROXY header (`_read_proxy`, implicit TLS too).
 PROXY_HEADER_TIMEOUT = 10.0
 
 
@@ -1103,7 +1103,7 @@ class SmtpServer:
         buf = b""
         try:
             while len(buf) < 16:
-                chunk = await asyncio.wait_for(conn.read(4096), timeout=10)
+                chunk = await asyncio.wait_for(conn.read(4096), PROXY_HEADER_TIMEOUT)
                 if not chunk:
                     return None
                 buf += chunk
@@ -1115,14 +1115,14 @@ class SmtpServer:
                         source, length = proxy.parse_v2(buf)
                         return source, buf[length:]
                     except IndexError:
-                        chunk = await asyncio.wait_for(conn.read(4096), timeout=10)
+                        chunk = await asyncio.wait_for(conn.read(4096), PROXY_HEADER_TIMEOUT)
                         if not chunk:
                             return None
                         buf += chunk
             while b"\r\n" not in buf:
                 if len(buf) > 107:
                     return None
-                chunk = await asyncio.wait_for(conn.read(4096), timeout=10)
+                chunk = await asyncio.wait_for(conn.read(4096), PROXY_HEADER_TIMEOUT)
                 if not chunk:
                     return None
                 buf += chunk
