@@ -13,6 +13,7 @@ import base64
 import contextlib
 import ipaddress
 import re
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ __all__ = [
     "TranscriptLine",
     "client_tls_context",
     "is_loopback",
+    "is_own_address",
+    "local_addresses",
     "mask_auth_line",
     "split_server",
 ]
@@ -158,6 +161,26 @@ def is_loopback(address: str) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return ip.is_loopback
+
+
+def local_addresses() -> set[str]:
+    """This machine's addresses as its host names resolve (getaddrinfo: the CLI only)."""
+    found: set[str] = set()
+    for name in {socket.gethostname(), socket.getfqdn()}:
+        try:
+            for info in socket.getaddrinfo(name, None):
+                found.add(str(info[4][0]))
+        except OSError:
+            continue
+    return found
+
+
+def is_own_address(source: str, server: str) -> bool:
+    """A connection from the server's own (non-loopback) address to it: the client is the relay
+    itself, so the connector of that address takes it, not the devices' one."""
+    if is_loopback(source):
+        return False
+    return source == server or (source in (mine := local_addresses()) and server in mine)
 
 
 class SMTPConnection:

@@ -492,3 +492,21 @@ def test_a_relay_that_refuses_every_sender_at_mail_is_not_passed(
     assert auth.code == 0, auth.out + auth.err
     assert "530 5.7.1 Client was not authenticated" in auth.out and "AUTH required?" in auth.out
     assert sink.handler.peers == [] and handle.messages() == []
+
+
+def test_a_test_from_the_relay_s_own_address_gets_the_note_test_send_gives() -> None:
+    """Run on the relay against its own non-loopback address, the test is taken by the connector
+    of that address (not the devices'): `test send` said so, `test relay` only noted loopback.
+    (Unit level: the tests reach 127.0.0.0/8 only, and no non-loopback address is the relay's.)"""
+    from relaygate.cli.relaytest import tested_from_notes
+    from relaygate.selftest import SourceResult
+
+    own = SourceResult(source_ip=None, local="192.0.2.25", peer="192.0.2.25")
+    looped = SourceResult(source_ip=None, local="127.0.0.1", peer="127.0.0.1")
+    device = SourceResult(source_ip=None, local="192.0.2.40", peer="192.0.2.25")
+    (note,) = tested_from_notes([own, device])
+    assert note.startswith("tested from the relay's own address (192.0.2.25): the result holds")
+    assert "--source-ip" in note
+    (note,) = tested_from_notes([looped])
+    assert note.startswith("tested from loopback (127.0.0.1): the result holds")
+    assert tested_from_notes([device]) == []

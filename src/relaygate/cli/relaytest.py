@@ -25,9 +25,9 @@ from relaygate.selftest import (
     is_reserved_domain,
     run_relay_test,
 )
-from relaygate.smtp_transcript import is_loopback, split_server
+from relaygate.smtp_transcript import is_loopback, is_own_address, split_server
 
-__all__ = ["register_relay"]
+__all__ = ["register_relay", "tested_from_notes"]
 
 _VERDICT_STYLE = {
     "refused": "green",
@@ -79,6 +79,22 @@ def _config_domains(
         )
     domains = [(d.domain, d.domain_type) for d in cfg.accepted_domains]
     return domains, cfg.server.trusted_proxies, str(path)
+
+
+def tested_from_notes(results: list[SourceResult]) -> list[str]:
+    """Sources the relay matches to its own connector (loopback, or its own address, as `test
+    send` warns): the result holds for that connector, not the devices'."""
+    looped = [r.local for r in results if r.local and is_loopback(r.local)]
+    own = [r.local for r in results if r.local and r.peer and is_own_address(r.local, r.peer)]
+    where = [
+        *([f"loopback ({', '.join(looped)})"] if looped else []),
+        *([f"the relay's own address ({', '.join(own)})"] if own else []),
+    ]
+    return [
+        f"tested from {w}: the result holds for the connector that takes that address; test "
+        "devices' addresses with --source-ip or from their network"
+        for w in where
+    ]
 
 
 def _print_source(result: SourceResult, opts: RelayTestOptions) -> None:
@@ -313,16 +329,8 @@ def register_relay(test: typer.Typer) -> None:
                 }
             )
         else:
-            looped = [r.local for r in results if r.local and is_loopback(r.local)]
-            if looped:
-                console.print(
-                    Text(
-                        f"note: tested from loopback ({', '.join(looped)}): the result holds for "
-                        "the connector that takes that address; test devices' addresses with "
-                        "--source-ip or from their network",
-                        style="dim",
-                    )
-                )
+            for note in tested_from_notes(results):
+                console.print(Text("note: " + note, style="dim"))
             if len(results) > 1:
                 console.print(
                     Text(

@@ -31,6 +31,7 @@ from relaygate.smtp_transcript import (
     TranscriptLine,
     client_tls_context,
     is_loopback,
+    is_own_address,
     mask_auth_line,
     split_server,
 )
@@ -91,23 +92,12 @@ def _fmt(address: tuple[str, int]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _local_addresses() -> set[str]:
-    found: set[str] = set()
-    for name in {socket.gethostname(), socket.getfqdn()}:
-        try:
-            for info in socket.getaddrinfo(name, None):
-                found.add(str(info[4][0]))
-        except OSError:
-            continue
-    return found
-
-
 def _self_test_warning(local: tuple[str, int], peer: tuple[str, int]) -> str | None:
     """The loopback false positive: testing from the relay itself proves nothing about the printers."""
     source, server = local[0], peer[0]
     if is_loopback(source):
         why = f"from a loopback address ({source})"
-    elif source == server or (source in _local_addresses() and server in _local_addresses()):
+    elif is_own_address(source, server):
         why = f"from the relay's own address ({source})"
     else:
         return None
