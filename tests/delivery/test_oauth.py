@@ -10,9 +10,9 @@ range and its jti not seen before), answering Entra ID's errors otherwise."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import base64
 import json
+import logging
 import ssl
 import threading
 import time
