@@ -1,0 +1,72 @@
+"""The findings about who may send as the organisation: anonymous senders whose mail is DKIM-signed,
+authenticated users without a send-as list.
+
+Apart because they read the DKIM keys and the users file, not a connector's own settings."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from relaygate.audit.findings import Finding
+from relaygate.audit.ranges import _families_covered
+from relaygate.config.model import Config
+from relaygate.policy.rights import ACCEPT_AUTHORITATIVE_DOMAIN_SENDER, session_rights
+
+
+def _dkim_findings(config: Config) -> Iterator[Finding]:
+    """A connector open to every address whose anonymous sessions may send as the organisation:
+    anyone can hand in a From of its domains, and RelayGate signs it with their keys (a spoof
+    that passes DMARC). A session denied the right is never signed (`relaygate.smtp.session`)."""
+    if not any(k.enabled for k in config.dkim):
+        return
+    for c in config.receive_connectors:
+        if not c.enabled or not _families_covered(c.remote_ip_ranges):
+            continue
+        if not session_rights(c).has(ACCEPT_AUTHORITATIVE_DOMAIN_SENDER):
+            continue
+        yield Finding(
+            "medium",
+            "dkim-anyone-signed",
+            c.name,
+            "permissions",
+            f"every address may connect and its anonymous sessions hold "
+            f"{ACCEPT_AUTHORITATIVE_DOMAIN_SENDER}: anyone can send From an address of your "
+            "domains and RelayGate signs it with their DKIM key, so the spoof passes DMARC",
+            f'deny the right to anonymous clients (`relaygate permission add "{c.name}" '
+            '--user "NT AUTHORITY\\ANONYMOUS LOGON" --extended-rights '
+            f"{ACCEPT_AUTHORITATIVE_DOMAIN_SENDER} --deny`, Exchange's anti-spoofing step); "
+            "their messages are then not signed",
+        )
+
+
+def _send_as_findings(config: Config, unlisted: Sequence[str]) -> Iterator[Finding]:
+    """A BasicAuth connector where users without a send-as list may submit: each may send as any
+    sender the connector allows (any address of your domains, with ExchangeUsers), and with DKIM
+    on, RelayGate signs what it wrote. Medium when that holds (signing on, no allowed_senders),
+    low otherwise."""
+    if not unlisted:
+        return
+    signing = any(k.enabled for k in config.dkim)
+    for c in config.receive_connectors:
+        if not c.enabled or "BasicAuth" not in c.auth_mechanism:
+            continue
+        users = [u for u in unlisted if session_rights(c, authenticated_user=u).may_submit]
+        if not users:
+            continue
+        shown = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
+        scope = (
+            f"any sender allowed_senders lists ({', '.join(r.text for r in c.allowed_senders)})"
+            if c.allowed_senders
+            else "any sender the connector's rights allow"
+        )
+        signed = " and RelayGate DKIM-signs what they write" if signing else ""
+        yield Finding(
+            "medium" if signing and not c.allowed_senders else "low",
+            "auth-users-without-send-as",
+            c.name,
+            "users_file (send_as)",
+            f"user(s) {shown} have no send-as list: after AUTH on this connector each may send "
+            f"as {scope}{signed}",
+            f"give each user the addresses it sends as: `relaygate user send-as {users[0]} "
+            f"'{users[0]}@yourdomain'` (patterns as in allowed_senders)",
+        )
