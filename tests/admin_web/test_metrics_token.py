@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from relaygate.admin import api
+from relaygate.admin import api, guard
 from relaygate.app import Relay
 from relaygate.queue.store import StoreError
 from tests.queue_manager.helpers import free_port, send, start_relay
@@ -40,7 +40,7 @@ async def test_metrics_need_the_api_token_when_required(
         compared.append(a)
         return real(a, b)
 
-    monkeypatch.setattr(api.hmac, "compare_digest", spy)
+    monkeypatch.setattr(guard.hmac, "compare_digest", spy)
     relay = await _relay(tmp_path, 'api_token_file = "{token}"\nmetrics_require_token = true\n')
     try:
         async with httpx.AsyncClient(base_url=admin_url(relay), timeout=10) as client:

@@ -116,21 +116,23 @@ The web admin centre (HTML pages, `relaygate.admin.web`) is served by the same a
 the same guard: ``/``, ``/queue``, ``/queue/{id}``, ``/explain``, ``/connectors/{receive,send}/{name}``,
 ``/login``, ``/static/…``.
 `create_app(relay, extra_routes=...)` takes further routes.
+
+This module holds the routes (`create_app`); beside it, one seam each: guard.py (the guard in front
+of every route: Host, Origin, the bearer token, no body), token_file.py (``admin.api_token_file``
+read), token_guesses.py (wrong tokens counted per client, the 429), api_params.py (the query
+parameters of the state-changing routes), api_json.py (the JSON error body), relay_status.py (the
+health report and what the SMTP service last read), metrics.py (the /metrics collector). The
+names the rest of RelayGate imports from here are re-exported.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import ipaddress
-import json
 import logging
-import math
 import time
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
-from urllib.parse import unquote_plus, urlencode, urlsplit
+from urllib.parse import urlencode
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -138,19 +140,35 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
 
+from relaygate.admin.api_json import _JSON_CHUNK, _error, _json
+from relaygate.admin.api_params import _BULK_PARAMS, _flag, _unread_params, _with_ndr
+from relaygate.admin.guard import _HEALTH_DETAIL, _Guard
+from relaygate.admin.guard import API_PREFIX as API_PREFIX
+from relaygate.admin.guard import HEALTH_DETAIL_PATH as HEALTH_DETAIL_PATH
+from relaygate.admin.metrics import MetricsCollector as MetricsCollector
+from relaygate.admin.relay_status import health_report as health_report
+from relaygate.admin.relay_status import open_sessions as open_sessions
+from relaygate.admin.relay_status import user_send_as as user_send_as
+from relaygate.admin.relay_status import user_unknown_in as user_unknown_in
+from relaygate.admin.relay_status import users_without_send_as as users_without_send_as
+from relaygate.admin.token_file import TokenFileError as TokenFileError
+from relaygate.admin.token_file import read_token as read_token
+from relaygate.admin.token_file import token_mode_warning as token_mode_warning
+from relaygate.admin.token_guesses import LOCKED_CHECK_INTERVAL as LOCKED_CHECK_INTERVAL
+from relaygate.admin.token_guesses import LOOPBACK_CLIENT as LOOPBACK_CLIENT
+from relaygate.admin.token_guesses import TOKEN_GUESS_LIMIT as TOKEN_GUESS_LIMIT
+from relaygate.admin.token_guesses import TokenGuesses as TokenGuesses
+from relaygate.admin.token_guesses import client_network as client_network
+from relaygate.admin.token_guesses import guess_key as guess_key
+from relaygate.admin.token_guesses import retry_after as retry_after
+from relaygate.admin.token_guesses import too_many_guesses as too_many_guesses
 from relaygate.control import BULK_ACTIONS, MAX_LIST_LIMIT, Conflict, NotFound, QueueControl
-from relaygate.file_modes import mode_granting
-from relaygate.policy.address_rules import SendAsList
 from relaygate.queue.store import StoreError
-from relaygate.smtp.limits import SlidingWindow
-from relaygate.worker_stats import NodeFigures, node_figures
 
 __all__ = [
     "API_PREFIX",
@@ -164,602 +182,8 @@ __all__ = [
     "token_mode_warning",
 ]
 
+
 log = logging.getLogger("relaygate.admin")
-
-API_PREFIX = "/api"
-HEALTH_DETAIL_PATH = "/api/health"
-_OPEN_PATHS = ("/healthz", HEALTH_DETAIL_PATH, "/metrics")
-#: request.state key set by the guard: the request may read the whole health report
-_HEALTH_DETAIL = "relaygate_health_detail"
-_SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
-
-
-class TokenFileError(ValueError):
-    """``admin.api_token_file`` is set but holds no token."""
-
-
-def read_token(path: Path | None) -> str | None:
-    """The API token from ``admin.api_token_file`` (first line, stripped); None when no file is
-    configured. A file that is configured but empty raises :class:`TokenFileError`: the token is
-    there to protect the queue, so a file emptied by mistake must not open the API and the admin
-    centre to everyone (``OSError`` when it cannot be read)."""
-    if path is None:
-        return None
-    try:
-        # utf-8-sig: Notepad and PowerShell 5.1 (Set-Content -Encoding UTF8) write a BOM first
-        token = Path(path).read_text(encoding="utf-8-sig").strip().splitlines()
-    except UnicodeDecodeError:
-        raise TokenFileError(
-            f"admin.api_token_file {str(path)!r} is not UTF-8 text (saved as UTF-16?)"
-        ) from None
-    if not token or not token[0].strip():
-        raise TokenFileError(
-            f"admin.api_token_file {str(path)!r} is empty: its first line must be the API token"
-        )
-    value = token[0].strip()
-    if not all("!" <= c <= "~" for c in value):
-        # it travels in an HTTP header (Authorization: Bearer): ASCII without spaces or controls
-        raise TokenFileError(
-            f"admin.api_token_file {str(path)!r}: the API token must be printable ASCII "
-            "without spaces"
-        )
-    return value
-
-
-def token_mode_warning(path: Path | None) -> str | None:
-    """A warning when ``admin.api_token_file`` is readable or writable by every local user (a
-    copy keeps `cp`'s 0644): the listener is on loopback, so they all reach it, and the token is
-    all that stops them listing and removing the queue. Group access is left alone (the admins
-    who run `relaygate queue` read the file). None otherwise, or when it cannot be examined."""
-    mode = None if path is None else mode_granting(path, 0o007)
-    if mode is None:
-        return None
-    return (
-        f"admin.api_token_file {str(path)!r} has mode {mode:04o}: every local user can read the "
-        f"API token and use the queue's API and the admin centre with it; chmod o-rwx {path}"
-    )
-
-
-_TRUE = ("true", "1", "yes")
-_FALSE = ("false", "0", "no")
-
-
-#: The query parameters of a bulk operation (``POST /api/queue/{action}``).
-_BULK_PARAMS = ("from", "to", "queue", "status", "after", "with_ndr", "dry_run")
-
-
-def _unread_params(request: Request, known: Sequence[str]) -> Response | None:
-    """A 400 naming the query parameters a state-changing route does not read, or None. Left
-    unread, they changed nothing about what was done: ``&dryrun=true`` (misspelt) or
-    ``&sender=...`` (the filter is ``from``) removed every message the other filters matched."""
-    unknown = sorted(set(request.query_params.keys()) - set(known))
-    if not unknown:
-        return None
-    takes = f"it takes {', '.join(known)}" if known else "it takes none"
-    return _error(400, f"unknown query parameter(s) {', '.join(unknown)}: {takes}")
-
-
-def _given_empty(request: Request, name: str) -> bool:
-    """Whether ``name=`` came with nothing (or blanks) after the ``=``, as ``with_ndr=$NDR`` gives
-    with NDR unset, told from the bare ``name`` (parsed alike: both read as "")."""
-    for part in request.url.query.split("&"):
-        key, equals, value = part.partition("=")
-        if equals and unquote_plus(key) == name and not unquote_plus(value).strip():
-            return True
-    return False
-
-
-def _with_ndr(request: Request) -> bool | Response:
-    """``with_ndr`` of a remove, or the 400 to answer. Given empty it is refused: it read as false
-    until a bare flag became true, and taken as true it sends an NDR to every sender, mail that
-    cannot be called back (``dry_run=`` stays a dry run: it only ever does less)."""
-    if _given_empty(request, "with_ndr"):
-        return _error(400, "with_ndr is empty: give true or false (or a bare &with_ndr for true)")
-    value = _flag(request, "with_ndr")
-    return _error(400, "with_ndr must be true or false") if value is None else value
-
-
-def _flag(request: Request, name: str) -> bool | None:
-    """A boolean query parameter: False when absent; True when ``true``, ``1``, ``yes`` or
-    given without a value (``?dry_run``, ``?dry_run=``), False for ``false``, ``0``, ``no``
-    (any case); None for anything else (the caller's 400). A bare flag is true, not false:
-    ``POST /api/queue/remove?to=...&dry_run`` asks for a dry run, and reading it as false
-    removed every matching message."""
-    value = request.query_params.get(name)
-    if value is None:
-        return False
-    value = value.strip().lower()
-    if value in _TRUE or not value:
-        return True
-    return False if value in _FALSE else None
-
-
-#: Messages of a /api/queue page rendered to JSON between two turns of the event loop.
-_JSON_CHUNK = 500
-
-
-def _json(value: Any) -> str:
-    """``value`` as JSONResponse renders it."""
-    return json.dumps(
-        value, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
-    )
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message, "status": status}, status_code=status)
-
-
-def _host_name(host_header: str) -> str:
-    host = host_header.strip()
-    if host.startswith("["):
-        return host[1:].partition("]")[0]
-    return host.rpartition(":")[0] if host.count(":") == 1 else host
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-#: Wrong tokens (the API's bearer token, the admin centre's sign-in) one client may try in a
-#: minute; past them the client is blocked until fewer than that many fall in the last minute.
-#: With the listener reachable from the network the token is all that guards the queue.
-#: A client is its address, an IPv6 one its /64 (`guess_key`).
-TOKEN_GUESS_LIMIT = 10
-#: Seconds between two checks of a blocked client's tokens: one in this many is compared (the
-#: right one gets in, a wrong one is a 429 and counts), the others get 429 unchecked. Refusing
-#: them all let anyone who shares the admin's address (every local user on a loopback
-#: listener, everyone behind one NAT) lock the admin out for as long as they went on failing;
-#: one check in 6 s keeps guessing at the limit's own rate, ten a minute.
-LOCKED_CHECK_INTERVAL = 6.0
-
-#: The IPv6 prefix one client is counted by: a /64 is one network, one subscriber's or one
-#: host's (SLAAC, privacy addresses), and whoever has one has 2^64 addresses to guess from.
-_IPV6_CLIENT_PREFIX = 64
-_IPV6_HOST_BITS = 128 - _IPV6_CLIENT_PREFIX
-
-
-#: The key every loopback address counts under (`guess_key`).
-LOOPBACK_CLIENT = "loopback"
-
-
-def client_network(client: str) -> str:
-    """Whose connection ``client`` (the address the listener reports) is: an IPv4 address
-    itself; an IPv6 address its /64 (``2001:db8:1:2::/64``: one subscriber's or one host's,
-    SLAAC and privacy addresses); an IPv4-mapped IPv6 address (an IPv4 client of a dual-stack
-    listener) the IPv4 address, as it counts when it comes over IPv4. Anything that is not an
-    address (no client at all: "") is its own key. The listener's connection cap compares it."""
-    try:
-        ip = ipaddress.ip_address(client)
-    except ValueError:
-        return client
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        network = ipaddress.IPv6Address(int(ip) >> _IPV6_HOST_BITS << _IPV6_HOST_BITS)
-        return f"{network}/{_IPV6_CLIENT_PREFIX}"
-    return str(ip)
-
-
-def guess_key(client: str) -> str:
-    """Whose wrong tokens ``client`` counts towards: its `client_network` (else ten guesses a
-    minute from each address of an IPv6 /64 would be 2^64 times ten), and every loopback
-    address (127.0.0.0/8, ::1, ::ffff:127.x.y.z) one client, LOOPBACK_CLIENT: a local user
-    can connect from any of them, and counted apart they gave sixteen million times ten
-    guesses a minute."""
-    try:
-        ip = ipaddress.ip_address(client.partition("%")[0])
-    except ValueError:
-        return client_network(client)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return LOOPBACK_CLIENT if ip.is_loopback else client_network(client)
-
-
-class TokenGuesses:
-    """Wrong API tokens per client over a sliding minute (see TOKEN_GUESS_LIMIT): the methods
-    take the client's address as the listener reports it, and count it by ``guess_key``."""
-
-    WINDOW = 60.0
-
-    def __init__(self, limit: int = TOKEN_GUESS_LIMIT) -> None:
-        self.limit = limit
-        self._window = SlidingWindow(self.WINDOW)
-        self._checked: dict[str, float] = {}  # blocked client's key -> its last token check
-
-    def blocked(self, client: str) -> bool:
-        return self._window.count(guess_key(client), time.monotonic()) >= self.limit
-
-    def take_check(self, client: str) -> float:
-        """For a blocked client: 0 when its token may be compared now (that check is taken:
-        the next is due LOCKED_CHECK_INTERVAL later), else the seconds until it may be."""
-        key = guess_key(client)
-        now = time.monotonic()
-        last = self._checked.get(key)
-        if last is not None and now - last < LOCKED_CHECK_INTERVAL:
-            return LOCKED_CHECK_INTERVAL - (now - last)
-        if len(self._checked) >= self._window.max_keys:  # bounded, as the window is
-            self._checked = {
-                k: t for k, t in self._checked.items() if now - t < LOCKED_CHECK_INTERVAL
-            }
-        self._checked[key] = now
-        return 0.0
-
-    def wrong(self, client: str) -> None:
-        key = guess_key(client)
-        now = time.monotonic()
-        self._window.add(key, now)
-        if self._window.count(key, now) == self.limit:
-            # Once per block (a blocked client's attempts are not counted): before, guessing
-            # left no trace in the service log.
-            log.warning(
-                "admin listener: %d wrong API tokens in a minute from %s: its tokens are checked "
-                "once in %g s (the others get 429) until fewer fall in a minute",
-                self.limit,
-                key if key == client else f"{client} ({key})",
-                LOCKED_CHECK_INTERVAL,
-            )
-
-
-def too_many_guesses(wait: float) -> JSONResponse:
-    """The 429 of a blocked client (`TokenGuesses`): ``wait``, the seconds until its next
-    token is checked, as Retry-After."""
-    seconds = retry_after(wait)
-    response = _error(
-        429,
-        "too many wrong API tokens from this address (its IPv6 /64, or any loopback address): "
-        f"one token is checked every {LOCKED_CHECK_INTERVAL:g} s until fewer than "
-        f"{TOKEN_GUESS_LIMIT} wrong ones fall in a minute; the next in {seconds} s",
-    )
-    response.headers["Retry-After"] = str(seconds)
-    return response
-
-
-def retry_after(wait: float) -> int:
-    """Whole seconds for a Retry-After header (RFC 9110 §10.2.3), at least 1."""
-    return max(1, math.ceil(wait))
-
-
-def _unauthorized() -> JSONResponse:
-    response = _error(401, "missing or wrong API token (admin.api_token_file)")
-    # RFC 6750 §3: a 401 for a bearer-token resource says which scheme it takes
-    response.headers["WWW-Authenticate"] = 'Bearer realm="relaygate"'
-    return response
-
-
-class _Guard:
-    """ASGI middleware: Host allow-list, same-origin for state changes, bearer token (on /api/,
-    and on /metrics with ``metrics_require_token``), both read from the app's state per request."""
-
-    def __init__(self, app: ASGIApp, relay: Any, state: Any) -> None:
-        self.app = app
-        self.relay = relay
-        self.state = state  # the app's: `token` changes at a reload (AdminServer.apply_token)
-        self.guesses: TokenGuesses = state.token_guesses
-
-    def _check_token(self, scope: Scope, given: str) -> Response | None:
-        """None when ``given`` (the Authorization header) carries the token; else the answer:
-        401, or 429 while the client (``guess_key``) is blocked for too many wrong tokens (its
-        token then checked at a low rate: `TokenGuesses.take_check`). Without a token configured
-        nothing can match (``metrics_require_token`` is refused without one by validation;
-        should it get here anyway, /metrics stays closed)."""
-        client = (scope.get("client") or ("", 0))[0]
-        blocked = self.guesses.blocked(client)
-        # only a token offered takes one of a blocked client's checks: a request without one
-        # (a scraper, a curl missing its -H) is no guess, and must not use up the admin's turn
-        if blocked and given and (wait := self.guesses.take_check(client)) > 0:
-            return too_many_guesses(wait)
-        scheme, _, value = given.partition(" ")
-        token: str | None = self.state.token
-        if (
-            token
-            and scheme.lower() == "bearer"
-            and hmac.compare_digest(value.strip().encode(), token.encode())
-        ):
-            return None
-        if given:  # a token was offered, and it was wrong
-            self.guesses.wrong(client)
-        return too_many_guesses(LOCKED_CHECK_INTERVAL) if blocked else _unauthorized()
-
-    def _allowed_host(self, host_header: str) -> bool:
-        name = _host_name(host_header).lower().rstrip(".")
-        if not name or _is_ip(name) or name == "localhost":
-            return True
-        server = self.relay.config.server
-        return name in {str(server.fqdn).lower(), str(server.name).lower()}
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        path = scope.get("path", "")
-        method = scope.get("method", "GET")
-        response: Response | None = None
-        host = headers.get("host", "")
-        if not self._allowed_host(host):
-            response = _error(403, f"host {host!r} is not this relay")
-        elif method not in _SAFE_METHODS and "origin" in headers:
-            origin = urlsplit(headers["origin"])
-            if origin.netloc.lower() != host.lower():
-                response = _error(403, "cross-origin request refused")
-        if response is None:
-            token: str | None = self.state.token  # AdminServer.apply_token sets it at a reload
-            if path.startswith(API_PREFIX + "/") and path not in _OPEN_PATHS:
-                if token:
-                    response = self._check_token(scope, headers.get("authorization", ""))
-            elif path == "/metrics":
-                if self.state.metrics_require_token:
-                    response = self._check_token(scope, headers.get("authorization", ""))
-            elif path == HEALTH_DETAIL_PATH:
-                # open to probes (the short answer); the whole report to whoever may read the
-                # API: anyone without a token configured, else a request with the right one
-                given = headers.get("authorization", "")
-                if not token:
-                    scope.setdefault("state", {})[_HEALTH_DETAIL] = True
-                elif given:
-                    response = self._check_token(scope, given)
-                    if response is None:
-                        scope.setdefault("state", {})[_HEALTH_DETAIL] = True
-        if response is None and _ignored_body(path, method, headers):
-            response = _error(
-                400,
-                "the API takes its parameters in the query string (?dry_run=true&from=...), "
-                "not in the request's body, which it would ignore",
-            )
-        if response is not None:
-            await response(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-
-def _ignored_body(path: str, method: str, headers: dict[str, str]) -> bool:
-    """A state-changing API request with a body: the API reads only its query string, so
-    ``curl -X POST '/api/queue/remove?to=...' -d dry_run=true`` removed every matching message
-    with the dry run it asked for left unread. Refused instead (the CLI sends no body)."""
-    if not path.startswith(API_PREFIX + "/") or method in _SAFE_METHODS:
-        return False
-    length = headers.get("content-length", "").strip()
-    return "transfer-encoding" in headers or (bool(length) and length != "0")
-
-
-def users_without_send_as(relay: Any) -> list[str]:
-    """The SMTP AUTH users without a send-as list, as the SMTP service last read its users file
-    (for the audit findings; none before it runs)."""
-    ctx = getattr(relay, "ctx", None)
-    return ctx.users.without_send_as() if ctx is not None else []
-
-
-def user_send_as(relay: Any, user: str) -> SendAsList | None:
-    """`user`'s send-as list as the SMTP service last read its users file (for explain)."""
-    ctx = getattr(relay, "ctx", None)
-    return ctx.users.send_as(user) if ctx is not None else None
-
-
-def user_unknown_in(relay: Any, user: str) -> str | None:
-    """The users file's path when, as the SMTP service last read it, it does not hold `user`
-    (AUTH as `user` fails: for explain); None when it does, or before the service runs."""
-    ctx = getattr(relay, "ctx", None)
-    if ctx is None or user.lower() in ctx.users:
-        return None
-    return str(ctx.users.path)
-
-
-def open_sessions(relay: Any) -> dict[str, int]:
-    """Open SMTP sessions per receive connector name, of every worker of the node (none before
-    it listens)."""
-    return node_figures(relay).open_sessions
-
-
-class MetricsCollector:
-    """Prometheus collector over the manager's counters and the last queue counts."""
-
-    def __init__(self, relay: Any) -> None:
-        self.relay = relay
-        self.counts: dict[str, int] = {}
-
-    def collect(self) -> Iterable[Any]:
-        queue = GaugeMetricFamily(
-            "relaygate_queue_messages", "Messages in the queue by status", labels=["status"]
-        )
-        for key in ("ready", "retry", "suspended", "delivered", "failed"):
-            queue.add_metric([key.capitalize()], float(self.counts.get(key, 0)))
-        yield queue
-        yield GaugeMetricFamily(
-            "relaygate_queue_recipients_pending",
-            "Recipients not yet delivered or failed",
-            value=float(self.counts.get("recipients_pending", 0)),
-        )
-        yield GaugeMetricFamily(
-            "relaygate_queue_active_messages",
-            "Messages under a live delivery lease",
-            value=float(self.counts.get("active", 0)),
-        )
-        figures = node_figures(self.relay)  # with server.workers > 1: every worker's, summed
-        stats = figures.delivery
-        recipients = CounterMetricFamily(
-            "relaygate_delivery_recipients",
-            "Recipient delivery outcomes",
-            labels=["outcome"],
-        )
-        for key in ("delivered", "deferred", "failed", "paced", "expired"):
-            recipients.add_metric([key], float(stats.get(key, 0)))
-        yield recipients
-        yield CounterMetricFamily(
-            "relaygate_delivery_runs", "Delivery runs (one per message attempt)",
-            value=float(stats.get("attempts", 0)),
-        )  # fmt: skip
-        dsn = CounterMetricFamily(
-            "relaygate_dsn", "Delivery status notifications generated", labels=["type"]
-        )
-        dsn.add_metric(["failed"], float(stats.get("ndr", 0)))
-        dsn.add_metric(["delayed"], float(stats.get("delay_notices", 0)))
-        yield dsn
-        yield GaugeMetricFamily(
-            "relaygate_deliveries_in_flight",
-            "Messages being delivered now",
-            value=float(figures.in_flight),
-        )
-        manager = getattr(self.relay, "manager", None)
-        if manager is not None:
-            yield GaugeMetricFamily(
-                "relaygate_queue_clock_skew",
-                "1 while the shared queue (PostgreSQL) refuses this node's leases because its "
-                "clock is off the queue database's by more than a third of queue.lease_duration: "
-                "it delivers nothing meanwhile",
-                value=0.0 if getattr(manager, "clock_skew", None) is None else 1.0,
-            )
-        yield from self._sessions(figures)
-        yield from self._received(figures)
-        yield self._certificates()
-        pressure = getattr(self.relay, "pressure", None)
-        if pressure is not None:
-            yield GaugeMetricFamily(
-                "relaygate_back_pressure",
-                "1 while new messages are refused for lack of disk space (452 4.3.1)",
-                value=1.0 if pressure.high else 0.0,
-            )
-            if pressure.space is not None:
-                yield GaugeMetricFamily(
-                    "relaygate_queue_disk_free_bytes",
-                    "Free space on the queue's file system at the last sample",
-                    value=float(pressure.space.free),
-                )
-
-    def _certificates(self) -> Any:
-        """The notAfter of each certificate the relay holds, as read at start or the last
-        reload (certificates.py): alert on `relaygate_certificate_expiry_timestamp_seconds - time()
-        < 30 * 86400`."""
-        family = GaugeMetricFamily(
-            "relaygate_certificate_expiry_timestamp_seconds",
-            "notAfter of the certificate (Unix time), as read at start or the last reload; "
-            "use: listener, smtp_client, entra_credential",
-            labels=["use", "name", "file"],
-        )
-        # One sample per label set: a receive connector named like server.name with the server's
-        # file is the same (use, name, file) twice, and Prometheus rejects a scrape with a
-        # duplicate sample. The same file has the same date; should it differ, the earlier counts.
-        samples: dict[tuple[str, str, str], float] = {}
-        for cert in getattr(self.relay, "certificates", ()):
-            labels = (cert.ref.use, cert.ref.name, str(cert.ref.file))
-            samples[labels] = min(samples.get(labels, cert.timestamp), cert.timestamp)
-        for labels, value in samples.items():
-            family.add_metric(list(labels), value)
-        return family
-
-    def _received(self, figures: NodeFigures) -> Iterable[Any]:
-        """What the receive connectors took and refused, since the node (its workers) started."""
-        smtp = figures.smtp
-        families = (
-            ("relaygate_smtp_sessions_admitted", "SMTP sessions admitted", smtp.sessions),
-            (
-                "relaygate_smtp_connections_refused",
-                "Connections refused with 421 by max_inbound_connection(_per_source)",
-                smtp.connections_refused,
-            ),
-            (
-                "relaygate_smtp_messages_received",
-                "Messages accepted (250 after DATA)",
-                smtp.messages,
-            ),
-            ("relaygate_smtp_received_bytes", "Bytes of the messages accepted", smtp.bytes),
-        )
-        for name, text, counts in families:
-            family = CounterMetricFamily(name, text, labels=["connector"])
-            for connector, n in sorted(counts.items()):
-                family.add_metric([connector], float(n))
-            yield family
-        refusals = CounterMetricFamily(
-            "relaygate_smtp_refusals",
-            "Replies of 400 and above (a refused recipient, message or command), by reply",
-            labels=["connector", "code", "status"],
-        )
-        for (connector, code, status), n in sorted(smtp.refusals.items()):
-            refusals.add_metric([connector, str(code), status], float(n))
-        yield refusals
-
-    def _sessions(self, figures: NodeFigures) -> Iterable[Any]:
-        """Open SMTP sessions per receive connector, next to the connector's limit: with
-        process_open_fds / process_max_fds what an operator alerts on before clients get 421s
-        or dropped connections."""
-        ctx = getattr(self.relay, "ctx", None)
-        open_now = figures.open_sessions
-        sessions = GaugeMetricFamily(
-            "relaygate_smtp_sessions", "Open inbound SMTP sessions", labels=["connector"]
-        )
-        limits = GaugeMetricFamily(
-            "relaygate_smtp_session_limit",
-            "max_inbound_connection of the receive connector (absent: unlimited)",
-            labels=["connector"],
-        )
-        for connector in self.relay.config.receive_connectors:
-            if not connector.enabled:
-                continue
-            sessions.add_metric([connector.name], float(open_now.get(connector.name, 0)))
-            if connector.max_inbound_connection is not None:
-                limits.add_metric([connector.name], float(connector.max_inbound_connection))
-        yield sessions
-        yield limits
-        memory = getattr(ctx, "data_memory", None)
-        if memory is not None:
-            yield GaugeMetricFamily(
-                "relaygate_data_in_memory_bytes",
-                "Message bytes held by sessions receiving or committing them",
-                value=float(figures.data_in_memory),
-            )
-            yield GaugeMetricFamily(
-                "relaygate_data_in_memory_limit_bytes",
-                "server.max_data_in_memory: past it a message gets 452 4.3.1",
-                value=float(memory.limit),
-            )
-
-
-async def health_report(
-    relay: Any, control: QueueControl, started: float
-) -> tuple[dict[str, Any], int]:
-    """The body of ``/api/health`` and its HTTP status (200, or 503 when the store fails);
-    the web dashboard shows the same report."""
-    manager = getattr(relay, "manager", None)
-    server = getattr(relay, "server", None)
-    body: dict[str, Any] = {
-        "status": "ok",
-        "server": relay.config.server.name,
-        "fqdn": relay.config.server.fqdn,
-        "uptime_seconds": round(time.time() - started, 1),
-        "smtp": [f"{h}:{p}" for h, p in (getattr(server, "endpoints", None) or [])],
-        "queue_manager": {
-            "running": bool(getattr(manager, "running", False)),
-            "in_flight": int(getattr(manager, "in_flight", 0) or 0),
-            # why the shared queue refuses this node's leases (its clock), None while it leases
-            "clock_skew": getattr(manager, "clock_skew", None),
-        },
-    }
-    try:
-        body["queue"] = await control.shared_counts()
-    except Exception as exc:
-        body["status"] = "error"
-        body["error"] = f"queue store: {exc}"
-        return body, 503
-    if manager is not None and not body["queue_manager"]["running"]:
-        body["status"] = "degraded"
-    if body["queue_manager"]["clock_skew"] is not None:
-        # Degraded, not down: the node still receives (its messages stored for the others to
-        # deliver), but delivers nothing until its clock agrees with the queue database's.
-        body["status"] = "degraded"
-    pressure = getattr(relay, "pressure", None)
-    if pressure is not None:
-        space = pressure.space
-        body["back_pressure"] = {
-            "active": pressure.high,
-            "disk_free_bytes": space.free if space is not None else None,
-            "min_free_disk_space": pressure.min_free,
-        }
-        if pressure.high:
-            body["status"] = "degraded"
-    return body, 200
 
 
 def create_app(
