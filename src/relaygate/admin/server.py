@@ -207,7 +207,7 @@ class _Protocol(H11Protocol):
     # (``Upgrade: websocket``, curl's ``h2c``) is answered as HTTP/1.1, as it was. uvicorn logged two
     # warnings for each one, the second telling the admin to install a WebSocket library: anyone
     # who reached the port could fill the service log with them, and following the advice would
-    # have let WebSocket requests past the guard (`relaygate.admin.api._Guard` checks HTTP only).
+    # have let WebSocket requests past the guard (`relaygate.admin.guard._Guard` checks HTTP only).
 
     def _should_upgrade_to_ws(self) -> bool:
         return False
