@@ -83,7 +83,8 @@ TRACKING_FIELDS = (
     "log-id",
     "schema-version",
 )
-#: The event ids `relaygate trace --event-id` takes (Exchange's for a relay; AGENTINFO: DKIM).
+#: The event ids `relaygate trace --event-id` takes (Exchange's for a relay; AGENTINFO: DKIM;
+#: POISONMESSAGE: a message suspended because its stored bytes are damaged).
 EVENT_IDS = (
     "RECEIVE",
     "SEND",
@@ -94,6 +95,7 @@ EVENT_IDS = (
     "EXPAND",
     "SUBMIT",
     "DROP",
+    "POISONMESSAGE",
 )
 SOFTWARE = "Microsoft Exchange Server"
 VERSION = "15.0.0.0"

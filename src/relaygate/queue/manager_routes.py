@@ -66,6 +66,7 @@ class _MessageRoutes(_PacedRoutes, _Results):
                 log.error("message %s: %s; suspended", msg.queue_id, exc)
                 with contextlib.suppress(KeyError):
                     await self.store.set_flags(msg.queue_id, suspended=True)
+                    self._track_poison(msg, pending, str(exc))
                 return False
 
         routes = self._routes

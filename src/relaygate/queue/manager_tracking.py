@@ -13,7 +13,7 @@ from typing import Any
 
 from relaygate.queue.bounce import header_value
 from relaygate.queue.manager_state import _ManagerState
-from relaygate.queue.model import StoredMessage
+from relaygate.queue.model import RecipientState, StoredMessage
 
 log = logging.getLogger("relaygate.queue")
 
@@ -66,4 +66,19 @@ class _Tracking(_ManagerState):
             recipient_status=[],
             data=data,
             custom_data=info,
+        )
+
+    def _track_poison(
+        self, msg: StoredMessage, pending: Iterable[RecipientState], reason: str
+    ) -> None:
+        """A message whose stored bytes are damaged was suspended (Exchange's poison queue):
+        POISONMESSAGE, with the reason for each recipient still pending, so `relaygate trace`
+        answers "why was this never delivered?". Written where it is suspended: once."""
+        addresses = [r.address for r in pending]
+        self.track(
+            "POISONMESSAGE",
+            "QUEUE",
+            msg,
+            recipients=addresses,
+            recipient_status=[f"Message suspended: {reason}"] * len(addresses),
         )
