@@ -1,6 +1,5 @@
 """Tracking-log events the queue manager writes about a message beyond its deliveries: a damaged
-message suspended (POISONMESSAGE), the signing decision (AGENTINFO) once however many attempts,
-and values holding a ";" read back whole (`relaygate trace --json`)."""
+message suspended (POISONMESSAGE), the signing decision (AGENTINFO) once however many attempts."""
 
 from __future__ import annotations
 
@@ -88,3 +87,22 @@ async def test_a_damaged_message_is_suspended_with_a_poisonmessage_event(tmp_pat
         (status,) = poison["recipient-status"]
         assert "checksum" in status, status
         assert sink.handler.messages == []
+
+
+async def test_the_signing_decision_is_logged_once_however_many_attempts(tmp_path: Path) -> None:
+    """AGENTINFO (Exchange's agents write it once, as the message passes them) was written on
+    every delivery attempt: a message retried 50 times had 50 copies of the same DKIM note.
+    Now once per message, and again only when the decision changes."""
+    from relaygate.dkim.keys import generate_key
+
+    pem, _record = generate_key("rsa-sha256")
+    key_file = tmp_path / "s1.key"
+    key_file.write_bytes(pem)
+    extra = f'\n[[dkim]]\ndomain = "senders.test"\nselector = "s1"\nkey_file = "{key_file}"\n'
+    async with relay_and_sink(tmp_path, defer_first(2), extra=extra) as (relay, sink):
+        await send(relay, SENDER, ["bob@example.com"], MESSAGE)
+        (got,) = await wait_for(lambda: sink.handler.messages, timeout=20)
+        assert got["content"].startswith(b"DKIM-Signature: ")
+        assert len(await events(relay, "DEFER")) == 2
+        (info,) = await events(relay, "AGENTINFO")
+        assert info["custom-data"].startswith("DKIM signed d=senders.test s=s1"), info

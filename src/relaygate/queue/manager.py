@@ -194,6 +194,9 @@ class QueueManager(_ScanLoop):
         self._paced_until: dict[str, SendWait] = {}
         #: messages held back per budget since its last granted reservation (see _retry_at)
         self._paced_count: dict[str, int] = {}
+        #: (queue id, note) of the signing decisions already in the tracking log, oldest first
+        #: and bounded (see _track_signing)
+        self._signing_logged: dict[tuple[str, str], None] = {}
         #: Counters for /metrics (monotonic since start).
         self.stats: dict[str, int] = {
             "attempts": 0,

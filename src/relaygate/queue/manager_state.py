@@ -58,6 +58,7 @@ class _ManagerState:
     _ended_during_scan: set[str] | None
     _paced_until: dict[str, SendWait]
     _paced_count: dict[str, int]
+    _signing_logged: dict[tuple[str, str], None]
     stats: dict[str, int]
 
     if TYPE_CHECKING:

@@ -17,6 +17,10 @@ from relaygate.queue.model import RecipientState, StoredMessage
 
 log = logging.getLogger("relaygate.queue")
 
+#: How many (message, signing decision) pairs `_track_signing` remembers as logged: more than the
+#: messages a queue retries at once, a few MB at most.
+SIGNING_LOGGED_LIMIT = 50_000
+
 
 class _Tracking(_ManagerState):
     """A mixin of `QueueManager`: its tracking-log events."""
@@ -57,7 +61,17 @@ class _Tracking(_ManagerState):
 
     def _track_signing(self, msg: StoredMessage, data: bytes, info: str) -> None:
         """Every signing decision goes to the tracking log (AGENTINFO, as Exchange's agents do),
-        so `relaygate trace` answers "why did this arrive unsigned?"."""
+        so `relaygate trace` answers "why did this arrive unsigned?". Once per message and
+        decision: signing runs on every delivery attempt, and Exchange's agents write theirs once
+        as the message passes them (a message retried 50 times had 50 copies of the same note)."""
+        key = (msg.queue_id, info)
+        logged = self._signing_logged
+        if key in logged:
+            return
+        logged[key] = None
+        if len(logged) > SIGNING_LOGGED_LIMIT:
+            # Bounded memory: a message this far back writes its note again (harmless).
+            del logged[next(iter(logged))]
         self.track(
             "AGENTINFO",
             "AGENT",
