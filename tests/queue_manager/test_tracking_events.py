@@ -1,10 +1,15 @@
 """Tracking-log events the queue manager writes about a message beyond its deliveries: a damaged
-message suspended (POISONMESSAGE), the signing decision (AGENTINFO) once however many attempts."""
+message suspended (POISONMESSAGE), the signing decision (AGENTINFO) once however many attempts,
+and values holding a ";" read back whole (`relaygate trace --json`)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -106,3 +111,61 @@ async def test_the_signing_decision_is_logged_once_however_many_attempts(tmp_pat
         assert len(await events(relay, "DEFER")) == 2
         (info,) = await events(relay, "AGENTINFO")
         assert info["custom-data"].startswith("DKIM signed d=senders.test s=s1"), info
+
+
+def run_trace(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, COLUMNS="200")
+    env.pop("RELAYGATE_CONFIG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "relaygate", "trace", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=60,
+    )
+
+
+async def test_values_holding_a_semicolon_are_read_back_whole(tmp_path: Path) -> None:
+    """recipient-address and recipient-status hold one value per recipient joined by ";". A ";"
+    inside a value (a quoted local part, a next hop's reply) was read as a separator: the
+    recipients and their statuses came apart and no longer paired up in `relaygate trace`."""
+    odd = '"a;b"@example.com'
+    replies = {odd: "550 5.1.1 unknown;see https://example.com/x;y", "c@example.com": None}
+    handler = ScriptedHandler(lambda address, _n: replies.get(address))
+    async with relay_and_sink(tmp_path, handler) as (relay, _sink):
+        await send(relay, SENDER, [odd, "c@example.com"], MESSAGE)
+
+        async def sent_and_failed() -> bool:
+            ours = [e for e in await events(relay, "") if e["sender-address"] == SENDER]
+            return {"SEND", "FAIL"} <= {e["event-id"] for e in ours}
+
+        await wait_for(sent_and_failed)
+        assert relay.tracking is not None
+        directory = relay.tracking.path
+    res = run_trace("--log-dir", str(directory), "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    # the message's events (not its NDR's)
+    by_event = {e["event-id"]: e for e in json.loads(res.stdout) if e["sender-address"] == SENDER}
+    assert by_event["RECEIVE"]["recipient-address"] == [odd, "c@example.com"]
+    assert by_event["RECEIVE"]["recipient-count"] == 2
+    assert by_event["FAIL"]["recipient-address"] == [odd]
+    assert by_event["FAIL"]["recipient-status"] == ["550 5.1.1 unknown;see https://example.com/x;y"]
+    assert by_event["SEND"]["recipient-address"] == ["c@example.com"]
+    res = run_trace("--log-dir", str(directory), "--recipient", odd, "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert {e["event-id"] for e in json.loads(res.stdout)} >= {"RECEIVE", "FAIL"}
+
+
+def test_escaped_values_round_trip_exactly(tmp_path: Path) -> None:
+    """The escape of ";" is undone exactly, values that look like an escape included, and a "; "
+    (Exchange's own statuses) is written as it is."""
+    from relaygate.logs.tracking import TrackingLog
+
+    values = ["%3B", "%25", "a;", ";", "x%;y", "%253B", "100% sure", "QUEUE.Admin; deleted", "%3b"]
+    with TrackingLog(tmp_path, server_name="R") as log:
+        log.write("FAIL", "SMTP", recipients=["r@example.com"] * 9, recipient_status=values)
+    (event,) = search(tmp_path)
+    assert event["recipient-status"] == values
+    text = next(tmp_path.glob("MSGTRK*.LOG")).read_text(encoding="utf-8")
+    assert "100% sure;QUEUE.Admin; deleted;" in text

@@ -108,6 +108,13 @@ LIST_FIELDS = ("recipient-address", "recipient-status", "reference")
 # QUEUE.Expired, ROUTING.NoNextHop..., and many a next hop's read so); the writer joins the
 # values with a bare ";".
 _VALUE_SEPARATOR = re.compile(r";(?!\s)")
+# A bare ";" inside a value (a next hop's "550 x;y", a quoted local part "a;b"@x) would read as a
+# separator: the writer writes it "%3B" (one a reader of Exchange's files shows as it is, never
+# splits on), and a "%" that would read as the start of such an escape ("%3B", "%25") "%25".
+_ESCAPED_IN_VALUE = re.compile(r"%(?=25|3[Bb])|;(?!\s)")
+_ESCAPE = {"%": "%25", ";": "%3B"}
+_ESCAPE_IN_VALUE = re.compile(r"%(25|3[Bb])")
+_UNESCAPE = {"25": "%", "3B": ";", "3b": ";"}
 INT_FIELDS = ("total-bytes", "recipient-count")
 
 
@@ -157,10 +164,31 @@ def _formatter(privacy: AddressPrivacy | None, subject_logging: bool) -> Callabl
     return format_line
 
 
+def _escape_value(value: str) -> str:
+    """One value of a multi-value field, its bare ";" and ambiguous "%" escaped (see above)."""
+    if ";" not in value and "%" not in value:  # the usual value: no regex run
+        return value
+    return _ESCAPED_IN_VALUE.sub(lambda m: _ESCAPE[m.group()], value)
+
+
+def _unescape_value(value: str) -> str:
+    if "%" not in value:
+        return value
+    return _ESCAPE_IN_VALUE.sub(lambda m: _UNESCAPE[m.group(1)], value)
+
+
 def _join(values: str | Iterable[str]) -> str:
+    """A multi-value field: a str is taken as already joined; each value of a list is escaped."""
     if isinstance(values, str):
         return values
-    return ";".join(values)
+    return ";".join([_escape_value(v) for v in values])
+
+
+def split_values(field: str) -> list[str]:
+    """The values of a multi-value field as ``_join`` wrote them (empty ones left out)."""
+    if not field:
+        return []
+    return [_unescape_value(v) for v in _VALUE_SEPARATOR.split(field) if v]
 
 
 class TrackingLog:
@@ -380,7 +408,7 @@ def _to_result(row: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = dict(row)
     for key in LIST_FIELDS:
         if key in out:
-            out[key] = [v for v in _VALUE_SEPARATOR.split(out[key]) if v] if out[key] else []
+            out[key] = split_values(out[key])
     for key in INT_FIELDS:
         if key in out:
             try:
@@ -452,7 +480,7 @@ def search(
             if sender_l is not None and row.get("sender-address", "").lower() not in sender_l:
                 continue
             if recipient_l is not None and recipient_l.isdisjoint(
-                r.lower() for r in row.get("recipient-address", "").split(";")
+                r.lower() for r in split_values(row.get("recipient-address", ""))
             ):
                 continue
             if msgid_l is not None and _norm_msgid(row.get("message-id", "")) != msgid_l:
