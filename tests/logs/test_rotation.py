@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+import pytest
 
 from relaygate.logs.rotation import (
     HEADER_DATE_PLACEHOLDER,
@@ -341,3 +346,50 @@ def test_a_full_disk_is_said_once_and_leaves_no_empty_files(tmp_path: Path) -> N
     lines = files[0].read_text().splitlines()
     assert lines[0] == "#Fields: date-time,data"
     assert lines[1].endswith("written again") and len(lines) == 2, lines
+
+
+def _wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(0.01)
+
+
+def test_a_stalled_disk_keeps_only_the_newest_lines_queued(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A write that hangs (a hung NFS mount) held the flush thread, and every line logged meanwhile
+    queued in memory without bound. Beyond max_pending the oldest queued lines are dropped (off
+    the hot path: append stays the list's own append), said once, and counted when the writes
+    complete again."""
+    d = make(tmp_path, start_thread=True, flush_interval=0.01)
+    d.max_pending = 100
+    stalled, release = threading.Event(), threading.Event()
+    write = d._raw_write
+
+    def hung_write(data: bytes) -> None:
+        stalled.set()
+        release.wait(30)
+        write(data)
+
+    d._raw_write = hung_write  # type: ignore[method-assign]
+    try:
+        with caplog.at_level(logging.WARNING, logger="relaygate.logs.rotation"):
+            d.append_line("first")
+            assert stalled.wait(10)
+            for i in range(1000):
+                d.append_line(f"line {i}")
+            _wait_until(lambda: len(d._pending) <= 100)
+            assert d.dropped == 900
+            release.set()
+            d.close()
+    finally:
+        release.set()
+        d.close()
+    text = next(tmp_path.glob("RECV*.LOG")).read_bytes().decode()
+    lines = [line for line in text.split("\r\n") if line and line[0] != "#"]
+    assert lines == ["first"] + [f"line {i}" for i in range(900, 1000)]
+    said = [r.getMessage() for r in caplog.records]
+    assert len([m for m in said if "stalled" in m]) == 2, said
+    assert any("900 lines were dropped" in m for m in said), said

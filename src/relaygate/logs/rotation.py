@@ -27,6 +27,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -52,6 +53,11 @@ LINE_END = "\r\n"
 HEADER_DATE_PLACEHOLDER = "{date}"
 #: How often the background thread re-runs the age-based cleanup even when nothing rotates.
 CLEANUP_INTERVAL = 60.0
+#: Records a directory keeps queued while its writes do not complete (a hung disk or NFS mount):
+#: the oldest beyond it are dropped. Normally a queue holds one flush interval's records.
+DEFAULT_MAX_PENDING = 50_000
+#: How often the watchdog looks at the queues' lengths.
+WATCHDOG_INTERVAL = 0.5
 
 Record = tuple[Any, ...]
 
@@ -154,6 +160,15 @@ class LogDirectory:
         self._pending: list[Record] = []
         self.append = self._pending.append
         self._pending_lock = threading.Lock()  # guards _closed only
+        #: the most records kept queued (see DEFAULT_MAX_PENDING); the watchdog enforces it
+        self.max_pending = DEFAULT_MAX_PENDING
+        # Held by the two that remove records from the queue, the flush (_take_pending) and the
+        # watchdog (_trim_pending): between the flush's slice and its del, a trim would make the
+        # del remove records never written. Producers do not take it.
+        self._take_lock = threading.Lock()
+        self._trimmed = (
+            0  # records the watchdog dropped since the flush last completed (_take_lock)
+        )
         # Serialises flushes (background thread vs flush()/close()).
         self._io_lock = threading.Lock()
         self._closed = False
@@ -182,6 +197,7 @@ class LogDirectory:
                 target=self._run, name=f"relaygate-log-{prefix}", daemon=True
             )
             self._thread.start()
+        _watch(self)
 
     # ----------------------------------------------------------------- producer side (any thread)
     # ``append(record)`` is the pending list's own C-level append, bound in __init__: no Python frame,
@@ -222,6 +238,7 @@ class LogDirectory:
             batch = self._take_pending()
             if batch:
                 self._write_batch(batch)
+            self._say_trimmed()
             if self._file is None or not self._dirty:
                 return
             self._dirty = False
@@ -239,6 +256,7 @@ class LogDirectory:
             if self._closed:
                 return
             self._closed = True
+        _watched.discard(self)
         self._stop = True
         self._wake.set()
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -258,10 +276,45 @@ class LogDirectory:
 
     def _take_pending(self) -> list[Record]:
         pending = self._pending
-        n = len(pending)
-        batch = pending[:n]
-        del pending[:n]  # producers may have appended after the slice: those stay queued
+        with self._take_lock:
+            n = len(pending)
+            batch = pending[:n]
+            del pending[:n]  # producers may have appended after the slice: those stay queued
         return batch
+
+    def _trim_pending(self) -> None:
+        """Drop the oldest queued records beyond ``max_pending`` (the watchdog's thread): while a
+        write hangs, the flush thread takes nothing and the queue would grow without bound."""
+        pending = self._pending
+        if len(pending) <= self.max_pending:  # the usual case: no lock
+            return
+        with self._take_lock:
+            excess = len(pending) - self.max_pending
+            if excess <= 0:
+                return
+            del pending[:excess]
+            first = self._trimmed == 0
+            self._trimmed += excess
+            self.dropped += excess
+        if first:
+            _log.warning(
+                "log %s: its writes are stalled (a hung disk or network mount?): the oldest "
+                "queued lines beyond %d are dropped until they complete, which will be said",
+                self.path,
+                self.max_pending,
+            )
+
+    def _say_trimmed(self) -> None:
+        """After a flush completed: the lines the watchdog dropped while it was stalled, said once."""
+        if not self._trimmed:  # the usual case: no lock
+            return
+        with self._take_lock:
+            trimmed, self._trimmed = self._trimmed, 0
+        _log.warning(
+            "log %s: its writes are no longer stalled; %d lines were dropped meanwhile",
+            self.path,
+            trimmed,
+        )
 
     def _run(self) -> None:
         while not self._stop:
@@ -497,3 +550,34 @@ class LogDirectory:
             return False
         finally:
             os.close(fd)
+
+
+# ----------------------------------------------------------------------------- watchdog
+# One thread for every LogDirectory of the process: it bounds their queues without a cost per
+# record (append is the list's own append) and without the flush thread, which is the one a hung
+# write holds.
+_watched: weakref.WeakSet[LogDirectory] = weakref.WeakSet()
+_watchdog_lock = threading.Lock()
+_watchdog_pid: int | None = None  # the process the watchdog runs in (a fork has none)
+
+
+def _watch(directory: LogDirectory) -> None:
+    global _watchdog_pid
+    with _watchdog_lock:
+        _watched.add(directory)
+        if _watchdog_pid == os.getpid():
+            return
+        _watchdog_pid = os.getpid()
+    threading.Thread(target=_run_watchdog, name="relaygate-log-watchdog", daemon=True).start()
+
+
+def _run_watchdog() -> None:
+    while True:
+        time.sleep(WATCHDOG_INTERVAL)
+        with _watchdog_lock:
+            directories = list(_watched)
+        for directory in directories:
+            try:
+                directory._trim_pending()
+            except Exception:  # never let the watchdog die
+                _log.exception("log %s: trimming its queue failed", directory.path)
