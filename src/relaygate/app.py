@@ -113,9 +113,14 @@ class Relay:
         config_path: Path | None = None,
         worker_index: int | None = None,
         config_stamp: tuple[int, int] | None = None,
+        config_digest: str | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
+        #: A supervised worker's: the digest of the configuration text its supervisor handed it
+        #: and it runs (relaygate.workers.handed_config). Such a worker reloads the text its
+        #: supervisor offers, never the file, which it does not watch. None: reads the file.
+        self.config_digest = config_digest
         # The file as `config` was read from it (`config_stamp`, taken before it was read; else
         # near enough: now): the watcher compares against this, so an edit made while the relay
         # starts (it may wait for the node lock for minutes) is not missed.
@@ -241,7 +246,7 @@ class Relay:
         if self.config_path is None:
             return
         try:
-            new = await asyncio.to_thread(load_config, self.config_path)
+            new, digest = await asyncio.to_thread(self._read_new_config, self.config_path)
         except ConfigError as exc:
             logger.error("reload refused, configuration invalid:\n%s", exc)
             return
@@ -335,6 +340,7 @@ class Relay:
         def apply() -> None:  # every listener is bound, none of the new ones accepts yet
             apply_service_log(new.server.log_format, new.server.log_level)
             self.config = new
+            self.config_digest = digest
             self.certificates = certificates
             ctx.apply(new, tls=tls)
             retired.extend(self._apply_logs(new, privacy))
@@ -362,6 +368,17 @@ class Relay:
         for log in retired:  # message tracking switched off: write what it holds, then close
             await asyncio.to_thread(log.close)
         logger.info("configuration reloaded from %s", self.config_path)
+
+    def _read_new_config(self, path: Path) -> tuple[Config, str | None]:
+        """The configuration a reload applies: the file, or for a supervised worker the text its
+        supervisor offers (with its digest)."""
+        if self.config_digest is not None:
+            from relaygate.workers import handed_config
+
+            offered = handed_config(path, "offered")
+            if offered is not None:
+                return offered
+        return load_config(path), None
 
     def _apply_logs(self, new: Config, privacy: AddressPrivacy | None) -> list[TrackingLog]:
         """The log settings of a reloaded config: rotation limits and address privacy in place,
@@ -460,9 +477,12 @@ class Relay:
         # The ACME certificate (every process of the node; written by the one that runs the
         # ACME client): a new file is swapped in like a renewed file on reload.
         acme_last = self._acme_stamp()
+        # A supervised worker does not reload the file: its supervisor reads it and offers it to
+        # every worker at once (relaygate.workers), so that they all run the same text.
+        watch_file = self.config_digest is None
         while True:
             await asyncio.sleep(interval)
-            now = _stamp(self.config_path)
+            now = _stamp(self.config_path) if watch_file else last
             if now != last:
                 last = now
                 try:
@@ -497,9 +517,14 @@ async def _main(
     worker_index: int | None = None,
     link_fd: int | None = None,
     config_stamp: tuple[int, int] | None = None,
+    config_digest: str | None = None,
 ) -> None:
     relay = Relay(
-        config, config_path=config_path, worker_index=worker_index, config_stamp=config_stamp
+        config,
+        config_path=config_path,
+        worker_index=worker_index,
+        config_stamp=config_stamp,
+        config_digest=config_digest,
     )
     await relay.start()
     tune_gc()
@@ -523,6 +548,11 @@ async def _main(
         finally:
             if systemd is not None:
                 systemd.ready(ready)
+            if link is not None and relay.config_digest is not None:
+                from relaygate.workers import config_applied
+
+                # applied or refused: the supervisor hands the node's text to a worker it starts
+                config_applied(link, relay.config_digest)
 
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
     watcher = asyncio.ensure_future(relay.watch_config())
@@ -541,7 +571,7 @@ async def _main(
         # the supervisor is gone, and a worker without its supervisor stops.
         link = socket.socket(fileno=link_fd)
         try:
-            worker_ready(link, endpoints=endpoints, admin=admin)
+            worker_ready(link, endpoints=endpoints, admin=admin, config=relay.config_digest)
         except OSError:  # EPIPE: the supervisor died while this worker started
             logger.warning("supervisor gone: worker %d stops", os.getpid())
             stop.set()
@@ -668,6 +698,19 @@ def _lock_worker(config: Config, index: int, link_fd: int | None) -> None:
     _NODE_LOCKS.append(lock)
 
 
+def _handed_start_config(config_path: Path) -> tuple[Config, str]:
+    """A supervised worker's configuration at start (relaygate.workers.handed_config)."""
+    from relaygate.workers import handed_config
+
+    try:
+        handed = handed_config(config_path, "node")
+    except ConfigError as exc:  # the supervisor parsed it: a file removed or damaged since
+        logger.error("cannot start: configuration invalid:\n%s", exc)
+        raise SystemExit(1) from None
+    assert handed is not None
+    return handed
+
+
 def run(
     config_path: Path | None = None,
     *,
@@ -679,7 +722,14 @@ def run(
     resolved = default_config_path(config_path)
     # before it is read: an edit made from now on (during the wait for the node lock too) is seen
     stamp = _stamp(resolved) if resolved is not None else None
-    config = load_config(config_path)
+    from relaygate.workers import supervised_worker
+
+    digest: str | None = None
+    if worker_index is not None and resolved is not None and supervised_worker():
+        # the configuration the node runs, as its supervisor hands it, not the file as it is now
+        config, digest = _handed_start_config(resolved)
+    else:
+        config = load_config(config_path)
     # server.log_format / log_level (the serve flags win); `[wN]` or "worker" in a worker
     configure_service_log(config.server.log_format, config.server.log_level, worker=worker_index)
     if worker_index is None:
@@ -760,6 +810,7 @@ def run(
                 worker_index=worker_index,
                 link_fd=link_fd,
                 config_stamp=stamp,
+                config_digest=digest,
             )
         )
     except (ListenerError, StoreError, AdminStartError, PrivacyKeyError, UsersFileError) as exc:

@@ -28,8 +28,14 @@ any of its processes runs, even after a SIGKILL of the supervisor. It:
   that fails during start-up stops the whole start with exit status 1);
 * forwards SIGTERM/SIGINT (graceful stop: each worker stops accepting, tells clients waiting to
   send a command 421 4.3.2, lets messages being received and deliveries finish; a second
-  SIGTERM/SIGINT makes it tell each worker, on its link, to cut them short) and SIGHUP (reload; every
-  worker re-reads the config file);
+  SIGTERM/SIGINT makes it tell each worker, on its link, to cut them short);
+* reloads, at SIGHUP and when the config file changes (the workers do not watch it): it reads the
+  file, refuses (logged once, no worker told) a file that is invalid or that adds a port another
+  process listens on (`check_bindings_free`, as at start), and otherwise offers that text to every
+  worker (``<data_dir>/run/worker-config-offered.toml``, then SIGHUP). Each worker says on its link
+  the digest of the text it runs after it (applied or refused); once they all applied it, it is the
+  node's configuration (``worker-config.toml``), which every worker is started with: a worker
+  restarted after a refused reload runs what its siblings run, never the file as it is now;
 * restarts a worker that exits unexpectedly, after a backoff that doubles with every failure in a
   row (0.5 s … 30 s; a worker that ran for a minute resets it);
 * kills (and so restarts) a worker whose event loop has sent no heartbeat for
@@ -55,8 +61,10 @@ there but HURRY_LINE, after a second stop signal.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -71,7 +79,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from relaygate.config import Config, ConfigError, load_config
+from relaygate.config import Config, ConfigError, parse_text
+from relaygate.config.loader import read_config_text
 from relaygate.logs.service import (
     READY_FLUSH_TIMEOUT,
     START_FORMAT_ENV,
@@ -125,10 +134,44 @@ STABLE_AFTER = 60.0  # a worker that ran this long before dying starts the backo
 FILE_CHECK_INTERVAL = 2.0  # how often the supervisor looks for an edit of the config file
 
 
-def worker_ready(link: socket.socket, *, endpoints: str, admin: str) -> None:
-    """Called by a worker once it listens: tell the supervisor (one JSON line on the link)."""
-    line = json.dumps({"pid": os.getpid(), "endpoints": endpoints, "admin": admin}) + "\n"
-    link.sendall(line.encode())
+def worker_ready(
+    link: socket.socket, *, endpoints: str, admin: str, config: str | None = None
+) -> None:
+    """Called by a worker once it listens: tell the supervisor (one JSON line on the link), with
+    the digest of the configuration text it runs (`text_digest`)."""
+    said = {"pid": os.getpid(), "endpoints": endpoints, "admin": admin, "config": config}
+    link.sendall((json.dumps(said) + "\n").encode())
+
+
+def config_applied(link: socket.socket, digest: str) -> None:
+    """Called by a worker that applied a reload: the digest of the text it now runs."""
+    with contextlib.suppress(OSError):  # the supervisor is gone (EOF stops us) or a full buffer
+        link.send(b'{"config": "%s"}\n' % digest.encode())
+
+
+def text_digest(text: str) -> str:
+    """What names a configuration text on the link (the supervisor keeps the texts)."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def supervised_worker() -> bool:
+    """Whether this process is a worker its supervisor hands its configuration (`handed_config`):
+    it does not read the config file itself."""
+    raw = os.environ.get(PINNED_QUEUE_ENV)
+    return bool(raw and json.loads(raw).get("node_config"))
+
+
+def handed_config(config_path: Path, which: str) -> tuple[Config, str] | None:
+    """A supervised worker's configuration: the text its supervisor handed it (``"node"``: what
+    the node runs, to start with; ``"offered"``: a reload), parsed as the config file (its
+    name in messages, relative paths from its directory), and that text's digest. None when
+    the process was not started by a supervisor that hands its workers their configuration."""
+    raw = os.environ.get(PINNED_QUEUE_ENV)
+    handed = json.loads(raw).get(f"{which}_config") if raw else None
+    if not handed:
+        return None
+    text = read_config_text(Path(handed))
+    return parse_text(text, str(config_path), base_dir=config_path.parent), text_digest(text)
 
 
 def heartbeat_interval(config: Config) -> float:
@@ -225,6 +268,9 @@ class _Worker:
     #: monotonic time at which the supervisor saw this run exit (its exit is logged once its
     #: last lines were passed on: `_last_lines_passed`), or None
     exited_at: float | None = None
+    #: the digest of the configuration text this run said it runs (at ready, then after each
+    #: reload it was offered), or None while the supervisor waits for its answer
+    runs: str | None = None
 
     @property
     def alive(self) -> bool:
@@ -280,6 +326,19 @@ class Supervisor:
         #: this process's stderr, written by a thread: a stderr nobody reads blocks neither the
         #: supervision here nor the threads passing the workers' lines on (set by `run`)
         self._stderr: StderrBuffer | None = None
+        #: The configuration the node runs: the text every worker accepted last (its digest,
+        #: the text and its parse). A worker is started with it, never with the file as it is
+        #: now: a reload the workers refused would otherwise reach the one restarted after it.
+        self._node: tuple[str, str, Config] | None = None
+        #: The text of the reload the workers were offered and have not all answered yet.
+        self._pending: tuple[str, str, Config] | None = None
+        #: The last texts offered (an answer to one may come after the next was offered).
+        self._offered: collections.deque[tuple[str, str, Config]] = collections.deque(maxlen=4)
+        run_dir = Path(config.server.data_dir) / "run"
+        #: where the workers read those texts (`handed_config`): they hold the node's secrets,
+        #: as the config file does, so only this user reads them
+        self._node_file = run_dir / "worker-config.toml"
+        self._offered_file = run_dir / "worker-config-offered.toml"
 
     # ------------------------------------------------------------------ entry point
 
@@ -294,7 +353,7 @@ class Supervisor:
         with contextlib.suppress(OSError):
             self._stderr_copy = os.dup(2)
         try:
-            if not self._bindings_free():
+            if not self._bindings_free() or not self._read_start_config():
                 return 1
             for w in self.workers:
                 self._spawn(w)
@@ -401,6 +460,22 @@ class Supervisor:
             return False
         return True
 
+    def _read_start_config(self) -> bool:
+        """The text every worker starts with (`_node`), read once here; logs why not."""
+        self._file_stamp = _file_stamp(self.config_path)
+        try:
+            text = read_config_text(self.config_path)
+            config = parse_text(text, str(self.config_path), base_dir=self.config_path.parent)
+            self._node = (text_digest(text), text, config)
+            _write_private(self._node_file, text)
+        except ConfigError as exc:  # edited into an invalid file since it was read
+            logger.error("cannot start: configuration invalid:\n%s", exc)
+            return False
+        except OSError as exc:
+            logger.error("cannot start: cannot write %s: %s", self._node_file, exc)
+            return False
+        return True
+
     def _spawn(self, w: _Worker) -> None:
         parent, child = socket.socketpair()
         cmd = [
@@ -431,6 +506,9 @@ class Supervisor:
                 "data_dir": str(self.config.server.data_dir),
                 # ACME on or off as its siblings (the supervisor runs the client or not)
                 "acme_directory_url": self.acme_directory_url,
+                # the configuration the node runs, and the one a reload offers (`_reload`)
+                "node_config": str(self._node_file),
+                "offered_config": str(self._offered_file),
             }
         )
         # The table this run created, whatever data_dir the file says now (like the queue).
@@ -476,6 +554,8 @@ class Supervisor:
         w.link, w.buf, w.ready, w.every = parent, b"", None, HEARTBEAT_MAX
         w.started, w.restart_at = time.monotonic(), None
         w.spawned += 1
+        # started with the node's configuration while a reload is offered: offered it too
+        w.runs, w.reload_pending = None, self._pending is not None
         self._sel.register(parent, selectors.EVENT_READ, w)
 
     def _wake(self) -> None:
@@ -515,10 +595,14 @@ class Supervisor:
                 line, w.buf = w.buf.split(b"\n", 1)
                 with contextlib.suppress(ValueError):
                     said = json.loads(line)
-                    if "alive" not in said:  # the ready line; then heartbeats
-                        w.ready = said
-                    else:
+                    if "alive" in said:  # heartbeats, after the ready line
                         w.every = float(said.get("every", HEARTBEAT_MAX))
+                        continue
+                    if "pid" in said:  # the ready line
+                        w.ready = said
+                    if not w.reload_pending:  # (else the answer comes after its reload)
+                        w.runs = said.get("config")
+                    self._settle_reload()
 
     def _wait_all_ready(self) -> int | None:
         """None once every worker listens; otherwise the exit status to stop with."""
@@ -568,7 +652,7 @@ class Supervisor:
             now = time.monotonic()
             if now - self._file_checked >= FILE_CHECK_INTERVAL:
                 self._file_checked = now
-                self._check_log_settings()
+                self._check_file()
             for w in self.workers:
                 self._check(w, now)
 
@@ -623,6 +707,7 @@ class Supervisor:
             delay,
         )
         w.proc, w.ready, w.restart_at, w.exited_at = None, None, now + delay, None
+        self._settle_reload()  # it answers no reload offered (started again, it is offered it)
 
     @staticmethod
     def _last_lines_passed(w: _Worker, now: float) -> bool:
@@ -639,20 +724,11 @@ class Supervisor:
         for output in w.outputs:
             output.join(max(0.0, deadline - time.monotonic()))
 
-    def _check_log_settings(self) -> None:
-        """The config file was edited (no SIGHUP: the workers' own watchers reload it): apply its
-        server.log_format and server.log_level to this process's lines, and its ACME on or off
-        and acme_* settings to the node's ACME client (`_apply_acme`)."""
-        stamp = _file_stamp(self.config_path)
-        if stamp == self._file_stamp:
-            return
-        self._file_stamp = stamp
-        try:
-            new = load_config(self.config_path)
-        except Exception:  # invalid (the workers log why) or unreadable: keep what is in force
-            return
-        apply_service_log(new.server.log_format, new.server.log_level)
-        self._apply_acme(new)
+    def _check_file(self) -> None:
+        """The config file was edited (no SIGHUP): reload it, as a SIGHUP does. The workers do
+        not watch it: what they run is what this process offers them (`_reload`)."""
+        if _file_stamp(self.config_path) != self._file_stamp:
+            self._reload()
 
     def _apply_acme(self, new: Config) -> None:
         """The ACME client of the node (this process's; the workers watch its files): started,
@@ -664,30 +740,92 @@ class Supervisor:
         self.acme_directory_url = new.server.acme_directory_url
 
     def _reload(self) -> None:
+        """Read the config file and offer it to every worker (`_offered_file`, then SIGHUP), unless
+        it is refused here: invalid, or a port the node does not listen on yet that another
+        process serves. Refused here, it is logged once and reaches no worker."""
         self._file_stamp = _file_stamp(self.config_path)
         try:
-            new = load_config(self.config_path)
-        except ConfigError:
-            new = None  # each worker logs the problems and keeps its configuration
+            text = read_config_text(self.config_path)
+            new = parse_text(text, str(self.config_path), base_dir=self.config_path.parent)
+        except ConfigError as exc:
+            logger.error("reload refused, configuration invalid:\n%s", exc)
+            return
         except Exception:  # never let a reload take the supervisor (and every worker) down
             logger.exception("reload refused: cannot load %s", self.config_path)
-            new = None
-        if new is not None:
-            self._hang_timeout = new.server.worker_hang_timeout.total_seconds()
-            # this process's own lines; each worker applies the file's on its own reload
-            apply_service_log(new.server.log_format, new.server.log_level)
-            self._apply_acme(new)
-        if new is not None and new.server.workers != self.count:
+            return
+        if not self._new_bindings_free(new):
+            return
+        try:
+            _write_private(self._offered_file, text)
+        except OSError as exc:
+            logger.error("reload refused: cannot write %s: %s", self._offered_file, exc)
+            return
+        self._pending = (text_digest(text), text, new)
+        self._offered.append(self._pending)
+        self._hang_timeout = new.server.worker_hang_timeout.total_seconds()
+        # this process's own lines; each worker applies the file's on its own reload
+        apply_service_log(new.server.log_format, new.server.log_level)
+        self._apply_acme(new)
+        if new.server.workers != self.count:
             logger.warning(
                 "server.workers changed from %d to %d: takes effect when relaygate serve restarts",
                 self.count,
                 new.server.workers,
             )
         for w in self.workers:
+            w.runs = None  # until it says what it runs after this reload
             if w.ready is not None:
                 self._signal(w, signal.SIGHUP)
             elif w.proc is not None:
                 w.reload_pending = True  # still starting: it has no SIGHUP handler yet
+
+    def _new_bindings_free(self, new: Config) -> bool:
+        """Whether no other process listens where `new` adds a port the node does not listen on
+        yet (`check_bindings_free`: the workers' SO_REUSEPORT would share it with that process,
+        as at start); logs the refusal naming the binding. A port the workers hold already is
+        not checked: their own sockets hold it."""
+        from relaygate.smtp.server import ListenerError, check_bindings_free, listener_bindings
+
+        # the node's, and those of a reload the workers may be applying now
+        running = [known[2] for known in (self._node, self._pending) if known is not None]
+        held = {binding.port for config in running for binding in listener_bindings(config)}
+        try:
+            check_bindings_free(new, skip_ports=frozenset(held))
+        except ListenerError as exc:
+            logger.error("reload refused, keeping the running configuration: %s", exc)
+            return False
+        return True
+
+    def _settle_reload(self) -> None:
+        """Once every running worker said what it runs: the node runs that text if they all run
+        the same (a worker started from now on is handed it). Answers to an earlier offer may
+        come after a later one was made: whatever text they agree on is the node's."""
+        answers = [w.runs for w in self.workers if w.proc is not None]
+        if not answers or None in answers:  # (none runs: each is offered the reload at start)
+            return
+        offered, self._pending = self._pending, None
+        agreed = set(answers)
+        if len(agreed) > 1:
+            if offered is not None:  # once per reload
+                logger.error(
+                    "the workers run different configurations: the reload of %s was refused by "
+                    "some of them (see their lines); a worker started now runs the previous one",
+                    self.config_path,
+                )
+            return
+        digest = agreed.pop()
+        if self._node is not None and digest == self._node[0]:
+            return
+        node = next(
+            (known for known in (offered, *self._offered) if known and known[0] == digest), None
+        )
+        if node is None:
+            return
+        self._node = node
+        try:
+            _write_private(self._node_file, node[1])
+        except OSError as exc:
+            logger.error("cannot write %s: %s", self._node_file, exc)
 
     @staticmethod
     def _signal(w: _Worker, sig: int) -> None:
@@ -744,6 +882,16 @@ class Supervisor:
         if self._stderr_copy >= 0:
             os.close(self._stderr_copy)
             self._stderr_copy = -1
+
+
+def _write_private(path: Path, text: str) -> None:
+    """`text` in `path` (mode 0600), replaced at once: a worker never reads half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _file_stamp(path: Path) -> tuple[int, int] | None:

@@ -151,12 +151,14 @@ def piped(tmp_path: Path) -> Iterator[Any]:
             s.stop()
 
 
-def write_invalid_config(
+def offer_invalid_config(
     s: Served, round_: int, count: int = 300, server_extra: str = 'log_format = "json"'
 ) -> None:
-    """The relay's config with `count` remote IP ranges that are not ranges: a reload refused,
-    with one problem a range in the error every worker logs (~140 bytes each). Written whole
-    (renamed into place): a watcher must not read a file half written."""
+    """The relay's config with `count` remote IP ranges that are not ranges, written where the
+    workers read the text their supervisor offers them at a reload (which would refuse it, once,
+    and offer the workers nothing): each worker refuses it when SIGHUPed itself
+    (`reload_workers`), with one problem a range in the error (~140 bytes each). Written whole
+    (renamed into place): a worker must not read a file half written."""
     ranges = ", ".join(f'"not-a-range-{round_}-{i}"' for i in range(count))
     text = CONFIG.format(
         data=s.data,
@@ -169,9 +171,16 @@ def write_invalid_config(
     )
     assert 'remote_ip_ranges = ["127.0.0.0/8"]' in text
     text = text.replace('remote_ip_ranges = ["127.0.0.0/8"]', f"remote_ip_ranges = [{ranges}]")
-    new = s.config.with_suffix(".new")
+    offered = s.data / "run" / "worker-config-offered.toml"
+    new = offered.with_suffix(".new")
     new.write_text(text)
-    os.replace(new, s.config)
+    os.replace(new, offered)
+
+
+def reload_workers(s: Served) -> None:
+    """SIGHUP to each worker at once: each reloads the text offered (`offer_invalid_config`)."""
+    for pid in children_of(s.proc.pid if s.proc is not None else -1):
+        os.kill(pid, signal.SIGHUP)
 
 
 def refusals(s: PipedServed) -> dict[int, int]:
@@ -188,7 +197,7 @@ def refusals(s: PipedServed) -> dict[int, int]:
 
 
 def test_long_json_lines_of_two_workers_reach_a_piped_stderr_whole(piped: Any) -> None:
-    """Two workers each log, at the same moments (a SIGHUP to both, and their file watchers), a
+    """Two workers each log, at the same moments (a SIGHUP to both), a
     JSON line of ~40 KiB (a reload refused, listing 300 problems), 12 times; stderr is a pipe that
     fills up. Every line read from it is one JSON object: each of those 24+ long lines whole, with
     its worker field, each process's lines in order. (Before, the workers wrote to the shared pipe
@@ -197,8 +206,8 @@ def test_long_json_lines_of_two_workers_reach_a_piped_stderr_whole(piped: Any) -
     s.start()
     rounds = 12
     for round_ in range(rounds):
-        write_invalid_config(s, round_)
-        s.reload()
+        offer_invalid_config(s, round_)
+        reload_workers(s)
         s.wait_for(lambda r=round_: min(refusals(s).values()) > r, timeout=30)
     assert s.stop() == 0
     assert s.proc is not None
@@ -537,9 +546,9 @@ def test_long_multi_line_text_records_of_two_workers_are_not_cut_by_each_other(
         return s.text().count("reload refused, configuration invalid")
 
     for round_ in range(rounds):
-        write_invalid_config(s, round_, server_extra="")  # the text format, the default
+        offer_invalid_config(s, round_, server_extra="")  # the text format, the default
         for _ in range(4):
-            s.reload()
+            reload_workers(s)
             time.sleep(0.05)
         s.wait_for(lambda r=round_: refused() >= 8 * (r + 1), timeout=30)
     assert s.stop() == 0

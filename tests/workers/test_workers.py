@@ -710,6 +710,7 @@ def test_backoff_is_capped_after_a_long_crash_loop() -> None:
     sup._sel = None  # type: ignore[assignment]
     sup._close_link = lambda w: None  # type: ignore[method-assign]
     w = _Worker(0)
+    sup.workers = [w]
     w.failures = 1100
     w.proc = DeadProc()  # type: ignore[assignment]
     w.started = now = time.monotonic()
@@ -721,7 +722,8 @@ def test_backoff_is_capped_after_a_long_crash_loop() -> None:
 def test_sighup_with_an_out_of_range_value_keeps_the_supervisor_and_workers(serve: Any) -> None:
     """A time span too large for a timedelta used to escape the loader as an OverflowError: the
     supervisor's SIGHUP handler died of it and took every worker down. Now the reload is refused
-    (by every worker, naming the key) and the node keeps serving its running configuration."""
+    (once, by the supervisor, which offers the workers only a file it could read, naming the key)
+    and the node keeps serving its running configuration."""
     s = serve(workers=2)
     workers = s.children()
     st = s.config.stat()
@@ -734,9 +736,7 @@ def test_sighup_with_an_out_of_range_value_keeps_the_supervisor_and_workers(serv
     os.utime(s.config, ns=(st.st_atime_ns, st.st_mtime_ns))  # only the SIGHUP reloads
     assert s.proc is not None
     s.proc.send_signal(signal.SIGHUP)
-    assert wait_until(lambda: all(f"[w{i}]: reload refused" in s.log() for i in range(2)), 15), (
-        s.log()[-3000:]
-    )
+    assert wait_until(lambda: "relaygate.workers: reload refused" in s.log(), 15), s.log()[-3000:]
     assert "connection_timeout" in s.log()
     time.sleep(0.5)
     assert s.proc.poll() is None, s.log()[-3000:]
@@ -745,6 +745,7 @@ def test_sighup_with_an_out_of_range_value_keeps_the_supervisor_and_workers(serv
         pass
     assert s.stop() == 0
     assert "Traceback" not in s.log(), s.log()[-3000:]
+    assert s.log().count("reload refused") == 1, s.log()[-3000:]
 
 
 def test_a_worker_restarted_after_data_dir_moved_keeps_its_siblings_directory(
@@ -1079,3 +1080,113 @@ def test_a_worker_whose_supervisor_died_while_it_started_stops_cleanly(serve: An
         for pid in (starting, before[0]):
             with _suppress():
                 os.kill(pid, signal.SIGKILL)
+
+
+def restarted_worker(s: Served, before: list[int], index: int) -> list[int]:
+    """SIGKILL worker `index` (of `before`) and wait until its replacement listens: the
+    supervisor logs the restart, then each worker's pid takes connections again."""
+    os.kill(before[index], signal.SIGKILL)
+    assert wait_until(lambda: f"worker {index} (pid {before[index]}) exited" in s.log(), 15), (
+        s.log()[-3000:]
+    )
+    assert wait_until(
+        lambda: len(s.children()) == len(before) and before[index] not in s.children(), 20
+    ), s.log()[-3000:]
+    now = s.children()
+
+    def every_worker_answers() -> bool:
+        with held_clients(s.port, 20) as _clients:
+            return all(n > 0 for n in connections_per_pid(now, s.port).values())
+
+    assert wait_until(every_worker_answers, 20, 0.3), s.log()[-3000:]
+    return now
+
+
+def test_a_worker_restarted_after_a_refused_reload_runs_its_siblings_configuration(
+    tmp_path: Path, sink: tuple[Sink, int]
+) -> None:
+    """A reload every worker refused (an emptied admin.api_token_file) left them on the previous
+    configuration, but a worker restarted afterwards read the file as it was now and took its
+    new banner: half the clients met another configuration. The supervisor now hands every
+    worker it starts the configuration the node runs."""
+    s = Served(tmp_path, sink[1], 2)
+    token = tmp_path / "api.token"
+    token.write_text("a-long-enough-admin-token-0123456789\n")
+    token.chmod(0o600)
+    listen = f'listen = "127.0.0.1:{s.admin_port}"'
+    s.config.write_text(
+        s.config.read_text().replace(listen, f'{listen}\napi_token_file = "{token}"')
+    )
+    s.start()
+    try:
+        assert s.proc is not None
+        before = s.children()
+        token.write_text("")  # emptied by mistake, and the banner changed in the same edit
+        edit_keeping_stamp(
+            s.config, s.config.read_text().replace("220 RelayGate one", "220 RelayGate two")
+        )
+        s.proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: s.log().count("reload refused") >= 2, 15), s.log()[-3000:]
+        restarted_worker(s, before, 1)
+        with held_clients(s.port, 30, banner="RelayGate one"):
+            pass
+        assert s.stop() == 0
+    finally:
+        if s.proc is not None and s.proc.poll() is None:
+            kill_tree(s.proc.pid)
+
+
+def test_a_worker_restarted_after_an_invalid_file_was_refused_serves(serve: Any) -> None:
+    """An invalid file, refused at reload: a worker restarted afterwards read it, could not
+    start, and crash-looped (backing off up to 30 s) while its siblings served. It now starts
+    with the node's configuration; the refusal is logged once."""
+    s = serve(workers=2)
+    before = s.children()
+    edit_keeping_stamp(
+        s.config,
+        s.config.read_text().replace(
+            'banner = "220 RelayGate one"', 'banner = "220 two"\nbogus = 1'
+        ),
+    )
+    assert s.proc is not None
+    s.proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: "reload refused" in s.log(), 15), s.log()[-3000:]
+    restarted_worker(s, before, 1)
+    with held_clients(s.port, 30, banner="RelayGate one"):
+        pass
+    log = s.log()
+    assert log.count("reload refused") == 1, log[-3000:]
+    assert "cannot start" not in log, log[-3000:]
+    assert s.stop() == 0
+
+
+def test_a_reload_adding_a_port_another_process_serves_is_refused(serve: Any) -> None:
+    """At start the supervisor refuses a port another process listens on (the workers'
+    SO_REUSEPORT would share it); a reload adding one joined that process's group. The reload
+    is now refused, naming the binding, and the workers keep their listeners."""
+    s = serve(workers=2)
+    other_port = free_port()
+    other = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        # another node's worker: a listener with SO_REUSEPORT, of the same user
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", other_port))
+        other.listen(16)
+        binding = f'bindings = ["127.0.0.1:{s.port}"]'
+        edit_keeping_stamp(
+            s.config,
+            s.config.read_text()
+            .replace(binding, f'bindings = ["127.0.0.1:{s.port}", "127.0.0.1:{other_port}"]')
+            .replace("220 RelayGate one", "220 RelayGate two"),
+        )
+        assert s.proc is not None
+        s.proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: "reload refused" in s.log(), 15), s.log()[-3000:]
+        log = s.log()
+        assert f"127.0.0.1:{other_port}" in log, log[-3000:]
+        assert "configuration reloaded" not in log, log[-3000:]
+        with held_clients(s.port, 10, banner="RelayGate one"):
+            pass
+        assert s.stop() == 0
+    finally:
+        other.close()

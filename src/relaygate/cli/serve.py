@@ -57,7 +57,11 @@ def register(app: typer.Typer) -> None:
         if start_format is None and worker_index is not None:
             # a worker started by its supervisor: the supervisor's format until the file is read
             start_format = os.environ.get(service.START_FORMAT_ENV)
-        if start_format == "json":
+        from relaygate.workers import supervised_worker
+
+        if worker_index is not None and supervised_worker():
+            pass  # its supervisor parsed the text it hands it (relaygate.app.run reads it)
+        elif start_format == "json":
             # A config error at start is a JSON line too (the file's own log_format is unknown).
             service.configure("json", log_level or "INFO", worker=worker_index)
             _load_or_log(config)

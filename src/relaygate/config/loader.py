@@ -434,18 +434,21 @@ def load_config(path: Path | None = None) -> m.Config:
     resolved = default_config_path(path)
     if resolved is None:
         return embedded_default()
+    text = read_config_text(resolved)
+    return parse_text(text, str(resolved), base_dir=resolved.parent)
+
+
+def read_config_text(path: Path) -> str:
+    """A config file's text (ConfigError naming the file if it cannot be read or decoded)."""
     try:
-        raw = resolved.read_bytes()
+        raw = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(
-            [Problem(str(resolved), "(file)", f"cannot read: {exc.strerror}")]
-        ) from None
+        raise ConfigError([Problem(str(path), "(file)", f"cannot read: {exc.strerror}")]) from None
     try:
         # utf-8-sig: a byte order mark (Windows Notepad writes one) is dropped.
-        text = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ConfigError([Problem(str(resolved), "(file)", f"not UTF-8: {exc}")]) from None
-    return parse_text(text, str(resolved), base_dir=resolved.parent)
+        raise ConfigError([Problem(str(path), "(file)", f"not UTF-8: {exc}")]) from None
 
 
 def parse_text(text: str, source: str, *, base_dir: Path | None = None) -> m.Config:

@@ -152,7 +152,7 @@ def listener_bindings(config: Config) -> dict[Binding, bool]:
     }
 
 
-def check_bindings_free(config: Config) -> None:
+def check_bindings_free(config: Config, *, skip_ports: frozenset[int] = frozenset()) -> None:
     """Raise ListenerError (naming the binding and its connectors) if a listener of `config`
     cannot be bound by a socket WITHOUT SO_REUSEPORT: another process listens there.
 
@@ -160,8 +160,11 @@ def check_bindings_free(config: Config) -> None:
     share: a second node started on a port another node's workers hold would bind it too,
     say ready, and split (or silently take over) the first's connections. A socket without
     SO_REUSEPORT meets EADDRINUSE there, so the supervisor binds each endpoint that way (and
-    closes it: it never listens) before it starts its workers."""
+    closes it: it never listens) before it starts its workers, and at reload for the ports
+    the node does not listen on yet (`skip_ports`: those its workers hold)."""
     for binding in listener_bindings(config):
+        if binding.port in skip_ports:
+            continue
         try:
             # as the listeners do (SO_REUSEADDR, IPV6_V6ONLY), so only a listener conflicts
             _bound_socket(config, binding, reuse_port=False).close()
