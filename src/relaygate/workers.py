@@ -260,8 +260,8 @@ class _Worker:
     spawned: int = field(default=0)
     #: monotonic time of the worker's last line (ready, or a heartbeat from its event loop)
     answered: float = 0.0
-    #: the worker's heartbeat interval, as its last heartbeat said (its own configuration's: the
-    #: workers reload the file on their own, the supervisor's worker_hang_timeout may differ)
+    #: the worker's heartbeat interval, as its last heartbeat said (its own configuration's: it
+    #: applies a reload after the supervisor, whose worker_hang_timeout may differ meanwhile)
     every: float = HEARTBEAT_MAX
     #: the threads passing this run's stderr and stdout on (logs/worker_output.py)
     outputs: list[WorkerOutput] = field(default_factory=list)
