@@ -252,12 +252,11 @@ WRITER = textwrap.dedent(
 )
 
 
-def test_worker_output_passes_each_line_on_whole_and_in_order(tmp_path: Path) -> None:
-    """Two processes write lines of 9 KiB each in two writes, interleaving; through WorkerOutput
-    (the supervisor's reading of its workers' stderr) into one pipe every line arrives whole and
-    in order, a line over 64 KiB in pieces that end with the marker, the last line without a
-    newline at the process's exit."""
-    from relaygate.logs.worker_output import CUT_MARKER, WorkerOutput
+def _through_worker_outputs(script: str, *args: str, capacity: int | None = None) -> bytes:
+    """What processes "a" and "b", each running `script` with its name and `args`, write to
+    stderr, as read through one WorkerOutput each (the supervisor's reading of its workers'
+    stderr) into one pipe; `capacity`: the pipe size each WorkerOutput must have got."""
+    from relaygate.logs import worker_output
 
     target_read, target_write = os.pipe()
     received = bytearray()
@@ -271,10 +270,12 @@ def test_worker_output_passes_each_line_on_whole_and_in_order(tmp_path: Path) ->
     outputs, procs = [], []
     try:
         for name in ("a", "b"):
-            output = WorkerOutput(target_write, f"test {name}")
+            output = worker_output.WorkerOutput(target_write, f"test {name}")
+            if capacity is not None:
+                assert output._capacity == capacity
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-c", WRITER, name, "40"],
+                    [sys.executable, "-c", script, name, *args],
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=output.write_fd,
@@ -295,7 +296,18 @@ def test_worker_output_passes_each_line_on_whole_and_in_order(tmp_path: Path) ->
         os.close(target_write)
         reader.join(10)
         os.close(target_read)
-    lines = bytes(received).split(b"\n")
+    return bytes(received)
+
+
+def test_worker_output_passes_each_line_on_whole_and_in_order(tmp_path: Path) -> None:
+    """Two processes write lines of 9 KiB each in two writes, interleaving; through WorkerOutput
+    (the supervisor's reading of its workers' stderr) into one pipe every line arrives whole and
+    in order, a line over 64 KiB in pieces that end with the marker, the last line without a
+    newline at the process's exit."""
+    from relaygate.logs.worker_output import CUT_MARKER
+
+    received = _through_worker_outputs(WRITER, "40")
+    lines = received.split(b"\n")
     assert lines[-1] == b""
     lines = lines[:-1]
     assert all(len(line) < MAX_LINE for line in lines)
@@ -333,48 +345,12 @@ def test_records_longer_than_a_small_pipe_are_passed_on_whole(
     from relaygate.logs import worker_output
 
     monkeypatch.setattr(worker_output, "PIPE_SIZE", 4096)
-    target_read, target_write = os.pipe()
-    received = bytearray()
-
-    def read() -> None:
-        while chunk := os.read(target_read, 65536):
-            received.extend(chunk)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    outputs, procs = [], []
     start = str(time.time() + 1.0)
-    try:
-        for name in ("a", "b"):
-            output = worker_output.WorkerOutput(target_write, f"test {name}")
-            assert output._capacity == 4096
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-c", RECORD_WRITER, name, "30", start],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=output.write_fd,
-                )
-            )
-            output.start()
-            outputs.append(output)
-        for proc in procs:
-            assert proc.wait(60) == 0
-        for output in outputs:
-            output.join(10)
-            assert output.done
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-        os.close(target_write)
-        reader.join(10)
-        os.close(target_read)
-    lines = bytes(received).decode().splitlines()
+    received = _through_worker_outputs(RECORD_WRITER, "30", start, capacity=4096)
+    lines = received.decode().splitlines()
     assert len(lines) == 2 * 30 * 100
-    for start in range(0, len(lines), 100):
-        record = lines[start : start + 100]
+    for first in range(0, len(lines), 100):
+        record = lines[first : first + 100]
         head = record[0].split(" line ")[0]
         assert all(line.startswith(f"{head} line {i:03d} ") for i, line in enumerate(record)), (
             f"record {head} cut: {[line[:30] for line in record if not line.startswith(head)][:3]}"
