@@ -917,14 +917,9 @@ def test_a_listener_opened_after_workers_changed_in_the_file_steers_for_the_runn
     assert s.stop() == 0
 
 
-def test_a_reload_worker_0_refuses_is_refused_by_every_worker(
-    tmp_path: Path, sink: tuple[Sink, int]
-) -> None:
-    """Worker 0 runs the admin centre and refuses a reload whose admin.api_token_file cannot be
-    used (emptied by mistake); the other workers did not read it and took the file: half the
-    clients then met the new configuration and half the old one, until the next reload. Every
-    worker now refuses it, and the node keeps one configuration."""
-    s = Served(tmp_path, sink[1], 2)
+def _served_with_token_file(tmp_path: Path, sink_port: int) -> tuple[Served, Path]:
+    """Two workers whose admin centre reads its token from a file (0600), not started yet."""
+    s = Served(tmp_path, sink_port, 2)
     token = tmp_path / "api.token"
     token.write_text("a-long-enough-admin-token-0123456789\n")
     token.chmod(0o600)
@@ -932,6 +927,17 @@ def test_a_reload_worker_0_refuses_is_refused_by_every_worker(
     s.config.write_text(
         s.config.read_text().replace(listen, f'{listen}\napi_token_file = "{token}"')
     )
+    return s, token
+
+
+def test_a_reload_worker_0_refuses_is_refused_by_every_worker(
+    tmp_path: Path, sink: tuple[Sink, int]
+) -> None:
+    """Worker 0 runs the admin centre and refuses a reload whose admin.api_token_file cannot be
+    used (emptied by mistake); the other workers did not read it and took the file: half the
+    clients then met the new configuration and half the old one, until the next reload. Every
+    worker now refuses it, and the node keeps one configuration."""
+    s, token = _served_with_token_file(tmp_path, sink[1])
     s.start()
     try:
         assert s.proc is not None
@@ -1109,14 +1115,7 @@ def test_a_worker_restarted_after_a_refused_reload_runs_its_siblings_configurati
     configuration, but a worker restarted afterwards read the file as it was now and took its
     new banner: half the clients met another configuration. The supervisor now hands every
     worker it starts the configuration the node runs."""
-    s = Served(tmp_path, sink[1], 2)
-    token = tmp_path / "api.token"
-    token.write_text("a-long-enough-admin-token-0123456789\n")
-    token.chmod(0o600)
-    listen = f'listen = "127.0.0.1:{s.admin_port}"'
-    s.config.write_text(
-        s.config.read_text().replace(listen, f'{listen}\napi_token_file = "{token}"')
-    )
+    s, token = _served_with_token_file(tmp_path, sink[1])
     s.start()
     try:
         assert s.proc is not None
