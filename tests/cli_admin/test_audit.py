@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import smtplib
+import socket
 import ssl
 import textwrap
 from collections.abc import Callable
@@ -296,8 +297,11 @@ def test_broad_trusted_proxies_are_flagged(proxies: str, severity: str) -> None:
     """Any host in server.trusted_proxies may send a PROXY header naming any client address, and
     so choose the connector, and the relay rights, its connection gets: 0.0.0.0/0 lets every
     client relay by claiming a relay client's address. A range wider than the ranges' own limits
-    (/24, /64) is flagged too; the load balancers' own addresses are not."""
-    text = f"[server]\ntrusted_proxies = {proxies}\n" + relay(ranges='["10.0.0.5"]')
+    (/24, /64) is flagged too; the load balancers' own addresses are not. Here no connector
+    relays (with one that does, a broad range is high: the test below)."""
+    text = f"[server]\ntrusted_proxies = {proxies}\n" + relay(
+        ranges='["10.0.0.5"]', permission=False
+    )
     found = only(audit(config(text)), "trusted-proxies-broad")
     assert [(f.severity, f.key) for f in found] == [(severity, "server.trusted_proxies")]
     assert "PROXY header" in found[0].message
@@ -1008,3 +1012,41 @@ def test_an_internet_connector_with_its_ranges_removed_admits_nobody(
         'extended_rights = ["ms-Exch-SMTP-Accept-Any-Recipient"]\n'
     )
     assert only(audit(config(text)), "catch-all-relay")
+
+
+def _proxied_smtp(port: int, source: str, claimed: str) -> smtplib.SMTP:
+    """An SMTP client connected from `source` that first sends a PROXY v1 header naming `claimed`
+    as the client (what a trusted load balancer sends), then reads the greeting."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    sock.sendall(f"PROXY TCP4 {claimed} 127.0.0.1 40000 {port}\r\n".encode())
+    client = smtplib.SMTP()
+    client.sock = sock
+    code, _ = client.getreply()
+    assert code == 220
+    return client
+
+
+def test_broad_trusted_proxies_beside_a_relay_connector_are_an_open_relay(
+    running_relay: Callable[..., RelayHandle],  # noqa: F811
+) -> None:
+    # Every host in server.trusted_proxies may name any client address in a PROXY header: with a
+    # relay connector for 10.0.0.5, a host of 0.0.0.0/1 that claims 10.0.0.5 relays to anyone.
+    # audit rated it medium (exit 0), below a relay range of the same width (high).
+    handle = running_relay(
+        [relay_connector(["10.0.0.5"])], server={"trusted_proxies": ["0.0.0.0/1"]}
+    )
+    with _proxied_smtp(handle.port, "127.0.0.9", claimed="10.0.0.5") as client:
+        client.ehlo("outside.example.net")
+        assert client.mail("spammer@elsewhere.net")[0] == 250
+        assert client.rcpt("victim@outside.example.org")[0] == 250  # the server relays it
+        client.rset()
+    r = run("audit", "--config", str(handle.config_path), "--json")
+    assert r.code == 1, r.out + r.err
+    found = [f for f in r.json()["findings"] if f["code"] == "trusted-proxies-broad"]
+    assert [(f["severity"], f["key"]) for f in found] == [("high", "server.trusted_proxies")]
+    assert "SMTP Relay Internal" in found[0]["message"], found[0]["message"]
+    # without a connector that relays, a proxy naming an address chooses a connector, no relay
+    no_relay = '[server]\ntrusted_proxies = ["0.0.0.0/1"]\n' + relay(permission=False)
+    assert [f.severity for f in only(audit(config(no_relay)), "trusted-proxies-broad")] == [
+        "medium"
+    ]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from relaygate.audit.findings import Finding
 from relaygate.audit.ranges import _families_covered
+from relaygate.audit.relay_grants import relay_grant
 from relaygate.config.model import Config
 from relaygate.file_modes import mode_granting
 from relaygate.policy.rights import session_rights
@@ -73,7 +74,9 @@ def _server_findings(config: Config) -> Iterator[Finding]:
 def _proxy_findings(config: Config, max_prefix_v4: int, max_prefix_v6: int) -> Iterator[Finding]:
     """server.trusted_proxies wider than a few load balancers: every host in it may send a PROXY
     header naming any client address, and so choose the connector (and the relay rights) its
-    connection gets."""
+    connection gets. High when every address may, or when some connector relays for its clients
+    (any host of the range relays by naming one of them: as wide an open relay as a relay range
+    of that width, which is high); else medium (a connector chosen, no relay)."""
     broad = [
         p
         for p in config.server.trusted_proxies
@@ -82,21 +85,35 @@ def _proxy_findings(config: Config, max_prefix_v4: int, max_prefix_v6: int) -> I
     if not broad:
         return
     everyone = bool(_families_covered(broad))
+    relaying = _relay_connector_names(config)
+    if everyone:
+        effect = " (every client can: an open relay for anyone who knows a relay client's address)"
+    elif relaying:
+        effect = (
+            f": any of them relays through {', '.join(relaying)} by naming an address of its "
+            "remote_ip_ranges (an open relay for every host in those ranges)"
+        )
+    else:
+        effect = ""
     yield Finding(
-        "high" if everyone else "medium",
+        "high" if everyone or relaying else "medium",
         "trusted-proxies-broad",
         "",
         "server.trusted_proxies",
         f"server.trusted_proxies includes {', '.join(p.text for p in broad)}: any host there may "
         "send a PROXY header naming any client address, and get the connector and relay rights "
-        "of that address"
-        + (
-            " (every client can: an open relay for anyone who knows a relay client's address)"
-            if everyone
-            else ""
-        ),
+        "of that address" + effect,
         "list only the load balancers' or proxies' own addresses",
     )
+
+
+def _relay_connector_names(config: Config) -> list[str]:
+    """The enabled receive connectors whose anonymous sessions relay (quoted, for a message)."""
+    return [
+        f'"{c.name}"'
+        for c in config.receive_connectors
+        if c.enabled and relay_grant(c).anonymous and c.remote_ip_ranges
+    ]
 
 
 def _acme_findings(config: Config) -> Iterator[Finding]:
