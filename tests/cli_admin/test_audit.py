@@ -1050,3 +1050,43 @@ def test_broad_trusted_proxies_beside_a_relay_connector_are_an_open_relay(
     assert [f.severity for f in only(audit(config(no_relay)), "trusted-proxies-broad")] == [
         "medium"
     ]
+
+
+def test_a_catch_all_relay_narrowed_by_allowed_recipients_says_to_whom(
+    running_relay: Callable[..., RelayHandle],  # noqa: F811
+) -> None:
+    # A catch-all connector with the relay right whose allowed_recipients lists an alert box and
+    # the organisation's domain: anyone may send to those, to nobody else. audit called it "an
+    # open relay for anyone" (high), the same finding as a relay to everyone.
+    listed = ["alerts@msp.example", "*@corp.example"]
+    handle = running_relay(
+        [relay_connector(["0.0.0.0/0"], name="Alerts", allowed_recipients=listed)]
+    )
+    with smtplib.SMTP("127.0.0.1", handle.port, source_address=("127.0.0.9", 0)) as client:
+        client.ehlo("outside.example.net")
+        assert client.mail("someone@elsewhere.net")[0] == 250
+        assert client.rcpt("victim@outside.example.org")[0] == 550  # not relayed
+        assert client.rcpt("alerts@msp.example")[0] == 250
+        client.rset()
+    r = run("audit", "--config", str(handle.config_path), "--json")
+    found = r.json()["findings"]
+    assert not [f for f in found if f["severity"] == "high"], r.out
+    assert r.code == 0, r.out + r.err
+    (finding,) = [f for f in found if f["code"] == "catch-all-relay-to-listed-recipients"]
+    assert finding["severity"] == "medium" and finding["connector"] == "Alerts"
+    assert "open relay for anyone" not in finding["message"]
+    assert "alerts@msp.example" in finding["message"] and "every IPv4 address" in finding["message"]
+    assert finding["key"] == "allowed_recipients"
+    # a list that admits every .com address is an open relay still (the server relays it)
+    handle = running_relay(
+        [relay_connector(["0.0.0.0/0"], name="Dotcom", allowed_recipients=["*@*.com"])]
+    )
+    with smtplib.SMTP("127.0.0.1", handle.port, source_address=("127.0.0.9", 0)) as client:
+        client.ehlo("outside.example.net")
+        assert client.mail("someone@elsewhere.net")[0] == 250
+        assert client.rcpt("victim@mail.example.com")[0] == 250
+        client.rset()
+    r = run("audit", "--config", str(handle.config_path), "--json")
+    assert r.code == 1, r.out + r.err
+    highs = {f["code"] for f in r.json()["findings"] if f["severity"] == "high"}
+    assert "catch-all-relay" in highs, r.out

@@ -19,7 +19,8 @@ from relaygate.audit.ranges import (
     _is_loopback_only,
     _overlap_text,
 )
-from relaygate.audit.relay_grants import _AUTH_OFFERING, relay_grant
+from relaygate.audit.relay_grants import _AUTH_OFFERING, RelayGrant, relay_grant
+from relaygate.audit.server import _covers_public_suffix
 from relaygate.config.model import Config, ReceiveConnector
 from relaygate.policy.rights import is_externally_secured
 
@@ -35,6 +36,65 @@ def _state(connector: ReceiveConnector) -> str:
     )
 
 
+def _listed_recipients(c: ReceiveConnector) -> tuple[str, ...]:
+    """The entries of allowed_recipients when they narrow what a relay session may send to;
+    () when the relay is open to every recipient: no list, `*@*`, or `*@*.<public suffix>`
+    (`*@*.com`: every address under .com)."""
+    for rule in c.allowed_recipients:
+        if rule.kind == "any":
+            return ()
+        if rule.kind == "subdomains" and _covers_public_suffix(f"*.{rule.value}"):
+            return ()
+    return tuple(rule.text for rule in c.allowed_recipients)
+
+
+def _recipients_text(listed: tuple[str, ...]) -> str:
+    shown = ", ".join(listed[:5]) + (f" and {len(listed) - 5} more" if len(listed) > 5 else "")
+    return f"the recipients allowed_recipients lists ({shown})"
+
+
+def _catch_all_finding(
+    c: ReceiveConnector,
+    families: list[int],
+    narrowed: tuple[str, ...],
+    grant: RelayGrant,
+    note: str,
+) -> Finding:
+    """A connector every address of a family reaches grants relay: an open relay for anyone, or,
+    when allowed_recipients narrows it, a relay for anyone to the listed recipients only."""
+    every = f"every {' and '.join(f'IPv{v}' for v in families)} address"
+    reach = ", ".join(str(b) for b in c.bindings) or "it"
+    if not narrowed:
+        return Finding(
+            "high",
+            "catch-all-relay",
+            c.name,
+            "permissions" if grant.method_a else "permission_groups",
+            f"catch-all connector ({every}) grants relay ({grant.describe()}): it is an open relay for "
+            f"anyone who can reach {reach}{note}",
+            "never add relay rights to a catch-all connector (like Exchange's Default Frontend): "
+            "remove the relay grant here and create a dedicated relay connector whose "
+            "remote_ip_ranges list only the devices",
+        )
+    senders = (
+        f"as the senders allowed_senders lists ({', '.join(r.text for r in c.allowed_senders)})"
+        if c.allowed_senders
+        else "as any sender"
+    )
+    return Finding(
+        "medium",
+        "catch-all-relay-to-listed-recipients",
+        c.name,
+        "allowed_recipients",
+        f"catch-all connector ({every}) grants relay ({grant.describe()}), narrowed by allowed_recipients: "
+        f"anyone who can reach {reach} may send to {_recipients_text(narrowed)}, {senders}, "
+        f"and to no other address{note}",
+        "if only some devices need to reach these recipients, give them a dedicated relay "
+        "connector whose remote_ip_ranges list them and remove the relay grant here; else keep "
+        "allowed_recipients this short and set allowed_senders",
+    )
+
+
 def _connector_findings(
     c: ReceiveConnector, config: Config, max_prefix_v4: int, max_prefix_v6: int
 ) -> Iterator[Finding]:
@@ -45,37 +105,31 @@ def _connector_findings(
     ranges = list(c.remote_ip_ranges)
 
     if grant.anonymous:
+        narrowed = _listed_recipients(c)
         catch_all = _families_covered(ranges)
         if catch_all:
-            families = " and ".join(f"IPv{v}" for v in catch_all)
-            yield Finding(
-                "high",
-                "catch-all-relay",
-                c.name,
-                "permissions" if grant.method_a else "permission_groups",
-                f"catch-all connector (every {families} address) grants relay ({grant.describe()}): it is an "
-                f"open relay for anyone who can reach {', '.join(str(b) for b in c.bindings) or 'it'}{note}",
-                "never add relay rights to a catch-all connector (like Exchange's Default Frontend): remove the "
-                "relay grant here and create a dedicated relay connector whose remote_ip_ranges list only the "
-                "devices",
-            )
+            yield _catch_all_finding(c, catch_all, narrowed, grant, note)
         wide = False
         for entry in ranges:
             limit = max_prefix_v4 if entry.version == 4 else max_prefix_v6
             prefix = entry.prefix_length()
             if _is_all(entry):
-                what = f"every {_family_name(entry)} address (open relay)"
+                what = f"every {_family_name(entry)} address" + (
+                    "" if narrowed else " (open relay)"
+                )
             elif prefix < limit and not _is_loopback_only(entry):
                 what = f"{entry.size:,} addresses (as wide as a /{prefix}, wider than /{limit})"
             else:
                 continue
             wide = True
+            to_whom = f" to {_recipients_text(narrowed)} only" if narrowed else ""
             yield Finding(
-                "high",
+                # to a short list of recipients: not the open relay a wide range is otherwise
+                "medium" if narrowed else "high",
                 "relay-range-too-wide",
                 c.name,
                 "remote_ip_ranges",
-                f"remote range {entry.text} lets {what} relay through this connector "
+                f"remote range {entry.text} lets {what} relay through this connector{to_whom} "
                 f"({grant.describe()}){note}",
                 f"replace {entry.text} with the exact addresses of the printers and applications that relay "
                 f'(`relaygate connector set "{c.name}" --remove-remote-ip-ranges {entry.text} '
