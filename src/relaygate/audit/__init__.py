@@ -51,11 +51,13 @@ from relaygate.audit.server import (
     _acme_findings,
     _proxy_findings,
     _queue_findings,
+    _relative_path_findings,
     _secret_file_findings,
     _server_findings,
 )
 from relaygate.certificates import CertificateExpiry
 from relaygate.config.model import Config
+from relaygate.config.relative_paths import RelativeFiles
 
 __all__ = [
     "SEVERITIES",
@@ -77,12 +79,15 @@ def audit(
     certificates: Sequence[CertificateExpiry] = (),
     now: datetime | None = None,
     users_without_send_as: Sequence[str] = (),
+    relative_files: RelativeFiles | None = None,
 ) -> list[Finding]:
     """Every finding for `config`, most severe first (stable within a severity: file order).
     `certificates`: the expiry dates read from the configuration's certificate files (none: no
     certificate findings); `now`: the time they are judged at (default: the current time);
     `users_without_send_as`: the users file's users that have no send-as list (the caller reads
-    the file: `UserStore.without_send_as`)."""
+    the file: `UserStore.without_send_as`); `relative_files`: the configuration's relative file
+    paths and the directory they were taken from (`config` holds them taken from it already), for
+    a finding that says so (the caller finds the directory: `relaygate.config.relative_paths`)."""
     findings: list[Finding] = []
     for connector in config.receive_connectors:
         findings.extend(_connector_findings(connector, config, max_prefix_v4, max_prefix_v6))
@@ -94,6 +99,7 @@ def audit(
     findings.extend(_admin_findings(config))
     findings.extend(_queue_findings(config))
     findings.extend(_secret_file_findings(config))
+    findings.extend(_relative_path_findings(relative_files, config.server.data_dir))
     findings.extend(_send_connector_findings(config))
     findings.extend(_graph_findings(config))
     findings.extend(_dkim_findings(config))

@@ -12,6 +12,7 @@ from relaygate.audit.findings import Finding
 from relaygate.audit.ranges import _families_covered
 from relaygate.audit.relay_grants import relay_grant
 from relaygate.config.model import Config
+from relaygate.config.relative_paths import RelativeFiles
 from relaygate.file_modes import mode_granting
 from relaygate.policy.rights import session_rights
 from relaygate.public_suffix import is_public_suffix
@@ -248,3 +249,32 @@ def _queue_findings(config: Config) -> Iterator[Finding]:
             '(database_url = "postgresql://relaygate@db/relaygate?passfile=/etc/relaygate/pgpass", '
             "mode 0600) or from the PGPASSWORD environment variable of relaygate serve",
         )
+
+
+def _relative_path_findings(relative: RelativeFiles | None, data_dir: Path) -> Iterator[Finding]:
+    """Relative file paths: `relaygate serve` reads them from its working directory, so the
+    findings about those files hold for the directory they were read from; say which (the
+    running relay's, or this command's when none was found)."""
+    if relative is None or not relative.keys:
+        return
+    keys = ", ".join(f"{key} = {path}" for key, path in relative.keys)
+    if relative.pid is not None:
+        where = (
+            f"the files were read from the working directory of the running relay "
+            f"(pid {relative.pid}), {relative.base}"
+        )
+    else:
+        where = (
+            f"no running relay was found for data_dir {data_dir}, so the files were read from "
+            f"this command's working directory, {relative.base}, as a relay started there would"
+        )
+    yield Finding(
+        "info",
+        "relative-file-paths",
+        "",
+        relative.keys[0][0],
+        f"relative file paths ({keys}) are taken from the working directory of relaygate serve, "
+        f"not from the config file's folder: {where}",
+        "write absolute paths, so that the relay, check and audit read the same files whichever "
+        "directory they run in (the packaged unit runs in /var/lib/relaygate)",
+    )

@@ -19,6 +19,7 @@ from relaygate.cli.common import (
     load_or_exit,
 )
 from relaygate.config.model import Config
+from relaygate.config.relative_paths import as_the_relay_reads
 from relaygate.smtp.auth import UserStore, users_path
 
 _STYLE = {"high": "bold red", "medium": "yellow", "low": "cyan", "info": "dim"}
@@ -56,7 +57,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Flag open relays, over-broad ranges, overlaps, missing limits, logging off, TLS off,
         certificates expired or expiring within 30 days."""
-        cfg = load_or_exit(config)
+        # Relative file paths as the running relay reads them (from its working directory)
+        cfg, relative = as_the_relay_reads(load_or_exit(config))
         # The certificates' expiry dates, read from their files (one that cannot be read is a
         # `check` error, not repeated here).
         findings = audit(
@@ -65,6 +67,7 @@ def register(app: typer.Typer) -> None:
             max_prefix_v6=max_prefix_v6,
             certificates=read_expiries(cfg),
             users_without_send_as=_users_without_send_as(cfg),
+            relative_files=relative,
         )
         counts = summary(findings)
         source = config_source(config)

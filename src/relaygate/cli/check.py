@@ -17,6 +17,7 @@ from relaygate.cli.common import (
 )
 from relaygate.config import Config, ConfigError, load_config
 from relaygate.config.loader import Problem
+from relaygate.config.relative_paths import as_the_relay_reads
 
 
 def register(app: typer.Typer) -> None:
@@ -25,7 +26,8 @@ def register(app: typer.Typer) -> None:
         """Validate the config file; exit 1 with every error listed."""
         source = config_source(config)
         try:
-            cfg = load_config(config)
+            # Relative file paths as the running relay reads them (from its working directory)
+            cfg, _ = as_the_relay_reads(load_config(config))
             problems = (
                 tls_file_problems(cfg)
                 + dkim_key_problems(cfg)

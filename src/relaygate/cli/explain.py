@@ -10,6 +10,7 @@ from rich.markup import escape
 
 from relaygate.cli.common import CONFIG_OPTION, JSON_OPTION, console, die, emit_json, load_or_exit
 from relaygate.config.model import Config
+from relaygate.config.relative_paths import as_the_relay_reads
 from relaygate.config.values import parse_binding
 from relaygate.policy.address_rules import SendAsList
 from relaygate.policy.explain import endpoints_for, explain
@@ -21,6 +22,8 @@ def _user_in_file(config: Config, user: str | None) -> tuple[SendAsList | None, 
     the file's path when it does not hold `user` (the server's AUTH then fails)."""
     if user is None:
         return None, None
+    # a relative users_file as the running relay reads it (from its working directory)
+    config, _ = as_the_relay_reads(config)
     path = users_path(Path(config.server.data_dir), config.server.users_file)
     try:
         store = UserStore(path)

@@ -16,6 +16,7 @@ import typer
 
 from relaygate.address_patterns import RULE_FORMS, AddressRule
 from relaygate.cli.common import CONFIG_OPTION, JSON_OPTION, console, die, emit_json, load_or_exit
+from relaygate.config.relative_paths import as_the_relay_reads
 from relaygate.policy.address_rules import parse_send_as
 from relaygate.smtp.auth import UserStore, users_path
 
@@ -27,7 +28,8 @@ _SEND_AS_HELP = (
 
 
 def _store(config: Path | None) -> UserStore:
-    cfg = load_or_exit(config)
+    # a relative users_file as the running relay reads it (from its working directory)
+    cfg, _ = as_the_relay_reads(load_or_exit(config))
     path = users_path(Path(cfg.server.data_dir), cfg.server.users_file)
     try:
         return UserStore(path)
