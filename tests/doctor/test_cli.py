@@ -279,3 +279,56 @@ def test_doctor_checks_spf_for_the_send_connectors_helo_names(tmp_path, loopback
     ], proc.stderr  # fmt: skip
     assert 'send connector "Internet" says EHLO relay.corp.example' in helo[0]["detail"]
     assert proc.returncode == 0  # warnings only
+
+
+def test_doctor_judges_a_send_connector_with_its_own_source_address_by_that_address(
+    tmp_path, loopback_dns
+):
+    """A send connector with source_ip_address leaves from that address: the HELO name's SPF
+    must authorise it, not --relay-ip. Before, every connector was judged by --relay-ip, and a
+    record that left the connector's own address out was reported ok."""
+    publish(loopback_dns, "v=DKIM1; k=rsa; p=")
+    loopback_dns.add("out.corp.example", "TXT", "v=spf1 ip4:203.0.113.7 -all")
+    config = tmp_path / "relaygate.toml"
+    config.write_text(
+        f'[server]\ndata_dir = "{tmp_path / "data"}"\nfqdn = "out.corp.example"\n\n'
+        '[[send_connectors]]\nname = "Internet"\naddress_spaces = ["*"]\n\n'
+        '[[send_connectors]]\nname = "Partners"\naddress_spaces = ["partner.example"]\n'
+        'source_ip_address = "198.51.100.20"\n'
+    )
+    proc = relaygate(
+        "doctor", "corp.example", "--relay-ip", "203.0.113.7", "--dns-server",
+        loopback_dns.address, "--config", str(config), "--json", cwd=tmp_path,
+    )  # fmt: skip
+    helo = [f for f in json.loads(proc.stdout)["findings"] if f["check"] == "HELO"]
+    assert [(f["severity"], f["summary"]) for f in helo] == [
+        ("ok", "SPF for the HELO name out.corp.example authorises 203.0.113.7 (pass)"),
+        ("warning", "SPF for the HELO name out.corp.example does not authorise 198.51.100.20 "
+         "(SPF fail): the relay's NDRs and DSNs (MAIL FROM:<>, checked by the HELO name alone) "
+         "fail SPF"),
+    ], proc.stdout + proc.stderr  # fmt: skip
+    assert 'send connector "Internet" says EHLO' in helo[0]["detail"]
+    assert 'send connector "Partners" says EHLO' in helo[1]["detail"]
+    assert "source_ip_address 198.51.100.20" in helo[1]["detail"]
+    assert "ip4:198.51.100.20" in helo[1]["fix"]
+
+
+def test_doctor_says_the_helo_check_was_skipped_for_a_domain_that_does_not_exist(
+    tmp_path, loopback_dns
+):
+    """The HELO names were not checked when DOMAIN does not exist, and the report said nothing
+    about them (SPF, DKIM and DMARC each said "not checked")."""
+    config = tmp_path / "relaygate.toml"
+    config.write_text(
+        f'[server]\ndata_dir = "{tmp_path / "data"}"\nfqdn = "out.corp.example"\n\n'
+        '[[send_connectors]]\nname = "Internet"\naddress_spaces = ["*"]\n'
+    )
+    proc = relaygate(
+        "doctor", "nonexistent.example", "--relay-ip", "203.0.113.7", "--dns-server",
+        loopback_dns.address, "--config", str(config), "--json", cwd=tmp_path,
+    )  # fmt: skip
+    helo = [f for f in json.loads(proc.stdout)["findings"] if f["check"] == "HELO"]
+    assert [(f["severity"], f["summary"]) for f in helo] == [
+        ("info", "HELO not checked: nonexistent.example does not exist (the HELO name "
+         "out.corp.example of send connector \"Internet\" was not looked up)"),
+    ], proc.stdout  # fmt: skip

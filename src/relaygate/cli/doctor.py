@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import sys
 from pathlib import Path
@@ -130,6 +131,41 @@ def _helo_names(cfg: Any) -> dict[str, list[str]]:
         if connector.enabled and connector.delivery_method == "SMTP":
             names.setdefault(helo_name_for(connector, server_fqdn), []).append(connector.name)
     return names
+
+
+def _helo_source_ips(cfg: Any) -> dict[str, str]:
+    """The enabled SMTP send connectors that leave from their own public address
+    (source_ip_address), by name: receivers see that address, so the HELO name's SPF is judged
+    by it. A private address is behind NAT: receivers see --relay-ip, which judges it."""
+    from relaygate.doctor import relay_address
+
+    own: dict[str, str] = {}
+    for connector in getattr(cfg, "send_connectors", None) or ():
+        if not (connector.enabled and connector.delivery_method == "SMTP"):
+            continue
+        try:
+            address = relay_address(connector.source_ip_address or "")
+        except ValueError:
+            continue  # unset (`check` refuses a malformed one)
+        if not _behind_nat(ipaddress.ip_address(address)):
+            own[connector.name] = address
+    return own
+
+
+#: Addresses receivers never see as a client: a connector leaving from one is translated (NAT)
+#: to the relay's public address. Not `is_private`, which also holds the documentation ranges.
+_NAT_NETWORKS = tuple(
+    ipaddress.ip_network(n)
+    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
+)
+
+
+def _behind_nat(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return (
+        address.is_loopback
+        or address.is_link_local
+        or any(address in network for network in _NAT_NETWORKS)
+    )
 
 
 def _print_report(report: Any) -> None:
@@ -275,6 +311,7 @@ def register(app: typer.Typer) -> None:
                 signing_domain=signing_domain,
                 envelope_sender=sender,
                 helo_names=_helo_names(cfg),
+                helo_source_ips=_helo_source_ips(cfg),
             )
         )
         if json_out:

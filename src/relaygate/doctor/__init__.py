@@ -33,7 +33,7 @@ from relaygate.addresses import AddressError, parse_domain, parse_path
 
 from .check_dkim import _check_dkim, dkim_key_tags
 from .check_dmarc import _check_dmarc
-from .check_helo import _check_helo
+from .check_helo import _check_helo, helo_not_checked
 from .check_mx import _check_mx
 from .check_spf import SPF_LOOKUP_LIMIT as SPF_LOOKUP_LIMIT
 from .check_spf import _check_spf
@@ -112,6 +112,7 @@ async def diagnose(
     signing_domain: str | None = None,
     envelope_sender: str | None = None,
     helo_names: dict[str, list[str]] | None = None,
+    helo_source_ips: dict[str, str] | None = None,
 ) -> Report:
     """Run the MX, SPF, DKIM and DMARC checks for ``domain``.
 
@@ -129,6 +130,8 @@ async def diagnose(
     under ``server.dkim_domain_source = "envelope_sender"``); the selector and key are its.
     helo_names: each name the relay says in EHLO, with the send connectors that say it: SPF is
     checked for it too (check ``HELO``), the only identity of the relay's null-sender mail.
+    helo_source_ips: the send connectors (by name) that leave from their own public address
+    (source_ip_address): their HELO name is judged by that address, not ``relay_ip``.
     """
     domain = ascii_domain(domain)
     if relay_ip is not None:
@@ -161,10 +164,11 @@ async def diagnose(
     if state.domain_missing:
         for check in ("SPF", "DKIM", "DMARC"):
             report.add(check, "info", f"{check} not checked: {domain} does not exist")
+        helo_not_checked(report, domain, helo_names or {})
         return report
     await asyncio.gather(
         _check_spf(report, resolver, state, relay_ip),
-        _check_helo(report, resolver, relay_ip, helo_names or {}),
+        _check_helo(report, resolver, relay_ip, helo_names or {}, helo_source_ips),
         _check_dkim(report, resolver, state, keys),
     )
     await asyncio.to_thread(

@@ -15,7 +15,7 @@ from .pyspf_hook import _blocking_twin, _evaluate_spf
 from .report import Report
 from .spf_record import _spf_records, authorise_ip
 
-__all__ = ["_check_helo"]
+__all__ = ["_check_helo", "helo_not_checked"]
 
 
 # The mail whose SPF verdict rests on the HELO identity alone (RFC 7208 §2.4: an empty MAIL FROM
@@ -35,12 +35,39 @@ async def _check_helo(
     resolver: dns.asyncresolver.Resolver,
     relay_ip: str | None,
     helo_names: dict[str, list[str]],
+    source_ips: dict[str, str] | None = None,
 ) -> None:
     """SPF for each name the relay says in EHLO (RFC 7208 §2.3): receivers may check it for all
     mail, and for the relay's own null-sender mail it is the only identity they can check. A
-    problem is a warning: ordinary mail is decided by the envelope domain's record (above)."""
+    problem is a warning: ordinary mail is decided by the envelope domain's record (above).
+    `source_ips`: the send connectors that leave from their own public address
+    (source_ip_address), judged by it instead of `relay_ip`."""
+    own = source_ips or {}
     for name, connectors in helo_names.items():
-        await _check_helo_name(report, resolver, relay_ip, name, connectors)
+        by_ip: dict[str | None, list[str]] = {}
+        for connector in connectors:
+            by_ip.setdefault(own.get(connector) or relay_ip, []).append(connector)
+        for ip, group in by_ip.items():
+            note = (
+                f" It leaves from its source_ip_address {ip}, which is judged here."
+                if ip is not None and all(own.get(c) == ip for c in group) and ip != relay_ip
+                else ""
+            )
+            await _check_helo_name(report, resolver, ip, name, group, note)
+
+
+def helo_not_checked(report: Report, domain: str, helo_names: dict[str, list[str]]) -> None:
+    """DOMAIN does not exist and the checks stop: say that the HELO names were not looked up
+    either, rather than leave them out as if they had passed."""
+    for name, connectors in helo_names.items():
+        quoted = ", ".join(f'"{c}"' for c in connectors)
+        which = "send connector" if len(connectors) == 1 else "send connectors"
+        report.add(
+            "HELO",
+            "info",
+            f"HELO not checked: {domain} does not exist (the HELO name {name} of {which} "
+            f"{quoted} was not looked up)",
+        )
 
 
 async def _check_helo_name(
@@ -49,10 +76,11 @@ async def _check_helo_name(
     relay_ip: str | None,
     name: str,
     connectors: list[str],
+    note: str = "",
 ) -> None:
     why = (
-        f"The {_connectors_saying(name, connectors)}. RFC 7208 §2.3: receivers check SPF for "
-        f"the HELO name, and for mail with the null sender only for it (as postmaster@{name})."
+        f"The {_connectors_saying(name, connectors)}.{note} RFC 7208 §2.3: receivers check SPF "
+        f"for the HELO name, and for mail with the null sender only for it (as postmaster@{name})."
     )
     domain = _fully_qualified(name)
     if domain is None:
