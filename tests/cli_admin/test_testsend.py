@@ -18,6 +18,7 @@ from tests.smtp.conftest import (  # noqa: F401 - `relay` is a fixture
     relay,
     relay_connector,
 )
+from tests.support.ports import free_port
 
 
 @pytest.fixture
@@ -299,3 +300,20 @@ def test_a_sender_refused_at_mail_is_not_explained_as_missing_submit(
     ok = run("test", "send", "--server", f"127.0.0.1:{handle.port}", "--source-ip", "127.0.0.5",
              "--from", "scan@corp.example", "--to", "a@corp.example", "--json")  # fmt: skip
     assert ok.code == 0, ok.out + ok.err
+
+
+def test_smtp_interactive_json(accepting: SMTPServer) -> None:
+    """`test smtp --json` (every verb that prints data takes it): the session's transcript as
+    JSON, the AUTH response masked as in the text form; an unreachable server is exit 1 with the
+    error in the transcript, still JSON and nothing on stderr."""
+    script = "EHLO tester\nNOOP\nQUIT\n"
+    r = run("test", "smtp", "--server", accepting.address, "--json", stdin=script)
+    assert r.code == 0, r.out + r.err
+    data = r.json()
+    assert data["server"] == accepting.address and data["exit_code"] == 0
+    lines = [(line["direction"], line["text"]) for line in data["transcript"]]
+    assert ("C", "EHLO tester") in lines and ("C", "NOOP") in lines
+    assert lines[-1][0] == "S" and lines[-1][1].startswith("221")
+    refused = run("test", "smtp", "--server", f"127.0.0.1:{free_port()}", "--json", stdin="")
+    assert refused.code == 1 and refused.err == "", refused.out + refused.err
+    assert any("error:" in line["text"] for line in refused.json()["transcript"]), refused.out

@@ -627,11 +627,12 @@ def register(app: typer.Typer) -> None:
         timeout: float = typer.Option(
             30.0, "--timeout", min=0.1, help="Seconds to wait for each reply."
         ),
+        json_out: bool = JSON_OPTION,
     ) -> None:
         """Talk SMTP by hand (the telnet test): lines from stdin are sent with CRLF, replies printed.
 
         Works with piped input; ends on QUIT or end of input. STARTTLS typed by hand upgrades the
-        connection."""
+        connection. --json: the whole transcript at the end (for piped input)."""
         if starttls and tls:
             die("use --starttls or --tls, not both", 2)
         echo = not sys.stdin.isatty()
@@ -639,6 +640,7 @@ def register(app: typer.Typer) -> None:
             split_server(server)
         except ValueError as exc:
             die(str(exc), 2)
+        collected = Transcript()  # --json: every line, the client's too, printed at the end
         code = asyncio.run(
             run_interactive(
                 server,
@@ -647,8 +649,12 @@ def register(app: typer.Typer) -> None:
                 tls=tls,
                 insecure=insecure,
                 timeout=timeout,
-                echo=echo,
-                out=_print_line,
+                echo=echo or json_out,
+                out=(lambda line: collected.add(line.direction, line.text))
+                if json_out
+                else _print_line,
             )
         )
+        if json_out:
+            emit_json({"server": server, "transcript": collected.to_list(), "exit_code": code})
         raise typer.Exit(code)

@@ -61,6 +61,12 @@ def _read_password(password_stdin: bool) -> str:
     return password
 
 
+def _send_as_json(store: UserStore, name: str) -> list[str] | None:
+    """The user's send-as list for --json (None: no list, any sender the connector allows)."""
+    listed = store.send_as(name)
+    return None if listed is None else list(listed.texts)
+
+
 def _describe(store: UserStore, name: str) -> str:
     listed = store.send_as(name)
     if listed is None:
@@ -82,6 +88,7 @@ def register(app: typer.Typer) -> None:
         ),
         send_as: list[str] = typer.Option([], "--send-as", help=_SEND_AS_HELP),
         config: Path | None = CONFIG_OPTION,
+        json_out: bool = JSON_OPTION,
     ) -> None:
         """Add a user, or set the password of an existing one (and, with --send-as, its send-as
         list; without it an existing user keeps its list)."""
@@ -91,6 +98,16 @@ def register(app: typer.Typer) -> None:
         store = _store(config)
         existed = name.lower() in store.names()
         store.set_password(name, _read_password(password_stdin), rules)
+        if json_out:
+            emit_json(
+                {
+                    "user": name.lower(),
+                    "users_file": str(store.path),
+                    "added": not existed,
+                    "send_as": _send_as_json(store, name),
+                }
+            )
+            return
         console.print(
             f"{'Updated' if existed else 'Added'} user {name.lower()} in {store.path}", markup=False
         )
@@ -107,6 +124,7 @@ def register(app: typer.Typer) -> None:
             False, "--clear", help="Remove the list: any sender the connector allows."
         ),
         config: Path | None = CONFIG_OPTION,
+        json_out: bool = JSON_OPTION,
     ) -> None:
         """Set the addresses a user may send as (MAIL FROM and From header), keeping its password."""
         patterns = patterns or []
@@ -116,17 +134,33 @@ def register(app: typer.Typer) -> None:
         store = _store(config)
         if not store.set_send_as(name, rules):
             die(f"no user {name!r} in {store.path}")
+        if json_out:
+            emit_json(
+                {
+                    "user": name.lower(),
+                    "users_file": str(store.path),
+                    "send_as": _send_as_json(store, name),
+                }
+            )
+            return
         console.print(
             f"User {name.lower()} in {store.path} may send as: {_describe(store, name)}",
             markup=False,
         )
 
     @user_app.command("remove")
-    def remove(name: str = typer.Argument(...), config: Path | None = CONFIG_OPTION) -> None:
+    def remove(
+        name: str = typer.Argument(...),
+        config: Path | None = CONFIG_OPTION,
+        json_out: bool = JSON_OPTION,
+    ) -> None:
         """Remove a user."""
         store = _store(config)
         if not store.remove(name):
             die(f"no user {name!r} in {store.path}")
+        if json_out:
+            emit_json({"user": name.lower(), "users_file": str(store.path), "removed": True})
+            return
         console.print(f"Removed user {name.lower()} from {store.path}", markup=False)
 
     @user_app.command("list")
