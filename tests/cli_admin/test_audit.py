@@ -1090,3 +1090,32 @@ def test_a_catch_all_relay_narrowed_by_allowed_recipients_says_to_whom(
     assert r.code == 1, r.out + r.err
     highs = {f["code"] for f in r.json()["findings"] if f["severity"] == "high"}
     assert "catch-all-relay" in highs, r.out
+
+
+def test_a_catch_all_relay_to_a_whole_outside_domain_stays_high(
+    running_relay: Callable[..., RelayHandle],  # noqa: F811
+) -> None:
+    # allowed_recipients = ["*@partner.example"] on a catch-all relay connector: anyone may send
+    # to every mailbox of a domain the organisation does not own, through this relay (an open
+    # relay to that domain). Rated medium like a list of addresses, it would pass the audit.
+    handle = running_relay(
+        [relay_connector(["0.0.0.0/0"], name="Partner", allowed_recipients=["*@partner.example"])]
+    )
+    with smtplib.SMTP("127.0.0.1", handle.port, source_address=("127.0.0.9", 0)) as client:
+        client.ehlo("outside.example.net")
+        assert client.mail("spammer@elsewhere.net")[0] == 250
+        assert client.rcpt("anyone@partner.example")[0] == 250  # the server relays it
+        client.rset()
+    r = run("audit", "--config", str(handle.config_path), "--json")
+    assert r.code == 1, r.out + r.err
+    (finding,) = [
+        f for f in r.json()["findings"] if f["code"] == "catch-all-relay-to-listed-recipients"
+    ]
+    assert finding["severity"] == "high", r.out
+    assert "*@partner.example" in finding["message"] and "open relay to it" in finding["message"]
+    # the organisation's own domain in the list is no outside domain: listed addresses stay medium
+    own = relay(
+        ranges='["0.0.0.0/0"]', extra='allowed_recipients = ["*@corp.example", "a@x.example"]'
+    )
+    found = only(audit(config(CLEAN + own)), "catch-all-relay-to-listed-recipients")
+    assert [f.severity for f in found] == ["medium"]

@@ -23,6 +23,7 @@ from relaygate.audit.relay_grants import _AUTH_OFFERING, RelayGrant, relay_grant
 from relaygate.audit.server import _covers_public_suffix
 from relaygate.config.model import Config, ReceiveConnector
 from relaygate.policy.rights import is_externally_secured
+from relaygate.policy.verdicts import match_accepted_domain
 
 MAX_RANGES = 5  # the seed's heuristic: more than five RemoteIPRanges entries deserves a look
 MAX_EXTERNALLY_SECURED_HOSTS = 4
@@ -48,6 +49,23 @@ def _listed_recipients(c: ReceiveConnector) -> tuple[str, ...]:
     return tuple(rule.text for rule in c.allowed_recipients)
 
 
+def _outside_domains(c: ReceiveConnector, config: Config) -> list[str]:
+    """The allowed_recipients entries that admit a whole domain (`*@partner.example`) or its
+    subdomains outside the accepted domains: anyone the connector relays for may send to every
+    mailbox there, through this relay's address and reputation (a relay for that domain)."""
+    outside = []
+    for rule in c.allowed_recipients:
+        if rule.kind == "domain":
+            probe = rule.value
+        elif rule.kind == "subdomains":
+            probe = f"relaygate-audit.{rule.value}"  # any name under it
+        else:
+            continue
+        if match_accepted_domain(probe, config.accepted_domains) is None:
+            outside.append(rule.text)
+    return outside
+
+
 def _recipients_text(listed: tuple[str, ...]) -> str:
     shown = ", ".join(listed[:5]) + (f" and {len(listed) - 5} more" if len(listed) > 5 else "")
     return f"the recipients allowed_recipients lists ({shown})"
@@ -57,6 +75,7 @@ def _catch_all_finding(
     c: ReceiveConnector,
     families: list[int],
     narrowed: tuple[str, ...],
+    outside: list[str],
     grant: RelayGrant,
     note: str,
 ) -> Finding:
@@ -81,14 +100,21 @@ def _catch_all_finding(
         if c.allowed_senders
         else "as any sender"
     )
+    domains = (
+        f" ({', '.join(outside)}: every mailbox of a domain that is not an accepted domain, an "
+        "open relay to it)"
+        if outside
+        else ""
+    )
     return Finding(
-        "medium",
+        # a whole outside domain open to anyone is an open relay to it; listed addresses are not
+        "high" if outside else "medium",
         "catch-all-relay-to-listed-recipients",
         c.name,
         "allowed_recipients",
         f"catch-all connector ({every}) grants relay ({grant.describe()}), narrowed by allowed_recipients: "
-        f"anyone who can reach {reach} may send to {_recipients_text(narrowed)}, {senders}, "
-        f"and to no other address{note}",
+        f"anyone who can reach {reach} may send to {_recipients_text(narrowed)}{domains}, "
+        f"{senders}, and to no other address{note}",
         "if only some devices need to reach these recipients, give them a dedicated relay "
         "connector whose remote_ip_ranges list them and remove the relay grant here; else keep "
         "allowed_recipients this short and set allowed_senders",
@@ -106,9 +132,10 @@ def _connector_findings(
 
     if grant.anonymous:
         narrowed = _listed_recipients(c)
+        outside = _outside_domains(c, config) if narrowed else []
         catch_all = _families_covered(ranges)
         if catch_all:
-            yield _catch_all_finding(c, catch_all, narrowed, grant, note)
+            yield _catch_all_finding(c, catch_all, narrowed, outside, grant, note)
         wide = False
         for entry in ranges:
             limit = max_prefix_v4 if entry.version == 4 else max_prefix_v6
@@ -124,8 +151,8 @@ def _connector_findings(
             wide = True
             to_whom = f" to {_recipients_text(narrowed)} only" if narrowed else ""
             yield Finding(
-                # to a short list of recipients: not the open relay a wide range is otherwise
-                "medium" if narrowed else "high",
+                # to listed addresses only: not the open relay a wide range is otherwise
+                "medium" if narrowed and not outside else "high",
                 "relay-range-too-wide",
                 c.name,
                 "remote_ip_ranges",
