@@ -1119,3 +1119,33 @@ def test_a_catch_all_relay_to_a_whole_outside_domain_stays_high(
     )
     found = only(audit(config(CLEAN + own)), "catch-all-relay-to-listed-recipients")
     assert [f.severity for f in found] == ["medium"]
+
+
+def test_a_trusted_proxy_inside_a_relay_range_relays_what_it_forwards_unnamed(
+    running_relay: Callable[..., RelayHandle],  # noqa: F811
+) -> None:
+    # A PROXY header that names no client (v1 UNKNOWN, v2 LOCAL) keeps the proxy's own address:
+    # with that address in a relay connector's ranges, whatever the proxy forwards that way
+    # relays (README: keep it out). audit said nothing unless the address was loopback.
+    handle = running_relay(
+        [relay_connector(["127.0.0.9"])], server={"trusted_proxies": ["127.0.0.9"]}
+    )
+    sock = socket.create_connection(("127.0.0.1", handle.port), 10, ("127.0.0.9", 0))
+    sock.sendall(b"PROXY UNKNOWN\r\n")
+    with smtplib.SMTP() as client:
+        client.sock = sock
+        assert client.getreply()[0] == 220
+        client.ehlo("unknown-client.example.net")
+        assert client.mail("spammer@elsewhere.net")[0] == 250
+        assert client.rcpt("victim@outside.example.org")[0] == 250  # relayed as the proxy
+        client.rset()
+    text = '[server]\ntrusted_proxies = ["10.0.0.10"]\n' + relay(ranges='["10.0.0.0/28"]')
+    found = only(audit(config(text)), "trusted-proxy-in-relay-range")
+    assert [(f.severity, f.connector, f.key) for f in found] == [
+        ("medium", "Relay", "remote_ip_ranges")
+    ]
+    assert "10.0.0.10" in found[0].message and "10.0.0.0/28" in found[0].message
+    assert "UNKNOWN" in found[0].message
+    # the proxy outside the relay ranges: nothing to say
+    apart = '[server]\ntrusted_proxies = ["10.0.0.10"]\n' + relay(ranges='["10.0.0.5"]')
+    assert not only(audit(config(apart)), "trusted-proxy-in-relay-range")

@@ -299,6 +299,9 @@ def _connector_findings(
             "remove ExchangeUsers, or offer BasicAuth + BasicAuthRequireTLS if clients should authenticate",
         )
 
+    if grant.anonymous:
+        yield from _proxy_in_relay_range(c, config)
+
     if config.server.trusted_proxies and grant.anonymous:
         loopback = [r for r in ranges if r.overlaps(_LOOPBACK_V4) or r.overlaps(_LOOPBACK_V6)]
         if loopback:
@@ -314,6 +317,34 @@ def _connector_findings(
                 "remove loopback from this relay connector's remote_ip_ranges (use a separate loopback "
                 "connector without relay rights for local monitoring), and make the proxy send PROXY headers",
             )
+
+
+def _proxy_in_relay_range(c: ReceiveConnector, config: Config) -> Iterator[Finding]:
+    """A trusted proxy whose own address a relay connector's ranges hold: a PROXY header that
+    names no client (v1 UNKNOWN, v2 LOCAL) keeps the proxy's address, so what it forwards that
+    way relays. Loopback is `loopback-relay-with-proxies`' (high)."""
+    pairs = [
+        (proxy, entry)
+        for proxy in config.server.trusted_proxies
+        for entry in c.remote_ip_ranges
+        if proxy.overlaps(entry)
+        and not (entry.overlaps(_LOOPBACK_V4) or entry.overlaps(_LOOPBACK_V6))
+    ]
+    if not pairs:
+        return
+    shown = ", ".join(f"{proxy.text} in {entry.text}" for proxy, entry in pairs)
+    yield Finding(
+        "medium",
+        "trusted-proxy-in-relay-range",
+        c.name,
+        "remote_ip_ranges",
+        f"server.trusted_proxies and this relay connector's remote ranges share addresses "
+        f"({shown}): a PROXY header that names no client (v1 UNKNOWN, v2 LOCAL) keeps the "
+        "proxy's own address, so every connection the proxy forwards that way relays, whoever "
+        "the client behind it is",
+        "remove the proxies' own addresses from this connector's remote_ip_ranges: the devices "
+        "behind a proxy arrive with their own addresses in the PROXY header",
+    )
 
 
 def _shadow_findings(config: Config) -> Iterator[Finding]:
