@@ -12,10 +12,13 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from relaygate.dkim.keys import load_private_key, write_key
 from tests.cli_admin.helpers import ROOT, run, write
+from tests.support.fixtures import loopback_dns_fixture  # noqa: F401
 from tests.support.ports import free_port
 from tests.support.serve_process import wait_for_ready_line
 
@@ -45,6 +48,11 @@ bindings = ["127.0.0.1:{submission_port}"]
 remote_ip_ranges = ["10.0.0.6"]
 permission_groups = ["ExchangeUsers"]
 auth_mechanism = ["Tls", "BasicAuth", "BasicAuthRequireTLS"]
+
+[[dkim]]
+domain = "corp.example"
+selector = "s1"
+key_file = "corp.key"
 """
 
 
@@ -58,6 +66,8 @@ def layout(tmp_path: Path) -> dict[str, Path]:
     token = dirs["srv"] / "api.token"
     token.write_text("a-long-enough-admin-token-0123456789\n", encoding="utf-8")
     token.chmod(0o644)  # every local user may read it
+    key = write_key(tmp_path / "keys", "corp.example", "s1")
+    key.rename(dirs["srv"] / "corp.key")
     dirs["config"] = write(
         dirs["conf"] / "relaygate.toml",
         CONFIG.format(
@@ -153,3 +163,29 @@ def test_user_edits_the_users_file_the_running_relay_reads(
     )  # fmt: skip
     assert explained.code == 0, explained.out + explained.err
     assert "not in the users file" not in explained.out, explained.out
+
+
+def test_dkim_show_and_doctor_read_the_key_the_running_relay_signs_with(
+    layout: dict[str, Path], serving: subprocess.Popen[bytes], loopback_dns: Any
+) -> None:
+    # Both said the relative key_file could not be read (it is in the relay's directory), and
+    # the doctor then could not compare the published record with the relay's key.
+    shown = run(
+        "dkim", "show", "--config", str(layout["config"]), "--json", cwd=layout["elsewhere"]
+    )
+    (key,) = shown.json()["keys"]
+    assert key["error"] is None and key["key_file"] == str(layout["srv"] / "corp.key"), shown.out
+    record = load_private_key(layout["srv"] / "corp.key", "rsa-sha256").record
+    loopback_dns.add("corp.example", "MX", (10, "mx1.corp.example"))
+    loopback_dns.add("mx1.corp.example", "A", "192.0.2.10")
+    loopback_dns.add("s1._domainkey.corp.example", "TXT", record)
+    doctor = run(
+        "doctor", "corp.example", "--dns-server", loopback_dns.address,
+        "--config", str(layout["config"]), "--json", cwd=layout["elsewhere"],
+    )  # fmt: skip
+    dkim = [
+        (f["severity"], f["summary"]) for f in doctor.json()["findings"] if f["check"] == "DKIM"
+    ]
+    assert dkim == [
+        ("ok", "DKIM record at s1._domainkey.corp.example matches the relay's rsa key")
+    ], doctor.out + doctor.err

@@ -10,6 +10,7 @@ from typing import Any
 import typer
 
 from relaygate.cli.common import JSON_OPTION, fail
+from relaygate.config.relative_paths import as_the_relay_reads
 from relaygate.dkim.keys import (
     ALGORITHMS,
     DkimKeyError,
@@ -45,7 +46,8 @@ def _data_dir(config: Path | None, data_dir: Path | None) -> tuple[Path, Any]:
     """The data directory and the loaded config (None when --data-dir alone was given)."""
     if data_dir is not None and config is None:
         return data_dir, None
-    cfg = _load_config(config)
+    # relative key_file paths as the running relay reads them (from its working directory)
+    cfg, _ = as_the_relay_reads(_load_config(config))
     return (data_dir or Path(cfg.server.data_dir)), cfg
 
 

@@ -288,6 +288,11 @@ def register(app: typer.Typer) -> None:
                             sys.stderr.write(f"{problem}\n")
                     raise typer.Exit(2) from None
                 sys.stderr.write("warning: the config file has errors; ignoring it\n")
+        if cfg is not None:
+            from relaygate.config.relative_paths import as_the_relay_reads
+
+            # relative key_file paths as the running relay reads them (its working directory)
+            cfg, _ = as_the_relay_reads(cfg)
         if data_dir is None and cfg is not None:
             data_dir = Path(cfg.server.data_dir)
         servers = list(dns_server or ()) or list(
