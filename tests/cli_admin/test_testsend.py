@@ -317,3 +317,19 @@ def test_smtp_interactive_json(accepting: SMTPServer) -> None:
     refused = run("test", "smtp", "--server", f"127.0.0.1:{free_port()}", "--json", stdin="")
     assert refused.code == 1 and refused.err == "", refused.out + refused.err
     assert any("error:" in line["text"] for line in refused.json()["transcript"]), refused.out
+
+
+def test_a_source_ip_that_is_no_address_is_a_usage_error_naming_it(accepting: SMTPServer) -> None:
+    """`--source-ip bogus` was looked up as a host name and reported as "Could not connect to
+    SERVER: Name or service not known": the server blamed for the option's error. It is refused
+    as `test relay` refuses it (exit 2, naming the option), as JSON with --json."""
+    for verb, extra in (
+        ("send", ("--from", "a@corp.example", "--to", "b@corp.example")),
+        ("smtp", ()),
+    ):
+        r = run(
+            "test", verb, "--server", accepting.address, "--source-ip", "bogus", *extra, "--json"
+        )
+        assert r.code == 2, r.out + r.err
+        assert r.json() == {"ok": False, "error": "--source-ip 'bogus': not an IP address"}
+        assert r.err == ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import getpass
+import ipaddress
 import os
 import socket
 import ssl
@@ -509,6 +510,17 @@ async def run_interactive(
 # -- CLI ---------------------------------------------------------------------------------------------
 
 
+def _check_source_ip(source_ip: str | None) -> None:
+    """--source-ip must be an IP address: a name would be looked up, and its failure read as the
+    server's ("Could not connect to SERVER: Name or service not known")."""
+    if source_ip is None:
+        return
+    try:
+        ipaddress.ip_address(source_ip)
+    except ValueError:
+        die(f"--source-ip {source_ip!r}: not an IP address", 2)
+
+
 def _print_line(line: TranscriptLine) -> None:
     style = {"C": "cyan", "S": "green", "*": "dim"}[line.direction]
     console.print(Text(str(line), style=style))
@@ -567,6 +579,7 @@ def register(app: typer.Typer) -> None:
         Exit 0: accepted for every recipient; 2: for some; 1: refused or failed."""
         if starttls and tls:
             die("use --starttls or --tls, not both", 2)
+        _check_source_ip(source_ip)
         password: str | None = None
         if auth:
             if password_env:
@@ -635,6 +648,7 @@ def register(app: typer.Typer) -> None:
         connection. --json: the whole transcript at the end (for piped input)."""
         if starttls and tls:
             die("use --starttls or --tls, not both", 2)
+        _check_source_ip(source_ip)
         echo = not sys.stdin.isatty()
         try:
             split_server(server)
