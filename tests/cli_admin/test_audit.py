@@ -1149,3 +1149,19 @@ def test_a_trusted_proxy_inside_a_relay_range_relays_what_it_forwards_unnamed(
     # the proxy outside the relay ranges: nothing to say
     apart = '[server]\ntrusted_proxies = ["10.0.0.10"]\n' + relay(ranges='["10.0.0.5"]')
     assert not only(audit(config(apart)), "trusted-proxy-in-relay-range")
+
+
+def test_a_config_file_every_local_user_may_write(tmp_path: Path) -> None:
+    # The relay applies an edit of its config file on its own (the supervisor watches it): a file
+    # every local user may write lets any of them give a connector relay rights for every
+    # address. audit examined the secret files' modes, not the config file's.
+    cfg = write(tmp_path / "relaygate.toml", CLEAN)
+    cfg.chmod(0o666)
+    r = run("audit", "--config", str(cfg), "--json")
+    found = [f for f in r.json()["findings"] if f["code"] == "config-file-writable"]
+    assert [(f["severity"], f["key"]) for f in found] == [("medium", "(file)")], r.out
+    assert str(cfg) in found[0]["message"] and "0666" in found[0]["message"]
+    assert found[0]["fix"] == f"chmod o-w {cfg}"
+    cfg.chmod(0o644)  # readable is the packaged layout's business (0640): no finding
+    r = run("audit", "--config", str(cfg), "--json")
+    assert not [f for f in r.json()["findings"] if f["code"] == "config-file-writable"], r.out

@@ -49,6 +49,7 @@ from relaygate.audit.senders import _dkim_findings, _send_as_findings
 from relaygate.audit.server import (
     _accepted_domain_findings,
     _acme_findings,
+    _config_file_findings,
     _proxy_findings,
     _queue_findings,
     _relative_path_findings,
@@ -99,6 +100,7 @@ def audit(
     findings.extend(_admin_findings(config))
     findings.extend(_queue_findings(config))
     findings.extend(_secret_file_findings(config))
+    findings.extend(_config_file_findings(config))
     findings.extend(_relative_path_findings(relative_files, config.server.data_dir))
     findings.extend(_send_connector_findings(config))
     findings.extend(_graph_findings(config))

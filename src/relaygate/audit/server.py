@@ -227,6 +227,29 @@ def _secret_file_findings(config: Config) -> Iterator[Finding]:
         )
 
 
+def _config_file_findings(config: Config) -> Iterator[Finding]:
+    """The config file writable by every local user: any of them can give a connector relay
+    rights for every address, and the relay applies the file at its next reload (an edit is
+    noticed on its own). One stat, like `_secret_file_findings`; the embedded default has no
+    file."""
+    path = Path(config.source)
+    if not path.is_absolute() and not path.exists():
+        return  # "<embedded default>", or a text parsed without a file
+    mode = mode_granting(path, 0o002)
+    if mode is None:
+        return
+    yield Finding(
+        "medium",
+        "config-file-writable",
+        "",
+        "(file)",
+        f"{path} has mode {mode:04o}: every local user can rewrite the configuration (a relay "
+        "connector for every address, the admin listener without a token), and the relay "
+        "applies it at its next reload",
+        f"chmod o-w {path}",
+    )
+
+
 def _queue_findings(config: Config) -> Iterator[Finding]:
     q = config.queue
     if q.store != "postgresql" or not q.database_url:
