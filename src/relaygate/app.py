@@ -282,7 +282,17 @@ class Relay:
             keys = ("enabled", "listen") if self.admin is not None else ("enabled",)
             moved = [k for k in keys if getattr(new.admin, k) != getattr(running, k)]
             restart_only += [f"admin.{key}" for key in moved]
-            kept = {k: getattr(running, k) for k in ("enabled", "listen") if k in moved}
+            kept: dict[str, Any] = {
+                k: getattr(running, k) for k in ("enabled", "listen") if k in moved
+            }
+            if self.admin is not None and self.admin.serves_tls != (
+                new.admin.tls_certificate_file is not None
+            ):
+                # HTTPS on or off: the listener's socket is wrapped at start. Certificate files
+                # changed while it stays on apply now (AdminServer.apply_tls).
+                restart_only.append("admin.tls_certificate_file / admin.tls_key_file (HTTPS)")
+                kept["tls_certificate_file"] = running.tls_certificate_file
+                kept["tls_key_file"] = running.tls_key_file
             if kept:
                 # Until then the config says where the admin listener is, or that there is none
                 # (the audit's finding about a listener reachable from the network reads it).
@@ -292,20 +302,25 @@ class Relay:
         # Read before anything is applied (a renewed certificate file is what a reload is for).
         certificates = await asyncio.to_thread(read_expiries, new) if self.admin is not None else ()
         admin_token: str | None = None
+        admin_tls: Any = None
         if self.admin is not None:
             # A token file set or changed since the start applies now (it used to wait for a
             # restart while the audit, reading the new config, no longer reported the open API).
+            # So does the certificate; a pair that does not load refuses the reload (the running
+            # certificate stays) rather than leave the admins without HTTPS.
             try:
                 admin_token = await asyncio.to_thread(self.admin.read_token, new)
+                admin_tls = await asyncio.to_thread(self.admin.load_tls, new)
             except AdminStartError as exc:
                 logger.error("reload refused, keeping the running configuration: %s", exc)
                 return
         elif self.worker_index and self.admin_in_node:
-            # Worker 0 refuses a reload whose token file cannot be used: so does every worker,
-            # or the node would serve the new configuration from some workers and the old one
-            # from the others.
+            # Worker 0 refuses a reload whose token file or certificate cannot be used: so does
+            # every worker, or the node would serve the new configuration from some workers and
+            # the old one from the others.
             try:
                 await asyncio.to_thread(AdminServer.read_token, new, warn=False)
+                await asyncio.to_thread(AdminServer.load_tls, new)
             except AdminStartError as exc:
                 logger.error("reload refused, keeping the running configuration: %s", exc)
                 return
@@ -352,6 +367,7 @@ class Relay:
                 self.admin.apply_token(
                     admin_token, metrics_require_token=new.admin.metrics_require_token
                 )
+                self.admin.apply_tls(admin_tls)
 
         try:
             await self.server.sync_listeners(new, before_serving=apply)
@@ -482,6 +498,11 @@ class Relay:
         watch_file = self.config_digest is None
         while True:
             await asyncio.sleep(interval)
+            if self.admin is not None:  # its certificate renewed in place: taken as a reload does
+                try:
+                    await self.admin.watch_certificate()
+                except Exception:  # the watcher must outlive it
+                    logger.exception("taking the admin listener's new certificate failed")
             now = _stamp(self.config_path) if watch_file else last
             if now != last:
                 last = now

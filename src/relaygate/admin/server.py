@@ -12,6 +12,7 @@ import collections
 import contextlib
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -31,7 +32,7 @@ from relaygate.admin.api import (
 from relaygate.audit import admin_exposed
 from relaygate.config.values import parse_binding
 
-__all__ = ["AdminServer", "AdminStartError"]
+__all__ = ["AdminServer", "AdminStartError", "load_admin_tls"]
 
 log = logging.getLogger("relaygate.admin")
 
@@ -273,6 +274,77 @@ class _InvalidRequestLines(logging.Filter):
         return True
 
 
+def load_admin_tls(config: Any) -> ssl.SSLContext | None:
+    """The admin listener's TLS context from ``admin.tls_certificate_file`` / ``tls_key_file``
+    (None: neither is set, plain HTTP). TLS 1.2 and later only. Blocking (file reads): run it in
+    a thread. AdminStartError naming the key and the file when one cannot be read, or both when
+    they do not load together (not PEM, a key that is not the certificate's)."""
+    admin = config.admin
+    cert, key = admin.tls_certificate_file, admin.tls_key_file
+    if cert is None or key is None:
+        return None
+    for name, path in (("tls_certificate_file", cert), ("tls_key_file", key)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise AdminStartError(
+                f"cannot read admin.{name} {str(path)!r}: {exc.strerror or exc}"
+            ) from exc
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION
+    try:
+        context.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        raise AdminStartError(
+            f"admin.tls_certificate_file {str(cert)!r} and admin.tls_key_file {str(key)!r} "
+            f"cannot be loaded together: {reason}"
+        ) from exc
+    return context
+
+
+#: (mtime, ctime, inode, size) of the admin certificate file then its key file (None: absent)
+_TlsStamp = tuple[tuple[int, int, int, int] | None, ...]
+
+
+def _tls_stamp(config: Any) -> _TlsStamp:
+    """What tells that the admin certificate or key file changed: replaced, rewritten, or its
+    mode or owner changed (a fix of an unreadable key). Empty without TLS."""
+    admin = config.admin
+    if admin.tls_certificate_file is None or admin.tls_key_file is None:
+        return ()
+    stamps: list[tuple[int, int, int, int] | None] = []
+    for path in (admin.tls_certificate_file, admin.tls_key_file):
+        try:
+            st = path.stat()
+        except OSError:
+            stamps.append(None)
+            continue
+        stamps.append((st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_size))
+    return tuple(stamps)
+
+
+class _SwappableTls:
+    """The listener's TLS context, replaceable while it runs: asyncio is given one context for
+    the socket, once (``front``); its SNI callback, which OpenSSL calls for every handshake,
+    with or without a server name, hands the handshake the current context. A renewed
+    certificate is then served from the next connection on without reopening the listener;
+    open connections keep theirs."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.front = self.current = context
+        context.sni_callback = self._choose
+
+    def _choose(self, connection: Any, _server_name: str | None, _context: Any) -> None:
+        if connection.context is not self.current:
+            connection.context = self.current
+
+    def swap(self, context: ssl.SSLContext) -> None:
+        self.current = context
+
+
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:  # the relay owns the signals
@@ -294,13 +366,58 @@ class AdminServer:
         self._task: asyncio.Task[None] | None = None
         self.endpoint: tuple[str, int] | None = None
         self._invalid_lines = _InvalidRequestLines()
+        self._tls: _SwappableTls | None = None
+        #: The certificate files as last loaded, or as they were when they last failed to load
+        #: (logged once: `watch_certificate` tries again when they change again).
+        self._tls_stamp: _TlsStamp = ()
 
     @property
     def url(self) -> str | None:
         if self.endpoint is None:
             return None
         host, port = self.endpoint
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        scheme = "https" if self._tls is not None else "http"
+        return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+    @property
+    def serves_tls(self) -> bool:
+        """Whether the listener speaks HTTPS (fixed at start: turning TLS on or off waits for a
+        restart, like admin.listen)."""
+        return self._tls is not None
+
+    @staticmethod
+    def load_tls(config: Any) -> tuple[ssl.SSLContext | None, _TlsStamp]:
+        """`load_admin_tls` of ``config`` with the files' stamp taken before they were read.
+        Blocking: run it in a thread."""
+        stamp = _tls_stamp(config)
+        return load_admin_tls(config), stamp
+
+    def apply_tls(self, loaded: tuple[ssl.SSLContext | None, _TlsStamp]) -> None:
+        """A reload's certificate (from `load_tls`): served from the next connection on."""
+        context, stamp = loaded
+        if self._tls is not None and context is not None:
+            self._tls.swap(context)
+            self._tls_stamp = stamp
+
+    async def watch_certificate(self) -> None:
+        """Load the certificate and key again when their files changed since they were last
+        loaded (a renewal copied in place, as the SMTP listener's are taken on a reload): the
+        next connections get the new certificate. Files that do not load are logged once,
+        naming the keys, and the running certificate stays."""
+        if self._tls is None:
+            return
+        config = self.relay.config
+        if _tls_stamp(config) == self._tls_stamp:
+            return
+        try:
+            context, stamp = await asyncio.to_thread(self.load_tls, config)
+        except AdminStartError as exc:
+            self._tls_stamp = _tls_stamp(config)
+            log.error("admin listener keeps the certificate it serves: %s", exc)
+            return
+        if context is not None and self.relay.config is config:
+            self.apply_tls((context, stamp))
+            log.info("admin listener: certificate %s reloaded", config.admin.tls_certificate_file)
 
     def _bind(self) -> socket.socket:
         binding = parse_binding(self.relay.config.admin.listen)
@@ -352,6 +469,8 @@ class AdminServer:
             return
         config = self.relay.config
         token = self.read_token(config)
+        context, self._tls_stamp = await asyncio.to_thread(self.load_tls, config)
+        self._tls = _SwappableTls(context) if context is not None else None
         self.app = create_app(self.relay, token=token, extra_routes=self.extra_routes)
         try:
             sock = self._bind()
@@ -374,6 +493,7 @@ class AdminServer:
                 proxy_headers=False,
                 server_header=False,
                 timeout_graceful_shutdown=5,
+                ssl_context_factory=self._ssl_context_factory(),
             )
         )
         self._server = server
@@ -396,6 +516,13 @@ class AdminServer:
                 "is not set: anyone who reaches it can read and remove queued mail",
                 config.admin.listen,
             )
+
+    def _ssl_context_factory(self) -> Any:
+        """uvicorn's hook for the socket's TLS context: the swappable one's front (None: HTTP)."""
+        tls = self._tls
+        if tls is None:
+            return None
+        return lambda _config, _default: tls.front
 
     async def stop(self) -> None:
         server, task = self._server, self._task

@@ -92,6 +92,10 @@ def tls_file_problems(cfg: Config) -> list[Problem]:
     found = _unusable(cfg.server.tls_certificate_file, cfg.server.tls_key_file)
     if found is not None:
         problems.append(Problem(cfg.source, f"server.{found[0]}", found[1]))
+    if cfg.admin.enabled:  # the admin listener does not start without them
+        found = _unusable(cfg.admin.tls_certificate_file, cfg.admin.tls_key_file)
+        if found is not None:
+            problems.append(Problem(cfg.source, f"admin.{found[0]}", found[1]))
     for i, c in enumerate(cfg.receive_connectors):
         found = _unusable(c.tls_certificate_file, c.tls_key_file)
         if found is not None:

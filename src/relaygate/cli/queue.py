@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -52,20 +53,46 @@ _STATUS_STYLE = {
 }
 
 
-def admin_url(listen: str) -> str:
-    """``admin.listen`` → the URL a local client uses (a wildcard address means loopback)."""
+def admin_url(listen: str, *, https: bool = False) -> str:
+    """``admin.listen`` → the URL a local client uses (a wildcard address means loopback);
+    ``https``: the listener has a certificate (admin.tls_certificate_file)."""
+    scheme = "https" if https else "http"
     text = listen.strip()
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
         port = rest.lstrip(":")
         host = "::1" if host in ("::", "") else host
-        return f"http://[{host}]:{port}"
+        return f"{scheme}://[{host}]:{port}"
     host, _, port = text.rpartition(":")
     host = "127.0.0.1" if host in ("0.0.0.0", "", "*") else host
-    return f"http://{host}:{port}"
+    return f"{scheme}://{host}:{port}"
+
+
+def pinned_tls_context(certificate_file: Path) -> ssl.SSLContext:
+    """A client context that trusts the admin listener's own certificate, the first of
+    ``admin.tls_certificate_file``, and no other: the CLI reads the configuration the server
+    runs, so it knows the server by the certificate it presents, self-signed or not, whatever
+    name the URL has (127.0.0.1 for a wildcard admin.listen, which no certificate names). A
+    different certificate, even one a public CA issued, is refused before the token is sent.
+    OSError / ValueError when the file holds no certificate."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    leaf = x509.load_pem_x509_certificates(Path(certificate_file).read_bytes())[0]
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False  # the certificate itself is checked, not a name in it
+    context.load_verify_locations(cadata=leaf.public_bytes(Encoding.PEM).decode("ascii"))
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the leaf is the trust anchor
+    return context
 
 
 class _Api:
+    #: What the server's certificate is checked against: the system's CAs, or (`pinned`) the
+    #: certificate of admin.tls_certificate_file alone (`pinned_tls_context`).
+    verify: ssl.SSLContext | bool = True
+    pinned: Path | None = None
+
     def __init__(self, config_path: Path | None, url: str | None) -> None:
         token = None
         if url is None:
@@ -85,7 +112,19 @@ class _Api:
                         "queue verbs go through it; set admin.enabled = true (a restart of "
                         "relaygate serve applies it) or pass --url"
                     )
-                url = admin_url(config.admin.listen)
+                url = admin_url(
+                    config.admin.listen, https=config.admin.tls_certificate_file is not None
+                )
+            certificate_file = config.admin.tls_certificate_file
+            if certificate_file is not None:
+                try:
+                    self.verify = pinned_tls_context(certificate_file)
+                except (OSError, ValueError) as exc:
+                    reason = getattr(exc, "strerror", None) or exc
+                    die(
+                        f"cannot read admin.tls_certificate_file {str(certificate_file)!r}: {reason}"
+                    )
+                self.pinned = certificate_file
             token_file = getattr(config.admin, "api_token_file", None)
             if token_file is not None:
                 from relaygate.admin.api import TokenFileError, read_token
@@ -113,8 +152,11 @@ class _Api:
                 params={k: v for k, v in params.items() if v is not None},
                 headers=self.headers,
                 timeout=self.timeout,
+                verify=self.verify,
             )
-        except httpx.ConnectError:
+        except httpx.ConnectError as exc:
+            if _tls_refused(exc):
+                self.certificate_refused(exc)
             self.not_running()
         except httpx.TimeoutException:
             die(f"the RelayGate server at {self.url} did not answer in time")
@@ -129,12 +171,32 @@ class _Api:
             die(f"{message or response.reason_phrase} (HTTP {response.status_code})")
         return body
 
+    def certificate_refused(self, exc: Exception) -> NoReturn:
+        """Something answers, but not with a certificate the CLI trusts: "not running" would
+        send the admin looking for a stopped service."""
+        trusted = (
+            f"the certificate of admin.tls_certificate_file ({self.pinned})"
+            if self.pinned is not None
+            else "a certificate of the system's trusted CAs"
+        )
+        die(f"admin API at {self.url}: TLS failed, the server does not present {trusted}: {exc}")
+
     def not_running(self) -> NoReturn:
         die(
             f"the RelayGate server is not running: nothing answers at {self.url} "
             "(admin.listen in the configuration; start it with `relaygate serve`)",
             EXIT_NOT_RUNNING,
         )
+
+
+def _tls_refused(exc: BaseException) -> bool:
+    """Whether a connection failed in the TLS handshake (httpx calls it a ConnectError)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _path(identity: str) -> str:

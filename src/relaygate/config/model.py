@@ -413,6 +413,10 @@ class AdminConfig:
     #: /metrics needs the API's bearer token (``Authorization: Bearer <token>``, 401 otherwise);
     #: needs api_token_file. Off by default: scrapers without a token keep working.
     metrics_require_token: bool = False
+    #: HTTPS on the listener: the certificate (PEM, chain after it) and its key, as a receive
+    #: connector names them. Both or neither; neither: plain HTTP (fine on loopback only).
+    tls_certificate_file: Path | None = _spec(None, Path)
+    tls_key_file: Path | None = _spec(None, Path)
 
 
 @dataclass(frozen=True, slots=True)

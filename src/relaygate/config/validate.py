@@ -252,6 +252,15 @@ def validate(
                 "for the API's bearer token, and there is none",
             )
         )
+    if (config.admin.tls_certificate_file is None) != (config.admin.tls_key_file is None):
+        problems.append(
+            Problem(
+                src,
+                "admin.tls_certificate_file",
+                "set both admin.tls_certificate_file and admin.tls_key_file (HTTPS on the admin "
+                "listener), or neither",
+            )
+        )
     problems.extend(_queue_rules(config, lambda i: at("receive_connectors", i)))
     raw_server = doc.get("server")
     if not isinstance(raw_server, dict):
