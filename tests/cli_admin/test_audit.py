@@ -419,9 +419,11 @@ def test_admin_listener_on_the_network_without_a_token_is_high(listen: str, tmp_
     """Before, `audit` said nothing: anyone reaching it could list and remove queued mail."""
     exposed = CLEAN + f'\n[admin]\nlisten = "{listen}"\n'
     found = audit(config(exposed))
-    # /metrics is open as well (the low finding of the next test)
+    # /metrics is open as well (the low finding of the next test), in plain HTTP
+    # (tests/cli_admin/test_audit_admin_tls.py)
     assert codes(found) == [
         ("high", "admin-exposed-without-token", ""),
+        ("medium", "admin-listener-without-tls", ""),
         ("low", "admin-metrics-without-token", ""),
     ]
     assert found[0].key == "admin.listen" and listen in found[0].message
@@ -429,7 +431,7 @@ def test_admin_listener_on_the_network_without_a_token_is_high(listen: str, tmp_
     token.write_text("s3cret\n")
     token.chmod(0o600)  # else secret-file-readable
     with_token = exposed + f'api_token_file = "{token}"\nmetrics_require_token = true\n'
-    assert audit(config(with_token)) == []
+    assert codes(audit(config(with_token))) == [("medium", "admin-listener-without-tls", "")]
     for safe in ("127.0.0.1:8025", "127.0.0.9:18025", "[::1]:8025"):
         assert audit(config(CLEAN + f'\n[admin]\nlisten = "{safe}"\n')) == []
     assert audit(config(exposed + "enabled = false\n")) == []
@@ -444,13 +446,16 @@ def test_metrics_open_on_the_network_is_low(listen: str, tmp_path: Path) -> None
     token.chmod(0o600)  # else secret-file-readable
     with_token = CLEAN + f'\n[admin]\nlisten = "{listen}"\napi_token_file = "{token}"\n'
     found = audit(config(with_token))
-    assert codes(found) == [("low", "admin-metrics-without-token", "")]
-    (finding,) = found
+    assert codes(found) == [
+        ("medium", "admin-listener-without-tls", ""),  # test_audit_admin_tls.py
+        ("low", "admin-metrics-without-token", ""),
+    ]
+    (finding,) = only(found, "admin-metrics-without-token")
     assert finding.key == "admin.metrics_require_token"
     assert listen in finding.message and "/metrics" in finding.message
     assert "metrics_require_token = true" in finding.fix
     assert not has_high(found)
-    assert audit(config(with_token + "metrics_require_token = true\n")) == []
+    assert only(audit(config(with_token + "metrics_require_token = true\n")), finding.code) == []
     # on loopback, or with the admin centre off, nobody else reaches /metrics
     for safe in ("127.0.0.1:8025", "[::1]:8025"):
         assert audit(config(CLEAN + f'\n[admin]\nlisten = "{safe}"\n')) == []

@@ -1,5 +1,5 @@
-"""The findings about the admin listener (reachable from the network without a token), and
-`admin_exposed` / `metrics_exposed`, which the admin server asks at start.
+"""The findings about the admin listener (reachable from the network without a token, or in
+plain HTTP), and `admin_exposed` / `metrics_exposed`, which the admin server asks at start.
 
 Apart so that the admin server imports these two questions and not the whole audit."""
 
@@ -26,6 +26,12 @@ def metrics_exposed(config: Config) -> bool:
     return not config.admin.metrics_require_token and _admin_on_network(config)
 
 
+def admin_without_tls(config: Config) -> bool:
+    """The admin listener answers beyond this machine in plain HTTP: the API token and the
+    session cookie can be read on the way (and replayed)."""
+    return config.admin.tls_certificate_file is None and _admin_on_network(config)
+
+
 def _admin_on_network(config: Config) -> bool:
     """The admin listener is enabled on an address that is not a loopback address."""
     admin = config.admin
@@ -50,6 +56,18 @@ def _admin_findings(config: Config) -> Iterator[Finding]:
             "retry, suspend or remove messages",
             'keep admin.listen = "127.0.0.1:8025" (the default), or set admin.api_token_file '
             "and restrict access to a management network",
+        )
+    if admin_without_tls(config):
+        yield Finding(
+            "medium",
+            "admin-listener-without-tls",
+            "",
+            "admin.tls_certificate_file",
+            f"the admin listener is on {config.admin.listen} (reachable from the network) and "
+            "speaks plain HTTP: the API token, the admin centre's session cookie and the queue's "
+            "addresses and Subjects cross the network in clear",
+            "set admin.tls_certificate_file and admin.tls_key_file (HTTPS; relaygate queue then "
+            'trusts that certificate), or keep admin.listen = "127.0.0.1:8025" (the default)',
         )
     if metrics_exposed(config):
         yield Finding(
