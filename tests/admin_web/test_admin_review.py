@@ -546,27 +546,35 @@ def test_a_connection_whose_answers_are_never_read_is_closed_after_write_timeout
         node.stop()
 
 
-def _closing_with_unsent_answer(node: RelayThread) -> Any:
-    """A connection (from 127.0.0.2) that asked for a close after some 40 KB of answers and
-    reads none of them: the last answer's end is still in the listener's buffer, under its
-    high-water mark, and the transport is closing. The listener's send buffer is fixed small here
-    as the client's receive buffer is, so both kernel buffers hold less than those 40 KB."""
+def _shrink_send_buffer(node: RelayThread, s: Any) -> None:
+    """Fixes the listener's send buffer for ``s``'s connection small (4 KB), once it is
+    accepted: the kernel here lets it grow to 32 MB, and what it holds the listener no longer
+    does (an answer aborted there is still sent from the kernel to the client)."""
     import socket
 
-    assert node.relay.admin is not None and node.relay.admin.endpoint is not None
-    host, port = node.relay.admin.endpoint
-
-    async def shrink_send_buffer(peer: tuple[str, int]) -> None:
+    async def shrink(peer: tuple[str, int]) -> None:
         assert node.relay.admin is not None and node.relay.admin._server is not None
         for p in node.relay.admin._server.server_state.connections:
             if tuple(p.client) == peer:
                 sock = p.transport.get_extra_info("socket")
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
 
+    _wait_accepted(node, s)
+    node.call(shrink(tuple(s.getsockname()[:2])))
+
+
+def _closing_with_unsent_answer(node: RelayThread) -> Any:
+    """A connection (from 127.0.0.2) that asked for a close after some 40 KB of answers and
+    reads none of them: the last answer's end is still in the listener's buffer, under its
+    high-water mark, and the transport is closing. The listener's send buffer is fixed small here
+    as the client's receive buffer is, so both kernel buffers hold less than those 40 KB."""
+
+    assert node.relay.admin is not None and node.relay.admin.endpoint is not None
+    host, port = node.relay.admin.endpoint
+
     stuck = _small_window_socket("127.0.0.2")
     stuck.connect((host, port))
-    _wait_accepted(node, stuck)
-    node.call(shrink_send_buffer(tuple(stuck.getsockname()[:2])))
+    _shrink_send_buffer(node, stuck)
     closing = _METRICS.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
     stuck.sendall(_METRICS * 8 + closing)
     state = _wait_state(node, stuck, lambda state: state[2])  # the close answered
@@ -723,6 +731,89 @@ def test_a_slow_reader_that_keeps_reading_is_not_cut_off(
             received += chunk
             time.sleep(0.02)  # the pace of a slow link: what is waited for is time itself
         assert time.monotonic() - started > 0.5
+    finally:
+        reader.close()
+        node.stop()
+
+
+def _read_slowly(node: RelayThread, reader: Any, seconds: float) -> tuple[int, float | None]:
+    """Reads ``reader`` 8 KB at a time every 20 ms, for ``seconds`` at most: the answers
+    received whole, and when (seconds from the start) the listener no longer held the
+    connection (None: it still did at the end)."""
+    import time
+
+    reader.settimeout(10)
+    received = b""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        if _state_of(node, reader) is None:
+            return received.count(b"HTTP/1.1 200"), time.monotonic() - started
+        received += reader.recv(8192)
+        time.sleep(0.02)  # the pace of the reader: what is waited for is time itself
+    return received.count(b"HTTP/1.1 200"), None
+
+
+def test_a_trickle_reader_does_not_keep_its_connection_past_the_answer_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WRITE_TIMEOUT is per stall: a client reading just enough to bring the listener's buffer
+    under its low-water mark within WRITE_TIMEOUT, again and again (some 2 KB a second at the
+    real 30 s), kept its connection, and its pipelined answers' task, for as long as it liked.
+    Answers now have ANSWER_TIMEOUT, plus a second for each ANSWER_MIN_RATE bytes the client
+    takes: a client slower than that loses the connection. Here the reader takes at most some
+    400 KB/s (8 KB every 20 ms), enough for WRITE_TIMEOUT (0.5 s), and the minimum is 10 MB/s:
+    its connection must end soon after ANSWER_TIMEOUT (1 s)."""
+    from relaygate.admin import server as admin_server
+
+    monkeypatch.setattr(admin_server, "WRITE_TIMEOUT", 0.5, raising=False)
+    monkeypatch.setattr(admin_server, "ANSWER_TIMEOUT", 1.0, raising=False)
+    monkeypatch.setattr(admin_server, "ANSWER_MIN_RATE", 10 * 1024 * 1024, raising=False)
+    node = RelayThread(tmp_path / "data")
+    assert node.relay.admin is not None and node.relay.admin.endpoint is not None
+    reader = _small_window_socket()
+    try:
+        reader.connect(node.relay.admin.endpoint)
+        _shrink_send_buffer(node, reader)
+        reader.sendall(_METRICS * 2000)  # some 9 MB of answers: 20 s and more at that pace
+        answers, dropped = _read_slowly(node, reader, seconds=6)
+        assert dropped is not None, f"still held after 6 s and {answers} answers"
+        assert 1.0 <= dropped < 4, (dropped, answers)  # not at a stall: at the deadline
+        assert node.api("GET", "/api/queue").status_code == 200
+    finally:
+        reader.close()
+        node.stop()
+
+
+def test_a_reader_keeping_the_minimum_rate_gets_answers_longer_than_the_answer_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answer deadline grows with what the client takes: a long listing over a slow link
+    (slower than the listener can write, above ANSWER_MIN_RATE) is read to its end even when it
+    takes many times ANSWER_TIMEOUT."""
+    import time
+
+    from relaygate.admin import server as admin_server
+
+    monkeypatch.setattr(admin_server, "WRITE_TIMEOUT", 0.5, raising=False)
+    monkeypatch.setattr(admin_server, "ANSWER_TIMEOUT", 0.3, raising=False)
+    monkeypatch.setattr(admin_server, "ANSWER_MIN_RATE", 16 * 1024, raising=False)
+    node = RelayThread(tmp_path / "data")
+    assert node.relay.admin is not None and node.relay.admin.endpoint is not None
+    reader = _small_window_socket()
+    try:
+        reader.connect(node.relay.admin.endpoint)
+        _shrink_send_buffer(node, reader)
+        count = 200  # some 900 KB of answers, 8 KB every 20 ms at most: 2 s and more
+        reader.sendall(_METRICS * count)
+        reader.settimeout(10)
+        received = b""
+        started = time.monotonic()
+        while received.count(b"HTTP/1.1 200") < count or not received.endswith(b"\n"):
+            chunk = reader.recv(8192)
+            assert chunk, f"closed after {received.count(b'HTTP/1.1 200')} answers"
+            received += chunk
+            time.sleep(0.02)
+        assert time.monotonic() - started > 1.0  # over three times ANSWER_TIMEOUT
     finally:
         reader.close()
         node.stop()

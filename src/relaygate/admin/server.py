@@ -51,6 +51,15 @@ REQUEST_TIMEOUT = 30.0
 #: Then the connection is aborted: a client that pipelines requests and reads no answer held its
 #: connection (and the answer's task) for ever, and a close waits for the buffer to drain.
 WRITE_TIMEOUT = 30.0
+#: Seconds the answers on a connection get once its client falls behind (the listener's buffer
+#: past its high-water mark), plus one for each ANSWER_MIN_RATE bytes the client takes: a client
+#: that takes less than that, on average, loses the connection. WRITE_TIMEOUT bounds one stall
+#: only: a client reading a little (just enough to bring the buffer under its low-water mark
+#: within WRITE_TIMEOUT), again and again, kept its connection and the answer's task for ever.
+ANSWER_TIMEOUT = 60.0
+#: Bytes a second: 4 KB/s (32 kbit/s) is far below any link an admin works over; a 10 MB listing
+#: gets over 40 minutes.
+ANSWER_MIN_RATE = 4096
 #: Connections the admin listener keeps open at once (a closing one counts while an answer to it
 #: is unsent: it holds its file descriptor until then). Past them a new connection takes the place
 #: of the one that has waited longest, for a request (idle, or its request not yet all sent) or
@@ -60,19 +69,90 @@ WRITE_TIMEOUT = 30.0
 MAX_CONNECTIONS = 128
 
 
+class _CountingTransport(asyncio.Transport):
+    """A connection's transport, counting the bytes handed to it: with what its buffer still
+    holds, what the client has taken (the answer deadline's measure, `_Protocol._check_answer`).
+    The rest is the transport's own."""
+
+    def __init__(self, inner: asyncio.Transport) -> None:
+        super().__init__()
+        self.inner = inner
+        self.handed = 0
+
+    def taken(self) -> int:
+        """Bytes handed to the transport and gone from its buffer (to the kernel, the client)."""
+        return self.handed - self.inner.get_write_buffer_size()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.handed += len(data)
+        self.inner.write(data)
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def write_eof(self) -> None:
+        self.inner.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self.inner.can_write_eof()
+
+    def get_write_buffer_size(self) -> int:
+        return self.inner.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self.inner.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.inner.set_write_buffer_limits(high, low)
+
+    def abort(self) -> None:
+        self.inner.abort()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def is_closing(self) -> bool:
+        return self.inner.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.inner.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self.inner.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.inner.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self.inner.is_reading()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.inner.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self.inner.get_protocol()
+
+
 class _Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for each request and for each answer's writing, and
-    a cap on connections."""
+    """uvicorn's h11 protocol with a deadline for each request, for each answer's writing and for
+    the answers a client falls behind on, and a cap on connections."""
 
     _deadline: asyncio.TimerHandle | None = None
     _waiting_since = 0.0  # loop time the deadline was armed: since then it waits for a request
     _write_deadline: asyncio.TimerHandle | None = None
     _blocked_since = 0.0  # loop time the write deadline was armed: since then writes are stuck
+    counted: _CountingTransport  # self.transport, as connection_made wraps it
+    _answer_deadline: asyncio.TimerHandle | None = None
+    _behind_since = 0.0  # loop time the client fell behind (the answer deadline was armed)
+    _taken_then = 0  # bytes it had taken then
     _full = False  # said once, until a connection is taken again
     _client = ""  # `_client_key`, worked out once: the cap compares it on every new connection
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # the answers' writes go through it (uvicorn hands self.transport to each request's cycle)
+        self.transport = self.counted = _CountingTransport(transport)
         self._client = _client_key(self)
         if _open_count(self.connections) > MAX_CONNECTIONS and not self._make_room():
             if not _Protocol._full:
@@ -111,6 +191,7 @@ class _Protocol(H11Protocol):
         victim = min(waiting, key=lambda p: (-held[p._client], waiting[p]))
         victim._disarm()
         victim._unwatch_writes()
+        victim._unwatch_answer()
         victim.transport.abort()  # at once: a client that reads nothing keeps no buffer alive
         return True
 
@@ -155,6 +236,43 @@ class _Protocol(H11Protocol):
         self._write_deadline = None
         self.transport.abort()  # close() would wait for the buffer to drain, for ever
 
+    def _watch_answer(self) -> None:
+        """The client fell behind: from now its answers get ANSWER_TIMEOUT, plus a second for each
+        ANSWER_MIN_RATE bytes it takes, while any of them waits in the buffer."""
+        if self._answer_deadline is None:
+            self._behind_since = self.loop.time()
+            self._taken_then = self.counted.taken()
+            self._answer_deadline = self.loop.call_later(ANSWER_TIMEOUT, self._check_answer)
+
+    def _unwatch_answer(self) -> None:
+        if self._answer_deadline is not None:
+            self._answer_deadline.cancel()
+            self._answer_deadline = None
+
+    def _caught_up(self) -> bool:
+        """Nothing is owed to the client: its buffer is empty and no answer is being made (none
+        to a pipelined request either: uvicorn starts the next one as the last one ends). A
+        buffer merely empty is not enough: the kernel takes a few hundred KB at times, and a
+        client reading a little then found caught up got a new ANSWER_TIMEOUT each time."""
+        if self.transport.get_write_buffer_size():
+            return False
+        cycle = self.cycle
+        return cycle is None or cycle.response_complete
+
+    def _check_answer(self) -> None:
+        """At the deadline: caught up, the watch ends; taken enough meanwhile, the deadline moves
+        on by what it earned; else the connection is aborted."""
+        self._answer_deadline = None
+        if self._caught_up():
+            return
+        earned = (self.counted.taken() - self._taken_then) / ANSWER_MIN_RATE
+        left = self._behind_since + ANSWER_TIMEOUT + earned - self.loop.time()
+        if left > 0:
+            self._answer_deadline = self.loop.call_later(left, self._check_answer)
+            return
+        self._unwatch_writes()
+        self.transport.abort()  # close() would wait for the buffer to drain
+
     def _bound_unsent(self) -> None:
         """After the transport began to close: asyncio closes the socket once the buffer is
         empty, so an answer still in it gets WRITE_TIMEOUT to be written."""
@@ -164,6 +282,7 @@ class _Protocol(H11Protocol):
     def pause_writing(self) -> None:
         super().pause_writing()
         self._watch_writes()
+        self._watch_answer()
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -176,6 +295,7 @@ class _Protocol(H11Protocol):
         traceback): a write-blocked connection is aborted at once."""
         if self._write_deadline is not None:
             self._unwatch_writes()
+            self._unwatch_answer()
             self.transport.abort()
             return
         super().shutdown()
@@ -202,6 +322,7 @@ class _Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         self._unwatch_writes()
+        self._unwatch_answer()
         super().connection_lost(exc)
 
     # The admin listener serves plain HTTP/1.1 and no WebSocket: a request asking to upgrade
