@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import warnings
@@ -278,3 +279,43 @@ def test_the_queue_cli_talks_https_trusting_the_configured_self_signed_certifica
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+def _closed_by_server(sock: socket.socket, within: float) -> bool:
+    """Whether the listener closes ``sock`` (end of stream, or a reset) within ``within`` s."""
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_connections_that_never_finish_the_tls_handshake_are_bounded(
+    ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without TLS, a connection that sends nothing is closed after REQUEST_TIMEOUT and counts
+    towards MAX_CONNECTIONS. With TLS the listener only heard of a connection once its handshake
+    was done: one that never began it stayed asyncio's 60 s, and any number of them could be
+    open at once (file descriptors the admin listener shares with SMTP). Now a handshake gets
+    REQUEST_TIMEOUT and at most MAX_CONNECTIONS are under way (a new one takes the place of the
+    oldest)."""
+    from relaygate.admin import server as admin_server
+
+    monkeypatch.setattr(admin_server, "REQUEST_TIMEOUT", 1.0, raising=False)
+    monkeypatch.setattr(admin_server, "MAX_CONNECTIONS", 3, raising=False)
+    cert, key = _issue(ca, tmp_path / "tls")
+    node = RelayThread(tmp_path / "data", admin_extra=_tls_keys(cert, key))
+    assert node.relay.admin is not None and node.relay.admin.endpoint is not None
+    silent = [socket.create_connection(node.relay.admin.endpoint, timeout=10) for _ in range(6)]
+    try:
+        # past the cap the oldest handshakes made room at once, well before REQUEST_TIMEOUT
+        assert all(_closed_by_server(s, within=0.5) for s in silent[:3])
+        assert httpx.get(node.url + "/healthz", verify=_client(ca), timeout=10).status_code == 200
+        # the others (the last of them made room for the HTTPS client) end with REQUEST_TIMEOUT
+        assert all(_closed_by_server(s, within=5) for s in silent[3:])
+    finally:
+        for s in silent:
+            s.close()
+        node.stop()

@@ -15,7 +15,7 @@ import socket
 import ssl
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import h11
 import uvicorn
@@ -466,6 +466,101 @@ class _SwappableTls:
         self.current = context
 
 
+class _EarlyData(asyncio.Protocol):
+    """Stands in for the HTTP protocol during a TLS handshake: what the TLS layer delivers as the
+    handshake ends (a client's first request follows its last handshake message at once) is kept
+    for the HTTP protocol, which takes the connection after it."""
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.eof = False
+
+    def data_received(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def eof_received(self) -> bool | None:
+        self.eof = True
+        return None
+
+    def hand_over(self, protocol: _Protocol) -> None:
+        for data in self.data:
+            protocol.data_received(data)
+        if self.eof:
+            protocol.eof_received()
+
+
+class _Handshakes:
+    """The HTTPS connections of one listener whose TLS handshake is under way, oldest first. The
+    HTTP protocol hears of a connection only once its handshake is done: left to asyncio, one
+    that never began it stayed 60 s, and any number of them could be open at once (file
+    descriptors the listener shares with SMTP), outside REQUEST_TIMEOUT and MAX_CONNECTIONS."""
+
+    def __init__(self, tls: _SwappableTls) -> None:
+        self.tls = tls
+        self.pending: dict[_Handshake, None] = {}
+
+    def factory(self, **uvicorn_args: Any) -> _Handshake:
+        """uvicorn's protocol factory (its ``http``): a handshake, then the HTTP protocol."""
+        return _Handshake(self, _Protocol(**uvicorn_args))
+
+    def admit(self, handshake: _Handshake) -> None:
+        """Past MAX_CONNECTIONS handshakes, the oldest makes room: each waits for its client."""
+        while len(self.pending) >= MAX_CONNECTIONS:
+            oldest = next(iter(self.pending))
+            self.pending.pop(oldest)
+            oldest.transport.abort()
+        self.pending[handshake] = None
+
+    def abort_all(self) -> None:
+        """The listener stops: handshakes under way end now."""
+        for handshake in list(self.pending):
+            handshake.transport.abort()
+        self.pending.clear()
+
+
+class _Handshake(asyncio.Protocol):
+    """An HTTPS connection until its TLS handshake is done (REQUEST_TIMEOUT at most), then its
+    HTTP protocol's, on the TLS transport."""
+
+    transport: asyncio.Transport
+
+    def __init__(self, handshakes: _Handshakes, protocol: _Protocol) -> None:
+        self.handshakes = handshakes
+        self.protocol = protocol
+        self.task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # (uvloop's transports are no asyncio.Transport subclasses: not asserted)
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.pause_reading()  # the ClientHello is for the TLS layer start_tls puts in
+        self.handshakes.admit(self)
+        self.task = asyncio.get_running_loop().create_task(self._handshake())
+
+    def connection_lost(self, exc: Exception | None) -> None:  # before start_tls takes over
+        self.handshakes.pending.pop(self, None)
+
+    async def _handshake(self) -> None:
+        early = _EarlyData()
+        try:
+            tls = await asyncio.get_running_loop().start_tls(
+                self.transport,
+                early,
+                self.handshakes.tls.front,
+                server_side=True,
+                ssl_handshake_timeout=REQUEST_TIMEOUT,
+            )
+        except OSError:  # a client that is no TLS client, too slow, or gone: nothing to log
+            self.transport.abort()
+            return
+        finally:
+            self.handshakes.pending.pop(self, None)
+        if tls is None or tls.is_closing():
+            return
+        tls.set_protocol(self.protocol)
+        self.protocol.connection_made(tls)
+        early.hand_over(self.protocol)
+
+
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:  # the relay owns the signals
@@ -488,6 +583,7 @@ class AdminServer:
         self.endpoint: tuple[str, int] | None = None
         self._invalid_lines = _InvalidRequestLines()
         self._tls: _SwappableTls | None = None
+        self._handshakes: _Handshakes | None = None
         #: The certificate files as last loaded, or as they were when they last failed to load
         #: (logged once: `watch_certificate` tries again when they change again).
         self._tls_stamp: _TlsStamp = ()
@@ -592,6 +688,7 @@ class AdminServer:
         token = self.read_token(config)
         context, self._tls_stamp = await asyncio.to_thread(self.load_tls, config)
         self._tls = _SwappableTls(context) if context is not None else None
+        self._handshakes = _Handshakes(self._tls) if self._tls is not None else None
         self.app = create_app(self.relay, token=token, extra_routes=self.extra_routes)
         try:
             sock = self._bind()
@@ -605,7 +702,9 @@ class AdminServer:
         server = _Server(
             uvicorn.Config(
                 self.app,
-                http=_Protocol,
+                # HTTPS: the handshake is done here (`_Handshakes`), not by uvicorn's ssl option
+                # (uvicorn calls ``http`` as it would the class: a factory does as well)
+                http=cast(Any, self._handshakes.factory) if self._handshakes else _Protocol,
                 log_level="warning",
                 # its lines go through the service log (relaygate.logs.service), in its format
                 log_config=None,
@@ -614,7 +713,6 @@ class AdminServer:
                 proxy_headers=False,
                 server_header=False,
                 timeout_graceful_shutdown=5,
-                ssl_context_factory=self._ssl_context_factory(),
             )
         )
         self._server = server
@@ -638,13 +736,6 @@ class AdminServer:
                 config.admin.listen,
             )
 
-    def _ssl_context_factory(self) -> Any:
-        """uvicorn's hook for the socket's TLS context: the swappable one's front (None: HTTP)."""
-        tls = self._tls
-        if tls is None:
-            return None
-        return lambda _config, _default: tls.front
-
     async def stop(self) -> None:
         server, task = self._server, self._task
         self._server = self._task = None
@@ -652,6 +743,8 @@ class AdminServer:
             return
         logging.getLogger("uvicorn.error").removeFilter(self._invalid_lines)
         server.should_exit = True
+        if self._handshakes is not None:
+            self._handshakes.abort_all()
         try:
             await asyncio.wait_for(asyncio.shield(task), 8.0)
         except TimeoutError:
