@@ -320,7 +320,7 @@ class Relay:
             # the old one from the others.
             try:
                 await asyncio.to_thread(AdminServer.read_token, new, warn=False)
-                await asyncio.to_thread(AdminServer.load_tls, new)
+                await asyncio.to_thread(AdminServer.load_tls, new, warn=False)
             except AdminStartError as exc:
                 logger.error("reload refused, keeping the running configuration: %s", exc)
                 return

@@ -319,3 +319,20 @@ def test_connections_that_never_finish_the_tls_handshake_are_bounded(
         for s in silent:
             s.close()
         node.stop()
+
+
+def test_a_key_every_local_user_can_read_is_warned_about(
+    ca: trustme.CA, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A key copied with `cp` keeps 0644: every local user could read it and pose as the admin
+    listener to the admins (their token). Used, with a warning naming the key and the fix."""
+    cert, key = _issue(ca, tmp_path / "tls")
+    key.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="relaygate"):
+        node = RelayThread(tmp_path / "data", admin_extra=_tls_keys(cert, key))
+    try:
+        assert f"admin.tls_key_file '{key}' has mode 0644" in caplog.text, caplog.text
+        assert f"chmod o-rwx {key}" in caplog.text
+        assert httpx.get(node.url + "/healthz", verify=_client(ca), timeout=10).status_code == 200
+    finally:
+        node.stop()

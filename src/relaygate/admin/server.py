@@ -31,6 +31,7 @@ from relaygate.admin.api import (
 )
 from relaygate.audit import admin_exposed
 from relaygate.config.values import parse_binding
+from relaygate.file_modes import mode_granting
 
 __all__ = ["AdminServer", "AdminStartError", "load_admin_tls"]
 
@@ -426,6 +427,22 @@ def load_admin_tls(config: Any) -> ssl.SSLContext | None:
     return context
 
 
+def tls_key_mode_warning(config: Any) -> str | None:
+    """A warning when ``admin.tls_key_file`` is readable or writable by every local user (a copy
+    keeps `cp`'s 0644): any of them can pose as the admin listener and read the token and the
+    session cookies the admins send it. Group access is left alone. None otherwise, or when it
+    cannot be examined."""
+    key = config.admin.tls_key_file
+    mode = None if key is None else mode_granting(key, 0o007)
+    if mode is None:
+        return None
+    return (
+        f"admin.tls_key_file {str(key)!r} has mode {mode:04o}: every local user can read the "
+        f"admin listener's private key, pose as it and read the API token the admins send it; "
+        f"chmod o-rwx {key}"
+    )
+
+
 #: (mtime, ctime, inode, size) of the admin certificate file then its key file (None: absent)
 _TlsStamp = tuple[tuple[int, int, int, int] | None, ...]
 
@@ -603,11 +620,15 @@ class AdminServer:
         return self._tls is not None
 
     @staticmethod
-    def load_tls(config: Any) -> tuple[ssl.SSLContext | None, _TlsStamp]:
+    def load_tls(config: Any, *, warn: bool = True) -> tuple[ssl.SSLContext | None, _TlsStamp]:
         """`load_admin_tls` of ``config`` with the files' stamp taken before they were read.
-        Blocking: run it in a thread."""
+        Blocking: run it in a thread. A key file every local user may read is used, with a
+        warning unless ``warn`` is false (a worker that only checks the files)."""
         stamp = _tls_stamp(config)
-        return load_admin_tls(config), stamp
+        context = load_admin_tls(config)
+        if warn and (warning := tls_key_mode_warning(config)) is not None:
+            log.warning("%s", warning)  # warned, not refused: the admins would lose HTTPS
+        return context, stamp
 
     def apply_tls(self, loaded: tuple[ssl.SSLContext | None, _TlsStamp]) -> None:
         """A reload's certificate (from `load_tls`): served from the next connection on."""
