@@ -14,6 +14,7 @@ import logging
 import socket
 import ssl
 import time
+from asyncio import sslproto
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, cast
 
@@ -483,29 +484,6 @@ class _SwappableTls:
         self.current = context
 
 
-class _EarlyData(asyncio.Protocol):
-    """Stands in for the HTTP protocol during a TLS handshake: what the TLS layer delivers as the
-    handshake ends (a client's first request follows its last handshake message at once) is kept
-    for the HTTP protocol, which takes the connection after it."""
-
-    def __init__(self) -> None:
-        self.data: list[bytes] = []
-        self.eof = False
-
-    def data_received(self, data: bytes) -> None:
-        self.data.append(data)
-
-    def eof_received(self) -> bool | None:
-        self.eof = True
-        return None
-
-    def hand_over(self, protocol: _Protocol) -> None:
-        for data in self.data:
-            protocol.data_received(data)
-        if self.eof:
-            protocol.eof_received()
-
-
 class _Handshakes:
     """The HTTPS connections of one listener whose TLS handshake is under way, oldest first. The
     HTTP protocol hears of a connection only once its handshake is done: left to asyncio, one
@@ -537,45 +515,41 @@ class _Handshakes:
 
 class _Handshake(asyncio.Protocol):
     """An HTTPS connection until its TLS handshake is done (REQUEST_TIMEOUT at most), then its
-    HTTP protocol's, on the TLS transport."""
+    HTTP protocol's. The TLS layer is put in at once, in connection_made: started from a task
+    (``loop.start_tls``), uvloop had already delivered the ClientHello here, and it was lost
+    (the handshake then hung until its timeout, one connection in four). asyncio's SSLProtocol
+    is what ``create_server(ssl=...)`` puts in; it serves uvloop's transports as well."""
 
     transport: asyncio.Transport
 
     def __init__(self, handshakes: _Handshakes, protocol: _Protocol) -> None:
         self.handshakes = handshakes
         self.protocol = protocol
-        self.task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # (uvloop's transports are no asyncio.Transport subclasses: not asserted)
         self.transport = cast(asyncio.Transport, transport)
-        self.transport.pause_reading()  # the ClientHello is for the TLS layer start_tls puts in
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        tls = sslproto.SSLProtocol(
+            loop,
+            self.protocol,  # its connection_made comes with the TLS transport, once it is done
+            self.handshakes.tls.front,
+            done,
+            server_side=True,
+            ssl_handshake_timeout=REQUEST_TIMEOUT,  # type: ignore[arg-type]  # (seconds, a float)
+        )
+        transport.set_protocol(tls)
+        tls.connection_made(transport)
         self.handshakes.admit(self)
-        self.task = asyncio.get_running_loop().create_task(self._handshake())
+        done.add_done_callback(self._handshake_ended)
 
-    def connection_lost(self, exc: Exception | None) -> None:  # before start_tls takes over
+    def _handshake_ended(self, done: asyncio.Future[None]) -> None:
+        """Done, failed or timed out (the TLS layer aborts the connection then): no longer
+        under way. A failure is not logged: a client that is no TLS client, too slow, or gone."""
         self.handshakes.pending.pop(self, None)
-
-    async def _handshake(self) -> None:
-        early = _EarlyData()
-        try:
-            tls = await asyncio.get_running_loop().start_tls(
-                self.transport,
-                early,
-                self.handshakes.tls.front,
-                server_side=True,
-                ssl_handshake_timeout=REQUEST_TIMEOUT,
-            )
-        except OSError:  # a client that is no TLS client, too slow, or gone: nothing to log
-            self.transport.abort()
-            return
-        finally:
-            self.handshakes.pending.pop(self, None)
-        if tls is None or tls.is_closing():
-            return
-        tls.set_protocol(self.protocol)
-        self.protocol.connection_made(tls)
-        early.hand_over(self.protocol)
+        if not done.cancelled():
+            done.exception()  # retrieved: asyncio would log it as never retrieved
 
 
 class _Server(uvicorn.Server):
