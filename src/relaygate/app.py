@@ -556,7 +556,10 @@ async def _main(
         loop.add_signal_handler(sig, stop.set)
     assert relay.server is not None
     endpoints = ", ".join(f"{h}:{p}" for h, p in relay.server.endpoints)
-    admin = f"; admin http://{relay.config.admin.listen}" if relay.admin is not None else ""
+    admin = ""
+    if relay.admin is not None:
+        scheme = "https" if relay.admin.serves_tls else "http"
+        admin = f"; admin {scheme}://{relay.config.admin.listen}"
     ready = f"RelayGate ready: SMTP {endpoints}{admin}"
     # systemd (Type=notify): only the process it started; a worker's supervisor speaks for it
     systemd = Notifier() if link_fd is None else None

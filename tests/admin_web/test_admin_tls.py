@@ -227,16 +227,20 @@ def test_a_reload_turning_https_off_waits_for_a_restart(
 
 
 def _serve(config: Path, cwd: Path) -> subprocess.Popen[bytes]:
+    """`relaygate serve` on ``config``, once it said it is ready (with the admin URL it serves)."""
     proc = subprocess.Popen(
         [PYTHON, "-m", "relaygate", "serve", "--config", str(config)],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
-    if wait_for_ready_line(proc) is None:
+    ready = wait_for_ready_line(proc)
+    if ready is None:
         proc.kill()
         proc.wait(10)
         raise AssertionError("relaygate serve did not get ready")
+    # the ready line said "admin http://" of an HTTPS listener
+    assert b"; admin https://" in ready, ready
     return proc
 
 
