@@ -235,12 +235,11 @@ def _serve(config: Path, cwd: Path) -> subprocess.Popen[bytes]:
         stderr=subprocess.DEVNULL,
     )
     ready = wait_for_ready_line(proc)
-    if ready is None:
+    # the ready line said "admin http://" of an HTTPS listener
+    if ready is None or b"; admin https://" not in ready:
         proc.kill()
         proc.wait(10)
-        raise AssertionError("relaygate serve did not get ready")
-    # the ready line said "admin http://" of an HTTPS listener
-    assert b"; admin https://" in ready, ready
+        raise AssertionError(f"relaygate serve did not say it is ready on HTTPS: {ready!r}")
     return proc
 
 
