@@ -466,8 +466,8 @@ def _tls_stamp(config: Any) -> _TlsStamp:
 
 
 class _SwappableTls:
-    """The listener's TLS context, replaceable while it runs: asyncio is given one context for
-    the socket, once (``front``); its SNI callback, which OpenSSL calls for every handshake,
+    """The listener's TLS context, replaceable while it runs: every handshake is begun with one
+    context (``front``, `_Handshake`); its SNI callback, which OpenSSL calls for every handshake,
     with or without a server name, hands the handshake the current context. A renewed
     certificate is then served from the next connection on without reopening the listener;
     open connections keep theirs."""
