@@ -47,6 +47,7 @@ from relaygate.smtp.limits import (
     default_data_memory,
 )
 from relaygate.smtp.session import Session
+from relaygate.smtp.session_state import _SessionState
 from relaygate.smtp.steering import attach_source_steering
 from relaygate.smtp.tls import ACME, CONNECTOR, SELF_SIGNED, SERVER, listener_files, server_context
 
@@ -657,7 +658,7 @@ class ServerContext:
         return self.config.postmaster
 
     def message_received(
-        self, queue_id: str, envelope: Envelope, data: bytes, session: Session
+        self, queue_id: str, envelope: Envelope, data: bytes, session: _SessionState
     ) -> None:
         size = len(data)
         self.counters.messages[envelope.connector] += 1
