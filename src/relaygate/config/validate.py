@@ -48,8 +48,8 @@ _LOG_SIZES = (
 
 def _one_socket(config: Config, x: Binding, y: Binding) -> bool:
     """True when the relay receives the connections of `x` and `y` on one listening socket: the same
-    binding, or a wildcard and an address it covers (smtp/server.py `listener_bindings`; two
-    wildcards are two sockets)."""
+    binding, or a wildcard and an address it covers (smtp/listener_sockets.py
+    `listener_bindings`; two wildcards are two sockets)."""
     if x == y:
         return True
     if x.is_wildcard == y.is_wildcard:

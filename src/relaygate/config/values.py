@@ -349,7 +349,7 @@ def _smart_host_port(entry: str, text: str | None, default_port: int) -> int:
 def wildcard_covers(wildcard: Binding, binding: Binding, *, ipv6_only: bool) -> bool:
     """The listening socket of `wildcard` (0.0.0.0 or ::) receives the connections to `binding`
     on its port: 0.0.0.0 those to IPv4 addresses, :: those to IPv6 ones, and to IPv4 ones too
-    unless it is `ipv6_only` (smtp/server.py: when 0.0.0.0 is bound on the same port)."""
+    unless it is `ipv6_only` (smtp/listener_sockets.py: when 0.0.0.0 is bound on the same port)."""
     if wildcard.port != binding.port:
         return False
     if wildcard.address == "0.0.0.0":
