@@ -168,6 +168,7 @@ async def start_sink(
     tls_context: ssl.SSLContext | None = None,
     implicit_tls: bool = False,
     port: int = 0,
+    host: str = "127.0.0.1",
     **smtp_kwargs: Any,
 ) -> Sink:
     handler = handler or Handler()
@@ -187,7 +188,7 @@ async def start_sink(
         )
 
     server = await loop.create_server(
-        factory, "127.0.0.1", port, ssl=tls_context if implicit_tls else None
+        factory, host, port, ssl=tls_context if implicit_tls else None
     )
     return Sink(server, handler)
 

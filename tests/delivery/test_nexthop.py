@@ -45,6 +45,20 @@ def test_is_local_endpoint():
     assert not is_local_endpoint("192.0.2.1", 2525, OURS)
 
 
+def test_another_loopback_address_at_our_port_is_another_server():
+    """Only a listener bound to the address, or a wildcard one, takes a connection to it: a
+    relay on 127.0.0.1:25 alone is not at 127.0.0.2:25 nor at [::1]:25 (any loopback address
+    with one of our ports counted). 0.0.0.0 / :: as a next hop is the loopback address."""
+    only_127_0_0_1 = {("127.0.0.1", 25)}
+    assert not is_local_endpoint("127.0.0.2", 25, only_127_0_0_1)
+    assert not is_local_endpoint("::1", 25, only_127_0_0_1)
+    assert is_local_endpoint("0.0.0.0", 25, only_127_0_0_1)
+    assert not is_local_endpoint("0.0.0.0", 25, {("10.0.0.9", 25)})
+    assert is_local_endpoint("::", 25, {("::1", 25)})
+    assert is_local_endpoint("127.0.0.2", 25, {("0.0.0.0", 25)})  # a wildcard takes all of 127/8
+    assert is_local_endpoint("127.0.0.2", 25, {("::", 25)})  # dual-stack
+
+
 def _own_interface_address() -> str:
     """An address of this host on a real interface: the source address the kernel would pick for
     a TEST-NET destination (a UDP connect sends nothing)."""
@@ -282,7 +296,7 @@ async def test_ip_literal_smart_hosts_are_worked_out_once_per_configuration(loop
     assert again == [NextHop("127.0.0.51", "127.0.0.51", 2600, "t.test")]
     # other listening endpoints are another configuration: now the second host is this relay
     other = await resolve_next_hops(
-        conn, "x.test", res(loopback_dns), local_endpoints={("127.0.0.1", 2600)}
+        conn, "x.test", res(loopback_dns), local_endpoints={("127.0.0.51", 2600)}
     )
     assert [h.label for h in other] == ["[127.0.0.1]:2525"]
     assert nexthop._literal_hops.cache_info().currsize == 2

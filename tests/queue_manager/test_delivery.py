@@ -756,6 +756,36 @@ async def test_a_smart_host_that_is_this_relay_is_a_loop(tmp_path: Path) -> None
         assert len(await relay.store.list_messages()) == 2  # the original and the NDR, no loop
 
 
+async def test_another_loopback_address_at_the_relays_port_is_not_this_relay(
+    tmp_path: Path,
+) -> None:
+    """A relay listening on 127.0.0.1:P only and a next hop at 127.0.0.2:P (another server on
+    loopback, as in a lab chaining two relays): a connection there never reaches the relay's
+    socket. It was taken for this relay because it is loopback with one of its ports, and the
+    mail bounced with 554 5.4.6 ROUTING.Loop."""
+    from tests.queue_manager.helpers import free_port
+
+    port = free_port()
+    lab = await start_sink(ScriptedHandler(), host="127.0.0.2", port=port)
+    lab_route = (
+        '\n[[send_connectors]]\nname = "Lab"\naddress_spaces = ["lab.test"]\n'
+        f'dns_routing_enabled = false\nsmart_hosts = ["[127.0.0.2]:{port}"]\n'
+    )
+    try:
+        async with (
+            sinks(ScriptedHandler()) as (b,),
+            relay_running(
+                tmp_path, {"senders.test": b.port}, smtp_port=port, extra=lab_route
+            ) as relay,
+        ):
+            assert ("127.0.0.1", port) in relay.manager.local_endpoints
+            await send(relay, SENDER, ["bob@lab.test"], original())
+            (got,) = await wait_for(lambda: lab.handler.messages or reports(b))
+            assert got["rcpt_tos"] == ["bob@lab.test"]  # delivered, not an NDR to the sender
+    finally:
+        await lab.close()
+
+
 async def test_restart_in_the_middle_of_a_run_resends_only_what_was_not_delivered(
     tmp_path: Path,
 ) -> None:

@@ -11,8 +11,9 @@
   loopback, link-local (cloud metadata 169.254.169.254), unspecified, multicast or reserved are refused
   by policy (security-bar §3J 164) unless ``allow_special_addresses``; at most ``max_hops`` addresses
   are kept (Postfix caps at 5 by default; 10 here).
-* Loop detection: a hop whose (ip, port) is one of this relay's listening endpoints — a wildcard
-  binding (0.0.0.0 / ::) or any loopback address with one of our ports counts — is this relay. Among MX
+* Loop detection: a hop whose (ip, port) is one of this relay's listening endpoints — the address
+  a listener is bound to, or any address of this host (loopback included) at the port of a
+  wildcard binding (0.0.0.0 / ::); 0.0.0.0 / :: as the hop's address means loopback — is this relay. Among MX
   hosts, as Postfix does, that hop and every MX of equal or worse preference are dropped (we are a
   backup MX); a smart host that is this relay is dropped. When nothing is left:
   ``554 5.4.6 ROUTING.Loop; the next hop is this relay`` (permanent), unless a better MX exists
@@ -105,16 +106,24 @@ def _ip(text: str) -> IpAddress | None:
     return addr
 
 
+_LOOPBACK: dict[int, IpAddress] = {
+    4: ipaddress.IPv4Address("127.0.0.1"),
+    6: ipaddress.IPv6Address("::1"),
+}
+
+
 def is_local_endpoint(ip: str, port: int, local_endpoints: Iterable[tuple[str, int]]) -> bool:
-    """True if connecting to (ip, port) would reach this relay's own listener."""
+    """True if connecting to (ip, port) would reach this relay's own listener: one bound to
+    that address, or a wildcard one and the address is this host's. Another loopback address
+    at one of our ports is another server (a relay on 127.0.0.1:25 is not reached at
+    127.0.0.2:25 or [::1]:25): taken for this relay, its mail bounced as a loop."""
     addr = _ip(ip)
     if addr is None:
         return False
-    ours = list(local_endpoints)
-    ports = {p for _, p in ours}
-    if (addr.is_loopback or addr.is_unspecified) and port in ports:
-        return True
-    for lip, lport in ours:
+    if addr.is_unspecified:
+        # The kernel connects to 0.0.0.0 / :: as to the loopback address of that family.
+        addr = _LOOPBACK[addr.version]
+    for lip, lport in local_endpoints:
         if lport != port:
             continue
         bound = _ip(lip) if lip not in ("", "*") else ipaddress.IPv4Address("0.0.0.0")
