@@ -116,6 +116,21 @@ async def test_unresolvable_smart_host_skipped_then_deferred(loopback_dns):
     assert info.value.reply.line().startswith("451 4.4.0 DNS query failed")
 
 
+async def test_a_smart_host_that_is_this_relay_beside_one_not_resolving_now_defers(
+    loopback_dns,
+):
+    """Smart hosts: this relay (skipped) and another whose lookup fails for now. The mail
+    waits for the other one, as for a smart host alone that does not resolve; it bounced
+    with 554 5.4.6 ROUTING.Loop, as if every smart host were this relay."""
+    loopback_dns.add("self.relay.test", "A", "127.0.0.1")
+    loopback_dns.set_servfail("peer.relay.test")
+    conn = Connector(smart_hosts=["self.relay.test:2525", "peer.relay.test:2525"])
+    with pytest.raises(NextHopError) as info:
+        await resolve_next_hops(conn, "x.test", res(loopback_dns), local_endpoints=OURS)
+    assert not info.value.permanent
+    assert info.value.reply == replies.dns_query_failed("ServerFailure")
+
+
 async def test_no_smart_hosts_and_no_dns_routing_is_no_next_hop(loopback_dns):
     with pytest.raises(NextHopError) as info:
         await resolve_next_hops(Connector(), "x.test", res(loopback_dns))

@@ -13,11 +13,12 @@
   are kept (Postfix caps at 5 by default; 10 here).
 * Loop detection: a hop whose (ip, port) is one of this relay's listening endpoints — the address
   a listener is bound to, or any address of this host (loopback included) at the port of a
-  wildcard binding (0.0.0.0 / ::); 0.0.0.0 / :: as the hop's address means loopback — is this relay. Among MX
-  hosts, as Postfix does, that hop and every MX of equal or worse preference are dropped (we are a
-  backup MX); a smart host that is this relay is dropped. When nothing is left:
-  ``554 5.4.6 ROUTING.Loop; the next hop is this relay`` (permanent), unless a better MX exists
-  that gives no usable address now: then ``451 4.4.4 ROUTING.NoPrimaryRelay`` (transient).
+  wildcard binding (0.0.0.0 / ::); 0.0.0.0 / :: as the hop's address means loopback — is this
+  relay. Among MX hosts, as Postfix does, that hop and every MX of equal or worse preference are
+  dropped (we are a backup MX); a smart host that is this relay is dropped. When nothing is left:
+  ``554 5.4.6 ROUTING.Loop; the next hop is this relay`` (permanent), unless a better MX, or
+  another smart host, gives no usable address now: then transient (``451 4.4.4
+  ROUTING.NoPrimaryRelay``, the smart host's ``451 4.4.0 DNS query failed``).
 """
 
 from __future__ import annotations
@@ -256,14 +257,16 @@ def _collect_hops(
             hops.append(NextHop(host, ip, port, tls_domain or host))
     if hops:
         return hops[:max_hops]
-    if looped:
-        raise NextHopError(replies.LOOP_DETECTED, True)
     if errors:
+        # Before the loop: a smart host that does not resolve now may later, and the mail then
+        # goes to it; only when every smart host is this relay is there nothing to wait for.
         first = errors[0]
         reply = first.reply
         if first.permanent:
             reply = replies.dns_query_failed(replies.DNS_NONEXISTENT_DOMAIN.text)
         raise NextHopError(reply, False)
+    if looped:
+        raise NextHopError(replies.LOOP_DETECTED, True)
     raise NextHopError(replies.dns_query_failed("ErrorRetry"), False)
 
 
