@@ -128,6 +128,19 @@ async def test_mx_host_without_address(loopback_dns, keys):
     assert mx.summary == "MX host(s) without an address: mx2.corp.example"
 
 
+async def test_no_mx_host_with_an_address_is_an_error_mail_bounces(loopback_dns, keys):
+    """When no MX host has an address, mail to the domain is returned to its senders at once
+    (RelayGate's next hops: 550 5.4.4; Postfix and Exim bounce too): an error, saying so. It was
+    a warning saying the mail queues with 451 4.4.0."""
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove("mx1.corp.example")
+    loopback_dns.remove("mx2.corp.example")
+    mx = only(await run(loopback_dns, keys[0]), "MX", "error")
+    assert mx.summary == "MX host(s) without an address: mx1.corp.example, mx2.corp.example"
+    assert replies.DNS_NONEXISTENT_DOMAIN.line() in mx.detail
+    assert "451" not in mx.detail
+
+
 async def test_nxdomain(loopback_dns, keys):
     healthy(loopback_dns, keys[0])
     report = await run(loopback_dns, keys[0], domain="missing.example")

@@ -146,12 +146,20 @@ async def _check_mx(report: Report, resolver: dns.asyncresolver.Resolver, state:
             + "; ".join(f"`{domain}. 3600 IN MX {p} {target}.`" for p, _, target in aliases),
         )
     if unresolved:
+        # No MX host with an address and no lookup failing for now: the domain takes no mail,
+        # and senders say so at once (RelayGate's next hops, Postfix, Exim); not a retry.
+        none = len(unresolved) == len(real)
         report.add(
             "MX",
-            "warning",
+            "error" if none else "warning",
             f"MX host(s) without an address: {', '.join(unresolved)}",
-            f"MX records: {listing}. Senders skip hosts they cannot resolve; if all fail, mail "
-            "queues with '451 4.4.0 DNS query failed'.",
+            f"MX records: {listing}. Senders skip hosts they cannot resolve"
+            + (
+                f"; with none left, mail to {domain} is returned to its senders at once "
+                f"({replies.DNS_NONEXISTENT_DOMAIN.line()})."
+                if none
+                else "."
+            ),
             "Publish A/AAAA records for the MX hosts, or point the MX at hosts that have them "
             "(an MX must not point at a CNAME or an IP address).",
         )
