@@ -53,6 +53,24 @@ async def test_equal_preferences_are_shuffled(loopback_dns):
     assert len(seen) > 1
 
 
+async def test_a_hosts_addresses_are_spread(loopback_dns):
+    """A host with several addresses (a Microsoft 365 MX has a few) was always tried at the
+    address its DNS server listed first: every connection went there, and while that address
+    dropped connections each attempt waited for it first. They are shuffled now, per family
+    (IPv4 still before IPv6), as Postfix's smtp_randomize_addresses does."""
+    v4 = [f"192.0.2.{i}" for i in range(1, 7)]
+    for ip in v4:
+        loopback_dns.add("many.test", "A", ip)
+    loopback_dns.add("many.test", "AAAA", "2001:db8::1")
+    loopback_dns.add("many.test", "AAAA", "2001:db8::2")
+    firsts = set()
+    for seed in range(8):
+        got = await resolver_for(loopback_dns, rng=random.Random(seed)).addresses("many.test")
+        assert sorted(got[:6]) == v4 and sorted(got[6:]) == ["2001:db8::1", "2001:db8::2"]
+        firsts.add(got[0])
+    assert len(firsts) > 1
+
+
 async def test_no_mx_gives_implicit_mx(loopback_dns):
     loopback_dns.add("plain.test", "A", "127.0.0.9")
     r = resolver_for(loopback_dns)

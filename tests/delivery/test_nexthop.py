@@ -156,6 +156,23 @@ async def test_mx_by_preference_then_addresses(loopback_dns):
     assert hops[2].ip == "127.0.0.33"
 
 
+async def test_an_address_behind_two_mx_hosts_is_one_next_hop(loopback_dns):
+    """Two MX host names for one address (a provider's mx1 and mx2 on one machine): that
+    address was a next hop twice, so while it timed out each attempt waited for it twice."""
+    loopback_dns.add("shared.test", "MX", (10, "mx1.shared.test"))
+    loopback_dns.add("shared.test", "MX", (20, "mx2.shared.test"))
+    loopback_dns.add("mx1.shared.test", "A", "192.0.2.5")
+    loopback_dns.add("mx2.shared.test", "A", "192.0.2.5")
+    loopback_dns.add("mx2.shared.test", "A", "192.0.2.6")
+    hops = await resolve_next_hops(
+        Connector(dns_routing_enabled=True), "shared.test", res(loopback_dns)
+    )
+    assert [(h.host, h.ip, h.preference) for h in hops] == [
+        ("mx1.shared.test", "192.0.2.5", 10),
+        ("mx2.shared.test", "192.0.2.6", 20),
+    ]
+
+
 async def test_mx_host_without_address_is_skipped(loopback_dns):
     loopback_dns.add("part.test", "MX", (10, "dead.part.test"))
     loopback_dns.add("part.test", "MX", (20, "alive.part.test"))

@@ -88,7 +88,8 @@ class Resolver:
 
     dns_servers: ``server.dns_servers`` ("host" / "host:port"); empty → the system resolver
     (/etc/resolv.conf). timeout: per server try; lifetime: per query in total. prefer_ipv6: order AAAA
-    before A in `addresses`. rng: for shuffling equal-preference MX hosts (tests pass a seeded one).
+    before A in `addresses`. rng: for shuffling equal-preference MX hosts and a host's addresses
+    (tests pass a seeded one).
     resolver: an already configured ``dns.asyncresolver.Resolver`` (tests).
     """
 
@@ -198,8 +199,8 @@ class Resolver:
         return self._shuffle_equal(records)
 
     async def addresses(self, host: str) -> list[str]:
-        """IPv4 then IPv6 addresses of `host` (AAAA first with prefer_ipv6); an IP literal (bare or
-        bracketed) is returned as is. No address at all → []. NXDOMAIN → permanent DnsError. If one
+        """IPv4 then IPv6 addresses of `host` (AAAA first with prefer_ipv6), each family shuffled;
+        an IP literal (bare or bracketed) is returned as is. No address at all → []. NXDOMAIN → permanent DnsError. If one
         family fails transiently and the other answers, the answer is used; both failing → the
         first error."""
         h = _strip_brackets(host)
@@ -224,4 +225,8 @@ class Resolver:
             raise permanent[0]
         if errors and not (v4 or v6):
             raise errors[0]
+        # Shuffled (Postfix's smtp_randomize_addresses): in the order a DNS server lists them,
+        # every connection went to the first, and each attempt waited for it while it was down.
+        self._rng.shuffle(v4)
+        self._rng.shuffle(v6)
         return v6 + v4 if self.prefer_ipv6 else v4 + v6

@@ -300,11 +300,17 @@ async def _mx_hops(
     errors: list[DnsError] = []
     loop_pref: int | None = None
     refused = 0
+    seen: set[str] = set()
     for (pref, host), result in zip(mx, lookups, strict=True):
         if isinstance(result, DnsError):
             errors.append(result)
             continue
         for ip in result:
+            if ip in seen:
+                # Two MX names for one address (a provider's mx1 and mx2 on one machine): one
+                # hop, at its best preference; twice, a timeout there was waited for twice.
+                continue
+            seen.add(ip)
             if is_local_endpoint(ip, port, endpoints):
                 loop_pref = pref if loop_pref is None else min(loop_pref, pref)
                 continue
