@@ -366,3 +366,21 @@ async def test_we_are_backup_mx_and_the_primary_does_not_resolve_defers(loopback
         )
     assert not info.value.permanent
     assert info.value.reply == replies.primary_relay_not_found("backup2.test")
+
+
+@pytest.mark.parametrize(
+    ("recipient", "ip"),
+    [("bob@[192.0.2.7]", "192.0.2.7"), ("bob@[IPv6:2001:DB8::7]", "2001:db8::7")],
+)
+async def test_an_address_literal_recipient_is_its_address(loopback_dns, recipient, ip):
+    """An address-literal domain goes to its address, with no DNS. The IPv6 form's next hop
+    was named "IPv6:2001:db8::7": the queue showed IPv6:2001:db8::7[2001:db8::7]:25 and TLS
+    sent that text as the server name (SNI), which is no host name."""
+    from relaygate.delivery.routing import domain_of
+
+    hops = await resolve_next_hops(
+        Connector(dns_routing_enabled=True), domain_of(recipient), res(loopback_dns)
+    )
+    assert hops == [NextHop(ip, ip, 25, ip, 0)]
+    assert hops[0].label == f"[{ip}]:25"
+    assert loopback_dns.queries == []

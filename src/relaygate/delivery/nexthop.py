@@ -319,7 +319,8 @@ async def _mx_hops(
                 log.warning("MX %s of %s resolves to %s; refused by policy", host, domain, ip)
                 refused += 1
                 continue
-            name = host.strip("[]") if host.startswith("[") else host
+            # An address literal ([192.0.2.1], [IPv6:2001:db8::1]) is named by its address.
+            name = ip if host.startswith("[") else host
             candidates.append(NextHop(name, ip, port, tls_domain or name, pref))
     if loop_pref is not None:
         candidates = [
