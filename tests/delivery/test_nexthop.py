@@ -315,6 +315,23 @@ async def test_max_hops_cap(loopback_dns):
     assert [h.preference for h in hops] == [0, 1, 2, 3, 4]
 
 
+async def test_a_huge_mx_set_is_looked_up_only_as_far_as_it_can_be_used(loopback_dns):
+    """A domain publishing hundreds of MX records had every host's A and AAAA looked up, all
+    at once, at every attempt of every message to it (400 queries through the resolver for
+    200 hosts) although at most max_hops addresses are tried. The best 2 x max_hops hosts are
+    looked up: enough to skip some that do not resolve."""
+    for i in range(200):
+        loopback_dns.add("huge.test", "MX", (10 + i, f"mx{i}.huge.test"))
+        loopback_dns.add(f"mx{i}.huge.test", "A", f"192.0.2.{i + 1}")
+    loopback_dns.set_servfail("mx0.huge.test")
+    hops = await resolve_next_hops(
+        Connector(dns_routing_enabled=True), "huge.test", res(loopback_dns), max_hops=5
+    )
+    assert [h.host for h in hops] == [f"mx{i}.huge.test" for i in range(1, 6)]
+    hosts_asked = {name for name, rtype, _ in loopback_dns.queries if rtype in ("A", "AAAA")}
+    assert hosts_asked == {f"mx{i}.huge.test" for i in range(10)}
+
+
 async def test_ip_literal_smart_hosts_are_worked_out_once_per_configuration(loopback_dns):
     from relaygate.delivery import nexthop
 

@@ -10,7 +10,8 @@
   permanent; SERVFAIL/timeouts → transient (see `relaygate.delivery.dns`). MX addresses that are
   loopback, link-local (cloud metadata 169.254.169.254), unspecified, multicast or reserved are refused
   by policy (security-bar §3J 164) unless ``allow_special_addresses``; at most ``max_hops`` addresses
-  are kept (Postfix caps at 5 by default; 10 here).
+  are kept (Postfix caps at 5 by default; 10 here), from the best ``2 * max_hops`` MX hosts (the
+  only ones looked up).
 * Loop detection: a hop whose (ip, port) is one of this relay's listening endpoints — the address
   a listener is bound to, or any address of this host (loopback included) at the port of a
   wildcard binding (0.0.0.0 / ::); 0.0.0.0 / :: as the hop's address means loopback — is this
@@ -295,6 +296,10 @@ async def _mx_hops(
         mx = await resolver.mx(domain)
     except DnsError as exc:
         raise NextHopError(exc.reply, exc.permanent) from exc
+    # Only the best hosts: at most max_hops addresses are tried, and a domain may publish
+    # hundreds of MX records, each host two queries at every attempt of every message to it.
+    # Twice as many hosts as addresses tried leaves room to skip hosts that do not resolve.
+    mx = mx[: 2 * max_hops]
     lookups = await asyncio.gather(*(_addresses(resolver, host) for _pref, host in mx))
     candidates: list[NextHop] = []
     errors: list[DnsError] = []
