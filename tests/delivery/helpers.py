@@ -52,6 +52,7 @@ class Connector:
     force_helo: bool = False
     smtp_max_messages_per_connection: int = 20
     source_ip_address: str | None = None
+    allow_loopback_mx: bool = False
 
 
 def hop(port: int, host: str = "sink.test", ip: str = "127.0.0.1") -> NextHop:

@@ -238,6 +238,24 @@ async def test_mx_to_loopback_refused_by_default(loopback_dns):
         await resolve_next_hops(Connector(dns_routing_enabled=True), "meta.test", res(loopback_dns))
 
 
+async def test_allow_loopback_mx_allows_loopback_only_and_a_loop_is_still_a_loop(loopback_dns):
+    loopback_dns.add("lab.test", "MX", (10, "mx.lab.test"))
+    loopback_dns.add("mx.lab.test", "A", "127.0.0.2")
+    loopback_dns.add("mx.lab.test", "AAAA", "::1")
+    loopback_dns.add("meta.test", "A", "169.254.169.254")
+    loopback_dns.add("self.test", "A", "127.0.0.1")
+    lab = Connector(dns_routing_enabled=True, port=2600, allow_loopback_mx=True)
+    hops = await resolve_next_hops(lab, "lab.test", res(loopback_dns), local_endpoints=OURS)
+    assert [h.label for h in hops] == ["mx.lab.test[127.0.0.2]:2600", "mx.lab.test[::1]:2600"]
+    with pytest.raises(NextHopError) as info:  # link-local (a cloud's metadata service): no
+        await resolve_next_hops(lab, "meta.test", res(loopback_dns), local_endpoints=OURS)
+    assert info.value.reply == MX_SPECIAL_ADDRESS
+    looping = Connector(dns_routing_enabled=True, port=2525, allow_loopback_mx=True)
+    with pytest.raises(NextHopError) as info:
+        await resolve_next_hops(looping, "self.test", res(loopback_dns), local_endpoints=OURS)
+    assert info.value.reply == replies.LOOP_DETECTED
+
+
 @pytest.mark.parametrize(
     "aaaa",
     [

@@ -60,9 +60,10 @@ def make_config_text(
     extra: str = "",
     admin_extra: str = "",
     receive_extra: str = "",
+    server_extra: str = "",
 ) -> str:
-    """routes: address space → sink port (one smart-host send connector each); receive_extra:
-    more keys of the receive connector."""
+    """routes: address space → sink port (one smart-host send connector each); receive_extra,
+    server_extra: more keys of the receive connector, of [server]."""
     q = {
         "transient_failure_retry_interval": "00:00:01",
         "transient_failure_retry_count": 2,
@@ -85,6 +86,7 @@ def make_config_text(
 name = "RELAYTEST"
 fqdn = "relay.test"
 data_dir = "{data_dir}"
+{server_extra}
 
 [admin]
 listen = "127.0.0.1:{admin_port}"
@@ -126,6 +128,7 @@ async def start_relay(
     config_file: Path | None = None,
     admin_extra: str = "",
     receive_extra: str = "",
+    server_extra: str = "",
 ) -> Relay:
     """Start a relay; with ``config_file`` the config is written there and loaded from it."""
     smtp_port = smtp_port or free_port()
@@ -139,6 +142,7 @@ async def start_relay(
         extra=extra,
         admin_extra=admin_extra,
         receive_extra=receive_extra,
+        server_extra=server_extra,
     )
     if config_file is not None:
         config_file.write_text(text, encoding="utf-8")

@@ -786,6 +786,44 @@ async def test_another_loopback_address_at_the_relays_port_is_not_this_relay(
         await lab.close()
 
 
+async def test_mx_routing_through_a_dns_server_to_a_loopback_mx_a_lab_allows(
+    tmp_path: Path,
+) -> None:
+    """Delivery by MX end to end: the relay asks its server.dns_servers, connects to the MX
+    host, and returns mail for a domain that does not exist at once. An MX on a loopback
+    address is refused (451 4.4.4 SpecialAddress): a lab or test with its own DNS had no way
+    to deliver by MX to a server on loopback; allow_loopback_mx on the connector allows it."""
+    from tests.support.dns_server import LoopbackDNS
+
+    with LoopbackDNS() as dns_server:
+        async with sinks(ScriptedHandler(), ScriptedHandler()) as (mx, b):
+            dns_server.add("dest.test", "MX", (10, "mx.dest.test"))
+            dns_server.add("mx.dest.test", "A", "127.0.0.1")
+            lab = (
+                '\n[[send_connectors]]\nname = "Lab MX"\naddress_spaces = ["*"]\n'
+                f"dns_routing_enabled = true\nport = {mx.port}\nallow_loopback_mx = true\n"
+            )
+            async with relay_running(
+                tmp_path,
+                {"senders.test": b.port},
+                extra=lab,
+                server_extra=f'dns_servers = ["{dns_server.address}"]',
+            ) as relay:
+                await send(relay, SENDER, ["bob@dest.test"], original())
+                (got,) = await wait_for(lambda: mx.handler.messages)
+                assert got["rcpt_tos"] == ["bob@dest.test"]
+                assert ("dest.test", "MX", "udp") in dns_server.queries
+
+                await send(relay, SENDER, ["bob@gone.test"], original("Gone"))
+                (ndr,) = await wait_for(lambda: reports(b))
+                per_rcpt = parse_mail(ndr["content"]).get_payload()[1].get_payload()[1]
+                assert per_rcpt["Final-Recipient"] == "rfc822; bob@gone.test"
+                assert per_rcpt["Diagnostic-Code"] == (
+                    "smtp; " + replies.DNS_NONEXISTENT_DOMAIN.line()
+                )
+                assert len(mx.handler.messages) == 1
+
+
 async def test_restart_in_the_middle_of_a_run_resends_only_what_was_not_delivered(
     tmp_path: Path,
 ) -> None:

@@ -293,6 +293,12 @@ class SendConnector:
     smtp_max_messages_per_connection: int = 20
     #: SourceIPAddress: the local address outbound connections bind to (None: any).
     source_ip_address: str | None = None
+    #: RelayGate's own: with dns_routing_enabled, connect to MX hosts (and an implicit MX) on a
+    #: loopback address (127.0.0.0/8, ::1), refused otherwise as a misconfiguration or an attack
+    #: from the recipient domain's DNS: for a lab or test whose own DNS points MX records at
+    #: servers on loopback. Link-local, multicast and reserved addresses stay refused, and this
+    #: relay's own listeners are still a loop.
+    allow_loopback_mx: bool = False
 
 
 #: The bound of smtp_max_messages_per_connection (Exchange takes an Int32; no session needs more).

@@ -9,7 +9,8 @@
   then each host's addresses; no MX → the domain's own A/AAAA (implicit MX); null MX, NXDOMAIN →
   permanent; SERVFAIL/timeouts → transient (see `relaygate.delivery.dns`). MX addresses that are
   loopback, link-local (cloud metadata 169.254.169.254), unspecified, multicast or reserved are refused
-  by policy (security-bar §3J 164) unless ``allow_special_addresses``; at most ``max_hops`` addresses
+  by policy (security-bar §3J 164) unless ``allow_special_addresses`` (loopback ones: the
+  connector's ``allow_loopback_mx``, for labs and tests); at most ``max_hops`` addresses
   are kept (Postfix caps at 5 by default; 10 here), from the best ``2 * max_hops`` MX hosts (the
   only ones looked up).
 * Loop detection: a hop whose (ip, port) is one of this relay's listening endpoints — the address
@@ -191,6 +192,7 @@ async def resolve_next_hops(
         resolver,
         endpoints,
         allow_special_addresses,
+        bool(getattr(connector, "allow_loopback_mx", False)),
         max_hops,
     )
 
@@ -290,6 +292,7 @@ async def _mx_hops(
     resolver: Resolver,
     endpoints: list[tuple[str, int]],
     allow_special: bool,
+    allow_loopback: bool,
     max_hops: int,
 ) -> list[NextHop]:
     try:
@@ -320,7 +323,12 @@ async def _mx_hops(
                 loop_pref = pref if loop_pref is None else min(loop_pref, pref)
                 continue
             addr = _ip(ip)
-            if addr is not None and is_special_destination(addr) and not allow_special:
+            if (
+                addr is not None
+                and is_special_destination(addr)
+                and not allow_special
+                and not (allow_loopback and addr.is_loopback)
+            ):
                 log.warning("MX %s of %s resolves to %s; refused by policy", host, domain, ip)
                 refused += 1
                 continue
