@@ -289,6 +289,35 @@ async def test_failover_when_first_smart_host_refuses_connections():
     assert len(sink.handler.messages) == 1
 
 
+async def test_a_hop_of_an_address_family_this_host_lacks_fails_over_to_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """On a host without IPv6 (ipv6.disable=1: socket(AF_INET6) fails with EAFNOSUPPORT), an
+    IPv6 next hop ended the whole attempt with an exception: the IPv4 hops after it were never
+    tried. It is a hop that cannot be connected to, as one refusing connections. (The kernel
+    here has IPv6, so socket creation for AF_INET6 is made to fail as it would.)"""
+    import errno
+
+    from relaygate.delivery.client import connection
+
+    real_socket = socket.socket
+
+    def no_ipv6(family: int = socket.AF_INET, *args: Any, **kwargs: Any) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real_socket(family, *args, **kwargs)
+
+    monkeypatch.setattr(connection.socket, "socket", no_ipv6)
+    sink = await start_sink()
+    try:
+        out = await send([hop(sink.port, "mx.test", ip="::1"), hop(sink.port, "mx.test")])
+    finally:
+        await sink.close()
+    assert out.delivered == ["a@dest.test"]
+    assert out.transcript_errors == [f"mx.test[::1]:{sink.port}: {UNABLE_TO_CONNECT.line()}"]
+    assert len(sink.handler.messages) == 1
+
+
 async def test_all_hosts_unreachable_uses_exchange_failover_text():
     out = await send([hop(free_port()), hop(free_port())])
     r = out.per_recipient["a@dest.test"]

@@ -73,7 +73,12 @@ def _source_address(connector: Any, hop: NextHop) -> str | None:
 
 async def _connect_socket(hop: NextHop, timeout: float, source: str | None = None) -> socket.socket:
     family = socket.AF_INET6 if ":" in hop.ip else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError:
+        # No such family here (IPv6 disabled: EAFNOSUPPORT), or no descriptor left: this hop
+        # cannot be connected to, the next (another family, later) may.
+        raise _HopFailed(UNABLE_TO_CONNECT) from None
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
     if source is not None:
