@@ -499,6 +499,24 @@ def test_a_database_password_in_the_config_file_is_low(tmp_path: Path) -> None:
     ]
 
 
+def test_allow_loopback_mx_is_a_finding_on_a_connector_routing_by_mx() -> None:
+    """allow_loopback_mx is for labs: in production it lets any recipient domain's DNS point
+    the relay at a server that listens on this host's loopback only."""
+    lab = """
+[[send_connectors]]
+name = "Outbound"
+address_spaces = ["*"]
+allow_loopback_mx = true
+"""
+    findings = audit(config(CLEAN + lab))
+    assert codes(findings) == [("low", "loopback-mx-allowed", 'send connector "Outbound"')]
+    (finding,) = findings
+    assert finding.key == "send_connectors[0].allow_loopback_mx"
+    assert audit(config(CLEAN + lab.replace("true", "false"))) == []
+    smart = lab + 'dns_routing_enabled = false\nsmart_hosts = ["[127.0.0.1]:2525"]\n'
+    assert audit(config(CLEAN + smart)) == []  # no MX lookup: the key does nothing
+
+
 M365 = """
 [[send_connectors]]
 name = "Outbound to Microsoft 365"

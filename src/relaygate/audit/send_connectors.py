@@ -87,6 +87,22 @@ def _smart_host_auth_cleartext(s: Any, i: int) -> Finding | None:
     )
 
 
+def _loopback_mx_finding(s: Any, i: int) -> Finding:
+    """allow_loopback_mx is for a lab's own DNS; on a relay that sends to the Internet, any
+    recipient domain's MX record can point it at what listens on this host's loopback only."""
+    return Finding(
+        "low",
+        "loopback-mx-allowed",
+        f'send connector "{s.name}"',
+        f"send_connectors[{i}].allow_loopback_mx",
+        "connects to MX hosts on loopback addresses: any recipient domain's DNS can point the "
+        "relay at a server that listens on this host's loopback only (another MTA, a local "
+        "service that trusts local connections)",
+        "set allow_loopback_mx = false outside a lab; route mail for a server on this host "
+        "through a smart host ([127.0.0.1]:port) instead",
+    )
+
+
 def _send_connector_findings(config: Config) -> Iterator[Finding]:
     """Microsoft 365 SMTP AUTH through one mailbox: what it refuses that a relay can avoid; a
     smart host password that may cross in clear."""
@@ -106,6 +122,8 @@ def _send_connector_findings(config: Config) -> Iterator[Finding]:
                 "pacing holds back waits in the queue instead of spilling over",
                 f'enable send connector "{overflow.name}", or name another overflow_connector',
             )
+        if s.enabled and s.dns_routing_enabled and s.allow_loopback_mx:
+            yield _loopback_mx_finding(s, i)
         hosts = set()
         for entry in s.smart_hosts:
             try:  # as `check` and delivery read it: any case, a final dot, a port
