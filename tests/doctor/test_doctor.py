@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from relaygate import public_suffix, replies
+from relaygate.delivery.dns import MX_NAMES_ADDRESSES
 from relaygate.dkim.keys import generate_key
 from relaygate.doctor import (
     Report,
@@ -139,6 +140,24 @@ async def test_no_mx_host_with_an_address_is_an_error_mail_bounces(loopback_dns,
     assert mx.summary == "MX host(s) without an address: mx1.corp.example, mx2.corp.example"
     assert replies.DNS_NONEXISTENT_DOMAIN.line() in mx.detail
     assert "451" not in mx.detail
+
+
+async def test_mx_records_naming_ip_addresses_say_what_delivery_does(loopback_dns, keys):
+    """An MX naming an IP address is skipped by senders (RFC 1035 wants a host name); when
+    every MX does, RelayGate keeps the mail queued with 451 4.4.0 (the domain's owner may fix
+    the records). The doctor looked the address up as a host name, found none and said mail
+    is returned at once (550 5.4.4)."""
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove(DOMAIN, "MX")
+    loopback_dns.add(DOMAIN, "MX", (10, "192.0.2.10"))
+    mx = only(await run(loopback_dns, keys[0]), "MX", "error")
+    assert mx.summary == "MX record(s) naming an IP address instead of a host: 192.0.2.10"
+    assert replies.dns_query_failed(MX_NAMES_ADDRESSES).line() in mx.detail
+    assert "550" not in mx.detail
+    # beside a host that resolves: a warning (that host takes the mail)
+    loopback_dns.add(DOMAIN, "MX", (20, "mx1.corp.example"))
+    mx = only(await run(loopback_dns, keys[0]), "MX", "warning")
+    assert mx.summary == "MX record(s) naming an IP address instead of a host: 192.0.2.10"
 
 
 async def test_nxdomain(loopback_dns, keys):

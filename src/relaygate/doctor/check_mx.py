@@ -8,10 +8,12 @@ not exist makes the other checks moot.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 
 import dns.asyncresolver
 
 from relaygate import replies
+from relaygate.delivery.dns import MX_NAMES_ADDRESSES
 
 from .dns_records import _Lookup, _query
 from .report import Report, _State
@@ -105,6 +107,12 @@ async def _check_mx(report: Report, resolver: dns.asyncresolver.Resolver, state:
             "RFC 7505 §3: a domain with a null MX (MX 0 .) must publish no other MX record.",
             f"Remove the null MX: `{domain}. IN MX 0 .`",
         )
+    numeric = [(p, h) for p, h in real if _names_address(h)]
+    if numeric:
+        real = [(p, h) for p, h in real if not _names_address(h)]
+        _report_numeric_mx(report, domain, listing, numeric, alone=not real)
+        if not real:
+            return
     checks = await asyncio.gather(
         *(asyncio.gather(_query(resolver, h, "A"), _query(resolver, h, "AAAA")) for _, h in real)
     )
@@ -165,6 +173,39 @@ async def _check_mx(report: Report, resolver: dns.asyncresolver.Resolver, state:
         )
     elif not failed and not aliases:
         report.add("MX", "ok", f"MX: {listing}", "Every MX host resolves to an address.")
+
+
+def _names_address(host: str) -> bool:
+    """An MX target that is an IP address (bare or as a literal), not a host name."""
+    text = host.strip("[]")
+    try:
+        ipaddress.ip_address(text[5:] if text.lower().startswith("ipv6:") else text)
+    except ValueError:
+        return False
+    return True
+
+
+def _report_numeric_mx(
+    report: Report, domain: str, listing: str, numeric: list[tuple[int, str]], *, alone: bool
+) -> None:
+    """MX records naming an IP address: senders skip them (RFC 1035 §3.3.9 wants a host name),
+    as delivery does (relaygate.delivery.dns); with no other host, mail waits in queues."""
+    report.add(
+        "MX",
+        "error" if alone else "warning",
+        "MX record(s) naming an IP address instead of a host: " + ", ".join(h for _, h in numeric),
+        f"MX records: {listing}. An MX names a host (RFC 1035 §3.3.9); senders skip an address "
+        "written there (Postfix, Exim, RelayGate)"
+        + (
+            f"; with no other MX host, mail to {domain} waits in their queues "
+            f"({replies.dns_query_failed(MX_NAMES_ADDRESSES).line()}) until it expires."
+            if alone
+            else "."
+        ),
+        "Point the MX at a host name that has the address: "
+        + "; ".join(f"`{domain}. 3600 IN MX {p} mail.{domain}.`" for p, _ in numeric[:1])
+        + f" and `mail.{domain}. 3600 IN A {numeric[0][1].strip('[]')}`.",
+    )
 
 
 def _alias_target(host: str, a: _Lookup, aaaa: _Lookup) -> str:
