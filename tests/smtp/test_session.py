@@ -288,3 +288,34 @@ def test_rset_re_evaluates_every_recipient(relay) -> None:
         c.cmd("EHLO scanner01.corp.example", 250)
         assert c.cmd("MAIL FROM:<a@corp.example>").code == 250
         assert c.cmd("RCPT TO:<partner@external.example>").text == RELAY_DENIED
+
+
+def test_malformed_dsn_parameters_are_refused_with_501(relay):
+    """RFC 3461's parameters (DSN is not advertised, but a client giving them has them honoured
+    in the relay's own reports) were taken whatever their value: a malformed NOTIFY was ignored,
+    so NOTIFY=NEVER,FAILURE still got every report, and an ENVID or ORCPT that is not xtext (§4)
+    came back in the report as something the client never sent. Refused with 501, as Postfix
+    does; well-formed ones are taken as before."""
+    r = relay([relay_connector(["127.0.0.5"], max_protocol_errors=100)])
+    bad = "501 5.5.4 Unrecognized parameter"
+    with r.raw("127.0.0.5") as c:
+        c.greet()
+        for params in ("ENVID=a+ZZ", "ENVID=trailing+", "ENVID", "ENVID=", "RET=BODY", "RET"):
+            assert c.cmd(f"MAIL FROM:<a@corp.example> {params}").text == bad, params
+        c.cmd("MAIL FROM:<a@corp.example> RET=hdrs ENVID=QQ+2B314159", 250)
+        for params in (
+            "NOTIFY=NEVER,FAILURE",
+            "NOTIFY=SOMETIMES",
+            "NOTIFY",
+            "ORCPT=b@corp.example",
+            "ORCPT=;b@corp.example",
+            "ORCPT=rfc822;",
+            "ORCPT=rfc822;b+G1@corp.example",
+            "ORCPT=utf-8;b\\y@corp.example",
+        ):
+            assert c.cmd(f"RCPT TO:<b@corp.example> {params}").text == bad, params
+        for params in (
+            "NOTIFY=success,delay ORCPT=rfc822;b+2B1@corp.example",
+            "NOTIFY=NEVER ORCPT=utf-8;j\\x{E4}rg@corp.example",
+        ):
+            c.cmd(f"RCPT TO:<b@corp.example> {params}", 250)

@@ -47,6 +47,7 @@ from relaygate.replies import Reply
 __all__ = [
     "DsnRecipient",
     "build_dsn",
+    "dsn_parameter_error",
     "header_block",
     "header_value",
     "notify_allows",
@@ -63,6 +64,14 @@ _CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 # xtext's "+XX" (RFC 3461 §4) and utf-8-addr-xtext's "\x{HHHH}" (RFC 6533 §3)
 _XTEXT_CHAR = re.compile(r"\+([0-9A-Fa-f]{2})|\\x\{([0-9A-Fa-f]{1,6})\}")
 _NOTIFY_CONDITIONS = frozenset(("SUCCESS", "FAILURE", "DELAY"))
+# RFC 3461 §4: xtext is printable ASCII but "+" and "=", with "+XX" for any other octet. The SMTP
+# parameter parser already keeps a value to printable ASCII without "=", so only "+" is checked.
+_XTEXT = re.compile(r"(?:[^+]|\+[0-9A-Fa-f]{2})*")
+# RFC 6533 §3: a utf-8 ORCPT's utf-8-addr-xtext, "\x{HHHH}" for a non-ASCII character (and
+# xtext's "+XX", which the decoder takes too)
+_UTF8_ADDR_XTEXT = re.compile(r"(?:[^+\\]|\+[0-9A-Fa-f]{2}|\\x\{[0-9A-Fa-f]{1,6}\})*")
+# RFC 3461 §4.2: addr-type is an atom (RFC 5322 atext)
+_ADDR_TYPE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
 
 
@@ -115,6 +124,41 @@ def parse_notify(value: str | None) -> str | None:
     if len(set(conditions)) != len(conditions) or not set(conditions) <= _NOTIFY_CONDITIONS:
         return None
     return ",".join(sorted(conditions))
+
+
+def dsn_parameter_error(key: str, value: str | None) -> str:
+    """Why an RFC 3461 parameter's value is malformed ("" when it is not): RET is FULL or HDRS,
+    ENVID xtext, ORCPT ``addr-type;xtext`` and NOTIFY ``NEVER`` or a list of SUCCESS, FAILURE and
+    DELAY (§4.1-4.4). Refused with 501 at MAIL or RCPT, as Postfix does: taken as it was, a
+    malformed NOTIFY was ignored (the reports it asked not to get were sent) and a malformed ENVID
+    or ORCPT came back in the report as something the client never sent."""
+    if value is None or not value:
+        return f"{key} needs a value"
+    if key == "RET":
+        return "" if value.upper() in ("FULL", "HDRS") else "RET must be FULL or HDRS"
+    if key == "NOTIFY":
+        return (
+            ""
+            if parse_notify(value) is not None
+            else "NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY"
+        )
+    if key == "ENVID":
+        return (
+            ""
+            if _XTEXT.fullmatch(value)
+            else "ENVID is not xtext (a '+' not followed by two hex digits)"
+        )
+    if key == "ORCPT":
+        return _orcpt_error(value)
+    return ""
+
+
+def _orcpt_error(value: str) -> str:
+    address_type, semicolon, address = value.partition(";")
+    if not semicolon or not _ADDR_TYPE.fullmatch(address_type) or not address:
+        return "ORCPT must be addr-type;address"
+    text = _UTF8_ADDR_XTEXT if address_type.lower() == "utf-8" else _XTEXT
+    return "" if text.fullmatch(address) else "ORCPT's address is not xtext"
 
 
 def notify_allows(metadata: Mapping[str, str], address: str, action: str) -> bool:

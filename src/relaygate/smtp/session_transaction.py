@@ -10,15 +10,14 @@ from __future__ import annotations
 from relaygate import replies
 from relaygate.addresses import Address, AddressError, parse_mail_from, parse_rcpt_to
 from relaygate.policy.verdicts import Verdict, check_mail, check_rcpt, relay_local_ips
-from relaygate.queue.bounce import parse_notify
+from relaygate.queue.bounce import dsn_parameter_error, parse_notify
 from relaygate.replies import Reply
 from relaygate.smtp.session_reload import _ReloadFollowing
 from relaygate.smtp.session_state import _Close, _Transaction
 
 
 def _keep_dsn_params(txn: _Transaction, address: str, params: dict[str, str | None]) -> None:
-    """A recipient's NOTIFY and ORCPT, honoured in the relay's own reports (a malformed NOTIFY
-    is ignored, as every NOTIFY was before)."""
+    """A recipient's NOTIFY and ORCPT (checked at RCPT), honoured in the relay's own reports."""
     notify = parse_notify(params.get("NOTIFY"))
     if notify is not None:
         txn.notify[address] = notify
@@ -60,6 +59,10 @@ class _MailAndRcpt(_ReloadFollowing):
             elif key == "SMTPUTF8" and value is None:
                 txn.smtputf8 = True
             elif key in ("RET", "ENVID") and self.connector.delivery_status_notification_enabled:
+                if why := dsn_parameter_error(key, value):
+                    self.log.info(f"MAIL refused: {why}")
+                    await self.protocol_error(replies.UNRECOGNIZED_PARAMETER)
+                    return
                 if key == "ENVID" and value:
                     txn.envid = value
             elif key == "AUTH":
@@ -106,11 +109,15 @@ class _MailAndRcpt(_ReloadFollowing):
         except AddressError as exc:
             await self.protocol_error(exc.reply)
             return
-        for key in params:
+        for key, value in params.items():
             if (
                 key not in ("NOTIFY", "ORCPT")
                 or not self.connector.delivery_status_notification_enabled
             ):
+                await self.protocol_error(replies.UNRECOGNIZED_PARAMETER)
+                return
+            if why := dsn_parameter_error(key, value):
+                self.log.info(f"RCPT {rcpt} refused: {why}")
                 await self.protocol_error(replies.UNRECOGNIZED_PARAMETER)
                 return
         verdict = self._rcpt_verdict(rcpt, len(self.txn.recipients))
