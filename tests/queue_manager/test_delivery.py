@@ -656,6 +656,71 @@ async def test_the_null_sender_is_never_bounced(tmp_path: Path) -> None:
         assert not tracking(relay, "DSN")
 
 
+async def test_a_report_that_cannot_be_delivered_is_logged_as_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An NDR that its recipient refuses is never reported on (its sender is <>), so the service
+    log is the only trace of a sender who never learns that the message failed: it said, at INFO,
+    that no report was sent about message <the report's id> "from <>", which reads like the
+    ordinary case of a bounced bounce and names neither the original message nor who missed the
+    report. A WARNING now says a report was lost, about which message, to whom, and why; a
+    report that is only delayed is not lost."""
+    caplog.set_level(logging.INFO, logger="relaygate")
+    gone, busy = "gone@senders.test", "busy@senders.test"
+
+    def refuse_gone(address: str, _attempt: int) -> str | None:
+        if address == busy:
+            return "451 4.2.1 Mailbox busy"
+        return "550 5.1.1 Mailbox gone" if address == gone else None
+
+    async with (
+        sinks(
+            ScriptedHandler(lambda _a, _n: "550 5.1.1 User unknown"), ScriptedHandler(refuse_gone)
+        ) as (a, b),
+        relay_running(
+            tmp_path,
+            {"*": a.port, "senders.test": b.port},
+            queue={"delay_notification_timeout": "00:00:01", "admin_notification_address": ADMIN},
+        ) as relay,
+    ):
+        await send(relay, busy, ["bob@example.com"], original("Delayed report"))
+        await send(relay, gone, ["bob@example.com"], original("Lost report"))
+
+        async def report_failed() -> StoredMessage | None:
+            for m in await relay.store.list_messages():
+                if m.sender == "" and any(r.status == RecipientStatus.FAILED for r in m.recipients):
+                    return m
+            return None
+
+        report = await wait_for(report_failed)
+        copies = await wait_for(lambda: len(reports(b)) == 2 and reports(b))
+        assert [c["rcpt_tos"] for c in copies] == [[ADMIN], [ADMIN]]  # the admin's copies went
+        original_id = report.metadata["original_queue_id"]
+
+        def lost() -> list[str]:
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if r.levelno == logging.WARNING and report.queue_id in r.getMessage()
+            ]
+
+        (line,) = await wait_for(lost)
+        assert f"about message {original_id}" in line
+        assert f"{gone}: 550 5.1.1 Mailbox gone" in line
+        assert ADMIN not in line  # it reached the admin
+
+        async def delayed_report() -> StoredMessage | None:
+            for m in await relay.store.list_messages():
+                if m.sender == "" and m.recipients[0].address == busy and m.delay_notified:
+                    return m
+            return None
+
+        delayed = await wait_for(delayed_report)  # past delay_notification_timeout: still queued
+        warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert not [r for r in warned if delayed.queue_id in r.getMessage()]
+        assert len(await relay.store.list_messages()) == 4  # no report about either report
+
+
 async def test_delay_notice_once_then_expiry_ndr_with_4_4_7(tmp_path: Path) -> None:
     always_busy = ScriptedHandler(lambda _a, _n: "451 4.4.1 Remote busy")
     async with (

@@ -126,6 +126,20 @@ class _Reports(_Tracking):
             to.append(admin)
         return to
 
+    def _log_lost_report(self, report: StoredMessage, recipients: Sequence[DsnRecipient]) -> None:
+        """A report its recipients refused (or that expired) is never reported on in turn: the
+        service log is the only trace of a sender who never learns that a message failed."""
+        refused = "; ".join(f"{r.address}: {r.reply.line()}" for r in recipients)
+        privacy = self.log_privacy
+        log.warning(
+            "%s report %s about message %s could not be delivered to %s; it is dropped (a report "
+            "is never sent about a report)",
+            "non-delivery" if report.metadata.get("dsn") == "failed" else "delay",
+            report.queue_id,
+            report.metadata.get("original_queue_id", "?"),
+            refused if privacy is None else privacy.text(refused),
+        )
+
     async def send_dsn(
         self,
         msg: StoredMessage,
@@ -142,9 +156,14 @@ class _Reports(_Tracking):
             return None
         kind = "non-delivery" if action == "failed" else "delay"
         if msg.sender in ("", "<>"):
-            log.info(
-                "message %s from <>: no %s report (never to the null sender)", msg.queue_id, kind
-            )
+            if msg.metadata.get("dsn") and action == "failed":  # a report's delay: not lost yet
+                self._log_lost_report(msg, recipients)
+            else:
+                log.info(
+                    "message %s from <>: no %s report (never to the null sender)",
+                    msg.queue_id,
+                    kind,
+                )
             return None
         recipients = _reported(msg, recipients, action)
         if not recipients:
