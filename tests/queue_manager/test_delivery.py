@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -278,6 +279,39 @@ async def test_an_ndr_with_8_bit_remote_text_is_7_bit_and_reaches_a_hop_without_
         _per_message, per_rcpt = status.get_payload()
         escaped = "".join(c if c.isascii() else f"\\x{{{ord(c):X}}}" for c in shown)
         assert per_rcpt["Diagnostic-Code"] == f"smtp; 550 5.1.1 {escaped}"
+
+
+async def test_long_report_fields_are_folded_at_spaces_not_broken_on_the_wire(
+    tmp_path: Path,
+) -> None:
+    """The report's fields were written on one line whatever their length: a remote reply in
+    Chinese (each character 8 octets as \\x{HHHH}) made a Diagnostic-Code of some 4 000 octets,
+    a long Subject an "Undeliverable:" line as long. The wire's line limit (998) then broke them
+    where the octet count fell, inside an escape (\\x{6536} read back as \\x{65 36}) or a word
+    of the Subject. Such fields are now folded where a space is (or before an escape), and no
+    line of the stored report is over 998 octets."""
+    words = [f"Invoice{i:03d}" for i in range(150)]
+    folded = "\r\n ".join(" ".join(words[i : i + 6]) for i in range(0, len(words), 6))
+    refusal = "收件人不存在，请检查地址" * 40  # more than the 512 characters a reply keeps
+    async with (
+        sinks(EightBitRefusal(refusal.encode()), ScriptedHandler()) as (a, b),
+        relay_running(tmp_path, {"*": a.port, "senders.test": b.port}) as relay,
+    ):
+        await send(relay, SENDER, ["bob@example.com"], original(folded))
+        (ndr,) = await wait_for(lambda: reports(b))
+        report = parse_mail(ndr["content"])
+        assert report["Subject"] == "Undeliverable: " + " ".join(words)
+        _per_message, per_rcpt = report.get_payload()[1].get_payload()
+        escapes = re.findall(r"\\x\{[^}]*\}", per_rcpt["Diagnostic-Code"])
+        assert len(escapes) > 150
+        assert all(re.fullmatch(r"\\x\{[0-9A-F]{4}\}", e) for e in escapes), escapes
+        shown = re.sub(r"\s", "", per_rcpt["Diagnostic-Code"])
+        escaped = "".join(f"\\x{{{ord(c):X}}}" for c in refusal)
+        assert shown.startswith("smtp;5505.1.1" + escaped[:800])
+
+        (stored,) = [m for m in await relay.store.list_messages() if m.sender == ""]
+        content = await relay.store.read_data(stored.queue_id, size=stored.size)
+        assert max(map(len, content.split(b"\r\n"))) <= 998
 
 
 async def test_recipients_failing_on_two_routes_at_different_times_get_an_ndr_each(

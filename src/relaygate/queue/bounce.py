@@ -73,6 +73,11 @@ _UTF8_ADDR_XTEXT = re.compile(r"(?:[^+\\]|\+[0-9A-Fa-f]{2}|\\x\{[0-9A-Fa-f]{1,6}
 # RFC 3461 §4.2: addr-type is an atom (RFC 5322 atext)
 _ADDR_TYPE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
+# Where a long field may be folded: at a space before a word (unfolding gives the text back) or,
+# in a run without one (a reply in Chinese), before an RFC 6533 escape, never inside one.
+_FOLD_POINT = re.compile(r" (?=\S)|(?<=\S)(?=\\x\{)")
+_FOLD_WIDTH = 78  # RFC 5322 §2.1.1's SHOULD
+_MAX_LINE = 998  # RFC 5322 §2.1.1's MUST (octets, without CRLF)
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +280,40 @@ def _code_point_escape(m: re.Match[str]) -> str:
     return f"\\x{{{ord(m.group()):X}}}"
 
 
+def _folded(field: str) -> str:
+    """``Name: value`` folded (CRLF SP) so that no line of the report is over 998 octets: the
+    wire's limit would otherwise break it wherever the count fell, inside a word or an escape.
+    At a space, lines of at most 78 characters (unfolding gives the text back); before an escape
+    only when the line would be too long (unfolding adds a space there). A run with no fold
+    point longer than a line may be is cut (an ENVID of 2 000 characters, say)."""
+    if len(field) <= _FOLD_WIDTH:
+        return field
+    lines: list[str] = []
+    current = ""
+    start = 0
+    for point in [m.start() for m in _FOLD_POINT.finditer(field)] + [len(field)]:
+        piece = field[start:point]
+        start = point
+        width = _FOLD_WIDTH if piece.startswith(" ") else _MAX_LINE - 1
+        if current and len(current) + len(piece) > width:
+            lines.append(current)
+            current = piece if piece.startswith(" ") else " " + piece
+        else:
+            current += piece
+    lines.append(current)
+    return "\r\n".join(_cut(line) for line in lines)
+
+
+def _cut(line: str) -> str:
+    """A line with no fold point, cut into continuation lines that fit (rare: see `_folded`)."""
+    if len(line.encode("utf-8")) <= _MAX_LINE:
+        return line
+    # each continuation line starts with the SP that folds it; a character is up to 4 octets
+    step = _MAX_LINE - 1 if line.isascii() else (_MAX_LINE - 1) // 4
+    chunks = [line[i : i + step] for i in range(0, len(line), step)]
+    return "\r\n ".join(chunks)
+
+
 def _transfer_encoding(content: bytes) -> str:
     return f"Content-Transfer-Encoding: {'7bit' if content.isascii() else 'quoted-printable'}"
 
@@ -350,7 +389,7 @@ def build_dsn(
             text.append(_clean(r.address))
         text.append("")
         if subject:
-            text.append(f"Subject: {subject}")
+            text.append(_folded(f"Subject: {subject}"))
             text.append("")
         text.append(
             "This message hasn't been delivered yet. Delivery will continue to be attempted."
@@ -384,7 +423,7 @@ def build_dsn(
     # ---------------------------------------------------------------- delivery-status part
     status: list[str] = []
     if envelope_id:
-        status.append(f"Original-Envelope-Id: {_xtext_decoded(envelope_id)}")
+        status.append(_folded(f"Original-Envelope-Id: {_xtext_decoded(envelope_id)}"))
     status.append(f"Reporting-MTA: dns; {fqdn}")
     if queue_id:
         status.append(f"X-RelayGate-Queue-Id: {queue_id}")
@@ -395,15 +434,17 @@ def build_dsn(
         # message/global-delivery-status), an ASCII one rfc822.
         address_type = "rfc822" if r.address.isascii() else "utf-8"
         if r.original_recipient:
-            status.append(f"Original-Recipient: {_original_recipient(r.original_recipient)}")
-        status.append(f"Final-Recipient: {address_type}; {_clean(r.address)}")
+            status.append(
+                _folded(f"Original-Recipient: {_original_recipient(r.original_recipient)}")
+            )
+        status.append(_folded(f"Final-Recipient: {address_type}; {_clean(r.address)}"))
         status.append(f"Action: {action}")
         status.append(f"Status: {status_of(r.reply)}")
         if r.remote_mta:
-            status.append(f"Remote-MTA: dns; {_ascii_field(r.remote_mta)}")
-        status.append(f"Diagnostic-Code: smtp; {_ascii_field(r.reply.line())}")
+            status.append(_folded(f"Remote-MTA: dns; {_ascii_field(r.remote_mta)}"))
+        status.append(_folded(f"Diagnostic-Code: smtp; {_ascii_field(r.reply.line())}"))
         if r.last_error and r.last_error != r.reply.line():
-            status.append(f"X-Last-Error: {_ascii_field(r.last_error)}")
+            status.append(_folded(f"X-Last-Error: {_ascii_field(r.last_error)}"))
         if r.last_attempt is not None:
             status.append(f"Last-Attempt-Date: {_date(r.last_attempt)}")
         if action == "delayed" and will_retry_until is not None:
@@ -416,16 +457,20 @@ def build_dsn(
     subject_text = f"{prefix}: {subject}" if subject else prefix
     if not subject_text.isascii():  # a UTF-8 (or undeclared 8-bit) original Subject: RFC 2047
         subject_text = Header(subject_text, "utf-8", header_name="Subject").encode(linesep=nl)
+        subject_field = f"Subject: {subject_text}"
+    else:
+        subject_field = _folded(f"Subject: {subject_text}")
     head = [
         f"From: Mail Delivery System <{postmaster}>",
         f"To: <{_clean(to)}>",
-        f"Subject: {subject_text}",
+        subject_field,
         f"Date: {formatdate(now, localtime=False, usegmt=True)}",
         f"Message-ID: {message_id}",
     ]
     # Only an ASCII one: a UTF-8 Message-ID would make the report's own header UTF-8, and the
-    # report then needs SMTPUTF8 (RFC 6531) to reach a sender who may well not have it.
-    if orig_msgid and orig_msgid.isascii():
+    # report then needs SMTPUTF8 (RFC 6531) to reach a sender who may well not have it. Nor one
+    # too long for a line: a msg-id cannot be folded, and the wire would break it.
+    if orig_msgid and orig_msgid.isascii() and len(orig_msgid) <= _MAX_LINE - len("In-Reply-To: "):
         head.append(f"In-Reply-To: {orig_msgid}")
         head.append(f"References: {orig_msgid}")
     head += [
