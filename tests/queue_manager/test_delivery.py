@@ -797,6 +797,47 @@ async def test_delay_notice_once_then_expiry_ndr_with_4_4_7(tmp_path: Path) -> N
         assert len(always_busy.attempts["bob@example.com"]) == attempts  # no attempt after expiry
 
 
+async def test_an_unreachable_recipients_delay_notice_has_a_4_x_x_status_in_rfc3464_order(
+    tmp_path: Path,
+) -> None:
+    """A recipient no send connector matches waits in the Unreachable queue with LastError
+    `550 5.4.4 ROUTING.NoNextHop` (Exchange's text); its delay notice said `Action: delayed` with
+    `Status: 5.4.4`, a permanent failure, and a sender's bounce processing that reads Status
+    takes the address as dead while the relay still tries it. A delayed recipient's Status is of
+    class 4 (RFC 3464 §2.3.4, RFC 3463). The extension fields (X-RelayGate-Queue-Id,
+    X-Last-Error) came before fields RFC 3464 §2.2-2.3 puts ahead of any extension field."""
+    async with (
+        sinks(ScriptedHandler()) as (b,),
+        relay_running(
+            tmp_path,
+            {"senders.test": b.port},
+            queue={
+                "delay_notification_timeout": "00:00:01",
+                "message_expiration_timeout": "00:00:03",
+            },
+        ) as relay,
+    ):
+        await send(relay, SENDER, ["bob@nowhere.test"], original("Nowhere"))
+        (notice,) = await wait_for(lambda: reports(b))
+        per_message, per_rcpt = parse_mail(notice["content"]).get_payload()[1].get_payload()
+        assert per_message.keys() == ["Reporting-MTA", "Arrival-Date", "X-RelayGate-Queue-Id"]
+        assert per_rcpt["Action"] == "delayed"
+        assert per_rcpt["Status"] == "4.4.4"
+        assert per_rcpt["Diagnostic-Code"] == "smtp; 550 5.4.4 ROUTING.NoNextHop; unable to route"
+
+        (_notice, ndr) = await wait_for(lambda: len(reports(b)) == 2 and reports(b), timeout=8)
+        per_rcpt = parse_mail(ndr["content"]).get_payload()[1].get_payload()[1]
+        assert per_rcpt["Status"] == "4.4.7"
+        assert per_rcpt.keys() == [
+            "Final-Recipient",
+            "Action",
+            "Status",
+            "Diagnostic-Code",
+            "Last-Attempt-Date",
+            "X-Last-Error",
+        ]
+
+
 async def test_no_route_is_the_unreachable_queue_until_a_reload_adds_one(tmp_path: Path) -> None:
     async with (
         sinks(ScriptedHandler()) as (a,),

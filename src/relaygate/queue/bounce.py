@@ -213,6 +213,17 @@ def status_of(reply: Reply) -> str:
     return f"{reply.code // 100}.0.0"
 
 
+def _reported_status(reply: Reply, action: str) -> str:
+    """The Status of a recipient in a report of ``action``: a delayed one is still tried, so its
+    status is of class 4 (RFC 3463 "persistent transient failure") whatever the reply it waits
+    with (the Unreachable queue's is Exchange's ``550 5.4.4 ROUTING.NoNextHop``): a 5.x.x status
+    in a delay notice reads as a dead address to the sender's bounce processing."""
+    status = status_of(reply)
+    if action == "delayed" and not status.startswith("4."):
+        return "4." + status.partition(".")[2]
+    return status
+
+
 def _date(ts: float) -> str:
     return format_datetime(datetime.fromtimestamp(ts, UTC))
 
@@ -425,9 +436,9 @@ def build_dsn(
     if envelope_id:
         status.append(_folded(f"Original-Envelope-Id: {_xtext_decoded(envelope_id)}"))
     status.append(f"Reporting-MTA: dns; {fqdn}")
-    if queue_id:
-        status.append(f"X-RelayGate-Queue-Id: {queue_id}")
     status.append(f"Arrival-Date: {_date(received_at)}")
+    if queue_id:  # extension fields come last (RFC 3464 §2.2, §2.3)
+        status.append(f"X-RelayGate-Queue-Id: {queue_id}")
     status.append("")
     for r in recipients:
         # RFC 6533 §3: a UTF-8 address is of type utf-8 (the part is then
@@ -439,16 +450,16 @@ def build_dsn(
             )
         status.append(_folded(f"Final-Recipient: {address_type}; {_clean(r.address)}"))
         status.append(f"Action: {action}")
-        status.append(f"Status: {status_of(r.reply)}")
+        status.append(f"Status: {_reported_status(r.reply, action)}")
         if r.remote_mta:
             status.append(_folded(f"Remote-MTA: dns; {_ascii_field(r.remote_mta)}"))
         status.append(_folded(f"Diagnostic-Code: smtp; {_ascii_field(r.reply.line())}"))
-        if r.last_error and r.last_error != r.reply.line():
-            status.append(_folded(f"X-Last-Error: {_ascii_field(r.last_error)}"))
         if r.last_attempt is not None:
             status.append(f"Last-Attempt-Date: {_date(r.last_attempt)}")
         if action == "delayed" and will_retry_until is not None:
             status.append(f"Will-Retry-Until: {_date(will_retry_until)}")
+        if r.last_error and r.last_error != r.reply.line():
+            status.append(_folded(f"X-Last-Error: {_ascii_field(r.last_error)}"))
         status.append("")
     delivery_status = nl.join(status).encode("utf-8")
     utf8_status = not delivery_status.isascii()
