@@ -27,6 +27,7 @@ from tests.queue_manager.helpers import (
     ScriptedHandler,
     Sink,
     parse_mail,
+    report_part,
     send,
     send_connector_text,
     split_received,
@@ -312,6 +313,45 @@ async def test_long_report_fields_are_folded_at_spaces_not_broken_on_the_wire(
         (stored,) = [m for m in await relay.store.list_messages() if m.sender == ""]
         content = await relay.store.read_data(stored.queue_id, size=stored.size)
         assert max(map(len, content.split(b"\r\n"))) <= 998
+
+
+async def test_a_huge_original_header_is_returned_in_part_and_the_report_reaches_the_sender(
+    tmp_path: Path,
+) -> None:
+    """A report carries the original's header twice (the text part and text/rfc822-headers),
+    whatever its size (max_header_size is 256 KB by default): a 120 KB header made a 240 KB
+    report, which the sender's route (max_message_size 150KB) refused, and the report was lost.
+    At most 50 000 octets of it come back (Postfix's bounce_size_limit), whole fields, the text
+    part saying how much was left out."""
+    trace = b"".join(b"X-Trace-%04d: " % i + b"t" * 70 + b"\r\n" for i in range(1500))
+    big = original("Big header").replace(b"MIME-Version:", trace + b"MIME-Version:")
+    async with (
+        sinks(ScriptedHandler(lambda _a, _n: "550 5.1.1 User unknown"), ScriptedHandler()) as (
+            a,
+            b,
+        ),
+        relay_running(
+            tmp_path,
+            {"*": a.port},
+            extra=send_connector_text(
+                "To senders", "senders.test", b.port, 'max_message_size = "150KB"'
+            ),
+        ) as relay,
+    ):
+        await send(relay, SENDER, ["bob@example.com"], big)
+        (ndr,) = await wait_for(lambda: reports(b))
+        assert len(ndr["content"]) < 110_000
+        returned = report_part(ndr["content"], 2)
+        assert returned.startswith(b"Received: ")  # the relay's own, then the client's
+        assert b"\r\nFrom: Scanner <scanner@senders.test>\r\n" in returned[:1000]
+        assert 49_000 < len(returned) <= 50_000
+        assert returned.endswith(b"t" * 70 + b"\r\n")  # whole fields
+        assert b"MIME-Version" not in returned
+        text = parse_mail(ndr["content"]).get_payload()[0].get_content()
+        said = re.search(r"\(([\d,]+) of the original header's ([\d,]+) octets are left out", text)
+        assert said, text
+        left_out, total = (int(n.replace(",", "")) for n in said.groups())
+        assert total - left_out == len(returned) and total > len(big) - 200
 
 
 async def test_recipients_failing_on_two_routes_at_different_times_get_an_ndr_each(

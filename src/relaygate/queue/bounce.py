@@ -10,7 +10,8 @@ The report has three parts:
    ``Final-Recipient``, ``Action`` (failed | delayed), ``Status``, ``Diagnostic-Code: smtp; <reply>``,
    ``Remote-MTA`` when a remote host answered, ``Last-Attempt-Date``, ``Will-Retry-Until`` (delayed);
 3. ``text/rfc822-headers``: the header block of the original message (never its body: the original
-   may be large or sensitive, and devices often send to addresses nobody reads);
+   may be large or sensitive, and devices often send to addresses nobody reads), its first
+   `HEADER_COPY_LIMIT` octets of whole fields;
    ``message/global-headers`` when it holds UTF-8 (RFC 6533), quoted-printable so that the report
    stays 7-bit (as ``message/global-delivery-status`` is, for a UTF-8 address).
 
@@ -78,6 +79,10 @@ _NON_ASCII = re.compile(r"[^\x00-\x7f]")
 _FOLD_POINT = re.compile(r" (?=\S)|(?<=\S)(?=\\x\{)")
 _FOLD_WIDTH = 78  # RFC 5322 §2.1.1's SHOULD
 _MAX_LINE = 998  # RFC 5322 §2.1.1's MUST (octets, without CRLF)
+#: The most of the original's header a report returns, in octets (Postfix's bounce_size_limit):
+#: the header may be as big as max_header_size (256 KB by default), and the report carries it
+#: twice; a report bigger than its route's max_message_size was refused, and lost.
+HEADER_COPY_LIMIT = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +111,20 @@ def header_block(message: bytes) -> bytes:
     if lines and lines[-1] == b"":
         lines.pop()
     return b"".join(line.rstrip(b"\r") + b"\r\n" for line in lines)
+
+
+def _returned_header(headers: bytes) -> bytes:
+    """The first whole fields of ``headers`` (CRLF lines) that fit in `HEADER_COPY_LIMIT` octets
+    (the whole lines that fit of a first field bigger than that)."""
+    if len(headers) <= HEADER_COPY_LIMIT:
+        return headers
+    last_line_end = headers.rfind(b"\r\n", 0, HEADER_COPY_LIMIT - 1)
+    end = last_line_end
+    while end >= 0 and headers[end + 2 : end + 3] in (b" ", b"\t"):  # a field goes on: not here
+        end = headers.rfind(b"\r\n", 0, end)
+    if end < 0:
+        end = last_line_end
+    return headers[: end + 2] if end >= 0 else b""
 
 
 def header_value(message: bytes, name: str) -> str:
@@ -429,6 +448,15 @@ def build_dsn(
         text.append("")
     text.append("Original message headers:")
     text.append("")
+    returned = _returned_header(orig_headers)
+    if len(returned) < len(orig_headers):
+        text.append(
+            f"({len(orig_headers) - len(returned):,} of the original header's "
+            f"{len(orig_headers):,} octets are left out: a report returns at most "
+            f"{HEADER_COPY_LIMIT:,}.)"
+        )
+        text.append("")
+    orig_headers = returned
     human = nl.join(text).encode("utf-8") + b"\r\n" + orig_headers
 
     # ---------------------------------------------------------------- delivery-status part
