@@ -302,6 +302,8 @@ def test_malformed_dsn_parameters_are_refused_with_501(relay):
         c.greet()
         for params in ("ENVID=a+ZZ", "ENVID=trailing+", "ENVID", "ENVID=", "RET=BODY", "RET"):
             assert c.cmd(f"MAIL FROM:<a@corp.example> {params}").text == bad, params
+        for params in ("ENVID=line+0D+0ABreak", "ENVID=caf+C3+A9"):  # decoded: not printable ASCII
+            assert c.cmd(f"MAIL FROM:<a@corp.example> {params}").text == bad, params
         c.cmd("MAIL FROM:<a@corp.example> RET=hdrs ENVID=QQ+2B314159", 250)
         for params in (
             "NOTIFY=NEVER,FAILURE",

@@ -68,6 +68,7 @@ _NOTIFY_CONDITIONS = frozenset(("SUCCESS", "FAILURE", "DELAY"))
 # RFC 3461 §4: xtext is printable ASCII but "+" and "=", with "+XX" for any other octet. The SMTP
 # parameter parser already keeps a value to printable ASCII without "=", so only "+" is checked.
 _XTEXT = re.compile(r"(?:[^+]|\+[0-9A-Fa-f]{2})*")
+_XTEXT_HEX = re.compile(r"\+([0-9A-Fa-f]{2})")
 # RFC 6533 §3: a utf-8 ORCPT's utf-8-addr-xtext, "\x{HHHH}" for a non-ASCII character (and
 # xtext's "+XX", which the decoder takes too)
 _UTF8_ADDR_XTEXT = re.compile(r"(?:[^+\\]|\+[0-9A-Fa-f]{2}|\\x\{[0-9A-Fa-f]{1,6}\})*")
@@ -167,14 +168,25 @@ def dsn_parameter_error(key: str, value: str | None) -> str:
             else "NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY"
         )
     if key == "ENVID":
-        return (
-            ""
-            if _XTEXT.fullmatch(value)
-            else "ENVID is not xtext (a '+' not followed by two hex digits)"
-        )
+        return _envid_error(value)
     if key == "ORCPT":
         return _orcpt_error(value)
     return ""
+
+
+def _envid_error(value: str) -> str:
+    if not _XTEXT.fullmatch(value):
+        return "ENVID is not xtext (a '+' not followed by two hex digits)"
+    # Decoded, it comes back in the report as it is: printable ASCII only, as Postfix requires
+    # (a "+0D+0A" would have been dropped from it, a "+C3+A9" made the report's status UTF-8).
+    decoded = _XTEXT_HEX.sub(_hex_octet, value)
+    if not (decoded.isascii() and decoded.isprintable()):
+        return "ENVID decodes to more than printable ASCII"
+    return ""
+
+
+def _hex_octet(m: re.Match[str]) -> str:
+    return chr(int(m.group(1), 16))
 
 
 def _orcpt_error(value: str) -> str:
