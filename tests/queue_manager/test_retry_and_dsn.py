@@ -311,3 +311,19 @@ def test_a_remote_servers_8_bit_text_leaves_the_report_7_bit() -> None:
     rcpt = status.get_payload()[1]
     assert rcpt["Diagnostic-Code"].endswith("responded with: Zeit\\x{FC}berschreitung")
     assert rcpt["X-Last-Error"] == "421 4.3.2 \\x{DC}berlastet"
+
+
+def test_an_undeclared_8_bit_original_header_comes_back_as_utf_8() -> None:
+    """A header with Latin-1 octets (a device that writes its Subject in its own charset) was
+    returned as it was in message/global-headers, whose content is UTF-8 (RFC 6533 §3), and in the
+    text part, declared charset=utf-8: a reader decoding them as declared failed or showed junk.
+    Octets that are not UTF-8 come back as U+FFFD, as the report's Subject has them; UTF-8 stays."""
+    latin1 = b"From: scanner@corp.test\r\nSubject: Gr\xfc\xdfe aus K\xf6ln\r\n\r\nbody\r\n"
+    body = failed_report(latin1)
+    for index in (0, 2):
+        text = report_part(body, index).decode("utf-8")  # strict: every part is UTF-8
+        assert "Subject: Gr\ufffd\ufffde aus K\ufffdln\r\n" in text
+    assert (
+        "Subject: Grüße"
+        in report_part(failed_report(latin1.replace(b"\xfc\xdf", "üß".encode())), 2).decode()
+    )

@@ -114,6 +114,14 @@ def header_block(message: bytes) -> bytes:
     return b"".join(line.rstrip(b"\r") + b"\r\n" for line in lines)
 
 
+def _as_utf8(headers: bytes) -> bytes:
+    """``headers`` with octets that are not UTF-8 (an undeclared Latin-1 Subject) as U+FFFD: the
+    report carries them as message/global-headers and in a charset=utf-8 text part, both UTF-8."""
+    if headers.isascii():
+        return headers
+    return headers.decode("utf-8", "replace").encode("utf-8")
+
+
 def _returned_header(headers: bytes) -> bytes:
     """The first whole fields of ``headers`` (CRLF lines) that fit in `HEADER_COPY_LIMIT` octets
     (the whole lines that fit of a first field bigger than that)."""
@@ -409,7 +417,7 @@ def build_dsn(
     postmaster = postmaster or f"postmaster@{fqdn}"
     message_id = message_id or f"<{secrets.token_hex(12).upper()}@{fqdn}>"
     boundary = f"=_relaygate_{secrets.token_hex(12)}"
-    orig_headers = header_block(original)
+    orig_headers = _as_utf8(header_block(original))
     subject = header_value(original, "Subject")
     orig_msgid = header_value(original, "Message-ID")
     prefix = "Undeliverable" if action == "failed" else "Delivery delayed"
