@@ -25,6 +25,7 @@ from typing import Any
 from relaygate.acme import AcmeManager, acme_enabled, acme_files
 from relaygate.acme import reconcile as reconcile_acme
 from relaygate.admin.server import AdminServer, AdminStartError
+from relaygate.admin.token_file import applied_token_path, keep_applied_token
 from relaygate.certificates import CertificateExpiry, read_expiries
 from relaygate.config import Config, ConfigError, load_config
 from relaygate.delivery.dns import Resolver
@@ -228,6 +229,7 @@ class Relay:
             except BaseException:  # no token, or the port is taken: stop what started, report it
                 await self.stop()
                 raise
+            await asyncio.to_thread(self._keep_admin_token)
         logger.info(
             "RelayGate %s listening on %s (config %s)",
             s.name,
@@ -378,12 +380,26 @@ class Relay:
             # Loop detection knows the listeners as they are now: one added is this relay, one
             # removed (its port perhaps taken by the next hop) no longer is.
             self.manager.local_endpoints = set(self.server.endpoints)
+        await asyncio.to_thread(self._keep_admin_token)
         if self.worker_index is None:  # (a supervisor runs the client for its workers)
             # ACME turned on: the client starts; off: it stops; else its settings apply.
             self.acme = await asyncio.to_thread(reconcile_acme, self.acme, new)
         for log in retired:  # message tracking switched off: write what it holds, then close
             await asyncio.to_thread(log.close)
         logger.info("configuration reloaded from %s", self.config_path)
+
+    def _keep_admin_token(self) -> None:
+        """Worker 0 of several: the API token its admin centre runs now, for a worker 0 started
+        after it whose token file cannot be used (`AdminServer._start_token`). Blocking."""
+        if self.worker_index != 0 or self.admin is None or self.admin.app is None:
+            return
+        data_dir = self.config.server.data_dir
+        try:
+            keep_applied_token(
+                data_dir, self.config.admin.api_token_file, self.admin.app.state.token
+            )
+        except OSError as exc:  # a restarted worker 0 then needs a usable file, as before
+            logger.warning("cannot keep the API token in %s: %s", applied_token_path(data_dir), exc)
 
     def _read_new_config(self, path: Path) -> tuple[Config, str | None]:
         """The configuration a reload applies: the file, or for a supervised worker the text its

@@ -79,6 +79,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from relaygate.admin.token_file import forget_applied_token
 from relaygate.config import Config, ConfigError, parse_text
 from relaygate.config.loader import read_config_text
 from relaygate.logs.service import (
@@ -348,6 +349,8 @@ class Supervisor:
         self._create_rate_table()
         # /metrics sums this run's workers only (relaygate.worker_stats)
         clear_snapshots(Path(self.config.server.data_dir))
+        # a worker 0 that cannot read its token file at the node's start does not start
+        forget_applied_token(Path(self.config.server.data_dir))
         self._stderr = buffer_stderr()
         old = self._install_signals()
         with contextlib.suppress(OSError):

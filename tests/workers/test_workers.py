@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import email
+import http.client
 import os
 import shutil
 import signal
@@ -1189,3 +1190,96 @@ def test_a_reload_adding_a_port_another_process_serves_is_refused(serve: Any) ->
         assert s.stop() == 0
     finally:
         other.close()
+
+
+ADMIN_TOKEN = "a-long-enough-admin-token-0123456789"
+
+
+def admin_status(port: int, token: str | None) -> int | None:
+    """The status of GET /api/queue on the admin listener with `token` (None: no token), or
+    None when nothing answers there."""
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/api/queue", headers=headers)
+        return conn.getresponse().status
+    except OSError:
+        return None
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("how", ["emptied", "unreadable"])
+def test_worker_0_restarted_after_its_token_file_broke_keeps_the_token_the_node_applied(
+    tmp_path: Path, sink: tuple[Sink, int], how: str
+) -> None:
+    """admin.api_token_file emptied (or made unreadable) and the reload refused: the workers
+    kept the token they had, but worker 0 (the admin centre's) read the file as it was when it
+    was started again, could not start, and crash-looped (status 1, backing off to 30 s), with
+    no admin centre and its SMTP listener opened and closed at each try. Restarted, it keeps
+    the token the node applied, and says once which file it could not use."""
+    s, token = _served_with_token_file(tmp_path, sink[1])
+    s.start()
+    try:
+        assert s.proc is not None
+        before = s.children()
+        assert admin_status(s.admin_port, ADMIN_TOKEN) == 200
+        if how == "emptied":
+            token.write_text("")
+        else:
+            token.unlink()  # (root reads a file of mode 0000: a missing file stands for it)
+        s.proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: s.log().count("reload refused") >= 2, 15), s.log()[-3000:]
+        os.kill(before[0], signal.SIGKILL)
+        assert wait_until(lambda: f"worker 0 (pid {before[0]}) exited" in s.log(), 15), s.log()[
+            -3000:
+        ]
+        assert wait_until(lambda: admin_status(s.admin_port, ADMIN_TOKEN) == 200, 20), s.log()[
+            -3000:
+        ]
+        assert admin_status(s.admin_port, "a-wrong-token") == 401
+        assert admin_status(s.admin_port, None) == 401
+        log = s.log()
+        assert "exited unexpectedly (status 1)" not in log, log[-3000:]
+        assert log.count(f"{str(token)!r}") == 3, log[-3000:]  # two refusals, one fallback
+        new_0 = next(pid for pid in s.children() if pid not in before)
+        restarted_worker(s, [new_0, before[1]], 1)  # the other worker's restart reads no token
+        assert s.stop() == 0
+    finally:
+        if s.proc is not None and s.proc.poll() is None:
+            kill_tree(s.proc.pid)
+
+
+def test_worker_0_restarted_keeps_the_token_of_the_last_reload_and_a_new_start_needs_the_file(
+    tmp_path: Path, sink: tuple[Sink, int]
+) -> None:
+    """What a restarted worker 0 keeps is the token the last reload applied (a rotated one), not
+    the one read at start; its copy is the owner's alone; and a new `relaygate serve` does not
+    start on it: the file must be usable at the node's start."""
+    s, token = _served_with_token_file(tmp_path, sink[1])
+    s.start()
+    try:
+        assert s.proc is not None
+        before = s.children()
+        token.write_text("a-rotated-admin-token-9876543210\n")
+        s.proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: admin_status(s.admin_port, "a-rotated-admin-token-9876543210")
+                          == 200, 15), s.log()[-3000:]  # fmt: skip
+        token.write_text("")
+        s.proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: s.log().count("reload refused") >= 2, 15), s.log()[-3000:]
+        os.kill(before[0], signal.SIGKILL)
+        assert wait_until(lambda: f"worker 0 (pid {before[0]}) exited" in s.log(), 15)
+        assert wait_until(
+            lambda: admin_status(s.admin_port, "a-rotated-admin-token-9876543210") == 200, 20
+        ), s.log()[-3000:]
+        assert admin_status(s.admin_port, ADMIN_TOKEN) == 401
+        kept = s.data / "run" / "admin-token-applied.json"
+        assert kept.stat().st_mode & 0o777 == 0o600
+        assert s.stop() == 0
+        with pytest.raises(AssertionError, match="did not start"):
+            s.start()
+        assert "cannot start: admin.api_token_file" in s.log(), s.log()[-3000:]
+    finally:
+        if s.proc is not None and s.proc.poll() is None:
+            kill_tree(s.proc.pid)

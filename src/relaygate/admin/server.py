@@ -30,6 +30,7 @@ from relaygate.admin.api import (
     read_token,
     token_mode_warning,
 )
+from relaygate.admin.token_file import applied_token, applied_token_path
 from relaygate.audit import admin_exposed
 from relaygate.config.values import parse_binding
 from relaygate.file_modes import mode_granting
@@ -666,6 +667,30 @@ class AdminServer:
             log.warning("%s", warning)  # warned, not refused: the relay starts, the reload goes on
         return token
 
+    def _start_token(self, config: Any) -> str | None:
+        """`read_token` at start. Worker 0 of several, started again by its supervisor, whose
+        token file cannot be used now keeps the token the node applied (kept by the worker 0
+        before it: token_file.keep_applied_token), and says so once, naming the file: a reload
+        refusing that file left the other workers on it, and this worker used to exit and be
+        restarted, over and over. At the node's start there is no such token (the supervisor
+        forgets it): a file that cannot be used stops the start, as with one process."""
+        try:
+            return self.read_token(config)
+        except AdminStartError as exc:
+            if getattr(self.relay, "worker_index", None) != 0:
+                raise
+            data_dir = config.server.data_dir
+            kept = applied_token(data_dir, config.admin.api_token_file)
+            if kept is None:
+                raise
+            log.warning(
+                "%s; this worker started again with the API token the node runs (%s) until a "
+                "reload reads a usable file",
+                exc,
+                applied_token_path(data_dir),
+            )
+            return kept
+
     def apply_token(self, token: str | None, *, metrics_require_token: bool) -> None:
         """A reload's token (from `read_token`) and ``admin.metrics_require_token``: the API, the
         pages, /api/health's whole report and /metrics (when it asks for the token) require it
@@ -680,7 +705,7 @@ class AdminServer:
         if self._task is not None:
             return
         config = self.relay.config
-        token = self.read_token(config)
+        token = self._start_token(config)
         context, self._tls_stamp = await asyncio.to_thread(self.load_tls, config)
         self._tls = _SwappableTls(context) if context is not None else None
         self._handshakes = _Handshakes(self._tls) if self._tls is not None else None
