@@ -30,8 +30,9 @@ any of its processes runs, even after a SIGKILL of the supervisor. It:
   send a command 421 4.3.2, lets messages being received and deliveries finish; a second
   SIGTERM/SIGINT makes it tell each worker, on its link, to cut them short);
 * reloads, at SIGHUP and when the config file changes (the workers do not watch it): it reads the
-  file, refuses (logged once, no worker told) a file that is invalid or that adds a port another
-  process listens on (`check_bindings_free`, as at start), and otherwise offers that text to every
+  file, refuses (logged once, no worker told) a file that is invalid or that has a listener where
+  another process listens (`check_bindings_free`, as at start; `_node_holds` tells the node's own
+  listeners from others on the ports it holds), and otherwise offers that text to every
   worker (``<data_dir>/run/worker-config-offered.toml``, then SIGHUP). Each worker says on its link
   the digest of the text it runs after it (applied or refused); once they all applied it, it is the
   node's configuration (``worker-config.toml``), which every worker is started with: a worker
@@ -65,6 +66,7 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -82,6 +84,7 @@ from typing import Any
 from relaygate.admin.token_file import forget_applied_token
 from relaygate.config import Config, ConfigError, parse_text
 from relaygate.config.loader import read_config_text
+from relaygate.config.values import Binding
 from relaygate.logs.service import (
     READY_FLUSH_TIMEOUT,
     START_FORMAT_ENV,
@@ -783,17 +786,18 @@ class Supervisor:
                 w.reload_pending = True  # still starting: it has no SIGHUP handler yet
 
     def _new_bindings_free(self, new: Config) -> bool:
-        """Whether no other process listens where `new` adds a port the node does not listen on
-        yet (`check_bindings_free`: the workers' SO_REUSEPORT would share it with that process,
-        as at start); logs the refusal naming the binding. A port the workers hold already is
-        not checked: their own sockets hold it."""
+        """Whether no other process listens where `new` has a listener (`check_bindings_free`:
+        the workers' SO_REUSEPORT would share it with that process, as at start); logs the
+        refusal naming the binding. A binding that meets a listener is let through only when
+        that listener is the node's own (`_node_holds`): skipping every port the node listened
+        on let another process's listener on another address of such a port through."""
         from relaygate.smtp.server import ListenerError, check_bindings_free, listener_bindings
 
         # the node's, and those of a reload the workers may be applying now
         running = [known[2] for known in (self._node, self._pending) if known is not None]
-        held = {binding.port for config in running for binding in listener_bindings(config)}
+        held = frozenset(binding for config in running for binding in listener_bindings(config))
         try:
-            check_bindings_free(new, skip_ports=frozenset(held))
+            check_bindings_free(new, node_holds=lambda binding: _node_holds(binding, held))
         except ListenerError as exc:
             logger.error("reload refused, keeping the running configuration: %s", exc)
             return False
@@ -885,6 +889,59 @@ class Supervisor:
         if self._stderr_copy >= 0:
             os.close(self._stderr_copy)
             self._stderr_copy = -1
+
+
+def _node_holds(binding: Binding, held: frozenset[Binding]) -> bool:
+    """Whether the listener `binding` cannot be bound beside is the node's own: `binding` is one
+    the workers hold, or every listener that shares its endpoint (a wildcard and an address on
+    its port) is one of theirs (/proc/net/tcp*). Where the listeners cannot be listed, one that
+    shares an endpoint with the node's is taken for the node's (as the check did before)."""
+    if binding in held:
+        return True
+    if not any(binding.shares_endpoint(mine) for mine in held):
+        return False  # nothing of the node's there: another process listens
+    listening = listening_bindings(binding.port)
+    if listening is None:
+        return True
+    return all(other in held for other in listening if binding.shares_endpoint(other))
+
+
+#: /proc's files of TCP sockets, and the state of a listening one in them
+_PROC_TCP = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))
+_TCP_LISTEN = "0A"
+
+
+def listening_bindings(port: int) -> set[Binding] | None:
+    """The addresses TCP sockets of this network namespace listen on at `port`, any process's
+    (Linux's /proc/net/tcp and tcp6), or None when they cannot be read."""
+    found: set[Binding] = set()
+    try:
+        tables = [path.read_text() for path in _PROC_TCP if path.exists()]
+    except OSError:
+        return None
+    if not tables:
+        return None
+    for table in tables:
+        for line in table.splitlines()[1:]:
+            fields = line.split()
+            if len(fields) < 4 or fields[3] != _TCP_LISTEN:
+                continue
+            address, _, hex_port = fields[1].partition(":")
+            if int(hex_port, 16) == port:
+                found.add(Binding(_proc_address(address), port))
+    return found
+
+
+def _proc_address(hex_address: str) -> str:
+    """An address as /proc/net/tcp* writes it (32-bit words in host order, little-endian here):
+    as a configuration writes it (an IPv4-mapped IPv6 address as the IPv4 one)."""
+    raw = b"".join(
+        bytes.fromhex(hex_address[i : i + 8])[::-1] for i in range(0, len(hex_address), 8)
+    )
+    ip = ipaddress.ip_address(raw)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -1283,3 +1283,97 @@ def test_worker_0_restarted_keeps_the_token_of_the_last_reload_and_a_new_start_n
     finally:
         if s.proc is not None and s.proc.poll() is None:
             kill_tree(s.proc.pid)
+
+
+def test_a_reload_adding_an_address_on_a_port_the_node_holds_that_another_process_serves(
+    serve: Any,
+) -> None:
+    """The reload's check that a new binding is free skipped every port the node listens on
+    (its workers hold them): another process listening on 127.0.0.3 on the node's port (a
+    SO_REUSEPORT socket of the same user) was not seen, and the workers joined its group, the
+    connections to that address split between that process and the node. Refused now, naming
+    the binding; a binding the node holds, moved to another connector, still reloads."""
+    s = serve(workers=2)
+    other = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.3", s.port))
+        other.listen(16)
+        binding = f'bindings = ["127.0.0.1:{s.port}"]'
+        edit_keeping_stamp(
+            s.config,
+            s.config.read_text()
+            .replace(binding, f'bindings = ["127.0.0.1:{s.port}", "127.0.0.3:{s.port}"]')
+            .replace("220 RelayGate one", "220 RelayGate two"),
+        )
+        assert s.proc is not None
+        s.proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: "reload refused" in s.log(), 15), s.log()[-3000:]
+        log = s.log()
+        assert f"127.0.0.3:{s.port}" in log, log[-3000:]
+        assert "configuration reloaded" not in log, log[-3000:]
+        with held_clients(s.port, 10, banner="RelayGate one"):
+            pass
+        other.close()
+        # the node's own binding, now another connector's (Relay's port moves to 127.0.0.4)
+        moved = s.config.read_text().replace(
+            f'bindings = ["127.0.0.1:{s.port}", "127.0.0.3:{s.port}"]',
+            f'bindings = ["127.0.0.4:{s.port}"]',
+        )
+        moved += MOVED_CONNECTOR.format(port=s.port)
+        edit_keeping_stamp(s.config, moved)
+        s.proc.send_signal(signal.SIGHUP)
+        reloaded = "configuration reloaded from"
+        assert wait_until(lambda: s.log().count(reloaded) == 2, 15), s.log()[-3000:]
+        assert s.log().count("reload refused") == 1, s.log()[-3000:]
+        with held_clients(s.port, 10, banner="RelayGate moved"):
+            pass
+        assert s.stop() == 0
+    finally:
+        other.close()
+
+
+MOVED_CONNECTOR = """
+[[receive_connectors]]
+name = "Moved"
+bindings = ["127.0.0.1:{port}"]
+remote_ip_ranges = ["127.0.0.0/8"]
+auth_mechanism = ["None"]
+permission_groups = ["AnonymousUsers"]
+tarpit_interval = "00:00:00"
+banner = "220 RelayGate moved"
+"""
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_a_wildcard_over_the_nodes_own_address_is_the_nodes_unless_another_listens_there(
+    family: str,
+) -> None:
+    """A reload replacing the node's address on a port with the wildcard meets the node's own
+    listener when it tries that binding: that one is let through, another process's on another
+    address of that port is not (read from /proc/net/tcp and tcp6)."""
+    from relaygate.config.values import Binding
+    from relaygate.workers import _node_holds
+
+    af, mine, theirs, wildcard = (
+        (socket.AF_INET, "127.0.0.1", "127.0.0.5", "0.0.0.0")
+        if family == "ipv4"
+        else (socket.AF_INET6, "::1", "::ffff:127.0.0.5", "::")
+    )
+    port = free_port()
+    listeners = []
+    try:
+        for address in (mine, theirs):
+            sock = socket.socket(af, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((address, port))
+            sock.listen(4)
+            listeners.append(sock)
+            held = frozenset({Binding(mine, port)})
+            expected = address == mine  # only the node's own listener there
+            assert _node_holds(Binding(wildcard, port), held) is expected, address
+            assert _node_holds(Binding(mine, port), held)
+            assert not _node_holds(Binding("127.0.0.5", port), held)
+    finally:
+        for sock in listeners:
+            sock.close()

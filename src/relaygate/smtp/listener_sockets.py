@@ -9,7 +9,9 @@ wildcard socket of the same TLS mode receives already.
 
 from __future__ import annotations
 
+import errno
 import socket
+from collections.abc import Callable
 
 from relaygate.config.model import Config
 from relaygate.config.values import Binding, wildcard_covers
@@ -69,7 +71,9 @@ def listener_bindings(config: Config) -> dict[Binding, bool]:
     }
 
 
-def check_bindings_free(config: Config, *, skip_ports: frozenset[int] = frozenset()) -> None:
+def check_bindings_free(
+    config: Config, *, node_holds: Callable[[Binding], bool] | None = None
+) -> None:
     """Raise ListenerError (naming the binding and its connectors) if a listener of `config`
     cannot be bound by a socket WITHOUT SO_REUSEPORT: another process listens there.
 
@@ -77,16 +81,15 @@ def check_bindings_free(config: Config, *, skip_ports: frozenset[int] = frozense
     share: a second node started on a port another node's workers hold would bind it too,
     say ready, and split (or silently take over) the first's connections. A socket without
     SO_REUSEPORT meets EADDRINUSE there, so the supervisor binds each endpoint that way (and
-    closes it: it never listens) before it starts its workers, and at reload for the ports
-    the node does not listen on yet (`skip_ports`: those its workers hold)."""
+    closes it: it never listens) before it starts its workers, and at reload (`node_holds`:
+    whether the listener in the way of a binding is the node's own, workers.py)."""
     for binding in listener_bindings(config):
-        if binding.port in skip_ports:
-            continue
         try:
             # as the listeners do (SO_REUSEADDR, IPV6_V6ONLY), so only a listener conflicts
             _bound_socket(config, binding, reuse_port=False).close()
         except OSError as exc:
-            raise ListenerError(binding, exc, config) from exc
+            if not (exc.errno == errno.EADDRINUSE and node_holds and node_holds(binding)):
+                raise ListenerError(binding, exc, config) from exc
 
 
 def _bound_socket(config: Config, binding: Binding, *, reuse_port: bool) -> socket.socket:
