@@ -41,6 +41,7 @@ from relaygate.logs.service import apply_config as apply_service_log
 from relaygate.logs.service import configure as configure_service_log
 from relaygate.logs.tracking import MESSAGE_TRACKING_DIR, TrackingLog
 from relaygate.malloc_tuning import tune_malloc
+from relaygate.node_connections import NodeConnectionLimits, NodeConnections
 from relaygate.node_lock import NodeLock, NodeLockError
 from relaygate.queue.manager import QueueManager, build_signer
 from relaygate.queue.pressure import DiskPressure
@@ -197,6 +198,7 @@ class Relay:
             # The message rate and AUTH failure counts this worker shares with its siblings (None when started
             # without a supervisor's table: then counted in this process, as with one worker).
             self.ctx.rates.shared = self.ctx.auth_failures.shared = SharedRateTable.from_env()
+            await self._count_connections_for_the_node(self.ctx, self.worker_index)
         queue_dir = Path(s.data_dir) / "queue"
         self.pressure = DiskPressure(
             queue_dir if queue_dir.is_dir() else Path(s.data_dir), cfg.queue.min_free_disk_space
@@ -236,6 +238,17 @@ class Relay:
             ", ".join(f"{h}:{p}" for h, p in self.server.endpoints),
             cfg.source,
         )
+
+    @staticmethod
+    async def _count_connections_for_the_node(ctx: ServerContext, worker: int) -> None:
+        """A worker counts its open connections in the table its siblings share (None when
+        started without a supervisor's table: then in this process, as with one worker),
+        starting from none: a worker of the same index before it may have died holding some."""
+        table = NodeConnections.from_env()
+        if table is None:
+            return
+        await asyncio.to_thread(table.clear_worker, worker)
+        ctx.limits = NodeConnectionLimits(table, worker)
 
     @property
     def node_id(self) -> str:

@@ -18,6 +18,10 @@ any of its processes runs, even after a SIGKILL of the supervisor. It:
 
 * drops, before starting any worker, the queue leases this node's processes left behind (a crash,
   or a previous run with another number of workers), so nothing waits for a lease to expire;
+* creates, before starting any worker, a fresh table of the node's open connections
+  (``<data_dir>/run/connections``, node_connections.py), so max_inbound_connection and
+  max_inbound_connection_per_source hold for the node, and zeroes a worker's counts in it as
+  soon as it sees it exit;
 * creates, before starting any worker, a fresh table of message rate counts that every worker maps
   (``<data_dir>/run/message-rates``, smtp/shared_rates.py) and hands them its path and token, so
   message_rate_limit and logon_failure_rate_limit hold for the node, not per worker;
@@ -97,6 +101,9 @@ from relaygate.logs.service import (
 from relaygate.logs.service import apply_config as apply_service_log
 from relaygate.logs.service import current as current_log_format
 from relaygate.logs.worker_output import WorkerOutput
+from relaygate.node_connections import CONNECTION_TABLE_ENV, NodeConnections, TableMismatch
+from relaygate.node_connections import create as create_connection_table
+from relaygate.node_connections import table_path as connection_table_path
 from relaygate.sd_notify import ENV_VARS as SYSTEMD_ENV
 from relaygate.sd_notify import Notifier, watchdog_interval
 from relaygate.smtp.shared_rates import RATE_TABLE_ENV, table_path
@@ -284,6 +291,11 @@ class _Worker:
 class Supervisor:
     """Runs ``config.server.workers`` worker processes until SIGTERM/SIGINT. See the module doc."""
 
+    #: CONNECTION_TABLE_ENV for the workers, and the table mapped here (None: counted per
+    #: worker), once `_create_connection_table` made them
+    _connection_table: str | None = None
+    _connections: NodeConnections | None = None
+
     def __init__(
         self,
         config: Config,
@@ -350,6 +362,7 @@ class Supervisor:
         """Start, serve until asked to stop, stop. Returns the process exit status."""
         self._release_stale_leases()
         self._create_rate_table()
+        self._create_connection_table()
         # /metrics sums this run's workers only (relaygate.worker_stats)
         clear_snapshots(Path(self.config.server.data_dir))
         # a worker 0 that cannot read its token file at the node's start does not start
@@ -454,6 +467,23 @@ class Supervisor:
             return
         self._rate_table = f"{token.hex()} {path}"
 
+    def _create_connection_table(self) -> None:
+        """A new, empty table of the node's open connections (node_connections.py), before any
+        worker starts; this process keeps it mapped to zero the counts of a worker that exits."""
+        path = connection_table_path(Path(self.config.server.data_dir)).resolve()
+        try:
+            token = create_connection_table(path, self.count)
+            self._connections = NodeConnections.open(path, token)
+        except (OSError, TableMismatch) as exc:
+            logger.error(
+                "cannot create %s (%s): max_inbound_connection and "
+                "max_inbound_connection_per_source are counted per worker",
+                path,
+                exc,
+            )
+            return
+        self._connection_table = f"{token.hex()} {path}"
+
     def _bindings_free(self) -> bool:
         """Whether no other process listens on the node's endpoints (`check_bindings_free`:
         the workers' SO_REUSEPORT would share them with it); logs why not."""
@@ -524,6 +554,9 @@ class Supervisor:
         env[START_FORMAT_ENV] = current_log_format()[0]
         if self._rate_table is not None:
             env[RATE_TABLE_ENV] = self._rate_table
+        env.pop(CONNECTION_TABLE_ENV, None)
+        if self._connection_table is not None:
+            env[CONNECTION_TABLE_ENV] = self._connection_table
         pass_fds = [child.fileno(), *self.hold_fds]
         env.pop(STDERR_FALLBACK_ENV, None)
         if self._stderr_copy >= 0:
@@ -697,6 +730,8 @@ class Supervisor:
         if w.exited_at is None:
             w.exited_at, w.ready = now, None
             self._close_link(w)
+            if self._connections is not None:  # it holds no connection any more
+                self._connections.clear_worker(w.index)
         if not self._last_lines_passed(w, now):
             return  # the loop goes on meanwhile; a pipe that ends wakes it (`_wake`)
         ran = w.exited_at - w.started

@@ -577,7 +577,8 @@ def test_per_source_limit_holds_across_workers(serve: Any) -> None:
 
 def test_worker_balance_connection_spreads_one_address_over_both_workers(serve: Any) -> None:
     """`worker_balance = "connection"`: the kernel's own per-connection hash, so one busy client
-    address uses every worker (and per-source limits are per worker, as documented)."""
+    address uses every worker (its connection limits hold for the node: see
+    test_connection_limits_hold_for_the_node_when_one_address_reaches_every_worker)."""
     s = serve(workers=2, extra='worker_balance = "connection"\n')
     workers = s.children()
     held = []
@@ -1377,3 +1378,64 @@ def test_a_wildcard_over_the_nodes_own_address_is_the_nodes_unless_another_liste
     finally:
         for sock in listeners:
             sock.close()
+
+
+def open_from(port: int, source: str, n: int) -> tuple[list[RawClient], int]:
+    """`n` connections from `source`: (those greeted with 220, held open; how many got 421)."""
+    held: list[RawClient] = []
+    refused = 0
+    for _ in range(n):
+        c = RawClient(port, source=source, timeout=10)
+        reply = c.reply()
+        assert reply is not None
+        if reply.code == 220:
+            held.append(c)
+        else:
+            assert reply.code == 421 and "4.3.2" in reply.lines[0], reply
+            refused += 1
+            c.close()
+    return held, refused
+
+
+def test_connection_limits_hold_for_the_node_when_one_address_reaches_every_worker(
+    tmp_path: Path, sink: tuple[Sink, int]
+) -> None:
+    """`worker_balance = "connection"`: one address's connections reach every worker, and
+    max_inbound_connection_per_source was counted by each worker alone: 2 workers let a source
+    hold twice its limit. Counted for the node now; the connections a killed worker held are
+    no longer counted (its siblings admit the source again)."""
+    s = Served(tmp_path, sink[1], 2, 'worker_balance = "connection"\n')
+    s.config.write_text(
+        s.config.read_text().replace(
+            'tarpit_interval = "00:00:00"',
+            'tarpit_interval = "00:00:00"\nmax_inbound_connection_per_source = 3',
+        )
+    )
+    s.start()
+    held: list[RawClient] = []
+    try:
+        workers = s.children()
+        held, refused = open_from(s.port, "127.0.0.9", 10)
+        per_pid = connections_per_pid(workers, s.port)
+        assert (len(held), refused) == (3, 7), per_pid
+        # the worker holding most of them dies: what it held is counted no more
+        victim = max(per_pid, key=lambda pid: per_pid[pid])
+        survivors = sum(n for pid, n in per_pid.items() if pid != victim)
+        os.kill(victim, signal.SIGKILL)
+        assert wait_until(lambda: "exited unexpectedly (signal SIGKILL)" in s.log(), 15)
+        more, refused = open_from(s.port, "127.0.0.9", 6)
+        held += more
+        assert (len(more), refused) == (3 - survivors, 3 + survivors), s.log()[-3000:]
+        for c in held:
+            c.close()
+        held = []
+        # closed connections are counted no more either, in every worker
+        assert wait_until(lambda: sum(connections_per_pid(s.children(), s.port).values()) == 0)
+        held, refused = open_from(s.port, "127.0.0.9", 5)
+        assert (len(held), refused) == (3, 2)
+        assert s.stop() == 0
+    finally:
+        for c in held:
+            c.close()
+        if s.proc is not None and s.proc.poll() is None:
+            kill_tree(s.proc.pid)

@@ -54,7 +54,6 @@ from relaygate.audit.server import (
     _queue_findings,
     _relative_path_findings,
     _secret_file_findings,
-    _server_findings,
 )
 from relaygate.certificates import CertificateExpiry
 from relaygate.config.model import Config
@@ -94,7 +93,6 @@ def audit(
         findings.extend(_connector_findings(connector, config, max_prefix_v4, max_prefix_v6))
     findings.extend(_shadow_findings(config))
     findings.extend(_accepted_domain_findings(config))
-    findings.extend(_server_findings(config))
     findings.extend(_proxy_findings(config, max_prefix_v4, max_prefix_v6))
     findings.extend(_acme_findings(config))
     findings.extend(_admin_findings(config))

@@ -55,23 +55,6 @@ def _accepted_domain_findings(config: Config) -> Iterator[Finding]:
         )
 
 
-def _server_findings(config: Config) -> Iterator[Finding]:
-    s = config.server
-    if s.workers > 1 and s.worker_balance == "connection":
-        yield Finding(
-            "low",
-            "per-source-limits-per-worker",
-            "",
-            "server.worker_balance",
-            f'worker_balance = "connection" with {s.workers} workers: each worker counts '
-            "max_inbound_connection_per_source on its own, so one source can hold up to "
-            f"{s.workers} times that many connections (message_rate_limit and "
-            "logon_failure_rate_limit are counted for the node)",
-            'keep worker_balance = "client_address" (the default) unless one busy client must use '
-            "every worker, or divide max_inbound_connection_per_source by the number of workers",
-        )
-
-
 def _proxy_findings(config: Config, max_prefix_v4: int, max_prefix_v6: int) -> Iterator[Finding]:
     """server.trusted_proxies wider than a few load balancers: every host in it may send a PROXY
     header naming any client address, and so choose the connector (and the relay rights) its

@@ -374,9 +374,8 @@ class ServerConfig:
     workers: int = 1
     #: How the kernel shares new connections among workers: "client_address" (all connections of
     #: one client reach one worker, so per-source limits hold relay-wide) or "connection" (every
-    #: connection hashed on its own: one heavy client can use every worker;
-    #: max_inbound_connection_per_source is then counted per worker, message_rate_limit and
-    #: logon_failure_rate_limit still per node).
+    #: connection hashed on its own: one heavy client can use every worker; connection limits,
+    #: message_rate_limit and logon_failure_rate_limit are counted for the node either way).
     worker_balance: str = _spec("client_address", choices=("client_address", "connection"))
     #: With workers > 1: a worker whose event loop has not answered the supervisor for this long
     #: (a hang: the kernel keeps handing it new connections) is killed and restarted. 0: never.

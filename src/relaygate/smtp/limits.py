@@ -28,6 +28,23 @@ __all__ = [
 logger = logging.getLogger("relaygate.smtp")
 
 
+def connection_refusal(connector: ReceiveConnector, active: int, from_source: int) -> Reply | None:
+    """The 421 for one more session on `connector` with `active` open on it and `from_source`
+    from its client's address, or None (relaygate.node_connections counts them for the node)."""
+    if connector.max_inbound_connection is not None and active >= connector.max_inbound_connection:
+        return replies.SERVER_CONNECTIONS_EXCEEDED
+    per_source = connector.max_inbound_connection_per_source
+    if per_source is not None and from_source >= per_source:
+        return replies.SOURCE_CONNECTIONS_EXCEEDED
+    if connector.max_inbound_connection is not None:
+        # Percentage of the connections still available on the connector (at least one).
+        available = connector.max_inbound_connection - active
+        share = max(1, available * connector.max_inbound_connection_percentage_per_source // 100)
+        if from_source >= share:
+            return replies.SOURCE_CONNECTIONS_EXCEEDED
+    return None
+
+
 @dataclass
 class ConnectionLimits:
     """Counts open sessions per connector and per (connector, source IP)."""
@@ -39,26 +56,12 @@ class ConnectionLimits:
         """Count a new session in, or return the 421 to send. Call `release` when it ends."""
         name = connector.name
         active = self.per_connector[name]
-        if (
-            connector.max_inbound_connection is not None
-            and active >= connector.max_inbound_connection
-        ):
-            return replies.SERVER_CONNECTIONS_EXCEEDED
         from_source = self.per_source[(name, source)]
-        per_source = connector.max_inbound_connection_per_source
-        if per_source is not None and from_source >= per_source:
-            return replies.SOURCE_CONNECTIONS_EXCEEDED
-        if connector.max_inbound_connection is not None:
-            # Percentage of the connections still available on the connector (at least one).
-            available = connector.max_inbound_connection - active
-            share = max(
-                1, available * connector.max_inbound_connection_percentage_per_source // 100
-            )
-            if from_source >= share:
-                return replies.SOURCE_CONNECTIONS_EXCEEDED
-        self.per_connector[name] = active + 1
-        self.per_source[(name, source)] = from_source + 1
-        return None
+        refusal = connection_refusal(connector, active, from_source)
+        if refusal is None:
+            self.per_connector[name] = active + 1
+            self.per_source[(name, source)] = from_source + 1
+        return refusal
 
     def release(self, connector: ReceiveConnector, source: str) -> None:
         name = connector.name

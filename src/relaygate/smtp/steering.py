@@ -2,18 +2,16 @@
 
 With ``server.workers = N`` every worker listens on the same port and the kernel picks one per new
 connection. By default it hashes the whole 4-tuple, so one client's connections spread over every
-worker and each worker's per-source counters (``max_inbound_connection_per_source``,
-``logon_failure_rate_limit``) see only part of them: a source could hold N times its limit. The
-program below makes the kernel pick the worker from the client's address alone (IPv4: the address;
-IPv6: the XOR of its four words), so each source's counters live in one process and the limits hold
-as configured. (``message_rate_limit`` and ``logon_failure_rate_limit`` hold without it too: where
-an address or a user can reach several workers, the workers count in a table they share,
-smtp/shared_rates.py; with this program an address's count stays in its worker, which is cheaper.)
+worker. The program below makes the kernel pick the worker from the client's address alone (IPv4:
+the address; IPv6: the XOR of its four words), so each source's sessions live in one process. (The
+per-source limits hold without it too: where an address or a user can reach several workers,
+the workers count messages and AUTH failures in a table they share, smtp/shared_rates.py, and
+open connections in another, node_connections.py.)
 
 The program returns an index into the group's sockets. While a worker restarts the group is one
 socket short; an index past its end makes the kernel fall back to its own hash, so nothing is refused
-meanwhile (limits are then per worker for a moment). Linux only; elsewhere, or if the kernel refuses,
-`attach_source_steering` returns False and the limits stay per worker (README).
+meanwhile. Linux only; elsewhere, or if the kernel refuses, `attach_source_steering` returns False
+and one address's connections may reach every worker (README).
 """
 
 from __future__ import annotations
@@ -80,7 +78,8 @@ def attach_source_steering(sock: socket.socket, workers: int) -> bool:
         sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
     except OSError as exc:
         log.warning(
-            "cannot steer connections by client address (%s): per-source limits are per worker",
+            "cannot steer connections by client address (%s): one address's connections may "
+            "reach every worker",
             exc.strerror or exc,
         )
         return False
