@@ -182,13 +182,8 @@ class Relay:
         # loop: an ACME pair is read under its lock, which the ACME client (the supervisor's,
         # with workers) holds for seconds while it writes and fsyncs a renewal.
         tls = await asyncio.to_thread(load_starttls_contexts, cfg)
-        self.ctx = ServerContext(
-            cfg,
-            self.store,
-            protocol_log=self.protocol_log,
-            tracking=self.tracking,
-            on_message=wake,
-            tls=tls,
+        self.ctx = self._server_context(
+            cfg, protocol_log=self.protocol_log, tracking=self.tracking, on_message=wake, tls=tls
         )
         self.ctx.handoff = self.manager
         if self.worker_index == 0 and cfg.server.workers > 1:  # before any session: the
@@ -238,6 +233,29 @@ class Relay:
             ", ".join(f"{h}:{p}" for h, p in self.server.endpoints),
             cfg.source,
         )
+
+    def _server_context(self, cfg: Config, **kwargs: Any) -> ServerContext:
+        """The SMTP service's context. A worker of several whose users file cannot be read at
+        start (broken by an edit since the node started: its siblings keep the users they
+        read) starts with the copy its supervisor keeps of the file as it last could be read,
+        and watches that copy (renewed once the file can be read again) until a reload: it
+        used to exit, and be started again, over and over. Logged once, naming the file."""
+        from relaygate.workers import users_mirror_path
+
+        try:
+            return ServerContext(cfg, self.store, **kwargs)
+        except UsersFileError as exc:
+            mirror = users_mirror_path(Path(cfg.server.data_dir))
+            if self.worker_index is None or not mirror.is_file():
+                raise
+            logger.warning(
+                "%s; this worker started again with the users the node last read from it (%s) "
+                "until it can be read",
+                exc,
+                mirror,
+            )
+            server = dataclasses.replace(cfg.server, users_file=mirror)
+            return ServerContext(dataclasses.replace(cfg, server=server), self.store, **kwargs)
 
     @staticmethod
     async def _count_connections_for_the_node(ctx: ServerContext, worker: int) -> None:

@@ -117,6 +117,7 @@ __all__ = [
     "pinned_queue",
     "send_heartbeat",
     "supervisor_alive",
+    "users_mirror_path",
     "worker_ready",
 ]
 
@@ -295,6 +296,8 @@ class Supervisor:
     #: worker), once `_create_connection_table` made them
     _connection_table: str | None = None
     _connections: NodeConnections | None = None
+    #: the users file and its stamp as `_mirror_users` last copied it (or found it unusable)
+    _users_seen: tuple[Path, tuple[int, int] | None] | None = None
 
     def __init__(
         self,
@@ -367,6 +370,9 @@ class Supervisor:
         clear_snapshots(Path(self.config.server.data_dir))
         # a worker 0 that cannot read its token file at the node's start does not start
         forget_applied_token(Path(self.config.server.data_dir))
+        # nor a worker that cannot read the users file: no copy from a previous run
+        with contextlib.suppress(FileNotFoundError):
+            users_mirror_path(Path(self.config.server.data_dir)).unlink()
         self._stderr = buffer_stderr()
         old = self._install_signals()
         with contextlib.suppress(OSError):
@@ -504,6 +510,7 @@ class Supervisor:
             config = parse_text(text, str(self.config_path), base_dir=self.config_path.parent)
             self._node = (text_digest(text), text, config)
             _write_private(self._node_file, text)
+            self._mirror_users()
         except ConfigError as exc:  # edited into an invalid file since it was read
             logger.error("cannot start: configuration invalid:\n%s", exc)
             return False
@@ -692,6 +699,7 @@ class Supervisor:
             if now - self._file_checked >= FILE_CHECK_INTERVAL:
                 self._file_checked = now
                 self._check_file()
+                self._mirror_users()
             for w in self.workers:
                 self._check(w, now)
 
@@ -770,6 +778,36 @@ class Supervisor:
         not watch it: what they run is what this process offers them (`_reload`)."""
         if _file_stamp(self.config_path) != self._file_stamp:
             self._reload()
+
+    def _mirror_users(self) -> None:
+        """The users file of the node's configuration, copied (``users_mirror_path``, 0600) each
+        time it changed and can be read, for a worker started again while it cannot: the
+        running workers keep the users they read, and that worker would not start at all
+        (relaygate.app: it starts with the copy, and says so). Blocking, small: a stat every
+        FILE_CHECK_INTERVAL, a read and a parse when the file changed."""
+        from relaygate.smtp.auth import UserStore, users_path
+
+        if self._node is None:
+            return
+        data_dir = Path(self.config.server.data_dir)  # the workers' (pinned_queue)
+        path = users_path(data_dir, self._node[2].server.users_file)
+        seen = (path, _file_stamp(path))
+        if seen == self._users_seen:
+            return
+        self._users_seen = seen
+        mirror = users_mirror_path(data_dir)
+        if seen[1] is None:  # no file: no users, which a worker starts with
+            with contextlib.suppress(FileNotFoundError):
+                mirror.unlink()
+            return
+        tmp = mirror.with_name(mirror.name + ".tmp")
+        try:
+            _write_private(tmp, path.read_text(encoding="utf-8"))
+            UserStore(tmp)  # as a worker reads it: ValueError when it cannot be used
+            os.replace(tmp, mirror)
+        except (OSError, ValueError):  # (the workers say why, when they read it)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def _apply_acme(self, new: Config) -> None:
         """The ACME client of the node (this process's; the workers watch its files): started,
@@ -924,6 +962,11 @@ class Supervisor:
         if self._stderr_copy >= 0:
             os.close(self._stderr_copy)
             self._stderr_copy = -1
+
+
+def users_mirror_path(data_dir: Path) -> Path:
+    """The supervisor's copy of the users file as it last could be read (`_mirror_users`)."""
+    return Path(data_dir) / "run" / "users-applied.json"
 
 
 def _node_holds(binding: Binding, held: frozenset[Binding]) -> bool:

@@ -1439,3 +1439,36 @@ def test_connection_limits_hold_for_the_node_when_one_address_reaches_every_work
             c.close()
         if s.proc is not None and s.proc.poll() is None:
             kill_tree(s.proc.pid)
+
+
+def test_a_worker_restarted_after_the_users_file_broke_serves_with_the_users_last_read(
+    tmp_path: Path, sink: tuple[Sink, int]
+) -> None:
+    """The users file edited by hand into one that cannot be read: the running workers keep the
+    users they read, but a worker started again read it as it was, could not start ('cannot
+    read the users file') and was restarted over and over (backing off to 30 s), serving
+    nothing. It now starts with the users the node last read from it (the supervisor's copy),
+    says so once naming the file, and takes the file again once it can be read."""
+    s = Served(tmp_path, sink[1], 2)
+    s.data.mkdir(parents=True)
+    users = s.data / "users.json"
+    users.write_text('{"users": {}}')
+    s.start()
+    try:
+        before = s.children()
+        mirror = s.data / "run" / "users-applied.json"
+        assert wait_until(mirror.is_file, 10), s.log()[-3000:]
+        assert mirror.stat().st_mode & 0o777 == 0o600
+        users.write_text('{"users": ')  # a hand edit, broken
+        restarted_worker(s, before, 1)
+        log = s.log()
+        assert "exited unexpectedly (status 1)" not in log, log[-3000:]
+        assert log.count(f"cannot read the users file {users}") == 1, log[-3000:]
+        assert "users the node last read" in log, log[-3000:]
+        # repaired (a user added): the copy the restarted worker watches is renewed
+        users.write_text('{"users": {"app1": "$argon2id$v=19$m=65536,t=3,p=4$x$y"}}')
+        assert wait_until(lambda: "app1" in mirror.read_text(), 10), s.log()[-3000:]
+        assert s.stop() == 0
+    finally:
+        if s.proc is not None and s.proc.poll() is None:
+            kill_tree(s.proc.pid)
