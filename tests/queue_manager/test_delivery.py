@@ -354,6 +354,45 @@ async def test_a_huge_original_header_is_returned_in_part_and_the_report_reaches
         assert total - left_out == len(returned) and total > len(big) - 200
 
 
+async def test_a_report_is_exempt_from_the_send_connectors_max_message_size(
+    tmp_path: Path,
+) -> None:
+    """exchange-semantics.md §7.4: "Exempt from size limits: DSNs, system messages, ...". The
+    sender's route had a max_message_size smaller than the report: the relay refused its own
+    report (550 5.3.4 ROUTING.SizeLimit) and, a report being never reported on, it was lost.
+    The client's own messages over that limit are still refused."""
+    async with (
+        sinks(ScriptedHandler(lambda _a, _n: "550 5.1.1 User unknown"), ScriptedHandler()) as (
+            a,
+            b,
+        ),
+        relay_running(
+            tmp_path,
+            {"*": a.port},
+            extra=send_connector_text(
+                "To senders", "senders.test", b.port, 'max_message_size = "1KB"'
+            ),
+        ) as relay,
+    ):
+        await send(relay, SENDER, ["bob@example.com"], original("Small limit"))
+        (ndr,) = await wait_for(lambda: reports(b))
+        assert len(ndr["content"]) > 1024
+        assert ndr["rcpt_tos"] == [SENDER]
+        assert b"Small limit" in ndr["content"]
+
+        # a message of the client's own over the limit is still refused by routing
+        await send(relay, "ann@example.com", [SENDER], original("Too big", b"x" * 2000 + b"\r\n"))
+
+        async def refused() -> bool:
+            for m in await relay.store.list_messages():
+                if m.message_id == "<Too-big@senders.test>":
+                    return m.recipients[0].status == RecipientStatus.FAILED
+            return False
+
+        await wait_for(refused)
+        assert not [m for m in b.handler.messages if m["mail_from"] != "<>"]
+
+
 async def test_recipients_failing_on_two_routes_at_different_times_get_an_ndr_each(
     tmp_path: Path,
 ) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from relaygate import replies
-from relaygate.queue.model import PENDING_STATUSES, RecipientState
+from relaygate.queue.model import PENDING_STATUSES, RecipientState, StoredMessage
 from relaygate.replies import Reply
 
 DELIVERED = "delivered"
@@ -29,6 +29,21 @@ def classify(reply: Reply) -> str:
     if reply.is_transient:
         return DEFERRED
     return FAILED
+
+
+def size_for_limits(msg: StoredMessage) -> int:
+    """The size a send connector's ``max_message_size`` is checked against: the message's, or 0
+    for a report (NDR, delay notice). Exchange exempts DSNs and system messages from size limits
+    (exchange-semantics.md §7.4): a report refused by the relay's own limit is never reported
+    on, and the sender never learns that the message failed. A next hop's own limit (its SIZE)
+    still holds."""
+    return 0 if is_report(msg) else msg.size
+
+
+def is_report(msg: StoredMessage) -> bool:
+    """A report this relay made (`relaygate.queue.manager_reports.send_dsn`): null sender and
+    the ``dsn`` metadata, which only the queue manager sets."""
+    return msg.sender in ("", "<>") and bool(msg.metadata.get("dsn"))
 
 
 def is_unreachable(recipient: RecipientState) -> bool:

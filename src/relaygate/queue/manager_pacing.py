@@ -22,7 +22,7 @@ from relaygate.delivery.routing import DELIVERY_SMART_HOST, RouteKey, domain_of,
 from relaygate.delivery.wire import prepare_data
 from relaygate.queue import pacing
 from relaygate.queue.manager_graph import _graph_refuses, _GraphSending
-from relaygate.queue.manager_outcomes import DEFERRED, PACED, RouteResult
+from relaygate.queue.manager_outcomes import DEFERRED, PACED, RouteResult, size_for_limits
 from relaygate.queue.manager_sending import _Sending
 from relaygate.queue.model import SendWait, StoredMessage
 from relaygate.replies import DELIVERY_FAILED_INTERNAL
@@ -142,7 +142,7 @@ class _PacedRoutes(_Sending, _GraphSending):
             visited.add(str(current.name).lower())
             limit = getattr(current, "max_message_size", None)
             if not getattr(current, "enabled", True) or (
-                limit is not None and msg.size is not None and msg.size > limit
+                limit is not None and size_for_limits(msg) > limit
             ):
                 continue
             try:

@@ -28,7 +28,7 @@ from relaygate.delivery.routing import (
 )
 from relaygate.delivery.wire import prepare_data
 from relaygate.queue import pacing
-from relaygate.queue.manager_outcomes import DEFERRED, FAILED, RouteResult
+from relaygate.queue.manager_outcomes import DEFERRED, FAILED, RouteResult, size_for_limits
 from relaygate.queue.manager_pacing import _PacedRoutes
 from relaygate.queue.manager_results import _Results
 from relaygate.queue.manager_sending import _send_as
@@ -72,7 +72,7 @@ class _MessageRoutes(_PacedRoutes, _Results):
         routes = self._routes
         if routes is None or routes.source is not self.config.send_connectors:
             routes = self._routes = RouteTable(self.config.send_connectors)  # new configuration
-        groups = routes.route([r.address for r in due], size=msg.size)
+        groups = routes.route([r.address for r in due], size=size_for_limits(msg))
         to_send = data
         # Checked on receipt: no second scan of the bytes (unless a signature was added to them).
         received_crlf = crlf_only = msg.metadata.get(LINE_BREAKS) == LINE_BREAKS_CRLF
@@ -148,7 +148,9 @@ class _MessageRoutes(_PacedRoutes, _Results):
         if key.is_unreachable:
             out = []
             for a in addrs:
-                reply = explain_route(self.config.send_connectors, a, size=msg.size).reply
+                reply = explain_route(
+                    self.config.send_connectors, a, size=size_for_limits(msg)
+                ).reply
                 reply = reply or replies.NO_NEXT_HOP
                 # No route: the Unreachable queue (retried until expiry). Too big for every route: NDR.
                 outcome = DEFERRED if reply == replies.NO_NEXT_HOP else FAILED

@@ -17,7 +17,7 @@ from relaygate.delivery.client import deliver
 from relaygate.delivery.routing import RouteKey
 from relaygate.delivery.send_as import rewrite_headers
 from relaygate.delivery.wire import prepare_data
-from relaygate.queue.manager_outcomes import RouteResult, classify
+from relaygate.queue.manager_outcomes import RouteResult, classify, size_for_limits
 from relaygate.queue.manager_tracking import _Tracking
 from relaygate.queue.model import NOT_SIGNED, SMTPUTF8, StoredMessage
 from relaygate.replies import DELIVERY_FAILED_INTERNAL
@@ -90,7 +90,7 @@ class _Sending(_Tracking):
             timeout=self.delivery_timeout,
             pool=self.pool,
             crlf_only=crlf_only,
-            size=msg.size,
+            size=size_for_limits(msg),
             smtputf8=msg.metadata.get(SMTPUTF8) == "1",
             log_privacy=self.log_privacy,
         )
