@@ -876,6 +876,61 @@ async def test_delay_notice_once_then_expiry_ndr_with_4_4_7(tmp_path: Path) -> N
         assert len(always_busy.attempts["bob@example.com"]) == attempts  # no attempt after expiry
 
 
+async def test_a_delay_notified_flag_that_cannot_be_saved_sends_no_notice_storm(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The delay notice was queued, then its "delay notified" flag saved; a store error there
+    (other than the message being gone) left the flag unset, and each retry sent the sender
+    another delay notice. The flag is saved first: while it cannot be, no notice goes (an ERROR
+    says why, naming the message), and once it can, exactly one."""
+    from relaygate.queue.store import StoreError
+
+    caplog.set_level(logging.INFO, logger="relaygate")
+    always_busy = ScriptedHandler(lambda _a, _n: "451 4.4.1 Remote busy")
+    async with (
+        sinks(always_busy, ScriptedHandler()) as (a, b),
+        relay_running(
+            tmp_path,
+            {"*": a.port, "senders.test": b.port},
+            queue={
+                "transient_failure_retry_interval": "00:00:00.2",
+                "delay_notification_timeout": "00:00:00.5",
+            },
+        ) as relay,
+    ):
+        store = relay.store
+        real_set_flags = store.set_flags
+        broken = True
+
+        async def set_flags(queue_id: str, **kw: Any) -> None:
+            if broken and kw.get("delay_notified"):
+                raise StoreError("disk I/O error")
+            await real_set_flags(queue_id, **kw)
+
+        store.set_flags = set_flags  # type: ignore[method-assign]
+        await send(relay, SENDER, ["bob@example.com"], original("Storm"))
+
+        def tries() -> int:
+            return len(always_busy.attempts.get("bob@example.com", []))
+
+        await wait_for(lambda: tries() >= 6)
+        assert len(reports(b)) <= 1  # before: a notice after every retry
+        errors = [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno == logging.ERROR and "delay notified" in r.getMessage()
+        ]
+        (msg,) = [m for m in await store.list_messages() if m.sender == SENDER]
+        assert errors and msg.queue_id in errors[0]
+
+        broken = False
+        await wait_for(lambda: reports(b))
+        seen = tries()
+        await wait_for(lambda: tries() >= seen + 3)
+        assert len(reports(b)) == 1
+        assert [m for m in await store.list_messages() if m.sender == SENDER][0].delay_notified
+
+
 async def test_an_unreachable_recipients_delay_notice_has_a_4_x_x_status_in_rfc3464_order(
     tmp_path: Path,
 ) -> None:

@@ -9,7 +9,6 @@ one rule, the same for every cause.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
@@ -63,11 +62,35 @@ class _Reports(_Tracking):
             for r in pending
             if r.address not in attempted
         ]
-        if not notice:
+        if not notice or not await self._set_delay_notified(msg, True):
             return
-        await self.send_dsn(msg, data, notice, action="delayed")
-        with contextlib.suppress(KeyError):
-            await self.store.set_flags(msg.queue_id, delay_notified=True)
+        try:
+            await self.send_dsn(msg, data, notice, action="delayed")
+        except Exception:
+            # not queued (a full disk): a later run sends it, once the flag is down again
+            await self._set_delay_notified(msg, False)
+            raise
+
+    async def _set_delay_notified(self, msg: StoredMessage, value: bool) -> bool:
+        """Save the message's "delay notified" flag; False when it cannot be. It is saved before
+        the notice is queued: saved after, a store error left it unset and every retry sent the
+        sender another notice. Unsaved, no notice goes now (the next run tries again)."""
+        try:
+            await self.store.set_flags(msg.queue_id, delay_notified=value)
+        except KeyError:
+            return False  # removed meanwhile: nothing to notify about
+        except Exception as exc:
+            log.error(
+                "message %s: cannot save that it was %s (%s); %s",
+                msg.queue_id,
+                "delay notified" if value else "not delay notified after all",
+                exc,
+                "no delay notice now, the next retry tries again"
+                if value
+                else "its delay notice is not sent",
+            )
+            return False
+        return True
 
     async def _expire(self, msg: StoredMessage, pending: list[RecipientState]) -> None:
         now = self.clock()
