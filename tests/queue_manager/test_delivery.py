@@ -703,6 +703,39 @@ async def test_notify_orcpt_and_envid_given_by_the_client_are_honoured_in_the_re
         assert len([m for m in await relay.store.list_messages() if m.sender == ""]) == 1
 
 
+async def test_an_rfc822_orcpt_comes_back_xtext_decoded_only(tmp_path: Path) -> None:
+    """RFC 6533's ``\\x{HHHH}`` is a notation of utf-8 ORCPTs only: an rfc822 ORCPT is xtext
+    (RFC 3461 §4.2), where a backslash is an ordinary character. ``\\x{41}`` in one came back
+    decoded, as ``A``: an address the client never gave. Its "+XX" is decoded when that gives
+    printable ASCII (an rfc822 address is ASCII), else kept, so the status part stays 7-bit."""
+    literal, octets = "literal@example.com", "octets@example.com"
+    async with (
+        sinks(ScriptedHandler(lambda _a, _n: "550 5.1.1 User unknown"), ScriptedHandler()) as (
+            a,
+            b,
+        ),
+        relay_running(tmp_path, {"*": a.port, "senders.test": b.port}) as relay,
+    ):
+        await send(
+            relay,
+            SENDER,
+            [literal, octets],
+            original("Orcpt"),
+            rcpt_params={
+                literal: b" ORCPT=rfc822;odd\\x{41}name+2Bx@example.com",
+                octets: b" ORCPT=rfc822;caf+C3+A9+0D@example.com",
+            },
+        )
+        (ndr,) = await wait_for(lambda: reports(b))
+        status = parse_mail(ndr["content"]).get_payload()[1]
+        assert status.get_content_type() == "message/delivery-status"
+        per_rcpt = status.get_payload()[1:]
+        assert [r["Original-Recipient"] for r in per_rcpt] == [
+            "rfc822; odd\\x{41}name+x@example.com",
+            "rfc822; caf+C3+A9+0D@example.com",
+        ]
+
+
 async def test_no_report_to_a_sender_the_connector_may_not_send_to(tmp_path: Path) -> None:
     """A connector that limits to whom its clients send (allowed_recipients) but not as whom
     (allowed_senders empty): a client could name any address as its sender and a recipient

@@ -239,10 +239,22 @@ def _xtext_decoded(text: str) -> str:
     return _clean(_XTEXT_CHAR.sub(_xtext_char, text))
 
 
+def _printable_octet(m: re.Match[str]) -> str:
+    """An xtext ``+XX`` decoded when it is printable ASCII, else kept as it is."""
+    char = chr(int(m.group(1), 16))
+    return char if " " <= char <= "~" else m.group()
+
+
 def _original_recipient(orcpt: str) -> str:
-    """ORCPT's ``type;xtext`` as an Original-Recipient value (RFC 3464 §2.3.1), decoded."""
+    """ORCPT's ``type;xtext`` as an Original-Recipient value (RFC 3464 §2.3.1), decoded: a
+    utf-8 one's ``\\x{HHHH}`` too (RFC 6533 §3), any other type's xtext alone, where a
+    backslash is an ordinary character; its ``+XX`` only when that is printable ASCII (an rfc822
+    address is ASCII: a decoded octet would make the status part 8-bit, a CR forge a line)."""
     address_type, _, address = orcpt.partition(";")
-    return f"{_clean(address_type.strip())}; {_xtext_decoded(address.strip())}"
+    address_type, address = _clean(address_type.strip()), address.strip()
+    if address_type.lower() == "utf-8":
+        return f"{address_type}; {_xtext_decoded(address)}"
+    return f"{address_type}; {_clean(_XTEXT_HEX.sub(_printable_octet, address))}"
 
 
 def status_of(reply: Reply) -> str:
