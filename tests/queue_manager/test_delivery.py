@@ -961,7 +961,8 @@ async def test_a_delay_notified_flag_that_cannot_be_saved_sends_no_notice_storm(
         seen = tries()
         await wait_for(lambda: tries() >= seen + 3)
         assert len(reports(b)) == 1
-        assert [m for m in await store.list_messages() if m.sender == SENDER][0].delay_notified
+        (msg,) = [m for m in await store.list_messages() if m.sender == SENDER]
+        assert msg.delay_notified
 
 
 async def test_an_unreachable_recipients_delay_notice_has_a_4_x_x_status_in_rfc3464_order(
