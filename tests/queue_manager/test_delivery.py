@@ -393,6 +393,40 @@ async def test_a_report_is_exempt_from_the_send_connectors_max_message_size(
         assert not [m for m in b.handler.messages if m["mail_from"] != "<>"]
 
 
+async def test_original_header_lines_over_998_octets_come_back_folded_or_cut_short(
+    tmp_path: Path,
+) -> None:
+    """The original's header lines were copied into the report as they were, and a line over
+    998 octets was broken by the wire where the count fell (RFC 5322 §2.1.1): inside a word of a
+    long list, whose unfolded value then had a space the client never wrote. Such a line is now
+    folded at its white space; a run without any longer than a line is cut short at 998 octets,
+    the text part saying so."""
+    listed = b"X-Long-List: " + b" ".join(b"item%04d" % i for i in range(300))
+    token = b"X-Token: " + b"a" * 1500 + b"Z"
+    long_header = original("Long lines").replace(
+        b"MIME-Version:", listed + b"\r\n" + token + b"\r\nMIME-Version:"
+    )
+    async with (
+        sinks(ScriptedHandler(lambda _a, _n: "550 5.1.1 User unknown"), ScriptedHandler()) as (
+            a,
+            b,
+        ),
+        relay_running(tmp_path, {"*": a.port, "senders.test": b.port}) as relay,
+    ):
+        await send(relay, SENDER, ["bob@example.com"], long_header)
+        (ndr,) = await wait_for(lambda: reports(b))
+        for part in (report_part(ndr["content"], 0), report_part(ndr["content"], 2)):
+            lines = part.split(b"\r\n")
+            assert max(len(line) for line in lines) <= 998
+            unfolded = part.replace(b"\r\n ", b" ").split(b"\r\n")
+            assert listed in unfolded  # folded at its spaces: the same value
+            (cut,) = [line for line in unfolded if line.startswith(b"X-Token: ")]
+            assert token.startswith(cut) and 900 < len(cut) < len(token)
+            assert unfolded[unfolded.index(cut) + 1].startswith(b"MIME-Version: ")
+        text = parse_mail(ndr["content"]).get_payload()[0].get_content()
+        assert "1 line of the original header was longer than 998 octets" in text, text
+
+
 async def test_recipients_failing_on_two_routes_at_different_times_get_an_ndr_each(
     tmp_path: Path,
 ) -> None:

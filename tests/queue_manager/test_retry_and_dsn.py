@@ -328,3 +328,19 @@ def test_an_undeclared_8_bit_original_header_comes_back_as_utf_8() -> None:
         "Subject: Grüße"
         in report_part(failed_report(latin1.replace(b"\xfc\xdf", "üß".encode())), 2).decode()
     )
+
+
+def test_a_long_utf8_header_line_without_spaces_is_cut_between_characters() -> None:
+    """A header line over 998 octets with nowhere to fold is cut short at a character boundary:
+    the returned header (message/global-headers) stays UTF-8, every line within 998 octets."""
+    line = "X-Note: ".encode() + "é".encode() * 800  # 1 608 octets, no space after the name's
+    body = failed_report(ORIGINAL.replace(b"\r\n\r\n", b"\r\n" + line + b"\r\n\r\n", 1))
+    returned = report_part(body, 2)
+    lines = returned.split(b"\r\n")
+    assert max(map(len, lines)) <= 998
+    # folded after "X-Note:", its continuation (" " and 498 of them) cut before a split "é"
+    assert returned.decode("utf-8").replace("\r\n ", " ").count("é") == 498
+    assert (
+        "1 line of the original header was longer"
+        in parse_mail(body).get_payload()[0].get_content()
+    )

@@ -122,6 +122,45 @@ def _as_utf8(headers: bytes) -> bytes:
     return headers.decode("utf-8", "replace").encode("utf-8")
 
 
+def _lines_fitted(headers: bytes) -> tuple[bytes, int]:
+    """``headers`` (CRLF lines, UTF-8) with no line over 998 octets (RFC 5322 §2.1.1), and how
+    many lines were cut short. Copied as they were, such lines were broken by the wire where the
+    count fell (inside a word: unfolded, the value had a space the client never wrote). A long
+    line is folded at its white space (unfolding gives the value back); a run without any that
+    is longer than a line is cut at 998 octets, the rest of that line left out."""
+    lines = headers.split(b"\r\n")
+    if max(map(len, lines)) <= _MAX_LINE:
+        return headers, 0
+    out: list[bytes] = []
+    cut = 0
+    for line in lines:
+        while len(line) > _MAX_LINE:
+            fold = _fold_point(line)
+            if fold > 0:
+                out.append(line[:fold])
+                line = line[fold:]  # starts with the white space it was folded at
+            else:
+                line = line[: _utf8_boundary(line, _MAX_LINE)]
+                cut += 1
+        out.append(line)
+    return b"\r\n".join(out), cut
+
+
+def _fold_point(line: bytes) -> int:
+    """Where ``line`` (over 998 octets) may be folded so its first line fits: its last space or
+    tab within the limit that leaves a line with more than white space (0: none)."""
+    fold = max(line.rfind(b" ", 1, _MAX_LINE + 1), line.rfind(b"\t", 1, _MAX_LINE + 1))
+    return fold if fold > 0 and line[:fold].strip() else 0
+
+
+def _utf8_boundary(data: bytes, limit: int) -> int:
+    """The largest end <= ``limit`` that does not split a UTF-8 sequence of ``data``."""
+    end = limit
+    while end > 0 and data[end] & 0xC0 == 0x80:
+        end -= 1
+    return end
+
+
 def _returned_header(headers: bytes) -> bytes:
     """The first whole fields of ``headers`` (CRLF lines) that fit in `HEADER_COPY_LIMIT` octets
     (the whole lines that fit of a first field bigger than that)."""
@@ -429,7 +468,7 @@ def build_dsn(
     postmaster = postmaster or f"postmaster@{fqdn}"
     message_id = message_id or f"<{secrets.token_hex(12).upper()}@{fqdn}>"
     boundary = f"=_relaygate_{secrets.token_hex(12)}"
-    orig_headers = _as_utf8(header_block(original))
+    orig_headers, lines_cut = _lines_fitted(_as_utf8(header_block(original)))
     subject = header_value(original, "Subject")
     orig_msgid = header_value(original, "Message-ID")
     prefix = "Undeliverable" if action == "failed" else "Delivery delayed"
@@ -486,6 +525,13 @@ def build_dsn(
             f"({len(orig_headers) - len(returned):,} of the original header's "
             f"{len(orig_headers):,} octets are left out: a report returns at most "
             f"{HEADER_COPY_LIMIT:,}.)"
+        )
+        text.append("")
+    if lines_cut:
+        text.append(
+            f"({lines_cut} line{'s' if lines_cut != 1 else ''} of the original header "
+            f"{'were' if lines_cut != 1 else 'was'} longer than {_MAX_LINE} octets with no "
+            "space to fold at, and cut short.)"
         )
         text.append("")
     orig_headers = returned
