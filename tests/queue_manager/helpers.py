@@ -169,10 +169,15 @@ async def send(
     data: bytes,
     *,
     mail_params: bytes = b"",
-    rcpt_params: dict[str, bytes] | None = None,
+    rcpt_params: dict[str, bytes] | dict[str, list[bytes]] | None = None,
 ) -> tuple[int, str]:
     """Submit through the relay's own SMTP listener; returns the end-of-DATA reply.
-    rcpt_params: what follows ``RCPT TO:<address>`` by address (`` NOTIFY=NEVER``)."""
+    rcpt_params: what follows ``RCPT TO:<address>`` by address (`` NOTIFY=NEVER``); a list for
+    an address given more than once in ``recipients``, one item per RCPT in order."""
+    given: dict[str, list[bytes]] = {
+        a: list(p) if isinstance(p, list) else [p] * recipients.count(a)
+        for a, p in (rcpt_params or {}).items()
+    }
     client = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(relay), timeout=10)
     await client.connect()
     try:
@@ -182,7 +187,7 @@ async def send(
         )
         assert resp.code == 250, resp
         for r in recipients:
-            params = (rcpt_params or {}).get(r, b"")
+            params = given[r].pop(0) if given.get(r) else b""
             resp = await client.execute_command(b"RCPT", b"TO:<" + r.encode() + b">" + params)
             assert resp.code == 250, resp
         resp = await client.data(data)

@@ -770,6 +770,43 @@ async def test_an_rfc822_orcpt_comes_back_xtext_decoded_only(tmp_path: Path) -> 
         ]
 
 
+async def test_a_recipient_given_twice_with_different_notify_gets_the_reports_either_asked(
+    tmp_path: Path,
+) -> None:
+    """A recipient given twice in one transaction is one recipient (delivered once); its NOTIFY
+    was the last RCPT's, so ``NOTIFY=FAILURE`` then ``NOTIFY=NEVER`` (or no NOTIFY, the default,
+    then NEVER) got no NDR although the client asked for one. The reports are now those either
+    RCPT asked for (the union of their conditions, as Postfix, which keeps such duplicates as
+    two recipients, sends them), and the first ORCPT is kept (the report has one line for it)."""
+    bob, ann, cy = "bob@example.com", "ann@example.com", "cy@example.com"
+    async with (
+        sinks(ScriptedHandler(lambda _a, _n: "550 5.1.1 User unknown"), ScriptedHandler()) as (
+            a,
+            b,
+        ),
+        relay_running(tmp_path, {"*": a.port, "senders.test": b.port}) as relay,
+    ):
+        await send(
+            relay,
+            SENDER,
+            [bob, bob, ann, ann, cy, cy],
+            original("Twice"),
+            rcpt_params={
+                bob: [
+                    b" NOTIFY=FAILURE ORCPT=rfc822;first@example.com",
+                    b" NOTIFY=NEVER ORCPT=rfc822;second@example.com",
+                ],
+                ann: [b"", b" NOTIFY=NEVER"],
+                cy: [b" NOTIFY=NEVER", b" NOTIFY=NEVER"],
+            },
+        )
+        (ndr,) = await wait_for(lambda: reports(b))
+        per_rcpt = parse_mail(ndr["content"]).get_payload()[1].get_payload()[1:]
+        assert [r["Final-Recipient"] for r in per_rcpt] == [f"rfc822; {bob}", f"rfc822; {ann}"]
+        assert per_rcpt[0]["Original-Recipient"] == "rfc822; first@example.com"
+        assert {r: len(a.handler.attempts[r]) for r in (bob, ann, cy)} == {bob: 1, ann: 1, cy: 1}
+
+
 async def test_no_report_to_a_sender_the_connector_may_not_send_to(tmp_path: Path) -> None:
     """A connector that limits to whom its clients send (allowed_recipients) but not as whom
     (allowed_senders empty): a client could name any address as its sender and a recipient

@@ -333,7 +333,7 @@ def test_an_undeclared_8_bit_original_header_comes_back_as_utf_8() -> None:
 def test_a_long_utf8_header_line_without_spaces_is_cut_between_characters() -> None:
     """A header line over 998 octets with nowhere to fold is cut short at a character boundary:
     the returned header (message/global-headers) stays UTF-8, every line within 998 octets."""
-    line = "X-Note: ".encode() + "é".encode() * 800  # 1 608 octets, no space after the name's
+    line = b"X-Note: " + "é".encode() * 800  # 1 608 octets: no space but the one after the name
     body = failed_report(ORIGINAL.replace(b"\r\n\r\n", b"\r\n" + line + b"\r\n\r\n", 1))
     returned = report_part(body, 2)
     lines = returned.split(b"\r\n")

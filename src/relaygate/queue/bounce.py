@@ -52,6 +52,7 @@ __all__ = [
     "header_block",
     "header_value",
     "notify_allows",
+    "notify_union",
     "original_recipients",
     "parse_notify",
     "status_of",
@@ -196,6 +197,13 @@ def parse_notify(value: str | None) -> str | None:
     if len(set(conditions)) != len(conditions) or not set(conditions) <= _NOTIFY_CONDITIONS:
         return None
     return ",".join(sorted(conditions))
+
+
+def notify_union(first: str, second: str) -> str:
+    """Two NOTIFY values (`parse_notify`'s form) as one asking for every report either asks for
+    (``NEVER`` asks for none): a recipient given twice in a transaction is one recipient."""
+    conditions = {c for v in (first, second) for c in v.split(",") if c != "NEVER"}
+    return ",".join(sorted(conditions)) if conditions else "NEVER"
 
 
 def dsn_parameter_error(key: str, value: str | None) -> str:

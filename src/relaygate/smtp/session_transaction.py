@@ -10,20 +10,31 @@ from __future__ import annotations
 from relaygate import replies
 from relaygate.addresses import Address, AddressError, parse_mail_from, parse_rcpt_to
 from relaygate.policy.verdicts import Verdict, check_mail, check_rcpt, relay_local_ips
-from relaygate.queue.bounce import dsn_parameter_error, parse_notify
+from relaygate.queue.bounce import dsn_parameter_error, notify_union, parse_notify
 from relaygate.replies import Reply
 from relaygate.smtp.session_reload import _ReloadFollowing
 from relaygate.smtp.session_state import _Close, _Transaction
 
+#: No NOTIFY: the relay's default, a report of either kind (see bounce.notify_allows)
+_DEFAULT_NOTIFY = "DELAY,FAILURE"
+
 
 def _keep_dsn_params(txn: _Transaction, address: str, params: dict[str, str | None]) -> None:
-    """A recipient's NOTIFY and ORCPT (checked at RCPT), honoured in the relay's own reports."""
+    """A recipient's NOTIFY and ORCPT (checked at RCPT), honoured in the relay's own reports;
+    called before ``address`` joins ``txn.recipients``.
+
+    A recipient given again is the same one (queued and delivered once): it gets every report
+    either RCPT asked for (no NOTIFY asking for both kinds), as from Postfix, which keeps the
+    two as recipients of their own; the last NOTIFY alone dropped the NDR a first
+    ``NOTIFY=FAILURE`` asked for. The first ORCPT is kept: the report has one line for it."""
     notify = parse_notify(params.get("NOTIFY"))
-    if notify is not None:
+    if address in txn.notify:  # given before, with a NOTIFY
+        txn.notify[address] = notify_union(txn.notify[address], notify or _DEFAULT_NOTIFY)
+    elif notify is not None and address not in txn.recipients:  # (given before: the default)
         txn.notify[address] = notify
     orcpt = params.get("ORCPT")
     if orcpt:
-        txn.orcpt[address] = orcpt
+        txn.orcpt.setdefault(address, orcpt)
 
 
 class _MailAndRcpt(_ReloadFollowing):
@@ -129,9 +140,9 @@ class _MailAndRcpt(_ReloadFollowing):
             await self.protocol_error(verdict.reply, tarpit=verdict.tarpit)
             return
         address = str(rcpt) if rcpt.domain else self.ctx.postmaster_address()
+        _keep_dsn_params(self.txn, address, params)
         self.txn.recipients.append(address)
         self.txn.rcpt_addresses.append(rcpt)
-        _keep_dsn_params(self.txn, address, params)
         self.reply(verdict.reply)
 
     def _rcpt_verdict(self, rcpt: Address, accepted_count: int) -> Verdict:
