@@ -393,6 +393,36 @@ async def test_a_report_is_exempt_from_the_send_connectors_max_message_size(
         assert not [m for m in b.handler.messages if m["mail_from"] != "<>"]
 
 
+async def test_a_queued_reports_route_shown_is_the_one_it_goes_by(tmp_path: Path) -> None:
+    """A report is exempt from max_message_size (previous test): the message view (`relaygate
+    queue show`, the API) named the route routing would have taken for a message of its size,
+    another connector than the one it is sent through."""
+    from relaygate.control.views import message_view
+
+    async with (
+        sinks(
+            ScriptedHandler(lambda _a, _n: "550 5.1.1 User unknown"),
+            ScriptedHandler(lambda _a, _n: "451 4.3.2 Try later"),
+        ) as (a, b),
+        relay_running(
+            tmp_path,
+            {"*": a.port},
+            extra=send_connector_text(
+                "To senders", "senders.test", b.port, 'max_message_size = "1KB"'
+            ),
+        ) as relay,
+    ):
+        await send(relay, SENDER, ["bob@example.com"], original("Shown route"))
+        await wait_for(lambda: b.handler.attempts.get(SENDER))
+
+        async def report() -> StoredMessage | None:
+            return next((m for m in await relay.store.list_messages() if m.sender == ""), None)
+
+        view = message_view(await wait_for(report), relay.config)
+        assert view["SendConnector"] == "To senders"
+        assert view["Recipients"][0]["SendConnector"] == "To senders"
+
+
 async def test_original_header_lines_over_998_octets_come_back_folded_or_cut_short(
     tmp_path: Path,
 ) -> None:

@@ -20,6 +20,7 @@ from relaygate import replies
 from relaygate.config.model import ReceiveConnector
 from relaygate.delivery.routing import DELIVERY_UNREACHABLE, explain_route
 from relaygate.queue.bounce import header_value
+from relaygate.queue.manager_outcomes import size_for_limits
 from relaygate.queue.model import (
     FINAL_STATUSES,
     PENDING_STATUSES,
@@ -183,9 +184,10 @@ def message_view(
     hops: list[str] = []
     types: list[str] = []
     send_connectors: list[str] = []
+    size = size_for_limits(msg)  # a report's is 0: exempt from max_message_size, as it is sent
     for r in msg.recipients:
         finished = r.status in FINAL_STATUSES
-        route = None if finished else explain_route(connectors, r.address, size=msg.size).route
+        route = None if finished else explain_route(connectors, r.address, size=size).route
         if route is not None:
             for seen, value in (
                 (hops, route.next_hop),
