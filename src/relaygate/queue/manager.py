@@ -152,6 +152,9 @@ class QueueManager(_ScanLoop):
     ) -> None:
         self.config = config
         self._routes: RouteTable | None = None  # routing decisions for config.send_connectors
+        # Messages whose delay notice this node queued but whose "delay notified" flag it could
+        # not save (a store error): no second notice while the flag is owed (manager_reports.py).
+        self._delay_flag_owed: set[str] = set()
         self.store = store
         self.tracking = tracking
         #: server.log_address_privacy for the addresses this writes to the service log (the

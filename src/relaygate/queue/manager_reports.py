@@ -54,6 +54,9 @@ class _Reports(_Tracking):
         now = self.clock()
         if not self.schedule.delay_notice_due(msg.received_at, now, msg.delay_notified):
             return
+        if msg.queue_id in self._delay_flag_owed:  # its notice went: only the flag is owed
+            await self._save_delay_notified(msg)
+            return
         notice = [
             DsnRecipient(r.address, r.reply, r.remote_host, last_attempt=now) for r in deferred
         ]
@@ -62,34 +65,30 @@ class _Reports(_Tracking):
             for r in pending
             if r.address not in attempted
         ]
-        if not notice or not await self._set_delay_notified(msg, True):
+        if not notice:
             return
-        try:
-            await self.send_dsn(msg, data, notice, action="delayed")
-        except Exception:
-            # not queued (a full disk): a later run sends it, once the flag is down again
-            await self._set_delay_notified(msg, False)
-            raise
+        await self.send_dsn(msg, data, notice, action="delayed")
+        if not await self._save_delay_notified(msg):
+            self._delay_flag_owed.add(msg.queue_id)
 
-    async def _set_delay_notified(self, msg: StoredMessage, value: bool) -> bool:
-        """Save the message's "delay notified" flag; False when it cannot be. It is saved before
-        the notice is queued: saved after, a store error left it unset and every retry sent the
-        sender another notice. Unsaved, no notice goes now (the next run tries again)."""
+    async def _save_delay_notified(self, msg: StoredMessage) -> bool:
+        """Save that ``msg``'s delay notice was queued; False when the store fails. The notice
+        is queued first (a crash in between duplicates a report, never loses one), and a flag
+        that cannot be saved is owed (`_delay_flag_owed`): tried again at each run, with no
+        second notice from this node; before, each retry queued another notice."""
         try:
-            await self.store.set_flags(msg.queue_id, delay_notified=value)
+            await self.store.set_flags(msg.queue_id, delay_notified=True)
         except KeyError:
-            return False  # removed meanwhile: nothing to notify about
+            pass  # removed meanwhile: nothing is owed
         except Exception as exc:
             log.error(
-                "message %s: cannot save that it was %s (%s); %s",
+                "message %s: cannot save that it was delay notified (%s); no other delay notice "
+                "is sent, the next run tries again",
                 msg.queue_id,
-                "delay notified" if value else "not delay notified after all",
                 exc,
-                "no delay notice now, the next retry tries again"
-                if value
-                else "its delay notice is not sent",
             )
             return False
+        self._delay_flag_owed.discard(msg.queue_id)
         return True
 
     async def _expire(self, msg: StoredMessage, pending: list[RecipientState]) -> None:

@@ -59,6 +59,7 @@ class _ManagerState:
     _paced_until: dict[str, SendWait]
     _paced_count: dict[str, int]
     _signing_logged: dict[tuple[str, str], None]
+    _delay_flag_owed: set[str]
     stats: dict[str, int]
 
     if TYPE_CHECKING:
