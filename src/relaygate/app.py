@@ -130,6 +130,11 @@ class Relay:
             config_stamp = _stamp(config_path)
         self._config_stamp = config_stamp
         self.worker_index = worker_index
+        from relaygate.workers import started_again
+
+        #: A worker its supervisor started again (not at the node's start): what the node's
+        #: files no longer load (an admin or implicit-TLS pair) is done without, not fatal.
+        self.started_again = worker_index is not None and started_again()
         self.store = open_store(config, shared=worker_index is not None)
         self.tracking: TrackingLog | None = None
         self.protocol_log: Any = None
@@ -201,6 +206,7 @@ class Relay:
         await self.pressure.start()
         self.ctx.pressure = self.pressure
         self.server = SmtpServer(self.ctx, reuse_port=self.worker_index is not None or None)
+        self.server.defer_unloadable_tls = self.started_again
         if self.manager is not None:
             self.manager.local_endpoints = set()
             await self.manager.start()
@@ -499,6 +505,30 @@ class Relay:
             self.certificates = await asyncio.to_thread(read_expiries, self.config)
         logger.info("listener certificate reloaded (ACME)")
 
+    async def watch_admin_certificate(self) -> None:
+        """The admin listener's certificate renewed in place: taken as a reload does."""
+        if self.admin is None:
+            return
+        try:
+            await self.admin.watch_certificate()
+        except Exception:  # the watcher must outlive it
+            logger.exception("taking the admin listener's new certificate failed")
+
+    async def _open_deferred_listeners(self) -> None:
+        """A worker started again while an implicit-TLS certificate could not be loaded: that
+        listener is opened once its files changed and load (`SmtpServer.open_deferred`)."""
+        if self.server is None:
+            return
+        try:
+            opened = await self.server.open_deferred()
+        except Exception:  # the watcher must outlive it
+            logger.exception("opening the listeners left closed failed")
+            return
+        if opened:
+            logger.info("listeners left closed at start now open: %s", self.server.endpoints)
+            if self.manager is not None:
+                self.manager.local_endpoints = set(self.server.endpoints)
+
     def _acme_stamp(self) -> tuple[int, int] | None:
         s = self.config.server
         return _stamp(acme_files(Path(s.data_dir))[0]) if s.acme_directory_url else None
@@ -545,11 +575,8 @@ class Relay:
         watch_file = self.config_digest is None
         while True:
             await asyncio.sleep(interval)
-            if self.admin is not None:  # its certificate renewed in place: taken as a reload does
-                try:
-                    await self.admin.watch_certificate()
-                except Exception:  # the watcher must outlive it
-                    logger.exception("taking the admin listener's new certificate failed")
+            await self.watch_admin_certificate()
+            await self._open_deferred_listeners()
             now = _stamp(self.config_path) if watch_file else last
             if now != last:
                 last = now

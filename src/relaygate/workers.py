@@ -116,6 +116,7 @@ __all__ = [
     "heartbeat_interval",
     "pinned_queue",
     "send_heartbeat",
+    "started_again",
     "supervisor_alive",
     "users_mirror_path",
     "worker_ready",
@@ -171,6 +172,15 @@ def supervised_worker() -> bool:
     it does not read the config file itself."""
     raw = os.environ.get(PINNED_QUEUE_ENV)
     return bool(raw and json.loads(raw).get("node_config"))
+
+
+def started_again() -> bool:
+    """Whether this process is a worker its supervisor started again (the worker of its index
+    before it exited): files the node's configuration names may have broken since the node
+    started (a reload refused them), and such a worker serves without what cannot be loaded
+    rather than exit at every restart. At the node's start they must all load."""
+    raw = os.environ.get(PINNED_QUEUE_ENV)
+    return bool(raw and json.loads(raw).get("started_again"))
 
 
 def handed_config(config_path: Path, which: str) -> tuple[Config, str] | None:
@@ -552,6 +562,8 @@ class Supervisor:
                 # the configuration the node runs, and the one a reload offers (`_reload`)
                 "node_config": str(self._node_file),
                 "offered_config": str(self._offered_file),
+                # not the node's start: what cannot be loaded now is done without (`started_again`)
+                "started_again": w.spawned > 0,
             }
         )
         # The table this run created, whatever data_dir the file says now (like the queue).

@@ -1472,3 +1472,161 @@ def test_a_worker_restarted_after_the_users_file_broke_serves_with_the_users_las
     finally:
         if s.proc is not None and s.proc.poll() is None:
             kill_tree(s.proc.pid)
+
+
+def _served_with_admin_tls(tmp_path: Path, sink_port: int, ca: Any) -> tuple[Served, Path, Path]:
+    """Two workers whose admin listener speaks HTTPS (a certificate of `ca`), not started yet:
+    the Served, the certificate file and its key file."""
+    s = Served(tmp_path, sink_port, 2)
+    folder = tmp_path / "admin-tls"
+    folder.mkdir()
+    issued = ca.issue_cert("127.0.0.1")
+    cert, key = folder / "admin.crt", folder / "admin.key"
+    issued.private_key_pem.write_to_path(str(key))
+    key.chmod(0o600)
+    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    listen = f'listen = "127.0.0.1:{s.admin_port}"'
+    keys = f'tls_certificate_file = "{cert}"\ntls_key_file = "{key}"'
+    s.config.write_text(s.config.read_text().replace(listen, f"{listen}\n{keys}"))
+    return s, cert, key
+
+
+def healthz_over_tls(port: int, ca: Any) -> int | None:
+    """The status of GET /healthz on the admin listener over HTTPS, or None when nothing
+    answers there."""
+    import ssl
+
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=context)
+    try:
+        conn.request("GET", "/healthz")
+        return conn.getresponse().status
+    except OSError:
+        return None
+    finally:
+        conn.close()
+
+
+def test_worker_0_restarted_while_the_admin_key_cannot_be_loaded_relays_and_opens_https_once_fixed(
+    tmp_path: Path, sink: tuple[Sink, int]
+) -> None:
+    """admin.tls_key_file emptied and the reload refused: worker 0 (the admin centre's), started
+    again, could not load the pair and exited at every restart (status 1, backing off to 30 s),
+    its SMTP listener opened and closed at each try. It now relays, says once that the admin
+    listener waits for the files (naming the key and the file), and opens it once they load."""
+    import trustme
+
+    ca = trustme.CA()
+    s, _cert, key = _served_with_admin_tls(tmp_path, sink[1], ca)
+    s.start()
+    try:
+        assert s.proc is not None
+        before = s.children()
+        assert healthz_over_tls(s.admin_port, ca) == 200
+        good = key.read_bytes()
+        key.write_bytes(b"")  # emptied by mistake
+        s.proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: s.log().count("reload refused") >= 2, 15), s.log()[-3000:]
+        restarted_worker(s, before, 0)
+        log = s.log()
+        assert "exited unexpectedly (status 1)" not in log, log[-3000:]
+        waiting = "admin listener stays closed until"
+        assert log.count(waiting) == 1, log[-3000:]
+        assert f"admin.tls_key_file {str(key)!r}" in log.split(waiting)[0].splitlines()[-1]
+        assert healthz_over_tls(s.admin_port, ca) is None
+        key.write_bytes(good)  # repaired
+        assert wait_until(lambda: healthz_over_tls(s.admin_port, ca) == 200, 20), s.log()[-3000:]
+        assert s.log().count(waiting) == 1, s.log()[-3000:]
+        assert s.stop() == 0
+    finally:
+        if s.proc is not None and s.proc.poll() is None:
+            kill_tree(s.proc.pid)
+
+
+def test_a_worker_restarted_while_an_implicit_tls_key_cannot_be_loaded_relays_and_opens_it_once_fixed(
+    tmp_path: Path, sink: tuple[Sink, int]
+) -> None:
+    """An implicit-TLS connector's key emptied and the reload refused: a worker started again
+    could not build the listener's context and exited at every restart ('cannot start', status
+    1), serving nothing on its other listeners. It now opens them and relays, says once which
+    connector, key and file it waits for, and opens that listener once the files load."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    tls_port = free_port()
+    s = Served(tmp_path, sink[1], 2)
+    folder = tmp_path / "smtps"
+    folder.mkdir()
+    issued = ca.issue_cert("127.0.0.1")
+    cert, key = folder / "smtps.crt", folder / "smtps.key"
+    issued.private_key_pem.write_to_path(str(key))
+    key.chmod(0o600)
+    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    s.config.write_text(
+        s.config.read_text()
+        + f"""
+[[receive_connectors]]
+name = "Smtps"
+bindings = ["127.0.0.1:{tls_port}"]
+remote_ip_ranges = ["127.0.0.0/8"]
+auth_mechanism = ["Tls"]
+tls_mode = "implicit"
+tls_certificate_file = "{cert}"
+tls_key_file = "{key}"
+permission_groups = ["AnonymousUsers"]
+"""
+    )
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+
+    s.start()
+    try:
+        assert s.proc is not None
+        before = s.children()
+        good = key.read_bytes()
+        key.write_bytes(b"")
+        s.proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: s.log().count("reload refused") >= 2, 15), s.log()[-3000:]
+        now = restarted_worker(s, before, 1)  # its SMTP listener answers (the helper checks)
+        log = s.log()
+        assert "exited unexpectedly (status 1)" not in log, log[-3000:]
+        waiting = "stays closed in this worker until"
+        assert log.count(waiting) == 1, log[-3000:]
+        line = log.split(waiting)[0].splitlines()[-1]
+        assert 'receive connector "Smtps"' in line and str(key) in line, line
+        key.write_bytes(good)  # repaired: the restarted worker opens the listener too
+        new_1 = next(pid for pid in now if pid not in before)
+
+        def restarted_one_takes_smtps() -> bool:
+            with held_smtps(tls_port, context, 20):
+                return connections_per_pid([new_1], tls_port).get(new_1, 0) > 0
+
+        assert wait_until(restarted_one_takes_smtps, 20, 0.3), s.log()[-3000:]
+        assert s.log().count(waiting) == 1, s.log()[-3000:]
+        assert s.stop() == 0
+    finally:
+        if s.proc is not None and s.proc.poll() is None:
+            kill_tree(s.proc.pid)
+
+
+@contextlib.contextmanager
+def held_smtps(port: int, context: Any, n: int) -> Iterator[list[socket.socket]]:
+    """`n` implicit-TLS connections (from 127.0.0.10 on) held open together, closed on exit."""
+    held: list[socket.socket] = []
+    try:
+        for i in range(n):
+            raw = socket.create_connection(("127.0.0.1", port), 5, (f"127.0.0.{10 + i}", 0))
+            try:
+                conn = context.wrap_socket(raw, server_hostname="127.0.0.1")
+            except OSError:
+                raw.close()
+                continue
+            conn.recv(1024)  # the banner: the session is under way in a worker
+            held.append(conn)
+        yield held
+    finally:
+        for conn in held:
+            conn.close()

@@ -579,6 +579,9 @@ class AdminServer:
         #: The certificate files as last loaded, or as they were when they last failed to load
         #: (logged once: `watch_certificate` tries again when they change again).
         self._tls_stamp: _TlsStamp = ()
+        #: A worker 0 started again whose admin pair cannot be loaded: the listener is not open
+        #: yet, and `watch_certificate` opens it once the files load (`_open_when_loaded`).
+        self._closed_for_tls = False
 
     @property
     def url(self) -> str | None:
@@ -591,8 +594,8 @@ class AdminServer:
     @property
     def serves_tls(self) -> bool:
         """Whether the listener speaks HTTPS (fixed at start: turning TLS on or off waits for a
-        restart, like admin.listen)."""
-        return self._tls is not None
+        restart, like admin.listen), or will once its pair loads (`_closed_for_tls`)."""
+        return self._tls is not None or self._closed_for_tls
 
     @staticmethod
     def load_tls(config: Any, *, warn: bool = True) -> tuple[ssl.SSLContext | None, _TlsStamp]:
@@ -612,25 +615,54 @@ class AdminServer:
             self._tls.swap(context)
             self._tls_stamp = stamp
 
-    async def watch_certificate(self) -> None:
+    async def watch_certificate(self) -> bool:
         """Load the certificate and key again when their files changed since they were last
         loaded (a renewal copied in place, as the SMTP listener's are taken on a reload): the
         next connections get the new certificate. Files that do not load are logged once,
-        naming the keys, and the running certificate stays."""
+        naming the keys, and the running certificate stays. True when a certificate was taken
+        (its expiry date is then read again)."""
+        if self._closed_for_tls:
+            return await self._open_when_loaded()
         if self._tls is None:
-            return
+            return False
         config = self.relay.config
         if _tls_stamp(config) == self._tls_stamp:
-            return
+            return False
         try:
             context, stamp = await asyncio.to_thread(self.load_tls, config)
         except AdminStartError as exc:
             self._tls_stamp = _tls_stamp(config)
             log.error("admin listener keeps the certificate it serves: %s", exc)
-            return
+            return False
         if context is not None and self.relay.config is config:
             self.apply_tls((context, stamp))
             log.info("admin listener: certificate %s reloaded", config.admin.tls_certificate_file)
+            return True
+        return False
+
+    async def _open_when_loaded(self) -> bool:
+        """The listener left closed at start (`_closed_for_tls`): opened once the certificate
+        files changed and load; still failing, said again only when they change again."""
+        config = self.relay.config
+        if _tls_stamp(config) == self._tls_stamp:
+            return False
+        try:
+            context, stamp = await asyncio.to_thread(self.load_tls, config)
+        except AdminStartError as exc:
+            self._tls_stamp = _tls_stamp(config)
+            log.error("admin listener still closed: %s", exc)
+            return False
+        if context is None or self.relay.config is not config:
+            return False  # a reload meanwhile: the next turn looks at its files
+        self._closed_for_tls = False
+        self._tls_stamp = stamp
+        try:
+            await self._listen(config, context)
+        except AdminStartError as exc:  # its port taken meanwhile: tried again at a change
+            self._closed_for_tls = True
+            log.error("admin listener still closed: %s", exc)
+            return False
+        return True
 
     def _bind(self) -> socket.socket:
         binding = parse_binding(self.relay.config.admin.listen)
@@ -706,10 +738,40 @@ class AdminServer:
             return
         config = self.relay.config
         token = self._start_token(config)
-        context, self._tls_stamp = await asyncio.to_thread(self.load_tls, config)
+        self.app = create_app(self.relay, token=token, extra_routes=self.extra_routes)
+        context = await self._start_tls(config)
+        if not self._closed_for_tls:
+            await self._listen(config, context)
+
+    async def _start_tls(self, config: Any) -> ssl.SSLContext | None:
+        """`load_tls` at start. Worker 0 of several, started again by its supervisor, whose
+        pair cannot be loaded now (a key emptied or replaced: a reload refused it, the running
+        worker 0 kept the certificate it served) leaves the listener closed until the files
+        load (`watch_certificate`), and says so once, naming the keys and files: it used to
+        exit and be restarted, over and over, its SMTP listeners opened and closed at each try.
+        No copy of the private key is kept for it. At the node's start a pair that cannot be
+        loaded stops the start, as with one process."""
+        stamp = _tls_stamp(config)
+        try:
+            context, self._tls_stamp = await asyncio.to_thread(self.load_tls, config)
+        except AdminStartError as exc:
+            if getattr(self.relay, "worker_index", None) != 0 or not getattr(
+                self.relay, "started_again", False
+            ):
+                raise
+            self._closed_for_tls, self._tls_stamp = True, stamp
+            log.error(
+                "%s; this worker started again: the admin listener stays closed until the files "
+                "load (SMTP is served meanwhile)",
+                exc,
+            )
+            return None
+        return context
+
+    async def _listen(self, config: Any, context: ssl.SSLContext | None) -> None:
+        """Open the listener on admin.listen, HTTPS with `context` (None: plain HTTP)."""
         self._tls = _SwappableTls(context) if context is not None else None
         self._handshakes = _Handshakes(self._tls) if self._tls is not None else None
-        self.app = create_app(self.relay, token=token, extra_routes=self.extra_routes)
         try:
             sock = self._bind()
         except (OSError, ValueError) as exc:

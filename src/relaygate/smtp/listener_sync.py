@@ -29,6 +29,7 @@ from relaygate.smtp.listener_sockets import (
     _bound_socket,
     listener_bindings,
 )
+from relaygate.smtp.starttls_contexts import _files_stamp, _FilesStamp
 from relaygate.smtp.steering import attach_source_steering
 from relaygate.smtp.tls import listener_files, server_context
 from relaygate.smtp.tls_listener import _Admitted, _TlsListener
@@ -115,22 +116,47 @@ def _listener_state(config: Config, binding: Binding, implicit: bool) -> _Listen
     )
 
 
+class _Deferred(NamedTuple):
+    """An implicit-TLS listener left closed because its certificate cannot be loaded."""
+
+    reason: TlsUnavailable
+    stamp: _FilesStamp  # its files when they failed: tried again once they change
+
+
+def _implicit_files_stamp(config: Config, binding: Binding) -> _FilesStamp:
+    connector = _implicit_connector(config, binding)
+    return _files_stamp(listener_files(config, connector, implicit=True))
+
+
 def _listeners_to_open(
-    config: Config, wanted: dict[Binding, bool], current: dict[Binding, _ListenerState]
-) -> tuple[dict[Binding, _ListenerState], dict[Binding, ssl.SSLContext | None]]:
+    config: Config,
+    wanted: dict[Binding, bool],
+    current: dict[Binding, _ListenerState],
+    *,
+    defer_tls: bool = False,
+) -> tuple[
+    dict[Binding, _ListenerState], dict[Binding, ssl.SSLContext | None], dict[Binding, _Deferred]
+]:
     """(the state of every wanted listener, the TLS context of each to open or reopen: None for
-    a plain one) for `SmtpServer.sync_listeners`. Blocking: reads the certificate files.
-    ListenerError if an implicit-TLS listener's certificate cannot be loaded."""
+    a plain one, the implicit-TLS ones whose certificate cannot be loaded) for
+    `SmtpServer.sync_listeners`. Blocking: reads the certificate files. ListenerError if an
+    implicit-TLS listener's certificate cannot be loaded, unless `defer_tls`."""
     states = {b: _listener_state(config, b, implicit) for b, implicit in wanted.items()}
     contexts: dict[Binding, ssl.SSLContext | None] = {}
+    deferred: dict[Binding, _Deferred] = {}
     for binding in (b for b in wanted if current.get(b) != states[b]):
+        stamp = _implicit_files_stamp(config, binding) if wanted[binding] else ()
         try:
             contexts[binding] = _implicit_context(config, binding) if wanted[binding] else None
         except TlsUnavailable as exc:
-            raise ListenerError(binding, exc) from exc
+            if not defer_tls:
+                raise ListenerError(binding, exc) from exc
+            deferred[binding] = _Deferred(exc, stamp)
+            del states[binding]
+            continue
         if wanted[binding]:  # a self-signed certificate is created by the first context
             states[binding] = _listener_state(config, binding, True)
-    return states, contexts
+    return states, contexts, deferred
 
 
 class _ListenerSync:
@@ -145,6 +171,11 @@ class _ListenerSync:
     _ssl: dict[Binding, ssl.SSLContext | None]
     _syncing: asyncio.Lock
     _sessions: set[asyncio.Task[None]]
+    #: A worker started again by its supervisor (not at the node's start): an implicit-TLS
+    #: listener whose certificate cannot be loaded is left closed (`_deferred`), its siblings
+    #: serving its port, instead of stopping the start (the worker exited at every restart).
+    defer_unloadable_tls = False
+    _deferred: dict[Binding, _Deferred]
 
     if TYPE_CHECKING:
         # SmtpServer's (server.py): what a listener hands its connections to.
@@ -173,10 +204,34 @@ class _ListenerSync:
             await (
                 self.ctx.users.warm_up()
             )  # the dummy hash for unknown users, before the first AUTH
-        await self.sync_listeners()
+        await self.sync_listeners(defer_tls=self.defer_unloadable_tls)
+
+    async def open_deferred(self) -> bool:
+        """Try again the implicit-TLS listeners left closed (`defer_unloadable_tls`) whose
+        certificate files changed since they failed (the watcher calls it every few seconds).
+        True when one was opened."""
+        config = self.ctx.config
+        changed = await asyncio.to_thread(self._deferred_files_changed, config)
+        if not changed:
+            return False
+        before = set(self._servers)
+        await self.sync_listeners(defer_tls=True)
+        return bool(set(self._servers) - before)
+
+    def _deferred_files_changed(self, config: Config) -> bool:
+        """Blocking (stat): whether a deferred listener's files differ from when they failed."""
+        return any(
+            _implicit_files_stamp(config, binding) != d.stamp
+            for binding, d in self._deferred.items()
+            if binding in listener_bindings(config)
+        )
 
     async def sync_listeners(
-        self, config: Config | None = None, *, before_serving: Callable[[], None] | None = None
+        self,
+        config: Config | None = None,
+        *,
+        before_serving: Callable[[], None] | None = None,
+        defer_tls: bool = False,
     ) -> None:
         """Make the listeners match `config` (the current one by default): close those no enabled
         connector uses any more, open the new ones, and reopen those whose socket must change:
@@ -189,21 +244,30 @@ class _ListenerSync:
         are closed, those closed here are opened again (with their former TLS context), and
         `ListenerError` (an OSError naming the binding) is raised. `before_serving` runs once
         every new listener is bound and before any accepts a connection (a reload applies its
-        configuration there)."""
+        configuration there). With `defer_tls`, an implicit-TLS listener whose certificate
+        cannot be loaded is left closed (logged once, naming connector, keys and files) and the
+        others are opened: `open_deferred` tries it again."""
         async with self._syncing:
-            await self._sync_listeners(config, before_serving)
+            await self._sync_listeners(config, before_serving, defer_tls)
 
     async def _sync_listeners(
-        self, config: Config | None, before_serving: Callable[[], None] | None
+        self,
+        config: Config | None,
+        before_serving: Callable[[], None] | None,
+        defer_tls: bool = False,
     ) -> None:
         old = self.ctx.config
         config = old if config is None else config
         wanted = listener_bindings(config)
         # In a thread: the certificate files are read, and an ACME pair under its lock, which
         # the ACME client holds while it writes and fsyncs a renewal (seconds on a slow disk).
-        states, contexts = await asyncio.to_thread(
-            _listeners_to_open, config, wanted, dict(self._states)
+        states, contexts, deferred = await asyncio.to_thread(
+            functools.partial(_listeners_to_open, defer_tls=defer_tls),
+            config,
+            wanted,
+            dict(self._states),
         )
+        self._say_deferred(deferred)
         to_open = list(contexts)
         closed: dict[Binding, tuple[_ListenerState, ssl.SSLContext | None]] = {}
         for binding in list(self._servers):
@@ -233,10 +297,26 @@ class _ListenerSync:
                 raise ListenerError(binding, exc, config) from exc
         if before_serving is not None:
             before_serving()
+        self._deferred = deferred
         for binding, server in opened.items():
             self._servers[binding] = server
             self._states[binding], self._ssl[binding] = states[binding], contexts[binding]
             await server.start_serving()
+
+    def _say_deferred(self, deferred: dict[Binding, _Deferred]) -> None:
+        """Log each listener left closed: once, and again only when its files changed and
+        still fail (not at every look of the watcher)."""
+        for binding, d in deferred.items():
+            before = self._deferred.get(binding)
+            if before is None:
+                logger.error(
+                    "%s; this worker started again: its listener %s stays closed in this worker "
+                    "until the files load (the other workers serve it)",
+                    d.reason,
+                    binding,
+                )
+            elif before.stamp != d.stamp:
+                logger.error("listener %s still closed in this worker: %s", binding, d.reason)
 
     async def _listen(
         self,

@@ -124,6 +124,8 @@ class SmtpServer(_ListenerSync):
         #: (None: plain; kept to reopen the socket as it was when a reload is rolled back).
         self._states: dict[Binding, _ListenerState] = {}
         self._ssl: dict[Binding, ssl.SSLContext | None] = {}
+        #: Implicit-TLS listeners left closed (`defer_unloadable_tls`), their files then.
+        self._deferred = {}
         # One `sync_listeners` at a time (a SIGHUP reload beside the watcher's certificate
         # refresh): each compares the listeners as they are with what it wants.
         self._syncing = asyncio.Lock()
