@@ -506,11 +506,14 @@ class Relay:
         logger.info("listener certificate reloaded (ACME)")
 
     async def watch_admin_certificate(self) -> None:
-        """The admin listener's certificate renewed in place: taken as a reload does."""
+        """The admin listener's certificate renewed in place: taken as a reload does, and its
+        expiry date read again for /metrics and the findings (they showed the old one until
+        the next reload)."""
         if self.admin is None:
             return
         try:
-            await self.admin.watch_certificate()
+            if await self.admin.watch_certificate():
+                self.certificates = await asyncio.to_thread(read_expiries, self.config)
         except Exception:  # the watcher must outlive it
             logger.exception("taking the admin listener's new certificate failed")
 

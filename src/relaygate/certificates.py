@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "ADMIN_LISTENER",
     "CertificateExpiry",
     "CertificateRef",
     "certificate_refs",
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 LISTENER = "listener"  # server.tls_certificate_file, a receive connector's own
 SMTP_CLIENT = "smtp_client"  # a send connector's tls_certificate_file
 ENTRA_CREDENTIAL = "entra_credential"  # a send connector's oauth_client_certificate_file
+ADMIN_LISTENER = "admin_listener"  # admin.tls_certificate_file (HTTPS on the admin listener)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +80,8 @@ def certificate_refs(config: Any) -> list[CertificateRef]:
     """Every certificate file the running relay uses: the server's listener certificate (while an
     enabled receive connector with TLS has none of its own: it is theirs), the own one of the
     enabled receive connectors with TLS ('Tls' in auth_mechanism: STARTTLS or implicit TLS), the
-    enabled send connectors' client certificates (SMTP delivery) and Entra ID certificate
-    credentials."""
+    enabled send connectors' client certificates (SMTP delivery), Entra ID certificate
+    credentials, and the admin listener's (while the admin centre is enabled)."""
     refs: list[CertificateRef] = []
     server = config.server
     if server.tls_certificate_file is not None and any(
@@ -128,6 +130,14 @@ def certificate_refs(config: Any) -> list[CertificateRef]:
                     Path(s.oauth_client_certificate_file),
                 )
             )  # fmt: skip
+    admin = getattr(config, "admin", None)
+    if admin is not None and admin.enabled and admin.tls_certificate_file is not None:
+        refs.append(
+            CertificateRef(
+                ADMIN_LISTENER, str(server.name), "", "admin.tls_certificate_file",
+                Path(admin.tls_certificate_file),
+            )
+        )  # fmt: skip
     return refs
 
 

@@ -374,3 +374,61 @@ def test_certificate_expiring_within_a_day_says_hours_not_0_days() -> None:
     assert "expires on 2026-12-07 12:30 UTC (within an hour)" in messages[2]
     assert "(in 1 day)" in messages[3]
     assert not [m for m in messages if "0 days" in m]
+
+
+# ---------------------------------------------------------------------- the admin listener's pair
+
+
+async def test_the_admin_certificate_is_tracked_like_the_listeners(tmp_path: Path) -> None:
+    """admin.tls_certificate_file expiring in 10 days, its key left 0644 by a copy: it was no
+    finding, no /metrics sample and not on the dashboard (when it expires, browsers and
+    `relaygate queue` refuse the admin listener), and the key was not among the secret files
+    the audit checks. Now each is there, over the listener's own HTTPS."""
+    from relaygate.cli.queue import pinned_tls_context
+
+    cert, _, key, _ = make_certificate(tmp_path / "admin", "admin", days=10, key_apart=True)
+    assert key is not None
+    key.chmod(0o644)
+    text = make_config_text(
+        tmp_path / "data",
+        smtp_port=free_port(),
+        admin_port=free_port(),
+        routes={},
+        admin_extra=f'tls_certificate_file = "{cert}"\ntls_key_file = "{key}"',
+    )
+    config_file = tmp_path / "relaygate.toml"
+    config_file.write_text(text, encoding="utf-8")
+    config = load_config(config_file)
+    found = {f.key: f for f in audit(config, certificates=read_expiries(config))}
+    admin = found["admin.tls_certificate_file"]
+    assert admin.severity == "medium" and admin.code == "certificate-expiring", admin
+    assert str(cert) in admin.message and "admin listener" in admin.message, admin.message
+    readable = found["admin.tls_key_file"]
+    assert readable.code == "secret-file-readable" and str(key) in readable.message, readable
+    assert "admin listener" in readable.message, readable.message
+
+    relay = Relay(config, config_path=config_file)
+    await relay.start()
+    try:
+        base = f"https://{config.admin.listen}"
+        verify = pinned_tls_context(cert)
+        async with httpx.AsyncClient(base_url=base, timeout=10, verify=verify) as client:
+            metrics = parse_metric((await client.get("/metrics")).text)
+            assert metrics == {("admin_listener", "RELAYTEST", str(cert)): _not_after(cert)}
+            page = (await client.get("/")).text
+            assert "admin.tls_certificate_file" in page
+
+        # renewed in place (no reload): the listener takes it, and its date follows
+        renewed = make_certificate(tmp_path / "renewed", "admin", days=400, key_apart=True)
+        assert renewed[2] is not None
+        key.write_bytes(renewed[2].read_bytes())
+        cert.write_bytes(renewed[0].read_bytes())
+        await relay.watch_admin_certificate()
+        verify = pinned_tls_context(cert)
+        async with httpx.AsyncClient(base_url=base, timeout=10, verify=verify) as client:
+            metrics = parse_metric((await client.get("/metrics")).text)
+            assert metrics == {("admin_listener", "RELAYTEST", str(cert)): _not_after(cert)}
+            assert _not_after(cert) > dt.datetime.now(dt.UTC).timestamp() + 399 * 86400
+            assert "admin.tls_certificate_file" not in (await client.get("/")).text
+    finally:
+        await relay.stop()

@@ -95,7 +95,7 @@ class MetricsCollector:
         family = GaugeMetricFamily(
             "relaygate_certificate_expiry_timestamp_seconds",
             "notAfter of the certificate (Unix time), as read at start or the last reload; "
-            "use: listener, smtp_client, entra_credential",
+            "use: listener, smtp_client, entra_credential, admin_listener",
             labels=["use", "name", "file"],
         )
         # One sample per label set: a receive connector named like server.name with the server's

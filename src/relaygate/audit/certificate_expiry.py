@@ -9,7 +9,13 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 from relaygate.audit.findings import Finding
-from relaygate.certificates import ENTRA_CREDENTIAL, LISTENER, SMTP_CLIENT, CertificateExpiry
+from relaygate.certificates import (
+    ADMIN_LISTENER,
+    ENTRA_CREDENTIAL,
+    LISTENER,
+    SMTP_CLIENT,
+    CertificateExpiry,
+)
 
 #: A certificate that expires within this many days is a medium finding (expired: high).
 CERTIFICATE_WARNING_DAYS = 30
@@ -27,6 +33,11 @@ _CERTIFICATE_ROLE = {
     ENTRA_CREDENTIAL: (
         "the Entra ID certificate credential",
         "Entra ID refuses its token requests and the connector's mail waits in the queue",
+    ),
+    ADMIN_LISTENER: (
+        "the admin listener's HTTPS certificate",
+        "browsers refuse the admin centre and `relaygate queue` refuses the admin API "
+        "(it checks the dates)",
     ),
 }
 

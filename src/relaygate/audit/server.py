@@ -164,6 +164,9 @@ _SECRET_EFFECT = {
     "key_file": "read the DKIM private key and sign mail as the domain",
     "users_file": "read the AUTH users' password hashes and guess them offline",
     "api_token_file": "read the admin API token and manage the queue",
+    # (by its whole key: a receive connector's tls_key_file is another effect)
+    "admin.tls_key_file": "read the admin listener's private key, pose as it and read the API "
+    "token and the session cookies the admins send it",
 }
 
 
@@ -189,6 +192,8 @@ def _secret_files(config: Config) -> Iterator[tuple[str, str, Path]]:
             yield "", f"dkim[{i}].key_file", k.key_file
     if config.admin.api_token_file is not None:
         yield "", "admin.api_token_file", config.admin.api_token_file
+    if config.admin.tls_key_file is not None:
+        yield "", "admin.tls_key_file", config.admin.tls_key_file
 
 
 def _secret_file_findings(config: Config) -> Iterator[Finding]:
@@ -199,7 +204,7 @@ def _secret_file_findings(config: Config) -> Iterator[Finding]:
         mode = mode_granting(path, 0o007)
         if mode is None:
             continue
-        effect = _SECRET_EFFECT[key.rpartition(".")[2]]
+        effect = _SECRET_EFFECT.get(key) or _SECRET_EFFECT[key.rpartition(".")[2]]
         yield Finding(
             "medium",
             "secret-file-readable",
