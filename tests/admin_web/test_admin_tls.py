@@ -284,6 +284,35 @@ def test_the_queue_cli_talks_https_trusting_the_configured_self_signed_certifica
         proc.wait(30)
 
 
+def test_the_queue_cli_says_the_admin_certificate_expired_naming_the_file(
+    tmp_path: Path,
+) -> None:
+    """An expired admin certificate (the listener still serves it: nothing checks dates there)
+    made `relaygate queue` say 'the server does not present the certificate of
+    admin.tls_certificate_file': it does, and the admin went looking for another one. It now
+    says the certificate expired, when, and names the file to renew."""
+    from tests.delivery.test_oauth_certificate import make_certificate
+
+    cert, _, key, _ = make_certificate(tmp_path / "tls", "admin", days=-2, key_apart=True)
+    assert key is not None
+    key.chmod(0o600)
+    config = tmp_path / "relaygate.toml"
+    config.write_text(
+        f'[server]\nname = "RELAY01"\nfqdn = "relay.test"\ndata_dir = "{tmp_path / "data"}"\n\n'
+        f'[admin]\nlisten = "127.0.0.1:{free_port()}"\n{_tls_keys(cert, key)}\n',
+        encoding="utf-8",
+    )
+    proc = _serve(config, tmp_path)
+    try:
+        refused = run("queue", "list", "--config", str(config))
+        assert refused.code == 1, refused
+        assert f"admin.tls_certificate_file {str(cert)!r} expired on " in refused.err, refused.err
+        assert "does not present" not in refused.err, refused.err
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
 def _closed_by_server(sock: socket.socket, within: float) -> bool:
     """Whether the listener closes ``sock`` (end of stream, or a reset) within ``within`` s."""
     sock.settimeout(within)

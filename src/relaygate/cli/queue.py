@@ -173,7 +173,14 @@ class _Api:
 
     def certificate_refused(self, exc: Exception) -> NoReturn:
         """Something answers, but not with a certificate the CLI trusts: "not running" would
-        send the admin looking for a stopped service."""
+        send the admin looking for a stopped service. The pinned certificate expired: said so,
+        with its date ("does not present the certificate" sent the admin looking for another)."""
+        if self.pinned is not None and _verify_code(exc) == X509_V_ERR_CERT_HAS_EXPIRED:
+            die(
+                f"admin API at {self.url}: admin.tls_certificate_file {str(self.pinned)!r} "
+                f"expired on {_not_after_text(self.pinned)}: renew it and replace the file (the "
+                "admin listener takes it within seconds); relaygate queue checks its dates"
+            )
         trusted = (
             f"the certificate of admin.tls_certificate_file ({self.pinned})"
             if self.pinned is not None
@@ -187,6 +194,31 @@ class _Api:
             "(admin.listen in the configuration; start it with `relaygate serve`)",
             EXIT_NOT_RUNNING,
         )
+
+
+#: OpenSSL's verify result for a certificate past its notAfter
+X509_V_ERR_CERT_HAS_EXPIRED = 10
+
+
+def _verify_code(exc: BaseException) -> int | None:
+    """OpenSSL's verify result of the certificate check that failed under `exc`, if one did."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen.verify_code
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _not_after_text(certificate_file: Path) -> str:
+    """The notAfter of the file's first certificate, as the audit writes dates; "?" when the
+    file cannot be read now."""
+    from relaygate.certificates import read_not_after
+
+    try:
+        return read_not_after(certificate_file).strftime("%Y-%m-%d %H:%M UTC")
+    except (OSError, ValueError):
+        return "?"
 
 
 def _tls_refused(exc: BaseException) -> bool:
