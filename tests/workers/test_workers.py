@@ -1630,3 +1630,56 @@ def held_smtps(port: int, context: Any, n: int) -> Iterator[list[socket.socket]]
     finally:
         for conn in held:
             conn.close()
+
+
+def test_a_worker_restarted_while_a_starttls_key_cannot_be_loaded_serves_without_starttls(
+    tmp_path: Path, sink: tuple[Sink, int]
+) -> None:
+    """A STARTTLS connector's key emptied: a worker started again serves (STARTTLS not offered
+    by it until the files load, said once naming the connector and the files), never a crash
+    loop, and offers STARTTLS again once they are repaired."""
+    import trustme
+
+    ca = trustme.CA()
+    s = Served(tmp_path, sink[1], 2)
+    folder = tmp_path / "starttls"
+    folder.mkdir()
+    issued = ca.issue_cert("127.0.0.1")
+    cert, key = folder / "smtp.crt", folder / "smtp.key"
+    issued.private_key_pem.write_to_path(str(key))
+    key.chmod(0o600)
+    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    s.config.write_text(
+        s.config.read_text().replace(
+            'auth_mechanism = ["None"]',
+            f'auth_mechanism = ["Tls"]\ntls_certificate_file = "{cert}"\ntls_key_file = "{key}"',
+        )
+    )
+    s.start()
+    try:
+        assert s.proc is not None
+        before = s.children()
+        good = key.read_bytes()
+        key.write_bytes(b"")
+        s.proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: "TLS unavailable on receive connector Relay" in s.log(), 15), (
+            s.log()[-3000:]
+        )
+        restarted_worker(s, before, 1)
+        log = s.log()
+        assert "exited unexpectedly (status 1)" not in log, log[-3000:]
+        key.write_bytes(good)
+
+        def every_answer_offers_starttls() -> bool:
+            for _ in range(10):
+                with smtplib.SMTP("127.0.0.1", s.port, timeout=5) as c:
+                    c.ehlo()
+                    if not c.has_extn("starttls"):
+                        return False
+            return True
+
+        assert wait_until(every_answer_offers_starttls, 20, 0.5), s.log()[-3000:]
+        assert s.stop() == 0
+    finally:
+        if s.proc is not None and s.proc.poll() is None:
+            kill_tree(s.proc.pid)
