@@ -852,3 +852,40 @@ def test_a_tls_key_every_local_user_can_read_is_used_with_a_warning_naming_it(
         s.noop()
     assert "TLS unavailable" not in quiet.stderr_path.read_text()
     assert "TLS key" not in quiet.stderr_path.read_text()
+
+
+def test_a_retry_of_a_listener_left_closed_keeps_an_open_one_whose_files_broke_since(
+    ca: trustme.CA, tmp_path: Path
+) -> None:
+    """A worker started again left implicit-TLS listener A closed (its key broken) and tries
+    it again when A's files change; listener B, open, whose key broke meanwhile, was counted
+    among those left closed (logged as 'stays closed') although it stays open with the pair it
+    loaded. It is kept as it is (a reload tries its files again), and only A is left closed."""
+    from relaygate.config import parse_text
+    from relaygate.smtp.listener_sockets import listener_bindings
+    from relaygate.smtp.listener_sync import _listeners_to_open
+
+    keys = {}
+    text = f'[server]\nname = "R"\nfqdn = "{FQDN}"\ndata_dir = "{tmp_path / "data"}"\n'
+    for name in ("A", "B"):
+        issued = ca.issue_cert(FQDN)
+        cert, key = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+        issued.private_key_pem.write_to_path(str(key))
+        issued.cert_chain_pems[0].write_to_path(str(cert))
+        keys[name] = key
+        text += (
+            f'\n[[receive_connectors]]\nname = "{name}"\n'
+            f'bindings = ["127.0.0.1:{20000 + ord(name)}"]\nremote_ip_ranges = ["127.0.0.0/8"]\n'
+            f'auth_mechanism = ["Tls"]\ntls_mode = "implicit"\n'
+            f'tls_certificate_file = "{cert}"\ntls_key_file = "{key}"\n'
+        )
+    config = parse_text(text, str(tmp_path / "relaygate.toml"))
+    wanted = listener_bindings(config)
+    a, b = sorted(wanted, key=lambda binding: binding.port)
+    opened, _contexts, _deferred = _listeners_to_open(config, wanted, {})
+    keys["A"].write_bytes(b"")  # before the worker started: A left closed
+    keys["B"].write_bytes(b"")  # since: B open with the pair it loaded
+    states, contexts, deferred = _listeners_to_open(config, wanted, {b: opened[b]}, defer_tls=True)
+    assert set(deferred) == {a}, deferred
+    assert 'receive connector "A"' in str(deferred[a].reason)
+    assert states[b] == opened[b] and b not in contexts

@@ -151,6 +151,9 @@ def _listeners_to_open(
         except TlsUnavailable as exc:
             if not defer_tls:
                 raise ListenerError(binding, exc) from exc
+            if binding in current:  # open with the pair it loaded: kept (a reload tries again)
+                states[binding] = current[binding]
+                continue
             deferred[binding] = _Deferred(exc, stamp)
             del states[binding]
             continue
