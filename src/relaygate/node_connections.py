@@ -19,7 +19,10 @@ count their open connections in one table:
   it exit (`clear_worker`), and a worker zeroes its own column as it starts.
 
 Locking: one ``flock`` on the file around each admission (counts read, compared with the limits,
-the worker's own counts raised) and each release. The kernel releases it when the holder dies.
+the worker's own counts raised). The kernel releases it when the holder dies. A release takes no
+lock: it lowers this worker's own column in the slots its admission returned, which no other
+process writes, and which cannot be given to another key while that column counts a connection
+(the supervisor's `clear_worker` runs only once this worker is gone).
 The lock is waited for at most LOCK_WAIT seconds; past that, or when a key finds no slot (the
 table full of live keys), the connection is counted by its worker alone, as before this table
 (`NodeConnectionLimits`, which logs it once). Zeroing a worker's column takes no lock
@@ -38,9 +41,9 @@ import secrets
 import struct
 import tempfile
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 from relaygate.config.model import ReceiveConnector
 from relaygate.replies import Reply
@@ -215,11 +218,12 @@ class NodeConnections:
 
     def admit(
         self, keys: tuple[bytes, bytes], worker: int, decide: Callable[[int, int], Reply | None]
-    ) -> Reply | bool | None:
+    ) -> Reply | tuple[int, ...] | Literal[False]:
         """One connection for (connector key, source key): `decide(open on the connector, open
         from the source)`, both for the node, and when it refuses nothing, each counted for
-        `worker`. Returns decide's answer, or False when the table cannot count it (no lock,
-        no slot): the caller counts it alone."""
+        `worker`. Returns decide's refusal, the slots that count the connection (for
+        `release`), or False when the table cannot count it (no lock, no slot): the caller
+        counts it alone."""
         if not self._lock():
             return False
         try:
@@ -239,7 +243,7 @@ class NodeConnections:
                     return False
                 self._add(at, worker, 1)
                 counted.append(at)
-            return None
+            return tuple(counted)
         finally:
             self._unlock()
 
@@ -248,19 +252,12 @@ class NodeConnections:
         count = _U32.unpack_from(self._mm, column)[0]
         _U32.pack_into(self._mm, column, max(0, count + delta))
 
-    def release(self, keys: tuple[bytes, bytes], worker: int) -> bool:
-        """The connection `admit` counted for `worker` ended; False if the lock could not be had
-        (then it stays counted until this worker exits)."""
-        if not self._lock():
-            return False
-        try:
-            for key in keys:
-                at = self._find(key, place=False)
-                if at is not None:
-                    self._add(at, worker, -1)
-            return True
-        finally:
-            self._unlock()
+    def release(self, slots: tuple[int, ...], worker: int) -> None:
+        """The connection `admit` counted for `worker` in `slots` ended. No lock (see the module's
+        docstring): a connection's close costs no system call, and is counted out even while
+        another process holds the lock."""
+        for at in slots:
+            self._add(at, worker, -1)
 
     def clear_worker(self, worker: int) -> None:
         """Worker `worker` exited (the supervisor) or starts (itself): it holds no connection.
@@ -283,8 +280,9 @@ class NodeConnectionLimits(ConnectionLimits):
         super().__init__()
         self.table = table
         self.worker = worker
-        #: the connections of each (connector, source) that the table counted, to release there
-        self._in_table: dict[tuple[str, str], int] = defaultdict(int)
+        #: the connections of each (connector, source) that the table counted, and the slots
+        #: counting them (the same for all of them: a slot stays its key's while it counts)
+        self._in_table: dict[tuple[str, str], tuple[int, tuple[int, ...]]] = {}
         self._said_alone = False
 
     @staticmethod
@@ -309,19 +307,22 @@ class NodeConnectionLimits(ConnectionLimits):
                     name,
                 )
             return super().admit(connector, source)
-        if outcome is None:
-            self.per_connector[name] += 1
-            self.per_source[(name, source)] += 1
-            self._in_table[(name, source)] += 1
-        return outcome if isinstance(outcome, Reply) else None
+        if isinstance(outcome, Reply):
+            return outcome
+        self.per_connector[name] += 1
+        self.per_source[(name, source)] += 1
+        held, _slots = self._in_table.get((name, source), (0, outcome))
+        self._in_table[(name, source)] = (held + 1, outcome)
+        return None
 
     def release(self, connector: ReceiveConnector, source: str) -> None:
         super().release(connector, source)
         key = (connector.name, source)
-        held = self._in_table.get(key, 0)
-        if held > 0:
+        entry = self._in_table.get(key)
+        if entry is not None:
+            held, slots = entry
             if held == 1:
                 del self._in_table[key]
             else:
-                self._in_table[key] = held - 1
-            self.table.release(self._keys(*key), self.worker)
+                self._in_table[key] = (held - 1, slots)
+            self.table.release(slots, self.worker)

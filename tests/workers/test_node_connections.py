@@ -76,10 +76,31 @@ def test_two_keys_of_one_connection_never_share_a_slot(tmp_path: Path) -> None:
     w0, _w1 = two_workers(tmp_path, slots=2)
     table = w0.table
     old, source, new = key_at(0, b"old"), key_at(1, b"source"), key_at(1, b"new")
-    assert table.admit((old, source), 0, lambda _c, _s: None) is None
-    assert table.release((old, source), 0)
+    slots = table.admit((old, source), 0, lambda _c, _s: None)
+    assert isinstance(slots, tuple)
+    table.release(slots, 0)
     # `new` probes the source's slot first (home 1), free-looking; then the old key's (home 0)
-    assert table.admit((new, source), 0, lambda _c, _s: None) is None
+    assert isinstance(table.admit((new, source), 0, lambda _c, _s: None), tuple)
     new_at, source_at = (table._find(k, place=False) for k in (new, source))
     assert None not in (new_at, source_at) and new_at != source_at
     assert (table._total(new_at), table._total(source_at)) == (1, 1)
+
+
+def test_a_connection_is_counted_out_while_another_process_holds_the_lock(tmp_path: Path) -> None:
+    """A release writes only its worker's own column and takes no lock: a connection closing
+    while another worker holds the table's lock (or was stopped holding it) is counted out at
+    once. It stayed counted until its worker exited, and its close cost two system calls."""
+    import fcntl
+    import os
+
+    w0, w1 = two_workers(tmp_path)
+    assert w0.admit(CONNECTOR, "10.0.0.1") is None
+    assert w0.admit(CONNECTOR, "10.0.0.1") is None
+    holder = os.open(tmp_path / "connections", os.O_RDWR)  # another process's open file
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        w0.release(CONNECTOR, "10.0.0.1")
+    finally:
+        os.close(holder)
+    assert w1.admit(CONNECTOR, "10.0.0.1") is None  # one from the source is open, not two
+    assert w1.admit(CONNECTOR, "10.0.0.1") is replies.SOURCE_CONNECTIONS_EXCEEDED
