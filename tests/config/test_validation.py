@@ -10,6 +10,7 @@ import json
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -492,6 +493,8 @@ def test_the_send_connector_smtp_options_default_as_in_exchange() -> None:
     assert (out.ignore_starttls, out.force_helo) == (False, False)
     assert out.smtp_max_messages_per_connection == 20
     assert out.source_ip_address is None
+    assert out.connect_timeout == timedelta(seconds=30)  # Postfix's smtp_connect_timeout
+    assert out.greeting_timeout == timedelta(minutes=5)  # Postfix's smtp_helo_timeout
     (out,) = parse_text(
         _SEND.format(hosts='"10.0.0.9"')
         + 'tls_certificate_file = "relay.crt"\ntls_key_file = "relay.key"\n'
@@ -548,6 +551,8 @@ def test_the_send_connector_smtp_options_default_as_in_exchange() -> None:
             'source_ip_address = "relay.corp.example"',
             "source_ip_address: 'relay.corp.example' is not an IPv4 or IPv6 address",
         ),
+        ('connect_timeout = "00:00:00"', "connect_timeout: must be between 00:00:01 and"),
+        ('greeting_timeout = "2.00:00:00"', "greeting_timeout: must be between 00:00:01 and"),
     ],
 )
 def test_bad_send_connector_smtp_options_are_refused_naming_connector_and_key(

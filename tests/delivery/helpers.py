@@ -46,6 +46,8 @@ class Connector:
     fqdn: str | None = None
     max_message_size: int | None = None
     connection_inactivity_timeout: float = 10.0
+    connect_timeout: float = 30.0
+    greeting_timeout: float = 300.0
     tls_certificate_file: Path | None = None
     tls_key_file: Path | None = None
     ignore_starttls: bool = False

@@ -395,3 +395,99 @@ async def test_a_source_address_of_the_other_family_fails_the_hop_and_defers() -
     reply = out.per_recipient["a@dest.test"]
     assert reply.is_transient and "source_ip_address ::1" in reply.text, reply
     assert sink.seen == []
+
+
+# --------------------------------------------------------------------------------------------------
+# connect_timeout and greeting_timeout (RelayGate's own): a silent next hop costs seconds, not the
+# connector's connection_inactivity_timeout (10 min by default) per hop
+
+
+class _SilentServer:
+    """A socket on 127.0.0.1 that accepts TCP connections and never says a word."""
+
+    async def start(self) -> _SilentServer:
+        self.held: list[asyncio.StreamWriter] = []
+        self.accepted = asyncio.Event()
+
+        async def hold(_r: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.held.append(writer)
+            self.accepted.set()
+
+        self.server = await asyncio.start_server(hold, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def close(self) -> None:
+        for w in self.held:
+            w.close()
+        self.server.close()
+        await self.server.wait_closed()
+
+
+class _FullBacklog:
+    """A listening socket whose accept queue is full and never accepted from: the kernel drops
+    further SYNs (tcp_abort_on_overflow = 0), so a connect to it hangs as to a host that drops
+    packets. listen(0) queues one connection; two fill it whatever the kernel rounds it to."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(0)
+        self.port = self.listener.getsockname()[1]
+        self.fillers: list[socket.socket] = []
+        for _ in range(2):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", self.port))
+            self.fillers.append(s)
+
+    def close(self) -> None:
+        for s in self.fillers:
+            s.close()
+        self.listener.close()
+
+
+async def test_a_next_hop_that_never_greets_fails_after_greeting_timeout() -> None:
+    silent = await _SilentServer().start()
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        out = await send(silent.port, Connector(greeting_timeout=0.5), timeout=30.0)
+        elapsed = loop.time() - started
+    finally:
+        await silent.close()
+    assert silent.accepted.is_set()
+    assert out.per_recipient["a@dest.test"] == replies.failover_failed(
+        replies.CONNECTION_TIMEOUT.line()
+    )
+    assert elapsed < 5.0, elapsed  # the greeting's 0.5 s, not the 30 s per command
+
+
+async def test_a_next_hop_that_drops_the_syn_fails_after_connect_timeout() -> None:
+    backlog = _FullBacklog()
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        out = await send(backlog.port, Connector(connect_timeout=0.5), timeout=30.0)
+        elapsed = loop.time() - started
+    finally:
+        backlog.close()
+    assert out.per_recipient["a@dest.test"] == replies.failover_failed(
+        replies.CONNECTION_TIMEOUT.line()
+    )
+    assert elapsed < 5.0, elapsed
+
+
+async def test_connect_and_greeting_timeouts_never_exceed_the_inactivity_timeout() -> None:
+    silent = await _SilentServer().start()
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        out = await send(silent.port, Connector(greeting_timeout=60.0), timeout=0.5)
+        elapsed = loop.time() - started
+    finally:
+        await silent.close()
+    assert out.per_recipient["a@dest.test"].code == 451
+    assert elapsed < 5.0, elapsed

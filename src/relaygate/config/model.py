@@ -248,6 +248,12 @@ class SendConnector:
     fqdn: str | None = None
     max_message_size: int | None = _spec(None, v.parse_size)
     connection_inactivity_timeout: timedelta = _span("00:10:00")
+    #: RelayGate's own: how long a TCP connect to a next hop may take (Postfix's
+    #: smtp_connect_timeout), and its greeting with the reply to EHLO/HELO (smtp_helo_timeout).
+    #: Never more than connection_inactivity_timeout, which bounds every other wait: a silent
+    #: MX host costs this per hop, not 10 minutes.
+    connect_timeout: timedelta = _span("00:00:30")
+    greeting_timeout: timedelta = _span("00:05:00")
     #: Kept as Exchange has it (the importer carries it over), but no SMTP send protocol log
     #: (SmtpSend) is written: deliveries show in the message tracking log and the queue.
     protocol_logging_level: str = _spec("None", choices=("None", "Verbose"))

@@ -153,6 +153,9 @@ def _send_smtp_option_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
             "smtp_max_messages_per_connection",
             f"must be 1-{MAX_MESSAGES_PER_CONNECTION:,}",
         )
+    for key in ("connect_timeout", "greeting_timeout"):
+        if not 1 <= getattr(s, key).total_seconds() <= 86400:
+            yield key, "must be between 00:00:01 and 1.00:00:00"
     if s.source_ip_address is not None:
         try:
             ipaddress.ip_address(s.source_ip_address.strip())

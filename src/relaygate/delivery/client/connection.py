@@ -13,6 +13,7 @@ import asyncio
 import ipaddress
 import socket
 import ssl
+from datetime import timedelta
 from typing import Any
 
 import aiosmtplib
@@ -69,6 +70,17 @@ def _source_address(connector: Any, hop: NextHop) -> str | None:
             )
         )
     return str(ip)
+
+
+def _bounded(connector: Any, key: str, timeout: float) -> float:
+    """The connector's `key` (connect_timeout, greeting_timeout) in seconds, never longer than
+    `timeout` (its connection_inactivity_timeout): a next hop that is down or silent costs this,
+    not the inactivity timeout (10 min by default), for each hop of an attempt."""
+    value = getattr(connector, key, None)
+    if value is None:
+        return timeout
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    return min(seconds, timeout)
 
 
 async def _connect_socket(hop: NextHop, timeout: float, source: str | None = None) -> socket.socket:
@@ -153,7 +165,12 @@ async def _open_session(
     force_helo = bool(getattr(connector, "force_helo", False))
     if force_helo or getattr(connector, "ignore_starttls", False):
         allow_starttls = False
-    sock = await _connect_socket(hop, timeout, _source_address(connector, hop))
+    sock = await _connect_socket(
+        hop, _bounded(connector, "connect_timeout", timeout), _source_address(connector, hop)
+    )
+    # The greeting (with implicit TLS, the handshake too) and the reply to EHLO/HELO, as
+    # Postfix's smtp_helo_timeout; the commands after it wait for `timeout`.
+    greeting = _bounded(connector, "greeting_timeout", timeout)
     smtp = aiosmtplib.SMTP(
         hostname=server_name if implicit else hop.ip,
         sock=sock,
@@ -165,7 +182,7 @@ async def _open_session(
     )
     try:
         try:
-            await smtp.connect()
+            await smtp.connect(timeout=greeting)
         except SMTPConnectResponseError as exc:  # 4xx/5xx greeting
             raise _HopFailed(remote_reply(exc.code, exc.message)) from None
         except SMTPConnectTimeoutError:
@@ -177,9 +194,9 @@ async def _open_session(
             raise _HopFailed(CONNECTION_DROPPED, connection_lost=True) from None
 
         if force_helo:
-            await _helo(smtp, helo_name, timeout)
+            await _helo(smtp, helo_name, greeting)
         else:
-            await _ehlo(smtp, helo_name, timeout)
+            await _ehlo(smtp, helo_name, greeting)
         tls = implicit
         if not tls and allow_starttls and smtp.supports_extension("starttls"):
             try:
