@@ -160,6 +160,31 @@ async def test_mx_records_naming_ip_addresses_say_what_delivery_does(loopback_dn
     assert mx.summary == "MX record(s) naming an IP address instead of a host: 192.0.2.10"
 
 
+async def test_mx_hosts_on_special_addresses_say_what_delivery_does(loopback_dns, keys):
+    """An MX host whose every address is loopback, link-local, multicast, unspecified or
+    reserved is not connected to (451 4.4.4 SMTPSEND.DNS.SpecialAddress, the mail waits until it
+    expires). The doctor said 'ok' since the host resolves."""
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove("mx1.corp.example")
+    loopback_dns.remove("mx2.corp.example")
+    loopback_dns.add("mx1.corp.example", "A", "127.0.0.1")
+    loopback_dns.add("mx2.corp.example", "AAAA", "::1")
+    loopback_dns.add("mx2.corp.example", "A", "169.254.169.254")
+    mx = only(await run(loopback_dns, keys[0]), "MX", "error")
+    assert mx.summary == (
+        "MX host(s) on addresses mail is not sent to (loopback, link-local, multicast, "
+        "unspecified or reserved): mx1.corp.example (127.0.0.1), "
+        "mx2.corp.example (169.254.169.254, ::1)"
+    )
+    assert replies.MX_SPECIAL_ADDRESS.line() in mx.detail
+    # beside a host with a usable address: a warning (that host takes the mail)
+    loopback_dns.remove("mx2.corp.example")
+    loopback_dns.add("mx2.corp.example", "AAAA", "2001:db8::25")
+    mx = only(await run(loopback_dns, keys[0]), "MX", "warning")
+    assert mx.summary.endswith(": mx1.corp.example (127.0.0.1)")
+    assert replies.MX_SPECIAL_ADDRESS.line() not in mx.detail
+
+
 async def test_nxdomain(loopback_dns, keys):
     healthy(loopback_dns, keys[0])
     report = await run(loopback_dns, keys[0], domain="missing.example")

@@ -13,6 +13,7 @@ import ipaddress
 import dns.asyncresolver
 
 from relaygate import replies
+from relaygate.addresses import is_special_destination
 from relaygate.delivery.dns import MX_NAMES_ADDRESSES
 
 from .dns_records import _Lookup, _query
@@ -171,8 +172,49 @@ async def _check_mx(report: Report, resolver: dns.asyncresolver.Resolver, state:
             "Publish A/AAAA records for the MX hosts, or point the MX at hosts that have them "
             "(an MX must not point at a CNAME or an IP address).",
         )
-    elif not failed and not aliases:
+    special = [
+        (h, addresses)
+        for (_, h), (a, aaaa) in zip(real, checks, strict=True)
+        if (addresses := _special_addresses(a, aaaa))
+    ]
+    if special:
+        usable = len(real) - len(special) - len(unresolved) - len(failed)
+        _report_special_mx(report, domain, listing, special, usable=usable)
+    if not unresolved and not failed and not aliases and not special:
         report.add("MX", "ok", f"MX: {listing}", "Every MX host resolves to an address.")
+
+
+def _special_addresses(a: _Lookup, aaaa: _Lookup) -> list[str]:
+    """A host's addresses when every one is an address delivery does not connect to (loopback,
+    link-local, ...: relaygate.delivery.nexthop); [] when it has none or one that is usable."""
+    found = [r.to_text() for lookup in (a, aaaa) if lookup.status == "ok" for r in lookup.records]
+    special = [ip for ip in found if is_special_destination(ipaddress.ip_address(ip))]
+    return special if special and len(special) == len(found) else []
+
+
+def _report_special_mx(
+    report: Report, domain: str, listing: str, special: list[tuple[str, list[str]]], *, usable: int
+) -> None:
+    """MX hosts on loopback or other special addresses: senders do not connect there (delivery
+    defers with 451 4.4.4 SpecialAddress, as it would for a misconfiguration or an attack from
+    the domain's DNS); with no other MX host, mail to the domain waits in queues until it expires."""
+    alone = usable == 0
+    report.add(
+        "MX",
+        "error" if alone else "warning",
+        "MX host(s) on addresses mail is not sent to (loopback, link-local, multicast, "
+        "unspecified or reserved): "
+        + ", ".join(f"{h} ({', '.join(addresses)})" for h, addresses in special),
+        f"MX records: {listing}. Relays do not connect to such an address (RelayGate, unless "
+        "a send connector's allow_loopback_mx lets loopback through for a lab)"
+        + (
+            f"; with no other MX host, mail to {domain} waits in their queues "
+            f"({replies.MX_SPECIAL_ADDRESS.line()}) until it expires."
+            if alone
+            else "; the other MX hosts take the mail."
+        ),
+        "Point the MX records at hosts with public addresses.",
+    )
 
 
 def _names_address(host: str) -> bool:
