@@ -1,7 +1,9 @@
 """Composition root: Config → store, logs, SMTP listeners, queue manager, admin centre; signals; shutdown.
 
-Start order: store → logs → queue manager → listeners → admin. Shutdown runs in reverse: listeners stop
-accepting first, sessions get a grace period, then deliveries, then the store closes.
+Start order: store → logs → queue manager → listeners → admin; the queue manager routes no
+message before the listeners are open (loop detection needs them). Shutdown runs in reverse:
+listeners stop accepting first, sessions get a grace period, then deliveries, then the store
+closes.
 
 With ``server.workers = N > 1`` `run` hands over to the supervisor (`relaygate.workers`), which
 starts N copies of this node as worker processes (``worker_index`` 0..N-1): each binds the same
@@ -208,7 +210,7 @@ class Relay:
         self.server = SmtpServer(self.ctx, reuse_port=self.worker_index is not None or None)
         self.server.defer_unloadable_tls = self.started_again
         if self.manager is not None:
-            self.manager.local_endpoints = set()
+            self.manager.wait_for_listeners()  # no delivery before loop detection knows them
             await self.manager.start()
         try:
             await self.server.start()
@@ -216,7 +218,7 @@ class Relay:
             await self.stop()
             raise
         if self.manager is not None:
-            self.manager.local_endpoints = set(self.server.endpoints)
+            self.manager.listeners_open(set(self.server.endpoints))
         if self.worker_index and cfg.server.workers > 1:  # worker 0 sums them for /metrics
             self.snapshots = SnapshotWriter(self, self.worker_index)
             self.snapshots.start()

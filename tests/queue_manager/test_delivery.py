@@ -1170,6 +1170,59 @@ async def test_a_smart_host_that_is_this_relay_is_a_loop(tmp_path: Path) -> None
         assert len(await relay.store.list_messages()) == 2  # the original and the NDR, no loop
 
 
+async def test_a_message_queued_before_a_start_is_checked_for_a_loop_against_the_listeners(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queue manager started before the listeners with no endpoints, so a message due at
+    start (queued before it) was routed in that window without loop detection: to a smart host
+    that is this relay's own port, its sibling workers' listeners or its own about to open. A
+    delivery now waits for the listeners. The listeners open here only once the first delivery
+    resolved its next hops (or after at most 2 s, when deliveries wait for them)."""
+    from relaygate.queue import manager_routes
+    from relaygate.smtp.server import SmtpServer
+    from tests.queue_manager.helpers import free_port
+
+    port, closed = free_port(), free_port()
+    async with sinks(ScriptedHandler()) as (b,):
+        # First run: bob's route has no server (nothing listens on `closed`): queued for retry.
+        async with relay_running(
+            tmp_path, {"*": closed, "senders.test": b.port}, smtp_port=port
+        ) as relay:
+            await send(relay, SENDER, ["bob@example.com"], original())
+
+            async def deferred() -> bool:
+                msgs = await relay.store.list_messages()
+                return bool(msgs) and msgs[0].recipients[0].status == RecipientStatus.DEFERRED
+
+            await wait_for(deferred)
+
+        seen: list[set[tuple[str, int]]] = []
+        resolved = asyncio.Event()
+        real_resolve = manager_routes.resolve_next_hops
+        real_start = SmtpServer.start
+
+        async def spy_resolve(*args: Any, **kw: Any) -> Any:
+            seen.append(set(kw.get("local_endpoints", ())))
+            resolved.set()
+            return await real_resolve(*args, **kw)
+
+        async def late_start(self: SmtpServer) -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(resolved.wait(), 2.0)
+            await real_start(self)
+
+        monkeypatch.setattr(manager_routes, "resolve_next_hops", spy_resolve)
+        monkeypatch.setattr(SmtpServer, "start", late_start)
+        # Second run: the route is this relay's own listener; bob is due at once (retry 1 s).
+        async with relay_running(
+            tmp_path, {"*": port, "senders.test": b.port}, smtp_port=port
+        ) as relay:
+            ndr = await wait_for(lambda: reports(b))
+        assert seen and ("127.0.0.1", port) in seen[0], seen
+        per_rcpt = parse_mail(ndr[0]["content"]).get_payload()[1].get_payload()[1]
+        assert per_rcpt["Diagnostic-Code"] == "smtp; " + replies.LOOP_DETECTED.line()
+
+
 async def test_another_loopback_address_at_the_relays_port_is_not_this_relay(
     tmp_path: Path,
 ) -> None:

@@ -170,6 +170,10 @@ class QueueManager(_ScanLoop):
         self.resubmit_page_size = RESUBMIT_PAGE_SIZE
         #: This relay's SMTP listeners (ip, port): a next hop among them is a mail loop.
         self.local_endpoints: set[tuple[str, int]] = set()
+        #: Set once local_endpoints holds the listeners (at once, unless the relay clears it
+        #: before start: see `wait_for_listeners`); no message is routed before.
+        self.endpoints_known = asyncio.Event()
+        self.endpoints_known.set()
         self.schedule = RetrySchedule.from_config(config.queue)
         self._resolver_fixed = resolver is not None
         self.resolver = resolver or Resolver.from_config(config)
@@ -244,10 +248,22 @@ class QueueManager(_ScanLoop):
             except (OSError, ValueError) as exc:
                 log.warning("send connector %s: its TLS context: %s", connector.name, exc)
 
+    def wait_for_listeners(self) -> None:
+        """Route nothing until `listeners_open`: the relay starts the queue manager before its
+        listeners, and a message due at start routed in between had no loop detection (a smart
+        host or MX that is this relay, or a sibling worker already listening there)."""
+        self.endpoints_known.clear()
+
+    def listeners_open(self, endpoints: set[tuple[str, int]]) -> None:
+        """This relay's listeners are `endpoints`: loop detection knows them; routing starts."""
+        self.local_endpoints = endpoints
+        self.endpoints_known.set()
+
     async def stop(self) -> None:
         """Stop scanning; let deliveries in flight finish (``stop_grace`` s), cancel the rest."""
         self._stopping = True
         self._wake.set()
+        self.endpoints_known.set()  # a loop still waiting for the listeners ends
         if self._loop_task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task

@@ -28,6 +28,7 @@ class _ScanLoop(_MessageRoutes):
         return max(1, int(self.config.queue.max_concurrent_deliveries))
 
     async def _run(self) -> None:
+        await self.endpoints_known.wait()  # loop detection needs the listeners (manager.py)
         while not self._stopping:
             self._wake.clear()
             try:

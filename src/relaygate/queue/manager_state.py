@@ -39,6 +39,7 @@ class _ManagerState:
     delivery_timeout: float | None
     resubmit_page_size: int
     local_endpoints: set[tuple[str, int]]
+    endpoints_known: asyncio.Event
     schedule: RetrySchedule
     _resolver_fixed: bool
     resolver: Resolver
