@@ -175,3 +175,24 @@ async def test_only_mx_records_naming_ip_addresses_is_transient(loopback_dns):
     assert info.value.reply.line() == (
         "451 4.4.0 DNS query failed. The error was: the MX records name IP addresses, not hosts"
     )
+
+
+@pytest.mark.parametrize("resolv_conf", ["empty", "missing"])
+async def test_a_system_resolver_without_servers_defers_lookups_saying_why(
+    tmp_path, resolv_conf: str
+):
+    """No server.dns_servers and a resolv.conf that is empty or missing: dnspython refuses to
+    build a resolver (NoResolverConfiguration), which stopped the relay's start with a
+    traceback. The resolver is built; each lookup fails for now, naming the file and the key."""
+    path = tmp_path / "resolv.conf"
+    if resolv_conf == "empty":
+        path.write_text("", encoding="utf-8")
+    resolver = Resolver(resolv_conf=str(path), lifetime=2.0, timeout=1.0)
+    with pytest.raises(DnsError) as info:
+        await resolver.mx("corp.test")
+    assert not info.value.permanent
+    assert info.value.reply.code == 451
+    assert f"no DNS server: {path}" in info.value.reply.text
+    assert "server.dns_servers" in info.value.reply.text
+    with pytest.raises(DnsError):
+        await resolver.addresses("mx.corp.test")

@@ -1291,6 +1291,48 @@ async def test_mx_routing_through_a_dns_server_to_a_loopback_mx_a_lab_allows(
                 assert len(mx.handler.messages) == 1
 
 
+async def test_a_relay_without_any_dns_server_starts_and_mx_mail_waits_saying_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No server.dns_servers and a system resolv.conf that names no server (here: dnspython
+    reads an empty file for /etc/resolv.conf; the machine's is not touched): the start stopped
+    with a traceback (dns.resolver.NoResolverConfiguration: no nameservers). The relay starts,
+    says what is wrong, and mail routed by MX waits with the reason; a smart host given as an
+    address still takes mail."""
+    import dns.resolver
+
+    empty = tmp_path / "resolv.conf"
+    empty.write_text("", encoding="utf-8")
+    read = dns.resolver.BaseResolver.read_resolv_conf
+
+    def read_empty(self: Any, f: Any = "/etc/resolv.conf") -> None:
+        read(self, str(empty) if f == "/etc/resolv.conf" else f)
+
+    monkeypatch.setattr(dns.resolver.BaseResolver, "read_resolv_conf", read_empty)
+    internet = (
+        '\n[[send_connectors]]\nname = "Internet"\naddress_spaces = ["*"]\n'
+        "dns_routing_enabled = true\n"
+    )
+    caplog.set_level(logging.ERROR, logger="relaygate")
+    async with (
+        sinks(ScriptedHandler()) as (b,),
+        relay_running(tmp_path, {"senders.test": b.port}, extra=internet) as relay,
+    ):
+        why = "no DNS server: /etc/resolv.conf names none and server.dns_servers is empty"
+        assert any(why in r.getMessage() for r in caplog.records), caplog.text
+        await send(relay, SENDER, ["bob@dest.test"], original())
+
+        async def deferred() -> Any:
+            msgs = await relay.store.list_messages()
+            rcpt = msgs[0].recipients[0] if msgs else None
+            return rcpt if rcpt and rcpt.status == RecipientStatus.DEFERRED else None
+
+        rcpt = await wait_for(deferred)
+        assert rcpt.last_error == replies.dns_query_failed(why).line()
+        await send(relay, "bob@dest.test", ["alice@senders.test"], original("Reply"))
+        await wait_for(lambda: b.handler.messages)  # a smart host by address: delivered
+
+
 async def test_restart_in_the_middle_of_a_run_resends_only_what_was_not_delivered(
     tmp_path: Path,
 ) -> None:

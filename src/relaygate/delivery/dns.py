@@ -34,6 +34,9 @@ __all__ = ["DnsError", "Resolver", "parse_dns_server"]
 
 log = logging.getLogger(__name__)
 
+#: The system resolver's configuration, read when `server.dns_servers` is empty.
+SYSTEM_RESOLV_CONF = "/etc/resolv.conf"
+
 #: Why a domain whose every MX record names an IP address (RFC 1035 §3.3.9 wants a host name)
 #: gets no next hop.
 MX_NAMES_ADDRESSES = "the MX records name IP addresses, not hosts"
@@ -90,7 +93,9 @@ class Resolver:
     (/etc/resolv.conf). timeout: per server try; lifetime: per query in total. prefer_ipv6: order AAAA
     before A in `addresses`. rng: for shuffling equal-preference MX hosts and a host's addresses
     (tests pass a seeded one).
-    resolver: an already configured ``dns.asyncresolver.Resolver`` (tests).
+    resolver: an already configured ``dns.asyncresolver.Resolver`` (tests). resolv_conf: the
+    system resolver's file (default SYSTEM_RESOLV_CONF); one that is missing or names no server
+    leaves the resolver `unusable`: built, every lookup failing for now with the reason.
     """
 
     def __init__(
@@ -102,7 +107,10 @@ class Resolver:
         prefer_ipv6: bool = False,
         rng: random.Random | None = None,
         resolver: dns.asyncresolver.Resolver | None = None,
+        resolv_conf: str | None = None,
     ) -> None:
+        #: Why no lookup can be made ("" when they can): the reply's reason for every lookup.
+        self.unusable = ""
         if resolver is None:
             if dns_servers:
                 resolver = dns.asyncresolver.Resolver(configure=False)
@@ -111,12 +119,26 @@ class Resolver:
                     for ip, port in (parse_dns_server(s) for s in dns_servers)
                 ]
             else:
-                resolver = dns.asyncresolver.Resolver()
+                resolver = self._system_resolver(resolv_conf or SYSTEM_RESOLV_CONF)
             resolver.timeout = timeout
             resolver.lifetime = lifetime
         self._resolver = resolver
         self.prefer_ipv6 = prefer_ipv6
         self._rng = rng or random.Random()
+
+    def _system_resolver(self, path: str) -> dns.asyncresolver.Resolver:
+        """The system resolver from `path`; without a server there (the file empty, missing,
+        unreadable: dnspython refuses to build one, which stopped the relay's start with a
+        traceback) one with none, and `unusable` says why, in the log now and in every
+        lookup's reply: mail routed by DNS waits (451 4.4.0) rather than the relay not
+        starting, and smart hosts given as addresses still take mail."""
+        try:
+            return dns.asyncresolver.Resolver(filename=path)
+        except dns.resolver.NoResolverConfiguration as exc:
+            why = "names none" if "no nameservers" in str(exc) else "cannot be read"
+            self.unusable = f"no DNS server: {path} {why} and server.dns_servers is empty"
+            log.error("%s: mail routed by DNS waits in the queue until one is set", self.unusable)
+            return dns.asyncresolver.Resolver(configure=False)
 
     @classmethod
     def from_config(cls, config: Any, **kwargs: Any) -> Resolver:
@@ -130,6 +152,8 @@ class Resolver:
 
     async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
         """The answer, None for NODATA; raises DnsError for everything else."""
+        if self.unusable:
+            raise DnsError(replies.dns_query_failed(self.unusable), False, name)
         try:
             return await self._resolver.resolve(name, rdtype, search=False)
         except dns.resolver.NXDOMAIN as exc:
