@@ -332,3 +332,28 @@ def test_doctor_says_the_helo_check_was_skipped_for_a_domain_that_does_not_exist
         ("info", "HELO not checked: nonexistent.example does not exist (the HELO name "
          "out.corp.example of send connector \"Internet\" was not looked up)"),
     ], proc.stdout  # fmt: skip
+
+
+def test_doctor_without_any_dns_server_says_so(tmp_path, monkeypatch):
+    """No --dns-server, no config's server.dns_servers and a system resolv.conf that names no
+    server (dnspython reads an empty file for /etc/resolv.conf here): the doctor ended with a
+    traceback (NoResolverConfiguration); it says what is missing, exit 2."""
+    import dns.resolver
+    from typer.testing import CliRunner
+
+    from relaygate.cli import app
+
+    empty = tmp_path / "resolv.conf"
+    empty.write_text("", encoding="utf-8")
+    read = dns.resolver.BaseResolver.read_resolv_conf
+
+    def read_empty(self, f="/etc/resolv.conf"):
+        read(self, str(empty) if f == "/etc/resolv.conf" else f)
+
+    monkeypatch.setattr(dns.resolver.BaseResolver, "read_resolv_conf", read_empty)
+    monkeypatch.delenv("RELAYGATE_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    done = CliRunner().invoke(app, ["doctor", "corp.example", "--data-dir", str(tmp_path)])
+    assert done.exit_code == 2, (done.output, done.exception)
+    assert "no DNS server: /etc/resolv.conf names none" in done.output
+    assert "--dns-server" in done.output

@@ -31,10 +31,26 @@ def _resolver(servers: list[str], timeout: float) -> Any:
             for ip, port in (parse_dns_server(s) for s in servers)
         ]
     else:
-        resolver = dns.asyncresolver.Resolver()
+        resolver = _system_resolver()
     resolver.timeout = timeout
     resolver.lifetime = timeout
     return resolver
+
+
+def _system_resolver() -> Any:
+    """The system resolver; without a server in resolv.conf, an exit that says so (it was
+    dnspython's NoResolverConfiguration traceback)."""
+    import dns.asyncresolver
+    import dns.resolver
+
+    from relaygate.delivery import dns as delivery_dns
+
+    path = delivery_dns.SYSTEM_RESOLV_CONF
+    try:
+        return dns.asyncresolver.Resolver(filename=path)
+    except dns.resolver.NoResolverConfiguration as exc:
+        reason = delivery_dns.no_system_server(path, exc)
+        raise fail(f"{reason}: give --dns-server IP or set server.dns_servers", 2) from None
 
 
 def _local_keys(

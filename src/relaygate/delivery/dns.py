@@ -30,7 +30,7 @@ from relaygate import replies
 from relaygate.config.values import parse_smart_host
 from relaygate.replies import Reply
 
-__all__ = ["DnsError", "Resolver", "parse_dns_server"]
+__all__ = ["DnsError", "Resolver", "no_system_server", "parse_dns_server"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,12 @@ def _strip_brackets(host: str) -> str:
     return h
 
 
+def no_system_server(path: str, exc: dns.resolver.NoResolverConfiguration) -> str:
+    """Why dnspython could not build the system resolver from `path`, in a few words."""
+    why = "names none" if "no nameservers" in str(exc) else "cannot be read"
+    return f"no DNS server: {path} {why}"
+
+
 class Resolver:
     """Asynchronous MX and address lookups with Exchange-worded failures.
 
@@ -135,8 +141,7 @@ class Resolver:
         try:
             return dns.asyncresolver.Resolver(filename=path)
         except dns.resolver.NoResolverConfiguration as exc:
-            why = "names none" if "no nameservers" in str(exc) else "cannot be read"
-            self.unusable = f"no DNS server: {path} {why} and server.dns_servers is empty"
+            self.unusable = f"{no_system_server(path, exc)} and server.dns_servers is empty"
             log.error("%s: mail routed by DNS waits in the queue until one is set", self.unusable)
             return dns.asyncresolver.Resolver(configure=False)
 
