@@ -350,6 +350,44 @@ async def test_a_huge_mx_set_is_looked_up_only_as_far_as_it_can_be_used(loopback
     assert hosts_asked == {f"mx{i}.huge.test" for i in range(10)}
 
 
+async def test_this_relay_among_many_equal_mx_hosts_is_found_before_the_cap(loopback_dns):
+    """30 MX hosts of one preference, this relay (by its name) one of them: only the best
+    2 x max_hops hosts are looked up, so after the shuffle the relay was mostly not among them
+    and its equal-preference peers got the mail (which, as backups of each other, may send it
+    back). A host with one of the relay's own names is looked up whatever the cap: its address
+    decides (a loop here: no peer of equal preference is a next hop, 554 5.4.6 at once)."""
+    import random
+
+    for i in range(30):
+        loopback_dns.add("eq.test", "MX", (10, f"mx{i}.eq.test"))
+        loopback_dns.add(f"mx{i}.eq.test", "A", f"192.0.2.{i + 1}")
+    loopback_dns.add("eq.test", "MX", (10, "relay.eq.test"))
+    loopback_dns.add("relay.eq.test", "A", "127.0.0.1")
+    connector = Connector(dns_routing_enabled=True, port=2525)
+    for seed in range(8):
+        resolver = Resolver(
+            [loopback_dns.address], lifetime=2.0, timeout=1.0, rng=random.Random(seed)
+        )
+        with pytest.raises(NextHopError) as info:
+            await resolve_next_hops(
+                connector,
+                "eq.test",
+                resolver,
+                local_endpoints=OURS,
+                local_names={"RELAY.eq.test."},
+                max_hops=5,
+            )
+        assert info.value.reply == replies.LOOP_DETECTED, seed
+    # a name of this relay whose address is another server's is an ordinary next hop
+    loopback_dns.remove("relay.eq.test")
+    loopback_dns.add("relay.eq.test", "A", "192.0.2.200")
+    hops = await resolve_next_hops(
+        connector, "eq.test", res(loopback_dns), local_endpoints=OURS,
+        local_names={"relay.eq.test"}, max_hops=5,
+    )  # fmt: skip
+    assert hops[0].host == "relay.eq.test" and len(hops) == 5
+
+
 async def test_ip_literal_smart_hosts_are_worked_out_once_per_configuration(loopback_dns):
     from relaygate.delivery import nexthop
 

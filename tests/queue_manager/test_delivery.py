@@ -1246,6 +1246,7 @@ async def test_another_loopback_address_at_the_relays_port_is_not_this_relay(
             ) as relay,
         ):
             assert ("127.0.0.1", port) in relay.manager.local_endpoints
+            assert relay.manager.local_names == {"relay.test"}  # server.fqdn (for the MX cap)
             await send(relay, SENDER, ["bob@lab.test"], original())
             (got,) = await wait_for(lambda: lab.handler.messages or reports(b))
             assert got["rcpt_tos"] == ["bob@lab.test"]  # delivered, not an NDR to the sender

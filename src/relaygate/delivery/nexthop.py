@@ -171,10 +171,15 @@ async def resolve_next_hops(
     resolver: Resolver,
     *,
     local_endpoints: Iterable[tuple[str, int]] = (),
+    local_names: Iterable[str] = (),
     allow_special_addresses: bool = False,
     max_hops: int = 10,
 ) -> list[NextHop]:
-    """The hops to try, in order. Raises NextHopError (with reply and permanence) when there are none."""
+    """The hops to try, in order. Raises NextHopError (with reply and permanence) when there are none.
+
+    local_endpoints: this relay's listeners (a next hop there is a loop); local_names: its own
+    host names (server.fqdn, the connectors' fqdn): an MX host with one of them is looked up
+    whatever the cap on MX hosts, so that its address can be checked against the listeners."""
     endpoints = list(local_endpoints)
     port_default = int(getattr(connector, "port", 25) or 25)
     tls_domain = (getattr(connector, "tls_domain", "") or "").strip()
@@ -194,6 +199,7 @@ async def resolve_next_hops(
         allow_special_addresses,
         bool(getattr(connector, "allow_loopback_mx", False)),
         max_hops,
+        frozenset(n.strip().rstrip(".").lower() for n in local_names),
     )
 
 
@@ -285,6 +291,14 @@ async def _literal(host: str) -> list[str]:
     return [host]
 
 
+def _own_names_first(mx: list[tuple[int, str]], own_names: frozenset[str]) -> list[tuple[int, str]]:
+    """The MX hosts (by preference, equal ones shuffled) with those named as this relay first
+    among their equals: looked up whatever the cap, so that the relay among more equal hosts
+    than the cap is seen (by its address) and its equals are not made next hops. Only the
+    order among equals changes (it was random): a name that is another server's is a hop."""
+    return sorted(mx, key=lambda record: (record[0], record[1] not in own_names))
+
+
 async def _mx_hops(
     domain: str,
     port: int,
@@ -294,11 +308,14 @@ async def _mx_hops(
     allow_special: bool,
     allow_loopback: bool,
     max_hops: int,
+    own_names: frozenset[str] = frozenset(),
 ) -> list[NextHop]:
     try:
         mx = await resolver.mx(domain)
     except DnsError as exc:
         raise NextHopError(exc.reply, exc.permanent) from exc
+    if own_names:
+        mx = _own_names_first(mx, own_names)
     # Only the best hosts: at most max_hops addresses are tried, and a domain may publish
     # hundreds of MX records, each host two queries at every attempt of every message to it.
     # Twice as many hosts as addresses tried leaves room to skip hosts that do not resolve.

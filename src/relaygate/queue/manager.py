@@ -174,6 +174,8 @@ class QueueManager(_ScanLoop):
         #: before start: see `wait_for_listeners`); no message is routed before.
         self.endpoints_known = asyncio.Event()
         self.endpoints_known.set()
+        #: This relay's host names: an MX host named so is looked up whatever the cap on MX hosts.
+        self.local_names = own_host_names(config)
         self.schedule = RetrySchedule.from_config(config.queue)
         self._resolver_fixed = resolver is not None
         self.resolver = resolver or Resolver.from_config(config)
@@ -357,6 +359,7 @@ class QueueManager(_ScanLoop):
             self.lease_seconds = config.queue.lease_duration.total_seconds()
         limits_changed = _pacing_limits(config) != _pacing_limits(self.config)
         self.config = config
+        self.local_names = own_host_names(config)
         self.schedule = RetrySchedule.from_config(config.queue)
         if not self._resolver_fixed:
             self.resolver = resolver if resolver is not None else Resolver.from_config(config)
@@ -424,3 +427,10 @@ def _log_task_error(task: asyncio.Task[Any]) -> None:
     exc = task.exception()
     if exc is not None:
         log.error("queue manager background task failed: %r", exc)
+
+
+def own_host_names(config: Any) -> frozenset[str]:
+    """The names this relay goes by: server.fqdn and each connector's fqdn (lower case)."""
+    connectors = (*config.receive_connectors, *config.send_connectors)
+    names = [config.server.fqdn, *(getattr(c, "fqdn", None) for c in connectors)]
+    return frozenset(n.strip().rstrip(".").lower() for n in names if n and n.strip())

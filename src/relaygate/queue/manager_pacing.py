@@ -213,6 +213,7 @@ class _PacedRoutes(_Sending, _GraphSending):
                         domain_of(group[0]),
                         self.resolver,
                         local_endpoints=self.local_endpoints,
+                        local_names=self.local_names,
                     )
                     credentials = Credentials.from_connector(
                         connector, token_provider=self.token_providers.get(name)

@@ -172,6 +172,7 @@ class _MessageRoutes(_PacedRoutes, _Results):
                 domain_of(addrs[0]),
                 self.resolver,
                 local_endpoints=self.local_endpoints,
+                local_names=self.local_names,
             )
         except NextHopError as exc:
             outcome = FAILED if exc.permanent else DEFERRED

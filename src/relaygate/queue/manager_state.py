@@ -40,6 +40,7 @@ class _ManagerState:
     resubmit_page_size: int
     local_endpoints: set[tuple[str, int]]
     endpoints_known: asyncio.Event
+    local_names: frozenset[str]
     schedule: RetrySchedule
     _resolver_fixed: bool
     resolver: Resolver
