@@ -114,6 +114,20 @@ async def test_no_mx_but_address_is_a_warning(loopback_dns, keys):
     assert not report.has_errors
 
 
+async def test_no_mx_and_only_a_loopback_address_is_an_error_mail_waits(loopback_dns, keys):
+    """The implicit MX on a loopback address is not connected to, as an MX host there is not
+    (451 4.4.4 SpecialAddress): the doctor only warned that the A record is used."""
+    healthy(loopback_dns, keys[0])
+    loopback_dns.remove(DOMAIN, "MX")
+    loopback_dns.add(DOMAIN, "A", "127.0.0.1")
+    mx = only(await run(loopback_dns, keys[0]), "MX", "error")
+    assert mx.summary == (
+        f"{DOMAIN} has no MX record, and its own address, which senders would use instead "
+        "(implicit MX), is one mail is not sent to: 127.0.0.1"
+    )
+    assert replies.MX_SPECIAL_ADDRESS.line() in mx.detail
+
+
 async def test_null_mx(loopback_dns, keys):
     healthy(loopback_dns, keys[0])
     loopback_dns.remove(DOMAIN, "MX")
