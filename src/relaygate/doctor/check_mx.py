@@ -76,12 +76,12 @@ async def _check_mx(report: Report, resolver: dns.asyncresolver.Resolver, state:
                 f"Fix the name servers for {domain}: `dig {domain} A` must answer; better, "
                 f"publish an MX record: `{domain}. 3600 IN MX 10 <your mail host>.`",
             )
-        elif special := _special_addresses(a, aaaa):
+        elif own := _special_addresses(a, aaaa):
             report.add(
                 "MX",
                 "error",
                 f"{domain} has no MX record, and its own address, which senders would use "
-                f"instead (implicit MX), is one mail is not sent to: {', '.join(special)}",
+                f"instead (implicit MX), is one mail is not sent to: {', '.join(own)}",
                 "Relays do not connect to a loopback, link-local, multicast, unspecified or "
                 f"reserved address: mail to {domain} waits in their queues "
                 f"({replies.MX_SPECIAL_ADDRESS.line()}) until it expires.",

@@ -208,6 +208,8 @@ class _PacedRoutes(_Sending, _GraphSending):
                 if graph:
                     send = self._graph_sender(msg, connector, data, crlf_only)
                 else:
+                    # A session may hand a message over while the listeners are still opening.
+                    await self.endpoints_known.wait()
                     hops = await resolve_next_hops(
                         connector,
                         domain_of(group[0]),

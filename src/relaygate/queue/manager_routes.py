@@ -167,6 +167,8 @@ class _MessageRoutes(_PacedRoutes, _Results):
                 msg, connector, limits, addrs, send, data, crlf_only, original, original_crlf
             )
         try:
+            # A session may hand a message over while the listeners are still opening.
+            await self.endpoints_known.wait()
             hops = await resolve_next_hops(
                 connector,
                 domain_of(addrs[0]),
