@@ -107,10 +107,10 @@ def test_idle_and_surplus_admin_connections_are_closed(
     import socket
     import time
 
-    from relaygate.admin import server as admin_server
+    from relaygate.admin import slow_clients
 
-    monkeypatch.setattr(admin_server, "REQUEST_TIMEOUT", 1.0, raising=False)
-    monkeypatch.setattr(admin_server, "MAX_CONNECTIONS", 20, raising=False)
+    monkeypatch.setattr(slow_clients, "REQUEST_TIMEOUT", 1.0)
+    monkeypatch.setattr(slow_clients, "MAX_CONNECTIONS", 20)
     node = RelayThread(tmp_path / "data")
     assert node.relay.admin is not None and node.relay.admin.endpoint is not None
     host, port = node.relay.admin.endpoint
@@ -146,9 +146,9 @@ def test_one_client_holding_every_connection_locks_out_no_one(
     for a request makes room for the new one."""
     import socket
 
-    from relaygate.admin import server as admin_server
+    from relaygate.admin import slow_clients
 
-    monkeypatch.setattr(admin_server, "MAX_CONNECTIONS", 20, raising=False)
+    monkeypatch.setattr(slow_clients, "MAX_CONNECTIONS", 20)
     node = RelayThread(tmp_path / "data")
     assert node.relay.admin is not None and node.relay.admin.endpoint is not None
     host, port = node.relay.admin.endpoint
@@ -418,9 +418,9 @@ def test_a_flood_from_one_address_does_not_evict_another_clients_request(
     room is made among the connections of the client holding the most."""
     import socket
 
-    from relaygate.admin import server as admin_server
+    from relaygate.admin import slow_clients
 
-    monkeypatch.setattr(admin_server, "MAX_CONNECTIONS", 20, raising=False)
+    monkeypatch.setattr(slow_clients, "MAX_CONNECTIONS", 20)
     node = RelayThread(tmp_path / "data")
     assert node.relay.admin is not None and node.relay.admin.endpoint is not None
     host, port = node.relay.admin.endpoint
@@ -523,9 +523,9 @@ def test_a_connection_whose_answers_are_never_read_is_closed_after_write_timeout
     WRITE_TIMEOUT closes the connection (aborted: a close would wait for the buffer to drain)."""
     import contextlib
 
-    from relaygate.admin import server as admin_server
+    from relaygate.admin import slow_clients
 
-    monkeypatch.setattr(admin_server, "WRITE_TIMEOUT", 1.0, raising=False)
+    monkeypatch.setattr(slow_clients, "WRITE_TIMEOUT", 1.0)
     node = RelayThread(tmp_path / "data")
     assert node.relay.admin is not None and node.relay.admin.endpoint is not None
     host, port = node.relay.admin.endpoint
@@ -588,9 +588,9 @@ def test_a_closing_connection_with_an_answer_never_read_is_closed_after_write_ti
     """The last answer before a close (``Connection: close``) still in the listener's buffer:
     asyncio closes the socket only once the buffer has drained, so a client reading nothing
     kept the file descriptor for ever. Now it is aborted after WRITE_TIMEOUT."""
-    from relaygate.admin import server as admin_server
+    from relaygate.admin import slow_clients
 
-    monkeypatch.setattr(admin_server, "WRITE_TIMEOUT", 1.0, raising=False)
+    monkeypatch.setattr(slow_clients, "WRITE_TIMEOUT", 1.0)
     node = RelayThread(tmp_path / "data")
     stuck = None
     try:
@@ -611,9 +611,9 @@ def test_a_closing_connection_with_an_unsent_answer_counts_towards_the_cap(
     descriptors past the cap. It counts now, and makes room for a new client at the cap."""
     import socket
 
-    from relaygate.admin import server as admin_server
+    from relaygate.admin import slow_clients
 
-    monkeypatch.setattr(admin_server, "MAX_CONNECTIONS", 1, raising=False)
+    monkeypatch.setattr(slow_clients, "MAX_CONNECTIONS", 1)
     node = RelayThread(tmp_path / "data")
     assert node.relay.admin is not None and node.relay.admin.endpoint is not None
     stuck = None
@@ -653,9 +653,9 @@ def test_write_blocked_connections_make_room_at_the_cap(
     room as an idle one does (the heaviest client's first)."""
     import socket
 
-    from relaygate.admin import server as admin_server
+    from relaygate.admin import slow_clients
 
-    monkeypatch.setattr(admin_server, "MAX_CONNECTIONS", 6, raising=False)
+    monkeypatch.setattr(slow_clients, "MAX_CONNECTIONS", 6)
     node = RelayThread(tmp_path / "data")
     assert node.relay.admin is not None and node.relay.admin.endpoint is not None
     host, port = node.relay.admin.endpoint
@@ -712,9 +712,9 @@ def test_a_slow_reader_that_keeps_reading_is_not_cut_off(
     WRITE_TIMEOUT."""
     import time
 
-    from relaygate.admin import server as admin_server
+    from relaygate.admin import slow_clients
 
-    monkeypatch.setattr(admin_server, "WRITE_TIMEOUT", 0.5, raising=False)
+    monkeypatch.setattr(slow_clients, "WRITE_TIMEOUT", 0.5)
     node = RelayThread(tmp_path / "data")
     assert node.relay.admin is not None and node.relay.admin.endpoint is not None
     reader = _small_window_socket()
@@ -763,11 +763,11 @@ def test_a_trickle_reader_does_not_keep_its_connection_past_the_answer_deadline(
     takes: a client slower than that loses the connection. Here the reader takes at most some
     400 KB/s (8 KB every 20 ms), enough for WRITE_TIMEOUT (0.5 s), and the minimum is 10 MB/s:
     its connection must end soon after ANSWER_TIMEOUT (1 s)."""
-    from relaygate.admin import server as admin_server
+    from relaygate.admin import slow_clients
 
-    monkeypatch.setattr(admin_server, "WRITE_TIMEOUT", 0.5, raising=False)
-    monkeypatch.setattr(admin_server, "ANSWER_TIMEOUT", 1.0, raising=False)
-    monkeypatch.setattr(admin_server, "ANSWER_MIN_RATE", 10 * 1024 * 1024, raising=False)
+    monkeypatch.setattr(slow_clients, "WRITE_TIMEOUT", 0.5)
+    monkeypatch.setattr(slow_clients, "ANSWER_TIMEOUT", 1.0)
+    monkeypatch.setattr(slow_clients, "ANSWER_MIN_RATE", 10 * 1024 * 1024)
     node = RelayThread(tmp_path / "data")
     assert node.relay.admin is not None and node.relay.admin.endpoint is not None
     reader = _small_window_socket()
@@ -792,11 +792,11 @@ def test_a_reader_keeping_the_minimum_rate_gets_answers_longer_than_the_answer_d
     takes many times ANSWER_TIMEOUT."""
     import time
 
-    from relaygate.admin import server as admin_server
+    from relaygate.admin import slow_clients
 
-    monkeypatch.setattr(admin_server, "WRITE_TIMEOUT", 0.5, raising=False)
-    monkeypatch.setattr(admin_server, "ANSWER_TIMEOUT", 0.3, raising=False)
-    monkeypatch.setattr(admin_server, "ANSWER_MIN_RATE", 16 * 1024, raising=False)
+    monkeypatch.setattr(slow_clients, "WRITE_TIMEOUT", 0.5)
+    monkeypatch.setattr(slow_clients, "ANSWER_TIMEOUT", 0.3)
+    monkeypatch.setattr(slow_clients, "ANSWER_MIN_RATE", 16 * 1024)
     node = RelayThread(tmp_path / "data")
     assert node.relay.admin is not None and node.relay.admin.endpoint is not None
     reader = _small_window_socket()

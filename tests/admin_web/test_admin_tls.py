@@ -333,10 +333,10 @@ def test_connections_that_never_finish_the_tls_handshake_are_bounded(
     open at once (file descriptors the admin listener shares with SMTP). Now a handshake gets
     REQUEST_TIMEOUT and at most MAX_CONNECTIONS are under way (a new one takes the place of the
     oldest)."""
-    from relaygate.admin import server as admin_server
+    from relaygate.admin import slow_clients
 
-    monkeypatch.setattr(admin_server, "REQUEST_TIMEOUT", 1.0, raising=False)
-    monkeypatch.setattr(admin_server, "MAX_CONNECTIONS", 3, raising=False)
+    monkeypatch.setattr(slow_clients, "REQUEST_TIMEOUT", 1.0)
+    monkeypatch.setattr(slow_clients, "MAX_CONNECTIONS", 3)
     cert, key = _issue(ca, tmp_path / "tls")
     node = RelayThread(tmp_path / "data", admin_extra=_tls_keys(cert, key))
     assert node.relay.admin is not None and node.relay.admin.endpoint is not None
