@@ -82,7 +82,7 @@ def check_bindings_free(
     say ready, and split (or silently take over) the first's connections. A socket without
     SO_REUSEPORT meets EADDRINUSE there, so the supervisor binds each endpoint that way (and
     closes it: it never listens) before it starts its workers, and at reload (`node_holds`:
-    whether the listener in the way of a binding is the node's own, workers.py)."""
+    whether the listener in the way of a binding is the node's own, supervisor_reload.py)."""
     for binding in listener_bindings(config):
         try:
             # as the listeners do (SO_REUSEADDR, IPV6_V6ONLY), so only a listener conflicts
