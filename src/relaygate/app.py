@@ -705,7 +705,7 @@ async def _main(
 
 async def _heartbeats(link: socket.socket, interval: Callable[[], float]) -> None:
     """A worker's "my event loop turns" to its supervisor, which kills a worker that goes quiet
-    for server.worker_hang_timeout (workers.py); each says when the next one comes."""
+    for server.worker_hang_timeout (worker_link.py); each says when the next one comes."""
     from relaygate.workers import send_heartbeat
 
     every = interval()
