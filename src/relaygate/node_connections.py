@@ -40,7 +40,6 @@ import os
 import secrets
 import struct
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -48,7 +47,7 @@ from typing import Literal
 from relaygate.config.model import ReceiveConnector
 from relaygate.replies import Reply
 from relaygate.smtp.limits import ConnectionLimits, connection_refusal
-from relaygate.smtp.shared_rates import key_digest
+from relaygate.smtp.shared_rates import key_digest, lock_briefly
 
 __all__ = [
     "CONNECTION_TABLE_ENV",
@@ -169,20 +168,7 @@ class NodeConnections:
 
     def _lock(self) -> bool:
         """Take the table's lock; False if another process held it for LOCK_WAIT seconds."""
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            pass
-        deadline = time.monotonic() + LOCK_WAIT
-        while time.monotonic() < deadline:
-            time.sleep(0.0002)  # the holder runs a few microseconds of Python
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except BlockingIOError:
-                continue
-        return False
+        return lock_briefly(self._fd, LOCK_WAIT)
 
     def _unlock(self) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)

@@ -68,6 +68,7 @@ __all__ = [
     "TableMismatch",
     "create",
     "key_digest",
+    "lock_briefly",
     "table_path",
 ]
 
@@ -142,6 +143,26 @@ def create(path: Path, *, slots: int = DEFAULT_SLOTS) -> bytes:
     return token
 
 
+def lock_briefly(fd: int, wait: float) -> bool:
+    """Take an exclusive flock on `fd`; False if another process held it for `wait` seconds.
+    A table's holder runs a few microseconds of Python, unless it was descheduled or stopped:
+    short sleeps, bounded in time (and so in count), rather than blocking the event loop."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        pass
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        time.sleep(0.0002)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            continue
+    return False
+
+
 class SharedRateTable:
     """A table created by `create`, mapped in this process. Single-threaded use (the event loop):
     the flock is on this process's own open file description."""
@@ -202,22 +223,7 @@ class SharedRateTable:
 
     def _lock(self) -> bool:
         """Take the table's lock; False if another process held it for LOCK_WAIT seconds."""
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            pass
-        # Held: the holder runs a few microseconds of Python, unless it was descheduled or
-        # stopped. Short sleeps, bounded in time (and so in count).
-        deadline = time.monotonic() + LOCK_WAIT
-        while time.monotonic() < deadline:
-            time.sleep(0.0002)
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except BlockingIOError:
-                continue
-        return False
+        return lock_briefly(self._fd, LOCK_WAIT)
 
     def _unlock(self) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
