@@ -1166,31 +1166,39 @@ def test_a_reload_adding_a_port_another_process_serves_is_refused(serve: Any) ->
     SO_REUSEPORT would share it); a reload adding one joined that process's group. The reload
     is now refused, naming the binding, and the workers keep their listeners."""
     s = serve(workers=2)
-    other_port = free_port()
     other = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        # another node's worker: a listener with SO_REUSEPORT, of the same user
-        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        other.bind(("127.0.0.1", other_port))
-        other.listen(16)
-        binding = f'bindings = ["127.0.0.1:{s.port}"]'
-        edit_keeping_stamp(
-            s.config,
-            s.config.read_text()
-            .replace(binding, f'bindings = ["127.0.0.1:{s.port}", "127.0.0.1:{other_port}"]')
-            .replace("220 RelayGate one", "220 RelayGate two"),
-        )
-        assert s.proc is not None
-        s.proc.send_signal(signal.SIGHUP)
-        assert wait_until(lambda: "reload refused" in s.log(), 15), s.log()[-3000:]
-        log = s.log()
-        assert f"127.0.0.1:{other_port}" in log, log[-3000:]
-        assert "configuration reloaded" not in log, log[-3000:]
-        with held_clients(s.port, 10, banner="RelayGate one"):
-            pass
+        assert_reload_adding_a_taken_binding_refused(s, other, ("127.0.0.1", free_port()))
         assert s.stop() == 0
     finally:
         other.close()
+
+
+def assert_reload_adding_a_taken_binding_refused(
+    s: Any, other: socket.socket, address: tuple[str, int]
+) -> None:
+    """`other` (another node's worker: a listener with SO_REUSEPORT, of the same user) listens
+    on `address`; a reload adding that binding to the node's Relay connector is refused, naming
+    it, and the workers keep their listeners and the old configuration."""
+    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    other.bind(address)
+    other.listen(16)
+    added = f"{address[0]}:{address[1]}"
+    binding = f'bindings = ["127.0.0.1:{s.port}"]'
+    edit_keeping_stamp(
+        s.config,
+        s.config.read_text()
+        .replace(binding, f'bindings = ["127.0.0.1:{s.port}", "{added}"]')
+        .replace("220 RelayGate one", "220 RelayGate two"),
+    )
+    assert s.proc is not None
+    s.proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: "reload refused" in s.log(), 15), s.log()[-3000:]
+    log = s.log()
+    assert added in log, log[-3000:]
+    assert "configuration reloaded" not in log, log[-3000:]
+    with held_clients(s.port, 10, banner="RelayGate one"):
+        pass
 
 
 ADMIN_TOKEN = "a-long-enough-admin-token-0123456789"
@@ -1297,24 +1305,7 @@ def test_a_reload_adding_an_address_on_a_port_the_node_holds_that_another_proces
     s = serve(workers=2)
     other = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        other.bind(("127.0.0.3", s.port))
-        other.listen(16)
-        binding = f'bindings = ["127.0.0.1:{s.port}"]'
-        edit_keeping_stamp(
-            s.config,
-            s.config.read_text()
-            .replace(binding, f'bindings = ["127.0.0.1:{s.port}", "127.0.0.3:{s.port}"]')
-            .replace("220 RelayGate one", "220 RelayGate two"),
-        )
-        assert s.proc is not None
-        s.proc.send_signal(signal.SIGHUP)
-        assert wait_until(lambda: "reload refused" in s.log(), 15), s.log()[-3000:]
-        log = s.log()
-        assert f"127.0.0.3:{s.port}" in log, log[-3000:]
-        assert "configuration reloaded" not in log, log[-3000:]
-        with held_clients(s.port, 10, banner="RelayGate one"):
-            pass
+        assert_reload_adding_a_taken_binding_refused(s, other, ("127.0.0.3", s.port))
         other.close()
         # the node's own binding, now another connector's (Relay's port moves to 127.0.0.4)
         moved = s.config.read_text().replace(
