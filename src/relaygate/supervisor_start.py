@@ -26,7 +26,12 @@ from relaygate.config.loader import read_config_text
 from relaygate.logs.service import START_FORMAT_ENV, STDERR_FALLBACK_ENV, worker_flags
 from relaygate.logs.service import current as current_log_format
 from relaygate.logs.worker_output import WorkerOutput
-from relaygate.node_connections import CONNECTION_TABLE_ENV, NodeConnections, TableMismatch
+from relaygate.node_connections import (
+    CONNECTION_TABLE_ENV,
+    SHARED_MEMORY,
+    NodeConnections,
+    TableMismatch,
+)
 from relaygate.node_connections import create as create_connection_table
 from relaygate.node_connections import table_path as connection_table_path
 from relaygate.sd_notify import ENV_VARS as SYSTEMD_ENV
@@ -81,7 +86,13 @@ class _WorkerStart(_ReloadOwnership):
 
     def _create_connection_table(self) -> None:
         """A new, empty table of the node's open connections (node_connections.py), before any
-        worker starts; this process keeps it mapped to zero the counts of a worker that exits."""
+        worker starts; this process keeps it mapped to zero the counts of a worker that exits.
+        Only with ``worker_balance = "connection"``: by default the kernel steers each client
+        address to one worker (smtp/steering.py), whose own counts are then the source's, and
+        the table's lock and writes at every connection cost 4-7 % of the CPU per message at
+        10 sessions (docs/benchmarks.md); `max_inbound_connection` is then per worker."""
+        if self.config.server.worker_balance != "connection":
+            return
         path = connection_table_path(Path(self.config.server.data_dir)).resolve()
         try:
             token = create_connection_table(path, self.count)
@@ -95,6 +106,20 @@ class _WorkerStart(_ReloadOwnership):
             )
             return
         self._connection_table = f"{token.hex()} {path}"
+
+    def _remove_connection_table(self) -> None:
+        """The workers are gone: the table is removed (in /dev/shm it holds memory until the
+        machine restarts), with its folder there. A supervisor killed leaves it; the next start
+        of the node replaces it."""
+        table, self._connections = self._connections, None
+        if table is None:
+            return
+        table.close()
+        with contextlib.suppress(OSError):
+            table.path.unlink()
+        if table.path.parent.parent == SHARED_MEMORY:
+            with contextlib.suppress(OSError):
+                table.path.parent.rmdir()
 
     def _bindings_free(self) -> bool:
         """Whether no other process listens on the node's endpoints (`check_bindings_free`:

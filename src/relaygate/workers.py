@@ -19,7 +19,7 @@ any of its processes runs, even after a SIGKILL of the supervisor. It:
 * drops, before starting any worker, the queue leases this node's processes left behind (a crash,
   or a previous run with another number of workers), so nothing waits for a lease to expire;
 * creates, before starting any worker, a fresh table of the node's open connections
-  (``<data_dir>/run/connections``, node_connections.py), so max_inbound_connection and
+  (``/dev/shm/relaygate-<digest>/connections``, node_connections.py), so max_inbound_connection and
   max_inbound_connection_per_source hold for the node, and zeroes a worker's counts in it as
   soon as it sees it exit;
 * creates, before starting any worker, a fresh table of message rate counts that every worker maps
@@ -252,6 +252,7 @@ class Supervisor(_WorkerStart):
         finally:
             self._systemd.stopping()
             self._stop_all()
+            self._remove_connection_table()
             self._drain_outputs()
             self._systemd.close()
             self._restore_signals(old)

@@ -5,7 +5,9 @@ process, each with its own NodeConnectionLimits over one table file, as two work
 from __future__ import annotations
 
 import dataclasses
+import stat
 from pathlib import Path
+from typing import Any
 
 from relaygate import replies
 from relaygate.config.model import ReceiveConnector
@@ -104,3 +106,23 @@ def test_a_connection_is_counted_out_while_another_process_holds_the_lock(tmp_pa
         os.close(holder)
     assert w1.admit(CONNECTOR, "10.0.0.1") is None  # one from the source is open, not two
     assert w1.admit(CONNECTOR, "10.0.0.1") is replies.SOURCE_CONNECTIONS_EXCEEDED
+
+
+def test_the_table_is_in_data_dir_when_another_user_could_have_made_its_shared_memory_folder(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """/dev/shm is every local user's: a folder of the table's name that anyone may write (made
+    first by another user, to swap the table under the workers) is not used; data_dir is."""
+    from relaygate import node_connections
+
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setattr(node_connections, "SHARED_MEMORY", shm)
+    data = tmp_path / "data"
+    path = node_connections.table_path(data)
+    assert path.parent.parent == shm
+    create(path, 2)
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert node_connections.table_path(data) == path  # ours: used again
+    path.parent.chmod(0o777)
+    assert node_connections.table_path(data) == data / "run" / "connections"

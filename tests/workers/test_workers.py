@@ -16,6 +16,7 @@ import signal
 import smtplib
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -1424,7 +1425,18 @@ def test_connection_limits_hold_for_the_node_when_one_address_reaches_every_work
         assert wait_until(lambda: sum(connections_per_pid(s.children(), s.port).values()) == 0)
         held, refused = open_from(s.port, "127.0.0.9", 5)
         assert (len(held), refused) == (3, 2)
+        # the table is in shared memory, the relay's alone (not in data_dir: the queue's commits
+        # wrote it out), and gone when the node stops
+        from relaygate.node_connections import table_path
+
+        table = table_path(s.data)
+        assert table.parent.parent == Path("/dev/shm"), table
+        assert (stat.S_IMODE(table.stat().st_mode), stat.S_IMODE(table.parent.stat().st_mode)) == (
+            0o600,
+            0o700,
+        )
         assert s.stop() == 0
+        assert not table.parent.exists()
     finally:
         for c in held:
             c.close()

@@ -5,8 +5,8 @@ connection. By default it hashes the whole 4-tuple, so one client's connections 
 worker. The program below makes the kernel pick the worker from the client's address alone (IPv4:
 the address; IPv6: the XOR of its four words), so each source's sessions live in one process. (The
 per-source limits hold without it too: where an address or a user can reach several workers,
-the workers count messages and AUTH failures in a table they share, smtp/shared_rates.py, and
-open connections in another, node_connections.py.)
+the workers count messages and AUTH failures in a table they share, smtp/shared_rates.py; open
+connections are counted in another, node_connections.py, with ``worker_balance = "connection"``.)
 
 The program returns an index into the group's sockets. While a worker restarts the group is one
 socket short; an index past its end makes the kernel fall back to its own hash, so nothing is refused
@@ -79,7 +79,8 @@ def attach_source_steering(sock: socket.socket, workers: int) -> bool:
     except OSError as exc:
         log.warning(
             "cannot steer connections by client address (%s): one address's connections may "
-            "reach every worker",
+            "reach every worker, and max_inbound_connection_per_source is counted per worker "
+            '(worker_balance = "connection" counts it for the node)',
             exc.strerror or exc,
         )
         return False
