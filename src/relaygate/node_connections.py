@@ -24,7 +24,7 @@ the worker's own counts raised). The kernel releases it when the holder dies. A 
 lock: it lowers this worker's own column in the slots its admission returned, which no other
 process writes, and which cannot be given to another key while that column counts a connection
 (the supervisor's `clear_worker` runs only once this worker is gone).
-The lock is waited for at most LOCK_WAIT seconds; past that, or when a key finds no slot (the
+The lock is waited for at most shared_rates.LOCK_WAIT seconds; past that, or when a key finds no slot (the
 table full of live keys), the connection is counted by its worker alone, as before this table
 (`NodeConnectionLimits`, which logs it once). Zeroing a worker's column takes no lock
 (`clear_worker`).
@@ -33,7 +33,6 @@ table full of live keys), the connection is counted by its worker alone, as befo
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import logging
@@ -50,7 +49,7 @@ from typing import Literal
 from relaygate.config.model import ReceiveConnector
 from relaygate.replies import Reply
 from relaygate.smtp.limits import ConnectionLimits, connection_refusal
-from relaygate.smtp.shared_rates import key_digest, lock_briefly
+from relaygate.smtp.shared_rates import LockedMap, key_digest
 
 __all__ = [
     "CONNECTION_TABLE_ENV",
@@ -71,7 +70,6 @@ VERSION = 1
 DIGEST = 16
 PROBES = 32
 DEFAULT_SLOTS = 16384  # connector keys and live sources: 16 + 4 x workers bytes each
-LOCK_WAIT = 0.05  # seconds
 
 # header: magic, version, slot count, workers, token; the slots from HEADER_SIZE
 _HEADER = struct.Struct(f"<8sIII{DIGEST}s")
@@ -139,7 +137,7 @@ def create(path: Path, workers: int, *, slots: int = DEFAULT_SLOTS) -> bytes:
     return token
 
 
-class NodeConnections:
+class NodeConnections(LockedMap):
     """The table `create` made, mapped in this process (the event loop's, or the supervisor's)."""
 
     def __init__(self, fd: int, mm: mmap.mmap, slots: int, workers: int, path: Path) -> None:
@@ -191,17 +189,6 @@ class NodeConnections:
                 exc,
             )
             return None
-
-    def close(self) -> None:
-        self._mm.close()
-        os.close(self._fd)
-
-    def _lock(self) -> bool:
-        """Take the table's lock; False if another process held it for LOCK_WAIT seconds."""
-        return lock_briefly(self._fd, LOCK_WAIT)
-
-    def _unlock(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _find(self, key: bytes, place: bool, keep: Sequence[int | None] = ()) -> int | None:
         """The offset of `key`'s slot; with `place`, a slot taken for it if it has none (a

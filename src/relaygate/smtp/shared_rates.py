@@ -64,6 +64,7 @@ from pathlib import Path
 
 __all__ = [
     "RATE_TABLE_ENV",
+    "LockedMap",
     "SharedRateTable",
     "TableMismatch",
     "create",
@@ -168,7 +169,26 @@ def lock_briefly(fd: int, wait: float) -> bool:
     return False
 
 
-class SharedRateTable:
+class LockedMap:
+    """A table file mapped in this process (`_mm`, from `_fd`) and locked by flock around each
+    read-and-update (`lock_briefly`): the message-rate table here and node_connections'."""
+
+    _fd: int
+    _mm: mmap.mmap
+
+    def close(self) -> None:
+        self._mm.close()
+        os.close(self._fd)
+
+    def _lock(self) -> bool:
+        """Take the table's lock; False if another process held it for LOCK_WAIT seconds."""
+        return lock_briefly(self._fd, LOCK_WAIT)
+
+    def _unlock(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
+class SharedRateTable(LockedMap):
     """A table created by `create`, mapped in this process. Single-threaded use (the event loop):
     the flock is on this process's own open file description."""
 
@@ -219,19 +239,6 @@ class SharedRateTable:
                 exc,
             )
             return None
-
-    def close(self) -> None:
-        self._mm.close()
-        os.close(self._fd)
-
-    # -------------------------------------------------------------------------------- locking
-
-    def _lock(self) -> bool:
-        """Take the table's lock; False if another process held it for LOCK_WAIT seconds."""
-        return lock_briefly(self._fd, LOCK_WAIT)
-
-    def _unlock(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     # -------------------------------------------------------------------------------- slots
 
