@@ -673,6 +673,8 @@ async def _main(
         # The supervisor prints the ready line once every worker listens; EOF on the link means
         # the supervisor is gone, and a worker without its supervisor stops.
         link = socket.socket(fileno=link_fd)
+        # the lines logged before it go first: the supervisor's ready line comes after them
+        await asyncio.to_thread(flush_stderr, READY_FLUSH_TIMEOUT)
         try:
             worker_ready(link, endpoints=endpoints, admin=admin, config=relay.config_digest)
         except OSError:  # EPIPE: the supervisor died while this worker started

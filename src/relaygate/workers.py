@@ -244,7 +244,7 @@ class Supervisor(_WorkerStart):
                 f"RelayGate ready: SMTP {first.get('endpoints', '')}{first.get('admin', '')}"
                 f"; {self.count} workers"
             )
-            flush_stderr(READY_FLUSH_TIMEOUT)  # the lines logged before it, as in one process
+            self._pass_on_start_up_lines(READY_FLUSH_TIMEOUT)
             print(self._ready_line, flush=True)
             self._systemd.ready(self._ready_line)
             self._serve()
@@ -430,6 +430,16 @@ class Supervisor(_WorkerStart):
         if w.link is not None:
             with contextlib.suppress(OSError):  # gone (EOF), or its buffer full: it stops anyway
                 w.link.send(HURRY_LINE)
+
+    def _pass_on_start_up_lines(self, timeout: float) -> None:
+        """Before the ready line, as in one process: the lines logged before it on stderr, the
+        workers' too (each flushed its own before it said it was ready; they may still be in its
+        pipe, or read and not yet written). A stderr nobody reads holds it back `timeout` at
+        most."""
+        deadline = time.monotonic() + timeout
+        for output in self._outputs:
+            output.caught_up(max(0.0, deadline - time.monotonic()))
+        flush_stderr(max(0.0, deadline - time.monotonic()))
 
     def _drain_outputs(self) -> None:
         """Every worker exited: wait (a little) for their last lines to be passed on, and

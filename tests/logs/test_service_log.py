@@ -395,6 +395,10 @@ def test_a_reload_switches_the_format_from_text_to_json(served: Any) -> None:
     assert json.loads(later[0])["message"].startswith("service log: format json, level INFO")
 
 
+#: A text line's process: "" (the supervisor) or "[w0]", "[w1]"...
+TEXT_SOURCE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ relaygate(\[w\d+\])?: ")
+
+
 def test_an_edit_of_the_file_switches_the_supervisor_and_the_workers_to_json(served: Any) -> None:
     """No SIGHUP: the workers' file watchers reload it, the supervisor looks at the file too."""
     s = served(workers=2)
@@ -404,7 +408,19 @@ def test_an_edit_of_the_file_switches_the_supervisor_and_the_workers_to_json(ser
     s.write_config('log_format = "json"', banner="220 json now")
     s.wait_for(lambda: sum(m.startswith("service log: format json") for m in s.messages()) >= 3)
     assert s.stop() == 0
-    later = [json.loads(line) for line in s.lines()[len(first) :]]
+    # Each process's lines are JSON from its switch on; one may log a text line (something
+    # that happened at start-up, late) before its watcher saw the edit.
+    later = []
+    switched_sources: set[str] = set()
+    for line in s.lines()[len(first) :]:
+        text = TEXT_SOURCE.search(line)
+        if text is not None:
+            assert text.group(1) not in switched_sources, line
+            continue
+        record = json.loads(line)
+        if record["message"].startswith("service log: format json"):
+            switched_sources.add(f"[w{record['worker']}]" if "worker" in record else "")
+        later.append(record)
     assert s.proc is not None
     switched = [r for r in later if r["message"].startswith("service log: format json")]
     assert sorted(r.get("worker", -1) for r in switched) == [-1, 0, 1]
@@ -917,3 +933,16 @@ def test_two_tracebacks_at_once_leave_stderr_as_it_was() -> None:
     left, sys.stderr = sys.stderr, original  # restored for the tests after this one, whatever
     assert left is original
     assert sorted(collected.pieces) == [b"traceback of a\n", b"traceback of b\n"]
+
+
+def test_each_workers_start_up_lines_are_on_stderr_before_the_ready_line(served: Any) -> None:
+    """As in one process: whoever reads the ready line on stdout finds every worker's start-up
+    lines on stderr already, the last one (the collector's tuning, logged just before the worker
+    says it is ready) included. A worker's lines pass through its own buffer, its pipe and the
+    supervisor's buffer: the supervisor waited for its own buffer only."""
+    for attempt in range(1, 6):
+        s = served(workers=2)
+        s.start()
+        last_lines = [line for line in s.lines() if "garbage collector:" in line]
+        assert len(last_lines) == 2 * attempt, s.text()
+        assert s.stop() == 0

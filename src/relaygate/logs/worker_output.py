@@ -39,6 +39,7 @@ import select
 import struct
 import termios
 import threading
+import time
 from collections.abc import Callable
 
 from relaygate.logs.service import MAX_LINE, StderrBuffer, write_whole
@@ -119,6 +120,10 @@ class WorkerOutput:
             fcntl.fcntl(read_fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         self._read_fd = read_fd
         self._capacity = _pipe_capacity(read_fd)
+        # True from the moment the thread takes something out of the pipe until it has passed it
+        # on: with the pipe empty and this False, all the worker wrote is with the target.
+        self._busy = False
+        self._busy_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -147,10 +152,29 @@ class WorkerOutput:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    def caught_up(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds until what the worker has written so far is with the
+        target (the pipe holds nothing and nothing read is still being passed on); whether it
+        is. The supervisor asks before its ready line: a worker flushed its own lines before it
+        said it was ready, and they are then on stderr before the ready line, as in one process."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._busy_lock:
+                if self.done or (not self._busy and _waiting(self._read_fd) == 0):
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+
     def _run(self) -> None:
         held = b""
+        poller = select.poll()
+        poller.register(self._read_fd, select.POLLIN)
         try:
             while True:
+                poller.poll()  # something to read, or the pipe's end: then busy until passed on
+                with self._busy_lock:
+                    self._busy = True
                 data = self._read_writes()
                 if not data:
                     break
@@ -160,11 +184,15 @@ class WorkerOutput:
                     # dropped and reading goes on; the next ones are tried again, since a full
                     # disk gets space back (as the supervisor's own lines do).
                     self._write(out)
+                with self._busy_lock:
+                    self._busy = False
             if held:
                 self._write(held + b"\n")
         finally:
-            os.close(self._read_fd)
-            self._read_fd = -1
+            with self._busy_lock:
+                os.close(self._read_fd)
+                self._read_fd = -1
+                self._busy = False
             self._ended.set()
             if self._on_end is not None:
                 self._on_end()
