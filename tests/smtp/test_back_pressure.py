@@ -15,6 +15,7 @@ import pytest
 from relaygate.queue.pressure import DiskPressure, DiskSpace
 from relaygate.queue.store import StoreFullError
 from tests.smtp.conftest import relay, relay_connector  # noqa: F401
+from tests.support.small_disk import fill, small_tmpfs
 
 GB = 1024**3
 MB = 1024**2
@@ -93,3 +94,72 @@ def test_the_levels_have_exchanges_hysteresis():
     off = DiskPressure(Path("/"), min_free=0)
     off.update(DiskSpace(free=0, total=total))
     assert not off.high and not off.refuses(10**12)
+
+
+SMALL = 60_000  # under SPOOL_THRESHOLD: these ride in the database's commit (its WAL)
+
+
+def _send(r, n: int, size: int = SMALL) -> tuple[int, bytes]:
+    """One message on a session of its own: (code, text) of its DATA reply; (0, b"") for a
+    connection closed without one."""
+    content = b"Subject: full %d\r\n\r\n%s\r\n" % (n, b"f" * size)
+    try:
+        with r.smtp() as client:
+            client.ehlo()
+            client.mail("scanner@corp.example")
+            client.rcpt("someone@example.com")
+            return client.data(content)
+    except smtplib.SMTPServerDisconnected:
+        return 0, b""
+
+
+@pytest.mark.parametrize(
+    "disk",
+    [
+        # The WAL written ahead (4 MB) is soon used up: writing the frames fails (SQLITE_FULL, at
+        # COMMIT or spilling before it). Before: taken for an unknown outcome at COMMIT, and the
+        # connection closed without a reply.
+        pytest.param("8m", id="wal-frames"),
+        # 20 MB of WAL written ahead: past 4,096 frames the -shm index must grow, which failed
+        # first (SQLITE_IOERR_SHMSIZE, "disk I/O error"), inside COMMIT or before. Before: the
+        # connection closed without a reply, or 451 4.3.0. Now the index is grown with the WAL.
+        pytest.param("28m", id="wal-index"),
+    ],
+)
+def test_a_disk_that_fills_under_the_queue_gets_452_and_the_relay_resumes_by_itself(
+    relay,  # noqa: F811
+    tmp_path,
+    disk: str,
+):
+    """The queue's own disk fills up (a real tmpfs, the back-pressure sampler off): each message
+    the commit cannot store gets 452 4.3.1 at the end of DATA (README "Back pressure", the Store
+    contract), every one that got 250 is stored, and once space is back the relay accepts mail
+    again without a restart."""
+    with small_tmpfs(tmp_path / "disk", disk) as mount:
+        r = relay(
+            [relay_connector()],
+            server={"data_dir": str(mount / "data")},
+            queue={"min_free_disk_space": 0},
+        )
+        assert _send(r, 0)[0] == 250  # what the first session makes (the TLS key) is made
+        filler = fill(mount / "filler")
+        accepted: set[str] = set()
+        refusals: list[tuple[int, bytes]] = []
+        for n in range(1, 800):  # 20 MB of WAL is about 330 of these
+            code, text = _send(r, n)
+            if code == 250:
+                accepted.add(text.split(b"InternalId=")[1][:16].decode())
+            else:
+                refusals.append((code, text))
+                if len(refusals) == 3:
+                    break
+        assert refusals, "the disk never filled up"
+        refusals.append(_send(r, 999, size=200_000))  # a spool file's write (ENOSPC) too
+        assert set(refusals) == {(452, b"4.3.1 Insufficient system resources")}
+
+        filler.unlink()
+        code, text = _send(r, 1000)
+        assert code == 250
+        accepted.add(text.split(b"InternalId=")[1][:16].decode())
+        assert accepted <= {m.queue_id for m in r.messages()}
+        r.stop()

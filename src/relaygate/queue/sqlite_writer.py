@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import queue
@@ -45,6 +46,8 @@ _WAL_LIMIT = 64 * 1024 * 1024  # PRAGMA journal_size_limit: SQLite truncates a r
 _WAL_RESERVE_FIRST = 4 * 1024 * 1024  # WAL space written ahead at open, then this much more ...
 _WAL_RESERVE_STEP = 16 * 1024 * 1024  # ... when less than half of it is left, up to _WAL_LIMIT
 _WAL_HEADER = 32  # bytes before the first frame; each frame is a 24-byte header and a page
+_WAL_INDEX_REGION = 32 * 1024  # the -shm file grows by regions of this size ...
+_WAL_INDEX_FRAMES = 4096  # ... each indexing this many frames (wal.c: HASHTABLE_NPAGE)
 
 
 @dataclass(slots=True)
@@ -71,17 +74,65 @@ def _resolve(items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
             fut.set_exception(value)
 
 
-def _wrap_error(exc: BaseException) -> BaseException:
-    """Engine errors become StoreError (a fresh instance per caller); others pass through."""
+#: Less free space than this on the queue's file system makes an I/O error of the database a full
+#: disk. SQLite says SQLITE_FULL only where a page write runs out of space; growing its -shm index
+#: on a full disk is SQLITE_IOERR_SHMSIZE (what a relay on a full tmpfs met first), a "disk I/O
+#: error" that the client would get as 451 4.3.0 instead of the full disk's 452 4.3.1.
+_FULL_BELOW = 1024 * 1024
+
+
+def _disk_full(directory: Path) -> bool:
+    """True if the file system holding `directory` has (almost) no space left. Called after a
+    failed write only, never on the commit path."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < _FULL_BELOW
+
+
+def _wrap_error(exc: BaseException, directory: Path | None = None) -> BaseException:
+    """Engine errors become StoreError (a fresh instance per caller); others pass through.
+    `directory`: the database's, for an I/O error that a full disk caused (see _FULL_BELOW)."""
     if isinstance(exc, sqlite3.Error):
         code = getattr(exc, "sqlite_errorcode", None)
-        if code == sqlite3.SQLITE_FULL:
+        io_error_on_full_disk = (
+            directory is not None
+            and code is not None
+            # CANTOPEN: a connection opened again after a failed commit rebuilds the -shm index
+            and code & 0xFF in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN)
+            and _disk_full(directory)
+        )
+        if code == sqlite3.SQLITE_FULL or io_error_on_full_disk:
             err: StoreError = StoreFullError(f"queue database full: {exc}")
         else:
             err = StoreError(f"queue database error: {exc}")
         err.__cause__ = exc
         return err
     return exc
+
+
+def _frames_not_written(exc: BaseException) -> bool:
+    """A COMMIT that failed with SQLITE_FULL did not commit. In WAL mode SQLite returns it only
+    from writing the transaction's frames (a short write, ENOSPC), and the commit frame is written
+    last, its checksum over the whole page: a frame cut short is no commit when the WAL is read
+    again. What can fail after the commit frame is written returns other codes (the fsync:
+    SQLITE_IOERR_FSYNC, the -shm index: SQLITE_IOERR_SHMSIZE; wal.c, walFrames). So the client
+    of a full disk gets 452 4.3.1, not a connection closed without a reply. Unless SQLite was
+    built without powersafe overwrite: it then pads the WAL after the commit frame with copies
+    of it, and a full disk can fail those."""
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL and _powersafe_overwrite()
+
+
+@functools.cache
+def _powersafe_overwrite() -> bool:
+    """SQLite's unix VFS has SQLITE_IOCAP_POWERSAFE_OVERWRITE unless built with it off."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        options = {row[0] for row in conn.execute("PRAGMA compile_options")}
+    finally:
+        conn.close()
+    return "POWERSAFE_OVERWRITE=0" not in options
 
 
 def _outcome_unknown(exc: BaseException) -> StoreOutcomeUnknownError:
@@ -317,7 +368,7 @@ class _SqliteWriter:
                     raise
                 conn.execute("ROLLBACK TO op")
                 conn.execute("RELEASE op")
-                outcomes.append((False, exc))
+                outcomes.append((False, _wrap_error(exc, self.path.parent)))
             else:
                 conn.execute("RELEASE op")
                 outcomes.append((True, value))
@@ -350,13 +401,23 @@ class _SqliteWriter:
         """
         size = min(size, _WAL_LIMIT)
         try:
+            self._reserve_wal_index(size)
             fd = os.open(f"{self.path}-wal", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
-                pos = os.fstat(fd).st_size
+                pos = start = os.fstat(fd).st_size
                 wrote = pos < size
                 zeros = memoryview(bytes(min(1024 * 1024, max(size - pos, 0))))
-                while pos < size:
-                    pos += os.pwrite(fd, zeros[: size - pos], pos)
+                try:
+                    while pos < size:
+                        pos += os.pwrite(fd, zeros[: size - pos], pos)
+                except OSError:
+                    # Give back what was written: else the zeros take the disk's last free
+                    # space, and the store's other files (the database at a checkpoint, the
+                    # spool), the logs and the commits past them find it full until an
+                    # administrator frees some. No frame lies past `start` (the write lock).
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, start)
+                    raise
                 if wrote:
                     os.fdatasync(fd)
             finally:
@@ -368,6 +429,29 @@ class _SqliteWriter:
             self._wal_reserved = _WAL_LIMIT
             return
         self._wal_reserved = max(self._wal_reserved, size)
+
+    def _reserve_wal_index(self, wal_size: int) -> None:
+        """Write zeros to the -shm file (SQLite's wal-index) as far as `wal_size` bytes of WAL
+        need. SQLite grows it a 32 KB region at a time, for each 4,096 frames, from inside a
+        COMMIT after the frames are written and synced: on a full disk that fails
+        (SQLITE_IOERR_SHMSIZE) with the transaction in the WAL file, an outcome no client can be
+        told. Grown here, it only fails where nothing is written yet. Zeros are what SQLite's own
+        growth leaves there (a sparse file) until it fills a region, which it clears first;
+        SQLite truncates the file only when the first connection opens it, before this runs.
+        Not fsync'd: the file is never read back after a crash."""
+        regions = wal_size // self._wal_frame // _WAL_INDEX_FRAMES + 2  # the first holds fewer
+        try:
+            fd = os.open(f"{self.path}-shm", os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:  # pragma: no cover - open in WAL mode makes it
+            return
+        try:
+            pos = os.fstat(fd).st_size
+            end = regions * _WAL_INDEX_REGION
+            zeros = memoryview(bytes(max(end - pos, 0)))
+            while pos < end:
+                pos += os.pwrite(fd, zeros[: end - pos], pos)
+        finally:
+            os.close(fd)
 
     def _commit_batch(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
         """Run every call of the batch in one transaction: (True, result) or (False, error) each."""
@@ -417,13 +501,13 @@ class _SqliteWriter:
                 with contextlib.suppress(Exception):
                     self._wconn.close()
                 self._wconn = None
-            if committing:
+            if committing and not _frames_not_written(exc):
                 # COMMIT itself failed: its frames may be in the WAL file, and come back when
                 # SQLite next rebuilds its index from it (a full disk failing the -shm file, a
                 # failed fsync): the outcome is unknown, not "not stored".
                 outcomes = [(False, _outcome_unknown(exc)) for _ in batch]
             else:
-                outcomes = [(False, _wrap_error(exc)) for _ in batch]
+                outcomes = [(False, _wrap_error(exc, self.path.parent)) for _ in batch]
         else:
             if self._unlink_after_commit:
                 self._spool.unlink(self._unlink_after_commit)
