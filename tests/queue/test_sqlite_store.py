@@ -7,13 +7,14 @@ import contextlib
 import fcntl
 import os
 import random
+import resource
 import signal
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -409,6 +410,45 @@ async def test_a_damaged_or_missing_spool_file_is_corrupt_not_wrong_bytes(
     path.unlink()
     with pytest.raises(CorruptMessageError, match="unreadable"):
         await store.read_data(qid)
+
+
+@contextlib.contextmanager
+def descriptors_spent() -> Iterator[None]:
+    """Every file descriptor of this process in use (a connection flood): the soft limit brought
+    down to what is open plus a few, those few opened. Given back at the end."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 16, hard))
+    held: list[int] = []
+    try:
+        with pytest.raises(OSError, match="Too many open files"):
+            for _ in range(64):
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_a_spool_file_that_cannot_be_opened_for_want_of_descriptors_is_not_corrupt(
+    db_path: Path,
+) -> None:
+    """Out of descriptors (EMFILE), a spooled message's file cannot be opened for a while. That
+    was CorruptMessageError, and the queue manager suspended the message as poison until an
+    administrator resumed it. It is a StoreError now (the delivery is tried again), and the
+    bytes read back once descriptors are free."""
+    data = b"d" * 100_000
+    async with SqliteStore(db_path, read_threads=1) as s:
+        qid = await s.submit(env(), data)
+        assert await s.read_data(qid) == data  # the reader thread's connection is open
+        with descriptors_spent():
+            with pytest.raises(StoreError, match="Too many open files") as raised:
+                await s.read_data(qid)
+            with pytest.raises(StoreError, match="Too many open files") as raised_head:
+                await s.read_head(qid, 10)
+        assert not isinstance(raised.value, CorruptMessageError)
+        assert not isinstance(raised_head.value, CorruptMessageError)
+        assert await s.read_data(qid) == data
 
 
 async def test_the_head_of_a_spooled_message_is_read_only_as_far_as_asked(

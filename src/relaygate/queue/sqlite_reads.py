@@ -9,6 +9,7 @@ does not mean reading the group commit.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import sqlite3
 import threading
@@ -36,6 +37,7 @@ from .store import (
     AddressPattern,
     CorruptMessageError,
     StoreClosedError,
+    StoreError,
     check_after,
     sql_head_limit,
 )
@@ -193,9 +195,7 @@ class _SqliteReads(_SqliteWriter):
                 try:
                     data = self._spool.read(spool_name)
                 except (OSError, ValueError) as exc:
-                    raise CorruptMessageError(
-                        f"message {queue_id}: spool file {spool_name} unreadable: {exc}"
-                    ) from exc
+                    raise _spool_unreadable(queue_id, spool_name, exc) from exc
             if hashlib.sha256(data).digest() != digest:
                 raise CorruptMessageError(f"message {queue_id}: stored bytes fail their checksum")
             return bytes(data)
@@ -220,9 +220,7 @@ class _SqliteReads(_SqliteWriter):
             try:
                 return self._spool.read_head(spool_name, limit)
             except (OSError, ValueError) as exc:
-                raise CorruptMessageError(
-                    f"message {queue_id}: spool file {spool_name} unreadable: {exc}"
-                ) from exc
+                raise _spool_unreadable(queue_id, spool_name, exc) from exc
 
         return await self._read(run)
 
@@ -273,3 +271,18 @@ class _SqliteReads(_SqliteWriter):
             return out
 
         return await self._read(run)
+
+
+#: Errors that say nothing about the file, only that the process is short of something for now
+#: (descriptors in a connection flood, memory): the read is tried again later.
+_SHORT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+def _spool_unreadable(queue_id: str, name: str, exc: Exception) -> StoreError:
+    """The error for a spool file that could not be read. CorruptMessageError makes the queue
+    manager suspend the message (poison) until an administrator acts, so only for the file
+    itself: gone, damaged, not ours. A process out of descriptors or memory gets a StoreError."""
+    text = f"message {queue_id}: spool file {name} unreadable: {exc}"
+    if isinstance(exc, OSError) and exc.errno in _SHORT_OF_RESOURCES:
+        return StoreError(text)
+    return CorruptMessageError(text)
