@@ -223,7 +223,46 @@ class _SqliteWriter:
         if top:
             self._ids.advance_past(top)
         self._spool.open()
+        self._report_missing_spool_files(conn)
         self._sweep_orphans(conn)
+
+    def _refuse_a_lost_database(self) -> None:
+        """Stop the start when the database is gone but its spool folder still holds message
+        files: the queue was lost (deleted to "fix" it, a partial restore), and a new, empty one
+        would let the orphan sweep delete the only copy of those messages' bytes."""
+        if self.path.exists():
+            return
+        directory = self._spool.directory
+        with contextlib.suppress(FileNotFoundError):
+            held = [e for e in os.scandir(directory) if e.is_file() and e.stat().st_size]
+            if held:  # empty ones are only created ahead (spool.py)
+                raise StoreError(
+                    f"the queue database {self.path} is missing, but {directory} holds "
+                    f"{len(held)} message file(s) of the queue it belonged to: restore the "
+                    f"database (with its -wal file), or move {directory} away to start with an "
+                    "empty queue"
+                )
+
+    def _report_missing_spool_files(self, conn: sqlite3.Connection) -> None:
+        """Say at open which messages still to deliver have lost their spool file: each one is
+        suspended as corrupt only when next due, which can be an hour later."""
+        rows = conn.execute(
+            "SELECT d.queue_id, d.spool FROM message_data d JOIN messages m"
+            " ON m.queue_id = d.queue_id WHERE d.spool IS NOT NULL AND m.open_rcpts > 0"
+        ).fetchall()
+        if not rows:
+            return
+        present = set(os.listdir(self._spool.directory))
+        missing = [f"{qid} ({name})" for qid, name in rows if name not in present]
+        if missing:
+            log.error(
+                "queue store: %d message(s) to deliver have lost their bytes, their spool files"
+                " missing from %s: %s; each is suspended as corrupt when next due (restore the"
+                " files to deliver them)",
+                len(missing),
+                self._spool.directory,
+                ", ".join(missing[:20]) + (", ..." if len(missing) > 20 else ""),
+            )
 
     def _sweep_orphans(self, conn: sqlite3.Connection) -> None:
         """Remove the spool files no row names, once old (see `Spool.sweep_orphans`)."""
@@ -269,6 +308,7 @@ class _SqliteWriter:
                 self._lock_fd = os.open(
                     f"{self.path}.writer-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
                 )
+            self._refuse_a_lost_database()
             self._wconn = self._connect()
             self._init_schema(self._wconn)
             self._wconn.execute("BEGIN IMMEDIATE")
