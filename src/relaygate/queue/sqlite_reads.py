@@ -153,7 +153,7 @@ class _SqliteReads(_SqliteWriter):
         try:
             return await asyncio.get_running_loop().run_in_executor(self._reader, run)
         except sqlite3.Error as exc:
-            raise _wrap_error(exc) from exc
+            raise _wrap_error(exc, self.path) from exc
 
     # ------------------------------------------------------------------ public API: reads
 

@@ -91,20 +91,32 @@ def _disk_full(directory: Path) -> bool:
     return st.f_bavail * st.f_frsize < _FULL_BELOW
 
 
-def _wrap_error(exc: BaseException, directory: Path | None = None) -> BaseException:
+def _damaged(exc: BaseException) -> bool:
+    """SQLite found the database file damaged (SQLITE_CORRUPT, SQLITE_NOTADB)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def _wrap_error(exc: BaseException, db: Path | None = None) -> BaseException:
     """Engine errors become StoreError (a fresh instance per caller); others pass through.
-    `directory`: the database's, for an I/O error that a full disk caused (see _FULL_BELOW)."""
+    `db`: the database file, named when it is damaged; its directory's disk is looked at for an
+    I/O error that a full disk caused (see _FULL_BELOW)."""
     if isinstance(exc, sqlite3.Error):
         code = getattr(exc, "sqlite_errorcode", None)
         io_error_on_full_disk = (
-            directory is not None
+            db is not None
             and code is not None
             # CANTOPEN: a connection opened again after a failed commit rebuilds the -shm index
             and code & 0xFF in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN)
-            and _disk_full(directory)
+            and _disk_full(db.parent)
         )
         if code == sqlite3.SQLITE_FULL or io_error_on_full_disk:
             err: StoreError = StoreFullError(f"queue database full: {exc}")
+        elif db is not None and _damaged(exc):
+            err = StoreError(
+                f"queue database {db} is damaged ({exc}): stop the relay, then recover the file"
+                " (sqlite3's .recover) or restore it"
+            )
         else:
             err = StoreError(f"queue database error: {exc}")
         err.__cause__ = exc
@@ -402,13 +414,16 @@ class _SqliteWriter:
             try:
                 value = op.fn(conn, *op.args)
             except Exception as exc:
-                if not conn.in_transaction:
+                if not conn.in_transaction or _damaged(exc):
                     # SQLite rolled the whole transaction back (disk full, I/O error...):
-                    # nothing of the batch survives, so the batch fails with this error.
+                    # nothing of the batch survives, so the batch fails with this error. Or the
+                    # file is damaged: SQLite keeps the error, and COMMIT fails with it later,
+                    # which would read as an unknown outcome (every client's connection closed
+                    # without a reply) when nothing was written.
                     raise
                 conn.execute("ROLLBACK TO op")
                 conn.execute("RELEASE op")
-                outcomes.append((False, _wrap_error(exc, self.path.parent)))
+                outcomes.append((False, _wrap_error(exc, self.path)))
             else:
                 conn.execute("RELEASE op")
                 outcomes.append((True, value))
@@ -547,7 +562,7 @@ class _SqliteWriter:
                 # failed fsync): the outcome is unknown, not "not stored".
                 outcomes = [(False, _outcome_unknown(exc)) for _ in batch]
             else:
-                outcomes = [(False, _wrap_error(exc, self.path.parent)) for _ in batch]
+                outcomes = [(False, _wrap_error(exc, self.path)) for _ in batch]
         else:
             if self._unlink_after_commit:
                 self._spool.unlink(self._unlink_after_commit)
