@@ -12,7 +12,11 @@ Contract highlights
   ``451 4.3.0``. (A submit whose caller was cancelled may still have been committed: duplicates
   are possible, loss is not.)
 * Every mutating call is durable on return, in particular ``record_results``: a recipient
-  recorded as Delivered is never handed out for delivery again, even after a crash.
+  recorded as Delivered is never handed out for delivery again, even after a crash of the
+  process. The delivery bookkeeping (leases, ``record_results``, ``reserve_send``) may be made
+  durable against a power cut only by the next flush (SQLite commits it with
+  ``synchronous=NORMAL``): a power cut can forget a last result, and the recipient is then
+  delivered again (at least once), never lost.
 * Delivered and Failed are final: ``record_results`` never moves a recipient out of them.
 * Leases use wall-clock time supplied by the caller (``now``) so that nodes of a cluster agree.
   A shared store raises :class:`ClockSkewError` from ``lease_due`` when the caller's node clock
