@@ -7,14 +7,13 @@ import contextlib
 import fcntl
 import os
 import random
-import resource
 import signal
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -41,6 +40,7 @@ from relaygate.queue.store import (
     open_store,
 )
 from tests.queue.test_store_contract import DONE, QID, env
+from tests.support.descriptors import descriptors_spent
 from tests.support.proc_io import bytes_read
 
 
@@ -410,24 +410,6 @@ async def test_a_damaged_or_missing_spool_file_is_corrupt_not_wrong_bytes(
     path.unlink()
     with pytest.raises(CorruptMessageError, match="unreadable"):
         await store.read_data(qid)
-
-
-@contextlib.contextmanager
-def descriptors_spent() -> Iterator[None]:
-    """Every file descriptor of this process in use (a connection flood): the soft limit brought
-    down to what is open plus a few, those few opened. Given back at the end."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 16, hard))
-    held: list[int] = []
-    try:
-        with pytest.raises(OSError, match="Too many open files"):
-            for _ in range(64):
-                held.append(os.open(os.devnull, os.O_RDONLY))
-        yield
-    finally:
-        for fd in held:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 async def test_a_spool_file_that_cannot_be_opened_for_want_of_descriptors_is_not_corrupt(

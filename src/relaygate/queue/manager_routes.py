@@ -33,7 +33,7 @@ from relaygate.queue.manager_pacing import _PacedRoutes
 from relaygate.queue.manager_results import _Results
 from relaygate.queue.manager_sending import _send_as
 from relaygate.queue.model import LINE_BREAKS, LINE_BREAKS_CRLF, PENDING_STATUSES, StoredMessage
-from relaygate.queue.store import CorruptMessageError
+from relaygate.queue.store import CorruptMessageError, StoreClosedError, StoreError
 from relaygate.replies import DELIVERY_FAILED_INTERNAL
 
 log = logging.getLogger("relaygate.queue")
@@ -67,6 +67,13 @@ class _MessageRoutes(_PacedRoutes, _Results):
                 with contextlib.suppress(KeyError):
                     await self.store.set_flags(msg.queue_id, suspended=True)
                     self._track_poison(msg, pending, str(exc))
+                return False
+            except StoreClosedError:
+                raise
+            except StoreError as exc:
+                # Not the message's fault (the process out of descriptors, the database busy):
+                # its lease goes, and a scan tries it again.
+                log.warning("message %s: cannot read it now (%s); tried again", msg.queue_id, exc)
                 return False
 
         routes = self._routes
