@@ -491,9 +491,11 @@ class _SqliteWriter:
         COMMIT after the frames are written and synced: on a full disk that fails
         (SQLITE_IOERR_SHMSIZE) with the transaction in the WAL file, an outcome no client can be
         told. Grown here, it only fails where nothing is written yet. Zeros are what SQLite's own
-        growth leaves there (a sparse file) until it fills a region, which it clears first;
-        SQLite truncates the file only when the first connection opens it, before this runs.
-        Not fsync'd: the file is never read back after a crash."""
+        growth leaves there (a sparse file) until it fills a region, which it clears first.
+        SQLite truncates the file when a connection opens it while no other has it open: the
+        writer's first, before this runs, or (rarely) the writer's next after a failed commit
+        with no reader connected; SQLite then grows it itself, as before. Not fsync'd: the file
+        is never read back after a crash."""
         regions = wal_size // self._wal_frame // _WAL_INDEX_FRAMES + 2  # the first holds fewer
         try:
             fd = os.open(f"{self.path}-shm", os.O_WRONLY | os.O_CLOEXEC)
