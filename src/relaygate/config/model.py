@@ -19,6 +19,7 @@ from typing import Any
 
 from relaygate.address_patterns import AddressRule
 from relaygate.config import values as v
+from relaygate.dkim.defaults import SIGNED_HEADERS
 
 __all__ = [
     "AcceptedDomain",
@@ -319,16 +320,7 @@ class DkimKey:
     selector: str
     key_file: Path | None = _spec(None, Path)
     algorithm: str = _spec("rsa-sha256", choices=("rsa-sha256", "ed25519-sha256"))
-    headers: tuple[str, ...] = _spec(
-        (
-            "From", "To", "Cc", "Subject", "Date", "Message-ID", "Reply-To", "MIME-Version",
-            "Content-Type", "Content-Transfer-Encoding", "In-Reply-To", "References",
-        ),
-        factory=lambda: (
-            "From", "To", "Cc", "Subject", "Date", "Message-ID", "Reply-To", "MIME-Version",
-            "Content-Type", "Content-Transfer-Encoding", "In-Reply-To", "References",
-        ),
-    )  # fmt: skip
+    headers: tuple[str, ...] = _spec(SIGNED_HEADERS, factory=lambda: SIGNED_HEADERS)
     enabled: bool = True
 
 

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import dkim
 from relaygate.addresses import ascii_domain
+from relaygate.dkim.defaults import SIGNED_HEADERS
 from relaygate.dkim.keys import (
     DkimKeyError,
     LoadedKey,
@@ -51,20 +52,7 @@ __all__ = [
     "from_header_domain",
 ]
 
-DEFAULT_SIGNED_HEADERS: tuple[str, ...] = (
-    "From",
-    "To",
-    "Cc",
-    "Subject",
-    "Date",
-    "Message-ID",
-    "Reply-To",
-    "MIME-Version",
-    "Content-Type",
-    "Content-Transfer-Encoding",
-    "In-Reply-To",
-    "References",
-)
+DEFAULT_SIGNED_HEADERS = SIGNED_HEADERS
 DOMAIN_SOURCES = ("header_from", "envelope_sender")
 # Headers RFC 6376 says must not be signed (they change in transit); dkimpy refuses them.
 _NEVER_SIGN = frozenset(h.decode() for h in dkim.DKIM.SHOULD_NOT)
