@@ -38,9 +38,11 @@ def publish_new_key(dns: LoopbackDNS, keys: Path, domain: str, selector: str) ->
 
 
 @contextlib.asynccontextmanager
-async def relay_to_sink(tmp_path: Path, **kw: object) -> AsyncIterator[tuple[Relay, Sink]]:
-    """A relay whose every route goes to one loopback sink."""
-    sink = await start_sink(ScriptedHandler())
+async def relay_to_sink(
+    tmp_path: Path, handler: ScriptedHandler | None = None, **kw: object
+) -> AsyncIterator[tuple[Relay, Sink]]:
+    """A relay whose every route goes to one loopback sink (which answers as `handler` says)."""
+    sink = await start_sink(handler or ScriptedHandler())
     try:
         relay = await start_relay(tmp_path / "data", {"*": sink.port}, **kw)  # type: ignore[arg-type]
         try:
@@ -88,3 +90,33 @@ async def test_list_unsubscribe_and_sender_are_signed(tmp_path: Path, loopback_d
         assert name in names, names
     swapped = content.replace(b"https://corp.test/u/abc123", b"https://evil.example/u/abc123")
     assert not dkim.verify(swapped, dnsfunc=loopback_dns.txt_lookup)
+
+
+async def test_ndrs_are_signed_when_the_domain_comes_from_the_envelope(
+    tmp_path: Path, loopback_dns: LoopbackDNS
+):
+    """The relay's NDRs and delay notices come from postmaster@<default accepted domain> so that
+    its key signs them (README), but they are sent with the null sender: under
+    `dkim_domain_source = "envelope_sender"` no domain was found and every report went out
+    unsigned (DMARC fails for the organisation's own postmaster). A null sender has no domain:
+    the From's signs, as the envelope's does for a message without a usable From."""
+    extra = publish_new_key(loopback_dns, tmp_path / "keys", "corp.test", "s1")
+    refuse_bob = ScriptedHandler(
+        lambda a, _n: "550 5.1.1 Unknown" if a.startswith("bob@") else None
+    )
+    message = b"From: App <app@corp.test>\r\nTo: bob@example.com\r\nSubject: Hi\r\n\r\nHi.\r\n"
+    async with relay_to_sink(
+        tmp_path,
+        refuse_bob,
+        extra=extra,
+        server_extra='dkim_domain_source = "envelope_sender"',
+    ) as (relay, sink):
+        await send(relay, SENDER, ["bob@example.com"], message)
+        (ndr,) = await wait_for(
+            lambda: [m for m in sink.handler.messages if m["mail_from"] == "<>"]
+        )
+    content = ndr["content"]
+    assert b"From: Mail Delivery System <postmaster@corp.test>\r\n" in content
+    assert content.startswith(b"DKIM-Signature: "), content[:300]
+    assert b"d=corp.test" in content.partition(b"\r\n\r\n")[0]
+    assert dkim.verify(content, dnsfunc=loopback_dns.txt_lookup)

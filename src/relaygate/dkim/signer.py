@@ -9,7 +9,8 @@ Key choice (documented behaviour, also shown by the tracking log):
   default); otherwise the message goes out unsigned. It is not used when a From field names
   another domain (``From: a@corp.example`` and ``From: ceo@bank.example``): the envelope's key
   never vouches for a message From someone else's domain; such a message goes out unsigned.
-* ``domain_source="envelope_sender"``: always the envelope sender's (MAIL FROM) domain.
+* ``domain_source="envelope_sender"``: the envelope sender's (MAIL FROM) domain; for the null
+  sender, which has none (the relay's own NDRs and delay notices), the single ``From``'s.
 * Keys match the **exact** domain only: a key for ``corp.example`` does not sign mail from
   ``sub.corp.example`` (that would not align under strict DMARC and surprises admins). Configure
   a key per domain.
@@ -204,6 +205,15 @@ def from_header_domain(value: str) -> tuple[str | None, str]:
     return domain, ""
 
 
+def _single_from_domain(froms: Sequence[str]) -> tuple[str | None, str]:
+    """The domain of the message's one From field (its values ``froms``), or ``(None, why)``."""
+    if not froms:
+        return None, "message has no From header"
+    if len(froms) > 1:
+        return None, f"message has {len(froms)} From headers"
+    return from_header_domain(froms[0])
+
+
 def _named_domains(values: Iterable[str]) -> set[str]:
     """Every domain written after an ``@`` in ``values`` (From fields the strict parser refused),
     display names and comments included: the domains a lenient reader may take the From for."""
@@ -375,17 +385,18 @@ class DkimSigner:
     # -------------------------------------------------------------------- choose
     def choose_domain(self, message: bytes, envelope_sender: str) -> tuple[str | None, str]:
         """The domain whose key should sign, or ``(None, reason)``."""
-        if self.domain_source == "envelope_sender":
-            return self._envelope_domain(envelope_sender, "")
         froms = [v for n, v in _header_block(message) if n.lower() == "from"]
-        if not froms:
-            why = "message has no From header"
-        elif len(froms) > 1:
-            why = f"message has {len(froms)} From headers"
-        else:
-            domain, why = from_header_domain(froms[0])
-            if domain is not None:
-                return domain, ""
+        if self.domain_source == "envelope_sender":
+            domain, why = self._envelope_domain(envelope_sender, "")
+            if domain is not None or envelope_sender.strip() not in ("", "<>"):
+                return domain, why
+            # The null sender has no domain: the From's signs (a report: the relay's NDRs come
+            # from its postmaster so that the organisation's key signs them).
+            domain, from_why = _single_from_domain(froms)
+            return domain, f"{why}; {from_why}" if domain is None else ""
+        domain, why = _single_from_domain(froms)
+        if domain is not None:
+            return domain, ""
         if not self.envelope_fallback:
             return None, why
         domain, fallback_why = self._envelope_domain(envelope_sender, why)
