@@ -474,3 +474,62 @@ def test_a_key_file_every_local_user_can_read_is_warned_about(tmp_path, loopback
     assert [r.getMessage() for r in caplog.records] == [warning]
     key.key_file.chmod(0o640)
     assert DkimSigner([key]).warnings == []
+
+
+def test_a_domain_signed_with_ed25519_only_is_warned_about(tmp_path, loopback_dns, caplog):
+    """Gmail, Microsoft 365 and Yahoo do not verify ed25519-sha256 (Microsoft reports dkim=fail):
+    a domain whose only key is Ed25519 has no DKIM pass there, and its mail fails DMARC under
+    p=reject unless SPF aligns. It was signed without a word; the signer still signs (the
+    signature is valid) but the service log says so at start and reload, naming the domain and
+    the fix. RSA beside it (dual signing, RFC 8463) is not warned about."""
+    ed_key = _key(tmp_path, selector="e1", algorithm="ed25519-sha256")
+    _publish(loopback_dns, ed_key)
+    signer = DkimSigner([ed_key])
+    result = signer.sign(MESSAGE, envelope_sender="x@corp.example")
+    assert result.signed and dkim.verify(result.data, dnsfunc=loopback_dns.txt_lookup)
+    (warning,) = signer.warnings
+    assert warning.startswith("[[dkim]] corp.example: signed with Ed25519 only (selector e1)")
+    assert "add an rsa-sha256 key" in warning
+    from types import SimpleNamespace
+
+    from relaygate.queue.manager import build_signer
+
+    config = SimpleNamespace(
+        dkim=[ed_key], server=SimpleNamespace(dkim_domain_source="header_from")
+    )
+    with caplog.at_level(logging.WARNING, logger="relaygate"):
+        assert build_signer(config) is not None
+    assert [r.getMessage() for r in caplog.records] == [warning]
+    assert DkimSigner([ed_key, _key(tmp_path, selector="r1")]).warnings == []
+
+
+@pytest.mark.parametrize("bits", [1024, 4160])
+def test_an_rsa_key_outside_rfc_8301_sizes_is_warned_about(tmp_path, loopback_dns, bits):
+    """RFC 8301 §3.2: signers SHOULD use RSA keys of 2048 bits or more, and verifiers need only
+    validate 1024 to 4096 bits. A 1024-bit key (old OpenDKIM setups) or an 8192-bit one was used
+    without a word; it still signs, and the warning names the entry, the file, the size and the
+    fix. A 2048-bit key (`relaygate dkim new`'s) is not warned about."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    path = tmp_path / f"k{bits}.key"
+    path.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+    key = Key("corp.example", "s1", path)
+    _publish(loopback_dns, key)
+    signer = DkimSigner([key])
+    result = signer.sign(MESSAGE, envelope_sender="x@corp.example")
+    assert result.signed and dkim.verify(result.data, dnsfunc=loopback_dns.txt_lookup)
+    (warning,) = signer.warnings
+    assert warning.startswith(
+        f"[[dkim]] corp.example selector s1: DKIM key {path} is an RSA key of {bits} bits, "
+    )
+    assert ("under the 2048 bits" if bits < 2048 else "over the 4096 bits") in warning
+    assert DkimSigner([_key(tmp_path, selector="s2")]).warnings == []

@@ -28,6 +28,7 @@ __all__ = [
     "generate_key",
     "key_file_mode_warning",
     "key_path",
+    "key_size_warning",
     "load_any_key",
     "load_private_key",
     "public_key_b64",
@@ -38,6 +39,8 @@ __all__ = [
 
 ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
 RSA_BITS = 2048
+MIN_RSA_BITS_ADVISED = 2048  # RFC 8301 §3.2: signers SHOULD use at least 2048 bits ...
+MAX_RSA_BITS_VERIFIED = 4096  # ... and verifiers MUST validate 1024 to 4096 bits
 _LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
 
 
@@ -52,6 +55,7 @@ class LoadedKey:
     algorithm: str
     dkimpy_key: bytes
     public_b64: str
+    bits: int = 0  # an RSA key's size (0 for Ed25519)
 
     @property
     def record(self) -> str:
@@ -251,7 +255,27 @@ def load_private_key(path: Path, algorithm: str) -> LoadedKey:
         der = key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
-    return LoadedKey(algorithm, dkimpy_key, base64.b64encode(der).decode("ascii"))
+    bits = key.key_size if isinstance(key, rsa.RSAPrivateKey) else 0
+    return LoadedKey(algorithm, dkimpy_key, base64.b64encode(der).decode("ascii"), bits)
+
+
+def key_size_warning(path: Path, loaded: LoadedKey) -> str | None:
+    """A warning for an RSA key of a size RFC 8301 §3.2 advises against (it is used): under 2048
+    bits (signers SHOULD use 2048 or more), or over 4096 (verifiers need only validate 1024 to
+    4096 bits: a receiver may fail the signature). None otherwise."""
+    if not loaded.bits or MIN_RSA_BITS_ADVISED <= loaded.bits <= MAX_RSA_BITS_VERIFIED:
+        return None
+    if loaded.bits < MIN_RSA_BITS_ADVISED:
+        why = f"under the {MIN_RSA_BITS_ADVISED} bits RFC 8301 asks signers for"
+    else:
+        why = (
+            f"over the {MAX_RSA_BITS_VERIFIED} bits every verifier must handle (RFC 8301): "
+            "some receivers fail such a signature"
+        )
+    return (
+        f"DKIM key {path} is an RSA key of {loaded.bits} bits, {why}; make a {RSA_BITS}-bit key "
+        "with `relaygate dkim new` under a new selector"
+    )
 
 
 def key_file_mode_warning(path: Path, domain: str) -> str | None:

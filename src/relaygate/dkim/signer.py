@@ -39,6 +39,7 @@ from relaygate.dkim.keys import (
     LoadedKey,
     key_file_mode_warning,
     key_path,
+    key_size_warning,
     load_private_key,
 )
 from relaygate.header_section import header_end, with_empty_line
@@ -253,6 +254,19 @@ def _header_block(message: bytes) -> list[tuple[str, str]]:
     return fields
 
 
+def _ed25519_only_warnings(keys: dict[str, list[_Key]]) -> list[str]:
+    """A warning per domain whose every key is Ed25519: Gmail, Microsoft 365 and Yahoo do not
+    verify ed25519-sha256 (RFC 8463), so its mail has no DKIM pass there and DMARC rests on SPF."""
+    return [
+        f"[[dkim]] {domain}: signed with Ed25519 only (selector "
+        f"{', '.join(k.selector for k in domain_keys)}): Gmail, Microsoft 365 and Yahoo do not "
+        "verify ed25519-sha256 signatures, so DMARC cannot pass on DKIM there; add an "
+        "rsa-sha256 key for the domain (both sign)"
+        for domain, domain_keys in keys.items()
+        if all(k.algorithm == "ed25519-sha256" for k in domain_keys)
+    ]
+
+
 class DkimSigner:
     """Signs messages with the configured keys; build it once at start-up.
 
@@ -305,6 +319,7 @@ class DkimSigner:
             self._add_key(entry, domain, selector, label, seen, data_dir, problems)
             if len(problems) > before:
                 self._unusable.setdefault(domain, []).append(selector)
+        self.warnings.extend(_ed25519_only_warnings(self._keys))
         self.problems = problems
         if problems and not skip_unusable:
             raise DkimConfigError(problems)
@@ -342,8 +357,12 @@ class DkimSigner:
         except DkimKeyError as exc:
             problems.append(f"{label}: {exc}")
             return
-        if (warning := key_file_mode_warning(Path(key_file), domain)) is not None:
-            self.warnings.append(f"{label}: {warning}")
+        for warning in (
+            key_file_mode_warning(Path(key_file), domain),
+            key_size_warning(Path(key_file), loaded),
+        ):
+            if warning is not None:
+                self.warnings.append(f"{label}: {warning}")
         if loaded.algorithm == "ed25519-sha256":
             try:
                 import nacl.signing  # noqa: F401  (dkimpy signs Ed25519 with PyNaCl)
