@@ -120,3 +120,49 @@ async def test_ndrs_are_signed_when_the_domain_comes_from_the_envelope(
     assert content.startswith(b"DKIM-Signature: "), content[:300]
     assert b"d=corp.test" in content.partition(b"\r\n\r\n")[0]
     assert dkim.verify(content, dnsfunc=loopback_dns.txt_lookup)
+
+
+async def test_a_field_added_above_a_signed_one_breaks_the_signature(
+    tmp_path: Path, loopback_dns: LoopbackDNS
+):
+    """RFC 6376 §8.15: a verifier checks the last instance of each field named in h=, a reader
+    shows the first. Only From was signed once more than present, so anyone holding a message
+    the relay signed could put a second Subject, To or Content-Type above the signed one (or a
+    Reply-To into a message without one: replies to the attacker) and the message still passed
+    DKIM, and DMARC, as the organisation's. The fields a message may have once are now signed
+    once more than present (Reply-To and Subject even when absent, as Gmail does); a field
+    that relays legitimately add when missing (Message-ID, Date) still does not break it."""
+    extra = publish_new_key(loopback_dns, tmp_path / "keys", "corp.test", "s1")
+    message = (
+        b"From: App <app@corp.test>\r\n"
+        b"To: bob@example.com\r\n"
+        b"Subject: Your invoice\r\n"
+        b"MIME-Version: 1.0\r\n"
+        b"Content-Type: text/plain; charset=us-ascii\r\n"
+        b"\r\n"
+        b"Pay to the usual account.\r\n"
+    )
+    async with relay_to_sink(tmp_path, extra=extra) as (relay, sink):
+        await send(relay, SENDER, ["bob@example.com"], message)
+        (got,) = await wait_for(lambda: sink.handler.messages)
+    content = got["content"]
+
+    def verifies(data: bytes) -> bool:
+        return bool(dkim.verify(data, dnsfunc=loopback_dns.txt_lookup))
+
+    assert verifies(content)
+    for added in (
+        b"Subject: Urgent: new bank details\r\n",
+        b"To: victim@example.net\r\n",
+        b"Content-Type: text/html\r\n",
+        b"Reply-To: attacker@evil.example\r\n",
+    ):
+        forged = content.replace(b"From: App", added + b"From: App", 1)
+        assert not verifies(forged), added
+    # what a next hop may add to a message without them
+    relayed = content.replace(
+        b"From: App",
+        b"Message-ID: <added@mx.example>\r\nDate: Mon, 7 Dec 2026 10:00:00 +0000\r\nFrom: App",
+        1,
+    )
+    assert verifies(relayed)

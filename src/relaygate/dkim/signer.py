@@ -17,8 +17,9 @@ Key choice (documented behaviour, also shown by the tracking log):
 * Every enabled key of the chosen domain signs (so an Ed25519 and an RSA key for one domain give
   the dual signature RFC 8463 recommends), in configuration order.
 
-Canonicalisation is relaxed/relaxed. ``From`` is signed one extra time so that a second ``From``
-added in transit breaks the signature. Keys are read and checked once, when the signer is built;
+Canonicalisation is relaxed/relaxed. The fields a message has at most once (From, Subject, To,
+Content-Type...) are signed one extra time, so that a second one added above (the one a reader
+shows; RFC 6376 §8.15) breaks the signature; From, Reply-To and Subject even when absent. Keys are read and checked once, when the signer is built;
 ``sign`` is a pure CPU-bound function: call it in a thread (``asyncio.to_thread``) from the event
 loop. A message that is not signed carries a human-readable ``reason`` for the tracking log.
 """
@@ -33,7 +34,7 @@ from typing import Any, Protocol
 
 import dkim
 from relaygate.addresses import ascii_domain
-from relaygate.dkim.defaults import SIGNED_HEADERS
+from relaygate.dkim.defaults import ALWAYS_SIGNED, SIGNED_HEADERS, SINGLE_FIELDS
 from relaygate.dkim.keys import (
     DkimKeyError,
     LoadedKey,
@@ -254,6 +255,21 @@ def _header_block(message: bytes) -> list[tuple[str, str]]:
     return fields
 
 
+def _signed_fields(headers: Iterable[str], present: dict[str, int]) -> list[bytes]:
+    """The h= list: each of ``headers`` as many times as the message has it (lowercase names
+    ``present``), then once more for a field a message has at most once (when it has it, or
+    always for From, Reply-To and Subject), so that one added later breaks the signature."""
+    signed: list[bytes] = []
+    extra: list[bytes] = []
+    for header in headers:
+        name = header.strip().lower()
+        count = present.get(name, 0)
+        signed.extend([name.encode()] * count)
+        if name in ALWAYS_SIGNED or (count and name in SINGLE_FIELDS):
+            extra.append(name.encode())
+    return signed + extra
+
+
 def _ed25519_only_warnings(keys: dict[str, list[_Key]]) -> list[str]:
     """A warning per domain whose every key is Ed25519: Gmail, Microsoft 365 and Yahoo do not
     verify ed25519-sha256 (RFC 8463), so its mail has no DKIM pass there and DMARC rests on SPF."""
@@ -467,11 +483,7 @@ class DkimSigner:
             present[name.lower()] = present.get(name.lower(), 0) + 1
         signatures: list[bytes] = []
         for key in keys:
-            include: list[bytes] = []
-            for header in key.headers:
-                name = header.strip().lower()
-                include.extend([name.encode()] * max(present.get(name, 0), name == "from"))
-            include.append(b"from")  # oversign: a From added later breaks the signature
+            include = _signed_fields(key.headers, present)
             try:
                 signature = dkim.sign(
                     message,
