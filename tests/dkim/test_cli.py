@@ -129,3 +129,33 @@ def test_show_empty(tmp_path):
     proc = relaygate("dkim", "show", "--data-dir", str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 0
     assert "No DKIM keys configured or found" in proc.stdout
+
+
+def test_new_prints_a_key_file_the_relay_finds_from_any_directory(tmp_path):
+    """`dkim new --config` writes under the config's data_dir (a relative one is taken from the
+    config file's folder) but printed the key's path relative to the command's directory, for
+    the [[dkim]] entry to paste, where the relay reads a relative key_file from its own working
+    directory (README): from the systemd unit's /var/lib/relaygate, "../data/dkim/..." is not
+    the key, the entry is left out and the domain's mail goes unsigned. The path is absolute."""
+    config = tmp_path / "relaygate.toml"
+    config.write_text('[server]\ndata_dir = "data"\n', encoding="utf-8")
+    here = tmp_path / "admin"
+    here.mkdir()
+    args = ["dkim", "new", "--config", "../relaygate.toml", "--domain", "corp.example"]
+    proc = relaygate(*args, "--selector", "s1", "--json", cwd=here)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    key = tmp_path / "data" / "dkim" / "corp.example" / "s1.key"
+    assert info["key_file"] == str(key) and key.is_file()
+    assert f"key_file = {json.dumps(str(key))}\n" in info["config"]
+    text = relaygate(*args, "--selector", "s2", cwd=here)
+    assert text.returncode == 0, text.stderr
+    assert f"Key written to {key.with_name('s2.key')} (mode 0600)." in text.stdout
+    assert f'  key_file = "{key.with_name("s2.key")}"\n' in text.stdout
+
+    # the entry pasted as printed: `check` (as a relay run from another directory) loads it
+    config.write_text(config.read_text() + info["config"], encoding="utf-8")
+    elsewhere = tmp_path / "var" / "lib"
+    elsewhere.mkdir(parents=True)
+    checked = relaygate("check", "--config", str(config), cwd=elsewhere)
+    assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,9 @@ def register(app: typer.Typer) -> None:
         """Create a key under <data_dir>/dkim/<domain>/<selector>.key and print its TXT record."""
         base, _ = _data_dir(config, data_dir)
         try:
-            path = write_key(base, domain, selector, algorithm, force=force)
+            # Absolute: the relay reads a relative key_file from its own working directory, not
+            # from this command's (nor from the config file's folder, as data_dir is).
+            path = Path(os.path.abspath(write_key(base, domain, selector, algorithm, force=force)))
             loaded = load_private_key(path, algorithm.strip().lower())
             name = record_name(selector, domain)
         except DkimKeyError as exc:
