@@ -159,3 +159,28 @@ def test_new_prints_a_key_file_the_relay_finds_from_any_directory(tmp_path):
     elsewhere.mkdir(parents=True)
     checked = relaygate("check", "--config", str(config), cwd=elsewhere)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_a_key_root_writes_into_the_relays_data_dir_belongs_to_the_relay(tmp_path):
+    """`sudo relaygate dkim new --config /etc/relaygate/relaygate.toml` writes under data_dir
+    (/var/lib/relaygate, the relaygate user's: the unit makes it). The key and its directories
+    were root's, 0600 and 0700: the relay could not read the key ("Permission denied" at start),
+    left it out and sent the domain's mail unsigned. Root gives them to data_dir's owner; anyone
+    else writes them as their own (as root does into a directory of its own)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    if os.geteuid() == 0:
+        nobody = 65534
+        os.chown(data, nobody, nobody)
+        owner = (nobody, nobody)
+    else:
+        owner = (os.geteuid(), os.getegid())
+    proc = relaygate(
+        "dkim", "new", "--domain", "corp.example", "--selector", "s1", "--data-dir", str(data),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    key = data / "dkim" / "corp.example" / "s1.key"
+    for path, mode in ((key, 0o600), (key.parent, 0o700), (key.parent.parent, 0o700)):
+        st = path.stat()
+        assert ((st.st_uid, st.st_gid), stat.S_IMODE(st.st_mode)) == (owner, mode), path

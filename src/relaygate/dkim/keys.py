@@ -195,20 +195,27 @@ def write_key(
 
     Refuses to replace an existing key unless ``force`` (a replaced key breaks every message in
     flight until DNS is updated). The file is created with 0600 from the start (never briefly
-    world-readable) and written atomically with a rename.
+    world-readable) and written atomically with a rename. Written by root into a data_dir that
+    another user owns (the relay's, as the systemd unit makes it), the key and its directories
+    are given to that user: root's 0600 key there is one the relay cannot read.
     """
     algorithm = _check_algorithm(algorithm)
     path = key_path(data_dir, domain, selector)
     if path.exists() and not force:
         raise DkimKeyError(f"{path} already exists; use --force to replace it")
+    owner = _relay_owner(Path(data_dir))
     for directory in (path.parent.parent, path.parent):
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
+        if owner is not None:
+            os.chown(directory, *owner)
     pem, _ = generate_key(algorithm)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.fchmod(fd, 0o600)
+        if owner is not None:
+            os.fchown(fd, *owner)
         os.write(fd, pem)
         os.fsync(fd)
     finally:
@@ -220,6 +227,18 @@ def write_key(
     finally:
         os.close(dir_fd)
     return path
+
+
+def _relay_owner(data_dir: Path) -> tuple[int, int] | None:
+    """``(uid, gid)`` of ``data_dir`` when root writes into a data_dir another user owns, else
+    None (a user writes keys as their own; root into its own or a new directory)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        st = data_dir.stat()
+    except OSError:
+        return None
+    return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
 
 
 def load_private_key(path: Path, algorithm: str) -> LoadedKey:
