@@ -166,3 +166,59 @@ async def test_a_field_added_above_a_signed_one_breaks_the_signature(
         1,
     )
     assert verifies(relayed)
+
+
+def _edge_cases() -> dict[str, bytes]:
+    """Messages whose bytes the relay or the wire changes around the signature (line breaks,
+    folding, NULs, dot-stuffing, the empty line), or that carry UTF-8, 8-bit or a signature."""
+    head = (
+        b"From: App <app@corp.test>\r\nTo: bob@example.com\r\nSubject: %s\r\n"
+        b"Date: Mon, 7 Dec 2026 10:00:00 +0000\r\n"
+    )
+    mime_8bit = (
+        b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: 8bit\r\n"
+    )
+    foreign = (
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=other.example; s=x; c=relaxed/relaxed; h=from;"
+        b" bh=abc; b=def\r\n"
+    )
+    cases = {
+        "no body": b"\r\n",
+        "no empty line": b"",
+        "LF only": b"\nbody\nline 2\n",
+        "8-bit body": mime_8bit + "\r\nhéllo\r\n".encode(),
+        "over 998 octets": b"\r\n" + b"x" * 3000 + b"\r\n",
+        "dot lines": b"\r\n.\r\n..\r\n.x\r\n",
+        "trailing blank lines": b"\r\nbody  \r\n\r\n\r\n",
+        "NUL": b"\r\na\x00b\r\n",
+        "bare CR": b"\r\na\rb\r\n",
+    }
+    messages = {name: head % name.encode() + rest for name, rest in cases.items()}
+    messages["LF only"] = messages["LF only"].replace(b"\r\n", b"\n")
+    messages["UTF-8 header"] = head % "héllo".encode() + b"\r\nbody\r\n"
+    messages["long Subject"] = head % (b"y" * 1500) + b"\r\nbody\r\n"
+    messages["signed before"] = foreign + head % b"signed before" + b"\r\nbody\r\n"
+    return messages
+
+
+async def test_what_the_next_hop_receives_verifies(tmp_path: Path, loopback_dns: LoopbackDNS):
+    """The review's cases end to end: signed as they go on the wire (after CRLF normalisation,
+    folding of lines over 998 octets, NUL removal, the empty line put in), each message the sink
+    received, dot-stuffing undone, verifies; another domain's signature stays below ours."""
+    extra = publish_new_key(loopback_dns, tmp_path / "keys", "corp.test", "s1")
+    messages = _edge_cases()
+    async with relay_to_sink(tmp_path, extra=extra) as (relay, sink):
+        for message in messages.values():
+            await send(relay, SENDER, ["bob@example.com"], message, mail_params=b" SMTPUTF8")
+        received = await wait_for(
+            lambda: len(sink.handler.messages) == len(messages) and sink.handler.messages
+        )
+    for got in received:
+        content = got["content"]
+        assert content.startswith(
+            b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=corp.test;"
+        )
+        assert dkim.verify(content, dnsfunc=loopback_dns.txt_lookup), content[:600]
+    (before,) = [m["content"] for m in received if b"d=other.example" in m["content"]]
+    assert before.index(b"d=corp.test") < before.index(b"d=other.example")
