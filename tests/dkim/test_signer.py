@@ -537,3 +537,21 @@ def test_an_rsa_key_outside_rfc_8301_sizes_is_warned_about(tmp_path, loopback_dn
     )
     assert ("under the 2048 bits" if bits < 2048 else "over the 4096 bits") in warning
     assert DkimSigner([_key(tmp_path, selector="s2")]).warnings == []
+
+
+def test_the_rsa_signature_is_topmost_whatever_the_configuration_order(tmp_path, loopback_dns):
+    """With an Ed25519 entry written before the RSA one (RFC 8463's dual signing, the new key
+    added first), the Ed25519 signature was topmost: a verifier that checks only the first
+    signature (dkimpy's dkim.verify) and cannot verify Ed25519 (dkimpy without PyNaCl; Microsoft
+    365 reports dkim=fail) failed the message though its RSA signature was good. RSA signatures
+    come first, each algorithm's in configuration order."""
+    ed_key = _key(tmp_path, selector="e1", algorithm="ed25519-sha256")
+    rsa_key = _key(tmp_path, selector="r1")
+    _publish(loopback_dns, ed_key)
+    _publish(loopback_dns, rsa_key)
+    result = DkimSigner([ed_key, rsa_key]).sign(MESSAGE, envelope_sender="x@corp.example")
+    assert result.signed and result.selector == "r1,e1"
+    assert result.data.startswith(b"DKIM-Signature: v=1; a=rsa-sha256;")
+    verifier = dkim.DKIM(result.data)
+    assert verifier.verify(idx=0, dnsfunc=loopback_dns.txt_lookup)
+    assert verifier.verify(idx=1, dnsfunc=loopback_dns.txt_lookup)

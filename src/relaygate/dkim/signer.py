@@ -15,7 +15,8 @@ Key choice (documented behaviour, also shown by the tracking log):
   ``sub.corp.example`` (that would not align under strict DMARC and surprises admins). Configure
   a key per domain.
 * Every enabled key of the chosen domain signs (so an Ed25519 and an RSA key for one domain give
-  the dual signature RFC 8463 recommends), in configuration order.
+  the dual signature RFC 8463 recommends): RSA signatures topmost, then Ed25519 ones, each in
+  configuration order.
 
 Canonicalisation is relaxed/relaxed. The fields a message has at most once (From, Subject, To,
 Content-Type...) are signed one extra time, so that a second one added above (the one a reader
@@ -335,6 +336,11 @@ class DkimSigner:
             self._add_key(entry, domain, selector, label, seen, data_dir, problems)
             if len(problems) > before:
                 self._unusable.setdefault(domain, []).append(selector)
+        for domain_keys in self._keys.values():
+            # RSA first (a stable sort: configuration order within each algorithm): a verifier
+            # that checks only the topmost signature may know no Ed25519 (dkimpy's dkim.verify
+            # without PyNaCl; Microsoft 365 reports dkim=fail).
+            domain_keys.sort(key=lambda k: k.algorithm != "rsa-sha256")
         self.warnings.extend(_ed25519_only_warnings(self._keys))
         self.problems = problems
         if problems and not skip_unusable:
@@ -506,7 +512,7 @@ class DkimSigner:
             signatures.append(signature)
         selectors = ",".join(k.selector for k in keys)
         algorithms = ",".join(k.algorithm for k in keys)
-        # The first configured key's signature is topmost (the one simple verifiers check).
+        # The first key's signature is topmost (the one simple verifiers check): an RSA one.
         data = b"".join(signatures) + message
         return SignResult(
             data, True, domain, selectors, f"signed d={domain} s={selectors} a={algorithms}"
