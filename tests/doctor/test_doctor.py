@@ -986,7 +986,9 @@ async def test_dkim_key_record_is_read_as_receivers_read_it(loopback_dns, signed
         "s1._domainkey.corp.example", "TXT", _key_record_variants(key_type, p)[variant]
     )
     verified = dkim.verify(message, dnsfunc=loopback_dns.txt_lookup)
-    finding = only(await run(loopback_dns, local_record), "DKIM")
+    report = await run(loopback_dns, local_record)
+    # the record's finding (an Ed25519-only domain has a warning about that beside it)
+    (finding,) = [f for f in report.by_check("DKIM") if "s1._domainkey.corp.example" in f.summary]
     assert (finding.severity == "ok") == verified, (verified, finding.to_dict())
     if variant == "P=":
         assert "tag names are case-sensitive (RFC 6376 §3.2): P= is not p=" in finding.summary
@@ -1086,3 +1088,34 @@ async def test_helo_lookup_failure_is_a_warning(loopback_dns, keys):
     assert only(report, "HELO", "warning").summary.startswith(
         f"SPF lookup for the HELO name {HELO} failed"
     )
+
+
+async def test_a_domain_signed_with_ed25519_only_does_not_align_via_dkim(loopback_dns):
+    """Gmail, Microsoft 365 and Yahoo do not verify ed25519-sha256 (neutral, fail, permerror):
+    with only an Ed25519 key, the doctor said DMARC "aligns via DKIM" while those receivers
+    refuse the mail under p=reject unless SPF passes. The record is still right (ok), but the
+    doctor warns about the Ed25519-only signing and DMARC aligns via RSA keys only."""
+    record = generate_key("ed25519-sha256")[1]
+    healthy(loopback_dns, record)
+    report = await run(loopback_dns, record, relay_ip=None)
+    dkim_findings = {f.severity: f for f in report.by_check("DKIM")}
+    assert "matches the relay's ed25519 key" in dkim_findings["ok"].summary
+    warning = dkim_findings["warning"]
+    assert warning.summary.startswith("corp.example is DKIM-signed with Ed25519 only: Gmail,")
+    assert "rsa-sha256" in warning.fix and "relaygate dkim new --domain corp.example" in warning.fix
+    dmarc = only(report, "DMARC")
+    assert dmarc.severity == "warning", dmarc.to_dict()
+    assert "DKIM does not align" in dmarc.summary
+    assert "signs corp.example with Ed25519 only" in dmarc.detail
+    # beside an RSA key (dual signing) DKIM aligns, and no warning
+    rsa_record = generate_key("rsa-sha256")[1]
+    loopback_dns.add("s2._domainkey.corp.example", "TXT", rsa_record)
+    both = await run(
+        loopback_dns,
+        None,
+        relay_ip=None,
+        selector=None,
+        dkim_keys=[("s1", record), ("s2", rsa_record)],
+    )
+    assert [f.severity for f in both.by_check("DKIM")] == ["ok", "ok"]
+    assert only(both, "DMARC").summary.endswith("aligns via DKIM")

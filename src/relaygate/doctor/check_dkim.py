@@ -82,6 +82,17 @@ async def _check_dkim(
         return
     for selector, local_public in keys:  # in order: each selector's findings together
         await _check_selector(report, resolver, state, domain, selector, local_public)
+    if state.dkim_ed25519_ok and not state.dkim_ok:
+        report.add(
+            "DKIM",
+            "warning",
+            f"{domain} is DKIM-signed with Ed25519 only: Gmail, Microsoft 365 and Yahoo do not "
+            "verify ed25519-sha256 signatures (dkim=neutral or fail there), so DMARC cannot "
+            "pass on DKIM at those receivers",
+            "RFC 8463 signs with Ed25519 beside RSA, not in its place.",
+            f"relaygate dkim new --domain {domain} --selector SELECTOR (rsa-sha256): add its "
+            "[[dkim]] entry beside the Ed25519 one and publish its TXT record; both sign",
+        )
 
 
 async def _check_selector(
@@ -187,7 +198,10 @@ async def _check_selector(
                 publish_fix,
             )
             return
-        state.dkim_ok = True
+        if key_type == "ed25519":
+            state.dkim_ed25519_ok = True
+        else:
+            state.dkim_ok = True
         report.add(
             "DKIM",
             "ok",

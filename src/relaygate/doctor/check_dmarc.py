@@ -126,6 +126,11 @@ async def _check_dmarc(
             f"DKIM: the relay signs with d={signing}, which does not align with {domain} "
             f"(adkim={adkim})"
         )
+    elif not dkim_aligned and state.dkim_ed25519_ok:
+        reasons.append(
+            f"DKIM: the relay signs {signing} with Ed25519 only, which Gmail, Microsoft 365 and "
+            "Yahoo do not verify"
+        )
     elif not dkim_aligned:
         reasons.append("DKIM: the relay has no matching published key for " + signing)
     pct = tags.get("pct", "100")
@@ -150,8 +155,9 @@ async def _check_dmarc(
             f"a [[dkim]] entry for {domain}"
         )
     elif not dkim_aligned:
+        kind = "an rsa-sha256 DKIM key" if state.dkim_ed25519_ok else "a DKIM key"
         fixes.append(
-            f"sign with a DKIM key for {domain}: relaygate dkim new --domain {domain} "
+            f"sign with {kind} for {domain}: relaygate dkim new --domain {domain} "
             "--selector s1, add the [[dkim]] entry, publish its TXT record"
         )
     if policy in ("reject", "quarantine"):

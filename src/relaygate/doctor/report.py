@@ -79,5 +79,7 @@ class _State:
     spf_result: str | None = None  # pyspf result for the relay IP, None = not evaluated
     spf_record: str | None = None
     signing_domain: str = ""  # d= of the relay's signatures
-    dkim_ok: bool = False  # published key matches the relay's local key
+    dkim_ok: bool = False  # published key matches the relay's local RSA key
+    # ... an Ed25519 one: valid, but Gmail, Microsoft 365 and Yahoo do not verify Ed25519
+    dkim_ed25519_ok: bool = False
     dkim_detail: str = ""
