@@ -184,3 +184,25 @@ def test_a_key_root_writes_into_the_relays_data_dir_belongs_to_the_relay(tmp_pat
     for path, mode in ((key, 0o600), (key.parent, 0o700), (key.parent.parent, 0o700)):
         st = path.stat()
         assert ((st.st_uid, st.st_gid), stat.S_IMODE(st.st_mode)) == (owner, mode), path
+
+
+def test_new_ed25519_says_an_rsa_key_must_sign_too(tmp_path):
+    """An Ed25519 key made alone gave no hint that Gmail, Microsoft 365 and Yahoo do not verify
+    it: the admin published it, enabled it, and the domain's mail failed DMARC there. `dkim new`
+    says so (text and --json); an RSA key gets no such note."""
+    data = tmp_path / "data"
+    args = ["dkim", "new", "--domain", "corp.example", "--data-dir", str(data)]
+    ed = relaygate(*args, "--selector", "e1", "--algorithm", "ed25519-sha256", cwd=tmp_path)
+    assert ed.returncode == 0, ed.stderr
+    assert (
+        "Note: Gmail, Microsoft 365 and Yahoo do not verify Ed25519 signatures: keep an "
+        "rsa-sha256 key for corp.example beside this one (both sign)." in ed.stdout
+    )
+    info = json.loads(relaygate(*args, "--selector", "e2", "--algorithm", "ed25519-sha256",
+                                "--json", cwd=tmp_path).stdout)  # fmt: skip
+    assert info["warnings"] == [
+        "Gmail, Microsoft 365 and Yahoo do not verify Ed25519 signatures: keep an rsa-sha256 "
+        "key for corp.example beside this one (both sign)."
+    ]
+    rsa_key = relaygate(*args, "--selector", "r1", "--json", cwd=tmp_path)
+    assert json.loads(rsa_key.stdout)["warnings"] == []

@@ -111,6 +111,12 @@ def register(app: typer.Typer) -> None:
             f"key_file = {json.dumps(str(path))}\n"
             f'algorithm = "{loaded.algorithm}"\n'
         )
+        warnings = []
+        if loaded.algorithm == "ed25519-sha256":
+            warnings.append(
+                "Gmail, Microsoft 365 and Yahoo do not verify Ed25519 signatures: keep an "
+                f"rsa-sha256 key for {domain_n} beside this one (both sign)."
+            )
         if json_out:
             data = {
                 "domain": domain_n,
@@ -119,6 +125,7 @@ def register(app: typer.Typer) -> None:
                 "key_file": str(path),
                 "record": rec,
                 "config": snippet,
+                "warnings": warnings,
             }
             sys.stdout.write(json.dumps(data, indent=2) + "\n")
             return
@@ -129,6 +136,8 @@ def register(app: typer.Typer) -> None:
         for line in snippet.splitlines():
             typer.echo(f"  {line}")
         typer.echo(f"Check it with: relaygate doctor {domain_n} --selector {selector_n}")
+        for warning in warnings:
+            typer.echo(f"Note: {warning}")
 
     @dkim_app.command("show")
     def show(
