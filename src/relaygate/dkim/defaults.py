@@ -8,9 +8,9 @@ __all__ = ["ALWAYS_SIGNED", "SIGNED_HEADERS", "SINGLE_FIELDS"]
 
 #: RFC 6376 §5.4.1's list (as OpenDKIM's and MIMEDefang's defaults) with List-Unsubscribe-Post,
 #: which RFC 8058 §4 requires in h= beside List-Unsubscribe for one-click unsubscribe (Gmail and
-#: Yahoo require it of bulk senders). Only the fields a message has are signed (From always): a
-#: field added in transit to a message without it (Exchange Online adds a missing Message-ID)
-#: must not break the signature.
+#: Yahoo require it of bulk senders). Only the fields a message has are signed (but those of
+#: ALWAYS_SIGNED): a field added in transit to a message without it (Exchange Online adds a
+#: missing Message-ID) must not break the signature.
 SIGNED_HEADERS: tuple[str, ...] = (
     "From",
     "To",

@@ -20,9 +20,10 @@ Key choice (documented behaviour, also shown by the tracking log):
 
 Canonicalisation is relaxed/relaxed. The fields a message has at most once (From, Subject, To,
 Content-Type...) are signed one extra time, so that a second one added above (the one a reader
-shows; RFC 6376 §8.15) breaks the signature; From, Reply-To and Subject even when absent. Keys are read and checked once, when the signer is built;
-``sign`` is a pure CPU-bound function: call it in a thread (``asyncio.to_thread``) from the event
-loop. A message that is not signed carries a human-readable ``reason`` for the tracking log.
+shows; RFC 6376 §8.15) breaks the signature; From, Reply-To and Subject even when absent. Keys
+are read and checked once, when the signer is built; ``sign`` is a pure CPU-bound function: call
+it in a thread (``asyncio.to_thread``) from the event loop. A message that is not signed
+carries a human-readable ``reason`` for the tracking log.
 """
 
 from __future__ import annotations
@@ -206,6 +207,11 @@ def from_header_domain(value: str) -> tuple[str | None, str]:
     if domain is None:
         return None, f"From header address {address.strip()!r} has no usable domain"
     return domain, ""
+
+
+def _from_values(message: bytes) -> list[str]:
+    """The values of the message's From fields."""
+    return [v for n, v in _header_block(message) if n.lower() == "from"]
 
 
 def _single_from_domain(froms: Sequence[str]) -> tuple[str | None, str]:
@@ -426,15 +432,15 @@ class DkimSigner:
     # -------------------------------------------------------------------- choose
     def choose_domain(self, message: bytes, envelope_sender: str) -> tuple[str | None, str]:
         """The domain whose key should sign, or ``(None, reason)``."""
-        froms = [v for n, v in _header_block(message) if n.lower() == "from"]
         if self.domain_source == "envelope_sender":
             domain, why = self._envelope_domain(envelope_sender, "")
             if domain is not None or envelope_sender.strip() not in ("", "<>"):
                 return domain, why
             # The null sender has no domain: the From's signs (a report: the relay's NDRs come
             # from its postmaster so that the organisation's key signs them).
-            domain, from_why = _single_from_domain(froms)
+            domain, from_why = _single_from_domain(_from_values(message))
             return domain, f"{why}; {from_why}" if domain is None else ""
+        froms = _from_values(message)
         domain, why = _single_from_domain(froms)
         if domain is not None:
             return domain, ""
