@@ -488,6 +488,74 @@ async def test_recipients_failing_on_two_routes_at_different_times_get_an_ndr_ea
         assert len(later_route.handler.attempts["ann@later.test"]) == 2
 
 
+async def test_recipients_failing_on_two_routes_in_one_attempt_get_one_ndr(
+    tmp_path: Path,
+) -> None:
+    """Two recipients on two routes (different next hops), both refused with a 5xx in the same
+    attempt: the sender gets one NDR listing both, as Exchange and Postfix send one report per
+    message per attempt. Before, each route queued an NDR of its own (two reports)."""
+    refuse = "550 5.1.1 User unknown"
+    async with (
+        sinks(
+            ScriptedHandler(lambda _a, _n: refuse),
+            ScriptedHandler(lambda _a, _n: refuse),
+            ScriptedHandler(),
+        ) as (one, two, b),
+        relay_running(
+            tmp_path,
+            {"example.com": one.port, "other.test": two.port, "senders.test": b.port},
+        ) as relay,
+    ):
+        await send(relay, SENDER, ["bob@example.com", "carol@other.test"], original("Both"))
+
+        async def both_failed() -> bool:
+            msg = next(m for m in await relay.store.list_messages() if m.sender == SENDER)
+            return all(r.status is RecipientStatus.FAILED for r in msg.recipients)
+
+        await wait_for(both_failed)
+        assert relay.manager is not None
+        # a report is queued before its recipients' results are stored: none is still coming
+        assert relay.manager.stats["ndr"] == 1
+        (ndr,) = await wait_for(lambda: reports(b))
+        per_rcpt = parse_mail(ndr["content"]).get_payload()[1].get_payload()[1:]
+        assert sorted(r["Final-Recipient"] for r in per_rcpt) == [
+            "rfc822; bob@example.com",
+            "rfc822; carol@other.test",
+        ]
+
+
+async def test_recipients_delayed_on_two_routes_get_one_delay_notice(tmp_path: Path) -> None:
+    """The delay notice, as the NDR: recipients waiting on two routes past
+    delay_notification_timeout are listed in one notice, not one per route."""
+    busy = "451 4.4.1 Remote busy"
+    one = ScriptedHandler(lambda _a, _n: busy)
+    two = ScriptedHandler(lambda _a, _n: busy)
+    async with (
+        sinks(one, two, ScriptedHandler()) as (a, c, b),
+        relay_running(
+            tmp_path,
+            {"example.com": a.port, "other.test": c.port, "senders.test": b.port},
+            queue={
+                "transient_failure_retry_interval": "00:00:00.3",
+                "delay_notification_timeout": "00:00:01",
+            },
+        ) as relay,
+    ):
+        await send(relay, SENDER, ["bob@example.com", "carol@other.test"], original("Slow"))
+        (notice,) = await wait_for(lambda: reports(b))
+        per_rcpt = parse_mail(notice["content"]).get_payload()[1].get_payload()[1:]
+        assert sorted(r["Final-Recipient"] for r in per_rcpt) == [
+            "rfc822; bob@example.com",
+            "rfc822; carol@other.test",
+        ]
+        assert {r["Action"] for r in per_rcpt} == {"delayed"}
+        seen = len(one.attempts["bob@example.com"])
+        await wait_for(lambda: len(one.attempts["bob@example.com"]) >= seen + 2)
+        assert relay.manager is not None
+        assert relay.manager.stats["delay_notices"] == 1
+        assert len(reports(b)) == 1
+
+
 async def test_an_ndr_comes_from_the_default_domains_postmaster_and_is_dkim_signed(
     tmp_path: Path,
 ) -> None:

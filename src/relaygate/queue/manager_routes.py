@@ -1,7 +1,8 @@
 """One delivery run of one message (`process_message`): expired, or its due recipients routed
 through the send connectors (relaygate.delivery.routing), the bytes signed and rewritten once per
 way they are sent, and each route delivered (`_deliver_route`: the Unreachable queue, Graph, or
-SMTP to the resolved next hops, paced or not) with its results recorded as soon as it ends.
+SMTP to the resolved next hops, paced or not) with its results recorded as soon as it ends; of
+several routes, the recipients they fail once all have ended, in one NDR per attempt.
 
 Kept apart from the loop that leases the messages (manager_loop.py), and from what a route's
 sends (manager_sending.py, manager_graph.py, manager_pacing.py) and results (manager_results.py)
@@ -100,10 +101,15 @@ class _MessageRoutes(_PacedRoutes, _Results):
         self.stats["attempts"] += 1
         by_addr = {r.address: r for r in due}
         deferred: list[RouteResult] = []
+        # Several routes: the recipients they fail wait for the others, for one NDR per attempt
+        # (as Exchange and Postfix report), not one per route.
+        failed: list[RouteResult] | None = [] if len(groups) > 1 else None
 
         async def run_route(key: RouteKey, addrs: list[str]) -> None:
             # Each route's outcome is recorded as soon as it is known: a crash or a stop while
-            # another route is still in progress never causes a resend to these recipients.
+            # another route is still in progress never causes a resend to these recipients. A
+            # failed one is not recorded before its NDR is queued: after a crash meanwhile it is
+            # tried again (and refused again), never left without a report.
             send_as = _send_as(key)
             route_data, route_crlf = (sent_as[send_as], False) if send_as else (to_send, crlf_only)
             try:
@@ -118,6 +124,11 @@ class _MessageRoutes(_PacedRoutes, _Results):
                     RouteResult(a, DELIVERY_FAILED_INTERNAL, DEFERRED, key.connector_name or "")
                     for a in addrs
                 ]
+            if failed is not None:
+                failed.extend(r for r in results if r.outcome == FAILED)
+                results = [r for r in results if r.outcome != FAILED]
+                if not results:
+                    return
             deferred.extend(await self._record(msg, by_addr, results, data, release=release))
 
         # One route (the usual case): its results and the end of the lease are one transaction.
@@ -136,6 +147,8 @@ class _MessageRoutes(_PacedRoutes, _Results):
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
                     raise outcome
+            if failed:  # one NDR for every route's failures, then their results
+                deferred.extend(await self._record(msg, by_addr, failed, data))
         await self._maybe_delay_notice(msg, by_addr, pending, deferred, data)
         return release
 
