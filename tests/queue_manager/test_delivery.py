@@ -1139,6 +1139,72 @@ async def test_a_delay_notified_flag_that_cannot_be_saved_sends_no_notice_storm(
         assert len(reports(b)) == 1
 
 
+@pytest.mark.parametrize("ending", ["delivered", "expired", "removed"])
+async def test_an_owed_delay_notified_flag_is_forgotten_when_the_message_ends(
+    tmp_path: Path, ending: str
+) -> None:
+    """A "delay notified" flag that cannot be saved is owed (`_delay_flag_owed`) until it is
+    saved; when the message ended first (delivered, or expired with its NDR, or removed by an
+    administrator) while the store still refused the flag, its entry stayed for the life of the
+    process: a leak over a long run with a flaky store. The entry goes when the message ends
+    in a run of this node, or at the next housekeeping (a removed message, one another node
+    ended)."""
+    from relaygate.queue.store import StoreError
+
+    accept = False
+
+    def policy(_address: str, _attempt: int) -> str | None:
+        return None if accept else "451 4.4.1 Remote busy"
+
+    queue = {
+        "transient_failure_retry_interval": "00:00:00.2",
+        "delay_notification_timeout": "00:00:00.5",
+        "message_expiration_timeout": "00:00:03" if ending == "expired" else "2.00:00:00",
+    }
+    async with (
+        sinks(ScriptedHandler(policy), ScriptedHandler()) as (a, b),
+        relay_running(tmp_path, {"*": a.port, "senders.test": b.port}, queue=queue) as relay,
+    ):
+        store, manager = relay.store, relay.manager
+        assert manager is not None
+        real_set_flags = store.set_flags
+
+        async def set_flags(queue_id: str, **kw: Any) -> None:
+            if kw.get("delay_notified"):
+                raise StoreError("disk I/O error")  # never saved, to the end
+            await real_set_flags(queue_id, **kw)
+
+        store.set_flags = set_flags  # type: ignore[method-assign]
+        await send(relay, SENDER, ["bob@example.com"], original("Owed"))
+        (notice,) = await wait_for(lambda: reports(b))
+        assert parse_mail(notice["content"])["Subject"] == "Delivery delayed: Owed"
+        (msg,) = [m for m in await store.list_messages() if m.sender == SENDER]
+        assert manager._delay_flag_owed == {msg.queue_id}
+
+        if ending == "removed":
+            assert await store.remove(msg.queue_id) is not None
+            manager._last_purge = float("-inf")  # the housekeeping is due at the next scan
+            manager.wake()
+            await wait_for(lambda: not manager._delay_flag_owed)
+            return
+        if ending == "delivered":
+            accept = True
+            await wait_for(lambda: a.handler.messages)
+        else:
+            await wait_for(lambda: len(reports(b)) == 2, timeout=10)  # the expiry's NDR
+
+        async def ended() -> bool:
+            got = await store.get(msg.queue_id)
+            return got is not None and all(
+                r.status in (RecipientStatus.DELIVERED, RecipientStatus.FAILED)
+                for r in got.recipients
+            )
+
+        await wait_for(ended)
+        await wait_for(lambda: not manager._inflight)  # the run that ended it is over
+        assert manager._delay_flag_owed == set()
+
+
 async def test_an_unreachable_recipients_delay_notice_has_a_4_x_x_status_in_rfc3464_order(
     tmp_path: Path,
 ) -> None:

@@ -1,6 +1,7 @@
 """The queue manager's loop: scan the store (``scan_interval``, or at once when woken), lease the
 due messages up to ``max_concurrent_deliveries`` (owner ``node_id``), run each one's delivery in
-a task of its own, renew the leases of those in flight, and purge completed messages.
+a task of its own, renew the leases of those in flight, and purge completed messages (and forget
+the delay flags owed for messages that ended elsewhere).
 
 Kept apart from what a delivery run does (manager_routes.py): this part is about leases,
 concurrency and a node's clock (a refused lease for clock skew is said once), not about mail.
@@ -127,6 +128,7 @@ class _ScanLoop(_MessageRoutes):
         purged = await self.store.purge_completed(now - retention)
         if purged:
             log.info("purged %d completed message(s) older than %s", purged, retention)
+        await self.forget_ended_delay_flags()
 
     async def _process(self, msg: StoredMessage, data: bytes | None = None) -> None:
         released = False

@@ -27,6 +27,7 @@ from relaygate.queue.manager_tracking import _Tracking
 from relaygate.queue.model import (
     DSN_ENVID,
     NO_REPORTS_TO_SENDER,
+    PENDING_STATUSES,
     SMTPUTF8,
     Envelope,
     RecipientState,
@@ -51,10 +52,16 @@ class _Reports(_Tracking):
         data: bytes,
     ) -> None:
         """One delay notice for the recipients still pending past delay_notification_timeout."""
+        owed = msg.queue_id in self._delay_flag_owed  # its notice went: only the flag is owed
+        if owed and not deferred and all(r.address in attempted for r in pending):
+            # This run ended the message: no flag is owed any more (it was kept for the life
+            # of the process).
+            self._delay_flag_owed.discard(msg.queue_id)
+            return
         now = self.clock()
         if not self.schedule.delay_notice_due(msg.received_at, now, msg.delay_notified):
             return
-        if msg.queue_id in self._delay_flag_owed:  # its notice went: only the flag is owed
+        if owed:
             await self._save_delay_notified(msg)
             return
         notice = [
@@ -91,8 +98,22 @@ class _Reports(_Tracking):
         self._delay_flag_owed.discard(msg.queue_id)
         return True
 
+    async def forget_ended_delay_flags(self) -> None:
+        """Drop the owed flags of messages that ended outside this node's runs (removed by an
+        administrator, ended by another node) or whose flag was saved since: with the
+        housekeeping, one read per owed flag (none in the usual case)."""
+        for queue_id in list(self._delay_flag_owed):
+            msg = await self.store.get(queue_id)
+            if (
+                msg is None
+                or msg.delay_notified
+                or not any(r.status in PENDING_STATUSES for r in msg.recipients)
+            ):
+                self._delay_flag_owed.discard(queue_id)
+
     async def _expire(self, msg: StoredMessage, pending: list[RecipientState]) -> None:
         now = self.clock()
+        self._delay_flag_owed.discard(msg.queue_id)  # it ends here: no notice is owed any more
         try:
             data = await self.store.read_data(msg.queue_id, size=msg.size)
         except KeyError:
