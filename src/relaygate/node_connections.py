@@ -10,7 +10,9 @@ count their open connections in one table:
   ``<data_dir>/run`` without /dev/shm), created afresh by the supervisor before it starts any
   worker (`create`: written under a temporary name and renamed into place, with the token of this
   run that the supervisor hands its workers in ``RELAYGATE_CONNECTION_TABLE``), mapped by every
-  worker (`NodeConnections.from_env`);
+  worker (`NodeConnections.from_env`), and removed when the node stops (`remove`). A node killed
+  outright leaves it: the next start replaces it (the dead run's counts are gone), or removes it
+  when that start has no use for a table;
 * a fixed number of slots, one per key (`key_digest` of connector name, kind and client address),
   found by linear probing over at most PROBES slots from the key's home slot; a slot is never
   emptied (a lookup stops at the first slot never used), and one whose counts are all zero is
@@ -57,6 +59,7 @@ __all__ = [
     "NodeConnectionLimits",
     "NodeConnections",
     "create",
+    "remove",
     "table_path",
 ]
 
@@ -135,6 +138,16 @@ def create(path: Path, workers: int, *, slots: int = DEFAULT_SLOTS) -> bytes:
             os.unlink(tmp)
         raise
     return token
+
+
+def remove(path: Path) -> None:
+    """The table at `path` deleted, with its folder in shared memory (which holds its memory
+    until the machine restarts); nothing there is fine."""
+    with contextlib.suppress(OSError):
+        path.unlink()
+    if path.parent.parent == SHARED_MEMORY:
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()
 
 
 class NodeConnections(LockedMap):

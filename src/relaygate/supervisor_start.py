@@ -28,11 +28,11 @@ from relaygate.logs.service import current as current_log_format
 from relaygate.logs.worker_output import WorkerOutput
 from relaygate.node_connections import (
     CONNECTION_TABLE_ENV,
-    SHARED_MEMORY,
     NodeConnections,
     TableMismatch,
 )
 from relaygate.node_connections import create as create_connection_table
+from relaygate.node_connections import remove as remove_connection_table
 from relaygate.node_connections import table_path as connection_table_path
 from relaygate.sd_notify import ENV_VARS as SYSTEMD_ENV
 from relaygate.smtp.shared_rates import RATE_TABLE_ENV, table_path
@@ -91,9 +91,12 @@ class _WorkerStart(_ReloadOwnership):
         address to one worker (smtp/steering.py), whose own counts are then the source's, and
         the table's lock and writes at every connection cost 4-7 % of the CPU per message at
         10 sessions (docs/benchmarks.md); `max_inbound_connection` is then per worker."""
-        if self.config.server.worker_balance != "connection":
-            return
         path = connection_table_path(Path(self.config.server.data_dir)).resolve()
+        if self.config.server.worker_balance != "connection":
+            # A table a node killed outright left (its supervisor removes it when it stops), in
+            # shared memory until the machine restarts: no other run of this node would remove it.
+            remove_connection_table(path)
+            return
         try:
             token = create_connection_table(path, self.count)
             self._connections = NodeConnections.open(path, token)
@@ -110,16 +113,12 @@ class _WorkerStart(_ReloadOwnership):
     def _remove_connection_table(self) -> None:
         """The workers are gone: the table is removed (in /dev/shm it holds memory until the
         machine restarts), with its folder there. A supervisor killed leaves it; the next start
-        of the node replaces it."""
+        of the node replaces it, or removes it (`_create_connection_table`)."""
         table, self._connections = self._connections, None
         if table is None:
             return
         table.close()
-        with contextlib.suppress(OSError):
-            table.path.unlink()
-        if table.path.parent.parent == SHARED_MEMORY:
-            with contextlib.suppress(OSError):
-                table.path.parent.rmdir()
+        remove_connection_table(table.path)
 
     def _bindings_free(self) -> bool:
         """Whether no other process listens on the node's endpoints (`check_bindings_free`:

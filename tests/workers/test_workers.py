@@ -1444,6 +1444,71 @@ def test_connection_limits_hold_for_the_node_when_one_address_reaches_every_work
             kill_tree(s.proc.pid)
 
 
+def limit_per_source(s: Served, limit: int) -> None:
+    """`s`'s config file with max_inbound_connection_per_source = `limit`."""
+    s.config.write_text(
+        s.config.read_text().replace(
+            'tarpit_interval = "00:00:00"',
+            f'tarpit_interval = "00:00:00"\nmax_inbound_connection_per_source = {limit}',
+            1,
+        )
+    )
+
+
+def kill_node(s: Served) -> None:
+    """SIGKILL to the supervisor and its workers (the OOM killer, a crash): nothing cleans up."""
+    assert s.proc is not None
+    workers = s.children()
+    kill_tree(s.proc.pid)
+    s.proc.wait(10)
+    assert wait_until(lambda: not any(alive(pid) for pid in workers), 20)
+
+
+def test_a_connection_table_left_by_a_killed_node_counts_nothing_and_goes_at_the_next_start(
+    tmp_path: Path, sink: tuple[Sink, int]
+) -> None:
+    """A node killed outright leaves its open-connection table in /dev/shm, counting the
+    connections held then. The next start with `worker_balance = "connection"` makes a fresh
+    one (the dead run's counts refuse nobody); a next start without it left the file there
+    (memory held until the machine restarts, with no run of the node to remove it): it is
+    removed."""
+    from relaygate.node_connections import table_path
+
+    s = Served(tmp_path, sink[1], 2, 'worker_balance = "connection"\n')
+    limit_per_source(s, 3)
+    table = table_path(s.data)
+    held: list[RawClient] = []
+    try:
+        s.start()
+        held, refused = open_from(s.port, "127.0.0.9", 3)
+        assert (len(held), refused) == (3, 0)
+        kill_node(s)
+        for c in held:
+            c.close()
+        assert table.exists()  # left behind, counting the three connections
+
+        s.start()
+        held, refused = open_from(s.port, "127.0.0.9", 5)
+        assert (len(held), refused) == (3, 2), s.log()[-3000:]  # the dead run's refuse none
+        kill_node(s)
+        for c in held:
+            c.close()
+        held = []
+        assert table.exists()
+
+        s.server_extra = ""  # the next start steers by address: no table
+        s.write_config("220 RelayGate one")
+        s.start()
+        assert not table.parent.exists(), sorted(table.parent.iterdir())
+        assert s.stop() == 0
+    finally:
+        for c in held:
+            c.close()
+        if s.proc is not None and s.proc.poll() is None:
+            kill_tree(s.proc.pid)
+        shutil.rmtree(table.parent, ignore_errors=True)  # a failure's leftover in /dev/shm
+
+
 def test_a_worker_restarted_after_the_users_file_broke_serves_with_the_users_last_read(
     tmp_path: Path, sink: tuple[Sink, int]
 ) -> None:
