@@ -305,6 +305,13 @@ class Relay:
             restart_only.append("server.data_dir")
             server = dataclasses.replace(new.server, data_dir=self.config.server.data_dir)
             new = dataclasses.replace(new, server=server)
+        running_balance = self.config.server.worker_balance
+        if self.worker_index is not None and new.server.worker_balance != running_balance:
+            # The node's, as it started (its supervisor made the open-connection table for it,
+            # or not, and says the change waits for a restart): a listener this reload opens
+            # is steered, and its connections counted, as the node's others.
+            server = dataclasses.replace(new.server, worker_balance=running_balance)
+            new = dataclasses.replace(new, server=server)
         try:
             privacy = await asyncio.to_thread(log_privacy_for, new)
         except PrivacyKeyError as exc:

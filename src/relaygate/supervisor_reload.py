@@ -108,6 +108,14 @@ class _ReloadOwnership(_SupervisorState):
                 self.count,
                 new.server.workers,
             )
+        balance = self.config.server.worker_balance  # the start's: the workers keep it
+        if new.server.worker_balance != balance:
+            logger.warning(
+                "server.worker_balance changed from %s to %s: takes effect when relaygate serve "
+                "restarts (the open-connection table is made at start, for connection alone)",
+                balance,
+                new.server.worker_balance,
+            )
         for w in self.workers:
             w.runs = None  # until it says what it runs after this reload
             if w.ready is not None:

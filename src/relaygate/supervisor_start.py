@@ -179,6 +179,8 @@ class _WorkerStart(_ReloadOwnership):
                 "data_dir": str(self.config.server.data_dir),
                 # ACME on or off as its siblings (the supervisor runs the client or not)
                 "acme_directory_url": self.acme_directory_url,
+                # how the node balances, which its open-connection table was made for (or not)
+                "worker_balance": self.config.server.worker_balance,
                 # the configuration the node runs, and the one a reload offers (`_reload`)
                 "node_config": str(self._node_file),
                 "offered_config": str(self._offered_file),

@@ -116,10 +116,26 @@ def supervisor_alive(link_fd: int) -> bool:
         link.detach()  # the descriptor stays the worker's (relaygate.app._main reads it)
 
 
+def _pinned_balance(config: Config, balance: str | None) -> Config:
+    """`config` with the node's worker_balance (its supervisor's start's): the open-connection
+    table is made, or not, for it (relaygate.node_connections), and a worker started again after
+    a reload that changed it (which waits for a restart) balances and counts as its siblings."""
+    if balance is None or balance == config.server.worker_balance:
+        return config
+    logger.warning(
+        "server.worker_balance changed since relaygate serve started: this worker keeps its "
+        "siblings' (%s) until relaygate serve restarts",
+        balance,
+    )
+    return dataclasses.replace(
+        config, server=dataclasses.replace(config.server, worker_balance=balance)
+    )
+
+
 def pinned_queue(config: Config) -> Config:
-    """A worker's config with the queue store and data directory its supervisor started with
-    (see ``_spawn``), and ACME on or off as the supervisor last applied it (only the supervisor
-    runs the client)."""
+    """A worker's config with the queue store, data directory and worker_balance its
+    supervisor started with (see ``_spawn``), and ACME on or off as the supervisor last applied
+    it (only the supervisor runs the client)."""
     raw = os.environ.get(PINNED_QUEUE_ENV)
     if not raw:
         return config
@@ -132,6 +148,7 @@ def pinned_queue(config: Config) -> Config:
         )
         server = dataclasses.replace(config.server, acme_directory_url=url)
         config = dataclasses.replace(config, server=server)
+    config = _pinned_balance(config, pinned.get("worker_balance"))
     data_dir = pinned.get("data_dir")
     if data_dir is not None and Path(data_dir) != config.server.data_dir:
         logger.warning(

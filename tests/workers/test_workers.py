@@ -1509,6 +1509,55 @@ def test_a_connection_table_left_by_a_killed_node_counts_nothing_and_goes_at_the
         shutil.rmtree(table.parent, ignore_errors=True)  # a failure's leftover in /dev/shm
 
 
+def test_worker_balance_changed_by_a_reload_waits_for_a_restart_and_limits_hold_meanwhile(
+    tmp_path: Path, sink: tuple[Sink, int]
+) -> None:
+    """The open-connection table is made at start, only for `worker_balance = "connection"`. A
+    reload switching to it said nothing, and a listener it opened was not steered by address
+    while no table counted its connections for the node: one address held twice its
+    max_inbound_connection_per_source over two workers. The reload now says the change takes
+    effect when relaygate serve restarts, and until then the node balances as it started."""
+    s = Served(tmp_path, sink[1], 2)
+    held: list[RawClient] = []
+    try:
+        s.start()
+        port2 = free_port()
+        s.server_extra = 'worker_balance = "connection"\n'
+        s.write_config("220 RelayGate one")
+        second = SECOND_CONNECTOR.format(port=port2) + "max_inbound_connection_per_source = 3\n"
+        s.config.write_text(s.config.read_text() + second)
+        assert s.proc is not None
+        s.proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: not refuses_connections(port2), 15), s.log()[-3000:]
+        assert wait_until(
+            lambda: (
+                "server.worker_balance changed from client_address to connection: takes "
+                "effect when relaygate serve restarts" in s.log()
+            ),
+            15,
+        ), s.log()[-3000:]
+        held, refused = open_from(port2, "127.0.0.9", 10)
+        assert (len(held), refused) == (3, 7), connections_per_pid(s.children(), port2)
+        for c in held:
+            c.close()
+        held = []
+        # a worker started again meanwhile (with the file's text) balances as its siblings
+        restarted_worker(s, s.children(), 1)
+        assert "this worker keeps its siblings' (client_address)" in s.log(), s.log()[-3000:]
+        assert wait_until(lambda: sum(connections_per_pid(s.children(), port2).values()) == 0)
+        held, refused = open_from(port2, "127.0.0.9", 10)
+        assert (len(held), refused) == (3, 7), connections_per_pid(s.children(), port2)
+        for c in held:
+            c.close()
+        held = []
+        assert s.stop() == 0
+    finally:
+        for c in held:
+            c.close()
+        if s.proc is not None and s.proc.poll() is None:
+            kill_tree(s.proc.pid)
+
+
 def test_a_worker_restarted_after_the_users_file_broke_serves_with_the_users_last_read(
     tmp_path: Path, sink: tuple[Sink, int]
 ) -> None:
