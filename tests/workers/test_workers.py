@@ -1625,6 +1625,21 @@ def healthz_over_tls(port: int, ca: Any) -> int | None:
         conn.close()
 
 
+def queue_cli(s: Served) -> subprocess.CompletedProcess[str]:
+    """`relaygate queue list` with `s`'s config file."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), NO_COLOR="1", COLUMNS="200")
+    env.pop("RELAYGATE_CONFIG", None)
+    env.pop("RELAYGATE_ADMIN_URL", None)
+    return subprocess.run(
+        [sys.executable, "-m", "relaygate", "queue", "list", "--config", str(s.config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=s.tmp,
+        timeout=60,
+    )
+
+
 def test_worker_0_restarted_while_the_admin_key_cannot_be_loaded_relays_and_opens_https_once_fixed(
     tmp_path: Path, sink: tuple[Sink, int]
 ) -> None:
@@ -1652,9 +1667,17 @@ def test_worker_0_restarted_while_the_admin_key_cannot_be_loaded_relays_and_open
         assert log.count(waiting) == 1, log[-3000:]
         assert f"admin.tls_key_file {str(key)!r}" in log.split(waiting)[0].splitlines()[-1]
         assert healthz_over_tls(s.admin_port, ca) is None
+        # relaygate queue said "not running": the relay runs, its admin listener is closed
+        said = queue_cli(s)
+        assert said.returncode == 1, said
+        assert "not running" not in said.stderr, said.stderr
+        assert f"runs (pid {s.proc.pid}) but its admin listener" in said.stderr, said.stderr
+        assert f"admin.tls_key_file {str(key)!r}" in said.stderr, said.stderr
         key.write_bytes(good)  # repaired
         assert wait_until(lambda: healthz_over_tls(s.admin_port, ca) == 200, 20), s.log()[-3000:]
         assert s.log().count(waiting) == 1, s.log()[-3000:]
+        said = queue_cli(s)
+        assert said.returncode == 0, said
         assert s.stop() == 0
     finally:
         if s.proc is not None and s.proc.poll() is None:

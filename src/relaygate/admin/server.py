@@ -26,6 +26,7 @@ import uvicorn
 from starlette.routing import BaseRoute
 
 from relaygate.admin.api import TokenFileError, create_app, read_token, token_mode_warning
+from relaygate.admin.closed_note import clear_closed, note_closed
 from relaygate.admin.slow_clients import _Handshakes, _Protocol
 from relaygate.admin.tls import AdminStartError as AdminStartError
 from relaygate.admin.tls import (
@@ -176,6 +177,7 @@ class AdminServer:
         except AdminStartError as exc:
             self._tls_stamp = _tls_stamp(config)
             log.error("admin listener still closed: %s", exc)
+            await asyncio.to_thread(note_closed, config.server.data_dir, str(exc))
             return False
         if context is None or self.relay.config is not config:
             return False  # a reload meanwhile: the next turn looks at its files
@@ -186,8 +188,14 @@ class AdminServer:
         except AdminStartError as exc:  # its port taken meanwhile: tried again at a change
             self._closed_for_tls = True
             log.error("admin listener still closed: %s", exc)
+            await asyncio.to_thread(note_closed, config.server.data_dir, str(exc))
             return False
+        await asyncio.to_thread(clear_closed, config.server.data_dir)
         return True
+
+    def _worker_0(self) -> bool:
+        """Whether this is worker 0 of several (the admin centre's), not a single process."""
+        return getattr(self.relay, "worker_index", None) == 0
 
     def _bind(self) -> socket.socket:
         binding = parse_binding(self.relay.config.admin.listen)
@@ -267,6 +275,8 @@ class AdminServer:
         context = await self._start_tls(config)
         if not self._closed_for_tls:
             await self._listen(config, context)
+            if self._worker_0():  # a note a worker 0 before this one left (closed_note.py)
+                await asyncio.to_thread(clear_closed, config.server.data_dir)
 
     async def _start_tls(self, config: Any) -> ssl.SSLContext | None:
         """`load_tls` at start. Worker 0 of several, started again by its supervisor, whose
@@ -280,9 +290,7 @@ class AdminServer:
         try:
             context, self._tls_stamp = await asyncio.to_thread(self.load_tls, config)
         except AdminStartError as exc:
-            if getattr(self.relay, "worker_index", None) != 0 or not getattr(
-                self.relay, "started_again", False
-            ):
+            if not self._worker_0() or not getattr(self.relay, "started_again", False):
                 raise
             self._closed_for_tls, self._tls_stamp = True, stamp
             log.error(
@@ -290,6 +298,7 @@ class AdminServer:
                 "load (SMTP is served meanwhile)",
                 exc,
             )
+            await asyncio.to_thread(note_closed, config.server.data_dir, str(exc))
             return None
         return context
 
@@ -346,6 +355,9 @@ class AdminServer:
     async def stop(self) -> None:
         server, task = self._server, self._task
         self._server = self._task = None
+        if self._closed_for_tls:  # the node stops: its listener is not "closed" any more
+            self._closed_for_tls = False
+            await asyncio.to_thread(clear_closed, self.relay.config.server.data_dir)
         if server is None or task is None:
             return
         logging.getLogger("uvicorn.error").removeFilter(self._invalid_lines)

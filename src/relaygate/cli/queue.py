@@ -92,6 +92,9 @@ class _Api:
     #: certificate of admin.tls_certificate_file alone (`pinned_tls_context`).
     verify: ssl.SSLContext | bool = True
     pinned: Path | None = None
+    #: The node's data_dir when the URL is its admin.listen (not --url): where to learn, when
+    #: nothing answers, whether the relay runs all the same (`not_running`).
+    data_dir: Path | None = None
 
     def __init__(self, config_path: Path | None, url: str | None) -> None:
         token = None
@@ -115,6 +118,7 @@ class _Api:
                 url = admin_url(
                     config.admin.listen, https=config.admin.tls_certificate_file is not None
                 )
+                self.data_dir = config.server.data_dir
             certificate_file = config.admin.tls_certificate_file
             if certificate_file is not None:
                 try:
@@ -189,10 +193,44 @@ class _Api:
         die(f"admin API at {self.url}: TLS failed, the server does not present {trusted}: {exc}")
 
     def not_running(self) -> NoReturn:
+        """Nothing answers at the URL. A relay that runs all the same (it holds the node lock of
+        data_dir) is not said to be stopped: its worker 0 may keep the admin listener closed
+        until its certificate loads (the reason it wrote, admin/closed_note.py), or
+        admin.listen was changed since it started."""
+        running = self._running_without_listener()
+        if running is not None:
+            die(running)
         die(
             f"the RelayGate server is not running: nothing answers at {self.url} "
             "(admin.listen in the configuration; start it with `relaygate serve`)",
             EXIT_NOT_RUNNING,
+        )
+
+    def _running_without_listener(self) -> str | None:
+        """What to say when the relay runs but its admin listener does not answer; None when no
+        relay runs (or it cannot be known: --url, not Linux)."""
+        if self.data_dir is None:
+            return None
+        from relaygate.admin.closed_note import closed_reason
+        from relaygate.config.relative_paths import running_relay_pid
+
+        pid = running_relay_pid(self.data_dir)
+        if pid is None:
+            return None
+        reason = closed_reason(self.data_dir)
+        if reason is not None:
+            why = (
+                f"{reason} (worker 0 was started again and opens it once the files load; SMTP "
+                "is served meanwhile)"
+            )
+        else:
+            why = (
+                "nothing answers there (still starting, or admin.listen changed since it "
+                "started: that takes effect when relaygate serve restarts)"
+            )
+        return (
+            f"the RelayGate server runs (pid {pid}) but its admin listener at {self.url} is "
+            f"closed, and the queue verbs go through it: {why}"
         )
 
 

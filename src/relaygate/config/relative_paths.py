@@ -28,6 +28,7 @@ __all__ = [
     "rebased",
     "relative_file_keys",
     "running_relay_directory",
+    "running_relay_pid",
 ]
 
 #: The node lock `relaygate serve` holds in data_dir (relaygate.node_lock.LOCK_FILE; not imported:
@@ -115,10 +116,16 @@ def _lock_holder(lock: Path) -> int | None:
     return None
 
 
+def running_relay_pid(data_dir: Path) -> int | None:
+    """The pid of the `relaygate serve` that holds the node lock of `data_dir` (its supervisor
+    with workers); None when none runs, or it cannot be examined (not Linux)."""
+    return _lock_holder(Path(data_dir) / _LOCK_FILE)
+
+
 def running_relay_directory(data_dir: Path) -> tuple[int, Path] | None:
     """(pid, working directory) of the `relaygate serve` that holds the node lock of `data_dir`;
     None when none runs, or it cannot be examined (another user's process, not Linux)."""
-    pid = _lock_holder(Path(data_dir) / _LOCK_FILE)
+    pid = running_relay_pid(data_dir)
     if pid is None:
         return None
     try:
