@@ -1661,9 +1661,12 @@ def test_worker_0_restarted_while_the_admin_key_cannot_be_loaded_relays_and_open
         s.proc.send_signal(signal.SIGHUP)
         assert wait_until(lambda: s.log().count("reload refused") >= 2, 15), s.log()[-3000:]
         restarted_worker(s, before, 0)
+        waiting = "admin listener stays closed until"
+        # the worker said it before it listened, but its lines reach the file through its
+        # supervisor, which may write them after its SMTP listener answers
+        assert wait_until(lambda: waiting in s.log(), 15), s.log()[-3000:]
         log = s.log()
         assert "exited unexpectedly (status 1)" not in log, log[-3000:]
-        waiting = "admin listener stays closed until"
         assert log.count(waiting) == 1, log[-3000:]
         assert f"admin.tls_key_file {str(key)!r}" in log.split(waiting)[0].splitlines()[-1]
         assert healthz_over_tls(s.admin_port, ca) is None
