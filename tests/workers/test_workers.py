@@ -1578,6 +1578,8 @@ def test_a_worker_restarted_after_the_users_file_broke_serves_with_the_users_las
         assert mirror.stat().st_mode & 0o777 == 0o600
         users.write_text('{"users": ')  # a hand edit, broken
         restarted_worker(s, before, 1)
+        # its lines reach the file through the supervisor, maybe after its listener answers
+        assert wait_until(lambda: "users the node last read" in s.log(), 15), s.log()[-3000:]
         log = s.log()
         assert "exited unexpectedly (status 1)" not in log, log[-3000:]
         assert log.count(f"cannot read the users file {users}") == 1, log[-3000:]
@@ -1734,9 +1736,11 @@ permission_groups = ["AnonymousUsers"]
         s.proc.send_signal(signal.SIGHUP)
         assert wait_until(lambda: s.log().count("reload refused") >= 2, 15), s.log()[-3000:]
         now = restarted_worker(s, before, 1)  # its SMTP listener answers (the helper checks)
+        waiting = "stays closed in this worker until"
+        # its lines reach the file through the supervisor, maybe after its listener answers
+        assert wait_until(lambda: waiting in s.log(), 15), s.log()[-3000:]
         log = s.log()
         assert "exited unexpectedly (status 1)" not in log, log[-3000:]
-        waiting = "stays closed in this worker until"
         assert log.count(waiting) == 1, log[-3000:]
         line = log.split(waiting)[0].splitlines()[-1]
         assert 'receive connector "Smtps"' in line and str(key) in line, line
