@@ -155,6 +155,49 @@ def test_max_hop_count(relay):
     assert len(r.messages()) == 1
 
 
+def _received_by(names: list[str]) -> bytes:
+    """Received fields, the first (newest) by names[0], folded as this relay writes its own."""
+    return b"".join(
+        b"Received: from app%d.corp.example ([10.0.0.%d])\r\n\tby %s (RelayGate; x)\r\n"
+        b"\twith ESMTP id 1-%d; Mon, 1 Jan 2024 00:00:00 +0000\r\n" % (i, i, name.encode(), i)
+        for i, name in enumerate(names)
+    )
+
+
+def test_max_local_hop_count_counts_the_received_fields_this_relay_wrote(relay):
+    """Exchange's MaxLocalHopCount: the Received fields whose `by` names this relay (server.fqdn or
+    a connector's fqdn) count, every other hop does not; the limit includes the field being
+    added, as max_hop_count's does. 0 never refuses."""
+    other = "Other Connector"
+    r = relay(
+        [
+            relay_connector(max_local_hop_count=2),
+            relay_connector(
+                name=other, bindings=["127.0.0.1:{port2}"], fqdn="mx2.corp.example",
+                max_local_hop_count=0,
+            ),
+        ]
+    )  # fmt: skip
+
+    def send(names: list[str], port: int | None = None) -> str:
+        with r.raw(port=port) as c:
+            c.greet()
+            open_transaction(c)
+            c.send(_received_by(names) + b"Subject: loop\r\n\r\nbody\r\n.\r\n")
+            return c.reply().text  # type: ignore[union-attr]
+
+    mine, elsewhere = "relay.corp.example", "relay.corp.example.elsewhere.example"
+    assert send([mine]).startswith("250 2.6.0")  # one pass before: ours makes 2
+    assert send([mine, "RELAY.corp.example"]) == (
+        "554 5.4.6 Hop count exceeded - possible mail loop"
+    )
+    assert send(["mx2.corp.example", mine]).startswith("554 ")  # another connector's name: ours
+    assert send(["relay.corp.example.", mine]).startswith("554 ")  # a trailing dot: the same
+    assert send([elsewhere, mine, "mx9.partner.example"]).startswith("250 2.6.0")  # not ours
+    assert send([mine] * 5, port=r.ports[1]).startswith("250 2.6.0")  # 0: never refused
+    assert len(r.messages()) == 3
+
+
 def test_connection_inactivity_timeout(relay):
     r = relay(
         [relay_connector(connection_inactivity_timeout="00:00:01", connection_timeout="00:00:05")]

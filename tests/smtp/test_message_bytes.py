@@ -8,7 +8,13 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relaygate.smtp.message import DataReader, has_bare_cr_or_lf, scan_headers
+from relaygate.smtp.message import (
+    DataReader,
+    has_bare_cr_or_lf,
+    local_hops,
+    own_received_pattern,
+    scan_headers,
+)
 
 _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
@@ -157,3 +163,19 @@ def test_a_message_without_a_blank_line_is_not_all_header() -> None:
     assert (scan_headers(later).hops, scan_headers(later).message_id) == (0, "")
     ok = b"Message-ID: <m@x>\r\nReceived: x\r\n\r\nReceived: y\r\n"
     assert (scan_headers(ok).hops, scan_headers(ok).message_id) == (1, "<m@x>")
+
+
+def test_local_hops_counts_the_header_blocks_received_fields_by_this_relays_names() -> None:
+    own = own_received_pattern(["Relay.Corp.Example.", "mx2.corp.example", ""])
+    assert own is not None and own_received_pattern(["", " "]) is None
+    content = (
+        b"Received: from a ([10.0.0.1])\r\n\tby relay.corp.example (RelayGate; x); date\r\n"
+        b"Received: from b by MX2.corp.example. with ESMTP; date\r\n"
+        b"Received: from c\r\n by relay.corp.example.evil.example; date\r\n"  # a longer name
+        b"Received: from relay.corp.example by gw.partner.example; date\r\n"  # from, not by
+        b"X-Note: by relay.corp.example\r\n"  # not a Received field
+        b"\r\nReceived: by relay.corp.example; in the body\r\n"
+    )
+    scan = scan_headers(content)
+    assert scan.hops == 4
+    assert local_hops(content, scan.header_size, own) == 2

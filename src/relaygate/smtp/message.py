@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -17,6 +18,8 @@ __all__ = [
     "HeaderScan",
     "from_fields",
     "has_bare_cr_or_lf",
+    "local_hops",
+    "own_received_pattern",
     "received_header",
     "scan_headers",
 ]
@@ -34,6 +37,10 @@ _MESSAGE_ID = re.compile(
 
 # A From field and its continuation lines (the value, folded, with its line ends).
 _FROM = re.compile(rb"^from[ \t]*:([^\n]*\n(?:[ \t][^\n]*\n)*)", re.IGNORECASE | re.MULTILINE)
+# A Received field's value, the same way.
+_RECEIVED_FIELD = re.compile(
+    rb"^received[ \t]*:([^\n]*\n(?:[ \t][^\n]*\n)*)", re.IGNORECASE | re.MULTILINE
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +64,30 @@ def scan_headers(content: bytes) -> HeaderScan:
     m = _MESSAGE_ID.search(header)
     message_id = m.group(1).decode("ascii", "replace") if m else ""
     return HeaderScan(len(header), hops, message_id)
+
+
+def own_received_pattern(names: Iterable[str]) -> re.Pattern[bytes] | None:
+    """What finds, in a Received field's value, a `by` clause naming one of `names` (this relay's:
+    server.fqdn and the connectors' fqdn), in any case and with or without a trailing dot, and not
+    a longer name ending in one of them; None without a name. Compiled once per configuration."""
+    unique = {n.strip().rstrip(".").lower() for n in names if n and n.strip()}
+    if not unique:
+        return None
+    alternatives = b"|".join(re.escape(n.encode("utf-8")) for n in sorted(unique))
+    return re.compile(
+        rb"(?<![!-~])by[ \t\r\n]+(?:" + alternatives + rb")\.?(?![A-Za-z0-9.-])", re.IGNORECASE
+    )
+
+
+def local_hops(content: bytes, header_size: int, own: re.Pattern[bytes]) -> int:
+    """How many Received fields of the header block (its `header_size` first octets, as
+    `scan_headers` found it) this relay wrote: Exchange's local hops (MaxLocalHopCount). Only
+    the fields are searched, in place (no copy of the header)."""
+    return sum(
+        1
+        for field in _RECEIVED_FIELD.finditer(content, 0, header_size)
+        if own.search(content, field.start(1), field.end(1))
+    )
 
 
 def from_fields(content: bytes) -> list[bytes]:

@@ -10,6 +10,7 @@ whose sessions follow it (session_reload.py). The listeners only hand it their c
 from __future__ import annotations
 
 import logging
+import re
 import ssl
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from relaygate.smtp.limits import (
     RateLimiter,
     default_data_memory,
 )
+from relaygate.smtp.message import own_received_pattern
 from relaygate.smtp.starttls_contexts import (
     StarttlsContexts,
     _files_stamp,
@@ -135,6 +137,10 @@ class ServerContext:
         self._banner_stamp = ""
         self.users = self._read_users(config)
         self.host_ips = host_ips()  # for relay_local_ips: the relay's own address literals
+        #: Finds this relay's names in a Received field's `by` (max_local_hop_count)
+        self.own_received: re.Pattern[bytes] | None = own_received_pattern(
+            [config.server.fqdn, *(c.fqdn for c in config.receive_connectors if c.fqdn)]
+        )
         # A client's address from a PROXY header is not what the kernel steered by.
         self.rates.share_addresses(proxied=bool(config.server.trusted_proxies))
         self.auth_failures.share_addresses(proxied=bool(config.server.trusted_proxies))

@@ -34,6 +34,7 @@ from relaygate.smtp.message import (
     DataReader,
     from_fields,
     has_bare_cr_or_lf,
+    local_hops,
     received_header,
     scan_headers,
 )
@@ -159,6 +160,24 @@ class _DataReception(_MailAndRcpt):
         self.buf += rest
         return content, too_big
 
+    def _local_hops_exceeded(self, content: bytes, hops: int, header_size: int) -> bool:
+        """Exchange's MaxLocalHopCount: the message came through this relay (a Received field by one
+        of its names) max_local_hop_count times, counting the field it is about to get, as
+        max_hop_count does; 0: never. A loop through another server (a smart host, a forward back
+        to an accepted domain) is stopped here after a few rounds, not after max_hop_count's 30.
+        Searched only when the message has Received fields at all (most have none)."""
+        limit = self.connector.max_local_hop_count
+        own = self.ctx.own_received
+        if not hops or not limit or own is None:
+            return False
+        local = local_hops(content, header_size, own)
+        if local < limit:
+            return False
+        self.log.info(
+            f"message refused: {local} Received headers by this relay, max_local_hop_count {limit}"
+        )
+        return True
+
     async def accept_message(
         self, txn: _Transaction, content: bytes, too_big: bool, started: float
     ) -> None:
@@ -179,6 +198,9 @@ class _DataReception(_MailAndRcpt):
             self.log.info(
                 f"message refused: {scan.hops} Received headers, max_hop_count {c.max_hop_count}"
             )
+            self.reply(replies.HOP_COUNT_EXCEEDED)
+            return
+        if self._local_hops_exceeded(content, scan.hops, scan.header_size):
             self.reply(replies.HOP_COUNT_EXCEEDED)
             return
         send_as = self.rights.send_as  # the user's list as MAIL (or a reload since) found it
