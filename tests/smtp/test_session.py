@@ -190,6 +190,31 @@ def test_ehlo_keywords_follow_connector_settings(relay):
         assert c.cmd("MAIL FROM:<a@corp.example>").text == "250 Sender OK"
 
 
+def test_mail_parameters_of_an_extension_not_offered_are_refused(relay):
+    """RFC 6152 / RFC 1870: BODY=8BITMIME belongs to 8BITMIME and SIZE= to SIZE; a connector that
+    does not offer the extension does not take its parameter (`501 5.5.4`, as any parameter it
+    does not know). BODY=7BIT declares nothing the connector could not take: accepted."""
+    r = relay(
+        [
+            relay_connector(["127.0.0.5"]),
+            relay_connector(
+                ["127.0.0.6"], name="No 8BITMIME", eight_bit_mime_enabled=False,
+                size_enabled="Disabled",
+            ),
+        ]
+    )  # fmt: skip
+    with r.raw("127.0.0.5") as c:
+        c.greet()
+        assert c.cmd("MAIL FROM:<a@corp.example> BODY=8BITMIME SIZE=100").code == 250
+    with r.raw("127.0.0.6") as c:
+        c.greet()
+        refused = "501 5.5.4 Unrecognized parameter"
+        assert c.cmd("MAIL FROM:<a@corp.example> BODY=8BITMIME").text == refused
+        assert c.cmd("MAIL FROM:<a@corp.example> body=8bitmime").text == refused
+        assert c.cmd("MAIL FROM:<a@corp.example> SIZE=100").text == refused
+        assert c.cmd("MAIL FROM:<a@corp.example> BODY=7BIT").text == "250 2.1.0 Sender OK"
+
+
 def test_exchange_replies_for_each_command(relay):
     r = relay([relay_connector(["127.0.0.5"], max_protocol_errors=100)])
     with r.raw("127.0.0.5") as c:

@@ -65,7 +65,7 @@ class _MailAndRcpt(_ReloadFollowing):
                     await self.protocol_error(replies.UNRECOGNIZED_PARAMETER)
                     return
                 declared = int(value)
-            elif key == "BODY" and value is not None and value.upper() in ("7BIT", "8BITMIME"):
+            elif key == "BODY" and value is not None and self._body_offered(value.upper()):
                 txn.body = value.upper()
             elif key == "SMTPUTF8" and value is None:
                 txn.smtputf8 = True
@@ -107,6 +107,12 @@ class _MailAndRcpt(_ReloadFollowing):
             return
         self.txn = txn
         self.reply(verdict.reply)
+
+    def _body_offered(self, body: str) -> bool:
+        """Whether MAIL may declare BODY=`body` (upper case) here: 7BIT always (it declares what
+        any SMTP server takes), 8BITMIME only where 8BITMIME is offered (RFC 6152), as SIZE= only
+        where SIZE is. BINARYMIME needs CHUNKING (RFC 3030), which is never offered."""
+        return body == "7BIT" or (body == "8BITMIME" and self.connector.eight_bit_mime_enabled)
 
     async def do_rcpt(self, arg: str) -> None:
         if self.helo is None:
