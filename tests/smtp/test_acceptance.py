@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import itertools
 import re
 
 import pytest
@@ -127,6 +128,7 @@ def test_protocol_log_parsed_back_as_csv(logged):
         c.cmd("DATA", 354)
         c.send(b"Subject: TOP-SECRET-SUBJECT\r\n\r\nTOP-SECRET-BODY, with comma\r\n.\r\n")
         c.expect(250)
+        c.cmd("HELP", 214)
         c.cmd("QUIT", 221)
     with r.raw("127.0.0.6") as c:  # protocol_logging_level = None: not logged at all
         quiet_port = c.sock.getsockname()[1]
@@ -195,3 +197,11 @@ def test_protocol_log_parsed_back_as_csv(logged):
     queued = [e for e in events if e[1].startswith("250 2.6.0")]
     assert len(queued) == 1 and "InternalId=" in queued[0][1]
     assert (">", "221 2.0.0 Service closing transmission channel", "") in events
+    # Every reply is logged, the multi-line HELP as one line as the EHLO reply is.
+    assert (
+        ">",
+        "214  This server supports the following commands: "
+        "HELO EHLO STARTTLS RCPT DATA RSET MAIL QUIT HELP AUTH",
+        "",
+    ) in events
+    assert all(later[0] in (">", "*") for e, later in itertools.pairwise(events) if e[0] == "<")

@@ -51,6 +51,13 @@ _GROUP_ENDERS = frozenset(
     {"EHLO", "HELO", "DATA", "STARTTLS", "AUTH", "QUIT", "NOOP", "VRFY", "EXPN"}
 )
 
+# Exchange's HELP reply (exchange-semantics.md §5.2) without BDAT: CHUNKING is not offered.
+_HELP_LINES = [
+    "This server supports the following commands:",
+    "HELO EHLO STARTTLS RCPT DATA RSET MAIL QUIT HELP AUTH",
+]
+_HELP_LOGGED = [f"214-{_HELP_LINES[0]}", f"214 {_HELP_LINES[1]}"]
+
 # The request lines a browser or an HTTP proxy client starts with (Postfix's smtpd_forbidden_commands
 # default: CONNECT GET POST).
 _HTTP_VERBS = frozenset({"GET", "POST", "CONNECT"})
@@ -311,10 +318,8 @@ class Session(_DataReception, _StarttlsAndAuth):
         self.reply(replies.CANNOT_VRFY)
 
     async def do_help(self, arg: str) -> None:
-        self.out.append(
-            b"214-This server supports the following commands:\r\n"
-            b"214 HELO EHLO STARTTLS RCPT DATA RSET MAIL QUIT HELP AUTH\r\n"
-        )
+        self.reply_lines(214, _HELP_LINES)
+        self.log.log_ehlo_reply(_HELP_LOGGED)  # one line, as a multi-line EHLO reply is
 
     async def do_not_implemented(self, arg: str) -> None:
         await self.protocol_error(replies.NOT_IMPLEMENTED)
