@@ -16,7 +16,7 @@ from tests.smtp.conftest import FQDN, SERVER_NAME, relay_connector
 RECEIVED = re.compile(
     rb"^Received: from (?P<helo>\S+) \(\[(?P<ip>[0-9.]+)\]\)\r\n"
     rb"\tby (?P<by>\S+) \(RelayGate; (?P<connector>[^)]+)\)\r\n"
-    rb"\twith (?P<proto>ESMTP|SMTP|ESMTPS|ESMTPA|ESMTPSA) id (?P<id>[0-9A-F]{16}-\d+)"
+    rb"\twith (?P<proto>(?:UTF8SMTP|ESMTP)S?A?|SMTP) id (?P<id>[0-9A-F]{16}-\d+)"
     rb"(\r\n\tfor <(?P<for>[^>]+)>)?; (?P<date>[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d [+-]\d{4})\r\n"
 )
 
@@ -83,6 +83,26 @@ def test_received_header_for_helo_and_several_recipients(relay):
     header = RECEIVED.match(r.data(msg.queue_id))
     assert header and header["proto"] == b"SMTP" and header["for"] is None
     assert header["helo"] == b"old-printer"
+
+
+def test_received_header_of_an_smtputf8_transaction_says_utf8smtp(relay):
+    """RFC 6531 §3.7.3 (registered WITH protocol types): a transaction whose MAIL carried SMTPUTF8
+    is received `with UTF8SMTP` (UTF8SMTPS, UTF8SMTPA, UTF8SMTPSA), as Postfix and Gmail write
+    it; the next transaction on the session, without SMTPUTF8, is ESMTP again."""
+    r = relay([relay_connector()])
+    with r.raw() as c:
+        c.greet()
+        for mail in ("MAIL FROM:<jürgen@corp.example> SMTPUTF8", "MAIL FROM:<p@corp.example>"):
+            c.cmd(mail, 250)
+            c.cmd("RCPT TO:<a@corp.example>", 250)
+            c.cmd("DATA", 354)
+            c.send(b"Subject: x\r\n\r\ny\r\n.\r\n")
+            c.expect(250)
+    protocols = sorted(
+        (m.sender, RECEIVED.match(r.data(m.queue_id))["proto"])  # type: ignore[index]
+        for m in r.messages()
+    )
+    assert protocols == [("jürgen@corp.example", b"UTF8SMTP"), ("p@corp.example", b"ESMTP")]
 
 
 # -- protocol log --------------------------------------------------------------------------------------

@@ -178,6 +178,17 @@ class _DataReception(_MailAndRcpt):
         )
         return True
 
+    def _received_protocol(self, txn: _Transaction) -> str:
+        """The Received field's WITH protocol type (IANA registry): ESMTP or SMTP (HELO), UTF8SMTP
+        for a transaction that declared SMTPUTF8 (RFC 6531 §3.7.3), then S after STARTTLS or on
+        an implicit-TLS listener and A once authenticated (RFC 3848)."""
+        protocol = "UTF8SMTP" if txn.smtputf8 else "ESMTP" if self.esmtp else "SMTP"
+        if self.tls_active:
+            protocol += "S"
+        if self.authenticated:
+            protocol += "A"
+        return protocol
+
     async def accept_message(
         self, txn: _Transaction, content: bytes, too_big: bool, started: float
     ) -> None:
@@ -218,11 +229,7 @@ class _DataReception(_MailAndRcpt):
                 return
         self.messages += 1
         local_id = f"{self.log.session_id};{self.messages}"
-        protocol = "ESMTP" if self.esmtp else "SMTP"
-        if self.tls_active:
-            protocol += "S"
-        if self.authenticated:
-            protocol += "A"
+        protocol = self._received_protocol(txn)
         header = received_header(
             helo=self.helo or "",
             client_ip=self.client_ip,
