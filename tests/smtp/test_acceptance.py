@@ -85,6 +85,24 @@ def test_received_header_for_helo_and_several_recipients(relay):
     assert header["helo"] == b"old-printer"
 
 
+def test_received_header_names_a_recipient_given_twice(relay):
+    """RFC 5321 §4.4: `for` when the message has one recipient; a recipient given again is the
+    same one (queued once), not a second recipient."""
+    r = relay([relay_connector()])
+    with r.raw() as c:
+        c.greet()
+        c.cmd("MAIL FROM:<p@corp.example>", 250)
+        c.cmd("RCPT TO:<a@corp.example>", 250)
+        c.cmd("RCPT TO:<a@corp.example>", 250)
+        c.cmd("DATA", 354)
+        c.send(b"Subject: x\r\n\r\ny\r\n.\r\n")
+        c.expect(250)
+    (msg,) = r.messages()
+    assert [x.address for x in msg.recipients] == ["a@corp.example"]
+    header = RECEIVED.match(r.data(msg.queue_id))
+    assert header and header["for"] == b"a@corp.example"
+
+
 def test_received_header_of_an_smtputf8_transaction_says_utf8smtp(relay):
     """RFC 6531 §3.7.3 (registered WITH protocol types): a transaction whose MAIL carried SMTPUTF8
     is received `with UTF8SMTP` (UTF8SMTPS, UTF8SMTPA, UTF8SMTPSA), as Postfix and Gmail write

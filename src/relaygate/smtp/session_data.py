@@ -230,6 +230,8 @@ class _DataReception(_MailAndRcpt):
         self.messages += 1
         local_id = f"{self.log.session_id};{self.messages}"
         protocol = self._received_protocol(txn)
+        # A recipient given twice is one recipient (the store keeps it once): one "for" clause.
+        recipients = list(dict.fromkeys(txn.recipients))
         header = received_header(
             helo=self.helo or "",
             client_ip=self.client_ip,
@@ -239,14 +241,14 @@ class _DataReception(_MailAndRcpt):
             queue_id=local_id.replace(
                 ";", "-"
             ),  # an RFC 5321 Atom: a ";" would end the tokens early
-            recipient=txn.recipients[0] if len(txn.recipients) == 1 else None,
+            recipient=recipients[0] if len(recipients) == 1 else None,
         )
         self.log.info(
             receiving_message_info(self.log.session_id, self.messages), "receiving message"
         )
         envelope = Envelope(
             sender=txn.sender_text,
-            recipients=list(txn.recipients),
+            recipients=recipients,
             client_ip=self.client_ip,
             connector=c.name,
             helo=self.helo or "",
