@@ -250,6 +250,21 @@ def test_a_sender_given_with_its_smtputf8_parameter_is_not_given_it_twice(two_co
     assert explain_replies(r, OFF_LIST, "<app@corp.example> SMTPUTF8", rcpt) == server
 
 
+@pytest.mark.parametrize(
+    ("sender", "rcpt"),
+    [("jürgen@corp.example", "a@corp.example"), ("a@corp.example", "用户@x.example")],
+)
+def test_smtputf8_on_a_connector_without_8bitmime_is_explained_as_the_server_refuses_it(
+    relay, sender, rcpt
+):
+    """Such a connector does not offer SMTPUTF8 (RFC 6531 §3.1: only with 8BITMIME): the client
+    declaring it gets 501 5.5.4 at MAIL, and explain says so."""
+    r = relay([relay_connector([ON_LIST], eight_bit_mime_enabled=False)])
+    server = server_replies(r, ON_LIST, f"<{sender}> SMTPUTF8", [rcpt])
+    assert server == ["501 5.5.4 Unrecognized parameter", "503 5.5.2 Need mail command"]
+    assert explain_replies(r, ON_LIST, sender, [rcpt]) == server
+
+
 def test_explain_tells_that_a_require_tls_connector_refuses_mail_before_starttls(relay):
     """A printer that never sends STARTTLS gets 530 5.7.0 at MAIL on a require_tls connector:
     explain says so next to the replies a client gets after STARTTLS."""

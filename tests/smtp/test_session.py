@@ -215,6 +215,27 @@ def test_mail_parameters_of_an_extension_not_offered_are_refused(relay):
         assert c.cmd("MAIL FROM:<a@corp.example> BODY=7BIT").text == "250 2.1.0 Sender OK"
 
 
+def test_smtputf8_is_offered_only_with_8bitmime(relay):
+    """RFC 6531 §3.1: a server offering SMTPUTF8 MUST offer 8BITMIME too. A connector with
+    eight_bit_mime_enabled = false offers neither and refuses the SMTPUTF8 parameter; a non-ASCII
+    address then gets the 553 5.6.7 every undeclared one gets."""
+    r = relay(
+        [
+            relay_connector(["127.0.0.5"]),
+            relay_connector(["127.0.0.6"], name="No 8BITMIME", eight_bit_mime_enabled=False),
+        ]
+    )
+    assert {"8BITMIME", "SMTPUTF8"} <= set(ehlo_keywords(r, "127.0.0.5"))
+    assert not {"8BITMIME", "SMTPUTF8"} & set(ehlo_keywords(r, "127.0.0.6"))
+    with r.raw("127.0.0.6") as c:
+        c.greet()
+        refused = "501 5.5.4 Unrecognized parameter"
+        assert c.cmd("MAIL FROM:<a@corp.example> SMTPUTF8").text == refused
+        assert c.cmd("MAIL FROM:<jürgen@corp.example> SMTPUTF8").text == refused
+        assert c.cmd("MAIL FROM:<jürgen@corp.example>").code == 553
+        assert c.cmd("MAIL FROM:<a@corp.example>").code == 250
+
+
 def test_exchange_replies_for_each_command(relay):
     r = relay([relay_connector(["127.0.0.5"], max_protocol_errors=100)])
     with r.raw("127.0.0.5") as c:

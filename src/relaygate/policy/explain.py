@@ -248,6 +248,12 @@ def explain(
         try:
             address, params = parse_mail_from(_mail_argument(path, smtputf8))
             smtputf8 = "SMTPUTF8" in params
+            if smtputf8 and not connector.eight_bit_mime_enabled:
+                raise AddressError(
+                    replies.UNRECOGNIZED_PARAMETER,
+                    "SMTPUTF8 is not offered: the connector has eight_bit_mime_enabled = false "
+                    "(RFC 6531: SMTPUTF8 only with 8BITMIME)",
+                )
             verdict = check_mail(
                 address,
                 rights=rights,

@@ -298,7 +298,7 @@ class Session(_DataReception, _StarttlsAndAuth):
             lines.append("AUTH " + " ".join(mechanisms))
         if c.eight_bit_mime_enabled:
             lines.append("8BITMIME")
-        lines.append("SMTPUTF8")
+            lines.append("SMTPUTF8")  # only with 8BITMIME (RFC 6531 §3.1)
         self.pipelining = c.pipelining_enabled
         self.reply_lines(250, lines)
         self.log.log_ehlo_reply(lines)

@@ -67,7 +67,7 @@ class _MailAndRcpt(_ReloadFollowing):
                 declared = int(value)
             elif key == "BODY" and value is not None and self._body_offered(value.upper()):
                 txn.body = value.upper()
-            elif key == "SMTPUTF8" and value is None:
+            elif key == "SMTPUTF8" and value is None and self.connector.eight_bit_mime_enabled:
                 txn.smtputf8 = True
             elif key in ("RET", "ENVID") and self.connector.delivery_status_notification_enabled:
                 if why := dsn_parameter_error(key, value):
