@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import re
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -70,6 +71,26 @@ def test_data_reader_matches_the_plain_definition_however_the_reads_fall(
         assert got == (expected[0], False, expected[1])
 
 
+@settings(max_examples=2000, deadline=None)
+@given(
+    parts=st.lists(_OCTETS, max_size=40),
+    cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=12),
+    limit=st.integers(min_value=0, max_value=40),
+)
+def test_data_reader_is_over_the_limit_exactly_when_the_unstuffed_content_is(
+    parts: list[bytes], cuts: list[int], limit: int
+) -> None:
+    stream = b"".join(parts)
+    expected = _reference_read(stream)
+    bounds = sorted({c for c in cuts if c < len(stream)} | {0, len(stream)})
+    got = _feed(DataReader(limit), stream, bounds)
+    if expected is None:
+        assert got is None
+        return
+    assert got is not None and got[1:] == (len(expected[0]) > limit, expected[1])
+    assert got[1] or got[0] == expected[0]
+
+
 def test_data_reader_keeps_nothing_past_the_limit_and_still_finds_the_end() -> None:
     body = b"x" * 97 + b"\r\n"
     stream = body * 50 + b".\r\nQUIT\r\n"
@@ -79,6 +100,25 @@ def test_data_reader_keeps_nothing_past_the_limit_and_still_finds_the_end() -> N
     assert reader._size <= 1000 + 6 + 7  # what it holds never grows past the limit
     # Under the limit, the same stream read the same way is returned whole.
     assert _feed(DataReader(10_000), stream, bounds) == (body * 50, False, b"QUIT\r\n")
+
+
+@pytest.mark.parametrize("step", [1, 7, 100, 100_000])
+def test_a_message_at_the_limit_is_kept_however_many_of_its_lines_were_dot_stuffed(
+    step: int,
+) -> None:
+    """RFC 1870: the size is the message's, not counting the periods added by dot-stuffing; a
+    message exactly max_message_size long with 40 stuffed lines is accepted (the reader
+    dropped it as soon as the octets on the wire passed the limit), one octet more is not."""
+    line = b".stuffed\r\n"
+    for extra, too_big in ((0, False), (1, True)):
+        content = line * 40 + b"x" * (1000 - 40 * len(line) - 2 + extra) + b"\r\n"
+        stream = content.replace(b"\r\n.", b"\r\n..")
+        stream = b"." + stream + b".\r\nQUIT\r\n"  # its first line starts with a period too
+        assert len(content) == 1000 + extra and len(stream) > 1040
+        bounds = [*range(0, len(stream), step), len(stream)]
+        got = _feed(DataReader(1000), stream, bounds)
+        assert got is not None and got[1:] == (too_big, b"QUIT\r\n")
+        assert too_big or got[0] == content
 
 
 def test_data_reader_past_the_limit_holds_nothing_more_while_the_message_goes_on() -> None:

@@ -135,11 +135,23 @@ class DataReader:
     base64 attachments, most of a big message, hold none.
     """
 
-    __slots__ = ("_chunks", "_dotted", "_dropped", "_end", "_last", "_limit", "_size", "_tail")
+    __slots__ = (
+        "_chunks",
+        "_counted",
+        "_dotted",
+        "_dropped",
+        "_edge",
+        "_end",
+        "_last",
+        "_limit",
+        "_size",
+        "_stuffed",
+        "_tail",
+    )
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
-        self._chunks: list[bytes | memoryview] = []
+        self._chunks: list[bytes] = []
         self._size = 0  # octets in _chunks
         self._dropped = False
         self._dotted = False  # a "." in the content so far: dot-unstuffing may be needed
@@ -148,6 +160,11 @@ class DataReader:
         self._tail = b"\r\n"
         self._last = b""  # the chunk holding the end of the terminator
         self._end = 0  # where the content ends, relative to _last (< 0: in an earlier chunk)
+        # The periods dot-stuffing added to the kept chunks, which the size does not count (RFC
+        # 1870): counted only once the octets kept pass the limit (see _count_stuffing).
+        self._stuffed = 0
+        self._counted = 0  # chunks counted so far
+        self._edge = b"\r\n"  # the last two octets of those chunks: a stuffed line may start there
 
     def feed(self, more: bytes) -> bool:
         """Take the next octets; True when they complete the terminator."""
@@ -167,7 +184,9 @@ class DataReader:
                 self._chunks.append(more)
                 self._size += len(more)
             self._tail = (tail + more)[-4:]
-        if not self._dropped and self._size > self._limit + 6:
+        if not self._dropped and self._size > self._limit + 6 + self._stuffed:
+            self._count_stuffing()
+        if not self._dropped and self._size > self._limit + 6 + self._stuffed:
             # Past the limit: keep only the tail, made of real octets by now, never the synthetic
             # leading CRLF: "\r\n" + ".\r\nM" would look like CRLF.CRLF and turn the rest of the
             # message into commands (smuggling).
@@ -175,6 +194,19 @@ class DataReader:
             self._chunks.clear()
             self._size = 0
         return False
+
+    def _count_stuffing(self) -> None:
+        """Count the stuffed periods (a line starting with one: CRLF ".") of the chunks not counted
+        yet, those starting across a read's edge too. Done only past the limit, so a message
+        under it costs nothing; one at the limit on the wire because of its stuffed lines
+        (the size RFC 1870 means is the unstuffed one) is still kept whole."""
+        edge, stuffed = self._edge, 0
+        for chunk in self._chunks[self._counted :]:
+            stuffed += (edge + chunk[:2]).count(b"\r\n.") + chunk.count(b"\r\n.")
+            edge = (edge + chunk)[-2:] if len(chunk) < 2 else chunk[-2:]
+        self._stuffed += stuffed
+        self._counted = len(self._chunks)
+        self._edge = edge
 
     @property
     def kept(self) -> int:
@@ -205,7 +237,7 @@ class DataReader:
         rest = more[end + 3 :]
         if self._dropped:
             return b"", True, rest
-        chunks = self._chunks
+        chunks: list[bytes | memoryview] = list(self._chunks)
         if end > 0:
             chunks.append(memoryview(more)[:end])
             self._dotted = self._dotted or more.find(b".", 0, end) >= 0
