@@ -123,6 +123,25 @@ def test_received_header_of_an_smtputf8_transaction_says_utf8smtp(relay):
     assert protocols == [("jürgen@corp.example", b"UTF8SMTP"), ("p@corp.example", b"ESMTP")]
 
 
+def test_a_utf8_message_id_is_kept_and_never_written_into_a_reply(relay):
+    """RFC 6532 lets an SMTPUTF8 message's Message-ID hold UTF-8; an SMTP reply is ASCII (RFC 5321
+    §4.2 textstring). The id is tracked as written, and the 250 names the message by the id it
+    would have had without one."""
+    r = relay([relay_connector()])
+    with r.raw() as c:
+        c.greet()
+        c.cmd("MAIL FROM:<jürgen@corp.example> SMTPUTF8", 250)
+        c.cmd("RCPT TO:<a@corp.example>", 250)
+        c.cmd("DATA", 354)
+        c.send("Message-ID: <jürgen.1@corp.example>\r\nSubject: x\r\n\r\ny\r\n.\r\n".encode())
+        done = c.expect(250).text
+        c.cmd("QUIT", 221)
+    assert c.received.isascii(), c.received
+    (msg,) = r.messages()
+    assert msg.message_id == "<jürgen.1@corp.example>"
+    assert done.startswith(f"250 2.6.0 <{msg.queue_id}@{FQDN}> [InternalId={msg.queue_id}, ")
+
+
 # -- protocol log --------------------------------------------------------------------------------------
 PASSWORD = "Pr0tocol-log-secret"
 

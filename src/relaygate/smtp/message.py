@@ -62,7 +62,8 @@ def scan_headers(content: bytes) -> HeaderScan:
     header = content[: match.end()] if match else b""
     hops = len(_RECEIVED.findall(header))
     m = _MESSAGE_ID.search(header)
-    message_id = m.group(1).decode("ascii", "replace") if m else ""
+    # UTF-8 (RFC 6532 allows it in an SMTPUTF8 message's id): tracked and traced as written
+    message_id = m.group(1).decode("utf-8", "replace") if m else ""
     return HeaderScan(len(header), hops, message_id)
 
 

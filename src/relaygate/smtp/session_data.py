@@ -300,7 +300,11 @@ class _DataReception(_MailAndRcpt):
         size = len(header) + len(content)
         self.reply(
             replies.message_queued(
-                queue_id, scan.message_id or f"<{queue_id}@{self.fqdn}>", self.fqdn, size, elapsed
+                queue_id,
+                _reply_message_id(scan.message_id, queue_id, self.fqdn),
+                self.fqdn,
+                size,
+                elapsed,
             )
         )
         self.ctx.message_received(queue_id, envelope, data, self)
@@ -313,3 +317,11 @@ class _DataReception(_MailAndRcpt):
             )
         elif self.ctx.on_message is not None:
             self.ctx.on_message(queue_id)
+
+
+def _reply_message_id(message_id: str, queue_id: str, fqdn: str) -> str:
+    """The message id the 250 names: the message's own when it is ASCII (a reply's text is,
+    RFC 5321 §4.2), else (none, or a UTF-8 one) the queue id's form."""
+    if message_id and message_id.isascii():
+        return message_id
+    return f"<{queue_id}@{fqdn}>"
