@@ -120,6 +120,8 @@ def test_max_header_size_closes_the_session(relay):
         assert c.expect(552).text == "552 5.3.4 Header size exceeds fixed maximum size"
         assert c.is_closed()
     assert len(r.messages()) == 1
+    # The protocol log says why, as for every other refused message.
+    assert "message refused: header of 1490 octets, max_header_size 1024" in r.protocol_log_text()
 
 
 def test_a_message_without_a_blank_line_is_not_measured_as_all_header(relay):

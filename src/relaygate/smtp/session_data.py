@@ -203,6 +203,10 @@ class _DataReception(_MailAndRcpt):
             return
         scan = scan_headers(content)
         if scan.header_size > c.max_header_size:
+            self.log.info(
+                f"message refused: header of {scan.header_size} octets, "
+                f"max_header_size {c.max_header_size}"
+            )
             self.reply(replies.HEADER_TOO_BIG)
             raise _Close()
         if scan.hops >= c.max_hop_count:
