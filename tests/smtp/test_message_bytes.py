@@ -14,6 +14,7 @@ from relaygate.smtp.message import (
     has_bare_cr_or_lf,
     local_hops,
     own_received_pattern,
+    received_header,
     scan_headers,
 )
 
@@ -219,3 +220,22 @@ def test_local_hops_counts_the_header_blocks_received_fields_by_this_relays_name
     scan = scan_headers(content)
     assert scan.hops == 4
     assert local_hops(content, scan.header_size, own) == 2
+
+
+def test_the_received_field_shows_only_the_helo_octets_a_domain_or_literal_has() -> None:
+    """The HELO is the client's word (a device may say `HP#Laser;1`): in the Received field only
+    letters, digits and `.-_:[]` of it are kept, so no `;` ends its tokens before the date, no `"`
+    opens a quoted string and no `<`, `>`, `(` or `)` an address or a comment that would run on
+    (RFC 5322 §3.6.7). The protocol log keeps what was sent."""
+    header = received_header(
+        helo='a;b"c<d>(e)\\f#g_h.example[IPv6:2001:db8::1]',
+        client_ip="10.0.0.1", fqdn="relay.corp.example", connector="C", protocol="ESMTP",
+        queue_id="1-1", recipient=None,
+    )  # fmt: skip
+    assert header.startswith(b"Received: from abcdefg_h.example[IPv6:2001:db8::1] ([10.0.0.1])\r\n")
+    assert header.replace(b"(RelayGate; C)", b"").count(b";") == 1  # the one before the date
+    for helo in ("", ";;", "\x00"):
+        assert b"from unknown ([10.0.0.1])" in received_header(
+            helo=helo, client_ip="10.0.0.1", fqdn="r.example", connector="C",
+            protocol="SMTP", queue_id="1-1", recipient=None,
+        )  # fmt: skip

@@ -266,6 +266,11 @@ def has_bare_cr_or_lf(content: bytes) -> bool:
     return content.count(b"\r") != content.count(b"\n") or _BARE_CR.search(content) is not None
 
 
+# What a HELO name keeps in the Received field: the octets of a domain (underscores too: device
+# names have them) or an address literal. A ";" would end the field's tokens before the date, a
+# '"' open a quoted string, "<" ">" "(" ")" an address or a comment, none of them closed.
+_NOT_IN_A_HELO_NAME = re.compile(r"[^A-Za-z0-9._:\[\]-]")
+
 _date_cache: list[tuple[int, str]] = [(-1, "")]
 
 
@@ -292,9 +297,7 @@ def received_header(
 ) -> bytes:
     """One RFC 5321 §4.4 trace header: the real peer address, HELO shown but not trusted."""
     when = format_datetime(now) if now is not None else _date_now()
-    safe_helo = (
-        "".join(ch for ch in helo if 33 <= ord(ch) < 127 and ch not in "()\\")[:255] or "unknown"
-    )
+    safe_helo = _NOT_IN_A_HELO_NAME.sub("", helo)[:255] or "unknown"
     ip = client_ip if ":" not in client_ip else f"IPv6:{client_ip}"
     header = (
         f"Received: from {safe_helo} ([{ip}])\r\n"
