@@ -241,7 +241,7 @@ def test_exchange_replies_for_each_command(relay):
     with r.raw("127.0.0.5") as c:
         c.expect(220)
         assert c.cmd("MAIL FROM:<a@corp.example>").text == "503 5.5.2 Send hello first"
-        assert c.cmd("EHLO").text == "501 5.0.0 EHLO requires domain address"
+        assert c.cmd("EHLO two words").text == "501 5.5.4 Invalid domain name"
         c.cmd("EHLO client.corp.example", 250)
         assert c.cmd("RCPT TO:<b@corp.example>").text == "503 5.5.2 Need mail command"
         assert c.cmd("DATA").text == "503 5.5.2 Need mail command"
@@ -367,3 +367,28 @@ def test_malformed_dsn_parameters_are_refused_with_501(relay):
             "NOTIFY=NEVER ORCPT=utf-8;j\\x{E4}rg@corp.example",
         ):
             c.cmd(f"RCPT TO:<b@corp.example> {params}", 250)
+
+
+def test_a_hello_without_a_name_is_taken_unless_the_connector_requires_one(relay):
+    """Exchange's RequireEHLODomain ($false by default): "the client isn't required to provide a
+    domain name in the EHLO handshake"; $true closes the session. A bare EHLO got 501 and counted
+    as a protocol error with the default: a printer whose host name is empty could not send after
+    the move from Exchange."""
+    r = relay(
+        [
+            relay_connector(["127.0.0.5"]),
+            relay_connector(["127.0.0.6"], name="Strict", require_ehlo_domain=True),
+        ]
+    )
+    for verb in ("EHLO", "HELO"):
+        with r.raw("127.0.0.5") as c:
+            c.expect(220)
+            assert c.cmd(verb).code == 250
+            assert c.cmd("MAIL FROM:<printer@corp.example>").code == 250
+            assert c.cmd("RCPT TO:<someone@corp.example>").code == 250
+            assert c.cmd("DATA").code == 354
+            assert c.cmd("Subject: scan\r\n\r\npage 1\r\n.").code == 250
+    with r.raw("127.0.0.6") as c:
+        c.expect(220)
+        assert c.cmd("EHLO").text == "501 5.0.0 EHLO requires domain address"
+        assert c.is_closed()

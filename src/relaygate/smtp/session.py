@@ -256,13 +256,12 @@ class Session(_DataReception, _StarttlsAndAuth):
 
     async def _hello(self, arg: str, *, esmtp: bool) -> None:
         domain = arg.strip()
-        if not domain:
-            if self.connector.require_ehlo_domain:
-                self.reply(replies.EHLO_REQUIRES_DOMAIN)
-                raise _Close()
-            await self.protocol_error(replies.EHLO_REQUIRES_DOMAIN)
-            return
-        if not _valid_helo(domain):
+        if not domain and self.connector.require_ehlo_domain:
+            self.reply(replies.EHLO_REQUIRES_DOMAIN)
+            raise _Close()
+        # Without RequireEHLODomain "the client isn't required to provide a domain name"
+        # (Exchange): a device whose host name is empty says a bare EHLO, and is served.
+        if domain and not _valid_helo(domain):
             await self.protocol_error(replies.INVALID_DOMAIN)
             return
         self.helo = domain
