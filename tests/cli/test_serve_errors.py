@@ -98,8 +98,9 @@ remote_ip_ranges = ["127.0.0.2"]
     assert done.returncode == 1, done
     assert "Traceback" not in done.stderr, done.stderr
     assert (
+        # the system's reason (the start's look at the spool folder meets it first)
         f"cannot start: cannot open the queue database {data / 'queue' / 'queue.db'}: "
-        "unable to open database file"
+        "Not a directory"
     ) in done.stderr, done.stderr
 
 
