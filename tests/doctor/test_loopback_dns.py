@@ -80,3 +80,21 @@ def test_constructor_records_context_manager_and_address():
             server.sync_resolver().resolve("a.example", "TXT")
     with pytest.raises(ValueError, match="unsupported record type"):
         LoopbackDNS({"a.example": [("SRV", "x")]})
+
+
+@pytest.mark.parametrize("name", ["mx.example.org", "nothing.example.org", "alias.example.org"])
+def test_a_negative_answer_carries_the_zones_soa_with_the_servers_ttl(name: str) -> None:
+    """NODATA (also at the end of a CNAME) and NXDOMAIN come with the zone's SOA, as from a real
+    authority (RFC 2308 §3): a caching resolver keeps them for its TTL and minimum, the server's
+    ttl, rather than for a default of its own (dnspython's: 300 s)."""
+    records = {
+        "mx.example.org": [("A", "192.0.2.1")],
+        "alias.example.org": [("CNAME", "mx.example.org")],
+    }
+    with LoopbackDNS(records, ttl=7) as server:
+        reply = dns.query.udp(
+            dns.message.make_query(name, "AAAA"), "127.0.0.1", port=server.port, timeout=2
+        )
+        (soa,) = reply.authority
+        assert soa.name.to_text() == "example.org." and soa.ttl == 7 and soa[0].minimum == 7
+        assert reply.resolve_chaining().minimum_ttl == 7

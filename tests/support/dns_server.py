@@ -39,6 +39,10 @@ Answers follow the real protocol:
 * any other name → NXDOMAIN;
 * ``set_nxdomain(name)`` forces NXDOMAIN and ``set_servfail(name)`` forces SERVFAIL for every type
   (``set_servfail(name, "A")``: for that type only);
+* a NODATA or NXDOMAIN carries the SOA of the name's zone (its last two labels) in the authority
+  section, with ``ttl`` as its TTL and minimum: a caching resolver keeps the negative answer that
+  long (RFC 2308), as it keeps records (``LoopbackDNS(ttl=0)``: nothing is kept, for a test whose
+  records change while a resolver that caches asks);
 * a UDP answer larger than 512 bytes (or the client's EDNS buffer size) comes back truncated
   (TC set, no records), so the client retries over TCP, as with a real server.
 
@@ -64,7 +68,7 @@ from typing import Any
 
 import dns.asyncresolver
 import dns.resolver
-from dnslib import AAAA, CNAME, MX, NS, PTR, QTYPE, RCODE, RR, TXT, A, DNSRecord
+from dnslib import AAAA, CNAME, MX, NS, PTR, QTYPE, RCODE, RR, SOA, TXT, A, DNSRecord
 
 __all__ = ["LoopbackDNS"]
 
@@ -285,6 +289,7 @@ class LoopbackDNS:
                 return reply
             if qname in self._nxdomain:
                 reply.header.rcode = RCODE.NXDOMAIN
+                reply.add_auth(self._soa(qname))
                 return reply
             current = qname
             for _ in range(_MAX_CNAME_CHAIN):
@@ -302,7 +307,16 @@ class LoopbackDNS:
                     return reply
             if not reply.rr and not self._exists(qname):
                 reply.header.rcode = RCODE.NXDOMAIN
+            if not any(rr.rtype == question.qtype for rr in reply.rr):  # NODATA, NXDOMAIN
+                reply.add_auth(self._soa(current))
         return reply
+
+    def _soa(self, name: str) -> RR:
+        """The SOA of `name`'s zone, taken to be its last two labels, for a negative answer."""
+        zone = ".".join(name.split(".")[-2:]).strip(".")
+        times = (1, 3600, 600, 86400, self.ttl)  # serial, refresh, retry, expire, minimum
+        soa = SOA(_fqdn(f"ns.{zone}"), _fqdn(f"hostmaster.{zone}"), times)
+        return RR(_fqdn(zone), QTYPE.SOA, rdata=soa, ttl=self.ttl)
 
     def _rr(self, owner: str, rtype: str, value: Any) -> RR:
         return RR(_fqdn(owner), getattr(QTYPE, rtype), rdata=_rdata(rtype, value), ttl=self.ttl)
