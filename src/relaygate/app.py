@@ -380,6 +380,8 @@ class Relay:
         # The resolver too: a host name in server.dns_servers is looked up when it is built (a
         # blocking call, and one that can fail). In apply() it stalled the loop, and a failure
         # came after the sessions had taken the new file, though the reload said it was refused.
+        # Built at every reload, dns_servers changed or not: a new one keeps no DNS answer (the
+        # way an operator has an MX record changed at the far end used at once).
         resolver = None
         if self.manager is not None and not self.manager.resolver_fixed:
             try:

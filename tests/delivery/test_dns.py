@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import random
 import socket
+import time
 
 import pytest
 
 from relaygate import replies
-from relaygate.delivery.dns import DnsError, Resolver, parse_dns_server
+from relaygate.delivery.dns import (
+    CACHE_MAX_NEGATIVE_TTL,
+    CACHE_MAX_TTL,
+    AnswerCache,
+    DnsError,
+    Resolver,
+    parse_dns_server,
+)
 
 
 def resolver_for(server, **kw) -> Resolver:
@@ -196,3 +204,90 @@ async def test_a_system_resolver_without_servers_defers_lookups_saying_why(
     assert "server.dns_servers" in info.value.reply.text
     with pytest.raises(DnsError):
         await resolver.addresses("mx.corp.test")
+
+
+class Clock:
+    """time.time() made to stand still, moved on by the test (dnspython dates its cache by it)."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(time, "time", fake)
+    return fake
+
+
+def asked(server, name: str, rtype: str) -> int:
+    return sum(1 for n, t, _ in list(server.queries) if (n, t) == (name, rtype))
+
+
+async def test_answers_are_kept_for_their_ttl_at_most_an_hour(loopback_dns, clock):
+    """A record of a day is asked for again after an hour (CACHE_MAX_TTL): a record changed at
+    the far end is used within the hour. One of a minute, after its minute."""
+    loopback_dns.ttl = 86400
+    loopback_dns.add("day.test", "A", "192.0.2.1")
+    r = resolver_for(loopback_dns)
+    for step in (0, CACHE_MAX_TTL - 1):
+        clock.now += step
+        assert await r.addresses("day.test") == ["192.0.2.1"]
+        assert asked(loopback_dns, "day.test", "A") == 1
+    clock.now += 2
+    await r.addresses("day.test")
+    assert asked(loopback_dns, "day.test", "A") == 2
+    loopback_dns.ttl = 60
+    loopback_dns.add("minute.test", "MX", (10, "mx.minute.test"))
+    for step, count in ((0, 1), (59, 1), (2, 2)):
+        clock.now += step
+        assert await r.mx("minute.test") == [(10, "mx.minute.test")]
+        assert asked(loopback_dns, "minute.test", "MX") == count
+
+
+async def test_a_negative_answer_is_kept_five_minutes_at_most(loopback_dns, clock):
+    """An NXDOMAIN returns the mail to its sender: one whose SOA says a day is kept 300 s
+    (CACHE_MAX_NEGATIVE_TTL), so a domain just created is not refused for a day. NODATA too."""
+    loopback_dns.ttl = 86400
+    loopback_dns.add("v4only.test", "A", "192.0.2.1")
+    r = resolver_for(loopback_dns)
+    for step, count in ((0, 1), (CACHE_MAX_NEGATIVE_TTL - 1, 1), (2, 2)):
+        clock.now += step
+        with pytest.raises(DnsError) as info:
+            await r.mx("new.test")
+        assert info.value.permanent
+        assert await r.addresses("v4only.test") == ["192.0.2.1"]
+        assert asked(loopback_dns, "new.test", "MX") == count
+        assert asked(loopback_dns, "v4only.test", "AAAA") == count  # NODATA
+    loopback_dns.add("new.test", "MX", (10, "mx.new.test"))
+    clock.now += CACHE_MAX_NEGATIVE_TTL + 1
+    assert await r.mx("new.test") == [(10, "mx.new.test")]
+
+
+async def test_a_servfail_or_a_timeout_is_not_kept(loopback_dns):
+    loopback_dns.add("broken.test", "MX", (10, "mx.broken.test"))
+    loopback_dns.set_servfail("broken.test")
+    r = resolver_for(loopback_dns)
+    for _ in range(2):
+        with pytest.raises(DnsError) as info:
+            await r.mx("broken.test")
+        assert not info.value.permanent
+    assert asked(loopback_dns, "broken.test", "MX") == 2
+    loopback_dns.clear_overrides("broken.test")
+    assert await r.mx("broken.test") == [(10, "mx.broken.test")]
+    assert await r.mx("broken.test") == [(10, "mx.broken.test")]
+    assert asked(loopback_dns, "broken.test", "MX") == 3
+
+
+async def test_a_resolver_given_is_used_as_it_is(loopback_dns):
+    """A test that passes its own dnspython resolver gets it as it is: no cache is added."""
+    loopback_dns.add("given.test", "A", "192.0.2.9")
+    r = Resolver(resolver=loopback_dns.resolver())
+    for _ in range(2):
+        assert await r.addresses("given.test") == ["192.0.2.9"]
+    assert asked(loopback_dns, "given.test", "A") == 2
+    assert r.dnspython_resolver.cache is None
+    assert isinstance(resolver_for(loopback_dns).dnspython_resolver.cache, AnswerCache)

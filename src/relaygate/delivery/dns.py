@@ -8,6 +8,13 @@ Failures carry the reply Exchange would put in the queue's LastError / the NDR
 * timeout or any other resolver trouble → transient ``... The error was: ErrorRetry``;
 * no MX record → the implicit MX of RFC 5321 §5.1: the domain itself at preference 0;
 * null MX (RFC 7505: one MX ``0 .``) → permanent ``550 5.1.10 SMTPSEND.DNS.NullMx``.
+
+Answers are kept (`AnswerCache`, dnspython's LRU cache) for their TTL, as Exchange's transport
+keeps its own DNS cache: a message to a domain otherwise cost an MX query and A + AAAA per host,
+round trips to a remote server each time. dnspython keeps NOERROR answers (NODATA too) and
+NXDOMAIN, by their TTL or the SOA's negative TTL (RFC 2308); never a SERVFAIL or a timeout, so a
+failed lookup is asked again at the next attempt. Each `Resolver` has its own cache, and a reload
+builds a new `Resolver`: it starts empty (an operator who changed an MX record reloads).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import ipaddress
 import logging
 import random
 import socket
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -30,7 +38,7 @@ from relaygate import replies
 from relaygate.config.values import parse_smart_host
 from relaygate.replies import Reply
 
-__all__ = ["DnsError", "Resolver", "no_system_server", "parse_dns_server"]
+__all__ = ["AnswerCache", "DnsError", "Resolver", "no_system_server", "parse_dns_server"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,19 @@ SYSTEM_RESOLV_CONF = "/etc/resolv.conf"
 #: Why a domain whose every MX record names an IP address (RFC 1035 §3.3.9 wants a host name)
 #: gets no next hop.
 MX_NAMES_ADDRESSES = "the MX records name IP addresses, not hosts"
+
+#: Answers kept per `Resolver` (per process), the least recently used dropped first. One is about
+#: 3.5 kB (the parsed reply of a few records): some 15 MB when full, the MX answers and host
+#: addresses of about a thousand domains in use.
+CACHE_ENTRIES = 4096
+#: The longest an answer is kept, whatever its TTL (records of a day are common): an MX or A
+#: record changed at the far end is used within the hour, while a relay still asks the server
+#: for a busy domain only once an hour (unbound's cache-max-ttl, one day by default, lowered).
+CACHE_MAX_TTL = 3600.0
+#: The longest a NODATA or NXDOMAIN is kept: an NXDOMAIN returns the mail to its sender, so a
+#: domain or host just created must not be refused for long (dnspython keeps a negative answer
+#: without an SOA as long; Windows' DNS client keeps them 15 minutes).
+CACHE_MAX_NEGATIVE_TTL = 300.0
 
 
 class DnsError(Exception):
@@ -92,16 +113,30 @@ def no_system_server(path: str, exc: dns.resolver.NoResolverConfiguration) -> st
     return f"no DNS server: {path} {why}"
 
 
+class AnswerCache(dns.resolver.LRUCache):
+    """dnspython's bounded LRU cache of answers, each kept for its TTL but no longer than
+    CACHE_MAX_TTL (CACHE_MAX_NEGATIVE_TTL for a NODATA or NXDOMAIN, which has no records)."""
+
+    def __init__(self, max_size: int = CACHE_ENTRIES) -> None:
+        super().__init__(max_size)
+
+    def put(self, key: dns.resolver.CacheKey, value: dns.resolver.Answer) -> None:
+        cap = CACHE_MAX_TTL if value.rrset is not None else CACHE_MAX_NEGATIVE_TTL
+        value.expiration = min(value.expiration, time.time() + cap)
+        super().put(key, value)
+
+
 class Resolver:
     """Asynchronous MX and address lookups with Exchange-worded failures.
 
     dns_servers: ``server.dns_servers`` ("host" / "host:port"); empty → the system resolver
     (/etc/resolv.conf). timeout: per server try; lifetime: per query in total. prefer_ipv6: order AAAA
     before A in `addresses`. rng: for shuffling equal-preference MX hosts and a host's addresses
-    (tests pass a seeded one).
-    resolver: an already configured ``dns.asyncresolver.Resolver`` (tests). resolv_conf: the
-    system resolver's file (default SYSTEM_RESOLV_CONF); one that is missing or names no server
-    leaves the resolver `unusable`: built, every lookup failing for now with the reason.
+    (tests pass a seeded one). The resolver it builds keeps answers (`AnswerCache`).
+    resolver: an already configured ``dns.asyncresolver.Resolver`` (tests), used as it is (with
+    its cache, if any). resolv_conf: the system resolver's file (default SYSTEM_RESOLV_CONF); one
+    that is missing or names no server leaves the resolver `unusable`: built, every lookup
+    failing for now with the reason.
     """
 
     def __init__(
@@ -128,6 +163,7 @@ class Resolver:
                 resolver = self._system_resolver(resolv_conf or SYSTEM_RESOLV_CONF)
             resolver.timeout = timeout
             resolver.lifetime = lifetime
+            resolver.cache = AnswerCache()
         self._resolver = resolver
         self.prefer_ipv6 = prefer_ipv6
         self._rng = rng or random.Random()
