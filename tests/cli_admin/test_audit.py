@@ -681,6 +681,31 @@ def test_dkim_with_a_connector_where_anyone_may_send_as_the_organisation() -> No
     assert not only(audit(config(base + DKIM_KEY)), "dkim-anyone-signed")  # devices only
 
 
+ED25519_KEY = """
+[[dkim]]
+domain = "corp.example"
+selector = "ed1"
+key_file = "/etc/relaygate/ed1.key"
+algorithm = "ed25519-sha256"
+"""
+
+
+def test_a_domain_signed_with_ed25519_only_is_a_finding() -> None:
+    """Gmail, Microsoft 365 and Yahoo do not verify ed25519-sha256: a domain whose every enabled
+    key is Ed25519 has no DKIM pass there, and under DMARC p=reject its mail is refused unless
+    SPF aligns. The service log and the doctor said so; the audit, the administrator's review of
+    the configuration, did not. An RSA key beside it (both sign) clears it; a disabled RSA key
+    does not."""
+    found = only(audit(config(CLEAN + ED25519_KEY)), "dkim-ed25519-only")
+    assert [(f.severity, f.key) for f in found] == [("medium", "dkim[0].algorithm")]
+    assert "ed1" in found[0].message and "Gmail" in found[0].message
+    assert "rsa-sha256" in found[0].fix and "relaygate dkim new" in found[0].fix
+    assert not only(audit(config(CLEAN + ED25519_KEY + DKIM_KEY)), "dkim-ed25519-only")
+    disabled_rsa = DKIM_KEY + "enabled = false\n"
+    assert only(audit(config(CLEAN + ED25519_KEY + disabled_rsa)), "dkim-ed25519-only")
+    assert not only(audit(config(CLEAN + DKIM_KEY)), "dkim-ed25519-only")  # RSA alone
+
+
 SUBMISSION = """
 [server]
 name = "RELAY01"

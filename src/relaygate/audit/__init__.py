@@ -45,7 +45,7 @@ from relaygate.audit.receive_connectors import _connector_findings, _shadow_find
 from relaygate.audit.relay_grants import RelayGrant as RelayGrant
 from relaygate.audit.relay_grants import relay_grant as relay_grant
 from relaygate.audit.send_connectors import _graph_findings, _send_connector_findings
-from relaygate.audit.senders import _dkim_findings, _send_as_findings
+from relaygate.audit.senders import _dkim_findings, _ed25519_only_findings, _send_as_findings
 from relaygate.audit.server import (
     _accepted_domain_findings,
     _acme_findings,
@@ -103,6 +103,7 @@ def audit(
     findings.extend(_send_connector_findings(config))
     findings.extend(_graph_findings(config))
     findings.extend(_dkim_findings(config))
+    findings.extend(_ed25519_only_findings(config))
     findings.extend(_send_as_findings(config, users_without_send_as))
     if certificates:
         findings.extend(certificate_findings(certificates, now or datetime.now(UTC)))

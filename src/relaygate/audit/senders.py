@@ -1,5 +1,6 @@
 """The findings about who may send as the organisation: anonymous senders whose mail is DKIM-signed,
-authenticated users without a send-as list.
+a domain whose signatures the big receivers cannot verify (Ed25519 only), authenticated users
+without a send-as list.
 
 Apart because they read the DKIM keys and the users file, not a connector's own settings."""
 
@@ -36,6 +37,33 @@ def _dkim_findings(config: Config) -> Iterator[Finding]:
             '--user "NT AUTHORITY\\ANONYMOUS LOGON" --extended-rights '
             f"{ACCEPT_AUTHORITATIVE_DOMAIN_SENDER} --deny`, Exchange's anti-spoofing step); "
             "their messages are then not signed",
+        )
+
+
+def _ed25519_only_findings(config: Config) -> Iterator[Finding]:
+    """A domain whose every enabled key is Ed25519: Gmail, Microsoft 365 and Yahoo do not verify
+    ed25519-sha256 (RFC 8463), so its mail has no DKIM pass there and DMARC rests on SPF alone
+    (under p=reject, refused when SPF does not align). The service log warns at start; the
+    audit is where an administrator reviews the configuration."""
+    by_domain: dict[str, list[tuple[int, str, str]]] = {}
+    for i, k in enumerate(config.dkim):
+        if k.enabled:
+            by_domain.setdefault(k.domain.lower(), []).append((i, k.selector, k.algorithm))
+    for domain, keys in by_domain.items():
+        if any(algorithm != "ed25519-sha256" for _, _, algorithm in keys):
+            continue
+        selectors = ", ".join(selector for _, selector, _ in keys)
+        yield Finding(
+            "medium",
+            "dkim-ed25519-only",
+            "",
+            f"dkim[{keys[0][0]}].algorithm",
+            f"{domain} is signed with Ed25519 only (selector {selectors}): Gmail, Microsoft 365 "
+            "and Yahoo do not verify ed25519-sha256 signatures, so its mail has no DKIM pass "
+            "there and DMARC rests on SPF alone",
+            f"add an rsa-sha256 key for {domain} beside it (both sign): `relaygate dkim new "
+            f"--domain {domain} --selector <new selector>`, publish its TXT record, add the "
+            "[[dkim]] entry",
         )
 
 
