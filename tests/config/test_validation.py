@@ -796,3 +796,24 @@ def test_the_postgresql_queue_refuses_a_server_name_that_is_a_worker_lease_owner
         assert parse_text(f'[server]\nname = "{fine}"\n' + base, "pg.toml")
     sqlite = base.replace('store = "postgresql"', 'store = "sqlite"')
     assert parse_text('[server]\nname = "edge-w1"\n' + sqlite, "s.toml")
+
+
+def test_an_internationalised_domain_is_refused_with_its_a_label_form() -> None:
+    """[[dkim]] and accepted domains are written as A-labels (what DNS and the wire carry); a
+    U-label (`bücher.example`) was refused as "not a domain" with no word of the form wanted."""
+    text = (
+        '[[accepted_domains]]\ndomain = "Bücher.example"\n\n'
+        '[[dkim]]\ndomain = "bücher.example"\nselector = "s1"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_text(text, "idn.toml")
+    problems = [str(p) for p in info.value.problems]
+    hint = "write it as its A-label form 'xn--bcher-kva.example'"
+    assert any(
+        p.startswith("idn.toml: accepted_domains[0].domain:") and hint in p for p in problems
+    ), problems
+    assert any(p.startswith("idn.toml: dkim[0].domain:") and hint in p for p in problems), problems
+    # a name that is no domain in any form gets no hint
+    with pytest.raises(ConfigError) as info:
+        parse_text('[[dkim]]\ndomain = "not a domain"\nselector = "s1"\n', "bad.toml")
+    assert not any("A-label" in str(p) for p in info.value.problems)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import idna
+
 from relaygate.config.loader import Problem
 from relaygate.config.model import Config
 from relaygate.config.validate_queue import PG_MAX_MESSAGE_SIZE as PG_MAX_MESSAGE_SIZE
@@ -189,7 +191,13 @@ def validate(
     for i, d in enumerate(config.accepted_domains):
         path = f"accepted_domains[{at('accepted_domains', i)}].domain"
         if not _DOMAIN.match(d.domain) or len(d.domain) > 256:
-            problems.append(Problem(src, path, f"{d.domain!r} is not a domain or '*.domain'"))
+            problems.append(
+                Problem(
+                    src,
+                    path,
+                    f"{d.domain!r} is not a domain or '*.domain'{_a_label_hint(d.domain)}",
+                )
+            )
         if d.domain in domains:
             problems.append(
                 Problem(src, path, f"{d.domain!r} duplicates accepted_domains[{domains[d.domain]}]")
@@ -220,7 +228,13 @@ def validate(
     for n, k in enumerate(config.dkim):
         i = at("dkim", n)
         if not _DOMAIN.match(k.domain) or k.domain.startswith("*."):
-            problems.append(Problem(src, f"dkim[{i}].domain", f"{k.domain!r} is not a domain"))
+            problems.append(
+                Problem(
+                    src,
+                    f"dkim[{i}].domain",
+                    f"{k.domain!r} is not a domain{_a_label_hint(k.domain)}",
+                )
+            )
         if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9-]+)*$", k.selector):
             problems.append(
                 Problem(src, f"dkim[{i}].selector", f"{k.selector!r} is not a valid selector")
@@ -269,3 +283,16 @@ def validate(
         Problem(src, f"server.{key}", message) for key, message in _acme_rules(config, raw_server)
     )
     return problems
+
+
+def _a_label_hint(domain: str) -> str:
+    """For a domain written with U-labels (`bücher.example`): the A-label form to write instead,
+    as DNS and the wire carry it (IDNA 2008); "" for anything else."""
+    if domain.isascii():
+        return ""
+    wildcard, name = ("*.", domain[2:]) if domain.startswith("*.") else ("", domain)
+    try:
+        a_labels = idna.encode(name.lower()).decode("ascii")
+    except (idna.IDNAError, UnicodeError):
+        return ""
+    return f" (write it as its A-label form {wildcard + a_labels!r})"
