@@ -428,7 +428,9 @@ Promise.all([framed, ...calls]).then(() => document.title = "done");
         def log_message(self, *args: Any) -> None:
             pass
 
-    site = http.server.HTTPServer(("127.0.0.2", 0), AttackerSite)
+    # threads: Chromium opens a spare connection it may send nothing on, which held a
+    # one-at-a-time server (and the page) for a minute
+    site = http.server.ThreadingHTTPServer(("127.0.0.2", 0), AttackerSite)
     threading.Thread(target=site.serve_forever, daemon=True).start()
     answers: list[tuple[str, str, int]] = []
     tab.on(
