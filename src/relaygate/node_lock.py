@@ -65,7 +65,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LOCK_FILE", "NodeLock", "NodeLockError", "name_lock_key"]
+__all__ = ["LOCK_FILE", "NodeLock", "NodeLockError", "flock_until", "name_lock_key"]
 
 LOCK_FILE = "relaygate.lock"
 
@@ -89,6 +89,20 @@ _WORKER_APP = "relaygate worker "
 
 class NodeLockError(Exception):
     """Another process runs as this node: the message says which and what to do."""
+
+
+def flock_until(fd: int, deadline: float, interval: float) -> bool:
+    """Try an exclusive flock on `fd` every `interval` seconds until `deadline` (monotonic
+    time); whether it was taken. Never a blocking flock: a holder that never lets go (a stopped
+    process) costs the caller `deadline`, not its thread."""
+    while time.monotonic() < deadline:
+        time.sleep(interval)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            continue
+    return False
 
 
 def name_lock_key(server_name: str) -> int:
@@ -230,15 +244,7 @@ class NodeLock:
             self.path,
             ORPHAN_WAIT,
         )
-        deadline = time.monotonic() + ORPHAN_WAIT
-        while time.monotonic() < deadline:
-            time.sleep(0.2)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except BlockingIOError:
-                continue
-        return False
+        return flock_until(fd, time.monotonic() + ORPHAN_WAIT, 0.2)
 
     def _connect(self, url: str, application_name: str) -> Any:
         """A connection of this lock's own (autocommit, server-side keepalives), kept in _conn."""

@@ -152,33 +152,45 @@ class AdminServer:
         if self._tls is None:
             return False
         config = self.relay.config
-        if _tls_stamp(config) == self._tls_stamp:
+        loaded = await self._load_if_changed(config)
+        if isinstance(loaded, AdminStartError):
+            log.error("admin listener keeps the certificate it serves: %s", loaded)
             return False
-        try:
-            context, stamp = await asyncio.to_thread(self.load_tls, config)
-        except AdminStartError as exc:
-            self._tls_stamp = _tls_stamp(config)
-            log.error("admin listener keeps the certificate it serves: %s", exc)
+        if loaded is None:
             return False
+        context, stamp = loaded
         if context is not None and self.relay.config is config:
             self.apply_tls((context, stamp))
             log.info("admin listener: certificate %s reloaded", config.admin.tls_certificate_file)
             return True
         return False
 
+    async def _load_if_changed(
+        self, config: Any
+    ) -> tuple[ssl.SSLContext | None, _TlsStamp] | AdminStartError | None:
+        """`load_tls` in a thread when the certificate files changed since they were last
+        loaded or last failed (None: unchanged); a failure is returned, its files' stamp kept so
+        that it is said again only when they change again."""
+        if _tls_stamp(config) == self._tls_stamp:
+            return None
+        try:
+            return await asyncio.to_thread(self.load_tls, config)
+        except AdminStartError as exc:
+            self._tls_stamp = _tls_stamp(config)
+            return exc
+
     async def _open_when_loaded(self) -> bool:
         """The listener left closed at start (`_closed_for_tls`): opened once the certificate
         files changed and load; still failing, said again only when they change again."""
         config = self.relay.config
-        if _tls_stamp(config) == self._tls_stamp:
+        loaded = await self._load_if_changed(config)
+        if isinstance(loaded, AdminStartError):
+            log.error("admin listener still closed: %s", loaded)
+            await asyncio.to_thread(note_closed, config.server.data_dir, str(loaded))
             return False
-        try:
-            context, stamp = await asyncio.to_thread(self.load_tls, config)
-        except AdminStartError as exc:
-            self._tls_stamp = _tls_stamp(config)
-            log.error("admin listener still closed: %s", exc)
-            await asyncio.to_thread(note_closed, config.server.data_dir, str(exc))
+        if loaded is None:
             return False
+        context, stamp = loaded
         if context is None or self.relay.config is not config:
             return False  # a reload meanwhile: the next turn looks at its files
         self._closed_for_tls = False

@@ -62,6 +62,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from relaygate.node_lock import flock_until
+
 __all__ = [
     "RATE_TABLE_ENV",
     "LockedMap",
@@ -158,15 +160,7 @@ def lock_briefly(fd: int, wait: float) -> bool:
             return True
         except BlockingIOError:
             os.sched_yield()  # the holder may be waiting for this CPU
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        time.sleep(0.0002)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            continue
-    return False
+    return flock_until(fd, time.monotonic() + wait, 0.0002)
 
 
 class LockedMap:
