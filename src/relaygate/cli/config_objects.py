@@ -9,6 +9,7 @@ versions of an object, and the common shape of a `list` verb.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from collections.abc import Callable, Iterable
 from datetime import timedelta
@@ -83,7 +84,14 @@ def model_field(kind: Kind, field: str) -> dataclasses.Field[Any]:
 
 
 def field_hint(kind: Kind, field: str) -> Any:
-    return typing.get_type_hints(kind.cls)[field]
+    return _type_hints(kind.cls)[field]
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    # Once per model class: get_type_hints evaluates every field's annotation string (the model
+    # uses `from __future__ import annotations`), and the verbs' options ask for hundreds of fields.
+    return typing.get_type_hints(cls)
 
 
 def default_of(f: dataclasses.Field[Any]) -> Any:
