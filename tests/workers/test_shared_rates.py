@@ -55,6 +55,9 @@ permission_groups = {groups}
 tarpit_interval = "00:00:00"
 protocol_logging_level = "Verbose"
 connection_inactivity_timeout = "00:00:30"
+# Above open_on_both_workers' 40 from one address: with worker_balance = "connection" the kernel
+# spreads them at random, and 20 (the default) left a worker with fewer than LIMIT now and then.
+max_inbound_connection_per_source = 60
 banner = "{banner}"
 message_rate_limit = {limit}
 message_rate_source = "{rate_source}"
