@@ -31,6 +31,7 @@ from relaygate.admin.token_file import applied_token_path, keep_applied_token
 from relaygate.certificates import CertificateExpiry, read_expiries
 from relaygate.config import Config, ConfigError, load_config
 from relaygate.delivery.dns import Resolver
+from relaygate.dkim.keys import rsa_key_sizes
 from relaygate.fd_limit import raise_fd_limit
 from relaygate.logs.privacy import (
     AddressPrivacy,
@@ -153,6 +154,8 @@ class Relay:
         #: the expiry dates of the certificates of the config (certificates.py), read at start and
         #: on reload: /metrics and the admin centre's findings (not read per scrape)
         self.certificates: tuple[CertificateExpiry, ...] = ()
+        #: the bits of each enabled RSA DKIM key by [[dkim]] index, for the admin's findings
+        self.dkim_key_sizes: dict[int, int] = {}
         #: the ACME client (relaygate.acme) when this process runs it: a node of one process
         #: (a supervisor runs it for its workers)
         self.acme: AcmeManager | None = None
@@ -228,6 +231,7 @@ class Relay:
             self.acme.start()
         if cfg.admin.enabled and self.worker_index in (None, 0):
             self.certificates = await asyncio.to_thread(read_expiries, cfg)
+            self.dkim_key_sizes = await asyncio.to_thread(rsa_key_sizes, cfg)
             self.admin = AdminServer(self)
             try:
                 await self.admin.start()
@@ -349,6 +353,9 @@ class Relay:
         # the ACME client is started or stopped below, once the reload is applied.
         # Read before anything is applied (a renewed certificate file is what a reload is for).
         certificates = await asyncio.to_thread(read_expiries, new) if self.admin is not None else ()
+        dkim_key_sizes = (
+            await asyncio.to_thread(rsa_key_sizes, new) if self.admin is not None else {}
+        )
         admin_token: str | None = None
         admin_tls: Any = None
         if self.admin is not None:
@@ -407,6 +414,7 @@ class Relay:
             self.config = new
             self.config_digest = digest
             self.certificates = certificates
+            self.dkim_key_sizes = dkim_key_sizes
             ctx.apply(new, tls=tls)
             retired.extend(self._apply_logs(new, privacy))
             if self.manager is not None:

@@ -330,6 +330,7 @@ def create_app(
             config,
             certificates=getattr(relay, "certificates", ()),
             users_without_send_as=users_without_send_as(relay),
+            dkim_key_sizes=getattr(relay, "dkim_key_sizes", None),
         )
         return JSONResponse(views.receive_connector_view(config, connector, findings))
 
@@ -346,6 +347,7 @@ def create_app(
             config,
             certificates=getattr(relay, "certificates", ()),
             users_without_send_as=users_without_send_as(relay),
+            dkim_key_sizes=getattr(relay, "dkim_key_sizes", None),
         )
         view = views.send_connector_view(config, connector, findings, await control.queues())
         return JSONResponse(view)

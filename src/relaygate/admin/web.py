@@ -249,6 +249,7 @@ def _findings(request: Request, config: Config) -> list[Finding]:
         config,
         certificates=_certificates(request),
         users_without_send_as=users_without_send_as(relay),
+        dkim_key_sizes=getattr(relay, "dkim_key_sizes", None),
     )
 
 

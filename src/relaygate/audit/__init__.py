@@ -27,7 +27,7 @@ puts them together (`audit`); every name the rest of RelayGate uses is imported 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 from relaygate.audit.admin_listener import _admin_findings
@@ -45,7 +45,12 @@ from relaygate.audit.receive_connectors import _connector_findings, _shadow_find
 from relaygate.audit.relay_grants import RelayGrant as RelayGrant
 from relaygate.audit.relay_grants import relay_grant as relay_grant
 from relaygate.audit.send_connectors import _graph_findings, _send_connector_findings
-from relaygate.audit.senders import _dkim_findings, _ed25519_only_findings, _send_as_findings
+from relaygate.audit.senders import (
+    _dkim_findings,
+    _ed25519_only_findings,
+    _rsa_key_size_findings,
+    _send_as_findings,
+)
 from relaygate.audit.server import (
     _accepted_domain_findings,
     _acme_findings,
@@ -80,6 +85,7 @@ def audit(
     now: datetime | None = None,
     users_without_send_as: Sequence[str] = (),
     relative_files: RelativeFiles | None = None,
+    dkim_key_sizes: Mapping[int, int] | None = None,
 ) -> list[Finding]:
     """Every finding for `config`, most severe first (stable within a severity: file order).
     `certificates`: the expiry dates read from the configuration's certificate files (none: no
@@ -87,7 +93,9 @@ def audit(
     `users_without_send_as`: the users file's users that have no send-as list (the caller reads
     the file: `UserStore.without_send_as`); `relative_files`: the configuration's relative file
     paths and the directory they were taken from (`config` holds them taken from it already), for
-    a finding that says so (the caller finds the directory: `relaygate.config.relative_paths`)."""
+    a finding that says so (the caller finds the directory: `relaygate.config.relative_paths`);
+    `dkim_key_sizes`: the bits of each enabled RSA DKIM key by `[[dkim]]` index (the caller reads
+    the keys: `relaygate.dkim.keys.rsa_key_sizes`)."""
     findings: list[Finding] = []
     for connector in config.receive_connectors:
         findings.extend(_connector_findings(connector, config, max_prefix_v4, max_prefix_v6))
@@ -104,6 +112,7 @@ def audit(
     findings.extend(_graph_findings(config))
     findings.extend(_dkim_findings(config))
     findings.extend(_ed25519_only_findings(config))
+    findings.extend(_rsa_key_size_findings(config, dkim_key_sizes or {}))
     findings.extend(_send_as_findings(config, users_without_send_as))
     if certificates:
         findings.extend(certificate_findings(certificates, now or datetime.now(UTC)))

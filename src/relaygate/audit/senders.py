@@ -6,11 +6,12 @@ Apart because they read the DKIM keys and the users file, not a connector's own 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from relaygate.audit.findings import Finding
 from relaygate.audit.ranges import _families_covered
 from relaygate.config.model import Config
+from relaygate.dkim.keys import MAX_RSA_BITS_VERIFIED, MIN_RSA_BITS_ADVISED, RSA_BITS
 from relaygate.policy.rights import ACCEPT_AUTHORITATIVE_DOMAIN_SENDER, session_rights
 
 
@@ -64,6 +65,42 @@ def _ed25519_only_findings(config: Config) -> Iterator[Finding]:
             f"add an rsa-sha256 key for {domain} beside it (both sign): `relaygate dkim new "
             f"--domain {domain} --selector <new selector>`, publish its TXT record, add the "
             "[[dkim]] entry",
+        )
+
+
+def _rsa_key_size_findings(config: Config, sizes: Mapping[int, int]) -> Iterator[Finding]:
+    """An RSA key of a size RFC 8301 §3.2 advises against. Under 1024 bits verifiers must not
+    accept the signature (high: no DKIM pass anywhere); under 2048 signers should not use it (low);
+    over 4096 a verifier need not handle it (medium: some receivers fail it). `sizes`: the bits
+    of each readable enabled RSA key by `[[dkim]]` index (`relaygate.dkim.keys.rsa_key_sizes`).
+    The service log warns at start; the audit is where an administrator reviews them."""
+    for i, bits in sorted(sizes.items()):
+        if MIN_RSA_BITS_ADVISED <= bits <= MAX_RSA_BITS_VERIFIED or i >= len(config.dkim):
+            continue
+        key = config.dkim[i]
+        if bits < 1024:
+            severity = "high"
+            why = "verifiers must not accept signatures made with fewer than 1024 bits (RFC 8301)"
+            why += ": its mail has no DKIM pass anywhere"
+        elif bits < MIN_RSA_BITS_ADVISED:
+            severity = "low"
+            why = f"under the {MIN_RSA_BITS_ADVISED} bits RFC 8301 asks signers for"
+        else:
+            severity = "medium"
+            why = (
+                f"over the {MAX_RSA_BITS_VERIFIED} bits every verifier must handle (RFC 8301): "
+                "some receivers fail such a signature"
+            )
+        yield Finding(
+            severity,
+            "dkim-rsa-key-size",
+            "",
+            f"dkim[{i}].key_file",
+            f"the DKIM key of {key.domain} (selector {key.selector}) is an RSA key of {bits} "
+            f"bits, {why}",
+            f"make a {RSA_BITS}-bit key under a new selector: `relaygate dkim new --domain "
+            f"{key.domain} --selector <new selector>`, publish its TXT record, point "
+            f"dkim[{i}] at it",
         )
 
 

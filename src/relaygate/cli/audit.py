@@ -20,6 +20,7 @@ from relaygate.cli.common import (
 )
 from relaygate.config.model import Config
 from relaygate.config.relative_paths import as_the_relay_reads
+from relaygate.dkim.keys import rsa_key_sizes
 from relaygate.smtp.auth import UserStore, users_path
 
 _STYLE = {"high": "bold red", "medium": "yellow", "low": "cyan", "info": "dim"}
@@ -68,6 +69,7 @@ def register(app: typer.Typer) -> None:
             certificates=read_expiries(cfg),
             users_without_send_as=_users_without_send_as(cfg),
             relative_files=relative,
+            dkim_key_sizes=rsa_key_sizes(cfg),
         )
         counts = summary(findings)
         source = config_source(config)

@@ -13,6 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
@@ -33,6 +34,7 @@ __all__ = [
     "load_private_key",
     "public_key_b64",
     "record_name",
+    "rsa_key_sizes",
     "split_txt",
     "write_key",
 ]
@@ -295,6 +297,23 @@ def key_size_warning(path: Path, loaded: LoadedKey) -> str | None:
         f"DKIM key {path} is an RSA key of {loaded.bits} bits, {why}; make a {RSA_BITS}-bit key "
         "with `relaygate dkim new` under a new selector"
     )
+
+
+def rsa_key_sizes(config: Any) -> dict[int, int]:
+    """The size in bits of each enabled rsa-sha256 ``[[dkim]]`` entry's key that can be read, by
+    the entry's index: for the audit's key-size findings (a key that cannot be read is `check`'s
+    and the service log's error, not repeated there). Blocking: file reads."""
+    data_dir = Path(config.server.data_dir)
+    sizes: dict[int, int] = {}
+    for i, entry in enumerate(config.dkim):
+        if not entry.enabled or entry.algorithm != "rsa-sha256":
+            continue
+        path = entry.key_file or key_path(data_dir, entry.domain, entry.selector)
+        try:
+            sizes[i] = load_private_key(Path(path), entry.algorithm).bits
+        except (DkimKeyError, ValueError):
+            continue
+    return sizes
 
 
 def key_file_mode_warning(path: Path, domain: str) -> str | None:
