@@ -734,6 +734,38 @@ async def test_a_commit_with_an_unknown_outcome_gets_no_reply_and_results_are_st
         assert len(a.handler.messages) == 1
 
 
+async def test_results_not_stored_when_the_relay_stops_are_one_error_line_not_a_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stop while the results of a delivery cannot be stored (seen with SQLite's "locking
+    protocol" as a killed node's workers stopped): the message is delivered again at its next
+    attempt, as documented. That is an operational condition the store error names, and it was
+    logged as "delivery run failed" with a traceback (which the suite's relay fixture counts as
+    a crash); it is one ERROR line naming the message, the error and what happens next."""
+    from relaygate.queue.store import StoreError
+
+    caplog.set_level(logging.INFO, logger="relaygate")
+    async with sinks(ScriptedHandler()) as (a,):
+        async with relay_running(tmp_path, {"*": a.port}) as relay:
+
+            async def record_results(*args: Any, **kw: Any) -> None:
+                raise StoreError("queue database error: locking protocol")
+
+            relay.store.record_results = record_results  # type: ignore[method-assign]
+            await send(relay, SENDER, ["bob@example.com"], original("Unstored"))
+            await wait_for(lambda: a.handler.messages)
+            await wait_for(
+                lambda: any("could not be stored" in r.getMessage() for r in caplog.records)
+            )
+        failed = [r for r in caplog.records if "delivery run failed" in r.getMessage()]
+        assert failed, [r.getMessage() for r in caplog.records]
+        assert all(r.exc_info is None for r in failed), failed
+        (line,) = failed
+        assert line.levelno == logging.ERROR
+        assert "queue database error: locking protocol" in line.getMessage()
+        assert "stays queued" in line.getMessage()
+
+
 async def test_an_ndr_returns_the_header_of_a_message_without_an_empty_line_not_its_body(
     tmp_path: Path,
 ) -> None:

@@ -138,6 +138,15 @@ class _ScanLoop(_MessageRoutes):
             raise
         except StoreClosedError:
             log.warning("message %s: the store closed during delivery", msg.queue_id)
+        except StoreError as exc:
+            # An operational condition the error names (a full disk, an I/O or locking error,
+            # results that could not be stored as the relay stops): no traceback to read.
+            log.error(
+                "message %s: delivery run failed: %s; the message stays queued and is tried "
+                "again (a recipient delivered without its result stored is sent again)",
+                msg.queue_id,
+                exc,
+            )
         except Exception:
             log.exception("message %s: delivery run failed", msg.queue_id)
         finally:
