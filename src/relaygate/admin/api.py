@@ -153,6 +153,7 @@ from relaygate.admin.guard import HEALTH_DETAIL_PATH as HEALTH_DETAIL_PATH
 from relaygate.admin.metrics import MetricsCollector as MetricsCollector
 from relaygate.admin.relay_status import health_report as health_report
 from relaygate.admin.relay_status import open_sessions as open_sessions
+from relaygate.admin.relay_status import relay_findings
 from relaygate.admin.relay_status import user_send_as as user_send_as
 from relaygate.admin.relay_status import user_unknown_in as user_unknown_in
 from relaygate.admin.relay_status import users_without_send_as as users_without_send_as
@@ -319,36 +320,24 @@ def create_app(
 
     async def receive_connector_show(request: Request) -> Response:
         from relaygate.admin import connectors as views
-        from relaygate.audit import audit
 
         config = relay.config
         name = request.path_params["name"]
         connector = views.find_receive(config, name)
         if connector is None:
             return _error(404, f"no receive connector named {name!r}")
-        findings = audit(
-            config,
-            certificates=getattr(relay, "certificates", ()),
-            users_without_send_as=users_without_send_as(relay),
-            dkim_key_sizes=getattr(relay, "dkim_key_sizes", None),
-        )
+        findings = relay_findings(relay, config)
         return JSONResponse(views.receive_connector_view(config, connector, findings))
 
     async def send_connector_show(request: Request) -> Response:
         from relaygate.admin import connectors as views
-        from relaygate.audit import audit
 
         config = relay.config
         name = request.path_params["name"]
         connector = views.find_send(config, name)
         if connector is None:
             return _error(404, f"no send connector named {name!r}")
-        findings = audit(
-            config,
-            certificates=getattr(relay, "certificates", ()),
-            users_without_send_as=users_without_send_as(relay),
-            dkim_key_sizes=getattr(relay, "dkim_key_sizes", None),
-        )
+        findings = relay_findings(relay, config)
         view = views.send_connector_view(config, connector, findings, await control.queues())
         return JSONResponse(view)
 

@@ -8,9 +8,22 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from relaygate.audit import Finding, audit
+from relaygate.config.model import Config
 from relaygate.control import QueueControl
 from relaygate.policy.address_rules import SendAsList
 from relaygate.worker_stats import node_figures
+
+
+def relay_findings(relay: Any, config: Config) -> list[Finding]:
+    """`relaygate audit`'s findings for `config`, with the certificates' dates, the users file and
+    the DKIM key sizes as the relay last read them (at start and reload: no I/O here)."""
+    return audit(
+        config,
+        certificates=getattr(relay, "certificates", ()),
+        users_without_send_as=users_without_send_as(relay),
+        dkim_key_sizes=getattr(relay, "dkim_key_sizes", None),
+    )
 
 
 def users_without_send_as(relay: Any) -> list[str]:

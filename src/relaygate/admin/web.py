@@ -71,8 +71,8 @@ from relaygate.admin.api import (
     open_sessions,
     user_send_as,
     user_unknown_in,
-    users_without_send_as,
 )
+from relaygate.admin.relay_status import relay_findings
 from relaygate.admin.web_common import (
     SESSION_COOKIE,
     STATIC_DIR,
@@ -93,7 +93,7 @@ from relaygate.admin.web_queue import (
     queue_page,
     queue_retry,
 )
-from relaygate.audit import SEVERITIES, Finding, audit, relay_grant, summary
+from relaygate.audit import SEVERITIES, Finding, relay_grant, summary
 from relaygate.config.model import Config, ReceiveConnector, SendConnector
 from relaygate.config.values import parse_binding
 from relaygate.control import QueueControl
@@ -236,21 +236,9 @@ def explain_results(
     ]
 
 
-def _certificates(request: Request) -> Any:
-    """The relay's certificate expiry dates (read at start and reload) for the audit findings."""
-    return getattr(request.app.state.relay, "certificates", ())
-
-
 def _findings(request: Request, config: Config) -> list[Finding]:
-    """`relaygate audit`'s findings for `config`, with the certificates and the users file as the
-    relay last read them (no I/O here)."""
-    relay = request.app.state.relay
-    return audit(
-        config,
-        certificates=_certificates(request),
-        users_without_send_as=users_without_send_as(relay),
-        dkim_key_sizes=getattr(relay, "dkim_key_sizes", None),
-    )
+    """`relaygate audit`'s findings for `config`, as the relay last read its files."""
+    return relay_findings(request.app.state.relay, config)
 
 
 async def dashboard(request: Request) -> Response:
