@@ -817,3 +817,16 @@ def test_an_internationalised_domain_is_refused_with_its_a_label_form() -> None:
     with pytest.raises(ConfigError) as info:
         parse_text('[[dkim]]\ndomain = "not a domain"\nselector = "s1"\n', "bad.toml")
     assert not any("A-label" in str(p) for p in info.value.problems)
+
+
+def test_dkim_subdomains_is_a_boolean_off_by_default() -> None:
+    """`subdomains` in a [[dkim]] entry: off unless written; a string is refused naming the
+    entry and the key (a quoted "false" taken as true would sign every subdomain's mail)."""
+    entry = '[[dkim]]\ndomain = "corp.example"\nselector = "s1"\n'
+    assert parse_text(entry, "d.toml").dkim[0].subdomains is False
+    assert parse_text(entry + "subdomains = true\n", "d.toml").dkim[0].subdomains is True
+    with pytest.raises(ConfigError) as info:
+        parse_text(entry + 'subdomains = "false"\n', "d.toml")
+    (problem,) = [str(p) for p in info.value.problems]
+    assert problem.startswith("d.toml: dkim[0].subdomains:"), problem
+    assert "expected true or false" in problem, problem

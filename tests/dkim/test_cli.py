@@ -106,7 +106,7 @@ def test_show_lists_found_and_configured_keys(tmp_path):
     config = tmp_path / "relaygate.toml"
     config.write_text(
         f'[server]\ndata_dir = "{data}"\n\n'
-        '[[dkim]]\ndomain = "corp.example"\nselector = "s1"\n'
+        '[[dkim]]\ndomain = "corp.example"\nselector = "s1"\nsubdomains = true\n'
         f'key_file = "{data}/dkim/corp.example/s1.key"\n\n'
         '[[dkim]]\ndomain = "other.example"\nselector = "s1"\n'
         f'key_file = "{tmp_path}/missing.key"\nenabled = false\n'
@@ -115,12 +115,17 @@ def test_show_lists_found_and_configured_keys(tmp_path):
     assert proc.returncode == 0, proc.stderr
     keys = {(k["domain"], k["selector"]): k for k in json.loads(proc.stdout)["keys"]}
     assert keys[("corp.example", "s1")]["configured"] and keys[("corp.example", "s1")]["enabled"]
+    assert keys[("corp.example", "s1")]["subdomains"] is True
+    assert keys[("other.example", "s1")]["subdomains"] is False
     assert not keys[("corp.example", "e1")]["configured"]
     assert "cannot read DKIM key" in keys[("other.example", "s1")]["error"]
 
     text = relaygate("dkim", "show", "--config", str(config), cwd=tmp_path)
     assert text.returncode == 0, text.stderr
-    assert "corp.example  selector s1  rsa-sha256  (enabled)" in text.stdout
+    assert (
+        "corp.example  selector s1  rsa-sha256  (enabled, signs its subdomains too (d=corp.example))"
+        in text.stdout
+    )
     assert "other.example  selector s1  rsa-sha256  (disabled)" in text.stdout
     assert "Name:  e1._domainkey.corp.example" in text.stdout
 

@@ -4,6 +4,7 @@ Microsoft 365 would check)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ from pathlib import Path
 import dkim
 from relaygate.app import Relay
 from relaygate.dkim.keys import load_private_key, record_name, write_key
+from relaygate.logs.tracking import search
 from tests.queue_manager.helpers import (
     ScriptedHandler,
     Sink,
@@ -119,6 +121,36 @@ async def test_ndrs_are_signed_when_the_domain_comes_from_the_envelope(
     assert b"From: Mail Delivery System <postmaster@corp.test>\r\n" in content
     assert content.startswith(b"DKIM-Signature: "), content[:300]
     assert b"d=corp.test" in content.partition(b"\r\n\r\n")[0]
+    assert dkim.verify(content, dnsfunc=loopback_dns.txt_lookup)
+
+
+async def test_a_subdomains_entry_signs_a_subdomains_mail_through_the_relay(
+    tmp_path: Path, loopback_dns: LoopbackDNS
+):
+    """`subdomains = true` on corp.test's entry: a device writing From alerts.corp.test (a
+    subdomain with no key of its own) gets a signature d=corp.test that verifies against the
+    published parent key at the next hop; without it the message went out unsigned."""
+    entry = publish_new_key(loopback_dns, tmp_path / "keys", "corp.test", "s1")
+    message = (
+        b"From: Alerts <ups@alerts.corp.test>\r\nTo: bob@example.com\r\nSubject: On battery\r\n"
+        b"\r\nMains power lost.\r\n"
+    )
+    async with relay_to_sink(tmp_path, extra=entry + "subdomains = true\n") as (relay, sink):
+        await send(relay, "ups@alerts.corp.test", ["bob@example.com"], message)
+        (got,) = await wait_for(lambda: sink.handler.messages)
+
+        async def agentinfo() -> list[dict[str, str]]:
+            await asyncio.to_thread(relay.tracking.flush)
+            return search(relay.tracking.path, event_id="AGENTINFO")
+
+        (event,) = await wait_for(agentinfo)
+    # why it was signed so, for `relaygate trace`
+    assert event["custom-data"] == (
+        "DKIM signed d=corp.test s=s1 for alerts.corp.test (subdomains = true)"
+    )
+    content = got["content"]
+    assert content.startswith(b"DKIM-Signature: "), content[:300]
+    assert re.search(rb"\bd=corp\.test;", content.partition(b"\r\n\r\n")[0])
     assert dkim.verify(content, dnsfunc=loopback_dns.txt_lookup)
 
 

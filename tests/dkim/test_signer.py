@@ -44,6 +44,7 @@ class Key:
     algorithm: str = "rsa-sha256"
     headers: list[str] = field(default_factory=list)
     enabled: bool = True
+    subdomains: bool = False
 
 
 def _key(tmp_path, domain="corp.example", selector="s1", algorithm="rsa-sha256", **kw) -> Key:
@@ -140,6 +141,70 @@ def test_exact_domain_only(tmp_path):
     result = signer.sign(message, envelope_sender="x@corp.example")
     assert not result.signed
     assert result.reason == "no DKIM key for domain sub.corp.example"
+
+
+def _from(domain: str) -> bytes:
+    return MESSAGE.replace(b"scanner@corp.example", f"scanner@{domain}".encode())
+
+
+def test_a_subdomains_key_signs_a_subdomain_with_d_the_parent(tmp_path, loopback_dns):
+    """`subdomains = true`: mail From alerts.corp.example (and deeper) is signed d=corp.example by
+    that entry's key, and verifies against the parent's published key; the parent's other key
+    (no `subdomains`) signs only the parent."""
+    parent = _key(tmp_path, subdomains=True)
+    rotation = _key(tmp_path, selector="s2")
+    for key in (parent, rotation):
+        _publish(loopback_dns, key)
+    signer = DkimSigner([parent, rotation])
+    for domain in ("alerts.corp.example", "a.b.corp.example"):
+        result = signer.sign(_from(domain), envelope_sender="x@other.example")
+        assert result.signed, result.reason
+        assert (result.domain, result.selector) == ("corp.example", "s1")
+        assert result.reason == (
+            f"signed d=corp.example s=s1 a=rsa-sha256 for {domain} (subdomains = true)"
+        )
+        assert dkim.verify(result.data, dnsfunc=loopback_dns.txt_lookup)
+    own = signer.sign(MESSAGE, envelope_sender="x@corp.example")
+    assert own.selector == "s1,s2"  # the parent itself: every key, as before
+    # not a longer name that merely ends in the parent's, nor the parent's own parent
+    for domain in ("xcorp.example", "example.com"):
+        result = signer.sign(_from(domain), envelope_sender="")
+        assert not result.signed and result.reason == f"no DKIM key for domain {domain}"
+
+
+def test_a_subdomain_with_an_entry_of_its_own_is_decided_by_it(tmp_path, loopback_dns):
+    """Its own key signs it; its own disabled or broken key leaves it unsigned (the parent's
+    subdomains key does not step in); the nearest parent with `subdomains` wins."""
+    parent = _key(tmp_path, subdomains=True)
+    own = _key(tmp_path, domain="alerts.corp.example", selector="a1")
+    nearer = _key(tmp_path, domain="eu.corp.example", selector="e1", subdomains=True)
+    off = Key("off.corp.example", "x1", tmp_path / "nope.key", enabled=False)
+    broken = Key("broken.corp.example", "b1", tmp_path / "nope.key")
+    for key in (parent, own, nearer):
+        _publish(loopback_dns, key)
+    signer = DkimSigner([parent, own, nearer, off, broken], skip_unusable=True)
+    result = signer.sign(_from("alerts.corp.example"), envelope_sender="")
+    assert (result.signed, result.domain, result.selector) == (True, "alerts.corp.example", "a1")
+    result = signer.sign(_from("paris.eu.corp.example"), envelope_sender="")
+    assert (result.signed, result.domain, result.selector) == (True, "eu.corp.example", "e1")
+    assert dkim.verify(result.data, dnsfunc=loopback_dns.txt_lookup)
+    result = signer.sign(_from("off.corp.example"), envelope_sender="")
+    assert not result.signed
+    assert result.reason == "DKIM key for domain off.corp.example is disabled (selector x1)"
+    result = signer.sign(_from("broken.corp.example"), envelope_sender="")
+    assert not result.signed
+    assert result.reason == "DKIM key for domain broken.corp.example cannot be used (selector b1)"
+
+
+def test_a_broken_subdomains_key_is_named_for_the_subdomain(tmp_path):
+    missing = Key("corp.example", "s1", tmp_path / "nope.key", subdomains=True)
+    signer = DkimSigner([missing], skip_unusable=True)
+    result = signer.sign(_from("alerts.corp.example"), envelope_sender="")
+    assert not result.signed and result.domain == "corp.example"
+    assert result.reason == (
+        "DKIM key for domain corp.example (which signs alerts.corp.example's mail) cannot be"
+        " used (selector s1)"
+    )
 
 
 def test_disabled_key_is_not_used_and_not_loaded(tmp_path):

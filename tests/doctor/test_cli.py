@@ -357,3 +357,47 @@ def test_doctor_without_any_dns_server_says_so(tmp_path, monkeypatch):
     assert done.exit_code == 2, (done.output, done.exception)
     assert "no DNS server: /etc/resolv.conf names none" in done.output
     assert "--dns-server" in done.output
+
+
+def test_doctor_of_a_subdomain_checks_the_parent_key_that_signs_it(tmp_path, loopback_dns):
+    """`subdomains = true` on corp.example's s1: the relay signs alerts.corp.example's mail with
+    d=corp.example, so the doctor checks s1._domainkey.corp.example (not corp.example's other
+    key, s2, which signs only corp.example) and DMARC alignment under adkim: relaxed aligns,
+    strict does not. Before, it reported that nothing signs alerts.corp.example."""
+    data = tmp_path / "data"
+    key = write_key(data, "corp.example", "s1")
+    write_key(data, "corp.example", "s2")  # not published: checking it would be an error
+    loopback_dns.add(
+        "s1._domainkey.corp.example", "TXT", load_private_key(key, "rsa-sha256").record
+    )
+    loopback_dns.add("alerts.corp.example", "MX", (10, "mx1.corp.example"))
+    loopback_dns.add("mx1.corp.example", "A", "192.0.2.10")
+    loopback_dns.add("alerts.corp.example", "TXT", "v=spf1 ip4:203.0.113.7 -all")
+    loopback_dns.add("_dmarc.corp.example", "TXT", "v=DMARC1; p=reject")
+    config = tmp_path / "relaygate.toml"
+    config.write_text(
+        f'[server]\ndata_dir = "{data}"\n\n'
+        '[[dkim]]\ndomain = "corp.example"\nselector = "s1"\nsubdomains = true\n\n'
+        '[[dkim]]\ndomain = "corp.example"\nselector = "s2"\n'
+    )
+    args = ("doctor", "alerts.corp.example", "--relay-ip", "203.0.113.7", "--dns-server",
+            loopback_dns.address, "--config", str(config), "--json")  # fmt: skip
+    proc = relaygate(*args, cwd=tmp_path)
+    report = json.loads(proc.stdout)
+    assert report["signing_domain"] == "corp.example", proc.stdout + proc.stderr
+    assert report["selectors"] == ["s1"]
+    by_check = {f["check"]: f for f in report["findings"]}
+    assert by_check["DKIM"]["severity"] == "ok", by_check["DKIM"]
+    assert by_check["DMARC"]["summary"] == (
+        "DMARC p=reject (inherited from corp.example); relayed mail aligns via SPF and DKIM"
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    # strict DKIM alignment: d=corp.example does not align with alerts.corp.example, so only SPF
+    loopback_dns.remove("_dmarc.corp.example", "TXT")
+    loopback_dns.add("_dmarc.corp.example", "TXT", "v=DMARC1; p=reject; adkim=s")
+    report = json.loads(relaygate(*args, cwd=tmp_path).stdout)
+    dmarc = [f for f in report["findings"] if f["check"] == "DMARC"]
+    assert dmarc[0]["summary"] == (
+        "DMARC p=reject (inherited from corp.example); relayed mail aligns via SPF"
+    )

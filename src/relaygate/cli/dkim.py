@@ -159,6 +159,7 @@ def register(app: typer.Typer) -> None:
                 "key_file": str(path),
                 "configured": True,
                 "enabled": bool(key.enabled),
+                "subdomains": bool(key.subdomains),
             }
         root = base / "dkim"
         if root.is_dir():
@@ -173,6 +174,7 @@ def register(app: typer.Typer) -> None:
                     "key_file": str(path),
                     "configured": False,
                     "enabled": False,
+                    "subdomains": False,
                 }
         for entry in entries.values():
             path = Path(entry["key_file"])
@@ -204,6 +206,9 @@ def register(app: typer.Typer) -> None:
                 if entry["configured"]
                 else "not in the config"
             )
+            if entry["subdomains"]:
+                state += f", signs its subdomains too (d={entry['domain']})"
+
             typer.echo(
                 f"{entry['domain']}  selector {entry['selector']}  {entry['algorithm'] or '?'}  "
                 f"({state})  {entry['key_file']}"

@@ -54,7 +54,12 @@ def _system_resolver() -> Any:
 
 
 def _local_keys(
-    cfg: Any, data_dir: Path | None, domain: str, selector: str | None
+    cfg: Any,
+    data_dir: Path | None,
+    domain: str,
+    selector: str | None,
+    *,
+    subdomains_only: bool = False,
 ) -> list[tuple[str, str | None]]:
     """(selector, public record or None) of each key the relay signs ``domain``'s mail with:
     every one signs (a rotation, RSA beside Ed25519), so the doctor checks each. ``selector``
@@ -62,12 +67,15 @@ def _local_keys(
 
     With a config, only its enabled [[dkim]] entries: the relay signs with nothing else, so a key
     file left in data_dir without an entry must not count as signing. Without one (--data-dir
-    only), the keys found under data_dir/dkim/DOMAIN/.
+    only), the keys found under data_dir/dkim/DOMAIN/. ``subdomains_only``: ``domain`` signs a
+    subdomain's mail, which only its entries with ``subdomains = true`` do.
     """
     from relaygate.dkim.keys import key_path
 
     candidates: list[tuple[str, Path | None, str | None]] = []
     for key in getattr(cfg, "dkim", None) or ():
+        if subdomains_only and not key.subdomains:
+            continue
         if _same_domain(str(key.domain), domain) and key.enabled:
             path = Path(key.key_file) if key.key_file else None
             if path is None and data_dir is not None:
@@ -108,13 +116,33 @@ def _same_domain(configured: str, domain: str) -> bool:
         return False
 
 
-def _signing_domain(cfg: Any, domain: str, envelope_domain: str | None) -> str:
-    """The d= domain of the relay's signatures: the From domain, or the MAIL FROM domain when
-    ``server.dkim_domain_source = "envelope_sender"`` (the key that must be published is its)."""
+def _chosen_domain(cfg: Any, domain: str, envelope_domain: str | None) -> str:
+    """The domain the relay picks a key by: the From domain, or the MAIL FROM domain when
+    ``server.dkim_domain_source = "envelope_sender"``."""
     source = getattr(getattr(cfg, "server", None), "dkim_domain_source", "header_from")
     if source == "envelope_sender" and envelope_domain:
         return envelope_domain
     return domain
+
+
+def _signing_domain(cfg: Any, chosen: str) -> str:
+    """The d= domain of the relay's signatures for mail whose key is picked by ``chosen`` (the
+    key that must be published is its): ``chosen`` itself, or the parent whose entry says
+    ``subdomains = true`` (relaygate.dkim.domains, the signer's rule)."""
+    from relaygate.dkim.domains import signing_domain_for
+    from relaygate.doctor import ascii_domain
+
+    configured: set[str] = set()
+    parents: set[str] = set()
+    for key in getattr(cfg, "dkim", None) or ():
+        try:
+            name = ascii_domain(str(key.domain))
+        except ValueError:
+            continue  # (refused by `relaygate check`)
+        configured.add(name)
+        if key.enabled and key.subdomains:
+            parents.add(name)
+    return signing_domain_for(chosen, configured, parents) or chosen
 
 
 def _configured_sender(cfg: Any, envelope_domain: str) -> str | None:
@@ -320,8 +348,11 @@ def register(app: typer.Typer) -> None:
             raise fail(f"bad --dns-server: {exc}", 2) from None
         if sender is None:
             sender = _configured_sender(cfg, envelope_domain or domain_n)
-        signing_domain = _signing_domain(cfg, domain_n, envelope_domain)
-        keys = _local_keys(cfg, data_dir, signing_domain, selector)
+        chosen = _chosen_domain(cfg, domain_n, envelope_domain)
+        signing_domain = _signing_domain(cfg, chosen)
+        keys = _local_keys(
+            cfg, data_dir, signing_domain, selector, subdomains_only=signing_domain != chosen
+        )
         report = asyncio.run(
             diagnose(
                 domain_n,

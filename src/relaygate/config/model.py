@@ -322,6 +322,9 @@ class DkimKey:
     algorithm: str = _spec("rsa-sha256", choices=("rsa-sha256", "ed25519-sha256"))
     headers: tuple[str, ...] = _spec(SIGNED_HEADERS, factory=lambda: SIGNED_HEADERS)
     enabled: bool = True
+    #: Also sign mail from the domain's subdomains that have no [[dkim]] entry of their own
+    #: (d= this domain: DMARC's relaxed alignment accepts it, strict does not). Off: exact only.
+    subdomains: bool = False
 
 
 def _default_name() -> str:

@@ -11,9 +11,10 @@ Key choice (documented behaviour, also shown by the tracking log):
   never vouches for a message From someone else's domain; such a message goes out unsigned.
 * ``domain_source="envelope_sender"``: the envelope sender's (MAIL FROM) domain; for the null
   sender, which has none (the relay's own NDRs and delay notices), the single ``From``'s.
-* Keys match the **exact** domain only: a key for ``corp.example`` does not sign mail from
-  ``sub.corp.example`` (that would not align under strict DMARC and surprises admins). Configure
-  a key per domain.
+* Keys match the **exact** domain, unless their entry says ``subdomains = true``: a key for
+  ``corp.example`` signs mail from ``sub.corp.example`` only then (``d=corp.example``, which DMARC's
+  default relaxed alignment accepts and strict alignment does not), and only for a subdomain with
+  no ``[[dkim]]`` entry of its own (``relaygate.dkim.domains``, the doctor's rule too).
 * Every enabled key of the chosen domain signs (so an Ed25519 and an RSA key for one domain give
   the dual signature RFC 8463 recommends): RSA signatures topmost, then Ed25519 ones, each in
   configuration order.
@@ -37,6 +38,7 @@ from typing import Any, Protocol
 import dkim
 from relaygate.addresses import ascii_domain
 from relaygate.dkim.defaults import ALWAYS_SIGNED, SIGNED_HEADERS, SINGLE_FIELDS
+from relaygate.dkim.domains import signing_domain_for
 from relaygate.dkim.keys import (
     DkimKeyError,
     LoadedKey,
@@ -77,6 +79,7 @@ class DkimKeyConfig(Protocol):
     algorithm: str
     headers: list[str]
     enabled: bool
+    subdomains: bool
 
 
 class DkimConfigError(DkimKeyError):
@@ -94,7 +97,8 @@ class SignResult:
     ``data`` is the message to send (with the DKIM-Signature header(s) on top when ``signed``,
     unchanged otherwise). ``domain`` is the domain the key was chosen by (empty if none could be
     found); ``selector`` is the selector used, or several joined by ``","`` for dual signing.
-    ``reason`` says why in words the tracking log can show.
+    ``reason`` says why in words the tracking log can show. ``subdomain``: the domain whose mail
+    ``domain``'s ``subdomains = true`` key signed ("" when the key is the domain's own).
     """
 
     data: bytes
@@ -102,6 +106,7 @@ class SignResult:
     domain: str
     selector: str
     reason: str
+    subdomain: str = ""
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,7 @@ class _Key:
     algorithm: str
     headers: tuple[str, ...]
     loaded: LoadedKey
+    subdomains: bool = False
 
 
 def _normalise_domain(domain: str) -> str | None:
@@ -325,6 +331,8 @@ class DkimSigner:
         self._keys: dict[str, list[_Key]] = {}
         self._disabled: dict[str, list[str]] = {}
         self._unusable: dict[str, list[str]] = {}
+        self._configured: set[str] = set()  # every domain with an entry: its own keys decide
+        self._subdomain_parents: set[str] = set()  # an enabled entry says subdomains = true
         problems: list[str] = []
         self.warnings: list[str] = []
         seen: set[tuple[str, str]] = set()
@@ -335,9 +343,12 @@ class DkimSigner:
             if domain is None:
                 problems.append(f"{label}: invalid domain")
                 continue
+            self._configured.add(domain)
             if not getattr(entry, "enabled", True):
                 self._disabled.setdefault(domain, []).append(selector)
                 continue
+            if getattr(entry, "subdomains", False):
+                self._subdomain_parents.add(domain)
             before = len(problems)
             self._add_key(entry, domain, selector, label, seen, data_dir, problems)
             if len(problems) > before:
@@ -398,7 +409,14 @@ class DkimSigner:
                 problems.append(f"{label}: ed25519-sha256 needs the PyNaCl package")
                 return
         self._keys.setdefault(domain, []).append(
-            _Key(domain, selector, loaded.algorithm, headers, loaded)
+            _Key(
+                domain,
+                selector,
+                loaded.algorithm,
+                headers,
+                loaded,
+                bool(getattr(entry, "subdomains", False)),
+            )
         )
 
     @classmethod
@@ -475,16 +493,17 @@ class DkimSigner:
         if domain is None:
             return SignResult(message, False, "", "", f"not signed: {why}")
         keys = self._keys.get(domain)
+        subdomain = ""
         if not keys:
-            if domain in self._unusable:
-                selectors = ", ".join(self._unusable[domain])
-                reason = f"DKIM key for domain {domain} cannot be used (selector {selectors})"
-            elif domain in self._disabled:
-                selectors = ", ".join(self._disabled[domain])
-                reason = f"DKIM key for domain {domain} is disabled (selector {selectors})"
-            else:
-                reason = f"no DKIM key for domain {domain}"
-            return SignResult(message, False, domain, "", reason)
+            signing = signing_domain_for(domain, self._configured, self._subdomain_parents)
+            if signing is None or signing == domain:
+                return SignResult(message, False, domain, "", self._no_key_reason(domain))
+            # A parent's `subdomains = true` keys sign, with d= the parent.
+            keys = [k for k in self._keys.get(signing, ()) if k.subdomains]
+            if not keys:
+                reason = self._no_key_reason(signing, f" (which signs {domain}'s mail)")
+                return SignResult(message, False, signing, "", reason)
+            subdomain, domain = domain, signing
         linesep = b"\r\n" if b"\r\n" in message else b"\n"
         # dkimpy refuses a header followed by a body line with no empty line between them
         # ("Unexpected characters in RFC822 header"), and the message went out unsigned: the
@@ -518,8 +537,24 @@ class DkimSigner:
             signatures.append(signature)
         selectors = ",".join(k.selector for k in keys)
         algorithms = ",".join(k.algorithm for k in keys)
+        for_subdomain = f" for {subdomain} (subdomains = true)" if subdomain else ""
         # The first key's signature is topmost (the one simple verifiers check): an RSA one.
         data = b"".join(signatures) + message
         return SignResult(
-            data, True, domain, selectors, f"signed d={domain} s={selectors} a={algorithms}"
+            data,
+            True,
+            domain,
+            selectors,
+            f"signed d={domain} s={selectors} a={algorithms}{for_subdomain}",
+            subdomain,
         )
+
+    def _no_key_reason(self, domain: str, what: str = "") -> str:
+        """Why ``domain`` has no key to sign with: unusable, disabled or none at all."""
+        if domain in self._unusable:
+            selectors = ", ".join(self._unusable[domain])
+            return f"DKIM key for domain {domain}{what} cannot be used (selector {selectors})"
+        if domain in self._disabled:
+            selectors = ", ".join(self._disabled[domain])
+            return f"DKIM key for domain {domain}{what} is disabled (selector {selectors})"
+        return f"no DKIM key for domain {domain}"

@@ -58,6 +58,8 @@ class _Sending(_Tracking):
             return data
         if result.signed:
             info = f"DKIM signed d={result.domain} s={result.selector}"
+            if result.subdomain:
+                info += f" for {result.subdomain} (subdomains = true)"
         else:
             info = f"DKIM unsigned: {result.reason}"
             # DEBUG, not INFO: at INFO every message from a domain without a key wrote a service
