@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 BENCH_STAMP := $(VENV)/.installed-bench
-DEBS := swaks postfix chromium postgresql systemd pebble
+DEBS := swaks postfix chromium postgresql systemd pebble gcc
 
 .PHONY: run test lint fmt soak bench debs clean
 
