@@ -132,7 +132,7 @@ class SqliteStore(_SqliteReads, _SqliteOps, Store):
         self._ckpt_wake = threading.Event()
         self._ckpt_stop = threading.Event()
         self._bytes_since_ckpt = 0
-        self._bytes_committed = 0  # since open: how far the WAL may have grown
+        self._bytes_committed = 0  # since open (or the WAL emptied): how far the WAL may have grown
         self._wal_reserved = 0  # bytes of the WAL file known to be written (see _reserve_wal)
         self._wal_index: int | None = None  # fd of the -shm file, to read how much WAL is in use
         self._wal_frame = 4096 + 24

@@ -663,6 +663,7 @@ class _SqliteWriter:
         # The WAL file is empty now: write its space ahead again (see _reserve_wal), and a
         # reserve that failed on the broken disk is tried again too.
         self._wal_reserved = 0
+        self._bytes_committed = 0  # what _wal_in_use estimates from without the -shm file
         self._bytes_since_ckpt = 0
         log.warning(
             "queue store: the write-ahead log of %s is copied into the database file and"
