@@ -4,6 +4,8 @@ Durability: WAL journal, ``synchronous=FULL``; the message bytes are a BLOB writ
 transaction as the envelope and the recipients, so one fsync of the WAL covers all three. Messages of
 ``SPOOL_THRESHOLD`` bytes or more go to a spool file instead (see spool.py), made durable before the
 row that names it is committed. The database directory is fsync'd after the files are created.
+After a write fails with an I/O error (a failed fsync), no write is acknowledged until the WAL
+has been copied into the database file and emptied (sqlite_writer.py, ``_recover_wal``).
 
 Group commit: one dedicated writer thread owns the write connection. Every mutating call is put on
 a queue and awaited through an asyncio future; the writer takes everything that is queued (up to
@@ -130,10 +132,14 @@ class SqliteStore(_SqliteReads, _SqliteOps, Store):
         self._ckpt_wake = threading.Event()
         self._ckpt_stop = threading.Event()
         self._bytes_since_ckpt = 0
-        self._bytes_committed = 0  # since open: how far the WAL may have grown
+        self._bytes_committed = 0  # since open (or the WAL emptied): how far the WAL may have grown
         self._wal_reserved = 0  # bytes of the WAL file known to be written (see _reserve_wal)
         self._wal_index: int | None = None  # fd of the -shm file, to read how much WAL is in use
         self._wal_frame = 4096 + 24
+        #: A write failed with an I/O error (a failed fsync of the WAL, say): no write is
+        #: acknowledged until a TRUNCATE checkpoint has made the WAL durable (_recover_wal)
+        self._wal_unsynced = False
+        self._wal_retry_at = 0.0  # time.monotonic() from which that checkpoint may run again
         # statistics (written by the writer thread only)
         self.commits = 0  # transactions committed (one fsync each)
         self.ops_committed = 0  # calls carried by those transactions

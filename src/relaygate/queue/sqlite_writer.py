@@ -48,6 +48,9 @@ _WAL_RESERVE_STEP = 16 * 1024 * 1024  # ... when less than half of it is left, u
 _WAL_HEADER = 32  # bytes before the first frame; each frame is a 24-byte header and a page
 _WAL_INDEX_REGION = 32 * 1024  # the -shm file grows by regions of this size ...
 _WAL_INDEX_FRAMES = 4096  # ... each indexing this many frames (wal.c: HASHTABLE_NPAGE)
+#: After a write failed with an I/O error, the checkpoint that lets the store take writes again
+#: (_recover_wal) is tried at most this often, before a batch: the batches in between are refused.
+_WAL_RECOVERY_INTERVAL = 1.0
 
 
 @dataclass(slots=True)
@@ -147,6 +150,14 @@ def _powersafe_overwrite() -> bool:
     return "POWERSAFE_OVERWRITE=0" not in options
 
 
+def _io_error(exc: BaseException) -> bool:
+    """SQLite's SQLITE_IOERR family: IOERR_FSYNC (a failed fsync), IOERR_WRITE, IOERR_SHMSIZE..."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (
+        isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF == sqlite3.SQLITE_IOERR
+    )
+
+
 def _outcome_unknown(exc: BaseException) -> StoreOutcomeUnknownError:
     err = StoreOutcomeUnknownError(f"queue database commit failed, outcome unknown: {exc}")
     err.__cause__ = exc
@@ -193,6 +204,8 @@ class _SqliteWriter:
     _wal_reserved: int
     _wal_index: int | None
     _wal_frame: int
+    _wal_unsynced: bool
+    _wal_retry_at: float
     commits: int
     ops_committed: int
     max_batch: int
@@ -512,6 +525,8 @@ class _SqliteWriter:
 
     def _commit_batch(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
         """Run every call of the batch in one transaction: (True, result) or (False, error) each."""
+        if self._wal_unsynced and not self._recover_wal():
+            return [(False, self._refused_until_wal_synced()) for _ in batch]
         outcomes: list[tuple[bool, Any]] = []
         committing = False
         try:
@@ -552,12 +567,13 @@ class _SqliteWriter:
             # same file descriptors: a failed fsync may have thrown away dirty pages.
             self.failed_commits += 1
             log.error("queue store: transaction failed: %s", exc)
-            if self._wconn is not None:
-                with contextlib.suppress(Exception):
-                    self._wconn.execute("ROLLBACK")
-                with contextlib.suppress(Exception):
-                    self._wconn.close()
-                self._wconn = None
+            self._drop_writer_connection()
+            if (
+                not self._wal_unsynced
+                and _io_error(exc)
+                and not isinstance(_wrap_error(exc, self.path), StoreFullError)
+            ):
+                self._refuse_writes_until_wal_synced(exc)
             if committing and not _frames_not_written(exc):
                 # COMMIT itself failed: its frames may be in the WAL file, and come back when
                 # SQLite next rebuilds its index from it (a full disk failing the -shm file, a
@@ -579,6 +595,82 @@ class _SqliteWriter:
                 self._bytes_since_ckpt = 0
                 self._ckpt_wake.set()
         return outcomes
+
+    def _drop_writer_connection(self) -> None:
+        if self._wconn is not None:
+            with contextlib.suppress(Exception):
+                self._wconn.execute("ROLLBACK")
+            with contextlib.suppress(Exception):
+                self._wconn.close()
+            self._wconn = None
+
+    # ------------------------------------------------------------------ after a failed fsync
+    #
+    # When the kernel fails to write a file's dirty pages back (EIO), it marks them clean and
+    # reports the error once to each open file description, at its next fsync. Frames that
+    # earlier synchronous=NORMAL commits wrote to the WAL (visible, never synced) may then never
+    # reach the disk, while the fsync of a later commit succeeds: after a power cut SQLite's WAL
+    # recovery stops at the first frame that does not check out, and every commit acknowledged
+    # after it is lost (PostgreSQL's "fsyncgate"). So after a write fails with an I/O error, no
+    # write is acknowledged until the WAL's content is durable another way: a TRUNCATE
+    # checkpoint copies it into the database file (read back through the page cache), fsyncs
+    # that, and empties the WAL.
+    #
+    # Per process: with server.workers > 1 each worker's writer has the WAL open on its own file
+    # description, so each meets the error at its own next sync and recovers on its own. A
+    # checkpoint one worker runs copies the frames every worker wrote.
+
+    def _refuse_writes_until_wal_synced(self, exc: BaseException) -> None:
+        self._wal_unsynced = True
+        self._wal_retry_at = time.monotonic() + _WAL_RECOVERY_INTERVAL
+        log.error(
+            "queue store: a write to the queue database %s failed with an I/O error (%s); data"
+            " already written to its write-ahead log may not be on the disk: mail is refused"
+            " with 451 4.3.0 and delivery results are not recorded until the queue's disk"
+            " takes writes again (the relay copies the log into the database, retried every"
+            " second): check the disk and the kernel log (dmesg)",
+            self.path,
+            exc,
+        )
+
+    def _refused_until_wal_synced(self) -> StoreError:
+        return StoreError(
+            f"queue database {self.path}: writes refused after an I/O error until its"
+            " write-ahead log is copied into the database file (check the disk)"
+        )
+
+    def _recover_wal(self) -> bool:
+        """Try, at most every _WAL_RECOVERY_INTERVAL, the checkpoint that ends the refusal: True
+        once the WAL has been copied into the database file, synced, and emptied."""
+        now = time.monotonic()
+        if now < self._wal_retry_at:
+            return False
+        self._wal_retry_at = now + _WAL_RECOVERY_INTERVAL
+        try:
+            if self._wconn is None:
+                self._wconn = self._connect()
+                self._wsync = "FULL"
+            # Waits (busy_timeout) for readers on an older snapshot, in any process, to finish.
+            busy, frames, copied = self._wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as exc:
+            log.debug("queue store: checkpoint after the failed write failed: %s", exc)
+            self._drop_writer_connection()  # not another sync through the same descriptors
+            return False
+        if busy or frames != copied:
+            log.debug("queue store: checkpoint after the failed write incomplete (busy)")
+            return False
+        self._wal_unsynced = False
+        # The WAL file is empty now: write its space ahead again (see _reserve_wal), and a
+        # reserve that failed on the broken disk is tried again too.
+        self._wal_reserved = 0
+        self._bytes_committed = 0  # what _wal_in_use estimates from without the -shm file
+        self._bytes_since_ckpt = 0
+        log.warning(
+            "queue store: the write-ahead log of %s is copied into the database file and"
+            " synced; writes are accepted again",
+            self.path,
+        )
+        return True
 
     @staticmethod
     def _resolve_batch(batch: list[_Op], outcomes: list[tuple[bool, Any]]) -> None:
