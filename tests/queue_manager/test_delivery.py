@@ -766,6 +766,53 @@ async def test_results_not_stored_when_the_relay_stops_are_one_error_line_not_a_
         assert "stays queued" in line.getMessage()
 
 
+async def test_a_store_error_failing_every_scan_is_said_when_it_starts_not_at_every_scan(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store that fails every scan (a database down, a disk refusing writes after a failed
+    fsync) wrote "queue scan failed" at every scan, five a second per worker here: said when it
+    starts, then at most every _REPEAT_EVERY with the count, and once when scans work again."""
+    from relaygate.queue import manager_loop
+    from relaygate.queue.store import StoreError
+
+    monkeypatch.setattr(manager_loop, "_REPEAT_EVERY", 1.0, raising=False)
+    caplog.set_level(logging.INFO, logger="relaygate")
+    async with (
+        sinks(ScriptedHandler()) as (a,),
+        relay_running(tmp_path, {"*": a.port}, scan_interval=0.1) as relay,
+    ):
+        working = relay.store.lease_due
+        failed_scans = 0
+
+        async def lease_due(*args: Any, **kw: Any) -> Any:
+            nonlocal failed_scans
+            failed_scans += 1
+            raise StoreError("queue database error: disk I/O error")
+
+        relay.store.lease_due = lease_due  # type: ignore[method-assign]
+        started = time.monotonic()
+        await wait_for(lambda: failed_scans >= 20)  # 2 s of scans, at least
+        relay.store.lease_due = working  # type: ignore[method-assign]
+        outage = time.monotonic() - started
+        await send(relay, SENDER, ["bob@example.com"], original("After the outage"))
+        await wait_for(lambda: a.handler.messages)
+        await wait_for(lambda: any("work again" in r.getMessage() for r in caplog.records))
+    lines = [r.getMessage() for r in caplog.records if "queue scan" in r.getMessage()]
+    failed = [line for line in lines if line.startswith("queue scan failed")]
+    assert failed[0] == "queue scan failed: queue database error: disk I/O error", lines
+    # the first, then one a second with the count (before: one line a scan, 20 or more)
+    assert 2 <= len(failed) <= outage + 2, (lines, outage)
+    assert re.fullmatch(
+        r"queue scan failed \(again \d+ times in the last 1 s\): queue database error: disk I/O "
+        r"error",
+        failed[1],
+    ), lines
+    (back,) = [line for line in lines if "work again" in line]
+    count = int(re.search(r"after (\d+) failed", back).group(1))  # type: ignore[union-attr]
+    assert count == failed_scans, (back, failed_scans)  # every failed scan counted
+    assert back.endswith("(last error: queue database error: disk I/O error)"), back
+
+
 async def test_an_ndr_returns_the_header_of_a_message_without_an_empty_line_not_its_body(
     tmp_path: Path,
 ) -> None:

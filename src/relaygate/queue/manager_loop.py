@@ -13,12 +13,59 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 
 from relaygate.queue.manager_routes import _MessageRoutes
 from relaygate.queue.model import StoredMessage
 from relaygate.queue.store import ClockSkewError, StoreClosedError, StoreError
 
 log = logging.getLogger("relaygate.queue")
+
+#: A store error that fails every scan (a database down, a disk refusing writes) is said when it
+#: starts and then at most this often, with how many scans it failed meanwhile: a scan runs
+#: every scan_interval (or sooner when woken), and a line per scan per worker buried the log.
+_REPEAT_EVERY = 60.0
+
+
+class _ScanFailures:
+    """The scans failed by one store error in a row, and when that was last said."""
+
+    __slots__ = ("count", "first", "message", "said_at", "unsaid")
+
+    def __init__(self) -> None:
+        self.message = ""
+        self.count = 0  # failed scans since the last one that worked
+        self.unsaid = 0  # ... of which not in a log line yet
+        self.first = self.said_at = 0.0
+
+    def failed(self, exc: StoreError) -> None:
+        now, message = time.monotonic(), str(exc)
+        if self.count == 0:
+            self.first = now
+        self.count += 1
+        if message != self.message:
+            self.message, self.said_at, self.unsaid = message, now, 0
+            log.error("queue scan failed: %s", message)
+        elif now - self.said_at >= _REPEAT_EVERY:
+            log.error(
+                "queue scan failed (again %d times in the last %.0f s): %s",
+                self.unsaid + 1,
+                now - self.said_at,
+                message,
+            )
+            self.said_at, self.unsaid = now, 0
+        else:
+            self.unsaid += 1
+
+    def worked(self) -> None:
+        if self.count:
+            log.warning(
+                "queue scans work again, after %d failed in %.0f s (last error: %s)",
+                self.count,
+                time.monotonic() - self.first,
+                self.message,
+            )
+            self.message, self.count, self.unsaid = "", 0, 0
 
 
 class _ScanLoop(_MessageRoutes):
@@ -30,6 +77,7 @@ class _ScanLoop(_MessageRoutes):
 
     async def _run(self) -> None:
         await self.endpoints_known.wait()  # loop detection needs the listeners (manager.py)
+        failures = _ScanFailures()
         while not self._stopping:
             self._wake.clear()
             try:
@@ -39,13 +87,14 @@ class _ScanLoop(_MessageRoutes):
                     await self._scan()
                 await self._renew_leases()
                 await self._housekeeping()
+                failures.worked()
             except StoreClosedError:
                 if self._stopping:
                     break
                 log.error("queue store is closed; the queue manager waits")
-            except StoreError as exc:  # the database is down or full: say why, once a scan
+            except StoreError as exc:  # the database is down or full: say why, not every scan
                 self.stats["loop_errors"] += 1
-                log.error("queue scan failed: %s", exc)
+                failures.failed(exc)
             except Exception:
                 self.stats["loop_errors"] += 1
                 log.exception("queue scan failed")
