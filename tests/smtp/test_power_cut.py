@@ -212,13 +212,15 @@ def _running(pid: int) -> bool:
 
 
 class _Sink:
-    """The smart host on loopback: answers 451 while `busy` (messages stay queued), then takes
+    """The smart host on loopback: answers 451 while `busy` (messages stay queued), or only to
+    every other message when `mixed` (the rest is delivered before the cuts), then takes
     everything, keeping the SHA-256 of each message from its Message-ID line on (the relay puts
     its Received header above it)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.busy = True
+        self.mixed = False
         self.deferred = 0
         self.received: dict[str, set[str]] = {}  # Message-ID -> hashes of the copies received
 
@@ -226,7 +228,9 @@ class _Sink:
         if self.busy:
             with self.lock:
                 self.deferred += 1
-            return "451 4.3.0 Busy, try again later"
+                turned_away = not self.mixed or self.deferred % 2
+            if turned_away:
+                return "451 4.3.0 Busy, try again later"
         data = bytes(envelope.original_content or envelope.content)
         found = MESSAGE_ID.search(data)
         if found:
@@ -273,9 +277,13 @@ class _Sender:
             return len(self.acked)
 
 
-@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
+@pytest.mark.parametrize(
+    ("workers", "mixed"),
+    [(1, False), (2, False), (1, True)],
+    ids=["one-process", "two-workers", "some-delivered-before"],
+)
 def test_acknowledged_messages_are_delivered_after_a_power_cut(
-    relay, lazy: LazyMount, workers: int
+    relay, lazy: LazyMount, workers: int, mixed: bool
 ):
     """The relay's data directory (queue database, its WAL, spool files) on the lazy mount. The
     smart host answers 451, so the messages stay queued. A background sender runs three sessions
@@ -283,8 +291,11 @@ def test_acknowledged_messages_are_delivered_after_a_power_cut(
     power cut; the relay comes back, the rest is sent, and a second cut follows right after the
     last 250. Then the smart host takes mail, and every message that got a 250 must arrive with
     its bytes intact. With two workers the supervisor starts first (and creates data_dir) and
-    each worker has its own store on the shared database."""
+    each worker has its own store on the shared database. With `mixed`, the smart host takes
+    every other message before the cuts: the deliveries' bookkeeping (not fsync'd: a lost one
+    means a second copy) is cut too."""
     sink = _Sink()
+    sink.mixed = mixed
     controller = Controller(sink, hostname="127.0.0.1", port=free_port())
     controller.start()
     r = relay(
@@ -326,6 +337,9 @@ def test_acknowledged_messages_are_delivered_after_a_power_cut(
         # write the relay forgot to fsync would have gone too.
         assert first_cut["bytes"] > 0 and second_cut["bytes"] > 0, (first_cut, second_cut)
         assert sink.deferred, "no delivery was tried before the cuts"
+        with sink.lock:
+            delivered_before = len(sink.received)
+        assert bool(delivered_before) == mixed, delivered_before
         r.start()
         sink.busy = False
         wanted = dict(sender.acked)
