@@ -306,7 +306,9 @@ class _DataReception(_MailAndRcpt):
             replies.message_queued(
                 queue_id,
                 _reply_message_id(scan.message_id, queue_id, self.fqdn),
-                self.fqdn,
+                # Hostname= is the server's FQDN, as Exchange's (§5.2), not the connector's
+                # fqdn (the name of the banner and EHLO).
+                self.ctx.config.server.fqdn,
                 size,
                 elapsed,
             )
