@@ -227,7 +227,13 @@ def test_protocol_log_parsed_back_as_csv(logged):
     assert mine[0][6:] == ["+", "", ""]
     assert mine[-1][6:] == ["-", "", "Local"]
     events = [(row[6], row[7], row[8]) for row in mine]
-    assert events[1][0] == ">" and events[1][1].startswith(
+    # Exchange's order (real 2010/2016 logs): "+" (0), the session's permissions (1), the banner (2).
+    assert events[1] == (
+        "*",
+        "SMTPSubmit SMTPAcceptAnySender SMTPAcceptAuthoritativeDomainSender AcceptRoutingHeaders",
+        "Set Session Permissions",
+    )
+    assert events[2][0] == ">" and events[2][1].startswith(
         f"220 {FQDN} Microsoft ESMTP MAIL Service ready at "
     )
     permissions = [e[1] for e in events if e[0] == "*" and e[2] == "Set Session Permissions"]
