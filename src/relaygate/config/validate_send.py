@@ -15,6 +15,9 @@ from relaygate.config.validate_cloud import _entra_credential_rules, _google_rul
 from relaygate.config.validate_values import _not_an_address
 from relaygate.config.values import parse_smart_host
 
+#: An address space's cost, as New-SendConnector takes it (exchange-semantics.md §7.1).
+MIN_COST, MAX_COST = 1, 100
+
 _ADDRESS_SPACE = re.compile(
     r"^(\*|(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*)$"
 )
@@ -45,6 +48,8 @@ def _send_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
             yield f"smart_hosts[{i}]", str(exc)
     if not 0 < s.port < 65536:
         yield "port", "must be 1-65535"
+    if not MIN_COST <= s.cost <= MAX_COST:
+        yield "cost", f"{s.cost} is outside the allowed range {MIN_COST}-{MAX_COST}"
     if s.smart_host_auth_mechanism in ("BasicAuth", "BasicAuthRequireTLS") and not graph:
         if not s.auth_username:
             yield (
