@@ -869,3 +869,19 @@ def test_relaygate_check_refuses_exchange_out_of_range_queue_and_cost_values(
     config = parse_text(edges, "edges.toml")
     assert config.queue.transient_failure_retry_count == 15
     assert config.send_connectors[0].cost == 100
+
+
+def test_an_exchange_spelled_address_space_is_refused_with_the_form_to_write() -> None:
+    """Exchange writes AddressSpaces `[SMTP:]space[;cost]` (exchange-semantics.md §7.1);
+    RelayGate's address_spaces take the space alone and `cost` per connector (README, importer).
+    An administrator pasting Exchange's spelling is told what to write instead."""
+    text = '[[send_connectors]]\nname = "Out"\naddress_spaces = ["SMTP:*.corp.example;5", "x400:c=US"]\n'
+    with pytest.raises(ConfigError) as info:
+        parse_text(text, "s.toml")
+    problems = [str(p) for p in info.value.problems]
+    assert problems == [
+        "s.toml: send_connectors[0] \"Out\": address_spaces[0]: 'SMTP:*.corp.example;5' is "
+        "Exchange's [SMTP:]space[;cost] spelling: write '*.corp.example' (and cost = 5)",
+        "s.toml: send_connectors[0] \"Out\": address_spaces[1]: 'x400:c=US' is not '*', a "
+        "domain or '*.domain' (only SMTP address spaces are routed)",
+    ], problems
