@@ -830,3 +830,58 @@ def test_dkim_subdomains_is_a_boolean_off_by_default() -> None:
     (problem,) = [str(p) for p in info.value.problems]
     assert problem.startswith("d.toml: dkim[0].subdomains:"), problem
     assert "expected true or false" in problem, problem
+
+
+def test_relaygate_check_refuses_exchange_out_of_range_queue_and_cost_values(
+    tmp_path: Path,
+) -> None:
+    """exchange-semantics.md §7.1 / §7.3: an address-space cost is 1-100,
+    TransientFailureRetryCount 0-15 and MessageExpirationTimeout at most 90 days; `check` says
+    so, naming the key (and the connector), instead of taking a value Exchange refuses."""
+    path = tmp_path / "relaygate.toml"
+    path.write_text(
+        '[queue]\ntransient_failure_retry_count = 16\nmessage_expiration_timeout = "91.00:00:00"\n'
+        + _SEND.format(hosts='"smtp.office365.com"')
+        + "cost = 0\n"
+        + '\n[[send_connectors]]\nname = "Second"\naddress_spaces = ["x.example"]\ncost = 101\n',
+        encoding="utf-8",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "relaygate", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done
+    out = done.stdout + done.stderr
+    for expected in (
+        f"{path}: queue.transient_failure_retry_count: 16 is outside the allowed range 0-15",
+        f"{path}: queue.message_expiration_timeout: must be at most 90.00:00:00",
+        f'{path}: send_connectors[0] "Out": cost: 0 is outside the allowed range 1-100',
+        f'{path}: send_connectors[1] "Second": cost: 101 is outside the allowed range 1-100',
+    ):
+        assert expected in out, out
+    edges = (
+        '[queue]\ntransient_failure_retry_count = 15\nmessage_expiration_timeout = "90.00:00:00"\n'
+        + _SEND.format(hosts='"smtp.office365.com"')
+        + "cost = 100\n"
+    )
+    config = parse_text(edges, "edges.toml")
+    assert config.queue.transient_failure_retry_count == 15
+    assert config.send_connectors[0].cost == 100
+
+
+def test_an_exchange_spelled_address_space_is_refused_with_the_form_to_write() -> None:
+    """Exchange writes AddressSpaces `[SMTP:]space[;cost]` (exchange-semantics.md §7.1);
+    RelayGate's address_spaces take the space alone and `cost` per connector (README, importer).
+    An administrator pasting Exchange's spelling is told what to write instead."""
+    text = '[[send_connectors]]\nname = "Out"\naddress_spaces = ["SMTP:*.corp.example;5", "x400:c=US"]\n'
+    with pytest.raises(ConfigError) as info:
+        parse_text(text, "s.toml")
+    problems = [str(p) for p in info.value.problems]
+    assert problems == [
+        "s.toml: send_connectors[0] \"Out\": address_spaces[0]: 'SMTP:*.corp.example;5' is "
+        "Exchange's [SMTP:]space[;cost] spelling: write '*.corp.example' (and cost = 5)",
+        "s.toml: send_connectors[0] \"Out\": address_spaces[1]: 'x400:c=US' is not '*', a "
+        "domain or '*.domain' (only SMTP address spaces are routed)",
+    ], problems

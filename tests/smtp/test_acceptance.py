@@ -69,6 +69,67 @@ def test_received_header_prepended_and_nothing_else_changed(relay):
     assert f" {len(data)} bytes in " in done
 
 
+_FIREWALLED = (
+    b"X-MS-Exchange-Organization-AuthAs: Internal\r\n"
+    b"x-ms-exchange-organization-SCL:\r\n -1\r\n"
+    b"X-MS-Exchange-Forest-RulesExecuted: RELAY01\r\n"
+)
+_ROUTING = b"Received: from upstream.example by nowhere; Mon, 1 Jan 2024 00:00:00 +0000\r\nResent-From: <a@corp.example>\r\n"
+_KEPT = b"X-MS-Exchange-Transport-Fork: kept\r\nSubject: firewall\r\n"
+
+
+def _queued_content(r, source: str) -> bytes:
+    """The stored message of one transaction from `source`, without the relay's Received field."""
+    with r.raw(source) as c:
+        c.greet()
+        c.cmd("MAIL FROM:<app@corp.example>", 250)
+        c.cmd("RCPT TO:<someone@external.example>", 250)
+        c.cmd("DATA", 354)
+        c.send(_ROUTING + _FIREWALLED + _KEPT + b"\r\nbody\r\n.\r\n")
+        queue_id = re.search(r"InternalId=([0-9A-F]{16})", c.expect(250).text).group(1)
+    data = r.data(queue_id)
+    return data[RECEIVED.match(data).end() :]
+
+
+def test_header_firewall_removes_the_headers_the_session_may_not_send(relay):
+    """exchange-semantics.md §3.1-3.2, Exchange's header firewall: without
+    ms-Exch-Accept-Headers-Organization / -Forest a session's X-MS-Exchange-Organization-* /
+    X-MS-Exchange-Forest-* fields (folded lines too) are removed, without
+    ms-Exch-Accept-Headers-Routing its Received and Resent-* fields. A device in a relay range
+    cannot hand the next hop (Exchange Online) an 'AuthAs: Internal' or an 'SCL: -1'."""
+    anonymous = "NT AUTHORITY\\ANONYMOUS LOGON"
+    org_rights = ["ms-Exch-Accept-Headers-Organization", "ms-Exch-Accept-Headers-Forest"]
+    r = relay(
+        [
+            relay_connector(["127.0.0.5"], name="Method A"),
+            relay_connector(
+                ["127.0.0.6"], name="Method B", auth_mechanism=["ExternalAuthoritative"],
+                permission_groups=["ExchangeServers"], permissions=[],
+            ),
+            relay_connector(
+                ["127.0.0.7"], name="Custom rights", permission_groups=[],
+                permissions=[{"user": anonymous, "extended_rights": [
+                    "ms-Exch-SMTP-Submit", "ms-Exch-SMTP-Accept-Any-Recipient",
+                    "ms-Exch-SMTP-Accept-Any-Sender", "ms-Exch-SMTP-Accept-Authoritative-Domain-Sender",
+                ]}],
+            ),
+            relay_connector(
+                ["127.0.0.8"], name="Trusted headers",
+                permissions=[{"user": anonymous, "extended_rights": [
+                    "ms-Exch-SMTP-Accept-Any-Recipient", *org_rights,
+                ]}],
+            ),
+        ]
+    )  # fmt: skip
+    # AnonymousUsers (method A) and Externally Secured Servers (method B) keep routing headers only
+    for source in ("127.0.0.5", "127.0.0.6"):
+        assert _queued_content(r, source) == _ROUTING + _KEPT + b"\r\nbody\r\n", source
+    # no Accept-Headers-Routing: Received and Resent-* go too
+    assert _queued_content(r, "127.0.0.7") == _KEPT + b"\r\nbody\r\n"
+    # the rights granted: nothing removed
+    assert _queued_content(r, "127.0.0.8") == _ROUTING + _FIREWALLED + _KEPT + b"\r\nbody\r\n"
+
+
 def test_received_header_for_helo_and_several_recipients(relay):
     r = relay([relay_connector()])
     with r.raw() as c:
@@ -227,7 +288,13 @@ def test_protocol_log_parsed_back_as_csv(logged):
     assert mine[0][6:] == ["+", "", ""]
     assert mine[-1][6:] == ["-", "", "Local"]
     events = [(row[6], row[7], row[8]) for row in mine]
-    assert events[1][0] == ">" and events[1][1].startswith(
+    # Exchange's order (real 2010/2016 logs): "+" (0), the session's permissions (1), the banner (2).
+    assert events[1] == (
+        "*",
+        "SMTPSubmit SMTPAcceptAnySender SMTPAcceptAuthoritativeDomainSender AcceptRoutingHeaders",
+        "Set Session Permissions",
+    )
+    assert events[2][0] == ">" and events[2][1].startswith(
         f"220 {FQDN} Microsoft ESMTP MAIL Service ready at "
     )
     permissions = [e[1] for e in events if e[0] == "*" and e[2] == "Set Session Permissions"]

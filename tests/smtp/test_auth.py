@@ -187,6 +187,31 @@ def test_auth_failure_tarpit_and_lockout(relay):
         ]
 
 
+def test_unrecognized_auth_type_is_tarpitted_for_anonymous_sessions(relay):
+    """exchange-semantics.md §5.5, as a real Exchange 2016 receive log shows it: AUTH on a
+    connector that offers none, or with a mechanism it does not know, gets
+    `504 5.7.4 Unrecognized authentication type` after the tarpit, logged
+    `*,Tarpit for '0.00:00:01'` before the reply."""
+    r = relay(
+        [
+            relay_connector(["127.0.0.5"], name="No Auth", tarpit_interval="00:00:01"),
+            auth_connector(remote_ip_ranges=["127.0.0.6"], tarpit_interval="00:00:01"),
+        ]
+    )
+    for source, command in (("127.0.0.5", "AUTH LOGIN"), ("127.0.0.6", "AUTH CRAM-MD5")):
+        with r.raw(source) as c:
+            c.greet()
+            t0 = time.monotonic()
+            assert c.cmd(command).text == "504 5.7.4 Unrecognized authentication type", source
+            assert time.monotonic() - t0 >= 0.95, source
+            c.cmd("QUIT", 221)
+    lines = r.protocol_log_text().splitlines()
+    for command in ("AUTH LOGIN", "AUTH CRAM-MD5"):
+        at = next(i for i, line in enumerate(lines) if line.endswith(f",<,{command},"))
+        assert lines[at + 1].endswith(",*,Tarpit for '0.00:00:01',"), lines[at : at + 3]
+        assert lines[at + 2].endswith(",>,504 5.7.4 Unrecognized authentication type,")
+
+
 def test_auth_protocol_errors(relay):
     r = relay([auth_connector()])
     add_user(r, "scanner")

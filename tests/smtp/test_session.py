@@ -141,6 +141,24 @@ def test_default_banner_and_custom_banner_and_connector_fqdn(relay):
         assert c.cmd("EHLO x", 250).lines[0] == "mx2.corp.example Hello [127.0.0.7]"
 
 
+def test_queued_reply_names_the_server_not_the_connector_fqdn(relay):
+    """exchange-semantics.md §5.2: the `250 2.6.0` after DATA says `Hostname=<server FQDN>`, the
+    machine's name, also on a connector whose own Fqdn (banner, EHLO) is another name."""
+    r = relay([relay_connector(["127.0.0.7"], name="Own Fqdn", fqdn="mx2.corp.example")])
+    with r.raw("127.0.0.7") as c:
+        assert BANNER.match(c.expect(220).text)["fqdn"] == "mx2.corp.example"
+        c.cmd("EHLO client.corp.example", 250)
+        c.cmd("MAIL FROM:<a@corp.example>", 250)
+        c.cmd("RCPT TO:<b@external.example>", 250)
+        c.cmd("DATA", 354)
+        c.send(b"Message-ID: <m2@corp.example>\r\nSubject: t\r\n\r\nbody\r\n.\r\n")
+        done = c.expect(250).text
+    assert re.match(
+        rf"250 2\.6\.0 <m2@corp\.example> \[InternalId=[0-9A-F]{{16}}, Hostname={re.escape(FQDN)}\] ",
+        done,
+    ), done
+
+
 def ehlo_keywords(relay, source: str) -> list[str]:
     with relay.raw(source) as c:
         c.expect(220)

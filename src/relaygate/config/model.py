@@ -1,9 +1,12 @@
 """The typed configuration: frozen dataclasses, every default in one place.
 
 Keys are the snake_case form of Exchange's parameter names and defaults are Exchange 2019's
-(shared/reference/exchange-semantics.md §1.4), with two deliberate differences, each safer:
-`bare_linefeed_rejection_enabled` defaults to true (SMTP smuggling), and `chunking_enabled` only
-advertises CHUNKING because BDAT is implemented by the session.
+(shared/reference/exchange-semantics.md §1.4), with one deliberate difference, safer:
+`bare_linefeed_rejection_enabled` defaults to true (SMTP smuggling). `chunking_enabled` and
+`binary_mime_enabled` keep Exchange's default (true) for imported configs but advertise nothing:
+BDAT is not implemented. DSN is never advertised either (no success reports are made);
+`delivery_status_notification_enabled` says whether its MAIL/RCPT parameters are taken, and
+honoured in the relay's own reports (docs/exchange-parity.md).
 
 Each field's `metadata["parse"]` names the value parser the loader applies; a field without one takes
 the TOML value as it is after a type check against the default.

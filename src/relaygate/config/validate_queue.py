@@ -12,10 +12,15 @@ from datetime import timedelta
 from relaygate.config.loader import Problem
 from relaygate.config.model import Config
 from relaygate.config.validate_values import _not_an_address
+from relaygate.config.values import format_timespan
 
 #: The biggest message the PostgreSQL queue takes: a bytea value holds at most 1 GB, and the
 #: stored message is the received one plus its Received header.
 PG_MAX_MESSAGE_SIZE = 1023 * 1024 * 1024
+
+#: TransientFailureRetryCount and MessageExpirationTimeout's upper bounds (exchange-semantics.md §7.3).
+MAX_TRANSIENT_FAILURE_RETRY_COUNT = 15
+MAX_MESSAGE_EXPIRATION = timedelta(days=90)
 
 #: A lease renewed every third of its length must outlast a delivery's slowest reply wait.
 _MIN_LEASE = timedelta(seconds=3)
@@ -57,6 +62,31 @@ def _cluster_name_rules(config: Config) -> list[Problem]:
     ]
 
 
+def _exchange_range_rules(config: Config) -> list[Problem]:
+    """The upper bounds Set-TransportService puts on the retry count and the expiry (§7.3). No
+    lower bound on the expiry (Exchange's is 5 s): tests and labs shorten it to seconds."""
+    src, q = config.source, config.queue
+    problems: list[Problem] = []
+    count = q.transient_failure_retry_count
+    if count > MAX_TRANSIENT_FAILURE_RETRY_COUNT:
+        problems.append(
+            Problem(
+                src,
+                "queue.transient_failure_retry_count",
+                f"{count} is outside the allowed range 0-{MAX_TRANSIENT_FAILURE_RETRY_COUNT}",
+            )
+        )
+    if q.message_expiration_timeout > MAX_MESSAGE_EXPIRATION:
+        problems.append(
+            Problem(
+                src,
+                "queue.message_expiration_timeout",
+                f"must be at most {format_timespan(MAX_MESSAGE_EXPIRATION)} (Exchange's limit)",
+            )
+        )
+    return problems
+
+
 def _queue_rules(config: Config, position: Callable[[int], int]) -> list[Problem]:
     """[queue] keys; `position(i)`: the file index of the i-th receive connector."""
     src, q = config.source, config.queue
@@ -66,6 +96,7 @@ def _queue_rules(config: Config, position: Callable[[int], int]) -> list[Problem
             continue  # never waited: no fast retry is made (a file may say 00:00:00 for "none")
         if getattr(q, key) <= timedelta(0):
             problems.append(Problem(src, f"queue.{key}", f"must be greater than 00:00:00, {harm}"))
+    problems.extend(_exchange_range_rules(config))
     if q.lease_duration < _MIN_LEASE:
         problems.append(
             Problem(src, "queue.lease_duration", "must be at least 00:00:03 (3 seconds)")

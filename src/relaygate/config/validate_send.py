@@ -14,6 +14,10 @@ from relaygate.config.model import MAX_MESSAGES_PER_CONNECTION, Config, SendConn
 from relaygate.config.validate_cloud import _entra_credential_rules, _google_rules, _graph_rules
 from relaygate.config.validate_values import _not_an_address
 from relaygate.config.values import parse_smart_host
+from relaygate.delivery.routing import parse_address_space
+
+#: An address space's cost, as New-SendConnector takes it (exchange-semantics.md §7.1).
+MIN_COST, MAX_COST = 1, 100
 
 _ADDRESS_SPACE = re.compile(
     r"^(\*|(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*)$"
@@ -30,7 +34,7 @@ def _send_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
         )
     for i, space in enumerate(s.address_spaces):
         if not _ADDRESS_SPACE.match(space.lower()):
-            yield f"address_spaces[{i}]", f"{space!r} is not '*', a domain or '*.domain'"
+            yield f"address_spaces[{i}]", _address_space_problem(space)
     graph = s.delivery_method == "Graph"
     if graph:
         yield from _graph_rules(s)
@@ -45,6 +49,8 @@ def _send_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
             yield f"smart_hosts[{i}]", str(exc)
     if not 0 < s.port < 65536:
         yield "port", "must be 1-65535"
+    if not MIN_COST <= s.cost <= MAX_COST:
+        yield "cost", f"{s.cost} is outside the allowed range {MIN_COST}-{MAX_COST}"
     if s.smart_host_auth_mechanism in ("BasicAuth", "BasicAuthRequireTLS") and not graph:
         if not s.auth_username:
             yield (
@@ -105,6 +111,23 @@ def _send_rules(s: SendConnector) -> Iterator[tuple[str, str]]:
         )
     if not graph:
         yield from _send_smtp_option_rules(s)
+
+
+def _address_space_problem(space: str) -> str:
+    """Why `space` is no address space, saying what to write for Exchange's own spelling
+    `[SMTP:]space[;cost]` (exchange-semantics.md §7.1), which an administrator may paste from
+    Get-SendConnector: here the space stands alone and the cost is the connector's `cost`."""
+    not_one = f"{space!r} is not '*', a domain or '*.domain'"
+    parsed = parse_address_space(space)
+    if parsed.kind == "other":
+        return f"{not_one} (only SMTP address spaces are routed)"
+    plain = (
+        "*" if parsed.kind == "any" else ("*." if parsed.kind == "wildcard" else "") + parsed.domain
+    )
+    if plain == space.strip().lower() or not _ADDRESS_SPACE.match(plain):
+        return not_one
+    cost = f" (and cost = {parsed.cost})" if parsed.cost is not None else ""
+    return f"{space!r} is Exchange's [SMTP:]space[;cost] spelling: write {plain!r}{cost}"
 
 
 _AUTH_NEEDS_TLS = ("BasicAuthRequireTLS", "XOAUTH2")

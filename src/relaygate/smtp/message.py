@@ -6,6 +6,7 @@ block only): no per-line Python work on DATA.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Iterable
@@ -16,11 +17,13 @@ from email.utils import format_datetime
 __all__ = [
     "DataReader",
     "HeaderScan",
+    "firewalled_fields",
     "from_fields",
     "has_bare_cr_or_lf",
     "local_hops",
     "own_received_pattern",
     "received_header",
+    "remove_header_fields",
     "scan_headers",
 ]
 
@@ -91,6 +94,54 @@ def local_hops(content: bytes, header_size: int, own: re.Pattern[bytes]) -> int:
     )
 
 
+# A header field name after a fixed prefix: printable ASCII without ":" (as _HEADER_BLOCK reads one).
+_NAME_REST = rb"[!-9;-~]*"
+
+
+@functools.lru_cache(maxsize=8)
+def firewalled_fields(
+    *, routing: bool, organization: bool, forest: bool
+) -> re.Pattern[bytes] | None:
+    """What Exchange's header firewall removes from a session that lacks the right to send it
+    (exchange-semantics.md §3.1): `routing` (no ms-Exch-Accept-Headers-Routing) the Received and
+    Resent-* fields, `organization` (no -Organization) X-MS-Exchange-Organization-*, `forest`
+    (no -Forest) X-MS-Exchange-Forest-*. Each field with its continuation lines; None: nothing
+    to remove. Compiled once per combination."""
+    names: list[bytes] = []
+    if routing:
+        names += [rb"received", rb"resent-" + _NAME_REST]
+    if organization:
+        names.append(rb"x-ms-exchange-organization-" + _NAME_REST)
+    if forest:
+        names.append(rb"x-ms-exchange-forest-" + _NAME_REST)
+    if not names:
+        return None
+    return re.compile(
+        rb"^(?:" + b"|".join(names) + rb")[ \t]*:[^\n]*(?:\n|\Z)(?:[ \t][^\n]*(?:\n|\Z))*",
+        re.IGNORECASE | re.MULTILINE,
+    )
+
+
+def remove_header_fields(content: bytes, header_size: int, fields: re.Pattern[bytes]) -> bytes:
+    """`content` without the header fields `fields` finds (`firewalled_fields`), looked for up
+    to `header_end` (where a lenient reader may still take a line for a header field). One
+    search of the header when there is none, the usual case: `content` is returned as it is."""
+    end = header_end(content, header_size)
+    if fields.search(content, 0, end) is None:
+        return content
+    return fields.sub(b"", content[:end]) + content[end:]
+
+
+def header_end(content: bytes, header_size: int) -> int:
+    """Where a reader may stop taking lines for header fields: the end of the header block
+    (`header_size`, as `scan_headers` found it) when a blank line or the end follows it; else
+    (it ended at a line that is no header field) the first empty line, since not every reader
+    stops where Postfix's rule does (Python's email parser reads on past a ":" line)."""
+    if header_size < len(content) and not content.startswith((b"\r\n", b"\n"), header_size):
+        return _first_empty_line(content, header_size)
+    return header_size
+
+
 def from_fields(content: bytes) -> list[bytes]:
     """The raw value of every From field a reader may take for a header, folded lines kept: those
     of the header block (`scan_headers`'), and when that block ends at a line that is not a header
@@ -99,9 +150,7 @@ def from_fields(content: bytes) -> list[bytes]:
     parser reads on past a ":" line): a From field there must not escape the allowed_senders
     check. A "From:" line after the empty line is body."""
     match = _HEADER_BLOCK.match(content)
-    end = match.end() if match else 0
-    if end < len(content) and not content.startswith((b"\r\n", b"\n"), end):
-        end = _first_empty_line(content, end)
+    end = header_end(content, match.end() if match else 0)
     if not end:
         return []
     return _FROM.findall(content, 0, end)

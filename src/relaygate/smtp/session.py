@@ -133,10 +133,11 @@ class Session(_DataReception, _StarttlsAndAuth):
 
     async def run(self) -> None:
         self.log.connect()
+        # Exchange's order: "+", the session's permissions, then the banner (sequence 0, 1, 2).
+        self.log.info(self.rights.log_tokens(), "Set Session Permissions")
         banner = self.banner()
         self.out.append(banner.encode("utf-8", "replace") + b"\r\n")
         self.log.sent(banner)
-        self.log.info(self.rights.log_tokens(), "Set Session Permissions")
         context = "Remote"
         self._task = asyncio.current_task()
         self._watchdog = self.loop.call_at(self._next_check(self.started), self._watch)

@@ -93,7 +93,8 @@ class _StarttlsAndAuth(_ReloadFollowing):
             return
         mechanisms = self.connector.auth_mechanism
         if "BasicAuth" not in mechanisms:
-            await self.protocol_error(replies.AUTH_UNKNOWN_MECHANISM)
+            # Tarpitted, as Exchange's 504 to an anonymous session (a real receive log shows it)
+            await self.protocol_error(replies.AUTH_UNKNOWN_MECHANISM, tarpit=True)
             return
         if "BasicAuthRequireTLS" in mechanisms and not self.tls_active:
             await self.protocol_error(replies.BASIC_AUTH_REQUIRES_TLS)
@@ -129,7 +130,7 @@ class _StarttlsAndAuth(_ReloadFollowing):
                     return
                 password = _b64(pass_blob).decode("utf-8")
             else:
-                await self.protocol_error(replies.AUTH_UNKNOWN_MECHANISM)
+                await self.protocol_error(replies.AUTH_UNKNOWN_MECHANISM, tarpit=True)
                 return
         except (ValueError, UnicodeDecodeError, binascii.Error):
             await self.protocol_error(replies.UNRECOGNIZED_PARAMETER)

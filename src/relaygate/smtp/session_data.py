@@ -15,7 +15,12 @@ import time
 from relaygate import replies
 from relaygate.addresses import Address
 from relaygate.logs.protocol import receiving_message_info
-from relaygate.policy.rights import ACCEPT_AUTHORITATIVE_DOMAIN_SENDER
+from relaygate.policy.rights import (
+    ACCEPT_AUTHORITATIVE_DOMAIN_SENDER,
+    HEADERS_FOREST,
+    HEADERS_ORGANIZATION,
+    HEADERS_ROUTING,
+)
 from relaygate.policy.verdicts import check_header_from
 from relaygate.queue.model import (
     DSN_ENVID,
@@ -32,10 +37,12 @@ from relaygate.queue.model import (
 from relaygate.queue.store import StoreError, StoreFullError, StoreOutcomeUnknownError
 from relaygate.smtp.message import (
     DataReader,
+    firewalled_fields,
     from_fields,
     has_bare_cr_or_lf,
     local_hops,
     received_header,
+    remove_header_fields,
     scan_headers,
 )
 from relaygate.smtp.session_state import _Close, _Transaction
@@ -178,6 +185,20 @@ class _DataReception(_MailAndRcpt):
         )
         return True
 
+    def _header_firewall(self, content: bytes, header_size: int) -> bytes:
+        """Exchange's header firewall (exchange-semantics.md §3.1): the Received/Resent-*,
+        X-MS-Exchange-Organization-* and X-MS-Exchange-Forest-* fields of a session without
+        the right to send them are removed, so that a client in a relay range cannot hand the
+        next hop (Exchange Online) an "AuthAs: Internal" or an "SCL: -1". After the hop counts
+        (they count what the client sent)."""
+        rights = self.rights.rights
+        fields = firewalled_fields(
+            routing=HEADERS_ROUTING not in rights,
+            organization=HEADERS_ORGANIZATION not in rights,
+            forest=HEADERS_FOREST not in rights,
+        )
+        return content if fields is None else remove_header_fields(content, header_size, fields)
+
     def _received_protocol(self, txn: _Transaction) -> str:
         """The Received field's WITH protocol type (IANA registry): ESMTP or SMTP (HELO), UTF8SMTP
         for a transaction that declared SMTPUTF8 (RFC 6531 §3.7.3), then S after STARTTLS or on
@@ -231,6 +252,7 @@ class _DataReception(_MailAndRcpt):
                 self.log.info(f"message refused: {verdict.reason}")
                 await self.protocol_error(verdict.reply, tarpit=verdict.tarpit)
                 return
+        content = self._header_firewall(content, scan.header_size)
         self.messages += 1
         local_id = f"{self.log.session_id};{self.messages}"
         protocol = self._received_protocol(txn)
@@ -306,7 +328,9 @@ class _DataReception(_MailAndRcpt):
             replies.message_queued(
                 queue_id,
                 _reply_message_id(scan.message_id, queue_id, self.fqdn),
-                self.fqdn,
+                # Hostname= is the server's FQDN, as Exchange's (§5.2), not the connector's
+                # fqdn (the name of the banner and EHLO).
+                self.ctx.config.server.fqdn,
                 size,
                 elapsed,
             )
