@@ -588,3 +588,87 @@ def test_an_address_is_never_a_path(relay) -> None:
     assert not [name for name in created if "owned" in name], created
     assert not list(Path("/tmp").glob("owned-sender*"))
     assert not Path("/etc/owned-rcpt@corp.example").exists()
+
+
+# --- §2C, §5: early talkers and the error paths -----------------------------------------------------
+
+
+def test_a_client_talking_before_the_banner_is_answered_after_it_and_in_order(relay) -> None:
+    """Item 78, postscreen's default action (`ignore`): an EHLO sent before the 220 is read only
+    after the banner is out, answered in order, and changes nothing about the connector (the
+    untrusted client still may not relay). There is no greet wait, so nothing is logged as a
+    pregreet (the banner leaves at once)."""
+    r = relay(_two_connectors())
+    with r.raw("127.0.0.9") as c:
+        c.send(b"EHLO early.example\r\n")  # before reading anything
+        time.sleep(0.2)
+        banner, hello = c.reply(), c.reply()
+        assert banner is not None and banner.code == 220, banner
+        assert hello is not None and hello.code == 250, hello
+        c.cmd("MAIL FROM:<app@corp.example>", 250)
+        assert c.cmd("RCPT TO:<victim@external.example>").text == RELAY_DENIED
+
+
+_TAILS = (
+    b"MAIL FROM:<x@corp.example>\r\nRCPT TO:<victim@external.example>\r\nDATA\r\n"
+    b"Subject: after the limit\r\n\r\nbody\r\n.\r\nQUIT\r\n"
+)
+
+
+def _reach(c, limit: str) -> tuple[bytes, list[int]]:  # type: ignore[no-untyped-def]
+    """Walk the session up to the edge of `limit`; the octets that cross it, and the reply codes
+    they get."""
+    if limit == "protocol-errors":  # max_protocol_errors 3
+        c.cmd("FOO", 500)
+        c.cmd("BAR", 500)
+        return b"BAZ\r\n", [500, 421]  # and the session is closed
+    if limit == "line-length":
+        return b"NOOP " + b"n" * 5000 + b"\r\n", [500]
+    c.cmd("MAIL FROM:<app@corp.example>", 250)
+    c.cmd("RCPT TO:<u0@corp.example>", 250)
+    if limit == "recipients":  # max_recipients_per_message 2
+        c.cmd("RCPT TO:<u1@corp.example>", 250)
+        return b"RCPT TO:<u2@corp.example>\r\n", [452]
+    c.cmd("DATA", 354)
+    if limit == "message-size":  # 64KB
+        return b"Subject: big\r\n\r\n" + b"x" * 70_000 + b"\r\n.\r\n", [552]
+    if limit == "header-size":  # 8KB
+        fields = b"".join(b"X-H%d: %s\r\n" % (i, b"h" * 60) for i in range(200))
+        return fields + b"\r\nbody\r\n.\r\n", [552]
+    assert limit == "hops"  # max_hop_count 5
+    return b"Received: from a by b; now\r\n" * 6 + b"\r\nbody\r\n.\r\n", [554]
+
+
+@pytest.mark.parametrize(
+    "limit",
+    ["protocol-errors", "recipients", "message-size", "header-size", "hops", "line-length"],
+)
+def test_every_limit_followed_by_more_input_ends_cleanly(relay, limit: str) -> None:
+    """Item 192 (the Exim use-after-free class lived in the path after "too many errors"): each
+    limit is reached and, in the same write, a whole transaction for an external recipient
+    follows. The limit's reply comes, the session answers the rest or closes without a traceback
+    (the fixture fails the test on an ERROR logged), the relay right is never gained (nothing for
+    the external recipient is queued), and the next client is served."""
+    r = relay(
+        [
+            default_frontend(
+                max_protocol_errors=3,
+                max_recipients_per_message=2,
+                max_message_size="64KB",
+                max_header_size="8KB",
+                max_hop_count=5,
+            ),
+            relay_connector(["127.0.0.5"]),
+        ]
+    )
+    with r.raw("127.0.0.9", timeout=10) as c:
+        c.greet()
+        crossing, codes = _reach(c, limit)
+        c.send(crossing + _TAILS)
+        replies = c.replies_until_close(60)
+        assert [reply.code for reply in replies[: len(codes)]] == codes, replies
+        assert all(200 <= reply.code < 600 for reply in replies)
+    assert all(rc.address != "victim@external.example" for m in r.messages() for rc in m.recipients)
+    with r.raw("127.0.0.9") as c:
+        c.greet()
+        c.cmd("NOOP", 250)
