@@ -7,6 +7,10 @@ Each test names its item(s) of /work/shared/reference/security-bar.md. Real rela
 
 from __future__ import annotations
 
+import os
+import random
+import socket
+import struct
 import time
 from pathlib import Path
 
@@ -669,6 +673,60 @@ def test_every_limit_followed_by_more_input_ends_cleanly(relay, limit: str) -> N
         assert [reply.code for reply in replies[: len(codes)]] == codes, replies
         assert all(200 <= reply.code < 600 for reply in replies)
     assert all(rc.address != "victim@external.example" for m in r.messages() for rc in m.recipients)
+    with r.raw("127.0.0.9") as c:
+        c.greet()
+        c.cmd("NOOP", 250)
+
+
+def _descriptors_and_rss(pid: int) -> tuple[int, int]:
+    """(open descriptors, resident set in KiB) of a process, from /proc."""
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    status = Path(f"/proc/{pid}/status").read_text()
+    (rss,) = [int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")]
+    return fds, rss
+
+
+def _fuzz_round(r, rng: random.Random, sessions: int) -> None:  # type: ignore[no-untyped-def]
+    from tests.smtp.test_fuzz import UNTRUSTED, _run_session, _session_bytes, _transaction_session
+
+    for i in range(sessions):
+        source = rng.choice(UNTRUSTED)
+        if i % 5 == 4:  # a client that vanishes in the middle of DATA (RST)
+            with r.raw(source) as c:
+                c.greet()
+                c.cmd("MAIL FROM:<app@corp.example>", 250)
+                c.cmd("RCPT TO:<user@corp.example>", 250)
+                c.cmd("DATA", 354)
+                c.send(b"Subject: gone\r\n\r\n" + rng.randbytes(3000).hex().encode())
+                c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif rng.random() < 0.5:
+            _transaction_session(r.port, source, rng)
+        else:
+            _run_session(r.port, source, _session_bytes(rng), rng)
+
+
+def test_fuzzed_sessions_leak_no_descriptors_and_no_memory(relay) -> None:
+    """Item 191's watch list: after a round of random sessions (the vocabulary of test_fuzz.py,
+    and clients that reset in the middle of DATA), a second round as long leaves `relaygate serve`
+    with no more descriptors than the first did and its resident memory about flat."""
+    no_tarpit = {"tarpit_interval": "00:00:00", "max_protocol_errors": 10}
+    r = relay(
+        [default_frontend(**no_tarpit), relay_connector(["127.0.0.5"], **no_tarpit)],
+        mode="process",
+    )
+    assert r.proc is not None
+    rng = random.Random(191)
+
+    def settled() -> tuple[int, int]:
+        time.sleep(1.0)  # the server sees the last closes
+        return _descriptors_and_rss(r.proc.pid)  # type: ignore[union-attr]
+
+    _fuzz_round(r, rng, 30)  # warm-up: caches, spool files created ahead, the allocator
+    fds_before, rss_before = settled()
+    _fuzz_round(r, rng, 30)
+    fds_after, rss_after = settled()
+    assert fds_after <= fds_before + 2, (fds_before, fds_after)
+    assert rss_after - rss_before < 16 * 1024, (rss_before, rss_after)  # KiB
     with r.raw("127.0.0.9") as c:
         c.greet()
         c.cmd("NOOP", 250)
