@@ -32,6 +32,7 @@ from relaygate.certificates import CertificateExpiry, read_expiries
 from relaygate.config import Config, ConfigError, load_config
 from relaygate.delivery.dns import Resolver
 from relaygate.dkim.keys import rsa_key_sizes
+from relaygate.durable_dirs import make_dirs_durably
 from relaygate.fd_limit import raise_fd_limit
 from relaygate.logs.privacy import (
     AddressPrivacy,
@@ -166,7 +167,7 @@ class Relay:
 
     async def start(self) -> None:
         cfg = self.config
-        Path(cfg.server.data_dir).mkdir(parents=True, exist_ok=True)
+        make_dirs_durably(Path(cfg.server.data_dir))
         self.log_privacy = log_privacy_for(cfg)  # PrivacyKeyError: cannot start
         await self.store.open()
         s = cfg.server

@@ -65,6 +65,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from relaygate.durable_dirs import make_dirs_durably
+
 __all__ = ["LOCK_FILE", "NodeLock", "NodeLockError", "flock_until", "name_lock_key"]
 
 LOCK_FILE = "relaygate.lock"
@@ -196,7 +198,7 @@ class NodeLock:
 
     def _lock_directory(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs_durably(self.path.parent)  # data_dir: often created here, on a first start
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise NodeLockError(

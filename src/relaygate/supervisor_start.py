@@ -23,6 +23,7 @@ from pathlib import Path
 
 from relaygate.config import ConfigError, parse_text
 from relaygate.config.loader import read_config_text
+from relaygate.durable_dirs import make_dirs_durably
 from relaygate.logs.service import START_FORMAT_ENV, STDERR_FALLBACK_ENV, worker_flags
 from relaygate.logs.service import current as current_log_format
 from relaygate.logs.worker_output import WorkerOutput
@@ -65,7 +66,7 @@ class _WorkerStart(_ReloadOwnership):
             finally:
                 await store.close()
 
-        Path(self.config.server.data_dir).mkdir(parents=True, exist_ok=True)
+        make_dirs_durably(Path(self.config.server.data_dir))
         released = asyncio.run(release())
         if released:
             logger.info("released %d queue lease(s) left by a previous run", released)

@@ -36,6 +36,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from relaygate.durable_dirs import fsync_dir
+
 __all__ = ["READY_BATCH", "SPOOL_THRESHOLD", "Spool", "SpoolClosedError", "fsync_dir"]
 
 #: Messages at least this big are spooled to files; smaller ones ride in the group commit.
@@ -49,15 +51,6 @@ READY_BATCH = 8
 
 class SpoolClosedError(Exception):
     """A write reached the spool after `Spool.close` (its store is closed)."""
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the entries of directory `path` (a file created or removed in it) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Spool:

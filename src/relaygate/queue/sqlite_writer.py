@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from relaygate.durable_dirs import make_dirs_durably
+
 from .model import QueueIdGenerator
 from .spool import Spool, fsync_dir
 from .sqlite_schema import create_or_upgrade
@@ -162,20 +164,6 @@ def _outcome_unknown(exc: BaseException) -> StoreOutcomeUnknownError:
     err = StoreOutcomeUnknownError(f"queue database commit failed, outcome unknown: {exc}")
     err.__cause__ = exc
     return err
-
-
-def _make_dirs_durably(path: Path) -> None:
-    """mkdir -p, then fsync every directory that got a new entry."""
-    missing: list[Path] = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    if not missing:
-        return
-    path.mkdir(parents=True, exist_ok=True)
-    for d in missing:
-        fsync_dir(d.parent)
 
 
 class _SqliteWriter:
@@ -328,7 +316,7 @@ class _SqliteWriter:
 
     def _writer_main(self, ready: ConcurrentFuture[None]) -> None:
         try:
-            _make_dirs_durably(self.path.parent)
+            make_dirs_durably(self.path.parent)
             if self.shared_writers:
                 self._lock_fd = os.open(
                     f"{self.path}.writer-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
