@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 BENCH_STAMP := $(VENV)/.installed-bench
-DEBS := swaks postfix chromium postgresql systemd pebble gcc libfuse2
+DEBS := swaks postfix chromium postgresql systemd pebble gcc libfuse2 strace
 
 .PHONY: run test lint fmt soak bench debs clean
 
@@ -41,7 +41,8 @@ run: $(STAMP)
 # verifies packaging/relaygate.service), pebble (Let's Encrypt's ACME test server: tests/acme/), gcc
 # (builds tests/support/fsync_fault.c, the LD_PRELOAD shim that fails a WAL's fsync), libfuse2
 # (fusepy's library: tests/support/lazy_fs.py, the file system of the power-cut tests, mounted as
-# root with mount(2), so fusermount is not needed).
+# root with mount(2), so fusermount is not needed), strace (tests/smtp/test_fsync_audit.py: the
+# queue's files synced before each 250, security-bar item 168).
 debs:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

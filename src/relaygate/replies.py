@@ -134,6 +134,10 @@ RECIPIENTS_CHANGED = Reply(
 )
 SERVICE_NOT_AVAILABLE = Reply(421, "4.3.2", "Service not available")
 BARE_LINEFEED = Reply(554, "5.6.0", "Invalid message content, contains bare linefeeds")
+# The content's first line starts with a blank: it would continue the Received field the relay adds.
+FOLDED_FIRST_LINE = Reply(
+    554, "5.6.0", "Invalid message content, the header starts with a folded line"
+)
 QUEUE_FAILED = Reply(451, "4.3.0", "Temporary failure storing the message; try again later")
 
 # --- outbound / queue (§5.6) ------------------------------------------------------------------------

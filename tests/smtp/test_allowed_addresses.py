@@ -240,13 +240,17 @@ def test_a_from_header_behind_a_line_that_ends_the_strict_header_is_read_too(
     continuation. Up to the first empty line, every From field is checked."""
     node = start(relay, sink)
     hidden = f"Subject: hidden-from\r\n{breaker}From: ceo@corp.example\r\n\r\nhidden-from\r\n"
+    refused = ANON_SEND_AS
     if not breaker:  # a first line that continues nothing: Python's parser reads on past it too
         hidden = " leading\r\nFrom: ceo@corp.example\r\n\r\nhidden-from\r\n"
         breaker = " \r\n"
+        # refused before its From is read: it would continue the relay's Received field
+        # (tests/smtp/test_security_bar.py, test_a_message_starting_with_a_folded_line_is_refused)
+        refused = "554 5.6.0 Invalid message content, the header starts with a folded line"
     with client(node, PRINTERS) as c:
         c.mail("scan@corp.example")
         c.rcpt("it@corp.example")
-        assert line(c.data(hidden)) == ANON_SEND_AS
+        assert line(c.data(hidden)) == refused
         c.mail("scan@corp.example")
         c.rcpt("it@corp.example")
         # an allowed From behind such a line passes, and a From line in the body is not read

@@ -464,3 +464,34 @@ def test_starttls_forgets_an_authentication_made_before_it(relay):
         )
         c.cmd("AUTH PLAIN " + b64("\0scanner\0" + PASSWORD), 235)
         c.cmd("MAIL FROM:<scanner@corp.example>", 250)
+
+
+def test_auth_out_of_order_and_oversized_responses_are_clean_errors(relay):
+    """Security-bar items 141-142: an initial response past RFC 4954's 12288-octet minimum and an
+    over-long continuation are clean errors (the session goes on in step); AUTH inside a mail
+    transaction and a second AUTH after success are 503."""
+    r = relay(
+        [
+            auth_connector(
+                max_protocol_errors=20, permission_groups=["AnonymousUsers", "ExchangeUsers"]
+            )
+        ]
+    )
+    add_user(r, "scanner")
+    huge = b64(b"\0scanner\0" + b"x" * 20000)
+    with r.raw() as c:
+        c.greet()
+        assert c.cmd("AUTH PLAIN " + huge).code in (500, 501, 535)
+        c.cmd("NOOP", 250)
+        assert c.cmd("AUTH LOGIN").code == 334
+        assert c.cmd(huge).code in (500, 501, 535)
+        c.cmd("NOOP", 250)
+        c.cmd("MAIL FROM:<>", 250)  # an anonymous transaction: AUTH may not start inside it
+        assert c.cmd("AUTH PLAIN " + b64("\0scanner\0" + PASSWORD)).code == 503
+        c.cmd("RSET", 250)
+        c.cmd("AUTH PLAIN " + b64("\0scanner\0" + PASSWORD), 235)
+        c.cmd("MAIL FROM:<scanner@corp.example>", 250)
+        assert c.cmd("AUTH PLAIN " + b64("\0scanner\0" + PASSWORD)).code == 503
+        c.cmd("RSET", 250)
+        assert c.cmd("AUTH PLAIN " + b64("\0scanner\0" + PASSWORD)).code == 503
+        c.cmd("NOOP", 250)

@@ -99,3 +99,42 @@ def test_descriptors_needed_sums_the_enabled_connectors(tmp_path):
     assert needed(a, deliveries=300) == 100 + 300 + RESERVED
     unlimited = relay_connector(name="U", max_inbound_connection="Unlimited")
     assert needed(unlimited) is None
+
+
+def test_the_accept_loop_survives_running_out_of_descriptors(relay):  # noqa: F811
+    """Security-bar item 133: more connections than descriptors (a hard limit of 128, 300
+    connections held open at once): the relay answers those it can, the others are closed or
+    wait, and once they are gone it serves new clients again: the listener was not lost to
+    EMFILE, and no traceback was logged (the fixture checks serve's stderr)."""
+    r = relay(
+        [relay_connector(["127.0.0.0/8"], max_inbound_connection=1000)],
+        mode="process",
+        nofile=(128, 128),
+    )
+    assert r.proc is not None
+    clients = []
+    try:
+        for i in range(300):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            clients.append(s)
+            s.settimeout(3)
+            s.bind((f"127.0.4.{i // 10 + 1}", 0))
+            s.connect(("127.0.0.1", r.port))  # completes in the kernel's accept queue
+        answered = 0
+        for s in clients:
+            try:
+                answered += s.recv(512).startswith(b"220")
+            except OSError:  # a timeout or a reset: never accepted while the table was full
+                pass
+        assert 0 < answered < 300
+    finally:
+        for s in clients:
+            s.close()
+    assert r.proc.poll() is None, "relaygate serve died"
+    # the burst is gone: every new client is served again
+    deadline = 20
+    got = first_replies(r.port, 20)
+    while got != {"220": 20} and deadline > 0:
+        deadline -= 1
+        got = first_replies(r.port, 20)
+    assert got == {"220": 20}

@@ -222,6 +222,14 @@ class _DataReception(_MailAndRcpt):
             self.log.info("message refused: bare CR or LF in content")
             await self.protocol_error(replies.BARE_LINEFEED)
             return
+        if content[:1] in (b" ", b"\t"):
+            # A first line that starts with a blank continues the field before it, and that field
+            # is the Received the relay prepends: the client would write into the relay's own trace
+            # field (a forged "by" or "for" after its date). Only whole trace fields may be added
+            # (RFC 5321 §4.4), so the message is refused rather than changed.
+            self.log.info("message refused: the header starts with a folded line")
+            self.reply(replies.FOLDED_FIRST_LINE)
+            return
         scan = scan_headers(content)
         if scan.header_size > c.max_header_size:
             self.log.info(
