@@ -108,6 +108,9 @@ class Transcript:
     closed: bool = False
     #: Groups sent before the server was seen to close: it never saw the later ones.
     groups_sent: int = 0
+    #: Groups after which the client stopped waiting for fewer replies than a well-behaved
+    #: server gives (the server held on, or was slow: then the next group came early).
+    short_waits: int = 0
 
     def reply_lines(self) -> list[str]:
         return self.received.decode("utf-8", "replace").split("\r\n")
@@ -251,23 +254,25 @@ def _complete_replies(received: bytes) -> int:
     return sum(1 for line in received.split(b"\r\n")[:-1] if line[3:4] != b"-")
 
 
-def _read_until(sock: socket.socket, t: Transcript, replies: int, timeout: float) -> None:
-    """Read until `replies` complete replies in all, the server closes, or `timeout`."""
+def _read_until(sock: socket.socket, t: Transcript, replies: int, timeout: float) -> bool:
+    """Read until `replies` complete replies in all or the server closes (True), or `timeout`
+    (False)."""
     deadline = time.monotonic() + timeout
     while not t.closed and _complete_replies(t.received) < replies:
         left = deadline - time.monotonic()
         if left <= 0:
-            return
+            return False
         sock.settimeout(left)
         try:
             chunk = sock.recv(65536)
         except TimeoutError:
-            return
+            return False
         except OSError:
             chunk = b""
         if not chunk:
             t.closed = True
         t.received += chunk
+    return True
 
 
 def run_session(port: int, source: str, stream: Stream) -> Transcript:
@@ -287,7 +292,8 @@ def run_session(port: int, source: str, stream: Stream) -> Transcript:
                 break
             t.groups_sent += 1
             expected += group.replies
-            _read_until(s, t, expected, REPLY_WAIT)
+            if not _read_until(s, t, expected, REPLY_WAIT):
+                t.short_waits += 1
             if t.closed:
                 break
         _read_until(s, t, 10**6, CLOSE_WAIT)
