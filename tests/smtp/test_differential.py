@@ -4,11 +4,11 @@ method automated): the same seeded random byte streams, cut into the same writes
 reject`, from a client address it does not exclude), each relaying to its own loopback sink; then
 what each delivered compared stream by stream (tests/support/differential.py says how).
 
-`make test` runs 40 streams, `make soak` 1,000. RELAYGATE_DIFF_SEED sets the seed (a failure
-prints it, with the stream's index, bytes and both outcomes); RELAYGATE_DIFF_STREAMS=3,17 runs only
-those streams of the run. The meta-checks show the comparison
-bites: the same harness, given a Postfix that still ends data at a bare `<LF>.<LF>` as the MTA under
-test, reports the smuggled second message.
+`make test` runs 40 streams per mode, `make soak` 1,000. RELAYGATE_DIFF_SEED sets the seed (a
+failure prints it, with the stream's index, bytes and both outcomes); RELAYGATE_DIFF_STREAMS=3,17
+runs only those streams of the run. The meta-checks show the comparison bites: the same harness,
+given a Postfix that still ends data at a bare `<LF>.<LF>` as the MTA under test, reports the
+smuggled second message.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ SETTLE_TIMEOUT = 60.0
 # The reference: Postfix's SMTP smuggling fix at its strictest, for every client (the exclusions
 # default to $mynetworks, where the test's client is: excluded, nothing would be tested), and, as
 # from Postfix 3.9 on, a client that sends commands or content before a reply allows it (after
-# EHLO or DATA, RFC 2920) disconnected as RelayGate does (554 5.5.0). No error sleeps (smtpd would pause a second per error past the soft limit, slowing the run, not changing
-# what is delivered).
+# EHLO or DATA, RFC 2920) disconnected as RelayGate does (554 5.5.0). No error sleeps (smtpd
+# would pause a second per error past the soft limit: slower, and no other messages).
 REFERENCE = {
     "smtpd_forbid_bare_newline": "reject",
     "smtpd_forbid_bare_newline_exclusions": "",
