@@ -6,9 +6,10 @@ what each delivered compared stream by stream (tests/support/differential.py say
 
 `make test` runs 40 streams per mode, `make soak` 1,000. RELAYGATE_DIFF_SEED sets the seed (a
 failure prints it, with the stream's index, bytes and both outcomes); RELAYGATE_DIFF_STREAMS=3,17
-runs only those streams of the run. The meta-checks show the comparison bites: the same harness,
-given a Postfix that still ends data at a bare `<LF>.<LF>` as the MTA under test, reports the
-smuggled second message.
+runs only those streams of the run. Each run prints a summary line (`pytest -s`): how many streams
+both delivered, and in how many the relay was stricter (refused what Postfix took). The
+meta-checks show the comparison bites: the same harness, given a Postfix that still ends data at a
+bare `<LF>.<LF>` as the MTA under test, reports the smuggled second message.
 """
 
 from __future__ import annotations
