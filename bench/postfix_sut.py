@@ -40,14 +40,28 @@ def available() -> str | None:
 class PostfixSystem:
     name = "Postfix"
 
-    def __init__(self, workdir: Path, sink_port: int, *, process_limit: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        sink_port: int,
+        *,
+        process_limit: int | None = None,
+        port: int | None = None,
+        settings: dict[str, str] | None = None,
+        services: dict[int, str] | None = None,
+    ) -> None:
+        """`port`: smtpd's (default: a free one); `settings`: main.cf parameters set after the
+        private instance's own (tests/smtp/test_differential.py: smtpd_forbid_bare_newline);
+        `services`: more smtpd listeners, port -> `-o name=value` options."""
         self.dir = workdir / "postfix"
         self.etc = self.dir / "etc"
         self.spool = self.dir / "spool"
         self.data = self.dir / "data"
         self.sink_port = sink_port
-        self.port = free_port()
+        self.port = port or free_port()
         self.process_limit = process_limit
+        self.settings = settings or {}
+        self.services = services or {}
         self.master_pid: int | None = None
         self.started = False
 
@@ -84,12 +98,17 @@ class PostfixSystem:
         }
         if self.process_limit:
             settings["default_process_limit"] = str(self.process_limit)
+        settings.update(self.settings)
         self._postconf("-e", *(f"{k}={v}" for k, v in settings.items()))
         self._postconf("-F", "*/*/chroot = n")
         self._postconf("-MX", "smtp/inet")
         self._postconf(
             "-M", f"127.0.0.1:{self.port}/inet=127.0.0.1:{self.port} inet n - n - - smtpd"
         )
+        for port, options in self.services.items():
+            self._postconf(
+                "-M", f"127.0.0.1:{port}/inet=127.0.0.1:{port} inet n - n - - smtpd {options}"
+            )
 
     def start(self) -> None:
         self.configure()
