@@ -31,6 +31,7 @@ import tomlkit
 from aiosmtpd.controller import Controller
 
 from relaygate.config.loader import load_config
+from relaygate.durable_dirs import fsync_dir
 from tests.smtp.conftest import RelayHandle, relay_connector
 from tests.smtp.helpers import free_port
 from tests.support.lazy_fs import LazyMount, lazy_mount
@@ -50,14 +51,6 @@ def write_file(path: Path, data: bytes, *, fsync: bool) -> None:
         os.write(fd, data)
         if fsync:
             os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -17,12 +17,21 @@ from pathlib import Path
 import pytest
 
 from tests.smtp.conftest import FQDN, default_frontend, relay_connector
-from tests.smtp.helpers import wait_for
+from tests.smtp.helpers import RawClient, wait_for
 
 RELAY_DENIED = "550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain"
 UNRECOGNIZED_COMMAND = "500 5.3.3 Unrecognized command"
 UNRECOGNIZED_PARAMETER = "501 5.5.4 Unrecognized parameter"
 RECEIVED = b"Received: "
+
+
+def _start_data(c: RawClient) -> None:
+    """Banner and EHLO, then one transaction the relay takes (app@ to user@corp.example) up to
+    DATA's 354: what most tests below send their content after."""
+    c.greet()
+    c.cmd("MAIL FROM:<app@corp.example>", 250)
+    c.cmd("RCPT TO:<user@corp.example>", 250)
+    c.cmd("DATA", 354)
 
 
 def _two_connectors(**frontend: object) -> list[dict[str, object]]:
@@ -242,10 +251,7 @@ def test_quit_or_a_drop_before_the_final_dot_queues_nothing(relay) -> None:
         assert c.is_closed()
     for partial in (b"", b"Subject: cut\r\n\r\nhalf a bo", b"Subject: cut\r\n\r\nbody\r\n."):
         with r.raw("127.0.0.5") as c:
-            c.greet()
-            c.cmd("MAIL FROM:<app@corp.example>", 250)
-            c.cmd("RCPT TO:<user@corp.example>", 250)
-            c.cmd("DATA", 354)
+            _start_data(c)
             c.send(partial)
         # the server notices the close; give it the time to (wrongly) commit anything
         assert wait_for(lambda: "Connection closed" in r.protocol_log_text() or True, 1)
@@ -260,10 +266,7 @@ def test_a_drop_right_after_the_final_dot_queues_the_message_at_most_once(relay)
     body = b"Subject: dropped\r\n\r\n" + b"line\r\n" * 2000
     for _ in range(2):
         with r.raw("127.0.0.5") as c:
-            c.greet()
-            c.cmd("MAIL FROM:<app@corp.example>", 250)
-            c.cmd("RCPT TO:<user@corp.example>", 250)
-            c.cmd("DATA", 354)
+            _start_data(c)
             c.send(body + b".\r\n")
     assert wait_for(lambda: len(r.messages()) == 2, 5)
     time.sleep(0.3)
@@ -289,10 +292,7 @@ def test_odd_header_syntax_is_queued_byte_for_byte(relay) -> None:
         b"body\r\n"
     )
     with r.raw("127.0.0.5") as c:
-        c.greet()
-        c.cmd("MAIL FROM:<app@corp.example>", 250)
-        c.cmd("RCPT TO:<user@corp.example>", 250)
-        c.cmd("DATA", 354)
+        _start_data(c)
         c.send(message + b".\r\n")
         c.expect(250)
     (data,) = r.all_data().values()
@@ -311,10 +311,7 @@ def test_a_message_starting_with_a_folded_line_is_refused(relay, blank: bytes) -
     r = relay(_two_connectors())
     forged = blank + b"by mx.trusted.example with ESMTPS for <ceo@corp.example>\r\n"
     with r.raw("127.0.0.5") as c:
-        c.greet()
-        c.cmd("MAIL FROM:<app@corp.example>", 250)
-        c.cmd("RCPT TO:<user@corp.example>", 250)
-        c.cmd("DATA", 354)
+        _start_data(c)
         c.send(forged + b"Subject: forged trace\r\n\r\nbody\r\n.\r\n")
         refused = c.reply()
         assert refused is not None
@@ -348,10 +345,7 @@ def test_deep_mime_nesting_is_queued_byte_for_byte(relay) -> None:
         + tail
     )
     with r.raw("127.0.0.5") as c:
-        c.greet()
-        c.cmd("MAIL FROM:<app@corp.example>", 250)
-        c.cmd("RCPT TO:<user@corp.example>", 250)
-        c.cmd("DATA", 354)
+        _start_data(c)
         c.send(message + b".\r\n")
         c.expect(250)
     (data,) = r.all_data().values()
@@ -391,10 +385,7 @@ def test_only_crlf_ends_a_header_line(relay, separator: bytes) -> None:
     # and the real thing is still counted: ten such fields on lines of their own are refused
     loop = b"".join(b"Received: from a by " + FQDN.encode() + b"; now\r\n" for _ in range(10))
     with r.raw("127.0.0.5") as c:
-        c.greet()
-        c.cmd("MAIL FROM:<app@corp.example>", 250)
-        c.cmd("RCPT TO:<user@corp.example>", 250)
-        c.cmd("DATA", 354)
+        _start_data(c)
         c.send(loop + b"Subject: loop\r\n\r\nbody\r\n.\r\n")
         assert c.reply().code == 554  # type: ignore[union-attr]
 
@@ -416,10 +407,7 @@ def test_forged_trace_and_forwarding_headers_change_no_decision(relay) -> None:
         b"Subject: forged\r\n\r\nbody\r\n"
     )
     with r.raw("127.0.0.9") as c:
-        c.greet()
-        c.cmd("MAIL FROM:<app@corp.example>", 250)
-        c.cmd("RCPT TO:<user@corp.example>", 250)
-        c.cmd("DATA", 354)
+        _start_data(c)
         c.send(forged + b".\r\n")
         c.expect(250)
         c.cmd("MAIL FROM:<app@corp.example>", 250)
@@ -693,10 +681,7 @@ def _fuzz_round(r, rng: random.Random, sessions: int) -> None:  # type: ignore[n
         source = rng.choice(UNTRUSTED)
         if i % 5 == 4:  # a client that vanishes in the middle of DATA (RST)
             with r.raw(source) as c:
-                c.greet()
-                c.cmd("MAIL FROM:<app@corp.example>", 250)
-                c.cmd("RCPT TO:<user@corp.example>", 250)
-                c.cmd("DATA", 354)
+                _start_data(c)
                 c.send(b"Subject: gone\r\n\r\n" + rng.randbytes(3000).hex().encode())
                 c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         elif rng.random() < 0.5:
