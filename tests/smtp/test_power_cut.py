@@ -358,3 +358,24 @@ def test_acknowledged_messages_are_delivered_after_a_power_cut(
     finally:
         r.stop()  # before the mount goes (the `lazy` fixture's finalizer)
         controller.stop()
+
+
+def test_a_dkim_key_written_by_dkim_new_survives_a_cut(lazy: LazyMount):
+    """`relaygate dkim new` prints the DNS record to publish: the key must still be there after
+    a power cut, or the published record names a key the relay no longer has (every message it
+    signs fails). The key file and its folder were synced, but the folders it created
+    (<data_dir>/dkim/<domain>) were not: after a cut on a new data_dir the key was gone."""
+    data = lazy.mountpoint / "data"
+    data.mkdir()
+    fsync_dir(lazy.mountpoint)  # the data_dir itself exists durably (an installed relay's)
+    proc = subprocess.run(
+        [sys.executable, "-m", "relaygate", "dkim", "new", "--domain", "corp.example",
+         "--selector", "s1", "--data-dir", str(data), "--json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    key = data / "dkim" / "corp.example" / "s1.key"
+    written = key.read_bytes()
+    discarded = lazy.cut()
+    assert key.exists(), f"the key is gone after the cut (discarded: {discarded})"
+    assert key.read_bytes() == written

@@ -18,6 +18,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from relaygate.durable_dirs import make_dirs_durably
 from relaygate.file_modes import mode_granting
 
 __all__ = [
@@ -206,9 +207,11 @@ def write_key(
     if path.exists() and not force:
         raise DkimKeyError(f"{path} already exists; use --force to replace it")
     owner = _relay_owner(Path(data_dir))
+    # Their entries synced too: `dkim new` prints a record to publish for this key, which must
+    # not vanish in a power cut with a new folder (the file and its own folder are synced below).
+    make_dirs_durably(path.parent)
     for directory in (path.parent.parent, path.parent):
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(directory, 0o700)
+        os.chmod(directory, 0o700)  # empty so far: nothing was readable meanwhile
         if owner is not None:
             os.chown(directory, *owner)
     pem, _ = generate_key(algorithm)
