@@ -379,3 +379,27 @@ def test_a_dkim_key_written_by_dkim_new_survives_a_cut(lazy: LazyMount):
     discarded = lazy.cut()
     assert key.exists(), f"the key is gone after the cut (discarded: {discarded})"
     assert key.read_bytes() == written
+
+
+def test_a_user_added_by_the_cli_survives_a_cut(lazy: LazyMount, tmp_path: Path):
+    """`relaygate user add` says the user is added: after a power cut the users file must still
+    hold it (the file was synced before its rename, but the rename itself, an entry of the
+    folder, was not: the cut brought back the file without the user, or no file at all)."""
+    data = lazy.mountpoint / "data"
+    data.mkdir()
+    fsync_dir(lazy.mountpoint)
+    config = tmp_path / "relaygate.toml"
+    config.write_text(f'[server]\ndata_dir = "{data}"\n', encoding="utf-8")
+    for name in ("scanner01", "scanner02"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "relaygate", "user", "add", name, "--password-stdin",
+             "--config", str(config)],
+            input="a long enough password\n", capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+    users = data / "users.json"
+    written = users.read_bytes()
+    assert b"scanner02" in written
+    lazy.cut()
+    assert users.exists(), "the users file is gone after the cut"
+    assert users.read_bytes() == written

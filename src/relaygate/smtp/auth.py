@@ -25,6 +25,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from relaygate.address_patterns import AddressRule
+from relaygate.durable_dirs import fsync_dir, make_dirs_durably
 from relaygate.policy.address_rules import SendAsList, parse_send_as
 
 __all__ = ["UserStore", "UsersFileError", "users_path"]
@@ -190,7 +191,7 @@ class UserStore:
         data: dict[str, Any] = {"users": state.hashes}
         if state.send_as:  # only when there are lists: files without them stay as they were
             data["send_as"] = {name: lst.texts for name, lst in state.send_as.items()}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs_durably(self.path.parent)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".users.")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, sort_keys=True)
@@ -198,4 +199,7 @@ class UserStore:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o600)
         os.replace(tmp, self.path)
+        # The rename is an entry of the folder: synced, or a power cut brings the old file back
+        # (a user the CLI said was added, or removed, is not, or is still there).
+        fsync_dir(self.path.parent)
         self._state = state
