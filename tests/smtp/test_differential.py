@@ -174,6 +174,7 @@ class Tally:
     failures: list[str]
     stricter: int = 0
     uncompared: int = 0
+    replies_lost: int = 0
     both: int = 0
     #: Messages both delivered alike whose content held a fake end with a marker behind it.
     fake_ends_kept: int = 0
@@ -189,6 +190,7 @@ def _tally(
             t.failures.append(_report(stream, tested, reference, verdict.problems))
         t.stricter += verdict.stricter
         t.uncompared += verdict.uncompared
+        t.replies_lost += verdict.replies_lost
         t.both += bool(tested.delivered and reference.delivered)
         if not verdict.problems:
             t.fake_ends_kept += sum(len(d.markers) > 1 for d in tested.delivered)
@@ -221,7 +223,9 @@ def test_relay_delivers_nothing_postfix_would_not(
         f"\ndifferential fuzz, seed {SEED}, {'lenient' if lenient else 'strict'}: {len(streams)} "
         f"streams; both delivered in {t.both}, {t.fake_ends_kept} messages with a fake end inside "
         f"alike; the relay refused what Postfix delivered (stricter) in {t.stricter}; "
-        f"{t.uncompared} relay deliveries after Postfix had hung up (not compared)"
+        f"{t.uncompared} relay deliveries after Postfix had hung up (not compared); "
+        f"{t.replies_lost} 250s the client never read (the relay ended the session while the "
+        "client still wrote: lost to the RST)"
     )
     assert not t.failures, "\n\n".join(t.failures)
     assert t.fake_ends_kept, "no message with a fake end inside was delivered by both"
@@ -342,6 +346,23 @@ def test_the_same_messages_or_a_stricter_relay_are_no_smuggling() -> None:
     # second message is made of bytes it never read.
     after_hangup = compare(_TWO, _outcome((X0,), (X1,)), _outcome((X0,), groups=3))
     assert (after_hangup.problems, after_hangup.uncompared) == ([], 1)
+
+
+def test_a_250_lost_to_the_relays_close_is_no_smuggling_but_only_then() -> None:
+    """The relay ended the session (a line it refuses later in the stream) while the client was
+    still writing: the data arriving after the close brings an RST, and the client's kernel throws
+    away the replies not read yet, the 250 of a message the relay delivered just as Postfix did
+    (seen once under CI load). Counted, not a failure; the same without a close, or with a
+    message Postfix did not deliver, still is."""
+    closed = _outcome((X0,), acks=0)
+    closed.transcript.closed = True
+    lost = compare(_TWO, closed, _outcome((X0,)))
+    assert (lost.problems, lost.replies_lost) == ([], 1)
+    still_open = compare(_TWO, _outcome((X0,), acks=0), _outcome((X0,)))
+    assert "acknowledged 0 messages with 250, delivered 1" in still_open.problems[0]
+    injected = _outcome((X0,), (X1,), acks=0)
+    injected.transcript.closed = True
+    assert "as one message" in compare(_TWO, injected, _outcome((X0,))).problems[0]
 
 
 def test_what_each_mta_does_to_bytes_it_accepted_is_not_a_difference() -> None:

@@ -374,6 +374,12 @@ class Verdict:
     #: (Postfix ends the session at a command with a bare LF; the relay refuses that line and
     #: reads on, security-bar item 32).
     uncompared: int = 0
+    #: Relay messages delivered as the reference delivered them whose 250 the client never read:
+    #: the relay ended the session (a later line it refuses) while the client was still writing,
+    #: and the client's kernel threw the unread replies away at the RST that data arriving after
+    #: the close brings. Not smuggling (the client meant the message); the client would send it
+    #: again (a duplicate).
+    replies_lost: int = 0
 
 
 def loosely(d: Delivered) -> Delivered:
@@ -424,10 +430,10 @@ def compare(stream: Stream, relay: Outcome, reference: Outcome, *, exact: bool =
             problems.append(
                 f"{list(d.markers)}: relay body {d.body!r} != reference body {twin.body!r}"
             )
-    acked = relay.transcript.acks()
-    if acked != len(relay.delivered):
-        problems.append(
-            f"relay acknowledged {acked} messages with 250, delivered {len(relay.delivered)}"
-        )
+    acked, delivered = relay.transcript.acks(), len(relay.delivered)
+    replies_lost = acked < delivered and relay.transcript.closed and not problems
+    if acked != delivered and not replies_lost:
+        problems.append(f"relay acknowledged {acked} messages with 250, delivered {delivered}")
+    v.replies_lost = delivered - acked if replies_lost else 0
     v.stricter = sum(unmatched.values()) > 0
     return v
