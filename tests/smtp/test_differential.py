@@ -268,15 +268,17 @@ def test_the_comparison_finds_smuggling_in_a_postfix_without_the_fix(harness: Ha
     streams = [SEC_CONSULT] + [make_stream(SEED, i) for i in range(1, 21)]
     outcomes = _sequentially(harness, streams)
     (vulnerable, strict) = outcomes[0]
-    assert [d.markers for d in vulnerable.delivered] == [(b"MARK0x0",), (b"MARK0x1",)]
-    assert [d.recipients for d in vulnerable.delivered] == [
+    # Postfix delivers its queue in parallel: the sink may get the two in either order.
+    delivered = sorted(vulnerable.delivered, key=lambda d: d.markers)
+    assert [d.markers for d in delivered] == [(b"MARK0x0",), (b"MARK0x1",)]
+    assert [d.recipients for d in delivered] == [
         ("user@remote.example",),
         ("other@remote.example",),
     ]
     assert strict.delivered == [] and "bare <LF> received" in strict.transcript.received.decode()
     verdict = compare(SEC_CONSULT, vulnerable, strict)
     assert len(verdict.problems) == 2, verdict.problems
-    assert "[b'MARK0x1'] as one message" in verdict.problems[1]
+    assert any("[b'MARK0x1'] as one message" in p for p in verdict.problems), verdict.problems
     found = _tally(streams[1:], outcomes[1:]).failures
     print(f"\nthe fuzz found smuggling in {len(found)} of 20 streams to a Postfix without the fix")
     assert found, "20 fuzzed streams found nothing in a Postfix that ends data at <LF>.<LF>"
